@@ -1,0 +1,3 @@
+from hpcad.cli import entry
+
+entry()

@@ -1,0 +1,92 @@
+"""``hpcad <stage> [hydra overrides]``: each stage is a Hydra app over the same config tree.
+
+Hydra's conventions hold: one output folder per run (``hydra.run.dir=...``), ``-m`` multirun,
+``--cfg job`` prints the composed config, ``--help`` lists the groups.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+USAGE = """usage: hpcad <stage> [hydra overrides...]
+
+stages: run (all of them), ingest, train, score, baselines, threshold, report
+examples:
+  hpcad run                                   # synthetic cluster, report in the run folder
+  hpcad run experiment=davide data.source=davide.csv
+  hpcad train data.source=exports/ hydra.run.dir=runs/train
+  hpcad run data.source=today/ train_run=runs/train
+  hpcad run --cfg job                         # print the configuration
+"""
+
+
+def conf_dir() -> str:
+    """The YAML config groups: ``conf/`` of a source checkout, or the copy inside an installed wheel."""
+    here = Path(__file__).resolve().parent
+    for cand in (here.parent / "conf", here / "conf"):
+        if (cand / "config.yaml").exists():
+            return str(cand)
+    raise RuntimeError(f"hpcad: config folder not found next to {here}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from hpcad.pipeline import RUNNERS
+
+    if not argv or argv[0] in ("-h", "--help", "help") or argv[0] not in RUNNERS:
+        print(USAGE if not argv or argv[0] in ("-h", "--help", "help") else f"hpcad: unknown stage {argv[0]!r}\n\n{USAGE}",
+              file=sys.stderr if argv and argv[0] not in ("-h", "--help", "help") else sys.stdout)
+        return 0 if not argv or argv[0] in ("-h", "--help", "help") else 2
+    stage = argv.pop(0)
+    return run_stage(stage, argv)
+
+
+def run_stage(stage: str, overrides: list[str]) -> int:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from hpcad.config import register_configs
+    from hpcad.errors import HpcadError
+    from hpcad.pipeline import RUNNERS
+
+    register_configs()
+    status = {"rc": 0}
+
+    @hydra.main(config_path=conf_dir(), config_name="config", version_base="1.3")
+    def app(cfg) -> None:
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        log = logging.getLogger("hpcad")
+        from hydra.utils import instantiate
+
+        launcher = instantiate(cfg.launcher)
+        try:
+            result = launcher.launch(RUNNERS[stage], cfg, run_dir)
+        except HpcadError as exc:
+            log.error("%s", exc)
+            print(f"hpcad {stage}: error: {exc}", file=sys.stderr)
+            status["rc"] = 2
+            return
+        log.info("%s done; outputs in %s", stage, run_dir)
+        if stage in ("run", "report") and (run_dir / "report.html").exists():
+            print(f"hpcad: report at {run_dir / 'report.html'}")
+        elif stage == "train" and isinstance(result, dict):
+            print(f"hpcad: {result.get('nodes')} node models in {run_dir / 'models'}")
+        else:
+            print(f"hpcad: {stage} outputs in {run_dir}")
+
+    sys.argv = [f"hpcad {stage}", *overrides]
+    try:
+        app()
+    except SystemExit as exc:  # hydra exits on --help, --cfg and config errors
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        return code
+    return status["rc"]
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

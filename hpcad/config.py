@@ -1,0 +1,159 @@
+"""Typed configuration tree (one per job), registered in Hydra's ConfigStore.
+
+The YAML groups under ``conf/`` mirror these dataclasses; the schema makes Hydra reject unknown keys
+and wrongly typed values before any work starts. ``model`` and ``threshold`` carry a ``_target_`` so
+users pick an implementation by config group, as with Hydra's own plugins.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class SyntheticConfig:
+    """The embedded default data set: a synthetic cluster (see :mod:`hpcad.data.synthetic`)."""
+
+    profile: str = "cluster"  # cluster: ~160 metrics in real units | davide: the lecture's 159 columns in [0, 1]
+    nodes: int = 8
+    rows: int = 2016  # non-idle 5-minute rows per node (2016 = one week)
+    seed: int = 0
+    clean_fraction: float = 0.45  # leading share of rows kept free of anomalies (like the lecture's train part)
+    anomaly_fraction: float = 0.12  # share of the remaining rows inside labelled anomalies
+    kinds: list[str] = field(default_factory=lambda: ["powersave", "performance", "memleak", "cpu_contention"])
+
+
+@dataclass
+class DataConfig:
+    source: Optional[str] = None  # directory, CSV/Parquet file, or hpcad HDF5 store; None = synthetic
+    node_column: str = "node"
+    timestamp_column: str = "timestamp"
+    label_column: str = "anomaly"
+    sort_timestamps: bool = False  # unsorted timestamps are an error unless this is true
+    ignore_columns: list[str] = field(default_factory=list)  # non-metric columns to drop (else: error)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class SplitConfig:
+    """Chronological split per node; ``unit`` says how ``train`` and ``val`` are read.
+
+    fraction: shares of each node's rows; rows: row counts; time: end timestamps (ISO or epoch).
+    Test is whatever follows the validation part.
+    """
+
+    unit: str = "fraction"
+    train: Any = 0.5
+    val: Any = 0.25
+    normal_only: bool = True  # train on label-0 rows only when labels exist
+
+
+@dataclass
+class PreprocessConfig:
+    std_floor_rel: float = 0.01  # scale >= this share of the metric's training range
+    std_floor_abs: float = 1.0e-6  # and >= this absolute value
+    clip: float = 20.0  # standardised values are clipped to +-clip (bounds one metric's error)
+    nan_fill_limit: int = 3  # forward-fill at most this many consecutive NaN rows, then use the training mean
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 1.0e-3
+    validation_split: float = 0.1  # Keras semantics: the last share of the training rows, not shuffled
+    patience: int = 3
+    restore_best: bool = True
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    memory_budget_mb: int = 1024  # bounds the nodes trained together in one batched ensemble
+    max_nodes_per_chunk: int = 256
+    progress: bool = True
+
+
+@dataclass
+class ReportConfig:
+    top_k: int = 8
+    max_nodes_plotted: int = 12
+    enabled: bool = True
+
+
+@dataclass
+class BaselineConfig:
+    methods: list[str] = field(default_factory=lambda: ["kde", "iforest"])
+    kde_bandwidths: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 3.0, 5.0, 8.0])
+    max_train_rows: int = 5000  # KDE cost grows with training rows; subsample beyond this
+    seed: int = 0
+
+
+@dataclass
+class LauncherConfig:
+    _target_: str = "hpcad.launch.local.LocalLauncher"
+
+
+@dataclass
+class HpcadConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    model: Any = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+    threshold: Any = None
+    report: ReportConfig = field(default_factory=ReportConfig)
+    baselines: BaselineConfig = field(default_factory=BaselineConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    train_run: Optional[str] = None  # score with the models (and thresholds) of this earlier run folder
+    stage: str = "run"
+
+
+@dataclass
+class AutoencoderConfig:
+    _target_: str = "hpcad.model.autoencoder.AutoencoderSpec"
+    hidden: list[int] = field(default_factory=lambda: [64])  # encoder widths; the last one is the code
+    code_l1: float = 0.0  # L1 sparsity penalty on the code (the lecture's alternative to a bottleneck)
+
+
+@dataclass
+class CostRuleConfig:
+    _target_: str = "hpcad.threshold.rules.CostRule"
+    scope: str = "node"  # node: one threshold per node | cluster: one on per-node normalised signals
+    c_alarm: float = 1.0
+    c_missed: float = 5.0
+    tolerance: int = 12
+    grid_points: int = 4096  # cluster scope: thresholds tried (log grid over the data's range)
+    fallback: str = "quantile"  # rule for nodes without labelled validation rows
+
+
+@dataclass
+class QuantileRuleConfig:
+    _target_: str = "hpcad.threshold.rules.QuantileRule"
+    scope: str = "node"
+    q: float = 0.995
+    grid_points: int = 4096
+    c_alarm: float = 1.0  # used only to report the cost when labels exist
+    c_missed: float = 5.0
+    tolerance: int = 12
+
+
+@dataclass
+class PotRuleConfig:
+    _target_: str = "hpcad.threshold.rules.PotRule"
+    scope: str = "node"
+    init_q: float = 0.98  # initial threshold: this quantile of the validation signal
+    risk: float = 1.0e-4  # target probability of exceeding the final threshold
+    grid_points: int = 4096
+    c_alarm: float = 1.0
+    c_missed: float = 5.0
+    tolerance: int = 12
+
+
+def register_configs() -> None:
+    """Register the schemas; YAML files in ``conf/`` extend them through their defaults lists."""
+    cs = ConfigStore.instance()
+    cs.store(name="hpcad_schema", node=HpcadConfig)
+    cs.store(group="model", name="autoencoder_schema", node=AutoencoderConfig)
+    cs.store(group="threshold", name="cost_schema", node=CostRuleConfig)
+    cs.store(group="threshold", name="quantile_schema", node=QuantileRuleConfig)
+    cs.store(group="threshold", name="pot_schema", node=PotRuleConfig)

@@ -1,0 +1,277 @@
+"""Ingest telemetry exports into the HDF5 store, streaming (one node, or one file chunk, at a time).
+
+Accepted ``data.source`` (docs/data.md):
+- a directory of per-node ``*.csv``, ``*.csv.gz`` or ``*.parquet`` files (file stem = node name);
+- one CSV/Parquet file with a node column (read in chunks, staged per node on disk);
+- an existing hpcad HDF5 store (used in place);
+- nothing: the synthetic cluster generator (the embedded default).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+
+from hpcad.data import synthetic
+from hpcad.data.store import TelemetryStore, check_node_name, open_h5, write_store
+from hpcad.data.synthetic import NodeData
+from hpcad.errors import InputError
+
+log = logging.getLogger(__name__)
+TABLE_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq")
+CHUNK_ROWS = 200_000
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suf in TABLE_SUFFIXES:
+        if name.lower().endswith(suf):
+            return name[: -len(suf)]
+    return path.stem
+
+
+def _is_table(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(TABLE_SUFFIXES)
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    try:
+        if path.name.lower().endswith((".parquet", ".pq")):
+            return pd.read_parquet(path)
+        return pd.read_csv(path)
+    except Exception as exc:  # pandas/pyarrow raise many types; name the file either way
+        raise InputError(f"{path}: cannot read table: {exc}") from exc
+
+
+def _iter_table_chunks(path: Path) -> Iterator[pd.DataFrame]:
+    try:
+        if path.name.lower().endswith((".parquet", ".pq")):
+            import pyarrow.parquet as pq
+
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=CHUNK_ROWS):
+                yield batch.to_pandas()
+        else:
+            yield from pd.read_csv(path, chunksize=CHUNK_ROWS)
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"{path}: cannot read table: {exc}") from exc
+
+
+def _parse_time(col: pd.Series, where: str, name: str) -> np.ndarray:
+    if col.isna().any():
+        raise InputError(f"{where}: column {name!r} has {int(col.isna().sum())} empty timestamps")
+    if pd.api.types.is_numeric_dtype(col):
+        return col.to_numpy(dtype=np.float64).astype(np.int64)  # epoch seconds
+    try:
+        ts = pd.to_datetime(col, utc=True, format="mixed")
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"{where}: column {name!r} is neither ISO time nor epoch seconds: {exc}") from exc
+    return (ts.astype("int64") // 10**9).to_numpy() if ts.dtype.kind == "M" else \
+        np.asarray([t.value // 10**9 for t in ts], dtype=np.int64)
+
+
+class FrameConverter:
+    """Validate one node's table and turn it into :class:`NodeData` (first node fixes the metric set)."""
+
+    def __init__(self, data_cfg) -> None:
+        self.cfg = data_cfg
+        self.metrics: list[str] | None = None
+        self.labelled: bool | None = None
+
+    def __call__(self, df: pd.DataFrame, node: str, where: str) -> NodeData:
+        cfg = self.cfg
+        where = f"{where} (node {node})"
+        if len(df) == 0:
+            raise InputError(f"{where}: no rows (empty node)")
+        df = df.drop(columns=[c for c in (cfg.node_column, *cfg.ignore_columns) if c in df.columns])
+        has_ts = cfg.timestamp_column in df.columns
+        has_lab = cfg.label_column in df.columns
+        metric_cols = [c for c in df.columns if c not in (cfg.timestamp_column, cfg.label_column)]
+        bad = [c for c in metric_cols if not pd.api.types.is_numeric_dtype(df[c])]
+        if bad:
+            examples = {c: str(df[c][pd.to_numeric(df[c], errors="coerce").isna() & df[c].notna()].iloc[0])
+                        for c in bad[:3] if (pd.to_numeric(df[c], errors="coerce").isna() & df[c].notna()).any()}
+            raise InputError(f"{where}: non-numeric metric columns {bad[:10]} (e.g. {examples}); "
+                             f"fix the export or list them in data.ignore_columns")
+        if not metric_cols:
+            raise InputError(f"{where}: no metric columns besides {cfg.timestamp_column!r}/{cfg.label_column!r}")
+        if self.metrics is None:
+            self.metrics = [str(c) for c in metric_cols]
+            self.labelled = has_lab
+        elif set(map(str, metric_cols)) != set(self.metrics):
+            missing = sorted(set(self.metrics) - set(map(str, metric_cols)))
+            extra = sorted(set(map(str, metric_cols)) - set(self.metrics))
+            raise InputError(f"{where}: metric set differs from the first node's: missing {missing[:10]}, "
+                             f"extra {extra[:10]} (every node must export the same metrics)")
+        values = df[self.metrics].to_numpy(dtype=np.float32)
+        all_nan = np.isnan(values).all(axis=0)
+        if all_nan.any():
+            cols = [self.metrics[i] for i in np.flatnonzero(all_nan)[:10]]
+            raise InputError(f"{where}: metric columns {cols} hold no value at all")
+        if has_ts:
+            ts = _parse_time(df[cfg.timestamp_column], where, cfg.timestamp_column)
+            unit = "s"
+        else:
+            ts, unit = np.arange(len(df), dtype=np.int64), "row"
+        labels = None
+        if has_lab:
+            lab = pd.to_numeric(df[cfg.label_column], errors="coerce")
+            if lab.isna().any() or (lab != lab.round()).any():
+                row = int(np.flatnonzero((lab.isna() | (lab != lab.round())).to_numpy())[0])
+                raise InputError(f"{where}: label column {cfg.label_column!r} must hold integers "
+                                 f"(0 normal, other = anomaly class); row {row} holds {df[cfg.label_column].iloc[row]!r}")
+            labels = lab.to_numpy().astype(np.int8)
+        order_ok = np.all(np.diff(ts) > 0)
+        if not order_ok:
+            dup = np.flatnonzero(np.diff(np.sort(ts)) == 0)
+            if dup.size:
+                t = np.sort(ts)[dup[0]]
+                raise InputError(f"{where}: duplicated timestamp {t} in column {cfg.timestamp_column!r} "
+                                 f"({dup.size} duplicates)")
+            if not cfg.sort_timestamps:
+                row = int(np.flatnonzero(np.diff(ts) <= 0)[0]) + 1
+                raise InputError(f"{where}: timestamps not increasing at row {row} of column "
+                                 f"{cfg.timestamp_column!r}; sort the export or set data.sort_timestamps=true")
+            order = np.argsort(ts, kind="stable")
+            ts, values = ts[order], values[order]
+            labels = labels[order] if labels is not None else None
+        return NodeData(node, ts, values, labels, unit)
+
+
+def source_signature(source: Path) -> str:
+    """A cheap fingerprint of the input (paths, sizes, mtimes) so a rerun can skip re-ingesting."""
+    files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
+    h = hashlib.sha256()
+    for p in files:
+        st = p.stat()
+        h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _iter_directory(source: Path, conv: FrameConverter) -> Iterator[NodeData]:
+    files = sorted(p for p in source.iterdir() if _is_table(p))
+    if not files:
+        raise InputError(f"{source}: no *.csv or *.parquet files in the directory")
+    stems = [_stem(p) for p in files]
+    dup = {s for s in stems if stems.count(s) > 1}
+    if dup:
+        raise InputError(f"{source}: several files for nodes {sorted(dup)} (e.g. both CSV and Parquet)")
+    for path, node in zip(files, stems):
+        check_node_name(node, str(path))
+        yield conv(_read_table(path), node, str(path))
+
+
+def _iter_single_file(source: Path, conv: FrameConverter, scratch_dir: Path) -> Iterator[NodeData]:
+    """Stage rows per node in a scratch HDF5 file chunk by chunk, then convert node by node.
+
+    Memory holds one input chunk or one node, never the whole file.
+    """
+    cfg = conv.cfg
+    fd, scratch = tempfile.mkstemp(suffix=".h5", dir=scratch_dir, prefix=".ingest-")
+    os.close(fd)
+    try:
+        columns: list[str] | None = None
+        with h5py.File(scratch, "w") as f:
+            for chunk in _iter_table_chunks(source):
+                if cfg.node_column not in chunk.columns:
+                    raise InputError(f"{source}: no node column {cfg.node_column!r} (set data.node_column, or "
+                                     f"give a directory of per-node files); columns: {list(chunk.columns)[:8]}")
+                chunk = chunk.drop(columns=[c for c in cfg.ignore_columns if c in chunk.columns])
+                if cfg.timestamp_column in chunk.columns:
+                    chunk[cfg.timestamp_column] = _parse_time(chunk[cfg.timestamp_column], str(source),
+                                                              cfg.timestamp_column)
+                if columns is None:
+                    columns = [c for c in chunk.columns if c != cfg.node_column]
+                bad = [c for c in columns if not pd.api.types.is_numeric_dtype(chunk[c])]
+                if bad:
+                    raise InputError(f"{source}: non-numeric columns {bad[:10]}; fix the export or list "
+                                     f"them in data.ignore_columns")
+                for node, part in chunk.groupby(cfg.node_column, sort=False):
+                    node = check_node_name(str(node), str(source))
+                    data = part[columns].to_numpy(dtype=np.float64)
+                    if node not in f:
+                        f.create_dataset(node, shape=(0, len(columns)), maxshape=(None, len(columns)),
+                                         dtype=np.float64, chunks=(4096, len(columns)))
+                    ds = f[node]
+                    ds.resize(ds.shape[0] + len(data), axis=0)
+                    ds[-len(data):] = data
+        if columns is None:
+            raise InputError(f"{source}: the file holds no rows")
+        with h5py.File(scratch, "r") as f:
+            for node in sorted(f.keys()):
+                yield conv(pd.DataFrame(f[node][()], columns=columns), node, str(source))
+    finally:
+        Path(scratch).unlink(missing_ok=True)
+
+
+def ingest(data_cfg, store_path: Path) -> Path:
+    """Make sure a store for ``data_cfg.source`` exists; return its path (an input store is used as is)."""
+    source = data_cfg.source
+    if source is not None and str(source).lower().endswith((".h5", ".hdf5")):
+        path = Path(source)
+        TelemetryStore(path)  # validates layout, names the file on error
+        log.info("using existing store %s", path)
+        return path
+    if source is None:
+        s = data_cfg.synthetic
+        sig = f"synthetic:{s.profile}:{s.nodes}:{s.rows}:{s.seed}:{s.clean_fraction}:{s.anomaly_fraction}:{list(s.kinds)}"
+        if _up_to_date(store_path, sig):
+            return store_path
+        nodes = synthetic.generate_cluster(s.nodes, s.rows, s.seed, s.profile, s.clean_fraction,
+                                           s.anomaly_fraction, list(s.kinds))
+        n = write_store(store_path, synthetic.metric_names(s.profile), nodes, "synthetic", signature=sig)
+        log.info("generated synthetic %s cluster: %d nodes -> %s", s.profile, n, store_path)
+        return store_path
+    src = Path(source).expanduser().resolve()
+    if not src.exists():
+        raise InputError(f"data.source: {src} does not exist")
+    sig = source_signature(src)
+    if _up_to_date(store_path, sig):
+        log.info("store %s is up to date with %s", store_path, src)
+        return store_path
+    conv = FrameConverter(data_cfg)
+    if src.is_dir():
+        stream = _iter_directory(src, conv)
+    elif _is_table(src):
+        stream = _iter_single_file(src, conv, store_path.parent)
+    else:
+        raise InputError(f"data.source: {src} is not a directory, CSV/Parquet file or .h5 store")
+    store_path.parent.mkdir(parents=True, exist_ok=True)
+    metrics_box: list[str] = []
+
+    def counted() -> Iterator[NodeData]:
+        for node in stream:
+            metrics_box[:] = conv.metrics or []
+            yield node
+
+    # The metric list is known after the first node; write_store takes it lazily through a peek.
+    gen = counted()
+    first = next(gen, None)
+    if first is None:
+        raise InputError(f"{src}: no nodes found")
+    n = write_store(store_path, metrics_box, _chain(first, gen), str(src), signature=sig)
+    log.info("ingested %d nodes from %s -> %s", n, src, store_path)
+    return store_path
+
+
+def _chain(first: NodeData, rest: Iterator[NodeData]) -> Iterator[NodeData]:
+    yield first
+    yield from rest
+
+
+def _up_to_date(store_path: Path, signature: str) -> bool:
+    if not store_path.exists():
+        return False
+    try:
+        with open_h5(store_path) as f:
+            return str(f.attrs.get("source_signature", "")) == signature
+    except Exception:
+        return False

@@ -1,0 +1,122 @@
+"""The hpcad telemetry store: one HDF5 file, one group per monitored node (layout in docs/data.md).
+
+    /                  attrs: hpcad_format="telemetry-store", format_version, created, source, hpcad_version
+    /metrics           [M] UTF-8 metric names (the same for every node)
+    /nodes/<node>/     attrs: rows, has_labels, source
+        timestamp      [T] int64 epoch seconds (attr time_unit="s"; "row" when the input had none)
+        values         [T, M] float32, chunked by rows, gzip + shuffle, NaN = missing sample
+        labels         [T] int8 (only when labelled): 0 normal, other integers = anomaly class
+
+Writers stream node by node; readers load one node at a time.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from hpcad import __version__
+from hpcad.atomic import atomic_path
+from hpcad.data.synthetic import NodeData
+from hpcad.errors import InputError, StoreError
+
+FORMAT = "telemetry-store"
+FORMAT_VERSION = 1
+ROW_CHUNK = 1024
+_NODE_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+STR = h5py.string_dtype("utf-8")
+
+
+def open_h5(path: str | os.PathLike[str], mode: str = "r", kind: str = "HDF5 file") -> h5py.File:
+    """Open an HDF5 file, turning h5py's low-level failures into a message that names the file."""
+    path = Path(path)
+    if mode == "r" and not path.exists():
+        raise StoreError(f"{path}: {kind} not found")
+    try:
+        return h5py.File(path, mode)
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot open {kind} (truncated or not HDF5?): {exc}") from exc
+
+
+def check_node_name(name: str, where: str) -> str:
+    if not _NODE_RE.match(name):
+        raise InputError(f"{where}: node name {name!r} may hold only letters, digits, '_', '.', '-'")
+    return name
+
+
+def write_node(f: h5py.File, node: NodeData, source: str = "") -> None:
+    grp = f.require_group("nodes").create_group(node.name)
+    T = node.values.shape[0]
+    chunk = (min(T, ROW_CHUNK), node.values.shape[1])
+    grp.create_dataset("timestamp", data=node.timestamp.astype(np.int64), chunks=(chunk[0],),
+                       compression="gzip").attrs["time_unit"] = node.time_unit
+    grp.create_dataset("values", data=node.values.astype(np.float32), chunks=chunk,
+                       compression="gzip", compression_opts=4, shuffle=True)
+    if node.labels is not None:
+        grp.create_dataset("labels", data=node.labels.astype(np.int8), chunks=(chunk[0],), compression="gzip")
+    grp.attrs.update(rows=T, has_labels=node.labels is not None, source=source)
+
+
+def write_store(path: str | os.PathLike[str], metrics: list[str], nodes: Iterable[NodeData],
+                source: str, node_source: dict[str, str] | None = None, signature: str = "") -> int:
+    """Write a store atomically from a stream of nodes; returns the number of nodes written."""
+    n = 0
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.attrs.update(hpcad_format=FORMAT, format_version=FORMAT_VERSION, source=str(source),
+                           created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                           hpcad_version=__version__, source_signature=signature)
+            f.create_dataset("metrics", data=np.array(metrics, dtype=object), dtype=STR)
+            for node in nodes:
+                if node.values.shape[1] != len(metrics):
+                    raise InputError(f"node {node.name}: {node.values.shape[1]} metrics, store has {len(metrics)}")
+                write_node(f, node, (node_source or {}).get(node.name, str(source)))
+                n += 1
+            if n == 0:
+                raise InputError(f"{source}: no nodes found")
+    return n
+
+
+class TelemetryStore:
+    """Read access to a store; loads one node at a time."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        with open_h5(self.path, kind="hpcad telemetry store") as f:
+            if f.attrs.get("hpcad_format") != FORMAT:
+                raise StoreError(f"{self.path}: not an hpcad telemetry store (attribute hpcad_format="
+                                 f"{f.attrs.get('hpcad_format')!r}, expected {FORMAT!r})")
+            if "metrics" not in f or "nodes" not in f:
+                raise StoreError(f"{self.path}: store lacks /metrics or /nodes (truncated write?)")
+            self.metrics: list[str] = [m.decode() if isinstance(m, bytes) else m for m in f["metrics"][()]]
+            self.nodes: list[str] = sorted(f["nodes"].keys())
+            self._rows = {n: int(f["nodes"][n].attrs["rows"]) for n in self.nodes}
+            self.has_labels = any(bool(f["nodes"][n].attrs["has_labels"]) for n in self.nodes)
+            self.source = str(f.attrs.get("source", ""))
+            self.signature = str(f.attrs.get("source_signature", ""))
+
+    def rows(self, node: str) -> int:
+        return self._rows[node]
+
+    def read(self, node: str) -> NodeData:
+        if node not in self._rows:
+            raise StoreError(f"{self.path}: node {node!r} is not in the store")
+        try:
+            with open_h5(self.path) as f:
+                g = f["nodes"][node]
+                labels = g["labels"][()] if "labels" in g else None
+                unit = g["timestamp"].attrs.get("time_unit", "s")
+                return NodeData(node, g["timestamp"][()], g["values"][()], labels, str(unit))
+        except (OSError, KeyError) as exc:
+            raise StoreError(f"{self.path}: node {node}: cannot read (corrupt file?): {exc}") from exc
+
+    def iter_nodes(self, nodes: Iterable[str] | None = None) -> Iterator[NodeData]:
+        for n in (self.nodes if nodes is None else nodes):
+            yield self.read(n)
+

@@ -1,0 +1,17 @@
+"""Exceptions that carry a user-facing message naming the file, node, column or option at fault."""
+
+
+class HpcadError(Exception):
+    """Base class: the CLI prints the message and exits with status 2, without a traceback."""
+
+
+class InputError(HpcadError):
+    """Bad telemetry input (missing or non-numeric columns, empty node, bad timestamps...)."""
+
+
+class StoreError(HpcadError):
+    """An HDF5 file that is missing, truncated, or not in the documented layout."""
+
+
+class ConfigError(HpcadError):
+    """A configuration value that is not valid for the data at hand."""

@@ -1,0 +1,1 @@
+"""Launchers: where a stage runs (``launcher=local`` runs it in this process)."""

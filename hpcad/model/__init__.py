@@ -1,0 +1,1 @@
+"""Detectors: the per-node autoencoder ensemble and its on-disk model files."""

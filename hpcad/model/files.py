@@ -1,0 +1,62 @@
+"""Per-node model files: ``models/<node>.pt`` holds only tensors and plain values.
+
+They load with ``torch.load(..., weights_only=True)``; a file is written to a temporary name and
+renamed, so a file under the final name is always complete (a requeued job skips those nodes).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hpcad.atomic import atomic_path
+from hpcad.errors import StoreError
+from hpcad.model.autoencoder import AutoencoderSpec
+from hpcad.preprocess import Scaler
+
+FORMAT = "hpcad-node-model"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class NodeModel:
+    node: str
+    spec: AutoencoderSpec
+    metrics: list[str]
+    params: list[torch.Tensor]
+    scaler: Scaler
+    history: dict
+    signal_scale: float  # mean alarm signal on the node's held-out normal rows (per-node normalisation)
+
+    def save(self, path: Path) -> None:
+        obj = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "node": self.node,
+            "spec": self.spec.to_dict(), "metrics": list(self.metrics),
+            "params": [p.detach().cpu().contiguous() for p in self.params],
+            "scaler": {"mean": torch.from_numpy(self.scaler.mean), "scale": torch.from_numpy(self.scaler.scale),
+                       "clip": self.scaler.clip},
+            "history": self.history, "signal_scale": float(self.signal_scale),
+        }
+        with atomic_path(path) as tmp:
+            torch.save(obj, tmp)
+
+    @classmethod
+    def load(cls, path: Path) -> "NodeModel":
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise StoreError(f"{path}: model file not found (was the node trained?)") from None
+        except Exception as exc:
+            raise StoreError(f"{path}: cannot load model file: {exc}") from exc
+        if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+            raise StoreError(f"{path}: not an hpcad node model")
+        sc = obj["scaler"]
+        return cls(obj["node"], AutoencoderSpec(**obj["spec"]), list(obj["metrics"]), list(obj["params"]),
+                   Scaler(sc["mean"].numpy().astype(np.float32), sc["scale"].numpy().astype(np.float32),
+                          float(sc["clip"])), obj["history"], float(obj["signal_scale"]))
+
+
+def model_path(models_dir: Path, node: str) -> Path:
+    return Path(models_dir) / f"{node}.pt"

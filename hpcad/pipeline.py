@@ -1,0 +1,152 @@
+"""Pipeline stages over one run folder: ingest -> train -> score -> baselines -> threshold -> report.
+
+Every stage reads what the previous ones left in the run folder (Hydra's output folder, set with
+``hydra.run.dir``), writes its outputs atomically, and can be rerun: a rerun skips a store that is
+up to date and nodes that already have a model.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from hpcad.atomic import write_json
+from hpcad.baselines import run_baselines
+from hpcad.data.ingest import ingest
+from hpcad.data.store import TelemetryStore
+from hpcad.errors import ConfigError, StoreError
+from hpcad.explain import class_profiles
+from hpcad.score import ErrorStore, score_nodes
+from hpcad.threshold.cost import CostModel
+from hpcad.threshold.evaluate import alarm_events, evaluate, write_alarms_csv
+from hpcad.threshold.rules import Thresholds
+from hpcad.train import train_nodes
+
+log = logging.getLogger(__name__)
+STAGES = ("ingest", "train", "score", "baselines", "threshold", "report")
+
+
+def load_run_config(run: Path) -> DictConfig | None:
+    p = Path(run) / ".hydra" / "config.yaml"
+    return OmegaConf.load(p) if p.exists() else None  # type: ignore[return-value]
+
+
+def _train_run(cfg) -> Path | None:
+    if not cfg.train_run:
+        return None
+    p = Path(cfg.train_run).expanduser().resolve()
+    if not (p / "models").is_dir():
+        raise ConfigError(f"train_run={cfg.train_run}: {p / 'models'} does not exist (not a trained run folder)")
+    return p
+
+
+def models_dir(cfg, run_dir: Path) -> Path:
+    tr = _train_run(cfg)
+    return (tr if tr is not None else run_dir) / "models"
+
+
+def stage_ingest(cfg, run_dir: Path) -> TelemetryStore:
+    return TelemetryStore(ingest(cfg.data, run_dir / "store.h5"))
+
+
+def stage_train(cfg, run_dir: Path) -> dict:
+    if cfg.train_run:
+        raise ConfigError("train_run is set: this run scores with existing models; drop it to train")
+    store = stage_ingest(cfg, run_dir)
+    return train_nodes(cfg, store, run_dir / "models")
+
+
+def stage_score(cfg, run_dir: Path) -> Path:
+    store = stage_ingest(cfg, run_dir)
+    out = run_dir / "errors.h5"
+    score_nodes(cfg, store, models_dir(cfg, run_dir), out)
+    return out
+
+
+def stage_baselines(cfg, run_dir: Path) -> dict:
+    if not cfg.baselines.methods:
+        return {}
+    store = stage_ingest(cfg, run_dir)
+    tr = _train_run(cfg)
+    fit_store = store
+    if tr is not None:
+        tcfg = load_run_config(tr)
+        src = tr / "store.h5"
+        if tcfg is not None and tcfg.data.source and str(tcfg.data.source).endswith((".h5", ".hdf5")):
+            src = Path(tcfg.data.source)
+        fit_store = TelemetryStore(src)
+    return run_baselines(cfg, fit_store, store, run_dir / "baselines")
+
+
+def _errors(run_dir: Path) -> ErrorStore:
+    path = run_dir / "errors.h5"
+    if not path.exists():
+        raise StoreError(f"{path}: not found; run `hpcad score` with hydra.run.dir={run_dir} first")
+    return ErrorStore(path)
+
+
+def stage_threshold(cfg, run_dir: Path) -> dict:
+    errors = _errors(run_dir)
+    labelled = any(s.labels is not None for s in errors.signals(errors.nodes[:1])) if errors.nodes else False
+    tr = _train_run(cfg)
+    rule = instantiate(cfg.threshold, _convert_="all")
+    if tr is not None and not labelled and (tr / "thresholds.json").exists():
+        import json
+
+        th = Thresholds.from_dict(json.loads((tr / "thresholds.json").read_text()))
+        log.info("unlabelled data: using the thresholds fitted by %s", tr)
+    else:
+        th = rule.fit(errors.signals)
+    write_json(run_dir / "thresholds.json", th.to_dict())
+    cm = rule.cost_model
+    time_unit = _time_unit(cfg, run_dir)
+    records = []
+    for s in errors.signals():
+        records += alarm_events(s, th, errors.errors, errors.metrics, cfg.report.top_k, time_unit)
+    write_alarms_csv(run_dir / "alarms.csv", records)
+    result = {"alarms": len(records), "thresholds": th.to_dict()}
+    metrics = evaluate(errors.signals(), th, cm)
+    if metrics["labelled"]:
+        out = {"detector": "autoencoder", "cost_model": vars(cm), "threshold_rule": th.rule,
+               "scope": th.scope, "splits": metrics["splits"], "baselines": {}, "nodes": metrics["nodes"]}
+        for path in sorted((run_dir / "baselines").glob("*.h5")):
+            b = ErrorStore(path)
+            bth = rule.fit(b.signals)
+            out["baselines"][path.stem] = {"splits": evaluate(b.signals(), bth, cm)["splits"],
+                                           "thresholds": bth.to_dict()}
+        out["class_profiles"] = class_profiles(errors)
+        write_json(run_dir / "metrics.json", out)
+        result["metrics"] = out
+    return result
+
+
+def _time_unit(cfg, run_dir: Path) -> str:
+    store = stage_ingest(cfg, run_dir)
+    return store.read(store.nodes[0]).time_unit if store.nodes else "s"
+
+
+def stage_report(cfg, run_dir: Path) -> Path | None:
+    if not cfg.report.enabled:
+        return None
+    from hpcad.report import write_report
+
+    return write_report(cfg, run_dir, _errors(run_dir), models_dir(cfg, run_dir))
+
+
+def stage_run(cfg, run_dir: Path) -> dict:
+    """All stages in order (training is skipped when ``train_run`` provides the models)."""
+    out: dict = {}
+    stage_ingest(cfg, run_dir)
+    if not cfg.train_run:
+        out["train"] = stage_train(cfg, run_dir)
+    stage_score(cfg, run_dir)
+    stage_baselines(cfg, run_dir)
+    out["threshold"] = stage_threshold(cfg, run_dir)
+    out["report"] = stage_report(cfg, run_dir)
+    return out
+
+
+RUNNERS = {"ingest": stage_ingest, "train": stage_train, "score": stage_score, "baselines": stage_baselines,
+           "threshold": stage_threshold, "report": stage_report, "run": stage_run}

@@ -1,0 +1,108 @@
+"""Preprocessing fitted on training rows only: chronological splits, NaN policy, standardisation.
+
+Standardisation survives constant and near-constant metrics: each metric's scale is floored at a
+share of its training range and an absolute minimum, and standardised values are clipped, so a metric
+whose training std is tiny (the seed lecture's exploding ips errors) cannot swamp the alarm signal.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from hpcad.data.synthetic import NodeData
+from hpcad.errors import ConfigError
+
+log = logging.getLogger(__name__)
+TRAIN, VAL, TEST = 0, 1, 2
+SPLIT_NAMES = {TRAIN: "train", VAL: "val", TEST: "test"}
+
+
+def _to_epoch(value, option: str) -> int:
+    if isinstance(value, (int, float)):
+        return int(value)
+    try:
+        return int(pd.Timestamp(value, tz="UTC").value // 10**9) if pd.Timestamp(value).tzinfo is None \
+            else int(pd.Timestamp(value).value // 10**9)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{option}: {value!r} is not a timestamp (ISO time or epoch seconds)") from exc
+
+
+def split_codes(node: NodeData, split_cfg) -> np.ndarray:
+    """Split code per row (0 train, 1 validation, 2 test), chronological within the node."""
+    T = len(node.timestamp)
+    unit = split_cfg.unit
+    if unit == "fraction":
+        tr, va = float(split_cfg.train), float(split_cfg.val)
+        if not (0 <= tr and 0 <= va and tr + va <= 1):
+            raise ConfigError(f"split.train={tr}, split.val={va}: fractions must be >= 0 and sum to <= 1")
+        n_tr, n_va = int(round(T * tr)), int(round(T * (tr + va))) - int(round(T * tr))
+    elif unit == "rows":
+        n_tr = min(int(split_cfg.train), T)
+        n_va = min(int(split_cfg.val), T - n_tr)
+    elif unit == "time":
+        if node.time_unit != "s":
+            raise ConfigError(f"split.unit=time: node {node.name} has no timestamps (row order only)")
+        t_tr = _to_epoch(split_cfg.train, "split.train")
+        t_va = _to_epoch(split_cfg.val, "split.val")
+        if t_va < t_tr:
+            raise ConfigError(f"split.val ({split_cfg.val}) must not be before split.train ({split_cfg.train})")
+        n_tr = int(np.searchsorted(node.timestamp, t_tr, side="left"))
+        n_va = int(np.searchsorted(node.timestamp, t_va, side="left")) - n_tr
+    else:
+        raise ConfigError(f"split.unit={unit!r}: expected fraction, rows or time")
+    codes = np.full(T, TEST, dtype=np.int8)
+    codes[:n_tr] = TRAIN
+    codes[n_tr:n_tr + n_va] = VAL
+    return codes
+
+
+def training_rows(node: NodeData, codes: np.ndarray, normal_only: bool) -> np.ndarray:
+    """Boolean mask of the rows a model trains on (training split, normal rows if labelled)."""
+    mask = codes == TRAIN
+    if normal_only and node.labels is not None:
+        mask &= node.labels == 0
+    return mask
+
+
+def fill_gaps(values: np.ndarray, limit: int) -> np.ndarray:
+    """Forward-fill NaN runs of at most ``limit`` rows; longer runs stay NaN (imputed later)."""
+    if not np.isnan(values).any():
+        return values
+    return pd.DataFrame(values).ffill(limit=limit).to_numpy(dtype=np.float32)
+
+
+@dataclass
+class Scaler:
+    """Per-metric standardisation fitted on training rows: z = clip((x - mean) / scale)."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+    clip: float
+
+    @classmethod
+    def fit(cls, values: np.ndarray, cfg, where: str = "") -> "Scaler":
+        if values.shape[0] == 0:
+            raise ConfigError(f"{where}: no training rows to fit the standardisation on "
+                              f"(check split.* and the labels)")
+        with np.errstate(all="ignore"):
+            mean = np.nanmean(values, axis=0)
+            std = np.nanstd(values, axis=0)
+            rng = np.nanmax(values, axis=0) - np.nanmin(values, axis=0)
+        empty = ~np.isfinite(mean)
+        if empty.any():
+            log.warning("%s: %d metrics have no training value; they are centred on 0", where, int(empty.sum()))
+        mean = np.where(empty, 0.0, mean)
+        floor = np.maximum(cfg.std_floor_rel * np.nan_to_num(rng), cfg.std_floor_abs)
+        scale = np.maximum(np.nan_to_num(std), floor)
+        scale = np.where(scale > 0, scale, 1.0)
+        return cls(mean.astype(np.float32), scale.astype(np.float32), float(cfg.clip))
+
+    def transform(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Standardised values and a mask of entries that were missing (imputed with the mean)."""
+        z = (values - self.mean) / self.scale
+        missing = np.isnan(z)
+        z = np.where(missing, 0.0, np.clip(z, -self.clip, self.clip)).astype(np.float32)
+        return z, missing

@@ -1,0 +1,154 @@
+"""``report.html``: one static page that opens offline (PNG plots embedded as data URIs)."""
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from hpcad.atomic import write_text  # noqa: E402
+from hpcad.model.files import NodeModel, model_path  # noqa: E402
+from hpcad.score import ErrorStore  # noqa: E402
+from hpcad.threshold.rules import Thresholds  # noqa: E402
+
+CLASS_NAMES = {"0": "normal", "1": "class 1 (e.g. power-saving governor)", "2": "class 2 (e.g. performance governor)",
+               "3": "class 3 (e.g. memory leak)", "4": "class 4 (e.g. CPU contention)"}
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def _label_spans(ax, labels: np.ndarray | None) -> None:
+    if labels is None:
+        return
+    d = np.diff(np.r_[0, (labels != 0).astype(int), 0])
+    for a, b in zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1)):
+        ax.axvspan(a, b, color="tab:orange", alpha=0.25, lw=0)
+
+
+def _signal_plot(s, th: Thresholds) -> str:
+    sig = th.signal_of(s)
+    fig, ax = plt.subplots(figsize=(11, 2.6))
+    ax.plot(sig, lw=0.6, color="tab:blue", label="alarm signal")
+    ax.axhline(th.threshold_for(s.node), color="tab:red", lw=1, label="threshold")
+    _label_spans(ax, s.labels)
+    for code, ls in ((1, ":"), (2, "--")):
+        idx = np.flatnonzero(s.split == code)
+        if idx.size:
+            ax.axvline(idx[0], color="grey", ls=ls, lw=0.8)
+    if np.nanmin(sig) > 0:
+        ax.set_yscale("log")
+    ax.set_title(f"{s.node}: signal vs threshold (orange = labelled anomaly; dotted/dashed = validation/test start)",
+                 fontsize=9)
+    ax.set_xlabel("row")
+    ax.legend(loc="upper left", fontsize=7)
+    return _png(fig)
+
+
+def _heatmap(errors: ErrorStore, s) -> str:
+    err = np.sqrt(errors.errors(s.node))
+    fig, ax = plt.subplots(figsize=(11, 3.6))
+    vmax = np.quantile(err, 0.99) or 1.0
+    ax.imshow(err.T, aspect="auto", cmap="magma", vmin=0, vmax=vmax, interpolation="nearest")
+    if s.labels is not None:
+        ax.plot(np.flatnonzero(s.labels != 0), np.full(int((s.labels != 0).sum()), -2), "|", color="tab:orange", ms=4)
+    ax.set_ylabel("metric index")
+    ax.set_xlabel("row")
+    ax.set_title(f"{s.node}: per-metric reconstruction error |x - x_hat| (orange ticks = labelled anomaly)", fontsize=9)
+    return _png(fig)
+
+
+def _profile_plot(cls: str, prof: dict) -> str:
+    names = [n for n, _ in prof["top"]][::-1]
+    vals = [v for _, v in prof["top"]][::-1]
+    fig, ax = plt.subplots(figsize=(7, 0.22 * len(names) + 1))
+    ax.barh(names, vals, color="tab:purple")
+    ax.set_xlabel("mean squared error (standardised units)")
+    ax.set_title(f"{CLASS_NAMES.get(cls, 'class ' + cls)}: top metrics ({prof['rows']} rows)", fontsize=9)
+    ax.tick_params(labelsize=7)
+    return _png(fig)
+
+
+def _curves(models_dir: Path, nodes: list[str]) -> str:
+    fig, ax = plt.subplots(figsize=(7, 3))
+    for n in nodes:
+        p = model_path(models_dir, n)
+        if not p.exists():
+            continue
+        h = NodeModel.load(p).history
+        line, = ax.plot(range(1, len(h["loss"]) + 1), h["loss"], lw=1, label=f"{n} train")
+        ax.plot(range(1, len(h["val_loss"]) + 1), h["val_loss"], lw=1, ls="--", color=line.get_color())
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("MSE")
+    ax.set_title("training curves (solid = training, dashed = validation)", fontsize=9)
+    ax.legend(fontsize=6, ncol=2)
+    return _png(fig)
+
+
+def _table(rows: list[list], header: list[str]) -> str:
+    h = "".join(f"<th>{html.escape(str(c))}</th>" for c in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{h}</tr>{body}</table>"
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return "" if v is None else str(v)
+
+
+def write_report(cfg, run_dir: Path, errors: ErrorStore, models_dir: Path) -> Path:
+    th = Thresholds.from_dict(json.loads((run_dir / "thresholds.json").read_text()))
+    metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else None
+    alarms = list(csv.DictReader(open(run_dir / "alarms.csv"))) if (run_dir / "alarms.csv").exists() else []
+    per_node_alarms: dict[str, int] = {}
+    for a in alarms:
+        per_node_alarms[a["node"]] = per_node_alarms.get(a["node"], 0) + 1
+    shown = sorted(errors.nodes, key=lambda n: (-per_node_alarms.get(n, 0), n))[: cfg.report.max_nodes_plotted]
+    parts = [f"<h1>hpcad report</h1><p>run folder: <code>{html.escape(str(run_dir))}</code>; "
+             f"{len(errors.nodes)} nodes, {len(errors.metrics)} metrics; threshold rule <b>{th.rule}</b> "
+             f"({th.scope} scope); {len(alarms)} alarm events.</p>"]
+    if metrics:
+        rows = []
+        for name, res in [("autoencoder", metrics)] + [(k, v) for k, v in metrics["baselines"].items()]:
+            for split in ("train", "val", "test"):
+                s = res["splits"][split]
+                rows.append([name, split, s["cost"], s["false_alarms"], s["missed"], s["precision"], s["recall"], s["f1"]])
+        parts.append("<h2>Detection quality</h2>" + _table(rows, ["detector", "split", "cost", "false alarms",
+                                                                  "missed", "event precision", "event recall", "event F1"]))
+        cm = metrics["cost_model"]
+        parts.append(f"<p>cost = {cm['c_alarm']} x false alarms + {cm['c_missed']} x missed anomalies, "
+                     f"tolerance +-{cm['tolerance']} rows.</p>")
+    parts.append("<h2>Alarm signal</h2>")
+    sigs = {s.node: s for s in errors.signals(shown)}
+    parts += [_signal_plot(sigs[n], th) for n in shown]
+    if shown:
+        parts.append("<h2>Per-metric error</h2>" + _heatmap(errors, sigs[shown[0]]))
+    if metrics and metrics.get("class_profiles"):
+        parts.append("<h2>Mean error profile per class</h2>")
+        parts += [_profile_plot(c, p) for c, p in metrics["class_profiles"].items()]
+    parts.append("<h2>Training</h2>" + _curves(models_dir, shown[:8]))
+    if alarms:
+        cols = ["node", "start", "end", "rows", "split", "peak_score", "label_classes", "top_metrics"]
+        parts.append(f"<h2>Alarms (first 100 of {len(alarms)})</h2>" +
+                     _table([[a.get(c, "") for c in cols] for a in alarms[:100]], cols))
+    style = ("body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;font-size:12px}"
+             "td,th{border:1px solid #ccc;padding:2px 6px}img{display:block;margin:6px 0}")
+    page = f"<!doctype html><html><head><meta charset='utf-8'><title>hpcad report</title><style>{style}</style>" \
+           f"</head><body>{''.join(parts)}</body></html>\n"
+    out = run_dir / "report.html"
+    write_text(out, page)
+    return out

@@ -1,0 +1,160 @@
+"""The score stage: per-row, per-metric squared reconstruction errors into ``errors.h5``.
+
+Layout (docs/data.md):
+
+    /                 attrs: hpcad_format="error-store", format_version, store, models, created
+    /metrics          [M] metric names
+    /nodes/<node>/    attrs: signal_scale (the node's mean held-out signal), rows
+        error         [T, M] float32 squared error per metric in standardised units (0 where missing)
+        signal        [T] float32 alarm signal = sum over metrics of error
+        signal_norm   [T] float32 signal / signal_scale (one threshold can serve all nodes)
+        timestamp     [T] int64, split [T] int8 (0 train, 1 validation, 2 test), labels [T] int8 if labelled
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from hpcad import __version__
+from hpcad.atomic import atomic_path
+from hpcad.data.store import STR, TelemetryStore, open_h5
+from hpcad.device import resolve_device
+from hpcad.errors import InputError, StoreError
+from hpcad.model.autoencoder import forward, stack
+from hpcad.model.files import NodeModel, model_path
+from hpcad.preprocess import fill_gaps, split_codes
+
+log = logging.getLogger(__name__)
+FORMAT = "error-store"
+ROW_BLOCK = 8192
+
+
+@dataclass
+class NodeSignal:
+    """What threshold fitting and evaluation need of one node (no per-metric errors)."""
+
+    node: str
+    signal: np.ndarray
+    split: np.ndarray
+    labels: np.ndarray | None
+    timestamp: np.ndarray
+    scale: float = 1.0
+
+    @property
+    def normalised(self) -> np.ndarray:
+        return self.signal / self.scale
+
+
+def score_nodes(cfg, store: TelemetryStore, models_dir: Path, out_path: Path) -> int:
+    """Score every node of ``store`` with its model; writes ``out_path`` atomically."""
+    device = resolve_device(cfg.train.device)
+    missing = [n for n in store.nodes if not model_path(models_dir, n).exists()]
+    if missing:
+        raise StoreError(f"{models_dir}: no model for nodes {missing[:10]} ({len(missing)} missing); "
+                         f"train them first or point train_run at the run that did")
+    with atomic_path(out_path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs.update(hpcad_format=FORMAT, format_version=1, store=str(store.path), models=str(models_dir),
+                       created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                       hpcad_version=__version__)
+        f.create_dataset("metrics", data=np.array(store.metrics, dtype=object), dtype=STR)
+        nodes_grp = f.create_group("nodes")
+        for node in tqdm(store.nodes, desc="score", unit="node", disable=not cfg.train.progress):
+            model = NodeModel.load(model_path(models_dir, node))
+            if model.metrics != store.metrics:
+                raise InputError(f"node {node}: the model was trained on other metrics than {store.path} holds "
+                                 f"(first difference: {_first_diff(model.metrics, store.metrics)})")
+            nd = store.read(node)
+            values = fill_gaps(nd.values, cfg.preprocess.nan_fill_limit)
+            z, missing_mask = model.scaler.transform(values)
+            err = reconstruction_errors([model], [z], device)[0]
+            err[missing_mask] = 0.0
+            signal = err.sum(1)
+            g = nodes_grp.create_group(node)
+            T, M = err.shape
+            g.create_dataset("error", data=err, chunks=(min(T, 1024), M), compression="gzip", shuffle=True)
+            g.create_dataset("signal", data=signal)
+            g.create_dataset("signal_norm", data=signal / model.signal_scale)
+            g.create_dataset("timestamp", data=nd.timestamp)
+            g.create_dataset("split", data=split_codes(nd, cfg.split))
+            if nd.labels is not None:
+                g.create_dataset("labels", data=nd.labels)
+            g.attrs.update(signal_scale=model.signal_scale, rows=T)
+    log.info("scored %d nodes -> %s", len(store.nodes), out_path)
+    return len(store.nodes)
+
+
+def reconstruction_errors(models: list[NodeModel], zs: list[np.ndarray], device: torch.device) -> list[np.ndarray]:
+    """Squared errors [T_k, M] for K models at once (rows padded to the longest, in row blocks)."""
+    params = stack([m.params for m in models], device)
+    n_enc = len(models[0].spec.hidden)
+    T = max(z.shape[0] for z in zs)
+    M = zs[0].shape[1]
+    out = [np.empty_like(z) for z in zs]
+    with torch.no_grad():
+        for s in range(0, T, ROW_BLOCK):
+            x = torch.zeros(len(zs), min(ROW_BLOCK, T - s), M, device=device)
+            for k, z in enumerate(zs):
+                part = z[s:s + ROW_BLOCK]
+                x[k, : len(part)] = torch.from_numpy(part).to(device)
+            recon, _ = forward(params, x, n_enc)
+            e = ((recon - x) ** 2).cpu().numpy()
+            for k, z in enumerate(zs):
+                n = max(0, min(ROW_BLOCK, z.shape[0] - s))
+                out[k][s:s + n] = e[k, :n]
+    return out
+
+
+def _first_diff(a: list[str], b: list[str]) -> str:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return f"column {i}: {x!r} vs {y!r}"
+    return f"{len(a)} vs {len(b)} metrics"
+
+
+class ErrorStore:
+    """Read ``errors.h5`` (or a baseline's signal file) one node at a time."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        with open_h5(self.path, kind="error file") as f:
+            if f.attrs.get("hpcad_format") not in (FORMAT, "signal-store"):
+                raise StoreError(f"{self.path}: not an hpcad error file")
+            self.metrics = [m.decode() if isinstance(m, bytes) else m for m in f["metrics"][()]] \
+                if "metrics" in f else []
+            self.nodes = sorted(f["nodes"].keys())
+
+    def signals(self, nodes: list[str] | None = None) -> Iterator[NodeSignal]:
+        with open_h5(self.path, kind="error file") as f:
+            for n in (self.nodes if nodes is None else nodes):
+                g = f["nodes"][n]
+                yield NodeSignal(n, g["signal"][()].astype(np.float64), g["split"][()],
+                                 g["labels"][()] if "labels" in g else None, g["timestamp"][()],
+                                 float(g.attrs.get("signal_scale", 1.0)))
+
+    def errors(self, node: str, rows: np.ndarray | slice | None = None) -> np.ndarray:
+        with open_h5(self.path, kind="error file") as f:
+            ds = f["nodes"][node]["error"]
+            return ds[()] if rows is None else ds[rows]
+
+
+def write_signal_file(path: Path, method: str, signals: Iterator[NodeSignal]) -> None:
+    """Baselines write the same per-node layout without the per-metric error tensor."""
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs.update(hpcad_format="signal-store", format_version=1, method=method)
+        g0 = f.create_group("nodes")
+        for s in signals:
+            g = g0.create_group(s.node)
+            g.create_dataset("signal", data=s.signal.astype(np.float32))
+            g.create_dataset("split", data=s.split)
+            g.create_dataset("timestamp", data=s.timestamp)
+            if s.labels is not None:
+                g.create_dataset("labels", data=s.labels)
+            g.attrs["signal_scale"] = s.scale

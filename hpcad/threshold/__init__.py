@@ -1,0 +1,1 @@
+"""Threshold fitting (cost model or unsupervised rules) and alarm evaluation."""

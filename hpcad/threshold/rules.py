@@ -1,0 +1,207 @@
+"""Threshold rules, chosen by config group (``threshold=cost|quantile|pot``) through ``_target_``.
+
+Each rule's ``fit`` takes a callable that yields :class:`~hpcad.score.NodeSignal` per node (it may be
+called more than once: cluster scope makes passes instead of holding every node's rows) and returns
+:class:`Thresholds`. ``scope=node`` fits one threshold per node on its own validation rows;
+``scope=cluster`` fits one threshold on per-node normalised signals (signal / the node's mean
+held-out training signal), by summing cost curves or histograms over a shared grid, so memory
+does not grow with the number of nodes.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.stats import genpareto
+
+from hpcad.errors import ConfigError
+from hpcad.preprocess import TRAIN, VAL
+from hpcad.score import NodeSignal
+from hpcad.threshold.cost import CostModel, CostTerms
+
+log = logging.getLogger(__name__)
+SignalSource = Callable[[], Iterator[NodeSignal]]
+
+
+@dataclass
+class Thresholds:
+    rule: str
+    scope: str
+    cluster: float | None = None
+    nodes: dict[str, float] = field(default_factory=dict)
+    details: dict = field(default_factory=dict)
+
+    @property
+    def normalised(self) -> bool:
+        return self.scope == "cluster"
+
+    def signal_of(self, s: NodeSignal) -> np.ndarray:
+        return s.normalised if self.normalised else s.signal
+
+    def threshold_for(self, node: str) -> float:
+        if self.scope == "cluster":
+            return float(self.cluster)  # type: ignore[arg-type]
+        if node not in self.nodes:
+            raise ConfigError(f"node {node}: no fitted threshold (fitted on other nodes?)")
+        return self.nodes[node]
+
+    def to_dict(self) -> dict:
+        return {"rule": self.rule, "scope": self.scope, "signal": "signal_norm" if self.normalised else "signal",
+                "cluster": self.cluster, "nodes": self.nodes, "details": self.details}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Thresholds":
+        return cls(d["rule"], d["scope"], d.get("cluster"), dict(d.get("nodes", {})), d.get("details", {}))
+
+
+def _fit_rows(s: NodeSignal) -> np.ndarray:
+    """Validation rows, or training rows where a node has no validation part."""
+    rows = s.split == VAL
+    return rows if rows.any() else s.split == TRAIN
+
+
+def _grid(lo: float, hi: float, n: int) -> np.ndarray:
+    """asinh-spaced grid: fine near zero, coarse in the heavy tail, any sign."""
+    if not np.isfinite(lo) or not np.isfinite(hi):
+        raise ConfigError("threshold: no finite validation signal to fit on")
+    hi = hi if hi > lo else lo + 1.0
+    return np.sinh(np.linspace(np.arcsinh(lo), np.arcsinh(hi), n))
+
+
+def _check_scope(scope: str) -> str:
+    if scope not in ("node", "cluster"):
+        raise ConfigError(f"threshold.scope={scope!r}: expected node or cluster")
+    return scope
+
+
+class _Rule:
+    name = "rule"
+
+    def __init__(self, scope: str = "node", grid_points: int = 4096, c_alarm: float = 1.0,
+                 c_missed: float = 5.0, tolerance: int = 12, **_: object):
+        self.scope = _check_scope(scope)
+        self.grid_points = int(grid_points)
+        self.cost_model = CostModel(float(c_alarm), float(c_missed), int(tolerance))
+
+    def fit(self, source: SignalSource) -> Thresholds:
+        if self.scope == "node":
+            th = Thresholds(self.name, "node")
+            for s in source():
+                rows = _fit_rows(s)
+                if not rows.any():
+                    raise ConfigError(f"node {s.node}: no validation or training rows to fit a threshold on")
+                th.nodes[s.node] = self.fit_node(s, rows)
+            return th
+        lo, hi = np.inf, -np.inf
+        for s in source():
+            v = s.normalised[_fit_rows(s)]
+            if v.size:
+                lo, hi = min(lo, float(v.min())), max(hi, float(v.max()))
+        grid = _grid(lo, hi, self.grid_points)
+        return self.fit_cluster(source, grid)
+
+    def fit_node(self, s: NodeSignal, rows: np.ndarray) -> float:
+        raise NotImplementedError
+
+    def fit_cluster(self, source: SignalSource, grid: np.ndarray) -> Thresholds:
+        raise NotImplementedError
+
+    def _histogram(self, source: SignalSource, grid: np.ndarray) -> np.ndarray:
+        """Counts of validation values <= each grid point (a reducible quantile sketch)."""
+        counts = np.zeros(grid.size, dtype=np.int64)
+        for s in source():
+            v = np.sort(s.normalised[_fit_rows(s)])
+            counts += np.searchsorted(v, grid, side="right")
+        return counts
+
+
+class QuantileRule(_Rule):
+    """A high quantile ``q`` of the validation signal (unsupervised)."""
+
+    name = "quantile"
+
+    def __init__(self, q: float = 0.995, **kw: object):
+        super().__init__(**kw)
+        if not 0 < q < 1:
+            raise ConfigError(f"threshold.q={q}: must be in (0, 1)")
+        self.q = float(q)
+
+    def fit_node(self, s: NodeSignal, rows: np.ndarray) -> float:
+        return float(np.quantile(s.signal[rows], self.q))
+
+    def fit_cluster(self, source: SignalSource, grid: np.ndarray) -> Thresholds:
+        cdf = self._histogram(source, grid)
+        i = int(np.searchsorted(cdf, self.q * cdf[-1], side="left"))
+        return Thresholds(self.name, "cluster", float(grid[min(i, grid.size - 1)]), details={"q": self.q})
+
+
+def pot_threshold(values: np.ndarray, init: float, risk: float, n_total: int) -> tuple[float, dict]:
+    """SPOT (Siffer et al., KDD 2017): GPD fitted to the peaks over ``init``; the quantile of ``risk``."""
+    peaks = values[values > init] - init
+    if peaks.size < 10:
+        return float(values.max()), {"peaks": int(peaks.size), "note": "too few peaks; used the maximum"}
+    gamma, _, sigma = genpareto.fit(peaks, floc=0.0)
+    r = risk * n_total / peaks.size
+    z = init + (sigma / gamma * (r ** (-gamma) - 1) if abs(gamma) > 1e-8 else -sigma * np.log(r))
+    return float(z), {"gamma": float(gamma), "sigma": float(sigma), "peaks": int(peaks.size), "init": float(init)}
+
+
+class PotRule(_Rule):
+    """Peaks over threshold: extreme-value tail fit above the ``init_q`` quantile (unsupervised)."""
+
+    name = "pot"
+
+    def __init__(self, init_q: float = 0.98, risk: float = 1e-4, **kw: object):
+        super().__init__(**kw)
+        if not (0 < init_q < 1 and 0 < risk < 1 - init_q):
+            raise ConfigError(f"threshold.init_q={init_q}, threshold.risk={risk}: need 0 < risk < 1 - init_q < 1")
+        self.init_q, self.risk = float(init_q), float(risk)
+
+    def fit_node(self, s: NodeSignal, rows: np.ndarray) -> float:
+        v = s.signal[rows]
+        return pot_threshold(v, float(np.quantile(v, self.init_q)), self.risk, v.size)[0]
+
+    def fit_cluster(self, source: SignalSource, grid: np.ndarray) -> Thresholds:
+        cdf = self._histogram(source, grid)
+        init = float(grid[min(int(np.searchsorted(cdf, self.init_q * cdf[-1])), grid.size - 1)])
+        peaks = np.concatenate([v[v > init] for v in (s.normalised[_fit_rows(s)] for s in source())])
+        t, det = pot_threshold(np.r_[peaks, init], init, self.risk, int(cdf[-1]))
+        return Thresholds(self.name, "cluster", t, details=det)
+
+
+class CostRule(_Rule):
+    """Minimise the lecture's cost on the labelled validation rows (exact per node; grid for clusters)."""
+
+    name = "cost"
+
+    def __init__(self, fallback: str = "quantile", **kw: object):
+        super().__init__(**kw)
+        self.fallback = QuantileRule(scope=kw.get("scope", "node"))
+        if fallback != "quantile":
+            raise ConfigError(f"threshold.fallback={fallback!r}: only 'quantile' is supported")
+
+    def fit_node(self, s: NodeSignal, rows: np.ndarray) -> float:
+        if s.labels is None:
+            log.warning("node %s: no labels; threshold from the quantile rule", s.node)
+            return self.fallback.fit_node(s, rows)
+        terms = CostTerms.of(s.signal[rows], s.labels[rows] != 0, self.cost_model.tolerance)
+        return self.cost_model.optimum(terms)[0]
+
+    def fit_cluster(self, source: SignalSource, grid: np.ndarray) -> Thresholds:
+        total = np.zeros(grid.size)
+        labelled = 0
+        for s in source():
+            if s.labels is None:
+                continue
+            rows = _fit_rows(s)
+            labelled += 1
+            terms = CostTerms.of(s.normalised[rows], s.labels[rows] != 0, self.cost_model.tolerance)
+            total += self.cost_model.curve(terms, grid)
+        if labelled == 0:
+            log.warning("no labelled node: cluster threshold from the quantile rule")
+            return self.fallback.fit_cluster(source, grid)
+        i = int(np.argmin(total))
+        return Thresholds(self.name, "cluster", float(grid[i]), details={"validation_cost": float(total[i]),
+                                                                    "labelled_nodes": labelled})

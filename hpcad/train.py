@@ -1,0 +1,79 @@
+"""The train stage: per-node preprocessing, chunking by memory budget, batched training, model files."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+from hydra.utils import instantiate
+from tqdm import tqdm
+
+from hpcad.atomic import write_json
+from hpcad.data.store import TelemetryStore
+from hpcad.device import resolve_device
+from hpcad.errors import ConfigError
+from hpcad.model.autoencoder import AutoencoderSpec
+from hpcad.model.files import NodeModel, model_path
+from hpcad.preprocess import Scaler, fill_gaps, split_codes, training_rows
+from hpcad.model.ensemble import chunk_size, node_seed, train_ensemble
+
+log = logging.getLogger(__name__)
+
+
+def prepare_training_rows(store: TelemetryStore, node: str, cfg) -> tuple[np.ndarray, Scaler]:
+    """Standardised training rows of one node and the scaler fitted on them."""
+    nd = store.read(node)
+    codes = split_codes(nd, cfg.split)
+    mask = training_rows(nd, codes, cfg.split.normal_only)
+    values = fill_gaps(nd.values, cfg.preprocess.nan_fill_limit)
+    train_vals = values[mask]
+    scaler = Scaler.fit(train_vals, cfg.preprocess, where=f"node {node}")
+    z, _ = scaler.transform(train_vals)
+    return z, scaler
+
+
+def model_spec(cfg) -> AutoencoderSpec:
+    spec = instantiate(cfg.model, _convert_="all")
+    if not isinstance(spec, AutoencoderSpec):
+        raise ConfigError(f"model._target_={cfg.model._target_}: the trainer needs an AutoencoderSpec")
+    return spec
+
+
+def train_nodes(cfg, store: TelemetryStore, models_dir: Path, nodes: list[str] | None = None) -> dict:
+    """Train (or resume training of) a model for each node; nodes with a model file are skipped."""
+    spec = model_spec(cfg)
+    device = resolve_device(cfg.train.device)
+    nodes = list(store.nodes if nodes is None else nodes)
+    todo = [n for n in nodes if not model_path(models_dir, n).exists()]
+    if len(todo) < len(nodes):
+        log.info("resuming: %d of %d nodes already have a model in %s", len(nodes) - len(todo), len(nodes), models_dir)
+    todo.sort(key=lambda n: (-store.rows(n), n))  # similar lengths share a chunk: less padding
+    M = len(store.metrics)
+    t0 = time.perf_counter()
+    done = 0
+    bar = tqdm(total=len(todo), desc="train", unit="node", disable=not cfg.train.progress)
+    i = 0
+    while i < len(todo):
+        K = chunk_size(store.rows(todo[i]), M, spec, cfg.train.memory_budget_mb, cfg.train.batch_size,
+                       cfg.train.max_nodes_per_chunk)
+        chunk = todo[i:i + K]
+        i += K
+        prepared = [prepare_training_rows(store, n, cfg) for n in chunk]
+        empty = [n for n, (z, _) in zip(chunk, prepared) if len(z) < 2]
+        if empty:
+            raise ConfigError(f"nodes {empty[:5]}: fewer than 2 training rows (check split.* and labels)")
+        seeds = [node_seed(cfg.train.seed, n) for n in chunk]
+        bar.set_postfix(chunk=len(chunk), device=str(device))
+        res = train_ensemble(spec, [z for z, _ in prepared], seeds, cfg.train, device)
+        for k, n in enumerate(chunk):
+            NodeModel(n, spec, store.metrics, res.params[k], prepared[k][1], res.history[k],
+                      res.holdout_signal[k]).save(model_path(models_dir, n))
+        done += len(chunk)
+        bar.update(len(chunk))
+        log.info("trained %d/%d nodes (%.1f s)", done, len(todo), time.perf_counter() - t0)
+    bar.close()
+    summary = {"nodes": len(nodes), "trained_now": len(todo), "seconds": round(time.perf_counter() - t0, 3),
+               "device": str(device), "model": spec.to_dict()}
+    write_json(models_dir / "training.json", summary)
+    return summary
