@@ -11,7 +11,7 @@ from pathlib import Path
 
 USAGE = """usage: hpcad <stage> [hydra overrides...]
 
-stages: run (all of them), ingest, train, score, baselines, threshold, report
+stages: run (all of them), ingest, train, score, baselines, threshold, report, generate
 examples:
   hpcad run                                   # synthetic cluster, report in the run folder
   hpcad run experiment=davide data.source=davide.csv
@@ -70,6 +70,8 @@ def run_stage(stage: str, overrides: list[str]) -> int:
         log.info("%s done; outputs in %s", stage, run_dir)
         if stage in ("run", "report") and (run_dir / "report.html").exists():
             print(f"hpcad: report at {run_dir / 'report.html'}")
+        elif stage == "generate":
+            print(f"hpcad: wrote {len(result)} files, e.g. {result[0]}")
         elif stage == "train" and isinstance(result, dict):
             print(f"hpcad: {result.get('nodes')} node models in {run_dir / 'models'}")
         else:

@@ -22,7 +22,7 @@ class SyntheticConfig:
     seed: int = 0
     clean_fraction: float = 0.45  # leading share of rows kept free of anomalies (like the lecture's train part)
     anomaly_fraction: float = 0.12  # share of the remaining rows inside labelled anomalies
-    kinds: list[str] = field(default_factory=lambda: ["powersave", "performance", "memleak", "cpu_contention"])
+    kinds: Optional[list[str]] = None  # None: all four for cluster, the two governor modes for davide
 
 
 @dataclass
@@ -89,6 +89,14 @@ class BaselineConfig:
 
 
 @dataclass
+class GenerateConfig:
+    """``hpcad generate``: write the synthetic data set as files a user could have exported."""
+
+    out: Optional[str] = None  # directory (cluster: one file per node) or file (davide: one CSV); None = run folder
+    format: str = "csv"  # csv | parquet
+
+
+@dataclass
 class LauncherConfig:
     _target_: str = "hpcad.launch.local.LocalLauncher"
 
@@ -104,6 +112,7 @@ class HpcadConfig:
     report: ReportConfig = field(default_factory=ReportConfig)
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     train_run: Optional[str] = None  # score with the models (and thresholds) of this earlier run folder
     stage: str = "run"
 

@@ -148,5 +148,20 @@ def stage_run(cfg, run_dir: Path) -> dict:
     return out
 
 
-RUNNERS = {"ingest": stage_ingest, "train": stage_train, "score": stage_score, "baselines": stage_baselines,
+def stage_generate(cfg, run_dir: Path) -> list[Path]:
+    """Write the synthetic data set as export files (``generate.out``, default: the run folder)."""
+    from hpcad.data.synthetic import write_exports
+
+    s = cfg.data.synthetic
+    default = run_dir / ("davide.csv" if s.profile == "davide" else "exports")
+    out = Path(cfg.generate.out) if cfg.generate.out else default
+    try:
+        files = write_exports(out, s, cfg.generate.format)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    log.info("wrote %d synthetic export files under %s", len(files), out)
+    return files
+
+
+RUNNERS = {"generate": stage_generate, "ingest": stage_ingest, "train": stage_train, "score": stage_score, "baselines": stage_baselines,
            "threshold": stage_threshold, "report": stage_report, "run": stage_run}

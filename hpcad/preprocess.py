@@ -24,8 +24,9 @@ def _to_epoch(value, option: str) -> int:
     if isinstance(value, (int, float)):
         return int(value)
     try:
-        return int(pd.Timestamp(value, tz="UTC").value // 10**9) if pd.Timestamp(value).tzinfo is None \
-            else int(pd.Timestamp(value).value // 10**9)
+        ts = pd.Timestamp(value)
+        ts = ts.tz_localize("UTC") if ts.tzinfo is None else ts
+        return int((ts - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1))
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{option}: {value!r} is not a timestamp (ISO time or epoch seconds)") from exc
 

@@ -2,7 +2,8 @@
 
 Accepted ``data.source`` (docs/data.md):
 - a directory of per-node ``*.csv``, ``*.csv.gz`` or ``*.parquet`` files (file stem = node name);
-- one CSV/Parquet file with a node column (read in chunks, staged per node on disk);
+- one CSV/Parquet file with a node column (read in chunks, staged per node on disk), or without
+  one: a single node named after the file stem (the seed lecture's CSV);
 - an existing hpcad HDF5 store (used in place);
 - nothing: the synthetic cluster generator (the embedded default).
 """
@@ -74,8 +75,8 @@ def _parse_time(col: pd.Series, where: str, name: str) -> np.ndarray:
         ts = pd.to_datetime(col, utc=True, format="mixed")
     except (ValueError, TypeError) as exc:
         raise InputError(f"{where}: column {name!r} is neither ISO time nor epoch seconds: {exc}") from exc
-    return (ts.astype("int64") // 10**9).to_numpy() if ts.dtype.kind == "M" else \
-        np.asarray([t.value // 10**9 for t in ts], dtype=np.int64)
+    epoch = pd.Timestamp(0, tz="UTC")
+    return ((ts - epoch) // pd.Timedelta(seconds=1)).to_numpy(dtype=np.int64)
 
 
 class FrameConverter:
@@ -181,9 +182,8 @@ def _iter_single_file(source: Path, conv: FrameConverter, scratch_dir: Path) -> 
         columns: list[str] | None = None
         with h5py.File(scratch, "w") as f:
             for chunk in _iter_table_chunks(source):
-                if cfg.node_column not in chunk.columns:
-                    raise InputError(f"{source}: no node column {cfg.node_column!r} (set data.node_column, or "
-                                     f"give a directory of per-node files); columns: {list(chunk.columns)[:8]}")
+                if cfg.node_column not in chunk.columns:  # one node's file (e.g. the lecture's CSV)
+                    chunk[cfg.node_column] = check_node_name(_stem(source), str(source))
                 chunk = chunk.drop(columns=[c for c in cfg.ignore_columns if c in chunk.columns])
                 if cfg.timestamp_column in chunk.columns:
                     chunk[cfg.timestamp_column] = _parse_time(chunk[cfg.timestamp_column], str(source),
@@ -222,11 +222,11 @@ def ingest(data_cfg, store_path: Path) -> Path:
         return path
     if source is None:
         s = data_cfg.synthetic
-        sig = f"synthetic:{s.profile}:{s.nodes}:{s.rows}:{s.seed}:{s.clean_fraction}:{s.anomaly_fraction}:{list(s.kinds)}"
+        sig = f"synthetic:{s.profile}:{s.nodes}:{s.rows}:{s.seed}:{s.clean_fraction}:{s.anomaly_fraction}:{s.kinds}"
         if _up_to_date(store_path, sig):
             return store_path
         nodes = synthetic.generate_cluster(s.nodes, s.rows, s.seed, s.profile, s.clean_fraction,
-                                           s.anomaly_fraction, list(s.kinds))
+                                           s.anomaly_fraction, None if s.kinds is None else list(s.kinds))
         n = write_store(store_path, synthetic.metric_names(s.profile), nodes, "synthetic", signature=sig)
         log.info("generated synthetic %s cluster: %d nodes -> %s", s.profile, n, store_path)
         return store_path

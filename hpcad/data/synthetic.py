@@ -111,15 +111,26 @@ def generate_node(name: str, rows: int, seed: int = 0, profile: str = "cluster",
     steps[gap_rows] = rng.integers(6, 288, size=int(gap_rows.sum()))
     timestamp = START_EPOCH + STEP_S * np.cumsum(steps)
 
+    # Jobs come from a handful of recurring applications per node (each with its own utilisation,
+    # core count, instructions per cycle, memory-boundness, GPU use and memory), run with jitter.
     job = _segments(rng, T, mean_len=60.0)
     n_jobs = int(job.max()) + 1
-    j_util = np.clip(rng.normal(0.8, 0.15, n_jobs), 0.25, 1.0)
-    j_cores = rng.integers(8, C + 1, n_jobs)
-    j_ipc = np.clip(rng.normal(mix_ipc, 0.35, n_jobs), 0.3, 3.0)
-    j_mem = np.clip(rng.normal(mix_mem, 0.2, n_jobs), 0.0, 1.0)
-    j_gpu = (rng.random(n_jobs) < mix_gpu) * rng.uniform(0.3, 1.0, n_jobs)
-    j_memgb = rng.uniform(20, 180, n_jobs)
-    j_net = rng.lognormal(3.0, 1.0, n_jobs)
+    n_apps = int(rng.integers(5, 9))
+    a_util = np.clip(rng.normal(0.8, 0.15, n_apps), 0.3, 1.0)
+    a_cores = rng.integers(8, C + 1, n_apps)
+    a_ipc = np.clip(rng.normal(mix_ipc, 0.4, n_apps), 0.3, 3.0)
+    a_mem = np.clip(rng.normal(mix_mem, 0.2, n_apps), 0.0, 1.0)
+    a_gpu = (rng.random(n_apps) < mix_gpu) * rng.uniform(0.3, 1.0, n_apps)
+    a_memgb = rng.uniform(20, 180, n_apps)
+    a_net = rng.lognormal(3.0, 1.0, n_apps)
+    app = rng.choice(n_apps, size=n_jobs, p=rng.dirichlet(np.ones(n_apps) * 2.0))
+    j_util = np.clip(a_util[app] + rng.normal(0, 0.03, n_jobs), 0.25, 1.0)
+    j_cores = a_cores[app]
+    j_ipc = a_ipc[app] * rng.normal(1.0, 0.04, n_jobs)
+    j_mem = np.clip(a_mem[app] + rng.normal(0, 0.03, n_jobs), 0.0, 1.0)
+    j_gpu = np.clip(a_gpu[app] + rng.normal(0, 0.03, n_jobs) * (a_gpu[app] > 0), 0.0, 1.0)
+    j_memgb = a_memgb[app] * rng.normal(1.0, 0.05, n_jobs)
+    j_net = a_net[app] * rng.lognormal(0.0, 0.1, n_jobs)
 
     core_idx = np.arange(C)
     active = core_idx[None, :] < j_cores[job][:, None]  # [T, C]
@@ -130,7 +141,7 @@ def generate_node(name: str, rows: int, seed: int = 0, profile: str = "cluster",
     labels = _place_anomalies(rng, T, clean_fraction, anomaly_fraction, kinds)
 
     f_min, f_max = 2.0, 3.8  # GHz
-    freq = f_min + (f_max - f_min) * np.clip(util * 1.15, 0.0, 1.0) ** 1.5  # ondemand-like
+    freq = f_min + (f_max - f_min) * np.clip(util, 0.0, 1.0) ** 2  # ondemand-like: scales with load
     hog = np.zeros((T, C))
     a_ps, a_pf = labels == 1, labels == 2
     a_leak, a_cont = labels == 3, labels == 4
@@ -200,6 +211,39 @@ def generate_cluster(nodes: int, rows: int, seed: int = 0, profile: str = "clust
     for i, name in enumerate(node_names(nodes)):
         n_rows = rows if profile == "davide" else int(rows * (1.0 - 0.15 * (i % 3) / 2))
         yield generate_node(name, n_rows, seed, profile, clean_fraction, anomaly_fraction, kinds)
+
+
+def node_frame(node: NodeData, profile: str = "cluster"):
+    """One node as an export table: ISO timestamp, metrics, anomaly label."""
+    import pandas as pd
+
+    frame = pd.DataFrame(node.values.astype(np.float64), columns=metric_names(profile))
+    frame.insert(0, "timestamp", pd.to_datetime(node.timestamp, unit="s", utc=True).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    frame["anomaly"] = node.labels.astype(int)
+    return frame
+
+
+def write_exports(out, s, fmt: str = "csv") -> list:
+    """Write the synthetic data set as export files: one CSV/Parquet per node (davide: one CSV file)."""
+    from pathlib import Path
+
+    out = Path(out)
+    if fmt not in ("csv", "parquet"):
+        raise ValueError(f"generate.format={fmt!r}: csv or parquet")
+    nodes = generate_cluster(s.nodes, s.rows, s.seed, s.profile, s.clean_fraction, s.anomaly_fraction,
+                             None if s.kinds is None else list(s.kinds))
+    written = []
+    if s.profile == "davide":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        davide_frame(next(iter(nodes))).to_csv(out, index=False)
+        return [out]
+    out.mkdir(parents=True, exist_ok=True)
+    for node in nodes:
+        frame = node_frame(node, s.profile)
+        path = out / f"{node.name}.{fmt}"
+        frame.to_csv(path, index=False) if fmt == "csv" else frame.to_parquet(path, index=False)
+        written.append(path)
+    return written
 
 
 def davide_frame(node: NodeData):
