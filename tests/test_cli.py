@@ -1,0 +1,90 @@
+"""The pipeline as users run it: `hpcad <stage> [overrides]` in a subprocess."""
+import csv
+import json
+
+import h5py
+import torch
+
+from conftest import SMALL, hpcad
+
+
+def test_run_on_the_embedded_default_writes_every_output(tmp_path):
+    run = tmp_path / "run"
+    out = hpcad("run", f"hydra.run.dir={run}", *SMALL).stdout
+    assert f"report at {run / 'report.html'}" in out
+    for name in ("store.h5", "errors.h5", "thresholds.json", "alarms.csv", "metrics.json", "report.html",
+                 "models/node0000.pt", "baselines/kde.h5", ".hydra/config.yaml"):
+        assert (run / name).exists(), name
+    m = json.loads((run / "metrics.json").read_text())
+    assert set(m["splits"]) == {"train", "val", "test"} and "kde" in m["baselines"]
+    assert {"cost", "false_alarms", "missed", "precision", "recall", "f1"} <= set(m["splits"]["test"])
+    assert "0" in m["class_profiles"] and len(m["class_profiles"]) >= 3  # normal + anomaly classes
+    html = (run / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 4 and "Detection quality" in html
+    with open(run / "alarms.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows and rows[0]["top_metrics"].count(":") == 8  # top-k metrics per alarm
+    with h5py.File(run / "errors.h5") as f:
+        g = f["nodes/node0000"]
+        T = g["signal"].shape[0]
+        assert g["error"].shape == (T, 160) and g["split"].shape == g["labels"].shape == (T,)
+        assert abs(float(g["error"][5].sum()) - float(g["signal"][5])) < 1e-3 * max(1.0, float(g["signal"][5]))
+    obj = torch.load(run / "models/node0000.pt", weights_only=True)  # no pickled code in model files
+    assert obj["format"] == "hpcad-node-model" and obj["spec"]["hidden"] == [64]
+
+
+def test_stages_one_by_one_and_resume(tmp_path):
+    run = tmp_path / "run"
+    common = [f"hydra.run.dir={run}", *SMALL]
+    hpcad("ingest", *common)
+    assert (run / "store.h5").exists() and not (run / "models").exists()
+    assert "3 node models" in hpcad("train", *common).stdout
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (run / "models").glob("*.pt")}
+    (run / "models" / "node0001.pt").unlink()  # as if the job was preempted before this node finished
+    hpcad("train", *common)
+    after = {p.name: p.stat().st_mtime_ns for p in (run / "models").glob("*.pt")}
+    assert after["node0000.pt"] == mtimes["node0000.pt"] and after["node0002.pt"] == mtimes["node0002.pt"]
+    assert "node0001.pt" in after
+    for stage in ("score", "threshold", "report"):
+        hpcad(stage, *common)
+    assert (run / "report.html").exists() and (run / "thresholds.json").exists()
+    first = (run / "alarms.csv").read_text()
+    hpcad("threshold", *common)
+    assert (run / "alarms.csv").read_text() == first  # rerun is idempotent
+
+
+def test_scoring_new_data_with_a_trained_run(tmp_path):
+    exports = tmp_path / "exports"
+    hpcad("generate", f"generate.out={exports}", f"hydra.run.dir={tmp_path / 'g'}", "data.synthetic.nodes=2",
+          "data.synthetic.rows=400")
+    train = tmp_path / "train"
+    hpcad("train", f"data.source={exports}", f"hydra.run.dir={train}", "train.epochs=3", "train.progress=false")
+    hpcad("threshold", f"hydra.run.dir={train}", check=False)  # no errors.h5 yet: clear message, no crash
+    scored = tmp_path / "scored"
+    hpcad("run", f"data.source={exports}", f"train_run={train}", f"hydra.run.dir={scored}",
+          "baselines.methods=[]", "train.progress=false", "split.train=0", "split.val=0.5")
+    assert not (scored / "models").exists()  # the trained run's models were used
+    m = json.loads((scored / "metrics.json").read_text())
+    assert m["splits"]["train"]["rows"] == 0 and m["splits"]["val"]["rows"] > 0
+
+
+def test_cfg_job_prints_the_config_and_unknown_keys_fail():
+    out = hpcad("run", "--cfg", "job").stdout
+    assert "hidden:" in out and "c_missed:" in out and "_target_: hpcad.threshold.rules.CostRule" in out
+    bad = hpcad("run", "model.hiden=[32]", check=False)
+    assert bad.returncode != 0 and "hiden" in bad.stderr
+    bad = hpcad("run", "threshold=magic", check=False)
+    assert bad.returncode != 0 and "magic" in bad.stderr
+
+
+def test_bad_source_is_reported_without_traceback(tmp_path):
+    p = hpcad("run", f"data.source={tmp_path / 'nope'}", f"hydra.run.dir={tmp_path / 'r'}", check=False)
+    assert p.returncode == 2 and "does not exist" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_multirun_sweep_gives_one_folder_per_point(tmp_path):
+    hpcad("train", "-m", "model.hidden=[8],[16]", f"hydra.sweep.dir={tmp_path / 'sweep'}", *SMALL[:4])
+    for i in (0, 1):
+        cfg = (tmp_path / "sweep" / str(i) / ".hydra" / "config.yaml").read_text()
+        assert (tmp_path / "sweep" / str(i) / "models" / "node0000.pt").exists()
+        assert f"- {8 if i == 0 else 16}" in cfg

@@ -1,0 +1,98 @@
+"""Batched training keeps each model's own semantics (what the performance work relies on)."""
+from types import SimpleNamespace as NS
+
+import numpy as np
+import torch
+
+from hpcad.model.autoencoder import AutoencoderSpec, forward, glorot_init
+from hpcad.model.ensemble import BETA1, BETA2, EPS, _shuffle_keys, train_ensemble
+
+CFG = NS(batch_size=32, validation_split=0.1, epochs=6, lr=1e-3, patience=3, restore_best=True)
+
+
+def _data(n_rows, M=12, seed=0):
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(n_rows, 3))
+    return (base @ rng.normal(size=(3, M)) + 0.1 * rng.normal(size=(n_rows, M))).astype(np.float32)
+
+
+def _reference(spec, x, seed, cfg):
+    """One model trained alone by a plain loop: Keras fit semantics written out step by step."""
+    params = [p.clone().requires_grad_(True) for p in glorot_init(spec, x.shape[1], seed)]
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    X = torch.from_numpy(x)
+    n_tr = int(np.ceil(len(x) * (1 - cfg.validation_split)))
+    t = 0
+    best, best_loss, wait = None, float("inf"), 0
+    for epoch in range(cfg.epochs):
+        keys = _shuffle_keys(torch.tensor([seed]), epoch, len(x))[0, :n_tr]
+        perm = torch.argsort(keys)
+        for s in range(0, n_tr, cfg.batch_size):
+            xb = X[perm[s:s + cfg.batch_size]][None]
+            recon, _ = forward([p[None] for p in params], xb, len(spec.hidden))
+            loss = ((recon - xb) ** 2).mean()
+            grads = torch.autograd.grad(loss, params)
+            t += 1
+            with torch.no_grad():
+                lr_t = cfg.lr * np.sqrt(1 - BETA2 ** t) / (1 - BETA1 ** t)
+                for p, g, mm, vv in zip(params, grads, m, v):
+                    mm.mul_(BETA1).add_((1 - BETA1) * g)
+                    vv.mul_(BETA2).add_((1 - BETA2) * g * g)
+                    p.sub_(lr_t * mm / (vv.sqrt() + EPS))
+        with torch.no_grad():
+            xv = X[n_tr:][None]
+            val = float(((forward([p[None] for p in params], xv, len(spec.hidden))[0] - xv) ** 2).mean())
+        if val < best_loss:
+            best, best_loss, wait = [p.detach().clone() for p in params], val, 0
+        else:
+            wait += 1
+            if wait >= cfg.patience:
+                break
+    return best
+
+
+def test_batched_equals_one_at_a_time_with_different_row_counts():
+    spec = AutoencoderSpec([8])
+    data = [_data(n, seed=i) for i, n in enumerate([300, 157, 64])]
+    seeds = [11, 22, 33]
+    batched = train_ensemble(spec, data, seeds, CFG, torch.device("cpu"))
+    for k in range(3):
+        ref = _reference(spec, data[k], seeds[k], CFG)
+        for a, b in zip(batched.params[k], ref):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        assert batched.history[k]["train_rows"] == int(np.ceil(len(data[k]) * 0.9))
+
+
+def test_result_does_not_depend_on_chunk_companions():
+    spec = AutoencoderSpec([8])
+    a = train_ensemble(spec, [_data(200), _data(90, seed=1)], [5, 6], CFG, torch.device("cpu"))
+    b = train_ensemble(spec, [_data(90, seed=1)], [6], CFG, torch.device("cpu"))
+    for x, y in zip(a.params[1], b.params[0]):
+        assert torch.equal(x, y)
+
+
+def test_early_stopped_model_stops_changing_and_restores_best():
+    spec = AutoencoderSpec([2])
+    rng = np.random.default_rng(0)
+    noise = rng.normal(size=(100, 12)).astype(np.float32)  # unlearnable: validation stops improving early
+    cfg = NS(**{**vars(CFG), "epochs": 30, "patience": 2, "lr": 1e-2})
+    res = train_ensemble(spec, [noise, _data(400)], [1, 2], cfg, torch.device("cpu"))
+    h_noise, h_good = res.history
+    assert h_noise["stopped_early"] and h_noise["epochs_run"] < h_good["epochs_run"]
+    assert h_noise["best_epoch"] == int(np.nanargmin(h_noise["val_loss"])) + 1
+    # restore-best: the stored model reproduces the best validation loss, not the last one
+    X = torch.from_numpy(noise)
+    n_tr = h_noise["train_rows"]
+    p = [t[None] for t in res.params[0]]
+    val = float(((forward(p, X[n_tr:][None], 1)[0] - X[n_tr:][None]) ** 2).mean())
+    assert abs(val - min(h_noise["val_loss"])) < 1e-5
+    assert abs(val - h_noise["val_loss"][-1]) > 1e-5  # the last epoch was worse than the restored one
+    assert h_good["loss"][-1] < h_good["loss"][0]
+
+
+def test_l1_code_penalty_and_deeper_models_train():
+    spec = AutoencoderSpec([16, 4], code_l1=1e-3)
+    assert spec.widths(12) == [12, 16, 4, 16, 12]
+    res = train_ensemble(spec, [_data(300)], [3], CFG, torch.device("cpu"))
+    assert len(res.params[0]) == 8 and res.history[0]["loss"][-1] < res.history[0]["loss"][0]

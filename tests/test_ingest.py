@@ -1,0 +1,158 @@
+"""Ingestion: every accepted source gives the same store; bad input fails clearly and writes nothing."""
+import shutil
+import subprocess
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import data_cfg
+from hpcad.data.ingest import ingest
+from hpcad.data.store import TelemetryStore
+from hpcad.data.synthetic import generate_node, metric_names, node_frame
+from hpcad.errors import InputError, StoreError
+
+
+def _export(tmp_path, n=3, rows=120, fmt="csv"):
+    d = tmp_path / "exports"
+    d.mkdir()
+    frames = {}
+    for i in range(n):
+        node = generate_node(f"cn{i:03d}", rows + 10 * i, seed=5)
+        frames[node.name] = node_frame(node).iloc[:, :12].assign(anomaly=node.labels)
+        f = frames[node.name]
+        f.to_csv(d / f"{node.name}.csv", index=False) if fmt == "csv" else f.to_parquet(d / f"{node.name}.parquet")
+    return d, frames
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_directory_of_per_node_files(tmp_path, fmt):
+    src, frames = _export(tmp_path, fmt=fmt)
+    store = TelemetryStore(ingest(data_cfg(source=str(src)), tmp_path / "store.h5"))
+    assert store.nodes == sorted(frames)
+    assert store.metrics == list(frames["cn000"].columns[1:-1])
+    nd = store.read("cn001")
+    np.testing.assert_allclose(nd.values, frames["cn001"].iloc[:, 1:-1].to_numpy(np.float32))
+    assert nd.labels.tolist() == frames["cn001"]["anomaly"].tolist()
+    assert nd.timestamp[0] == pd.Timestamp(frames["cn001"]["timestamp"].iloc[0]).value // 10**9
+
+
+def test_single_file_with_node_column_equals_directory(tmp_path):
+    src, frames = _export(tmp_path)
+    long = pd.concat([f.assign(node=n) for n, f in frames.items()]).sample(frac=1.0, random_state=0)
+    long = long.sort_values("timestamp", kind="stable")  # interleaved nodes, each in time order
+    long.to_csv(tmp_path / "all.csv", index=False)
+    a = TelemetryStore(ingest(data_cfg(source=str(src)), tmp_path / "a.h5"))
+    b = TelemetryStore(ingest(data_cfg(source=str(tmp_path / "all.csv")), tmp_path / "b.h5"))
+    assert a.nodes == b.nodes
+    for n in a.nodes:
+        np.testing.assert_array_equal(a.read(n).values, b.read(n).values)
+        np.testing.assert_array_equal(a.read(n).timestamp, b.read(n).timestamp)
+
+
+def test_store_is_used_in_place_and_rerun_is_skipped(tmp_path):
+    src, _ = _export(tmp_path)
+    path = ingest(data_cfg(source=str(src)), tmp_path / "store.h5")
+    mtime = path.stat().st_mtime_ns
+    assert ingest(data_cfg(source=str(src)), tmp_path / "store.h5") == path
+    assert path.stat().st_mtime_ns == mtime  # up to date: not rewritten
+    assert ingest(data_cfg(source=str(path)), tmp_path / "other.h5") == path
+
+
+def test_store_layout_is_documented_and_readable_with_standard_tools(tmp_path):
+    src, _ = _export(tmp_path)
+    path = ingest(data_cfg(source=str(src)), tmp_path / "store.h5")
+    with h5py.File(path) as f:
+        assert f.attrs["hpcad_format"] == "telemetry-store"
+        v = f["nodes/cn000/values"]
+        assert v.chunks is not None and v.compression == "gzip"
+        assert {"timestamp", "values", "labels"} <= set(f["nodes/cn000"])
+    if shutil.which("h5ls") is None:
+        pytest.skip("h5ls not installed (Debian package hdf5-tools); .ci/run installs it")
+    out = subprocess.run(["h5ls", "-r", str(path)], capture_output=True, text=True, check=True).stdout
+    assert "/nodes/cn000/values" in out and "/metrics" in out
+    dump = subprocess.run(["h5dump", "-A", str(path)], capture_output=True, text=True, check=True).stdout
+    assert "telemetry-store" in dump
+
+
+def _write(tmp_path, frames):
+    d = tmp_path / "bad"
+    d.mkdir(exist_ok=True)
+    for n, f in frames.items():
+        f.to_csv(d / f"{n}.csv", index=False)
+    return d
+
+
+def _frame(rows=20, cols=("a", "b"), start=0):
+    return pd.DataFrame({"timestamp": np.arange(start, start + rows) * 300 + 1_700_000_000,
+                         **{c: np.random.default_rng(0).normal(size=rows) for c in cols}})
+
+
+@pytest.mark.parametrize("case, expect", [
+    ("non_numeric", r"n1.*non-numeric metric columns \['b'\]"),
+    ("empty", r"n1.*no rows \(empty node\)"),
+    ("all_nan", r"n1.*metric columns \['b'\] hold no value"),
+    ("duplicate_ts", r"n1.*duplicated timestamp"),
+    ("unsorted_ts", r"n1.*timestamps not increasing at row"),
+    ("mismatch", r"n1.*missing \['b'\], extra \['c'\]"),
+    ("bad_label", r"n1.*label column 'anomaly' must hold integers"),
+])
+def test_bad_input_names_the_culprit_and_keeps_the_old_store(tmp_path, case, expect):
+    good = {"n0": _frame()}
+    store_path = ingest(data_cfg(source=str(_write(tmp_path, good))), tmp_path / "store.h5")
+    before = store_path.read_bytes()
+    bad = _frame()
+    if case == "non_numeric":
+        bad["b"] = bad["b"].astype(str)
+        bad.loc[3, "b"] = "broken"
+    elif case == "empty":
+        bad = bad.iloc[:0]
+    elif case == "all_nan":
+        bad["b"] = np.nan
+    elif case == "duplicate_ts":
+        bad.loc[5, "timestamp"] = bad.loc[4, "timestamp"]
+    elif case == "unsorted_ts":
+        bad = bad.iloc[[1, 0, *range(2, len(bad))]]
+    elif case == "mismatch":
+        bad = bad.rename(columns={"b": "c"})
+    elif case == "bad_label":
+        bad["anomaly"] = 0.5
+        good = {"n0": _frame().assign(anomaly=0)}
+    src = _write(tmp_path, {**good, "n1": bad})
+    with pytest.raises(InputError, match=expect):
+        ingest(data_cfg(source=str(src)), store_path)
+    assert store_path.read_bytes() == before  # nothing already written was changed
+    assert not [p for p in store_path.parent.iterdir() if p.name.startswith(".store.h5")]  # no temp left
+
+
+def test_unsorted_timestamps_can_be_sorted_on_request(tmp_path):
+    f = _frame().iloc[[1, 0, *range(2, 20)]]
+    src = _write(tmp_path, {"n0": f})
+    nd = TelemetryStore(ingest(data_cfg(source=str(src), sort_timestamps=True), tmp_path / "s.h5")).read("n0")
+    assert np.all(np.diff(nd.timestamp) > 0)
+
+
+def test_no_timestamp_means_row_order_and_epoch_numbers_are_accepted(tmp_path):
+    src = _write(tmp_path, {"n0": _frame().drop(columns="timestamp")})
+    nd = TelemetryStore(ingest(data_cfg(source=str(src)), tmp_path / "s.h5")).read("n0")
+    assert nd.time_unit == "row" and nd.timestamp.tolist() == list(range(20))
+
+
+def test_truncated_store_gives_a_clear_error(tmp_path):
+    src, _ = _export(tmp_path)
+    path = ingest(data_cfg(source=str(src)), tmp_path / "store.h5")
+    cut = tmp_path / "cut.h5"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+    with pytest.raises(StoreError, match=r"cut\.h5: cannot open"):
+        TelemetryStore(cut)
+    with pytest.raises(StoreError, match="not found"):
+        TelemetryStore(tmp_path / "missing.h5")
+
+
+def test_ignore_columns_drops_text_columns(tmp_path):
+    src = _write(tmp_path, {"n0": _frame().assign(host="x")})
+    with pytest.raises(InputError, match="host"):
+        ingest(data_cfg(source=str(src)), tmp_path / "s.h5")
+    store = TelemetryStore(ingest(data_cfg(source=str(src), ignore_columns=["host"]), tmp_path / "s.h5"))
+    assert store.metrics == ["a", "b"] and metric_names()  # only the numeric metrics remain

@@ -1,0 +1,65 @@
+from types import SimpleNamespace as NS
+
+import numpy as np
+import pytest
+
+from hpcad.data.synthetic import NodeData
+from hpcad.errors import ConfigError
+from hpcad.preprocess import TEST, TRAIN, VAL, Scaler, fill_gaps, split_codes, training_rows
+
+PRE = NS(std_floor_rel=0.01, std_floor_abs=1e-6, clip=20.0)
+
+
+def _node(T=100, labels=None):
+    return NodeData("n", 1_700_000_000 + 300 * np.arange(T), np.zeros((T, 2), np.float32), labels)
+
+
+def test_fraction_rows_and_time_splits_are_chronological():
+    nd = _node()
+    c = split_codes(nd, NS(unit="fraction", train=0.5, val=0.2))
+    assert (c[:50] == TRAIN).all() and (c[50:70] == VAL).all() and (c[70:] == TEST).all()
+    c = split_codes(nd, NS(unit="rows", train=30, val=15))  # the lecture's protocol, by row counts
+    assert (c == TRAIN).sum() == 30 and (c == VAL).sum() == 15 and c[44] == VAL and c[45] == TEST
+    t_tr = "2023-11-14T22:13:20+00:00"  # epoch 1_700_000_000
+    c = split_codes(nd, NS(unit="time", train=1_700_000_000 + 300 * 40, val=1_700_000_000 + 300 * 60))
+    assert (c == TRAIN).sum() == 40 and (c == VAL).sum() == 20
+    assert (split_codes(nd, NS(unit="time", train=t_tr, val=t_tr)) == TEST).all()
+    with pytest.raises(ConfigError, match="split.unit"):
+        split_codes(nd, NS(unit="weeks", train=1, val=1))
+    with pytest.raises(ConfigError, match="sum to <= 1"):
+        split_codes(nd, NS(unit="fraction", train=0.8, val=0.5))
+
+
+def test_training_rows_exclude_anomalies_when_labelled():
+    labels = np.zeros(100, np.int8)
+    labels[10:20] = 2
+    nd = _node(labels=labels)
+    codes = split_codes(nd, NS(unit="fraction", train=0.5, val=0.25))
+    assert training_rows(nd, codes, normal_only=True).sum() == 40
+    assert training_rows(nd, codes, normal_only=False).sum() == 50
+
+
+def test_scaler_survives_constant_and_near_constant_metrics():
+    rng = np.random.default_rng(0)
+    x = np.c_[rng.normal(5, 2, 500), np.full(500, 3.0), 1e6 + rng.normal(0, 1e-9, 500)].astype(np.float32)
+    sc = Scaler.fit(x, PRE)
+    assert np.isfinite(sc.scale).all() and (sc.scale > 0).all()
+    z, _ = sc.transform(np.array([[5, 4.0, 1e6 + 1]], np.float32))  # a shift on the (near-)constant metrics
+    assert np.abs(z).max() <= PRE.clip  # bounded: one metric cannot explode the signal
+    assert abs(z[0, 0]) < 1
+
+
+def test_nan_policy_fills_short_gaps_and_imputes_long_runs():
+    v = np.arange(20, dtype=np.float32)[:, None].repeat(2, 1)
+    v[5:7, 0] = np.nan  # short gap: forward-filled
+    v[10:18, 1] = np.nan  # long run: the first 3 filled, the rest imputed with the mean
+    f = fill_gaps(v, limit=3)
+    assert f[6, 0] == 4 and np.isnan(f[13:18, 1]).all() and f[12, 1] == 9
+    sc = Scaler.fit(f, PRE)
+    z, missing = sc.transform(f)
+    assert missing[13:18, 1].all() and (z[13:18, 1] == 0).all() and not missing[:, 0].any()
+
+
+def test_scaler_needs_training_rows():
+    with pytest.raises(ConfigError, match="no training rows"):
+        Scaler.fit(np.zeros((0, 3), np.float32), PRE, where="node n7")
