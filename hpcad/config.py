@@ -74,6 +74,13 @@ class TrainConfig:
 
 
 @dataclass
+class SignalConfig:
+    """Post-processing of the alarm signal before thresholds (the same for every detector)."""
+
+    smooth: int = 1  # causal moving average over this many rows; 1 = the raw per-row signal (the lecture)
+
+
+@dataclass
 class ReportConfig:
     top_k: int = 8
     max_nodes_plotted: int = 12
@@ -109,6 +116,7 @@ class HpcadConfig:
     model: Any = None
     train: TrainConfig = field(default_factory=TrainConfig)
     threshold: Any = None
+    signal: SignalConfig = field(default_factory=SignalConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)

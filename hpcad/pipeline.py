@@ -7,6 +7,7 @@ up to date and nodes that already have a model.
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 from hydra.utils import instantiate
@@ -89,6 +90,10 @@ def _errors(run_dir: Path) -> ErrorStore:
 
 def stage_threshold(cfg, run_dir: Path) -> dict:
     errors = _errors(run_dir)
+    smooth = int(cfg.signal.smooth)
+    if smooth < 1:
+        raise ConfigError(f"signal.smooth={smooth}: must be >= 1 (rows)")
+    source = partial(errors.signals, smooth=smooth)
     labelled = any(s.labels is not None for s in errors.signals(errors.nodes[:1])) if errors.nodes else False
     tr = _train_run(cfg)
     rule = instantiate(cfg.threshold, _convert_="all")
@@ -98,23 +103,23 @@ def stage_threshold(cfg, run_dir: Path) -> dict:
         th = Thresholds.from_dict(json.loads((tr / "thresholds.json").read_text()))
         log.info("unlabelled data: using the thresholds fitted by %s", tr)
     else:
-        th = rule.fit(errors.signals)
+        th = rule.fit(source)
     write_json(run_dir / "thresholds.json", th.to_dict())
     cm = rule.cost_model
     time_unit = _time_unit(cfg, run_dir)
     records = []
-    for s in errors.signals():
+    for s in source():
         records += alarm_events(s, th, errors.errors, errors.metrics, cfg.report.top_k, time_unit)
     write_alarms_csv(run_dir / "alarms.csv", records)
     result = {"alarms": len(records), "thresholds": th.to_dict()}
-    metrics = evaluate(errors.signals(), th, cm)
+    metrics = evaluate(source(), th, cm)
     if metrics["labelled"]:
-        out = {"detector": "autoencoder", "cost_model": vars(cm), "threshold_rule": th.rule,
+        out = {"detector": "autoencoder", "cost_model": vars(cm), "threshold_rule": th.rule, "smooth": smooth,
                "scope": th.scope, "splits": metrics["splits"], "baselines": {}, "nodes": metrics["nodes"]}
         for path in sorted((run_dir / "baselines").glob("*.h5")):
-            b = ErrorStore(path)
-            bth = rule.fit(b.signals)
-            out["baselines"][path.stem] = {"splits": evaluate(b.signals(), bth, cm)["splits"],
+            bsource = partial(ErrorStore(path).signals, smooth=smooth)
+            bth = rule.fit(bsource)
+            out["baselines"][path.stem] = {"splits": evaluate(bsource(), bth, cm)["splits"],
                                            "thresholds": bth.to_dict()}
         out["class_profiles"] = class_profiles(errors)
         write_json(run_dir / "metrics.json", out)

@@ -1,8 +1,9 @@
 """Preprocessing fitted on training rows only: chronological splits, NaN policy, standardisation.
 
 Standardisation survives constant and near-constant metrics: each metric's scale is floored at a
-share of its training range and an absolute minimum, and standardised values are clipped, so a metric
-whose training std is tiny (the seed lecture's exploding ips errors) cannot swamp the alarm signal.
+share of its training range and an absolute minimum (a metric constant in training is measured
+relative to its level), and standardised values are clipped, so a metric whose training std is tiny
+(the seed lecture's exploding ips errors) cannot swamp the alarm signal.
 """
 from __future__ import annotations
 
@@ -96,9 +97,12 @@ class Scaler:
         if empty.any():
             log.warning("%s: %d metrics have no training value; they are centred on 0", where, int(empty.sum()))
         mean = np.where(empty, 0.0, mean)
-        floor = np.maximum(cfg.std_floor_rel * np.nan_to_num(rng), cfg.std_floor_abs)
+        rng = np.nan_to_num(rng)
+        floor = np.maximum(cfg.std_floor_rel * rng, cfg.std_floor_abs)
         scale = np.maximum(np.nan_to_num(std), floor)
-        scale = np.where(scale > 0, scale, 1.0)
+        # A metric constant in training has no scale of its own: measure change relative to its level
+        # (or in its own units when the level is below 1), not against the tiny absolute floor.
+        scale = np.where(rng > 0, scale, np.maximum(np.abs(mean), 1.0))
         return cls(mean.astype(np.float32), scale.astype(np.float32), float(cfg.clip))
 
     def transform(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -133,7 +133,7 @@ def write_report(cfg, run_dir: Path, errors: ErrorStore, models_dir: Path) -> Pa
         parts.append(f"<p>cost = {cm['c_alarm']} x false alarms + {cm['c_missed']} x missed anomalies, "
                      f"tolerance +-{cm['tolerance']} rows.</p>")
     parts.append("<h2>Alarm signal</h2>")
-    sigs = {s.node: s for s in errors.signals(shown)}
+    sigs = {s.node: s for s in errors.signals(shown, smooth=int(cfg.signal.smooth))}
     parts += [_signal_plot(sigs[n], th) for n in shown]
     if shown:
         parts.append("<h2>Per-metric error</h2>" + _heatmap(errors, sigs[shown[0]]))

@@ -112,6 +112,16 @@ def reconstruction_errors(models: list[NodeModel], zs: list[np.ndarray], device:
     return out
 
 
+def causal_mean(x: np.ndarray, window: int) -> np.ndarray:
+    """Mean of the last ``window`` rows (fewer at the start); window 1 returns ``x`` unchanged."""
+    if window <= 1:
+        return x
+    c = np.cumsum(np.r_[0.0, x])
+    idx = np.arange(1, x.size + 1)
+    lo = np.maximum(idx - window, 0)
+    return (c[idx] - c[lo]) / (idx - lo)
+
+
 def _first_diff(a: list[str], b: list[str]) -> str:
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y:
@@ -131,11 +141,12 @@ class ErrorStore:
                 if "metrics" in f else []
             self.nodes = sorted(f["nodes"].keys())
 
-    def signals(self, nodes: list[str] | None = None) -> Iterator[NodeSignal]:
+    def signals(self, nodes: list[str] | None = None, smooth: int = 1) -> Iterator[NodeSignal]:
+        """Per-node signals; ``smooth`` > 1 applies a causal moving average over that many rows."""
         with open_h5(self.path, kind="error file") as f:
             for n in (self.nodes if nodes is None else nodes):
                 g = f["nodes"][n]
-                yield NodeSignal(n, g["signal"][()].astype(np.float64), g["split"][()],
+                yield NodeSignal(n, causal_mean(g["signal"][()].astype(np.float64), smooth), g["split"][()],
                                  g["labels"][()] if "labels" in g else None, g["timestamp"][()],
                                  float(g.attrs.get("signal_scale", 1.0)))
 

@@ -88,3 +88,26 @@ def test_multirun_sweep_gives_one_folder_per_point(tmp_path):
         cfg = (tmp_path / "sweep" / str(i) / ".hydra" / "config.yaml").read_text()
         assert (tmp_path / "sweep" / str(i) / "models" / "node0000.pt").exists()
         assert f"- {8 if i == 0 else 16}" in cfg
+
+
+def test_unlabelled_data_uses_the_trained_runs_thresholds(tmp_path):
+    import pandas as pd
+
+    exports = tmp_path / "exports"
+    hpcad("generate", f"generate.out={exports}", f"hydra.run.dir={tmp_path / 'g'}", "data.synthetic.nodes=2",
+          "data.synthetic.rows=400")
+    train = tmp_path / "train"
+    hpcad("run", f"data.source={exports}", f"hydra.run.dir={train}", "train.epochs=3", "train.progress=false",
+          "baselines.methods=[]", "threshold=quantile", "threshold.scope=cluster", "report.enabled=false")
+    fitted = json.loads((train / "thresholds.json").read_text())
+    assert fitted["rule"] == "quantile" and fitted["scope"] == "cluster" and fitted["cluster"] > 0
+    today = tmp_path / "today"
+    today.mkdir()
+    for f in exports.glob("*.csv"):
+        pd.read_csv(f).drop(columns="anomaly").iloc[-288:].to_csv(today / f.name, index=False)
+    scored = tmp_path / "scored"
+    hpcad("run", f"data.source={today}", f"train_run={train}", f"hydra.run.dir={scored}", "train.progress=false",
+          "baselines.methods=[]", "split.train=0", "split.val=0")
+    assert json.loads((scored / "thresholds.json").read_text())["cluster"] == fitted["cluster"]
+    assert not (scored / "metrics.json").exists()  # no labels, no detection scores
+    assert (scored / "alarms.csv").exists() and (scored / "report.html").exists()

@@ -47,6 +47,7 @@ def test_scaler_survives_constant_and_near_constant_metrics():
     z, _ = sc.transform(np.array([[5, 4.0, 1e6 + 1]], np.float32))  # a shift on the (near-)constant metrics
     assert np.abs(z).max() <= PRE.clip  # bounded: one metric cannot explode the signal
     assert abs(z[0, 0]) < 1
+    assert sc.scale[1] == 3.0 and z[0, 1] == pytest.approx(1 / 3)  # constant: change relative to its level
 
 
 def test_nan_policy_fills_short_gaps_and_imputes_long_runs():

@@ -115,3 +115,11 @@ def test_cost_rule_falls_back_without_labels():
     s = NodeSignal("n", sig, np.full(sig.size, VAL, np.int8), None, np.arange(sig.size))
     th = CostRule(scope="node").fit(lambda: iter([s]))
     assert th.nodes["n"] == pytest.approx(np.quantile(sig, 0.995))
+
+
+def test_causal_smoothing_of_the_signal():
+    from hpcad.score import causal_mean
+
+    x = np.array([0.0, 3.0, 6.0, 0.0, 0.0])
+    np.testing.assert_allclose(causal_mean(x, 2), [0.0, 1.5, 4.5, 3.0, 0.0])
+    np.testing.assert_array_equal(causal_mean(x, 1), x)
