@@ -11,7 +11,7 @@ from pathlib import Path
 
 USAGE = """usage: hpcad <stage> [hydra overrides...]
 
-stages: run (all of them), ingest, train, score, baselines, threshold, report, generate
+stages: run (all of them), ingest, train, score, baselines, threshold, report, generate, bench
 examples:
   hpcad run                                   # synthetic cluster, report in the run folder
   hpcad run experiment=davide data.source=davide.csv
@@ -70,6 +70,10 @@ def run_stage(stage: str, overrides: list[str]) -> int:
         log.info("%s done; outputs in %s", stage, run_dir)
         if stage in ("run", "report") and (run_dir / "report.html").exists():
             print(f"hpcad: report at {run_dir / 'report.html'}")
+        elif stage == "bench":
+            keys = ("speedup_vs_naive", "node_epochs_per_s", "samples_per_s", "nodes_per_s", "score_s", "peak_rss_mb")
+            print("hpcad bench: " + ", ".join(f"{k}={result[k]:.4g}" for k in keys if result.get(k) is not None))
+            print(f"hpcad: {run_dir / 'bench.json'}")
         elif stage == "generate":
             print(f"hpcad: wrote {len(result)} files, e.g. {result[0]}")
         elif stage == "train" and isinstance(result, dict):

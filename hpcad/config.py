@@ -69,7 +69,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     memory_budget_mb: int = 1024  # bounds the nodes trained together in one batched ensemble
-    max_nodes_per_chunk: int = 256
+    max_nodes_per_chunk: Optional[int] = None  # None: 32 on CPU (cache-sized), 4096 on CUDA
+    precision: str = "fp32"  # fp32 | tf32 (CUDA) | bf16 (autocast); master weights stay fp32
     progress: bool = True
 
 
@@ -104,6 +105,21 @@ class GenerateConfig:
 
 
 @dataclass
+class BenchConfig:
+    """``hpcad bench``: synthetic throughput benchmark (see docs/benchmarks.md)."""
+
+    mode: str = "train"  # train | score
+    nodes: int = 64
+    rows: int = 6667
+    metrics: int = 159
+    epochs: int = 2
+    device: str = "auto"
+    naive_nodes: Optional[int] = None  # nodes timed with the naive loop: None = all, 0 = skip
+    pool: int = 16  # distinct synthetic nodes, reused cyclically
+    seed: int = 0
+
+
+@dataclass
 class LauncherConfig:
     _target_: str = "hpcad.launch.local.LocalLauncher"
 
@@ -121,6 +137,7 @@ class HpcadConfig:
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
     train_run: Optional[str] = None  # score with the models (and thresholds) of this earlier run folder
     stage: str = "run"
 

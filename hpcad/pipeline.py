@@ -168,5 +168,11 @@ def stage_generate(cfg, run_dir: Path) -> list[Path]:
     return files
 
 
-RUNNERS = {"generate": stage_generate, "ingest": stage_ingest, "train": stage_train, "score": stage_score, "baselines": stage_baselines,
+def stage_bench(cfg, run_dir: Path) -> dict:
+    from hpcad.bench import run_bench
+
+    return run_bench(cfg, run_dir)
+
+
+RUNNERS = {"bench": stage_bench, "generate": stage_generate, "ingest": stage_ingest, "train": stage_train, "score": stage_score, "baselines": stage_baselines,
            "threshold": stage_threshold, "report": stage_report, "run": stage_run}

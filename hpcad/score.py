@@ -26,7 +26,7 @@ from tqdm import tqdm
 from hpcad import __version__
 from hpcad.atomic import atomic_path
 from hpcad.data.store import STR, TelemetryStore, open_h5
-from hpcad.device import resolve_device
+from hpcad.device import precision_context, resolve_device
 from hpcad.errors import InputError, StoreError
 from hpcad.model.autoencoder import forward, stack
 from hpcad.model.files import NodeModel, model_path
@@ -54,44 +54,69 @@ class NodeSignal:
 
 
 def score_nodes(cfg, store: TelemetryStore, models_dir: Path, out_path: Path) -> int:
-    """Score every node of ``store`` with its model; writes ``out_path`` atomically."""
+    """Score every node of ``store`` with its model, K nodes per batched forward pass.
+
+    K follows from ``train.memory_budget_mb``; only one chunk of nodes is in memory at a time.
+    Writes ``out_path`` atomically.
+    """
     device = resolve_device(cfg.train.device)
     missing = [n for n in store.nodes if not model_path(models_dir, n).exists()]
     if missing:
         raise StoreError(f"{models_dir}: no model for nodes {missing[:10]} ({len(missing)} missing); "
                          f"train them first or point train_run at the run that did")
+    M = len(store.metrics)
+    nodes = list(store.nodes)
     with atomic_path(out_path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs.update(hpcad_format=FORMAT, format_version=1, store=str(store.path), models=str(models_dir),
                        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                        hpcad_version=__version__)
         f.create_dataset("metrics", data=np.array(store.metrics, dtype=object), dtype=STR)
         nodes_grp = f.create_group("nodes")
-        for node in tqdm(store.nodes, desc="score", unit="node", disable=not cfg.train.progress):
-            model = NodeModel.load(model_path(models_dir, node))
-            if model.metrics != store.metrics:
-                raise InputError(f"node {node}: the model was trained on other metrics than {store.path} holds "
-                                 f"(first difference: {_first_diff(model.metrics, store.metrics)})")
-            nd = store.read(node)
-            values = fill_gaps(nd.values, cfg.preprocess.nan_fill_limit)
-            z, missing_mask = model.scaler.transform(values)
-            err = reconstruction_errors([model], [z], device)[0]
-            err[missing_mask] = 0.0
-            signal = err.sum(1)
-            g = nodes_grp.create_group(node)
-            T, M = err.shape
-            g.create_dataset("error", data=err, chunks=(min(T, 1024), M), compression="gzip", shuffle=True)
-            g.create_dataset("signal", data=signal)
-            g.create_dataset("signal_norm", data=signal / model.signal_scale)
-            g.create_dataset("timestamp", data=nd.timestamp)
-            g.create_dataset("split", data=split_codes(nd, cfg.split))
-            if nd.labels is not None:
-                g.create_dataset("labels", data=nd.labels)
-            g.attrs.update(signal_scale=model.signal_scale, rows=T)
-    log.info("scored %d nodes -> %s", len(store.nodes), out_path)
-    return len(store.nodes)
+        bar = tqdm(total=len(nodes), desc="score", unit="node", disable=not cfg.train.progress)
+        i = 0
+        while i < len(nodes):
+            per_node = 4 * M * 4 * max(store.rows(nodes[i]), 1)  # input, recon, error, host copy
+            K = int(max(1, min(cfg.train.max_nodes_per_chunk or 4096, cfg.train.memory_budget_mb * 2**20 // per_node)))
+            chunk = nodes[i:i + K]
+            i += len(chunk)
+            models, data, zs, masks = [], [], [], []
+            for node in chunk:
+                model = NodeModel.load(model_path(models_dir, node))
+                if model.metrics != store.metrics:
+                    raise InputError(f"node {node}: the model was trained on other metrics than {store.path} "
+                                     f"holds (first difference: {_first_diff(model.metrics, store.metrics)})")
+                nd = store.read(node)
+                z, miss = model.scaler.transform(fill_gaps(nd.values, cfg.preprocess.nan_fill_limit))
+                models.append(model), data.append(nd), zs.append(z), masks.append(miss)
+            same_shape = len({tuple(m.spec.hidden) for m in models}) == 1
+            prec = cfg.train.precision
+            errs = reconstruction_errors(models, zs, device, prec) if same_shape else \
+                [reconstruction_errors([m], [z], device, prec)[0] for m, z in zip(models, zs)]
+            for model, nd, err, miss in zip(models, data, errs, masks):
+                err[miss] = 0.0
+                _write_node_errors(nodes_grp, nd, err, model.signal_scale, split_codes(nd, cfg.split))
+            bar.update(len(chunk))
+        bar.close()
+    log.info("scored %d nodes -> %s", len(nodes), out_path)
+    return len(nodes)
 
 
-def reconstruction_errors(models: list[NodeModel], zs: list[np.ndarray], device: torch.device) -> list[np.ndarray]:
+def _write_node_errors(parent: h5py.Group, nd, err: np.ndarray, signal_scale: float, split: np.ndarray) -> None:
+    signal = err.sum(1)
+    g = parent.create_group(nd.name)
+    T, M = err.shape
+    g.create_dataset("error", data=err, chunks=(max(1, min(T, 1024)), M), compression="gzip", shuffle=True)
+    g.create_dataset("signal", data=signal)
+    g.create_dataset("signal_norm", data=signal / signal_scale)
+    g.create_dataset("timestamp", data=nd.timestamp)
+    g.create_dataset("split", data=split)
+    if nd.labels is not None:
+        g.create_dataset("labels", data=nd.labels)
+    g.attrs.update(signal_scale=signal_scale, rows=T)
+
+
+def reconstruction_errors(models: list[NodeModel], zs: list[np.ndarray], device: torch.device,
+                          precision: str = "fp32") -> list[np.ndarray]:
     """Squared errors [T_k, M] for K models at once (rows padded to the longest, in row blocks)."""
     params = stack([m.params for m in models], device)
     n_enc = len(models[0].spec.hidden)
@@ -104,8 +129,9 @@ def reconstruction_errors(models: list[NodeModel], zs: list[np.ndarray], device:
             for k, z in enumerate(zs):
                 part = z[s:s + ROW_BLOCK]
                 x[k, : len(part)] = torch.from_numpy(part).to(device)
-            recon, _ = forward(params, x, n_enc)
-            e = ((recon - x) ** 2).cpu().numpy()
+            with precision_context(precision, device):
+                recon, _ = forward(params, x, n_enc)
+            e = ((recon.float() - x) ** 2).cpu().numpy()
             for k, z in enumerate(zs):
                 n = max(0, min(ROW_BLOCK, z.shape[0] - s))
                 out[k][s:s + n] = e[k, :n]

@@ -16,7 +16,7 @@ from hpcad.errors import ConfigError
 from hpcad.model.autoencoder import AutoencoderSpec
 from hpcad.model.files import NodeModel, model_path
 from hpcad.preprocess import Scaler, fill_gaps, split_codes, training_rows
-from hpcad.model.ensemble import chunk_size, node_seed, train_ensemble
+from hpcad.model.ensemble import chunk_size, default_chunk_cap, node_seed, train_ensemble
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def train_nodes(cfg, store: TelemetryStore, models_dir: Path, nodes: list[str] |
     i = 0
     while i < len(todo):
         K = chunk_size(store.rows(todo[i]), M, spec, cfg.train.memory_budget_mb, cfg.train.batch_size,
-                       cfg.train.max_nodes_per_chunk)
+                       cfg.train.max_nodes_per_chunk or default_chunk_cap(device))
         chunk = todo[i:i + K]
         i += K
         prepared = [prepare_training_rows(store, n, cfg) for n in chunk]

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from hpcad.device import precision_context
 from hpcad.model.autoencoder import AutoencoderSpec, forward, glorot_init, stack, unstack
 
 log = logging.getLogger(__name__)
@@ -58,13 +59,28 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
     X = torch.zeros(K, Nmax, M, device=device)
     for k, d in enumerate(data):
         X[k, : d.shape[0]] = torch.from_numpy(np.ascontiguousarray(d)).to(device)
+    X_rows = X.view(K * Nmax, M)
+    row_base = (torch.arange(K, device=device) * Nmax)[:, None]
     seeds_t = torch.tensor(seeds, dtype=torch.int64, device=device)
     n_encoder = len(spec.hidden)
-    params = [p.requires_grad_(True) for p in stack([glorot_init(spec, M, s) for s in seeds], device)]
-    m_state = [torch.zeros_like(p) for p in params]
-    v_state = [torch.zeros_like(p) for p in params]
+    # All of a model's weights live in one row of a flat [K, P] buffer: the optimiser and the
+    # early-stopping bookkeeping are then a handful of whole-buffer operations per step.
+    stacked = stack([glorot_init(spec, M, s) for s in seeds], device)
+    shapes = [tuple(p.shape[1:]) for p in stacked]
+    flat = torch.cat([p.reshape(K, -1) for p in stacked], 1)
+    offsets = np.cumsum([0] + [int(np.prod(sh)) for sh in shapes])
+
+    def views(t: torch.Tensor) -> list[torch.Tensor]:
+        return [t[:, a:b].view(K, *sh) for a, b, sh in zip(offsets[:-1], offsets[1:], shapes)]
+
+    params = [p.requires_grad_(True) for p in views(flat)]  # leaves sharing the flat buffer's storage
+    g_flat = torch.zeros_like(flat)
+    g_views = views(g_flat)
+    m_state = torch.zeros_like(flat)
+    v_state = torch.zeros_like(flat)
+    tmp = torch.empty_like(flat)
     step_t = torch.zeros(K, device=device)
-    best = [p.detach().clone() for p in params]
+    best = flat.detach().clone()
     best_loss = torch.full((K,), float("inf"), device=device)
     wait = torch.zeros(K, dtype=torch.long, device=device)
     running = torch.ones(K, dtype=torch.bool, device=device)
@@ -77,8 +93,12 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
     lr = float(cfg.lr)
     l1 = float(spec.code_l1)
 
+    amp = precision_context(getattr(cfg, "precision", "fp32"), device)
+
     def per_row_loss(x: torch.Tensor) -> torch.Tensor:
-        recon, code = forward(params, x, n_encoder)
+        with amp:
+            recon, code = forward(params, x, n_encoder)
+        recon, code = recon.float(), code.float()
         loss = ((recon - x) ** 2).mean(-1)
         if l1 > 0:
             loss = loss + l1 * code.abs().sum(-1)
@@ -99,33 +119,39 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
                 idx = torch.cat([idx, idx[:, :1].expand(-1, B - idx.shape[1])], 1)
             valid = (pos[None, :] < n_tr[:, None]).float()
             active = running & (s < steps_per_epoch)
-            xb = torch.gather(X, 1, idx[..., None].expand(-1, -1, M))
+            xb = X_rows.index_select(0, (idx + row_base).flatten()).view(K, B, M)
             row_loss = per_row_loss(xb)
             count = valid.sum(1).clamp(min=1)
             model_loss = (row_loss * valid).sum(1) / count
             total = (model_loss * active.float()).sum()
             grads = torch.autograd.grad(total, params)
             with torch.no_grad():
-                loss_sum += model_loss.detach() * valid.sum(1) * active.float()
-                step_t += active.float()
+                for gv, g_ in zip(g_views, grads):
+                    gv.copy_(g_)
+                a = active.float()
+                loss_sum += model_loss.detach() * valid.sum(1) * a
+                step_t += a
                 bc1 = 1 - BETA1 ** step_t.clamp(min=1)
                 bc2 = 1 - BETA2 ** step_t.clamp(min=1)
-                lr_t = lr * torch.sqrt(bc2) / bc1
-                for p, g, m, v in zip(params, grads, m_state, v_state):
-                    shape = (K,) + (1,) * (p.dim() - 1)
-                    a = active.view(shape)
-                    m.copy_(torch.where(a, BETA1 * m + (1 - BETA1) * g, m))
-                    v.copy_(torch.where(a, BETA2 * v + (1 - BETA2) * g * g, v))
-                    p.sub_(torch.where(a, lr_t.view(shape) * m / (torch.sqrt(v) + EPS), torch.zeros_like(p)))
+                lr_t = (a * lr * torch.sqrt(bc2) / bc1)[:, None]  # 0 for models that sit this step out
+                a = a[:, None]
+                # Adam on the whole buffer, in place (memory-bound: no temporaries per step);
+                # moments and weights stay unchanged where a == 0.
+                m_state.lerp_(g_flat, (1 - BETA1) * a)
+                torch.mul(g_flat, g_flat, out=tmp)
+                v_state.lerp_(tmp, (1 - BETA2) * a)
+                torch.sqrt(v_state, out=tmp)
+                tmp.add_(EPS)
+                torch.div(m_state, tmp, out=tmp)
+                tmp.mul_(lr_t)
+                flat.sub_(tmp)
         with torch.no_grad():
             train_loss = loss_sum / n_tr.clamp(min=1)
             val_loss = _holdout_loss(per_row_loss, X, n_tr, n, Nmax, device)
             monitored = torch.where(n_va > 0, val_loss, train_loss)
             improved = running & (monitored < best_loss)
             best_loss = torch.where(improved, monitored, best_loss)
-            for b_, p in zip(best, params):
-                shape = (K,) + (1,) * (p.dim() - 1)
-                b_.copy_(torch.where(improved.view(shape), p, b_))
+            best.copy_(torch.where(improved[:, None], flat, best))
             wait = torch.where(improved, torch.zeros_like(wait), wait + running.long())
             newly_stopped = running & (wait >= int(cfg.patience))
             tl, vl = train_loss.tolist(), val_loss.tolist()
@@ -139,8 +165,8 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
             progress(epoch + 1, int(running.sum()))
     with torch.no_grad():
         if cfg.restore_best:
-            for b_, p in zip(best, params):
-                p.copy_(b_)
+            flat.copy_(best)
+        params = views(flat)
         holdout = _holdout_signal(params, n_encoder, X, n_tr, n, Nmax, device)
     histories = []
     for k in range(K):
@@ -184,6 +210,12 @@ def _holdout_signal(params, n_encoder, X, n_tr, n, Nmax, device) -> list[float]:
             r, _ = forward([p[k:k + 1] for p in params], X[k:k + 1, : int(n[k])], n_encoder)
             out.append(float(((r - X[k:k + 1, : int(n[k])]) ** 2).sum(-1).mean()))
     return [max(v, 1e-12) for v in out]
+
+
+def default_chunk_cap(device: torch.device) -> int:
+    """Nodes per chunk when ``train.max_nodes_per_chunk`` is unset: CPU caches favour small chunks
+    (the optimiser streams all K models' weights every step), GPUs want as many as fit."""
+    return 4096 if device.type == "cuda" else 32
 
 
 def chunk_size(n_rows: int, n_metrics: int, spec: AutoencoderSpec, budget_mb: int, batch: int, cap: int) -> int:

@@ -1,0 +1,189 @@
+"""``hpcad bench``: reproducible throughput and memory of batched training (or scoring).
+
+Training mode trains ``bench.nodes`` per-node autoencoders for a fixed number of epochs (early
+stopping off, so both sides do the same work) with the batched ensemble, then times a naive loop
+(one plain ``torch.nn`` model per node with ``torch.optim.Adam``, trained one after another with the
+same settings) on the same data in the same run, and writes ``bench.json``. Scoring mode writes a
+store and model files for ``bench.nodes`` nodes and times the real ``score`` stage on it.
+
+Data comes from the synthetic generator: a pool of ``bench.pool`` distinct nodes reused cyclically
+(the arithmetic per node is the same, and generating 5,000 distinct nodes would dominate the run).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from hpcad.atomic import write_json
+from hpcad.data.synthetic import generate_node
+from hpcad.device import precision_context, resolve_device
+from hpcad.errors import ConfigError
+from hpcad.model.autoencoder import AutoencoderSpec
+from hpcad.model.ensemble import chunk_size, default_chunk_cap, node_seed, train_ensemble
+from hpcad.preprocess import Scaler
+
+log = logging.getLogger(__name__)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def bench_pool(b, cfg) -> list[np.ndarray]:
+    """Standardised [rows, metrics] matrices of ``b.pool`` distinct synthetic nodes."""
+    pool = []
+    for i in range(min(b.pool, b.nodes)):
+        nd = generate_node(f"bench{i:04d}", b.rows, seed=b.seed)
+        v = nd.values
+        reps = -(-b.metrics // v.shape[1])
+        v = np.tile(v, (1, reps))[:, : b.metrics]
+        pool.append(Scaler.fit(v, cfg.preprocess).transform(v)[0])
+    return pool
+
+
+def naive_train(x: np.ndarray, seed: int, spec: AutoencoderSpec, tc, device: torch.device) -> float:
+    """The naive reference: one plain model, Adam, shuffled mini-batches, validation each epoch."""
+    torch.manual_seed(seed)
+    M = x.shape[1]
+    layers: list[torch.nn.Module] = []
+    widths = spec.widths(M)
+    for i, (a, b_) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(torch.nn.Linear(a, b_))
+        if i < len(widths) - 2:
+            layers.append(torch.nn.ReLU())
+    model = torch.nn.Sequential(*layers).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=tc.lr, eps=1e-7)
+    X = torch.from_numpy(x).to(device)
+    n_tr = int(np.ceil(len(x) * (1 - tc.validation_split)))
+    xtr, xva = X[:n_tr], X[n_tr:]
+    val = float("nan")
+    amp = precision_context(tc.precision, device)
+    for _ in range(tc.epochs):
+        perm = torch.randperm(n_tr, device=device)
+        for s in range(0, n_tr, tc.batch_size):
+            xb = xtr[perm[s:s + tc.batch_size]]
+            opt.zero_grad(set_to_none=True)
+            with amp:
+                out = model(xb)
+            loss = torch.nn.functional.mse_loss(out.float(), xb)
+            loss.backward()
+            opt.step()
+        with torch.no_grad(), amp:
+            val = float(torch.nn.functional.mse_loss(model(xva).float(), xva))
+    return val
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_train(cfg, run_dir: Path) -> dict:
+    b = cfg.bench
+    device = resolve_device(b.device)
+    spec = AutoencoderSpec(**{"hidden": list(cfg.model.hidden), "code_l1": float(cfg.model.code_l1)})
+    tc = SimpleNamespace(**{**dict(cfg.train), "epochs": int(b.epochs), "patience": int(b.epochs) + 1,
+                            "restore_best": True})
+    t0 = time.perf_counter()
+    pool = bench_pool(b, cfg)
+    gen_s = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    K = chunk_size(b.rows, b.metrics, spec, cfg.train.memory_budget_mb, tc.batch_size, cfg.train.max_nodes_per_chunk or default_chunk_cap(device))
+    bar = tqdm(total=b.nodes * b.epochs, desc="bench batched", unit="node-epoch", disable=not cfg.train.progress)
+    t0 = time.perf_counter()
+    final_val = []
+    for start in range(0, b.nodes, K):
+        idx = list(range(start, min(start + K, b.nodes)))
+        last = [0]
+
+        def progress(epoch: int, _running: int, n=len(idx)) -> None:
+            bar.update((epoch - last[0]) * n)
+            last[0] = epoch
+
+        res = train_ensemble(spec, [pool[i % len(pool)] for i in idx], [node_seed(b.seed, f"n{i}") for i in idx],
+                             tc, device, progress=progress)
+        final_val += [h["val_loss"][-1] for h in res.history]
+    _sync(device)
+    batched_s = time.perf_counter() - t0
+    bar.close()
+    peak_gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    n_tr = int(np.ceil(b.rows * (1 - tc.validation_split)))
+    out = {
+        "mode": "train", "nodes": b.nodes, "rows": b.rows, "metrics": b.metrics, "epochs": b.epochs,
+        "model": spec.to_dict(), "batch_size": tc.batch_size, "precision": tc.precision,
+        "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+        else platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "nodes_per_chunk": K,
+        "data_generation_s": round(gen_s, 3), "batched_s": round(batched_s, 3),
+        "node_epochs_per_s": b.nodes * b.epochs / batched_s,
+        "samples_per_s": b.nodes * b.epochs * n_tr / batched_s,
+        "batched_final_val_loss_mean": float(np.mean(final_val)),
+        "peak_gpu_mb": peak_gpu,
+    }
+    if b.naive_nodes != 0:
+        n_naive = b.nodes if b.naive_nodes is None else min(int(b.naive_nodes), b.nodes)
+        t0 = time.perf_counter()
+        vals = [naive_train(pool[i % len(pool)], i, spec, tc, device)
+                for i in tqdm(range(n_naive), desc="bench naive", unit="node", disable=not cfg.train.progress)]
+        _sync(device)
+        naive_s = time.perf_counter() - t0
+        per_node_naive = naive_s / n_naive
+        out.update(naive_nodes=n_naive, naive_s=round(naive_s, 3),
+                   naive_node_epochs_per_s=n_naive * b.epochs / naive_s,
+                   naive_final_val_loss_mean=float(np.mean(vals)),
+                   speedup_vs_naive=per_node_naive / (batched_s / b.nodes))
+    out["peak_rss_mb"] = _peak_rss_mb()
+    write_json(run_dir / "bench.json", out)
+    return out
+
+
+def bench_score(cfg, run_dir: Path) -> dict:
+    """Time the real score stage on ``bench.nodes`` nodes x ``bench.rows`` rows (e.g. one day: 288)."""
+    from hpcad.data.store import TelemetryStore, write_store
+    from hpcad.data.synthetic import NodeData, metric_names
+    from hpcad.model.autoencoder import glorot_init
+    from hpcad.model.files import NodeModel, model_path
+    from hpcad.score import score_nodes
+
+    b = cfg.bench
+    if b.metrics != 160:
+        raise ConfigError("bench.mode=score uses the synthetic cluster's 160 metrics: set bench.metrics=160")
+    spec = AutoencoderSpec(**{"hidden": list(cfg.model.hidden), "code_l1": float(cfg.model.code_l1)})
+    pool = [generate_node(f"p{i}", b.rows, seed=b.seed) for i in range(min(b.pool, b.nodes))]
+    names = [f"node{i:05d}" for i in range(b.nodes)]
+    store_path = run_dir / "bench_store.h5"
+    write_store(store_path, metric_names(), (NodeData(n, pool[i % len(pool)].timestamp, pool[i % len(pool)].values,
+                                                      None) for i, n in enumerate(names)), "bench")
+    store = TelemetryStore(store_path)
+    models_dir = run_dir / "bench_models"
+    for i, n in enumerate(names):
+        if not model_path(models_dir, n).exists():
+            v = pool[i % len(pool)].values
+            NodeModel(n, spec, store.metrics, glorot_init(spec, v.shape[1], i), Scaler.fit(v, cfg.preprocess),
+                      {}, 1.0).save(model_path(models_dir, n))
+    t0 = time.perf_counter()
+    score_nodes(cfg, store, models_dir, run_dir / "bench_errors.h5")
+    score_s = time.perf_counter() - t0
+    out = {"mode": "score", "nodes": b.nodes, "rows": b.rows, "metrics": 160, "device": str(resolve_device(cfg.train.device)),
+           "score_s": round(score_s, 3), "nodes_per_s": b.nodes / score_s, "rows_per_s": b.nodes * b.rows / score_s,
+           "peak_rss_mb": _peak_rss_mb(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    write_json(run_dir / "bench.json", out)
+    return out
+
+
+def run_bench(cfg, run_dir: Path) -> dict:
+    if cfg.bench.mode == "train":
+        return bench_train(cfg, run_dir)
+    if cfg.bench.mode == "score":
+        return bench_score(cfg, run_dir)
+    raise ConfigError(f"bench.mode={cfg.bench.mode!r}: train or score")
