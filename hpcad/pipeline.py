@@ -109,7 +109,8 @@ def stage_threshold(cfg, run_dir: Path) -> dict:
     time_unit = _time_unit(cfg, run_dir)
     records = []
     for s in source():
-        records += alarm_events(s, th, errors.errors, errors.metrics, cfg.report.top_k, time_unit)
+        records += alarm_events(s, th, errors.errors, errors.metrics, cfg.report.top_k, time_unit,
+                                merge_gap=rule.cost_model.tolerance)
     write_alarms_csv(run_dir / "alarms.csv", records)
     result = {"alarms": len(records), "thresholds": th.to_dict()}
     metrics = evaluate(source(), th, cm)

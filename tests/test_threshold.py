@@ -62,6 +62,10 @@ def test_event_level_scores():
     assert s["precision"] == 0.5 and s["recall"] == 0.5 and s["f1"] == 0.5
     assert s["false_alarms"] == 3 and s["missed"] == 5 + 10 - 7  # rows 20-21 are > 3 rows from the alarm
     assert runs(np.array([0, 1, 1, 0, 1], bool)) == [(1, 3), (4, 5)]
+    assert runs(np.array([0, 1, 1, 0, 1, 0, 0, 1], bool), merge_gap=1) == [(1, 5), (7, 8)]
+    flicker = np.zeros(100)
+    flicker[[80, 82, 84]] = 5  # one incident flickering around the threshold: one alarm event
+    assert score_rows(flicker, np.zeros(100, np.int8), 1.0, CostModel(1, 5, 3)).alarm_events == 1
 
 
 def _signals(n_nodes=3, seed=0):

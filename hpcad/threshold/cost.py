@@ -82,12 +82,22 @@ class CostModel:
         return float(t), float(costs[i])
 
 
-def runs(mask: np.ndarray) -> list[tuple[int, int]]:
-    """Contiguous True runs as [start, end) row intervals."""
+def runs(mask: np.ndarray, merge_gap: int = 0) -> list[tuple[int, int]]:
+    """Contiguous True runs as [start, end) row intervals; runs separated by at most ``merge_gap``
+    False rows are merged into one (an operator sees one alarm, not a flicker of many)."""
     if not mask.any():
         return []
     d = np.diff(np.r_[0, mask.astype(np.int8), 0])
-    return list(zip(np.flatnonzero(d == 1).tolist(), np.flatnonzero(d == -1).tolist()))
+    out = list(zip(np.flatnonzero(d == 1).tolist(), np.flatnonzero(d == -1).tolist()))
+    if merge_gap <= 0:
+        return out
+    merged = [out[0]]
+    for a, b in out[1:]:
+        if a - merged[-1][1] <= merge_gap:
+            merged[-1] = (merged[-1][0], b)
+        else:
+            merged.append((a, b))
+    return merged
 
 
 @dataclass
@@ -122,7 +132,7 @@ def score_rows(signal: np.ndarray, labels: np.ndarray | None, threshold: float, 
     """Cost and event-level detection of one node's rows at one threshold."""
     pred = signal > threshold
     s = Scores(rows=int(signal.size), alarm_rows=int(pred.sum()))
-    alarm_events = runs(pred)
+    alarm_events = runs(pred, merge_gap=model.tolerance)
     s.alarm_events = len(alarm_events)
     if labels is None:
         return s

@@ -41,16 +41,18 @@ def _iso(ts: int, unit: str) -> str:
 
 
 def alarm_events(s: NodeSignal, th: Thresholds, errors_of, metrics: list[str], top_k: int,
-                 time_unit: str = "s") -> list[dict]:
-    """One record per contiguous alarm: start, end, peak, and the top-k metrics by mean error."""
+                 time_unit: str = "s", merge_gap: int = 0) -> list[dict]:
+    """One record per alarm (alarmed rows with gaps of at most ``merge_gap`` rows): start, end,
+    peak, and the top-k metrics by mean error over the alarmed rows."""
     sig = th.signal_of(s)
     t = th.threshold_for(s.node)
     out = []
-    for a, b in runs(sig > t):
-        err = errors_of(s.node, slice(a, b)) if errors_of is not None else None
+    for a, b in runs(sig > t, merge_gap):
+        alarmed = sig[a:b] > t
+        err = errors_of(s.node, slice(a, b))[alarmed] if errors_of is not None else None
         peak = a + int(np.argmax(sig[a:b]))
         rec = {"node": s.node, "start": _iso(s.timestamp[a], time_unit), "end": _iso(s.timestamp[b - 1], time_unit),
-               "rows": b - a, "split": SPLIT_NAMES[int(s.split[peak])], "peak_score": float(sig[peak]),
+               "rows": int(alarmed.sum()), "split": SPLIT_NAMES[int(s.split[peak])], "peak_score": float(sig[peak]),
                "peak_time": _iso(s.timestamp[peak], time_unit), "threshold": t}
         if s.labels is not None:
             classes = sorted({int(c) for c in np.unique(s.labels[a:b]) if c != 0})
