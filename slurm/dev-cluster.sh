@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# A real SLURM cluster on one machine, for trying hpcad without a cluster and for its tests:
+# one slurmctld and four slurmd (n1..n4, all on localhost), munge authentication, no accounting.
+#
+#   slurm/dev-cluster.sh up       # install (Debian: slurm-wlm, munge) if needed, start; idempotent
+#   slurm/dev-cluster.sh status   # sinfo
+#   slurm/dev-cluster.sh down     # stop the daemons
+#   export SLURM_CONF=...         # `up` and `status` print the line to use
+#
+# Needs root (daemons run as root here). State lives in $HPCAD_SLURM_DIR (default /tmp/hpcad-slurm).
+set -euo pipefail
+DIR=${HPCAD_SLURM_DIR:-/tmp/hpcad-slurm}
+CONF=$DIR/slurm.conf
+NODES=${HPCAD_SLURM_NODES:-4}
+CPUS=${HPCAD_SLURM_CPUS:-$(nproc)}
+
+die() { echo "dev-cluster: $*" >&2; exit 1; }
+
+install() {
+  command -v slurmctld >/dev/null && command -v munged >/dev/null && return 0
+  [ "$(id -u)" = 0 ] || die "slurm-wlm and munge are not installed and this is not root"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null
+}
+
+write_conf() {
+  mkdir -p "$DIR/state" "$DIR/spool" "$DIR/log"
+  cat > "$CONF.tmp" <<CONF
+ClusterName=hpcad-dev
+SlurmctldHost=localhost
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+SlurmctldPort=16817
+StateSaveLocation=$DIR/state
+SlurmdSpoolDir=$DIR/spool/%n
+SlurmctldPidFile=$DIR/slurmctld.pid
+SlurmdPidFile=$DIR/slurmd-%n.pid
+SlurmctldLogFile=$DIR/log/slurmctld.log
+SlurmdLogFile=$DIR/log/slurmd-%n.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+MpiDefault=none
+ReturnToService=2
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SchedulerParameters=defer_batch
+SlurmctldTimeout=30
+SlurmdTimeout=30
+InactiveLimit=0
+KillWait=5
+NodeName=n[1-$NODES] NodeHostname=localhost Port=[17001-$((17000 + NODES))] CPUs=$CPUS RealMemory=2000 State=UNKNOWN
+PartitionName=debug Nodes=n[1-$NODES] Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
+CONF
+  mv "$CONF.tmp" "$CONF"
+}
+
+start_munge() {
+  pgrep -x munged >/dev/null && return 0
+  mkdir -p /etc/munge /var/run/munge /var/log/munge /var/lib/munge
+  if [ ! -s /etc/munge/munge.key ]; then
+    dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none
+  fi
+  chown -R root:root /etc/munge /var/run/munge /var/log/munge /var/lib/munge 2>/dev/null || true
+  chmod 700 /etc/munge; chmod 400 /etc/munge/munge.key
+  munged --force
+}
+
+up() {
+  [ "$(id -u)" = 0 ] || die "needs root to start slurmctld/slurmd (skip SLURM tests otherwise)"
+  install
+  write_conf
+  start_munge
+  export SLURM_CONF=$CONF
+  pgrep -f "slurmctld -f $CONF" >/dev/null || slurmctld -f "$CONF"
+  for i in $(seq 1 "$NODES"); do
+    pgrep -f "slurmd -f $CONF -N n$i\b" >/dev/null || slurmd -f "$CONF" -N "n$i"
+  done
+  for _ in $(seq 1 60); do
+    if sinfo -h -o '%T' 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
+      [ "$(sinfo -h -N -t idle,mixed,allocated -o '%N' | sort -u | wc -l)" -ge "$NODES" ] && break
+    fi
+    sleep 0.5
+  done
+  scontrol update nodename="n[1-$NODES]" state=resume >/dev/null 2>&1 || true
+  sinfo -h -N -o '%N %T' | sort -u
+  echo "export SLURM_CONF=$CONF"
+}
+
+down() {
+  pkill -f "slurmd -f $CONF" 2>/dev/null || true
+  pkill -f "slurmctld -f $CONF" 2>/dev/null || true
+  for _ in $(seq 1 20); do pgrep -f "slurm(ctl)?d -f $CONF" >/dev/null || break; sleep 0.25; done
+  echo "dev-cluster: stopped"
+}
+
+status() {
+  [ -f "$CONF" ] || die "not set up (run: $0 up)"
+  SLURM_CONF=$CONF sinfo
+  echo "export SLURM_CONF=$CONF"
+}
+
+case "${1:-}" in
+  up) up ;;
+  down) down ;;
+  status) status ;;
+  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+esac
