@@ -77,10 +77,22 @@ def run_stage(stage: str, overrides: list[str]) -> int:
         elif stage == "generate":
             print(f"hpcad: wrote {len(result)} files, e.g. {result[0]}")
         elif stage == "train" and isinstance(result, dict):
-            print(f"hpcad: {result.get('nodes')} node models in {run_dir / 'models'}")
+            who = f"rank {result['rank']}/{result['world_size']}: " if "rank" in result else ""
+            print(f"hpcad: {who}{result.get('nodes')} node models in {run_dir / 'models'}")
         else:
             print(f"hpcad: {stage} outputs in {run_dir}")
 
+    from hpcad.dist import world
+
+    try:
+        w = world()
+    except HpcadError as exc:
+        print(f"hpcad {stage}: error: {exc}", file=sys.stderr)
+        return 2
+    if w.distributed:  # one log per rank; only rank 0 records the composed config
+        overrides = [*overrides, f"hydra.job.name={stage}-rank{w.rank}"]
+        if w.rank > 0:
+            overrides.append("hydra.output_subdir=null")
     sys.argv = [f"hpcad {stage}", *overrides]
     try:
         app()

@@ -6,9 +6,12 @@ import torch
 from hpcad.errors import ConfigError
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto``: this rank's GPU (local rank modulo the visible GPUs) when CUDA works, else the CPU."""
+    if name in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device(f"cuda:{local_rank % torch.cuda.device_count()}")
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cpu")
     try:
         dev = torch.device(name)
     except RuntimeError as exc:

@@ -13,10 +13,12 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from hpcad import dist
 from hpcad.atomic import write_json
 from hpcad.baselines import run_baselines
 from hpcad.data.ingest import ingest
 from hpcad.data.store import TelemetryStore
+from hpcad.device import resolve_device
 from hpcad.errors import ConfigError, StoreError
 from hpcad.explain import class_profiles
 from hpcad.score import ErrorStore, score_nodes
@@ -53,10 +55,27 @@ def stage_ingest(cfg, run_dir: Path) -> TelemetryStore:
 
 
 def stage_train(cfg, run_dir: Path) -> dict:
+    """Train every node's model; under srun/torchrun each rank trains its balanced share of nodes."""
     if cfg.train_run:
         raise ConfigError("train_run is set: this run scores with existing models; drop it to train")
-    store = stage_ingest(cfg, run_dir)
-    return train_nodes(cfg, store, run_dir / "models")
+    w = dist.world()
+    if not w.distributed:
+        return train_nodes(cfg, stage_ingest(cfg, run_dir), run_dir / "models")
+    device = resolve_device(cfg.train.device, w.local_rank)
+    dist.init(device)
+    try:
+        if w.rank == 0:  # one writer for the store; the others wait for it
+            stage_ingest(cfg, run_dir)
+        dist.barrier()
+        store = stage_ingest(cfg, run_dir)
+        mine = dist.shard({n: store.rows(n) for n in store.nodes}, w.size)[w.rank]
+        log.info("rank %d of %d: %d of %d nodes", w.rank, w.size, len(mine), len(store.nodes))
+        out = train_nodes(cfg, store, run_dir / "models", mine, device, f"training-rank{w.rank}.json")
+        out.update(rank=w.rank, world_size=w.size, nodes=len(store.nodes))
+        dist.barrier()
+        return out
+    finally:
+        dist.finish()
 
 
 def stage_score(cfg, run_dir: Path) -> Path:

@@ -40,10 +40,11 @@ def model_spec(cfg) -> AutoencoderSpec:
     return spec
 
 
-def train_nodes(cfg, store: TelemetryStore, models_dir: Path, nodes: list[str] | None = None) -> dict:
+def train_nodes(cfg, store: TelemetryStore, models_dir: Path, nodes: list[str] | None = None,
+                device=None, summary_name: str = "training.json") -> dict:
     """Train (or resume training of) a model for each node; nodes with a model file are skipped."""
     spec = model_spec(cfg)
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.train.device) if device is None else device
     nodes = list(store.nodes if nodes is None else nodes)
     todo = [n for n in nodes if not model_path(models_dir, n).exists()]
     if len(todo) < len(nodes):
@@ -75,5 +76,5 @@ def train_nodes(cfg, store: TelemetryStore, models_dir: Path, nodes: list[str] |
     bar.close()
     summary = {"nodes": len(nodes), "trained_now": len(todo), "seconds": round(time.perf_counter() - t0, 3),
                "device": str(device), "model": spec.to_dict()}
-    write_json(models_dir / "training.json", summary)
+    write_json(models_dir / summary_name, summary)
     return summary

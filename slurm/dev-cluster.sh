@@ -7,12 +7,13 @@
 #   slurm/dev-cluster.sh down     # stop the daemons
 #   export SLURM_CONF=...         # `up` and `status` print the line to use
 #
-# Needs root (daemons run as root here). State lives in $HPCAD_SLURM_DIR (default /tmp/hpcad-slurm).
+# Needs root (daemons run as root here). Each node advertises 4 GPUs in name only (gres without
+# devices), so scripts written for 4-GPU nodes run unchanged; the jobs themselves use the CPU. State lives in $HPCAD_SLURM_DIR (default /tmp/hpcad-slurm).
 set -euo pipefail
 DIR=${HPCAD_SLURM_DIR:-/tmp/hpcad-slurm}
 CONF=$DIR/slurm.conf
 NODES=${HPCAD_SLURM_NODES:-4}
-CPUS=${HPCAD_SLURM_CPUS:-$(nproc)}
+CPUS=${HPCAD_SLURM_CPUS:-32}  # advertised, not real: scripts sized for a Leonardo node run unchanged
 
 die() { echo "dev-cluster: $*" >&2; exit 1; }
 
@@ -47,14 +48,22 @@ ReturnToService=2
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 SchedulerParameters=defer_batch
+GresTypes=gpu
+SlurmdParameters=config_overrides
 SlurmctldTimeout=30
 SlurmdTimeout=30
 InactiveLimit=0
 KillWait=5
-NodeName=n[1-$NODES] NodeHostname=localhost Port=[17001-$((17000 + NODES))] CPUs=$CPUS RealMemory=2000 State=UNKNOWN
+NodeName=n[1-$NODES] NodeHostname=localhost Port=[17001-$((17000 + NODES))] CPUs=$CPUS RealMemory=2000 Gres=gpu:4 State=UNKNOWN
 PartitionName=debug Nodes=n[1-$NODES] Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 CONF
   mv "$CONF.tmp" "$CONF"
+  # Four GPUs per node in name only (no devices), so the Leonardo-style batch scripts
+  # (--gpus-per-node=4) are accepted unchanged; jobs see no CUDA device and fall back to CPU.
+  # slurmd drops file-less GPUs, so each gets a device node that no driver answers (major 195 is
+  # NVIDIA's); task/none never opens them and torch sees no CUDA device.
+  for g in 0 1 2 3; do [ -e "$DIR/fakegpu$g" ] || mknod "$DIR/fakegpu$g" c 195 "$g"; done
+  printf 'AutoDetect=off\nNodeName=n[1-%s] Name=gpu File=%s/fakegpu[0-3]\n' "$NODES" "$DIR" > "$DIR/gres.conf"
 }
 
 start_munge() {

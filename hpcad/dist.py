@@ -1,0 +1,124 @@
+"""Distributed set-up and teardown in one place: ranks from SLURM or torchrun, one process otherwise.
+
+``world()`` reads the environment only (no process group), so any stage can ask which share of
+the monitored nodes is its own. ``init()`` starts torch.distributed (NCCL on CUDA, gloo on CPU)
+when there is more than one rank; ``finish()`` tears it down.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+from hpcad.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    source: str = "single"  # single | slurm | torchrun
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def _int(name: str) -> int:
+    try:
+        return int(os.environ[name])
+    except ValueError as exc:
+        raise ConfigError(f"environment {name}={os.environ[name]!r}: not an integer") from exc
+
+
+def world() -> World:
+    """This process's rank: torchrun variables first, then a SLURM job step (srun), else one process."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        w = World(_int("RANK"), _int("WORLD_SIZE"), _int("LOCAL_RANK") if "LOCAL_RANK" in env else 0, "torchrun")
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env:
+        w = World(_int("SLURM_PROCID"), _int("SLURM_NTASKS"), _int("SLURM_LOCALID") if "SLURM_LOCALID" in env else 0,
+                  "slurm")
+    else:
+        return World()
+    if not 0 <= w.rank < w.size:
+        raise ConfigError(f"rank {w.rank} is outside a world of {w.size} ({w.source} environment)")
+    expected = env.get("HPCAD_WORLD_SIZE")
+    if expected is not None and int(expected) != w.size:
+        raise ConfigError(f"launched with {w.size} ranks but HPCAD_WORLD_SIZE={expected}: "
+                          f"the job's task count and the script disagree")
+    return w
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a SLURM node list: ``n[1-4,7]`` -> ``n1``, ``gpu-a,gpu-b`` -> ``gpu-a``."""
+    m = re.match(r"^([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not m:
+        raise ConfigError(f"cannot read SLURM node list {nodelist!r}")
+    prefix, ranges = m.group(1), m.group(2)
+    if not ranges:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def node_address(node: str) -> str:
+    """The address SLURM reaches ``node`` at (its NodeAddr); the node name where scontrol is absent."""
+    import shutil
+    import subprocess
+
+    if shutil.which("scontrol"):
+        try:
+            out = subprocess.run(["scontrol", "show", "node", node], capture_output=True, text=True,
+                                 timeout=20).stdout
+        except (OSError, subprocess.SubprocessError):
+            out = ""
+        m = re.search(r"NodeAddr=(\S+)", out)
+        if m:
+            return m.group(1)
+    return node
+
+
+def init(device: torch.device) -> World:
+    """Start the process group when there is more than one rank (idempotent)."""
+    w = world()
+    if not w.distributed or tdist.is_initialized():
+        return w
+    if w.source == "slurm":
+        if "MASTER_ADDR" not in os.environ:  # rank 0 runs on the step's first node
+            first = first_host(os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "localhost"))
+            os.environ["MASTER_ADDR"] = node_address(first)
+        os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(w.local_rank % torch.cuda.device_count())
+    tdist.init_process_group(backend, rank=w.rank, world_size=w.size)
+    return w
+
+
+def barrier() -> None:
+    if tdist.is_initialized():
+        tdist.barrier()
+
+
+def finish() -> None:
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def shard(rows: dict[str, int], size: int) -> list[list[str]]:
+    """Assign nodes to ranks balanced by row count: largest first onto the least-loaded rank.
+
+    Deterministic for a given input (ties broken by node name); a rank may get no node.
+    """
+    loads = [0] * size
+    out: list[list[str]] = [[] for _ in range(size)]
+    for node in sorted(rows, key=lambda n: (-rows[n], n)):
+        r = min(range(size), key=lambda i: (loads[i], i))
+        out[r].append(node)
+        loads[r] += rows[node]
+    return out

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Train one autoencoder per monitored node across a SLURM allocation, then score, fit thresholds
+# and write the report. Defaults suit a Leonardo-class booster node (4 A100, 32 cores): one task
+# per GPU. Partition, account and time come from the command line or the environment, never from
+# this file:
+#
+#   sbatch -p boost_usr_prod -A my_account slurm/train_all_nodes.sh data.source=/path/exports
+#   sbatch --nodes=4 slurm/train_all_nodes.sh data.source=/path/store.h5 model.hidden=[64,16]
+#   SBATCH_PARTITION=... SBATCH_ACCOUNT=... sbatch slurm/train_all_nodes.sh ...
+#
+# Arguments are Hydra overrides for hpcad. Outputs go to $HPCAD_RUN_DIR (default
+# runs/train-<jobid>, stable across requeues). A preempted, timed-out or requeued job restarts here
+# and skips the nodes whose model file is already complete (see docs/cluster.md).
+#
+#SBATCH --job-name=hpcad-train
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=4
+#SBATCH --gpus-per-node=4
+#SBATCH --cpus-per-task=8
+#SBATCH --time=02:00:00
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@300
+#SBATCH --output=hpcad-train-%j.out
+set -euo pipefail
+
+# Site set-up: modules or a virtualenv. HPCAD_ENV names a file to source (e.g. one that runs
+# `module load python cuda` and activates the venv); otherwise hpcad must already be on PATH.
+if [ -n "${HPCAD_ENV:-}" ]; then
+  # shellcheck disable=SC1090
+  source "$HPCAD_ENV"
+fi
+command -v hpcad >/dev/null || { echo "train_all_nodes: hpcad not on PATH (set HPCAD_ENV)" >&2; exit 2; }
+
+RUN_DIR=${HPCAD_RUN_DIR:-runs/train-${SLURM_JOB_ID:-local}}
+mkdir -p "$RUN_DIR"
+export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
+export HPCAD_WORLD_SIZE=${SLURM_NTASKS:-1}
+
+# Before the time limit SLURM sends USR1 to this script: requeue the job. Finished nodes' models
+# are complete files (written under a temporary name, then renamed), so the rerun skips them.
+requeue() {
+  echo "train_all_nodes: time limit near, requeueing job ${SLURM_JOB_ID}" >&2
+  scontrol requeue "${SLURM_JOB_ID}"
+}
+trap requeue USR1
+
+echo "train_all_nodes: job ${SLURM_JOB_ID:-?}, ${SLURM_NTASKS:-1} ranks, run folder ${RUN_DIR}"
+# Step 1: each rank trains its share of the monitored nodes (balanced by row counts).
+srun --kill-on-bad-exit=1 hpcad train "hydra.run.dir=${RUN_DIR}" "$@" &
+wait $!
+# Step 2: score, thresholds and report in one process (training is skipped: the models exist).
+hpcad run "hydra.run.dir=${RUN_DIR}" "$@" &
+wait $!
+echo "train_all_nodes: done; report at ${RUN_DIR}/report.html"

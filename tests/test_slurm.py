@@ -1,0 +1,88 @@
+"""Scale-out on a real SLURM (slurm/dev-cluster.sh: slurmctld + 4 slurmd on this machine)."""
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from conftest import ROOT, hpcad
+from hpcad.dist import World, first_host, shard, world
+
+
+@pytest.fixture(scope="module")
+def slurm_env():
+    if os.geteuid() != 0:
+        pytest.skip("SLURM dev cluster needs root to start slurmctld/slurmd")
+    if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
+        pytest.skip("slurm-wlm is not installed and apt-get is unavailable")
+    up = subprocess.run(["bash", str(ROOT / "slurm" / "dev-cluster.sh"), "up"], capture_output=True, text=True,
+                        timeout=300)
+    if up.returncode != 0:
+        pytest.skip(f"SLURM dev cluster did not start: {up.stderr.strip()[-500:]}")
+    conf = [line.split("=", 1)[1] for line in up.stdout.splitlines() if line.startswith("export SLURM_CONF=")][0]
+    return dict(os.environ, SLURM_CONF=conf)
+
+
+def _models(run):
+    return {p.name: torch.load(p, weights_only=True)["params"] for p in sorted((run / "models").glob("*.pt"))}
+
+
+def test_sbatch_train_all_nodes_matches_the_single_process_run(tmp_path, slurm_env):
+    exports = tmp_path / "exports"
+    hpcad("generate", f"generate.out={exports}", "data.synthetic.nodes=16", "data.synthetic.rows=300",
+          f"hydra.run.dir={tmp_path / 'g'}")
+    args = [f"data.source={exports}", "train.epochs=2", "train.progress=false", "baselines.methods=[]"]
+    single = tmp_path / "single"
+    hpcad("run", f"hydra.run.dir={single}", *args)
+    run = tmp_path / "slurm-run"
+    env = dict(slurm_env, HPCAD_RUN_DIR=str(run))
+    job = subprocess.run(["sbatch", "--wait", "-o", str(tmp_path / "job.out"), str(ROOT / "slurm" / "train_all_nodes.sh"),
+                          *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    log = (tmp_path / "job.out").read_text() if (tmp_path / "job.out").exists() else ""
+    assert job.returncode == 0, job.stderr + log[-3000:]
+    assert sorted((run / "models").glob("training-rank*.json")).__len__() == 4  # 4 ranks trained shards
+    a, b = _models(single), _models(run)
+    assert a.keys() == b.keys() and len(a) == 16
+    for name in a:
+        for x, y in zip(a[name], b[name]):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+    assert (run / "report.html").exists() and (run / "thresholds.json").exists()
+
+
+def test_ranks_with_empty_shards_and_a_mismatched_world(tmp_path, slurm_env):
+    exports = tmp_path / "exports"
+    hpcad("generate", f"generate.out={exports}", "data.synthetic.nodes=3", "data.synthetic.rows=200",
+          f"hydra.run.dir={tmp_path / 'g'}")
+    cmd = ["srun", "-N1", "-n4", "python", "-m", "hpcad", "train", f"data.source={exports}",
+           f"hydra.run.dir={tmp_path / 'run'}", "train.epochs=1", "train.progress=false"]
+    p = subprocess.run(cmd, env=slurm_env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert len(list((tmp_path / "run" / "models").glob("*.pt"))) == 3  # rank 3 had no node and still finished
+    bad = subprocess.run(cmd, env=dict(slurm_env, HPCAD_WORLD_SIZE="2"), capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "HPCAD_WORLD_SIZE=2" in bad.stderr
+
+
+def test_shard_is_balanced_deterministic_and_rank_independent():
+    rows = {f"n{i}": r for i, r in enumerate([900, 100, 500, 500, 300, 300, 200, 50])}
+    parts = shard(rows, 3)
+    assert sorted(sum(parts, [])) == sorted(rows) and shard(rows, 3) == parts
+    loads = [sum(rows[n] for n in p) for p in parts]
+    assert max(loads) - min(loads) <= max(rows.values()) // 2
+    assert shard({"a": 5}, 4) == [["a"], [], [], []]
+
+
+def test_world_from_environment(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_ID", "HPCAD_WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    assert world() == World()
+    monkeypatch.setenv("SLURM_PROCID", "2")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_LOCALID", "2")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    assert world() == World(2, 4, 2, "slurm")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert world().source == "torchrun" and world().rank == 1
+    assert first_host("n[1-4,7]") == "n1" and first_host("gpu-a,gpu-b") == "gpu-a" and first_host("x12") == "x12"
+    assert first_host("lrdn[0123-0130]") == "lrdn0123"
