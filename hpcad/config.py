@@ -120,8 +120,25 @@ class BenchConfig:
 
 
 @dataclass
-class LauncherConfig:
+class LocalLauncherConfig:
     _target_: str = "hpcad.launch.local.LocalLauncher"
+
+
+@dataclass
+class SubmititLauncherConfig:
+    """Submit the stage as a SLURM job with submitit and wait for it (logs in <run>/submitit)."""
+
+    _target_: str = "hpcad.launch.submitit.SubmititLauncher"
+    partition: Optional[str] = None  # None: the site's default partition
+    account: Optional[str] = None
+    nodes: int = 1
+    tasks_per_node: int = 1  # each task is one rank and trains its share of the monitored nodes
+    cpus_per_task: int = 1
+    gpus_per_node: int = 0
+    timeout_min: int = 60
+    setup: list[str] = field(default_factory=list)  # shell lines run before the job (module load ...)
+    cluster: Optional[str] = None  # None: SLURM when sbatch is available, else local processes
+    additional: dict[str, Any] = field(default_factory=dict)  # extra sbatch options
 
 
 @dataclass
@@ -135,7 +152,7 @@ class HpcadConfig:
     signal: SignalConfig = field(default_factory=SignalConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
-    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    launcher: Any = None
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     train_run: Optional[str] = None  # score with the models (and thresholds) of this earlier run folder
@@ -191,3 +208,5 @@ def register_configs() -> None:
     cs.store(group="threshold", name="cost_schema", node=CostRuleConfig)
     cs.store(group="threshold", name="quantile_schema", node=QuantileRuleConfig)
     cs.store(group="threshold", name="pot_schema", node=PotRuleConfig)
+    cs.store(group="launcher", name="local_schema", node=LocalLauncherConfig)
+    cs.store(group="launcher", name="submitit_schema", node=SubmititLauncherConfig)

@@ -88,6 +88,8 @@ def test_multirun_sweep_gives_one_folder_per_point(tmp_path):
         cfg = (tmp_path / "sweep" / str(i) / ".hydra" / "config.yaml").read_text()
         assert (tmp_path / "sweep" / str(i) / "models" / "node0000.pt").exists()
         assert f"- {8 if i == 0 else 16}" in cfg
+    summary = (tmp_path / "sweep" / "sweep_summary.csv").read_text().splitlines()
+    assert len(summary) == 3 and "mean_best_val_loss" in summary[1]  # points ranked by validation loss
 
 
 def test_unlabelled_data_uses_the_trained_runs_thresholds(tmp_path):

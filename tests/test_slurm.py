@@ -86,3 +86,47 @@ def test_world_from_environment(monkeypatch):
     assert world().source == "torchrun" and world().rank == 1
     assert first_host("n[1-4,7]") == "n1" and first_host("gpu-a,gpu-b") == "gpu-a" and first_host("x12") == "x12"
     assert first_host("lrdn[0123-0130]") == "lrdn0123"
+
+
+def _small_exports(tmp_path, nodes=4):
+    exports = tmp_path / "exports"
+    hpcad("generate", f"generate.out={exports}", f"data.synthetic.nodes={nodes}", "data.synthetic.rows=200",
+          f"hydra.run.dir={tmp_path / 'g'}")
+    return exports
+
+
+def test_submitit_launcher_runs_the_stage_as_a_slurm_job(tmp_path, slurm_env):
+    exports = _small_exports(tmp_path)
+    run = tmp_path / "run"
+    p = subprocess.run([*_hpcad_cmd(), "train", "launcher=submitit", "launcher.tasks_per_node=2",
+                        f"data.source={exports}", f"hydra.run.dir={run}", "train.epochs=1", "train.progress=false"],
+                       env=slurm_env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "rank 0/2" in p.stdout
+    assert len(list((run / "models").glob("node*.pt"))) == 4
+    assert len(list((run / "models").glob("training-rank*.json"))) == 2
+    jobs = [d for d in (run / "submitit").iterdir() if d.is_dir() and d.name.isdigit()]
+    assert len(jobs) == 1, list((run / "submitit").iterdir())
+    job_dir = jobs[0]
+    assert (job_dir / f"{job_dir.name}_0_log.out").exists() and (job_dir / f"{job_dir.name}_1_log.out").exists()
+
+
+def test_hydra_sweep_through_submitit_slurm_ranks_the_points(tmp_path, slurm_env):
+    exports = _small_exports(tmp_path)
+    sweep = tmp_path / "sweep"
+    p = subprocess.run([*_hpcad_cmd(), "run", "-m", "model.hidden=[8],[16]", "hydra/launcher=submitit_slurm",
+                        f"hydra.sweep.dir={sweep}", f"data.source={exports}", "train.epochs=1",
+                        "train.progress=false", "baselines.methods=[]", "report.enabled=false"],
+                       env=slurm_env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for point in ("0", "1"):
+        assert (sweep / point / "metrics.json").exists()
+    assert list((sweep / ".submitit").iterdir())  # each point was a SLURM job
+    lines = (sweep / "sweep_summary.csv").read_text().splitlines()
+    assert lines[0].startswith("rank,point,metric") and len(lines) == 3 and ",val_cost," in lines[1]
+
+
+def _hpcad_cmd():
+    import sys
+
+    return [sys.executable, "-m", "hpcad"]

@@ -1,0 +1,57 @@
+"""Run a stage as a SLURM job through submitit, and return its result when the job is done.
+
+``hpcad train launcher=submitit launcher.partition=... launcher.tasks_per_node=4`` submits the
+same stage function the local launcher calls; with several tasks every task is one rank
+(:mod:`hpcad.dist` reads them from the step's SLURM variables). submitit's logs and pickles go to
+``<run folder>/submitit``.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+
+
+def _remote(fn: Callable[[Any, Path], Any], cfg: Any, run_dir: Path) -> Any:
+    _configure_logging()
+    return fn(cfg, run_dir)
+
+
+class SubmititLauncher:
+    def __init__(self, partition: str | None = None, account: str | None = None, nodes: int = 1,
+                 tasks_per_node: int = 1, cpus_per_task: int = 1, gpus_per_node: int = 0,
+                 timeout_min: int = 60, setup: list[str] | None = None, cluster: str | None = None,
+                 additional: dict | None = None, **_: object):
+        self.params = dict(nodes=nodes, tasks_per_node=tasks_per_node, cpus_per_task=cpus_per_task,
+                           timeout_min=timeout_min)
+        if gpus_per_node:
+            self.params["gpus_per_node"] = gpus_per_node
+        self.slurm = {k: v for k, v in dict(slurm_partition=partition, slurm_account=account,
+                                              slurm_setup=setup or None,
+                                              slurm_additional_parameters=additional or None).items() if v}
+        self.cluster = cluster
+
+    def launch(self, fn: Callable[[Any, Path], Any], cfg: Any, run_dir: Path) -> Any:
+        import submitit
+
+        from hpcad.errors import HpcadError
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ex = submitit.AutoExecutor(folder=run_dir / "submitit" / "%j", cluster=self.cluster)
+        ex.update_parameters(name=f"hpcad-{fn.__name__}", **self.params, **self.slurm)
+        job = ex.submit(_remote, fn, cfg, run_dir)
+        log.info("submitted %s as job %s (%s); logs in %s", fn.__name__, job.job_id, ex.cluster,
+                 run_dir / "submitit" / str(job.job_id))
+        try:
+            results = job.results()
+        except submitit.core.utils.FailedJobError as exc:
+            raise HpcadError(f"job {job.job_id} failed; see {run_dir / 'submitit' / str(job.job_id)}: "
+                             f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}") from exc
+        return results[0]
