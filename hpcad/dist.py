@@ -21,7 +21,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
-    source: str = "single"  # single | slurm | torchrun
+    source: str = "single"  # single | torchrun | mpi | slurm
 
     @property
     def distributed(self) -> bool:
@@ -36,10 +36,13 @@ def _int(name: str) -> int:
 
 
 def world() -> World:
-    """This process's rank: torchrun variables first, then a SLURM job step (srun), else one process."""
+    """This process's rank: torchrun variables first, then MPI's PMI, then a SLURM job step, else one process."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         w = World(_int("RANK"), _int("WORLD_SIZE"), _int("LOCAL_RANK") if "LOCAL_RANK" in env else 0, "torchrun")
+    elif "PMI_RANK" in env and "PMI_SIZE" in env:  # mpiexec (MPICH/Hydra) or srun --mpi=pmi2
+        w = World(_int("PMI_RANK"), _int("PMI_SIZE"), int(env.get("MPI_LOCALRANKID", env.get("SLURM_LOCALID", 0))),
+                  "mpi")
     elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env:
         w = World(_int("SLURM_PROCID"), _int("SLURM_NTASKS"), _int("SLURM_LOCALID") if "SLURM_LOCALID" in env else 0,
                   "slurm")
@@ -88,6 +91,9 @@ def init(device: torch.device) -> World:
     w = world()
     if not w.distributed or tdist.is_initialized():
         return w
+    if w.source == "mpi":
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29511")
     if w.source == "slurm":
         if "MASTER_ADDR" not in os.environ:  # rank 0 runs on the step's first node
             first = first_host(os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "localhost"))

@@ -24,6 +24,7 @@ from hpcad.explain import class_profiles
 from hpcad.score import ErrorStore, score_nodes
 from hpcad.threshold.cost import CostModel
 from hpcad.threshold.evaluate import alarm_events, evaluate, write_alarms_csv
+from hpcad.threshold.reduce import reducer
 from hpcad.threshold.rules import Thresholds
 from hpcad.train import train_nodes
 
@@ -108,11 +109,15 @@ def _errors(run_dir: Path) -> ErrorStore:
 
 
 def stage_threshold(cfg, run_dir: Path) -> dict:
+    """Fit thresholds, then write alarms and scores. Under mpiexec or ``srun --mpi=pmi2`` every rank
+    fits on its share of the nodes and the ranks reduce (docs/cluster.md); rank 0 writes the outputs."""
     errors = _errors(run_dir)
     smooth = int(cfg.signal.smooth)
     if smooth < 1:
         raise ConfigError(f"signal.smooth={smooth}: must be >= 1 (rows)")
     source = partial(errors.signals, smooth=smooth)
+    red = reducer()
+    mine = partial(errors.signals, nodes=dist.shard(errors.rows, red.size)[red.rank], smooth=smooth)
     labelled = any(s.labels is not None for s in errors.signals(errors.nodes[:1])) if errors.nodes else False
     tr = _train_run(cfg)
     rule = instantiate(cfg.threshold, _convert_="all")
@@ -122,7 +127,9 @@ def stage_threshold(cfg, run_dir: Path) -> dict:
         th = Thresholds.from_dict(json.loads((tr / "thresholds.json").read_text()))
         log.info("unlabelled data: using the thresholds fitted by %s", tr)
     else:
-        th = rule.fit(source)
+        th = rule.fit(mine, red)
+    if red.rank != 0:
+        return {"thresholds": th.to_dict(), "rank": red.rank}
     write_json(run_dir / "thresholds.json", th.to_dict())
     cm = rule.cost_model
     time_unit = _time_unit(cfg, run_dir)

@@ -166,6 +166,7 @@ class ErrorStore:
             self.metrics = [m.decode() if isinstance(m, bytes) else m for m in f["metrics"][()]] \
                 if "metrics" in f else []
             self.nodes = sorted(f["nodes"].keys())
+            self.rows = {n: int(f["nodes"][n]["signal"].shape[0]) for n in self.nodes}
 
     def signals(self, nodes: list[str] | None = None, smooth: int = 1) -> Iterator[NodeSignal]:
         """Per-node signals; ``smooth`` > 1 applies a causal moving average over that many rows."""

@@ -1,4 +1,5 @@
 """Scale-out on a real SLURM (slurm/dev-cluster.sh: slurmctld + 4 slurmd on this machine)."""
+import json
 import os
 import shutil
 import subprocess
@@ -130,3 +131,18 @@ def _hpcad_cmd():
     import sys
 
     return [sys.executable, "-m", "hpcad"]
+
+
+def test_threshold_fit_under_srun_mpi_pmi2(tmp_path, slurm_env):
+    pytest.importorskip("mpi4py", reason="mpi4py not installed (pip install mpi4py mpich)")
+    exports = _small_exports(tmp_path)
+    run = tmp_path / "run"
+    args = ["threshold", f"hydra.run.dir={run}", f"data.source={exports}", "threshold.scope=cluster"]
+    hpcad("run", f"data.source={exports}", f"hydra.run.dir={run}", "train.epochs=1", "train.progress=false",
+          "baselines.methods=[]", "report.enabled=false", "threshold.scope=cluster")
+    single = json.loads((run / "thresholds.json").read_text())
+    p = subprocess.run(["srun", "--mpi=pmi2", "-N1", "-n2", *_hpcad_cmd(), *args], env=slurm_env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (run / "threshold-rank1.log").exists()
+    assert json.loads((run / "thresholds.json").read_text())["cluster"] == pytest.approx(single["cluster"])

@@ -20,6 +20,7 @@ from hpcad.errors import ConfigError
 from hpcad.preprocess import TRAIN, VAL
 from hpcad.score import NodeSignal
 from hpcad.threshold.cost import CostModel, CostTerms
+from hpcad.threshold.reduce import Reducer
 
 log = logging.getLogger(__name__)
 SignalSource = Callable[[], Iterator[NodeSignal]]
@@ -78,6 +79,7 @@ def _check_scope(scope: str) -> str:
 
 class _Rule:
     name = "rule"
+    red: Reducer = Reducer()
 
     def __init__(self, scope: str = "node", grid_points: int = 4096, c_alarm: float = 1.0,
                  c_missed: float = 5.0, tolerance: int = 12, **_: object):
@@ -85,7 +87,9 @@ class _Rule:
         self.grid_points = int(grid_points)
         self.cost_model = CostModel(float(c_alarm), float(c_missed), int(tolerance))
 
-    def fit(self, source: SignalSource) -> Thresholds:
+    def fit(self, source: SignalSource, red: Reducer | None = None) -> Thresholds:
+        """Fit on the nodes ``source`` yields; with an MPI reducer, each rank passes its own nodes."""
+        self.red = red or Reducer()
         if self.scope == "node":
             th = Thresholds(self.name, "node")
             for s in source():
@@ -93,13 +97,14 @@ class _Rule:
                 if not rows.any():
                     raise ConfigError(f"node {s.node}: no validation or training rows to fit a threshold on")
                 th.nodes[s.node] = self.fit_node(s, rows)
+            th.nodes = self.red.merge(th.nodes)
             return th
         lo, hi = np.inf, -np.inf
         for s in source():
             v = s.normalised[_fit_rows(s)]
             if v.size:
                 lo, hi = min(lo, float(v.min())), max(hi, float(v.max()))
-        grid = _grid(lo, hi, self.grid_points)
+        grid = _grid(self.red.min(lo), self.red.max(hi), self.grid_points)
         return self.fit_cluster(source, grid)
 
     def fit_node(self, s: NodeSignal, rows: np.ndarray) -> float:
@@ -114,7 +119,7 @@ class _Rule:
         for s in source():
             v = np.sort(s.normalised[_fit_rows(s)])
             counts += np.searchsorted(v, grid, side="right")
-        return counts
+        return self.red.sum(counts)
 
 
 class QuantileRule(_Rule):
@@ -166,7 +171,8 @@ class PotRule(_Rule):
     def fit_cluster(self, source: SignalSource, grid: np.ndarray) -> Thresholds:
         cdf = self._histogram(source, grid)
         init = float(grid[min(int(np.searchsorted(cdf, self.init_q * cdf[-1])), grid.size - 1)])
-        peaks = np.concatenate([v[v > init] for v in (s.normalised[_fit_rows(s)] for s in source())])
+        peaks = self.red.concat(np.concatenate([np.empty(0)] + [v[v > init] for v in
+                                                                (s.normalised[_fit_rows(s)] for s in source())]))
         t, det = pot_threshold(np.r_[peaks, init], init, self.risk, int(cdf[-1]))
         return Thresholds(self.name, "cluster", t, details=det)
 
@@ -199,8 +205,10 @@ class CostRule(_Rule):
             labelled += 1
             terms = CostTerms.of(s.normalised[rows], s.labels[rows] != 0, self.cost_model.tolerance)
             total += self.cost_model.curve(terms, grid)
+        total, labelled = self.red.sum(total), int(self.red.sum(np.array([labelled]))[0])
         if labelled == 0:
             log.warning("no labelled node: cluster threshold from the quantile rule")
+            self.fallback.red = self.red
             return self.fallback.fit_cluster(source, grid)
         i = int(np.argmin(total))
         return Thresholds(self.name, "cluster", float(grid[i]), details={"validation_cost": float(total[i]),

@@ -1,0 +1,45 @@
+"""Cluster-wide threshold fitting over MPI ranks equals the single-process fit on the same errors."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import hpcad
+
+pytest.importorskip("mpi4py", reason="mpi4py not installed (pip install mpi4py mpich)")
+
+
+@pytest.fixture(scope="module")
+def scored_run(tmp_path_factory):
+    if shutil.which("mpiexec") is None:
+        pytest.skip("no mpiexec on PATH (pip install mpich)")
+    tmp = tmp_path_factory.mktemp("mpi")
+    exports = tmp / "exports"
+    hpcad("generate", f"generate.out={exports}", "data.synthetic.nodes=5", "data.synthetic.rows=300",
+          f"hydra.run.dir={tmp / 'g'}")
+    run = tmp / "run"
+    hpcad("run", f"data.source={exports}", f"hydra.run.dir={run}", "train.epochs=2", "train.progress=false",
+          "baselines.methods=[]", "report.enabled=false")
+    return run, exports
+
+
+@pytest.mark.parametrize("rule", [["threshold=cost", "threshold.scope=cluster"],
+                                  ["threshold=cost", "threshold.scope=node"],
+                                  ["threshold=quantile", "threshold.scope=cluster"],
+                                  ["threshold=pot", "threshold.scope=cluster", "threshold.init_q=0.9",
+                                   "threshold.risk=0.001"]])
+def test_mpiexec_two_ranks_fit_the_same_thresholds(scored_run, rule):
+    run, exports = scored_run
+    args = ["threshold", f"hydra.run.dir={run}", f"data.source={exports}", *rule]
+    hpcad(*args)
+    single = json.loads((run / "thresholds.json").read_text())
+    p = subprocess.run(["mpiexec", "-n", "2", sys.executable, "-m", "hpcad", *args], capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (run / "threshold-rank1.log").exists()  # really two ranks
+    multi = json.loads((run / "thresholds.json").read_text())
+    assert multi["cluster"] == pytest.approx(single["cluster"]) if single["cluster"] is not None else True
+    assert multi["nodes"] == pytest.approx(single["nodes"])
+    assert multi["rule"] == single["rule"] and multi["scope"] == single["scope"]
