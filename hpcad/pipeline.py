@@ -21,7 +21,7 @@ from hpcad.data.store import TelemetryStore
 from hpcad.device import resolve_device
 from hpcad.errors import ConfigError, StoreError
 from hpcad.explain import class_profiles
-from hpcad.score import ErrorStore, score_nodes
+from hpcad.score import ErrorStore, score_nodes, write_index
 from hpcad.threshold.cost import CostModel
 from hpcad.threshold.evaluate import alarm_events, evaluate, write_alarms_csv
 from hpcad.threshold.reduce import reducer
@@ -80,10 +80,31 @@ def stage_train(cfg, run_dir: Path) -> dict:
 
 
 def stage_score(cfg, run_dir: Path) -> Path:
-    store = stage_ingest(cfg, run_dir)
+    """Score every node; under srun/torchrun each rank writes ``errors-rank<r>.h5`` for its share and
+    rank 0 then writes ``errors.h5`` as an index of external links (one writer per file)."""
     out = run_dir / "errors.h5"
-    score_nodes(cfg, store, models_dir(cfg, run_dir), out)
-    return out
+    w = dist.world()
+    if not w.distributed:
+        score_nodes(cfg, stage_ingest(cfg, run_dir), models_dir(cfg, run_dir), out)
+        return out
+    device = resolve_device(cfg.train.device, w.local_rank)
+    dist.init(device)
+    try:
+        if w.rank == 0:
+            stage_ingest(cfg, run_dir)
+        dist.barrier()
+        store = stage_ingest(cfg, run_dir)
+        parts = [run_dir / f"errors-rank{r}.h5" for r in range(w.size)]
+        mine = dist.shard({n: store.rows(n) for n in store.nodes}, w.size)[w.rank]
+        score_nodes(cfg, store, models_dir(cfg, run_dir), parts[w.rank], mine, device)
+        dist.barrier()
+        if w.rank == 0:
+            write_index(out, parts, store.metrics, {"hpcad_format": "error-store", "format_version": 1,
+                                                   "store": str(store.path), "models": str(models_dir(cfg, run_dir))})
+        dist.barrier()
+        return out
+    finally:
+        dist.finish()
 
 
 def stage_baselines(cfg, run_dir: Path) -> dict:
@@ -128,8 +149,8 @@ def stage_threshold(cfg, run_dir: Path) -> dict:
         log.info("unlabelled data: using the thresholds fitted by %s", tr)
     else:
         th = rule.fit(mine, red)
-    if red.rank != 0:
-        return {"thresholds": th.to_dict(), "rank": red.rank}
+    if red.rank != 0 or dist.world().rank != 0:  # one writer, also when ranks run without MPI
+        return {"thresholds": th.to_dict(), "rank": max(red.rank, dist.world().rank)}
     write_json(run_dir / "thresholds.json", th.to_dict())
     cm = rule.cost_model
     time_unit = _time_unit(cfg, run_dir)

@@ -53,19 +53,20 @@ class NodeSignal:
         return self.signal / self.scale
 
 
-def score_nodes(cfg, store: TelemetryStore, models_dir: Path, out_path: Path) -> int:
-    """Score every node of ``store`` with its model, K nodes per batched forward pass.
+def score_nodes(cfg, store: TelemetryStore, models_dir: Path, out_path: Path, nodes: list[str] | None = None,
+                device: torch.device | None = None) -> int:
+    """Score ``nodes`` (default: all) of ``store`` with their models, K nodes per batched forward pass.
 
     K follows from ``train.memory_budget_mb``; only one chunk of nodes is in memory at a time.
     Writes ``out_path`` atomically.
     """
-    device = resolve_device(cfg.train.device)
-    missing = [n for n in store.nodes if not model_path(models_dir, n).exists()]
+    device = resolve_device(cfg.train.device) if device is None else device
+    nodes = list(store.nodes if nodes is None else nodes)
+    missing = [n for n in nodes if not model_path(models_dir, n).exists()]
     if missing:
         raise StoreError(f"{models_dir}: no model for nodes {missing[:10]} ({len(missing)} missing); "
                          f"train them first or point train_run at the run that did")
     M = len(store.metrics)
-    nodes = list(store.nodes)
     with atomic_path(out_path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs.update(hpcad_format=FORMAT, format_version=1, store=str(store.path), models=str(models_dir),
                        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -153,6 +154,19 @@ def _first_diff(a: list[str], b: list[str]) -> str:
         if x != y:
             return f"column {i}: {x!r} vs {y!r}"
     return f"{len(a)} vs {len(b)} metrics"
+
+
+def write_index(out_path: Path, parts: list[Path], metrics: list[str], attrs: dict) -> None:
+    """``errors.h5`` as an index over per-rank error files: ``/nodes/<node>`` are HDF5 external links
+    (relative file names, so the run folder can move), ``/metrics`` and attributes are copied."""
+    with atomic_path(out_path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs.update(attrs, index_of=[p.name for p in parts])
+        f.create_dataset("metrics", data=np.array(metrics, dtype=object), dtype=STR)
+        g = f.create_group("nodes")
+        for part in parts:
+            with open_h5(part, kind="per-rank error file") as src:
+                for node in src["nodes"]:
+                    g[node] = h5py.ExternalLink(part.name, f"/nodes/{node}")
 
 
 class ErrorStore:

@@ -45,10 +45,12 @@ requeue() {
 trap requeue USR1
 
 echo "train_all_nodes: job ${SLURM_JOB_ID:-?}, ${SLURM_NTASKS:-1} ranks, run folder ${RUN_DIR}"
-# Step 1: each rank trains its share of the monitored nodes (balanced by row counts).
+# 1. Each rank trains its share of the monitored nodes (balanced by row counts).
 srun --kill-on-bad-exit=1 hpcad train "hydra.run.dir=${RUN_DIR}" "$@" &
 wait $!
-# Step 2: score, thresholds and report in one process (training is skipped: the models exist).
-hpcad run "hydra.run.dir=${RUN_DIR}" "$@" &
-wait $!
+# 2-4. Score, fit thresholds, report (shared with score_all_nodes.sh).
+# sbatch runs a spooled copy of this script: find the original (and score_steps.sh beside it).
+here=$(scontrol show job "${SLURM_JOB_ID:-0}" 2>/dev/null | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')
+source "$(dirname "${here:-${BASH_SOURCE[0]}}")/score_steps.sh"
+score_steps "$RUN_DIR" "$@"
 echo "train_all_nodes: done; report at ${RUN_DIR}/report.html"

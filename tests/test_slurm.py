@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 import torch
 
@@ -49,6 +50,20 @@ def test_sbatch_train_all_nodes_matches_the_single_process_run(tmp_path, slurm_e
         for x, y in zip(a[name], b[name]):
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
     assert (run / "report.html").exists() and (run / "thresholds.json").exists()
+    # Scoring ran on every rank (one error file each); errors.h5 indexes them and matches the single run.
+    from hpcad.score import ErrorStore
+
+    assert len(list(run.glob("errors-rank*.h5"))) == 4
+    one, many = ErrorStore(single / "errors.h5"), ErrorStore(run / "errors.h5")
+    assert one.nodes == many.nodes
+    for s1, s2 in zip(one.signals(), many.signals()):
+        np.testing.assert_allclose(s1.signal, s2.signal, rtol=1e-3, atol=1e-4)
+    h5ls = shutil.which("h5ls")
+    if h5ls:
+        listing = subprocess.run([h5ls, "-r", str(run / "errors.h5")], capture_output=True, text=True).stdout
+        assert "/nodes/node0000" in listing and "External Link" in listing
+    t1, t2 = (json.loads((d / "thresholds.json").read_text()) for d in (single, run))
+    assert t1["nodes"] == pytest.approx(t2["nodes"], rel=1e-3)
 
 
 def test_ranks_with_empty_shards_and_a_mismatched_world(tmp_path, slurm_env):
@@ -146,3 +161,46 @@ def test_threshold_fit_under_srun_mpi_pmi2(tmp_path, slurm_env):
     assert p.returncode == 0, p.stderr[-3000:]
     assert (run / "threshold-rank1.log").exists()
     assert json.loads((run / "thresholds.json").read_text())["cluster"] == pytest.approx(single["cluster"])
+
+
+def _job_state(job: str, env) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True).stdout
+    m = __import__("re").search(r"JobState=(\w+)", out)
+    return m.group(1) if m else "GONE"
+
+
+def test_requeued_job_skips_finished_nodes_and_ends_with_the_same_result(tmp_path, slurm_env):
+    import time
+
+    exports = tmp_path / "exports"
+    hpcad("generate", f"generate.out={exports}", "data.synthetic.nodes=8", "data.synthetic.rows=1500",
+          f"hydra.run.dir={tmp_path / 'g'}")
+    args = [f"data.source={exports}", "train.epochs=15", "train.patience=20", "train.max_nodes_per_chunk=1",
+            "train.progress=false", "baselines.methods=[]", "report.enabled=false"]
+    run = tmp_path / "run"
+    env = dict(slurm_env, HPCAD_RUN_DIR=str(run))
+    sub = subprocess.run(["sbatch", "--parsable", "--ntasks-per-node=2", "-o", str(tmp_path / "job-%j.out"),
+                          str(ROOT / "slurm" / "train_all_nodes.sh"), *args], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, check=True)
+    job = sub.stdout.strip().split(";")[0]
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list((run / "models").glob("node*.pt"))) < 2:
+        time.sleep(0.2)
+    done_before = {p.name: p.stat().st_mtime_ns for p in (run / "models").glob("node*.pt")}
+    assert 0 < len(done_before) < 8, "job finished before it could be interrupted"
+    subprocess.run(["scontrol", "requeue", job], env=env, check=True)  # as on preemption or the USR1 trap
+    subprocess.run(["scontrol", "update", f"jobid={job}", "starttime=now"], env=env)
+    while time.time() < deadline and _job_state(job, env) not in ("COMPLETED", "FAILED", "GONE"):
+        time.sleep(1)
+    assert _job_state(job, env) == "COMPLETED", (tmp_path / f"job-{job}.out").read_text()[-3000:]
+    after = {p.name: p.stat().st_mtime_ns for p in (run / "models").glob("node*.pt")}
+    assert len(after) == 8
+    assert all(after[n] == t for n, t in done_before.items())  # finished nodes were not retrained
+    logs = " ".join(p.read_text() for p in run.glob("train-rank*.log"))
+    assert "already have a model" in logs
+    single = tmp_path / "single"
+    hpcad("train", f"hydra.run.dir={single}", *args)
+    a, b = _models(single), _models(run)
+    for name in a:
+        for x, y in zip(a[name], b[name]):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Score telemetry with the per-node models of an earlier training run, across a SLURM allocation:
+#
+#   sbatch -p <partition> -A <account> slurm/score_all_nodes.sh train_run=runs/train-1234 data.source=/exports/today
+#
+# Arguments are Hydra overrides for hpcad; `train_run` is required. Each rank scores its share of the
+# nodes; thresholds are fitted across ranks with MPI when mpi4py is installed (labelled data) or
+# taken from train_run (unlabelled data); then the report. Outputs: $HPCAD_RUN_DIR
+# (default runs/score-<jobid>). Site set-up through HPCAD_ENV as in train_all_nodes.sh.
+#
+#SBATCH --job-name=hpcad-score
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=4
+#SBATCH --gpus-per-node=4
+#SBATCH --cpus-per-task=8
+#SBATCH --time=00:30:00
+#SBATCH --requeue
+#SBATCH --output=hpcad-score-%j.out
+set -euo pipefail
+if [ -n "${HPCAD_ENV:-}" ]; then
+  # shellcheck disable=SC1090
+  source "$HPCAD_ENV"
+fi
+command -v hpcad >/dev/null || { echo "score_all_nodes: hpcad not on PATH (set HPCAD_ENV)" >&2; exit 2; }
+case " $* " in *" train_run="*) ;; *) echo "score_all_nodes: give train_run=RUN_FOLDER" >&2; exit 2 ;; esac
+
+RUN_DIR=${HPCAD_RUN_DIR:-runs/score-${SLURM_JOB_ID:-local}}
+mkdir -p "$RUN_DIR"
+export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
+export HPCAD_WORLD_SIZE=${SLURM_NTASKS:-1}
+# sbatch runs a spooled copy of this script: find the original (and score_steps.sh beside it).
+here=$(scontrol show job "${SLURM_JOB_ID:-0}" 2>/dev/null | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')
+source "$(dirname "${here:-${BASH_SOURCE[0]}}")/score_steps.sh"
+score_steps "$RUN_DIR" "$@"
+echo "score_all_nodes: done; report at ${RUN_DIR}/report.html"
