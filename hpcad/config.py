@@ -164,6 +164,7 @@ class AutoencoderConfig:
     _target_: str = "hpcad.model.autoencoder.AutoencoderSpec"
     hidden: list[int] = field(default_factory=lambda: [64])  # encoder widths; the last one is the code
     code_l1: float = 0.0  # L1 sparsity penalty on the code (the lecture's alternative to a bottleneck)
+    scope: str = "node"  # node: one model per monitored node | fleet: one model over all nodes (DDP)
 
 
 @dataclass

@@ -60,8 +60,14 @@ def stage_train(cfg, run_dir: Path) -> dict:
     if cfg.train_run:
         raise ConfigError("train_run is set: this run scores with existing models; drop it to train")
     w = dist.world()
+    fleet = cfg.model.get("scope", "node") == "fleet"
     if not w.distributed:
-        return train_nodes(cfg, stage_ingest(cfg, run_dir), run_dir / "models")
+        store = stage_ingest(cfg, run_dir)
+        if fleet:
+            from hpcad.fleet import train_fleet
+
+            return train_fleet(cfg, store, run_dir / "models", store.nodes, resolve_device(cfg.train.device))
+        return train_nodes(cfg, store, run_dir / "models")
     device = resolve_device(cfg.train.device, w.local_rank)
     dist.init(device)
     try:
@@ -71,7 +77,12 @@ def stage_train(cfg, run_dir: Path) -> dict:
         store = stage_ingest(cfg, run_dir)
         mine = dist.shard({n: store.rows(n) for n in store.nodes}, w.size)[w.rank]
         log.info("rank %d of %d: %d of %d nodes", w.rank, w.size, len(mine), len(store.nodes))
-        out = train_nodes(cfg, store, run_dir / "models", mine, device, f"training-rank{w.rank}.json")
+        if fleet:
+            from hpcad.fleet import train_fleet
+
+            out = train_fleet(cfg, store, run_dir / "models", mine, device, w.rank)
+        else:
+            out = train_nodes(cfg, store, run_dir / "models", mine, device, f"training-rank{w.rank}.json")
         out.update(rank=w.rank, world_size=w.size, nodes=len(store.nodes))
         dist.barrier()
         return out

@@ -34,7 +34,10 @@ def prepare_training_rows(store: TelemetryStore, node: str, cfg) -> tuple[np.nda
 
 
 def model_spec(cfg) -> AutoencoderSpec:
-    spec = instantiate(cfg.model, _convert_="all")
+    try:
+        spec = instantiate(cfg.model, _convert_="all")
+    except Exception as exc:  # hydra wraps the spec's own ValueError
+        raise ConfigError(str(exc.__cause__ or exc)) from exc
     if not isinstance(spec, AutoencoderSpec):
         raise ConfigError(f"model._target_={cfg.model._target_}: the trainer needs an AutoencoderSpec")
     return spec

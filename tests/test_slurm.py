@@ -204,3 +204,21 @@ def test_requeued_job_skips_finished_nodes_and_ends_with_the_same_result(tmp_pat
     for name in a:
         for x, y in zip(a[name], b[name]):
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+
+
+def test_fleet_model_trains_with_ddp_on_two_gloo_ranks(tmp_path, slurm_env):
+    exports = _small_exports(tmp_path, nodes=5)
+    run = tmp_path / "fleet"
+    p = subprocess.run(["srun", "-N1", "-n2", *_hpcad_cmd(), "train", "model.scope=fleet", f"data.source={exports}",
+                        f"hydra.run.dir={run}", "train.epochs=3", "train.progress=false"],
+                       env=slurm_env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    models = _models(run)
+    assert len(models) == 5
+    first = next(iter(models.values()))
+    for params in models.values():  # nodes of both ranks carry the same, all-reduced weights
+        assert all(torch.equal(x, y) for x, y in zip(first, params))
+    hist = torch.load(run / "models" / "node0000.pt", weights_only=True)["history"]
+    assert hist["scope"] == "fleet" and hist["val_loss"][-1] < hist["val_loss"][0]
+    bad = hpcad("train", "model.scope=galaxy", f"hydra.run.dir={tmp_path / 'bad'}", check=False)
+    assert bad.returncode == 2 and "model.scope='galaxy'" in bad.stderr

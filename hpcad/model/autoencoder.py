@@ -17,8 +17,11 @@ import torch
 class AutoencoderSpec:
     hidden: list[int] = field(default_factory=lambda: [64])
     code_l1: float = 0.0
+    scope: str = "node"  # node: one model per monitored node | fleet: one shared model (hpcad/fleet.py)
 
     def __post_init__(self) -> None:
+        if self.scope not in ("node", "fleet"):
+            raise ValueError(f"model.scope={self.scope!r}: node or fleet")
         self.hidden = [int(h) for h in self.hidden]
         if not self.hidden or any(h <= 0 for h in self.hidden):
             raise ValueError(f"model.hidden={self.hidden}: need at least one positive width")
