@@ -33,6 +33,7 @@ class DataConfig:
     label_column: str = "anomaly"
     sort_timestamps: bool = False  # unsorted timestamps are an error unless this is true
     ignore_columns: list[str] = field(default_factory=list)  # non-metric columns to drop (else: error)
+    on_bad_node: str = "error"  # error: stop, write nothing | skip: log and record the node, ingest the rest
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 

@@ -121,6 +121,14 @@ def write_report(cfg, run_dir: Path, errors: ErrorStore, models_dir: Path) -> Pa
     parts = [f"<h1>hpcad report</h1><p>run folder: <code>{html.escape(str(run_dir))}</code>; "
              f"{len(errors.nodes)} nodes, {len(errors.metrics)} metrics; threshold rule <b>{th.rule}</b> "
              f"({th.scope} scope); {len(alarms)} alarm events.</p>"]
+    store_path = run_dir / "store.h5"
+    if store_path.exists():
+        from hpcad.data.store import TelemetryStore
+
+        skipped = TelemetryStore(store_path).skipped
+        if skipped:
+            parts.append(f"<h2>Skipped nodes ({len(skipped)})</h2><p>Bad input; these nodes were not scored.</p>"
+                         + _table(skipped, ["node", "reason"]))
     if metrics:
         rows = []
         for name, res in [("autoencoder", metrics)] + [(k, v) for k, v in metrics["baselines"].items()]:

@@ -31,5 +31,5 @@ export HPCAD_WORLD_SIZE=${SLURM_NTASKS:-1}
 # sbatch runs a spooled copy of this script: find the original (and score_steps.sh beside it).
 here=$(scontrol show job "${SLURM_JOB_ID:-0}" 2>/dev/null | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')
 source "$(dirname "${here:-${BASH_SOURCE[0]}}")/score_steps.sh"
-score_steps "$RUN_DIR" "$@"
+score_steps "$RUN_DIR" data.on_bad_node=skip "$@"
 echo "score_all_nodes: done; report at ${RUN_DIR}/report.html"

@@ -157,7 +157,19 @@ def source_signature(source: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _iter_directory(source: Path, conv: FrameConverter) -> Iterator[NodeData]:
+def _guarded(make, node: str, skipped: list | None) -> NodeData | None:
+    """Build one node's data; with ``data.on_bad_node=skip`` a bad node is logged and recorded."""
+    try:
+        return make()
+    except InputError as exc:
+        if skipped is None:
+            raise
+        log.error("skipping node %s: %s", node, exc)
+        skipped.append([node, str(exc)])
+        return None
+
+
+def _iter_directory(source: Path, conv: FrameConverter, skipped: list | None = None) -> Iterator[NodeData]:
     files = sorted(p for p in source.iterdir() if _is_table(p))
     if not files:
         raise InputError(f"{source}: no *.csv or *.parquet files in the directory")
@@ -167,10 +179,13 @@ def _iter_directory(source: Path, conv: FrameConverter) -> Iterator[NodeData]:
         raise InputError(f"{source}: several files for nodes {sorted(dup)} (e.g. both CSV and Parquet)")
     for path, node in zip(files, stems):
         check_node_name(node, str(path))
-        yield conv(_read_table(path), node, str(path))
+        nd = _guarded(lambda: conv(_read_table(path), node, str(path)), node, skipped)
+        if nd is not None:
+            yield nd
 
 
-def _iter_single_file(source: Path, conv: FrameConverter, scratch_dir: Path) -> Iterator[NodeData]:
+def _iter_single_file(source: Path, conv: FrameConverter, scratch_dir: Path,
+                      skipped: list | None = None) -> Iterator[NodeData]:
     """Stage rows per node in a scratch HDF5 file chunk by chunk, then convert node by node.
 
     Memory holds one input chunk or one node, never the whole file.
@@ -207,7 +222,10 @@ def _iter_single_file(source: Path, conv: FrameConverter, scratch_dir: Path) -> 
             raise InputError(f"{source}: the file holds no rows")
         with h5py.File(scratch, "r") as f:
             for node in sorted(f.keys()):
-                yield conv(pd.DataFrame(f[node][()], columns=columns), node, str(source))
+                nd = _guarded(lambda: conv(pd.DataFrame(f[node][()], columns=columns), node, str(source)),
+                              node, skipped)
+                if nd is not None:
+                    yield nd
     finally:
         Path(scratch).unlink(missing_ok=True)
 
@@ -238,10 +256,14 @@ def ingest(data_cfg, store_path: Path) -> Path:
         log.info("store %s is up to date with %s", store_path, src)
         return store_path
     conv = FrameConverter(data_cfg)
+    policy = getattr(data_cfg, "on_bad_node", "error")
+    if policy not in ("error", "skip"):
+        raise InputError(f"data.on_bad_node={policy!r}: error or skip")
+    skipped: list | None = [] if policy == "skip" else None
     if src.is_dir():
-        stream = _iter_directory(src, conv)
+        stream = _iter_directory(src, conv, skipped)
     elif _is_table(src):
-        stream = _iter_single_file(src, conv, store_path.parent)
+        stream = _iter_single_file(src, conv, store_path.parent, skipped)
     else:
         raise InputError(f"data.source: {src} is not a directory, CSV/Parquet file or .h5 store")
     store_path.parent.mkdir(parents=True, exist_ok=True)
@@ -257,8 +279,11 @@ def ingest(data_cfg, store_path: Path) -> Path:
     first = next(gen, None)
     if first is None:
         raise InputError(f"{src}: no nodes found")
-    n = write_store(store_path, metrics_box, _chain(first, gen), str(src), signature=sig)
+    n = write_store(store_path, metrics_box, _chain(first, gen), str(src), signature=sig, skipped=skipped)
     log.info("ingested %d nodes from %s -> %s", n, src, store_path)
+    if skipped:
+        log.error("%d node(s) skipped for bad input (recorded in the store and the report): %s",
+                  len(skipped), ", ".join(n for n, _ in skipped))
     return store_path
 
 

@@ -12,6 +12,7 @@ Writers stream node by node; readers load one node at a time.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -64,7 +65,8 @@ def write_node(f: h5py.File, node: NodeData, source: str = "") -> None:
 
 
 def write_store(path: str | os.PathLike[str], metrics: list[str], nodes: Iterable[NodeData],
-                source: str, node_source: dict[str, str] | None = None, signature: str = "") -> int:
+                source: str, node_source: dict[str, str] | None = None, signature: str = "",
+                skipped: list | None = None) -> int:
     """Write a store atomically from a stream of nodes; returns the number of nodes written."""
     n = 0
     with atomic_path(path) as tmp:
@@ -79,7 +81,8 @@ def write_store(path: str | os.PathLike[str], metrics: list[str], nodes: Iterabl
                 write_node(f, node, (node_source or {}).get(node.name, str(source)))
                 n += 1
             if n == 0:
-                raise InputError(f"{source}: no nodes found")
+                raise InputError(f"{source}: no usable node" + (f" ({len(skipped)} skipped)" if skipped else ""))
+            f.attrs["skipped_nodes"] = json.dumps(skipped or [])  # [[node, reason], ...], filled while streaming
     return n
 
 
@@ -100,6 +103,7 @@ class TelemetryStore:
             self.has_labels = any(bool(f["nodes"][n].attrs["has_labels"]) for n in self.nodes)
             self.source = str(f.attrs.get("source", ""))
             self.signature = str(f.attrs.get("source_signature", ""))
+            self.skipped: list[list[str]] = json.loads(f.attrs.get("skipped_nodes", "[]"))
 
     def rows(self, node: str) -> int:
         return self._rows[node]
