@@ -16,6 +16,7 @@
 #SBATCH --time=00:30:00
 #SBATCH --requeue
 #SBATCH --output=hpcad-score-%j.out
+#SBATCH --open-mode=append
 set -euo pipefail
 if [ -n "${HPCAD_ENV:-}" ]; then
   # shellcheck disable=SC1090

@@ -21,6 +21,7 @@
 #SBATCH --requeue
 #SBATCH --signal=B:USR1@300
 #SBATCH --output=hpcad-train-%j.out
+#SBATCH --open-mode=append
 set -euo pipefail
 
 # Site set-up: modules or a virtualenv. HPCAD_ENV names a file to source (e.g. one that runs

@@ -188,7 +188,10 @@ def test_requeued_job_skips_finished_nodes_and_ends_with_the_same_result(tmp_pat
         time.sleep(0.2)
     done_before = {p.name: p.stat().st_mtime_ns for p in (run / "models").glob("node*.pt")}
     assert 0 < len(done_before) < 8, "job finished before it could be interrupted"
-    subprocess.run(["scontrol", "requeue", job], env=env, check=True)  # as on preemption or the USR1 trap
+    # The pre-timeout signal (--signal=B:USR1@300) sent now: the script's trap requeues the job.
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=env, check=True)
+    while time.time() < deadline and _job_state(job, env) in ("RUNNING", "COMPLETING", "CONFIGURING"):
+        time.sleep(0.2)
     subprocess.run(["scontrol", "update", f"jobid={job}", "starttime=now"], env=env)
     while time.time() < deadline and _job_state(job, env) not in ("COMPLETED", "FAILED", "GONE"):
         time.sleep(1)
@@ -198,6 +201,7 @@ def test_requeued_job_skips_finished_nodes_and_ends_with_the_same_result(tmp_pat
     assert all(after[n] == t for n, t in done_before.items())  # finished nodes were not retrained
     logs = " ".join(p.read_text() for p in run.glob("train-rank*.log"))
     assert "already have a model" in logs
+    assert "requeueing job" in (tmp_path / f"job-{job}.out").read_text()  # the USR1 trap did it
     single = tmp_path / "single"
     hpcad("train", f"hydra.run.dir={single}", *args)
     a, b = _models(single), _models(run)
@@ -222,3 +226,21 @@ def test_fleet_model_trains_with_ddp_on_two_gloo_ranks(tmp_path, slurm_env):
     assert hist["scope"] == "fleet" and hist["val_loss"][-1] < hist["val_loss"][0]
     bad = hpcad("train", "model.scope=galaxy", f"hydra.run.dir={tmp_path / 'bad'}", check=False)
     assert bad.returncode == 2 and "model.scope='galaxy'" in bad.stderr
+
+
+def test_score_all_nodes_scores_new_data_with_trained_models(tmp_path, slurm_env):
+    exports = _small_exports(tmp_path)
+    train = tmp_path / "train"
+    hpcad("train", f"data.source={exports}", f"hydra.run.dir={train}", "train.epochs=1", "train.progress=false")
+    run = tmp_path / "scored"
+    job = subprocess.run(["sbatch", "--wait", "-o", str(tmp_path / "score.out"), str(ROOT / "slurm" / "score_all_nodes.sh"),
+                          f"train_run={train}", f"data.source={exports}", "train.progress=false", "baselines.methods=[]"],
+                         cwd=tmp_path, env=dict(slurm_env, HPCAD_RUN_DIR=str(run)), capture_output=True, text=True,
+                         timeout=600)
+    assert job.returncode == 0, (tmp_path / "score.out").read_text()[-3000:]
+    assert len(list(run.glob("errors-rank*.h5"))) == 4 and (run / "report.html").exists()
+    assert not (run / "models").exists()
+    no_run = subprocess.run(["sbatch", "--wait", "-o", str(tmp_path / "bad.out"), str(ROOT / "slurm" / "score_all_nodes.sh"),
+                             f"data.source={exports}"], cwd=tmp_path, env=slurm_env, capture_output=True, text=True,
+                            timeout=300)
+    assert no_run.returncode != 0 and "train_run=" in (tmp_path / "bad.out").read_text()
