@@ -7,9 +7,12 @@ up to date and nodes that already have a model.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -55,58 +58,59 @@ def stage_ingest(cfg, run_dir: Path) -> TelemetryStore:
     return TelemetryStore(ingest(cfg.data, run_dir / "store.h5"))
 
 
-def stage_train(cfg, run_dir: Path) -> dict:
-    """Train every node's model; under srun/torchrun each rank trains its balanced share of nodes."""
-    if cfg.train_run:
-        raise ConfigError("train_run is set: this run scores with existing models; drop it to train")
+@contextmanager
+def ranked_share(cfg, run_dir: Path) -> Iterator[tuple[dist.World, torch.device, TelemetryStore, list[str]]]:
+    """This process's rank, device, the store and its share of the nodes (all of them in one process).
+
+    Across ranks: rank 0 ingests while the others wait (one writer per file), the nodes are split
+    balanced by rows, and the process group is torn down on the way out.
+    """
     w = dist.world()
-    fleet = cfg.model.get("scope", "node") == "fleet"
+    device = resolve_device(cfg.train.device, w.local_rank)
     if not w.distributed:
         store = stage_ingest(cfg, run_dir)
-        if fleet:
-            from hpcad.fleet import train_fleet
-
-            return train_fleet(cfg, store, run_dir / "models", store.nodes, resolve_device(cfg.train.device))
-        return train_nodes(cfg, store, run_dir / "models")
-    device = resolve_device(cfg.train.device, w.local_rank)
-    dist.init(device)
-    try:
-        if w.rank == 0:  # one writer for the store; the others wait for it
-            stage_ingest(cfg, run_dir)
-        dist.barrier()
-        store = stage_ingest(cfg, run_dir)
-        mine = dist.shard({n: store.rows(n) for n in store.nodes}, w.size)[w.rank]
-        log.info("rank %d of %d: %d of %d nodes", w.rank, w.size, len(mine), len(store.nodes))
-        if fleet:
-            from hpcad.fleet import train_fleet
-
-            out = train_fleet(cfg, store, run_dir / "models", mine, device, w.rank)
-        else:
-            out = train_nodes(cfg, store, run_dir / "models", mine, device, f"training-rank{w.rank}.json")
-        out.update(rank=w.rank, world_size=w.size, nodes=len(store.nodes))
-        dist.barrier()
-        return out
-    finally:
-        dist.finish()
-
-
-def stage_score(cfg, run_dir: Path) -> Path:
-    """Score every node; under srun/torchrun each rank writes ``errors-rank<r>.h5`` for its share and
-    rank 0 then writes ``errors.h5`` as an index of external links (one writer per file)."""
-    out = run_dir / "errors.h5"
-    w = dist.world()
-    if not w.distributed:
-        score_nodes(cfg, stage_ingest(cfg, run_dir), models_dir(cfg, run_dir), out)
-        return out
-    device = resolve_device(cfg.train.device, w.local_rank)
+        yield w, device, store, list(store.nodes)
+        return
     dist.init(device)
     try:
         if w.rank == 0:
             stage_ingest(cfg, run_dir)
         dist.barrier()
         store = stage_ingest(cfg, run_dir)
-        parts = [run_dir / f"errors-rank{r}.h5" for r in range(w.size)]
         mine = dist.shard({n: store.rows(n) for n in store.nodes}, w.size)[w.rank]
+        log.info("rank %d of %d: %d of %d nodes", w.rank, w.size, len(mine), len(store.nodes))
+        yield w, device, store, mine
+    finally:
+        dist.finish()
+
+
+def stage_train(cfg, run_dir: Path) -> dict:
+    """Train every node's model; under srun/torchrun each rank trains its balanced share of nodes."""
+    if cfg.train_run:
+        raise ConfigError("train_run is set: this run scores with existing models; drop it to train")
+    with ranked_share(cfg, run_dir) as (w, device, store, mine):
+        if cfg.model.get("scope", "node") == "fleet":
+            from hpcad.fleet import train_fleet
+
+            out = train_fleet(cfg, store, run_dir / "models", mine, device, w.rank)
+        else:
+            name = f"training-rank{w.rank}.json" if w.distributed else "training.json"
+            out = train_nodes(cfg, store, run_dir / "models", mine, device, name)
+        if w.distributed:
+            out.update(rank=w.rank, world_size=w.size, nodes=len(store.nodes))
+            dist.barrier()
+        return out
+
+
+def stage_score(cfg, run_dir: Path) -> Path:
+    """Score every node; under srun/torchrun each rank writes ``errors-rank<r>.h5`` for its share and
+    rank 0 then writes ``errors.h5`` as an index of external links (one writer per file)."""
+    out = run_dir / "errors.h5"
+    with ranked_share(cfg, run_dir) as (w, device, store, mine):
+        if not w.distributed:
+            score_nodes(cfg, store, models_dir(cfg, run_dir), out, mine, device)
+            return out
+        parts = [run_dir / f"errors-rank{r}.h5" for r in range(w.size)]
         score_nodes(cfg, store, models_dir(cfg, run_dir), parts[w.rank], mine, device)
         dist.barrier()
         if w.rank == 0:
@@ -114,8 +118,6 @@ def stage_score(cfg, run_dir: Path) -> Path:
                                                    "store": str(store.path), "models": str(models_dir(cfg, run_dir))})
         dist.barrier()
         return out
-    finally:
-        dist.finish()
 
 
 def stage_baselines(cfg, run_dir: Path) -> dict:
