@@ -30,6 +30,7 @@ from hpcad.errors import ConfigError
 from hpcad.model.autoencoder import AutoencoderSpec
 from hpcad.model.ensemble import chunk_size, default_chunk_cap, node_seed, train_ensemble
 from hpcad.preprocess import Scaler
+from hpcad.train import model_spec
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def _sync(device: torch.device) -> None:
 def bench_train(cfg, run_dir: Path) -> dict:
     b = cfg.bench
     device = resolve_device(b.device)
-    spec = AutoencoderSpec(**{"hidden": list(cfg.model.hidden), "code_l1": float(cfg.model.code_l1)})
+    spec = model_spec(cfg)
     tc = SimpleNamespace(**{**dict(cfg.train), "epochs": int(b.epochs), "patience": int(b.epochs) + 1,
                             "restore_best": True})
     t0 = time.perf_counter()
@@ -158,7 +159,7 @@ def bench_score(cfg, run_dir: Path) -> dict:
     b = cfg.bench
     if b.metrics != 160:
         raise ConfigError("bench.mode=score uses the synthetic cluster's 160 metrics: set bench.metrics=160")
-    spec = AutoencoderSpec(**{"hidden": list(cfg.model.hidden), "code_l1": float(cfg.model.code_l1)})
+    spec = model_spec(cfg)
     pool = [generate_node(f"p{i}", b.rows, seed=b.seed) for i in range(min(b.pool, b.nodes))]
     names = [f"node{i:05d}" for i in range(b.nodes)]
     store_path = run_dir / "bench_store.h5"

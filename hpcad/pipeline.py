@@ -162,8 +162,9 @@ def stage_threshold(cfg, run_dir: Path) -> dict:
         log.info("unlabelled data: using the thresholds fitted by %s", tr)
     else:
         th = rule.fit(mine, red)
-    if red.rank != 0 or dist.world().rank != 0:  # one writer, also when ranks run without MPI
-        return {"thresholds": th.to_dict(), "rank": max(red.rank, dist.world().rank)}
+    rank = max(red.rank, dist.world().rank)  # one writer, also when ranks run without MPI
+    if rank != 0:
+        return {"thresholds": th.to_dict(), "rank": rank}
     write_json(run_dir / "thresholds.json", th.to_dict())
     cm = rule.cost_model
     time_unit = _time_unit(cfg, run_dir)
@@ -190,7 +191,7 @@ def stage_threshold(cfg, run_dir: Path) -> dict:
 
 def _time_unit(cfg, run_dir: Path) -> str:
     store = stage_ingest(cfg, run_dir)
-    return store.read(store.nodes[0]).time_unit if store.nodes else "s"
+    return store.time_unit(store.nodes[0]) if store.nodes else "s"
 
 
 def stage_report(cfg, run_dir: Path) -> Path | None:

@@ -10,6 +10,7 @@ Accepted ``data.source`` (docs/data.md):
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import tempfile
@@ -267,29 +268,16 @@ def ingest(data_cfg, store_path: Path) -> Path:
     else:
         raise InputError(f"data.source: {src} is not a directory, CSV/Parquet file or .h5 store")
     store_path.parent.mkdir(parents=True, exist_ok=True)
-    metrics_box: list[str] = []
-
-    def counted() -> Iterator[NodeData]:
-        for node in stream:
-            metrics_box[:] = conv.metrics or []
-            yield node
-
-    # The metric list is known after the first node; write_store takes it lazily through a peek.
-    gen = counted()
-    first = next(gen, None)
+    first = next(stream, None)  # the first node fixes the metric list the store is written with
     if first is None:
         raise InputError(f"{src}: no nodes found")
-    n = write_store(store_path, metrics_box, _chain(first, gen), str(src), signature=sig, skipped=skipped)
+    n = write_store(store_path, list(conv.metrics or []), itertools.chain([first], stream), str(src),
+                    signature=sig, skipped=skipped)
     log.info("ingested %d nodes from %s -> %s", n, src, store_path)
     if skipped:
         log.error("%d node(s) skipped for bad input (recorded in the store and the report): %s",
                   len(skipped), ", ".join(n for n, _ in skipped))
     return store_path
-
-
-def _chain(first: NodeData, rest: Iterator[NodeData]) -> Iterator[NodeData]:
-    yield first
-    yield from rest
 
 
 def _up_to_date(store_path: Path, signature: str) -> bool:

@@ -120,6 +120,11 @@ class TelemetryStore:
         except (OSError, KeyError) as exc:
             raise StoreError(f"{self.path}: node {node}: cannot read (corrupt file?): {exc}") from exc
 
+    def time_unit(self, node: str) -> str:
+        """"s" (epoch seconds) or "row" (the input had no timestamps), without reading the data."""
+        with open_h5(self.path) as f:
+            return str(f["nodes"][node]["timestamp"].attrs.get("time_unit", "s"))
+
     def iter_nodes(self, nodes: Iterable[str] | None = None) -> Iterator[NodeData]:
         for n in (self.nodes if nodes is None else nodes):
             yield self.read(n)
