@@ -192,7 +192,9 @@ def test_requeued_job_skips_finished_nodes_and_ends_with_the_same_result(tmp_pat
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=env, check=True)
     while time.time() < deadline and _job_state(job, env) in ("RUNNING", "COMPLETING", "CONFIGURING"):
         time.sleep(0.2)
-    subprocess.run(["scontrol", "update", f"jobid={job}", "starttime=now"], env=env)
+    # Start it again soon, but not within the same second: SLURM revokes the old launch credential
+    # and kills a batch job relaunched in the second it was requeued ("Job credential revoked").
+    subprocess.run(["scontrol", "update", f"jobid={job}", "starttime=now+3"], env=env)
     while time.time() < deadline and _job_state(job, env) not in ("COMPLETED", "FAILED", "GONE"):
         time.sleep(1)
     assert _job_state(job, env) == "COMPLETED", (tmp_path / f"job-{job}.out").read_text()[-3000:]
