@@ -39,7 +39,8 @@ def baseline_signals(method: str, cfg, fit_store: TelemetryStore, eval_store: Te
             raise ConfigError(f"baseline {method}: node {node} has no training data in {fit_store.path}")
         fit_nd = fit_store.read(node)
         codes = split_codes(fit_nd, cfg.split) if fit_store is eval_store else _train_codes(fit_nd, cfg)
-        vals = fill_gaps(fit_nd.values, cfg.preprocess.nan_fill_limit)[training_rows(fit_nd, codes, cfg.split.normal_only)]
+        rows = training_rows(fit_nd, codes, cfg.split.normal_only, cfg.split.exclude_idle)
+        vals = fill_gaps(fit_nd.values, cfg.preprocess.nan_fill_limit)[rows]
         scaler = Scaler.fit(vals, cfg.preprocess, where=f"node {node}")
         z = scaler.transform(vals)[0]
         if len(z) > cfg.baselines.max_train_rows:

@@ -28,9 +28,19 @@ class SyntheticConfig:
 @dataclass
 class DataConfig:
     source: Optional[str] = None  # directory, CSV/Parquet file, or hpcad HDF5 store; None = synthetic
+    format: str = "wide"  # wide: a row per (node, time) | ldms: LDMS CSV store | long: (time, node, metric, value)
     node_column: str = "node"
     timestamp_column: str = "timestamp"
     label_column: str = "anomaly"
+    metric_column: str = "metric"  # long format only
+    value_column: str = "value"  # long format only
+    period_s: int = 300  # ldms/long: grid period (mean per period)
+    timezone: str = "UTC"  # zone of naive timestamps (ISO without offset, sacct times)
+    epoch_unit: str = "s"  # numeric timestamps: s | ms | us | ns
+    counters: list[str] = field(default_factory=list)  # metric names/patterns turned into per-second rates
+    jobs: Optional[str] = None  # sacct --parsable2 (JobID|NodeList|Start|End|State) or CSV: job context
+    on_missing_metric: str = "error"  # ldms/long: error | drop (a metric absent on some nodes)
+    scratch_buckets: int = 64  # ldms/long: node buckets of the out-of-core pivot (memory ~ input / buckets)
     sort_timestamps: bool = False  # unsorted timestamps are an error unless this is true
     ignore_columns: list[str] = field(default_factory=list)  # non-metric columns to drop (else: error)
     on_bad_node: str = "error"  # error: stop, write nothing | skip: log and record the node, ingest the rest
@@ -49,6 +59,7 @@ class SplitConfig:
     train: Any = 0.5
     val: Any = 0.25
     normal_only: bool = True  # train on label-0 rows only when labels exist
+    exclude_idle: bool = True  # with job context (data.jobs): train only on rows that ran a job
 
 
 @dataclass
@@ -102,14 +113,14 @@ class GenerateConfig:
     """``hpcad generate``: write the synthetic data set as files a user could have exported."""
 
     out: Optional[str] = None  # directory (cluster: one file per node) or file (davide: one CSV); None = run folder
-    format: str = "csv"  # csv | parquet
+    format: str = "csv"  # csv | parquet (wide, one file per node) | ldms | long (read back with data=ldms|long)
 
 
 @dataclass
 class BenchConfig:
     """``hpcad bench``: synthetic throughput benchmark (see docs/benchmarks.md)."""
 
-    mode: str = "train"  # train | score
+    mode: str = "train"  # train | score | ingest (long-format input of nodes x days x metrics)
     nodes: int = 64
     rows: int = 6667
     metrics: int = 159
@@ -118,6 +129,7 @@ class BenchConfig:
     naive_nodes: Optional[int] = None  # nodes timed with the naive loop: None = all, 0 = skip
     pool: int = 16  # distinct synthetic nodes, reused cyclically
     seed: int = 0
+    days: int = 30  # ingest mode: days of 5-minute samples per node
 
 
 @dataclass

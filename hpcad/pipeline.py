@@ -167,11 +167,13 @@ def stage_threshold(cfg, run_dir: Path) -> dict:
         return {"thresholds": th.to_dict(), "rank": rank}
     write_json(run_dir / "thresholds.json", th.to_dict())
     cm = rule.cost_model
-    time_unit = _time_unit(cfg, run_dir)
+    store = stage_ingest(cfg, run_dir)
+    time_unit = store.time_unit(store.nodes[0]) if store.nodes else "s"
+    jobs = store.jobs()
     records = []
     for s in source():
         records += alarm_events(s, th, errors.errors, errors.metrics, cfg.report.top_k, time_unit,
-                                merge_gap=rule.cost_model.tolerance)
+                                merge_gap=rule.cost_model.tolerance, jobs=jobs)
     write_alarms_csv(run_dir / "alarms.csv", records)
     result = {"alarms": len(records), "thresholds": th.to_dict()}
     metrics = evaluate(source(), th, cm)
@@ -187,11 +189,6 @@ def stage_threshold(cfg, run_dir: Path) -> dict:
         write_json(run_dir / "metrics.json", out)
         result["metrics"] = out
     return result
-
-
-def _time_unit(cfg, run_dir: Path) -> str:
-    store = stage_ingest(cfg, run_dir)
-    return store.time_unit(store.nodes[0]) if store.nodes else "s"
 
 
 def stage_report(cfg, run_dir: Path) -> Path | None:

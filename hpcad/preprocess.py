@@ -61,11 +61,18 @@ def split_codes(node: NodeData, split_cfg) -> np.ndarray:
     return codes
 
 
-def training_rows(node: NodeData, codes: np.ndarray, normal_only: bool) -> np.ndarray:
-    """Boolean mask of the rows a model trains on (training split, normal rows if labelled)."""
+def training_rows(node: NodeData, codes: np.ndarray, normal_only: bool, exclude_idle: bool = False) -> np.ndarray:
+    """Boolean mask of the rows a model trains on: training split, normal rows if labelled, and rows
+    that ran a job if the store has job context and ``exclude_idle`` (the lecture dropped idle time)."""
     mask = codes == TRAIN
     if normal_only and node.labels is not None:
         mask &= node.labels == 0
+    if exclude_idle and node.job is not None:
+        busy = mask & (node.job >= 0)
+        if busy.any():
+            mask = busy
+        else:
+            log.warning("node %s: no training row ran a job; training on its idle rows", node.name)
     return mask
 
 

@@ -150,7 +150,7 @@ def write_report(cfg, run_dir: Path, errors: ErrorStore, models_dir: Path) -> Pa
         parts += [_profile_plot(c, p) for c, p in metrics["class_profiles"].items()]
     parts.append("<h2>Training</h2>" + _curves(models_dir, shown[:8]))
     if alarms:
-        cols = ["node", "start", "end", "rows", "split", "peak_score", "label_classes", "top_metrics"]
+        cols = ["node", "start", "end", "rows", "split", "peak_score", "label_classes", "top_metrics", "jobs"]
         parts.append(f"<h2>Alarms (first 100 of {len(alarms)})</h2>" +
                      _table([[a.get(c, "") for c in cols] for a in alarms[:100]], cols))
     style = ("body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;font-size:12px}"

@@ -25,7 +25,7 @@ def prepare_training_rows(store: TelemetryStore, node: str, cfg) -> tuple[np.nda
     """Standardised training rows of one node and the scaler fitted on them."""
     nd = store.read(node)
     codes = split_codes(nd, cfg.split)
-    mask = training_rows(nd, codes, cfg.split.normal_only)
+    mask = training_rows(nd, codes, cfg.split.normal_only, cfg.split.exclude_idle)
     values = fill_gaps(nd.values, cfg.preprocess.nan_fill_limit)
     train_vals = values[mask]
     scaler = Scaler.fit(train_vals, cfg.preprocess, where=f"node {node}")

@@ -1,13 +1,15 @@
 """Shared helpers: small synthetic data, and the CLI run the way a user runs it (a subprocess)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
+
+from hpcad.config import DataConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
@@ -26,11 +28,9 @@ def hpcad(*args: str, cwd: Path | None = None, check: bool = True, env: dict | N
     return proc
 
 
-def data_cfg(**kw) -> SimpleNamespace:
-    base = dict(source=None, node_column="node", timestamp_column="timestamp", label_column="anomaly",
-                sort_timestamps=False, ignore_columns=[])
-    base.update(kw)
-    return SimpleNamespace(**base)
+def data_cfg(**kw) -> DataConfig:
+    """The data config a user gets from conf/ (the dataclass defaults), with overrides."""
+    return dataclasses.replace(DataConfig(), **kw)
 
 
 @pytest.fixture

@@ -1,6 +1,10 @@
 """Ingest telemetry exports into the HDF5 store, streaming (one node, or one file chunk, at a time).
 
-Accepted ``data.source`` (docs/data.md):
+``data.format`` picks the reader: ``wide`` (below), ``ldms`` (LDMS CSV stores, hpcad.data.ldms) or
+``long`` (one row per sample, hpcad.data.longformat); the last two pivot out of core (hpcad.data.grid).
+Whatever the format, counters become rates and ``data.jobs`` adds the job per row (hpcad.data.jobs).
+
+Accepted ``data.source`` for the wide format (docs/data.md):
 - a directory of per-node ``*.csv``, ``*.csv.gz`` or ``*.parquet`` files (file stem = node name);
 - one CSV/Parquet file with a node column (read in chunks, staged per node on disk), or without
   one: a single node named after the file stem (the seed lecture's CSV);
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import logging
 import os
 import tempfile
@@ -22,62 +27,20 @@ import numpy as np
 import pandas as pd
 
 from hpcad.data import synthetic
+from hpcad.data.counters import counter_columns, to_rates
+from hpcad.data.grid import GridStager
+from hpcad.data.jobs import JobTable, read_jobs
+from hpcad.data.ldms import stage_ldms
+from hpcad.data.longformat import stage_long
 from hpcad.data.store import TelemetryStore, check_node_name, open_h5, write_store
 from hpcad.data.synthetic import NodeData
+from hpcad.data.tables import is_table as _is_table, iter_table_chunks as _iter_table_chunks
+from hpcad.data.tables import read_table as _read_table, stem as _stem
+from hpcad.data.timestamps import to_epoch_seconds
 from hpcad.errors import InputError
 
 log = logging.getLogger(__name__)
-TABLE_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq")
-CHUNK_ROWS = 200_000
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for suf in TABLE_SUFFIXES:
-        if name.lower().endswith(suf):
-            return name[: -len(suf)]
-    return path.stem
-
-
-def _is_table(path: Path) -> bool:
-    return path.is_file() and path.name.lower().endswith(TABLE_SUFFIXES)
-
-
-def _read_table(path: Path) -> pd.DataFrame:
-    try:
-        if path.name.lower().endswith((".parquet", ".pq")):
-            return pd.read_parquet(path)
-        return pd.read_csv(path)
-    except Exception as exc:  # pandas/pyarrow raise many types; name the file either way
-        raise InputError(f"{path}: cannot read table: {exc}") from exc
-
-
-def _iter_table_chunks(path: Path) -> Iterator[pd.DataFrame]:
-    try:
-        if path.name.lower().endswith((".parquet", ".pq")):
-            import pyarrow.parquet as pq
-
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=CHUNK_ROWS):
-                yield batch.to_pandas()
-        else:
-            yield from pd.read_csv(path, chunksize=CHUNK_ROWS)
-    except InputError:
-        raise
-    except Exception as exc:
-        raise InputError(f"{path}: cannot read table: {exc}") from exc
-
-
-def _parse_time(col: pd.Series, where: str, name: str) -> np.ndarray:
-    if col.isna().any():
-        raise InputError(f"{where}: column {name!r} has {int(col.isna().sum())} empty timestamps")
-    if pd.api.types.is_numeric_dtype(col):
-        return col.to_numpy(dtype=np.float64).astype(np.int64)  # epoch seconds
-    try:
-        ts = pd.to_datetime(col, utc=True, format="mixed")
-    except (ValueError, TypeError) as exc:
-        raise InputError(f"{where}: column {name!r} is neither ISO time nor epoch seconds: {exc}") from exc
-    epoch = pd.Timestamp(0, tz="UTC")
-    return ((ts - epoch) // pd.Timedelta(seconds=1)).to_numpy(dtype=np.int64)
+FORMATS = {"wide": None, "ldms": stage_ldms, "long": stage_long}
 
 
 class FrameConverter:
@@ -119,7 +82,7 @@ class FrameConverter:
             cols = [self.metrics[i] for i in np.flatnonzero(all_nan)[:10]]
             raise InputError(f"{where}: metric columns {cols} hold no value at all")
         if has_ts:
-            ts = _parse_time(df[cfg.timestamp_column], where, cfg.timestamp_column)
+            ts = to_epoch_seconds(df[cfg.timestamp_column], where, cfg.timestamp_column, cfg.timezone, cfg.epoch_unit)
             unit = "s"
         else:
             ts, unit = np.arange(len(df), dtype=np.int64), "row"
@@ -202,8 +165,9 @@ def _iter_single_file(source: Path, conv: FrameConverter, scratch_dir: Path,
                     chunk[cfg.node_column] = check_node_name(_stem(source), str(source))
                 chunk = chunk.drop(columns=[c for c in cfg.ignore_columns if c in chunk.columns])
                 if cfg.timestamp_column in chunk.columns:
-                    chunk[cfg.timestamp_column] = _parse_time(chunk[cfg.timestamp_column], str(source),
-                                                              cfg.timestamp_column)
+                    chunk[cfg.timestamp_column] = to_epoch_seconds(chunk[cfg.timestamp_column], str(source),
+                                                                     cfg.timestamp_column, cfg.timezone,
+                                                                     cfg.epoch_unit)
                 if columns is None:
                     columns = [c for c in chunk.columns if c != cfg.node_column]
                 bad = [c for c in columns if not pd.api.types.is_numeric_dtype(chunk[c])]
@@ -252,32 +216,75 @@ def ingest(data_cfg, store_path: Path) -> Path:
     src = Path(source).expanduser().resolve()
     if not src.exists():
         raise InputError(f"data.source: {src} does not exist")
-    sig = source_signature(src)
+    fmt = data_cfg.format
+    if fmt not in FORMATS:
+        raise InputError(f"data.format={fmt!r}: one of {list(FORMATS)}")
+    jobs_path = Path(data_cfg.jobs).expanduser().resolve() if data_cfg.jobs else None
+    sig = _signature(src, jobs_path, data_cfg)
     if _up_to_date(store_path, sig):
         log.info("store %s is up to date with %s", store_path, src)
         return store_path
-    conv = FrameConverter(data_cfg)
-    policy = getattr(data_cfg, "on_bad_node", "error")
+    policy = data_cfg.on_bad_node
     if policy not in ("error", "skip"):
         raise InputError(f"data.on_bad_node={policy!r}: error or skip")
+    jobs = read_jobs(jobs_path, data_cfg.timezone) if jobs_path else None
     skipped: list | None = [] if policy == "skip" else None
-    if src.is_dir():
-        stream = _iter_directory(src, conv, skipped)
-    elif _is_table(src):
-        stream = _iter_single_file(src, conv, store_path.parent, skipped)
-    else:
-        raise InputError(f"data.source: {src} is not a directory, CSV/Parquet file or .h5 store")
     store_path.parent.mkdir(parents=True, exist_ok=True)
-    first = next(stream, None)  # the first node fixes the metric list the store is written with
-    if first is None:
-        raise InputError(f"{src}: no nodes found")
-    n = write_store(store_path, list(conv.metrics or []), itertools.chain([first], stream), str(src),
-                    signature=sig, skipped=skipped)
-    log.info("ingested %d nodes from %s -> %s", n, src, store_path)
+    stager = None
+    try:
+        if fmt == "wide":
+            conv = FrameConverter(data_cfg)
+            if src.is_dir():
+                stream = _iter_directory(src, conv, skipped)
+            elif _is_table(src):
+                stream = _iter_single_file(src, conv, store_path.parent, skipped)
+            else:
+                raise InputError(f"data.source: {src} is not a directory, CSV/Parquet file or .h5 store")
+            first = next(stream, None)  # the first node fixes the metric list the store is written with
+            if first is None:
+                raise InputError(f"{src}: no nodes found")
+            metrics, stream = list(conv.metrics or []), itertools.chain([first], stream)
+        else:
+            stager = GridStager(store_path.parent, data_cfg.period_s, data_cfg.scratch_buckets,
+                                data_cfg.label_column)
+            FORMATS[fmt](src, data_cfg, stager)
+            keep = stager.metric_plan(data_cfg.on_missing_metric, str(src))
+            metrics = [stager.metric_names[c] for c in keep]
+            log.info("%s: %.4g samples of %d nodes x %d metrics staged; pivoting per node", src, stager.records,
+                     len(stager.node_names), len(metrics))
+            stream = stager.iter_nodes(keep)
+        n = write_store(store_path, metrics, _finish(stream, metrics, data_cfg, jobs), str(src),
+                        signature=sig, skipped=skipped, jobs=jobs)
+    finally:
+        if stager is not None:
+            stager.close()
+    if jobs is not None:
+        jobs.check_nodes(TelemetryStore(store_path).nodes, str(jobs_path))
+    log.info("ingested %d nodes from %s (%s format) -> %s", n, src, fmt, store_path)
     if skipped:
         log.error("%d node(s) skipped for bad input (recorded in the store and the report): %s",
                   len(skipped), ", ".join(n for n, _ in skipped))
     return store_path
+
+
+def _finish(stream: Iterator[NodeData], metrics: list[str], data_cfg, jobs: JobTable | None) -> Iterator[NodeData]:
+    """Per node, whatever the format: counters into rates, job per row."""
+    counters = counter_columns(metrics, list(data_cfg.counters))
+    for nd in stream:
+        nd = to_rates(nd, counters, metrics)
+        if jobs is not None:
+            nd.job = jobs.assign(nd)
+        yield nd
+
+
+def _signature(src: Path, jobs: Path | None, data_cfg) -> str:
+    """Input files plus every option that changes what the store holds."""
+    opts = {k: str(getattr(data_cfg, k)) for k in (
+        "format", "node_column", "timestamp_column", "label_column", "metric_column", "value_column",
+        "period_s", "timezone", "epoch_unit", "counters", "on_missing_metric", "ignore_columns",
+        "sort_timestamps", "on_bad_node")}
+    parts = [source_signature(src), source_signature(jobs) if jobs else "", json.dumps(opts, sort_keys=True)]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
 def _up_to_date(store_path: Path, signature: str) -> bool:

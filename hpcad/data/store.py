@@ -6,6 +6,8 @@
         timestamp      [T] int64 epoch seconds (attr time_unit="s"; "row" when the input had none)
         values         [T, M] float32, chunked by rows, gzip + shuffle, NaN = missing sample
         labels         [T] int8 (only when labelled): 0 normal, other integers = anomaly class
+        job            [T] int32 (only with data.jobs): row -> index into /jobs, -1 = idle
+    /jobs/             (only with data.jobs) job_id, state, nodelist [J] UTF-8; start, end [J] int64
 
 Writers stream node by node; readers load one node at a time.
 """
@@ -23,6 +25,7 @@ import numpy as np
 
 from hpcad import __version__
 from hpcad.atomic import atomic_path
+from hpcad.data.jobs import JobTable, expand_nodelist
 from hpcad.data.synthetic import NodeData
 from hpcad.errors import InputError, StoreError
 
@@ -61,12 +64,14 @@ def write_node(f: h5py.File, node: NodeData, source: str = "") -> None:
                        compression="gzip", compression_opts=4, shuffle=True)
     if node.labels is not None:
         grp.create_dataset("labels", data=node.labels.astype(np.int8), chunks=(chunk[0],), compression="gzip")
+    if node.job is not None:
+        grp.create_dataset("job", data=node.job.astype(np.int32), chunks=(chunk[0],), compression="gzip")
     grp.attrs.update(rows=T, has_labels=node.labels is not None, source=source)
 
 
 def write_store(path: str | os.PathLike[str], metrics: list[str], nodes: Iterable[NodeData],
                 source: str, node_source: dict[str, str] | None = None, signature: str = "",
-                skipped: list | None = None) -> int:
+                skipped: list | None = None, jobs: JobTable | None = None) -> int:
     """Write a store atomically from a stream of nodes; returns the number of nodes written."""
     n = 0
     with atomic_path(path) as tmp:
@@ -75,6 +80,8 @@ def write_store(path: str | os.PathLike[str], metrics: list[str], nodes: Iterabl
                            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                            hpcad_version=__version__, source_signature=signature)
             f.create_dataset("metrics", data=np.array(metrics, dtype=object), dtype=STR)
+            if jobs is not None:
+                _write_jobs(f, jobs)
             for node in nodes:
                 if node.values.shape[1] != len(metrics):
                     raise InputError(f"node {node.name}: {node.values.shape[1]} metrics, store has {len(metrics)}")
@@ -84,6 +91,14 @@ def write_store(path: str | os.PathLike[str], metrics: list[str], nodes: Iterabl
                 raise InputError(f"{source}: no usable node" + (f" ({len(skipped)} skipped)" if skipped else ""))
             f.attrs["skipped_nodes"] = json.dumps(skipped or [])  # [[node, reason], ...], filled while streaming
     return n
+
+
+def _write_jobs(f: h5py.File, jobs: JobTable) -> None:
+    g = f.create_group("jobs")
+    for name in ("job_id", "state", "nodelist"):
+        g.create_dataset(name, data=np.array(getattr(jobs, name), dtype=object), dtype=STR, compression="gzip")
+    g.create_dataset("start", data=jobs.start, compression="gzip")
+    g.create_dataset("end", data=jobs.end, compression="gzip")
 
 
 class TelemetryStore:
@@ -104,6 +119,8 @@ class TelemetryStore:
             self.source = str(f.attrs.get("source", ""))
             self.signature = str(f.attrs.get("source_signature", ""))
             self.skipped: list[list[str]] = json.loads(f.attrs.get("skipped_nodes", "[]"))
+            self.has_jobs = "jobs" in f
+        self._jobs: JobTable | None = None
 
     def rows(self, node: str) -> int:
         return self._rows[node]
@@ -116,9 +133,23 @@ class TelemetryStore:
                 g = f["nodes"][node]
                 labels = g["labels"][()] if "labels" in g else None
                 unit = g["timestamp"].attrs.get("time_unit", "s")
-                return NodeData(node, g["timestamp"][()], g["values"][()], labels, str(unit))
+                job = g["job"][()] if "job" in g else None
+                return NodeData(node, g["timestamp"][()], g["values"][()], labels, str(unit), job)
         except (OSError, KeyError) as exc:
             raise StoreError(f"{self.path}: node {node}: cannot read (corrupt file?): {exc}") from exc
+
+    def jobs(self) -> JobTable | None:
+        """The job table written from ``data.jobs`` (node lists expanded on first use), or None."""
+        if self._jobs is None and self.has_jobs:
+            with open_h5(self.path) as f:
+                g = f["jobs"]
+                text = {k: [v.decode() if isinstance(v, bytes) else v for v in g[k][()]]
+                        for k in ("job_id", "state", "nodelist")}
+                self._jobs = JobTable(text["job_id"], g["start"][()], g["end"][()], text["state"], text["nodelist"])
+            for j, nl in enumerate(self._jobs.nodelist):
+                for n in expand_nodelist(nl, str(self.path)):
+                    self._jobs.by_node.setdefault(n, []).append(j)
+        return self._jobs
 
     def time_unit(self, node: str) -> str:
         """"s" (epoch seconds) or "row" (the input had no timestamps), without reading the data."""

@@ -53,6 +53,7 @@ class NodeData:
     values: np.ndarray
     labels: np.ndarray | None
     time_unit: str = "s"  # "s": epoch seconds; "row": the input had no timestamps
+    job: np.ndarray | None = None  # [T] int32 row -> index into the store's /jobs table, -1 = idle
 
 
 def _node_rng(seed: int, name: str) -> np.random.Generator:
@@ -228,8 +229,15 @@ def write_exports(out, s, fmt: str = "csv") -> list:
     from pathlib import Path
 
     out = Path(out)
-    if fmt not in ("csv", "parquet"):
-        raise ValueError(f"generate.format={fmt!r}: csv or parquet")
+    if fmt not in ("csv", "parquet", "ldms", "long"):
+        raise ValueError(f"generate.format={fmt!r}: csv, parquet (wide), ldms or long")
+    if fmt in ("ldms", "long") and s.profile != "davide":
+        from hpcad.data import exports
+
+        nodes_all = list(generate_cluster(s.nodes, s.rows, s.seed, s.profile, s.clean_fraction, s.anomaly_fraction,
+                                          None if s.kinds is None else list(s.kinds)))
+        write = exports.write_ldms if fmt == "ldms" else exports.write_long
+        return write(nodes_all, metric_names(s.profile), out)
     nodes = generate_cluster(s.nodes, s.rows, s.seed, s.profile, s.clean_fraction, s.anomaly_fraction,
                              None if s.kinds is None else list(s.kinds))
     written = []

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from hpcad.atomic import atomic_path
+from hpcad.data.jobs import JobTable
 from hpcad.preprocess import SPLIT_NAMES
 from hpcad.score import NodeSignal
 from hpcad.threshold.cost import CostModel, Scores, runs, score_rows
@@ -41,9 +42,10 @@ def _iso(ts: int, unit: str) -> str:
 
 
 def alarm_events(s: NodeSignal, th: Thresholds, errors_of, metrics: list[str], top_k: int,
-                 time_unit: str = "s", merge_gap: int = 0) -> list[dict]:
+                 time_unit: str = "s", merge_gap: int = 0, jobs: JobTable | None = None) -> list[dict]:
     """One record per alarm (alarmed rows with gaps of at most ``merge_gap`` rows): start, end,
-    peak, and the top-k metrics by mean error over the alarmed rows."""
+    peak, the top-k metrics by mean error over the alarmed rows, and with job context the jobs
+    that ran on the node during the alarm."""
     sig = th.signal_of(s)
     t = th.threshold_for(s.node)
     out = []
@@ -61,13 +63,15 @@ def alarm_events(s: NodeSignal, th: Thresholds, errors_of, metrics: list[str], t
             mean_err = err.mean(0)
             top = np.argsort(mean_err)[::-1][:top_k]
             rec["top_metrics"] = " ".join(f"{metrics[j]}:{mean_err[j]:.3g}" for j in top)
+        if jobs is not None and time_unit == "s":
+            rec["jobs"] = " ".join(jobs.during(s.node, int(s.timestamp[a]), int(s.timestamp[b - 1])))
         out.append(rec)
     return out
 
 
 def write_alarms_csv(path: Path, records: list[dict]) -> None:
     cols = ["node", "start", "end", "rows", "split", "peak_score", "peak_time", "threshold",
-            "label_classes", "top_metrics"]
+            "label_classes", "top_metrics", "jobs"]
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
         w.writeheader()

@@ -1,0 +1,117 @@
+"""LDMS CSV store output (``store_csv``, as at Sandia/Prodigy sites) into the grid stager.
+
+One file per sampler (and per rollover period), rows of every node interleaved::
+
+    #Time,Time_usec,ProducerName,component_id,job_id,app_id,Active::meminfo,MemFree::meminfo,...
+    1736121600.002,2113,n001,1,0,0,1.2e6,3.4e7,...
+
+The header is the first line (``#``-prefixed) or a ``<file>.HEADER`` file beside it (``altheader``).
+A sampler restart writes the header again mid-file: identical repeats are skipped and counted; a
+repeat that differs (the metric set changed) is an error naming the file and line. ``Time`` plus
+``Time_usec`` give the sample time; LDMS bookkeeping columns (ProducerName, job_id, app_id, DT,
+...) are not metrics. Samplers' rows for the same node and period are merged on the grid.
+"""
+from __future__ import annotations
+
+import logging
+import mmap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from hpcad.data.grid import GridStager
+from hpcad.data.tables import CHUNK_ROWS
+from hpcad.data.timestamps import to_epoch_seconds
+from hpcad.errors import InputError
+
+log = logging.getLogger(__name__)
+BOOKKEEPING = {"Time", "Time_usec", "DT", "DT_usec", "ProducerName", "component_id", "job_id", "app_id",
+               "uid", "gid", "instance", "producer"}
+SIDE_FILES = (".HEADER", ".KIND")
+
+
+def ldms_files(source: Path) -> list[Path]:
+    if source.is_file():
+        return [source]
+    files = sorted(p for p in source.rglob("*") if p.is_file() and not p.name.startswith(".")
+                   and not p.name.endswith(SIDE_FILES))
+    if not files:
+        raise InputError(f"{source}: no LDMS CSV files below the directory")
+    return files
+
+
+def _header_line(path: Path) -> tuple[str, bool]:
+    side = path.with_name(path.name + ".HEADER")
+    src = side if side.exists() else path
+    with open(src, errors="replace") as fh:
+        line = fh.readline().rstrip("\r\n")
+    if not line.startswith("#"):
+        raise InputError(f"{src}: first line {line[:60]!r} is not an LDMS header ('#Time,Time_usec,...')")
+    return line, src is side
+
+
+def _repeated_headers(path: Path, header: str) -> int:
+    """Count header lines after the first; a different one is an error (metric set changed)."""
+    if path.stat().st_size == 0:
+        return 0
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        count, pos = 0, mm.find(b"\n#")
+        while pos >= 0:
+            end = mm.find(b"\n", pos + 1)
+            line = mm[pos + 1: end if end >= 0 else len(mm)].decode(errors="replace").rstrip("\r")
+            if line != header:
+                lineno = mm[:pos + 1].count(b"\n") + 1
+                raise InputError(f"{path}: line {lineno}: header differs from the file's first header "
+                                 f"(a sampler restarted with another metric set?); split the file there")
+            count, pos = count + 1, mm.find(b"\n#", pos + 1)
+    return count
+
+
+def stage_ldms(source: Path, cfg, stager: GridStager) -> None:
+    """Pass 1 over every LDMS file below ``source``."""
+    for path in ldms_files(source):
+        header, _ = _header_line(path)
+        cols = [c.strip() for c in header[1:].split(",")]
+        tcol, ncol = cfg.timestamp_column.lstrip("#"), cfg.node_column
+        for need, opt in ((tcol, "data.timestamp_column"), (ncol, "data.node_column")):
+            if need not in cols:
+                raise InputError(f"{path}: no column {need!r} ({opt}); the header has {cols[:8]}...")
+        skip = (BOOKKEEPING | set(cfg.ignore_columns) | {tcol, ncol})
+        metrics = [c for c in cols if c not in skip]
+        if not metrics:
+            raise InputError(f"{path}: no metric columns (all of {cols} are LDMS bookkeeping or ignored)")
+        repeats = _repeated_headers(path, header)
+        if repeats:
+            log.info("%s: skipped %d repeated header line(s) (sampler restarts)", path, repeats)
+        codes = np.array([stager.metric_code(m) for m in metrics], dtype=np.uint16)
+        try:
+            reader = pd.read_csv(path, comment="#", header=None, names=cols, chunksize=CHUNK_ROWS,
+                                 skip_blank_lines=True)
+            for chunk in reader:
+                _stage_chunk(chunk, path, cfg, tcol, ncol, metrics, codes, stager)
+        except InputError:
+            raise
+        except Exception as exc:  # pandas parser errors: ragged rows, bad quoting
+            raise InputError(f"{path}: cannot read LDMS CSV: {exc}") from exc
+
+
+def _stage_chunk(chunk: pd.DataFrame, path: Path, cfg, tcol: str, ncol: str, metrics: list[str],
+                 codes: np.ndarray, stager: GridStager) -> None:
+    where = str(path)
+    if tcol == "Time" and "Time_usec" in chunk.columns and pd.api.types.is_numeric_dtype(chunk["Time"]):
+        secs = np.floor(chunk["Time"].to_numpy(np.float64)) + chunk["Time_usec"].to_numpy(np.float64) / 1e6
+    else:
+        secs = to_epoch_seconds(chunk[tcol], where, tcol, cfg.timezone, cfg.epoch_unit, fractional=True)
+    block = chunk[metrics]
+    bad = [c for c in metrics if not pd.api.types.is_numeric_dtype(block[c])]
+    if bad:
+        c = bad[0]
+        num = pd.to_numeric(block[c], errors="coerce")
+        example = block[c][num.isna() & block[c].notna()].iloc[0]
+        raise InputError(f"{where}: non-numeric values in metric columns {bad[:10]} (e.g. {c}={example!r}); "
+                         f"fix the export or list them in data.ignore_columns")
+    nodes = stager.node_codes(chunk[ncol], where)
+    vals = block.to_numpy(dtype=np.float32)
+    n, k = vals.shape
+    stager.add(np.repeat(nodes, k), np.repeat(secs, k), np.tile(codes, n), vals.ravel())

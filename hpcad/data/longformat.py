@@ -1,0 +1,48 @@
+"""Long-format exports (ExaMon, Marconi100 ExaData): one row per (timestamp, node, metric, value).
+
+Files may be split any way (one per metric plugin and month is usual); every CSV/Parquet file
+below ``data.source`` is read in batches and fed to the grid stager, which pivots to per-node
+matrices out of core. Rows whose metric is ``data.label_column`` are labels.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from hpcad.data.grid import GridStager
+from hpcad.data.tables import iter_table_chunks, table_files
+from hpcad.data.timestamps import to_epoch_seconds
+from hpcad.errors import InputError
+
+log = logging.getLogger(__name__)
+BATCH_ROWS = 1_000_000
+
+
+def stage_long(source: Path, cfg, stager: GridStager) -> None:
+    """Pass 1 over every long-format file below ``source``."""
+    files = table_files(source)
+    need = {"data.node_column": cfg.node_column, "data.timestamp_column": cfg.timestamp_column,
+            "data.metric_column": cfg.metric_column, "data.value_column": cfg.value_column}
+    for i, path in enumerate(files):
+        where = str(path)
+        for chunk in iter_table_chunks(path, BATCH_ROWS):
+            missing = {opt: col for opt, col in need.items() if col not in chunk.columns}
+            if missing:
+                raise InputError(f"{where}: missing column(s) {missing}; the file has {list(chunk.columns)[:10]}")
+            secs = to_epoch_seconds(chunk[cfg.timestamp_column], where, cfg.timestamp_column, cfg.timezone,
+                                    cfg.epoch_unit, fractional=True)
+            raw = chunk[cfg.value_column]
+            vals = raw if pd.api.types.is_numeric_dtype(raw) else pd.to_numeric(raw, errors="coerce")
+            bad = vals.isna() & raw.notna()
+            if bad.any():
+                row = int(np.flatnonzero(bad.to_numpy())[0])
+                raise InputError(f"{where}: non-numeric value {raw.iloc[row]!r} in column {cfg.value_column!r} "
+                                 f"(metric {chunk[cfg.metric_column].iloc[row]!r}, node "
+                                 f"{chunk[cfg.node_column].iloc[row]!r})")
+            stager.add(stager.node_codes(chunk[cfg.node_column], where),
+                       secs, stager.metric_codes(chunk[cfg.metric_column], where), vals.to_numpy(np.float32))
+        log.info("long format: %d/%d files read (%s), %.3g samples staged", i + 1, len(files), path.name,
+                 stager.records)

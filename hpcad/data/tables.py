@@ -1,0 +1,61 @@
+"""Reading CSV/Parquet tables whole or in chunks, with errors that name the file."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+
+from hpcad.errors import InputError
+
+TABLE_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq")
+CHUNK_ROWS = 200_000
+
+
+def stem(path: Path) -> str:
+    """File name without its table suffix (``n001.csv.gz`` -> ``n001``)."""
+    name = path.name
+    for suf in TABLE_SUFFIXES:
+        if name.lower().endswith(suf):
+            return name[: -len(suf)]
+    return path.stem
+
+
+def is_table(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(TABLE_SUFFIXES)
+
+
+def is_parquet(path: Path) -> bool:
+    return path.name.lower().endswith((".parquet", ".pq"))
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(path) if is_parquet(path) else pd.read_csv(path)
+    except Exception as exc:  # pandas/pyarrow raise many types; name the file either way
+        raise InputError(f"{path}: cannot read table: {exc}") from exc
+
+
+def iter_table_chunks(path: Path, rows: int = CHUNK_ROWS) -> Iterator[pd.DataFrame]:
+    try:
+        if is_parquet(path):
+            import pyarrow.parquet as pq
+
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=rows):
+                yield batch.to_pandas()
+        else:
+            yield from pd.read_csv(path, chunksize=rows)
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"{path}: cannot read table: {exc}") from exc
+
+
+def table_files(source: Path) -> list[Path]:
+    """``source`` itself, or every CSV/Parquet file below it (sorted)."""
+    if source.is_file():
+        return [source]
+    files = sorted(p for p in source.rglob("*") if is_table(p))
+    if not files:
+        raise InputError(f"{source}: no *.csv, *.csv.gz or *.parquet files below the directory")
+    return files

@@ -1,0 +1,60 @@
+"""Turn timestamp columns of any export into int64 epoch seconds (UTC), with one documented policy.
+
+- numbers are epoch time in ``data.epoch_unit`` (s, ms, us or ns);
+- ISO strings or datetimes with a zone or offset are converted to UTC (offsets may differ row to
+  row, e.g. across a daylight-saving change);
+- naive strings/datetimes are wall-clock time in ``data.timezone`` (default UTC); the repeated hour
+  of a daylight-saving fall-back is resolved by row order, and if that is impossible it is an error;
+- a column that mixes naive and zoned values is an error (which zone the naive ones are in is a
+  guess hpcad does not make).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from hpcad.errors import InputError
+
+EPOCH_UNITS = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
+_ZONED = r"(?:Z|[+-]\d\d:?\d\d)$"
+
+
+def to_epoch_seconds(col: pd.Series, where: str, name: str, timezone: str = "UTC",
+                     epoch_unit: str = "s", fractional: bool = False) -> np.ndarray:
+    """Epoch seconds of a timestamp column (float64 if ``fractional``, else floored int64)."""
+    if epoch_unit not in EPOCH_UNITS:
+        raise InputError(f"data.epoch_unit={epoch_unit!r}: one of {sorted(EPOCH_UNITS)}")
+    if col.isna().any():
+        raise InputError(f"{where}: column {name!r} has {int(col.isna().sum())} empty timestamps")
+    if pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
+        secs = col.to_numpy(dtype=np.float64) / EPOCH_UNITS[epoch_unit]
+        return secs if fractional else np.floor(secs).astype(np.int64)
+    if pd.api.types.is_datetime64_any_dtype(col):
+        ts = col if getattr(col.dt, "tz", None) is not None else _localize(col, timezone, where, name)
+    else:
+        text = col.astype(str).str.strip()
+        zoned = text.str.contains(_ZONED, regex=True)
+        if zoned.any() and not zoned.all():
+            i, j = int(np.flatnonzero(zoned.to_numpy())[0]), int(np.flatnonzero(~zoned.to_numpy())[0])
+            raise InputError(f"{where}: column {name!r} mixes timestamps with a time zone ({text.iloc[i]!r}) "
+                             f"and without one ({text.iloc[j]!r}); export one or the other")
+        try:
+            if zoned.all():
+                ts = pd.to_datetime(text, utc=True, format="mixed")
+            else:
+                ts = _localize(pd.to_datetime(text, format="mixed"), timezone, where, name)
+        except (ValueError, TypeError) as exc:
+            raise InputError(f"{where}: column {name!r} is neither ISO time nor epoch seconds: {exc}") from exc
+    ns = ts.dt.tz_convert("UTC").dt.as_unit("ns").astype("int64").to_numpy()  # pandas may parse to s/us
+    secs = ns / 1e9
+    return secs if fractional else ns // 1_000_000_000
+
+
+def _localize(ts: pd.Series, timezone: str, where: str, name: str) -> pd.Series:
+    if timezone.upper() == "UTC":
+        return ts.dt.tz_localize("UTC")
+    try:
+        return ts.dt.tz_localize(timezone, ambiguous="infer", nonexistent="raise")
+    except Exception as exc:  # pytz/zoneinfo raise several types for ambiguous/non-existent times
+        raise InputError(f"{where}: column {name!r}: naive times in data.timezone={timezone!r} cannot be "
+                         f"placed unambiguously ({exc}); export UTC or ISO times with an offset") from exc

@@ -1,0 +1,204 @@
+"""The telemetry clusters really export: LDMS CSV stores, long format, counters, SLURM job context."""
+import csv
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import SMALL, data_cfg, hpcad
+from hpcad.data.exports import write_ldms, write_long
+from hpcad.data.ingest import ingest
+from hpcad.data.jobs import expand_nodelist, read_jobs
+from hpcad.data.store import TelemetryStore
+from hpcad.data.synthetic import NodeData, generate_cluster, metric_names, node_frame
+from hpcad.errors import ConfigError, InputError
+
+EXAMPLES = Path(__file__).parent / "data"
+T0 = 1736121600  # 2025-01-06T00:00:00Z
+
+
+def _ldms(**kw):
+    return data_cfg(format="ldms", node_column="ProducerName", timestamp_column="Time", **kw)
+
+
+def _long(**kw):
+    return data_cfg(format="long", **kw)
+
+
+def test_ldms_example_merges_samplers_and_skips_the_repeated_header(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    store = TelemetryStore(ingest(_ldms(source=str(EXAMPLES / "ldms")), tmp_path / "s.h5"))
+    assert store.nodes == ["n001", "n002"]
+    assert store.metrics == ["Active::meminfo", "MemFree::meminfo", "ctxt::procstat", "processes::procstat"]
+    n2 = store.read("n002")
+    # 1736121600.998 falls in the first period; procstat's header came from the .HEADER side file
+    assert n2.timestamp.tolist() == [T0, T0 + 300]
+    np.testing.assert_array_equal(n2.values, [[1.3e6, 3.3e7, 7000, 220], [1.31e6, 3.29e7, 7600, 250]])
+    assert "skipped 1 repeated header line(s)" in caplog.text
+    assert not list(tmp_path.glob(".ingest-*"))  # scratch removed
+
+
+def test_ldms_default_node_column_is_component_id(tmp_path):
+    cfg = data_cfg(format="ldms", node_column="component_id", timestamp_column="Time", source=str(EXAMPLES / "ldms"))
+    assert TelemetryStore(ingest(cfg, tmp_path / "s.h5")).nodes == ["1", "2"]
+
+
+def test_long_example_averages_each_period(tmp_path):
+    store = TelemetryStore(ingest(_long(source=str(EXAMPLES / "long")), tmp_path / "s.h5"))
+    n1 = store.read("n001")
+    assert store.metrics == ["pow_cpu", "temp_cpu"] and n1.timestamp.tolist() == [T0, T0 + 300]
+    np.testing.assert_array_equal(n1.values, [[212.5, 61.0], [190.0, 60.0]])  # 210.5 and 214.5 averaged
+
+
+def _cluster(n=3, rows=700):
+    return list(generate_cluster(n, rows, seed=3))
+
+
+def test_one_cluster_in_all_three_formats_gives_identical_stores(tmp_path):
+    nodes, metrics = _cluster(), metric_names()
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    for nd in nodes:
+        node_frame(nd).to_csv(wide / f"{nd.name}.csv", index=False)
+    write_ldms(nodes, metrics, tmp_path / "ldms", samplers=3)
+    write_long(nodes, metrics, tmp_path / "long", plugins=2)
+    assert len(list((tmp_path / "long").rglob("*.parquet"))) > 2  # per plugin and day
+    stores = {
+        "wide": TelemetryStore(ingest(data_cfg(source=str(wide)), tmp_path / "w.h5")),
+        "ldms": TelemetryStore(ingest(_ldms(source=str(tmp_path / "ldms")), tmp_path / "l.h5")),
+        "long": TelemetryStore(ingest(_long(source=str(tmp_path / "long")), tmp_path / "g.h5")),
+    }
+    for name, store in stores.items():
+        assert store.nodes == [nd.name for nd in nodes], name
+        assert sorted(store.metrics) == sorted(metrics), name
+        order = [store.metrics.index(m) for m in metrics]
+        for nd in nodes:
+            got = store.read(nd.name)
+            np.testing.assert_array_equal(got.timestamp, nd.timestamp, err_msg=name)
+            np.testing.assert_array_equal(got.values[:, order], nd.values, err_msg=name)
+            np.testing.assert_array_equal(got.labels, nd.labels, err_msg=name)
+
+
+def test_generate_and_run_long_format_with_job_context(tmp_path):
+    exports = tmp_path / "long"
+    hpcad("generate", f"generate.out={exports}", "generate.format=long", f"hydra.run.dir={tmp_path / 'g'}",
+          "data.synthetic.nodes=3", "data.synthetic.rows=400")
+    store = TelemetryStore(ingest(_long(source=str(exports)), tmp_path / "probe.h5"))
+    t_end = max(int(store.read(n).timestamp[-1]) for n in store.nodes)
+    jobs = tmp_path / "sacct.txt"
+    iso = lambda t: pd.Timestamp(t, unit="s").strftime("%Y-%m-%dT%H:%M:%S")  # sacct: no zone
+    jobs.write_text("JobID|NodeList|Start|End|State\n"
+                    f"900|node[0000-0002]|{iso(T0)}|{iso(t_end + 300)}|COMPLETED\n")
+    run = tmp_path / "run"
+    hpcad("run", f"hydra.run.dir={run}", "data=long", f"data.source={exports}", f"data.jobs={jobs}",
+          *[o for o in SMALL if not o.startswith("data.synthetic")])
+    with open(run / "alarms.csv") as fh:
+        alarms = list(csv.DictReader(fh))
+    assert alarms and all(a["jobs"] == "900" for a in alarms)
+    assert "<td>900</td>" in (run / "report.html").read_text()
+    assert (TelemetryStore(run / "store.h5").read("node0001").job == 0).all()
+
+
+def test_counters_become_rates_and_resets_stay_missing(tmp_path, caplog):
+    d = tmp_path / "w"
+    d.mkdir()
+    ts = pd.date_range("2025-01-06", periods=6, freq="5min", tz="UTC").strftime("%Y-%m-%dT%H:%M:%SZ")
+    pd.DataFrame({"timestamp": ts, "instr_total": [0, 300, 900, 1200, 60, 360], "temp": [50.0] * 6}
+                 ).to_csv(d / "n1.csv", index=False)
+    store = TelemetryStore(ingest(data_cfg(source=str(d), counters=["*_total"]), tmp_path / "s.h5"))
+    rate = store.read("n1").values[:, 0]
+    np.testing.assert_array_equal(rate, [np.nan, 1.0, 2.0, 1.0, np.nan, 1.0])  # per second; reset -> NaN
+    assert "counter resets" in caplog.text and "'instr_total': 1" in caplog.text
+    with pytest.raises(ConfigError, match="'cum_\\*' matches no metric"):
+        ingest(data_cfg(source=str(d), counters=["cum_*"]), tmp_path / "t.h5")
+
+
+def test_metric_missing_on_some_nodes_errors_or_is_dropped(tmp_path):
+    f = tmp_path / "long.csv"
+    rows = pd.read_csv(EXAMPLES / "long" / "examon-2025-01.csv")
+    rows[~((rows.node == "n002") & (rows.metric == "temp_cpu"))].to_csv(f, index=False)
+    with pytest.raises(InputError, match=r"'temp_cpu' on 1 of 2 nodes \(\['n002'\]\).*on_missing_metric=drop"):
+        ingest(_long(source=str(f)), tmp_path / "s.h5")
+    assert not (tmp_path / "s.h5").exists()
+    store = TelemetryStore(ingest(_long(source=str(f), on_missing_metric="drop"), tmp_path / "s.h5"))
+    assert store.metrics == ["pow_cpu"]
+
+
+def test_bad_long_and_ldms_input_names_file_and_place(tmp_path):
+    f = tmp_path / "bad.csv"
+    f.write_text("timestamp,node,metric,value\n2025-01-06T00:00:00Z,n1,pow,1.5\n2025-01-06T00:05:00Z,n1,pow,oops\n")
+    with pytest.raises(InputError, match=r"bad.csv: non-numeric value 'oops'.*'pow'.*'n1'"):
+        ingest(_long(source=str(f)), tmp_path / "s.h5")
+    f.write_text("time,host,metric,value\n")
+    with pytest.raises(InputError, match=r"missing column\(s\).*data.node_column"):
+        ingest(_long(source=str(f)), tmp_path / "s.h5")
+    d = tmp_path / "ldms"
+    d.mkdir()
+    (d / "meminfo.1").write_text("#Time,Time_usec,ProducerName,component_id,Active::meminfo\n"
+                                 "1736121601,1,n1,1,5\n#Time,Time_usec,ProducerName,component_id,Other::meminfo\n"
+                                 "1736121901,1,n1,1,6\n")
+    with pytest.raises(InputError, match=r"meminfo.1: line 3: header differs"):
+        ingest(_ldms(source=str(d)), tmp_path / "s.h5")
+
+
+def test_time_zones_policy(tmp_path):
+    d = tmp_path / "w"
+    d.mkdir()
+    pd.DataFrame({"timestamp": ["2025-01-06T01:00:00+01:00", "2025-01-06T00:05:00Z", "2025-01-06T00:10:00"],
+                  "x": [1.0, 2.0, 3.0]}).to_csv(d / "n1.csv", index=False)
+    with pytest.raises(InputError, match=r"mixes timestamps with a time zone .* and without one"):
+        ingest(data_cfg(source=str(d)), tmp_path / "s.h5")
+    pd.DataFrame({"timestamp": ["2025-01-06 01:00:00", "2025-01-06 01:05:00"], "x": [1.0, 2.0]}
+                 ).to_csv(d / "n1.csv", index=False)
+    store = TelemetryStore(ingest(data_cfg(source=str(d), timezone="Europe/Rome"), tmp_path / "s.h5"))
+    assert store.read("n1").timestamp.tolist() == [T0, T0 + 300]  # 01:00 in Rome is 00:00 UTC
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("n[001-004,010]", ["n001", "n002", "n003", "n004", "n010"]),
+    ("n7", ["n7"]),
+    ("a[1-2]-ib[0-1]", ["a1-ib0", "a1-ib1", "a2-ib0", "a2-ib1"]),
+    ("gpu[09-11],cpu[1,3]", ["gpu09", "gpu10", "gpu11", "cpu1", "cpu3"]),
+    ("lrdn[0098-0101]", ["lrdn0098", "lrdn0099", "lrdn0100", "lrdn0101"]),
+])
+def test_hostlist_expansion(text, expected):
+    assert expand_nodelist(text) == expected
+
+
+def test_malformed_hostlist_names_the_job(tmp_path):
+    f = tmp_path / "sacct.txt"
+    f.write_text("JobID|NodeList|Start|End|State\n77|n[3-1|2025-01-06T00:00:00|Unknown|RUNNING\n")
+    with pytest.raises(InputError, match=r"job 77: cannot expand node list 'n\[3-1'"):
+        read_jobs(f)
+
+
+def test_sacct_file_steps_pending_running_and_rows(tmp_path, caplog):
+    jobs = read_jobs(EXAMPLES / "sacct.txt")
+    assert jobs.job_id == ["4711", "4712"]  # step 4711.batch and pending 4713 skipped
+    assert jobs.end[1] == np.iinfo(np.int64).max  # still running
+    assert "overlapping job pair(s)" in caplog.text and "4711 and 4712 on n002" in caplog.text
+    node = NodeData("n002", T0 + 300 * np.arange(16), np.zeros((16, 1), np.float32), None)
+    job = jobs.assign(node)
+    assert job.tolist() == [0] + [1] * 15  # the later start wins from 00:05
+    assert jobs.during("n002", T0, T0 + 60) == ["4711"] and jobs.during("n002", T0, T0 + 300) == ["4711", "4712"]
+    assert jobs.assign(NodeData("n001", np.array([T0]), np.zeros((1, 1), np.float32), None)).tolist() == [-1]
+    caplog.clear()
+    jobs.check_nodes(["n001", "n002", "n003"], "sacct.txt")
+    (tmp_path / "j.txt").write_text("JobID,NodeList,Start,End,State\n5,x[1-2],2025-01-06T00:00:00,Unknown,RUNNING\n")
+    other = read_jobs(tmp_path / "j.txt")  # CSV form works too
+    with pytest.raises(InputError, match=r"none of the job file's nodes is in the telemetry"):
+        other.check_nodes(["n001"], "j.txt")
+    jobs.by_node["ghost"] = [0]
+    jobs.check_nodes(["n001", "n002"], "sacct.txt")
+    assert "1 node(s) in the job file have no telemetry" in caplog.text
+
+
+def test_job_context_marks_idle_rows_for_training(tmp_path):
+    from hpcad.preprocess import TRAIN, training_rows
+
+    node = NodeData("n", np.arange(6), np.zeros((6, 1), np.float32), None, job=np.array([-1, 0, 0, -1, 1, 1]))
+    codes = np.full(6, TRAIN)
+    assert training_rows(node, codes, True, exclude_idle=True).tolist() == [False, True, True, False, True, True]
+    assert training_rows(node, codes, True, exclude_idle=False).all()
