@@ -270,7 +270,9 @@ def bench_ingest(cfg, run_dir: Path) -> dict:
 
 
 def run_bench(cfg, run_dir: Path) -> dict:
-    modes = {"train": bench_train, "score": bench_score, "ingest": bench_ingest}
+    from hpcad.drift_study import run_drift_study
+
+    modes = {"train": bench_train, "score": bench_score, "ingest": bench_ingest, "drift": run_drift_study}
     if cfg.bench.mode not in modes:
         raise ConfigError(f"bench.mode={cfg.bench.mode!r}: {', '.join(modes)}")
     return modes[cfg.bench.mode](cfg, run_dir)

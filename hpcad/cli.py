@@ -11,12 +11,13 @@ from pathlib import Path
 
 USAGE = """usage: hpcad <stage> [hydra overrides...]
 
-stages: run (all of them), ingest, train, score, baselines, threshold, report, generate, bench
+stages: run (all of them), ingest, train, score, baselines, threshold, report, generate, bench, nightly
 examples:
   hpcad run                                   # synthetic cluster, report in the run folder
   hpcad run experiment=davide data.source=davide.csv
   hpcad train data.source=exports/ hydra.run.dir=runs/train
   hpcad run data.source=today/ train_run=runs/train
+  hpcad nightly train_run=runs/train nightly.input=/exports/{date} nightly.out=/srv/hpcad/nightly
   hpcad run --cfg job                         # print the configuration
 """
 
@@ -74,6 +75,10 @@ def run_stage(stage: str, overrides: list[str]) -> int:
             keys = ("speedup_vs_naive", "node_epochs_per_s", "samples_per_s", "nodes_per_s", "score_s", "peak_rss_mb")
             print("hpcad bench: " + ", ".join(f"{k}={result[k]:.4g}" for k in keys if result.get(k) is not None))
             print(f"hpcad: {run_dir / 'bench.json'}")
+        elif stage == "nightly":
+            for d in result["days"]:
+                print(f"hpcad nightly {d['date']}: {d['nodes']} nodes, {d['alarms']} alarms, {d['drifted']} drifted, "
+                      f"{d['light_refits']} light refits -> {Path(result['out']) / d['date'] / 'report.html'}")
         elif stage == "generate":
             print(f"hpcad: wrote {len(result)} files, e.g. {result[0]}")
         elif stage == "train" and isinstance(result, dict):

@@ -97,6 +97,7 @@ class SignalConfig:
 class ReportConfig:
     top_k: int = 8
     max_nodes_plotted: int = 12
+    max_nodes_overview: int = 200  # rows of the cluster overview heatmap (most alarms first)
     enabled: bool = True
 
 
@@ -120,7 +121,7 @@ class GenerateConfig:
 class BenchConfig:
     """``hpcad bench``: synthetic throughput benchmark (see docs/benchmarks.md)."""
 
-    mode: str = "train"  # train | score | ingest (long-format input of nodes x days x metrics)
+    mode: str = "train"  # train | score | ingest (long-format input of nodes x days x metrics) | drift (light retraining study)
     nodes: int = 64
     rows: int = 6667
     metrics: int = 159
@@ -155,6 +156,27 @@ class SubmititLauncherConfig:
 
 
 @dataclass
+class NightlyConfig:
+    """``hpcad nightly``: re-score a day with a trained run (jobs/nightly_rescore.sh; docs/operations.md)."""
+
+    date: Optional[str] = None  # YYYY-MM-DD or FROM..TO (backfill, in order); None = yesterday in `timezone`
+    input: Optional[str] = None  # export location of one day: strftime codes and {date} (YYYY-MM-DD) expand
+    jobs: Optional[str] = None  # the day's sacct --parsable2 dump (same expansion): job context; optional
+    out: Optional[str] = None  # root of the nightly outputs: <out>/<date>/, history.csv, .nightly.lock
+    timezone: str = "UTC"  # the site's time zone: what "yesterday" and a day's midnight mean
+    min_node_fraction: float = 0.9  # input is partial if fewer of the trained nodes report
+    max_end_gap_s: int = 3600  # ...or if the newest sample is older than the day's end minus this
+    drift_ratio: float = 2.0  # drift: a night's median signal_norm >= this x the node's baseline...
+    drift_days: int = 3  # ...on this many consecutive nights (hpcad/drift.py)
+    drift_reference_nights: int = 3  # the baseline: median level of the node's first nights
+    light_retrain: str = "drifted"  # drifted | all | off: fit LARA-style light maps after the night
+    light_days: int = 3  # days of recent normal rows the light maps are fitted on
+    light_ridge: float = 10.0  # ridge strength (per sample) pulling the maps towards "no change"
+    slurm: bool = False  # score through sbatch --wait slurm/score_all_nodes.sh instead of in process
+    sbatch_args: list[str] = field(default_factory=list)  # e.g. ["-p", "prod", "-A", "ops"]
+
+
+@dataclass
 class HpcadConfig:
     data: DataConfig = field(default_factory=DataConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
@@ -168,6 +190,7 @@ class HpcadConfig:
     launcher: Any = None
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    nightly: NightlyConfig = field(default_factory=NightlyConfig)
     train_run: Optional[str] = None  # score with the models (and thresholds) of this earlier run folder
     stage: str = "run"
 

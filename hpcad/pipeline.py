@@ -233,5 +233,16 @@ def stage_bench(cfg, run_dir: Path) -> dict:
     return run_bench(cfg, run_dir)
 
 
-RUNNERS = {"bench": stage_bench, "generate": stage_generate, "ingest": stage_ingest, "train": stage_train, "score": stage_score, "baselines": stage_baselines,
-           "threshold": stage_threshold, "report": stage_report, "run": stage_run}
+def stage_nightly(cfg, run_dir: Path) -> dict:
+    """Re-score a night (or a range) with a trained run: hpcad/nightly.py, jobs/nightly_rescore.sh."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from hpcad.nightly import run_nightly
+
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    return run_nightly(cfg, run_dir, overrides)
+
+
+RUNNERS = {"bench": stage_bench, "generate": stage_generate, "ingest": stage_ingest, "train": stage_train,
+           "score": stage_score, "baselines": stage_baselines, "threshold": stage_threshold, "report": stage_report,
+           "run": stage_run, "nightly": stage_nightly}

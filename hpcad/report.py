@@ -70,6 +70,39 @@ def _heatmap(errors: ErrorStore, s) -> str:
     return _png(fig)
 
 
+def _overview(errors: ErrorStore, th: Thresholds, nodes: list[str], smooth: int) -> str:
+    """Cluster overview: nodes x time, colour = peak signal / threshold per hour (>= 1: alarm)."""
+    sigs = list(errors.signals(nodes, smooth=smooth))
+    stamps = [s.timestamp for s in sigs if len(s.timestamp)]
+    if not stamps:
+        return ""
+    t0, t1 = min(int(t[0]) for t in stamps), max(int(t[-1]) for t in stamps)
+    span = max(t1 - t0, 1)
+    step = 3600 if span <= 14 * 86400 else 86400
+    bins = span // step + 1
+    grid = np.full((len(sigs), bins), np.nan)
+    for i, s in enumerate(sigs):
+        ratio = th.signal_of(s) / max(th.threshold_for(s.node), 1e-12)
+        col = (s.timestamp - t0) // step
+        np.fmax.at(grid[i], col, ratio)
+    fig, ax = plt.subplots(figsize=(11, 1.2 + 0.16 * len(sigs)))
+    from matplotlib.colors import LogNorm
+
+    im = ax.imshow(np.clip(grid, 1e-2, 1e2), aspect="auto", cmap="RdYlBu_r", norm=LogNorm(1e-2, 1e2),
+                   interpolation="nearest")
+    ax.set_yticks(range(len(sigs)), [s.node for s in sigs], fontsize=6 if len(sigs) > 30 else 8)
+    ticks = np.linspace(0, bins - 1, min(bins, 8)).astype(int)
+    import datetime as dt
+
+    fmt = "%m-%d %H:%M" if step == 3600 else "%Y-%m-%d"
+    ax.set_xticks(ticks, [dt.datetime.fromtimestamp(t0 + int(k) * step, dt.timezone.utc).strftime(fmt) for k in ticks],
+                  fontsize=7)
+    fig.colorbar(im, ax=ax, label="peak signal / threshold")
+    ax.set_title(f"alarms per node over time ({'hourly' if step == 3600 else 'daily'} peak; red >= 1 = alarm; "
+                 f"UTC; white = no data)", fontsize=9)
+    return _png(fig)
+
+
 def _profile_plot(cls: str, prof: dict) -> str:
     names = [n for n, _ in prof["top"]][::-1]
     vals = [v for _, v in prof["top"]][::-1]
@@ -110,7 +143,10 @@ def _fmt(v) -> str:
     return "" if v is None else str(v)
 
 
-def write_report(cfg, run_dir: Path, errors: ErrorStore, models_dir: Path) -> Path:
+def write_report(cfg, run_dir: Path, errors: ErrorStore, models_dir: Path, title: str = "hpcad report",
+                 extra: list[str] | None = None, folder: Path | None = None) -> Path:
+    """The run's (or a night's) report; ``extra`` HTML sections go after the overview; ``folder`` is
+    the folder named on the page when ``run_dir`` is a temporary one that will be renamed."""
     th = Thresholds.from_dict(json.loads((run_dir / "thresholds.json").read_text()))
     metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else None
     alarms = list(csv.DictReader(open(run_dir / "alarms.csv"))) if (run_dir / "alarms.csv").exists() else []
@@ -118,7 +154,7 @@ def write_report(cfg, run_dir: Path, errors: ErrorStore, models_dir: Path) -> Pa
     for a in alarms:
         per_node_alarms[a["node"]] = per_node_alarms.get(a["node"], 0) + 1
     shown = sorted(errors.nodes, key=lambda n: (-per_node_alarms.get(n, 0), n))[: cfg.report.max_nodes_plotted]
-    parts = [f"<h1>hpcad report</h1><p>run folder: <code>{html.escape(str(run_dir))}</code>; "
+    parts = [f"<h1>{html.escape(title)}</h1><p>run folder: <code>{html.escape(str(folder or run_dir))}</code>; "
              f"{len(errors.nodes)} nodes, {len(errors.metrics)} metrics; threshold rule <b>{th.rule}</b> "
              f"({th.scope} scope); {len(alarms)} alarm events.</p>"]
     store_path = run_dir / "store.h5"
@@ -129,11 +165,20 @@ def write_report(cfg, run_dir: Path, errors: ErrorStore, models_dir: Path) -> Pa
         if skipped:
             parts.append(f"<h2>Skipped nodes ({len(skipped)})</h2><p>Bad input; these nodes were not scored.</p>"
                          + _table(skipped, ["node", "reason"]))
+    overview = sorted(errors.nodes, key=lambda n: (-per_node_alarms.get(n, 0), n))[: cfg.report.max_nodes_overview]
+    if overview:
+        parts.append("<h2>Cluster overview</h2>" + _overview(errors, th, sorted(overview), int(cfg.signal.smooth)))
+        if len(overview) < len(errors.nodes):
+            parts.append(f"<p>{len(overview)} of {len(errors.nodes)} nodes shown (most alarms first; "
+                         f"report.max_nodes_overview).</p>")
+    parts += extra or []
     if metrics:
         rows = []
-        for name, res in [("autoencoder", metrics)] + [(k, v) for k, v in metrics["baselines"].items()]:
+        for name, res in [("autoencoder", metrics)] + [(k, v) for k, v in metrics.get("baselines", {}).items()]:
             for split in ("train", "val", "test"):
                 s = res["splits"][split]
+                if s.get("rows") == 0:  # e.g. a nightly run scores test rows only
+                    continue
                 rows.append([name, split, s["cost"], s["false_alarms"], s["missed"], s["precision"], s["recall"], s["f1"]])
         parts.append("<h2>Detection quality</h2>" + _table(rows, ["detector", "split", "cost", "false alarms",
                                                                   "missed", "event precision", "event recall", "event F1"]))
@@ -155,7 +200,7 @@ def write_report(cfg, run_dir: Path, errors: ErrorStore, models_dir: Path) -> Pa
                      _table([[a.get(c, "") for c in cols] for a in alarms[:100]], cols))
     style = ("body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;font-size:12px}"
              "td,th{border:1px solid #ccc;padding:2px 6px}img{display:block;margin:6px 0}")
-    page = f"<!doctype html><html><head><meta charset='utf-8'><title>hpcad report</title><style>{style}</style>" \
+    page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style>" \
            f"</head><body>{''.join(parts)}</body></html>\n"
     out = run_dir / "report.html"
     write_text(out, page)

@@ -8,13 +8,14 @@ Layout (docs/data.md):
         error         [T, M] float32 squared error per metric in standardised units (0 where missing)
         signal        [T] float32 alarm signal = sum over metrics of error
         signal_norm   [T] float32 signal / signal_scale (one threshold can serve all nodes)
+                      (attr light_version: the light map applied, 0 = none; hpcad/light.py)
         timestamp     [T] int64, split [T] int8 (0 train, 1 validation, 2 test), labels [T] int8 if labelled
 """
 from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from hpcad.atomic import atomic_path
 from hpcad.data.store import STR, TelemetryStore, open_h5
 from hpcad.device import precision_context, resolve_device
 from hpcad.errors import InputError, StoreError
+from hpcad.light import LightMap, light_path
 from hpcad.model.autoencoder import forward, stack
 from hpcad.model.files import NodeModel, model_path
 from hpcad.preprocess import fill_gaps, split_codes
@@ -54,12 +56,17 @@ class NodeSignal:
 
 
 def score_nodes(cfg, store: TelemetryStore, models_dir: Path, out_path: Path, nodes: list[str] | None = None,
-                device: torch.device | None = None) -> int:
+                device: torch.device | None = None, light: Callable[[str], LightMap | None] | None = None) -> int:
     """Score ``nodes`` (default: all) of ``store`` with their models, K nodes per batched forward pass.
 
     K follows from ``train.memory_budget_mb``; only one chunk of nodes is in memory at a time.
+    ``light`` picks each node's light map (default: ``models/<node>.light.pt`` when present).
     Writes ``out_path`` atomically.
     """
+    if light is None:
+        def light(n: str) -> LightMap | None:
+            p = light_path(models_dir, n)
+            return LightMap.load(p) if p.exists() else None
     device = resolve_device(cfg.train.device) if device is None else device
     nodes = list(store.nodes if nodes is None else nodes)
     missing = [n for n in nodes if not model_path(models_dir, n).exists()]
@@ -89,20 +96,23 @@ def score_nodes(cfg, store: TelemetryStore, models_dir: Path, out_path: Path, no
                 nd = store.read(node)
                 z, miss = model.scaler.transform(fill_gaps(nd.values, cfg.preprocess.nan_fill_limit))
                 models.append(model), data.append(nd), zs.append(z), masks.append(miss)
+            maps = [light(n) for n in chunk]
             same_shape = len({tuple(m.spec.hidden) for m in models}) == 1
             prec = cfg.train.precision
-            errs = reconstruction_errors(models, zs, device, prec) if same_shape else \
-                [reconstruction_errors([m], [z], device, prec)[0] for m, z in zip(models, zs)]
-            for model, nd, err, miss in zip(models, data, errs, masks):
+            errs = reconstruction_errors(models, zs, device, prec, maps) if same_shape else \
+                [reconstruction_errors([m], [z], device, prec, [lm])[0] for m, z, lm in zip(models, zs, maps)]
+            for model, nd, err, miss, lm in zip(models, data, errs, masks, maps):
                 err[miss] = 0.0
-                _write_node_errors(nodes_grp, nd, err, model.signal_scale, split_codes(nd, cfg.split))
+                _write_node_errors(nodes_grp, nd, err, model.signal_scale, split_codes(nd, cfg.split),
+                                   lm.version if lm else 0)
             bar.update(len(chunk))
         bar.close()
     log.info("scored %d nodes -> %s", len(nodes), out_path)
     return len(nodes)
 
 
-def _write_node_errors(parent: h5py.Group, nd, err: np.ndarray, signal_scale: float, split: np.ndarray) -> None:
+def _write_node_errors(parent: h5py.Group, nd, err: np.ndarray, signal_scale: float, split: np.ndarray,
+                       light_version: int = 0) -> None:
     signal = err.sum(1)
     g = parent.create_group(nd.name)
     T, M = err.shape
@@ -113,12 +123,13 @@ def _write_node_errors(parent: h5py.Group, nd, err: np.ndarray, signal_scale: fl
     g.create_dataset("split", data=split)
     if nd.labels is not None:
         g.create_dataset("labels", data=nd.labels)
-    g.attrs.update(signal_scale=signal_scale, rows=T)
+    g.attrs.update(signal_scale=signal_scale, rows=T, light_version=light_version)
 
 
 def reconstruction_errors(models: list[NodeModel], zs: list[np.ndarray], device: torch.device,
-                          precision: str = "fp32") -> list[np.ndarray]:
-    """Squared errors [T_k, M] for K models at once (rows padded to the longest, in row blocks)."""
+                          precision: str = "fp32", maps: list[LightMap | None] | None = None) -> list[np.ndarray]:
+    """Squared errors [T_k, M] for K models at once (rows padded to the longest, in row blocks);
+    a node's light map (hpcad.light), where given, adapts its reconstruction."""
     params = stack([m.params for m in models], device)
     n_enc = len(models[0].spec.hidden)
     T = max(z.shape[0] for z in zs)
@@ -131,8 +142,12 @@ def reconstruction_errors(models: list[NodeModel], zs: list[np.ndarray], device:
                 part = z[s:s + ROW_BLOCK]
                 x[k, : len(part)] = torch.from_numpy(part).to(device)
             with precision_context(precision, device):
-                recon, _ = forward(params, x, n_enc)
-            e = ((recon.float() - x) ** 2).cpu().numpy()
+                recon, code = forward(params, x, n_enc)
+            recon = recon.float()
+            for k, lm in enumerate(maps or []):
+                if lm is not None:
+                    recon[k] = lm.apply(recon[k], code[k].float())
+            e = ((recon - x) ** 2).cpu().numpy()
             for k, z in enumerate(zs):
                 n = max(0, min(ROW_BLOCK, z.shape[0] - s))
                 out[k][s:s + n] = e[k, :n]

@@ -38,3 +38,57 @@ def msl_dir() -> Path:
     if not (SHARED / "msl" / "train").is_dir():
         pytest.skip(f"real MSL data not found at {SHARED / 'msl'} (the shared data folder beside the checkout)")
     return SHARED / "msl"
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's chromium for looking at reports the way a person does (.ci/run installs it)."""
+    import shutil
+
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium"],
+                       capture_output=True, env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"), timeout=900)
+        if shutil.which("chromium"):
+            return shutil.which("chromium")
+    pytest.skip("headless chromium not installed (Debian package chromium; .ci/run installs it)")
+
+
+def write_site(root: Path, nodes: int, days: int, cut: str, drift_node: str | None = None, drift_row: int = 0) -> None:
+    """A site's exports: nodes reporting every 5 minutes (labelled synthetic telemetry) from
+    2025-01-06; rows before ``cut`` in ``root/train/<node>.csv``, later days in
+    ``root/daily/<YYYY-MM-DD>/<node>.csv``; ``drift_node``'s levels shift from ``drift_row`` on."""
+    import numpy as np
+    import pandas as pd
+
+    from hpcad.data.synthetic import START_EPOCH, generate_cluster, metric_names, node_frame
+    from hpcad.drift_study import apply_drift
+
+    for nd in generate_cluster(nodes, 288 * days, seed=7, clean_fraction=0.35):
+        nd.timestamp = START_EPOCH + 300 * np.arange(len(nd.timestamp))
+        if nd.name == drift_node:
+            nd = apply_drift(nd, drift_row, metric_names())
+        f = node_frame(nd)
+        day = pd.to_datetime(f["timestamp"]).dt.strftime("%Y-%m-%d")
+        (root / "train").mkdir(parents=True, exist_ok=True)
+        f[day < cut].to_csv(root / "train" / f"{nd.name}.csv", index=False)
+        for d, part in f[day >= cut].groupby(day[day >= cut]):
+            (root / "daily" / d).mkdir(parents=True, exist_ok=True)
+            part.to_csv(root / "daily" / d / f"{nd.name}.csv", index=False)
+
+
+def nightly_env_file(site: Path, out: Path, extra: str = "", tz: str = "UTC", name: str = "", more: str = "") -> Path:
+    """An env file for jobs/nightly_rescore.sh over a :func:`write_site` site trained in site/trainrun."""
+    f = out.parent / f"{name or out.name}.env"
+    f.write_text(f"HPCAD_VENV={Path(sys.executable).parent.parent}\nHPCAD_TRAIN_RUN={site / 'trainrun'}\n"
+                 f"HPCAD_INPUT={site / 'daily'}/{{date}}\nHPCAD_OUT={out}\nHPCAD_TZ={tz}\nHPCAD_THREADS=2\n"
+                 f'HPCAD_OVERRIDES="{extra}"\n{more}')
+    return f
+
+
+def cron(env_file: Path, *args: str) -> subprocess.CompletedProcess:
+    """jobs/nightly_rescore.sh the way cron starts it: empty environment, minimal PATH, cwd /."""
+    return subprocess.run(["env", "-i", "PATH=/usr/bin:/bin", str(ROOT / "jobs" / "nightly_rescore.sh"), "--env",
+                           str(env_file), *args], cwd="/", capture_output=True, text=True, timeout=600)

@@ -21,3 +21,21 @@ def test_bench_score_times_the_real_score_stage(tmp_path):
     assert b["mode"] == "score" and b["nodes_per_s"] > 0 and (tmp_path / "bench_errors.h5").exists()
     bad = hpcad("bench", "bench.mode=fast", f"hydra.run.dir={tmp_path / 'x'}", check=False)
     assert bad.returncode == 2 and "bench.mode" in bad.stderr
+
+
+def test_bench_ingest_measures_the_out_of_core_pivot(tmp_path):
+    hpcad("bench", "bench.mode=ingest", "bench.nodes=6", "bench.days=2", "bench.metrics=12",
+          "data.scratch_buckets=4", "train.progress=false", f"hydra.run.dir={tmp_path}")
+    b = json.loads((tmp_path / "bench.json").read_text())
+    assert b["rows"] == 6 * 2 * 288 * 12 and b["peak_rss_mb"] > 0 and b["scratch_buckets"] == 4
+    assert not (tmp_path / "bench_store.h5").exists() and not list(tmp_path.glob(".ingest-*"))
+
+
+def test_bench_drift_light_retraining_beats_doing_nothing(tmp_path):
+    hpcad("bench", "bench.mode=drift", "bench.nodes=2", "train.epochs=5", "train.progress=false",
+          f"hydra.run.dir={tmp_path}")
+    s = json.loads((tmp_path / "bench.json").read_text())["strategies"]
+    assert set(s) == {"none", "light_1d", "light_3d", "light_7d", "full_7d"}
+    # the shifted levels make the frozen model alarm on normal rows; a week of light maps fixes most of it
+    assert s["light_7d"]["false_alarms"] < 0.5 * s["none"]["false_alarms"]
+    assert s["light_7d"]["roc_auc"] > s["none"]["roc_auc"]

@@ -246,3 +246,20 @@ def test_score_all_nodes_scores_new_data_with_trained_models(tmp_path, slurm_env
                              f"data.source={exports}"], cwd=tmp_path, env=slurm_env, capture_output=True, text=True,
                             timeout=300)
     assert no_run.returncode != 0 and "train_run=" in (tmp_path / "bad.out").read_text()
+
+
+def test_nightly_job_scores_through_sbatch(tmp_path, slurm_env):
+    from conftest import cron, nightly_env_file, write_site
+
+    write_site(tmp_path, nodes=4, days=3, cut="2025-01-08")
+    hpcad("run", f"data.source={tmp_path / 'train'}", f"hydra.run.dir={tmp_path / 'trainrun'}", "train.epochs=2",
+          "train.progress=false", "baselines.methods=[]", "report.enabled=false")
+    out = tmp_path / "nightly"
+    env = nightly_env_file(tmp_path, out, more=f"HPCAD_SLURM=1\nSLURM_CONF={slurm_env['SLURM_CONF']}\n")
+    p = cron(env, "--date", "2025-01-08")
+    assert p.returncode == 0, p.stderr[-3000:]
+    night = out / "2025-01-08"
+    assert len(list(night.glob("errors-rank*.h5"))) == 4 and list(night.glob("slurm-*.out"))  # 4 SLURM ranks
+    assert (night / "alarms.json").exists() and (night / "report.html").exists()
+    assert json.loads((night / "thresholds.json").read_text()) == \
+        json.loads((tmp_path / "trainrun" / "thresholds.json").read_text())  # the trained run's thresholds

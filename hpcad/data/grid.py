@@ -151,10 +151,13 @@ class GridStager:
             path.unlink()
             if len(rec) == 0:
                 continue
-            rec = rec[np.argsort(rec["node"], kind="stable")]
-            starts = np.flatnonzero(np.r_[True, rec["node"][1:] != rec["node"][:-1]])
-            for a, z in zip(starts, np.r_[starts[1:], len(rec)]):
-                yield self._node(rec[a:z], keep, label)
+            order = np.argsort(rec["node"], kind="stable")  # gather node by node, no sorted copy
+            node = rec["node"][order]
+            starts = np.flatnonzero(np.r_[True, node[1:] != node[:-1]])
+            del node
+            for a, z in zip(starts, np.r_[starts[1:], len(order)]):
+                yield self._node(rec[order[a:z]], keep, label)
+            del rec, order
 
     def _node(self, rec: np.ndarray, keep: list[int], label: int | None) -> NodeData:
         name = self.node_names[int(rec["node"][0])]

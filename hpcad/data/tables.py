@@ -41,8 +41,10 @@ def iter_table_chunks(path: Path, rows: int = CHUNK_ROWS) -> Iterator[pd.DataFra
         if is_parquet(path):
             import pyarrow.parquet as pq
 
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=rows):
-                yield batch.to_pandas()
+            f = pq.ParquetFile(path)
+            for group in range(f.metadata.num_row_groups):  # one iterator per row group: pyarrow's
+                for batch in f.iter_batches(batch_size=rows, row_groups=[group]):  # across groups grows
+                    yield batch.to_pandas()
         else:
             yield from pd.read_csv(path, chunksize=rows)
     except InputError:

@@ -39,23 +39,35 @@ class NodeModel:
                        "clip": self.scaler.clip},
             "history": self.history, "signal_scale": float(self.signal_scale),
         }
-        with atomic_path(path) as tmp:
-            torch.save(obj, tmp)
+        save_tensors(path, obj)
 
     @classmethod
     def load(cls, path: Path) -> "NodeModel":
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise StoreError(f"{path}: model file not found (was the node trained?)") from None
-        except Exception as exc:
-            raise StoreError(f"{path}: cannot load model file: {exc}") from exc
-        if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-            raise StoreError(f"{path}: not an hpcad node model")
+        obj = load_tensors(path, FORMAT, "model file")
         sc = obj["scaler"]
         return cls(obj["node"], AutoencoderSpec(**obj["spec"]), list(obj["metrics"]), list(obj["params"]),
                    Scaler(sc["mean"].numpy().astype(np.float32), sc["scale"].numpy().astype(np.float32),
                           float(sc["clip"])), obj["history"], float(obj["signal_scale"]))
+
+
+def save_tensors(path: Path, obj: dict) -> None:
+    """Write a dict of tensors and plain values atomically."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def load_tensors(path: Path, fmt: str, kind: str) -> dict:
+    """Load a file written by :func:`save_tensors` with ``weights_only=True`` (no pickled code) and
+    check its ``format`` field."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise StoreError(f"{path}: {kind} not found") from None
+    except Exception as exc:
+        raise StoreError(f"{path}: cannot load {kind}: {exc}") from exc
+    if not isinstance(obj, dict) or obj.get("format") != fmt:
+        raise StoreError(f"{path}: not an hpcad {kind}")
+    return obj
 
 
 def model_path(models_dir: Path, node: str) -> Path:

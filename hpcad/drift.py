@@ -1,0 +1,77 @@
+"""Per-node drift across nights: a sustained shift of a node's error level away from its baseline.
+
+Statistic: a node's *level* for a night is the median of ``signal_norm`` (the alarm signal divided
+by the node's mean signal on its held-out training rows) over the night's rows; the median ignores
+anomalies shorter than half the night. Its *baseline* is the median level of its first
+``nightly.drift_reference_nights`` scored nights (default 3; before that no verdict is given).
+A node drifts when level / baseline >= ``nightly.drift_ratio`` (default 2) on
+``nightly.drift_days`` (default 3) consecutive nights: its normal behaviour moved away from what
+the model learned, which a one-off job mix or a single incident does not do. A missing night
+breaks the streak. Levels are kept per night (``<out>/<date>/levels.csv``), so reruns and
+backfills give the same verdicts.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import re
+from pathlib import Path
+
+import numpy as np
+
+from hpcad.atomic import atomic_path
+from hpcad.score import ErrorStore
+from hpcad.threshold.rules import Thresholds
+
+FIELDS = ["node", "rows", "alarmed_rows", "level"]
+_NIGHT = re.compile(r"\d{4}-\d{2}-\d{2}")  # published night folders (not .<date>.tmp-<pid>)
+
+
+def night_levels(errors: ErrorStore, th: Thresholds, smooth: int = 1) -> list[dict]:
+    out = []
+    for s in errors.signals(smooth=smooth):
+        alarmed = th.signal_of(s) > th.threshold_for(s.node)
+        level = float(np.median(s.normalised)) if len(alarmed) else float("nan")
+        out.append({"node": s.node, "rows": int(len(alarmed)), "alarmed_rows": int(alarmed.sum()), "level": level})
+    return out
+
+
+def write_levels(path: Path, levels: list[dict]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=FIELDS)
+        w.writeheader()
+        w.writerows(levels)
+
+
+def read_levels(path: Path) -> dict[str, float]:
+    if not path.exists():
+        return {}
+    with open(path) as fh:
+        return {r["node"]: float(r["level"]) if r["level"] not in ("", "nan") else float("nan")
+                for r in csv.DictReader(fh)}
+
+
+def assess(out_root: Path, day: dt.date, today: list[dict], ratio: float, days: int, reference: int = 3) -> list[dict]:
+    """Verdict per node from today's levels and the earlier nights under ``out_root/<date>/levels.csv``."""
+    nights = sorted(p.parent.name for p in out_root.glob("*/levels.csv")
+                    if _NIGHT.fullmatch(p.parent.name) and p.parent.name < day.isoformat())
+    first = [read_levels(out_root / d / "levels.csv") for d in nights[:reference]]
+    recent = [read_levels(out_root / (day - dt.timedelta(days=k)).isoformat() / "levels.csv")
+              for k in range(1, max(days, 1))]
+    verdicts = []
+    for rec in today:
+        base = [lv[rec["node"]] for lv in first if rec["node"] in lv and lv[rec["node"]] == lv[rec["node"]]]
+        if len(base) < reference or not np.median(base) > 0:
+            verdicts.append({"node": rec["node"], "level": rec["level"], "baseline": None, "streak": 0,
+                             "drifted": False})
+            continue
+        baseline = float(np.median(base))
+        streak = 0
+        for v in [rec["level"]] + [lv.get(rec["node"], float("nan")) for lv in recent]:
+            if v == v and v / baseline >= ratio:  # NaN (no data that night) breaks the streak
+                streak += 1
+            else:
+                break
+        verdicts.append({"node": rec["node"], "level": rec["level"], "baseline": baseline, "streak": streak,
+                         "drifted": streak >= days})
+    return verdicts

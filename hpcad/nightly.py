@@ -1,0 +1,350 @@
+"""``hpcad nightly``: re-score one day (or a range of days) with a trained run, the way cron runs it.
+
+Per day D (``nightly.date``, default yesterday in ``nightly.timezone``), under a lock on
+``<out>/.nightly.lock``:
+
+1. ingest the day's exports (``nightly.input`` with ``{date}``/strftime codes) into a hidden
+   ``<out>/.D.tmp-<pid>/``; a missing or partial input (too few trained nodes, data not reaching
+   the day's end) stops here with a message, and nothing under ``<out>`` changes;
+2. score with the trained run's models (in process, or ``sbatch --wait slurm/score_all_nodes.sh``),
+   applying each node's light map valid for that night;
+3. apply the trained run's thresholds: ``alarms.csv`` and ``alarms.json`` (node, start, end, peak
+   score, top metrics, jobs), ``metrics.json`` when the day is labelled;
+4. drift (hpcad.drift) -> ``levels.csv``, ``drift.json``; light retraining (hpcad.light) of drifted
+   nodes on their last ``nightly.light_days`` nights -> maps beside the models, ``light.json``;
+5. ``report.html``; then the folder replaces ``<out>/D`` by rename, and ``<out>/history.csv`` gains a line.
+
+A rerun of a day replaces its folder whole (no duplicated alarms); a failed day leaves the previous
+outputs as they were and records ``failed`` in the history.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import fcntl
+import html
+import json
+import logging
+import os
+import shutil
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import numpy as np
+from omegaconf import OmegaConf, open_dict
+
+from hpcad.atomic import atomic_path, write_json
+from hpcad.data.ingest import ingest
+from hpcad.data.store import TelemetryStore
+from hpcad.drift import assess, night_levels, write_levels
+from hpcad.errors import ConfigError, HpcadError, InputError
+from hpcad.explain import class_profiles
+from hpcad.light import LightMap, fit_light_map, light_path, map_for_night, save_version
+from hpcad.model.files import NodeModel, model_path
+from hpcad.preprocess import fill_gaps
+from hpcad.score import ErrorStore, score_nodes
+from hpcad.threshold.evaluate import alarm_events, evaluate, write_alarms_csv
+from hpcad.threshold.rules import Thresholds
+
+log = logging.getLogger(__name__)
+HISTORY_FIELDS = ["run_at", "date", "status", "nodes", "alarms", "drifted", "light_refits", "seconds", "message"]
+
+
+class LockedError(HpcadError):
+    """Another nightly run holds the lock."""
+
+
+def run_nightly(cfg, run_dir: Path, overrides: list[str] | None = None) -> dict:
+    n = cfg.nightly
+    for opt in ("input", "out"):
+        if not getattr(n, opt):
+            raise ConfigError(f"nightly.{opt} is required (see jobs/nightly.env.example)")
+    if not cfg.train_run:
+        raise ConfigError("train_run is required: the run folder whose models and thresholds score the nights")
+    train_run = Path(cfg.train_run).expanduser().resolve()
+    for need in ("models", "thresholds.json"):
+        if not (train_run / need).exists():
+            raise ConfigError(f"train_run={train_run}: no {need} (train and threshold that run first)")
+    days = parse_days(n.date, n.timezone)
+    out = Path(n.out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    with _lock(out / ".nightly.lock"):
+        for stale in out.glob(".*.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)  # a crashed run's leftovers (we hold the lock)
+        for day in days:
+            t0 = time.time()
+            try:
+                res = _night(cfg, day, out, train_run, overrides or [])
+            except HpcadError as exc:
+                _history(out, day, "failed", {"message": str(exc)}, t0)
+                raise
+            _history(out, day, "ok", res, t0)
+            log.info("nightly %s: %d nodes, %d alarms, %d drifted, %d light refits -> %s", day, res["nodes"],
+                     res["alarms"], res["drifted"], res["light_refits"], out / day.isoformat())
+            results.append(res)
+    return {"days": results, "out": str(out)}
+
+
+def parse_days(spec: str | None, timezone: str) -> list[dt.date]:
+    """``None`` (yesterday in the site's zone), ``YYYY-MM-DD`` or ``FROM..TO`` (inclusive)."""
+    try:
+        tz = ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ConfigError(f"nightly.timezone={timezone!r}: not a time zone name (e.g. Europe/Rome)") from exc
+    if spec in (None, "", "yesterday"):
+        return [dt.datetime.now(tz).date() - dt.timedelta(days=1)]
+    try:
+        a, _, b = str(spec).partition("..")
+        first = dt.date.fromisoformat(a.strip())
+        last = dt.date.fromisoformat(b.strip()) if b else first
+    except ValueError as exc:
+        raise ConfigError(f"nightly.date={spec!r}: YYYY-MM-DD or YYYY-MM-DD..YYYY-MM-DD") from exc
+    if last < first:
+        raise ConfigError(f"nightly.date={spec!r}: the range ends before it starts")
+    return [first + dt.timedelta(days=k) for k in range((last - first).days + 1)]
+
+
+def input_for(pattern: str, day: dt.date) -> Path:
+    text = pattern.replace("{date}", day.isoformat())
+    if "%" in text:
+        text = dt.datetime.combine(day, dt.time()).strftime(text)
+    return Path(text).expanduser()
+
+
+def day_bounds(day: dt.date, timezone: str) -> tuple[int, int]:
+    tz = ZoneInfo(timezone)
+    start = dt.datetime.combine(day, dt.time(), tz)
+    end = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), tz)
+    return int(start.timestamp()), int(end.timestamp())
+
+
+@contextmanager
+def _lock(path: Path):
+    fh = open(path, "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "?"
+        fh.close()
+        raise LockedError(f"{path}: another nightly run holds the lock ({holder}); not starting") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"pid {os.getpid()} since {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}\n")
+    fh.flush()
+    try:
+        yield
+    finally:
+        fh.close()
+
+
+def _day_cfg(cfg, source: Path, jobs: Path | None):
+    dcfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    with open_dict(dcfg):
+        dcfg.data.source = str(source)
+        if jobs is not None:
+            dcfg.data.jobs = str(jobs)
+        dcfg.split.unit, dcfg.split.train, dcfg.split.val = "rows", 0, 0  # every row of a night is "test"
+    return dcfg
+
+
+def _night(cfg, day: dt.date, out: Path, train_run: Path, overrides: list[str]) -> dict:
+    n = cfg.nightly
+    iso = day.isoformat()
+    src = input_for(n.input, day)
+    if not src.exists():
+        raise InputError(f"nightly {iso}: no exports at {src} (nightly.input={n.input!r}); nothing changed")
+    models_dir = train_run / "models"
+    tmp = out / f".{iso}.tmp-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        jobs_file = input_for(n.jobs, day) if n.jobs else None
+        if jobs_file is not None and not jobs_file.exists():
+            log.warning("nightly %s: no job file at %s (nightly.jobs); scoring without job context", iso, jobs_file)
+            jobs_file = None
+        dcfg = _day_cfg(cfg, src, jobs_file)
+        store = TelemetryStore(ingest(dcfg.data, tmp / "store.h5"))
+        trained = sorted(p.name[:-3] for p in models_dir.glob("*.pt") if ".light" not in p.name)
+        nodes = [x for x in store.nodes if model_path(models_dir, x).exists()]
+        new = sorted(set(store.nodes) - set(nodes))
+        _check_complete(store, nodes, trained, day, src, n)
+        if new:
+            log.warning("nightly %s: %d node(s) without a trained model are not scored: %s", iso, len(new), new[:10])
+        if n.slurm:
+            _score_slurm(dcfg, tmp, train_run, src, overrides)
+        else:
+            score_nodes(dcfg, store, models_dir, tmp / "errors.h5", nodes,
+                        light=lambda node: map_for_night(models_dir, node, iso))
+        errors = ErrorStore(tmp / "errors.h5")
+        th = Thresholds.from_dict(json.loads((train_run / "thresholds.json").read_text()))
+        write_json(tmp / "thresholds.json", th.to_dict())
+        from hydra.utils import instantiate
+
+        cm = instantiate(cfg.threshold, _convert_="all").cost_model
+        smooth = int(cfg.signal.smooth)
+        jobs = store.jobs()
+        records = []
+        for s in errors.signals(smooth=smooth):
+            records += alarm_events(s, th, errors.errors, errors.metrics, cfg.report.top_k, "s",
+                                    merge_gap=cm.tolerance, jobs=jobs)
+        write_alarms_csv(tmp / "alarms.csv", records)
+        write_json(tmp / "alarms.json", [_alarm_json(r) for r in records])
+        metrics = evaluate(errors.signals(smooth=smooth), th, cm)
+        if metrics["labelled"]:
+            write_json(tmp / "metrics.json", {"detector": "autoencoder", "cost_model": vars(cm), "splits":
+                                              metrics["splits"], "class_profiles": class_profiles(errors)})
+        levels = night_levels(errors, th, smooth)
+        write_levels(tmp / "levels.csv", levels)
+        verdicts = assess(out, day, levels, n.drift_ratio, n.drift_days, n.drift_reference_nights)
+        write_json(tmp / "drift.json", {"ratio": n.drift_ratio, "days": n.drift_days,
+                                        "reference_nights": n.drift_reference_nights, "nodes": verdicts})
+        drifted = [v["node"] for v in verdicts if v["drifted"]]
+        targets = {"drifted": drifted, "all": list(errors.nodes), "off": []}.get(n.light_retrain)
+        if targets is None:
+            raise ConfigError(f"nightly.light_retrain={n.light_retrain!r}: drifted, all or off")
+        refits = [_light_retrain(cfg, node, day, out, tmp, models_dir, th) for node in targets]
+        refits = [r for r in refits if r]
+        write_json(tmp / "light.json", refits)
+        if cfg.report.enabled:
+            from hpcad.report import write_report
+
+            write_report(dcfg, tmp, errors, models_dir, title=f"hpcad nightly {iso}",
+                         extra=_nightly_sections(iso, src, new, verdicts, refits, n), folder=out / iso)
+        _publish(tmp, out / iso)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"date": iso, "nodes": len(nodes), "alarms": len(records), "drifted": len(drifted),
+            "light_refits": len(refits), "message": f"{src}"}
+
+
+def _check_complete(store: TelemetryStore, nodes: list[str], trained: list[str], day: dt.date, src: Path, n) -> None:
+    iso = day.isoformat()
+    if len(nodes) < n.min_node_fraction * max(len(trained), 1):
+        raise InputError(f"nightly {iso}: partial input: {len(nodes)} of {len(trained)} trained nodes in {src} "
+                         f"(nightly.min_node_fraction={n.min_node_fraction}); nothing changed")
+    start, end = day_bounds(day, n.timezone)
+    newest, outside = -1, 0
+    for node in nodes:
+        ts = store.read(node).timestamp
+        newest = max(newest, int(ts[-1]))
+        outside += int(((ts < start) | (ts >= end)).sum())
+    if newest < end - n.max_end_gap_s:
+        last = dt.datetime.fromtimestamp(newest, ZoneInfo(n.timezone)).isoformat()
+        raise InputError(f"nightly {iso}: partial input: the newest sample in {src} is {last}, more than "
+                         f"{n.max_end_gap_s} s before the day ends (still being exported?); nothing changed")
+    if outside:
+        log.warning("nightly %s: %d rows of %s lie outside the day (%s); they are scored too", iso, outside, src,
+                    n.timezone)
+
+
+def _score_slurm(dcfg, tmp: Path, train_run: Path, src: Path, overrides: list[str]) -> None:
+    script = Path(__file__).resolve().parent.parent / "slurm" / "score_all_nodes.sh"
+    keep = [o for o in overrides if not o.split("=")[0].lstrip("+~").startswith(("nightly.", "hydra.", "train_run"))]
+    cmd = ["sbatch", "--wait", "--parsable", f"--export=ALL,HPCAD_RUN_DIR={tmp},HPCAD_SCORE_ONLY=1",
+           "-o", str(tmp / "slurm-%j.out"), *dcfg.nightly.sbatch_args,
+           str(script), f"train_run={train_run}", f"data.source={src}", "split.unit=rows", "split.train=0",
+           "split.val=0", *keep]
+    log.info("nightly: %s", " ".join(cmd))
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not (tmp / "errors.h5").exists():
+        logs = "".join(p.read_text(errors="replace") for p in tmp.glob("slurm-*.out"))
+        raise InputError(f"nightly: scoring job failed (sbatch exit {proc.returncode}): "
+                         f"{(proc.stderr.strip() + ' ' + logs)[-800:]}")
+
+
+def _alarm_json(r: dict) -> dict:
+    top = []
+    for item in (r.get("top_metrics") or "").split():
+        name, _, val = item.rpartition(":")
+        top.append({"metric": name, "error": float(val)})
+    out = {k: r[k] for k in ("node", "start", "end", "rows", "peak_score", "peak_time", "threshold") if k in r}
+    out["top_metrics"] = top
+    out["jobs"] = (r.get("jobs") or "").split()
+    if "label_classes" in r:
+        out["label_classes"] = [int(c) for c in r["label_classes"].split()]
+    return out
+
+
+def _light_retrain(cfg, node: str, day: dt.date, out: Path, tmp: Path, models_dir: Path, th: Thresholds) -> dict | None:
+    """Fit the node's light map on its last nights' rows, less the night's worst 10 % of the signal
+    (possible incidents) and, when labelled, the anomalous rows."""
+    n = cfg.nightly
+    model = NodeModel.load(model_path(models_dir, node))
+    xs, used = [], []
+    for k in range(max(n.light_days, 1)):
+        d = tmp if k == 0 else out / (day - dt.timedelta(days=k)).isoformat()
+        if not (d / "store.h5").exists() or not (d / "errors.h5").exists():
+            continue
+        store, errors = TelemetryStore(d / "store.h5"), ErrorStore(d / "errors.h5")
+        if node not in errors.nodes:
+            continue
+        s = next(errors.signals([node], smooth=int(cfg.signal.smooth)))
+        ok = s.signal <= np.quantile(s.signal, 0.9)
+        if s.labels is not None:
+            ok &= s.labels == 0
+        nd = store.read(node)
+        xs.append(model.scaler.transform(fill_gaps(nd.values, cfg.preprocess.nan_fill_limit))[0][ok])
+        used.append((day - dt.timedelta(days=k)).isoformat())
+    x = np.concatenate(xs) if xs else np.empty((0, len(model.metrics)), np.float32)
+    if len(x) == 0:
+        log.warning("nightly %s: node %s has no normal rows to refit its light map on", day, node)
+        return None
+    t0 = time.perf_counter()
+    prev = LightMap.load(light_path(models_dir, node)) if light_path(models_dir, node).exists() else None
+    lm = fit_light_map(model.params, len(model.spec.hidden), x, n.light_ridge, sorted(used), prev,
+                       valid_from=(day + dt.timedelta(days=1)).isoformat())
+    save_version(models_dir, node, lm)
+    return {"node": node, "version": lm.version, "rows": lm.rows, "days": lm.fitted_on, "valid_from": lm.valid_from,
+            "fit_ms": round(1000 * (time.perf_counter() - t0), 1)}
+
+
+def _nightly_sections(iso: str, src: Path, new: list[str], verdicts: list[dict], refits: list[dict], n) -> list[str]:
+    from hpcad.report import _table
+
+    parts = [f"<p>night {iso} (site time zone {html.escape(n.timezone)}); input <code>{html.escape(str(src))}</code>.</p>"]
+    if new:
+        parts.append(f"<p>{len(new)} node(s) without a trained model were not scored: "
+                     f"{html.escape(', '.join(new[:50]))}</p>")
+    def rel(v):
+        return v["level"] / v["baseline"] if v["baseline"] and v["level"] == v["level"] else -1.0
+
+    rows = [[v["node"], v["level"], v["baseline"], rel(v) if rel(v) >= 0 else None, v["streak"],
+             "DRIFT" if v["drifted"] else ("no baseline yet" if v["baseline"] is None else "")]
+            for v in sorted(verdicts, key=lambda v: -rel(v))[:50]]
+    parts.append(f"<h2>Drift</h2><p>level = the night's median signal_norm; baseline = median level of the node's "
+                 f"first {n.drift_reference_nights} nights; drift = level / baseline >= {n.drift_ratio} on "
+                 f"{n.drift_days} consecutive nights (docs/operations.md).</p>"
+                 + _table(rows, ["node", "level", "baseline", "level / baseline", "nights >= ratio", "verdict"]))
+    if refits:
+        parts.append("<h2>Light retraining</h2>" + _table(
+            [[r["node"], r["version"], r["rows"], " ".join(r["days"]), r["valid_from"], r["fit_ms"]] for r in refits],
+            ["node", "map version", "rows", "nights", "scores from", "fit ms"]))
+    return parts
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Replace ``final`` by ``tmp`` (two renames; the lock keeps other nightly runs out)."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        final.rename(old)
+    tmp.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _history(out: Path, day: dt.date, status: str, res: dict, t0: float) -> None:
+    path = out / "history.csv"
+    rows = list(csv.DictReader(open(path))) if path.exists() else []
+    rows.append({"run_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "date": day.isoformat(),
+                 "status": status, "nodes": res.get("nodes", ""), "alarms": res.get("alarms", ""),
+                 "drifted": res.get("drifted", ""), "light_refits": res.get("light_refits", ""),
+                 "seconds": round(time.time() - t0, 1), "message": res.get("message", "")})
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=HISTORY_FIELDS)
+        w.writeheader()
+        w.writerows(rows)

@@ -1,0 +1,207 @@
+"""The nightly job as cron runs it (`env -i`, minimal PATH, one env file), drift and light retraining."""
+import csv
+import datetime as dt
+import fcntl
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import cron, hpcad, nightly_env_file as _env_file, write_site
+from hpcad.data.synthetic import metric_names
+from hpcad.drift import assess, write_levels
+from hpcad.light import LightMap, fit_light_map, light_path, map_for_night, save_version
+from hpcad.model.autoencoder import AutoencoderSpec, glorot_init
+
+CUT = "2025-01-09"  # training: the days before; nightly exports: this day on
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """3 nodes reporting every 5 minutes: 3 days of training exports, then one folder per day;
+    node0002's levels shift from the second nightly day on (new cooling)."""
+    root = tmp_path_factory.mktemp("site")
+    write_site(root, nodes=3, days=8, cut=CUT, drift_node="node0002", drift_row=288 * 4)
+    hpcad("run", f"data.source={root / 'train'}", f"hydra.run.dir={root / 'trainrun'}", "train.epochs=8",
+          "train.progress=false", "baselines.methods=[]", "report.enabled=false")
+    return root
+
+
+def _history(out: Path) -> list[dict]:
+    with open(out / "history.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_cron_run_finds_injected_anomalies_and_a_rerun_replaces_the_day(site, tmp_path):
+    out = tmp_path / "nightly"
+    day = "2025-01-10"
+    (tmp_path / "sacct").mkdir()  # the day's sacct dump, as an earlier cron line would write it
+    (tmp_path / "sacct" / f"{day}.txt").write_text("JobID|NodeList|Start|End|State\n"
+                                                   f"777|node[0000-0002]|{day}T00:00:00|{day}T23:59:59|COMPLETED\n")
+    env = _env_file(site, out, more=f"HPCAD_JOBS={tmp_path / 'sacct'}/{{date}}.txt\n")
+    labels = pd.concat(pd.read_csv(p, usecols=["timestamp", "anomaly"]).assign(node=p.stem) for p in (site / "daily" / day).glob("*.csv"))
+    assert (labels.anomaly != 0).any()  # the generator injected anomalies on this day
+    p = cron(env, "--date", day)
+    assert p.returncode == 0, p.stderr
+    assert f"hpcad nightly {day}: 3 nodes" in p.stdout
+    folder = out / day
+    alarms = list(csv.DictReader(open(folder / "alarms.csv")))
+    hits = [a for a in alarms if a["label_classes"]]
+    assert hits, alarms  # an alarm overlaps an injected anomaly
+    for a in hits:
+        anomalous = labels[(labels.node == a["node"]) & (labels.anomaly != 0)]
+        assert not anomalous.empty
+    js = json.loads((folder / "alarms.json").read_text())
+    assert len(js) == len(alarms) and {"node", "start", "end", "peak_score", "top_metrics", "jobs"} <= set(js[0])
+    assert all(a["jobs"] == ["777"] for a in js)  # the job that ran during each alarm
+    assert js[0]["top_metrics"][0]["metric"] in metric_names() and js[0]["top_metrics"][0]["error"] > 0
+    assert "data:image/png;base64," in (folder / "report.html").read_text()
+    first = (folder / "alarms.csv").read_bytes()
+    p = cron(env, "--date", day)  # the same night again
+    assert p.returncode == 0, p.stderr
+    assert (folder / "alarms.csv").read_bytes() == first  # replaced, not appended: no duplicate alarms
+    assert [h["status"] for h in _history(out)] == ["ok", "ok"]
+    assert not list(out.glob(".*tmp*")) and not list(out.glob(".*old*"))
+
+
+def test_missing_or_partial_input_fails_clearly_and_changes_nothing(site, tmp_path):
+    out = tmp_path / "nightly"
+    env = _env_file(site, out)
+    assert cron(env, "--date", "2025-01-09").returncode == 0
+    def outputs() -> dict:  # the day folders (not logs, the history or the lock file)
+        return {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and "logs" not in p.parts
+                and p.name not in ("history.csv", ".nightly.lock")}
+
+    before = outputs()
+    p = cron(env, "--date", "2024-12-31")
+    assert p.returncode == 2
+    assert "nightly 2024-12-31: no exports at" in p.stderr and str(site / "daily" / "2024-12-31") in p.stderr
+    partial = tmp_path / "partial" / "2025-01-09"
+    shutil.copytree(site / "daily" / "2025-01-09", partial)
+    (partial / "node0001.csv").unlink()
+    p = cron(_env_file(site, out, "nightly.input='" + str(tmp_path / "partial") + "/{date}'", name="partial"),
+             "--date", "2025-01-09")
+    assert p.returncode == 2 and "partial input: 2 of 3 trained nodes" in p.stderr
+    assert outputs() == before
+    assert [h["status"] for h in _history(out)] == ["ok", "failed", "failed"]
+    # no --date: yesterday in the site's zone
+    yesterday = (dt.datetime.now(dt.timezone(dt.timedelta(hours=14))) - dt.timedelta(days=1)).date()
+    p = cron(_env_file(site, out, tz="Pacific/Kiritimati", name="kiritimati"))
+    assert p.returncode == 2 and f"nightly {yesterday.isoformat()}: no exports" in p.stderr
+
+
+def test_a_second_run_waits_for_nobody_and_bad_setup_is_named(site, tmp_path):
+    out = tmp_path / "nightly"
+    out.mkdir()
+    env = _env_file(site, out)
+    with open(out / ".nightly.lock", "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        p = cron(env, "--date", "2025-01-09")
+    assert p.returncode == 2 and "another nightly run holds the lock" in p.stderr
+    assert not (out / "2025-01-09").exists()
+    p = cron(tmp_path / "absent.env")
+    assert p.returncode == 78 and "absent.env not readable" in p.stderr
+    bad = tmp_path / "bad.env"
+    bad.write_text("HPCAD_VENV=/nonexistent\n")
+    p = cron(bad)
+    assert p.returncode == 78 and "HPCAD_TRAIN_RUN is not set" in p.stderr
+
+
+def test_backfill_detects_drift_and_light_retrains_only_later_nights(site, tmp_path):
+    out = tmp_path / "nightly"
+    # node0002 shifts from 2025-01-10 on; baseline = the first night; drift = 2 nights at >= 1.5x it
+    env = _env_file(site, out, "nightly.drift_ratio=1.5 nightly.drift_days=2 nightly.drift_reference_nights=1 "
+                    "nightly.light_days=2")
+    p = cron(env, "--from", "2025-01-09", "--to", "2025-01-12")
+    assert p.returncode == 0, p.stderr
+    hist = _history(out)
+    assert [h["date"] for h in hist] == ["2025-01-09", "2025-01-10", "2025-01-11", "2025-01-12"]
+    drift = {d: {v["node"]: v for v in json.loads((out / d / "drift.json").read_text())["nodes"]}
+             for d in ("2025-01-09", "2025-01-10", "2025-01-11")}
+    assert not drift["2025-01-09"]["node0002"]["drifted"]
+    assert drift["2025-01-11"]["node0002"]["drifted"] and not drift["2025-01-11"]["node0000"]["drifted"]
+    refits = json.loads((out / "2025-01-11" / "light.json").read_text())
+    assert [r["node"] for r in refits] == ["node0002"] and refits[0]["valid_from"] == "2025-01-12"
+    models = site / "trainrun" / "models"
+    try:
+        assert light_path(models, "node0002", refits[0]["version"]).exists()
+        import h5py
+
+        with h5py.File(out / "2025-01-12" / "errors.h5") as f:
+            assert f["nodes/node0002"].attrs["light_version"] >= 1  # later nights use the map
+            assert f["nodes/node0000"].attrs["light_version"] == 0
+        lv = {d: {r["node"]: float(r["level"]) for r in csv.DictReader(open(out / d / "levels.csv"))}
+              for d in ("2025-01-11", "2025-01-12")}
+        assert lv["2025-01-12"]["node0002"] < lv["2025-01-11"]["node0002"] / 1.5  # the map absorbed the shift
+        p = cron(env, "--date", "2025-01-10")  # re-scoring an earlier night ignores maps fitted after it
+        assert p.returncode == 0, p.stderr
+        with h5py.File(out / "2025-01-10" / "errors.h5") as f:
+            assert f["nodes/node0002"].attrs["light_version"] == 0
+    finally:
+        for f in models.glob("*.light*.pt"):
+            f.unlink()
+
+
+def test_nightly_report_renders_in_headless_chromium(site, tmp_path, chromium):
+    out = tmp_path / "nightly"
+    assert cron(_env_file(site, out), "--date", "2025-01-10").returncode == 0
+    page = (out / "2025-01-10" / "report.html").read_text()
+    probe = tmp_path / "probe.html"  # the report plus a script that counts decoded images
+    probe.write_text(page.replace("</body>", "<script>window.addEventListener('load', () => "
+                                  "document.body.setAttribute('data-images', [...document.images].filter("
+                                  "i => i.complete && i.naturalWidth > 0).length + '/' + document.images.length));"
+                                  "</script></body>"))
+    dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                          "--disable-background-networking", "--virtual-time-budget=10000", "--dump-dom",
+                          probe.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    n = page.count("<img ")
+    assert n >= 4 and f'data-images="{n}/{n}"' in dom  # every plot decoded
+    for section in ("Cluster overview", "Drift", "Alarm signal", "Mean error profile per class", "Training"):
+        assert f"<h2>{section}</h2>" in dom
+
+
+def test_light_map_fits_a_level_shift_in_closed_form_and_loads_safely(tmp_path):
+    spec = AutoencoderSpec([8])
+    params = glorot_init(spec, 6, seed=1)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 6)).astype(np.float32)
+    shifted = x + np.float32(2.0)
+    lm = fit_light_map(params, 1, shifted, ridge=10.0, fitted_on=["d1"])
+    from hpcad.light import recon_and_code
+
+    recon, code = recon_and_code(params, 1, shifted)
+    before = float(((recon - torch.from_numpy(shifted).double()) ** 2).mean())
+    after = float(((lm.apply(recon.float(), code.float()).double() - torch.from_numpy(shifted).double()) ** 2).mean())
+    assert after < 0.5 * before
+    huge = fit_light_map(params, 1, shifted, ridge=1e9, fitted_on=["d1"])
+    assert float(huge.delta[:-1].abs().max()) < 1e-3  # strong ridge: the old model, plus only a bias
+    save_version(tmp_path, "n1", lm)
+    lm2 = fit_light_map(params, 1, shifted, 10.0, ["d2"], previous=lm, valid_from="2025-01-05")
+    save_version(tmp_path, "n1", lm2)
+    assert LightMap.load(light_path(tmp_path, "n1")).version == 2
+    assert map_for_night(tmp_path, "n1", "2025-01-04").version == 1
+    assert map_for_night(tmp_path, "n1", "2025-01-05").version == 2
+    torch.save({"format": "hpcad-light-map", "evil": object()}, tmp_path / "n2.light.pt")
+    with pytest.raises(Exception, match="cannot load light map"):
+        LightMap.load(tmp_path / "n2.light.pt")  # weights_only refuses pickled objects
+
+
+def test_drift_is_a_sustained_rise_over_the_nodes_baseline(tmp_path):
+    day = dt.date(2025, 1, 10)
+    for k, level in ((4, 1.0), (3, 1.2), (2, 0.9), (1, 2.5)):  # three baseline nights, then a rise
+        d = tmp_path / (day - dt.timedelta(days=k)).isoformat()
+        d.mkdir()
+        write_levels(d / "levels.csv", [{"node": "a", "rows": 288, "alarmed_rows": 0, "level": level}])
+    v = assess(tmp_path, day, [{"node": "a", "level": 3.0}], ratio=2.0, days=2, reference=3)
+    assert v[0]["baseline"] == 1.0 and v[0]["streak"] == 2 and v[0]["drifted"]
+    v = assess(tmp_path, day, [{"node": "a", "level": 3.0}], ratio=2.0, days=3, reference=3)
+    assert v[0]["streak"] == 2 and not v[0]["drifted"]  # the night before the rise was normal
+    v = assess(tmp_path, day, [{"node": "a", "level": 1.5}], ratio=2.0, days=1, reference=3)
+    assert not v[0]["drifted"]
+    v = assess(tmp_path, day, [{"node": "new", "level": 9.0}], ratio=2.0, days=1, reference=3)
+    assert v[0]["baseline"] is None and not v[0]["drifted"]  # no baseline nights yet: no verdict
