@@ -52,7 +52,7 @@ def train_fleet(cfg, store, models_dir, nodes: list[str], device: torch.device, 
     tc = cfg.train
     M = len(store.metrics)
     prepared = {n: prepare_training_rows(store, n, cfg) for n in nodes}
-    tr, va, va_owner = [], [], []
+    tr, va = [], []
     for n, (z, _) in prepared.items():
         cut = max(1, math.ceil(len(z) * (1 - tc.validation_split)))
         tr.append(z[:cut])

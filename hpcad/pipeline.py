@@ -25,7 +25,6 @@ from hpcad.device import resolve_device
 from hpcad.errors import ConfigError, StoreError
 from hpcad.explain import class_profiles
 from hpcad.score import ErrorStore, score_nodes, write_index
-from hpcad.threshold.cost import CostModel
 from hpcad.threshold.evaluate import alarm_events, evaluate, write_alarms_csv
 from hpcad.threshold.reduce import reducer
 from hpcad.threshold.rules import Thresholds

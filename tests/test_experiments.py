@@ -4,7 +4,6 @@ import shutil
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from conftest import hpcad
 from hpcad.explain import metric_family

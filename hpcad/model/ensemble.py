@@ -10,7 +10,6 @@ model does not depend on which other nodes share its chunk.
 from __future__ import annotations
 
 import logging
-import math
 import zlib
 from dataclasses import dataclass
 
