@@ -229,7 +229,7 @@ def _check_complete(store: TelemetryStore, nodes: list[str], trained: list[str],
     start, end = day_bounds(day, n.timezone)
     newest, outside = -1, 0
     for node in nodes:
-        ts = store.read(node).timestamp
+        ts = store.timestamps(node)
         newest = max(newest, int(ts[-1]))
         outside += int(((ts < start) | (ts >= end)).sum())
     if newest < end - n.max_end_gap_s:

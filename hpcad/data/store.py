@@ -151,6 +151,11 @@ class TelemetryStore:
                     self._jobs.by_node.setdefault(n, []).append(j)
         return self._jobs
 
+    def timestamps(self, node: str) -> np.ndarray:
+        """One node's timestamps without its values."""
+        with open_h5(self.path) as f:
+            return f["nodes"][node]["timestamp"][()]
+
     def time_unit(self, node: str) -> str:
         """"s" (epoch seconds) or "row" (the input had no timestamps), without reading the data."""
         with open_h5(self.path) as f:
