@@ -34,8 +34,7 @@ from hpcad.data.ldms import stage_ldms
 from hpcad.data.longformat import stage_long
 from hpcad.data.store import TelemetryStore, check_node_name, open_h5, write_store
 from hpcad.data.synthetic import NodeData
-from hpcad.data.tables import is_table as _is_table, iter_table_chunks as _iter_table_chunks
-from hpcad.data.tables import read_table as _read_table, stem as _stem
+from hpcad.data.tables import is_table, iter_table_chunks, read_table, stem
 from hpcad.data.timestamps import to_epoch_seconds
 from hpcad.errors import InputError
 
@@ -134,16 +133,16 @@ def _guarded(make, node: str, skipped: list | None) -> NodeData | None:
 
 
 def _iter_directory(source: Path, conv: FrameConverter, skipped: list | None = None) -> Iterator[NodeData]:
-    files = sorted(p for p in source.iterdir() if _is_table(p))
+    files = sorted(p for p in source.iterdir() if is_table(p))
     if not files:
         raise InputError(f"{source}: no *.csv or *.parquet files in the directory")
-    stems = [_stem(p) for p in files]
+    stems = [stem(p) for p in files]
     dup = {s for s in stems if stems.count(s) > 1}
     if dup:
         raise InputError(f"{source}: several files for nodes {sorted(dup)} (e.g. both CSV and Parquet)")
     for path, node in zip(files, stems):
         check_node_name(node, str(path))
-        nd = _guarded(lambda: conv(_read_table(path), node, str(path)), node, skipped)
+        nd = _guarded(lambda: conv(read_table(path), node, str(path)), node, skipped)
         if nd is not None:
             yield nd
 
@@ -160,9 +159,9 @@ def _iter_single_file(source: Path, conv: FrameConverter, scratch_dir: Path,
     try:
         columns: list[str] | None = None
         with h5py.File(scratch, "w") as f:
-            for chunk in _iter_table_chunks(source):
+            for chunk in iter_table_chunks(source):
                 if cfg.node_column not in chunk.columns:  # one node's file (e.g. the lecture's CSV)
-                    chunk[cfg.node_column] = check_node_name(_stem(source), str(source))
+                    chunk[cfg.node_column] = check_node_name(stem(source), str(source))
                 chunk = chunk.drop(columns=[c for c in cfg.ignore_columns if c in chunk.columns])
                 if cfg.timestamp_column in chunk.columns:
                     chunk[cfg.timestamp_column] = to_epoch_seconds(chunk[cfg.timestamp_column], str(source),
@@ -236,7 +235,7 @@ def ingest(data_cfg, store_path: Path) -> Path:
             conv = FrameConverter(data_cfg)
             if src.is_dir():
                 stream = _iter_directory(src, conv, skipped)
-            elif _is_table(src):
+            elif is_table(src):
                 stream = _iter_single_file(src, conv, store_path.parent, skipped)
             else:
                 raise InputError(f"data.source: {src} is not a directory, CSV/Parquet file or .h5 store")
