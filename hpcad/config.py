@@ -172,6 +172,8 @@ class NightlyConfig:
     light_retrain: str = "drifted"  # drifted | all | off: fit LARA-style light maps after the night
     light_days: int = 3  # days of recent normal rows the light maps are fitted on
     light_ridge: float = 10.0  # ridge strength (per sample) pulling the maps towards "no change"
+    keep_data_days: int = 14  # nights keep store.h5/errors.h5 this long (light retraining reads them);
+    #                           alarms, reports, levels and drift stay for good
     slurm: bool = False  # score through sbatch --wait slurm/score_all_nodes.sh instead of in process
     sbatch_args: list[str] = field(default_factory=list)  # e.g. ["-p", "prod", "-A", "ops"]
 

@@ -24,7 +24,7 @@ from hpcad.score import ErrorStore
 from hpcad.threshold.rules import Thresholds
 
 FIELDS = ["node", "rows", "alarmed_rows", "level"]
-_NIGHT = re.compile(r"\d{4}-\d{2}-\d{2}")  # published night folders (not .<date>.tmp-<pid>)
+NIGHT_DIR = re.compile(r"\d{4}-\d{2}-\d{2}")  # published night folders (not .<date>.tmp-<pid>)
 
 
 def night_levels(errors: ErrorStore, th: Thresholds, smooth: int = 1) -> list[dict]:
@@ -54,7 +54,7 @@ def read_levels(path: Path) -> dict[str, float]:
 def assess(out_root: Path, day: dt.date, today: list[dict], ratio: float, days: int, reference: int = 3) -> list[dict]:
     """Verdict per node from today's levels and the earlier nights under ``out_root/<date>/levels.csv``."""
     nights = sorted(p.parent.name for p in out_root.glob("*/levels.csv")
-                    if _NIGHT.fullmatch(p.parent.name) and p.parent.name < day.isoformat())
+                    if NIGHT_DIR.fullmatch(p.parent.name) and p.parent.name < day.isoformat())
     first = [read_levels(out_root / d / "levels.csv") for d in nights[:reference]]
     recent = [read_levels(out_root / (day - dt.timedelta(days=k)).isoformat() / "levels.csv")
               for k in range(1, max(days, 1))]

@@ -39,7 +39,7 @@ from omegaconf import OmegaConf, open_dict
 from hpcad.atomic import atomic_path, write_json
 from hpcad.data.ingest import ingest
 from hpcad.data.store import TelemetryStore
-from hpcad.drift import assess, night_levels, write_levels
+from hpcad.drift import NIGHT_DIR, assess, night_levels, write_levels
 from hpcad.errors import ConfigError, HpcadError, InputError
 from hpcad.explain import class_profiles
 from hpcad.light import LightMap, fit_light_map, light_path, map_for_night, save_version
@@ -68,6 +68,9 @@ def run_nightly(cfg, run_dir: Path, overrides: list[str] | None = None) -> dict:
     for need in ("models", "thresholds.json"):
         if not (train_run / need).exists():
             raise ConfigError(f"train_run={train_run}: no {need} (train and threshold that run first)")
+    if n.keep_data_days < max(n.light_days, 1):
+        raise ConfigError(f"nightly.keep_data_days={n.keep_data_days} < nightly.light_days={n.light_days}: light "
+                          f"retraining reads the telemetry of its last nights")
     days = parse_days(n.date, n.timezone)
     out = Path(n.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -215,6 +218,7 @@ def _night(cfg, day: dt.date, out: Path, train_run: Path, overrides: list[str]) 
             write_report(dcfg, tmp, errors, models_dir, title=f"hpcad nightly {iso}",
                          extra=_nightly_sections(iso, src, new, verdicts, refits, n), folder=out / iso)
         _publish(tmp, out / iso)
+        _prune(out, day, n.keep_data_days)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"date": iso, "nodes": len(nodes), "alarms": len(records), "drifted": len(drifted),
@@ -335,6 +339,16 @@ def _publish(tmp: Path, final: Path) -> None:
     tmp.rename(final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _prune(out: Path, day: dt.date, keep_days: int) -> None:
+    """Drop the bulky telemetry and error files of nights older than ``keep_days`` before ``day``;
+    what people read (alarms, report, drift, history) stays."""
+    cutoff = (day - dt.timedelta(days=keep_days)).isoformat()
+    for night in out.iterdir():
+        if night.is_dir() and NIGHT_DIR.fullmatch(night.name) and night.name < cutoff:
+            for f in (*night.glob("store.h5"), *night.glob("errors*.h5")):
+                f.unlink()
 
 
 def _history(out: Path, day: dt.date, status: str, res: dict, t0: float) -> None:

@@ -116,11 +116,14 @@ def test_backfill_detects_drift_and_light_retrains_only_later_nights(site, tmp_p
     out = tmp_path / "nightly"
     # node0002 shifts from 2025-01-10 on; baseline = the first night; drift = 2 nights at >= 1.5x it
     env = _env_file(site, out, "nightly.drift_ratio=1.5 nightly.drift_days=2 nightly.drift_reference_nights=1 "
-                    "nightly.light_days=2")
+                    "nightly.light_days=2 nightly.keep_data_days=2")
     p = cron(env, "--from", "2025-01-09", "--to", "2025-01-12")
     assert p.returncode == 0, p.stderr
     hist = _history(out)
     assert [h["date"] for h in hist] == ["2025-01-09", "2025-01-10", "2025-01-11", "2025-01-12"]
+    # telemetry and errors are kept for 2 nights before the newest, the rest of each night for good
+    assert not (out / "2025-01-09" / "errors.h5").exists() and not (out / "2025-01-09" / "store.h5").exists()
+    assert (out / "2025-01-10" / "errors.h5").exists() and (out / "2025-01-09" / "alarms.csv").exists()
     drift = {d: {v["node"]: v for v in json.loads((out / d / "drift.json").read_text())["nodes"]}
              for d in ("2025-01-09", "2025-01-10", "2025-01-11")}
     assert not drift["2025-01-09"]["node0002"]["drifted"]
