@@ -98,11 +98,7 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
     def per_row_loss(x: torch.Tensor) -> torch.Tensor:
         with amp:
             recon, code = forward(params, x, n_encoder)
-        recon, code = recon.float(), code.float()
-        loss = ((recon - x) ** 2).mean(-1)
-        if l1 > 0:
-            loss = loss + l1 * code.abs().sum(-1)
-        return loss
+        return _row_loss(recon.float() - x, code.float(), l1)
 
     for epoch in range(int(cfg.epochs)):
         if not bool(running.any()):
@@ -208,6 +204,12 @@ def _holdout_signal(params, n_encoder, X, n_tr, n, Nmax, device) -> list[float]:
     return [max(v, 1e-12) for v in out]
 
 
+def _row_loss(diff: torch.Tensor, code: torch.Tensor, l1: float) -> torch.Tensor:
+    """The training objective per row: mean squared reconstruction error (+ L1 on the code)."""
+    loss = (diff * diff).mean(-1)
+    return loss + l1 * code.abs().sum(-1) if l1 > 0 else loss
+
+
 def _grads_into(params: list[torch.Tensor], grads: list[torch.Tensor], x: torch.Tensor, w_row: torch.Tensor,
                 n_encoder: int, l1: float, cdt: torch.dtype) -> torch.Tensor:
     """Forward and hand-written backward of K dense autoencoders in one pass, gradients written into
@@ -230,11 +232,8 @@ def _grads_into(params: list[torch.Tensor], grads: list[torch.Tensor], x: torch.
     recon = acts[-1]
     diff = recon - x
     M = x.shape[2]
-    row_loss = (diff * diff).mean(-1)
+    row_loss = _row_loss(diff, acts[n_encoder], l1)
     dz = diff * (w_row * (2.0 / M)).unsqueeze(-1)
-    if l1 > 0:
-        code = acts[n_encoder]
-        row_loss = row_loss + l1 * code.abs().sum(-1)
     for layer in range(n_layers - 1, -1, -1):
         h_in = acts[layer]
         grads[2 * layer].copy_(torch.bmm(h_in.transpose(1, 2).to(cdt), dz.to(cdt)))
