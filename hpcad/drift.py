@@ -15,21 +15,22 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
 from hpcad.atomic import atomic_path
-from hpcad.score import ErrorStore
+from hpcad.score import NodeSignal
 from hpcad.threshold.rules import Thresholds
 
 FIELDS = ["node", "rows", "alarmed_rows", "level"]
 NIGHT_DIR = re.compile(r"\d{4}-\d{2}-\d{2}")  # published night folders (not .<date>.tmp-<pid>)
 
 
-def night_levels(errors: ErrorStore, th: Thresholds, smooth: int = 1) -> list[dict]:
+def night_levels(signals: Iterable[NodeSignal], th: Thresholds) -> list[dict]:
     out = []
-    for s in errors.signals(smooth=smooth):
+    for s in signals:
         alarmed = th.signal_of(s) > th.threshold_for(s.node)
         level = float(np.median(s.normalised)) if len(alarmed) else float("nan")
         out.append({"node": s.node, "rows": int(len(alarmed)), "alarmed_rows": int(alarmed.sum()), "level": level})

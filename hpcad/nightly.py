@@ -43,7 +43,7 @@ from hpcad.drift import NIGHT_DIR, assess, night_levels, write_levels
 from hpcad.errors import ConfigError, HpcadError, InputError
 from hpcad.explain import class_profiles
 from hpcad.light import LightMap, fit_light_map, light_path, map_for_night, save_version
-from hpcad.model.files import NodeModel, model_path
+from hpcad.model.files import NodeModel, model_nodes, model_path
 from hpcad.preprocess import fill_gaps
 from hpcad.score import ErrorStore, score_nodes
 from hpcad.threshold.evaluate import alarm_events, evaluate, write_alarms_csv
@@ -171,7 +171,7 @@ def _night(cfg, day: dt.date, out: Path, train_run: Path, overrides: list[str]) 
             jobs_file = None
         dcfg = _day_cfg(cfg, src, jobs_file)
         store = TelemetryStore(ingest(dcfg.data, tmp / "store.h5"))
-        trained = sorted(p.name[:-3] for p in models_dir.glob("*.pt") if ".light" not in p.name)
+        trained = model_nodes(models_dir)
         nodes = [x for x in store.nodes if model_path(models_dir, x).exists()]
         new = sorted(set(store.nodes) - set(nodes))
         _check_complete(store, nodes, trained, day, src, n)
@@ -190,17 +190,18 @@ def _night(cfg, day: dt.date, out: Path, train_run: Path, overrides: list[str]) 
         cm = instantiate(cfg.threshold, _convert_="all").cost_model
         smooth = int(cfg.signal.smooth)
         jobs = store.jobs()
+        signals = list(errors.signals(smooth=smooth))  # alarms, evaluation and drift all read them
         records = []
-        for s in errors.signals(smooth=smooth):
+        for s in signals:
             records += alarm_events(s, th, errors.errors, errors.metrics, cfg.report.top_k, "s",
                                     merge_gap=cm.tolerance, jobs=jobs)
         write_alarms_csv(tmp / "alarms.csv", records)
         write_json(tmp / "alarms.json", [_alarm_json(r) for r in records])
-        metrics = evaluate(errors.signals(smooth=smooth), th, cm)
+        metrics = evaluate(iter(signals), th, cm)
         if metrics["labelled"]:
             write_json(tmp / "metrics.json", {"detector": "autoencoder", "cost_model": vars(cm), "splits":
                                               metrics["splits"], "class_profiles": class_profiles(errors)})
-        levels = night_levels(errors, th, smooth)
+        levels = night_levels(signals, th)
         write_levels(tmp / "levels.csv", levels)
         verdicts = assess(out, day, levels, n.drift_ratio, n.drift_days, n.drift_reference_nights)
         write_json(tmp / "drift.json", {"ratio": n.drift_ratio, "days": n.drift_days,
@@ -209,8 +210,8 @@ def _night(cfg, day: dt.date, out: Path, train_run: Path, overrides: list[str]) 
         targets = {"drifted": drifted, "all": list(errors.nodes), "off": []}.get(n.light_retrain)
         if targets is None:
             raise ConfigError(f"nightly.light_retrain={n.light_retrain!r}: drifted, all or off")
-        refits = [_light_retrain(cfg, node, day, out, tmp, models_dir, th) for node in targets]
-        refits = [r for r in refits if r]
+        nights = _recent_nights(day, out, tmp, n.light_days) if targets else []
+        refits = [r for r in (_light_retrain(cfg, node, day, nights, models_dir) for node in targets) if r]
         write_json(tmp / "light.json", refits)
         if cfg.report.enabled:
             from hpcad.report import write_report
@@ -273,17 +274,25 @@ def _alarm_json(r: dict) -> dict:
     return out
 
 
-def _light_retrain(cfg, node: str, day: dt.date, out: Path, tmp: Path, models_dir: Path, th: Thresholds) -> dict | None:
+def _recent_nights(day: dt.date, out: Path, tmp: Path, count: int) -> list[tuple[str, TelemetryStore, ErrorStore]]:
+    """Tonight (still in ``tmp``) and the published nights before it that kept their data."""
+    nights = []
+    for k in range(max(count, 1)):
+        d = tmp if k == 0 else out / (day - dt.timedelta(days=k)).isoformat()
+        if (d / "store.h5").exists() and (d / "errors.h5").exists():
+            nights.append(((day - dt.timedelta(days=k)).isoformat(), TelemetryStore(d / "store.h5"),
+                           ErrorStore(d / "errors.h5")))
+    return nights
+
+
+def _light_retrain(cfg, node: str, day: dt.date, nights: list[tuple[str, TelemetryStore, ErrorStore]],
+                   models_dir: Path) -> dict | None:
     """Fit the node's light map on its last nights' rows, less the night's worst 10 % of the signal
     (possible incidents) and, when labelled, the anomalous rows."""
     n = cfg.nightly
     model = NodeModel.load(model_path(models_dir, node))
     xs, used = [], []
-    for k in range(max(n.light_days, 1)):
-        d = tmp if k == 0 else out / (day - dt.timedelta(days=k)).isoformat()
-        if not (d / "store.h5").exists() or not (d / "errors.h5").exists():
-            continue
-        store, errors = TelemetryStore(d / "store.h5"), ErrorStore(d / "errors.h5")
+    for night, store, errors in nights:
         if node not in errors.nodes:
             continue
         s = next(errors.signals([node], smooth=int(cfg.signal.smooth)))
@@ -292,7 +301,7 @@ def _light_retrain(cfg, node: str, day: dt.date, out: Path, tmp: Path, models_di
             ok &= s.labels == 0
         nd = store.read(node)
         xs.append(model.scaler.transform(fill_gaps(nd.values, cfg.preprocess.nan_fill_limit))[0][ok])
-        used.append((day - dt.timedelta(days=k)).isoformat())
+        used.append(night)
     x = np.concatenate(xs) if xs else np.empty((0, len(model.metrics)), np.float32)
     if len(x) == 0:
         log.warning("nightly %s: node %s has no normal rows to refit its light map on", day, node)

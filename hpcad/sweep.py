@@ -16,6 +16,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from hpcad.atomic import atomic_path
+from hpcad.model.files import model_nodes, model_path
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +28,8 @@ def point_score(folder: Path) -> tuple[str, float] | None:
     losses = []
     import torch
 
-    for p in sorted((folder / "models").glob("*.pt")):
-        h = torch.load(p, weights_only=True)["history"]
+    for node in model_nodes(folder / "models"):
+        h = torch.load(model_path(folder / "models", node), weights_only=True)["history"]
         vals = [v for v in h["val_loss"] if v == v]
         if vals:
             losses.append(min(vals))

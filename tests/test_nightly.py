@@ -17,6 +17,7 @@ from hpcad.data.synthetic import metric_names
 from hpcad.drift import assess, write_levels
 from hpcad.light import LightMap, fit_light_map, light_path, map_for_night, save_version
 from hpcad.model.autoencoder import AutoencoderSpec, glorot_init
+from hpcad.model.files import model_nodes
 
 CUT = "2025-01-09"  # training: the days before; nightly exports: this day on
 
@@ -189,6 +190,8 @@ def test_light_map_fits_a_level_shift_in_closed_form_and_loads_safely(tmp_path):
     assert LightMap.load(light_path(tmp_path, "n1")).version == 2
     assert map_for_night(tmp_path, "n1", "2025-01-04").version == 1
     assert map_for_night(tmp_path, "n1", "2025-01-05").version == 2
+    (tmp_path / "n1.pt").write_bytes(b"")
+    assert model_nodes(tmp_path) == ["n1"]  # light maps beside a model are not models (sweeps, nightly)
     torch.save({"format": "hpcad-light-map", "evil": object()}, tmp_path / "n2.light.pt")
     with pytest.raises(Exception, match="cannot load light map"):
         LightMap.load(tmp_path / "n2.light.pt")  # weights_only refuses pickled objects

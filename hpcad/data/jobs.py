@@ -54,6 +54,13 @@ class JobTable:
     nodelist: list[str]
     by_node: dict[str, list[int]] = field(default_factory=dict)
 
+    def index_nodes(self, where: str) -> "JobTable":
+        """Fill ``by_node`` by expanding every job's node list."""
+        for j, text in enumerate(self.nodelist):
+            for node in expand_nodelist(text, f"{where}: job {self.job_id[j]}"):
+                self.by_node.setdefault(node, []).append(j)
+        return self
+
     def assign(self, node: NodeData) -> np.ndarray:
         """Job index per row of ``node`` (-1 = idle); with overlapping jobs the latest start wins."""
         job = np.full(len(node.timestamp), -1, dtype=np.int32)
@@ -122,10 +129,7 @@ def read_jobs(path: str | Path, timezone: str = "UTC") -> JobTable:
     if bad.size:
         raise InputError(f"{path}: job {df['JobID'][bad[0]]} ends before it starts")
     table = JobTable(df["JobID"].str.strip().tolist(), start, end, df["State"].str.strip().tolist(),
-                     df["NodeList"].str.strip().tolist())
-    for j, text in enumerate(table.nodelist):
-        for node in expand_nodelist(text, f"{path}: job {table.job_id[j]}"):
-            table.by_node.setdefault(node, []).append(j)
+                     df["NodeList"].str.strip().tolist()).index_nodes(str(path))
     _log_overlaps(table, where)
     return table
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from hpcad import __version__
 from hpcad.atomic import atomic_path
-from hpcad.data.jobs import JobTable, expand_nodelist
+from hpcad.data.jobs import JobTable
 from hpcad.data.synthetic import NodeData
 from hpcad.errors import InputError, StoreError
 
@@ -145,10 +145,8 @@ class TelemetryStore:
                 g = f["jobs"]
                 text = {k: [v.decode() if isinstance(v, bytes) else v for v in g[k][()]]
                         for k in ("job_id", "state", "nodelist")}
-                self._jobs = JobTable(text["job_id"], g["start"][()], g["end"][()], text["state"], text["nodelist"])
-            for j, nl in enumerate(self._jobs.nodelist):
-                for n in expand_nodelist(nl, str(self.path)):
-                    self._jobs.by_node.setdefault(n, []).append(j)
+                self._jobs = JobTable(text["job_id"], g["start"][()], g["end"][()], text["state"],
+                                      text["nodelist"]).index_nodes(str(self.path))
         return self._jobs
 
     def timestamps(self, node: str) -> np.ndarray:

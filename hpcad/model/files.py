@@ -5,6 +5,7 @@ renamed, so a file under the final name is always complete (a requeued job skips
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,14 @@ def load_tensors(path: Path, fmt: str, kind: str) -> dict:
     if not isinstance(obj, dict) or obj.get("format") != fmt:
         raise StoreError(f"{path}: not an hpcad {kind}")
     return obj
+
+
+def model_nodes(models_dir: Path) -> list[str]:
+    """The nodes with a model file in ``models_dir`` (light maps beside them are not models)."""
+    return sorted(p.name[:-3] for p in Path(models_dir).glob("*.pt") if not _LIGHT.search(p.name))
+
+
+_LIGHT = re.compile(r"\.light(-v\d+)?\.pt$")  # hpcad.light.light_path's names
 
 
 def model_path(models_dir: Path, node: str) -> Path:
