@@ -70,21 +70,34 @@ def _heatmap(errors: ErrorStore, s) -> str:
     return _png(fig)
 
 
-def _overview(errors: ErrorStore, th: Thresholds, nodes: list[str], smooth: int) -> str:
-    """Cluster overview: nodes x time, colour = peak signal / threshold per hour (>= 1: alarm)."""
-    sigs = list(errors.signals(nodes, smooth=smooth))
+def overview_grid(sigs: list, th: Thresholds, time_unit: str = "s") -> tuple[np.ndarray, int, int] | None:
+    """[nodes, bins] peak signal / threshold, the first bin's start and the bin width: an hour (a day
+    beyond two weeks), or 1/200 of the span in rows when the input had no timestamps."""
     stamps = [s.timestamp for s in sigs if len(s.timestamp)]
     if not stamps:
-        return ""
+        return None
     t0, t1 = min(int(t[0]) for t in stamps), max(int(t[-1]) for t in stamps)
     span = max(t1 - t0, 1)
-    step = 3600 if span <= 14 * 86400 else 86400
-    bins = span // step + 1
-    grid = np.full((len(sigs), bins), np.nan)
+    if time_unit == "row":
+        step = max(1, -(-span // 200))
+    else:
+        step = 3600 if span <= 14 * 86400 else 86400
+    grid = np.full((len(sigs), span // step + 1), np.nan)
     for i, s in enumerate(sigs):
         ratio = th.signal_of(s) / max(th.threshold_for(s.node), 1e-12)
-        col = (s.timestamp - t0) // step
-        np.fmax.at(grid[i], col, ratio)
+        np.fmax.at(grid[i], (s.timestamp - t0) // step, ratio)
+    return grid, t0, step
+
+
+def _overview(errors: ErrorStore, th: Thresholds, nodes: list[str], smooth: int, time_unit: str = "s") -> str:
+    """Cluster overview: nodes x time, colour = peak signal / threshold per hour or day (>= 1: alarm);
+    per block of rows when the input had no timestamps."""
+    sigs = list(errors.signals(nodes, smooth=smooth))
+    binned = overview_grid(sigs, th, time_unit)
+    if binned is None:
+        return ""
+    grid, t0, step = binned
+    bins = grid.shape[1]
     fig, ax = plt.subplots(figsize=(11, 1.2 + 0.16 * len(sigs)))
     from matplotlib.colors import LogNorm
 
@@ -94,12 +107,17 @@ def _overview(errors: ErrorStore, th: Thresholds, nodes: list[str], smooth: int)
     ticks = np.linspace(0, bins - 1, min(bins, 8)).astype(int)
     import datetime as dt
 
-    fmt = "%m-%d %H:%M" if step == 3600 else "%Y-%m-%d"
-    ax.set_xticks(ticks, [dt.datetime.fromtimestamp(t0 + int(k) * step, dt.timezone.utc).strftime(fmt) for k in ticks],
-                  fontsize=7)
+    if time_unit == "row":
+        ax.set_xticks(ticks, [str(t0 + int(k) * step) for k in ticks], fontsize=7)
+        ax.set_xlabel("row")
+        per = f"peak per {step} rows"
+    else:
+        fmt = "%m-%d %H:%M" if step == 3600 else "%Y-%m-%d"
+        ax.set_xticks(ticks, [dt.datetime.fromtimestamp(t0 + int(k) * step, dt.timezone.utc).strftime(fmt)
+                              for k in ticks], fontsize=7)
+        per = ("hourly" if step == 3600 else "daily") + " peak, UTC"
     fig.colorbar(im, ax=ax, label="peak signal / threshold")
-    ax.set_title(f"alarms per node over time ({'hourly' if step == 3600 else 'daily'} peak; red >= 1 = alarm; "
-                 f"UTC; white = no data)", fontsize=9)
+    ax.set_title(f"alarms per node over time ({per}; red >= 1 = alarm; white = no data)", fontsize=9)
     return _png(fig)
 
 
@@ -158,16 +176,22 @@ def write_report(cfg, run_dir: Path, errors: ErrorStore, models_dir: Path, title
              f"{len(errors.nodes)} nodes, {len(errors.metrics)} metrics; threshold rule <b>{th.rule}</b> "
              f"({th.scope} scope); {len(alarms)} alarm events.</p>"]
     store_path = run_dir / "store.h5"
+    if not store_path.exists() and str(cfg.data.source or "").lower().endswith((".h5", ".hdf5")):
+        store_path = Path(cfg.data.source)  # a store used in place
+    time_unit = "s"
     if store_path.exists():
         from hpcad.data.store import TelemetryStore
 
-        skipped = TelemetryStore(store_path).skipped
+        store = TelemetryStore(store_path)
+        skipped = store.skipped
+        time_unit = store.time_unit(store.nodes[0]) if store.nodes else "s"
         if skipped:
             parts.append(f"<h2>Skipped nodes ({len(skipped)})</h2><p>Bad input; these nodes were not scored.</p>"
                          + _table(skipped, ["node", "reason"]))
     overview = sorted(errors.nodes, key=lambda n: (-per_node_alarms.get(n, 0), n))[: cfg.report.max_nodes_overview]
     if overview:
-        parts.append("<h2>Cluster overview</h2>" + _overview(errors, th, sorted(overview), int(cfg.signal.smooth)))
+        parts.append("<h2>Cluster overview</h2>" + _overview(errors, th, sorted(overview), int(cfg.signal.smooth),
+                                                                  time_unit))
         if len(overview) < len(errors.nodes):
             parts.append(f"<p>{len(overview)} of {len(errors.nodes)} nodes shown (most alarms first; "
                          f"report.max_nodes_overview).</p>")

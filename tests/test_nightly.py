@@ -211,3 +211,21 @@ def test_drift_is_a_sustained_rise_over_the_nodes_baseline(tmp_path):
     assert not v[0]["drifted"]
     v = assess(tmp_path, day, [{"node": "new", "level": 9.0}], ratio=2.0, days=1, reference=3)
     assert v[0]["baseline"] is None and not v[0]["drifted"]  # no baseline nights yet: no verdict
+
+
+def test_overview_bins_hours_days_or_rows():
+    from hpcad.report import overview_grid
+    from hpcad.score import NodeSignal
+    from hpcad.threshold.rules import Thresholds
+
+    th = Thresholds("cost", "node", nodes={"a": 10.0, "b": 10.0})
+    day = [NodeSignal("a", np.array([5.0, 30.0, 1.0]), np.full(3, 2), None, np.array([0, 300, 7200])),
+           NodeSignal("b", np.array([2.0]), np.full(1, 2), None, np.array([3600]))]
+    grid, t0, step = overview_grid(day, th)
+    assert (t0, step) == (0, 3600)
+    np.testing.assert_array_equal(grid, [[3.0, np.nan, 0.1], [np.nan, 0.2, np.nan]])  # hourly peak / threshold
+    month = [NodeSignal("a", np.ones(2), np.full(2, 2), None, np.array([0, 30 * 86400]))]
+    assert overview_grid(month, th)[2] == 86400
+    rows = [NodeSignal("a", np.ones(1000), np.full(1000, 2), None, np.arange(1000))]  # no timestamps: row numbers
+    grid, t0, step = overview_grid(rows, th, "row")
+    assert step == 5 and grid.shape == (1, 200)
