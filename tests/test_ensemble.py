@@ -17,13 +17,11 @@ def _data(n_rows, M=12, seed=0):
 
 
 def _reference(spec, x, seed, cfg):
-    """One model trained alone by a plain loop: Keras fit semantics written out step by step."""
+    """One model trained alone by a plain loop: autograd and torch.optim.Adam, step by step."""
     params = [p.clone().requires_grad_(True) for p in glorot_init(spec, x.shape[1], seed)]
-    m = [torch.zeros_like(p) for p in params]
-    v = [torch.zeros_like(p) for p in params]
+    opt = torch.optim.Adam(params, lr=cfg.lr, betas=(BETA1, BETA2), eps=EPS)
     X = torch.from_numpy(x)
     n_tr = int(np.ceil(len(x) * (1 - cfg.validation_split)))
-    t = 0
     best, best_loss, wait = None, float("inf"), 0
     for epoch in range(cfg.epochs):
         keys = _shuffle_keys(torch.tensor([seed]), epoch, len(x))[0, :n_tr]
@@ -31,15 +29,9 @@ def _reference(spec, x, seed, cfg):
         for s in range(0, n_tr, cfg.batch_size):
             xb = X[perm[s:s + cfg.batch_size]][None]
             recon, _ = forward([p[None] for p in params], xb, len(spec.hidden))
-            loss = ((recon - xb) ** 2).mean()
-            grads = torch.autograd.grad(loss, params)
-            t += 1
-            with torch.no_grad():
-                lr_t = cfg.lr * np.sqrt(1 - BETA2 ** t) / (1 - BETA1 ** t)
-                for p, g, mm, vv in zip(params, grads, m, v):
-                    mm.mul_(BETA1).add_((1 - BETA1) * g)
-                    vv.mul_(BETA2).add_((1 - BETA2) * g * g)
-                    p.sub_(lr_t * mm / (vv.sqrt() + EPS))
+            opt.zero_grad()
+            ((recon - xb) ** 2).mean().backward()
+            opt.step()
         with torch.no_grad():
             xv = X[n_tr:][None]
             val = float(((forward([p[None] for p in params], xv, len(spec.hidden))[0] - xv) ** 2).mean())
@@ -118,3 +110,20 @@ def test_hand_written_gradients_match_autograd():
     for g, a in zip(grads, auto):
         torch.testing.assert_close(g, a, rtol=1e-5, atol=1e-6)
     assert all(float(g[2].abs().max()) == 0.0 for g in grads)
+
+
+def test_holdout_signal_belongs_to_the_kept_weights():
+    """The per-model signal level (kept from the validation pass of the kept epoch) is what the
+    returned weights give on the validation rows, with and without restore-best."""
+    spec = AutoencoderSpec([2])
+    noise = np.random.default_rng(0).normal(size=(100, 12)).astype(np.float32)  # its last epoch is not its best
+    data = [noise, _data(120, seed=1)]
+    for restore in (True, False):
+        cfg = NS(**{**vars(CFG), "restore_best": restore, "epochs": 30, "patience": 2, "lr": 1e-2})
+        res = train_ensemble(spec, data, [1, 2], cfg, torch.device("cpu"))
+        assert res.history[0]["best_epoch"] < res.history[0]["epochs_run"]
+        for k, x in enumerate(data):
+            xv = torch.from_numpy(x[res.history[k]["train_rows"]:])[None]
+            recon, _ = forward([p[None] for p in res.params[k]], xv, 1)
+            expected = float(((recon - xv) ** 2).sum(-1).mean())
+            assert abs(res.holdout_signal[k] - expected) <= 1e-5 * expected, (restore, k)

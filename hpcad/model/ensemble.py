@@ -55,15 +55,17 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
     n_tr = torch.clamp(n_tr, min=torch.ones_like(n), max=n) if K else n_tr
     n_va = n - n_tr
     Nmax = int(n.max())
-    X = torch.zeros(K, Nmax, M, device=device)
+    X = torch.empty(K, Nmax, M, device=device)
     for k, d in enumerate(data):
         X[k, : d.shape[0]] = torch.from_numpy(np.ascontiguousarray(d)).to(device)
+        X[k, d.shape[0]:] = 0.0
     X_rows = X.view(K * Nmax, M)
+    xv, v_mask = _holdout_rows(X, n_tr, n, Nmax, device)  # fixed for the whole run: gathered once
     row_base = (torch.arange(K, device=device) * Nmax)[:, None]
     seeds_t = torch.tensor(seeds, dtype=torch.int64, device=device)
     n_encoder = len(spec.hidden)
-    # All of a model's weights live in one row of a flat [K, P] buffer: the optimiser and the
-    # early-stopping bookkeeping are then a handful of whole-buffer operations per step.
+    # All of a model's weights live in one contiguous row of a flat [K, P] buffer (gradients and
+    # Adam moments alike): the matmuls see [K, in, out] views, the optimiser one vector per model.
     stacked = stack([glorot_init(spec, M, s) for s in seeds], device)
     shapes = [tuple(p.shape[1:]) for p in stacked]
     flat = torch.cat([p.reshape(K, -1) for p in stacked], 1)
@@ -75,31 +77,26 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
     params = views(flat)  # views sharing the flat buffer's storage
     g_flat = torch.zeros_like(flat)
     g_views = views(g_flat)
-    m_state = torch.zeros_like(flat)
-    v_state = torch.zeros_like(flat)
-    tmp = torch.empty_like(flat)
-    step_t = torch.zeros(K, device=device)
+    adam = _Adam(flat, g_flat, float(cfg.lr))
     best = flat.detach().clone()
+    buf = _Buffers()
     best_loss = torch.full((K,), float("inf"), device=device)
     wait = torch.zeros(K, dtype=torch.long, device=device)
     running = torch.ones(K, dtype=torch.bool, device=device)
     steps_per_epoch = torch.ceil(n_tr.double() / B).long()
+    full_steps = n_tr // B  # steps in which a model's batch is full
     hist_loss: list[list[float]] = [[] for _ in range(K)]
     hist_val: list[list[float]] = [[] for _ in range(K)]
     stopped_epoch = [int(cfg.epochs)] * K
     ar_B = torch.arange(B, device=device)
     row_idx = torch.arange(Nmax, device=device)[None, :]
-    lr = float(cfg.lr)
     l1 = float(spec.code_l1)
+    xb = torch.empty(K, B, M, device=device)
 
     amp = precision_context(getattr(cfg, "precision", "fp32"), device)
     cdt = torch.bfloat16 if getattr(cfg, "precision", "fp32") == "bf16" else torch.float32
 
-    def per_row_loss(x: torch.Tensor) -> torch.Tensor:
-        with amp:
-            recon, code = forward(params, x, n_encoder)
-        return _row_loss(recon.float() - x, code.float(), l1)
-
+    best_signal = torch.full((K,), float("nan"), device=device)
     for epoch in range(int(cfg.epochs)):
         if not bool(running.any()):
             break
@@ -107,47 +104,45 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
         keys = torch.where(row_idx < n_tr[:, None], keys, torch.full_like(keys, _MASK63))
         perm = torch.argsort(keys, dim=1)
         S = int(steps_per_epoch[running].max())
-        loss_sum = torch.zeros(K, device=device)
+        if S * B > Nmax:  # the padded tail of perm is shorter than the last batch
+            perm = torch.cat([perm, perm[:, :1].expand(-1, S * B - Nmax)], 1)
+        # rows[s] = the K x B rows of step s, as indices into X_rows (one contiguous block per step)
+        rows = (perm[:, : S * B] + row_base).view(K, S, B).transpose(0, 1).contiguous()
+        run_f = running.float()[:, None]
+        full_w = (run_f / B).expand(K, B)  # every running model has a full batch: weight 1/B per row
+        full_until = int(full_steps[running].min())
+        running_list = torch.nonzero(running).flatten().tolist()
+        running_group = adam.group(running_list)
+        running_f = run_f.squeeze(1)
+        loss_rows = torch.zeros(K, B, device=device)  # per-slot sums, reduced once per epoch
         for s in range(S):
-            pos = s * B + ar_B
-            idx = perm[:, s * B: (s + 1) * B]
-            if idx.shape[1] < B:  # the padded tail of perm is shorter than a batch
-                idx = torch.cat([idx, idx[:, :1].expand(-1, B - idx.shape[1])], 1)
-            valid = (pos[None, :] < n_tr[:, None]).float()
-            active = running & (s < steps_per_epoch)
-            xb = X_rows.index_select(0, (idx + row_base).flatten()).view(K, B, M)
-            count = valid.sum(1).clamp(min=1)
+            torch.index_select(X_rows, 0, rows[s].view(-1), out=xb.view(K * B, M))
+            if s < full_until:
+                w_row, counted, active, a = full_w, run_f, running_group, running_f
+            else:  # short last batches, and models whose epoch has ended
+                valid = ((s * B + ar_B)[None, :] < n_tr[:, None]).float()
+                a = (running & (s < steps_per_epoch)).float()
+                w_row = valid * (a / valid.sum(1).clamp(min=1))[:, None]
+                counted = valid * a[:, None]
+                active = adam.group(torch.nonzero(a).flatten().tolist())
             with torch.no_grad():
-                a = active.float()
-                row_loss = _grads_into(params, g_views, xb, valid * (a / count)[:, None], n_encoder, l1, cdt)
-                model_loss = (row_loss * valid).sum(1) / count
-                loss_sum += model_loss.detach() * valid.sum(1) * a
-                step_t += a
-                bc1 = 1 - BETA1 ** step_t.clamp(min=1)
-                bc2 = 1 - BETA2 ** step_t.clamp(min=1)
-                lr_t = (a * lr * torch.sqrt(bc2) / bc1)[:, None]  # 0 for models that sit this step out
-                a = a[:, None]
-                # Adam on the whole buffer, in place (memory-bound: no temporaries per step);
-                # moments and weights stay unchanged where a == 0.
-                m_state.lerp_(g_flat, (1 - BETA1) * a)
-                torch.mul(g_flat, g_flat, out=tmp)
-                v_state.lerp_(tmp, (1 - BETA2) * a)
-                torch.sqrt(v_state, out=tmp)
-                tmp.add_(EPS)
-                torch.div(m_state, tmp, out=tmp)
-                tmp.mul_(lr_t)
-                flat.sub_(tmp)
+                row_loss = _grads_into(params, g_views, xb, w_row, n_encoder, l1, cdt, buf)
+                loss_rows.addcmul_(row_loss, counted)
+                adam.step(active, a)
         with torch.no_grad():
-            train_loss = loss_sum / n_tr.clamp(min=1)
-            val_loss = _holdout_loss(per_row_loss, X, n_tr, n, Nmax, device)
+            train_loss = loss_rows.sum(1) / n_tr.clamp(min=1)
+            with amp:
+                val_loss, val_signal = _holdout_eval(params, n_encoder, xv, v_mask, l1)
             monitored = torch.where(n_va > 0, val_loss, train_loss)
             improved = running & (monitored < best_loss)
             best_loss = torch.where(improved, monitored, best_loss)
+            # the validation signal of the weights that will be kept (best, or the latest)
+            best_signal = torch.where(improved if cfg.restore_best else running, val_signal, best_signal)
             best.copy_(torch.where(improved[:, None], flat, best))
             wait = torch.where(improved, torch.zeros_like(wait), wait + running.long())
             newly_stopped = running & (wait >= int(cfg.patience))
             tl, vl = train_loss.tolist(), val_loss.tolist()
-            for k in torch.nonzero(running).flatten().tolist():
+            for k in running_list:
                 hist_loss[k].append(tl[k])
                 hist_val[k].append(vl[k] if int(n_va[k]) > 0 else float("nan"))
             for k in torch.nonzero(newly_stopped).flatten().tolist():
@@ -159,7 +154,7 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
         if cfg.restore_best:
             flat.copy_(best)
         params = views(flat)
-        holdout = _holdout_signal(params, n_encoder, X, n_tr, n, Nmax, device)
+        holdout = _holdout_signal(params, n_encoder, X, n, n_va, best_signal)
     histories = []
     for k in range(K):
         vals = hist_val[k]
@@ -171,6 +166,58 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
     return TrainResult([unstack(params, k) for k in range(K)], histories, holdout)
 
 
+class _Adam:
+    """Adam for K models stored as the rows of one flat [K, P] buffer, each with its own step count.
+
+    Runs the kernel behind ``torch.optim.Adam(fused=True)`` (one pass over weights, gradient and
+    moments) on a list of per-model rows: a model that sits a step out is left out of the list, so
+    its weights, moments and step count stay as they are, and a model's update never depends on
+    which other models share its chunk. Semantics are those of ``torch.optim.Adam(lr, eps=1e-7)``.
+    """
+
+    def __init__(self, flat: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
+        self.lr = lr
+        self.rows = [list(t.unbind(0)) for t in (flat, grad, torch.zeros_like(flat), torch.zeros_like(flat))]
+        self.step_count = torch.zeros(flat.shape[0], device=flat.device)  # float, as torch.optim keeps it
+        self.steps = list(self.step_count.unbind(0))
+
+    def group(self, active: list[int]) -> tuple[list[torch.Tensor], ...]:
+        """The rows of the models in ``active`` (build once, step many times)."""
+        return (*([t[k] for k in active] for t in self.rows), [self.steps[k] for k in active])
+
+    def step(self, group: tuple[list[torch.Tensor], ...], active: torch.Tensor | float) -> None:
+        """One update of the models in ``group``; ``active`` is their 0/1 mask [K] (or 1.0 for all)."""
+        p, g, m, v, steps = group
+        if not p:
+            return
+        self.step_count.add_(active)
+        torch._fused_adam_(p, g, m, v, [], steps, lr=self.lr, beta1=BETA1, beta2=BETA2, weight_decay=0.0,
+                           eps=EPS, amsgrad=False, maximize=False)
+
+
+class _Buffers:
+    """Scratch tensors reused from step to step: a fresh megabyte-sized CPU tensor costs page
+    faults that, for these small matmuls, take as long as the arithmetic."""
+
+    def __init__(self) -> None:
+        self._t: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        t = self._t.get(name)
+        if t is None or t.shape != shape:
+            t = self._t[name] = torch.empty(shape, device=like.device)
+        return t
+
+
+def _mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cdt: torch.dtype,
+        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``out = bias + a @ b`` (batched), the product in ``cdt``; written into ``out`` (float32)."""
+    if cdt == torch.float32:
+        return torch.bmm(a, b, out=out) if bias is None else torch.baddbmm(bias, a, b, out=out)
+    r = torch.bmm(a.to(cdt), b.to(cdt)) if bias is None else torch.baddbmm(bias.to(cdt), a.to(cdt), b.to(cdt))
+    return out.copy_(r)
+
+
 def _holdout_rows(X, n_tr, n, Nmax, device):
     """Validation rows [K, V, M] (padded) and their mask; V = the largest validation part."""
     V = max(int((n - n_tr).max()), 1)
@@ -180,70 +227,97 @@ def _holdout_rows(X, n_tr, n, Nmax, device):
     return torch.gather(X, 1, idx[..., None].expand(-1, -1, X.shape[2])), mask.float()
 
 
-def _holdout_loss(per_row_loss, X, n_tr, n, Nmax, device, block: int = 4096):
-    xv, mask = _holdout_rows(X, n_tr, n, Nmax, device)
-    total = torch.zeros(X.shape[0], device=device)
+def _holdout_eval(params, n_encoder, xv, mask, l1: float, block: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each model's mean loss and mean alarm signal (sum of squared errors) on its validation rows,
+    in blocks of rows (temporaries stay small)."""
+    loss = torch.zeros(xv.shape[0], device=xv.device)
+    signal = torch.zeros_like(loss)
     for s in range(0, xv.shape[1], block):
-        total += (per_row_loss(xv[:, s:s + block]) * mask[:, s:s + block]).sum(1)
-    return total / mask.sum(1).clamp(min=1)
+        x, m = xv[:, s:s + block], mask[:, s:s + block]
+        recon, code = forward(params, x, n_encoder)
+        sq = _sq_err(recon.float().sub_(x))
+        signal += (sq * m).sum(1)
+        loss += (_row_loss(sq, x.shape[-1], code.float(), l1) * m).sum(1)
+    count = mask.sum(1).clamp(min=1)
+    return loss / count, signal / count
 
 
-def _holdout_signal(params, n_encoder, X, n_tr, n, Nmax, device) -> list[float]:
-    """Mean alarm signal (sum of squared errors) on held-out rows; falls back to training rows."""
-    xv, mask = _holdout_rows(X, n_tr, n, Nmax, device)
-    recon, _ = forward(params, xv, n_encoder)
-    sig = ((recon - xv) ** 2).sum(-1)
-    mean_v = (sig * mask).sum(1) / mask.sum(1).clamp(min=1)
-    out = []
-    for k in range(X.shape[0]):
-        if mask[k].sum() > 0:
-            out.append(float(mean_v[k]))
-        else:
-            r, _ = forward([p[k:k + 1] for p in params], X[k:k + 1, : int(n[k])], n_encoder)
-            out.append(float(((r - X[k:k + 1, : int(n[k])]) ** 2).sum(-1).mean()))
+def _holdout_signal(params, n_encoder, X, n, n_va, val_signal) -> list[float]:
+    """Mean alarm signal of the kept weights on held-out rows (from the validation pass of the
+    epoch they come from); a model without validation rows is measured on its training rows."""
+    out = val_signal.tolist()
+    for k in torch.nonzero((n_va == 0) | torch.isnan(val_signal)).flatten().tolist():
+        x = X[k:k + 1, : int(n[k])]
+        r, _ = forward([p[k:k + 1] for p in params], x, n_encoder)
+        out[k] = float(_sq_err(r - x).mean())
     return [max(v, 1e-12) for v in out]
 
 
-def _row_loss(diff: torch.Tensor, code: torch.Tensor, l1: float) -> torch.Tensor:
+def _sq_err(diff: torch.Tensor) -> torch.Tensor:
+    """Per-row sum of squared errors (the alarm signal), in one pass over ``diff``."""
+    return torch.linalg.vector_norm(diff, dim=-1).square_()
+
+
+def _row_loss(sq_err: torch.Tensor, n_metrics: int, code: torch.Tensor, l1: float) -> torch.Tensor:
     """The training objective per row: mean squared reconstruction error (+ L1 on the code)."""
-    loss = (diff * diff).mean(-1)
+    loss = sq_err / n_metrics
     return loss + l1 * code.abs().sum(-1) if l1 > 0 else loss
 
 
 def _grads_into(params: list[torch.Tensor], grads: list[torch.Tensor], x: torch.Tensor, w_row: torch.Tensor,
-                n_encoder: int, l1: float, cdt: torch.dtype) -> torch.Tensor:
+                n_encoder: int, l1: float, cdt: torch.dtype, buf: _Buffers | None = None) -> torch.Tensor:
     """Forward and hand-written backward of K dense autoencoders in one pass, gradients written into
-    ``grads`` (views of the flat gradient buffer); returns each row's loss [K, B].
+    ``grads`` (contiguous [K, ...] tensors); returns each row's loss [K, B].
 
     The objective is sum over rows of ``w_row`` x (mean squared error + ``l1`` x |code|_1): the
     same as autograd over ``per_row_loss`` (test_ensemble checks both against a plain loop), without
-    building a graph for a few tiny matmuls per step. Matmuls run in ``cdt`` (float32, or bfloat16
-    for ``train.precision=bf16``); everything else in float32.
+    building a graph for a few tiny matmuls per step. The row weights of the output layer are folded
+    into its narrower input (hidden width, not metric count). Matmuls run in ``cdt`` (float32, or
+    bfloat16 for ``train.precision=bf16``) into reused buffers; everything else in float32.
     """
+    buf = buf or _Buffers()
+    K, B, M = x.shape
+
+    def grad_mm(i: int, a: torch.Tensor, b: torch.Tensor, dt: torch.dtype = cdt) -> None:
+        """grads[i] = a @ b; a strided gradient view gets it through a contiguous scratch tensor
+        (a matmul writing straight into a strided output is several times slower)."""
+        g = grads[i].view(K, -1, grads[i].shape[-1])
+        if g.is_contiguous():
+            _mm(g, a, b, dt)
+        else:
+            g.copy_(_mm(buf(f"g{i}", g.shape, x), a, b, dt))
+
     n_layers = len(params) // 2
-    acts, pre = [x], []
+    last = n_layers - 1
+    acts = [x]
     h = x
     for layer in range(n_layers):
         W, b = params[2 * layer], params[2 * layer + 1]
-        z = torch.baddbmm(b.unsqueeze(1).to(cdt), h.to(cdt), W.to(cdt)).float()
-        pre.append(z)
-        h = torch.relu(z) if layer < n_layers - 1 else z
+        h = _mm(buf(f"a{layer}", (K, B, W.shape[2]), x), h, W, cdt, b.unsqueeze(1))
+        if layer < last:
+            h.relu_()
         acts.append(h)
-    recon = acts[-1]
-    diff = recon - x
-    M = x.shape[2]
-    row_loss = _row_loss(diff, acts[n_encoder], l1)
-    dz = diff * (w_row * (2.0 / M)).unsqueeze(-1)
-    for layer in range(n_layers - 1, -1, -1):
+    diff = acts.pop().sub_(x)  # the reconstruction is not needed past this point
+    row_loss = _row_loss(_sq_err(diff), M, acts[n_encoder], l1)
+    # Output layer (linear): dL/dz = diff * w, w = w_row * 2/M per row. Fold w into h (width H < M).
+    h_in = acts[last]
+    w = (w_row * (2.0 / M)).unsqueeze(-1)
+    w_on = torch.mul(h_in > 0, w, out=buf("w_on", h_in.shape, x))  # w where the ReLU was active
+    grad_mm(2 * last, torch.mul(h_in, w_on, out=buf("hw", h_in.shape, x)).transpose(1, 2), diff)
+    grad_mm(2 * last + 1, w.transpose(1, 2), diff, torch.float32)
+    dz = _mm(buf(f"d{last}", h_in.shape, x), diff, params[2 * last].transpose(1, 2), cdt).mul_(w_on)
+    if l1 > 0 and last == n_encoder:  # the code feeds the output layer directly
+        dz.add_((h_in > 0) * (l1 * w_row).unsqueeze(-1))
+    for layer in range(last - 1, -1, -1):
         h_in = acts[layer]
-        grads[2 * layer].copy_(torch.bmm(h_in.transpose(1, 2).to(cdt), dz.to(cdt)))
+        grad_mm(2 * layer, h_in.transpose(1, 2), dz)
         torch.sum(dz, 1, out=grads[2 * layer + 1])
         if layer == 0:
             break
-        dh = torch.bmm(dz.to(cdt), params[2 * layer].transpose(1, 2).to(cdt)).float()
+        dh = _mm(buf(f"d{layer}", h_in.shape, x), dz, params[2 * layer].transpose(1, 2), cdt)
         if l1 > 0 and layer == n_encoder:  # the code is the (post-ReLU) output of layer n_encoder - 1
-            dh = dh + l1 * torch.sign(acts[layer]) * w_row.unsqueeze(-1)
-        dz = dh * (pre[layer - 1] > 0)
+            dh.add_(l1 * torch.sign(h_in) * w_row.unsqueeze(-1))
+        dz = dh.mul_(h_in > 0)
     return row_loss
 
 
