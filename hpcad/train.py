@@ -16,7 +16,7 @@ from hpcad.errors import ConfigError
 from hpcad.model.autoencoder import AutoencoderSpec
 from hpcad.model.files import NodeModel, model_path
 from hpcad.preprocess import Scaler, fill_gaps, split_codes, training_rows
-from hpcad.model.ensemble import chunk_size, default_chunk_cap, node_seed, train_ensemble
+from hpcad.model.ensemble import Workspace, chunk_size, default_chunk_cap, node_seed, train_ensemble
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ def train_nodes(cfg, store: TelemetryStore, models_dir: Path, nodes: list[str] |
     done = 0
     bar = tqdm(total=len(todo), desc="train", unit="node", disable=not cfg.train.progress)
     i = 0
+    workspace = Workspace()  # scratch reused chunk after chunk
     while i < len(todo):
         K = chunk_size(store.rows(todo[i]), M, spec, cfg.train.memory_budget_mb, cfg.train.batch_size,
                        cfg.train.max_nodes_per_chunk or default_chunk_cap(device))
@@ -69,7 +70,7 @@ def train_nodes(cfg, store: TelemetryStore, models_dir: Path, nodes: list[str] |
             raise ConfigError(f"nodes {empty[:5]}: fewer than 2 training rows (check split.* and labels)")
         seeds = [node_seed(cfg.train.seed, n) for n in chunk]
         bar.set_postfix(chunk=len(chunk), device=str(device))
-        res = train_ensemble(spec, [z for z, _ in prepared], seeds, cfg.train, device)
+        res = train_ensemble(spec, [z for z, _ in prepared], seeds, cfg.train, device, workspace=workspace)
         for k, n in enumerate(chunk):
             NodeModel(n, spec, store.metrics, res.params[k], prepared[k][1], res.history[k],
                       res.holdout_signal[k]).save(model_path(models_dir, n))

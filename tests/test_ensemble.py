@@ -127,3 +127,18 @@ def test_holdout_signal_belongs_to_the_kept_weights():
             recon, _ = forward([p[None] for p in res.params[k]], xv, 1)
             expected = float(((recon - xv) ** 2).sum(-1).mean())
             assert abs(res.holdout_signal[k] - expected) <= 1e-5 * expected, (restore, k)
+
+
+def test_workspace_reused_across_chunks_changes_nothing():
+    from hpcad.model.ensemble import Workspace
+
+    spec = AutoencoderSpec([8])
+    ws = Workspace()
+    train_ensemble(spec, [_data(400, seed=3), _data(350, seed=4), _data(90, seed=5)], [1, 2, 3], CFG,
+                   torch.device("cpu"), workspace=ws)  # leaves larger buffers full of that chunk's values
+    chunk = [_data(120, seed=6), _data(70, seed=7)]
+    reused = train_ensemble(spec, chunk, [4, 5], CFG, torch.device("cpu"), workspace=ws)
+    fresh = train_ensemble(spec, chunk, [4, 5], CFG, torch.device("cpu"))
+    for a, b in zip(reused.params, fresh.params):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert reused.holdout_signal == fresh.holdout_signal

@@ -45,8 +45,10 @@ class TrainResult:
 
 
 def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[int], cfg,
-                   device: torch.device, progress=None) -> TrainResult:
-    """Train one model per entry of ``data`` (standardised training rows [n_k, M]) together."""
+                   device: torch.device, progress=None, workspace: Workspace | None = None) -> TrainResult:
+    """Train one model per entry of ``data`` (standardised training rows [n_k, M]) together.
+
+    ``workspace``: scratch buffers to reuse across calls (chunks); a fresh one when omitted."""
     K = len(data)
     M = data[0].shape[1]
     B = int(cfg.batch_size)
@@ -55,7 +57,8 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
     n_tr = torch.clamp(n_tr, min=torch.ones_like(n), max=n) if K else n_tr
     n_va = n - n_tr
     Nmax = int(n.max())
-    X = torch.empty(K, Nmax, M, device=device)
+    buf = workspace or Workspace()
+    X = buf("X", (K, Nmax, M), device)
     for k, d in enumerate(data):
         X[k, : d.shape[0]] = torch.from_numpy(np.ascontiguousarray(d)).to(device)
         X[k, d.shape[0]:] = 0.0
@@ -79,7 +82,6 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
     g_views = views(g_flat)
     adam = _Adam(flat, g_flat, float(cfg.lr))
     best = flat.detach().clone()
-    buf = _Buffers()
     best_loss = torch.full((K,), float("inf"), device=device)
     wait = torch.zeros(K, dtype=torch.long, device=device)
     running = torch.ones(K, dtype=torch.bool, device=device)
@@ -91,7 +93,7 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
     ar_B = torch.arange(B, device=device)
     row_idx = torch.arange(Nmax, device=device)[None, :]
     l1 = float(spec.code_l1)
-    xb = torch.empty(K, B, M, device=device)
+    xb = buf("xb", (K, B, M), device)
 
     amp = precision_context(getattr(cfg, "precision", "fp32"), device)
     cdt = torch.bfloat16 if getattr(cfg, "precision", "fp32") == "bf16" else torch.float32
@@ -195,18 +197,20 @@ class _Adam:
                            eps=EPS, amsgrad=False, maximize=False)
 
 
-class _Buffers:
-    """Scratch tensors reused from step to step: a fresh megabyte-sized CPU tensor costs page
-    faults that, for these small matmuls, take as long as the arithmetic."""
+class Workspace:
+    """Scratch tensors reused from step to step and from chunk to chunk (pass one to successive
+    ``train_ensemble`` calls): a fresh megabyte-sized CPU tensor costs page faults that, for these
+    small matmuls, take as long as the arithmetic. Each name keeps the largest storage asked for."""
 
     def __init__(self) -> None:
         self._t: dict[str, torch.Tensor] = {}
 
-    def __call__(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    def __call__(self, name: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        numel = int(np.prod(shape))
         t = self._t.get(name)
-        if t is None or t.shape != shape:
-            t = self._t[name] = torch.empty(shape, device=like.device)
-        return t
+        if t is None or t.numel() < numel or t.device != torch.device(device):
+            t = self._t[name] = torch.empty(numel, device=device)
+        return t[:numel].view(shape)
 
 
 def _mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cdt: torch.dtype,
@@ -265,7 +269,7 @@ def _row_loss(sq_err: torch.Tensor, n_metrics: int, code: torch.Tensor, l1: floa
 
 
 def _grads_into(params: list[torch.Tensor], grads: list[torch.Tensor], x: torch.Tensor, w_row: torch.Tensor,
-                n_encoder: int, l1: float, cdt: torch.dtype, buf: _Buffers | None = None) -> torch.Tensor:
+                n_encoder: int, l1: float, cdt: torch.dtype, buf: Workspace | None = None) -> torch.Tensor:
     """Forward and hand-written backward of K dense autoencoders in one pass, gradients written into
     ``grads`` (contiguous [K, ...] tensors); returns each row's loss [K, B].
 
@@ -275,7 +279,7 @@ def _grads_into(params: list[torch.Tensor], grads: list[torch.Tensor], x: torch.
     into its narrower input (hidden width, not metric count). Matmuls run in ``cdt`` (float32, or
     bfloat16 for ``train.precision=bf16``) into reused buffers; everything else in float32.
     """
-    buf = buf or _Buffers()
+    buf = buf or Workspace()
     K, B, M = x.shape
 
     def grad_mm(i: int, a: torch.Tensor, b: torch.Tensor, dt: torch.dtype = cdt) -> None:
@@ -285,7 +289,7 @@ def _grads_into(params: list[torch.Tensor], grads: list[torch.Tensor], x: torch.
         if g.is_contiguous():
             _mm(g, a, b, dt)
         else:
-            g.copy_(_mm(buf(f"g{i}", g.shape, x), a, b, dt))
+            g.copy_(_mm(buf(f"g{i}", g.shape, x.device), a, b, dt))
 
     n_layers = len(params) // 2
     last = n_layers - 1
@@ -293,7 +297,7 @@ def _grads_into(params: list[torch.Tensor], grads: list[torch.Tensor], x: torch.
     h = x
     for layer in range(n_layers):
         W, b = params[2 * layer], params[2 * layer + 1]
-        h = _mm(buf(f"a{layer}", (K, B, W.shape[2]), x), h, W, cdt, b.unsqueeze(1))
+        h = _mm(buf(f"a{layer}", (K, B, W.shape[2]), x.device), h, W, cdt, b.unsqueeze(1))
         if layer < last:
             h.relu_()
         acts.append(h)
@@ -302,10 +306,10 @@ def _grads_into(params: list[torch.Tensor], grads: list[torch.Tensor], x: torch.
     # Output layer (linear): dL/dz = diff * w, w = w_row * 2/M per row. Fold w into h (width H < M).
     h_in = acts[last]
     w = (w_row * (2.0 / M)).unsqueeze(-1)
-    w_on = torch.mul(h_in > 0, w, out=buf("w_on", h_in.shape, x))  # w where the ReLU was active
-    grad_mm(2 * last, torch.mul(h_in, w_on, out=buf("hw", h_in.shape, x)).transpose(1, 2), diff)
+    w_on = torch.mul(h_in > 0, w, out=buf("w_on", h_in.shape, x.device))  # w where the ReLU was active
+    grad_mm(2 * last, torch.mul(h_in, w_on, out=buf("hw", h_in.shape, x.device)).transpose(1, 2), diff)
     grad_mm(2 * last + 1, w.transpose(1, 2), diff, torch.float32)
-    dz = _mm(buf(f"d{last}", h_in.shape, x), diff, params[2 * last].transpose(1, 2), cdt).mul_(w_on)
+    dz = _mm(buf(f"d{last}", h_in.shape, x.device), diff, params[2 * last].transpose(1, 2), cdt).mul_(w_on)
     if l1 > 0 and last == n_encoder:  # the code feeds the output layer directly
         dz.add_((h_in > 0) * (l1 * w_row).unsqueeze(-1))
     for layer in range(last - 1, -1, -1):
@@ -314,7 +318,7 @@ def _grads_into(params: list[torch.Tensor], grads: list[torch.Tensor], x: torch.
         torch.sum(dz, 1, out=grads[2 * layer + 1])
         if layer == 0:
             break
-        dh = _mm(buf(f"d{layer}", h_in.shape, x), dz, params[2 * layer].transpose(1, 2), cdt)
+        dh = _mm(buf(f"d{layer}", h_in.shape, x.device), dz, params[2 * layer].transpose(1, 2), cdt)
         if l1 > 0 and layer == n_encoder:  # the code is the (post-ReLU) output of layer n_encoder - 1
             dh.add_(l1 * torch.sign(h_in) * w_row.unsqueeze(-1))
         dz = dh.mul_(h_in > 0)
