@@ -27,7 +27,7 @@ from hpcad.atomic import write_json
 from hpcad.data.synthetic import generate_node
 from hpcad.device import precision_context, resolve_device
 from hpcad.errors import ConfigError
-from hpcad.model.autoencoder import AutoencoderSpec
+from hpcad.model.autoencoder import AutoencoderSpec, glorot_init
 from hpcad.model.ensemble import Workspace, chunk_size, default_chunk_cap, node_seed, train_ensemble
 from hpcad.preprocess import Scaler
 from hpcad.train import model_spec
@@ -61,6 +61,12 @@ def naive_train(x: np.ndarray, seed: int, spec: AutoencoderSpec, tc, device: tor
         layers.append(torch.nn.Linear(a, b_))
         if i < len(widths) - 2:
             layers.append(torch.nn.ReLU())
+    with torch.no_grad():  # the same initial weights as the batched side (Keras's Glorot uniform)
+        linear = [m for m in layers if isinstance(m, torch.nn.Linear)]
+        init = glorot_init(spec, M, seed)
+        for lin, W, b in zip(linear, init[0::2], init[1::2]):
+            lin.weight.copy_(W.T)
+            lin.bias.copy_(b)
     model = torch.nn.Sequential(*layers).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr, eps=1e-7)
     X = torch.from_numpy(x).to(device)
@@ -133,7 +139,7 @@ def bench_train(cfg, run_dir: Path) -> dict:
         if len(share):
             t0 = time.perf_counter()
             for i in share:
-                naive_val.append(naive_train(pool[int(i) % len(pool)], int(i), spec, tc, device))
+                naive_val.append(naive_train(pool[int(i) % len(pool)], node_seed(b.seed, f"n{int(i)}"), spec, tc, device))
                 naive_bar.update(1)
             _sync(device)
             share_s = time.perf_counter() - t0
@@ -170,7 +176,6 @@ def bench_score(cfg, run_dir: Path) -> dict:
     """Time the real score stage on ``bench.nodes`` nodes x ``bench.rows`` rows (e.g. one day: 288)."""
     from hpcad.data.store import TelemetryStore, write_store
     from hpcad.data.synthetic import NodeData, metric_names
-    from hpcad.model.autoencoder import glorot_init
     from hpcad.model.files import NodeModel, model_path
     from hpcad.score import score_nodes
 

@@ -5,13 +5,17 @@ from conftest import hpcad
 
 
 def test_bench_train_reports_speedup_throughput_and_memory(tmp_path):
-    out = hpcad("bench", "bench.nodes=3", "bench.rows=300", "bench.metrics=40", "bench.epochs=1",
-                "bench.pool=2", "train.progress=false", f"hydra.run.dir={tmp_path}").stdout
+    out = hpcad("bench", "bench.nodes=3", "bench.rows=300", "bench.metrics=40", "bench.epochs=2",
+                "bench.pool=2", "train.max_nodes_per_chunk=2", "train.progress=false",
+                f"hydra.run.dir={tmp_path}").stdout
     assert "speedup_vs_naive=" in out
     b = json.loads((tmp_path / "bench.json").read_text())
     for key in ("speedup_vs_naive", "node_epochs_per_s", "samples_per_s", "peak_rss_mb", "naive_s", "batched_s"):
         assert b[key] > 0, key
     assert b["nodes"] == 3 and b["metrics"] == 40 and b["naive_nodes"] == 3 and b["device"] == "cpu"
+    assert b["nodes_per_chunk"] == 2 and len(b["speedup_by_chunk"]) == 2  # naive nodes timed beside each chunk
+    # both sides do the same work from the same initial weights: their models end up as good
+    assert abs(b["batched_final_val_loss_mean"] / b["naive_final_val_loss_mean"] - 1) < 0.1
 
 
 def test_bench_score_times_the_real_score_stage(tmp_path):
