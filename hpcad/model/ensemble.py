@@ -1,7 +1,7 @@
 """Train a shard of per-node autoencoders as one batched ensemble, with per-model semantics.
 
-Each model keeps what it would have if trained alone (Keras ``fit`` semantics, as in the lecture):
-its own rows, validation split (the last share of its training rows), shuffling stream, batches of
+Each model keeps what it would have if trained alone (the lecture's Keras ``fit`` loop, with Adam as
+``torch.optim.Adam``): its own rows, validation split (the last share of its training rows), shuffling stream, batches of
 ``batch_size`` (a short last batch), Adam state and step count, early stopping with patience and
 restore-best. A model whose epoch has ended, or that stopped early, receives no update while the
 others go on. Shuffling keys come from a counter-based hash of (node seed, epoch, row), so a node's
@@ -20,7 +20,7 @@ from hpcad.device import precision_context
 from hpcad.model.autoencoder import AutoencoderSpec, forward, glorot_init, stack, unstack
 
 log = logging.getLogger(__name__)
-BETA1, BETA2, EPS = 0.9, 0.999, 1e-7  # Keras Adam defaults
+BETA1, BETA2, EPS = 0.9, 0.999, 1e-7  # the lecture's (Keras) Adam settings
 _MASK63 = (1 << 63) - 1
 
 
