@@ -116,7 +116,7 @@ def bench_train(cfg, run_dir: Path) -> dict:
     naive_bar = tqdm(total=n_naive, desc="bench naive", unit="node", disable=not cfg.train.progress or not n_naive)
     # Untimed warm-up of both sides (first-call library initialisation is not per-node work).
     warm = SimpleNamespace(**{**vars(tc), "epochs": 1})
-    train_ensemble(spec, [p[:512] for p in pool[:2]], [0, 1], warm, device)
+    train_ensemble(spec, [p[:512] for p in pool[:2]], list(range(len(pool[:2]))), warm, device)
     if n_naive:
         naive_train(pool[0][:512], 0, spec, warm, device)
     batched_s = naive_s = 0.0
@@ -138,8 +138,8 @@ def bench_train(cfg, run_dir: Path) -> dict:
         final_val += [h["val_loss"][-1] for h in res.history]
         if len(share):
             t0 = time.perf_counter()
-            for i in share:
-                naive_val.append(naive_train(pool[int(i) % len(pool)], node_seed(b.seed, f"n{int(i)}"), spec, tc, device))
+            for i in map(int, share):
+                naive_val.append(naive_train(pool[i % len(pool)], node_seed(b.seed, f"n{i}"), spec, tc, device))
                 naive_bar.update(1)
             _sync(device)
             share_s = time.perf_counter() - t0

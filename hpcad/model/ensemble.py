@@ -1,11 +1,11 @@
 """Train a shard of per-node autoencoders as one batched ensemble, with per-model semantics.
 
-Each model keeps what it would have if trained alone (the lecture's Keras ``fit`` loop, with Adam as
-``torch.optim.Adam``): its own rows, validation split (the last share of its training rows), shuffling stream, batches of
-``batch_size`` (a short last batch), Adam state and step count, early stopping with patience and
-restore-best. A model whose epoch has ended, or that stopped early, receives no update while the
-others go on. Shuffling keys come from a counter-based hash of (node seed, epoch, row), so a node's
-model does not depend on which other nodes share its chunk.
+Each model keeps what it would have if trained alone (the lecture's Keras ``fit`` loop, with Adam
+as ``torch.optim.Adam``): its own rows, validation split (the last share of its training rows),
+shuffling stream, batches of ``batch_size`` (a short last batch), Adam state and step count, early
+stopping with patience and restore-best. A model whose epoch has ended, or that stopped early,
+receives no update while the others go on. Shuffling keys come from a counter-based hash of
+(node seed, epoch, row), so a node's model does not depend on which other nodes share its chunk.
 """
 from __future__ import annotations
 
@@ -207,8 +207,10 @@ class Workspace:
 
     def __call__(self, name: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
         numel = int(np.prod(shape))
+        device = torch.device(device)
         t = self._t.get(name)
-        if t is None or t.numel() < numel or t.device != torch.device(device):
+        if t is None or t.numel() < numel or t.device.type != device.type or (
+                device.index is not None and t.device.index != device.index):
             t = self._t[name] = torch.empty(numel, device=device)
         return t[:numel].view(shape)
 
@@ -274,7 +276,7 @@ def _grads_into(params: list[torch.Tensor], grads: list[torch.Tensor], x: torch.
     ``grads`` (contiguous [K, ...] tensors); returns each row's loss [K, B].
 
     The objective is sum over rows of ``w_row`` x (mean squared error + ``l1`` x |code|_1): the
-    same as autograd over ``per_row_loss`` (test_ensemble checks both against a plain loop), without
+    same as autograd through ``forward`` (test_ensemble checks both against a plain loop), without
     building a graph for a few tiny matmuls per step. The row weights of the output layer are folded
     into its narrower input (hidden width, not metric count). Matmuls run in ``cdt`` (float32, or
     bfloat16 for ``train.precision=bf16``) into reused buffers; everything else in float32.
