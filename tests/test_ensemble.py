@@ -142,3 +142,20 @@ def test_workspace_reused_across_chunks_changes_nothing():
     for a, b in zip(reused.params, fresh.params):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert reused.holdout_signal == fresh.holdout_signal
+
+
+def test_models_that_stop_early_leave_the_chunk_without_changing_anyone():
+    """Once a quarter of the chunk has stopped, the stopped models are taken out and the rest is
+    compacted: every model still ends exactly as it would trained alone."""
+    spec = AutoencoderSpec([2])
+    noise = np.random.default_rng(0).normal(size=(100, 12)).astype(np.float32)  # stops after a few epochs
+    data = [_data(400, seed=1), noise, _data(200, seed=2), _data(310, seed=3)]
+    seeds = [1, 2, 3, 4]
+    cfg = NS(**{**vars(CFG), "epochs": 30, "patience": 2, "lr": 1e-2})
+    chunk = train_ensemble(spec, data, seeds, cfg, torch.device("cpu"))
+    stopped = [h["epochs_run"] for h in chunk.history]
+    assert stopped[1] < max(stopped)  # the noise model left the chunk while others went on
+    for k in range(4):
+        alone = train_ensemble(spec, [data[k]], [seeds[k]], cfg, torch.device("cpu"))
+        assert all(torch.equal(a, b) for a, b in zip(chunk.params[k], alone.params[0])), k
+        assert chunk.history[k] == alone.history[0] and chunk.holdout_signal[k] == alone.holdout_signal[0]

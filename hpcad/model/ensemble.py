@@ -22,6 +22,7 @@ from hpcad.model.autoencoder import AutoencoderSpec, forward, glorot_init, stack
 log = logging.getLogger(__name__)
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-7  # the lecture's (Keras) Adam settings
 _MASK63 = (1 << 63) - 1
+_COMPACT_SHARE = 0.25  # compact the chunk once this share of its models has stopped early
 
 
 def node_seed(seed: int, node: str) -> int:
@@ -48,7 +49,9 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
                    device: torch.device, progress=None, workspace: Workspace | None = None) -> TrainResult:
     """Train one model per entry of ``data`` (standardised training rows [n_k, M]) together.
 
-    ``workspace``: scratch buffers to reuse across calls (chunks); a fresh one when omitted."""
+    Once a quarter of the chunk's models have stopped early, their results are taken out and the
+    rest is compacted, so stopped models stop costing matmuls. ``workspace``: scratch buffers to
+    reuse across calls (chunks); a fresh one when omitted."""
     K = len(data)
     M = data[0].shape[1]
     B = int(cfg.batch_size)
@@ -56,15 +59,14 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
     n_tr = torch.ceil(n.double() * (1.0 - float(cfg.validation_split))).long()
     n_tr = torch.clamp(n_tr, min=torch.ones_like(n), max=n) if K else n_tr
     n_va = n - n_tr
+    rows_tr, rows_va = n_tr.tolist(), n_va.tolist()
     Nmax = int(n.max())
     buf = workspace or Workspace()
     X = buf("X", (K, Nmax, M), device)
     for k, d in enumerate(data):
         X[k, : d.shape[0]] = torch.from_numpy(np.ascontiguousarray(d)).to(device)
         X[k, d.shape[0]:] = 0.0
-    X_rows = X.view(K * Nmax, M)
     xv, v_mask = _holdout_rows(X, n_tr, n, Nmax, device)  # fixed for the whole run: gathered once
-    row_base = (torch.arange(K, device=device) * Nmax)[:, None]
     seeds_t = torch.tensor(seeds, dtype=torch.int64, device=device)
     n_encoder = len(spec.hidden)
     # All of a model's weights live in one contiguous row of a flat [K, P] buffer (gradients and
@@ -75,33 +77,42 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
     offsets = np.cumsum([0] + [int(np.prod(sh)) for sh in shapes])
 
     def views(t: torch.Tensor) -> list[torch.Tensor]:
-        return [t[:, a:b].view(K, *sh) for a, b, sh in zip(offsets[:-1], offsets[1:], shapes)]
+        return [t[:, a:b].view(t.shape[0], *sh) for a, b, sh in zip(offsets[:-1], offsets[1:], shapes)]
 
-    params = views(flat)  # views sharing the flat buffer's storage
     g_flat = torch.zeros_like(flat)
-    g_views = views(g_flat)
     adam = _Adam(flat, g_flat, float(cfg.lr))
     best = flat.detach().clone()
     best_loss = torch.full((K,), float("inf"), device=device)
+    best_signal = torch.full((K,), float("nan"), device=device)
     wait = torch.zeros(K, dtype=torch.long, device=device)
     running = torch.ones(K, dtype=torch.bool, device=device)
     steps_per_epoch = torch.ceil(n_tr.double() / B).long()
     full_steps = n_tr // B  # steps in which a model's batch is full
+    orig = list(range(K))  # chunk position of each model still in the buffers
     hist_loss: list[list[float]] = [[] for _ in range(K)]
     hist_val: list[list[float]] = [[] for _ in range(K)]
     stopped_epoch = [int(cfg.epochs)] * K
+    out_params: list[list[torch.Tensor]] = [[] for _ in range(K)]
+    out_signal = [0.0] * K
     ar_B = torch.arange(B, device=device)
     row_idx = torch.arange(Nmax, device=device)[None, :]
     l1 = float(spec.code_l1)
-    xb = buf("xb", (K, B, M), device)
-
     amp = precision_context(getattr(cfg, "precision", "fp32"), device)
     cdt = torch.bfloat16 if getattr(cfg, "precision", "fp32") == "bf16" else torch.float32
 
-    best_signal = torch.full((K,), float("nan"), device=device)
+    def finish(idx: list[int]) -> None:
+        """Take out the kept weights (best or latest) and signal level of the models at ``idx``."""
+        kept = views(best if cfg.restore_best else flat)
+        for k, sig in zip(idx, _holdout_signal(kept, n_encoder, X, n, n_va, best_signal, idx)):
+            out_params[orig[k]], out_signal[orig[k]] = unstack(kept, k), sig
+
     for epoch in range(int(cfg.epochs)):
         if not bool(running.any()):
             break
+        K = len(orig)
+        params, g_views = views(flat), views(g_flat)
+        X_rows = X.view(K * Nmax, M)
+        xb = buf("xb", (K, B, M), device)
         keys = _shuffle_keys(seeds_t, epoch, Nmax)
         keys = torch.where(row_idx < n_tr[:, None], keys, torch.full_like(keys, _MASK63))
         perm = torch.argsort(keys, dim=1)
@@ -109,6 +120,7 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
         if S * B > Nmax:  # the padded tail of perm is shorter than the last batch
             perm = torch.cat([perm, perm[:, :1].expand(-1, S * B - Nmax)], 1)
         # rows[s] = the K x B rows of step s, as indices into X_rows (one contiguous block per step)
+        row_base = (torch.arange(K, device=device) * Nmax)[:, None]
         rows = (perm[:, : S * B] + row_base).view(K, S, B).transpose(0, 1).contiguous()
         run_f = running.float()[:, None]
         full_w = (run_f / B).expand(K, B)  # every running model has a full batch: weight 1/B per row
@@ -145,27 +157,40 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
             newly_stopped = running & (wait >= int(cfg.patience))
             tl, vl = train_loss.tolist(), val_loss.tolist()
             for k in running_list:
-                hist_loss[k].append(tl[k])
-                hist_val[k].append(vl[k] if int(n_va[k]) > 0 else float("nan"))
+                hist_loss[orig[k]].append(tl[k])
+                hist_val[orig[k]].append(vl[k] if rows_va[orig[k]] > 0 else float("nan"))
             for k in torch.nonzero(newly_stopped).flatten().tolist():
-                stopped_epoch[k] = epoch + 1
+                stopped_epoch[orig[k]] = epoch + 1
             running &= ~newly_stopped
+            stopped = torch.nonzero(~running).flatten().tolist()
+            if stopped and len(stopped) >= _COMPACT_SHARE * K and len(stopped) < K:
+                finish(stopped)
+                keep = torch.nonzero(running).flatten()
+                for j, k in enumerate(keep.tolist()):  # in place, front to back (j <= k)
+                    if j != k:
+                        X[j].copy_(X[k])
+                        orig[j] = orig[k]
+                del orig[len(keep):]
+                X = X[: len(keep)]
+                xv, v_mask, n, n_tr, n_va, seeds_t, steps_per_epoch, full_steps = (
+                    t[keep] for t in (xv, v_mask, n, n_tr, n_va, seeds_t, steps_per_epoch, full_steps))
+                best_loss, best_signal, wait, running = (t[keep] for t in (best_loss, best_signal, wait, running))
+                flat, best = flat[keep], best[keep]
+                g_flat = torch.zeros_like(flat)
+                adam = adam.select(keep, flat, g_flat)
         if progress is not None:
             progress(epoch + 1, int(running.sum()))
     with torch.no_grad():
-        if cfg.restore_best:
-            flat.copy_(best)
-        params = views(flat)
-        holdout = _holdout_signal(params, n_encoder, X, n, n_va, best_signal)
+        finish(list(range(len(orig))))
     histories = []
-    for k in range(K):
+    for k in range(len(out_params)):
         vals = hist_val[k]
         finite = [v for v in vals if v == v]
         best_epoch = (int(np.argmin(finite)) + 1) if finite else int(np.argmin(hist_loss[k])) + 1
         histories.append({"loss": hist_loss[k], "val_loss": vals, "best_epoch": best_epoch,
                           "epochs_run": len(hist_loss[k]), "stopped_early": stopped_epoch[k] < int(cfg.epochs),
-                          "train_rows": int(n_tr[k]), "val_rows": int(n_va[k])})
-    return TrainResult([unstack(params, k) for k in range(K)], histories, holdout)
+                          "train_rows": rows_tr[k], "val_rows": rows_va[k]})
+    return TrainResult(out_params, histories, out_signal)
 
 
 class _Adam:
@@ -177,18 +202,26 @@ class _Adam:
     which other models share its chunk. Semantics are those of ``torch.optim.Adam(lr, eps=1e-7)``.
     """
 
-    def __init__(self, flat: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
+    def __init__(self, flat: torch.Tensor, grad: torch.Tensor, lr: float, m: torch.Tensor | None = None,
+                 v: torch.Tensor | None = None, step_count: torch.Tensor | None = None) -> None:
         self.lr = lr
-        self.rows = [list(t.unbind(0)) for t in (flat, grad, torch.zeros_like(flat), torch.zeros_like(flat))]
-        self.step_count = torch.zeros(flat.shape[0], device=flat.device)  # float, as torch.optim keeps it
+        self.m = torch.zeros_like(flat) if m is None else m
+        self.v = torch.zeros_like(flat) if v is None else v
+        # float, as torch.optim keeps it
+        self.step_count = torch.zeros(flat.shape[0], device=flat.device) if step_count is None else step_count
+        self.rows = [list(t.unbind(0)) for t in (flat, grad, self.m, self.v)]
         self.steps = list(self.step_count.unbind(0))
+
+    def select(self, keep: torch.Tensor, flat: torch.Tensor, grad: torch.Tensor) -> "_Adam":
+        """The state of the models at ``keep``, for the compacted ``flat``/``grad`` buffers."""
+        return _Adam(flat, grad, self.lr, self.m[keep], self.v[keep], self.step_count[keep])
 
     def group(self, active: list[int]) -> tuple[list[torch.Tensor], ...]:
         """The rows of the models in ``active`` (build once, step many times)."""
         return (*([t[k] for k in active] for t in self.rows), [self.steps[k] for k in active])
 
-    def step(self, group: tuple[list[torch.Tensor], ...], active: torch.Tensor | float) -> None:
-        """One update of the models in ``group``; ``active`` is their 0/1 mask [K] (or 1.0 for all)."""
+    def step(self, group: tuple[list[torch.Tensor], ...], active: torch.Tensor) -> None:
+        """One update of the models in ``group``; ``active`` is the 0/1 mask [K] of the same models."""
         p, g, m, v, steps = group
         if not p:
             return
@@ -224,22 +257,27 @@ def _mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cdt: torch.dtype,
     return out.copy_(r)
 
 
+_VAL_BLOCK = 128  # validation rows per forward pass and per partial sum
+
+
 def _holdout_rows(X, n_tr, n, Nmax, device):
-    """Validation rows [K, V, M] (padded) and their mask; V = the largest validation part."""
-    V = max(int((n - n_tr).max()), 1)
+    """Validation rows [K, V, M] (padded) and their mask. V is the largest validation part
+    rounded up to whole blocks, so a model's sums run over the same values in the same order
+    whatever the other models' lengths (its losses, and so its early stopping, stay its own)."""
+    V = -(-max(int((n - n_tr).max()), 1) // _VAL_BLOCK) * _VAL_BLOCK
     idx = n_tr[:, None] + torch.arange(V, device=device)[None, :]
     mask = idx < n[:, None]
     idx = torch.where(mask, idx, torch.zeros_like(idx)).clamp(max=Nmax - 1)
     return torch.gather(X, 1, idx[..., None].expand(-1, -1, X.shape[2])), mask.float()
 
 
-def _holdout_eval(params, n_encoder, xv, mask, l1: float, block: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+def _holdout_eval(params, n_encoder, xv, mask, l1: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Each model's mean loss and mean alarm signal (sum of squared errors) on its validation rows,
     in blocks of rows (temporaries stay small)."""
     loss = torch.zeros(xv.shape[0], device=xv.device)
     signal = torch.zeros_like(loss)
-    for s in range(0, xv.shape[1], block):
-        x, m = xv[:, s:s + block], mask[:, s:s + block]
+    for s in range(0, xv.shape[1], _VAL_BLOCK):
+        x, m = xv[:, s:s + _VAL_BLOCK], mask[:, s:s + _VAL_BLOCK]
         recon, code = forward(params, x, n_encoder)
         sq = _sq_err(recon.float().sub_(x))
         signal += (sq * m).sum(1)
@@ -248,15 +286,20 @@ def _holdout_eval(params, n_encoder, xv, mask, l1: float, block: int = 512) -> t
     return loss / count, signal / count
 
 
-def _holdout_signal(params, n_encoder, X, n, n_va, val_signal) -> list[float]:
-    """Mean alarm signal of the kept weights on held-out rows (from the validation pass of the
-    epoch they come from); a model without validation rows is measured on its training rows."""
-    out = val_signal.tolist()
-    for k in torch.nonzero((n_va == 0) | torch.isnan(val_signal)).flatten().tolist():
-        x = X[k:k + 1, : int(n[k])]
-        r, _ = forward([p[k:k + 1] for p in params], x, n_encoder)
-        out[k] = float(_sq_err(r - x).mean())
-    return [max(v, 1e-12) for v in out]
+def _holdout_signal(params, n_encoder, X, n, n_va, val_signal, idx: list[int]) -> list[float]:
+    """Mean alarm signal of the kept weights of the models at ``idx`` on their held-out rows (from
+    the validation pass of the epoch the weights come from); a model without validation rows is
+    measured on its training rows."""
+    signal, rows, rows_va = val_signal.tolist(), n.tolist(), n_va.tolist()
+    out = []
+    for k in idx:
+        v = signal[k]
+        if rows_va[k] == 0 or v != v:
+            x = X[k:k + 1, : rows[k]]
+            r, _ = forward([p[k:k + 1] for p in params], x, n_encoder)
+            v = float(_sq_err(r - x).mean())
+        out.append(max(v, 1e-12))
+    return out
 
 
 def _sq_err(diff: torch.Tensor) -> torch.Tensor:
@@ -285,13 +328,12 @@ def _grads_into(params: list[torch.Tensor], grads: list[torch.Tensor], x: torch.
     K, B, M = x.shape
 
     def grad_mm(i: int, a: torch.Tensor, b: torch.Tensor, dt: torch.dtype = cdt) -> None:
-        """grads[i] = a @ b; a strided gradient view gets it through a contiguous scratch tensor
-        (a matmul writing straight into a strided output is several times slower)."""
+        """grads[i] = a @ b, through a contiguous scratch tensor whatever the chunk: a matmul writing
+        straight into a strided gradient row is several times slower, and one writing straight
+        into a 1-model chunk's buffer (contiguous there) rounds differently from the same model in
+        a larger chunk (MKL's path depends on the output's alignment)."""
         g = grads[i].view(K, -1, grads[i].shape[-1])
-        if g.is_contiguous():
-            _mm(g, a, b, dt)
-        else:
-            g.copy_(_mm(buf(f"g{i}", g.shape, x.device), a, b, dt))
+        g.copy_(_mm(buf(f"g{i}", g.shape, x.device), a, b, dt))
 
     n_layers = len(params) // 2
     last = n_layers - 1
