@@ -237,15 +237,22 @@ class Workspace:
 
     def __init__(self) -> None:
         self._t: dict[str, torch.Tensor] = {}
+        self._views: dict[tuple, torch.Tensor] = {}  # (name, shape, device) -> view of _t[name]
 
     def __call__(self, name: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        key = (name, tuple(shape), str(device))
+        view = self._views.get(key)
+        if view is not None:
+            return view
         numel = int(np.prod(shape))
         device = torch.device(device)
         t = self._t.get(name)
         if t is None or t.numel() < numel or t.device.type != device.type or (
                 device.index is not None and t.device.index != device.index):
             t = self._t[name] = torch.empty(numel, device=device)
-        return t[:numel].view(shape)
+            self._views = {k: v for k, v in self._views.items() if k[0] != name}  # views of the old storage
+        view = self._views[key] = t[:numel].view(shape)
+        return view
 
 
 def _mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cdt: torch.dtype,
