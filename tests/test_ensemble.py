@@ -159,3 +159,16 @@ def test_models_that_stop_early_leave_the_chunk_without_changing_anyone():
         alone = train_ensemble(spec, [data[k]], [seeds[k]], cfg, torch.device("cpu"))
         assert all(torch.equal(a, b) for a, b in zip(chunk.params[k], alone.params[0])), k
         assert chunk.history[k] == alone.history[0] and chunk.holdout_signal[k] == alone.holdout_signal[0]
+
+
+def test_holdout_signal_without_validation_rows_is_measured_on_training_rows():
+    spec = AutoencoderSpec([4])
+    data = [_data(150, seed=0), _data(90, seed=1)]
+    cfg = NS(**{**vars(CFG), "validation_split": 0.0, "epochs": 3})
+    res = train_ensemble(spec, data, [1, 2], cfg, torch.device("cpu"))
+    for k, x in enumerate(data):
+        assert res.history[k]["val_rows"] == 0 and np.isnan(res.history[k]["val_loss"]).all()
+        xt = torch.from_numpy(x)[None]
+        recon, _ = forward([p[None] for p in res.params[k]], xt, 1)
+        expected = float(((recon - xt) ** 2).sum(-1).mean())
+        assert abs(res.holdout_signal[k] - expected) <= 1e-5 * expected
