@@ -18,6 +18,7 @@ increments on every refit) and scoring applies it when present.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,13 +71,18 @@ def save_version(models_dir: Path, node: str, lm: LightMap) -> None:
 
 def map_for_night(models_dir: Path, node: str, night: str) -> LightMap | None:
     """The newest map version allowed to score ``night`` (a rerun of an old night ignores maps
-    fitted after it, so it reproduces that night's alarms)."""
-    best = None
-    for p in Path(models_dir).glob(f"{node}.light-v*.pt"):
+    fitted after it, so it reproduces that night's alarms). Versions are read newest first and the
+    first allowed one is returned: a node refitted every night has hundreds of versions after a year."""
+    versions = sorted(((int(m.group(1)), p) for p in Path(models_dir).glob(f"{node}.light-v*.pt")
+                       if (m := _VERSION.search(p.name))), reverse=True)
+    for _, p in versions:
         lm = LightMap.load(p)
-        if lm.valid_from <= night and (best is None or lm.version > best.version):
-            best = lm
-    return best
+        if lm.valid_from <= night:
+            return lm
+    return None
+
+
+_VERSION = re.compile(r"\.light-v(\d+)\.pt$")  # light_path(models_dir, node, version)
 
 
 def recon_and_code(params: list[torch.Tensor], n_encoder: int, x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
