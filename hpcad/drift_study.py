@@ -12,8 +12,8 @@ next day on, the node's normal levels shift (``bench.drift``: CPU/GPU temperatur
 
 Each strategy's per-node threshold is the 99th percentile of its signal on normal rows it saw: the
 held-out validation rows of training for ``none`` and ``full``, the fitted rows for the light maps
-(a ridge-penalised linear map barely fits its own rows better than new ones), and all are scored on the last ``test_days``
-days: row ROC AUC (threshold-free), event precision/recall/F1, false alarms, missed anomalies and
+(a ridge-penalised linear map barely fits its own rows better than new ones), and all are scored on
+the last ``test_days`` days: row ROC AUC (threshold-free), event precision/recall/F1, false alarms, missed anomalies and
 cost (hpcad.threshold.cost), and the fit time.
 """
 from __future__ import annotations

@@ -322,12 +322,13 @@ def _nightly_sections(iso: str, src: Path, new: list[str], verdicts: list[dict],
     if new:
         parts.append(f"<p>{len(new)} node(s) without a trained model were not scored: "
                      f"{html.escape(', '.join(new[:50]))}</p>")
-    def rel(v):
-        return v["level"] / v["baseline"] if v["baseline"] and v["level"] == v["level"] else -1.0
 
-    rows = [[v["node"], v["level"], v["baseline"], rel(v) if rel(v) >= 0 else None, v["streak"],
-             "DRIFT" if v["drifted"] else ("no baseline yet" if v["baseline"] is None else "")]
-            for v in sorted(verdicts, key=lambda v: -rel(v))[:50]]
+    def rel(v):
+        return v["level"] / v["baseline"] if v["baseline"] and v["level"] == v["level"] else None
+
+    ranked = sorted(((rel(v), v) for v in verdicts), key=lambda rv: 1.0 if rv[0] is None else -rv[0])[:50]
+    rows = [[v["node"], v["level"], v["baseline"], r, v["streak"],
+             "DRIFT" if v["drifted"] else ("no baseline yet" if v["baseline"] is None else "")] for r, v in ranked]
     parts.append(f"<h2>Drift</h2><p>level = the night's median signal_norm; baseline = median level of the node's "
                  f"first {n.drift_reference_nights} nights; drift = level / baseline >= {n.drift_ratio} on "
                  f"{n.drift_days} consecutive nights (docs/operations.md).</p>"

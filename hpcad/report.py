@@ -171,7 +171,8 @@ def write_report(cfg, run_dir: Path, errors: ErrorStore, models_dir: Path, title
     per_node_alarms: dict[str, int] = {}
     for a in alarms:
         per_node_alarms[a["node"]] = per_node_alarms.get(a["node"], 0) + 1
-    shown = sorted(errors.nodes, key=lambda n: (-per_node_alarms.get(n, 0), n))[: cfg.report.max_nodes_plotted]
+    ranked = sorted(errors.nodes, key=lambda n: (-per_node_alarms.get(n, 0), n))  # most alarms first
+    shown = ranked[: cfg.report.max_nodes_plotted]
     parts = [f"<h1>{html.escape(title)}</h1><p>run folder: <code>{html.escape(str(folder or run_dir))}</code>; "
              f"{len(errors.nodes)} nodes, {len(errors.metrics)} metrics; threshold rule <b>{th.rule}</b> "
              f"({th.scope} scope); {len(alarms)} alarm events.</p>"]
@@ -188,7 +189,7 @@ def write_report(cfg, run_dir: Path, errors: ErrorStore, models_dir: Path, title
         if skipped:
             parts.append(f"<h2>Skipped nodes ({len(skipped)})</h2><p>Bad input; these nodes were not scored.</p>"
                          + _table(skipped, ["node", "reason"]))
-    overview = sorted(errors.nodes, key=lambda n: (-per_node_alarms.get(n, 0), n))[: cfg.report.max_nodes_overview]
+    overview = ranked[: cfg.report.max_nodes_overview]
     if overview:
         parts.append("<h2>Cluster overview</h2>" + _overview(errors, th, sorted(overview), int(cfg.signal.smooth),
                                                                   time_unit))

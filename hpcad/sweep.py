@@ -16,7 +16,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from hpcad.atomic import atomic_path
-from hpcad.model.files import model_nodes, model_path
+from hpcad.model.files import FORMAT, load_tensors, model_nodes, model_path
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +26,8 @@ def point_score(folder: Path) -> tuple[str, float] | None:
     if metrics.exists():
         return "val_cost", float(json.loads(metrics.read_text())["splits"]["val"]["cost"])
     losses = []
-    import torch
-
     for node in model_nodes(folder / "models"):
-        h = torch.load(model_path(folder / "models", node), weights_only=True)["history"]
+        h = load_tensors(model_path(folder / "models", node), FORMAT, "model file")["history"]
         vals = [v for v in h["val_loss"] if v == v]
         if vals:
             losses.append(min(vals))
