@@ -2,6 +2,7 @@
 from types import SimpleNamespace as NS
 
 import numpy as np
+import pytest
 import torch
 
 from hpcad.model.autoencoder import AutoencoderSpec, forward, glorot_init
@@ -44,9 +45,14 @@ def _reference(spec, x, seed, cfg):
     return best
 
 
-def test_batched_equals_one_at_a_time_with_different_row_counts():
-    spec = AutoencoderSpec([8])
-    data = [_data(n, seed=i) for i, n in enumerate([300, 157, 64])]
+# (hidden, metrics): weights of whole 64-byte lines (updated in place), and odd sizes (padded storage)
+SHAPES = [([8], 12), ([5], 7)]
+
+
+@pytest.mark.parametrize("hidden,M", SHAPES)
+def test_batched_equals_one_at_a_time_with_different_row_counts(hidden, M):
+    spec = AutoencoderSpec(hidden)
+    data = [_data(n, M=M, seed=i) for i, n in enumerate([300, 157, 64])]
     seeds = [11, 22, 33]
     batched = train_ensemble(spec, data, seeds, CFG, torch.device("cpu"))
     for k in range(3):
@@ -56,12 +62,27 @@ def test_batched_equals_one_at_a_time_with_different_row_counts():
         assert batched.history[k]["train_rows"] == int(np.ceil(len(data[k]) * 0.9))
 
 
-def test_result_does_not_depend_on_chunk_companions():
-    spec = AutoencoderSpec([8])
-    a = train_ensemble(spec, [_data(200), _data(90, seed=1)], [5, 6], CFG, torch.device("cpu"))
-    b = train_ensemble(spec, [_data(90, seed=1)], [6], CFG, torch.device("cpu"))
+@pytest.mark.parametrize("hidden,M", SHAPES)
+def test_result_does_not_depend_on_chunk_companions(hidden, M):
+    spec = AutoencoderSpec(hidden)
+    companions = [_data(200, M=M), _data(90, M=M, seed=1), _data(150, M=M, seed=2)]
+    a = train_ensemble(spec, companions, [5, 6, 7], CFG, torch.device("cpu"))
+    b = train_ensemble(spec, companions[1:2], [6], CFG, torch.device("cpu"))
     for x, y in zip(a.params[1], b.params[0]):
         assert torch.equal(x, y)
+    assert a.history[1] == b.history[0] and a.holdout_signal[1] == b.holdout_signal[0]
+
+
+def test_bf16_matmuls_train_about_as_well_as_fp32():
+    """train.precision=bf16: matmuls in bfloat16, weights, optimiser and loss in float32."""
+    spec = AutoencoderSpec([8])
+    data = [_data(400, seed=1), _data(300, seed=2)]
+    runs = {p: train_ensemble(spec, data, [1, 2], NS(**{**vars(CFG), "precision": p}), torch.device("cpu"))
+            for p in ("fp32", "bf16")}
+    for k in range(2):
+        fp32, bf16 = (runs[p].history[k]["val_loss"] for p in ("fp32", "bf16"))
+        assert bf16[-1] < 0.9 * bf16[0] and abs(bf16[-1] - fp32[-1]) < 0.02 * fp32[-1], (fp32, bf16)
+    assert not all(torch.equal(a, b) for a, b in zip(runs["fp32"].params[0], runs["bf16"].params[0]))
 
 
 def test_early_stopped_model_stops_changing_and_restores_best():
@@ -92,7 +113,7 @@ def test_l1_code_penalty_and_deeper_models_train():
 
 def test_hand_written_gradients_match_autograd():
     from hpcad.model.autoencoder import stack
-    from hpcad.model.ensemble import _grads_into
+    from hpcad.model.ensemble import Workspace, _Backprop
 
     spec, l1 = AutoencoderSpec([16, 4], code_l1=1e-2), 1e-2
     params = stack([glorot_init(spec, 12, s) for s in (1, 2, 3)], "cpu")
@@ -101,7 +122,8 @@ def test_hand_written_gradients_match_autograd():
     w_row[1, 5:] = 0.0  # a short last batch
     w_row[2] = 0.0  # a model that sits this step out
     grads = [torch.zeros_like(p) for p in params]
-    row_loss = _grads_into(params, grads, x, w_row, 2, l1, torch.float32)
+    backprop = _Backprop(params, grads, 8, 2, l1, torch.float32, Workspace())
+    row_loss = backprop(x, backprop.weights(w_row))
     leaves = [p.clone().requires_grad_(True) for p in params]
     recon, code = forward(leaves, x, 2)
     expected = ((recon - x) ** 2).mean(-1) + l1 * code.abs().sum(-1)

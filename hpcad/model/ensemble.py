@@ -69,19 +69,18 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
     xv, v_mask = _holdout_rows(X, n_tr, n, Nmax, device)  # fixed for the whole run: gathered once
     seeds_t = torch.tensor(seeds, dtype=torch.int64, device=device)
     n_encoder = len(spec.hidden)
-    # All of a model's weights live in one contiguous row of a flat [K, P] buffer (gradients and
-    # Adam moments alike): the matmuls see [K, in, out] views, the optimiser one vector per model.
-    stacked = stack([glorot_init(spec, M, s) for s in seeds], device)
-    shapes = [tuple(p.shape[1:]) for p in stacked]
-    flat = torch.cat([p.reshape(K, -1) for p in stacked], 1)
-    offsets = np.cumsum([0] + [int(np.prod(sh)) for sh in shapes])
-
-    def views(t: torch.Tensor) -> list[torch.Tensor]:
-        return [t[:, a:b].view(t.shape[0], *sh) for a, b, sh in zip(offsets[:-1], offsets[1:], shapes)]
-
-    g_flat = torch.zeros_like(flat)
-    adam = _Adam(flat, g_flat, float(cfg.lr))
-    best = flat.detach().clone()
+    # One tensor per layer parameter ([K, in, out] / [K, out], each model's slice padded to whole
+    # 64-byte lines): the matmuls write gradients in place, and the optimiser updates runs of models
+    # in one pass that rounds every model's values exactly as an update of that model alone would.
+    init = stack([glorot_init(spec, M, s) for s in seeds], device)
+    shapes = [tuple(p.shape[1:]) for p in init]
+    store = _alloc(shapes, K, device)
+    for p, p0 in zip(_views(store, shapes), init):
+        p.copy_(p0)
+    del init
+    g_store = _alloc(shapes, K, device)
+    adam = _Adam(store, g_store, float(cfg.lr))
+    best = [t.clone() for t in store]
     best_loss = torch.full((K,), float("inf"), device=device)
     best_signal = torch.full((K,), float("nan"), device=device)
     wait = torch.zeros(K, dtype=torch.long, device=device)
@@ -102,7 +101,7 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
 
     def finish(idx: list[int]) -> None:
         """Take out the kept weights (best or latest) and signal level of the models at ``idx``."""
-        kept = views(best if cfg.restore_best else flat)
+        kept = _views(best if cfg.restore_best else store, shapes)
         for k, sig in zip(idx, _holdout_signal(kept, n_encoder, X, n, n_va, best_signal, idx)):
             out_params[orig[k]], out_signal[orig[k]] = unstack(kept, k), sig
 
@@ -110,18 +109,20 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
         if not bool(running.any()):
             break
         K = len(orig)
-        params, g_views = views(flat), views(g_flat)
+        params, g_views = _views(store, shapes), _views(g_store, shapes)
         X_rows = X.view(K * Nmax, M)
-        xb = buf("xb", (K, B, M), device)
         keys = _shuffle_keys(seeds_t, epoch, Nmax)
         keys = torch.where(row_idx < n_tr[:, None], keys, torch.full_like(keys, _MASK63))
         perm = torch.argsort(keys, dim=1)
         S = int(steps_per_epoch[running].max())
         if S * B > Nmax:  # the padded tail of perm is shorter than the last batch
             perm = torch.cat([perm, perm[:, :1].expand(-1, S * B - Nmax)], 1)
-        # rows[s] = the K x B rows of step s, as indices into X_rows (one contiguous block per step)
+        # This epoch's training rows in each model's shuffled order, gathered in one pass (random
+        # rows gathered step by step cost more in cache misses): step s reads rows [s*B, (s+1)*B).
         row_base = (torch.arange(K, device=device) * Nmax)[:, None]
-        rows = (perm[:, : S * B] + row_base).view(K, S, B).transpose(0, 1).contiguous()
+        epoch_x = buf("epoch_x", (K, S * B, M), device)
+        torch.index_select(X_rows, 0, (perm[:, : S * B] + row_base).view(-1), out=epoch_x.view(K * S * B, M))
+        del perm
         run_f = running.float()[:, None]
         full_w = (run_f / B).expand(K, B)  # every running model has a full batch: weight 1/B per row
         full_until = int(full_steps[running].min())
@@ -129,18 +130,20 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
         running_group = adam.group(running_list)
         running_f = run_f.squeeze(1)
         loss_rows = torch.zeros(K, B, device=device)  # per-slot sums, reduced once per epoch
+        backprop = _Backprop(params, g_views, B, n_encoder, l1, cdt, buf)
+        full = backprop.weights(full_w)
         for s in range(S):
-            torch.index_select(X_rows, 0, rows[s].view(-1), out=xb.view(K * B, M))
+            xb = epoch_x[:, s * B:(s + 1) * B]
             if s < full_until:
-                w_row, counted, active, a = full_w, run_f, running_group, running_f
+                weights, counted, active, a = full, run_f, running_group, running_f
             else:  # short last batches, and models whose epoch has ended
                 valid = ((s * B + ar_B)[None, :] < n_tr[:, None]).float()
                 a = (running & (s < steps_per_epoch)).float()
-                w_row = valid * (a / valid.sum(1).clamp(min=1))[:, None]
+                weights = backprop.weights(valid * (a / valid.sum(1).clamp(min=1))[:, None])
                 counted = valid * a[:, None]
                 active = adam.group(torch.nonzero(a).flatten().tolist())
             with torch.no_grad():
-                row_loss = _grads_into(params, g_views, xb, w_row, n_encoder, l1, cdt, buf)
+                row_loss = backprop(xb, weights)
                 loss_rows.addcmul_(row_loss, counted)
                 adam.step(active, a)
         with torch.no_grad():
@@ -152,7 +155,8 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
             best_loss = torch.where(improved, monitored, best_loss)
             # the validation signal of the weights that will be kept (best, or the latest)
             best_signal = torch.where(improved if cfg.restore_best else running, val_signal, best_signal)
-            best.copy_(torch.where(improved[:, None], flat, best))
+            for b, t in zip(best, store):
+                b.copy_(torch.where(improved[:, None], t, b))
             wait = torch.where(improved, torch.zeros_like(wait), wait + running.long())
             newly_stopped = running & (wait >= int(cfg.patience))
             tl, vl = train_loss.tolist(), val_loss.tolist()
@@ -175,9 +179,9 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
                 xv, v_mask, n, n_tr, n_va, seeds_t, steps_per_epoch, full_steps = (
                     t[keep] for t in (xv, v_mask, n, n_tr, n_va, seeds_t, steps_per_epoch, full_steps))
                 best_loss, best_signal, wait, running = (t[keep] for t in (best_loss, best_signal, wait, running))
-                flat, best = flat[keep], best[keep]
-                g_flat = torch.zeros_like(flat)
-                adam = adam.select(keep, flat, g_flat)
+                store, best = [t[keep] for t in store], [t[keep] for t in best]
+                g_store = _alloc(shapes, len(keep), device)
+                adam = adam.select(keep, store, g_store)
         if progress is not None:
             progress(epoch + 1, int(running.sum()))
     with torch.no_grad():
@@ -193,32 +197,65 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
     return TrainResult(out_params, histories, out_signal)
 
 
+_LINE = 16  # float32 values per 64-byte cache line (and per AVX-512 vector)
+
+
+def _alloc(shapes: list[tuple[int, ...]], K: int, device: torch.device) -> list[torch.Tensor]:
+    """Zeroed storage [K, padded size] per parameter: every model's slice starts on a 64-byte line
+    and spans whole lines (the padding stays zero: zero gradient, zero update)."""
+    return [torch.zeros(K, -(-int(np.prod(sh)) // _LINE) * _LINE, device=device) for sh in shapes]
+
+
+def _views(store: list[torch.Tensor], shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
+    """The [K, *shape] parameters inside ``_alloc`` storage (contiguous where no padding was needed)."""
+    return [t[:, : int(np.prod(sh))].view(t.shape[0], *sh) for t, sh in zip(store, shapes)]
+
+
 class _Adam:
-    """Adam for K models stored as the rows of one flat [K, P] buffer, each with its own step count.
+    """Adam for K models whose parameters are ``_alloc`` storage, each model with its own step count.
 
     Runs the kernel behind ``torch.optim.Adam(fused=True)`` (one pass over weights, gradient and
-    moments) on a list of per-model rows: a model that sits a step out is left out of the list, so
-    its weights, moments and step count stay as they are, and a model's update never depends on
-    which other models share its chunk. Semantics are those of ``torch.optim.Adam(lr, eps=1e-7)``.
+    moments). A model that sits a step out is left out, so its weights, moments and step count
+    stay as they are. Models that step together and share a step count form runs of consecutive
+    rows, updated as one slice per parameter (multi-threaded); since each model's slice is whole
+    cache lines, the kernel's vector lanes and thread splits fall on the same element positions as
+    for that model alone, so a model's update never depends on which other models share its
+    chunk. Semantics are those of ``torch.optim.Adam(lr, eps=1e-7)``.
     """
 
-    def __init__(self, flat: torch.Tensor, grad: torch.Tensor, lr: float, m: torch.Tensor | None = None,
-                 v: torch.Tensor | None = None, step_count: torch.Tensor | None = None) -> None:
-        self.lr = lr
-        self.m = torch.zeros_like(flat) if m is None else m
-        self.v = torch.zeros_like(flat) if v is None else v
+    def __init__(self, params: list[torch.Tensor], grads: list[torch.Tensor], lr: float,
+                 m: list[torch.Tensor] | None = None, v: list[torch.Tensor] | None = None,
+                 step_count: torch.Tensor | None = None) -> None:
+        self.lr, self.params, self.grads = lr, params, grads
+        self.m = m if m is not None else [torch.zeros_like(p) for p in params]
+        self.v = v if v is not None else [torch.zeros_like(p) for p in params]
         # float, as torch.optim keeps it
-        self.step_count = torch.zeros(flat.shape[0], device=flat.device) if step_count is None else step_count
-        self.rows = [list(t.unbind(0)) for t in (flat, grad, self.m, self.v)]
+        K = params[0].shape[0]
+        self.step_count = torch.zeros(K, device=params[0].device) if step_count is None else step_count
         self.steps = list(self.step_count.unbind(0))
 
-    def select(self, keep: torch.Tensor, flat: torch.Tensor, grad: torch.Tensor) -> "_Adam":
-        """The state of the models at ``keep``, for the compacted ``flat``/``grad`` buffers."""
-        return _Adam(flat, grad, self.lr, self.m[keep], self.v[keep], self.step_count[keep])
+    def select(self, keep: torch.Tensor, params: list[torch.Tensor], grads: list[torch.Tensor]) -> "_Adam":
+        """The state of the models at ``keep``, for the compacted ``params``/``grads`` storage."""
+        return _Adam(params, grads, self.lr, [t[keep] for t in self.m], [t[keep] for t in self.v],
+                     self.step_count[keep])
 
     def group(self, active: list[int]) -> tuple[list[torch.Tensor], ...]:
-        """The rows of the models in ``active`` (build once, step many times)."""
-        return (*([t[k] for k in active] for t in self.rows), [self.steps[k] for k in active])
+        """The slices of the models in ``active`` (build once, step many times while the same
+        models step together): one per run of consecutive models with equal step counts."""
+        counts = self.step_count.tolist()
+        runs: list[list[int]] = []
+        for k in sorted(active):
+            if runs and runs[-1][1] == k and counts[runs[-1][0]] == counts[k]:
+                runs[-1][1] = k + 1
+            else:
+                runs.append([k, k + 1])
+        out: tuple[list[torch.Tensor], ...] = ([], [], [], [], [])
+        for a, b in runs:
+            for i in range(len(self.params)):
+                for dst, src in zip(out, (self.params, self.grads, self.m, self.v)):
+                    dst.append(src[i][a:b])
+                out[4].append(self.steps[a])
+        return out
 
     def step(self, group: tuple[list[torch.Tensor], ...], active: torch.Tensor) -> None:
         """One update of the models in ``group``; ``active`` is the 0/1 mask [K] of the same models."""
@@ -320,10 +357,11 @@ def _row_loss(sq_err: torch.Tensor, n_metrics: int, code: torch.Tensor, l1: floa
     return loss + l1 * code.abs().sum(-1) if l1 > 0 else loss
 
 
-def _grads_into(params: list[torch.Tensor], grads: list[torch.Tensor], x: torch.Tensor, w_row: torch.Tensor,
-                n_encoder: int, l1: float, cdt: torch.dtype, buf: Workspace | None = None) -> torch.Tensor:
-    """Forward and hand-written backward of K dense autoencoders in one pass, gradients written into
-    ``grads`` (contiguous [K, ...] tensors); returns each row's loss [K, B].
+class _Backprop:
+    """Forward and hand-written backward of K dense autoencoders on one batch [K, B, M] per step,
+    gradients written into ``grads``; returns each row's loss [K, B]. Built once per epoch (views,
+    transposes, buffers), so a step issues only its arithmetic: at these sizes Python and dispatch
+    time per call is a visible share of a step.
 
     The objective is sum over rows of ``w_row`` x (mean squared error + ``l1`` x |code|_1): the
     same as autograd through ``forward`` (test_ensemble checks both against a plain loop), without
@@ -331,49 +369,74 @@ def _grads_into(params: list[torch.Tensor], grads: list[torch.Tensor], x: torch.
     into its narrower input (hidden width, not metric count). Matmuls run in ``cdt`` (float32, or
     bfloat16 for ``train.precision=bf16``) into reused buffers; everything else in float32.
     """
-    buf = buf or Workspace()
-    K, B, M = x.shape
 
-    def grad_mm(i: int, a: torch.Tensor, b: torch.Tensor, dt: torch.dtype = cdt) -> None:
-        """grads[i] = a @ b, through a contiguous scratch tensor whatever the chunk: a matmul writing
-        straight into a strided gradient row is several times slower, and one writing straight
-        into a 1-model chunk's buffer (contiguous there) rounds differently from the same model in
-        a larger chunk (MKL's path depends on the output's alignment)."""
-        g = grads[i].view(K, -1, grads[i].shape[-1])
-        g.copy_(_mm(buf(f"g{i}", g.shape, x.device), a, b, dt))
+    def __init__(self, params: list[torch.Tensor], grads: list[torch.Tensor], batch: int, n_encoder: int,
+                 l1: float, cdt: torch.dtype, buf: Workspace) -> None:
+        K, M = params[0].shape[:2]
+        dev = params[0].device
+        self.M, self.n_encoder, self.l1, self.cdt, self.grads = M, n_encoder, l1, cdt, grads
+        self.W, self.WT = params[0::2], [W.transpose(1, 2) for W in params[0::2]]
+        self.b = [b.unsqueeze(1) for b in params[1::2]]
+        self.acts = [buf(f"a{i}", (K, batch, W.shape[2]), dev) for i, W in enumerate(self.W)]
+        self.d = [buf(f"d{i}", (K, batch, W.shape[1]), dev) for i, W in enumerate(self.W)]
+        self.hw = buf("hw", self.d[-1].shape, dev)
+        # Gradients: written by the matmul in place where the parameter is a contiguous tensor;
+        # otherwise (padded storage) through a contiguous scratch tensor, as a matmul writing into a
+        # strided output is several times slower.
+        self.targets = []
+        for i, g in enumerate(grads):
+            g = g.view(K, -1, g.shape[-1])
+            self.targets.append((g, None if g.is_contiguous() else buf(f"g{i}", g.shape, dev)))
 
-    n_layers = len(params) // 2
-    last = n_layers - 1
-    acts = [x]
-    h = x
-    for layer in range(n_layers):
-        W, b = params[2 * layer], params[2 * layer + 1]
-        h = _mm(buf(f"a{layer}", (K, B, W.shape[2]), x.device), h, W, cdt, b.unsqueeze(1))
-        if layer < last:
-            h.relu_()
-        acts.append(h)
-    diff = acts.pop().sub_(x)  # the reconstruction is not needed past this point
-    row_loss = _row_loss(_sq_err(diff), M, acts[n_encoder], l1)
-    # Output layer (linear): dL/dz = diff * w, w = w_row * 2/M per row. Fold w into h (width H < M).
-    h_in = acts[last]
-    w = (w_row * (2.0 / M)).unsqueeze(-1)
-    w_on = torch.mul(h_in > 0, w, out=buf("w_on", h_in.shape, x.device))  # w where the ReLU was active
-    grad_mm(2 * last, torch.mul(h_in, w_on, out=buf("hw", h_in.shape, x.device)).transpose(1, 2), diff)
-    grad_mm(2 * last + 1, w.transpose(1, 2), diff, torch.float32)
-    dz = _mm(buf(f"d{last}", h_in.shape, x.device), diff, params[2 * last].transpose(1, 2), cdt).mul_(w_on)
-    if l1 > 0 and last == n_encoder:  # the code feeds the output layer directly
-        dz.add_((h_in > 0) * (l1 * w_row).unsqueeze(-1))
-    for layer in range(last - 1, -1, -1):
-        h_in = acts[layer]
-        grad_mm(2 * layer, h_in.transpose(1, 2), dz)
-        torch.sum(dz, 1, out=grads[2 * layer + 1])
-        if layer == 0:
-            break
-        dh = _mm(buf(f"d{layer}", h_in.shape, x.device), dz, params[2 * layer].transpose(1, 2), cdt)
-        if l1 > 0 and layer == n_encoder:  # the code is the (post-ReLU) output of layer n_encoder - 1
-            dh.add_(l1 * torch.sign(h_in) * w_row.unsqueeze(-1))
-        dz = dh.mul_(h_in > 0)
-    return row_loss
+    def weights(self, w_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-row factors of a step with row weights ``w_row`` (reusable while they stay the same)."""
+        w = (w_row * (2.0 / self.M)).unsqueeze(-1)
+        return w_row, w, w.transpose(1, 2)
+
+    def _grad(self, i: int, a: torch.Tensor, b: torch.Tensor, dt: torch.dtype) -> None:
+        dst, scratch = self.targets[i]
+        if scratch is None or dt != torch.float32:
+            _mm(dst, a, b, dt)
+        else:
+            dst.copy_(_mm(scratch, a, b, dt))
+
+    def __call__(self, x: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        w_row, w, w_t = weights
+        cdt, l1, acts, n_encoder = self.cdt, self.l1, self.acts, self.n_encoder
+        last = len(self.W) - 1
+        h = x
+        for layer in range(last):
+            h = _mm(acts[layer], h, self.W[layer], cdt, self.b[layer]).relu_()
+        if cdt == torch.float32:  # diff = (b - x) + h @ W in one matmul pass (no bias copy, no subtraction)
+            diff = torch.baddbmm(torch.sub(self.b[last], x, out=acts[last]), h, self.W[last], out=acts[last])
+        else:  # the product in low precision, the difference in float32
+            diff = _mm(acts[last], h, self.W[last], cdt, self.b[last]).sub_(x)
+        row_loss = _row_loss(_sq_err(diff), self.M, acts[n_encoder - 1], l1)
+        # Output layer (linear): dL/dz = diff * w, w = w_row * 2/M per row. Fold w into h (width H < M);
+        # h is a ReLU output (zero where the unit is off), so h * w needs no mask.
+        h_in = acts[last - 1]
+        self._grad(2 * last, torch.mul(h_in, w, out=self.hw).transpose(1, 2), diff, cdt)
+        self._grad(2 * last + 1, w_t, diff, torch.float32)
+        dh = _mm(self.d[last], diff, self.WT[last], cdt).mul_(w)
+        if l1 > 0 and last == n_encoder:  # the code feeds the output layer directly
+            dh.add_((l1 * w_row).unsqueeze(-1))
+        dz = _relu_backward(dh, h_in)
+        for layer in range(last - 1, -1, -1):
+            h_in = x if layer == 0 else acts[layer - 1]
+            self._grad(2 * layer, h_in.transpose(1, 2), dz, cdt)
+            torch.sum(dz, 1, out=self.grads[2 * layer + 1])
+            if layer == 0:
+                break
+            dh = _mm(self.d[layer], dz, self.WT[layer], cdt)
+            if l1 > 0 and layer == n_encoder:  # the code is the (post-ReLU) output of layer n_encoder - 1
+                dh.add_(l1 * torch.sign(h_in) * w_row.unsqueeze(-1))
+            dz = _relu_backward(dh, h_in)
+        return row_loss
+
+
+def _relu_backward(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``grad`` where the ReLU output ``out`` is positive, else 0, in place (one pass, no mask tensor)."""
+    return torch.ops.aten.threshold_backward.grad_input(grad, out, 0, grad_input=grad)
 
 
 def default_chunk_cap(device: torch.device) -> int:
@@ -383,7 +446,9 @@ def default_chunk_cap(device: torch.device) -> int:
 
 
 def chunk_size(n_rows: int, n_metrics: int, spec: AutoencoderSpec, budget_mb: int, batch: int, cap: int) -> int:
-    """Nodes per batched chunk so that data, parameters, optimiser state and activations fit the budget."""
+    """Nodes per batched chunk so that data, parameters, optimiser state and activations fit the budget.
+    The rows count three times: as read from the store, in the chunk's tensor, and in the epoch's
+    shuffled copy."""
     p = spec.n_params(n_metrics)
-    per_node = 4 * (n_rows * n_metrics * 2 + p * 6 + batch * sum(spec.widths(n_metrics)) * 4 + n_rows * 2)
+    per_node = 4 * (n_rows * n_metrics * 3 + p * 6 + batch * sum(spec.widths(n_metrics)) * 4 + n_rows * 2)
     return int(max(1, min(cap, (budget_mb * 2**20) // max(per_node, 1))))
