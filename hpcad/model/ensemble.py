@@ -408,7 +408,7 @@ class _Backprop:
         for layer in range(last):
             h = _mm(acts[layer], h, self.W[layer], cdt, self.b[layer]).relu_()
         if cdt == torch.float32:  # diff = (b - x) + h @ W in one matmul pass (no bias copy, no subtraction)
-            diff = torch.baddbmm(torch.sub(self.b[last], x, out=acts[last]), h, self.W[last], out=acts[last])
+            diff = torch.sub(self.b[last], x, out=acts[last]).baddbmm_(h, self.W[last])
         else:  # the product in low precision, the difference in float32
             diff = _mm(acts[last], h, self.W[last], cdt, self.b[last]).sub_(x)
         row_loss = _row_loss(_sq_err(diff), self.M, acts[n_encoder - 1], l1)
