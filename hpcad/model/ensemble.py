@@ -378,8 +378,9 @@ class _Backprop:
         self.W, self.WT = params[0::2], [W.transpose(1, 2) for W in params[0::2]]
         self.b = [b.unsqueeze(1) for b in params[1::2]]
         self.acts = [buf(f"a{i}", (K, batch, W.shape[2]), dev) for i, W in enumerate(self.W)]
-        self.d = [buf(f"d{i}", (K, batch, W.shape[1]), dev) for i, W in enumerate(self.W)]
-        self.hw = buf("hw", self.d[-1].shape, dev)
+        # gradient w.r.t. the input of each layer but the first (the data needs none)
+        self.d = {i: buf(f"d{i}", (K, batch, W.shape[1]), dev) for i, W in enumerate(self.W) if i > 0}
+        self.hw = buf("hw", self.d[len(self.W) - 1].shape, dev)
         # Gradients: written by the matmul in place where the parameter is a contiguous tensor;
         # otherwise (padded storage) through a contiguous scratch tensor, as a matmul writing into a
         # strided output is several times slower.
