@@ -18,7 +18,6 @@ increments on every refit) and scoring applies it when present.
 from __future__ import annotations
 
 import datetime as dt
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 
 from hpcad.model.autoencoder import forward, stack
-from hpcad.model.files import load_tensors, save_tensors
+from hpcad.model.files import LIGHT_NAME, load_tensors, save_tensors
 
 FORMAT = "hpcad-light-map"
 
@@ -74,15 +73,12 @@ def map_for_night(models_dir: Path, node: str, night: str) -> LightMap | None:
     fitted after it, so it reproduces that night's alarms). Versions are read newest first and the
     first allowed one is returned: a node refitted every night has hundreds of versions after a year."""
     versions = sorted(((int(m.group(1)), p) for p in Path(models_dir).glob(f"{node}.light-v*.pt")
-                       if (m := _VERSION.search(p.name))), reverse=True)
+                       if (m := LIGHT_NAME.search(p.name)) and m.group(1)), reverse=True)
     for _, p in versions:
         lm = LightMap.load(p)
         if lm.valid_from <= night:
             return lm
     return None
-
-
-_VERSION = re.compile(r"\.light-v(\d+)\.pt$")  # light_path(models_dir, node, version)
 
 
 def recon_and_code(params: list[torch.Tensor], n_encoder: int, x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

@@ -73,10 +73,11 @@ def load_tensors(path: Path, fmt: str, kind: str) -> dict:
 
 def model_nodes(models_dir: Path) -> list[str]:
     """The nodes with a model file in ``models_dir`` (light maps beside them are not models)."""
-    return sorted(p.name[:-3] for p in Path(models_dir).glob("*.pt") if not _LIGHT.search(p.name))
+    return sorted(p.name[:-3] for p in Path(models_dir).glob("*.pt") if not LIGHT_NAME.search(p.name))
 
 
-_LIGHT = re.compile(r"\.light(-v\d+)?\.pt$")  # hpcad.light.light_path's names
+# hpcad.light.light_path's names: <node>.light.pt, and <node>.light-v<version>.pt (group 1: version)
+LIGHT_NAME = re.compile(r"\.light(?:-v(\d+))?\.pt$")
 
 
 def model_path(models_dir: Path, node: str) -> Path:
