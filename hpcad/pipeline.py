@@ -175,14 +175,14 @@ def stage_threshold(cfg, run_dir: Path) -> dict:
                                 merge_gap=rule.cost_model.tolerance, jobs=jobs)
     write_alarms_csv(run_dir / "alarms.csv", records)
     result = {"alarms": len(records), "thresholds": th.to_dict()}
-    metrics = evaluate(source(), th, cm)
+    metrics = evaluate(source(), th, cm, time_unit)
     if metrics["labelled"]:
         out = {"detector": "autoencoder", "cost_model": vars(cm), "threshold_rule": th.rule, "smooth": smooth,
                "scope": th.scope, "splits": metrics["splits"], "baselines": {}, "nodes": metrics["nodes"]}
         for path in sorted((run_dir / "baselines").glob("*.h5")):
             bsource = partial(ErrorStore(path).signals, smooth=smooth)
             bth = rule.fit(bsource)
-            out["baselines"][path.stem] = {"splits": evaluate(bsource(), bth, cm)["splits"],
+            out["baselines"][path.stem] = {"splits": evaluate(bsource(), bth, cm, time_unit)["splits"],
                                            "thresholds": bth.to_dict()}
         out["class_profiles"] = class_profiles(errors)
         write_json(run_dir / "metrics.json", out)

@@ -79,7 +79,7 @@ def _signals(n_nodes=3, seed=0):
 
 def test_cost_rule_per_node_uses_validation_rows_only():
     source = _signals()
-    th = CostRule(scope="node").fit(source)
+    th = CostRule(scope="node", drift_sigma=0).fit(source)
     cm = CostModel()
     for s in source():
         rows = s.split == VAL
@@ -90,7 +90,7 @@ def test_cost_rule_per_node_uses_validation_rows_only():
 
 def test_cluster_scope_threshold_minimises_the_summed_cost_on_normalised_signals():
     source = _signals()
-    th = CostRule(scope="cluster", grid_points=2048).fit(source)
+    th = CostRule(scope="cluster", grid_points=2048, drift_sigma=0).fit(source)
     assert th.normalised and th.cluster is not None
     total = lambda t: sum(brute_cost(s.normalised[s.split == VAL], s.labels[s.split == VAL], t) for s in source())
     cands = np.unique(np.concatenate([s.normalised[s.split == VAL] for s in source()]))
@@ -127,3 +127,98 @@ def test_causal_smoothing_of_the_signal():
     x = np.array([0.0, 3.0, 6.0, 0.0, 0.0])
     np.testing.assert_allclose(causal_mean(x, 2), [0.0, 1.5, 4.5, 3.0, 0.0])
     np.testing.assert_array_equal(causal_mean(x, 1), x)
+
+
+def _mislabelled_validation(seed: int = 0):
+    """A node whose validation split holds labelled anomalies at ~100x its normal level, a weaker
+    anomaly (~40x) only in the test split, and a long band of unlabelled anomaly rows labelled normal
+    at 30-150x: the seed lecture's DAVIDE validation split in miniature."""
+    rng = np.random.default_rng(seed)
+    n = 1200
+    sig = rng.gamma(20.0, 0.05, n)  # normal level ~1
+    lab = np.zeros(n, np.int8)
+    split = np.where(np.arange(n) < 600, VAL, TEST).astype(np.int8)
+    lab[100:160] = 1
+    sig[100:160] = rng.uniform(90, 110, 60)
+    sig[300:500] = np.exp(rng.uniform(np.log(30), np.log(150), 200))  # labelled normal: missing labels
+    lab[800:860] = 1
+    sig[800:860] = rng.uniform(35, 50, 60)  # a weaker anomaly than any the validation split showed
+    sig[700:800] *= 2.0  # the normal level drifts up on later days
+    return NodeSignal("n", sig, split, lab, np.arange(n), scale=1.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_drift_robust_cost_is_not_dragged_under_the_anomalies_by_mislabelled_rows(seed):
+    s = _mislabelled_validation(seed)
+    exact = CostRule(drift_sigma=0).fit(lambda: iter([s])).nodes["n"]
+    robust = CostRule().fit(lambda: iter([s])).nodes["n"]
+    assert exact > 80  # the plain optimum sits right under the labelled anomalies (validation cost is lower)...
+    test = s.split == TEST
+    cm = CostModel()
+    assert cm.cost(s.signal[test], s.labels[test], exact) >= 5 * 50  # ...and misses the weak test anomaly
+    assert 3 < robust < 50  # the robust one stays well above the normal rows and far under the anomalies
+    assert cm.cost(s.signal[test], s.labels[test], robust) < 20
+    for scope_th in (CostRule(scope="cluster").fit(lambda: iter([s])).cluster,):
+        assert 3 < scope_th < 50  # cluster scope (histograms summed, then smoothed) agrees
+
+
+def test_smoothed_curve_is_the_expected_cost_under_level_jitter():
+    from scipy.stats import norm
+
+    from hpcad.threshold.cost import drift_smoothed_curve, level_counts
+
+    rng = np.random.default_rng(0)
+    far, peaks = rng.normal(0, 1, 200), rng.normal(4, 1, 30)
+    grid = np.linspace(-6, 10, 801)
+    h = grid[1] - grid[0]
+    binned = lambda v: grid[0] + h * np.clip(np.rint((v - grid[0]) / h), 0, grid.size - 1)  # noqa: E731
+    got = drift_smoothed_curve(level_counts(far, grid), level_counts(peaks, grid), grid, 0.7, CostModel(1, 5, 0))
+    want = [norm.sf((t - binned(far)) / 0.7).sum() + 5 * norm.cdf((t - binned(peaks)) / 0.7).sum() for t in grid]
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_thresholds_that_never_or_always_alarm_are_reported(caplog):
+    rng = np.random.default_rng(0)
+    calm = NodeSignal("calm", rng.exponential(1.0, 500), np.full(500, VAL, np.int8), None, np.arange(500))
+    q = QuantileRule(q=0.99).fit(lambda: iter([calm]))
+    assert q.details["check"]["verdict"] == "ok" and 0 < q.details["check"]["alarm_share"] < 0.05
+    # one node whose normalised signal is astronomically large drags a cluster quantile above the rest
+    huge = NodeSignal("huge", rng.exponential(1.0, 500) * 1e13, np.full(500, VAL, np.int8), None,
+                      np.arange(500), scale=1.0)
+    others = [NodeSignal(f"n{k}", rng.exponential(1.0, 500), np.full(500, VAL, np.int8), None, np.arange(500))
+              for k in range(2)]
+    cl = QuantileRule(q=0.5, scope="cluster").fit(lambda: iter([huge, *others]))
+    assert cl.details["check"]["verdict"] == "ok"
+    never = QuantileRule(q=0.999, scope="cluster")
+    th = never.fit(lambda: iter(others))
+    th.cluster = 1e9
+    from hpcad.threshold.rules import check_thresholds
+
+    with caplog.at_level("WARNING"):
+        assert check_thresholds(th, lambda: iter(others))["verdict"] == "never_alarm"
+    assert "never alarm" in caplog.text
+    th.cluster = -1.0
+    assert check_thresholds(th, lambda: iter(others))["verdict"] == "always_alarm"
+
+
+def test_threshold_free_figures_and_detection_delay():
+    from hpcad.threshold.quality import macro, ranking
+
+    lab = np.zeros(100, np.int8)
+    lab[40:50] = 1
+    perfect = np.where(lab != 0, 10.0, 1.0)
+    r = ranking(perfect, lab)
+    assert r["ap"] == 1.0 and r["roc_auc"] == 1.0 and r["best_f1"] == 1.0 and r["prevalence"] == 0.1
+    inverted = ranking(-perfect, lab)
+    assert inverted["roc_auc"] == 0.0 and inverted["ap"] < 0.2
+    assert ranking(perfect, np.zeros(100, np.int8)) is None and ranking(perfect, None) is None
+    m = macro([r, inverted])
+    assert m["nodes"] == 2 and m["roc_auc"] == 0.5 and m["roc_auc_std"] == 0.5
+    late = np.where(np.arange(100) >= 44, perfect, 1.0)  # the alarm starts 4 rows into the event
+    ts = 1_000_000 + 300 * np.arange(100)
+    sc = score_rows(late, lab, 5.0, CostModel(1, 5, 2), ts).as_dict()
+    assert sc["events_detected"] == 1 and sc["mean_delay_rows"] == 4 and sc["mean_delay_s"] == 1200
+    assert sc["node_days"] == pytest.approx(100 * 300 / 86400)
+    assert sc["false_alarm_events"] == 0 and sc["false_alarms_per_node_day"] == 0
+    rows_only = score_rows(late, lab, 5.0, CostModel(1, 5, 2)).as_dict()
+    assert rows_only["node_days"] == pytest.approx(100 / 288) and rows_only["mean_delay_s"] is None

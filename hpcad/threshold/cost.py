@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.ndimage import maximum_filter1d
+from scipy.special import ndtr
 
 
 def dilate(mask: np.ndarray, tol: int) -> np.ndarray:
@@ -82,6 +83,34 @@ class CostModel:
         return float(t), float(costs[i])
 
 
+def level_counts(values: np.ndarray, u_grid: np.ndarray) -> np.ndarray:
+    """Counts of ``values`` (already in the grid's units) per point of a uniform grid (nearest point)."""
+    if values.size == 0:
+        return np.zeros(u_grid.size)
+    h = (u_grid[-1] - u_grid[0]) / max(u_grid.size - 1, 1) or 1.0
+    idx = np.clip(np.rint((values - u_grid[0]) / h), 0, u_grid.size - 1).astype(np.int64)
+    return np.bincount(idx, minlength=u_grid.size).astype(np.float64)
+
+
+def drift_smoothed_curve(far_counts: np.ndarray, peak_counts: np.ndarray, u_grid: np.ndarray, sigma: float,
+                         model: "CostModel") -> np.ndarray:
+    """Expected cost at each threshold of a uniform grid ``u_grid`` (log-like units, e.g. asinh of the
+    normalised signal) when every value may move by a Gaussian ``N(0, sigma^2)`` on that scale.
+
+    ``far_counts``/``peak_counts`` are :func:`level_counts` of the rows far from any anomaly and of the
+    anomalous rows' peaks. A row far from anomalies at level u is a false alarm at threshold t with
+    probability P(u + e > t); an anomalous row is missed with probability P(peak + e <= t). This is
+    the step cost curve convolved with a Gaussian: a threshold pays for how close it sits to the
+    values that decide it, so a band of mislabelled rows cannot pull it just under the anomalies.
+    """
+    G = u_grid.size
+    h = (u_grid[-1] - u_grid[0]) / max(G - 1, 1) or 1.0
+    k = np.arange(-(G - 1), G) * h / sigma  # offset (value - threshold) in units of sigma
+    fa = np.convolve(far_counts, ndtr(k)[::-1], mode="full")[G - 1: 2 * G - 1]
+    missed = np.convolve(peak_counts, ndtr(-k)[::-1], mode="full")[G - 1: 2 * G - 1]
+    return model.c_alarm * fa + model.c_missed * missed
+
+
 def runs(mask: np.ndarray, merge_gap: int = 0) -> list[tuple[int, int]]:
     """Contiguous True runs as [start, end) row intervals; runs separated by at most ``merge_gap``
     False rows are merged into one (an operator sees one alarm, not a flicker of many)."""
@@ -100,9 +129,12 @@ def runs(mask: np.ndarray, merge_gap: int = 0) -> list[tuple[int, int]]:
     return merged
 
 
+ROWS_PER_DAY = 288  # row-indexed data (no timestamps): a day is 288 rows of 5 minutes
+
+
 @dataclass
 class Scores:
-    """Row-level cost terms and event-level counts; they add across nodes."""
+    """Row-level cost terms, event-level counts and range-aware sums; they add across nodes."""
 
     false_alarms: int = 0
     missed: int = 0
@@ -114,6 +146,10 @@ class Scores:
     events_detected: int = 0
     alarm_events: int = 0
     alarm_events_true: int = 0
+    delay_rows: int = 0  # summed over detected events: rows from the event's start to its first alarm
+    delay_s: float = 0.0  # the same in seconds, over the detected events of timestamped data
+    timed_events: int = 0  # detected events of timestamped data
+    node_days: float = 0.0  # observed time (rows / 288 for row-indexed data)
 
     def __iadd__(self, other: "Scores") -> "Scores":
         for k in self.__dataclass_fields__:
@@ -124,14 +160,29 @@ class Scores:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
         p = self.alarm_events_true / self.alarm_events if self.alarm_events else float("nan")
         r = self.events_detected / self.events if self.events else float("nan")
-        d.update(precision=p, recall=r, f1=(2 * p * r / (p + r)) if (p + r) > 0 else 0.0)
+        fa_events = self.alarm_events - self.alarm_events_true
+        d.update(precision=p, recall=r, f1=(2 * p * r / (p + r)) if (p + r) > 0 else 0.0,
+                 false_alarm_events=fa_events,
+                 false_alarms_per_node_day=fa_events / self.node_days if self.node_days else float("nan"),
+                 mean_delay_rows=self.delay_rows / self.events_detected if self.events_detected else float("nan"),
+                 mean_delay_s=self.delay_s / self.timed_events if self.timed_events else float("nan"))
         return {k: (None if isinstance(v, float) and v != v else v) for k, v in d.items()}
 
 
-def score_rows(signal: np.ndarray, labels: np.ndarray | None, threshold: float, model: CostModel) -> Scores:
-    """Cost and event-level detection of one node's rows at one threshold."""
+def score_rows(signal: np.ndarray, labels: np.ndarray | None, threshold: float, model: CostModel,
+               timestamp: np.ndarray | None = None) -> Scores:
+    """Cost, event-level detection and detection delay of one node's rows at one threshold.
+
+    ``timestamp`` in seconds gives delays in seconds and node-days from the rows' time span;
+    without it a day is ``ROWS_PER_DAY`` rows. An event's delay counts from its first row to the
+    first alarm within the event's span +- tolerance (0 for an alarm just before it)."""
     pred = signal > threshold
     s = Scores(rows=int(signal.size), alarm_rows=int(pred.sum()))
+    if timestamp is not None and signal.size:
+        span = float(timestamp[-1] - timestamp[0]) + float(np.median(np.diff(timestamp))) if signal.size > 1 else 300.0
+        s.node_days = span / 86400.0
+    else:
+        s.node_days = signal.size / ROWS_PER_DAY
     alarm_events = runs(pred, merge_gap=model.tolerance)
     s.alarm_events = len(alarm_events)
     if labels is None:
@@ -146,6 +197,15 @@ def score_rows(signal: np.ndarray, labels: np.ndarray | None, threshold: float, 
     s.cost = model.c_alarm * s.false_alarms + model.c_missed * s.missed
     events = runs(anom)
     s.events = len(events)
-    s.events_detected = sum(bool(near_pred[a:b].any()) for a, b in events)
+    for a, b in events:
+        lo, hi = max(0, a - tol), min(pred.size, b + tol)
+        hits = np.flatnonzero(pred[lo:hi])
+        if hits.size:
+            first = lo + int(hits[0])
+            s.events_detected += 1
+            s.delay_rows += max(0, first - a)
+            if timestamp is not None:
+                s.delay_s += max(0.0, float(timestamp[first] - timestamp[a]))
+                s.timed_events += 1
     s.alarm_events_true = sum(bool(near_anom[a:b].any()) for a, b in alarm_events)
     return s

@@ -13,26 +13,43 @@ from hpcad.data.jobs import JobTable
 from hpcad.preprocess import SPLIT_NAMES
 from hpcad.score import NodeSignal
 from hpcad.threshold.cost import CostModel, Scores, runs, score_rows
+from hpcad.threshold.quality import macro, ranking
 from hpcad.threshold.rules import Thresholds
 
 
-def evaluate(signals: Iterator[NodeSignal], th: Thresholds, model: CostModel) -> dict:
-    """Scores per split summed over nodes, plus per node (cost terms add across nodes)."""
+def evaluate(signals: Iterator[NodeSignal], th: Thresholds, model: CostModel, time_unit: str = "s") -> dict:
+    """Scores per split summed over nodes, plus per node (cost terms add across nodes), and the
+    threshold-free figures (:mod:`hpcad.threshold.quality`) per node and as means over nodes:
+    ``splits[<split>]["ranking"]``, and ``"eval"`` for validation and test together (the whole
+    labelled period after training)."""
     totals = {name: Scores() for name in SPLIT_NAMES.values()}
+    ranked: dict[str, list[dict]] = {name: [] for name in (*SPLIT_NAMES.values(), "eval")}
     per_node: dict[str, dict] = {}
     labelled = False
     for s in signals:
         labelled |= s.labels is not None
         sig, t = th.signal_of(s), th.threshold_for(s.node)
         per_node[s.node] = {"threshold": t}
-        for code, name in SPLIT_NAMES.items():
-            rows = s.split == code
+        ts = s.timestamp if time_unit == "s" else None
+        parts = [(name, s.split == code) for code, name in SPLIT_NAMES.items()] + [("eval", s.split != 0)]
+        for name, rows in parts:
             if not rows.any():
                 continue
-            sc = score_rows(sig[rows], None if s.labels is None else s.labels[rows], t, model)
-            totals[name] += sc
-            per_node[s.node][name] = sc.as_dict()
-    return {"labelled": labelled, "splits": {k: v.as_dict() for k, v in totals.items()}, "nodes": per_node}
+            lab = None if s.labels is None else s.labels[rows]
+            entry = per_node[s.node].setdefault(name, {})
+            if name != "eval":
+                sc = score_rows(sig[rows], lab, t, model, None if ts is None else ts[rows])
+                totals[name] += sc
+                entry.update(sc.as_dict())
+            r = ranking(sig[rows], lab)
+            if r is not None:
+                entry["ranking"] = r
+                ranked[name].append(r)
+    splits = {k: v.as_dict() for k, v in totals.items()}
+    for name, figs in ranked.items():
+        if labelled:
+            splits.setdefault(name, {})["ranking"] = macro(figs)
+    return {"labelled": labelled, "splits": splits, "nodes": per_node}
 
 
 def _iso(ts: int, unit: str) -> str:
