@@ -1,7 +1,21 @@
-"""Baselines on the same splits and preprocessing: the lecture's KDE and scikit-learn's IsolationForest.
+"""Baselines on the same splits, preprocessing and signal rules as the autoencoder.
 
-Each baseline fits per node on the same standardised normal training rows as the autoencoder and
-writes a signal file in the error-file layout, so thresholds and scores use the same code.
+Each baseline fits per node on the same standardised normal training rows and writes a signal
+file in the error-file layout (smoothed and normalised like the autoencoder's signal,
+:mod:`hpcad.signals`), so thresholds and figures come from the same code:
+
+- ``kde``: Gaussian kernel density (the seed lecture's baseline), bandwidth by held-out
+  log-likelihood; signal = negative log density. Brute force in torch (at ~160 dimensions a tree
+  search visits every point anyway): one distance matrix serves every candidate bandwidth.
+- ``iforest``: scikit-learn's IsolationForest; signal = its anomaly score.
+- ``pca``: reconstruction error of the principal components that explain ``pca_variance`` of the
+  training variance (the linear autoencoder).
+- ``knn``: distance of a row's window (it and the ``knn_window - 1`` rows before it) to the
+  nearest training window: a strong classic on multivariate telemetry.
+
+Fits use at most ``max_train_rows`` training rows (an even subsample beyond that). Baselines are a
+comparison, not a production detector: beyond ``max_nodes`` nodes they are skipped with a warning
+(raise the option to run them on a large cluster anyway).
 """
 from __future__ import annotations
 
@@ -10,56 +24,116 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from sklearn.ensemble import IsolationForest
-from sklearn.neighbors import KernelDensity
+import torch
+from tqdm import tqdm
 
 from hpcad.data.store import TelemetryStore
 from hpcad.errors import ConfigError
-from hpcad.preprocess import Scaler, fill_gaps, split_codes, training_rows
+from hpcad.preprocess import Scaler, fill_gaps, split_codes, training_rows, window_rows, windows
 from hpcad.score import NodeSignal, write_signal_file
+from hpcad.signals import smooth_signal
 
 log = logging.getLogger(__name__)
+METHODS = ("kde", "iforest", "pca", "knn")
+_BLOCK = 4096  # evaluation rows per distance block
 
 
-def _kde(train: np.ndarray, holdout: np.ndarray, bandwidths: list[float]) -> tuple[KernelDensity, float]:
-    """Gaussian KDE with the bandwidth that maximises held-out log-likelihood."""
-    best, best_ll = None, -np.inf
-    for bw in bandwidths:
-        kde = KernelDensity(bandwidth=bw).fit(train)
-        ll = kde.score(holdout) if len(holdout) else kde.score(train)
-        if ll > best_ll:
-            best, best_ll = bw, ll
-    return KernelDensity(bandwidth=best).fit(train), float(best)
+def _sq_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances [len(a), len(b)] (float64, clamped at 0)."""
+    return (torch.cdist(a, b) ** 2).clamp_(min=0)
 
 
-def baseline_signals(method: str, cfg, fit_store: TelemetryStore, eval_store: TelemetryStore) -> Iterator[NodeSignal]:
-    rng = np.random.default_rng(cfg.baselines.seed)
-    for node in eval_store.nodes:
+class _Kde:
+    def __init__(self, train: np.ndarray, holdout: np.ndarray, bandwidths: list[float]):
+        self.t = torch.from_numpy(train).double()
+        ref = torch.from_numpy(holdout if len(holdout) else train).double()
+        d2 = _sq_dist(ref, self.t)
+        ll = [float(self._logdens(d2, h).mean()) for h in bandwidths]
+        self.h = float(bandwidths[int(np.argmax(ll))])
+
+    def _logdens(self, d2: torch.Tensor, h: float) -> torch.Tensor:
+        M = self.t.shape[1]
+        return torch.logsumexp(-d2 / (2 * h * h), dim=1) - np.log(self.t.shape[0]) - M * np.log(h * np.sqrt(2 * np.pi))
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        X = torch.from_numpy(x).double()
+        return np.concatenate([(-self._logdens(_sq_dist(X[s:s + _BLOCK], self.t), self.h)).numpy()
+                               for s in range(0, len(X), _BLOCK)] or [np.empty(0)])
+
+
+class _Pca:
+    def __init__(self, train: np.ndarray, variance: float):
+        self.mu = train.mean(0)
+        _, s, vt = np.linalg.svd(train - self.mu, full_matrices=False)
+        share = np.cumsum(s ** 2) / max(float((s ** 2).sum()), 1e-300)
+        k = int(np.searchsorted(share, variance) + 1)
+        self.V = vt[: min(k, vt.shape[0])].T
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        c = x - self.mu
+        return ((c - (c @ self.V) @ self.V.T) ** 2).sum(1)
+
+
+class _Knn:
+    def __init__(self, train: np.ndarray, window: int):
+        self.w = window
+        self.t = torch.from_numpy(train).double()
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        X = torch.from_numpy(x).double()
+        return np.concatenate([_sq_dist(X[s:s + _BLOCK], self.t).min(1).values.numpy()
+                               for s in range(0, len(X), _BLOCK)] or [np.empty(0)])
+
+
+def _fit(method: str, train: np.ndarray, hold: np.ndarray, bc, seed: int):
+    """A fitted baseline's row scorer and whether its score is error-like (>= 0, 0 = perfect)."""
+    if method == "kde":
+        return _Kde(train, hold, list(bc.kde_bandwidths)).score, False
+    if method == "iforest":
+        from sklearn.ensemble import IsolationForest
+
+        model = IsolationForest(n_estimators=int(bc.iforest_trees), random_state=seed).fit(train)
+        return (lambda x: -model.score_samples(x)), False
+    if method == "pca":
+        return _Pca(train, float(bc.pca_variance)).score, True
+    if method == "knn":
+        return _Knn(train, int(bc.knn_window)).score, True
+    raise ConfigError(f"baselines.methods: unknown method {method!r} ({', '.join(METHODS)})")
+
+
+def baseline_signals(method: str, cfg, fit_store: TelemetryStore, eval_store: TelemetryStore,
+                     progress: bool = False) -> Iterator[NodeSignal]:
+    bc = cfg.baselines
+    rng = np.random.default_rng(bc.seed)
+    w = int(bc.knn_window) if method == "knn" else 1
+    for node in tqdm(eval_store.nodes, desc=f"baseline {method}", unit="node", disable=not progress):
         if node not in fit_store.nodes:
             raise ConfigError(f"baseline {method}: node {node} has no training data in {fit_store.path}")
         fit_nd = fit_store.read(node)
         codes = split_codes(fit_nd, cfg.split) if fit_store is eval_store else _train_codes(fit_nd, cfg)
         rows = training_rows(fit_nd, codes, cfg.split.normal_only, cfg.split.exclude_idle)
-        vals = fill_gaps(fit_nd.values, cfg.preprocess.nan_fill_limit)[rows]
-        scaler = Scaler.fit(vals, cfg.preprocess, where=f"node {node}")
-        z = scaler.transform(vals)[0]
-        if len(z) > cfg.baselines.max_train_rows:
-            z = z[np.sort(rng.choice(len(z), cfg.baselines.max_train_rows, replace=False))]
+        vals = fill_gaps(fit_nd.values, cfg.preprocess.nan_fill_limit)
+        scaler = Scaler.fit(vals[rows], cfg.preprocess, where=f"node {node}")
+        if w > 1:
+            z = windows(scaler.transform(vals)[0], w)[window_rows(rows, w)]
+        else:
+            z = scaler.transform(vals[rows])[0]
         cut = int(np.ceil(len(z) * (1 - cfg.train.validation_split)))
         train, hold = z[:cut], z[cut:]
-        if method == "kde":
-            model, bw = _kde(train, hold, list(cfg.baselines.kde_bandwidths))
-            score = lambda x: -model.score_samples(x)  # noqa: E731
-        elif method == "iforest":
-            model = IsolationForest(n_estimators=200, random_state=cfg.baselines.seed).fit(train)
-            score = lambda x: -model.score_samples(x)  # noqa: E731
-        else:
-            raise ConfigError(f"baselines.methods: unknown method {method!r} (kde, iforest)")
+        if len(train) > bc.max_train_rows:
+            train = train[np.sort(rng.choice(len(train), int(bc.max_train_rows), replace=False))]
+        if len(train) < 2:
+            raise ConfigError(f"baseline {method}: node {node} has fewer than 2 training rows")
+        score, error_like = _fit(method, train, hold, bc, int(bc.seed))
         ref = score(hold if len(hold) else train)
-        offset, scale = float(np.median(ref)), float(max(np.std(ref), 1e-9))
         nd = eval_store.read(node)
-        sig = score(scaler.transform(fill_gaps(nd.values, cfg.preprocess.nan_fill_limit))[0]) - offset
-        yield NodeSignal(node, sig.astype(np.float64), split_codes(nd, cfg.split), nd.labels, nd.timestamp, scale)
+        sig = score(windows(scaler.transform(fill_gaps(nd.values, cfg.preprocess.nan_fill_limit))[0], w))
+        if error_like:  # like the autoencoder: >= 0, normal level = the held-out mean
+            offset, scale = 0.0, float(max(np.mean(ref), 1e-12))
+        else:  # an arbitrary origin: centred on the held-out median, in units of its spread
+            offset, scale = float(np.median(ref)), float(max(np.std(ref), 1e-9))
+        sig = smooth_signal(sig - offset, cfg.signal.smooth, scale, cfg.signal.causal)
+        yield NodeSignal(node, sig, split_codes(nd, cfg.split), nd.labels, nd.timestamp, scale)
 
 
 def _train_codes(nd, cfg) -> np.ndarray:
@@ -73,10 +147,18 @@ def _train_codes(nd, cfg) -> np.ndarray:
 
 
 def run_baselines(cfg, fit_store: TelemetryStore, eval_store: TelemetryStore, out_dir: Path) -> dict[str, Path]:
-    out = {}
-    for method in cfg.baselines.methods:
+    out: dict[str, Path] = {}
+    bc = cfg.baselines
+    if len(eval_store.nodes) > bc.max_nodes:
+        log.warning("baselines skipped: %d nodes > baselines.max_nodes=%d (they are a comparison; raise the "
+                    "option to run them anyway)", len(eval_store.nodes), bc.max_nodes)
+        return out
+    for method in bc.methods:
+        if method not in METHODS:
+            raise ConfigError(f"baselines.methods: unknown method {method!r} ({', '.join(METHODS)})")
+    for method in bc.methods:
         path = out_dir / f"{method}.h5"
-        write_signal_file(path, method, baseline_signals(method, cfg, fit_store, eval_store))
+        write_signal_file(path, method, baseline_signals(method, cfg, fit_store, eval_store, cfg.train.progress))
         log.info("baseline %s -> %s", method, path)
         out[method] = path
     return out

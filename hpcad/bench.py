@@ -11,6 +11,7 @@ Data comes from the synthetic generator: a pool of ``bench.pool`` distinct nodes
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import platform
@@ -28,8 +29,8 @@ from hpcad.data.synthetic import generate_node
 from hpcad.device import precision_context, resolve_device
 from hpcad.errors import ConfigError
 from hpcad.model.autoencoder import AutoencoderSpec, glorot_init
-from hpcad.model.ensemble import Workspace, chunk_size, default_chunk_cap, node_seed, train_ensemble
-from hpcad.preprocess import Scaler
+from hpcad.model.ensemble import Workspace, chunk_size, default_chunk_cap, member_seed, node_seed, train_ensemble
+from hpcad.preprocess import Scaler, windows
 from hpcad.train import model_spec
 
 log = logging.getLogger(__name__)
@@ -95,18 +96,23 @@ def _sync(device: torch.device) -> None:
 
 
 def bench_train(cfg, run_dir: Path) -> dict:
+    """Times ``bench.nodes`` nodes with the configured model: a node with ``model.members`` R is R
+    models on both sides (batched: R slots of the chunk; naive: R plain models one after another),
+    and ``model.window`` w feeds both sides the same w-row windows."""
     b = cfg.bench
     device = resolve_device(b.device)
-    spec = model_spec(cfg)
+    node_spec = model_spec(cfg)
+    R, w = node_spec.members, node_spec.window
+    spec = dataclasses.replace(node_spec, members=1, window=1)  # one member's network, on window inputs
     tc = SimpleNamespace(**{**dict(cfg.train), "epochs": int(b.epochs), "patience": int(b.epochs) + 1,
                             "restore_best": True})
     t0 = time.perf_counter()
-    pool = bench_pool(b, cfg)
+    pool = [windows(p, w) for p in bench_pool(b, cfg)]
     gen_s = time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    K = chunk_size(b.rows, b.metrics, spec, cfg.train.memory_budget_mb, tc.batch_size,
-                   cfg.train.max_nodes_per_chunk or default_chunk_cap(device))
+    K = max(1, chunk_size(b.rows, b.metrics, node_spec, cfg.train.memory_budget_mb, tc.batch_size,
+                          cfg.train.max_nodes_per_chunk or default_chunk_cap(device)) // R)
     chunks = [list(range(s, min(s + K, b.nodes))) for s in range(0, b.nodes, K)]
     n_naive = 0 if b.naive_nodes == 0 else b.nodes if b.naive_nodes is None else min(int(b.naive_nodes), b.nodes)
     # The naive nodes are spread over the chunks and timed right after each one, so that both sides
@@ -130,7 +136,8 @@ def bench_train(cfg, run_dir: Path) -> dict:
             last[0] = epoch
 
         t0 = time.perf_counter()
-        res = train_ensemble(spec, [pool[i % len(pool)] for i in idx], [node_seed(b.seed, f"n{i}") for i in idx],
+        res = train_ensemble(spec, [pool[i % len(pool)] for i in idx for _ in range(R)],
+                             [member_seed(node_seed(b.seed, f"n{i}"), r) for i in idx for r in range(R)],
                              tc, device, progress=progress, workspace=workspace)
         _sync(device)
         chunk_s = time.perf_counter() - t0
@@ -139,7 +146,9 @@ def bench_train(cfg, run_dir: Path) -> dict:
         if len(share):
             t0 = time.perf_counter()
             for i in map(int, share):
-                naive_val.append(naive_train(pool[i % len(pool)], node_seed(b.seed, f"n{i}"), spec, tc, device))
+                for r in range(R):
+                    naive_val.append(naive_train(pool[i % len(pool)], member_seed(node_seed(b.seed, f"n{i}"), r),
+                                                 spec, tc, device))
                 naive_bar.update(1)
             _sync(device)
             share_s = time.perf_counter() - t0
@@ -151,7 +160,7 @@ def bench_train(cfg, run_dir: Path) -> dict:
     n_tr = int(np.ceil(b.rows * (1 - tc.validation_split)))
     out = {
         "mode": "train", "nodes": b.nodes, "rows": b.rows, "metrics": b.metrics, "epochs": b.epochs,
-        "model": spec.to_dict(), "batch_size": tc.batch_size, "precision": tc.precision,
+        "model": node_spec.to_dict(), "batch_size": tc.batch_size, "precision": tc.precision,
         "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
         else platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "nodes_per_chunk": K,
@@ -193,8 +202,9 @@ def bench_score(cfg, run_dir: Path) -> dict:
     for i, n in enumerate(names):
         if not model_path(models_dir, n).exists():
             v = pool[i % len(pool)].values
-            NodeModel(n, spec, store.metrics, glorot_init(spec, v.shape[1], i), Scaler.fit(v, cfg.preprocess),
-                      {}, 1.0).save(model_path(models_dir, n))
+            members = [glorot_init(spec, v.shape[1], member_seed(i, r)) for r in range(spec.members)]
+            NodeModel(n, spec, store.metrics, members, Scaler.fit(v, cfg.preprocess), {}, 1.0).save(
+                model_path(models_dir, n))
     t0 = time.perf_counter()
     score_nodes(cfg, store, models_dir, run_dir / "bench_errors.h5")
     score_s = time.perf_counter() - t0

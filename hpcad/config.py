@@ -66,7 +66,8 @@ class SplitConfig:
 class PreprocessConfig:
     std_floor_rel: float = 0.01  # scale >= this share of the metric's training range
     std_floor_abs: float = 1.0e-6  # and >= this absolute value
-    clip: float = 20.0  # standardised values are clipped to +-clip (bounds one metric's error)
+    clip: float = 20.0  # standardised values beyond +-clip are compressed (bounds one metric's error)
+    soft_clip: bool = True  # compress logarithmically beyond the clip (further out still scores higher); false: cut
     nan_fill_limit: int = 3  # forward-fill at most this many consecutive NaN rows, then use the training mean
 
 
@@ -88,9 +89,12 @@ class TrainConfig:
 
 @dataclass
 class SignalConfig:
-    """Post-processing of the alarm signal before thresholds (the same for every detector)."""
+    """From per-row errors to the alarm signal (the same for every detector; hpcad/signals.py)."""
 
-    smooth: int = 1  # causal moving average over this many rows; 1 = the raw per-row signal (the lecture)
+    smooth: int = 25  # rows averaged into a row's signal (asinh scale), centred; 1 = the raw per-row signal
+    causal: bool = False  # average the row and the ones before it only (alarms that never look ahead)
+    range_excess: bool = True  # add the squared excess of a value outside its training range to its error
+    scale_floor: float = 1.0e-4  # a node's normal level (signal_norm's divisor) is at least this x metrics
 
 
 @dataclass
@@ -103,9 +107,15 @@ class ReportConfig:
 
 @dataclass
 class BaselineConfig:
-    methods: list[str] = field(default_factory=lambda: ["kde", "iforest"])
+    """Comparison detectors (hpcad/baselines.py), thresholded and evaluated like the autoencoder."""
+
+    methods: list[str] = field(default_factory=lambda: ["kde", "iforest", "pca", "knn"])
     kde_bandwidths: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 3.0, 5.0, 8.0])
-    max_train_rows: int = 5000  # KDE cost grows with training rows; subsample beyond this
+    iforest_trees: int = 100
+    pca_variance: float = 0.95  # components kept: the fewest that explain this share of the variance
+    knn_window: int = 10  # rows per window of the nearest-neighbour baseline
+    max_train_rows: int = 2000  # fits use at most this many training rows (an even subsample)
+    max_nodes: int = 256  # more nodes than this: baselines are skipped (with a warning)
     seed: int = 0
 
 
@@ -203,6 +213,8 @@ class AutoencoderConfig:
     hidden: list[int] = field(default_factory=lambda: [64])  # encoder widths; the last one is the code
     code_l1: float = 0.0  # L1 sparsity penalty on the code (the lecture's alternative to a bottleneck)
     scope: str = "node"  # node: one model per monitored node | fleet: one model over all nodes (DDP)
+    members: int = 1  # autoencoders per node (seed ensemble, one batched kernel); reconstruction = their mean
+    window: int = 1  # rows per input: the row and the window - 1 rows before it, flattened
 
 
 @dataclass

@@ -105,7 +105,7 @@ def train_fleet(cfg, store, models_dir, nodes: list[str], device: torch.device, 
         for (n, (z, scaler)), zv in zip(prepared.items(), va):
             x = torch.from_numpy(zv if len(zv) else z).to(device)
             scale = float(((model(x) - x) ** 2).sum(1).mean()) if len(x) else 1.0
-            NodeModel(n, spec, store.metrics, params, scaler, dict(history), max(scale, 1e-12)).save(
+            NodeModel(n, spec, store.metrics, [params], scaler, dict(history), max(scale, 1e-12)).save(
                 model_path(models_dir, n))
     log.info("fleet model: %d epochs, best validation loss %.4g; %d node files", history["epochs_run"],
              best_loss, len(prepared))

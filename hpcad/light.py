@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hpcad.model.autoencoder import forward, stack
+from hpcad.model.autoencoder import ensemble_recon, stack
 from hpcad.model.files import LIGHT_NAME, load_tensors, save_tensors
 
 FORMAT = "hpcad-light-map"
@@ -81,21 +81,28 @@ def map_for_night(models_dir: Path, node: str, night: str) -> LightMap | None:
     return None
 
 
-def recon_and_code(params: list[torch.Tensor], n_encoder: int, x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """The frozen model's reconstruction and latent code of standardised rows x [T, M]."""
+def recon_and_code(members: list[list[torch.Tensor]], n_encoder: int, x: np.ndarray,
+                   n_out: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen model's reconstruction (its members' mean, of each input's last ``n_out`` values:
+    the newest row of a window) and mean latent code of standardised inputs x [T, D]."""
+    n_out = x.shape[1] if n_out is None else n_out
     with torch.no_grad():
-        recon, code = forward(stack([params], "cpu"), torch.from_numpy(np.ascontiguousarray(x))[None], n_encoder)
+        recon, code = ensemble_recon(stack(members, "cpu"),
+                                     torch.from_numpy(np.ascontiguousarray(x))[None], n_encoder, len(members), n_out)
     return recon[0].double(), code[0].double()
 
 
-def fit_light_map(params: list[torch.Tensor], n_encoder: int, x: np.ndarray, ridge: float,
-                  fitted_on: list[str], previous: LightMap | None = None, valid_from: str = "") -> LightMap:
-    """Closed-form ridge fit of the map on standardised normal rows x [T, M] (T >= 1)."""
+def fit_light_map(members: list[list[torch.Tensor]], n_encoder: int, x: np.ndarray, ridge: float,
+                  fitted_on: list[str], previous: LightMap | None = None, valid_from: str = "",
+                  n_out: int | None = None) -> LightMap:
+    """Closed-form ridge fit of the map on standardised normal inputs x [T, D] (T >= 1; a window's
+    last ``n_out`` values are the row it scores)."""
     if len(x) == 0:
         raise ValueError("light retraining needs at least one normal row")
-    recon, code = recon_and_code(params, n_encoder, x)
+    n_out = x.shape[1] if n_out is None else n_out
+    recon, code = recon_and_code(members, n_encoder, x, n_out)
     F = torch.cat([recon, code, torch.ones(len(x), 1, dtype=torch.float64)], dim=1)
-    R = torch.from_numpy(x).double() - recon
+    R = torch.from_numpy(np.ascontiguousarray(x[:, x.shape[1] - n_out:])).double() - recon
     penalty = torch.full((F.shape[1],), float(ridge) * len(x), dtype=torch.float64)
     penalty[-1] = 1e-9 * len(x)  # the bias (a level shift) is not pulled towards zero
     delta = torch.linalg.solve(F.T @ F + torch.diag(penalty), F.T @ R)

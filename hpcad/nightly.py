@@ -44,7 +44,7 @@ from hpcad.errors import ConfigError, HpcadError, InputError
 from hpcad.explain import class_profiles
 from hpcad.light import LightMap, fit_light_map, light_path, map_for_night, save_version
 from hpcad.model.files import NodeModel, model_nodes, model_path
-from hpcad.preprocess import fill_gaps
+from hpcad.preprocess import fill_gaps, windows
 from hpcad.score import ErrorStore, score_nodes
 from hpcad.threshold.evaluate import alarm_events, evaluate, write_alarms_csv
 from hpcad.threshold.rules import Thresholds
@@ -188,9 +188,8 @@ def _night(cfg, day: dt.date, out: Path, train_run: Path, overrides: list[str]) 
         from hydra.utils import instantiate
 
         cm = instantiate(cfg.threshold, _convert_="all").cost_model
-        smooth = int(cfg.signal.smooth)
         jobs = store.jobs()
-        signals = list(errors.signals(smooth=smooth))  # alarms, evaluation and drift all read them
+        signals = list(errors.signals())  # alarms, evaluation and drift all read them
         records = []
         for s in signals:
             records += alarm_events(s, th, errors.errors, errors.metrics, cfg.report.top_k, "s",
@@ -295,21 +294,22 @@ def _light_retrain(cfg, node: str, day: dt.date, nights: list[tuple[str, Telemet
     for night, store, errors in nights:
         if node not in errors.nodes:
             continue
-        s = next(errors.signals([node], smooth=int(cfg.signal.smooth)))
+        s = next(errors.signals([node]))
         ok = s.signal <= np.quantile(s.signal, 0.9)
         if s.labels is not None:
             ok &= s.labels == 0
         nd = store.read(node)
-        xs.append(model.scaler.transform(fill_gaps(nd.values, cfg.preprocess.nan_fill_limit))[0][ok])
+        z = model.scaler.transform(fill_gaps(nd.values, cfg.preprocess.nan_fill_limit))[0]
+        xs.append(windows(z, model.spec.window)[ok])
         used.append(night)
-    x = np.concatenate(xs) if xs else np.empty((0, len(model.metrics)), np.float32)
+    x = np.concatenate(xs) if xs else np.empty((0, len(model.metrics) * model.spec.window), np.float32)
     if len(x) == 0:
         log.warning("nightly %s: node %s has no normal rows to refit its light map on", day, node)
         return None
     t0 = time.perf_counter()
     prev = LightMap.load(light_path(models_dir, node)) if light_path(models_dir, node).exists() else None
-    lm = fit_light_map(model.params, len(model.spec.hidden), x, n.light_ridge, sorted(used), prev,
-                       valid_from=(day + dt.timedelta(days=1)).isoformat())
+    lm = fit_light_map(model.members, len(model.spec.hidden), x, n.light_ridge, sorted(used), prev,
+                       valid_from=(day + dt.timedelta(days=1)).isoformat(), n_out=len(model.metrics))
     save_version(models_dir, node, lm)
     return {"node": node, "version": lm.version, "rows": lm.rows, "days": lm.fitted_on, "valid_from": lm.valid_from,
             "fit_ms": round(1000 * (time.perf_counter() - t0), 1)}

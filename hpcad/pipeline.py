@@ -145,12 +145,9 @@ def stage_threshold(cfg, run_dir: Path) -> dict:
     """Fit thresholds, then write alarms and scores. Under mpiexec or ``srun --mpi=pmi2`` every rank
     fits on its share of the nodes and the ranks reduce (docs/cluster.md); rank 0 writes the outputs."""
     errors = _errors(run_dir)
-    smooth = int(cfg.signal.smooth)
-    if smooth < 1:
-        raise ConfigError(f"signal.smooth={smooth}: must be >= 1 (rows)")
-    source = partial(errors.signals, smooth=smooth)
+    source = errors.signals
     red = reducer()
-    mine = partial(errors.signals, nodes=dist.shard(errors.rows, red.size)[red.rank], smooth=smooth)
+    mine = partial(errors.signals, nodes=dist.shard(errors.rows, red.size)[red.rank])
     labelled = any(s.labels is not None for s in errors.signals(errors.nodes[:1])) if errors.nodes else False
     tr = _train_run(cfg)
     rule = instantiate(cfg.threshold, _convert_="all")
@@ -177,10 +174,11 @@ def stage_threshold(cfg, run_dir: Path) -> dict:
     result = {"alarms": len(records), "thresholds": th.to_dict()}
     metrics = evaluate(source(), th, cm, time_unit)
     if metrics["labelled"]:
-        out = {"detector": "autoencoder", "cost_model": vars(cm), "threshold_rule": th.rule, "smooth": smooth,
-               "scope": th.scope, "splits": metrics["splits"], "baselines": {}, "nodes": metrics["nodes"]}
+        out = {"detector": "autoencoder", "cost_model": vars(cm), "threshold_rule": th.rule,
+               "signal": dict(OmegaConf.to_container(cfg.signal)), "scope": th.scope, "threshold_check":
+               th.details.get("check"), "splits": metrics["splits"], "baselines": {}, "nodes": metrics["nodes"]}
         for path in sorted((run_dir / "baselines").glob("*.h5")):
-            bsource = partial(ErrorStore(path).signals, smooth=smooth)
+            bsource = ErrorStore(path).signals
             bth = rule.fit(bsource)
             out["baselines"][path.stem] = {"splits": evaluate(bsource(), bth, cm, time_unit)["splits"],
                                            "thresholds": bth.to_dict()}

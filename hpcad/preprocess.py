@@ -2,8 +2,12 @@
 
 Standardisation survives constant and near-constant metrics: each metric's scale is floored at a
 share of its training range and an absolute minimum (a metric constant in training is measured
-relative to its level), and standardised values are clipped, so a metric whose training std is tiny
-(the seed lecture's exploding ips errors) cannot swamp the alarm signal.
+relative to its level), and standardised values beyond +-clip are compressed, so a metric whose
+training std is tiny (the seed lecture's exploding ips errors) cannot swamp the alarm signal.
+Compression is logarithmic by default (``soft_clip``): a value further outside still scores higher,
+so a never-seen value cannot hide among normal rows that sit at the clip. The scaler also keeps
+each metric's training range (standardised), from which scoring adds the squared excess of a
+value outside it to that metric's error (``signal.range_excess``).
 """
 from __future__ import annotations
 
@@ -83,13 +87,51 @@ def fill_gaps(values: np.ndarray, limit: int) -> np.ndarray:
     return pd.DataFrame(values).ffill(limit=limit).to_numpy(dtype=np.float32)
 
 
+def windows(z: np.ndarray, w: int) -> np.ndarray:
+    """Rows [T, M] -> windows [T, w*M]: row t holds rows t-w+1 .. t, oldest first (rows before the
+    first are the first row repeated). ``w=1`` returns ``z`` itself."""
+    if w <= 1:
+        return z
+    pad = np.concatenate([np.repeat(z[:1], w - 1, axis=0), z]) if len(z) else z
+    return np.ascontiguousarray(np.concatenate([pad[i:i + len(z)] for i in range(w)], axis=1))
+
+
+def window_rows(mask: np.ndarray, w: int) -> np.ndarray:
+    """Rows whose whole window (the row and the w-1 before it) lies inside ``mask``."""
+    if w <= 1:
+        return mask
+    ok = mask.copy()
+    for lag in range(1, w):
+        ok[lag:] &= mask[:-lag]
+        ok[:lag] &= mask[0]
+    return ok
+
+
+def compress(z: np.ndarray, clip: float, soft: bool) -> np.ndarray:
+    """Values beyond +-clip: logarithmic growth (``soft``) or cut at the clip."""
+    if not soft:
+        return np.clip(z, -clip, clip)
+    a = np.abs(z)
+    return np.where(a > clip, np.sign(z) * (clip + np.log1p(np.maximum(a - clip, 0.0))), z)
+
+
 @dataclass
 class Scaler:
-    """Per-metric standardisation fitted on training rows: z = clip((x - mean) / scale)."""
+    """Per-metric standardisation fitted on training rows: z = compress((x - mean) / scale), and the
+    training range [lo, hi] of z per metric (for the range-excess term of scoring)."""
 
     mean: np.ndarray
     scale: np.ndarray
     clip: float
+    soft_clip: bool = True
+    lo: np.ndarray | None = None
+    hi: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.lo is None:
+            self.lo = np.full_like(self.mean, -np.inf)
+        if self.hi is None:
+            self.hi = np.full_like(self.mean, np.inf)
 
     @classmethod
     def fit(cls, values: np.ndarray, cfg, where: str = "") -> "Scaler":
@@ -110,11 +152,23 @@ class Scaler:
         # A metric constant in training has no scale of its own: measure change relative to its level
         # (or in its own units when the level is below 1), not against the tiny absolute floor.
         scale = np.where(rng > 0, scale, np.maximum(np.abs(mean), 1.0))
-        return cls(mean.astype(np.float32), scale.astype(np.float32), float(cfg.clip))
+        soft = bool(getattr(cfg, "soft_clip", True))
+        out = cls(mean.astype(np.float32), scale.astype(np.float32), float(cfg.clip), soft)
+        with np.errstate(all="ignore"):
+            z = out.transform(values)[0]
+            observed = ~np.isnan(values)
+            out.lo = np.where(observed.any(0), np.where(observed, z, np.inf).min(0), 0.0).astype(np.float32)
+            out.hi = np.where(observed.any(0), np.where(observed, z, -np.inf).max(0), 0.0).astype(np.float32)
+        return out
 
     def transform(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Standardised values and a mask of entries that were missing (imputed with the mean)."""
-        z = (values - self.mean) / self.scale
+        with np.errstate(invalid="ignore"):
+            z = (values - self.mean) / self.scale
         missing = np.isnan(z)
-        z = np.where(missing, 0.0, np.clip(z, -self.clip, self.clip)).astype(np.float32)
+        z = np.where(missing, 0.0, compress(z, self.clip, self.soft_clip)).astype(np.float32)
         return z, missing
+
+    def excess(self, z: np.ndarray) -> np.ndarray:
+        """How far standardised values [T, M] lie outside the training range (0 inside)."""
+        return np.maximum(0.0, np.maximum(z - self.hi, self.lo - z)).astype(np.float32)

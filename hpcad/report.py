@@ -89,10 +89,10 @@ def overview_grid(sigs: list, th: Thresholds, time_unit: str = "s") -> tuple[np.
     return grid, t0, step
 
 
-def _overview(errors: ErrorStore, th: Thresholds, nodes: list[str], smooth: int, time_unit: str = "s") -> str:
+def _overview(errors: ErrorStore, th: Thresholds, nodes: list[str], time_unit: str = "s") -> str:
     """Cluster overview: nodes x time, colour = peak signal / threshold per hour or day (>= 1: alarm);
     per block of rows when the input had no timestamps."""
-    sigs = list(errors.signals(nodes, smooth=smooth))
+    sigs = list(errors.signals(nodes))
     binned = overview_grid(sigs, th, time_unit)
     if binned is None:
         return ""
@@ -191,8 +191,7 @@ def write_report(cfg, run_dir: Path, errors: ErrorStore, models_dir: Path, title
                          + _table(skipped, ["node", "reason"]))
     overview = ranked[: cfg.report.max_nodes_overview]
     if overview:
-        parts.append("<h2>Cluster overview</h2>" + _overview(errors, th, sorted(overview), int(cfg.signal.smooth),
-                                                                  time_unit))
+        parts.append("<h2>Cluster overview</h2>" + _overview(errors, th, sorted(overview), time_unit))
         if len(overview) < len(errors.nodes):
             parts.append(f"<p>{len(overview)} of {len(errors.nodes)} nodes shown (most alarms first; "
                          f"report.max_nodes_overview).</p>")
@@ -211,7 +210,7 @@ def write_report(cfg, run_dir: Path, errors: ErrorStore, models_dir: Path, title
         parts.append(f"<p>cost = {cm['c_alarm']} x false alarms + {cm['c_missed']} x missed anomalies, "
                      f"tolerance +-{cm['tolerance']} rows.</p>")
     parts.append("<h2>Alarm signal</h2>")
-    sigs = {s.node: s for s in errors.signals(shown, smooth=int(cfg.signal.smooth))}
+    sigs = {s.node: s for s in errors.signals(shown)}
     parts += [_signal_plot(sigs[n], th) for n in shown]
     if shown:
         parts.append("<h2>Per-metric error</h2>" + _heatmap(errors, sigs[shown[0]]))

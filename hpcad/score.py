@@ -4,10 +4,12 @@ Layout (docs/data.md):
 
     /                 attrs: hpcad_format="error-store", format_version, store, models, created
     /metrics          [M] metric names
-    /nodes/<node>/    attrs: signal_scale (the node's mean held-out signal), rows
+    /nodes/<node>/    attrs: signal_scale (the node's normal level, hpcad.signals.signal_level), rows, smooth, causal
         error         [T, M] float32 squared error per metric in standardised units (0 where missing),
+                      plus the squared excess of a value outside the metric's training range;
                       chunks of 1024 rows, uncompressed
-        signal        [T] float32 alarm signal = sum over metrics of error
+        signal_row    [T] float32 sum over metrics of error (the row's own signal)
+        signal        [T] float32 the alarm signal: signal_row smoothed (hpcad.signals.smooth_signal)
         signal_norm   [T] float32 signal / signal_scale (one threshold can serve all nodes)
                       (attr light_version: the light map applied, 0 = none; hpcad/light.py)
         timestamp     [T] int64, split [T] int8 (0 train, 1 validation, 2 test), labels [T] int8 if labelled
@@ -31,9 +33,10 @@ from hpcad.data.store import STR, TelemetryStore, open_h5
 from hpcad.device import precision_context, resolve_device
 from hpcad.errors import InputError, StoreError
 from hpcad.light import LightMap, light_path
-from hpcad.model.autoencoder import forward, stack
+from hpcad.model.autoencoder import ensemble_recon, stack
 from hpcad.model.files import NodeModel, model_path
-from hpcad.preprocess import fill_gaps, split_codes
+from hpcad.preprocess import fill_gaps, split_codes, windows
+from hpcad.signals import signal_level, smooth_signal
 
 log = logging.getLogger(__name__)
 FORMAT = "error-store"
@@ -75,6 +78,7 @@ def score_nodes(cfg, store: TelemetryStore, models_dir: Path, out_path: Path, no
         raise StoreError(f"{models_dir}: no model for nodes {missing[:10]} ({len(missing)} missing); "
                          f"train them first or point train_run at the run that did")
     M = len(store.metrics)
+    sig_cfg = cfg.signal
     with atomic_path(out_path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs.update(hpcad_format=FORMAT, format_version=1, store=str(store.path), models=str(models_dir),
                        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -84,7 +88,7 @@ def score_nodes(cfg, store: TelemetryStore, models_dir: Path, out_path: Path, no
         bar = tqdm(total=len(nodes), desc="score", unit="node", disable=not cfg.train.progress)
         i = 0
         while i < len(nodes):
-            per_node = 4 * M * 4 * max(store.rows(nodes[i]), 1)  # input, recon, error, host copy
+            per_node = 4 * M * 6 * max(store.rows(nodes[i]), 1)  # input, recon, error, host copies
             K = int(max(1, min(cfg.train.max_nodes_per_chunk or 4096, cfg.train.memory_budget_mb * 2**20 // per_node)))
             chunk = nodes[i:i + K]
             i += len(chunk)
@@ -98,13 +102,16 @@ def score_nodes(cfg, store: TelemetryStore, models_dir: Path, out_path: Path, no
                 z, miss = model.scaler.transform(fill_gaps(nd.values, cfg.preprocess.nan_fill_limit))
                 models.append(model), data.append(nd), zs.append(z), masks.append(miss)
             maps = [light(n) for n in chunk]
-            same_shape = len({tuple(m.spec.hidden) for m in models}) == 1
+            same_shape = len({(tuple(m.spec.hidden), m.spec.members, m.spec.window) for m in models}) == 1
             prec = cfg.train.precision
             errs = reconstruction_errors(models, zs, device, prec, maps) if same_shape else \
                 [reconstruction_errors([m], [z], device, prec, [lm])[0] for m, z, lm in zip(models, zs, maps)]
-            for model, nd, err, miss, lm in zip(models, data, errs, masks, maps):
+            for model, nd, z, err, miss, lm in zip(models, data, zs, errs, masks, maps):
+                if sig_cfg.range_excess:
+                    err += np.square(model.scaler.excess(z))
                 err[miss] = 0.0
-                _write_node_errors(nodes_grp, nd, err, model.signal_scale, split_codes(nd, cfg.split),
+                level = signal_level(model.signal_scale, M, sig_cfg.scale_floor)
+                _write_node_errors(nodes_grp, nd, err, level, split_codes(nd, cfg.split), sig_cfg,
                                    lm.version if lm else 0)
             bar.update(len(chunk))
         bar.close()
@@ -113,58 +120,57 @@ def score_nodes(cfg, store: TelemetryStore, models_dir: Path, out_path: Path, no
 
 
 def _write_node_errors(parent: h5py.Group, nd, err: np.ndarray, signal_scale: float, split: np.ndarray,
-                       light_version: int = 0) -> None:
-    signal = err.sum(1)
+                       sig_cfg, light_version: int = 0) -> None:
+    row = err.sum(1, dtype=np.float64)
+    signal = smooth_signal(row, sig_cfg.smooth, signal_scale, sig_cfg.causal)
     g = parent.create_group(nd.name)
     T, M = err.shape
     # Uncompressed: squared errors are noisy floats that gzip (+shuffle) shrinks by only ~14 % at
     # about 6x the write time (5.7 of 6.8 ms per 288 x 160 node; docs/benchmarks.md).
     g.create_dataset("error", data=err, chunks=(max(1, min(T, 1024)), M))
-    g.create_dataset("signal", data=signal)
-    g.create_dataset("signal_norm", data=signal / signal_scale)
+    g.create_dataset("signal_row", data=row.astype(np.float32))
+    g.create_dataset("signal", data=signal.astype(np.float32))
+    g.create_dataset("signal_norm", data=(signal / signal_scale).astype(np.float32))
     g.create_dataset("timestamp", data=nd.timestamp)
     g.create_dataset("split", data=split)
     if nd.labels is not None:
         g.create_dataset("labels", data=nd.labels)
-    g.attrs.update(signal_scale=signal_scale, rows=T, light_version=light_version)
+    g.attrs.update(signal_scale=signal_scale, rows=T, light_version=light_version, smooth=int(sig_cfg.smooth),
+                   causal=bool(sig_cfg.causal))
 
 
 def reconstruction_errors(models: list[NodeModel], zs: list[np.ndarray], device: torch.device,
                           precision: str = "fp32", maps: list[LightMap | None] | None = None) -> list[np.ndarray]:
-    """Squared errors [T_k, M] for K models at once (rows padded to the longest, in row blocks);
-    a node's light map (hpcad.light), where given, adapts its reconstruction."""
-    params = stack([m.params for m in models], device)
-    n_enc = len(models[0].spec.hidden)
+    """Squared errors [T_k, M] of K nodes' standardised rows at once (every member of every node in
+    one batched forward pass, rows padded to the longest, in row blocks): the error of each row
+    against its members' mean reconstruction (of the row itself, the newest of its window). A
+    node's light map (hpcad.light), where given, adapts its reconstruction. The models share one
+    spec (hidden widths, members, window)."""
+    spec = models[0].spec
+    R, w = spec.members, spec.window
+    params = stack([p for m in models for p in m.members], device)
+    n_enc = len(spec.hidden)
     T = max(z.shape[0] for z in zs)
     M = zs[0].shape[1]
     out = [np.empty_like(z) for z in zs]
+    inputs = [windows(z, w) for z in zs]
     with torch.no_grad():
         for s in range(0, T, ROW_BLOCK):
-            x = torch.zeros(len(zs), min(ROW_BLOCK, T - s), M, device=device)
-            for k, z in enumerate(zs):
-                part = z[s:s + ROW_BLOCK]
-                x[k, : len(part)] = torch.from_numpy(part).to(device)
+            n = min(ROW_BLOCK, T - s)
+            x = torch.zeros(len(zs), n, M * w, device=device)
+            for k, z in enumerate(inputs):
+                part = z[s:s + n]
+                x[k, : len(part)] = torch.from_numpy(np.ascontiguousarray(part)).to(device)
             with precision_context(precision, device):
-                recon, code = forward(params, x, n_enc)
-            recon = recon.float()
+                recon, code = ensemble_recon(params, x, n_enc, R, M)
             for k, lm in enumerate(maps or []):
                 if lm is not None:
-                    recon[k] = lm.apply(recon[k], code[k].float())
-            e = ((recon - x) ** 2).cpu().numpy()
+                    recon[k] = lm.apply(recon[k], code[k])
+            e = ((recon - x[..., M * (w - 1):]) ** 2).cpu().numpy()
             for k, z in enumerate(zs):
-                n = max(0, min(ROW_BLOCK, z.shape[0] - s))
-                out[k][s:s + n] = e[k, :n]
+                rows = max(0, min(n, z.shape[0] - s))
+                out[k][s:s + rows] = e[k, :rows]
     return out
-
-
-def causal_mean(x: np.ndarray, window: int) -> np.ndarray:
-    """Mean of the last ``window`` rows (fewer at the start); window 1 returns ``x`` unchanged."""
-    if window <= 1:
-        return x
-    c = np.cumsum(np.r_[0.0, x])
-    idx = np.arange(1, x.size + 1)
-    lo = np.maximum(idx - window, 0)
-    return (c[idx] - c[lo]) / (idx - lo)
 
 
 def _first_diff(a: list[str], b: list[str]) -> str:
@@ -200,12 +206,12 @@ class ErrorStore:
             self.nodes = sorted(f["nodes"].keys())
             self.rows = {n: int(f["nodes"][n]["signal"].shape[0]) for n in self.nodes}
 
-    def signals(self, nodes: list[str] | None = None, smooth: int = 1) -> Iterator[NodeSignal]:
-        """Per-node signals; ``smooth`` > 1 applies a causal moving average over that many rows."""
+    def signals(self, nodes: list[str] | None = None) -> Iterator[NodeSignal]:
+        """Per-node alarm signals (already smoothed when written: hpcad.signals)."""
         with open_h5(self.path, kind="error file") as f:
             for n in (self.nodes if nodes is None else nodes):
                 g = f["nodes"][n]
-                yield NodeSignal(n, causal_mean(g["signal"][()].astype(np.float64), smooth), g["split"][()],
+                yield NodeSignal(n, g["signal"][()].astype(np.float64), g["split"][()],
                                  g["labels"][()] if "labels" in g else None, g["timestamp"][()],
                                  float(g.attrs.get("signal_scale", 1.0)))
 

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from hydra.utils import instantiate
 from tqdm import tqdm
 
@@ -13,24 +14,41 @@ from hpcad.atomic import write_json
 from hpcad.data.store import TelemetryStore
 from hpcad.device import resolve_device
 from hpcad.errors import ConfigError
-from hpcad.model.autoencoder import AutoencoderSpec
+from hpcad.model.autoencoder import AutoencoderSpec, ensemble_recon, stack
 from hpcad.model.files import NodeModel, model_path
-from hpcad.preprocess import Scaler, fill_gaps, split_codes, training_rows
-from hpcad.model.ensemble import Workspace, chunk_size, default_chunk_cap, node_seed, train_ensemble
+from hpcad.preprocess import Scaler, fill_gaps, split_codes, training_rows, window_rows, windows
+from hpcad.model.ensemble import (Workspace, chunk_size, default_chunk_cap, member_seed, node_seed,
+                                  train_ensemble)
 
 log = logging.getLogger(__name__)
 
 
-def prepare_training_rows(store: TelemetryStore, node: str, cfg) -> tuple[np.ndarray, Scaler]:
-    """Standardised training rows of one node and the scaler fitted on them."""
+def prepare_training_rows(store: TelemetryStore, node: str, cfg, window: int = 1) -> tuple[np.ndarray, Scaler]:
+    """Standardised training inputs of one node and the scaler fitted on its training rows. With
+    ``window`` > 1, an input is a training row with the window - 1 rows before it (flattened), and
+    only windows made of training rows are used."""
     nd = store.read(node)
     codes = split_codes(nd, cfg.split)
     mask = training_rows(nd, codes, cfg.split.normal_only, cfg.split.exclude_idle)
     values = fill_gaps(nd.values, cfg.preprocess.nan_fill_limit)
-    train_vals = values[mask]
-    scaler = Scaler.fit(train_vals, cfg.preprocess, where=f"node {node}")
-    z, _ = scaler.transform(train_vals)
-    return z, scaler
+    scaler = Scaler.fit(values[mask], cfg.preprocess, where=f"node {node}")
+    if window == 1:
+        return scaler.transform(values[mask])[0], scaler
+    z, _ = scaler.transform(values)
+    return windows(z, window)[window_rows(mask, window)], scaler
+
+
+def ensemble_holdout_level(spec: AutoencoderSpec, members: list[list[torch.Tensor]], z: np.ndarray,
+                           validation_split: float, n_metrics: int) -> float:
+    """Mean alarm signal of a node's members' mean reconstruction on its held-out training inputs
+    (the last ``validation_split`` share, as in training; all of them when there are none)."""
+    n_tr = min(max(int(np.ceil(len(z) * (1.0 - validation_split))), 1), len(z))
+    hold = z[n_tr:] if n_tr < len(z) else z
+    with torch.no_grad():
+        x = torch.from_numpy(np.ascontiguousarray(hold))[None]
+        recon, _ = ensemble_recon(stack(members, "cpu"), x, len(spec.hidden),
+                                  spec.members, n_metrics)
+        return max(float(((recon - x[..., -n_metrics:]) ** 2).sum(-1).mean()), 1e-12)
 
 
 def model_spec(cfg) -> AutoencoderSpec:
@@ -54,6 +72,7 @@ def train_nodes(cfg, store: TelemetryStore, models_dir: Path, nodes: list[str] |
         log.info("resuming: %d of %d nodes already have a model in %s", len(nodes) - len(todo), len(nodes), models_dir)
     todo.sort(key=lambda n: (-store.rows(n), n))  # similar lengths share a chunk: less padding
     M = len(store.metrics)
+    R = spec.members
     t0 = time.perf_counter()
     done = 0
     bar = tqdm(total=len(todo), desc="train", unit="node", disable=not cfg.train.progress)
@@ -62,18 +81,26 @@ def train_nodes(cfg, store: TelemetryStore, models_dir: Path, nodes: list[str] |
     while i < len(todo):
         K = chunk_size(store.rows(todo[i]), M, spec, cfg.train.memory_budget_mb, cfg.train.batch_size,
                        cfg.train.max_nodes_per_chunk or default_chunk_cap(device))
-        chunk = todo[i:i + K]
-        i += K
-        prepared = [prepare_training_rows(store, n, cfg) for n in chunk]
+        chunk = todo[i:i + max(1, K // R)]  # K models: the members of K // R nodes
+        i += len(chunk)
+        prepared = [prepare_training_rows(store, n, cfg, spec.window) for n in chunk]
         empty = [n for n, (z, _) in zip(chunk, prepared) if len(z) < 2]
         if empty:
             raise ConfigError(f"nodes {empty[:5]}: fewer than 2 training rows (check split.* and labels)")
-        seeds = [node_seed(cfg.train.seed, n) for n in chunk]
+        seeds = [member_seed(node_seed(cfg.train.seed, n), r) for n in chunk for r in range(R)]
         bar.set_postfix(chunk=len(chunk), device=str(device))
-        res = train_ensemble(spec, [z for z, _ in prepared], seeds, cfg.train, device, workspace=workspace)
+        res = train_ensemble(spec, [z for z, _ in prepared for _ in range(R)], seeds, cfg.train, device,
+                             workspace=workspace)
         for k, n in enumerate(chunk):
-            NodeModel(n, spec, store.metrics, res.params[k], prepared[k][1], res.history[k],
-                      res.holdout_signal[k]).save(model_path(models_dir, n))
+            members = res.params[k * R:(k + 1) * R]
+            history = dict(res.history[k * R])
+            if R > 1:
+                level = ensemble_holdout_level(spec, members, prepared[k][0], cfg.train.validation_split, M)
+                history["members"] = [{key: h[key] for key in ("best_epoch", "epochs_run", "stopped_early")}
+                                      for h in res.history[k * R:(k + 1) * R]]
+            else:
+                level = res.holdout_signal[k]
+            NodeModel(n, spec, store.metrics, members, prepared[k][1], history, level).save(model_path(models_dir, n))
         done += len(chunk)
         bar.update(len(chunk))
         log.info("trained %d/%d nodes (%.1f s)", done, len(todo), time.perf_counter() - t0)

@@ -10,14 +10,21 @@ from conftest import SMALL, hpcad
 
 def test_run_on_the_embedded_default_writes_every_output(tmp_path):
     run = tmp_path / "run"
-    out = hpcad("run", f"hydra.run.dir={run}", *SMALL).stdout
+    every_baseline = [a for a in SMALL if not a.startswith("baselines.methods")]  # the default: all four
+    out = hpcad("run", f"hydra.run.dir={run}", *every_baseline).stdout
     assert f"report at {run / 'report.html'}" in out
     for name in ("store.h5", "errors.h5", "thresholds.json", "alarms.csv", "metrics.json", "report.html",
                  "models/node0000.pt", "baselines/kde.h5", ".hydra/config.yaml"):
         assert (run / name).exists(), name
     m = json.loads((run / "metrics.json").read_text())
-    assert set(m["splits"]) == {"train", "val", "test"} and "kde" in m["baselines"]
-    assert {"cost", "false_alarms", "missed", "precision", "recall", "f1"} <= set(m["splits"]["test"])
+    assert set(m["splits"]) == {"train", "val", "test", "eval"}
+    assert set(m["baselines"]) == {"kde", "iforest", "pca", "knn"}
+    assert {"cost", "false_alarms", "missed", "precision", "recall", "f1", "mean_delay_s",
+            "false_alarms_per_node_day", "ranking"} <= set(m["splits"]["test"])
+    for part in (m["splits"]["eval"], *(b["splits"]["eval"] for b in m["baselines"].values())):
+        r = part["ranking"]  # threshold-free figures, for the autoencoder and every baseline
+        assert r["nodes"] >= 1 and 0 < r["ap"] <= 1 and 0 < r["roc_auc"] <= 1 and 0 < r["best_f1"] <= 1
+    assert m["threshold_check"]["verdict"] in ("ok", "always_alarm", "never_alarm")
     assert "0" in m["class_profiles"] and len(m["class_profiles"]) >= 3  # normal + anomaly classes
     html = (run / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 4 and "Detection quality" in html
@@ -28,7 +35,9 @@ def test_run_on_the_embedded_default_writes_every_output(tmp_path):
         g = f["nodes/node0000"]
         T = g["signal"].shape[0]
         assert g["error"].shape == (T, 160) and g["split"].shape == g["labels"].shape == (T,)
-        assert abs(float(g["error"][5].sum()) - float(g["signal"][5])) < 1e-3 * max(1.0, float(g["signal"][5]))
+        row = float(g["signal_row"][5])
+        assert abs(float(g["error"][5].sum()) - row) < 1e-3 * max(1.0, row)  # the row's signal: its errors' sum
+        assert g.attrs["smooth"] >= 1 and g["signal"].shape == (T,)
     obj = torch.load(run / "models/node0000.pt", weights_only=True)  # no pickled code in model files
     assert obj["format"] == "hpcad-node-model" and obj["spec"]["hidden"] == [64]
 

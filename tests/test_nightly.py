@@ -171,7 +171,7 @@ def test_nightly_report_renders_in_headless_chromium(site, tmp_path, chromium):
 
 def test_light_map_fits_a_level_shift_in_closed_form_and_loads_safely(tmp_path):
     spec = AutoencoderSpec([8])
-    params = glorot_init(spec, 6, seed=1)
+    params = [glorot_init(spec, 6, seed=1)]  # a one-member model
     rng = np.random.default_rng(0)
     x = rng.normal(size=(300, 6)).astype(np.float32)
     shifted = x + np.float32(2.0)

@@ -5,9 +5,11 @@ import pytest
 
 from hpcad.data.synthetic import NodeData
 from hpcad.errors import ConfigError
-from hpcad.preprocess import TEST, TRAIN, VAL, Scaler, fill_gaps, split_codes, training_rows
+from hpcad.preprocess import (TEST, TRAIN, VAL, Scaler, fill_gaps, split_codes, training_rows, window_rows,
+                              windows)
 
-PRE = NS(std_floor_rel=0.01, std_floor_abs=1e-6, clip=20.0)
+PRE = NS(std_floor_rel=0.01, std_floor_abs=1e-6, clip=20.0, soft_clip=False)  # the lecture-era hard clip
+SOFT = NS(std_floor_rel=0.01, std_floor_abs=1e-6, clip=20.0, soft_clip=True)  # the default
 
 
 def _node(T=100, labels=None):
@@ -64,3 +66,30 @@ def test_nan_policy_fills_short_gaps_and_imputes_long_runs():
 def test_scaler_needs_training_rows():
     with pytest.raises(ConfigError, match="no training rows"):
         Scaler.fit(np.zeros((0, 3), np.float32), PRE, where="node n7")
+
+
+def test_soft_clip_keeps_ordering_beyond_the_clip_and_the_scaler_knows_its_training_range():
+    """A value never seen in training must score above the normal rows that sit at the clip: a
+    near-constant metric (MSL P-14: std 8e-5 around 1.0) whose later values move by 0.005 and by
+    1.7 reaches the clip either way; the soft clip still orders them."""
+    rng = np.random.default_rng(0)
+    train = np.c_[1.0 + rng.normal(0, 8e-5, 500), rng.normal(0, 1, 500)].astype(np.float32)
+    hard, soft = Scaler.fit(train, PRE), Scaler.fit(train, SOFT)
+    later = np.array([[0.995, 0.0], [-0.7, 0.0]], np.float32)
+    zh, zs = hard.transform(later)[0], soft.transform(later)[0]
+    assert zh[0, 0] == zh[1, 0] == -20.0  # hard: both saturate, indistinguishable
+    assert zs[1, 0] < zs[0, 0] < -20.0 and zs[1, 0] > -40  # soft: ordered, and still bounded (logarithmic)
+    assert (soft.lo <= soft.transform(train)[0].min(0)).all() and (soft.hi >= soft.transform(train)[0].max(0)).all()
+    ex = soft.excess(np.array([[0.0, soft.hi[1] + 2.0], [soft.lo[0] - 1.0, 0.0]], np.float32))
+    np.testing.assert_allclose(ex, [[0.0, 2.0], [1.0, 0.0]], atol=1e-5)  # 0 inside the training range
+
+
+def test_windows_hold_the_row_and_the_ones_before_it():
+    z = np.arange(12, dtype=np.float32).reshape(6, 2)
+    w = windows(z, 3)
+    assert w.shape == (6, 6)
+    np.testing.assert_array_equal(w[4], [4, 5, 6, 7, 8, 9])  # rows 2, 3, 4: oldest first, the row itself last
+    np.testing.assert_array_equal(w[0], [0, 1, 0, 1, 0, 1])  # before the first row: the first row repeated
+    assert windows(z, 1) is z
+    mask = np.array([1, 1, 1, 0, 1, 1], bool)
+    np.testing.assert_array_equal(window_rows(mask, 2), [1, 1, 1, 0, 0, 1])  # whole window inside the mask

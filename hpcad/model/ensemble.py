@@ -29,6 +29,13 @@ def node_seed(seed: int, node: str) -> int:
     return (zlib.crc32(node.encode()) ^ (int(seed) * 0x9E3779B1)) & 0x7FFFFFFF
 
 
+def member_seed(seed: int, member: int) -> int:
+    """Seed of a node's ``member``-th autoencoder (member 0 keeps the node's own seed)."""
+    if member == 0:
+        return seed
+    return (zlib.crc32(f"{seed}/{member}".encode()) ^ (int(member) * 0x85EBCA6B)) & 0x7FFFFFFF
+
+
 def _shuffle_keys(seeds: torch.Tensor, epoch: int, n: int) -> torch.Tensor:
     """Deterministic pseudo-random int64 keys [K, n] (a splitmix64-style mix, device independent)."""
     x = seeds[:, None] * 0x632BE59BD9B4E019 + (epoch + 1) * 0x1B873593 + torch.arange(n, device=seeds.device)[None, :]
@@ -447,9 +454,11 @@ def default_chunk_cap(device: torch.device) -> int:
 
 
 def chunk_size(n_rows: int, n_metrics: int, spec: AutoencoderSpec, budget_mb: int, batch: int, cap: int) -> int:
-    """Nodes per batched chunk so that data, parameters, optimiser state and activations fit the budget.
+    """Models per batched chunk (a node counts ``spec.members`` times) so that data, parameters,
+    optimiser state and activations fit the budget.
     The rows count three times: as read from the store, in the chunk's tensor, and in the epoch's
     shuffled copy."""
     p = spec.n_params(n_metrics)
-    per_node = 4 * (n_rows * n_metrics * 3 + p * 6 + batch * sum(spec.widths(n_metrics)) * 4 + n_rows * 2)
+    width = spec.widths(n_metrics)[0]  # a window's values
+    per_node = 4 * (n_rows * width * 3 + p * 6 + batch * sum(spec.widths(n_metrics)) * 4 + n_rows * 2)
     return int(max(1, min(cap, (budget_mb * 2**20) // max(per_node, 1))))

@@ -18,7 +18,7 @@ from hpcad.model.autoencoder import AutoencoderSpec
 from hpcad.preprocess import Scaler
 
 FORMAT = "hpcad-node-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a list of members' parameters, the scaler's training range; 1 (one model) still loads
 
 
 @dataclass
@@ -26,18 +26,19 @@ class NodeModel:
     node: str
     spec: AutoencoderSpec
     metrics: list[str]
-    params: list[torch.Tensor]
+    members: list[list[torch.Tensor]]  # per member, [W0, b0, W1, b1, ...]
     scaler: Scaler
     history: dict
     signal_scale: float  # mean alarm signal on the node's held-out normal rows (per-node normalisation)
 
     def save(self, path: Path) -> None:
+        sc = self.scaler
         obj = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "node": self.node,
             "spec": self.spec.to_dict(), "metrics": list(self.metrics),
-            "params": [p.detach().cpu().contiguous() for p in self.params],
-            "scaler": {"mean": torch.from_numpy(self.scaler.mean), "scale": torch.from_numpy(self.scaler.scale),
-                       "clip": self.scaler.clip},
+            "members": [[p.detach().cpu().contiguous() for p in m] for m in self.members],
+            "scaler": {"mean": torch.from_numpy(sc.mean), "scale": torch.from_numpy(sc.scale), "clip": sc.clip,
+                       "soft_clip": sc.soft_clip, "lo": torch.from_numpy(sc.lo), "hi": torch.from_numpy(sc.hi)},
             "history": self.history, "signal_scale": float(self.signal_scale),
         }
         save_tensors(path, obj)
@@ -45,10 +46,19 @@ class NodeModel:
     @classmethod
     def load(cls, path: Path) -> "NodeModel":
         obj = load_tensors(path, FORMAT, "model file")
-        sc = obj["scaler"]
-        return cls(obj["node"], AutoencoderSpec(**obj["spec"]), list(obj["metrics"]), list(obj["params"]),
-                   Scaler(sc["mean"].numpy().astype(np.float32), sc["scale"].numpy().astype(np.float32),
-                          float(sc["clip"])), obj["history"], float(obj["signal_scale"]))
+        try:
+            sc = obj["scaler"]
+            mean, scale = sc["mean"].numpy().astype(np.float32), sc["scale"].numpy().astype(np.float32)
+            soft = bool(sc.get("soft_clip", False))  # version 1 files: hard clip, no training range
+            lo = sc["lo"].numpy().astype(np.float32) if "lo" in sc else np.full_like(mean, -np.inf)
+            hi = sc["hi"].numpy().astype(np.float32) if "hi" in sc else np.full_like(mean, np.inf)
+            members = [list(m) for m in obj["members"]] if "members" in obj else [list(obj["params"])]
+            return cls(obj["node"], AutoencoderSpec(**obj["spec"]), list(obj["metrics"]), members,
+                       Scaler(mean, scale, float(sc["clip"]), soft, lo, hi), obj["history"],
+                       float(obj["signal_scale"]))
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise StoreError(f"{path}: model file is incomplete or of another version ({exc}); "
+                             f"delete it and rerun `hpcad train` to retrain the node") from exc
 
 
 def save_tensors(path: Path, obj: dict) -> None:
