@@ -226,7 +226,7 @@ class CostRuleConfig:
     tolerance: int = 12
     grid_points: int = 4096  # cluster scope: thresholds tried (log grid over the data's range)
     fallback: str = "quantile"  # rule for nodes without labelled validation rows
-    drift_sigma: float = 1.4  # minimise the expected cost when levels move by exp(N(0, s^2)); 0: exact optimum
+    drift: float = 0.3  # expected cost under level jitter of this share of the normal-anomaly distance; 0: exact optimum
 
 
 @dataclass

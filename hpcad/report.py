@@ -204,11 +204,29 @@ def write_report(cfg, run_dir: Path, errors: ErrorStore, models_dir: Path, title
                 if s.get("rows") == 0:  # e.g. a nightly run scores test rows only
                     continue
                 rows.append([name, split, s["cost"], s["false_alarms"], s["missed"], s["precision"], s["recall"], s["f1"]])
-        parts.append("<h2>Detection quality</h2>" + _table(rows, ["detector", "split", "cost", "false alarms",
-                                                                  "missed", "event precision", "event recall", "event F1"]))
+        ranks = []
+        for name, res in [("autoencoder", metrics)] + [(k, v) for k, v in metrics.get("baselines", {}).items()]:
+            for split in ("val", "test", "eval"):
+                r = res["splits"].get(split, {}).get("ranking")
+                if r and r.get("nodes"):
+                    ranks.append([name, "val + test" if split == "eval" else split, r["nodes"], r["ap"],
+                                  r["roc_auc"], r["best_f1"]])
+        parts.append("<h2>Detection quality</h2><p>Threshold-free (mean over nodes with both classes; no point "
+                     "adjustment):</p>" + _table(ranks, ["detector", "rows", "nodes", "average precision",
+                                                         "ROC-AUC", "best F1"]))
+        parts.append("<p>At the fitted thresholds:</p>" + _table(rows, [
+            "detector", "split", "cost", "false alarms", "missed", "event precision", "event recall", "event F1"]))
         cm = metrics["cost_model"]
         parts.append(f"<p>cost = {cm['c_alarm']} x false alarms + {cm['c_missed']} x missed anomalies, "
                      f"tolerance +-{cm['tolerance']} rows.</p>")
+    check = th.details.get("check") or {}
+    if check.get("verdict") in ("never_alarm", "always_alarm") or check.get("always_alarm_nodes"):
+        what = {"never_alarm": "raises no alarm on any row it was fitted on: it will probably never alarm",
+                "always_alarm": f"alarms on {100 * check.get('alarm_share', 0):.0f}% of the rows it was fitted on",
+                }.get(check.get("verdict"), f"alarms on most rows of {check.get('always_alarm_node_count')} node(s): "
+                                            + ", ".join(check.get("always_alarm_nodes", [])[:10]))
+        parts.insert(1, f"<p class='warning'><b>Threshold warning:</b> the {th.rule} threshold "
+                        f"({th.scope} scope) {html.escape(what)}.</p>")
     parts.append("<h2>Alarm signal</h2>")
     sigs = {s.node: s for s in errors.signals(shown)}
     parts += [_signal_plot(sigs[n], th) for n in shown]
@@ -223,7 +241,8 @@ def write_report(cfg, run_dir: Path, errors: ErrorStore, models_dir: Path, title
         parts.append(f"<h2>Alarms (first 100 of {len(alarms)})</h2>" +
                      _table([[a.get(c, "") for c in cols] for a in alarms[:100]], cols))
     style = ("body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;font-size:12px}"
-             "td,th{border:1px solid #ccc;padding:2px 6px}img{display:block;margin:6px 0}")
+             "td,th{border:1px solid #ccc;padding:2px 6px}img{display:block;margin:6px 0}"
+             ".warning{background:#fff3cd;border:1px solid #e0b000;padding:6px}")
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style>" \
            f"</head><body>{''.join(parts)}</body></html>\n"
     out = run_dir / "report.html"

@@ -79,7 +79,7 @@ def _signals(n_nodes=3, seed=0):
 
 def test_cost_rule_per_node_uses_validation_rows_only():
     source = _signals()
-    th = CostRule(scope="node", drift_sigma=0).fit(source)
+    th = CostRule(scope="node", drift=0).fit(source)
     cm = CostModel()
     for s in source():
         rows = s.split == VAL
@@ -90,7 +90,7 @@ def test_cost_rule_per_node_uses_validation_rows_only():
 
 def test_cluster_scope_threshold_minimises_the_summed_cost_on_normalised_signals():
     source = _signals()
-    th = CostRule(scope="cluster", grid_points=2048, drift_sigma=0).fit(source)
+    th = CostRule(scope="cluster", grid_points=2048, drift=0).fit(source)
     assert th.normalised and th.cluster is not None
     total = lambda t: sum(brute_cost(s.normalised[s.split == VAL], s.labels[s.split == VAL], t) for s in source())
     cands = np.unique(np.concatenate([s.normalised[s.split == VAL] for s in source()]))
@@ -121,14 +121,6 @@ def test_cost_rule_falls_back_without_labels():
     assert th.nodes["n"] == pytest.approx(np.quantile(sig, 0.995))
 
 
-def test_causal_smoothing_of_the_signal():
-    from hpcad.score import causal_mean
-
-    x = np.array([0.0, 3.0, 6.0, 0.0, 0.0])
-    np.testing.assert_allclose(causal_mean(x, 2), [0.0, 1.5, 4.5, 3.0, 0.0])
-    np.testing.assert_array_equal(causal_mean(x, 1), x)
-
-
 def _mislabelled_validation(seed: int = 0):
     """A node whose validation split holds labelled anomalies at ~100x its normal level, a weaker
     anomaly (~40x) only in the test split, and a long band of unlabelled anomaly rows labelled normal
@@ -150,7 +142,7 @@ def _mislabelled_validation(seed: int = 0):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_drift_robust_cost_is_not_dragged_under_the_anomalies_by_mislabelled_rows(seed):
     s = _mislabelled_validation(seed)
-    exact = CostRule(drift_sigma=0).fit(lambda: iter([s])).nodes["n"]
+    exact = CostRule(drift=0).fit(lambda: iter([s])).nodes["n"]
     robust = CostRule().fit(lambda: iter([s])).nodes["n"]
     assert exact > 80  # the plain optimum sits right under the labelled anomalies (validation cost is lower)...
     test = s.split == TEST

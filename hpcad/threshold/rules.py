@@ -223,47 +223,74 @@ class PotRule(_Rule):
 class CostRule(_Rule):
     """Minimise the lecture's cost on the labelled validation rows.
 
-    ``drift_sigma`` > 0 (the default) minimises the *expected* cost when every validation value may
-    move by a factor ``exp(N(0, drift_sigma^2))`` (on the asinh scale of the normalised signal, i.e.
-    a factor for large values): the step cost curve convolved with a Gaussian. The plain optimum sits
-    right under the lowest labelled anomalies whenever a band of rows labelled normal scores as high
-    (missing labels: the seed lecture's DAVIDE validation split has hundreds), and a later day whose
-    anomalies are weaker or whose normal level is higher then misses them. With ``drift_sigma=0``
-    the threshold is the exact optimum over all thresholds (the lecture's rule; cluster scope: on
-    the grid).
+    With ``drift`` > 0 (the default) the threshold minimises the *expected* cost when every
+    validation value may move by ``N(0, sigma^2)`` on the asinh scale of the normalised signal (a
+    factor ``exp(sigma)`` for values well above normal), where ``sigma`` is ``drift`` times the
+    distance on that scale between the labelled anomalies' typical level (median of their peaks)
+    and the normal rows' typical level (lower quartile of the rows far from anomalies, so that up
+    to three quarters of them may be unlabelled anomalies): the step cost curve convolved with a
+    Gaussian whose width scales with the separation the labels show. The plain optimum sits right
+    under the lowest labelled anomalies whenever a band of rows labelled normal scores as high
+    (missing labels: the seed lecture's DAVIDE validation split has hundreds); then a later day
+    whose anomalies are weaker, or whose normal level is higher, misses them. With ``drift=0`` the
+    threshold is the exact optimum over all thresholds (the lecture's rule; cluster scope: on the
+    grid).
     """
 
     name = "cost"
 
-    def __init__(self, fallback: str = "quantile", drift_sigma: float = 1.4, **kw: object):
+    def __init__(self, fallback: str = "quantile", drift: float = 0.3, **kw: object):
         super().__init__(**kw)
         self.fallback = QuantileRule(scope=kw.get("scope", "node"), grid_points=self.grid_points)
         if fallback != "quantile":
             raise ConfigError(f"threshold.fallback={fallback!r}: only 'quantile' is supported")
-        if not (0 <= float(drift_sigma) <= 10):
-            raise ConfigError(f"threshold.drift_sigma={drift_sigma}: must be in [0, 10] (0: the exact optimum)")
-        self.sigma = float(drift_sigma)
+        if not (0 <= float(drift) <= 1):
+            raise ConfigError(f"threshold.drift={drift}: must be in [0, 1] (0: the exact optimum)")
+        self.drift = float(drift)
 
     def grid(self, lo: float, hi: float) -> np.ndarray:
-        if self.sigma == 0:
+        if self.drift == 0:
             return super().grid(lo, hi)
-        # room for the smoothing: 3 sigma either side of the data, uniform on the asinh scale
-        u = np.linspace(np.arcsinh(lo) - 3 * self.sigma, np.arcsinh(hi) + 3 * self.sigma, self.grid_points)
+        # room for the smoothing on the asinh scale: the whole separation either side of the data
+        span = np.arcsinh(hi) - np.arcsinh(lo)
+        u = np.linspace(np.arcsinh(lo) - span, np.arcsinh(hi) + span, self.grid_points)
         return np.sinh(u)
+
+    def sigma(self, far: np.ndarray, peaks: np.ndarray, u_grid: np.ndarray) -> float:
+        """The jitter for level histograms ``far``/``peaks`` on ``u_grid`` (see the class doc)."""
+        if peaks.sum() == 0 or far.sum() == 0:
+            return 0.0
+
+        def quantile(counts: np.ndarray, q: float) -> float:
+            c = np.cumsum(counts)
+            return float(u_grid[min(int(np.searchsorted(c, q * c[-1])), u_grid.size - 1)])
+
+        return self.drift * max(0.0, quantile(peaks, 0.5) - quantile(far, 0.25))
+
+    def _smoothed_argmin(self, far: np.ndarray, peaks: np.ndarray, u_grid: np.ndarray) -> tuple[int, float, float]:
+        sigma = self.sigma(far, peaks, u_grid)
+        h = (u_grid[-1] - u_grid[0]) / max(u_grid.size - 1, 1)
+        if sigma < h:  # no separation to speak of: the plain step curve on the grid
+            total = self.cost_model.c_alarm * (far.sum() - np.cumsum(far)) + self.cost_model.c_missed * (
+                np.cumsum(peaks) - peaks)
+        else:
+            total = drift_smoothed_curve(far, peaks, u_grid, sigma, self.cost_model)
+        i = int(np.argmin(total))
+        return i, float(total[i]), sigma
 
     def fit_node(self, s: NodeSignal, rows: np.ndarray) -> float:
         if s.labels is None:
             log.warning("node %s: no labels; threshold from the quantile rule", s.node)
             return self.fallback.fit_node(s, rows)
-        if self.sigma == 0:
+        if self.drift == 0:
             terms = CostTerms.of(s.signal[rows], s.labels[rows] != 0, self.cost_model.tolerance)
             return self.cost_model.optimum(terms)[0]
         u = np.arcsinh(s.normalised[rows])
         terms = CostTerms.of(u, s.labels[rows] != 0, self.cost_model.tolerance)
-        grid = np.linspace(u.min() - 3 * self.sigma, u.max() + 3 * self.sigma, min(self.grid_points, 1024))
-        curve = drift_smoothed_curve(level_counts(terms.far, grid), level_counts(terms.anom_peak, grid), grid,
-                                     self.sigma, self.cost_model)
-        return float(np.sinh(grid[int(np.argmin(curve))]) * s.scale)
+        span = max(float(u.max() - u.min()), 1e-9)
+        grid = np.linspace(u.min() - span, u.max() + span, min(self.grid_points, 2048))
+        i, _, _ = self._smoothed_argmin(level_counts(terms.far, grid), level_counts(terms.anom_peak, grid), grid)
+        return float(np.sinh(grid[i]) * s.scale)
 
     def fit_cluster(self, source: SignalSource, grid: np.ndarray) -> Thresholds:
         total = np.zeros(grid.size)
@@ -276,7 +303,7 @@ class CostRule(_Rule):
             rows = _fit_rows(s)
             labelled += 1
             terms = CostTerms.of(s.normalised[rows], s.labels[rows] != 0, self.cost_model.tolerance)
-            if self.sigma == 0:
+            if self.drift == 0:
                 total += self.cost_model.curve(terms, grid)
             else:  # histograms add across nodes and ranks; the smoothing is applied once to the sums
                 far += level_counts(np.arcsinh(terms.far), u_grid)
@@ -286,11 +313,11 @@ class CostRule(_Rule):
             log.warning("no labelled node: cluster threshold from the quantile rule")
             self.fallback.red = self.red
             return self.fallback.fit_cluster(source, super().grid(grid[0], grid[-1]))
-        if self.sigma == 0:
+        if self.drift == 0:
             total = self.red.sum(total)
+            i = int(np.argmin(total))
+            details = {"validation_cost": float(total[i])}
         else:
-            total = drift_smoothed_curve(self.red.sum(far), self.red.sum(peaks), u_grid, self.sigma, self.cost_model)
-        i = int(np.argmin(total))
-        return Thresholds(self.name, "cluster", float(grid[i]),
-                          details={"validation_cost" if self.sigma == 0 else "expected_validation_cost":
-                                   float(total[i]), "labelled_nodes": labelled, "drift_sigma": self.sigma})
+            i, cost, sigma = self._smoothed_argmin(self.red.sum(far), self.red.sum(peaks), u_grid)
+            details = {"expected_validation_cost": cost, "drift": self.drift, "sigma": sigma}
+        return Thresholds(self.name, "cluster", float(grid[i]), details={**details, "labelled_nodes": labelled})
