@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import II
 
 
 @dataclass
@@ -116,7 +117,7 @@ class BaselineConfig:
     knn_window: int = 10  # rows per window of the nearest-neighbour baseline
     max_train_rows: int = 2000  # fits use at most this many training rows (an even subsample)
     max_nodes: int = 256  # more nodes than this: baselines are skipped (with a warning)
-    seed: int = 0
+    seed: int = II("train.seed")  # subsampling and IsolationForest; follows the training seed
 
 
 @dataclass

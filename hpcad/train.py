@@ -1,6 +1,7 @@
 """The train stage: per-node preprocessing, chunking by memory budget, batched training, model files."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -73,6 +74,7 @@ def train_nodes(cfg, store: TelemetryStore, models_dir: Path, nodes: list[str] |
     todo.sort(key=lambda n: (-store.rows(n), n))  # similar lengths share a chunk: less padding
     M = len(store.metrics)
     R = spec.members
+    member_net = dataclasses.replace(spec, members=1, window=1)  # one member's network, on (window) inputs
     t0 = time.perf_counter()
     done = 0
     bar = tqdm(total=len(todo), desc="train", unit="node", disable=not cfg.train.progress)
@@ -89,7 +91,7 @@ def train_nodes(cfg, store: TelemetryStore, models_dir: Path, nodes: list[str] |
             raise ConfigError(f"nodes {empty[:5]}: fewer than 2 training rows (check split.* and labels)")
         seeds = [member_seed(node_seed(cfg.train.seed, n), r) for n in chunk for r in range(R)]
         bar.set_postfix(chunk=len(chunk), device=str(device))
-        res = train_ensemble(spec, [z for z, _ in prepared for _ in range(R)], seeds, cfg.train, device,
+        res = train_ensemble(member_net, [z for z, _ in prepared for _ in range(R)], seeds, cfg.train, device,
                              workspace=workspace)
         for k, n in enumerate(chunk):
             members = res.params[k * R:(k + 1) * R]

@@ -3,6 +3,7 @@ import csv
 import json
 
 import h5py
+import numpy as np
 import torch
 
 from conftest import SMALL, hpcad
@@ -40,6 +41,19 @@ def test_run_on_the_embedded_default_writes_every_output(tmp_path):
         assert g.attrs["smooth"] >= 1 and g["signal"].shape == (T,)
     obj = torch.load(run / "models/node0000.pt", weights_only=True)  # no pickled code in model files
     assert obj["format"] == "hpcad-node-model" and obj["spec"]["hidden"] == [64]
+
+
+def test_seed_ensemble_and_windowed_model_train_and_score_end_to_end(tmp_path):
+    run = tmp_path / "run"
+    hpcad("run", f"hydra.run.dir={run}", *SMALL, "model.members=2", "model.window=3", "report.enabled=false")
+    obj = torch.load(run / "models/node0000.pt", weights_only=True)
+    assert obj["spec"]["members"] == 2 and obj["spec"]["window"] == 3 and len(obj["members"]) == 2
+    assert obj["members"][0][0].shape == (3 * 160, 64)  # a member's first layer reads the 3-row window
+    assert len(obj["history"]["members"]) == 2 and obj["signal_scale"] > 0
+    with h5py.File(run / "errors.h5") as f:
+        g = f["nodes/node0001"]
+        assert g["error"].shape == (g["signal"].shape[0], 160) and np.isfinite(g["signal"][()]).all()
+    assert json.loads((run / "metrics.json").read_text())["splits"]["eval"]["ranking"]["nodes"] >= 1
 
 
 def test_stages_one_by_one_and_resume(tmp_path):

@@ -81,6 +81,15 @@ def _check_scope(scope: str) -> str:
 class _Rule:
     name = "rule"
     red: Reducer = Reducer()
+    normal_only = False  # unsupervised rules model the normal rows' tail: labelled anomalies are left out
+
+    def rows(self, s: NodeSignal) -> np.ndarray:
+        """The rows a threshold is fitted on: validation (or training) rows, less labelled anomalies
+        for the unsupervised rules when labels exist."""
+        rows = _fit_rows(s)
+        if self.normal_only and s.labels is not None and (rows & (s.labels == 0)).any():
+            rows = rows & (s.labels == 0)
+        return rows
 
     def __init__(self, scope: str = "node", grid_points: int = 4096, c_alarm: float = 1.0,
                  c_missed: float = 5.0, tolerance: int = 12, **_: object):
@@ -96,7 +105,7 @@ class _Rule:
         if self.scope == "node":
             th = Thresholds(self.name, "node")
             for s in source():
-                rows = _fit_rows(s)
+                rows = self.rows(s)
                 if not rows.any():
                     raise ConfigError(f"node {s.node}: no validation or training rows to fit a threshold on")
                 th.nodes[s.node] = self.fit_node(s, rows)
@@ -126,7 +135,7 @@ class _Rule:
         """Counts of validation values <= each grid point (a reducible quantile sketch)."""
         counts = np.zeros(grid.size, dtype=np.int64)
         for s in source():
-            v = np.sort(s.normalised[_fit_rows(s)])
+            v = np.sort(s.normalised[self.rows(s)])
             counts += np.searchsorted(v, grid, side="right")
         return self.red.sum(counts)
 
@@ -166,9 +175,10 @@ def check_thresholds(th: Thresholds, source: SignalSource, red: Reducer | None =
 
 
 class QuantileRule(_Rule):
-    """A high quantile ``q`` of the validation signal (unsupervised)."""
+    """A high quantile ``q`` of the validation signal (unsupervised; labelled anomalies left out)."""
 
     name = "quantile"
+    normal_only = True
 
     def __init__(self, q: float = 0.995, **kw: object):
         super().__init__(**kw)
@@ -197,9 +207,11 @@ def pot_threshold(values: np.ndarray, init: float, risk: float, n_total: int) ->
 
 
 class PotRule(_Rule):
-    """Peaks over threshold: extreme-value tail fit above the ``init_q`` quantile (unsupervised)."""
+    """Peaks over threshold: extreme-value tail fit above the ``init_q`` quantile (unsupervised;
+    labelled anomalies left out)."""
 
     name = "pot"
+    normal_only = True
 
     def __init__(self, init_q: float = 0.98, risk: float = 1e-4, **kw: object):
         super().__init__(**kw)
@@ -215,7 +227,7 @@ class PotRule(_Rule):
         cdf = self._histogram(source, grid)
         init = float(grid[min(int(np.searchsorted(cdf, self.init_q * cdf[-1])), grid.size - 1)])
         peaks = self.red.concat(np.concatenate([np.empty(0)] + [v[v > init] for v in
-                                                                (s.normalised[_fit_rows(s)] for s in source())]))
+                                                                (s.normalised[self.rows(s)] for s in source())]))
         t, det = pot_threshold(np.r_[peaks, init], init, self.risk, int(cdf[-1]))
         return Thresholds(self.name, "cluster", t, details=det)
 
