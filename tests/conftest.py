@@ -40,6 +40,14 @@ def msl_dir() -> Path:
     return SHARED / "msl"
 
 
+@pytest.fixture
+def davide_csv() -> Path:
+    path = SHARED / "davide" / "hpc.csv"
+    if not path.is_file():
+        pytest.skip(f"the seed lecture's DAVIDE file not found at {path} (the shared data folder beside the checkout)")
+    return path
+
+
 @pytest.fixture(scope="session")
 def chromium() -> str:
     """Debian's chromium for looking at reports the way a person does (.ci/run installs it)."""
