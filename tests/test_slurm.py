@@ -27,7 +27,7 @@ def slurm_env():
 
 
 def _models(run):
-    return {p.name: torch.load(p, weights_only=True)["params"] for p in sorted((run / "models").glob("*.pt"))}
+    return {p.name: torch.load(p, weights_only=True)["members"][0] for p in sorted((run / "models").glob("*.pt"))}
 
 
 def test_sbatch_train_all_nodes_matches_the_single_process_run(tmp_path, slurm_env):
