@@ -15,7 +15,9 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; on success it replaces ``target`` atomically.
 
     On error the temporary file is removed and an existing ``target`` is left untouched, so a
-    failed or killed run never leaves a half-written file under the final name.
+    failed or killed run never leaves a half-written file under the final name. The file gets the
+    permissions the process's umask gives a new file (mkstemp's own are 0600), so a shared run
+    folder or a published report stays readable by the group or the web server.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -24,10 +26,17 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def write_json(target: str | os.PathLike[str], obj: Any) -> None:

@@ -14,7 +14,7 @@ from tqdm import tqdm
 from hpcad.atomic import write_json
 from hpcad.data.store import TelemetryStore
 from hpcad.device import resolve_device
-from hpcad.errors import ConfigError
+from hpcad.errors import ConfigError, StoreError
 from hpcad.model.autoencoder import AutoencoderSpec, ensemble_recon, stack
 from hpcad.model.files import NodeModel, model_path
 from hpcad.preprocess import Scaler, fill_gaps, split_codes, training_rows, window_rows, windows
@@ -52,6 +52,54 @@ def ensemble_holdout_level(spec: AutoencoderSpec, members: list[list[torch.Tenso
         return max(float(((recon - x[..., -n_metrics:]) ** 2).sum(-1).mean()), 1e-12)
 
 
+def check_train_config(tc) -> None:
+    """Refuse training settings that cannot train anything, naming the option."""
+    checks = [(int(tc.epochs) >= 1, "train.epochs", "must be >= 1"),
+              (int(tc.batch_size) >= 1, "train.batch_size", "must be >= 1"),
+              (float(tc.lr) > 0, "train.lr", "must be > 0"),
+              (0 <= float(tc.validation_split) < 1, "train.validation_split", "must be in [0, 1)"),
+              (int(tc.patience) >= 1, "train.patience", "must be >= 1")]
+    for ok, option, rule in checks:
+        if not ok:
+            raise ConfigError(f"{option}={getattr(tc, option.split('.')[1])}: {rule}")
+
+
+def training_fingerprint(cfg, spec: AutoencoderSpec, store: TelemetryStore) -> str:
+    """A digest of what a node's model is built from: the model, the training settings that change
+    its weights, preprocessing, the split and the data (the store's source signature and metric
+    list). Resume reuses a model file only when its fingerprint equals the current one."""
+    import hashlib
+    import json
+
+    from omegaconf import OmegaConf
+
+    t = cfg.train
+    shape = {"spec": spec.to_dict(), "metrics": list(store.metrics), "data": store.signature,
+             "train": {k: t[k] for k in ("epochs", "batch_size", "lr", "validation_split", "patience",
+                                          "restore_best", "seed", "precision")},
+             "preprocess": OmegaConf.to_container(cfg.preprocess) if OmegaConf.is_config(cfg.preprocess)
+             else dict(vars(cfg.preprocess)),
+             "split": OmegaConf.to_container(cfg.split) if OmegaConf.is_config(cfg.split) else dict(vars(cfg.split))}
+    return hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def reusable(path: Path, fingerprint: str) -> bool:
+    """Whether the model file at ``path`` is complete and was trained from the same inputs; says why
+    not in the log (it will be retrained)."""
+    if not path.exists():
+        return False
+    try:
+        model = NodeModel.load(path)
+    except StoreError as exc:
+        log.warning("%s; retraining the node", exc)
+        return False
+    if model.fingerprint != fingerprint:
+        log.info("%s was trained with other settings or data (fingerprint %s, now %s); retraining the node",
+                 path, model.fingerprint or "none", fingerprint)
+        return False
+    return True
+
+
 def model_spec(cfg) -> AutoencoderSpec:
     try:
         spec = instantiate(cfg.model, _convert_="all")
@@ -66,11 +114,14 @@ def train_nodes(cfg, store: TelemetryStore, models_dir: Path, nodes: list[str] |
                 device=None, summary_name: str = "training.json") -> dict:
     """Train (or resume training of) a model for each node; nodes with a model file are skipped."""
     spec = model_spec(cfg)
+    check_train_config(cfg.train)
     device = resolve_device(cfg.train.device) if device is None else device
     nodes = list(store.nodes if nodes is None else nodes)
-    todo = [n for n in nodes if not model_path(models_dir, n).exists()]
+    fingerprint = training_fingerprint(cfg, spec, store)
+    todo = [n for n in nodes if not reusable(model_path(models_dir, n), fingerprint)]
     if len(todo) < len(nodes):
-        log.info("resuming: %d of %d nodes already have a model in %s", len(nodes) - len(todo), len(nodes), models_dir)
+        log.info("resuming: %d of %d nodes already have a model from the same data and settings in %s",
+                 len(nodes) - len(todo), len(nodes), models_dir)
     todo.sort(key=lambda n: (-store.rows(n), n))  # similar lengths share a chunk: less padding
     M = len(store.metrics)
     R = spec.members
@@ -102,7 +153,8 @@ def train_nodes(cfg, store: TelemetryStore, models_dir: Path, nodes: list[str] |
                                       for h in res.history[k * R:(k + 1) * R]]
             else:
                 level = res.holdout_signal[k]
-            NodeModel(n, spec, store.metrics, members, prepared[k][1], history, level).save(model_path(models_dir, n))
+            NodeModel(n, spec, store.metrics, members, prepared[k][1], history, level, fingerprint).save(
+                model_path(models_dir, n))
         done += len(chunk)
         bar.update(len(chunk))
         log.info("trained %d/%d nodes (%.1f s)", done, len(todo), time.perf_counter() - t0)

@@ -74,6 +74,29 @@ def test_stages_one_by_one_and_resume(tmp_path):
     first = (run / "alarms.csv").read_text()
     hpcad("threshold", *common)
     assert (run / "alarms.csv").read_text() == first  # rerun is idempotent
+    assert oct((run / "alarms.csv").stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # not mkstemp's 0600
+    # A truncated model file is retrained, not taken as finished.
+    (run / "models" / "node0002.pt").write_bytes((run / "models" / "node0002.pt").read_bytes()[:100])
+    out = hpcad("train", *common)
+    assert "node0002.pt: cannot load model file" in out.stderr + out.stdout
+    assert torch.load(run / "models/node0002.pt", weights_only=True)["format"] == "hpcad-node-model"
+    # Other settings: every model is retrained (a stale model never serves a new configuration).
+    kept = {p.name: p.stat().st_mtime_ns for p in (run / "models").glob("*.pt")}
+    out = hpcad("train", *common, "model.hidden=[16]")
+    assert "trained with other settings or data" in out.stderr + out.stdout
+    for p in (run / "models").glob("*.pt"):
+        assert p.stat().st_mtime_ns != kept[p.name]
+        assert torch.load(p, weights_only=True)["spec"]["hidden"] == [16]
+    bad = hpcad("train", *common, "train.epochs=0", check=False)
+    assert bad.returncode == 2 and "train.epochs=0: must be >= 1" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def test_scoring_new_data_with_a_trained_run(tmp_path):

@@ -30,6 +30,7 @@ class NodeModel:
     scaler: Scaler
     history: dict
     signal_scale: float  # mean alarm signal on the node's held-out normal rows (per-node normalisation)
+    fingerprint: str = ""  # what the model was trained from (hpcad.train.training_fingerprint); "" = unknown
 
     def save(self, path: Path) -> None:
         sc = self.scaler
@@ -39,7 +40,7 @@ class NodeModel:
             "members": [[p.detach().cpu().contiguous() for p in m] for m in self.members],
             "scaler": {"mean": torch.from_numpy(sc.mean), "scale": torch.from_numpy(sc.scale), "clip": sc.clip,
                        "soft_clip": sc.soft_clip, "lo": torch.from_numpy(sc.lo), "hi": torch.from_numpy(sc.hi)},
-            "history": self.history, "signal_scale": float(self.signal_scale),
+            "history": self.history, "signal_scale": float(self.signal_scale), "fingerprint": self.fingerprint,
         }
         save_tensors(path, obj)
 
@@ -55,7 +56,7 @@ class NodeModel:
             members = [list(m) for m in obj["members"]] if "members" in obj else [list(obj["params"])]
             return cls(obj["node"], AutoencoderSpec(**obj["spec"]), list(obj["metrics"]), members,
                        Scaler(mean, scale, float(sc["clip"]), soft, lo, hi), obj["history"],
-                       float(obj["signal_scale"]))
+                       float(obj["signal_scale"]), str(obj.get("fingerprint", "")))
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise StoreError(f"{path}: model file is incomplete or of another version ({exc}); "
                              f"delete it and rerun `hpcad train` to retrain the node") from exc
