@@ -74,18 +74,18 @@ def naive_train(x: np.ndarray, seed: int, spec: AutoencoderSpec, tc, device: tor
     n_tr = int(np.ceil(len(x) * (1 - tc.validation_split)))
     xtr, xva = X[:n_tr], X[n_tr:]
     val = float("nan")
-    amp = precision_context(tc.precision, device)
+    amp = lambda: precision_context(tc.precision, device)  # noqa: E731  (a fresh context per use)
     for _ in range(tc.epochs):
         perm = torch.randperm(n_tr, device=device)
         for s in range(0, n_tr, tc.batch_size):
             xb = xtr[perm[s:s + tc.batch_size]]
             opt.zero_grad(set_to_none=True)
-            with amp:
+            with amp():
                 out = model(xb)
             loss = torch.nn.functional.mse_loss(out.float(), xb)
             loss.backward()
             opt.step()
-        with torch.no_grad(), amp:
+        with torch.no_grad(), amp():
             val = float(torch.nn.functional.mse_loss(model(xva).float(), xva))
     return val
 

@@ -1,15 +1,28 @@
 """Pick the torch device from the ``train.device`` option."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from hpcad.errors import ConfigError
 
 
+def gpu_index(local_rank: int, visible: int) -> int:
+    """This rank's GPU among the ``visible`` ones: its local rank, or 0 when SLURM (or the user)
+    binds one GPU per task. More ranks on a node than GPUs is an error, not two ranks on one GPU."""
+    if visible == 1:
+        return 0
+    if local_rank >= visible:
+        raise ConfigError(f"local rank {local_rank} but only {visible} GPUs visible on this node: run as many "
+                          f"tasks per node as GPUs (--ntasks-per-node = --gpus-per-node), or train.device=cpu")
+    return local_rank
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto``: this rank's GPU (local rank modulo the visible GPUs) when CUDA works, else the CPU."""
+    """``auto``: this rank's GPU (``gpu_index``) when CUDA works, else the CPU."""
     if name in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.device(f"cuda:{local_rank % torch.cuda.device_count()}")
+        return torch.device(f"cuda:{gpu_index(local_rank, torch.cuda.device_count())}")
     if name == "auto":
         return torch.device("cpu")
     try:
@@ -21,17 +34,35 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return dev
 
 
+@contextlib.contextmanager
 def precision_context(precision: str, device: torch.device):
-    """Matmul precision for training and scoring: fp32 (default), tf32 (CUDA tensor cores) or bf16 autocast.
-
-    Weights, optimiser state and the loss stay in fp32 in every mode.
-    """
-    import contextlib
-
+    """Matmul precision for training: fp32 (default), tf32 (CUDA tensor cores) or bf16 autocast; the
+    TF32 switch is restored on the way out. Weights, optimiser state and the loss stay in fp32 in
+    every mode; scoring always runs in fp32 (the alarm signal is not quantised)."""
     if precision not in ("fp32", "tf32", "bf16"):
         raise ConfigError(f"train.precision={precision!r}: expected fp32, tf32 or bf16")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+        if precision == "bf16":
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+                yield
+        else:
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@contextlib.contextmanager
+def tf32_context(precision: str, device: torch.device):
+    """CUDA matmuls in TF32 while training with ``train.precision=tf32`` (restored afterwards)."""
+    if precision not in ("fp32", "tf32", "bf16"):
+        raise ConfigError(f"train.precision={precision!r}: expected fp32, tf32 or bf16")
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before

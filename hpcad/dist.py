@@ -6,6 +6,7 @@ when there is more than one rank; ``finish()`` tears it down.
 """
 from __future__ import annotations
 
+import datetime as dt
 import os
 import re
 from dataclasses import dataclass
@@ -86,23 +87,44 @@ def node_address(node: str) -> str:
     return node
 
 
+def timeout() -> dt.timedelta:
+    """How long a collective may wait (``HPCAD_DIST_TIMEOUT_MIN``, default 720 minutes). Ranks wait at
+    barriers for whole stages (rank 0 ingesting, the slowest rank training): NCCL's default of 10
+    minutes would kill a healthy job; the SLURM time limit bounds a hung one."""
+    raw = os.environ.get("HPCAD_DIST_TIMEOUT_MIN", "720")
+    try:
+        minutes = float(raw)
+    except ValueError:
+        raise ConfigError(f"environment HPCAD_DIST_TIMEOUT_MIN={raw!r}: not a number of minutes") from None
+    if minutes <= 0:
+        raise ConfigError(f"environment HPCAD_DIST_TIMEOUT_MIN={raw!r}: must be > 0")
+    return dt.timedelta(minutes=minutes)
+
+
+def rendezvous(w: World, env: dict | None = None) -> tuple[str, str]:
+    """MASTER_ADDR and MASTER_PORT for this launch, unless already set: inside a SLURM step (also
+    when launched through PMI by ``srun --mpi=pmi2``) rank 0's node and a port from the job id, so
+    multi-node steps meet on the right host and two jobs on one node do not collide; a plain
+    ``mpiexec`` on one host: localhost."""
+    env = os.environ if env is None else env
+    addr, port = env.get("MASTER_ADDR"), env.get("MASTER_PORT")
+    if "SLURM_JOB_ID" in env and (env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")):
+        if addr is None:  # rank 0 runs on the step's first node
+            addr = node_address(first_host(env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]))
+        port = port or str(20000 + int(env["SLURM_JOB_ID"]) % 20000)
+    return addr or "127.0.0.1", port or "29511"
+
+
 def init(device: torch.device) -> World:
     """Start the process group when there is more than one rank (idempotent)."""
     w = world()
     if not w.distributed or tdist.is_initialized():
         return w
-    if w.source == "mpi":
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29511")
-    if w.source == "slurm":
-        if "MASTER_ADDR" not in os.environ:  # rank 0 runs on the step's first node
-            first = first_host(os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "localhost"))
-            os.environ["MASTER_ADDR"] = node_address(first)
-        os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = rendezvous(w)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
-        torch.cuda.set_device(w.local_rank % torch.cuda.device_count())
-    tdist.init_process_group(backend, rank=w.rank, world_size=w.size)
+        torch.cuda.set_device(device)
+    tdist.init_process_group(backend, rank=w.rank, world_size=w.size, timeout=timeout())
     return w
 
 

@@ -10,6 +10,7 @@ import torch
 
 from conftest import ROOT, hpcad
 from hpcad.dist import World, first_host, shard, world
+from hpcad.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,8 @@ def test_shard_is_balanced_deterministic_and_rank_independent():
 
 
 def test_world_from_environment(monkeypatch):
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_ID", "HPCAD_WORLD_SIZE"):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_ID", "HPCAD_WORLD_SIZE",
+              "PMI_RANK", "PMI_SIZE"):  # the suite itself may run inside an MPI or SLURM allocation
         monkeypatch.delenv(k, raising=False)
     assert world() == World()
     monkeypatch.setenv("SLURM_PROCID", "2")
@@ -102,6 +104,30 @@ def test_world_from_environment(monkeypatch):
     assert world().source == "torchrun" and world().rank == 1
     assert first_host("n[1-4,7]") == "n1" and first_host("gpu-a,gpu-b") == "gpu-a" and first_host("x12") == "x12"
     assert first_host("lrdn[0123-0130]") == "lrdn0123"
+
+
+def test_rendezvous_timeout_and_gpu_choice_for_multi_node_jobs(monkeypatch):
+    """#16 items 1, 2, 4 without a GPU: where ranks meet, how long they may wait, which GPU a rank takes."""
+    import datetime as dt
+
+    from hpcad.device import gpu_index
+    from hpcad.dist import rendezvous, timeout
+
+    pmi_in_slurm = {"PMI_RANK": "5", "PMI_SIZE": "8", "SLURM_JOB_ID": "123457", "SLURM_STEP_NODELIST": "n[3-4]"}
+    addr, port = rendezvous(World(5, 8, 1, "mpi"), pmi_in_slurm)
+    assert addr == "n3" and port == str(20000 + 123457 % 20000)  # rank 0's node, a port per job: not 127.0.0.1:29511
+    assert rendezvous(World(1, 2, 1, "mpi"), {"PMI_RANK": "1", "PMI_SIZE": "2"}) == ("127.0.0.1", "29511")
+    assert rendezvous(World(1, 2, 1, "slurm"), {**pmi_in_slurm, "MASTER_ADDR": "h", "MASTER_PORT": "7"}) == ("h", "7")
+    monkeypatch.delenv("HPCAD_DIST_TIMEOUT_MIN", raising=False)
+    assert timeout() == dt.timedelta(hours=12)  # stages behind a barrier outlast NCCL's 10-minute default
+    monkeypatch.setenv("HPCAD_DIST_TIMEOUT_MIN", "90")
+    assert timeout() == dt.timedelta(minutes=90)
+    monkeypatch.setenv("HPCAD_DIST_TIMEOUT_MIN", "soon")
+    with pytest.raises(ConfigError, match="HPCAD_DIST_TIMEOUT_MIN"):
+        timeout()
+    assert gpu_index(3, 4) == 3 and gpu_index(3, 1) == 0  # one GPU bound per task: it is this rank's
+    with pytest.raises(ConfigError, match="local rank 4 but only 4 GPUs"):
+        gpu_index(4, 4)  # two ranks on one GPU would fail at NCCL's first barrier, unhelpfully
 
 
 def _small_exports(tmp_path, nodes=4):

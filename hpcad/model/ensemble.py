@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hpcad.device import precision_context
+from hpcad.device import tf32_context
 from hpcad.model.autoencoder import AutoencoderSpec, forward, glorot_init, stack, unstack
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
     ar_B = torch.arange(B, device=device)
     row_idx = torch.arange(Nmax, device=device)[None, :]
     l1 = float(spec.code_l1)
-    amp = precision_context(getattr(cfg, "precision", "fp32"), device)
+    tf32 = tf32_context(getattr(cfg, "precision", "fp32"), device)  # bf16: the step casts its own matmuls
     cdt = torch.bfloat16 if getattr(cfg, "precision", "fp32") == "bf16" else torch.float32
 
     def finish(idx: list[int]) -> None:
@@ -112,87 +112,87 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
         for k, sig in zip(idx, _holdout_signal(kept, n_encoder, X, n, n_va, best_signal, idx)):
             out_params[orig[k]], out_signal[orig[k]] = unstack(kept, k), sig
 
-    for epoch in range(int(cfg.epochs)):
-        if not bool(running.any()):
-            break
-        K = len(orig)
-        params, g_views = _views(store, shapes), _views(g_store, shapes)
-        X_rows = X.view(K * Nmax, M)
-        keys = _shuffle_keys(seeds_t, epoch, Nmax)
-        keys = torch.where(row_idx < n_tr[:, None], keys, torch.full_like(keys, _MASK63))
-        perm = torch.argsort(keys, dim=1)
-        S = int(steps_per_epoch[running].max())
-        if S * B > Nmax:  # the padded tail of perm is shorter than the last batch
-            perm = torch.cat([perm, perm[:, :1].expand(-1, S * B - Nmax)], 1)
-        # This epoch's training rows in each model's shuffled order, gathered in one pass (random
-        # rows gathered step by step cost more in cache misses): step s reads rows [s*B, (s+1)*B).
-        row_base = (torch.arange(K, device=device) * Nmax)[:, None]
-        epoch_x = buf("epoch_x", (K, S * B, M), device)
-        torch.index_select(X_rows, 0, (perm[:, : S * B] + row_base).view(-1), out=epoch_x.view(K * S * B, M))
-        del perm
-        run_f = running.float()[:, None]
-        full_w = (run_f / B).expand(K, B)  # every running model has a full batch: weight 1/B per row
-        full_until = int(full_steps[running].min())
-        running_list = torch.nonzero(running).flatten().tolist()
-        running_group = adam.group(running_list)
-        running_f = run_f.squeeze(1)
-        loss_rows = torch.zeros(K, B, device=device)  # per-slot sums, reduced once per epoch
-        backprop = _Backprop(params, g_views, B, n_encoder, l1, cdt, buf)
-        full = backprop.weights(full_w)
-        for s in range(S):
-            xb = epoch_x[:, s * B:(s + 1) * B]
-            if s < full_until:
-                weights, counted, active, a = full, run_f, running_group, running_f
-            else:  # short last batches, and models whose epoch has ended
-                valid = ((s * B + ar_B)[None, :] < n_tr[:, None]).float()
-                a = (running & (s < steps_per_epoch)).float()
-                weights = backprop.weights(valid * (a / valid.sum(1).clamp(min=1))[:, None])
-                counted = valid * a[:, None]
-                active = adam.group(torch.nonzero(a).flatten().tolist())
+    with tf32:
+        for epoch in range(int(cfg.epochs)):
+            if not bool(running.any()):
+                break
+            K = len(orig)
+            params, g_views = _views(store, shapes), _views(g_store, shapes)
+            X_rows = X.view(K * Nmax, M)
+            keys = _shuffle_keys(seeds_t, epoch, Nmax)
+            keys = torch.where(row_idx < n_tr[:, None], keys, torch.full_like(keys, _MASK63))
+            perm = torch.argsort(keys, dim=1)
+            S = int(steps_per_epoch[running].max())
+            if S * B > Nmax:  # the padded tail of perm is shorter than the last batch
+                perm = torch.cat([perm, perm[:, :1].expand(-1, S * B - Nmax)], 1)
+            # This epoch's training rows in each model's shuffled order, gathered in one pass (random
+            # rows gathered step by step cost more in cache misses): step s reads rows [s*B, (s+1)*B).
+            row_base = (torch.arange(K, device=device) * Nmax)[:, None]
+            epoch_x = buf("epoch_x", (K, S * B, M), device)
+            torch.index_select(X_rows, 0, (perm[:, : S * B] + row_base).view(-1), out=epoch_x.view(K * S * B, M))
+            del perm
+            run_f = running.float()[:, None]
+            full_w = (run_f / B).expand(K, B)  # every running model has a full batch: weight 1/B per row
+            full_until = int(full_steps[running].min())
+            running_list = torch.nonzero(running).flatten().tolist()
+            running_group = adam.group(running_list)
+            running_f = run_f.squeeze(1)
+            loss_rows = torch.zeros(K, B, device=device)  # per-slot sums, reduced once per epoch
+            backprop = _Backprop(params, g_views, B, n_encoder, l1, cdt, buf)
+            full = backprop.weights(full_w)
+            for s in range(S):
+                xb = epoch_x[:, s * B:(s + 1) * B]
+                if s < full_until:
+                    weights, counted, active, a = full, run_f, running_group, running_f
+                else:  # short last batches, and models whose epoch has ended
+                    valid = ((s * B + ar_B)[None, :] < n_tr[:, None]).float()
+                    a = (running & (s < steps_per_epoch)).float()
+                    weights = backprop.weights(valid * (a / valid.sum(1).clamp(min=1))[:, None])
+                    counted = valid * a[:, None]
+                    active = adam.group(torch.nonzero(a).flatten().tolist())
+                with torch.no_grad():
+                    row_loss = backprop(xb, weights)
+                    loss_rows.addcmul_(row_loss, counted)
+                    adam.step(active, a)
             with torch.no_grad():
-                row_loss = backprop(xb, weights)
-                loss_rows.addcmul_(row_loss, counted)
-                adam.step(active, a)
+                train_loss = loss_rows.sum(1) / n_tr.clamp(min=1)
+                val_loss, val_signal = _holdout_eval(params, n_encoder, xv, v_mask, l1)  # fp32 in every mode
+                monitored = torch.where(n_va > 0, val_loss, train_loss)
+                improved = running & (monitored < best_loss)
+                best_loss = torch.where(improved, monitored, best_loss)
+                # the validation signal of the weights that will be kept (best, or the latest)
+                best_signal = torch.where(improved if cfg.restore_best else running, val_signal, best_signal)
+                for b, t in zip(best, store):
+                    b.copy_(torch.where(improved[:, None], t, b))
+                wait = torch.where(improved, torch.zeros_like(wait), wait + running.long())
+                newly_stopped = running & (wait >= int(cfg.patience))
+                tl, vl = train_loss.tolist(), val_loss.tolist()
+                for k in running_list:
+                    hist_loss[orig[k]].append(tl[k])
+                    hist_val[orig[k]].append(vl[k] if rows_va[orig[k]] > 0 else float("nan"))
+                for k in torch.nonzero(newly_stopped).flatten().tolist():
+                    stopped_epoch[orig[k]] = epoch + 1
+                running &= ~newly_stopped
+                stopped = torch.nonzero(~running).flatten().tolist()
+                if stopped and len(stopped) >= _COMPACT_SHARE * K and len(stopped) < K:
+                    finish(stopped)
+                    keep = torch.nonzero(running).flatten()
+                    for j, k in enumerate(keep.tolist()):  # in place, front to back (j <= k)
+                        if j != k:
+                            X[j].copy_(X[k])
+                            orig[j] = orig[k]
+                    del orig[len(keep):]
+                    X = X[: len(keep)]
+                    xv, v_mask, n, n_tr, n_va, seeds_t, steps_per_epoch, full_steps = (
+                        t[keep] for t in (xv, v_mask, n, n_tr, n_va, seeds_t, steps_per_epoch, full_steps))
+                    best_loss, best_signal, wait, running = (t[keep] for t in (best_loss, best_signal, wait, running))
+                    store, best = [t[keep] for t in store], [t[keep] for t in best]
+                    g_store = _alloc(shapes, len(keep), device)
+                    adam = adam.select(keep, store, g_store)
+            if progress is not None:
+                progress(epoch + 1, int(running.sum()))
         with torch.no_grad():
-            train_loss = loss_rows.sum(1) / n_tr.clamp(min=1)
-            with amp:
-                val_loss, val_signal = _holdout_eval(params, n_encoder, xv, v_mask, l1)
-            monitored = torch.where(n_va > 0, val_loss, train_loss)
-            improved = running & (monitored < best_loss)
-            best_loss = torch.where(improved, monitored, best_loss)
-            # the validation signal of the weights that will be kept (best, or the latest)
-            best_signal = torch.where(improved if cfg.restore_best else running, val_signal, best_signal)
-            for b, t in zip(best, store):
-                b.copy_(torch.where(improved[:, None], t, b))
-            wait = torch.where(improved, torch.zeros_like(wait), wait + running.long())
-            newly_stopped = running & (wait >= int(cfg.patience))
-            tl, vl = train_loss.tolist(), val_loss.tolist()
-            for k in running_list:
-                hist_loss[orig[k]].append(tl[k])
-                hist_val[orig[k]].append(vl[k] if rows_va[orig[k]] > 0 else float("nan"))
-            for k in torch.nonzero(newly_stopped).flatten().tolist():
-                stopped_epoch[orig[k]] = epoch + 1
-            running &= ~newly_stopped
-            stopped = torch.nonzero(~running).flatten().tolist()
-            if stopped and len(stopped) >= _COMPACT_SHARE * K and len(stopped) < K:
-                finish(stopped)
-                keep = torch.nonzero(running).flatten()
-                for j, k in enumerate(keep.tolist()):  # in place, front to back (j <= k)
-                    if j != k:
-                        X[j].copy_(X[k])
-                        orig[j] = orig[k]
-                del orig[len(keep):]
-                X = X[: len(keep)]
-                xv, v_mask, n, n_tr, n_va, seeds_t, steps_per_epoch, full_steps = (
-                    t[keep] for t in (xv, v_mask, n, n_tr, n_va, seeds_t, steps_per_epoch, full_steps))
-                best_loss, best_signal, wait, running = (t[keep] for t in (best_loss, best_signal, wait, running))
-                store, best = [t[keep] for t in store], [t[keep] for t in best]
-                g_store = _alloc(shapes, len(keep), device)
-                adam = adam.select(keep, store, g_store)
-        if progress is not None:
-            progress(epoch + 1, int(running.sum()))
-    with torch.no_grad():
-        finish(list(range(len(orig))))
+            finish(list(range(len(orig))))
     histories = []
     for k in range(len(out_params)):
         vals = hist_val[k]
@@ -236,9 +236,10 @@ class _Adam:
         self.lr, self.params, self.grads = lr, params, grads
         self.m = m if m is not None else [torch.zeros_like(p) for p in params]
         self.v = v if v is not None else [torch.zeros_like(p) for p in params]
-        # float, as torch.optim keeps it
+        # float32, as torch.optim keeps it and the fused kernel reads it (whatever the default dtype)
         K = params[0].shape[0]
-        self.step_count = torch.zeros(K, device=params[0].device) if step_count is None else step_count
+        self.step_count = (torch.zeros(K, dtype=torch.float32, device=params[0].device)
+                           if step_count is None else step_count)
         self.steps = list(self.step_count.unbind(0))
 
     def select(self, keep: torch.Tensor, params: list[torch.Tensor], grads: list[torch.Tensor]) -> "_Adam":
