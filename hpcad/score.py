@@ -88,7 +88,9 @@ def score_nodes(cfg, store: TelemetryStore, models_dir: Path, out_path: Path, no
         bar = tqdm(total=len(nodes), desc="score", unit="node", disable=not cfg.train.progress)
         i = 0
         while i < len(nodes):
-            per_node = 4 * M * 6 * max(store.rows(nodes[i]), 1)  # input, recon, error, host copies
+            spec = NodeModel.load(model_path(models_dir, nodes[i])).spec
+            # floats per row: values, standardised and window copies, R members' reconstructions, error
+            per_node = 4 * M * max(store.rows(nodes[i]), 1) * (4 + spec.window * (1 + spec.members))
             K = int(max(1, min(cfg.train.max_nodes_per_chunk or 4096, cfg.train.memory_budget_mb * 2**20 // per_node)))
             chunk = nodes[i:i + K]
             i += len(chunk)
