@@ -31,11 +31,14 @@ def conf_dir() -> str:
     raise RuntimeError(f"hpcad: config folder not found next to {here}")
 
 
+# The stages (hpcad.pipeline.RUNNERS), listed here so that `hpcad --help` and a misspelt stage
+# answer without importing the pipeline (torch, scikit-learn, matplotlib: seconds).
+STAGES = ("run", "ingest", "train", "score", "baselines", "threshold", "report", "generate", "bench", "nightly")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from hpcad.pipeline import RUNNERS
-
-    if not argv or argv[0] in ("-h", "--help", "help") or argv[0] not in RUNNERS:
+    if not argv or argv[0] in ("-h", "--help", "help") or argv[0] not in STAGES:
         print(USAGE if not argv or argv[0] in ("-h", "--help", "help") else f"hpcad: unknown stage {argv[0]!r}\n\n{USAGE}",
               file=sys.stderr if argv and argv[0] not in ("-h", "--help", "help") else sys.stdout)
         return 0 if not argv or argv[0] in ("-h", "--help", "help") else 2

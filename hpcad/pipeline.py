@@ -31,7 +31,6 @@ from hpcad.threshold.rules import Thresholds
 from hpcad.train import train_nodes
 
 log = logging.getLogger(__name__)
-STAGES = ("ingest", "train", "score", "baselines", "threshold", "report")
 
 
 def load_run_config(run: Path) -> DictConfig | None:

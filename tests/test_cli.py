@@ -159,3 +159,18 @@ def test_unlabelled_data_uses_the_trained_runs_thresholds(tmp_path):
     assert json.loads((scored / "thresholds.json").read_text())["cluster"] == fitted["cluster"]
     assert not (scored / "metrics.json").exists()  # no labels, no detection scores
     assert (scored / "alarms.csv").exists() and (scored / "report.html").exists()
+
+
+def test_help_and_a_misspelt_stage_answer_without_loading_the_pipeline():
+    import subprocess
+    import sys
+
+    from hpcad.cli import STAGES
+    from hpcad.pipeline import RUNNERS
+
+    assert set(STAGES) == set(RUNNERS)  # the fast list and the real one cannot drift apart
+    probe = ("import sys, hpcad.cli as c; rc = c.main(['--help']); bad = c.main(['trian']); "
+             "heavy = [m for m in ('torch', 'sklearn', 'matplotlib', 'hpcad.pipeline') if m in sys.modules]; "
+             "print(rc, bad, heavy)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "0 2 []" and "unknown stage 'trian'" in out.stderr
