@@ -43,6 +43,14 @@ def _sq_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (torch.cdist(a, b) ** 2).clamp_(min=0)
 
 
+def _by_block(x: np.ndarray, train: torch.Tensor, reduce) -> np.ndarray:
+    """``reduce(squared distances of a block of rows to every training row)`` for rows x, in blocks
+    of ``_BLOCK`` rows (the distance matrix stays small)."""
+    X = torch.from_numpy(x).double()
+    return np.concatenate([reduce(_sq_dist(X[s:s + _BLOCK], train)).numpy()
+                           for s in range(0, len(X), _BLOCK)] or [np.empty(0)])
+
+
 class _Kde:
     def __init__(self, train: np.ndarray, holdout: np.ndarray, bandwidths: list[float]):
         self.t = torch.from_numpy(train).double()
@@ -56,9 +64,7 @@ class _Kde:
         return torch.logsumexp(-d2 / (2 * h * h), dim=1) - np.log(self.t.shape[0]) - M * np.log(h * np.sqrt(2 * np.pi))
 
     def score(self, x: np.ndarray) -> np.ndarray:
-        X = torch.from_numpy(x).double()
-        return np.concatenate([(-self._logdens(_sq_dist(X[s:s + _BLOCK], self.t), self.h)).numpy()
-                               for s in range(0, len(X), _BLOCK)] or [np.empty(0)])
+        return _by_block(x, self.t, lambda d2: -self._logdens(d2, self.h))
 
 
 class _Pca:
@@ -75,14 +81,13 @@ class _Pca:
 
 
 class _Knn:
-    def __init__(self, train: np.ndarray, window: int):
-        self.w = window
+    """Nearest training window (the caller builds the windows of ``baselines.knn_window`` rows)."""
+
+    def __init__(self, train: np.ndarray):
         self.t = torch.from_numpy(train).double()
 
     def score(self, x: np.ndarray) -> np.ndarray:
-        X = torch.from_numpy(x).double()
-        return np.concatenate([_sq_dist(X[s:s + _BLOCK], self.t).min(1).values.numpy()
-                               for s in range(0, len(X), _BLOCK)] or [np.empty(0)])
+        return _by_block(x, self.t, lambda d2: d2.min(1).values)
 
 
 def _fit(method: str, train: np.ndarray, hold: np.ndarray, bc, seed: int):
@@ -97,7 +102,7 @@ def _fit(method: str, train: np.ndarray, hold: np.ndarray, bc, seed: int):
     if method == "pca":
         return _Pca(train, float(bc.pca_variance)).score, True
     if method == "knn":
-        return _Knn(train, int(bc.knn_window)).score, True
+        return _Knn(train).score, True
     raise ConfigError(f"baselines.methods: unknown method {method!r} ({', '.join(METHODS)})")
 
 

@@ -36,22 +36,15 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 @contextlib.contextmanager
 def precision_context(precision: str, device: torch.device):
-    """Matmul precision for training: fp32 (default), tf32 (CUDA tensor cores) or bf16 autocast; the
-    TF32 switch is restored on the way out. Weights, optimiser state and the loss stay in fp32 in
-    every mode; scoring always runs in fp32 (the alarm signal is not quantised)."""
-    if precision not in ("fp32", "tf32", "bf16"):
-        raise ConfigError(f"train.precision={precision!r}: expected fp32, tf32 or bf16")
-    before = torch.backends.cuda.matmul.allow_tf32
-    try:
-        if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    """Matmul precision for a plain torch training loop: fp32 (default), tf32 (CUDA tensor cores) or
+    bf16 autocast (``tf32_context`` plus autocast). Weights, optimiser state and the loss stay in
+    fp32 in every mode; scoring always runs in fp32 (the alarm signal is not quantised)."""
+    with tf32_context(precision, device):
         if precision == "bf16":
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
                 yield
         else:
             yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 @contextlib.contextmanager

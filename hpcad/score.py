@@ -30,7 +30,7 @@ from tqdm import tqdm
 from hpcad import __version__
 from hpcad.atomic import atomic_path
 from hpcad.data.store import STR, TelemetryStore, open_h5
-from hpcad.device import precision_context, resolve_device
+from hpcad.device import resolve_device, tf32_context
 from hpcad.errors import InputError, StoreError
 from hpcad.light import LightMap, light_path
 from hpcad.model.autoencoder import ensemble_recon, stack
@@ -88,7 +88,8 @@ def score_nodes(cfg, store: TelemetryStore, models_dir: Path, out_path: Path, no
         bar = tqdm(total=len(nodes), desc="score", unit="node", disable=not cfg.train.progress)
         i = 0
         while i < len(nodes):
-            spec = NodeModel.load(model_path(models_dir, nodes[i])).spec
+            first = NodeModel.load(model_path(models_dir, nodes[i]))  # its spec sizes the chunk
+            spec = first.spec
             # floats per row: values, standardised and window copies, R members' reconstructions, error
             per_node = 4 * M * max(store.rows(nodes[i]), 1) * (4 + spec.window * (1 + spec.members))
             K = int(max(1, min(cfg.train.max_nodes_per_chunk or 4096, cfg.train.memory_budget_mb * 2**20 // per_node)))
@@ -96,7 +97,7 @@ def score_nodes(cfg, store: TelemetryStore, models_dir: Path, out_path: Path, no
             i += len(chunk)
             models, data, zs, masks = [], [], [], []
             for node in chunk:
-                model = NodeModel.load(model_path(models_dir, node))
+                model = first if node == chunk[0] else NodeModel.load(model_path(models_dir, node))
                 if model.metrics != store.metrics:
                     raise InputError(f"node {node}: the model was trained on other metrics than {store.path} "
                                      f"holds (first difference: {_first_diff(model.metrics, store.metrics)})")
@@ -105,9 +106,8 @@ def score_nodes(cfg, store: TelemetryStore, models_dir: Path, out_path: Path, no
                 models.append(model), data.append(nd), zs.append(z), masks.append(miss)
             maps = [light(n) for n in chunk]
             same_shape = len({(tuple(m.spec.hidden), m.spec.members, m.spec.window) for m in models}) == 1
-            prec = "fp32"  # train.precision speeds up training; the alarm signal is never quantised
-            errs = reconstruction_errors(models, zs, device, prec, maps) if same_shape else \
-                [reconstruction_errors([m], [z], device, prec, [lm])[0] for m, z, lm in zip(models, zs, maps)]
+            errs = reconstruction_errors(models, zs, device, maps) if same_shape else \
+                [reconstruction_errors([m], [z], device, [lm])[0] for m, z, lm in zip(models, zs, maps)]
             for model, nd, z, err, miss, lm in zip(models, data, zs, errs, masks, maps):
                 if sig_cfg.range_excess:
                     err += np.square(model.scaler.excess(z))
@@ -142,12 +142,13 @@ def _write_node_errors(parent: h5py.Group, nd, err: np.ndarray, signal_scale: fl
 
 
 def reconstruction_errors(models: list[NodeModel], zs: list[np.ndarray], device: torch.device,
-                          precision: str = "fp32", maps: list[LightMap | None] | None = None) -> list[np.ndarray]:
+                          maps: list[LightMap | None] | None = None) -> list[np.ndarray]:
     """Squared errors [T_k, M] of K nodes' standardised rows at once (every member of every node in
     one batched forward pass, rows padded to the longest, in row blocks): the error of each row
     against its members' mean reconstruction (of the row itself, the newest of its window). A
     node's light map (hpcad.light), where given, adapts its reconstruction. The models share one
-    spec (hidden widths, members, window)."""
+    spec (hidden widths, members, window). Always fp32: ``train.precision`` speeds up training only,
+    the alarm signal is never quantised."""
     spec = models[0].spec
     R, w = spec.members, spec.window
     params = stack([p for m in models for p in m.members], device)
@@ -163,7 +164,7 @@ def reconstruction_errors(models: list[NodeModel], zs: list[np.ndarray], device:
             for k, z in enumerate(inputs):
                 part = z[s:s + n]
                 x[k, : len(part)] = torch.from_numpy(np.ascontiguousarray(part)).to(device)
-            with precision_context(precision, device):
+            with tf32_context("fp32", device):
                 recon, code = ensemble_recon(params, x, n_enc, R, M)
             for k, lm in enumerate(maps or []):
                 if lm is not None:

@@ -83,12 +83,16 @@ class CostModel:
         return float(t), float(costs[i])
 
 
+def grid_step(u_grid: np.ndarray) -> float:
+    """The spacing of a uniform grid (1 for a one-point grid)."""
+    return (u_grid[-1] - u_grid[0]) / max(u_grid.size - 1, 1) or 1.0
+
+
 def level_counts(values: np.ndarray, u_grid: np.ndarray) -> np.ndarray:
     """Counts of ``values`` (already in the grid's units) per point of a uniform grid (nearest point)."""
     if values.size == 0:
         return np.zeros(u_grid.size)
-    h = (u_grid[-1] - u_grid[0]) / max(u_grid.size - 1, 1) or 1.0
-    idx = np.clip(np.rint((values - u_grid[0]) / h), 0, u_grid.size - 1).astype(np.int64)
+    idx = np.clip(np.rint((values - u_grid[0]) / grid_step(u_grid)), 0, u_grid.size - 1).astype(np.int64)
     return np.bincount(idx, minlength=u_grid.size).astype(np.float64)
 
 
@@ -104,8 +108,7 @@ def drift_smoothed_curve(far_counts: np.ndarray, peak_counts: np.ndarray, u_grid
     values that decide it, so a band of mislabelled rows cannot pull it just under the anomalies.
     """
     G = u_grid.size
-    h = (u_grid[-1] - u_grid[0]) / max(G - 1, 1) or 1.0
-    k = np.arange(-(G - 1), G) * h / sigma  # offset (value - threshold) in units of sigma
+    k = np.arange(-(G - 1), G) * grid_step(u_grid) / sigma  # offset (value - threshold) in units of sigma
     fa = np.convolve(far_counts, ndtr(k)[::-1], mode="full")[G - 1: 2 * G - 1]
     missed = np.convolve(peak_counts, ndtr(-k)[::-1], mode="full")[G - 1: 2 * G - 1]
     return model.c_alarm * fa + model.c_missed * missed

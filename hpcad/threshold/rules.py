@@ -19,7 +19,7 @@ from scipy.stats import genpareto
 from hpcad.errors import ConfigError
 from hpcad.preprocess import TRAIN, VAL
 from hpcad.score import NodeSignal
-from hpcad.threshold.cost import CostModel, CostTerms, drift_smoothed_curve, level_counts
+from hpcad.threshold.cost import CostModel, CostTerms, drift_smoothed_curve, grid_step, level_counts
 from hpcad.threshold.reduce import Reducer
 
 log = logging.getLogger(__name__)
@@ -281,8 +281,7 @@ class CostRule(_Rule):
 
     def _smoothed_argmin(self, far: np.ndarray, peaks: np.ndarray, u_grid: np.ndarray) -> tuple[int, float, float]:
         sigma = self.sigma(far, peaks, u_grid)
-        h = (u_grid[-1] - u_grid[0]) / max(u_grid.size - 1, 1)
-        if sigma < h:  # no separation to speak of: the plain step curve on the grid
+        if sigma < grid_step(u_grid):  # no separation to speak of: the plain step curve on the grid
             total = self.cost_model.c_alarm * (far.sum() - np.cumsum(far)) + self.cost_model.c_missed * (
                 np.cumsum(peaks) - peaks)
         else:
