@@ -29,7 +29,8 @@ from hpcad.data.synthetic import generate_node
 from hpcad.device import precision_context, resolve_device
 from hpcad.errors import ConfigError
 from hpcad.model.autoencoder import AutoencoderSpec, glorot_init
-from hpcad.model.ensemble import Workspace, chunk_size, default_chunk_cap, member_seed, node_seed, train_ensemble
+from hpcad.model.budget import Budget, default_chunk_cap, device_bytes_per_model
+from hpcad.model.ensemble import Workspace, member_seed, node_seed, train_ensemble
 from hpcad.preprocess import Scaler, windows
 from hpcad.train import model_spec
 
@@ -110,9 +111,12 @@ def bench_train(cfg, run_dir: Path) -> dict:
     pool = [windows(p, w) for p in bench_pool(b, cfg)]
     gen_s = time.perf_counter() - t0
     if device.type == "cuda":
+        torch.zeros(1, device=device)  # the allocator must exist before its statistics can be reset
         torch.cuda.reset_peak_memory_stats(device)
-    K = max(1, chunk_size(b.rows, b.metrics, node_spec, cfg.train.memory_budget_mb, tc.batch_size,
-                          cfg.train.max_nodes_per_chunk or default_chunk_cap(device)) // R)
+    budget = Budget.resolve(cfg.train, device)
+    K = max(1, budget.chunk_size(b.rows, b.metrics, node_spec, tc.batch_size,
+                                 cfg.train.max_nodes_per_chunk or default_chunk_cap(device), tc.validation_split,
+                                 device) // R)
     chunks = [list(range(s, min(s + K, b.nodes))) for s in range(0, b.nodes, K)]
     n_naive = 0 if b.naive_nodes == 0 else b.nodes if b.naive_nodes is None else min(int(b.naive_nodes), b.nodes)
     # The naive nodes are spread over the chunks and timed right after each one, so that both sides
@@ -164,11 +168,15 @@ def bench_train(cfg, run_dir: Path) -> dict:
         "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
         else platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "nodes_per_chunk": K,
+        "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG") if device.type == "cuda" else None,
         "data_generation_s": round(gen_s, 3), "batched_s": round(batched_s, 3),
         "node_epochs_per_s": b.nodes * b.epochs / batched_s,
         "samples_per_s": b.nodes * b.epochs * n_tr / batched_s,
         "batched_final_val_loss_mean": float(np.mean(final_val)),
-        "peak_gpu_mb": peak_gpu,
+        "peak_gpu_mb": peak_gpu, "budget": budget.source,
+        # the chunk's device memory as budgeted (compare with peak_gpu_mb on CUDA)
+        "estimated_device_mb": min(K, b.nodes) * R * device_bytes_per_model(b.rows, b.metrics, node_spec, tc.batch_size,
+                                                              tc.validation_split) / 2**20,
     }
     if n_naive:
         out.update(naive_nodes=n_naive, naive_s=round(naive_s, 3),
@@ -205,10 +213,11 @@ def bench_score(cfg, run_dir: Path) -> dict:
             members = [glorot_init(spec, v.shape[1], member_seed(i, r)) for r in range(spec.members)]
             NodeModel(n, spec, store.metrics, members, Scaler.fit(v, cfg.preprocess), {}, 1.0).save(
                 model_path(models_dir, n))
+    device = resolve_device(b.device)
     t0 = time.perf_counter()
-    score_nodes(cfg, store, models_dir, run_dir / "bench_errors.h5")
+    score_nodes(cfg, store, models_dir, run_dir / "bench_errors.h5", device=device)
     score_s = time.perf_counter() - t0
-    out = {"mode": "score", "nodes": b.nodes, "rows": b.rows, "metrics": 160, "device": str(resolve_device(cfg.train.device)),
+    out = {"mode": "score", "nodes": b.nodes, "rows": b.rows, "metrics": 160, "device": str(device),
            "score_s": round(score_s, 3), "nodes_per_s": b.nodes / score_s, "rows_per_s": b.nodes * b.rows / score_s,
            "peak_rss_mb": _peak_rss_mb(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
     write_json(run_dir / "bench.json", out)

@@ -82,7 +82,10 @@ class TrainConfig:
     restore_best: bool = True
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    memory_budget_mb: int = 1024  # bounds the nodes trained together in one batched ensemble
+    # Bound the models trained together in one batched chunk (hpcad/model/budget.py). Host memory
+    # (all of it on CPU); None: half the host's available memory shared by the ranks on the node.
+    memory_budget_mb: Optional[int] = None
+    device_memory_mb: Optional[int] = None  # GPU memory; None: 90 % of the device's free memory
     max_nodes_per_chunk: Optional[int] = None  # None: 32 on CPU (cache-sized), 4096 on CUDA
     precision: str = "fp32"  # fp32 | tf32 (CUDA) | bf16 (autocast); master weights stay fp32
     progress: bool = True

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import warnings
 
 import torch
 
@@ -19,9 +21,24 @@ def gpu_index(local_rank: int, visible: int) -> int:
     return local_rank
 
 
+# cuBLAS without a workspace has no split-K kernels, so a batched matmul rounds each model's
+# product the same whatever the chunk's size: on an H200, a node's model was then bit-identical
+# alone and in chunks of 8 and 64 (1e-3 apart with cuBLAS's default workspace), at no measured cost
+# (docs/benchmarks.md "GPU"). A value the user exports wins.
+CUBLAS_WORKSPACE = ":0:0"
+
+
+def _no_cublas_workspace() -> None:
+    if os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE) == CUBLAS_WORKSPACE:
+        # torch then says, once, that cuBLASLt's workspace is capped too (as intended; fleet's addmm)
+        warnings.filterwarnings("ignore", message="Requested unified CUBLASLT workspace size")
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto``: this rank's GPU (``gpu_index``) when CUDA works, else the CPU."""
+    """``auto``: this rank's GPU (``gpu_index``) when CUDA works, else the CPU. On CUDA, sets
+    ``CUBLAS_WORKSPACE_CONFIG`` (unless set) before cuBLAS starts (see ``CUBLAS_WORKSPACE``)."""
     if name in ("auto", "cuda") and torch.cuda.is_available():
+        _no_cublas_workspace()
         return torch.device(f"cuda:{gpu_index(local_rank, torch.cuda.device_count())}")
     if name == "auto":
         return torch.device("cpu")
@@ -31,6 +48,8 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         raise ConfigError(f"train.device={name!r}: {exc}") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device={name!r}: CUDA is not available on this machine")
+    if dev.type == "cuda":
+        _no_cublas_workspace()
     return dev
 
 

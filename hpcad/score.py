@@ -31,9 +31,11 @@ from hpcad import __version__
 from hpcad.atomic import atomic_path
 from hpcad.data.store import STR, TelemetryStore, open_h5
 from hpcad.device import resolve_device, tf32_context
+from hpcad.dist import world
 from hpcad.errors import InputError, StoreError
 from hpcad.light import LightMap, light_path
 from hpcad.model.autoencoder import ensemble_recon, stack
+from hpcad.model.budget import Budget
 from hpcad.model.files import NodeModel, model_path
 from hpcad.preprocess import fill_gaps, split_codes, windows
 from hpcad.signals import signal_level, smooth_signal
@@ -63,7 +65,7 @@ def score_nodes(cfg, store: TelemetryStore, models_dir: Path, out_path: Path, no
                 device: torch.device | None = None, light: Callable[[str], LightMap | None] | None = None) -> int:
     """Score ``nodes`` (default: all) of ``store`` with their models, K nodes per batched forward pass.
 
-    K follows from ``train.memory_budget_mb``; only one chunk of nodes is in memory at a time.
+    K follows from ``train.memory_budget_mb`` and ``train.device_memory_mb``; only one chunk of nodes is in memory at a time.
     ``light`` picks each node's light map (default: ``models/<node>.light.pt`` when present).
     Writes ``out_path`` atomically.
     """
@@ -71,7 +73,7 @@ def score_nodes(cfg, store: TelemetryStore, models_dir: Path, out_path: Path, no
         def light(n: str) -> LightMap | None:
             p = light_path(models_dir, n)
             return LightMap.load(p) if p.exists() else None
-    device = resolve_device(cfg.train.device) if device is None else device
+    device = resolve_device(cfg.train.device, world().local_rank) if device is None else device
     nodes = list(store.nodes if nodes is None else nodes)
     missing = [n for n in nodes if not model_path(models_dir, n).exists()]
     if missing:
@@ -79,6 +81,7 @@ def score_nodes(cfg, store: TelemetryStore, models_dir: Path, out_path: Path, no
                          f"train them first or point train_run at the run that did")
     M = len(store.metrics)
     sig_cfg = cfg.signal
+    budget = Budget.resolve(cfg.train, device)
     with atomic_path(out_path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs.update(hpcad_format=FORMAT, format_version=1, store=str(store.path), models=str(models_dir),
                        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -92,7 +95,8 @@ def score_nodes(cfg, store: TelemetryStore, models_dir: Path, out_path: Path, no
             spec = first.spec
             # floats per row: values, standardised and window copies, R members' reconstructions, error
             per_node = 4 * M * max(store.rows(nodes[i]), 1) * (4 + spec.window * (1 + spec.members))
-            K = int(max(1, min(cfg.train.max_nodes_per_chunk or 4096, cfg.train.memory_budget_mb * 2**20 // per_node)))
+            K = int(max(1, min(cfg.train.max_nodes_per_chunk or 4096, budget.host_bytes // per_node,
+                               (budget.device_bytes or budget.host_bytes) // per_node)))
             chunk = nodes[i:i + K]
             i += len(chunk)
             models, data, zs, masks = [], [], [], []

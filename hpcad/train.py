@@ -14,12 +14,13 @@ from tqdm import tqdm
 from hpcad.atomic import write_json
 from hpcad.data.store import TelemetryStore
 from hpcad.device import resolve_device
+from hpcad.dist import world
 from hpcad.errors import ConfigError, StoreError
 from hpcad.model.autoencoder import AutoencoderSpec, ensemble_recon, stack
 from hpcad.model.files import NodeModel, model_path
 from hpcad.preprocess import Scaler, fill_gaps, split_codes, training_rows, window_rows, windows
-from hpcad.model.ensemble import (Workspace, chunk_size, default_chunk_cap, member_seed, node_seed,
-                                  train_ensemble)
+from hpcad.model.budget import Budget, default_chunk_cap
+from hpcad.model.ensemble import Workspace, member_seed, node_seed, train_ensemble
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ def train_nodes(cfg, store: TelemetryStore, models_dir: Path, nodes: list[str] |
     """Train (or resume training of) a model for each node; nodes with a model file are skipped."""
     spec = model_spec(cfg)
     check_train_config(cfg.train)
-    device = resolve_device(cfg.train.device) if device is None else device
+    device = resolve_device(cfg.train.device, world().local_rank) if device is None else device
     nodes = list(store.nodes if nodes is None else nodes)
     fingerprint = training_fingerprint(cfg, spec, store)
     todo = [n for n in nodes if not reusable(model_path(models_dir, n), fingerprint)]
@@ -131,9 +132,14 @@ def train_nodes(cfg, store: TelemetryStore, models_dir: Path, nodes: list[str] |
     bar = tqdm(total=len(todo), desc="train", unit="node", disable=not cfg.train.progress)
     i = 0
     workspace = Workspace()  # scratch reused chunk after chunk
+    budget = Budget.resolve(cfg.train, device) if todo else None
+    cap = cfg.train.max_nodes_per_chunk or default_chunk_cap(device)
     while i < len(todo):
-        K = chunk_size(store.rows(todo[i]), M, spec, cfg.train.memory_budget_mb, cfg.train.batch_size,
-                       cfg.train.max_nodes_per_chunk or default_chunk_cap(device))
+        K = budget.chunk_size(store.rows(todo[i]), M, spec, cfg.train.batch_size, cap,
+                              cfg.train.validation_split, device)
+        if i == 0:
+            log.info("chunks of up to %d models (%d nodes x %d members) on %s; budget: %s", K, max(1, K // R), R,
+                     device, budget.source)
         chunk = todo[i:i + max(1, K // R)]  # K models: the members of K // R nodes
         i += len(chunk)
         prepared = [prepare_training_rows(store, n, cfg, spec.window) for n in chunk]

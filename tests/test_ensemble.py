@@ -73,6 +73,23 @@ def test_result_does_not_depend_on_chunk_companions(hidden, M):
     assert a.history[1] == b.history[0] and a.holdout_signal[1] == b.holdout_signal[0]
 
 
+def test_default_model_does_not_depend_on_its_chunk_position():
+    """The default model on a real node's width, second in its chunk: bit-identical to training alone
+    (an output-bias gradient taken by a matmul into a packed scratch row once differed by 1 ulp)."""
+    from hpcad.config import PreprocessConfig
+    from hpcad.data.synthetic import generate_node
+    from hpcad.preprocess import Scaler
+
+    spec = AutoencoderSpec([64])
+    node, other = (Scaler.fit(v, PreprocessConfig()).transform(v)[0][:, :159] for v in
+                   (generate_node(name, rows, seed=0).values for name, rows in (("a", 1500), ("b", 1537))))
+    cfg = NS(**{**vars(CFG), "epochs": 3})
+    alone = train_ensemble(spec, [node], [7], cfg, torch.device("cpu"))
+    second = train_ensemble(spec, [other, node], [8, 7], cfg, torch.device("cpu"))
+    for x, y in zip(alone.params[0], second.params[1]):
+        assert torch.equal(x, y)
+
+
 def test_bf16_matmuls_train_about_as_well_as_fp32():
     """train.precision=bf16: matmuls in bfloat16, weights, optimiser and loss in float32."""
     spec = AutoencoderSpec([8])

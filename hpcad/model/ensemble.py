@@ -309,14 +309,14 @@ def _mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cdt: torch.dtype,
     return out.copy_(r)
 
 
-_VAL_BLOCK = 128  # validation rows per forward pass and per partial sum
+VAL_BLOCK = 128  # validation rows per forward pass and per partial sum
 
 
 def _holdout_rows(X, n_tr, n, Nmax, device):
     """Validation rows [K, V, M] (padded) and their mask. V is the largest validation part
     rounded up to whole blocks, so a model's sums run over the same values in the same order
     whatever the other models' lengths (its losses, and so its early stopping, stay its own)."""
-    V = -(-max(int((n - n_tr).max()), 1) // _VAL_BLOCK) * _VAL_BLOCK
+    V = -(-max(int((n - n_tr).max()), 1) // VAL_BLOCK) * VAL_BLOCK
     idx = n_tr[:, None] + torch.arange(V, device=device)[None, :]
     mask = idx < n[:, None]
     idx = torch.where(mask, idx, torch.zeros_like(idx)).clamp(max=Nmax - 1)
@@ -328,8 +328,8 @@ def _holdout_eval(params, n_encoder, xv, mask, l1: float) -> tuple[torch.Tensor,
     in blocks of rows (temporaries stay small)."""
     loss = torch.zeros(xv.shape[0], device=xv.device)
     signal = torch.zeros_like(loss)
-    for s in range(0, xv.shape[1], _VAL_BLOCK):
-        x, m = xv[:, s:s + _VAL_BLOCK], mask[:, s:s + _VAL_BLOCK]
+    for s in range(0, xv.shape[1], VAL_BLOCK):
+        x, m = xv[:, s:s + VAL_BLOCK], mask[:, s:s + VAL_BLOCK]
         recon, code = forward(params, x, n_encoder)
         sq = _sq_err(recon.float().sub_(x))
         signal += (sq * m).sum(1)
@@ -389,6 +389,7 @@ class _Backprop:
         # gradient w.r.t. the input of each layer but the first (the data needs none)
         self.d = {i: buf(f"d{i}", (K, batch, W.shape[1]), dev) for i, W in enumerate(self.W) if i > 0}
         self.hw = buf("hw", self.d[len(self.W) - 1].shape, dev)
+        self.dw = buf("dw", self.acts[-1].shape, dev)
         # Gradients: written by the matmul in place where the parameter is a contiguous tensor;
         # otherwise (padded storage) through a contiguous scratch tensor, as a matmul writing into a
         # strided output is several times slower.
@@ -397,10 +398,9 @@ class _Backprop:
             g = g.view(K, -1, g.shape[-1])
             self.targets.append((g, None if g.is_contiguous() else buf(f"g{i}", g.shape, dev)))
 
-    def weights(self, w_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def weights(self, w_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row factors of a step with row weights ``w_row`` (reusable while they stay the same)."""
-        w = (w_row * (2.0 / self.M)).unsqueeze(-1)
-        return w_row, w, w.transpose(1, 2)
+        return w_row, (w_row * (2.0 / self.M)).unsqueeze(-1)
 
     def _grad(self, i: int, a: torch.Tensor, b: torch.Tensor, dt: torch.dtype) -> None:
         dst, scratch = self.targets[i]
@@ -409,8 +409,8 @@ class _Backprop:
         else:
             dst.copy_(_mm(scratch, a, b, dt))
 
-    def __call__(self, x: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        w_row, w, w_t = weights
+    def __call__(self, x: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        w_row, w = weights
         cdt, l1, acts, n_encoder = self.cdt, self.l1, self.acts, self.n_encoder
         last = len(self.W) - 1
         h = x
@@ -425,7 +425,10 @@ class _Backprop:
         # h is a ReLU output (zero where the unit is off), so h * w needs no mask.
         h_in = acts[last - 1]
         self._grad(2 * last, torch.mul(h_in, w, out=self.hw).transpose(1, 2), diff, cdt)
-        self._grad(2 * last + 1, w_t, diff, torch.float32)
+        # Output bias: the batch sum of diff * w, written straight into its storage (each model's row
+        # starts on a cache line). A 1-row matmul into a packed scratch row rounded differently for a
+        # model at another chunk position (seen at 159 metrics), breaking companion independence.
+        torch.sum(torch.mul(diff, w, out=self.dw), 1, keepdim=True, out=self.targets[2 * last + 1][0])
         dh = _mm(self.d[last], diff, self.WT[last], cdt).mul_(w)
         if l1 > 0 and last == n_encoder:  # the code feeds the output layer directly
             dh.add_((l1 * w_row).unsqueeze(-1))
@@ -446,20 +449,3 @@ class _Backprop:
 def _relu_backward(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``grad`` where the ReLU output ``out`` is positive, else 0, in place (one pass, no mask tensor)."""
     return torch.ops.aten.threshold_backward.grad_input(grad, out, 0, grad_input=grad)
-
-
-def default_chunk_cap(device: torch.device) -> int:
-    """Nodes per chunk when ``train.max_nodes_per_chunk`` is unset: CPU caches favour small chunks
-    (the optimiser streams all K models' weights every step), GPUs want as many as fit."""
-    return 4096 if device.type == "cuda" else 32
-
-
-def chunk_size(n_rows: int, n_metrics: int, spec: AutoencoderSpec, budget_mb: int, batch: int, cap: int) -> int:
-    """Models per batched chunk (a node counts ``spec.members`` times) so that data, parameters,
-    optimiser state and activations fit the budget.
-    The rows count three times: as read from the store, in the chunk's tensor, and in the epoch's
-    shuffled copy."""
-    p = spec.n_params(n_metrics)
-    width = spec.widths(n_metrics)[0]  # a window's values
-    per_node = 4 * (n_rows * width * 3 + p * 6 + batch * sum(spec.widths(n_metrics)) * 4 + n_rows * 2)
-    return int(max(1, min(cap, (budget_mb * 2**20) // max(per_node, 1))))

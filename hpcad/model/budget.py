@@ -1,0 +1,124 @@
+"""How many models train together in one batched chunk: host and device memory counted apart.
+
+On CPU the chunk's rows live in host memory three times (as read from the store, in the chunk
+tensor, in the epoch's shuffled copy). On CUDA the host holds the prepared rows of the chunk once,
+and the device holds the chunk tensor, the epoch's shuffled copy, the gathered validation rows,
+the int64 sort keys of the shuffle, and seven copies of the parameters (weights, gradients, Adam's
+two moments, best weights, gradient scratch, the initial weights). ``train.memory_budget_mb`` bounds
+the host side and ``train.device_memory_mb`` the device side; unset, they come from the machine
+(half of the host's available memory shared by the ranks on the node; 90 % of the device's free
+memory), so a default run fills a 40, 64 or 80 GB A100 without running out on the smallest.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from hpcad.errors import ConfigError
+from hpcad.model.autoencoder import AutoencoderSpec
+from hpcad.model.ensemble import VAL_BLOCK
+
+log = logging.getLogger(__name__)
+DEVICE_SHARE = 0.9  # of the device's free memory, when train.device_memory_mb is unset
+HOST_SHARE = 0.5  # of the host's available memory (split among the node's ranks), when memory_budget_mb is unset
+
+
+def default_chunk_cap(device: torch.device) -> int:
+    """Nodes per chunk when ``train.max_nodes_per_chunk`` is unset: CPU caches favour small chunks
+    (the optimiser streams all K models' weights every step), GPUs want as many as fit."""
+    return 4096 if device.type == "cuda" else 32
+
+
+def host_bytes_per_model(n_rows: int, n_metrics: int, spec: AutoencoderSpec, batch: int,
+                         device: torch.device) -> int:
+    """Host memory one model of a chunk needs (everything, on CPU; its prepared rows, on CUDA)."""
+    width = spec.widths(n_metrics)[0]  # a window's values
+    if device.type == "cuda":
+        return 4 * n_rows * width + 4 * n_rows * n_metrics  # prepared rows + the store read in flight
+    p = spec.n_params(n_metrics)
+    return 4 * (n_rows * width * 3 + p * 6 + batch * sum(spec.widths(n_metrics)) * 4 + n_rows * 2)
+
+
+def device_bytes_per_model(n_rows: int, n_metrics: int, spec: AutoencoderSpec, batch: int,
+                           validation_split: float) -> int:
+    """Peak device memory of one model while its chunk trains on a GPU (see the module docstring)."""
+    width = spec.widths(n_metrics)[0]
+    p = spec.n_params(n_metrics)
+    n_va = max(n_rows - int(n_rows * (1.0 - validation_split)), 1)
+    val_rows = -(-n_va // VAL_BLOCK) * VAL_BLOCK
+    rows = n_rows + (n_rows + batch) + val_rows  # chunk tensor, shuffled epoch copy, validation rows
+    return (4 * rows * width + 4 * val_rows  # + the validation mask
+            + 8 * n_rows * 7  # shuffle keys, their temporaries, the sort's output and the gather index
+            + 4 * p * 7
+            + 4 * batch * sum(spec.widths(n_metrics)) * 4  # activations and their gradients
+            + 4 * VAL_BLOCK * width * 4)  # one validation block's reconstruction and errors
+
+
+def local_ranks(env: dict | None = None) -> int:
+    """Ranks sharing this host (torchrun, MPICH, Open MPI or SLURM variables; 1 if none says)."""
+    env = os.environ if env is None else env
+    for name in ("LOCAL_WORLD_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
+        if env.get(name, "").isdigit():
+            return max(1, int(env[name]))
+    tasks = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or ""
+    head = tasks.split("(")[0].split(",")[0]  # "4(x2)" -> 4
+    return max(1, int(head)) if head.isdigit() else 1
+
+
+def available_host_mb() -> float:
+    """MemAvailable from /proc/meminfo (the whole host; 8 GiB where it cannot be read)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return 8192.0
+
+
+@dataclass(frozen=True)
+class Budget:
+    host_bytes: int
+    device_bytes: int | None  # None: the device is the CPU (host_bytes covers everything)
+    source: str  # how the budgets were chosen, for the log
+
+    @classmethod
+    def resolve(cls, tc, device: torch.device) -> "Budget":
+        """The budgets for training on ``device`` from ``train.memory_budget_mb`` and
+        ``train.device_memory_mb`` (unset: from the machine; see the module docstring)."""
+        host_mb, how = getattr(tc, "memory_budget_mb", None), []
+        if host_mb is None:
+            host_mb = HOST_SHARE * available_host_mb() / local_ranks()
+            how.append(f"host {host_mb:.0f} MB (half the available memory / {local_ranks()} ranks)")
+        elif host_mb <= 0:
+            raise ConfigError(f"train.memory_budget_mb={host_mb}: must be > 0 (or null: from the machine)")
+        else:
+            how.append(f"host {host_mb} MB (train.memory_budget_mb)")
+        dev_mb = getattr(tc, "device_memory_mb", None)
+        if device.type != "cuda":
+            dev_bytes = None
+        elif dev_mb is None:
+            free, _total = torch.cuda.mem_get_info(device)
+            # memory this process's allocator holds already (an earlier chunk's buffers) is reusable
+            held = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+            dev_bytes = int(DEVICE_SHARE * (free + held))
+            how.append(f"device {dev_bytes / 2**20:.0f} MB ({DEVICE_SHARE:.0%} of free memory on {device})")
+        elif dev_mb <= 0:
+            raise ConfigError(f"train.device_memory_mb={dev_mb}: must be > 0 (or null: from the device)")
+        else:
+            dev_bytes = int(dev_mb * 2**20)
+            how.append(f"device {dev_mb} MB (train.device_memory_mb)")
+        return cls(int(host_mb * 2**20), dev_bytes, ", ".join(how))
+
+    def chunk_size(self, n_rows: int, n_metrics: int, spec: AutoencoderSpec, batch: int, cap: int,
+                   validation_split: float, device: torch.device) -> int:
+        """Models per chunk (a node counts ``spec.members`` times): the most that fit both budgets,
+        at most ``cap``, at least one."""
+        k = min(cap, self.host_bytes // max(host_bytes_per_model(n_rows, n_metrics, spec, batch, device), 1))
+        if self.device_bytes is not None:
+            k = min(k, self.device_bytes // device_bytes_per_model(n_rows, n_metrics, spec, batch, validation_split))
+        return int(max(1, k))

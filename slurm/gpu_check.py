@@ -1,0 +1,337 @@
+#!/usr/bin/env python3
+# Check hpcad's CUDA path on one GPU in a few minutes, and print one summary to paste into
+# docs/benchmarks.md. Run it wherever a GPU is at hand, not in the CPU test suite:
+#
+#   python slurm/gpu_check.py --out gpu-check                      # on a GPU machine
+#   sbatch -p boost_usr_prod -A my_account slurm/gpu_check.py      # on a SLURM GPU partition
+#
+# Checks (each one is recorded as pass / FAIL with its figures; one failing does not stop the rest):
+#   equivalence   the batched trainer on CPU and on CUDA (fp32): the same early-stopping epochs,
+#                 validation losses within 1e-3 relative
+#   companions    a node's model on CUDA against the same node trained in chunks of 8 and 64:
+#                 bit-identical under hpcad's CUBLAS_WORKSPACE_CONFIG=:0:0 (hpcad/device.py)
+#   companions_cublas_workspace  the same with cuBLAS's default workspace (:4096:8): kernels then
+#                 vary with the chunk's size; the stopping epochs and losses (within 1 %) must still agree
+#   precision     fp32 / tf32 / bf16 on a 256-node chunk: speed and validation-loss change
+#   budget        the chunk size from the device's free memory, against the measured peak
+#   end_to_end    `hpcad run` on the embedded synthetic cluster with train.device=cuda
+#   ddp           a one-rank NCCL process group and a DDP fleet-model training on the same store
+#   bench         `hpcad bench` at 5,000 nodes x 6,667 rows x 159 metrics x 20 epochs (scaled down
+#                 to --bench-seconds when a pilot predicts longer; the summary says so)
+#
+#SBATCH --job-name=hpcad-gpu-check
+#SBATCH --nodes=1
+#SBATCH --ntasks=1
+#SBATCH --gpus=1
+#SBATCH --cpus-per-task=8
+#SBATCH --time=00:15:00
+#SBATCH --output=hpcad-gpu-check-%j.out
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parent.parent
+if (ROOT / "hpcad").is_dir() and str(ROOT) not in sys.path:  # a source checkout without install
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from hpcad.data.synthetic import generate_node  # noqa: E402
+from hpcad.model.autoencoder import AutoencoderSpec  # noqa: E402
+from hpcad.model.budget import Budget, device_bytes_per_model  # noqa: E402
+from hpcad.model.ensemble import member_seed, node_seed, train_ensemble  # noqa: E402
+from hpcad.preprocess import Scaler  # noqa: E402
+
+SPEC = AutoencoderSpec(hidden=[64])
+M = 159
+
+
+def _cfg(**kw) -> SimpleNamespace:
+    base = dict(batch_size=32, validation_split=0.1, epochs=30, lr=1e-3, patience=3, restore_best=True,  # train.*
+                precision="fp32")
+    return SimpleNamespace(**{**base, **kw})
+
+
+def _pool(n: int, rows: int) -> list[np.ndarray]:
+    """``n`` standardised synthetic nodes [rows, 159] (the bench's data: metrics tiled to 159)."""
+    from hpcad.config import PreprocessConfig
+
+    out = []
+    for i in range(n):
+        v = generate_node(f"gpucheck{i:03d}", rows, seed=0).values
+        v = np.tile(v, (1, -(-M // v.shape[1])))[:, :M]
+        out.append(Scaler.fit(v, PreprocessConfig()).transform(v)[0])
+    return out
+
+
+def _seeds(n: int) -> list[int]:
+    return [member_seed(node_seed(0, f"n{i}"), 0) for i in range(n)]
+
+
+def _sync() -> None:
+    torch.cuda.synchronize()
+
+
+def check_equivalence(pool, cuda) -> dict:
+    data = [p[: 2000 + 125 * i] for i, p in enumerate(pool[:8])]
+    tc = _cfg(lr=3e-3, patience=2)  # stops between epochs 10 and 30 on these nodes
+    cpu = train_ensemble(SPEC, data, _seeds(8), tc, torch.device("cpu"))
+    gpu = train_ensemble(SPEC, data, _seeds(8), tc, cuda)
+    same_stop = [a["epochs_run"] == b["epochs_run"] and a["best_epoch"] == b["best_epoch"]
+                 for a, b in zip(cpu.history, gpu.history)]
+    rel = [abs(min(a["val_loss"]) - min(b["val_loss"])) / min(a["val_loss"]) for a, b in zip(cpu.history, gpu.history)]
+    wdiff = max(float((x - y).abs().max()) for a, b in zip(cpu.params, gpu.params) for x, y in zip(a, b))
+    # Different kernels round differently, and thousands of Adam steps carry that on: the same
+    # stopping epochs and validation losses within 1 % are what a user can rely on.
+    return {"ok": all(same_stop) and max(rel) < 1e-2, "models": 8, "same_stopping_epochs": f"{sum(same_stop)}/8",
+            "epochs_run": [h["epochs_run"] for h in cpu.history], "max_rel_val_loss_diff": max(rel),
+            "max_abs_weight_diff": wdiff}
+
+
+def check_companions(pool, cuda) -> dict:
+    tc = _cfg(lr=3e-3, patience=2)  # models stop early: the chunk is compacted on the way
+    seeds = _seeds(64)
+    data = [p[: 1500 + 37 * i] for i, p in enumerate(pool[:64])]  # different lengths: padding differs
+    alone = train_ensemble(SPEC, data[:1], seeds[:1], tc, cuda)
+    runs = {"alone": alone,
+            "chunk_8": train_ensemble(SPEC, data[:8], seeds[:8], tc, cuda),
+            "chunk_64_reversed": train_ensemble(SPEC, data[::-1], seeds[::-1], tc, cuda)}
+    pos = {"alone": 0, "chunk_8": 0, "chunk_64_reversed": 63}
+    out, same_all, exact = {}, True, True
+    ref_val = min(alone.history[0]["val_loss"])
+    for name, res in runs.items():
+        k = pos[name]
+        diff = max(float((a - b).abs().max()) for a, b in zip(alone.params[0], res.params[k]))
+        same = res.history[k]["epochs_run"] == alone.history[0]["epochs_run"] and \
+            res.history[k]["best_epoch"] == alone.history[0]["best_epoch"]
+        rel = abs(min(res.history[k]["val_loss"]) - ref_val) / ref_val
+        out[name] = {"max_abs_weight_diff": diff, "rel_val_loss_diff": rel, "same_epochs": same}
+        same_all &= same and rel < 1e-2
+        exact &= diff == 0.0
+    # CPU: bit-identical (tests/test_ensemble.py). CUDA: cuBLAS and the reductions choose kernels by
+    # the chunk's size, so only the stopping epochs and the losses (within 1 %) are the node's own.
+    no_split_k = os.environ.get("CUBLAS_WORKSPACE_CONFIG") == ":0:0"
+    return {"ok": same_all and (exact or not no_split_k), "bit_identical": exact,
+            "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG", "unset"), **out}
+
+
+def check_companions_cublas_workspace(out: Path) -> dict:
+    """The companion check again with cuBLAS's own default workspace (split-K kernels allowed)."""
+    sub = out / "cublas_workspace"
+    log = out / "cublas_workspace.log"
+    with open(log, "w") as f:
+        rc = subprocess.run([sys.executable, __file__, "--only", "companions", "--out", str(sub)], stdout=f,
+                            stderr=subprocess.STDOUT, env={**os.environ, "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}).returncode
+    if not (sub / "gpu_check.json").exists():
+        return {"ok": False, "rc": rc, "log_tail": _tail(log)}
+    return json.loads((sub / "gpu_check.json").read_text())["results"]["companions"]
+
+
+def _tail(log: Path, lines: int = 25) -> str:
+    text = log.read_text(errors="replace").splitlines()[-lines:]
+    print("\n".join(f"    {line}" for line in text), flush=True)
+    return " / ".join(text[-3:])
+
+
+def check_precision(pool, cuda) -> dict:
+    data = [pool[i % len(pool)] for i in range(256)]
+    out = {}
+    for prec in ("fp32", "tf32", "bf16"):
+        tc = _cfg(epochs=10, patience=11, precision=prec)
+        train_ensemble(SPEC, [d[:512] for d in data[:4]], _seeds(4), _cfg(epochs=1, precision=prec), cuda)  # warm-up
+        _sync()
+        t0 = time.perf_counter()
+        res = train_ensemble(SPEC, data, _seeds(256), tc, cuda)
+        _sync()
+        s = time.perf_counter() - t0
+        out[prec] = {"s": round(s, 2), "node_epochs_per_s": round(256 * 10 / s, 1),
+                     "val_loss": float(np.mean([h["val_loss"][-1] for h in res.history]))}
+    for prec in ("tf32", "bf16"):
+        out[prec]["val_loss_change_vs_fp32"] = out[prec]["val_loss"] / out["fp32"]["val_loss"] - 1
+    out["ok"] = all(abs(out[p]["val_loss_change_vs_fp32"]) < 0.05 for p in ("tf32", "bf16"))
+    return out
+
+
+def check_budget(pool, cuda) -> dict:
+    """Train the chunk the automatic device budget allows (1/8 of it, to keep the check short) and
+    compare the measured peak with the estimate."""
+    rows = pool[0].shape[0]
+    budget = Budget.resolve(SimpleNamespace(memory_budget_mb=10**7, device_memory_mb=None), cuda)
+    k_full = budget.chunk_size(rows, M, SPEC, 32, 10**6, 0.1, cuda)
+    k = max(1, min(k_full // 8, 2048))
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(cuda)
+    base = torch.cuda.memory_allocated(cuda)
+    train_ensemble(SPEC, [pool[i % len(pool)] for i in range(k)], _seeds(k), _cfg(epochs=1), cuda)
+    peak = (torch.cuda.max_memory_allocated(cuda) - base) / 2**20
+    est = k * device_bytes_per_model(rows, M, SPEC, 32, 0.1) / 2**20
+    free, total = torch.cuda.mem_get_info(cuda)
+    return {"ok": peak <= est, "device_total_mb": total / 2**20, "budget": budget.source,
+            "models_that_fit": k_full, "models_trained": k, "peak_mb": round(peak), "estimated_mb": round(est),
+            "peak_over_estimate": round(peak / est, 3)}
+
+
+def _hpcad(args: list[str], log: Path, timeout: float) -> tuple[int, float]:
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        rc = subprocess.run([sys.executable, "-m", "hpcad", *args], stdout=f, stderr=subprocess.STDOUT,
+                            timeout=timeout, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                [str(ROOT), os.environ.get("PYTHONPATH", "")])}).returncode
+    return rc, time.perf_counter() - t0
+
+
+def check_end_to_end(out: Path) -> dict:
+    run = out / "e2e"
+    rc, s = _hpcad(["run", "train.device=cuda", "train.progress=false", f"hydra.run.dir={run}"],
+                   out / "e2e.log", 600)
+    if rc != 0:
+        return {"ok": False, "rc": rc, "log_tail": _tail(out / "e2e.log")}
+    m = json.loads((run / "metrics.json").read_text())
+    tr = json.loads((run / "models" / "training.json").read_text())
+    ranking = {k: round(v["ranking"]["ap"], 4) for k, v in m["splits"].items()
+               if isinstance(v, dict) and "ranking" in v}
+    return {"ok": tr["device"].startswith("cuda"), "s": round(s, 1), "train_s": tr["seconds"],
+            "device": tr["device"], "ap": ranking, "store": str(run / "store.h5")}
+
+
+def check_ddp(store_path: str, out: Path, cuda) -> dict:
+    import torch.distributed as tdist
+    from hydra import compose, initialize_config_dir
+
+    from hpcad.cli import conf_dir
+    from hpcad.config import register_configs
+    from hpcad.data.store import TelemetryStore
+    from hpcad.fleet import train_fleet
+
+    register_configs()
+    with initialize_config_dir(conf_dir(), version_base="1.3"):
+        cfg = compose("config", ["model.scope=fleet", "train.epochs=3", "train.device=cuda"])
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29611")
+    torch.cuda.set_device(cuda)
+    tdist.init_process_group("nccl", rank=0, world_size=1)
+    try:
+        store = TelemetryStore(Path(store_path))
+        t0 = time.perf_counter()
+        res = train_fleet(cfg, store, out / "ddp_models", list(store.nodes), cuda)
+        _sync()
+        return {"ok": bool(np.isfinite(res["best_val_loss"])), "backend": tdist.get_backend(),
+                "nodes": res["nodes"], "epochs": res["epochs_run"], "best_val_loss": res["best_val_loss"],
+                "s": round(time.perf_counter() - t0, 1)}
+    finally:
+        tdist.destroy_process_group()
+
+
+def check_bench(out: Path, nodes: int, seconds: float) -> dict:
+    common = ["bench.rows=6667", "bench.metrics=159", "bench.device=cuda", "train.progress=false",
+              "train.memory_budget_mb=60000"]  # the device budget binds, not the host's
+    rc, _ = _hpcad(["bench", "bench.nodes=256", "bench.epochs=2", "bench.naive_nodes=2", *common,
+                    f"hydra.run.dir={out / 'bench_pilot'}"], out / "bench_pilot.log", 300)
+    if rc != 0:
+        return {"ok": False, "rc": rc, "log_tail": _tail(out / "bench_pilot.log")}
+    pilot = json.loads((out / "bench_pilot" / "bench.json").read_text())
+    predicted = nodes * 20 / pilot["node_epochs_per_s"]
+    n = nodes if predicted <= seconds else max(256, int(nodes * seconds / predicted) // 256 * 256)
+    rc, s = _hpcad(["bench", f"bench.nodes={n}", "bench.epochs=20", "bench.naive_nodes=8", *common,
+                    f"hydra.run.dir={out / 'bench'}"], out / "bench.log", 900)
+    if rc != 0:
+        return {"ok": False, "rc": rc, "log_tail": _tail(out / "bench.log")}
+    b = json.loads((out / "bench" / "bench.json").read_text())
+    per_5000 = 5000 * 20 / b["node_epochs_per_s"]
+    return {"ok": per_5000 < 60, "nodes": n, "scaled_down": n < nodes, "batched_s": b["batched_s"],
+            "seconds_for_5000_nodes": round(per_5000, 1), "node_epochs_per_s": round(b["node_epochs_per_s"], 1),
+            "nodes_per_chunk": b["nodes_per_chunk"], "peak_gpu_mb": b["peak_gpu_mb"],
+            "estimated_device_mb": round(b["estimated_device_mb"]), "speedup_vs_naive": b.get("speedup_vs_naive"),
+            "batched_val_loss": b["batched_final_val_loss_mean"], "naive_val_loss": b.get("naive_final_val_loss_mean")}
+
+
+def summary(results: dict, info: dict) -> str:
+    lines = [f"GPU check, {info['date']}: {info['gpu']}, torch {info['torch']} (CUDA {info['cuda']}), "
+             f"hpcad {info['hpcad']}", "", "| check | result | figures |", "| --- | --- | --- |"]
+    for name, r in results.items():
+        figs = "; ".join(f"{k} {_fmt(v)}" for k, v in r.items() if k not in ("ok", "error", "store"))
+        lines.append(f"| {name} | {'pass' if r.get('ok') else 'FAIL'} | {figs or r.get('error', '')} |")
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {_fmt(x)}" for k, x in v.items()) + "}"
+    return str(v)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description="Check hpcad's CUDA path on one GPU (see the comments at the top).")
+    ap.add_argument("--out", default=f"gpu-check-{os.environ.get('SLURM_JOB_ID', 'local')}")
+    ap.add_argument("--bench-nodes", type=int, default=5000)
+    ap.add_argument("--bench-seconds", type=float, default=150.0,
+                    help="scale the bench down when the pilot predicts a longer batched run")
+    ap.add_argument("--skip", default="", help="comma-separated checks to leave out")
+    ap.add_argument("--only", default="", help="comma-separated checks to run (default: all)")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("gpu_check: CUDA is not available here (torch %s); run it on a GPU node" % torch.__version__,
+              file=sys.stderr)
+        return 2
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    from hpcad import __version__
+    from hpcad.device import resolve_device
+
+    cuda = resolve_device("cuda")  # as training picks it (and with hpcad's cuBLAS setting)
+
+    info = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(cuda), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "hpcad": __version__, "cpus": os.cpu_count()}
+    checks = {
+        "equivalence": lambda: check_equivalence(pool, cuda),
+        "companions": lambda: check_companions(pool, cuda),
+        "companions_cublas_workspace": lambda: check_companions_cublas_workspace(out),
+        "precision": lambda: check_precision(pool, cuda),
+        "budget": lambda: check_budget(pool, cuda),
+        "end_to_end": lambda: check_end_to_end(out),
+        "ddp": lambda: check_ddp(results["end_to_end"]["store"], out, cuda),
+        "bench": lambda: check_bench(out, args.bench_nodes, args.bench_seconds),
+    }
+    skip = {s for s in args.skip.split(",") if s}
+    only = {s for s in args.only.split(",") if s} or set(checks)
+    unknown = (skip | only) - set(checks)
+    if unknown:
+        print(f"gpu_check: unknown checks {sorted(unknown)}; known: {', '.join(checks)}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    pool = _pool(64, 6667) if (only - skip) & {"equivalence", "companions", "precision", "budget"} else []
+    print(f"gpu_check: data ready in {time.perf_counter() - t0:.1f} s; writing to {out}", flush=True)
+    results: dict[str, dict] = {}
+    for name, fn in checks.items():
+        if name in skip or name not in only:
+            continue
+        t1 = time.perf_counter()
+        try:
+            results[name] = fn()
+        except Exception as exc:  # record and go on: one failure should not hide the other figures
+            results[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            traceback.print_exc()
+        results[name]["check_s"] = round(time.perf_counter() - t1, 1)
+        print(f"gpu_check: {name}: {'pass' if results[name]['ok'] else 'FAIL'} "
+              f"({results[name]['check_s']} s)", flush=True)
+        torch.cuda.empty_cache()
+    text = summary(results, info)
+    (out / "gpu_check.json").write_text(json.dumps({"info": info, "results": results}, indent=1, default=str))
+    (out / "gpu_check.md").write_text(text + "\n")
+    print(text)
+    return 0 if all(r["ok"] for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""Device choice: this rank's GPU, and cuBLAS set up so a node's model is its own on CUDA too."""
+import pytest
+import torch
+
+from hpcad.device import CUBLAS_WORKSPACE, resolve_device
+
+
+@pytest.fixture
+def four_gpus(monkeypatch):
+    """A machine that reports four CUDA devices (only the choice is tested; nothing runs on them)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+
+
+def test_cuda_gets_the_ranks_gpu_and_cublas_without_split_k(four_gpus):
+    import os
+
+    assert resolve_device("auto", local_rank=2) == torch.device("cuda:2")
+    # without a workspace cuBLAS has no split-K kernels: bit-identical models whatever the chunk (gpu_check)
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == CUBLAS_WORKSPACE == ":0:0"
+
+
+def test_an_exported_cublas_setting_wins(four_gpus, monkeypatch):
+    import os
+
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+
+
+def test_cpu_leaves_cublas_alone(monkeypatch):
+    import os
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
