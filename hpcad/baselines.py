@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from hpcad.data.store import TelemetryStore
 from hpcad.errors import ConfigError
-from hpcad.preprocess import Scaler, fill_gaps, split_codes, training_rows, window_rows, windows
+from hpcad.preprocess import Scaler, check_training_rows, fill_gaps, split_codes, training_rows, window_rows, windows
 from hpcad.score import NodeSignal, write_signal_file
 from hpcad.signals import smooth_signal
 
@@ -123,12 +123,11 @@ def baseline_signals(method: str, cfg, fit_store: TelemetryStore, eval_store: Te
             z = windows(scaler.transform(vals)[0], w)[window_rows(rows, w)]
         else:
             z = scaler.transform(vals[rows])[0]
+        check_training_rows(len(z), f"baseline {method}: node {node}")
         cut = int(np.ceil(len(z) * (1 - cfg.train.validation_split)))
         train, hold = z[:cut], z[cut:]
         if len(train) > bc.max_train_rows:
             train = train[np.sort(rng.choice(len(train), int(bc.max_train_rows), replace=False))]
-        if len(train) < 2:
-            raise ConfigError(f"baseline {method}: node {node} has fewer than 2 training rows")
         score, error_like = _fit(method, train, hold, bc, int(bc.seed))
         ref = score(hold if len(hold) else train)
         nd = eval_store.read(node)

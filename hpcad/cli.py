@@ -6,6 +6,7 @@ Hydra's conventions hold: one output folder per run (``hydra.run.dir=...``), ``-
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -46,12 +47,25 @@ def main(argv: list[str] | None = None) -> int:
     return run_stage(stage, argv)
 
 
+def unwritable_run_dir(overrides: list[str]) -> Path | None:
+    """The folder that stops this run from creating or writing its run folder (``hydra.run.dir``,
+    else the current folder where the default ``runs/...`` goes), or None when it can go ahead."""
+    if any(o.startswith("-") for o in overrides):
+        return None  # --multirun: each point has its own folder; --cfg, --help...: nothing is written
+    given = [o.split("=", 1)[1] for o in overrides if o.startswith("hydra.run.dir=")]
+    p = Path(given[-1]).expanduser() if given else Path.cwd()
+    p = p if p.is_absolute() else Path.cwd() / p
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return None if os.access(p, os.W_OK | os.X_OK) else p
+
+
 def run_stage(stage: str, overrides: list[str]) -> int:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    from hpcad.config import register_configs
-    from hpcad.errors import HpcadError
+    from hpcad.config import register_configs, unknown_keys
+    from hpcad.errors import ConfigError, HpcadError
     from hpcad.pipeline import RUNNERS
 
     register_configs()
@@ -63,8 +77,12 @@ def run_stage(stage: str, overrides: list[str]) -> int:
         log = logging.getLogger("hpcad")
         from hydra.utils import instantiate
 
-        launcher = instantiate(cfg.launcher)
         try:
+            unknown = unknown_keys(cfg)
+            if unknown:
+                raise ConfigError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: not part of "
+                                  f"hpcad's configuration (misspelt? `hpcad {stage} --cfg job` prints the options)")
+            launcher = instantiate(cfg.launcher)
             result = launcher.launch(RUNNERS[stage], cfg, run_dir)
         except HpcadError as exc:
             log.error("%s", exc)
@@ -92,6 +110,11 @@ def run_stage(stage: str, overrides: list[str]) -> int:
 
     from hpcad.dist import world
 
+    blocked = unwritable_run_dir(overrides)
+    if blocked is not None:  # Hydra would fail setting up the log file, with a traceback
+        print(f"hpcad {stage}: error: cannot write the run folder: {blocked} is not writable (choose another "
+              f"hydra.run.dir, or fix its permissions)", file=sys.stderr)
+        return 2
     try:
         w = world()
     except HpcadError as exc:

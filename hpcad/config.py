@@ -1,11 +1,13 @@
 """Typed configuration tree (one per job), registered in Hydra's ConfigStore.
 
 The YAML groups under ``conf/`` mirror these dataclasses; the schema makes Hydra reject unknown keys
-and wrongly typed values before any work starts. ``model`` and ``threshold`` carry a ``_target_`` so
-users pick an implementation by config group, as with Hydra's own plugins.
+and wrongly typed values before any work starts (keys forced in with ``+``: ``unknown_keys``).
+``model`` and ``threshold`` carry a ``_target_`` so users pick an implementation by config group,
+as with Hydra's own plugins.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -266,3 +268,30 @@ def register_configs() -> None:
     cs.store(group="threshold", name="pot_schema", node=PotRuleConfig)
     cs.store(group="launcher", name="local_schema", node=LocalLauncherConfig)
     cs.store(group="launcher", name="submitit_schema", node=SubmititLauncherConfig)
+
+
+def unknown_keys(cfg) -> list[str]:
+    """Dotted names in ``cfg`` that no schema declares. Hydra refuses a misspelt key, but a key
+    added with ``+`` (which Hydra itself suggests after a misspelling) passes and would be ignored."""
+    from omegaconf import DictConfig, OmegaConf
+
+    by_target = {c._target_: c for c in (AutoencoderConfig, CostRuleConfig, QuantileRuleConfig, PotRuleConfig,
+                                        LocalLauncherConfig, SubmititLauncherConfig)}
+    found: list[str] = []
+
+    def walk(node: DictConfig, schema: DictConfig, prefix: str) -> None:
+        for key in node.keys():
+            if key not in schema:
+                found.append(prefix + str(key))
+                continue
+            child, spec = node._get_node(key), schema._get_node(key)
+            if isinstance(child, DictConfig) and isinstance(spec, DictConfig) and \
+                    dataclasses.is_dataclass(OmegaConf.get_type(spec)):
+                walk(child, spec, f"{prefix}{key}.")
+
+    walk(cfg, OmegaConf.structured(HpcadConfig), "")
+    for group in ("model", "threshold", "launcher"):
+        node = cfg.get(group)
+        if isinstance(node, DictConfig) and node.get("_target_") in by_target:
+            walk(node, OmegaConf.structured(by_target[node["_target_"]]), f"{group}.")
+    return found

@@ -15,3 +15,7 @@ class StoreError(HpcadError):
 
 class ConfigError(HpcadError):
     """A configuration value that is not valid for the data at hand."""
+
+
+class LockedError(HpcadError):
+    """Another process writes the run folder (or the nightly output folder) now."""

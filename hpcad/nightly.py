@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-import fcntl
 import html
 import json
 import logging
@@ -29,7 +28,6 @@ import os
 import shutil
 import subprocess
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -45,16 +43,13 @@ from hpcad.explain import class_profiles
 from hpcad.light import LightMap, fit_light_map, light_path, map_for_night, save_version
 from hpcad.model.files import NodeModel, model_nodes, model_path
 from hpcad.preprocess import fill_gaps, windows
+from hpcad.runfolder import exclusive_lock
 from hpcad.score import ErrorStore, score_nodes
 from hpcad.threshold.evaluate import alarm_events, evaluate, write_alarms_csv
 from hpcad.threshold.rules import Thresholds
 
 log = logging.getLogger(__name__)
 HISTORY_FIELDS = ["run_at", "date", "status", "nodes", "alarms", "drifted", "light_refits", "seconds", "message"]
-
-
-class LockedError(HpcadError):
-    """Another nightly run holds the lock."""
 
 
 def run_nightly(cfg, run_dir: Path, overrides: list[str] | None = None) -> dict:
@@ -75,7 +70,7 @@ def run_nightly(cfg, run_dir: Path, overrides: list[str] | None = None) -> dict:
     out = Path(n.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     results = []
-    with _lock(out / ".nightly.lock"):
+    with exclusive_lock(out / ".nightly.lock", "hpcad nightly", others="another nightly run"):
         for stale in out.glob(".*.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)  # a crashed run's leftovers (we hold the lock)
         for day in days:
@@ -123,26 +118,6 @@ def day_bounds(day: dt.date, timezone: str) -> tuple[int, int]:
     start = dt.datetime.combine(day, dt.time(), tz)
     end = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), tz)
     return int(start.timestamp()), int(end.timestamp())
-
-
-@contextmanager
-def _lock(path: Path):
-    fh = open(path, "a+")
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.seek(0)
-        holder = fh.read().strip() or "?"
-        fh.close()
-        raise LockedError(f"{path}: another nightly run holds the lock ({holder}); not starting") from None
-    fh.seek(0)
-    fh.truncate()
-    fh.write(f"pid {os.getpid()} since {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}\n")
-    fh.flush()
-    try:
-        yield
-    finally:
-        fh.close()
 
 
 def _day_cfg(cfg, source: Path, jobs: Path | None):

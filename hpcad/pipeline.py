@@ -2,21 +2,24 @@
 
 Every stage reads what the previous ones left in the run folder (Hydra's output folder, set with
 ``hydra.run.dir``), writes its outputs atomically, and can be rerun: a rerun skips a store that is
-up to date and nodes that already have a model.
+up to date and nodes that already have a model. A writing stage holds the run folder's lock
+(one writer at a time) and first removes what interrupted runs left (hpcad/runfolder.py).
 """
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from hpcad import dist
+from hpcad import dist, runfolder
 from hpcad.atomic import write_json
 from hpcad.baselines import run_baselines
 from hpcad.data.ingest import ingest
@@ -239,6 +242,17 @@ def stage_nightly(cfg, run_dir: Path) -> dict:
     return run_nightly(cfg, run_dir, overrides)
 
 
+def _one_writer(stage: str, fn: Callable[[Any, Path], Any]) -> Callable[[Any, Path], Any]:
+    """``fn`` holding the run folder's writer lock (hpcad/runfolder.py)."""
+    @functools.wraps(fn)
+    def locked(cfg, run_dir: Path):
+        with runfolder.writer(run_dir, stage):
+            return fn(cfg, run_dir)
+    return locked
+
+
+# generate writes generate.out, nightly its own locked output folder: neither writes the run folder
 RUNNERS = {"bench": stage_bench, "generate": stage_generate, "ingest": stage_ingest, "train": stage_train,
            "score": stage_score, "baselines": stage_baselines, "threshold": stage_threshold, "report": stage_report,
            "run": stage_run, "nightly": stage_nightly}
+RUNNERS.update({k: _one_writer(k, fn) for k, fn in RUNNERS.items() if k not in ("generate", "nightly")})

@@ -65,6 +65,18 @@ def split_codes(node: NodeData, split_cfg) -> np.ndarray:
     return codes
 
 
+# The fewest training inputs a node's model (or baseline) is fitted on: with the default 10 %
+# validation share, that keeps at least one held-out row for early stopping and the normal level.
+MIN_TRAINING_ROWS = 10
+
+
+def check_training_rows(n: int, where: str) -> None:
+    """Refuse a node with fewer than ``MIN_TRAINING_ROWS`` training inputs, naming it."""
+    if n < MIN_TRAINING_ROWS:
+        raise ConfigError(f"{where}: {n} training rows, fewer than the minimum of {MIN_TRAINING_ROWS} (check the "
+                          f"node's data, split.* and labels, or leave the node out of the input)")
+
+
 def training_rows(node: NodeData, codes: np.ndarray, normal_only: bool, exclude_idle: bool = False) -> np.ndarray:
     """Boolean mask of the rows a model trains on: training split, normal rows if labelled, and rows
     that ran a job if the store has job context and ``exclude_idle`` (the lecture dropped idle time)."""

@@ -65,7 +65,8 @@ def score_nodes(cfg, store: TelemetryStore, models_dir: Path, out_path: Path, no
                 device: torch.device | None = None, light: Callable[[str], LightMap | None] | None = None) -> int:
     """Score ``nodes`` (default: all) of ``store`` with their models, K nodes per batched forward pass.
 
-    K follows from ``train.memory_budget_mb`` and ``train.device_memory_mb``; only one chunk of nodes is in memory at a time.
+    K follows from ``train.memory_budget_mb`` and ``train.device_memory_mb``; only one chunk of nodes
+    is in memory at a time.
     ``light`` picks each node's light map (default: ``models/<node>.light.pt`` when present).
     Writes ``out_path`` atomically.
     """

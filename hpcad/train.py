@@ -18,7 +18,8 @@ from hpcad.dist import world
 from hpcad.errors import ConfigError, StoreError
 from hpcad.model.autoencoder import AutoencoderSpec, ensemble_recon, stack
 from hpcad.model.files import NodeModel, model_path
-from hpcad.preprocess import Scaler, fill_gaps, split_codes, training_rows, window_rows, windows
+from hpcad.preprocess import (Scaler, check_training_rows, fill_gaps, split_codes, training_rows, window_rows,
+                              windows)
 from hpcad.model.budget import Budget, default_chunk_cap
 from hpcad.model.ensemble import Workspace, member_seed, node_seed, train_ensemble
 
@@ -32,6 +33,7 @@ def prepare_training_rows(store: TelemetryStore, node: str, cfg, window: int = 1
     nd = store.read(node)
     codes = split_codes(nd, cfg.split)
     mask = training_rows(nd, codes, cfg.split.normal_only, cfg.split.exclude_idle)
+    check_training_rows(int(window_rows(mask, window).sum()) if window > 1 else int(mask.sum()), f"node {node}")
     values = fill_gaps(nd.values, cfg.preprocess.nan_fill_limit)
     scaler = Scaler.fit(values[mask], cfg.preprocess, where=f"node {node}")
     if window == 1:
@@ -143,9 +145,6 @@ def train_nodes(cfg, store: TelemetryStore, models_dir: Path, nodes: list[str] |
         chunk = todo[i:i + max(1, K // R)]  # K models: the members of K // R nodes
         i += len(chunk)
         prepared = [prepare_training_rows(store, n, cfg, spec.window) for n in chunk]
-        empty = [n for n, (z, _) in zip(chunk, prepared) if len(z) < 2]
-        if empty:
-            raise ConfigError(f"nodes {empty[:5]}: fewer than 2 training rows (check split.* and labels)")
         seeds = [member_seed(node_seed(cfg.train.seed, n), r) for n in chunk for r in range(R)]
         bar.set_postfix(chunk=len(chunk), device=str(device))
         res = train_ensemble(member_net, [z for z, _ in prepared for _ in range(R)], seeds, cfg.train, device,

@@ -174,3 +174,28 @@ def test_help_and_a_misspelt_stage_answer_without_loading_the_pipeline():
              "print(rc, bad, heavy)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip().splitlines()[-1] == "0 2 []" and "unknown stage 'trian'" in out.stderr
+
+
+def test_an_option_forced_in_with_plus_is_refused_not_ignored(tmp_path):
+    """Hydra's hint after a misspelt key is to add it with '+': hpcad refuses what no schema declares."""
+    p = hpcad("train", "+train.epoch=3", "+threshold.c_alarms=2", f"hydra.run.dir={tmp_path}", check=False)
+    assert p.returncode == 2 and "unknown options train.epoch, threshold.c_alarms" in p.stderr
+    assert not (tmp_path / "models").exists() and not (tmp_path / "store.h5").exists()
+
+
+def test_an_unwritable_run_folder_is_one_line_not_a_logging_traceback(tmp_path, monkeypatch, capsys):
+    """Hydra sets up its log file in the run folder first ("Unable to configure handler 'file'")."""
+    from pathlib import Path
+
+    from hpcad import cli
+
+    ro = tmp_path / "read-only"
+    ro.mkdir()
+    monkeypatch.setattr(cli.os, "access", lambda p, mode: Path(p) != ro)  # tests run as root: pretend
+    assert cli.unwritable_run_dir([f"hydra.run.dir={ro}/run1"]) == ro
+    assert cli.unwritable_run_dir([f"hydra.run.dir={ro}"]) == ro
+    assert cli.unwritable_run_dir([f"hydra.run.dir={tmp_path}/new/run"]) is None
+    assert cli.unwritable_run_dir([f"hydra.run.dir={ro}", "--cfg", "job"]) is None  # prints only
+    assert cli.main(["train", f"hydra.run.dir={ro}/run1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{ro} is not writable" in err[0]

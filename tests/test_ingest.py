@@ -97,6 +97,7 @@ def _frame(rows=20, cols=("a", "b"), start=0):
     ("unsorted_ts", r"n1.*timestamps not increasing at row"),
     ("mismatch", r"n1.*missing \['b'\], extra \['c'\]"),
     ("bad_label", r"n1.*label column 'anomaly' must hold integers"),
+    ("duplicate_header", r"n1.csv: the header names column\(s\) \['a'\] more than once"),
 ])
 def test_bad_input_names_the_culprit_and_keeps_the_old_store(tmp_path, case, expect):
     good = {"n0": _frame()}
@@ -119,6 +120,8 @@ def test_bad_input_names_the_culprit_and_keeps_the_old_store(tmp_path, case, exp
     elif case == "bad_label":
         bad["anomaly"] = 0.5
         good = {"n0": _frame().assign(anomaly=0)}
+    elif case == "duplicate_header":  # pandas alone would ingest the copy as a metric "a.1"
+        bad = pd.concat([bad, bad[["a"]] * 2], axis=1)
     src = _write(tmp_path, {**good, "n1": bad})
     with pytest.raises(InputError, match=expect):
         ingest(data_cfg(source=str(src)), store_path)
@@ -167,3 +170,14 @@ def test_skip_policy_ingests_the_other_nodes_and_records_the_bad_one(tmp_path):
     store = TelemetryStore(ingest(data_cfg(source=str(src), on_bad_node="skip"), tmp_path / "store.h5"))
     assert store.nodes == ["cn000", "cn002"]
     assert store.skipped[0][0] == "cn001" and "cn001" in store.skipped[0][1]
+
+
+def test_infinite_values_are_read_as_missing_and_said(tmp_path, caplog):
+    f = _frame(cols=("a", "b"))
+    f.loc[[3, 4], "b"] = np.inf
+    f.loc[7, "a"] = -np.inf
+    src = _write(tmp_path, {"n0": f})
+    with caplog.at_level("WARNING"):
+        nd = TelemetryStore(ingest(data_cfg(source=str(src)), tmp_path / "s.h5")).read("n0")
+    assert np.isnan(nd.values[[3, 4], 1]).all() and np.isnan(nd.values[7, 0]) and np.isfinite(nd.values[0]).all()
+    assert "3 infinite values in metric columns ['a', 'b'] read as missing" in caplog.text and "n0" in caplog.text

@@ -46,6 +46,7 @@ class GridStager:
         self.period = int(period_s)
         self.buckets = [open(self.dir / f"bucket{i:04d}.rec", "wb") for i in range(buckets)]
         self.node_names: list[str] = []
+        self.infinite = 0  # infinite input values, read as missing
         self._node_code: dict[str, int] = {}
         self.metric_names: list[str] = []
         self._metric_code: dict[str, int] = {}
@@ -84,9 +85,11 @@ class GridStager:
         return code
 
     def add(self, nodes: np.ndarray, seconds: np.ndarray, metrics: np.ndarray, values: np.ndarray) -> None:
-        """Append records (equal-length arrays; NaN values are missing samples and are dropped)."""
-        keep = ~np.isnan(values)
+        """Append records (equal-length arrays; NaN values are missing samples and are dropped, and
+        so are infinite ones, counted in ``infinite``)."""
+        keep = np.isfinite(values)
         if not keep.all():
+            self.infinite += int(np.isinf(values).sum())
             nodes, seconds, metrics, values = nodes[keep], seconds[keep], metrics[keep], values[keep]
         if len(values) == 0:
             return

@@ -76,6 +76,12 @@ class FrameConverter:
             raise InputError(f"{where}: metric set differs from the first node's: missing {missing[:10]}, "
                              f"extra {extra[:10]} (every node must export the same metrics)")
         values = df[self.metrics].to_numpy(dtype=np.float32)
+        infinite = np.isinf(values)
+        if infinite.any():  # e.g. a derived metric divided by zero: a missing sample, said once per node
+            cols = [self.metrics[i] for i in np.flatnonzero(infinite.any(axis=0))[:10]]
+            log.warning("%s: %d infinite values in metric columns %s read as missing (NaN)", where,
+                        int(infinite.sum()), cols)
+            values[infinite] = np.nan
         all_nan = np.isnan(values).all(axis=0)
         if all_nan.any():
             cols = [self.metrics[i] for i in np.flatnonzero(all_nan)[:10]]
@@ -247,6 +253,8 @@ def ingest(data_cfg, store_path: Path) -> Path:
             stager = GridStager(store_path.parent, data_cfg.period_s, data_cfg.scratch_buckets,
                                 data_cfg.label_column)
             FORMATS[fmt](src, data_cfg, stager)
+            if stager.infinite:
+                log.warning("%s: %d infinite values read as missing (NaN)", src, stager.infinite)
             keep = stager.metric_plan(data_cfg.on_missing_metric, str(src))
             metrics = [stager.metric_names[c] for c in keep]
             log.info("%s: %.4g samples of %d nodes x %d metrics staged; pivoting per node", src, stager.records,

@@ -29,7 +29,28 @@ def is_parquet(path: Path) -> bool:
     return path.name.lower().endswith((".parquet", ".pq"))
 
 
+def check_header(path: Path) -> None:
+    """Refuse a CSV whose header names a column twice (pandas would rename the copy ``name.1`` and
+    ingest it as another metric)."""
+    import csv
+    import gzip
+    from collections import Counter
+
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rt", newline="") as f:
+            header = next(csv.reader(f), [])
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"{path}: cannot read the header line: {exc}") from exc
+    dup = [name for name, n in Counter(header).items() if n > 1]
+    if dup:
+        raise InputError(f"{path}: the header names column(s) {dup[:10]} more than once; each metric needs "
+                         f"one column")
+
+
 def read_table(path: Path) -> pd.DataFrame:
+    if not is_parquet(path):
+        check_header(path)
     try:
         return pd.read_parquet(path) if is_parquet(path) else pd.read_csv(path)
     except Exception as exc:  # pandas/pyarrow raise many types; name the file either way
@@ -46,6 +67,7 @@ def iter_table_chunks(path: Path, rows: int = CHUNK_ROWS) -> Iterator[pd.DataFra
                 for batch in f.iter_batches(batch_size=rows, row_groups=[group]):  # across groups grows
                     yield batch.to_pandas()
         else:
+            check_header(path)
             yield from pd.read_csv(path, chunksize=rows)
     except InputError:
         raise

@@ -1,0 +1,97 @@
+"""One writer per run folder: an advisory lock, and the clean-up only its holder may do.
+
+A stage that writes into a run folder (ingest, train, score, baselines, threshold, report, run,
+bench) holds ``<run>/.hpcad.lock`` (``fcntl.flock``, released when the process ends, also when it
+is killed) for as long as it runs. A second writer gets a one-line error naming the holder. The
+holder removes what killed writers left behind: temporary files of atomic writes
+(``.<name>.<random>.tmp``) and ingest scratch (``.ingest-*``). Under several ranks, rank 0 holds
+the lock for the whole step (the ranks of one job step are one writer).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import logging
+import os
+import shutil
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from hpcad.errors import LockedError
+
+log = logging.getLogger(__name__)
+LOCK_NAME = ".hpcad.lock"
+_held: dict[Path, int] = {}  # lock files this process holds, with their nesting depth
+
+
+@contextmanager
+def exclusive_lock(path: Path, what: str, others: str = "another hpcad process") -> Iterator[None]:
+    """Hold ``path`` exclusively (re-entrant within one process); ``LockedError`` naming the holder
+    (written into the file: ``what``, pid, host, SLURM job, start time) if another process has it."""
+    path = Path(path).resolve()
+    if path in _held:
+        _held[path] += 1
+        try:
+            yield
+        finally:
+            _held[path] -= 1
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "holder unknown"
+        fh.close()
+        raise LockedError(f"{others} holds the lock on {path.parent} ({holder}); not starting: wait for it "
+                          f"to end or write elsewhere (lock file {path})") from None
+    job = os.environ.get("SLURM_JOB_ID")
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{what} (pid {os.getpid()} on {socket.gethostname()}{f', SLURM job {job}' if job else ''}, since "
+             f"{dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')})\n")
+    fh.flush()
+    _held[path] = 1
+    try:
+        yield
+    finally:
+        del _held[path]
+        fh.close()  # closing releases the lock
+
+
+def remove_stale(run_dir: Path) -> list[Path]:
+    """Remove temporary files and scratch folders that killed writers left in ``run_dir`` (only
+    call while holding its lock: then nobody is writing them). Returns what was removed."""
+    gone = []
+    for p in sorted(run_dir.rglob(".*")):
+        if p.name == LOCK_NAME or not (p.name.endswith(".tmp") or p.name.startswith(".ingest-")):
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        gone.append(p)
+    if gone:
+        log.warning("removed %d temporary file(s) left by an interrupted run in %s (e.g. %s)", len(gone), run_dir,
+                    gone[0].relative_to(run_dir))
+    return gone
+
+
+@contextmanager
+def writer(run_dir: Path, stage: str) -> Iterator[None]:
+    """Run a writing stage in ``run_dir``: take its lock (rank 0 only under several ranks) and
+    clear what interrupted runs left there."""
+    from hpcad.dist import world
+
+    if world().rank != 0:
+        yield
+        return
+    run_dir = Path(run_dir)
+    first = (run_dir / LOCK_NAME).resolve() not in _held
+    with exclusive_lock(run_dir / LOCK_NAME, f"hpcad {stage}"):
+        if first:
+            remove_stale(run_dir)
+        yield
