@@ -5,6 +5,7 @@ Layout (docs/data.md):
     /                 attrs: hpcad_format="error-store", format_version, store, models, created
     /metrics          [M] metric names
     /nodes/<node>/    attrs: signal_scale (the node's normal level, hpcad.signals.signal_level), rows, smooth, causal
+        (every dataset carries HDF5 Fletcher-32 checksums: a corrupt file is an error on read)
         error         [T, M] float32 squared error per metric in standardised units (0 where missing),
                       plus the squared excess of a value outside the metric's training range;
                       chunks of 1024 rows, uncompressed
@@ -29,7 +30,7 @@ from tqdm import tqdm
 
 from hpcad import __version__
 from hpcad.atomic import atomic_path
-from hpcad.data.store import STR, TelemetryStore, open_h5
+from hpcad.data.store import STR, TelemetryStore, checked, corrupt, open_h5
 from hpcad.device import resolve_device, tf32_context
 from hpcad.dist import world
 from hpcad.errors import InputError, StoreError
@@ -134,14 +135,12 @@ def _write_node_errors(parent: h5py.Group, nd, err: np.ndarray, signal_scale: fl
     T, M = err.shape
     # Uncompressed: squared errors are noisy floats that gzip (+shuffle) shrinks by only ~14 % at
     # about 6x the write time (5.7 of 6.8 ms per 288 x 160 node; docs/benchmarks.md).
-    g.create_dataset("error", data=err, chunks=(max(1, min(T, 1024)), M))
-    g.create_dataset("signal_row", data=row.astype(np.float32))
-    g.create_dataset("signal", data=signal.astype(np.float32))
-    g.create_dataset("signal_norm", data=(signal / signal_scale).astype(np.float32))
-    g.create_dataset("timestamp", data=nd.timestamp)
-    g.create_dataset("split", data=split)
-    if nd.labels is not None:
-        g.create_dataset("labels", data=nd.labels)
+    # Checksummed (Fletcher-32 per chunk): a corrupt file is an error on read, never wrong numbers.
+    for name, data in (("error", err), ("signal_row", row.astype(np.float32)), ("signal", signal.astype(np.float32)),
+                       ("signal_norm", (signal / signal_scale).astype(np.float32)), ("timestamp", nd.timestamp),
+                       ("split", split), ("labels", nd.labels)):
+        if data is not None:
+            g.create_dataset(name, data=data, **checked(data))
     g.attrs.update(signal_scale=signal_scale, rows=T, light_version=light_version, smooth=int(sig_cfg.smooth),
                    causal=bool(sig_cfg.causal))
 
@@ -218,15 +217,27 @@ class ErrorStore:
         """Per-node alarm signals (already smoothed when written: hpcad.signals)."""
         with open_h5(self.path, kind="error file") as f:
             for n in (self.nodes if nodes is None else nodes):
-                g = f["nodes"][n]
-                yield NodeSignal(n, g["signal"][()].astype(np.float64), g["split"][()],
-                                 g["labels"][()] if "labels" in g else None, g["timestamp"][()],
-                                 float(g.attrs.get("signal_scale", 1.0)))
+                try:
+                    g = f["nodes"][n]
+                    s = NodeSignal(n, g["signal"][()].astype(np.float64), g["split"][()],
+                                   g["labels"][()] if "labels" in g else None, g["timestamp"][()],
+                                   float(g.attrs.get("signal_scale", 1.0)))
+                except (OSError, KeyError) as exc:
+                    raise corrupt(self.path, f"node {n}", exc, self.rerun) from exc
+                yield s
+
+    @property
+    def rerun(self) -> str:
+        """The stage that writes this file."""
+        return "hpcad baselines" if self.path.parent.name == "baselines" else "hpcad score"
 
     def errors(self, node: str, rows: np.ndarray | slice | None = None) -> np.ndarray:
         with open_h5(self.path, kind="error file") as f:
-            ds = f["nodes"][node]["error"]
-            return ds[()] if rows is None else ds[rows]
+            try:
+                ds = f["nodes"][node]["error"]
+                return ds[()] if rows is None else ds[rows]
+            except (OSError, KeyError) as exc:
+                raise corrupt(self.path, f"node {node} errors", exc, self.rerun) from exc
 
 
 def write_signal_file(path: Path, method: str, signals: Iterator[NodeSignal]) -> None:
@@ -236,9 +247,8 @@ def write_signal_file(path: Path, method: str, signals: Iterator[NodeSignal]) ->
         g0 = f.create_group("nodes")
         for s in signals:
             g = g0.create_group(s.node)
-            g.create_dataset("signal", data=s.signal.astype(np.float32))
-            g.create_dataset("split", data=s.split)
-            g.create_dataset("timestamp", data=s.timestamp)
-            if s.labels is not None:
-                g.create_dataset("labels", data=s.labels)
+            for name, data in (("signal", s.signal.astype(np.float32)), ("split", s.split),
+                               ("timestamp", s.timestamp), ("labels", s.labels)):
+                if data is not None:
+                    g.create_dataset(name, data=data, **checked(data))
             g.attrs["signal_scale"] = s.scale

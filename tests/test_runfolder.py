@@ -52,3 +52,36 @@ def test_one_minimum_of_training_rows_for_models_and_baselines(tmp_path):
                   "baselines.methods=[pca]", f"hydra.run.dir={tmp_path / stage}", check=False)
         assert p.returncode == 2 and "node tiny: 6 training rows" in p.stderr, p.stderr
         assert f"fewer than the minimum of {MIN_TRAINING_ROWS}" in p.stderr
+
+
+def _corrupt_chunk(path, dataset):
+    """Overwrite the middle of ``dataset``'s first chunk in place (what a bad disk or a stray write does)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        info = f[dataset].id.get_chunk_info(0)
+    with open(path, "r+b") as fh:
+        fh.seek(info.byte_offset + info.size // 4)
+        fh.write(bytes(range(256)) * max(1, info.size // 512))
+
+
+def test_corrupt_outputs_are_errors_that_say_what_to_rerun(tmp_path):
+    """HDF5 outputs carry Fletcher-32 checksums: garbage inside errors.h5 or store.h5 is an error
+    naming the file, the node and the stage to rerun, never numbers read silently."""
+    import h5py
+
+    from conftest import SMALL
+
+    run = tmp_path / "run"
+    hpcad("run", *SMALL, f"hydra.run.dir={run}")
+    with h5py.File(run / "errors.h5") as f:
+        node = sorted(f["nodes"])[0]
+        assert f[f"nodes/{node}/signal"].fletcher32 and f[f"nodes/{node}/error"].fletcher32
+    _corrupt_chunk(run / "errors.h5", f"nodes/{node}/signal")
+    p = hpcad("threshold", *SMALL, f"hydra.run.dir={run}", check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert f"errors.h5: node {node}: cannot read (corrupt file" in p.stderr and "rerun `hpcad score`" in p.stderr
+    _corrupt_chunk(run / "store.h5", f"nodes/{node}/values")
+    p = hpcad("score", *SMALL, f"hydra.run.dir={run}", check=False)
+    assert p.returncode == 2 and f"store.h5: node {node}: cannot read (corrupt file" in p.stderr
+    assert "rerun `hpcad ingest`" in p.stderr

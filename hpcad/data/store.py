@@ -5,6 +5,7 @@
     /nodes/<node>/     attrs: rows, has_labels, source
         timestamp      [T] int64 epoch seconds (attr time_unit="s"; "row" when the input had none)
         values         [T, M] float32, chunked by rows, gzip + shuffle, NaN = missing sample
+                       (every per-node dataset carries HDF5 Fletcher-32 checksums: corruption is an error)
         labels         [T] int8 (only when labelled): 0 normal, other integers = anomaly class
         job            [T] int32 (only with data.jobs): row -> index into /jobs, -1 = idle
     /jobs/             (only with data.jobs) job_id, state, nodelist [J] UTF-8; start, end [J] int64
@@ -48,6 +49,20 @@ def open_h5(path: str | os.PathLike[str], mode: str = "r", kind: str = "HDF5 fil
         raise StoreError(f"{path}: cannot open {kind} (truncated or not HDF5?): {exc}") from exc
 
 
+def checked(data: np.ndarray, rows: int = ROW_CHUNK) -> dict:
+    """``create_dataset`` options that make corruption a read error instead of wrong numbers: HDF5's
+    Fletcher-32 checksum on every chunk (chunks of ``rows`` rows). Empty arrays cannot be chunked."""
+    if data.size == 0:
+        return {}
+    return {"fletcher32": True, "chunks": (min(data.shape[0], rows), *data.shape[1:])}
+
+
+def corrupt(path: Path, what: str, exc: Exception, rerun: str) -> StoreError:
+    """The error for an HDF5 file whose data fails its checksum or cannot be read."""
+    return StoreError(f"{path}: {what}: cannot read (corrupt file: {exc}); delete {path.name} and rerun "
+                      f"`{rerun}` to write it again")
+
+
 def check_node_name(name: str, where: str) -> str:
     if not _NODE_RE.match(name):
         raise InputError(f"{where}: node name {name!r} may hold only letters, digits, '_', '.', '-'")
@@ -57,15 +72,16 @@ def check_node_name(name: str, where: str) -> str:
 def write_node(f: h5py.File, node: NodeData, source: str = "") -> None:
     grp = f.require_group("nodes").create_group(node.name)
     T = node.values.shape[0]
-    chunk = (min(T, ROW_CHUNK), node.values.shape[1])
-    grp.create_dataset("timestamp", data=node.timestamp.astype(np.int64), chunks=(chunk[0],),
-                       compression="gzip").attrs["time_unit"] = node.time_unit
-    grp.create_dataset("values", data=node.values.astype(np.float32), chunks=chunk,
-                       compression="gzip", compression_opts=4, shuffle=True)
+
+    def put(name: str, data: np.ndarray, **kw) -> h5py.Dataset:
+        return grp.create_dataset(name, data=data, compression="gzip", **checked(data), **kw)
+
+    put("timestamp", node.timestamp.astype(np.int64)).attrs["time_unit"] = node.time_unit
+    put("values", node.values.astype(np.float32), compression_opts=4, shuffle=True)
     if node.labels is not None:
-        grp.create_dataset("labels", data=node.labels.astype(np.int8), chunks=(chunk[0],), compression="gzip")
+        put("labels", node.labels.astype(np.int8))
     if node.job is not None:
-        grp.create_dataset("job", data=node.job.astype(np.int32), chunks=(chunk[0],), compression="gzip")
+        put("job", node.job.astype(np.int32))
     grp.attrs.update(rows=T, has_labels=node.labels is not None, source=source)
 
 
@@ -136,7 +152,7 @@ class TelemetryStore:
                 job = g["job"][()] if "job" in g else None
                 return NodeData(node, g["timestamp"][()], g["values"][()], labels, str(unit), job)
         except (OSError, KeyError) as exc:
-            raise StoreError(f"{self.path}: node {node}: cannot read (corrupt file?): {exc}") from exc
+            raise corrupt(self.path, f"node {node}", exc, "hpcad ingest") from exc
 
     def jobs(self) -> JobTable | None:
         """The job table written from ``data.jobs`` (node lists expanded on first use), or None."""
