@@ -67,7 +67,7 @@ CONF
 }
 
 start_munge() {
-  pgrep -x munged >/dev/null && return 0
+  pgrep -x munged >/dev/null && return 0  # a site's own munged: used, and left running by `down`
   mkdir -p /etc/munge /var/run/munge /var/log/munge /var/lib/munge
   if [ ! -s /etc/munge/munge.key ]; then
     dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none
@@ -75,6 +75,7 @@ start_munge() {
   chown -R root:root /etc/munge /var/run/munge /var/log/munge /var/lib/munge 2>/dev/null || true
   chmod 700 /etc/munge; chmod 400 /etc/munge/munge.key
   munged --force
+  touch "$DIR/munged.ours"  # started here: `down` stops it
 }
 
 up() {
@@ -102,7 +103,18 @@ down() {
   pkill -f "slurmd -f $CONF" 2>/dev/null || true
   pkill -f "slurmctld -f $CONF" 2>/dev/null || true
   for _ in $(seq 1 20); do pgrep -f "slurm(ctl)?d -f $CONF" >/dev/null || break; sleep 0.25; done
-  echo "dev-cluster: stopped"
+  local what="slurmctld and slurmd"
+  if [ -f "$DIR/munged.ours" ]; then
+    pkill -x munged 2>/dev/null || true
+    for _ in $(seq 1 20); do pgrep -x munged >/dev/null || break; sleep 0.25; done
+    rm -f "$DIR/munged.ours"
+    what="$what, munged"
+  fi
+  if pgrep -f "slurm(ctl)?d -f $CONF" >/dev/null; then
+    echo "dev-cluster: some daemons are still running: $(pgrep -af "slurm(ctl)?d -f $CONF" | tr '\n' ';')" >&2
+    exit 1
+  fi
+  echo "dev-cluster: stopped ($what)"
 }
 
 status() {

@@ -100,3 +100,54 @@ def cron(env_file: Path, *args: str) -> subprocess.CompletedProcess:
     """jobs/nightly_rescore.sh the way cron starts it: empty environment, minimal PATH, cwd /."""
     return subprocess.run(["env", "-i", "PATH=/usr/bin:/bin", str(ROOT / "jobs" / "nightly_rescore.sh"), "--env",
                            str(env_file), *args], cwd="/", capture_output=True, text=True, timeout=600)
+
+
+# SLURM (tests/test_slurm.py, tests/test_slurm_jobs.py)
+@pytest.fixture(scope="session")
+def slurm_env():
+    """The SLURM dev cluster (slurm/dev-cluster.sh: slurmctld + 4 slurmd on this machine), shared by
+    every test process (pytest -n: `up` is idempotent, and a file lock keeps two workers from
+    starting it at once)."""
+    import fcntl
+    import shutil
+
+    if os.geteuid() != 0:
+        pytest.skip("SLURM dev cluster needs root to start slurmctld/slurmd")
+    if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
+        pytest.skip("slurm-wlm is not installed and apt-get is unavailable")
+    with open("/tmp/hpcad-dev-cluster.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        up = subprocess.run(["bash", str(ROOT / "slurm" / "dev-cluster.sh"), "up"], capture_output=True, text=True,
+                            timeout=300)
+    if up.returncode != 0:
+        pytest.skip(f"SLURM dev cluster did not start: {up.stderr.strip()[-500:]}")
+    conf = [line.split("=", 1)[1] for line in up.stdout.splitlines() if line.startswith("export SLURM_CONF=")][0]
+    return dict(os.environ, SLURM_CONF=conf)
+
+
+def slurm_models(run) -> dict:
+    """Each model file's first member's weights, by file name."""
+    import torch
+
+    return {p.name: torch.load(p, weights_only=True)["members"][0] for p in sorted((run / "models").glob("*.pt"))}
+
+
+def small_exports(tmp_path, nodes=4):
+    """``nodes`` generated nodes x 200 rows as wide CSV exports."""
+    exports = tmp_path / "exports"
+    hpcad("generate", f"generate.out={exports}", f"data.synthetic.nodes={nodes}", "data.synthetic.rows=200",
+          f"hydra.run.dir={tmp_path / 'g'}")
+    return exports
+
+
+def hpcad_cmd() -> list[str]:
+    return [sys.executable, "-m", "hpcad"]
+
+
+def job_state(job: str, env) -> str:
+    """A SLURM job's state (GONE once scontrol no longer knows it)."""
+    import re
+
+    out = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True).stdout
+    m = re.search(r"JobState=(\w+)", out)
+    return m.group(1) if m else "GONE"

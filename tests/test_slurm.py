@@ -1,6 +1,6 @@
-"""Scale-out on a real SLURM (slurm/dev-cluster.sh: slurmctld + 4 slurmd on this machine)."""
+"""Scale-out on a real SLURM (slurm/dev-cluster.sh: slurmctld + 4 slurmd on this machine); the longest
+sbatch runs are in test_slurm_jobs.py, so that `pytest -n` runs both files side by side."""
 import json
-import os
 import shutil
 import subprocess
 
@@ -8,27 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, hpcad
+from conftest import ROOT, hpcad, hpcad_cmd, slurm_models, small_exports
 from hpcad.dist import World, first_host, shard, world
 from hpcad.errors import ConfigError
-
-
-@pytest.fixture(scope="module")
-def slurm_env():
-    if os.geteuid() != 0:
-        pytest.skip("SLURM dev cluster needs root to start slurmctld/slurmd")
-    if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
-        pytest.skip("slurm-wlm is not installed and apt-get is unavailable")
-    up = subprocess.run(["bash", str(ROOT / "slurm" / "dev-cluster.sh"), "up"], capture_output=True, text=True,
-                        timeout=300)
-    if up.returncode != 0:
-        pytest.skip(f"SLURM dev cluster did not start: {up.stderr.strip()[-500:]}")
-    conf = [line.split("=", 1)[1] for line in up.stdout.splitlines() if line.startswith("export SLURM_CONF=")][0]
-    return dict(os.environ, SLURM_CONF=conf)
-
-
-def _models(run):
-    return {p.name: torch.load(p, weights_only=True)["members"][0] for p in sorted((run / "models").glob("*.pt"))}
 
 
 def test_sbatch_train_all_nodes_matches_the_single_process_run(tmp_path, slurm_env):
@@ -45,7 +27,7 @@ def test_sbatch_train_all_nodes_matches_the_single_process_run(tmp_path, slurm_e
     log = (tmp_path / "job.out").read_text() if (tmp_path / "job.out").exists() else ""
     assert job.returncode == 0, job.stderr + log[-3000:]
     assert sorted((run / "models").glob("training-rank*.json")).__len__() == 4  # 4 ranks trained shards
-    a, b = _models(single), _models(run)
+    a, b = slurm_models(single), slurm_models(run)
     assert a.keys() == b.keys() and len(a) == 16
     for name in a:
         for x, y in zip(a[name], b[name]):
@@ -130,17 +112,10 @@ def test_rendezvous_timeout_and_gpu_choice_for_multi_node_jobs(monkeypatch):
         gpu_index(4, 4)  # two ranks on one GPU would fail at NCCL's first barrier, unhelpfully
 
 
-def _small_exports(tmp_path, nodes=4):
-    exports = tmp_path / "exports"
-    hpcad("generate", f"generate.out={exports}", f"data.synthetic.nodes={nodes}", "data.synthetic.rows=200",
-          f"hydra.run.dir={tmp_path / 'g'}")
-    return exports
-
-
 def test_submitit_launcher_runs_the_stage_as_a_slurm_job(tmp_path, slurm_env):
-    exports = _small_exports(tmp_path)
+    exports = small_exports(tmp_path)
     run = tmp_path / "run"
-    p = subprocess.run([*_hpcad_cmd(), "train", "launcher=submitit", "launcher.tasks_per_node=2",
+    p = subprocess.run([*hpcad_cmd(), "train", "launcher=submitit", "launcher.tasks_per_node=2",
                         f"data.source={exports}", f"hydra.run.dir={run}", "train.epochs=1", "train.progress=false"],
                        env=slurm_env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -154,9 +129,9 @@ def test_submitit_launcher_runs_the_stage_as_a_slurm_job(tmp_path, slurm_env):
 
 
 def test_hydra_sweep_through_submitit_slurm_ranks_the_points(tmp_path, slurm_env):
-    exports = _small_exports(tmp_path)
+    exports = small_exports(tmp_path)
     sweep = tmp_path / "sweep"
-    p = subprocess.run([*_hpcad_cmd(), "run", "-m", "model.hidden=[8],[16]", "hydra/launcher=submitit_slurm",
+    p = subprocess.run([*hpcad_cmd(), "run", "-m", "model.hidden=[8],[16]", "hydra/launcher=submitit_slurm",
                         f"hydra.sweep.dir={sweep}", f"data.source={exports}", "train.epochs=1",
                         "train.progress=false", "baselines.methods=[]", "report.enabled=false"],
                        env=slurm_env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
@@ -168,84 +143,29 @@ def test_hydra_sweep_through_submitit_slurm_ranks_the_points(tmp_path, slurm_env
     assert lines[0].startswith("rank,point,metric") and len(lines) == 3 and ",val_cost," in lines[1]
 
 
-def _hpcad_cmd():
-    import sys
-
-    return [sys.executable, "-m", "hpcad"]
-
-
 def test_threshold_fit_under_srun_mpi_pmi2(tmp_path, slurm_env):
     pytest.importorskip("mpi4py", reason="mpi4py not installed (pip install mpi4py mpich)")
-    exports = _small_exports(tmp_path)
+    exports = small_exports(tmp_path)
     run = tmp_path / "run"
     args = ["threshold", f"hydra.run.dir={run}", f"data.source={exports}", "threshold.scope=cluster"]
     hpcad("run", f"data.source={exports}", f"hydra.run.dir={run}", "train.epochs=1", "train.progress=false",
           "baselines.methods=[]", "report.enabled=false", "threshold.scope=cluster")
     single = json.loads((run / "thresholds.json").read_text())
-    p = subprocess.run(["srun", "--mpi=pmi2", "-N1", "-n2", *_hpcad_cmd(), *args], env=slurm_env,
+    p = subprocess.run(["srun", "--mpi=pmi2", "-N1", "-n2", *hpcad_cmd(), *args], env=slurm_env,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert (run / "threshold-rank1.log").exists()
     assert json.loads((run / "thresholds.json").read_text())["cluster"] == pytest.approx(single["cluster"])
 
 
-def _job_state(job: str, env) -> str:
-    out = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True).stdout
-    m = __import__("re").search(r"JobState=(\w+)", out)
-    return m.group(1) if m else "GONE"
-
-
-def test_requeued_job_skips_finished_nodes_and_ends_with_the_same_result(tmp_path, slurm_env):
-    import time
-
-    exports = tmp_path / "exports"
-    hpcad("generate", f"generate.out={exports}", "data.synthetic.nodes=8", "data.synthetic.rows=1500",
-          f"hydra.run.dir={tmp_path / 'g'}")
-    args = [f"data.source={exports}", "train.epochs=15", "train.patience=20", "train.max_nodes_per_chunk=1",
-            "train.progress=false", "baselines.methods=[]", "report.enabled=false"]
-    run = tmp_path / "run"
-    env = dict(slurm_env, HPCAD_RUN_DIR=str(run))
-    sub = subprocess.run(["sbatch", "--parsable", "--ntasks-per-node=2", "-o", str(tmp_path / "job-%j.out"),
-                          str(ROOT / "slurm" / "train_all_nodes.sh"), *args], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, check=True)
-    job = sub.stdout.strip().split(";")[0]
-    deadline = time.time() + 300
-    while time.time() < deadline and len(list((run / "models").glob("node*.pt"))) < 2:
-        time.sleep(0.2)
-    done_before = {p.name: p.stat().st_mtime_ns for p in (run / "models").glob("node*.pt")}
-    assert 0 < len(done_before) < 8, "job finished before it could be interrupted"
-    # The pre-timeout signal (--signal=B:USR1@300) sent now: the script's trap requeues the job.
-    subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=env, check=True)
-    while time.time() < deadline and _job_state(job, env) in ("RUNNING", "COMPLETING", "CONFIGURING"):
-        time.sleep(0.2)
-    # Start it again soon, but not within the same second: SLURM revokes the old launch credential
-    # and kills a batch job relaunched in the second it was requeued ("Job credential revoked").
-    subprocess.run(["scontrol", "update", f"jobid={job}", "starttime=now+3"], env=env)
-    while time.time() < deadline and _job_state(job, env) not in ("COMPLETED", "FAILED", "GONE"):
-        time.sleep(1)
-    assert _job_state(job, env) == "COMPLETED", (tmp_path / f"job-{job}.out").read_text()[-3000:]
-    after = {p.name: p.stat().st_mtime_ns for p in (run / "models").glob("node*.pt")}
-    assert len(after) == 8
-    assert all(after[n] == t for n, t in done_before.items())  # finished nodes were not retrained
-    logs = " ".join(p.read_text() for p in run.glob("train-rank*.log"))
-    assert "already have a model" in logs
-    assert "requeueing job" in (tmp_path / f"job-{job}.out").read_text()  # the USR1 trap did it
-    single = tmp_path / "single"
-    hpcad("train", f"hydra.run.dir={single}", *args)
-    a, b = _models(single), _models(run)
-    for name in a:
-        for x, y in zip(a[name], b[name]):
-            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
-
-
 def test_fleet_model_trains_with_ddp_on_two_gloo_ranks(tmp_path, slurm_env):
-    exports = _small_exports(tmp_path, nodes=5)
+    exports = small_exports(tmp_path, nodes=5)
     run = tmp_path / "fleet"
-    p = subprocess.run(["srun", "-N1", "-n2", *_hpcad_cmd(), "train", "model.scope=fleet", f"data.source={exports}",
+    p = subprocess.run(["srun", "-N1", "-n2", *hpcad_cmd(), "train", "model.scope=fleet", f"data.source={exports}",
                         f"hydra.run.dir={run}", "train.epochs=3", "train.progress=false"],
                        env=slurm_env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    models = _models(run)
+    models = slurm_models(run)
     assert len(models) == 5
     first = next(iter(models.values()))
     for params in models.values():  # nodes of both ranks carry the same, all-reduced weights
@@ -254,38 +174,3 @@ def test_fleet_model_trains_with_ddp_on_two_gloo_ranks(tmp_path, slurm_env):
     assert hist["scope"] == "fleet" and hist["val_loss"][-1] < hist["val_loss"][0]
     bad = hpcad("train", "model.scope=galaxy", f"hydra.run.dir={tmp_path / 'bad'}", check=False)
     assert bad.returncode == 2 and "model.scope='galaxy'" in bad.stderr
-
-
-def test_score_all_nodes_scores_new_data_with_trained_models(tmp_path, slurm_env):
-    exports = _small_exports(tmp_path)
-    train = tmp_path / "train"
-    hpcad("train", f"data.source={exports}", f"hydra.run.dir={train}", "train.epochs=1", "train.progress=false")
-    run = tmp_path / "scored"
-    job = subprocess.run(["sbatch", "--wait", "-o", str(tmp_path / "score.out"), str(ROOT / "slurm" / "score_all_nodes.sh"),
-                          f"train_run={train}", f"data.source={exports}", "train.progress=false", "baselines.methods=[]"],
-                         cwd=tmp_path, env=dict(slurm_env, HPCAD_RUN_DIR=str(run)), capture_output=True, text=True,
-                         timeout=600)
-    assert job.returncode == 0, (tmp_path / "score.out").read_text()[-3000:]
-    assert len(list(run.glob("errors-rank*.h5"))) == 4 and (run / "report.html").exists()
-    assert not (run / "models").exists()
-    no_run = subprocess.run(["sbatch", "--wait", "-o", str(tmp_path / "bad.out"), str(ROOT / "slurm" / "score_all_nodes.sh"),
-                             f"data.source={exports}"], cwd=tmp_path, env=slurm_env, capture_output=True, text=True,
-                            timeout=300)
-    assert no_run.returncode != 0 and "train_run=" in (tmp_path / "bad.out").read_text()
-
-
-def test_nightly_job_scores_through_sbatch(tmp_path, slurm_env):
-    from conftest import cron, nightly_env_file, write_site
-
-    write_site(tmp_path, nodes=4, days=3, cut="2025-01-08")
-    hpcad("run", f"data.source={tmp_path / 'train'}", f"hydra.run.dir={tmp_path / 'trainrun'}", "train.epochs=2",
-          "train.progress=false", "baselines.methods=[]", "report.enabled=false")
-    out = tmp_path / "nightly"
-    env = nightly_env_file(tmp_path, out, more=f"HPCAD_SLURM=1\nSLURM_CONF={slurm_env['SLURM_CONF']}\n")
-    p = cron(env, "--date", "2025-01-08")
-    assert p.returncode == 0, p.stderr[-3000:]
-    night = out / "2025-01-08"
-    assert len(list(night.glob("errors-rank*.h5"))) == 4 and list(night.glob("slurm-*.out"))  # 4 SLURM ranks
-    assert (night / "alarms.json").exists() and (night / "report.html").exists()
-    assert json.loads((night / "thresholds.json").read_text()) == \
-        json.loads((tmp_path / "trainrun" / "thresholds.json").read_text())  # the trained run's thresholds

@@ -1,0 +1,86 @@
+"""Batch jobs on a real SLURM (slurm/dev-cluster.sh): requeue, scoring with trained models, the
+nightly job through sbatch. Split from test_slurm.py so that `pytest -n` runs the two side by side."""
+import json
+import subprocess
+
+import torch
+
+from conftest import ROOT, hpcad, job_state, slurm_models, small_exports
+
+
+def test_requeued_job_skips_finished_nodes_and_ends_with_the_same_result(tmp_path, slurm_env):
+    import time
+
+    exports = tmp_path / "exports"
+    hpcad("generate", f"generate.out={exports}", "data.synthetic.nodes=8", "data.synthetic.rows=1000",
+          f"hydra.run.dir={tmp_path / 'g'}")
+    args = [f"data.source={exports}", "train.epochs=10", "train.patience=20", "train.max_nodes_per_chunk=1",
+            "train.progress=false", "baselines.methods=[]", "report.enabled=false"]
+    run = tmp_path / "run"
+    env = dict(slurm_env, HPCAD_RUN_DIR=str(run))
+    sub = subprocess.run(["sbatch", "--parsable", "--ntasks-per-node=2", "-o", str(tmp_path / "job-%j.out"),
+                          str(ROOT / "slurm" / "train_all_nodes.sh"), *args], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, check=True)
+    job = sub.stdout.strip().split(";")[0]
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list((run / "models").glob("node*.pt"))) < 2:
+        time.sleep(0.2)
+    done_before = {p.name: p.stat().st_mtime_ns for p in (run / "models").glob("node*.pt")}
+    assert 0 < len(done_before) < 8, "job finished before it could be interrupted"
+    # The pre-timeout signal (--signal=B:USR1@300) sent now: the script's trap requeues the job.
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=env, check=True)
+    while time.time() < deadline and job_state(job, env) in ("RUNNING", "COMPLETING", "CONFIGURING"):
+        time.sleep(0.2)
+    # Start it again soon, but not within the same second: SLURM revokes the old launch credential
+    # and kills a batch job relaunched in the second it was requeued ("Job credential revoked").
+    subprocess.run(["scontrol", "update", f"jobid={job}", "starttime=now+3"], env=env)
+    while time.time() < deadline and job_state(job, env) not in ("COMPLETED", "FAILED", "GONE"):
+        time.sleep(1)
+    assert job_state(job, env) == "COMPLETED", (tmp_path / f"job-{job}.out").read_text()[-3000:]
+    after = {p.name: p.stat().st_mtime_ns for p in (run / "models").glob("node*.pt")}
+    assert len(after) == 8
+    assert all(after[n] == t for n, t in done_before.items())  # finished nodes were not retrained
+    logs = " ".join(p.read_text() for p in run.glob("train-rank*.log"))
+    assert "already have a model" in logs
+    assert "requeueing job" in (tmp_path / f"job-{job}.out").read_text()  # the USR1 trap did it
+    single = tmp_path / "single"
+    hpcad("train", f"hydra.run.dir={single}", *args)
+    a, b = slurm_models(single), slurm_models(run)
+    for name in a:
+        for x, y in zip(a[name], b[name]):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+
+
+def test_score_all_nodes_scores_new_data_with_trained_models(tmp_path, slurm_env):
+    exports = small_exports(tmp_path)
+    train = tmp_path / "train"
+    hpcad("train", f"data.source={exports}", f"hydra.run.dir={train}", "train.epochs=1", "train.progress=false")
+    run = tmp_path / "scored"
+    job = subprocess.run(["sbatch", "--wait", "-o", str(tmp_path / "score.out"), str(ROOT / "slurm" / "score_all_nodes.sh"),
+                          f"train_run={train}", f"data.source={exports}", "train.progress=false", "baselines.methods=[]"],
+                         cwd=tmp_path, env=dict(slurm_env, HPCAD_RUN_DIR=str(run)), capture_output=True, text=True,
+                         timeout=600)
+    assert job.returncode == 0, (tmp_path / "score.out").read_text()[-3000:]
+    assert len(list(run.glob("errors-rank*.h5"))) == 4 and (run / "report.html").exists()
+    assert not (run / "models").exists()
+    no_run = subprocess.run(["sbatch", "--wait", "-o", str(tmp_path / "bad.out"), str(ROOT / "slurm" / "score_all_nodes.sh"),
+                             f"data.source={exports}"], cwd=tmp_path, env=slurm_env, capture_output=True, text=True,
+                            timeout=300)
+    assert no_run.returncode != 0 and "train_run=" in (tmp_path / "bad.out").read_text()
+
+
+def test_nightly_job_scores_through_sbatch(tmp_path, slurm_env):
+    from conftest import cron, nightly_env_file, write_site
+
+    write_site(tmp_path, nodes=4, days=3, cut="2025-01-08")
+    hpcad("run", f"data.source={tmp_path / 'train'}", f"hydra.run.dir={tmp_path / 'trainrun'}", "train.epochs=2",
+          "train.progress=false", "baselines.methods=[]", "report.enabled=false")
+    out = tmp_path / "nightly"
+    env = nightly_env_file(tmp_path, out, more=f"HPCAD_SLURM=1\nSLURM_CONF={slurm_env['SLURM_CONF']}\n")
+    p = cron(env, "--date", "2025-01-08")
+    assert p.returncode == 0, p.stderr[-3000:]
+    night = out / "2025-01-08"
+    assert len(list(night.glob("errors-rank*.h5"))) == 4 and list(night.glob("slurm-*.out"))  # 4 SLURM ranks
+    assert (night / "alarms.json").exists() and (night / "report.html").exists()
+    assert json.loads((night / "thresholds.json").read_text()) == \
+        json.loads((tmp_path / "trainrun" / "thresholds.json").read_text())  # the trained run's thresholds
