@@ -113,6 +113,23 @@ def model_spec(cfg) -> AutoencoderSpec:
     return spec
 
 
+EPOCH_LOG_S = 60.0  # at most one "epoch" log line per minute (the bar shows every epoch)
+
+
+def _epoch_reporter(bar, chunk: int, models: int, epochs: int):
+    """Progress inside a chunk: the bar's postfix after every epoch, and a log line at most every
+    ``EPOCH_LOG_S`` seconds (SLURM logs, where the bar is off), so a long chunk shows it is alive."""
+    last = [time.perf_counter()]
+
+    def report(epoch: int, running: int) -> None:
+        bar.set_postfix(chunk=chunk, epoch=f"{epoch}/{epochs}", training=f"{running}/{models}")
+        now = time.perf_counter()
+        if now - last[0] >= EPOCH_LOG_S:
+            last[0] = now
+            log.info("chunk %d: epoch %d/%d, %d of %d models still training", chunk, epoch, epochs, running, models)
+    return report
+
+
 def train_nodes(cfg, store: TelemetryStore, models_dir: Path, nodes: list[str] | None = None,
                 device=None, summary_name: str = "training.json") -> dict:
     """Train (or resume training of) a model for each node; nodes with a model file are skipped."""
@@ -132,7 +149,7 @@ def train_nodes(cfg, store: TelemetryStore, models_dir: Path, nodes: list[str] |
     t0 = time.perf_counter()
     done = 0
     bar = tqdm(total=len(todo), desc="train", unit="node", disable=not cfg.train.progress)
-    i = 0
+    i = n_chunk = 0
     workspace = Workspace()  # scratch reused chunk after chunk
     budget = Budget.resolve(cfg.train, device) if todo else None
     cap = cfg.train.max_nodes_per_chunk or default_chunk_cap(device)
@@ -146,8 +163,10 @@ def train_nodes(cfg, store: TelemetryStore, models_dir: Path, nodes: list[str] |
         i += len(chunk)
         prepared = [prepare_training_rows(store, n, cfg, spec.window) for n in chunk]
         seeds = [member_seed(node_seed(cfg.train.seed, n), r) for n in chunk for r in range(R)]
-        bar.set_postfix(chunk=len(chunk), device=str(device))
+        n_chunk += 1
+        bar.set_postfix(chunk=f"{n_chunk} ({len(chunk)} nodes)", device=str(device))
         res = train_ensemble(member_net, [z for z, _ in prepared for _ in range(R)], seeds, cfg.train, device,
+                             progress=_epoch_reporter(bar, n_chunk, len(chunk) * R, int(cfg.train.epochs)),
                              workspace=workspace)
         for k, n in enumerate(chunk):
             members = res.params[k * R:(k + 1) * R]

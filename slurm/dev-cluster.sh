@@ -67,6 +67,10 @@ CONF
 }
 
 start_munge() {
+  for _ in $(seq 1 20); do  # a munged that is shutting down is not one to use
+    [ -S /run/munge/munge.socket.2 ] || [ -S /var/run/munge/munge.socket.2 ] || ! pgrep -x munged >/dev/null || { sleep 0.25; continue; }
+    break
+  done
   pgrep -x munged >/dev/null && return 0  # a site's own munged: used, and left running by `down`
   mkdir -p /etc/munge /var/run/munge /var/log/munge /var/lib/munge
   if [ ! -s /etc/munge/munge.key ]; then
@@ -103,6 +107,10 @@ down() {
   pkill -f "slurmd -f $CONF" 2>/dev/null || true
   pkill -f "slurmctld -f $CONF" 2>/dev/null || true
   for _ in $(seq 1 20); do pgrep -f "slurm(ctl)?d -f $CONF" >/dev/null || break; sleep 0.25; done
+  if pgrep -f "slurm(ctl)?d -f $CONF" >/dev/null; then  # not gone after 5 s (e.g. munge already down)
+    pkill -KILL -f "slurm(ctl)?d -f $CONF" 2>/dev/null || true
+    sleep 0.5
+  fi
   local what="slurmctld and slurmd"
   if [ -f "$DIR/munged.ours" ]; then
     pkill -x munged 2>/dev/null || true

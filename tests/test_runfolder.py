@@ -85,3 +85,25 @@ def test_corrupt_outputs_are_errors_that_say_what_to_rerun(tmp_path):
     p = hpcad("score", *SMALL, f"hydra.run.dir={run}", check=False)
     assert p.returncode == 2 and f"store.h5: node {node}: cannot read (corrupt file" in p.stderr
     assert "rerun `hpcad ingest`" in p.stderr
+
+
+def test_training_progress_moves_every_epoch_and_logs_a_long_chunk(monkeypatch, caplog):
+    """A chunk of 32 CPU nodes can train for minutes: the bar moves each epoch, and a log line (SLURM
+    logs, no bar) comes at least every EPOCH_LOG_S seconds."""
+    from hpcad import train
+
+    class Bar:
+        postfix: list = []
+
+        def set_postfix(self, **kw):
+            self.postfix.append(kw)
+
+    bar = Bar()
+    report = train._epoch_reporter(bar, chunk=3, models=32, epochs=20)
+    report(1, 32)
+    monkeypatch.setattr(train, "EPOCH_LOG_S", 0.0)
+    with caplog.at_level("INFO", logger="hpcad.train"):
+        report(2, 30)
+    assert bar.postfix == [{"chunk": 3, "epoch": "1/20", "training": "32/32"},
+                           {"chunk": 3, "epoch": "2/20", "training": "30/32"}]
+    assert "chunk 3: epoch 2/20, 30 of 32 models still training" in caplog.text
