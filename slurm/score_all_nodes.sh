@@ -33,4 +33,8 @@ export HPCAD_WORLD_SIZE=${SLURM_NTASKS:-1}
 here=$(scontrol show job "${SLURM_JOB_ID:-0}" 2>/dev/null | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')
 source "$(dirname "${here:-${BASH_SOURCE[0]}}")/score_steps.sh"
 score_steps "$RUN_DIR" data.on_bad_node=skip "$@"
-echo "score_all_nodes: done; report at ${RUN_DIR}/report.html"
+if [ -f "${RUN_DIR}/report.html" ]; then
+  echo "score_all_nodes: done; report at ${RUN_DIR}/report.html"
+else
+  echo "score_all_nodes: done; outputs in ${RUN_DIR} (no report: report.enabled=false)"
+fi

@@ -42,7 +42,9 @@ def test_requeued_job_skips_finished_nodes_and_ends_with_the_same_result(tmp_pat
     assert all(after[n] == t for n, t in done_before.items())  # finished nodes were not retrained
     logs = " ".join(p.read_text() for p in run.glob("train-rank*.log"))
     assert "already have a model" in logs
-    assert "requeueing job" in (tmp_path / f"job-{job}.out").read_text()  # the USR1 trap did it
+    out = (tmp_path / f"job-{job}.out").read_text()
+    assert "requeueing job" in out  # the USR1 trap did it
+    assert "(no report: report.enabled=false)" in out and "report at" not in out  # #16 item 13
     single = tmp_path / "single"
     hpcad("train", f"hydra.run.dir={single}", *args)
     a, b = slurm_models(single), slurm_models(run)
