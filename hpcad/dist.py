@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 
-from hpcad.errors import ConfigError
+from hpcad.errors import ConfigError, HpcadError
 
 
 @dataclass(frozen=True)
@@ -126,6 +126,20 @@ def init(device: torch.device) -> World:
         torch.cuda.set_device(device)
     tdist.init_process_group(backend, rank=w.rank, world_size=w.size, timeout=timeout())
     return w
+
+
+def share_outcome(error: BaseException | None, rank: int) -> None:
+    """After rank 0 did something alone (ingest), every rank learns whether it failed: rank 0
+    re-raises its own error, the others raise one naming it. The step then ends with one clean
+    message per rank instead of the waiting ranks' connection errors when rank 0 leaves."""
+    box = [None if error is None else f"{error}" if isinstance(error, HpcadError)
+           else f"{type(error).__name__}: {error}"]
+    if tdist.is_initialized():
+        tdist.broadcast_object_list(box, src=0)
+    if rank == 0 and error is not None:
+        raise error
+    if box[0] is not None:
+        raise HpcadError(f"rank 0 stopped: {box[0]}")
 
 
 def barrier() -> None:

@@ -74,9 +74,13 @@ def ranked_share(cfg, run_dir: Path) -> Iterator[tuple[dist.World, torch.device,
         return
     dist.init(device)
     try:
+        failed = None
         if w.rank == 0:
-            stage_ingest(cfg, run_dir)
-        dist.barrier()
+            try:
+                stage_ingest(cfg, run_dir)
+            except Exception as exc:  # every rank must hear of it (dist.share_outcome)
+                failed = exc
+        dist.share_outcome(failed, w.rank)
         store = stage_ingest(cfg, run_dir)
         mine = dist.shard({n: store.rows(n) for n in store.nodes}, w.size)[w.rank]
         log.info("rank %d of %d: %d of %d nodes", w.rank, w.size, len(mine), len(store.nodes))

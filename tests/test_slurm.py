@@ -174,3 +174,15 @@ def test_fleet_model_trains_with_ddp_on_two_gloo_ranks(tmp_path, slurm_env):
     assert hist["scope"] == "fleet" and hist["val_loss"][-1] < hist["val_loss"][0]
     bad = hpcad("train", "model.scope=galaxy", f"hydra.run.dir={tmp_path / 'bad'}", check=False)
     assert bad.returncode == 2 and "model.scope='galaxy'" in bad.stderr
+
+
+def test_rank_0_input_error_reaches_every_rank_as_one_clean_exit(tmp_path, slurm_env):
+    """#16 item 12: a bad data.source used to end in the waiting ranks' gloo "Connection closed by
+    peer" tracebacks (exit 1); now every rank exits 2 with the cause."""
+    p = subprocess.run(["srun", "-N1", "-n2", *hpcad_cmd(), "train", "data.source=/nonexistent/exports",
+                        f"hydra.run.dir={tmp_path / 'run'}", "train.progress=false"],
+                       env=slurm_env, capture_output=True, text=True, timeout=300)
+    out = p.stdout + p.stderr
+    assert p.returncode == 2 and "Traceback" not in out and "Connection" not in out, out[-3000:]
+    assert "hpcad train: error: data.source: /nonexistent/exports does not exist" in out
+    assert "hpcad train: error: rank 0 stopped: data.source: /nonexistent/exports does not exist" in out
