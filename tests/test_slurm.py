@@ -126,6 +126,9 @@ def test_submitit_launcher_runs_the_stage_as_a_slurm_job(tmp_path, slurm_env):
     assert len(jobs) == 1, list((run / "submitit").iterdir())
     job_dir = jobs[0]
     assert (job_dir / f"{job_dir.name}_0_log.out").exists() and (job_dir / f"{job_dir.name}_1_log.out").exists()
+    script = next(job_dir.glob("*_submission.sh")).read_text()
+    assert "srun" in script and "--kill-on-bad-exit=1" in script  # one failing rank ends the step
+    assert "asks for no GPU (launcher.gpus_per_node=0)" in p.stdout + p.stderr  # not silently CPU
 
 
 def test_hydra_sweep_through_submitit_slurm_ranks_the_points(tmp_path, slurm_env):

@@ -36,6 +36,9 @@ class SubmititLauncher:
         self.slurm = {k: v for k, v in dict(slurm_partition=partition, slurm_account=account,
                                               slurm_setup=setup or None,
                                               slurm_additional_parameters=additional or None).items() if v}
+        # One rank failing ends the step: the others would otherwise wait at a barrier until the
+        # collective timeout (hours) instead of failing the job at once.
+        self.slurm["slurm_srun_args"] = ["--kill-on-bad-exit=1"]
         self.cluster = cluster
 
     def launch(self, fn: Callable[[Any, Path], Any], cfg: Any, run_dir: Path) -> Any:
@@ -44,6 +47,9 @@ class SubmititLauncher:
         from hpcad.errors import HpcadError
 
         run_dir.mkdir(parents=True, exist_ok=True)
+        if "gpus_per_node" not in self.params and str(cfg.train.device) != "cpu":
+            log.warning("the job asks for no GPU (launcher.gpus_per_node=0): its ranks will run on CPU; on a GPU "
+                        "partition set launcher.gpus_per_node (e.g. = launcher.tasks_per_node)")
         ex = submitit.AutoExecutor(folder=run_dir / "submitit" / "%j", cluster=self.cluster)
         ex.update_parameters(name=f"hpcad-{fn.__name__}", **self.params, **self.slurm)
         job = ex.submit(_remote, fn, cfg, run_dir)
