@@ -52,6 +52,12 @@ export PATH="$HPCAD_VENV/bin:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
 export HOME="${HOME:-$HPCAD_OUT}"
 export XDG_CACHE_HOME="${XDG_CACHE_HOME:-$HPCAD_OUT/.cache}" MPLCONFIGDIR="${MPLCONFIGDIR:-$HPCAD_OUT/.cache/matplotlib}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${HPCAD_THREADS:-4}}"
+# Another nightly run holds the lock: say so and create nothing (not even a log folder); hpcad
+# takes the same flock itself, so this only spares the refused run its traces.
+if [ -e "$HPCAD_OUT/.nightly.lock" ] && command -v flock >/dev/null && ! flock -n "$HPCAD_OUT/.nightly.lock" true; then
+  echo "nightly_rescore: another nightly run holds the lock ($(head -c 300 "$HPCAD_OUT/.nightly.lock" 2>/dev/null)); not starting" >&2
+  exit 2
+fi
 mkdir -p "$HPCAD_OUT/logs" "$MPLCONFIGDIR"
 cd "$HPCAD_OUT"
 

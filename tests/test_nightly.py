@@ -104,7 +104,7 @@ def test_a_second_run_waits_for_nobody_and_bad_setup_is_named(site, tmp_path):
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         p = cron(env, "--date", "2025-01-09")
     assert p.returncode == 2 and "another nightly run holds the lock" in p.stderr
-    assert not (out / "2025-01-09").exists()
+    assert not (out / "2025-01-09").exists() and not (out / "logs").exists()  # refused: touches nothing
     p = cron(tmp_path / "absent.env")
     assert p.returncode == 78 and "absent.env not readable" in p.stderr
     bad = tmp_path / "bad.env"
