@@ -115,8 +115,7 @@ def bench_train(cfg, run_dir: Path) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     budget = Budget.resolve(cfg.train, device)
     K = max(1, budget.chunk_size(b.rows, b.metrics, node_spec, tc.batch_size,
-                                 cfg.train.max_nodes_per_chunk or default_chunk_cap(device), tc.validation_split,
-                                 device) // R)
+                                 cfg.train.max_nodes_per_chunk or default_chunk_cap(device), tc.validation_split) // R)
     chunks = [list(range(s, min(s + K, b.nodes))) for s in range(0, b.nodes, K)]
     n_naive = 0 if b.naive_nodes == 0 else b.nodes if b.naive_nodes is None else min(int(b.naive_nodes), b.nodes)
     # The naive nodes are spread over the chunks and timed right after each one, so that both sides
@@ -175,8 +174,8 @@ def bench_train(cfg, run_dir: Path) -> dict:
         "batched_final_val_loss_mean": float(np.mean(final_val)),
         "peak_gpu_mb": peak_gpu, "budget": budget.source,
         # the chunk's device memory as budgeted (compare with peak_gpu_mb on CUDA)
-        "estimated_device_mb": min(K, b.nodes) * R * device_bytes_per_model(b.rows, b.metrics, node_spec, tc.batch_size,
-                                                              tc.validation_split) / 2**20,
+        "estimated_device_mb": min(K, b.nodes) * R / 2**20 * device_bytes_per_model(
+            b.rows, b.metrics, node_spec, tc.batch_size, tc.validation_split),
     }
     if n_naive:
         out.update(naive_nodes=n_naive, naive_s=round(naive_s, 3),

@@ -23,8 +23,8 @@ def gpu_index(local_rank: int, visible: int) -> int:
 
 # cuBLAS without a workspace has no split-K kernels, so a batched matmul rounds each model's
 # product the same whatever the chunk's size: on an H200, a node's model was then bit-identical
-# alone and in chunks of 8 and 64 (1e-3 apart with cuBLAS's default workspace), at no measured cost
-# (docs/benchmarks.md "GPU"). A value the user exports wins.
+# alone and in chunks of 8 and 64 (1e-3 apart with cuBLAS's default workspace), for about 2 % of
+# training speed (docs/benchmarks.md "GPU"). A value the user exports wins.
 CUBLAS_WORKSPACE = ":0:0"
 
 
@@ -38,16 +38,16 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """``auto``: this rank's GPU (``gpu_index``) when CUDA works, else the CPU. On CUDA, sets
     ``CUBLAS_WORKSPACE_CONFIG`` (unless set) before cuBLAS starts (see ``CUBLAS_WORKSPACE``)."""
     if name in ("auto", "cuda") and torch.cuda.is_available():
-        _no_cublas_workspace()
-        return torch.device(f"cuda:{gpu_index(local_rank, torch.cuda.device_count())}")
-    if name == "auto":
+        dev = torch.device(f"cuda:{gpu_index(local_rank, torch.cuda.device_count())}")
+    elif name == "auto":
         return torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"train.device={name!r}: {exc}") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r}: CUDA is not available on this machine")
+    else:
+        try:
+            dev = torch.device(name)
+        except RuntimeError as exc:
+            raise ConfigError(f"train.device={name!r}: {exc}") from exc
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"train.device={name!r}: CUDA is not available on this machine")
     if dev.type == "cuda":
         _no_cublas_workspace()
     return dev

@@ -27,14 +27,15 @@ _held: dict[Path, int] = {}  # lock files this process holds, with their nesting
 
 
 @contextmanager
-def exclusive_lock(path: Path, what: str, others: str = "another hpcad process") -> Iterator[None]:
-    """Hold ``path`` exclusively (re-entrant within one process); ``LockedError`` naming the holder
-    (written into the file: ``what``, pid, host, SLURM job, start time) if another process has it."""
+def exclusive_lock(path: Path, what: str, others: str = "another hpcad process") -> Iterator[bool]:
+    """Hold ``path`` exclusively (re-entrant within one process; yields whether this call took it,
+    False when an outer one already holds it); ``LockedError`` naming the holder (written into the
+    file: ``what``, pid, host, SLURM job, start time) if another process has it."""
     path = Path(path).resolve()
     if path in _held:
         _held[path] += 1
         try:
-            yield
+            yield False
         finally:
             _held[path] -= 1
         return
@@ -56,7 +57,7 @@ def exclusive_lock(path: Path, what: str, others: str = "another hpcad process")
     fh.flush()
     _held[path] = 1
     try:
-        yield
+        yield True
     finally:
         del _held[path]
         fh.close()  # closing releases the lock
@@ -89,9 +90,7 @@ def writer(run_dir: Path, stage: str) -> Iterator[None]:
     if world().rank != 0:
         yield
         return
-    run_dir = Path(run_dir)
-    first = (run_dir / LOCK_NAME).resolve() not in _held
-    with exclusive_lock(run_dir / LOCK_NAME, f"hpcad {stage}"):
-        if first:
-            remove_stale(run_dir)
+    with exclusive_lock(Path(run_dir) / LOCK_NAME, f"hpcad {stage}") as taken:
+        if taken:  # not again in the stages `hpcad run` calls while it holds the lock
+            remove_stale(Path(run_dir))
         yield

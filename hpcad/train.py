@@ -154,8 +154,7 @@ def train_nodes(cfg, store: TelemetryStore, models_dir: Path, nodes: list[str] |
     budget = Budget.resolve(cfg.train, device) if todo else None
     cap = cfg.train.max_nodes_per_chunk or default_chunk_cap(device)
     while i < len(todo):
-        K = budget.chunk_size(store.rows(todo[i]), M, spec, cfg.train.batch_size, cap,
-                              cfg.train.validation_split, device)
+        K = budget.chunk_size(store.rows(todo[i]), M, spec, cfg.train.batch_size, cap, cfg.train.validation_split)
         if i == 0:
             log.info("chunks of up to %d models (%d nodes x %d members) on %s; budget: %s", K, max(1, K // R), R,
                      device, budget.source)

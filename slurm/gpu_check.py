@@ -128,9 +128,8 @@ def check_companions_cublas_workspace(out: Path) -> dict:
     """The companion check again with cuBLAS's own default workspace (split-K kernels allowed)."""
     sub = out / "cublas_workspace"
     log = out / "cublas_workspace.log"
-    with open(log, "w") as f:
-        rc = subprocess.run([sys.executable, __file__, "--only", "companions", "--out", str(sub)], stdout=f,
-                            stderr=subprocess.STDOUT, env={**os.environ, "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}).returncode
+    rc, _ = _run([sys.executable, __file__, "--only", "companions", "--out", str(sub)], log, 600,
+                 CUBLAS_WORKSPACE_CONFIG=":4096:8")
     if not (sub / "gpu_check.json").exists():
         return {"ok": False, "rc": rc, "log_tail": _tail(log)}
     return json.loads((sub / "gpu_check.json").read_text())["results"]["companions"]
@@ -166,7 +165,7 @@ def check_budget(pool, cuda) -> dict:
     compare the measured peak with the estimate."""
     rows = pool[0].shape[0]
     budget = Budget.resolve(SimpleNamespace(memory_budget_mb=10**7, device_memory_mb=None), cuda)
-    k_full = budget.chunk_size(rows, M, SPEC, 32, 10**6, 0.1, cuda)
+    k_full = budget.chunk_size(rows, M, SPEC, 32, 10**6, 0.1)
     k = max(1, min(k_full // 8, 2048))
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(cuda)
@@ -180,13 +179,18 @@ def check_budget(pool, cuda) -> dict:
             "peak_over_estimate": round(peak / est, 3)}
 
 
-def _hpcad(args: list[str], log: Path, timeout: float) -> tuple[int, float]:
+def _run(cmd: list[str], log: Path, timeout: float, **env: str) -> tuple[int, float]:
+    """Run ``cmd`` with its output in ``log`` (and ``env`` added); its exit status and seconds."""
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        rc = subprocess.run([sys.executable, "-m", "hpcad", *args], stdout=f, stderr=subprocess.STDOUT,
-                            timeout=timeout, env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                                [str(ROOT), os.environ.get("PYTHONPATH", "")])}).returncode
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
+                            env={**os.environ, **env}).returncode
     return rc, time.perf_counter() - t0
+
+
+def _hpcad(args: list[str], log: Path, timeout: float) -> tuple[int, float]:
+    return _run([sys.executable, "-m", "hpcad", *args], log, timeout,
+                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
 
 
 def check_end_to_end(out: Path) -> dict:

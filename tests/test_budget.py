@@ -17,12 +17,12 @@ def test_a_40gb_a100_gets_a_chunk_that_fits_it():
     of device memory: out of memory on a 40 GB A100. The device budget now bounds the chunk."""
     tc = NS(memory_budget_mb=60000, device_memory_mb=int(0.9 * 40 * 1024))
     b = Budget.resolve(tc, CUDA)
-    k = b.chunk_size(6667, 159, SPEC, 32, 4096, 0.1, CUDA)
+    k = b.chunk_size(6667, 159, SPEC, 32, 4096, 0.1)
     per = device_bytes_per_model(6667, 159, SPEC, 32, 0.1)
     assert k < 4096 and k * per <= b.device_bytes < (k + 1) * per
     assert 8 * 2**20 < per < 12 * 2**20  # rows x 2.1 copies x 159 x 4 B + keys + parameters
     big = Budget.resolve(NS(memory_budget_mb=60000, device_memory_mb=int(0.9 * 80 * 1024)), CUDA)
-    assert big.chunk_size(6667, 159, SPEC, 32, 4096, 0.1, CUDA) == 4096  # an 80 GB card: the cap
+    assert big.chunk_size(6667, 159, SPEC, 32, 4096, 0.1) == 4096  # an 80 GB card: the cap
 
 
 def test_host_budget_counts_only_the_prepared_rows_on_gpu_but_everything_on_cpu():
@@ -30,10 +30,10 @@ def test_host_budget_counts_only_the_prepared_rows_on_gpu_but_everything_on_cpu(
     tc = NS(memory_budget_mb=1024, device_memory_mb=None)
     b = Budget.resolve(tc, CPU)
     assert b.device_bytes is None and "train.memory_budget_mb" in b.source
-    assert b.chunk_size(6667, 159, SPEC, 32, 4096, 0.1, CPU) == 1024 * 2**20 // host_bytes_per_model(
+    assert b.chunk_size(6667, 159, SPEC, 32, 4096, 0.1) == 1024 * 2**20 // host_bytes_per_model(
         6667, 159, SPEC, 32, CPU)
-    assert b.chunk_size(6667, 159, SPEC, 32, 32, 0.1, CPU) == 32  # the CPU cap
-    assert b.chunk_size(10**8, 159, SPEC, 32, 32, 0.1, CPU) == 1  # never zero
+    assert b.chunk_size(6667, 159, SPEC, 32, 32, 0.1) == 32  # the CPU cap
+    assert b.chunk_size(10**8, 159, SPEC, 32, 32, 0.1) == 1  # never zero
 
 
 def test_unset_host_budget_is_shared_by_the_ranks_on_the_node(monkeypatch):

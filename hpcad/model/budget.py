@@ -92,8 +92,9 @@ class Budget:
         ``train.device_memory_mb`` (unset: from the machine; see the module docstring)."""
         host_mb, how = getattr(tc, "memory_budget_mb", None), []
         if host_mb is None:
-            host_mb = HOST_SHARE * available_host_mb() / local_ranks()
-            how.append(f"host {host_mb:.0f} MB (half the available memory / {local_ranks()} ranks)")
+            ranks = local_ranks()
+            host_mb = HOST_SHARE * available_host_mb() / ranks
+            how.append(f"host {host_mb:.0f} MB (half the available memory / {ranks} ranks)")
         elif host_mb <= 0:
             raise ConfigError(f"train.memory_budget_mb={host_mb}: must be > 0 (or null: from the machine)")
         else:
@@ -115,10 +116,11 @@ class Budget:
         return cls(int(host_mb * 2**20), dev_bytes, ", ".join(how))
 
     def chunk_size(self, n_rows: int, n_metrics: int, spec: AutoencoderSpec, batch: int, cap: int,
-                   validation_split: float, device: torch.device) -> int:
+                   validation_split: float) -> int:
         """Models per chunk (a node counts ``spec.members`` times): the most that fit both budgets,
         at most ``cap``, at least one."""
-        k = min(cap, self.host_bytes // max(host_bytes_per_model(n_rows, n_metrics, spec, batch, device), 1))
+        on = torch.device("cpu" if self.device_bytes is None else "cuda")  # the device the budget was resolved for
+        k = min(cap, self.host_bytes // max(host_bytes_per_model(n_rows, n_metrics, spec, batch, on), 1))
         if self.device_bytes is not None:
             k = min(k, self.device_bytes // device_bytes_per_model(n_rows, n_metrics, spec, batch, validation_split))
         return int(max(1, k))
