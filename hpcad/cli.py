@@ -13,6 +13,7 @@ from pathlib import Path
 USAGE = """usage: hpcad <stage> [hydra overrides...]
 
 stages: run (all of them), ingest, train, score, baselines, threshold, report, generate, bench, nightly
+        where [conf|slurm|jobs]: the installed config groups and SLURM / cron scripts
 examples:
   hpcad run                                   # synthetic cluster, report in the run folder
   hpcad run experiment=davide data.source=davide.csv
@@ -23,13 +24,18 @@ examples:
 """
 
 
-def conf_dir() -> str:
-    """The YAML config groups: ``conf/`` of a source checkout, or the copy inside an installed wheel."""
-    here = Path(__file__).resolve().parent
-    for cand in (here.parent / "conf", here / "conf"):
-        if (cand / "config.yaml").exists():
-            return str(cand)
-    raise RuntimeError(f"hpcad: config folder not found next to {here}")
+def where(args: list[str]) -> int:
+    """``hpcad where [conf|slurm|jobs]``: the folders a wheel installs (e.g. for ``sbatch``)."""
+    from hpcad.resources import KINDS, resource_dir
+
+    kinds = args or list(KINDS)
+    if any(k not in KINDS for k in kinds):
+        print(f"hpcad where: unknown folder {[k for k in kinds if k not in KINDS][0]!r}; one of {', '.join(KINDS)}",
+              file=sys.stderr)
+        return 2
+    for k in kinds:
+        print(resource_dir(k) if args else f"{k}: {resource_dir(k)}")
+    return 0
 
 
 # The stages (hpcad.pipeline.RUNNERS), listed here so that `hpcad --help` and a misspelt stage
@@ -39,6 +45,8 @@ STAGES = ("run", "ingest", "train", "score", "baselines", "threshold", "report",
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "where":
+        return where(argv[1:])
     if not argv or argv[0] in ("-h", "--help", "help") or argv[0] not in STAGES:
         print(USAGE if not argv or argv[0] in ("-h", "--help", "help") else f"hpcad: unknown stage {argv[0]!r}\n\n{USAGE}",
               file=sys.stderr if argv and argv[0] not in ("-h", "--help", "help") else sys.stdout)
@@ -71,7 +79,9 @@ def run_stage(stage: str, overrides: list[str]) -> int:
     register_configs()
     status = {"rc": 0}
 
-    @hydra.main(config_path=conf_dir(), config_name="config", version_base="1.3")
+    from hpcad.resources import resource_dir
+
+    @hydra.main(config_path=str(resource_dir("conf")), config_name="config", version_base="1.3")
     def app(cfg) -> None:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         log = logging.getLogger("hpcad")

@@ -43,6 +43,7 @@ from hpcad.explain import class_profiles
 from hpcad.light import LightMap, fit_light_map, light_path, map_for_night, save_version
 from hpcad.model.files import NodeModel, model_nodes, model_path
 from hpcad.preprocess import fill_gaps, windows
+from hpcad.resources import resource_dir
 from hpcad.runfolder import exclusive_lock
 from hpcad.score import ErrorStore, score_nodes
 from hpcad.threshold.evaluate import alarm_events, evaluate, write_alarms_csv
@@ -221,7 +222,7 @@ def _check_complete(store: TelemetryStore, nodes: list[str], trained: list[str],
 
 
 def _score_slurm(dcfg, tmp: Path, train_run: Path, src: Path, overrides: list[str]) -> None:
-    script = Path(__file__).resolve().parent.parent / "slurm" / "score_all_nodes.sh"
+    script = resource_dir("slurm") / "score_all_nodes.sh"
     keep = [o for o in overrides if not o.split("=")[0].lstrip("+~").startswith(("nightly.", "hydra.", "train_run"))]
     cmd = ["sbatch", "--wait", "--parsable", f"--export=ALL,HPCAD_RUN_DIR={tmp},HPCAD_SCORE_ONLY=1",
            "-o", str(tmp / "slurm-%j.out"), *dcfg.nightly.sbatch_args,
