@@ -191,6 +191,10 @@ class NightlyConfig:
     keep_data_days: int = 14  # nights keep store.h5/errors.h5 this long (light retraining reads them);
     #                           alarms, reports, levels and drift stay for good
     slurm: bool = False  # score through sbatch --wait slurm/score_all_nodes.sh instead of in process
+    incident_gap_days: int = 2  # an incident stays one incident across this many days without a night folder
+    prometheus: Optional[str] = None  # node_exporter textfile (newest night); None: <out>/hpcad.prom
+    notify: Optional[str] = None  # command run with the night's alarms.jsonl when it has new incidents
+    notify_timeout_s: int = 60
     sbatch_args: list[str] = field(default_factory=list)  # e.g. ["-p", "prod", "-A", "ops"]
 
 

@@ -9,10 +9,15 @@ Per day D (``nightly.date``, default yesterday in ``nightly.timezone``), under a
 2. score with the trained run's models (in process, or ``sbatch --wait slurm/score_all_nodes.sh``),
    applying each node's light map valid for that night;
 3. apply the trained run's thresholds: ``alarms.csv`` and ``alarms.json`` (node, start, end, peak
-   score, top metrics, jobs), ``metrics.json`` when the day is labelled;
+   score, top metrics, jobs), ``metrics.json`` when the day is labelled; incidents across nights
+   (hpcad.incidents: new, ongoing, resolved) -> ``incidents.json``, and ``alarms.jsonl`` (one alarm
+   per line with its incident);
 4. drift (hpcad.drift) -> ``levels.csv``, ``drift.json``; light retraining (hpcad.light) of drifted
    nodes on their last ``nightly.light_days`` nights -> maps beside the models, ``light.json``;
-5. ``report.html``; then the folder replaces ``<out>/D`` by rename, and ``<out>/history.csv`` gains a line.
+5. ``report.html``; then the folder replaces ``<out>/D`` by rename, and ``<out>/history.csv`` gains a line;
+6. for the site's tools: the Prometheus textfile (hpcad.prometheus; newest night only) and, when
+   the night has new incidents, ``nightly.notify`` (a command; its failure is logged and recorded in
+   ``notify.json`` and the history, never fails the night).
 
 A rerun of a day replaces its folder whole (no duplicated alarms); a failed day leaves the previous
 outputs as they were and records ``failed`` in the history.
@@ -25,6 +30,7 @@ import html
 import json
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import time
@@ -40,9 +46,12 @@ from hpcad.data.store import TelemetryStore
 from hpcad.drift import NIGHT_DIR, assess, night_levels, write_levels
 from hpcad.errors import ConfigError, HpcadError, InputError
 from hpcad.explain import class_profiles
+from hpcad.incidents import FILE as INCIDENTS
+from hpcad.incidents import incident_of, night_incidents, previous_incidents
 from hpcad.light import LightMap, fit_light_map, light_path, map_for_night, save_version
 from hpcad.model.files import NodeModel, model_nodes, model_path
 from hpcad.preprocess import fill_gaps, windows
+from hpcad.prometheus import render, write_textfile
 from hpcad.resources import resource_dir
 from hpcad.runfolder import exclusive_lock
 from hpcad.score import ErrorStore, score_nodes
@@ -50,7 +59,8 @@ from hpcad.threshold.evaluate import alarm_events, evaluate, write_alarms_csv
 from hpcad.threshold.rules import Thresholds
 
 log = logging.getLogger(__name__)
-HISTORY_FIELDS = ["run_at", "date", "status", "nodes", "alarms", "drifted", "light_refits", "seconds", "message"]
+HISTORY_FIELDS = ["run_at", "date", "status", "nodes", "alarms", "new_incidents", "drifted", "light_refits", "notify",
+                  "seconds", "message"]
 
 
 def run_nightly(cfg, run_dir: Path, overrides: list[str] | None = None) -> dict:
@@ -171,7 +181,11 @@ def _night(cfg, day: dt.date, out: Path, train_run: Path, overrides: list[str]) 
             records += alarm_events(s, th, errors.errors, errors.metrics, cfg.report.top_k, "s",
                                     merge_gap=cm.tolerance, jobs=jobs)
         write_alarms_csv(tmp / "alarms.csv", records)
-        write_json(tmp / "alarms.json", [_alarm_json(r) for r in records])
+        alarms = [_alarm_json(r) for r in records]
+        write_json(tmp / "alarms.json", alarms)
+        incidents = night_incidents(day, alarms, previous_incidents(out, day, n.incident_gap_days))
+        write_json(tmp / INCIDENTS, incidents)
+        _write_jsonl(tmp / "alarms.jsonl", iso, alarms, incidents)
         metrics = evaluate(iter(signals), th, cm)
         if metrics["labelled"]:
             write_json(tmp / "metrics.json", {"detector": "autoencoder", "cost_model": vars(cm), "splits":
@@ -192,13 +206,57 @@ def _night(cfg, day: dt.date, out: Path, train_run: Path, overrides: list[str]) 
             from hpcad.report import write_report
 
             write_report(dcfg, tmp, errors, models_dir, title=f"hpcad nightly {iso}",
-                         extra=_nightly_sections(iso, src, new, verdicts, refits, n), folder=out / iso)
+                         extra=_nightly_sections(iso, src, new, verdicts, refits, n, incidents), folder=out / iso)
         _publish(tmp, out / iso)
         _prune(out, day, n.keep_data_days)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"date": iso, "nodes": len(nodes), "alarms": len(records), "drifted": len(drifted),
-            "light_refits": len(refits), "message": f"{src}"}
+    fresh = [i for i in incidents if i["state"] == "new"]
+    _export_prometheus(n, out, day, levels, incidents, len(new))
+    notified = _notify(n, out / iso, iso, fresh) if fresh else ""
+    return {"date": iso, "nodes": len(nodes), "alarms": len(records), "new_incidents": len(fresh),
+            "drifted": len(drifted), "light_refits": len(refits), "notify": notified, "message": f"{src}"}
+
+
+def _write_jsonl(path: Path, iso: str, alarms: list[dict], incidents: list[dict]) -> None:
+    """One JSON object per alarm and line (log shippers read it as it is), with its incident."""
+    with atomic_path(path) as tmp, open(tmp, "w") as fh:
+        for a in alarms:
+            inc = incident_of(a, incidents)
+            fh.write(json.dumps({"night": iso, **a, "incident": inc["id"] if inc else None,
+                                 "incident_state": inc["state"] if inc else None}) + "\n")
+
+
+def _export_prometheus(n, out: Path, day: dt.date, levels: list[dict], incidents: list[dict], unscored: int) -> None:
+    """The textfile (``nightly.prometheus``, default ``<out>/hpcad.prom``) for the newest night only."""
+    newest = max((p.name for p in out.iterdir() if p.is_dir() and NIGHT_DIR.fullmatch(p.name)), default="")
+    if day.isoformat() < newest:
+        log.info("nightly %s: not the newest night (%s); %s left as it is", day, newest, n.prometheus or "hpcad.prom")
+        return
+    path = Path(n.prometheus).expanduser() if n.prometheus else out / "hpcad.prom"
+    write_textfile(path, render(levels, incidents, day_bounds(day, n.timezone)[0], unscored))
+
+
+def _notify(n, night_dir: Path, iso: str, fresh: list[dict]) -> str:
+    """Run ``nightly.notify`` with the night's ``alarms.jsonl`` as its last argument. Returns "ok",
+    "failed" or "" (not configured); the outcome is kept in ``<night>/notify.json``."""
+    if not n.notify:
+        return ""
+    cmd = [*shlex.split(n.notify), str(night_dir / "alarms.jsonl")]
+    env = dict(os.environ, HPCAD_NIGHT=iso, HPCAD_NIGHT_DIR=str(night_dir), HPCAD_NEW_INCIDENTS=str(len(fresh)))
+    t0 = time.time()
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=n.notify_timeout_s)
+        ok, detail = proc.returncode == 0, f"exit {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-500:]}"
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        ok, detail = False, f"{type(exc).__name__}: {exc}"
+    write_json(night_dir / "notify.json", {"command": cmd, "ok": ok, "detail": detail, "new_incidents": len(fresh),
+                                          "seconds": round(time.time() - t0, 2)})
+    if ok:
+        log.info("nightly %s: notified (%d new incidents): %s", iso, len(fresh), " ".join(cmd))
+    else:
+        log.warning("nightly %s: nightly.notify failed (%s); the night's outputs are complete", iso, detail)
+    return "ok" if ok else "failed"
 
 
 def _check_complete(store: TelemetryStore, nodes: list[str], trained: list[str], day: dt.date, src: Path, n) -> None:
@@ -291,13 +349,23 @@ def _light_retrain(cfg, node: str, day: dt.date, nights: list[tuple[str, Telemet
             "fit_ms": round(1000 * (time.perf_counter() - t0), 1)}
 
 
-def _nightly_sections(iso: str, src: Path, new: list[str], verdicts: list[dict], refits: list[dict], n) -> list[str]:
+def _nightly_sections(iso: str, src: Path, new: list[str], verdicts: list[dict], refits: list[dict], n,
+                      incidents: list[dict]) -> list[str]:
     from hpcad.report import _table
 
     parts = [f"<p>night {iso} (site time zone {html.escape(n.timezone)}); input <code>{html.escape(str(src))}</code>.</p>"]
     if new:
         parts.append(f"<p>{len(new)} node(s) without a trained model were not scored: "
                      f"{html.escape(', '.join(new[:50]))}</p>")
+    counts = {st: sum(i["state"] == st for i in incidents) for st in ("new", "ongoing", "resolved")}
+    parts.append(f"<h2>Incidents</h2><p>{counts['new']} new, {counts['ongoing']} ongoing, {counts['resolved']} "
+                 f"resolved (repeated alarms on one node with one cause are one incident; docs/operations.md).</p>")
+    if incidents:
+        parts.append(_table([[i["state"], i["node"], i["cause"], i["first_night"], i["nights"], i["alarms"],
+                              f"{i['peak_score']:.4g}", " ".join(m["metric"] for m in i["top_metrics"][:3]),
+                              " ".join(i["jobs"][:5])] for i in incidents[:200]],
+                            ["state", "node", "cause", "since", "nights", "alarms tonight", "peak", "top metrics",
+                             "jobs"]))
 
     def rel(v):
         return v["level"] / v["baseline"] if v["baseline"] and v["level"] == v["level"] else None
@@ -342,7 +410,8 @@ def _history(out: Path, day: dt.date, status: str, res: dict, t0: float) -> None
     rows = list(csv.DictReader(open(path))) if path.exists() else []
     rows.append({"run_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "date": day.isoformat(),
                  "status": status, "nodes": res.get("nodes", ""), "alarms": res.get("alarms", ""),
-                 "drifted": res.get("drifted", ""), "light_refits": res.get("light_refits", ""),
+                 "new_incidents": res.get("new_incidents", ""), "drifted": res.get("drifted", ""),
+                 "light_refits": res.get("light_refits", ""), "notify": res.get("notify", ""),
                  "seconds": round(time.time() - t0, 1), "message": res.get("message", "")})
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=HISTORY_FIELDS)

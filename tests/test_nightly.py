@@ -44,7 +44,10 @@ def test_cron_run_finds_injected_anomalies_and_a_rerun_replaces_the_day(site, tm
     (tmp_path / "sacct").mkdir()  # the day's sacct dump, as an earlier cron line would write it
     (tmp_path / "sacct" / f"{day}.txt").write_text("JobID|NodeList|Start|End|State\n"
                                                    f"777|node[0000-0002]|{day}T00:00:00|{day}T23:59:59|COMPLETED\n")
-    env = _env_file(site, out, more=f"HPCAD_JOBS={tmp_path / 'sacct'}/{{date}}.txt\n")
+    notify = tmp_path / "notify.sh"  # the site's hook: records what it was given
+    notify.write_text(f'#!/bin/sh\necho "$HPCAD_NIGHT $HPCAD_NEW_INCIDENTS $1" >> {tmp_path / "notified.txt"}\n')
+    notify.chmod(0o755)
+    env = _env_file(site, out, extra=f"nightly.notify={notify}", more=f"HPCAD_JOBS={tmp_path / 'sacct'}/{{date}}.txt\n")
     labels = pd.concat(pd.read_csv(p, usecols=["timestamp", "anomaly"]).assign(node=p.stem) for p in (site / "daily" / day).glob("*.csv"))
     assert (labels.anomaly != 0).any()  # the generator injected anomalies on this day
     p = cron(env, "--date", day)
@@ -62,10 +65,27 @@ def test_cron_run_finds_injected_anomalies_and_a_rerun_replaces_the_day(site, tm
     assert all(a["jobs"] == ["777"] for a in js)  # the job that ran during each alarm
     assert js[0]["top_metrics"][0]["metric"] in metric_names() and js[0]["top_metrics"][0]["error"] > 0
     assert "data:image/png;base64," in (folder / "report.html").read_text()
+    # incidents (the first night of this output folder: all new), one JSON line per alarm
+    incidents = json.loads((folder / "incidents.json").read_text())
+    assert incidents and {i["state"] for i in incidents} == {"new"}
+    lines = [json.loads(x) for x in (folder / "alarms.jsonl").read_text().splitlines()]
+    assert len(lines) == len(js) and {x["incident"] for x in lines} == {i["id"] for i in incidents}
+    # the Prometheus textfile: parsed by the reference parser
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = [s for f in text_string_to_metric_families((out / "hpcad.prom").read_text()) for s in f.samples]
+    alarm_state = {s.labels["node"]: s.value for s in samples if s.name == "hpcad_node_alarm"}
+    assert set(alarm_state) == {"node0000", "node0001", "node0002"}
+    assert {n for n, v in alarm_state.items() if v == 1} == {i["node"] for i in incidents}
+    # the notify hook ran once, with the night's alarms.jsonl, and the history says so
+    assert (tmp_path / "notified.txt").read_text() == f"{day} {len(incidents)} {folder / 'alarms.jsonl'}\n"
+    assert _history(out)[-1]["notify"] == "ok" and _history(out)[-1]["new_incidents"] == str(len(incidents))
     first = (folder / "alarms.csv").read_bytes()
+    first_incidents = (folder / "incidents.json").read_bytes()
     p = cron(env, "--date", day)  # the same night again
     assert p.returncode == 0, p.stderr
     assert (folder / "alarms.csv").read_bytes() == first  # replaced, not appended: no duplicate alarms
+    assert (folder / "incidents.json").read_bytes() == first_incidents  # the same state
     assert [h["status"] for h in _history(out)] == ["ok", "ok"]
     assert not list(out.glob(".*tmp*")) and not list(out.glob(".*old*"))
 
@@ -117,11 +137,23 @@ def test_backfill_detects_drift_and_light_retrains_only_later_nights(site, tmp_p
     out = tmp_path / "nightly"
     # node0002 shifts from 2025-01-10 on; baseline = the first night; drift = 2 nights at >= 1.5x it
     env = _env_file(site, out, "nightly.drift_ratio=1.5 nightly.drift_days=2 nightly.drift_reference_nights=1 "
-                    "nightly.light_days=2 nightly.keep_data_days=2")
+                    "nightly.light_days=2 nightly.keep_data_days=2 nightly.notify=/bin/false")
     p = cron(env, "--from", "2025-01-09", "--to", "2025-01-12")
     assert p.returncode == 0, p.stderr
     hist = _history(out)
     assert [h["date"] for h in hist] == ["2025-01-09", "2025-01-10", "2025-01-11", "2025-01-12"]
+    # a failing notify hook is recorded and never fails a night
+    assert all(h["status"] == "ok" for h in hist) and any(h["new_incidents"] not in ("", "0") for h in hist)
+    assert all(h["notify"] == ("failed" if h["new_incidents"] != "0" else "") for h in hist)
+    logged = p.stdout + p.stderr + "".join(f.read_text() for f in (out / "logs").rglob("*.log"))
+    assert "nightly.notify failed" in logged
+    # incidents carry over night to night: an ongoing one was open the night before, with the same id
+    days = [h["date"] for h in hist]
+    inc = {d: json.loads((out / d / "incidents.json").read_text()) for d in days}
+    for before, after in zip(days, days[1:]):
+        open_before = {i["id"] for i in inc[before] if i["state"] in ("new", "ongoing")}
+        assert {i["id"] for i in inc[after] if i["state"] in ("ongoing", "resolved")} <= open_before
+        assert all(i["first_night"] < after for i in inc[after] if i["state"] == "ongoing")
     # telemetry and errors are kept for 2 nights before the newest, the rest of each night for good
     assert not (out / "2025-01-09" / "errors.h5").exists() and not (out / "2025-01-09" / "store.h5").exists()
     assert (out / "2025-01-10" / "errors.h5").exists() and (out / "2025-01-09" / "alarms.csv").exists()
@@ -142,10 +174,12 @@ def test_backfill_detects_drift_and_light_retrains_only_later_nights(site, tmp_p
         lv = {d: {r["node"]: float(r["level"]) for r in csv.DictReader(open(out / d / "levels.csv"))}
               for d in ("2025-01-11", "2025-01-12")}
         assert lv["2025-01-12"]["node0002"] < lv["2025-01-11"]["node0002"] / 1.5  # the map absorbed the shift
+        prom = (out / "hpcad.prom").read_text()
         p = cron(env, "--date", "2025-01-10")  # re-scoring an earlier night ignores maps fitted after it
         assert p.returncode == 0, p.stderr
         with h5py.File(out / "2025-01-10" / "errors.h5") as f:
             assert f["nodes/node0002"].attrs["light_version"] == 0
+        assert (out / "hpcad.prom").read_text() == prom  # an older night never turns the gauges back
     finally:
         for f in models.glob("*.light*.pt"):
             f.unlink()

@@ -1,0 +1,66 @@
+"""The night's state for node_exporter's textfile collector (Prometheus text format 0.0.4).
+
+Point the collector at the file's folder (``--collector.textfile.directory``), or set
+``nightly.prometheus`` to a path inside the folder it already reads. The file is replaced
+atomically and only by the newest night, so a backfill of older nights never turns the gauges back.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+from hpcad.atomic import atomic_path
+
+FAMILIES = {
+    "hpcad_node_signal_level": "Median alarm signal of the node over the night, relative to its normal level "
+                               "(signal_norm; about 1 when normal).",
+    "hpcad_node_alarmed_rows": "Rows of the night above the node's threshold.",
+    "hpcad_node_alarm": "1 when the node has an open hpcad incident (new or ongoing) after the night, else 0.",
+    "hpcad_incident_nights": "Nights an open incident has lasted, by node and cause (metric family).",
+    "hpcad_nightly_night_timestamp_seconds": "Start (midnight, site time zone) of the newest night scored.",
+    "hpcad_nightly_last_success_timestamp_seconds": "When the newest night's run finished.",
+    "hpcad_nightly_nodes": "Nodes in the newest night, by outcome (scored, without_model).",
+    "hpcad_nightly_incidents": "Incidents of the newest night, by state (new, ongoing, resolved).",
+}
+
+
+def _label(v: str) -> str:
+    return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _value(v: float) -> str:
+    v = float(v)
+    return "NaN" if math.isnan(v) else ("+Inf" if v == math.inf else ("-Inf" if v == -math.inf else repr(v)))
+
+
+def render(levels: list[dict], incidents: list[dict], night_start: int, unscored: int,
+           finished: float | None = None) -> str:
+    samples: dict[str, list[tuple[dict, float]]] = {k: [] for k in FAMILIES}
+    open_nodes = {i["node"] for i in incidents if i["state"] in ("new", "ongoing")}
+    for lv in levels:
+        samples["hpcad_node_signal_level"].append(({"node": lv["node"]}, lv["level"]))
+        samples["hpcad_node_alarmed_rows"].append(({"node": lv["node"]}, lv["alarmed_rows"]))
+        samples["hpcad_node_alarm"].append(({"node": lv["node"]}, 1.0 if lv["node"] in open_nodes else 0.0))
+    for i in incidents:
+        if i["state"] in ("new", "ongoing"):
+            samples["hpcad_incident_nights"].append(({"node": i["node"], "cause": i["cause"]}, i["nights"]))
+    samples["hpcad_nightly_night_timestamp_seconds"].append(({}, night_start))
+    samples["hpcad_nightly_last_success_timestamp_seconds"].append(({}, time.time() if finished is None else finished))
+    samples["hpcad_nightly_nodes"] += [({"outcome": "scored"}, len(levels)), ({"outcome": "without_model"}, unscored)]
+    for state in ("new", "ongoing", "resolved"):
+        samples["hpcad_nightly_incidents"].append(({"state": state}, sum(i["state"] == state for i in incidents)))
+    lines = []
+    for name, help_text in FAMILIES.items():
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
+        for labels, v in samples[name]:
+            lab = ",".join(f'{k}="{_label(x)}"' for k, x in labels.items())
+            lines.append(f"{name}{{{lab}}} {_value(v)}" if lab else f"{name} {_value(v)}")
+    return "\n".join(lines) + "\n"
+
+
+def write_textfile(path: Path, text: str) -> None:
+    """Atomic replace (the collector must never read half a file), readable by node_exporter."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)

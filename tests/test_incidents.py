@@ -1,0 +1,66 @@
+"""Alarm state across nights (hpcad.incidents) and the Prometheus textfile (hpcad.prometheus)."""
+import datetime as dt
+import json
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from hpcad.incidents import FILE, night_incidents, previous_incidents
+from hpcad.prometheus import render, write_textfile
+
+D = dt.date(2025, 3, 1)
+
+
+def alarm(node: str, metric: str, peak: float = 5.0, jobs=()) -> dict:
+    return {"node": node, "start": "s", "end": "e", "peak_score": peak, "peak_time": "t",
+            "top_metrics": [{"metric": metric, "error": 1.0}], "jobs": list(jobs)}
+
+
+def test_repeated_alarms_are_one_incident_until_a_night_without_them():
+    n1 = night_incidents(D, [alarm("n1", "ips_p0_3"), alarm("n1", "ips_p0_1", 9.0, ["7"]), alarm("n2", "power_dc")], [])
+    assert [(i["node"], i["cause"], i["state"], i["alarms"]) for i in n1] == [("n1", "ips", "new", 2),
+                                                                             ("n2", "power", "new", 1)]
+    assert n1[0]["id"] == "n1/ips/2025-03-01" and n1[0]["peak_score"] == 9.0 and n1[0]["jobs"] == ["7"]
+    d2 = D + dt.timedelta(days=1)
+    n2 = night_incidents(d2, [alarm("n1", "ips_p1_0"), alarm("n1", "temp_cpu")], n1)
+    by = {(i["node"], i["cause"]): i for i in n2}
+    assert by[("n1", "ips")]["state"] == "ongoing" and by[("n1", "ips")]["id"] == "n1/ips/2025-03-01"
+    assert by[("n1", "ips")]["nights"] == 2
+    assert by[("n1", "temp")]["state"] == "new"  # same node, another cause: another incident
+    assert by[("n2", "power")]["state"] == "resolved" and by[("n2", "power")]["resolved_night"] == "2025-03-02"
+    n3 = night_incidents(d2 + dt.timedelta(days=1), [alarm("n2", "power_dc")], n2)
+    assert {(i["node"], i["cause"]): i["state"] for i in n3} == {
+        ("n2", "power"): "new", ("n1", "ips"): "resolved", ("n1", "temp"): "resolved"}  # resolved stays closed
+    assert night_incidents(d2, [alarm("n1", "ips_p1_0"), alarm("n1", "temp_cpu")], n1) == n2  # a rerun: same state
+
+
+def test_cause_is_the_family_with_most_error_among_the_top_metrics():
+    a = {"node": "n1", "peak_score": 1.0, "peak_time": "t", "top_metrics": [
+        {"metric": "temp_cpu", "error": 50.0}, {"metric": "ips_p0_1", "error": 30.0}, {"metric": "ips_p0_2", "error": 30.0}]}
+    assert night_incidents(D, [a], [])[0]["cause"] == "ips"
+    assert night_incidents(D, [{**a, "top_metrics": []}], [])[0]["cause"] == "signal"
+
+
+def test_previous_night_bridges_a_missing_night_but_not_a_long_gap(tmp_path):
+    (tmp_path / D.isoformat()).mkdir()
+    (tmp_path / D.isoformat() / FILE).write_text(json.dumps(night_incidents(D, [alarm("n1", "ips_x")], [])))
+    assert previous_incidents(tmp_path, D + dt.timedelta(days=2), gap_days=2)[0]["id"] == "n1/ips/2025-03-01"
+    assert previous_incidents(tmp_path, D + dt.timedelta(days=3), gap_days=2) == []
+    assert previous_incidents(tmp_path, D, gap_days=2) == []  # only earlier nights
+
+
+def test_prometheus_textfile_parses_and_escapes_node_names(tmp_path):
+    levels = [{"node": 'odd"node\\1', "level": 1.25, "alarmed_rows": 0, "rows": 288},
+              {"node": "n2", "level": float("nan"), "alarmed_rows": 12, "rows": 288}]
+    inc = night_incidents(D, [alarm("n2", "ips_a")], [])
+    path = tmp_path / "textfile" / "hpcad.prom"
+    write_textfile(path, render(levels, inc, night_start=1_740_787_200, unscored=3, finished=1_740_880_000.0))
+    fams = {f.name: f for f in text_string_to_metric_families(path.read_text())}
+    val = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in fams.values() for s in f.samples}
+    assert val[("hpcad_node_signal_level", (("node", 'odd"node\\1'),))] == 1.25
+    assert val[("hpcad_node_alarm", (("node", "n2"),))] == 1 and val[("hpcad_node_alarm", (("node", 'odd"node\\1'),))] == 0
+    assert val[("hpcad_incident_nights", (("cause", "ips"), ("node", "n2")))] == 1
+    assert val[("hpcad_nightly_incidents", (("state", "new"),))] == 1
+    assert val[("hpcad_nightly_nodes", (("outcome", "without_model"),))] == 3
+    assert val[("hpcad_nightly_night_timestamp_seconds", ())] == 1_740_787_200
+    assert all(f.type == "gauge" and f.documentation for f in fams.values())
+    assert oct(path.stat().st_mode & 0o777) != oct(0o600) and not list(path.parent.glob("*.tmp"))
