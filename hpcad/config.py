@@ -195,6 +195,9 @@ class NightlyConfig:
     prometheus: Optional[str] = None  # node_exporter textfile (newest night); None: <out>/hpcad.prom
     notify: Optional[str] = None  # command run with the night's alarms.jsonl when it has new incidents
     notify_timeout_s: int = 60
+    drain: bool = False  # run drain.txt's `scontrol update ... State=DRAIN` lines (false: only write them)
+    drain_after_nights: int = 2  # an incident open this many nights is confirmed (drain.txt)
+    drain_max_nodes: int = 5  # at most this many nodes drained per night (highest peaks first)
     sbatch_args: list[str] = field(default_factory=list)  # e.g. ["-p", "prod", "-A", "ops"]
 
 

@@ -17,7 +17,8 @@ Per day D (``nightly.date``, default yesterday in ``nightly.timezone``), under a
 5. ``report.html``; then the folder replaces ``<out>/D`` by rename, and ``<out>/history.csv`` gains a line;
 6. for the site's tools: the Prometheus textfile (hpcad.prometheus; newest night only) and, when
    the night has new incidents, ``nightly.notify`` (a command; its failure is logged and recorded in
-   ``notify.json`` and the history, never fails the night).
+   ``notify.json`` and the history, never fails the night); SLURM drain commands for confirmed
+   incidents in ``drain.txt`` (hpcad.drain), run only with ``nightly.drain=true``.
 
 A rerun of a day replaces its folder whole (no duplicated alarms); a failed day leaves the previous
 outputs as they were and records ``failed`` in the history.
@@ -44,6 +45,9 @@ from hpcad.atomic import atomic_path, write_json
 from hpcad.data.ingest import ingest
 from hpcad.data.store import TelemetryStore
 from hpcad.drift import NIGHT_DIR, assess, night_levels, write_levels
+from hpcad.drain import candidates as drain_candidates
+from hpcad.drain import drain
+from hpcad.drain import lines as drain_lines
 from hpcad.errors import ConfigError, HpcadError, InputError
 from hpcad.explain import class_profiles
 from hpcad.incidents import FILE as INCIDENTS
@@ -186,6 +190,8 @@ def _night(cfg, day: dt.date, out: Path, train_run: Path, overrides: list[str]) 
         incidents = night_incidents(day, alarms, previous_incidents(out, day, n.incident_gap_days))
         write_json(tmp / INCIDENTS, incidents)
         _write_jsonl(tmp / "alarms.jsonl", iso, alarms, incidents)
+        confirmed = drain_candidates(incidents, n.drain_after_nights)
+        (tmp / "drain.txt").write_text(drain_lines(confirmed))
         metrics = evaluate(iter(signals), th, cm)
         if metrics["labelled"]:
             write_json(tmp / "metrics.json", {"detector": "autoencoder", "cost_model": vars(cm), "splits":
@@ -214,6 +220,8 @@ def _night(cfg, day: dt.date, out: Path, train_run: Path, overrides: list[str]) 
     fresh = [i for i in incidents if i["state"] == "new"]
     _export_prometheus(n, out, day, levels, incidents, len(new))
     notified = _notify(n, out / iso, iso, fresh) if fresh else ""
+    if n.drain and confirmed:
+        write_json(out / iso / "drain.json", drain(confirmed, n.drain_max_nodes))
     return {"date": iso, "nodes": len(nodes), "alarms": len(records), "new_incidents": len(fresh),
             "drifted": len(drifted), "light_refits": len(refits), "notify": notified, "message": f"{src}"}
 
@@ -359,7 +367,10 @@ def _nightly_sections(iso: str, src: Path, new: list[str], verdicts: list[dict],
                      f"{html.escape(', '.join(new[:50]))}</p>")
     counts = {st: sum(i["state"] == st for i in incidents) for st in ("new", "ongoing", "resolved")}
     parts.append(f"<h2>Incidents</h2><p>{counts['new']} new, {counts['ongoing']} ongoing, {counts['resolved']} "
-                 f"resolved (repeated alarms on one node with one cause are one incident; docs/operations.md).</p>")
+                 f"resolved (repeated alarms on one node with one cause are one incident; docs/operations.md). "
+                 f"{len(drain_candidates(incidents, n.drain_after_nights))} confirmed (open for "
+                 f"{n.drain_after_nights} nights or more): their SLURM drain commands are in drain.txt"
+                 f"{' and were run (drain.json)' if n.drain else ' (nightly.drain=false: not run)'}.</p>")
     if incidents:
         parts.append(_table([[i["state"], i["node"], i["cause"], i["first_night"], i["nights"], i["alarms"],
                               f"{i['peak_score']:.4g}", " ".join(m["metric"] for m in i["top_metrics"][:3]),

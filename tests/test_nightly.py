@@ -154,6 +154,11 @@ def test_backfill_detects_drift_and_light_retrains_only_later_nights(site, tmp_p
         open_before = {i["id"] for i in inc[before] if i["state"] in ("new", "ongoing")}
         assert {i["id"] for i in inc[after] if i["state"] in ("ongoing", "resolved")} <= open_before
         assert all(i["first_night"] < after for i in inc[after] if i["state"] == "ongoing")
+    for d in days:  # SLURM drain lines for incidents open 2+ nights, written but not run (nightly.drain=false)
+        confirmed = {i["node"] for i in inc[d] if i["state"] != "resolved" and i["nights"] >= 2}
+        drain_txt = (out / d / "drain.txt").read_text()
+        assert {ln.split()[2].removeprefix("NodeName=") for ln in drain_txt.splitlines()} == confirmed
+        assert not (out / d / "drain.json").exists()
     # telemetry and errors are kept for 2 nights before the newest, the rest of each night for good
     assert not (out / "2025-01-09" / "errors.h5").exists() and not (out / "2025-01-09" / "store.h5").exists()
     assert (out / "2025-01-10" / "errors.h5").exists() and (out / "2025-01-09" / "alarms.csv").exists()

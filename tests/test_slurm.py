@@ -189,3 +189,31 @@ def test_rank_0_input_error_reaches_every_rank_as_one_clean_exit(tmp_path, slurm
     assert p.returncode == 2 and "Traceback" not in out and "Connection" not in out, out[-3000:]
     assert "hpcad train: error: data.source: /nonexistent/exports does not exist" in out
     assert "hpcad train: error: rank 0 stopped: data.source: /nonexistent/exports does not exist" in out
+
+
+def test_confirmed_incident_drains_the_slurm_node_with_its_reason(slurm_env):
+    from hpcad.drain import candidates, drain, lines
+
+    def inc(node, nights, peak, state="ongoing"):
+        return {"id": f"{node}/ips/2025-03-01", "node": node, "cause": "ips", "state": state,
+                "first_night": "2025-03-01", "nights": nights, "peak_score": peak}
+
+    def show(node):
+        return subprocess.run(["scontrol", "show", "node", "-o", node], env=slurm_env, capture_output=True,
+                              text=True).stdout
+
+    incidents = [inc("spare1", 3, 9.0), inc("n1", 1, 50.0, "new"), inc("nosuchnode", 2, 1.0)]
+    confirmed = candidates(incidents, after_nights=2)
+    assert [i["node"] for i in confirmed] == ["spare1", "nosuchnode"]  # one night is not confirmed
+    assert lines(confirmed).splitlines()[0] == ("scontrol update NodeName=spare1 State=DRAIN 'Reason=hpcad: ips "
+                                                "anomaly since 2025-03-01 (3 nights, incident spare1/ips/2025-03-01)'")
+    try:
+        out = drain(confirmed, max_nodes=5, env=slurm_env)
+        assert [r["outcome"] for r in out] == ["drained", "failed"] and "nosuchnode" in out[1]["message"]
+        state = show("spare1")
+        assert "DRAIN" in state and "Reason=hpcad: ips anomaly since 2025-03-01" in state
+        again = drain(confirmed, max_nodes=1, env=slurm_env)  # the next night: left alone, then capped
+        assert [r["outcome"] for r in again] == ["already", "capped"]
+    finally:  # the documented way back (docs/operations.md)
+        subprocess.run(["scontrol", "update", "NodeName=spare1", "State=RESUME"], env=slurm_env, check=True)
+    assert "DRAIN" not in show("spare1").split("State=")[1].split()[0]

@@ -1,0 +1,78 @@
+"""SLURM action on confirmed incidents (opt-in): drain the node, with the incident as the reason.
+
+An incident is *confirmed* when it has been open for ``nightly.drain_after_nights`` nights (default
+2: one night's alarm alone never takes a node out). Every night writes the exact commands for its
+confirmed incidents to ``<night>/drain.txt``; only with ``nightly.drain=true`` are they run, at most
+``nightly.drain_max_nodes`` per night (the highest peaks first; the rest are recorded as not
+drained), nodes SLURM already drains or holds down are left alone, and every outcome goes to
+``<night>/drain.json``. hpcad node names must be SLURM's ``NodeName``s. Undo with
+``scontrol update NodeName=<node> State=RESUME``.
+"""
+from __future__ import annotations
+
+import logging
+import shlex
+import subprocess
+
+log = logging.getLogger(__name__)
+OPEN = ("new", "ongoing")
+
+
+def reason(incident: dict) -> str:
+    """SLURM's drain reason: short, no quotes, says who and why."""
+    return (f"hpcad: {incident['cause']} anomaly since {incident['first_night']} "
+            f"({incident['nights']} nights, incident {incident['id']})").replace('"', "'")
+
+
+def command(incident: dict) -> list[str]:
+    return ["scontrol", "update", f"NodeName={incident['node']}", "State=DRAIN", f"Reason={reason(incident)}"]
+
+
+def candidates(incidents: list[dict], after_nights: int) -> list[dict]:
+    """One confirmed incident per node (its highest peak), highest peaks first."""
+    best: dict[str, dict] = {}
+    for i in incidents:
+        if i["state"] in OPEN and i["nights"] >= max(int(after_nights), 1):
+            if i["node"] not in best or i["peak_score"] > best[i["node"]]["peak_score"]:
+                best[i["node"]] = i
+    return sorted(best.values(), key=lambda i: (-i["peak_score"], i["node"]))
+
+
+def lines(incidents: list[dict]) -> str:
+    """The commands, one per line, as a shell would take them (``drain.txt``)."""
+    return "".join(shlex.join(command(i)) + "\n" for i in incidents)
+
+
+def _node_state(node: str, env: dict | None) -> str:
+    out = subprocess.run(["scontrol", "show", "node", "-o", node], capture_output=True, text=True, env=env,
+                         timeout=60)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr.strip() or f"scontrol show node {node}: exit {out.returncode}")
+    return next((f.split("=", 1)[1] for f in out.stdout.split() if f.startswith("State=")), "")
+
+
+def drain(incidents: list[dict], max_nodes: int, env: dict | None = None) -> list[dict]:
+    """Run the drain commands for ``incidents`` (from :func:`candidates`), at most ``max_nodes``.
+    Never raises: each node's outcome is ``drained``, ``already`` (SLURM drains it or holds it
+    down), ``capped`` or ``failed`` with the message."""
+    results = []
+    for k, inc in enumerate(incidents):
+        cmd = command(inc)
+        rec = {"node": inc["node"], "incident": inc["id"], "command": shlex.join(cmd)}
+        if k >= max_nodes:
+            results.append({**rec, "outcome": "capped", "message": f"nightly.drain_max_nodes={max_nodes} reached"})
+            continue
+        try:
+            state = _node_state(inc["node"], env)
+            if any(s in state for s in ("DRAIN", "DOWN", "FAIL")):
+                results.append({**rec, "outcome": "already", "message": f"SLURM state {state}"})
+                continue
+            p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
+            ok = p.returncode == 0
+            results.append({**rec, "outcome": "drained" if ok else "failed",
+                            "message": (p.stderr or p.stdout).strip()[-300:]})
+        except (OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
+            results.append({**rec, "outcome": "failed", "message": f"{type(exc).__name__}: {exc}"})
+        (log.info if results[-1]["outcome"] == "drained" else log.warning)(
+            "drain %s: %s %s", inc["node"], results[-1]["outcome"], results[-1]["message"])
+    return results
