@@ -144,7 +144,7 @@ def _train_codes(nd, cfg) -> np.ndarray:
     """A training run's own split, as the models of ``train_run`` saw it."""
     from omegaconf import OmegaConf
 
-    from hpcad.pipeline import load_run_config
+    from hpcad.runfolder import load_run_config
 
     tcfg = load_run_config(Path(cfg.train_run))
     return split_codes(nd, OmegaConf.merge(cfg.split, tcfg.split) if tcfg is not None else cfg.split)

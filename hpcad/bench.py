@@ -191,7 +191,8 @@ def bench_train(cfg, run_dir: Path) -> dict:
 def bench_score(cfg, run_dir: Path) -> dict:
     """Time the real score stage on ``bench.nodes`` nodes x ``bench.rows`` rows (e.g. one day: 288)."""
     from hpcad.data.store import TelemetryStore, write_store
-    from hpcad.data.synthetic import NodeData, metric_names
+    from hpcad.data.node import NodeData
+    from hpcad.data.synthetic import metric_names
     from hpcad.model.files import NodeModel, model_path
     from hpcad.score import score_nodes
 

@@ -217,7 +217,6 @@ class HpcadConfig:
     bench: BenchConfig = field(default_factory=BenchConfig)
     nightly: NightlyConfig = field(default_factory=NightlyConfig)
     train_run: Optional[str] = None  # score with the models (and thresholds) of this earlier run folder
-    stage: str = "run"
 
 
 @dataclass

@@ -29,7 +29,8 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from hpcad.atomic import write_json
-from hpcad.data.synthetic import START_EPOCH, NodeData, generate_node, metric_names
+from hpcad.data.node import NodeData
+from hpcad.data.synthetic import START_EPOCH, generate_node, metric_names
 from hpcad.light import LightMap, fit_light_map, recon_and_code
 from hpcad.model.ensemble import node_seed, train_ensemble
 from hpcad.preprocess import Scaler

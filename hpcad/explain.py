@@ -31,11 +31,3 @@ def metric_family(name: str) -> str:
     """``ips_p0_3`` -> ``ips``: the telemetry family a metric belongs to."""
     return name.split("_")[0]
 
-
-def family_ranking(profile: dict, metrics: list[str]) -> list[tuple[str, float]]:
-    """Families ordered by their largest per-metric mean error in a class profile."""
-    best: dict[str, float] = {}
-    for name, v in zip(metrics, profile["mean_error"]):
-        f = metric_family(name)
-        best[f] = max(best.get(f, 0.0), v)
-    return sorted(best.items(), key=lambda kv: -kv[1])

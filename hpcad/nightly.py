@@ -173,8 +173,8 @@ def _night(cfg, day: dt.date, out: Path, train_run: Path, overrides: list[str]) 
             score_nodes(dcfg, store, models_dir, tmp / "errors.h5", nodes,
                         light=lambda node: map_for_night(models_dir, node, iso))
         errors = ErrorStore(tmp / "errors.h5")
-        th = Thresholds.from_dict(json.loads((train_run / "thresholds.json").read_text()))
-        write_json(tmp / "thresholds.json", th.to_dict())
+        th = Thresholds.load(train_run / "thresholds.json")
+        th.save(tmp / "thresholds.json")
         from hydra.utils import instantiate
 
         cm = instantiate(cfg.threshold, _convert_="all").cost_model
@@ -303,15 +303,10 @@ def _score_slurm(dcfg, tmp: Path, train_run: Path, src: Path, overrides: list[st
 
 
 def _alarm_json(r: dict) -> dict:
-    top = []
-    for item in (r.get("top_metrics") or "").split():
-        name, _, val = item.rpartition(":")
-        top.append({"metric": name, "error": float(val)})
     out = {k: r[k] for k in ("node", "start", "end", "rows", "peak_score", "peak_time", "threshold") if k in r}
-    out["top_metrics"] = top
-    out["jobs"] = (r.get("jobs") or "").split()
+    out.update(top_metrics=r.get("top_metrics", []), jobs=r.get("jobs", []))
     if "label_classes" in r:
-        out["label_classes"] = [int(c) for c in r["label_classes"].split()]
+        out["label_classes"] = r["label_classes"]
     return out
 
 

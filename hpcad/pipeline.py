@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from hpcad import dist, runfolder
 from hpcad.atomic import write_json
@@ -34,11 +34,6 @@ from hpcad.threshold.rules import Thresholds
 from hpcad.train import train_nodes
 
 log = logging.getLogger(__name__)
-
-
-def load_run_config(run: Path) -> DictConfig | None:
-    p = Path(run) / ".hydra" / "config.yaml"
-    return OmegaConf.load(p) if p.exists() else None  # type: ignore[return-value]
 
 
 def _train_run(cfg) -> Path | None:
@@ -132,7 +127,7 @@ def stage_baselines(cfg, run_dir: Path) -> dict:
     tr = _train_run(cfg)
     fit_store = store
     if tr is not None:
-        tcfg = load_run_config(tr)
+        tcfg = runfolder.load_run_config(tr)
         src = tr / "store.h5"
         if tcfg is not None and tcfg.data.source and str(tcfg.data.source).endswith((".h5", ".hdf5")):
             src = Path(tcfg.data.source)
@@ -158,16 +153,14 @@ def stage_threshold(cfg, run_dir: Path) -> dict:
     tr = _train_run(cfg)
     rule = instantiate(cfg.threshold, _convert_="all")
     if tr is not None and not labelled and (tr / "thresholds.json").exists():
-        import json
-
-        th = Thresholds.from_dict(json.loads((tr / "thresholds.json").read_text()))
+        th = Thresholds.load(tr / "thresholds.json")
         log.info("unlabelled data: using the thresholds fitted by %s", tr)
     else:
         th = rule.fit(mine, red)
     rank = max(red.rank, dist.world().rank)  # one writer, also when ranks run without MPI
     if rank != 0:
         return {"thresholds": th.to_dict(), "rank": rank}
-    write_json(run_dir / "thresholds.json", th.to_dict())
+    th.save(run_dir / "thresholds.json")
     cm = rule.cost_model
     store = stage_ingest(cfg, run_dir)
     time_unit = store.time_unit(store.nodes[0]) if store.nodes else "s"

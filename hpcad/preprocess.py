@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from hpcad.data.synthetic import NodeData
+from hpcad.data.node import NodeData
 from hpcad.errors import ConfigError
 
 log = logging.getLogger(__name__)

@@ -165,7 +165,7 @@ def write_report(cfg, run_dir: Path, errors: ErrorStore, models_dir: Path, title
                  extra: list[str] | None = None, folder: Path | None = None) -> Path:
     """The run's (or a night's) report; ``extra`` HTML sections go after the overview; ``folder`` is
     the folder named on the page when ``run_dir`` is a temporary one that will be renamed."""
-    th = Thresholds.from_dict(json.loads((run_dir / "thresholds.json").read_text()))
+    th = Thresholds.load(run_dir / "thresholds.json")
     metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else None
     alarms = list(csv.DictReader(open(run_dir / "alarms.csv"))) if (run_dir / "alarms.csv").exists() else []
     per_node_alarms: dict[str, int] = {}

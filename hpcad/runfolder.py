@@ -94,3 +94,11 @@ def writer(run_dir: Path, stage: str) -> Iterator[None]:
         if taken:  # not again in the stages `hpcad run` calls while it holds the lock
             remove_stale(Path(run_dir))
         yield
+
+
+def load_run_config(run: Path):
+    """The composed config a run folder was made with (Hydra's ``.hydra/config.yaml``), or None."""
+    from omegaconf import OmegaConf
+
+    p = Path(run) / ".hydra" / "config.yaml"
+    return OmegaConf.load(p) if p.exists() else None

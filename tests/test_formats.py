@@ -12,7 +12,8 @@ from hpcad.data.exports import write_ldms, write_long
 from hpcad.data.ingest import ingest
 from hpcad.data.jobs import expand_nodelist, read_jobs
 from hpcad.data.store import TelemetryStore
-from hpcad.data.synthetic import NodeData, generate_cluster, metric_names, node_frame
+from hpcad.data.node import NodeData
+from hpcad.data.synthetic import generate_cluster, metric_names, node_frame
 from hpcad.errors import ConfigError, InputError
 
 EXAMPLES = Path(__file__).parent / "data"

@@ -3,7 +3,7 @@ from types import SimpleNamespace as NS
 import numpy as np
 import pytest
 
-from hpcad.data.synthetic import NodeData
+from hpcad.data.node import NodeData
 from hpcad.errors import ConfigError
 from hpcad.preprocess import (TEST, TRAIN, VAL, Scaler, fill_gaps, split_codes, training_rows, window_rows,
                               windows)

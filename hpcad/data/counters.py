@@ -13,7 +13,7 @@ import logging
 
 import numpy as np
 
-from hpcad.data.synthetic import NodeData
+from hpcad.data.node import NodeData
 from hpcad.errors import ConfigError
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hpcad.data.synthetic import NodeData
+from hpcad.data.node import NodeData
 
 LDMS_FIXED = ["Time", "Time_usec", "ProducerName", "component_id", "job_id", "app_id"]
 DAY = 86_400

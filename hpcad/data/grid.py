@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from hpcad.data.store import check_node_name
-from hpcad.data.synthetic import NodeData
+from hpcad.data.node import NodeData
 from hpcad.errors import InputError
 
 log = logging.getLogger(__name__)

@@ -33,7 +33,7 @@ from hpcad.data.jobs import JobTable, read_jobs
 from hpcad.data.ldms import stage_ldms
 from hpcad.data.longformat import stage_long
 from hpcad.data.store import TelemetryStore, check_node_name, open_h5, write_store
-from hpcad.data.synthetic import NodeData
+from hpcad.data.node import NodeData
 from hpcad.data.tables import is_table, iter_table_chunks, read_table, stem
 from hpcad.data.timestamps import to_epoch_seconds
 from hpcad.errors import InputError

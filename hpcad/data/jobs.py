@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import hostlist
 import numpy as np
 
-from hpcad.data.synthetic import NodeData
+from hpcad.data.node import NodeData
 from hpcad.data.timestamps import to_epoch_seconds
 from hpcad.errors import InputError
 

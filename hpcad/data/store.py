@@ -18,7 +18,7 @@ import datetime as dt
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import h5py
@@ -27,7 +27,7 @@ import numpy as np
 from hpcad import __version__
 from hpcad.atomic import atomic_path
 from hpcad.data.jobs import JobTable
-from hpcad.data.synthetic import NodeData
+from hpcad.data.node import NodeData
 from hpcad.errors import InputError, StoreError
 
 FORMAT = "telemetry-store"
@@ -86,7 +86,7 @@ def write_node(f: h5py.File, node: NodeData, source: str = "") -> None:
 
 
 def write_store(path: str | os.PathLike[str], metrics: list[str], nodes: Iterable[NodeData],
-                source: str, node_source: dict[str, str] | None = None, signature: str = "",
+                source: str, signature: str = "",
                 skipped: list | None = None, jobs: JobTable | None = None) -> int:
     """Write a store atomically from a stream of nodes; returns the number of nodes written."""
     n = 0
@@ -101,7 +101,7 @@ def write_store(path: str | os.PathLike[str], metrics: list[str], nodes: Iterabl
             for node in nodes:
                 if node.values.shape[1] != len(metrics):
                     raise InputError(f"node {node.name}: {node.values.shape[1]} metrics, store has {len(metrics)}")
-                write_node(f, node, (node_source or {}).get(node.name, str(source)))
+                write_node(f, node, str(source))
                 n += 1
             if n == 0:
                 raise InputError(f"{source}: no usable node" + (f" ({len(skipped)} skipped)" if skipped else ""))
@@ -174,8 +174,4 @@ class TelemetryStore:
         """"s" (epoch seconds) or "row" (the input had no timestamps), without reading the data."""
         with open_h5(self.path) as f:
             return str(f["nodes"][node]["timestamp"].attrs.get("time_unit", "s"))
-
-    def iter_nodes(self, nodes: Iterable[str] | None = None) -> Iterator[NodeData]:
-        for n in (self.nodes if nodes is None else nodes):
-            yield self.read(n)
 

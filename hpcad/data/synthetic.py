@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 
+from hpcad.data.node import NodeData
+
 ANOMALY_CODES = {"powersave": 1, "performance": 2, "memleak": 3, "cpu_contention": 4}
-CLASS_NAMES = {0: "normal", **{v: k for k, v in ANOMALY_CODES.items()}}
 SOCKETS, CORES = 2, 16
 STEP_S = 300
 START_EPOCH = 1_736_121_600  # 2025-01-06T00:00:00Z
@@ -41,18 +41,6 @@ def metric_names(profile: str = "cluster") -> list[str]:
     elif profile != "cluster":
         raise ValueError(f"data.synthetic.profile: unknown profile {profile!r} (cluster or davide)")
     return names
-
-
-@dataclass
-class NodeData:
-    """One node's telemetry: timestamps [T], values [T, M], labels [T] (0 = normal) or None."""
-
-    name: str
-    timestamp: np.ndarray
-    values: np.ndarray
-    labels: np.ndarray | None
-    time_unit: str = "s"  # "s": epoch seconds; "row": the input had no timestamps
-    job: np.ndarray | None = None  # [T] int32 row -> index into the store's /jobs table, -1 = idle
 
 
 def _node_rng(seed: int, name: str) -> np.random.Generator:

@@ -74,23 +74,26 @@ def alarm_events(s: NodeSignal, th: Thresholds, errors_of, metrics: list[str], t
                "rows": int(alarmed.sum()), "split": SPLIT_NAMES[int(s.split[peak])], "peak_score": float(sig[peak]),
                "peak_time": _iso(s.timestamp[peak], time_unit), "threshold": t}
         if s.labels is not None:
-            classes = sorted({int(c) for c in np.unique(s.labels[a:b]) if c != 0})
-            rec["label_classes"] = " ".join(map(str, classes))
+            rec["label_classes"] = sorted({int(c) for c in np.unique(s.labels[a:b]) if c != 0})
         if err is not None:
             mean_err = err.mean(0)
             top = np.argsort(mean_err)[::-1][:top_k]
-            rec["top_metrics"] = " ".join(f"{metrics[j]}:{mean_err[j]:.3g}" for j in top)
+            rec["top_metrics"] = [{"metric": metrics[j], "error": float(mean_err[j])} for j in top]
         if jobs is not None and time_unit == "s":
-            rec["jobs"] = " ".join(jobs.during(s.node, int(s.timestamp[a]), int(s.timestamp[b - 1])))
+            rec["jobs"] = list(jobs.during(s.node, int(s.timestamp[a]), int(s.timestamp[b - 1])))
         out.append(rec)
     return out
 
 
 def write_alarms_csv(path: Path, records: list[dict]) -> None:
+    """The records of :func:`alarm_events`, lists written space-separated (top metrics as
+    ``name:error``)."""
     cols = ["node", "start", "end", "rows", "split", "peak_score", "peak_time", "threshold",
             "label_classes", "top_metrics", "jobs"]
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         for r in records:
-            w.writerow(r)
+            w.writerow({**r, "label_classes": " ".join(map(str, r.get("label_classes", []))),
+                        "top_metrics": " ".join(f"{m['metric']}:{m['error']:.3g}" for m in r.get("top_metrics", [])),
+                        "jobs": " ".join(r.get("jobs", []))})

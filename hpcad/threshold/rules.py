@@ -9,12 +9,15 @@ does not grow with the number of nodes.
 """
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
+from hpcad.atomic import write_json
 from hpcad.errors import ConfigError
 from hpcad.preprocess import TRAIN, VAL
 from hpcad.score import NodeSignal
@@ -55,6 +58,14 @@ class Thresholds:
     @classmethod
     def from_dict(cls, d: dict) -> "Thresholds":
         return cls(d["rule"], d["scope"], d.get("cluster"), dict(d.get("nodes", {})), d.get("details", {}))
+
+    @classmethod
+    def load(cls, path: Path) -> "Thresholds":
+        """``thresholds.json`` as :meth:`save` wrote it."""
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def save(self, path: Path) -> None:
+        write_json(path, self.to_dict())
 
 
 def _fit_rows(s: NodeSignal) -> np.ndarray:
