@@ -44,6 +44,9 @@ def world() -> World:
     elif "PMI_RANK" in env and "PMI_SIZE" in env:  # mpiexec (MPICH/Hydra) or srun --mpi=pmi2
         w = World(_int("PMI_RANK"), _int("PMI_SIZE"), int(env.get("MPI_LOCALRANKID", env.get("SLURM_LOCALID", 0))),
                   "mpi")
+    elif "OMPI_COMM_WORLD_RANK" in env and "OMPI_COMM_WORLD_SIZE" in env:  # Open MPI's mpirun
+        w = World(_int("OMPI_COMM_WORLD_RANK"), _int("OMPI_COMM_WORLD_SIZE"),
+                  int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)), "mpi")
     elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env:
         w = World(_int("SLURM_PROCID"), _int("SLURM_NTASKS"), _int("SLURM_LOCALID") if "SLURM_LOCALID" in env else 0,
                   "slurm")

@@ -59,7 +59,7 @@ from hpcad.prometheus import render, write_textfile
 from hpcad.resources import resource_dir
 from hpcad.runfolder import exclusive_lock
 from hpcad.score import ErrorStore, score_nodes
-from hpcad.threshold.evaluate import alarm_events, evaluate, write_alarms_csv
+from hpcad.threshold.evaluate import apply_thresholds
 from hpcad.threshold.rules import Thresholds
 
 log = logging.getLogger(__name__)
@@ -178,13 +178,9 @@ def _night(cfg, day: dt.date, out: Path, train_run: Path, overrides: list[str]) 
         from hydra.utils import instantiate
 
         cm = instantiate(cfg.threshold, _convert_="all").cost_model
-        jobs = store.jobs()
         signals = list(errors.signals())  # alarms, evaluation and drift all read them
-        records = []
-        for s in signals:
-            records += alarm_events(s, th, errors.errors, errors.metrics, cfg.report.top_k, "s",
-                                    merge_gap=cm.tolerance, jobs=jobs)
-        write_alarms_csv(tmp / "alarms.csv", records)
+        records, metrics = apply_thresholds(errors, th, cm, cfg.report.top_k, "s", store.jobs(), tmp / "alarms.csv",
+                                            signals=lambda: iter(signals))
         alarms = [_alarm_json(r) for r in records]
         write_json(tmp / "alarms.json", alarms)
         incidents = night_incidents(day, alarms, previous_incidents(out, day, n.incident_gap_days))
@@ -192,7 +188,6 @@ def _night(cfg, day: dt.date, out: Path, train_run: Path, overrides: list[str]) 
         _write_jsonl(tmp / "alarms.jsonl", iso, alarms, incidents)
         confirmed = drain_candidates(incidents, n.drain_after_nights)
         (tmp / "drain.txt").write_text(drain_lines(confirmed))
-        metrics = evaluate(iter(signals), th, cm)
         if metrics["labelled"]:
             write_json(tmp / "metrics.json", {"detector": "autoencoder", "cost_model": vars(cm), "splits":
                                               metrics["splits"], "class_profiles": class_profiles(errors)})

@@ -28,7 +28,7 @@ from hpcad.device import resolve_device
 from hpcad.errors import ConfigError, StoreError
 from hpcad.explain import class_profiles
 from hpcad.score import ErrorStore, score_nodes, write_index
-from hpcad.threshold.evaluate import alarm_events, evaluate, write_alarms_csv
+from hpcad.threshold.evaluate import apply_thresholds, evaluate
 from hpcad.threshold.reduce import reducer
 from hpcad.threshold.rules import Thresholds
 from hpcad.train import train_nodes
@@ -146,8 +146,8 @@ def stage_threshold(cfg, run_dir: Path) -> dict:
     """Fit thresholds, then write alarms and scores. Under mpiexec or ``srun --mpi=pmi2`` every rank
     fits on its share of the nodes and the ranks reduce (docs/cluster.md); rank 0 writes the outputs."""
     errors = _errors(run_dir)
-    source = errors.signals
-    red = reducer()
+    w = dist.world()
+    red = reducer(w)
     mine = partial(errors.signals, nodes=dist.shard(errors.rows, red.size)[red.rank])
     labelled = any(s.labels is not None for s in errors.signals(errors.nodes[:1])) if errors.nodes else False
     tr = _train_run(cfg)
@@ -157,21 +157,16 @@ def stage_threshold(cfg, run_dir: Path) -> dict:
         log.info("unlabelled data: using the thresholds fitted by %s", tr)
     else:
         th = rule.fit(mine, red)
-    rank = max(red.rank, dist.world().rank)  # one writer, also when ranks run without MPI
+    rank = w.rank  # one writer, also when ranks run without MPI
     if rank != 0:
         return {"thresholds": th.to_dict(), "rank": rank}
     th.save(run_dir / "thresholds.json")
     cm = rule.cost_model
     store = stage_ingest(cfg, run_dir)
     time_unit = store.time_unit(store.nodes[0]) if store.nodes else "s"
-    jobs = store.jobs()
-    records = []
-    for s in source():
-        records += alarm_events(s, th, errors.errors, errors.metrics, cfg.report.top_k, time_unit,
-                                merge_gap=rule.cost_model.tolerance, jobs=jobs)
-    write_alarms_csv(run_dir / "alarms.csv", records)
+    records, metrics = apply_thresholds(errors, th, cm, cfg.report.top_k, time_unit, store.jobs(),
+                                        run_dir / "alarms.csv")
     result = {"alarms": len(records), "thresholds": th.to_dict()}
-    metrics = evaluate(source(), th, cm, time_unit)
     if metrics["labelled"]:
         out = {"detector": "autoencoder", "cost_model": vars(cm), "threshold_rule": th.rule,
                "signal": dict(OmegaConf.to_container(cfg.signal)), "scope": th.scope, "threshold_check":

@@ -73,9 +73,17 @@ def test_shard_is_balanced_deterministic_and_rank_independent():
 
 def test_world_from_environment(monkeypatch):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_ID", "HPCAD_WORLD_SIZE",
-              "PMI_RANK", "PMI_SIZE"):  # the suite itself may run inside an MPI or SLURM allocation
-        monkeypatch.delenv(k, raising=False)
+              "PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)  # the suite itself may run inside an MPI or SLURM allocation
     assert world() == World()
+    from hpcad.threshold.reduce import Reducer, reducer
+
+    assert type(reducer(world())) is Reducer  # one process: no MPI
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "1")
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "3")
+    assert world() == World(1, 3, 0, "mpi")  # Open MPI's mpirun
+    for k in ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(k)
     monkeypatch.setenv("SLURM_PROCID", "2")
     monkeypatch.setenv("SLURM_NTASKS", "4")
     monkeypatch.setenv("SLURM_LOCALID", "2")

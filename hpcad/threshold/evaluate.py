@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +11,7 @@ import numpy as np
 from hpcad.atomic import atomic_path
 from hpcad.data.jobs import JobTable
 from hpcad.preprocess import SPLIT_NAMES
-from hpcad.score import NodeSignal
+from hpcad.score import ErrorStore, NodeSignal
 from hpcad.threshold.cost import CostModel, Scores, runs, score_rows
 from hpcad.threshold.quality import macro, ranking
 from hpcad.threshold.rules import Thresholds
@@ -50,6 +50,21 @@ def evaluate(signals: Iterator[NodeSignal], th: Thresholds, model: CostModel, ti
         if labelled:
             splits.setdefault(name, {})["ranking"] = macro(figs)
     return {"labelled": labelled, "splits": splits, "nodes": per_node}
+
+
+def apply_thresholds(errors: ErrorStore, th: Thresholds, model: CostModel, top_k: int, time_unit: str,
+                     jobs: JobTable | None, alarms_csv: Path,
+                     signals: Callable[[], Iterator[NodeSignal]] | None = None) -> tuple[list[dict], dict]:
+    """What ``hpcad threshold`` and the nightly job do with fitted thresholds: the alarm records
+    (written to ``alarms_csv``; consecutive alarms closer than the cost model's tolerance are one)
+    and :func:`evaluate`'s figures. ``signals`` defaults to reading them from ``errors``."""
+    signals = signals or errors.signals
+    records = []
+    for s in signals():
+        records += alarm_events(s, th, errors.errors, errors.metrics, top_k, time_unit,
+                                merge_gap=model.tolerance, jobs=jobs)
+    write_alarms_csv(alarms_csv, records)
+    return records, evaluate(signals(), th, model, time_unit)
 
 
 def _iso(ts: int, unit: str) -> str:

@@ -7,10 +7,11 @@ high quantile.
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
+
+from hpcad.dist import World
 
 
 class Reducer:
@@ -63,21 +64,15 @@ class MpiReducer(Reducer):
         return np.concatenate(self.comm.allgather(np.asarray(a)))
 
 
-def _launched_as_several() -> bool:
-    env = os.environ
-    for key in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE"):
-        if key in env and int(env[key]) > 1:
-            return True
-    return "PMI_FD" in env or "PMIX_RANK" in env or int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in env
-
-
-def reducer() -> Reducer:
-    """MPI's COMM_WORLD when launched by mpiexec or ``srun --mpi=pmi2`` with several ranks, else local."""
-    if not _launched_as_several():
+def reducer(w: World) -> Reducer:
+    """MPI's COMM_WORLD when this process is one of several ranks (:func:`hpcad.dist.world`) and MPI
+    connects them (mpiexec, ``srun --mpi=pmi2``); else local (every rank reduces its own share, and
+    the caller's rank still decides who writes)."""
+    if not w.distributed:
         return Reducer()
     try:
         from mpi4py import MPI
     except ImportError:
         return Reducer()
     comm = MPI.COMM_WORLD
-    return MpiReducer(comm) if comm.Get_size() > 1 else Reducer()
+    return MpiReducer(comm) if comm.Get_size() == w.size and comm.Get_rank() == w.rank else Reducer()
