@@ -42,7 +42,7 @@ class DataConfig:
     epoch_unit: str = "s"  # numeric timestamps: s | ms | us | ns
     counters: list[str] = field(default_factory=list)  # metric names/patterns turned into per-second rates
     jobs: Optional[str] = None  # sacct --parsable2 (JobID|NodeList|Start|End|State) or CSV: job context
-    on_missing_metric: str = "error"  # ldms/long: error | drop (a metric absent on some nodes)
+    on_missing_metric: str = "union"  # a metric some nodes lack: union (absent there) | drop (common set) | error
     scratch_buckets: int = 64  # ldms/long: node buckets of the out-of-core pivot (memory ~ input / buckets)
     sort_timestamps: bool = False  # unsorted timestamps are an error unless this is true
     ignore_columns: list[str] = field(default_factory=list)  # non-metric columns to drop (else: error)
@@ -83,6 +83,7 @@ class TrainConfig:
     patience: int = 3
     restore_best: bool = True
     seed: int = 0
+    input_noise: float = 0.0  # denoising: Gaussian noise of this std (standardised units) on training inputs
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # Bound the models trained together in one batched chunk (hpcad/model/budget.py). Host memory
     # (all of it on CPU); None: half the host's available memory shared by the ranks on the node.

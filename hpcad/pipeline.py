@@ -114,7 +114,9 @@ def stage_score(cfg, run_dir: Path) -> Path:
         score_nodes(cfg, store, models_dir(cfg, run_dir), parts[w.rank], mine, device)
         dist.barrier()
         if w.rank == 0:
-            write_index(out, parts, store.metrics, {"hpcad_format": "error-store", "format_version": 1,
+            scored = [e for e in map(ErrorStore, parts) if e.nodes] or [ErrorStore(parts[0])]
+            metrics = scored[0].metrics  # the models' metrics (the store may hold others)
+            write_index(out, parts, metrics, {"hpcad_format": "error-store", "format_version": 1,
                                                    "store": str(store.path), "models": str(models_dir(cfg, run_dir))})
         dist.barrier()
         return out

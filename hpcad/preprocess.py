@@ -130,7 +130,9 @@ def compress(z: np.ndarray, clip: float, soft: bool) -> np.ndarray:
 @dataclass
 class Scaler:
     """Per-metric standardisation fitted on training rows: z = compress((x - mean) / scale), and the
-    training range [lo, hi] of z per metric (for the range-excess term of scoring)."""
+    training range [lo, hi] of z per metric (for the range-excess term of scoring). A metric without
+    any training value (the node does not report it: heterogeneous nodes, docs/data.md) is *absent*:
+    always read as missing, so it never feeds the model or its error."""
 
     mean: np.ndarray
     scale: np.ndarray
@@ -138,15 +140,18 @@ class Scaler:
     soft_clip: bool = True
     lo: np.ndarray | None = None
     hi: np.ndarray | None = None
+    absent: np.ndarray | None = None  # bool [M]
 
     def __post_init__(self) -> None:
         if self.lo is None:
             self.lo = np.full_like(self.mean, -np.inf)
         if self.hi is None:
             self.hi = np.full_like(self.mean, np.inf)
+        if self.absent is None:
+            self.absent = np.zeros(self.mean.shape, dtype=bool)
 
     @classmethod
-    def fit(cls, values: np.ndarray, cfg, where: str = "") -> "Scaler":
+    def fit(cls, values: np.ndarray, cfg, where: str = "", names: list[str] | None = None) -> "Scaler":
         if values.shape[0] == 0:
             raise ConfigError(f"{where}: no training rows to fit the standardisation on "
                               f"(check split.* and the labels)")
@@ -156,7 +161,9 @@ class Scaler:
             rng = np.nanmax(values, axis=0) - np.nanmin(values, axis=0)
         empty = ~np.isfinite(mean)
         if empty.any():
-            log.warning("%s: %d metrics have no training value; they are centred on 0", where, int(empty.sum()))
+            cols = [names[i] if names else str(i) for i in np.flatnonzero(empty)[:10]]
+            log.warning("%s: %d metric(s) without any training value are left out of the model and its error "
+                        "(absent on this node): %s", where, int(empty.sum()), ", ".join(cols))
         mean = np.where(empty, 0.0, mean)
         rng = np.nan_to_num(rng)
         floor = np.maximum(cfg.std_floor_rel * rng, cfg.std_floor_abs)
@@ -165,7 +172,7 @@ class Scaler:
         # (or in its own units when the level is below 1), not against the tiny absolute floor.
         scale = np.where(rng > 0, scale, np.maximum(np.abs(mean), 1.0))
         soft = bool(getattr(cfg, "soft_clip", True))
-        out = cls(mean.astype(np.float32), scale.astype(np.float32), float(cfg.clip), soft)
+        out = cls(mean.astype(np.float32), scale.astype(np.float32), float(cfg.clip), soft, absent=empty)
         with np.errstate(all="ignore"):
             z = out.transform(values)[0]
             observed = ~np.isnan(values)
@@ -177,7 +184,7 @@ class Scaler:
         """Standardised values and a mask of entries that were missing (imputed with the mean)."""
         with np.errstate(invalid="ignore"):
             z = (values - self.mean) / self.scale
-        missing = np.isnan(z)
+        missing = np.isnan(z) | self.absent
         z = np.where(missing, 0.0, compress(z, self.clip, self.soft_clip)).astype(np.float32)
         return z, missing
 

@@ -81,14 +81,16 @@ def score_nodes(cfg, store: TelemetryStore, models_dir: Path, out_path: Path, no
     if missing:
         raise StoreError(f"{models_dir}: no model for nodes {missing[:10]} ({len(missing)} missing); "
                          f"train them first or point train_run at the run that did")
-    M = len(store.metrics)
+    metrics = NodeModel.load(model_path(models_dir, nodes[0])).metrics if nodes else list(store.metrics)
+    columns = metric_columns(metrics, store.metrics, str(store.path))
+    M = len(metrics)
     sig_cfg = cfg.signal
     budget = Budget.resolve(cfg.train, device)
     with atomic_path(out_path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs.update(hpcad_format=FORMAT, format_version=1, store=str(store.path), models=str(models_dir),
                        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                        hpcad_version=__version__)
-        f.create_dataset("metrics", data=np.array(store.metrics, dtype=object), dtype=STR)
+        f.create_dataset("metrics", data=np.array(metrics, dtype=object), dtype=STR)
         nodes_grp = f.create_group("nodes")
         bar = tqdm(total=len(nodes), desc="score", unit="node", disable=not cfg.train.progress)
         i = 0
@@ -104,11 +106,13 @@ def score_nodes(cfg, store: TelemetryStore, models_dir: Path, out_path: Path, no
             models, data, zs, masks = [], [], [], []
             for node in chunk:
                 model = first if node == chunk[0] else NodeModel.load(model_path(models_dir, node))
-                if model.metrics != store.metrics:
-                    raise InputError(f"node {node}: the model was trained on other metrics than {store.path} "
-                                     f"holds (first difference: {_first_diff(model.metrics, store.metrics)})")
+                if model.metrics != metrics:
+                    raise InputError(f"node {node}: its model was trained on other metrics than node {nodes[0]}'s "
+                                     f"(first difference: {_first_diff(model.metrics, metrics)}); score models "
+                                     f"of one training run together")
                 nd = store.read(node)
-                z, miss = model.scaler.transform(fill_gaps(nd.values, cfg.preprocess.nan_fill_limit))
+                values = nd.values if columns is None else _aligned(nd.values, columns)
+                z, miss = model.scaler.transform(fill_gaps(values, cfg.preprocess.nan_fill_limit))
                 models.append(model), data.append(nd), zs.append(z), masks.append(miss)
             maps = [light(n) for n in chunk]
             same_shape = len({(tuple(m.spec.hidden), m.spec.members, m.spec.window) for m in models}) == 1
@@ -177,6 +181,36 @@ def reconstruction_errors(models: list[NodeModel], zs: list[np.ndarray], device:
             for k, z in enumerate(zs):
                 rows = max(0, min(n, z.shape[0] - s))
                 out[k][s:s + rows] = e[k, :rows]
+    return out
+
+
+def metric_columns(model_metrics: list[str], store_metrics: list[str], where: str) -> np.ndarray | None:
+    """Where each of the models' metrics sits in the store (-1: not there), or None when the lists
+    are equal. The store may lack some (heterogeneous or changed exports: scored as missing, no
+    error) or hold more (ignored); both are logged. No metric in common is an error."""
+    if list(model_metrics) == list(store_metrics):
+        return None
+    pos = {m: i for i, m in enumerate(store_metrics)}
+    cols = np.array([pos.get(m, -1) for m in model_metrics])
+    if (cols < 0).all():
+        raise InputError(f"{where}: none of the {len(model_metrics)} metrics the models were trained on "
+                         f"(e.g. {list(model_metrics[:3])}) is in this store")
+    lacking = [m for m, c in zip(model_metrics, cols) if c < 0]
+    unknown = sorted(set(store_metrics) - set(model_metrics))
+    if lacking:
+        log.warning("%s lacks %d of the models' metrics; they are scored as missing (no error): %s", where,
+                    len(lacking), lacking[:10])
+    if unknown:
+        log.warning("%s holds %d metric(s) the models were not trained on; ignored: %s", where, len(unknown),
+                    unknown[:10])
+    return cols
+
+
+def _aligned(values: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``values`` [T, M_store] in the models' metric order (NaN where the store has no column)."""
+    out = np.full((values.shape[0], cols.size), np.nan, dtype=np.float32)
+    have = cols >= 0
+    out[:, have] = values[:, cols[have]]
     return out
 
 

@@ -35,7 +35,7 @@ def prepare_training_rows(store: TelemetryStore, node: str, cfg, window: int = 1
     mask = training_rows(nd, codes, cfg.split.normal_only, cfg.split.exclude_idle)
     check_training_rows(int(window_rows(mask, window).sum()) if window > 1 else int(mask.sum()), f"node {node}")
     values = fill_gaps(nd.values, cfg.preprocess.nan_fill_limit)
-    scaler = Scaler.fit(values[mask], cfg.preprocess, where=f"node {node}")
+    scaler = Scaler.fit(values[mask], cfg.preprocess, where=f"node {node}", names=store.metrics)
     if window == 1:
         return scaler.transform(values[mask])[0], scaler
     z, _ = scaler.transform(values)
@@ -61,7 +61,8 @@ def check_train_config(tc) -> None:
               (int(tc.batch_size) >= 1, "train.batch_size", "must be >= 1"),
               (float(tc.lr) > 0, "train.lr", "must be > 0"),
               (0 <= float(tc.validation_split) < 1, "train.validation_split", "must be in [0, 1)"),
-              (int(tc.patience) >= 1, "train.patience", "must be >= 1")]
+              (int(tc.patience) >= 1, "train.patience", "must be >= 1"),
+              (float(tc.input_noise) >= 0, "train.input_noise", "must be >= 0 (0: no denoising)")]
     for ok, option, rule in checks:
         if not ok:
             raise ConfigError(f"{option}={getattr(tc, option.split('.')[1])}: {rule}")
@@ -79,7 +80,7 @@ def training_fingerprint(cfg, spec: AutoencoderSpec, store: TelemetryStore) -> s
     t = cfg.train
     shape = {"spec": spec.to_dict(), "metrics": list(store.metrics), "data": store.signature,
              "train": {k: t[k] for k in ("epochs", "batch_size", "lr", "validation_split", "patience",
-                                          "restore_best", "seed", "precision")},
+                                          "restore_best", "seed", "precision", "input_noise")},
              "preprocess": OmegaConf.to_container(cfg.preprocess) if OmegaConf.is_config(cfg.preprocess)
              else dict(vars(cfg.preprocess)),
              "split": OmegaConf.to_container(cfg.split) if OmegaConf.is_config(cfg.split) else dict(vars(cfg.split))}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hpcad.model.autoencoder import AutoencoderSpec, forward, glorot_init
-from hpcad.model.ensemble import BETA1, BETA2, EPS, _shuffle_keys, train_ensemble
+from hpcad.model.ensemble import BETA1, BETA2, EPS, _shuffle_keys, input_noise, train_ensemble
 
 CFG = NS(batch_size=32, validation_split=0.1, epochs=6, lr=1e-3, patience=3, restore_best=True)
 
@@ -29,7 +29,11 @@ def _reference(spec, x, seed, cfg):
         perm = torch.argsort(keys)
         for s in range(0, n_tr, cfg.batch_size):
             xb = X[perm[s:s + cfg.batch_size]][None]
-            recon, _ = forward([p[None] for p in params], xb, len(spec.hidden))
+            x_in = xb
+            if getattr(cfg, "input_noise", 0.0):  # denoising: the step's noise, the clean batch as target
+                z = input_noise(torch.tensor([seed]), epoch, s // cfg.batch_size, (cfg.batch_size, x.shape[1]))
+                x_in = xb + cfg.input_noise * z[:, : xb.shape[1]]
+            recon, _ = forward([p[None] for p in params], x_in, len(spec.hidden))
             opt.zero_grad()
             ((recon - xb) ** 2).mean().backward()
             opt.step()
@@ -71,6 +75,24 @@ def test_result_does_not_depend_on_chunk_companions(hidden, M):
     for x, y in zip(a.params[1], b.params[0]):
         assert torch.equal(x, y)
     assert a.history[1] == b.history[0] and a.holdout_signal[1] == b.holdout_signal[0]
+
+
+def test_denoising_trains_like_the_plain_loop_and_ignores_companions():
+    """train.input_noise: each model's noise is its own (seed, epoch, step), as in a plain loop."""
+    spec, M = AutoencoderSpec([8]), 12
+    cfg = NS(**{**vars(CFG), "input_noise": 0.3})
+    data = [_data(n, M=M, seed=i) for i, n in enumerate([300, 157, 64])]
+    batched = train_ensemble(spec, data, [11, 22, 33], cfg, torch.device("cpu"))
+    for k, seed in enumerate([11, 22, 33]):
+        for a, b in zip(batched.params[k], _reference(spec, data[k], seed, cfg)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    alone = train_ensemble(spec, data[1:2], [22], cfg, torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(alone.params[0], batched.params[1]))
+    clean = train_ensemble(spec, data[1:2], [22], CFG, torch.device("cpu"))
+    assert not torch.equal(clean.params[0][0], alone.params[0][0])  # the noise does reach training
+    z = input_noise(torch.tensor([1, 2]), 0, 0, (512, 64))
+    assert abs(float(z.mean())) < 0.01 and abs(float(z.std()) - 1) < 0.01  # standard normal
+    assert not torch.equal(z[0], z[1]) and torch.equal(z[1], input_noise(torch.tensor([2]), 0, 0, (512, 64))[0])
 
 
 def test_default_model_does_not_depend_on_its_chunk_position():

@@ -116,15 +116,18 @@ def test_counters_become_rates_and_resets_stay_missing(tmp_path, caplog):
         ingest(data_cfg(source=str(d), counters=["cum_*"]), tmp_path / "t.h5")
 
 
-def test_metric_missing_on_some_nodes_errors_or_is_dropped(tmp_path):
+def test_metric_missing_on_some_nodes_is_absent_there_dropped_or_an_error(tmp_path):
     f = tmp_path / "long.csv"
     rows = pd.read_csv(EXAMPLES / "long" / "examon-2025-01.csv")
     rows[~((rows.node == "n002") & (rows.metric == "temp_cpu"))].to_csv(f, index=False)
-    with pytest.raises(InputError, match=r"'temp_cpu' on 1 of 2 nodes \(\['n002'\]\).*on_missing_metric=drop"):
-        ingest(_long(source=str(f)), tmp_path / "s.h5")
+    with pytest.raises(InputError, match=r"'temp_cpu' on 1 of 2 nodes \(\['n002'\]\).*union.*drop"):
+        ingest(_long(source=str(f), on_missing_metric="error"), tmp_path / "s.h5")
     assert not (tmp_path / "s.h5").exists()
     store = TelemetryStore(ingest(_long(source=str(f), on_missing_metric="drop"), tmp_path / "s.h5"))
     assert store.metrics == ["pow_cpu"]
+    store = TelemetryStore(ingest(_long(source=str(f)), tmp_path / "u.h5"))  # default: union
+    assert store.metrics == ["pow_cpu", "temp_cpu"]
+    assert np.isnan(store.read("n002").values[:, 1]).all() and not np.isnan(store.read("n001").values[:, 1]).all()
 
 
 def test_bad_long_and_ldms_input_names_file_and_place(tmp_path):

@@ -125,21 +125,26 @@ class GridStager:
             raise InputError(f"{source}: no metric besides the label {self.label_name!r}")
         cover = self.cover[: len(self.node_names)]
         missing = {c: np.flatnonzero(~cover[:, c]) for c in codes if not cover[:, c].all()}
+        if policy not in ("union", "drop", "error"):
+            raise InputError(f"data.on_missing_metric={policy!r}: union, drop or error")
+        if missing and policy == "union":
+            log.warning("%s: %d metric(s) missing on some nodes are kept as absent there (data.on_missing_metric="
+                        "union; each node is trained on its own metrics): %s", source, len(missing),
+                        [self.metric_names[c] for c in list(missing)[:20]])
+            missing = {}
         if missing and policy == "error":
             c, nodes = next(iter(missing.items()))
             raise InputError(
                 f"{source}: {len(missing)} metric(s) missing entirely on some nodes, e.g. "
                 f"{self.metric_names[c]!r} on {len(nodes)} of {len(self.node_names)} nodes "
-                f"({[self.node_names[i] for i in nodes[:5]]}); every node must export the same metrics, "
-                f"or set data.on_missing_metric=drop to drop such metrics on every node")
+                f"({[self.node_names[i] for i in nodes[:5]]}); data.on_missing_metric=union keeps each node's "
+                f"own metrics, drop keeps only the common ones")
         if missing:
             log.warning("data.on_missing_metric=drop: dropping %d metric(s) missing on some nodes: %s",
                         len(missing), [self.metric_names[c] for c in list(missing)[:20]])
             codes = [c for c in codes if c not in missing]
             if not codes:
                 raise InputError(f"{source}: no metric is present on every node")
-        elif policy not in ("error", "drop"):
-            raise InputError(f"data.on_missing_metric={policy!r}: error or drop")
         return sorted(codes, key=lambda c: self.metric_names[c])
 
     # ---- pass 2 --------------------------------------------------------------------------------

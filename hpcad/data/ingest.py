@@ -34,7 +34,7 @@ from hpcad.data.ldms import stage_ldms
 from hpcad.data.longformat import stage_long
 from hpcad.data.store import TelemetryStore, check_node_name, open_h5, write_store
 from hpcad.data.node import NodeData
-from hpcad.data.tables import is_table, iter_table_chunks, read_table, stem
+from hpcad.data.tables import columns, is_table, iter_table_chunks, read_table, stem
 from hpcad.data.timestamps import to_epoch_seconds
 from hpcad.errors import InputError
 
@@ -42,13 +42,24 @@ log = logging.getLogger(__name__)
 FORMATS = {"wide": None, "ldms": stage_ldms, "long": stage_long}
 
 
-class FrameConverter:
-    """Validate one node's table and turn it into :class:`NodeData` (first node fixes the metric set)."""
+POLICIES = ("union", "drop", "error")
 
-    def __init__(self, data_cfg) -> None:
+
+class FrameConverter:
+    """Validate one node's table and turn it into :class:`NodeData` in the store's metric order.
+
+    ``metrics`` is the store's metric list: given (from the files' headers, :func:`plan_metrics`), or
+    fixed by the first node. ``data.on_missing_metric`` says what a node without some of them gets:
+    ``union`` (default) all-NaN columns, the metric is *absent* on that node (its model leaves it
+    out); ``drop`` cannot happen (the list is the common set); ``error`` refuses the node."""
+
+    def __init__(self, data_cfg, metrics: list[str] | None = None) -> None:
         self.cfg = data_cfg
-        self.metrics: list[str] | None = None
+        self.metrics = metrics
         self.labelled: bool | None = None
+        self.policy = str(data_cfg.on_missing_metric)
+        if self.policy not in POLICIES:
+            raise InputError(f"data.on_missing_metric={self.policy!r}: one of {', '.join(POLICIES)}")
 
     def __call__(self, df: pd.DataFrame, node: str, where: str) -> NodeData:
         cfg = self.cfg
@@ -67,15 +78,18 @@ class FrameConverter:
                              f"fix the export or list them in data.ignore_columns")
         if not metric_cols:
             raise InputError(f"{where}: no metric columns besides {cfg.timestamp_column!r}/{cfg.label_column!r}")
+        if self.labelled is None:
+            self.labelled = has_lab
         if self.metrics is None:
             self.metrics = [str(c) for c in metric_cols]
-            self.labelled = has_lab
-        elif set(map(str, metric_cols)) != set(self.metrics):
+        elif set(map(str, metric_cols)) != set(self.metrics) and self.policy == "error":
             missing = sorted(set(self.metrics) - set(map(str, metric_cols)))
             extra = sorted(set(map(str, metric_cols)) - set(self.metrics))
             raise InputError(f"{where}: metric set differs from the first node's: missing {missing[:10]}, "
-                             f"extra {extra[:10]} (every node must export the same metrics)")
-        values = df[self.metrics].to_numpy(dtype=np.float32)
+                             f"extra {extra[:10]} (data.on_missing_metric=error; union keeps each node's "
+                             f"own metrics, drop the common ones)")
+        df.columns = [str(c) for c in df.columns]
+        values = df.reindex(columns=self.metrics).to_numpy(dtype=np.float32)
         infinite = np.isinf(values)
         if infinite.any():  # e.g. a derived metric divided by zero: a missing sample, said once per node
             cols = [self.metrics[i] for i in np.flatnonzero(infinite.any(axis=0))[:10]]
@@ -85,7 +99,10 @@ class FrameConverter:
         all_nan = np.isnan(values).all(axis=0)
         if all_nan.any():
             cols = [self.metrics[i] for i in np.flatnonzero(all_nan)[:10]]
-            raise InputError(f"{where}: metric columns {cols} hold no value at all")
+            if self.policy != "union":
+                raise InputError(f"{where}: metric columns {cols} hold no value at all (data.on_missing_metric="
+                                 f"{self.policy}; union ingests them as absent on this node)")
+            log.info("%s: %d metric(s) absent on this node (no value): %s", where, int(all_nan.sum()), cols)
         if has_ts:
             ts = to_epoch_seconds(df[cfg.timestamp_column], where, cfg.timestamp_column, cfg.timezone, cfg.epoch_unit)
             unit = "s"
@@ -138,7 +155,7 @@ def _guarded(make, node: str, skipped: list | None) -> NodeData | None:
         return None
 
 
-def _iter_directory(source: Path, conv: FrameConverter, skipped: list | None = None) -> Iterator[NodeData]:
+def _table_files(source: Path) -> list[Path]:
     files = sorted(p for p in source.iterdir() if is_table(p))
     if not files:
         raise InputError(f"{source}: no *.csv or *.parquet files in the directory")
@@ -146,6 +163,48 @@ def _iter_directory(source: Path, conv: FrameConverter, skipped: list | None = N
     dup = {s for s in stems if stems.count(s) > 1}
     if dup:
         raise InputError(f"{source}: several files for nodes {sorted(dup)} (e.g. both CSV and Parquet)")
+    return files
+
+
+def plan_metrics(files: list[Path], data_cfg, skip_bad: bool = False) -> list[str]:
+    """The store's metric list from the node files' headers (no rows read): their union
+    (``data.on_missing_metric=union``) or the metrics every file has (``drop``), in first-seen order.
+    ``skip_bad``: a file whose header cannot be read is left out here (the node is then skipped and
+    recorded when it is read)."""
+    skip = {data_cfg.node_column, data_cfg.timestamp_column, data_cfg.label_column, *data_cfg.ignore_columns}
+    order: dict[str, int] = {}
+    sets = []
+    for path in files:
+        try:
+            header = columns(path)
+        except InputError:
+            if skip_bad:
+                continue
+            raise
+        cols = [c for c in header if c not in skip and not c.startswith("__index_level_")]
+        sets.append(set(cols))
+        for c in cols:
+            order.setdefault(c, len(order))
+    names = list(order)
+    if data_cfg.on_missing_metric == "drop":
+        common = set.intersection(*sets) if sets else set()
+        gone = [c for c in names if c not in common]
+        if gone:
+            log.warning("data.on_missing_metric=drop: dropping %d metric(s) missing on some nodes: %s", len(gone),
+                        gone[:20])
+        names = [c for c in names if c in common]
+        if not names:
+            raise InputError(f"{files[0].parent}: no metric is present in every node file")
+    elif len({frozenset(s) for s in sets}) > 1:
+        log.warning("%s: nodes report different metrics (%d in all, %d to %d per node); each node is trained "
+                    "on its own (data.on_missing_metric=union)", files[0].parent, len(names),
+                    min(map(len, sets)), max(map(len, sets)))
+    return names
+
+
+def _iter_directory(source: Path, conv: FrameConverter, skipped: list | None = None) -> Iterator[NodeData]:
+    files = _table_files(source)
+    stems = [stem(p) for p in files]
     for path, node in zip(files, stems):
         check_node_name(node, str(path))
         nd = _guarded(lambda: conv(read_table(path), node, str(path)), node, skipped)
@@ -240,6 +299,8 @@ def ingest(data_cfg, store_path: Path) -> Path:
         if fmt == "wide":
             conv = FrameConverter(data_cfg)
             if src.is_dir():
+                if conv.policy != "error":
+                    conv.metrics = plan_metrics(_table_files(src), data_cfg, skip_bad=skipped is not None)
                 stream = _iter_directory(src, conv, skipped)
             elif is_table(src):
                 stream = _iter_single_file(src, conv, store_path.parent, skipped)

@@ -29,9 +29,21 @@ def is_parquet(path: Path) -> bool:
     return path.name.lower().endswith((".parquet", ".pq"))
 
 
-def check_header(path: Path) -> None:
-    """Refuse a CSV whose header names a column twice (pandas would rename the copy ``name.1`` and
-    ingest it as another metric)."""
+def columns(path: Path) -> list[str]:
+    """A table's column names without reading its rows (CSV header line, Parquet schema)."""
+    if is_parquet(path):
+        import pyarrow.parquet as pq
+
+        try:
+            return list(pq.read_schema(path).names)
+        except Exception as exc:
+            raise InputError(f"{path}: cannot read the Parquet schema: {exc}") from exc
+    return check_header(path)
+
+
+def check_header(path: Path) -> list[str]:
+    """A CSV's header; refuse one that names a column twice (pandas would rename the copy ``name.1``
+    and ingest it as another metric)."""
     import csv
     import gzip
     from collections import Counter
@@ -46,6 +58,7 @@ def check_header(path: Path) -> None:
     if dup:
         raise InputError(f"{path}: the header names column(s) {dup[:10]} more than once; each metric needs "
                          f"one column")
+    return header
 
 
 def read_table(path: Path) -> pd.DataFrame:

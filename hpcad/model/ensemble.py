@@ -45,6 +45,18 @@ def _shuffle_keys(seeds: torch.Tensor, epoch: int, n: int) -> torch.Tensor:
     return x & _MASK63
 
 
+def input_noise(seeds: torch.Tensor, epoch: int, step: int, shape: tuple[int, int]) -> torch.Tensor:
+    """Standard Gaussian noise [K, *shape] for training step ``step`` of ``epoch``: a function of
+    each model's seed and the step only (hashed like :func:`_shuffle_keys`, Box-Muller), so a
+    model's noise, like its shuffle, does not depend on its chunk companions or the device."""
+    n = shape[0] * shape[1]
+    keys = _shuffle_keys(seeds * 0x2545F4914F6CDD1D + 0x5851F42D4C957F2D, epoch * 1_000_003 + step, n)
+    u1 = (((keys >> 31) & 0xFFFFFFFF).to(torch.float64) + 0.5) / 4294967296.0
+    u2 = (keys & 0x7FFFFFFF).to(torch.float64) / 2147483648.0
+    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(6.283185307179586 * u2)
+    return z.to(torch.float32).view(-1, *shape)
+
+
 @dataclass
 class TrainResult:
     params: list[list[torch.Tensor]]  # per model, [W0, b0, ...] on CPU
@@ -103,6 +115,7 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
     ar_B = torch.arange(B, device=device)
     row_idx = torch.arange(Nmax, device=device)[None, :]
     l1 = float(spec.code_l1)
+    noise = float(getattr(cfg, "input_noise", 0.0))
     tf32 = tf32_context(getattr(cfg, "precision", "fp32"), device)  # bf16: the step casts its own matmuls
     cdt = torch.bfloat16 if getattr(cfg, "precision", "fp32") == "bf16" else torch.float32
 
@@ -151,7 +164,8 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
                     counted = valid * a[:, None]
                     active = adam.group(torch.nonzero(a).flatten().tolist())
                 with torch.no_grad():
-                    row_loss = backprop(xb, weights)
+                    x_in = xb + noise * input_noise(seeds_t, epoch, s, (B, M)).to(device) if noise > 0 else None
+                    row_loss = backprop(xb, weights, x_in)
                     loss_rows.addcmul_(row_loss, counted)
                     adam.step(active, a)
             with torch.no_grad():
@@ -409,11 +423,15 @@ class _Backprop:
         else:
             dst.copy_(_mm(scratch, a, b, dt))
 
-    def __call__(self, x: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor],
+                 x_in: torch.Tensor | None = None) -> torch.Tensor:
+        """``x``: the batch and the reconstruction target; ``x_in``: the input when it differs
+        (denoising: the batch plus noise)."""
         w_row, w = weights
         cdt, l1, acts, n_encoder = self.cdt, self.l1, self.acts, self.n_encoder
         last = len(self.W) - 1
-        h = x
+        x_in = x if x_in is None else x_in
+        h = x_in
         for layer in range(last):
             h = _mm(acts[layer], h, self.W[layer], cdt, self.b[layer]).relu_()
         if cdt == torch.float32:  # diff = (b - x) + h @ W in one matmul pass (no bias copy, no subtraction)
@@ -434,7 +452,7 @@ class _Backprop:
             dh.add_((l1 * w_row).unsqueeze(-1))
         dz = _relu_backward(dh, h_in)
         for layer in range(last - 1, -1, -1):
-            h_in = x if layer == 0 else acts[layer - 1]
+            h_in = x_in if layer == 0 else acts[layer - 1]
             self._grad(2 * layer, h_in.transpose(1, 2), dz, cdt)
             torch.sum(dz, 1, out=self.grads[2 * layer + 1])
             if layer == 0:

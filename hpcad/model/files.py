@@ -39,7 +39,8 @@ class NodeModel:
             "spec": self.spec.to_dict(), "metrics": list(self.metrics),
             "members": [[p.detach().cpu().contiguous() for p in m] for m in self.members],
             "scaler": {"mean": torch.from_numpy(sc.mean), "scale": torch.from_numpy(sc.scale), "clip": sc.clip,
-                       "soft_clip": sc.soft_clip, "lo": torch.from_numpy(sc.lo), "hi": torch.from_numpy(sc.hi)},
+                       "soft_clip": sc.soft_clip, "lo": torch.from_numpy(sc.lo), "hi": torch.from_numpy(sc.hi),
+                       "absent": torch.from_numpy(sc.absent)},
             "history": self.history, "signal_scale": float(self.signal_scale), "fingerprint": self.fingerprint,
         }
         save_tensors(path, obj)
@@ -53,9 +54,10 @@ class NodeModel:
             soft = bool(sc.get("soft_clip", False))  # version 1 files: hard clip, no training range
             lo = sc["lo"].numpy().astype(np.float32) if "lo" in sc else np.full_like(mean, -np.inf)
             hi = sc["hi"].numpy().astype(np.float32) if "hi" in sc else np.full_like(mean, np.inf)
+            absent = sc["absent"].numpy().astype(bool) if "absent" in sc else None  # older files: none
             members = [list(m) for m in obj["members"]] if "members" in obj else [list(obj["params"])]
             return cls(obj["node"], AutoencoderSpec(**obj["spec"]), list(obj["metrics"]), members,
-                       Scaler(mean, scale, float(sc["clip"]), soft, lo, hi), obj["history"],
+                       Scaler(mean, scale, float(sc["clip"]), soft, lo, hi, absent), obj["history"],
                        float(obj["signal_scale"]), str(obj.get("fingerprint", "")))
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise StoreError(f"{path}: model file is incomplete or of another version ({exc}); "
