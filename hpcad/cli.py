@@ -92,8 +92,11 @@ def run_stage(stage: str, overrides: list[str]) -> int:
             if unknown:
                 raise ConfigError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: not part of "
                                   f"hpcad's configuration (misspelt? `hpcad {stage} --cfg job` prints the options)")
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
             launcher = instantiate(cfg.launcher)
-            result = launcher.launch(RUNNERS[stage], cfg, run_dir)
+            with logging_redirect_tqdm():  # log lines go above a running progress bar, never onto it
+                result = launcher.launch(RUNNERS[stage], cfg, run_dir)
         except HpcadError as exc:
             log.error("%s", exc)
             print(f"hpcad {stage}: error: {exc}", file=sys.stderr)
@@ -130,8 +133,11 @@ def run_stage(stage: str, overrides: list[str]) -> int:
     except HpcadError as exc:
         print(f"hpcad {stage}: error: {exc}", file=sys.stderr)
         return 2
-    if w.distributed:  # one log per rank; only rank 0 records the composed config
+    if w.distributed:  # one log per rank, lines prefixed with the rank; only rank 0 records the composed config
         overrides = [*overrides, f"hydra.job.name={stage}-rank{w.rank}"]
+        if not any(o.startswith("hydra.job_logging") for o in overrides):
+            overrides.append("hydra.job_logging.formatters.simple.format="
+                             f"'[%(asctime)s][rank {w.rank}/{w.size}][%(name)s][%(levelname)s] - %(message)s'")
         if w.rank > 0:
             overrides.append("hydra.output_subdir=null")
     sys.argv = [f"hpcad {stage}", *overrides]

@@ -105,6 +105,13 @@ class SignalConfig:
 
 
 @dataclass
+class ScoreConfig:
+    """What ``errors.h5`` keeps (docs/data.md "Disk")."""
+
+    error_dtype: str = "float32"  # float32 | float16: per-metric errors at half the disk (the signal is float32 either way)
+
+
+@dataclass
 class ReportConfig:
     top_k: int = 8
     max_nodes_plotted: int = 12
@@ -211,6 +218,7 @@ class HpcadConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     threshold: Any = None
     signal: SignalConfig = field(default_factory=SignalConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
     launcher: Any = None

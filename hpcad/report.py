@@ -6,11 +6,13 @@ import csv
 import html
 import io
 import json
+import logging
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
+logging.getLogger("matplotlib").setLevel(logging.WARNING)  # its font-cache and backend chatter
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 

@@ -6,7 +6,7 @@ Layout (docs/data.md):
     /metrics          [M] metric names
     /nodes/<node>/    attrs: signal_scale (the node's normal level, hpcad.signals.signal_level), rows, smooth, causal
         (every dataset carries HDF5 Fletcher-32 checksums: a corrupt file is an error on read)
-        error         [T, M] float32 squared error per metric in standardised units (0 where missing),
+        error         [T, M] float32 (score.error_dtype=float16: float16) squared error per metric in standardised units (0 where missing),
                       plus the squared excess of a value outside the metric's training range;
                       chunks of 1024 rows, uncompressed
         signal_row    [T] float32 sum over metrics of error (the row's own signal)
@@ -33,7 +33,7 @@ from hpcad.atomic import atomic_path
 from hpcad.data.store import STR, TelemetryStore, checked, corrupt, open_h5
 from hpcad.device import resolve_device, tf32_context
 from hpcad.dist import world
-from hpcad.errors import InputError, StoreError
+from hpcad.errors import ConfigError, InputError, StoreError
 from hpcad.light import LightMap, light_path
 from hpcad.model.autoencoder import ensemble_recon, stack
 from hpcad.model.budget import Budget
@@ -43,6 +43,7 @@ from hpcad.signals import signal_level, smooth_signal
 
 log = logging.getLogger(__name__)
 FORMAT = "error-store"
+ERROR_DTYPES = {"float32": np.float32, "float16": np.float16}
 ROW_BLOCK = 8192
 
 
@@ -85,6 +86,9 @@ def score_nodes(cfg, store: TelemetryStore, models_dir: Path, out_path: Path, no
     columns = metric_columns(metrics, store.metrics, str(store.path))
     M = len(metrics)
     sig_cfg = cfg.signal
+    error_dtype = ERROR_DTYPES.get(str(cfg.score.error_dtype))
+    if error_dtype is None:
+        raise ConfigError(f"score.error_dtype={cfg.score.error_dtype!r}: one of {', '.join(ERROR_DTYPES)}")
     budget = Budget.resolve(cfg.train, device)
     with atomic_path(out_path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs.update(hpcad_format=FORMAT, format_version=1, store=str(store.path), models=str(models_dir),
@@ -124,7 +128,7 @@ def score_nodes(cfg, store: TelemetryStore, models_dir: Path, out_path: Path, no
                 err[miss] = 0.0
                 level = signal_level(model.signal_scale, M, sig_cfg.scale_floor)
                 _write_node_errors(nodes_grp, nd, err, level, split_codes(nd, cfg.split), sig_cfg,
-                                   lm.version if lm else 0)
+                                   lm.version if lm else 0, error_dtype)
             bar.update(len(chunk))
         bar.close()
     log.info("scored %d nodes -> %s", len(nodes), out_path)
@@ -132,14 +136,16 @@ def score_nodes(cfg, store: TelemetryStore, models_dir: Path, out_path: Path, no
 
 
 def _write_node_errors(parent: h5py.Group, nd, err: np.ndarray, signal_scale: float, split: np.ndarray,
-                       sig_cfg, light_version: int = 0) -> None:
-    row = err.sum(1, dtype=np.float64)
+                       sig_cfg, light_version: int = 0, error_dtype: type = np.float32) -> None:
+    row = err.sum(1, dtype=np.float64)  # the signal comes from the float32 errors, whatever is stored
     signal = smooth_signal(row, sig_cfg.smooth, signal_scale, sig_cfg.causal)
     g = parent.create_group(nd.name)
     T, M = err.shape
     # Uncompressed: squared errors are noisy floats that gzip (+shuffle) shrinks by only ~14 % at
     # about 6x the write time (5.7 of 6.8 ms per 288 x 160 node; docs/benchmarks.md).
     # Checksummed (Fletcher-32 per chunk): a corrupt file is an error on read, never wrong numbers.
+    if error_dtype is np.float16:  # saturate instead of overflowing to inf (65504; errors are ~1e3 at most)
+        err = np.minimum(err, np.finfo(np.float16).max).astype(np.float16)
     for name, data in (("error", err), ("signal_row", row.astype(np.float32)), ("signal", signal.astype(np.float32)),
                        ("signal_norm", (signal / signal_scale).astype(np.float32)), ("timestamp", nd.timestamp),
                        ("split", split), ("labels", nd.labels)):
@@ -269,7 +275,7 @@ class ErrorStore:
         with open_h5(self.path, kind="error file") as f:
             try:
                 ds = f["nodes"][node]["error"]
-                return ds[()] if rows is None else ds[rows]
+                return (ds[()] if rows is None else ds[rows]).astype(np.float32, copy=False)
             except (OSError, KeyError) as exc:
                 raise corrupt(self.path, f"node {node} errors", exc, self.rerun) from exc
 

@@ -105,13 +105,30 @@ def test_scoring_new_data_with_a_trained_run(tmp_path):
           "data.synthetic.rows=400")
     train = tmp_path / "train"
     hpcad("train", f"data.source={exports}", f"hydra.run.dir={train}", "train.epochs=3", "train.progress=false")
-    hpcad("threshold", f"hydra.run.dir={train}", check=False)  # no errors.h5 yet: clear message, no crash
+    early = hpcad("threshold", f"hydra.run.dir={train}", check=False)  # no errors.h5 yet: a clear message
+    assert early.returncode == 2 and "run `hpcad score`" in early.stderr and "Traceback" not in early.stderr
     scored = tmp_path / "scored"
     hpcad("run", f"data.source={exports}", f"train_run={train}", f"hydra.run.dir={scored}",
           "baselines.methods=[]", "train.progress=false", "split.train=0", "split.val=0.5")
     assert not (scored / "models").exists()  # the trained run's models were used
     m = json.loads((scored / "metrics.json").read_text())
     assert m["splits"]["train"]["rows"] == 0 and m["splits"]["val"]["rows"] > 0
+    # half-size errors.h5: float16 per-metric errors, the same float32 signal, thresholds and alarms
+    half = tmp_path / "half"
+    hpcad("run", f"data.source={exports}", f"train_run={train}", f"hydra.run.dir={half}", "score.error_dtype=float16",
+          "baselines.methods=[]", "train.progress=false", "split.train=0", "split.val=0.5", "report.enabled=false")
+    with h5py.File(scored / "errors.h5") as a, h5py.File(half / "errors.h5") as b:
+        for node in a["nodes"]:
+            assert b[f"nodes/{node}/error"].dtype == np.float16 and a[f"nodes/{node}/error"].dtype == np.float32
+            np.testing.assert_array_equal(a[f"nodes/{node}/signal"][()], b[f"nodes/{node}/signal"][()])
+            np.testing.assert_allclose(b[f"nodes/{node}/error"][()], a[f"nodes/{node}/error"][()], rtol=1e-3, atol=1e-4)
+    assert (half / "thresholds.json").read_text() == (scored / "thresholds.json").read_text()
+    def alarms(run):  # the top metrics' errors are printed to 3 digits: compare their names
+        rows = list(csv.DictReader(open(run / "alarms.csv")))
+        return [{**r, "top_metrics": [t.rsplit(":", 1)[0] for t in r["top_metrics"].split()]} for r in rows]
+
+    assert alarms(half) == alarms(scored) and alarms(scored)
+    assert (half / "errors.h5").stat().st_size < 0.6 * (scored / "errors.h5").stat().st_size
 
 
 def test_cfg_job_prints_the_config_and_unknown_keys_fail():

@@ -166,6 +166,8 @@ def test_threshold_fit_under_srun_mpi_pmi2(tmp_path, slurm_env):
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert (run / "threshold-rank1.log").exists()
+    assert "[rank 1/2][hpcad" in (run / "threshold-rank1.log").read_text()  # each rank's lines say whose they are
+    assert "[rank 0/2]" in p.stdout + p.stderr
     assert json.loads((run / "thresholds.json").read_text())["cluster"] == pytest.approx(single["cluster"])
 
 

@@ -40,6 +40,7 @@ from hpcad.errors import InputError
 
 log = logging.getLogger(__name__)
 FORMATS = {"wide": None, "ldms": stage_ldms, "long": stage_long}
+_SAID_UP_TO_DATE: set[Path] = set()
 
 
 POLICIES = ("union", "drop", "error")
@@ -275,7 +276,7 @@ def ingest(data_cfg, store_path: Path) -> Path:
         nodes = synthetic.generate_cluster(s.nodes, s.rows, s.seed, s.profile, s.clean_fraction,
                                            s.anomaly_fraction, None if s.kinds is None else list(s.kinds))
         n = write_store(store_path, synthetic.metric_names(s.profile), nodes, "synthetic", signature=sig)
-        log.info("generated synthetic %s cluster: %d nodes -> %s", s.profile, n, store_path)
+        log.info("generated the synthetic cluster (profile %s): %d nodes -> %s", s.profile, n, store_path)
         return store_path
     src = Path(source).expanduser().resolve()
     if not src.exists():
@@ -286,7 +287,9 @@ def ingest(data_cfg, store_path: Path) -> Path:
     jobs_path = Path(data_cfg.jobs).expanduser().resolve() if data_cfg.jobs else None
     sig = _signature(src, jobs_path, data_cfg)
     if _up_to_date(store_path, sig):
-        log.info("store %s is up to date with %s", store_path, src)
+        if store_path not in _SAID_UP_TO_DATE:  # every stage checks; one line per run is enough
+            _SAID_UP_TO_DATE.add(store_path)
+            log.info("store %s is up to date with %s", store_path, src)
         return store_path
     policy = data_cfg.on_bad_node
     if policy not in ("error", "skip"):
