@@ -116,6 +116,7 @@ class ReportConfig:
     top_k: int = 8
     max_nodes_plotted: int = 12
     max_nodes_overview: int = 200  # rows of the cluster overview heatmap (most alarms first)
+    max_node_pages: int = 200  # alarmed nodes that get their own page (most alarms first)
     enabled: bool = True
 
 

@@ -32,44 +32,109 @@ def _png(fig) -> str:
     return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 
-def _label_spans(ax, labels: np.ndarray | None) -> None:
-    if labels is None:
+def _x(s, time_unit: str) -> np.ndarray:
+    """The plots' x values: UTC times when the input had timestamps, else row numbers."""
+    return s.timestamp.astype("datetime64[s]") if time_unit == "s" else np.arange(len(s.timestamp))
+
+
+def _spans(ax, x: np.ndarray, mask: np.ndarray | None, color: str, alpha: float = 0.25) -> None:
+    if mask is None or not mask.any():
         return
-    d = np.diff(np.r_[0, (labels != 0).astype(int), 0])
+    d = np.diff(np.r_[0, mask.astype(int), 0])
     for a, b in zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1)):
-        ax.axvspan(a, b, color="tab:orange", alpha=0.25, lw=0)
+        ax.axvspan(x[a], x[b - 1], color=color, alpha=alpha, lw=0)
 
 
-def _signal_plot(s, th: Thresholds) -> str:
-    sig = th.signal_of(s)
+def _signal_plot(s, th: Thresholds, time_unit: str = "s") -> str:
+    sig, t = th.signal_of(s), th.threshold_for(s.node)
+    x = _x(s, time_unit)
     fig, ax = plt.subplots(figsize=(11, 2.6))
-    ax.plot(sig, lw=0.6, color="tab:blue", label="alarm signal")
-    ax.axhline(th.threshold_for(s.node), color="tab:red", lw=1, label="threshold")
-    _label_spans(ax, s.labels)
+    ax.plot(x, sig, lw=0.6, color="tab:blue", label="alarm signal")
+    ax.axhline(t, color="tab:red", lw=1, label="threshold")
+    _spans(ax, x, None if s.labels is None else s.labels != 0, "tab:orange")
+    _spans(ax, x, sig > t, "tab:red", 0.12)
     for code, ls in ((1, ":"), (2, "--")):
         idx = np.flatnonzero(s.split == code)
         if idx.size:
-            ax.axvline(idx[0], color="grey", ls=ls, lw=0.8)
+            ax.axvline(x[idx[0]], color="grey", ls=ls, lw=0.8)
     if np.nanmin(sig) > 0:
         ax.set_yscale("log")
-    ax.set_title(f"{s.node}: signal vs threshold (orange = labelled anomaly; dotted/dashed = validation/test start)",
-                 fontsize=9)
-    ax.set_xlabel("row")
+    ax.set_title(f"{s.node}: signal vs threshold (orange = labelled anomaly, red = alarmed; dotted/dashed = "
+                 f"validation/test start)", fontsize=9)
+    ax.set_xlabel("time (UTC)" if time_unit == "s" else "row")
     ax.legend(loc="upper left", fontsize=7)
     return _png(fig)
 
 
-def _heatmap(errors: ErrorStore, s) -> str:
-    err = np.sqrt(errors.errors(s.node))
-    fig, ax = plt.subplots(figsize=(11, 3.6))
-    vmax = np.quantile(err, 0.99) or 1.0
-    ax.imshow(err.T, aspect="auto", cmap="magma", vmin=0, vmax=vmax, interpolation="nearest")
+def _heatmap(errors: ErrorStore, s, th: Thresholds, time_unit: str = "s", top: int = 20) -> str:
+    """Per-metric error of the ``top`` metrics (by their largest error) over the rows around the
+    node's strongest alarm (the whole series when it has none), metric names on the axis."""
+    sig, t = th.signal_of(s), th.threshold_for(s.node)
+    peak = int(np.nanargmax(sig)) if len(sig) else 0
+    half = 288 if time_unit == "s" else 200  # a day either side at 5-minute rows
+    a, b = (max(0, peak - half), min(len(sig), peak + half)) if (sig > t).any() else (0, len(sig))
+    err = np.sqrt(errors.errors(s.node, slice(a, b)))
+    order = np.argsort(err.max(0))[::-1][:top]
+    fig, ax = plt.subplots(figsize=(11, 0.9 + 0.17 * len(order)))
+    vmax = float(np.quantile(err[:, order], 0.99)) or 1.0
+    ax.imshow(err[:, order].T, aspect="auto", cmap="magma", vmin=0, vmax=vmax, interpolation="nearest")
+    ax.set_yticks(range(len(order)), [errors.metrics[j] for j in order], fontsize=7)
+    x = _x(s, time_unit)[a:b]
+    ticks = np.linspace(0, len(x) - 1, min(len(x), 7)).astype(int) if len(x) else []
+    ax.set_xticks(ticks, [str(x[k]).replace("T", " ")[:16] for k in ticks], fontsize=7)
     if s.labels is not None:
-        ax.plot(np.flatnonzero(s.labels != 0), np.full(int((s.labels != 0).sum()), -2), "|", color="tab:orange", ms=4)
-    ax.set_ylabel("metric index")
-    ax.set_xlabel("row")
-    ax.set_title(f"{s.node}: per-metric reconstruction error |x - x_hat| (orange ticks = labelled anomaly)", fontsize=9)
+        lab = np.flatnonzero(s.labels[a:b] != 0)
+        ax.plot(lab, np.full(lab.size, -0.8), "|", color="tab:orange", ms=4)
+    alarmed = np.flatnonzero(sig[a:b] > t)
+    ax.plot(alarmed, np.full(alarmed.size, len(order) - 0.2), "|", color="tab:red", ms=4)
+    ax.set_xlabel("time (UTC)" if time_unit == "s" else "row")
+    ax.set_title(f"{s.node}: per-metric error |x - x_hat|, the {len(order)} metrics with the largest error "
+                 f"(orange ticks = labelled anomaly, red = alarmed rows)", fontsize=9)
     return _png(fig)
+
+
+SORTABLE = """<script>
+function hpcadTable(id){const t=document.getElementById(id),f=document.getElementById(id+'-filter');
+const rows=()=>[...t.tBodies[0].rows];
+t.tHead.querySelectorAll('th').forEach((th,i)=>th.onclick=()=>{const asc=th.dataset.dir!=='asc';
+t.tHead.querySelectorAll('th').forEach(h=>delete h.dataset.dir);th.dataset.dir=asc?'asc':'desc';
+const key=r=>{const v=r.cells[i].dataset.v??r.cells[i].textContent;const n=parseFloat(v);return isNaN(n)||!/^[-+0-9.eE]+$/.test(v)?v:n};
+rows().sort((a,b)=>{const x=key(a),y=key(b);const c=(typeof x===typeof y)?(x<y?-1:x>y?1:0):(typeof x==='number'?-1:1);return asc?c:-c})
+.forEach(r=>t.tBodies[0].appendChild(r));});
+f.oninput=()=>{const q=f.value.toLowerCase();let n=0;rows().forEach(r=>{const s=r.textContent.toLowerCase().includes(q);
+r.style.display=s?'':'none';n+=s});document.getElementById(id+'-count').textContent=n;};}
+</script>"""
+
+
+def alarms_table(alarms: list[dict], link, table_id: str = "alarms") -> str:
+    """All alarms as a table sorted by clicking a header and filtered by a text box (no libraries:
+    the page stays one offline file); the node cell links to ``link(node)`` when that gives a URL."""
+    cols = ["node", "start", "end", "rows", "split", "peak_score", "label_classes", "top_metrics", "jobs"]
+    head = "".join(f"<th title='click to sort'>{html.escape(c)}</th>" for c in cols)
+    body = []
+    for a in alarms:
+        cells = []
+        for c in cols:
+            v = a.get(c, "")
+            text = _fmt(_number(v)) if c in ("rows", "peak_score") else str(v or "")
+            if c == "node" and link(v):
+                cells.append(f"<td><a href='{html.escape(link(v))}'>{html.escape(text)}</a></td>")
+            elif c == "top_metrics":  # names only (the errors are in alarms.csv / alarms.json)
+                cells.append(f"<td>{html.escape(' '.join(t.rsplit(':', 1)[0] for t in text.split()))}</td>")
+            else:
+                cells.append(f"<td data-v='{html.escape(str(v or ''))}'>{html.escape(text)}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return (f"<p>filter: <input id='{table_id}-filter' placeholder='node, time, metric, job...'> "
+            f"<span id='{table_id}-count'>{len(alarms)}</span> of {len(alarms)} alarms shown; click a header to "
+            f"sort.</p><table id='{table_id}'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+            f"<script>hpcadTable('{table_id}')</script>")
+
+
+def _number(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return v
 
 
 def overview_grid(sigs: list, th: Thresholds, time_unit: str = "s") -> tuple[np.ndarray, int, int] | None:
@@ -163,6 +228,41 @@ def _fmt(v) -> str:
     return "" if v is None else str(v)
 
 
+STYLE = ("body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;font-size:12px}"
+         "td,th{border:1px solid #ccc;padding:2px 6px}th{cursor:pointer;background:#f4f4f4}"
+         "th[data-dir=asc]::after{content:' \\25B2'}th[data-dir=desc]::after{content:' \\25BC'}"
+         "img{display:block;margin:6px 0}.warning{background:#fff3cd;border:1px solid #e0b000;padding:6px}")
+
+
+def _page(title: str, parts: list[str]) -> str:
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{STYLE}</style>{SORTABLE}</head><body>{''.join(parts)}</body></html>\n")
+
+
+def _node_pages(run_dir: Path, errors: ErrorStore, th: Thresholds, nodes: list[str], alarms: list[dict],
+                time_unit: str, title: str) -> dict[str, str]:
+    """``nodes/<node>.html`` for each alarmed node in ``nodes`` (its alarms, signal and the metrics
+    behind them); pages of nodes no longer listed are removed. Returns node -> relative link."""
+    from urllib.parse import quote
+
+    folder = run_dir / "nodes"
+    links = {}
+    for s in errors.signals(nodes):
+        mine = [a for a in alarms if a["node"] == s.node]
+        parts = [f"<p><a href='../report.html'>&larr; {html.escape(title)}</a></p><h1>{html.escape(s.node)}</h1>",
+                 f"<p>{len(mine)} alarm(s); threshold {th.threshold_for(s.node):.4g} on the "
+                 f"{'normalised ' if th.normalised else ''}signal ({th.rule}, {th.scope} scope).</p>",
+                 _signal_plot(s, th, time_unit), _heatmap(errors, s, th, time_unit),
+                 "<h2>Alarms</h2>" + alarms_table(mine, lambda n: None, "node-alarms")]
+        write_text(folder / f"{s.node}.html", _page(f"{s.node} - {title}", parts))
+        links[s.node] = f"nodes/{quote(s.node)}.html"
+    if folder.exists():
+        for old in folder.glob("*.html"):
+            if old.stem not in links:
+                old.unlink()
+    return links
+
+
 def write_report(cfg, run_dir: Path, errors: ErrorStore, models_dir: Path, title: str = "hpcad report",
                  extra: list[str] | None = None, folder: Path | None = None) -> Path:
     """The run's (or a night's) report; ``extra`` HTML sections go after the overview; ``folder`` is
@@ -229,24 +329,27 @@ def write_report(cfg, run_dir: Path, errors: ErrorStore, models_dir: Path, title
                                             + ", ".join(check.get("always_alarm_nodes", [])[:10]))
         parts.insert(1, f"<p class='warning'><b>Threshold warning:</b> the {th.rule} threshold "
                         f"({th.scope} scope) {html.escape(what)}.</p>")
-    parts.append("<h2>Alarm signal</h2>")
+    paged = [n for n in ranked if per_node_alarms.get(n)][: int(cfg.report.max_node_pages)]
+    pages = _node_pages(run_dir, errors, th, paged, alarms, time_unit, title)
+
+    def link(node: str) -> str | None:
+        return pages.get(node)
+
+    parts.append("<h2>Alarm signal</h2>" + (f"<p>{len(pages)} alarmed node(s) have their own page (follow a node "
+                                             f"in the alarms table).</p>" if pages else ""))
     sigs = {s.node: s for s in errors.signals(shown)}
-    parts += [_signal_plot(sigs[n], th) for n in shown]
+    for n in shown:
+        parts.append((f"<p><a href='{html.escape(pages[n])}'>{html.escape(n)}</a></p>" if n in pages else "")
+                     + _signal_plot(sigs[n], th, time_unit))
     if shown:
-        parts.append("<h2>Per-metric error</h2>" + _heatmap(errors, sigs[shown[0]]))
+        parts.append("<h2>Per-metric error</h2>" + _heatmap(errors, sigs[shown[0]], th, time_unit))
     if metrics and metrics.get("class_profiles"):
         parts.append("<h2>Mean error profile per class</h2>")
         parts += [_profile_plot(c, p) for c, p in metrics["class_profiles"].items()]
     parts.append("<h2>Training</h2>" + _curves(models_dir, shown[:8]))
     if alarms:
-        cols = ["node", "start", "end", "rows", "split", "peak_score", "label_classes", "top_metrics", "jobs"]
-        parts.append(f"<h2>Alarms (first 100 of {len(alarms)})</h2>" +
-                     _table([[a.get(c, "") for c in cols] for a in alarms[:100]], cols))
-    style = ("body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;font-size:12px}"
-             "td,th{border:1px solid #ccc;padding:2px 6px}img{display:block;margin:6px 0}"
-             ".warning{background:#fff3cd;border:1px solid #e0b000;padding:6px}")
-    page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style>" \
-           f"</head><body>{''.join(parts)}</body></html>\n"
+        parts.append(f"<h2>Alarms ({len(alarms)})</h2>" + alarms_table(alarms, link))
+    page = _page(title, parts)
     out = run_dir / "report.html"
     write_text(out, page)
     return out

@@ -190,22 +190,52 @@ def test_backfill_detects_drift_and_light_retrains_only_later_nights(site, tmp_p
             f.unlink()
 
 
+def _browse(chromium: str, page: Path, script: str = "") -> str:
+    """The DOM of ``page`` in headless Chromium after load, with ``script`` run first and the count of
+    decoded images in ``data-images``."""
+    probe = page.with_name(f".probe-{page.name}")  # beside the page: its relative links still resolve
+    probe.write_text(page.read_text().replace("</body>", "<script>window.addEventListener('load', () => {"
+                     + script + "document.body.setAttribute('data-images', [...document.images].filter("
+                     "i => i.complete && i.naturalWidth > 0).length + '/' + document.images.length);});"
+                     "</script></body>"))
+    try:
+        return subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                               "--disable-background-networking", "--virtual-time-budget=10000", "--dump-dom",
+                               probe.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    finally:
+        probe.unlink()
+
+
 def test_nightly_report_renders_in_headless_chromium(site, tmp_path, chromium):
     out = tmp_path / "nightly"
     assert cron(_env_file(site, out), "--date", "2025-01-10").returncode == 0
-    page = (out / "2025-01-10" / "report.html").read_text()
-    probe = tmp_path / "probe.html"  # the report plus a script that counts decoded images
-    probe.write_text(page.replace("</body>", "<script>window.addEventListener('load', () => "
-                                  "document.body.setAttribute('data-images', [...document.images].filter("
-                                  "i => i.complete && i.naturalWidth > 0).length + '/' + document.images.length));"
-                                  "</script></body>"))
-    dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                          "--disable-background-networking", "--virtual-time-budget=10000", "--dump-dom",
-                          probe.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    folder = out / "2025-01-10"
+    page = (folder / "report.html").read_text()
+    alarms = json.loads((folder / "alarms.json").read_text())
+    node = alarms[0]["node"]
+    # sort by peak score (two clicks: descending), then filter on one node, the way a person would
+    dom = _browse(chromium, folder / "report.html",
+                  "const t=document.getElementById('alarms'),th=[...t.tHead.rows[0].cells];"
+                  "const peak=th.findIndex(h=>h.textContent==='peak_score');th[peak].click();th[peak].click();"
+                  "document.body.setAttribute('data-first-peak',t.tBodies[0].rows[0].cells[peak].dataset.v);"
+                  f"const f=document.getElementById('alarms-filter');f.value='{node}';"
+                  "f.dispatchEvent(new Event('input'));"
+                  "document.body.setAttribute('data-shown',[...t.tBodies[0].rows].filter(r=>r.style.display!=='none')"
+                  ".length);document.body.setAttribute('data-link',t.querySelector('a').getAttribute('href'));")
     n = page.count("<img ")
     assert n >= 4 and f'data-images="{n}/{n}"' in dom  # every plot decoded
-    for section in ("Cluster overview", "Drift", "Alarm signal", "Mean error profile per class", "Training"):
+    for section in ("Cluster overview", "Incidents", "Drift", "Alarm signal", "Mean error profile per class",
+                    "Training", f"Alarms ({len(alarms)})"):
         assert f"<h2>{section}</h2>" in dom
+    first = float(dom.split('data-first-peak="')[1].split('"')[0])
+    assert first == pytest.approx(max(a["peak_score"] for a in alarms), rel=1e-6)  # sorted, highest first
+    assert f'data-shown="{sum(a["node"] == node for a in alarms)}"' in dom  # filtered to one node's alarms
+    link = dom.split('data-link="')[1].split('"')[0]
+    node_page = folder / link
+    assert node_page.is_file() and node_page.parent.name == "nodes"  # an alarm leads to its node's page
+    dom = _browse(chromium, node_page)
+    n = node_page.read_text().count("<img ")
+    assert n == 2 and f'data-images="{n}/{n}"' in dom and "report.html" in dom
 
 
 def test_light_map_fits_a_level_shift_in_closed_form_and_loads_safely(tmp_path):
