@@ -311,10 +311,63 @@ def bench_ingest(cfg, run_dir: Path) -> dict:
     return out
 
 
+def bench_report(cfg, run_dir: Path) -> dict:
+    """Time ``report.html`` and its node pages for a night of ``bench.nodes`` nodes x ``bench.rows``
+    rows x ``bench.metrics`` metrics with ``bench.alarms`` alarmed nodes (synthetic per-metric errors:
+    each alarmed node gets one 30-row burst on 5 metrics)."""
+    import h5py
+
+    from hpcad.data.store import STR
+    from hpcad.report import write_report
+    from hpcad.score import FORMAT, ErrorStore, _write_node_errors
+    from hpcad.threshold.cost import CostModel
+    from hpcad.threshold.evaluate import apply_thresholds
+    from hpcad.threshold.rules import Thresholds
+
+    b = cfg.bench
+    if not 0 <= b.alarms <= b.nodes or b.rows < 40:
+        raise ConfigError(f"bench.mode=report: needs 0 <= bench.alarms ({b.alarms}) <= bench.nodes ({b.nodes}) "
+                          f"and bench.rows >= 40 ({b.rows})")
+    rng = np.random.default_rng(b.seed)
+    metrics = [f"m{i // 16}_{i % 16}" for i in range(b.metrics)]
+    alarmed = set(rng.choice(b.nodes, b.alarms, replace=False).tolist()) if b.alarms else set()
+    sig = SimpleNamespace(smooth=cfg.signal.smooth, causal=False)
+    t0 = time.perf_counter()
+    with h5py.File(run_dir / "errors.h5", "w") as f:
+        f.attrs.update(hpcad_format=FORMAT, format_version=1)
+        f.create_dataset("metrics", data=np.array(metrics, dtype=object), dtype=STR)
+        g = f.create_group("nodes")
+        for k in tqdm(range(b.nodes), desc="bench report: errors", unit="node", disable=not cfg.train.progress):
+            err = rng.gamma(0.5, 0.02, size=(b.rows, b.metrics)).astype(np.float32)
+            if k in alarmed:
+                a = int(rng.integers(0, b.rows - 35))
+                err[a:a + 30, rng.choice(b.metrics, 5, replace=False)] += 5.0
+            nd = SimpleNamespace(name=f"node{k:05d}", timestamp=1_736_640_000 + 300 * np.arange(b.rows), labels=None)
+            _write_node_errors(g, nd, err, 1.6, np.full(b.rows, 2, np.int8), sig)
+    errors_s = time.perf_counter() - t0
+    errors = ErrorStore(run_dir / "errors.h5")
+    th = Thresholds("quantile", "node", None, {n: 5.0 for n in errors.nodes})
+    th.save(run_dir / "thresholds.json")
+    records, _ = apply_thresholds(errors, th, CostModel(1.0, 5.0, 12), cfg.report.top_k, "s", None,
+                                  run_dir / "alarms.csv")
+    t0 = time.perf_counter()
+    write_report(cfg, run_dir, errors, run_dir / "models", title="hpcad bench report")
+    report_s = time.perf_counter() - t0
+    pages = list((run_dir / "nodes").glob("*.html")) if (run_dir / "nodes").exists() else []
+    size = (run_dir / "report.html").stat().st_size + sum(p.stat().st_size for p in pages)
+    out = {"mode": "report", "nodes": b.nodes, "rows": b.rows, "metrics": b.metrics, "alarms": len(records),
+           "alarmed_nodes": len({r["node"] for r in records}), "node_pages": len(pages),
+           "errors_write_s": round(errors_s, 2), "report_s": round(report_s, 2), "report_mb": round(size / 1e6, 2),
+           "peak_rss_mb": _peak_rss_mb(), "cpu_count": os.cpu_count()}
+    write_json(run_dir / "bench.json", out)
+    return out
+
+
 def run_bench(cfg, run_dir: Path) -> dict:
     from hpcad.drift_study import run_drift_study
 
-    modes = {"train": bench_train, "score": bench_score, "ingest": bench_ingest, "drift": run_drift_study}
+    modes = {"train": bench_train, "score": bench_score, "ingest": bench_ingest, "drift": run_drift_study,
+             "report": bench_report}
     if cfg.bench.mode not in modes:
         raise ConfigError(f"bench.mode={cfg.bench.mode!r}: {', '.join(modes)}")
     return modes[cfg.bench.mode](cfg, run_dir)

@@ -106,7 +106,8 @@ def run_stage(stage: str, overrides: list[str]) -> int:
         if stage in ("run", "report") and (run_dir / "report.html").exists():
             print(f"hpcad: report at {run_dir / 'report.html'}")
         elif stage == "bench":
-            keys = ("speedup_vs_naive", "node_epochs_per_s", "samples_per_s", "nodes_per_s", "score_s", "peak_rss_mb")
+            keys = ("speedup_vs_naive", "node_epochs_per_s", "samples_per_s", "nodes_per_s", "score_s", "report_s",
+                    "report_mb", "peak_rss_mb")
             print("hpcad bench: " + ", ".join(f"{k}={result[k]:.4g}" for k in keys if result.get(k) is not None))
             print(f"hpcad: {run_dir / 'bench.json'}")
         elif stage == "nightly":

@@ -146,7 +146,7 @@ class GenerateConfig:
 class BenchConfig:
     """``hpcad bench``: synthetic throughput benchmark (see docs/benchmarks.md)."""
 
-    mode: str = "train"  # train | score | ingest (long-format input of nodes x days x metrics) | drift (light retraining study)
+    mode: str = "train"  # train | score | ingest (long-format input of nodes x days x metrics) | drift (light retraining study) | report
     nodes: int = 64
     rows: int = 6667
     metrics: int = 159
@@ -156,6 +156,7 @@ class BenchConfig:
     pool: int = 16  # distinct synthetic nodes, reused cyclically
     seed: int = 0
     days: int = 30  # ingest mode: days of 5-minute samples per node
+    alarms: int = 200  # report mode: alarmed nodes (bench.nodes=5000 bench.rows=288: a night of a large machine)
 
 
 @dataclass

@@ -46,3 +46,12 @@ def test_bench_drift_light_retraining_beats_doing_nothing(tmp_path):
     # the shifted levels make the frozen model alarm on normal rows; a week of light maps fixes most of it
     assert s["light_7d"]["false_alarms"] < 0.5 * s["none"]["false_alarms"]
     assert s["light_7d"]["roc_auc"] > s["none"]["roc_auc"]
+
+
+def test_bench_report_mode_renders_a_night_with_node_pages(tmp_path):
+    hpcad("bench", "bench.mode=report", "bench.nodes=30", "bench.rows=100", "bench.metrics=40", "bench.alarms=3",
+          "train.progress=false", f"hydra.run.dir={tmp_path}")
+    b = json.loads((tmp_path / "bench.json").read_text())
+    assert b["mode"] == "report" and b["alarmed_nodes"] == 3 and b["node_pages"] == 3 and b["alarms"] >= 3
+    assert (tmp_path / "report.html").exists() and len(list((tmp_path / "nodes").glob("*.html"))) == 3
+    assert b["report_mb"] > 0 and b["report_s"] > 0
