@@ -1,0 +1,66 @@
+"""Fault injection: a run killed (SIGKILL, or SIGTERM as SLURM preempts) at several points, then run
+again, ends with the outputs of an uninterrupted run and nothing stale (docs/pipeline.md)."""
+import os
+import signal
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, SMALL, hpcad
+
+ARGS = [*SMALL, "baselines.methods=[]", "train.max_nodes_per_chunk=1"]  # one node per chunk: a kill lands mid-train
+
+
+def _models(run):
+    return {p.name: torch.load(p, weights_only=True) for p in sorted((run / "models").glob("*.pt"))}
+
+
+def _signals(run):
+    with h5py.File(run / "errors.h5") as f:
+        return {n: f[f"nodes/{n}/signal"][()] for n in f["nodes"]}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    run = tmp_path_factory.mktemp("faults") / "reference"
+    hpcad("run", *ARGS, f"hydra.run.dir={run}")
+    return run
+
+
+@pytest.mark.parametrize("sig, trigger", [(signal.SIGKILL, "trained 1/3 nodes"),  # mid-training
+                                          (signal.SIGTERM, "trained 2/3 nodes"),  # preempted by SLURM
+                                          (signal.SIGKILL, "scored 3 nodes")])  # thresholds, alarms, report
+def test_a_killed_run_reruns_to_the_uninterrupted_result(reference, tmp_path, sig, trigger):
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "hpcad", "run", *ARGS, f"hydra.run.dir={run}"], cwd=ROOT,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:  # the kill follows an event of the run, not a timer
+        seen.append(line)
+        if trigger in line:
+            proc.send_signal(sig)
+            break
+    proc.stdout.close()
+    assert proc.wait(timeout=300) != 0, "".join(seen)[-2000:]
+    assert any(trigger in s for s in seen), "".join(seen)[-2000:]
+    rerun = hpcad("run", *ARGS, f"hydra.run.dir={run}")
+    if "trained" in trigger:  # finished nodes are kept, not retrained
+        assert "resuming:" in rerun.stdout + rerun.stderr
+    ref, got = _models(reference), _models(run)
+    assert ref.keys() == got.keys()
+    for name in ref:
+        for a, b in zip(ref[name]["members"][0], got[name]["members"][0]):
+            assert torch.equal(a, b), name  # resumed or retrained: the same weights bit for bit
+        assert ref[name]["signal_scale"] == got[name]["signal_scale"]
+    s_ref, s_got = _signals(reference), _signals(run)
+    assert s_ref.keys() == s_got.keys() and all(np.array_equal(s_ref[n], s_got[n]) for n in s_ref)
+    assert (run / "thresholds.json").read_text() == (reference / "thresholds.json").read_text()
+    assert (run / "alarms.csv").read_text() == (reference / "alarms.csv").read_text()
+    assert (run / "report.html").exists()
+    stale = [p for p in run.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".ingest-")]
+    assert not stale, stale
