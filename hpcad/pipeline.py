@@ -27,7 +27,8 @@ from hpcad.data.store import TelemetryStore
 from hpcad.device import resolve_device
 from hpcad.errors import ConfigError, StoreError
 from hpcad.explain import class_profiles
-from hpcad.score import ErrorStore, score_nodes, write_index
+from hpcad.model.files import models_stamp
+from hpcad.score import ErrorStore, built_from, score_nodes, write_index
 from hpcad.threshold.evaluate import apply_thresholds, evaluate
 from hpcad.threshold.reduce import reducer
 from hpcad.threshold.rules import Thresholds
@@ -117,7 +118,9 @@ def stage_score(cfg, run_dir: Path) -> Path:
             scored = [e for e in map(ErrorStore, parts) if e.nodes] or [ErrorStore(parts[0])]
             metrics = scored[0].metrics  # the models' metrics (the store may hold others)
             write_index(out, parts, metrics, {"hpcad_format": "error-store", "format_version": 1,
-                                                   "store": str(store.path), "models": str(models_dir(cfg, run_dir))})
+                                              "store": str(store.path), "models": str(models_dir(cfg, run_dir)),
+                                              "created": scored[0].attrs.get("created", ""),
+                                              **built_from(store, models_dir(cfg, run_dir))})
         dist.barrier()
         return out
 
@@ -148,6 +151,7 @@ def stage_threshold(cfg, run_dir: Path) -> dict:
     """Fit thresholds, then write alarms and scores. Under mpiexec or ``srun --mpi=pmi2`` every rank
     fits on its share of the nodes and the ranks reduce (docs/cluster.md); rank 0 writes the outputs."""
     errors = _errors(run_dir)
+    _same_models(cfg, run_dir, errors)
     w = dist.world()
     red = reducer(w)
     mine = partial(errors.signals, nodes=dist.shard(errors.rows, red.size)[red.rank])
@@ -162,9 +166,14 @@ def stage_threshold(cfg, run_dir: Path) -> dict:
     rank = w.rank  # one writer, also when ranks run without MPI
     if rank != 0:
         return {"thresholds": th.to_dict(), "rank": rank}
+    store = stage_ingest(cfg, run_dir)
+    scored = errors.attrs.get("store_signature")
+    if scored and scored != store.signature:
+        raise StoreError(f"{errors.path} was scored from other data than {store.path} now holds (data.source or "
+                         f"data.* changed since): rerun `hpcad score` with hydra.run.dir={run_dir}, or `hpcad run`")
+    th.details["applied_to"] = errors.attrs.get("created", "")  # the errors.h5 these thresholds and alarms belong to
     th.save(run_dir / "thresholds.json")
     cm = rule.cost_model
-    store = stage_ingest(cfg, run_dir)
     time_unit = store.time_unit(store.nodes[0]) if store.nodes else "s"
     records, metrics = apply_thresholds(errors, th, cm, cfg.report.top_k, time_unit, store.jobs(),
                                         run_dir / "alarms.csv")
@@ -189,7 +198,24 @@ def stage_report(cfg, run_dir: Path) -> Path | None:
         return None
     from hpcad.report import write_report
 
-    return write_report(cfg, run_dir, _errors(run_dir), models_dir(cfg, run_dir))
+    errors = _errors(run_dir)
+    path = run_dir / "thresholds.json"
+    if not path.exists():
+        raise StoreError(f"{path}: not found; run `hpcad threshold` with hydra.run.dir={run_dir} first")
+    applied = Thresholds.load(path).details.get("applied_to")
+    if applied and errors.attrs.get("created") and applied != errors.attrs["created"]:
+        raise StoreError(f"{path} and alarms.csv belong to an earlier errors.h5 (scored {applied}; errors.h5 now: "
+                         f"{errors.attrs['created']}): rerun `hpcad threshold` with hydra.run.dir={run_dir}")
+    return write_report(cfg, run_dir, errors, models_dir(cfg, run_dir))
+
+
+def _same_models(cfg, run_dir: Path, errors: ErrorStore) -> None:
+    """Refuse errors scored with other model files than the run's models folder now holds."""
+    md = models_dir(cfg, run_dir)
+    stamp = errors.attrs.get("models_stamp")
+    if stamp and md.is_dir() and stamp != models_stamp(md):
+        raise StoreError(f"{errors.path} was scored with other models than {md} now holds (retrained since?): "
+                         f"rerun `hpcad score` with hydra.run.dir={run_dir}, or `hpcad run`")
 
 
 def stage_run(cfg, run_dir: Path) -> dict:

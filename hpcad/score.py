@@ -37,7 +37,7 @@ from hpcad.errors import ConfigError, InputError, StoreError
 from hpcad.light import LightMap, light_path
 from hpcad.model.autoencoder import ensemble_recon, stack
 from hpcad.model.budget import Budget
-from hpcad.model.files import NodeModel, model_path
+from hpcad.model.files import NodeModel, model_path, models_stamp
 from hpcad.preprocess import fill_gaps, split_codes, windows
 from hpcad.signals import signal_level, smooth_signal
 
@@ -92,8 +92,8 @@ def score_nodes(cfg, store: TelemetryStore, models_dir: Path, out_path: Path, no
     budget = Budget.resolve(cfg.train, device)
     with atomic_path(out_path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs.update(hpcad_format=FORMAT, format_version=1, store=str(store.path), models=str(models_dir),
-                       created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                       hpcad_version=__version__)
+                       created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds"),
+                       hpcad_version=__version__, **built_from(store, models_dir))
         f.create_dataset("metrics", data=np.array(metrics, dtype=object), dtype=STR)
         nodes_grp = f.create_group("nodes")
         bar = tqdm(total=len(nodes), desc="score", unit="node", disable=not cfg.train.progress)
@@ -133,6 +133,12 @@ def score_nodes(cfg, store: TelemetryStore, models_dir: Path, out_path: Path, no
         bar.close()
     log.info("scored %d nodes -> %s", len(nodes), out_path)
     return len(nodes)
+
+
+def built_from(store: TelemetryStore, models_dir: Path) -> dict:
+    """What an ``errors.h5`` is scored from, recorded in its attributes and checked by the stages
+    that read it (``hpcad threshold``): the store's input signature and the models' stamp."""
+    return {"store_signature": store.signature, "models_stamp": models_stamp(models_dir)}
 
 
 def _write_node_errors(parent: h5py.Group, nd, err: np.ndarray, signal_scale: float, split: np.ndarray,
@@ -252,6 +258,8 @@ class ErrorStore:
                 if "metrics" in f else []
             self.nodes = sorted(f["nodes"].keys())
             self.rows = {n: int(f["nodes"][n]["signal"].shape[0]) for n in self.nodes}
+            self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()
+                          if k in ("created", "store_signature", "models_stamp", "store", "models")}
 
     def signals(self, nodes: list[str] | None = None) -> Iterator[NodeSignal]:
         """Per-node alarm signals (already smoothed when written: hpcad.signals)."""

@@ -93,5 +93,17 @@ def model_nodes(models_dir: Path) -> list[str]:
 LIGHT_NAME = re.compile(r"\.light(?:-v(\d+))?\.pt$")
 
 
+def models_stamp(models_dir: Path) -> str:
+    """A digest of the node model files (names, sizes, modification times; light maps left out: they
+    are versioned and applied per night): cheap to recompute, different once any node is retrained."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for node in model_nodes(models_dir):
+        st = model_path(models_dir, node).stat()
+        h.update(f"{node}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
 def model_path(models_dir: Path, node: str) -> Path:
     return Path(models_dir) / f"{node}.pt"
