@@ -118,7 +118,8 @@ def run_stage(stage: str, overrides: list[str]) -> int:
             print(f"hpcad: wrote {len(result)} files, e.g. {result[0]}")
         elif stage == "train" and isinstance(result, dict):
             who = f"rank {result['rank']}/{result['world_size']}: " if "rank" in result else ""
-            print(f"hpcad: {who}{result.get('nodes')} node models in {run_dir / 'models'}")
+            of = f" of {result['cluster_nodes']}" if "cluster_nodes" in result else ""
+            print(f"hpcad: {who}{result.get('nodes')}{of} node models in {run_dir / 'models'}")
         else:
             print(f"hpcad: {stage} outputs in {run_dir}")
 
@@ -147,6 +148,14 @@ def run_stage(stage: str, overrides: list[str]) -> int:
     except SystemExit as exc:  # hydra exits on --help, --cfg and config errors
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         return code
+    if any(o in ("-m", "--multirun") for o in overrides):
+        from hpcad.sweep import FAILED_POINTS
+
+        if FAILED_POINTS:  # e.g. points run as SLURM jobs, whose own exit status Hydra does not see
+            print(f"hpcad {stage}: error: {len(FAILED_POINTS)} sweep point(s) produced no result: "
+                  f"{'; '.join(FAILED_POINTS[:10])} (their logs: sweep folder, <point>/ and .submitit/)",
+                  file=sys.stderr)
+            return 2
     return status["rc"]
 
 

@@ -98,7 +98,7 @@ def stage_train(cfg, run_dir: Path) -> dict:
             name = f"training-rank{w.rank}.json" if w.distributed else "training.json"
             out = train_nodes(cfg, store, run_dir / "models", mine, device, name)
         if w.distributed:
-            out.update(rank=w.rank, world_size=w.size, nodes=len(store.nodes))
+            out.update(rank=w.rank, world_size=w.size, nodes=len(mine), cluster_nodes=len(store.nodes))
             dist.barrier()
         return out
 

@@ -19,6 +19,7 @@ from hpcad.atomic import atomic_path
 from hpcad.model.files import FORMAT, load_tensors, model_nodes, model_path
 
 log = logging.getLogger(__name__)
+FAILED_POINTS: list[str] = []  # points of the last sweep in this process that produced no result (hpcad.cli exits 2)
 
 
 def point_score(folder: Path) -> tuple[str, float] | None:
@@ -40,12 +41,13 @@ def summarise(sweep_dir: Path) -> list[dict]:
         score = point_score(folder)
         overrides = OmegaConf.load(folder / ".hydra" / "overrides.yaml")
         rows.append({"point": folder.name, "overrides": " ".join(map(str, overrides)),
-                     "metric": score[0] if score else "", "value": score[1] if score else float("nan")})
+                     "metric": score[0] if score else "", "value": score[1] if score else float("nan"),
+                     "status": "ok" if score else "failed"})
     rows.sort(key=lambda r: (np.isnan(r["value"]), r["value"]))
     for i, r in enumerate(rows, 1):
         r["rank"] = i
     with atomic_path(sweep_dir / "sweep_summary.csv") as tmp, open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["rank", "point", "metric", "value", "overrides"])
+        w = csv.DictWriter(fh, fieldnames=["rank", "point", "status", "metric", "value", "overrides"])
         w.writeheader()
         w.writerows(rows)
     return rows
@@ -56,6 +58,12 @@ class SweepSummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         if sweep_dir.is_dir():
             rows = summarise(sweep_dir)
-            if rows:
+            failed = [r for r in rows if r["status"] == "failed"]
+            FAILED_POINTS[:] = [f"{r['point']} ({r['overrides']})" for r in failed]
+            if failed:  # a SLURM point that failed still "completes" for Hydra: say so, and exit 2 (hpcad.cli)
+                log.error("sweep: %d of %d points produced no result: %s; their logs are in %s/<point>/ and, for "
+                          "SLURM jobs, %s/.submitit/", len(failed), len(rows), "; ".join(FAILED_POINTS), sweep_dir,
+                          sweep_dir)
+            if rows and rows[0]["status"] == "ok":
                 log.info("sweep summary: best %s (%s=%s) -> %s", rows[0]["overrides"], rows[0]["metric"],
                          rows[0]["value"], sweep_dir / "sweep_summary.csv")

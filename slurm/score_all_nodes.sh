@@ -31,7 +31,9 @@ export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
 export HPCAD_WORLD_SIZE=${SLURM_NTASKS:-1}
 # sbatch runs a spooled copy of this script: find the original (and score_steps.sh beside it).
 here=$(scontrol show job "${SLURM_JOB_ID:-0}" 2>/dev/null | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')
-source "$(dirname "${here:-${BASH_SOURCE[0]}}")/score_steps.sh"
+steps="$(dirname "${here:-${BASH_SOURCE[0]}}")/score_steps.sh"
+[ -f "$steps" ] || steps="$(hpcad where slurm)/score_steps.sh"  # a site's copy of this script, kept elsewhere
+source "$steps"
 score_steps "$RUN_DIR" data.on_bad_node=skip "$@"
 if [ -f "${RUN_DIR}/report.html" ]; then
   echo "score_all_nodes: done; report at ${RUN_DIR}/report.html"

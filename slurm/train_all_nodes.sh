@@ -40,7 +40,7 @@ export HPCAD_WORLD_SIZE=${SLURM_NTASKS:-1}
 # Before the time limit SLURM sends USR1 to this script: requeue the job. Finished nodes' models
 # are complete files (written under a temporary name, then renamed), so the rerun skips them.
 requeue() {
-  echo "train_all_nodes: time limit near, requeueing job ${SLURM_JOB_ID}" >&2
+  echo "train_all_nodes: USR1 (the time limit is near, or a preemption notice): requeueing job ${SLURM_JOB_ID}" >&2
   scontrol requeue "${SLURM_JOB_ID}"
 }
 trap requeue USR1
@@ -55,7 +55,9 @@ wait $!
 # 2-4. Score, fit thresholds, report (shared with score_all_nodes.sh).
 # sbatch runs a spooled copy of this script: find the original (and score_steps.sh beside it).
 here=$(scontrol show job "${SLURM_JOB_ID:-0}" 2>/dev/null | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')
-source "$(dirname "${here:-${BASH_SOURCE[0]}}")/score_steps.sh"
+steps="$(dirname "${here:-${BASH_SOURCE[0]}}")/score_steps.sh"
+[ -f "$steps" ] || steps="$(hpcad where slurm)/score_steps.sh"  # a site's copy of this script, kept elsewhere
+source "$steps"
 score_steps "$RUN_DIR" data.on_bad_node=skip "$@"
 if [ -f "${RUN_DIR}/report.html" ]; then
   echo "train_all_nodes: done; report at ${RUN_DIR}/report.html"

@@ -142,16 +142,17 @@ def test_submitit_launcher_runs_the_stage_as_a_slurm_job(tmp_path, slurm_env):
 def test_hydra_sweep_through_submitit_slurm_ranks_the_points(tmp_path, slurm_env):
     exports = small_exports(tmp_path)
     sweep = tmp_path / "sweep"
-    p = subprocess.run([*hpcad_cmd(), "run", "-m", "model.hidden=[8],[16]", "hydra/launcher=submitit_slurm",
-                        f"hydra.sweep.dir={sweep}", f"data.source={exports}", "train.epochs=1",
+    p = subprocess.run([*hpcad_cmd(), "run", "-m", "train.epochs=1,0", "hydra/launcher=submitit_slurm",
+                        f"hydra.sweep.dir={sweep}", f"data.source={exports}",
                         "train.progress=false", "baselines.methods=[]", "report.enabled=false"],
                        env=slurm_env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert p.returncode == 0, p.stderr[-3000:]
-    for point in ("0", "1"):
-        assert (sweep / point / "metrics.json").exists()
+    assert (sweep / "0" / "metrics.json").exists() and not (sweep / "1" / "metrics.json").exists()
     assert list((sweep / ".submitit").iterdir())  # each point was a SLURM job
     lines = (sweep / "sweep_summary.csv").read_text().splitlines()
-    assert lines[0].startswith("rank,point,metric") and len(lines) == 3 and ",val_cost," in lines[1]
+    assert lines[0].startswith("rank,point,status,metric") and len(lines) == 3
+    assert ",0,ok,val_cost," in lines[1] and ",1,failed,," in lines[2]
+    # the failed point (train.epochs=0) is not silent: exit 2, named, though its SLURM job "completed"
+    assert p.returncode == 2 and "1 sweep point(s) produced no result: 1 (train.epochs=0 " in p.stderr
 
 
 def test_threshold_fit_under_srun_mpi_pmi2(tmp_path, slurm_env):

@@ -86,3 +86,23 @@ def test_nightly_job_scores_through_sbatch(tmp_path, slurm_env):
     assert (night / "alarms.json").exists() and (night / "report.html").exists()
     assert json.loads((night / "thresholds.json").read_text()) == \
         json.loads((tmp_path / "trainrun" / "thresholds.json").read_text())  # the trained run's thresholds
+
+
+def test_a_sites_copy_of_the_script_on_a_cpu_partition_runs_unedited(tmp_path, slurm_env):
+    """#16 item 10: a copy kept elsewhere finds score_steps.sh, and sbatch options replace the GPU lines."""
+    import shutil
+
+    exports = small_exports(tmp_path)
+    site = tmp_path / "site-scripts"
+    site.mkdir()
+    shutil.copy(ROOT / "slurm" / "train_all_nodes.sh", site / "train_cpu.sh")  # no score_steps.sh beside it
+    run = tmp_path / "run"
+    job = subprocess.run(["sbatch", "--wait", "--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1",
+                          "-o", str(tmp_path / "job.out"), str(site / "train_cpu.sh"), f"data.source={exports}",
+                          "train.epochs=1", "train.progress=false", "baselines.methods=[]", "report.enabled=false"],
+                         cwd=tmp_path, env=dict(slurm_env, HPCAD_RUN_DIR=str(run)), capture_output=True, text=True,
+                         timeout=600)
+    log = (tmp_path / "job.out").read_text() if (tmp_path / "job.out").exists() else ""
+    assert job.returncode == 0, job.stderr + log[-3000:]
+    assert (run / "thresholds.json").exists() and len(list((run / "models").glob("training-rank*.json"))) == 2
+    assert "rank 1/2: 2 of 4 node models" in log  # each rank says what it trained itself
