@@ -345,6 +345,19 @@ def bench_report(cfg, run_dir: Path) -> dict:
             nd = SimpleNamespace(name=f"node{k:05d}", timestamp=1_736_640_000 + 300 * np.arange(b.rows), labels=None)
             _write_node_errors(g, nd, err, 1.6, np.full(b.rows, 2, np.int8), sig)
     errors_s = time.perf_counter() - t0
+    # the alarmed nodes' telemetry and models: their pages plot the metrics against the training range
+    from hpcad.data.node import NodeData
+    from hpcad.data.store import write_store
+    from hpcad.model.files import NodeModel, model_path
+
+    spec = AutoencoderSpec([8])
+    telemetry = [NodeData(f"node{k:05d}", 1_736_640_000 + 300 * np.arange(b.rows),
+                          rng.normal(size=(b.rows, b.metrics)).astype(np.float32), None) for k in sorted(alarmed)]
+    if telemetry:
+        write_store(run_dir / "store.h5", metrics, telemetry, "bench")
+    for nd in telemetry:
+        NodeModel(nd.name, spec, metrics, [glorot_init(spec, b.metrics, 0)], Scaler.fit(nd.values, cfg.preprocess),
+                  {}, 1.0).save(model_path(run_dir / "models", nd.name))
     errors = ErrorStore(run_dir / "errors.h5")
     th = Thresholds("quantile", "node", None, {n: 5.0 for n in errors.nodes})
     th.save(run_dir / "thresholds.json")

@@ -188,6 +188,15 @@ class Scaler:
         z = np.where(missing, 0.0, compress(z, self.clip, self.soft_clip)).astype(np.float32)
         return z, missing
 
+    def training_range(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each metric's training range [low, high] in its own units (inverting the soft clip)."""
+        def raw(z: np.ndarray) -> np.ndarray:
+            a = np.abs(z)
+            if self.soft_clip:
+                a = np.where(a > self.clip, self.clip + np.expm1(np.maximum(a - self.clip, 0.0)), a)
+            return self.mean + self.scale * np.sign(z) * a
+        return raw(self.lo), raw(self.hi)
+
     def excess(self, z: np.ndarray) -> np.ndarray:
         """How far standardised values [T, M] lie outside the training range (0 inside)."""
         return np.maximum(0.0, np.maximum(z - self.hi, self.lo - z)).astype(np.float32)

@@ -7,6 +7,7 @@ import html
 import io
 import json
 import logging
+import os
 from pathlib import Path
 
 import matplotlib
@@ -70,13 +71,43 @@ def _signal_plot(s, th: Thresholds, time_unit: str = "s") -> str:
     return _png(fig, {"left": 0.06, "right": 0.99, "top": 0.88, "bottom": 0.2})
 
 
+def _alarm_window(s, th: Thresholds, time_unit: str) -> tuple[int, int]:
+    """Rows around the node's strongest alarm (a day either side at 5-minute rows), or all rows."""
+    sig, t = th.signal_of(s), th.threshold_for(s.node)
+    peak = int(np.nanargmax(sig)) if len(sig) else 0
+    half = 288 if time_unit == "s" else 200
+    return (max(0, peak - half), min(len(sig), peak + half)) if (sig > t).any() else (0, len(sig))
+
+
+def _values_plot(errors: ErrorStore, s, th: Thresholds, values: np.ndarray, scaler, time_unit: str,
+                 top: int = 4) -> str:
+    """The alarm's top metrics in their own units around the strongest alarm, against the node's
+    training range (grey band), alarmed rows shaded: is the value new, or the combination?"""
+    a, b = _alarm_window(s, th, time_unit)
+    order = np.argsort(errors.errors(s.node, slice(a, b)).max(0))[::-1][:top]
+    lo, hi = scaler.training_range()
+    x = _x(s, time_unit)[a:b]
+    alarmed = th.signal_of(s)[a:b] > th.threshold_for(s.node)
+    fig, axes = plt.subplots(len(order), 1, figsize=(11, 0.4 + 1.1 * len(order)), sharex=True, squeeze=False)
+    for ax, j in zip(axes[:, 0], order):
+        ax.axhspan(lo[j], hi[j], color="0.85", lw=0)
+        ax.plot(x, values[a:b, j], lw=0.8, color="tab:blue")
+        _spans(ax, x, alarmed, "tab:red", 0.12)
+        ax.set_ylabel(errors.metrics[j], fontsize=7, rotation=0, ha="right", va="center")
+        ax.tick_params(labelsize=7)
+    axes[0, 0].set_title(f"{s.node}: the {len(order)} metrics with the largest error, in their own units; grey = "
+                         f"the node's training range, red = alarmed rows", fontsize=9)
+    axes[-1, 0].set_xlabel("time (UTC)" if time_unit == "s" else "row")
+    width = max((len(errors.metrics[j]) for j in order), default=8)
+    return _png(fig, {"left": min(0.4, 0.03 + 0.0065 * width), "right": 0.99, "top": 0.9,
+                      "bottom": 0.35 / (0.4 + 1.1 * len(order)) + 0.05, "hspace": 0.15})
+
+
 def _heatmap(errors: ErrorStore, s, th: Thresholds, time_unit: str = "s", top: int = 20) -> str:
     """Per-metric error of the ``top`` metrics (by their largest error) over the rows around the
     node's strongest alarm (the whole series when it has none), metric names on the axis."""
     sig, t = th.signal_of(s), th.threshold_for(s.node)
-    peak = int(np.nanargmax(sig)) if len(sig) else 0
-    half = 288 if time_unit == "s" else 200  # a day either side at 5-minute rows
-    a, b = (max(0, peak - half), min(len(sig), peak + half)) if (sig > t).any() else (0, len(sig))
+    a, b = _alarm_window(s, th, time_unit)
     err = np.sqrt(errors.errors(s.node, slice(a, b)))
     order = np.argsort(err.max(0))[::-1][:top]
     fig, ax = plt.subplots(figsize=(11, 0.9 + 0.17 * len(order)))
@@ -211,13 +242,16 @@ def _curves(models_dir: Path, nodes: list[str]) -> str:
         if not p.exists():
             continue
         h = NodeModel.load(p).history
+        if not h.get("loss"):  # no training history (e.g. models made by `hpcad bench`)
+            continue
         line, = ax.plot(range(1, len(h["loss"]) + 1), h["loss"], lw=1, label=f"{n} train")
         ax.plot(range(1, len(h["val_loss"]) + 1), h["val_loss"], lw=1, ls="--", color=line.get_color())
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
     ax.set_ylabel("MSE")
     ax.set_title("training curves (solid = training, dashed = validation)", fontsize=9)
-    ax.legend(fontsize=6, ncol=2)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6, ncol=2)
     return _png(fig)
 
 
@@ -245,27 +279,53 @@ def _page(title: str, parts: list[str]) -> str:
 
 
 def _node_pages(run_dir: Path, errors: ErrorStore, th: Thresholds, nodes: list[str], alarms: list[dict],
-                time_unit: str, title: str) -> dict[str, str]:
+                time_unit: str, title: str, store=None, models_dir: Path | None = None,
+                workers: int | None = None) -> dict[str, str]:
     """``nodes/<node>.html`` for each alarmed node in ``nodes`` (its alarms, signal and the metrics
-    behind them); pages of nodes no longer listed are removed. Returns node -> relative link."""
+    behind them), drawn by ``workers`` processes (default: the CPUs, at most 8; plots are most of a
+    report's time); pages of nodes no longer listed are removed. Returns node -> relative link."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
     from urllib.parse import quote
 
     folder = run_dir / "nodes"
-    links = {}
-    for s in errors.signals(nodes):
-        mine = [a for a in alarms if a["node"] == s.node]
-        parts = [f"<p><a href='../report.html'>&larr; {html.escape(title)}</a></p><h1>{html.escape(s.node)}</h1>",
-                 f"<p>{len(mine)} alarm(s); threshold {th.threshold_for(s.node):.4g} on the "
-                 f"{'normalised ' if th.normalised else ''}signal ({th.rule}, {th.scope} scope).</p>",
-                 _signal_plot(s, th, time_unit), _heatmap(errors, s, th, time_unit),
-                 "<h2>Alarms</h2>" + alarms_table(mine, lambda n: None, "node-alarms")]
-        write_text(folder / f"{s.node}.html", _page(f"{s.node} - {title}", parts))
-        links[s.node] = f"nodes/{quote(s.node)}.html"
+    job = (run_dir, errors.path, th.to_dict(), time_unit, title, None if store is None else store.path, models_dir)
+    groups = [(node, [a for a in alarms if a["node"] == node]) for node in nodes]
+    n = max(1, min(workers or min(os.cpu_count() or 1, 8), len(groups)))
+    if n == 1:
+        for node, mine in groups:
+            _node_page(job, node, mine)
+    else:
+        with ProcessPoolExecutor(n, mp_context=get_context("fork")) as pool:
+            list(pool.map(_node_page, [job] * len(groups), *zip(*groups), chunksize=4))
+    links = {node: f"nodes/{quote(node)}.html" for node in nodes}
     if folder.exists():
         for old in folder.glob("*.html"):
             if old.stem not in links:
                 old.unlink()
     return links
+
+
+def _node_page(job: tuple, node: str, mine: list[dict]) -> None:
+    """One node's page (a worker of :func:`_node_pages`: everything it needs comes by path)."""
+    run_dir, errors_path, th_dict, time_unit, title, store_path, models_dir = job
+    errors, th = ErrorStore(errors_path), Thresholds.from_dict(th_dict)
+    s = next(errors.signals([node]))
+    parts = [f"<p><a href='../report.html'>&larr; {html.escape(title)}</a></p><h1>{html.escape(node)}</h1>",
+             f"<p>{len(mine)} alarm(s); threshold {th.threshold_for(node):.4g} on the "
+             f"{'normalised ' if th.normalised else ''}signal ({th.rule}, {th.scope} scope).</p>",
+             _signal_plot(s, th, time_unit), _heatmap(errors, s, th, time_unit)]
+    model = model_path(models_dir, node) if models_dir is not None else None
+    if store_path is not None and model is not None and model.exists():
+        from hpcad.data.store import TelemetryStore
+
+        store = TelemetryStore(store_path)
+        if node in store.nodes:
+            nm, values = NodeModel.load(model), store.read(node).values
+            if nm.metrics == errors.metrics and values.shape == (len(s.signal), len(nm.metrics)):
+                parts.append(_values_plot(errors, s, th, values, nm.scaler, time_unit))
+    parts.append("<h2>Alarms</h2>" + alarms_table(mine, lambda n: None, "node-alarms"))
+    write_text(run_dir / "nodes" / f"{node}.html", _page(f"{node} - {title}", parts))
 
 
 def write_report(cfg, run_dir: Path, errors: ErrorStore, models_dir: Path, title: str = "hpcad report",
@@ -287,6 +347,7 @@ def write_report(cfg, run_dir: Path, errors: ErrorStore, models_dir: Path, title
     if not store_path.exists() and str(cfg.data.source or "").lower().endswith((".h5", ".hdf5")):
         store_path = Path(cfg.data.source)  # a store used in place
     time_unit = "s"
+    store = None
     if store_path.exists():
         from hpcad.data.store import TelemetryStore
 
@@ -335,7 +396,7 @@ def write_report(cfg, run_dir: Path, errors: ErrorStore, models_dir: Path, title
         parts.insert(1, f"<p class='warning'><b>Threshold warning:</b> the {th.rule} threshold "
                         f"({th.scope} scope) {html.escape(what)}.</p>")
     paged = [n for n in ranked if per_node_alarms.get(n)][: int(cfg.report.max_node_pages)]
-    pages = _node_pages(run_dir, errors, th, paged, alarms, time_unit, title)
+    pages = _node_pages(run_dir, errors, th, paged, alarms, time_unit, title, store, models_dir)
 
     def link(node: str) -> str | None:
         return pages.get(node)

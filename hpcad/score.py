@@ -86,6 +86,9 @@ def score_nodes(cfg, store: TelemetryStore, models_dir: Path, out_path: Path, no
     columns = metric_columns(metrics, store.metrics, str(store.path))
     M = len(metrics)
     sig_cfg = cfg.signal
+    excess_weight = float(sig_cfg.excess_weight)
+    if not excess_weight >= 0:
+        raise ConfigError(f"signal.excess_weight={sig_cfg.excess_weight}: must be >= 0")
     error_dtype = ERROR_DTYPES.get(str(cfg.score.error_dtype))
     if error_dtype is None:
         raise ConfigError(f"score.error_dtype={cfg.score.error_dtype!r}: one of {', '.join(ERROR_DTYPES)}")
@@ -124,7 +127,7 @@ def score_nodes(cfg, store: TelemetryStore, models_dir: Path, out_path: Path, no
                 [reconstruction_errors([m], [z], device, [lm])[0] for m, z, lm in zip(models, zs, maps)]
             for model, nd, z, err, miss, lm in zip(models, data, zs, errs, masks, maps):
                 if sig_cfg.range_excess:
-                    err += np.square(model.scaler.excess(z))
+                    err += excess_weight * np.square(model.scaler.excess(z))
                 err[miss] = 0.0
                 level = signal_level(model.signal_scale, M, sig_cfg.scale_floor)
                 _write_node_errors(nodes_grp, nd, err, level, split_codes(nd, cfg.split), sig_cfg,

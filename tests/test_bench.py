@@ -54,4 +54,5 @@ def test_bench_report_mode_renders_a_night_with_node_pages(tmp_path):
     b = json.loads((tmp_path / "bench.json").read_text())
     assert b["mode"] == "report" and b["alarmed_nodes"] == 3 and b["node_pages"] == 3 and b["alarms"] >= 3
     assert (tmp_path / "report.html").exists() and len(list((tmp_path / "nodes").glob("*.html"))) == 3
+    assert all(p.read_text().count("<img ") == 3 for p in (tmp_path / "nodes").glob("*.html"))
     assert b["report_mb"] > 0 and b["report_s"] > 0

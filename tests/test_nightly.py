@@ -265,7 +265,7 @@ def test_nightly_report_renders_in_headless_chromium(site, tmp_path, chromium):
     assert node_page.is_file() and node_page.parent.name == "nodes"  # an alarm leads to its node's page
     dom = _browse(chromium, node_page)
     n = node_page.read_text().count("<img ")
-    assert n == 2 and f'data-images="{n}/{n}"' in dom and "report.html" in dom
+    assert n == 3 and f'data-images="{n}/{n}"' in dom and "report.html" in dom  # signal, errors, values
 
 
 def test_light_map_fits_a_level_shift_in_closed_form_and_loads_safely(tmp_path):
