@@ -207,7 +207,9 @@ def _night(cfg, day: dt.date, out: Path, train_run: Path, overrides: list[str]) 
             from hpcad.report import write_report
 
             write_report(dcfg, tmp, errors, models_dir, title=f"hpcad nightly {iso}",
-                         extra=_nightly_sections(iso, src, new, verdicts, refits, n, incidents), folder=out / iso)
+                         extra=_nightly_sections(iso, src, new, verdicts, refits, n, incidents,
+                                                 _trend(out, iso, len(nodes), len(records), incidents)),
+                         folder=out / iso)
         _publish(tmp, out / iso)
         _prune(out, day, n.keep_data_days)
     finally:
@@ -347,11 +349,26 @@ def _light_retrain(cfg, node: str, day: dt.date, nights: list[tuple[str, Telemet
             "fit_ms": round(1000 * (time.perf_counter() - t0), 1)}
 
 
+def _trend(out: Path, iso: str, nodes: int, alarms: int, incidents: list[dict], nights: int = 14) -> list[list]:
+    """This night and the last ``nights`` - 1 successful nights before it (latest run of each, from
+    history.csv): date, nodes, alarms, new incidents."""
+    rows: dict[str, list] = {}
+    if (out / "history.csv").exists():
+        with open(out / "history.csv") as fh:
+            for r in csv.DictReader(fh):
+                if r["status"] == "ok" and r["date"] < iso:
+                    rows[r["date"]] = [r["date"], r["nodes"], r["alarms"], r.get("new_incidents", "")]
+    rows[iso] = [iso, nodes, alarms, sum(i["state"] == "new" for i in incidents)]
+    return [rows[d] for d in sorted(rows)[-nights:]][::-1]
+
+
 def _nightly_sections(iso: str, src: Path, new: list[str], verdicts: list[dict], refits: list[dict], n,
-                      incidents: list[dict]) -> list[str]:
+                      incidents: list[dict], trend: list[list] | None = None) -> list[str]:
     from hpcad.report import _table
 
     parts = [f"<p>night {iso} (site time zone {html.escape(n.timezone)}); input <code>{html.escape(str(src))}</code>.</p>"]
+    if trend:
+        parts.append("<h2>Last nights</h2>" + _table(trend, ["night", "nodes scored", "alarms", "new incidents"]))
     if new:
         parts.append(f"<p>{len(new)} node(s) without a trained model were not scored: "
                      f"{html.escape(', '.join(new[:50]))}</p>")

@@ -172,6 +172,9 @@ def test_backfill_detects_drift_and_light_retrains_only_later_nights(site, tmp_p
     assert p.returncode == 0, p.stderr
     hist = _history(out)
     assert [h["date"] for h in hist] == ["2025-01-09", "2025-01-10", "2025-01-11", "2025-01-12"]
+    last = (out / "2025-01-12" / "report.html").read_text()  # the newest report lists the nights so far
+    assert "<h2>Last nights</h2>" in last and all(f"<td>{d}</td>" in last for d in
+                                                   ("2025-01-09", "2025-01-10", "2025-01-11", "2025-01-12"))
     # a failing notify hook is recorded and never fails a night
     assert all(h["status"] == "ok" for h in hist) and any(h["new_incidents"] not in ("", "0") for h in hist)
     assert all(h["notify"] == ("failed" if h["new_incidents"] != "0" else "") for h in hist)
@@ -254,7 +257,7 @@ def test_nightly_report_renders_in_headless_chromium(site, tmp_path, chromium):
                   ".length);document.body.setAttribute('data-link',t.querySelector('a').getAttribute('href'));")
     n = page.count("<img ")
     assert n >= 4 and f'data-images="{n}/{n}"' in dom  # every plot decoded
-    for section in ("Cluster overview", "Incidents", "Drift", "Alarm signal", "Mean error profile per class",
+    for section in ("Last nights", "Cluster overview", "Incidents", "Drift", "Alarm signal", "Mean error profile per class",
                     "Training", f"Alarms ({len(alarms)})"):
         assert f"<h2>{section}</h2>" in dom
     first = float(dom.split('data-first-peak="')[1].split('"')[0])
