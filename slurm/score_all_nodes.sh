@@ -29,7 +29,10 @@ RUN_DIR=${HPCAD_RUN_DIR:-runs/score-${SLURM_JOB_ID:-local}}
 mkdir -p "$RUN_DIR"
 # The job log beside the outputs (sbatch writes it where the job was submitted): a link to it.
 job_log=$(scontrol show job "${SLURM_JOB_ID:-0}" 2>/dev/null | sed -n 's/^ *StdOut=//p')
-if [ -n "$job_log" ]; then ln -sfn "$job_log" "$RUN_DIR/slurm-${SLURM_JOB_ID}.out"; fi
+link="$RUN_DIR/slurm-${SLURM_JOB_ID:-0}.out"
+if [ -n "$job_log" ] && [ "$(realpath -m "$job_log")" != "$(realpath -m "$link")" ]; then
+  ln -sfn "$job_log" "$link" || echo "$(basename "$0"): could not link the job log into $RUN_DIR" >&2
+fi
 export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
 export HPCAD_WORLD_SIZE=${SLURM_NTASKS:-1}
 # sbatch runs a spooled copy of this script: find the original (and score_steps.sh beside it).
