@@ -137,6 +137,11 @@ def test_submitit_launcher_runs_the_stage_as_a_slurm_job(tmp_path, slurm_env):
     script = next(job_dir.glob("*_submission.sh")).read_text()
     assert "srun" in script and "--kill-on-bad-exit=1" in script  # one failing rank ends the step
     assert "asks for no GPU (launcher.gpus_per_node=0)" in p.stdout + p.stderr  # not silently CPU
+    # a job that fails says why, from its error log (not only where the logs are)
+    bad = subprocess.run([*hpcad_cmd(), "train", "launcher=submitit", f"data.source={tmp_path / 'nowhere'}",
+                          f"hydra.run.dir={tmp_path / 'bad'}", "train.progress=false"],
+                         env=slurm_env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert bad.returncode == 2 and "_0_log.err" in bad.stderr and "does not exist" in bad.stderr, bad.stderr[-2000:]
 
 
 def test_hydra_sweep_through_submitit_slurm_ranks_the_points(tmp_path, slurm_env):

@@ -58,6 +58,16 @@ class SubmititLauncher:
         try:
             results = job.results()
         except submitit.core.utils.FailedJobError as exc:
-            raise HpcadError(f"job {job.job_id} failed; see {run_dir / 'submitit' / str(job.job_id)}: "
-                             f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}") from exc
+            raise HpcadError(f"job {job.job_id} failed; the end of its error log {job.paths.stderr}:\n"
+                             f"{_tail(job.paths.stderr) or str(exc).strip()}") from exc
         return results[0]
+
+
+def _tail(path: Path, lines: int = 12) -> str:
+    """The last lines of a job's stderr: the cause (hpcad's one-line error, or a traceback's end)."""
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return ""
+    kept = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("srun: ")]
+    return "\n".join(kept[-lines:])
