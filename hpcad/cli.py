@@ -142,6 +142,8 @@ def run_stage(stage: str, overrides: list[str]) -> int:
                              f"'[%(asctime)s][rank {w.rank}/{w.size}][%(name)s][%(levelname)s] - %(message)s'")
         if w.rank > 0:
             overrides.append("hydra.output_subdir=null")
+    if any(o in ("-m", "--multirun") for o in overrides) and not any(o.startswith("hydra.job.name=") for o in overrides):
+        overrides.append(f"hydra.job.name=hpcad-{stage}")  # sweep points' SLURM jobs and logs say what they run
     sys.argv = [f"hpcad {stage}", *overrides]
     try:
         app()

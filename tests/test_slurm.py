@@ -155,6 +155,7 @@ def test_hydra_sweep_through_submitit_slurm_ranks_the_points(tmp_path, slurm_env
     assert list((sweep / ".submitit").iterdir())  # each point was a SLURM job
     lines = (sweep / "sweep_summary.csv").read_text().splitlines()
     assert lines[0].startswith("rank,point,status,metric") and len(lines) == 3
+    assert (sweep / "0" / "hpcad-run.log").exists()  # points are named after the stage (SLURM job name too)
     assert ",0,ok,val_cost," in lines[1] and ",1,failed,," in lines[2]
     # the failed point (train.epochs=0) is not silent: exit 2, named, though its SLURM job "completed"
     assert p.returncode == 2 and "1 sweep point(s) produced no result: 1 (train.epochs=0 " in p.stderr
