@@ -102,7 +102,8 @@ def cron(env_file: Path, *args: str) -> subprocess.CompletedProcess:
 def slurm_env():
     """The SLURM dev cluster (slurm/dev-cluster.sh: slurmctld + 4 slurmd on this machine), shared by
     every test process (pytest -n: `up` is idempotent, and a file lock keeps two workers from
-    starting it at once)."""
+    starting it at once). Tests stop what they start: the last test process using a cluster that
+    the tests started brings it down (`dev-cluster.sh down`); one that was running before is left."""
     import fcntl
     import shutil
 
@@ -110,14 +111,43 @@ def slurm_env():
         pytest.skip("SLURM dev cluster needs root to start slurmctld/slurmd")
     if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
         pytest.skip("slurm-wlm is not installed and apt-get is unavailable")
+    script = ["bash", str(ROOT / "slurm" / "dev-cluster.sh")]
+    users = Path("/tmp/hpcad-dev-cluster.users")  # one file per test process using it; "ours": tests started it
     with open("/tmp/hpcad-dev-cluster.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        up = subprocess.run(["bash", str(ROOT / "slurm" / "dev-cluster.sh"), "up"], capture_output=True, text=True,
-                            timeout=300)
+        users.mkdir(exist_ok=True)
+        live = _live_users(users)
+        if not live:  # the first user: was the cluster up before the tests?
+            running = subprocess.run(["pgrep", "-f", "slurmctld -f /tmp/hpcad-slurm/slurm.conf"],
+                                     capture_output=True).returncode == 0
+            (users / "ours").unlink(missing_ok=True)
+            if not running:
+                (users / "ours").touch()
+        (users / str(os.getpid())).touch()
+        up = subprocess.run([*script, "up"], capture_output=True, text=True, timeout=300)
     if up.returncode != 0:
         pytest.skip(f"SLURM dev cluster did not start: {up.stderr.strip()[-500:]}")
     conf = [line.split("=", 1)[1] for line in up.stdout.splitlines() if line.startswith("export SLURM_CONF=")][0]
-    return dict(os.environ, SLURM_CONF=conf)
+    yield dict(os.environ, SLURM_CONF=conf)
+    with open("/tmp/hpcad-dev-cluster.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        (users / str(os.getpid())).unlink(missing_ok=True)
+        if not _live_users(users) and (users / "ours").exists():
+            subprocess.run([*script, "down"], capture_output=True, text=True, timeout=120)
+            (users / "ours").unlink(missing_ok=True)
+
+
+def _live_users(folder: Path) -> list[int]:
+    """Test processes (pids) still using the dev cluster; files of dead ones (a killed run) removed."""
+    live = []
+    for f in folder.iterdir():
+        if f.name.isdigit():
+            try:
+                os.kill(int(f.name), 0)
+                live.append(int(f.name))
+            except ProcessLookupError:
+                f.unlink(missing_ok=True)
+    return live
 
 
 def slurm_models(run) -> dict:
