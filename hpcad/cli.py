@@ -142,7 +142,8 @@ def run_stage(stage: str, overrides: list[str]) -> int:
                              f"'[%(asctime)s][rank {w.rank}/{w.size}][%(name)s][%(levelname)s] - %(message)s'")
         if w.rank > 0:
             overrides.append("hydra.output_subdir=null")
-    if any(o in ("-m", "--multirun") for o in overrides) and not any(o.startswith("hydra.job.name=") for o in overrides):
+    multirun = any(o in ("-m", "--multirun") for o in overrides)
+    if multirun and not any(o.startswith("hydra.job.name=") for o in overrides):
         overrides.append(f"hydra.job.name=hpcad-{stage}")  # sweep points' SLURM jobs and logs say what they run
     sys.argv = [f"hpcad {stage}", *overrides]
     try:
@@ -150,7 +151,7 @@ def run_stage(stage: str, overrides: list[str]) -> int:
     except SystemExit as exc:  # hydra exits on --help, --cfg and config errors
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         return code
-    if any(o in ("-m", "--multirun") for o in overrides):
+    if multirun:
         from hpcad.sweep import FAILED_POINTS
 
         if FAILED_POINTS:  # e.g. points run as SLURM jobs, whose own exit status Hydra does not see

@@ -14,8 +14,9 @@ import logging
 import shlex
 import subprocess
 
+from hpcad.incidents import OPEN
+
 log = logging.getLogger(__name__)
-OPEN = ("new", "ongoing")
 
 
 def reason(incident: dict) -> str:

@@ -24,6 +24,7 @@ from hpcad.explain import metric_family
 
 FILE = "incidents.json"
 OPEN = ("new", "ongoing")
+STATES = (*OPEN, "resolved")
 
 
 def cause_of(alarm: dict) -> str:
@@ -68,8 +69,7 @@ def night_incidents(day: dt.date, alarms: list[dict], previous: list[dict]) -> l
     for key, prev in sorted(before.items()):
         if key not in today:
             out.append({**prev, "state": "resolved", "resolved_night": iso, "alarms": 0})
-    order = {"new": 0, "ongoing": 1, "resolved": 2}
-    return sorted(out, key=lambda i: (order[i["state"]], i["node"], i["cause"]))
+    return sorted(out, key=lambda i: (STATES.index(i["state"]), i["node"], i["cause"]))
 
 
 def incident_of(alarm: dict, incidents: list[dict]) -> dict | None:

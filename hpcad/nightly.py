@@ -51,7 +51,7 @@ from hpcad.drain import lines as drain_lines
 from hpcad.errors import ConfigError, HpcadError, InputError
 from hpcad.explain import class_profiles
 from hpcad.incidents import FILE as INCIDENTS
-from hpcad.incidents import incident_of, night_incidents, previous_incidents
+from hpcad.incidents import STATES, incident_of, night_incidents, previous_incidents
 from hpcad.light import LightMap, fit_light_map, light_path, map_for_night, save_version
 from hpcad.model.files import NodeModel, model_nodes, model_path
 from hpcad.preprocess import fill_gaps, windows
@@ -372,7 +372,7 @@ def _nightly_sections(iso: str, src: Path, new: list[str], verdicts: list[dict],
     if new:
         parts.append(f"<p>{len(new)} node(s) without a trained model were not scored: "
                      f"{html.escape(', '.join(new[:50]))}</p>")
-    counts = {st: sum(i["state"] == st for i in incidents) for st in ("new", "ongoing", "resolved")}
+    counts = {st: sum(i["state"] == st for i in incidents) for st in STATES}
     parts.append(f"<h2>Incidents</h2><p>{counts['new']} new, {counts['ongoing']} ongoing, {counts['resolved']} "
                  f"resolved (repeated alarms on one node with one cause are one incident; docs/operations.md). "
                  f"{len(drain_candidates(incidents, n.drain_after_nights))} confirmed (open for "

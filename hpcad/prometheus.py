@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from hpcad.atomic import atomic_path
+from hpcad.incidents import OPEN, STATES
 
 FAMILIES = {
     "hpcad_node_signal_level": "Median alarm signal of the node over the night, relative to its normal level "
@@ -37,18 +38,18 @@ def _value(v: float) -> str:
 def render(levels: list[dict], incidents: list[dict], night_start: int, unscored: int,
            finished: float | None = None) -> str:
     samples: dict[str, list[tuple[dict, float]]] = {k: [] for k in FAMILIES}
-    open_nodes = {i["node"] for i in incidents if i["state"] in ("new", "ongoing")}
+    open_nodes = {i["node"] for i in incidents if i["state"] in OPEN}
     for lv in levels:
         samples["hpcad_node_signal_level"].append(({"node": lv["node"]}, lv["level"]))
         samples["hpcad_node_alarmed_rows"].append(({"node": lv["node"]}, lv["alarmed_rows"]))
         samples["hpcad_node_alarm"].append(({"node": lv["node"]}, 1.0 if lv["node"] in open_nodes else 0.0))
     for i in incidents:
-        if i["state"] in ("new", "ongoing"):
+        if i["state"] in OPEN:
             samples["hpcad_incident_nights"].append(({"node": i["node"], "cause": i["cause"]}, i["nights"]))
     samples["hpcad_nightly_night_timestamp_seconds"].append(({}, night_start))
     samples["hpcad_nightly_last_success_timestamp_seconds"].append(({}, time.time() if finished is None else finished))
     samples["hpcad_nightly_nodes"] += [({"outcome": "scored"}, len(levels)), ({"outcome": "without_model"}, unscored)]
-    for state in ("new", "ongoing", "resolved"):
+    for state in STATES:
         samples["hpcad_nightly_incidents"].append(({"state": state}, sum(i["state"] == state for i in incidents)))
     lines = []
     for name, help_text in FAMILIES.items():

@@ -71,20 +71,25 @@ def _signal_plot(s, th: Thresholds, time_unit: str = "s") -> str:
     return _png(fig, {"left": 0.06, "right": 0.99, "top": 0.88, "bottom": 0.2})
 
 
-def _alarm_window(s, th: Thresholds, time_unit: str) -> tuple[int, int]:
-    """Rows around the node's strongest alarm (a day either side at 5-minute rows), or all rows."""
-    sig, t = th.signal_of(s), th.threshold_for(s.node)
-    peak = int(np.nanargmax(sig)) if len(sig) else 0
-    half = 288 if time_unit == "s" else 200
-    return (max(0, peak - half), min(len(sig), peak + half)) if (sig > t).any() else (0, len(sig))
+class AlarmWindow:
+    """The rows around a node's strongest alarm (a day either side at 5-minute rows; all rows when it
+    has none), their per-metric errors read once, and the metrics ordered by their largest error:
+    what the heatmap and the values plot of a node show."""
+
+    def __init__(self, errors: ErrorStore, s, th: Thresholds, time_unit: str):
+        sig, t = th.signal_of(s), th.threshold_for(s.node)
+        peak = int(np.nanargmax(sig)) if len(sig) else 0
+        half = 288 if time_unit == "s" else 200
+        self.a, self.b = (max(0, peak - half), min(len(sig), peak + half)) if (sig > t).any() else (0, len(sig))
+        self.err = errors.errors(s.node, slice(self.a, self.b))
+        self.order = np.argsort(self.err.max(0))[::-1]
 
 
 def _values_plot(errors: ErrorStore, s, th: Thresholds, values: np.ndarray, scaler, time_unit: str,
-                 top: int = 4) -> str:
+                 win: AlarmWindow, top: int = 4) -> str:
     """The alarm's top metrics in their own units around the strongest alarm, against the node's
     training range (grey band), alarmed rows shaded: is the value new, or the combination?"""
-    a, b = _alarm_window(s, th, time_unit)
-    order = np.argsort(errors.errors(s.node, slice(a, b)).max(0))[::-1][:top]
+    a, b, order = win.a, win.b, win.order[:top]
     lo, hi = scaler.training_range()
     x = _x(s, time_unit)[a:b]
     alarmed = th.signal_of(s)[a:b] > th.threshold_for(s.node)
@@ -103,13 +108,13 @@ def _values_plot(errors: ErrorStore, s, th: Thresholds, values: np.ndarray, scal
                       "bottom": 0.35 / (0.4 + 1.1 * len(order)) + 0.05, "hspace": 0.15}, dpi=72)
 
 
-def _heatmap(errors: ErrorStore, s, th: Thresholds, time_unit: str = "s", top: int = 20) -> str:
+def _heatmap(errors: ErrorStore, s, th: Thresholds, time_unit: str = "s", win: AlarmWindow | None = None,
+             top: int = 20) -> str:
     """Per-metric error of the ``top`` metrics (by their largest error) over the rows around the
     node's strongest alarm (the whole series when it has none), metric names on the axis."""
     sig, t = th.signal_of(s), th.threshold_for(s.node)
-    a, b = _alarm_window(s, th, time_unit)
-    err = np.sqrt(errors.errors(s.node, slice(a, b)))
-    order = np.argsort(err.max(0))[::-1][:top]
+    win = win or AlarmWindow(errors, s, th, time_unit)
+    a, b, err, order = win.a, win.b, np.sqrt(win.err), win.order[:top]
     fig, ax = plt.subplots(figsize=(11, 0.9 + 0.17 * len(order)))
     vmax = float(np.quantile(err[:, order], 0.99)) or 1.0
     ax.imshow(err[:, order].T, aspect="auto", cmap="magma", vmin=0, vmax=vmax, interpolation="nearest")
@@ -324,7 +329,9 @@ def _node_page(job: tuple, node: str, mine: list[dict]) -> None:
     parts = [f"<p><a href='../report.html'>&larr; {html.escape(title)}</a></p><h1>{html.escape(node)}</h1>",
              f"<p>{len(mine)} alarm(s); threshold {th.threshold_for(node):.4g} on the "
              f"{'normalised ' if th.normalised else ''}signal ({th.rule}, {th.scope} scope).</p>",
-             _signal_plot(s, th, time_unit), _heatmap(errors, s, th, time_unit)]
+             _signal_plot(s, th, time_unit)]
+    win = AlarmWindow(errors, s, th, time_unit)
+    parts.append(_heatmap(errors, s, th, time_unit, win))
     model = model_path(models_dir, node) if models_dir is not None else None
     if store_path is not None and model is not None and model.exists():
         from hpcad.data.store import TelemetryStore
@@ -333,7 +340,7 @@ def _node_page(job: tuple, node: str, mine: list[dict]) -> None:
         if node in store.nodes:
             nm, values = NodeModel.load(model), store.read(node).values
             if nm.metrics == errors.metrics and values.shape == (len(s.signal), len(nm.metrics)):
-                parts.append(_values_plot(errors, s, th, values, nm.scaler, time_unit))
+                parts.append(_values_plot(errors, s, th, values, nm.scaler, time_unit, win))
     parts.append("<h2>Alarms</h2>" + alarms_table(mine, lambda n: None, "node-alarms"))
     write_text(run_dir / "nodes" / f"{node}.html", _page(f"{node} - {title}", parts))
 

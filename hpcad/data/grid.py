@@ -30,6 +30,8 @@ from hpcad.data.node import NodeData
 from hpcad.errors import InputError
 
 log = logging.getLogger(__name__)
+# data.on_missing_metric: a metric some nodes lack is absent there | dropped everywhere | an error
+MISSING_METRIC_POLICIES = ("union", "drop", "error")
 RECORD = np.dtype([("node", "<i4"), ("bin", "<u4"), ("metric", "<u2"), ("value", "<f4")])
 
 
@@ -125,8 +127,8 @@ class GridStager:
             raise InputError(f"{source}: no metric besides the label {self.label_name!r}")
         cover = self.cover[: len(self.node_names)]
         missing = {c: np.flatnonzero(~cover[:, c]) for c in codes if not cover[:, c].all()}
-        if policy not in ("union", "drop", "error"):
-            raise InputError(f"data.on_missing_metric={policy!r}: union, drop or error")
+        if policy not in MISSING_METRIC_POLICIES:
+            raise InputError(f"data.on_missing_metric={policy!r}: one of {', '.join(MISSING_METRIC_POLICIES)}")
         if missing and policy == "union":
             log.warning("%s: %d metric(s) missing on some nodes are kept as absent there (data.on_missing_metric="
                         "union; each node is trained on its own metrics): %s", source, len(missing),

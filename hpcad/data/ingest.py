@@ -28,7 +28,7 @@ import pandas as pd
 
 from hpcad.data import synthetic
 from hpcad.data.counters import counter_columns, to_rates
-from hpcad.data.grid import GridStager
+from hpcad.data.grid import MISSING_METRIC_POLICIES, GridStager
 from hpcad.data.jobs import JobTable, read_jobs
 from hpcad.data.ldms import stage_ldms
 from hpcad.data.longformat import stage_long
@@ -41,9 +41,6 @@ from hpcad.errors import InputError
 log = logging.getLogger(__name__)
 FORMATS = {"wide": None, "ldms": stage_ldms, "long": stage_long}
 _SAID_UP_TO_DATE: set[Path] = set()
-
-
-POLICIES = ("union", "drop", "error")
 
 
 class FrameConverter:
@@ -59,8 +56,8 @@ class FrameConverter:
         self.metrics = metrics
         self.labelled: bool | None = None
         self.policy = str(data_cfg.on_missing_metric)
-        if self.policy not in POLICIES:
-            raise InputError(f"data.on_missing_metric={self.policy!r}: one of {', '.join(POLICIES)}")
+        if self.policy not in MISSING_METRIC_POLICIES:
+            raise InputError(f"data.on_missing_metric={self.policy!r}: one of {', '.join(MISSING_METRIC_POLICIES)}")
 
     def __call__(self, df: pd.DataFrame, node: str, where: str) -> NodeData:
         cfg = self.cfg
