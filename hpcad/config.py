@@ -101,7 +101,9 @@ class SignalConfig:
     smooth: int = 25  # rows averaged into a row's signal (asinh scale), centred; 1 = the raw per-row signal
     causal: bool = False  # average the row and the ones before it only (alarms that never look ahead)
     range_excess: bool = True  # add the squared excess of a value outside its training range to its error
-    excess_weight: float = 1.0  # ...times this weight (docs/results.md: how it was chosen)
+    excess_weight: Any = "auto"  # ...times this weight: a number, or auto = chosen on labelled validation rows (hpcad/excess.py)
+    excess_grid: list[float] = field(default_factory=lambda: [1.0, 10.0, 100.0, 1000.0])  # auto's candidates (the first without labels)
+    excess_margin: float = 0.005  # auto keeps the smallest weight within this of the best validation average precision
     scale_floor: float = 1.0e-4  # a node's normal level (signal_norm's divisor) is at least this x metrics
 
 

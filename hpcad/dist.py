@@ -11,6 +11,7 @@ import os
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as tdist
 
@@ -167,3 +168,13 @@ def shard(rows: dict[str, int], size: int) -> list[list[str]]:
         out[r].append(node)
         loads[r] += rows[node]
     return out
+
+
+def all_sum(values: np.ndarray) -> np.ndarray:
+    """Element-wise sum of a small float64 array over all ranks (itself without a process group)."""
+    values = np.asarray(values, dtype=np.float64)
+    if not tdist.is_initialized():
+        return values
+    parts = [None] * tdist.get_world_size()
+    tdist.all_gather_object(parts, values.tolist())  # any backend (gloo, NCCL), no device tensors
+    return np.sum(np.array(parts, dtype=np.float64), axis=0)

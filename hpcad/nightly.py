@@ -41,6 +41,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import numpy as np
 from omegaconf import OmegaConf, open_dict
 
+from hpcad import excess
 from hpcad.atomic import atomic_path, write_json
 from hpcad.data.ingest import ingest
 from hpcad.data.store import TelemetryStore
@@ -171,9 +172,12 @@ def _night(cfg, day: dt.date, out: Path, train_run: Path, overrides: list[str]) 
             _score_slurm(dcfg, tmp, train_run, src, overrides)
         else:
             score_nodes(dcfg, store, models_dir, tmp / "errors.h5", nodes,
-                        light=lambda node: map_for_night(models_dir, node, iso))
+                        light=lambda node: map_for_night(models_dir, node, iso),
+                        excess_fallback=excess.recorded(train_run))
         errors = ErrorStore(tmp / "errors.h5")
         th = Thresholds.load(train_run / "thresholds.json")
+        excess.check_applies(th.details.get("excess_weight"), errors.excess_weight, train_run / "thresholds.json",
+                             errors.path)
         th.save(tmp / "thresholds.json")
         from hydra.utils import instantiate
 

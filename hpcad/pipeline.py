@@ -8,6 +8,7 @@ up to date and nodes that already have a model. A writing stage holds the run fo
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,7 +20,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from hpcad import dist, runfolder
+from hpcad import dist, excess, runfolder
 from hpcad.atomic import write_json
 from hpcad.baselines import run_baselines
 from hpcad.data.ingest import ingest
@@ -107,12 +108,13 @@ def stage_score(cfg, run_dir: Path) -> Path:
     """Score every node; under srun/torchrun each rank writes ``errors-rank<r>.h5`` for its share and
     rank 0 then writes ``errors.h5`` as an index of external links (one writer per file)."""
     out = run_dir / "errors.h5"
+    fallback = excess.recorded(_train_run(cfg))  # the weight its thresholds were fitted with
     with ranked_share(cfg, run_dir) as (w, device, store, mine):
         if not w.distributed:
-            score_nodes(cfg, store, models_dir(cfg, run_dir), out, mine, device)
+            score_nodes(cfg, store, models_dir(cfg, run_dir), out, mine, device, excess_fallback=fallback)
             return out
         parts = [run_dir / f"errors-rank{r}.h5" for r in range(w.size)]
-        score_nodes(cfg, store, models_dir(cfg, run_dir), parts[w.rank], mine, device)
+        score_nodes(cfg, store, models_dir(cfg, run_dir), parts[w.rank], mine, device, excess_fallback=fallback)
         dist.barrier()
         if w.rank == 0:
             scored = [e for e in map(ErrorStore, parts) if e.nodes] or [ErrorStore(parts[0])]
@@ -120,7 +122,8 @@ def stage_score(cfg, run_dir: Path) -> Path:
             write_index(out, parts, metrics, {"hpcad_format": "error-store", "format_version": 1,
                                               "store": str(store.path), "models": str(models_dir(cfg, run_dir)),
                                               "created": scored[0].attrs.get("created", ""),
-                                              **built_from(store, models_dir(cfg, run_dir))})
+                                              **built_from(store, models_dir(cfg, run_dir)),
+                                              **scored[0].excess_attrs})
         dist.barrier()
         return out
 
@@ -160,9 +163,12 @@ def stage_threshold(cfg, run_dir: Path) -> dict:
     rule = instantiate(cfg.threshold, _convert_="all")
     if tr is not None and not labelled and (tr / "thresholds.json").exists():
         th = Thresholds.load(tr / "thresholds.json")
+        excess.check_applies(th.details.get("excess_weight"), errors.excess_weight, tr / "thresholds.json",
+                             errors.path)
         log.info("unlabelled data: using the thresholds fitted by %s", tr)
     else:
         th = rule.fit(mine, red)
+        th.details["excess_weight"] = errors.excess_weight  # the signal they were fitted on
     rank = w.rank  # one writer, also when ranks run without MPI
     if rank != 0:
         return {"thresholds": th.to_dict(), "rank": rank}
@@ -180,7 +186,9 @@ def stage_threshold(cfg, run_dir: Path) -> dict:
     result = {"alarms": len(records), "thresholds": th.to_dict()}
     if metrics["labelled"]:
         out = {"detector": "autoencoder", "cost_model": vars(cm), "threshold_rule": th.rule,
-               "signal": dict(OmegaConf.to_container(cfg.signal)), "scope": th.scope, "threshold_check":
+               "signal": {**OmegaConf.to_container(cfg.signal), "excess_weight_used": errors.excess_weight,
+                          "excess_choice": json.loads(errors.attrs.get("excess_choice", "null"))},
+               "scope": th.scope, "threshold_check":
                th.details.get("check"), "splits": metrics["splits"], "baselines": {}, "nodes": metrics["nodes"]}
         for path in sorted((run_dir / "baselines").glob("*.h5")):
             bsource = ErrorStore(path).signals

@@ -33,6 +33,8 @@ from hpcad.atomic import atomic_path
 from hpcad.data.store import STR, TelemetryStore, checked, corrupt, open_h5
 from hpcad.device import resolve_device, tf32_context
 from hpcad.dist import world
+from hpcad.excess import attrs as excess_attrs
+from hpcad.excess import choose as excess_weight
 from hpcad.errors import ConfigError, InputError, StoreError
 from hpcad.light import LightMap, light_path
 from hpcad.model.autoencoder import ensemble_recon, stack
@@ -64,13 +66,16 @@ class NodeSignal:
 
 
 def score_nodes(cfg, store: TelemetryStore, models_dir: Path, out_path: Path, nodes: list[str] | None = None,
-                device: torch.device | None = None, light: Callable[[str], LightMap | None] | None = None) -> int:
+                device: torch.device | None = None, light: Callable[[str], LightMap | None] | None = None,
+                excess_fallback: float | None = None) -> int:
     """Score ``nodes`` (default: all) of ``store`` with their models, K nodes per batched forward pass.
 
     K follows from ``train.memory_budget_mb`` and ``train.device_memory_mb``; only one chunk of nodes
     is in memory at a time.
     ``light`` picks each node's light map (default: ``models/<node>.light.pt`` when present).
-    Writes ``out_path`` atomically.
+    ``signal.excess_weight=auto`` chooses the range-excess weight on the labelled validation rows
+    (:func:`excess_weight`; ``excess_fallback``, the weight of the run whose thresholds will be
+    applied, where there are none). Writes ``out_path`` atomically.
     """
     if light is None:
         def light(n: str) -> LightMap | None:
@@ -86,56 +91,70 @@ def score_nodes(cfg, store: TelemetryStore, models_dir: Path, out_path: Path, no
     columns = metric_columns(metrics, store.metrics, str(store.path))
     M = len(metrics)
     sig_cfg = cfg.signal
-    excess_weight = float(sig_cfg.excess_weight)
-    if not excess_weight >= 0:
-        raise ConfigError(f"signal.excess_weight={sig_cfg.excess_weight}: must be >= 0")
     error_dtype = ERROR_DTYPES.get(str(cfg.score.error_dtype))
     if error_dtype is None:
         raise ConfigError(f"score.error_dtype={cfg.score.error_dtype!r}: one of {', '.join(ERROR_DTYPES)}")
     budget = Budget.resolve(cfg.train, device)
+
+    def node_errors() -> Iterator[tuple[NodeModel, object, np.ndarray, np.ndarray, np.ndarray, LightMap | None]]:
+        return _node_errors(cfg, store, models_dir, nodes, metrics, columns, budget, device, light)
+
+    weight, choice = excess_weight(cfg, store, node_errors, excess_fallback)
     with atomic_path(out_path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs.update(hpcad_format=FORMAT, format_version=1, store=str(store.path), models=str(models_dir),
                        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds"),
-                       hpcad_version=__version__, **built_from(store, models_dir))
+                       hpcad_version=__version__, **built_from(store, models_dir),
+                       **excess_attrs(weight, choice))
         f.create_dataset("metrics", data=np.array(metrics, dtype=object), dtype=STR)
         nodes_grp = f.create_group("nodes")
         bar = tqdm(total=len(nodes), desc="score", unit="node", disable=not cfg.train.progress)
-        i = 0
-        while i < len(nodes):
-            first = NodeModel.load(model_path(models_dir, nodes[i]))  # its spec sizes the chunk
-            spec = first.spec
-            # floats per row: values, standardised and window copies, R members' reconstructions, error
-            per_node = 4 * M * max(store.rows(nodes[i]), 1) * (4 + spec.window * (1 + spec.members))
-            K = int(max(1, min(cfg.train.max_nodes_per_chunk or 4096, budget.host_bytes // per_node,
-                               (budget.device_bytes or budget.host_bytes) // per_node)))
-            chunk = nodes[i:i + K]
-            i += len(chunk)
-            models, data, zs, masks = [], [], [], []
-            for node in chunk:
-                model = first if node == chunk[0] else NodeModel.load(model_path(models_dir, node))
-                if model.metrics != metrics:
-                    raise InputError(f"node {node}: its model was trained on other metrics than node {nodes[0]}'s "
-                                     f"(first difference: {_first_diff(model.metrics, metrics)}); score models "
-                                     f"of one training run together")
-                nd = store.read(node)
-                values = nd.values if columns is None else _aligned(nd.values, columns)
-                z, miss = model.scaler.transform(fill_gaps(values, cfg.preprocess.nan_fill_limit))
-                models.append(model), data.append(nd), zs.append(z), masks.append(miss)
-            maps = [light(n) for n in chunk]
-            same_shape = len({(tuple(m.spec.hidden), m.spec.members, m.spec.window) for m in models}) == 1
-            errs = reconstruction_errors(models, zs, device, maps) if same_shape else \
-                [reconstruction_errors([m], [z], device, [lm])[0] for m, z, lm in zip(models, zs, maps)]
-            for model, nd, z, err, miss, lm in zip(models, data, zs, errs, masks, maps):
-                if sig_cfg.range_excess:
-                    err += excess_weight * np.square(model.scaler.excess(z))
-                err[miss] = 0.0
-                level = signal_level(model.signal_scale, M, sig_cfg.scale_floor)
-                _write_node_errors(nodes_grp, nd, err, level, split_codes(nd, cfg.split), sig_cfg,
-                                   lm.version if lm else 0, error_dtype)
-            bar.update(len(chunk))
+        for model, nd, err, excess2, miss, lm in node_errors():
+            err += weight * excess2
+            err[miss] = 0.0
+            level = signal_level(model.signal_scale, M, sig_cfg.scale_floor)
+            _write_node_errors(nodes_grp, nd, err, level, split_codes(nd, cfg.split), sig_cfg,
+                               lm.version if lm else 0, error_dtype)
+            bar.update(1)
         bar.close()
     log.info("scored %d nodes -> %s", len(nodes), out_path)
     return len(nodes)
+
+
+def _node_errors(cfg, store: TelemetryStore, models_dir: Path, nodes: list[str], metrics: list[str],
+                 columns: np.ndarray | None, budget: Budget, device: torch.device,
+                 light: Callable[[str], LightMap | None]) -> Iterator[tuple]:
+    """Per node, in order: ``(model, node data, squared reconstruction errors [T, M], squared
+    range excess [T, M] (zeros with ``signal.range_excess=false``), missing mask, light map)``;
+    K nodes per batched forward pass, only one chunk in memory."""
+    M = len(metrics)
+    i = 0
+    while i < len(nodes):
+        first = NodeModel.load(model_path(models_dir, nodes[i]))  # its spec sizes the chunk
+        spec = first.spec
+        # floats per row: values, standardised and window copies, R members' reconstructions, error
+        per_node = 4 * M * max(store.rows(nodes[i]), 1) * (5 + spec.window * (1 + spec.members))
+        K = int(max(1, min(cfg.train.max_nodes_per_chunk or 4096, budget.host_bytes // per_node,
+                           (budget.device_bytes or budget.host_bytes) // per_node)))
+        chunk = nodes[i:i + K]
+        i += len(chunk)
+        models, data, zs, masks = [], [], [], []
+        for node in chunk:
+            model = first if node == chunk[0] else NodeModel.load(model_path(models_dir, node))
+            if model.metrics != metrics:
+                raise InputError(f"node {node}: its model was trained on other metrics than node {nodes[0]}'s "
+                                 f"(first difference: {_first_diff(model.metrics, metrics)}); score models "
+                                 f"of one training run together")
+            nd = store.read(node)
+            values = nd.values if columns is None else _aligned(nd.values, columns)
+            z, miss = model.scaler.transform(fill_gaps(values, cfg.preprocess.nan_fill_limit))
+            models.append(model), data.append(nd), zs.append(z), masks.append(miss)
+        maps = [light(n) for n in chunk]
+        same_shape = len({(tuple(m.spec.hidden), m.spec.members, m.spec.window) for m in models}) == 1
+        errs = reconstruction_errors(models, zs, device, maps) if same_shape else \
+            [reconstruction_errors([m], [z], device, [lm])[0] for m, z, lm in zip(models, zs, maps)]
+        for model, nd, z, err, miss, lm in zip(models, data, zs, errs, masks, maps):
+            excess2 = np.square(model.scaler.excess(z)) if cfg.signal.range_excess else np.zeros_like(err)
+            yield model, nd, err, excess2, miss, lm
 
 
 def built_from(store: TelemetryStore, models_dir: Path) -> dict:
@@ -262,7 +281,17 @@ class ErrorStore:
             self.nodes = sorted(f["nodes"].keys())
             self.rows = {n: int(f["nodes"][n]["signal"].shape[0]) for n in self.nodes}
             self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()
-                          if k in ("created", "store_signature", "models_stamp", "store", "models")}
+                          if k in ("created", "store_signature", "models_stamp", "store", "models", "excess_weight",
+                                   "excess_choice")}
+
+    @property
+    def excess_attrs(self) -> dict:
+        """The range-excess weight it was scored with and how it was chosen (hpcad.excess)."""
+        return {k: self.attrs[k] for k in ("excess_weight", "excess_choice") if k in self.attrs}
+
+    @property
+    def excess_weight(self) -> float:
+        return float(self.attrs.get("excess_weight", 1.0))  # files before hpcad.excess: the old fixed 1
 
     def signals(self, nodes: list[str] | None = None) -> Iterator[NodeSignal]:
         """Per-node alarm signals (already smoothed when written: hpcad.signals)."""

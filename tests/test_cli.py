@@ -185,9 +185,14 @@ def test_unlabelled_data_uses_the_trained_runs_thresholds(tmp_path):
           "data.synthetic.rows=400")
     train = tmp_path / "train"
     hpcad("run", f"data.source={exports}", f"hydra.run.dir={train}", "train.epochs=3", "train.progress=false",
-          "baselines.methods=[]", "threshold=quantile", "threshold.scope=cluster", "report.enabled=false")
+          "baselines.methods=[]", "threshold=quantile", "threshold.scope=cluster", "report.enabled=false",
+          "signal.excess_grid=[10,1000]")  # auto picks one of these on the labelled validation rows
     fitted = json.loads((train / "thresholds.json").read_text())
     assert fitted["rule"] == "quantile" and fitted["scope"] == "cluster" and fitted["cluster"] > 0
+    chosen = fitted["details"]["excess_weight"]
+    choice = json.loads((train / "metrics.json").read_text())["signal"]["excess_choice"]
+    assert chosen in (10, 1000) and choice["chosen"] == chosen and choice["nodes"] == 2
+    assert len(choice["validation_ap"]) == 2
     today = tmp_path / "today"
     today.mkdir()
     for f in exports.glob("*.csv"):
@@ -198,6 +203,13 @@ def test_unlabelled_data_uses_the_trained_runs_thresholds(tmp_path):
     assert json.loads((scored / "thresholds.json").read_text())["cluster"] == fitted["cluster"]
     assert not (scored / "metrics.json").exists()  # no labels, no detection scores
     assert (scored / "alarms.csv").exists() and (scored / "report.html").exists()
+    with h5py.File(scored / "errors.h5") as f:  # scored on the signal the thresholds were fitted on
+        assert f.attrs["excess_weight"] == chosen
+    other = hpcad("run", f"data.source={today}", f"train_run={train}", f"hydra.run.dir={tmp_path / 'other'}",
+                  "baselines.methods=[]", "split.train=0", "split.val=0", f"signal.excess_weight={chosen * 2}",
+                  check=False)
+    assert other.returncode == 2 and f"signal.excess_weight={chosen:g}" in other.stderr
+    assert "Traceback" not in other.stderr
 
 
 def test_help_and_a_misspelt_stage_answer_without_loading_the_pipeline():

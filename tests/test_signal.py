@@ -79,3 +79,75 @@ def test_signal_level_floor_keeps_signal_norm_finite_for_perfectly_reconstructed
     assert signal_level(1e-13, 55, 1e-4) == pytest.approx(55e-4)  # an MSL channel constant in training
     assert signal_level(49.0, 159, 1e-4) == 49.0  # a real node: its held-out level
     assert signal_level(float("nan"), 10, 1e-4) == pytest.approx(1e-3)
+
+
+def _choice_inputs(anomaly_in_excess: bool, n_nodes: int = 3):
+    """Nodes whose labelled validation anomalies show either as values outside the training range
+    (no reconstruction error) or as reconstruction error, while normal validation rows carry the
+    other kind: the range-excess weight decides which ranks first."""
+    from hpcad.data.node import NodeData
+
+    T, M = 400, 4
+    out = []
+    for k in range(n_nodes):
+        rng = np.random.default_rng(k)
+        labels = np.zeros(T, np.int8)
+        labels[250:270] = labels[330:345] = 1
+        err = rng.gamma(2.0, 0.05, size=(T, M))
+        excess2 = np.zeros((T, M))
+        normal_val = (np.arange(T) >= 200) & (labels == 0)
+        if anomaly_in_excess:  # MSL-like: a never-seen value is the anomaly, normal rows err a little
+            excess2[labels == 1, 0] = 0.02
+            err[normal_val & (np.arange(T) % 7 == 0), 1] += 0.5
+        else:  # node-like: new workloads leave the range on normal rows, anomalies reconstruct badly
+            excess2[normal_val & (np.arange(T) % 5 == 0), 0] = 0.02
+            err[labels == 1, 1] += 0.3
+        nd = NodeData(f"n{k}", np.arange(T, dtype=np.int64) * 300, np.zeros((T, M), np.float32), labels)
+        out.append((NS(signal_scale=float(err[:200].sum(1).mean())), nd, err, excess2, np.zeros((T, M), bool), None))
+    return out
+
+
+def _signal_cfg(weight="auto", grid=(1.0, 10.0, 100.0, 1000.0)):
+    return NS(signal=NS(excess_weight=weight, excess_grid=list(grid), excess_margin=0.005, range_excess=True,
+                        smooth=5, causal=False, scale_floor=1e-4),
+              split=NS(unit="fraction", train=0.5, val=0.5))
+
+
+def test_auto_excess_weight_follows_what_the_labelled_validation_rows_reward():
+    from hpcad.excess import choose
+
+    store = NS(has_labels=True)
+    for in_excess, expected in ((True, 100.0), (False, 1.0)):
+        inputs = _choice_inputs(in_excess)
+        w, choice = choose(_signal_cfg(), store, lambda: iter(inputs), None)
+        assert w == expected and choice["chosen"] == expected and choice["nodes"] == 3
+        ap = dict(zip(choice["candidates"], choice["validation_ap"]))
+        assert ap[expected] == max(ap.values()) and abs(ap[1000.0] - ap[1.0]) > 0.5
+    assert ap[1000.0] < ap[1.0] - 0.5  # node-like: a large weight ranks new workloads first
+    # MSL-like: 100 and 1000 both separate perfectly; within the margin the smaller weight wins
+    w, choice = choose(_signal_cfg(), store, lambda: iter(_choice_inputs(True)), None)
+    assert choice["validation_ap"][-1] == choice["validation_ap"][-2] == 1.0 and w == 100.0
+    # within the margin, the smaller weight wins: a flat validation keeps the first candidate
+    flat = [(m, nd, e, np.zeros_like(x), miss, lm) for m, nd, e, x, miss, lm in _choice_inputs(True)]
+    assert choose(_signal_cfg(), store, lambda: iter(flat), None)[0] == 1.0
+
+
+def test_excess_weight_without_labels_reuses_the_weight_its_thresholds_were_fitted_with():
+    from hpcad.errors import ConfigError
+    from hpcad.excess import choose, fixed_weight
+
+    def never():
+        raise AssertionError("no labels: the errors need not be computed twice")
+
+    unlabelled = NS(has_labels=False)
+    assert choose(_signal_cfg(), unlabelled, never, 100.0)[0] == 100.0
+    w, choice = choose(_signal_cfg(), unlabelled, never, None)
+    assert w == 1.0 and choice["nodes"] == 0 and "first candidate" in choice["rule"]
+    assert choose(_signal_cfg(weight=10), NS(has_labels=True), never, 100.0) == (10.0, None)  # fixed: as told
+    # labels, but no validation row of either class on any node: the fallback too
+    no_val = _signal_cfg()
+    no_val.split.val = 0.0
+    assert choose(no_val, NS(has_labels=True), lambda: iter(_choice_inputs(True)), 100.0)[0] == 100.0
+    for bad in ("often", -1):
+        with pytest.raises(ConfigError, match="signal.excess_weight"):
+            fixed_weight(bad)
