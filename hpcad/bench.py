@@ -53,6 +53,15 @@ def bench_pool(b, cfg) -> list[np.ndarray]:
     return pool
 
 
+def node_lengths(nodes: int, rows: int, spread: float) -> np.ndarray:
+    """Rows of each bench node: ``rows``, or spread evenly over [(1 - spread) x rows, rows] (a real
+    cluster's nodes differ in length: short last batches and ends of epochs differ per model)."""
+    if not 0 <= spread < 1:
+        raise ConfigError(f"bench.rows_spread={spread}: must be in [0, 1)")
+    frac = (np.arange(nodes) * 0.6180339887498949) % 1.0  # low-discrepancy, the same for every run
+    return np.maximum(1, rows - np.floor(spread * rows * frac)).astype(np.int64)
+
+
 def naive_train(x: np.ndarray, seed: int, spec: AutoencoderSpec, tc, device: torch.device) -> float:
     """The naive reference: one plain model, Adam, shuffled mini-batches, validation each epoch."""
     torch.manual_seed(seed)
@@ -121,6 +130,7 @@ def bench_train(cfg, run_dir: Path) -> dict:
     # The naive nodes are spread over the chunks and timed right after each one, so that both sides
     # see the same machine: on a shared VM the speed drifts by up to 2x over minutes.
     naive_share = np.array_split(np.arange(n_naive), len(chunks))
+    lengths = node_lengths(b.nodes, b.rows, float(b.rows_spread))
     bar = tqdm(total=b.nodes * b.epochs, desc="bench batched", unit="node-epoch", disable=not cfg.train.progress)
     naive_bar = tqdm(total=n_naive, desc="bench naive", unit="node", disable=not cfg.train.progress or not n_naive)
     # Untimed warm-up of both sides (first-call library initialisation is not per-node work).
@@ -139,7 +149,7 @@ def bench_train(cfg, run_dir: Path) -> dict:
             last[0] = epoch
 
         t0 = time.perf_counter()
-        res = train_ensemble(spec, [pool[i % len(pool)] for i in idx for _ in range(R)],
+        res = train_ensemble(spec, [pool[i % len(pool)][: lengths[i]] for i in idx for _ in range(R)],
                              [member_seed(node_seed(b.seed, f"n{i}"), r) for i in idx for r in range(R)],
                              tc, device, progress=progress, workspace=workspace)
         _sync(device)
@@ -150,7 +160,7 @@ def bench_train(cfg, run_dir: Path) -> dict:
             t0 = time.perf_counter()
             for i in map(int, share):
                 for r in range(R):
-                    naive_val.append(naive_train(pool[i % len(pool)], member_seed(node_seed(b.seed, f"n{i}"), r),
+                    naive_val.append(naive_train(pool[i % len(pool)][: lengths[i]], member_seed(node_seed(b.seed, f"n{i}"), r),
                                                  spec, tc, device))
                 naive_bar.update(1)
             _sync(device)
@@ -160,9 +170,10 @@ def bench_train(cfg, run_dir: Path) -> dict:
     bar.close()
     naive_bar.close()
     peak_gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    n_tr = int(np.ceil(b.rows * (1 - tc.validation_split)))
+    n_tr = float(np.mean(np.ceil(lengths * (1 - tc.validation_split))))  # training rows per node, mean
     out = {
-        "mode": "train", "nodes": b.nodes, "rows": b.rows, "metrics": b.metrics, "epochs": b.epochs,
+        "mode": "train", "nodes": b.nodes, "rows": b.rows, "rows_spread": float(b.rows_spread),
+        "rows_mean": float(lengths.mean()), "metrics": b.metrics, "epochs": b.epochs,
         "model": node_spec.to_dict(), "batch_size": tc.batch_size, "precision": tc.precision,
         "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
         else platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),

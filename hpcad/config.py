@@ -152,6 +152,7 @@ class BenchConfig:
     mode: str = "train"  # train | score | ingest (long-format input of nodes x days x metrics) | drift (light retraining study) | report
     nodes: int = 64
     rows: int = 6667
+    rows_spread: float = 0.0  # train mode: node lengths spread evenly over [(1 - spread) x rows, rows]
     metrics: int = 159
     epochs: int = 2
     device: str = "auto"

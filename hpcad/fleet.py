@@ -80,7 +80,8 @@ def train_fleet(cfg, store, models_dir, nodes: list[str], device: torch.device, 
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += torch.stack([loss.detach() * len(xb), torch.tensor(float(len(xb)), device=device)])
+            total[0] += loss.detach() * len(xb)  # no host-made tensor per step
+            total[1] += len(xb)
         with torch.no_grad():
             v = torch.stack([((model(Xva) - Xva) ** 2).mean(1).sum() if len(Xva) else torch.zeros((), device=device),
                              torch.tensor(float(len(Xva)), device=device)])

@@ -18,6 +18,8 @@
 #   ddp           a one-rank NCCL process group and a DDP fleet-model training on the same store
 #   bench         `hpcad bench` at 5,000 nodes x 6,667 rows x 159 metrics x 20 epochs (scaled down
 #                 to --bench-seconds when a pilot predicts longer; the summary says so)
+#   uneven        the bench with node lengths spread over 3,334-6,667 rows (bench.rows_spread=0.5):
+#                 samples/s against the equal-length bench (the training tail's host syncs)
 #
 #SBATCH --job-name=hpcad-gpu-check
 #SBATCH --nodes=1
@@ -211,13 +213,13 @@ def check_ddp(store_path: str, out: Path, cuda) -> dict:
     import torch.distributed as tdist
     from hydra import compose, initialize_config_dir
 
-    from hpcad.cli import conf_dir
     from hpcad.config import register_configs
     from hpcad.data.store import TelemetryStore
     from hpcad.fleet import train_fleet
+    from hpcad.resources import resource_dir
 
     register_configs()
-    with initialize_config_dir(conf_dir(), version_base="1.3"):
+    with initialize_config_dir(str(resource_dir("conf")), version_base="1.3"):
         cfg = compose("config", ["model.scope=fleet", "train.epochs=3", "train.device=cuda"])
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29611")
@@ -255,7 +257,32 @@ def check_bench(out: Path, nodes: int, seconds: float) -> dict:
             "seconds_for_5000_nodes": round(per_5000, 1), "node_epochs_per_s": round(b["node_epochs_per_s"], 1),
             "nodes_per_chunk": b["nodes_per_chunk"], "peak_gpu_mb": b["peak_gpu_mb"],
             "estimated_device_mb": round(b["estimated_device_mb"]), "speedup_vs_naive": b.get("speedup_vs_naive"),
-            "batched_val_loss": b["batched_final_val_loss_mean"], "naive_val_loss": b.get("naive_final_val_loss_mean")}
+            "batched_val_loss": b["batched_final_val_loss_mean"], "naive_val_loss": b.get("naive_final_val_loss_mean"),
+            "samples_per_s": b["samples_per_s"]}
+
+
+def check_uneven(out: Path, even: dict | None) -> dict:
+    """Nodes of different lengths (3,334-6,667 rows): short last batches and epochs that end at
+    different steps for different models; the training tail must not sync with the host per step."""
+    rc, _ = _hpcad(["bench", "bench.nodes=2048", "bench.epochs=20", "bench.naive_nodes=0", "bench.rows=6667",
+                    "bench.rows_spread=0.5", "bench.metrics=159", "bench.device=cuda", "train.progress=false",
+                    "train.memory_budget_mb=60000", f"hydra.run.dir={out / 'uneven'}"], out / "uneven.log", 600)
+    if rc != 0:
+        return {"ok": False, "rc": rc, "log_tail": _tail(out / "uneven.log")}
+    b = json.loads((out / "uneven" / "bench.json").read_text())
+    per_5000 = 5000 * 20 / b["node_epochs_per_s"]
+    r = {"ok": per_5000 < 60, "nodes": 2048, "rows_mean": round(b["rows_mean"]), "batched_s": b["batched_s"],
+         "seconds_for_5000_nodes": round(per_5000, 1), "million_samples_per_s": round(b["samples_per_s"] / 1e6, 2),
+         "nodes_per_chunk": b["nodes_per_chunk"], "peak_gpu_mb": b["peak_gpu_mb"]}
+    if even and even.get("samples_per_s"):  # per sample, against the equal-length bench
+        r["vs_even_lengths"] = round(b["samples_per_s"] / even["samples_per_s"], 2)
+    return r
+
+
+def _needs(results: dict, name: str, by: str) -> dict:
+    if name not in results or "store" not in results[name]:
+        raise RuntimeError(f"the {by} check uses the {name} check's run folder: run both (--only {name},{by})")
+    return results[name]
 
 
 def summary(results: dict, info: dict) -> str:
@@ -304,8 +331,9 @@ def main() -> int:
         "precision": lambda: check_precision(pool, cuda),
         "budget": lambda: check_budget(pool, cuda),
         "end_to_end": lambda: check_end_to_end(out),
-        "ddp": lambda: check_ddp(results["end_to_end"]["store"], out, cuda),
+        "ddp": lambda: check_ddp(_needs(results, "end_to_end", "ddp")["store"], out, cuda),
         "bench": lambda: check_bench(out, args.bench_nodes, args.bench_seconds),
+        "uneven": lambda: check_uneven(out, results.get("bench")),
     }
     skip = {s for s in args.skip.split(",") if s}
     only = {s for s in args.only.split(",") if s} or set(checks)

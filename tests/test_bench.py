@@ -1,12 +1,14 @@
 """`hpcad bench` runs as users run it and reports what docs/benchmarks.md records (no timing asserts)."""
 import json
 
+import pytest
+
 from conftest import hpcad
 
 
 def test_bench_train_reports_speedup_throughput_and_memory(tmp_path):
     out = hpcad("bench", "bench.nodes=3", "bench.rows=300", "bench.metrics=40", "bench.epochs=2",
-                "bench.pool=2", "train.max_nodes_per_chunk=2", "train.progress=false",
+                "bench.pool=2", "train.max_nodes_per_chunk=2", "train.progress=false", "bench.rows_spread=0.5",
                 f"hydra.run.dir={tmp_path}").stdout
     assert "speedup_vs_naive=" in out
     b = json.loads((tmp_path / "bench.json").read_text())
@@ -15,6 +17,10 @@ def test_bench_train_reports_speedup_throughput_and_memory(tmp_path):
     from hpcad.device import resolve_device
 
     assert b["nodes"] == 3 and b["metrics"] == 40 and b["naive_nodes"] == 3
+    from hpcad.bench import node_lengths
+
+    assert node_lengths(3, 300, 0.5).tolist() == [300, 208, 265]  # nodes of different lengths, every run alike
+    assert b["rows_mean"] == pytest.approx(773 / 3) and b["rows_spread"] == 0.5
     assert b["device"] == str(resolve_device("auto"))  # the CPU here, a GPU where there is one
     assert b["nodes_per_chunk"] == 2 and len(b["speedup_by_chunk"]) == 2  # naive nodes timed beside each chunk
     # both sides do the same work from the same initial weights: their models end up as good

@@ -77,6 +77,27 @@ def test_result_does_not_depend_on_chunk_companions(hidden, M):
     assert a.history[1] == b.history[0] and a.holdout_signal[1] == b.holdout_signal[0]
 
 
+@pytest.mark.parametrize("hidden,M", SHAPES)
+def test_masked_adam_of_the_cuda_path_trains_like_the_plain_loop_and_ignores_companions(hidden, M, monkeypatch):
+    """On CUDA every model steps through one masked, element-wise Adam (models of different lengths
+    would split the fused kernel into one-model slices); run here on CPU: same training as
+    torch.optim.Adam, stopped models untouched, and a node's model still its own alone."""
+    import hpcad.model.ensemble as ens
+
+    monkeypatch.setattr(ens, "_masked_adam", lambda device: True)
+    spec = AutoencoderSpec(hidden)
+    data = [_data(n, M=M, seed=i) for i, n in enumerate([300, 157, 64])]
+    seeds = [11, 22, 33]
+    batched = train_ensemble(spec, data, seeds, CFG, torch.device("cpu"))
+    for k in range(3):
+        for a, b in zip(batched.params[k], _reference(spec, data[k], seeds[k], CFG)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    alone = train_ensemble(spec, data[1:2], seeds[1:2], CFG, torch.device("cpu"))
+    for x, y in zip(batched.params[1], alone.params[0]):
+        assert torch.equal(x, y)
+    assert batched.history[1] == alone.history[0]
+
+
 def test_denoising_trains_like_the_plain_loop_and_ignores_companions():
     """train.input_noise: each model's noise is its own (seed, epoch, step), as in a plain loop."""
     spec, M = AutoencoderSpec([8]), 12

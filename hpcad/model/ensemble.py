@@ -9,6 +9,7 @@ receives no update while the others go on. Shuffling keys come from a counter-ba
 """
 from __future__ import annotations
 
+import bisect
 import logging
 import zlib
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from hpcad.device import tf32_context
-from hpcad.model.autoencoder import AutoencoderSpec, forward, glorot_init, stack, unstack
+from hpcad.model.autoencoder import AutoencoderSpec, forward, glorot_init, stack
 
 log = logging.getLogger(__name__)
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-7  # the lecture's (Keras) Adam settings
@@ -82,9 +83,7 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
     Nmax = int(n.max())
     buf = workspace or Workspace()
     X = buf("X", (K, Nmax, M), device)
-    for k, d in enumerate(data):
-        X[k, : d.shape[0]] = torch.from_numpy(np.ascontiguousarray(d)).to(device)
-        X[k, d.shape[0]:] = 0.0
+    _upload(X, data)
     xv, v_mask = _holdout_rows(X, n_tr, n, Nmax, device)  # fixed for the whole run: gathered once
     seeds_t = torch.tensor(seeds, dtype=torch.int64, device=device)
     n_encoder = len(spec.hidden)
@@ -98,7 +97,7 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
         p.copy_(p0)
     del init
     g_store = _alloc(shapes, K, device)
-    adam = _Adam(store, g_store, float(cfg.lr))
+    adam = _Adam(store, g_store, float(cfg.lr), masked=_masked_adam(device))
     best = [t.clone() for t in store]
     best_loss = torch.full((K,), float("inf"), device=device)
     best_signal = torch.full((K,), float("nan"), device=device)
@@ -122,8 +121,10 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
     def finish(idx: list[int]) -> None:
         """Take out the kept weights (best or latest) and signal level of the models at ``idx``."""
         kept = _views(best if cfg.restore_best else store, shapes)
-        for k, sig in zip(idx, _holdout_signal(kept, n_encoder, X, n, n_va, best_signal, idx)):
-            out_params[orig[k]], out_signal[orig[k]] = unstack(kept, k), sig
+        sel = torch.tensor(idx, dtype=torch.long, device=device)
+        host = [t.index_select(0, sel).cpu() for t in kept]  # one copy per parameter, not per model
+        for j, (k, sig) in enumerate(zip(idx, _holdout_signal(kept, n_encoder, X, n, n_va, best_signal, idx))):
+            out_params[orig[k]], out_signal[orig[k]] = [h[j].clone() for h in host], sig
 
     with tf32:
         for epoch in range(int(cfg.epochs)):
@@ -149,6 +150,12 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
             full_until = int(full_steps[running].min())
             running_list = torch.nonzero(running).flatten().tolist()
             running_group = adam.group(running_list)
+            # The tail (short last batches, models whose epoch has ended) shrinks the stepping set
+            # step by step; known on the host from one copy per epoch, so no step waits on the device.
+            spe = steps_per_epoch.tolist()
+            by_length = sorted(running_list, key=lambda k: spe[k])
+            ends = [spe[k] for k in by_length]
+            tail_groups: dict[int, tuple] = {}
             running_f = run_f.squeeze(1)
             loss_rows = torch.zeros(K, B, device=device)  # per-slot sums, reduced once per epoch
             backprop = _Backprop(params, g_views, B, n_encoder, l1, cdt, buf)
@@ -162,7 +169,10 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
                     a = (running & (s < steps_per_epoch)).float()
                     weights = backprop.weights(valid * (a / valid.sum(1).clamp(min=1))[:, None])
                     counted = valid * a[:, None]
-                    active = adam.group(torch.nonzero(a).flatten().tolist())
+                    first = bisect.bisect_right(ends, s)  # by_length[first:] still step
+                    if first not in tail_groups:
+                        tail_groups[first] = adam.group(by_length[first:])
+                    active = tail_groups[first]
                 with torch.no_grad():
                     x_in = xb + noise * input_noise(seeds_t, epoch, s, (B, M)).to(device) if noise > 0 else None
                     row_loss = backprop(xb, weights, x_in)
@@ -218,6 +228,29 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
     return TrainResult(out_params, histories, out_signal)
 
 
+def _upload(X: torch.Tensor, data: list[np.ndarray]) -> None:
+    """``X[k] = data[k]`` zero-padded. On CUDA through two pinned staging buffers, so that copying
+    node k into one overlaps with node k-1's transfer to the device (pageable copies block)."""
+    if X.device.type != "cuda":
+        for k, d in enumerate(data):
+            X[k, : d.shape[0]] = torch.from_numpy(np.ascontiguousarray(d))
+            X[k, d.shape[0]:] = 0.0
+        return
+    rows = max((d.shape[0] for d in data), default=0)
+    stage = [torch.empty((rows, X.shape[2]), dtype=X.dtype, pin_memory=True) for _ in range(2)]
+    copied: list = [None, None]
+    for k, d in enumerate(data):
+        b, n = k % 2, d.shape[0]
+        if copied[b] is not None:
+            copied[b].synchronize()  # the buffer's previous transfer has left it
+        stage[b][:n].copy_(torch.from_numpy(np.ascontiguousarray(d)))
+        X[k, :n].copy_(stage[b][:n], non_blocking=True)
+        X[k, n:] = 0.0
+        copied[b] = torch.cuda.Event()
+        copied[b].record()
+    torch.cuda.current_stream(X.device).synchronize()
+
+
 _LINE = 16  # float32 values per 64-byte cache line (and per AVX-512 vector)
 
 
@@ -246,8 +279,8 @@ class _Adam:
 
     def __init__(self, params: list[torch.Tensor], grads: list[torch.Tensor], lr: float,
                  m: list[torch.Tensor] | None = None, v: list[torch.Tensor] | None = None,
-                 step_count: torch.Tensor | None = None) -> None:
-        self.lr, self.params, self.grads = lr, params, grads
+                 step_count: torch.Tensor | None = None, masked: bool = False) -> None:
+        self.lr, self.params, self.grads, self.masked = lr, params, grads, masked
         self.m = m if m is not None else [torch.zeros_like(p) for p in params]
         self.v = v if v is not None else [torch.zeros_like(p) for p in params]
         # float32, as torch.optim keeps it and the fused kernel reads it (whatever the default dtype)
@@ -255,16 +288,19 @@ class _Adam:
         self.step_count = (torch.zeros(K, dtype=torch.float32, device=params[0].device)
                            if step_count is None else step_count)
         self.steps = list(self.step_count.unbind(0))
+        self.counts = np.array(self.step_count.tolist(), dtype=np.int64)  # host copy: grouping never syncs
 
     def select(self, keep: torch.Tensor, params: list[torch.Tensor], grads: list[torch.Tensor]) -> "_Adam":
         """The state of the models at ``keep``, for the compacted ``params``/``grads`` storage."""
         return _Adam(params, grads, self.lr, [t[keep] for t in self.m], [t[keep] for t in self.v],
-                     self.step_count[keep])
+                     self.step_count[keep], self.masked)
 
-    def group(self, active: list[int]) -> tuple[list[torch.Tensor], ...]:
+    def group(self, active: list[int]) -> tuple:
         """The slices of the models in ``active`` (build once, step many times while the same
         models step together): one per run of consecutive models with equal step counts."""
-        counts = self.step_count.tolist()
+        if self.masked:  # every model's rows, the inactive ones masked out in step()
+            return self.params, self.grads, self.m, self.v, [], np.array(sorted(active), dtype=np.int64)
+        counts = self.counts
         runs: list[list[int]] = []
         for k in sorted(active):
             if runs and runs[-1][1] == k and counts[runs[-1][0]] == counts[k]:
@@ -277,16 +313,46 @@ class _Adam:
                 for dst, src in zip(out, (self.params, self.grads, self.m, self.v)):
                     dst.append(src[i][a:b])
                 out[4].append(self.steps[a])
-        return out
+        return (*out, np.array(sorted(active), dtype=np.int64))
 
     def step(self, group: tuple[list[torch.Tensor], ...], active: torch.Tensor) -> None:
         """One update of the models in ``group``; ``active`` is the 0/1 mask [K] of the same models."""
-        p, g, m, v, steps = group
-        if not p:
+        p, g, m, v, steps, idx = group
+        if not p or not len(idx):
             return
         self.step_count.add_(active)
+        self.counts[idx] += 1
+        if self.masked:
+            self._masked_step(active)
+            return
         torch._fused_adam_(p, g, m, v, [], steps, lr=self.lr, beta1=BETA1, beta2=BETA2, weight_decay=0.0,
                            eps=EPS, amsgrad=False, maximize=False)
+
+
+    def _masked_step(self, active: torch.Tensor) -> None:
+        """The same update for all K models at once, each with its own step count and bias
+        correction, inactive models (``active`` 0) left exactly as they are: a few element-wise
+        passes instead of one fused kernel per run of models. On CUDA, models of different lengths
+        split the fused kernel's runs into thousands of one-model slices (40x slower per step,
+        docs/benchmarks.md); element-wise, a model's update still depends on its own values only."""
+        # in the fused kernel's order: bias corrections in float64, then float32 element-wise
+        on = active[:, None] > 0
+        c = self.step_count[:, None].double().clamp(min=1)
+        step_size = torch.where(on, self.lr / (1 - BETA1 ** c), 0.0).float()
+        bc2_sqrt = torch.sqrt(1 - BETA2 ** c).float()
+        b1 = torch.where(on, BETA1, 1.0).float()
+        b2 = torch.where(on, BETA2, 1.0).float()
+        for p, g, m, v in zip(self.params, self.grads, self.m, self.v):
+            gm = torch.where(on, g, 0.0)
+            m.mul_(b1).add_(gm * (1 - BETA1))
+            v.mul_(b2).add_(gm * gm * (1 - BETA2))
+            p.sub_(step_size * m / (v.sqrt() / bc2_sqrt + EPS))
+
+
+def _masked_adam(device: torch.device) -> bool:
+    """Whether training on ``device`` uses :meth:`_Adam._masked_step` (CUDA) or the fused kernel (CPU,
+    where its per-run loop is cheap and it is bit-compatible with ``torch.optim.Adam``)."""
+    return device.type == "cuda"
 
 
 class Workspace:
