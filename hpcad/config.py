@@ -212,7 +212,13 @@ class NightlyConfig:
     drain: bool = False  # run drain.txt's `scontrol update ... State=DRAIN` lines (false: only write them)
     drain_after_nights: int = 2  # an incident open this many nights is confirmed (drain.txt)
     drain_max_nodes: int = 5  # at most this many nodes drained per night (highest peaks first)
-    sbatch_args: list[str] = field(default_factory=list)  # e.g. ["-p", "prod", "-A", "ops"]
+    # The scoring job's size (nightly.slurm): a night of 5-minute rows scores in minutes on CPUs
+    job_tasks: int = 1  # ranks, each scoring a share of the nodes
+    job_gpus_per_node: int = 0
+    job_cpus_per_task: int = 8
+    job_mem_mb: int = 4096  # per task (--mem = tasks x this); scoring's chunks then fit in half of it
+    job_time: str = "01:00:00"
+    sbatch_args: list[str] = field(default_factory=list)  # e.g. ["-p", "prod", "-A", "ops"]; after (and over) the job_* options
 
 
 @dataclass

@@ -292,7 +292,7 @@ def _score_slurm(dcfg, tmp: Path, train_run: Path, src: Path, overrides: list[st
     script = resource_dir("slurm") / "score_all_nodes.sh"
     keep = [o for o in overrides if not o.split("=")[0].lstrip("+~").startswith(("nightly.", "hydra.", "train_run"))]
     cmd = ["sbatch", "--wait", "--parsable", f"--export=ALL,HPCAD_RUN_DIR={tmp},HPCAD_SCORE_ONLY=1",
-           "-o", str(tmp / "slurm-%j.out"), *dcfg.nightly.sbatch_args,
+           "-o", str(tmp / "slurm-%j.out"), *scoring_job_size(dcfg), *dcfg.nightly.sbatch_args,
            str(script), f"train_run={train_run}", f"data.source={src}", "split.unit=rows", "split.train=0",
            "split.val=0", *keep]
     log.info("nightly: %s", " ".join(cmd))
@@ -301,6 +301,20 @@ def _score_slurm(dcfg, tmp: Path, train_run: Path, src: Path, overrides: list[st
         logs = "".join(p.read_text(errors="replace") for p in tmp.glob("slurm-*.out"))
         raise InputError(f"nightly: scoring job failed (sbatch exit {proc.returncode}): "
                          f"{(proc.stderr.strip() + ' ' + logs)[-800:]}")
+
+
+def scoring_job_size(cfg) -> list[str]:
+    """sbatch options sizing the nightly scoring job (``nightly.job_*``), not the training script's
+    4 tasks x 4 GPUs x 8 CPUs; with ``--mem`` (scoring's memory budget follows it: hpcad/model/budget.py)."""
+    n = cfg.nightly
+    for key in ("job_tasks", "job_cpus_per_task", "job_mem_mb"):
+        if int(n[key]) < 1:
+            raise ConfigError(f"nightly.{key}={n[key]}: must be >= 1")
+    if int(n.job_gpus_per_node) < 0:
+        raise ConfigError(f"nightly.job_gpus_per_node={n.job_gpus_per_node}: must be >= 0")
+    mem, tasks = int(n.job_mem_mb), int(n.job_tasks)
+    return ["--nodes=1", f"--ntasks-per-node={tasks}", f"--gpus-per-node={int(n.job_gpus_per_node)}",
+            f"--cpus-per-task={int(n.job_cpus_per_task)}", f"--mem={mem * tasks}M", f"--time={n.job_time}"]
 
 
 def _alarm_json(r: dict) -> dict:

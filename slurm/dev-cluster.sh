@@ -55,7 +55,7 @@ SlurmctldTimeout=30
 SlurmdTimeout=30
 InactiveLimit=0
 KillWait=5
-NodeName=n[1-$NODES] NodeHostname=localhost Port=[17001-$((17000 + NODES))] CPUs=$CPUS RealMemory=2000 Gres=gpu:4 State=UNKNOWN
+NodeName=n[1-$NODES] NodeHostname=localhost Port=[17001-$((17000 + NODES))] CPUs=$CPUS RealMemory=16000 Gres=gpu:4 State=UNKNOWN
 NodeName=spare1 NodeHostname=localhost Port=$((17001 + NODES)) CPUs=2 RealMemory=500 State=UNKNOWN
 PartitionName=debug Nodes=n[1-$NODES] Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 PartitionName=spare Nodes=spare1 Default=NO MaxTime=INFINITE State=UP

@@ -55,3 +55,14 @@ def test_non_positive_budget_names_the_option(option):
     setattr(tc, option, 0)
     with pytest.raises(ConfigError, match=f"train.{option}=0"):
         Budget.resolve(tc, CUDA)
+
+
+def test_unset_host_budget_stays_within_the_slurm_jobs_memory():
+    """A job is killed at its --mem, not at the host's memory: the budget follows the smaller."""
+    from hpcad.model.budget import available_host_mb
+
+    host = available_host_mb({})
+    assert available_host_mb({"SLURM_MEM_PER_NODE": "3000"}) == min(host, 3000.0)
+    assert available_host_mb({"SLURM_MEM_PER_CPU": "500", "SLURM_CPUS_ON_NODE": "4"}) == min(host, 2000.0)
+    assert available_host_mb({"SLURM_MEM_PER_NODE": "0"}) == host  # --mem=0: the whole node
+    assert available_host_mb({"SLURM_MEM_PER_NODE": "lots"}) == host

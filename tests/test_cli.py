@@ -109,7 +109,7 @@ def test_scoring_new_data_with_a_trained_run(tmp_path):
     assert early.returncode == 2 and "run `hpcad score`" in early.stderr and "Traceback" not in early.stderr
     scored = tmp_path / "scored"
     hpcad("run", f"data.source={exports}", f"train_run={train}", f"hydra.run.dir={scored}",
-          "baselines.methods=[]", "train.progress=false", "split.train=0", "split.val=0.5")
+          "baselines.methods=[]", "train.progress=false", "split.train=0", "split.val=0.5", "report.enabled=false")
     assert not (scored / "models").exists()  # the trained run's models were used
     m = json.loads((scored / "metrics.json").read_text())
     assert m["splits"]["train"]["rows"] == 0 and m["splits"]["val"]["rows"] > 0

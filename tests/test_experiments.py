@@ -18,7 +18,7 @@ def test_davide_protocol_on_a_lecture_shaped_csv(tmp_path):
     assert frame.shape[1] == 161 and frame.columns[0] == "timestamp" and frame.columns[-1] == "anomaly"
     run = tmp_path / "run"
     hpcad("run", "experiment=davide", f"data.source={csv}", f"hydra.run.dir={run}", "train.progress=false",
-          "baselines.methods=[kde]")
+          "baselines.methods=[kde]", "report.enabled=false")
     m = json.loads((run / "metrics.json").read_text())
     with __import__("h5py").File(run / "errors.h5") as f:
         split = f["nodes/davide/split"][()]
@@ -63,7 +63,7 @@ def test_msl_real_telemetry_train_then_score(tmp_path, msl_dir):
           "train.progress=false", "train.epochs=5")
     scored = tmp_path / "msl-test"
     hpcad("run", "experiment=msl_eval", f"data.source={tmp_path / 'test'}", f"train_run={train}",
-          f"hydra.run.dir={scored}", "train.progress=false", "baselines.methods=[iforest]")
+          f"hydra.run.dir={scored}", "train.progress=false", "baselines.methods=[iforest]", "report.enabled=false")
     m = json.loads((scored / "metrics.json").read_text())
     assert m["scope"] == "node" and "iforest" in m["baselines"]
     assert m["splits"]["eval"]["ranking"]["nodes"] == 3 and m["baselines"]["iforest"]["splits"]["eval"]["ranking"]

@@ -331,3 +331,21 @@ def test_overview_bins_hours_days_or_rows():
     rows = [NodeSignal("a", np.ones(1000), np.full(1000, 2), None, np.arange(1000))]  # no timestamps: row numbers
     grid, t0, step = overview_grid(rows, th, "row")
     assert step == 5 and grid.shape == (1, 200)
+
+
+def test_the_nightly_scoring_job_has_its_own_size():
+    """#16 item 14: one CPU task with --mem by default, not the training script's 4 tasks x 4 GPUs."""
+    from omegaconf import OmegaConf
+
+    from hpcad.config import HpcadConfig
+    from hpcad.errors import ConfigError
+    from hpcad.nightly import scoring_job_size
+
+    cfg = OmegaConf.structured(HpcadConfig)
+    assert scoring_job_size(cfg) == ["--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=8",
+                                     "--mem=4096M", "--time=01:00:00"]
+    cfg.nightly.job_tasks, cfg.nightly.job_mem_mb = 4, 2000
+    assert "--mem=8000M" in scoring_job_size(cfg)  # per node: tasks x per task
+    cfg.nightly.job_mem_mb = 0
+    with pytest.raises(ConfigError, match="nightly.job_mem_mb=0"):
+        scoring_job_size(cfg)

@@ -73,7 +73,7 @@ def test_corrupt_outputs_are_errors_that_say_what_to_rerun(tmp_path):
     from conftest import SMALL
 
     run = tmp_path / "run"
-    hpcad("run", *SMALL, f"hydra.run.dir={run}")
+    hpcad("run", *SMALL, f"hydra.run.dir={run}", "report.enabled=false")
     with h5py.File(run / "errors.h5") as f:
         node = sorted(f["nodes"])[0]
         assert f[f"nodes/{node}/signal"].fletcher32 and f[f"nodes/{node}/error"].fletcher32

@@ -78,11 +78,17 @@ def test_nightly_job_scores_through_sbatch(tmp_path, slurm_env):
     hpcad("run", f"data.source={tmp_path / 'train'}", f"hydra.run.dir={tmp_path / 'trainrun'}", "train.epochs=2",
           "train.progress=false", "baselines.methods=[]", "report.enabled=false")
     out = tmp_path / "nightly"
-    env = nightly_env_file(tmp_path, out, more=f"HPCAD_SLURM=1\nSLURM_CONF={slurm_env['SLURM_CONF']}\n")
+    env = nightly_env_file(tmp_path, out, extra="nightly.job_tasks=2 nightly.job_mem_mb=1500",
+                           more=f"HPCAD_SLURM=1\nSLURM_CONF={slurm_env['SLURM_CONF']}\n")
     p = cron(env, "--date", "2025-01-08")
     assert p.returncode == 0, p.stderr[-3000:]
     night = out / "2025-01-08"
-    assert len(list(night.glob("errors-rank*.h5"))) == 4 and list(night.glob("slurm-*.out"))  # 4 SLURM ranks
+    logs = list(night.glob("slurm-*.out"))
+    assert len(list(night.glob("errors-rank*.h5"))) == 2 and logs  # 2 SLURM ranks (nightly.job_tasks)
+    # the scoring job's own size (#16 item 14), not the training script's 4 tasks x 4 GPUs x 8 CPUs
+    job = subprocess.run(["scontrol", "show", "job", logs[0].stem.split("-")[1]], env=slurm_env,
+                         capture_output=True, text=True).stdout
+    assert "NumTasks=2" in job and "MinMemoryNode=3000M" in job and "gres/gpu" not in job and "CPUs/Task=8" in job, job
     assert (night / "alarms.json").exists() and (night / "report.html").exists()
     assert json.loads((night / "thresholds.json").read_text()) == \
         json.loads((tmp_path / "trainrun" / "thresholds.json").read_text())  # the trained run's thresholds

@@ -68,16 +68,28 @@ def local_ranks(env: dict | None = None) -> int:
     return max(1, int(head)) if head.isdigit() else 1
 
 
-def available_host_mb() -> float:
-    """MemAvailable from /proc/meminfo (the whole host; 8 GiB where it cannot be read)."""
+def available_host_mb(env: dict | None = None) -> float:
+    """MemAvailable from /proc/meminfo (8 GiB where it cannot be read), capped inside a SLURM job by
+    the job's memory on this node (``SLURM_MEM_PER_NODE``, or ``SLURM_MEM_PER_CPU`` x
+    ``SLURM_CPUS_ON_NODE``): a job is killed at its ``--mem``, not at the host's."""
+    env = os.environ if env is None else env
+    mb = 8192.0
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 1024.0
+                    mb = int(line.split()[1]) / 1024.0
+                    break
     except OSError:
         pass
-    return 8192.0
+    try:
+        if int(env.get("SLURM_MEM_PER_NODE", 0)) > 0:
+            mb = min(mb, float(env["SLURM_MEM_PER_NODE"]))
+        elif int(env.get("SLURM_MEM_PER_CPU", 0)) > 0:
+            mb = min(mb, float(env["SLURM_MEM_PER_CPU"]) * int(env.get("SLURM_CPUS_ON_NODE", 1)))
+    except ValueError:
+        pass  # not numbers: SLURM did not set them
+    return mb
 
 
 @dataclass(frozen=True)
