@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,10 +28,22 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~_umask())
+        _fault_point(target)
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _fault_point(target: Path) -> None:
+    """Fault injection (tests/test_faults.py): ``HPCAD_FAULT=<file name>[:TERM]`` kills this process
+    with SIGKILL (or SIGTERM) once ``<file name>`` is fully written, right before it is published:
+    the worst moment for a crash. Unset in normal use."""
+    spec = os.environ.get("HPCAD_FAULT")
+    if spec:
+        name, _, how = spec.partition(":")
+        if target.name == name:
+            os.kill(os.getpid(), signal.SIGTERM if how.upper() == "TERM" else signal.SIGKILL)
 
 
 def _umask() -> int:

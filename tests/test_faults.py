@@ -55,8 +55,26 @@ def test_a_killed_run_reruns_to_the_uninterrupted_result(reference, tmp_path, si
     proc.stdout.close()
     assert proc.wait(timeout=300) != 0, "".join(seen)[-2000:]
     assert any(trigger in s for s in seen), "".join(seen)[-2000:]
+    _rerun_matches(reference, run, resumed="trained" in trigger)
+
+
+@pytest.mark.parametrize("fault", ["store.h5", "thresholds.json:TERM", "report.html"])  # ingest, threshold, report
+def test_a_run_killed_as_it_publishes_an_output_reruns_to_the_uninterrupted_result(reference, tmp_path, fault):
+    """The worst moment of each stage: its output fully written under a temporary name, not yet
+    renamed (hpcad.atomic's fault point, HPCAD_FAULT)."""
+    run = tmp_path / "run"
+    killed = subprocess.run([sys.executable, "-m", "hpcad", "run", *ARGS, f"hydra.run.dir={run}"], cwd=ROOT,
+                            env=dict(os.environ, HPCAD_FAULT=fault), capture_output=True, text=True, timeout=300)
+    expected = -signal.SIGTERM if fault.endswith(":TERM") else -signal.SIGKILL
+    assert killed.returncode == expected, killed.stderr[-2000:]
+    name = fault.split(":")[0]
+    assert not (run / name).exists() and list(run.glob(f".{name}.*.tmp"))  # killed before publishing it
+    _rerun_matches(reference, run, resumed=name != "store.h5")
+
+
+def _rerun_matches(reference, run, resumed: bool) -> None:
     rerun = hpcad("run", *ARGS, f"hydra.run.dir={run}")
-    if "trained" in trigger:  # finished nodes are kept, not retrained
+    if resumed:  # finished nodes are kept, not retrained
         assert "resuming:" in rerun.stdout + rerun.stderr
     ref, got = _models(reference), _models(run)
     assert ref.keys() == got.keys()
