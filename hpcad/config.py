@@ -11,8 +11,35 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from enum import Enum
+
 from hydra.core.config_store import ConfigStore
 from omegaconf import II
+
+
+class Choice(str, Enum):
+    """An option with a fixed set of values: Hydra refuses any other value when the config is
+    composed ("Invalid value 'x', expected one of [...]"), before any work starts. Members are
+    strings (``cfg.data.format == "long"``) and print as their value."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+def _choice(name: str, *values: str) -> type[Choice]:
+    return Choice(name, [(v, v) for v in values])
+
+
+DataFormat = _choice("DataFormat", "wide", "ldms", "long")
+EpochUnit = _choice("EpochUnit", "s", "ms", "us", "ns")
+MissingMetric = _choice("MissingMetric", "union", "drop", "error")
+BadNode = _choice("BadNode", "error", "skip")
+SplitUnit = _choice("SplitUnit", "fraction", "rows", "time")
+Precision = _choice("Precision", "fp32", "tf32", "bf16")
+ErrorDtype = _choice("ErrorDtype", "float32", "float16")
+ExportFormat = _choice("ExportFormat", "csv", "parquet", "ldms", "long")
+BenchMode = _choice("BenchMode", "train", "score", "ingest", "drift", "report")
+LightRetrain = _choice("LightRetrain", "drifted", "all", "off")
 
 
 @dataclass
@@ -31,7 +58,7 @@ class SyntheticConfig:
 @dataclass
 class DataConfig:
     source: Optional[str] = None  # directory, CSV/Parquet file, or hpcad HDF5 store; None = synthetic
-    format: str = "wide"  # wide: a row per (node, time) | ldms: LDMS CSV store | long: (time, node, metric, value)
+    format: DataFormat = DataFormat.wide  # wide: a row per (node, time) | ldms: LDMS CSV store | long: (time, node, metric, value)
     node_column: str = "node"
     timestamp_column: str = "timestamp"
     label_column: str = "anomaly"
@@ -39,14 +66,14 @@ class DataConfig:
     value_column: str = "value"  # long format only
     period_s: int = 300  # ldms/long: grid period (mean per period)
     timezone: str = "UTC"  # zone of naive timestamps (ISO without offset, sacct times)
-    epoch_unit: str = "s"  # numeric timestamps: s | ms | us | ns
+    epoch_unit: EpochUnit = EpochUnit.s  # numeric timestamps: s | ms | us | ns
     counters: list[str] = field(default_factory=list)  # metric names/patterns turned into per-second rates
     jobs: Optional[str] = None  # sacct --parsable2 (JobID|NodeList|Start|End|State) or CSV: job context
-    on_missing_metric: str = "union"  # a metric some nodes lack: union (absent there) | drop (common set) | error
+    on_missing_metric: MissingMetric = MissingMetric.union  # a metric some nodes lack: union (absent there) | drop (common set) | error
     scratch_buckets: int = 64  # ldms/long: node buckets of the out-of-core pivot (memory ~ input / buckets)
     sort_timestamps: bool = False  # unsorted timestamps are an error unless this is true
     ignore_columns: list[str] = field(default_factory=list)  # non-metric columns to drop (else: error)
-    on_bad_node: str = "error"  # error: stop, write nothing | skip: log and record the node, ingest the rest
+    on_bad_node: BadNode = BadNode.error  # error: stop, write nothing | skip: log and record the node, ingest the rest
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -58,7 +85,7 @@ class SplitConfig:
     Test is whatever follows the validation part.
     """
 
-    unit: str = "fraction"
+    unit: SplitUnit = SplitUnit.fraction
     train: Any = 0.5
     val: Any = 0.25
     normal_only: bool = True  # train on label-0 rows only when labels exist
@@ -90,7 +117,7 @@ class TrainConfig:
     memory_budget_mb: Optional[int] = None
     device_memory_mb: Optional[int] = None  # GPU memory; None: 90 % of the device's free memory
     max_nodes_per_chunk: Optional[int] = None  # None: 32 on CPU (cache-sized), 4096 on CUDA
-    precision: str = "fp32"  # fp32 | tf32 (CUDA) | bf16 (autocast); master weights stay fp32
+    precision: Precision = Precision.fp32  # fp32 | tf32 (CUDA) | bf16 (autocast); master weights stay fp32
     progress: bool = True
 
 
@@ -111,7 +138,7 @@ class SignalConfig:
 class ScoreConfig:
     """What ``errors.h5`` keeps (docs/data.md "Disk")."""
 
-    error_dtype: str = "float32"  # float32 | float16: per-metric errors at half the disk (the signal is float32 either way)
+    error_dtype: ErrorDtype = ErrorDtype.float32  # float32 | float16: per-metric errors at half the disk (the signal is float32 either way)
 
 
 @dataclass
@@ -142,14 +169,14 @@ class GenerateConfig:
     """``hpcad generate``: write the synthetic data set as files a user could have exported."""
 
     out: Optional[str] = None  # directory (cluster: one file per node) or file (davide: one CSV); None = run folder
-    format: str = "csv"  # csv | parquet (wide, one file per node) | ldms | long (read back with data=ldms|long)
+    format: ExportFormat = ExportFormat.csv  # csv | parquet (wide, one file per node) | ldms | long (read back with data=ldms|long)
 
 
 @dataclass
 class BenchConfig:
     """``hpcad bench``: synthetic throughput benchmark (see docs/benchmarks.md)."""
 
-    mode: str = "train"  # train | score | ingest (long-format input of nodes x days x metrics) | drift (light retraining study) | report
+    mode: BenchMode = BenchMode.train  # train | score | ingest (long-format input of nodes x days x metrics) | drift (light retraining study) | report
     nodes: int = 64
     rows: int = 6667
     rows_spread: float = 0.0  # train mode: node lengths spread evenly over [(1 - spread) x rows, rows]
@@ -199,7 +226,7 @@ class NightlyConfig:
     drift_ratio: float = 2.0  # drift: a night's median signal_norm >= this x the node's baseline...
     drift_days: int = 3  # ...on this many consecutive nights (hpcad/drift.py)
     drift_reference_nights: int = 3  # the baseline: median level of the node's first nights
-    light_retrain: str = "drifted"  # drifted | all | off: fit LARA-style light maps after the night
+    light_retrain: LightRetrain = LightRetrain.drifted  # drifted | all | off: fit LARA-style light maps after the night
     light_days: int = 3  # days of recent normal rows the light maps are fitted on
     light_ridge: float = 10.0  # ridge strength (per sample) pulling the maps towards "no change"
     keep_data_days: int = 14  # nights keep store.h5/errors.h5 this long (light retraining reads them);

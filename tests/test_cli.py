@@ -160,6 +160,11 @@ def test_cfg_job_prints_the_config_and_unknown_keys_fail():
     assert bad.returncode != 0 and "hiden" in bad.stderr
     bad = hpcad("run", "threshold=magic", check=False)
     assert bad.returncode != 0 and "magic" in bad.stderr
+    # options with a fixed set of values are checked when the config is composed, naming the choices
+    for override, choices in (("data.format=csv", "[wide, ldms, long]"), ("train.precision=fp16", "[fp32, tf32, bf16]"),
+                              ("split.unit=days", "[fraction, rows, time]")):
+        bad = hpcad("run", override, check=False)
+        assert bad.returncode != 0 and f"expected one of {choices}" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_bad_source_is_reported_without_traceback(tmp_path):
