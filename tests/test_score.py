@@ -1,0 +1,85 @@
+"""The score stage's contract (docs/data.md "The error file"), checked in process against an
+independent computation: per-metric errors, the range-excess term, missing metrics, the signals."""
+import h5py
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from hpcad.config import HpcadConfig
+from hpcad.data.node import NodeData
+from hpcad.data.store import TelemetryStore, write_store
+from hpcad.model.autoencoder import AutoencoderSpec, forward, glorot_init
+from hpcad.model.files import NodeModel, model_path
+from hpcad.preprocess import Scaler, fill_gaps, split_codes
+from hpcad.score import ErrorStore, score_nodes
+from hpcad.signals import signal_level, smooth_signal
+
+METRICS = ["power", "temp", "ips"]
+
+
+def _site(tmp_path):
+    """Two nodes; node b's later rows leave the training range, and it misses six values in a row."""
+    rng = np.random.default_rng(0)
+    nodes = []
+    for name in ("a", "b"):
+        v = rng.normal(size=(200, 3)).astype(np.float32)
+        labels = np.zeros(200, np.int8)
+        if name == "b":
+            v[150:160, 0] += 8.0  # far outside what training saw
+            v[170:176, 2] = np.nan  # 3 rows forward-filled (preprocess.nan_fill_limit), 3 missing
+            labels[150:160] = 1
+        nodes.append(NodeData(name, np.arange(200, dtype=np.int64) * 300, v, labels))
+    store_path = tmp_path / "store.h5"
+    write_store(store_path, METRICS, nodes, "test")
+    cfg = OmegaConf.structured(HpcadConfig)
+    cfg.train.device, cfg.train.progress, cfg.signal.excess_weight = "cpu", False, 10.0
+    spec = AutoencoderSpec(hidden=[2])
+    models = tmp_path / "models"
+    for i, nd in enumerate(nodes):
+        scaler = Scaler.fit(nd.values[:100], cfg.preprocess, names=METRICS)
+        NodeModel(nd.name, spec, METRICS, [glorot_init(spec, 3, i)], scaler, {}, 0.5 + i).save(model_path(models, nd.name))
+    return cfg, TelemetryStore(store_path), models, nodes
+
+
+def test_errors_h5_holds_the_documented_errors_and_signals(tmp_path):
+    cfg, store, models, nodes = _site(tmp_path)
+    assert score_nodes(cfg, store, models, tmp_path / "errors.h5") == 2
+    errors = ErrorStore(tmp_path / "errors.h5")
+    assert errors.nodes == ["a", "b"] and errors.metrics == METRICS and errors.excess_weight == 10.0
+    with h5py.File(tmp_path / "errors.h5") as f:
+        for nd in nodes:
+            model = NodeModel.load(model_path(models, nd.name))
+            z, miss = model.scaler.transform(fill_gaps(nd.values, cfg.preprocess.nan_fill_limit))
+            params = [p[None] for p in model.members[0]]
+            recon, _ = forward(params, torch.from_numpy(z)[None], 1)
+            expected = (recon[0].numpy() - z) ** 2 + 10.0 * model.scaler.excess(z) ** 2
+            expected[miss] = 0.0
+            g = f[f"nodes/{nd.name}"]
+            np.testing.assert_allclose(g["error"][()], expected, rtol=1e-5, atol=1e-6)
+            row = g["error"][()].astype(np.float64).sum(1)
+            np.testing.assert_allclose(g["signal_row"][()], row, rtol=1e-6)
+            level = signal_level(model.signal_scale, 3, cfg.signal.scale_floor)
+            signal = smooth_signal(row, cfg.signal.smooth, level)
+            np.testing.assert_allclose(g["signal"][()], signal, rtol=1e-5)
+            np.testing.assert_allclose(g["signal_norm"][()], signal / level, rtol=1e-5)
+            assert g.attrs["signal_scale"] == level and g.attrs["smooth"] == 25
+            np.testing.assert_array_equal(g["split"][()], split_codes(nd, cfg.split))
+            np.testing.assert_array_equal(g["labels"][()], nd.labels)
+    with h5py.File(tmp_path / "errors.h5") as f:
+        b = f["nodes/b/error"][()]
+        assert (b[173:176, 2] == 0.0).all() and (b[170:173, 2] > 0).all()  # missing: no error; filled: scored
+        assert b[150:160, 0].min() > 50 * np.median(b[:150, 0])  # far outside the range: the excess term dominates
+
+
+def test_a_model_trained_on_other_metrics_is_refused_by_name(tmp_path):
+    import pytest
+
+    from hpcad.errors import InputError
+
+    cfg, store, models, _ = _site(tmp_path)
+    other = NodeModel.load(model_path(models, "b"))
+    other.metrics = ["power", "temp", "mem_bw"]
+    other.save(model_path(models, "b"))
+    with pytest.raises(InputError, match="node b: its model was trained on other metrics than node a's"):
+        score_nodes(cfg, store, models, tmp_path / "errors.h5")
+    assert not (tmp_path / "errors.h5").exists() and not list(tmp_path.glob(".errors.h5.*"))  # nothing half-written
