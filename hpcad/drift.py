@@ -44,12 +44,16 @@ def write_levels(path: Path, levels: list[dict]) -> None:
         w.writerows(levels)
 
 
-def read_levels(path: Path) -> dict[str, float]:
+def level_rows(path: Path) -> dict[str, dict]:
+    """A night's levels.csv, node -> its row (empty where the night has none)."""
     if not path.exists():
         return {}
     with open(path) as fh:
-        return {r["node"]: float(r["level"]) if r["level"] not in ("", "nan") else float("nan")
-                for r in csv.DictReader(fh)}
+        return {r["node"]: r for r in csv.DictReader(fh)}
+
+
+def read_levels(path: Path) -> dict[str, float]:
+    return {n: float(r["level"]) if r["level"] not in ("", "nan") else float("nan") for n, r in level_rows(path).items()}
 
 
 def assess(out_root: Path, day: dt.date, today: list[dict], ratio: float, days: int, reference: int = 3) -> list[dict]:

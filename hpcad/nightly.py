@@ -45,7 +45,7 @@ from hpcad import excess
 from hpcad.atomic import atomic_path, write_json
 from hpcad.data.ingest import ingest
 from hpcad.data.store import TelemetryStore
-from hpcad.drift import NIGHT_DIR, assess, night_levels, write_levels
+from hpcad.drift import NIGHT_DIR, assess, level_rows, night_levels, write_levels
 from hpcad.drain import candidates as drain_candidates
 from hpcad.drain import drain
 from hpcad.drain import lines as drain_lines
@@ -213,7 +213,8 @@ def _night(cfg, day: dt.date, out: Path, train_run: Path, overrides: list[str]) 
             write_report(dcfg, tmp, errors, models_dir, title=f"hpcad nightly {iso}",
                          extra=_nightly_sections(iso, src, new, verdicts, refits, n, incidents,
                                                  _trend(out, iso, len(nodes), len(records), incidents)),
-                         folder=out / iso)
+                         folder=out / iso,
+                         node_history=node_history(out, iso, levels, incidents, {r["node"] for r in records}))
         _publish(tmp, out / iso)
         _prune(out, day, n.keep_data_days)
     finally:
@@ -378,6 +379,32 @@ def _trend(out: Path, iso: str, nodes: int, alarms: int, incidents: list[dict], 
                     rows[r["date"]] = [r["date"], r["nodes"], r["alarms"], r.get("new_incidents", "")]
     rows[iso] = [iso, nodes, alarms, sum(i["state"] == "new" for i in incidents)]
     return [rows[d] for d in sorted(rows)[-nights:]][::-1]
+
+
+def node_history(out: Path, iso: str, levels: list[dict], incidents: list[dict], nodes: set[str],
+                 nights: int = 14) -> dict[str, list[list]]:
+    """For each of ``nodes``: this night and the last ``nights`` - 1 published nights before it,
+    newest first: night, level (median normalised signal, levels.csv), alarmed rows, incident
+    state and cause that night (incidents.json)."""
+    earlier = sorted(p.parent.name for p in out.glob("*/levels.csv")
+                     if NIGHT_DIR.fullmatch(p.parent.name) and p.parent.name < iso)[-(nights - 1):] if nights > 1 else []
+    per_night = [(d, level_rows(out / d / "levels.csv"), _incidents_of(out / d / INCIDENTS)) for d in earlier]
+    per_night.append((iso, {r["node"]: r for r in levels}, incidents))
+    out_rows: dict[str, list[list]] = {}
+    for node in nodes:
+        rows = []
+        for night, lv, inc in reversed(per_night):
+            r = lv.get(node)
+            state = "; ".join(f"{i['state']} ({i['cause']})" for i in inc if i["node"] == node)
+            if r is not None or state:
+                rows.append([night, None if r is None else float(r["level"]),
+                             None if r is None else int(r["alarmed_rows"]), state])
+        out_rows[node] = rows
+    return out_rows
+
+
+def _incidents_of(path: Path) -> list[dict]:
+    return json.loads(path.read_text()) if path.exists() else []
 
 
 def _nightly_sections(iso: str, src: Path, new: list[str], verdicts: list[dict], refits: list[dict], n,

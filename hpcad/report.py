@@ -285,10 +285,11 @@ def _page(title: str, parts: list[str]) -> str:
 
 def _node_pages(run_dir: Path, errors: ErrorStore, th: Thresholds, nodes: list[str], alarms: list[dict],
                 time_unit: str, title: str, store=None, models_dir: Path | None = None,
-                workers: int | None = None) -> dict[str, str]:
+                workers: int | None = None, history: dict[str, list[list]] | None = None) -> dict[str, str]:
     """``nodes/<node>.html`` for each alarmed node in ``nodes`` (its alarms, signal and the metrics
-    behind them), drawn by ``workers`` processes (default: the CPUs, at most 8; plots are most of a
-    report's time); pages of nodes no longer listed are removed. Returns node -> relative link."""
+    behind them, and its ``history`` over earlier nights where given), drawn by ``workers``
+    processes (default: the CPUs, at most 8; plots are most of a report's time); pages of nodes no
+    longer listed are removed. Returns node -> relative link."""
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
     from urllib.parse import quote
@@ -296,11 +297,11 @@ def _node_pages(run_dir: Path, errors: ErrorStore, th: Thresholds, nodes: list[s
     folder = run_dir / "nodes"
     job = (run_dir, errors.path, th.to_dict(), time_unit, title, None if store is None else store.path, models_dir)
     _OPENED.clear()  # files of an earlier report (same paths, rewritten since) are not reused
-    groups = [(node, [a for a in alarms if a["node"] == node]) for node in nodes]
+    groups = [(node, [a for a in alarms if a["node"] == node], (history or {}).get(node)) for node in nodes]
     n = max(1, min(workers or min(os.cpu_count() or 1, 8), len(groups)))
     if n == 1:
-        for node, mine in groups:
-            _node_page(job, node, mine)
+        for node, mine, hist in groups:
+            _node_page(job, node, mine, hist)
     else:
         with ProcessPoolExecutor(n, mp_context=get_context("fork")) as pool:
             list(pool.map(_node_page, [job] * len(groups), *zip(*groups), chunksize=4))
@@ -312,6 +313,8 @@ def _node_pages(run_dir: Path, errors: ErrorStore, th: Thresholds, nodes: list[s
     return links
 
 
+HISTORY_HEADER = ["night", "level (median signal / normal)", "alarmed rows", "incident"]
+
 _OPENED: dict = {}  # per worker process: files opened once, not once per page
 
 
@@ -321,7 +324,7 @@ def _opened(kind, path: Path):
     return _OPENED[(kind, path)]
 
 
-def _node_page(job: tuple, node: str, mine: list[dict]) -> None:
+def _node_page(job: tuple, node: str, mine: list[dict], history: list[list] | None = None) -> None:
     """One node's page (a worker of :func:`_node_pages`: everything it needs comes by path)."""
     run_dir, errors_path, th_dict, time_unit, title, store_path, models_dir = job
     errors, th = _opened(ErrorStore, errors_path), Thresholds.from_dict(th_dict)
@@ -342,13 +345,17 @@ def _node_page(job: tuple, node: str, mine: list[dict]) -> None:
             if nm.metrics == errors.metrics and values.shape == (len(s.signal), len(nm.metrics)):
                 parts.append(_values_plot(errors, s, th, values, nm.scaler, time_unit, win))
     parts.append("<h2>Alarms</h2>" + alarms_table(mine, lambda n: None, "node-alarms"))
+    if history:
+        parts.append("<h2>This node over the last nights</h2>" + _table(history, HISTORY_HEADER))
     write_text(run_dir / "nodes" / f"{node}.html", _page(f"{node} - {title}", parts))
 
 
 def write_report(cfg, run_dir: Path, errors: ErrorStore, models_dir: Path, title: str = "hpcad report",
-                 extra: list[str] | None = None, folder: Path | None = None) -> Path:
+                 extra: list[str] | None = None, folder: Path | None = None,
+                 node_history: dict[str, list[list]] | None = None) -> Path:
     """The run's (or a night's) report; ``extra`` HTML sections go after the overview; ``folder`` is
-    the folder named on the page when ``run_dir`` is a temporary one that will be renamed."""
+    the folder named on the page when ``run_dir`` is a temporary one that will be renamed;
+    ``node_history`` (node -> rows of :data:`HISTORY_HEADER`, newest first) goes on the node pages."""
     th = Thresholds.load(run_dir / "thresholds.json")
     metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else None
     alarms = list(csv.DictReader(open(run_dir / "alarms.csv"))) if (run_dir / "alarms.csv").exists() else []
@@ -413,7 +420,8 @@ def write_report(cfg, run_dir: Path, errors: ErrorStore, models_dir: Path, title
         parts.insert(1, f"<p class='warning'><b>Threshold warning:</b> the {th.rule} threshold "
                         f"({th.scope} scope) {html.escape(what)}.</p>")
     paged = [n for n in ranked if per_node_alarms.get(n)][: int(cfg.report.max_node_pages)]
-    pages = _node_pages(run_dir, errors, th, paged, alarms, time_unit, title, store, models_dir)
+    pages = _node_pages(run_dir, errors, th, paged, alarms, time_unit, title, store, models_dir,
+                        history=node_history)
 
     def link(node: str) -> str | None:
         return pages.get(node)

@@ -175,6 +175,16 @@ def test_backfill_detects_drift_and_light_retrains_only_later_nights(site, tmp_p
     last = (out / "2025-01-12" / "report.html").read_text()  # the newest report lists the nights so far
     assert "<h2>Last nights</h2>" in last and all(f"<td>{d}</td>" in last for d in
                                                    ("2025-01-09", "2025-01-10", "2025-01-11", "2025-01-12"))
+    # each alarmed node's page shows the node over the nights so far, newest first (#15)
+    pages = {d: sorted((out / d / "nodes").glob("*.html")) for d in ("2025-01-09", "2025-01-10", "2025-01-11",
+                                                                        "2025-01-12")}
+    assert any(pages.values())
+    for d, files in pages.items():
+        for page in files:
+            text = page.read_text()
+            assert "<h2>This node over the last nights</h2>" in text
+            shown = [n for n in ("2025-01-12", "2025-01-11", "2025-01-10", "2025-01-09") if f"<td>{n}</td>" in text]
+            assert shown == [n for n in ("2025-01-12", "2025-01-11", "2025-01-10", "2025-01-09") if n <= d], page
     # a failing notify hook is recorded and never fails a night
     assert all(h["status"] == "ok" for h in hist) and any(h["new_incidents"] not in ("", "0") for h in hist)
     assert all(h["notify"] == ("failed" if h["new_incidents"] != "0" else "") for h in hist)
