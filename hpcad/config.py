@@ -68,7 +68,7 @@ class DataConfig:
     timezone: str = "UTC"  # zone of naive timestamps (ISO without offset, sacct times)
     epoch_unit: EpochUnit = EpochUnit.s  # numeric timestamps: s | ms | us | ns
     counters: list[str] = field(default_factory=list)  # metric names/patterns turned into per-second rates
-    jobs: Optional[str] = None  # sacct --parsable2 (JobID|NodeList|Start|End|State) or CSV: job context
+    jobs: Optional[str] = None  # sacct --parsable2 (JobID|NodeList|Start|End|State|User; State, User optional) or CSV: job context
     on_missing_metric: MissingMetric = MissingMetric.union  # a metric some nodes lack: union (absent there) | drop (common set) | error
     scratch_buckets: int = 64  # ldms/long: node buckets of the out-of-core pivot (memory ~ input / buckets)
     sort_timestamps: bool = False  # unsorted timestamps are an error unless this is true

@@ -320,7 +320,7 @@ def scoring_job_size(cfg) -> list[str]:
 
 def _alarm_json(r: dict) -> dict:
     out = {k: r[k] for k in ("node", "start", "end", "rows", "peak_score", "peak_time", "threshold") if k in r}
-    out.update(top_metrics=r.get("top_metrics", []), jobs=r.get("jobs", []))
+    out.update(top_metrics=r.get("top_metrics", []), jobs=r.get("jobs", []), users=r.get("users", []))
     if "label_classes" in r:
         out["label_classes"] = r["label_classes"]
     return out

@@ -150,7 +150,7 @@ r.style.display=s?'':'none';n+=s});document.getElementById(id+'-count').textCont
 def alarms_table(alarms: list[dict], link, table_id: str = "alarms") -> str:
     """All alarms as a table sorted by clicking a header and filtered by a text box (no libraries:
     the page stays one offline file); the node cell links to ``link(node)`` when that gives a URL."""
-    cols = ["node", "start", "end", "rows", "split", "peak_score", "label_classes", "top_metrics", "jobs"]
+    cols = ["node", "start", "end", "rows", "split", "peak_score", "label_classes", "top_metrics", "jobs", "users"]
     head = "".join(f"<th title='click to sort'>{html.escape(c)}</th>" for c in cols)
     body = []
     for a in alarms:

@@ -90,15 +90,16 @@ def test_generate_and_run_long_format_with_job_context(tmp_path):
     t_end = max(int(store.read(n).timestamp[-1]) for n in store.nodes)
     jobs = tmp_path / "sacct.txt"
     iso = lambda t: pd.Timestamp(t, unit="s").strftime("%Y-%m-%dT%H:%M:%S")  # sacct: no zone
-    jobs.write_text("JobID|NodeList|Start|End|State\n"
-                    f"900|node[0000-0002]|{iso(T0)}|{iso(t_end + 300)}|COMPLETED\n")
+    jobs.write_text("JobID|NodeList|Start|End|State|User\n"
+                    f"900|node[0000-0002]|{iso(T0)}|{iso(t_end + 300)}|COMPLETED|dana\n")
     run = tmp_path / "run"
     hpcad("run", f"hydra.run.dir={run}", "data=long", f"data.source={exports}", f"data.jobs={jobs}",
           *[o for o in SMALL if not o.startswith("data.synthetic")])
     with open(run / "alarms.csv") as fh:
         alarms = list(csv.DictReader(fh))
-    assert alarms and all(a["jobs"] == "900" for a in alarms)
-    assert ">900</td>" in (run / "report.html").read_text()  # the jobs column of the alarms table
+    assert alarms and all(a["jobs"] == "900" and a["users"] == "dana" for a in alarms)
+    page = (run / "report.html").read_text()
+    assert ">900</td>" in page and ">dana</td>" in page  # the jobs and users columns of the alarms table
     assert (TelemetryStore(run / "store.h5").read("node0001").job == 0).all()
 
 
@@ -187,6 +188,7 @@ def test_sacct_file_steps_pending_running_and_rows(tmp_path, caplog):
     job = jobs.assign(node)
     assert job.tolist() == [0] + [1] * 15  # the later start wins from 00:05
     assert jobs.during("n002", T0, T0 + 60) == ["4711"] and jobs.during("n002", T0, T0 + 300) == ["4711", "4712"]
+    assert jobs.users_during("n002", T0, T0 + 300) == ["alice", "bob"]  # sacct's User column, when asked for
     assert jobs.assign(NodeData("n001", np.array([T0]), np.zeros((1, 1), np.float32), None)).tolist() == [-1]
     caplog.clear()
     jobs.check_nodes(["n001", "n002", "n003"], "sacct.txt")

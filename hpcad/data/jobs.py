@@ -1,7 +1,8 @@
 """SLURM job context: which job ran on each node at each row, from ``sacct`` output.
 
-Input (``data.jobs``): ``sacct --allocations --parsable2 --format=JobID,NodeList,Start,End,State``
-(``|``-separated, header line) or a CSV with the same columns. Policy (docs/data.md):
+Input (``data.jobs``): ``sacct --allocations --parsable2 --format=JobID,NodeList,Start,End,State,User``
+(``|``-separated, header line) or a CSV with the same columns (State and User optional: the alarms
+then name the jobs' users too). Policy (docs/data.md):
 
 - job steps (``123.batch``, ``123.0``) are skipped, allocations are used; jobs that never started
   (Start ``Unknown``/``None``) or hold no nodes (``None assigned``) are skipped;
@@ -56,6 +57,7 @@ class JobTable:
     state: list[str]
     nodelist: list[str]
     by_node: dict[str, list[int]] = field(default_factory=dict)
+    user: list[str] = field(default_factory=list)  # per job ("" unknown); empty: the job file had no User
 
     def index_nodes(self, where: str) -> "JobTable":
         """Fill ``by_node`` by expanding every job's node list."""
@@ -74,9 +76,18 @@ class JobTable:
             job[a:b] = j
         return job
 
+    def _overlapping(self, node: str, t0: int, t1: int) -> list[int]:
+        return [j for j in self.by_node.get(node, []) if self.start[j] <= t1 and self.end[j] > t0]
+
     def during(self, node: str, t0: int, t1: int) -> list[str]:
         """Ids of the jobs on ``node`` that overlap [t0, t1]."""
-        return [self.job_id[j] for j in self.by_node.get(node, []) if self.start[j] <= t1 and self.end[j] > t0]
+        return [self.job_id[j] for j in self._overlapping(node, t0, t1)]
+
+    def users_during(self, node: str, t0: int, t1: int) -> list[str]:
+        """The users of those jobs, each once, in job order (none when the job file had no User)."""
+        if not self.user:
+            return []
+        return list(dict.fromkeys(self.user[j] for j in self._overlapping(node, t0, t1) if self.user[j]))
 
     def check_nodes(self, store_nodes: list[str], where: str) -> None:
         known = set(store_nodes)
@@ -106,7 +117,7 @@ def _read_frame(path: Path) -> pd.DataFrame:
     if missing:
         raise InputError(f"{path}: job file lacks column(s) {missing} (has {list(df.columns)}); use "
                          f"sacct --allocations --parsable2 --format=JobID,NodeList,Start,End,State")
-    df = df.rename(columns={cols[c.lower()]: c for c in (*COLUMNS, "State") if c.lower() in cols})
+    df = df.rename(columns={cols[c.lower()]: c for c in (*COLUMNS, "State", "User") if c.lower() in cols})
     if "State" not in df.columns:
         df["State"] = ""
     return df
@@ -133,8 +144,9 @@ def read_jobs(path: str | Path, timezone: str = "UTC") -> JobTable:
     bad = np.flatnonzero(end < start)
     if bad.size:
         raise InputError(f"{path}: job {df['JobID'][bad[0]]} ends before it starts")
+    users = df["User"].str.strip().tolist() if "User" in df.columns else []
     table = JobTable(df["JobID"].str.strip().tolist(), start, end, df["State"].str.strip().tolist(),
-                     df["NodeList"].str.strip().tolist()).index_nodes(str(path))
+                     df["NodeList"].str.strip().tolist(), user=users).index_nodes(str(path))
     _log_overlaps(table, where)
     return table
 

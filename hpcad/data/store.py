@@ -8,7 +8,7 @@
                        (every per-node dataset carries HDF5 Fletcher-32 checksums: corruption is an error)
         labels         [T] int8 (only when labelled): 0 normal, other integers = anomaly class
         job            [T] int32 (only with data.jobs): row -> index into /jobs, -1 = idle
-    /jobs/             (only with data.jobs) job_id, state, nodelist [J] UTF-8; start, end [J] int64
+    /jobs/             (only with data.jobs) job_id, state, nodelist [J] UTF-8 (user [J] if given); start, end [J] int64
 
 Writers stream node by node; readers load one node at a time.
 """
@@ -111,7 +111,7 @@ def write_store(path: str | os.PathLike[str], metrics: list[str], nodes: Iterabl
 
 def _write_jobs(f: h5py.File, jobs: JobTable) -> None:
     g = f.create_group("jobs")
-    for name in ("job_id", "state", "nodelist"):
+    for name in ("job_id", "state", "nodelist") + (("user",) if jobs.user else ()):
         g.create_dataset(name, data=np.array(getattr(jobs, name), dtype=object), dtype=STR, compression="gzip")
     g.create_dataset("start", data=jobs.start, compression="gzip")
     g.create_dataset("end", data=jobs.end, compression="gzip")
@@ -160,9 +160,9 @@ class TelemetryStore:
             with open_h5(self.path) as f:
                 g = f["jobs"]
                 text = {k: [v.decode() if isinstance(v, bytes) else v for v in g[k][()]]
-                        for k in ("job_id", "state", "nodelist")}
+                        for k in ("job_id", "state", "nodelist", "user") if k in g}
                 self._jobs = JobTable(text["job_id"], g["start"][()], g["end"][()], text["state"],
-                                      text["nodelist"]).index_nodes(str(self.path))
+                                      text["nodelist"], user=text.get("user", [])).index_nodes(str(self.path))
         return self._jobs
 
     def timestamps(self, node: str) -> np.ndarray:

@@ -96,6 +96,7 @@ def alarm_events(s: NodeSignal, th: Thresholds, errors_of, metrics: list[str], t
             rec["top_metrics"] = [{"metric": metrics[j], "error": float(mean_err[j])} for j in top]
         if jobs is not None and time_unit == "s":
             rec["jobs"] = list(jobs.during(s.node, int(s.timestamp[a]), int(s.timestamp[b - 1])))
+            rec["users"] = jobs.users_during(s.node, int(s.timestamp[a]), int(s.timestamp[b - 1]))
         out.append(rec)
     return out
 
@@ -104,11 +105,11 @@ def write_alarms_csv(path: Path, records: list[dict]) -> None:
     """The records of :func:`alarm_events`, lists written space-separated (top metrics as
     ``name:error``)."""
     cols = ["node", "start", "end", "rows", "split", "peak_score", "peak_time", "threshold",
-            "label_classes", "top_metrics", "jobs"]
+            "label_classes", "top_metrics", "jobs", "users"]
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         for r in records:
             w.writerow({**r, "label_classes": " ".join(map(str, r.get("label_classes", []))),
                         "top_metrics": " ".join(f"{m['metric']}:{m['error']:.3g}" for m in r.get("top_metrics", [])),
-                        "jobs": " ".join(r.get("jobs", []))})
+                        "jobs": " ".join(r.get("jobs", [])), "users": " ".join(r.get("users", []))})
