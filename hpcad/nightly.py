@@ -409,11 +409,12 @@ def _incidents_of(path: Path) -> list[dict]:
 
 def _nightly_sections(iso: str, src: Path, new: list[str], verdicts: list[dict], refits: list[dict], n,
                       incidents: list[dict], trend: list[list] | None = None) -> list[str]:
-    from hpcad.report import _table
+    from hpcad.report import _table, trend_plot
 
     parts = [f"<p>night {iso} (site time zone {html.escape(n.timezone)}); input <code>{html.escape(str(src))}</code>.</p>"]
     if trend:
-        parts.append("<h2>Last nights</h2>" + _table(trend, ["night", "nodes scored", "alarms", "new incidents"]))
+        parts.append("<h2>Last nights</h2>" + (trend_plot(trend) if len(trend) > 1 else "")
+                     + _table(trend, ["night", "nodes scored", "alarms", "new incidents"]))
     if new:
         parts.append(f"<p>{len(new)} node(s) without a trained model were not scored: "
                      f"{html.escape(', '.join(new[:50]))}</p>")

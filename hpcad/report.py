@@ -229,6 +229,22 @@ def _overview(errors: ErrorStore, th: Thresholds, nodes: list[str], time_unit: s
     return _png(fig)
 
 
+def trend_plot(rows: list[list]) -> str:
+    """Alarms and new incidents per night (rows: night, nodes, alarms, new incidents; any order)."""
+    rows = sorted(rows, key=lambda r: r[0])
+    nights = [str(r[0])[5:] for r in rows]  # MM-DD
+    alarms = [float(r[2] or 0) for r in rows]
+    new = [float(r[3] or 0) for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 2.2))
+    ax.bar(nights, alarms, color="tab:red", alpha=0.6, label="alarms")
+    ax.plot(nights, new, color="black", marker="o", lw=1, label="new incidents")
+    ax.set_ylabel("per night")
+    ax.tick_params(axis="x", labelsize=7)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.set_title("the last nights", fontsize=9)
+    return _png(fig, {"left": 0.09, "right": 0.99, "top": 0.86, "bottom": 0.18})
+
+
 def _profile_plot(cls: str, prof: dict) -> str:
     names = [n for n, _ in prof["top"]][::-1]
     vals = [v for _, v in prof["top"]][::-1]

@@ -175,6 +175,7 @@ def test_backfill_detects_drift_and_light_retrains_only_later_nights(site, tmp_p
     last = (out / "2025-01-12" / "report.html").read_text()  # the newest report lists the nights so far
     assert "<h2>Last nights</h2>" in last and all(f"<td>{d}</td>" in last for d in
                                                    ("2025-01-09", "2025-01-10", "2025-01-11", "2025-01-12"))
+    assert last.split("<h2>Last nights</h2>")[1].startswith('<img alt="plot" src="data:image/png;base64,')  # trend
     # each alarmed node's page shows the node over the nights so far, newest first (#15)
     pages = {d: sorted((out / d / "nodes").glob("*.html")) for d in ("2025-01-09", "2025-01-10", "2025-01-11",
                                                                         "2025-01-12")}
