@@ -30,7 +30,7 @@ from tqdm import tqdm
 from hpcad.data.store import TelemetryStore
 from hpcad.errors import ConfigError
 from hpcad.preprocess import Scaler, check_training_rows, fill_gaps, split_codes, training_rows, window_rows, windows
-from hpcad.score import NodeSignal, write_signal_file
+from hpcad.errorstore import NodeSignal, write_signal_file
 from hpcad.signals import smooth_signal
 
 log = logging.getLogger(__name__)

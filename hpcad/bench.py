@@ -330,7 +330,8 @@ def bench_report(cfg, run_dir: Path) -> dict:
 
     from hpcad.data.store import STR
     from hpcad.report import write_report
-    from hpcad.score import FORMAT, ErrorStore, _write_node_errors
+    from hpcad.errorstore import FORMAT, ErrorStore
+    from hpcad.score import _write_node_errors
     from hpcad.threshold.cost import CostModel
     from hpcad.threshold.evaluate import apply_thresholds
     from hpcad.threshold.rules import Thresholds

@@ -11,11 +11,15 @@ import os
 import re
 from dataclasses import dataclass
 
+import sys
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-import torch.distributed as tdist
 
 from hpcad.errors import ConfigError, HpcadError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -122,8 +126,11 @@ def rendezvous(w: World, env: dict | None = None) -> tuple[str, str]:
 def init(device: torch.device) -> World:
     """Start the process group when there is more than one rank (idempotent)."""
     w = world()
-    if not w.distributed or tdist.is_initialized():
+    if not w.distributed or _started():
         return w
+    import torch
+    import torch.distributed as tdist
+
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = rendezvous(w)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
@@ -138,7 +145,9 @@ def share_outcome(error: BaseException | None, rank: int) -> None:
     message per rank instead of the waiting ranks' connection errors when rank 0 leaves."""
     box = [None if error is None else f"{error}" if isinstance(error, HpcadError)
            else f"{type(error).__name__}: {error}"]
-    if tdist.is_initialized():
+    if _started():
+        import torch.distributed as tdist
+
         tdist.broadcast_object_list(box, src=0)
     if rank == 0 and error is not None:
         raise error
@@ -147,12 +156,16 @@ def share_outcome(error: BaseException | None, rank: int) -> None:
 
 
 def barrier() -> None:
-    if tdist.is_initialized():
+    if _started():
+        import torch.distributed as tdist
+
         tdist.barrier()
 
 
 def finish() -> None:
-    if tdist.is_initialized():
+    if _started():
+        import torch.distributed as tdist
+
         tdist.destroy_process_group()
 
 
@@ -173,8 +186,19 @@ def shard(rows: dict[str, int], size: int) -> list[list[str]]:
 def all_sum(values: np.ndarray) -> np.ndarray:
     """Element-wise sum of a small float64 array over all ranks (itself without a process group)."""
     values = np.asarray(values, dtype=np.float64)
-    if not tdist.is_initialized():
+    if not _started():
         return values
+    import torch.distributed as tdist
+
     parts = [None] * tdist.get_world_size()
     tdist.all_gather_object(parts, values.tolist())  # any backend (gloo, NCCL), no device tensors
     return np.sum(np.array(parts, dtype=np.float64), axis=0)
+
+
+def _started() -> bool:
+    """Whether this process has a process group (torch is imported only by the stages that use it)."""
+    if "torch" not in sys.modules:
+        return False
+    import torch.distributed as tdist
+
+    return tdist.is_available() and tdist.is_initialized()

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from hpcad.atomic import atomic_path
-from hpcad.score import NodeSignal
+from hpcad.errorstore import NodeSignal
 from hpcad.threshold.rules import Thresholds
 
 FIELDS = ["node", "rows", "alarmed_rows", "level"]

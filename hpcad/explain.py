@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hpcad.score import ErrorStore
+from hpcad.errorstore import ErrorStore
 
 
 def class_profiles(errors: ErrorStore, top: int = 20) -> dict:

@@ -59,7 +59,8 @@ from hpcad.preprocess import fill_gaps, windows
 from hpcad.prometheus import render, write_textfile
 from hpcad.resources import resource_dir
 from hpcad.runfolder import exclusive_lock
-from hpcad.score import ErrorStore, score_nodes
+from hpcad.errorstore import ErrorStore
+from hpcad.score import score_nodes
 from hpcad.threshold.evaluate import apply_thresholds
 from hpcad.threshold.rules import Thresholds
 

@@ -14,26 +14,25 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from hpcad import dist, excess, runfolder
 from hpcad.atomic import write_json
-from hpcad.baselines import run_baselines
 from hpcad.data.ingest import ingest
 from hpcad.data.store import TelemetryStore
-from hpcad.device import resolve_device
 from hpcad.errors import ConfigError, StoreError
 from hpcad.explain import class_profiles
 from hpcad.model.files import models_stamp
-from hpcad.score import ErrorStore, built_from, score_nodes, write_index
+from hpcad.errorstore import ErrorStore
 from hpcad.threshold.evaluate import apply_thresholds, evaluate
 from hpcad.threshold.reduce import reducer
 from hpcad.threshold.rules import Thresholds
-from hpcad.train import train_nodes
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +62,8 @@ def ranked_share(cfg, run_dir: Path) -> Iterator[tuple[dist.World, torch.device,
     Across ranks: rank 0 ingests while the others wait (one writer per file), the nodes are split
     balanced by rows, and the process group is torn down on the way out.
     """
+    from hpcad.device import resolve_device  # the stages that train or score load torch, the others do not
+
     w = dist.world()
     device = resolve_device(cfg.train.device, w.local_rank)
     if not w.distributed:
@@ -97,6 +98,8 @@ def stage_train(cfg, run_dir: Path) -> dict:
             out = train_fleet(cfg, store, run_dir / "models", mine, device, w.rank)
         else:
             name = f"training-rank{w.rank}.json" if w.distributed else "training.json"
+            from hpcad.train import train_nodes
+
             out = train_nodes(cfg, store, run_dir / "models", mine, device, name)
         if w.distributed:
             out.update(rank=w.rank, world_size=w.size, nodes=len(mine), cluster_nodes=len(store.nodes))
@@ -107,6 +110,8 @@ def stage_train(cfg, run_dir: Path) -> dict:
 def stage_score(cfg, run_dir: Path) -> Path:
     """Score every node; under srun/torchrun each rank writes ``errors-rank<r>.h5`` for its share and
     rank 0 then writes ``errors.h5`` as an index of external links (one writer per file)."""
+    from hpcad.score import built_from, score_nodes, write_index
+
     out = run_dir / "errors.h5"
     fallback = excess.recorded(_train_run(cfg))  # the weight its thresholds were fitted with
     with ranked_share(cfg, run_dir) as (w, device, store, mine):
@@ -140,6 +145,8 @@ def stage_baselines(cfg, run_dir: Path) -> dict:
         if tcfg is not None and tcfg.data.source and str(tcfg.data.source).endswith((".h5", ".hdf5")):
             src = Path(tcfg.data.source)
         fit_store = TelemetryStore(src)
+    from hpcad.baselines import run_baselines
+
     return run_baselines(cfg, fit_store, store, run_dir / "baselines")
 
 

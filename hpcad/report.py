@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 
 from hpcad.atomic import write_text  # noqa: E402
 from hpcad.model.files import NodeModel, model_path  # noqa: E402
-from hpcad.score import ErrorStore  # noqa: E402
+from hpcad.errorstore import ErrorStore  # noqa: E402
 from hpcad.threshold.rules import Thresholds  # noqa: E402
 
 CLASS_NAMES = {"0": "normal", "1": "class 1 (e.g. power-saving governor)", "2": "class 2 (e.g. performance governor)",

@@ -20,7 +20,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -30,9 +29,10 @@ from tqdm import tqdm
 
 from hpcad import __version__
 from hpcad.atomic import atomic_path
-from hpcad.data.store import STR, TelemetryStore, checked, corrupt, open_h5
+from hpcad.data.store import STR, TelemetryStore, checked, open_h5
 from hpcad.device import resolve_device, tf32_context
 from hpcad.dist import world
+from hpcad.errorstore import FORMAT
 from hpcad.excess import attrs as excess_attrs
 from hpcad.excess import choose as excess_weight
 from hpcad.errors import ConfigError, InputError, StoreError
@@ -44,25 +44,8 @@ from hpcad.preprocess import fill_gaps, split_codes, windows
 from hpcad.signals import signal_level, smooth_signal
 
 log = logging.getLogger(__name__)
-FORMAT = "error-store"
 ERROR_DTYPES = {"float32": np.float32, "float16": np.float16}
 ROW_BLOCK = 8192
-
-
-@dataclass
-class NodeSignal:
-    """What threshold fitting and evaluation need of one node (no per-metric errors)."""
-
-    node: str
-    signal: np.ndarray
-    split: np.ndarray
-    labels: np.ndarray | None
-    timestamp: np.ndarray
-    scale: float = 1.0
-
-    @property
-    def normalised(self) -> np.ndarray:
-        return self.signal / self.scale
 
 
 def score_nodes(cfg, store: TelemetryStore, models_dir: Path, out_path: Path, nodes: list[str] | None = None,
@@ -266,69 +249,3 @@ def write_index(out_path: Path, parts: list[Path], metrics: list[str], attrs: di
             with open_h5(part, kind="per-rank error file") as src:
                 for node in src["nodes"]:
                     g[node] = h5py.ExternalLink(part.name, f"/nodes/{node}")
-
-
-class ErrorStore:
-    """Read ``errors.h5`` (or a baseline's signal file) one node at a time."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        with open_h5(self.path, kind="error file") as f:
-            if f.attrs.get("hpcad_format") not in (FORMAT, "signal-store"):
-                raise StoreError(f"{self.path}: not an hpcad error file")
-            self.metrics = [m.decode() if isinstance(m, bytes) else m for m in f["metrics"][()]] \
-                if "metrics" in f else []
-            self.nodes = sorted(f["nodes"].keys())
-            self.rows = {n: int(f["nodes"][n]["signal"].shape[0]) for n in self.nodes}
-            self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()
-                          if k in ("created", "store_signature", "models_stamp", "store", "models", "excess_weight",
-                                   "excess_choice")}
-
-    @property
-    def excess_attrs(self) -> dict:
-        """The range-excess weight it was scored with and how it was chosen (hpcad.excess)."""
-        return {k: self.attrs[k] for k in ("excess_weight", "excess_choice") if k in self.attrs}
-
-    @property
-    def excess_weight(self) -> float:
-        return float(self.attrs.get("excess_weight", 1.0))  # files before hpcad.excess: the old fixed 1
-
-    def signals(self, nodes: list[str] | None = None) -> Iterator[NodeSignal]:
-        """Per-node alarm signals (already smoothed when written: hpcad.signals)."""
-        with open_h5(self.path, kind="error file") as f:
-            for n in (self.nodes if nodes is None else nodes):
-                try:
-                    g = f["nodes"][n]
-                    s = NodeSignal(n, g["signal"][()].astype(np.float64), g["split"][()],
-                                   g["labels"][()] if "labels" in g else None, g["timestamp"][()],
-                                   float(g.attrs.get("signal_scale", 1.0)))
-                except (OSError, KeyError) as exc:
-                    raise corrupt(self.path, f"node {n}", exc, self.rerun) from exc
-                yield s
-
-    @property
-    def rerun(self) -> str:
-        """The stage that writes this file."""
-        return "hpcad baselines" if self.path.parent.name == "baselines" else "hpcad score"
-
-    def errors(self, node: str, rows: np.ndarray | slice | None = None) -> np.ndarray:
-        with open_h5(self.path, kind="error file") as f:
-            try:
-                ds = f["nodes"][node]["error"]
-                return (ds[()] if rows is None else ds[rows]).astype(np.float32, copy=False)
-            except (OSError, KeyError) as exc:
-                raise corrupt(self.path, f"node {node} errors", exc, self.rerun) from exc
-
-
-def write_signal_file(path: Path, method: str, signals: Iterator[NodeSignal]) -> None:
-    """Baselines write the same per-node layout without the per-metric error tensor."""
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        f.attrs.update(hpcad_format="signal-store", format_version=1, method=method)
-        g0 = f.create_group("nodes")
-        for s in signals:
-            g = g0.create_group(s.node)
-            for name, data in (("signal", s.signal.astype(np.float32)), ("split", s.split),
-                               ("timestamp", s.timestamp), ("labels", s.labels)):
-                if data is not None:
-                    g.create_dataset(name, data=data, **checked(data))
-            g.attrs["signal_scale"] = s.scale

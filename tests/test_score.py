@@ -11,7 +11,8 @@ from hpcad.data.store import TelemetryStore, write_store
 from hpcad.model.autoencoder import AutoencoderSpec, forward, glorot_init
 from hpcad.model.files import NodeModel, model_path
 from hpcad.preprocess import Scaler, fill_gaps, split_codes
-from hpcad.score import ErrorStore, score_nodes
+from hpcad.errorstore import ErrorStore
+from hpcad.score import score_nodes
 from hpcad.signals import signal_level, smooth_signal
 
 METRICS = ["power", "temp", "ips"]

@@ -34,7 +34,7 @@ def test_sbatch_train_all_nodes_matches_the_single_process_run(tmp_path, slurm_e
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
     assert (run / "report.html").exists() and (run / "thresholds.json").exists()
     # Scoring ran on every rank (one error file each); errors.h5 indexes them and matches the single run.
-    from hpcad.score import ErrorStore
+    from hpcad.errorstore import ErrorStore
 
     assert len(list(run.glob("errors-rank*.h5"))) == 4
     one, many = ErrorStore(single / "errors.h5"), ErrorStore(run / "errors.h5")

@@ -3,7 +3,7 @@ import pytest
 
 from hpcad.errors import ConfigError
 from hpcad.preprocess import TEST, VAL
-from hpcad.score import NodeSignal
+from hpcad.errorstore import NodeSignal
 from hpcad.threshold.cost import CostModel, CostTerms, runs, score_rows
 from hpcad.threshold.rules import CostRule, PotRule, QuantileRule
 

@@ -9,13 +9,18 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from hpcad.atomic import atomic_path
 from hpcad.errors import StoreError
-from hpcad.model.autoencoder import AutoencoderSpec
 from hpcad.preprocess import Scaler
+
+if TYPE_CHECKING:  # torch loads only where models are read or written: the paths and stamps need none
+    import torch
+
+    from hpcad.model.autoencoder import AutoencoderSpec
 
 FORMAT = "hpcad-node-model"
 FORMAT_VERSION = 2  # 2: a list of members' parameters, the scaler's training range; 1 (one model) still loads
@@ -33,6 +38,8 @@ class NodeModel:
     fingerprint: str = ""  # what the model was trained from (hpcad.train.training_fingerprint); "" = unknown
 
     def save(self, path: Path) -> None:
+        import torch
+
         sc = self.scaler
         obj = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "node": self.node,
@@ -47,6 +54,8 @@ class NodeModel:
 
     @classmethod
     def load(cls, path: Path) -> "NodeModel":
+        from hpcad.model.autoencoder import AutoencoderSpec
+
         obj = load_tensors(path, FORMAT, "model file")
         try:
             sc = obj["scaler"]
@@ -66,6 +75,8 @@ class NodeModel:
 
 def save_tensors(path: Path, obj: dict) -> None:
     """Write a dict of tensors and plain values atomically."""
+    import torch
+
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
@@ -73,6 +84,8 @@ def save_tensors(path: Path, obj: dict) -> None:
 def load_tensors(path: Path, fmt: str, kind: str) -> dict:
     """Load a file written by :func:`save_tensors` with ``weights_only=True`` (no pickled code) and
     check its ``format`` field."""
+    import torch
+
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

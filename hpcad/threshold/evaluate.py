@@ -11,7 +11,7 @@ import numpy as np
 from hpcad.atomic import atomic_path
 from hpcad.data.jobs import JobTable
 from hpcad.preprocess import SPLIT_NAMES
-from hpcad.score import ErrorStore, NodeSignal
+from hpcad.errorstore import ErrorStore, NodeSignal
 from hpcad.threshold.cost import CostModel, Scores, runs, score_rows
 from hpcad.threshold.quality import macro, ranking
 from hpcad.threshold.rules import Thresholds

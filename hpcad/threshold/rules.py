@@ -1,6 +1,6 @@
 """Threshold rules, chosen by config group (``threshold=cost|quantile|pot``) through ``_target_``.
 
-Each rule's ``fit`` takes a callable that yields :class:`~hpcad.score.NodeSignal` per node (it may be
+Each rule's ``fit`` takes a callable that yields :class:`~hpcad.errorstore.NodeSignal` per node (it may be
 called more than once: cluster scope makes passes instead of holding every node's rows) and returns
 :class:`Thresholds`. ``scope=node`` fits one threshold per node on its own validation rows;
 ``scope=cluster`` fits one threshold on per-node normalised signals (signal / the node's mean
@@ -20,7 +20,7 @@ import numpy as np
 from hpcad.atomic import write_json
 from hpcad.errors import ConfigError
 from hpcad.preprocess import TRAIN, VAL
-from hpcad.score import NodeSignal
+from hpcad.errorstore import NodeSignal
 from hpcad.threshold.cost import CostModel, CostTerms, drift_smoothed_curve, grid_step, level_counts
 from hpcad.threshold.reduce import Reducer
 

@@ -1,0 +1,102 @@
+"""The error file (``errors.h5``): the contract between scoring and everything after it.
+
+Written by :mod:`hpcad.score` (and, without per-metric errors, by the baselines); read one node at
+a time by thresholds, evaluation, explanations, drift, reports and the nightly job. Reading it
+needs no torch, so the stages after scoring start fast. Layout: :mod:`hpcad.score`, docs/data.md.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from hpcad.atomic import atomic_path
+from hpcad.data.store import checked, corrupt, open_h5
+from hpcad.errors import StoreError
+
+FORMAT = "error-store"
+
+
+@dataclass
+class NodeSignal:
+    """What threshold fitting and evaluation need of one node (no per-metric errors)."""
+
+    node: str
+    signal: np.ndarray
+    split: np.ndarray
+    labels: np.ndarray | None
+    timestamp: np.ndarray
+    scale: float = 1.0
+
+    @property
+    def normalised(self) -> np.ndarray:
+        return self.signal / self.scale
+
+
+class ErrorStore:
+    """Read ``errors.h5`` (or a baseline's signal file) one node at a time."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        with open_h5(self.path, kind="error file") as f:
+            if f.attrs.get("hpcad_format") not in (FORMAT, "signal-store"):
+                raise StoreError(f"{self.path}: not an hpcad error file")
+            self.metrics = [m.decode() if isinstance(m, bytes) else m for m in f["metrics"][()]] \
+                if "metrics" in f else []
+            self.nodes = sorted(f["nodes"].keys())
+            self.rows = {n: int(f["nodes"][n]["signal"].shape[0]) for n in self.nodes}
+            self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()
+                          if k in ("created", "store_signature", "models_stamp", "store", "models", "excess_weight",
+                                   "excess_choice")}
+
+    @property
+    def excess_attrs(self) -> dict:
+        """The range-excess weight it was scored with and how it was chosen (hpcad.excess)."""
+        return {k: self.attrs[k] for k in ("excess_weight", "excess_choice") if k in self.attrs}
+
+    @property
+    def excess_weight(self) -> float:
+        return float(self.attrs.get("excess_weight", 1.0))  # files before hpcad.excess: the old fixed 1
+
+    def signals(self, nodes: list[str] | None = None) -> Iterator[NodeSignal]:
+        """Per-node alarm signals (already smoothed when written: hpcad.signals)."""
+        with open_h5(self.path, kind="error file") as f:
+            for n in (self.nodes if nodes is None else nodes):
+                try:
+                    g = f["nodes"][n]
+                    s = NodeSignal(n, g["signal"][()].astype(np.float64), g["split"][()],
+                                   g["labels"][()] if "labels" in g else None, g["timestamp"][()],
+                                   float(g.attrs.get("signal_scale", 1.0)))
+                except (OSError, KeyError) as exc:
+                    raise corrupt(self.path, f"node {n}", exc, self.rerun) from exc
+                yield s
+
+    @property
+    def rerun(self) -> str:
+        """The stage that writes this file."""
+        return "hpcad baselines" if self.path.parent.name == "baselines" else "hpcad score"
+
+    def errors(self, node: str, rows: np.ndarray | slice | None = None) -> np.ndarray:
+        with open_h5(self.path, kind="error file") as f:
+            try:
+                ds = f["nodes"][node]["error"]
+                return (ds[()] if rows is None else ds[rows]).astype(np.float32, copy=False)
+            except (OSError, KeyError) as exc:
+                raise corrupt(self.path, f"node {node} errors", exc, self.rerun) from exc
+
+
+def write_signal_file(path: Path, method: str, signals: Iterator[NodeSignal]) -> None:
+    """Baselines write the same per-node layout without the per-metric error tensor."""
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs.update(hpcad_format="signal-store", format_version=1, method=method)
+        g0 = f.create_group("nodes")
+        for s in signals:
+            g = g0.create_group(s.node)
+            for name, data in (("signal", s.signal.astype(np.float32)), ("split", s.split),
+                               ("timestamp", s.timestamp), ("labels", s.labels)):
+                if data is not None:
+                    g.create_dataset(name, data=data, **checked(data))
+            g.attrs["signal_scale"] = s.scale
