@@ -199,7 +199,7 @@ def stage_threshold(cfg, run_dir: Path) -> dict:
                th.details.get("check"), "splits": metrics["splits"], "baselines": {}, "nodes": metrics["nodes"]}
         for path in sorted((run_dir / "baselines").glob("*.h5")):
             bsource = ErrorStore(path).signals
-            bth = rule.fit(bsource)
+            bth = rule.fit(bsource, detector=f"baseline {path.stem}")
             out["baselines"][path.stem] = {"splits": evaluate(bsource(), bth, cm, time_unit)["splits"],
                                            "thresholds": bth.to_dict()}
         out["class_profiles"] = class_profiles(errors)

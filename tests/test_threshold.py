@@ -187,8 +187,8 @@ def test_thresholds_that_never_or_always_alarm_are_reported(caplog):
     from hpcad.threshold.rules import check_thresholds
 
     with caplog.at_level("WARNING"):
-        assert check_thresholds(th, lambda: iter(others))["verdict"] == "never_alarm"
-    assert "never alarm" in caplog.text
+        assert check_thresholds(th, lambda: iter(others), detector="baseline kde")["verdict"] == "never_alarm"
+    assert "never alarm" in caplog.text and "baseline kde threshold (quantile, cluster scope)" in caplog.text
     th.cluster = -1.0
     assert check_thresholds(th, lambda: iter(others))["verdict"] == "always_alarm"
 

@@ -107,10 +107,10 @@ class _Rule:
         self.grid_points = int(grid_points)
         self.cost_model = CostModel(float(c_alarm), float(c_missed), int(tolerance))
 
-    def fit(self, source: SignalSource, red: Reducer | None = None) -> Thresholds:
+    def fit(self, source: SignalSource, red: Reducer | None = None, detector: str = "autoencoder") -> Thresholds:
         """Fit on the nodes ``source`` yields; with an MPI reducer, each rank passes its own nodes.
         The result says in ``details["check"]`` whether it would never or always alarm on the rows
-        it was fitted on (also logged as a warning)."""
+        it was fitted on (also logged as a warning naming the ``detector``)."""
         self.red = red or Reducer()
         if self.scope == "node":
             th = Thresholds(self.name, "node")
@@ -128,7 +128,7 @@ class _Rule:
                 if v.size:
                     lo, hi = min(lo, float(v.min())), max(hi, float(v.max()))
             th = self.fit_cluster(source, self.grid(self.red.min(lo), self.red.max(hi)))
-        th.details["check"] = check_thresholds(th, source, self.red)
+        th.details["check"] = check_thresholds(th, source, self.red, detector)
         return th
 
     def grid(self, lo: float, hi: float) -> np.ndarray:
@@ -150,7 +150,8 @@ class _Rule:
         return self.red.sum(counts)
 
 
-def check_thresholds(th: Thresholds, source: SignalSource, red: Reducer | None = None) -> dict:
+def check_thresholds(th: Thresholds, source: SignalSource, red: Reducer | None = None,
+                     detector: str = "autoencoder") -> dict:
     """How often the thresholds alarm on the rows they were fitted on: ``never_alarm`` (no row at all),
     ``always_alarm`` (at least ``ALWAYS`` of the rows, or of one node's rows at node scope) or ``ok``.
     A rule that ends in either is almost always a problem with the data or the signal scale, so it
@@ -173,14 +174,14 @@ def check_thresholds(th: Thresholds, source: SignalSource, red: Reducer | None =
         out["always_alarm_nodes"] = always[:100]
         out["always_alarm_node_count"] = len(always)
     if verdict == "never_alarm":
-        log.warning("threshold (%s, %s scope) raises no alarm on any of the %d rows it was fitted on: "
-                    "it will probably never alarm", th.rule, th.scope, out["fit_rows"])
+        log.warning("%s threshold (%s, %s scope) raises no alarm on any of the %d rows it was fitted on: "
+                    "it will probably never alarm", detector, th.rule, th.scope, out["fit_rows"])
     elif verdict == "always_alarm":
-        log.warning("threshold (%s, %s scope) alarms on %.0f%% of the rows it was fitted on",
-                    th.rule, th.scope, 100 * share)
+        log.warning("%s threshold (%s, %s scope) alarms on %.0f%% of the rows it was fitted on",
+                    detector, th.rule, th.scope, 100 * share)
     elif always:
-        log.warning("threshold (%s): %d nodes alarm on %.0f%% or more of their fitted rows (first: %s)",
-                    th.rule, len(always), 100 * ALWAYS, ", ".join(always[:5]))
+        log.warning("%s threshold (%s): %d nodes alarm on %.0f%% or more of their fitted rows (first: %s)",
+                    detector, th.rule, len(always), 100 * ALWAYS, ", ".join(always[:5]))
     return out
 
 
