@@ -382,7 +382,7 @@ def write_report(cfg, run_dir: Path, errors: ErrorStore, models_dir: Path, title
     shown = ranked[: cfg.report.max_nodes_plotted]
     parts = [f"<h1>{html.escape(title)}</h1><p>run folder: <code>{html.escape(str(folder or run_dir))}</code>; "
              f"{len(errors.nodes)} nodes, {len(errors.metrics)} metrics; threshold rule <b>{th.rule}</b> "
-             f"({th.scope} scope); {len(alarms)} alarm events.</p>"]
+             f"({th.scope} scope); {len(alarms)} alarm events on {len(per_node_alarms)} nodes.</p>"]
     store_path = run_dir / "store.h5"
     if not store_path.exists() and str(cfg.data.source or "").lower().endswith((".h5", ".hdf5")):
         store_path = Path(cfg.data.source)  # a store used in place

@@ -31,6 +31,8 @@ def test_run_on_the_embedded_default_writes_every_output(tmp_path):
     assert html.count("data:image/png;base64,") >= 4 and "Detection quality" in html
     with open(run / "alarms.csv") as fh:
         rows = list(csv.DictReader(fh))
+    alarmed = len({r["node"] for r in rows})  # the summary line: nodes, metrics, alarms and alarmed nodes
+    assert f"{len(rows)} alarm events on {alarmed} nodes" in html
     assert rows and rows[0]["top_metrics"].count(":") == 8  # top-k metrics per alarm
     with h5py.File(run / "errors.h5") as f:
         g = f["nodes/node0000"]
