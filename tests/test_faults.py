@@ -58,7 +58,7 @@ def test_a_killed_run_reruns_to_the_uninterrupted_result(reference, tmp_path, si
     _rerun_matches(reference, run, resumed="trained" in trigger)
 
 
-@pytest.mark.parametrize("fault", ["store.h5", "thresholds.json:TERM", "report.html"])  # ingest, threshold, report
+@pytest.mark.parametrize("fault", ["store.h5", "errors.h5", "thresholds.json:TERM", "report.html"])  # each stage
 def test_a_run_killed_as_it_publishes_an_output_reruns_to_the_uninterrupted_result(reference, tmp_path, fault):
     """The worst moment of each stage: its output fully written under a temporary name, not yet
     renamed (hpcad.atomic's fault point, HPCAD_FAULT)."""
