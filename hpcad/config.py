@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Optional
-
 from enum import Enum
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import II

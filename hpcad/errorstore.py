@@ -53,11 +53,6 @@ class ErrorStore:
                                    "excess_choice")}
 
     @property
-    def excess_attrs(self) -> dict:
-        """The range-excess weight it was scored with and how it was chosen (hpcad.excess)."""
-        return {k: self.attrs[k] for k in ("excess_weight", "excess_choice") if k in self.attrs}
-
-    @property
     def excess_weight(self) -> float:
         return float(self.attrs.get("excess_weight", 1.0))  # files before hpcad.excess: the old fixed 1
 

@@ -30,6 +30,7 @@ from hpcad.dist import all_sum
 from hpcad.errors import ConfigError
 from hpcad.preprocess import VAL, split_codes
 from hpcad.signals import signal_level, smooth_signal
+from hpcad.threshold.quality import average_precision
 
 log = logging.getLogger(__name__)
 AUTO = "auto"
@@ -96,10 +97,7 @@ def choose(cfg, store, node_errors: Callable[[], Iterator[tuple]], fallback: flo
 
 def validation_ap(row_signal: np.ndarray, level: float, sig, val: np.ndarray, y: np.ndarray) -> float:
     """Average precision of the smoothed signal on the validation rows (as scoring writes it)."""
-    from sklearn.metrics import average_precision_score
-
-    s = smooth_signal(row_signal, sig.smooth, level, sig.causal)[val]
-    return float(average_precision_score(y, np.nan_to_num(s, nan=0.0, posinf=np.finfo(np.float64).max)))
+    return average_precision(smooth_signal(row_signal, sig.smooth, level, sig.causal)[val], y)
 
 
 def attrs(weight: float, choice: dict | None) -> dict:

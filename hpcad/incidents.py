@@ -38,12 +38,18 @@ def cause_of(alarm: dict) -> str:
     return max(sorted(mass), key=mass.__getitem__) if mass else "signal"
 
 
+def read_night(night_dir: Path) -> list[dict] | None:
+    """A night folder's incidents, or None when it has no ``incidents.json``."""
+    p = Path(night_dir) / FILE
+    return json.loads(p.read_text()) if p.exists() else None
+
+
 def previous_incidents(out: Path, day: dt.date, gap_days: int) -> list[dict]:
     """The incidents of the latest night within ``gap_days`` before ``day`` (none: empty)."""
     for k in range(1, max(int(gap_days), 1) + 1):
-        p = out / (day - dt.timedelta(days=k)).isoformat() / FILE
-        if p.exists():
-            return json.loads(p.read_text())
+        found = read_night(out / (day - dt.timedelta(days=k)).isoformat())
+        if found is not None:
+            return found
     return []
 
 

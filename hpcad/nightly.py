@@ -50,16 +50,16 @@ from hpcad.drain import candidates as drain_candidates
 from hpcad.drain import drain
 from hpcad.drain import lines as drain_lines
 from hpcad.errors import ConfigError, HpcadError, InputError
+from hpcad.errorstore import ErrorStore
 from hpcad.explain import class_profiles
 from hpcad.incidents import FILE as INCIDENTS
-from hpcad.incidents import STATES, incident_of, night_incidents, previous_incidents
+from hpcad.incidents import STATES, incident_of, night_incidents, previous_incidents, read_night
 from hpcad.light import LightMap, fit_light_map, light_path, map_for_night, save_version
 from hpcad.model.files import NodeModel, model_nodes, model_path
 from hpcad.preprocess import fill_gaps, windows
 from hpcad.prometheus import render, write_textfile
 from hpcad.resources import resource_dir
 from hpcad.runfolder import exclusive_lock
-from hpcad.errorstore import ErrorStore
 from hpcad.score import score_nodes
 from hpcad.threshold.evaluate import apply_thresholds
 from hpcad.threshold.rules import Thresholds
@@ -169,14 +169,14 @@ def _night(cfg, day: dt.date, out: Path, train_run: Path, overrides: list[str]) 
         _check_complete(store, nodes, trained, day, src, n)
         if new:
             log.warning("nightly %s: %d node(s) without a trained model are not scored: %s", iso, len(new), new[:10])
+        th = Thresholds.load(train_run / "thresholds.json")  # read once: the night's signal must match it
         if n.slurm:
             _score_slurm(dcfg, tmp, train_run, src, overrides)
         else:
             score_nodes(dcfg, store, models_dir, tmp / "errors.h5", nodes,
                         light=lambda node: map_for_night(models_dir, node, iso),
-                        excess_fallback=excess.recorded(train_run))
+                        excess_fallback=th.details.get("excess_weight"))
         errors = ErrorStore(tmp / "errors.h5")
-        th = Thresholds.load(train_run / "thresholds.json")
         excess.check_applies(th.details.get("excess_weight"), errors.excess_weight, train_run / "thresholds.json",
                              errors.path)
         th.save(tmp / "thresholds.json")
@@ -369,7 +369,11 @@ def _light_retrain(cfg, node: str, day: dt.date, nights: list[tuple[str, Telemet
             "fit_ms": round(1000 * (time.perf_counter() - t0), 1)}
 
 
-def _trend(out: Path, iso: str, nodes: int, alarms: int, incidents: list[dict], nights: int = 14) -> list[list]:
+REPORT_NIGHTS = 14  # nights the report's trend and the node pages' history show
+
+
+def _trend(out: Path, iso: str, nodes: int, alarms: int, incidents: list[dict],
+           nights: int = REPORT_NIGHTS) -> list[list]:
     """This night and the last ``nights`` - 1 successful nights before it (latest run of each, from
     history.csv): date, nodes, alarms, new incidents."""
     rows: dict[str, list] = {}
@@ -383,13 +387,13 @@ def _trend(out: Path, iso: str, nodes: int, alarms: int, incidents: list[dict], 
 
 
 def node_history(out: Path, iso: str, levels: list[dict], incidents: list[dict], nodes: set[str],
-                 nights: int = 14) -> dict[str, list[list]]:
+                 nights: int = REPORT_NIGHTS) -> dict[str, list[list]]:
     """For each of ``nodes``: this night and the last ``nights`` - 1 published nights before it,
     newest first: night, level (median normalised signal, levels.csv), alarmed rows, incident
     state and cause that night (incidents.json)."""
     earlier = sorted(p.parent.name for p in out.glob("*/levels.csv")
                      if NIGHT_DIR.fullmatch(p.parent.name) and p.parent.name < iso)[-(nights - 1):] if nights > 1 else []
-    per_night = [(d, level_rows(out / d / "levels.csv"), _incidents_of(out / d / INCIDENTS)) for d in earlier]
+    per_night = [(d, level_rows(out / d / "levels.csv"), read_night(out / d) or []) for d in earlier]
     per_night.append((iso, {r["node"]: r for r in levels}, incidents))
     out_rows: dict[str, list[list]] = {}
     for node in nodes:
@@ -402,10 +406,6 @@ def node_history(out: Path, iso: str, levels: list[dict], incidents: list[dict],
                              None if r is None else int(r["alarmed_rows"]), state])
         out_rows[node] = rows
     return out_rows
-
-
-def _incidents_of(path: Path) -> list[dict]:
-    return json.loads(path.read_text()) if path.exists() else []
 
 
 def _nightly_sections(iso: str, src: Path, new: list[str], verdicts: list[dict], refits: list[dict], n,

@@ -25,8 +25,8 @@ from hpcad.data.ingest import ingest
 from hpcad.data.store import TelemetryStore
 from hpcad.errors import ConfigError, StoreError
 from hpcad.explain import class_profiles
+from hpcad.errorstore import FORMAT, ErrorStore
 from hpcad.model.files import models_stamp
-from hpcad.errorstore import ErrorStore
 from hpcad.threshold.evaluate import apply_thresholds, evaluate
 from hpcad.threshold.reduce import reducer
 from hpcad.threshold.rules import Thresholds
@@ -110,7 +110,7 @@ def stage_train(cfg, run_dir: Path) -> dict:
 def stage_score(cfg, run_dir: Path) -> Path:
     """Score every node; under srun/torchrun each rank writes ``errors-rank<r>.h5`` for its share and
     rank 0 then writes ``errors.h5`` as an index of external links (one writer per file)."""
-    from hpcad.score import built_from, score_nodes, write_index
+    from hpcad.score import score_nodes, write_index
 
     out = run_dir / "errors.h5"
     fallback = excess.recorded(_train_run(cfg))  # the weight its thresholds were fitted with
@@ -124,11 +124,8 @@ def stage_score(cfg, run_dir: Path) -> Path:
         if w.rank == 0:
             scored = [e for e in map(ErrorStore, parts) if e.nodes] or [ErrorStore(parts[0])]
             metrics = scored[0].metrics  # the models' metrics (the store may hold others)
-            write_index(out, parts, metrics, {"hpcad_format": "error-store", "format_version": 1,
-                                              "store": str(store.path), "models": str(models_dir(cfg, run_dir)),
-                                              "created": scored[0].attrs.get("created", ""),
-                                              **built_from(store, models_dir(cfg, run_dir)),
-                                              **scored[0].excess_attrs})
+            # every rank wrote the same store, models, signature, stamp and weight: copy them
+            write_index(out, parts, metrics, {"hpcad_format": FORMAT, "format_version": 1, **scored[0].attrs})
         dist.barrier()
         return out
 

@@ -32,10 +32,10 @@ from hpcad.atomic import atomic_path
 from hpcad.data.store import STR, TelemetryStore, checked, open_h5
 from hpcad.device import resolve_device, tf32_context
 from hpcad.dist import world
+from hpcad.errors import ConfigError, InputError, StoreError
 from hpcad.errorstore import FORMAT
 from hpcad.excess import attrs as excess_attrs
 from hpcad.excess import choose as excess_weight
-from hpcad.errors import ConfigError, InputError, StoreError
 from hpcad.light import LightMap, light_path
 from hpcad.model.autoencoder import ensemble_recon, stack
 from hpcad.model.budget import Budget

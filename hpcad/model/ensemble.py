@@ -328,7 +328,6 @@ class _Adam:
         torch._fused_adam_(p, g, m, v, [], steps, lr=self.lr, beta1=BETA1, beta2=BETA2, weight_decay=0.0,
                            eps=EPS, amsgrad=False, maximize=False)
 
-
     def _masked_step(self, active: torch.Tensor) -> None:
         """The same update for all K models at once, each with its own step count and bias
         correction, inactive models (``active`` 0) left exactly as they are: a few element-wise

@@ -18,13 +18,25 @@ def ranking(signal: np.ndarray, labels: np.ndarray | None) -> dict | None:
     y = labels != 0
     if y.all() or not y.any():
         return None
-    from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+    from sklearn.metrics import precision_recall_curve, roc_auc_score
 
-    x = np.nan_to_num(np.asarray(signal, dtype=np.float64), nan=0.0, posinf=np.finfo(np.float64).max)
+    x = _finite(signal)
     p, r, _ = precision_recall_curve(y, x)
     f1 = float(np.max(2 * p * r / np.maximum(p + r, 1e-12)))
-    return {"ap": float(average_precision_score(y, x)), "roc_auc": float(roc_auc_score(y, x)), "best_f1": f1,
+    return {"ap": average_precision(x, y), "roc_auc": float(roc_auc_score(y, x)), "best_f1": f1,
             "prevalence": float(y.mean())}
+
+
+def average_precision(signal: np.ndarray, y: np.ndarray) -> float:
+    """Area under the precision-recall curve of ``signal`` against the boolean labels ``y``."""
+    from sklearn.metrics import average_precision_score
+
+    return float(average_precision_score(y, _finite(signal)))
+
+
+def _finite(signal: np.ndarray) -> np.ndarray:
+    """NaN ranks lowest, +inf highest (sklearn refuses both)."""
+    return np.nan_to_num(np.asarray(signal, dtype=np.float64), nan=0.0, posinf=np.finfo(np.float64).max)
 
 
 def macro(per_node: list[dict]) -> dict:
