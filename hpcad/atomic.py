@@ -1,6 +1,7 @@
 """Atomic output: write to a temporary file beside the target, then rename over it."""
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import signal
@@ -36,14 +37,21 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 def _fault_point(target: Path) -> None:
-    """Fault injection (tests/test_faults.py): ``HPCAD_FAULT=<file name>[:TERM]`` kills this process
-    with SIGKILL (or SIGTERM) once ``<file name>`` is fully written, right before it is published:
-    the worst moment for a crash. Unset in normal use."""
+    """Fault injection (tests/test_faults.py): ``HPCAD_FAULT=<file name>[:TERM][@N]`` kills this
+    process with SIGKILL (or SIGTERM) once a file of that name (a glob pattern, e.g. ``.chunk-*``)
+    is fully written, right before it is published: the worst moment for a crash. ``@N``: at the
+    N-th such file of the process (the earlier ones are published). Unset in normal use."""
     spec = os.environ.get("HPCAD_FAULT")
     if spec:
+        spec, _, nth = spec.partition("@")
         name, _, how = spec.partition(":")
-        if target.name == name:
-            os.kill(os.getpid(), signal.SIGTERM if how.upper() == "TERM" else signal.SIGKILL)
+        if fnmatch.fnmatchcase(target.name, name):
+            _FAULT_SEEN[name] = _FAULT_SEEN.get(name, 0) + 1
+            if _FAULT_SEEN[name] >= int(nth or 1):
+                os.kill(os.getpid(), signal.SIGTERM if how.upper() == "TERM" else signal.SIGKILL)
+
+
+_FAULT_SEEN: dict[str, int] = {}
 
 
 def _umask() -> int:

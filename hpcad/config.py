@@ -118,6 +118,9 @@ class TrainConfig:
     max_nodes_per_chunk: Optional[int] = None  # None: 32 on CPU (cache-sized), 4096 on CUDA
     precision: Precision = Precision.fp32  # fp32 | tf32 (CUDA) | bf16 (autocast); master weights stay fp32
     progress: bool = True
+    # Save a chunk's training state after an epoch once this many seconds have passed since the last
+    # save (0: every epoch): a kill loses at most this plus one epoch (hpcad/model/checkpoint.py).
+    checkpoint_every_s: float = 30.0
 
 
 @dataclass

@@ -104,6 +104,10 @@ def stage_train(cfg, run_dir: Path) -> dict:
         if w.distributed:
             out.update(rank=w.rank, world_size=w.size, nodes=len(mine), cluster_nodes=len(store.nodes))
             dist.barrier()
+        if w.rank == 0:  # every chunk has ended: a checkpoint left is of an earlier chunking
+            from hpcad.model.checkpoint import remove_checkpoints
+
+            remove_checkpoints(run_dir / "models")
         return out
 
 

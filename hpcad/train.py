@@ -21,6 +21,7 @@ from hpcad.model.files import NodeModel, model_path
 from hpcad.preprocess import (Scaler, check_training_rows, fill_gaps, split_codes, training_rows, window_rows,
                               windows)
 from hpcad.model.budget import Budget, default_chunk_cap
+from hpcad.model.checkpoint import ChunkCheckpoint
 from hpcad.model.ensemble import Workspace, member_seed, node_seed, train_ensemble
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,8 @@ def check_train_config(tc) -> None:
               (float(tc.lr) > 0, "train.lr", "must be > 0"),
               (0 <= float(tc.validation_split) < 1, "train.validation_split", "must be in [0, 1)"),
               (int(tc.patience) >= 1, "train.patience", "must be >= 1"),
-              (float(tc.input_noise) >= 0, "train.input_noise", "must be >= 0 (0: no denoising)")]
+              (float(tc.input_noise) >= 0, "train.input_noise", "must be >= 0 (0: no denoising)"),
+              (float(tc.checkpoint_every_s) >= 0, "train.checkpoint_every_s", "must be >= 0 (0: after every epoch)")]
     for ok, option, rule in checks:
         if not ok:
             raise ConfigError(f"{option}={getattr(tc, option.split('.')[1])}: {rule}")
@@ -165,9 +167,10 @@ def train_nodes(cfg, store: TelemetryStore, models_dir: Path, nodes: list[str] |
         seeds = [member_seed(node_seed(cfg.train.seed, n), r) for n in chunk for r in range(R)]
         n_chunk += 1
         bar.set_postfix(chunk=f"{n_chunk} ({len(chunk)} nodes)", device=str(device))
+        ckpt = ChunkCheckpoint(models_dir, fingerprint, chunk, R, cfg.train.checkpoint_every_s)
         res = train_ensemble(member_net, [z for z, _ in prepared for _ in range(R)], seeds, cfg.train, device,
                              progress=_epoch_reporter(bar, n_chunk, len(chunk) * R, int(cfg.train.epochs)),
-                             workspace=workspace)
+                             workspace=workspace, checkpoint=ckpt)
         for k, n in enumerate(chunk):
             members = res.params[k * R:(k + 1) * R]
             history = dict(res.history[k * R])
@@ -179,6 +182,7 @@ def train_nodes(cfg, store: TelemetryStore, models_dir: Path, nodes: list[str] |
                 level = res.holdout_signal[k]
             NodeModel(n, spec, store.metrics, members, prepared[k][1], history, level, fingerprint).save(
                 model_path(models_dir, n))
+        ckpt.remove()  # its models are written
         done += len(chunk)
         bar.update(len(chunk))
         log.info("trained %d/%d nodes (%.1f s)", done, len(todo), time.perf_counter() - t0)

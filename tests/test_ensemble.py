@@ -254,3 +254,44 @@ def test_holdout_signal_without_validation_rows_is_measured_on_training_rows():
         recon, _ = forward([p[None] for p in res.params[k]], xt, 1)
         expected = float(((recon - xt) ** 2).sum(-1).mean())
         assert abs(res.holdout_signal[k] - expected) <= 1e-5 * expected
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("killed_after", [5, 17, 20])  # before, between and after early stops (16, 18)
+def test_a_chunk_resumed_from_its_checkpoint_ends_as_if_never_interrupted(tmp_path, killed_after):
+    """hpcad/model/checkpoint.py: the chunk's state saved after an epoch, resumed after a kill,
+    gives the same weights, histories and signal levels bit for bit, also once stopped models have
+    left the chunk (two stop at epochs 16 and 18, and the chunk is compacted)."""
+    from hpcad.model.checkpoint import ChunkCheckpoint
+
+    spec = AutoencoderSpec([2])
+    noise = [np.random.default_rng(s).normal(size=(n, 12)).astype(np.float32) for s, n in ((0, 100), (5, 60))]
+    data = [_data(400, seed=1), noise[0], _data(200, seed=2), _data(310, seed=3), noise[1], _data(150, seed=4),
+            _data(120, seed=5), _data(90, seed=6)]
+    seeds = list(range(1, 9))
+    cfg = NS(batch_size=32, validation_split=0.1, epochs=24, lr=1e-2, patience=1, restore_best=True,
+             input_noise=0.05)
+    whole = train_ensemble(spec, data, seeds, cfg, torch.device("cpu"))
+    assert [h["epochs_run"] for h in whole.history][1:3] == [16, 18]
+
+    def kill_at(epoch, running):  # the progress callback runs before the epoch is saved: epoch - 1 is
+        if epoch == killed_after:
+            raise _Killed
+
+    ckpt = ChunkCheckpoint(tmp_path, "fp", [f"n{i}" for i in range(8)], 1, every_s=0)
+    with pytest.raises(_Killed):
+        train_ensemble(spec, data, seeds, cfg, torch.device("cpu"), progress=kill_at, checkpoint=ckpt)
+    assert ckpt.path.exists()
+    seen = []
+    resumed = train_ensemble(spec, data, seeds, cfg, torch.device("cpu"), checkpoint=ckpt,
+                             progress=lambda e, r: seen.append(e))
+    assert seen[0] == killed_after  # it went on from the saved epoch (killed_after - 1), not from 0
+    for a, b in zip(whole.params, resumed.params):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert whole.history == resumed.history and whole.holdout_signal == resumed.holdout_signal
+    # another chunk (other nodes) does not take it
+    other = ChunkCheckpoint(tmp_path, "fp", [f"m{i}" for i in range(8)], 1, every_s=0)
+    assert other.load() is None

@@ -72,8 +72,45 @@ def test_a_run_killed_as_it_publishes_an_output_reruns_to_the_uninterrupted_resu
     _rerun_matches(reference, run, resumed=name != "store.h5")
 
 
-def _rerun_matches(reference, run, resumed: bool) -> None:
-    rerun = hpcad("run", *ARGS, f"hydra.run.dir={run}")
+def test_a_run_killed_inside_a_chunk_resumes_the_chunk_from_its_last_epoch_saved(reference, tmp_path):
+    """A chunk's state is saved after epochs (train.checkpoint_every_s; 0: every epoch): killed as
+    the first chunk's third checkpoint is written, the rerun goes on from the second (epoch 2 of
+    4) and ends with the uninterrupted run's models, bit for bit; no checkpoint is left."""
+    run, every_epoch = tmp_path / "run", "train.checkpoint_every_s=0"
+    killed = subprocess.run([sys.executable, "-m", "hpcad", "run", *ARGS, every_epoch, f"hydra.run.dir={run}"],
+                            cwd=ROOT, env=dict(os.environ, HPCAD_FAULT=".chunk-*@3"), capture_output=True,
+                            text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not list((run / "models").glob("*.pt")) and len(list((run / "models").glob(".chunk-*.ckpt"))) == 1
+    out = _rerun_matches(reference, run, resumed=False, extra=[every_epoch])
+    assert "at epoch 2 from .chunk-" in out, out[-2000:]
+    assert not list((run / "models").glob(".chunk-*"))
+
+
+def test_a_baseline_killed_as_it_publishes_reruns_to_the_uninterrupted_result(reference, tmp_path):
+    """The baselines stage killed with its signal file fully written, not yet renamed: the rerun
+    writes what an uninterrupted `hpcad baselines` does, and leaves no temporary file."""
+    import shutil
+
+    kde = [a if a != "baselines.methods=[]" else "baselines.methods=[kde]" for a in ARGS]
+    clean, run = tmp_path / "clean", tmp_path / "run"
+    for d in (clean, run):
+        shutil.copytree(reference, d)
+    hpcad("baselines", *kde, f"hydra.run.dir={clean}")
+    killed = subprocess.run([sys.executable, "-m", "hpcad", "baselines", *kde, f"hydra.run.dir={run}"], cwd=ROOT,
+                            env=dict(os.environ, HPCAD_FAULT="kde.h5"), capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (run / "baselines" / "kde.h5").exists() and list((run / "baselines").glob(".kde.h5.*.tmp"))
+    hpcad("baselines", *kde, f"hydra.run.dir={run}")
+    with h5py.File(clean / "baselines" / "kde.h5") as a, h5py.File(run / "baselines" / "kde.h5") as b:
+        assert sorted(a["nodes"]) == sorted(b["nodes"])
+        for n in a["nodes"]:
+            assert np.array_equal(a[f"nodes/{n}/signal"][()], b[f"nodes/{n}/signal"][()]), n
+    assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]
+
+
+def _rerun_matches(reference, run, resumed: bool, extra: list[str] = ()) -> str:
+    rerun = hpcad("run", *ARGS, *extra, f"hydra.run.dir={run}")
     if resumed:  # finished nodes are kept, not retrained
         assert "resuming:" in rerun.stdout + rerun.stderr
     ref, got = _models(reference), _models(run)
@@ -89,3 +126,4 @@ def _rerun_matches(reference, run, resumed: bool) -> None:
     assert (run / "report.html").exists()
     stale = [p for p in run.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".ingest-")]
     assert not stale, stale
+    return rerun.stdout + rerun.stderr

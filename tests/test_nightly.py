@@ -90,9 +90,11 @@ def test_cron_run_finds_injected_anomalies_and_a_rerun_replaces_the_day(site, tm
     assert not list(out.glob(".*tmp*")) and not list(out.glob(".*old*"))
 
 
-def test_a_night_killed_mid_way_reruns_to_the_same_outputs(site, tmp_path):
-    """kill -9 after the night is scored (a cron job killed by the OOM killer or a reboot): the old
-    outputs stay as they were, and the rerun publishes what an uninterrupted night does."""
+@pytest.mark.parametrize("fault", [None, "report.html"])
+def test_a_night_killed_mid_way_reruns_to_the_same_outputs(site, tmp_path, fault):
+    """kill -9 after the night is scored (a cron job killed by the OOM killer or a reboot), or as its
+    report is written (hpcad.atomic's fault point, HPCAD_FAULT): the old outputs stay as they
+    were, and the rerun publishes what an uninterrupted night does."""
     import signal
 
     day = "2025-01-10"
@@ -100,17 +102,22 @@ def test_a_night_killed_mid_way_reruns_to_the_same_outputs(site, tmp_path):
     assert cron(_env_file(site, ref), "--date", day).returncode == 0
     out = tmp_path / "nightly"
     env = _env_file(site, out)
-    proc = subprocess.Popen(["env", "-i", "PATH=/usr/bin:/bin", str(Path(__file__).parents[1] / "jobs" /
-                             "nightly_rescore.sh"), "--env", str(env), "--date", day], cwd="/", text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    seen = []
-    for line in proc.stdout:  # the script execs hpcad: this is its log
-        seen.append(line)
-        if "scored 3 nodes" in line:
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.stdout.close()
-    assert proc.wait(timeout=300) == -signal.SIGKILL, "".join(seen)[-2000:]
+    if fault:
+        killed = cron(_env_file(site, out, name="faulty", more=f"export HPCAD_FAULT={fault}\n"), "--date", day)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+        assert list(out.glob(f".{day}.tmp-*/.{fault}.*.tmp"))  # killed as it was about to publish the report
+    else:
+        proc = subprocess.Popen(["env", "-i", "PATH=/usr/bin:/bin", str(Path(__file__).parents[1] / "jobs" /
+                                 "nightly_rescore.sh"), "--env", str(env), "--date", day], cwd="/", text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        seen = []
+        for line in proc.stdout:  # the script execs hpcad: this is its log
+            seen.append(line)
+            if "scored 3 nodes" in line:
+                proc.send_signal(signal.SIGKILL)
+                break
+        proc.stdout.close()
+        assert proc.wait(timeout=300) == -signal.SIGKILL, "".join(seen)[-2000:]
     assert not (out / day).exists() and list(out.glob(f".{day}.tmp-*"))  # nothing published, the scratch left
     assert cron(env, "--date", day).returncode == 0
     for name in ("alarms.csv", "alarms.json", "alarms.jsonl", "incidents.json", "levels.csv", "drift.json",

@@ -13,12 +13,16 @@ import bisect
 import logging
 import zlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from hpcad.device import tf32_context
 from hpcad.model.autoencoder import AutoencoderSpec, forward, glorot_init, stack
+
+if TYPE_CHECKING:
+    from hpcad.model.checkpoint import ChunkCheckpoint
 
 log = logging.getLogger(__name__)
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-7  # the lecture's (Keras) Adam settings
@@ -66,12 +70,15 @@ class TrainResult:
 
 
 def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[int], cfg,
-                   device: torch.device, progress=None, workspace: Workspace | None = None) -> TrainResult:
+                   device: torch.device, progress=None, workspace: Workspace | None = None,
+                   checkpoint: ChunkCheckpoint | None = None) -> TrainResult:
     """Train one model per entry of ``data`` (standardised training rows [n_k, M]) together.
 
     Once a quarter of the chunk's models have stopped early, their results are taken out and the
     rest is compacted, so stopped models stop costing matmuls. ``workspace``: scratch buffers to
-    reuse across calls (chunks); a fresh one when omitted."""
+    reuse across calls (chunks); a fresh one when omitted. ``checkpoint``: where the chunk's state
+    is saved after epochs (when due) and resumed from (hpcad/model/checkpoint.py); a resumed chunk
+    ends bit-identical to an uninterrupted one."""
     K = len(data)
     M = data[0].shape[1]
     B = int(cfg.batch_size)
@@ -126,8 +133,46 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
         for j, (k, sig) in enumerate(zip(idx, _holdout_signal(kept, n_encoder, X, n, n_va, best_signal, idx))):
             out_params[orig[k]], out_signal[orig[k]] = [h[j].clone() for h in host], sig
 
+    def compact_rows(keep: torch.Tensor) -> None:
+        """Keep only the data of the models at ``keep`` (buffer positions, ascending)."""
+        nonlocal X, xv, v_mask, n, n_tr, n_va, seeds_t, steps_per_epoch, full_steps
+        for j, k in enumerate(keep.tolist()):  # in place, front to back (j <= k)
+            if j != k:
+                X[j].copy_(X[k])
+                orig[j] = orig[k]
+        del orig[len(keep):]
+        X = X[: len(keep)]
+        xv, v_mask, n, n_tr, n_va, seeds_t, steps_per_epoch, full_steps = (
+            t[keep] for t in (xv, v_mask, n, n_tr, n_va, seeds_t, steps_per_epoch, full_steps))
+
+    start = 0
+    state = checkpoint.load() if checkpoint is not None else None
+    if state is not None and list(state["seeds"]) == list(seeds) and len(state["store"]) == len(shapes):
+        start = int(state["epoch"])
+        keep = torch.tensor(state["orig"], dtype=torch.long, device=device)
+        compact_rows(keep)
+        store, best, g_store = (_alloc(shapes, len(keep), device) for _ in range(3))
+        moments = [_alloc(shapes, len(keep), device) for _ in range(2)]
+        for dst, name in ((store, "store"), (best, "best"), *zip(moments, ("m", "v"))):
+            for t, saved in zip(dst, state[name]):
+                t.copy_(saved)  # into fresh aligned storage, as the optimiser expects
+        adam = _Adam(store, g_store, float(cfg.lr), *moments, state["step_count"].to(device), adam.masked)
+        best_loss, best_signal, wait, running = (state[k].to(device) for k in
+                                                 ("best_loss", "best_signal", "wait", "running"))
+        hist_loss, hist_val, stopped_epoch = state["hist_loss"], state["hist_val"], state["stopped_epoch"]
+        out_params, out_signal = state["out_params"], state["out_signal"]
+
+    def snapshot(next_epoch: int) -> dict:
+        """The chunk's whole state after an epoch (on the host), for ``checkpoint``."""
+        host = lambda ts: [t.cpu() for t in ts]  # noqa: E731
+        return {"epoch": next_epoch, "seeds": list(seeds), "orig": list(orig), "store": host(store),
+                "best": host(best), "m": host(adam.m), "v": host(adam.v), "step_count": adam.step_count.cpu(),
+                "best_loss": best_loss.cpu(), "best_signal": best_signal.cpu(), "wait": wait.cpu(),
+                "running": running.cpu(), "hist_loss": hist_loss, "hist_val": hist_val,
+                "stopped_epoch": stopped_epoch, "out_params": out_params, "out_signal": out_signal}
+
     with tf32:
-        for epoch in range(int(cfg.epochs)):
+        for epoch in range(start, int(cfg.epochs)):
             if not bool(running.any()):
                 break
             K = len(orig)
@@ -201,20 +246,15 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
                 if stopped and len(stopped) >= _COMPACT_SHARE * K and len(stopped) < K:
                     finish(stopped)
                     keep = torch.nonzero(running).flatten()
-                    for j, k in enumerate(keep.tolist()):  # in place, front to back (j <= k)
-                        if j != k:
-                            X[j].copy_(X[k])
-                            orig[j] = orig[k]
-                    del orig[len(keep):]
-                    X = X[: len(keep)]
-                    xv, v_mask, n, n_tr, n_va, seeds_t, steps_per_epoch, full_steps = (
-                        t[keep] for t in (xv, v_mask, n, n_tr, n_va, seeds_t, steps_per_epoch, full_steps))
+                    compact_rows(keep)
                     best_loss, best_signal, wait, running = (t[keep] for t in (best_loss, best_signal, wait, running))
                     store, best = [t[keep] for t in store], [t[keep] for t in best]
                     g_store = _alloc(shapes, len(keep), device)
                     adam = adam.select(keep, store, g_store)
             if progress is not None:
                 progress(epoch + 1, int(running.sum()))
+            if checkpoint is not None and epoch + 1 < int(cfg.epochs) and bool(running.any()) and checkpoint.due():
+                checkpoint.save(snapshot(epoch + 1))
         with torch.no_grad():
             finish(list(range(len(orig))))
     histories = []
