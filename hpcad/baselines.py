@@ -29,7 +29,8 @@ from tqdm import tqdm
 
 from hpcad.data.store import TelemetryStore
 from hpcad.errors import ConfigError
-from hpcad.preprocess import Scaler, check_training_rows, fill_gaps, split_codes, training_rows, window_rows, windows
+from hpcad.preprocess import (Scaler, check_training_rows, fill_gaps, fit_rows, split_codes, training_rows, window_rows,
+                              windows)
 from hpcad.errorstore import NodeSignal, write_signal_file
 from hpcad.signals import smooth_signal
 
@@ -124,7 +125,7 @@ def baseline_signals(method: str, cfg, fit_store: TelemetryStore, eval_store: Te
         else:
             z = scaler.transform(vals[rows])[0]
         check_training_rows(len(z), f"baseline {method}: node {node}")
-        cut = int(np.ceil(len(z) * (1 - cfg.train.validation_split)))
+        cut = fit_rows(len(z), cfg.train.validation_split)
         train, hold = z[:cut], z[cut:]
         if len(train) > bc.max_train_rows:
             train = train[np.sort(rng.choice(len(train), int(bc.max_train_rows), replace=False))]

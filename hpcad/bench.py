@@ -31,7 +31,7 @@ from hpcad.errors import ConfigError
 from hpcad.model.autoencoder import AutoencoderSpec, glorot_init
 from hpcad.model.budget import Budget, default_chunk_cap, device_bytes_per_model
 from hpcad.model.ensemble import Workspace, member_seed, node_seed, train_ensemble
-from hpcad.preprocess import Scaler, windows
+from hpcad.preprocess import Scaler, fit_rows, windows
 from hpcad.train import model_spec
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def naive_train(x: np.ndarray, seed: int, spec: AutoencoderSpec, tc, device: tor
     model = torch.nn.Sequential(*layers).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr, eps=1e-7)
     X = torch.from_numpy(x).to(device)
-    n_tr = int(np.ceil(len(x) * (1 - tc.validation_split)))
+    n_tr = fit_rows(len(x), tc.validation_split)
     xtr, xva = X[:n_tr], X[n_tr:]
     val = float("nan")
     amp = lambda: precision_context(tc.precision, device)  # noqa: E731  (a fresh context per use)
@@ -170,7 +170,7 @@ def bench_train(cfg, run_dir: Path) -> dict:
     bar.close()
     naive_bar.close()
     peak_gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    n_tr = float(np.mean(np.ceil(lengths * (1 - tc.validation_split))))  # training rows per node, mean
+    n_tr = float(np.mean([fit_rows(int(n), tc.validation_split) for n in lengths]))  # training rows per node, mean
     out = {
         "mode": "train", "nodes": b.nodes, "rows": b.rows, "rows_spread": float(b.rows_spread),
         "rows_mean": float(lengths.mean()), "metrics": b.metrics, "epochs": b.epochs,

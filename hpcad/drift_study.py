@@ -33,7 +33,7 @@ from hpcad.data.node import NodeData
 from hpcad.data.synthetic import START_EPOCH, generate_node, metric_names
 from hpcad.light import LightMap, fit_light_map, recon_and_code
 from hpcad.model.ensemble import node_seed, train_ensemble
-from hpcad.preprocess import Scaler
+from hpcad.preprocess import Scaler, fit_rows
 from hpcad.threshold.cost import CostModel, Scores, score_rows
 from hpcad.train import model_spec
 
@@ -105,7 +105,7 @@ def run_drift_study(cfg, run_dir: Path, train_days: int = 7, test_days: int = 7)
     per_node = []
     for k, nd in enumerate(nodes):
         p, sc = base.params[k], scalers[k]
-        n_tr = int(np.ceil(len(data[k]) * (1 - tc.validation_split)))
+        n_tr = fit_rows(len(data[k]), tc.validation_split)
         thr = q99(_signal(p, n_enc, data[k][n_tr:]))
         per_node.append((lambda v, p=p, sc=sc: _signal(p, n_enc, sc.transform(v)[0]), thr))
     evaluate("none", per_node, base_s)
@@ -126,7 +126,7 @@ def run_drift_study(cfg, run_dir: Path, train_days: int = 7, test_days: int = 7)
     per_node = []
     for k in range(len(nodes)):
         p, sc = full.params[k], new_sc[k]
-        n_tr = int(np.ceil(len(new_data[k]) * (1 - tc.validation_split)))
+        n_tr = fit_rows(len(new_data[k]), tc.validation_split)
         per_node.append((lambda v, p=p, sc=sc: _signal(p, n_enc, sc.transform(v)[0]),
                          q99(_signal(p, n_enc, new_data[k][n_tr:]))))
     evaluate("full_7d", per_node, full_s)

@@ -18,6 +18,7 @@ import torch.distributed as tdist
 
 from hpcad.model.autoencoder import AutoencoderSpec, glorot_init
 from hpcad.model.files import NodeModel, model_path
+from hpcad.preprocess import fit_rows
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def train_fleet(cfg, store, models_dir, nodes: list[str], device: torch.device, 
     prepared = {n: prepare_training_rows(store, n, cfg) for n in nodes}
     tr, va = [], []
     for n, (z, _) in prepared.items():
-        cut = max(1, math.ceil(len(z) * (1 - tc.validation_split)))
+        cut = fit_rows(len(z), tc.validation_split)
         tr.append(z[:cut])
         va.append(z[cut:])
     Xtr = torch.from_numpy(np.concatenate(tr) if tr else np.zeros((0, M), np.float32)).to(device)

@@ -12,6 +12,7 @@ value outside it to that metric's error (``signal.range_excess``).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,6 +76,13 @@ def check_training_rows(n: int, where: str) -> None:
     if n < MIN_TRAINING_ROWS:
         raise ConfigError(f"{where}: {n} training rows, fewer than the minimum of {MIN_TRAINING_ROWS} (check the "
                           f"node's data, split.* and labels, or leave the node out of the input)")
+
+
+def fit_rows(n: int, validation_split: float) -> int:
+    """How many of a model's ``n`` training inputs it fits; the rest (the last ``validation_split``
+    share, in time order, as Keras' ``validation_split``) are its held-out validation rows, on which
+    early stopping and the node's normal signal level are measured. At least 1 when ``n`` > 0."""
+    return min(max(math.ceil(n * (1.0 - float(validation_split))), 1), n)
 
 
 def training_rows(node: NodeData, codes: np.ndarray, normal_only: bool, exclude_idle: bool = False) -> np.ndarray:

@@ -18,7 +18,7 @@ from hpcad.dist import world
 from hpcad.errors import ConfigError, StoreError
 from hpcad.model.autoencoder import AutoencoderSpec, ensemble_recon, stack
 from hpcad.model.files import NodeModel, model_path
-from hpcad.preprocess import (Scaler, check_training_rows, fill_gaps, split_codes, training_rows, window_rows,
+from hpcad.preprocess import (Scaler, check_training_rows, fill_gaps, fit_rows, split_codes, training_rows, window_rows,
                               windows)
 from hpcad.model.budget import Budget, default_chunk_cap
 from hpcad.model.checkpoint import ChunkCheckpoint
@@ -47,7 +47,7 @@ def ensemble_holdout_level(spec: AutoencoderSpec, members: list[list[torch.Tenso
                            validation_split: float, n_metrics: int) -> float:
     """Mean alarm signal of a node's members' mean reconstruction on its held-out training inputs
     (the last ``validation_split`` share, as in training; all of them when there are none)."""
-    n_tr = min(max(int(np.ceil(len(z) * (1.0 - validation_split))), 1), len(z))
+    n_tr = fit_rows(len(z), validation_split)
     hold = z[n_tr:] if n_tr < len(z) else z
     with torch.no_grad():
         x = torch.from_numpy(np.ascontiguousarray(hold))[None]

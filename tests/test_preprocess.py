@@ -93,3 +93,12 @@ def test_windows_hold_the_row_and_the_ones_before_it():
     assert windows(z, 1) is z
     mask = np.array([1, 1, 1, 0, 1, 1], bool)
     np.testing.assert_array_equal(window_rows(mask, 2), [1, 1, 1, 0, 0, 1])  # whole window inside the mask
+
+
+def test_one_holdout_rule_keras_validation_split():
+    """hpcad.preprocess.fit_rows: the first ceil(n x (1 - share)) inputs are fitted, the rest held out
+    (at least one fitted); training, baselines, fleet and the benchmarks all split this way."""
+    from hpcad.preprocess import fit_rows
+
+    assert [fit_rows(n, 0.1) for n in (1, 2, 9, 10, 11, 400)] == [1, 2, 9, 9, 10, 360]
+    assert fit_rows(7, 0.0) == 7 and fit_rows(3, 0.5) == 2 and fit_rows(2, 0.99) == 1

@@ -20,6 +20,7 @@ import torch
 from hpcad.errors import ConfigError
 from hpcad.model.autoencoder import AutoencoderSpec
 from hpcad.model.ensemble import VAL_BLOCK
+from hpcad.preprocess import fit_rows
 
 log = logging.getLogger(__name__)
 DEVICE_SHARE = 0.9  # of the device's free memory, when train.device_memory_mb is unset
@@ -47,7 +48,7 @@ def device_bytes_per_model(n_rows: int, n_metrics: int, spec: AutoencoderSpec, b
     """Peak device memory of one model while its chunk trains on a GPU (see the module docstring)."""
     width = spec.widths(n_metrics)[0]
     p = spec.n_params(n_metrics)
-    n_va = max(n_rows - int(n_rows * (1.0 - validation_split)), 1)
+    n_va = max(n_rows - fit_rows(n_rows, validation_split), 1)
     val_rows = -(-n_va // VAL_BLOCK) * VAL_BLOCK
     rows = n_rows + (n_rows + batch) + val_rows  # chunk tensor, shuffled epoch copy, validation rows
     return (4 * rows * width + 4 * val_rows  # + the validation mask

@@ -20,6 +20,7 @@ import torch
 
 from hpcad.device import tf32_context
 from hpcad.model.autoencoder import AutoencoderSpec, forward, glorot_init, stack
+from hpcad.preprocess import fit_rows
 
 if TYPE_CHECKING:
     from hpcad.model.checkpoint import ChunkCheckpoint
@@ -82,9 +83,8 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
     K = len(data)
     M = data[0].shape[1]
     B = int(cfg.batch_size)
-    n = torch.tensor([d.shape[0] for d in data], device=device)
-    n_tr = torch.ceil(n.double() * (1.0 - float(cfg.validation_split))).long()
-    n_tr = torch.clamp(n_tr, min=torch.ones_like(n), max=n) if K else n_tr
+    n = torch.tensor([d.shape[0] for d in data], dtype=torch.long, device=device)
+    n_tr = torch.tensor([fit_rows(d.shape[0], cfg.validation_split) for d in data], dtype=torch.long, device=device)
     n_va = n - n_tr
     rows_tr, rows_va = n_tr.tolist(), n_va.tolist()
     Nmax = int(n.max())
