@@ -38,7 +38,7 @@ from hpcad.excess import attrs as excess_attrs
 from hpcad.excess import choose as excess_weight
 from hpcad.light import LightMap, light_path
 from hpcad.model.autoencoder import ensemble_recon, stack
-from hpcad.model.budget import Budget
+from hpcad.model.budget import Budget, default_chunk_cap
 from hpcad.model.files import NodeModel, model_path, models_stamp
 from hpcad.preprocess import fill_gaps, split_codes, windows
 from hpcad.signals import signal_level, smooth_signal
@@ -114,10 +114,8 @@ def _node_errors(cfg, store: TelemetryStore, models_dir: Path, nodes: list[str],
     while i < len(nodes):
         first = NodeModel.load(model_path(models_dir, nodes[i]))  # its spec sizes the chunk
         spec = first.spec
-        # floats per row: values, standardised and window copies, R members' reconstructions, error
-        per_node = 4 * M * max(store.rows(nodes[i]), 1) * (5 + spec.window * (1 + spec.members))
-        K = int(max(1, min(cfg.train.max_nodes_per_chunk or 4096, budget.host_bytes // per_node,
-                           (budget.device_bytes or budget.host_bytes) // per_node)))
+        K = budget.score_chunk_size(store.rows(nodes[i]), M, spec,
+                                    cfg.train.max_nodes_per_chunk or default_chunk_cap(device, "score"))
         chunk = nodes[i:i + K]
         i += len(chunk)
         models, data, zs, masks = [], [], [], []

@@ -66,3 +66,22 @@ def test_unset_host_budget_stays_within_the_slurm_jobs_memory():
     assert available_host_mb({"SLURM_MEM_PER_CPU": "500", "SLURM_CPUS_ON_NODE": "4"}) == min(host, 2000.0)
     assert available_host_mb({"SLURM_MEM_PER_NODE": "0"}) == host  # --mem=0: the whole node
     assert available_host_mb({"SLURM_MEM_PER_NODE": "lots"}) == host
+
+
+def test_one_chunk_policy_for_training_and_scoring():
+    """Unset caps: only CPU training takes small (cache-sized) chunks; scoring takes as many nodes
+    as its budget holds, on CPU too, and never fewer than one."""
+    from hpcad.model.budget import default_chunk_cap, score_bytes_per_node
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert (default_chunk_cap(cpu), default_chunk_cap(gpu)) == (32, 4096)
+    assert default_chunk_cap(cpu, "score") == default_chunk_cap(gpu, "score") == 4096
+    spec = AutoencoderSpec([64], members=3, window=2)
+    per_node = score_bytes_per_node(6667, 159, spec)
+    host = Budget(host_bytes=10 * per_node + 1, device_bytes=None, source="test")
+    assert host.score_chunk_size(6667, 159, spec, cap=4096) == 10
+    assert host.score_chunk_size(6667, 159, spec, cap=4) == 4
+    both = Budget(host_bytes=10 * per_node, device_bytes=3 * per_node, source="test")
+    assert both.score_chunk_size(6667, 159, spec, cap=4096) == 3  # the device holds fewer
+    assert Budget(host_bytes=1, device_bytes=None, source="test").score_chunk_size(6667, 159, spec, 4096) == 1
+    assert score_bytes_per_node(6667, 159, spec) > score_bytes_per_node(6667, 159, AutoencoderSpec([64]))

@@ -1,4 +1,5 @@
-"""How many models train together in one batched chunk: host and device memory counted apart.
+"""How many models train (or nodes are scored) together in one batched chunk: host and device
+memory counted apart, one cap policy (:func:`default_chunk_cap`) for both stages.
 
 On CPU the chunk's rows live in host memory three times (as read from the store, in the chunk
 tensor, in the epoch's shuffled copy). On CUDA the host holds the prepared rows of the chunk once,
@@ -8,6 +9,8 @@ two moments, best weights, gradient scratch, the initial weights). ``train.memor
 the host side and ``train.device_memory_mb`` the device side; unset, they come from the machine
 (half of the host's available memory shared by the ranks on the node; 90 % of the device's free
 memory), so a default run fills a 40, 64 or 80 GB A100 without running out on the smallest.
+Scoring sizes its chunks from the same budgets with its own per-node need (no optimiser state, no
+shuffled copy: :func:`score_bytes_per_node`).
 """
 from __future__ import annotations
 
@@ -27,10 +30,18 @@ DEVICE_SHARE = 0.9  # of the device's free memory, when train.device_memory_mb i
 HOST_SHARE = 0.5  # of the host's available memory (split among the node's ranks), when memory_budget_mb is unset
 
 
-def default_chunk_cap(device: torch.device) -> int:
-    """Nodes per chunk when ``train.max_nodes_per_chunk`` is unset: CPU caches favour small chunks
-    (the optimiser streams all K models' weights every step), GPUs want as many as fit."""
-    return 4096 if device.type == "cuda" else 32
+def default_chunk_cap(device: torch.device, stage: str = "train") -> int:
+    """Nodes per chunk when ``train.max_nodes_per_chunk`` is unset. One policy, one exception:
+    training on CPU takes 32, because its optimiser streams all K models' weights every step and CPU
+    caches favour small chunks; everything else (training on a GPU, scoring anywhere: a forward
+    pass, no optimiser) takes as many as fit, up to 4,096."""
+    return 32 if stage == "train" and device.type != "cuda" else 4096
+
+
+def score_bytes_per_node(n_rows: int, n_metrics: int, spec: AutoencoderSpec) -> int:
+    """Memory one node needs while its chunk is scored (host, and device on a GPU): per row its
+    values, standardised and window copies, the members' reconstructions and the errors."""
+    return 4 * n_metrics * max(n_rows, 1) * (5 + spec.window * (1 + spec.members))
 
 
 def host_bytes_per_model(n_rows: int, n_metrics: int, spec: AutoencoderSpec, batch: int,
@@ -137,3 +148,9 @@ class Budget:
         if self.device_bytes is not None:
             k = min(k, self.device_bytes // device_bytes_per_model(n_rows, n_metrics, spec, batch, validation_split))
         return int(max(1, k))
+
+    def score_chunk_size(self, n_rows: int, n_metrics: int, spec: AutoencoderSpec, cap: int) -> int:
+        """Nodes scored in one batched forward pass: the most whose rows fit both budgets, at most
+        ``cap``, at least one."""
+        per_node = score_bytes_per_node(n_rows, n_metrics, spec)
+        return int(max(1, min(cap, self.host_bytes // per_node, (self.device_bytes or self.host_bytes) // per_node)))
