@@ -269,7 +269,7 @@ def stage_bench(cfg, run_dir: Path) -> dict:
 
 
 def stage_nightly(cfg, run_dir: Path) -> dict:
-    """Re-score a night (or a range) with a trained run: hpcad/nightly.py, jobs/nightly_rescore.sh."""
+    """Re-score a night (or a range) with a trained run: hpcad/nightly/, jobs/nightly_rescore.sh."""
     from hydra.core.hydra_config import HydraConfig
 
     from hpcad.nightly import run_nightly

@@ -276,7 +276,7 @@ def _curves(models_dir: Path, nodes: list[str]) -> str:
     return _png(fig)
 
 
-def _table(rows: list[list], header: list[str]) -> str:
+def html_table(rows: list[list], header: list[str]) -> str:
     h = "".join(f"<th>{html.escape(str(c))}</th>" for c in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in r) + "</tr>" for r in rows)
     return f"<table><tr>{h}</tr>{body}</table>"
@@ -362,7 +362,7 @@ def _node_page(job: tuple, node: str, mine: list[dict], history: list[list] | No
                 parts.append(_values_plot(errors, s, th, values, nm.scaler, time_unit, win))
     parts.append("<h2>Alarms</h2>" + alarms_table(mine, lambda n: None, "node-alarms"))
     if history:
-        parts.append("<h2>This node over the last nights</h2>" + _table(history, HISTORY_HEADER))
+        parts.append("<h2>This node over the last nights</h2>" + html_table(history, HISTORY_HEADER))
     write_text(run_dir / "nodes" / f"{node}.html", _page(f"{node} - {title}", parts))
 
 
@@ -396,7 +396,7 @@ def write_report(cfg, run_dir: Path, errors: ErrorStore, models_dir: Path, title
         time_unit = store.time_unit(store.nodes[0]) if store.nodes else "s"
         if skipped:
             parts.append(f"<h2>Skipped nodes ({len(skipped)})</h2><p>Bad input; these nodes were not scored.</p>"
-                         + _table(skipped, ["node", "reason"]))
+                         + html_table(skipped, ["node", "reason"]))
     overview = ranked[: cfg.report.max_nodes_overview]
     if overview:
         parts.append("<h2>Cluster overview</h2>" + _overview(errors, th, sorted(overview), time_unit))
@@ -420,9 +420,9 @@ def write_report(cfg, run_dir: Path, errors: ErrorStore, models_dir: Path, title
                     ranks.append([name, "val + test" if split == "eval" else split, r["nodes"], r["ap"],
                                   r["roc_auc"], r["best_f1"]])
         parts.append("<h2>Detection quality</h2><p>Threshold-free (mean over nodes with both classes; no point "
-                     "adjustment):</p>" + _table(ranks, ["detector", "rows", "nodes", "average precision",
+                     "adjustment):</p>" + html_table(ranks, ["detector", "rows", "nodes", "average precision",
                                                          "ROC-AUC", "best F1"]))
-        parts.append("<p>At the fitted thresholds:</p>" + _table(rows, [
+        parts.append("<p>At the fitted thresholds:</p>" + html_table(rows, [
             "detector", "split", "cost", "false alarms", "missed", "event precision", "event recall", "event F1"]))
         cm = metrics["cost_model"]
         parts.append(f"<p>cost = {cm['c_alarm']} x false alarms + {cm['c_missed']} x missed anomalies, "

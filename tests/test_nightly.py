@@ -310,6 +310,9 @@ def test_light_map_fits_a_level_shift_in_closed_form_and_loads_safely(tmp_path):
     assert LightMap.load(light_path(tmp_path, "n1")).version == 2
     assert map_for_night(tmp_path, "n1", "2025-01-04").version == 1
     assert map_for_night(tmp_path, "n1", "2025-01-05").version == 2
+    save_version(tmp_path, "n3", fit_light_map(params, 1, shifted, 10.0, ["d9"], valid_from="2025-01-09"))
+    assert map_for_night(tmp_path, "n3", "2025-01-08") is None  # a rerun of an earlier night scores without it
+    assert map_for_night(tmp_path, "n4", "2025-01-08") is None  # never refitted
     (tmp_path / "n1.pt").write_bytes(b"")
     assert model_nodes(tmp_path) == ["n1"]  # light maps beside a model are not models (sweeps, nightly)
     torch.save({"format": "hpcad-light-map", "evil": object()}, tmp_path / "n2.light.pt")

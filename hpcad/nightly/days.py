@@ -1,0 +1,43 @@
+"""The nights the nightly job scores: which days, their input paths and their bounds in the site's zone."""
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from hpcad.errors import ConfigError
+
+
+def parse_days(spec: str | None, timezone: str) -> list[dt.date]:
+    """``None`` (yesterday in the site's zone), ``YYYY-MM-DD`` or ``FROM..TO`` (inclusive)."""
+    try:
+        tz = ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ConfigError(f"nightly.timezone={timezone!r}: not a time zone name (e.g. Europe/Rome)") from exc
+    if spec in (None, "", "yesterday"):
+        return [dt.datetime.now(tz).date() - dt.timedelta(days=1)]
+    try:
+        a, _, b = str(spec).partition("..")
+        first = dt.date.fromisoformat(a.strip())
+        last = dt.date.fromisoformat(b.strip()) if b else first
+    except ValueError as exc:
+        raise ConfigError(f"nightly.date={spec!r}: YYYY-MM-DD or YYYY-MM-DD..YYYY-MM-DD") from exc
+    if last < first:
+        raise ConfigError(f"nightly.date={spec!r}: the range ends before it starts")
+    return [first + dt.timedelta(days=k) for k in range((last - first).days + 1)]
+
+
+def input_for(pattern: str, day: dt.date) -> Path:
+    """``nightly.input``/``nightly.jobs`` for ``day``: ``{date}`` and strftime codes filled in."""
+    text = pattern.replace("{date}", day.isoformat())
+    if "%" in text:
+        text = dt.datetime.combine(day, dt.time()).strftime(text)
+    return Path(text).expanduser()
+
+
+def day_bounds(day: dt.date, timezone: str) -> tuple[int, int]:
+    """The day's first second and the next day's, as epoch seconds, in the site's time zone."""
+    tz = ZoneInfo(timezone)
+    start = dt.datetime.combine(day, dt.time(), tz)
+    end = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), tz)
+    return int(start.timestamp()), int(end.timestamp())

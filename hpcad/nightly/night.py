@@ -1,0 +1,249 @@
+"""One night, built in a scratch folder: ingest the day's exports, score them with the trained run's
+models, apply its thresholds, follow incidents and drift, refit light maps, write the report
+(hpcad.nightly.schedule publishes the folder; hpcad.nightly.outlets hands it to the site's tools).
+
+Each step calls the stage functions ``hpcad run`` calls (``ingest``, ``score_nodes``,
+``apply_thresholds``, ``write_report``); what is nightly's own (incidents across nights, drift,
+light maps, the site's outlets) lives in the modules beside this one.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+from omegaconf import OmegaConf, open_dict
+
+from hpcad import excess
+from hpcad.atomic import atomic_path, write_json
+from hpcad.data.ingest import ingest
+from hpcad.data.store import TelemetryStore
+from hpcad.drain import candidates as drain_candidates
+from hpcad.drain import lines as drain_lines
+from hpcad.drift import assess, night_levels, write_levels
+from hpcad.errors import ConfigError, InputError
+from hpcad.errorstore import ErrorStore
+from hpcad.explain import class_profiles
+from hpcad.incidents import FILE as INCIDENTS
+from hpcad.incidents import incident_of, night_incidents, previous_incidents
+from hpcad.light import map_for_night
+from hpcad.model.files import model_nodes, model_path
+from hpcad.nightly.days import day_bounds, input_for
+from hpcad.nightly.refit import light_retrain, recent_nights
+from hpcad.nightly.sections import nightly_sections, node_history, trend
+from hpcad.resources import resource_dir
+from hpcad.score import score_nodes
+from hpcad.threshold.evaluate import apply_thresholds
+from hpcad.threshold.rules import Thresholds
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Tonight:
+    """What the steps of one night share."""
+
+    cfg: object  # the job's config
+    dcfg: object  # the night's: its input, every row a test row
+    day: dt.date
+    out: Path  # the nightly output folder
+    tmp: Path  # the night's scratch folder (published as out / day)
+    train_run: Path
+    src: Path  # the day's exports
+
+    @property
+    def iso(self) -> str:
+        return self.day.isoformat()
+
+    @property
+    def models_dir(self) -> Path:
+        return self.train_run / "models"
+
+
+@dataclass
+class Built:
+    """What a built night hands on to its publication and the site's tools."""
+
+    src: Path
+    nodes: list[str]  # scored
+    new: list[str]  # without a trained model: not scored
+    records: list[dict]  # alarms
+    incidents: list[dict]
+    confirmed: list[dict]  # incidents confirmed for draining
+    levels: list[dict]
+    drifted: list[str]
+    refits: list[dict]
+
+
+def build_night(cfg, day: dt.date, src: Path, out: Path, tmp: Path, train_run: Path, overrides: list[str]) -> Built:
+    """Steps 1-5 of the module docstring of hpcad.nightly, written into the scratch folder ``tmp``."""
+    n = cfg.nightly
+    t = Tonight(cfg, _day_cfg(cfg, src, _jobs_file(n, day)), day, out, tmp, train_run, src)
+    store, nodes, new = _ingest(t)
+    th = Thresholds.load(train_run / "thresholds.json")  # read once: the night's signal must match it
+    errors = _score(t, store, nodes, overrides, th.details.get("excess_weight"))
+    excess.check_applies(th.details.get("excess_weight"), errors.excess_weight, train_run / "thresholds.json",
+                         errors.path)
+    th.save(tmp / "thresholds.json")
+    signals = list(errors.signals())  # alarms, evaluation and drift all read them
+    records, incidents, confirmed = _alarms(t, store, errors, th, signals)
+    levels, verdicts, drifted, refits = _drift_and_light(t, errors, th, signals)
+    if cfg.report.enabled:
+        from hpcad.report import write_report
+
+        write_report(t.dcfg, tmp, errors, t.models_dir, title=f"hpcad nightly {t.iso}",
+                     extra=nightly_sections(t.iso, src, new, verdicts, refits, n, incidents,
+                                            trend(out, t.iso, len(nodes), len(records), incidents)),
+                     folder=out / t.iso,
+                     node_history=node_history(out, t.iso, levels, incidents, {r["node"] for r in records}))
+    return Built(src, nodes, new, records, incidents, confirmed, levels, drifted, refits)
+
+
+def _jobs_file(n, day: dt.date) -> Path | None:
+    jobs_file = input_for(n.jobs, day) if n.jobs else None
+    if jobs_file is not None and not jobs_file.exists():
+        log.warning("nightly %s: no job file at %s (nightly.jobs); scoring without job context", day, jobs_file)
+        return None
+    return jobs_file
+
+
+def _day_cfg(cfg, source: Path, jobs: Path | None):
+    dcfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    with open_dict(dcfg):
+        dcfg.data.source = str(source)
+        if jobs is not None:
+            dcfg.data.jobs = str(jobs)
+        dcfg.split.unit, dcfg.split.train, dcfg.split.val = "rows", 0, 0  # every row of a night is "test"
+    return dcfg
+
+
+def _ingest(t: Tonight) -> tuple[TelemetryStore, list[str], list[str]]:
+    """Step 1: the day's store; the nodes with a trained model, and those without (not scored)."""
+    store = TelemetryStore(ingest(t.dcfg.data, t.tmp / "store.h5"))
+    trained = model_nodes(t.models_dir)
+    nodes = [x for x in store.nodes if model_path(t.models_dir, x).exists()]
+    new = sorted(set(store.nodes) - set(nodes))
+    _check_complete(store, nodes, trained, t.day, t.src, t.cfg.nightly)
+    if new:
+        log.warning("nightly %s: %d node(s) without a trained model are not scored: %s", t.iso, len(new), new[:10])
+    return store, nodes, new
+
+
+def _score(t: Tonight, store: TelemetryStore, nodes: list[str], overrides: list[str], weight) -> ErrorStore:
+    """Step 2: errors.h5, each node with its light map valid tonight; ``weight``: the range-excess
+    weight the applied thresholds were fitted with."""
+    if t.cfg.nightly.slurm:
+        _score_slurm(t.dcfg, t.tmp, t.train_run, t.src, overrides)
+    else:
+        score_nodes(t.dcfg, store, t.models_dir, t.tmp / "errors.h5", nodes,
+                    light=lambda node: map_for_night(t.models_dir, node, t.iso), excess_fallback=weight)
+    return ErrorStore(t.tmp / "errors.h5")
+
+
+def _alarms(t: Tonight, store: TelemetryStore, errors: ErrorStore, th: Thresholds, signals: list):
+    """Step 3: alarms (csv, json, jsonl), incidents across nights, drain candidates, metrics when labelled."""
+    from hydra.utils import instantiate
+
+    n, tmp = t.cfg.nightly, t.tmp
+    cm = instantiate(t.cfg.threshold, _convert_="all").cost_model
+    records, metrics = apply_thresholds(errors, th, cm, t.cfg.report.top_k, "s", store.jobs(), tmp / "alarms.csv",
+                                        signals=lambda: iter(signals))
+    alarms = [alarm_record(r) for r in records]
+    write_json(tmp / "alarms.json", alarms)
+    incidents = night_incidents(t.day, alarms, previous_incidents(t.out, t.day, n.incident_gap_days))
+    write_json(tmp / INCIDENTS, incidents)
+    _write_jsonl(tmp / "alarms.jsonl", t.iso, alarms, incidents)
+    confirmed = drain_candidates(incidents, n.drain_after_nights)
+    (tmp / "drain.txt").write_text(drain_lines(confirmed))
+    if metrics["labelled"]:
+        write_json(tmp / "metrics.json", {"detector": "autoencoder", "cost_model": vars(cm), "splits":
+                                          metrics["splits"], "class_profiles": class_profiles(errors)})
+    return records, incidents, confirmed
+
+
+def _drift_and_light(t: Tonight, errors: ErrorStore, th: Thresholds, signals: list):
+    """Step 4: tonight's levels and drift verdicts; light maps refitted for the nodes asked for."""
+    n, tmp = t.cfg.nightly, t.tmp
+    levels = night_levels(signals, th)
+    write_levels(tmp / "levels.csv", levels)
+    verdicts = assess(t.out, t.day, levels, n.drift_ratio, n.drift_days, n.drift_reference_nights)
+    write_json(tmp / "drift.json", {"ratio": n.drift_ratio, "days": n.drift_days,
+                                    "reference_nights": n.drift_reference_nights, "nodes": verdicts})
+    drifted = [v["node"] for v in verdicts if v["drifted"]]
+    targets = {"drifted": drifted, "all": list(errors.nodes), "off": []}.get(n.light_retrain)
+    if targets is None:
+        raise ConfigError(f"nightly.light_retrain={n.light_retrain!r}: drifted, all or off")
+    nights = recent_nights(t.day, t.out, tmp, n.light_days) if targets else []
+    refits = [r for r in (light_retrain(t.cfg, node, t.day, nights, t.models_dir) for node in targets) if r]
+    write_json(tmp / "light.json", refits)
+    return levels, verdicts, drifted, refits
+
+
+def _write_jsonl(path: Path, iso: str, alarms: list[dict], incidents: list[dict]) -> None:
+    """One JSON object per alarm and line (log shippers read it as it is), with its incident."""
+    with atomic_path(path) as tmp, open(tmp, "w") as fh:
+        for a in alarms:
+            inc = incident_of(a, incidents)
+            fh.write(json.dumps({"night": iso, **a, "incident": inc["id"] if inc else None,
+                                 "incident_state": inc["state"] if inc else None}) + "\n")
+
+
+def _check_complete(store: TelemetryStore, nodes: list[str], trained: list[str], day: dt.date, src: Path, n) -> None:
+    iso = day.isoformat()
+    if len(nodes) < n.min_node_fraction * max(len(trained), 1):
+        raise InputError(f"nightly {iso}: partial input: {len(nodes)} of {len(trained)} trained nodes in {src} "
+                         f"(nightly.min_node_fraction={n.min_node_fraction}); nothing changed")
+    start, end = day_bounds(day, n.timezone)
+    newest, outside = -1, 0
+    for node in nodes:
+        ts = store.timestamps(node)
+        newest = max(newest, int(ts[-1]))
+        outside += int(((ts < start) | (ts >= end)).sum())
+    if newest < end - n.max_end_gap_s:
+        last = dt.datetime.fromtimestamp(newest, ZoneInfo(n.timezone)).isoformat()
+        raise InputError(f"nightly {iso}: partial input: the newest sample in {src} is {last}, more than "
+                         f"{n.max_end_gap_s} s before the day ends (still being exported?); nothing changed")
+    if outside:
+        log.warning("nightly %s: %d rows of %s lie outside the day (%s); they are scored too", iso, outside, src,
+                    n.timezone)
+
+
+def _score_slurm(dcfg, tmp: Path, train_run: Path, src: Path, overrides: list[str]) -> None:
+    script = resource_dir("slurm") / "score_all_nodes.sh"
+    keep = [o for o in overrides if not o.split("=")[0].lstrip("+~").startswith(("nightly.", "hydra.", "train_run"))]
+    cmd = ["sbatch", "--wait", "--parsable", f"--export=ALL,HPCAD_RUN_DIR={tmp},HPCAD_SCORE_ONLY=1",
+           "-o", str(tmp / "slurm-%j.out"), *scoring_job_size(dcfg), *dcfg.nightly.sbatch_args,
+           str(script), f"train_run={train_run}", f"data.source={src}", "split.unit=rows", "split.train=0",
+           "split.val=0", *keep]
+    log.info("nightly: %s", " ".join(cmd))
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not (tmp / "errors.h5").exists():
+        logs = "".join(p.read_text(errors="replace") for p in tmp.glob("slurm-*.out"))
+        raise InputError(f"nightly: scoring job failed (sbatch exit {proc.returncode}): "
+                         f"{(proc.stderr.strip() + ' ' + logs)[-800:]}")
+
+
+def scoring_job_size(cfg) -> list[str]:
+    """sbatch options sizing the nightly scoring job (``nightly.job_*``), not the training script's
+    4 tasks x 4 GPUs x 8 CPUs; with ``--mem`` (scoring's memory budget follows it: hpcad/model/budget.py)."""
+    n = cfg.nightly
+    for key in ("job_tasks", "job_cpus_per_task", "job_mem_mb"):
+        if int(n[key]) < 1:
+            raise ConfigError(f"nightly.{key}={n[key]}: must be >= 1")
+    if int(n.job_gpus_per_node) < 0:
+        raise ConfigError(f"nightly.job_gpus_per_node={n.job_gpus_per_node}: must be >= 0")
+    mem, tasks = int(n.job_mem_mb), int(n.job_tasks)
+    return ["--nodes=1", f"--ntasks-per-node={tasks}", f"--gpus-per-node={int(n.job_gpus_per_node)}",
+            f"--cpus-per-task={int(n.job_cpus_per_task)}", f"--mem={mem * tasks}M", f"--time={n.job_time}"]
+
+
+def alarm_record(r: dict) -> dict:
+    out = {k: r[k] for k in ("node", "start", "end", "rows", "peak_score", "peak_time", "threshold") if k in r}
+    out.update(top_metrics=r.get("top_metrics", []), jobs=r.get("jobs", []), users=r.get("users", []))
+    if "label_classes" in r:
+        out["label_classes"] = r["label_classes"]
+    return out

@@ -1,0 +1,65 @@
+"""What the nightly job hands to the site's tools after a night is published: the Prometheus
+textfile (newest night only), the ``nightly.notify`` command (new incidents), drain commands."""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import shlex
+import subprocess
+import time
+from pathlib import Path
+
+from hpcad.atomic import write_json
+from hpcad.drain import drain
+from hpcad.drift import NIGHT_DIR
+from hpcad.nightly.days import day_bounds
+from hpcad.prometheus import render, write_textfile
+
+log = logging.getLogger(__name__)
+
+
+def announce(n, out: Path, day: dt.date, built) -> dict:
+    """Step 6, once the night is published: the Prometheus file, ``nightly.notify`` for new
+    incidents, drain commands run when ``nightly.drain``; returns the night's history fields."""
+    iso = day.isoformat()
+    fresh = [i for i in built.incidents if i["state"] == "new"]
+    export_prometheus(n, out, day, built.levels, built.incidents, len(built.new))
+    notified = notify(n, out / iso, iso, fresh) if fresh else ""
+    if n.drain and built.confirmed:
+        write_json(out / iso / "drain.json", drain(built.confirmed, n.drain_max_nodes))
+    return {"date": iso, "nodes": len(built.nodes), "alarms": len(built.records), "new_incidents": len(fresh),
+            "drifted": len(built.drifted), "light_refits": len(built.refits), "notify": notified,
+            "message": f"{built.src}"}
+
+
+def export_prometheus(n, out: Path, day: dt.date, levels: list[dict], incidents: list[dict], unscored: int) -> None:
+    """The textfile (``nightly.prometheus``, default ``<out>/hpcad.prom``) for the newest night only."""
+    newest = max((p.name for p in out.iterdir() if p.is_dir() and NIGHT_DIR.fullmatch(p.name)), default="")
+    if day.isoformat() < newest:
+        log.info("nightly %s: not the newest night (%s); %s left as it is", day, newest, n.prometheus or "hpcad.prom")
+        return
+    path = Path(n.prometheus).expanduser() if n.prometheus else out / "hpcad.prom"
+    write_textfile(path, render(levels, incidents, day_bounds(day, n.timezone)[0], unscored))
+
+
+def notify(n, night_dir: Path, iso: str, fresh: list[dict]) -> str:
+    """Run ``nightly.notify`` with the night's ``alarms.jsonl`` as its last argument. Returns "ok",
+    "failed" or "" (not configured); the outcome is kept in ``<night>/notify.json``."""
+    if not n.notify:
+        return ""
+    cmd = [*shlex.split(n.notify), str(night_dir / "alarms.jsonl")]
+    env = dict(os.environ, HPCAD_NIGHT=iso, HPCAD_NIGHT_DIR=str(night_dir), HPCAD_NEW_INCIDENTS=str(len(fresh)))
+    t0 = time.time()
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=n.notify_timeout_s)
+        ok, detail = proc.returncode == 0, f"exit {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-500:]}"
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        ok, detail = False, f"{type(exc).__name__}: {exc}"
+    write_json(night_dir / "notify.json", {"command": cmd, "ok": ok, "detail": detail, "new_incidents": len(fresh),
+                                          "seconds": round(time.time() - t0, 2)})
+    if ok:
+        log.info("nightly %s: notified (%d new incidents): %s", iso, len(fresh), " ".join(cmd))
+    else:
+        log.warning("nightly %s: nightly.notify failed (%s); the night's outputs are complete", iso, detail)
+    return "ok" if ok else "failed"

@@ -1,0 +1,59 @@
+"""Light retraining in the nightly job: a node's light map refitted on its last nights' normal rows."""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from hpcad.data.store import TelemetryStore
+from hpcad.errorstore import ErrorStore
+from hpcad.light import LightMap, fit_light_map, light_path, save_version
+from hpcad.model.files import NodeModel, model_path
+from hpcad.preprocess import fill_gaps, windows
+
+log = logging.getLogger(__name__)
+
+
+def recent_nights(day: dt.date, out: Path, tmp: Path, count: int) -> list[tuple[str, TelemetryStore, ErrorStore]]:
+    """Tonight (still in ``tmp``) and the published nights before it that kept their data."""
+    nights = []
+    for k in range(max(count, 1)):
+        d = tmp if k == 0 else out / (day - dt.timedelta(days=k)).isoformat()
+        if (d / "store.h5").exists() and (d / "errors.h5").exists():
+            nights.append(((day - dt.timedelta(days=k)).isoformat(), TelemetryStore(d / "store.h5"),
+                           ErrorStore(d / "errors.h5")))
+    return nights
+
+
+def light_retrain(cfg, node: str, day: dt.date, nights: list[tuple[str, TelemetryStore, ErrorStore]],
+                  models_dir: Path) -> dict | None:
+    """Fit the node's light map on its last nights' rows, less the night's worst 10 % of the signal
+    (possible incidents) and, when labelled, the anomalous rows."""
+    n = cfg.nightly
+    model = NodeModel.load(model_path(models_dir, node))
+    xs, used = [], []
+    for night, store, errors in nights:
+        if node not in errors.nodes:
+            continue
+        s = next(errors.signals([node]))
+        ok = s.signal <= np.quantile(s.signal, 0.9)
+        if s.labels is not None:
+            ok &= s.labels == 0
+        nd = store.read(node)
+        z = model.scaler.transform(fill_gaps(nd.values, cfg.preprocess.nan_fill_limit))[0]
+        xs.append(windows(z, model.spec.window)[ok])
+        used.append(night)
+    x = np.concatenate(xs) if xs else np.empty((0, len(model.metrics) * model.spec.window), np.float32)
+    if len(x) == 0:
+        log.warning("nightly %s: node %s has no normal rows to refit its light map on", day, node)
+        return None
+    t0 = time.perf_counter()
+    prev = LightMap.load(light_path(models_dir, node)) if light_path(models_dir, node).exists() else None
+    lm = fit_light_map(model.members, len(model.spec.hidden), x, n.light_ridge, sorted(used), prev,
+                       valid_from=(day + dt.timedelta(days=1)).isoformat(), n_out=len(model.metrics))
+    save_version(models_dir, node, lm)
+    return {"node": node, "version": lm.version, "rows": lm.rows, "days": lm.fitted_on, "valid_from": lm.valid_from,
+            "fit_ms": round(1000 * (time.perf_counter() - t0), 1)}

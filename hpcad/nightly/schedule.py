@@ -1,0 +1,119 @@
+"""Scheduling the nightly job: which days, one run at a time (a lock), each night built in a scratch
+folder and published by rename, the history of runs, and pruning old nights' bulky files."""
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+from hpcad.atomic import atomic_path
+from hpcad.drift import NIGHT_DIR
+from hpcad.errors import ConfigError, HpcadError, InputError
+from hpcad.nightly.days import input_for, parse_days
+from hpcad.nightly.night import build_night
+from hpcad.nightly.outlets import announce
+from hpcad.runfolder import exclusive_lock
+
+log = logging.getLogger(__name__)
+HISTORY_FIELDS = ["run_at", "date", "status", "nodes", "alarms", "new_incidents", "drifted", "light_refits", "notify",
+                  "seconds", "message"]
+
+
+def run_nightly(cfg, run_dir: Path, overrides: list[str] | None = None) -> dict:
+    """Score the days of ``nightly.date`` one after the other under the output folder's lock."""
+    n = cfg.nightly
+    for opt in ("input", "out"):
+        if not getattr(n, opt):
+            raise ConfigError(f"nightly.{opt} is required (see jobs/nightly.env.example)")
+    if not cfg.train_run:
+        raise ConfigError("train_run is required: the run folder whose models and thresholds score the nights")
+    train_run = Path(cfg.train_run).expanduser().resolve()
+    for need in ("models", "thresholds.json"):
+        if not (train_run / need).exists():
+            raise ConfigError(f"train_run={train_run}: no {need} (train and threshold that run first)")
+    if n.keep_data_days < max(n.light_days, 1):
+        raise ConfigError(f"nightly.keep_data_days={n.keep_data_days} < nightly.light_days={n.light_days}: light "
+                          f"retraining reads the telemetry of its last nights")
+    days = parse_days(n.date, n.timezone)
+    out = Path(n.out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    with exclusive_lock(out / ".nightly.lock", "hpcad nightly", others="another nightly run"):
+        for stale in out.glob(".*.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)  # a crashed run's leftovers (we hold the lock)
+        for day in days:
+            t0 = time.time()
+            try:
+                res = _one_night(cfg, day, out, train_run, overrides or [])
+            except HpcadError as exc:
+                history(out, day, "failed", {"message": str(exc)}, t0)
+                raise
+            history(out, day, "ok", res, t0)
+            log.info("nightly %s: %d nodes, %d alarms, %d drifted, %d light refits -> %s", day, res["nodes"],
+                     res["alarms"], res["drifted"], res["light_refits"], out / day.isoformat())
+            results.append(res)
+    return {"days": results, "out": str(out)}
+
+
+def _one_night(cfg, day: dt.date, out: Path, train_run: Path, overrides: list[str]) -> dict:
+    """Build the night in a scratch folder, publish it whole, prune old nights, then hand it to the
+    site's tools."""
+    n = cfg.nightly
+    src = input_for(n.input, day)
+    if not src.exists():
+        raise InputError(f"nightly {day.isoformat()}: no exports at {src} (nightly.input={n.input!r}); nothing changed")
+    tmp = scratch(out, day)
+    try:
+        built = build_night(cfg, day, src, out, tmp, train_run, overrides)
+        publish(tmp, out / day.isoformat())
+        prune(out, day, n.keep_data_days)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return announce(n, out, day, built)
+
+
+def scratch(out: Path, day: dt.date) -> Path:
+    """A fresh hidden folder in which the night is built (removed by the next run if left behind)."""
+    tmp = out / f".{day.isoformat()}.tmp-{os.getpid()}"
+    tmp.mkdir()
+    return tmp
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Replace ``final`` by ``tmp`` (two renames; the lock keeps other nightly runs out)."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        final.rename(old)
+    tmp.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def prune(out: Path, day: dt.date, keep_days: int) -> None:
+    """Drop the bulky telemetry and error files of nights older than ``keep_days`` before ``day``;
+    what people read (alarms, report, drift, history) stays."""
+    cutoff = (day - dt.timedelta(days=keep_days)).isoformat()
+    for folder in out.iterdir():
+        if folder.is_dir() and NIGHT_DIR.fullmatch(folder.name) and folder.name < cutoff:
+            for f in (*folder.glob("store.h5"), *folder.glob("errors*.h5")):
+                f.unlink()
+
+
+def history(out: Path, day: dt.date, status: str, res: dict, t0: float) -> None:
+    """Add a line for this run of ``day`` to ``<out>/history.csv`` (rewritten atomically)."""
+    path = out / "history.csv"
+    rows = list(csv.DictReader(open(path))) if path.exists() else []
+    rows.append({"run_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "date": day.isoformat(),
+                 "status": status, "nodes": res.get("nodes", ""), "alarms": res.get("alarms", ""),
+                 "new_incidents": res.get("new_incidents", ""), "drifted": res.get("drifted", ""),
+                 "light_refits": res.get("light_refits", ""), "notify": res.get("notify", ""),
+                 "seconds": round(time.time() - t0, 1), "message": res.get("message", "")})
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=HISTORY_FIELDS)
+        w.writeheader()
+        w.writerows(rows)

@@ -1,0 +1,90 @@
+"""The nightly report's own parts: the last nights' trend, each node's history over them, and the
+sections (incidents, drift, light retraining) put before the report's usual ones."""
+from __future__ import annotations
+
+import csv
+import html
+from pathlib import Path
+
+from hpcad.drain import candidates as drain_candidates
+from hpcad.drift import NIGHT_DIR, level_rows
+from hpcad.incidents import STATES, read_night
+
+REPORT_NIGHTS = 14  # nights the report's trend and the node pages' history show
+
+
+def trend(out: Path, iso: str, nodes: int, alarms: int, incidents: list[dict],
+           nights: int = REPORT_NIGHTS) -> list[list]:
+    """This night and the last ``nights`` - 1 successful nights before it (latest run of each, from
+    history.csv): date, nodes, alarms, new incidents."""
+    rows: dict[str, list] = {}
+    if (out / "history.csv").exists():
+        with open(out / "history.csv") as fh:
+            for r in csv.DictReader(fh):
+                if r["status"] == "ok" and r["date"] < iso:
+                    rows[r["date"]] = [r["date"], r["nodes"], r["alarms"], r.get("new_incidents", "")]
+    rows[iso] = [iso, nodes, alarms, sum(i["state"] == "new" for i in incidents)]
+    return [rows[d] for d in sorted(rows)[-nights:]][::-1]
+
+
+def node_history(out: Path, iso: str, levels: list[dict], incidents: list[dict], nodes: set[str],
+                 nights: int = REPORT_NIGHTS) -> dict[str, list[list]]:
+    """For each of ``nodes``: this night and the last ``nights`` - 1 published nights before it,
+    newest first: night, level (median normalised signal, levels.csv), alarmed rows, incident
+    state and cause that night (incidents.json)."""
+    earlier = sorted(p.parent.name for p in out.glob("*/levels.csv")
+                     if NIGHT_DIR.fullmatch(p.parent.name) and p.parent.name < iso)[-(nights - 1):] if nights > 1 else []
+    per_night = [(d, level_rows(out / d / "levels.csv"), read_night(out / d) or []) for d in earlier]
+    per_night.append((iso, {r["node"]: r for r in levels}, incidents))
+    out_rows: dict[str, list[list]] = {}
+    for node in nodes:
+        rows = []
+        for night, lv, inc in reversed(per_night):
+            r = lv.get(node)
+            state = "; ".join(f"{i['state']} ({i['cause']})" for i in inc if i["node"] == node)
+            if r is not None or state:
+                rows.append([night, None if r is None else float(r["level"]),
+                             None if r is None else int(r["alarmed_rows"]), state])
+        out_rows[node] = rows
+    return out_rows
+
+
+def nightly_sections(iso: str, src: Path, new: list[str], verdicts: list[dict], refits: list[dict], n,
+                      incidents: list[dict], trend: list[list] | None = None) -> list[str]:
+    from hpcad.report import html_table, trend_plot
+
+    parts = [f"<p>night {iso} (site time zone {html.escape(n.timezone)}); input <code>{html.escape(str(src))}</code>.</p>"]
+    if trend:
+        parts.append("<h2>Last nights</h2>" + (trend_plot(trend) if len(trend) > 1 else "")
+                     + html_table(trend, ["night", "nodes scored", "alarms", "new incidents"]))
+    if new:
+        parts.append(f"<p>{len(new)} node(s) without a trained model were not scored: "
+                     f"{html.escape(', '.join(new[:50]))}</p>")
+    counts = {st: sum(i["state"] == st for i in incidents) for st in STATES}
+    parts.append(f"<h2>Incidents</h2><p>{counts['new']} new, {counts['ongoing']} ongoing, {counts['resolved']} "
+                 f"resolved (repeated alarms on one node with one cause are one incident; docs/operations.md). "
+                 f"{len(drain_candidates(incidents, n.drain_after_nights))} confirmed (open for "
+                 f"{n.drain_after_nights} nights or more): their SLURM drain commands are in drain.txt"
+                 f"{' and were run (drain.json)' if n.drain else ' (nightly.drain=false: not run)'}.</p>")
+    if incidents:
+        parts.append(html_table([[i["state"], i["node"], i["cause"], i["first_night"], i["nights"], i["alarms"],
+                              f"{i['peak_score']:.4g}", " ".join(m["metric"] for m in i["top_metrics"][:3]),
+                              " ".join(i["jobs"][:5])] for i in incidents[:200]],
+                            ["state", "node", "cause", "since", "nights", "alarms tonight", "peak", "top metrics",
+                             "jobs"]))
+
+    def rel(v):
+        return v["level"] / v["baseline"] if v["baseline"] and v["level"] == v["level"] else None
+
+    ranked = sorted(((rel(v), v) for v in verdicts), key=lambda rv: 1.0 if rv[0] is None else -rv[0])[:50]
+    rows = [[v["node"], v["level"], v["baseline"], r, v["streak"],
+             "DRIFT" if v["drifted"] else ("no baseline yet" if v["baseline"] is None else "")] for r, v in ranked]
+    parts.append(f"<h2>Drift</h2><p>level = the night's median signal_norm; baseline = median level of the node's "
+                 f"first {n.drift_reference_nights} nights; drift = level / baseline >= {n.drift_ratio} on "
+                 f"{n.drift_days} consecutive nights (docs/operations.md).</p>"
+                 + html_table(rows, ["node", "level", "baseline", "level / baseline", "nights >= ratio", "verdict"]))
+    if refits:
+        parts.append("<h2>Light retraining</h2>" + html_table(
+            [[r["node"], r["version"], r["rows"], " ".join(r["days"]), r["valid_from"], r["fit_ms"]] for r in refits],
+            ["node", "map version", "rows", "nights", "scores from", "fit ms"]))
+    return parts

@@ -1,0 +1,67 @@
+"""The report stage in process (hpcad/report.py): what the page says, the node pages it links, the
+escaping of names from the data, and the warnings it must not drop."""
+import csv
+import re
+
+from hpcad.errorstore import ErrorStore
+from hpcad.report import alarms_table, html_table, write_report
+from hpcad.score import score_nodes
+from hpcad.threshold.rules import Thresholds
+
+from test_score import _site
+
+
+def _run(tmp_path, alarms: list[dict], details: dict | None = None, max_pages: int = 10):
+    """A scored two-node run folder (nodes a and b) with the given alarms and per-node thresholds."""
+    cfg, store, models, _ = _site(tmp_path)
+    score_nodes(cfg, store, models, tmp_path / "errors.h5")
+    Thresholds("cost", "node", None, {"a": 1.0, "b": 2.0}, details or {}).save(tmp_path / "thresholds.json")
+    cols = ["node", "start", "end", "rows", "split", "peak_score", "top_metrics"]
+    with open(tmp_path / "alarms.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols)
+        w.writeheader()
+        w.writerows(alarms)
+    cfg.report.max_node_pages = max_pages
+    return cfg, ErrorStore(tmp_path / "errors.h5"), models
+
+
+ALARM_B = {"node": "b", "start": 45000, "end": 48000, "rows": 11, "split": "test", "peak_score": 12.3456,
+           "top_metrics": "power:0.91 ips:0.05"}
+
+
+def test_the_page_counts_alarms_and_links_each_alarmed_node_to_its_page(tmp_path):
+    cfg, errors, models = _run(tmp_path, [ALARM_B, {**ALARM_B, "start": 51000, "end": 52000}])
+    page = write_report(cfg, tmp_path, errors, models, title="nightly <test>").read_text()
+    assert "<title>nightly &lt;test&gt;</title>" in page  # the title is escaped
+    assert "2 nodes, 3 metrics" in page and "2 alarm events on 1 nodes" in page
+    assert "<a href='nodes/b.html'>b</a>" in page  # the alarmed node's page, linked from the table
+    assert sorted(p.name for p in (tmp_path / "nodes").glob("*.html")) == ["b.html"]  # a has no alarm: no page
+    node_page = (tmp_path / "nodes" / "b.html").read_text()
+    assert node_page.count("<img ") == 3  # signal, per-metric errors, values
+    assert "power" in re.sub(r"<img[^>]*>", "", node_page)  # the top metric is named on it
+
+
+def test_a_rerun_removes_pages_of_nodes_no_longer_alarmed_and_respects_the_page_cap(tmp_path):
+    cfg, errors, models = _run(tmp_path, [ALARM_B])
+    write_report(cfg, tmp_path, errors, models)
+    assert (tmp_path / "nodes" / "b.html").exists()
+    cfg, errors, models = _run(tmp_path, [ALARM_B], max_pages=0)
+    page = write_report(cfg, tmp_path, errors, models).read_text()
+    assert not list((tmp_path / "nodes").glob("*.html"))  # the stale page is gone
+    assert "nodes/b.html" not in page
+
+
+def test_a_threshold_that_will_never_alarm_is_said_at_the_top(tmp_path):
+    cfg, errors, models = _run(tmp_path, [], details={"check": {"verdict": "never_alarm"}})
+    page = write_report(cfg, tmp_path, errors, models).read_text()
+    warning = page.index("Threshold warning")
+    assert warning < page.index("Cluster overview") and "will probably never alarm" in page
+
+
+def test_tables_escape_what_comes_from_the_data():
+    t = html_table([["<b>x</b>", 0.123456, None]], ["node & rack", "value", "empty"])
+    assert "<th>node &amp; rack</th>" in t and "&lt;b&gt;x&lt;/b&gt;" in t and "<td>0.123</td>" in t
+    assert "<td></td>" in t
+    a = alarms_table([{**ALARM_B, "node": "n<1>", "jobs": "42 43"}], lambda n: "nodes/n%3C1%3E.html")
+    assert "<a href='nodes/n%3C1%3E.html'>n&lt;1&gt;</a>" in a and "<td>power ips</td>" in a  # names only
+    assert "1</span> of 1 alarms" in a
