@@ -48,7 +48,8 @@ MpiDefault=none
 ReturnToService=2
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
-SchedulerParameters=defer_batch
+# The scheduling loops run every 2 s (not 60/30 s): a requeued or held job starts within seconds.
+SchedulerParameters=defer_batch,sched_interval=2,bf_interval=2
 GresTypes=gpu
 SlurmdParameters=config_overrides
 SlurmctldTimeout=30

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -167,6 +168,30 @@ def small_exports(tmp_path, nodes=4):
 
 def hpcad_cmd() -> list[str]:
     return [sys.executable, "-m", "hpcad"]
+
+
+def sbatch_wait(args: list[str], env, cwd=None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``sbatch --wait ARGS`` with a faster wait: the job's end is seen within half a second.
+    sbatch's own wait polls after 2, 10, 42, 74 ... s (its backoff grows to 32 s), which made the
+    SLURM tests wait up to half a minute per job after it had ended. Returns the job's exit code as
+    ``returncode``, sbatch's output as stdout/stderr."""
+    import time
+
+    sub = subprocess.run(["sbatch", "--parsable", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    if sub.returncode != 0:
+        return sub
+    job = sub.stdout.strip().split(";")[0]
+    deadline = time.time() + timeout
+    state = job_state(job, env)
+    while state not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "GONE"):
+        assert time.time() < deadline, f"SLURM job {job} still {state} after {timeout} s"
+        time.sleep(0.5)
+        state = job_state(job, env)
+    out = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True).stdout
+    m = re.search(r"ExitCode=(\d+):(\d+)", out)
+    code = int(m.group(1)) if m else (0 if state == "COMPLETED" else 1)
+    return subprocess.CompletedProcess(sub.args, code if state == "COMPLETED" or code else 1,
+                                       f"Submitted batch job {job}\n", f"job {job} ended {state}\n" + sub.stderr)
 
 
 def job_state(job: str, env) -> str:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, hpcad, hpcad_cmd, slurm_models, small_exports
+from conftest import ROOT, hpcad, hpcad_cmd, sbatch_wait, slurm_models, small_exports
 from hpcad.dist import World, first_host, shard, world
 from hpcad.errors import ConfigError
 
@@ -22,8 +22,8 @@ def test_sbatch_train_all_nodes_matches_the_single_process_run(tmp_path, slurm_e
     hpcad("run", f"hydra.run.dir={single}", *args, "report.enabled=false")  # the job's report is checked
     run = tmp_path / "slurm-run"
     env = dict(slurm_env, HPCAD_RUN_DIR=str(run))
-    job = subprocess.run(["sbatch", "--wait", "-o", str(tmp_path / "job.out"), str(ROOT / "slurm" / "train_all_nodes.sh"),
-                          *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    job = sbatch_wait(["-o", str(tmp_path / "job.out"), str(ROOT / "slurm" / "train_all_nodes.sh"), *args],
+                      env=env, cwd=tmp_path)
     log = (tmp_path / "job.out").read_text() if (tmp_path / "job.out").exists() else ""
     assert job.returncode == 0, job.stderr + log[-3000:]
     assert sorted((run / "models").glob("training-rank*.json")).__len__() == 4  # 4 ranks trained shards

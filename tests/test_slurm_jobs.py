@@ -5,7 +5,7 @@ import subprocess
 
 import torch
 
-from conftest import ROOT, hpcad, job_state, slurm_models, small_exports
+from conftest import ROOT, hpcad, job_state, sbatch_wait, slurm_models, small_exports
 
 
 def test_requeued_job_skips_finished_nodes_and_ends_with_the_same_result(tmp_path, slurm_env):
@@ -58,17 +58,14 @@ def test_score_all_nodes_scores_new_data_with_trained_models(tmp_path, slurm_env
     train = tmp_path / "train"
     hpcad("train", f"data.source={exports}", f"hydra.run.dir={train}", "train.epochs=1", "train.progress=false")
     run = tmp_path / "scored"
-    job = subprocess.run(["sbatch", "--wait", "--ntasks-per-node=2", "-o", str(tmp_path / "score.out"),
-                          str(ROOT / "slurm" / "score_all_nodes.sh"),
-                          f"train_run={train}", f"data.source={exports}", "train.progress=false", "baselines.methods=[]"],
-                         cwd=tmp_path, env=dict(slurm_env, HPCAD_RUN_DIR=str(run)), capture_output=True, text=True,
-                         timeout=600)
+    job = sbatch_wait(["--ntasks-per-node=2", "-o", str(tmp_path / "score.out"), str(ROOT / "slurm" / "score_all_nodes.sh"),
+                       f"train_run={train}", f"data.source={exports}", "train.progress=false", "baselines.methods=[]"],
+                      env=dict(slurm_env, HPCAD_RUN_DIR=str(run)), cwd=tmp_path)
     assert job.returncode == 0, (tmp_path / "score.out").read_text()[-3000:]
     assert len(list(run.glob("errors-rank*.h5"))) == 2 and (run / "report.html").exists()
     assert not (run / "models").exists()
-    no_run = subprocess.run(["sbatch", "--wait", "-o", str(tmp_path / "bad.out"), str(ROOT / "slurm" / "score_all_nodes.sh"),
-                             f"data.source={exports}"], cwd=tmp_path, env=slurm_env, capture_output=True, text=True,
-                            timeout=300)
+    no_run = sbatch_wait(["-o", str(tmp_path / "bad.out"), str(ROOT / "slurm" / "score_all_nodes.sh"),
+                          f"data.source={exports}"], env=slurm_env, cwd=tmp_path, timeout=300)
     assert no_run.returncode != 0 and "train_run=" in (tmp_path / "bad.out").read_text()
 
 
@@ -104,11 +101,10 @@ def test_a_sites_copy_of_the_script_on_a_cpu_partition_runs_unedited(tmp_path, s
     site.mkdir()
     shutil.copy(ROOT / "slurm" / "train_all_nodes.sh", site / "train_cpu.sh")  # no score_steps.sh beside it
     run = tmp_path / "run"
-    job = subprocess.run(["sbatch", "--wait", "--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1",
-                          "-o", str(tmp_path / "job.out"), str(site / "train_cpu.sh"), f"data.source={exports}",
-                          "train.epochs=1", "train.progress=false", "baselines.methods=[]", "report.enabled=false"],
-                         cwd=tmp_path, env=dict(slurm_env, HPCAD_RUN_DIR=str(run)), capture_output=True, text=True,
-                         timeout=600)
+    job = sbatch_wait(["--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1",
+                       "-o", str(tmp_path / "job.out"), str(site / "train_cpu.sh"), f"data.source={exports}",
+                       "train.epochs=1", "train.progress=false", "baselines.methods=[]", "report.enabled=false"],
+                      env=dict(slurm_env, HPCAD_RUN_DIR=str(run)), cwd=tmp_path)
     log = (tmp_path / "job.out").read_text() if (tmp_path / "job.out").exists() else ""
     assert job.returncode == 0, job.stderr + log[-3000:]
     assert (run / "thresholds.json").exists() and len(list((run / "models").glob("training-rank*.json"))) == 2
