@@ -163,7 +163,7 @@ def run_baselines(cfg, fit_store: TelemetryStore, eval_store: TelemetryStore, ou
             raise ConfigError(f"baselines.methods: unknown method {method!r} ({', '.join(METHODS)})")
     for method in bc.methods:
         path = out_dir / f"{method}.h5"
-        write_signal_file(path, method, baseline_signals(method, cfg, fit_store, eval_store, cfg.train.progress))
+        write_signal_file(path, method, baseline_signals(method, cfg, fit_store, eval_store, cfg.compute.progress))
         log.info("baseline %s -> %s", method, path)
         out[method] = path
     return out

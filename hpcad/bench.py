@@ -115,27 +115,27 @@ def bench_train(cfg, run_dir: Path) -> dict:
     R, w = node_spec.members, node_spec.window
     spec = dataclasses.replace(node_spec, members=1, window=1)  # one member's network, on window inputs
     tc = SimpleNamespace(**{**dict(cfg.train), "epochs": int(b.epochs), "patience": int(b.epochs) + 1,
-                            "restore_best": True})
+                            "restore_best": True, "precision": str(cfg.compute.precision)})
     t0 = time.perf_counter()
     pool = [windows(p, w) for p in bench_pool(b, cfg)]
     gen_s = time.perf_counter() - t0
     if device.type == "cuda":
         torch.zeros(1, device=device)  # the allocator must exist before its statistics can be reset
         torch.cuda.reset_peak_memory_stats(device)
-    budget = Budget.resolve(cfg.train, device)
+    budget = Budget.resolve(cfg.compute, device)
     K = max(1, budget.chunk_size(b.rows, b.metrics, node_spec, tc.batch_size,
-                                 cfg.train.max_nodes_per_chunk or default_chunk_cap(device), tc.validation_split) // R)
+                                 cfg.compute.max_nodes_per_chunk or default_chunk_cap(device), tc.validation_split) // R)
     chunks = [list(range(s, min(s + K, b.nodes))) for s in range(0, b.nodes, K)]
     n_naive = 0 if b.naive_nodes == 0 else b.nodes if b.naive_nodes is None else min(int(b.naive_nodes), b.nodes)
     # The naive nodes are spread over the chunks and timed right after each one, so that both sides
     # see the same machine: on a shared VM the speed drifts by up to 2x over minutes.
     naive_share = np.array_split(np.arange(n_naive), len(chunks))
     lengths = node_lengths(b.nodes, b.rows, float(b.rows_spread))
-    bar = tqdm(total=b.nodes * b.epochs, desc="bench batched", unit="node-epoch", disable=not cfg.train.progress)
-    naive_bar = tqdm(total=n_naive, desc="bench naive", unit="node", disable=not cfg.train.progress or not n_naive)
+    bar = tqdm(total=b.nodes * b.epochs, desc="bench batched", unit="node-epoch", disable=not cfg.compute.progress)
+    naive_bar = tqdm(total=n_naive, desc="bench naive", unit="node", disable=not cfg.compute.progress or not n_naive)
     # Untimed warm-up of both sides (first-call library initialisation is not per-node work).
     warm = SimpleNamespace(**{**vars(tc), "epochs": 1})
-    train_ensemble(spec, [p[:512] for p in pool[:2]], list(range(len(pool[:2]))), warm, device)
+    train_ensemble(spec, [p[:512] for p in pool[:2]], list(range(len(pool[:2]))), warm, device, precision=tc.precision)
     if n_naive:
         naive_train(pool[0][:512], 0, spec, warm, device)
     batched_s = naive_s = 0.0
@@ -151,7 +151,7 @@ def bench_train(cfg, run_dir: Path) -> dict:
         t0 = time.perf_counter()
         res = train_ensemble(spec, [pool[i % len(pool)][: lengths[i]] for i in idx for _ in range(R)],
                              [member_seed(node_seed(b.seed, f"n{i}"), r) for i in idx for r in range(R)],
-                             tc, device, progress=progress, workspace=workspace)
+                             tc, device, progress=progress, workspace=workspace, precision=tc.precision)
         _sync(device)
         chunk_s = time.perf_counter() - t0
         batched_s += chunk_s
@@ -349,7 +349,7 @@ def bench_report(cfg, run_dir: Path) -> dict:
         f.attrs.update(hpcad_format=FORMAT, format_version=1)
         f.create_dataset("metrics", data=np.array(metrics, dtype=object), dtype=STR)
         g = f.create_group("nodes")
-        for k in tqdm(range(b.nodes), desc="bench report: errors", unit="node", disable=not cfg.train.progress):
+        for k in tqdm(range(b.nodes), desc="bench report: errors", unit="node", disable=not cfg.compute.progress):
             err = rng.gamma(0.5, 0.02, size=(b.rows, b.metrics)).astype(np.float32)
             if k in alarmed:
                 a = int(rng.integers(0, b.rows - 35))

@@ -123,8 +123,14 @@ def run_stage(stage: str, overrides: list[str]) -> int:
         else:
             print(f"hpcad: {stage} outputs in {run_dir}")
 
+    from hpcad.config import moved_options
     from hpcad.dist import world
 
+    moved = moved_options(overrides)
+    if moved:
+        print(f"hpcad {stage}: error: option{'s' if len(moved) > 1 else ''} moved to the compute group (where and how "
+              f"stages run): {', '.join(moved)}", file=sys.stderr)
+        return 2
     blocked = unwritable_run_dir(overrides)
     if blocked is not None:  # Hydra would fail setting up the log file, with a traceback
         print(f"hpcad {stage}: error: cannot write the run folder: {blocked} is not writable (choose another "

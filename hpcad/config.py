@@ -110,15 +110,22 @@ class TrainConfig:
     restore_best: bool = True
     seed: int = 0
     input_noise: float = 0.0  # denoising: Gaussian noise of this std (standardised units) on training inputs
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    # Bound the models trained together in one batched chunk (hpcad/model/budget.py). Host memory
-    # (all of it on CPU); None: half the host's available memory shared by the ranks on the node.
+
+
+@dataclass
+class ComputeConfig:
+    """Where and how the train, score and baseline stages run: none of these changes a result, except
+    ``precision`` (training's matmuls; part of a model's fingerprint)."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under several ranks: the rank's local GPU)
+    precision: Precision = Precision.fp32  # fp32 | tf32 (CUDA) | bf16: training's matmuls; weights, optimiser, scoring stay fp32
+    # Bound the models trained (nodes scored) together in one batched chunk (hpcad/model/budget.py). Host
+    # memory (all of it on CPU); None: half the host's available memory shared by the ranks on the node.
     memory_budget_mb: Optional[int] = None
     device_memory_mb: Optional[int] = None  # GPU memory; None: 90 % of the device's free memory
-    max_nodes_per_chunk: Optional[int] = None  # None: 32 on CPU (cache-sized), 4096 on CUDA
-    precision: Precision = Precision.fp32  # fp32 | tf32 (CUDA) | bf16 (autocast); master weights stay fp32
-    progress: bool = True
-    # Save a chunk's training state after an epoch once this many seconds have passed since the last
+    max_nodes_per_chunk: Optional[int] = None  # None: 32 when training on CPU (cache-sized), else 4096
+    progress: bool = True  # progress bars (SLURM logs get periodic log lines either way)
+    # Save a training chunk's state after an epoch once this many seconds have passed since the last
     # save (0: every epoch): a kill loses at most this plus one epoch (hpcad/model/checkpoint.py).
     checkpoint_every_s: float = 30.0
 
@@ -257,6 +264,7 @@ class HpcadConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     model: Any = None
     train: TrainConfig = field(default_factory=TrainConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
     threshold: Any = None
     signal: SignalConfig = field(default_factory=SignalConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
@@ -351,3 +359,19 @@ def unknown_keys(cfg) -> list[str]:
         if isinstance(node, DictConfig) and node.get("_target_") in by_target:
             walk(node, OmegaConf.structured(by_target[node["_target_"]]), f"{group}.")
     return found
+
+
+# Options that moved to another group: an old command line gets one line saying where, not Hydra's
+# "Key 'device' not in 'TrainConfig'" (with its hint to append the key with "+").
+MOVED = {f"train.{k}": f"compute.{k}" for k in ("device", "precision", "memory_budget_mb", "device_memory_mb",
+                                                 "max_nodes_per_chunk", "progress", "checkpoint_every_s")}
+
+
+def moved_options(overrides: list[str]) -> list[str]:
+    """``"old -> new"`` for each override that names a moved option (with or without ``+``/``~``)."""
+    out = []
+    for o in overrides:
+        key = o.split("=", 1)[0].lstrip("+~")
+        if key in MOVED:
+            out.append(f"{key} -> {MOVED[key]}")
+    return out

@@ -1,4 +1,4 @@
-"""Pick the torch device from the ``train.device`` option."""
+"""Pick the torch device from the ``compute.device`` option."""
 from __future__ import annotations
 
 import contextlib
@@ -17,7 +17,7 @@ def gpu_index(local_rank: int, visible: int) -> int:
         return 0
     if local_rank >= visible:
         raise ConfigError(f"local rank {local_rank} but only {visible} GPUs visible on this node: run as many "
-                          f"tasks per node as GPUs (--ntasks-per-node = --gpus-per-node), or train.device=cpu")
+                          f"tasks per node as GPUs (--ntasks-per-node = --gpus-per-node), or compute.device=cpu")
     return local_rank
 
 
@@ -45,9 +45,9 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         try:
             dev = torch.device(name)
         except RuntimeError as exc:
-            raise ConfigError(f"train.device={name!r}: {exc}") from exc
+            raise ConfigError(f"compute.device={name!r}: {exc}") from exc
         if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"train.device={name!r}: CUDA is not available on this machine")
+            raise ConfigError(f"compute.device={name!r}: CUDA is not available on this machine")
     if dev.type == "cuda":
         _no_cublas_workspace()
     return dev
@@ -68,9 +68,9 @@ def precision_context(precision: str, device: torch.device):
 
 @contextlib.contextmanager
 def tf32_context(precision: str, device: torch.device):
-    """CUDA matmuls in TF32 while training with ``train.precision=tf32`` (restored afterwards)."""
+    """CUDA matmuls in TF32 while training with ``compute.precision=tf32`` (restored afterwards)."""
     if precision not in ("fp32", "tf32", "bf16"):
-        raise ConfigError(f"train.precision={precision!r}: expected fp32, tf32 or bf16")
+        raise ConfigError(f"compute.precision={precision!r}: expected fp32, tf32 or bf16")
     before = torch.backends.cuda.matmul.allow_tf32
     try:
         if device.type == "cuda":

@@ -65,7 +65,7 @@ def ranked_share(cfg, run_dir: Path) -> Iterator[tuple[dist.World, torch.device,
     from hpcad.device import resolve_device  # the stages that train or score load torch, the others do not
 
     w = dist.world()
-    device = resolve_device(cfg.train.device, w.local_rank)
+    device = resolve_device(cfg.compute.device, w.local_rank)
     if not w.distributed:
         store = stage_ingest(cfg, run_dir)
         yield w, device, store, list(store.nodes)

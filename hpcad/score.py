@@ -53,7 +53,7 @@ def score_nodes(cfg, store: TelemetryStore, models_dir: Path, out_path: Path, no
                 excess_fallback: float | None = None) -> int:
     """Score ``nodes`` (default: all) of ``store`` with their models, K nodes per batched forward pass.
 
-    K follows from ``train.memory_budget_mb`` and ``train.device_memory_mb``; only one chunk of nodes
+    K follows from ``compute.memory_budget_mb`` and ``compute.device_memory_mb``; only one chunk of nodes
     is in memory at a time.
     ``light`` picks each node's light map (default: ``models/<node>.light.pt`` when present).
     ``signal.excess_weight=auto`` chooses the range-excess weight on the labelled validation rows
@@ -64,7 +64,7 @@ def score_nodes(cfg, store: TelemetryStore, models_dir: Path, out_path: Path, no
         def light(n: str) -> LightMap | None:
             p = light_path(models_dir, n)
             return LightMap.load(p) if p.exists() else None
-    device = resolve_device(cfg.train.device, world().local_rank) if device is None else device
+    device = resolve_device(cfg.compute.device, world().local_rank) if device is None else device
     nodes = list(store.nodes if nodes is None else nodes)
     missing = [n for n in nodes if not model_path(models_dir, n).exists()]
     if missing:
@@ -77,7 +77,7 @@ def score_nodes(cfg, store: TelemetryStore, models_dir: Path, out_path: Path, no
     error_dtype = ERROR_DTYPES.get(str(cfg.score.error_dtype))
     if error_dtype is None:
         raise ConfigError(f"score.error_dtype={cfg.score.error_dtype!r}: one of {', '.join(ERROR_DTYPES)}")
-    budget = Budget.resolve(cfg.train, device)
+    budget = Budget.resolve(cfg.compute, device)
 
     def node_errors() -> Iterator[tuple[NodeModel, object, np.ndarray, np.ndarray, np.ndarray, LightMap | None]]:
         return _node_errors(cfg, store, models_dir, nodes, metrics, columns, budget, device, light)
@@ -90,7 +90,7 @@ def score_nodes(cfg, store: TelemetryStore, models_dir: Path, out_path: Path, no
                        **excess_attrs(weight, choice))
         f.create_dataset("metrics", data=np.array(metrics, dtype=object), dtype=STR)
         nodes_grp = f.create_group("nodes")
-        bar = tqdm(total=len(nodes), desc="score", unit="node", disable=not cfg.train.progress)
+        bar = tqdm(total=len(nodes), desc="score", unit="node", disable=not cfg.compute.progress)
         for model, nd, err, excess2, miss, lm in node_errors():
             err += weight * excess2
             err[miss] = 0.0
@@ -115,7 +115,7 @@ def _node_errors(cfg, store: TelemetryStore, models_dir: Path, nodes: list[str],
         first = NodeModel.load(model_path(models_dir, nodes[i]))  # its spec sizes the chunk
         spec = first.spec
         K = budget.score_chunk_size(store.rows(nodes[i]), M, spec,
-                                    cfg.train.max_nodes_per_chunk or default_chunk_cap(device, "score"))
+                                    cfg.compute.max_nodes_per_chunk or default_chunk_cap(device, "score"))
         chunk = nodes[i:i + K]
         i += len(chunk)
         models, data, zs, masks = [], [], [], []
@@ -170,7 +170,7 @@ def reconstruction_errors(models: list[NodeModel], zs: list[np.ndarray], device:
     one batched forward pass, rows padded to the longest, in row blocks): the error of each row
     against its members' mean reconstruction (of the row itself, the newest of its window). A
     node's light map (hpcad.light), where given, adapts its reconstruction. The models share one
-    spec (hidden widths, members, window). Always fp32: ``train.precision`` speeds up training only,
+    spec (hidden widths, members, window). Always fp32: ``compute.precision`` speeds up training only,
     the alarm signal is never quantised."""
     spec = models[0].spec
     R, w = spec.members, spec.window

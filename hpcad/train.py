@@ -63,11 +63,16 @@ def check_train_config(tc) -> None:
               (float(tc.lr) > 0, "train.lr", "must be > 0"),
               (0 <= float(tc.validation_split) < 1, "train.validation_split", "must be in [0, 1)"),
               (int(tc.patience) >= 1, "train.patience", "must be >= 1"),
-              (float(tc.input_noise) >= 0, "train.input_noise", "must be >= 0 (0: no denoising)"),
-              (float(tc.checkpoint_every_s) >= 0, "train.checkpoint_every_s", "must be >= 0 (0: after every epoch)")]
+              (float(tc.input_noise) >= 0, "train.input_noise", "must be >= 0 (0: no denoising)")]
     for ok, option, rule in checks:
         if not ok:
             raise ConfigError(f"{option}={getattr(tc, option.split('.')[1])}: {rule}")
+
+
+def check_compute_config(cc) -> None:
+    """Refuse compute settings that cannot work, naming the option."""
+    if float(cc.checkpoint_every_s) < 0:
+        raise ConfigError(f"compute.checkpoint_every_s={cc.checkpoint_every_s}: must be >= 0 (0: after every epoch)")
 
 
 def training_fingerprint(cfg, spec: AutoencoderSpec, store: TelemetryStore) -> str:
@@ -81,8 +86,10 @@ def training_fingerprint(cfg, spec: AutoencoderSpec, store: TelemetryStore) -> s
 
     t = cfg.train
     shape = {"spec": spec.to_dict(), "metrics": list(store.metrics), "data": store.signature,
-             "train": {k: t[k] for k in ("epochs", "batch_size", "lr", "validation_split", "patience",
-                                          "restore_best", "seed", "precision", "input_noise")},
+             # precision is compute.precision since the compute group; its place in the digest is kept
+             "train": {**{k: t[k] for k in ("epochs", "batch_size", "lr", "validation_split", "patience",
+                                            "restore_best", "seed")},
+                       "precision": cfg.compute.precision, "input_noise": t.input_noise},
              "preprocess": OmegaConf.to_container(cfg.preprocess) if OmegaConf.is_config(cfg.preprocess)
              else dict(vars(cfg.preprocess)),
              "split": OmegaConf.to_container(cfg.split) if OmegaConf.is_config(cfg.split) else dict(vars(cfg.split))}
@@ -138,7 +145,8 @@ def train_nodes(cfg, store: TelemetryStore, models_dir: Path, nodes: list[str] |
     """Train (or resume training of) a model for each node; nodes with a model file are skipped."""
     spec = model_spec(cfg)
     check_train_config(cfg.train)
-    device = resolve_device(cfg.train.device, world().local_rank) if device is None else device
+    check_compute_config(cfg.compute)
+    device = resolve_device(cfg.compute.device, world().local_rank) if device is None else device
     nodes = list(store.nodes if nodes is None else nodes)
     fingerprint = training_fingerprint(cfg, spec, store)
     todo = [n for n in nodes if not reusable(model_path(models_dir, n), fingerprint)]
@@ -151,11 +159,11 @@ def train_nodes(cfg, store: TelemetryStore, models_dir: Path, nodes: list[str] |
     member_net = dataclasses.replace(spec, members=1, window=1)  # one member's network, on (window) inputs
     t0 = time.perf_counter()
     done = 0
-    bar = tqdm(total=len(todo), desc="train", unit="node", disable=not cfg.train.progress)
+    bar = tqdm(total=len(todo), desc="train", unit="node", disable=not cfg.compute.progress)
     i = n_chunk = 0
     workspace = Workspace()  # scratch reused chunk after chunk
-    budget = Budget.resolve(cfg.train, device) if todo else None
-    cap = cfg.train.max_nodes_per_chunk or default_chunk_cap(device)
+    budget = Budget.resolve(cfg.compute, device) if todo else None
+    cap = cfg.compute.max_nodes_per_chunk or default_chunk_cap(device)
     while i < len(todo):
         K = budget.chunk_size(store.rows(todo[i]), M, spec, cfg.train.batch_size, cap, cfg.train.validation_split)
         if i == 0:
@@ -167,10 +175,10 @@ def train_nodes(cfg, store: TelemetryStore, models_dir: Path, nodes: list[str] |
         seeds = [member_seed(node_seed(cfg.train.seed, n), r) for n in chunk for r in range(R)]
         n_chunk += 1
         bar.set_postfix(chunk=f"{n_chunk} ({len(chunk)} nodes)", device=str(device))
-        ckpt = ChunkCheckpoint(models_dir, fingerprint, chunk, R, cfg.train.checkpoint_every_s)
+        ckpt = ChunkCheckpoint(models_dir, fingerprint, chunk, R, cfg.compute.checkpoint_every_s)
         res = train_ensemble(member_net, [z for z, _ in prepared for _ in range(R)], seeds, cfg.train, device,
                              progress=_epoch_reporter(bar, n_chunk, len(chunk) * R, int(cfg.train.epochs)),
-                             workspace=workspace, checkpoint=ckpt)
+                             workspace=workspace, checkpoint=ckpt, precision=cfg.compute.precision)
         for k, n in enumerate(chunk):
             members = res.params[k * R:(k + 1) * R]
             history = dict(res.history[k * R])

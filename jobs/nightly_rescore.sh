@@ -64,7 +64,7 @@ cd "$HPCAD_OUT"
 q() { local s=${1//\\/\\\\}; printf "'%s'" "${s//\'/\\\'}"; }  # a quoted Hydra value: {date}, spaces, '=' survive
 args=(nightly "train_run=$(q "$HPCAD_TRAIN_RUN")" "nightly.input=$(q "$HPCAD_INPUT")" "nightly.out=$(q "$HPCAD_OUT")"
       "nightly.timezone=${HPCAD_TZ:-UTC}" "hydra.run.dir=$(q "$HPCAD_OUT/logs/$(date -u +%Y%m%dT%H%M%SZ)-$$")"
-      "train.progress=false")
+      "compute.progress=false")
 [ -n "$date_spec" ] && args+=("nightly.date=$date_spec")
 [ -n "${HPCAD_JOBS:-}" ] && args+=("nightly.jobs=$(q "$HPCAD_JOBS")")
 [ "${HPCAD_SLURM:-0}" = 1 ] && args+=("nightly.slurm=true")

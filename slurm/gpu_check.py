@@ -14,7 +14,7 @@
 #                 vary with the chunk's size; the stopping epochs and losses (within 1 %) must still agree
 #   precision     fp32 / tf32 / bf16 on a 256-node chunk: speed and validation-loss change
 #   budget        the chunk size from the device's free memory, against the measured peak
-#   end_to_end    `hpcad run` on the embedded synthetic cluster with train.device=cuda
+#   end_to_end    `hpcad run` on the embedded synthetic cluster with compute.device=cuda
 #   ddp           a one-rank NCCL process group and a DDP fleet-model training on the same store
 #   bench         `hpcad bench` at 5,000 nodes x 6,667 rows x 159 metrics x 20 epochs (scaled down
 #                 to --bench-seconds when a pilot predicts longer; the summary says so)
@@ -58,8 +58,7 @@ M = 159
 
 
 def _cfg(**kw) -> SimpleNamespace:
-    base = dict(batch_size=32, validation_split=0.1, epochs=30, lr=1e-3, patience=3, restore_best=True,  # train.*
-                precision="fp32")
+    base = dict(batch_size=32, validation_split=0.1, epochs=30, lr=1e-3, patience=3, restore_best=True)  # train.*
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -147,11 +146,11 @@ def check_precision(pool, cuda) -> dict:
     data = [pool[i % len(pool)] for i in range(256)]
     out = {}
     for prec in ("fp32", "tf32", "bf16"):
-        tc = _cfg(epochs=10, patience=11, precision=prec)
-        train_ensemble(SPEC, [d[:512] for d in data[:4]], _seeds(4), _cfg(epochs=1, precision=prec), cuda)  # warm-up
+        tc = _cfg(epochs=10, patience=11)
+        train_ensemble(SPEC, [d[:512] for d in data[:4]], _seeds(4), _cfg(epochs=1), cuda, precision=prec)  # warm-up
         _sync()
         t0 = time.perf_counter()
-        res = train_ensemble(SPEC, data, _seeds(256), tc, cuda)
+        res = train_ensemble(SPEC, data, _seeds(256), tc, cuda, precision=prec)
         _sync()
         s = time.perf_counter() - t0
         out[prec] = {"s": round(s, 2), "node_epochs_per_s": round(256 * 10 / s, 1),
@@ -197,7 +196,7 @@ def _hpcad(args: list[str], log: Path, timeout: float) -> tuple[int, float]:
 
 def check_end_to_end(out: Path) -> dict:
     run = out / "e2e"
-    rc, s = _hpcad(["run", "train.device=cuda", "train.progress=false", f"hydra.run.dir={run}"],
+    rc, s = _hpcad(["run", "compute.device=cuda", "compute.progress=false", f"hydra.run.dir={run}"],
                    out / "e2e.log", 600)
     if rc != 0:
         return {"ok": False, "rc": rc, "log_tail": _tail(out / "e2e.log")}
@@ -220,7 +219,7 @@ def check_ddp(store_path: str, out: Path, cuda) -> dict:
 
     register_configs()
     with initialize_config_dir(str(resource_dir("conf")), version_base="1.3"):
-        cfg = compose("config", ["model.scope=fleet", "train.epochs=3", "train.device=cuda"])
+        cfg = compose("config", ["model.scope=fleet", "train.epochs=3", "compute.device=cuda"])
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29611")
     torch.cuda.set_device(cuda)
@@ -238,8 +237,8 @@ def check_ddp(store_path: str, out: Path, cuda) -> dict:
 
 
 def check_bench(out: Path, nodes: int, seconds: float) -> dict:
-    common = ["bench.rows=6667", "bench.metrics=159", "bench.device=cuda", "train.progress=false",
-              "train.memory_budget_mb=60000"]  # the device budget binds, not the host's
+    common = ["bench.rows=6667", "bench.metrics=159", "bench.device=cuda", "compute.progress=false",
+              "compute.memory_budget_mb=60000"]  # the device budget binds, not the host's
     rc, _ = _hpcad(["bench", "bench.nodes=256", "bench.epochs=2", "bench.naive_nodes=2", *common,
                     f"hydra.run.dir={out / 'bench_pilot'}"], out / "bench_pilot.log", 300)
     if rc != 0:
@@ -265,8 +264,8 @@ def check_uneven(out: Path, even: dict | None) -> dict:
     """Nodes of different lengths (3,334-6,667 rows): short last batches and epochs that end at
     different steps for different models; the training tail must not sync with the host per step."""
     rc, _ = _hpcad(["bench", "bench.nodes=2048", "bench.epochs=20", "bench.naive_nodes=0", "bench.rows=6667",
-                    "bench.rows_spread=0.5", "bench.metrics=159", "bench.device=cuda", "train.progress=false",
-                    "train.memory_budget_mb=60000", f"hydra.run.dir={out / 'uneven'}"], out / "uneven.log", 600)
+                    "bench.rows_spread=0.5", "bench.metrics=159", "bench.device=cuda", "compute.progress=false",
+                    "compute.memory_budget_mb=60000", f"hydra.run.dir={out / 'uneven'}"], out / "uneven.log", 600)
     if rc != 0:
         return {"ok": False, "rc": rc, "log_tail": _tail(out / "uneven.log")}
     b = json.loads((out / "uneven" / "bench.json").read_text())

@@ -15,7 +15,7 @@ from hpcad.config import DataConfig
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
 # Small, fast settings for end-to-end runs on generated data.
-SMALL = ["data.synthetic.nodes=3", "data.synthetic.rows=400", "train.epochs=4", "train.progress=false",
+SMALL = ["data.synthetic.nodes=3", "data.synthetic.rows=400", "train.epochs=4", "compute.progress=false",
          "baselines.methods=[kde]", "report.max_nodes_plotted=2"]
 
 

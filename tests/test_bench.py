@@ -8,7 +8,7 @@ from conftest import hpcad
 
 def test_bench_train_reports_speedup_throughput_and_memory(tmp_path):
     out = hpcad("bench", "bench.nodes=3", "bench.rows=300", "bench.metrics=40", "bench.epochs=2",
-                "bench.pool=2", "train.max_nodes_per_chunk=2", "train.progress=false", "bench.rows_spread=0.5",
+                "bench.pool=2", "compute.max_nodes_per_chunk=2", "compute.progress=false", "bench.rows_spread=0.5",
                 f"hydra.run.dir={tmp_path}").stdout
     assert "speedup_vs_naive=" in out
     b = json.loads((tmp_path / "bench.json").read_text())
@@ -29,7 +29,7 @@ def test_bench_train_reports_speedup_throughput_and_memory(tmp_path):
 
 def test_bench_score_times_the_real_score_stage(tmp_path):
     hpcad("bench", "bench.mode=score", "bench.nodes=4", "bench.rows=288", "bench.metrics=160",
-          "train.progress=false", f"hydra.run.dir={tmp_path}")
+          "compute.progress=false", f"hydra.run.dir={tmp_path}")
     b = json.loads((tmp_path / "bench.json").read_text())
     assert b["mode"] == "score" and b["nodes_per_s"] > 0 and (tmp_path / "bench_errors.h5").exists()
     bad = hpcad("bench", "bench.mode=fast", f"hydra.run.dir={tmp_path / 'x'}", check=False)
@@ -39,14 +39,14 @@ def test_bench_score_times_the_real_score_stage(tmp_path):
 
 def test_bench_ingest_measures_the_out_of_core_pivot(tmp_path):
     hpcad("bench", "bench.mode=ingest", "bench.nodes=6", "bench.days=2", "bench.metrics=12",
-          "data.scratch_buckets=4", "train.progress=false", f"hydra.run.dir={tmp_path}")
+          "data.scratch_buckets=4", "compute.progress=false", f"hydra.run.dir={tmp_path}")
     b = json.loads((tmp_path / "bench.json").read_text())
     assert b["rows"] == 6 * 2 * 288 * 12 and b["peak_rss_mb"] > 0 and b["scratch_buckets"] == 4
     assert not (tmp_path / "bench_store.h5").exists() and not list(tmp_path.glob(".ingest-*"))
 
 
 def test_bench_drift_light_retraining_beats_doing_nothing(tmp_path):
-    hpcad("bench", "bench.mode=drift", "bench.nodes=2", "train.epochs=5", "train.progress=false",
+    hpcad("bench", "bench.mode=drift", "bench.nodes=2", "train.epochs=5", "compute.progress=false",
           f"hydra.run.dir={tmp_path}")
     s = json.loads((tmp_path / "bench.json").read_text())["strategies"]
     assert set(s) == {"none", "light_1d", "light_3d", "light_7d", "full_7d"}
@@ -57,7 +57,7 @@ def test_bench_drift_light_retraining_beats_doing_nothing(tmp_path):
 
 def test_bench_report_mode_renders_a_night_with_node_pages(tmp_path):
     hpcad("bench", "bench.mode=report", "bench.nodes=30", "bench.rows=100", "bench.metrics=40", "bench.alarms=3",
-          "train.progress=false", f"hydra.run.dir={tmp_path}")
+          "compute.progress=false", f"hydra.run.dir={tmp_path}")
     b = json.loads((tmp_path / "bench.json").read_text())
     assert b["mode"] == "report" and b["alarmed_nodes"] == 3 and b["node_pages"] == 3 and b["alarms"] >= 3
     assert (tmp_path / "report.html").exists() and len(list((tmp_path / "nodes").glob("*.html"))) == 3

@@ -29,7 +29,7 @@ def test_host_budget_counts_only_the_prepared_rows_on_gpu_but_everything_on_cpu(
     assert host_bytes_per_model(6667, 159, SPEC, 32, CUDA) < host_bytes_per_model(6667, 159, SPEC, 32, CPU) / 1.4
     tc = NS(memory_budget_mb=1024, device_memory_mb=None)
     b = Budget.resolve(tc, CPU)
-    assert b.device_bytes is None and "train.memory_budget_mb" in b.source
+    assert b.device_bytes is None and "compute.memory_budget_mb" in b.source
     assert b.chunk_size(6667, 159, SPEC, 32, 4096, 0.1) == 1024 * 2**20 // host_bytes_per_model(
         6667, 159, SPEC, 32, CPU)
     assert b.chunk_size(6667, 159, SPEC, 32, 32, 0.1) == 32  # the CPU cap
@@ -53,7 +53,7 @@ def test_local_ranks_from_launcher_variables(env, n):
 def test_non_positive_budget_names_the_option(option):
     tc = NS(memory_budget_mb=1024, device_memory_mb=1024)
     setattr(tc, option, 0)
-    with pytest.raises(ConfigError, match=f"train.{option}=0"):
+    with pytest.raises(ConfigError, match=f"compute.{option}=0"):
         Budget.resolve(tc, CUDA)
 
 

@@ -106,19 +106,19 @@ def test_scoring_new_data_with_a_trained_run(tmp_path):
     hpcad("generate", f"generate.out={exports}", f"hydra.run.dir={tmp_path / 'g'}", "data.synthetic.nodes=2",
           "data.synthetic.rows=400")
     train = tmp_path / "train"
-    hpcad("train", f"data.source={exports}", f"hydra.run.dir={train}", "train.epochs=3", "train.progress=false")
+    hpcad("train", f"data.source={exports}", f"hydra.run.dir={train}", "train.epochs=3", "compute.progress=false")
     early = hpcad("threshold", f"hydra.run.dir={train}", check=False)  # no errors.h5 yet: a clear message
     assert early.returncode == 2 and "run `hpcad score`" in early.stderr and "Traceback" not in early.stderr
     scored = tmp_path / "scored"
     hpcad("run", f"data.source={exports}", f"train_run={train}", f"hydra.run.dir={scored}",
-          "baselines.methods=[]", "train.progress=false", "split.train=0", "split.val=0.5", "report.enabled=false")
+          "baselines.methods=[]", "compute.progress=false", "split.train=0", "split.val=0.5", "report.enabled=false")
     assert not (scored / "models").exists()  # the trained run's models were used
     m = json.loads((scored / "metrics.json").read_text())
     assert m["splits"]["train"]["rows"] == 0 and m["splits"]["val"]["rows"] > 0
     # half-size errors.h5: float16 per-metric errors, the same float32 signal, thresholds and alarms
     half = tmp_path / "half"
     hpcad("run", f"data.source={exports}", f"train_run={train}", f"hydra.run.dir={half}", "score.error_dtype=float16",
-          "baselines.methods=[]", "train.progress=false", "split.train=0", "split.val=0.5", "report.enabled=false")
+          "baselines.methods=[]", "compute.progress=false", "split.train=0", "split.val=0.5", "report.enabled=false")
     with h5py.File(scored / "errors.h5") as a, h5py.File(half / "errors.h5") as b:
         for node in a["nodes"]:
             assert b[f"nodes/{node}/error"].dtype == np.float16 and a[f"nodes/{node}/error"].dtype == np.float32
@@ -163,10 +163,13 @@ def test_cfg_job_prints_the_config_and_unknown_keys_fail():
     bad = hpcad("run", "threshold=magic", check=False)
     assert bad.returncode != 0 and "magic" in bad.stderr
     # options with a fixed set of values are checked when the config is composed, naming the choices
-    for override, choices in (("data.format=csv", "[wide, ldms, long]"), ("train.precision=fp16", "[fp32, tf32, bf16]"),
+    for override, choices in (("data.format=csv", "[wide, ldms, long]"), ("compute.precision=fp16", "[fp32, tf32, bf16]"),
                               ("split.unit=days", "[fraction, rows, time]")):
         bad = hpcad("run", override, check=False)
         assert bad.returncode != 0 and f"expected one of {choices}" in bad.stderr and "Traceback" not in bad.stderr
+    # an option of an earlier layout is named with its new place, before anything runs
+    old = hpcad("run", "train.device=cpu", "+train.progress=false", check=False)
+    assert old.returncode == 2 and "train.device -> compute.device, train.progress -> compute.progress" in old.stderr
 
 
 def test_bad_source_is_reported_without_traceback(tmp_path):
@@ -191,7 +194,7 @@ def test_unlabelled_data_uses_the_trained_runs_thresholds(tmp_path):
     hpcad("generate", f"generate.out={exports}", f"hydra.run.dir={tmp_path / 'g'}", "data.synthetic.nodes=2",
           "data.synthetic.rows=400")
     train = tmp_path / "train"
-    hpcad("run", f"data.source={exports}", f"hydra.run.dir={train}", "train.epochs=3", "train.progress=false",
+    hpcad("run", f"data.source={exports}", f"hydra.run.dir={train}", "train.epochs=3", "compute.progress=false",
           "baselines.methods=[]", "threshold=quantile", "threshold.scope=cluster", "report.enabled=false",
           "signal.excess_grid=[10,1000]")  # auto picks one of these on the labelled validation rows
     fitted = json.loads((train / "thresholds.json").read_text())
@@ -205,7 +208,7 @@ def test_unlabelled_data_uses_the_trained_runs_thresholds(tmp_path):
     for f in exports.glob("*.csv"):
         pd.read_csv(f).drop(columns="anomaly").iloc[-288:].to_csv(today / f.name, index=False)
     scored = tmp_path / "scored"
-    hpcad("run", f"data.source={today}", f"train_run={train}", f"hydra.run.dir={scored}", "train.progress=false",
+    hpcad("run", f"data.source={today}", f"train_run={train}", f"hydra.run.dir={scored}", "compute.progress=false",
           "baselines.methods=[]", "split.train=0", "split.val=0")
     assert json.loads((scored / "thresholds.json").read_text())["cluster"] == fitted["cluster"]
     assert not (scored / "metrics.json").exists()  # no labels, no detection scores

@@ -134,10 +134,10 @@ def test_default_model_does_not_depend_on_its_chunk_position():
 
 
 def test_bf16_matmuls_train_about_as_well_as_fp32():
-    """train.precision=bf16: matmuls in bfloat16, weights, optimiser and loss in float32."""
+    """compute.precision=bf16: matmuls in bfloat16, weights, optimiser and loss in float32."""
     spec = AutoencoderSpec([8])
     data = [_data(400, seed=1), _data(300, seed=2)]
-    runs = {p: train_ensemble(spec, data, [1, 2], NS(**{**vars(CFG), "precision": p}), torch.device("cpu"))
+    runs = {p: train_ensemble(spec, data, [1, 2], CFG, torch.device("cpu"), precision=p)
             for p in ("fp32", "bf16")}
     for k in range(2):
         fp32, bf16 = (runs[p].history[k]["val_loss"] for p in ("fp32", "bf16"))

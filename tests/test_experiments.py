@@ -17,7 +17,7 @@ def test_davide_protocol_on_a_lecture_shaped_csv(tmp_path):
     frame = pd.read_csv(csv, nrows=5)
     assert frame.shape[1] == 161 and frame.columns[0] == "timestamp" and frame.columns[-1] == "anomaly"
     run = tmp_path / "run"
-    hpcad("run", "experiment=davide", f"data.source={csv}", f"hydra.run.dir={run}", "train.progress=false",
+    hpcad("run", "experiment=davide", f"data.source={csv}", f"hydra.run.dir={run}", "compute.progress=false",
           "baselines.methods=[kde]", "report.enabled=false")
     m = json.loads((run / "metrics.json").read_text())
     with __import__("h5py").File(run / "errors.h5") as f:
@@ -40,7 +40,7 @@ def test_real_davide_node_beats_the_lecture_despite_its_mislabelled_validation_r
     labelled normal; the plain optimum (the lecture's rule) misses a weak test anomaly (cost 585 with
     seed 0), the default robust rule does not (docs/results.md: 155, 165, 165 for seeds 0-2)."""
     run = tmp_path / "run"
-    hpcad("run", "experiment=davide", f"data.source={davide_csv}", f"hydra.run.dir={run}", "train.progress=false",
+    hpcad("run", "experiment=davide", f"data.source={davide_csv}", f"hydra.run.dir={run}", "compute.progress=false",
           "baselines.methods=[]", "report.enabled=false")
     m = json.loads((run / "metrics.json").read_text())
     assert m["splits"]["test"]["cost"] <= 200 < min(LECTURE_TEST_COSTS.values())
@@ -60,10 +60,10 @@ def test_msl_real_telemetry_train_then_score(tmp_path, msl_dir):
             shutil.copy(msl_dir / part / f"{c}.csv", tmp_path / part / f"{c}.csv")
     train = tmp_path / "msl-train"
     hpcad("train", "experiment=msl", f"data.source={tmp_path / 'train'}", f"hydra.run.dir={train}",
-          "train.progress=false", "train.epochs=5")
+          "compute.progress=false", "train.epochs=5")
     scored = tmp_path / "msl-test"
     hpcad("run", "experiment=msl_eval", f"data.source={tmp_path / 'test'}", f"train_run={train}",
-          f"hydra.run.dir={scored}", "train.progress=false", "baselines.methods=[iforest]", "report.enabled=false")
+          f"hydra.run.dir={scored}", "compute.progress=false", "baselines.methods=[iforest]", "report.enabled=false")
     m = json.loads((scored / "metrics.json").read_text())
     assert m["scope"] == "node" and "iforest" in m["baselines"]
     assert m["splits"]["eval"]["ranking"]["nodes"] == 3 and m["baselines"]["iforest"]["splits"]["eval"]["ranking"]

@@ -13,7 +13,8 @@ import torch
 
 from conftest import ROOT, SMALL, hpcad
 
-ARGS = [*SMALL, "baselines.methods=[]", "train.max_nodes_per_chunk=1"]  # one node per chunk: a kill lands mid-train
+# one node per chunk: a kill lands mid-train; no report but where the report's own fault point is tested
+ARGS = [*SMALL, "baselines.methods=[]", "compute.max_nodes_per_chunk=1", "report.enabled=false"]
 
 
 def _models(run):
@@ -40,7 +41,7 @@ def reference(tmp_path_factory):
 
 @pytest.mark.parametrize("sig, trigger", [(signal.SIGKILL, "trained 1/3 nodes"),  # mid-training
                                           (signal.SIGTERM, "trained 2/3 nodes"),  # preempted by SLURM
-                                          (signal.SIGKILL, "scored 3 nodes")])  # thresholds, alarms, report
+                                          (signal.SIGKILL, "scored 3 nodes")])  # thresholds, alarms
 def test_a_killed_run_reruns_to_the_uninterrupted_result(reference, tmp_path, sig, trigger):
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "hpcad", "run", *ARGS, f"hydra.run.dir={run}"], cwd=ROOT,
@@ -62,21 +63,21 @@ def test_a_killed_run_reruns_to_the_uninterrupted_result(reference, tmp_path, si
 def test_a_run_killed_as_it_publishes_an_output_reruns_to_the_uninterrupted_result(reference, tmp_path, fault):
     """The worst moment of each stage: its output fully written under a temporary name, not yet
     renamed (hpcad.atomic's fault point, HPCAD_FAULT)."""
-    run = tmp_path / "run"
-    killed = subprocess.run([sys.executable, "-m", "hpcad", "run", *ARGS, f"hydra.run.dir={run}"], cwd=ROOT,
+    run, extra = tmp_path / "run", ["report.enabled=true"] if fault == "report.html" else []
+    killed = subprocess.run([sys.executable, "-m", "hpcad", "run", *ARGS, *extra, f"hydra.run.dir={run}"], cwd=ROOT,
                             env=dict(os.environ, HPCAD_FAULT=fault), capture_output=True, text=True, timeout=300)
     expected = -signal.SIGTERM if fault.endswith(":TERM") else -signal.SIGKILL
     assert killed.returncode == expected, killed.stderr[-2000:]
     name = fault.split(":")[0]
     assert not (run / name).exists() and list(run.glob(f".{name}.*.tmp"))  # killed before publishing it
-    _rerun_matches(reference, run, resumed=name != "store.h5")
+    _rerun_matches(reference, run, resumed=name != "store.h5", extra=extra)
 
 
 def test_a_run_killed_inside_a_chunk_resumes_the_chunk_from_its_last_epoch_saved(reference, tmp_path):
-    """A chunk's state is saved after epochs (train.checkpoint_every_s; 0: every epoch): killed as
+    """A chunk's state is saved after epochs (compute.checkpoint_every_s; 0: every epoch): killed as
     the first chunk's third checkpoint is written, the rerun goes on from the second (epoch 2 of
     4) and ends with the uninterrupted run's models, bit for bit; no checkpoint is left."""
-    run, every_epoch = tmp_path / "run", "train.checkpoint_every_s=0"
+    run, every_epoch = tmp_path / "run", "compute.checkpoint_every_s=0"
     killed = subprocess.run([sys.executable, "-m", "hpcad", "run", *ARGS, every_epoch, f"hydra.run.dir={run}"],
                             cwd=ROOT, env=dict(os.environ, HPCAD_FAULT=".chunk-*@3"), capture_output=True,
                             text=True, timeout=300)
@@ -123,7 +124,7 @@ def _rerun_matches(reference, run, resumed: bool, extra: list[str] = ()) -> str:
     assert s_ref.keys() == s_got.keys() and all(np.array_equal(s_ref[n], s_got[n]) for n in s_ref)
     assert _thresholds(run) == _thresholds(reference)
     assert (run / "alarms.csv").read_text() == (reference / "alarms.csv").read_text()
-    assert (run / "report.html").exists()
+    assert (run / "report.html").exists() == ("report.enabled=true" in extra)
     stale = [p for p in run.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".ingest-")]
     assert not stale, stale
     return rerun.stdout + rerun.stderr

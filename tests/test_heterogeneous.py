@@ -19,7 +19,7 @@ def test_nodes_with_different_metric_sets_train_score_and_rescore(tmp_path):
     gpu = pd.DataFrame({"gpu_util": np.random.default_rng(0).uniform(0, 100, len(c))})
     pd.concat([c, gpu], axis=1).to_csv(files[2], index=False)  # node 2 has a GPU counter
     run = tmp_path / "run"
-    hpcad("run", f"data.source={exports}", "train.epochs=2", "train.progress=false", "baselines.methods=[]",
+    hpcad("run", f"data.source={exports}", "train.epochs=2", "compute.progress=false", "baselines.methods=[]",
           "report.enabled=false", f"hydra.run.dir={run}")
     store = TelemetryStore(run / "store.h5")
     assert set(lost) < set(store.metrics) and "gpu_util" in store.metrics
@@ -40,7 +40,7 @@ def test_nodes_with_different_metric_sets_train_score_and_rescore(tmp_path):
     later.mkdir()
     for f in files:
         pd.read_csv(f).drop(columns=["gpu_util"], errors="ignore").to_csv(later / f.name, index=False)
-    p = hpcad("score", f"data.source={later}", f"train_run={run}", "train.progress=false",
+    p = hpcad("score", f"data.source={later}", f"train_run={run}", "compute.progress=false",
               f"hydra.run.dir={tmp_path / 'later-run'}")
     assert "lacks 1 of the models' metrics" in p.stdout + p.stderr + (tmp_path / "later-run" / "cli.log").read_text()
     with h5py.File(tmp_path / "later-run" / "errors.h5") as f:

@@ -20,7 +20,7 @@ def scored_run(tmp_path_factory):
     hpcad("generate", f"generate.out={exports}", "data.synthetic.nodes=5", "data.synthetic.rows=300",
           f"hydra.run.dir={tmp / 'g'}")
     run = tmp / "run"
-    hpcad("run", f"data.source={exports}", f"hydra.run.dir={run}", "train.epochs=2", "train.progress=false",
+    hpcad("run", f"data.source={exports}", f"hydra.run.dir={run}", "train.epochs=2", "compute.progress=false",
           "baselines.methods=[]", "report.enabled=false")
     return run, exports
 

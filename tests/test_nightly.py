@@ -29,7 +29,7 @@ def site(tmp_path_factory):
     root = tmp_path_factory.mktemp("site")
     write_site(root, nodes=3, days=8, cut=CUT, drift_node="node0002", drift_row=288 * 4)
     hpcad("run", f"data.source={root / 'train'}", f"hydra.run.dir={root / 'trainrun'}", "train.epochs=8",
-          "train.progress=false", "baselines.methods=[]", "report.enabled=false")
+          "compute.progress=false", "baselines.methods=[]", "report.enabled=false")
     return root
 
 

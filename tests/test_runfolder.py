@@ -3,7 +3,7 @@ from conftest import hpcad
 
 from hpcad.runfolder import LOCK_NAME, exclusive_lock
 
-SMALL_STORE = ["data.synthetic.nodes=2", "data.synthetic.rows=200", "train.progress=false"]
+SMALL_STORE = ["data.synthetic.nodes=2", "data.synthetic.rows=200", "compute.progress=false"]
 
 
 def test_a_second_writer_gets_one_line_naming_the_holder_and_writes_nothing(tmp_path):
@@ -48,7 +48,7 @@ def test_one_minimum_of_training_rows_for_models_and_baselines(tmp_path):
                       **{m: np.random.default_rng(1).normal(size=rows) for m in ("a", "b", "c")}}).to_csv(
             src / f"{node}.csv", index=False)
     for stage in ("train", "baselines"):
-        p = hpcad(stage, f"data.source={src}", "data.format=wide", "train.progress=false",
+        p = hpcad(stage, f"data.source={src}", "data.format=wide", "compute.progress=false",
                   "baselines.methods=[pca]", f"hydra.run.dir={tmp_path / stage}", check=False)
         assert p.returncode == 2 and "node tiny: 6 training rows" in p.stderr, p.stderr
         assert f"fewer than the minimum of {MIN_TRAINING_ROWS}" in p.stderr

@@ -33,7 +33,7 @@ def _site(tmp_path):
     store_path = tmp_path / "store.h5"
     write_store(store_path, METRICS, nodes, "test")
     cfg = OmegaConf.structured(HpcadConfig)
-    cfg.train.device, cfg.train.progress, cfg.signal.excess_weight = "cpu", False, 10.0
+    cfg.compute.device, cfg.compute.progress, cfg.signal.excess_weight = "cpu", False, 10.0
     spec = AutoencoderSpec(hidden=[2])
     models = tmp_path / "models"
     for i, nd in enumerate(nodes):

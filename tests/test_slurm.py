@@ -17,7 +17,8 @@ def test_sbatch_train_all_nodes_matches_the_single_process_run(tmp_path, slurm_e
     exports = tmp_path / "exports"
     hpcad("generate", f"generate.out={exports}", "data.synthetic.nodes=16", "data.synthetic.rows=300",
           f"hydra.run.dir={tmp_path / 'g'}")
-    args = [f"data.source={exports}", "train.epochs=2", "train.progress=false", "baselines.methods=[]"]
+    args = [f"data.source={exports}", "train.epochs=2", "compute.progress=false", "baselines.methods=[]",
+            "report.max_nodes_plotted=2", "report.max_node_pages=2"]  # a report, but a small one
     single = tmp_path / "single"
     hpcad("run", f"hydra.run.dir={single}", *args, "report.enabled=false")  # the job's report is checked
     run = tmp_path / "slurm-run"
@@ -54,7 +55,7 @@ def test_ranks_with_empty_shards_and_a_mismatched_world(tmp_path, slurm_env):
     hpcad("generate", f"generate.out={exports}", "data.synthetic.nodes=3", "data.synthetic.rows=200",
           f"hydra.run.dir={tmp_path / 'g'}")
     cmd = ["srun", "-N1", "-n4", "python", "-m", "hpcad", "train", f"data.source={exports}",
-           f"hydra.run.dir={tmp_path / 'run'}", "train.epochs=1", "train.progress=false"]
+           f"hydra.run.dir={tmp_path / 'run'}", "train.epochs=1", "compute.progress=false"]
     p = subprocess.run(cmd, env=slurm_env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert len(list((tmp_path / "run" / "models").glob("*.pt"))) == 3  # rank 3 had no node and still finished
@@ -124,7 +125,7 @@ def test_submitit_launcher_runs_the_stage_as_a_slurm_job(tmp_path, slurm_env):
     exports = small_exports(tmp_path)
     run = tmp_path / "run"
     p = subprocess.run([*hpcad_cmd(), "train", "launcher=submitit", "launcher.tasks_per_node=2",
-                        f"data.source={exports}", f"hydra.run.dir={run}", "train.epochs=1", "train.progress=false"],
+                        f"data.source={exports}", f"hydra.run.dir={run}", "train.epochs=1", "compute.progress=false"],
                        env=slurm_env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "rank 0/2" in p.stdout
@@ -139,7 +140,7 @@ def test_submitit_launcher_runs_the_stage_as_a_slurm_job(tmp_path, slurm_env):
     assert "asks for no GPU (launcher.gpus_per_node=0)" in p.stdout + p.stderr  # not silently CPU
     # a job that fails says why, from its error log (not only where the logs are)
     bad = subprocess.run([*hpcad_cmd(), "train", "launcher=submitit", f"data.source={tmp_path / 'nowhere'}",
-                          f"hydra.run.dir={tmp_path / 'bad'}", "train.progress=false"],
+                          f"hydra.run.dir={tmp_path / 'bad'}", "compute.progress=false"],
                          env=slurm_env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert bad.returncode == 2 and "_0_log.err" in bad.stderr and "does not exist" in bad.stderr, bad.stderr[-2000:]
 
@@ -149,7 +150,7 @@ def test_hydra_sweep_through_submitit_slurm_ranks_the_points(tmp_path, slurm_env
     sweep = tmp_path / "sweep"
     p = subprocess.run([*hpcad_cmd(), "run", "-m", "train.epochs=1,0", "hydra/launcher=submitit_slurm",
                         f"hydra.sweep.dir={sweep}", f"data.source={exports}",
-                        "train.progress=false", "baselines.methods=[]", "report.enabled=false"],
+                        "compute.progress=false", "baselines.methods=[]", "report.enabled=false"],
                        env=slurm_env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert (sweep / "0" / "metrics.json").exists() and not (sweep / "1" / "metrics.json").exists()
     assert list((sweep / ".submitit").iterdir())  # each point was a SLURM job
@@ -166,7 +167,7 @@ def test_threshold_fit_under_srun_mpi_pmi2(tmp_path, slurm_env):
     exports = small_exports(tmp_path)
     run = tmp_path / "run"
     args = ["threshold", f"hydra.run.dir={run}", f"data.source={exports}", "threshold.scope=cluster"]
-    hpcad("run", f"data.source={exports}", f"hydra.run.dir={run}", "train.epochs=1", "train.progress=false",
+    hpcad("run", f"data.source={exports}", f"hydra.run.dir={run}", "train.epochs=1", "compute.progress=false",
           "baselines.methods=[]", "report.enabled=false", "threshold.scope=cluster")
     single = json.loads((run / "thresholds.json").read_text())
     p = subprocess.run(["srun", "--mpi=pmi2", "-N1", "-n2", *hpcad_cmd(), *args], env=slurm_env,
@@ -182,7 +183,7 @@ def test_fleet_model_trains_with_ddp_on_two_gloo_ranks(tmp_path, slurm_env):
     exports = small_exports(tmp_path, nodes=5)
     run = tmp_path / "fleet"
     p = subprocess.run(["srun", "-N1", "-n2", *hpcad_cmd(), "train", "model.scope=fleet", f"data.source={exports}",
-                        f"hydra.run.dir={run}", "train.epochs=3", "train.progress=false"],
+                        f"hydra.run.dir={run}", "train.epochs=3", "compute.progress=false"],
                        env=slurm_env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     models = slurm_models(run)
@@ -200,7 +201,7 @@ def test_rank_0_input_error_reaches_every_rank_as_one_clean_exit(tmp_path, slurm
     """#16 item 12: a bad data.source used to end in the waiting ranks' gloo "Connection closed by
     peer" tracebacks (exit 1); now every rank exits 2 with the cause."""
     p = subprocess.run(["srun", "-N1", "-n2", *hpcad_cmd(), "train", "data.source=/nonexistent/exports",
-                        f"hydra.run.dir={tmp_path / 'run'}", "train.progress=false"],
+                        f"hydra.run.dir={tmp_path / 'run'}", "compute.progress=false"],
                        env=slurm_env, capture_output=True, text=True, timeout=300)
     out = p.stdout + p.stderr
     assert p.returncode == 2 and "Traceback" not in out and "Connection" not in out, out[-3000:]

@@ -14,8 +14,8 @@ def test_requeued_job_skips_finished_nodes_and_ends_with_the_same_result(tmp_pat
     exports = tmp_path / "exports"
     hpcad("generate", f"generate.out={exports}", "data.synthetic.nodes=8", "data.synthetic.rows=1000",
           f"hydra.run.dir={tmp_path / 'g'}")
-    args = [f"data.source={exports}", "train.epochs=10", "train.patience=20", "train.max_nodes_per_chunk=1",
-            "train.progress=false", "baselines.methods=[]", "report.enabled=false"]
+    args = [f"data.source={exports}", "train.epochs=10", "train.patience=20", "compute.max_nodes_per_chunk=1",
+            "compute.progress=false", "baselines.methods=[]", "report.enabled=false"]
     run = tmp_path / "run"
     env = dict(slurm_env, HPCAD_RUN_DIR=str(run))
     sub = subprocess.run(["sbatch", "--parsable", "--ntasks-per-node=2", "-o", str(tmp_path / "job-%j.out"),
@@ -56,10 +56,10 @@ def test_requeued_job_skips_finished_nodes_and_ends_with_the_same_result(tmp_pat
 def test_score_all_nodes_scores_new_data_with_trained_models(tmp_path, slurm_env):
     exports = small_exports(tmp_path)
     train = tmp_path / "train"
-    hpcad("train", f"data.source={exports}", f"hydra.run.dir={train}", "train.epochs=1", "train.progress=false")
+    hpcad("train", f"data.source={exports}", f"hydra.run.dir={train}", "train.epochs=1", "compute.progress=false")
     run = tmp_path / "scored"
     job = sbatch_wait(["--ntasks-per-node=2", "-o", str(tmp_path / "score.out"), str(ROOT / "slurm" / "score_all_nodes.sh"),
-                       f"train_run={train}", f"data.source={exports}", "train.progress=false", "baselines.methods=[]"],
+                       f"train_run={train}", f"data.source={exports}", "compute.progress=false", "baselines.methods=[]"],
                       env=dict(slurm_env, HPCAD_RUN_DIR=str(run)), cwd=tmp_path)
     assert job.returncode == 0, (tmp_path / "score.out").read_text()[-3000:]
     assert len(list(run.glob("errors-rank*.h5"))) == 2 and (run / "report.html").exists()
@@ -74,7 +74,7 @@ def test_nightly_job_scores_through_sbatch(tmp_path, slurm_env):
 
     write_site(tmp_path, nodes=4, days=3, cut="2025-01-08")
     hpcad("run", f"data.source={tmp_path / 'train'}", f"hydra.run.dir={tmp_path / 'trainrun'}", "train.epochs=2",
-          "train.progress=false", "baselines.methods=[]", "report.enabled=false")
+          "compute.progress=false", "baselines.methods=[]", "report.enabled=false")
     out = tmp_path / "nightly"
     env = nightly_env_file(tmp_path, out, extra="nightly.job_tasks=2 nightly.job_mem_mb=1500",
                            more=f"HPCAD_SLURM=1\nSLURM_CONF={slurm_env['SLURM_CONF']}\n")
@@ -103,7 +103,7 @@ def test_a_sites_copy_of_the_script_on_a_cpu_partition_runs_unedited(tmp_path, s
     run = tmp_path / "run"
     job = sbatch_wait(["--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1",
                        "-o", str(tmp_path / "job.out"), str(site / "train_cpu.sh"), f"data.source={exports}",
-                       "train.epochs=1", "train.progress=false", "baselines.methods=[]", "report.enabled=false"],
+                       "train.epochs=1", "compute.progress=false", "baselines.methods=[]", "report.enabled=false"],
                       env=dict(slurm_env, HPCAD_RUN_DIR=str(run)), cwd=tmp_path)
     log = (tmp_path / "job.out").read_text() if (tmp_path / "job.out").exists() else ""
     assert job.returncode == 0, job.stderr + log[-3000:]

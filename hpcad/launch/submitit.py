@@ -47,7 +47,7 @@ class SubmititLauncher:
         from hpcad.errors import HpcadError
 
         run_dir.mkdir(parents=True, exist_ok=True)
-        if "gpus_per_node" not in self.params and str(cfg.train.device) != "cpu":
+        if "gpus_per_node" not in self.params and str(cfg.compute.device) != "cpu":
             log.warning("the job asks for no GPU (launcher.gpus_per_node=0): its ranks will run on CPU; on a GPU "
                         "partition set launcher.gpus_per_node (e.g. = launcher.tasks_per_node)")
         ex = submitit.AutoExecutor(folder=run_dir / "submitit" / "%j", cluster=self.cluster)

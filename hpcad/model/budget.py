@@ -5,8 +5,8 @@ On CPU the chunk's rows live in host memory three times (as read from the store,
 tensor, in the epoch's shuffled copy). On CUDA the host holds the prepared rows of the chunk once,
 and the device holds the chunk tensor, the epoch's shuffled copy, the gathered validation rows,
 the int64 sort keys of the shuffle, and seven copies of the parameters (weights, gradients, Adam's
-two moments, best weights, gradient scratch, the initial weights). ``train.memory_budget_mb`` bounds
-the host side and ``train.device_memory_mb`` the device side; unset, they come from the machine
+two moments, best weights, gradient scratch, the initial weights). ``compute.memory_budget_mb`` bounds
+the host side and ``compute.device_memory_mb`` the device side; unset, they come from the machine
 (half of the host's available memory shared by the ranks on the node; 90 % of the device's free
 memory), so a default run fills a 40, 64 or 80 GB A100 without running out on the smallest.
 Scoring sizes its chunks from the same budgets with its own per-node need (no optimiser state, no
@@ -26,12 +26,12 @@ from hpcad.model.ensemble import VAL_BLOCK
 from hpcad.preprocess import fit_rows
 
 log = logging.getLogger(__name__)
-DEVICE_SHARE = 0.9  # of the device's free memory, when train.device_memory_mb is unset
+DEVICE_SHARE = 0.9  # of the device's free memory, when compute.device_memory_mb is unset
 HOST_SHARE = 0.5  # of the host's available memory (split among the node's ranks), when memory_budget_mb is unset
 
 
 def default_chunk_cap(device: torch.device, stage: str = "train") -> int:
-    """Nodes per chunk when ``train.max_nodes_per_chunk`` is unset. One policy, one exception:
+    """Nodes per chunk when ``compute.max_nodes_per_chunk`` is unset. One policy, one exception:
     training on CPU takes 32, because its optimiser streams all K models' weights every step and CPU
     caches favour small chunks; everything else (training on a GPU, scoring anywhere: a forward
     pass, no optimiser) takes as many as fit, up to 4,096."""
@@ -112,17 +112,17 @@ class Budget:
 
     @classmethod
     def resolve(cls, tc, device: torch.device) -> "Budget":
-        """The budgets for training on ``device`` from ``train.memory_budget_mb`` and
-        ``train.device_memory_mb`` (unset: from the machine; see the module docstring)."""
+        """The budgets for training on ``device`` from ``compute.memory_budget_mb`` and
+        ``compute.device_memory_mb`` (unset: from the machine; see the module docstring)."""
         host_mb, how = getattr(tc, "memory_budget_mb", None), []
         if host_mb is None:
             ranks = local_ranks()
             host_mb = HOST_SHARE * available_host_mb() / ranks
             how.append(f"host {host_mb:.0f} MB (half the available memory / {ranks} ranks)")
         elif host_mb <= 0:
-            raise ConfigError(f"train.memory_budget_mb={host_mb}: must be > 0 (or null: from the machine)")
+            raise ConfigError(f"compute.memory_budget_mb={host_mb}: must be > 0 (or null: from the machine)")
         else:
-            how.append(f"host {host_mb} MB (train.memory_budget_mb)")
+            how.append(f"host {host_mb} MB (compute.memory_budget_mb)")
         dev_mb = getattr(tc, "device_memory_mb", None)
         if device.type != "cuda":
             dev_bytes = None
@@ -133,10 +133,10 @@ class Budget:
             dev_bytes = int(DEVICE_SHARE * (free + held))
             how.append(f"device {dev_bytes / 2**20:.0f} MB ({DEVICE_SHARE:.0%} of free memory on {device})")
         elif dev_mb <= 0:
-            raise ConfigError(f"train.device_memory_mb={dev_mb}: must be > 0 (or null: from the device)")
+            raise ConfigError(f"compute.device_memory_mb={dev_mb}: must be > 0 (or null: from the device)")
         else:
             dev_bytes = int(dev_mb * 2**20)
-            how.append(f"device {dev_mb} MB (train.device_memory_mb)")
+            how.append(f"device {dev_mb} MB (compute.device_memory_mb)")
         return cls(int(host_mb * 2**20), dev_bytes, ", ".join(how))
 
     def chunk_size(self, n_rows: int, n_metrics: int, spec: AutoencoderSpec, batch: int, cap: int,

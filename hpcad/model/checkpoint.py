@@ -1,4 +1,4 @@
-"""Checkpoints inside a training chunk: a kill loses at most ``train.checkpoint_every_s`` seconds
+"""Checkpoints inside a training chunk: a kill loses at most ``compute.checkpoint_every_s`` seconds
 plus one epoch of a chunk's training, not the whole chunk.
 
 A chunk's batched state (every model's weights, Adam moments and step count, best weights,

@@ -72,14 +72,15 @@ class TrainResult:
 
 def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[int], cfg,
                    device: torch.device, progress=None, workspace: Workspace | None = None,
-                   checkpoint: ChunkCheckpoint | None = None) -> TrainResult:
+                   checkpoint: ChunkCheckpoint | None = None, precision: str = "fp32") -> TrainResult:
     """Train one model per entry of ``data`` (standardised training rows [n_k, M]) together.
 
     Once a quarter of the chunk's models have stopped early, their results are taken out and the
     rest is compacted, so stopped models stop costing matmuls. ``workspace``: scratch buffers to
     reuse across calls (chunks); a fresh one when omitted. ``checkpoint``: where the chunk's state
     is saved after epochs (when due) and resumed from (hpcad/model/checkpoint.py); a resumed chunk
-    ends bit-identical to an uninterrupted one."""
+    ends bit-identical to an uninterrupted one. ``precision`` (``compute.precision``): fp32, tf32
+    (CUDA matmuls in TF32) or bf16 (the steps' matmuls in bfloat16)."""
     K = len(data)
     M = data[0].shape[1]
     B = int(cfg.batch_size)
@@ -122,8 +123,8 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
     row_idx = torch.arange(Nmax, device=device)[None, :]
     l1 = float(spec.code_l1)
     noise = float(getattr(cfg, "input_noise", 0.0))
-    tf32 = tf32_context(getattr(cfg, "precision", "fp32"), device)  # bf16: the step casts its own matmuls
-    cdt = torch.bfloat16 if getattr(cfg, "precision", "fp32") == "bf16" else torch.float32
+    tf32 = tf32_context(precision, device)  # bf16: the step casts its own matmuls
+    cdt = torch.bfloat16 if precision == "bf16" else torch.float32
 
     def finish(idx: list[int]) -> None:
         """Take out the kept weights (best or latest) and signal level of the models at ``idx``."""
@@ -494,7 +495,7 @@ class _Backprop:
     same as autograd through ``forward`` (test_ensemble checks both against a plain loop), without
     building a graph for a few tiny matmuls per step. The row weights of the output layer are folded
     into its narrower input (hidden width, not metric count). Matmuls run in ``cdt`` (float32, or
-    bfloat16 for ``train.precision=bf16``) into reused buffers; everything else in float32.
+    bfloat16 for ``compute.precision=bf16``) into reused buffers; everything else in float32.
     """
 
     def __init__(self, params: list[torch.Tensor], grads: list[torch.Tensor], batch: int, n_encoder: int,
