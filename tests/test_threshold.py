@@ -193,6 +193,29 @@ def test_thresholds_that_never_or_always_alarm_are_reported(caplog):
     assert check_thresholds(th, lambda: iter(others))["verdict"] == "always_alarm"
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_threshold_free_figures_equal_scikit_learns(seed):
+    """hpcad computes AP, ROC-AUC and best F1 itself (scikit-learn costs a second to import in every
+    score and threshold process); they are scikit-learn's figures, ties and NaN rows included."""
+    from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+
+    from hpcad.threshold.quality import average_precision, ranking
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(20, 2000))
+    x = rng.normal(size=n)
+    x = np.round(x, 1) if seed % 2 else x  # many ties
+    x[rng.integers(0, n, 3)] = np.nan  # ranked lowest
+    y = rng.random(n) < [0.02, 0.1, 0.3][seed % 3]
+    y[0], y[1] = True, False
+    r = ranking(x, y.astype(np.int8))
+    xs = np.nan_to_num(x, nan=0.0)
+    p, rc, _ = precision_recall_curve(y, xs)
+    assert r["ap"] == average_precision(x, y) == average_precision_score(y, xs)
+    assert r["best_f1"] == np.max(2 * p * rc / np.maximum(p + rc, 1e-12))
+    assert r["roc_auc"] == pytest.approx(roc_auc_score(y, xs), abs=1e-12)
+
+
 def test_threshold_free_figures_and_detection_delay():
     from hpcad.threshold.quality import macro, ranking
 
