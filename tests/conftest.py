@@ -14,6 +14,23 @@ from hpcad.config import DataConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
+# One thread per process (torch, numpy, the hpcad subprocesses, which inherit it): the two test
+# workers already keep both cores busy, and two processes each spinning two OpenMP threads on two
+# cores slowed some tests 2-3x. A value set by the caller is kept.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# The longest test files first (seconds of test time on 2 cores, measured): `--dist loadfile` hands
+# files to the two workers in collection order, and a long file taken last leaves one worker idle
+# while the other finishes it (longest-first keeps the two within about one short file).
+LONGEST_FIRST = ["test_slurm_jobs.py", "test_slurm.py", "test_cli.py", "test_nightly.py", "test_faults.py",
+                 "test_experiments.py", "test_bench.py", "test_runfolder.py", "test_mpi.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file kept
+
+
 # Small, fast settings for end-to-end runs on generated data.
 SMALL = ["data.synthetic.nodes=3", "data.synthetic.rows=400", "train.epochs=4", "compute.progress=false",
          "baselines.methods=[kde]", "report.max_nodes_plotted=2"]
@@ -87,7 +104,7 @@ def nightly_env_file(site: Path, out: Path, extra: str = "", tz: str = "UTC", na
     """An env file for jobs/nightly_rescore.sh over a :func:`write_site` site trained in site/trainrun."""
     f = out.parent / f"{name or out.name}.env"
     f.write_text(f"HPCAD_VENV={Path(sys.executable).parent.parent}\nHPCAD_TRAIN_RUN={site / 'trainrun'}\n"
-                 f"HPCAD_INPUT={site / 'daily'}/{{date}}\nHPCAD_OUT={out}\nHPCAD_TZ={tz}\nHPCAD_THREADS=2\n"
+                 f"HPCAD_INPUT={site / 'daily'}/{{date}}\nHPCAD_OUT={out}\nHPCAD_TZ={tz}\nHPCAD_THREADS=1\n"
                  f'HPCAD_OVERRIDES="{extra}"\n{more}')
     return f
 
