@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -33,6 +34,9 @@ from hpcad.preprocess import (Scaler, check_training_rows, fill_gaps, fit_rows, 
                               windows)
 from hpcad.errorstore import NodeSignal, write_signal_file
 from hpcad.signals import smooth_signal
+
+if TYPE_CHECKING:
+    from hpcad.config import HpcadConfig
 
 log = logging.getLogger(__name__)
 METHODS = ("kde", "iforest", "pca", "knn")
@@ -107,7 +111,7 @@ def _fit(method: str, train: np.ndarray, hold: np.ndarray, bc, seed: int):
     raise ConfigError(f"baselines.methods: unknown method {method!r} ({', '.join(METHODS)})")
 
 
-def baseline_signals(method: str, cfg, fit_store: TelemetryStore, eval_store: TelemetryStore,
+def baseline_signals(method: str, cfg: HpcadConfig, fit_store: TelemetryStore, eval_store: TelemetryStore,
                      progress: bool = False) -> Iterator[NodeSignal]:
     bc = cfg.baselines
     rng = np.random.default_rng(bc.seed)
@@ -141,7 +145,7 @@ def baseline_signals(method: str, cfg, fit_store: TelemetryStore, eval_store: Te
         yield NodeSignal(node, sig, split_codes(nd, cfg.split), nd.labels, nd.timestamp, scale)
 
 
-def _train_codes(nd, cfg) -> np.ndarray:
+def _train_codes(nd, cfg: HpcadConfig) -> np.ndarray:
     """A training run's own split, as the models of ``train_run`` saw it."""
     from omegaconf import OmegaConf
 
@@ -151,7 +155,8 @@ def _train_codes(nd, cfg) -> np.ndarray:
     return split_codes(nd, OmegaConf.merge(cfg.split, tcfg.split) if tcfg is not None else cfg.split)
 
 
-def run_baselines(cfg, fit_store: TelemetryStore, eval_store: TelemetryStore, out_dir: Path) -> dict[str, Path]:
+def run_baselines(cfg: HpcadConfig, fit_store: TelemetryStore, eval_store: TelemetryStore,
+                  out_dir: Path) -> dict[str, Path]:
     out: dict[str, Path] = {}
     bc = cfg.baselines
     if len(eval_store.nodes) > bc.max_nodes:

@@ -19,6 +19,7 @@ import resource
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -34,6 +35,9 @@ from hpcad.model.ensemble import Workspace, member_seed, node_seed, train_ensemb
 from hpcad.preprocess import Scaler, fit_rows, windows
 from hpcad.train import model_spec
 
+if TYPE_CHECKING:
+    from hpcad.config import BenchConfig, HpcadConfig
+
 log = logging.getLogger(__name__)
 
 
@@ -41,7 +45,7 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def bench_pool(b, cfg) -> list[np.ndarray]:
+def bench_pool(b: BenchConfig, cfg: HpcadConfig) -> list[np.ndarray]:
     """Standardised [rows, metrics] matrices of ``b.pool`` distinct synthetic nodes."""
     pool = []
     for i in range(min(b.pool, b.nodes)):
@@ -105,7 +109,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_train(cfg, run_dir: Path) -> dict:
+def bench_train(cfg: HpcadConfig, run_dir: Path) -> dict:
     """Times ``bench.nodes`` nodes with the configured model: a node with ``model.members`` R is R
     models on both sides (batched: R slots of the chunk; naive: R plain models one after another),
     and ``model.window`` w feeds both sides the same w-row windows."""
@@ -199,7 +203,7 @@ def bench_train(cfg, run_dir: Path) -> dict:
     return out
 
 
-def bench_score(cfg, run_dir: Path) -> dict:
+def bench_score(cfg: HpcadConfig, run_dir: Path) -> dict:
     """Time the real score stage on ``bench.nodes`` nodes x ``bench.rows`` rows (e.g. one day: 288)."""
     from hpcad.data.store import TelemetryStore, write_store
     from hpcad.data.node import NodeData
@@ -279,7 +283,7 @@ def _ingest_child(data_cfg, store: str, conn) -> None:
                "peak_rss_mb": res.getrusage(res.RUSAGE_SELF).ru_maxrss / 1024.0})
 
 
-def bench_ingest(cfg, run_dir: Path) -> dict:
+def bench_ingest(cfg: HpcadConfig, run_dir: Path) -> dict:
     """Generate a long-format input (kept across reruns) and time its ingestion in a fresh process,
     whose peak RSS is the figure that must stay bounded by the bucket size, not the input size."""
     import multiprocessing as mp
@@ -322,7 +326,7 @@ def bench_ingest(cfg, run_dir: Path) -> dict:
     return out
 
 
-def bench_report(cfg, run_dir: Path) -> dict:
+def bench_report(cfg: HpcadConfig, run_dir: Path) -> dict:
     """Time ``report.html`` and its node pages for a night of ``bench.nodes`` nodes x ``bench.rows``
     rows x ``bench.metrics`` metrics with ``bench.alarms`` alarmed nodes (synthetic per-metric errors:
     each alarmed node gets one 30-row burst on 5 metrics)."""
@@ -388,7 +392,7 @@ def bench_report(cfg, run_dir: Path) -> dict:
     return out
 
 
-def run_bench(cfg, run_dir: Path) -> dict:
+def run_bench(cfg: HpcadConfig, run_dir: Path) -> dict:
     from hpcad.drift_study import run_drift_study
 
     modes = {"train": bench_train, "score": bench_score, "ingest": bench_ingest, "drift": run_drift_study,

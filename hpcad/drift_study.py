@@ -19,6 +19,7 @@ cost (hpcad.threshold.cost), and the fit time.
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import time
 from pathlib import Path
@@ -36,6 +37,9 @@ from hpcad.model.ensemble import node_seed, train_ensemble
 from hpcad.preprocess import Scaler, fit_rows
 from hpcad.threshold.cost import CostModel, Scores, score_rows
 from hpcad.train import model_spec
+
+if TYPE_CHECKING:
+    from hpcad.config import HpcadConfig
 
 DAY = 288
 SHIFT = {"temp": ("add", 6.0), "gpu_temp": ("add", 6.0), "pow": ("mul", 1.15), "fan": ("mul", 1.10),
@@ -61,7 +65,7 @@ def _signal(params, n_enc: int, x: np.ndarray, lm: LightMap | None = None) -> np
     return ((recon - torch.from_numpy(x).double()) ** 2).sum(1).numpy()
 
 
-def run_drift_study(cfg, run_dir: Path, train_days: int = 7, test_days: int = 7) -> dict:
+def run_drift_study(cfg: HpcadConfig, run_dir: Path, train_days: int = 7, test_days: int = 7) -> dict:
     b = cfg.bench
     # the study measures light retraining of one plain per-row model per node
     spec = dataclasses.replace(model_spec(cfg), members=1, window=1)

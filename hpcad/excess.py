@@ -23,6 +23,7 @@ import json
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -31,6 +32,9 @@ from hpcad.errors import ConfigError
 from hpcad.preprocess import VAL, split_codes
 from hpcad.signals import signal_level, smooth_signal
 from hpcad.threshold.quality import average_precision
+
+if TYPE_CHECKING:
+    from hpcad.config import HpcadConfig
 
 log = logging.getLogger(__name__)
 AUTO = "auto"
@@ -56,7 +60,8 @@ def candidates(sig_cfg) -> list[float]:
     return sorted(set(grid))
 
 
-def choose(cfg, store, node_errors: Callable[[], Iterator[tuple]], fallback: float | None) -> tuple[float, dict | None]:
+def choose(cfg: HpcadConfig, store, node_errors: Callable[[], Iterator[tuple]],
+           fallback: float | None) -> tuple[float, dict | None]:
     """The weight to score with, and the record of how it was chosen (None when it was fixed).
 
     ``node_errors()`` yields ``(model, node data, reconstruction errors, squared excess, missing

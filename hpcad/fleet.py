@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,6 +20,9 @@ import torch.distributed as tdist
 from hpcad.model.autoencoder import AutoencoderSpec, glorot_init
 from hpcad.model.files import NodeModel, model_path
 from hpcad.preprocess import fit_rows
+
+if TYPE_CHECKING:
+    from hpcad.config import HpcadConfig
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +50,7 @@ def _allreduce(t: torch.Tensor, op=None) -> torch.Tensor:
     return t
 
 
-def train_fleet(cfg, store, models_dir, nodes: list[str], device: torch.device, rank: int = 0) -> dict:
+def train_fleet(cfg: HpcadConfig, store, models_dir, nodes: list[str], device: torch.device, rank: int = 0) -> dict:
     from hpcad.train import model_spec, prepare_training_rows
 
     spec = model_spec(cfg)

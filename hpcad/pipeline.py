@@ -32,12 +32,13 @@ from hpcad.threshold.reduce import reducer
 from hpcad.threshold.rules import Thresholds
 
 if TYPE_CHECKING:
+    from hpcad.config import HpcadConfig
     import torch
 
 log = logging.getLogger(__name__)
 
 
-def _train_run(cfg) -> Path | None:
+def _train_run(cfg: HpcadConfig) -> Path | None:
     if not cfg.train_run:
         return None
     p = Path(cfg.train_run).expanduser().resolve()
@@ -46,17 +47,18 @@ def _train_run(cfg) -> Path | None:
     return p
 
 
-def models_dir(cfg, run_dir: Path) -> Path:
+def models_dir(cfg: HpcadConfig, run_dir: Path) -> Path:
     tr = _train_run(cfg)
     return (tr if tr is not None else run_dir) / "models"
 
 
-def stage_ingest(cfg, run_dir: Path) -> TelemetryStore:
+def stage_ingest(cfg: HpcadConfig, run_dir: Path) -> TelemetryStore:
     return TelemetryStore(ingest(cfg.data, run_dir / "store.h5"))
 
 
 @contextmanager
-def ranked_share(cfg, run_dir: Path) -> Iterator[tuple[dist.World, torch.device, TelemetryStore, list[str]]]:
+def ranked_share(cfg: HpcadConfig,
+                 run_dir: Path) -> Iterator[tuple[dist.World, torch.device, TelemetryStore, list[str]]]:
     """This process's rank, device, the store and its share of the nodes (all of them in one process).
 
     Across ranks: rank 0 ingests while the others wait (one writer per file), the nodes are split
@@ -87,7 +89,7 @@ def ranked_share(cfg, run_dir: Path) -> Iterator[tuple[dist.World, torch.device,
         dist.finish()
 
 
-def stage_train(cfg, run_dir: Path) -> dict:
+def stage_train(cfg: HpcadConfig, run_dir: Path) -> dict:
     """Train every node's model; under srun/torchrun each rank trains its balanced share of nodes."""
     if cfg.train_run:
         raise ConfigError("train_run is set: this run scores with existing models; drop it to train")
@@ -111,7 +113,7 @@ def stage_train(cfg, run_dir: Path) -> dict:
         return out
 
 
-def stage_score(cfg, run_dir: Path) -> Path:
+def stage_score(cfg: HpcadConfig, run_dir: Path) -> Path:
     """Score every node; under srun/torchrun each rank writes ``errors-rank<r>.h5`` for its share and
     rank 0 then writes ``errors.h5`` as an index of external links (one writer per file)."""
     from hpcad.score import score_nodes, write_index
@@ -134,7 +136,7 @@ def stage_score(cfg, run_dir: Path) -> Path:
         return out
 
 
-def stage_baselines(cfg, run_dir: Path) -> dict:
+def stage_baselines(cfg: HpcadConfig, run_dir: Path) -> dict:
     if not cfg.baselines.methods:
         return {}
     store = stage_ingest(cfg, run_dir)
@@ -158,7 +160,7 @@ def _errors(run_dir: Path) -> ErrorStore:
     return ErrorStore(path)
 
 
-def stage_threshold(cfg, run_dir: Path) -> dict:
+def stage_threshold(cfg: HpcadConfig, run_dir: Path) -> dict:
     """Fit thresholds, then write alarms and scores. Under mpiexec or ``srun --mpi=pmi2`` every rank
     fits on its share of the nodes and the ranks reduce (docs/cluster.md); rank 0 writes the outputs."""
     errors = _errors(run_dir)
@@ -209,7 +211,7 @@ def stage_threshold(cfg, run_dir: Path) -> dict:
     return result
 
 
-def stage_report(cfg, run_dir: Path) -> Path | None:
+def stage_report(cfg: HpcadConfig, run_dir: Path) -> Path | None:
     if not cfg.report.enabled:
         return None
     from hpcad.report import write_report
@@ -225,7 +227,7 @@ def stage_report(cfg, run_dir: Path) -> Path | None:
     return write_report(cfg, run_dir, errors, models_dir(cfg, run_dir))
 
 
-def _same_models(cfg, run_dir: Path, errors: ErrorStore) -> None:
+def _same_models(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore) -> None:
     """Refuse errors scored with other model files than the run's models folder now holds."""
     md = models_dir(cfg, run_dir)
     stamp = errors.attrs.get("models_stamp")
@@ -234,7 +236,7 @@ def _same_models(cfg, run_dir: Path, errors: ErrorStore) -> None:
                          f"rerun `hpcad score` with hydra.run.dir={run_dir}, or `hpcad run`")
 
 
-def stage_run(cfg, run_dir: Path) -> dict:
+def stage_run(cfg: HpcadConfig, run_dir: Path) -> dict:
     """All stages in order (training is skipped when ``train_run`` provides the models)."""
     out: dict = {}
     stage_ingest(cfg, run_dir)
@@ -247,7 +249,7 @@ def stage_run(cfg, run_dir: Path) -> dict:
     return out
 
 
-def stage_generate(cfg, run_dir: Path) -> list[Path]:
+def stage_generate(cfg: HpcadConfig, run_dir: Path) -> list[Path]:
     """Write the synthetic data set as export files (``generate.out``, default: the run folder)."""
     from hpcad.data.synthetic import write_exports
 
@@ -262,13 +264,13 @@ def stage_generate(cfg, run_dir: Path) -> list[Path]:
     return files
 
 
-def stage_bench(cfg, run_dir: Path) -> dict:
+def stage_bench(cfg: HpcadConfig, run_dir: Path) -> dict:
     from hpcad.bench import run_bench
 
     return run_bench(cfg, run_dir)
 
 
-def stage_nightly(cfg, run_dir: Path) -> dict:
+def stage_nightly(cfg: HpcadConfig, run_dir: Path) -> dict:
     """Re-score a night (or a range) with a trained run: hpcad/nightly/, jobs/nightly_rescore.sh."""
     from hydra.core.hydra_config import HydraConfig
 
@@ -281,7 +283,7 @@ def stage_nightly(cfg, run_dir: Path) -> dict:
 def _one_writer(stage: str, fn: Callable[[Any, Path], Any]) -> Callable[[Any, Path], Any]:
     """``fn`` holding the run folder's writer lock (hpcad/runfolder.py)."""
     @functools.wraps(fn)
-    def locked(cfg, run_dir: Path):
+    def locked(cfg: HpcadConfig, run_dir: Path):
         with runfolder.writer(run_dir, stage):
             return fn(cfg, run_dir)
     return locked

@@ -14,12 +14,16 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from hpcad.data.node import NodeData
 from hpcad.errors import ConfigError
+
+if TYPE_CHECKING:
+    from hpcad.config import PreprocessConfig
 
 log = logging.getLogger(__name__)
 TRAIN, VAL, TEST = 0, 1, 2
@@ -159,7 +163,8 @@ class Scaler:
             self.absent = np.zeros(self.mean.shape, dtype=bool)
 
     @classmethod
-    def fit(cls, values: np.ndarray, cfg, where: str = "", names: list[str] | None = None) -> "Scaler":
+    def fit(cls, values: np.ndarray, cfg: PreprocessConfig, where: str = "",
+            names: list[str] | None = None) -> "Scaler":
         if values.shape[0] == 0:
             raise ConfigError(f"{where}: no training rows to fit the standardisation on "
                               f"(check split.* and the labels)")

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -21,6 +22,9 @@ from hpcad.atomic import write_text  # noqa: E402
 from hpcad.model.files import NodeModel, model_path  # noqa: E402
 from hpcad.errorstore import ErrorStore  # noqa: E402
 from hpcad.threshold.rules import Thresholds  # noqa: E402
+
+if TYPE_CHECKING:
+    from hpcad.config import HpcadConfig
 
 CLASS_NAMES = {"0": "normal", "1": "class 1 (e.g. power-saving governor)", "2": "class 2 (e.g. performance governor)",
                "3": "class 3 (e.g. memory leak)", "4": "class 4 (e.g. CPU contention)"}
@@ -366,7 +370,7 @@ def _node_page(job: tuple, node: str, mine: list[dict], history: list[list] | No
     write_text(run_dir / "nodes" / f"{node}.html", _page(f"{node} - {title}", parts))
 
 
-def write_report(cfg, run_dir: Path, errors: ErrorStore, models_dir: Path, title: str = "hpcad report",
+def write_report(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, models_dir: Path, title: str = "hpcad report",
                  extra: list[str] | None = None, folder: Path | None = None,
                  node_history: dict[str, list[list]] | None = None) -> Path:
     """The run's (or a night's) report; ``extra`` HTML sections go after the overview; ``folder`` is

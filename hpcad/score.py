@@ -21,6 +21,7 @@ import datetime as dt
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
@@ -43,13 +44,16 @@ from hpcad.model.files import NodeModel, model_path, models_stamp
 from hpcad.preprocess import fill_gaps, split_codes, windows
 from hpcad.signals import signal_level, smooth_signal
 
+if TYPE_CHECKING:
+    from hpcad.config import HpcadConfig
+
 log = logging.getLogger(__name__)
 ERROR_DTYPES = {"float32": np.float32, "float16": np.float16}
 ROW_BLOCK = 8192
 
 
-def score_nodes(cfg, store: TelemetryStore, models_dir: Path, out_path: Path, nodes: list[str] | None = None,
-                device: torch.device | None = None, light: Callable[[str], LightMap | None] | None = None,
+def score_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, out_path: Path,
+                nodes: list[str] | None = None, device: torch.device | None = None, light: Callable[[str], LightMap | None] | None = None,
                 excess_fallback: float | None = None) -> int:
     """Score ``nodes`` (default: all) of ``store`` with their models, K nodes per batched forward pass.
 
@@ -103,7 +107,7 @@ def score_nodes(cfg, store: TelemetryStore, models_dir: Path, out_path: Path, no
     return len(nodes)
 
 
-def _node_errors(cfg, store: TelemetryStore, models_dir: Path, nodes: list[str], metrics: list[str],
+def _node_errors(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, nodes: list[str], metrics: list[str],
                  columns: np.ndarray | None, budget: Budget, device: torch.device,
                  light: Callable[[str], LightMap | None]) -> Iterator[tuple]:
     """Per node, in order: ``(model, node data, squared reconstruction errors [T, M], squared

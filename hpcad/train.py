@@ -5,6 +5,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,10 +25,14 @@ from hpcad.model.budget import Budget, default_chunk_cap
 from hpcad.model.checkpoint import ChunkCheckpoint
 from hpcad.model.ensemble import Workspace, member_seed, node_seed, train_ensemble
 
+if TYPE_CHECKING:
+    from hpcad.config import ComputeConfig, HpcadConfig, TrainConfig
+
 log = logging.getLogger(__name__)
 
 
-def prepare_training_rows(store: TelemetryStore, node: str, cfg, window: int = 1) -> tuple[np.ndarray, Scaler]:
+def prepare_training_rows(store: TelemetryStore, node: str, cfg: HpcadConfig,
+                          window: int = 1) -> tuple[np.ndarray, Scaler]:
     """Standardised training inputs of one node and the scaler fitted on its training rows. With
     ``window`` > 1, an input is a training row with the window - 1 rows before it (flattened), and
     only windows made of training rows are used."""
@@ -56,7 +61,7 @@ def ensemble_holdout_level(spec: AutoencoderSpec, members: list[list[torch.Tenso
         return max(float(((recon - x[..., -n_metrics:]) ** 2).sum(-1).mean()), 1e-12)
 
 
-def check_train_config(tc) -> None:
+def check_train_config(tc: TrainConfig) -> None:
     """Refuse training settings that cannot train anything, naming the option."""
     checks = [(int(tc.epochs) >= 1, "train.epochs", "must be >= 1"),
               (int(tc.batch_size) >= 1, "train.batch_size", "must be >= 1"),
@@ -69,13 +74,13 @@ def check_train_config(tc) -> None:
             raise ConfigError(f"{option}={getattr(tc, option.split('.')[1])}: {rule}")
 
 
-def check_compute_config(cc) -> None:
+def check_compute_config(cc: ComputeConfig) -> None:
     """Refuse compute settings that cannot work, naming the option."""
     if float(cc.checkpoint_every_s) < 0:
         raise ConfigError(f"compute.checkpoint_every_s={cc.checkpoint_every_s}: must be >= 0 (0: after every epoch)")
 
 
-def training_fingerprint(cfg, spec: AutoencoderSpec, store: TelemetryStore) -> str:
+def training_fingerprint(cfg: HpcadConfig, spec: AutoencoderSpec, store: TelemetryStore) -> str:
     """A digest of what a node's model is built from: the model, the training settings that change
     its weights, preprocessing, the split and the data (the store's source signature and metric
     list). Resume reuses a model file only when its fingerprint equals the current one."""
@@ -113,7 +118,7 @@ def reusable(path: Path, fingerprint: str) -> bool:
     return True
 
 
-def model_spec(cfg) -> AutoencoderSpec:
+def model_spec(cfg: HpcadConfig) -> AutoencoderSpec:
     try:
         spec = instantiate(cfg.model, _convert_="all")
     except Exception as exc:  # hydra wraps the spec's own ValueError
@@ -140,7 +145,7 @@ def _epoch_reporter(bar, chunk: int, models: int, epochs: int):
     return report
 
 
-def train_nodes(cfg, store: TelemetryStore, models_dir: Path, nodes: list[str] | None = None,
+def train_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, nodes: list[str] | None = None,
                 device=None, summary_name: str = "training.json") -> dict:
     """Train (or resume training of) a model for each node; nodes with a model file are skipped."""
     spec = model_spec(cfg)

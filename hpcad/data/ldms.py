@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import mmap
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -24,6 +25,9 @@ from hpcad.data.grid import GridStager
 from hpcad.data.tables import CHUNK_ROWS
 from hpcad.data.timestamps import to_epoch_seconds
 from hpcad.errors import InputError
+
+if TYPE_CHECKING:
+    from hpcad.config import DataConfig
 
 log = logging.getLogger(__name__)
 BOOKKEEPING = {"Time", "Time_usec", "DT", "DT_usec", "ProducerName", "component_id", "job_id", "app_id",
@@ -68,7 +72,7 @@ def _repeated_headers(path: Path, header: str) -> int:
     return count
 
 
-def stage_ldms(source: Path, cfg, stager: GridStager) -> None:
+def stage_ldms(source: Path, cfg: DataConfig, stager: GridStager) -> None:
     """Pass 1 over every LDMS file below ``source``."""
     for path in ldms_files(source):
         header, _ = _header_line(path)
@@ -96,7 +100,7 @@ def stage_ldms(source: Path, cfg, stager: GridStager) -> None:
             raise InputError(f"{path}: cannot read LDMS CSV: {exc}") from exc
 
 
-def _stage_chunk(chunk: pd.DataFrame, path: Path, cfg, tcol: str, ncol: str, metrics: list[str],
+def _stage_chunk(chunk: pd.DataFrame, path: Path, cfg: DataConfig, tcol: str, ncol: str, metrics: list[str],
                  codes: np.ndarray, stager: GridStager) -> None:
     where = str(path)
     if tcol == "Time" and "Time_usec" in chunk.columns and pd.api.types.is_numeric_dtype(chunk["Time"]):

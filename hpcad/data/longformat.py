@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -17,11 +18,14 @@ from hpcad.data.tables import iter_table_chunks, table_files
 from hpcad.data.timestamps import to_epoch_seconds
 from hpcad.errors import InputError
 
+if TYPE_CHECKING:
+    from hpcad.config import DataConfig
+
 log = logging.getLogger(__name__)
 BATCH_ROWS = 1_000_000
 
 
-def stage_long(source: Path, cfg, stager: GridStager) -> None:
+def stage_long(source: Path, cfg: DataConfig, stager: GridStager) -> None:
     """Pass 1 over every long-format file below ``source``."""
     files = table_files(source)
     need = {"data.node_column": cfg.node_column, "data.timestamp_column": cfg.timestamp_column,

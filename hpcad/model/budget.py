@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,6 +25,9 @@ from hpcad.errors import ConfigError
 from hpcad.model.autoencoder import AutoencoderSpec
 from hpcad.model.ensemble import VAL_BLOCK
 from hpcad.preprocess import fit_rows
+
+if TYPE_CHECKING:
+    from hpcad.config import ComputeConfig
 
 log = logging.getLogger(__name__)
 DEVICE_SHARE = 0.9  # of the device's free memory, when compute.device_memory_mb is unset
@@ -111,7 +115,7 @@ class Budget:
     source: str  # how the budgets were chosen, for the log
 
     @classmethod
-    def resolve(cls, tc, device: torch.device) -> "Budget":
+    def resolve(cls, tc: ComputeConfig, device: torch.device) -> "Budget":
         """The budgets for training on ``device`` from ``compute.memory_budget_mb`` and
         ``compute.device_memory_mb`` (unset: from the machine; see the module docstring)."""
         host_mb, how = getattr(tc, "memory_budget_mb", None), []

@@ -23,6 +23,7 @@ from hpcad.model.autoencoder import AutoencoderSpec, forward, glorot_init, stack
 from hpcad.preprocess import fit_rows
 
 if TYPE_CHECKING:
+    from hpcad.config import TrainConfig
     from hpcad.model.checkpoint import ChunkCheckpoint
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class TrainResult:
     holdout_signal: list[float]  # mean alarm signal on each model's held-out validation rows
 
 
-def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[int], cfg,
+def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[int], cfg: TrainConfig,
                    device: torch.device, progress=None, workspace: Workspace | None = None,
                    checkpoint: ChunkCheckpoint | None = None, precision: str = "fp32") -> TrainResult:
     """Train one model per entry of ``data`` (standardised training rows [n_k, M]) together.

@@ -14,6 +14,7 @@ import logging
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
 from omegaconf import OmegaConf, open_dict
@@ -39,6 +40,9 @@ from hpcad.resources import resource_dir
 from hpcad.score import score_nodes
 from hpcad.threshold.evaluate import apply_thresholds
 from hpcad.threshold.rules import Thresholds
+
+if TYPE_CHECKING:
+    from hpcad.config import HpcadConfig, NightlyConfig
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +83,8 @@ class Built:
     refits: list[dict]
 
 
-def build_night(cfg, day: dt.date, src: Path, out: Path, tmp: Path, train_run: Path, overrides: list[str]) -> Built:
+def build_night(cfg: HpcadConfig, day: dt.date, src: Path, out: Path, tmp: Path, train_run: Path,
+                overrides: list[str]) -> Built:
     """Steps 1-5 of the module docstring of hpcad.nightly, written into the scratch folder ``tmp``."""
     n = cfg.nightly
     t = Tonight(cfg, _day_cfg(cfg, src, _jobs_file(n, day)), day, out, tmp, train_run, src)
@@ -103,7 +108,7 @@ def build_night(cfg, day: dt.date, src: Path, out: Path, tmp: Path, train_run: P
     return Built(src, nodes, new, records, incidents, confirmed, levels, drifted, refits)
 
 
-def _jobs_file(n, day: dt.date) -> Path | None:
+def _jobs_file(n: NightlyConfig, day: dt.date) -> Path | None:
     jobs_file = input_for(n.jobs, day) if n.jobs else None
     if jobs_file is not None and not jobs_file.exists():
         log.warning("nightly %s: no job file at %s (nightly.jobs); scoring without job context", day, jobs_file)
@@ -111,7 +116,7 @@ def _jobs_file(n, day: dt.date) -> Path | None:
     return jobs_file
 
 
-def _day_cfg(cfg, source: Path, jobs: Path | None):
+def _day_cfg(cfg: HpcadConfig, source: Path, jobs: Path | None):
     dcfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
     with open_dict(dcfg):
         dcfg.data.source = str(source)
@@ -192,7 +197,8 @@ def _write_jsonl(path: Path, iso: str, alarms: list[dict], incidents: list[dict]
                                  "incident_state": inc["state"] if inc else None}) + "\n")
 
 
-def _check_complete(store: TelemetryStore, nodes: list[str], trained: list[str], day: dt.date, src: Path, n) -> None:
+def _check_complete(store: TelemetryStore, nodes: list[str], trained: list[str], day: dt.date, src: Path,
+                    n: NightlyConfig) -> None:
     iso = day.isoformat()
     if len(nodes) < n.min_node_fraction * max(len(trained), 1):
         raise InputError(f"nightly {iso}: partial input: {len(nodes)} of {len(trained)} trained nodes in {src} "
@@ -227,7 +233,7 @@ def _score_slurm(dcfg, tmp: Path, train_run: Path, src: Path, overrides: list[st
                          f"{(proc.stderr.strip() + ' ' + logs)[-800:]}")
 
 
-def scoring_job_size(cfg) -> list[str]:
+def scoring_job_size(cfg: HpcadConfig) -> list[str]:
     """sbatch options sizing the nightly scoring job (``nightly.job_*``), not the training script's
     4 tasks x 4 GPUs x 8 CPUs; with ``--mem`` (scoring's memory budget follows it: hpcad/model/budget.py)."""
     n = cfg.nightly

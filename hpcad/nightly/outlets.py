@@ -9,6 +9,7 @@ import shlex
 import subprocess
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hpcad.atomic import write_json
 from hpcad.drain import drain
@@ -16,10 +17,13 @@ from hpcad.drift import NIGHT_DIR
 from hpcad.nightly.days import day_bounds
 from hpcad.prometheus import render, write_textfile
 
+if TYPE_CHECKING:
+    from hpcad.config import NightlyConfig
+
 log = logging.getLogger(__name__)
 
 
-def announce(n, out: Path, day: dt.date, built) -> dict:
+def announce(n: NightlyConfig, out: Path, day: dt.date, built) -> dict:
     """Step 6, once the night is published: the Prometheus file, ``nightly.notify`` for new
     incidents, drain commands run when ``nightly.drain``; returns the night's history fields."""
     iso = day.isoformat()
@@ -33,7 +37,8 @@ def announce(n, out: Path, day: dt.date, built) -> dict:
             "message": f"{built.src}"}
 
 
-def export_prometheus(n, out: Path, day: dt.date, levels: list[dict], incidents: list[dict], unscored: int) -> None:
+def export_prometheus(n: NightlyConfig, out: Path, day: dt.date, levels: list[dict], incidents: list[dict],
+                      unscored: int) -> None:
     """The textfile (``nightly.prometheus``, default ``<out>/hpcad.prom``) for the newest night only."""
     newest = max((p.name for p in out.iterdir() if p.is_dir() and NIGHT_DIR.fullmatch(p.name)), default="")
     if day.isoformat() < newest:
@@ -43,7 +48,7 @@ def export_prometheus(n, out: Path, day: dt.date, levels: list[dict], incidents:
     write_textfile(path, render(levels, incidents, day_bounds(day, n.timezone)[0], unscored))
 
 
-def notify(n, night_dir: Path, iso: str, fresh: list[dict]) -> str:
+def notify(n: NightlyConfig, night_dir: Path, iso: str, fresh: list[dict]) -> str:
     """Run ``nightly.notify`` with the night's ``alarms.jsonl`` as its last argument. Returns "ok",
     "failed" or "" (not configured); the outcome is kept in ``<night>/notify.json``."""
     if not n.notify:

@@ -5,6 +5,7 @@ import datetime as dt
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -13,6 +14,9 @@ from hpcad.errorstore import ErrorStore
 from hpcad.light import LightMap, fit_light_map, light_path, save_version
 from hpcad.model.files import NodeModel, model_path
 from hpcad.preprocess import fill_gaps, windows
+
+if TYPE_CHECKING:
+    from hpcad.config import HpcadConfig
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +32,7 @@ def recent_nights(day: dt.date, out: Path, tmp: Path, count: int) -> list[tuple[
     return nights
 
 
-def light_retrain(cfg, node: str, day: dt.date, nights: list[tuple[str, TelemetryStore, ErrorStore]],
+def light_retrain(cfg: HpcadConfig, node: str, day: dt.date, nights: list[tuple[str, TelemetryStore, ErrorStore]],
                   models_dir: Path) -> dict | None:
     """Fit the node's light map on its last nights' rows, less the night's worst 10 % of the signal
     (possible incidents) and, when labelled, the anomalous rows."""

@@ -9,6 +9,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hpcad.atomic import atomic_path
 from hpcad.drift import NIGHT_DIR
@@ -18,12 +19,15 @@ from hpcad.nightly.night import build_night
 from hpcad.nightly.outlets import announce
 from hpcad.runfolder import exclusive_lock
 
+if TYPE_CHECKING:
+    from hpcad.config import HpcadConfig
+
 log = logging.getLogger(__name__)
 HISTORY_FIELDS = ["run_at", "date", "status", "nodes", "alarms", "new_incidents", "drifted", "light_refits", "notify",
                   "seconds", "message"]
 
 
-def run_nightly(cfg, run_dir: Path, overrides: list[str] | None = None) -> dict:
+def run_nightly(cfg: HpcadConfig, run_dir: Path, overrides: list[str] | None = None) -> dict:
     """Score the days of ``nightly.date`` one after the other under the output folder's lock."""
     n = cfg.nightly
     for opt in ("input", "out"):
@@ -59,7 +63,7 @@ def run_nightly(cfg, run_dir: Path, overrides: list[str] | None = None) -> dict:
     return {"days": results, "out": str(out)}
 
 
-def _one_night(cfg, day: dt.date, out: Path, train_run: Path, overrides: list[str]) -> dict:
+def _one_night(cfg: HpcadConfig, day: dt.date, out: Path, train_run: Path, overrides: list[str]) -> dict:
     """Build the night in a scratch folder, publish it whole, prune old nights, then hand it to the
     site's tools."""
     n = cfg.nightly

@@ -5,10 +5,14 @@ from __future__ import annotations
 import csv
 import html
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hpcad.drain import candidates as drain_candidates
 from hpcad.drift import NIGHT_DIR, level_rows
 from hpcad.incidents import STATES, read_night
+
+if TYPE_CHECKING:
+    from hpcad.config import NightlyConfig
 
 REPORT_NIGHTS = 14  # nights the report's trend and the node pages' history show
 
@@ -49,7 +53,7 @@ def node_history(out: Path, iso: str, levels: list[dict], incidents: list[dict],
     return out_rows
 
 
-def nightly_sections(iso: str, src: Path, new: list[str], verdicts: list[dict], refits: list[dict], n,
+def nightly_sections(iso: str, src: Path, new: list[str], verdicts: list[dict], refits: list[dict], n: NightlyConfig,
                       incidents: list[dict], trend: list[list] | None = None) -> list[str]:
     from hpcad.report import html_table, trend_plot
 
