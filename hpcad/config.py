@@ -8,7 +8,7 @@ as with Hydra's own plugins.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any, Optional
 
@@ -363,8 +363,8 @@ def unknown_keys(cfg) -> list[str]:
 
 # Options that moved to another group: an old command line gets one line saying where, not Hydra's
 # "Key 'device' not in 'TrainConfig'" (with its hint to append the key with "+").
-MOVED = {f"train.{k}": f"compute.{k}" for k in ("device", "precision", "memory_budget_mb", "device_memory_mb",
-                                                 "max_nodes_per_chunk", "progress", "checkpoint_every_s")}
+# Every compute option was a train option before the group existed.
+MOVED = {f"train.{f.name}": f"compute.{f.name}" for f in fields(ComputeConfig)}
 
 
 def moved_options(overrides: list[str]) -> list[str]:

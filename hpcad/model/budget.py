@@ -115,10 +115,10 @@ class Budget:
     source: str  # how the budgets were chosen, for the log
 
     @classmethod
-    def resolve(cls, tc: ComputeConfig, device: torch.device) -> "Budget":
+    def resolve(cls, cc: ComputeConfig, device: torch.device) -> "Budget":
         """The budgets for training on ``device`` from ``compute.memory_budget_mb`` and
         ``compute.device_memory_mb`` (unset: from the machine; see the module docstring)."""
-        host_mb, how = getattr(tc, "memory_budget_mb", None), []
+        host_mb, how = getattr(cc, "memory_budget_mb", None), []
         if host_mb is None:
             ranks = local_ranks()
             host_mb = HOST_SHARE * available_host_mb() / ranks
@@ -127,7 +127,7 @@ class Budget:
             raise ConfigError(f"compute.memory_budget_mb={host_mb}: must be > 0 (or null: from the machine)")
         else:
             how.append(f"host {host_mb} MB (compute.memory_budget_mb)")
-        dev_mb = getattr(tc, "device_memory_mb", None)
+        dev_mb = getattr(cc, "device_memory_mb", None)
         if device.type != "cuda":
             dev_bytes = None
         elif dev_mb is None:
