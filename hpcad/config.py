@@ -215,6 +215,7 @@ class SubmititLauncherConfig:
     tasks_per_node: int = 1  # each task is one rank and trains its share of the monitored nodes
     cpus_per_task: int = 1
     gpus_per_node: int = 0
+    gpu_bind: str = "per_task:1"  # srun --gpu-bind when each task has a GPU (none: every task sees all)
     timeout_min: int = 60
     setup: list[str] = field(default_factory=list)  # shell lines run before the job (module load ...)
     cluster: Optional[str] = None  # None: SLURM when sbatch is available, else local processes

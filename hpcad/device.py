@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import warnings
 
 import torch
 
 from hpcad.errors import ConfigError
+
+log = logging.getLogger(__name__)
+_warned: list[str] = []
 
 
 def gpu_index(local_rank: int, visible: int) -> int:
@@ -36,10 +40,17 @@ def _no_cublas_workspace() -> None:
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """``auto``: this rank's GPU (``gpu_index``) when CUDA works, else the CPU. On CUDA, sets
-    ``CUBLAS_WORKSPACE_CONFIG`` (unless set) before cuBLAS starts (see ``CUBLAS_WORKSPACE``)."""
+    ``CUBLAS_WORKSPACE_CONFIG`` (unless set) before cuBLAS starts (see ``CUBLAS_WORKSPACE``) and makes
+    the GPU this process's current device, so that pinned buffers, events and library handles are
+    created on it, not on GPU 0 (where they would cost every other rank's GPU memory)."""
     if name in ("auto", "cuda") and torch.cuda.is_available():
         dev = torch.device(f"cuda:{gpu_index(local_rank, torch.cuda.device_count())}")
     elif name == "auto":
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+        if visible not in ("", "-1", "none", "NoDevFiles") and not _warned:
+            _warned.append(visible)  # once per process (train and score both resolve the device)
+            log.warning("GPUs are allocated to this process (CUDA_VISIBLE_DEVICES=%s) but torch %s sees no CUDA "
+                        "device (a CPU build, or no driver): running on the CPU", visible, torch.__version__)
         return torch.device("cpu")
     else:
         try:
@@ -50,7 +61,18 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
             raise ConfigError(f"compute.device={name!r}: CUDA is not available on this machine")
     if dev.type == "cuda":
         _no_cublas_workspace()
+        torch.cuda.set_device(dev)
     return dev
+
+
+def describe(device: torch.device) -> str:
+    """The device as a rank's log line names it: ``cuda:1 (NVIDIA A100-SXM-64GB)`` or ``cpu``, with
+    the GPUs SLURM bound to the process (``CUDA_VISIBLE_DEVICES``) when it is set."""
+    text = str(device)
+    if device.type == "cuda":
+        text += f" ({torch.cuda.get_device_name(device)})"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return text if visible is None else f"{text}, CUDA_VISIBLE_DEVICES={visible}"
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -64,7 +65,7 @@ def ranked_share(cfg: HpcadConfig,
     Across ranks: rank 0 ingests while the others wait (one writer per file), the nodes are split
     balanced by rows, and the process group is torn down on the way out.
     """
-    from hpcad.device import resolve_device  # the stages that train or score load torch, the others do not
+    from hpcad.device import describe, resolve_device  # the stages that train or score load torch, the others do not
 
     w = dist.world()
     device = resolve_device(cfg.compute.device, w.local_rank)
@@ -83,7 +84,8 @@ def ranked_share(cfg: HpcadConfig,
         dist.share_outcome(failed, w.rank)
         store = stage_ingest(cfg, run_dir)
         mine = dist.shard({n: store.rows(n) for n in store.nodes}, w.size)[w.rank]
-        log.info("rank %d of %d: %d of %d nodes", w.rank, w.size, len(mine), len(store.nodes))
+        log.info("rank %d of %d on %s: %d of %d nodes, device %s", w.rank, w.size, socket.gethostname(), len(mine),
+                 len(store.nodes), describe(device))
         yield w, device, store, mine
     finally:
         dist.finish()

@@ -1,17 +1,44 @@
-# Shared steps of train_all_nodes.sh and score_all_nodes.sh (sourced, not run):
-# score on every rank, fit thresholds across ranks with MPI when mpi4py is installed, write the report.
-# HPCAD_SCORE_ONLY=1 stops after scoring (the nightly job applies the trained thresholds itself).
-# srun does not inherit --cpus-per-task from sbatch (SLURM >= 22.05): pass it on (SRUN_CPT below).
-SRUN_CPT=${SLURM_CPUS_PER_TASK:+--cpus-per-task=${SLURM_CPUS_PER_TASK}}
+# Shared parts of train_all_nodes.sh and score_all_nodes.sh (sourced, not run): the srun options of
+# every step, and the scoring steps (score on every rank, fit thresholds across ranks with MPI when
+# mpi4py is installed, write the report). HPCAD_SCORE_ONLY=1 stops after scoring (the nightly job
+# applies the trained thresholds itself).
+
+# srun options of every step. One rank failing ends the step (the others would wait at a barrier).
+# srun does not inherit --cpus-per-task from sbatch (SLURM >= 22.05): passed on. GPUs: one per task
+# (task i of a node sees only GPU i: no stray CUDA context of another rank on it, and each rank's
+# free-memory budget is its own), when every node has at least one GPU per task. HPCAD_GPU_BIND
+# chooses the binding (an srun --gpu-bind value: per_task:1 by default, closest, single:1, map_gpu:...;
+# none: every task sees every GPU and hpcad takes the one at its local rank).
+srun_opts=(--kill-on-bad-exit=1)
+[ -n "${SLURM_CPUS_PER_TASK:-}" ] && srun_opts+=("--cpus-per-task=${SLURM_CPUS_PER_TASK}")
+
+gpu_binding() {
+  local bind=${HPCAD_GPU_BIND:-per_task:1} gpus=${SLURM_GPUS_ON_NODE:-} tasks
+  if [ -z "$gpus" ] && [ -n "${SLURM_JOB_GPUS:-}" ]; then  # older SLURM: count the job's GPU list
+    gpus=$(tr ',' '\n' <<<"$SLURM_JOB_GPUS" | grep -c .)
+  fi
+  [ "${gpus:-0}" -gt 0 ] 2>/dev/null || return 0  # a CPU partition (--gpus-per-node=0): nothing to bind
+  [ "$bind" = none ] && { echo "hpcad: every task sees the node's $gpus GPUs (HPCAD_GPU_BIND=none)"; return 0; }
+  # the most tasks on one node: SLURM_TASKS_PER_NODE reads like 4(x2),1
+  tasks=$(tr ',' '\n' <<<"${SLURM_TASKS_PER_NODE:-1}" | sed 's/(.*//' | sort -n | tail -n 1)
+  if [ "$tasks" -gt "$gpus" ]; then
+    echo "hpcad: $tasks tasks on a node with $gpus GPUs: no GPU binding (on CUDA two ranks would share a GPU," \
+         "and hpcad refuses; ask for --ntasks-per-node equal to --gpus-per-node)" >&2
+    return 0
+  fi
+  srun_opts+=("--gpu-bind=${bind}")
+  echo "hpcad: GPUs bound to tasks with srun --gpu-bind=${bind} ($tasks tasks, $gpus GPUs per node)"
+}
+gpu_binding
 
 score_steps() {
   local run_dir=$1; shift
   # Each rank scores its share into errors-rank<r>.h5; rank 0 writes the errors.h5 index.
-  srun --kill-on-bad-exit=1 ${SRUN_CPT} hpcad score "hydra.run.dir=${run_dir}" "$@" &
+  srun "${srun_opts[@]}" hpcad score "hydra.run.dir=${run_dir}" "$@" &
   wait $!
   [ "${HPCAD_SCORE_ONLY:-0}" = 1 ] && return 0
   if python3 -c "import mpi4py" 2>/dev/null; then
-    srun --kill-on-bad-exit=1 ${SRUN_CPT} --mpi="${HPCAD_SRUN_MPI:-pmi2}" hpcad threshold "hydra.run.dir=${run_dir}" "$@" &
+    srun "${srun_opts[@]}" --mpi="${HPCAD_SRUN_MPI:-pmi2}" hpcad threshold "hydra.run.dir=${run_dir}" "$@" &
   else
     hpcad threshold "hydra.run.dir=${run_dir}" "$@" &
   fi

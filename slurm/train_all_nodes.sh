@@ -52,18 +52,17 @@ requeue() {
 trap requeue USR1
 
 echo "train_all_nodes: job ${SLURM_JOB_ID:-?}, ${SLURM_NTASKS:-1} ranks, run folder ${RUN_DIR}"
-# 1. Each rank trains its share of the monitored nodes (balanced by row counts).
-# A node with a corrupt export is logged, recorded and skipped; the others go on (override: data.on_bad_node=error).
-# srun does not inherit --cpus-per-task from sbatch (SLURM >= 22.05): pass it on.
-srun --kill-on-bad-exit=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task=${SLURM_CPUS_PER_TASK}} \
-  hpcad train "hydra.run.dir=${RUN_DIR}" data.on_bad_node=skip "$@" &
-wait $!
-# 2-4. Score, fit thresholds, report (shared with score_all_nodes.sh).
+# The srun options (GPU binding, CPUs per task) and steps 2-4, shared with score_all_nodes.sh.
 # sbatch runs a spooled copy of this script: find the original (and score_steps.sh beside it).
 here=$(scontrol show job "${SLURM_JOB_ID:-0}" 2>/dev/null | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')
 steps="$(dirname "${here:-${BASH_SOURCE[0]}}")/score_steps.sh"
 [ -f "$steps" ] || steps="$(hpcad where slurm)/score_steps.sh"  # a site's copy of this script, kept elsewhere
 source "$steps"
+# 1. Each rank trains its share of the monitored nodes (balanced by row counts).
+# A node with a corrupt export is logged, recorded and skipped; the others go on (override: data.on_bad_node=error).
+srun "${srun_opts[@]}" hpcad train "hydra.run.dir=${RUN_DIR}" data.on_bad_node=skip "$@" &
+wait $!
+# 2-4. Score, fit thresholds, report.
 score_steps "$RUN_DIR" data.on_bad_node=skip "$@"
 if [ -f "${RUN_DIR}/report.html" ]; then
   echo "train_all_nodes: done; report at ${RUN_DIR}/report.html"

@@ -1,6 +1,8 @@
 """Scale-out on a real SLURM (slurm/dev-cluster.sh: slurmctld + 4 slurmd on this machine); the longest
 sbatch runs are in test_slurm_jobs.py, so that `pytest -n` runs both files side by side."""
 import json
+import os
+import re
 import shutil
 import subprocess
 
@@ -28,6 +30,12 @@ def test_sbatch_train_all_nodes_matches_the_single_process_run(tmp_path, slurm_e
     log = (tmp_path / "job.out").read_text() if (tmp_path / "job.out").exists() else ""
     assert job.returncode == 0, job.stderr + log[-3000:]
     assert sorted((run / "models").glob("training-rank*.json")).__len__() == 4  # 4 ranks trained shards
+    # one GPU per rank: SLURM bound GPU i (of the dev cluster's 4 per node, devices in name only) to
+    # task i, and each rank says so; the CPU build of torch then trains on the CPU, and says that too
+    assert "srun --gpu-bind=per_task:1 (4 tasks, 4 GPUs per node)" in log
+    bound = set(re.findall(r"rank (\d) of 4 on \S+: \d+ of 16 nodes, device cpu, CUDA_VISIBLE_DEVICES=(\S+)", log))
+    assert bound == {("0", "0"), ("1", "1"), ("2", "2"), ("3", "3")}, bound
+    assert "CUDA_VISIBLE_DEVICES=3) but torch" in log
     a, b = slurm_models(single), slurm_models(run)
     assert a.keys() == b.keys() and len(a) == 16
     for name in a:
@@ -125,7 +133,8 @@ def test_submitit_launcher_runs_the_stage_as_a_slurm_job(tmp_path, slurm_env):
     exports = small_exports(tmp_path)
     run = tmp_path / "run"
     p = subprocess.run([*hpcad_cmd(), "train", "launcher=submitit", "launcher.tasks_per_node=2",
-                        f"data.source={exports}", f"hydra.run.dir={run}", "train.epochs=1", "compute.progress=false"],
+                        "launcher.gpus_per_node=2", f"data.source={exports}", f"hydra.run.dir={run}", "train.epochs=1",
+                        "compute.progress=false"],
                        env=slurm_env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "rank 0/2" in p.stdout
@@ -137,12 +146,16 @@ def test_submitit_launcher_runs_the_stage_as_a_slurm_job(tmp_path, slurm_env):
     assert (job_dir / f"{job_dir.name}_0_log.out").exists() and (job_dir / f"{job_dir.name}_1_log.out").exists()
     script = next(job_dir.glob("*_submission.sh")).read_text()
     assert "srun" in script and "--kill-on-bad-exit=1" in script  # one failing rank ends the step
-    assert "asks for no GPU (launcher.gpus_per_node=0)" in p.stdout + p.stderr  # not silently CPU
+    # one GPU per rank (the dev cluster's GPUs exist in name only; torch here is a CPU build)
+    ranks_logs = "".join((job_dir / f"{job_dir.name}_{r}_log.{x}").read_text() for r in (0, 1) for x in ("out", "err"))
+    bound = set(re.findall(r"rank (\d) of 2 on \S+: \d of 4 nodes, device cpu, CUDA_VISIBLE_DEVICES=(\S+)", ranks_logs))
+    assert "--gpu-bind=per_task:1" in script and bound == {("0", "0"), ("1", "1")}, bound
     # a job that fails says why, from its error log (not only where the logs are)
     bad = subprocess.run([*hpcad_cmd(), "train", "launcher=submitit", f"data.source={tmp_path / 'nowhere'}",
                           f"hydra.run.dir={tmp_path / 'bad'}", "compute.progress=false"],
                          env=slurm_env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert bad.returncode == 2 and "_0_log.err" in bad.stderr and "does not exist" in bad.stderr, bad.stderr[-2000:]
+    assert "asks for no GPU (launcher.gpus_per_node=0)" in bad.stdout + bad.stderr  # not silently CPU
 
 
 def test_hydra_sweep_through_submitit_slurm_ranks_the_points(tmp_path, slurm_env):
@@ -235,3 +248,27 @@ def test_confirmed_incident_drains_the_slurm_node_with_its_reason(slurm_env):
     finally:  # the documented way back (docs/operations.md)
         subprocess.run(["scontrol", "update", "NodeName=spare1", "State=RESUME"], env=slurm_env, check=True)
     assert "DRAIN" not in show("spare1").split("State=")[1].split()[0]
+
+
+@pytest.mark.parametrize("env, bind, said", [
+    ({"SLURM_GPUS_ON_NODE": "4", "SLURM_TASKS_PER_NODE": "4(x2)", "SLURM_CPUS_PER_TASK": "8"},
+     "--gpu-bind=per_task:1", "4 tasks, 4 GPUs per node"),  # Leonardo booster: task i on GPU i
+    ({"SLURM_JOB_GPUS": "0,1,2,3", "SLURM_TASKS_PER_NODE": "4,1"}, "--gpu-bind=per_task:1", ""),  # older SLURM
+    ({"SLURM_GPUS_ON_NODE": "4", "SLURM_TASKS_PER_NODE": "4", "HPCAD_GPU_BIND": "closest"}, "--gpu-bind=closest", ""),
+    ({"SLURM_GPUS_ON_NODE": "4", "SLURM_TASKS_PER_NODE": "4", "HPCAD_GPU_BIND": "none"}, None, "HPCAD_GPU_BIND=none"),
+    ({"SLURM_GPUS_ON_NODE": "2", "SLURM_TASKS_PER_NODE": "4(x2)"}, None, "4 tasks on a node with 2 GPUs"),
+    ({"SLURM_TASKS_PER_NODE": "2"}, None, ""),  # a CPU partition
+])
+def test_srun_binds_one_gpu_per_task_only_where_each_task_has_one(env, bind, said):
+    """#16 item 8: the scripts' srun binding, decided from the job's variables (no GPU or SLURM needed).
+    Two tasks bound to one GPU would only get slurmstepd's "Not enough gpus to bind" in the log: the
+    binding is left off then, so that hpcad's own check refuses with a clear message."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "HPCAD_"))}
+    p = subprocess.run(["bash", "-c", 'set -euo pipefail; source "$1"; printf "opt %s\\n" "${srun_opts[@]}"', "-",
+                        str(ROOT / "slurm" / "score_steps.sh")], env={**clean, **env}, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    opts = [line[4:] for line in p.stdout.splitlines() if line.startswith("opt ")]
+    assert [o for o in opts if o.startswith("--gpu-bind")] == ([bind] if bind else [])
+    assert opts[0] == "--kill-on-bad-exit=1"
+    assert ("--cpus-per-task=8" in opts) == ("SLURM_CPUS_PER_TASK" in env)  # srun does not inherit it
+    assert said in p.stdout + p.stderr

@@ -109,5 +109,6 @@ def test_a_sites_copy_of_the_script_on_a_cpu_partition_runs_unedited(tmp_path, s
     assert job.returncode == 0, job.stderr + log[-3000:]
     assert (run / "thresholds.json").exists() and len(list((run / "models").glob("training-rank*.json"))) == 2
     assert "rank 1/2: 2 of 4 node models" in log  # each rank says what it trained itself
+    assert "--gpu-bind" not in log and "CUDA_VISIBLE_DEVICES" not in log  # no GPU in the job: none bound
     (link,) = run.glob("slurm-*.out")  # the job log is reachable from the run folder
     assert link.is_symlink() and link.resolve() == (tmp_path / "job.out").resolve()

@@ -27,8 +27,8 @@ def _remote(fn: Callable[[Any, Path], Any], cfg: Any, run_dir: Path) -> Any:
 class SubmititLauncher:
     def __init__(self, partition: str | None = None, account: str | None = None, nodes: int = 1,
                  tasks_per_node: int = 1, cpus_per_task: int = 1, gpus_per_node: int = 0,
-                 timeout_min: int = 60, setup: list[str] | None = None, cluster: str | None = None,
-                 additional: dict | None = None, **_: object):
+                 gpu_bind: str = "per_task:1", timeout_min: int = 60, setup: list[str] | None = None,
+                 cluster: str | None = None, additional: dict | None = None, **_: object):
         self.params = dict(nodes=nodes, tasks_per_node=tasks_per_node, cpus_per_task=cpus_per_task,
                            timeout_min=timeout_min)
         if gpus_per_node:
@@ -39,6 +39,14 @@ class SubmititLauncher:
         # One rank failing ends the step: the others would otherwise wait at a barrier until the
         # collective timeout (hours) instead of failing the job at once.
         self.slurm["slurm_srun_args"] = ["--kill-on-bad-exit=1"]
+        # One GPU per task, as slurm/score_steps.sh binds them: never two ranks on one GPU (then
+        # unbound, and hpcad's device check refuses with a clear message).
+        if gpus_per_node and gpu_bind != "none":
+            if tasks_per_node <= gpus_per_node:
+                self.slurm["slurm_srun_args"].append(f"--gpu-bind={gpu_bind}")
+            else:
+                log.warning("launcher.tasks_per_node=%d but launcher.gpus_per_node=%d: GPUs not bound to tasks, and "
+                            "on CUDA hpcad refuses two ranks on one GPU", tasks_per_node, gpus_per_node)
         self.cluster = cluster
 
     def launch(self, fn: Callable[[Any, Path], Any], cfg: Any, run_dir: Path) -> Any:

@@ -289,7 +289,7 @@ def _upload(X: torch.Tensor, data: list[np.ndarray]) -> None:
         X[k, :n].copy_(stage[b][:n], non_blocking=True)
         X[k, n:] = 0.0
         copied[b] = torch.cuda.Event()
-        copied[b].record()
+        copied[b].record(torch.cuda.current_stream(X.device))  # the stream the copy went on, not GPU 0's
     torch.cuda.current_stream(X.device).synchronize()
 
 
