@@ -4,6 +4,8 @@
 #
 #   python slurm/gpu_check.py --out gpu-check                      # on a GPU machine
 #   sbatch -p boost_usr_prod -A my_account slurm/gpu_check.py      # on a SLURM GPU partition
+#   sbatch -p boost_usr_prod -A my_account --gpus=4 slurm/gpu_check.py --only end_to_end,multi_gpu
+#   python slurm/gpu_check.py --rehearse --out /tmp/rehearsal      # no GPU: the script itself (CI)
 #
 # Checks (each one is recorded as pass / FAIL with its figures; one failing does not stop the rest):
 #   equivalence   the batched trainer on CPU and on CUDA (fp32): the same early-stopping epochs,
@@ -20,6 +22,13 @@
 #                 to --bench-seconds when a pilot predicts longer; the summary says so)
 #   uneven        the bench with node lengths spread over 3,334-6,667 rows (bench.rows_spread=0.5):
 #                 samples/s against the equal-length bench (the training tail's host syncs)
+#   multi_gpu     with 2 or more GPUs visible (e.g. sbatch --gpus=4): `hpcad train` on every GPU at
+#                 once under torchrun (NCCL process group, one rank per GPU), its models against the
+#                 one-GPU end-to-end run's (the same node's model whatever rank and GPU trained it),
+#                 and the fleet model with DDP over NCCL on all GPUs; skipped on one GPU
+#
+# `--rehearse` runs every check on the CPU at toy sizes (gloo for the process groups): it proves the
+# script, its imports and command lines still work (CI runs it), not the GPU figures.
 #
 #SBATCH --job-name=hpcad-gpu-check
 #SBATCH --nodes=1
@@ -33,10 +42,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -55,6 +66,27 @@ from hpcad.preprocess import Scaler  # noqa: E402
 
 SPEC = AutoencoderSpec(hidden=[64])
 M = 159
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes of the checks: the GPU's, or toy ones for a rehearsal on the CPU."""
+    rows: int = 6667  # rows per node of the data pool
+    equivalence_rows: tuple[int, int] = (2000, 125)  # node i has first + i x step rows
+    companion_rows: tuple[int, int] = (1500, 37)
+    precision_nodes: int = 256
+    uneven_nodes: int = 2048
+    bench_rows: int = 6667
+    bench_pilot_nodes: int = 256
+    bench_nodes: int = 5000
+    run_args: tuple[str, ...] = ()  # extra overrides of the end-to-end and multi-GPU runs
+    rehearsal: bool = False
+
+
+REHEARSAL = Plan(rows=300, equivalence_rows=(150, 10), companion_rows=(100, 3), precision_nodes=16, uneven_nodes=16,
+                 bench_rows=200, bench_pilot_nodes=16, bench_nodes=64, rehearsal=True,
+                 run_args=("data.synthetic.nodes=4", "data.synthetic.rows=400", "train.epochs=4",
+                           "baselines.methods=[]", "report.enabled=false"))
 
 
 def _cfg(**kw) -> SimpleNamespace:
@@ -78,12 +110,14 @@ def _seeds(n: int) -> list[int]:
     return [member_seed(node_seed(0, f"n{i}"), 0) for i in range(n)]
 
 
-def _sync() -> None:
-    torch.cuda.synchronize()
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
 
 
-def check_equivalence(pool, cuda) -> dict:
-    data = [p[: 2000 + 125 * i] for i, p in enumerate(pool[:8])]
+def check_equivalence(pool, cuda, plan: Plan) -> dict:
+    first, step = plan.equivalence_rows
+    data = [p[: first + step * i] for i, p in enumerate(pool[:8])]
     tc = _cfg(lr=3e-3, patience=2)  # stops between epochs 10 and 30 on these nodes
     cpu = train_ensemble(SPEC, data, _seeds(8), tc, torch.device("cpu"))
     gpu = train_ensemble(SPEC, data, _seeds(8), tc, cuda)
@@ -98,10 +132,11 @@ def check_equivalence(pool, cuda) -> dict:
             "max_abs_weight_diff": wdiff}
 
 
-def check_companions(pool, cuda) -> dict:
+def check_companions(pool, cuda, plan: Plan) -> dict:
     tc = _cfg(lr=3e-3, patience=2)  # models stop early: the chunk is compacted on the way
     seeds = _seeds(64)
-    data = [p[: 1500 + 37 * i] for i, p in enumerate(pool[:64])]  # different lengths: padding differs
+    first, step = plan.companion_rows
+    data = [p[: first + step * i] for i, p in enumerate(pool[:64])]  # different lengths: padding differs
     alone = train_ensemble(SPEC, data[:1], seeds[:1], tc, cuda)
     runs = {"alone": alone,
             "chunk_8": train_ensemble(SPEC, data[:8], seeds[:8], tc, cuda),
@@ -125,12 +160,13 @@ def check_companions(pool, cuda) -> dict:
             "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG", "unset"), **out}
 
 
-def check_companions_cublas_workspace(out: Path) -> dict:
+def check_companions_cublas_workspace(out: Path, plan: Plan) -> dict:
     """The companion check again with cuBLAS's own default workspace (split-K kernels allowed)."""
     sub = out / "cublas_workspace"
     log = out / "cublas_workspace.log"
-    rc, _ = _run([sys.executable, __file__, "--only", "companions", "--out", str(sub)], log, 600,
-                 CUBLAS_WORKSPACE_CONFIG=":4096:8")
+    _fresh(sub)
+    rc, _ = _run([sys.executable, __file__, "--only", "companions", "--out", str(sub),
+                  *(["--rehearse"] if plan.rehearsal else [])], log, 600, CUBLAS_WORKSPACE_CONFIG=":4096:8")
     if not (sub / "gpu_check.json").exists():
         return {"ok": False, "rc": rc, "log_tail": _tail(log)}
     return json.loads((sub / "gpu_check.json").read_text())["results"]["companions"]
@@ -142,18 +178,19 @@ def _tail(log: Path, lines: int = 25) -> str:
     return " / ".join(text[-3:])
 
 
-def check_precision(pool, cuda) -> dict:
-    data = [pool[i % len(pool)] for i in range(256)]
+def check_precision(pool, cuda, plan: Plan) -> dict:
+    n = plan.precision_nodes
+    data = [pool[i % len(pool)] for i in range(n)]
     out = {}
     for prec in ("fp32", "tf32", "bf16"):
         tc = _cfg(epochs=10, patience=11)
         train_ensemble(SPEC, [d[:512] for d in data[:4]], _seeds(4), _cfg(epochs=1), cuda, precision=prec)  # warm-up
-        _sync()
+        _sync(cuda)
         t0 = time.perf_counter()
-        res = train_ensemble(SPEC, data, _seeds(256), tc, cuda, precision=prec)
-        _sync()
+        res = train_ensemble(SPEC, data, _seeds(n), tc, cuda, precision=prec)
+        _sync(cuda)
         s = time.perf_counter() - t0
-        out[prec] = {"s": round(s, 2), "node_epochs_per_s": round(256 * 10 / s, 1),
+        out[prec] = {"s": round(s, 2), "node_epochs_per_s": round(n * 10 / s, 1),
                      "val_loss": float(np.mean([h["val_loss"][-1] for h in res.history]))}
     for prec in ("tf32", "bf16"):
         out[prec]["val_loss_change_vs_fp32"] = out[prec]["val_loss"] / out["fp32"]["val_loss"] - 1
@@ -164,6 +201,8 @@ def check_precision(pool, cuda) -> dict:
 def check_budget(pool, cuda) -> dict:
     """Train the chunk the automatic device budget allows (1/8 of it, to keep the check short) and
     compare the measured peak with the estimate."""
+    if cuda.type != "cuda":
+        return {"ok": True, "skipped": "the device budget needs CUDA (rehearsal: nothing to measure)"}
     rows = pool[0].shape[0]
     budget = Budget.resolve(SimpleNamespace(memory_budget_mb=10**7, device_memory_mb=None), cuda)
     k_full = budget.chunk_size(rows, M, SPEC, 32, 10**6, 0.1)
@@ -180,6 +219,12 @@ def check_budget(pool, cuda) -> dict:
             "peak_over_estimate": round(peak / est, 3)}
 
 
+def _fresh(*folders: Path) -> None:
+    """Run folders of an earlier check in the same --out go: a rerun trains again instead of resuming."""
+    for f in folders:
+        shutil.rmtree(f, ignore_errors=True)
+
+
 def _run(cmd: list[str], log: Path, timeout: float, **env: str) -> tuple[int, float]:
     """Run ``cmd`` with its output in ``log`` (and ``env`` added); its exit status and seconds."""
     t0 = time.perf_counter()
@@ -194,18 +239,67 @@ def _hpcad(args: list[str], log: Path, timeout: float) -> tuple[int, float]:
                 PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
 
 
-def check_end_to_end(out: Path) -> dict:
+def check_end_to_end(out: Path, dev: torch.device, plan: Plan) -> dict:
     run = out / "e2e"
-    rc, s = _hpcad(["run", "compute.device=cuda", "compute.progress=false", f"hydra.run.dir={run}"],
-                   out / "e2e.log", 600)
+    _fresh(run)
+    rc, s = _hpcad(["run", f"compute.device={dev.type}", "compute.progress=false", f"hydra.run.dir={run}",
+                    *plan.run_args], out / "e2e.log", 600)
     if rc != 0:
         return {"ok": False, "rc": rc, "log_tail": _tail(out / "e2e.log")}
     m = json.loads((run / "metrics.json").read_text())
     tr = json.loads((run / "models" / "training.json").read_text())
-    ranking = {k: round(v["ranking"]["ap"], 4) for k, v in m["splits"].items()
-               if isinstance(v, dict) and "ranking" in v}
-    return {"ok": tr["device"].startswith("cuda"), "s": round(s, 1), "train_s": tr["seconds"],
-            "device": tr["device"], "ap": ranking, "store": str(run / "store.h5")}
+    ranking = {k: v["ranking"]["ap"] and round(v["ranking"]["ap"], 4) for k, v in m["splits"].items()
+               if isinstance(v, dict) and "ranking" in v}  # None: a split without both classes
+    return {"ok": tr["device"].startswith(dev.type), "s": round(s, 1), "train_s": tr["seconds"],
+            "device": tr["device"], "ap": ranking, "store": str(run / "store.h5"), "run": str(run)}
+
+
+def _node_models(models: Path) -> dict[str, tuple[list[torch.Tensor], dict]]:
+    """Every node's member weights and training history in a run's models folder."""
+    out = {}
+    for f in sorted(models.glob("*.pt")):
+        blob = torch.load(f, weights_only=True)
+        out[f.stem] = ([t for member in blob["members"] for t in member], blob["history"])
+    return out
+
+
+def check_multi_gpu(e2e: dict, out: Path, dev: torch.device, plan: Plan) -> dict:
+    """``hpcad train`` on every visible GPU at once under torchrun (NCCL, one rank per GPU): each
+    node's model against the one the one-GPU end-to-end run trained; then the fleet model with DDP
+    over all GPUs. Rehearsal: two gloo ranks on the CPU."""
+    gpus = torch.cuda.device_count() if dev.type == "cuda" else 2
+    if gpus < 2:
+        return {"ok": True, "skipped": f"{gpus} GPU visible: needs 2 or more (e.g. sbatch --gpus=4)"}
+    ranks = min(gpus, 8)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+                "-m", "hpcad", "train", f"compute.device={dev.type}", "compute.progress=false", *plan.run_args]
+    env = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    run, fleet = out / "multi", out / "multi_fleet"
+    _fresh(run, fleet)
+    rc, s = _run([*torchrun, f"hydra.run.dir={run}"], out / "multi.log", 900, **env)
+    if rc != 0:
+        return {"ok": False, "rc": rc, "log_tail": _tail(out / "multi.log")}
+    one, many = _node_models(Path(e2e["run"]) / "models"), _node_models(run / "models")
+    if one.keys() != many.keys() or not one:
+        return {"ok": False, "error": f"nodes differ: {sorted(one)[:3]} against {sorted(many)[:3]}"}
+    diff = max(float((a - b).abs().max()) for n in one for a, b in zip(one[n][0], many[n][0]))
+    same_stop = sum(one[n][1].get("epochs_run") == many[n][1].get("epochs_run") for n in one)
+    shares = len(list((run / "models").glob("training-rank*.json")))
+    rc_f, s_f = _run([*torchrun, "model.scope=fleet", "train.epochs=3", f"hydra.run.dir={fleet}"],
+                     out / "multi_fleet.log", 900, **env)
+    r = {"ranks": ranks, "nodes": len(one), "rank_shares": shares, "train_s": round(s, 1),
+         "same_stopping_epochs": f"{same_stop}/{len(one)}", "max_abs_weight_diff_vs_one_gpu": diff,
+         "bit_identical": diff == 0.0, "fleet_rc": rc_f, "fleet_s": round(s_f, 1)}
+    if rc_f == 0:
+        fl = _node_models(fleet / "models")
+        first = next(iter(fl.values()))[0]
+        r["fleet_same_weights_on_every_node"] = all(all(torch.equal(a, b) for a, b in zip(first, w))
+                                                    for w, _ in fl.values())
+        r["backend"] = "nccl" if dev.type == "cuda" else "gloo"  # hpcad.dist.init: NCCL on CUDA
+    else:
+        r["fleet_log_tail"] = _tail(out / "multi_fleet.log")
+    r["ok"] = shares == ranks and same_stop == len(one) and rc_f == 0 and r.get("fleet_same_weights_on_every_node", False)
+    return r
 
 
 def check_ddp(store_path: str, out: Path, cuda) -> dict:
@@ -219,16 +313,18 @@ def check_ddp(store_path: str, out: Path, cuda) -> dict:
 
     register_configs()
     with initialize_config_dir(str(resource_dir("conf")), version_base="1.3"):
-        cfg = compose("config", ["model.scope=fleet", "train.epochs=3", "compute.device=cuda"])
+        cfg = compose("config", ["model.scope=fleet", "train.epochs=3", f"compute.device={cuda.type}"])
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29611")
-    torch.cuda.set_device(cuda)
-    tdist.init_process_group("nccl", rank=0, world_size=1)
+    if cuda.type == "cuda":
+        torch.cuda.set_device(cuda)
+    tdist.init_process_group("nccl" if cuda.type == "cuda" else "gloo", rank=0, world_size=1)
     try:
         store = TelemetryStore(Path(store_path))
         t0 = time.perf_counter()
+        _fresh(out / "ddp_models")
         res = train_fleet(cfg, store, out / "ddp_models", list(store.nodes), cuda)
-        _sync()
+        _sync(cuda)
         return {"ok": bool(np.isfinite(res["best_val_loss"])), "backend": tdist.get_backend(),
                 "nodes": res["nodes"], "epochs": res["epochs_run"], "best_val_loss": res["best_val_loss"],
                 "s": round(time.perf_counter() - t0, 1)}
@@ -236,16 +332,18 @@ def check_ddp(store_path: str, out: Path, cuda) -> dict:
         tdist.destroy_process_group()
 
 
-def check_bench(out: Path, nodes: int, seconds: float) -> dict:
-    common = ["bench.rows=6667", "bench.metrics=159", "bench.device=cuda", "compute.progress=false",
-              "compute.memory_budget_mb=60000"]  # the device budget binds, not the host's
-    rc, _ = _hpcad(["bench", "bench.nodes=256", "bench.epochs=2", "bench.naive_nodes=2", *common,
+def check_bench(out: Path, nodes: int, seconds: float, dev: torch.device, plan: Plan) -> dict:
+    common = [f"bench.rows={plan.bench_rows}", "bench.metrics=159", f"bench.device={dev.type}",
+              "compute.progress=false", "compute.memory_budget_mb=60000"]  # the device budget binds, not the host's
+    _fresh(out / "bench_pilot", out / "bench")
+    rc, _ = _hpcad(["bench", f"bench.nodes={plan.bench_pilot_nodes}", "bench.epochs=2", "bench.naive_nodes=2", *common,
                     f"hydra.run.dir={out / 'bench_pilot'}"], out / "bench_pilot.log", 300)
     if rc != 0:
         return {"ok": False, "rc": rc, "log_tail": _tail(out / "bench_pilot.log")}
     pilot = json.loads((out / "bench_pilot" / "bench.json").read_text())
     predicted = nodes * 20 / pilot["node_epochs_per_s"]
-    n = nodes if predicted <= seconds else max(256, int(nodes * seconds / predicted) // 256 * 256)
+    step = plan.bench_pilot_nodes
+    n = nodes if predicted <= seconds else max(step, int(nodes * seconds / predicted) // step * step)
     rc, s = _hpcad(["bench", f"bench.nodes={n}", "bench.epochs=20", "bench.naive_nodes=8", *common,
                     f"hydra.run.dir={out / 'bench'}"], out / "bench.log", 900)
     if rc != 0:
@@ -260,17 +358,19 @@ def check_bench(out: Path, nodes: int, seconds: float) -> dict:
             "samples_per_s": b["samples_per_s"]}
 
 
-def check_uneven(out: Path, even: dict | None) -> dict:
+def check_uneven(out: Path, even: dict | None, dev: torch.device, plan: Plan) -> dict:
     """Nodes of different lengths (3,334-6,667 rows): short last batches and epochs that end at
     different steps for different models; the training tail must not sync with the host per step."""
-    rc, _ = _hpcad(["bench", "bench.nodes=2048", "bench.epochs=20", "bench.naive_nodes=0", "bench.rows=6667",
-                    "bench.rows_spread=0.5", "bench.metrics=159", "bench.device=cuda", "compute.progress=false",
+    _fresh(out / "uneven")
+    rc, _ = _hpcad(["bench", f"bench.nodes={plan.uneven_nodes}", "bench.epochs=20", "bench.naive_nodes=0",
+                    f"bench.rows={plan.bench_rows}", "bench.rows_spread=0.5", "bench.metrics=159",
+                    f"bench.device={dev.type}", "compute.progress=false",
                     "compute.memory_budget_mb=60000", f"hydra.run.dir={out / 'uneven'}"], out / "uneven.log", 600)
     if rc != 0:
         return {"ok": False, "rc": rc, "log_tail": _tail(out / "uneven.log")}
     b = json.loads((out / "uneven" / "bench.json").read_text())
     per_5000 = 5000 * 20 / b["node_epochs_per_s"]
-    r = {"ok": per_5000 < 60, "nodes": 2048, "rows_mean": round(b["rows_mean"]), "batched_s": b["batched_s"],
+    r = {"ok": per_5000 < 60, "nodes": plan.uneven_nodes, "rows_mean": round(b["rows_mean"]), "batched_s": b["batched_s"],
          "seconds_for_5000_nodes": round(per_5000, 1), "million_samples_per_s": round(b["samples_per_s"] / 1e6, 2),
          "nodes_per_chunk": b["nodes_per_chunk"], "peak_gpu_mb": b["peak_gpu_mb"]}
     if even and even.get("samples_per_s"):  # per sample, against the equal-length bench
@@ -279,17 +379,28 @@ def check_uneven(out: Path, even: dict | None) -> dict:
 
 
 def _needs(results: dict, name: str, by: str) -> dict:
-    if name not in results or "store" not in results[name]:
+    if name not in results or "run" not in results[name]:
         raise RuntimeError(f"the {by} check uses the {name} check's run folder: run both (--only {name},{by})")
     return results[name]
 
 
-def summary(results: dict, info: dict) -> str:
+SPEED_TARGETS = {"bench", "uneven"}  # figures only a GPU can meet: a rehearsal just runs them
+
+
+def verdict(name: str, r: dict, rehearsal: bool) -> str:
+    if "skipped" in r:
+        return "skipped"
+    if rehearsal and name in SPEED_TARGETS:
+        return "FAIL" if {"rc", "error"} & r.keys() else "ran"
+    return "pass" if r.get("ok") else "FAIL"
+
+
+def summary(results: dict, info: dict, rehearsal: bool) -> str:
     lines = [f"GPU check, {info['date']}: {info['gpu']}, torch {info['torch']} (CUDA {info['cuda']}), "
              f"hpcad {info['hpcad']}", "", "| check | result | figures |", "| --- | --- | --- |"]
     for name, r in results.items():
-        figs = "; ".join(f"{k} {_fmt(v)}" for k, v in r.items() if k not in ("ok", "error", "store"))
-        lines.append(f"| {name} | {'pass' if r.get('ok') else 'FAIL'} | {figs or r.get('error', '')} |")
+        figs = "; ".join(f"{k} {_fmt(v)}" for k, v in r.items() if k not in ("ok", "error", "store", "run"))
+        lines.append(f"| {name} | {verdict(name, r, rehearsal)} | {'; '.join(x for x in (r.get('error'), figs) if x)} |")
     return "\n".join(lines)
 
 
@@ -304,35 +415,41 @@ def _fmt(v) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description="Check hpcad's CUDA path on one GPU (see the comments at the top).")
     ap.add_argument("--out", default=f"gpu-check-{os.environ.get('SLURM_JOB_ID', 'local')}")
-    ap.add_argument("--bench-nodes", type=int, default=5000)
+    ap.add_argument("--bench-nodes", type=int, default=None, help="default 5,000 (64 in a rehearsal)")
     ap.add_argument("--bench-seconds", type=float, default=150.0,
                     help="scale the bench down when the pilot predicts a longer batched run")
     ap.add_argument("--skip", default="", help="comma-separated checks to leave out")
     ap.add_argument("--only", default="", help="comma-separated checks to run (default: all)")
+    ap.add_argument("--rehearse", action="store_true",
+                    help="run every check on the CPU at toy sizes: the script works, not the GPU figures")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("gpu_check: CUDA is not available here (torch %s); run it on a GPU node" % torch.__version__,
-              file=sys.stderr)
+    plan = REHEARSAL if args.rehearse else Plan()
+    if not args.rehearse and not torch.cuda.is_available():
+        print("gpu_check: CUDA is not available here (torch %s); run it on a GPU node (or --rehearse on the CPU)"
+              % torch.__version__, file=sys.stderr)
         return 2
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     from hpcad import __version__
     from hpcad.device import resolve_device
 
-    cuda = resolve_device("cuda")  # as training picks it (and with hpcad's cuBLAS setting)
+    dev = resolve_device("cpu" if args.rehearse else "cuda")  # as training picks it (with hpcad's cuBLAS setting)
 
-    info = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(cuda), "torch": torch.__version__,
-            "cuda": torch.version.cuda, "hpcad": __version__, "cpus": os.cpu_count()}
+    info = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "hpcad": __version__, "cpus": os.cpu_count(),
+            "gpu": "CPU rehearsal (toy sizes, not GPU figures)" if args.rehearse else
+            f"{torch.cuda.get_device_name(dev)} x {torch.cuda.device_count()}"}
     checks = {
-        "equivalence": lambda: check_equivalence(pool, cuda),
-        "companions": lambda: check_companions(pool, cuda),
-        "companions_cublas_workspace": lambda: check_companions_cublas_workspace(out),
-        "precision": lambda: check_precision(pool, cuda),
-        "budget": lambda: check_budget(pool, cuda),
-        "end_to_end": lambda: check_end_to_end(out),
-        "ddp": lambda: check_ddp(_needs(results, "end_to_end", "ddp")["store"], out, cuda),
-        "bench": lambda: check_bench(out, args.bench_nodes, args.bench_seconds),
-        "uneven": lambda: check_uneven(out, results.get("bench")),
+        "equivalence": lambda: check_equivalence(pool, dev, plan),
+        "companions": lambda: check_companions(pool, dev, plan),
+        "companions_cublas_workspace": lambda: check_companions_cublas_workspace(out, plan),
+        "precision": lambda: check_precision(pool, dev, plan),
+        "budget": lambda: check_budget(pool, dev),
+        "end_to_end": lambda: check_end_to_end(out, dev, plan),
+        "ddp": lambda: check_ddp(_needs(results, "end_to_end", "ddp")["store"], out, dev),
+        "bench": lambda: check_bench(out, args.bench_nodes or plan.bench_nodes, args.bench_seconds, dev, plan),
+        "uneven": lambda: check_uneven(out, results.get("bench"), dev, plan),
+        "multi_gpu": lambda: check_multi_gpu(_needs(results, "end_to_end", "multi_gpu"), out, dev, plan),
     }
     skip = {s for s in args.skip.split(",") if s}
     only = {s for s in args.only.split(",") if s} or set(checks)
@@ -341,7 +458,7 @@ def main() -> int:
         print(f"gpu_check: unknown checks {sorted(unknown)}; known: {', '.join(checks)}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    pool = _pool(64, 6667) if (only - skip) & {"equivalence", "companions", "precision", "budget"} else []
+    pool = _pool(64, plan.rows) if (only - skip) & {"equivalence", "companions", "precision", "budget"} else []
     print(f"gpu_check: data ready in {time.perf_counter() - t0:.1f} s; writing to {out}", flush=True)
     results: dict[str, dict] = {}
     for name, fn in checks.items():
@@ -354,14 +471,15 @@ def main() -> int:
             results[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
             traceback.print_exc()
         results[name]["check_s"] = round(time.perf_counter() - t1, 1)
-        print(f"gpu_check: {name}: {'pass' if results[name]['ok'] else 'FAIL'} "
+        print(f"gpu_check: {name}: {verdict(name, results[name], args.rehearse)} "
               f"({results[name]['check_s']} s)", flush=True)
-        torch.cuda.empty_cache()
-    text = summary(results, info)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    text = summary(results, info, args.rehearse)
     (out / "gpu_check.json").write_text(json.dumps({"info": info, "results": results}, indent=1, default=str))
     (out / "gpu_check.md").write_text(text + "\n")
     print(text)
-    return 0 if all(r["ok"] for r in results.values()) else 1
+    return 1 if any(verdict(n, r, args.rehearse) == "FAIL" for n, r in results.items()) else 0
 
 
 if __name__ == "__main__":
