@@ -122,19 +122,34 @@ def rendezvous(w: World, env: dict | None = None) -> tuple[str, str]:
     return addr or "127.0.0.1", port or "29511"
 
 
-def init(device: torch.device) -> World:
-    """Start the process group when there is more than one rank (idempotent)."""
+def backend(device: torch.device, gpu_collectives: bool) -> str:
+    """NCCL only where tensors on the GPU are reduced (the fleet model's DDP). The per-node scope's
+    collectives (barriers, rank 0's outcome, small sums of Python objects) go over gloo, on CUDA
+    too: no NCCL communicator on every GPU and no NCCL watchdog on barriers that wait for a stage."""
+    return "nccl" if device.type == "cuda" and gpu_collectives else "gloo"
+
+
+def init(device: torch.device, gpu_collectives: bool = False) -> World:
+    """Start the process group when there is more than one rank (idempotent); ``gpu_collectives``:
+    the stage reduces tensors on the GPU (see ``backend``)."""
     w = world()
     if not w.distributed or _started():
         return w
+    import logging
+
     import torch
     import torch.distributed as tdist
 
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = rendezvous(w)
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    name = backend(device, gpu_collectives)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    tdist.init_process_group(backend, rank=w.rank, world_size=w.size, timeout=timeout())
+    wait = timeout()
+    tdist.init_process_group(name, rank=w.rank, world_size=w.size, timeout=wait)
+    if w.rank == 0:
+        logging.getLogger(__name__).info("process group: %s, %d ranks, rank 0 at %s:%s, collectives wait up to %d "
+                                         "min", name, w.size, os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"],
+                                         wait.total_seconds() // 60)
     return w
 
 

@@ -58,12 +58,13 @@ def stage_ingest(cfg: HpcadConfig, run_dir: Path) -> TelemetryStore:
 
 
 @contextmanager
-def ranked_share(cfg: HpcadConfig,
-                 run_dir: Path) -> Iterator[tuple[dist.World, torch.device, TelemetryStore, list[str]]]:
+def ranked_share(cfg: HpcadConfig, run_dir: Path, gpu_collectives: bool = False
+                 ) -> Iterator[tuple[dist.World, torch.device, TelemetryStore, list[str]]]:
     """This process's rank, device, the store and its share of the nodes (all of them in one process).
 
     Across ranks: rank 0 ingests while the others wait (one writer per file), the nodes are split
-    balanced by rows, and the process group is torn down on the way out.
+    balanced by rows, and the process group is torn down on the way out. ``gpu_collectives``: the
+    stage all-reduces tensors on the GPU (NCCL on CUDA; otherwise gloo, ``dist.backend``).
     """
     from hpcad.device import describe, resolve_device  # the stages that train or score load torch, the others do not
 
@@ -73,7 +74,7 @@ def ranked_share(cfg: HpcadConfig,
         store = stage_ingest(cfg, run_dir)
         yield w, device, store, list(store.nodes)
         return
-    dist.init(device)
+    dist.init(device, gpu_collectives)
     try:
         failed = None
         if w.rank == 0:
@@ -95,8 +96,9 @@ def stage_train(cfg: HpcadConfig, run_dir: Path) -> dict:
     """Train every node's model; under srun/torchrun each rank trains its balanced share of nodes."""
     if cfg.train_run:
         raise ConfigError("train_run is set: this run scores with existing models; drop it to train")
-    with ranked_share(cfg, run_dir) as (w, device, store, mine):
-        if cfg.model.get("scope", "node") == "fleet":
+    fleet = cfg.model.get("scope", "node") == "fleet"  # one model all-reduced over the ranks (DDP)
+    with ranked_share(cfg, run_dir, gpu_collectives=fleet) as (w, device, store, mine):
+        if fleet:
             from hpcad.fleet import train_fleet
 
             out = train_fleet(cfg, store, run_dir / "models", mine, device, w.rank)

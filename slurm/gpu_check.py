@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -295,10 +296,13 @@ def check_multi_gpu(e2e: dict, out: Path, dev: torch.device, plan: Plan) -> dict
         first = next(iter(fl.values()))[0]
         r["fleet_same_weights_on_every_node"] = all(all(torch.equal(a, b) for a, b in zip(first, w))
                                                     for w, _ in fl.values())
-        r["backend"] = "nccl" if dev.type == "cuda" else "gloo"  # hpcad.dist.init: NCCL on CUDA
+        # hpcad.dist.backend: the per-node scope's collectives over gloo, the fleet's all-reduce over NCCL on CUDA
+        r["backends"] = {name: (re.findall(r"process group: (\w+)", (out / f"{name}.log").read_text()) or ["?"])[0]
+                         for name in ("multi", "multi_fleet")}
     else:
         r["fleet_log_tail"] = _tail(out / "multi_fleet.log")
-    r["ok"] = shares == ranks and same_stop == len(one) and rc_f == 0 and r.get("fleet_same_weights_on_every_node", False)
+    r["ok"] = (shares == ranks and same_stop == len(one) and rc_f == 0 and r.get("fleet_same_weights_on_every_node", False)
+               and r["backends"]["multi_fleet"] == ("nccl" if dev.type == "cuda" else "gloo"))
     return r
 
 

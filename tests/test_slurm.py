@@ -124,6 +124,12 @@ def test_rendezvous_timeout_and_gpu_choice_for_multi_node_jobs(monkeypatch):
     monkeypatch.setenv("HPCAD_DIST_TIMEOUT_MIN", "soon")
     with pytest.raises(ConfigError, match="HPCAD_DIST_TIMEOUT_MIN"):
         timeout()
+    # NCCL only where GPU tensors are all-reduced (the fleet model): per-node stages wait at barriers
+    # for whole stages, over gloo, with no NCCL communicator or watchdog on the GPUs
+    from hpcad.dist import backend
+
+    cuda, cpu = torch.device("cuda:1"), torch.device("cpu")
+    assert (backend(cuda, False), backend(cuda, True), backend(cpu, True)) == ("gloo", "nccl", "gloo")
     assert gpu_index(3, 4) == 3 and gpu_index(3, 1) == 0  # one GPU bound per task: it is this rank's
     with pytest.raises(ConfigError, match="local rank 4 but only 4 GPUs"):
         gpu_index(4, 4)  # two ranks on one GPU would fail at NCCL's first barrier, unhelpfully
@@ -206,6 +212,7 @@ def test_fleet_model_trains_with_ddp_on_two_gloo_ranks(tmp_path, slurm_env):
         assert all(torch.equal(x, y) for x, y in zip(first, params))
     hist = torch.load(run / "models" / "node0000.pt", weights_only=True)["history"]
     assert hist["scope"] == "fleet" and hist["val_loss"][-1] < hist["val_loss"][0]
+    assert re.search(r"process group: gloo, 2 ranks, rank 0 at \S+:\d+, collectives wait up to 720 min", p.stdout + p.stderr)
     bad = hpcad("train", "model.scope=galaxy", f"hydra.run.dir={tmp_path / 'bad'}", check=False)
     assert bad.returncode == 2 and "model.scope='galaxy'" in bad.stderr
 
