@@ -1,6 +1,7 @@
 """Batch jobs on a real SLURM (slurm/dev-cluster.sh): requeue, scoring with trained models, the
 nightly job through sbatch. Split from test_slurm.py so that `pytest -n` runs the two side by side."""
 import json
+import re
 import subprocess
 
 import torch
@@ -58,11 +59,19 @@ def test_score_all_nodes_scores_new_data_with_trained_models(tmp_path, slurm_env
     train = tmp_path / "train"
     hpcad("train", f"data.source={exports}", f"hydra.run.dir={train}", "train.epochs=1", "compute.progress=false")
     run = tmp_path / "scored"
-    job = sbatch_wait(["--ntasks-per-node=2", "-o", str(tmp_path / "score.out"), str(ROOT / "slurm" / "score_all_nodes.sh"),
-                       f"train_run={train}", f"data.source={exports}", "compute.progress=false", "baselines.methods=[]"],
+    # two nodes of two tasks: ranks meet at the step's first node, on a port of the job's own
+    job = sbatch_wait(["--nodes=2", "--ntasks-per-node=2", "-o", str(tmp_path / "score.out"),
+                       str(ROOT / "slurm" / "score_all_nodes.sh"), f"train_run={train}", f"data.source={exports}",
+                       "compute.progress=false", "baselines.methods=[]"],
                       env=dict(slurm_env, HPCAD_RUN_DIR=str(run)), cwd=tmp_path)
-    assert job.returncode == 0, (tmp_path / "score.out").read_text()[-3000:]
-    assert len(list(run.glob("errors-rank*.h5"))) == 2 and (run / "report.html").exists()
+    log = (tmp_path / "score.out").read_text()
+    assert job.returncode == 0, log[-3000:]
+    assert len(list(run.glob("errors-rank*.h5"))) == 4 and (run / "report.html").exists()
+    job_id = int(re.search(r"Submitted batch job (\d+)", job.stdout).group(1))
+    assert f"process group: gloo, 4 ranks, rank 0 at localhost:{20000 + job_id % 20000}," in log  # n1's NodeAddr
+    assert "srun --gpu-bind=per_task:1 (2 tasks, 4 GPUs per node)" in log
+    bound = set(re.findall(r"rank (\d) of 4 on \S+: 1 of 4 nodes, device cpu, CUDA_VISIBLE_DEVICES=(\S+)", log))
+    assert bound == {("0", "0"), ("1", "1"), ("2", "0"), ("3", "1")}, bound  # GPUs 0 and 1 of each node
     assert not (run / "models").exists()
     no_run = sbatch_wait(["-o", str(tmp_path / "bad.out"), str(ROOT / "slurm" / "score_all_nodes.sh"),
                           f"data.source={exports}"], env=slurm_env, cwd=tmp_path, timeout=300)
