@@ -20,8 +20,10 @@ def gpu_index(local_rank: int, visible: int) -> int:
     if visible == 1:
         return 0
     if local_rank >= visible:
-        raise ConfigError(f"local rank {local_rank} but only {visible} GPUs visible on this node: run as many "
-                          f"tasks per node as GPUs (--ntasks-per-node = --gpus-per-node), or compute.device=cpu")
+        raise ConfigError(f"local rank {local_rank} but only {visible} GPUs visible to it (CUDA_VISIBLE_DEVICES="
+                          f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): run as many tasks per node as GPUs "
+                          f"(--ntasks-per-node = --gpus-per-node) with one GPU or all of them visible to each task "
+                          f"(HPCAD_GPU_BIND), or compute.device=cpu")
     return local_rank
 
 

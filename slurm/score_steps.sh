@@ -7,8 +7,8 @@
 # srun does not inherit --cpus-per-task from sbatch (SLURM >= 22.05): passed on. GPUs: one per task
 # (task i of a node sees only GPU i: no stray CUDA context of another rank on it, and each rank's
 # free-memory budget is its own), when every node has at least one GPU per task. HPCAD_GPU_BIND
-# chooses the binding (an srun --gpu-bind value: per_task:1 by default, closest, single:1, map_gpu:...;
-# none: every task sees every GPU and hpcad takes the one at its local rank).
+# chooses the binding (an srun --gpu-bind value that leaves each task one GPU: per_task:1 by default,
+# single:1, map_gpu:...; none: every task sees every GPU and hpcad takes the one at its local rank).
 srun_opts=(--kill-on-bad-exit=1)
 [ -n "${SLURM_CPUS_PER_TASK:-}" ] && srun_opts+=("--cpus-per-task=${SLURM_CPUS_PER_TASK}")
 

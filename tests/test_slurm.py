@@ -261,7 +261,7 @@ def test_confirmed_incident_drains_the_slurm_node_with_its_reason(slurm_env):
     ({"SLURM_GPUS_ON_NODE": "4", "SLURM_TASKS_PER_NODE": "4(x2)", "SLURM_CPUS_PER_TASK": "8"},
      "--gpu-bind=per_task:1", "4 tasks, 4 GPUs per node"),  # Leonardo booster: task i on GPU i
     ({"SLURM_JOB_GPUS": "0,1,2,3", "SLURM_TASKS_PER_NODE": "4,1"}, "--gpu-bind=per_task:1", ""),  # older SLURM
-    ({"SLURM_GPUS_ON_NODE": "4", "SLURM_TASKS_PER_NODE": "4", "HPCAD_GPU_BIND": "closest"}, "--gpu-bind=closest", ""),
+    ({"SLURM_GPUS_ON_NODE": "4", "SLURM_TASKS_PER_NODE": "4", "HPCAD_GPU_BIND": "single:1"}, "--gpu-bind=single:1", ""),
     ({"SLURM_GPUS_ON_NODE": "4", "SLURM_TASKS_PER_NODE": "4", "HPCAD_GPU_BIND": "none"}, None, "HPCAD_GPU_BIND=none"),
     ({"SLURM_GPUS_ON_NODE": "2", "SLURM_TASKS_PER_NODE": "4(x2)"}, None, "4 tasks on a node with 2 GPUs"),
     ({"SLURM_TASKS_PER_NODE": "2"}, None, ""),  # a CPU partition
