@@ -260,12 +260,17 @@ class _Killed(Exception):
     pass
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["cpu-fused-adam", "cuda-masked-adam"])
 @pytest.mark.parametrize("killed_after", [5, 17, 20])  # before, between and after early stops (16, 18)
-def test_a_chunk_resumed_from_its_checkpoint_ends_as_if_never_interrupted(tmp_path, killed_after):
+def test_a_chunk_resumed_from_its_checkpoint_ends_as_if_never_interrupted(tmp_path, killed_after, masked, monkeypatch):
     """hpcad/model/checkpoint.py: the chunk's state saved after an epoch, resumed after a kill,
     gives the same weights, histories and signal levels bit for bit, also once stopped models have
-    left the chunk (two stop at epochs 16 and 18, and the chunk is compacted)."""
+    left the chunk (two stop at epochs 16 and 18, and the chunk is compacted). Also with the masked
+    Adam step that CUDA uses (run here on the CPU): its per-model step counts resume too."""
+    import hpcad.model.ensemble as ens
     from hpcad.model.checkpoint import ChunkCheckpoint
+
+    monkeypatch.setattr(ens, "_masked_adam", lambda device: masked)
 
     spec = AutoencoderSpec([2])
     noise = [np.random.default_rng(s).normal(size=(n, 12)).astype(np.float32) for s, n in ((0, 100), (5, 60))]
