@@ -14,6 +14,9 @@
 #                 bit-identical under hpcad's CUBLAS_WORKSPACE_CONFIG=:0:0 (hpcad/device.py)
 #   companions_cublas_workspace  the same with cuBLAS's default workspace (:4096:8): kernels then
 #                 vary with the chunk's size; the stopping epochs and losses (within 1 %) must still agree
+#   checkpoint    a 512-node chunk of uneven lengths killed after epoch 6 and resumed from its chunk
+#                 checkpoint (hpcad/model/checkpoint.py): bit-identical to the uninterrupted chunk;
+#                 seconds and MB per save, and the size for 4,096 nodes
 #   precision     fp32 / tf32 / bf16 on a 256-node chunk: speed and validation-loss change
 #   budget        the chunk size from the device's free memory, against the measured peak
 #   end_to_end    `hpcad run` on the embedded synthetic cluster with compute.device=cuda
@@ -76,6 +79,7 @@ class Plan:
     equivalence_rows: tuple[int, int] = (2000, 125)  # node i has first + i x step rows
     companion_rows: tuple[int, int] = (1500, 37)
     precision_nodes: int = 256
+    checkpoint_nodes: int = 512
     uneven_nodes: int = 2048
     bench_rows: int = 6667
     bench_pilot_nodes: int = 256
@@ -84,7 +88,7 @@ class Plan:
     rehearsal: bool = False
 
 
-REHEARSAL = Plan(rows=300, equivalence_rows=(150, 10), companion_rows=(100, 3), precision_nodes=16, uneven_nodes=16,
+REHEARSAL = Plan(rows=300, equivalence_rows=(150, 10), companion_rows=(100, 3), precision_nodes=16, checkpoint_nodes=8, uneven_nodes=16,
                  bench_rows=200, bench_pilot_nodes=16, bench_nodes=64, rehearsal=True,
                  run_args=("data.synthetic.nodes=4", "data.synthetic.rows=400", "train.epochs=4",
                            "baselines.methods=[]", "report.enabled=false"))
@@ -159,6 +163,50 @@ def check_companions(pool, cuda, plan: Plan) -> dict:
     no_split_k = os.environ.get("CUBLAS_WORKSPACE_CONFIG") == ":0:0"
     return {"ok": same_all and (exact or not no_split_k), "bit_identical": exact,
             "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG", "unset"), **out}
+
+
+class _Killed(Exception):
+    pass
+
+
+def check_checkpoint(pool, dev, plan: Plan, out: Path) -> dict:
+    """A chunk killed after an epoch and resumed from its checkpoint ends as if never interrupted."""
+    from hpcad.model.checkpoint import ChunkCheckpoint
+
+    n, kill = plan.checkpoint_nodes, 7
+    rows = pool[0].shape[0]
+    data = [pool[i % len(pool)][: rows // 2 + (rows // 2) * (i % 9) // 8] for i in range(n)]  # uneven: masked Adam
+    seeds, tc = _seeds(n), _cfg(lr=3e-3, patience=2, epochs=12)
+    whole = train_ensemble(SPEC, data, seeds, tc, dev)
+    saves: list[float] = []
+
+    class Timed(ChunkCheckpoint):
+        def save(self, state: dict) -> None:
+            _sync(dev)
+            t0 = time.perf_counter()
+            super().save(state)
+            saves.append(time.perf_counter() - t0)
+
+    def kill_at(epoch, running):
+        if epoch == kill:
+            raise _Killed
+
+    _fresh(out / "checkpoint")
+    (out / "checkpoint").mkdir(parents=True)
+    ckpt = Timed(out / "checkpoint", "gpu-check", [f"n{i}" for i in range(n)], 1, every_s=0)
+    try:
+        train_ensemble(SPEC, data, seeds, tc, dev, progress=kill_at, checkpoint=ckpt)
+    except _Killed:
+        pass
+    size_mb = ckpt.path.stat().st_size / 2**20 if ckpt.path.exists() else 0.0
+    resumed = train_ensemble(SPEC, data, seeds, tc, dev, checkpoint=ckpt)
+    same = all(torch.equal(x, y) for a, b in zip(whole.params, resumed.params) for x, y in zip(a, b))
+    stops = [h["epochs_run"] for h in whole.history]
+    return {"ok": same and whole.history == resumed.history and size_mb > 0, "nodes": n, "killed_after_epoch": kill - 1,
+            "stopped_before_kill": sum(e < kill for e in stops), "bit_identical": same,
+            "same_histories": whole.history == resumed.history, "saves": len(saves),
+            "s_per_save": round(float(np.mean(saves)), 3) if saves else None, "mb_per_save": round(size_mb, 1),
+            "mb_for_4096_nodes": round(size_mb * 4096 / n)}
 
 
 def check_companions_cublas_workspace(out: Path, plan: Plan) -> dict:
@@ -447,6 +495,7 @@ def main() -> int:
         "equivalence": lambda: check_equivalence(pool, dev, plan),
         "companions": lambda: check_companions(pool, dev, plan),
         "companions_cublas_workspace": lambda: check_companions_cublas_workspace(out, plan),
+        "checkpoint": lambda: check_checkpoint(pool, dev, plan, out),
         "precision": lambda: check_precision(pool, dev, plan),
         "budget": lambda: check_budget(pool, dev),
         "end_to_end": lambda: check_end_to_end(out, dev, plan),
@@ -462,7 +511,8 @@ def main() -> int:
         print(f"gpu_check: unknown checks {sorted(unknown)}; known: {', '.join(checks)}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    pool = _pool(64, plan.rows) if (only - skip) & {"equivalence", "companions", "precision", "budget"} else []
+    pool = _pool(64, plan.rows) if (only - skip) & {"equivalence", "companions", "checkpoint", "precision", "budget"} \
+        else []
     print(f"gpu_check: data ready in {time.perf_counter() - t0:.1f} s; writing to {out}", flush=True)
     results: dict[str, dict] = {}
     for name, fn in checks.items():
