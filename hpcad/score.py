@@ -39,7 +39,7 @@ from hpcad.excess import attrs as excess_attrs
 from hpcad.excess import choose as excess_weight
 from hpcad.light import LightMap, light_path
 from hpcad.model.autoencoder import ensemble_recon, stack
-from hpcad.model.budget import Budget, default_chunk_cap
+from hpcad.model.budget import Budget, default_chunk_cap, retry_cap_after_oom
 from hpcad.model.files import NodeModel, model_path, models_stamp
 from hpcad.preprocess import fill_gaps, split_codes, windows
 from hpcad.signals import signal_level, smooth_signal
@@ -115,11 +115,11 @@ def _node_errors(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, node
     K nodes per batched forward pass, only one chunk in memory."""
     M = len(metrics)
     i = 0
+    cap = cfg.compute.max_nodes_per_chunk or default_chunk_cap(device, "score")
     while i < len(nodes):
         first = NodeModel.load(model_path(models_dir, nodes[i]))  # its spec sizes the chunk
         spec = first.spec
-        K = budget.score_chunk_size(store.rows(nodes[i]), M, spec,
-                                    cfg.compute.max_nodes_per_chunk or default_chunk_cap(device, "score"))
+        K = budget.score_chunk_size(store.rows(nodes[i]), M, spec, cap)
         chunk = nodes[i:i + K]
         i += len(chunk)
         models, data, zs, masks = [], [], [], []
@@ -135,8 +135,16 @@ def _node_errors(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, node
             models.append(model), data.append(nd), zs.append(z), masks.append(miss)
         maps = [light(n) for n in chunk]
         same_shape = len({(tuple(m.spec.hidden), m.spec.members, m.spec.window) for m in models}) == 1
-        errs = reconstruction_errors(models, zs, device, maps) if same_shape else \
-            [reconstruction_errors([m], [z], device, [lm])[0] for m, z, lm in zip(models, zs, maps)]
+        errs = None
+        try:
+            errs = reconstruction_errors(models, zs, device, maps) if same_shape else \
+                [reconstruction_errors([m], [z], device, [lm])[0] for m, z, lm in zip(models, zs, maps)]
+        except torch.cuda.OutOfMemoryError:
+            pass  # handled below, once the exception (and the chunk's tensors it holds) is gone
+        if errs is None:
+            cap = retry_cap_after_oom(device, chunk, 1, "scoring")  # this chunk again, in halves
+            i -= len(chunk)
+            continue
         for model, nd, z, err, miss, lm in zip(models, data, zs, errs, masks, maps):
             excess2 = np.square(model.scaler.excess(z)) if cfg.signal.range_excess else np.zeros_like(err)
             yield model, nd, err, excess2, miss, lm

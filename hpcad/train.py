@@ -21,7 +21,7 @@ from hpcad.model.autoencoder import AutoencoderSpec, ensemble_recon, stack
 from hpcad.model.files import NodeModel, model_path
 from hpcad.preprocess import (Scaler, check_training_rows, fill_gaps, fit_rows, split_codes, training_rows, window_rows,
                               windows)
-from hpcad.model.budget import Budget, default_chunk_cap
+from hpcad.model.budget import Budget, default_chunk_cap, retry_cap_after_oom
 from hpcad.model.checkpoint import ChunkCheckpoint
 from hpcad.model.ensemble import Workspace, member_seed, node_seed, train_ensemble
 
@@ -181,9 +181,19 @@ def train_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, nodes
         n_chunk += 1
         bar.set_postfix(chunk=f"{n_chunk} ({len(chunk)} nodes)", device=str(device))
         ckpt = ChunkCheckpoint(models_dir, fingerprint, chunk, R, cfg.compute.checkpoint_every_s)
-        res = train_ensemble(member_net, [z for z, _ in prepared for _ in range(R)], seeds, cfg.train, device,
-                             progress=_epoch_reporter(bar, n_chunk, len(chunk) * R, int(cfg.train.epochs)),
-                             workspace=workspace, checkpoint=ckpt, precision=cfg.compute.precision)
+        res = None
+        try:
+            res = train_ensemble(member_net, [z for z, _ in prepared for _ in range(R)], seeds, cfg.train, device,
+                                 progress=_epoch_reporter(bar, n_chunk, len(chunk) * R, int(cfg.train.epochs)),
+                                 workspace=workspace, checkpoint=ckpt, precision=cfg.compute.precision)
+        except torch.cuda.OutOfMemoryError:
+            pass  # handled below, once the exception (and the chunk's tensors it holds) is gone
+        if res is None:
+            workspace = Workspace()  # its tensors go too
+            cap = retry_cap_after_oom(device, chunk, R, "training")  # this chunk again, in halves
+            i -= len(chunk)
+            n_chunk -= 1
+            continue
         for k, n in enumerate(chunk):
             members = res.params[k * R:(k + 1) * R]
             history = dict(res.history[k * R])

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from hpcad.errors import ConfigError
+from hpcad.errors import ConfigError, HpcadError
 from hpcad.model.autoencoder import AutoencoderSpec
 from hpcad.model.ensemble import VAL_BLOCK
 from hpcad.preprocess import fit_rows
@@ -158,3 +158,18 @@ class Budget:
         ``cap``, at least one."""
         per_node = score_bytes_per_node(n_rows, n_metrics, spec)
         return int(max(1, min(cap, self.host_bytes // per_node, (self.device_bytes or self.host_bytes) // per_node)))
+
+
+def retry_cap_after_oom(device: torch.device, nodes: list[str], members: int, stage: str) -> int:
+    """After a chunk of ``nodes`` ran out of device memory (the estimate was short, or something else
+    took the GPU): the chunk cap, in models, for retrying it in halves (and for every later chunk).
+    A single node that does not fit is an error that says what to do."""
+    if len(nodes) == 1:
+        raise HpcadError(f"out of memory on {device} {stage} node {nodes[0]} alone ({members} member(s)): free "
+                         f"the GPU, or use compute.device=cpu")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    cap = max(1, len(nodes) // 2) * members
+    log.warning("out of memory on %s %s a chunk of %d nodes: retrying in chunks of up to %d nodes (set "
+                "compute.device_memory_mb lower to start there)", device, stage, len(nodes), cap // members)
+    return cap
