@@ -6,6 +6,12 @@ rank runs the same number of steps per epoch (the largest shard's; smaller shard
 validation loss is the all-reduced mean over every node's held-out rows, and early stopping acts on
 that, so all ranks stop together. The shared weights are written into each node's model file beside
 that node's standardisation, so scoring, thresholds and reports work unchanged.
+
+Reruns: when every node's file holds the fleet model of the same data, settings and rank count
+(``fleet_fingerprint``), training is skipped (all ranks decide together). Otherwise rank 0 saves the
+training state (weights, Adam state, early-stopping state, history) after an epoch every
+``compute.checkpoint_every_s`` seconds, and a rerun with the same rank count goes on from it; each
+epoch's shuffle is a function of (seed, rank, epoch), so a resumed run ends as an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -50,12 +56,51 @@ def _allreduce(t: torch.Tensor, op=None) -> torch.Tensor:
     return t
 
 
+def fleet_fingerprint(cfg: HpcadConfig, spec: AutoencoderSpec, store, world_size: int) -> str:
+    """What the fleet model is built from: a node model's inputs (``training_fingerprint``), every
+    node of the store (it trains on all of them) and the rank count (it shapes the shards)."""
+    import hashlib
+
+    from hpcad.train import training_fingerprint
+
+    text = "\n".join(["fleet", training_fingerprint(cfg, spec, store), str(world_size), *store.nodes])
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def _epoch_order(n: int, seed: int, rank: int, epoch: int) -> torch.Tensor:
+    """This rank's shuffle of its rows for one epoch: a function of (seed, rank, epoch) alone."""
+    state = np.random.SeedSequence([int(seed), int(rank), int(epoch)]).generate_state(2, np.uint32)
+    return torch.randperm(max(n, 1), generator=torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1])))
+
+
+def _already_trained(models_dir, nodes: list[str], store, fingerprint: str) -> dict | None:
+    """The fleet model's summary when every rank's nodes hold it already (decided by all ranks together)."""
+    from hpcad import dist
+    from hpcad.train import reusable
+
+    missing = sum(not reusable(model_path(models_dir, n), fingerprint) for n in nodes)
+    if dist.all_sum(np.array([missing]))[0] > 0:
+        return None
+    history = NodeModel.load(model_path(models_dir, store.nodes[0])).history
+    log.info("fleet model already trained from the same data and settings in %s: not trained again", models_dir)
+    return {"nodes": len(nodes), "scope": "fleet", "epochs_run": history["epochs_run"],
+            "best_val_loss": float(min(history["val_loss"])), "trained_now": 0}
+
+
 def train_fleet(cfg: HpcadConfig, store, models_dir, nodes: list[str], device: torch.device, rank: int = 0) -> dict:
+    from hpcad.model.checkpoint import ChunkCheckpoint, remove_checkpoints
     from hpcad.train import model_spec, prepare_training_rows
 
     spec = model_spec(cfg)
     tc = cfg.train
     M = len(store.metrics)
+    world_size = tdist.get_world_size() if tdist.is_initialized() else 1
+    fingerprint = fleet_fingerprint(cfg, spec, store, world_size)
+    done = _already_trained(models_dir, nodes, store, fingerprint)
+    if done is not None:
+        return done
+    ckpt = ChunkCheckpoint(models_dir, fingerprint, list(store.nodes), 1, cfg.compute.checkpoint_every_s,
+                           what="the fleet model")
     prepared = {n: prepare_training_rows(store, n, cfg) for n in nodes}
     tr, va = [], []
     for n, (z, _) in prepared.items():
@@ -70,10 +115,17 @@ def train_fleet(cfg: HpcadConfig, store, models_dir, nodes: list[str], device: t
     B = int(tc.batch_size)
     steps = _allreduce(torch.tensor([math.ceil(len(Xtr) / B)], device=device), tdist.ReduceOp.MAX
                        if tdist.is_initialized() else None).item()
-    gen = torch.Generator().manual_seed(int(tc.seed) * 1000 + rank)
     best, best_loss, wait, history = None, float("inf"), 0, {"loss": [], "val_loss": []}
-    for epoch in range(int(tc.epochs)):
-        perm = torch.randperm(max(len(Xtr), 1), generator=gen).to(device)
+    start, state = 0, ckpt.load()  # rank 0 saved it; every rank resumes from the same file
+    if state is not None:
+        with torch.no_grad():
+            for p, saved in zip(model.weights, state["weights"]):
+                p.copy_(saved)
+        opt.load_state_dict(state["adam"])
+        best = None if state["best"] is None else [t.to(device) for t in state["best"]]
+        best_loss, wait, history, start = float(state["best_loss"]), int(state["wait"]), state["history"], state["epoch"]
+    for epoch in range(int(start), int(tc.epochs)):
+        perm = _epoch_order(len(Xtr), tc.seed, rank, epoch).to(device)
         total = torch.zeros(2, device=device)
         for s in range(int(steps)):
             if len(Xtr):
@@ -100,6 +152,10 @@ def train_fleet(cfg: HpcadConfig, store, models_dir, nodes: list[str], device: t
             wait += 1
             if wait >= int(tc.patience):
                 break
+        if rank == 0 and epoch + 1 < int(tc.epochs) and ckpt.due():  # the same on every rank: one file
+            ckpt.save({"epoch": epoch + 1, "weights": [p.detach().cpu() for p in model.weights],
+                       "adam": _to_cpu(opt.state_dict()), "best": None if best is None else [t.cpu() for t in best],
+                       "best_loss": best_loss, "wait": wait, "history": history})
     if tc.restore_best and best is not None:
         with torch.no_grad():
             for p, b in zip(model.weights, best):
@@ -111,8 +167,24 @@ def train_fleet(cfg: HpcadConfig, store, models_dir, nodes: list[str], device: t
         for (n, (z, scaler)), zv in zip(prepared.items(), va):
             x = torch.from_numpy(zv if len(zv) else z).to(device)
             scale = float(((model(x) - x) ** 2).sum(1).mean()) if len(x) else 1.0
-            NodeModel(n, spec, store.metrics, [params], scaler, dict(history), max(scale, 1e-12)).save(
+            NodeModel(n, spec, store.metrics, [params], scaler, dict(history), max(scale, 1e-12), fingerprint).save(
                 model_path(models_dir, n))
+    if tdist.is_initialized():
+        tdist.barrier()  # every rank's node files are written before the checkpoint goes
+    if rank == 0:
+        remove_checkpoints(models_dir)  # this training's, and any of another rank count
     log.info("fleet model: %d epochs, best validation loss %.4g; %d node files", history["epochs_run"],
              best_loss, len(prepared))
-    return {"nodes": len(nodes), "scope": "fleet", "epochs_run": history["epochs_run"], "best_val_loss": best_loss}
+    return {"nodes": len(nodes), "scope": "fleet", "epochs_run": history["epochs_run"], "best_val_loss": best_loss,
+            "trained_now": len(nodes)}
+
+
+def _to_cpu(obj):
+    """An optimiser state dict with its tensors on the host (a checkpoint reads back on any device)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj

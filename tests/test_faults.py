@@ -128,3 +128,29 @@ def _rerun_matches(reference, run, resumed: bool, extra: list[str] = ()) -> str:
     stale = [p for p in run.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".ingest-")]
     assert not stale, stale
     return rerun.stdout + rerun.stderr
+
+
+def test_a_fleet_model_resumes_from_its_last_epoch_saved_and_is_not_trained_twice(tmp_path):
+    """model.scope=fleet (one model over all nodes): killed as its third epoch checkpoint is written,
+    the rerun goes on from epoch 2 and ends with the uninterrupted run's weights, bit for bit; a
+    further rerun (a job requeued after training) trains nothing and leaves the files alone."""
+    args = ["train", "model.scope=fleet", "data.synthetic.nodes=3", "data.synthetic.rows=400", "train.epochs=6",
+            "compute.progress=false", "compute.checkpoint_every_s=0"]
+    ref, run = tmp_path / "reference", tmp_path / "run"
+    hpcad(*args, f"hydra.run.dir={ref}")
+    killed = subprocess.run([sys.executable, "-m", "hpcad", *args, f"hydra.run.dir={run}"], cwd=ROOT,
+                            env=dict(os.environ, HPCAD_FAULT=".chunk-*@3"), capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not list((run / "models").glob("*.pt"))
+    out = hpcad(*args, f"hydra.run.dir={run}")
+    assert "resuming the fleet model of 3 nodes (node0000 ...) at epoch 2" in out.stdout + out.stderr
+    a, b = _models(ref), _models(run)
+    assert a.keys() == b.keys() and len(a) == 3
+    for name in a:
+        assert all(torch.equal(x, y) for x, y in zip(a[name]["members"][0], b[name]["members"][0]))
+        assert a[name]["history"] == b[name]["history"]
+    assert not list((run / "models").glob(".*"))  # no checkpoint or temporary file left
+    stamps = {p.name: p.stat().st_mtime_ns for p in (run / "models").glob("*.pt")}
+    again = hpcad(*args, f"hydra.run.dir={run}")
+    assert "fleet model already trained from the same data and settings" in again.stdout + again.stderr
+    assert stamps == {p.name: p.stat().st_mtime_ns for p in (run / "models").glob("*.pt")}

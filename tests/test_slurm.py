@@ -201,9 +201,9 @@ def test_threshold_fit_under_srun_mpi_pmi2(tmp_path, slurm_env):
 def test_fleet_model_trains_with_ddp_on_two_gloo_ranks(tmp_path, slurm_env):
     exports = small_exports(tmp_path, nodes=5)
     run = tmp_path / "fleet"
-    p = subprocess.run(["srun", "-N1", "-n2", *hpcad_cmd(), "train", "model.scope=fleet", f"data.source={exports}",
-                        f"hydra.run.dir={run}", "train.epochs=3", "compute.progress=false"],
-                       env=slurm_env, capture_output=True, text=True, timeout=300)
+    cmd = ["srun", "-N1", "-n2", *hpcad_cmd(), "train", "model.scope=fleet", f"data.source={exports}",
+           f"hydra.run.dir={run}", "train.epochs=3", "compute.progress=false"]
+    p = subprocess.run(cmd, env=slurm_env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     models = slurm_models(run)
     assert len(models) == 5
@@ -213,6 +213,11 @@ def test_fleet_model_trains_with_ddp_on_two_gloo_ranks(tmp_path, slurm_env):
     hist = torch.load(run / "models" / "node0000.pt", weights_only=True)["history"]
     assert hist["scope"] == "fleet" and hist["val_loss"][-1] < hist["val_loss"][0]
     assert re.search(r"process group: gloo, 2 ranks, rank 0 at \S+:\d+, collectives wait up to 720 min", p.stdout + p.stderr)
+    # the same step again (a job requeued after training): both ranks agree there is nothing to train
+    stamps = {f.name: f.stat().st_mtime_ns for f in (run / "models").glob("*.pt")}
+    again = subprocess.run(cmd, env=slurm_env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "fleet model already trained" in again.stdout + again.stderr, again.stderr[-2000:]
+    assert stamps == {f.name: f.stat().st_mtime_ns for f in (run / "models").glob("*.pt")}
     bad = hpcad("train", "model.scope=galaxy", f"hydra.run.dir={tmp_path / 'bad'}", check=False)
     assert bad.returncode == 2 and "model.scope='galaxy'" in bad.stderr
 

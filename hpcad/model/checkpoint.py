@@ -29,10 +29,10 @@ class ChunkCheckpoint:
     """Where one chunk's training state is saved and found again (see the module docstring)."""
 
     def __init__(self, models_dir: Path, fingerprint: str, nodes: list[str], members: int,
-                 every_s: float) -> None:
+                 every_s: float, what: str = "a chunk") -> None:
         key = hashlib.sha256(f"{fingerprint}\n{members}\n{chr(10).join(nodes)}".encode()).hexdigest()[:20]
         self.path = Path(models_dir) / f".chunk-{key}{SUFFIX}"
-        self.key, self.every_s, self.nodes = key, float(every_s), nodes
+        self.key, self.every_s, self.nodes, self.what = key, float(every_s), nodes, what
         self._last = time.monotonic()
 
     def due(self) -> bool:
@@ -56,7 +56,7 @@ class ChunkCheckpoint:
             log.warning("%s: checkpoint of another chunk; training the chunk from its first epoch", self.path)
             return None
         state = obj["state"]
-        log.info("resuming a chunk of %d nodes (%s ...) at epoch %d from %s", len(self.nodes), self.nodes[0],
+        log.info("resuming %s of %d nodes (%s ...) at epoch %d from %s", self.what, len(self.nodes), self.nodes[0],
                  int(state["epoch"]), self.path.name)
         return state
 
