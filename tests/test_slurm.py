@@ -112,9 +112,12 @@ def test_rendezvous_timeout_and_gpu_choice_for_multi_node_jobs(monkeypatch):
     from hpcad.device import gpu_index
     from hpcad.dist import rendezvous, timeout
 
+    # n3's address as SLURM knows it (scontrol's NodeAddr; the dev cluster's is localhost, which the
+    # two-node job in test_slurm_jobs.py meets at): stood in for here, so no cluster is needed
+    monkeypatch.setattr("hpcad.dist.node_address", {"n3": "10.1.0.3"}.get)
     pmi_in_slurm = {"PMI_RANK": "5", "PMI_SIZE": "8", "SLURM_JOB_ID": "123457", "SLURM_STEP_NODELIST": "n[3-4]"}
     addr, port = rendezvous(World(5, 8, 1, "mpi"), pmi_in_slurm)
-    assert addr == "n3" and port == str(20000 + 123457 % 20000)  # rank 0's node, a port per job: not 127.0.0.1:29511
+    assert addr == "10.1.0.3" and port == str(20000 + 123457 % 20000)  # rank 0's node, a port per job: not 127.0.0.1:29511
     assert rendezvous(World(1, 2, 1, "mpi"), {"PMI_RANK": "1", "PMI_SIZE": "2"}) == ("127.0.0.1", "29511")
     assert rendezvous(World(1, 2, 1, "slurm"), {**pmi_in_slurm, "MASTER_ADDR": "h", "MASTER_PORT": "7"}) == ("h", "7")
     monkeypatch.delenv("HPCAD_DIST_TIMEOUT_MIN", raising=False)
