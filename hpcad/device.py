@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import warnings
@@ -11,7 +12,12 @@ import torch
 from hpcad.errors import ConfigError
 
 log = logging.getLogger(__name__)
-_warned: list[str] = []
+
+
+@functools.cache  # once per process (train and score both resolve the device)
+def _warn_no_cuda(visible: str) -> None:
+    log.warning("GPUs are allocated to this process (CUDA_VISIBLE_DEVICES=%s) but torch %s sees no CUDA device "
+                "(a CPU build, or no driver): running on the CPU", visible, torch.__version__)
 
 
 def gpu_index(local_rank: int, visible: int) -> int:
@@ -49,10 +55,8 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         dev = torch.device(f"cuda:{gpu_index(local_rank, torch.cuda.device_count())}")
     elif name == "auto":
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
-        if visible not in ("", "-1", "none", "NoDevFiles") and not _warned:
-            _warned.append(visible)  # once per process (train and score both resolve the device)
-            log.warning("GPUs are allocated to this process (CUDA_VISIBLE_DEVICES=%s) but torch %s sees no CUDA "
-                        "device (a CPU build, or no driver): running on the CPU", visible, torch.__version__)
+        if visible not in ("", "-1", "none", "NoDevFiles"):
+            _warn_no_cuda(visible)
         return torch.device("cpu")
     else:
         try:

@@ -87,77 +87,80 @@ def test_one_chunk_policy_for_training_and_scoring():
     assert score_bytes_per_node(6667, 159, spec) > score_bytes_per_node(6667, 159, AutoencoderSpec([64]))
 
 
-def _store(tmp_path, n=5):
+def _site(tmp_path, n=5):
+    """A small store (n nodes of 120 rows x 4 metrics) and the composed config, chunks of up to 4."""
     import numpy as np
+    from hydra import compose, initialize_config_dir
 
+    from hpcad.config import register_configs
     from hpcad.data.node import NodeData
     from hpcad.data.store import TelemetryStore, write_store
+    from hpcad.resources import resource_dir
 
     rng = np.random.default_rng(0)
     nodes = [NodeData(f"n{i}", np.arange(120, dtype=np.int64) * 300, rng.normal(size=(120, 4)).astype(np.float32),
                       np.zeros(120, np.int8)) for i in range(n)]
     write_store(tmp_path / "store.h5", ["a", "b", "c", "d"], nodes, "test")
-    return TelemetryStore(tmp_path / "store.h5")
-
-
-def test_out_of_device_memory_retries_the_chunk_in_halves(tmp_path, monkeypatch, caplog):
-    """The memory estimate can be short on a real GPU (fragmentation, another process): a chunk that
-    runs out of device memory is trained again in halves instead of ending the job, and the models
-    are the ones an unconstrained run trains (a node's model does not depend on its chunk)."""
-    from hydra import compose, initialize_config_dir
-
-    import hpcad.train as train
-    from hpcad.config import register_configs
-    from hpcad.errors import HpcadError
-    from hpcad.model.files import NodeModel, model_path
-    from hpcad.resources import resource_dir
-
-    store = _store(tmp_path)
     register_configs()
     with initialize_config_dir(str(resource_dir("conf")), version_base="1.3"):
         cfg = compose("config", ["compute.device=cpu", "compute.progress=false", "compute.max_nodes_per_chunk=4",
                                  "train.epochs=3"])
-    real, sizes = train.train_ensemble, []
+    return cfg, TelemetryStore(tmp_path / "store.h5")
 
-    def small_gpu(spec, data, *a, **kw):  # a device that holds 2 models at most
+
+def _small_gpu(real, sizes: list[int]):
+    """``real`` on a device that holds the data of 2 nodes at most (larger calls: CUDA out of memory)."""
+    def call(first, data, *a, **kw):
         sizes.append(len(data))
         if len(data) > 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(spec, data, *a, **kw)
+        return real(first, data, *a, **kw)
+    return call
 
+
+def test_a_training_chunk_out_of_device_memory_is_retried_in_halves(tmp_path, monkeypatch, caplog):
+    """The memory estimate can be short on a real GPU (fragmentation, another process): a chunk that
+    runs out of device memory is trained again in halves instead of ending the job, and the models
+    are the ones an unconstrained run trains (a node's model does not depend on its chunk)."""
+    import hpcad.train as train
+    from hpcad.errors import HpcadError
+    from hpcad.model.files import NodeModel, model_path
+
+    cfg, store = _site(tmp_path)
     train.train_nodes(cfg, store, tmp_path / "whole")
-    monkeypatch.setattr(train, "train_ensemble", small_gpu)
-    with caplog.at_level("WARNING", logger="hpcad.train"):
+    sizes: list[int] = []
+    monkeypatch.setattr(train, "train_ensemble", _small_gpu(train.train_ensemble, sizes))
+    with caplog.at_level("WARNING", logger="hpcad.model.budget"):
         train.train_nodes(cfg, store, tmp_path / "halved")
     assert sizes == [4, 2, 2, 1]  # 4 -> out of memory -> 2 + 2, then the last node; never 4 again
-    assert "training a chunk of 4 nodes: retrying in chunks of up to 2 nodes" in caplog.text
+    assert "out of memory on cpu training a chunk of 4 nodes: retrying in chunks of up to 2 nodes" in caplog.text
     for n in store.nodes:
         a, b = (NodeModel.load(model_path(tmp_path / d, n)) for d in ("whole", "halved"))
         assert all(torch.equal(x, y) for x, y in zip(a.members[0], b.members[0]))
+
     def no_gpu_memory(*a, **kw):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
     monkeypatch.setattr(train, "train_ensemble", no_gpu_memory)  # not even one node fits: said, with a way out
     with pytest.raises(HpcadError, match="training node n0 alone .*compute.device=cpu"):
         train.train_nodes(cfg, store, tmp_path / "none")
-    # scoring the same way: chunks of 4 -> 2 + 2 -> 1, the same errors file as without the limit
+
+
+def test_a_scoring_chunk_out_of_device_memory_is_retried_in_halves(tmp_path, monkeypatch):
     import h5py
     import numpy as np
 
     import hpcad.score as score
+    from hpcad.train import train_nodes
 
-    real_recon, scored = score.reconstruction_errors, []
-
-    def small_gpu_scoring(models, *a, **kw):
-        scored.append(len(models))
-        if len(models) > 2:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-        return real_recon(models, *a, **kw)
-
-    score.score_nodes(cfg, store, tmp_path / "whole", tmp_path / "whole.h5")
-    monkeypatch.setattr(score, "reconstruction_errors", small_gpu_scoring)
-    score.score_nodes(cfg, store, tmp_path / "whole", tmp_path / "halved.h5")
-    assert [k for k in scored if k > 0][-4:] == [4, 2, 2, 1]
+    cfg, store = _site(tmp_path)
+    train_nodes(cfg, store, tmp_path / "models")
+    score.score_nodes(cfg, store, tmp_path / "models", tmp_path / "whole.h5")
+    sizes: list[int] = []
+    monkeypatch.setattr(score, "reconstruction_errors", _small_gpu(score.reconstruction_errors, sizes))
+    score.score_nodes(cfg, store, tmp_path / "models", tmp_path / "halved.h5")
+    # twice over the nodes (the range-excess weight's choice, then the errors file), each time in halves
+    assert sizes == [4, 2, 2, 1, 4, 2, 2, 1]
     with h5py.File(tmp_path / "whole.h5") as a, h5py.File(tmp_path / "halved.h5") as b:
         for n in store.nodes:
             np.testing.assert_array_equal(a[f"nodes/{n}/error"][()], b[f"nodes/{n}/error"][()])

@@ -48,7 +48,7 @@ def test_gpus_bound_to_a_cpu_only_torch_are_reported_once(monkeypatch, caplog):
     """A CPU build of torch on a GPU node (a common install slip) trains on the CPU: said, not silent."""
     import hpcad.device
 
-    monkeypatch.setattr(hpcad.device, "_warned", [])
+    hpcad.device._warn_no_cuda.cache_clear()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2")
     with caplog.at_level("WARNING", logger="hpcad.device"):
@@ -56,7 +56,7 @@ def test_gpus_bound_to_a_cpu_only_torch_are_reported_once(monkeypatch, caplog):
         resolve_device("auto", local_rank=2)  # train and score in one process: one line
     assert [r.getMessage() for r in caplog.records if "CUDA_VISIBLE_DEVICES=2" in r.getMessage()].__len__() == 1
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU allocated: nothing to say
-    monkeypatch.setattr(hpcad.device, "_warned", [])
+    hpcad.device._warn_no_cuda.cache_clear()
     caplog.clear()
     resolve_device("auto")
     assert not caplog.records
