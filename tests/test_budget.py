@@ -68,6 +68,36 @@ def test_unset_host_budget_stays_within_the_slurm_jobs_memory():
     assert available_host_mb({"SLURM_MEM_PER_NODE": "lots"}) == host
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_the_cgroup_memory_limit_bounds_the_host_budget(tmp_path, monkeypatch, version):
+    """Under SLURM's task/cgroup (ConstrainRAMSpace) or in a container a process is killed at its
+    cgroup's limit, which /proc/meminfo does not show: the tightest limit on the way up counts."""
+    import hpcad.model.budget as budget
+
+    gib = 2**30
+    if version == 2:  # /slurm/job_7 limited to 6 GiB with 2 used; its step below it unlimited
+        (tmp_path / "proc").write_text("0::/slurm/job_7/step_0\n")
+        files, unlimited = ("memory.max", "memory.current"), "max"
+        job, step = tmp_path / "cg" / "slurm" / "job_7", tmp_path / "cg" / "slurm" / "job_7" / "step_0"
+    else:  # v1, as on this development machine: a memory hierarchy among others
+        (tmp_path / "proc").write_text("5:devices:/\n4:memory:/slurm/job_7/step_0\n0::/\n")
+        files, unlimited = ("memory.limit_in_bytes", "memory.usage_in_bytes"), str(9223372036854771712)
+        job, step = (tmp_path / "cg" / "memory" / "slurm" / "job_7",
+                     tmp_path / "cg" / "memory" / "slurm" / "job_7" / "step_0")
+    step.mkdir(parents=True)
+    (job / files[0]).write_text(f"{6 * gib}\n")
+    (job / files[1]).write_text(f"{2 * gib}\n")
+    (step / files[0]).write_text(f"{unlimited}\n")
+    (step / files[1]).write_text(f"{gib}\n")
+    free = budget.cgroup_available_mb(str(tmp_path / "proc"), str(tmp_path / "cg"))
+    assert free == 4 * 1024
+    (job / files[0]).write_text(f"{unlimited}\n")  # no limit anywhere: nothing to say
+    assert budget.cgroup_available_mb(str(tmp_path / "proc"), str(tmp_path / "cg")) is None
+    assert budget.cgroup_available_mb(str(tmp_path / "missing")) is None
+    monkeypatch.setattr(budget, "cgroup_available_mb", lambda: 1000.0)
+    assert budget.available_host_mb({}) == 1000.0 and budget.available_host_mb({"SLURM_MEM_PER_NODE": "800"}) == 800
+
+
 def test_one_chunk_policy_for_training_and_scoring():
     """Unset caps: only CPU training takes small (cache-sized) chunks; scoring takes as many nodes
     as its budget holds, on CPU too, and never fewer than one."""

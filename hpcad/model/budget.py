@@ -7,7 +7,8 @@ and the device holds the chunk tensor, the epoch's shuffled copy, the gathered v
 the int64 sort keys of the shuffle, and seven copies of the parameters (weights, gradients, Adam's
 two moments, best weights, gradient scratch, the initial weights). ``compute.memory_budget_mb`` bounds
 the host side and ``compute.device_memory_mb`` the device side; unset, they come from the machine
-(half of the host's available memory shared by the ranks on the node; 90 % of the device's free
+(half of the host's available memory, within the job's --mem and the cgroup's memory limit,
+shared by the ranks on the node; 90 % of the device's free
 memory), so a default run fills a 40, 64 or 80 GB A100 without running out on the smallest.
 Scoring sizes its chunks from the same budgets with its own per-node need (no optimiser state, no
 shuffled copy: :func:`score_bytes_per_node`).
@@ -17,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -84,10 +86,46 @@ def local_ranks(env: dict | None = None) -> int:
     return max(1, int(head)) if head.isdigit() else 1
 
 
+_UNLIMITED = 2**60  # cgroup v1 writes "no limit" as a number near 2**63
+
+
+def cgroup_available_mb(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> float | None:
+    """Memory this process may still use under its cgroups' limits (the tightest of its cgroup and
+    the ones above it: v2 ``memory.max`` - ``memory.current``, v1 ``memory.limit_in_bytes`` -
+    ``memory.usage_in_bytes``), in MB; None where no limit is set or nothing can be read. SLURM's
+    task/cgroup (ConstrainRAMSpace) and containers kill a process at this limit, not at the host's."""
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        return None
+    best = None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2: one unified hierarchy
+            base, limit_f, usage_f = Path(root), "memory.max", "memory.current"
+        elif "memory" in controllers.split(","):
+            base, limit_f, usage_f = Path(root, "memory"), "memory.limit_in_bytes", "memory.usage_in_bytes"
+        else:
+            continue
+        parts = [q for q in path.split("/") if q]
+        for depth in range(len(parts), -1, -1):  # the process's cgroup, then each one above it
+            d = base.joinpath(*parts[:depth])
+            try:
+                raw = (d / limit_f).read_text().strip()
+                if raw == "max" or int(raw) >= _UNLIMITED:
+                    continue
+                free = max(int(raw) - int((d / usage_f).read_text()), 0) / 2**20
+            except (OSError, ValueError):
+                continue
+            best = free if best is None else min(best, free)
+    return best
+
+
 def available_host_mb(env: dict | None = None) -> float:
-    """MemAvailable from /proc/meminfo (8 GiB where it cannot be read), capped inside a SLURM job by
-    the job's memory on this node (``SLURM_MEM_PER_NODE``, or ``SLURM_MEM_PER_CPU`` x
-    ``SLURM_CPUS_ON_NODE``): a job is killed at its ``--mem``, not at the host's."""
+    """MemAvailable from /proc/meminfo (8 GiB where it cannot be read), capped by the process's
+    cgroup memory limit (``cgroup_available_mb``) and, inside a SLURM job, by the job's memory on
+    this node (``SLURM_MEM_PER_NODE``, or ``SLURM_MEM_PER_CPU`` x ``SLURM_CPUS_ON_NODE``): a job is
+    killed at its ``--mem``, not at the host's."""
     env = os.environ if env is None else env
     mb = 8192.0
     try:
@@ -98,6 +136,9 @@ def available_host_mb(env: dict | None = None) -> float:
                     break
     except OSError:
         pass
+    limited = cgroup_available_mb()
+    if limited is not None:
+        mb = min(mb, limited)
     try:
         if int(env.get("SLURM_MEM_PER_NODE", 0)) > 0:
             mb = min(mb, float(env["SLURM_MEM_PER_NODE"]))
