@@ -22,7 +22,8 @@
 #   end_to_end    `hpcad run` on the embedded synthetic cluster with compute.device=cuda
 #   ddp           a one-rank NCCL process group and a DDP fleet-model training on the same store
 #   bench         `hpcad bench` at 5,000 nodes x 6,667 rows x 159 metrics x 20 epochs (scaled down
-#                 to --bench-seconds when a pilot predicts longer; the summary says so)
+#                 to --bench-seconds when a pilot predicts longer; the summary says so), against the
+#                 naive loop on 2 nodes (launch-bound on a GPU: about 20 s)
 #   uneven        the bench with node lengths spread over 3,334-6,667 rows (bench.rows_spread=0.5):
 #                 samples/s against the equal-length bench (the training tail's host syncs)
 #   multi_gpu     with 2 or more GPUs visible (e.g. sbatch --gpus=4): `hpcad train` on every GPU at
@@ -388,7 +389,7 @@ def check_bench(out: Path, nodes: int, seconds: float, dev: torch.device, plan: 
     common = [f"bench.rows={plan.bench_rows}", "bench.metrics=159", f"bench.device={dev.type}",
               "compute.progress=false", "compute.memory_budget_mb=60000"]  # the device budget binds, not the host's
     _fresh(out / "bench_pilot", out / "bench")
-    rc, _ = _hpcad(["bench", f"bench.nodes={plan.bench_pilot_nodes}", "bench.epochs=2", "bench.naive_nodes=2", *common,
+    rc, _ = _hpcad(["bench", f"bench.nodes={plan.bench_pilot_nodes}", "bench.epochs=2", "bench.naive_nodes=0", *common,
                     f"hydra.run.dir={out / 'bench_pilot'}"], out / "bench_pilot.log", 300)
     if rc != 0:
         return {"ok": False, "rc": rc, "log_tail": _tail(out / "bench_pilot.log")}
@@ -396,7 +397,7 @@ def check_bench(out: Path, nodes: int, seconds: float, dev: torch.device, plan: 
     predicted = nodes * 20 / pilot["node_epochs_per_s"]
     step = plan.bench_pilot_nodes
     n = nodes if predicted <= seconds else max(step, int(nodes * seconds / predicted) // step * step)
-    rc, s = _hpcad(["bench", f"bench.nodes={n}", "bench.epochs=20", "bench.naive_nodes=8", *common,
+    rc, s = _hpcad(["bench", f"bench.nodes={n}", "bench.epochs=20", "bench.naive_nodes=2", *common,
                     f"hydra.run.dir={out / 'bench'}"], out / "bench.log", 900)
     if rc != 0:
         return {"ok": False, "rc": rc, "log_tail": _tail(out / "bench.log")}
@@ -449,7 +450,8 @@ def verdict(name: str, r: dict, rehearsal: bool) -> str:
 
 def summary(results: dict, info: dict, rehearsal: bool) -> str:
     lines = [f"GPU check, {info['date']}: {info['gpu']}, torch {info['torch']} (CUDA {info['cuda']}), "
-             f"hpcad {info['hpcad']}", "", "| check | result | figures |", "| --- | --- | --- |"]
+             f"hpcad {info['hpcad']}; {info['total_s']} s in all", "", "| check | result | figures |",
+             "| --- | --- | --- |"]
     for name, r in results.items():
         figs = "; ".join(f"{k} {_fmt(v)}" for k, v in r.items() if k not in ("ok", "error", "store", "run"))
         lines.append(f"| {name} | {verdict(name, r, rehearsal)} | {'; '.join(x for x in (r.get('error'), figs) if x)} |")
@@ -529,6 +531,7 @@ def main() -> int:
               f"({results[name]['check_s']} s)", flush=True)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+    info["total_s"] = round(time.perf_counter() - t0, 1)
     text = summary(results, info, args.rehearse)
     (out / "gpu_check.json").write_text(json.dumps({"info": info, "results": results}, indent=1, default=str))
     (out / "gpu_check.md").write_text(text + "\n")
