@@ -89,8 +89,8 @@ class Plan:
     rehearsal: bool = False
 
 
-REHEARSAL = Plan(rows=300, equivalence_rows=(150, 10), companion_rows=(100, 3), precision_nodes=16, checkpoint_nodes=8, uneven_nodes=16,
-                 bench_rows=200, bench_pilot_nodes=16, bench_nodes=64, rehearsal=True,
+REHEARSAL = Plan(rows=300, equivalence_rows=(150, 10), companion_rows=(100, 3), precision_nodes=16, checkpoint_nodes=8,
+                 uneven_nodes=16, bench_rows=200, bench_pilot_nodes=16, bench_nodes=64, rehearsal=True,
                  run_args=("data.synthetic.nodes=4", "data.synthetic.rows=400", "train.epochs=4",
                            "baselines.methods=[]", "report.enabled=false"))
 
