@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from hpcad.atomic import write_json
 from hpcad.data.synthetic import generate_node
-from hpcad.device import precision_context, resolve_device
+from hpcad.device import precision_context, reset_peak_memory, resolve_device
 from hpcad.errors import ConfigError
 from hpcad.model.autoencoder import AutoencoderSpec, glorot_init
 from hpcad.model.budget import Budget, default_chunk_cap, device_bytes_per_model
@@ -123,9 +123,7 @@ def bench_train(cfg: HpcadConfig, run_dir: Path) -> dict:
     t0 = time.perf_counter()
     pool = [windows(p, w) for p in bench_pool(b, cfg)]
     gen_s = time.perf_counter() - t0
-    if device.type == "cuda":
-        torch.zeros(1, device=device)  # the allocator must exist before its statistics can be reset
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     budget = Budget.resolve(cfg.compute, device)
     K = max(1, budget.chunk_size(b.rows, b.metrics, node_spec, tc.batch_size,
                                  cfg.compute.max_nodes_per_chunk or default_chunk_cap(device), tc.validation_split) // R)

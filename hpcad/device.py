@@ -71,6 +71,13 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return dev
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start counting the device's peak allocated memory afresh (nothing to do on the CPU)."""
+    if device.type == "cuda":
+        torch.zeros(1, device=device)  # the allocator must exist before its statistics can be reset
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def describe(device: torch.device) -> str:
     """The device as a rank's log line names it: ``cuda:1 (NVIDIA A100-SXM-64GB)`` or ``cpu``, with
     the GPUs SLURM bound to the process (``CUDA_VISIBLE_DEVICES``) when it is set."""

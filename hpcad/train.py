@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from hpcad.atomic import write_json
 from hpcad.data.store import TelemetryStore
-from hpcad.device import resolve_device
+from hpcad.device import reset_peak_memory, resolve_device
 from hpcad.dist import world
 from hpcad.errors import ConfigError, StoreError
 from hpcad.model.autoencoder import AutoencoderSpec, ensemble_recon, stack
@@ -165,8 +165,9 @@ def train_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, nodes
     t0 = time.perf_counter()
     done = 0
     bar = tqdm(total=len(todo), desc="train", unit="node", disable=not cfg.compute.progress)
-    i = n_chunk = 0
+    i = n_chunk = largest = retries = 0
     workspace = Workspace()  # scratch reused chunk after chunk
+    reset_peak_memory(device)
     budget = Budget.resolve(cfg.compute, device) if todo else None
     cap = cfg.compute.max_nodes_per_chunk or default_chunk_cap(device)
     while i < len(todo):
@@ -193,7 +194,9 @@ def train_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, nodes
             cap = retry_cap_after_oom(device, chunk, R, "training")  # this chunk again, in halves
             i -= len(chunk)
             n_chunk -= 1
+            retries += 1
             continue
+        largest = max(largest, len(chunk))
         for k, n in enumerate(chunk):
             members = res.params[k * R:(k + 1) * R]
             history = dict(res.history[k * R])
@@ -211,6 +214,9 @@ def train_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, nodes
         log.info("trained %d/%d nodes (%.1f s)", done, len(todo), time.perf_counter() - t0)
     bar.close()
     summary = {"nodes": len(nodes), "trained_now": len(todo), "seconds": round(time.perf_counter() - t0, 3),
-               "device": str(device), "model": spec.to_dict()}
+               "device": str(device), "model": spec.to_dict(), "chunks": n_chunk, "largest_chunk_nodes": largest,
+               "out_of_memory_retries": retries, "budget": budget.source if budget else None}
+    if device.type == "cuda" and todo:  # what the chunks really took, beside the budget (tune device_memory_mb)
+        summary["peak_device_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
     write_json(models_dir / summary_name, summary)
     return summary

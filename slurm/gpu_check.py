@@ -257,8 +257,10 @@ def check_budget(pool, cuda) -> dict:
     budget = Budget.resolve(SimpleNamespace(memory_budget_mb=10**7, device_memory_mb=None), cuda)
     k_full = budget.chunk_size(rows, M, SPEC, 32, 10**6, 0.1)
     k = max(1, min(k_full // 8, 2048))
+    from hpcad.device import reset_peak_memory
+
     torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(cuda)
+    reset_peak_memory(cuda)  # also when this is the first check (--only budget): the allocator must exist
     base = torch.cuda.memory_allocated(cuda)
     train_ensemble(SPEC, [pool[i % len(pool)] for i in range(k)], _seeds(k), _cfg(epochs=1), cuda)
     peak = (torch.cuda.max_memory_allocated(cuda) - base) / 2**20

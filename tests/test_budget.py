@@ -164,6 +164,10 @@ def test_a_training_chunk_out_of_device_memory_is_retried_in_halves(tmp_path, mo
         train.train_nodes(cfg, store, tmp_path / "halved")
     assert sizes == [4, 2, 2, 1]  # 4 -> out of memory -> 2 + 2, then the last node; never 4 again
     assert "out of memory on cpu training a chunk of 4 nodes: retrying in chunks of up to 2 nodes" in caplog.text
+    import json
+
+    summary = json.loads((tmp_path / "halved" / "training.json").read_text())  # what an admin tunes from
+    assert (summary["chunks"], summary["largest_chunk_nodes"], summary["out_of_memory_retries"]) == (3, 2, 1)
     for n in store.nodes:
         a, b = (NodeModel.load(model_path(tmp_path / d, n)) for d in ("whole", "halved"))
         assert all(torch.equal(x, y) for x, y in zip(a.members[0], b.members[0]))
