@@ -303,7 +303,8 @@ def check_end_to_end(out: Path, dev: torch.device, plan: Plan) -> dict:
     ranking = {k: v["ranking"]["ap"] and round(v["ranking"]["ap"], 4) for k, v in m["splits"].items()
                if isinstance(v, dict) and "ranking" in v}  # None: a split without both classes
     return {"ok": tr["device"].startswith(dev.type), "s": round(s, 1), "train_s": tr["seconds"],
-            "device": tr["device"], "ap": ranking, "store": str(run / "store.h5"), "run": str(run)}
+            "device": tr["device"], "peak_device_mb": tr.get("peak_device_mb"), "ap": ranking,
+            "store": str(run / "store.h5"), "run": str(run)}
 
 
 def _node_models(models: Path) -> dict[str, tuple[list[torch.Tensor], dict]]:
