@@ -149,7 +149,11 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
 
     start = 0
     state = checkpoint.load() if checkpoint is not None else None
-    if state is not None and list(state["seeds"]) == list(seeds) and len(state["store"]) == len(shapes):
+    if state is not None and (list(state["seeds"]) != list(seeds) or len(state["store"]) != len(shapes)):
+        log.warning("%s holds another chunk's models (seeds or layers differ): training the chunk from its first "
+                    "epoch", checkpoint.path.name)
+        state = None
+    if state is not None:
         start = int(state["epoch"])
         keep = torch.tensor(state["orig"], dtype=torch.long, device=device)
         compact_rows(keep)
