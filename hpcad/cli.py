@@ -12,7 +12,8 @@ from pathlib import Path
 
 USAGE = """usage: hpcad <stage> [hydra overrides...]
 
-stages: run (all of them), ingest, train, score, baselines, threshold, report, generate, bench, nightly
+stages: run (all of them), ingest, train, score, baselines, threshold, report, generate, bench, nightly,
+        preflight (what every rank of an allocation sees: srun hpcad preflight)
         where [conf|slurm|jobs]: the installed config groups and SLURM / cron scripts
 examples:
   hpcad run                                   # synthetic cluster, report in the run folder
@@ -40,7 +41,8 @@ def where(args: list[str]) -> int:
 
 # The stages (hpcad.pipeline.RUNNERS), listed here so that `hpcad --help` and a misspelt stage
 # answer without importing the pipeline (torch, scikit-learn, matplotlib: seconds).
-STAGES = ("run", "ingest", "train", "score", "baselines", "threshold", "report", "generate", "bench", "nightly")
+STAGES = ("run", "ingest", "train", "score", "baselines", "threshold", "report", "generate", "bench", "nightly",
+          "preflight")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,6 +116,10 @@ def run_stage(stage: str, overrides: list[str]) -> int:
             for d in result["days"]:
                 print(f"hpcad nightly {d['date']}: {d['nodes']} nodes, {d['alarms']} alarms, {d['drifted']} drifted, "
                       f"{d['light_refits']} light refits -> {Path(result['out']) / d['date'] / 'report.html'}")
+        elif stage == "preflight":
+            if world().rank == 0:
+                print("\n".join(result["lines"]))
+                print(f"hpcad: {run_dir / 'preflight.json'}")
         elif stage == "generate":
             print(f"hpcad: wrote {len(result)} files, e.g. {result[0]}")
         elif stage == "train" and isinstance(result, dict):

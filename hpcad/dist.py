@@ -129,13 +129,16 @@ def backend(device: torch.device, gpu_collectives: bool) -> str:
     return "nccl" if device.type == "cuda" and gpu_collectives else "gloo"
 
 
-def init(device: torch.device, gpu_collectives: bool = False) -> World:
+def init(device: torch.device, gpu_collectives: bool = False, wait: dt.timedelta | None = None) -> World:
     """Start the process group when there is more than one rank (idempotent); ``gpu_collectives``:
-    the stage reduces tensors on the GPU (see ``backend``)."""
+    the stage reduces tensors on the GPU (see ``backend``); ``wait``: how long a collective (and
+    joining) may take, default ``timeout()``. Rank 0 logs where the ranks meet before it waits for
+    them: a job whose ranks cannot reach it ends its log there (``hpcad preflight`` finds out fast)."""
     w = world()
     if not w.distributed or _started():
         return w
     import logging
+    import time
 
     import torch
     import torch.distributed as tdist
@@ -144,12 +147,16 @@ def init(device: torch.device, gpu_collectives: bool = False) -> World:
     name = backend(device, gpu_collectives)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    wait = timeout()
+    wait = wait or timeout()
+    log = logging.getLogger(__name__)
+    if w.rank == 0:
+        s = wait.total_seconds()
+        log.info("process group: %s, %d ranks, rank 0 at %s:%s, collectives wait up to %s", name, w.size,
+                 os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"], f"{s / 60:g} min" if s >= 60 else f"{s:g} s")
+    t0 = time.perf_counter()
     tdist.init_process_group(name, rank=w.rank, world_size=w.size, timeout=wait)
     if w.rank == 0:
-        logging.getLogger(__name__).info("process group: %s, %d ranks, rank 0 at %s:%s, collectives wait up to %d "
-                                         "min", name, w.size, os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"],
-                                         wait.total_seconds() // 60)
+        log.info("process group: all %d ranks joined in %.1f s", w.size, time.perf_counter() - t0)
     return w
 
 
@@ -197,15 +204,21 @@ def shard(rows: dict[str, int], size: int) -> list[list[str]]:
     return out
 
 
-def all_sum(values: np.ndarray) -> np.ndarray:
-    """Element-wise sum of a small float64 array over all ranks (itself without a process group)."""
-    values = np.asarray(values, dtype=np.float64)
+def all_objects(obj: object) -> list:
+    """Every rank's ``obj`` (small, picklable), in rank order ([obj] without a process group)."""
     if not _started():
-        return values
+        return [obj]
     import torch.distributed as tdist
 
     parts = [None] * tdist.get_world_size()
-    tdist.all_gather_object(parts, values.tolist())  # any backend (gloo, NCCL), no device tensors
+    tdist.all_gather_object(parts, obj)  # any backend (gloo, NCCL), no device tensors
+    return parts
+
+
+def all_sum(values: np.ndarray) -> np.ndarray:
+    """Element-wise sum of a small float64 array over all ranks (itself without a process group)."""
+    values = np.asarray(values, dtype=np.float64)
+    parts = all_objects(values.tolist())
     return np.sum(np.array(parts, dtype=np.float64), axis=0)
 
 

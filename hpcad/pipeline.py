@@ -284,6 +284,13 @@ def stage_nightly(cfg: HpcadConfig, run_dir: Path) -> dict:
     return run_nightly(cfg, run_dir, overrides)
 
 
+def stage_preflight(cfg: HpcadConfig, run_dir: Path) -> dict:
+    """What every rank of the allocation sees, and whether the ranks meet (hpcad/preflight.py)."""
+    from hpcad.preflight import preflight
+
+    return preflight(cfg, run_dir)
+
+
 def _one_writer(stage: str, fn: Callable[[Any, Path], Any]) -> Callable[[Any, Path], Any]:
     """``fn`` holding the run folder's writer lock (hpcad/runfolder.py)."""
     @functools.wraps(fn)
@@ -293,8 +300,9 @@ def _one_writer(stage: str, fn: Callable[[Any, Path], Any]) -> Callable[[Any, Pa
     return locked
 
 
-# generate writes generate.out, nightly its own locked output folder: neither writes the run folder
+# generate writes generate.out, nightly its own locked output folder, preflight only preflight.json:
+# none of them writes the run folder's outputs
 RUNNERS = {"bench": stage_bench, "generate": stage_generate, "ingest": stage_ingest, "train": stage_train,
            "score": stage_score, "baselines": stage_baselines, "threshold": stage_threshold, "report": stage_report,
-           "run": stage_run, "nightly": stage_nightly}
-RUNNERS.update({k: _one_writer(k, fn) for k, fn in RUNNERS.items() if k not in ("generate", "nightly")})
+           "run": stage_run, "nightly": stage_nightly, "preflight": stage_preflight}
+RUNNERS.update({k: _one_writer(k, fn) for k, fn in RUNNERS.items() if k not in ("generate", "nightly", "preflight")})

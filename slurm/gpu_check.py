@@ -324,11 +324,16 @@ def check_multi_gpu(e2e: dict, out: Path, dev: torch.device, plan: Plan) -> dict
     if gpus < 2:
         return {"ok": True, "skipped": f"{gpus} GPU visible: needs 2 or more (e.g. sbatch --gpus=4)"}
     ranks = min(gpus, 8)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
-                "-m", "hpcad", "train", f"compute.device={dev.type}", "compute.progress=false", *plan.run_args]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", "-m", "hpcad"]
+    torchrun = [*launch, "train", f"compute.device={dev.type}", "compute.progress=false", *plan.run_args]
     env = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    run, fleet = out / "multi", out / "multi_fleet"
-    _fresh(run, fleet)
+    run, fleet, pre = out / "multi", out / "multi_fleet", out / "multi_preflight"
+    _fresh(run, fleet, pre)
+    # hpcad preflight first: one GPU per rank (by UUID), a matmul on each, an all-reduce over NCCL
+    rc_p, _ = _run([*launch, "preflight", "model.scope=fleet", f"compute.device={dev.type}", f"hydra.run.dir={pre}"],
+                   out / "multi_preflight.log", 300, **env)
+    if rc_p != 0:
+        return {"ok": False, "rc": rc_p, "log_tail": _tail(out / "multi_preflight.log")}
     rc, s = _run([*torchrun, f"hydra.run.dir={run}"], out / "multi.log", 900, **env)
     if rc != 0:
         return {"ok": False, "rc": rc, "log_tail": _tail(out / "multi.log")}
@@ -340,7 +345,10 @@ def check_multi_gpu(e2e: dict, out: Path, dev: torch.device, plan: Plan) -> dict
     shares = len(list((run / "models").glob("training-rank*.json")))
     rc_f, s_f = _run([*torchrun, "model.scope=fleet", "train.epochs=3", f"hydra.run.dir={fleet}"],
                      out / "multi_fleet.log", 900, **env)
-    r = {"ranks": ranks, "nodes": len(one), "rank_shares": shares, "train_s": round(s, 1),
+    pf = json.loads((pre / "preflight.json").read_text())
+    r = {"ranks": ranks, "preflight_gpus": sorted({str(x.get("gpu", "cpu")) for x in pf["per_rank"]}),
+         "preflight_distinct_gpus": len({x.get("gpu_uuid") for x in pf["per_rank"]}),
+         "nodes": len(one), "rank_shares": shares, "train_s": round(s, 1),
          "same_stopping_epochs": f"{same_stop}/{len(one)}", "max_abs_weight_diff_vs_one_gpu": diff,
          "bit_identical": diff == 0.0, "fleet_rc": rc_f, "fleet_s": round(s_f, 1)}
     if rc_f == 0:

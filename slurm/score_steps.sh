@@ -31,6 +31,15 @@ gpu_binding() {
 }
 gpu_binding
 
+# What every rank sees, and whether the ranks meet, in seconds (hpcad preflight): a rank that cannot
+# reach rank 0 would otherwise wait HPCAD_DIST_TIMEOUT_MIN (12 h) in the first stage. HPCAD_PREFLIGHT=0 skips it.
+preflight_step() {
+  local run_dir=$1; shift
+  [ "${HPCAD_PREFLIGHT:-1}" = 0 ] && return 0
+  srun "${srun_opts[@]}" hpcad preflight "hydra.run.dir=${run_dir}" "$@" &
+  wait $!
+}
+
 score_steps() {
   local run_dir=$1; shift
   # Each rank scores its share into errors-rank<r>.h5; rank 0 writes the errors.h5 index.

@@ -58,6 +58,8 @@ here=$(scontrol show job "${SLURM_JOB_ID:-0}" 2>/dev/null | sed -n 's/^ *Command
 steps="$(dirname "${here:-${BASH_SOURCE[0]}}")/score_steps.sh"
 [ -f "$steps" ] || steps="$(hpcad where slurm)/score_steps.sh"  # a site's copy of this script, kept elsewhere
 source "$steps"
+# 0. Every rank's view (node, GPU, budgets) and the ranks' meeting, checked in seconds.
+preflight_step "$RUN_DIR" "$@"
 # 1. Each rank trains its share of the monitored nodes (balanced by row counts).
 # A node with a corrupt export is logged, recorded and skipped; the others go on (override: data.on_bad_node=error).
 srun "${srun_opts[@]}" hpcad train "hydra.run.dir=${RUN_DIR}" data.on_bad_node=skip "$@" &

@@ -36,6 +36,9 @@ def test_sbatch_train_all_nodes_matches_the_single_process_run(tmp_path, slurm_e
     bound = set(re.findall(r"rank (\d) of 4 on \S+: \d+ of 16 nodes, device cpu, CUDA_VISIBLE_DEVICES=(\S+)", log))
     assert bound == {("0", "0"), ("1", "1"), ("2", "2"), ("3", "3")}, bound
     assert "CUDA_VISIBLE_DEVICES=3) but torch" in log
+    # the preflight step ran first: every rank's view, and the ranks met
+    assert "hpcad preflight: 4 rank(s) on 1 node(s), gloo at localhost:" in log
+    assert json.loads((run / "preflight.json").read_text())["ranks"] == 4
     a, b = slurm_models(single), slurm_models(run)
     assert a.keys() == b.keys() and len(a) == 16
     for name in a:
@@ -288,3 +291,37 @@ def test_srun_binds_one_gpu_per_task_only_where_each_task_has_one(env, bind, sai
     assert opts[0] == "--kill-on-bad-exit=1"
     assert ("--cpus-per-task=8" in opts) == ("SLURM_CPUS_PER_TASK" in env)  # srun does not inherit it
     assert said in p.stdout + p.stderr
+
+
+def test_preflight_shows_every_ranks_view_and_ends_fast_when_the_ranks_cannot_meet(tmp_path, slurm_env):
+    """hpcad preflight under srun, two nodes of two GPU-bound tasks: one report per rank (node, its
+    GPU), the ranks met, preflight.json; with rank 0's address unreachable every rank ends within
+    the short wait, saying what to check, instead of waiting the stages' 12 hours."""
+    base = ["srun", "-N2", "--ntasks-per-node=2", "--gpus-per-node=2", "--gpu-bind=per_task:1", *hpcad_cmd(),
+            "preflight"]
+    p = subprocess.run([*base, f"hydra.run.dir={tmp_path / 'ok'}"], env=slurm_env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "hpcad preflight: 4 rank(s) on 2 node(s), gloo at localhost:" in p.stdout
+    report = json.loads((tmp_path / "ok" / "preflight.json").read_text())
+    seen = {(r["rank"], r["node"], r["cuda_visible_devices"]) for r in report["per_rank"]}
+    assert seen == {(0, "n1", "0"), (1, "n1", "1"), (2, "n2", "0"), (3, "n2", "1")}, seen
+    assert report["problems"] == [] and len(report["notes"]) == 4  # GPUs bound, but torch here is a CPU build
+    lost = dict(slurm_env, MASTER_ADDR="192.0.2.1", HPCAD_DIST_TIMEOUT_MIN="0.05")  # TEST-NET-1: never routed
+    bad = subprocess.run(["srun", "-N1", "-n2", "--kill-on-bad-exit=1", *hpcad_cmd(), "preflight",
+                          f"hydra.run.dir={tmp_path / 'lost'}"], env=lost, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0
+    assert "could not join the ranks at 192.0.2.1:" in bad.stderr and "GLOO_SOCKET_IFNAME" in bad.stderr
+
+
+def test_preflight_finds_ranks_sharing_a_gpu_and_gpus_that_compute_wrongly():
+    from hpcad.preflight import problems
+
+    def rank(r, host, uuid, ok=True):
+        return {"rank": r, "host": host, "node": host, "device": "cuda:0", "gpu_uuid": uuid, "gpu_matmul_ok": ok}
+
+    fine = [rank(0, "a", "GPU-1"), rank(1, "a", "GPU-2"), rank(2, "b", "GPU-1")]  # one UUID per host is fine
+    assert problems(fine) == []
+    shared = problems([*fine, rank(3, "a", "GPU-2"), rank(4, "b", "GPU-3", ok=False)])
+    assert any("ranks 1, 3 on a share one GPU (GPU-2)" in s for s in shared)
+    assert any("rank 4 on b: its GPU (cuda:0) computed a wrong product" in s for s in shared)

@@ -1,0 +1,123 @@
+"""``hpcad preflight``: what every rank of an allocation sees, checked in seconds before a long job.
+
+Launch it the way the job will run (``srun`` inside ``sbatch``, ``launcher=submitit``, torchrun).
+Each rank reports its rank, node, device, the GPUs bound to it and its memory budgets; the ranks
+meet as the job's stages will (same rendezvous and backend: NCCL for ``model.scope=fleet`` on CUDA,
+else gloo) but give up after ``PREFLIGHT_WAIT`` instead of the stages' hours, and time a barrier.
+On CUDA each rank multiplies two matrices on its GPU, and with the fleet scope the ranks all-reduce
+a tensor on their GPUs. Rank 0 writes ``preflight.json`` and logs one line per rank. Two ranks on
+one GPU, a GPU that computes wrongly or a wrong all-reduce stop it with exit 2.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from hpcad import dist
+from hpcad.atomic import write_json
+from hpcad.device import describe, resolve_device
+from hpcad.errors import ConfigError
+from hpcad.model.budget import Budget
+
+if TYPE_CHECKING:
+    from hpcad.config import HpcadConfig
+
+log = logging.getLogger(__name__)
+PREFLIGHT_WAIT = dt.timedelta(minutes=2)  # joining and every collective (or HPCAD_DIST_TIMEOUT_MIN if shorter)
+
+
+def rank_report(cfg: HpcadConfig, device: torch.device, w: dist.World) -> dict:
+    """This rank's view: where it runs, its device and GPUs, its budgets; on CUDA a matmul's check."""
+    host = socket.gethostname()
+    r = {"rank": w.rank, "ranks": w.size, "local_rank": w.local_rank, "launched_by": w.source, "host": host,
+         "node": os.environ.get("SLURMD_NODENAME", host), "device": describe(device),
+         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+         "budget": Budget.resolve(cfg.compute, device).source, "torch": torch.__version__}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        a = torch.arange(256 * 256, device=device, dtype=torch.float32).reshape(256, 256) % 7
+        t0 = time.perf_counter()
+        ok = torch.equal((a @ torch.eye(256, device=device)).cpu(), a.cpu())
+        r.update(gpu=props.name, gpu_uuid=str(getattr(props, "uuid", device.index)),
+                 gpu_memory_mb=props.total_memory // 2**20, gpu_matmul_ok=ok,
+                 gpu_matmul_ms=round(1000 * (time.perf_counter() - t0), 1))
+    return r
+
+
+def problems(reports: list[dict]) -> list[str]:
+    """What would make the job fail or slow: ranks sharing a GPU, GPUs that compute wrongly."""
+    found, on_gpu = [], {}
+    for r in reports:
+        if "gpu_uuid" in r:
+            on_gpu.setdefault((r["host"], r["gpu_uuid"]), []).append(r["rank"])
+            if not r.get("gpu_matmul_ok", True):
+                found.append(f"rank {r['rank']} on {r['node']}: its GPU ({r['device']}) computed a wrong product")
+    found += [f"ranks {', '.join(map(str, ranks))} on {host} share one GPU ({uuid}): run as many tasks per node "
+              f"as GPUs, each bound to its own (docs/cluster.md)" for (host, uuid), ranks in on_gpu.items()
+              if len(ranks) > 1]
+    return found
+
+
+def preflight(cfg: HpcadConfig, run_dir: Path) -> dict:
+    """Check this rank's view and the ranks' meeting; rank 0 writes ``preflight.json`` (see the module)."""
+    w = dist.world()
+    device = resolve_device(cfg.compute.device, w.local_rank)
+    fleet = cfg.model.get("scope", "node") == "fleet"
+    t0 = time.perf_counter()
+    wait = min(PREFLIGHT_WAIT, dist.timeout())
+    try:
+        dist.init(device, gpu_collectives=fleet, wait=wait)
+    except Exception as exc:  # torch's store and backend errors: say what it means for the job
+        addr = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        raise ConfigError(f"preflight: rank {w.rank} of {w.size} on {socket.gethostname()} could not join the "
+                          f"ranks at {addr} within {wait.total_seconds():.0f} s ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}); the job's stages would wait there for "
+                          f"HPCAD_DIST_TIMEOUT_MIN. Can this node reach {addr}? (GLOO_SOCKET_IFNAME / "
+                          f"NCCL_SOCKET_IFNAME, a firewall, docs/cluster.md)") from exc
+    try:
+        joined_s = time.perf_counter() - t0
+        report = rank_report(cfg, device, w)
+        t1 = time.perf_counter()
+        dist.barrier()
+        barrier_ms = 1000 * (time.perf_counter() - t1)
+        found = []
+        if fleet and device.type == "cuda" and w.distributed:  # the fleet model's all-reduce, on the GPUs
+            import torch.distributed as tdist
+
+            t = torch.full((1024,), float(w.rank + 1), device=device)
+            tdist.all_reduce(t)
+            if float(t[0]) != w.size * (w.size + 1) / 2:
+                found.append(f"rank {w.rank}: the all-reduce over NCCL gave {float(t[0])}, "
+                             f"not {w.size * (w.size + 1) / 2}")
+        reports = dist.all_objects({**report, "barrier_ms": round(barrier_ms, 2), "problems": found})
+    finally:
+        dist.finish()
+    found = problems(reports) + [p for r in reports for p in r.pop("problems")]
+    notes = [f"rank {r['rank']} on {r['node']}: GPUs allocated (CUDA_VISIBLE_DEVICES={r['cuda_visible_devices']}) "
+             f"but torch {r['torch']} sees no CUDA device: it would train on the CPU" for r in reports
+             if r["device"].startswith("cpu") and (r["cuda_visible_devices"] or "").strip() not in
+             ("", "-1", "none", "NoDevFiles")]
+    summary = {"ranks": w.size, "nodes": sorted({r["node"] for r in reports}),
+               "backend": dist.backend(device, fleet) if w.distributed else None,
+               "rendezvous": f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+               if w.distributed else None, "joined_s": round(joined_s, 2), "per_rank": reports, "problems": found,
+               "notes": notes}
+    if w.rank == 0:
+        write_json(run_dir / "preflight.json", summary)
+        for r in reports:
+            log.info("rank %d on %s (local %d): %s; %s", r["rank"], r["node"], r["local_rank"], r["device"], r["budget"])
+    if found:
+        raise ConfigError("preflight: " + "; ".join(found))
+    summary["lines"] = [f"hpcad preflight: {w.size} rank(s) on {len(summary['nodes'])} node(s)"
+                        + (f", {summary['backend']} at {summary['rendezvous']}, joined in {joined_s:.1f} s, "
+                           f"barrier {max(r['barrier_ms'] for r in reports):.1f} ms" if w.distributed else "")]
+    summary["lines"] += [f"  rank {r['rank']} on {r['node']}: {r['device']}" for r in reports]
+    summary["lines"] += [f"  note: {n}" for n in notes]
+    return summary
