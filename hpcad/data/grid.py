@@ -21,13 +21,16 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from hpcad.data.store import check_node_name
 from hpcad.data.node import NodeData
 from hpcad.errors import InputError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 # data.on_missing_metric: a metric some nodes lack is absent there | dropped everywhere | an error
@@ -58,6 +61,8 @@ class GridStager:
 
     # ---- pass 1 -------------------------------------------------------------------------------
     def node_codes(self, names: pd.Series, where: str) -> np.ndarray:
+        import pandas as pd
+
         codes, uniq = pd.factorize(names, sort=False)
         if (codes < 0).any():
             raise InputError(f"{where}: {int((codes < 0).sum())} rows have no node name")
@@ -66,6 +71,8 @@ class GridStager:
         return lut[codes]
 
     def metric_codes(self, names: pd.Series, where: str) -> np.ndarray:
+        import pandas as pd
+
         codes, uniq = pd.factorize(names, sort=False)
         if (codes < 0).any():
             raise InputError(f"{where}: {int((codes < 0).sum())} rows have no metric name")

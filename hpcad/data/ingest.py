@@ -21,10 +21,10 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
-import pandas as pd
 
 from hpcad.data import synthetic
 from hpcad.data.counters import counter_columns, to_rates
@@ -37,6 +37,9 @@ from hpcad.data.node import NodeData
 from hpcad.data.tables import columns, is_table, iter_table_chunks, read_table, stem
 from hpcad.data.timestamps import to_epoch_seconds
 from hpcad.errors import InputError
+
+if TYPE_CHECKING:
+    import pandas as pd  # imported where frames are converted: a stage whose store is up to date needs none
 
 log = logging.getLogger(__name__)
 FORMATS = {"wide": None, "ldms": stage_ldms, "long": stage_long}
@@ -60,6 +63,8 @@ class FrameConverter:
             raise InputError(f"data.on_missing_metric={self.policy!r}: one of {', '.join(MISSING_METRIC_POLICIES)}")
 
     def __call__(self, df: pd.DataFrame, node: str, where: str) -> NodeData:
+        import pandas as pd
+
         cfg = self.cfg
         where = f"{where} (node {node})"
         if len(df) == 0:
@@ -216,6 +221,8 @@ def _iter_single_file(source: Path, conv: FrameConverter, scratch_dir: Path,
 
     Memory holds one input chunk or one node, never the whole file.
     """
+    import pandas as pd
+
     cfg = conv.cfg
     fd, scratch = tempfile.mkstemp(suffix=".h5", dir=scratch_dir, prefix=".ingest-")
     os.close(fd)

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from hpcad.data.grid import GridStager
 from hpcad.data.tables import CHUNK_ROWS
@@ -27,6 +26,8 @@ from hpcad.data.timestamps import to_epoch_seconds
 from hpcad.errors import InputError
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from hpcad.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,8 @@ def stage_ldms(source: Path, cfg: DataConfig, stager: GridStager) -> None:
             log.info("%s: skipped %d repeated header line(s) (sampler restarts)", path, repeats)
         codes = np.array([stager.metric_code(m) for m in metrics], dtype=np.uint16)
         try:
+            import pandas as pd
+
             reader = pd.read_csv(path, comment="#", header=None, names=cols, chunksize=CHUNK_ROWS,
                                  skip_blank_lines=True)
             for chunk in reader:
@@ -102,6 +105,8 @@ def stage_ldms(source: Path, cfg: DataConfig, stager: GridStager) -> None:
 
 def _stage_chunk(chunk: pd.DataFrame, path: Path, cfg: DataConfig, tcol: str, ncol: str, metrics: list[str],
                  codes: np.ndarray, stager: GridStager) -> None:
+    import pandas as pd
+
     where = str(path)
     if tcol == "Time" and "Time_usec" in chunk.columns and pd.api.types.is_numeric_dtype(chunk["Time"]):
         secs = np.floor(chunk["Time"].to_numpy(np.float64)) + chunk["Time_usec"].to_numpy(np.float64) / 1e6

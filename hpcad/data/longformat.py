@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from hpcad.data.grid import GridStager
 from hpcad.data.tables import iter_table_chunks, table_files
@@ -27,6 +26,8 @@ BATCH_ROWS = 1_000_000
 
 def stage_long(source: Path, cfg: DataConfig, stager: GridStager) -> None:
     """Pass 1 over every long-format file below ``source``."""
+    import pandas as pd
+
     files = table_files(source)
     need = {"data.node_column": cfg.node_column, "data.timestamp_column": cfg.timestamp_column,
             "data.metric_column": cfg.metric_column, "data.value_column": cfg.value_column}

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from hpcad.errors import InputError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 TABLE_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq")
 CHUNK_ROWS = 200_000
@@ -62,6 +64,8 @@ def check_header(path: Path) -> list[str]:
 
 
 def read_table(path: Path) -> pd.DataFrame:
+    import pandas as pd
+
     if not is_parquet(path):
         check_header(path)
     try:
@@ -71,6 +75,8 @@ def read_table(path: Path) -> pd.DataFrame:
 
 
 def iter_table_chunks(path: Path, rows: int = CHUNK_ROWS) -> Iterator[pd.DataFrame]:
+    import pandas as pd
+
     try:
         if is_parquet(path):
             import pyarrow.parquet as pq

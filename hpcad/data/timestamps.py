@@ -10,10 +10,14 @@
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pandas as pd
 
 from hpcad.errors import InputError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 EPOCH_UNITS = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
 _ZONED = r"(?:Z|[+-]\d\d:?\d\d)$"
@@ -22,6 +26,8 @@ _ZONED = r"(?:Z|[+-]\d\d:?\d\d)$"
 def to_epoch_seconds(col: pd.Series, where: str, name: str, timezone: str = "UTC",
                      epoch_unit: str = "s", fractional: bool = False) -> np.ndarray:
     """Epoch seconds of a timestamp column (float64 if ``fractional``, else floored int64)."""
+    import pandas as pd
+
     if epoch_unit not in EPOCH_UNITS:
         raise InputError(f"data.epoch_unit={epoch_unit!r}: one of {sorted(EPOCH_UNITS)}")
     if col.isna().any():
