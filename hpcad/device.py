@@ -14,6 +14,12 @@ from hpcad.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
+def allocated_gpus() -> str | None:
+    """The GPUs SLURM (or the user) gave this process (``CUDA_VISIBLE_DEVICES``); None when none."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    return None if visible in ("", "-1", "none", "NoDevFiles") else visible
+
+
 @functools.cache  # once per process (train and score both resolve the device)
 def _warn_no_cuda(visible: str) -> None:
     log.warning("GPUs are allocated to this process (CUDA_VISIBLE_DEVICES=%s) but torch %s sees no CUDA device "
@@ -54,8 +60,8 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name in ("auto", "cuda") and torch.cuda.is_available():
         dev = torch.device(f"cuda:{gpu_index(local_rank, torch.cuda.device_count())}")
     elif name == "auto":
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
-        if visible not in ("", "-1", "none", "NoDevFiles"):
+        visible = allocated_gpus()
+        if visible is not None:
             _warn_no_cuda(visible)
         return torch.device("cpu")
     else:

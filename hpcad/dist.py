@@ -7,6 +7,7 @@ when there is more than one rank; ``finish()`` tears it down.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import re
 import sys
@@ -20,6 +21,8 @@ from hpcad.errors import ConfigError, HpcadError
 if TYPE_CHECKING:
     import torch
 
+
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class World:
@@ -137,7 +140,6 @@ def init(device: torch.device, gpu_collectives: bool = False, wait: dt.timedelta
     w = world()
     if not w.distributed or _started():
         return w
-    import logging
     import time
 
     import torch
@@ -148,7 +150,6 @@ def init(device: torch.device, gpu_collectives: bool = False, wait: dt.timedelta
     if device.type == "cuda":
         torch.cuda.set_device(device)
     wait = wait or timeout()
-    log = logging.getLogger(__name__)
     if w.rank == 0:
         s = wait.total_seconds()
         log.info("process group: %s, %d ranks, rank 0 at %s:%s, collectives wait up to %s", name, w.size,

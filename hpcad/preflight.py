@@ -22,7 +22,7 @@ import torch
 
 from hpcad import dist
 from hpcad.atomic import write_json
-from hpcad.device import describe, resolve_device
+from hpcad.device import allocated_gpus, describe, resolve_device
 from hpcad.errors import ConfigError
 from hpcad.model.budget import Budget
 
@@ -39,6 +39,7 @@ def rank_report(cfg: HpcadConfig, device: torch.device, w: dist.World) -> dict:
     r = {"rank": w.rank, "ranks": w.size, "local_rank": w.local_rank, "launched_by": w.source, "host": host,
          "node": os.environ.get("SLURMD_NODENAME", host), "device": describe(device),
          "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+         "gpus_without_cuda": device.type == "cpu" and allocated_gpus() is not None,
          "budget": Budget.resolve(cfg.compute, device).source, "torch": torch.__version__}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -102,8 +103,7 @@ def preflight(cfg: HpcadConfig, run_dir: Path) -> dict:
     found = problems(reports) + [p for r in reports for p in r.pop("problems")]
     notes = [f"rank {r['rank']} on {r['node']}: GPUs allocated (CUDA_VISIBLE_DEVICES={r['cuda_visible_devices']}) "
              f"but torch {r['torch']} sees no CUDA device: it would train on the CPU" for r in reports
-             if r["device"].startswith("cpu") and (r["cuda_visible_devices"] or "").strip() not in
-             ("", "-1", "none", "NoDevFiles")]
+             if r["gpus_without_cuda"]]
     summary = {"ranks": w.size, "nodes": sorted({r["node"] for r in reports}),
                "backend": dist.backend(device, fleet) if w.distributed else None,
                "rendezvous": f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"

@@ -309,10 +309,12 @@ def check_end_to_end(out: Path, dev: torch.device, plan: Plan) -> dict:
 
 def _node_models(models: Path) -> dict[str, tuple[list[torch.Tensor], dict]]:
     """Every node's member weights and training history in a run's models folder."""
+    from hpcad.model.files import NodeModel, model_nodes, model_path
+
     out = {}
-    for f in sorted(models.glob("*.pt")):
-        blob = torch.load(f, weights_only=True)
-        out[f.stem] = ([t for member in blob["members"] for t in member], blob["history"])
+    for node in model_nodes(models):
+        model = NodeModel.load(model_path(models, node))
+        out[node] = ([t for member in model.members for t in member], model.history)
     return out
 
 
