@@ -12,6 +12,13 @@ Reruns: when every node's file holds the fleet model of the same data, settings 
 training state (weights, Adam state, early-stopping state, history) after an epoch every
 ``compute.checkpoint_every_s`` seconds, and a rerun with the same rank count goes on from it; each
 epoch's shuffle is a function of (seed, rank, epoch), so a resumed run ends as an uninterrupted one.
+
+Memory: a rank holds its share's training rows in host memory once (filled node by node, within
+``compute.memory_budget_mb``: a share that does not fit is refused as soon as that is clear, naming
+what to change). On a GPU the rows move to the device when they fit ``compute.device_memory_mb``;
+otherwise they stay on the host and each epoch's minibatches are gathered there a segment of steps
+at a time and uploaded through two pinned buffers (the same batches, so the same model). Validation
+runs in blocks of ``VAL_ROWS`` rows, whichever way.
 """
 from __future__ import annotations
 
@@ -23,7 +30,9 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
+from hpcad.errors import HpcadError
 from hpcad.model.autoencoder import AutoencoderSpec, glorot_init
+from hpcad.model.budget import Budget
 from hpcad.model.files import NodeModel, model_path
 from hpcad.preprocess import fit_rows
 
@@ -31,6 +40,8 @@ if TYPE_CHECKING:
     from hpcad.config import HpcadConfig
 
 log = logging.getLogger(__name__)
+VAL_ROWS = 1 << 16  # rows per validation forward pass: its activations stay small whatever the share
+SEGMENT_BYTES = 256 * 2**20  # rows gathered and uploaded at once when the share stays in host memory
 
 
 class DenseAutoencoder(torch.nn.Module):
@@ -87,9 +98,104 @@ def _already_trained(models_dir, nodes: list[str], store, fingerprint: str) -> d
             "best_val_loss": float(min(history["val_loss"])), "trained_now": 0}
 
 
+class _Share:
+    """A rank's nodes' standardised rows for the fleet model, in host memory once: the training rows
+    of every node one after the other (``train``), their held-out validation rows (``val``), and
+    where each node's rows are (its scaler beside them, for its model file)."""
+
+    def __init__(self, store, nodes: list[str], cfg: HpcadConfig, host_bytes: int, budget_source: str):
+        from hpcad.train import prepare_training_rows
+
+        M, parts, used = len(store.metrics), [], 0
+        for i, n in enumerate(nodes):
+            z, scaler = prepare_training_rows(store, n, cfg)
+            parts.append((n, z, scaler, fit_rows(len(z), cfg.train.validation_split)))
+            used += z.nbytes + 8 * parts[-1][3]  # the rows, and the epoch shuffle's index of the fitted ones
+            if used > host_bytes:
+                guess = used / (i + 1) * len(nodes)
+                raise HpcadError(
+                    f"model.scope=fleet: this rank's {len(nodes)} nodes need about {guess / 2**20:,.0f} MB of "
+                    f"training rows in host memory ({used / 2**20:,.1f} MB after {i + 1} of them), more than "
+                    f"its budget ({budget_source}): run on more ranks (srun -n, each takes a share of the "
+                    f"nodes), set compute.memory_budget_mb higher where the memory is there, or use "
+                    f"model.scope=node (one model per node, trained in chunks that fit)")
+        n_tr = sum(cut for *_, cut in parts)
+        n_va = sum(len(z) - cut for _, z, _, cut in parts)
+        self.train = np.empty((n_tr, M), np.float32)  # filled node by node: each node's rows are let go once copied
+        self.val = np.empty((n_va, M), np.float32)
+        self.nodes: list[tuple[str, object, slice, slice]] = []  # node, scaler, its training and validation rows
+        a = b = 0
+        for k, (n, z, scaler, cut) in enumerate(parts):
+            self.train[a:a + cut], self.val[b:b + len(z) - cut] = z[:cut], z[cut:]
+            self.nodes.append((n, scaler, slice(a, a + cut), slice(b, b + len(z) - cut)))
+            a, b = a + cut, b + len(z) - cut
+            parts[k] = None  # type: ignore[call-overload]
+        self.nbytes = self.train.nbytes + self.val.nbytes
+
+
+def _device_bytes(n_train: int, n_val: int, n_metrics: int, spec: AutoencoderSpec, batch: int) -> int:
+    """Device memory the fleet model takes with its rows on the device: the rows, the epoch's shuffle
+    (int64, and its batch index), weights with Adam's state, and the activations of a step and of a
+    validation block."""
+    widths = sum(spec.widths(n_metrics))
+    return (4 * n_metrics * (n_train + n_val) + 16 * n_train + 4 * spec.n_params(n_metrics) * 5
+            + 4 * widths * (4 * batch + 2 * VAL_ROWS))
+
+
+class _Feed:
+    """An epoch's minibatches ``X[perm[(s * B + j) % n]]``, j < B, for its steps s. From rows on the
+    device, or from rows in host memory: gathered there a segment of ``segment_steps`` steps at a
+    time into one of two (pinned, on CUDA) buffers and uploaded while the device runs the segment
+    before. The same batches either way."""
+
+    def __init__(self, X: np.ndarray, device: torch.device, batch: int, on_device: bool, segment_steps: int):
+        self.n, self.B, self.device = len(X), batch, device
+        self.host = torch.from_numpy(X)
+        self.X = self.host.to(device) if on_device else None
+        self.S = max(1, segment_steps)
+        self.buffers: list[torch.Tensor] = []
+        self.copied: list = [None, None]
+
+    def batches(self, perm: torch.Tensor, steps: int):
+        B, n = self.B, self.n
+        if self.X is not None:
+            p, ar = perm.to(self.device), torch.arange(B, device=self.device)
+            for s in range(steps):
+                yield self.X[p[(s * B + ar) % n]]
+            return
+        for k, s0 in enumerate(range(0, steps, self.S)):
+            m = min(self.S, steps - s0)
+            buf = self._buffer(k % 2)[: m * B]
+            torch.index_select(self.host, 0, perm[(s0 * B + torch.arange(m * B)) % n], out=buf)
+            seg = buf.to(self.device, non_blocking=True)
+            if self.device.type == "cuda":
+                self.copied[k % 2] = torch.cuda.Event()
+                self.copied[k % 2].record(torch.cuda.current_stream(self.device))
+            for j in range(m):
+                yield seg[j * B:(j + 1) * B]
+
+    def _buffer(self, b: int) -> torch.Tensor:
+        if not self.buffers:
+            pin = self.device.type == "cuda"
+            self.buffers = [torch.empty((self.S * self.B, self.host.shape[1]), pin_memory=pin) for _ in range(2)]
+        if self.copied[b] is not None:
+            self.copied[b].synchronize()  # the buffer's previous upload has left it
+        return self.buffers[b]
+
+
+def _validation(model, X: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Sum over ``X``'s rows of the mean squared reconstruction error, a block of rows at a time
+    (``X`` on the device or in host memory)."""
+    total = torch.zeros((), device=device)
+    for a in range(0, len(X), VAL_ROWS):
+        x = X[a:a + VAL_ROWS].to(device)
+        total += ((model(x) - x) ** 2).mean(1).sum()
+    return total
+
+
 def train_fleet(cfg: HpcadConfig, store, models_dir, nodes: list[str], device: torch.device, rank: int = 0) -> dict:
     from hpcad.model.checkpoint import ChunkCheckpoint, remove_checkpoints
-    from hpcad.train import model_spec, prepare_training_rows
+    from hpcad.train import model_spec
 
     spec = model_spec(cfg)
     tc = cfg.train
@@ -101,19 +207,21 @@ def train_fleet(cfg: HpcadConfig, store, models_dir, nodes: list[str], device: t
         return done
     ckpt = ChunkCheckpoint(models_dir, fingerprint, list(store.nodes), 1, cfg.compute.checkpoint_every_s,
                            what="the fleet model")
-    prepared = {n: prepare_training_rows(store, n, cfg) for n in nodes}
-    tr, va = [], []
-    for n, (z, _) in prepared.items():
-        cut = fit_rows(len(z), tc.validation_split)
-        tr.append(z[:cut])
-        va.append(z[cut:])
-    Xtr = torch.from_numpy(np.concatenate(tr) if tr else np.zeros((0, M), np.float32)).to(device)
-    Xva = torch.from_numpy(np.concatenate(va) if va else np.zeros((0, M), np.float32)).to(device)
+    budget = Budget.resolve(cfg.compute, device)
+    share = _Share(store, nodes, cfg, budget.host_bytes, budget.source)
+    B = int(tc.batch_size)
+    need = _device_bytes(len(share.train), len(share.val), M, spec, B)
+    on_device = budget.device_bytes is None or need <= budget.device_bytes
+    feed = _Feed(share.train, device, B, on_device, SEGMENT_BYTES // (4 * B * M))
+    Xva = torch.from_numpy(share.val).to(device) if on_device else torch.from_numpy(share.val)
+    log.info("fleet model on rank %d: %d nodes, %.1f MiB of rows, %s (budget: %s)", rank, len(nodes),
+             share.nbytes / 2**20, f"on {device}" if on_device else
+             f"in host memory, uploaded {feed.S} steps at a time ({need / 2**20:.0f} MiB would not fit on {device})",
+             budget.source)
     model = DenseAutoencoder(spec, M, tc.seed).to(device)
     net = torch.nn.parallel.DistributedDataParallel(model) if tdist.is_initialized() else model
     opt = torch.optim.Adam(net.parameters(), lr=tc.lr, eps=1e-7)
-    B = int(tc.batch_size)
-    steps = _allreduce(torch.tensor([math.ceil(len(Xtr) / B)], device=device), tdist.ReduceOp.MAX
+    steps = _allreduce(torch.tensor([math.ceil(feed.n / B)], device=device), tdist.ReduceOp.MAX
                        if tdist.is_initialized() else None).item()
     best, best_loss, wait, history = None, float("inf"), 0, {"loss": [], "val_loss": []}
     start, state = 0, ckpt.load()  # rank 0 saved it; every rank resumes from the same file
@@ -125,11 +233,11 @@ def train_fleet(cfg: HpcadConfig, store, models_dir, nodes: list[str], device: t
         best = None if state["best"] is None else [t.to(device) for t in state["best"]]
         best_loss, wait, history, start = float(state["best_loss"]), int(state["wait"]), state["history"], state["epoch"]
     for epoch in range(int(start), int(tc.epochs)):
-        perm = _epoch_order(len(Xtr), tc.seed, rank, epoch).to(device)
         total = torch.zeros(2, device=device)
+        batches = feed.batches(_epoch_order(feed.n, tc.seed, rank, epoch), int(steps)) if feed.n else None
         for s in range(int(steps)):
-            if len(Xtr):
-                xb = Xtr[perm[(s * B + torch.arange(B, device=device)) % len(Xtr)]]
+            if batches is not None:
+                xb = next(batches)
                 loss = ((net(xb) - xb) ** 2).mean()
             else:  # a rank without rows still takes part in every gradient all-reduce
                 xb = torch.zeros(1, M, device=device)
@@ -140,8 +248,7 @@ def train_fleet(cfg: HpcadConfig, store, models_dir, nodes: list[str], device: t
             total[0] += loss.detach() * len(xb)  # no host-made tensor per step
             total[1] += len(xb)
         with torch.no_grad():
-            v = torch.stack([((model(Xva) - Xva) ** 2).mean(1).sum() if len(Xva) else torch.zeros((), device=device),
-                             torch.tensor(float(len(Xva)), device=device)])
+            v = torch.stack([_validation(model, Xva, device), torch.tensor(float(len(Xva)), device=device)])
             v, total = _allreduce(v), _allreduce(total)
         val = float(v[0] / v[1]) if v[1] > 0 else float(total[0] / total[1])
         history["loss"].append(float(total[0] / total[1].clamp(min=1)))
@@ -164,8 +271,9 @@ def train_fleet(cfg: HpcadConfig, store, models_dir, nodes: list[str], device: t
     history.update(best_epoch=int(np.argmin(history["val_loss"])) + 1, epochs_run=len(history["loss"]),
                    stopped_early=len(history["loss"]) < int(tc.epochs), scope="fleet")
     with torch.no_grad():
-        for (n, (z, scaler)), zv in zip(prepared.items(), va):
-            x = torch.from_numpy(zv if len(zv) else z).to(device)
+        for n, scaler, tr, va in share.nodes:
+            rows = share.val[va] if va.stop > va.start else share.train[tr]  # held-out rows; all, if none
+            x = torch.from_numpy(rows).to(device)
             scale = float(((model(x) - x) ** 2).sum(1).mean()) if len(x) else 1.0
             NodeModel(n, spec, store.metrics, [params], scaler, dict(history), max(scale, 1e-12), fingerprint).save(
                 model_path(models_dir, n))
@@ -174,7 +282,7 @@ def train_fleet(cfg: HpcadConfig, store, models_dir, nodes: list[str], device: t
     if rank == 0:
         remove_checkpoints(models_dir)  # this training's, and any of another rank count
     log.info("fleet model: %d epochs, best validation loss %.4g; %d node files", history["epochs_run"],
-             best_loss, len(prepared))
+             best_loss, len(share.nodes))
     return {"nodes": len(nodes), "scope": "fleet", "epochs_run": history["epochs_run"], "best_val_loss": best_loss,
             "trained_now": len(nodes)}
 

@@ -20,7 +20,9 @@
 #   precision     fp32 / tf32 / bf16 on a 256-node chunk: speed and validation-loss change
 #   budget        the chunk size from the device's free memory, against the measured peak
 #   end_to_end    `hpcad run` on the embedded synthetic cluster with compute.device=cuda
-#   ddp           a one-rank NCCL process group and a DDP fleet-model training on the same store
+#   ddp           a one-rank NCCL process group and a DDP fleet-model training on the same store;
+#                 then again with compute.device_memory_mb=1 (rows kept in host memory, uploaded 5
+#                 steps at a time through pinned buffers): the same model, within 1e-5
 #   bench         `hpcad bench` at 5,000 nodes x 6,667 rows x 159 metrics x 20 epochs (scaled down
 #                 to --bench-seconds when a pilot predicts longer; the summary says so), against the
 #                 naive loop on 2 nodes (launch-bound on a GPU: about 20 s)
@@ -45,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import shutil
@@ -307,6 +310,17 @@ def check_end_to_end(out: Path, dev: torch.device, plan: Plan) -> dict:
             "store": str(run / "store.h5"), "run": str(run)}
 
 
+class _Said(logging.Handler):
+    """The messages a logger said (to check which path a run took)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def _node_models(models: Path) -> dict[str, tuple[list[torch.Tensor], dict]]:
     """Every node's member weights and training history in a run's models folder."""
     from hpcad.model.files import NodeModel, model_nodes, model_path
@@ -369,17 +383,22 @@ def check_multi_gpu(e2e: dict, out: Path, dev: torch.device, plan: Plan) -> dict
 
 
 def check_ddp(store_path: str, out: Path, cuda) -> dict:
+    """The fleet model over NCCL (one rank), its rows on the device; then again with a device budget
+    too small for them (kept in host memory, uploaded a few steps at a time through two pinned
+    buffers: hpcad/fleet.py), which must train the same model."""
     import torch.distributed as tdist
     from hydra import compose, initialize_config_dir
 
+    import hpcad.fleet as fleet
     from hpcad.config import register_configs
     from hpcad.data.store import TelemetryStore
-    from hpcad.fleet import train_fleet
     from hpcad.resources import resource_dir
 
     register_configs()
+    base = ["model.scope=fleet", "train.epochs=3", f"compute.device={cuda.type}"]
     with initialize_config_dir(str(resource_dir("conf")), version_base="1.3"):
-        cfg = compose("config", ["model.scope=fleet", "train.epochs=3", f"compute.device={cuda.type}"])
+        cfg = compose("config", base)
+        streamed_cfg = compose("config", [*base, "compute.device_memory_mb=1"])
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29611")
     if cuda.type == "cuda":
@@ -388,12 +407,34 @@ def check_ddp(store_path: str, out: Path, cuda) -> dict:
     try:
         store = TelemetryStore(Path(store_path))
         t0 = time.perf_counter()
-        _fresh(out / "ddp_models")
-        res = train_fleet(cfg, store, out / "ddp_models", list(store.nodes), cuda)
+        _fresh(out / "ddp_models", out / "ddp_streamed")
+        res = fleet.train_fleet(cfg, store, out / "ddp_models", list(store.nodes), cuda)
         _sync(cuda)
-        return {"ok": bool(np.isfinite(res["best_val_loss"])), "backend": tdist.get_backend(),
-                "nodes": res["nodes"], "epochs": res["epochs_run"], "best_val_loss": res["best_val_loss"],
-                "s": round(time.perf_counter() - t0, 1)}
+        r = {"ok": bool(np.isfinite(res["best_val_loss"])), "backend": tdist.get_backend(),
+             "nodes": res["nodes"], "epochs": res["epochs_run"], "best_val_loss": res["best_val_loss"],
+             "s": round(time.perf_counter() - t0, 1)}
+        segment, fleet.SEGMENT_BYTES = fleet.SEGMENT_BYTES, 5 * 4 * int(cfg.train.batch_size) * len(store.metrics)
+        said, flog = _Said(), logging.getLogger("hpcad.fleet")
+        level = flog.level
+        flog.addHandler(said)
+        flog.setLevel(logging.INFO)
+        try:  # 5 steps per upload: many segments, so the pinned buffers are reused while uploads are in flight
+            t0 = time.perf_counter()
+            streamed = fleet.train_fleet(streamed_cfg, store, out / "ddp_streamed", list(store.nodes), cuda)
+            _sync(cuda)
+        finally:
+            fleet.SEGMENT_BYTES = segment
+            flog.removeHandler(said)
+            flog.setLevel(level)
+        a, b = _node_models(out / "ddp_models"), _node_models(out / "ddp_streamed")
+        diff = max(float((x - y).abs().max()) for n in a for x, y in zip(a[n][0], b[n][0]))
+        r.update(streamed_s=round(time.perf_counter() - t0, 1), streamed_max_abs_weight_diff=diff,
+                 streamed_same_epochs=streamed["epochs_run"] == res["epochs_run"],
+                 streamed_from_host=any("in host memory, uploaded" in m for m in said.messages))
+        # on the CPU (rehearsal) the device is the host: nothing to stream, the same model all the same
+        r["ok"] = (r["ok"] and r["streamed_same_epochs"] and diff <= 1e-5
+                   and r["streamed_from_host"] == (cuda.type == "cuda"))
+        return r
     finally:
         tdist.destroy_process_group()
 

@@ -218,3 +218,25 @@ def job_state(job: str, env) -> str:
     out = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True).stdout
     m = re.search(r"JobState=(\w+)", out)
     return m.group(1) if m else "GONE"
+
+
+def small_site(tmp_path: Path, n: int = 5, rows: int = 120, overrides: tuple[str, ...] = ()):
+    """An in-process site: a store of ``n`` nodes of ``rows`` rows x 4 random metrics, and the config
+    composed from conf/ (CPU, chunks of up to 4 nodes, 3 epochs, then ``overrides``)."""
+    import numpy as np
+    from hydra import compose, initialize_config_dir
+
+    from hpcad.config import register_configs
+    from hpcad.data.node import NodeData
+    from hpcad.data.store import TelemetryStore, write_store
+    from hpcad.resources import resource_dir
+
+    rng = np.random.default_rng(0)
+    nodes = [NodeData(f"n{i}", np.arange(rows, dtype=np.int64) * 300, rng.normal(size=(rows, 4)).astype(np.float32),
+                      np.zeros(rows, np.int8)) for i in range(n)]
+    write_store(tmp_path / "store.h5", ["a", "b", "c", "d"], nodes, "test")
+    register_configs()
+    with initialize_config_dir(str(resource_dir("conf")), version_base="1.3"):
+        cfg = compose("config", ["compute.device=cpu", "compute.progress=false", "compute.max_nodes_per_chunk=4",
+                                 "train.epochs=3", *overrides])
+    return cfg, TelemetryStore(tmp_path / "store.h5")

@@ -4,6 +4,7 @@ from types import SimpleNamespace as NS
 import pytest
 import torch
 
+from conftest import small_site
 from hpcad.errors import ConfigError
 from hpcad.model.autoencoder import AutoencoderSpec
 from hpcad.model.budget import Budget, device_bytes_per_model, host_bytes_per_model, local_ranks
@@ -117,27 +118,6 @@ def test_one_chunk_policy_for_training_and_scoring():
     assert score_bytes_per_node(6667, 159, spec) > score_bytes_per_node(6667, 159, AutoencoderSpec([64]))
 
 
-def _site(tmp_path, n=5):
-    """A small store (n nodes of 120 rows x 4 metrics) and the composed config, chunks of up to 4."""
-    import numpy as np
-    from hydra import compose, initialize_config_dir
-
-    from hpcad.config import register_configs
-    from hpcad.data.node import NodeData
-    from hpcad.data.store import TelemetryStore, write_store
-    from hpcad.resources import resource_dir
-
-    rng = np.random.default_rng(0)
-    nodes = [NodeData(f"n{i}", np.arange(120, dtype=np.int64) * 300, rng.normal(size=(120, 4)).astype(np.float32),
-                      np.zeros(120, np.int8)) for i in range(n)]
-    write_store(tmp_path / "store.h5", ["a", "b", "c", "d"], nodes, "test")
-    register_configs()
-    with initialize_config_dir(str(resource_dir("conf")), version_base="1.3"):
-        cfg = compose("config", ["compute.device=cpu", "compute.progress=false", "compute.max_nodes_per_chunk=4",
-                                 "train.epochs=3"])
-    return cfg, TelemetryStore(tmp_path / "store.h5")
-
-
 def _small_gpu(real, sizes: list[int]):
     """``real`` on a device that holds the data of 2 nodes at most (larger calls: CUDA out of memory)."""
     def call(first, data, *a, **kw):
@@ -156,7 +136,7 @@ def test_a_training_chunk_out_of_device_memory_is_retried_in_halves(tmp_path, mo
     from hpcad.errors import HpcadError
     from hpcad.model.files import NodeModel, model_path
 
-    cfg, store = _site(tmp_path)
+    cfg, store = small_site(tmp_path)
     train.train_nodes(cfg, store, tmp_path / "whole")
     sizes: list[int] = []
     monkeypatch.setattr(train, "train_ensemble", _small_gpu(train.train_ensemble, sizes))
@@ -187,7 +167,7 @@ def test_a_scoring_chunk_out_of_device_memory_is_retried_in_halves(tmp_path, mon
     import hpcad.score as score
     from hpcad.train import train_nodes
 
-    cfg, store = _site(tmp_path)
+    cfg, store = small_site(tmp_path)
     train_nodes(cfg, store, tmp_path / "models")
     score.score_nodes(cfg, store, tmp_path / "models", tmp_path / "whole.h5")
     sizes: list[int] = []
