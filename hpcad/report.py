@@ -324,7 +324,9 @@ def _node_pages(run_dir: Path, errors: ErrorStore, th: Thresholds, nodes: list[s
             _node_page(job, node, mine, hist)
     else:
         with ProcessPoolExecutor(n, mp_context=get_context("fork")) as pool:
-            list(pool.map(_node_page, [job] * len(groups), *zip(*groups), chunksize=4))
+            # pages in chunks of up to 4 (less pickling), but never so few chunks that workers stay idle
+            chunk = min(4, max(1, len(groups) // (4 * n)))
+            list(pool.map(_node_page, [job] * len(groups), *zip(*groups), chunksize=chunk))
     links = {node: f"nodes/{quote(node)}.html" for node in nodes}
     if folder.exists():
         for old in folder.glob("*.html"):
