@@ -90,16 +90,22 @@ def test_cron_run_finds_injected_anomalies_and_a_rerun_replaces_the_day(site, tm
     assert not list(out.glob(".*tmp*")) and not list(out.glob(".*old*"))
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_night(site, tmp_path_factory) -> Path:
+    """The nightly output folder of 2025-01-10 run once, uninterrupted (what a killed night's rerun must give)."""
+    ref = tmp_path_factory.mktemp("uninterrupted") / "nightly"
+    assert cron(_env_file(site, ref), "--date", "2025-01-10").returncode == 0
+    return ref
+
+
 @pytest.mark.parametrize("fault", [None, "report.html"])
-def test_a_night_killed_mid_way_reruns_to_the_same_outputs(site, tmp_path, fault):
+def test_a_night_killed_mid_way_reruns_to_the_same_outputs(site, uninterrupted_night, tmp_path, fault):
     """kill -9 after the night is scored (a cron job killed by the OOM killer or a reboot), or as its
     report is written (hpcad.atomic's fault point, HPCAD_FAULT): the old outputs stay as they
     were, and the rerun publishes what an uninterrupted night does."""
     import signal
 
-    day = "2025-01-10"
-    ref = tmp_path / "ref"
-    assert cron(_env_file(site, ref), "--date", day).returncode == 0
+    day, ref = "2025-01-10", uninterrupted_night
     out = tmp_path / "nightly"
     env = _env_file(site, out)
     if fault:
