@@ -112,11 +112,11 @@ class _Share:
             parts.append((n, z, scaler, fit_rows(len(z), cfg.train.validation_split)))
             used += z.nbytes + 8 * parts[-1][3]  # the rows, and the epoch shuffle's index of the fitted ones
             if used > host_bytes:
-                guess = used / (i + 1) * len(nodes)
+                so_far = f" ({used / 2**20:,.1f} MB after {i + 1} of them)" if i + 1 < len(nodes) else ""
                 raise HpcadError(
-                    f"model.scope=fleet: this rank's {len(nodes)} nodes need about {guess / 2**20:,.0f} MB of "
-                    f"training rows in host memory ({used / 2**20:,.1f} MB after {i + 1} of them), more than "
-                    f"its budget ({budget_source}): run on more ranks (srun -n, each takes a share of the "
+                    f"model.scope=fleet: this rank's {len(nodes)} nodes need about "
+                    f"{used / (i + 1) * len(nodes) / 2**20:,.1f} MB of training rows in host memory{so_far}, "
+                    f"more than its budget ({budget_source}): run on more ranks (srun -n, each takes a share of the "
                     f"nodes), set compute.memory_budget_mb higher where the memory is there, or use "
                     f"model.scope=node (one model per node, trained in chunks that fit)")
         n_tr = sum(cut for *_, cut in parts)
@@ -193,6 +193,25 @@ def _validation(model, X: torch.Tensor, device: torch.device) -> torch.Tensor:
     return total
 
 
+def _gather_share(store, nodes: list[str], cfg: HpcadConfig, budget: Budget) -> _Share:
+    """This rank's :class:`_Share`, decided by all ranks together: where one rank cannot hold its
+    share (or a node of it is bad input), every rank stops with that rank's reason, instead of the
+    others failing at the first all-reduce with a connection error (gloo) or waiting there (NCCL)."""
+    from hpcad import dist
+
+    try:
+        share, failed = _Share(store, nodes, cfg, budget.host_bytes, budget.source), None
+    except HpcadError as exc:
+        share, failed = None, str(exc)
+    said = dist.all_objects(failed)
+    if failed is not None:
+        raise HpcadError(failed)
+    for r, reason in enumerate(said):
+        if reason is not None:
+            raise HpcadError(f"rank {r} stopped: {reason}")
+    return share
+
+
 def train_fleet(cfg: HpcadConfig, store, models_dir, nodes: list[str], device: torch.device, rank: int = 0) -> dict:
     from hpcad.model.checkpoint import ChunkCheckpoint, remove_checkpoints
     from hpcad.train import model_spec
@@ -208,7 +227,7 @@ def train_fleet(cfg: HpcadConfig, store, models_dir, nodes: list[str], device: t
     ckpt = ChunkCheckpoint(models_dir, fingerprint, list(store.nodes), 1, cfg.compute.checkpoint_every_s,
                            what="the fleet model")
     budget = Budget.resolve(cfg.compute, device)
-    share = _Share(store, nodes, cfg, budget.host_bytes, budget.source)
+    share = _gather_share(store, nodes, cfg, budget)
     B = int(tc.batch_size)
     need = _device_bytes(len(share.train), len(share.val), M, spec, B)
     on_device = budget.device_bytes is None or need <= budget.device_bytes

@@ -230,6 +230,21 @@ def test_fleet_model_trains_with_ddp_on_two_gloo_ranks_on_two_nodes(tmp_path, sl
     assert stamps == {f.name: f.stat().st_mtime_ns for f in (run / "models").glob("*.pt")}
     bad = hpcad("train", "model.scope=galaxy", f"hydra.run.dir={tmp_path / 'bad'}", check=False)
     assert bad.returncode == 2 and "model.scope='galaxy'" in bad.stderr
+    # A share over the host budget on one rank only (one rank has 2 of the 3 nodes, ~0.65 MB each, the
+    # budget 1 MB): both ranks stop with its reason, exit 2, instead of the other rank failing at the
+    # first all-reduce with gloo's connection error (srun without --kill-on-bad-exit lets it get there).
+    big = tmp_path / "big"
+    hpcad("generate", f"generate.out={big}", "data.synthetic.nodes=3", "data.synthetic.rows=2400",
+          f"hydra.run.dir={tmp_path / 'g2'}")
+    over = subprocess.run(["srun", "-N2", "-n2", *hpcad_cmd(), "train", "model.scope=fleet", f"data.source={big}",
+                           f"hydra.run.dir={tmp_path / 'over'}", "compute.memory_budget_mb=1", "compute.progress=false"],
+                          env=slurm_env, capture_output=True, text=True, timeout=300)
+    said = over.stdout + over.stderr
+    assert over.returncode == 2, said[-3000:]
+    assert "model.scope=fleet: this rank's 2 nodes need about 1.3 MB of training rows in host memory, more " \
+           "than its budget (host 1 MB (compute.memory_budget_mb))" in said, said[-3000:]
+    assert re.search(r"rank \d stopped: model.scope=fleet: this rank's 2 nodes", said)  # the other rank fitted, and heard why
+    assert "Traceback" not in said and "Connection" not in said
 
 
 def test_rank_0_input_error_reaches_every_rank_as_one_clean_exit(tmp_path, slurm_env):
