@@ -233,9 +233,9 @@ def train_fleet(cfg: HpcadConfig, store, models_dir, nodes: list[str], device: t
     on_device = budget.device_bytes is None or need <= budget.device_bytes
     feed = _Feed(share.train, device, B, on_device, SEGMENT_BYTES // (4 * B * M))
     Xva = torch.from_numpy(share.val).to(device) if on_device else torch.from_numpy(share.val)
-    log.info("fleet model on rank %d: %d nodes, %.1f MiB of rows, %s (budget: %s)", rank, len(nodes),
+    log.info("fleet model on rank %d: %d nodes, %.1f MB of rows, %s (budget: %s)", rank, len(nodes),
              share.nbytes / 2**20, f"on {device}" if on_device else
-             f"in host memory, uploaded {feed.S} steps at a time ({need / 2**20:.0f} MiB would not fit on {device})",
+             f"in host memory, uploaded {feed.S} steps at a time ({need / 2**20:,.0f} MB would not fit on {device})",
              budget.source)
     model = DenseAutoencoder(spec, M, tc.seed).to(device)
     net = torch.nn.parallel.DistributedDataParallel(model) if tdist.is_initialized() else model
