@@ -77,6 +77,34 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return dev
 
 
+class Staging:
+    """Two host buffers of ``shape``, pinned on CUDA, taken in turn for uploads to ``device``: filling
+    one overlaps with the other's transfer. ``take()`` returns the next buffer once its previous
+    upload has left it; ``sent()`` marks the upload just issued from it (``non_blocking`` copies on
+    the device's current stream); ``wait()`` waits for every upload. On the CPU nothing is in flight."""
+
+    def __init__(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.float32):
+        self.device, self.cuda = device, device.type == "cuda"
+        self.buffers = [torch.empty(shape, dtype=dtype, pin_memory=self.cuda) for _ in range(2)]
+        self.events: list = [None, None]
+        self.i = 1
+
+    def take(self) -> torch.Tensor:
+        self.i = 1 - self.i
+        if self.events[self.i] is not None:
+            self.events[self.i].synchronize()
+        return self.buffers[self.i]
+
+    def sent(self) -> None:
+        if self.cuda:
+            self.events[self.i] = torch.cuda.Event()
+            self.events[self.i].record(torch.cuda.current_stream(self.device))  # the copy's stream, not GPU 0's
+
+    def wait(self) -> None:
+        if self.cuda:
+            torch.cuda.current_stream(self.device).synchronize()
+
+
 def reset_peak_memory(device: torch.device) -> None:
     """Start counting the device's peak allocated memory afresh (nothing to do on the CPU)."""
     if device.type == "cuda":

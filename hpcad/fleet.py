@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
+from hpcad.device import Staging
 from hpcad.errors import HpcadError
 from hpcad.model.autoencoder import AutoencoderSpec, glorot_init
 from hpcad.model.budget import Budget
@@ -145,16 +146,15 @@ def _device_bytes(n_train: int, n_val: int, n_metrics: int, spec: AutoencoderSpe
 class _Feed:
     """An epoch's minibatches ``X[perm[(s * B + j) % n]]``, j < B, for its steps s. From rows on the
     device, or from rows in host memory: gathered there a segment of ``segment_steps`` steps at a
-    time into one of two (pinned, on CUDA) buffers and uploaded while the device runs the segment
-    before. The same batches either way."""
+    time into one of two staging buffers (``hpcad.device.Staging``) and uploaded while the device
+    runs the segment before. The same batches either way."""
 
     def __init__(self, X: np.ndarray, device: torch.device, batch: int, on_device: bool, segment_steps: int):
         self.n, self.B, self.device = len(X), batch, device
         self.host = torch.from_numpy(X)
         self.X = self.host.to(device) if on_device else None
         self.S = max(1, segment_steps)
-        self.buffers: list[torch.Tensor] = []
-        self.copied: list = [None, None]
+        self.stage: Staging | None = None  # made at the first segment
 
     def batches(self, perm: torch.Tensor, steps: int):
         B, n = self.B, self.n
@@ -163,24 +163,16 @@ class _Feed:
             for s in range(steps):
                 yield self.X[p[(s * B + ar) % n]]
             return
-        for k, s0 in enumerate(range(0, steps, self.S)):
+        if self.stage is None:
+            self.stage = Staging((self.S * B, self.host.shape[1]), self.device)
+        for s0 in range(0, steps, self.S):
             m = min(self.S, steps - s0)
-            buf = self._buffer(k % 2)[: m * B]
+            buf = self.stage.take()[: m * B]
             torch.index_select(self.host, 0, perm[(s0 * B + torch.arange(m * B)) % n], out=buf)
             seg = buf.to(self.device, non_blocking=True)
-            if self.device.type == "cuda":
-                self.copied[k % 2] = torch.cuda.Event()
-                self.copied[k % 2].record(torch.cuda.current_stream(self.device))
+            self.stage.sent()
             for j in range(m):
                 yield seg[j * B:(j + 1) * B]
-
-    def _buffer(self, b: int) -> torch.Tensor:
-        if not self.buffers:
-            pin = self.device.type == "cuda"
-            self.buffers = [torch.empty((self.S * self.B, self.host.shape[1]), pin_memory=pin) for _ in range(2)]
-        if self.copied[b] is not None:
-            self.copied[b].synchronize()  # the buffer's previous upload has left it
-        return self.buffers[b]
 
 
 def _validation(model, X: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -332,6 +332,11 @@ def _node_models(models: Path) -> dict[str, tuple[list[torch.Tensor], dict]]:
     return out
 
 
+def _max_weight_diff(a: dict, b: dict) -> float:
+    """The largest absolute weight difference between the same nodes' models of two ``_node_models``."""
+    return max(float((x - y).abs().max()) for n in a for x, y in zip(a[n][0], b[n][0]))
+
+
 def check_multi_gpu(e2e: dict, out: Path, dev: torch.device, plan: Plan) -> dict:
     """``hpcad train`` on every visible GPU at once under torchrun (NCCL, one rank per GPU): each
     node's model against the one the one-GPU end-to-end run trained; then the fleet model with DDP
@@ -356,7 +361,7 @@ def check_multi_gpu(e2e: dict, out: Path, dev: torch.device, plan: Plan) -> dict
     one, many = _node_models(Path(e2e["run"]) / "models"), _node_models(run / "models")
     if one.keys() != many.keys() or not one:
         return {"ok": False, "error": f"nodes differ: {sorted(one)[:3]} against {sorted(many)[:3]}"}
-    diff = max(float((a - b).abs().max()) for n in one for a, b in zip(one[n][0], many[n][0]))
+    diff = _max_weight_diff(one, many)
     same_stop = sum(one[n][1].get("epochs_run") == many[n][1].get("epochs_run") for n in one)
     shares = len(list((run / "models").glob("training-rank*.json")))
     rc_f, s_f = _run([*torchrun, "model.scope=fleet", "train.epochs=3", f"hydra.run.dir={fleet}"],
@@ -427,7 +432,7 @@ def check_ddp(store_path: str, out: Path, cuda) -> dict:
             flog.removeHandler(said)
             flog.setLevel(level)
         a, b = _node_models(out / "ddp_models"), _node_models(out / "ddp_streamed")
-        diff = max(float((x - y).abs().max()) for n in a for x, y in zip(a[n][0], b[n][0]))
+        diff = _max_weight_diff(a, b)
         r.update(streamed_s=round(time.perf_counter() - t0, 1), streamed_max_abs_weight_diff=diff,
                  streamed_same_epochs=streamed["epochs_run"] == res["epochs_run"],
                  streamed_from_host=any("in host memory, uploaded" in m for m in said.messages))

@@ -300,3 +300,18 @@ def test_a_chunk_resumed_from_its_checkpoint_ends_as_if_never_interrupted(tmp_pa
     # another chunk (other nodes) does not take it
     other = ChunkCheckpoint(tmp_path, "fp", [f"m{i}" for i in range(8)], 1, every_s=0)
     assert other.load() is None
+
+
+def test_the_staged_upload_writes_each_node_zero_padded_as_the_direct_one():
+    """CUDA's upload (two staging buffers taken in turn, hpcad.device.Staging) run on the CPU: five
+    nodes of different lengths, so each buffer is reused while holding a longer node's rows; the
+    chunk tensor (filled with garbage first) ends as the direct copy leaves it."""
+    from hpcad.model.ensemble import _upload, _upload_staged
+
+    rng = np.random.default_rng(0)
+    data = [rng.normal(size=(n, 3)).astype(np.float32) for n in (7, 2, 9, 0, 4)]
+    direct, staged = (torch.full((5, 9, 3), 99.0) for _ in range(2))
+    _upload(direct, data)
+    _upload_staged(staged, data)
+    assert torch.equal(direct, staged)
+    assert torch.equal(staged[2, :9], torch.from_numpy(data[2])) and staged[1, 2:].abs().sum() == 0

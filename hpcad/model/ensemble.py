@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from hpcad.device import tf32_context
+from hpcad.device import Staging, tf32_context
 from hpcad.model.autoencoder import AutoencoderSpec, forward, glorot_init, stack
 from hpcad.preprocess import fit_rows
 
@@ -282,19 +282,19 @@ def _upload(X: torch.Tensor, data: list[np.ndarray]) -> None:
             X[k, : d.shape[0]] = torch.from_numpy(np.ascontiguousarray(d))
             X[k, d.shape[0]:] = 0.0
         return
-    rows = max((d.shape[0] for d in data), default=0)
-    stage = [torch.empty((rows, X.shape[2]), dtype=X.dtype, pin_memory=True) for _ in range(2)]
-    copied: list = [None, None]
+    _upload_staged(X, data)
+
+
+def _upload_staged(X: torch.Tensor, data: list[np.ndarray]) -> None:
+    """``_upload`` through two staging buffers (any device; pinned, and overlapping, on CUDA)."""
+    stage = Staging((max((d.shape[0] for d in data), default=0), X.shape[2]), X.device, X.dtype)
     for k, d in enumerate(data):
-        b, n = k % 2, d.shape[0]
-        if copied[b] is not None:
-            copied[b].synchronize()  # the buffer's previous transfer has left it
-        stage[b][:n].copy_(torch.from_numpy(np.ascontiguousarray(d)))
-        X[k, :n].copy_(stage[b][:n], non_blocking=True)
+        n, buf = d.shape[0], stage.take()
+        buf[:n].copy_(torch.from_numpy(np.ascontiguousarray(d)))
+        X[k, :n].copy_(buf[:n], non_blocking=True)
         X[k, n:] = 0.0
-        copied[b] = torch.cuda.Event()
-        copied[b].record(torch.cuda.current_stream(X.device))  # the stream the copy went on, not GPU 0's
-    torch.cuda.current_stream(X.device).synchronize()
+        stage.sent()
+    stage.wait()
 
 
 _LINE = 16  # float32 values per 64-byte cache line (and per AVX-512 vector)
