@@ -10,6 +10,7 @@ import datetime as dt
 import logging
 import os
 import re
+import socket
 import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -112,17 +113,30 @@ def timeout() -> dt.timedelta:
     return dt.timedelta(minutes=minutes)
 
 
+# Rendezvous ports of SLURM steps: 20000-31999, below Linux's ephemeral range (32768-60999), from
+# which the kernel picks the local ports of outgoing connections (gloo's and NCCL's own included):
+# a port there can be taken by some connection on rank 0's node, and rank 0 would fail to listen.
+PORT_BASE, PORT_SPAN = 20000, 12000
+
+
+def step_port(job_id: int, step_id: int = 0) -> int:
+    """The port a SLURM step's ranks meet at: one per job and step, so that two jobs sharing a node,
+    or two steps of one job running at once (``srun ... &`` in an allocation), do not collide."""
+    return PORT_BASE + (job_id + 4099 * step_id) % PORT_SPAN
+
+
 def rendezvous(w: World, env: dict | None = None) -> tuple[str, str]:
     """MASTER_ADDR and MASTER_PORT for this launch, unless already set: inside a SLURM step (also
-    when launched through PMI by ``srun --mpi=pmi2``) rank 0's node and a port from the job id, so
-    multi-node steps meet on the right host and two jobs on one node do not collide; a plain
-    ``mpiexec`` on one host: localhost."""
+    when launched through PMI by ``srun --mpi=pmi2``) rank 0's node and a port from the job and
+    step ids (``step_port``), so multi-node steps meet on the right host and concurrent steps do not
+    collide; a plain ``mpiexec`` on one host: localhost."""
     env = os.environ if env is None else env
     addr, port = env.get("MASTER_ADDR"), env.get("MASTER_PORT")
     if "SLURM_JOB_ID" in env and (env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")):
         if addr is None:  # rank 0 runs on the step's first node
             addr = node_address(first_host(env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]))
-        port = port or str(20000 + int(env["SLURM_JOB_ID"]) % 20000)
+        step = env.get("SLURM_STEP_ID", "0")
+        port = port or str(step_port(int(env["SLURM_JOB_ID"]), int(step) if step.isdigit() else 0))
     return addr or "127.0.0.1", port or "29511"
 
 
@@ -156,7 +170,14 @@ def init(device: torch.device, gpu_collectives: bool = False, wait: dt.timedelta
         log.info("process group: %s, %d ranks, rank 0 at %s:%s, collectives wait up to %s", name, w.size,
                  os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"], f"{s / 60:g} min" if s >= 60 else f"{s:g} s")
     t0 = time.perf_counter()
-    tdist.init_process_group(name, rank=w.rank, world_size=w.size, timeout=wait)
+    try:
+        tdist.init_process_group(name, rank=w.rank, world_size=w.size, timeout=wait)
+    except tdist.DistNetworkError as exc:
+        if "EADDRINUSE" not in str(exc):  # rank 0 could not open the rendezvous port: say which, and what to do
+            raise
+        raise HpcadError(f"rank 0 on {socket.gethostname()} cannot listen at port {os.environ['MASTER_PORT']} for the "
+                         f"other ranks: another process on this node holds it (address already in use). Export "
+                         f"MASTER_PORT=<a free port> for the job (HPCAD_ENV) and run it again") from exc
     if w.rank == 0:
         log.info("process group: all %d ranks joined in %.1f s", w.size, time.perf_counter() - t0)
     return w

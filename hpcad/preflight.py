@@ -23,7 +23,7 @@ import torch
 from hpcad import dist
 from hpcad.atomic import write_json
 from hpcad.device import allocated_gpus, describe, resolve_device
-from hpcad.errors import ConfigError
+from hpcad.errors import ConfigError, HpcadError
 from hpcad.model.budget import Budget
 
 if TYPE_CHECKING:
@@ -75,6 +75,8 @@ def preflight(cfg: HpcadConfig, run_dir: Path) -> dict:
     wait = min(PREFLIGHT_WAIT, dist.timeout())
     try:
         dist.init(device, gpu_collectives=fleet, wait=wait)
+    except HpcadError:  # dist's own diagnosis (rank 0 cannot listen at its port)
+        raise
     except Exception as exc:  # torch's store and backend errors: say what it means for the job
         addr = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
         raise ConfigError(f"preflight: rank {w.rank} of {w.size} on {socket.gethostname()} could not join the "

@@ -12,7 +12,7 @@ import torch
 
 from conftest import ROOT, hpcad, hpcad_cmd, sbatch_wait, slurm_models, small_exports
 from hpcad.dist import World, first_host, shard, world
-from hpcad.errors import ConfigError
+from hpcad.errors import ConfigError, HpcadError
 
 
 def test_sbatch_train_all_nodes_matches_the_single_process_run(tmp_path, slurm_env):
@@ -116,14 +116,18 @@ def test_rendezvous_timeout_and_gpu_choice_for_multi_node_jobs(monkeypatch):
     import datetime as dt
 
     from hpcad.device import gpu_index
-    from hpcad.dist import rendezvous, timeout
+    from hpcad.dist import rendezvous, step_port, timeout
 
     # n3's address as SLURM knows it (scontrol's NodeAddr; the dev cluster's is localhost, which the
     # two-node job in test_slurm_jobs.py meets at): stood in for here, so no cluster is needed
     monkeypatch.setattr("hpcad.dist.node_address", {"n3": "10.1.0.3"}.get)
     pmi_in_slurm = {"PMI_RANK": "5", "PMI_SIZE": "8", "SLURM_JOB_ID": "123457", "SLURM_STEP_NODELIST": "n[3-4]"}
     addr, port = rendezvous(World(5, 8, 1, "mpi"), pmi_in_slurm)
-    assert addr == "10.1.0.3" and port == str(20000 + 123457 % 20000)  # rank 0's node, a port per job: not 127.0.0.1:29511
+    assert addr == "10.1.0.3" and port == str(step_port(123457))  # rank 0's node, a port per job: not 127.0.0.1:29511
+    # two steps of one job at once (srun ... & in an allocation) meet at different ports
+    assert rendezvous(World(5, 8, 1, "slurm"), {**pmi_in_slurm, "SLURM_STEP_ID": "3"})[1] == str(step_port(123457, 3))
+    ports = {step_port(j, s) for j in range(123400, 123500) for s in range(6)}
+    assert len(ports) == 600 and min(ports) >= 20000 and max(ports) < 32768  # below Linux's ephemeral ports
     assert rendezvous(World(1, 2, 1, "mpi"), {"PMI_RANK": "1", "PMI_SIZE": "2"}) == ("127.0.0.1", "29511")
     assert rendezvous(World(1, 2, 1, "slurm"), {**pmi_in_slurm, "MASTER_ADDR": "h", "MASTER_PORT": "7"}) == ("h", "7")
     monkeypatch.delenv("HPCAD_DIST_TIMEOUT_MIN", raising=False)
@@ -143,6 +147,29 @@ def test_rendezvous_timeout_and_gpu_choice_for_multi_node_jobs(monkeypatch):
     with pytest.raises(ConfigError, match="local rank 4 but only 4 GPUs"):
         gpu_index(4, 4)  # two ranks on one GPU would fail at NCCL's first barrier, unhelpfully
 
+
+
+def test_rank_0_whose_rendezvous_port_is_taken_says_so(monkeypatch):
+    """Another process on rank 0's node listening at the step's port: one clear error naming the port
+    and MASTER_PORT, not torch's DistNetworkError (nor, in preflight, "could not join ... reach")."""
+    import datetime as dt
+    import socket
+
+    import torch
+
+    from hpcad import dist
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+        monkeypatch.setenv("MASTER_PORT", str(port))
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        with pytest.raises(HpcadError, match=f"cannot listen at port {port} .*address already in use.*MASTER_PORT"):
+            dist.init(torch.device("cpu"), wait=dt.timedelta(seconds=30))
+    assert not dist._started()
 
 def test_submitit_launcher_runs_the_stage_as_a_slurm_job(tmp_path, slurm_env):
     exports = small_exports(tmp_path)

@@ -7,6 +7,7 @@ import subprocess
 import torch
 
 from conftest import ROOT, hpcad, job_state, sbatch_wait, slurm_models, small_exports
+from hpcad.dist import step_port
 
 
 def test_requeued_job_skips_finished_nodes_and_ends_with_the_same_result(tmp_path, slurm_env):
@@ -68,7 +69,8 @@ def test_score_all_nodes_scores_new_data_with_trained_models(tmp_path, slurm_env
     assert job.returncode == 0, log[-3000:]
     assert len(list(run.glob("errors-rank*.h5"))) == 4 and (run / "report.html").exists()
     job_id = int(re.search(r"Submitted batch job (\d+)", job.stdout).group(1))
-    assert f"process group: gloo, 4 ranks, rank 0 at localhost:{20000 + job_id % 20000}," in log  # n1's NodeAddr
+    port = re.search(r"process group: gloo, 4 ranks, rank 0 at localhost:(\d+),", log).group(1)  # n1's NodeAddr
+    assert int(port) in {step_port(job_id, step) for step in range(4)}, port  # the job's and the step's own
     assert "srun --gpu-bind=per_task:1 (2 tasks, 4 GPUs per node)" in log
     bound = set(re.findall(r"rank (\d) of 4 on \S+: 1 of 4 nodes, device cpu, CUDA_VISIBLE_DEVICES=(\S+)", log))
     assert bound == {("0", "0"), ("1", "1"), ("2", "0"), ("3", "1")}, bound  # GPUs 0 and 1 of each node
