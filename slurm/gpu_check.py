@@ -33,6 +33,9 @@
 #                 one-GPU end-to-end run's (the same node's model whatever rank and GPU trained it),
 #                 and the fleet model with DDP over NCCL on all GPUs; skipped on one GPU
 #
+# The summary and every figure go to <--out>/gpu_check.md and gpu_check.json, rewritten after each
+# check: a job killed at its time limit keeps what was measured until then.
+#
 # `--rehearse` runs every check on the CPU at toy sizes (gloo for the process groups): it proves the
 # script, its imports and command lines still work (CI runs it), not the GPU figures.
 #
@@ -525,6 +528,16 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _record(out: Path, results: dict, info: dict, rehearsal: bool) -> str:
+    """Write gpu_check.json and gpu_check.md (each atomically) with the checks done so far; the summary."""
+    from hpcad.atomic import write_text
+
+    text = summary(results, info, rehearsal)
+    write_text(out / "gpu_check.json", json.dumps({"info": info, "results": results}, indent=1, default=str))
+    write_text(out / "gpu_check.md", text + "\n")
+    return text
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description="Check hpcad's CUDA path on one GPU (see the comments at the top).")
     ap.add_argument("--out", default=f"gpu-check-{os.environ.get('SLURM_JOB_ID', 'local')}")
@@ -590,11 +603,10 @@ def main() -> int:
               f"({results[name]['check_s']} s)", flush=True)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+        info["total_s"] = round(time.perf_counter() - t0, 1)
+        _record(out, results, info, args.rehearse)  # after every check: a job killed later keeps these
     info["total_s"] = round(time.perf_counter() - t0, 1)
-    text = summary(results, info, args.rehearse)
-    (out / "gpu_check.json").write_text(json.dumps({"info": info, "results": results}, indent=1, default=str))
-    (out / "gpu_check.md").write_text(text + "\n")
-    print(text)
+    print(_record(out, results, info, args.rehearse))
     return 1 if any(verdict(n, r, args.rehearse) == "FAIL" for n, r in results.items()) else 0
 
 
