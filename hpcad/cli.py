@@ -89,6 +89,9 @@ def run_stage(stage: str, overrides: list[str]) -> int:
         log = logging.getLogger("hpcad")
         from hydra.utils import instantiate
 
+        rank = world().rank
+        rank_zero_says(rank)  # Hydra has set up the log handlers: cluster-wide lines from rank 0 only
+
         try:
             unknown = unknown_keys(cfg)
             if unknown:
@@ -117,7 +120,7 @@ def run_stage(stage: str, overrides: list[str]) -> int:
                 print(f"hpcad nightly {d['date']}: {d['nodes']} nodes, {d['alarms']} alarms, {d['drifted']} drifted, "
                       f"{d['light_refits']} light refits -> {Path(result['out']) / d['date'] / 'report.html'}")
         elif stage == "preflight":
-            if world().rank == 0:
+            if rank == 0:
                 print("\n".join(result["lines"]))
                 print(f"hpcad: {run_dir / 'preflight.json'}")
         elif stage == "generate":
@@ -126,11 +129,11 @@ def run_stage(stage: str, overrides: list[str]) -> int:
             who = f"rank {result['rank']}/{result['world_size']}: " if "rank" in result else ""
             of = f" of {result['cluster_nodes']}" if "cluster_nodes" in result else ""
             print(f"hpcad: {who}{result.get('nodes')}{of} node models in {run_dir / 'models'}")
-        else:
+        elif rank == 0:  # every rank wrote into the one run folder: said once
             print(f"hpcad: {stage} outputs in {run_dir}")
 
     from hpcad.config import moved_options
-    from hpcad.dist import world
+    from hpcad.dist import rank_zero_says, world
 
     moved = moved_options(overrides)
     if moved:

@@ -25,6 +25,23 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: ``extra=`` for a log line that states a cluster-wide result, the same on every rank (the chosen
+#: excess weight, a threshold's verdict): rank 0 writes it, the other ranks leave it out
+#: (``rank_zero_says``), so a 400-rank job's log says it once.
+CLUSTER_WIDE = {"cluster_wide": True}
+
+
+def _not_cluster_wide(record: logging.LogRecord) -> bool:
+    return not getattr(record, "cluster_wide", False)
+
+
+def rank_zero_says(rank: int) -> None:
+    """On ranks other than 0, drop the log lines marked ``CLUSTER_WIDE`` (from every handler of the
+    root logger, where Hydra's console and per-rank log file are). Idempotent."""
+    if rank > 0:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_not_cluster_wide)
+
 
 @dataclass(frozen=True)
 class World:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from hpcad.dist import all_sum
+from hpcad.dist import CLUSTER_WIDE, all_sum
 from hpcad.errors import ConfigError
 from hpcad.preprocess import VAL, split_codes
 from hpcad.signals import signal_level, smooth_signal
@@ -89,13 +89,13 @@ def choose(cfg: HpcadConfig, store, node_errors: Callable[[], Iterator[tuple]],
         w = grid[0] if fallback is None else float(fallback)
         how = "no labelled validation rows: " + ("the first candidate" if fallback is None
                                                  else "the weight of the run whose thresholds apply")
-        log.info("signal.excess_weight=auto: %s (%s)", w, how)
+        log.info("signal.excess_weight=auto: %s (%s)", w, how, extra=CLUSTER_WIDE)
         return w, {"rule": how, "candidates": grid, "chosen": w, "nodes": 0}
     ap = totals / count
     margin = float(sig.excess_margin)
     w = next(c for c, a in zip(grid, ap) if a >= ap.max() - margin)
     log.info("signal.excess_weight=auto: %s (validation average precision %s over %d node(s))", w,
-             ", ".join(f"{c:g}: {a:.4f}" for c, a in zip(grid, ap)), count)
+             ", ".join(f"{c:g}: {a:.4f}" for c, a in zip(grid, ap)), count, extra=CLUSTER_WIDE)
     return w, {"rule": f"smallest weight within {margin:g} of the best mean validation average precision",
                "candidates": grid, "validation_ap": [round(float(a), 6) for a in ap], "chosen": w, "nodes": count}
 

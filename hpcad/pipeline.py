@@ -179,7 +179,7 @@ def stage_threshold(cfg: HpcadConfig, run_dir: Path) -> dict:
         th = Thresholds.load(tr / "thresholds.json")
         excess.check_applies(th.details.get("excess_weight"), errors.excess_weight, tr / "thresholds.json",
                              errors.path)
-        log.info("unlabelled data: using the thresholds fitted by %s", tr)
+        log.info("unlabelled data: using the thresholds fitted by %s", tr, extra=dist.CLUSTER_WIDE)
     else:
         th = rule.fit(mine, red)
         th.details["excess_weight"] = errors.excess_weight  # the signal they were fitted on

@@ -36,6 +36,7 @@ from hpcad.data.store import TelemetryStore, check_node_name, open_h5, write_sto
 from hpcad.data.node import NodeData
 from hpcad.data.tables import columns, is_table, iter_table_chunks, read_table, stem
 from hpcad.data.timestamps import to_epoch_seconds
+from hpcad.dist import CLUSTER_WIDE
 from hpcad.errors import InputError
 
 if TYPE_CHECKING:
@@ -270,7 +271,7 @@ def ingest(data_cfg, store_path: Path) -> Path:
     if source is not None and str(source).lower().endswith((".h5", ".hdf5")):
         path = Path(source)
         TelemetryStore(path)  # validates layout, names the file on error
-        log.info("using existing store %s", path)
+        log.info("using existing store %s", path, extra=CLUSTER_WIDE)
         return path
     if source is None:
         s = data_cfg.synthetic
@@ -293,7 +294,7 @@ def ingest(data_cfg, store_path: Path) -> Path:
     if _up_to_date(store_path, sig):
         if store_path not in _SAID_UP_TO_DATE:  # every stage checks; one line per run is enough
             _SAID_UP_TO_DATE.add(store_path)
-            log.info("store %s is up to date with %s", store_path, src)
+            log.info("store %s is up to date with %s", store_path, src, extra=CLUSTER_WIDE)
         return store_path
     policy = data_cfg.on_bad_node
     if policy not in ("error", "skip"):

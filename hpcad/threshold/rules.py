@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from hpcad.atomic import write_json
+from hpcad.dist import CLUSTER_WIDE
 from hpcad.errors import ConfigError
 from hpcad.preprocess import TRAIN, VAL
 from hpcad.errorstore import NodeSignal
@@ -175,13 +176,13 @@ def check_thresholds(th: Thresholds, source: SignalSource, red: Reducer | None =
         out["always_alarm_node_count"] = len(always)
     if verdict == "never_alarm":
         log.warning("%s threshold (%s, %s scope) raises no alarm on any of the %d rows it was fitted on: "
-                    "it will probably never alarm", detector, th.rule, th.scope, out["fit_rows"])
+                    "it will probably never alarm", detector, th.rule, th.scope, out["fit_rows"], extra=CLUSTER_WIDE)
     elif verdict == "always_alarm":
         log.warning("%s threshold (%s, %s scope) alarms on %.0f%% of the rows it was fitted on",
-                    detector, th.rule, th.scope, 100 * share)
+                    detector, th.rule, th.scope, 100 * share, extra=CLUSTER_WIDE)
     elif always:
         log.warning("%s threshold (%s): %d nodes alarm on %.0f%% or more of their fitted rows (first: %s)",
-                    detector, th.rule, len(always), 100 * ALWAYS, ", ".join(always[:5]))
+                    detector, th.rule, len(always), 100 * ALWAYS, ", ".join(always[:5]), extra=CLUSTER_WIDE)
     return out
 
 
@@ -334,7 +335,7 @@ class CostRule(_Rule):
                 peaks += level_counts(np.arcsinh(terms.anom_peak), u_grid)
         labelled = int(self.red.sum(np.array([labelled]))[0])
         if labelled == 0:
-            log.warning("no labelled node: cluster threshold from the quantile rule")
+            log.warning("no labelled node: cluster threshold from the quantile rule", extra=CLUSTER_WIDE)
             self.fallback.red = self.red
             return self.fallback.fit_cluster(source, super().grid(grid[0], grid[-1]))
         if self.drift == 0:
