@@ -70,6 +70,24 @@ def unwritable_run_dir(overrides: list[str]) -> Path | None:
     return None if os.access(p, os.W_OK | os.X_OK) else p
 
 
+def ranks_run_dir(stage: str, overrides: list[str], env: dict | None = None) -> str | None:
+    """The run folder every rank of a multi-rank launch writes to, when the command names none: the
+    default (``runs/<date>/<time>``, each process's own start time) would split the ranks over two
+    folders whenever they start across a second's boundary. Inside a SLURM job: ``runs/slurm-<jobid>``,
+    shared by the job's steps (``srun hpcad train``, then ``srun hpcad score``); elsewhere (torchrun,
+    mpiexec) there is no common name, so the command must give one."""
+    if any(o.startswith("hydra.run.dir=") or o.startswith("-") for o in overrides):
+        return None
+    env = os.environ if env is None else env
+    if "SLURM_JOB_ID" in env:
+        return f"runs/slurm-{env['SLURM_JOB_ID']}"
+    from hpcad.errors import ConfigError
+
+    raise ConfigError(f"several ranks and no hydra.run.dir: give every rank the same run folder "
+                      f"(hpcad {stage} hydra.run.dir=runs/<name> ...); the default, named after each "
+                      f"process's start time, can differ between ranks")
+
+
 def run_stage(stage: str, overrides: list[str]) -> int:
     import hydra
     from hydra.core.hydra_config import HydraConfig
@@ -147,9 +165,12 @@ def run_stage(stage: str, overrides: list[str]) -> int:
         return 2
     try:
         w = world()
+        shared = ranks_run_dir(stage, overrides) if w.distributed else None
     except HpcadError as exc:
         print(f"hpcad {stage}: error: {exc}", file=sys.stderr)
         return 2
+    if shared is not None:
+        overrides = [*overrides, f"hydra.run.dir={shared}"]
     if w.distributed:  # one log per rank, lines prefixed with the rank; only rank 0 records the composed config
         overrides = [*overrides, f"hydra.job.name={stage}-rank{w.rank}"]
         if not any(o.startswith("hydra.job_logging") for o in overrides):

@@ -68,13 +68,26 @@ def test_ranks_with_empty_shards_and_a_mismatched_world(tmp_path, slurm_env):
     exports = tmp_path / "exports"
     hpcad("generate", f"generate.out={exports}", "data.synthetic.nodes=3", "data.synthetic.rows=200",
           f"hydra.run.dir={tmp_path / 'g'}")
-    cmd = ["srun", "-N1", "-n4", "python", "-m", "hpcad", "train", f"data.source={exports}",
-           f"hydra.run.dir={tmp_path / 'run'}", "train.epochs=1", "compute.progress=false"]
-    p = subprocess.run(cmd, env=slurm_env, capture_output=True, text=True, timeout=300)
+    # no hydra.run.dir: every rank writes into the job's folder, not one named after its own start time
+    cmd = ["srun", "-N1", "-n4", "python", "-m", "hpcad", "train", f"data.source={exports}", "train.epochs=1",
+           "compute.progress=false"]
+    p = subprocess.run(cmd, env=slurm_env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert len(list((tmp_path / "run" / "models").glob("*.pt"))) == 3  # rank 3 had no node and still finished
-    bad = subprocess.run(cmd, env=dict(slurm_env, HPCAD_WORLD_SIZE="2"), capture_output=True, text=True, timeout=300)
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1 and runs[0].name.startswith("slurm-"), runs
+    assert len(list((runs[0] / "models").glob("*.pt"))) == 3  # rank 3 had no node and still finished
+    bad = subprocess.run(cmd, env=dict(slurm_env, HPCAD_WORLD_SIZE="2"), capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
     assert bad.returncode != 0 and "HPCAD_WORLD_SIZE=2" in bad.stderr
+
+
+def test_ranks_share_one_run_folder_when_none_is_given():
+    from hpcad.cli import ranks_run_dir
+
+    assert ranks_run_dir("train", ["data.source=x"], {"SLURM_JOB_ID": "4711"}) == "runs/slurm-4711"
+    assert ranks_run_dir("train", ["hydra.run.dir=runs/a"], {"SLURM_JOB_ID": "4711"}) is None  # the user's wins
+    with pytest.raises(ConfigError, match="several ranks and no hydra.run.dir"):  # torchrun, mpiexec: no common name
+        ranks_run_dir("train", ["data.source=x"], {"RANK": "1", "WORLD_SIZE": "2"})
 
 
 def test_shard_is_balanced_deterministic_and_rank_independent():
