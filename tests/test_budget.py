@@ -45,7 +45,11 @@ def test_unset_host_budget_is_shared_by_the_ranks_on_the_node(monkeypatch):
 
 
 @pytest.mark.parametrize("env,n", [({}, 1), ({"LOCAL_WORLD_SIZE": "4"}, 4), ({"MPI_LOCALNRANKS": "2"}, 2),
-                                   ({"SLURM_TASKS_PER_NODE": "4(x2)"}, 4), ({"SLURM_STEP_TASKS_PER_NODE": "3,2"}, 3)])
+                                   ({"SLURM_TASKS_PER_NODE": "4(x2)"}, 4), ({"SLURM_STEP_TASKS_PER_NODE": "3,2"}, 3),
+                                   # this node's own count: srun -N2 -n4 may put 3 tasks on the first, 1 on the second
+                                   ({"SLURM_STEP_TASKS_PER_NODE": "3,1", "SLURM_NODEID": "1"}, 1),
+                                   ({"SLURM_TASKS_PER_NODE": "2(x3),1", "SLURM_NODEID": "2"}, 2),
+                                   ({"SLURM_TASKS_PER_NODE": "2(x3),1", "SLURM_NODEID": "3"}, 1)])
 def test_local_ranks_from_launcher_variables(env, n):
     assert local_ranks(env) == n
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -82,8 +83,14 @@ def local_ranks(env: dict | None = None) -> int:
         if env.get(name, "").isdigit():
             return max(1, int(env[name]))
     tasks = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or ""
-    head = tasks.split("(")[0].split(",")[0]  # "4(x2)" -> 4
-    return max(1, int(head)) if head.isdigit() else 1
+    per_node = []  # "3(x2),1" -> [3, 3, 1], in the order of the step's nodes (SLURM_NODEID)
+    for part in tasks.split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if m is None:
+            return 1
+        per_node += [int(m.group(1))] * int(m.group(2) or 1)
+    node = int(env["SLURM_NODEID"]) if env.get("SLURM_NODEID", "").isdigit() else 0
+    return max(1, per_node[node]) if node < len(per_node) else 1
 
 
 _UNLIMITED = 2**60  # cgroup v1 writes "no limit" as a number near 2**63
@@ -163,7 +170,7 @@ class Budget:
         if host_mb is None:
             ranks = local_ranks()
             host_mb = HOST_SHARE * available_host_mb() / ranks
-            how.append(f"host {host_mb:.0f} MB (half the available memory / {ranks} ranks)")
+            how.append(f"host {host_mb:.0f} MB (half the available memory" + (f" / {ranks} ranks)" if ranks > 1 else ")"))
         elif host_mb <= 0:
             raise ConfigError(f"compute.memory_budget_mb={host_mb}: must be > 0 (or null: from the machine)")
         else:
