@@ -2,6 +2,9 @@
 
 Points are ranked by the validation cost in their ``metrics.json`` (labelled runs of ``run`` or
 ``threshold``), else by the mean best validation loss of their node models (``train`` sweeps).
+When the sweep varies ``train.seed``, ``sweep_settings.csv`` and ``sweep_settings.md`` add one row
+per setting (a point's overrides without the seed) and detector, the autoencoder beside the
+baselines: each figure as mean +- standard deviation over the seeds (docs/results.md's protocol).
 """
 from __future__ import annotations
 
@@ -41,16 +44,118 @@ def summarise(sweep_dir: Path) -> list[dict]:
         score = point_score(folder)
         overrides = OmegaConf.load(folder / ".hydra" / "overrides.yaml")
         rows.append({"point": folder.name, "overrides": " ".join(map(str, overrides)),
-                     "metric": score[0] if score else "", "value": score[1] if score else float("nan"),
+                     "override_list": list(map(str, overrides)), "metric": score[0] if score else "", "value": score[1] if score else float("nan"),
                      "status": "ok" if score else "failed"})
     rows.sort(key=lambda r: (np.isnan(r["value"]), r["value"]))
     for i, r in enumerate(rows, 1):
         r["rank"] = i
     with atomic_path(sweep_dir / "sweep_summary.csv") as tmp, open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["rank", "point", "status", "metric", "value", "overrides"])
+        w = csv.DictWriter(fh, fieldnames=["rank", "point", "status", "metric", "value", "overrides"],
+                           extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     return rows
+
+
+SEED = "train.seed="
+# (column, split, key in the split's figures; "ranking." for the threshold-free ones)
+FIGURES = [("ap_val", "val", "ranking.ap"), ("ap_eval", "eval", "ranking.ap"), ("roc_eval", "eval", "ranking.roc_auc"),
+           ("best_f1_eval", "eval", "ranking.best_f1"), ("cost_val", "val", "cost"), ("cost_test", "test", "cost"),
+           ("event_f1_test", "test", "f1")]
+
+
+def _figure(split: dict, key: str) -> float:
+    for part in key.split("."):
+        split = split.get(part, {}) if isinstance(split, dict) else {}
+    return float(split) if isinstance(split, (int, float)) else float("nan")
+
+
+def _detector_figures(metrics: dict) -> dict[str, dict[str, float]]:
+    """Per detector (the autoencoder first, then the baselines), the FIGURES of one point."""
+    out = {}
+    for name, splits in [(metrics.get("detector", "autoencoder"), metrics["splits"]),
+                         *((b, v["splits"]) for b, v in sorted(metrics.get("baselines", {}).items()))]:
+        out[name] = {col: _figure(splits.get(split, {}), key) for col, split, key in FIGURES}
+    return out
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    v = np.array([x for x in values if x == x], dtype=float)
+    if not len(v):
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std())
+
+
+def by_setting(sweep_dir: Path, rows: list[dict]) -> list[dict]:
+    """``sweep_settings.csv``/``.md``: the points grouped by their overrides without ``train.seed``,
+    one row per setting and detector with the number of seeds and each figure's mean and standard
+    deviation over the seeds (ddof 0, as docs/results.md); settings ordered by the autoencoder's mean
+    validation cost (``train`` sweeps: mean best validation loss). Only when a setting ran on 2+ seeds."""
+    groups: dict[str, list[dict]] = {}
+    common = set.intersection(*(set(r["override_list"]) for r in rows)) if rows else set()
+    for r in rows:  # a setting is named by what the sweep varies; what every point shares goes under the table
+        setting = " ".join(o for o in r["override_list"] if not o.startswith(SEED) and o not in common)
+        groups.setdefault(setting or "(one setting)", []).append(r)
+    if not any(sum(any(o.startswith(SEED) for o in r["override_list"]) for r in g) > 1 for g in groups.values()):
+        return []
+    out = []
+    for setting, points in groups.items():
+        ok = [r for r in points if r["status"] == "ok"]
+        seeds = " ".join(sorted((o.split("=", 1)[1] for r in ok for o in r["override_list"] if o.startswith(SEED)),
+                                key=lambda v: (len(v), v)))
+        metrics = [json.loads((sweep_dir / r["point"] / "metrics.json").read_text())
+                   for r in ok if (sweep_dir / r["point"] / "metrics.json").exists()]
+        if not metrics:  # train sweeps: the models' validation loss
+            m, sd = _mean_std([r["value"] for r in ok])
+            out.append({"setting": setting, "detector": "autoencoder", "seeds": len(ok), "seed_values": seeds,
+                        "failed": len(points) - len(ok), "mean_best_val_loss": m, "mean_best_val_loss_std": sd})
+            continue
+        per = [_detector_figures(m) for m in metrics]
+        for det in per[0]:
+            row = {"setting": setting, "detector": det, "seeds": len(per), "seed_values": seeds,
+                   "failed": len(points) - len(ok)}
+            for col, _, _ in FIGURES:
+                row[col], row[col + "_std"] = _mean_std([p[det][col] for p in per if det in p])
+            out.append(row)
+    key = "cost_val" if any("cost_val" in r for r in out) else "mean_best_val_loss"
+    order = {s: i for i, s in enumerate(sorted(
+        {r["setting"] for r in out},
+        key=lambda s: next((r[key] for r in out if r["setting"] == s and r["detector"] == "autoencoder"
+                            and r.get(key) == r.get(key)), float("inf"))))}
+    out.sort(key=lambda r: order[r["setting"]])  # stable: the autoencoder first within a setting
+    fields = list(out[0])
+    for r in out:
+        fields += [k for k in r if k not in fields]
+    with atomic_path(sweep_dir / "sweep_settings.csv") as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields)
+        w.writeheader()
+        w.writerows(out)
+    with atomic_path(sweep_dir / "sweep_settings.md") as tmp:
+        tmp.write_text(settings_table(out, key, sorted(o for o in common if not o.startswith(SEED))))
+    return out
+
+
+def settings_table(rows: list[dict], key: str, common: list[str]) -> str:
+    """The settings as a markdown table, figures as ``mean +- std`` (the layout of docs/results.md)."""
+    cols = [c for c, _, _ in FIGURES] if key == "cost_val" else ["mean_best_val_loss"]
+
+    def cell(r: dict, c: str) -> str:
+        m, sd = r.get(c, float("nan")), r.get(c + "_std", float("nan"))
+        if m != m:
+            return ""
+        digits = 0 if c.startswith("cost") else 4 if c == "mean_best_val_loss" else 3
+        return f"{m:.{digits}f} +- {sd:.{digits}f}"
+
+    head = ["setting", "detector", "seeds", *cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    lines += ["| " + " | ".join([f"`{r['setting']}`", r["detector"], str(r["seeds"]), *(cell(r, c) for c in cols)])
+              + " |" for r in rows]
+    note = ("Mean +- standard deviation over the seeds. Settings ordered by the autoencoder's mean validation "
+            "cost; choose on validation figures (ap_val, cost_val): the test and eval columns are for "
+            "reporting, a choice made on them is marked as such (docs/results.md).") if key == "cost_val" else \
+        "Mean +- standard deviation over the seeds of the node models' mean best validation loss."
+    shared = f" Every point: `{' '.join(common)}`." if common else ""
+    return "\n".join(lines) + "\n\n" + note + shared + "\n"
 
 
 class SweepSummary(Callback):
@@ -67,3 +172,6 @@ class SweepSummary(Callback):
             if rows and rows[0]["status"] == "ok":
                 log.info("sweep summary: best %s (%s=%s) -> %s", rows[0]["overrides"], rows[0]["metric"],
                          rows[0]["value"], sweep_dir / "sweep_summary.csv")
+            if by_setting(sweep_dir, rows):
+                log.info("sweep over seeds: mean +- std per setting and detector -> %s",
+                         sweep_dir / "sweep_settings.md")

@@ -4,6 +4,7 @@ import json
 
 import h5py
 import numpy as np
+import pytest
 import torch
 
 from conftest import SMALL, hpcad
@@ -185,6 +186,30 @@ def test_multirun_sweep_gives_one_folder_per_point(tmp_path):
         assert f"- {8 if i == 0 else 16}" in cfg
     summary = (tmp_path / "sweep" / "sweep_summary.csv").read_text().splitlines()
     assert len(summary) == 3 and "mean_best_val_loss" in summary[1]  # points ranked by validation loss
+    assert not (tmp_path / "sweep" / "sweep_settings.csv").exists()  # no seeds swept: nothing to average
+
+
+def test_seed_sweep_reports_mean_and_spread_per_setting_beside_the_baseline(tmp_path):
+    sweep = tmp_path / "sweep"
+    hpcad("run", "-m", "train.seed=0,1,2", "model.hidden=[8],[16]", f"hydra.sweep.dir={sweep}", *SMALL[:5],
+          "report.enabled=false")
+    rows = list(csv.DictReader((sweep / "sweep_settings.csv").open()))
+    assert sorted(r["detector"] for r in rows) == ["autoencoder", "autoencoder", "kde", "kde"]  # beside the baseline
+    assert {r["setting"] for r in rows} == {"model.hidden=[8]", "model.hidden=[16]"}  # named by what varies
+    for r in rows:
+        points = [p for p in sweep.iterdir() if (p / "metrics.json").exists()
+                  and f"- {r['setting']}" in (p / ".hydra" / "overrides.yaml").read_text()]
+        assert len(points) == 3 and r["seed_values"] == "0 1 2"
+        splits = [json.loads((p / "metrics.json").read_text()) for p in points]
+        splits = [m["splits"] if r["detector"] == "autoencoder" else m["baselines"]["kde"]["splits"] for m in splits]
+        for col, values in (("ap_val", [s["val"]["ranking"]["ap"] for s in splits]),
+                            ("cost_test", [s["test"]["cost"] for s in splits])):
+            assert float(r[col]) == pytest.approx(np.mean(values))
+            assert float(r[col + "_std"]) == pytest.approx(np.std(values))
+    ae = [float(r["cost_val"]) for r in rows if r["detector"] == "autoencoder"]
+    assert ae == sorted(ae)  # settings ranked by the autoencoder's mean validation cost
+    table = (sweep / "sweep_settings.md").read_text()
+    assert "| `model.hidden=[8]` | autoencoder | 3 |" in table and " +- " in table and "Every point: `" in table
 
 
 def test_unlabelled_data_uses_the_trained_runs_thresholds(tmp_path):
