@@ -44,8 +44,8 @@ def summarise(sweep_dir: Path) -> list[dict]:
         score = point_score(folder)
         overrides = OmegaConf.load(folder / ".hydra" / "overrides.yaml")
         rows.append({"point": folder.name, "overrides": " ".join(map(str, overrides)),
-                     "override_list": list(map(str, overrides)), "metric": score[0] if score else "", "value": score[1] if score else float("nan"),
-                     "status": "ok" if score else "failed"})
+                     "override_list": list(map(str, overrides)), "metric": score[0] if score else "",
+                     "value": score[1] if score else float("nan"), "status": "ok" if score else "failed"})
     rows.sort(key=lambda r: (np.isnan(r["value"]), r["value"]))
     for i, r in enumerate(rows, 1):
         r["rank"] = i
@@ -118,11 +118,10 @@ def by_setting(sweep_dir: Path, rows: list[dict]) -> list[dict]:
                 row[col], row[col + "_std"] = _mean_std([p[det][col] for p in per if det in p])
             out.append(row)
     key = "cost_val" if any("cost_val" in r for r in out) else "mean_best_val_loss"
-    order = {s: i for i, s in enumerate(sorted(
-        {r["setting"] for r in out},
-        key=lambda s: next((r[key] for r in out if r["setting"] == s and r["detector"] == "autoencoder"
-                            and r.get(key) == r.get(key)), float("inf"))))}
-    out.sort(key=lambda r: order[r["setting"]])  # stable: the autoencoder first within a setting
+    first: dict[str, float] = {}  # per setting, its main detector's figure (the first row of the setting)
+    for r in out:
+        first.setdefault(r["setting"], r[key] if r.get(key, float("nan")) == r.get(key) else float("inf"))
+    out.sort(key=lambda r: first[r["setting"]])  # stable: the main detector first within a setting
     fields = list(out[0])
     for r in out:
         fields += [k for k in r if k not in fields]

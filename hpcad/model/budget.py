@@ -170,7 +170,8 @@ class Budget:
         if host_mb is None:
             ranks = local_ranks()
             host_mb = HOST_SHARE * available_host_mb() / ranks
-            how.append(f"host {host_mb:.0f} MB (half the available memory" + (f" / {ranks} ranks)" if ranks > 1 else ")"))
+            shared = f" / {ranks} ranks" if ranks > 1 else ""
+            how.append(f"host {host_mb:.0f} MB (half the available memory{shared})")
         elif host_mb <= 0:
             raise ConfigError(f"compute.memory_budget_mb={host_mb}: must be > 0 (or null: from the machine)")
         else:
