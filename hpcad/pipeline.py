@@ -85,8 +85,11 @@ def ranked_share(cfg: HpcadConfig, run_dir: Path, gpu_collectives: bool = False
         dist.share_outcome(failed, w.rank)
         store = stage_ingest(cfg, run_dir)
         mine = dist.shard({n: store.rows(n) for n in store.nodes}, w.size)[w.rank]
-        log.info("rank %d of %d on %s: %d of %d nodes, device %s", w.rank, w.size, socket.gethostname(), len(mine),
-                 len(store.nodes), describe(device))
+        threads = dist.share_cpu_threads()
+        log.info("rank %d of %d on %s: %d of %d nodes, device %s%s", w.rank, w.size, socket.gethostname(), len(mine),
+                 len(store.nodes), describe(device),
+                 "" if threads is None else f", {threads} CPU thread(s) (its share of the CPUs it shares with "
+                 f"other ranks of the node: no CPU binding, no OMP_NUM_THREADS)")
         yield w, device, store, mine
     finally:
         dist.finish()

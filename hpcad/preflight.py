@@ -86,7 +86,9 @@ def preflight(cfg: HpcadConfig, run_dir: Path) -> dict:
                           f"NCCL_SOCKET_IFNAME, a firewall, docs/cluster.md)") from exc
     try:
         joined_s = time.perf_counter() - t0
-        report = rank_report(cfg, device, w)
+        shared = dist.share_cpu_threads()  # as the stages will (ranks sharing unbound CPUs split them)
+        report = {**rank_report(cfg, device, w), "cpu_threads": torch.get_num_threads(),
+                  "cpu_threads_shared": shared is not None}
         t1 = time.perf_counter()
         dist.barrier()
         barrier_ms = 1000 * (time.perf_counter() - t1)
@@ -120,6 +122,8 @@ def preflight(cfg: HpcadConfig, run_dir: Path) -> dict:
     summary["lines"] = [f"hpcad preflight: {w.size} rank(s) on {len(summary['nodes'])} node(s)"
                         + (f", {summary['backend']} at {summary['rendezvous']}, joined in {joined_s:.1f} s, "
                            f"barrier {max(r['barrier_ms'] for r in reports):.1f} ms" if w.distributed else "")]
-    summary["lines"] += [f"  rank {r['rank']} on {r['node']}: {r['device']}" for r in reports]
+    summary["lines"] += [f"  rank {r['rank']} on {r['node']}: {r['device']}, {r['cpu_threads']} CPU thread(s)"
+                         + (" (CPUs shared with other ranks, unbound)" if r["cpu_threads_shared"] else "")
+                         for r in reports]
     summary["lines"] += [f"  note: {n}" for n in notes]
     return summary

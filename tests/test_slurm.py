@@ -71,11 +71,15 @@ def test_ranks_with_empty_shards_and_a_mismatched_world(tmp_path, slurm_env):
     # no hydra.run.dir: every rank writes into the job's folder, not one named after its own start time
     cmd = ["srun", "-N1", "-n4", "python", "-m", "hpcad", "train", f"data.source={exports}", "train.epochs=1",
            "compute.progress=false"]
-    p = subprocess.run(cmd, env=slurm_env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    unset = {k: v for k, v in slurm_env.items() if k != "OMP_NUM_THREADS"}  # as a plain srun in a fresh shell
+    p = subprocess.run(cmd, env=unset, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1 and runs[0].name.startswith("slurm-"), runs
     assert len(list((runs[0] / "models").glob("*.pt"))) == 3  # rank 3 had no node and still finished
+    # no CPU binding on the dev cluster and no OMP_NUM_THREADS: the 4 ranks split the CPUs they share
+    threads = [int(t) for t in re.findall(r"device cpu, (\d+) CPU thread\(s\) \(its share", p.stderr + p.stdout)]
+    assert len(threads) == 4 and 4 * threads[0] <= max(4, os.cpu_count()), p.stderr[-2000:]
     bad = subprocess.run(cmd, env=dict(slurm_env, HPCAD_WORLD_SIZE="2"), capture_output=True, text=True, timeout=300,
                          cwd=tmp_path)
     assert bad.returncode != 0 and "HPCAD_WORLD_SIZE=2" in bad.stderr
@@ -88,6 +92,18 @@ def test_ranks_share_one_run_folder_when_none_is_given():
     assert ranks_run_dir("train", ["hydra.run.dir=runs/a"], {"SLURM_JOB_ID": "4711"}) is None  # the user's wins
     with pytest.raises(ConfigError, match="several ranks and no hydra.run.dir"):  # torchrun, mpiexec: no common name
         ranks_run_dir("train", ["data.source=x"], {"RANK": "1", "WORLD_SIZE": "2"})
+
+
+def test_ranks_sharing_unbound_cpus_split_them():
+    from hpcad.dist import cpu_share
+
+    cpus = list(range(32))
+    unbound = [("a", cpus)] * 4 + [("b", cpus)] * 2  # no CPU binding: every rank sees all of its node's CPUs
+    assert cpu_share("a", cpus, unbound) == 8 and cpu_share("b", cpus, unbound) == 16
+    bound = [("a", cpus[8 * i:8 * i + 8]) for i in range(4)]  # SLURM bound 8 CPUs to each task
+    assert cpu_share("a", cpus[:8], bound) is None
+    assert cpu_share("a", [0, 1], [("a", [0, 1])] * 4) == 1  # never fewer than one thread
+    assert cpu_share("a", cpus, [("a", cpus)]) is None  # one rank on the node
 
 
 def test_shard_is_balanced_deterministic_and_rank_independent():
