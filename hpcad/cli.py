@@ -127,7 +127,8 @@ def run_stage(stage: str, overrides: list[str]) -> int:
             return
         log.info("%s done; outputs in %s", stage, run_dir)
         if stage in ("run", "report") and (run_dir / "report.html").exists():
-            print(f"hpcad: report at {run_dir / 'report.html'}")
+            if rank == 0:
+                print(f"hpcad: report at {run_dir / 'report.html'}")
         elif stage == "bench":
             keys = ("speedup_vs_naive", "node_epochs_per_s", "samples_per_s", "nodes_per_s", "score_s", "report_s",
                     "report_mb", "peak_rss_mb")
