@@ -1,6 +1,7 @@
 """Atomic output: write to a temporary file beside the target, then rename over it."""
 from __future__ import annotations
 
+import errno
 import fnmatch
 import json
 import os
@@ -10,6 +11,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+
+# errnos of a lock call on a file system without file locks (Lustre mounted noflock, some NFS):
+# hpcad's run-folder lock and HDF5's file lock both go without them there (hpcad/runfolder.py,
+# hpcad/data/store.py ``h5_file``)
+NO_LOCKS = (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK)
 
 
 @contextmanager

@@ -10,11 +10,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from hpcad.atomic import atomic_path
-from hpcad.data.store import checked, corrupt, open_h5
+from hpcad.data.store import checked, corrupt, h5_file, open_h5
 from hpcad.errors import StoreError
 
 FORMAT = "error-store"
@@ -85,7 +84,7 @@ class ErrorStore:
 
 def write_signal_file(path: Path, method: str, signals: Iterator[NodeSignal]) -> None:
     """Baselines write the same per-node layout without the per-metric error tensor."""
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    with atomic_path(path) as tmp, h5_file(tmp, "w") as f:
         f.attrs.update(hpcad_format="signal-store", format_version=1, method=method)
         g0 = f.create_group("nodes")
         for s in signals:

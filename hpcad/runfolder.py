@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from hpcad.atomic import NO_LOCKS
 from hpcad.errors import LockedError
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,11 @@ def exclusive_lock(path: Path, what: str, others: str = "another hpcad process")
         fh.close()
         raise LockedError(f"{others} holds the lock on {path.parent} ({holder}); not starting: wait for it "
                           f"to end or write elsewhere (lock file {path})") from None
+    except OSError as exc:
+        if exc.errno not in NO_LOCKS:
+            raise
+        log.warning("%s: the file system has no file locks (%s): going on without the run folder's lock; nothing "
+                    "stops a second hpcad process from writing %s at the same time", path, exc, path.parent)
     job = os.environ.get("SLURM_JOB_ID")
     fh.seek(0)
     fh.truncate()

@@ -1,4 +1,6 @@
 """Run-folder integrity: one writer at a time, and what killed writers leave is cleared."""
+import pytest
+
 from conftest import hpcad
 
 from hpcad.runfolder import LOCK_NAME, exclusive_lock
@@ -107,3 +109,58 @@ def test_training_progress_moves_every_epoch_and_logs_a_long_chunk(monkeypatch, 
     assert bar.postfix == [{"chunk": 3, "epoch": "1/20", "training": "32/32"},
                            {"chunk": 3, "epoch": "2/20", "training": "30/32"}]
     assert "chunk 3: epoch 2/20, 30 of 32 models still training" in caplog.text
+
+
+def test_a_file_system_without_file_locks_runs_without_them_and_says_so(tmp_path, monkeypatch, caplog):
+    """Lustre mounted noflock (and some NFS): flock fails with ENOSYS and HDF5 fails every open with
+    "unable to lock file, errno = 38". Stood in for by failing both as they fail there (no such file
+    system here): `hpcad run` goes through without locks, with one warning for HDF5."""
+    import errno
+    import fcntl
+    import subprocess
+    import sys
+
+    import h5py
+    from hydra import compose, initialize_config_dir
+
+    from hpcad.config import register_configs
+    from hpcad.data import store
+    from hpcad.errors import StoreError
+    from hpcad.pipeline import RUNNERS
+    from hpcad.resources import resource_dir
+
+    real_file = h5py.File
+
+    def hdf5_without_locks(path, mode="r", *args, locking=None, **kw):
+        if locking is not False:
+            raise OSError(errno.ENOSYS, "Unable to synchronously open file (unable to lock file, errno = 38, "
+                                        "error message = 'Function not implemented')")
+        return real_file(path, mode, *args, locking=False, **kw)
+
+    def flock_without_locks(fh, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(h5py, "File", hdf5_without_locks)
+    monkeypatch.setattr(fcntl, "flock", flock_without_locks)
+    monkeypatch.setattr(store, "_hdf5_locks", True)
+    register_configs()
+    with initialize_config_dir(str(resource_dir("conf")), version_base="1.3"):
+        cfg = compose("config", [*SMALL_STORE, "compute.device=cpu", "train.epochs=2", "baselines.methods=[]",
+                                 "report.enabled=false"])
+    run = tmp_path / "run"
+    RUNNERS["run"](cfg, run)
+    assert (run / "thresholds.json").exists() and (run / "errors.h5").exists() and (run / "store.h5").exists()
+    said = [r.getMessage() for r in caplog.records if "no file locks" in r.getMessage()]
+    assert sum("HDF5 files are opened without them" in m for m in said) == 1, said
+    assert any("going on without the run folder's lock" in m for m in said), said
+    monkeypatch.undo()  # real locks again: a file another process holds for writing is still an error
+    holder = subprocess.Popen([sys.executable, "-c", "import h5py, sys; f = h5py.File(sys.argv[1], 'a'); "
+                               "print('open', flush=True); sys.stdin.read()", str(run / "store.h5")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        with pytest.raises(StoreError, match="another process holds it open for writing"):
+            store.TelemetryStore(run / "store.h5")
+    finally:
+        holder.communicate("")
+    assert store.TelemetryStore(run / "store.h5").nodes  # released: readable again

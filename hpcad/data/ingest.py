@@ -23,7 +23,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import h5py
 import numpy as np
 
 from hpcad.data import synthetic
@@ -32,7 +31,7 @@ from hpcad.data.grid import MISSING_METRIC_POLICIES, GridStager
 from hpcad.data.jobs import JobTable, read_jobs
 from hpcad.data.ldms import stage_ldms
 from hpcad.data.longformat import stage_long
-from hpcad.data.store import TelemetryStore, check_node_name, open_h5, write_store
+from hpcad.data.store import TelemetryStore, check_node_name, h5_file, open_h5, write_store
 from hpcad.data.node import NodeData
 from hpcad.data.tables import columns, is_table, iter_table_chunks, read_table, stem
 from hpcad.data.timestamps import to_epoch_seconds
@@ -229,7 +228,7 @@ def _iter_single_file(source: Path, conv: FrameConverter, scratch_dir: Path,
     os.close(fd)
     try:
         columns: list[str] | None = None
-        with h5py.File(scratch, "w") as f:
+        with h5_file(scratch, "w") as f:
             for chunk in iter_table_chunks(source):
                 if cfg.node_column not in chunk.columns:  # one node's file (e.g. the lecture's CSV)
                     chunk[cfg.node_column] = check_node_name(stem(source), str(source))
@@ -255,7 +254,7 @@ def _iter_single_file(source: Path, conv: FrameConverter, scratch_dir: Path,
                     ds[-len(data):] = data
         if columns is None:
             raise InputError(f"{source}: the file holds no rows")
-        with h5py.File(scratch, "r") as f:
+        with h5_file(scratch, "r") as f:
             for node in sorted(f.keys()):
                 nd = _guarded(lambda: conv(pd.DataFrame(f[node][()], columns=columns), node, str(source)),
                               node, skipped)
