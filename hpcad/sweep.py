@@ -92,16 +92,18 @@ def by_setting(sweep_dir: Path, rows: list[dict]) -> list[dict]:
     deviation over the seeds (ddof 0, as docs/results.md); settings ordered by the autoencoder's mean
     validation cost (``train`` sweeps: mean best validation loss). Only when a setting ran on 2+ seeds."""
     groups: dict[str, list[dict]] = {}
-    common = set.intersection(*(set(r["override_list"]) for r in rows)) if rows else set()
+    # the overrides as typed (Hydra records an interpolation in an override as $\{train.seed\})
+    typed = {r["point"]: [o.replace("$\\{", "${").replace("\\}", "}") for o in r["override_list"]] for r in rows}
+    common = set.intersection(*(set(typed[r["point"]]) for r in rows)) if rows else set()
     for r in rows:  # a setting is named by what the sweep varies; what every point shares goes under the table
-        setting = " ".join(o for o in r["override_list"] if not o.startswith(SEED) and o not in common)
+        setting = " ".join(o for o in typed[r["point"]] if not o.startswith(SEED) and o not in common)
         groups.setdefault(setting or "(one setting)", []).append(r)
-    if not any(sum(any(o.startswith(SEED) for o in r["override_list"]) for r in g) > 1 for g in groups.values()):
+    if not any(sum(any(o.startswith(SEED) for o in typed[r["point"]]) for r in g) > 1 for g in groups.values()):
         return []
     out = []
     for setting, points in groups.items():
         ok = [r for r in points if r["status"] == "ok"]
-        seeds = " ".join(sorted((o.split("=", 1)[1] for r in ok for o in r["override_list"] if o.startswith(SEED)),
+        seeds = " ".join(sorted((o.split("=", 1)[1] for r in ok for o in typed[r["point"]] if o.startswith(SEED)),
                                 key=lambda v: (len(v), v)))
         metrics = [json.loads((sweep_dir / r["point"] / "metrics.json").read_text())
                    for r in ok if (sweep_dir / r["point"] / "metrics.json").exists()]
