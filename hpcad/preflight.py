@@ -66,6 +66,11 @@ def problems(reports: list[dict]) -> list[str]:
     return found
 
 
+def _meeting_point() -> str:
+    """Where the ranks meet, as ``dist.init`` set it: ``addr:port``."""
+    return f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+
+
 def preflight(cfg: HpcadConfig, run_dir: Path) -> dict:
     """Check this rank's view and the ranks' meeting; rank 0 writes ``preflight.json`` (see the module)."""
     w = dist.world()
@@ -78,7 +83,7 @@ def preflight(cfg: HpcadConfig, run_dir: Path) -> dict:
     except HpcadError:  # dist's own diagnosis (rank 0 cannot listen at its port)
         raise
     except Exception as exc:  # torch's store and backend errors: say what it means for the job
-        addr = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        addr = _meeting_point()
         raise ConfigError(f"preflight: rank {w.rank} of {w.size} on {socket.gethostname()} could not join the "
                           f"ranks at {addr} within {wait.total_seconds():.0f} s ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''}); the job's stages would wait there for "
@@ -110,7 +115,7 @@ def preflight(cfg: HpcadConfig, run_dir: Path) -> dict:
              if r["gpus_without_cuda"]]
     summary = {"ranks": w.size, "nodes": sorted({r["node"] for r in reports}),
                "backend": dist.backend(device, fleet) if w.distributed else None,
-               "rendezvous": f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+               "rendezvous": _meeting_point()
                if w.distributed else None, "joined_s": round(joined_s, 2), "per_rank": reports, "problems": found,
                "notes": notes}
     if w.rank == 0:
