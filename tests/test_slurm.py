@@ -177,7 +177,6 @@ def test_rendezvous_timeout_and_gpu_choice_for_multi_node_jobs(monkeypatch):
         gpu_index(4, 4)  # two ranks on one GPU would fail at NCCL's first barrier, unhelpfully
 
 
-
 def test_rank_0_whose_rendezvous_port_is_taken_says_so(monkeypatch):
     """Another process on rank 0's node listening at the step's port: one clear error naming the port
     and MASTER_PORT, not torch's DistNetworkError (nor, in preflight, "could not join ... reach")."""
@@ -199,6 +198,7 @@ def test_rank_0_whose_rendezvous_port_is_taken_says_so(monkeypatch):
         with pytest.raises(HpcadError, match=f"cannot listen at port {port} .*address already in use.*MASTER_PORT"):
             dist.init(torch.device("cpu"), wait=dt.timedelta(seconds=30))
     assert not dist._started()
+
 
 def test_submitit_launcher_runs_the_stage_as_a_slurm_job(tmp_path, slurm_env):
     exports = small_exports(tmp_path)
