@@ -71,21 +71,25 @@ def unwritable_run_dir(overrides: list[str]) -> Path | None:
 
 
 def ranks_run_dir(stage: str, overrides: list[str], env: dict | None = None) -> str | None:
-    """The run folder every rank of a multi-rank launch writes to, when the command names none: the
-    default (``runs/<date>/<time>``, each process's own start time) would split the ranks over two
-    folders whenever they start across a second's boundary. Inside a SLURM job: ``runs/slurm-<jobid>``,
-    shared by the job's steps (``srun hpcad train``, then ``srun hpcad score``); elsewhere (torchrun,
-    mpiexec) there is no common name, so the command must give one."""
-    if any(o.startswith("hydra.run.dir=") or o.startswith("-") for o in overrides):
-        return None
+    """The override naming the folder every rank of a multi-rank launch writes to, when the command
+    names none: the default (``runs/<date>/<time>``, each process's own start time; ``multirun/...``
+    for ``-m``) would split the ranks over two folders whenever they start across a second's
+    boundary. Inside a SLURM job: ``runs/slurm-<jobid>`` (``multirun/slurm-<jobid>``), shared by the
+    job's steps (``srun hpcad train``, then ``srun hpcad score``); elsewhere (torchrun, mpiexec)
+    there is no common name, so the command must give one."""
+    key, default = (("hydra.sweep.dir", "multirun") if any(o in ("-m", "--multirun") for o in overrides)
+                    else ("hydra.run.dir", "runs"))
+    if any(o.startswith(f"{key}=") for o in overrides) or any(o.startswith("--") and o != "--multirun"
+                                                              for o in overrides):
+        return None  # named by the user; or --cfg, --help...: nothing is written
     env = os.environ if env is None else env
     if "SLURM_JOB_ID" in env:
-        return f"runs/slurm-{env['SLURM_JOB_ID']}"
+        return f"{key}={default}/slurm-{env['SLURM_JOB_ID']}"
     from hpcad.errors import ConfigError
 
-    raise ConfigError(f"several ranks and no hydra.run.dir: give every rank the same run folder "
-                      f"(hpcad {stage} hydra.run.dir=runs/<name> ...); the default, named after each "
-                      f"process's start time, can differ between ranks")
+    raise ConfigError(f"several ranks and no {key}: give every rank the same folder (hpcad {stage} "
+                      f"{key}={default}/<name> ...); the default, named after each process's start time, can "
+                      f"differ between ranks")
 
 
 def run_stage(stage: str, overrides: list[str]) -> int:
@@ -171,7 +175,7 @@ def run_stage(stage: str, overrides: list[str]) -> int:
         print(f"hpcad {stage}: error: {exc}", file=sys.stderr)
         return 2
     if shared is not None:
-        overrides = [*overrides, f"hydra.run.dir={shared}"]
+        overrides = [*overrides, shared]
     if w.distributed:  # one log per rank, lines prefixed with the rank; only rank 0 records the composed config
         overrides = [*overrides, f"hydra.job.name={stage}-rank{w.rank}"]
         if not any(o.startswith("hydra.job_logging") for o in overrides):

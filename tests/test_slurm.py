@@ -88,8 +88,11 @@ def test_ranks_with_empty_shards_and_a_mismatched_world(tmp_path, slurm_env):
 def test_ranks_share_one_run_folder_when_none_is_given():
     from hpcad.cli import ranks_run_dir
 
-    assert ranks_run_dir("train", ["data.source=x"], {"SLURM_JOB_ID": "4711"}) == "runs/slurm-4711"
-    assert ranks_run_dir("train", ["hydra.run.dir=runs/a"], {"SLURM_JOB_ID": "4711"}) is None  # the user's wins
+    slurm = {"SLURM_JOB_ID": "4711"}
+    assert ranks_run_dir("train", ["data.source=x"], slurm) == "hydra.run.dir=runs/slurm-4711"
+    assert ranks_run_dir("train", ["-m", "model.hidden=[8],[16]"], slurm) == "hydra.sweep.dir=multirun/slurm-4711"
+    assert ranks_run_dir("train", ["hydra.run.dir=runs/a"], slurm) is None  # the user's wins
+    assert ranks_run_dir("train", ["--cfg", "job"], slurm) is None  # nothing is written
     with pytest.raises(ConfigError, match="several ranks and no hydra.run.dir"):  # torchrun, mpiexec: no common name
         ranks_run_dir("train", ["data.source=x"], {"RANK": "1", "WORLD_SIZE": "2"})
 
