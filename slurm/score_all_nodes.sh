@@ -22,7 +22,7 @@ if [ -n "${HPCAD_ENV:-}" ]; then
   # shellcheck disable=SC1090
   source "$HPCAD_ENV"
 fi
-command -v hpcad >/dev/null || { echo "score_all_nodes: hpcad not on PATH (set HPCAD_ENV)" >&2; exit 2; }
+command -v hpcad >/dev/null || { echo "score_all_nodes: hpcad not on PATH: set HPCAD_ENV to a file that loads its environment (where sbatch does not pass yours on, SBATCH_EXPORT=NONE: sbatch --export=HPCAD_ENV=/path/env.sh ...)" >&2; exit 2; }
 case " $* " in *" train_run="*) ;; *) echo "score_all_nodes: give train_run=RUN_FOLDER" >&2; exit 2 ;; esac
 
 RUN_DIR=${HPCAD_RUN_DIR:-runs/score-${SLURM_JOB_ID:-local}}

@@ -9,7 +9,10 @@
 # free-memory budget is its own), when every node has at least one GPU per task. HPCAD_GPU_BIND
 # chooses the binding (an srun --gpu-bind value that leaves each task one GPU: per_task:1 by default,
 # single:1, map_gpu:...; none: every task sees every GPU and hpcad takes the one at its local rank).
-srun_opts=(--kill-on-bad-exit=1)
+# --export=ALL: the steps get this script's environment, HPCAD_ENV's venv and modules included (a
+# job submitted with --export=NONE or SBATCH_EXPORT=NONE would otherwise start its steps without
+# them: "execve(): hpcad: No such file or directory").
+srun_opts=(--kill-on-bad-exit=1 --export=ALL)
 [ -n "${SLURM_CPUS_PER_TASK:-}" ] && srun_opts+=("--cpus-per-task=${SLURM_CPUS_PER_TASK}")
 
 gpu_binding() {

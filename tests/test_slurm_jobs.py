@@ -2,7 +2,9 @@
 nightly job through sbatch. Split from test_slurm.py so that `pytest -n` runs the two side by side."""
 import json
 import re
+import shutil
 import subprocess
+from pathlib import Path
 
 import torch
 
@@ -60,11 +62,16 @@ def test_score_all_nodes_scores_new_data_with_trained_models(tmp_path, slurm_env
     train = tmp_path / "train"
     hpcad("train", f"data.source={exports}", f"hydra.run.dir={train}", "train.epochs=1", "compute.progress=false")
     run = tmp_path / "scored"
+    # a site whose sbatch passes no environment on (SBATCH_EXPORT=NONE): hpcad comes from HPCAD_ENV,
+    # and the steps get the script's environment (before, they started without it: "execve(): hpcad")
+    site_env = tmp_path / "env.sh"
+    site_env.write_text(f'export PATH="{Path(shutil.which("hpcad")).parent}:$PATH"\n')
     # two nodes of two tasks: ranks meet at the step's first node, on a port of the job's own
     job = sbatch_wait(["--nodes=2", "--ntasks-per-node=2", "-o", str(tmp_path / "score.out"),
+                       f"--export=HPCAD_ENV={site_env},HPCAD_RUN_DIR={run}",
                        str(ROOT / "slurm" / "score_all_nodes.sh"), f"train_run={train}", f"data.source={exports}",
                        "compute.progress=false", "baselines.methods=[]"],
-                      env=dict(slurm_env, HPCAD_RUN_DIR=str(run)), cwd=tmp_path)
+                      env=dict(slurm_env, SBATCH_EXPORT="NONE"), cwd=tmp_path)
     log = (tmp_path / "score.out").read_text()
     assert job.returncode == 0, log[-3000:]
     assert len(list(run.glob("errors-rank*.h5"))) == 4 and (run / "report.html").exists()
