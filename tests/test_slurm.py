@@ -220,6 +220,7 @@ def test_submitit_launcher_runs_the_stage_as_a_slurm_job(tmp_path, slurm_env):
     assert (job_dir / f"{job_dir.name}_0_log.out").exists() and (job_dir / f"{job_dir.name}_1_log.out").exists()
     script = next(job_dir.glob("*_submission.sh")).read_text()
     assert "srun" in script and "--kill-on-bad-exit=1" in script  # one failing rank ends the step
+    assert "--export=ALL" in script  # the step gets launcher.setup's environment, whatever sbatch passes on
     # one GPU per rank (the dev cluster's GPUs exist in name only; torch here is a CPU build)
     ranks_logs = "".join((job_dir / f"{job_dir.name}_{r}_log.{x}").read_text() for r in (0, 1) for x in ("out", "err"))
     bound = set(re.findall(r"rank (\d) of 2 on \S+: \d of 4 nodes, device cpu, CUDA_VISIBLE_DEVICES=(\S+)", ranks_logs))
@@ -365,7 +366,7 @@ def test_srun_binds_one_gpu_per_task_only_where_each_task_has_one(env, bind, sai
     assert p.returncode == 0, p.stderr
     opts = [line[4:] for line in p.stdout.splitlines() if line.startswith("opt ")]
     assert [o for o in opts if o.startswith("--gpu-bind")] == ([bind] if bind else [])
-    assert opts[0] == "--kill-on-bad-exit=1"
+    assert opts[:2] == ["--kill-on-bad-exit=1", "--export=ALL"]
     assert ("--cpus-per-task=8" in opts) == ("SLURM_CPUS_PER_TASK" in env)  # srun does not inherit it
     assert said in p.stdout + p.stderr
 

@@ -37,8 +37,9 @@ class SubmititLauncher:
                                               slurm_setup=setup or None,
                                               slurm_additional_parameters=additional or None).items() if v}
         # One rank failing ends the step: the others would otherwise wait at a barrier until the
-        # collective timeout (hours) instead of failing the job at once.
-        self.slurm["slurm_srun_args"] = ["--kill-on-bad-exit=1"]
+        # collective timeout (hours) instead of failing the job at once. --export=ALL: the step gets
+        # what launcher.setup set up, also where sbatch passes no environment on (SBATCH_EXPORT=NONE).
+        self.slurm["slurm_srun_args"] = ["--kill-on-bad-exit=1", "--export=ALL"]
         # One GPU per task, as slurm/score_steps.sh binds them: never two ranks on one GPU (then
         # unbound, and hpcad's device check refuses with a clear message).
         if gpus_per_node and gpu_bind != "none":
