@@ -25,6 +25,7 @@ from hpcad.atomic import write_json
 from hpcad.device import allocated_gpus, describe, resolve_device
 from hpcad.errors import ConfigError, HpcadError
 from hpcad.model.budget import Budget
+from hpcad.runfolder import check_shared
 
 if TYPE_CHECKING:
     from hpcad.config import HpcadConfig
@@ -91,6 +92,7 @@ def preflight(cfg: HpcadConfig, run_dir: Path) -> dict:
                           f"NCCL_SOCKET_IFNAME, a firewall, docs/cluster.md)") from exc
     try:
         joined_s = time.perf_counter() - t0
+        check_shared(run_dir)  # the stages' one run folder, seen by every rank (not node-local)
         shared = dist.share_cpu_threads()  # as the stages will (ranks sharing unbound CPUs split them)
         report = {**rank_report(cfg, device, w), "cpu_threads": torch.get_num_threads(),
                   "cpu_threads_shared": shared is not None}

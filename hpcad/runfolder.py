@@ -13,14 +13,16 @@ import datetime as dt
 import fcntl
 import logging
 import os
+import secrets
 import shutil
 import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from hpcad.atomic import NO_LOCKS
-from hpcad.errors import LockedError
+from hpcad.errors import HpcadError, LockedError
 
 log = logging.getLogger(__name__)
 LOCK_NAME = ".hpcad.lock"
@@ -108,3 +110,35 @@ def load_run_config(run: Path):
 
     p = Path(run) / ".hydra" / "config.yaml"
     return OmegaConf.load(p) if p.exists() else None
+
+
+def check_shared(run_dir: Path, wait_s: float = 5.0) -> None:
+    """Under several ranks, make sure they all see one run folder: rank 0 ingests into it and writes
+    the index files, every rank writes its models there. A folder on node-local storage (``/tmp``,
+    ``$TMPDIR``) gives each node its own copy, and the other nodes' models vanish without an error.
+    Rank 0 leaves a marker (``.ranks.<token>.tmp``) and every rank looks for it (for up to ``wait_s``
+    seconds, for file systems slow to show a new file); every rank stops with the same error naming
+    the ranks that do not see it. Call on every rank, after ``dist.init``."""
+    from hpcad import dist
+
+    w = dist.world()
+    if not w.distributed:
+        return
+    marker = None
+    if w.rank == 0:
+        marker = Path(run_dir) / f".ranks.{secrets.token_hex(8)}.tmp"
+        marker.touch()
+    mine = Path(run_dir) / dist.all_objects(None if marker is None else marker.name)[0]
+    deadline = time.monotonic() + wait_s
+    while not mine.exists() and time.monotonic() < deadline:
+        time.sleep(0.25)
+    said = dist.all_objects((mine.exists(), socket.gethostname()))
+    if marker is not None:
+        marker.unlink(missing_ok=True)
+    blind = [f"rank {r} on {host}" for r, (seen, host) in enumerate(said) if not seen]
+    if blind:
+        raise HpcadError(f"run folder {Path(run_dir).resolve()} is not one folder for all ranks: "
+                         f"{', '.join(blind[:8])}{' ...' if len(blind) > 8 else ''} "
+                         f"{'does' if len(blind) == 1 else 'do'} not see rank 0's files in it "
+                         f"(node-local storage such as /tmp or $TMPDIR?); put the run folder (hydra.run.dir, "
+                         f"HPCAD_RUN_DIR) on a file system every node of the job mounts")

@@ -85,6 +85,28 @@ def test_ranks_with_empty_shards_and_a_mismatched_world(tmp_path, slurm_env):
     assert bad.returncode != 0 and "HPCAD_WORLD_SIZE=2" in bad.stderr
 
 
+def test_a_run_folder_that_is_not_shared_between_nodes_stops_every_rank(tmp_path, slurm_env):
+    """HPCAD_RUN_DIR on node-local storage: rank 1 sees its own empty folder under the same path (here a
+    tmpfs mounted over it in rank 1's mount namespace, as another node's /tmp would be). Before, the
+    step ended with exit 0 and rank 1's models were lost; now every rank stops, naming it."""
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare -m is not permitted here (it stands in for a second node's local disk)")
+    exports = small_exports(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    local = tmp_path / "local.sh"  # rank 1: a private, empty file system at the run folder's path
+    local.write_text('#!/bin/bash\nif [ "$SLURM_PROCID" = 1 ]; then\n'
+                     f'  exec unshare -m bash -c \'mount -t tmpfs none {run} && exec "$@"\' - "$@"\nfi\nexec "$@"\n')
+    local.chmod(0o755)
+    p = subprocess.run(["srun", "-N2", "-n2", str(local), *hpcad_cmd(), "train", f"data.source={exports}",
+                        f"hydra.run.dir={run}", "train.epochs=1", "compute.progress=false"],
+                       env=slurm_env, capture_output=True, text=True, timeout=300)
+    errors = [line for line in p.stderr.splitlines() if line.startswith("hpcad train: error:")]
+    assert p.returncode != 0 and len(errors) == 2, p.stderr[-3000:]  # both ranks, with the same reason
+    assert "is not one folder for all ranks: rank 1 on" in errors[0] and "does not see rank 0's files" in errors[0]
+    assert not list(run.glob(".ranks.*"))  # rank 0's marker is gone
+
+
 def test_ranks_share_one_run_folder_when_none_is_given():
     from hpcad.cli import ranks_run_dir
 
