@@ -200,20 +200,18 @@ def init(device: torch.device, gpu_collectives: bool = False, wait: dt.timedelta
     return w
 
 
-def share_outcome(error: BaseException | None, rank: int) -> None:
-    """After rank 0 did something alone (ingest), every rank learns whether it failed: rank 0
-    re-raises its own error, the others raise one naming it. The step then ends with one clean
-    message per rank instead of the waiting ranks' connection errors when rank 0 leaves."""
-    box = [None if error is None else f"{error}" if isinstance(error, HpcadError)
-           else f"{type(error).__name__}: {error}"]
-    if _started():
-        import torch.distributed as tdist
-
-        tdist.broadcast_object_list(box, src=0)
-    if rank == 0 and error is not None:
+def share_outcome(error: BaseException | None) -> None:
+    """After the ranks did something apart (rank 0 ingesting alone, each rank reading its share),
+    every rank learns whether one failed: a rank that failed re-raises its own error, the others
+    raise one naming the first that failed. The step then ends with one clean message per rank
+    instead of the waiting ranks' connection errors when a rank leaves. Call on every rank."""
+    said = all_objects(None if error is None else f"{error}" if isinstance(error, HpcadError)
+                       else f"{type(error).__name__}: {error}")
+    if error is not None:
         raise error
-    if box[0] is not None:
-        raise HpcadError(f"rank 0 stopped: {box[0]}")
+    for r, reason in enumerate(said):
+        if reason is not None:
+            raise HpcadError(f"rank {r} stopped: {reason}")
 
 
 def barrier() -> None:

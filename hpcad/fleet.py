@@ -194,13 +194,8 @@ def _gather_share(store, nodes: list[str], cfg: HpcadConfig, budget: Budget) -> 
     try:
         share, failed = _Share(store, nodes, cfg, budget.host_bytes, budget.source), None
     except HpcadError as exc:
-        share, failed = None, str(exc)
-    said = dist.all_objects(failed)
-    if failed is not None:
-        raise HpcadError(failed)
-    for r, reason in enumerate(said):
-        if reason is not None:
-            raise HpcadError(f"rank {r} stopped: {reason}")
+        share, failed = None, exc
+    dist.share_outcome(failed)
     return share
 
 

@@ -82,7 +82,7 @@ def ranked_share(cfg: HpcadConfig, run_dir: Path, gpu_collectives: bool = False
                 stage_ingest(cfg, run_dir)
             except Exception as exc:  # every rank must hear of it (dist.share_outcome)
                 failed = exc
-        dist.share_outcome(failed, w.rank)
+        dist.share_outcome(failed)
         runfolder.check_shared(run_dir)  # one folder for every rank, not a node-local copy per node
         store = stage_ingest(cfg, run_dir)
         mine = dist.shard({n: store.rows(n) for n in store.nodes}, w.size)[w.rank]
