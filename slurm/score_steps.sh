@@ -43,14 +43,31 @@ preflight_step() {
   wait $!
 }
 
+# The srun MPI plugin of the threshold step: HPCAD_SRUN_MPI, else pmi2 (MPICH and Intel MPI; Open MPI
+# 5 wants pmix). One task is started with it first: a plugin this SLURM lacks or cannot load (its
+# library missing) would otherwise fail the job after training and scoring; the thresholds are then
+# fitted in one process, which gives the same thresholds. A plugin that starts but does not match
+# mpi4py's MPI is reported by hpcad threshold itself ("MPI did not join the ranks").
+mpi_plugin() {
+  local mpi=${HPCAD_SRUN_MPI:-pmi2}
+  if srun --export=ALL -N1 -n1 --mpi="$mpi" true; then
+    echo "$mpi"
+  else
+    echo "hpcad: srun --mpi=${mpi} does not start a task here (srun --mpi=list names this SLURM's plugins;" \
+         "HPCAD_SRUN_MPI picks one): thresholds fitted in one process" >&2
+    return 1
+  fi
+}
+
 score_steps() {
   local run_dir=$1; shift
   # Each rank scores its share into errors-rank<r>.h5; rank 0 writes the errors.h5 index.
   srun "${srun_opts[@]}" hpcad score "hydra.run.dir=${run_dir}" "$@" &
   wait $!
   [ "${HPCAD_SCORE_ONLY:-0}" = 1 ] && return 0
-  if python3 -c "import mpi4py" 2>/dev/null; then
-    srun "${srun_opts[@]}" --mpi="${HPCAD_SRUN_MPI:-pmi2}" hpcad threshold "hydra.run.dir=${run_dir}" "$@" &
+  local mpi
+  if python3 -c "import mpi4py" 2>/dev/null && mpi=$(mpi_plugin); then
+    srun "${srun_opts[@]}" --mpi="$mpi" hpcad threshold "hydra.run.dir=${run_dir}" "$@" &
   else
     hpcad threshold "hydra.run.dir=${run_dir}" "$@" &
   fi

@@ -1,5 +1,6 @@
 """Cluster-wide threshold fitting over MPI ranks equals the single-process fit on the same errors."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -47,3 +48,25 @@ def test_mpiexec_two_ranks_fit_the_same_thresholds(scored_run, rule):
         assert single["cluster"] is None and len(single["nodes"]) == 5
     assert multi["nodes"] == pytest.approx(single["nodes"])
     assert multi["rule"] == single["rule"] and multi["scope"] == single["scope"]
+
+
+def test_ranks_without_mpi_each_fit_on_all_nodes_and_say_so(scored_run, tmp_path):
+    """Two ranks started by a launcher other than MPI (torchrun's variables) in an environment without
+    mpi4py: the same thresholds as one process, and rank 0 says once that the work was repeated."""
+    run, exports = scored_run
+    args = ["threshold", f"hydra.run.dir={run}", f"data.source={exports}", "threshold.scope=cluster"]
+    hpcad(*args)
+    single = json.loads((run / "thresholds.json").read_text())
+    (tmp_path / "mpi4py").mkdir()  # an environment where `import mpi4py` fails
+    (tmp_path / "mpi4py" / "__init__.py").write_text("raise ImportError('mpi4py is not installed here')\n")
+    said = []
+    for rank in (1, 0):  # rank 0 writes; rank 1 only fits
+        env = {**os.environ, "PYTHONPATH": str(tmp_path), "RANK": str(rank), "WORLD_SIZE": "2",
+               "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2"}
+        p = subprocess.run([sys.executable, "-m", "hpcad", *args], env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        said.append(p.stdout + p.stderr)
+    assert "2 ranks without mpi4py: each fits the thresholds on all nodes" not in said[0]  # rank 1: rank 0 says it
+    assert said[1].count("2 ranks without mpi4py: each fits the thresholds on all nodes") == 1
+    assert json.loads((run / "thresholds.json").read_text())["cluster"] == pytest.approx(single["cluster"])

@@ -287,6 +287,15 @@ def test_threshold_fit_under_srun_mpi_pmi2(tmp_path, slurm_env):
     assert "[rank 1/2][hpcad" in (run / "threshold-rank1.log").read_text()  # each rank's lines say whose they are
     assert "[rank 0/2]" in p.stdout + p.stderr
     assert json.loads((run / "thresholds.json").read_text())["cluster"] == pytest.approx(single["cluster"])
+    assert "MPI did not join" not in p.stdout + p.stderr
+    # a plugin that does not match the MPI (here none: each rank is its own MPI world of one): said once,
+    # every rank fits on all nodes, the same threshold
+    p = subprocess.run(["srun", "--mpi=none", "-N1", "-n2", *hpcad_cmd(), *args], env=slurm_env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = p.stdout + p.stderr
+    assert out.count("MPI did not join the 2 ranks (this one is rank 0 of an MPI world of 1; MPI library: ") == 1
+    assert json.loads((run / "thresholds.json").read_text())["cluster"] == pytest.approx(single["cluster"])
 
 
 def test_fleet_model_trains_with_ddp_on_two_gloo_ranks_on_two_nodes(tmp_path, slurm_env):

@@ -7,11 +7,14 @@ high quantile.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
 
-from hpcad.dist import World
+from hpcad.dist import CLUSTER_WIDE, World
+
+log = logging.getLogger(__name__)
 
 
 class Reducer:
@@ -64,15 +67,32 @@ class MpiReducer(Reducer):
         return np.concatenate(self.comm.allgather(np.asarray(a)))
 
 
+def _mpi_library(mpi: Any) -> str:
+    """The MPI library's name and version, e.g. "MPICH Version: 5.0.2", "Open MPI v4.1.5"."""
+    first = " ".join(mpi.Get_library_version().strip().splitlines()[0].split())
+    return first.split(",")[0]
+
+
 def reducer(w: World) -> Reducer:
     """MPI's COMM_WORLD when this process is one of several ranks (:func:`hpcad.dist.world`) and MPI
-    connects them (mpiexec, ``srun --mpi=pmi2``); else local (every rank reduces its own share, and
-    the caller's rank still decides who writes)."""
+    connects them (mpiexec, ``srun --mpi=pmi2``); else local: every rank then fits on all nodes (the
+    same thresholds, the work repeated on each rank; said once) and the caller's rank still decides
+    who writes."""
     if not w.distributed:
         return Reducer()
     try:
         from mpi4py import MPI
     except ImportError:
+        log.warning("%d ranks without mpi4py: each fits the thresholds on all nodes (the same result, the "
+                    "work repeated; pip install mpi4py, or run `hpcad threshold` as one process)", w.size,
+                    extra=CLUSTER_WIDE)
         return Reducer()
     comm = MPI.COMM_WORLD
-    return MpiReducer(comm) if comm.Get_size() == w.size and comm.Get_rank() == w.rank else Reducer()
+    if comm.Get_size() == w.size and comm.Get_rank() == w.rank:
+        return MpiReducer(comm)
+    log.warning("MPI did not join the %d ranks (this one is rank %d of an MPI world of %d; MPI library: %s): "
+                "under srun, its --mpi plugin does not match that MPI (`srun --mpi=list`; HPCAD_SRUN_MPI "
+                "picks it in the shipped scripts, docs/cluster.md). Each rank fits the thresholds on all "
+                "nodes: the same result, the work repeated", w.size, comm.Get_rank(), comm.Get_size(),
+                _mpi_library(MPI), extra=CLUSTER_WIDE)
+    return Reducer()
