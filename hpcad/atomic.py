@@ -4,7 +4,9 @@ from __future__ import annotations
 import errno
 import fnmatch
 import json
+import logging
 import os
+import re
 import signal
 import tempfile
 from collections.abc import Iterator
@@ -12,11 +14,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from hpcad.errors import OutputError
+
 
 # errnos of a lock call on a file system without file locks (Lustre mounted noflock, some NFS):
 # hpcad's run-folder lock and HDF5's file lock both go without them there (hpcad/runfolder.py,
-# hpcad/data/store.py ``h5_file``)
+# hpcad/data/h5.py ``h5_file``)
 NO_LOCKS = (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK)
+# errnos of a write that found no room: a full file system, a user's or project's quota (Lustre's
+# $SCRATCH and $WORK have both)
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
+LOW_SPACE = 16 << 20  # bytes: below this, a failed torch.save ("unexpected pos ...") is taken for a full disk
 
 
 @contextmanager
@@ -38,9 +46,46 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         os.chmod(tmp_path, 0o666 & ~_umask())
         _fault_point(target)
         os.replace(tmp_path, target)
+    except (OSError, RuntimeError) as exc:
+        tmp_path.unlink(missing_ok=True)  # first: the space it took counts as free in the message
+        full = out_of_room(exc, target)
+        if full is None:
+            raise
+        logging.raiseExceptions = False  # log files on the same full file system: no traceback per log line
+        raise full from exc
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def out_of_room(exc: BaseException, target: Path) -> OutputError | None:
+    """The clear error for a write of ``target`` (a file, or the run folder) that failed for want of
+    space, or None when ``exc`` is something else. Python and HDF5 say the errno (HDF5 inside its
+    message); torch.save does not ("unexpected pos 576 vs 534"), so a failure of it on a file system
+    with less than ``LOW_SPACE`` left counts too."""
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code not in NO_ROOM:
+        said = re.search(r"errno = (\d+)", str(exc))
+        code = int(said.group(1)) if said else code
+    folder = target if target.is_dir() else target.parent
+    try:
+        st = os.statvfs(folder)
+        free, inodes = st.f_bavail * st.f_frsize, st.f_favail
+    except OSError:
+        free = inodes = None
+    if code not in NO_ROOM and not (isinstance(exc, RuntimeError) and free is not None and free < LOW_SPACE):
+        return None
+    if code == errno.EDQUOT:
+        why = f"disk quota exceeded (`quota -s`; on Lustre `lfs quota -h -u $USER {folder}`)"
+    elif inodes == 0:
+        why = "no free inodes left on its file system (too many files)"
+    else:
+        why = "no space left on its file system"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    what = f"{target}: could not be written" if target != folder else f"writing in {folder}"
+    return OutputError(f"{what}: {why}. Partial files were removed and earlier outputs kept; free space (or move "
+                       f"the outputs to another file system: hydra.run.dir, nightly.out), then rerun: finished "
+                       f"work is not redone ({type(exc).__name__}: {first[:200]})")
 
 
 def _fault_point(target: Path) -> None:

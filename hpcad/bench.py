@@ -328,7 +328,8 @@ def bench_report(cfg: HpcadConfig, run_dir: Path) -> dict:
     """Time ``report.html`` and its node pages for a night of ``bench.nodes`` nodes x ``bench.rows``
     rows x ``bench.metrics`` metrics with ``bench.alarms`` alarmed nodes (synthetic per-metric errors:
     each alarmed node gets one 30-row burst on 5 metrics)."""
-    from hpcad.data.store import STR, h5_file
+    from hpcad.data.h5 import h5_writing
+    from hpcad.data.store import STR
     from hpcad.report import write_report
     from hpcad.errorstore import FORMAT, ErrorStore
     from hpcad.score import _write_node_errors
@@ -345,7 +346,7 @@ def bench_report(cfg: HpcadConfig, run_dir: Path) -> dict:
     alarmed = set(rng.choice(b.nodes, b.alarms, replace=False).tolist()) if b.alarms else set()
     sig = SimpleNamespace(smooth=cfg.signal.smooth, causal=False)
     t0 = time.perf_counter()
-    with h5_file(run_dir / "errors.h5", "w") as f:
+    with h5_writing(run_dir / "errors.h5") as f:
         f.attrs.update(hpcad_format=FORMAT, format_version=1)
         f.create_dataset("metrics", data=np.array(metrics, dtype=object), dtype=STR)
         g = f.create_group("nodes")

@@ -96,8 +96,9 @@ def run_stage(stage: str, overrides: list[str]) -> int:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
+    from hpcad.atomic import out_of_room
     from hpcad.config import register_configs, unknown_keys
-    from hpcad.errors import ConfigError, HpcadError
+    from hpcad.errors import ConfigError, HpcadError, OutputError
     from hpcad.pipeline import RUNNERS
 
     register_configs()
@@ -124,7 +125,13 @@ def run_stage(stage: str, overrides: list[str]) -> int:
             launcher = instantiate(cfg.launcher)
             with logging_redirect_tqdm():  # log lines go above a running progress bar, never onto it
                 result = launcher.launch(RUNNERS[stage], cfg, run_dir)
-        except HpcadError as exc:
+        except (HpcadError, OSError) as exc:
+            if isinstance(exc, OSError):  # a write outside hpcad's atomic outputs (a scratch file, a log)
+                exc = out_of_room(exc, run_dir) or exc
+                if isinstance(exc, OSError):
+                    raise
+            if isinstance(exc, OutputError):  # the log file may be on the full file system too: no traceback per line
+                logging.raiseExceptions = False  # (hpcad.atomic does the same where it raises one)
             log.error("%s", exc)
             print(f"hpcad {stage}: error: {exc}", file=sys.stderr)
             status["rc"] = 2
@@ -204,7 +211,14 @@ def run_stage(stage: str, overrides: list[str]) -> int:
 
 
 def entry() -> None:
-    sys.exit(main())
+    rc = main()
+    h5 = sys.modules.get("hpcad.data.h5")
+    if h5 is not None and h5.out_of_room_seen():  # HDF5 would crash in its clean-up at exit (hpcad/data/h5.py)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc or 2)
+    sys.exit(rc)
 
 
 if __name__ == "__main__":

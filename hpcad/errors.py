@@ -19,3 +19,7 @@ class ConfigError(HpcadError):
 
 class LockedError(HpcadError):
     """Another process writes the run folder (or the nightly output folder) now."""
+
+
+class OutputError(HpcadError):
+    """An output that could not be written for want of space (a full file system, a quota)."""

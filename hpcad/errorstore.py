@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from hpcad.atomic import atomic_path
-from hpcad.data.store import checked, corrupt, h5_file, open_h5
+from hpcad.data.h5 import h5_writing, open_h5
+from hpcad.data.store import checked, corrupt
 from hpcad.errors import StoreError
 
 FORMAT = "error-store"
@@ -84,7 +85,7 @@ class ErrorStore:
 
 def write_signal_file(path: Path, method: str, signals: Iterator[NodeSignal]) -> None:
     """Baselines write the same per-node layout without the per-metric error tensor."""
-    with atomic_path(path) as tmp, h5_file(tmp, "w") as f:
+    with atomic_path(path) as tmp, h5_writing(tmp) as f:
         f.attrs.update(hpcad_format="signal-store", format_version=1, method=method)
         g0 = f.create_group("nodes")
         for s in signals:

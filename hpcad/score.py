@@ -30,7 +30,8 @@ from tqdm import tqdm
 
 from hpcad import __version__
 from hpcad.atomic import atomic_path
-from hpcad.data.store import STR, TelemetryStore, checked, h5_file, open_h5
+from hpcad.data.h5 import h5_writing, open_h5
+from hpcad.data.store import STR, TelemetryStore, checked
 from hpcad.device import resolve_device, tf32_context
 from hpcad.dist import world
 from hpcad.errors import ConfigError, InputError, StoreError
@@ -87,7 +88,7 @@ def score_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, out_p
         return _node_errors(cfg, store, models_dir, nodes, metrics, columns, budget, device, light)
 
     weight, choice = excess_weight(cfg, store, node_errors, excess_fallback)
-    with atomic_path(out_path) as tmp, h5_file(tmp, "w") as f:
+    with atomic_path(out_path) as tmp, h5_writing(tmp) as f:
         f.attrs.update(hpcad_format=FORMAT, format_version=1, store=str(store.path), models=str(models_dir),
                        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds"),
                        hpcad_version=__version__, **built_from(store, models_dir),
@@ -251,7 +252,7 @@ def _first_diff(a: list[str], b: list[str]) -> str:
 def write_index(out_path: Path, parts: list[Path], metrics: list[str], attrs: dict) -> None:
     """``errors.h5`` as an index over per-rank error files: ``/nodes/<node>`` are HDF5 external links
     (relative file names, so the run folder can move), ``/metrics`` and attributes are copied."""
-    with atomic_path(out_path) as tmp, h5_file(tmp, "w") as f:
+    with atomic_path(out_path) as tmp, h5_writing(tmp) as f:
         f.attrs.update(attrs, index_of=[p.name for p in parts])
         f.create_dataset("metrics", data=np.array(metrics, dtype=object), dtype=STR)
         g = f.create_group("nodes")

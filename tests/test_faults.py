@@ -1,6 +1,7 @@
 """Fault injection: a run killed (SIGKILL, or SIGTERM as SLURM preempts) at several points, then run
 again, ends with the outputs of an uninterrupted run and nothing stale (docs/pipeline.md)."""
 import json
+import re
 import os
 import signal
 import subprocess
@@ -150,3 +151,48 @@ def test_a_fleet_model_resumes_from_its_last_epoch_saved_and_is_not_trained_twic
         assert all(torch.equal(x, y) for x, y in zip(a[name]["members"][0], b[name]["members"][0]))
         assert a[name]["history"] == b[name]["history"]
     assert not list((run / "models").glob(".*"))  # no checkpoint or temporary file left
+
+
+@pytest.mark.parametrize("full_at", ["models", "errors.h5"])
+def test_a_run_folder_that_fills_up_stops_clearly_and_the_rerun_resumes(reference, tmp_path, full_at):
+    """The run folder's file system fills up (a full $SCRATCH, a quota) while training writes its
+    models (torch.save) or scoring writes errors.h5 (HDF5, which crashes the process with a
+    segmentation fault on any close after a failed write: h5py#914). The run stops with exit 2 and
+    one error naming the file; no partial file is left; once there is room, the rerun keeps what was
+    finished and ends with the uninterrupted run's result. Stood in for by a tmpfs of a chosen size
+    over the run folder, in a private mount namespace."""
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare -m is not permitted here (a small tmpfs stands in for a full file system)")
+    model = (reference / "models" / "node0000.pt").stat().st_size
+    room = (reference / "store.h5").stat().st_size + 64 * 1024  # the store, the logs and .hydra
+    room += model * 3 // 2 if full_at == "models" else model * 3 + (reference / "errors.h5").stat().st_size // 2
+    run, out = tmp_path / "run", tmp_path / "out"
+    run.mkdir(), out.mkdir()
+    hpcad_run = " ".join([sys.executable, "-m", "hpcad", "run", *ARGS, f"hydra.run.dir={run}"])
+    script = f"""set -u
+mount -t tmpfs -o size={room} none {run} || exit 99
+cd {ROOT}
+{hpcad_run} > {out}/first.log 2>&1; echo $? > {out}/first.rc
+find {run} -name '*.tmp' -o -name '.chunk-*' > {out}/left.txt
+mount -o remount,size=256m {run}
+{hpcad_run} > {out}/rerun.log 2>&1; echo $? > {out}/rerun.rc
+cp -a {run} {out}/run
+"""
+    p = subprocess.run(["unshare", "-m", "bash", "-c", script], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    first = (out / "first.log").read_text()
+    assert (out / "first.rc").read_text().strip() == "2", first[-3000:]  # not 139 (SIGSEGV) nor a traceback
+    errors = [line for line in first.splitlines() if line.startswith("hpcad run: error:")]
+    where = r"models/node000\d\.pt" if full_at == "models" else r"errors\.h5"
+    assert len(errors) == 1 and re.match(rf"hpcad run: error: {run}/{where}: could not be written: no space left on "
+                                         r"its file system\. Partial files were removed", errors[0]), first[-3000:]
+    assert "Traceback" not in first and "Logging error" not in first, first[-3000:]
+    assert (out / "left.txt").read_text() == ""  # no temporary file takes the room
+    rerun = (out / "rerun.log").read_text()
+    assert (out / "rerun.rc").read_text().strip() == "0", rerun[-3000:]
+    kept = re.search(r"resuming: (\d) of 3 nodes already have a model", rerun)  # finished models not redone
+    assert kept and (0 < int(kept.group(1)) < 3 if full_at == "models" else kept.group(1) == "3"), rerun[-3000:]
+    done = out / "run"
+    assert _models(done).keys() == _models(reference).keys()
+    assert _thresholds(done) == _thresholds(reference)
+    assert (done / "alarms.csv").read_text() == (reference / "alarms.csv").read_text()

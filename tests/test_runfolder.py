@@ -124,7 +124,7 @@ def test_a_file_system_without_file_locks_runs_without_them_and_says_so(tmp_path
     from hydra import compose, initialize_config_dir
 
     from hpcad.config import register_configs
-    from hpcad.data import store
+    from hpcad.data import h5, store
     from hpcad.errors import StoreError
     from hpcad.pipeline import RUNNERS
     from hpcad.resources import resource_dir
@@ -142,7 +142,7 @@ def test_a_file_system_without_file_locks_runs_without_them_and_says_so(tmp_path
 
     monkeypatch.setattr(h5py, "File", hdf5_without_locks)
     monkeypatch.setattr(fcntl, "flock", flock_without_locks)
-    monkeypatch.setattr(store, "_hdf5_locks", True)
+    monkeypatch.setattr(h5, "_hdf5_locks", True)
     register_configs()
     with initialize_config_dir(str(resource_dir("conf")), version_base="1.3"):
         cfg = compose("config", [*SMALL_STORE, "compute.device=cpu", "train.epochs=2", "baselines.methods=[]",

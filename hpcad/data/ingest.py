@@ -31,7 +31,8 @@ from hpcad.data.grid import MISSING_METRIC_POLICIES, GridStager
 from hpcad.data.jobs import JobTable, read_jobs
 from hpcad.data.ldms import stage_ldms
 from hpcad.data.longformat import stage_long
-from hpcad.data.store import TelemetryStore, check_node_name, h5_file, open_h5, write_store
+from hpcad.data.h5 import h5_file, h5_writing, open_h5
+from hpcad.data.store import TelemetryStore, check_node_name, write_store
 from hpcad.data.node import NodeData
 from hpcad.data.tables import columns, is_table, iter_table_chunks, read_table, stem
 from hpcad.data.timestamps import to_epoch_seconds
@@ -228,7 +229,7 @@ def _iter_single_file(source: Path, conv: FrameConverter, scratch_dir: Path,
     os.close(fd)
     try:
         columns: list[str] | None = None
-        with h5_file(scratch, "w") as f:
+        with h5_writing(scratch) as f:
             for chunk in iter_table_chunks(source):
                 if cfg.node_column not in chunk.columns:  # one node's file (e.g. the lecture's CSV)
                     chunk[cfg.node_column] = check_node_name(stem(source), str(source))

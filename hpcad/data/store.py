@@ -26,7 +26,8 @@ import h5py
 import numpy as np
 
 from hpcad import __version__
-from hpcad.atomic import NO_LOCKS, atomic_path
+from hpcad.atomic import atomic_path
+from hpcad.data.h5 import h5_writing, open_h5
 from hpcad.data.jobs import JobTable
 from hpcad.data.node import NodeData
 from hpcad.errors import InputError, StoreError
@@ -38,49 +39,6 @@ _NODE_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 STR = h5py.string_dtype("utf-8")
 log = logging.getLogger(__name__)
-
-# HDF5 locks every file it opens (flock). Where the file system has no locks (``NO_LOCKS``), every
-# open fails with "unable to lock file, errno = 38"; hpcad then opens without HDF5's lock, as
-# HDF5_USE_FILE_LOCKING=FALSE would (its run folders have one writer per file).
-_hdf5_locks = True
-
-
-def _lock_errno(exc: OSError) -> int | None:
-    """The errno of HDF5's "unable to lock file, errno = N" failure, None for any other failure."""
-    m = re.search(r"unable to lock file, errno = (\d+)", str(exc))
-    return int(m.group(1)) if m else None
-
-
-def h5_file(path: str | os.PathLike[str], mode: str = "r") -> h5py.File:
-    """``h5py.File(path, mode)``, also on file systems without file locks (see ``NO_LOCKS``): the
-    first open that fails for want of locks switches this process to opening without them, with
-    one warning. Any other failure (a file another process holds for writing included) is raised."""
-    global _hdf5_locks
-    if _hdf5_locks:
-        try:
-            return h5py.File(path, mode)
-        except OSError as exc:
-            if _lock_errno(exc) not in NO_LOCKS:
-                raise
-            _hdf5_locks = False
-            log.warning("%s: the file system has no file locks (%s): HDF5 files are opened without them from now "
-                        "on (as with HDF5_USE_FILE_LOCKING=FALSE)", path, str(exc).splitlines()[0])
-    return h5py.File(path, mode, locking=False)
-
-
-def open_h5(path: str | os.PathLike[str], mode: str = "r", kind: str = "HDF5 file") -> h5py.File:
-    """Open an HDF5 file, turning h5py's low-level failures into a message that names the file."""
-    path = Path(path)
-    if mode == "r" and not path.exists():
-        raise StoreError(f"{path}: {kind} not found")
-    try:
-        return h5_file(path, mode)
-    except OSError as exc:
-        if _lock_errno(exc) is not None:  # errno 11: another process has it open for writing
-            raise StoreError(f"{path}: cannot open {kind}: another process holds it open for writing (HDF5's file "
-                             f"lock: {exc}); wait for it to end or close it, then rerun") from exc
-        raise StoreError(f"{path}: cannot open {kind} (truncated or not HDF5?): {exc}") from exc
-
 
 def checked(data: np.ndarray, rows: int = ROW_CHUNK) -> dict:
     """``create_dataset`` options that make corruption a read error instead of wrong numbers: HDF5's
@@ -124,7 +82,7 @@ def write_store(path: str | os.PathLike[str], metrics: list[str], nodes: Iterabl
     """Write a store atomically from a stream of nodes; returns the number of nodes written."""
     n = 0
     with atomic_path(path) as tmp:
-        with h5_file(tmp, "w") as f:
+        with h5_writing(tmp) as f:
             f.attrs.update(hpcad_format=FORMAT, format_version=FORMAT_VERSION, source=str(source),
                            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                            hpcad_version=__version__, source_signature=signature)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from hpcad.atomic import atomic_path
 from hpcad.drift import NIGHT_DIR
-from hpcad.errors import ConfigError, HpcadError, InputError
+from hpcad.errors import ConfigError, HpcadError, InputError, OutputError
 from hpcad.nightly.days import input_for, parse_days
 from hpcad.nightly.night import build_night
 from hpcad.nightly.outlets import announce
@@ -54,7 +54,10 @@ def run_nightly(cfg: HpcadConfig, run_dir: Path, overrides: list[str] | None = N
             try:
                 res = _one_night(cfg, day, out, train_run, overrides or [])
             except HpcadError as exc:
-                history(out, day, "failed", {"message": str(exc)}, t0)
+                try:
+                    history(out, day, "failed", {"message": str(exc)}, t0)
+                except OutputError as full:  # e.g. the same full file system: the night's own error comes first
+                    log.warning("nightly %s: not recorded in history.csv: %s", day, full)
                 raise
             history(out, day, "ok", res, t0)
             log.info("nightly %s: %d nodes, %d alarms, %d drifted, %d light refits -> %s", day, res["nodes"],
