@@ -144,8 +144,24 @@ def stage_score(cfg: HpcadConfig, run_dir: Path) -> Path:
         return out
 
 
+def _left_to_rank_zero(stage: str) -> bool:
+    """True on ranks other than 0 under several ranks, for the stages that one process does for the
+    whole run folder (ingest, baselines, report): those ranks leave them to rank 0 (one writer per
+    file; before, every rank of `srun -n2 hpcad run` ingested into one store.h5, and the run hung)."""
+    w = dist.world()
+    if w.rank == 0:
+        return False
+    log.info("%s: done by rank 0 of %d", stage, w.size)
+    return True
+
+
+def stage_ingest_once(cfg: HpcadConfig, run_dir: Path) -> TelemetryStore | None:
+    """`hpcad ingest`: :func:`stage_ingest` on rank 0 only under several ranks."""
+    return None if _left_to_rank_zero("ingest") else stage_ingest(cfg, run_dir)
+
+
 def stage_baselines(cfg: HpcadConfig, run_dir: Path) -> dict:
-    if not cfg.baselines.methods:
+    if not cfg.baselines.methods or _left_to_rank_zero("baselines"):
         return {}
     store = stage_ingest(cfg, run_dir)
     tr = _train_run(cfg)
@@ -220,7 +236,7 @@ def stage_threshold(cfg: HpcadConfig, run_dir: Path) -> dict:
 
 
 def stage_report(cfg: HpcadConfig, run_dir: Path) -> Path | None:
-    if not cfg.report.enabled:
+    if not cfg.report.enabled or _left_to_rank_zero("report"):
         return None
     from hpcad.report import write_report
 
@@ -245,9 +261,9 @@ def _same_models(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore) -> None:
 
 
 def stage_run(cfg: HpcadConfig, run_dir: Path) -> dict:
-    """All stages in order (training is skipped when ``train_run`` provides the models)."""
+    """All stages in order (training is skipped when ``train_run`` provides the models). Training and
+    scoring ingest first (rank 0 under several ranks)."""
     out: dict = {}
-    stage_ingest(cfg, run_dir)
     if not cfg.train_run:
         out["train"] = stage_train(cfg, run_dir)
     stage_score(cfg, run_dir)
@@ -306,7 +322,7 @@ def _one_writer(stage: str, fn: Callable[[Any, Path], Any]) -> Callable[[Any, Pa
 
 # generate writes generate.out, nightly its own locked output folder, preflight only preflight.json:
 # none of them writes the run folder's outputs
-RUNNERS = {"bench": stage_bench, "generate": stage_generate, "ingest": stage_ingest, "train": stage_train,
+RUNNERS = {"bench": stage_bench, "generate": stage_generate, "ingest": stage_ingest_once, "train": stage_train,
            "score": stage_score, "baselines": stage_baselines, "threshold": stage_threshold, "report": stage_report,
            "run": stage_run, "nightly": stage_nightly, "preflight": stage_preflight}
 RUNNERS.update({k: _one_writer(k, fn) for k, fn in RUNNERS.items() if k not in ("generate", "nightly", "preflight")})

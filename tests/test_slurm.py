@@ -107,6 +107,27 @@ def test_a_run_folder_that_is_not_shared_between_nodes_stops_every_rank(tmp_path
     assert not list(run.glob(".ranks.*"))  # rank 0's marker is gone
 
 
+def test_whole_run_on_two_ranks_ingests_once_and_matches_one_process(tmp_path, slurm_env):
+    """`srun -n2 hpcad run` on a new run folder (synthetic data): before, every rank ingested into the
+    one store.h5 (rank 0's lock then removed rank 1's temporary store: a traceback, and the step hung
+    in the next stage); baselines and the report were also made by every rank. Now rank 0 ingests,
+    makes the baselines and the report; the result is the single-process run's."""
+    args = ["data.synthetic.nodes=3", "data.synthetic.rows=400", "train.epochs=2", "compute.progress=false",
+            "baselines.methods=[kde]", "report.max_nodes_plotted=1"]
+    single, run = tmp_path / "single", tmp_path / "run"
+    hpcad("run", f"hydra.run.dir={single}", *args)
+    p = subprocess.run(["srun", "--kill-on-bad-exit=1", "-N1", "-n2", *hpcad_cmd(), "run", f"hydra.run.dir={run}",
+                        *args], env=slurm_env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rank1 = (run / "run-rank1.log").read_text()
+    assert "generated the synthetic cluster" not in rank1 and "baseline kde ->" not in rank1
+    assert "baselines: done by rank 0 of 2" in rank1 and "report: done by rank 0 of 2" in rank1
+    assert (run / "report.html").exists() and (run / "baselines" / "kde.h5").exists()
+    got, want = (json.loads((r / "thresholds.json").read_text()) for r in (run, single))
+    assert got["nodes"] == pytest.approx(want["nodes"]) and got["cluster"] == want["cluster"]
+    assert (run / "alarms.csv").read_text() == (single / "alarms.csv").read_text()
+
+
 def test_ranks_share_one_run_folder_when_none_is_given():
     from hpcad.cli import ranks_run_dir
 
