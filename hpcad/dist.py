@@ -214,6 +214,24 @@ def share_outcome(error: BaseException | None) -> None:
             raise HpcadError(f"rank {r} stopped: {reason}")
 
 
+# How a collective fails on the ranks left waiting when another rank's process ends (gloo's TCP pairs,
+# the c10d store, NCCL's communicator): the rank that ended has said why itself.
+_PEER_LOST = re.compile(r"Connection (closed|reset) by peer|Broken pipe|remote worker crash|remote process exit|"
+                        r"NCCL communicator was aborted|Socket Timeout|recvValue failed|failed to recv")
+
+
+def peer_lost(exc: BaseException) -> HpcadError | None:
+    """For a collective that failed because another rank stopped (its own error is in its log), the
+    one-line error this rank stops with; None for any other failure."""
+    if not isinstance(exc, (RuntimeError, ConnectionError)) or not _PEER_LOST.search(str(exc)):
+        return None
+    w = world()
+    said = re.sub(r"^\[[^\]]*\]\s*", "", str(exc).strip().splitlines()[0]).split(". This is")[0]  # gloo: "[pair.cc:553] ..."
+    return HpcadError(f"rank {w.rank} of {w.size}: another rank of this step stopped, so this one stops too: the "
+                      f"first error in the job log (or that rank's <stage>-rank<r>.log in the run folder) says why "
+                      f"({said[:160]})")
+
+
 def barrier() -> None:
     if _started():
         import torch.distributed as tdist

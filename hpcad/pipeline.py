@@ -92,6 +92,11 @@ def ranked_share(cfg: HpcadConfig, run_dir: Path, gpu_collectives: bool = False
                  "" if threads is None else f", {threads} CPU thread(s) (its share of the CPUs it shares with "
                  f"other ranks of the node: no CPU binding, no OMP_NUM_THREADS)")
         yield w, device, store, mine
+    except (RuntimeError, ConnectionError) as exc:  # another rank stopped mid-stage: one line, not a traceback
+        lost = dist.peer_lost(exc)
+        if lost is None:
+            raise
+        raise lost from exc
     finally:
         dist.finish()
 

@@ -128,6 +128,26 @@ def test_whole_run_on_two_ranks_ingests_once_and_matches_one_process(tmp_path, s
     assert (run / "alarms.csv").read_text() == (single / "alarms.csv").read_text()
 
 
+def test_a_rank_failing_mid_stage_stops_every_rank_with_one_line_each(tmp_path, slurm_env):
+    """One rank cannot load a model file while scoring (a corrupt file): it stops naming the file;
+    the rank waiting for it in a collective stops with one line saying why, where before it died in
+    a gloo "Connection closed by peer" traceback (exit 1)."""
+    exports = small_exports(tmp_path)
+    run = tmp_path / "run"
+    hpcad("train", f"data.source={exports}", f"hydra.run.dir={run}", "train.epochs=1", "compute.progress=false")
+    bad = run / "models" / "node0003.pt"
+    data = bytearray(bad.read_bytes())
+    data[100:200] = b"x" * 100
+    bad.write_bytes(bytes(data))
+    p = subprocess.run(["srun", "-N1", "-n2", *hpcad_cmd(), "score", f"hydra.run.dir={run}", f"data.source={exports}",
+                        "compute.progress=false"], env=slurm_env, capture_output=True, text=True, timeout=300)
+    out = p.stdout + p.stderr
+    errors = [line for line in p.stderr.splitlines() if line.startswith("hpcad score: error:")]
+    assert p.returncode == 2 and len(errors) == 2 and "Traceback" not in out, out[-3000:]
+    assert any(f"{bad}: cannot load model file (garbled or not plain tensors" in e for e in errors), errors
+    assert any("another rank of this step stopped, so this one stops too" in e for e in errors), errors
+
+
 def test_ranks_share_one_run_folder_when_none_is_given():
     from hpcad.cli import ranks_run_dir
 

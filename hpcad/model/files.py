@@ -90,7 +90,11 @@ def load_tensors(path: Path, fmt: str, kind: str) -> dict:
     except FileNotFoundError:
         raise StoreError(f"{path}: {kind} not found") from None
     except Exception as exc:
-        raise StoreError(f"{path}: cannot load {kind}: {exc}") from exc
+        said = " ".join(str(exc).split())
+        garbled = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\s*Check the documentation|$)", said)
+        detail = f"garbled or not plain tensors: {garbled.group(1)}" if garbled else said[:300]
+        raise StoreError(f"{path}: cannot load {kind} ({detail}): the file is corrupt, truncated or not written by "
+                         f"hpcad; delete it and rerun the stage that writes it") from exc
     if not isinstance(obj, dict) or obj.get("format") != fmt:
         raise StoreError(f"{path}: not an hpcad {kind}")
     return obj
