@@ -206,7 +206,8 @@ def stage_threshold(cfg: HpcadConfig, run_dir: Path) -> dict:
                              errors.path)
         log.info("unlabelled data: using the thresholds fitted by %s", tr, extra=dist.CLUSTER_WIDE)
     else:
-        th = rule.fit(mine, red)
+        with red.all_or_none("threshold"):
+            th = rule.fit(mine, red)
         th.details["excess_weight"] = errors.excess_weight  # the signal they were fitted on
     rank = w.rank  # one writer, also when ranks run without MPI
     if rank != 0:

@@ -70,3 +70,26 @@ def test_ranks_without_mpi_each_fit_on_all_nodes_and_say_so(scored_run, tmp_path
     assert "2 ranks without mpi4py: each fits the thresholds on all nodes" not in said[0]  # rank 1: rank 0 says it
     assert said[1].count("2 ranks without mpi4py: each fits the thresholds on all nodes") == 1
     assert json.loads((run / "thresholds.json").read_text())["cluster"] == pytest.approx(single["cluster"])
+
+
+def test_a_rank_failing_in_the_fit_ends_the_mpi_job_instead_of_hanging(scored_run, tmp_path):
+    """One rank cannot read its share (a corrupt node in errors.h5): it says why and ends the MPI job
+    (MPI_Abort). Before, the other rank waited in a reduction for ever and the failed one in
+    MPI_Finalize: the step hung until the job's time limit (SLURM's --kill-on-bad-exit never fired)."""
+    import h5py
+
+    src, exports = scored_run
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    with h5py.File(run / "errors.h5", "r") as f:  # the last node: rank 1's share under two ranks
+        node = sorted(f["nodes"])[-1]
+        chunk = f[f"nodes/{node}/signal"].id.get_chunk_info(0)
+    with open(run / "errors.h5", "r+b") as fh:
+        fh.seek(chunk.byte_offset + 4)
+        fh.write(b"\xff" * min(64, chunk.size - 8))
+    p = subprocess.run(["mpiexec", "-n", "2", sys.executable, "-m", "hpcad", "threshold", f"hydra.run.dir={run}",
+                        f"data.source={exports}", "threshold.scope=cluster"], capture_output=True, text=True,
+                       timeout=240)  # the old code hung here
+    assert p.returncode != 0
+    assert f"node {node}: cannot read (corrupt file" in p.stderr and "every rank of the MPI job stops, MPI_Abort" \
+        in p.stderr, p.stderr[-3000:]

@@ -8,11 +8,15 @@ high quantile.
 from __future__ import annotations
 
 import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
 from hpcad.dist import CLUSTER_WIDE, World
+from hpcad.errors import HpcadError
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +25,11 @@ class Reducer:
     """The single-process case: every reduction is the identity."""
 
     rank, size = 0, 1
+
+    @contextmanager
+    def all_or_none(self, stage: str) -> Iterator[None]:
+        """A part in which every rank takes part in the reductions (one process: nothing to do)."""
+        yield
 
     def sum(self, a: np.ndarray) -> np.ndarray:
         return a
@@ -44,6 +53,21 @@ class MpiReducer(Reducer):
 
         self.comm, self._mpi = comm, MPI
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
+
+    @contextmanager
+    def all_or_none(self, stage: str) -> Iterator[None]:
+        """A rank that fails here ends the whole MPI job (MPI_Abort, exit 2) after saying why: the other
+        ranks would wait in a reduction for ever (MPI has no time-out, and SLURM's --kill-on-bad-exit
+        never fires for a failed rank that then waits in MPI_Finalize)."""
+        try:
+            yield
+        except Exception as exc:
+            said = str(exc) if isinstance(exc, HpcadError) else f"{type(exc).__name__}: {exc}"
+            log.error("%s; every rank of the MPI job stops (MPI_Abort)", said)
+            print(f"hpcad {stage}: error: {said} (rank {self.rank} of {self.size}: every rank of the MPI job stops, "
+                  f"MPI_Abort)", file=sys.stderr, flush=True)
+            logging.shutdown()
+            self.comm.Abort(2)
 
     def sum(self, a: np.ndarray) -> np.ndarray:
         a = np.ascontiguousarray(a)
