@@ -217,7 +217,7 @@ def share_outcome(error: BaseException | None) -> None:
 # How a collective fails on the ranks left waiting when another rank's process ends (gloo's TCP pairs,
 # the c10d store, NCCL's communicator): the rank that ended has said why itself.
 _PEER_LOST = re.compile(r"Connection (closed|reset) by peer|Broken pipe|remote worker crash|remote process exit|"
-                        r"NCCL communicator was aborted|Socket Timeout|recvValue failed|failed to recv")
+                        r"NCCL communicator was aborted|recvValue failed|failed to recv")
 
 
 def peer_lost(exc: BaseException) -> HpcadError | None:
