@@ -136,6 +136,7 @@ def stage_score(cfg: HpcadConfig, run_dir: Path) -> Path:
     with ranked_share(cfg, run_dir) as (w, device, store, mine):
         if not w.distributed:
             score_nodes(cfg, store, models_dir(cfg, run_dir), out, mine, device, excess_fallback=fallback)
+            _drop_rank_files(run_dir, [])
             return out
         parts = [run_dir / f"errors-rank{r}.h5" for r in range(w.size)]
         score_nodes(cfg, store, models_dir(cfg, run_dir), parts[w.rank], mine, device, excess_fallback=fallback)
@@ -145,8 +146,21 @@ def stage_score(cfg: HpcadConfig, run_dir: Path) -> Path:
             metrics = scored[0].metrics  # the models' metrics (the store may hold others)
             # every rank wrote the same store, models, signature, stamp and weight: copy them
             write_index(out, parts, metrics, {"hpcad_format": FORMAT, "format_version": 1, **scored[0].attrs})
+            _drop_rank_files(run_dir, parts)
         dist.barrier()
         return out
+
+
+def _drop_rank_files(run_dir: Path, parts: list[Path]) -> None:
+    """Remove the per-rank error files that the errors.h5 just written no longer links to (an earlier
+    scoring on more ranks, or on several ranks before a single-process one): unreferenced, and as
+    large as the scores themselves."""
+    stale = [f for f in run_dir.glob("errors-rank*.h5") if f not in parts]
+    for f in stale:
+        f.unlink(missing_ok=True)
+    if stale:
+        log.info("removed %d per-rank error file(s) of an earlier scoring that errors.h5 no longer uses (e.g. %s)",
+                 len(stale), stale[0].name)
 
 
 def _left_to_rank_zero(stage: str) -> bool:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT, hpcad, hpcad_cmd, sbatch_wait, slurm_models, small_exports
+from hpcad.errorstore import ErrorStore
 from hpcad.dist import World, first_host, shard, world
 from hpcad.errors import ConfigError, HpcadError
 
@@ -126,6 +127,11 @@ def test_whole_run_on_two_ranks_ingests_once_and_matches_one_process(tmp_path, s
     got, want = (json.loads((r / "thresholds.json").read_text()) for r in (run, single))
     assert got["nodes"] == pytest.approx(want["nodes"]) and got["cluster"] == want["cluster"]
     assert (run / "alarms.csv").read_text() == (single / "alarms.csv").read_text()
+    # scored again in one process: errors.h5 is a whole file now; the rank files it no longer links to go
+    assert len(list(run.glob("errors-rank*.h5"))) == 2
+    again = hpcad("score", f"hydra.run.dir={run}", *args)
+    assert not list(run.glob("errors-rank*.h5")) and "removed 2 per-rank error file(s)" in again.stdout + again.stderr
+    assert sorted(ErrorStore(run / "errors.h5").nodes) == ["node0000", "node0001", "node0002"]
 
 
 def test_a_rank_failing_mid_stage_stops_every_rank_with_one_line_each(tmp_path, slurm_env):
