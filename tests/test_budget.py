@@ -62,11 +62,14 @@ def test_non_positive_budget_names_the_option(option):
         Budget.resolve(tc, CUDA)
 
 
-def test_unset_host_budget_stays_within_the_slurm_jobs_memory():
+def test_unset_host_budget_stays_within_the_slurm_jobs_memory(monkeypatch):
     """A job is killed at its --mem, not at the host's memory: the budget follows the smaller."""
+    import hpcad.model.budget as budget
     from hpcad.model.budget import available_host_mb
 
-    host = available_host_mb({})
+    host = 20000.0  # what the host has free: fixed (the real figure moves between two reads on a busy machine)
+    monkeypatch.setattr(budget, "host_memory_mb", lambda: host)
+    assert available_host_mb({}) == host
     assert available_host_mb({"SLURM_MEM_PER_NODE": "3000"}) == min(host, 3000.0)
     assert available_host_mb({"SLURM_MEM_PER_CPU": "500", "SLURM_CPUS_ON_NODE": "4"}) == min(host, 2000.0)
     assert available_host_mb({"SLURM_MEM_PER_NODE": "0"}) == host  # --mem=0: the whole node

@@ -128,12 +128,9 @@ def cgroup_available_mb(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sy
     return best
 
 
-def available_host_mb(env: dict | None = None) -> float:
+def host_memory_mb() -> float:
     """MemAvailable from /proc/meminfo (8 GiB where it cannot be read), capped by the process's
-    cgroup memory limit (``cgroup_available_mb``) and, inside a SLURM job, by the job's memory on
-    this node (``SLURM_MEM_PER_NODE``, or ``SLURM_MEM_PER_CPU`` x ``SLURM_CPUS_ON_NODE``): a job is
-    killed at its ``--mem``, not at the host's."""
-    env = os.environ if env is None else env
+    cgroup memory limit (``cgroup_available_mb``)."""
     mb = 8192.0
     try:
         with open("/proc/meminfo") as f:
@@ -144,8 +141,15 @@ def available_host_mb(env: dict | None = None) -> float:
     except OSError:
         pass
     limited = cgroup_available_mb()
-    if limited is not None:
-        mb = min(mb, limited)
+    return mb if limited is None else min(mb, limited)
+
+
+def available_host_mb(env: dict | None = None) -> float:
+    """:func:`host_memory_mb`, inside a SLURM job capped by the job's memory on this node
+    (``SLURM_MEM_PER_NODE``, or ``SLURM_MEM_PER_CPU`` x ``SLURM_CPUS_ON_NODE``): a job is killed at
+    its ``--mem``, not at the host's."""
+    env = os.environ if env is None else env
+    mb = host_memory_mb()
     try:
         if int(env.get("SLURM_MEM_PER_NODE", 0)) > 0:
             mb = min(mb, float(env["SLURM_MEM_PER_NODE"]))
