@@ -58,15 +58,21 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def errno_of(exc: BaseException) -> int | None:
+    """The system errno behind a failed write: the one HDF5 names in its message ("errno = 28"; h5py
+    raises RuntimeError or OSError around it), else an OSError's own."""
+    said = re.search(r"errno = (\d+)", str(exc))
+    if said:
+        return int(said.group(1))
+    return exc.errno if isinstance(exc, OSError) else None
+
+
 def out_of_room(exc: BaseException, target: Path) -> OutputError | None:
     """The clear error for a write of ``target`` (a file, or the run folder) that failed for want of
     space, or None when ``exc`` is something else. Python and HDF5 say the errno (HDF5 inside its
     message); torch.save does not ("unexpected pos 576 vs 534"), so a failure of it on a file system
     with less than ``LOW_SPACE`` left counts too."""
-    code = exc.errno if isinstance(exc, OSError) else None
-    if code not in NO_ROOM:
-        said = re.search(r"errno = (\d+)", str(exc))
-        code = int(said.group(1)) if said else code
+    code = errno_of(exc)
     folder = target if target.is_dir() else target.parent
     try:
         st = os.statvfs(folder)

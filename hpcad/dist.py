@@ -200,18 +200,23 @@ def init(device: torch.device, gpu_collectives: bool = False, wait: dt.timedelta
     return w
 
 
+def reason(error: BaseException) -> str:
+    """A failure in one line for other ranks' and the job log's messages: hpcad's own errors as they
+    read, anything else with its type."""
+    return str(error) if isinstance(error, HpcadError) else f"{type(error).__name__}: {error}"
+
+
 def share_outcome(error: BaseException | None) -> None:
     """After the ranks did something apart (rank 0 ingesting alone, each rank reading its share),
     every rank learns whether one failed: a rank that failed re-raises its own error, the others
     raise one naming the first that failed. The step then ends with one clean message per rank
     instead of the waiting ranks' connection errors when a rank leaves. Call on every rank."""
-    said = all_objects(None if error is None else f"{error}" if isinstance(error, HpcadError)
-                       else f"{type(error).__name__}: {error}")
+    said = all_objects(None if error is None else reason(error))
     if error is not None:
         raise error
-    for r, reason in enumerate(said):
-        if reason is not None:
-            raise HpcadError(f"rank {r} stopped: {reason}")
+    for r, why in enumerate(said):
+        if why is not None:
+            raise HpcadError(f"rank {r} stopped: {why}")
 
 
 # How a collective fails on the ranks left waiting when another rank's process ends (gloo's TCP pairs,

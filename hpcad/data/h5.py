@@ -5,7 +5,6 @@ names the file) or :func:`h5_writing` (writes).
 """
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import re
@@ -17,7 +16,7 @@ from types import TracebackType
 
 import h5py
 
-from hpcad.atomic import NO_LOCKS, NO_ROOM
+from hpcad.atomic import NO_LOCKS, NO_ROOM, errno_of
 from hpcad.errors import StoreError
 
 log = logging.getLogger(__name__)
@@ -69,21 +68,13 @@ def open_h5(path: str | os.PathLike[str], mode: str = "r", kind: str = "HDF5 fil
 # or flush of that file crashes the process with a segmentation fault (h5py#914, an HDF5 bug, still in
 # HDF5 2.0), and so does HDF5's clean-up at exit. Such a file is therefore never closed: the writer
 # raises, the CLI reports the error and ends the process without HDF5's clean-up (``out_of_room_seen``).
-_NO_ROOM: list[str] = []  # the files HDF5 failed to write for want of space in this process
+_NO_ROOM: list[int] = []  # the errno of each HDF5 write that found no room in this process
 
 
 def out_of_room_seen() -> bool:
     """True once HDF5 failed a write for want of space in this process (the process must then end
     with ``os._exit``: a normal exit crashes in HDF5's clean-up)."""
     return bool(_NO_ROOM)
-
-
-def _errno(exc: BaseException) -> int | None:
-    """The system errno of a failed HDF5 call (h5py sets it, or HDF5 says "errno = N" in its message)."""
-    if isinstance(exc, OSError) and exc.errno:
-        return exc.errno
-    m = re.search(r"errno = (\d+)", str(exc))
-    return int(m.group(1)) if m else None
 
 
 def _watch_deferred_writes() -> None:
@@ -96,22 +87,22 @@ def _watch_deferred_writes() -> None:
     unraisable, excepthook = sys.unraisablehook, sys.excepthook
 
     def in_dealloc(exc: BaseException | None, tb: TracebackType | None) -> bool:
-        if exc is None or _errno(exc) not in NO_ROOM:
+        if exc is None or errno_of(exc) not in NO_ROOM:
             return False
         while tb is not None and tb.tb_next is not None:
             tb = tb.tb_next
         return tb is not None and tb.tb_frame.f_code.co_name.endswith("dealloc")  # "h5py._objects.ObjectID._dealloc"
 
     def on_unraisable(u: "sys.UnraisableHookArgs") -> None:
-        if in_dealloc(u.exc_value, u.exc_traceback) or (u.exc_value is not None and _errno(u.exc_value) in NO_ROOM
+        if in_dealloc(u.exc_value, u.exc_traceback) or (u.exc_value is not None and errno_of(u.exc_value) in NO_ROOM
                                                          and "h5py" in str(u.object)):  # "...ObjectID.__dealloc__"
-            _NO_ROOM.append(str(u.exc_value))
+            _NO_ROOM.append(errno_of(u.exc_value))
             return
         unraisable(u)
 
     def on_print(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
         if in_dealloc(exc, tb):
-            _NO_ROOM.append(str(exc))
+            _NO_ROOM.append(errno_of(exc))
             return
         excepthook(kind, exc, tb)
 
@@ -131,17 +122,19 @@ def h5_writing(path: str | os.PathLike[str]) -> Iterator[h5py.File]:
     try:
         yield f
     except BaseException as exc:
-        if _errno(exc) in NO_ROOM or len(_NO_ROOM) > seen:
-            _NO_ROOM.append(str(path))
-            raise
-        f.close()
+        code = errno_of(exc)
+        if code in NO_ROOM:
+            _NO_ROOM.append(code)
+        if len(_NO_ROOM) == seen:  # no write found no room: closing is safe
+            f.close()
         raise
     if len(_NO_ROOM) > seen:
-        code = _errno(Exception(_NO_ROOM[seen])) or errno.ENOSPC
+        code = _NO_ROOM[seen]
         raise OSError(code, f"HDF5 could not write {Path(path).name}: {os.strerror(code)}")
     try:
         f.close()
     except (OSError, RuntimeError) as exc:
-        if _errno(exc) in NO_ROOM:
-            _NO_ROOM.append(str(path))
+        code = errno_of(exc)
+        if code in NO_ROOM:
+            _NO_ROOM.append(code)
         raise

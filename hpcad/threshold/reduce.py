@@ -15,8 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from hpcad.dist import CLUSTER_WIDE, World
-from hpcad.errors import HpcadError
+from hpcad.dist import CLUSTER_WIDE, World, reason
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +61,7 @@ class MpiReducer(Reducer):
         try:
             yield
         except Exception as exc:
-            said = str(exc) if isinstance(exc, HpcadError) else f"{type(exc).__name__}: {exc}"
+            said = reason(exc)
             log.error("%s; every rank of the MPI job stops (MPI_Abort)", said)
             print(f"hpcad {stage}: error: {said} (rank {self.rank} of {self.size}: every rank of the MPI job stops, "
                   f"MPI_Abort)", file=sys.stderr, flush=True)
