@@ -97,6 +97,7 @@ class _Knn:
 
 def _fit(method: str, train: np.ndarray, hold: np.ndarray, bc, seed: int):
     """A fitted baseline's row scorer and whether its score is error-like (>= 0, 0 = perfect)."""
+    check_methods([method])
     if method == "kde":
         return _Kde(train, hold, list(bc.kde_bandwidths)).score, False
     if method == "iforest":
@@ -106,9 +107,14 @@ def _fit(method: str, train: np.ndarray, hold: np.ndarray, bc, seed: int):
         return (lambda x: -model.score_samples(x)), False
     if method == "pca":
         return _Pca(train, float(bc.pca_variance)).score, True
-    if method == "knn":
-        return _Knn(train).score, True
-    raise ConfigError(f"baselines.methods: unknown method {method!r} ({', '.join(METHODS)})")
+    return _Knn(train).score, True  # knn
+
+
+def check_methods(methods: list[str]) -> None:
+    """``baselines.methods``, checked: each one hpcad has."""
+    for method in methods:
+        if method not in METHODS:
+            raise ConfigError(f"baselines.methods: unknown method {method!r} ({', '.join(METHODS)})")
 
 
 def baseline_signals(method: str, cfg: HpcadConfig, fit_store: TelemetryStore, eval_store: TelemetryStore,
@@ -163,9 +169,7 @@ def run_baselines(cfg: HpcadConfig, fit_store: TelemetryStore, eval_store: Telem
         log.warning("baselines skipped: %d nodes > baselines.max_nodes=%d (they are a comparison; raise the "
                     "option to run them anyway)", len(eval_store.nodes), bc.max_nodes)
         return out
-    for method in bc.methods:
-        if method not in METHODS:
-            raise ConfigError(f"baselines.methods: unknown method {method!r} ({', '.join(METHODS)})")
+    check_methods(list(bc.methods))
     for method in bc.methods:
         path = out_dir / f"{method}.h5"
         write_signal_file(path, method, baseline_signals(method, cfg, fit_store, eval_store, cfg.compute.progress))

@@ -99,6 +99,7 @@ def run_stage(stage: str, overrides: list[str]) -> int:
     from hpcad.atomic import out_of_room
     from hpcad.config import register_configs, unknown_keys
     from hpcad.errors import ConfigError, HpcadError, OutputError
+    from hpcad.options import check_options
     from hpcad.pipeline import RUNNERS
 
     register_configs()
@@ -120,6 +121,7 @@ def run_stage(stage: str, overrides: list[str]) -> int:
             if unknown:
                 raise ConfigError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: not part of "
                                   f"hpcad's configuration (misspelt? `hpcad {stage} --cfg job` prints the options)")
+            check_options(cfg, stage)  # every value the stage will use, before it starts (hpcad/options.py)
             from tqdm.contrib.logging import logging_redirect_tqdm
 
             launcher = instantiate(cfg.launcher)

@@ -335,6 +335,22 @@ def register_configs() -> None:
     cs.store(group="launcher", name="submitit_schema", node=SubmititLauncherConfig)
 
 
+def build(node: Any, option: str) -> Any:
+    """Instantiate the ``_target_`` a config group names (``model``, ``threshold``). A value the
+    target refuses is a ``ConfigError`` in the target's own words (it names the option), not Hydra's
+    wrapped "Error in call to target" (which ended the process with exit 1 and a hint to read a trace)."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from hpcad.errors import ConfigError
+
+    try:
+        return instantiate(node, _convert_="all")
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        raise ConfigError(str(cause) if cause is not None else f"{option}: {exc}") from exc
+
+
 def unknown_keys(cfg) -> list[str]:
     """Dotted names in ``cfg`` that no schema declares. Hydra refuses a misspelt key, but a key
     added with ``+`` (which Hydra itself suggests after a misspelling) passes and would be ignored."""

@@ -17,11 +17,11 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from hpcad import dist, excess, runfolder
 from hpcad.atomic import write_json
+from hpcad.config import build
 from hpcad.data.ingest import ingest
 from hpcad.data.store import TelemetryStore
 from hpcad.errors import ConfigError, StoreError
@@ -213,7 +213,7 @@ def stage_threshold(cfg: HpcadConfig, run_dir: Path) -> dict:
     mine = partial(errors.signals, nodes=dist.shard(errors.rows, red.size)[red.rank])
     labelled = any(s.labels is not None for s in errors.signals(errors.nodes[:1])) if errors.nodes else False
     tr = _train_run(cfg)
-    rule = instantiate(cfg.threshold, _convert_="all")
+    rule = build(cfg.threshold, "threshold")
     if tr is not None and not labelled and (tr / "thresholds.json").exists():
         th = Thresholds.load(tr / "thresholds.json")
         excess.check_applies(th.details.get("excess_weight"), errors.excess_weight, tr / "thresholds.json",

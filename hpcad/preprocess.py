@@ -42,29 +42,52 @@ def _to_epoch(value, option: str) -> int:
         raise ConfigError(f"{option}: {value!r} is not a timestamp (ISO time or epoch seconds)") from exc
 
 
-def split_codes(node: NodeData, split_cfg) -> np.ndarray:
-    """Split code per row (0 train, 1 validation, 2 test), chronological within the node."""
-    T = len(node.timestamp)
+def _split_number(value, option: str, kind: type, unit: str) -> float:
+    try:
+        n = kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{option}={value!r}: not a number, as split.unit={unit} needs (split.unit=time takes "
+                          f"timestamps)") from None
+    if not n >= 0:
+        raise ConfigError(f"{option}={value}: must be >= 0")
+    return n
+
+
+def check_split(split_cfg) -> tuple:
+    """The split's two bounds, checked without any data (the unit, the numbers, the order of two
+    times): ``ConfigError`` naming the option. Fractions, row counts or epoch seconds."""
     unit = split_cfg.unit
     if unit == "fraction":
-        tr, va = float(split_cfg.train), float(split_cfg.val)
-        if not (0 <= tr and 0 <= va and tr + va <= 1):
+        tr, va = (_split_number(getattr(split_cfg, k), f"split.{k}", float, unit) for k in ("train", "val"))
+        if tr + va > 1:
             raise ConfigError(f"split.train={tr}, split.val={va}: fractions must be >= 0 and sum to <= 1")
-        n_tr, n_va = int(round(T * tr)), int(round(T * (tr + va))) - int(round(T * tr))
-    elif unit == "rows":
-        n_tr = min(int(split_cfg.train), T)
-        n_va = min(int(split_cfg.val), T - n_tr)
-    elif unit == "time":
-        if node.time_unit != "s":
-            raise ConfigError(f"split.unit=time: node {node.name} has no timestamps (row order only)")
+        return tr, va
+    if unit == "rows":
+        return tuple(_split_number(getattr(split_cfg, k), f"split.{k}", int, unit) for k in ("train", "val"))
+    if unit == "time":
         t_tr = _to_epoch(split_cfg.train, "split.train")
         t_va = _to_epoch(split_cfg.val, "split.val")
         if t_va < t_tr:
             raise ConfigError(f"split.val ({split_cfg.val}) must not be before split.train ({split_cfg.train})")
-        n_tr = int(np.searchsorted(node.timestamp, t_tr, side="left"))
-        n_va = int(np.searchsorted(node.timestamp, t_va, side="left")) - n_tr
+        return t_tr, t_va
+    raise ConfigError(f"split.unit={unit!r}: expected fraction, rows or time")
+
+
+def split_codes(node: NodeData, split_cfg) -> np.ndarray:
+    """Split code per row (0 train, 1 validation, 2 test), chronological within the node."""
+    T = len(node.timestamp)
+    unit = split_cfg.unit
+    if unit == "time" and node.time_unit != "s":
+        raise ConfigError(f"split.unit=time: node {node.name} has no timestamps (row order only)")
+    a, b = check_split(split_cfg)
+    if unit == "fraction":
+        n_tr, n_va = int(round(T * a)), int(round(T * (a + b))) - int(round(T * a))
+    elif unit == "rows":
+        n_tr = min(a, T)
+        n_va = min(b, T - n_tr)
     else:
-        raise ConfigError(f"split.unit={unit!r}: expected fraction, rows or time")
+        n_tr = int(np.searchsorted(node.timestamp, a, side="left"))
+        n_va = int(np.searchsorted(node.timestamp, b, side="left")) - n_tr
     codes = np.full(T, TEST, dtype=np.int8)
     codes[:n_tr] = TRAIN
     codes[n_tr:n_tr + n_va] = VAL
@@ -105,12 +128,18 @@ def training_rows(node: NodeData, codes: np.ndarray, normal_only: bool, exclude_
     return mask
 
 
+def gap_limit(limit: int) -> int:
+    """``preprocess.nan_fill_limit``, checked."""
+    if not int(limit) >= 0:
+        raise ConfigError(f"preprocess.nan_fill_limit={limit}: must be >= 0 (0: no forward fill)")
+    return int(limit)
+
+
 def fill_gaps(values: np.ndarray, limit: int) -> np.ndarray:
     """Forward-fill each column's NaNs with its last value, at most ``limit`` rows after it (pandas'
     ``ffill(limit=...)``: the first ``limit`` rows of a longer gap are filled, the rest stay NaN and
     are imputed later); ``limit`` 0: nothing is filled. float32 when anything was missing."""
-    if limit < 0:
-        raise ConfigError(f"preprocess.nan_fill_limit={limit}: must be >= 0 (0: no forward fill)")
+    limit = gap_limit(limit)
     nan = np.isnan(values)
     if limit == 0 or not nan.any():
         return values

@@ -287,8 +287,10 @@ def html_table(rows: list[list], header: list[str]) -> str:
 
 
 def _fmt(v) -> str:
+    """A table cell: floats to 3 significant digits, but 1,000 and more in full (a cost of 1,380 rows,
+    not 1.38e+03)."""
     if isinstance(v, float):
-        return f"{v:.3g}"
+        return f"{v:,.0f}" if abs(v) >= 1000 and v == v and abs(v) != float("inf") else f"{v:.3g}"
     return "" if v is None else str(v)
 
 

@@ -19,12 +19,17 @@ import numpy as np
 from hpcad.errors import ConfigError
 
 
+def smooth_window(window: int) -> int:
+    """``signal.smooth``, checked: rows averaged into each row's signal."""
+    if not int(window) >= 1:
+        raise ConfigError(f"signal.smooth={window}: must be >= 1 (rows; 1 = no smoothing)")
+    return int(window)
+
+
 def smooth_signal(signal: np.ndarray, window: int, level: float, causal: bool = False) -> np.ndarray:
     """``level * sinh(mean(asinh(signal / level)))`` over ``window`` rows (1: unchanged); centred
     windows use ``window // 2`` rows on each side and repeat the edge rows at the ends."""
-    window = int(window)
-    if window < 1:
-        raise ConfigError(f"signal.smooth={window}: must be >= 1 (rows; 1 = no smoothing)")
+    window = smooth_window(window)
     x = np.asarray(signal, dtype=np.float64)
     if window == 1 or x.size == 0:
         return x

@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from tqdm import tqdm
 
 from hpcad.atomic import write_json
+from hpcad.config import build
 from hpcad.data.store import TelemetryStore
 from hpcad.device import reset_peak_memory, resolve_device
 from hpcad.dist import world
@@ -21,12 +21,12 @@ from hpcad.model.autoencoder import AutoencoderSpec, ensemble_recon, stack
 from hpcad.model.files import NodeModel, model_path
 from hpcad.preprocess import (Scaler, check_training_rows, fill_gaps, fit_rows, split_codes, training_rows, window_rows,
                               windows)
-from hpcad.model.budget import Budget, default_chunk_cap, retry_cap_after_oom
+from hpcad.model.budget import Budget, check_compute_config, default_chunk_cap, retry_cap_after_oom
 from hpcad.model.checkpoint import ChunkCheckpoint
 from hpcad.model.ensemble import Workspace, member_seed, node_seed, train_ensemble
 
 if TYPE_CHECKING:
-    from hpcad.config import ComputeConfig, HpcadConfig, TrainConfig
+    from hpcad.config import HpcadConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +74,6 @@ def check_train_config(tc: TrainConfig) -> None:
             raise ConfigError(f"{option}={getattr(tc, option.split('.')[1])}: {rule}")
 
 
-def check_compute_config(cc: ComputeConfig) -> None:
-    """Refuse compute settings that cannot work, naming the option."""
-    if float(cc.checkpoint_every_s) < 0:
-        raise ConfigError(f"compute.checkpoint_every_s={cc.checkpoint_every_s}: must be >= 0 (0: after every epoch)")
-
-
 def training_fingerprint(cfg: HpcadConfig, spec: AutoencoderSpec, store: TelemetryStore) -> str:
     """A digest of what a node's model is built from: the model, the training settings that change
     its weights, preprocessing, the split and the data (the store's source signature and metric
@@ -119,10 +113,8 @@ def reusable(path: Path, fingerprint: str) -> bool:
 
 
 def model_spec(cfg: HpcadConfig) -> AutoencoderSpec:
-    try:
-        spec = instantiate(cfg.model, _convert_="all")
-    except Exception as exc:  # hydra wraps the spec's own ValueError
-        raise ConfigError(str(exc.__cause__ or exc)) from exc
+    """The model the ``model`` group configures; ``ConfigError`` naming a value it refuses."""
+    spec = build(cfg.model, "model")
     if not isinstance(spec, AutoencoderSpec):
         raise ConfigError(f"model._target_={cfg.model._target_}: the trainer needs an AutoencoderSpec")
     return spec

@@ -59,8 +59,9 @@ def test_a_threshold_that_will_never_alarm_is_said_at_the_top(tmp_path):
 
 
 def test_tables_escape_what_comes_from_the_data():
-    t = html_table([["<b>x</b>", 0.123456, None]], ["node & rack", "value", "empty"])
+    t = html_table([["<b>x</b>", 0.123456, None, 1378.4]], ["node & rack", "value", "empty", "cost"])
     assert "<th>node &amp; rack</th>" in t and "&lt;b&gt;x&lt;/b&gt;" in t and "<td>0.123</td>" in t
+    assert "<td>1,378</td>" in t  # a cost as operators read it (was 1.38e+03)
     assert "<td></td>" in t
     a = alarms_table([{**ALARM_B, "node": "n<1>", "jobs": "42 43"}], lambda n: "nodes/n%3C1%3E.html")
     assert "<a href='nodes/n%3C1%3E.html'>n&lt;1&gt;</a>" in a and "<td>power ips</td>" in a  # names only

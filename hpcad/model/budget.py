@@ -37,6 +37,18 @@ DEVICE_SHARE = 0.9  # of the device's free memory, when compute.device_memory_mb
 HOST_SHARE = 0.5  # of the host's available memory (split among the node's ranks), when memory_budget_mb is unset
 
 
+def check_compute_config(cc: "ComputeConfig") -> None:
+    """Refuse compute settings that cannot work, naming the option."""
+    every = getattr(cc, "checkpoint_every_s", 0.0)
+    if float(every) < 0:
+        raise ConfigError(f"compute.checkpoint_every_s={every}: must be >= 0 (0: after every epoch)")
+    for option, what in (("memory_budget_mb", "the machine"), ("device_memory_mb", "the device"),
+                         ("max_nodes_per_chunk", "the device's default")):
+        value = getattr(cc, option, None)
+        if value is not None and not value > 0:
+            raise ConfigError(f"compute.{option}={value}: must be > 0 (or null: from {what})")
+
+
 def default_chunk_cap(device: torch.device, stage: str = "train") -> int:
     """Nodes per chunk when ``compute.max_nodes_per_chunk`` is unset. One policy, one exception:
     training on CPU takes 32, because its optimiser streams all K models' weights every step and CPU
@@ -170,14 +182,13 @@ class Budget:
     def resolve(cls, cc: ComputeConfig, device: torch.device) -> "Budget":
         """The budgets for training on ``device`` from ``compute.memory_budget_mb`` and
         ``compute.device_memory_mb`` (unset: from the machine; see the module docstring)."""
+        check_compute_config(cc)
         host_mb, how = getattr(cc, "memory_budget_mb", None), []
         if host_mb is None:
             ranks = local_ranks()
             host_mb = HOST_SHARE * available_host_mb() / ranks
             shared = f" / {ranks} ranks" if ranks > 1 else ""
             how.append(f"host {host_mb:.0f} MB (half the available memory{shared})")
-        elif host_mb <= 0:
-            raise ConfigError(f"compute.memory_budget_mb={host_mb}: must be > 0 (or null: from the machine)")
         else:
             how.append(f"host {host_mb} MB (compute.memory_budget_mb)")
         dev_mb = getattr(cc, "device_memory_mb", None)
@@ -189,8 +200,6 @@ class Budget:
             held = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
             dev_bytes = int(DEVICE_SHARE * (free + held))
             how.append(f"device {dev_bytes / 2**20:.0f} MB ({DEVICE_SHARE:.0%} of free memory on {device})")
-        elif dev_mb <= 0:
-            raise ConfigError(f"compute.device_memory_mb={dev_mb}: must be > 0 (or null: from the device)")
         else:
             dev_bytes = int(dev_mb * 2**20)
             how.append(f"device {dev_mb} MB (compute.device_memory_mb)")

@@ -151,10 +151,10 @@ def _score(t: Tonight, store: TelemetryStore, nodes: list[str], overrides: list[
 
 def _alarms(t: Tonight, store: TelemetryStore, errors: ErrorStore, th: Thresholds, signals: list):
     """Step 3: alarms (csv, json, jsonl), incidents across nights, drain candidates, metrics when labelled."""
-    from hydra.utils import instantiate
+    from hpcad.config import build
 
     n, tmp = t.cfg.nightly, t.tmp
-    cm = instantiate(t.cfg.threshold, _convert_="all").cost_model
+    cm = build(t.cfg.threshold, "threshold").cost_model
     records, metrics = apply_thresholds(errors, th, cm, t.cfg.report.top_k, "s", store.jobs(), tmp / "alarms.csv",
                                         signals=lambda: iter(signals))
     alarms = [alarm_record(r) for r in records]

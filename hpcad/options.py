@@ -1,0 +1,70 @@
+"""Option values checked before a stage starts, so that a wrong one stops the run in seconds.
+
+Each stage checks the options it uses when it reaches them; before, a wrong value surfaced only
+there: ``hpcad run threshold=pot threshold.risk=0.5`` ingested, trained and scored the whole
+cluster, then failed in the threshold stage (with Hydra's "Error in call to target", exit 1), and
+``split.val=1.5`` failed after the ingest. :func:`check_options` applies the same checks (the
+functions the stages call, imported from them) to the composed configuration first: on a SLURM job
+at the preflight step, which checks every stage's options. Checks that need the data (a time split
+on a node without timestamps, too few training rows) stay where the data is read.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hpcad.config import HpcadConfig
+
+
+def _split(cfg: HpcadConfig) -> None:
+    from hpcad.preprocess import check_split, gap_limit
+
+    check_split(cfg.split)
+    gap_limit(cfg.preprocess.nan_fill_limit)
+
+
+def _training(cfg: HpcadConfig) -> None:
+    from hpcad.model.budget import check_compute_config
+    from hpcad.train import check_train_config, model_spec
+
+    model_spec(cfg)
+    check_train_config(cfg.train)
+    check_compute_config(cfg.compute)
+
+
+def _scoring(cfg: HpcadConfig) -> None:
+    from hpcad import excess
+    from hpcad.model.budget import check_compute_config
+    from hpcad.signals import smooth_window
+
+    smooth_window(cfg.signal.smooth)
+    if excess.fixed_weight(cfg.signal.excess_weight) is None:
+        excess.candidates(cfg.signal)
+    check_compute_config(cfg.compute)
+
+
+def _baselines(cfg: HpcadConfig) -> None:
+    from hpcad.baselines import check_methods
+
+    check_methods(list(cfg.baselines.methods))
+
+
+def _threshold(cfg: HpcadConfig) -> None:
+    from hpcad.config import build
+
+    build(cfg.threshold, "threshold")
+
+
+EVERY_STAGE = (_split, _training, _scoring, _baselines, _threshold)
+CHECKS: dict[str, tuple[Callable[[HpcadConfig], None], ...]] = {
+    "train": (_split, _training), "score": (_split, _scoring), "baselines": (_split, _baselines),
+    "threshold": (_threshold,), "run": EVERY_STAGE,
+    "preflight": EVERY_STAGE,  # a SLURM job's step 0: the options of the steps that follow it
+}
+
+
+def check_options(cfg: HpcadConfig, stage: str) -> None:
+    """Raise the ``ConfigError`` of the first option value ``stage`` would refuse (none: return)."""
+    for check in CHECKS.get(stage, ()):
+        check(cfg)

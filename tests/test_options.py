@@ -1,0 +1,85 @@
+"""Option values are checked before a stage starts (hpcad/options.py): a wrong value stops the run in
+seconds, naming the option, instead of after the ingest, the training and the scoring it would
+otherwise have waited for."""
+from __future__ import annotations
+
+import re
+
+import pytest
+from conftest import SMALL, hpcad
+from hydra import compose, initialize_config_dir
+
+from hpcad.config import register_configs
+from hpcad.errors import ConfigError
+from hpcad.options import check_options
+from hpcad.resources import resource_dir
+
+
+def _cfg(*overrides: str):
+    register_configs()
+    with initialize_config_dir(str(resource_dir("conf")), version_base="1.3"):
+        return compose("config", list(overrides))
+
+
+# (overrides, a stage that uses the option, what the error says)
+WRONG = [
+    (["threshold=pot", "threshold.risk=0.5"], "threshold", "threshold.init_q=0.98, threshold.risk=0.5: need"),
+    (["threshold=quantile", "threshold.q=1.5"], "threshold", "threshold.q=1.5: must be in (0, 1)"),
+    (["threshold.drift=2"], "threshold", "threshold.drift=2"),
+    (["threshold.scope=rack"], "threshold", "threshold.scope='rack': expected node or cluster"),
+    (["split.val=1.5"], "train", "split.train=0.5, split.val=1.5: fractions must be >= 0 and sum to <= 1"),
+    (["split.unit=rows", "split.train=-3"], "train", "split.train=-3: must be >= 0"),
+    (["split.train=2025-01-01"], "score", "split.train='2025-01-01': not a number, as split.unit=fraction needs"),
+    (["split.unit=time", "split.train=2025-02-01", "split.val=2025-01-01"], "baselines", "must not be before"),
+    (["split.unit=time", "split.train=soon"], "train", "split.train: 'soon' is not a timestamp"),
+    (["preprocess.nan_fill_limit=-1"], "score", "preprocess.nan_fill_limit=-1: must be >= 0"),
+    (["model.hidden=[0]"], "train", "model.hidden=[0]: need at least one positive width"),
+    (["train.epochs=0"], "train", "train.epochs=0: must be >= 1"),
+    (["train.lr=0"], "train", "train.lr=0.0: must be > 0"),
+    (["compute.max_nodes_per_chunk=0"], "train", "compute.max_nodes_per_chunk=0: must be > 0"),
+    (["compute.memory_budget_mb=-5"], "score", "compute.memory_budget_mb=-5: must be > 0"),
+    (["compute.checkpoint_every_s=-1"], "train", "compute.checkpoint_every_s=-1.0: must be >= 0"),
+    (["signal.smooth=0"], "score", "signal.smooth=0: must be >= 1"),
+    (["signal.excess_weight=much"], "score", "signal.excess_weight='much': a number >= 0 or 'auto'"),
+    (["signal.excess_grid=[]"], "score", "signal.excess_grid=[]: a non-empty list of weights >= 0"),
+    (["baselines.methods=[kde,lof]"], "baselines", "baselines.methods: unknown method 'lof'"),
+]
+
+
+@pytest.mark.parametrize("overrides,stage,says", WRONG, ids=[" ".join(w[0]) for w in WRONG])
+def test_a_wrong_value_is_refused_by_its_stage_by_run_and_by_preflight(overrides, stage, says):
+    cfg = _cfg(*overrides)
+    for s in (stage, "run", "preflight"):
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            check_options(cfg, s)
+
+
+def test_stages_leave_alone_what_they_do_not_use():
+    cfg = _cfg("threshold=quantile", "threshold.q=1.5", "baselines.methods=[lof]")
+    for stage in ("ingest", "train", "score", "report", "generate", "nightly"):
+        check_options(cfg, stage)  # the threshold and baselines options are theirs alone
+    with pytest.raises(ConfigError, match="threshold.q"):
+        check_options(cfg, "threshold")
+
+
+def _shipped() -> list[list[str]]:
+    """The default, every YAML option of every config group, and two non-default settings."""
+    conf = resource_dir("conf")
+    groups = [[f"{g.name}={y.stem}"] for g in sorted(conf.iterdir()) if g.is_dir() for y in sorted(g.glob("*.yaml"))]
+    return [[], *groups, ["compute.precision=bf16", "train.input_noise=0.3"]]
+
+
+@pytest.mark.parametrize("overrides", _shipped(), ids=str)
+def test_shipped_configurations_pass(overrides):
+    check_options(_cfg(*overrides), "run")
+
+
+def test_run_stops_before_the_ingest_with_one_clear_line(tmp_path):
+    """Before: the synthetic cluster was generated, trained and scored, then Hydra's "Error in call to
+    target 'hpcad.threshold.rules.PotRule'" ended the process with exit 1."""
+    run = tmp_path / "run"
+    p = hpcad("run", f"hydra.run.dir={run}", *SMALL, "threshold=pot", "threshold.risk=0.5", check=False)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "hpcad run: error: threshold.init_q=0.98, threshold.risk=0.5: need 0 < risk < 1 - init_q < 1" in p.stderr
+    assert "Traceback" not in p.stderr and "Error in call to target" not in p.stderr
+    assert not (run / "store.h5").exists() and not (run / "models").exists()  # nothing ran
