@@ -121,7 +121,10 @@ def run_stage(stage: str, overrides: list[str]) -> int:
             if unknown:
                 raise ConfigError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: not part of "
                                   f"hpcad's configuration (misspelt? `hpcad {stage} --cfg job` prints the options)")
-            check_options(cfg, stage)  # every value the stage will use, before it starts (hpcad/options.py)
+            # every value the stage will use, before it starts (hpcad/options.py); the paths it reads too
+            # when it runs here in one process (a launcher's job checks its own)
+            here = str(cfg.launcher.get("_target_", "")).endswith("LocalLauncher") and not world().distributed
+            check_options(cfg, stage, single_process=here)
             from tqdm.contrib.logging import logging_redirect_tqdm
 
             launcher = instantiate(cfg.launcher)

@@ -6,7 +6,8 @@ cluster, then failed in the threshold stage (with Hydra's "Error in call to targ
 ``split.val=1.5`` failed after the ingest. :func:`check_options` applies the same checks (the
 functions the stages call, imported from them) to the composed configuration first: on a SLURM job
 at the preflight step, which checks every stage's options. Checks that need the data (a time split
-on a node without timestamps, too few training rows) stay where the data is read.
+on a node without timestamps, too few training rows) stay where the data is read. In a single
+process the paths a stage reads are checked too (``PATHS``).
 """
 from __future__ import annotations
 
@@ -56,15 +57,36 @@ def _threshold(cfg: HpcadConfig) -> None:
     build(cfg.threshold, "threshold")
 
 
+def _inputs(cfg: HpcadConfig) -> None:
+    from hpcad.data.ingest import check_inputs
+
+    check_inputs(cfg.data)
+
+
+def _models(cfg: HpcadConfig) -> None:
+    from hpcad.runfolder import train_run
+
+    train_run(cfg)
+
+
 EVERY_STAGE = (_split, _training, _scoring, _baselines, _threshold)
 CHECKS: dict[str, tuple[Callable[[HpcadConfig], None], ...]] = {
     "train": (_split, _training), "score": (_split, _scoring), "baselines": (_split, _baselines),
     "threshold": (_threshold,), "run": EVERY_STAGE,
     "preflight": EVERY_STAGE,  # a SLURM job's step 0: the options of the steps that follow it
 }
+# The paths a stage reads: data.source and data.jobs (ingested), train_run (its models). Checked
+# here in a single process only: the ranks of a job may see different file systems, and a rank
+# that stopped before the others meet would leave them waiting; there the preflight checks each
+# rank's view (hpcad/preflight.py) and the stages share rank 0's ingest error (hpcad/dist.py).
+PATHS: dict[str, tuple[Callable[[HpcadConfig], None], ...]] = {
+    "ingest": (_inputs,), "train": (_inputs,), "score": (_inputs, _models), "baselines": (_inputs, _models),
+    "threshold": (_inputs, _models), "report": (_models,), "run": (_inputs, _models),
+}
 
 
-def check_options(cfg: HpcadConfig, stage: str) -> None:
-    """Raise the ``ConfigError`` of the first option value ``stage`` would refuse (none: return)."""
-    for check in CHECKS.get(stage, ()):
+def check_options(cfg: HpcadConfig, stage: str, single_process: bool = True) -> None:
+    """Raise the ``ConfigError`` (``InputError`` for a missing input) of the first option ``stage``
+    would refuse; return when there is none. ``single_process``: the paths too (``PATHS``)."""
+    for check in CHECKS.get(stage, ()) + (PATHS.get(stage, ()) if single_process else ()):
         check(cfg)

@@ -39,17 +39,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _train_run(cfg: HpcadConfig) -> Path | None:
-    if not cfg.train_run:
-        return None
-    p = Path(cfg.train_run).expanduser().resolve()
-    if not (p / "models").is_dir():
-        raise ConfigError(f"train_run={cfg.train_run}: {p / 'models'} does not exist (not a trained run folder)")
-    return p
-
-
 def models_dir(cfg: HpcadConfig, run_dir: Path) -> Path:
-    tr = _train_run(cfg)
+    tr = runfolder.train_run(cfg)
     return (tr if tr is not None else run_dir) / "models"
 
 
@@ -132,7 +123,7 @@ def stage_score(cfg: HpcadConfig, run_dir: Path) -> Path:
     from hpcad.score import score_nodes, write_index
 
     out = run_dir / "errors.h5"
-    fallback = excess.recorded(_train_run(cfg))  # the weight its thresholds were fitted with
+    fallback = excess.recorded(runfolder.train_run(cfg))  # the weight its thresholds were fitted with
     with ranked_share(cfg, run_dir) as (w, device, store, mine):
         if not w.distributed:
             score_nodes(cfg, store, models_dir(cfg, run_dir), out, mine, device, excess_fallback=fallback)
@@ -183,7 +174,7 @@ def stage_baselines(cfg: HpcadConfig, run_dir: Path) -> dict:
     if not cfg.baselines.methods or _left_to_rank_zero("baselines"):
         return {}
     store = stage_ingest(cfg, run_dir)
-    tr = _train_run(cfg)
+    tr = runfolder.train_run(cfg)
     fit_store = store
     if tr is not None:
         tcfg = runfolder.load_run_config(tr)
@@ -212,7 +203,7 @@ def stage_threshold(cfg: HpcadConfig, run_dir: Path) -> dict:
     red = reducer(w)
     mine = partial(errors.signals, nodes=dist.shard(errors.rows, red.size)[red.rank])
     labelled = any(s.labels is not None for s in errors.signals(errors.nodes[:1])) if errors.nodes else False
-    tr = _train_run(cfg)
+    tr = runfolder.train_run(cfg)
     rule = build(cfg.threshold, "threshold")
     if tr is not None and not labelled and (tr / "thresholds.json").exists():
         th = Thresholds.load(tr / "thresholds.json")

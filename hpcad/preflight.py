@@ -6,7 +6,8 @@ meet as the job's stages will (same rendezvous and backend: NCCL for ``model.sco
 else gloo) but give up after ``PREFLIGHT_WAIT`` instead of the stages' hours, and time a barrier.
 On CUDA each rank multiplies two matrices on its GPU, and with the fleet scope the ranks all-reduce
 a tensor on their GPUs. Rank 0 writes ``preflight.json`` and logs one line per rank. Two ranks on
-one GPU, a GPU that computes wrongly or a wrong all-reduce stop it with exit 2.
+one GPU, a GPU that computes wrongly, a wrong all-reduce or an input a rank will read but cannot
+see (``data.source`` on rank 0's node, ``train_run`` on every node) stop it with exit 2 on every rank.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from hpcad.atomic import write_json
 from hpcad.device import allocated_gpus, describe, resolve_device
 from hpcad.errors import ConfigError, HpcadError
 from hpcad.model.budget import Budget
-from hpcad.runfolder import check_shared
+from hpcad.data.ingest import check_inputs
+from hpcad.runfolder import check_shared, train_run
 
 if TYPE_CHECKING:
     from hpcad.config import HpcadConfig
@@ -34,11 +36,16 @@ log = logging.getLogger(__name__)
 PREFLIGHT_WAIT = dt.timedelta(minutes=2)  # joining and every collective (or HPCAD_DIST_TIMEOUT_MIN if shorter)
 
 
+def _node() -> str:
+    """This rank's node as SLURM names it (the host name outside SLURM)."""
+    return os.environ.get("SLURMD_NODENAME", socket.gethostname())
+
+
 def rank_report(cfg: HpcadConfig, device: torch.device, w: dist.World) -> dict:
     """This rank's view: where it runs, its device and GPUs, its budgets; on CUDA a matmul's check."""
     host = socket.gethostname()
     r = {"rank": w.rank, "ranks": w.size, "local_rank": w.local_rank, "launched_by": w.source, "host": host,
-         "node": os.environ.get("SLURMD_NODENAME", host), "device": describe(device),
+         "node": _node(), "device": describe(device),
          "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
          "gpus_without_cuda": device.type == "cpu" and allocated_gpus() is not None,
          "budget": Budget.resolve(cfg.compute, device).source, "torch": torch.__version__}
@@ -51,6 +58,19 @@ def rank_report(cfg: HpcadConfig, device: torch.device, w: dist.World) -> dict:
                  gpu_memory_mb=props.total_memory // 2**20, gpu_matmul_ok=ok,
                  gpu_matmul_ms=round(1000 * (time.perf_counter() - t0), 1))
     return r
+
+
+def missing_inputs(cfg: HpcadConfig, w: dist.World) -> list[str]:
+    """The inputs this rank's stages will read but its node does not show: ``train_run`` (every rank
+    loads its nodes' models), ``data.source`` and ``data.jobs`` (rank 0 ingests them for all)."""
+    checks = [lambda: train_run(cfg)] + ([lambda: check_inputs(cfg.data)] if w.rank == 0 else [])
+    found = []
+    for check in checks:
+        try:
+            check()
+        except HpcadError as exc:
+            found.append(f"rank {w.rank} on {_node()}: {exc}")
+    return found
 
 
 def problems(reports: list[dict]) -> list[str]:
@@ -99,7 +119,7 @@ def preflight(cfg: HpcadConfig, run_dir: Path) -> dict:
         t1 = time.perf_counter()
         dist.barrier()
         barrier_ms = 1000 * (time.perf_counter() - t1)
-        found = []
+        found = missing_inputs(cfg, w)
         if fleet and device.type == "cuda" and w.distributed:  # the fleet model's all-reduce, on the GPUs
             import torch.distributed as tdist
 

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from hpcad.atomic import NO_LOCKS
-from hpcad.errors import HpcadError, LockedError
+from hpcad.errors import ConfigError, HpcadError, LockedError
 
 log = logging.getLogger(__name__)
 LOCK_NAME = ".hpcad.lock"
@@ -102,6 +102,17 @@ def writer(run_dir: Path, stage: str) -> Iterator[None]:
         if taken:  # not again in the stages `hpcad run` calls while it holds the lock
             remove_stale(Path(run_dir))
         yield
+
+
+def train_run(cfg) -> Path | None:
+    """The trained run folder ``train_run`` names (its models score this run), or None; a
+    ``ConfigError`` when it holds no models."""
+    if not cfg.train_run:
+        return None
+    p = Path(cfg.train_run).expanduser().resolve()
+    if not (p / "models").is_dir():
+        raise ConfigError(f"train_run={cfg.train_run}: {p / 'models'} does not exist (not a trained run folder)")
+    return p
 
 
 def load_run_config(run: Path):

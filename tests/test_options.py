@@ -10,7 +10,7 @@ from conftest import SMALL, hpcad
 from hydra import compose, initialize_config_dir
 
 from hpcad.config import register_configs
-from hpcad.errors import ConfigError
+from hpcad.errors import ConfigError, InputError
 from hpcad.options import check_options
 from hpcad.resources import resource_dir
 
@@ -60,6 +60,27 @@ def test_stages_leave_alone_what_they_do_not_use():
         check_options(cfg, stage)  # the threshold and baselines options are theirs alone
     with pytest.raises(ConfigError, match="threshold.q"):
         check_options(cfg, "threshold")
+
+
+def test_paths_a_stage_reads_are_checked_in_a_single_process(tmp_path):
+    """data.source and data.jobs for the stages that ingest, train_run for those that load its models.
+    Not under several ranks: there each rank may see other file systems (the preflight checks each
+    rank's view, tests/test_slurm.py)."""
+    gone = tmp_path / "gone"
+    for option, stages in (("data.source", ("ingest", "train", "score", "threshold", "run")),
+                           ("data.jobs", ("ingest", "train", "baselines", "run"))):
+        cfg = _cfg(f"{option}={gone}")
+        for stage in stages:
+            with pytest.raises(InputError, match=re.escape(f"{option}: {gone} does not exist")):
+                check_options(cfg, stage)
+            check_options(cfg, stage, single_process=False)
+        check_options(cfg, "report")  # reads neither
+    cfg = _cfg(f"train_run={gone}")
+    for stage in ("score", "baselines", "threshold", "report", "run"):
+        with pytest.raises(ConfigError, match=re.escape(f"train_run={gone}: {gone / 'models'} does not exist")):
+            check_options(cfg, stage)
+    (gone / "models").mkdir(parents=True)
+    check_options(cfg, "run")
 
 
 def _shipped() -> list[list[str]]:

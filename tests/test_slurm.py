@@ -460,6 +460,37 @@ def test_preflight_ends_fast_and_says_why_when_the_ranks_cannot_meet(tmp_path, s
     assert "could not join the ranks at 192.0.2.1:" in bad.stderr and "GLOO_SOCKET_IFNAME" in bad.stderr
 
 
+def test_preflight_stops_every_rank_on_an_input_a_rank_cannot_see_or_a_wrong_option(tmp_path, slurm_env):
+    """Before, the preflight passed and the job failed in its later steps: a wrong option value at
+    the threshold step, after training and scoring; a missing data.source in the training step (exit
+    143: srun killed the ranks still waiting); a train_run on one node's local disk when that rank
+    loaded its models. Now the preflight stops, every rank with the same line, exit 2."""
+    pf = [*hpcad_cmd(), "preflight", f"hydra.run.dir={tmp_path / 'pf'}", "compute.progress=false"]
+    bad = subprocess.run(["srun", "-N1", "-n2", *pf, "threshold=pot", "threshold.risk=0.5"], env=slurm_env,
+                         capture_output=True, text=True, timeout=300)
+    said = [ln for ln in bad.stderr.splitlines() if ln.startswith("hpcad preflight: error:")]
+    assert bad.returncode == 2 and len(said) == 2 and "threshold.risk=0.5: need 0 < risk" in said[0], bad.stderr[-3000:]
+    gone = subprocess.run(["srun", "-N2", "-n2", *pf, "data.source=/nonexistent/exports"], env=slurm_env,
+                          capture_output=True, text=True, timeout=300)
+    said = [ln for ln in gone.stderr.splitlines() if ln.startswith("hpcad preflight: error:")]
+    assert gone.returncode == 2 and len(said) == 2, gone.stderr[-3000:]
+    assert said[0] == "hpcad preflight: error: preflight: rank 0 on n1: data.source: /nonexistent/exports does not exist"
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare -m is not permitted here (it stands in for a second node's local disk)")
+    train = tmp_path / "train"
+    (train / "models").mkdir(parents=True)  # a trained run folder, on the first node's local disk only
+    local = tmp_path / "local.sh"
+    local.write_text('#!/bin/bash\nif [ "$SLURM_PROCID" = 1 ]; then\n'
+                     f'  exec unshare -m bash -c \'mount -t tmpfs none {train} && exec "$@"\' - "$@"\nfi\nexec "$@"\n')
+    local.chmod(0o755)
+    p = subprocess.run(["srun", "-N2", "-n2", str(local), *pf, f"train_run={train}"], env=slurm_env,
+                       capture_output=True, text=True, timeout=300)
+    said = [ln for ln in p.stderr.splitlines() if ln.startswith("hpcad preflight: error:")]
+    assert p.returncode == 2 and len(said) == 2, p.stderr[-3000:]
+    assert f"preflight: rank 1 on n2: train_run={train}: {train / 'models'} does not exist" in said[0]
+    assert "rank 0" not in said[0]  # rank 0 sees it
+
+
 def test_preflight_finds_ranks_sharing_a_gpu_and_gpus_that_compute_wrongly():
     from hpcad.preflight import problems
 

@@ -265,6 +265,14 @@ def _iter_single_file(source: Path, conv: FrameConverter, scratch_dir: Path,
         Path(scratch).unlink(missing_ok=True)
 
 
+def check_inputs(data_cfg) -> None:
+    """``data.source`` and ``data.jobs`` exist here (each rank checks on its own node, so a path on one
+    node's local disk is found out before any work), else ``InputError`` naming the option."""
+    for option, value in (("data.source", data_cfg.source), ("data.jobs", data_cfg.jobs)):
+        if value is not None and not Path(value).expanduser().exists():
+            raise InputError(f"{option}: {Path(value).expanduser().resolve()} does not exist")
+
+
 def ingest(data_cfg, store_path: Path) -> Path:
     """Make sure a store for ``data_cfg.source`` exists; return its path (an input store is used as is)."""
     source = data_cfg.source
@@ -283,9 +291,8 @@ def ingest(data_cfg, store_path: Path) -> Path:
         n = write_store(store_path, synthetic.metric_names(s.profile), nodes, "synthetic", signature=sig)
         log.info("generated the synthetic cluster (profile %s): %d nodes -> %s", s.profile, n, store_path)
         return store_path
+    check_inputs(data_cfg)
     src = Path(source).expanduser().resolve()
-    if not src.exists():
-        raise InputError(f"data.source: {src} does not exist")
     fmt = data_cfg.format
     if fmt not in FORMATS:
         raise InputError(f"data.format={fmt!r}: one of {list(FORMATS)}")
