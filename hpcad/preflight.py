@@ -23,10 +23,10 @@ import torch
 
 from hpcad import dist
 from hpcad.atomic import write_json
+from hpcad.data.ingest import check_inputs
 from hpcad.device import allocated_gpus, describe, resolve_device
 from hpcad.errors import ConfigError, HpcadError
 from hpcad.model.budget import Budget
-from hpcad.data.ingest import check_inputs
 from hpcad.runfolder import check_shared, train_run
 
 if TYPE_CHECKING:

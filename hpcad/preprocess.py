@@ -42,7 +42,7 @@ def _to_epoch(value, option: str) -> int:
         raise ConfigError(f"{option}: {value!r} is not a timestamp (ISO time or epoch seconds)") from exc
 
 
-def _split_number(value, option: str, kind: type, unit: str) -> float:
+def _split_number(value, option: str, kind: type, unit: str) -> int | float:
     try:
         n = kind(value)
     except (TypeError, ValueError):
@@ -53,7 +53,7 @@ def _split_number(value, option: str, kind: type, unit: str) -> float:
     return n
 
 
-def check_split(split_cfg) -> tuple:
+def check_split(split_cfg) -> tuple[int | float, int | float]:
     """The split's two bounds, checked without any data (the unit, the numbers, the order of two
     times): ``ConfigError`` naming the option. Fractions, row counts or epoch seconds."""
     unit = split_cfg.unit

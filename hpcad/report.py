@@ -7,6 +7,7 @@ import html
 import io
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -290,7 +291,7 @@ def _fmt(v) -> str:
     """A table cell: floats to 3 significant digits, but 1,000 and more in full (a cost of 1,380 rows,
     not 1.38e+03)."""
     if isinstance(v, float):
-        return f"{v:,.0f}" if abs(v) >= 1000 and v == v and abs(v) != float("inf") else f"{v:.3g}"
+        return f"{v:,.0f}" if math.isfinite(v) and abs(v) >= 1000 else f"{v:.3g}"
     return "" if v is None else str(v)
 
 

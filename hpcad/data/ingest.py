@@ -266,8 +266,8 @@ def _iter_single_file(source: Path, conv: FrameConverter, scratch_dir: Path,
 
 
 def check_inputs(data_cfg) -> None:
-    """``data.source`` and ``data.jobs`` exist here (each rank checks on its own node, so a path on one
-    node's local disk is found out before any work), else ``InputError`` naming the option."""
+    """``data.source`` and ``data.jobs`` exist on this node (under several ranks the preflight asks
+    rank 0, which ingests for all), else ``InputError`` naming the option."""
     for option, value in (("data.source", data_cfg.source), ("data.jobs", data_cfg.jobs)):
         if value is not None and not Path(value).expanduser().exists():
             raise InputError(f"{option}: {Path(value).expanduser().resolve()} does not exist")
