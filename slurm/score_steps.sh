@@ -15,6 +15,33 @@
 srun_opts=(--kill-on-bad-exit=1 --export=ALL)
 [ -n "${SLURM_CPUS_PER_TASK:-}" ] && srun_opts+=("--cpus-per-task=${SLURM_CPUS_PER_TASK}")
 
+# The job's log files (stdout and stderr: one file unless sbatch -e split them) and their sizes at
+# this run's start: a requeued job appends to them, and run_step reads only this run's lines.
+log_files=() log_sizes=()
+while read -r f; do
+  log_files+=("$f") log_sizes+=("$(stat -c %s "$f" 2>/dev/null || echo 0)")
+done < <(scontrol show job "${SLURM_JOB_ID:-0}" 2>/dev/null | sed -n 's/^ *Std\(Out\|Err\)=//p' | sort -u)
+
+# One step: started in the background and waited for, so that USR1 reaches the script's trap at
+# once. A step that fails ends the script with a last line naming the step and repeating the first
+# hpcad error line of this run's log (the ranks' own lines above it can run to thousands, and srun's
+# "Terminated" lines for the ranks it stopped come last), and with hpcad's exit status 2 when hpcad
+# stopped with such an error (srun's own is 143 when it terminated the other ranks), else srun's.
+run_step() {
+  local name=$1 rc=0 first="" i; shift
+  "$@" &
+  wait $! || rc=$?
+  [ "$rc" = 0 ] && return 0
+  [ "${requeueing:-0}" = 1 ] && exit "$rc"  # USR1: the trap requeued the job, which ends here
+  for i in "${!log_files[@]}"; do
+    [ -n "$first" ] || first=$(tail -c "+$((log_sizes[i] + 1))" "${log_files[i]}" 2>/dev/null |
+                               grep -m1 -E '^hpcad [a-z]+: error: ' || true)
+  done
+  echo "$(basename "${here:-$0}" .sh): the $name step failed (srun exit $rc)${first:+; the first error: $first}" >&2
+  [ -n "$first" ] && exit 2
+  exit "$rc"
+}
+
 gpu_binding() {
   local bind=${HPCAD_GPU_BIND:-per_task:1} gpus=${SLURM_GPUS_ON_NODE:-} tasks
   if [ -z "$gpus" ] && [ -n "${SLURM_JOB_GPUS:-}" ]; then  # older SLURM: count the job's GPU list
@@ -39,8 +66,7 @@ gpu_binding
 preflight_step() {
   local run_dir=$1; shift
   [ "${HPCAD_PREFLIGHT:-1}" = 0 ] && return 0
-  srun "${srun_opts[@]}" hpcad preflight "hydra.run.dir=${run_dir}" "$@" &
-  wait $!
+  run_step preflight srun "${srun_opts[@]}" hpcad preflight "hydra.run.dir=${run_dir}" "$@"
 }
 
 # The srun MPI plugin of the threshold step: HPCAD_SRUN_MPI, else pmi2 (MPICH and Intel MPI; Open MPI
@@ -62,16 +88,13 @@ mpi_plugin() {
 score_steps() {
   local run_dir=$1; shift
   # Each rank scores its share into errors-rank<r>.h5; rank 0 writes the errors.h5 index.
-  srun "${srun_opts[@]}" hpcad score "hydra.run.dir=${run_dir}" "$@" &
-  wait $!
+  run_step scoring srun "${srun_opts[@]}" hpcad score "hydra.run.dir=${run_dir}" "$@"
   [ "${HPCAD_SCORE_ONLY:-0}" = 1 ] && return 0
   local mpi
   if python3 -c "import mpi4py" 2>/dev/null && mpi=$(mpi_plugin); then
-    srun "${srun_opts[@]}" --mpi="$mpi" hpcad threshold "hydra.run.dir=${run_dir}" "$@" &
+    run_step threshold srun "${srun_opts[@]}" --mpi="$mpi" hpcad threshold "hydra.run.dir=${run_dir}" "$@"
   else
-    hpcad threshold "hydra.run.dir=${run_dir}" "$@" &
+    run_step threshold hpcad threshold "hydra.run.dir=${run_dir}" "$@"
   fi
-  wait $!
-  hpcad report "hydra.run.dir=${run_dir}" "$@" &
-  wait $!
+  run_step report hpcad report "hydra.run.dir=${run_dir}" "$@"
 }

@@ -46,6 +46,7 @@ export HPCAD_WORLD_SIZE=${SLURM_NTASKS:-1}
 # Before the time limit SLURM sends USR1 to this script: requeue the job. Finished nodes' models
 # are complete files (written under a temporary name, then renamed), so the rerun skips them.
 requeue() {
+  requeueing=1
   echo "train_all_nodes: USR1 (the time limit is near, or a preemption notice): requeueing job ${SLURM_JOB_ID}" >&2
   scontrol requeue "${SLURM_JOB_ID}"
 }
@@ -62,8 +63,7 @@ source "$steps"
 preflight_step "$RUN_DIR" "$@"
 # 1. Each rank trains its share of the monitored nodes (balanced by row counts).
 # A node with a corrupt export is logged, recorded and skipped; the others go on (override: data.on_bad_node=error).
-srun "${srun_opts[@]}" hpcad train "hydra.run.dir=${RUN_DIR}" data.on_bad_node=skip "$@" &
-wait $!
+run_step training srun "${srun_opts[@]}" hpcad train "hydra.run.dir=${RUN_DIR}" data.on_bad_node=skip "$@"
 # 2-4. Score, fit thresholds, report.
 score_steps "$RUN_DIR" data.on_bad_node=skip "$@"
 if [ -f "${RUN_DIR}/report.html" ]; then

@@ -113,6 +113,27 @@ def test_nightly_job_scores_through_sbatch(tmp_path, slurm_env):
         json.loads((tmp_path / "trainrun" / "thresholds.json").read_text())  # the trained run's thresholds
 
 
+def test_a_failed_step_ends_the_job_log_with_the_step_and_its_first_error(tmp_path, slurm_env):
+    """The log of a failed job ended in srun's "Terminated" lines for the ranks it stopped, the job
+    with exit 143, and the cause was somewhere among every rank's lines above. Now the last line
+    names the step and repeats the first hpcad error of this run (not of an earlier run whose
+    lines a requeued job's log also holds), and the job ends with hpcad's exit 2."""
+    log = tmp_path / "job.out"
+    log.write_text("hpcad train: error: from an earlier run of this job (a requeue appends)\n")
+    for preflight, step, said in (("1", "preflight", "hpcad preflight: error: threshold.init_q=0.98, threshold.risk=0.5"),
+                                  ("0", "training", "hpcad train: error: ")):
+        env = dict(slurm_env, HPCAD_RUN_DIR=str(tmp_path / f"run{preflight}"), HPCAD_PREFLIGHT=preflight)
+        job = sbatch_wait(["--ntasks-per-node=2", "--open-mode=append", "-o", str(log),
+                           str(ROOT / "slurm" / "train_all_nodes.sh"), "threshold=pot", "threshold.risk=0.5",
+                           "data.source=/nonexistent/exports" if preflight == "0" else "compute.progress=false"],
+                          env=env, cwd=tmp_path)
+        last = log.read_text().rstrip().splitlines()[-1]
+        assert job.returncode == 2, log.read_text()[-3000:]
+        assert last.startswith(f"train_all_nodes: the {step} step failed (srun exit ") and said in last, last
+        if preflight == "0":  # the ranks' own error, not the earlier run's line nor the option's (checked later)
+            assert "data.source: /nonexistent/exports does not exist" in last, last
+
+
 def test_a_sites_copy_of_the_script_on_a_cpu_partition_runs_unedited(tmp_path, slurm_env):
     """#16 item 10: a copy kept elsewhere finds score_steps.sh, and sbatch options replace the GPU lines."""
     import shutil
