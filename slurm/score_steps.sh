@@ -37,7 +37,7 @@ run_step() {
     [ -n "$first" ] || first=$(tail -c "+$((log_sizes[i] + 1))" "${log_files[i]}" 2>/dev/null |
                                grep -m1 -E '^hpcad [a-z]+: error: ' || true)
   done
-  echo "$(basename "${here:-$0}" .sh): the $name step failed (srun exit $rc)${first:+; the first error: $first}" >&2
+  echo "$(basename "${here:-$0}" .sh): the $name step failed (exit $rc)${first:+; the first error: $first}" >&2
   [ -n "$first" ] && exit 2
   exit "$rc"
 }

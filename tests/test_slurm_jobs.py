@@ -129,7 +129,7 @@ def test_a_failed_step_ends_the_job_log_with_the_step_and_its_first_error(tmp_pa
                           env=env, cwd=tmp_path)
         last = log.read_text().rstrip().splitlines()[-1]
         assert job.returncode == 2, log.read_text()[-3000:]
-        assert last.startswith(f"train_all_nodes: the {step} step failed (srun exit ") and said in last, last
+        assert last.startswith(f"train_all_nodes: the {step} step failed (exit ") and said in last, last
         if preflight == "0":  # the ranks' own error, not the earlier run's line nor the option's (checked later)
             assert "data.source: /nonexistent/exports does not exist" in last, last
 
