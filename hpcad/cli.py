@@ -92,6 +92,15 @@ def ranks_run_dir(stage: str, overrides: list[str], env: dict | None = None) -> 
                       f"differ between ranks")
 
 
+def _close_bars() -> None:
+    """Close the progress bars a failed stage left open (its frame lives on in the error's
+    traceback), so that their last state is printed before the error line, not after it at exit."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def run_stage(stage: str, overrides: list[str]) -> int:
     import hydra
     from hydra.core.hydra_config import HydraConfig
@@ -137,6 +146,7 @@ def run_stage(stage: str, overrides: list[str]) -> int:
                     raise
             if isinstance(exc, OutputError):  # the log file may be on the full file system too: no traceback per line
                 logging.raiseExceptions = False  # (hpcad.atomic does the same where it raises one)
+            _close_bars()
             log.error("%s", exc)
             print(f"hpcad {stage}: error: {exc}", file=sys.stderr)
             status["rc"] = 2

@@ -49,11 +49,13 @@ def test_one_minimum_of_training_rows_for_models_and_baselines(tmp_path):
         pd.DataFrame({"timestamp": 1_700_000_000 + 300 * np.arange(rows),
                       **{m: np.random.default_rng(1).normal(size=rows) for m in ("a", "b", "c")}}).to_csv(
             src / f"{node}.csv", index=False)
-    for stage in ("train", "baselines"):
-        p = hpcad(stage, f"data.source={src}", "data.format=wide", "compute.progress=false",
-                  "baselines.methods=[pca]", f"hydra.run.dir={tmp_path / stage}", check=False)
+    for stage in ("train", "baselines"):  # with progress bars, as a person runs it
+        p = hpcad(stage, f"data.source={src}", "data.format=wide", "baselines.methods=[pca]",
+                  f"hydra.run.dir={tmp_path / stage}", check=False)
         assert p.returncode == 2 and "node tiny: 6 training rows" in p.stderr, p.stderr
         assert f"fewer than the minimum of {MIN_TRAINING_ROWS}" in p.stderr
+        # the error is the last thing said: the bar the stage left open used to be printed after it
+        assert p.stderr.rstrip().splitlines()[-1].startswith(f"hpcad {stage}: error: "), p.stderr[-500:]
 
 
 def _corrupt_chunk(path, dataset):
