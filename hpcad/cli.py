@@ -98,7 +98,10 @@ def _close_bars() -> None:
     from tqdm import tqdm
 
     for bar in list(getattr(tqdm, "_instances", ())):
-        bar.close()
+        try:
+            bar.close()
+        except (OSError, ValueError):  # stderr on a full file system (the error to say may be that), or closed
+            pass
 
 
 def run_stage(stage: str, overrides: list[str]) -> int:
