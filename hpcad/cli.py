@@ -111,6 +111,7 @@ def run_stage(stage: str, overrides: list[str]) -> int:
     from hpcad.atomic import out_of_room
     from hpcad.config import register_configs, unknown_keys
     from hpcad.errors import ConfigError, HpcadError, OutputError
+    from hpcad.launch.local import LocalLauncher
     from hpcad.options import check_options
     from hpcad.pipeline import RUNNERS
 
@@ -133,13 +134,13 @@ def run_stage(stage: str, overrides: list[str]) -> int:
             if unknown:
                 raise ConfigError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: not part of "
                                   f"hpcad's configuration (misspelt? `hpcad {stage} --cfg job` prints the options)")
+            launcher = instantiate(cfg.launcher)
             # every value the stage will use, before it starts (hpcad/options.py); the paths it reads too
             # when it runs here in one process (a launcher's job checks its own)
-            here = str(cfg.launcher.get("_target_", "")).endswith("LocalLauncher") and not world().distributed
+            here = isinstance(launcher, LocalLauncher) and not world().distributed
             check_options(cfg, stage, single_process=here)
             from tqdm.contrib.logging import logging_redirect_tqdm
 
-            launcher = instantiate(cfg.launcher)
             with logging_redirect_tqdm():  # log lines go above a running progress bar, never onto it
                 result = launcher.launch(RUNNERS[stage], cfg, run_dir)
         except (HpcadError, OSError) as exc:

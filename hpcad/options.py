@@ -26,23 +26,25 @@ def _split(cfg: HpcadConfig) -> None:
 
 
 def _training(cfg: HpcadConfig) -> None:
-    from hpcad.model.budget import check_compute_config
     from hpcad.train import check_train_config, model_spec
 
     model_spec(cfg)
     check_train_config(cfg.train)
+
+
+def _compute(cfg: HpcadConfig) -> None:
+    from hpcad.model.budget import check_compute_config
+
     check_compute_config(cfg.compute)
 
 
 def _scoring(cfg: HpcadConfig) -> None:
     from hpcad import excess
-    from hpcad.model.budget import check_compute_config
     from hpcad.signals import smooth_window
 
     smooth_window(cfg.signal.smooth)
     if excess.fixed_weight(cfg.signal.excess_weight) is None:
         excess.candidates(cfg.signal)
-    check_compute_config(cfg.compute)
 
 
 def _baselines(cfg: HpcadConfig) -> None:
@@ -69,9 +71,9 @@ def _models(cfg: HpcadConfig) -> None:
     train_run(cfg)
 
 
-EVERY_STAGE = (_split, _training, _scoring, _baselines, _threshold)
+EVERY_STAGE = (_split, _training, _compute, _scoring, _baselines, _threshold)
 CHECKS: dict[str, tuple[Callable[[HpcadConfig], None], ...]] = {
-    "train": (_split, _training), "score": (_split, _scoring), "baselines": (_split, _baselines),
+    "train": (_split, _training, _compute), "score": (_split, _scoring, _compute), "baselines": (_split, _baselines),
     "threshold": (_threshold,), "run": EVERY_STAGE,
     "preflight": EVERY_STAGE,  # a SLURM job's step 0: the options of the steps that follow it
 }
