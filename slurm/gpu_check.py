@@ -3,7 +3,8 @@
 # docs/benchmarks.md. Run it wherever a GPU is at hand, not in the CPU test suite:
 #
 #   python slurm/gpu_check.py --out gpu-check                      # on a GPU machine
-#   sbatch -p boost_usr_prod -A my_account slurm/gpu_check.py      # on a SLURM GPU partition
+#   sbatch -p boost_usr_prod -A my_account slurm/gpu_check.py      # on a SLURM GPU partition (sources
+#                                                                  # HPCAD_ENV first, as the batch scripts do)
 #   sbatch -p boost_usr_prod -A my_account --gpus=4 slurm/gpu_check.py --only end_to_end,multi_gpu
 #   python slurm/gpu_check.py --rehearse --out /tmp/rehearsal      # no GPU: the script itself (CI)
 #
@@ -66,8 +67,27 @@ ROOT = Path(__file__).resolve().parent.parent
 if (ROOT / "hpcad").is_dir() and str(ROOT) not in sys.path:  # a source checkout without install
     sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+
+def _site_environment() -> None:
+    """HPCAD_ENV (a file that loads modules and activates the venv), sourced as the batch scripts do:
+    this script runs itself again once under it. A job started with only HPCAD_ENV passed on
+    (sbatch --export=HPCAD_ENV=..., SBATCH_EXPORT=NONE) otherwise ran the system python3."""
+    env_file = os.environ.get("HPCAD_ENV", "")
+    if not env_file or os.environ.get("HPCAD_ENV_SOURCED") == env_file:
+        return
+    if not os.path.isfile(env_file):
+        sys.exit(f"gpu_check: HPCAD_ENV={env_file}: no such file (it should load hpcad's environment: modules, venv)")
+    os.environ["HPCAD_ENV_SOURCED"] = env_file
+    os.execvp("bash", ["bash", "-c", 'source "$HPCAD_ENV" && exec python3 "$0" "$@"', __file__, *sys.argv[1:]])
+
+
+_site_environment()
+try:
+    import numpy as np  # noqa: E402
+    import torch  # noqa: E402
+except ImportError as exc:
+    sys.exit(f"gpu_check: cannot import {exc.name} with {sys.executable}: run it in hpcad's environment (activate "
+             f"the venv, or set HPCAD_ENV to a file that loads it, as for slurm/train_all_nodes.sh)")
 
 from hpcad.data.synthetic import generate_node  # noqa: E402
 from hpcad.model.autoencoder import AutoencoderSpec  # noqa: E402

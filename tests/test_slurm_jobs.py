@@ -158,3 +158,24 @@ def test_a_sites_copy_of_the_script_on_a_cpu_partition_runs_unedited(tmp_path, s
     assert "--gpu-bind" not in log and "CUDA_VISIBLE_DEVICES" not in log  # no GPU in the job: none bound
     (link,) = run.glob("slurm-*.out")  # the job log is reachable from the run folder
     assert link.is_symlink() and link.resolve() == (tmp_path / "job.out").resolve()
+
+
+def test_the_gpu_check_runs_as_the_walkthrough_submits_it(tmp_path, slurm_env):
+    """docs/cluster.md's step 2, `sbatch slurm/gpu_check.py`, from a shell whose environment sbatch
+    does not pass on but HPCAD_ENV (as the batch scripts take it): before, the job ran the system
+    python3 and ended in a ModuleNotFoundError traceback; now the script loads HPCAD_ENV first, and
+    without any hpcad environment it says what to do in one line."""
+    env_file = tmp_path / "env.sh"
+    env_file.write_text(f'export PATH="{Path(shutil.which("hpcad")).parent}:$PATH"\n')
+    bare = {"PATH": "/usr/bin:/bin", "SLURM_CONF": slurm_env["SLURM_CONF"]}  # no venv on PATH
+    script = str(ROOT / "slurm" / "gpu_check.py")
+    check = ["--rehearse", "--only", "end_to_end", "--out", str(tmp_path / "check")]
+    job = sbatch_wait([f"--export=HPCAD_ENV={env_file}", "-o", str(tmp_path / "check.out"), script, *check],
+                      env=bare, cwd=tmp_path)
+    log = (tmp_path / "check.out").read_text()
+    assert job.returncode == 0 and "| end_to_end | pass |" in log, log[-3000:]
+    assert "| end_to_end | pass |" in (tmp_path / "check" / "gpu_check.md").read_text()
+    job = sbatch_wait(["--export=NONE", "-o", str(tmp_path / "none.out"), script, *check], env=bare, cwd=tmp_path)
+    log = (tmp_path / "none.out").read_text()
+    assert job.returncode == 1 and log.startswith("gpu_check: cannot import ") and "HPCAD_ENV" in log, log
+    assert "Traceback" not in log
