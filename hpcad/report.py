@@ -329,7 +329,9 @@ def _node_pages(run_dir: Path, errors: ErrorStore, th: Thresholds, nodes: list[s
         if store is not None and models_dir is not None:
             # the pages load model files (torch.load): torch imported once here, before the fork, not
             # once in every worker (1.5-2.5 s of CPU each; `hpcad report` has not imported it yet)
-            import torch  # noqa: F401
+            import importlib
+
+            importlib.import_module("torch")
         with ProcessPoolExecutor(n, mp_context=get_context("fork")) as pool:
             # pages in chunks of up to 4 (less pickling), but never so few chunks that workers stay idle
             chunk = min(4, max(1, len(groups) // (4 * n)))
