@@ -26,13 +26,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from hpcad.data.store import TelemetryStore
 from hpcad.errors import ConfigError
 from hpcad.preprocess import (Scaler, check_training_rows, fill_gaps, fit_rows, split_codes, training_rows, window_rows,
                               windows)
 from hpcad.errorstore import NodeSignal, write_signal_file
+from hpcad.progress import Progress
 from hpcad.signals import smooth_signal
 
 if TYPE_CHECKING:
@@ -122,7 +122,8 @@ def baseline_signals(method: str, cfg: HpcadConfig, fit_store: TelemetryStore, e
     bc = cfg.baselines
     rng = np.random.default_rng(bc.seed)
     w = int(bc.knn_window) if method == "knn" else 1
-    for node in tqdm(eval_store.nodes, desc=f"baseline {method}", unit="node", disable=not progress):
+    bar = Progress(len(eval_store.nodes), f"baseline {method}", "node", progress, log)
+    for node in eval_store.nodes:
         if node not in fit_store.nodes:
             raise ConfigError(f"baseline {method}: node {node} has no training data in {fit_store.path}")
         fit_nd = fit_store.read(node)
@@ -149,6 +150,8 @@ def baseline_signals(method: str, cfg: HpcadConfig, fit_store: TelemetryStore, e
             offset, scale = float(np.median(ref)), float(max(np.std(ref), 1e-9))
         sig = smooth_signal(sig - offset, cfg.signal.smooth, scale, cfg.signal.causal)
         yield NodeSignal(node, sig, split_codes(nd, cfg.split), nd.labels, nd.timestamp, scale)
+        bar.update(1)
+    bar.close()
 
 
 def _train_codes(nd, cfg: HpcadConfig) -> np.ndarray:

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from hpcad.atomic import write_json
 from hpcad.data.synthetic import generate_node
@@ -33,6 +32,7 @@ from hpcad.model.autoencoder import AutoencoderSpec, glorot_init
 from hpcad.model.budget import Budget, default_chunk_cap, device_bytes_per_model
 from hpcad.model.ensemble import Workspace, member_seed, node_seed, train_ensemble
 from hpcad.preprocess import Scaler, fit_rows, windows
+from hpcad.progress import Progress, iterate
 from hpcad.train import model_spec
 
 if TYPE_CHECKING:
@@ -133,8 +133,8 @@ def bench_train(cfg: HpcadConfig, run_dir: Path) -> dict:
     # see the same machine: on a shared VM the speed drifts by up to 2x over minutes.
     naive_share = np.array_split(np.arange(n_naive), len(chunks))
     lengths = node_lengths(b.nodes, b.rows, float(b.rows_spread))
-    bar = tqdm(total=b.nodes * b.epochs, desc="bench batched", unit="node-epoch", disable=not cfg.compute.progress)
-    naive_bar = tqdm(total=n_naive, desc="bench naive", unit="node", disable=not cfg.compute.progress or not n_naive)
+    bar = Progress(b.nodes * b.epochs, "bench batched", "node-epoch", cfg.compute.progress)
+    naive_bar = Progress(n_naive, "bench naive", "node", cfg.compute.progress and n_naive > 0)
     # Untimed warm-up of both sides (first-call library initialisation is not per-node work).
     warm = SimpleNamespace(**{**vars(tc), "epochs": 1})
     train_ensemble(spec, [p[:512] for p in pool[:2]], list(range(len(pool[:2]))), warm, device, precision=tc.precision)
@@ -255,7 +255,7 @@ def write_long_input(out: Path, nodes: int, days: int, metrics: int, seed: int, 
                                               ("node", pa.dictionary(pa.int32(), pa.string())),
                                               ("metric", pa.dictionary(pa.int32(), pa.string())),
                                               ("value", pa.float32())])) as w:
-            for d in tqdm(range(days), desc=f"bench input {path.name}", unit="day"):
+            for d in iterate(range(days), f"bench input {path.name}", "day"):
                 t = 1_736_121_600 + 300 * (d * per_day + np.arange(per_day, dtype=np.int64))
                 n = per_day * nodes * len(cols)  # order: time, node, metric
                 ts = np.repeat(t, nodes * len(cols))
@@ -350,7 +350,7 @@ def bench_report(cfg: HpcadConfig, run_dir: Path) -> dict:
         f.attrs.update(hpcad_format=FORMAT, format_version=1)
         f.create_dataset("metrics", data=np.array(metrics, dtype=object), dtype=STR)
         g = f.create_group("nodes")
-        for k in tqdm(range(b.nodes), desc="bench report: errors", unit="node", disable=not cfg.compute.progress):
+        for k in iterate(range(b.nodes), "bench report: errors", "node", cfg.compute.progress):
             err = rng.gamma(0.5, 0.02, size=(b.rows, b.metrics)).astype(np.float32)
             if k in alarmed:
                 a = int(rng.integers(0, b.rows - 35))

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING
 import h5py
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from hpcad import __version__
 from hpcad.atomic import atomic_path
@@ -43,6 +42,7 @@ from hpcad.model.autoencoder import ensemble_recon, stack
 from hpcad.model.budget import Budget, default_chunk_cap, retry_cap_after_oom
 from hpcad.model.files import NodeModel, model_path, models_stamp
 from hpcad.preprocess import fill_gaps, split_codes, windows
+from hpcad.progress import Progress
 from hpcad.signals import signal_level, smooth_signal
 
 if TYPE_CHECKING:
@@ -95,7 +95,7 @@ def score_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, out_p
                        **excess_attrs(weight, choice))
         f.create_dataset("metrics", data=np.array(metrics, dtype=object), dtype=STR)
         nodes_grp = f.create_group("nodes")
-        bar = tqdm(total=len(nodes), desc="score", unit="node", disable=not cfg.compute.progress)
+        bar = Progress(len(nodes), "score", "node", cfg.compute.progress, log)
         for model, nd, err, excess2, miss, lm in node_errors():
             err += weight * excess2
             err[miss] = 0.0

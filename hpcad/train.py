@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from hpcad.atomic import write_json
 from hpcad.config import build
@@ -24,6 +23,7 @@ from hpcad.preprocess import (Scaler, check_training_rows, fill_gaps, fit_rows, 
 from hpcad.model.budget import Budget, check_compute_config, default_chunk_cap, retry_cap_after_oom
 from hpcad.model.checkpoint import ChunkCheckpoint
 from hpcad.model.ensemble import Workspace, member_seed, node_seed, train_ensemble
+from hpcad.progress import Progress
 
 if TYPE_CHECKING:
     from hpcad.config import HpcadConfig, TrainConfig
@@ -156,7 +156,7 @@ def train_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, nodes
     member_net = dataclasses.replace(spec, members=1, window=1)  # one member's network, on (window) inputs
     t0 = time.perf_counter()
     done = 0
-    bar = tqdm(total=len(todo), desc="train", unit="node", disable=not cfg.compute.progress)
+    bar = Progress(len(todo), "train", "node", cfg.compute.progress)  # log lines: per chunk and _epoch_reporter
     i = n_chunk = largest = retries = 0
     workspace = Workspace()  # scratch reused chunk after chunk
     reset_peak_memory(device)

@@ -46,6 +46,41 @@ def hpcad(*args: str, cwd: Path | None = None, check: bool = True, env: dict | N
     return proc
 
 
+def hpcad_on_terminal(*args: str) -> subprocess.CompletedProcess:
+    """``hpcad ARGS`` with stderr on a pseudo-terminal, as a person at a shell runs it (progress bars
+    are drawn only there): stdout as text, and the terminal's text as ``stderr`` (its "\\r\\n" as "\\n")."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    import threading
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # a 120-column window (0 draws no bar)
+    proc = subprocess.Popen([sys.executable, "-m", "hpcad", *args], cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                            stdout=subprocess.PIPE, stderr=slave, text=True)
+    os.close(slave)
+    seen: list[bytes] = []
+
+    def pump() -> None:  # read as it comes: a full terminal buffer would block the process
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the process closed the terminal's last writer
+                break
+            if not data:
+                break
+            seen.append(data)
+
+    reader = threading.Thread(target=pump)
+    reader.start()
+    out = proc.communicate(timeout=600)[0]
+    reader.join(60)
+    os.close(master)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out,
+                                       b"".join(seen).decode(errors="replace").replace("\r\n", "\n"))
+
+
 def data_cfg(**kw) -> DataConfig:
     """The data config a user gets from conf/ (the dataclass defaults), with overrides."""
     return dataclasses.replace(DataConfig(), **kw)

@@ -1,7 +1,7 @@
 """Run-folder integrity: one writer at a time, and what killed writers leave is cleared."""
 import pytest
 
-from conftest import hpcad
+from conftest import hpcad, hpcad_on_terminal, small_site
 
 from hpcad.runfolder import LOCK_NAME, exclusive_lock
 
@@ -49,13 +49,18 @@ def test_one_minimum_of_training_rows_for_models_and_baselines(tmp_path):
         pd.DataFrame({"timestamp": 1_700_000_000 + 300 * np.arange(rows),
                       **{m: np.random.default_rng(1).normal(size=rows) for m in ("a", "b", "c")}}).to_csv(
             src / f"{node}.csv", index=False)
-    for stage in ("train", "baselines"):  # with progress bars, as a person runs it
-        p = hpcad(stage, f"data.source={src}", "data.format=wide", "baselines.methods=[pca]",
-                  f"hydra.run.dir={tmp_path / stage}", check=False)
+    for stage in ("train", "baselines"):  # on a terminal, with its progress bars, as a person runs it
+        p = hpcad_on_terminal(stage, f"data.source={src}", "data.format=wide", "baselines.methods=[pca]",
+                              f"hydra.run.dir={tmp_path / stage}")
         assert p.returncode == 2 and "node tiny: 6 training rows" in p.stderr, p.stderr
         assert f"fewer than the minimum of {MIN_TRAINING_ROWS}" in p.stderr
+        assert "\r" in p.stderr and "node/s" in p.stderr  # the bar was drawn
         # the error is the last thing said: the bar the stage left open used to be printed after it
         assert p.stderr.rstrip().splitlines()[-1].startswith(f"hpcad {stage}: error: "), p.stderr[-500:]
+    # stderr to a file (a SLURM or cron log): no bar, whose every update would add to one endless line
+    p = hpcad("train", f"data.source={src}", "data.format=wide", f"hydra.run.dir={tmp_path / 'train'}", check=False)
+    assert p.returncode == 2 and "node tiny: 6 training rows" in p.stderr
+    assert "\r" not in p.stderr and "node/s" not in p.stderr, p.stderr[-500:]
 
 
 def _corrupt_chunk(path, dataset):
@@ -111,6 +116,27 @@ def test_training_progress_moves_every_epoch_and_logs_a_long_chunk(monkeypatch, 
     assert bar.postfix == [{"chunk": 3, "epoch": "1/20", "training": "32/32"},
                            {"chunk": 3, "epoch": "2/20", "training": "30/32"}]
     assert "chunk 3: epoch 2/20, 30 of 32 models still training" in caplog.text
+
+
+def test_scoring_in_a_log_file_says_how_far_it_got_every_minute(tmp_path, monkeypatch, caplog):
+    """Scoring thousands of nodes takes minutes; in a SLURM log (no bar: stderr is no terminal) a
+    line says how far it got at most every LOG_EVERY_S seconds; with compute.progress=false, nothing."""
+    from hpcad import progress
+    from hpcad.score import score_nodes
+    from hpcad.train import train_nodes
+
+    cfg, store = small_site(tmp_path, overrides=("compute.progress=true",))
+    train_nodes(cfg, store, tmp_path / "models")
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
+    with caplog.at_level("INFO", logger="hpcad.score"):
+        score_nodes(cfg, store, tmp_path / "models", tmp_path / "errors.h5")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("score: ")]
+    assert [line.split(" (")[0] for line in lines] == [f"score: {k}/5 nodes" for k in range(1, 5)], lines
+    caplog.clear()
+    cfg.compute.progress = False
+    with caplog.at_level("INFO", logger="hpcad.score"):
+        score_nodes(cfg, store, tmp_path / "models", tmp_path / "quiet.h5")
+    assert not [r for r in caplog.records if r.getMessage().startswith("score: ")]
 
 
 def test_a_file_system_without_file_locks_runs_without_them_and_says_so(tmp_path, monkeypatch, caplog):

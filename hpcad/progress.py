@@ -1,0 +1,43 @@
+"""Progress of the long loops (training, scoring, baselines, bench): a tqdm bar where a person
+watches (stderr is a terminal), a log line at most every ``LOG_EVERY_S`` seconds where nobody
+does (SLURM and cron logs: a bar there is one endless line of carriage-return updates per rank).
+``compute.progress=false`` turns both off."""
+from __future__ import annotations
+
+import logging
+import time
+
+from tqdm import tqdm
+
+LOG_EVERY_S = 60.0  # at most one progress line per minute in a log file (the bar shows every step)
+
+
+class Progress:
+    """``update(n)`` after each unit of work; ``close()`` at the end (also when it failed)."""
+
+    def __init__(self, total: int, desc: str, unit: str, enabled: bool, log: logging.Logger | None = None):
+        # disable=None: tqdm draws only when its stream (stderr) is a terminal
+        self.bar = tqdm(total=total, desc=desc, unit=unit, disable=None if enabled else True)
+        self.lines = enabled and self.bar.disable and log is not None  # no bar drawn: log lines instead
+        self.total, self.desc, self.unit, self.log = total, desc, unit, log
+        self.done = 0
+        self.t0 = self.last = time.perf_counter()
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+        self.done += n
+        now = time.perf_counter()
+        if self.lines and now - self.last >= LOG_EVERY_S and self.done < self.total:
+            self.last = now
+            self.log.info("%s: %d/%d %ss (%.0f s)", self.desc, self.done, self.total, self.unit, now - self.t0)
+
+    def set_postfix(self, **kw) -> None:
+        self.bar.set_postfix(**kw)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def iterate(iterable, desc: str, unit: str, enabled: bool = True):
+    """``iterable`` with a bar on a terminal (for loops whose own log lines, if any, say the rest)."""
+    return tqdm(iterable, desc=desc, unit=unit, disable=None if enabled else True)
