@@ -65,16 +65,49 @@ def _inputs(cfg: HpcadConfig) -> None:
     check_inputs(cfg.data)
 
 
+def _data_group() -> str | None:
+    """The ``data`` group chosen (synthetic, files, long, ldms); None outside a Hydra app."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return HydraConfig.get().runtime.choices.get("data")
+    except ValueError:  # HydraConfig not set: a configuration composed by a test or a notebook
+        return None
+
+
+def _real_data(cfg: HpcadConfig) -> None:
+    """No ``data.source`` means the embedded synthetic cluster (the quick start's demo data), but not
+    where the user asked for exports: ``data=files`` (``long``, ``ldms``; their ``source: ???``
+    cannot override the schema's null) or the batch scripts, which set ``HPCAD_DATA_REQUIRED=1``.
+    Before, both ran on the synthetic cluster; a SLURM job ended with "done; report at ...", its
+    only hint an INFO line in the log."""
+    import os
+
+    from hpcad.errors import ConfigError
+
+    if cfg.data.source:
+        return
+    group = _data_group()
+    if group not in (None, "synthetic"):
+        raise ConfigError(f"data.source: not given, and data={group} reads telemetry exports: pass "
+                          f"data.source=PATH (a folder, a CSV/Parquet file, or an hpcad store.h5)")
+    if os.environ.get("HPCAD_DATA_REQUIRED", "0") == "1":
+        raise ConfigError("data.source: not given, so this job would run on the embedded synthetic cluster (the "
+                          "quick start's demo data), not on your nodes: pass data.source=/path/to/exports (or a "
+                          "store.h5); HPCAD_DATA_REQUIRED=0 runs the script on the synthetic cluster on purpose")
+
+
 def _models(cfg: HpcadConfig) -> None:
     from hpcad.runfolder import train_run
 
     train_run(cfg)
 
 
-EVERY_STAGE = (_split, _training, _compute, _scoring, _baselines, _threshold)
+EVERY_STAGE = (_split, _training, _compute, _scoring, _baselines, _threshold, _real_data)
 CHECKS: dict[str, tuple[Callable[[HpcadConfig], None], ...]] = {
-    "train": (_split, _training, _compute), "score": (_split, _scoring, _compute), "baselines": (_split, _baselines),
-    "threshold": (_threshold,), "run": EVERY_STAGE,
+    "ingest": (_real_data,), "train": (_split, _training, _compute, _real_data),
+    "score": (_split, _scoring, _compute, _real_data), "baselines": (_split, _baselines, _real_data),
+    "threshold": (_threshold, _real_data), "run": EVERY_STAGE,
     "preflight": EVERY_STAGE,  # a SLURM job's step 0: the options of the steps that follow it
 }
 # The paths a stage reads: data.source and data.jobs (ingested), train_run (its models). Checked

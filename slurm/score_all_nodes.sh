@@ -35,6 +35,8 @@ if [ -n "$job_log" ] && [ "$(realpath -m "$job_log")" != "$(realpath -m "$link")
 fi
 export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
 export HPCAD_WORLD_SIZE=${SLURM_NTASKS:-1}
+# No data.source: stop (hpcad/options.py) rather than run on the embedded synthetic demo cluster.
+export HPCAD_DATA_REQUIRED=${HPCAD_DATA_REQUIRED:-1}
 # sbatch runs a spooled copy of this script: find the original (and score_steps.sh beside it).
 here=$(scontrol show job "${SLURM_JOB_ID:-0}" 2>/dev/null | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')
 steps="$(dirname "${here:-${BASH_SOURCE[0]}}")/score_steps.sh"

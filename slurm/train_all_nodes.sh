@@ -42,6 +42,8 @@ if [ -n "$job_log" ] && [ "$(realpath -m "$job_log")" != "$(realpath -m "$link")
 fi
 export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
 export HPCAD_WORLD_SIZE=${SLURM_NTASKS:-1}
+# No data.source: stop (hpcad/options.py) rather than run on the embedded synthetic demo cluster.
+export HPCAD_DATA_REQUIRED=${HPCAD_DATA_REQUIRED:-1}
 
 # Before the time limit SLURM sends USR1 to this script: requeue the job. Finished nodes' models
 # are complete files (written under a temporary name, then renamed), so the rerun skips them.

@@ -83,6 +83,23 @@ def test_paths_a_stage_reads_are_checked_in_a_single_process(tmp_path):
     check_options(cfg, "run")
 
 
+def test_no_data_source_where_exports_are_asked_for_is_refused(tmp_path):
+    """`data=long` (files, ldms) without data.source, and the batch scripts' HPCAD_DATA_REQUIRED=1:
+    before, both ran on the embedded synthetic cluster (data/files.yaml's `source: ???` could not
+    override the schema's null). The quick start (no data.source, data=synthetic) still runs on it."""
+    run = tmp_path / "run"
+    p = hpcad("ingest", "data=long", f"hydra.run.dir={run}", check=False)
+    assert p.returncode == 2 and "hpcad ingest: error: data.source: not given, and data=long reads telemetry " \
+                                 "exports: pass data.source=PATH" in p.stderr, p.stderr[-2000:]
+    p = hpcad("run", *SMALL, f"hydra.run.dir={run}", check=False, env={"HPCAD_DATA_REQUIRED": "1"})
+    assert p.returncode == 2 and "hpcad run: error: data.source: not given, so this job would run on the embedded " \
+                                 "synthetic cluster" in p.stderr and "HPCAD_DATA_REQUIRED=0" in p.stderr, p.stderr[-2000:]
+    assert not (run / "store.h5").exists()
+    hpcad("ingest", "data.synthetic.nodes=2", "data.synthetic.rows=100", f"hydra.run.dir={run}",
+          env={"HPCAD_DATA_REQUIRED": "0"})
+    assert (run / "store.h5").exists()
+
+
 def _shipped() -> list[list[str]]:
     """The default, every YAML option of every config group, and two non-default settings."""
     conf = resource_dir("conf")
