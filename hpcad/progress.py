@@ -13,7 +13,8 @@ LOG_EVERY_S = 60.0  # at most one progress line per minute in a log file (the ba
 
 
 class Progress:
-    """``update(n)`` after each unit of work; ``close()`` at the end (also when it failed)."""
+    """``update(n)`` after each unit of work, ``close()`` at the end (the bars of a stage that failed
+    are closed by the CLI before it says the error: hpcad/cli.py)."""
 
     def __init__(self, total: int, desc: str, unit: str, enabled: bool, log: logging.Logger | None = None):
         # disable=None: tqdm draws only when its stream (stderr) is a terminal
