@@ -210,12 +210,20 @@ def slurm_models(run) -> dict:
     return {p.name: torch.load(p, weights_only=True)["members"][0] for p in sorted((run / "models").glob("*.pt"))}
 
 
+def generate(out: Path, nodes: int, rows: int) -> Path:
+    """The files `hpcad generate generate.out=OUT data.synthetic.nodes=N data.synthetic.rows=R` writes
+    (wide CSV, one per node), written in this process: a test's input, not the command under test
+    (tests/test_formats.py and test_experiments.py run the command itself)."""
+    from hpcad.config import SyntheticConfig
+    from hpcad.data.synthetic import write_exports
+
+    write_exports(out, SyntheticConfig(nodes=nodes, rows=rows))
+    return out
+
+
 def small_exports(tmp_path, nodes=4):
     """``nodes`` generated nodes x 200 rows as wide CSV exports."""
-    exports = tmp_path / "exports"
-    hpcad("generate", f"generate.out={exports}", f"data.synthetic.nodes={nodes}", "data.synthetic.rows=200",
-          f"hydra.run.dir={tmp_path / 'g'}")
-    return exports
+    return generate(tmp_path / "exports", nodes, 200)
 
 
 def hpcad_cmd() -> list[str]:

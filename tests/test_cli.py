@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SMALL, hpcad
+from conftest import SMALL, generate, hpcad
 
 
 def test_run_on_the_embedded_default_writes_every_output(tmp_path):
@@ -104,8 +104,7 @@ def _umask() -> int:
 
 def test_scoring_new_data_with_a_trained_run(tmp_path):
     exports = tmp_path / "exports"
-    hpcad("generate", f"generate.out={exports}", f"hydra.run.dir={tmp_path / 'g'}", "data.synthetic.nodes=2",
-          "data.synthetic.rows=400")
+    generate(exports, nodes=2, rows=400)
     train = tmp_path / "train"
     hpcad("train", f"data.source={exports}", f"hydra.run.dir={train}", "train.epochs=3", "compute.progress=false")
     early = hpcad("threshold", f"hydra.run.dir={train}", check=False)  # no errors.h5 yet: a clear message
@@ -216,8 +215,7 @@ def test_unlabelled_data_uses_the_trained_runs_thresholds(tmp_path):
     import pandas as pd
 
     exports = tmp_path / "exports"
-    hpcad("generate", f"generate.out={exports}", f"hydra.run.dir={tmp_path / 'g'}", "data.synthetic.nodes=2",
-          "data.synthetic.rows=400")
+    generate(exports, nodes=2, rows=400)
     train = tmp_path / "train"
     hpcad("run", f"data.source={exports}", f"hydra.run.dir={train}", "train.epochs=3", "compute.progress=false",
           "baselines.methods=[]", "threshold=quantile", "threshold.scope=cluster", "report.enabled=false",

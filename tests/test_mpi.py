@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import hpcad
+from conftest import generate, hpcad
 
 pytest.importorskip("mpi4py", reason="mpi4py not installed (pip install mpi4py mpich)")
 
@@ -18,8 +18,7 @@ def scored_run(tmp_path_factory):
         pytest.skip("no mpiexec on PATH (pip install mpich)")
     tmp = tmp_path_factory.mktemp("mpi")
     exports = tmp / "exports"
-    hpcad("generate", f"generate.out={exports}", "data.synthetic.nodes=5", "data.synthetic.rows=300",
-          f"hydra.run.dir={tmp / 'g'}")
+    generate(exports, nodes=5, rows=300)
     run = tmp / "run"
     hpcad("run", f"data.source={exports}", f"hydra.run.dir={run}", "train.epochs=2", "compute.progress=false",
           "baselines.methods=[]", "report.enabled=false")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, hpcad, hpcad_cmd, sbatch_wait, slurm_models, small_exports
+from conftest import ROOT, generate, hpcad, hpcad_cmd, sbatch_wait, slurm_models, small_exports
 from hpcad.errorstore import ErrorStore
 from hpcad.dist import World, first_host, shard, world
 from hpcad.errors import ConfigError, HpcadError
@@ -18,8 +18,7 @@ from hpcad.errors import ConfigError, HpcadError
 
 def test_sbatch_train_all_nodes_matches_the_single_process_run(tmp_path, slurm_env):
     exports = tmp_path / "exports"
-    hpcad("generate", f"generate.out={exports}", "data.synthetic.nodes=16", "data.synthetic.rows=300",
-          f"hydra.run.dir={tmp_path / 'g'}")
+    generate(exports, nodes=16, rows=300)
     args = [f"data.source={exports}", "train.epochs=2", "compute.progress=false", "baselines.methods=[]",
             "report.max_nodes_plotted=2", "report.max_node_pages=2"]  # a report, but a small one
     single = tmp_path / "single"
@@ -67,8 +66,7 @@ def test_sbatch_train_all_nodes_matches_the_single_process_run(tmp_path, slurm_e
 
 def test_ranks_with_empty_shards_and_a_mismatched_world(tmp_path, slurm_env):
     exports = tmp_path / "exports"
-    hpcad("generate", f"generate.out={exports}", "data.synthetic.nodes=3", "data.synthetic.rows=200",
-          f"hydra.run.dir={tmp_path / 'g'}")
+    generate(exports, nodes=3, rows=200)
     # no hydra.run.dir: every rank writes into the job's folder, not one named after its own start time
     cmd = ["srun", "-N1", "-n4", "python", "-m", "hpcad", "train", f"data.source={exports}", "train.epochs=1",
            "compute.progress=false"]
@@ -372,8 +370,7 @@ def test_fleet_model_trains_with_ddp_on_two_gloo_ranks_on_two_nodes(tmp_path, sl
     # budget 1 MB): both ranks stop with its reason, exit 2, instead of the other rank failing at the
     # first all-reduce with gloo's connection error (srun without --kill-on-bad-exit lets it get there).
     big = tmp_path / "big"
-    hpcad("generate", f"generate.out={big}", "data.synthetic.nodes=3", "data.synthetic.rows=2400",
-          f"hydra.run.dir={tmp_path / 'g2'}")
+    generate(big, nodes=3, rows=2400)
     over = subprocess.run(["srun", "-N2", "-n2", *hpcad_cmd(), "train", "model.scope=fleet", f"data.source={big}",
                            f"hydra.run.dir={tmp_path / 'over'}", "compute.memory_budget_mb=1", "compute.progress=false"],
                           env=slurm_env, capture_output=True, text=True, timeout=300)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import ROOT, hpcad, job_state, sbatch_wait, slurm_models, small_exports
+from conftest import ROOT, generate, hpcad, job_state, sbatch_wait, slurm_models, small_exports
 from hpcad.dist import step_port
 
 
@@ -16,8 +16,7 @@ def test_requeued_job_skips_finished_nodes_and_ends_with_the_same_result(tmp_pat
     import time
 
     exports = tmp_path / "exports"
-    hpcad("generate", f"generate.out={exports}", "data.synthetic.nodes=8", "data.synthetic.rows=1000",
-          f"hydra.run.dir={tmp_path / 'g'}")
+    generate(exports, nodes=8, rows=1000)
     args = [f"data.source={exports}", "train.epochs=10", "train.patience=20", "compute.max_nodes_per_chunk=1",
             "compute.progress=false", "baselines.methods=[]", "report.enabled=false"]
     run = tmp_path / "run"
