@@ -3,7 +3,8 @@
 #
 #   sbatch -p <partition> -A <account> slurm/score_all_nodes.sh train_run=runs/train-1234 data.source=/exports/today
 #
-# Arguments are Hydra overrides for hpcad; `train_run` is required. Each rank scores its share of the
+# Arguments are Hydra overrides for hpcad; `train_run` and `data.source` are required (with
+# HPCAD_DATA_REQUIRED=0, no data.source means the synthetic demo cluster). Each rank scores its share of the
 # nodes; thresholds are fitted across ranks with MPI when mpi4py is installed (labelled data) or
 # taken from train_run (unlabelled data); then the report. Outputs: $HPCAD_RUN_DIR
 # (default runs/score-<jobid>). Site set-up through HPCAD_ENV as in train_all_nodes.sh.

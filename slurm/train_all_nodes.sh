@@ -8,7 +8,8 @@
 #   sbatch --nodes=4 slurm/train_all_nodes.sh data.source=/path/store.h5 model.hidden=[64,16]
 #   SBATCH_PARTITION=... SBATCH_ACCOUNT=... sbatch slurm/train_all_nodes.sh ...
 #
-# Arguments are Hydra overrides for hpcad. Outputs go to $HPCAD_RUN_DIR (default
+# Arguments are Hydra overrides for hpcad; `data.source` is required (HPCAD_DATA_REQUIRED=0: without
+# it, the synthetic demo cluster). Outputs go to $HPCAD_RUN_DIR (default
 # runs/train-<jobid>, stable across requeues). A preempted, timed-out or requeued job restarts here
 # and skips the nodes whose model file is already complete (see docs/cluster.md).
 #
