@@ -65,12 +65,13 @@ def _inputs(cfg: HpcadConfig) -> None:
     check_inputs(cfg.data)
 
 
-def _data_group() -> str | None:
-    """The ``data`` group chosen (synthetic, files, long, ldms); None outside a Hydra app."""
+def _choice(group: str) -> str | None:
+    """The option chosen for a config group (``data``: synthetic, files, long, ldms; ``launcher``:
+    local, submitit); None outside a Hydra app."""
     from hydra.core.hydra_config import HydraConfig
 
     try:
-        return HydraConfig.get().runtime.choices.get("data")
+        return HydraConfig.get().runtime.choices.get(group)
     except ValueError:  # HydraConfig not set: a configuration composed by a test or a notebook
         return None
 
@@ -78,23 +79,24 @@ def _data_group() -> str | None:
 def _real_data(cfg: HpcadConfig) -> None:
     """No ``data.source`` means the embedded synthetic cluster (the quick start's demo data), but not
     where the user asked for exports: ``data=files`` (``long``, ``ldms``; their ``source: ???``
-    cannot override the schema's null) or the batch scripts, which set ``HPCAD_DATA_REQUIRED=1``.
-    Before, both ran on the synthetic cluster; a SLURM job ended with "done; report at ...", its
-    only hint an INFO line in the log."""
+    cannot override the schema's null), nor in a SLURM job over the cluster's nodes: the batch
+    scripts (they set ``HPCAD_DATA_REQUIRED=1``) and ``launcher=submitit`` (unless
+    ``HPCAD_DATA_REQUIRED=0``). Before, all of them ran on the synthetic cluster; a SLURM job ended
+    with "done; report at ...", its only hint an INFO line in the log."""
     import os
 
     from hpcad.errors import ConfigError
 
     if cfg.data.source:
         return
-    group = _data_group()
+    group = _choice("data")
     if group not in (None, "synthetic"):
         raise ConfigError(f"data.source: not given, and data={group} reads telemetry exports: pass "
                           f"data.source=PATH (a folder, a CSV/Parquet file, or an hpcad store.h5)")
-    if os.environ.get("HPCAD_DATA_REQUIRED", "0") == "1":
+    if os.environ.get("HPCAD_DATA_REQUIRED", "1" if _choice("launcher") == "submitit" else "0") == "1":
         raise ConfigError("data.source: not given, so this job would run on the embedded synthetic cluster (the "
                           "quick start's demo data), not on your nodes: pass data.source=/path/to/exports (or a "
-                          "store.h5); HPCAD_DATA_REQUIRED=0 runs the script on the synthetic cluster on purpose")
+                          "store.h5); HPCAD_DATA_REQUIRED=0 runs it on the synthetic cluster on purpose")
 
 
 def _models(cfg: HpcadConfig) -> None:

@@ -84,8 +84,8 @@ def test_paths_a_stage_reads_are_checked_in_a_single_process(tmp_path):
 
 
 def test_no_data_source_where_exports_are_asked_for_is_refused(tmp_path):
-    """`data=long` (files, ldms) without data.source, and the batch scripts' HPCAD_DATA_REQUIRED=1:
-    before, both ran on the embedded synthetic cluster (data/files.yaml's `source: ???` could not
+    """`data=long` (files, ldms) without data.source, the batch scripts' HPCAD_DATA_REQUIRED=1 and
+    `launcher=submitit`: before, all ran on the embedded synthetic cluster (data/files.yaml's `source: ???` could not
     override the schema's null). The quick start (no data.source, data=synthetic) still runs on it."""
     run = tmp_path / "run"
     p = hpcad("ingest", "data=long", f"hydra.run.dir={run}", check=False)
@@ -94,7 +94,10 @@ def test_no_data_source_where_exports_are_asked_for_is_refused(tmp_path):
     p = hpcad("run", *SMALL, f"hydra.run.dir={run}", check=False, env={"HPCAD_DATA_REQUIRED": "1"})
     assert p.returncode == 2 and "hpcad run: error: data.source: not given, so this job would run on the embedded " \
                                  "synthetic cluster" in p.stderr and "HPCAD_DATA_REQUIRED=0" in p.stderr, p.stderr[-2000:]
-    assert not (run / "store.h5").exists()
+    # a SLURM job from Python: refused before anything is submitted (no SLURM is needed to see it)
+    p = hpcad("train", "launcher=submitit", f"hydra.run.dir={run}", check=False)
+    assert p.returncode == 2 and "hpcad train: error: data.source: not given, so this job" in p.stderr, p.stderr[-2000:]
+    assert not (run / "store.h5").exists() and not (run / "submitit").exists()
     hpcad("ingest", "data.synthetic.nodes=2", "data.synthetic.rows=100", f"hydra.run.dir={run}",
           env={"HPCAD_DATA_REQUIRED": "0"})
     assert (run / "store.h5").exists()
