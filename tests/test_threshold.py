@@ -114,11 +114,24 @@ def test_unsupervised_rules():
         QuantileRule(scope="rack")
 
 
-def test_cost_rule_falls_back_without_labels():
-    sig = np.random.default_rng(1).exponential(1.0, 2000)
-    s = NodeSignal("n", sig, np.full(sig.size, VAL, np.int8), None, np.arange(sig.size))
-    th = CostRule(scope="node").fit(lambda: iter([s]))
-    assert th.nodes["n"] == pytest.approx(np.quantile(sig, 0.995))
+def test_cost_rule_falls_back_without_labels_and_says_so_once(caplog):
+    """An unlabelled cluster (most sites): the quantile rule's thresholds, said in one line for all
+    nodes and recorded in thresholds.json's details (before: one warning per node, thousands)."""
+    rng = np.random.default_rng(1)
+    unlabelled = [NodeSignal(f"u{k}", rng.exponential(1.0, 2000), np.full(2000, VAL, np.int8), None, np.arange(2000))
+                  for k in range(50)]
+    labelled = list(_signals(2)())
+    with caplog.at_level("WARNING", logger="hpcad.threshold.rules"):
+        th = CostRule(scope="node").fit(lambda: iter(unlabelled + labelled))
+    for s in unlabelled:
+        assert th.nodes[s.node] == pytest.approx(np.quantile(s.signal, 0.995))
+    said = [r.getMessage() for r in caplog.records if "no labels" in r.getMessage()]
+    assert said == ["autoencoder: 50 of 52 nodes have no labels: their thresholds come from the quantile rule "
+                    "(threshold.fallback, q=0.995)"], said
+    assert th.details["unlabelled_nodes"] == 50
+    caplog.clear()
+    assert "unlabelled_nodes" not in CostRule(scope="node").fit(lambda: iter(labelled)).details
+    assert not [r for r in caplog.records if "no labels" in r.getMessage()]
 
 
 def _mislabelled_validation(seed: int = 0):
