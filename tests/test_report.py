@@ -58,6 +58,17 @@ def test_a_threshold_that_will_never_alarm_is_said_at_the_top(tmp_path):
     assert warning < page.index("Cluster overview") and "will probably never alarm" in page
 
 
+def test_thresholds_of_unlabelled_nodes_are_said_to_be_the_fallbacks(tmp_path):
+    """An unlabelled site: the page named only the cost rule, whose thresholds none of its nodes had."""
+    details = {"unlabelled_nodes": 2, "fallback": {"rule": "quantile", "q": 0.995}}
+    cfg, errors, models = _run(tmp_path, [ALARM_B], details=details)
+    page = write_report(cfg, tmp_path, errors, models).read_text()
+    assert "2 of 2 nodes have no labels: their thresholds are the quantile rule's (q=0.995 of the signal), " \
+           "not the cost rule's (threshold.fallback)" in page
+    cfg, errors, models = _run(tmp_path, [ALARM_B])
+    assert "have no labels" not in write_report(cfg, tmp_path, errors, models).read_text()
+
+
 def test_tables_escape_what_comes_from_the_data():
     t = html_table([["<b>x</b>", 0.123456, None, 1378.4]], ["node & rack", "value", "empty", "cost"])
     assert "<th>node &amp; rack</th>" in t and "&lt;b&gt;x&lt;/b&gt;" in t and "<td>0.123</td>" in t

@@ -128,7 +128,7 @@ def test_cost_rule_falls_back_without_labels_and_says_so_once(caplog):
     said = [r.getMessage() for r in caplog.records if "no labels" in r.getMessage()]
     assert said == ["autoencoder: 50 of 52 nodes have no labels: their thresholds come from the quantile rule "
                     "(threshold.fallback, q=0.995)"], said
-    assert th.details["unlabelled_nodes"] == 50
+    assert th.details["unlabelled_nodes"] == 50 and th.details["fallback"] == {"rule": "quantile", "q": 0.995}
     caplog.clear()
     assert "unlabelled_nodes" not in CostRule(scope="node").fit(lambda: iter(labelled)).details
     assert not [r for r in caplog.records if "no labels" in r.getMessage()]

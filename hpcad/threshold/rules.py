@@ -283,7 +283,7 @@ class CostRule(_Rule):
         if self.scope == "node":
             n = int(self.red.sum(np.array([len(self.unlabelled)]))[0])
             if n:
-                th.details["unlabelled_nodes"] = n
+                th.details.update(unlabelled_nodes=n, fallback={"rule": "quantile", "q": self.fallback.q})
                 log.warning("%s: %d of %d nodes have no labels: their thresholds come from the quantile rule "
                             "(threshold.fallback, q=%g)", detector, n, len(th.nodes), self.fallback.q,
                             extra=CLUSTER_WIDE)
