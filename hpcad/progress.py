@@ -30,13 +30,24 @@ class Progress:
         now = time.perf_counter()
         if self.lines and now - self.last >= LOG_EVERY_S and self.done < self.total:
             self.last = now
-            self.log.info("%s: %d/%d %ss (%.0f s)", self.desc, self.done, self.total, self.unit, now - self.t0)
+            self.log.info("%s: %d/%d %ss (%s)", self.desc, self.done, self.total, self.unit,
+                          elapsed_and_left(now - self.t0, self.done, self.total))
 
     def set_postfix(self, **kw) -> None:
         self.bar.set_postfix(**kw)
 
     def close(self) -> None:
         self.bar.close()
+
+
+def elapsed_and_left(elapsed_s: float, done: int, total: int) -> str:
+    """``95 s, about 290 s left`` (at the rate so far); ``95 s`` before anything is done or after all."""
+    def secs(s: float) -> str:
+        return f"{s:.1f} s" if s < 10 else f"{s:.0f} s"
+
+    if 0 < done < total:
+        return f"{secs(elapsed_s)}, about {secs(elapsed_s * (total - done) / done)} left"
+    return secs(elapsed_s)
 
 
 def iterate(iterable, desc: str, unit: str, enabled: bool = True):

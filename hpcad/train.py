@@ -23,7 +23,7 @@ from hpcad.preprocess import (Scaler, check_training_rows, fill_gaps, fit_rows, 
 from hpcad.model.budget import Budget, check_compute_config, default_chunk_cap, retry_cap_after_oom
 from hpcad.model.checkpoint import ChunkCheckpoint
 from hpcad.model.ensemble import Workspace, member_seed, node_seed, train_ensemble
-from hpcad.progress import Progress
+from hpcad.progress import Progress, elapsed_and_left
 
 if TYPE_CHECKING:
     from hpcad.config import HpcadConfig, TrainConfig
@@ -203,7 +203,7 @@ def train_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, nodes
         ckpt.remove()  # its models are written
         done += len(chunk)
         bar.update(len(chunk))
-        log.info("trained %d/%d nodes (%.1f s)", done, len(todo), time.perf_counter() - t0)
+        log.info("trained %d/%d nodes (%s)", done, len(todo), elapsed_and_left(time.perf_counter() - t0, done, len(todo)))
     bar.close()
     summary = {"nodes": len(nodes), "trained_now": len(todo), "seconds": round(time.perf_counter() - t0, 3),
                "device": str(device), "model": spec.to_dict(), "chunks": n_chunk, "largest_chunk_nodes": largest,

@@ -1,4 +1,6 @@
 """Run-folder integrity: one writer at a time, and what killed writers leave is cleared."""
+import re
+
 import pytest
 
 from conftest import hpcad, hpcad_on_terminal, small_site
@@ -132,6 +134,7 @@ def test_scoring_in_a_log_file_says_how_far_it_got_every_minute(tmp_path, monkey
         score_nodes(cfg, store, tmp_path / "models", tmp_path / "errors.h5")
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("score: ")]
     assert [line.split(" (")[0] for line in lines] == [f"score: {k}/5 nodes" for k in range(1, 5)], lines
+    assert all(re.search(r" \([\d.]+ s, about [\d.]+ s left\)$", line) for line in lines), lines  # and time to go
     caplog.clear()
     cfg.compute.progress = False
     with caplog.at_level("INFO", logger="hpcad.score"):
