@@ -85,6 +85,8 @@ _site_environment()
 try:
     import numpy as np  # noqa: E402
     import torch  # noqa: E402
+
+    from hpcad import __version__  # noqa: E402  (a checkout's slurm/ finds it above; a spooled sbatch copy: installed)
 except ImportError as exc:
     sys.exit(f"gpu_check: cannot import {exc.name} with {sys.executable}: run it in hpcad's environment (activate "
              f"the venv, or set HPCAD_ENV to a file that loads it, as for slurm/train_all_nodes.sh)")
@@ -576,7 +578,6 @@ def main() -> int:
         return 2
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    from hpcad import __version__
     from hpcad.device import resolve_device
 
     dev = resolve_device("cpu" if args.rehearse else "cuda")  # as training picks it (with hpcad's cuBLAS setting)
