@@ -1,5 +1,7 @@
 """Run-folder integrity: one writer at a time, and what killed writers leave is cleared."""
+import io
 import re
+import sys
 
 import pytest
 
@@ -130,6 +132,7 @@ def test_scoring_in_a_log_file_says_how_far_it_got_every_minute(tmp_path, monkey
     cfg, store = small_site(tmp_path, overrides=("compute.progress=true",))
     train_nodes(cfg, store, tmp_path / "models")
     monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # a log file, also under `pytest -s` on a terminal
     with caplog.at_level("INFO", logger="hpcad.score"):
         score_nodes(cfg, store, tmp_path / "models", tmp_path / "errors.h5")
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("score: ")]
