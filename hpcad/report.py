@@ -399,10 +399,9 @@ def write_report(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, models_dir
              f"{len(errors.nodes)} nodes, {len(errors.metrics)} metrics; threshold rule <b>{th.rule}</b> "
              f"({th.scope} scope); {len(alarms)} alarm events on {len(per_node_alarms)} nodes.</p>"]
     unlabelled = th.details.get("unlabelled_nodes")
-    if unlabelled:  # the rule named above did not set these nodes' thresholds
-        q = (th.details.get("fallback") or {}).get("q")
+    if unlabelled:  # the rule named above did not set these nodes' thresholds (written with details.fallback)
         parts.append(f"<p>{unlabelled} of {len(th.nodes)} nodes have no labels: their thresholds are the quantile "
-                     f"rule's{f' (q={q:g} of the signal)' if q else ''}, not the {th.rule} rule's "
+                     f"rule's (q={th.details['fallback']['q']:g} of the signal), not the {th.rule} rule's "
                      f"(threshold.fallback).</p>")
     store_path = run_dir / "store.h5"
     if not store_path.exists() and str(cfg.data.source or "").lower().endswith((".h5", ".hdf5")):

@@ -23,7 +23,7 @@ from hpcad.preprocess import (Scaler, check_training_rows, fill_gaps, fit_rows, 
 from hpcad.model.budget import Budget, check_compute_config, default_chunk_cap, retry_cap_after_oom
 from hpcad.model.checkpoint import ChunkCheckpoint
 from hpcad.model.ensemble import Workspace, member_seed, node_seed, train_ensemble
-from hpcad.progress import Progress, elapsed_and_left
+from hpcad.progress import LOG_EVERY_S, Progress, elapsed_and_left
 
 if TYPE_CHECKING:
     from hpcad.config import HpcadConfig, TrainConfig
@@ -120,7 +120,7 @@ def model_spec(cfg: HpcadConfig) -> AutoencoderSpec:
     return spec
 
 
-EPOCH_LOG_S = 60.0  # at most one "epoch" log line per minute (the bar shows every epoch)
+EPOCH_LOG_S = LOG_EVERY_S  # at most one "epoch" log line per minute (the bar shows every epoch)
 
 
 def _epoch_reporter(bar, chunk: int, models: int, epochs: int):

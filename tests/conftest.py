@@ -57,7 +57,7 @@ def hpcad_on_terminal(*args: str) -> subprocess.CompletedProcess:
 
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # a 120-column window (0 draws no bar)
-    proc = subprocess.Popen([sys.executable, "-m", "hpcad", *args], cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    proc = subprocess.Popen([*hpcad_cmd(), *args], cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
                             stdout=subprocess.PIPE, stderr=slave, text=True)
     os.close(slave)
     seen: list[bytes] = []

@@ -273,15 +273,15 @@ class CostRule(_Rule):
         if not (0 <= float(drift) <= 1):
             raise ConfigError(f"threshold.drift={drift}: must be in [0, 1] (0: the exact optimum)")
         self.drift = float(drift)
-        self.unlabelled: list[str] = []  # node scope: nodes fitted by the fallback (no labels)
+        self.unlabelled = 0  # node scope: nodes fitted by the fallback (no labels), this fit
 
     def fit(self, source: SignalSource, red: Reducer | None = None, detector: str = "autoencoder") -> Thresholds:
         """As every rule; nodes without labels get the quantile rule's threshold, said in one line
         (before: one warning per node, thousands on an unlabelled cluster) and in ``details``."""
-        self.unlabelled = []
+        self.unlabelled = 0
         th = super().fit(source, red, detector)
         if self.scope == "node":
-            n = int(self.red.sum(np.array([len(self.unlabelled)]))[0])
+            n = int(self.red.sum(np.array([self.unlabelled]))[0])
             if n:
                 th.details.update(unlabelled_nodes=n, fallback={"rule": "quantile", "q": self.fallback.q})
                 log.warning("%s: %d of %d nodes have no labels: their thresholds come from the quantile rule "
@@ -320,7 +320,7 @@ class CostRule(_Rule):
 
     def fit_node(self, s: NodeSignal, rows: np.ndarray) -> float:
         if s.labels is None:
-            self.unlabelled.append(s.node)
+            self.unlabelled += 1
             return self.fallback.fit_node(s, rows)
         if self.drift == 0:
             terms = CostTerms.of(s.signal[rows], s.labels[rows] != 0, self.cost_model.tolerance)
