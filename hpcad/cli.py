@@ -213,6 +213,10 @@ def run_stage(stage: str, overrides: list[str]) -> int:
     if multirun and not any(o.startswith("hydra.job.name=") for o in overrides):
         overrides.append(f"hydra.job.name=hpcad-{stage}")  # sweep points' SLURM jobs and logs say what they run
     sys.argv = [f"hpcad {stage}", *overrides]
+    if multirun:
+        from hpcad.sweep import FAILED_POINTS
+
+        FAILED_POINTS.clear()  # of an earlier sweep in this process (main() called again: a notebook, a test)
     try:
         app()
     except SystemExit as exc:  # hydra exits on --help, --cfg and config errors

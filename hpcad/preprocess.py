@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -208,7 +209,8 @@ class Scaler:
         if values.shape[0] == 0:
             raise ConfigError(f"{where}: no training rows to fit the standardisation on "
                               f"(check split.* and the labels)")
-        with np.errstate(all="ignore"):
+        with np.errstate(all="ignore"), warnings.catch_warnings():  # an all-NaN column: said below, once
+            warnings.simplefilter("ignore", RuntimeWarning)
             mean = np.nanmean(values, axis=0)
             std = np.nanstd(values, axis=0)
             rng = np.nanmax(values, axis=0) - np.nanmin(values, axis=0)

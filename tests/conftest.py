@@ -1,4 +1,5 @@
-"""Shared helpers: small synthetic data, and the CLI run the way a user runs it (a subprocess)."""
+"""Shared helpers: small synthetic data, and the CLI run the way a user runs it (its own code, in this
+process or in a new one: :func:`hpcad`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -19,11 +20,13 @@ SHARED = ROOT.parent / "shared" / "data"
 # cores slowed some tests 2-3x. A value set by the caller is kept.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# The longest test files first (seconds of test time on 2 cores, measured): `--dist loadfile` hands
-# files to the two workers in collection order, and a long file taken last leaves one worker idle
-# while the other finishes it (longest-first keeps the two within about one short file).
-LONGEST_FIRST = ["test_slurm_jobs.py", "test_slurm.py", "test_cli.py", "test_nightly.py", "test_faults.py",
-                 "test_experiments.py", "test_bench.py", "test_runfolder.py", "test_mpi.py"]
+# The longest test files first (seconds of test time on 2 cores, measured: 198, 162, 111, 63, 41, 19,
+# 14 of 690 in all): `--dist loadfile` hands files to the two workers in collection order, and a long
+# file taken last leaves one worker idle while the other finishes it (longest-first keeps the two
+# within about one short file).
+LONGEST_FIRST = ["test_slurm.py", "test_slurm_jobs.py", "test_nightly.py", "test_faults.py", "test_cli.py",
+                 "test_mpi.py", "test_bench.py", "test_options.py", "test_report.py", "test_experiments.py",
+                 "test_runfolder.py"]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -36,14 +39,67 @@ SMALL = ["data.synthetic.nodes=3", "data.synthetic.rows=400", "train.epochs=4", 
          "baselines.methods=[kde]", "report.max_nodes_plotted=2"]
 
 
-def hpcad(*args: str, cwd: Path | None = None, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run ``hpcad ARGS`` as a subprocess; returns the completed process (stdout+stderr text)."""
-    e = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    proc = subprocess.run([sys.executable, "-m", "hpcad", *args], cwd=cwd or ROOT, env=e,
-                          capture_output=True, text=True, timeout=600)
+def hpcad(*args: str, cwd: Path | None = None, check: bool = True, env: dict | None = None,
+          process: bool = False) -> subprocess.CompletedProcess:
+    """Run ``hpcad ARGS``; returns the completed run (exit status, stdout and stderr text).
+
+    It runs in this test process by default: ``hpcad.cli.main``, the console script's own code, with
+    the given folder, environment and arguments, and its output captured as a new process's would
+    be. A new interpreter costs 2-3 s of CPU before hpcad starts (torch's import), more than most of
+    these small stages take. ``process=True`` starts a real ``python -m hpcad``: for what only a
+    process shows (the console script's exit path, a launcher's rank variables, signals, threads);
+    so does an ``env`` naming a rank or launcher variable."""
+    if process or any(k.startswith(LAUNCHER_ENV) for k in env or {}):
+        e = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+        proc = subprocess.run([sys.executable, "-m", "hpcad", *args], cwd=cwd or ROOT, env=e,
+                              capture_output=True, text=True, timeout=600)
+    else:
+        proc = _hpcad_here(list(args), cwd or ROOT, env or {})
     if check and proc.returncode != 0:
         raise AssertionError(f"hpcad {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+# Environment variables that make hpcad one rank of several (hpcad/dist.py): such runs get a process.
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_", "PMI_", "OMPI_", "MASTER_")
+
+
+def _hpcad_here(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    """``hpcad ARGS`` in this process, leaving the process as it found it: folder, environment,
+    ``sys.argv`` and the root logger's handlers and settings (Hydra sets its own up for each run)."""
+    import contextlib
+    import io
+    import logging
+    import traceback
+
+    from hpcad.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    root = logging.getLogger()
+    saved = (os.getcwd(), dict(os.environ), list(sys.argv), list(root.handlers), root.level, logging.raiseExceptions)
+    try:
+        os.chdir(cwd)
+        os.environ.update(env)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = main(args)
+            except SystemExit as exc:
+                rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            except Exception:  # as the interpreter does with an uncaught exception
+                traceback.print_exc()
+                rc = 1
+    finally:
+        os.chdir(saved[0])
+        os.environ.clear()
+        os.environ.update(saved[1])
+        sys.argv[:] = saved[2]
+        for handler in root.handlers:
+            if handler not in saved[3]:
+                handler.close()
+        root.handlers[:] = saved[3]
+        root.setLevel(saved[4])
+        logging.raiseExceptions = saved[5]  # a stage that found its disk full turns it off (hpcad/cli.py)
+    return subprocess.CompletedProcess(["hpcad", *args], rc, out.getvalue(), err.getvalue())
 
 
 def hpcad_on_terminal(*args: str) -> subprocess.CompletedProcess:

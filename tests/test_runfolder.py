@@ -15,7 +15,7 @@ SMALL_STORE = ["data.synthetic.nodes=2", "data.synthetic.rows=200", "compute.pro
 def test_a_second_writer_gets_one_line_naming_the_holder_and_writes_nothing(tmp_path):
     run = tmp_path / "run"
     with exclusive_lock(run / LOCK_NAME, "hpcad run (the first writer)"):
-        p = hpcad("ingest", *SMALL_STORE, f"hydra.run.dir={run}", check=False)
+        p = hpcad("ingest", *SMALL_STORE, f"hydra.run.dir={run}", check=False, process=True)  # another process
     assert p.returncode == 2, p.stderr
     err = [line for line in p.stderr.splitlines() if "error" in line]
     assert len(err) == 1 and "hpcad run (the first writer)" in err[0] and str(run) in err[0]

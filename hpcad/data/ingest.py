@@ -232,7 +232,9 @@ def _iter_single_file(source: Path, conv: FrameConverter, scratch_dir: Path,
         with h5_writing(scratch) as f:
             for chunk in iter_table_chunks(source):
                 if cfg.node_column not in chunk.columns:  # one node's file (e.g. the lecture's CSV)
-                    chunk[cfg.node_column] = check_node_name(stem(source), str(source))
+                    node = pd.Series(check_node_name(stem(source), str(source)), index=chunk.index,
+                                     name=cfg.node_column)
+                    chunk = pd.concat([chunk, node], axis=1)  # not chunk[...] = ...: pandas warns on wide frames
                 chunk = chunk.drop(columns=[c for c in cfg.ignore_columns if c in chunk.columns])
                 if cfg.timestamp_column in chunk.columns:
                     chunk[cfg.timestamp_column] = to_epoch_seconds(chunk[cfg.timestamp_column], str(source),
