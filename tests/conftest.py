@@ -48,11 +48,11 @@ def hpcad(*args: str, cwd: Path | None = None, check: bool = True, env: dict | N
     be. A new interpreter costs 2-3 s of CPU before hpcad starts (torch's import), more than most of
     these small stages take. ``process=True`` starts a real ``python -m hpcad``: for what only a
     process shows (the console script's exit path, a launcher's rank variables, signals, threads);
-    so does an ``env`` naming a rank or launcher variable."""
-    if process or any(k.startswith(LAUNCHER_ENV) for k in env or {}):
+    so does an ``env`` that makes hpcad one rank of several (or that hpcad/dist.py refuses)."""
+    if process or _ranked(env or {}):
         e = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-        proc = subprocess.run([sys.executable, "-m", "hpcad", *args], cwd=cwd or ROOT, env=e,
-                              capture_output=True, text=True, timeout=600)
+        proc = subprocess.run([*hpcad_cmd(), *args], cwd=cwd or ROOT, env=e, capture_output=True, text=True,
+                              timeout=600)
     else:
         proc = _hpcad_here(list(args), cwd or ROOT, env or {})
     if check and proc.returncode != 0:
@@ -60,8 +60,19 @@ def hpcad(*args: str, cwd: Path | None = None, check: bool = True, env: dict | N
     return proc
 
 
-# Environment variables that make hpcad one rank of several (hpcad/dist.py): such runs get a process.
-LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_", "PMI_", "OMPI_", "MASTER_")
+def _ranked(env: dict) -> bool:
+    """True when ``env`` makes hpcad one rank of several, as hpcad.dist.world() reads it (a process
+    group must not start in the test process), or is a rank environment it refuses."""
+    from unittest import mock
+
+    from hpcad.dist import world
+    from hpcad.errors import HpcadError
+
+    with mock.patch.dict(os.environ, env):
+        try:
+            return world().distributed
+        except HpcadError:
+            return True
 
 
 def _hpcad_here(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
