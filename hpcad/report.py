@@ -455,6 +455,15 @@ def write_report(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, models_dir
                                             + ", ".join(check.get("always_alarm_nodes", [])[:10]))
         parts.insert(1, f"<p class='warning'><b>Threshold warning:</b> the {th.rule} threshold "
                         f"({th.scope} scope) {html.escape(what)}.</p>")
+    not_normal = check.get("not_normal_fit_nodes") or {}
+    if not_normal:  # an unsupervised fit on a period that holds incidents (hpcad.threshold.rules.check_thresholds)
+        named = ", ".join(f"{n} {v:g}x" for n, v in list(not_normal.items())[:10])
+        parts.insert(1, f"<p class='warning'><b>Threshold warning:</b> on {check.get('not_normal_fit_node_count')} "
+                        f"node(s) the rows the {th.rule} threshold took as normal (none labelled as anomalies) sit "
+                        f"far above the node's normal level (median signal, times its held-out training level: "
+                        f"{html.escape(named)}). That period likely holds incidents, and the threshold sits among "
+                        f"them: label them (data.label_column, threshold=cost) or apply thresholds fitted on a quiet "
+                        f"period (train_run=).</p>")
     paged = [n for n in ranked if per_node_alarms.get(n)][: int(cfg.report.max_node_pages)]
     pages = _node_pages(run_dir, errors, th, paged, alarms, time_unit, title, store, models_dir,
                         history=node_history)

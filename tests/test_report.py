@@ -69,6 +69,21 @@ def test_thresholds_of_unlabelled_nodes_are_said_to_be_the_fallbacks(tmp_path):
     assert "have no labels" not in write_report(cfg, tmp_path, errors, models).read_text()
 
 
+def test_a_threshold_fitted_on_a_period_that_is_not_normal_is_a_warning_at_the_top(tmp_path):
+    """Without labels a rule takes the validation period as normal; on DAVIDE over half of it scores
+    like the anomalies, and the threshold lands among them: the operator is told, with the nodes."""
+    check = {"fit_rows": 20, "alarm_share": 0.005, "verdict": "ok", "not_normal_fit_nodes": {"b": 51.4, "a": 12.0},
+             "not_normal_fit_node_count": 2}
+    cfg, errors, models = _run(tmp_path, [ALARM_B], details={"check": check})
+    page = write_report(cfg, tmp_path, errors, models).read_text()
+    warning = page.split("<p class='warning'>")[1].split("</p>")[0]
+    assert "on 2 node(s) the rows the cost threshold took as normal" in warning and "b 51.4x, a 12x" in warning
+    assert "train_run=" in warning and page.index("<p class='warning'>") < page.index("<h2>")
+    cfg, errors, models = _run(tmp_path, [ALARM_B], details={"check": {**check, "not_normal_fit_nodes": {},
+                                                                      "not_normal_fit_node_count": 0}})
+    assert "took as normal" not in write_report(cfg, tmp_path, errors, models).read_text()
+
+
 def test_tables_escape_what_comes_from_the_data():
     t = html_table([["<b>x</b>", 0.123456, None, 1378.4]], ["node & rack", "value", "empty", "cost"])
     assert "<th>node &amp; rack</th>" in t and "&lt;b&gt;x&lt;/b&gt;" in t and "<td>0.123</td>" in t

@@ -206,6 +206,33 @@ def test_thresholds_that_never_or_always_alarm_are_reported(caplog):
     assert check_thresholds(th, lambda: iter(others))["verdict"] == "always_alarm"
 
 
+def test_a_period_fitted_without_labels_that_is_not_normal_is_named(caplog):
+    """Unsupervised fits take the validation rows as normal. On a node whose validation period sits
+    far above its held-out training level (DAVIDE without labels: 51x; over half its rows are
+    incidents) the threshold lands among the incidents: the check names such nodes, once, with
+    their level; a node whose labels decided (the cost rule) or a calm node is not named."""
+    rng = np.random.default_rng(3)
+    val = lambda n: np.full(n, VAL, np.int8)
+    calm = NodeSignal("calm", rng.exponential(1.0, 1000), val(1000), None, np.arange(1000), scale=1.0)
+    busy = NodeSignal("busy", 2.0 * rng.exponential(50.0, 1000), val(1000), None, np.arange(1000), scale=2.0)
+    labelled_busy = NodeSignal("lab", busy.signal.copy(), val(1000), (rng.random(1000) < 0.2).astype(np.int8),
+                               np.arange(1000), scale=2.0)
+    with caplog.at_level("WARNING", logger="hpcad.threshold.rules"):
+        q = QuantileRule().fit(lambda: iter([calm, busy]))
+    check = q.details["check"]
+    assert check["not_normal_fit_node_count"] == 1 and list(check["not_normal_fit_nodes"]) == ["busy"]
+    assert check["not_normal_fit_nodes"]["busy"] == pytest.approx(np.median(busy.normalised), abs=0.06)
+    said = [r.getMessage() for r in caplog.records if "took as normal" in r.getMessage()]
+    assert len(said) == 1 and "1 node(s)" in said[0] and f"busy {check['not_normal_fit_nodes']['busy']:g}x" in said[0]
+    assert "train_run=" in said[0]
+    cost = CostRule().fit(lambda: iter([calm, busy, labelled_busy])).details["check"]  # labels decided for "lab"
+    assert list(cost["not_normal_fit_nodes"]) == ["busy"]
+    # cluster scope: unlabelled nodes take no part in a fit that has labelled nodes; without any, they do
+    assert "not_normal_fit_nodes" not in CostRule(scope="cluster").fit(lambda: iter([busy, labelled_busy])).details["check"]
+    assert list(CostRule(scope="cluster").fit(lambda: iter([calm, busy])).details["check"]["not_normal_fit_nodes"]) == ["busy"]
+    assert "not_normal_fit_nodes" not in QuantileRule().fit(lambda: iter([calm])).details["check"]
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_threshold_free_figures_equal_scikit_learns(seed):
     """hpcad computes AP, ROC-AUC and best F1 itself (scikit-learn costs a second to import in every

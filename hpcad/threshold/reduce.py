@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -18,6 +19,7 @@ import numpy as np
 from hpcad.dist import CLUSTER_WIDE, World, reason
 
 log = logging.getLogger(__name__)
+ABORT_GRACE_S = 0.5  # a failing rank's pause between saying why and MPI_Abort
 
 
 class Reducer:
@@ -65,7 +67,10 @@ class MpiReducer(Reducer):
             log.error("%s; every rank of the MPI job stops (MPI_Abort)", said)
             print(f"hpcad {stage}: error: {said} (rank {self.rank} of {self.size}: every rank of the MPI job stops, "
                   f"MPI_Abort)", file=sys.stderr, flush=True)
-            logging.shutdown()
+            logging.shutdown()  # the rank's log file in the run folder has the reason whatever happens next
+            # mpiexec kills the job's processes on MPI_Abort and drops output it has not forwarded yet
+            # (MPICH: the line above was lost in 1 run of 25): give its forwarder a moment first.
+            time.sleep(ABORT_GRACE_S)
             self.comm.Abort(2)
 
     def sum(self, a: np.ndarray) -> np.ndarray:

@@ -28,6 +28,7 @@ from hpcad.threshold.reduce import Reducer
 log = logging.getLogger(__name__)
 SignalSource = Callable[[], Iterator[NodeSignal]]
 ALWAYS = 0.9  # share of fitted rows alarmed from which a threshold is reported as "always alarm"
+NOT_NORMAL = 10.0  # median normalised signal of a node's unlabelled fit rows from which that period is reported as not normal
 
 
 @dataclass
@@ -102,6 +103,10 @@ class _Rule:
             rows = rows & (s.labels == 0)
         return rows
 
+    def unsupervised_rows(self, s: NodeSignal) -> np.ndarray | None:
+        """The rows this fit took as normal because no label marks them (None: labels decided)."""
+        return self.rows(s) if self.normal_only else None
+
     def __init__(self, scope: str = "node", grid_points: int = 4096, c_alarm: float = 1.0,
                  c_missed: float = 5.0, tolerance: int = 12, **_: object):
         self.scope = _check_scope(scope)
@@ -129,7 +134,7 @@ class _Rule:
                 if v.size:
                     lo, hi = min(lo, float(v.min())), max(hi, float(v.max()))
             th = self.fit_cluster(source, self.grid(self.red.min(lo), self.red.max(hi)))
-        th.details["check"] = check_thresholds(th, source, self.red, detector)
+        th.details["check"] = check_thresholds(th, source, self.red, detector, self.unsupervised_rows)
         return th
 
     def grid(self, lo: float, hi: float) -> np.ndarray:
@@ -152,22 +157,34 @@ class _Rule:
 
 
 def check_thresholds(th: Thresholds, source: SignalSource, red: Reducer | None = None,
-                     detector: str = "autoencoder") -> dict:
+                     detector: str = "autoencoder",
+                     unsupervised: Callable[[NodeSignal], np.ndarray | None] | None = None) -> dict:
     """How often the thresholds alarm on the rows they were fitted on: ``never_alarm`` (no row at all),
     ``always_alarm`` (at least ``ALWAYS`` of the rows, or of one node's rows at node scope) or ``ok``.
     A rule that ends in either is almost always a problem with the data or the signal scale, so it
-    is logged."""
+    is logged. With ``unsupervised`` (a node's rows its fit took as normal, no label marking them; or None),
+    nodes whose such rows have a median normalised signal of ``NOT_NORMAL`` or more are listed and
+    logged too: that period looks nothing like the node's held-out training rows (incidents, a
+    changed workload), so a threshold fitted there sits among its incidents."""
     red = red or Reducer()
     counts = np.zeros(2)
     always: list[str] = []
+    not_normal: dict[str, float] = {}
     for s in source():
         rows = _fit_rows(s)
         alarmed = int((th.signal_of(s)[rows] > th.threshold_for(s.node)).sum())
         counts += (alarmed, int(rows.sum()))
         if th.scope == "node" and alarmed >= ALWAYS * rows.sum():
             always.append(s.node)
+        fit = unsupervised(s) if unsupervised is not None else None
+        if fit is not None:
+            v = s.normalised[fit]
+            v = v[np.isfinite(v)]
+            if v.size and np.median(v) >= NOT_NORMAL:
+                not_normal[s.node] = round(float(np.median(v)), 1)
     counts = red.sum(counts)
     always = sorted(red.merge({n: 1 for n in always}))
+    not_normal = red.merge(not_normal)
     share = float(counts[0] / counts[1]) if counts[1] else 0.0
     verdict = "never_alarm" if counts[0] == 0 else "always_alarm" if share >= ALWAYS else "ok"
     out = {"fit_rows": int(counts[1]), "alarm_share": round(share, 6), "verdict": verdict}
@@ -183,6 +200,17 @@ def check_thresholds(th: Thresholds, source: SignalSource, red: Reducer | None =
     elif always:
         log.warning("%s threshold (%s): %d nodes alarm on %.0f%% or more of their fitted rows (first: %s)",
                     detector, th.rule, len(always), 100 * ALWAYS, ", ".join(always[:5]), extra=CLUSTER_WIDE)
+    if not_normal:
+        top = sorted(not_normal, key=lambda n: (-not_normal[n], n))
+        out["not_normal_fit_nodes"] = {n: not_normal[n] for n in top[:100]}
+        out["not_normal_fit_node_count"] = len(top)
+        log.warning("%s threshold (%s): on %d node(s) the rows it took as normal (none labelled as anomalies) sit "
+                    "far above the node's normal level (median signal %g times its held-out training level or more: "
+                    "%s): that period likely holds incidents, and the threshold sits among them; label them "
+                    "(data.label_column, threshold=cost) or apply thresholds fitted on a quiet period "
+                    "(train_run=)", detector,
+                    th.rule, len(top), NOT_NORMAL, ", ".join(f"{n} {not_normal[n]:g}x" for n in top[:5]),
+                    extra=CLUSTER_WIDE)
     return out
 
 
@@ -274,11 +302,12 @@ class CostRule(_Rule):
             raise ConfigError(f"threshold.drift={drift}: must be in [0, 1] (0: the exact optimum)")
         self.drift = float(drift)
         self.unlabelled = 0  # node scope: nodes fitted by the fallback (no labels), this fit
+        self.cluster_fell_back = False  # cluster scope: no node had labels, this fit
 
     def fit(self, source: SignalSource, red: Reducer | None = None, detector: str = "autoencoder") -> Thresholds:
         """As every rule; nodes without labels get the quantile rule's threshold, said in one line
         (before: one warning per node, thousands on an unlabelled cluster) and in ``details``."""
-        self.unlabelled = 0
+        self.unlabelled, self.cluster_fell_back = 0, False
         th = super().fit(source, red, detector)
         if self.scope == "node":
             n = int(self.red.sum(np.array([self.unlabelled]))[0])
@@ -288,6 +317,13 @@ class CostRule(_Rule):
                             "(threshold.fallback, q=%g)", detector, n, len(th.nodes), self.fallback.q,
                             extra=CLUSTER_WIDE)
         return th
+
+    def unsupervised_rows(self, s: NodeSignal) -> np.ndarray | None:
+        """An unlabelled node's rows where the quantile fallback fitted it (at cluster scope only when
+        no node had labels: otherwise unlabelled nodes take no part in the fit)."""
+        if s.labels is None and (self.scope == "node" or self.cluster_fell_back):
+            return self.fallback.rows(s)
+        return None
 
     def grid(self, lo: float, hi: float) -> np.ndarray:
         if self.drift == 0:
@@ -351,6 +387,7 @@ class CostRule(_Rule):
         labelled = int(self.red.sum(np.array([labelled]))[0])
         if labelled == 0:
             log.warning("no labelled node: cluster threshold from the quantile rule", extra=CLUSTER_WIDE)
+            self.cluster_fell_back = True
             self.fallback.red = self.red
             return self.fallback.fit_cluster(source, super().grid(grid[0], grid[-1]))
         if self.drift == 0:
