@@ -184,7 +184,8 @@ def check_thresholds(th: Thresholds, source: SignalSource, red: Reducer | None =
                 not_normal[s.node] = round(float(np.median(v)), 1)
     counts = red.sum(counts)
     always = sorted(red.merge({n: 1 for n in always}))
-    not_normal = red.merge(not_normal)
+    n_not_normal = int(red.sum(np.array([len(not_normal)]))[0])
+    not_normal = red.merge(dict(_loudest(not_normal)))  # each rank sends its loudest only
     share = float(counts[0] / counts[1]) if counts[1] else 0.0
     verdict = "never_alarm" if counts[0] == 0 else "always_alarm" if share >= ALWAYS else "ok"
     out = {"fit_rows": int(counts[1]), "alarm_share": round(share, 6), "verdict": verdict}
@@ -200,18 +201,21 @@ def check_thresholds(th: Thresholds, source: SignalSource, red: Reducer | None =
     elif always:
         log.warning("%s threshold (%s): %d nodes alarm on %.0f%% or more of their fitted rows (first: %s)",
                     detector, th.rule, len(always), 100 * ALWAYS, ", ".join(always[:5]), extra=CLUSTER_WIDE)
-    if not_normal:
-        top = sorted(not_normal, key=lambda n: (-not_normal[n], n))
-        out["not_normal_fit_nodes"] = {n: not_normal[n] for n in top[:100]}
-        out["not_normal_fit_node_count"] = len(top)
+    if n_not_normal:
+        out["not_normal_fit_nodes"] = dict(_loudest(not_normal))
+        out["not_normal_fit_node_count"] = n_not_normal
         log.warning("%s threshold (%s): on %d node(s) the rows it took as normal (none labelled as anomalies) sit "
                     "far above the node's normal level (median signal %g times its held-out training level or more: "
-                    "%s): that period likely holds incidents, and the threshold sits among them; label them "
-                    "(data.label_column, threshold=cost) or apply thresholds fitted on a quiet period "
-                    "(train_run=)", detector,
-                    th.rule, len(top), NOT_NORMAL, ", ".join(f"{n} {not_normal[n]:g}x" for n in top[:5]),
-                    extra=CLUSTER_WIDE)
+                    "%s): that period likely holds incidents or a changed workload, and the threshold sits among "
+                    "them; label them (data.label_column, threshold=cost) or apply thresholds fitted on a quiet "
+                    "period (train_run=)", detector, th.rule, n_not_normal, NOT_NORMAL,
+                    ", ".join(f"{n} {v:g}x" for n, v in _loudest(not_normal, 5)), extra=CLUSTER_WIDE)
     return out
+
+
+def _loudest(levels: dict[str, float], k: int = 100) -> list[tuple[str, float]]:
+    """The ``k`` highest ``(node, level)`` pairs, highest first (ties by name)."""
+    return sorted(levels.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
 
 
 class QuantileRule(_Rule):
