@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from conftest import generate, hpcad
+from hpcad.preprocess import VAL
 
 pytest.importorskip("mpi4py", reason="mpi4py not installed (pip install mpi4py mpich)")
 
@@ -47,6 +48,39 @@ def test_mpiexec_two_ranks_fit_the_same_thresholds(scored_run, rule):
         assert single["cluster"] is None and len(single["nodes"]) == 5
     assert multi["nodes"] == pytest.approx(single["nodes"])
     assert multi["rule"] == single["rule"] and multi["scope"] == single["scope"]
+    assert multi["details"]["check"] == single["details"]["check"]
+
+
+def test_nodes_fitted_on_a_period_that_is_not_normal_are_named_across_ranks(scored_run, tmp_path):
+    """Two nodes (one in each rank's share) whose validation period sits 50x above their normal level:
+    the check of an unsupervised fit names both, with their level, once, as one process does."""
+    import h5py
+
+    src, exports = scored_run
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    with h5py.File(run / "errors.h5", "r+") as f:
+        for node in ("node0000", "node0004"):
+            g = f[f"nodes/{node}"]
+            val = g["split"][()] == VAL
+            for name in ("signal", "signal_norm"):
+                g[name][val] = g[name][()][val] * 50
+    from hpcad.dist import shard
+    from hpcad.errorstore import ErrorStore
+
+    shares = shard(ErrorStore(run / "errors.h5").rows, 2)
+    assert [("node0000" in s, "node0004" in s) for s in shares] in ([(True, False), (False, True)],
+                                                                    [(False, True), (True, False)])
+    args = ["threshold", f"hydra.run.dir={run}", f"data.source={exports}", "threshold=quantile"]
+    hpcad(*args)
+    single = json.loads((run / "thresholds.json").read_text())["details"]["check"]
+    assert single["not_normal_fit_node_count"] == 2 and sorted(single["not_normal_fit_nodes"]) == ["node0000",
+                                                                                                    "node0004"]
+    p = subprocess.run(["mpiexec", "-n", "2", sys.executable, "-m", "hpcad", *args], capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads((run / "thresholds.json").read_text())["details"]["check"] == single
+    assert (p.stdout + p.stderr).count("took as normal") == 1  # said by rank 0, for both ranks' nodes
 
 
 def test_ranks_without_mpi_each_fit_on_all_nodes_and_say_so(scored_run, tmp_path):
