@@ -116,12 +116,13 @@ def run_stage(stage: str, overrides: list[str]) -> int:
     from hpcad.pipeline import RUNNERS
 
     register_configs()
-    status = {"rc": 0}
+    status = {"rc": 0, "started": False}
 
     from hpcad.resources import resource_dir
 
     @hydra.main(config_path=str(resource_dir("conf")), config_name="config", version_base="1.3")
     def app(cfg) -> None:
+        status["started"] = True
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         log = logging.getLogger("hpcad")
         from hydra.utils import instantiate
@@ -221,6 +222,8 @@ def run_stage(stage: str, overrides: list[str]) -> int:
         app()
     except SystemExit as exc:  # hydra exits on --help, --cfg and config errors
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if code == 1 and not status["started"]:  # the options could not be composed (Hydra said why): a usage
+            return 2  # error, with the status of hpcad's own option errors (a crash inside a stage stays 1)
         return code
     if multirun:
         from hpcad.sweep import FAILED_POINTS
