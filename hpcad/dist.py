@@ -282,27 +282,46 @@ def share_cpu_threads() -> int | None:
     without binding) and OMP_NUM_THREADS is unset, torch starts a thread per visible CPU in every rank,
     and the oversubscribed OpenMP threads wait on each other (two ranks on 2 cores trained 64 nodes in
     29-178 s instead of 3.5 s). The ranks compare their CPU masks (one small all-gather); a rank whose
-    mask overlaps k ranks' on its host (itself included) uses len(mask) // k threads. Returns that
-    number, or None where nothing was changed. Call on every rank, after ``init``."""
+    mask overlaps k ranks' on its host (itself included) uses len(mask) // k threads. OMP_NUM_THREADS
+    (the batch scripts set it from --cpus-per-task) is kept unless the k ranks would then run more
+    threads than the CPUs they share: a node with fewer CPUs than SLURM was told (the dev cluster's
+    32 on a small machine: two trainings with 8 threads each on 2 cores took 51 s instead of 4.7 s),
+    or a value exported from a login node; then the share is used, and the rank says so. Returns the
+    number set, or None where nothing was changed. Call on every rank, after ``init``."""
     import torch
 
     mask = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-    said = all_objects((socket.gethostname(), mask))
-    if os.environ.get("OMP_NUM_THREADS"):
-        return None  # the launcher or the user chose (the batch scripts: --cpus-per-task)
-    n = cpu_share(socket.gethostname(), mask, said)
+    host = socket.gethostname()
+    said = all_objects((host, mask))
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if omp:  # the launcher or the user chose: kept while it fits the CPUs this rank can run on
+        k = sharing(host, mask, said)
+        if not omp.isdigit() or int(omp) * k <= len(mask):
+            return None
+        n = max(1, len(mask) // k)
+        if [h for h, _ in said].index(host) == world().rank:  # said once per host, by its first rank
+            log.warning("OMP_NUM_THREADS=%s for each of %d rank(s) sharing %d CPU(s) on %s would oversubscribe "
+                        "them (OpenMP threads then wait on each other): %d thread(s) per rank", omp, k, len(mask),
+                        host, n)
+    else:
+        n = cpu_share(host, mask, said)
     if n is not None:
         torch.set_num_threads(n)
     return n
+
+
+def sharing(host: str, mask: list[int], said: list[tuple[str, list[int]]]) -> int:
+    """How many ranks (itself included), given every rank's (host, CPU mask), run on CPUs of ``mask``."""
+    mine = set(mask)
+    return max(1, sum(1 for h, m in said if h == host and mine.intersection(m)))
 
 
 def cpu_share(host: str, mask: list[int], said: list[tuple[str, list[int]]]) -> int | None:
     """Threads for a rank on ``host`` with CPU ``mask``, given every rank's (host, mask): its CPUs
     divided by the ranks on its host whose masks overlap its own (itself included); None when no
     other rank shares its CPUs (bound ranks, or one rank per node)."""
-    mine = set(mask)
-    sharing = sum(1 for h, m in said if h == host and mine.intersection(m))
-    return None if sharing <= 1 else max(1, len(mask) // sharing)
+    k = sharing(host, mask, said)
+    return None if k <= 1 else max(1, len(mask) // k)
 
 
 def all_sum(values: np.ndarray) -> np.ndarray:

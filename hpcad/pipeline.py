@@ -81,7 +81,7 @@ def ranked_share(cfg: HpcadConfig, run_dir: Path, gpu_collectives: bool = False
         log.info("rank %d of %d on %s: %d of %d nodes, device %s%s", w.rank, w.size, socket.gethostname(), len(mine),
                  len(store.nodes), describe(device),
                  "" if threads is None else f", {threads} CPU thread(s) (its share of the CPUs it shares with "
-                 f"other ranks of the node: no CPU binding, no OMP_NUM_THREADS)")
+                 f"other ranks of the node: no CPU binding)")
         yield w, device, store, mine
     except (RuntimeError, ConnectionError) as exc:  # another rank stopped mid-stage: one line, not a traceback
         lost = dist.peer_lost(exc)

@@ -33,9 +33,13 @@ def test_sbatch_train_all_nodes_matches_the_single_process_run(tmp_path, slurm_e
     # one GPU per rank: SLURM bound GPU i (of the dev cluster's 4 per node, devices in name only) to
     # task i, and each rank says so; the CPU build of torch then trains on the CPU, and says that too
     assert "srun --gpu-bind=per_task:1 (4 tasks, 4 GPUs per node)" in log
-    bound = set(re.findall(r"rank (\d) of 4 on \S+: \d+ of 16 nodes, device cpu, CUDA_VISIBLE_DEVICES=(\S+)", log))
+    bound = set(re.findall(r"rank (\d) of 4 on \S+: \d+ of 16 nodes, device cpu, CUDA_VISIBLE_DEVICES=([^\s,]+)", log))
     assert bound == {("0", "0"), ("1", "1"), ("2", "2"), ("3", "3")}, bound
     assert "CUDA_VISIBLE_DEVICES=3) but torch" in log
+    # the script's OMP_NUM_THREADS (--cpus-per-task=8) for 4 ranks is kept where the CPUs are there
+    # (the dev cluster tells SLURM 32 per node), else each rank uses its share of the real ones
+    capped = "OMP_NUM_THREADS=8 for each of 4 rank(s) sharing" in log
+    assert capped == (4 * 8 > len(os.sched_getaffinity(0))), log[-3000:]
     # the preflight step ran first: every rank's view (its bound GPU), and the ranks met
     assert "hpcad preflight: 4 rank(s) on 1 node(s), gloo at localhost:" in log
     report = json.loads((run / "preflight.json").read_text())
@@ -176,6 +180,27 @@ def test_ranks_sharing_unbound_cpus_split_them():
     assert cpu_share("a", cpus, [("a", cpus)]) is None  # one rank on the node
 
 
+def test_an_omp_num_threads_that_oversubscribes_the_cpus_is_capped(monkeypatch, caplog):
+    """OMP_NUM_THREADS from --cpus-per-task is kept where it fits the CPUs the rank runs on; where it
+    does not (a node with fewer CPUs than SLURM was told, as the dev cluster on a small machine:
+    two trainings with 8 threads each took 51 s instead of 4.7 s on 2 cores), the CPUs are used."""
+    from hpcad.dist import share_cpu_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert share_cpu_threads() is None  # fits: the launcher's choice stands
+        monkeypatch.setenv("OMP_NUM_THREADS", "8")
+        with caplog.at_level("WARNING", logger="hpcad.dist"):
+            assert share_cpu_threads() == 2 and torch.get_num_threads() == 2
+        assert "OMP_NUM_THREADS=8 for each of 1 rank(s) sharing 2 CPU(s)" in caplog.text
+        monkeypatch.setenv("OMP_NUM_THREADS", "many")
+        assert share_cpu_threads() is None  # not a count: left to OpenMP, which says so itself
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_shard_is_balanced_deterministic_and_rank_independent():
     rows = {f"n{i}": r for i, r in enumerate([900, 100, 500, 500, 300, 300, 200, 50])}
     parts = shard(rows, 3)
@@ -290,7 +315,7 @@ def test_submitit_launcher_runs_the_stage_as_a_slurm_job(tmp_path, slurm_env):
     assert "--export=ALL" in script  # the step gets launcher.setup's environment, whatever sbatch passes on
     # one GPU per rank (the dev cluster's GPUs exist in name only; torch here is a CPU build)
     ranks_logs = "".join((job_dir / f"{job_dir.name}_{r}_log.{x}").read_text() for r in (0, 1) for x in ("out", "err"))
-    bound = set(re.findall(r"rank (\d) of 2 on \S+: \d of 4 nodes, device cpu, CUDA_VISIBLE_DEVICES=(\S+)", ranks_logs))
+    bound = set(re.findall(r"rank (\d) of 2 on \S+: \d of 4 nodes, device cpu, CUDA_VISIBLE_DEVICES=([^\s,]+)", ranks_logs))
     assert "--gpu-bind=per_task:1" in script and bound == {("0", "0"), ("1", "1")}, bound
     # a job that fails says why, from its error log (not only where the logs are)
     bad = subprocess.run([*hpcad_cmd(), "train", "launcher=submitit", f"data.source={tmp_path / 'nowhere'}",
