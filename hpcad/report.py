@@ -462,8 +462,8 @@ def write_report(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, models_dir
                         f"node(s) the rows the {th.rule} threshold took as normal (none labelled as anomalies) sit "
                         f"far above the node's normal level (median signal, times its held-out training level: "
                         f"{html.escape(named)}). That period likely holds incidents or a changed workload, and the "
-                        f"threshold sits among them: label them (data.label_column, threshold=cost) or apply thresholds fitted on a quiet "
-                        f"period (train_run=).</p>")
+                        f"threshold sits among them: label them (data.label_column, threshold=cost) or apply "
+                        f"thresholds fitted on a quiet period (train_run=).</p>")
     paged = [n for n in ranked if per_node_alarms.get(n)][: int(cfg.report.max_node_pages)]
     pages = _node_pages(run_dir, errors, th, paged, alarms, time_unit, title, store, models_dir,
                         history=node_history)

@@ -228,8 +228,10 @@ def test_a_period_fitted_without_labels_that_is_not_normal_is_named(caplog):
     cost = CostRule().fit(lambda: iter([calm, busy, labelled_busy])).details["check"]  # labels decided for "lab"
     assert list(cost["not_normal_fit_nodes"]) == ["busy"]
     # cluster scope: unlabelled nodes take no part in a fit that has labelled nodes; without any, they do
-    assert "not_normal_fit_nodes" not in CostRule(scope="cluster").fit(lambda: iter([busy, labelled_busy])).details["check"]
-    assert list(CostRule(scope="cluster").fit(lambda: iter([calm, busy])).details["check"]["not_normal_fit_nodes"]) == ["busy"]
+    mixed = CostRule(scope="cluster").fit(lambda: iter([busy, labelled_busy]))
+    assert "not_normal_fit_nodes" not in mixed.details["check"]
+    unlabelled = CostRule(scope="cluster").fit(lambda: iter([calm, busy]))
+    assert list(unlabelled.details["check"]["not_normal_fit_nodes"]) == ["busy"]
     assert "not_normal_fit_nodes" not in QuantileRule().fit(lambda: iter([calm])).details["check"]
 
 

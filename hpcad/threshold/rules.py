@@ -28,7 +28,7 @@ from hpcad.threshold.reduce import Reducer
 log = logging.getLogger(__name__)
 SignalSource = Callable[[], Iterator[NodeSignal]]
 ALWAYS = 0.9  # share of fitted rows alarmed from which a threshold is reported as "always alarm"
-NOT_NORMAL = 10.0  # median normalised signal of a node's unlabelled fit rows from which that period is reported as not normal
+NOT_NORMAL = 10.0  # median signal_norm of the rows a node's fit took as normal, from which they are named
 
 
 @dataclass
