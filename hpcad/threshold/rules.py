@@ -180,8 +180,9 @@ def check_thresholds(th: Thresholds, source: SignalSource, red: Reducer | None =
         if fit is not None:
             v = s.normalised[fit]
             v = v[np.isfinite(v)]
-            if v.size and np.median(v) >= NOT_NORMAL:
-                not_normal[s.node] = round(float(np.median(v)), 1)
+            level = float(np.median(v)) if v.size else 0.0
+            if level >= NOT_NORMAL:
+                not_normal[s.node] = round(level, 1)
     counts = red.sum(counts)
     always = sorted(red.merge({n: 1 for n in always}))
     n_not_normal = int(red.sum(np.array([len(not_normal)]))[0])
