@@ -225,6 +225,10 @@ def run_stage(stage: str, overrides: list[str]) -> int:
         if code == 1 and not status["started"]:  # the options could not be composed (Hydra said why): a usage
             return 2  # error, with the status of hpcad's own option errors (a crash inside a stage stays 1)
         return code
+    finally:  # the command's stages shared one process group (hpcad.dist): it ends with the command
+        from hpcad.dist import finish
+
+        finish()
     if multirun:
         from hpcad.sweep import FAILED_POINTS
 

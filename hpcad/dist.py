@@ -1,8 +1,13 @@
 """Distributed set-up and teardown in one place: ranks from SLURM or torchrun, one process otherwise.
 
 ``world()`` reads the environment only (no process group), so any stage can ask which share of
-the monitored nodes is its own. ``init()`` starts torch.distributed (NCCL on CUDA, gloo on CPU)
-when there is more than one rank; ``finish()`` tears it down.
+the monitored nodes is its own. ``init()`` starts torch.distributed (gloo; NCCL where a stage
+reduces tensors on the GPU) when there is more than one rank, once per process: a command's stages
+(``hpcad run``: train, then score) share that process group, and ``finish()`` tears it down when the
+command ends. Destroyed and started again on the same port, torch's rendezvous is not reliable: a
+rank can reach rank 0's old store before it closes, and the step then waits at the next stage's
+start for the whole collective timeout (seen once in a test run; a bare init/destroy loop of two
+gloo ranks hung within six rounds).
 """
 from __future__ import annotations
 
@@ -165,10 +170,15 @@ def backend(device: torch.device, gpu_collectives: bool) -> str:
 
 
 def init(device: torch.device, gpu_collectives: bool = False, wait: dt.timedelta | None = None) -> World:
-    """Start the process group when there is more than one rank (idempotent); ``gpu_collectives``:
-    the stage reduces tensors on the GPU (see ``backend``); ``wait``: how long a collective (and
-    joining) may take, default ``timeout()``. Rank 0 logs where the ranks meet before it waits for
-    them: a job whose ranks cannot reach it ends its log there (``hpcad preflight`` finds out fast)."""
+    """Start the process group when there is more than one rank; ``gpu_collectives``: the stage
+    reduces tensors on the GPU (see ``backend``); ``wait``: how long a collective (and joining) may
+    take, default ``timeout()``. Rank 0 logs where the ranks meet before it waits for them: a job
+    whose ranks cannot reach it ends its log there (``hpcad preflight`` finds out fast).
+
+    Once per process: a later stage of the same command keeps the group the first one started (see
+    the module), also where it would have chosen another backend (``hpcad run model.scope=fleet`` on
+    CUDA: scoring's barriers then go over the training's NCCL group, whose timeout is ``wait`` too;
+    gloo reduces CUDA tensors as well)."""
     w = world()
     if not w.distributed or _started():
         return w
@@ -245,6 +255,8 @@ def barrier() -> None:
 
 
 def finish() -> None:
+    """Tear the process group down: at the end of a command (``hpcad.cli``) or a launcher's job, after
+    its last stage, never between stages (see the module)."""
     if _started():
         import torch.distributed as tdist
 

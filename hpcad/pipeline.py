@@ -54,8 +54,9 @@ def ranked_share(cfg: HpcadConfig, run_dir: Path, gpu_collectives: bool = False
     """This process's rank, device, the store and its share of the nodes (all of them in one process).
 
     Across ranks: rank 0 ingests while the others wait (one writer per file), the nodes are split
-    balanced by rows, and the process group is torn down on the way out. ``gpu_collectives``: the
-    stage all-reduces tensors on the GPU (NCCL on CUDA; otherwise gloo, ``dist.backend``).
+    balanced by rows. ``gpu_collectives``: the stage all-reduces tensors on the GPU (NCCL on CUDA;
+    otherwise gloo, ``dist.backend``). The process group outlives the stage: the command's next
+    stage uses it too, and the command tears it down at its end (``hpcad.dist``).
     """
     from hpcad.device import describe, resolve_device  # the stages that train or score load torch, the others do not
 
@@ -88,8 +89,6 @@ def ranked_share(cfg: HpcadConfig, run_dir: Path, gpu_collectives: bool = False
         if lost is None:
             raise
         raise lost from exc
-    finally:
-        dist.finish()
 
 
 def stage_train(cfg: HpcadConfig, run_dir: Path) -> dict:

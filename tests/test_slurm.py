@@ -114,7 +114,9 @@ def test_whole_run_on_two_ranks_ingests_once_and_matches_one_process(tmp_path, s
     """`srun -n2 hpcad run` on a new run folder (synthetic data): before, every rank ingested into the
     one store.h5 (rank 0's lock then removed rank 1's temporary store: a traceback, and the step hung
     in the next stage); baselines and the report were also made by every rank. Now rank 0 ingests,
-    makes the baselines and the report; the result is the single-process run's."""
+    makes the baselines and the report; the result is the single-process run's. The stages share one
+    process group: started again for scoring on the same port, torch's rendezvous could let rank 1
+    reach rank 0's old store, and the step hung there until the collective timeout (hpcad.dist)."""
     args = ["data.synthetic.nodes=3", "data.synthetic.rows=400", "train.epochs=2", "compute.progress=false",
             "baselines.methods=[kde]", "report.max_nodes_plotted=1"]
     single, run = tmp_path / "single", tmp_path / "run"
@@ -122,7 +124,8 @@ def test_whole_run_on_two_ranks_ingests_once_and_matches_one_process(tmp_path, s
     p = subprocess.run(["srun", "--kill-on-bad-exit=1", "-N1", "-n2", *hpcad_cmd(), "run", f"hydra.run.dir={run}",
                         *args], env=slurm_env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    rank1 = (run / "run-rank1.log").read_text()
+    rank0, rank1 = ((run / f"run-rank{r}.log").read_text() for r in (0, 1))
+    assert rank0.count("process group: gloo, 2 ranks") == 1 and rank0.count("all 2 ranks joined") == 1, rank0
     assert "generated the synthetic cluster" not in rank1 and "baseline kde ->" not in rank1
     assert "baselines: done by rank 0 of 2" in rank1 and "report: done by rank 0 of 2" in rank1
     assert (run / "report.html").exists() and (run / "baselines" / "kde.h5").exists()

@@ -20,8 +20,13 @@ def _configure_logging() -> None:
 
 
 def _remote(fn: Callable[[Any, Path], Any], cfg: Any, run_dir: Path) -> Any:
+    from hpcad.dist import finish
+
     _configure_logging()
-    return fn(cfg, run_dir)
+    try:
+        return fn(cfg, run_dir)
+    finally:  # the stage's process group (hpcad.dist) ends with the job's task
+        finish()
 
 
 class SubmititLauncher:
