@@ -17,6 +17,10 @@ import os
 import re
 import socket
 import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -162,6 +166,40 @@ def rendezvous(w: World, env: dict | None = None) -> tuple[str, str]:
     return addr or "127.0.0.1", port or "29511"
 
 
+#: How often rank 0, waiting for the other ranks (to join, to finish a stage), says so: a long wait
+#: for the slowest rank reads as one in the job log, and a step that hangs shows where it waits.
+WAIT_LOG_S = 300.0
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+@contextmanager
+def waiting(what: str, every_s: float | None = None) -> Iterator[None]:
+    """While the body blocks (a collective), rank 0 logs ``still waiting <what> (<time> so far)``
+    every ``every_s`` seconds (``WAIT_LOG_S``). Only rank 0: the other ranks' lines would say the
+    same hundreds of times over."""
+    if world().rank != 0:
+        yield
+        return
+    every = WAIT_LOG_S if every_s is None else every_s
+    done = threading.Event()
+    t0 = time.monotonic()
+
+    def say() -> None:
+        while not done.wait(every):
+            log.info("still waiting %s (%s so far)", what, _duration(time.monotonic() - t0))
+
+    ticker = threading.Thread(target=say, name="hpcad-waiting", daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        done.set()
+        ticker.join()
+
+
 def backend(device: torch.device, gpu_collectives: bool) -> str:
     """NCCL only where tensors on the GPU are reduced (the fleet model's DDP). The per-node scope's
     collectives (barriers, rank 0's outcome, small sums of Python objects) go over gloo, on CUDA
@@ -182,8 +220,6 @@ def init(device: torch.device, gpu_collectives: bool = False, wait: dt.timedelta
     w = world()
     if not w.distributed or _started():
         return w
-    import time
-
     import torch
     import torch.distributed as tdist
 
@@ -198,7 +234,9 @@ def init(device: torch.device, gpu_collectives: bool = False, wait: dt.timedelta
                  os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"], f"{s / 60:g} min" if s >= 60 else f"{s:g} s")
     t0 = time.perf_counter()
     try:
-        tdist.init_process_group(name, rank=w.rank, world_size=w.size, timeout=wait)
+        with waiting(f"for the other {w.size - 1} rank(s) to join at {os.environ['MASTER_ADDR']}:"
+                     f"{os.environ['MASTER_PORT']}"):
+            tdist.init_process_group(name, rank=w.rank, world_size=w.size, timeout=wait)
     except tdist.DistNetworkError as exc:
         if "EADDRINUSE" not in str(exc):  # rank 0 could not open the rendezvous port: say which, and what to do
             raise
@@ -247,11 +285,13 @@ def peer_lost(exc: BaseException) -> HpcadError | None:
                       f"({said[:160]})")
 
 
-def barrier() -> None:
+def barrier(what: str = "for the other ranks") -> None:
+    """Wait for every rank; ``what`` says for what in rank 0's periodic line (``waiting``)."""
     if _started():
         import torch.distributed as tdist
 
-        tdist.barrier()
+        with waiting(what):
+            tdist.barrier()
 
 
 def finish() -> None:

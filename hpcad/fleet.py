@@ -283,8 +283,9 @@ def train_fleet(cfg: HpcadConfig, store, models_dir, nodes: list[str], device: t
             scale = float(((model(x) - x) ** 2).sum(1).mean()) if len(x) else 1.0
             NodeModel(n, spec, store.metrics, [params], scaler, dict(history), max(scale, 1e-12), fingerprint).save(
                 model_path(models_dir, n))
-    if tdist.is_initialized():
-        tdist.barrier()  # every rank's node files are written before the checkpoint goes
+    from hpcad import dist
+
+    dist.barrier("for the other ranks to write their node files")  # before the checkpoint goes
     if rank == 0:
         remove_checkpoints(models_dir)  # this training's, and any of another rank count
     log.info("fleet model: %d epochs, best validation loss %.4g; %d node files", history["epochs_run"],

@@ -108,7 +108,7 @@ def stage_train(cfg: HpcadConfig, run_dir: Path) -> dict:
             out = train_nodes(cfg, store, run_dir / "models", mine, device, name)
         if w.distributed:
             out.update(rank=w.rank, world_size=w.size, nodes=len(mine), cluster_nodes=len(store.nodes))
-            dist.barrier()
+            dist.barrier("for the other ranks to finish training")
         if w.rank == 0:  # every chunk has ended: a checkpoint left is of an earlier chunking
             from hpcad.model.checkpoint import remove_checkpoints
 
@@ -130,7 +130,7 @@ def stage_score(cfg: HpcadConfig, run_dir: Path) -> Path:
             return out
         parts = [run_dir / f"errors-rank{r}.h5" for r in range(w.size)]
         score_nodes(cfg, store, models_dir(cfg, run_dir), parts[w.rank], mine, device, excess_fallback=fallback)
-        dist.barrier()
+        dist.barrier("for the other ranks to finish scoring")
         if w.rank == 0:
             scored = [e for e in map(ErrorStore, parts) if e.nodes] or [ErrorStore(parts[0])]
             metrics = scored[0].metrics  # the models' metrics (the store may hold others)

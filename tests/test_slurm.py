@@ -204,6 +204,41 @@ def test_an_omp_num_threads_that_oversubscribes_the_cpus_is_capped(monkeypatch, 
         torch.set_num_threads(before)
 
 
+def test_rank_0_waiting_for_the_other_ranks_says_so_until_they_come(monkeypatch):
+    """A rank 0 that waits long for the others (to join, to finish a stage) says so periodically, so a
+    long wait for the slowest rank reads as one and a hung step shows where it waits; the other ranks
+    stay quiet (hundreds of them would repeat it)."""
+    import logging
+    import threading
+
+    from hpcad import dist
+
+    said = threading.Event()
+    lines: list[str] = []
+
+    class Seen(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+            said.set()
+
+    handler, logger = Seen(logging.INFO), logging.getLogger("hpcad.dist")
+    logger.addHandler(handler)
+    monkeypatch.setattr(logger, "level", logging.INFO)
+    try:
+        with dist.waiting("for the other ranks to finish training", every_s=0.01):
+            assert said.wait(60)  # the body blocks until the first line (a collective, in the stages)
+        assert re.fullmatch(r"still waiting for the other ranks to finish training \(\d+ s so far\)", lines[0]), lines
+        assert not [t for t in threading.enumerate() if t.name == "hpcad-waiting"]  # it stops with the wait
+        lines.clear()
+        monkeypatch.setenv("RANK", "1")
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        with dist.waiting("for rank 0", every_s=0.01):
+            assert not [t for t in threading.enumerate() if t.name == "hpcad-waiting"]
+        assert lines == []
+    finally:
+        logger.removeHandler(handler)
+
+
 def test_shard_is_balanced_deterministic_and_rank_independent():
     rows = {f"n{i}": r for i, r in enumerate([900, 100, 500, 500, 300, 300, 200, 50])}
     parts = shard(rows, 3)
