@@ -32,7 +32,8 @@
 #   multi_gpu     with 2 or more GPUs visible (e.g. sbatch --gpus=4): `hpcad train` on every GPU at
 #                 once under torchrun (NCCL process group, one rank per GPU), its models against the
 #                 one-GPU end-to-end run's (the same node's model whatever rank and GPU trained it),
-#                 and the fleet model with DDP over NCCL on all GPUs; skipped on one GPU
+#                 and `hpcad run` of the fleet model with DDP over NCCL on all GPUs, its scoring on
+#                 the training's process group (one per command); skipped on one GPU
 #
 # The summary and every figure go to <--out>/gpu_check.md and gpu_check.json, rewritten after each
 # check: a job killed at its time limit keeps what was measured until then.
@@ -92,6 +93,7 @@ except ImportError as exc:
              f"the venv, or set HPCAD_ENV to a file that loads it, as for slurm/train_all_nodes.sh)")
 
 from hpcad.data.synthetic import generate_node  # noqa: E402
+from hpcad.errorstore import ErrorStore  # noqa: E402
 from hpcad.model.autoencoder import AutoencoderSpec  # noqa: E402
 from hpcad.model.budget import Budget, device_bytes_per_model  # noqa: E402
 from hpcad.model.ensemble import member_seed, node_seed, train_ensemble  # noqa: E402
@@ -364,8 +366,9 @@ def _max_weight_diff(a: dict, b: dict) -> float:
 
 def check_multi_gpu(e2e: dict, out: Path, dev: torch.device, plan: Plan) -> dict:
     """``hpcad train`` on every visible GPU at once under torchrun (NCCL, one rank per GPU): each
-    node's model against the one the one-GPU end-to-end run trained; then the fleet model with DDP
-    over all GPUs. Rehearsal: two gloo ranks on the CPU."""
+    node's model against the one the one-GPU end-to-end run trained; then ``hpcad run`` of the fleet
+    model with DDP over all GPUs, whose scoring reuses the training's process group (one per command,
+    hpcad.dist). Rehearsal: two gloo ranks on the CPU."""
     gpus = torch.cuda.device_count() if dev.type == "cuda" else 2
     if gpus < 2:
         return {"ok": True, "skipped": f"{gpus} GPU visible: needs 2 or more (e.g. sbatch --gpus=4)"}
@@ -389,8 +392,9 @@ def check_multi_gpu(e2e: dict, out: Path, dev: torch.device, plan: Plan) -> dict
     diff = _max_weight_diff(one, many)
     same_stop = sum(one[n][1].get("epochs_run") == many[n][1].get("epochs_run") for n in one)
     shares = len(list((run / "models").glob("training-rank*.json")))
-    rc_f, s_f = _run([*torchrun, "model.scope=fleet", "train.epochs=3", f"hydra.run.dir={fleet}"],
-                     out / "multi_fleet.log", 900, **env)
+    rc_f, s_f = _run([*launch, "run", f"compute.device={dev.type}", "compute.progress=false", *plan.run_args,
+                      "model.scope=fleet", "train.epochs=3", "baselines.methods=[]", "report.enabled=false",
+                      f"hydra.run.dir={fleet}"], out / "multi_fleet.log", 900, **env)
     pf = json.loads((pre / "preflight.json").read_text())
     r = {"ranks": ranks, "preflight_gpus": sorted({str(x.get("gpu", "cpu")) for x in pf["per_rank"]}),
          "preflight_distinct_gpus": len({x.get("gpu_uuid") for x in pf["per_rank"]}),
@@ -405,10 +409,14 @@ def check_multi_gpu(e2e: dict, out: Path, dev: torch.device, plan: Plan) -> dict
         # hpcad.dist.backend: the per-node scope's collectives over gloo, the fleet's all-reduce over NCCL on CUDA
         r["backends"] = {name: (re.findall(r"process group: (\w+)", (out / f"{name}.log").read_text()) or ["?"])[0]
                          for name in ("multi", "multi_fleet")}
+        # scored on every rank over the training's group, which was started once
+        r["fleet_scored_nodes"] = len(ErrorStore(fleet / "errors.h5").nodes) if (fleet / "errors.h5").exists() else 0
+        r["fleet_process_groups"] = (out / "multi_fleet.log").read_text().count("process group: all ")
     else:
         r["fleet_log_tail"] = _tail(out / "multi_fleet.log")
     r["ok"] = (shares == ranks and same_stop == len(one) and rc_f == 0 and r.get("fleet_same_weights_on_every_node", False)
-               and r["backends"]["multi_fleet"] == ("nccl" if dev.type == "cuda" else "gloo"))
+               and r["backends"]["multi_fleet"] == ("nccl" if dev.type == "cuda" else "gloo")
+               and r["fleet_scored_nodes"] == len(one) and r["fleet_process_groups"] == 1)
     return r
 
 
