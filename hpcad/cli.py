@@ -183,7 +183,7 @@ def run_stage(stage: str, overrides: list[str]) -> int:
             print(f"hpcad: {stage} outputs in {run_dir}")
 
     from hpcad.config import moved_options
-    from hpcad.dist import rank_zero_says, world
+    from hpcad.dist import finish, rank_zero_says, world
 
     moved = moved_options(overrides)
     if moved:
@@ -226,8 +226,6 @@ def run_stage(stage: str, overrides: list[str]) -> int:
             return 2  # error, with the status of hpcad's own option errors (a crash inside a stage stays 1)
         return code
     finally:  # the command's stages shared one process group (hpcad.dist): it ends with the command
-        from hpcad.dist import finish
-
         finish()
     if multirun:
         from hpcad.sweep import FAILED_POINTS

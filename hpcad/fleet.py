@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
+from hpcad import dist
 from hpcad.device import Staging
 from hpcad.errors import HpcadError
 from hpcad.model.autoencoder import AutoencoderSpec, glorot_init
@@ -87,7 +88,6 @@ def _epoch_order(n: int, seed: int, rank: int, epoch: int) -> torch.Tensor:
 
 def _already_trained(models_dir, nodes: list[str], store, fingerprint: str) -> dict | None:
     """The fleet model's summary when every rank's nodes hold it already (decided by all ranks together)."""
-    from hpcad import dist
     from hpcad.train import reusable
 
     missing = sum(not reusable(model_path(models_dir, n), fingerprint) for n in nodes)
@@ -189,8 +189,6 @@ def _gather_share(store, nodes: list[str], cfg: HpcadConfig, budget: Budget) -> 
     """This rank's :class:`_Share`, decided by all ranks together: where one rank cannot hold its
     share (or a node of it is bad input), every rank stops with that rank's reason, instead of the
     others failing at the first all-reduce with a connection error (gloo) or waiting there (NCCL)."""
-    from hpcad import dist
-
     try:
         share, failed = _Share(store, nodes, cfg, budget.host_bytes, budget.source), None
     except HpcadError as exc:
@@ -283,8 +281,6 @@ def train_fleet(cfg: HpcadConfig, store, models_dir, nodes: list[str], device: t
             scale = float(((model(x) - x) ** 2).sum(1).mean()) if len(x) else 1.0
             NodeModel(n, spec, store.metrics, [params], scaler, dict(history), max(scale, 1e-12), fingerprint).save(
                 model_path(models_dir, n))
-    from hpcad import dist
-
     dist.barrier("for the other ranks to write their node files")  # before the checkpoint goes
     if rank == 0:
         remove_checkpoints(models_dir)  # this training's, and any of another rank count

@@ -374,7 +374,8 @@ def check_multi_gpu(e2e: dict, out: Path, dev: torch.device, plan: Plan) -> dict
         return {"ok": True, "skipped": f"{gpus} GPU visible: needs 2 or more (e.g. sbatch --gpus=4)"}
     ranks = min(gpus, 8)
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", "-m", "hpcad"]
-    torchrun = [*launch, "train", f"compute.device={dev.type}", "compute.progress=false", *plan.run_args]
+    common = [f"compute.device={dev.type}", "compute.progress=false", *plan.run_args]
+    torchrun = [*launch, "train", *common]
     env = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     run, fleet, pre = out / "multi", out / "multi_fleet", out / "multi_preflight"
     _fresh(run, fleet, pre)
@@ -392,9 +393,8 @@ def check_multi_gpu(e2e: dict, out: Path, dev: torch.device, plan: Plan) -> dict
     diff = _max_weight_diff(one, many)
     same_stop = sum(one[n][1].get("epochs_run") == many[n][1].get("epochs_run") for n in one)
     shares = len(list((run / "models").glob("training-rank*.json")))
-    rc_f, s_f = _run([*launch, "run", f"compute.device={dev.type}", "compute.progress=false", *plan.run_args,
-                      "model.scope=fleet", "train.epochs=3", "baselines.methods=[]", "report.enabled=false",
-                      f"hydra.run.dir={fleet}"], out / "multi_fleet.log", 900, **env)
+    rc_f, s_f = _run([*launch, "run", *common, "model.scope=fleet", "train.epochs=3", "baselines.methods=[]",
+                      "report.enabled=false", f"hydra.run.dir={fleet}"], out / "multi_fleet.log", 900, **env)
     pf = json.loads((pre / "preflight.json").read_text())
     r = {"ranks": ranks, "preflight_gpus": sorted({str(x.get("gpu", "cpu")) for x in pf["per_rank"]}),
          "preflight_distinct_gpus": len({x.get("gpu_uuid") for x in pf["per_rank"]}),
@@ -407,11 +407,11 @@ def check_multi_gpu(e2e: dict, out: Path, dev: torch.device, plan: Plan) -> dict
         r["fleet_same_weights_on_every_node"] = all(all(torch.equal(a, b) for a, b in zip(first, w))
                                                     for w, _ in fl.values())
         # hpcad.dist.backend: the per-node scope's collectives over gloo, the fleet's all-reduce over NCCL on CUDA
-        r["backends"] = {name: (re.findall(r"process group: (\w+)", (out / f"{name}.log").read_text()) or ["?"])[0]
-                         for name in ("multi", "multi_fleet")}
+        logs = {name: (out / f"{name}.log").read_text() for name in ("multi", "multi_fleet")}
+        r["backends"] = {name: (re.findall(r"process group: (\w+)", text) or ["?"])[0] for name, text in logs.items()}
         # scored on every rank over the training's group, which was started once
         r["fleet_scored_nodes"] = len(ErrorStore(fleet / "errors.h5").nodes) if (fleet / "errors.h5").exists() else 0
-        r["fleet_process_groups"] = (out / "multi_fleet.log").read_text().count("process group: all ")
+        r["fleet_process_groups"] = logs["multi_fleet"].count("process group: all ")
     else:
         r["fleet_log_tail"] = _tail(out / "multi_fleet.log")
     r["ok"] = (shares == ranks and same_stop == len(one) and rc_f == 0 and r.get("fleet_same_weights_on_every_node", False)

@@ -203,14 +203,15 @@ def check_thresholds(th: Thresholds, source: SignalSource, red: Reducer | None =
         log.warning("%s threshold (%s): %d nodes alarm on %.0f%% or more of their fitted rows (first: %s)",
                     detector, th.rule, len(always), 100 * ALWAYS, ", ".join(always[:5]), extra=CLUSTER_WIDE)
     if n_not_normal:
-        out["not_normal_fit_nodes"] = dict(_loudest(not_normal))
+        loudest = _loudest(not_normal)
+        out["not_normal_fit_nodes"] = dict(loudest)
         out["not_normal_fit_node_count"] = n_not_normal
         log.warning("%s threshold (%s): on %d node(s) the rows it took as normal (none labelled as anomalies) sit "
                     "far above the node's normal level (median signal %g times its held-out training level or more: "
                     "%s): that period likely holds incidents or a changed workload, and the threshold sits among "
                     "them; label them (data.label_column, threshold=cost) or apply thresholds fitted on a quiet "
                     "period (train_run=)", detector, th.rule, n_not_normal, NOT_NORMAL,
-                    ", ".join(f"{n} {v:g}x" for n, v in _loudest(not_normal, 5)), extra=CLUSTER_WIDE)
+                    ", ".join(f"{n} {v:g}x" for n, v in loudest[:5]), extra=CLUSTER_WIDE)
     return out
 
 
