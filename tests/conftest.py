@@ -20,13 +20,14 @@ SHARED = ROOT.parent / "shared" / "data"
 # cores slowed some tests 2-3x. A value set by the caller is kept.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# The longest test files first (seconds of test time on 2 cores, measured: 198, 162, 111, 63, 41, 19,
-# 14 of 690 in all): `--dist loadfile` hands files to the two workers in collection order, and a long
-# file taken last leaves one worker idle while the other finishes it (longest-first keeps the two
-# within about one short file).
-LONGEST_FIRST = ["test_slurm.py", "test_slurm_jobs.py", "test_nightly.py", "test_faults.py", "test_cli.py",
-                 "test_mpi.py", "test_bench.py", "test_options.py", "test_report.py", "test_experiments.py",
-                 "test_runfolder.py"]
+# The longest test files first (seconds of test time on 2 cores, measured 2026-12-02: 216, 151, 129,
+# 65, 40, 28, 17, 15 of 724 in all): `--dist loadfile` hands files to the two workers in this order
+# (pyproject's `--no-loadscope-reorder`: xdist >= 3.5 would otherwise order files by their number of
+# tests), each worker taking the next file as it finishes one; a long file taken last leaves one
+# worker idle while the other finishes it (longest-first keeps the two within about one short file).
+LONGEST_FIRST = ["test_slurm.py", "test_nightly.py", "test_slurm_jobs.py", "test_faults.py", "test_cli.py",
+                 "test_mpi.py", "test_bench.py", "test_runfolder.py", "test_options.py", "test_formats.py",
+                 "test_report.py", "test_experiments.py", "test_ensemble.py", "test_wheel.py"]
 
 
 def pytest_collection_modifyitems(config, items):
