@@ -24,7 +24,6 @@ NO_LOCKS = (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK)
 # errnos of a write that found no room: a full file system, a user's or project's quota (Lustre's
 # $SCRATCH and $WORK have both)
 NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
-LOW_SPACE = 16 << 20  # bytes: below this, a failed torch.save ("unexpected pos ...") is taken for a full disk
 
 
 @contextmanager
@@ -47,7 +46,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         _fault_point(target)
         os.replace(tmp_path, target)
     except (OSError, RuntimeError) as exc:
-        tmp_path.unlink(missing_ok=True)  # first: the space it took counts as free in the message
+        tmp_path.unlink(missing_ok=True)  # first: nothing half-written stays, whatever happens next
         full = out_of_room(exc, target)
         if full is None:
             raise
@@ -69,18 +68,16 @@ def errno_of(exc: BaseException) -> int | None:
 
 def out_of_room(exc: BaseException, target: Path) -> OutputError | None:
     """The clear error for a write of ``target`` (a file, or the run folder) that failed for want of
-    space, or None when ``exc`` is something else. Python and HDF5 say the errno (HDF5 inside its
-    message); torch.save does not ("unexpected pos 576 vs 534"), so a failure of it on a file system
-    with less than ``LOW_SPACE`` left counts too."""
+    space, or None when ``exc`` is something else: by its errno, which Python says, HDF5 inside its
+    message, and torch.save through hpcad.model.files.write_tensors."""
     code = errno_of(exc)
+    if code not in NO_ROOM:
+        return None
     folder = target if target.is_dir() else target.parent
     try:
-        st = os.statvfs(folder)
-        free, inodes = st.f_bavail * st.f_frsize, st.f_favail
+        inodes = os.statvfs(folder).f_favail
     except OSError:
-        free = inodes = None
-    if code not in NO_ROOM and not (isinstance(exc, RuntimeError) and free is not None and free < LOW_SPACE):
-        return None
+        inodes = None
     if code == errno.EDQUOT:
         why = f"disk quota exceeded (`quota -s`; on Lustre `lfs quota -h -u $USER {folder}`)"
     elif inodes == 0:

@@ -5,10 +5,11 @@ renamed, so a file under the final name is always complete (a requeued job skips
 """
 from __future__ import annotations
 
+import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
@@ -74,10 +75,41 @@ class NodeModel:
 
 def save_tensors(path: Path, obj: dict) -> None:
     """Write a dict of tensors and plain values atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        write_tensors(obj, fh)
+
+
+class _KeepsWriteError(io.RawIOBase):
+    """The file torch.save writes through, remembering the OSError of a failed write."""
+
+    def __init__(self, fh: BinaryIO) -> None:
+        super().__init__()
+        self.fh, self.error = fh, None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+
+def write_tensors(obj: dict, fh: BinaryIO) -> None:
+    """``torch.save(obj)`` into the open file ``fh``. A write that fails (a full file system, a
+    quota) raises its own OSError, errno and all: torch's writer turns it into "unexpected pos N
+    vs M", which says neither (hpcad.atomic names the cause from the errno)."""
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    out = _KeepsWriteError(fh)
+    try:
+        torch.save(obj, out)
+    except RuntimeError:
+        if out.error is not None:
+            raise out.error from None
+        raise
 
 
 def load_tensors(path: Path, fmt: str, kind: str) -> dict:
