@@ -51,6 +51,42 @@ def test_single_file_with_node_column_equals_directory(tmp_path):
         np.testing.assert_array_equal(a.read(n).timestamp, b.read(n).timestamp)
 
 
+@pytest.mark.parametrize("how", [{"sep": ";", "decimal": ","}, {"sep": ";"}, {"sep": "\t"}, {"sep": "|"}])
+def test_exports_separated_by_semicolons_tabs_or_bars_read_the_same(tmp_path, how):
+    """Spreadsheet exports in European locales write `;`-separated fields with decimal commas
+    (`21,5`); other tools write tabs or `|`. Each reads as the comma export does, per-node files
+    (one of them gzipped) and one file with a node column alike; before, such a file was one column
+    named after the whole header line (a 10 kB "non-numeric" error)."""
+    src, frames = _export(tmp_path)
+    ref = TelemetryStore(ingest(data_cfg(source=str(src)), tmp_path / "ref.h5"))
+    other = tmp_path / "other"
+    other.mkdir()
+    for i, (n, f) in enumerate(frames.items()):
+        f.to_csv(other / (f"{n}.csv.gz" if i == 0 else f"{n}.csv"), index=False, **how)
+    one = tmp_path / "all.csv"
+    pd.concat([f.assign(node=n) for n, f in frames.items()]).to_csv(one, index=False, **how)
+    for source in (other, one):
+        got = TelemetryStore(ingest(data_cfg(source=str(source)), tmp_path / f"{source.name}.h5"))
+        assert got.nodes == ref.nodes and got.metrics == ref.metrics
+        for n in ref.nodes:
+            a, b = ref.read(n), got.read(n)
+            np.testing.assert_array_equal(a.values, b.values)
+            np.testing.assert_array_equal(a.timestamp, b.timestamp)
+            np.testing.assert_array_equal(a.labels, b.labels)
+
+
+def test_decimal_commas_the_first_rows_do_not_show_are_named_in_the_error(tmp_path):
+    src = tmp_path / "exports"
+    src.mkdir()
+    rows = [f"{1_700_000_000 + 300 * i};{i};{2 * i}" for i in range(30)]  # whole numbers in the rows looked at
+    rows += [f"{1_700_000_000 + 300 * i};{i},5;{2 * i},25" for i in range(30, 40)]
+    (src / "n1.csv").write_text("timestamp;a;b\n" + "\n".join(rows) + "\n")
+    with pytest.raises(InputError, match=r"n1.csv \(node n1\): non-numeric metric columns \['a', 'b'\] .*numbers "
+                                         r"with a decimal comma are read as such where the fields are separated by "
+                                         r"';', tab or '\|' and one shows in the first 20 rows"):
+        ingest(data_cfg(source=str(src)), tmp_path / "store.h5")
+
+
 def test_store_is_used_in_place_and_rerun_is_skipped(tmp_path):
     src, _ = _export(tmp_path)
     path = ingest(data_cfg(source=str(src)), tmp_path / "store.h5")

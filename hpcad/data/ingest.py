@@ -34,7 +34,8 @@ from hpcad.data.longformat import stage_long
 from hpcad.data.h5 import h5_file, h5_writing, open_h5
 from hpcad.data.store import TelemetryStore, check_node_name, write_store
 from hpcad.data.node import NodeData
-from hpcad.data.tables import columns, is_table, iter_table_chunks, read_table, stem
+from hpcad.data.tables import (DIALECT_ROWS, columns, is_table, iter_table_chunks, looks_decimal_comma, read_table,
+                               stem)
 from hpcad.data.timestamps import to_epoch_seconds
 from hpcad.dist import CLUSTER_WIDE
 from hpcad.errors import InputError
@@ -78,8 +79,11 @@ class FrameConverter:
         if bad:
             examples = {c: str(df[c][pd.to_numeric(df[c], errors="coerce").isna() & df[c].notna()].iloc[0])
                         for c in bad[:3] if (pd.to_numeric(df[c], errors="coerce").isna() & df[c].notna()).any()}
+            comma = any(looks_decimal_comma(v) for v in examples.values())
             raise InputError(f"{where}: non-numeric metric columns {bad[:10]} (e.g. {examples}); "
-                             f"fix the export or list them in data.ignore_columns")
+                             + (f"numbers with a decimal comma are read as such where the fields are separated "
+                                f"by ';', tab or '|' and one shows in the first {DIALECT_ROWS} rows (docs/data.md)"
+                                if comma else "fix the export or list them in data.ignore_columns"))
         if not metric_cols:
             raise InputError(f"{where}: no metric columns besides {cfg.timestamp_column!r}/{cfg.label_column!r}")
         if self.labelled is None:

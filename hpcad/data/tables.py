@@ -1,7 +1,9 @@
 """Reading CSV/Parquet tables whole or in chunks, with errors that name the file."""
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,17 +45,60 @@ def columns(path: Path) -> list[str]:
     return check_header(path)
 
 
-def check_header(path: Path) -> list[str]:
+SEPARATORS = ",;\t|"  # a CSV's field separator: whichever of these its header line holds most of
+_DECIMAL_COMMA = re.compile(r"[-+]?\d+,\d+(?:[eE][-+]?\d+)?")
+
+
+@dataclass(frozen=True)
+class CsvDialect:
+    """How a CSV export writes its fields: found in its first two lines (``dialect``)."""
+
+    sep: str = ","
+    decimal: str = "."
+
+    def read_csv_kw(self) -> dict:
+        return {"sep": self.sep, "decimal": self.decimal}
+
+
+def _open_text(path: Path):
+    import gzip
+
+    return gzip.open(path, "rt", newline="") if path.name.lower().endswith(".gz") else open(path, newline="")
+
+
+DIALECT_ROWS = 20  # rows looked at for a decimal comma
+
+
+def dialect(path: Path) -> CsvDialect:
+    """The separator (``,``, ``;``, tab or ``|``: the one the header line holds most of) and the
+    decimal mark: a comma where fields are not comma-separated and the first ``DIALECT_ROWS`` rows
+    write a number as ``21,5`` (spreadsheet exports in European locales)."""
+    try:
+        with _open_text(path) as f:
+            head = f.readline()
+            rows = [f.readline() for _ in range(DIALECT_ROWS)]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read the header line: {exc}") from exc
+    sep = max(SEPARATORS, key=head.count) if any(c in head for c in SEPARATORS) else ","
+    comma = sep != "," and any(looks_decimal_comma(v) for row in rows for v in row.rstrip("\r\n").split(sep))
+    return CsvDialect(sep, "," if comma else ".")
+
+
+def looks_decimal_comma(value: str) -> bool:
+    """``21,5``: a number written with a decimal comma."""
+    return bool(_DECIMAL_COMMA.fullmatch(value.strip().strip('"')))
+
+
+def check_header(path: Path, how: CsvDialect | None = None) -> list[str]:
     """A CSV's header; refuse one that names a column twice (pandas would rename the copy ``name.1``
     and ingest it as another metric)."""
     import csv
-    import gzip
     from collections import Counter
 
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    how = how or dialect(path)
     try:
-        with opener(path, "rt", newline="") as f:
-            header = next(csv.reader(f), [])
+        with _open_text(path) as f:
+            header = next(csv.reader(f, delimiter=how.sep), [])
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise InputError(f"{path}: cannot read the header line: {exc}") from exc
     dup = [name for name, n in Counter(header).items() if n > 1]
@@ -66,10 +111,13 @@ def check_header(path: Path) -> list[str]:
 def read_table(path: Path) -> pd.DataFrame:
     import pandas as pd
 
-    if not is_parquet(path):
-        check_header(path)
+    if is_parquet(path):
+        how = None
+    else:
+        how = dialect(path)
+        check_header(path, how)
     try:
-        return pd.read_parquet(path) if is_parquet(path) else pd.read_csv(path)
+        return pd.read_parquet(path) if how is None else pd.read_csv(path, **how.read_csv_kw())
     except Exception as exc:  # pandas/pyarrow raise many types; name the file either way
         raise InputError(f"{path}: cannot read table: {exc}") from exc
 
@@ -86,8 +134,9 @@ def iter_table_chunks(path: Path, rows: int = CHUNK_ROWS) -> Iterator[pd.DataFra
                 for batch in f.iter_batches(batch_size=rows, row_groups=[group]):  # across groups grows
                     yield batch.to_pandas()
         else:
-            check_header(path)
-            yield from pd.read_csv(path, chunksize=rows)
+            how = dialect(path)
+            check_header(path, how)
+            yield from pd.read_csv(path, chunksize=rows, **how.read_csv_kw())
     except InputError:
         raise
     except Exception as exc:
