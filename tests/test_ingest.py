@@ -51,20 +51,32 @@ def test_single_file_with_node_column_equals_directory(tmp_path):
         np.testing.assert_array_equal(a.read(n).timestamp, b.read(n).timestamp)
 
 
-@pytest.mark.parametrize("how", [{"sep": ";", "decimal": ","}, {"sep": ";"}, {"sep": "\t"}, {"sep": "|"}])
+@pytest.mark.parametrize("how", [{"sep": ";", "decimal": ","}, {"sep": ";"}, {"sep": "\t"}, {"sep": "|"},
+                                 {"encoding": "utf-8-sig"}, {"blanks": True}])
 def test_exports_separated_by_semicolons_tabs_or_bars_read_the_same(tmp_path, how):
     """Spreadsheet exports in European locales write `;`-separated fields with decimal commas
-    (`21,5`); other tools write tabs or `|`. Each reads as the comma export does, per-node files
-    (one of them gzipped) and one file with a node column alike; before, such a file was one column
-    named after the whole header line (a 10 kB "non-numeric" error)."""
+    (`21,5`), and often a UTF-8 byte-order mark; other tools write tabs, `|`, or `a, b`. Each reads
+    as the comma export does, per-node files (one of them gzipped) and one file with a node column
+    alike. Before, a `;` file was one column named after the whole header line (a 10 kB error), a
+    byte-order mark added a phantom metric, and `, ` hid the timestamp column."""
+    import gzip
+
     src, frames = _export(tmp_path)
     ref = TelemetryStore(ingest(data_cfg(source=str(src)), tmp_path / "ref.h5"))
+
+    def write(f: pd.DataFrame, path):
+        if how.get("blanks"):
+            text = f.to_csv(index=False).replace(",", ", ")
+            path.write_bytes(gzip.compress(text.encode())) if path.suffix == ".gz" else path.write_text(text)
+        else:
+            f.to_csv(path, index=False, **how)
+
     other = tmp_path / "other"
     other.mkdir()
     for i, (n, f) in enumerate(frames.items()):
-        f.to_csv(other / (f"{n}.csv.gz" if i == 0 else f"{n}.csv"), index=False, **how)
+        write(f, other / (f"{n}.csv.gz" if i == 0 else f"{n}.csv"))
     one = tmp_path / "all.csv"
-    pd.concat([f.assign(node=n) for n, f in frames.items()]).to_csv(one, index=False, **how)
+    write(pd.concat([f.assign(node=n) for n, f in frames.items()]), one)
     for source in (other, one):
         got = TelemetryStore(ingest(data_cfg(source=str(source)), tmp_path / f"{source.name}.h5"))
         assert got.nodes == ref.nodes and got.metrics == ref.metrics
