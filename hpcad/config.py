@@ -66,6 +66,7 @@ class DataConfig:
     period_s: int = 300  # ldms/long: grid period (mean per period)
     timezone: str = "UTC"  # zone of naive timestamps (ISO without offset, sacct times)
     epoch_unit: EpochUnit = EpochUnit.s  # numeric timestamps: s | ms | us | ns
+    dayfirst: Optional[bool] = None  # dates like 06/01/2025: true dd/mm, false mm/dd; null: a day above 12 tells, else an error
     counters: list[str] = field(default_factory=list)  # metric names/patterns turned into per-second rates
     jobs: Optional[str] = None  # sacct --parsable2 (JobID|NodeList|Start|End|State|User; State, User optional) or CSV: job context
     on_missing_metric: MissingMetric = MissingMetric.union  # a metric some nodes lack: union (absent there) | drop (common set) | error

@@ -161,6 +161,34 @@ def test_time_zones_policy(tmp_path):
     assert store.read("n1").timestamp.tolist() == [T0, T0 + 300]  # 01:00 in Rome is 00:00 UTC
 
 
+def test_dates_written_day_or_month_first_are_read_as_the_column_or_the_option_says(tmp_path):
+    """06/01/2025 is 6 January in Europe and June 1 in the US; pandas alone read it as June and
+    13/01/2025 as January 13, so a European export ended in "timestamps not increasing" (whose
+    advice, data.sort_timestamps=true, gave wrong dates) or, within days 1-12, in wrong dates."""
+    d = tmp_path / "w"
+    d.mkdir()
+    day = [f"{dd:02d}/01/2025 00:00" for dd in (11, 12, 13)]  # 6 January 2025 is T0's day
+    want = [T0 + 86400 * k for k in (5, 6, 7)]
+
+    def read(stamps: list[str], **kw) -> list[int]:
+        pd.DataFrame({"timestamp": stamps, "x": [1.0] * len(stamps)}).to_csv(d / "n1.csv", index=False)
+        return TelemetryStore(ingest(data_cfg(source=str(d), **kw), tmp_path / "s.h5")).read("n1").timestamp.tolist()
+
+    assert read(day) == want  # 13 can only be a day: the column is day first
+    assert read([f"01/{dd:02d}/2025 00:00" for dd in (11, 12, 13)]) == want  # ...month first
+    assert read([s.replace("/", ".") for s in day]) == want  # 11.01.2025
+    with pytest.raises(InputError, match=r"n1.csv \(node n1\): column 'timestamp' writes dates with the day and month "
+                                         r"before the year \('11/01/2025 00:00'\) and no day above 12 shows which "
+                                         r"comes first: set data.dayfirst=true"):
+        read(day[:2])  # a night's export on 11 or 12 January: either reading is possible
+    assert read(day[:2], dayfirst=True) == want[:2]
+    assert read(["01/11/2025 00:00", "01/12/2025 00:00"], dayfirst=False) == want[:2]
+    with pytest.raises(InputError, match=r"writes dates both day first \('13/01/2025 00:00'\) and month first "
+                                         r"\('01/14/2025 00:00'\)"):
+        read(["13/01/2025 00:00", "01/14/2025 00:00"])
+    assert read(["2025-01-11 00:00", "2025-01-12 00:00"], dayfirst=True) == want[:2]  # ISO dates are ISO
+
+
 @pytest.mark.parametrize("text,expected", [
     ("n[001-004,010]", ["n001", "n002", "n003", "n004", "n010"]),
     ("n7", ["n7"]),

@@ -112,7 +112,8 @@ class FrameConverter:
                                  f"{self.policy}; union ingests them as absent on this node)")
             log.info("%s: %d metric(s) absent on this node (no value): %s", where, int(all_nan.sum()), cols)
         if has_ts:
-            ts = to_epoch_seconds(df[cfg.timestamp_column], where, cfg.timestamp_column, cfg.timezone, cfg.epoch_unit)
+            ts = to_epoch_seconds(df[cfg.timestamp_column], where, cfg.timestamp_column, cfg.timezone, cfg.epoch_unit,
+                                  dayfirst=cfg.dayfirst)
             unit = "s"
         else:
             ts, unit = np.arange(len(df), dtype=np.int64), "row"
@@ -243,7 +244,7 @@ def _iter_single_file(source: Path, conv: FrameConverter, scratch_dir: Path,
                 if cfg.timestamp_column in chunk.columns:
                     chunk[cfg.timestamp_column] = to_epoch_seconds(chunk[cfg.timestamp_column], str(source),
                                                                      cfg.timestamp_column, cfg.timezone,
-                                                                     cfg.epoch_unit)
+                                                                     cfg.epoch_unit, dayfirst=cfg.dayfirst)
                 if columns is None:
                     columns = [c for c in chunk.columns if c != cfg.node_column]
                 bad = [c for c in columns if not pd.api.types.is_numeric_dtype(chunk[c])]

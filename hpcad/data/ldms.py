@@ -111,7 +111,8 @@ def _stage_chunk(chunk: pd.DataFrame, path: Path, cfg: DataConfig, tcol: str, nc
     if tcol == "Time" and "Time_usec" in chunk.columns and pd.api.types.is_numeric_dtype(chunk["Time"]):
         secs = np.floor(chunk["Time"].to_numpy(np.float64)) + chunk["Time_usec"].to_numpy(np.float64) / 1e6
     else:
-        secs = to_epoch_seconds(chunk[tcol], where, tcol, cfg.timezone, cfg.epoch_unit, fractional=True)
+        secs = to_epoch_seconds(chunk[tcol], where, tcol, cfg.timezone, cfg.epoch_unit, fractional=True,
+                                dayfirst=cfg.dayfirst)
     block = chunk[metrics]
     bad = [c for c in metrics if not pd.api.types.is_numeric_dtype(block[c])]
     if bad:

@@ -38,7 +38,7 @@ def stage_long(source: Path, cfg: DataConfig, stager: GridStager) -> None:
             if missing:
                 raise InputError(f"{where}: missing column(s) {missing}; the file has {list(chunk.columns)[:10]}")
             secs = to_epoch_seconds(chunk[cfg.timestamp_column], where, cfg.timestamp_column, cfg.timezone,
-                                    cfg.epoch_unit, fractional=True)
+                                    cfg.epoch_unit, fractional=True, dayfirst=cfg.dayfirst)
             raw = chunk[cfg.value_column]
             vals = raw if pd.api.types.is_numeric_dtype(raw) else pd.to_numeric(raw, errors="coerce")
             bad = vals.isna() & raw.notna()
