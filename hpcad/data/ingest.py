@@ -373,6 +373,8 @@ def _signature(src: Path, jobs: Path | None, data_cfg) -> str:
         "format", "node_column", "timestamp_column", "label_column", "metric_column", "value_column",
         "period_s", "timezone", "epoch_unit", "counters", "on_missing_metric", "ignore_columns",
         "sort_timestamps", "on_bad_node")}
+    if data_cfg.dayfirst is not None:  # unset, dates read as the column shows: earlier stores keep their signature
+        opts["dayfirst"] = str(data_cfg.dayfirst)
     parts = [source_signature(src), source_signature(jobs) if jobs else "", json.dumps(opts, sort_keys=True)]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
