@@ -45,7 +45,7 @@ def models_dir(cfg: HpcadConfig, run_dir: Path) -> Path:
 
 
 def stage_ingest(cfg: HpcadConfig, run_dir: Path) -> TelemetryStore:
-    return TelemetryStore(ingest(cfg.data, run_dir / "store.h5"))
+    return TelemetryStore(ingest(cfg.data, run_dir / "store.h5", cfg.compute.progress))
 
 
 @contextmanager

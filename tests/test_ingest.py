@@ -230,3 +230,26 @@ def test_infinite_values_are_read_as_missing_and_said(tmp_path, caplog):
         nd = TelemetryStore(ingest(data_cfg(source=str(src)), tmp_path / "s.h5")).read("n0")
     assert np.isnan(nd.values[[3, 4], 1]).all() and np.isnan(nd.values[7, 0]) and np.isfinite(nd.values[0]).all()
     assert "3 infinite values in metric columns ['a', 'b'] read as missing" in caplog.text and "n0" in caplog.text
+
+
+@pytest.mark.parametrize("one_file", [False, True])
+def test_ingest_in_a_log_file_says_how_far_it_got_every_minute(tmp_path, monkeypatch, caplog, one_file):
+    """Rank 0 ingests a site's exports while the other ranks wait (an hour and more for thousands of
+    node-years): in a SLURM log (no bar) a line says how far it got at most every LOG_EVERY_S
+    seconds, for a folder of node files and for one file of all nodes; progress off: nothing."""
+    import io
+    import sys
+
+    from hpcad import progress
+
+    src, frames = _export(tmp_path, n=4)
+    if one_file:
+        pd.concat([f.assign(node=n) for n, f in frames.items()]).to_csv(tmp_path / "all.csv", index=False)
+        src = tmp_path / "all.csv"
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # a log file, also under `pytest -s` on a terminal
+    with caplog.at_level("INFO", logger="hpcad.data.ingest"):
+        ingest(data_cfg(source=str(src)), tmp_path / "store.h5")
+        ingest(data_cfg(source=str(src), on_bad_node="skip"), tmp_path / "quiet.h5", progress=False)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ingest: ")]
+    assert [line.split(" (")[0] for line in lines] == [f"ingest: {k}/4 nodes" for k in range(1, 4)], lines

@@ -39,6 +39,7 @@ from hpcad.data.tables import (DIALECT_ROWS, columns, is_table, iter_table_chunk
 from hpcad.data.timestamps import to_epoch_seconds
 from hpcad.dist import CLUSTER_WIDE
 from hpcad.errors import InputError
+from hpcad.progress import Progress
 
 if TYPE_CHECKING:
     import pandas as pd  # imported where frames are converted: a stage whose store is up to date needs none
@@ -211,18 +212,30 @@ def plan_metrics(files: list[Path], data_cfg, skip_bad: bool = False) -> list[st
     return names
 
 
-def _iter_directory(source: Path, conv: FrameConverter, skipped: list | None = None) -> Iterator[NodeData]:
+def _iter_directory(source: Path, conv: FrameConverter, skipped: list | None = None,
+                    progress: bool = True) -> Iterator[NodeData]:
     files = _table_files(source)
     stems = [stem(p) for p in files]
-    for path, node in zip(files, stems):
-        check_node_name(node, str(path))
-        nd = _guarded(lambda: conv(read_table(path), node, str(path)), node, skipped)
-        if nd is not None:
-            yield nd
+    bar = _bar(len(files), progress)
+    try:
+        for path, node in zip(files, stems):
+            check_node_name(node, str(path))
+            nd = _guarded(lambda: conv(read_table(path), node, str(path)), node, skipped)
+            bar.update()
+            if nd is not None:
+                yield nd
+    finally:
+        bar.close()
+
+
+def _bar(nodes: int, enabled: bool) -> Progress:
+    """Ingest's progress, node by node: a bar on a terminal, a line a minute in a log (rank 0 ingests
+    a site's exports while the other ranks wait: an hour and more for thousands of node-years)."""
+    return Progress(nodes, "ingest", "node", enabled, log)
 
 
 def _iter_single_file(source: Path, conv: FrameConverter, scratch_dir: Path,
-                      skipped: list | None = None) -> Iterator[NodeData]:
+                      skipped: list | None = None, progress: bool = True) -> Iterator[NodeData]:
     """Stage rows per node in a scratch HDF5 file chunk by chunk, then convert node by node.
 
     Memory holds one input chunk or one node, never the whole file.
@@ -263,11 +276,16 @@ def _iter_single_file(source: Path, conv: FrameConverter, scratch_dir: Path,
         if columns is None:
             raise InputError(f"{source}: the file holds no rows")
         with h5_file(scratch, "r") as f:
-            for node in sorted(f.keys()):
-                nd = _guarded(lambda: conv(pd.DataFrame(f[node][()], columns=columns), node, str(source)),
-                              node, skipped)
-                if nd is not None:
-                    yield nd
+            bar = _bar(len(f), progress)
+            try:
+                for node in sorted(f.keys()):
+                    nd = _guarded(lambda: conv(pd.DataFrame(f[node][()], columns=columns), node, str(source)),
+                                  node, skipped)
+                    bar.update()
+                    if nd is not None:
+                        yield nd
+            finally:
+                bar.close()
     finally:
         Path(scratch).unlink(missing_ok=True)
 
@@ -280,8 +298,9 @@ def check_inputs(data_cfg) -> None:
             raise InputError(f"{option}: {Path(value).expanduser().resolve()} does not exist")
 
 
-def ingest(data_cfg, store_path: Path) -> Path:
-    """Make sure a store for ``data_cfg.source`` exists; return its path (an input store is used as is)."""
+def ingest(data_cfg, store_path: Path, progress: bool = True) -> Path:
+    """Make sure a store for ``data_cfg.source`` exists; return its path (an input store is used as is).
+    ``progress``: a bar or periodic log lines while the nodes are read (``compute.progress``)."""
     source = data_cfg.source
     if source is not None and str(source).lower().endswith((".h5", ".hdf5")):
         path = Path(source)
@@ -323,9 +342,9 @@ def ingest(data_cfg, store_path: Path) -> Path:
             if src.is_dir():
                 if conv.policy != "error":
                     conv.metrics = plan_metrics(_table_files(src), data_cfg, skip_bad=skipped is not None)
-                stream = _iter_directory(src, conv, skipped)
+                stream = _iter_directory(src, conv, skipped, progress)
             elif is_table(src):
-                stream = _iter_single_file(src, conv, store_path.parent, skipped)
+                stream = _iter_single_file(src, conv, store_path.parent, skipped, progress)
             else:
                 raise InputError(f"data.source: {src} is not a directory, CSV/Parquet file or .h5 store")
             first = next(stream, None)  # the first node fixes the metric list the store is written with
@@ -342,7 +361,7 @@ def ingest(data_cfg, store_path: Path) -> Path:
             metrics = [stager.metric_names[c] for c in keep]
             log.info("%s: %.4g samples of %d nodes x %d metrics staged; pivoting per node", src, stager.records,
                      len(stager.node_names), len(metrics))
-            stream = stager.iter_nodes(keep)
+            stream = _counted(stager.iter_nodes(keep), _bar(len(stager.node_names), progress))
         n = write_store(store_path, metrics, _finish(stream, metrics, data_cfg, jobs), str(src),
                         signature=sig, skipped=skipped, jobs=jobs)
     finally:
@@ -355,6 +374,15 @@ def ingest(data_cfg, store_path: Path) -> Path:
         log.error("%d node(s) skipped for bad input (recorded in the store and the report): %s",
                   len(skipped), ", ".join(n for n, _ in skipped))
     return store_path
+
+
+def _counted(stream: Iterator[NodeData], bar: Progress) -> Iterator[NodeData]:
+    try:
+        for nd in stream:
+            bar.update()
+            yield nd
+    finally:
+        bar.close()
 
 
 def _finish(stream: Iterator[NodeData], metrics: list[str], data_cfg, jobs: JobTable | None) -> Iterator[NodeData]:

@@ -128,7 +128,7 @@ def _day_cfg(cfg: HpcadConfig, source: Path, jobs: Path | None):
 
 def _ingest(t: Tonight) -> tuple[TelemetryStore, list[str], list[str]]:
     """Step 1: the day's store; the nodes with a trained model, and those without (not scored)."""
-    store = TelemetryStore(ingest(t.dcfg.data, t.tmp / "store.h5"))
+    store = TelemetryStore(ingest(t.dcfg.data, t.tmp / "store.h5", t.cfg.compute.progress))
     trained = model_nodes(t.models_dir)
     nodes = [x for x in store.nodes if model_path(t.models_dir, x).exists()]
     new = sorted(set(store.nodes) - set(nodes))
