@@ -42,7 +42,7 @@ def columns(path: Path) -> list[str]:
             return list(pq.read_schema(path).names)
         except Exception as exc:
             raise InputError(f"{path}: cannot read the Parquet schema: {exc}") from exc
-    return check_header(path)
+    return list(dialect(path).header)
 
 
 SEPARATORS = ",;\t|"  # a CSV's field separator: whichever of these its header line holds most of
@@ -51,11 +51,13 @@ _DECIMAL_COMMA = re.compile(r"[-+]?\d+,\d+(?:[eE][-+]?\d+)?")
 
 @dataclass(frozen=True)
 class CsvDialect:
-    """How a CSV export writes its fields: found in its header and first rows (``dialect``)."""
+    """How a CSV export writes its fields, and its column names: found in its header and first rows
+    (``dialect``)."""
 
     sep: str = ","
     decimal: str = "."
     blanks: bool = False  # a blank after each separator (``a, b``): skipped (it costs pandas ~20 %)
+    header: tuple[str, ...] = ()
 
     def read_csv_kw(self) -> dict:
         """pandas.read_csv's options for it (a UTF-8 byte-order mark is dropped, as for the header)."""
@@ -74,26 +76,34 @@ def _open_text(path: Path):
 DIALECT_ROWS = 20  # rows looked at for a decimal comma
 
 
-def _unreadable_header(path: Path, exc: Exception) -> InputError:
-    hint = " (CSV exports are read as UTF-8: convert it, e.g. `iconv -f latin1 -t utf-8`)"
-    return InputError(f"{path}: cannot read the header line: {exc}"
-                      f"{hint if isinstance(exc, UnicodeDecodeError) else ''}")
-
-
 def dialect(path: Path) -> CsvDialect:
     """The separator (``,``, ``;``, tab or ``|``: the one the header line holds most of), the
     decimal mark (a comma where fields are not comma-separated and the first ``DIALECT_ROWS`` rows
-    write a number as ``21,5``: spreadsheet exports in European locales), and whether the header
-    puts a blank after its separators."""
+    write a number as ``21,5``: spreadsheet exports in European locales), whether the header puts a
+    blank after its separators, and the header's names, in one read of the file's start. A header
+    that names a column twice is refused (pandas would rename the copy ``name.1`` and ingest it as
+    another metric)."""
+    import csv
+    from collections import Counter
+
     try:
         with _open_text(path) as f:
             head = f.readline()
+            sep = max(SEPARATORS, key=head.count) if any(c in head for c in SEPARATORS) else ","
+            blanks = f"{sep} " in head
+            f.seek(0)
+            header = next(csv.reader(f, delimiter=sep, skipinitialspace=blanks), [])
             rows = [f.readline() for _ in range(DIALECT_ROWS)]
-    except (OSError, UnicodeDecodeError) as exc:
-        raise _unreadable_header(path, exc) from exc
-    sep = max(SEPARATORS, key=head.count) if any(c in head for c in SEPARATORS) else ","
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        hint = " (CSV exports are read as UTF-8: convert it, e.g. `iconv -f latin1 -t utf-8`)"
+        raise InputError(f"{path}: cannot read the header line: {exc}"
+                         f"{hint if isinstance(exc, UnicodeDecodeError) else ''}") from exc
+    dup = [name for name, n in Counter(header).items() if n > 1]
+    if dup:
+        raise InputError(f"{path}: the header names column(s) {dup[:10]} more than once; each metric needs "
+                         f"one column")
     comma = sep != "," and any(looks_decimal_comma(v) for row in rows for v in row.rstrip("\r\n").split(sep))
-    return CsvDialect(sep, "," if comma else ".", f"{sep} " in head)
+    return CsvDialect(sep, "," if comma else ".", blanks, tuple(header))
 
 
 def looks_decimal_comma(value: str) -> bool:
@@ -101,33 +111,10 @@ def looks_decimal_comma(value: str) -> bool:
     return bool(_DECIMAL_COMMA.fullmatch(value.strip().strip('"')))
 
 
-def check_header(path: Path, how: CsvDialect | None = None) -> list[str]:
-    """A CSV's header; refuse one that names a column twice (pandas would rename the copy ``name.1``
-    and ingest it as another metric)."""
-    import csv
-    from collections import Counter
-
-    how = how or dialect(path)
-    try:
-        with _open_text(path) as f:
-            header = next(csv.reader(f, delimiter=how.sep, skipinitialspace=how.blanks), [])
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise _unreadable_header(path, exc) from exc
-    dup = [name for name, n in Counter(header).items() if n > 1]
-    if dup:
-        raise InputError(f"{path}: the header names column(s) {dup[:10]} more than once; each metric needs "
-                         f"one column")
-    return header
-
-
 def read_table(path: Path) -> pd.DataFrame:
     import pandas as pd
 
-    if is_parquet(path):
-        how = None
-    else:
-        how = dialect(path)
-        check_header(path, how)
+    how = None if is_parquet(path) else dialect(path)
     try:
         return pd.read_parquet(path) if how is None else pd.read_csv(path, **how.read_csv_kw())
     except Exception as exc:  # pandas/pyarrow raise many types; name the file either way
@@ -147,7 +134,6 @@ def iter_table_chunks(path: Path, rows: int = CHUNK_ROWS) -> Iterator[pd.DataFra
                     yield batch.to_pandas()
         else:
             how = dialect(path)
-            check_header(path, how)
             yield from pd.read_csv(path, chunksize=rows, **how.read_csv_kw())
     except InputError:
         raise
