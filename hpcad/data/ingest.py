@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -215,23 +215,12 @@ def plan_metrics(files: list[Path], data_cfg, skip_bad: bool = False) -> list[st
 def _iter_directory(source: Path, conv: FrameConverter, skipped: list | None = None,
                     progress: bool = True) -> Iterator[NodeData]:
     files = _table_files(source)
-    stems = [stem(p) for p in files]
-    bar = _bar(len(files), progress)
-    try:
-        for path, node in zip(files, stems):
-            check_node_name(node, str(path))
-            nd = _guarded(lambda: conv(read_table(path), node, str(path)), node, skipped)
-            bar.update()
-            if nd is not None:
-                yield nd
-    finally:
-        bar.close()
 
+    def read(path: Path) -> NodeData | None:
+        node = check_node_name(stem(path), str(path))
+        return _guarded(lambda: conv(read_table(path), node, str(path)), node, skipped)
 
-def _bar(nodes: int, enabled: bool) -> Progress:
-    """Ingest's progress, node by node: a bar on a terminal, a line a minute in a log (rank 0 ingests
-    a site's exports while the other ranks wait: an hour and more for thousands of node-years)."""
-    return Progress(nodes, "ingest", "node", enabled, log)
+    yield from _counted(map(read, files), len(files), progress)
 
 
 def _iter_single_file(source: Path, conv: FrameConverter, scratch_dir: Path,
@@ -276,16 +265,8 @@ def _iter_single_file(source: Path, conv: FrameConverter, scratch_dir: Path,
         if columns is None:
             raise InputError(f"{source}: the file holds no rows")
         with h5_file(scratch, "r") as f:
-            bar = _bar(len(f), progress)
-            try:
-                for node in sorted(f.keys()):
-                    nd = _guarded(lambda: conv(pd.DataFrame(f[node][()], columns=columns), node, str(source)),
-                                  node, skipped)
-                    bar.update()
-                    if nd is not None:
-                        yield nd
-            finally:
-                bar.close()
+            yield from _counted((_guarded(lambda: conv(pd.DataFrame(f[node][()], columns=columns), node, str(source)),
+                                          node, skipped) for node in sorted(f.keys())), len(f), progress)
     finally:
         Path(scratch).unlink(missing_ok=True)
 
@@ -361,7 +342,7 @@ def ingest(data_cfg, store_path: Path, progress: bool = True) -> Path:
             metrics = [stager.metric_names[c] for c in keep]
             log.info("%s: %.4g samples of %d nodes x %d metrics staged; pivoting per node", src, stager.records,
                      len(stager.node_names), len(metrics))
-            stream = _counted(stager.iter_nodes(keep), _bar(len(stager.node_names), progress))
+            stream = _counted(stager.iter_nodes(keep), len(stager.node_names), progress)
         n = write_store(store_path, metrics, _finish(stream, metrics, data_cfg, jobs), str(src),
                         signature=sig, skipped=skipped, jobs=jobs)
     finally:
@@ -376,11 +357,16 @@ def ingest(data_cfg, store_path: Path, progress: bool = True) -> Path:
     return store_path
 
 
-def _counted(stream: Iterator[NodeData], bar: Progress) -> Iterator[NodeData]:
+def _counted(stream: Iterable[NodeData | None], nodes: int, progress: bool) -> Iterator[NodeData]:
+    """The nodes of ``stream`` (None: one skipped for bad input) with ingest's progress, node by node:
+    a bar on a terminal, a line a minute in a log (rank 0 ingests a site's exports while the other
+    ranks wait: an hour and more for thousands of node-years)."""
+    bar = Progress(nodes, "ingest", "node", progress, log)
     try:
         for nd in stream:
             bar.update()
-            yield nd
+            if nd is not None:
+                yield nd
     finally:
         bar.close()
 
