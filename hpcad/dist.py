@@ -285,6 +285,19 @@ def peer_lost(exc: BaseException) -> HpcadError | None:
                       f"({said[:160]})")
 
 
+@contextmanager
+def peers_watched() -> Iterator[None]:
+    """Around a stage's collectives: a collective that failed because another rank stopped ends this
+    rank with ``peer_lost``'s one line (its cause), not the backend's traceback."""
+    try:
+        yield
+    except (RuntimeError, ConnectionError) as exc:
+        lost = peer_lost(exc)
+        if lost is None:
+            raise
+        raise lost from exc
+
+
 def barrier(what: str = "for the other ranks") -> None:
     """Wait for every rank; ``what`` says for what in rank 0's periodic line (``waiting``)."""
     if _started():

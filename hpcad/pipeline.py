@@ -23,6 +23,7 @@ from hpcad import dist, excess, runfolder
 from hpcad.atomic import write_json
 from hpcad.config import build
 from hpcad.data.ingest import ingest
+from hpcad.data.ranks import ingest_ranks
 from hpcad.data.store import TelemetryStore
 from hpcad.errors import ConfigError, StoreError
 from hpcad.explain import class_profiles
@@ -53,9 +54,9 @@ def ranked_share(cfg: HpcadConfig, run_dir: Path, gpu_collectives: bool = False
                  ) -> Iterator[tuple[dist.World, torch.device, TelemetryStore, list[str]]]:
     """This process's rank, device, the store and its share of the nodes (all of them in one process).
 
-    Across ranks: rank 0 ingests while the others wait (one writer per file), the nodes are split
-    balanced by rows. ``gpu_collectives``: the stage all-reduces tensors on the GPU (NCCL on CUDA;
-    otherwise gloo, ``dist.backend``). The process group outlives the stage: the command's next
+    Across ranks: each rank ingests its share of a folder of node files (any other input: rank 0
+    while the others wait; hpcad/data/ranks.py), the nodes are split balanced by rows.
+    ``gpu_collectives``: the stage all-reduces tensors on the GPU (NCCL on CUDA; otherwise gloo, ``dist.backend``). The process group outlives the stage: the command's next
     stage uses it too, and the command tears it down at its end (``hpcad.dist``).
     """
     from hpcad.device import describe, resolve_device  # the stages that train or score load torch, the others do not
@@ -67,15 +68,9 @@ def ranked_share(cfg: HpcadConfig, run_dir: Path, gpu_collectives: bool = False
         yield w, device, store, list(store.nodes)
         return
     dist.init(device, gpu_collectives)
-    try:
-        failed = None
-        if w.rank == 0:
-            try:
-                stage_ingest(cfg, run_dir)
-            except Exception as exc:  # every rank must hear of it (dist.share_outcome)
-                failed = exc
-        dist.share_outcome(failed)
+    with dist.peers_watched():  # another rank stopped mid-stage: one line, not a traceback
         runfolder.check_shared(run_dir)  # one folder for every rank, not a node-local copy per node
+        ingest_ranks(cfg.data, run_dir / "store.h5", cfg.compute.progress)
         store = stage_ingest(cfg, run_dir)
         mine = dist.shard({n: store.rows(n) for n in store.nodes}, w.size)[w.rank]
         threads = dist.share_cpu_threads()
@@ -84,11 +79,6 @@ def ranked_share(cfg: HpcadConfig, run_dir: Path, gpu_collectives: bool = False
                  "" if threads is None else f", {threads} CPU thread(s) (its share of the CPUs it shares with "
                  f"other ranks of the node: no CPU binding)")
         yield w, device, store, mine
-    except (RuntimeError, ConnectionError) as exc:  # another rank stopped mid-stage: one line, not a traceback
-        lost = dist.peer_lost(exc)
-        if lost is None:
-            raise
-        raise lost from exc
 
 
 def stage_train(cfg: HpcadConfig, run_dir: Path) -> dict:
@@ -165,8 +155,18 @@ def _left_to_rank_zero(stage: str) -> bool:
 
 
 def stage_ingest_once(cfg: HpcadConfig, run_dir: Path) -> TelemetryStore | None:
-    """`hpcad ingest`: :func:`stage_ingest` on rank 0 only under several ranks."""
-    return None if _left_to_rank_zero("ingest") else stage_ingest(cfg, run_dir)
+    """`hpcad ingest`; under several ranks (``srun -n 32 hpcad ingest`` on a CPU node) each rank
+    ingests its share of a folder of node files over a gloo process group (hpcad/data/ranks.py)."""
+    w = dist.world()
+    if not w.distributed:
+        return stage_ingest(cfg, run_dir)
+    import torch
+
+    dist.init(torch.device("cpu"))
+    with dist.peers_watched():
+        runfolder.check_shared(run_dir)
+        ingest_ranks(cfg.data, run_dir / "store.h5", cfg.compute.progress)
+    return TelemetryStore(run_dir / "store.h5") if w.rank == 0 else None
 
 
 def stage_baselines(cfg: HpcadConfig, run_dir: Path) -> dict:

@@ -7,7 +7,8 @@ else gloo) but give up after ``PREFLIGHT_WAIT`` instead of the stages' hours, an
 On CUDA each rank multiplies two matrices on its GPU, and with the fleet scope the ranks all-reduce
 a tensor on their GPUs. Rank 0 writes ``preflight.json`` and logs one line per rank. Two ranks on
 one GPU, a GPU that computes wrongly, a wrong all-reduce or an input a rank will read but cannot
-see (``data.source`` on rank 0's node, ``train_run`` on every node) stop it with exit 2 on every rank.
+see (``data.source``: a folder of node files on every node, other inputs on rank 0's; ``train_run``
+on every node) stop it with exit 2 on every rank.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import torch
 from hpcad import dist
 from hpcad.atomic import write_json
 from hpcad.data.ingest import check_inputs
+from hpcad.data.ranks import read_by_every_rank
 from hpcad.device import allocated_gpus, describe, resolve_device
 from hpcad.errors import ConfigError, HpcadError
 from hpcad.model.budget import Budget
@@ -62,8 +64,10 @@ def rank_report(cfg: HpcadConfig, device: torch.device, w: dist.World) -> dict:
 
 def missing_inputs(cfg: HpcadConfig, w: dist.World) -> list[str]:
     """The inputs this rank's stages will read but its node does not show: ``train_run`` (every rank
-    loads its nodes' models), ``data.source`` and ``data.jobs`` (rank 0 ingests them for all)."""
-    checks = [lambda: train_run(cfg)] + ([lambda: check_inputs(cfg.data)] if w.rank == 0 else [])
+    loads its nodes' models), ``data.source`` and ``data.jobs`` (a folder of node files: every rank
+    ingests its share; any other input: rank 0 for all)."""
+    reads = w.rank == 0 or read_by_every_rank(cfg.data)
+    checks = [lambda: train_run(cfg)] + ([lambda: check_inputs(cfg.data)] if reads else [])
     found = []
     for check in checks:
         try:

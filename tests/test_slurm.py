@@ -534,7 +534,9 @@ def test_preflight_stops_every_rank_on_an_input_a_rank_cannot_see_or_a_wrong_opt
                           capture_output=True, text=True, timeout=300)
     said = [ln for ln in gone.stderr.splitlines() if ln.startswith("hpcad preflight: error:")]
     assert gone.returncode == 2 and len(said) == 2, gone.stderr[-3000:]
-    assert said[0] == "hpcad preflight: error: preflight: rank 0 on n1: data.source: /nonexistent/exports does not exist"
+    # a folder of node files: every rank reads its share of them, so every rank that does not see it says so
+    assert said[0] == ("hpcad preflight: error: preflight: rank 0 on n1: data.source: /nonexistent/exports does not "
+                       "exist; rank 1 on n2: data.source: /nonexistent/exports does not exist")
     if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
         pytest.skip("unshare -m is not permitted here (it stands in for a second node's local disk)")
     train = tmp_path / "train"

@@ -10,6 +10,9 @@ Accepted ``data.source`` for the wide format (docs/data.md):
   one: a single node named after the file stem (the seed lecture's CSV);
 - an existing hpcad HDF5 store (used in place);
 - nothing: the synthetic cluster generator (the embedded default).
+
+This module ingests in one process; under several ranks hpcad/data/ranks.py shares a folder of
+node files out over them.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ from hpcad.data.jobs import JobTable, read_jobs
 from hpcad.data.ldms import stage_ldms
 from hpcad.data.longformat import stage_long
 from hpcad.data.h5 import h5_file, h5_writing, open_h5
-from hpcad.data.store import TelemetryStore, check_node_name, write_store
+from hpcad.data.store import TelemetryStore, check_node_name, drop_parts, missing_parts, write_store
 from hpcad.data.node import NodeData
 from hpcad.data.tables import (DIALECT_ROWS, columns, is_table, iter_table_chunks, looks_decimal_comma, read_table,
                                stem)
@@ -143,7 +146,7 @@ class FrameConverter:
         return NodeData(node, ts, values, labels, unit)
 
 
-def source_signature(source: Path) -> str:
+def sourcesignature(source: Path) -> str:
     """A cheap fingerprint of the input (paths, sizes, mtimes) so a rerun can skip re-ingesting."""
     files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
     h = hashlib.sha256()
@@ -165,7 +168,8 @@ def _guarded(make, node: str, skipped: list | None) -> NodeData | None:
         return None
 
 
-def _table_files(source: Path) -> list[Path]:
+def node_files(source: Path) -> list[Path]:
+    """A folder's node files (one per node, named after it), sorted."""
     files = sorted(p for p in source.iterdir() if is_table(p))
     if not files:
         raise InputError(f"{source}: no *.csv or *.parquet files in the directory")
@@ -178,7 +182,8 @@ def _table_files(source: Path) -> list[Path]:
 
 def plan_metrics(files: list[Path], data_cfg, skip_bad: bool = False) -> list[str]:
     """The store's metric list from the node files' headers (no rows read): their union
-    (``data.on_missing_metric=union``) or the metrics every file has (``drop``), in first-seen order.
+    (``data.on_missing_metric=union``), the metrics every file has (``drop``) or the first file's
+    (``error``: a node with others is refused when read), in first-seen order.
     ``skip_bad``: a file whose header cannot be read is left out here (the node is then skipped and
     recorded when it is read)."""
     skip = {data_cfg.node_column, data_cfg.timestamp_column, data_cfg.label_column, *data_cfg.ignore_columns}
@@ -196,6 +201,8 @@ def plan_metrics(files: list[Path], data_cfg, skip_bad: bool = False) -> list[st
         for c in cols:
             order.setdefault(c, len(order))
     names = list(order)
+    if data_cfg.on_missing_metric == "error":  # the first file's; a node that differs is refused when read
+        return [c for c in names if c in sets[0]] if sets else []
     if data_cfg.on_missing_metric == "drop":
         common = set.intersection(*sets) if sets else set()
         gone = [c for c in names if c not in common]
@@ -212,10 +219,9 @@ def plan_metrics(files: list[Path], data_cfg, skip_bad: bool = False) -> list[st
     return names
 
 
-def _iter_directory(source: Path, conv: FrameConverter, skipped: list | None = None,
-                    progress: bool = True) -> Iterator[NodeData]:
-    files = _table_files(source)
-
+def iter_files(files: list[Path], conv: FrameConverter, skipped: list | None = None,
+               progress: bool = True) -> Iterator[NodeData]:
+    """The nodes of a folder's node files (or a rank's share of them), one file at a time."""
     def read(path: Path) -> NodeData | None:
         node = check_node_name(stem(path), str(path))
         return _guarded(lambda: conv(read_table(path), node, str(path)), node, skipped)
@@ -272,8 +278,8 @@ def _iter_single_file(source: Path, conv: FrameConverter, scratch_dir: Path,
 
 
 def check_inputs(data_cfg) -> None:
-    """``data.source`` and ``data.jobs`` exist on this node (under several ranks the preflight asks
-    rank 0, which ingests for all), else ``InputError`` naming the option."""
+    """``data.source`` and ``data.jobs`` exist on this node (the preflight asks every rank that will
+    read them: hpcad/data/ranks.py), else ``InputError`` naming the option."""
     for option, value in (("data.source", data_cfg.source), ("data.jobs", data_cfg.jobs)):
         if value is not None and not Path(value).expanduser().exists():
             raise InputError(f"{option}: {Path(value).expanduser().resolve()} does not exist")
@@ -291,7 +297,7 @@ def ingest(data_cfg, store_path: Path, progress: bool = True) -> Path:
     if source is None:
         s = data_cfg.synthetic
         sig = f"synthetic:{s.profile}:{s.nodes}:{s.rows}:{s.seed}:{s.clean_fraction}:{s.anomaly_fraction}:{s.kinds}"
-        if _up_to_date(store_path, sig):
+        if up_to_date(store_path, sig):
             return store_path
         nodes = synthetic.generate_cluster(s.nodes, s.rows, s.seed, s.profile, s.clean_fraction,
                                            s.anomaly_fraction, None if s.kinds is None else list(s.kinds))
@@ -304,11 +310,9 @@ def ingest(data_cfg, store_path: Path, progress: bool = True) -> Path:
     if fmt not in FORMATS:
         raise InputError(f"data.format={fmt!r}: one of {list(FORMATS)}")
     jobs_path = Path(data_cfg.jobs).expanduser().resolve() if data_cfg.jobs else None
-    sig = _signature(src, jobs_path, data_cfg)
-    if _up_to_date(store_path, sig):
-        if store_path not in _SAID_UP_TO_DATE:  # every stage checks; one line per run is enough
-            _SAID_UP_TO_DATE.add(store_path)
-            log.info("store %s is up to date with %s", store_path, src, extra=CLUSTER_WIDE)
+    sig = signature(src, jobs_path, data_cfg)
+    if up_to_date(store_path, sig):
+        said_up_to_date(store_path, src)
         return store_path
     policy = data_cfg.on_bad_node
     if policy not in ("error", "skip"):
@@ -321,9 +325,9 @@ def ingest(data_cfg, store_path: Path, progress: bool = True) -> Path:
         if fmt == "wide":
             conv = FrameConverter(data_cfg)
             if src.is_dir():
-                if conv.policy != "error":
-                    conv.metrics = plan_metrics(_table_files(src), data_cfg, skip_bad=skipped is not None)
-                stream = _iter_directory(src, conv, skipped, progress)
+                files = node_files(src)
+                conv.metrics = plan_metrics(files, data_cfg, skip_bad=skipped is not None)  # as ranks share it out
+                stream = iter_files(files, conv, skipped, progress)
             elif is_table(src):
                 stream = _iter_single_file(src, conv, store_path.parent, skipped, progress)
             else:
@@ -343,11 +347,12 @@ def ingest(data_cfg, store_path: Path, progress: bool = True) -> Path:
             log.info("%s: %.4g samples of %d nodes x %d metrics staged; pivoting per node", src, stager.records,
                      len(stager.node_names), len(metrics))
             stream = _counted(stager.iter_nodes(keep), len(stager.node_names), progress)
-        n = write_store(store_path, metrics, _finish(stream, metrics, data_cfg, jobs), str(src),
+        n = write_store(store_path, metrics, finish_nodes(stream, metrics, data_cfg, jobs), str(src),
                         signature=sig, skipped=skipped, jobs=jobs)
     finally:
         if stager is not None:
             stager.close()
+    drop_parts(store_path, [])  # an ingest over several ranks wrote the store before
     if jobs is not None:
         jobs.check_nodes(TelemetryStore(store_path).nodes, str(jobs_path))
     log.info("ingested %d nodes from %s (%s format) -> %s", n, src, fmt, store_path)
@@ -357,10 +362,17 @@ def ingest(data_cfg, store_path: Path, progress: bool = True) -> Path:
     return store_path
 
 
+def said_up_to_date(store_path: Path, src: Path) -> None:
+    """Log that the store needs no ingest, once per run (every stage checks)."""
+    if store_path not in _SAID_UP_TO_DATE:
+        _SAID_UP_TO_DATE.add(store_path)
+        log.info("store %s is up to date with %s", store_path, src, extra=CLUSTER_WIDE)
+
+
 def _counted(stream: Iterable[NodeData | None], nodes: int, progress: bool) -> Iterator[NodeData]:
     """The nodes of ``stream`` (None: one skipped for bad input) with ingest's progress, node by node:
-    a bar on a terminal, a line a minute in a log (rank 0 ingests a site's exports while the other
-    ranks wait: an hour and more for thousands of node-years)."""
+    a bar on a terminal, a line a minute in a log (thousands of node-years take an hour and more,
+    while the job's other ranks, or GPUs, wait)."""
     bar = Progress(nodes, "ingest", "node", progress, log)
     try:
         for nd in stream:
@@ -371,7 +383,7 @@ def _counted(stream: Iterable[NodeData | None], nodes: int, progress: bool) -> I
         bar.close()
 
 
-def _finish(stream: Iterator[NodeData], metrics: list[str], data_cfg, jobs: JobTable | None) -> Iterator[NodeData]:
+def finish_nodes(stream: Iterator[NodeData], metrics: list[str], data_cfg, jobs: JobTable | None) -> Iterator[NodeData]:
     """Per node, whatever the format: counters into rates, job per row."""
     counters = counter_columns(metrics, list(data_cfg.counters))
     for nd in stream:
@@ -381,7 +393,7 @@ def _finish(stream: Iterator[NodeData], metrics: list[str], data_cfg, jobs: JobT
         yield nd
 
 
-def _signature(src: Path, jobs: Path | None, data_cfg) -> str:
+def signature(src: Path, jobs: Path | None, data_cfg) -> str:
     """Input files plus every option that changes what the store holds."""
     opts = {k: str(getattr(data_cfg, k)) for k in (
         "format", "node_column", "timestamp_column", "label_column", "metric_column", "value_column",
@@ -389,15 +401,16 @@ def _signature(src: Path, jobs: Path | None, data_cfg) -> str:
         "sort_timestamps", "on_bad_node")}
     if data_cfg.dayfirst is not None:  # unset, dates read as the column shows: earlier stores keep their signature
         opts["dayfirst"] = str(data_cfg.dayfirst)
-    parts = [source_signature(src), source_signature(jobs) if jobs else "", json.dumps(opts, sort_keys=True)]
+    parts = [sourcesignature(src), sourcesignature(jobs) if jobs else "", json.dumps(opts, sort_keys=True)]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def _up_to_date(store_path: Path, signature: str) -> bool:
+def up_to_date(store_path: Path, signature: str) -> bool:
+    """Whether ``store_path`` holds the input ``signature`` describes (and every part it links to)."""
     if not store_path.exists():
         return False
     try:
         with open_h5(store_path) as f:
-            return str(f.attrs.get("source_signature", "")) == signature
+            return str(f.attrs.get("source_signature", "")) == signature and not missing_parts(store_path, f)
     except Exception:
         return False

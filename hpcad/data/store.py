@@ -2,6 +2,8 @@
 
     /                  attrs: hpcad_format="telemetry-store", format_version, created, source, hpcad_version
     /metrics           [M] UTF-8 metric names (the same for every node)
+    /node_rows         [N] int64, /node_labelled [N] int8: each node's rows and has_labels, in node-name
+                       order (a reader lists the nodes without opening each group; older stores lack them)
     /nodes/<node>/     attrs: rows, has_labels, source
         timestamp      [T] int64 epoch seconds (attr time_unit="s"; "row" when the input had none)
         values         [T, M] float32, chunked by rows, gzip + shuffle, NaN = missing sample
@@ -10,7 +12,10 @@
         job            [T] int32 (only with data.jobs): row -> index into /jobs, -1 = idle
     /jobs/             (only with data.jobs) job_id, state, nodelist [J] UTF-8 (user [J] if given); start, end [J] int64
 
-Writers stream node by node; readers load one node at a time.
+Writers stream node by node; readers load one node at a time. A store ingested by several ranks is
+an *index* (attribute ``index_of``: its part files): each ``/nodes/<node>`` is an HDF5 external link
+into ``store-part-<signature>-<r>of<n>.h5`` beside it (relative names: the folder can move), each
+part a store of one rank's nodes in this layout (hpcad/data/ranks.py).
 """
 from __future__ import annotations
 
@@ -80,26 +85,80 @@ def write_node(f: h5py.File, node: NodeData, source: str = "") -> None:
 
 def write_store(path: str | os.PathLike[str], metrics: list[str], nodes: Iterable[NodeData],
                 source: str, signature: str = "",
-                skipped: list | None = None, jobs: JobTable | None = None) -> int:
-    """Write a store atomically from a stream of nodes; returns the number of nodes written."""
-    n = 0
+                skipped: list | None = None, jobs: JobTable | None = None, empty_ok: bool = False) -> int:
+    """Write a store atomically from a stream of nodes; returns the number of nodes written (none is
+    an error unless ``empty_ok``: a rank's part whose nodes were all skipped)."""
+    written: dict[str, tuple[int, bool]] = {}
     with atomic_path(path) as tmp:
         with h5_writing(tmp) as f:
-            f.attrs.update(hpcad_format=FORMAT, format_version=FORMAT_VERSION, source=str(source),
-                           created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                           hpcad_version=__version__, source_signature=signature)
-            f.create_dataset("metrics", data=np.array(metrics, dtype=object), dtype=STR)
-            if jobs is not None:
-                _write_jobs(f, jobs)
+            _write_head(f, metrics, source, signature, jobs)
             for node in nodes:
                 if node.values.shape[1] != len(metrics):
                     raise InputError(f"node {node.name}: {node.values.shape[1]} metrics, store has {len(metrics)}")
                 write_node(f, node, str(source))
-                n += 1
-            if n == 0:
+                written[node.name] = (node.values.shape[0], node.labels is not None)
+            if not written and not empty_ok:
                 raise InputError(f"{source}: no usable node" + (f" ({len(skipped)} skipped)" if skipped else ""))
+            _write_node_table(f, written)
             f.attrs["skipped_nodes"] = json.dumps(skipped or [])  # [[node, reason], ...], filled while streaming
-    return n
+    return len(written)
+
+
+def write_index(path: Path, metrics: list[str], parts: dict[Path, dict[str, tuple[int, bool]]], source: str,
+                signature: str, skipped: list, jobs: JobTable | None = None) -> int:
+    """Write ``path`` atomically as a store whose nodes live in ``parts`` (part file -> {node: (rows,
+    labelled)}, each part a store written by :func:`write_store` beside ``path``); returns the number
+    of nodes. Its ``/node_rows`` and ``/node_labelled`` let a reader list the nodes without opening
+    every part once per node (thousands of opens per rank on Lustre)."""
+    table = {node: rl for nodes in parts.values() for node, rl in nodes.items()}
+    with atomic_path(path) as tmp, h5_writing(tmp) as f:
+        _write_head(f, metrics, source, signature, jobs)
+        f.attrs["index_of"] = [p.name for p in parts]
+        for part, nodes in parts.items():
+            for node in nodes:
+                f["nodes"][node] = h5py.ExternalLink(part.name, f"/nodes/{node}")
+        _write_node_table(f, table)
+        f.attrs["skipped_nodes"] = json.dumps(skipped)
+    return len(table)
+
+
+def _write_node_table(f: h5py.File, nodes: dict[str, tuple[int, bool]]) -> None:
+    """``/node_rows`` and ``/node_labelled`` in node-name order (what :class:`TelemetryStore` lists)."""
+    names = sorted(nodes)
+    f.create_dataset("node_rows", data=np.array([nodes[n][0] for n in names], dtype=np.int64))
+    f.create_dataset("node_labelled", data=np.array([nodes[n][1] for n in names], dtype=np.int8))
+
+
+def part_path(store_path: Path, signature: str, rank: int, size: int) -> Path:
+    """Rank ``rank``'s part of the store ``store_path`` for input ``signature`` (a new input never
+    overwrites the parts an earlier store still links to)."""
+    return store_path.with_name(f"{store_path.stem}-part-{signature[:12]}-{rank}of{size}.h5")
+
+
+def drop_parts(store_path: Path, keep: list[str]) -> None:
+    """Remove the part files beside ``store_path`` that it does not link to (those of an earlier
+    ingest, or of one that failed): unreferenced, and as large as the telemetry itself."""
+    stale = [p for p in store_path.parent.glob(f"{store_path.stem}-part-*.h5") if p.name not in keep]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    if stale:
+        log.info("removed %d part file(s) of an earlier ingest that %s does not use (e.g. %s)", len(stale),
+                 store_path.name, stale[0].name)
+
+
+def missing_parts(path: Path, f: h5py.File) -> list[str]:
+    """The part files an index store links to that are not beside it."""
+    return [str(n) for n in f.attrs.get("index_of", []) if not (path.parent / str(n)).exists()]
+
+
+def _write_head(f: h5py.File, metrics: list[str], source: str, signature: str, jobs: JobTable | None) -> None:
+    f.attrs.update(hpcad_format=FORMAT, format_version=FORMAT_VERSION, source=str(source),
+                   created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                   hpcad_version=__version__, source_signature=signature)
+    f.create_dataset("metrics", data=np.array(metrics, dtype=object), dtype=STR)
+    f.create_group("nodes")
+    if jobs is not None:
+        _write_jobs(f, jobs)
 
 
 def _write_jobs(f: h5py.File, jobs: JobTable) -> None:
@@ -121,10 +180,20 @@ class TelemetryStore:
                                  f"{f.attrs.get('hpcad_format')!r}, expected {FORMAT!r})")
             if "metrics" not in f or "nodes" not in f:
                 raise StoreError(f"{self.path}: store lacks /metrics or /nodes (truncated write?)")
+            gone = missing_parts(self.path, f)
+            if gone:
+                raise StoreError(f"{self.path}: its part file(s) {gone[:3]} are missing ({len(gone)} of "
+                                 f"{len(f.attrs['index_of'])}; an ingest over several ranks writes the nodes there and "
+                                 f"this file links to them): rerun `hpcad ingest` (or the job) to write the store again")
             self.metrics: list[str] = [m.decode() if isinstance(m, bytes) else m for m in f["metrics"][()]]
             self.nodes: list[str] = sorted(f["nodes"].keys())
-            self._rows = {n: int(f["nodes"][n].attrs["rows"]) for n in self.nodes}
-            self.has_labels = any(bool(f["nodes"][n].attrs["has_labels"]) for n in self.nodes)
+            if "node_rows" in f and len(f["node_rows"]) == len(self.nodes):  # no node group (part file) opened
+                self._rows = dict(zip(self.nodes, map(int, f["node_rows"][()])))
+                self.labelled = dict(zip(self.nodes, map(bool, f["node_labelled"][()])))
+            else:  # stores written before 2026-12-02
+                self._rows = {n: int(f["nodes"][n].attrs["rows"]) for n in self.nodes}
+                self.labelled = {n: bool(f["nodes"][n].attrs["has_labels"]) for n in self.nodes}
+            self.has_labels = any(self.labelled.values())
             self.source = str(f.attrs.get("source", ""))
             self.signature = str(f.attrs.get("source_signature", ""))
             self.skipped: list[list[str]] = json.loads(f.attrs.get("skipped_nodes", "[]"))

@@ -1,0 +1,116 @@
+"""Ingest over several ranks: each rank reads its share of a folder of node files into a part file,
+rank 0 writes store.h5 as an index over the parts; the store is the one a single process writes."""
+import shutil
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import data_cfg
+from hpcad.data.ingest import ingest
+from hpcad.data.store import TelemetryStore, write_index, write_store
+from hpcad.data.node import NodeData
+from hpcad.data.synthetic import generate_node, node_frame
+from hpcad.errors import StoreError
+
+
+def _mpi_ingest(run, exports, *opts):
+    if shutil.which("mpiexec") is None:
+        pytest.skip("no mpiexec on PATH (pip install mpich)")
+    p = subprocess.run(["mpiexec", "-n", "2", sys.executable, "-m", "hpcad", "ingest", f"hydra.run.dir={run}",
+                        f"data.source={exports}", "compute.progress=false", *opts],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    return p.returncode, p.stdout  # the ranks' logs and errors, as in a job log
+
+
+def _exports(tmp_path):
+    """Five labelled nodes of different lengths, one without a metric, one whose file is broken."""
+    d = tmp_path / "exports"
+    d.mkdir()
+    for i in range(5):
+        node = generate_node(f"cn{i:02d}", 150 + 40 * i, seed=i)
+        f = node_frame(node).iloc[:, :10].assign(anomaly=node.labels)
+        (f.drop(columns=f.columns[3]) if i == 3 else f).to_csv(d / f"{node.name}.csv", index=False)
+    pd.DataFrame({"timestamp": [0, 300], "m": ["1.5", "oops"]}).to_csv(d / "cn09.csv", index=False)
+    return d
+
+
+def _same(a: TelemetryStore, b: TelemetryStore) -> None:
+    assert (a.nodes, a.metrics, a.skipped, a.has_labels) == (b.nodes, b.metrics, b.skipped, b.has_labels)
+    for n in a.nodes:
+        x, y = a.read(n), b.read(n)
+        assert a.rows(n) == b.rows(n) and np.array_equal(x.timestamp, y.timestamp)
+        assert np.array_equal(x.values, y.values, equal_nan=True) and np.array_equal(x.labels, y.labels)
+
+
+def test_two_ranks_write_the_store_one_process_writes_and_a_failed_or_requeued_ingest_loses_nothing(tmp_path):
+    exports, run = _exports(tmp_path), tmp_path / "run"
+    one = TelemetryStore(ingest(data_cfg(source=str(exports), on_bad_node="skip"), tmp_path / "one.h5"))
+    rc, out = _mpi_ingest(run, exports, "data.on_bad_node=skip")
+    assert rc == 0, out[-3000:]
+    parts = sorted(run.glob("store-part-*.h5"))
+    assert [f.name[-7:] for f in parts] == ["0of2.h5", "1of2.h5"]
+    with h5py.File(run / "store.h5") as f:  # links, not copies: rank 0 reads no node
+        assert {type(f["nodes"].get(n, getlink=True)) for n in f["nodes"]} == {h5py.ExternalLink}
+    _same(TelemetryStore(run / "store.h5"), one)
+    assert one.skipped[0][0] == "cn09" and "non-numeric metric columns ['m']" in one.skipped[0][1]
+
+    # the same exports without skipping: the rank that reads cn09.csv stops, the other names it, both
+    # exit 2; the earlier store and its parts are untouched (another input's parts have other names)
+    rc, out = _mpi_ingest(run, exports)
+    errors = [line for line in out.splitlines() if line.startswith("hpcad ingest: error:")]
+    assert rc == 2 and len(errors) == 2, out[-3000:]
+    assert all("cn09.csv (node cn09): non-numeric metric columns ['m']" in e for e in errors), errors
+    assert sum("rank 1 stopped:" in e or "rank 0 stopped:" in e for e in errors) == 1
+    _same(TelemetryStore(run / "store.h5"), one)
+
+    # a job requeued after its ranks wrote their parts, before the index: nothing is read again, and
+    # the failed ingest's part is removed once the store no longer can use it
+    (run / "store.h5").unlink()
+    rc, out = _mpi_ingest(run, exports, "data.on_bad_node=skip")
+    assert rc == 0 and out.count("already holds this rank's") == 2, out[-3000:]
+    assert sorted(run.glob("store-part-*.h5")) == parts
+    _same(TelemetryStore(run / "store.h5"), one)
+
+    # the folder moves as a whole (relative links); a part lost from it is named, and the next ingest,
+    # here in one process, writes a whole store and removes the parts
+    moved = tmp_path / "moved"
+    shutil.move(run, moved)
+    _same(TelemetryStore(moved / "store.h5"), one)
+    (moved / parts[1].name).unlink()
+    with pytest.raises(StoreError, match=rf"part file\(s\) \['{parts[1].name}'\] are missing .* rerun `hpcad ingest`"):
+        TelemetryStore(moved / "store.h5")
+    ingest(data_cfg(source=str(exports), on_bad_node="skip"), moved / "store.h5")
+    assert not list(moved.glob("store-part-*.h5"))
+    _same(TelemetryStore(moved / "store.h5"), one)
+
+
+def test_an_index_lists_its_nodes_without_opening_their_parts(tmp_path):
+    """Every rank opens the store: thousands of nodes would otherwise mean thousands of part-file
+    opens per rank; the store carries each node's rows and labels in one table."""
+    nodes = [NodeData(f"n{i}", np.arange(10 + i, dtype=np.int64), np.zeros((10 + i, 2), np.float32),
+                      np.zeros(10 + i, np.int8) if i == 2 else None, "s") for i in range(4)]
+    parts = {}
+    for r in range(2):
+        p = tmp_path / f"store-part-x-{r}of2.h5"
+        write_store(p, ["a", "b"], nodes[r::2], "test")
+        parts[p] = {n.name: (len(n.timestamp), n.labels is not None) for n in nodes[r::2]}
+    write_index(tmp_path / "store.h5", ["a", "b"], parts, "test", "sig", [])
+    for p in parts:
+        p.rename(p.with_suffix(".away"))
+    with pytest.raises(StoreError, match="are missing"):
+        TelemetryStore(tmp_path / "store.h5")
+    for p in parts:
+        p.with_suffix(".away").rename(p)
+    st = TelemetryStore(tmp_path / "store.h5")
+    assert st.nodes == ["n0", "n1", "n2", "n3"] and [st.rows(n) for n in st.nodes] == [10, 11, 12, 13]
+    assert st.labelled == {"n0": False, "n1": False, "n2": True, "n3": False} and st.has_labels
+    assert st.read("n3").values.shape == (13, 2)
+    old = tmp_path / "store-part-x-0of2.h5"  # as a store written before the node table: read from its groups
+    with h5py.File(old, "a") as f:
+        del f["node_rows"], f["node_labelled"]
+    st = TelemetryStore(old)
+    assert [st.rows(n) for n in st.nodes] == [10, 12] and st.labelled == {"n0": False, "n2": True}
