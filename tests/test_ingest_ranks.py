@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import data_cfg
+from conftest import data_cfg, hpcad
 from hpcad.data.ingest import ingest
 from hpcad.data.store import TelemetryStore, write_index, write_store
 from hpcad.data.node import NodeData
@@ -17,7 +17,7 @@ from hpcad.data.synthetic import generate_node, node_frame
 from hpcad.errors import StoreError
 
 
-def _mpi_ingest(run, exports, *opts):
+def _mpi_ingest(run, exports, *opts: str) -> tuple[int, str]:
     if shutil.which("mpiexec") is None:
         pytest.skip("no mpiexec on PATH (pip install mpich)")
     p = subprocess.run(["mpiexec", "-n", "2", sys.executable, "-m", "hpcad", "ingest", f"hydra.run.dir={run}",
@@ -44,6 +44,7 @@ def _same(a: TelemetryStore, b: TelemetryStore) -> None:
         x, y = a.read(n), b.read(n)
         assert a.rows(n) == b.rows(n) and np.array_equal(x.timestamp, y.timestamp)
         assert np.array_equal(x.values, y.values, equal_nan=True) and np.array_equal(x.labels, y.labels)
+        assert np.array_equal(x.job, y.job)
 
 
 def test_two_ranks_write_the_store_one_process_writes_and_a_failed_or_requeued_ingest_loses_nothing(tmp_path):
@@ -86,6 +87,25 @@ def test_two_ranks_write_the_store_one_process_writes_and_a_failed_or_requeued_i
     ingest(data_cfg(source=str(exports), on_bad_node="skip"), moved / "store.h5")
     assert not list(moved.glob("store-part-*.h5"))
     _same(TelemetryStore(moved / "store.h5"), one)
+
+
+def test_long_format_exports_are_pivoted_by_every_rank_into_the_same_store(tmp_path):
+    """LDMS and long exports: rank 0 stages the input in scratch buckets by node, then the ranks pivot
+    the buckets (most of the time); the job context is assigned on every rank alike."""
+    exports = tmp_path / "long"
+    hpcad("generate", f"generate.out={exports}", "generate.format=long", f"hydra.run.dir={tmp_path / 'g'}",
+          "data.synthetic.nodes=5", "data.synthetic.rows=300")
+    jobs = tmp_path / "sacct.txt"
+    jobs.write_text("JobID|NodeList|Start|End|State\n"
+                    "900|node[0000-0002]|2025-01-06T00:00:00|2025-01-06T12:00:00|COMPLETED\n")
+    opts = ["data.scratch_buckets=4", f"data.jobs={jobs}"]
+    one = TelemetryStore(ingest(data_cfg(format="long", source=str(exports), scratch_buckets=4, jobs=str(jobs)),
+                                tmp_path / "one.h5"))
+    rc, out = _mpi_ingest(tmp_path / "run", exports, "data=long", *opts)
+    assert rc == 0 and "pivoting 5 nodes' scratch buckets over 2 ranks" in out, out[-3000:]
+    assert len(list((tmp_path / "run").glob("store-part-*.h5"))) == 2
+    _same(TelemetryStore(tmp_path / "run" / "store.h5"), one)
+    assert (one.read("node0001").job >= 0).any() and not list((tmp_path / "run").glob(".ingest-*"))
 
 
 def test_an_index_lists_its_nodes_without_opening_their_parts(tmp_path):

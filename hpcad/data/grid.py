@@ -157,15 +157,40 @@ class GridStager:
         return sorted(codes, key=lambda c: self.metric_names[c])
 
     # ---- pass 2 --------------------------------------------------------------------------------
-    def iter_nodes(self, keep: list[int]) -> Iterator[NodeData]:
-        """One node at a time, bucket by bucket."""
+    def finish_pass1(self) -> dict[int, tuple[int, int]]:
+        """Close the scratch files; returns {bucket: (bytes, nodes)} of those that hold records."""
+        for fh in self.buckets:
+            fh.close()
+        nodes = np.bincount(np.arange(len(self.node_names)) % len(self.buckets), minlength=len(self.buckets))
+        sizes = {b: (self.dir / f"bucket{b:04d}.rec").stat().st_size for b in range(len(self.buckets))}
+        return {b: (size, int(nodes[b])) for b, size in sizes.items() if size}
+
+    def state(self) -> dict:
+        """What another process needs for pass 2 over this stager's scratch files (:meth:`attach`)."""
+        return {"dir": str(self.dir), "period": self.period, "node_names": self.node_names,
+                "metric_names": self.metric_names, "label_name": self.label_name}
+
+    @classmethod
+    def attach(cls, state: dict) -> GridStager:
+        """A stager for pass 2 only, over the scratch files another process staged (another rank:
+        the folder is on the run folder's file system); it neither writes nor removes them."""
+        self = cls.__new__(cls)
+        self.dir, self.period, self.label_name = Path(state["dir"]), state["period"], state["label_name"]
+        self.node_names, self.metric_names = state["node_names"], state["metric_names"]
+        self._metric_code = {m: i for i, m in enumerate(self.metric_names)}
+        self.buckets = []
+        return self
+
+    def iter_nodes(self, keep: list[int], buckets: list[int] | None = None) -> Iterator[NodeData]:
+        """One node at a time, bucket by bucket (``buckets``: only those, e.g. one rank's share)."""
         for fh in self.buckets:
             fh.close()
         label = self._metric_code.get(self.label_name)
-        for b in range(len(self.buckets)):
+        for b in range(len(self.buckets)) if buckets is None else buckets:
             path = self.dir / f"bucket{b:04d}.rec"
             rec = np.fromfile(path, dtype=RECORD)
-            path.unlink()
+            if buckets is None:
+                path.unlink()  # one process: its disk back as it goes (ranks: the stager's owner removes them)
             if len(rec) == 0:
                 continue
             order = np.argsort(rec["node"], kind="stable")  # gather node by node, no sorted copy

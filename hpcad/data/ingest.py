@@ -226,7 +226,7 @@ def iter_files(files: list[Path], conv: FrameConverter, skipped: list | None = N
         node = check_node_name(stem(path), str(path))
         return _guarded(lambda: conv(read_table(path), node, str(path)), node, skipped)
 
-    yield from _counted(map(read, files), len(files), progress)
+    yield from counted(map(read, files), len(files), progress)
 
 
 def _iter_single_file(source: Path, conv: FrameConverter, scratch_dir: Path,
@@ -271,7 +271,7 @@ def _iter_single_file(source: Path, conv: FrameConverter, scratch_dir: Path,
         if columns is None:
             raise InputError(f"{source}: the file holds no rows")
         with h5_file(scratch, "r") as f:
-            yield from _counted((_guarded(lambda: conv(pd.DataFrame(f[node][()], columns=columns), node, str(source)),
+            yield from counted((_guarded(lambda: conv(pd.DataFrame(f[node][()], columns=columns), node, str(source)),
                                           node, skipped) for node in sorted(f.keys())), len(f), progress)
     finally:
         Path(scratch).unlink(missing_ok=True)
@@ -304,21 +304,13 @@ def ingest(data_cfg, store_path: Path, progress: bool = True) -> Path:
         n = write_store(store_path, synthetic.metric_names(s.profile), nodes, "synthetic", signature=sig)
         log.info("generated the synthetic cluster (profile %s): %d nodes -> %s", s.profile, n, store_path)
         return store_path
-    check_inputs(data_cfg)
-    src = Path(source).expanduser().resolve()
-    fmt = data_cfg.format
-    if fmt not in FORMATS:
-        raise InputError(f"data.format={fmt!r}: one of {list(FORMATS)}")
-    jobs_path = Path(data_cfg.jobs).expanduser().resolve() if data_cfg.jobs else None
-    sig = signature(src, jobs_path, data_cfg)
-    if up_to_date(store_path, sig):
-        said_up_to_date(store_path, src)
+    todo = to_ingest(data_cfg, store_path)
+    if todo is None:
         return store_path
-    policy = data_cfg.on_bad_node
-    if policy not in ("error", "skip"):
-        raise InputError(f"data.on_bad_node={policy!r}: error or skip")
+    src, jobs_path, sig = todo
+    fmt = data_cfg.format
     jobs = read_jobs(jobs_path, data_cfg.timezone) if jobs_path else None
-    skipped: list | None = [] if policy == "skip" else None
+    skipped: list | None = [] if data_cfg.on_bad_node == "skip" else None
     store_path.parent.mkdir(parents=True, exist_ok=True)
     stager = None
     try:
@@ -337,16 +329,9 @@ def ingest(data_cfg, store_path: Path, progress: bool = True) -> Path:
                 raise InputError(f"{src}: no nodes found")
             metrics, stream = list(conv.metrics or []), itertools.chain([first], stream)
         else:
-            stager = GridStager(store_path.parent, data_cfg.period_s, data_cfg.scratch_buckets,
-                                data_cfg.label_column)
-            FORMATS[fmt](src, data_cfg, stager)
-            if stager.infinite:
-                log.warning("%s: %d infinite values read as missing (NaN)", src, stager.infinite)
-            keep = stager.metric_plan(data_cfg.on_missing_metric, str(src))
+            stager, keep = stage_grid(data_cfg, src, store_path.parent)
             metrics = [stager.metric_names[c] for c in keep]
-            log.info("%s: %.4g samples of %d nodes x %d metrics staged; pivoting per node", src, stager.records,
-                     len(stager.node_names), len(metrics))
-            stream = _counted(stager.iter_nodes(keep), len(stager.node_names), progress)
+            stream = counted(stager.iter_nodes(keep), len(stager.node_names), progress)
         n = write_store(store_path, metrics, finish_nodes(stream, metrics, data_cfg, jobs), str(src),
                         signature=sig, skipped=skipped, jobs=jobs)
     finally:
@@ -362,6 +347,40 @@ def ingest(data_cfg, store_path: Path, progress: bool = True) -> Path:
     return store_path
 
 
+def to_ingest(data_cfg, store_path: Path) -> tuple[Path, Path | None, str] | None:
+    """For ``data.source`` (files, not a store): None when ``store_path`` is up to date with it (said
+    once), else the input, the job file and the input's signature, after checking the options."""
+    check_inputs(data_cfg)
+    src = Path(data_cfg.source).expanduser().resolve()
+    if data_cfg.format not in FORMATS:
+        raise InputError(f"data.format={data_cfg.format!r}: one of {list(FORMATS)}")
+    jobs_path = Path(data_cfg.jobs).expanduser().resolve() if data_cfg.jobs else None
+    sig = signature(src, jobs_path, data_cfg)
+    if up_to_date(store_path, sig):
+        said_up_to_date(store_path, src)
+        return None
+    if data_cfg.on_bad_node not in ("error", "skip"):
+        raise InputError(f"data.on_bad_node={data_cfg.on_bad_node!r}: error or skip")
+    return src, jobs_path, sig
+
+
+def stage_grid(data_cfg, src: Path, scratch_dir: Path) -> tuple[GridStager, list[int]]:
+    """Pass 1 of an LDMS or long-format ingest (hpcad/data/grid.py): the stager, its scratch files
+    in ``scratch_dir``, and the codes of the metrics the store keeps. The caller closes the stager."""
+    stager = GridStager(scratch_dir, data_cfg.period_s, data_cfg.scratch_buckets, data_cfg.label_column)
+    try:
+        FORMATS[data_cfg.format](src, data_cfg, stager)
+        if stager.infinite:
+            log.warning("%s: %d infinite values read as missing (NaN)", src, stager.infinite)
+        keep = stager.metric_plan(data_cfg.on_missing_metric, str(src))
+    except BaseException:
+        stager.close()
+        raise
+    log.info("%s: %.4g samples of %d nodes x %d metrics staged; pivoting per node", src, stager.records,
+             len(stager.node_names), len(keep))
+    return stager, keep
+
+
 def said_up_to_date(store_path: Path, src: Path) -> None:
     """Log that the store needs no ingest, once per run (every stage checks)."""
     if store_path not in _SAID_UP_TO_DATE:
@@ -369,7 +388,7 @@ def said_up_to_date(store_path: Path, src: Path) -> None:
         log.info("store %s is up to date with %s", store_path, src, extra=CLUSTER_WIDE)
 
 
-def _counted(stream: Iterable[NodeData | None], nodes: int, progress: bool) -> Iterator[NodeData]:
+def counted(stream: Iterable[NodeData | None], nodes: int, progress: bool) -> Iterator[NodeData]:
     """The nodes of ``stream`` (None: one skipped for bad input) with ingest's progress, node by node:
     a bar on a terminal, a line a minute in a log (thousands of node-years take an hour and more,
     while the job's other ranks, or GPUs, wait)."""
