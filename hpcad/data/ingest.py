@@ -11,8 +11,8 @@ Accepted ``data.source`` for the wide format (docs/data.md):
 - an existing hpcad HDF5 store (used in place);
 - nothing: the synthetic cluster generator (the embedded default).
 
-This module ingests in one process; under several ranks hpcad/data/ranks.py shares a folder of
-node files out over them.
+This module ingests in one process; under several ranks hpcad/data/ranks.py shares the work out
+(a folder's node files; the pivot of LDMS and long exports).
 """
 from __future__ import annotations
 
@@ -146,7 +146,7 @@ class FrameConverter:
         return NodeData(node, ts, values, labels, unit)
 
 
-def sourcesignature(source: Path) -> str:
+def source_signature(source: Path) -> str:
     """A cheap fingerprint of the input (paths, sizes, mtimes) so a rerun can skip re-ingesting."""
     files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
     h = hashlib.sha256()
@@ -420,16 +420,16 @@ def signature(src: Path, jobs: Path | None, data_cfg) -> str:
         "sort_timestamps", "on_bad_node")}
     if data_cfg.dayfirst is not None:  # unset, dates read as the column shows: earlier stores keep their signature
         opts["dayfirst"] = str(data_cfg.dayfirst)
-    parts = [sourcesignature(src), sourcesignature(jobs) if jobs else "", json.dumps(opts, sort_keys=True)]
+    parts = [source_signature(src), source_signature(jobs) if jobs else "", json.dumps(opts, sort_keys=True)]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def up_to_date(store_path: Path, signature: str) -> bool:
-    """Whether ``store_path`` holds the input ``signature`` describes (and every part it links to)."""
+def up_to_date(store_path: Path, sig: str) -> bool:
+    """Whether ``store_path`` holds the input that ``sig`` describes (and every part it links to)."""
     if not store_path.exists():
         return False
     try:
         with open_h5(store_path) as f:
-            return str(f.attrs.get("source_signature", "")) == signature and not missing_parts(store_path, f)
+            return str(f.attrs.get("source_signature", "")) == sig and not missing_parts(store_path, f)
     except Exception:
         return False
