@@ -17,10 +17,10 @@ from hpcad.data.synthetic import generate_node, node_frame
 from hpcad.errors import StoreError
 
 
-def _mpi_ingest(run, exports, *opts: str) -> tuple[int, str]:
+def _mpi_ingest(run, exports, *opts: str, ranks: int = 2) -> tuple[int, str]:
     if shutil.which("mpiexec") is None:
         pytest.skip("no mpiexec on PATH (pip install mpich)")
-    p = subprocess.run(["mpiexec", "-n", "2", sys.executable, "-m", "hpcad", "ingest", f"hydra.run.dir={run}",
+    p = subprocess.run(["mpiexec", "-n", str(ranks), sys.executable, "-m", "hpcad", "ingest", f"hydra.run.dir={run}",
                         f"data.source={exports}", "compute.progress=false", *opts],
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
     return p.returncode, p.stdout  # the ranks' logs and errors, as in a job log
@@ -91,19 +91,20 @@ def test_two_ranks_write_the_store_one_process_writes_and_a_failed_or_requeued_i
 
 def test_long_format_exports_are_pivoted_by_every_rank_into_the_same_store(tmp_path):
     """LDMS and long exports: rank 0 stages the input in scratch buckets by node, then the ranks pivot
-    the buckets (most of the time); the job context is assigned on every rank alike."""
+    the buckets (most of the time); the job context is assigned on every rank alike. Two buckets on
+    three ranks: the third has no share and writes nothing."""
     exports = tmp_path / "long"
     hpcad("generate", f"generate.out={exports}", "generate.format=long", f"hydra.run.dir={tmp_path / 'g'}",
           "data.synthetic.nodes=5", "data.synthetic.rows=300")
     jobs = tmp_path / "sacct.txt"
     jobs.write_text("JobID|NodeList|Start|End|State\n"
                     "900|node[0000-0002]|2025-01-06T00:00:00|2025-01-06T12:00:00|COMPLETED\n")
-    opts = ["data.scratch_buckets=4", f"data.jobs={jobs}"]
-    one = TelemetryStore(ingest(data_cfg(format="long", source=str(exports), scratch_buckets=4, jobs=str(jobs)),
+    opts = ["data.scratch_buckets=2", f"data.jobs={jobs}"]
+    one = TelemetryStore(ingest(data_cfg(format="long", source=str(exports), scratch_buckets=2, jobs=str(jobs)),
                                 tmp_path / "one.h5"))
-    rc, out = _mpi_ingest(tmp_path / "run", exports, "data=long", *opts)
-    assert rc == 0 and "pivoting 5 nodes' scratch buckets over 2 ranks" in out, out[-3000:]
-    assert len(list((tmp_path / "run").glob("store-part-*.h5"))) == 2
+    rc, out = _mpi_ingest(tmp_path / "run", exports, "data=long", *opts, ranks=3)
+    assert rc == 0 and "pivoting 5 nodes' scratch buckets over 3 ranks" in out, out[-3000:]
+    assert sorted(f.name[-7:] for f in (tmp_path / "run").glob("store-part-*.h5")) == ["0of3.h5", "1of3.h5"]
     _same(TelemetryStore(tmp_path / "run" / "store.h5"), one)
     assert (one.read("node0001").job >= 0).any() and not list((tmp_path / "run").glob(".ingest-*"))
 

@@ -140,6 +140,8 @@ def _ingest_share(data_cfg, plan: Plan, units: list[str], part: Path, progress: 
     """This rank's nodes into ``part``. A part written before (a requeued job, a rerun after another
     rank failed) is kept."""
     rank = dist.world().rank
+    if not units:  # more ranks than node files (or buckets)
+        return part.name, {}, []
     if up_to_date(part, plan.signature):
         share = _share(part)
         log.info("rank %d: %s already holds this rank's %d node(s): kept", rank, part.name, len(share[1]))
