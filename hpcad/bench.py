@@ -304,24 +304,59 @@ def bench_ingest(cfg: HpcadConfig, run_dir: Path) -> dict:
     data_cfg.source, data_cfg.format, data_cfg.jobs = str(src), "long", None
     store = run_dir / "bench_store.h5"
     store.unlink(missing_ok=True)
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_ingest_child, args=(data_cfg, str(store), child))
-    proc.start()
-    res = parent.recv() if parent.poll(timeout=24 * 3600) else {}
-    proc.join()
-    if proc.exitcode != 0 or not res:
-        raise ConfigError(f"bench ingest child failed (exit {proc.exitcode}); see the log above")
+    if b.ranks > 1:
+        res = _ingest_ranks(data_cfg, run_dir / "bench_ingest_ranks", b.ranks)
+        store, parts = res.pop("store"), res.pop("parts")
+    else:
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_ingest_child, args=(data_cfg, str(store), child))
+        proc.start()
+        res = parent.recv() if parent.poll(timeout=24 * 3600) else {}
+        proc.join()
+        if proc.exitcode != 0 or not res:
+            raise ConfigError(f"bench ingest child failed (exit {proc.exitcode}); see the log above")
+        parts = [store]
     input_mb = sum(p.stat().st_size for p in src.glob("*.parquet")) / 2**20
-    out = {"mode": "ingest", "nodes": b.nodes, "days": b.days, "metrics": b.metrics, "rows": rows,
-           "input_mb": round(input_mb, 1), "store_mb": round(store.stat().st_size / 2**20, 1),
+    out = {"mode": "ingest", "ranks": b.ranks, "nodes": b.nodes, "days": b.days, "metrics": b.metrics, "rows": rows,
+           "input_mb": round(input_mb, 1), "store_mb": round(sum(p.stat().st_size for p in parts) / 2**20, 1),
            "scratch_buckets": data_cfg.scratch_buckets, "input_generation_s": round(gen_s, 1),
            "ingest_s": round(res["ingest_s"], 1), "samples_per_s": rows / res["ingest_s"],
            "peak_rss_mb": res["peak_rss_mb"], "bucket_mb": rows * 14 / data_cfg.scratch_buckets / 2**20,
            "cpu_count": os.cpu_count()}
-    store.unlink(missing_ok=True)
+    for p in {store, *parts}:
+        p.unlink(missing_ok=True)
     write_json(run_dir / "bench.json", out)
     return out
+
+
+def _ingest_ranks(data_cfg, run: Path, ranks: int) -> dict:
+    """``hpcad ingest`` of the bench input on ``ranks`` local processes (torchrun's variables; rank 0
+    stages, every rank pivots its share: hpcad/data/ranks.py). ``ingest_s`` is the wall time of the
+    whole launch (each rank's start, torch's import and the process group included); ``peak_rss_mb``
+    the largest rank's."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:  # a free port for the ranks to meet at
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    shutil.rmtree(run, ignore_errors=True)
+    cmd = [sys.executable, "-m", "hpcad", "ingest", f"hydra.run.dir={run}", "data=long", f"data.source={data_cfg.source}",
+           f"data.scratch_buckets={data_cfg.scratch_buckets}", f"data.period_s={data_cfg.period_s}",
+           "compute.progress=false"]
+    env = {**os.environ, "WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen(cmd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(ranks)]
+    codes = [p.wait() for p in procs]
+    wall = time.perf_counter() - t0
+    if any(codes):
+        raise ConfigError(f"bench ingest on {ranks} ranks failed (exit codes {codes}); see the log above and "
+                          f"{run}/ingest-rank*.log")
+    return {"ingest_s": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0,
+            "store": run / "store.h5", "parts": sorted(run.glob("store*.h5"))}
 
 
 def bench_report(cfg: HpcadConfig, run_dir: Path) -> dict:

@@ -197,6 +197,7 @@ class BenchConfig:
     pool: int = 16  # distinct synthetic nodes, reused cyclically
     seed: int = 0
     days: int = 30  # ingest mode: days of 5-minute samples per node
+    ranks: int = 1  # ingest mode: local processes that share the ingest (launched as torchrun would)
     alarms: int = 200  # report mode: alarmed nodes (bench.nodes=5000 bench.rows=288: a night of a large machine)
 
 

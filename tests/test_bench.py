@@ -43,6 +43,15 @@ def test_bench_ingest_measures_the_out_of_core_pivot(tmp_path):
     b = json.loads((tmp_path / "bench.json").read_text())
     assert b["rows"] == 6 * 2 * 288 * 12 and b["peak_rss_mb"] > 0 and b["scratch_buckets"] == 4
     assert not (tmp_path / "bench_store.h5").exists() and not list(tmp_path.glob(".ingest-*"))
+    one = b["store_mb"]
+    # the same input over two local ranks (torchrun's variables): the same store, written in parts
+    hpcad("bench", "bench.mode=ingest", "bench.nodes=6", "bench.days=2", "bench.metrics=12", "bench.ranks=2",
+          "data.scratch_buckets=4", "compute.progress=false", f"hydra.run.dir={tmp_path}")
+    b = json.loads((tmp_path / "bench.json").read_text())
+    assert b["ranks"] == 2 and b["ingest_s"] > 0 and b["store_mb"] == pytest.approx(one, abs=0.1)
+    log = (tmp_path / "bench_ingest_ranks" / "ingest-rank1.log").read_text()
+    assert "rank 1: ingested 3 node(s) of its 2 scratch bucket(s)" in log, log
+    assert not list((tmp_path / "bench_ingest_ranks").glob("store*.h5")) and not list(tmp_path.rglob(".ingest-*"))
 
 
 def test_bench_drift_light_retraining_beats_doing_nothing(tmp_path):
