@@ -51,6 +51,34 @@ def test_single_file_with_node_column_equals_directory(tmp_path):
         np.testing.assert_array_equal(a.read(n).timestamp, b.read(n).timestamp)
 
 
+def test_a_folder_of_daily_exports_of_every_node_reads_as_one_file(tmp_path):
+    """Daily (or monthly) exports of the whole cluster, a node column in each: before, every file was
+    taken for one node named after its date ("node 2025-01-01: duplicated timestamp")."""
+    src, frames = _export(tmp_path)
+    every = pd.concat([f.assign(node=n) for n, f in frames.items()]).sort_values("timestamp", kind="stable")
+    days = tmp_path / "days"
+    days.mkdir()
+    stamps = pd.to_datetime(every["timestamp"]).dt.floor("6h").to_numpy()
+    for i, (_, day) in enumerate(every.groupby(stamps, sort=True)):
+        (day.drop(columns=["cmbw_p0_3"]) if i == 1 else day).to_csv(days / f"2025-01-{i + 1:02d}.csv", index=False)
+    a = TelemetryStore(ingest(data_cfg(source=str(src)), tmp_path / "a.h5"))
+    b = TelemetryStore(ingest(data_cfg(source=str(days)), tmp_path / "b.h5"))
+    assert a.nodes == b.nodes == sorted(frames) and a.metrics == b.metrics and len(list(days.iterdir())) >= 3
+    missing = 0
+    for n in a.nodes:
+        x, y = a.read(n), b.read(n)
+        np.testing.assert_array_equal(x.timestamp, y.timestamp)
+        np.testing.assert_array_equal(x.labels, y.labels)
+        gone = np.isnan(y.values[:, a.metrics.index("cmbw_p0_3")])  # missing in the second file's rows only
+        np.testing.assert_array_equal(np.isnan(x.values[:, a.metrics.index("cmbw_p0_3")]), False)
+        np.testing.assert_array_equal(x.values[~gone], y.values[~gone])
+        missing += int(gone.sum())
+    assert missing == (len(pd.read_csv(days / "2025-01-02.csv")))
+    frames["cn000"].to_csv(days / "2025-01-09.csv", index=False)  # a per-node file among them
+    with pytest.raises(InputError, match=r"2025-01-09.csv: no 'node' column, unlike 2025-01-01.csv"):
+        ingest(data_cfg(source=str(days)), tmp_path / "c.h5")
+
+
 @pytest.mark.parametrize("how", [{"sep": ";", "decimal": ","}, {"sep": ";"}, {"sep": "\t"}, {"sep": "|"},
                                  {"encoding": "utf-8-sig"}, {"blanks": True}])
 def test_exports_separated_by_semicolons_tabs_or_bars_read_the_same(tmp_path, how):

@@ -5,7 +5,8 @@
 Whatever the format, counters become rates and ``data.jobs`` adds the job per row (hpcad.data.jobs).
 
 Accepted ``data.source`` for the wide format (docs/data.md):
-- a directory of per-node ``*.csv``, ``*.csv.gz`` or ``*.parquet`` files (file stem = node name);
+- a directory of per-node ``*.csv``, ``*.csv.gz`` or ``*.parquet`` files (file stem = node name), or
+  of files of many nodes with a node column (daily exports of the cluster: read like one file);
 - one CSV/Parquet file with a node column (read in chunks, staged per node on disk), or without
   one: a single node named after the file stem (the seed lecture's CSV);
 - an existing hpcad HDF5 store (used in place);
@@ -229,50 +230,68 @@ def iter_files(files: list[Path], conv: FrameConverter, skipped: list | None = N
     yield from counted(map(read, files), len(files), progress)
 
 
-def _iter_single_file(source: Path, conv: FrameConverter, scratch_dir: Path,
-                      skipped: list | None = None, progress: bool = True) -> Iterator[NodeData]:
-    """Stage rows per node in a scratch HDF5 file chunk by chunk, then convert node by node.
+def has_node_column(files: list[Path], data_cfg) -> bool:
+    """Whether a folder's files hold rows of many nodes (``data.node_column`` in the first file's
+    header: daily or monthly exports of the whole cluster) rather than one node each."""
+    return data_cfg.node_column in columns(files[0])
 
-    Memory holds one input chunk or one node, never the whole file.
+
+def _iter_node_rows(files: list[Path], conv: FrameConverter, scratch_dir: Path,
+                    skipped: list | None = None, progress: bool = True) -> Iterator[NodeData]:
+    """Files of many nodes' rows (one file, or a folder of them), read chunk by chunk into a scratch
+    HDF5 file per node (a node's rows in file order), then converted node by node.
+
+    Memory holds one input chunk or one node, never a whole file. A single file without the node
+    column is one node named after the file; a folder's files all need the column, and a metric a
+    file lacks is missing in its rows (the files' header union is the metric list).
     """
     import pandas as pd
 
     cfg = conv.cfg
+    where = files[0] if len(files) == 1 else files[0].parent
+    names: list[str] | None = None
+    if len(files) > 1:
+        skip = {cfg.node_column, *cfg.ignore_columns}
+        names = list(dict.fromkeys(c for path in files for c in columns(path) if c not in skip))
     fd, scratch = tempfile.mkstemp(suffix=".h5", dir=scratch_dir, prefix=".ingest-")
     os.close(fd)
     try:
-        columns: list[str] | None = None
         with h5_writing(scratch) as f:
-            for chunk in iter_table_chunks(source):
-                if cfg.node_column not in chunk.columns:  # one node's file (e.g. the lecture's CSV)
-                    node = pd.Series(check_node_name(stem(source), str(source)), index=chunk.index,
-                                     name=cfg.node_column)
-                    chunk = pd.concat([chunk, node], axis=1)  # not chunk[...] = ...: pandas warns on wide frames
-                chunk = chunk.drop(columns=[c for c in cfg.ignore_columns if c in chunk.columns])
-                if cfg.timestamp_column in chunk.columns:
-                    chunk[cfg.timestamp_column] = to_epoch_seconds(chunk[cfg.timestamp_column], str(source),
-                                                                     cfg.timestamp_column, cfg.timezone,
-                                                                     cfg.epoch_unit, dayfirst=cfg.dayfirst)
-                if columns is None:
-                    columns = [c for c in chunk.columns if c != cfg.node_column]
-                bad = [c for c in columns if not pd.api.types.is_numeric_dtype(chunk[c])]
-                if bad:
-                    raise InputError(f"{source}: non-numeric columns {bad[:10]}; fix the export or list "
-                                     f"them in data.ignore_columns")
-                for node, part in chunk.groupby(cfg.node_column, sort=False):
-                    node = check_node_name(str(node), str(source))
-                    data = part[columns].to_numpy(dtype=np.float64)
-                    if node not in f:
-                        f.create_dataset(node, shape=(0, len(columns)), maxshape=(None, len(columns)),
-                                         dtype=np.float64, chunks=(4096, len(columns)))
-                    ds = f[node]
-                    ds.resize(ds.shape[0] + len(data), axis=0)
-                    ds[-len(data):] = data
-        if columns is None:
-            raise InputError(f"{source}: the file holds no rows")
+            for path in files:
+                for chunk in iter_table_chunks(path):
+                    if cfg.node_column not in chunk.columns:
+                        if len(files) > 1:
+                            raise InputError(f"{path}: no {cfg.node_column!r} column, unlike {files[0].name}: a "
+                                             f"folder holds one file per node, or files of many nodes that all "
+                                             f"have the node column (data.node_column; docs/data.md)")
+                        node = pd.Series(check_node_name(stem(path), str(path)), index=chunk.index,
+                                         name=cfg.node_column)  # one node's file (e.g. the lecture's CSV)
+                        chunk = pd.concat([chunk, node], axis=1)  # not chunk[...] = ...: pandas warns on wide frames
+                    chunk = chunk.drop(columns=[c for c in cfg.ignore_columns if c in chunk.columns])
+                    if cfg.timestamp_column in chunk.columns:
+                        chunk[cfg.timestamp_column] = to_epoch_seconds(chunk[cfg.timestamp_column], str(path),
+                                                                         cfg.timestamp_column, cfg.timezone,
+                                                                         cfg.epoch_unit, dayfirst=cfg.dayfirst)
+                    if names is None:
+                        names = [c for c in chunk.columns if c != cfg.node_column]
+                    bad = [c for c in names if c in chunk.columns and not pd.api.types.is_numeric_dtype(chunk[c])]
+                    if bad:
+                        raise InputError(f"{path}: non-numeric columns {bad[:10]}; fix the export or list "
+                                         f"them in data.ignore_columns")
+                    for node, part in chunk.groupby(cfg.node_column, sort=False):
+                        node = check_node_name(str(node), str(path))
+                        data = part.reindex(columns=names).to_numpy(dtype=np.float64)
+                        if node not in f:
+                            f.create_dataset(node, shape=(0, len(names)), maxshape=(None, len(names)),
+                                             dtype=np.float64, chunks=(4096, len(names)))
+                        ds = f[node]
+                        ds.resize(ds.shape[0] + len(data), axis=0)
+                        ds[-len(data):] = data
+        if names is None:
+            raise InputError(f"{where}: the file holds no rows")
         with h5_file(scratch, "r") as f:
-            yield from counted((_guarded(lambda: conv(pd.DataFrame(f[node][()], columns=columns), node, str(source)),
-                                          node, skipped) for node in sorted(f.keys())), len(f), progress)
+            yield from counted((_guarded(lambda: conv(pd.DataFrame(f[node][()], columns=names), node, str(where)),
+                                         node, skipped) for node in sorted(f.keys())), len(f), progress)
     finally:
         Path(scratch).unlink(missing_ok=True)
 
@@ -316,12 +335,12 @@ def ingest(data_cfg, store_path: Path, progress: bool = True) -> Path:
     try:
         if fmt == "wide":
             conv = FrameConverter(data_cfg)
-            if src.is_dir():
-                files = node_files(src)
+            files = node_files(src) if src.is_dir() else [src]
+            if src.is_dir() and not has_node_column(files, data_cfg):
                 conv.metrics = plan_metrics(files, data_cfg, skip_bad=skipped is not None)  # as ranks share it out
                 stream = iter_files(files, conv, skipped, progress)
-            elif is_table(src):
-                stream = _iter_single_file(src, conv, store_path.parent, skipped, progress)
+            elif src.is_dir() or is_table(src):
+                stream = _iter_node_rows(files, conv, store_path.parent, skipped, progress)
             else:
                 raise InputError(f"data.source: {src} is not a directory, CSV/Parquet file or .h5 store")
             first = next(stream, None)  # the first node fixes the metric list the store is written with

@@ -12,8 +12,8 @@ a store of its own); rank 0 then writes ``store.h5`` as an index of external lin
 Ingesting costs about 2.5 s per node-year of 160 metrics on one core, so N ranks cut the wait before
 training about N-fold (4,000 node-years: over two hours on rank 0 alone). A requeued job keeps the
 parts its ranks finished. The store is the one a single process writes, whatever the number of ranks.
-One file of all nodes, an existing store and the synthetic cluster are ingested by rank 0 while the
-others wait. Call :func:`ingest_ranks` on every rank of a started process group.
+Files of many nodes' rows (one file, or a folder of daily exports with a node column), an existing
+store and the synthetic cluster are ingested by rank 0 while the others wait. Call :func:`ingest_ranks` on every rank of a started process group.
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ from pathlib import Path
 
 from hpcad import dist
 from hpcad.data.grid import GridStager
-from hpcad.data.ingest import (FrameConverter, counted, finish_nodes, ingest, iter_files, node_files, plan_metrics,
-                               stage_grid, to_ingest, up_to_date)
+from hpcad.data.ingest import (FrameConverter, counted, finish_nodes, has_node_column, ingest, iter_files, node_files,
+                               plan_metrics, stage_grid, to_ingest, up_to_date)
 from hpcad.data.jobs import read_jobs
 from hpcad.data.node import NodeData
 from hpcad.data.store import TelemetryStore, drop_parts, part_path, write_index, write_store
@@ -126,8 +126,11 @@ def _plan(data_cfg, store_path: Path, progress: bool) -> tuple[Plan | None, Grid
         log.info("pivoting %d nodes' scratch buckets over %d ranks (each its share into %s)", len(stager.node_names),
                  w.size, part_path(store_path, sig, 0, w.size).name.replace("-0of", "-<r>of"), extra=CLUSTER_WIDE)
         return plan, stager
-    FrameConverter(data_cfg)  # checks data.on_missing_metric before any rank reads
     files = node_files(src)
+    if has_node_column(files, data_cfg):  # files of many nodes each: staged per node by one process
+        ingest(data_cfg, store_path, progress)
+        return None, None
+    FrameConverter(data_cfg)  # checks data.on_missing_metric before any rank reads
     metrics = plan_metrics(files, data_cfg, skip_bad=data_cfg.on_bad_node == "skip")
     if not metrics:
         raise InputError(f"{src}: no node file's header could be read")
