@@ -127,8 +127,8 @@ def node_address(node: str) -> str:
 
 def timeout() -> dt.timedelta:
     """How long a collective may wait (``HPCAD_DIST_TIMEOUT_MIN``, default 720 minutes). Ranks wait at
-    barriers for whole stages (rank 0 ingesting, the slowest rank training): NCCL's default of 10
-    minutes would kill a healthy job; the SLURM time limit bounds a hung one."""
+    barriers for whole stages (rank 0 ingesting one file of all nodes, the slowest rank training):
+    NCCL's default of 10 minutes would kill a healthy job; the SLURM time limit bounds a hung one."""
     raw = os.environ.get("HPCAD_DIST_TIMEOUT_MIN", "720")
     try:
         minutes = float(raw)

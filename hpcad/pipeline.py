@@ -272,7 +272,7 @@ def _same_models(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore) -> None:
 
 def stage_run(cfg: HpcadConfig, run_dir: Path) -> dict:
     """All stages in order (training is skipped when ``train_run`` provides the models). Training and
-    scoring ingest first (rank 0 under several ranks)."""
+    scoring ingest first (under several ranks each rank its share: hpcad/data/ranks.py)."""
     out: dict = {}
     if not cfg.train_run:
         out["train"] = stage_train(cfg, run_dir)

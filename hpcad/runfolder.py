@@ -124,8 +124,8 @@ def load_run_config(run: Path):
 
 
 def check_shared(run_dir: Path, wait_s: float = 5.0) -> None:
-    """Under several ranks, make sure they all see one run folder: rank 0 ingests into it and writes
-    the index files, every rank writes its models there. A folder on node-local storage (``/tmp``,
+    """Under several ranks, make sure they all see one run folder: every rank ingests into it and
+    writes its models there, rank 0 writes the index files. A folder on node-local storage (``/tmp``,
     ``$TMPDIR``) gives each node its own copy, and the other nodes' models vanish without an error.
     Rank 0 leaves a marker (``.ranks.<token>.tmp``) and every rank looks for it (for up to ``wait_s``
     seconds, for file systems slow to show a new file); every rank stops with the same error naming

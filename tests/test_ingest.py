@@ -262,9 +262,9 @@ def test_infinite_values_are_read_as_missing_and_said(tmp_path, caplog):
 
 @pytest.mark.parametrize("one_file", [False, True])
 def test_ingest_in_a_log_file_says_how_far_it_got_every_minute(tmp_path, monkeypatch, caplog, one_file):
-    """Rank 0 ingests a site's exports while the other ranks wait (an hour and more for thousands of
-    node-years): in a SLURM log (no bar) a line says how far it got at most every LOG_EVERY_S
-    seconds, for a folder of node files and for one file of all nodes; progress off: nothing."""
+    """Ingesting a site's exports takes an hour and more for thousands of node-years: in a SLURM log
+    (no bar) a line says how far it got at most every LOG_EVERY_S seconds, for a folder of node files
+    and for one file of all nodes; progress off: nothing."""
     import io
     import sys
 
