@@ -231,9 +231,15 @@ def iter_files(files: list[Path], conv: FrameConverter, skipped: list | None = N
 
 
 def has_node_column(files: list[Path], data_cfg) -> bool:
-    """Whether a folder's files hold rows of many nodes (``data.node_column`` in the first file's
-    header: daily or monthly exports of the whole cluster) rather than one node each."""
-    return data_cfg.node_column in columns(files[0])
+    """Whether a folder's files hold rows of many nodes (``data.node_column`` in the first readable
+    header: daily or monthly exports of the whole cluster) rather than one node each. A file whose
+    header cannot be read decides nothing: it is skipped or named when its rows are read."""
+    for path in files:
+        try:
+            return data_cfg.node_column in columns(path)
+        except InputError:
+            continue
+    return False
 
 
 def _iter_node_rows(files: list[Path], conv: FrameConverter, scratch_dir: Path,
