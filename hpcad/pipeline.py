@@ -145,8 +145,8 @@ def _drop_rank_files(run_dir: Path, parts: list[Path]) -> None:
 
 def _left_to_rank_zero(stage: str) -> bool:
     """True on ranks other than 0 under several ranks, for the stages that one process does for the
-    whole run folder (ingest, baselines, report): those ranks leave them to rank 0 (one writer per
-    file; before, every rank of `srun -n2 hpcad run` ingested into one store.h5, and the run hung)."""
+    whole run folder (baselines, report): those ranks leave them to rank 0 (one writer per file;
+    ingest is shared out instead, each rank writing its own part: hpcad/data/ranks.py)."""
     w = dist.world()
     if w.rank == 0:
         return False
