@@ -57,6 +57,16 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def remove_unreferenced(folder: Path, pattern: str, keep: list[str]) -> list[Path]:
+    """Remove the files of ``folder`` matching ``pattern`` whose names are not in ``keep``: per-rank
+    files that the index just written (``errors.h5``, ``store.h5``) does not link to, left by an
+    earlier run on other ranks; unreferenced, and as large as the data. Returns those removed."""
+    stale = [f for f in Path(folder).glob(pattern) if f.name not in keep]
+    for f in stale:
+        f.unlink(missing_ok=True)
+    return stale
+
+
 def errno_of(exc: BaseException) -> int | None:
     """The system errno behind a failed write: the one HDF5 names in its message ("errno = 28"; h5py
     raises RuntimeError or OSError around it), else an OSError's own."""

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import OmegaConf
 
 from hpcad import dist, excess, runfolder
-from hpcad.atomic import write_json
+from hpcad.atomic import remove_unreferenced, write_json
 from hpcad.config import build
 from hpcad.data.ingest import ingest
 from hpcad.data.ranks import ingest_ranks
@@ -135,9 +135,7 @@ def _drop_rank_files(run_dir: Path, parts: list[Path]) -> None:
     """Remove the per-rank error files that the errors.h5 just written no longer links to (an earlier
     scoring on more ranks, or on several ranks before a single-process one): unreferenced, and as
     large as the scores themselves."""
-    stale = [f for f in run_dir.glob("errors-rank*.h5") if f not in parts]
-    for f in stale:
-        f.unlink(missing_ok=True)
+    stale = remove_unreferenced(run_dir, "errors-rank*.h5", [p.name for p in parts])
     if stale:
         log.info("removed %d per-rank error file(s) of an earlier scoring that errors.h5 no longer uses (e.g. %s)",
                  len(stale), stale[0].name)

@@ -108,13 +108,17 @@ class GridStager:
         rec["node"], rec["metric"], rec["value"] = nodes, metrics, values
         rec["bin"] = np.floor(seconds / self.period).astype(np.uint32)
         self._mark(nodes, metrics)
-        bucket = nodes % len(self.buckets)
+        bucket = self._bucket(nodes)
         order = np.argsort(bucket, kind="stable")
         rec, bucket = rec[order], bucket[order]
         edges = np.searchsorted(bucket, np.arange(len(self.buckets) + 1))
         for b in np.flatnonzero(np.diff(edges)):
             rec[edges[b]:edges[b + 1]].tofile(self.buckets[b])
         self.records += len(rec)
+
+    def _bucket(self, nodes: np.ndarray) -> np.ndarray:
+        """The scratch bucket of each node code (all of a node's records land in one)."""
+        return nodes % len(self.buckets)
 
     def _mark(self, nodes: np.ndarray, metrics: np.ndarray) -> None:
         n, m = len(self.node_names), len(self.metric_names)
@@ -161,7 +165,7 @@ class GridStager:
         """Close the scratch files; returns {bucket: (bytes, nodes)} of those that hold records."""
         for fh in self.buckets:
             fh.close()
-        nodes = np.bincount(np.arange(len(self.node_names)) % len(self.buckets), minlength=len(self.buckets))
+        nodes = np.bincount(self._bucket(np.arange(len(self.node_names))), minlength=len(self.buckets))
         sizes = {b: (self.dir / f"bucket{b:04d}.rec").stat().st_size for b in range(len(self.buckets))}
         return {b: (size, int(nodes[b])) for b, size in sizes.items() if size}
 

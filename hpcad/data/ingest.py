@@ -362,14 +362,21 @@ def ingest(data_cfg, store_path: Path, progress: bool = True) -> Path:
     finally:
         if stager is not None:
             stager.close()
-    drop_parts(store_path, [])  # an ingest over several ranks wrote the store before
+    wrote(store_path, [], n, src, f"{fmt} format", skipped, jobs, jobs_path)  # drops parts of an ingest over ranks
+    return store_path
+
+
+def wrote(store_path: Path, parts: list[str], n: int, src: Path, how: str, skipped: list | None,
+          jobs: JobTable | None, jobs_path: Path | None) -> None:
+    """After a store was written (by one process, or as an index over ``parts``): the part files it
+    does not use go, the job table is checked against its nodes, and the log says what was done."""
+    drop_parts(store_path, parts)
     if jobs is not None:
         jobs.check_nodes(TelemetryStore(store_path).nodes, str(jobs_path))
-    log.info("ingested %d nodes from %s (%s format) -> %s", n, src, fmt, store_path)
+    log.info("ingested %d nodes from %s (%s) -> %s", n, src, how, store_path)
     if skipped:
         log.error("%d node(s) skipped for bad input (recorded in the store and the report): %s",
                   len(skipped), ", ".join(n for n, _ in skipped))
-    return store_path
 
 
 def to_ingest(data_cfg, store_path: Path) -> tuple[Path, Path | None, str] | None:

@@ -26,10 +26,10 @@ from pathlib import Path
 from hpcad import dist
 from hpcad.data.grid import GridStager
 from hpcad.data.ingest import (FrameConverter, counted, finish_nodes, has_node_column, ingest, iter_files, node_files,
-                               plan_metrics, stage_grid, to_ingest, up_to_date)
-from hpcad.data.jobs import read_jobs
+                               plan_metrics, stage_grid, to_ingest, up_to_date, wrote)
+from hpcad.data.jobs import JobTable, read_jobs
 from hpcad.data.node import NodeData
-from hpcad.data.store import TelemetryStore, drop_parts, part_path, write_index, write_store
+from hpcad.data.store import TelemetryStore, part_path, write_index, write_store
 from hpcad.data.tables import TABLE_SUFFIXES
 from hpcad.dist import CLUSTER_WIDE
 from hpcad.errors import InputError
@@ -44,6 +44,7 @@ class Plan:
     buckets) with their sizes, and the store's metrics."""
 
     source: Path
+    jobs: Path | None  # data.jobs, resolved
     signature: str
     metrics: list[str]
     sizes: dict[str, int]  # unit -> bytes (the shares are balanced by size)
@@ -84,17 +85,19 @@ def ingest_ranks(data_cfg, store_path: Path, progress: bool = True) -> None:
         if plan is None:  # rank 0 ingested alone, or the store was up to date
             return
         mine = dist.shard(plan.sizes, w.size)[w.rank]
-        result = None
+        result, jobs = None, None
         try:
+            if plan.jobs is not None and (mine or w.rank == 0):  # once per rank: its nodes, rank 0's index
+                jobs = read_jobs(plan.jobs, data_cfg.timezone)
             result = _ingest_share(data_cfg, plan, mine, part_path(store_path, plan.signature, w.rank, w.size),
-                                   progress)
+                                   jobs, progress)
         except Exception as exc:
             failed = exc
         dist.share_outcome(failed)
         results = dist.all_objects(result)
         if w.rank == 0:
             try:
-                _write_index(data_cfg, plan, store_path, results)
+                _write_index(data_cfg, plan, store_path, results, jobs)
             except Exception as exc:
                 failed = exc
         dist.share_outcome(failed)
@@ -114,17 +117,18 @@ def _plan(data_cfg, store_path: Path, progress: bool) -> tuple[Plan | None, Grid
     todo = to_ingest(data_cfg, store_path)
     if todo is None:
         return None, None
-    src, _, sig = todo
+    src, jobs, sig = todo
     w = dist.world()
+    parts = part_path(store_path, sig, 0, w.size).name.replace("-0of", "-<r>of")  # for the log
     if grid:
         store_path.parent.mkdir(parents=True, exist_ok=True)
         stager, keep = stage_grid(data_cfg, src, store_path.parent)
         buckets = stager.finish_pass1()
         state = {**stager.state(), "keep": keep, "nodes": {b: n for b, (_, n) in buckets.items()}}
-        plan = Plan(src, sig, [stager.metric_names[c] for c in keep], {str(b): size for b, (size, _) in buckets.items()},
-                    state)
+        plan = Plan(src, jobs, sig, [stager.metric_names[c] for c in keep],
+                    {str(b): size for b, (size, _) in buckets.items()}, state)
         log.info("pivoting %d nodes' scratch buckets over %d ranks (each its share into %s)", len(stager.node_names),
-                 w.size, part_path(store_path, sig, 0, w.size).name.replace("-0of", "-<r>of"), extra=CLUSTER_WIDE)
+                 w.size, parts, extra=CLUSTER_WIDE)
         return plan, stager
     files = node_files(src)
     if has_node_column(files, data_cfg):  # files of many nodes each: staged per node by one process
@@ -134,12 +138,13 @@ def _plan(data_cfg, store_path: Path, progress: bool) -> tuple[Plan | None, Grid
     metrics = plan_metrics(files, data_cfg, skip_bad=data_cfg.on_bad_node == "skip")
     if not metrics:
         raise InputError(f"{src}: no node file's header could be read")
-    log.info("ingesting %d node files over %d ranks (each its share into %s)", len(files), w.size,
-             part_path(store_path, sig, 0, w.size).name.replace("-0of", "-<r>of"), extra=CLUSTER_WIDE)
-    return Plan(src, sig, metrics, {str(f): f.stat().st_size for f in files}), None
+    log.info("ingesting %d node files over %d ranks (each its share into %s)", len(files), w.size, parts,
+             extra=CLUSTER_WIDE)
+    return Plan(src, jobs, sig, metrics, {str(f): f.stat().st_size for f in files}), None
 
 
-def _ingest_share(data_cfg, plan: Plan, units: list[str], part: Path, progress: bool) -> Share:
+def _ingest_share(data_cfg, plan: Plan, units: list[str], part: Path, jobs: JobTable | None,
+                  progress: bool) -> Share:
     """This rank's nodes into ``part``. A part written before (a requeued job, a rerun after another
     rank failed) is kept."""
     rank = dist.world().rank
@@ -155,7 +160,6 @@ def _ingest_share(data_cfg, plan: Plan, units: list[str], part: Path, progress: 
                          f"of its {len(units)} node files): every rank reads its share of the node files, so they must "
                          f"be on a file system every node of the job mounts")
     skipped: list | None = [] if data_cfg.on_bad_node == "skip" else None
-    jobs = read_jobs(Path(data_cfg.jobs).expanduser().resolve(), data_cfg.timezone) if data_cfg.jobs else None
     stream = plan.nodes(data_cfg, units, skipped, progress)
     n = write_store(part, plan.metrics, finish_nodes(stream, plan.metrics, data_cfg, jobs), str(plan.source),
                     signature=plan.signature, skipped=skipped, empty_ok=True)
@@ -169,20 +173,12 @@ def _share(part: Path) -> Share:
     return part.name, {n: (st.rows(n), st.labelled[n]) for n in st.nodes}, st.skipped
 
 
-def _write_index(data_cfg, plan: Plan, store_path: Path, results: list[Share]) -> None:
-    """Rank 0: ``store.h5`` over the ranks' parts, then what ``ingest`` checks and says after a write."""
+def _write_index(data_cfg, plan: Plan, store_path: Path, results: list[Share], jobs: JobTable | None) -> None:
+    """Rank 0: ``store.h5`` over the ranks' parts, then what ``ingest`` does after a write."""
     parts = {store_path.parent / name: nodes for name, nodes, _ in results if nodes}
     skipped = sorted((s for _, _, sk in results for s in sk), key=lambda s: s[0])
     if not parts:
         raise InputError(f"{plan.source}: no usable node" + (f" ({len(skipped)} skipped)" if skipped else ""))
-    jobs_path = Path(data_cfg.jobs).expanduser().resolve() if data_cfg.jobs else None
-    jobs = read_jobs(jobs_path, data_cfg.timezone) if jobs_path else None
     n = write_index(store_path, plan.metrics, parts, str(plan.source), plan.signature, skipped, jobs)
-    drop_parts(store_path, [p.name for p in parts])
-    if jobs is not None:
-        jobs.check_nodes(TelemetryStore(store_path).nodes, str(jobs_path))
-    log.info("ingested %d nodes from %s (%s format, %d ranks) -> %s", n, plan.source, data_cfg.format, len(results),
-             store_path)
-    if skipped:
-        log.error("%d node(s) skipped for bad input (recorded in the store and the report): %s",
-                  len(skipped), ", ".join(n for n, _ in skipped))
+    wrote(store_path, [p.name for p in parts], n, plan.source, f"{data_cfg.format} format, {len(results)} ranks",
+          skipped, jobs, plan.jobs)

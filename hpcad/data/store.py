@@ -31,7 +31,7 @@ import h5py
 import numpy as np
 
 from hpcad import __version__
-from hpcad.atomic import atomic_path
+from hpcad.atomic import atomic_path, remove_unreferenced
 from hpcad.data.h5 import h5_writing, open_h5
 from hpcad.data.jobs import JobTable
 from hpcad.data.node import NodeData
@@ -138,9 +138,7 @@ def part_path(store_path: Path, signature: str, rank: int, size: int) -> Path:
 def drop_parts(store_path: Path, keep: list[str]) -> None:
     """Remove the part files beside ``store_path`` that it does not link to (those of an earlier
     ingest, or of one that failed): unreferenced, and as large as the telemetry itself."""
-    stale = [p for p in store_path.parent.glob(f"{store_path.stem}-part-*.h5") if p.name not in keep]
-    for p in stale:
-        p.unlink(missing_ok=True)
+    stale = remove_unreferenced(store_path.parent, f"{store_path.stem}-part-*.h5", keep)
     if stale:
         log.info("removed %d part file(s) of an earlier ingest that %s does not use (e.g. %s)", len(stale),
                  store_path.name, stale[0].name)
