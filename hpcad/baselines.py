@@ -13,13 +13,17 @@ file in the error-file layout (smoothed and normalised like the autoencoder's si
 - ``knn``: distance of a row's window (it and the ``knn_window - 1`` rows before it) to the
   nearest training window: a strong classic on multivariate telemetry.
 
-Fits use at most ``max_train_rows`` training rows (an even subsample beyond that). Baselines are a
-comparison, not a production detector: beyond ``max_nodes`` nodes they are skipped with a warning
-(raise the option to run them on a large cluster anyway).
+Fits use at most ``max_train_rows`` training rows (a random subsample beyond that, drawn from the
+node's own seed: a node's baseline does not depend on which other nodes a process fits, so ranks
+can share the nodes out). Under several ranks each rank fits its share of the nodes into
+``<method>-rank<r>.h5`` and rank 0 writes ``<method>.h5`` as an index of links (like ``errors.h5``).
+Baselines are a comparison, not a production detector: beyond ``max_nodes`` nodes they are skipped
+with a warning (raise the option to run them on a large cluster anyway).
 """
 from __future__ import annotations
 
 import logging
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,7 +35,8 @@ from hpcad.data.store import TelemetryStore
 from hpcad.errors import ConfigError
 from hpcad.preprocess import (Scaler, check_training_rows, fill_gaps, fit_rows, split_codes, training_rows, window_rows,
                               windows)
-from hpcad.errorstore import NodeSignal, write_signal_file
+from hpcad.atomic import remove_unreferenced
+from hpcad.errorstore import NodeSignal, signal_attrs, write_index, write_signal_file
 from hpcad.progress import Progress
 from hpcad.signals import smooth_signal
 
@@ -117,13 +122,21 @@ def check_methods(methods: list[str]) -> None:
             raise ConfigError(f"baselines.methods: unknown method {method!r} ({', '.join(METHODS)})")
 
 
+def node_rng(seed: int, node: str) -> np.random.Generator:
+    """The random stream of one node's baseline fit: from the seed and the node's name only, so the
+    node's fit is the same whichever nodes, in whichever order, a process fits beside it."""
+    return np.random.default_rng([int(seed), zlib.crc32(node.encode())])
+
+
 def baseline_signals(method: str, cfg: HpcadConfig, fit_store: TelemetryStore, eval_store: TelemetryStore,
-                     progress: bool = False) -> Iterator[NodeSignal]:
+                     nodes: list[str] | None = None, progress: bool = False) -> Iterator[NodeSignal]:
+    """One baseline's signal for ``nodes`` of ``eval_store`` (all of them by default), fitted on
+    ``fit_store``'s normal training rows of the same node."""
     bc = cfg.baselines
-    rng = np.random.default_rng(bc.seed)
     w = int(bc.knn_window) if method == "knn" else 1
-    bar = Progress(len(eval_store.nodes), f"baseline {method}", "node", progress, log)
-    for node in eval_store.nodes:
+    nodes = list(eval_store.nodes) if nodes is None else nodes
+    bar = Progress(len(nodes), f"baseline {method}", "node", progress, log)
+    for node in nodes:
         if node not in fit_store.nodes:
             raise ConfigError(f"baseline {method}: node {node} has no training data in {fit_store.path}")
         fit_nd = fit_store.read(node)
@@ -139,7 +152,8 @@ def baseline_signals(method: str, cfg: HpcadConfig, fit_store: TelemetryStore, e
         cut = fit_rows(len(z), cfg.train.validation_split)
         train, hold = z[:cut], z[cut:]
         if len(train) > bc.max_train_rows:
-            train = train[np.sort(rng.choice(len(train), int(bc.max_train_rows), replace=False))]
+            pick = node_rng(bc.seed, node).choice(len(train), int(bc.max_train_rows), replace=False)
+            train = train[np.sort(pick)]
         score, error_like = _fit(method, train, hold, bc, int(bc.seed))
         ref = score(hold if len(hold) else train)
         nd = eval_store.read(node)
@@ -164,18 +178,50 @@ def _train_codes(nd, cfg: HpcadConfig) -> np.ndarray:
     return split_codes(nd, OmegaConf.merge(cfg.split, tcfg.split) if tcfg is not None else cfg.split)
 
 
-def run_baselines(cfg: HpcadConfig, fit_store: TelemetryStore, eval_store: TelemetryStore,
-                  out_dir: Path) -> dict[str, Path]:
+def skipped(cfg: HpcadConfig, eval_store: TelemetryStore) -> bool:
+    """True (with a warning) beyond ``baselines.max_nodes`` nodes: baselines are a comparison."""
+    if len(eval_store.nodes) <= cfg.baselines.max_nodes:
+        return False
+    log.warning("baselines skipped: %d nodes > baselines.max_nodes=%d (they are a comparison; raise the "
+                "option to run them anyway)", len(eval_store.nodes), cfg.baselines.max_nodes)
+    return True
+
+
+def run_baselines(cfg: HpcadConfig, fit_store: TelemetryStore, eval_store: TelemetryStore, out_dir: Path,
+                  nodes: list[str] | None = None, rank: int | None = None) -> dict[str, Path]:
+    """Each method's signal file of ``nodes`` (all of ``eval_store``'s by default): ``<method>.h5``;
+    with ``rank``, that rank's share as ``<method>-rank<r>.h5`` (:func:`index_ranks` links them)."""
     out: dict[str, Path] = {}
-    bc = cfg.baselines
-    if len(eval_store.nodes) > bc.max_nodes:
-        log.warning("baselines skipped: %d nodes > baselines.max_nodes=%d (they are a comparison; raise the "
-                    "option to run them anyway)", len(eval_store.nodes), bc.max_nodes)
-        return out
-    check_methods(list(bc.methods))
-    for method in bc.methods:
-        path = out_dir / f"{method}.h5"
-        write_signal_file(path, method, baseline_signals(method, cfg, fit_store, eval_store, cfg.compute.progress))
+    check_methods(list(cfg.baselines.methods))
+    for method in cfg.baselines.methods:
+        path = out_dir / (f"{method}.h5" if rank is None else f"{method}-rank{rank}.h5")
+        write_signal_file(path, method, baseline_signals(method, cfg, fit_store, eval_store, nodes,
+                                                         cfg.compute.progress))
+        if rank is None:
+            _drop_parts(out_dir, method, [])
         log.info("baseline %s -> %s", method, path)
         out[method] = path
     return out
+
+
+def index_ranks(out_dir: Path, methods: list[str], ranks: int) -> dict[str, Path]:
+    """``<method>.h5`` as an index of links over the ranks' ``<method>-rank<r>.h5`` (rank 0, after every
+    rank has written its share)."""
+    out: dict[str, Path] = {}
+    for method in methods:
+        parts = [out_dir / f"{method}-rank{r}.h5" for r in range(ranks)]
+        write_index(out_dir / f"{method}.h5", parts, signal_attrs(method))
+        _drop_parts(out_dir, method, parts)
+        log.info("baseline %s -> %s (an index of %d rank files)", method, out_dir / f"{method}.h5", ranks)
+        out[method] = out_dir / f"{method}.h5"
+    return out
+
+
+def _drop_parts(out_dir: Path, method: str, parts: list[Path]) -> None:
+    """Remove the per-rank files of ``method`` that its ``<method>.h5`` no longer links to (an earlier run
+    on more ranks, or on several ranks before a single-process one)."""
+    stale = remove_unreferenced(out_dir, f"{method}-rank*.h5", [p.name for p in parts])
+    if stale:
+        log.info("removed %d per-rank %s file(s) of an earlier run that %s.h5 no longer uses", len(stale), method,
+                 method)
+

@@ -6,15 +6,17 @@ needs no torch, so the stages after scoring start fast. Layout: :mod:`hpcad.scor
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 from hpcad.atomic import atomic_path
 from hpcad.data.h5 import h5_writing, open_h5
-from hpcad.data.store import checked, corrupt
+from hpcad.data.store import STR, checked, corrupt
 from hpcad.errors import StoreError
 
 FORMAT = "error-store"
@@ -83,10 +85,20 @@ class ErrorStore:
                 raise corrupt(self.path, f"node {node} errors", exc, self.rerun) from exc
 
 
+def signal_attrs(method: str) -> dict:
+    """The attributes of a baseline's signal file (or of its index over ranks)."""
+    return {"hpcad_format": "signal-store", "format_version": 1, "method": method}
+
+
+def signal_files(folder: Path) -> list[Path]:
+    """A run folder's baseline signal files (``baselines/<method>.h5``), not the ranks' parts they index."""
+    return sorted(p for p in Path(folder).glob("*.h5") if not re.fullmatch(r".+-rank\d+", p.stem))
+
+
 def write_signal_file(path: Path, method: str, signals: Iterator[NodeSignal]) -> None:
     """Baselines write the same per-node layout without the per-metric error tensor."""
     with atomic_path(path) as tmp, h5_writing(tmp) as f:
-        f.attrs.update(hpcad_format="signal-store", format_version=1, method=method)
+        f.attrs.update(signal_attrs(method))
         g0 = f.create_group("nodes")
         for s in signals:
             g = g0.create_group(s.node)
@@ -95,3 +107,18 @@ def write_signal_file(path: Path, method: str, signals: Iterator[NodeSignal]) ->
                 if data is not None:
                     g.create_dataset(name, data=data, **checked(data))
             g.attrs["signal_scale"] = s.scale
+
+
+def write_index(out_path: Path, parts: list[Path], attrs: dict, metrics: list[str] | None = None) -> None:
+    """An error or signal file as an index over per-rank files (``errors.h5`` over ``errors-rank<r>.h5``,
+    ``baselines/kde.h5`` over ``kde-rank<r>.h5``): ``/nodes/<node>`` are HDF5 external links (relative
+    file names, so the run folder can move); ``attrs`` and ``metrics`` (error files) are written."""
+    with atomic_path(out_path) as tmp, h5_writing(tmp) as f:
+        f.attrs.update(attrs, index_of=[p.name for p in parts])
+        if metrics is not None:
+            f.create_dataset("metrics", data=np.array(metrics, dtype=object), dtype=STR)
+        g = f.create_group("nodes")
+        for part in parts:
+            with open_h5(part, kind="per-rank error file") as src:
+                for node in src["nodes"]:
+                    g[node] = h5py.ExternalLink(part.name, f"/nodes/{node}")

@@ -108,7 +108,7 @@ def _models(cfg: HpcadConfig) -> None:
 EVERY_STAGE = (_split, _training, _compute, _scoring, _baselines, _threshold, _real_data)
 CHECKS: dict[str, tuple[Callable[[HpcadConfig], None], ...]] = {
     "ingest": (_real_data,), "train": (_split, _training, _compute, _real_data),
-    "score": (_split, _scoring, _compute, _real_data), "baselines": (_split, _baselines, _real_data),
+    "score": (_split, _scoring, _compute, _real_data), "baselines": (_split, _baselines, _compute, _real_data),
     "threshold": (_threshold, _real_data), "run": EVERY_STAGE,
     "preflight": EVERY_STAGE,  # a SLURM job's step 0: the options of the steps that follow it
 }

@@ -27,7 +27,7 @@ from hpcad.data.ranks import ingest_ranks
 from hpcad.data.store import TelemetryStore
 from hpcad.errors import ConfigError, StoreError
 from hpcad.explain import class_profiles
-from hpcad.errorstore import FORMAT, ErrorStore
+from hpcad.errorstore import FORMAT, ErrorStore, signal_files, write_index
 from hpcad.model.files import models_stamp
 from hpcad.threshold.evaluate import apply_thresholds, evaluate
 from hpcad.threshold.reduce import reducer
@@ -109,7 +109,7 @@ def stage_train(cfg: HpcadConfig, run_dir: Path) -> dict:
 def stage_score(cfg: HpcadConfig, run_dir: Path) -> Path:
     """Score every node; under srun/torchrun each rank writes ``errors-rank<r>.h5`` for its share and
     rank 0 then writes ``errors.h5`` as an index of external links (one writer per file)."""
-    from hpcad.score import score_nodes, write_index
+    from hpcad.score import score_nodes
 
     out = run_dir / "errors.h5"
     fallback = excess.recorded(runfolder.train_run(cfg))  # the weight its thresholds were fitted with
@@ -125,7 +125,7 @@ def stage_score(cfg: HpcadConfig, run_dir: Path) -> Path:
             scored = [e for e in map(ErrorStore, parts) if e.nodes] or [ErrorStore(parts[0])]
             metrics = scored[0].metrics  # the models' metrics (the store may hold others)
             # every rank wrote the same store, models, signature, stamp and weight: copy them
-            write_index(out, parts, metrics, {"hpcad_format": FORMAT, "format_version": 1, **scored[0].attrs})
+            write_index(out, parts, {"hpcad_format": FORMAT, "format_version": 1, **scored[0].attrs}, metrics)
             _drop_rank_files(run_dir, parts)
         dist.barrier()
         return out
@@ -142,9 +142,9 @@ def _drop_rank_files(run_dir: Path, parts: list[Path]) -> None:
 
 
 def _left_to_rank_zero(stage: str) -> bool:
-    """True on ranks other than 0 under several ranks, for the stages that one process does for the
-    whole run folder (baselines, report): those ranks leave them to rank 0 (one writer per file;
-    ingest is shared out instead, each rank writing its own part: hpcad/data/ranks.py)."""
+    """True on ranks other than 0 under several ranks, for the stage that one process does for the
+    whole run folder (the report): those ranks leave it to rank 0 (one writer per file; ingest,
+    training, scoring and baselines are shared out instead, each rank writing its own files)."""
     w = dist.world()
     if w.rank == 0:
         return False
@@ -168,20 +168,35 @@ def stage_ingest_once(cfg: HpcadConfig, run_dir: Path) -> TelemetryStore | None:
 
 
 def stage_baselines(cfg: HpcadConfig, run_dir: Path) -> dict:
-    if not cfg.baselines.methods or _left_to_rank_zero("baselines"):
+    """Fit the baselines; under several ranks each rank fits its share of the nodes (hpcad.baselines)."""
+    if not cfg.baselines.methods:
         return {}
-    store = stage_ingest(cfg, run_dir)
-    tr = runfolder.train_run(cfg)
-    fit_store = store
-    if tr is not None:
-        tcfg = runfolder.load_run_config(tr)
-        src = tr / "store.h5"
-        if tcfg is not None and tcfg.data.source and str(tcfg.data.source).endswith((".h5", ".hdf5")):
-            src = Path(tcfg.data.source)
-        fit_store = TelemetryStore(src)
-    from hpcad.baselines import run_baselines
+    from hpcad.baselines import index_ranks, run_baselines, skipped
 
-    return run_baselines(cfg, fit_store, store, run_dir / "baselines")
+    out_dir = run_dir / "baselines"
+    with ranked_share(cfg, run_dir) as (w, _device, store, mine):
+        if skipped(cfg, store):
+            return {}
+        fit_store = _fit_store(cfg, store)
+        if not w.distributed:
+            return run_baselines(cfg, fit_store, store, out_dir)
+        run_baselines(cfg, fit_store, store, out_dir, mine, w.rank)
+        dist.barrier("for the other ranks to finish their baselines")
+        out = index_ranks(out_dir, list(cfg.baselines.methods), w.size) if w.rank == 0 else {}
+        dist.barrier()
+        return out
+
+
+def _fit_store(cfg: HpcadConfig, store: TelemetryStore) -> TelemetryStore:
+    """The store the baselines fit on: the training run's (``train_run``), else this run's."""
+    tr = runfolder.train_run(cfg)
+    if tr is None:
+        return store
+    tcfg = runfolder.load_run_config(tr)
+    src = tr / "store.h5"
+    if tcfg is not None and tcfg.data.source and str(tcfg.data.source).endswith((".h5", ".hdf5")):
+        src = Path(tcfg.data.source)
+    return TelemetryStore(src)
 
 
 def _errors(run_dir: Path) -> ErrorStore:
@@ -232,7 +247,7 @@ def stage_threshold(cfg: HpcadConfig, run_dir: Path) -> dict:
                           "excess_choice": json.loads(errors.attrs.get("excess_choice", "null"))},
                "scope": th.scope, "threshold_check":
                th.details.get("check"), "splits": metrics["splits"], "baselines": {}, "nodes": metrics["nodes"]}
-        for path in sorted((run_dir / "baselines").glob("*.h5")):
+        for path in signal_files(run_dir / "baselines"):
             bsource = ErrorStore(path).signals
             bth = rule.fit(bsource, detector=f"baseline {path.stem}")
             out["baselines"][path.stem] = {"splits": evaluate(bsource(), bth, cm, time_unit)["splits"],

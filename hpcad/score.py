@@ -29,7 +29,7 @@ import torch
 
 from hpcad import __version__
 from hpcad.atomic import atomic_path
-from hpcad.data.h5 import h5_writing, open_h5
+from hpcad.data.h5 import h5_writing
 from hpcad.data.store import STR, TelemetryStore, checked
 from hpcad.device import resolve_device, tf32_context
 from hpcad.dist import world
@@ -247,16 +247,3 @@ def _first_diff(a: list[str], b: list[str]) -> str:
         if x != y:
             return f"column {i}: {x!r} vs {y!r}"
     return f"{len(a)} vs {len(b)} metrics"
-
-
-def write_index(out_path: Path, parts: list[Path], metrics: list[str], attrs: dict) -> None:
-    """``errors.h5`` as an index over per-rank error files: ``/nodes/<node>`` are HDF5 external links
-    (relative file names, so the run folder can move), ``/metrics`` and attributes are copied."""
-    with atomic_path(out_path) as tmp, h5_writing(tmp) as f:
-        f.attrs.update(attrs, index_of=[p.name for p in parts])
-        f.create_dataset("metrics", data=np.array(metrics, dtype=object), dtype=STR)
-        g = f.create_group("nodes")
-        for part in parts:
-            with open_h5(part, kind="per-rank error file") as src:
-                for node in src["nodes"]:
-                    g[node] = h5py.ExternalLink(part.name, f"/nodes/{node}")

@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -116,9 +117,10 @@ def test_whole_run_on_two_ranks_ingests_once_and_matches_one_process(tmp_path, s
     in the next stage); baselines and the report were also made by every rank. Now rank 0 ingests,
     makes the baselines and the report; the result is the single-process run's. The stages share one
     process group: started again for scoring on the same port, torch's rendezvous could let rank 1
-    reach rank 0's old store, and the step hung there until the collective timeout (hpcad.dist)."""
+    reach rank 0's old store, and the step hung there until the collective timeout (hpcad.dist).
+    Baselines: each rank fits its share (subsampled fits included), rank 0 indexes them."""
     args = ["data.synthetic.nodes=3", "data.synthetic.rows=400", "train.epochs=2", "compute.progress=false",
-            "baselines.methods=[kde]", "report.max_nodes_plotted=1"]
+            "baselines.methods=[kde]", "baselines.max_train_rows=100", "report.max_nodes_plotted=1"]
     single, run = tmp_path / "single", tmp_path / "run"
     hpcad("run", f"hydra.run.dir={single}", *args)
     p = subprocess.run(["srun", "--kill-on-bad-exit=1", "-N1", "-n2", *hpcad_cmd(), "run", f"hydra.run.dir={run}",
@@ -126,12 +128,25 @@ def test_whole_run_on_two_ranks_ingests_once_and_matches_one_process(tmp_path, s
     assert p.returncode == 0, p.stderr[-3000:]
     rank0, rank1 = ((run / f"run-rank{r}.log").read_text() for r in (0, 1))
     assert rank0.count("process group: gloo, 2 ranks") == 1 and rank0.count("all 2 ranks joined") == 1, rank0
-    assert "generated the synthetic cluster" not in rank1 and "baseline kde ->" not in rank1
-    assert "baselines: done by rank 0 of 2" in rank1 and "report: done by rank 0 of 2" in rank1
-    assert (run / "report.html").exists() and (run / "baselines" / "kde.h5").exists()
+    assert "generated the synthetic cluster" not in rank1 and "report: done by rank 0 of 2" in rank1
+    assert f"baseline kde -> {run / 'baselines' / 'kde-rank1.h5'}" in rank1
+    assert (run / "report.html").exists()
+    with h5py.File(run / "baselines" / "kde.h5", "r") as f:  # an index of the ranks' files
+        assert list(f.attrs["index_of"]) == ["kde-rank0.h5", "kde-rank1.h5"]
+    kde = [list(ErrorStore(r / "baselines" / "kde.h5").signals()) for r in (single, run)]
+    assert [s.node for s in kde[0]] == [s.node for s in kde[1]] == ["node0000", "node0001", "node0002"]
+    for one, many in zip(*kde):
+        np.testing.assert_allclose(one.signal, many.signal, rtol=1e-6)
     got, want = (json.loads((r / "thresholds.json").read_text()) for r in (run, single))
     assert got["nodes"] == pytest.approx(want["nodes"]) and got["cluster"] == want["cluster"]
     assert (run / "alarms.csv").read_text() == (single / "alarms.csv").read_text()
+    got, want = (json.loads((r / "metrics.json").read_text())["baselines"]["kde"] for r in (run, single))
+    assert got["thresholds"]["nodes"] == pytest.approx(want["thresholds"]["nodes"])
+    assert got["splits"]["test"]["cost"] == want["splits"]["test"]["cost"]
+    # the baselines again in one process: kde.h5 is a whole file, the rank files it no longer links to go
+    again = hpcad("baselines", f"hydra.run.dir={run}", *args)
+    assert "removed 2 per-rank kde file(s)" in again.stdout + again.stderr
+    assert sorted(p.name for p in (run / "baselines").iterdir()) == ["kde.h5"]
     # scored again in one process: errors.h5 is a whole file now; the rank files it no longer links to go
     assert len(list(run.glob("errors-rank*.h5"))) == 2
     again = hpcad("score", f"hydra.run.dir={run}", *args)
