@@ -109,6 +109,46 @@ def test_long_format_exports_are_pivoted_by_every_rank_into_the_same_store(tmp_p
     assert (one.read("node0001").job >= 0).any() and not list((tmp_path / "run").glob(".ingest-*"))
 
 
+def _daily(tmp_path):
+    """Four nodes' rows as exports of the whole cluster every 6 hours (a node column), one file lacking
+    a metric, cn02 with a duplicated row in the last file (a bad node)."""
+    d = tmp_path / "days"
+    d.mkdir()
+    every = pd.concat([node_frame(generate_node(f"cn{i:02d}", 200 + 30 * i, seed=i)).iloc[:, :8].assign(node=f"cn{i:02d}")
+                       for i in range(4)]).sort_values("timestamp", kind="stable")
+    days = [day for _, day in every.groupby(pd.to_datetime(every["timestamp"]).dt.floor("6h"), sort=True)]
+    days[-1] = pd.concat([days[-1], every[every.node == "cn02"].iloc[:1]])
+    for i, day in enumerate(days):
+        (day.drop(columns=[day.columns[3]]) if i == 1 else day).to_csv(d / f"day{i:03d}.csv", index=False)
+    return d, len(days)
+
+
+def test_daily_exports_of_every_node_are_staged_and_converted_by_every_rank(tmp_path):
+    """A folder of exports of the whole cluster (daily database dumps): before, rank 0 read every file
+    while the other ranks waited. Now each rank stages its block of the files by node, then converts
+    its share of the nodes from every rank's scratch; the store is the one-process store."""
+    days, files = _daily(tmp_path)
+    run = tmp_path / "run"
+    one = TelemetryStore(ingest(data_cfg(source=str(days), on_bad_node="skip"), tmp_path / "one.h5"))
+    assert one.nodes == ["cn00", "cn01", "cn03"] and one.skipped[0][0] == "cn02" and files >= 3
+    rc, out = _mpi_ingest(run, days, "data.on_bad_node=skip", ranks=3)
+    assert rc == 0 and f"staging {files} files of many nodes' rows over 3 ranks" in out, out[-3000:]
+    _same(TelemetryStore(run / "store.h5"), one)
+    assert not list(run.glob(".ingest-*"))  # every rank removed its scratch file
+    # requeued after the parts, before the index: the parts are kept (a rank whose only node was the
+    # bad one has none: it converts again, so every rank stages its files again for it)
+    parts = len(list(run.glob("store-part-*.h5")))
+    (run / "store.h5").unlink()
+    rc, out = _mpi_ingest(run, days, "data.on_bad_node=skip", ranks=3)
+    assert rc == 0 and out.count("already holds this rank's") == parts >= 2, out[-3000:]
+    _same(TelemetryStore(run / "store.h5"), one)
+    # a bad node without skip: the rank converting it stops, the others name it; all exit 2
+    (run / "store.h5").unlink()
+    rc, out = _mpi_ingest(tmp_path / "run2", days, ranks=3)
+    errors = [line for line in out.splitlines() if line.startswith("hpcad ingest: error:")]
+    assert rc == 2 and len(errors) == 3 and sum("(node cn02): duplicated timestamp" in e for e in errors) == 3, out
+
+
 def test_an_index_lists_its_nodes_without_opening_their_parts(tmp_path):
     """Every rank opens the store: thousands of nodes would otherwise mean thousands of part-file
     opens per rank; the store carries each node's rows and labels in one table."""

@@ -17,6 +17,7 @@ This module ingests in one process; under several ranks hpcad/data/ranks.py shar
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -242,62 +243,89 @@ def has_node_column(files: list[Path], data_cfg) -> bool:
     return False
 
 
-def _iter_node_rows(files: list[Path], conv: FrameConverter, scratch_dir: Path,
-                    skipped: list | None = None, progress: bool = True) -> Iterator[NodeData]:
-    """Files of many nodes' rows (one file, or a folder of them), read chunk by chunk into a scratch
-    HDF5 file per node (a node's rows in file order), then converted node by node.
+def row_columns(files: list[Path], cfg) -> list[str] | None:
+    """The columns a folder of many nodes' files is staged with: the union of the files' headers
+    (less the node column and ``data.ignore_columns``), in first-seen order; None for one file (its
+    first chunk's columns)."""
+    if len(files) < 2:
+        return None
+    skip = {cfg.node_column, *cfg.ignore_columns}
+    return list(dict.fromkeys(c for path in files for c in columns(path) if c not in skip))
 
-    Memory holds one input chunk or one node, never a whole file. A single file without the node
-    column is one node named after the file; a folder's files all need the column, and a metric a
-    file lacks is missing in its rows (the files' header union is the metric list).
-    """
+
+def stage_rows(files: list[Path], cfg, names: list[str] | None, scratch: Path,
+               first: Path | None = None) -> tuple[list[str], dict[str, int]]:
+    """Pass 1 over files of many nodes' rows: each chunk's rows appended to a dataset per node of the
+    HDF5 file ``scratch`` (a node's rows in file order). Returns the columns (``names``, or the first
+    chunk's) and the rows staged per node. Memory holds one input chunk. ``first``: the folder's first
+    file, named when another lacks the node column."""
     import pandas as pd
 
-    cfg = conv.cfg
+    with h5_writing(scratch) as f:
+        for path in files:
+            for chunk in iter_table_chunks(path):
+                if cfg.node_column not in chunk.columns:
+                    if names is not None:  # a folder's file
+                        raise InputError(f"{path}: no {cfg.node_column!r} column, unlike {(first or files[0]).name}: a "
+                                         f"folder holds one file per node, or files of many nodes that all "
+                                         f"have the node column (data.node_column; docs/data.md)")
+                    node = pd.Series(check_node_name(stem(path), str(path)), index=chunk.index,
+                                     name=cfg.node_column)  # one node's file (e.g. the lecture's CSV)
+                    chunk = pd.concat([chunk, node], axis=1)  # not chunk[...] = ...: pandas warns on wide frames
+                chunk = chunk.drop(columns=[c for c in cfg.ignore_columns if c in chunk.columns])
+                if cfg.timestamp_column in chunk.columns:
+                    chunk[cfg.timestamp_column] = to_epoch_seconds(chunk[cfg.timestamp_column], str(path),
+                                                                     cfg.timestamp_column, cfg.timezone,
+                                                                     cfg.epoch_unit, dayfirst=cfg.dayfirst)
+                if names is None:
+                    names = [c for c in chunk.columns if c != cfg.node_column]
+                bad = [c for c in names if c in chunk.columns and not pd.api.types.is_numeric_dtype(chunk[c])]
+                if bad:
+                    raise InputError(f"{path}: non-numeric columns {bad[:10]}; fix the export or list "
+                                     f"them in data.ignore_columns")
+                for node, part in chunk.groupby(cfg.node_column, sort=False):
+                    node = check_node_name(str(node), str(path))
+                    data = part.reindex(columns=names).to_numpy(dtype=np.float64)
+                    if node not in f:
+                        f.create_dataset(node, shape=(0, len(names)), maxshape=(None, len(names)),
+                                         dtype=np.float64, chunks=(4096, len(names)))
+                    ds = f[node]
+                    ds.resize(ds.shape[0] + len(data), axis=0)
+                    ds[-len(data):] = data
+        if names is None:
+            raise InputError(f"{files[0]}: the file holds no rows")
+        return names, {node: int(f[node].shape[0]) for node in f}
+
+
+def read_staged(scratches: list[Path], names: list[str], conv: FrameConverter, where: Path, nodes: list[str],
+                skipped: list | None = None, progress: bool = True) -> Iterator[NodeData]:
+    """Pass 2: ``nodes`` converted one at a time, each from its rows in the scratch files (in their
+    order: every rank's pass 1 over its block of the files, in file order)."""
+    import pandas as pd
+
+    with contextlib.ExitStack() as stack:
+        open_ = [stack.enter_context(h5_file(p, "r")) for p in scratches]
+
+        def read(node: str) -> pd.DataFrame:
+            return pd.DataFrame(np.concatenate([f[node][()] for f in open_ if node in f]), columns=names)
+
+        yield from counted((_guarded(lambda: conv(read(node), node, str(where)), node, skipped) for node in nodes),
+                           len(nodes), progress)
+
+
+def _iter_node_rows(files: list[Path], conv: FrameConverter, scratch_dir: Path,
+                    skipped: list | None = None, progress: bool = True) -> Iterator[NodeData]:
+    """Files of many nodes' rows (one file, or a folder of them), staged in a scratch HDF5 file by node
+    (:func:`stage_rows`), then converted node by node. Memory holds one input chunk or one node, never
+    a whole file. A single file without the node column is one node named after the file; a folder's
+    files all need the column, and a metric a file lacks is missing in its rows (the files' header
+    union is the metric list)."""
     where = files[0] if len(files) == 1 else files[0].parent
-    names: list[str] | None = None
-    if len(files) > 1:
-        skip = {cfg.node_column, *cfg.ignore_columns}
-        names = list(dict.fromkeys(c for path in files for c in columns(path) if c not in skip))
     fd, scratch = tempfile.mkstemp(suffix=".h5", dir=scratch_dir, prefix=".ingest-")
     os.close(fd)
     try:
-        with h5_writing(scratch) as f:
-            for path in files:
-                for chunk in iter_table_chunks(path):
-                    if cfg.node_column not in chunk.columns:
-                        if len(files) > 1:
-                            raise InputError(f"{path}: no {cfg.node_column!r} column, unlike {files[0].name}: a "
-                                             f"folder holds one file per node, or files of many nodes that all "
-                                             f"have the node column (data.node_column; docs/data.md)")
-                        node = pd.Series(check_node_name(stem(path), str(path)), index=chunk.index,
-                                         name=cfg.node_column)  # one node's file (e.g. the lecture's CSV)
-                        chunk = pd.concat([chunk, node], axis=1)  # not chunk[...] = ...: pandas warns on wide frames
-                    chunk = chunk.drop(columns=[c for c in cfg.ignore_columns if c in chunk.columns])
-                    if cfg.timestamp_column in chunk.columns:
-                        chunk[cfg.timestamp_column] = to_epoch_seconds(chunk[cfg.timestamp_column], str(path),
-                                                                         cfg.timestamp_column, cfg.timezone,
-                                                                         cfg.epoch_unit, dayfirst=cfg.dayfirst)
-                    if names is None:
-                        names = [c for c in chunk.columns if c != cfg.node_column]
-                    bad = [c for c in names if c in chunk.columns and not pd.api.types.is_numeric_dtype(chunk[c])]
-                    if bad:
-                        raise InputError(f"{path}: non-numeric columns {bad[:10]}; fix the export or list "
-                                         f"them in data.ignore_columns")
-                    for node, part in chunk.groupby(cfg.node_column, sort=False):
-                        node = check_node_name(str(node), str(path))
-                        data = part.reindex(columns=names).to_numpy(dtype=np.float64)
-                        if node not in f:
-                            f.create_dataset(node, shape=(0, len(names)), maxshape=(None, len(names)),
-                                             dtype=np.float64, chunks=(4096, len(names)))
-                        ds = f[node]
-                        ds.resize(ds.shape[0] + len(data), axis=0)
-                        ds[-len(data):] = data
-        if names is None:
-            raise InputError(f"{where}: the file holds no rows")
-        with h5_file(scratch, "r") as f:
-            yield from counted((_guarded(lambda: conv(pd.DataFrame(f[node][()], columns=names), node, str(where)),
-                                         node, skipped) for node in sorted(f.keys())), len(f), progress)
+        names, rows = stage_rows(files, conv.cfg, row_columns(files, conv.cfg), Path(scratch))
+        yield from read_staged([Path(scratch)], names, conv, where, sorted(rows), skipped, progress)
     finally:
         Path(scratch).unlink(missing_ok=True)
 

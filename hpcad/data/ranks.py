@@ -7,13 +7,16 @@ a store of its own); rank 0 then writes ``store.h5`` as an index of external lin
 - a folder of node files (wide format): the files, balanced by size; each rank reads its own;
 - LDMS and long-format exports: rank 0 reads the input and stages it in scratch buckets by node
   (pass 1, hpcad/data/grid.py), then the ranks pivot the buckets (pass 2, most of the time: 36 of
-  56 s for 200 nodes x 14 days), balanced by size.
+  56 s for 200 nodes x 14 days), balanced by size;
+- a folder of files of many nodes' rows (daily exports of the whole cluster, a node column in each):
+  each rank stages its block of the files by node in a scratch file (pass 1), then converts its
+  share of the nodes, balanced by rows, from every rank's scratch file (pass 2).
 
 Ingesting costs about 2.5 s per node-year of 160 metrics on one core, so N ranks cut the wait before
 training about N-fold (4,000 node-years: over two hours on rank 0 alone). A requeued job keeps the
 parts its ranks finished. The store is the one a single process writes, whatever the number of ranks.
-Files of many nodes' rows (one file, or a folder of daily exports with a node column), an existing
-store and the synthetic cluster are ingested by rank 0 while the others wait. Call :func:`ingest_ranks` on every rank of a started process group.
+One file of many nodes' rows, an existing store and the synthetic cluster are ingested by rank 0
+while the others wait. Call :func:`ingest_ranks` on every rank of a started process group.
 """
 from __future__ import annotations
 
@@ -26,7 +29,8 @@ from pathlib import Path
 from hpcad import dist
 from hpcad.data.grid import GridStager
 from hpcad.data.ingest import (FrameConverter, counted, finish_nodes, has_node_column, ingest, iter_files, node_files,
-                               plan_metrics, stage_grid, to_ingest, up_to_date, wrote)
+                               plan_metrics, read_staged, row_columns, stage_grid, stage_rows, to_ingest, up_to_date,
+                               wrote)
 from hpcad.data.jobs import JobTable, read_jobs
 from hpcad.data.node import NodeData
 from hpcad.data.store import TelemetryStore, part_path, write_index, write_store
@@ -49,6 +53,7 @@ class Plan:
     metrics: list[str]
     sizes: dict[str, int]  # unit -> bytes (the shares are balanced by size)
     grid: dict = field(default_factory=dict)  # LDMS/long: GridStager.state(), "keep" and "nodes" per bucket
+    rows: list[str] | None = None  # files of many nodes' rows: the columns they are staged with
 
     def nodes(self, data_cfg, units: list[str], skipped: list | None, progress: bool) -> Iterator[NodeData]:
         """This rank's nodes, converted (None in ``skipped``-mode for a bad node file is dropped)."""
@@ -85,15 +90,18 @@ def ingest_ranks(data_cfg, store_path: Path, progress: bool = True) -> None:
         if plan is None:  # rank 0 ingested alone, or the store was up to date
             return
         mine = dist.shard(plan.sizes, w.size)[w.rank]
+        part = part_path(store_path, plan.signature, w.rank, w.size)
         result, jobs = None, None
         try:
-            if plan.jobs is not None and (mine or w.rank == 0):  # once per rank: its nodes, rank 0's index
+            if plan.jobs is not None and (mine or w.rank == 0 or plan.rows):  # once per rank: its nodes, the index
                 jobs = read_jobs(plan.jobs, data_cfg.timezone)
-            result = _ingest_share(data_cfg, plan, mine, part_path(store_path, plan.signature, w.rank, w.size),
-                                   jobs, progress)
+            if plan.rows is None:
+                result = _ingest_share(data_cfg, plan, mine, part, jobs, progress)
         except Exception as exc:
             failed = exc
         dist.share_outcome(failed)
+        if plan.rows is not None:  # two passes with collectives between them (each rank shares its outcomes)
+            result = _rows_share(data_cfg, plan, store_path, part, jobs, progress)
         results = dist.all_objects(result)
         if w.rank == 0:
             try:
@@ -131,10 +139,16 @@ def _plan(data_cfg, store_path: Path, progress: bool) -> tuple[Plan | None, Grid
                  w.size, parts, extra=CLUSTER_WIDE)
         return plan, stager
     files = node_files(src)
-    if has_node_column(files, data_cfg):  # files of many nodes each: staged per node by one process
-        ingest(data_cfg, store_path, progress)
-        return None, None
     FrameConverter(data_cfg)  # checks data.on_missing_metric before any rank reads
+    if has_node_column(files, data_cfg):  # daily exports of the whole cluster, say
+        if len(files) < 2:  # one file of many nodes: read by one process
+            ingest(data_cfg, store_path, progress)
+            return None, None
+        names = row_columns(files, data_cfg)
+        log.info("staging %d files of many nodes' rows over %d ranks (each its block of files by node, then "
+                 "its share of the nodes into %s)", len(files), w.size, parts, extra=CLUSTER_WIDE)
+        metrics = [c for c in names if c not in (data_cfg.timestamp_column, data_cfg.label_column)]
+        return Plan(src, jobs, sig, metrics, {str(f): f.stat().st_size for f in files}, rows=names), None
     metrics = plan_metrics(files, data_cfg, skip_bad=data_cfg.on_bad_node == "skip")
     if not metrics:
         raise InputError(f"{src}: no node file's header could be read")
@@ -151,9 +165,7 @@ def _ingest_share(data_cfg, plan: Plan, units: list[str], part: Path, jobs: JobT
     if not units:  # more ranks than node files (or buckets)
         return part.name, {}, []
     if up_to_date(part, plan.signature):
-        share = _share(part)
-        log.info("rank %d: %s already holds this rank's %d node(s): kept", rank, part.name, len(share[1]))
-        return share
+        return _kept(part)
     unseen = [u for u in units if not plan.grid and not Path(u).exists()]
     if unseen:
         raise InputError(f"data.source: {unseen[0]} does not exist on {socket.gethostname()} (rank {rank}; {len(unseen)} "
@@ -166,6 +178,66 @@ def _ingest_share(data_cfg, plan: Plan, units: list[str], part: Path, jobs: JobT
     log.info("rank %d: ingested %d node(s) of its %d %s into %s", rank, n, len(units),
              "scratch bucket(s)" if plan.grid else "node file(s)", part.name)
     return _share(part)
+
+
+def _rows_share(data_cfg, plan: Plan, store_path: Path, part: Path, jobs: JobTable | None, progress: bool) -> Share:
+    """Files of many nodes' rows: each rank stages its block of the files by node in a scratch file
+    (pass 1, :func:`stage_rows`; the blocks follow the file order, so a node's rows stay in it), then
+    converts its share of the nodes, balanced by rows, from every rank's scratch file into ``part``
+    (pass 2). A part written before is kept, but while any rank lacks its part every rank stages its
+    files again (their rows belong to every rank's nodes)."""
+    w = dist.world()
+    scratch = [store_path.parent / f".ingest-rows-{plan.signature[:12]}-{r}of{w.size}.h5" for r in range(w.size)]
+    kept = up_to_date(part, plan.signature)
+    failed, staged = None, {}
+    try:
+        if not all(dist.all_objects(kept)):
+            try:
+                files = [Path(f) for f in _blocks(plan.sizes, w.size)[w.rank]]
+                _, staged = stage_rows(files, data_cfg, plan.rows, scratch[w.rank], first=Path(next(iter(plan.sizes))))
+            except Exception as exc:
+                failed = exc
+            dist.share_outcome(failed)
+        rows: dict[str, int] = {}
+        for counts in dist.all_objects(staged):
+            for node, n in counts.items():
+                rows[node] = rows.get(node, 0) + n
+        mine, result = sorted(dist.shard(rows, w.size)[w.rank]), None
+        try:
+            if kept:
+                result = _kept(part)
+            elif not mine:  # more ranks than nodes
+                result = part.name, {}, []
+            else:
+                skipped: list | None = [] if data_cfg.on_bad_node == "skip" else None
+                stream = read_staged(scratch, plan.rows,
+                                     FrameConverter(data_cfg, plan.metrics), plan.source, mine, skipped, progress)
+                n = write_store(part, plan.metrics, finish_nodes(stream, plan.metrics, data_cfg, jobs),
+                                str(plan.source), signature=plan.signature, skipped=skipped, empty_ok=True)
+                log.info("rank %d: ingested %d node(s) of the %d in the files into %s", w.rank, n, len(rows), part.name)
+                result = _share(part)
+        except Exception as exc:
+            failed = exc
+        dist.share_outcome(failed)  # every rank has read every scratch file
+        return result
+    finally:
+        scratch[w.rank].unlink(missing_ok=True)
+
+
+def _blocks(sizes: dict[str, int], n: int) -> list[list[str]]:
+    """The units (in their order) cut into ``n`` consecutive blocks of about equal total size."""
+    total, out, acc = sum(sizes.values()), [[] for _ in range(n)], 0
+    for unit, size in sizes.items():
+        out[min(n - 1, int(acc * n / max(total, 1)))].append(unit)
+        acc += size
+    return out
+
+
+def _kept(part: Path) -> Share:
+    """A part written before (a requeued job, a rerun after another rank failed), kept."""
+    share = _share(part)
+    log.info("rank %d: %s already holds this rank's %d node(s): kept", dist.world().rank, part.name, len(share[1]))
+    return share
 
 
 def _share(part: Path) -> Share:
