@@ -270,6 +270,25 @@ def write_long_input(out: Path, nodes: int, days: int, metrics: int, seed: int, 
     return rows
 
 
+def write_daily_input(out: Path, nodes: int, days: int, metrics: int, seed: int) -> int:
+    """Daily wide parquet exports of the whole cluster (a database dump): one file per day, a ``node``
+    column, rows in time order with every node interleaved. Returns the samples (rows x metrics)."""
+    import pandas as pd
+
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    per_day = 86_400 // 300
+    names = np.array([f"node{i:05d}" for i in range(nodes)])
+    for d in iterate(range(days), "bench input (daily exports)", "day"):
+        t = 1_736_121_600 + 300 * (d * per_day + np.arange(per_day, dtype=np.int64))
+        frame = pd.DataFrame(rng.standard_normal((per_day * nodes, metrics), dtype=np.float32),
+                             columns=[f"metric{c:03d}" for c in range(metrics)])
+        frame.insert(0, "node", np.tile(names, per_day))
+        frame.insert(0, "timestamp", pd.to_datetime(np.repeat(t, nodes), unit="s", utc=True))
+        frame.to_parquet(out / f"{d:04d}.parquet", index=False)
+    return per_day * nodes * days * metrics
+
+
 def _ingest_child(data_cfg, store: str, conn) -> None:
     import resource as res
 
@@ -282,8 +301,9 @@ def _ingest_child(data_cfg, store: str, conn) -> None:
 
 
 def bench_ingest(cfg: HpcadConfig, run_dir: Path) -> dict:
-    """Generate a long-format input (kept across reruns) and time its ingestion in a fresh process,
-    whose peak RSS is the figure that must stay bounded by the bucket size, not the input size."""
+    """Generate an input (``bench.input``: long format, or daily exports of every node; kept across
+    reruns) and time its ingestion in a fresh process, whose peak RSS is the figure that must stay
+    bounded by the bucket size (long) or an input chunk (days), not the input size."""
     import multiprocessing as mp
 
     from omegaconf import OmegaConf
@@ -291,17 +311,21 @@ def bench_ingest(cfg: HpcadConfig, run_dir: Path) -> dict:
     from hpcad.config import DataConfig
 
     b = cfg.bench
-    src = run_dir / f"bench_long_{b.nodes}x{b.days}dx{b.metrics}"
+    writers = {"long": write_long_input, "days": write_daily_input}
+    if b.input not in writers:
+        raise ConfigError(f"bench.input={b.input!r}: one of {', '.join(writers)}")
+    src = run_dir / f"bench_{b.input}_{b.nodes}x{b.days}dx{b.metrics}"
     marker = src / ".complete"
     t0 = time.perf_counter()
     if marker.exists():
         rows = int(marker.read_text())
     else:
-        rows = write_long_input(src, b.nodes, b.days, b.metrics, b.seed)
+        rows = writers[b.input](src, b.nodes, b.days, b.metrics, b.seed)
         marker.write_text(str(rows))
     gen_s = time.perf_counter() - t0
     data_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), cfg.data))
-    data_cfg.source, data_cfg.format, data_cfg.jobs = str(src), "long", None
+    data_cfg.source, data_cfg.jobs = str(src), None
+    data_cfg.format = "long" if b.input == "long" else "wide"
     store = run_dir / "bench_store.h5"
     store.unlink(missing_ok=True)
     if b.ranks > 1:
@@ -318,11 +342,11 @@ def bench_ingest(cfg: HpcadConfig, run_dir: Path) -> dict:
             raise ConfigError(f"bench ingest child failed (exit {proc.exitcode}); see the log above")
         parts = [store]
     input_mb = sum(p.stat().st_size for p in src.glob("*.parquet")) / 2**20
-    out = {"mode": "ingest", "ranks": b.ranks, "nodes": b.nodes, "days": b.days, "metrics": b.metrics, "rows": rows,
+    out = {"mode": "ingest", "input": b.input, "ranks": b.ranks, "nodes": b.nodes, "days": b.days, "metrics": b.metrics, "rows": rows,
            "input_mb": round(input_mb, 1), "store_mb": round(sum(p.stat().st_size for p in parts) / 2**20, 1),
            "scratch_buckets": data_cfg.scratch_buckets, "input_generation_s": round(gen_s, 1),
            "ingest_s": round(res["ingest_s"], 1), "samples_per_s": rows / res["ingest_s"],
-           "peak_rss_mb": res["peak_rss_mb"], "bucket_mb": rows * 14 / data_cfg.scratch_buckets / 2**20,
+           "peak_rss_mb": res["peak_rss_mb"], "bucket_mb": rows * 14 / data_cfg.scratch_buckets / 2**20 if b.input == "long" else None,
            "cpu_count": os.cpu_count()}
     for p in {store, *parts}:
         p.unlink(missing_ok=True)
@@ -331,8 +355,9 @@ def bench_ingest(cfg: HpcadConfig, run_dir: Path) -> dict:
 
 
 def _ingest_ranks(data_cfg, run: Path, ranks: int) -> dict:
-    """``hpcad ingest`` of the bench input on ``ranks`` local processes (torchrun's variables; rank 0
-    stages, every rank pivots its share: hpcad/data/ranks.py). ``ingest_s`` is the wall time of the
+    """``hpcad ingest`` of the bench input on ``ranks`` local processes (torchrun's variables; long
+    format: rank 0 stages, every rank pivots its share; daily exports: every rank stages its block of
+    the files and converts its share of the nodes: hpcad/data/ranks.py). ``ingest_s`` is the wall time of the
     whole launch (each rank's start, torch's import and the process group included); ``peak_rss_mb``
     the largest rank's."""
     import shutil
@@ -344,7 +369,9 @@ def _ingest_ranks(data_cfg, run: Path, ranks: int) -> dict:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     shutil.rmtree(run, ignore_errors=True)
-    cmd = [sys.executable, "-m", "hpcad", "ingest", f"hydra.run.dir={run}", "data=long", f"data.source={data_cfg.source}",
+    group = "long" if data_cfg.format == "long" else "files"
+    cmd = [sys.executable, "-m", "hpcad", "ingest", f"hydra.run.dir={run}", f"data={group}",
+           f"data.source={data_cfg.source}",
            f"data.scratch_buckets={data_cfg.scratch_buckets}", f"data.period_s={data_cfg.period_s}",
            "compute.progress=false"]
     env = {**os.environ, "WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}

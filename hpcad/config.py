@@ -186,7 +186,7 @@ class GenerateConfig:
 class BenchConfig:
     """``hpcad bench``: synthetic throughput benchmark (see docs/benchmarks.md)."""
 
-    mode: BenchMode = BenchMode.train  # train | score | ingest (long-format input of nodes x days x metrics) | drift (light retraining study) | report
+    mode: BenchMode = BenchMode.train  # train | score | ingest (bench.input of nodes x days x metrics) | drift (light retraining study) | report
     nodes: int = 64
     rows: int = 6667
     rows_spread: float = 0.0  # train mode: node lengths spread evenly over [(1 - spread) x rows, rows]
@@ -198,6 +198,7 @@ class BenchConfig:
     seed: int = 0
     days: int = 30  # ingest mode: days of 5-minute samples per node
     ranks: int = 1  # ingest mode: local processes that share the ingest (launched as torchrun would)
+    input: str = "long"  # ingest mode: long (an ExaMon-like long export) | days (daily wide exports of every node)
     alarms: int = 200  # report mode: alarmed nodes (bench.nodes=5000 bench.rows=288: a night of a large machine)
 
 

@@ -52,6 +52,14 @@ def test_bench_ingest_measures_the_out_of_core_pivot(tmp_path):
     log = (tmp_path / "bench_ingest_ranks" / "ingest-rank1.log").read_text()
     assert "rank 1: ingested 3 node(s) of its 2 scratch bucket(s)" in log, log
     assert not list((tmp_path / "bench_ingest_ranks").glob("store*.h5")) and not list(tmp_path.rglob(".ingest-*"))
+    # daily exports of every node (a node column): staged and converted by both ranks
+    hpcad("bench", "bench.mode=ingest", "bench.input=days", "bench.nodes=6", "bench.days=3", "bench.metrics=12",
+          "bench.ranks=2", "compute.progress=false", f"hydra.run.dir={tmp_path}")
+    b = json.loads((tmp_path / "bench.json").read_text())
+    assert b["input"] == "days" and b["rows"] == 6 * 3 * 288 * 12 and b["store_mb"] > 0
+    log = (tmp_path / "bench_ingest_ranks" / "ingest-rank0.log").read_text()
+    assert "staging 3 files of many nodes' rows over 2 ranks" in log and "rank 0: ingested 3 node(s)" in log, log
+    assert not list(tmp_path.rglob(".ingest-*"))
 
 
 def test_bench_drift_light_retraining_beats_doing_nothing(tmp_path):

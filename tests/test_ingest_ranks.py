@@ -114,8 +114,9 @@ def _daily(tmp_path):
     a metric, cn02 with a duplicated row in the last file (a bad node)."""
     d = tmp_path / "days"
     d.mkdir()
-    every = pd.concat([node_frame(generate_node(f"cn{i:02d}", 200 + 30 * i, seed=i)).iloc[:, :8].assign(node=f"cn{i:02d}")
-                       for i in range(4)]).sort_values("timestamp", kind="stable")
+    nodes = {f"cn{i:02d}": generate_node(f"cn{i:02d}", 200 + 30 * i, seed=i) for i in range(4)}
+    every = pd.concat([node_frame(n).iloc[:, :8].assign(node=name) for name, n in nodes.items()])
+    every = every.sort_values("timestamp", kind="stable")
     days = [day for _, day in every.groupby(pd.to_datetime(every["timestamp"]).dt.floor("6h"), sort=True)]
     days[-1] = pd.concat([days[-1], every[every.node == "cn02"].iloc[:1]])
     for i, day in enumerate(days):

@@ -28,6 +28,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import h5py
 import numpy as np
 
 from hpcad.data import synthetic
@@ -255,13 +256,20 @@ def row_columns(files: list[Path], cfg) -> list[str] | None:
 
 def stage_rows(files: list[Path], cfg, names: list[str] | None, scratch: Path,
                first: Path | None = None) -> tuple[list[str], dict[str, int]]:
-    """Pass 1 over files of many nodes' rows: each chunk's rows appended to a dataset per node of the
-    HDF5 file ``scratch`` (a node's rows in file order). Returns the columns (``names``, or the first
-    chunk's) and the rows staged per node. Memory holds one input chunk. ``first``: the folder's first
-    file, named when another lacks the node column."""
+    """Pass 1 over files of many nodes' rows into the HDF5 file ``scratch``: each chunk's rows, grouped
+    by node (file order kept within a node), appended to one row log (``/rows``), and each node's
+    segment of it recorded (``/segments``: node, first row, rows; ``/node_names``). One write per
+    chunk whatever the number of nodes: a dataset per node cost a read-modify-write of its last
+    chunk per append (10 ms at 4,000 nodes, and the chunks' space: 21 GB of scratch for 770 MB of
+    rows). Returns the columns (``names``, or the first chunk's) and the rows staged per node. Memory
+    holds one input chunk and the segment table. ``first``: the folder's first file, named when
+    another lacks the node column."""
     import pandas as pd
 
+    ids: dict[str, int] = {}
+    segments: list[np.ndarray] = []
     with h5_writing(scratch) as f:
+        log_ = None
         for path in files:
             for chunk in iter_table_chunks(path):
                 if cfg.node_column not in chunk.columns:
@@ -273,6 +281,7 @@ def stage_rows(files: list[Path], cfg, names: list[str] | None, scratch: Path,
                                      name=cfg.node_column)  # one node's file (e.g. the lecture's CSV)
                     chunk = pd.concat([chunk, node], axis=1)  # not chunk[...] = ...: pandas warns on wide frames
                 chunk = chunk.drop(columns=[c for c in cfg.ignore_columns if c in chunk.columns])
+                chunk = chunk[chunk[cfg.node_column].notna()]  # a row without a node belongs to none
                 if cfg.timestamp_column in chunk.columns:
                     chunk[cfg.timestamp_column] = to_epoch_seconds(chunk[cfg.timestamp_column], str(path),
                                                                      cfg.timestamp_column, cfg.timezone,
@@ -283,31 +292,48 @@ def stage_rows(files: list[Path], cfg, names: list[str] | None, scratch: Path,
                 if bad:
                     raise InputError(f"{path}: non-numeric columns {bad[:10]}; fix the export or list "
                                      f"them in data.ignore_columns")
-                for node, part in chunk.groupby(cfg.node_column, sort=False):
-                    node = check_node_name(str(node), str(path))
-                    data = part.reindex(columns=names).to_numpy(dtype=np.float64)
-                    if node not in f:
-                        f.create_dataset(node, shape=(0, len(names)), maxshape=(None, len(names)),
-                                         dtype=np.float64, chunks=(4096, len(names)))
-                    ds = f[node]
-                    ds.resize(ds.shape[0] + len(data), axis=0)
-                    ds[-len(data):] = data
+                if log_ is None:
+                    log_ = f.create_dataset("rows", shape=(0, len(names)), maxshape=(None, len(names)),
+                                            dtype=np.float64, chunks=(max(1, 65536 // len(names)), len(names)))
+                raw = chunk[cfg.node_column]
+                code = {u: ids.setdefault(check_node_name(str(u), str(path)), len(ids)) for u in pd.unique(raw)}
+                node_of = raw.map(code).to_numpy(dtype=np.int64)
+                order = np.argsort(node_of, kind="stable")
+                data = chunk.reindex(columns=names).to_numpy(dtype=np.float64)[order]
+                start = log_.shape[0]
+                log_.resize(start + len(data), axis=0)
+                log_[start:] = data
+                seg_nodes, at, count = np.unique(node_of[order], return_index=True, return_counts=True)
+                segments.append(np.stack([seg_nodes, start + at, count], axis=1))
         if names is None:
             raise InputError(f"{files[0]}: the file holds no rows")
-        return names, {node: int(f[node].shape[0]) for node in f}
+        table = np.concatenate(segments) if segments else np.zeros((0, 3), np.int64)
+        f.create_dataset("segments", data=table)
+        f.create_dataset("node_names", data=np.array(list(ids), dtype=object), dtype=h5py.string_dtype())
+    rows = np.bincount(table[:, 0], weights=table[:, 2], minlength=len(ids)) if len(table) else np.zeros(0)
+    return names, {node: int(rows[i]) for node, i in ids.items()}
 
 
 def read_staged(scratches: list[Path], names: list[str], conv: FrameConverter, where: Path, nodes: list[str],
                 skipped: list | None = None, progress: bool = True) -> Iterator[NodeData]:
-    """Pass 2: ``nodes`` converted one at a time, each from its rows in the scratch files (in their
-    order: every rank's pass 1 over its block of the files, in file order)."""
+    """Pass 2: ``nodes`` converted one at a time, each from its segments of the scratch files' row logs
+    (in the files' order: every rank's pass 1 over its block of the input files, in file order)."""
     import pandas as pd
 
     with contextlib.ExitStack() as stack:
-        open_ = [stack.enter_context(h5_file(p, "r")) for p in scratches]
+        logs = []  # per scratch file: its row log and {node: its segments' (first row, rows)}
+        for path in scratches:
+            f = stack.enter_context(h5_file(path, "r"))
+            table = f["segments"][()]
+            node_names = [n.decode() if isinstance(n, bytes) else n for n in f["node_names"][()]]
+            order = np.argsort(table[:, 0], kind="stable")  # a node's segments in the order they were written
+            cuts = np.flatnonzero(np.diff(table[order, 0])) + 1
+            logs.append((f["rows"] if "rows" in f else None,
+                         {node_names[int(g[0, 0])]: g[:, 1:] for g in np.split(table[order], cuts) if len(g)}))
 
         def read(node: str) -> pd.DataFrame:
-            return pd.DataFrame(np.concatenate([f[node][()] for f in open_ if node in f]), columns=names)
+            parts = [rows[int(a):int(a) + int(n)] for rows, segs in logs for a, n in segs.get(node, ())]
+            return pd.DataFrame(np.concatenate(parts), columns=names)
 
         yield from counted((_guarded(lambda: conv(read(node), node, str(where)), node, skipped) for node in nodes),
                            len(nodes), progress)
