@@ -25,8 +25,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # (pyproject's `--no-loadscope-reorder`: xdist >= 3.5 would otherwise order files by their number of
 # tests), each worker taking the next file as it finishes one; a long file taken last leaves one
 # worker idle while the other finishes it (longest-first keeps the two within about one short file).
-LONGEST_FIRST = ["test_slurm.py", "test_nightly.py", "test_slurm_jobs.py", "test_faults.py", "test_cli.py",
-                 "test_mpi.py", "test_bench.py", "test_runfolder.py", "test_options.py", "test_ingest_ranks.py",
+LONGEST_FIRST = ["test_slurm.py", "test_nightly.py", "test_slurm_jobs.py", "test_faults.py", "test_ingest_ranks.py",
+                 "test_cli.py", "test_mpi.py", "test_bench.py", "test_runfolder.py", "test_options.py",
                  "test_formats.py",
                  "test_report.py", "test_experiments.py", "test_ensemble.py", "test_wheel.py"]
 
