@@ -342,11 +342,13 @@ def bench_ingest(cfg: HpcadConfig, run_dir: Path) -> dict:
             raise ConfigError(f"bench ingest child failed (exit {proc.exitcode}); see the log above")
         parts = [store]
     input_mb = sum(p.stat().st_size for p in src.glob("*.parquet")) / 2**20
-    out = {"mode": "ingest", "input": b.input, "ranks": b.ranks, "nodes": b.nodes, "days": b.days, "metrics": b.metrics, "rows": rows,
+    out = {"mode": "ingest", "input": b.input, "ranks": b.ranks, "nodes": b.nodes, "days": b.days,
+           "metrics": b.metrics, "rows": rows,
            "input_mb": round(input_mb, 1), "store_mb": round(sum(p.stat().st_size for p in parts) / 2**20, 1),
            "scratch_buckets": data_cfg.scratch_buckets, "input_generation_s": round(gen_s, 1),
            "ingest_s": round(res["ingest_s"], 1), "samples_per_s": rows / res["ingest_s"],
-           "peak_rss_mb": res["peak_rss_mb"], "bucket_mb": rows * 14 / data_cfg.scratch_buckets / 2**20 if b.input == "long" else None,
+           "peak_rss_mb": res["peak_rss_mb"],
+           "bucket_mb": rows * 14 / data_cfg.scratch_buckets / 2**20 if b.input == "long" else None,
            "cpu_count": os.cpu_count()}
     for p in {store, *parts}:
         p.unlink(missing_ok=True)
@@ -357,9 +359,9 @@ def bench_ingest(cfg: HpcadConfig, run_dir: Path) -> dict:
 def _ingest_ranks(data_cfg, run: Path, ranks: int) -> dict:
     """``hpcad ingest`` of the bench input on ``ranks`` local processes (torchrun's variables; long
     format: rank 0 stages, every rank pivots its share; daily exports: every rank stages its block of
-    the files and converts its share of the nodes: hpcad/data/ranks.py). ``ingest_s`` is the wall time of the
-    whole launch (each rank's start, torch's import and the process group included); ``peak_rss_mb``
-    the largest rank's."""
+    the files and converts its share of the nodes: hpcad/data/ranks.py). ``ingest_s`` is the wall
+    time of the whole launch (each rank's start, torch's import and the process group included);
+    ``peak_rss_mb`` the largest rank's."""
     import shutil
     import socket
     import subprocess

@@ -280,8 +280,11 @@ def stage_rows(files: list[Path], cfg, names: list[str] | None, scratch: Path,
                     node = pd.Series(check_node_name(stem(path), str(path)), index=chunk.index,
                                      name=cfg.node_column)  # one node's file (e.g. the lecture's CSV)
                     chunk = pd.concat([chunk, node], axis=1)  # not chunk[...] = ...: pandas warns on wide frames
-                chunk = chunk.drop(columns=[c for c in cfg.ignore_columns if c in chunk.columns])
-                chunk = chunk[chunk[cfg.node_column].notna()]  # a row without a node belongs to none
+                ignored = [c for c in cfg.ignore_columns if c in chunk.columns]
+                if ignored:  # (each step copies the chunk: only where needed)
+                    chunk = chunk.drop(columns=ignored)
+                if chunk[cfg.node_column].isna().any():  # a row without a node belongs to none
+                    chunk = chunk[chunk[cfg.node_column].notna()]
                 if cfg.timestamp_column in chunk.columns:
                     chunk[cfg.timestamp_column] = to_epoch_seconds(chunk[cfg.timestamp_column], str(path),
                                                                      cfg.timestamp_column, cfg.timezone,
