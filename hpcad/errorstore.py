@@ -49,7 +49,10 @@ class ErrorStore:
             self.metrics = [m.decode() if isinstance(m, bytes) else m for m in f["metrics"][()]] \
                 if "metrics" in f else []
             self.nodes = sorted(f["nodes"].keys())
-            self.rows = {n: int(f["nodes"][n]["signal"].shape[0]) for n in self.nodes}
+            if "node_rows" in f and len(f["node_rows"]) == len(self.nodes):  # an index: no part file opened
+                self.rows = dict(zip(self.nodes, map(int, f["node_rows"][()])))
+            else:
+                self.rows = {n: int(f["nodes"][n]["signal"].shape[0]) for n in self.nodes}
             self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()
                           if k in ("created", "store_signature", "models_stamp", "store", "models", "excess_weight",
                                    "excess_choice")}
@@ -112,7 +115,10 @@ def write_signal_file(path: Path, method: str, signals: Iterator[NodeSignal]) ->
 def write_index(out_path: Path, parts: list[Path], attrs: dict, metrics: list[str] | None = None) -> None:
     """An error or signal file as an index over per-rank files (``errors.h5`` over ``errors-rank<r>.h5``,
     ``baselines/kde.h5`` over ``kde-rank<r>.h5``): ``/nodes/<node>`` are HDF5 external links (relative
-    file names, so the run folder can move); ``attrs`` and ``metrics`` (error files) are written."""
+    file names, so the run folder can move); ``attrs`` and ``metrics`` (error files) are written, and
+    ``/node_rows`` (each node's rows, in node-name order) so that a reader lists the nodes without
+    following a link per node (one part-file open each: 1.3 s for 4,000 nodes, on every rank)."""
+    rows: dict[str, int] = {}
     with atomic_path(out_path) as tmp, h5_writing(tmp) as f:
         f.attrs.update(attrs, index_of=[p.name for p in parts])
         if metrics is not None:
@@ -122,3 +128,5 @@ def write_index(out_path: Path, parts: list[Path], attrs: dict, metrics: list[st
             with open_h5(part, kind="per-rank error file") as src:
                 for node in src["nodes"]:
                     g[node] = h5py.ExternalLink(part.name, f"/nodes/{node}")
+                    rows[node] = int(src["nodes"][node]["signal"].shape[0])
+        f.create_dataset("node_rows", data=np.array([rows[n] for n in sorted(rows)], dtype=np.int64))

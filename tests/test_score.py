@@ -84,3 +84,25 @@ def test_a_model_trained_on_other_metrics_is_refused_by_name(tmp_path):
     with pytest.raises(InputError, match="node b: its model was trained on other metrics than node a's"):
         score_nodes(cfg, store, models, tmp_path / "errors.h5")
     assert not (tmp_path / "errors.h5").exists() and not list(tmp_path.glob(".errors.h5.*"))  # nothing half-written
+
+
+def test_an_error_index_lists_its_nodes_without_opening_the_rank_files(tmp_path):
+    """errors.h5 (and a baseline's file) over the ranks' files: every rank of the threshold step opens
+    it; listing thousands of nodes used to follow one link, so open one rank file, per node."""
+    from hpcad.errorstore import NodeSignal, signal_attrs, write_index, write_signal_file
+
+    def signal(i: int) -> NodeSignal:
+        return NodeSignal(f"n{i}", np.full(10 + i, float(i), np.float32), np.zeros(10 + i, np.int8), None,
+                          np.arange(10 + i), 1.0)
+
+    parts = [tmp_path / f"kde-rank{r}.h5" for r in range(2)]
+    for r, part in enumerate(parts):
+        write_signal_file(part, "kde", map(signal, range(r, 5, 2)))
+    write_index(tmp_path / "kde.h5", parts, signal_attrs("kde"))
+    for p in parts:
+        p.rename(p.with_suffix(".away"))
+    index = ErrorStore(tmp_path / "kde.h5")  # the parts are gone, yet the nodes and their rows are listed
+    assert index.nodes == ["n0", "n1", "n2", "n3", "n4"] and index.rows == {f"n{i}": 10 + i for i in range(5)}
+    for p in parts:
+        p.with_suffix(".away").rename(p)
+    assert [float(s.signal[0]) for s in ErrorStore(tmp_path / "kde.h5").signals()] == [0, 1, 2, 3, 4]
