@@ -282,3 +282,24 @@ def test_ingest_in_a_log_file_says_how_far_it_got_every_minute(tmp_path, monkeyp
         ingest(data_cfg(source=str(src), on_bad_node="skip"), tmp_path / "quiet.h5", progress=False)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ingest: ")]
     assert [line.split(" (")[0] for line in lines] == [f"ingest: {k}/4 nodes" for k in range(1, 4)], lines
+
+
+def test_millisecond_epochs_in_files_of_many_nodes_are_converted_once(tmp_path):
+    """`data.epoch_unit=ms` (Prometheus and InfluxDB exports): a file of many nodes' rows was staged
+    in epoch seconds and then read in milliseconds again: every timestamp /1000, and the ingest
+    stopped on "duplicated timestamp 1736121". Per-node files, one file and a folder of them agree."""
+    t = (1_736_121_600 + 300 * np.arange(12)) * 1000
+    frame = pd.concat([pd.DataFrame({"timestamp": t, "node": n, "a": np.arange(12.0) + k})
+                       for k, n in enumerate(["x", "y"])])
+    (tmp_path / "nodes").mkdir()
+    (tmp_path / "days").mkdir()
+    frame[frame.node == "x"].drop(columns="node").to_csv(tmp_path / "nodes" / "x.csv", index=False)
+    frame.to_csv(tmp_path / "all.csv", index=False)
+    rows = frame.sort_values("timestamp", kind="stable")
+    for i in range(3):
+        rows.iloc[8 * i:8 * (i + 1)].to_csv(tmp_path / "days" / f"{i}.csv", index=False)
+    want = 1_736_121_600 + 300 * np.arange(12)
+    for src in ("nodes", "all.csv", "days"):
+        st = TelemetryStore(ingest(data_cfg(source=str(tmp_path / src), epoch_unit="ms"), tmp_path / f"{src}.h5"))
+        np.testing.assert_array_equal(st.read("x").timestamp, want, err_msg=src)
+        np.testing.assert_array_equal(st.read("x").values[:, 0], np.arange(12.0), err_msg=src)

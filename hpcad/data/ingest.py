@@ -257,8 +257,9 @@ def row_columns(files: list[Path], cfg) -> list[str] | None:
 def stage_rows(files: list[Path], cfg, names: list[str] | None, scratch: Path,
                first: Path | None = None) -> tuple[list[str], dict[str, int]]:
     """Pass 1 over files of many nodes' rows into the HDF5 file ``scratch``: each chunk's rows, grouped
-    by node (file order kept within a node), appended to one row log (``/rows``), and each node's
-    segment of it recorded (``/segments``: node, first row, rows; ``/node_names``). One write per
+    by node (file order kept within a node), appended to one row log (``/rows``: the values as the
+    store keeps them, float32; ``/timestamps``: epoch seconds, int64), and each node's segment of it
+    recorded (``/segments``: node, first row, rows; ``/node_names``). One write per
     chunk whatever the number of nodes: a dataset per node cost a read-modify-write of its last
     chunk per append (10 ms at 4,000 nodes, and the chunks' space: 21 GB of scratch for 770 MB of
     rows). Returns the columns (``names``, or the first chunk's) and the rows staged per node. Memory
@@ -295,17 +296,25 @@ def stage_rows(files: list[Path], cfg, names: list[str] | None, scratch: Path,
                 if bad:
                     raise InputError(f"{path}: non-numeric columns {bad[:10]}; fix the export or list "
                                      f"them in data.ignore_columns")
+                values = [c for c in names if c != cfg.timestamp_column]
                 if log_ is None:
-                    log_ = f.create_dataset("rows", shape=(0, len(names)), maxshape=(None, len(names)),
-                                            dtype=np.float64, chunks=(max(1, 65536 // len(names)), len(names)))
+                    log_ = f.create_dataset("rows", shape=(0, len(values)), maxshape=(None, len(values)),
+                                            dtype=np.float32, chunks=(max(1, 131072 // len(values)), len(values)))
+                    if cfg.timestamp_column in names:
+                        f.create_dataset("timestamps", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(65536,))
                 raw = chunk[cfg.node_column]
                 code = {u: ids.setdefault(check_node_name(str(u), str(path)), len(ids)) for u in pd.unique(raw)}
                 node_of = raw.map(code).to_numpy(dtype=np.int64)
                 order = np.argsort(node_of, kind="stable")
-                data = chunk.reindex(columns=names).to_numpy(dtype=np.float64)[order]
                 start = log_.shape[0]
-                log_.resize(start + len(data), axis=0)
-                log_[start:] = data
+                for ds, data in ((log_, chunk.reindex(columns=values).to_numpy(dtype=np.float32)),
+                                 (f.get("timestamps"), chunk.get(cfg.timestamp_column))):
+                    if ds is not None:
+                        if data is None:  # a folder's file without the timestamp column
+                            raise InputError(f"{path}: no {cfg.timestamp_column!r} column, unlike other files "
+                                             f"of {path.parent}")
+                        ds.resize(start + len(order), axis=0)
+                        ds[start:] = np.asarray(data)[order]
                 seg_nodes, at, count = np.unique(node_of[order], return_index=True, return_counts=True)
                 segments.append(np.stack([seg_nodes, start + at, count], axis=1))
         if names is None:
@@ -320,23 +329,31 @@ def stage_rows(files: list[Path], cfg, names: list[str] | None, scratch: Path,
 def read_staged(scratches: list[Path], names: list[str], conv: FrameConverter, where: Path, nodes: list[str],
                 skipped: list | None = None, progress: bool = True) -> Iterator[NodeData]:
     """Pass 2: ``nodes`` converted one at a time, each from its segments of the scratch files' row logs
-    (in the files' order: every rank's pass 1 over its block of the input files, in file order)."""
+    (in the files' order: every rank's pass 1 over its block of the input files, in file order). The
+    timestamps, epoch seconds since pass 1, reach the converter as UTC times: read as numbers they
+    would be taken in ``data.epoch_unit`` a second time."""
     import pandas as pd
 
+    ts_col = conv.cfg.timestamp_column
+    values = [c for c in names if c != ts_col]
     with contextlib.ExitStack() as stack:
-        logs = []  # per scratch file: its row log and {node: its segments' (first row, rows)}
+        logs = []  # per scratch file: its row log, its timestamps and {node: its segments' (first row, rows)}
         for path in scratches:
             f = stack.enter_context(h5_file(path, "r"))
             table = f["segments"][()]
             node_names = [n.decode() if isinstance(n, bytes) else n for n in f["node_names"][()]]
             order = np.argsort(table[:, 0], kind="stable")  # a node's segments in the order they were written
             cuts = np.flatnonzero(np.diff(table[order, 0])) + 1
-            logs.append((f["rows"] if "rows" in f else None,
+            logs.append((f.get("rows"), f.get("timestamps"),
                          {node_names[int(g[0, 0])]: g[:, 1:] for g in np.split(table[order], cuts) if len(g)}))
 
         def read(node: str) -> pd.DataFrame:
-            parts = [rows[int(a):int(a) + int(n)] for rows, segs in logs for a, n in segs.get(node, ())]
-            return pd.DataFrame(np.concatenate(parts), columns=names)
+            where = [(rows, ts, int(a), int(a) + int(n)) for rows, ts, segs in logs for a, n in segs.get(node, ())]
+            frame = pd.DataFrame(np.concatenate([rows[a:b] for rows, _, a, b in where]), columns=values)
+            if ts_col in names:
+                stamps = np.concatenate([ts[a:b] for _, ts, a, b in where])
+                frame.insert(names.index(ts_col), ts_col, pd.to_datetime(stamps, unit="s", utc=True))
+            return frame
 
         yield from counted((_guarded(lambda: conv(read(node), node, str(where)), node, skipped) for node in nodes),
                            len(nodes), progress)
