@@ -53,7 +53,7 @@ class Plan:
     metrics: list[str]
     sizes: dict[str, int]  # unit -> bytes (the shares are balanced by size)
     grid: dict = field(default_factory=dict)  # LDMS/long: GridStager.state(), "keep" and "nodes" per bucket
-    rows: list[str] | None = None  # files of many nodes' rows: the columns they are staged with
+    columns: list[str] | None = None  # files of many nodes' rows: the columns they are staged with
 
     def nodes(self, data_cfg, units: list[str], skipped: list | None, progress: bool) -> Iterator[NodeData]:
         """This rank's nodes, converted (None in ``skipped``-mode for a bad node file is dropped)."""
@@ -93,14 +93,14 @@ def ingest_ranks(data_cfg, store_path: Path, progress: bool = True) -> None:
         part = part_path(store_path, plan.signature, w.rank, w.size)
         result, jobs = None, None
         try:
-            if plan.jobs is not None and (mine or w.rank == 0 or plan.rows):  # once per rank: its nodes, the index
+            if plan.jobs is not None and (mine or w.rank == 0 or plan.columns):  # once per rank: its nodes, the index
                 jobs = read_jobs(plan.jobs, data_cfg.timezone)
-            if plan.rows is None:
+            if plan.columns is None:
                 result = _ingest_share(data_cfg, plan, mine, part, jobs, progress)
         except Exception as exc:
             failed = exc
         dist.share_outcome(failed)
-        if plan.rows is not None:  # two passes with collectives between them (each rank shares its outcomes)
+        if plan.columns is not None:  # two passes with collectives between them (each rank shares its outcomes)
             result = _rows_share(data_cfg, plan, store_path, part, jobs, progress)
         results = dist.all_objects(result)
         if w.rank == 0:
@@ -148,7 +148,7 @@ def _plan(data_cfg, store_path: Path, progress: bool) -> tuple[Plan | None, Grid
         log.info("staging %d files of many nodes' rows over %d ranks (each its block of files by node, then "
                  "its share of the nodes into %s)", len(files), w.size, parts, extra=CLUSTER_WIDE)
         metrics = [c for c in names if c not in (data_cfg.timestamp_column, data_cfg.label_column)]
-        return Plan(src, jobs, sig, metrics, {str(f): f.stat().st_size for f in files}, rows=names), None
+        return Plan(src, jobs, sig, metrics, {str(f): f.stat().st_size for f in files}, columns=names), None
     metrics = plan_metrics(files, data_cfg, skip_bad=data_cfg.on_bad_node == "skip")
     if not metrics:
         raise InputError(f"{src}: no node file's header could be read")
@@ -180,7 +180,8 @@ def _ingest_share(data_cfg, plan: Plan, units: list[str], part: Path, jobs: JobT
     return _share(part)
 
 
-def _rows_share(data_cfg, plan: Plan, store_path: Path, part: Path, jobs: JobTable | None, progress: bool) -> Share:
+def _rows_share(data_cfg, plan: Plan, store_path: Path, part: Path, jobs: JobTable | None,
+                progress: bool) -> Share:
     """Files of many nodes' rows: each rank stages its block of the files by node in a scratch file
     (pass 1, :func:`stage_rows`; the blocks follow the file order, so a node's rows stay in it), then
     converts its share of the nodes, balanced by rows, from every rank's scratch file into ``part``
@@ -194,7 +195,8 @@ def _rows_share(data_cfg, plan: Plan, store_path: Path, part: Path, jobs: JobTab
         if not all(dist.all_objects(kept)):
             try:
                 files = [Path(f) for f in _blocks(plan.sizes, w.size)[w.rank]]
-                _, staged = stage_rows(files, data_cfg, plan.rows, scratch[w.rank], first=Path(next(iter(plan.sizes))))
+                first = Path(next(iter(plan.sizes)))  # the folder's first file, named in an error
+                _, staged = stage_rows(files, data_cfg, plan.columns, scratch[w.rank], first=first)
             except Exception as exc:
                 failed = exc
             dist.share_outcome(failed)
@@ -210,11 +212,12 @@ def _rows_share(data_cfg, plan: Plan, store_path: Path, part: Path, jobs: JobTab
                 result = part.name, {}, []
             else:
                 skipped: list | None = [] if data_cfg.on_bad_node == "skip" else None
-                stream = read_staged(scratch, plan.rows,
-                                     FrameConverter(data_cfg, plan.metrics), plan.source, mine, skipped, progress)
+                stream = read_staged(scratch, plan.columns, FrameConverter(data_cfg, plan.metrics), plan.source, mine,
+                                     skipped, progress)
                 n = write_store(part, plan.metrics, finish_nodes(stream, plan.metrics, data_cfg, jobs),
                                 str(plan.source), signature=plan.signature, skipped=skipped, empty_ok=True)
-                log.info("rank %d: ingested %d node(s) of the %d in the files into %s", w.rank, n, len(rows), part.name)
+                log.info("rank %d: ingested %d node(s) of the %d in the files into %s", w.rank, n, len(rows),
+                         part.name)
                 result = _share(part)
         except Exception as exc:
             failed = exc
