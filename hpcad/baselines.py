@@ -22,6 +22,8 @@ with a warning (raise the option to run them on a large cluster anyway).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import zlib
 from collections.abc import Iterator
@@ -36,6 +38,7 @@ from hpcad.errors import ConfigError
 from hpcad.preprocess import (Scaler, check_training_rows, fill_gaps, fit_rows, split_codes, training_rows, window_rows,
                               windows)
 from hpcad.atomic import remove_unreferenced
+from hpcad.data.h5 import open_h5
 from hpcad.errorstore import NodeSignal, signal_attrs, write_index, write_signal_file
 from hpcad.progress import Progress
 from hpcad.signals import smooth_signal
@@ -45,6 +48,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 METHODS = ("kde", "iforest", "pca", "knn")
+OPTIONS = {"kde": ("kde_bandwidths",), "iforest": ("iforest_trees",), "pca": ("pca_variance",),
+           "knn": ("knn_window",)}  # each method's own ``baselines.*`` options
 _BLOCK = 4096  # evaluation rows per distance block
 
 
@@ -187,19 +192,58 @@ def skipped(cfg: HpcadConfig, eval_store: TelemetryStore) -> bool:
     return True
 
 
+def settings_key(cfg: HpcadConfig, method: str, fit_store: TelemetryStore, eval_store: TelemetryStore,
+                 nodes: list[str]) -> str | None:
+    """A digest of what a baseline's signal file depends on (the stores' inputs, the nodes, the
+    baseline, split, preprocessing and smoothing options); None when a store cannot say what it holds."""
+    from omegaconf import OmegaConf
+
+    if not fit_store.signature or not eval_store.signature:
+        return None
+    tcfg = None
+    if cfg.train_run:
+        from hpcad.runfolder import load_run_config
+
+        tcfg = load_run_config(Path(cfg.train_run))
+    what = {"method": method, "fit": fit_store.signature, "eval": eval_store.signature, "nodes": nodes,
+            "baselines": {k: cfg.baselines[k] for k in ("max_train_rows", "seed", *OPTIONS[method])},
+            "split": OmegaConf.to_container(cfg.split, resolve=True),
+            "train_split": None if tcfg is None else OmegaConf.to_container(tcfg.split, resolve=True),
+            "preprocess": OmegaConf.to_container(cfg.preprocess, resolve=True),
+            "smooth": cfg.signal.smooth, "causal": cfg.signal.causal, "validation_split": cfg.train.validation_split}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _holds(path: Path, key: str | None) -> bool:
+    """Whether ``path`` is a signal file written for ``key``."""
+    if key is None or not path.exists():
+        return False
+    try:
+        with open_h5(path, kind="baseline signal file") as f:
+            return str(f.attrs.get("settings", "")) == key
+    except Exception:
+        return False
+
+
 def run_baselines(cfg: HpcadConfig, fit_store: TelemetryStore, eval_store: TelemetryStore, out_dir: Path,
                   nodes: list[str] | None = None, rank: int | None = None) -> dict[str, Path]:
     """Each method's signal file of ``nodes`` (all of ``eval_store``'s by default): ``<method>.h5``;
-    with ``rank``, that rank's share as ``<method>-rank<r>.h5`` (:func:`index_ranks` links them)."""
+    with ``rank``, that rank's share as ``<method>-rank<r>.h5`` (:func:`index_ranks` links them). A
+    file already written for the same data and settings is kept (a rerun, a requeued job)."""
     out: dict[str, Path] = {}
     check_methods(list(cfg.baselines.methods))
+    nodes = list(eval_store.nodes) if nodes is None else nodes
     for method in cfg.baselines.methods:
         path = out_dir / (f"{method}.h5" if rank is None else f"{method}-rank{rank}.h5")
-        write_signal_file(path, method, baseline_signals(method, cfg, fit_store, eval_store, nodes,
-                                                         cfg.compute.progress))
+        key = settings_key(cfg, method, fit_store, eval_store, nodes)
+        if _holds(path, key):
+            log.info("baseline %s: %s is up to date (the same data and settings): kept", method, path.name)
+        else:
+            write_signal_file(path, method, baseline_signals(method, cfg, fit_store, eval_store, nodes,
+                                                             cfg.compute.progress), settings=key)
+            log.info("baseline %s -> %s", method, path)
         if rank is None:
             _drop_parts(out_dir, method, [])
-        log.info("baseline %s -> %s", method, path)
         out[method] = path
     return out
 

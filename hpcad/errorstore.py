@@ -98,10 +98,13 @@ def signal_files(folder: Path) -> list[Path]:
     return sorted(p for p in Path(folder).glob("*.h5") if not re.fullmatch(r".+-rank\d+", p.stem))
 
 
-def write_signal_file(path: Path, method: str, signals: Iterator[NodeSignal]) -> None:
-    """Baselines write the same per-node layout without the per-metric error tensor."""
+def write_signal_file(path: Path, method: str, signals: Iterator[NodeSignal], settings: str | None = None) -> None:
+    """Baselines write the same per-node layout without the per-metric error tensor (``settings``: a
+    digest of what they were fitted from, so that a rerun keeps an up-to-date file)."""
     with atomic_path(path) as tmp, h5_writing(tmp) as f:
         f.attrs.update(signal_attrs(method))
+        if settings:
+            f.attrs["settings"] = settings
         g0 = f.create_group("nodes")
         for s in signals:
             g = g0.create_group(s.node)
