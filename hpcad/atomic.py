@@ -16,6 +16,8 @@ from typing import Any
 
 from hpcad.errors import OutputError
 
+log = logging.getLogger(__name__)
+
 
 # errnos of a lock call on a file system without file locks (Lustre mounted noflock, some NFS):
 # hpcad's run-folder lock and HDF5's file lock both go without them there (hpcad/runfolder.py,
@@ -57,13 +59,17 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
             tmp_path.unlink()
 
 
-def remove_unreferenced(folder: Path, pattern: str, keep: list[str]) -> list[Path]:
+def remove_unreferenced(folder: Path, pattern: str, keep: list[str], what: str, index: str) -> list[Path]:
     """Remove the files of ``folder`` matching ``pattern`` whose names are not in ``keep``: per-rank
-    files that the index just written (``errors.h5``, ``store.h5``) does not link to, left by an
-    earlier run on other ranks; unreferenced, and as large as the data. Returns those removed."""
+    files (``what``) that the index just written (``index``: ``errors.h5``, ``store.h5``, a baseline's
+    file) does not link to, left by an earlier run on other ranks or one that failed; unreferenced,
+    and as large as the data. Says so in one line; returns those removed."""
     stale = [f for f in Path(folder).glob(pattern) if f.name not in keep]
     for f in stale:
         f.unlink(missing_ok=True)
+    if stale:
+        log.info("removed %d %s file(s) of an earlier run that %s no longer uses (e.g. %s)", len(stale), what, index,
+                 stale[0].name)
     return stale
 
 

@@ -264,8 +264,5 @@ def index_ranks(out_dir: Path, methods: list[str], ranks: int) -> dict[str, Path
 def _drop_parts(out_dir: Path, method: str, parts: list[Path]) -> None:
     """Remove the per-rank files of ``method`` that its ``<method>.h5`` no longer links to (an earlier run
     on more ranks, or on several ranks before a single-process one)."""
-    stale = remove_unreferenced(out_dir, f"{method}-rank*.h5", [p.name for p in parts])
-    if stale:
-        log.info("removed %d per-rank %s file(s) of an earlier run that %s.h5 no longer uses", len(stale), method,
-                 method)
+    remove_unreferenced(out_dir, f"{method}-rank*.h5", [p.name for p in parts], f"per-rank {method}", f"{method}.h5")
 

@@ -135,10 +135,7 @@ def _drop_rank_files(run_dir: Path, parts: list[Path]) -> None:
     """Remove the per-rank error files that the errors.h5 just written no longer links to (an earlier
     scoring on more ranks, or on several ranks before a single-process one): unreferenced, and as
     large as the scores themselves."""
-    stale = remove_unreferenced(run_dir, "errors-rank*.h5", [p.name for p in parts])
-    if stale:
-        log.info("removed %d per-rank error file(s) of an earlier scoring that errors.h5 no longer uses (e.g. %s)",
-                 len(stale), stale[0].name)
+    remove_unreferenced(run_dir, "errors-rank*.h5", [p.name for p in parts], "per-rank error", "errors.h5")
 
 
 def _left_to_rank_zero(stage: str) -> bool:

@@ -307,14 +307,14 @@ def stage_rows(files: list[Path], cfg, names: list[str] | None, scratch: Path,
                 node_of = raw.map(code).to_numpy(dtype=np.int64)
                 order = np.argsort(node_of, kind="stable")
                 start = log_.shape[0]
-                for ds, data in ((log_, chunk.reindex(columns=values).to_numpy(dtype=np.float32)),
-                                 (f.get("timestamps"), chunk.get(cfg.timestamp_column))):
-                    if ds is not None:
-                        if data is None:  # a folder's file without the timestamp column
-                            raise InputError(f"{path}: no {cfg.timestamp_column!r} column, unlike other files "
-                                             f"of {path.parent}")
-                        ds.resize(start + len(order), axis=0)
-                        ds[start:] = np.asarray(data)[order]
+                log_.resize(start + len(order), axis=0)
+                log_[start:] = chunk.reindex(columns=values).to_numpy(dtype=np.float32)[order]
+                if "timestamps" in f:
+                    if cfg.timestamp_column not in chunk.columns:  # a folder's file without it
+                        raise InputError(f"{path}: no {cfg.timestamp_column!r} column, unlike other files "
+                                         f"of {path.parent}")
+                    f["timestamps"].resize(start + len(order), axis=0)
+                    f["timestamps"][start:] = chunk[cfg.timestamp_column].to_numpy()[order]
                 seg_nodes, at, count = np.unique(node_of[order], return_index=True, return_counts=True)
                 segments.append(np.stack([seg_nodes, start + at, count], axis=1))
         if names is None:
@@ -348,10 +348,10 @@ def read_staged(scratches: list[Path], names: list[str], conv: FrameConverter, w
                          {node_names[int(g[0, 0])]: g[:, 1:] for g in np.split(table[order], cuts) if len(g)}))
 
         def read(node: str) -> pd.DataFrame:
-            where = [(rows, ts, int(a), int(a) + int(n)) for rows, ts, segs in logs for a, n in segs.get(node, ())]
-            frame = pd.DataFrame(np.concatenate([rows[a:b] for rows, _, a, b in where]), columns=values)
+            spans = [(rows, ts, int(a), int(a) + int(n)) for rows, ts, segs in logs for a, n in segs.get(node, ())]
+            frame = pd.DataFrame(np.concatenate([rows[a:b] for rows, _, a, b in spans]), columns=values)
             if ts_col in names:
-                stamps = np.concatenate([ts[a:b] for _, ts, a, b in where])
+                stamps = np.concatenate([ts[a:b] for _, ts, a, b in spans])
                 frame.insert(names.index(ts_col), ts_col, pd.to_datetime(stamps, unit="s", utc=True))
             return frame
 

@@ -138,10 +138,7 @@ def part_path(store_path: Path, signature: str, rank: int, size: int) -> Path:
 def drop_parts(store_path: Path, keep: list[str]) -> None:
     """Remove the part files beside ``store_path`` that it does not link to (those of an earlier
     ingest, or of one that failed): unreferenced, and as large as the telemetry itself."""
-    stale = remove_unreferenced(store_path.parent, f"{store_path.stem}-part-*.h5", keep)
-    if stale:
-        log.info("removed %d part file(s) of an earlier ingest that %s does not use (e.g. %s)", len(stale),
-                 store_path.name, stale[0].name)
+    remove_unreferenced(store_path.parent, f"{store_path.stem}-part-*.h5", keep, "part", store_path.name)
 
 
 def missing_parts(path: Path, f: h5py.File) -> list[str]:
