@@ -1,5 +1,6 @@
 """Ingest over several ranks: each rank reads its share of a folder of node files into a part file,
 rank 0 writes store.h5 as an index over the parts; the store is the one a single process writes."""
+import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,13 @@ from hpcad.data.store import TelemetryStore, write_index, write_store
 from hpcad.data.node import NodeData
 from hpcad.data.synthetic import generate_node, node_frame
 from hpcad.errors import StoreError
+
+
+def _errors(out: str) -> list[str]:
+    """The ``hpcad ingest: error:`` messages in the ranks' merged output. Ranks write into one pipe, so
+    one rank's message can land right after another's text, before its newline: found by their
+    prefix, each up to the next message or line end, not by line starts."""
+    return re.findall(r"hpcad ingest: error: .*?(?=hpcad ingest: error: |$)", out, flags=re.MULTILINE)
 
 
 def _mpi_ingest(run, exports, *opts: str, ranks: int = 2) -> tuple[int, str]:
@@ -62,7 +70,7 @@ def test_two_ranks_write_the_store_one_process_writes_and_a_failed_or_requeued_i
     # the same exports without skipping: the rank that reads cn09.csv stops, the other names it, both
     # exit 2; the earlier store and its parts are untouched (another input's parts have other names)
     rc, out = _mpi_ingest(run, exports)
-    errors = [line for line in out.splitlines() if line.startswith("hpcad ingest: error:")]
+    errors = _errors(out)
     assert rc == 2 and len(errors) == 2, out[-3000:]
     assert all("cn09.csv (node cn09): non-numeric metric columns ['m']" in e for e in errors), errors
     assert sum("rank 1 stopped:" in e or "rank 0 stopped:" in e for e in errors) == 1
@@ -145,7 +153,7 @@ def test_daily_exports_of_every_node_are_staged_and_converted_by_every_rank(tmp_
     _same(TelemetryStore(run / "store.h5"), one)
     # a bad node without skip: the rank converting it stops, the other names it; both exit 2
     rc, out = _mpi_ingest(tmp_path / "run2", days)
-    errors = [line for line in out.splitlines() if line.startswith("hpcad ingest: error:")]
+    errors = _errors(out)
     assert rc == 2 and len(errors) == 2 and sum("(node cn02): duplicated timestamp" in e for e in errors) == 2, out
 
 
