@@ -272,7 +272,10 @@ def stage_rows(files: list[Path], cfg, names: list[str] | None, scratch: Path,
     with h5_writing(scratch) as f:
         log_ = None
         for path in files:
+            read = dropped = 0  # this file's rows so far; of them, rows without a node value
+            first_dropped = 0
             for chunk in iter_table_chunks(path):
+                read += len(chunk)
                 if cfg.node_column not in chunk.columns:
                     if names is not None:  # a folder's file
                         raise InputError(f"{path}: no {cfg.node_column!r} column, unlike {(first or files[0]).name}: a "
@@ -284,8 +287,11 @@ def stage_rows(files: list[Path], cfg, names: list[str] | None, scratch: Path,
                 ignored = [c for c in cfg.ignore_columns if c in chunk.columns]
                 if ignored:  # (each step copies the chunk: only where needed)
                     chunk = chunk.drop(columns=ignored)
-                if chunk[cfg.node_column].isna().any():  # a row without a node belongs to none
-                    chunk = chunk[chunk[cfg.node_column].notna()]
+                missing = chunk[cfg.node_column].isna().to_numpy()
+                if missing.any():  # a row without a node belongs to none: dropped, and said (below)
+                    first_dropped = first_dropped or read - len(chunk) + int(np.argmax(missing)) + 1
+                    dropped += int(missing.sum())
+                    chunk = chunk[~missing]
                 if cfg.timestamp_column in chunk.columns:
                     chunk[cfg.timestamp_column] = to_epoch_seconds(chunk[cfg.timestamp_column], str(path),
                                                                      cfg.timestamp_column, cfg.timezone,
@@ -317,6 +323,9 @@ def stage_rows(files: list[Path], cfg, names: list[str] | None, scratch: Path,
                     f["timestamps"][start:] = chunk[cfg.timestamp_column].to_numpy()[order]
                 seg_nodes, at, count = np.unique(node_of[order], return_index=True, return_counts=True)
                 segments.append(np.stack([seg_nodes, start + at, count], axis=1))
+            if dropped:  # e.g. the last line of an export cut short: the rest of that day is missing too
+                log.warning("%s: %d of %d row(s) have no %r value and were dropped (the first: data row %d; a "
+                            "truncated export ends so)", path, dropped, read, cfg.node_column, first_dropped)
         if names is None:
             raise InputError(f"{files[0]}: the file holds no rows")
         table = np.concatenate(segments) if segments else np.zeros((0, 3), np.int64)
