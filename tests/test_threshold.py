@@ -108,6 +108,17 @@ def test_unsupervised_rules():
     assert pot.nodes["n"] == pytest.approx(np.log(1e4), rel=0.1)  # EVT extrapolates beyond the data's quantiles
     cl = QuantileRule(q=0.99, scope="cluster").fit(lambda: iter([s]))
     assert cl.cluster == pytest.approx(np.log(100), rel=0.05)
+    assert cl.cluster == pytest.approx(np.quantile(s.normalised, 0.99), rel=1e-4)  # not to the grid's step
+    # a tail bunched within one grid step at the top (as on DAVIDE): one histogram pass rounded the
+    # quantile up to the largest value fitted on, a threshold that never alarms
+    top = np.r_[rng.uniform(0, 1, 990), 100 + rng.uniform(0, 0.01, 10)]
+    t = NodeSignal("t", top, np.full(top.size, VAL, np.int8), None, np.arange(top.size), scale=1.0)
+    th = QuantileRule(q=0.995, scope="cluster").fit(lambda: iter([t]))
+    assert th.details["check"]["verdict"] == "ok" and th.cluster < top.max(), (th.cluster, top.max())
+    ranked = np.sort(top)  # between the order statistics around the quantile, as np.quantile is
+    assert ranked[994] <= th.cluster <= ranked[995]
+    pot = PotRule(init_q=0.98, risk=1e-3, scope="cluster").fit(lambda: iter([t]))  # its tail starts there too
+    assert ranked[979] <= pot.details["init"] <= ranked[980]
     with pytest.raises(ConfigError, match="threshold.q"):
         QuantileRule(q=1.5)
     with pytest.raises(ConfigError, match="threshold.scope"):
