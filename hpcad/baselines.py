@@ -35,8 +35,8 @@ import torch
 
 from hpcad.data.store import TelemetryStore
 from hpcad.errors import ConfigError
-from hpcad.preprocess import (Scaler, check_training_rows, fill_gaps, fit_rows, split_codes, training_rows, window_rows,
-                              windows)
+from hpcad.preprocess import (Scaler, check_training_rows, fill_gaps, fit_rows, split_codes, training_rows, window_at,
+                              window_rows)
 from hpcad.atomic import remove_unreferenced
 from hpcad.data.h5 import open_h5
 from hpcad.errorstore import NodeSignal, signal_attrs, write_index, write_signal_file
@@ -149,20 +149,26 @@ def baseline_signals(method: str, cfg: HpcadConfig, fit_store: TelemetryStore, e
         rows = training_rows(fit_nd, codes, cfg.split.normal_only, cfg.split.exclude_idle)
         vals = fill_gaps(fit_nd.values, cfg.preprocess.nan_fill_limit)
         scaler = Scaler.fit(vals[rows], cfg.preprocess, where=f"node {node}")
-        if w > 1:
-            z = windows(scaler.transform(vals)[0], w)[window_rows(rows, w)]
-        else:
-            z = scaler.transform(vals[rows])[0]
-        check_training_rows(len(z), f"baseline {method}: node {node}")
-        cut = fit_rows(len(z), cfg.train.validation_split)
-        train, hold = z[:cut], z[cut:]
-        if len(train) > bc.max_train_rows:
-            pick = node_rng(bc.seed, node).choice(len(train), int(bc.max_train_rows), replace=False)
-            train = train[np.sort(pick)]
+        z = scaler.transform(vals)[0]
+        fit_idx = np.flatnonzero(window_rows(rows, w))  # rows whose whole window is training data
+        check_training_rows(len(fit_idx), f"baseline {method}: node {node}")
+        cut = fit_rows(len(fit_idx), cfg.train.validation_split)
+        train_idx, hold_idx = fit_idx[:cut], fit_idx[cut:]
+        if len(train_idx) > bc.max_train_rows:
+            pick = node_rng(bc.seed, node).choice(len(train_idx), int(bc.max_train_rows), replace=False)
+            train_idx = train_idx[np.sort(pick)]
+        train, hold = window_at(z, train_idx, w), window_at(z, hold_idx, w)
         score, error_like = _fit(method, train, hold, bc, int(bc.seed))
         ref = score(hold if len(hold) else train)
-        nd = eval_store.read(node)
-        sig = score(windows(scaler.transform(fill_gaps(nd.values, cfg.preprocess.nan_fill_limit))[0], w))
+        nd = eval_store.read(node) if eval_store is not fit_store else fit_nd
+        if nd is not fit_nd:
+            z = scaler.transform(fill_gaps(nd.values, cfg.preprocess.nan_fill_limit))[0]
+        if w == 1:
+            sig = score(z)
+        else:  # each block's windows built for it alone (a node-year's 10-row windows: 3.3 GB at once),
+            step = 4 * _BLOCK  # blocks of whole distance blocks: the same distances, the same figures
+            sig = np.concatenate([score(window_at(z, np.arange(a, min(a + step, len(z))), w))
+                                  for a in range(0, len(z), step)] or [np.empty(0)])
         if error_like:  # like the autoencoder: >= 0, normal level = the held-out mean
             offset, scale = 0.0, float(max(np.mean(ref), 1e-12))
         else:  # an arbitrary origin: centred on the held-out median, in units of its spread

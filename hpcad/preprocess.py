@@ -161,6 +161,14 @@ def windows(z: np.ndarray, w: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([pad[i:i + len(z)] for i in range(w)], axis=1))
 
 
+def window_at(z: np.ndarray, rows: np.ndarray, w: int) -> np.ndarray:
+    """``windows(z, w)[rows]`` without building every row's window (a node-year of 160 metrics in
+    10-row windows is 1.3 GB as float64): the windows of the rows ``rows`` (indices) only."""
+    if w <= 1:
+        return z[rows]
+    return np.concatenate([z[np.maximum(rows - (w - 1 - k), 0)] for k in range(w)], axis=1)
+
+
 def window_rows(mask: np.ndarray, w: int) -> np.ndarray:
     """Rows whose whole window (the row and the w-1 before it) lies inside ``mask``."""
     if w <= 1:

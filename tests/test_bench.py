@@ -80,3 +80,17 @@ def test_bench_report_mode_renders_a_night_with_node_pages(tmp_path):
     assert (tmp_path / "report.html").exists() and len(list((tmp_path / "nodes").glob("*.html"))) == 3
     assert all(p.read_text().count("<img ") == 3 for p in (tmp_path / "nodes").glob("*.html"))
     assert b["report_mb"] > 0 and b["report_s"] > 0
+
+
+def test_bench_baselines_times_each_method_in_its_own_process(tmp_path):
+    """The baselines' per-node cost (time and the memory one rank needs) for each method, as docs/cluster.md
+    sizes a comparison run at scale from it; the 1-NN's windows are built per scoring block."""
+    hpcad("bench", "bench.mode=baselines", "bench.nodes=2", "bench.rows=600", "bench.metrics=12",
+          "baselines.methods=[kde,knn]", "baselines.max_train_rows=100", "compute.progress=false",
+          f"hydra.run.dir={tmp_path}")
+    b = json.loads((tmp_path / "bench.json").read_text())
+    assert b["mode"] == "baselines" and list(b["methods"]) == ["kde", "knn"] and b["nodes"] == 2
+    assert all(m["s"] > 0 and m["peak_rss_mb"] > 0 for m in b["methods"].values())
+    assert b["peak_rss_mb"] == max(m["peak_rss_mb"] for m in b["methods"].values())
+    bad = hpcad("bench", "bench.mode=baselines", "baselines.methods=[]", f"hydra.run.dir={tmp_path / 'x'}", check=False)
+    assert bad.returncode == 2 and "bench.mode=baselines: baselines.methods is empty" in bad.stderr

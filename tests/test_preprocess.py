@@ -5,7 +5,7 @@ import pytest
 
 from hpcad.data.node import NodeData
 from hpcad.errors import ConfigError
-from hpcad.preprocess import (TEST, TRAIN, VAL, Scaler, fill_gaps, split_codes, training_rows, window_rows,
+from hpcad.preprocess import (TEST, TRAIN, VAL, Scaler, fill_gaps, split_codes, training_rows, window_at, window_rows,
                               windows)
 
 PRE = NS(std_floor_rel=0.01, std_floor_abs=1e-6, clip=20.0, soft_clip=False)  # the lecture-era hard clip
@@ -93,6 +93,9 @@ def test_windows_hold_the_row_and_the_ones_before_it():
     assert windows(z, 1) is z
     mask = np.array([1, 1, 1, 0, 1, 1], bool)
     np.testing.assert_array_equal(window_rows(mask, 2), [1, 1, 1, 0, 0, 1])  # whole window inside the mask
+    rows = np.array([5, 0, 1, 3])  # some windows only (the baselines' fit and scoring blocks), the first padded
+    for k in (1, 3):
+        np.testing.assert_array_equal(window_at(z, rows, k), windows(z, k)[rows])
 
 
 def test_one_holdout_rule_keras_validation_split():
