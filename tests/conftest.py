@@ -20,13 +20,13 @@ SHARED = ROOT.parent / "shared" / "data"
 # cores slowed some tests 2-3x. A value set by the caller is kept.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# The longest test files first (seconds of test time on 2 cores, measured 2026-12-02: 216, 151, 129,
-# 65, 40, 28, 17, 15 of 724 in all): `--dist loadfile` hands files to the two workers in this order
+# The longest test files first (seconds of test time on 2 cores, measured 2026-12-02, later: 169, 122,
+# 90, 55, 54, 39, 26, 19 of 644 in all): `--dist loadfile` hands files to the two workers in this order
 # (pyproject's `--no-loadscope-reorder`: xdist >= 3.5 would otherwise order files by their number of
 # tests), each worker taking the next file as it finishes one; a long file taken last leaves one
 # worker idle while the other finishes it (longest-first keeps the two within about one short file).
-LONGEST_FIRST = ["test_slurm.py", "test_nightly.py", "test_slurm_jobs.py", "test_faults.py", "test_ingest_ranks.py",
-                 "test_cli.py", "test_mpi.py", "test_bench.py", "test_runfolder.py", "test_options.py",
+LONGEST_FIRST = ["test_slurm.py", "test_slurm_jobs.py", "test_nightly.py", "test_faults.py", "test_cli.py",
+                 "test_ingest_ranks.py", "test_bench.py", "test_mpi.py", "test_options.py", "test_runfolder.py",
                  "test_formats.py",
                  "test_report.py", "test_experiments.py", "test_ensemble.py", "test_wheel.py"]
 
