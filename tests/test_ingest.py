@@ -296,7 +296,7 @@ def test_ingest_in_a_log_file_says_how_far_it_got_every_minute(tmp_path, monkeyp
         src = tmp_path / "all.csv"
     monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
     monkeypatch.setattr(sys, "stderr", io.StringIO())  # a log file, also under `pytest -s` on a terminal
-    with caplog.at_level("INFO", logger="hpcad.data.ingest"):
+    with caplog.at_level("INFO", logger="hpcad.data"):
         ingest(data_cfg(source=str(src)), tmp_path / "store.h5")
         ingest(data_cfg(source=str(src), on_bad_node="skip"), tmp_path / "quiet.h5", progress=False)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ingest: ")]

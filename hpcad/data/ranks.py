@@ -28,11 +28,12 @@ from pathlib import Path
 
 from hpcad import dist
 from hpcad.data.grid import GridStager
-from hpcad.data.ingest import (FrameConverter, counted, finish_nodes, has_node_column, ingest, iter_files, node_files,
-                               plan_metrics, read_staged, row_columns, stage_grid, stage_rows, to_ingest, up_to_date,
-                               wrote)
+from hpcad.data.convert import FrameConverter, counted
+from hpcad.data.ingest import (finish_nodes, ingest, iter_files, node_files, plan_metrics, stage_grid, to_ingest,
+                               up_to_date, wrote)
 from hpcad.data.jobs import JobTable, read_jobs
 from hpcad.data.node import NodeData
+from hpcad.data.rows import has_node_column, read_staged, row_columns, stage_rows
 from hpcad.data.store import TelemetryStore, part_path, write_index, write_store
 from hpcad.data.tables import TABLE_SUFFIXES
 from hpcad.dist import CLUSTER_WIDE

@@ -1,0 +1,142 @@
+"""One node's table, checked and turned into :class:`NodeData` in the store's metric order, whatever
+file it came from (a node file, a node's rows staged from files of many nodes); a bad node is
+skipped and recorded with ``data.on_bad_node=skip``; ingest's progress counts the nodes."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from hpcad.data.grid import MISSING_METRIC_POLICIES
+from hpcad.data.node import NodeData
+from hpcad.data.tables import DIALECT_ROWS, looks_decimal_comma
+from hpcad.data.timestamps import to_epoch_seconds
+from hpcad.errors import InputError
+from hpcad.progress import Progress
+
+if TYPE_CHECKING:
+    import pandas as pd  # imported where frames are converted: a stage whose store is up to date needs none
+
+log = logging.getLogger(__name__)
+
+
+class FrameConverter:
+    """Validate one node's table and turn it into :class:`NodeData` in the store's metric order.
+
+    ``metrics`` is the store's metric list: given (from the files' headers, :func:`plan_metrics`), or
+    fixed by the first node. ``data.on_missing_metric`` says what a node without some of them gets:
+    ``union`` (default) all-NaN columns, the metric is *absent* on that node (its model leaves it
+    out); ``drop`` cannot happen (the list is the common set); ``error`` refuses the node."""
+
+    def __init__(self, data_cfg, metrics: list[str] | None = None) -> None:
+        self.cfg = data_cfg
+        self.metrics = metrics
+        self.labelled: bool | None = None
+        self.policy = str(data_cfg.on_missing_metric)
+        if self.policy not in MISSING_METRIC_POLICIES:
+            raise InputError(f"data.on_missing_metric={self.policy!r}: one of {', '.join(MISSING_METRIC_POLICIES)}")
+
+    def __call__(self, df: pd.DataFrame, node: str, where: str) -> NodeData:
+        import pandas as pd
+
+        cfg = self.cfg
+        where = f"{where} (node {node})"
+        if len(df) == 0:
+            raise InputError(f"{where}: no rows (empty node)")
+        df = df.drop(columns=[c for c in (cfg.node_column, *cfg.ignore_columns) if c in df.columns])
+        has_ts = cfg.timestamp_column in df.columns
+        has_lab = cfg.label_column in df.columns
+        metric_cols = [c for c in df.columns if c not in (cfg.timestamp_column, cfg.label_column)]
+        bad = [c for c in metric_cols if not pd.api.types.is_numeric_dtype(df[c])]
+        if bad:
+            examples = {c: str(df[c][pd.to_numeric(df[c], errors="coerce").isna() & df[c].notna()].iloc[0])
+                        for c in bad[:3] if (pd.to_numeric(df[c], errors="coerce").isna() & df[c].notna()).any()}
+            comma = any(looks_decimal_comma(v) for v in examples.values())
+            raise InputError(f"{where}: non-numeric metric columns {bad[:10]} (e.g. {examples}); "
+                             + (f"numbers with a decimal comma are read as such where the fields are separated "
+                                f"by ';', tab or '|' and one shows in the first {DIALECT_ROWS} rows (docs/data.md)"
+                                if comma else "fix the export or list them in data.ignore_columns"))
+        if not metric_cols:
+            raise InputError(f"{where}: no metric columns besides {cfg.timestamp_column!r}/{cfg.label_column!r}")
+        if self.labelled is None:
+            self.labelled = has_lab
+        if self.metrics is None:
+            self.metrics = [str(c) for c in metric_cols]
+        elif set(map(str, metric_cols)) != set(self.metrics) and self.policy == "error":
+            missing = sorted(set(self.metrics) - set(map(str, metric_cols)))
+            extra = sorted(set(map(str, metric_cols)) - set(self.metrics))
+            raise InputError(f"{where}: metric set differs from the first node's: missing {missing[:10]}, "
+                             f"extra {extra[:10]} (data.on_missing_metric=error; union keeps each node's "
+                             f"own metrics, drop the common ones)")
+        df.columns = [str(c) for c in df.columns]
+        values = df.reindex(columns=self.metrics).to_numpy(dtype=np.float32)
+        infinite = np.isinf(values)
+        if infinite.any():  # e.g. a derived metric divided by zero: a missing sample, said once per node
+            cols = [self.metrics[i] for i in np.flatnonzero(infinite.any(axis=0))[:10]]
+            log.warning("%s: %d infinite values in metric columns %s read as missing (NaN)", where,
+                        int(infinite.sum()), cols)
+            values[infinite] = np.nan
+        all_nan = np.isnan(values).all(axis=0)
+        if all_nan.any():
+            cols = [self.metrics[i] for i in np.flatnonzero(all_nan)[:10]]
+            if self.policy != "union":
+                raise InputError(f"{where}: metric columns {cols} hold no value at all (data.on_missing_metric="
+                                 f"{self.policy}; union ingests them as absent on this node)")
+            log.info("%s: %d metric(s) absent on this node (no value): %s", where, int(all_nan.sum()), cols)
+        if has_ts:
+            ts = to_epoch_seconds(df[cfg.timestamp_column], where, cfg.timestamp_column, cfg.timezone, cfg.epoch_unit,
+                                  dayfirst=cfg.dayfirst)
+            unit = "s"
+        else:
+            ts, unit = np.arange(len(df), dtype=np.int64), "row"
+        labels = None
+        if has_lab:
+            lab = pd.to_numeric(df[cfg.label_column], errors="coerce")
+            if lab.isna().any() or (lab != lab.round()).any():
+                row = int(np.flatnonzero((lab.isna() | (lab != lab.round())).to_numpy())[0])
+                raise InputError(f"{where}: label column {cfg.label_column!r} must hold integers "
+                                 f"(0 normal, other = anomaly class); row {row} holds {df[cfg.label_column].iloc[row]!r}")
+            labels = lab.to_numpy().astype(np.int8)
+        order_ok = np.all(np.diff(ts) > 0)
+        if not order_ok:
+            dup = np.flatnonzero(np.diff(np.sort(ts)) == 0)
+            if dup.size:
+                t = np.sort(ts)[dup[0]]
+                raise InputError(f"{where}: duplicated timestamp {t} in column {cfg.timestamp_column!r} "
+                                 f"({dup.size} duplicates)")
+            if not cfg.sort_timestamps:
+                row = int(np.flatnonzero(np.diff(ts) <= 0)[0]) + 1
+                raise InputError(f"{where}: timestamps not increasing at row {row} of column "
+                                 f"{cfg.timestamp_column!r}; sort the export or set data.sort_timestamps=true")
+            order = np.argsort(ts, kind="stable")
+            ts, values = ts[order], values[order]
+            labels = labels[order] if labels is not None else None
+        return NodeData(node, ts, values, labels, unit)
+
+
+def guarded(make, node: str, skipped: list | None) -> NodeData | None:
+    """Build one node's data; with ``data.on_bad_node=skip`` a bad node is logged and recorded."""
+    try:
+        return make()
+    except InputError as exc:
+        if skipped is None:
+            raise
+        log.error("skipping node %s: %s", node, exc)
+        skipped.append([node, str(exc)])
+        return None
+
+
+def counted(stream: Iterable[NodeData | None], nodes: int, progress: bool) -> Iterator[NodeData]:
+    """The nodes of ``stream`` (None: one skipped for bad input) with ingest's progress, node by node:
+    a bar on a terminal, a line a minute in a log (thousands of node-years take an hour and more,
+    while the job's other ranks, or GPUs, wait)."""
+    bar = Progress(nodes, "ingest", "node", progress, log)
+    try:
+        for nd in stream:
+            bar.update()
+            if nd is not None:
+                yield nd
+    finally:
+        bar.close()
