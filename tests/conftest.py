@@ -189,7 +189,7 @@ def write_site(root: Path, nodes: int, days: int, cut: str, drift_node: str | No
     import pandas as pd
 
     from hpcad.data.synthetic import START_EPOCH, generate_cluster, metric_names, node_frame
-    from hpcad.drift_study import apply_drift
+    from hpcad.bench.drift import apply_drift
 
     for nd in generate_cluster(nodes, 288 * days, seed=7, clean_fraction=0.35):
         nd.timestamp = START_EPOCH + 300 * np.arange(len(nd.timestamp))

@@ -17,7 +17,7 @@ def test_bench_train_reports_speedup_throughput_and_memory(tmp_path):
     from hpcad.device import resolve_device
 
     assert b["nodes"] == 3 and b["metrics"] == 40 and b["naive_nodes"] == 3
-    from hpcad.bench import node_lengths
+    from hpcad.bench.train import node_lengths
 
     assert node_lengths(3, 300, 0.5).tolist() == [300, 208, 265]  # nodes of different lengths, every run alike
     assert b["rows_mean"] == pytest.approx(773 / 3) and b["rows_spread"] == 0.5
