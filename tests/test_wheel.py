@@ -30,6 +30,11 @@ def test_wheel_installs_and_runs_from_another_folder(tmp_path):
     for f in ("hpcad/conf/config.yaml", "hpcad/conf/model/autoencoder.yaml", "hpcad/slurm/train_all_nodes.sh",
               "hpcad/slurm/score_steps.sh", "hpcad/jobs/nightly_rescore.sh", "hpcad/jobs/nightly.env.example"):
         assert f in names, f"{f} missing from {whl.name}"
+    # every package of the checkout (hpcad.nightly was left out of pyproject's list: `hpcad nightly`
+    # stopped with ModuleNotFoundError wherever hpcad was installed from its wheel)
+    packages = {p.parent.relative_to(REPO).as_posix() for p in (REPO / "hpcad").rglob("__init__.py")}
+    missing = sorted(p for p in packages if f"{p}/__init__.py" not in names)
+    assert not missing, f"packages missing from {whl.name} (pyproject's packages list): {missing}"
 
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(site),
