@@ -417,6 +417,10 @@ def write_report(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, models_dir
         if skipped:
             parts.append(f"<h2>Skipped nodes ({len(skipped)})</h2><p>Bad input; these nodes were not scored.</p>"
                          + html_table(skipped, ["node", "reason"]))
+        if store.skipped_files:
+            parts.append(f"<h2>Skipped input files ({len(store.skipped_files)})</h2><p>Bad input (data.on_bad_node="
+                         f"skip); every node's rows in these files are missing.</p>"
+                         + html_table(store.skipped_files, ["file", "reason"]))
     overview = ranked[: cfg.report.max_nodes_overview]
     if overview:
         parts.append("<h2>Cluster overview</h2>" + _overview(errors, th, sorted(overview), time_unit))

@@ -1,5 +1,6 @@
 """Ingestion: every accepted source gives the same store; bad input fails clearly and writes nothing."""
 import shutil
+from pathlib import Path
 import subprocess
 
 import h5py
@@ -7,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import data_cfg
+from conftest import data_cfg, hpcad
 from hpcad.data.ingest import ingest
 from hpcad.data.store import TelemetryStore
 from hpcad.data.synthetic import generate_node, metric_names, node_frame
@@ -267,6 +268,47 @@ def test_rows_without_a_node_are_dropped_and_said_with_the_file(tmp_path, caplog
     assert (f"2025-01-02.csv: 1 of {whole + 1} row(s) have no 'node' value and were dropped (the first: data row "
             f"{whole + 1}; a truncated export ends so)") in caplog.text
     assert "2025-01-01.csv" not in caplog.text
+
+
+def test_bad_files_among_daily_exports_are_skipped_whole_with_on_bad_node_skip(tmp_path, monkeypatch):
+    """A year of daily dumps with one corrupt file (an export killed mid-write) stopped the whole
+    ingest even with data.on_bad_node=skip. Now, with skip, such a file is left out whole (its rows
+    rolled back if some were staged before the error), named in the log, the store and the report;
+    the store is the one of the good files alone. Without skip it still stops, naming the file."""
+    import gzip
+
+    from hpcad.data import rows as rows_module
+    from hpcad.data.tables import iter_table_chunks
+
+    monkeypatch.setattr(rows_module, "iter_table_chunks", lambda path: iter_table_chunks(path, rows=40))
+    src, frames = _export(tmp_path)
+    every = pd.concat([f.assign(node=n) for n, f in frames.items()]).sort_values("timestamp", kind="stable")
+    good, days = tmp_path / "good", tmp_path / "days"
+    good.mkdir()
+    stamps = pd.to_datetime(every["timestamp"]).dt.floor("6h").to_numpy()
+    for i, (_, day) in enumerate(every.groupby(stamps, sort=True)):
+        day.to_csv(good / f"2025-01-{i + 1:02d}.csv", index=False)
+    shutil.copytree(good, days)
+    (days / "2025-02-01.parquet").write_bytes(b"PAR1 cut short")  # no footer: unreadable, header included
+    extra = pd.concat([every] * 20)  # large enough that the cut comes after some chunks were read
+    extra["node"] = ["cn999"] * 50 + list(extra["node"].iloc[50:])  # a node seen only in this file
+    text = gzip.compress(extra.to_csv(index=False).encode())
+    (days / "2025-02-02.csv.gz").write_bytes(text[: len(text) * 3 // 4])  # fails after a 40-row chunk was staged
+    with pytest.raises(InputError, match=r"2025-02-01.parquet: cannot read"):
+        ingest(data_cfg(source=str(days)), tmp_path / "x.h5")
+    ref = TelemetryStore(ingest(data_cfg(source=str(good), on_bad_node="skip"), tmp_path / "ref.h5"))
+    store = TelemetryStore(ingest(data_cfg(source=str(days), on_bad_node="skip"), tmp_path / "s.h5"))
+    assert [Path(p).name for p, _ in store.skipped_files] == ["2025-02-01.parquet", "2025-02-02.csv.gz"]
+    assert "cannot read table" in store.skipped_files[1][1] and store.skipped == [] and ref.skipped_files == []
+    assert store.nodes == ref.nodes and store.metrics == ref.metrics  # cn999 went with its file
+    for n in ref.nodes:
+        np.testing.assert_array_equal(store.read(n).values, ref.read(n).values)
+        np.testing.assert_array_equal(store.read(n).timestamp, ref.read(n).timestamp)
+    run = tmp_path / "run"  # what the operator reads
+    hpcad("run", f"data.source={days}", "data.on_bad_node=skip", "train.epochs=1", "baselines.methods=[]",
+          "compute.progress=false", "report.max_nodes_plotted=1", f"hydra.run.dir={run}")
+    page = (run / "report.html").read_text()
+    assert "Skipped input files (2)" in page and "2025-02-02.csv.gz" in page and "Compressed file ended" in page
 
 
 def test_infinite_values_are_read_as_missing_and_said(tmp_path, caplog):

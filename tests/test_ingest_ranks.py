@@ -137,12 +137,16 @@ def test_daily_exports_of_every_node_are_staged_and_converted_by_every_rank(tmp_
     while the other ranks waited. Now each rank stages its block of the files by node, then converts
     its share of the nodes from every rank's scratch; the store is the one-process store."""
     days, files = _daily(tmp_path)
+    (days / "day001b.parquet").write_bytes(b"PAR1 cut short")  # a corrupt file: skipped whole by the rank staging it
+    files += 1
     run = tmp_path / "run"
     one = TelemetryStore(ingest(data_cfg(source=str(days), on_bad_node="skip"), tmp_path / "one.h5"))
-    assert one.nodes == ["cn00", "cn01", "cn03"] and one.skipped[0][0] == "cn02" and files >= 3
+    assert one.nodes == ["cn00", "cn01", "cn03"] and one.skipped[0][0] == "cn02" and files >= 4
+    assert [p for p, _ in one.skipped_files] == [str(days / "day001b.parquet")]
     rc, out = _mpi_ingest(run, days, "data.on_bad_node=skip", ranks=3)
     assert rc == 0 and f"staging {files} files of many nodes' rows over 3 ranks" in out, out[-3000:]
     _same(TelemetryStore(run / "store.h5"), one)
+    assert TelemetryStore(run / "store.h5").skipped_files == one.skipped_files
     assert not list(run.glob(".ingest-*"))  # every rank removed its scratch file
     # requeued after the parts, before the index: the parts are kept (a rank whose only node was the
     # bad one has none: it converts again, so every rank stages its files again for it)
@@ -152,6 +156,7 @@ def test_daily_exports_of_every_node_are_staged_and_converted_by_every_rank(tmp_
     assert rc == 0 and out.count("already holds this rank's") == parts >= 2, out[-3000:]
     _same(TelemetryStore(run / "store.h5"), one)
     # a bad node without skip: the rank converting it stops, the other names it; both exit 2
+    (days / "day001b.parquet").unlink()
     rc, out = _mpi_ingest(tmp_path / "run2", days)
     errors = _errors(out)
     assert rc == 2 and len(errors) == 2 and sum("(node cn02): duplicated timestamp" in e for e in errors) == 2, out

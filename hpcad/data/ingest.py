@@ -150,6 +150,7 @@ def ingest(data_cfg, store_path: Path, progress: bool = True) -> Path:
     fmt = data_cfg.format
     jobs = read_jobs(jobs_path, data_cfg.timezone) if jobs_path else None
     skipped: list | None = [] if data_cfg.on_bad_node == "skip" else None
+    skipped_files: list | None = [] if skipped is not None else None  # a folder of many nodes' files
     store_path.parent.mkdir(parents=True, exist_ok=True)
     stager = None
     try:
@@ -160,7 +161,7 @@ def ingest(data_cfg, store_path: Path, progress: bool = True) -> Path:
                 conv.metrics = plan_metrics(files, data_cfg, skip_bad=skipped is not None)  # as ranks share it out
                 stream = iter_files(files, conv, skipped, progress)
             elif src.is_dir() or is_table(src):
-                stream = iter_node_rows(files, conv, store_path.parent, skipped, progress)
+                stream = iter_node_rows(files, conv, store_path.parent, skipped, progress, skipped_files)
             else:
                 raise InputError(f"data.source: {src} is not a directory, CSV/Parquet file or .h5 store")
             first = next(stream, None)  # the first node fixes the metric list the store is written with
@@ -172,16 +173,17 @@ def ingest(data_cfg, store_path: Path, progress: bool = True) -> Path:
             metrics = [stager.metric_names[c] for c in keep]
             stream = counted(stager.iter_nodes(keep), len(stager.node_names), progress)
         n = write_store(store_path, metrics, finish_nodes(stream, metrics, data_cfg, jobs), str(src),
-                        signature=sig, skipped=skipped, jobs=jobs)
+                        signature=sig, skipped=skipped, jobs=jobs, skipped_files=skipped_files)
     finally:
         if stager is not None:
             stager.close()
-    wrote(store_path, [], n, src, f"{fmt} format", skipped, jobs, jobs_path)  # drops parts of an ingest over ranks
+    wrote(store_path, [], n, src, f"{fmt} format", skipped, jobs, jobs_path,  # drops parts of an ingest over ranks
+          skipped_files)
     return store_path
 
 
 def wrote(store_path: Path, parts: list[str], n: int, src: Path, how: str, skipped: list | None,
-          jobs: JobTable | None, jobs_path: Path | None) -> None:
+          jobs: JobTable | None, jobs_path: Path | None, skipped_files: list | None = None) -> None:
     """After a store was written (by one process, or as an index over ``parts``): the part files it
     does not use go, the job table is checked against its nodes, and the log says what was done."""
     drop_parts(store_path, parts)
@@ -191,6 +193,9 @@ def wrote(store_path: Path, parts: list[str], n: int, src: Path, how: str, skipp
     if skipped:
         log.error("%d node(s) skipped for bad input (recorded in the store and the report): %s",
                   len(skipped), ", ".join(n for n, _ in skipped))
+    if skipped_files:  # every node's rows of those files are missing
+        log.error("%d input file(s) skipped for bad input (recorded in the store and the report): %s",
+                  len(skipped_files), ", ".join(Path(p).name for p, _ in skipped_files))
 
 
 def to_ingest(data_cfg, store_path: Path) -> tuple[Path, Path | None, str] | None:

@@ -40,7 +40,8 @@ from hpcad.dist import CLUSTER_WIDE
 from hpcad.errors import InputError
 
 log = logging.getLogger(__name__)
-Share = tuple[str, dict[str, tuple[int, bool]], list]  # a rank's part: file name, {node: (rows, labelled)}, skipped
+Share = tuple[str, dict[str, tuple[int, bool]], list, list]  # a rank's part: file name, {node: (rows, labelled)},
+# skipped nodes, skipped files
 
 
 @dataclass
@@ -145,7 +146,7 @@ def _plan(data_cfg, store_path: Path, progress: bool) -> tuple[Plan | None, Grid
         if len(files) < 2:  # one file of many nodes: read by one process
             ingest(data_cfg, store_path, progress)
             return None, None
-        names = row_columns(files, data_cfg)
+        names = row_columns(files, data_cfg, skip_bad=data_cfg.on_bad_node == "skip")
         log.info("staging %d files of many nodes' rows over %d ranks (each its block of files by node, then "
                  "its share of the nodes into %s)", len(files), w.size, parts, extra=CLUSTER_WIDE)
         metrics = [c for c in names if c not in (data_cfg.timestamp_column, data_cfg.label_column)]
@@ -164,7 +165,7 @@ def _ingest_share(data_cfg, plan: Plan, units: list[str], part: Path, jobs: JobT
     rank failed) is kept."""
     rank = dist.world().rank
     if not units:  # more ranks than node files (or buckets)
-        return part.name, {}, []
+        return part.name, {}, [], []
     if up_to_date(part, plan.signature):
         return _kept(part)
     unseen = [u for u in units if not plan.grid and not Path(u).exists()]
@@ -192,17 +193,21 @@ def _rows_share(data_cfg, plan: Plan, store_path: Path, part: Path, jobs: JobTab
     scratch = [store_path.parent / f".ingest-rows-{plan.signature[:12]}-{r}of{w.size}.h5" for r in range(w.size)]
     kept = up_to_date(part, plan.signature)
     failed, staged = None, {}
+    bad_files: list | None = [] if data_cfg.on_bad_node == "skip" else None
     try:
         if not all(dist.all_objects(kept)):
             try:
                 files = [Path(f) for f in _blocks(plan.sizes, w.size)[w.rank]]
                 first = Path(next(iter(plan.sizes)))  # the folder's first file, named in an error
-                _, staged = stage_rows(files, data_cfg, plan.columns, scratch[w.rank], first=first)
+                _, staged = stage_rows(files, data_cfg, plan.columns, scratch[w.rank], first=first,
+                                       skipped_files=bad_files)
             except Exception as exc:
                 failed = exc
             dist.share_outcome(failed)
         rows: dict[str, int] = {}
-        for counts in dist.all_objects(staged):
+        skipped_files = []  # every rank's (each part records them all: a kept part's are the run's)
+        for counts, bad in dist.all_objects((staged, bad_files or [])):
+            skipped_files += bad
             for node, n in counts.items():
                 rows[node] = rows.get(node, 0) + n
         mine, result = sorted(dist.shard(rows, w.size)[w.rank]), None
@@ -210,13 +215,14 @@ def _rows_share(data_cfg, plan: Plan, store_path: Path, part: Path, jobs: JobTab
             if kept:
                 result = _kept(part)
             elif not mine:  # more ranks than nodes
-                result = part.name, {}, []
+                result = part.name, {}, [], skipped_files
             else:
                 skipped: list | None = [] if data_cfg.on_bad_node == "skip" else None
                 stream = read_staged(scratch, plan.columns, FrameConverter(data_cfg, plan.metrics), plan.source, mine,
                                      skipped, progress)
                 n = write_store(part, plan.metrics, finish_nodes(stream, plan.metrics, data_cfg, jobs),
-                                str(plan.source), signature=plan.signature, skipped=skipped, empty_ok=True)
+                                str(plan.source), signature=plan.signature, skipped=skipped, empty_ok=True,
+                                skipped_files=skipped_files)
                 log.info("rank %d: ingested %d node(s) of the %d in the files into %s", w.rank, n, len(rows),
                          part.name)
                 result = _share(part)
@@ -246,15 +252,17 @@ def _kept(part: Path) -> Share:
 
 def _share(part: Path) -> Share:
     st = TelemetryStore(part)
-    return part.name, {n: (st.rows(n), st.labelled[n]) for n in st.nodes}, st.skipped
+    return part.name, {n: (st.rows(n), st.labelled[n]) for n in st.nodes}, st.skipped, st.skipped_files
 
 
 def _write_index(data_cfg, plan: Plan, store_path: Path, results: list[Share], jobs: JobTable | None) -> None:
     """Rank 0: ``store.h5`` over the ranks' parts, then what ``ingest`` does after a write."""
-    parts = {store_path.parent / name: nodes for name, nodes, _ in results if nodes}
-    skipped = sorted((s for _, _, sk in results for s in sk), key=lambda s: s[0])
+    parts = {store_path.parent / name: nodes for name, nodes, _, _ in results if nodes}
+    skipped = sorted((s for _, _, sk, _ in results for s in sk), key=lambda s: s[0])
+    skipped_files = sorted({p: why for _, _, _, files in results for p, why in files}.items())
     if not parts:
         raise InputError(f"{plan.source}: no usable node" + (f" ({len(skipped)} skipped)" if skipped else ""))
-    n = write_index(store_path, plan.metrics, parts, str(plan.source), plan.signature, skipped, jobs)
+    n = write_index(store_path, plan.metrics, parts, str(plan.source), plan.signature, skipped, jobs,
+                    [list(f) for f in skipped_files])
     wrote(store_path, [p.name for p in parts], n, plan.source, f"{data_cfg.format} format, {len(results)} ranks",
-          skipped, jobs, plan.jobs)
+          skipped, jobs, plan.jobs, skipped_files)

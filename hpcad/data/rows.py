@@ -38,18 +38,31 @@ def has_node_column(files: list[Path], data_cfg) -> bool:
     return False
 
 
-def row_columns(files: list[Path], cfg) -> list[str] | None:
+def row_columns(files: list[Path], cfg, skip_bad: bool = False) -> list[str] | None:
     """The columns a folder of many nodes' files is staged with: the union of the files' headers
     (less the node column and ``data.ignore_columns``), in first-seen order; None for one file (its
-    first chunk's columns)."""
+    first chunk's columns). ``skip_bad``: a file whose header cannot be read, or lacks the node
+    column, is left out here (it is skipped and recorded when its rows are staged): its columns are
+    no metrics."""
     if len(files) < 2:
         return None
     skip = {cfg.node_column, *cfg.ignore_columns}
-    return list(dict.fromkeys(c for path in files for c in columns(path) if c not in skip))
+    names: dict[str, None] = {}
+    for path in files:
+        try:
+            header = columns(path)
+        except InputError:
+            if not skip_bad:
+                raise
+            continue
+        if skip_bad and cfg.node_column not in header:
+            continue
+        names.update((c, None) for c in header if c not in skip)
+    return list(names)
 
 
 def stage_rows(files: list[Path], cfg, names: list[str] | None, scratch: Path,
-               first: Path | None = None) -> tuple[list[str], dict[str, int]]:
+               first: Path | None = None, skipped_files: list | None = None) -> tuple[list[str], dict[str, int]]:
     """Pass 1 over files of many nodes' rows into the HDF5 file ``scratch``: each chunk's rows, grouped
     by node (file order kept within a node), appended to one row log (``/rows``: the values as the
     store keeps them, float32; ``/timestamps``: epoch seconds, int64), and each node's segment of it
@@ -58,14 +71,18 @@ def stage_rows(files: list[Path], cfg, names: list[str] | None, scratch: Path,
     chunk per append (10 ms at 4,000 nodes, and the chunks' space: 21 GB of scratch for 770 MB of
     rows). Returns the columns (``names``, or the first chunk's) and the rows staged per node. Memory
     holds one input chunk and the segment table. ``first``: the folder's first file, named when
-    another lacks the node column."""
+    another lacks the node column. ``skipped_files`` (``data.on_bad_node=skip``, a folder's files): a
+    file that cannot be read or fails a check (truncated, not a table, a non-numeric column...) is
+    rolled back, logged and recorded there as ``[file, reason]``; the other files are staged."""
     import pandas as pd
 
     ids: dict[str, int] = {}
     segments: list[np.ndarray] = []
     with h5_writing(scratch) as f:
         log_ = None
-        for path in files:
+
+        def stage_file(path: Path) -> None:
+            nonlocal log_, names
             read = dropped = 0  # this file's rows so far; of them, rows without a node value
             first_dropped = 0
             for chunk in iter_table_chunks(path):
@@ -120,6 +137,24 @@ def stage_rows(files: list[Path], cfg, names: list[str] | None, scratch: Path,
             if dropped:  # e.g. the last line of an export cut short: the rest of that day is missing too
                 log.warning("%s: %d of %d row(s) have no %r value and were dropped (the first: data row %d; a "
                             "truncated export ends so)", path, dropped, read, cfg.node_column, first_dropped)
+
+        for path in files:
+            mark = (0 if log_ is None else log_.shape[0], len(segments), len(ids))
+            try:
+                stage_file(path)
+            except InputError as exc:
+                if skipped_files is None or len(files) < 2:
+                    raise
+                if log_ is not None:  # this file's rows out again: the scratch holds the other files' only
+                    log_.resize(mark[0], axis=0)
+                    if "timestamps" in f:
+                        f["timestamps"].resize(mark[0], axis=0)
+                del segments[mark[1]:]
+                for node in list(ids)[mark[2]:]:  # nodes first seen in it
+                    del ids[node]
+                log.error("skipping a file (data.on_bad_node=skip): %s", exc)  # the message names it
+                reason = str(exc)
+                skipped_files.append([str(path), reason.removeprefix(f"{path}: ")])
         if names is None:
             raise InputError(f"{files[0]}: the file holds no rows")
         table = np.concatenate(segments) if segments else np.zeros((0, 3), np.int64)
@@ -162,18 +197,20 @@ def read_staged(scratches: list[Path], names: list[str], conv: FrameConverter, w
                            len(nodes), progress)
 
 
-def iter_node_rows(files: list[Path], conv: FrameConverter, scratch_dir: Path,
-                    skipped: list | None = None, progress: bool = True) -> Iterator[NodeData]:
+def iter_node_rows(files: list[Path], conv: FrameConverter, scratch_dir: Path, skipped: list | None = None,
+                   progress: bool = True, skipped_files: list | None = None) -> Iterator[NodeData]:
     """Files of many nodes' rows (one file, or a folder of them), staged in a scratch HDF5 file by node
     (:func:`stage_rows`), then converted node by node. Memory holds one input chunk or one node, never
     a whole file. A single file without the node column is one node named after the file; a folder's
     files all need the column, and a metric a file lacks is missing in its rows (the files' header
-    union is the metric list)."""
+    union is the metric list). ``skipped``/``skipped_files`` (``data.on_bad_node=skip``): bad nodes
+    and bad files of a folder, recorded."""
     where = files[0] if len(files) == 1 else files[0].parent
     fd, scratch = tempfile.mkstemp(suffix=".h5", dir=scratch_dir, prefix=".ingest-")
     os.close(fd)
     try:
-        names, rows = stage_rows(files, conv.cfg, row_columns(files, conv.cfg), Path(scratch))
+        names, rows = stage_rows(files, conv.cfg, row_columns(files, conv.cfg, skipped_files is not None),
+                                 Path(scratch), skipped_files=skipped_files)
         yield from read_staged([Path(scratch)], names, conv, where, sorted(rows), skipped, progress)
     finally:
         Path(scratch).unlink(missing_ok=True)

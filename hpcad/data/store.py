@@ -85,9 +85,12 @@ def write_node(f: h5py.File, node: NodeData, source: str = "") -> None:
 
 def write_store(path: str | os.PathLike[str], metrics: list[str], nodes: Iterable[NodeData],
                 source: str, signature: str = "",
-                skipped: list | None = None, jobs: JobTable | None = None, empty_ok: bool = False) -> int:
+                skipped: list | None = None, jobs: JobTable | None = None, empty_ok: bool = False,
+                skipped_files: list | None = None) -> int:
     """Write a store atomically from a stream of nodes; returns the number of nodes written (none is
-    an error unless ``empty_ok``: a rank's part whose nodes were all skipped)."""
+    an error unless ``empty_ok``: a rank's part whose nodes were all skipped). ``skipped`` and
+    ``skipped_files`` (bad nodes, bad files of a folder of many nodes' files) fill while the nodes
+    stream and are recorded at the end."""
     written: dict[str, tuple[int, bool]] = {}
     with atomic_path(path) as tmp:
         with h5_writing(tmp) as f:
@@ -100,12 +103,13 @@ def write_store(path: str | os.PathLike[str], metrics: list[str], nodes: Iterabl
             if not written and not empty_ok:
                 raise InputError(f"{source}: no usable node" + (f" ({len(skipped)} skipped)" if skipped else ""))
             _write_node_table(f, written)
-            f.attrs["skipped_nodes"] = json.dumps(skipped or [])  # [[node, reason], ...], filled while streaming
+            f.attrs["skipped_nodes"] = json.dumps(skipped or [])  # [[node, reason], ...]
+            f.attrs["skipped_files"] = json.dumps(skipped_files or [])  # [[file, reason], ...]
     return len(written)
 
 
 def write_index(path: Path, metrics: list[str], parts: dict[Path, dict[str, tuple[int, bool]]], source: str,
-                signature: str, skipped: list, jobs: JobTable | None = None) -> int:
+                signature: str, skipped: list, jobs: JobTable | None = None, skipped_files: list | None = None) -> int:
     """Write ``path`` atomically as a store whose nodes live in ``parts`` (part file -> {node: (rows,
     labelled)}, each part a store written by :func:`write_store` beside ``path``); returns the number
     of nodes. Its ``/node_rows`` and ``/node_labelled`` let a reader list the nodes without opening
@@ -119,6 +123,7 @@ def write_index(path: Path, metrics: list[str], parts: dict[Path, dict[str, tupl
                 f["nodes"][node] = h5py.ExternalLink(part.name, f"/nodes/{node}")
         _write_node_table(f, table)
         f.attrs["skipped_nodes"] = json.dumps(skipped)
+        f.attrs["skipped_files"] = json.dumps(skipped_files or [])
     return len(table)
 
 
@@ -192,6 +197,7 @@ class TelemetryStore:
             self.source = str(f.attrs.get("source", ""))
             self.signature = str(f.attrs.get("source_signature", ""))
             self.skipped: list[list[str]] = json.loads(f.attrs.get("skipped_nodes", "[]"))
+            self.skipped_files: list[list[str]] = json.loads(f.attrs.get("skipped_files", "[]"))
             self.has_jobs = "jobs" in f
         self._jobs: JobTable | None = None
 
