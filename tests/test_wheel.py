@@ -35,6 +35,10 @@ def test_wheel_installs_and_runs_from_another_folder(tmp_path):
     packages = {p.parent.relative_to(REPO).as_posix() for p in (REPO / "hpcad").rglob("__init__.py")}
     missing = sorted(p for p in packages if f"{p}/__init__.py" not in names)
     assert not missing, f"packages missing from {whl.name} (pyproject's packages list): {missing}"
+    shipped = [f"hpcad/{f.relative_to(REPO).as_posix()}" for part in ("conf", "slurm", "jobs")
+               for f in (REPO / part).rglob("*") if f.is_file() and "__pycache__" not in f.parts]
+    missing = sorted(f for f in shipped if f not in names)
+    assert not missing, f"files missing from {whl.name} (pyproject's package-data): {missing}"
 
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(site),
