@@ -50,7 +50,7 @@ def bench_baselines(cfg: HpcadConfig, run_dir: Path) -> dict:
     check_methods(methods)
     if not methods:
         raise ConfigError("bench.mode=baselines: baselines.methods is empty")
-    store = run_dir / f"bench_baselines_{b.nodes}x{b.rows}x{b.metrics}.h5"  # kept across reruns
+    store = run_dir / f"bench_baselines_{b.nodes}x{b.rows}x{b.metrics}_seed{b.seed}.h5"  # kept across reruns
     if not store.exists():
         rng = np.random.default_rng(b.seed)
         write_store(store, [f"m{i}" for i in range(b.metrics)],

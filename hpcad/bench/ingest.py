@@ -98,7 +98,7 @@ def bench_ingest(cfg: HpcadConfig, run_dir: Path) -> dict:
     writers = {"long": write_long_input, "days": write_daily_input}
     if b.input not in writers:
         raise ConfigError(f"bench.input={b.input!r}: one of {', '.join(writers)}")
-    src = run_dir / f"bench_{b.input}_{b.nodes}x{b.days}dx{b.metrics}"
+    src = run_dir / f"bench_{b.input}_{b.nodes}x{b.days}dx{b.metrics}_seed{b.seed}"
     marker = src / ".complete"
     t0 = time.perf_counter()
     if marker.exists():
