@@ -160,8 +160,10 @@ def baseline_signals(method: str, cfg: HpcadConfig, fit_store: TelemetryStore, e
         train, hold = window_at(z, train_idx, w), window_at(z, hold_idx, w)
         score, error_like = _fit(method, train, hold, bc, int(bc.seed))
         ref = score(hold if len(hold) else train)
-        nd = eval_store.read(node) if eval_store is not fit_store else fit_nd
-        if nd is not fit_nd:
+        if eval_store is fit_store:  # fitted and scored on one store: the node read and standardised once
+            nd = fit_nd
+        else:
+            nd = eval_store.read(node)
             z = scaler.transform(fill_gaps(nd.values, cfg.preprocess.nan_fill_limit))[0]
         if w == 1:
             sig = score(z)
