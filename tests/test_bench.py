@@ -83,8 +83,8 @@ def test_bench_report_mode_renders_a_night_with_node_pages(tmp_path):
 
 
 def test_bench_baselines_times_each_method_in_its_own_process(tmp_path):
-    """The baselines' per-node cost (time and the memory one rank needs) for each method, as docs/cluster.md
-    sizes a comparison run at scale from it; the 1-NN's windows are built per scoring block."""
+    """The baselines' per-node cost (time and the memory one rank needs) for each method, each in its own
+    process, as docs/cluster.md sizes a comparison run at scale from it."""
     hpcad("bench", "bench.mode=baselines", "bench.nodes=2", "bench.rows=600", "bench.metrics=12",
           "baselines.methods=[kde,knn]", "baselines.max_train_rows=100", "compute.progress=false",
           f"hydra.run.dir={tmp_path}")
