@@ -73,7 +73,7 @@ class DataConfig:
     scratch_buckets: int = 64  # ldms/long: node buckets of the out-of-core pivot (memory ~ input / buckets)
     sort_timestamps: bool = False  # unsorted timestamps are an error unless this is true
     ignore_columns: list[str] = field(default_factory=list)  # non-metric columns to drop (else: error)
-    on_bad_node: BadNode = BadNode.error  # error: stop, write nothing | skip: log and record the node, ingest the rest
+    on_bad_node: BadNode = BadNode.error  # error: stop, write nothing | skip: log and record the node (or a bad file of many nodes), ingest the rest
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
