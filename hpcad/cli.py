@@ -211,8 +211,10 @@ def run_stage(stage: str, overrides: list[str]) -> int:
         if w.rank > 0:
             overrides.append("hydra.output_subdir=null")
     multirun = any(o in ("-m", "--multirun") for o in overrides)
-    if multirun and not any(o.startswith("hydra.job.name=") for o in overrides):
-        overrides.append(f"hydra.job.name=hpcad-{stage}")  # sweep points' SLURM jobs and logs say what they run
+    if not any(o.startswith("hydra.job.name=") for o in overrides):
+        # the log names what ran (<stage>.log; Hydra's default is the module's name: cli.log), and a
+        # sweep's points are hpcad-<stage> (their SLURM jobs' name too)
+        overrides.append(f"hydra.job.name={'hpcad-' if multirun else ''}{stage}")
     sys.argv = [f"hpcad {stage}", *overrides]
     if multirun:
         from hpcad.sweep import FAILED_POINTS

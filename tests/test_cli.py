@@ -18,6 +18,7 @@ def test_run_on_the_embedded_default_writes_every_output(tmp_path):
     for name in ("store.h5", "errors.h5", "thresholds.json", "alarms.csv", "metrics.json", "report.html",
                  "models/node0000.pt", "baselines/kde.h5", ".hydra/config.yaml"):
         assert (run / name).exists(), name
+    assert "run done" in (run / "run.log").read_text() and not (run / "cli.log").exists()  # the log names the stage
     m = json.loads((run / "metrics.json").read_text())
     assert set(m["splits"]) == {"train", "val", "test", "eval"}
     assert set(m["baselines"]) == {"kde", "iforest", "pca", "knn"}

@@ -42,7 +42,7 @@ def test_nodes_with_different_metric_sets_train_score_and_rescore(tmp_path):
         pd.read_csv(f).drop(columns=["gpu_util"], errors="ignore").to_csv(later / f.name, index=False)
     p = hpcad("score", f"data.source={later}", f"train_run={run}", "compute.progress=false",
               f"hydra.run.dir={tmp_path / 'later-run'}")
-    assert "lacks 1 of the models' metrics" in p.stdout + p.stderr + (tmp_path / "later-run" / "cli.log").read_text()
+    assert "lacks 1 of the models' metrics" in p.stdout + p.stderr + (tmp_path / "later-run" / "score.log").read_text()
     with h5py.File(tmp_path / "later-run" / "errors.h5") as f:
         assert [m.decode() for m in f["metrics"][()]] == names
         assert (f[f"nodes/{n2}/error"][:, names.index("gpu_util")] == 0).all()
