@@ -30,7 +30,7 @@ def _baseline_child(cfg: HpcadConfig, store: str, method: str, conn) -> None:
     st = TelemetryStore(Path(store))
     t0 = time.perf_counter()
     with threadpool_limits(1):  # numpy's BLAS too: the figure is per core
-        nodes = sum(1 for _ in baseline_signals(method, cfg, st, st))
+        nodes = sum(1 for _ in baseline_signals(method, cfg, st, st, progress=bool(cfg.compute.progress)))
     conn.send({"s": time.perf_counter() - t0, "nodes": nodes,
                "peak_rss_mb": peak_rss_mb()})
 
