@@ -155,10 +155,7 @@ def fill_gaps(values: np.ndarray, limit: int) -> np.ndarray:
 def windows(z: np.ndarray, w: int) -> np.ndarray:
     """Rows [T, M] -> windows [T, w*M]: row t holds rows t-w+1 .. t, oldest first (rows before the
     first are the first row repeated). ``w=1`` returns ``z`` itself."""
-    if w <= 1:
-        return z
-    pad = np.concatenate([np.repeat(z[:1], w - 1, axis=0), z]) if len(z) else z
-    return np.ascontiguousarray(np.concatenate([pad[i:i + len(z)] for i in range(w)], axis=1))
+    return z if w <= 1 else window_at(z, np.arange(len(z)), w)
 
 
 def window_at(z: np.ndarray, rows: np.ndarray, w: int) -> np.ndarray:
@@ -166,7 +163,11 @@ def window_at(z: np.ndarray, rows: np.ndarray, w: int) -> np.ndarray:
     10-row windows is 1.3 GB as float64): the windows of the rows ``rows`` (indices) only."""
     if w <= 1:
         return z[rows]
-    return np.concatenate([z[np.maximum(rows - (w - 1 - k), 0)] for k in range(w)], axis=1)
+    M = z.shape[1]
+    out = np.empty((len(rows), w * M), dtype=z.dtype)
+    for k in range(w):  # block k: the row w-1-k before, the first row where there is none
+        out[:, k * M:(k + 1) * M] = z[np.maximum(rows - (w - 1 - k), 0)]
+    return out
 
 
 def window_rows(mask: np.ndarray, w: int) -> np.ndarray:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from hpcad.atomic import write_json
-from hpcad.bench.rss import peak_rss_mb
+from hpcad.bench.rss import in_fresh_process, peak_rss_mb
 from hpcad.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -40,8 +40,6 @@ def bench_baselines(cfg: HpcadConfig, run_dir: Path) -> dict:
     ``bench.metrics`` metrics (random values; a node-year: ``bench.nodes=1 bench.rows=105120
     bench.metrics=160``), each method in a fresh process on one core, whose peak RSS is what one
     rank fitting baselines needs (docs/benchmarks.md)."""
-    import multiprocessing as mp
-
     from hpcad.baselines import check_methods
     from hpcad.data.node import NodeData
     from hpcad.data.store import write_store
@@ -57,16 +55,9 @@ def bench_baselines(cfg: HpcadConfig, run_dir: Path) -> dict:
                     (NodeData(f"node{k:05d}", 1_700_000_000 + 300 * np.arange(b.rows, dtype=np.int64),
                               (rng.normal(size=(1, b.metrics)) + 0.3 * rng.normal(size=(b.rows, b.metrics))
                                ).astype(np.float32), None) for k in range(b.nodes)), "bench")
-    ctx = mp.get_context("spawn")
     per: dict[str, dict] = {}
     for method in methods:
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_baseline_child, args=(cfg, str(store), method, child))
-        proc.start()
-        res = parent.recv() if parent.poll(timeout=24 * 3600) else {}
-        proc.join()
-        if proc.exitcode != 0 or not res:
-            raise ConfigError(f"bench baselines: the {method} child failed (exit {proc.exitcode}); see the log above")
+        res = in_fresh_process(_baseline_child, cfg, str(store), method, what=f"bench baselines: the {method}")
         per[method] = {"s": round(res["s"], 2), "s_per_node": round(res["s"] / b.nodes, 2),
                        "peak_rss_mb": round(res["peak_rss_mb"])}
         log.info("bench baselines: %s %.1f s for %d node(s), peak RSS %.0f MB", method, res["s"], res["nodes"],

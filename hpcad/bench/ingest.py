@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from hpcad.atomic import write_json
-from hpcad.bench.rss import peak_rss_mb
+from hpcad.bench.rss import in_fresh_process, peak_rss_mb
 from hpcad.errors import ConfigError
 from hpcad.progress import iterate
 
@@ -88,8 +88,6 @@ def bench_ingest(cfg: HpcadConfig, run_dir: Path) -> dict:
     """Generate an input (``bench.input``: long format, or daily exports of every node; kept across
     reruns) and time its ingestion in a fresh process, whose peak RSS is the figure that must stay
     bounded by the bucket size (long) or an input chunk (days), not the input size."""
-    import multiprocessing as mp
-
     from omegaconf import OmegaConf
 
     from hpcad.config import DataConfig
@@ -116,14 +114,7 @@ def bench_ingest(cfg: HpcadConfig, run_dir: Path) -> dict:
         res = _ingest_ranks(data_cfg, run_dir / "bench_ingest_ranks", b.ranks)
         store, parts = res.pop("store"), res.pop("parts")
     else:
-        ctx = mp.get_context("spawn")
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_ingest_child, args=(data_cfg, str(store), child))
-        proc.start()
-        res = parent.recv() if parent.poll(timeout=24 * 3600) else {}
-        proc.join()
-        if proc.exitcode != 0 or not res:
-            raise ConfigError(f"bench ingest child failed (exit {proc.exitcode}); see the log above")
+        res = in_fresh_process(_ingest_child, data_cfg, str(store), what="bench ingest")
         parts = [store]
     input_mb = sum(p.stat().st_size for p in src.glob("*.parquet")) / 2**20
     out = {"mode": "ingest", "input": b.input, "ranks": b.ranks, "nodes": b.nodes, "days": b.days,

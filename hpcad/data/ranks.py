@@ -263,6 +263,6 @@ def _write_index(data_cfg, plan: Plan, store_path: Path, results: list[Share], j
     if not parts:
         raise InputError(f"{plan.source}: no usable node" + (f" ({len(skipped)} skipped)" if skipped else ""))
     n = write_index(store_path, plan.metrics, parts, str(plan.source), plan.signature, skipped, jobs,
-                    [list(f) for f in skipped_files])
+                    skipped_files)
     wrote(store_path, [p.name for p in parts], n, plan.source, f"{data_cfg.format} format, {len(results)} ranks",
           skipped, jobs, plan.jobs, skipped_files)
