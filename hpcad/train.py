@@ -20,9 +20,10 @@ from hpcad.model.autoencoder import AutoencoderSpec, ensemble_recon, stack
 from hpcad.model.files import NodeModel, model_path
 from hpcad.preprocess import (Scaler, check_training_rows, fill_gaps, fit_rows, split_codes, training_rows, window_rows,
                               windows)
+from hpcad.model.backprop import Workspace
 from hpcad.model.budget import Budget, check_compute_config, default_chunk_cap, retry_cap_after_oom
 from hpcad.model.checkpoint import ChunkCheckpoint
-from hpcad.model.ensemble import Workspace, member_seed, node_seed, train_ensemble
+from hpcad.model.ensemble import member_seed, node_seed, train_ensemble
 from hpcad.progress import LOG_EVERY_S, Progress, elapsed_and_left
 
 if TYPE_CHECKING:

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from hpcad.model.autoencoder import AutoencoderSpec, forward, glorot_init
-from hpcad.model.ensemble import BETA1, BETA2, EPS, _shuffle_keys, input_noise, train_ensemble
+from hpcad.model.adam import BETA1, BETA2, EPS
+from hpcad.model.ensemble import _shuffle_keys, input_noise, train_ensemble
 
 CFG = NS(batch_size=32, validation_split=0.1, epochs=6, lr=1e-3, patience=3, restore_best=True)
 
@@ -84,7 +85,7 @@ def test_masked_adam_of_the_cuda_path_trains_like_the_plain_loop_and_ignores_com
     torch.optim.Adam, stopped models untouched, and a node's model still its own alone."""
     import hpcad.model.ensemble as ens
 
-    monkeypatch.setattr(ens, "_masked_adam", lambda device: True)
+    monkeypatch.setattr(ens, "masked_adam", lambda device: True)
     spec = AutoencoderSpec(hidden)
     data = [_data(n, M=M, seed=i) for i, n in enumerate([300, 157, 64])]
     seeds = [11, 22, 33]
@@ -173,7 +174,7 @@ def test_l1_code_penalty_and_deeper_models_train():
 
 def test_hand_written_gradients_match_autograd():
     from hpcad.model.autoencoder import stack
-    from hpcad.model.ensemble import Workspace, _Backprop
+    from hpcad.model.backprop import Backprop, Workspace
 
     spec, l1 = AutoencoderSpec([16, 4], code_l1=1e-2), 1e-2
     params = stack([glorot_init(spec, 12, s) for s in (1, 2, 3)], "cpu")
@@ -182,7 +183,7 @@ def test_hand_written_gradients_match_autograd():
     w_row[1, 5:] = 0.0  # a short last batch
     w_row[2] = 0.0  # a model that sits this step out
     grads = [torch.zeros_like(p) for p in params]
-    backprop = _Backprop(params, grads, 8, 2, l1, torch.float32, Workspace())
+    backprop = Backprop(params, grads, 8, 2, l1, torch.float32, Workspace())
     row_loss = backprop(x, backprop.weights(w_row))
     leaves = [p.clone().requires_grad_(True) for p in params]
     recon, code = forward(leaves, x, 2)
@@ -212,7 +213,7 @@ def test_holdout_signal_belongs_to_the_kept_weights():
 
 
 def test_workspace_reused_across_chunks_changes_nothing():
-    from hpcad.model.ensemble import Workspace
+    from hpcad.model.backprop import Workspace
 
     spec = AutoencoderSpec([8])
     ws = Workspace()
@@ -270,7 +271,7 @@ def test_a_chunk_resumed_from_its_checkpoint_ends_as_if_never_interrupted(tmp_pa
     import hpcad.model.ensemble as ens
     from hpcad.model.checkpoint import ChunkCheckpoint
 
-    monkeypatch.setattr(ens, "_masked_adam", lambda device: masked)
+    monkeypatch.setattr(ens, "masked_adam", lambda device: masked)
 
     spec = AutoencoderSpec([2])
     noise = [np.random.default_rng(s).normal(size=(n, 12)).astype(np.float32) for s, n in ((0, 100), (5, 60))]

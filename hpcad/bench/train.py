@@ -27,8 +27,9 @@ from hpcad.data.synthetic import generate_node
 from hpcad.device import precision_context, reset_peak_memory, resolve_device
 from hpcad.errors import ConfigError
 from hpcad.model.autoencoder import AutoencoderSpec, glorot_init
+from hpcad.model.backprop import Workspace
 from hpcad.model.budget import Budget, default_chunk_cap, device_bytes_per_model
-from hpcad.model.ensemble import Workspace, member_seed, node_seed, train_ensemble
+from hpcad.model.ensemble import member_seed, node_seed, train_ensemble
 from hpcad.preprocess import Scaler, fit_rows, windows
 from hpcad.progress import Progress
 from hpcad.train import model_spec

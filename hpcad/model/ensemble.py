@@ -19,7 +19,9 @@ import numpy as np
 import torch
 
 from hpcad.device import Staging, tf32_context
+from hpcad.model.adam import BatchedAdam, alloc, masked_adam, views
 from hpcad.model.autoencoder import AutoencoderSpec, forward, glorot_init, stack
+from hpcad.model.backprop import Backprop, Workspace, row_loss, sq_err
 from hpcad.preprocess import fit_rows
 
 if TYPE_CHECKING:
@@ -27,7 +29,6 @@ if TYPE_CHECKING:
     from hpcad.model.checkpoint import ChunkCheckpoint
 
 log = logging.getLogger(__name__)
-BETA1, BETA2, EPS = 0.9, 0.999, 1e-7  # the lecture's (Keras) Adam settings
 _MASK63 = (1 << 63) - 1
 _COMPACT_SHARE = 0.25  # compact the chunk once this share of its models has stopped early
 
@@ -101,12 +102,12 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
     # in one pass that rounds every model's values exactly as an update of that model alone would.
     init = stack([glorot_init(spec, M, s) for s in seeds], device)
     shapes = [tuple(p.shape[1:]) for p in init]
-    store = _alloc(shapes, K, device)
-    for p, p0 in zip(_views(store, shapes), init):
+    store = alloc(shapes, K, device)
+    for p, p0 in zip(views(store, shapes), init):
         p.copy_(p0)
     del init
-    g_store = _alloc(shapes, K, device)
-    adam = _Adam(store, g_store, float(cfg.lr), masked=_masked_adam(device))
+    g_store = alloc(shapes, K, device)
+    adam = BatchedAdam(store, g_store, float(cfg.lr), masked=masked_adam(device))
     best = [t.clone() for t in store]
     best_loss = torch.full((K,), float("inf"), device=device)
     best_signal = torch.full((K,), float("nan"), device=device)
@@ -129,7 +130,7 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
 
     def finish(idx: list[int]) -> None:
         """Take out the kept weights (best or latest) and signal level of the models at ``idx``."""
-        kept = _views(best if cfg.restore_best else store, shapes)
+        kept = views(best if cfg.restore_best else store, shapes)
         sel = torch.tensor(idx, dtype=torch.long, device=device)
         host = [t.index_select(0, sel).cpu() for t in kept]  # one copy per parameter, not per model
         for j, (k, sig) in enumerate(zip(idx, _holdout_signal(kept, n_encoder, X, n, n_va, best_signal, idx))):
@@ -157,12 +158,12 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
         start = int(state["epoch"])
         keep = torch.tensor(state["orig"], dtype=torch.long, device=device)
         compact_rows(keep)
-        store, best, g_store = (_alloc(shapes, len(keep), device) for _ in range(3))
-        moments = [_alloc(shapes, len(keep), device) for _ in range(2)]
+        store, best, g_store = (alloc(shapes, len(keep), device) for _ in range(3))
+        moments = [alloc(shapes, len(keep), device) for _ in range(2)]
         for dst, name in ((store, "store"), (best, "best"), *zip(moments, ("m", "v"))):
             for t, saved in zip(dst, state[name]):
                 t.copy_(saved)  # into fresh aligned storage, as the optimiser expects
-        adam = _Adam(store, g_store, float(cfg.lr), *moments, state["step_count"].to(device), adam.masked)
+        adam = BatchedAdam(store, g_store, float(cfg.lr), *moments, state["step_count"].to(device), adam.masked)
         best_loss, best_signal, wait, running = (state[k].to(device) for k in
                                                  ("best_loss", "best_signal", "wait", "running"))
         hist_loss, hist_val, stopped_epoch = state["hist_loss"], state["hist_val"], state["stopped_epoch"]
@@ -182,7 +183,7 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
             if not bool(running.any()):
                 break
             K = len(orig)
-            params, g_views = _views(store, shapes), _views(g_store, shapes)
+            params, g_views = views(store, shapes), views(g_store, shapes)
             X_rows = X.view(K * Nmax, M)
             keys = _shuffle_keys(seeds_t, epoch, Nmax)
             keys = torch.where(row_idx < n_tr[:, None], keys, torch.full_like(keys, _MASK63))
@@ -209,7 +210,7 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
             tail_groups: dict[int, tuple] = {}
             running_f = run_f.squeeze(1)
             loss_rows = torch.zeros(K, B, device=device)  # per-slot sums, reduced once per epoch
-            backprop = _Backprop(params, g_views, B, n_encoder, l1, cdt, buf)
+            backprop = Backprop(params, g_views, B, n_encoder, l1, cdt, buf)
             full = backprop.weights(full_w)
             for s in range(S):
                 xb = epoch_x[:, s * B:(s + 1) * B]
@@ -226,8 +227,8 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
                     active = tail_groups[first]
                 with torch.no_grad():
                     x_in = xb + noise * input_noise(seeds_t, epoch, s, (B, M)).to(device) if noise > 0 else None
-                    row_loss = backprop(xb, weights, x_in)
-                    loss_rows.addcmul_(row_loss, counted)
+                    losses = backprop(xb, weights, x_in)
+                    loss_rows.addcmul_(losses, counted)
                     adam.step(active, a)
             with torch.no_grad():
                 train_loss = loss_rows.sum(1) / n_tr.clamp(min=1)
@@ -255,7 +256,7 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
                     compact_rows(keep)
                     best_loss, best_signal, wait, running = (t[keep] for t in (best_loss, best_signal, wait, running))
                     store, best = [t[keep] for t in store], [t[keep] for t in best]
-                    g_store = _alloc(shapes, len(keep), device)
+                    g_store = alloc(shapes, len(keep), device)
                     adam = adam.select(keep, store, g_store)
             if progress is not None:
                 progress(epoch + 1, int(running.sum()))
@@ -297,143 +298,6 @@ def _upload_staged(X: torch.Tensor, data: list[np.ndarray]) -> None:
     stage.wait()
 
 
-_LINE = 16  # float32 values per 64-byte cache line (and per AVX-512 vector)
-
-
-def _alloc(shapes: list[tuple[int, ...]], K: int, device: torch.device) -> list[torch.Tensor]:
-    """Zeroed storage [K, padded size] per parameter: every model's slice starts on a 64-byte line
-    and spans whole lines (the padding stays zero: zero gradient, zero update)."""
-    return [torch.zeros(K, -(-int(np.prod(sh)) // _LINE) * _LINE, device=device) for sh in shapes]
-
-
-def _views(store: list[torch.Tensor], shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
-    """The [K, *shape] parameters inside ``_alloc`` storage (contiguous where no padding was needed)."""
-    return [t[:, : int(np.prod(sh))].view(t.shape[0], *sh) for t, sh in zip(store, shapes)]
-
-
-class _Adam:
-    """Adam for K models whose parameters are ``_alloc`` storage, each model with its own step count.
-
-    Runs the kernel behind ``torch.optim.Adam(fused=True)`` (one pass over weights, gradient and
-    moments). A model that sits a step out is left out, so its weights, moments and step count
-    stay as they are. Models that step together and share a step count form runs of consecutive
-    rows, updated as one slice per parameter (multi-threaded); since each model's slice is whole
-    cache lines, the kernel's vector lanes and thread splits fall on the same element positions as
-    for that model alone, so a model's update never depends on which other models share its
-    chunk. Semantics are those of ``torch.optim.Adam(lr, eps=1e-7)``.
-    """
-
-    def __init__(self, params: list[torch.Tensor], grads: list[torch.Tensor], lr: float,
-                 m: list[torch.Tensor] | None = None, v: list[torch.Tensor] | None = None,
-                 step_count: torch.Tensor | None = None, masked: bool = False) -> None:
-        self.lr, self.params, self.grads, self.masked = lr, params, grads, masked
-        self.m = m if m is not None else [torch.zeros_like(p) for p in params]
-        self.v = v if v is not None else [torch.zeros_like(p) for p in params]
-        # float32, as torch.optim keeps it and the fused kernel reads it (whatever the default dtype)
-        K = params[0].shape[0]
-        self.step_count = (torch.zeros(K, dtype=torch.float32, device=params[0].device)
-                           if step_count is None else step_count)
-        self.steps = list(self.step_count.unbind(0))
-        self.counts = np.array(self.step_count.tolist(), dtype=np.int64)  # host copy: grouping never syncs
-
-    def select(self, keep: torch.Tensor, params: list[torch.Tensor], grads: list[torch.Tensor]) -> "_Adam":
-        """The state of the models at ``keep``, for the compacted ``params``/``grads`` storage."""
-        return _Adam(params, grads, self.lr, [t[keep] for t in self.m], [t[keep] for t in self.v],
-                     self.step_count[keep], self.masked)
-
-    def group(self, active: list[int]) -> tuple:
-        """The slices of the models in ``active`` (build once, step many times while the same
-        models step together): one per run of consecutive models with equal step counts."""
-        if self.masked:  # every model's rows, the inactive ones masked out in step()
-            return self.params, self.grads, self.m, self.v, [], np.array(sorted(active), dtype=np.int64)
-        counts = self.counts
-        runs: list[list[int]] = []
-        for k in sorted(active):
-            if runs and runs[-1][1] == k and counts[runs[-1][0]] == counts[k]:
-                runs[-1][1] = k + 1
-            else:
-                runs.append([k, k + 1])
-        out: tuple[list[torch.Tensor], ...] = ([], [], [], [], [])
-        for a, b in runs:
-            for i in range(len(self.params)):
-                for dst, src in zip(out, (self.params, self.grads, self.m, self.v)):
-                    dst.append(src[i][a:b])
-                out[4].append(self.steps[a])
-        return (*out, np.array(sorted(active), dtype=np.int64))
-
-    def step(self, group: tuple[list[torch.Tensor], ...], active: torch.Tensor) -> None:
-        """One update of the models in ``group``; ``active`` is the 0/1 mask [K] of the same models."""
-        p, g, m, v, steps, idx = group
-        if not p or not len(idx):
-            return
-        self.step_count.add_(active)
-        self.counts[idx] += 1
-        if self.masked:
-            self._masked_step(active)
-            return
-        torch._fused_adam_(p, g, m, v, [], steps, lr=self.lr, beta1=BETA1, beta2=BETA2, weight_decay=0.0,
-                           eps=EPS, amsgrad=False, maximize=False)
-
-    def _masked_step(self, active: torch.Tensor) -> None:
-        """The same update for all K models at once, each with its own step count and bias
-        correction, inactive models (``active`` 0) left exactly as they are: a few element-wise
-        passes instead of one fused kernel per run of models. On CUDA, models of different lengths
-        split the fused kernel's runs into thousands of one-model slices (40x slower per step,
-        docs/benchmarks.md); element-wise, a model's update still depends on its own values only."""
-        # in the fused kernel's order: bias corrections in float64, then float32 element-wise
-        on = active[:, None] > 0
-        c = self.step_count[:, None].double().clamp(min=1)
-        step_size = torch.where(on, self.lr / (1 - BETA1 ** c), 0.0).float()
-        bc2_sqrt = torch.sqrt(1 - BETA2 ** c).float()
-        b1 = torch.where(on, BETA1, 1.0).float()
-        b2 = torch.where(on, BETA2, 1.0).float()
-        for p, g, m, v in zip(self.params, self.grads, self.m, self.v):
-            gm = torch.where(on, g, 0.0)
-            m.mul_(b1).add_(gm * (1 - BETA1))
-            v.mul_(b2).add_(gm * gm * (1 - BETA2))
-            p.sub_(step_size * m / (v.sqrt() / bc2_sqrt + EPS))
-
-
-def _masked_adam(device: torch.device) -> bool:
-    """Whether training on ``device`` uses :meth:`_Adam._masked_step` (CUDA) or the fused kernel (CPU,
-    where its per-run loop is cheap and it is bit-compatible with ``torch.optim.Adam``)."""
-    return device.type == "cuda"
-
-
-class Workspace:
-    """Scratch tensors reused from step to step and from chunk to chunk (pass one to successive
-    ``train_ensemble`` calls): a fresh megabyte-sized CPU tensor costs page faults that, for these
-    small matmuls, take as long as the arithmetic. Each name keeps the largest storage asked for."""
-
-    def __init__(self) -> None:
-        self._t: dict[str, torch.Tensor] = {}
-        self._views: dict[tuple, torch.Tensor] = {}  # (name, shape, device) -> view of _t[name]
-
-    def __call__(self, name: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        key = (name, tuple(shape), str(device))
-        view = self._views.get(key)
-        if view is not None:
-            return view
-        numel = int(np.prod(shape))
-        device = torch.device(device)
-        t = self._t.get(name)
-        if t is None or t.numel() < numel or t.device.type != device.type or (
-                device.index is not None and t.device.index != device.index):
-            t = self._t[name] = torch.empty(numel, device=device)
-            self._views = {k: v for k, v in self._views.items() if k[0] != name}  # views of the old storage
-        view = self._views[key] = t[:numel].view(shape)
-        return view
-
-
-def _mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cdt: torch.dtype,
-        bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``out = bias + a @ b`` (batched), the product in ``cdt``; written into ``out`` (float32)."""
-    if cdt == torch.float32:
-        return torch.bmm(a, b, out=out) if bias is None else torch.baddbmm(bias, a, b, out=out)
-    r = torch.bmm(a.to(cdt), b.to(cdt)) if bias is None else torch.baddbmm(bias.to(cdt), a.to(cdt), b.to(cdt))
-    return out.copy_(r)
-
-
 VAL_BLOCK = 128  # validation rows per forward pass and per partial sum
 
 
@@ -456,9 +320,9 @@ def _holdout_eval(params, n_encoder, xv, mask, l1: float) -> tuple[torch.Tensor,
     for s in range(0, xv.shape[1], VAL_BLOCK):
         x, m = xv[:, s:s + VAL_BLOCK], mask[:, s:s + VAL_BLOCK]
         recon, code = forward(params, x, n_encoder)
-        sq = _sq_err(recon.float().sub_(x))
+        sq = sq_err(recon.float().sub_(x))
         signal += (sq * m).sum(1)
-        loss += (_row_loss(sq, x.shape[-1], code.float(), l1) * m).sum(1)
+        loss += (row_loss(sq, x.shape[-1], code.float(), l1) * m).sum(1)
     count = mask.sum(1).clamp(min=1)
     return loss / count, signal / count
 
@@ -474,107 +338,6 @@ def _holdout_signal(params, n_encoder, X, n, n_va, val_signal, idx: list[int]) -
         if rows_va[k] == 0 or v != v:
             x = X[k:k + 1, : rows[k]]
             r, _ = forward([p[k:k + 1] for p in params], x, n_encoder)
-            v = float(_sq_err(r - x).mean())
+            v = float(sq_err(r - x).mean())
         out.append(max(v, 1e-12))
     return out
-
-
-def _sq_err(diff: torch.Tensor) -> torch.Tensor:
-    """Per-row sum of squared errors (the alarm signal), in one pass over ``diff``."""
-    return torch.linalg.vector_norm(diff, dim=-1).square_()
-
-
-def _row_loss(sq_err: torch.Tensor, n_metrics: int, code: torch.Tensor, l1: float) -> torch.Tensor:
-    """The training objective per row: mean squared reconstruction error (+ L1 on the code)."""
-    loss = sq_err / n_metrics
-    return loss + l1 * code.abs().sum(-1) if l1 > 0 else loss
-
-
-class _Backprop:
-    """Forward and hand-written backward of K dense autoencoders on one batch [K, B, M] per step,
-    gradients written into ``grads``; returns each row's loss [K, B]. Built once per epoch (views,
-    transposes, buffers), so a step issues only its arithmetic: at these sizes Python and dispatch
-    time per call is a visible share of a step.
-
-    The objective is sum over rows of ``w_row`` x (mean squared error + ``l1`` x |code|_1): the
-    same as autograd through ``forward`` (test_ensemble checks both against a plain loop), without
-    building a graph for a few tiny matmuls per step. The row weights of the output layer are folded
-    into its narrower input (hidden width, not metric count). Matmuls run in ``cdt`` (float32, or
-    bfloat16 for ``compute.precision=bf16``) into reused buffers; everything else in float32.
-    """
-
-    def __init__(self, params: list[torch.Tensor], grads: list[torch.Tensor], batch: int, n_encoder: int,
-                 l1: float, cdt: torch.dtype, buf: Workspace) -> None:
-        K, M = params[0].shape[:2]
-        dev = params[0].device
-        self.M, self.n_encoder, self.l1, self.cdt, self.grads = M, n_encoder, l1, cdt, grads
-        self.W, self.WT = params[0::2], [W.transpose(1, 2) for W in params[0::2]]
-        self.b = [b.unsqueeze(1) for b in params[1::2]]
-        self.acts = [buf(f"a{i}", (K, batch, W.shape[2]), dev) for i, W in enumerate(self.W)]
-        # gradient w.r.t. the input of each layer but the first (the data needs none)
-        self.d = {i: buf(f"d{i}", (K, batch, W.shape[1]), dev) for i, W in enumerate(self.W) if i > 0}
-        self.hw = buf("hw", self.d[len(self.W) - 1].shape, dev)
-        self.dw = buf("dw", self.acts[-1].shape, dev)
-        # Gradients: written by the matmul in place where the parameter is a contiguous tensor;
-        # otherwise (padded storage) through a contiguous scratch tensor, as a matmul writing into a
-        # strided output is several times slower.
-        self.targets = []
-        for i, g in enumerate(grads):
-            g = g.view(K, -1, g.shape[-1])
-            self.targets.append((g, None if g.is_contiguous() else buf(f"g{i}", g.shape, dev)))
-
-    def weights(self, w_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row factors of a step with row weights ``w_row`` (reusable while they stay the same)."""
-        return w_row, (w_row * (2.0 / self.M)).unsqueeze(-1)
-
-    def _grad(self, i: int, a: torch.Tensor, b: torch.Tensor, dt: torch.dtype) -> None:
-        dst, scratch = self.targets[i]
-        if scratch is None or dt != torch.float32:
-            _mm(dst, a, b, dt)
-        else:
-            dst.copy_(_mm(scratch, a, b, dt))
-
-    def __call__(self, x: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor],
-                 x_in: torch.Tensor | None = None) -> torch.Tensor:
-        """``x``: the batch and the reconstruction target; ``x_in``: the input when it differs
-        (denoising: the batch plus noise)."""
-        w_row, w = weights
-        cdt, l1, acts, n_encoder = self.cdt, self.l1, self.acts, self.n_encoder
-        last = len(self.W) - 1
-        x_in = x if x_in is None else x_in
-        h = x_in
-        for layer in range(last):
-            h = _mm(acts[layer], h, self.W[layer], cdt, self.b[layer]).relu_()
-        if cdt == torch.float32:  # diff = (b - x) + h @ W in one matmul pass (no bias copy, no subtraction)
-            diff = torch.sub(self.b[last], x, out=acts[last]).baddbmm_(h, self.W[last])
-        else:  # the product in low precision, the difference in float32
-            diff = _mm(acts[last], h, self.W[last], cdt, self.b[last]).sub_(x)
-        row_loss = _row_loss(_sq_err(diff), self.M, acts[n_encoder - 1], l1)
-        # Output layer (linear): dL/dz = diff * w, w = w_row * 2/M per row. Fold w into h (width H < M);
-        # h is a ReLU output (zero where the unit is off), so h * w needs no mask.
-        h_in = acts[last - 1]
-        self._grad(2 * last, torch.mul(h_in, w, out=self.hw).transpose(1, 2), diff, cdt)
-        # Output bias: the batch sum of diff * w, written straight into its storage (each model's row
-        # starts on a cache line). A 1-row matmul into a packed scratch row rounded differently for a
-        # model at another chunk position (seen at 159 metrics), breaking companion independence.
-        torch.sum(torch.mul(diff, w, out=self.dw), 1, keepdim=True, out=self.targets[2 * last + 1][0])
-        dh = _mm(self.d[last], diff, self.WT[last], cdt).mul_(w)
-        if l1 > 0 and last == n_encoder:  # the code feeds the output layer directly
-            dh.add_((l1 * w_row).unsqueeze(-1))
-        dz = _relu_backward(dh, h_in)
-        for layer in range(last - 1, -1, -1):
-            h_in = x_in if layer == 0 else acts[layer - 1]
-            self._grad(2 * layer, h_in.transpose(1, 2), dz, cdt)
-            torch.sum(dz, 1, out=self.grads[2 * layer + 1])
-            if layer == 0:
-                break
-            dh = _mm(self.d[layer], dz, self.WT[layer], cdt)
-            if l1 > 0 and layer == n_encoder:  # the code is the (post-ReLU) output of layer n_encoder - 1
-                dh.add_(l1 * torch.sign(h_in) * w_row.unsqueeze(-1))
-            dz = _relu_backward(dh, h_in)
-        return row_loss
-
-
-def _relu_backward(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``grad`` where the ReLU output ``out`` is positive, else 0, in place (one pass, no mask tensor)."""
-    return torch.ops.aten.threshold_backward.grad_input(grad, out, 0, grad_input=grad)
