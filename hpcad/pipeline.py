@@ -258,7 +258,7 @@ def stage_threshold(cfg: HpcadConfig, run_dir: Path) -> dict:
 def stage_report(cfg: HpcadConfig, run_dir: Path) -> Path | None:
     if not cfg.report.enabled or _left_to_rank_zero("report"):
         return None
-    from hpcad.report import write_report
+    from hpcad.report.page import write_report
 
     errors = _errors(run_dir)
     path = run_dir / "thresholds.json"

@@ -260,7 +260,7 @@ def test_help_and_a_misspelt_stage_answer_without_loading_the_pipeline():
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip().splitlines()[-1] == "0 2 []" and "unknown stage 'trian'" in out.stderr
     # the stages after scoring (threshold, report) never load torch: 1.2 s of every rank's start
-    probe = ("import sys, hpcad.pipeline, hpcad.report, hpcad.threshold.evaluate, hpcad.explain, hpcad.excess, "
+    probe = ("import sys, hpcad.pipeline, hpcad.report.page, hpcad.threshold.evaluate, hpcad.explain, hpcad.excess, "
              "hpcad.model.files; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip().splitlines()[-1] == "False", out.stderr[-2000:]

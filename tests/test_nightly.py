@@ -341,7 +341,7 @@ def test_drift_is_a_sustained_rise_over_the_nodes_baseline(tmp_path):
 
 
 def test_overview_bins_hours_days_or_rows():
-    from hpcad.report import overview_grid
+    from hpcad.report.plots import overview_grid
     from hpcad.errorstore import NodeSignal
     from hpcad.threshold.rules import Thresholds
 

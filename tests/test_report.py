@@ -1,10 +1,11 @@
-"""The report stage in process (hpcad/report.py): what the page says, the node pages it links, the
+"""The report stage in process (hpcad/report/): what the page says, the node pages it links, the
 escaping of names from the data, and the warnings it must not drop."""
 import csv
 import re
 
 from hpcad.errorstore import ErrorStore
-from hpcad.report import alarms_table, html_table, write_report
+from hpcad.report.markup import alarms_table, html_table
+from hpcad.report.page import write_report
 from hpcad.score import score_nodes
 from hpcad.threshold.rules import Thresholds
 

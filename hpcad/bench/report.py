@@ -30,7 +30,7 @@ def bench_report(cfg: HpcadConfig, run_dir: Path) -> dict:
     each alarmed node gets one 30-row burst on 5 metrics)."""
     from hpcad.data.h5 import h5_writing
     from hpcad.data.store import STR
-    from hpcad.report import write_report
+    from hpcad.report.page import write_report
     from hpcad.errorstore import FORMAT, ErrorStore
     from hpcad.score import _write_node_errors
     from hpcad.threshold.cost import CostModel

@@ -98,7 +98,7 @@ def build_night(cfg: HpcadConfig, day: dt.date, src: Path, out: Path, tmp: Path,
     records, incidents, confirmed = _alarms(t, store, errors, th, signals)
     levels, verdicts, drifted, refits = _drift_and_light(t, errors, th, signals)
     if cfg.report.enabled:
-        from hpcad.report import write_report
+        from hpcad.report.page import write_report
 
         write_report(t.dcfg, tmp, errors, t.models_dir, title=f"hpcad nightly {t.iso}",
                      extra=nightly_sections(t.iso, src, new, verdicts, refits, n, incidents,

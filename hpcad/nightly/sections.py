@@ -55,7 +55,8 @@ def node_history(out: Path, iso: str, levels: list[dict], incidents: list[dict],
 
 def nightly_sections(iso: str, src: Path, new: list[str], verdicts: list[dict], refits: list[dict], n: NightlyConfig,
                       incidents: list[dict], trend: list[list] | None = None) -> list[str]:
-    from hpcad.report import html_table, trend_plot
+    from hpcad.report.markup import html_table
+    from hpcad.report.plots import trend_plot
 
     parts = [f"<p>night {iso} (site time zone {html.escape(n.timezone)}); input <code>{html.escape(str(src))}</code>.</p>"]
     if trend:

@@ -1,0 +1,75 @@
+"""The report's HTML: tables (the alarms table sorts and filters in the page itself, no libraries),
+cell formatting and the page around the parts."""
+from __future__ import annotations
+
+import html
+import math
+
+
+SORTABLE = """<script>
+function hpcadTable(id){const t=document.getElementById(id),f=document.getElementById(id+'-filter');
+const rows=()=>[...t.tBodies[0].rows];
+t.tHead.querySelectorAll('th').forEach((th,i)=>th.onclick=()=>{const asc=th.dataset.dir!=='asc';
+t.tHead.querySelectorAll('th').forEach(h=>delete h.dataset.dir);th.dataset.dir=asc?'asc':'desc';
+const key=r=>{const v=r.cells[i].dataset.v??r.cells[i].textContent;const n=parseFloat(v);return isNaN(n)||!/^[-+0-9.eE]+$/.test(v)?v:n};
+rows().sort((a,b)=>{const x=key(a),y=key(b);const c=(typeof x===typeof y)?(x<y?-1:x>y?1:0):(typeof x==='number'?-1:1);return asc?c:-c})
+.forEach(r=>t.tBodies[0].appendChild(r));});
+f.oninput=()=>{const q=f.value.toLowerCase();let n=0;rows().forEach(r=>{const s=r.textContent.toLowerCase().includes(q);
+r.style.display=s?'':'none';n+=s});document.getElementById(id+'-count').textContent=n;};}
+</script>"""
+
+
+def alarms_table(alarms: list[dict], link, table_id: str = "alarms") -> str:
+    """All alarms as a table sorted by clicking a header and filtered by a text box (no libraries:
+    the page stays one offline file); the node cell links to ``link(node)`` when that gives a URL."""
+    cols = ["node", "start", "end", "rows", "split", "peak_score", "label_classes", "top_metrics", "jobs", "users"]
+    head = "".join(f"<th title='click to sort'>{html.escape(c)}</th>" for c in cols)
+    body = []
+    for a in alarms:
+        cells = []
+        for c in cols:
+            v = a.get(c, "")
+            text = fmt(number(v)) if c in ("rows", "peak_score") else str(v or "")
+            if c == "node" and link(v):
+                cells.append(f"<td><a href='{html.escape(link(v))}'>{html.escape(text)}</a></td>")
+            elif c == "top_metrics":  # names only (the errors are in alarms.csv / alarms.json)
+                cells.append(f"<td>{html.escape(' '.join(t.rsplit(':', 1)[0] for t in text.split()))}</td>")
+            else:
+                cells.append(f"<td data-v='{html.escape(str(v or ''))}'>{html.escape(text)}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return (f"<p>filter: <input id='{table_id}-filter' placeholder='node, time, metric, job...'> "
+            f"<span id='{table_id}-count'>{len(alarms)}</span> of {len(alarms)} alarms shown; click a header to "
+            f"sort.</p><table id='{table_id}'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+            f"<script>hpcadTable('{table_id}')</script>")
+
+
+def number(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return v
+
+
+def html_table(rows: list[list], header: list[str]) -> str:
+    h = "".join(f"<th>{html.escape(str(c))}</th>" for c in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(fmt(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{h}</tr>{body}</table>"
+
+
+def fmt(v) -> str:
+    """A table cell: floats to 3 significant digits, but 1,000 and more in full (a cost of 1,380 rows,
+    not 1.38e+03)."""
+    if isinstance(v, float):
+        return f"{v:,.0f}" if math.isfinite(v) and abs(v) >= 1000 else f"{v:.3g}"
+    return "" if v is None else str(v)
+
+
+STYLE = ("body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;font-size:12px}"
+         "td,th{border:1px solid #ccc;padding:2px 6px}th{cursor:pointer;background:#f4f4f4}"
+         "th[data-dir=asc]::after{content:' \\25B2'}th[data-dir=desc]::after{content:' \\25BC'}"
+         "img{display:block;margin:6px 0}.warning{background:#fff3cd;border:1px solid #e0b000;padding:6px}")
+
+
+def page(title: str, parts: list[str]) -> str:
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{STYLE}</style>{SORTABLE}</head><body>{''.join(parts)}</body></html>\n")

@@ -1,0 +1,89 @@
+"""``nodes/<node>.html``: one page per alarmed node (its alarms, signal, the metrics behind them and
+its last nights), drawn by worker processes."""
+from __future__ import annotations
+
+import html
+import os
+from pathlib import Path
+
+from hpcad.atomic import write_text
+from hpcad.errorstore import ErrorStore
+from hpcad.model.files import NodeModel, model_path
+from hpcad.report.markup import alarms_table, html_table, page
+from hpcad.report.plots import AlarmWindow, heatmap, signal_plot, values_plot
+from hpcad.threshold.rules import Thresholds
+
+
+def node_pages(run_dir: Path, errors: ErrorStore, th: Thresholds, nodes: list[str], alarms: list[dict],
+                time_unit: str, title: str, store=None, models_dir: Path | None = None,
+                workers: int | None = None, history: dict[str, list[list]] | None = None) -> dict[str, str]:
+    """``nodes/<node>.html`` for each alarmed node in ``nodes`` (its alarms, signal and the metrics
+    behind them, and its ``history`` over earlier nights where given), drawn by ``workers``
+    processes (default: the CPUs, at most 8; plots are most of a report's time); pages of nodes no
+    longer listed are removed. Returns node -> relative link."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+    from urllib.parse import quote
+
+    folder = run_dir / "nodes"
+    job = (run_dir, errors.path, th.to_dict(), time_unit, title, None if store is None else store.path, models_dir)
+    _OPENED.clear()  # files of an earlier report (same paths, rewritten since) are not reused
+    groups = [(node, [a for a in alarms if a["node"] == node], (history or {}).get(node)) for node in nodes]
+    n = max(1, min(workers or min(os.cpu_count() or 1, 8), len(groups)))
+    if n == 1:
+        for node, mine, hist in groups:
+            _node_page(job, node, mine, hist)
+    else:
+        if store is not None and models_dir is not None:
+            # the pages load model files (torch.load): torch imported once here, before the fork, not
+            # once in every worker (1.5-2.5 s of CPU each; `hpcad report` has not imported it yet)
+            import importlib
+
+            importlib.import_module("torch")
+        with ProcessPoolExecutor(n, mp_context=get_context("fork")) as pool:
+            # pages in chunks of up to 4 (less pickling), but never so few chunks that workers stay idle
+            chunk = min(4, max(1, len(groups) // (4 * n)))
+            list(pool.map(_node_page, [job] * len(groups), *zip(*groups), chunksize=chunk))
+    links = {node: f"nodes/{quote(node)}.html" for node in nodes}
+    if folder.exists():
+        for old in folder.glob("*.html"):
+            if old.stem not in links:
+                old.unlink()
+    return links
+
+
+HISTORY_HEADER = ["night", "level (median signal / normal)", "alarmed rows", "incident"]
+
+_OPENED: dict = {}  # per worker process: files opened once, not once per page
+
+
+def _opened(kind, path: Path):
+    if (kind, path) not in _OPENED:
+        _OPENED[(kind, path)] = kind(path)
+    return _OPENED[(kind, path)]
+
+
+def _node_page(job: tuple, node: str, mine: list[dict], history: list[list] | None = None) -> None:
+    """One node's page (a worker of :func:`node_pages`: everything it needs comes by path)."""
+    run_dir, errors_path, th_dict, time_unit, title, store_path, models_dir = job
+    errors, th = _opened(ErrorStore, errors_path), Thresholds.from_dict(th_dict)
+    s = next(errors.signals([node]))
+    parts = [f"<p><a href='../report.html'>&larr; {html.escape(title)}</a></p><h1>{html.escape(node)}</h1>",
+             f"<p>{len(mine)} alarm(s); threshold {th.threshold_for(node):.4g} on the "
+             f"{'normalised ' if th.normalised else ''}signal ({th.rule}, {th.scope} scope).</p>",
+             signal_plot(s, th, time_unit)]
+    win = AlarmWindow(errors, s, th, time_unit)
+    parts.append(heatmap(errors, s, th, time_unit, win))
+    model = model_path(models_dir, node) if models_dir is not None else None
+    if store_path is not None and model is not None and model.exists():
+        from hpcad.data.store import TelemetryStore
+
+        store = _opened(TelemetryStore, store_path)
+        if node in store.nodes:
+            nm, values = NodeModel.load(model), store.read(node).values
+            if nm.metrics == errors.metrics and values.shape == (len(s.signal), len(nm.metrics)):
+                parts.append(values_plot(errors, s, th, values, nm.scaler, time_unit, win))
+    parts.append("<h2>Alarms</h2>" + alarms_table(mine, lambda n: None, "node-alarms"))
+    if history:
+        parts.append("<h2>This node over the last nights</h2>" + html_table(history, HISTORY_HEADER))
+    write_text(run_dir / "nodes" / f"{node}.html", page(f"{node} - {title}", parts))

@@ -1,0 +1,132 @@
+"""``report.html``: the run's (or a night's) report, one static page that opens offline, with a page
+per alarmed node (:mod:`hpcad.report.nodes`)."""
+from __future__ import annotations
+
+import csv
+import html
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from hpcad.atomic import write_text
+from hpcad.errorstore import ErrorStore
+from hpcad.report.markup import alarms_table, html_table, page
+from hpcad.report.nodes import node_pages
+from hpcad.report.plots import curves, heatmap, overview, profile_plot, signal_plot
+from hpcad.threshold.rules import Thresholds
+
+if TYPE_CHECKING:
+    from hpcad.config import HpcadConfig
+
+
+def write_report(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, models_dir: Path, title: str = "hpcad report",
+                 extra: list[str] | None = None, folder: Path | None = None,
+                 node_history: dict[str, list[list]] | None = None) -> Path:
+    """The run's (or a night's) report; ``extra`` HTML sections go after the overview; ``folder`` is
+    the folder named on the page when ``run_dir`` is a temporary one that will be renamed;
+    ``node_history`` (node -> rows of :data:`hpcad.report.nodes.HISTORY_HEADER`, newest first) goes on the node pages."""
+    th = Thresholds.load(run_dir / "thresholds.json")
+    metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else None
+    alarms = list(csv.DictReader(open(run_dir / "alarms.csv"))) if (run_dir / "alarms.csv").exists() else []
+    per_node_alarms: dict[str, int] = {}
+    for a in alarms:
+        per_node_alarms[a["node"]] = per_node_alarms.get(a["node"], 0) + 1
+    ranked = sorted(errors.nodes, key=lambda n: (-per_node_alarms.get(n, 0), n))  # most alarms first
+    shown = ranked[: cfg.report.max_nodes_plotted]
+    parts = [f"<h1>{html.escape(title)}</h1><p>run folder: <code>{html.escape(str(folder or run_dir))}</code>; "
+             f"{len(errors.nodes)} nodes, {len(errors.metrics)} metrics; threshold rule <b>{th.rule}</b> "
+             f"({th.scope} scope); {len(alarms)} alarm events on {len(per_node_alarms)} nodes.</p>"]
+    unlabelled = th.details.get("unlabelled_nodes")
+    if unlabelled:  # the rule named above did not set these nodes' thresholds (written with details.fallback)
+        parts.append(f"<p>{unlabelled} of {len(th.nodes)} nodes have no labels: their thresholds are the quantile "
+                     f"rule's (q={th.details['fallback']['q']:g} of the signal), not the {th.rule} rule's "
+                     f"(threshold.fallback).</p>")
+    store_path = run_dir / "store.h5"
+    if not store_path.exists() and str(cfg.data.source or "").lower().endswith((".h5", ".hdf5")):
+        store_path = Path(cfg.data.source)  # a store used in place
+    time_unit = "s"
+    store = None
+    if store_path.exists():
+        from hpcad.data.store import TelemetryStore
+
+        store = TelemetryStore(store_path)
+        skipped = store.skipped
+        time_unit = store.time_unit(store.nodes[0]) if store.nodes else "s"
+        if skipped:
+            parts.append(f"<h2>Skipped nodes ({len(skipped)})</h2><p>Bad input; these nodes were not scored.</p>"
+                         + html_table(skipped, ["node", "reason"]))
+        if store.skipped_files:
+            parts.append(f"<h2>Skipped input files ({len(store.skipped_files)})</h2><p>Bad input (data.on_bad_node="
+                         f"skip); every node's rows in these files are missing.</p>"
+                         + html_table(store.skipped_files, ["file", "reason"]))
+    in_overview = ranked[: cfg.report.max_nodes_overview]
+    if in_overview:
+        parts.append("<h2>Cluster overview</h2>" + overview(errors, th, sorted(in_overview), time_unit))
+        if len(in_overview) < len(errors.nodes):
+            parts.append(f"<p>{len(in_overview)} of {len(errors.nodes)} nodes shown (most alarms first; "
+                         f"report.max_nodes_overview).</p>")
+    parts += extra or []
+    if metrics:
+        rows = []
+        for name, res in [("autoencoder", metrics)] + [(k, v) for k, v in metrics.get("baselines", {}).items()]:
+            for split in ("train", "val", "test"):
+                s = res["splits"][split]
+                if s.get("rows") == 0:  # e.g. a nightly run scores test rows only
+                    continue
+                rows.append([name, split, s["cost"], s["false_alarms"], s["missed"], s["precision"], s["recall"], s["f1"]])
+        ranks = []
+        for name, res in [("autoencoder", metrics)] + [(k, v) for k, v in metrics.get("baselines", {}).items()]:
+            for split in ("val", "test", "eval"):
+                r = res["splits"].get(split, {}).get("ranking")
+                if r and r.get("nodes"):
+                    ranks.append([name, "val + test" if split == "eval" else split, r["nodes"], r["ap"],
+                                  r["roc_auc"], r["best_f1"]])
+        parts.append("<h2>Detection quality</h2><p>Threshold-free (mean over nodes with both classes; no point "
+                     "adjustment):</p>" + html_table(ranks, ["detector", "rows", "nodes", "average precision",
+                                                         "ROC-AUC", "best F1"]))
+        parts.append("<p>At the fitted thresholds:</p>" + html_table(rows, [
+            "detector", "split", "cost", "false alarms", "missed", "event precision", "event recall", "event F1"]))
+        cm = metrics["cost_model"]
+        parts.append(f"<p>cost = {cm['c_alarm']} x false alarms + {cm['c_missed']} x missed anomalies, "
+                     f"tolerance +-{cm['tolerance']} rows.</p>")
+    check = th.details.get("check") or {}
+    if check.get("verdict") in ("never_alarm", "always_alarm") or check.get("always_alarm_nodes"):
+        what = {"never_alarm": "raises no alarm on any row it was fitted on: it will probably never alarm",
+                "always_alarm": f"alarms on {100 * check.get('alarm_share', 0):.0f}% of the rows it was fitted on",
+                }.get(check.get("verdict"), f"alarms on most rows of {check.get('always_alarm_node_count')} node(s): "
+                                            + ", ".join(check.get("always_alarm_nodes", [])[:10]))
+        parts.insert(1, f"<p class='warning'><b>Threshold warning:</b> the {th.rule} threshold "
+                        f"({th.scope} scope) {html.escape(what)}.</p>")
+    not_normal = check.get("not_normal_fit_nodes") or {}
+    if not_normal:  # an unsupervised fit on a period that holds incidents (hpcad.threshold.rules.check_thresholds)
+        named = ", ".join(f"{n} {v:g}x" for n, v in list(not_normal.items())[:10])
+        parts.insert(1, f"<p class='warning'><b>Threshold warning:</b> on {check.get('not_normal_fit_node_count')} "
+                        f"node(s) the rows the {th.rule} threshold took as normal (none labelled as anomalies) sit "
+                        f"far above the node's normal level (median signal, times its held-out training level: "
+                        f"{html.escape(named)}). That period likely holds incidents or a changed workload, and the "
+                        f"threshold sits among them: label them (data.label_column, threshold=cost) or apply "
+                        f"thresholds fitted on a quiet period (train_run=).</p>")
+    paged = [n for n in ranked if per_node_alarms.get(n)][: int(cfg.report.max_node_pages)]
+    pages = node_pages(run_dir, errors, th, paged, alarms, time_unit, title, store, models_dir,
+                        history=node_history)
+
+    def link(node: str) -> str | None:
+        return pages.get(node)
+
+    parts.append("<h2>Alarm signal</h2>" + (f"<p>{len(pages)} alarmed node(s) have their own page (follow a node "
+                                             f"in the alarms table).</p>" if pages else ""))
+    sigs = {s.node: s for s in errors.signals(shown)}
+    for n in shown:
+        parts.append((f"<p><a href='{html.escape(pages[n])}'>{html.escape(n)}</a></p>" if n in pages else "")
+                     + signal_plot(sigs[n], th, time_unit))
+    if shown:
+        parts.append("<h2>Per-metric error</h2>" + heatmap(errors, sigs[shown[0]], th, time_unit))
+    if metrics and metrics.get("class_profiles"):
+        parts.append("<h2>Mean error profile per class</h2>")
+        parts += [profile_plot(c, p) for c, p in metrics["class_profiles"].items()]
+    parts.append("<h2>Training</h2>" + curves(models_dir, shown[:8]))
+    if alarms:
+        parts.append(f"<h2>Alarms ({len(alarms)})</h2>" + alarms_table(alarms, link))
+    out = run_dir / "report.html"
+    write_text(out, page(title, parts))
+    return out

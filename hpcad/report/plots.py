@@ -1,0 +1,228 @@
+"""The report's plots, each returned as an embedded PNG (``<img>`` with a data URI), so that a
+report stays one file that opens offline. Only this module of the report imports matplotlib."""
+from __future__ import annotations
+
+import base64
+import io
+import logging
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+logging.getLogger("matplotlib").setLevel(logging.WARNING)  # its font-cache and backend chatter
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from hpcad.errorstore import ErrorStore  # noqa: E402
+from hpcad.model.files import NodeModel, model_path  # noqa: E402
+from hpcad.threshold.rules import Thresholds  # noqa: E402
+
+CLASS_NAMES = {"0": "normal", "1": "class 1 (e.g. power-saving governor)", "2": "class 2 (e.g. performance governor)",
+               "3": "class 3 (e.g. memory leak)", "4": "class 4 (e.g. CPU contention)"}
+
+
+def _png(fig, margins: dict | None = None, dpi: int = 90) -> str:
+    """The figure as an embedded PNG. ``margins`` (subplots_adjust arguments) instead of a tight
+    bounding box: half the drawing time, for the plots drawn once per alarmed node."""
+    buf = io.BytesIO()
+    if margins:
+        fig.subplots_adjust(**margins)
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches=None if margins else "tight")
+    plt.close(fig)
+    return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def _x(s, time_unit: str) -> np.ndarray:
+    """The plots' x values: UTC times when the input had timestamps, else row numbers."""
+    return s.timestamp.astype("datetime64[s]") if time_unit == "s" else np.arange(len(s.timestamp))
+
+
+def _spans(ax, x: np.ndarray, mask: np.ndarray | None, color: str, alpha: float = 0.25) -> None:
+    if mask is None or not mask.any():
+        return
+    d = np.diff(np.r_[0, mask.astype(int), 0])
+    for a, b in zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1)):
+        ax.axvspan(x[a], x[b - 1], color=color, alpha=alpha, lw=0)
+
+
+def signal_plot(s, th: Thresholds, time_unit: str = "s") -> str:
+    sig, t = th.signal_of(s), th.threshold_for(s.node)
+    x = _x(s, time_unit)
+    fig, ax = plt.subplots(figsize=(11, 2.6))
+    ax.plot(x, sig, lw=0.6, color="tab:blue", label="alarm signal")
+    ax.axhline(t, color="tab:red", lw=1, label="threshold")
+    _spans(ax, x, None if s.labels is None else s.labels != 0, "tab:orange")
+    _spans(ax, x, sig > t, "tab:red", 0.12)
+    for code, ls in ((1, ":"), (2, "--")):
+        idx = np.flatnonzero(s.split == code)
+        if idx.size:
+            ax.axvline(x[idx[0]], color="grey", ls=ls, lw=0.8)
+    if np.nanmin(sig) > 0:
+        ax.set_yscale("log")
+    ax.set_title(f"{s.node}: signal vs threshold (orange = labelled anomaly, red = alarmed; dotted/dashed = "
+                 f"validation/test start)", fontsize=9)
+    ax.set_xlabel("time (UTC)" if time_unit == "s" else "row")
+    ax.legend(loc="upper left", fontsize=7)
+    return _png(fig, {"left": 0.06, "right": 0.99, "top": 0.88, "bottom": 0.2})
+
+
+class AlarmWindow:
+    """The rows around a node's strongest alarm (a day either side at 5-minute rows; all rows when it
+    has none), their per-metric errors read once, and the metrics ordered by their largest error:
+    what the heatmap and the values plot of a node show."""
+
+    def __init__(self, errors: ErrorStore, s, th: Thresholds, time_unit: str):
+        sig, t = th.signal_of(s), th.threshold_for(s.node)
+        peak = int(np.nanargmax(sig)) if len(sig) else 0
+        half = 288 if time_unit == "s" else 200
+        self.a, self.b = (max(0, peak - half), min(len(sig), peak + half)) if (sig > t).any() else (0, len(sig))
+        self.err = errors.errors(s.node, slice(self.a, self.b))
+        self.order = np.argsort(self.err.max(0))[::-1]
+
+
+def values_plot(errors: ErrorStore, s, th: Thresholds, values: np.ndarray, scaler, time_unit: str,
+                 win: AlarmWindow, top: int = 4) -> str:
+    """The alarm's top metrics in their own units around the strongest alarm, against the node's
+    training range (grey band), alarmed rows shaded: is the value new, or the combination?"""
+    a, b, order = win.a, win.b, win.order[:top]
+    lo, hi = scaler.training_range()
+    x = _x(s, time_unit)[a:b]
+    alarmed = th.signal_of(s)[a:b] > th.threshold_for(s.node)
+    fig, axes = plt.subplots(len(order), 1, figsize=(11, 0.4 + 1.1 * len(order)), sharex=True, squeeze=False)
+    for ax, j in zip(axes[:, 0], order):
+        ax.axhspan(lo[j], hi[j], color="0.85", lw=0)
+        ax.plot(x, values[a:b, j], lw=0.8, color="tab:blue", antialiased=False)  # a third of the PNG size
+        _spans(ax, x, alarmed, "tab:red", 0.12)
+        ax.set_ylabel(errors.metrics[j], fontsize=7, rotation=0, ha="right", va="center")
+        ax.tick_params(labelsize=7)
+    axes[0, 0].set_title(f"{s.node}: the {len(order)} metrics with the largest error, in their own units; grey = "
+                         f"the node's training range, red = alarmed rows", fontsize=9)
+    axes[-1, 0].set_xlabel("time (UTC)" if time_unit == "s" else "row")
+    width = max((len(errors.metrics[j]) for j in order), default=8)
+    return _png(fig, {"left": min(0.4, 0.03 + 0.0065 * width), "right": 0.99, "top": 0.9,
+                      "bottom": 0.35 / (0.4 + 1.1 * len(order)) + 0.05, "hspace": 0.15}, dpi=72)
+
+
+def heatmap(errors: ErrorStore, s, th: Thresholds, time_unit: str = "s", win: AlarmWindow | None = None,
+             top: int = 20) -> str:
+    """Per-metric error of the ``top`` metrics (by their largest error) over the rows around the
+    node's strongest alarm (the whole series when it has none), metric names on the axis."""
+    sig, t = th.signal_of(s), th.threshold_for(s.node)
+    win = win or AlarmWindow(errors, s, th, time_unit)
+    a, b, err, order = win.a, win.b, np.sqrt(win.err), win.order[:top]
+    fig, ax = plt.subplots(figsize=(11, 0.9 + 0.17 * len(order)))
+    vmax = float(np.quantile(err[:, order], 0.99)) or 1.0
+    ax.imshow(err[:, order].T, aspect="auto", cmap="magma", vmin=0, vmax=vmax, interpolation="nearest")
+    ax.set_yticks(range(len(order)), [errors.metrics[j] for j in order], fontsize=7)
+    x = _x(s, time_unit)[a:b]
+    ticks = np.linspace(0, len(x) - 1, min(len(x), 7)).astype(int) if len(x) else []
+    ax.set_xticks(ticks, [str(x[k]).replace("T", " ")[:16] for k in ticks], fontsize=7)
+    if s.labels is not None:
+        lab = np.flatnonzero(s.labels[a:b] != 0)
+        ax.plot(lab, np.full(lab.size, -0.8), "|", color="tab:orange", ms=4)
+    alarmed = np.flatnonzero(sig[a:b] > t)
+    ax.plot(alarmed, np.full(alarmed.size, len(order) - 0.2), "|", color="tab:red", ms=4)
+    ax.set_xlabel("time (UTC)" if time_unit == "s" else "row")
+    ax.set_title(f"{s.node}: per-metric error |x - x_hat|, the {len(order)} metrics with the largest error "
+                 f"(orange ticks = labelled anomaly, red = alarmed rows)", fontsize=9)
+    width = max((len(errors.metrics[j]) for j in order), default=8)
+    return _png(fig, {"left": min(0.4, 0.02 + 0.0065 * width), "right": 0.99, "top": 0.92, "bottom": 0.7 / (0.9 + 0.17 * len(order))})
+
+
+def overview_grid(sigs: list, th: Thresholds, time_unit: str = "s") -> tuple[np.ndarray, int, int] | None:
+    """[nodes, bins] peak signal / threshold, the first bin's start and the bin width: an hour (a day
+    beyond two weeks), or 1/200 of the span in rows when the input had no timestamps."""
+    stamps = [s.timestamp for s in sigs if len(s.timestamp)]
+    if not stamps:
+        return None
+    t0, t1 = min(int(t[0]) for t in stamps), max(int(t[-1]) for t in stamps)
+    span = max(t1 - t0, 1)
+    if time_unit == "row":
+        step = max(1, -(-span // 200))
+    else:
+        step = 3600 if span <= 14 * 86400 else 86400
+    grid = np.full((len(sigs), span // step + 1), np.nan)
+    for i, s in enumerate(sigs):
+        ratio = th.signal_of(s) / max(th.threshold_for(s.node), 1e-12)
+        np.fmax.at(grid[i], (s.timestamp - t0) // step, ratio)
+    return grid, t0, step
+
+
+def overview(errors: ErrorStore, th: Thresholds, nodes: list[str], time_unit: str = "s") -> str:
+    """Cluster overview: nodes x time, colour = peak signal / threshold per hour or day (>= 1: alarm);
+    per block of rows when the input had no timestamps."""
+    sigs = list(errors.signals(nodes))
+    binned = overview_grid(sigs, th, time_unit)
+    if binned is None:
+        return ""
+    grid, t0, step = binned
+    bins = grid.shape[1]
+    fig, ax = plt.subplots(figsize=(11, 1.2 + 0.16 * len(sigs)))
+    from matplotlib.colors import LogNorm
+
+    im = ax.imshow(np.clip(grid, 1e-2, 1e2), aspect="auto", cmap="RdYlBu_r", norm=LogNorm(1e-2, 1e2),
+                   interpolation="nearest")
+    ax.set_yticks(range(len(sigs)), [s.node for s in sigs], fontsize=6 if len(sigs) > 30 else 8)
+    ticks = np.linspace(0, bins - 1, min(bins, 8)).astype(int)
+    import datetime as dt
+
+    if time_unit == "row":
+        ax.set_xticks(ticks, [str(t0 + int(k) * step) for k in ticks], fontsize=7)
+        ax.set_xlabel("row")
+        per = f"peak per {step} rows"
+    else:
+        fmt = "%m-%d %H:%M" if step == 3600 else "%Y-%m-%d"
+        ax.set_xticks(ticks, [dt.datetime.fromtimestamp(t0 + int(k) * step, dt.timezone.utc).strftime(fmt)
+                              for k in ticks], fontsize=7)
+        per = ("hourly" if step == 3600 else "daily") + " peak, UTC"
+    fig.colorbar(im, ax=ax, label="peak signal / threshold")
+    ax.set_title(f"alarms per node over time ({per}; red >= 1 = alarm; white = no data)", fontsize=9)
+    return _png(fig)
+
+
+def trend_plot(rows: list[list]) -> str:
+    """Alarms and new incidents per night (rows: night, nodes, alarms, new incidents; any order)."""
+    rows = sorted(rows, key=lambda r: r[0])
+    nights = [str(r[0])[5:] for r in rows]  # MM-DD
+    alarms = [float(r[2] or 0) for r in rows]
+    new = [float(r[3] or 0) for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 2.2))
+    ax.bar(nights, alarms, color="tab:red", alpha=0.6, label="alarms")
+    ax.plot(nights, new, color="black", marker="o", lw=1, label="new incidents")
+    ax.set_ylabel("per night")
+    ax.tick_params(axis="x", labelsize=7)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.set_title("the last nights", fontsize=9)
+    return _png(fig, {"left": 0.09, "right": 0.99, "top": 0.86, "bottom": 0.18})
+
+
+def profile_plot(cls: str, prof: dict) -> str:
+    names = [n for n, _ in prof["top"]][::-1]
+    vals = [v for _, v in prof["top"]][::-1]
+    fig, ax = plt.subplots(figsize=(7, 0.22 * len(names) + 1))
+    ax.barh(names, vals, color="tab:purple")
+    ax.set_xlabel("mean squared error (standardised units)")
+    ax.set_title(f"{CLASS_NAMES.get(cls, 'class ' + cls)}: top metrics ({prof['rows']} rows)", fontsize=9)
+    ax.tick_params(labelsize=7)
+    return _png(fig)
+
+
+def curves(models_dir: Path, nodes: list[str]) -> str:
+    fig, ax = plt.subplots(figsize=(7, 3))
+    for n in nodes:
+        p = model_path(models_dir, n)
+        if not p.exists():
+            continue
+        h = NodeModel.load(p).history
+        if not h.get("loss"):  # no training history (e.g. models made by `hpcad bench`)
+            continue
+        line, = ax.plot(range(1, len(h["loss"]) + 1), h["loss"], lw=1, label=f"{n} train")
+        ax.plot(range(1, len(h["val_loss"]) + 1), h["val_loss"], lw=1, ls="--", color=line.get_color())
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("MSE")
+    ax.set_title("training curves (solid = training, dashed = validation)", fontsize=9)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6, ncol=2)
+    return _png(fig)
