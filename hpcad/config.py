@@ -33,6 +33,7 @@ DataFormat = _choice("DataFormat", "wide", "ldms", "long")
 EpochUnit = _choice("EpochUnit", "s", "ms", "us", "ns")
 MissingMetric = _choice("MissingMetric", "union", "drop", "error")
 BadNode = _choice("BadNode", "error", "skip")
+Duplicates = _choice("Duplicates", "identical", "error", "first", "last")
 SplitUnit = _choice("SplitUnit", "fraction", "rows", "time")
 Precision = _choice("Precision", "fp32", "tf32", "bf16")
 ErrorDtype = _choice("ErrorDtype", "float32", "float16")
@@ -72,6 +73,7 @@ class DataConfig:
     on_missing_metric: MissingMetric = MissingMetric.union  # a metric some nodes lack: union (absent there) | drop (common set) | error
     scratch_buckets: int = 64  # ldms/long: node buckets of the out-of-core pivot (memory ~ input / buckets)
     sort_timestamps: bool = False  # unsorted timestamps are an error unless this is true
+    duplicates: Duplicates = Duplicates.identical  # rows repeating a node's timestamp: identical (drop exact repeats, refuse others) | first | last | error
     ignore_columns: list[str] = field(default_factory=list)  # non-metric columns to drop (else: error)
     on_bad_node: BadNode = BadNode.error  # error: stop, write nothing | skip: log and record the node (or a bad file of many nodes), ingest the rest
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)

@@ -207,6 +207,47 @@ def test_bad_input_names_the_culprit_and_keeps_the_old_store(tmp_path, case, exp
     assert not [p for p in store_path.parent.iterdir() if p.name.startswith(".store.h5")]  # no temp left
 
 
+def test_overlapping_daily_exports_drop_identical_repeats_and_refuse_rows_that_differ(tmp_path, caplog):
+    """Daily dumps of the whole cluster overlap (a dump taken a few minutes past midnight repeats the
+    next day's first rows): an identical repeat of a row is dropped with a warning (before: the ingest
+    stopped on "duplicated timestamp"), a repeat with other values stops naming the node, the time and
+    the option; ``first`` / ``last`` keep the earlier or the later file's row; ``error`` refuses any."""
+    t0 = 1_735_689_600  # 2025-01-01T00:00:00 UTC
+    rng = np.random.default_rng(0)
+    every = pd.concat([pd.DataFrame({"timestamp": t0 + 300 * np.arange(24), "node": n,
+                                     "a": rng.normal(size=24), "b": rng.normal(size=24)}) for n in ("x", "y")])
+    days = tmp_path / "days"
+    days.mkdir()
+    every[every.timestamp < t0 + 300 * 14].to_csv(days / "2025-01-01.csv", index=False)  # 2 rows past "midnight"
+    later = every[every.timestamp >= t0 + 300 * 12]
+    later.to_csv(days / "2025-01-02.csv", index=False)
+    whole = tmp_path / "whole.csv"
+    every.to_csv(whole, index=False)
+    want = TelemetryStore(ingest(data_cfg(source=str(whole)), tmp_path / "want.h5"))
+    with caplog.at_level("WARNING"):
+        got = TelemetryStore(ingest(data_cfg(source=str(days)), tmp_path / "got.h5"))
+    for n in ("x", "y"):
+        np.testing.assert_array_equal(got.read(n).values, want.read(n).values)
+        np.testing.assert_array_equal(got.read(n).timestamp, want.read(n).timestamp)
+    assert "(node x): 2 row(s) with a repeated timestamp dropped, identical repeats of earlier rows (first at " \
+           "2025-01-01T01:00:00 UTC" in caplog.text
+    with pytest.raises(InputError, match=r"\(node x\): duplicated timestamp .* data.duplicates=error"):
+        ingest(data_cfg(source=str(days), duplicates="error"), tmp_path / "e.h5")
+    # the later dump re-read a sample that changed since: which row is right is the operator's call
+    later = later.copy()
+    later.loc[(later.node == "y") & (later.timestamp == t0 + 300 * 13), "a"] = 99.0
+    later.to_csv(days / "2025-01-02.csv", index=False)
+    with pytest.raises(InputError, match=r"\(node y\): duplicated timestamp 2025-01-01T01:05:00 UTC \(1735693500\) "
+                                         r"in column 'timestamp' with other values .* data.duplicates=last \(or first\)"):
+        ingest(data_cfg(source=str(days)), tmp_path / "clash.h5")
+    assert not (tmp_path / "clash.h5").exists()
+    first = TelemetryStore(ingest(data_cfg(source=str(days), duplicates="first"), tmp_path / "first.h5")).read("y")
+    last = TelemetryStore(ingest(data_cfg(source=str(days), duplicates="last"), tmp_path / "last.h5")).read("y")
+    np.testing.assert_array_equal(first.values, want.read("y").values)
+    assert last.values[13, 0] == 99.0 and np.array_equal(np.delete(last.values, 13, 0), np.delete(first.values, 13, 0))
+    np.testing.assert_array_equal(last.timestamp, want.read("y").timestamp)
+
+
 def test_unsorted_timestamps_can_be_sorted_on_request(tmp_path):
     f = _frame().iloc[[1, 0, *range(2, 20)]]
     src = _write(tmp_path, {"n0": f})

@@ -119,14 +119,17 @@ def test_long_format_exports_are_pivoted_by_every_rank_into_the_same_store(tmp_p
 
 def _daily(tmp_path):
     """Four nodes' rows as exports of the whole cluster every 6 hours (a node column), one file lacking
-    a metric, cn02 with a duplicated row in the last file (a bad node)."""
+    a metric, cn02 with a row of its first timestamp again in the last file, with another value (a
+    bad node; an identical repeat would be dropped)."""
     d = tmp_path / "days"
     d.mkdir()
     nodes = {f"cn{i:02d}": generate_node(f"cn{i:02d}", 200 + 30 * i, seed=i) for i in range(4)}
     every = pd.concat([node_frame(n).iloc[:, :8].assign(node=name) for name, n in nodes.items()])
     every = every.sort_values("timestamp", kind="stable")
     days = [day for _, day in every.groupby(pd.to_datetime(every["timestamp"]).dt.floor("6h"), sort=True)]
-    days[-1] = pd.concat([days[-1], every[every.node == "cn02"].iloc[:1]])
+    again = every[every.node == "cn02"].iloc[:1].copy()
+    again.iloc[0, 2] += 1.0  # the first metric's value
+    days[-1] = pd.concat([days[-1], again])
     for i, day in enumerate(days):
         (day.drop(columns=[day.columns[3]]) if i == 1 else day).to_csv(d / f"day{i:03d}.csv", index=False)
     return d, len(days)

@@ -100,12 +100,10 @@ class FrameConverter:
                                  f"(0 normal, other = anomaly class); row {row} holds {df[cfg.label_column].iloc[row]!r}")
             labels = lab.to_numpy().astype(np.int8)
         order_ok = np.all(np.diff(ts) > 0)
+        if not order_ok and has_ts:
+            ts, values, labels = drop_duplicates(ts, values, labels, str(cfg.duplicates), where, cfg.timestamp_column)
+            order_ok = np.all(np.diff(ts) > 0)
         if not order_ok:
-            dup = np.flatnonzero(np.diff(np.sort(ts)) == 0)
-            if dup.size:
-                t = np.sort(ts)[dup[0]]
-                raise InputError(f"{where}: duplicated timestamp {t} in column {cfg.timestamp_column!r} "
-                                 f"({dup.size} duplicates)")
             if not cfg.sort_timestamps:
                 row = int(np.flatnonzero(np.diff(ts) <= 0)[0]) + 1
                 raise InputError(f"{where}: timestamps not increasing at row {row} of column "
@@ -114,6 +112,61 @@ class FrameConverter:
             ts, values = ts[order], values[order]
             labels = labels[order] if labels is not None else None
         return NodeData(node, ts, values, labels, unit)
+
+
+DUPLICATE_POLICIES = ("identical", "error", "first", "last")
+
+
+def drop_duplicates(ts: np.ndarray, values: np.ndarray, labels: np.ndarray | None, policy: str, where: str,
+                    column: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """One row per timestamp, by ``data.duplicates``: ``identical`` (default) drops rows that repeat an
+    earlier row of the same timestamp value for value (overlapping exports, a collector that sent a
+    sample twice) and refuses rows that disagree; ``first``/``last`` keep the first/last row of each
+    timestamp in input order (a folder's files in name order); ``error`` refuses any repeat. What is
+    dropped is logged once per node; the rows kept stay in input order."""
+    if policy not in DUPLICATE_POLICIES:
+        raise InputError(f"data.duplicates={policy!r}: one of {', '.join(DUPLICATE_POLICIES)}")
+    order = np.argsort(ts, kind="stable")  # equal timestamps stay in input order
+    s = ts[order]
+    repeat = np.r_[False, s[1:] == s[:-1]]  # sorted position repeats the one before
+    if not repeat.any():
+        return ts, values, labels
+    count = int(repeat.sum())
+    starts = np.flatnonzero(~repeat)  # each timestamp's first sorted position
+    group = np.cumsum(~repeat) - 1
+    first = order[starts[group]]  # per sorted position: the input row of its timestamp's first row
+
+    def stamp(pos: int) -> str:
+        t = int(s[pos])
+        return f"{np.datetime64(t, 's')} UTC ({t})"
+
+    if policy == "identical":
+        a, b = values[order], values[first]
+        same = ((a == b) | (np.isnan(a) & np.isnan(b))).all(axis=1)
+        if labels is not None:
+            same &= labels[order] == labels[first]
+        clash = np.flatnonzero(repeat & ~same)
+        if clash.size:
+            pos = int(clash[0])
+            raise InputError(f"{where}: duplicated timestamp {stamp(pos)} in column {column!r} with other values "
+                             f"(the node's rows {int(first[pos])} and {int(order[pos])} in input order, from 0; "
+                             f"{clash.size} of its {count} repeated rows differ from the first): set "
+                             f"data.duplicates=last (or first) to keep one row of each timestamp")
+    if policy == "error":
+        pos = int(np.flatnonzero(repeat)[0])
+        raise InputError(f"{where}: duplicated timestamp {stamp(pos)} in column {column!r} ({count} duplicates; "
+                         f"data.duplicates=error)")
+    if policy == "last":
+        ends = np.r_[starts[1:], len(s)] - 1
+        keep = order[ends]
+    else:  # identical, first
+        keep = order[starts]
+    keep = np.sort(keep)
+    what = {"identical": "identical repeats of earlier rows", "first": "repeats (the first row of each kept)",
+            "last": "repeats (the last row of each kept)"}[policy]
+    log.warning("%s: %d row(s) with a repeated timestamp dropped, %s (first at %s; data.duplicates=%s)", where, count,
+                what, stamp(int(np.flatnonzero(repeat)[0])), policy)
+    return ts[keep], values[keep], None if labels is None else labels[keep]
 
 
 def guarded(make, node: str, skipped: list | None) -> NodeData | None:
