@@ -141,12 +141,12 @@ def baseline_signals(method: str, cfg: HpcadConfig, fit_store: TelemetryStore, e
     w = int(bc.knn_window) if method == "knn" else 1
     nodes = list(eval_store.nodes) if nodes is None else nodes
     bar = Progress(len(nodes), f"baseline {method}", "node", progress, log)
+    fit_split = cfg.split if fit_store is eval_store else _train_split(cfg)  # read once, not once per node
     for node in nodes:
         if node not in fit_store.nodes:
             raise ConfigError(f"baseline {method}: node {node} has no training data in {fit_store.path}")
         fit_nd = fit_store.read(node)
-        codes = split_codes(fit_nd, cfg.split) if fit_store is eval_store else _train_codes(fit_nd, cfg)
-        rows = training_rows(fit_nd, codes, cfg.split.normal_only, cfg.split.exclude_idle)
+        rows = training_rows(fit_nd, split_codes(fit_nd, fit_split), cfg.split.normal_only, cfg.split.exclude_idle)
         vals = fill_gaps(fit_nd.values, cfg.preprocess.nan_fill_limit)
         scaler = Scaler.fit(vals[rows], cfg.preprocess, where=f"node {node}")
         z = scaler.transform(vals)[0]
@@ -181,14 +181,14 @@ def baseline_signals(method: str, cfg: HpcadConfig, fit_store: TelemetryStore, e
     bar.close()
 
 
-def _train_codes(nd, cfg: HpcadConfig) -> np.ndarray:
-    """A training run's own split, as the models of ``train_run`` saw it."""
+def _train_split(cfg: HpcadConfig):
+    """The split of the training run (``train_run``), as its models saw the rows."""
     from omegaconf import OmegaConf
 
     from hpcad.runfolder import load_run_config
 
     tcfg = load_run_config(Path(cfg.train_run))
-    return split_codes(nd, OmegaConf.merge(cfg.split, tcfg.split) if tcfg is not None else cfg.split)
+    return OmegaConf.merge(cfg.split, tcfg.split) if tcfg is not None else cfg.split
 
 
 def skipped(cfg: HpcadConfig, eval_store: TelemetryStore) -> bool:
