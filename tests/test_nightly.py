@@ -279,6 +279,7 @@ def test_nightly_report_renders_in_headless_chromium(uninterrupted_night, chromi
                   ".length);document.body.setAttribute('data-link',t.querySelector('a').getAttribute('href'));")
     n = page.count("<img ")
     assert n >= 4 and f'data-images="{n}/{n}"' in dom  # every plot decoded
+    assert "<h2>Alarmed nodes" not in page  # a night's node view is its Incidents section
     for section in ("Last nights", "Cluster overview", "Incidents", "Drift", "Alarm signal", "Mean error profile per class",
                     "Training", f"Alarms ({len(alarms)})"):
         assert f"<h2>{section}</h2>" in dom

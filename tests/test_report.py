@@ -42,6 +42,22 @@ def test_the_page_counts_alarms_and_links_each_alarmed_node_to_its_page(tmp_path
     assert "power" in re.sub(r"<img[^>]*>", "", node_page)  # the top metric is named on it
 
 
+def test_the_alarmed_nodes_come_first_one_row_each_highest_peak_first_with_their_causes(tmp_path):
+    """An operator's first question: which nodes, and why. The table follows the overview, ranks the
+    nodes by peak signal over their own threshold (a's 1.0, b's 2.0) and names each alarm's cause."""
+    a = {**ALARM_B, "node": "a", "rows": 3, "peak_score": 3.0, "end": 47000, "top_metrics": "temp_p0_1:0.5 power:0.1"}
+    b2 = {**ALARM_B, "start": 51000, "end": 52000, "peak_score": 4.0, "top_metrics": "ips_p0_1:0.8 ips_p0_2:0.3"}
+    cfg, errors, models = _run(tmp_path, [a, ALARM_B, b2])
+    page = write_report(cfg, tmp_path, errors, models).read_text()
+    assert page.index("Cluster overview") < page.index("<h2>Alarmed nodes (2)</h2>") < page.index("Alarm signal")
+    table = page.split("id='alarmed-nodes'>")[1].split("</table>")[0]
+    rows = [re.findall(r"<td[^>]*>(.*?)</td>", r) for r in table.split("<tr>")[2:]]
+    assert [r[0] for r in rows] == ["<a href='nodes/b.html'>b</a>", "<a href='nodes/a.html'>a</a>"]  # 6.17x, 3x
+    assert rows[0][1:7] == ["2", "22", "6.17", "52000", "power, ips", "power ips"]
+    assert rows[1][1:7] == ["1", "3", "3", "47000", "temp", "temp_p0_1 power"]
+    assert "<span id='alarmed-nodes-count'>2</span> of 2 nodes shown" in page
+
+
 def test_a_rerun_removes_pages_of_nodes_no_longer_alarmed_and_respects_the_page_cap(tmp_path):
     cfg, errors, models = _run(tmp_path, [ALARM_B])
     write_report(cfg, tmp_path, errors, models)
@@ -91,5 +107,5 @@ def test_tables_escape_what_comes_from_the_data():
     assert "<td>1,378</td>" in t  # a cost as operators read it (was 1.38e+03)
     assert "<td></td>" in t
     a = alarms_table([{**ALARM_B, "node": "n<1>", "jobs": "42 43"}], lambda n: "nodes/n%3C1%3E.html")
-    assert "<a href='nodes/n%3C1%3E.html'>n&lt;1&gt;</a>" in a and "<td>power ips</td>" in a  # names only
+    assert "<a href='nodes/n%3C1%3E.html'>n&lt;1&gt;</a>" in a and "data-v='power ips'>power ips</td>" in a  # names only
     assert "1</span> of 1 alarms" in a

@@ -104,7 +104,8 @@ def build_night(cfg: HpcadConfig, day: dt.date, src: Path, out: Path, tmp: Path,
                      extra=nightly_sections(t.iso, src, new, verdicts, refits, n, incidents,
                                             trend(out, t.iso, len(nodes), len(records), incidents)),
                      folder=out / t.iso,
-                     node_history=node_history(out, t.iso, levels, incidents, {r["node"] for r in records}))
+                     node_history=node_history(out, t.iso, levels, incidents, {r["node"] for r in records}),
+                     node_summary=False)  # the Incidents section is the night's node view
     return Built(src, nodes, new, records, incidents, confirmed, levels, drifted, refits)
 
 

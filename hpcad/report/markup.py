@@ -19,28 +19,39 @@ r.style.display=s?'':'none';n+=s});document.getElementById(id+'-count').textCont
 </script>"""
 
 
-def alarms_table(alarms: list[dict], link, table_id: str = "alarms") -> str:
-    """All alarms as a table sorted by clicking a header and filtered by a text box (no libraries:
-    the page stays one offline file); the node cell links to ``link(node)`` when that gives a URL."""
-    cols = ["node", "start", "end", "rows", "split", "peak_score", "label_classes", "top_metrics", "jobs", "users"]
-    head = "".join(f"<th title='click to sort'>{html.escape(c)}</th>" for c in cols)
+def sortable_table(table_id: str, header: list[str], rows: list[list[tuple[str, str, str | None]]], noun: str,
+                   placeholder: str) -> str:
+    """A table sorted by clicking a header and filtered by a text box (no libraries: the page stays one
+    offline file). Each cell is ``(text, sort value, link or None)``."""
+    head = "".join(f"<th title='click to sort'>{html.escape(c)}</th>" for c in header)
     body = []
-    for a in alarms:
+    for row in rows:
         cells = []
+        for text, key, href in row:
+            inner = html.escape(text) if not href else f"<a href='{html.escape(href)}'>{html.escape(text)}</a>"
+            cells.append(f"<td data-v='{html.escape(key)}'>{inner}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return (f"<p>filter: <input id='{table_id}-filter' placeholder='{html.escape(placeholder)}'> "
+            f"<span id='{table_id}-count'>{len(rows)}</span> of {len(rows)} {noun} shown; click a header to "
+            f"sort.</p><table id='{table_id}'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+            f"<script>hpcadTable('{table_id}')</script>")
+
+
+def alarms_table(alarms: list[dict], link, table_id: str = "alarms") -> str:
+    """All alarms as a :func:`sortable_table`; the node cell links to ``link(node)`` when that gives a URL."""
+    cols = ["node", "start", "end", "rows", "split", "peak_score", "label_classes", "top_metrics", "jobs", "users"]
+    rows = []
+    for a in alarms:
+        row = []
         for c in cols:
             v = a.get(c, "")
             text = fmt(number(v)) if c in ("rows", "peak_score") else str(v or "")
-            if c == "node" and link(v):
-                cells.append(f"<td><a href='{html.escape(link(v))}'>{html.escape(text)}</a></td>")
-            elif c == "top_metrics":  # names only (the errors are in alarms.csv / alarms.json)
-                cells.append(f"<td>{html.escape(' '.join(t.rsplit(':', 1)[0] for t in text.split()))}</td>")
-            else:
-                cells.append(f"<td data-v='{html.escape(str(v or ''))}'>{html.escape(text)}</td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    return (f"<p>filter: <input id='{table_id}-filter' placeholder='node, time, metric, job...'> "
-            f"<span id='{table_id}-count'>{len(alarms)}</span> of {len(alarms)} alarms shown; click a header to "
-            f"sort.</p><table id='{table_id}'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-            f"<script>hpcadTable('{table_id}')</script>")
+            if c == "top_metrics":  # names only (the errors are in alarms.csv / alarms.json)
+                text = " ".join(t.rsplit(":", 1)[0] for t in text.split())
+                v = text
+            row.append((text, str(v or ""), link(v) if c == "node" else None))
+        rows.append(row)
+    return sortable_table(table_id, cols, rows, "alarms", "node, time, metric, job...")
 
 
 def number(v):

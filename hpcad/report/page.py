@@ -5,14 +5,17 @@ from __future__ import annotations
 import csv
 import html
 import json
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hpcad.atomic import write_text
 from hpcad.errorstore import ErrorStore
-from hpcad.report.markup import alarms_table, html_table, page
+from hpcad.incidents import cause_of
+from hpcad.report.markup import alarms_table, fmt, html_table, page, sortable_table
 from hpcad.report.nodes import node_pages
 from hpcad.report.plots import curves, heatmap, overview, profile_plot, signal_plot
+from hpcad.threshold.evaluate import parse_top_metrics
 from hpcad.threshold.rules import Thresholds
 
 if TYPE_CHECKING:
@@ -21,9 +24,10 @@ if TYPE_CHECKING:
 
 def write_report(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, models_dir: Path, title: str = "hpcad report",
                  extra: list[str] | None = None, folder: Path | None = None,
-                 node_history: dict[str, list[list]] | None = None) -> Path:
+                 node_history: dict[str, list[list]] | None = None, node_summary: bool = True) -> Path:
     """The run's (or a night's) report; ``extra`` HTML sections go after the overview; ``folder`` is
     the folder named on the page when ``run_dir`` is a temporary one that will be renamed;
+    ``node_summary``: the table of alarmed nodes after the overview (a night has its incidents instead);
     ``node_history`` (node -> rows of :data:`hpcad.report.nodes.HISTORY_HEADER`, newest first) goes on the node pages."""
     th = Thresholds.load(run_dir / "thresholds.json")
     metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else None
@@ -65,6 +69,7 @@ def write_report(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, models_dir
         if len(in_overview) < len(errors.nodes):
             parts.append(f"<p>{len(in_overview)} of {len(errors.nodes)} nodes shown (most alarms first; "
                          f"report.max_nodes_overview).</p>")
+    summary_at = len(parts)  # the alarmed nodes' table goes here, once the node pages are known
     parts += extra or []
     if metrics:
         rows = []
@@ -113,6 +118,8 @@ def write_report(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, models_dir
     def link(node: str) -> str | None:
         return pages.get(node)
 
+    if node_summary and alarms:
+        parts.insert(summary_at, alarmed_nodes(alarms, th, link))
     parts.append("<h2>Alarm signal</h2>" + (f"<p>{len(pages)} alarmed node(s) have their own page (follow a node "
                                              f"in the alarms table).</p>" if pages else ""))
     sigs = {s.node: s for s in errors.signals(shown)}
@@ -130,3 +137,41 @@ def write_report(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, models_dir
     out = run_dir / "report.html"
     write_text(out, page(title, parts))
     return out
+
+
+def alarmed_nodes(alarms: list[dict], th: Thresholds, link) -> str:
+    """One row per alarmed node, the highest peak (signal / threshold) first: which nodes to look at,
+    and why (the cause of each alarm: the metric family holding most of its error, as incidents use)."""
+    by_node: dict[str, list[dict]] = {}
+    for a in alarms:
+        by_node.setdefault(a["node"], []).append(a)
+
+    def ratio(a: dict) -> float:
+        return float(a["peak_score"]) / max(th.threshold_for(a["node"]), 1e-12)
+
+    labelled = any(a.get("label_classes") for a in alarms)
+    with_jobs = any(a.get("jobs") for a in alarms)
+    header = ["node", "alarms", "alarmed rows", "peak / threshold", "last alarm ends", "cause",
+              "top metrics (highest alarm)"] + (["label classes"] if labelled else []) + (["jobs"] if with_jobs else [])
+    rows = []
+    for node, group in by_node.items():
+        top = max(group, key=ratio)
+        causes = Counter(cause_of({"top_metrics": parse_top_metrics(a.get("top_metrics", ""))}) for a in group)
+        cause = ", ".join(c if n == 1 else f"{c} ({n})" for c, n in causes.most_common())
+        names = " ".join(m["metric"] for m in parse_top_metrics(top.get("top_metrics", ""))[:5])
+        alarmed, last = sum(int(float(a["rows"])) for a in group), str(max(a["end"] for a in group))
+        row = [(node, node, link(node)), (str(len(group)), str(len(group)), None), (str(alarmed), str(alarmed), None),
+               (fmt(ratio(top)), repr(ratio(top)), None), (last, last, None), (cause, cause, None),
+               (names, names, None)]
+        if labelled:
+            classes = " ".join(sorted({c for a in group for c in str(a.get("label_classes") or "").split()}))
+            row.append((classes, classes, None))
+        if with_jobs:
+            jobs = " ".join(sorted({j for a in group for j in str(a.get("jobs") or "").split()}))
+            row.append((jobs, jobs, None))
+        rows.append((ratio(top), row))
+    rows.sort(key=lambda r: -r[0])
+    return (f"<h2>Alarmed nodes ({len(by_node)})</h2><p>One row per node, the highest peak first (peak signal / "
+            f"its threshold); cause: the metric family holding most of an alarm's error (ips, power, temp...), "
+            f"with its number of alarms. A node's page shows its signal and the metrics behind it.</p>"
+            + sortable_table("alarmed-nodes", header, [r for _, r in rows], "nodes", "node, cause, metric, job..."))

@@ -101,6 +101,18 @@ def alarm_events(s: NodeSignal, th: Thresholds, errors_of, metrics: list[str], t
     return out
 
 
+def parse_top_metrics(cell: str) -> list[dict]:
+    """An ``alarms.csv`` ``top_metrics`` cell (``name:error`` space-separated) back into records."""
+    out = []
+    for item in (cell or "").split():
+        name, _, err = item.rpartition(":")
+        try:
+            out.append({"metric": name or item, "error": float(err) if name else 0.0})
+        except ValueError:
+            out.append({"metric": item, "error": 0.0})
+    return out
+
+
 def write_alarms_csv(path: Path, records: list[dict]) -> None:
     """The records of :func:`alarm_events`, lists written space-separated (top metrics as
     ``name:error``)."""
