@@ -137,6 +137,26 @@ def test_store_is_used_in_place_and_rerun_is_skipped(tmp_path):
     assert ingest(data_cfg(source=str(path)), tmp_path / "other.h5") == path
 
 
+def test_a_run_folder_inside_the_data_folder_does_not_make_the_input_look_changed(tmp_path):
+    """`hpcad run data.source=exports hydra.run.dir=exports/run-1`: the input's fingerprint took every
+    file below the folder, the run's own outputs included, so each stage ingested again and the
+    threshold stage stopped ("errors.h5 was scored from other data"). Only the files the format's
+    reader takes count now; a log or notes beside the exports do not."""
+    src, _ = _export(tmp_path)
+    (src / "README.txt").write_text("exports of rack 1\n")
+    p = hpcad("run", f"data.source={src}", f"hydra.run.dir={src / 'run-1'}", "train.epochs=2",
+              "baselines.methods=[]", "compute.progress=false", "report.enabled=false")
+    log = (src / "run-1" / "run.log").read_text()
+    assert p.returncode == 0 and log.count("ingested 3 nodes") == 1 and (src / "run-1" / "alarms.csv").exists(), log
+    store = src / "run-1" / "store.h5"
+    mtime = store.stat().st_mtime_ns
+    (src / "README.txt").write_text("exports of rack 1, January\n")
+    assert ingest(data_cfg(source=str(src)), store) == store and store.stat().st_mtime_ns == mtime  # kept
+    (src / "cn000.csv").write_text((src / "cn000.csv").read_text())  # an export rewritten: ingested again
+    ingest(data_cfg(source=str(src)), store)
+    assert store.stat().st_mtime_ns != mtime
+
+
 def test_store_layout_is_documented_and_readable_with_standard_tools(tmp_path):
     src, _ = _export(tmp_path)
     path = ingest(data_cfg(source=str(src)), tmp_path / "store.h5")

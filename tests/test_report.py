@@ -7,6 +7,7 @@ from hpcad.errorstore import ErrorStore
 from hpcad.report.markup import alarms_table, html_table
 from hpcad.report.page import write_report
 from hpcad.score import score_nodes
+from hpcad.threshold.evaluate import parse_top_metrics, write_alarms_csv
 from hpcad.threshold.rules import Thresholds
 
 from test_score import _site
@@ -53,8 +54,8 @@ def test_the_alarmed_nodes_come_first_one_row_each_highest_peak_first_with_their
     table = page.split("id='alarmed-nodes'>")[1].split("</table>")[0]
     rows = [re.findall(r"<td[^>]*>(.*?)</td>", r) for r in table.split("<tr>")[2:]]
     assert [r[0] for r in rows] == ["<a href='nodes/b.html'>b</a>", "<a href='nodes/a.html'>a</a>"]  # 6.17x, 3x
-    assert rows[0][1:7] == ["2", "22", "6.17", "52000", "power, ips", "power ips"]
-    assert rows[1][1:7] == ["1", "3", "3", "47000", "temp", "temp_p0_1 power"]
+    assert rows[0][1:7] == ["2", "22", "6.17", "52000", "power, ips", "power, ips"]
+    assert rows[1][1:7] == ["1", "3", "3", "47000", "temp", "temp_p0_1, power"]
     assert "<span id='alarmed-nodes-count'>2</span> of 2 nodes shown" in page
 
 
@@ -107,5 +108,19 @@ def test_tables_escape_what_comes_from_the_data():
     assert "<td>1,378</td>" in t  # a cost as operators read it (was 1.38e+03)
     assert "<td></td>" in t
     a = alarms_table([{**ALARM_B, "node": "n<1>", "jobs": "42 43"}], lambda n: "nodes/n%3C1%3E.html")
-    assert "<a href='nodes/n%3C1%3E.html'>n&lt;1&gt;</a>" in a and "data-v='power ips'>power ips</td>" in a  # names only
+    assert "<a href='nodes/n%3C1%3E.html'>n&lt;1&gt;</a>" in a and "data-v='power, ips'>power, ips</td>" in a  # names only
     assert "1</span> of 1 alarms" in a
+
+
+def test_metric_names_with_spaces_and_colons_come_back_whole_from_alarms_csv(tmp_path):
+    """IPMI sensor names hold spaces ("CPU1 Temp", "Fan 1A"): alarms.csv writes the top metrics as
+    space-separated ``name:error``; reading them back split such names in two, so a table showed
+    "CPU1" and "Temp" and the cause was "Temp"."""
+    top = [{"metric": "CPU1 Temp", "error": 0.0105}, {"metric": "mem:used", "error": 0.0122},
+           {"metric": "Fan 1A", "error": 3.89e-05}, {"metric": "ips_p0_0", "error": 586.0}]
+    write_alarms_csv(tmp_path / "alarms.csv", [{**ALARM_B, "top_metrics": top}])
+    cell = next(csv.DictReader(open(tmp_path / "alarms.csv")))["top_metrics"]
+    assert cell == "CPU1 Temp:0.0105 mem:used:0.0122 Fan 1A:3.89e-05 ips_p0_0:586"
+    assert parse_top_metrics(cell) == top
+    assert "data-v='CPU1 Temp, mem:used, Fan 1A, ips_p0_0'" in alarms_table([{**ALARM_B, "top_metrics": cell}],
+                                                                          lambda n: None)

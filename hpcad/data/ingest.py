@@ -45,9 +45,19 @@ FORMATS = {"wide": None, "ldms": stage_ldms, "long": stage_long}
 _SAID_UP_TO_DATE: set[Path] = set()
 
 
-def source_signature(source: Path) -> str:
-    """A cheap fingerprint of the input (paths, sizes, mtimes) so a rerun can skip re-ingesting."""
-    files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
+def source_signature(source: Path, fmt: str = "wide") -> str:
+    """A cheap fingerprint of the input (paths, sizes, mtimes) so a rerun can skip re-ingesting: of
+    the files the reader of ``data.format=fmt`` takes from a folder (wide: the CSV/Parquet files in it;
+    long: those below it; ldms: every file below it, side files included), so that nothing else there
+    (a log, notes, a run folder made inside it) makes the input look changed."""
+    if not source.is_dir():
+        files = [source]
+    elif fmt == "ldms":
+        files = sorted(p for p in source.rglob("*") if p.is_file() and not p.name.startswith("."))
+    elif fmt == "long":
+        files = sorted(p for p in source.rglob("*") if is_table(p))
+    else:
+        files = sorted(p for p in source.iterdir() if is_table(p))
     h = hashlib.sha256()
     for p in files:
         st = p.stat()
@@ -259,7 +269,8 @@ def signature(src: Path, jobs: Path | None, data_cfg) -> str:
         opts["dayfirst"] = str(data_cfg.dayfirst)
     if str(data_cfg.duplicates) != "identical":  # the default keeps earlier stores' signatures (their input had none)
         opts["duplicates"] = str(data_cfg.duplicates)
-    parts = [source_signature(src), source_signature(jobs) if jobs else "", json.dumps(opts, sort_keys=True)]
+    parts = [source_signature(src, str(data_cfg.format)), source_signature(jobs) if jobs else "",
+             json.dumps(opts, sort_keys=True)]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 

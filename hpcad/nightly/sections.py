@@ -73,7 +73,7 @@ def nightly_sections(iso: str, src: Path, new: list[str], verdicts: list[dict], 
                  f"{' and were run (drain.json)' if n.drain else ' (nightly.drain=false: not run)'}.</p>")
     if incidents:
         parts.append(html_table([[i["state"], i["node"], i["cause"], i["first_night"], i["nights"], i["alarms"],
-                              f"{i['peak_score']:.4g}", " ".join(m["metric"] for m in i["top_metrics"][:3]),
+                              f"{i['peak_score']:.4g}", ", ".join(m["metric"] for m in i["top_metrics"][:3]),
                               " ".join(i["jobs"][:5])] for i in incidents[:200]],
                             ["state", "node", "cause", "since", "nights", "alarms tonight", "peak", "top metrics",
                              "jobs"]))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import html
 import math
 
+from hpcad.threshold.evaluate import parse_top_metrics
+
 
 SORTABLE = """<script>
 function hpcadTable(id){const t=document.getElementById(id),f=document.getElementById(id+'-filter');
@@ -47,8 +49,7 @@ def alarms_table(alarms: list[dict], link, table_id: str = "alarms") -> str:
             v = a.get(c, "")
             text = fmt(number(v)) if c in ("rows", "peak_score") else str(v or "")
             if c == "top_metrics":  # names only (the errors are in alarms.csv / alarms.json)
-                text = " ".join(t.rsplit(":", 1)[0] for t in text.split())
-                v = text
+                text = v = ", ".join(m["metric"] for m in parse_top_metrics(text))
             row.append((text, str(v or ""), link(v) if c == "node" else None))
         rows.append(row)
     return sortable_table(table_id, cols, rows, "alarms", "node, time, metric, job...")

@@ -158,7 +158,7 @@ def alarmed_nodes(alarms: list[dict], th: Thresholds, link) -> str:
         top = max(group, key=ratio)
         causes = Counter(cause_of({"top_metrics": parse_top_metrics(a.get("top_metrics", ""))}) for a in group)
         cause = ", ".join(c if n == 1 else f"{c} ({n})" for c, n in causes.most_common())
-        names = " ".join(m["metric"] for m in parse_top_metrics(top.get("top_metrics", ""))[:5])
+        names = ", ".join(m["metric"] for m in parse_top_metrics(top.get("top_metrics", ""))[:5])
         alarmed, last = sum(int(float(a["rows"])) for a in group), str(max(a["end"] for a in group))
         row = [(node, node, link(node)), (str(len(group)), str(len(group)), None), (str(alarmed), str(alarmed), None),
                (fmt(ratio(top)), repr(ratio(top)), None), (last, last, None), (cause, cause, None),

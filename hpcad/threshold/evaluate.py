@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -101,16 +102,15 @@ def alarm_events(s: NodeSignal, th: Thresholds, errors_of, metrics: list[str], t
     return out
 
 
+# one ``name:error`` entry of a top-metrics cell: the name up to the colon before a number that ends
+# the entry, so names may hold spaces and colons ("CPU1 Temp", "mem:used"), as IPMI sensor names do
+_TOP_ENTRY = re.compile(r"\s*(.+?):([-+]?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|nan|inf))(?=\s|$)")
+
+
 def parse_top_metrics(cell: str) -> list[dict]:
-    """An ``alarms.csv`` ``top_metrics`` cell (``name:error`` space-separated) back into records."""
-    out = []
-    for item in (cell or "").split():
-        name, _, err = item.rpartition(":")
-        try:
-            out.append({"metric": name or item, "error": float(err) if name else 0.0})
-        except ValueError:
-            out.append({"metric": item, "error": 0.0})
-    return out
+    """An ``alarms.csv`` ``top_metrics`` cell (``name:error`` entries separated by a space) back into
+    records, names with spaces included."""
+    return [{"metric": m.group(1), "error": float(m.group(2))} for m in _TOP_ENTRY.finditer(cell or "")]
 
 
 def write_alarms_csv(path: Path, records: list[dict]) -> None:
