@@ -34,6 +34,7 @@ EpochUnit = _choice("EpochUnit", "s", "ms", "us", "ns")
 MissingMetric = _choice("MissingMetric", "union", "drop", "error")
 BadNode = _choice("BadNode", "error", "skip")
 Duplicates = _choice("Duplicates", "identical", "error", "first", "last")
+BlankLabels = _choice("BlankLabels", "error", "normal")
 SplitUnit = _choice("SplitUnit", "fraction", "rows", "time")
 Precision = _choice("Precision", "fp32", "tf32", "bf16")
 ErrorDtype = _choice("ErrorDtype", "float32", "float16")
@@ -62,6 +63,7 @@ class DataConfig:
     node_column: str = "node"
     timestamp_column: str = "timestamp"
     label_column: str = "anomaly"
+    blank_labels: BlankLabels = BlankLabels.error  # empty cells in a labelled node's label column: error | normal (read as 0); all empty: the node is unlabelled
     metric_column: str = "metric"  # long format only
     value_column: str = "value"  # long format only
     period_s: int = 300  # ldms/long: grid period (mean per period)

@@ -268,6 +268,24 @@ def test_overlapping_daily_exports_drop_identical_repeats_and_refuse_rows_that_d
     np.testing.assert_array_equal(last.timestamp, want.read("y").timestamp)
 
 
+def test_empty_label_cells_name_the_option_and_a_node_without_any_is_unlabelled(tmp_path):
+    """Labels exported from incident tickets: the class where an incident was, empty cells elsewhere,
+    and no cell at all for nodes nobody labelled (one file of the whole cluster). Before, any empty
+    cell stopped the ingest ("must hold integers ... row 0 holds np.float64(nan)")."""
+    rows = _frame(rows=20)
+    lab = pd.Series([np.nan] * 20)
+    lab[5:8] = 2
+    every = pd.concat([rows.assign(node="x", anomaly=lab), rows.assign(node="y", anomaly=np.nan)])
+    src = tmp_path / "all.csv"
+    every.to_csv(src, index=False)
+    with pytest.raises(InputError, match=r"\(node x\): label column 'anomaly' is empty on 17 of 20 rows \(first: row 0\)"
+                                         r".*set data.blank_labels=normal"):
+        ingest(data_cfg(source=str(src)), tmp_path / "s.h5")
+    st = TelemetryStore(ingest(data_cfg(source=str(src), blank_labels="normal"), tmp_path / "s.h5"))
+    assert st.labelled == {"x": True, "y": False} and st.read("y").labels is None
+    np.testing.assert_array_equal(st.read("x").labels, (np.arange(20) >= 5) * (np.arange(20) < 8) * 2)
+
+
 def test_unsorted_timestamps_can_be_sorted_on_request(tmp_path):
     f = _frame().iloc[[1, 0, *range(2, 20)]]
     src = _write(tmp_path, {"n0": f})

@@ -91,14 +91,7 @@ class FrameConverter:
             unit = "s"
         else:
             ts, unit = np.arange(len(df), dtype=np.int64), "row"
-        labels = None
-        if has_lab:
-            lab = pd.to_numeric(df[cfg.label_column], errors="coerce")
-            if lab.isna().any() or (lab != lab.round()).any():
-                row = int(np.flatnonzero((lab.isna() | (lab != lab.round())).to_numpy())[0])
-                raise InputError(f"{where}: label column {cfg.label_column!r} must hold integers "
-                                 f"(0 normal, other = anomaly class); row {row} holds {df[cfg.label_column].iloc[row]!r}")
-            labels = lab.to_numpy().astype(np.int8)
+        labels = self._labels(df[cfg.label_column], where) if has_lab else None
         order_ok = np.all(np.diff(ts) > 0)
         if not order_ok and has_ts:
             ts, values, labels = drop_duplicates(ts, values, labels, str(cfg.duplicates), where, cfg.timestamp_column)
@@ -112,6 +105,33 @@ class FrameConverter:
             ts, values = ts[order], values[order]
             labels = labels[order] if labels is not None else None
         return NodeData(node, ts, values, labels, unit)
+
+
+    def _labels(self, col: pd.Series, where: str) -> np.ndarray | None:
+        """A node's labels (0 normal, another integer: the anomaly class). Empty cells: a node whose
+        cells are all empty is unlabelled (a whole-cluster export labels some nodes only); some empty
+        cells are an error unless ``data.blank_labels=normal`` reads them as normal."""
+        import pandas as pd
+
+        name, blank = self.cfg.label_column, col.isna().to_numpy()
+        if blank.all():
+            log.info("%s: label column %r is empty on every row: the node is unlabelled", where, name)
+            return None
+        lab = pd.to_numeric(col, errors="coerce")
+        bad = ~blank & (lab.isna() | (lab != lab.round())).to_numpy()
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise InputError(f"{where}: label column {name!r} must hold integers (0 normal, other = anomaly class); "
+                             f"row {row} holds {col.iloc[row]}")
+        if blank.any():
+            first, count = int(np.flatnonzero(blank)[0]), int(blank.sum())
+            if str(self.cfg.blank_labels) != "normal":
+                raise InputError(f"{where}: label column {name!r} is empty on {count} of {len(col)} rows (first: row "
+                                 f"{first}); a labelled node needs a label on every row (0 = normal, another integer = "
+                                 f"the anomaly class): fill them in, or set data.blank_labels=normal to read empty "
+                                 f"labels as normal")
+            log.info("%s: %d empty labels read as normal (data.blank_labels=normal)", where, count)
+        return lab.fillna(0).to_numpy().astype(np.int8)
 
 
 DUPLICATE_POLICIES = ("identical", "error", "first", "last")

@@ -267,8 +267,9 @@ def signature(src: Path, jobs: Path | None, data_cfg) -> str:
         "sort_timestamps", "on_bad_node")}
     if data_cfg.dayfirst is not None:  # unset, dates read as the column shows: earlier stores keep their signature
         opts["dayfirst"] = str(data_cfg.dayfirst)
-    if str(data_cfg.duplicates) != "identical":  # the default keeps earlier stores' signatures (their input had none)
-        opts["duplicates"] = str(data_cfg.duplicates)
+    for key, default in (("duplicates", "identical"), ("blank_labels", "error")):  # at their defaults, earlier
+        if str(getattr(data_cfg, key)) != default:  # stores keep their signatures (their input had neither)
+            opts[key] = str(getattr(data_cfg, key))
     parts = [source_signature(src, str(data_cfg.format)), source_signature(jobs) if jobs else "",
              json.dumps(opts, sort_keys=True)]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
