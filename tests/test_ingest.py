@@ -81,21 +81,23 @@ def test_a_folder_of_daily_exports_of_every_node_reads_as_one_file(tmp_path):
 
 
 @pytest.mark.parametrize("how", [{"sep": ";", "decimal": ","}, {"sep": ";"}, {"sep": "\t"}, {"sep": "|"},
-                                 {"encoding": "utf-8-sig"}, {"blanks": True}])
+                                 {"encoding": "utf-8-sig"}, {"blanks": True}, {"trailing": True}])
 def test_exports_separated_by_semicolons_tabs_or_bars_read_the_same(tmp_path, how):
     """Spreadsheet exports in European locales write `;`-separated fields with decimal commas
     (`21,5`), and often a UTF-8 byte-order mark; other tools write tabs, `|`, or `a, b`. Each reads
     as the comma export does, per-node files (one of them gzipped) and one file with a node column
     alike. Before, a `;` file was one column named after the whole header line (a 10 kB error), a
-    byte-order mark added a phantom metric, and `, ` hid the timestamp column."""
+    byte-order mark added a phantom metric, and `, ` hid the timestamp column; a separator at the end of
+    every line added an empty metric named "Unnamed: k"."""
     import gzip
 
     src, frames = _export(tmp_path)
     ref = TelemetryStore(ingest(data_cfg(source=str(src)), tmp_path / "ref.h5"))
 
     def write(f: pd.DataFrame, path):
-        if how.get("blanks"):
-            text = f.to_csv(index=False).replace(",", ", ")
+        if how.get("blanks") or how.get("trailing"):
+            text = f.to_csv(index=False)
+            text = text.replace(",", ", ") if how.get("blanks") else text.replace("\n", ",\n")
             path.write_bytes(gzip.compress(text.encode())) if path.suffix == ".gz" else path.write_text(text)
         else:
             f.to_csv(path, index=False, **how)
@@ -114,6 +116,12 @@ def test_exports_separated_by_semicolons_tabs_or_bars_read_the_same(tmp_path, ho
             np.testing.assert_array_equal(a.values, b.values)
             np.testing.assert_array_equal(a.timestamp, b.timestamp)
             np.testing.assert_array_equal(a.labels, b.labels)
+
+
+def test_a_column_without_a_name_that_holds_values_is_refused(tmp_path):
+    (tmp_path / "n1.csv").write_text("timestamp,a,,b\n0,1,7,2\n300,1.5,7,2.5\n")
+    with pytest.raises(InputError, match=r"n1.csv: column 3 holds values but has no name in the header line"):
+        ingest(data_cfg(source=str(tmp_path)), tmp_path / "s.h5")
 
 
 def test_decimal_commas_the_first_rows_do_not_show_are_named_in_the_error(tmp_path):

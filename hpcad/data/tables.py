@@ -42,7 +42,7 @@ def columns(path: Path) -> list[str]:
             return list(pq.read_schema(path).names)
         except Exception as exc:
             raise InputError(f"{path}: cannot read the Parquet schema: {exc}") from exc
-    return list(dialect(path).header)
+    return [name for name in dialect(path).header if name.strip()]  # an unnamed column holds no metric
 
 
 SEPARATORS = ",;\t|"  # a CSV's field separator: whichever of these its header line holds most of
@@ -111,14 +111,28 @@ def looks_decimal_comma(value: str) -> bool:
     return bool(_DECIMAL_COMMA.fullmatch(value.strip().strip('"')))
 
 
+def without_unnamed(df: pd.DataFrame, how: CsvDialect, path: Path) -> pd.DataFrame:
+    """``df`` without the columns its CSV header leaves unnamed (a separator at the end of every line
+    makes one, which pandas calls ``Unnamed: k``): dropped when empty, an error when they hold values."""
+    unnamed = [k for k, name in enumerate(how.header) if not name.strip() and k < len(df.columns)]
+    if not unnamed:
+        return df
+    filled = [k for k in unnamed if df.iloc[:, k].notna().any()]
+    if filled:
+        raise InputError(f"{path}: column {filled[0] + 1} holds values but has no name in the header line; "
+                         f"name it (or remove it)")
+    return df.drop(columns=[df.columns[k] for k in unnamed])
+
+
 def read_table(path: Path) -> pd.DataFrame:
     import pandas as pd
 
     how = None if is_parquet(path) else dialect(path)
     try:
-        return pd.read_parquet(path) if how is None else pd.read_csv(path, **how.read_csv_kw())
+        df = pd.read_parquet(path) if how is None else pd.read_csv(path, **how.read_csv_kw())
     except Exception as exc:  # pandas/pyarrow raise many types; name the file either way
         raise InputError(f"{path}: cannot read table: {exc}") from exc
+    return df if how is None else without_unnamed(df, how, path)
 
 
 def iter_table_chunks(path: Path, rows: int = CHUNK_ROWS) -> Iterator[pd.DataFrame]:
@@ -134,7 +148,8 @@ def iter_table_chunks(path: Path, rows: int = CHUNK_ROWS) -> Iterator[pd.DataFra
                     yield batch.to_pandas()
         else:
             how = dialect(path)
-            yield from pd.read_csv(path, chunksize=rows, **how.read_csv_kw())
+            for chunk in pd.read_csv(path, chunksize=rows, **how.read_csv_kw()):
+                yield without_unnamed(chunk, how, path)
     except InputError:
         raise
     except Exception as exc:
