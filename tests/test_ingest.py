@@ -432,6 +432,19 @@ def test_ingest_in_a_log_file_says_how_far_it_got_every_minute(tmp_path, monkeyp
     assert [line.split(" (")[0] for line in lines] == [f"ingest: {k}/4 nodes" for k in range(1, 4)], lines
 
 
+@pytest.mark.parametrize("unit, scale", [("ms", 1_000), ("us", 1_000_000), ("ns", 1_000_000_000)])
+def test_epoch_times_in_another_unit_than_data_epoch_unit_name_the_unit(tmp_path, unit, scale):
+    """Milliseconds read as seconds are the year 56985: the ingest went through, and the threshold stage
+    crashed with a traceback ("year 56985 is out of range") after training and scoring."""
+    t = (1_736_121_600 + 300 * np.arange(12)) * scale
+    pd.DataFrame({"timestamp": t, "a": np.arange(12.0)}).to_csv(tmp_path / "x.csv", index=False)
+    with pytest.raises(InputError, match=rf"x.csv \(node x\): column 'timestamp' holds epoch time {t[0]} \(row 0\), "
+                                         rf"which is after the year 2286 in data.epoch_unit=s: set data.epoch_unit={unit}"):
+        ingest(data_cfg(source=str(tmp_path)), tmp_path / "s.h5")
+    st = TelemetryStore(ingest(data_cfg(source=str(tmp_path), epoch_unit=unit), tmp_path / "s.h5"))
+    np.testing.assert_array_equal(st.read("x").timestamp, t // scale)
+
+
 def test_millisecond_epochs_in_files_of_many_nodes_are_converted_once(tmp_path):
     """`data.epoch_unit=ms` (Prometheus and InfluxDB exports): a file of many nodes' rows was staged
     in epoch seconds and then read in milliseconds again: every timestamp /1000, and the ingest

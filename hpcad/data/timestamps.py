@@ -38,7 +38,9 @@ def to_epoch_seconds(col: pd.Series, where: str, name: str, timezone: str = "UTC
     if col.isna().any():
         raise InputError(f"{where}: column {name!r} has {int(col.isna().sum())} empty timestamps")
     if pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
-        secs = col.to_numpy(dtype=np.float64) / EPOCH_UNITS[epoch_unit]
+        raw = col.to_numpy(dtype=np.float64)
+        secs = raw / EPOCH_UNITS[epoch_unit]
+        _check_epoch_range(raw, secs, epoch_unit, where, name)
         return secs if fractional else np.floor(secs).astype(np.int64)
     if pd.api.types.is_datetime64_any_dtype(col):
         ts = col if getattr(col.dt, "tz", None) is not None else _localize(col, timezone, where, name)
@@ -60,6 +62,22 @@ def to_epoch_seconds(col: pd.Series, where: str, name: str, timezone: str = "UTC
     ns = ts.dt.tz_convert("UTC").dt.as_unit("ns").astype("int64").to_numpy()  # pandas may parse to s/us
     secs = ns / 1e9
     return secs if fractional else ns // 1_000_000_000
+
+
+LATEST_EPOCH_S = 1e10  # 2286-11-20: epoch seconds beyond it are another unit read as seconds
+
+
+def _check_epoch_range(raw: np.ndarray, secs: np.ndarray, unit: str, where: str, name: str) -> None:
+    """Epoch times read in the wrong unit (milliseconds as seconds: the year 56985) stop here, with
+    the unit that fits, instead of as a crash where a later stage formats a date."""
+    top = float(np.max(np.abs(secs))) if secs.size else 0.0
+    if not top >= LATEST_EPOCH_S:
+        return
+    fits = [u for u, f in EPOCH_UNITS.items() if f > EPOCH_UNITS[unit] and top * EPOCH_UNITS[unit] / f < LATEST_EPOCH_S]
+    hint = f"set data.epoch_unit={fits[0]}" if fits else "export epoch seconds (or ms, us, ns with data.epoch_unit)"
+    at = int(np.flatnonzero(np.abs(secs) >= LATEST_EPOCH_S)[0])
+    raise InputError(f"{where}: column {name!r} holds epoch time {raw[at]:.0f} (row {at}), which is after the "
+                     f"year 2286 in data.epoch_unit={unit}: {hint}")
 
 
 def _localize(ts: pd.Series, timezone: str, where: str, name: str) -> pd.Series:
