@@ -240,6 +240,7 @@ class NightlyConfig:
     timezone: str = "UTC"  # the site's time zone: what "yesterday" and a day's midnight mean
     min_node_fraction: float = 0.9  # input is partial if fewer of the trained nodes report
     max_end_gap_s: int = 3600  # ...or if the newest sample is older than the day's end minus this
+    max_missing_share: float = 0.5  # a node with more of its values missing tonight is a telemetry gap (report, log)
     drift_ratio: float = 2.0  # drift: a night's median signal_norm >= this x the node's baseline...
     drift_days: int = 3  # ...on this many consecutive nights (hpcad/drift.py)
     drift_reference_nights: int = 3  # the baseline: median level of the node's first nights

@@ -24,7 +24,7 @@ from hpcad.atomic import atomic_path
 from hpcad.errorstore import NodeSignal
 from hpcad.threshold.rules import Thresholds
 
-FIELDS = ["node", "rows", "alarmed_rows", "level"]
+FIELDS = ["node", "rows", "alarmed_rows", "level", "missing_share"]
 NIGHT_DIR = re.compile(r"\d{4}-\d{2}-\d{2}")  # published night folders (not .<date>.tmp-<pid>)
 
 
@@ -33,7 +33,8 @@ def night_levels(signals: Iterable[NodeSignal], th: Thresholds) -> list[dict]:
     for s in signals:
         alarmed = th.signal_of(s) > th.threshold_for(s.node)
         level = float(np.median(s.normalised)) if len(alarmed) else float("nan")
-        out.append({"node": s.node, "rows": int(len(alarmed)), "alarmed_rows": int(alarmed.sum()), "level": level})
+        out.append({"node": s.node, "rows": int(len(alarmed)), "alarmed_rows": int(alarmed.sum()), "level": level,
+                    "missing_share": round(s.missing, 6)})
     return out
 
 

@@ -18,10 +18,12 @@ FAMILIES = {
                                "(signal_norm; about 1 when normal).",
     "hpcad_node_alarmed_rows": "Rows of the night above the node's threshold.",
     "hpcad_node_alarm": "1 when the node has an open hpcad incident (new or ongoing) after the night, else 0.",
+    "hpcad_node_missing_share": "Share of the node's metric values missing in the night's input (0 to 1).",
     "hpcad_incident_nights": "Nights an open incident has lasted, by node and cause (metric family).",
     "hpcad_nightly_night_timestamp_seconds": "Start (midnight, site time zone) of the newest night scored.",
     "hpcad_nightly_last_success_timestamp_seconds": "When the newest night's run finished.",
-    "hpcad_nightly_nodes": "Nodes in the newest night, by outcome (scored, without_model).",
+    "hpcad_nightly_nodes": "Nodes in the newest night, by outcome (scored, without_model, silent: trained, "
+                           "no row tonight).",
     "hpcad_nightly_incidents": "Incidents of the newest night, by state (new, ongoing, resolved).",
 }
 
@@ -36,19 +38,21 @@ def _value(v: float) -> str:
 
 
 def render(levels: list[dict], incidents: list[dict], night_start: int, unscored: int,
-           finished: float | None = None) -> str:
+           finished: float | None = None, silent: int = 0) -> str:
     samples: dict[str, list[tuple[dict, float]]] = {k: [] for k in FAMILIES}
     open_nodes = {i["node"] for i in incidents if i["state"] in OPEN}
     for lv in levels:
         samples["hpcad_node_signal_level"].append(({"node": lv["node"]}, lv["level"]))
         samples["hpcad_node_alarmed_rows"].append(({"node": lv["node"]}, lv["alarmed_rows"]))
         samples["hpcad_node_alarm"].append(({"node": lv["node"]}, 1.0 if lv["node"] in open_nodes else 0.0))
+        samples["hpcad_node_missing_share"].append(({"node": lv["node"]}, lv.get("missing_share", 0.0)))
     for i in incidents:
         if i["state"] in OPEN:
             samples["hpcad_incident_nights"].append(({"node": i["node"], "cause": i["cause"]}, i["nights"]))
     samples["hpcad_nightly_night_timestamp_seconds"].append(({}, night_start))
     samples["hpcad_nightly_last_success_timestamp_seconds"].append(({}, time.time() if finished is None else finished))
-    samples["hpcad_nightly_nodes"] += [({"outcome": "scored"}, len(levels)), ({"outcome": "without_model"}, unscored)]
+    samples["hpcad_nightly_nodes"] += [({"outcome": "scored"}, len(levels)), ({"outcome": "without_model"}, unscored),
+                                       ({"outcome": "silent"}, silent)]
     for state in STATES:
         samples["hpcad_nightly_incidents"].append(({"state": state}, sum(i["state"] == state for i in incidents)))
     lines = []

@@ -101,7 +101,7 @@ def score_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, out_p
             err[miss] = 0.0
             level = signal_level(model.signal_scale, M, sig_cfg.scale_floor)
             _write_node_errors(nodes_grp, nd, err, level, split_codes(nd, cfg.split), sig_cfg,
-                               lm.version if lm else 0, error_dtype)
+                               lm.version if lm else 0, error_dtype, missing_share(miss, model.scaler.absent))
             bar.update(1)
         bar.close()
     log.info("scored %d nodes -> %s", len(nodes), out_path)
@@ -157,8 +157,16 @@ def built_from(store: TelemetryStore, models_dir: Path) -> dict:
     return {"store_signature": store.signature, "models_stamp": models_stamp(models_dir)}
 
 
+def missing_share(miss: np.ndarray, absent: np.ndarray) -> float:
+    """The share of a node's values its model could not see (missing after short gaps are filled),
+    over the metrics the node reported in training: 1.0 when its collector sent rows without values."""
+    present = miss[:, ~absent]
+    return float(present.mean()) if present.size else 0.0
+
+
 def _write_node_errors(parent: h5py.Group, nd, err: np.ndarray, signal_scale: float, split: np.ndarray,
-                       sig_cfg, light_version: int = 0, error_dtype: type = np.float32) -> None:
+                       sig_cfg, light_version: int = 0, error_dtype: type = np.float32,
+                       missing: float = 0.0) -> None:
     row = err.sum(1, dtype=np.float64)  # the signal comes from the float32 errors, whatever is stored
     signal = smooth_signal(row, sig_cfg.smooth, signal_scale, sig_cfg.causal)
     g = parent.create_group(nd.name)
@@ -173,7 +181,8 @@ def _write_node_errors(parent: h5py.Group, nd, err: np.ndarray, signal_scale: fl
                        ("split", split), ("labels", nd.labels)):
         if data is not None:
             g.create_dataset(name, data=data, **checked(data))
-    g.attrs.update(signal_scale=signal_scale, rows=T, light_version=light_version, smooth=int(sig_cfg.smooth),
+    g.attrs.update(signal_scale=signal_scale, rows=T, light_version=light_version, missing_share=missing,
+                   smooth=int(sig_cfg.smooth),
                    causal=bool(sig_cfg.causal))
 
 

@@ -159,6 +159,33 @@ def test_missing_or_partial_input_fails_clearly_and_changes_nothing(site, tmp_pa
     assert p.returncode == 2 and f"nightly {yesterday.isoformat()}: no exports" in p.stderr
 
 
+def test_silent_nodes_and_missing_values_are_telemetry_gaps(site, tmp_path):
+    """A node that sends nothing, and one whose collector sends rows without values, cannot alarm.
+    Before, the first went unmentioned (up to 10 % of the cluster, nightly.min_node_fraction) and
+    the second looked perfectly normal: a model sees no error where it sees no value."""
+    day = "2025-01-10"
+    src = tmp_path / "in" / day
+    shutil.copytree(site / "daily" / day, src)
+    (src / "node0001.csv").unlink()
+    f = pd.read_csv(src / "node0000.csv")
+    f.loc[f.index[: int(len(f) * 0.8)], [c for c in f.columns if c not in ("timestamp", "anomaly")]] = np.nan
+    f.to_csv(src / "node0000.csv", index=False)
+    out = tmp_path / "nightly"
+    p = cron(_env_file(site, out, "nightly.min_node_fraction=0.5 nightly.input='" + str(tmp_path / "in") + "/{date}'"),
+             "--date", day)
+    assert p.returncode == 0, p.stderr[-3000:]
+    levels = {r["node"]: float(r["missing_share"]) for r in csv.DictReader(open(out / day / "levels.csv"))}
+    assert levels["node0000"] == pytest.approx(0.8, abs=0.01) and levels["node0002"] == 0 and "node0001" not in levels
+    page = (out / day / "report.html").read_text()
+    assert "<h2>Telemetry gaps (2)</h2>" in page
+    assert "<td>node0001</td><td>no rows tonight</td>" in page and "<td>node0000</td><td>80% of its values missing" in page
+    prom = dict(line.rsplit(" ", 1) for line in (out / "hpcad.prom").read_text().splitlines() if not line.startswith("#"))
+    assert float(prom['hpcad_nightly_nodes{outcome="silent"}']) == 1
+    assert float(prom['hpcad_node_missing_share{node="node0000"}']) == pytest.approx(levels["node0000"])
+    log = "".join(f.read_text() for f in (out / "logs").rglob("*") if f.is_file())
+    assert "1 trained node(s) sent no telemetry: ['node0001']" in log and "over 50% of their values missing" in log
+
+
 def test_a_second_run_waits_for_nobody_and_bad_setup_is_named(site, tmp_path):
     out = tmp_path / "nightly"
     out.mkdir()

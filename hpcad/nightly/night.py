@@ -12,7 +12,7 @@ import datetime as dt
 import json
 import logging
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
@@ -81,6 +81,7 @@ class Built:
     levels: list[dict]
     drifted: list[str]
     refits: list[dict]
+    silent: list[str] = field(default_factory=list)  # trained nodes without a row tonight
 
 
 def build_night(cfg: HpcadConfig, day: dt.date, src: Path, out: Path, tmp: Path, train_run: Path,
@@ -88,7 +89,7 @@ def build_night(cfg: HpcadConfig, day: dt.date, src: Path, out: Path, tmp: Path,
     """Steps 1-5 of the module docstring of hpcad.nightly, written into the scratch folder ``tmp``."""
     n = cfg.nightly
     t = Tonight(cfg, _day_cfg(cfg, src, _jobs_file(n, day)), day, out, tmp, train_run, src)
-    store, nodes, new = _ingest(t)
+    store, nodes, new, silent = _ingest(t)
     th = Thresholds.load(train_run / "thresholds.json")  # read once: the night's signal must match it
     errors = _score(t, store, nodes, overrides, th.details.get("excess_weight"))
     excess.check_applies(th.details.get("excess_weight"), errors.excess_weight, train_run / "thresholds.json",
@@ -97,16 +98,20 @@ def build_night(cfg: HpcadConfig, day: dt.date, src: Path, out: Path, tmp: Path,
     signals = list(errors.signals())  # alarms, evaluation and drift all read them
     records, incidents, confirmed = _alarms(t, store, errors, th, signals)
     levels, verdicts, drifted, refits = _drift_and_light(t, errors, th, signals)
+    gaps = telemetry_gaps(levels, n.max_missing_share)
+    if gaps:
+        log.warning("nightly %s: %d node(s) with over %g%% of their values missing: %s", t.iso, len(gaps),
+                    100 * n.max_missing_share, ", ".join(f"{g['node']} {g['missing_share']:.0%}" for g in gaps[:10]))
     if cfg.report.enabled:
         from hpcad.report.page import write_report
 
         write_report(t.dcfg, tmp, errors, t.models_dir, title=f"hpcad nightly {t.iso}",
                      extra=nightly_sections(t.iso, src, new, verdicts, refits, n, incidents,
-                                            trend(out, t.iso, len(nodes), len(records), incidents)),
+                                            trend(out, t.iso, len(nodes), len(records), incidents), silent, gaps),
                      folder=out / t.iso,
                      node_history=node_history(out, t.iso, levels, incidents, {r["node"] for r in records}),
                      node_summary=False)  # the Incidents section is the night's node view
-    return Built(src, nodes, new, records, incidents, confirmed, levels, drifted, refits)
+    return Built(src, nodes, new, records, incidents, confirmed, levels, drifted, refits, silent)
 
 
 def _jobs_file(n: NightlyConfig, day: dt.date) -> Path | None:
@@ -127,16 +132,28 @@ def _day_cfg(cfg: HpcadConfig, source: Path, jobs: Path | None):
     return dcfg
 
 
-def _ingest(t: Tonight) -> tuple[TelemetryStore, list[str], list[str]]:
-    """Step 1: the day's store; the nodes with a trained model, and those without (not scored)."""
+def _ingest(t: Tonight) -> tuple[TelemetryStore, list[str], list[str], list[str]]:
+    """Step 1: the day's store; the nodes with a trained model, those without (not scored), and the
+    trained nodes without a row tonight (silent: down, or their collector is)."""
     store = TelemetryStore(ingest(t.dcfg.data, t.tmp / "store.h5", t.cfg.compute.progress))
     trained = model_nodes(t.models_dir)
     nodes = [x for x in store.nodes if model_path(t.models_dir, x).exists()]
     new = sorted(set(store.nodes) - set(nodes))
+    silent = sorted(set(trained) - set(store.nodes))
     _check_complete(store, nodes, trained, t.day, t.src, t.cfg.nightly)
     if new:
         log.warning("nightly %s: %d node(s) without a trained model are not scored: %s", t.iso, len(new), new[:10])
-    return store, nodes, new
+    if silent:
+        log.warning("nightly %s: %d trained node(s) sent no telemetry: %s", t.iso, len(silent), silent[:10])
+    return store, nodes, new, silent
+
+
+def telemetry_gaps(levels: list[dict], max_share: float) -> list[dict]:
+    """The scored nodes with more than ``max_share`` of their values missing tonight, most first: a
+    node whose metrics are not there cannot alarm on them (its model sees no error where it sees no
+    value), so the operator is told."""
+    return sorted((lv for lv in levels if lv.get("missing_share", 0.0) > max_share),
+                  key=lambda lv: (-lv["missing_share"], lv["node"]))
 
 
 def _score(t: Tonight, store: TelemetryStore, nodes: list[str], overrides: list[str], weight) -> ErrorStore:

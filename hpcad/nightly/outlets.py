@@ -28,7 +28,7 @@ def announce(n: NightlyConfig, out: Path, day: dt.date, built) -> dict:
     incidents, drain commands run when ``nightly.drain``; returns the night's history fields."""
     iso = day.isoformat()
     fresh = [i for i in built.incidents if i["state"] == "new"]
-    export_prometheus(n, out, day, built.levels, built.incidents, len(built.new))
+    export_prometheus(n, out, day, built.levels, built.incidents, len(built.new), len(built.silent))
     notified = notify(n, out / iso, iso, fresh) if fresh else ""
     if n.drain and built.confirmed:
         write_json(out / iso / "drain.json", drain(built.confirmed, n.drain_max_nodes))
@@ -38,14 +38,14 @@ def announce(n: NightlyConfig, out: Path, day: dt.date, built) -> dict:
 
 
 def export_prometheus(n: NightlyConfig, out: Path, day: dt.date, levels: list[dict], incidents: list[dict],
-                      unscored: int) -> None:
+                      unscored: int, silent: int = 0) -> None:
     """The textfile (``nightly.prometheus``, default ``<out>/hpcad.prom``) for the newest night only."""
     newest = max((p.name for p in out.iterdir() if p.is_dir() and NIGHT_DIR.fullmatch(p.name)), default="")
     if day.isoformat() < newest:
         log.info("nightly %s: not the newest night (%s); %s left as it is", day, newest, n.prometheus or "hpcad.prom")
         return
     path = Path(n.prometheus).expanduser() if n.prometheus else out / "hpcad.prom"
-    write_textfile(path, render(levels, incidents, day_bounds(day, n.timezone)[0], unscored))
+    write_textfile(path, render(levels, incidents, day_bounds(day, n.timezone)[0], unscored, silent=silent))
 
 
 def notify(n: NightlyConfig, night_dir: Path, iso: str, fresh: list[dict]) -> str:
