@@ -57,6 +57,10 @@ def test_the_alarmed_nodes_come_first_one_row_each_highest_peak_first_with_their
     assert rows[0][1:7] == ["2", "22", "6.17", "52000", "power, ips", "power, ips"]
     assert rows[1][1:7] == ["1", "3", "3", "47000", "temp", "temp_p0_1, power"]
     assert "<span id='alarmed-nodes-count'>2</span> of 2 nodes shown" in page
+    cfg, errors, models = _run(tmp_path, [a, ALARM_B, b2], details={"check": {"verdict": "never_alarm"}})
+    page = write_report(cfg, tmp_path, errors, models).read_text()  # warnings go first; the table stays put
+    assert page.index("Threshold warning") < page.index("Cluster overview") < page.index("<h2>Alarmed nodes (2)")
+    assert "<!--" not in page
 
 
 def test_a_rerun_removes_pages_of_nodes_no_longer_alarmed_and_respects_the_page_cap(tmp_path):

@@ -106,7 +106,6 @@ class FrameConverter:
             labels = labels[order] if labels is not None else None
         return NodeData(node, ts, values, labels, unit)
 
-
     def _labels(self, col: pd.Series, where: str) -> np.ndarray | None:
         """A node's labels (0 normal, another integer: the anomaly class). Empty cells: a node whose
         cells are all empty is unlabelled (a whole-cluster export labels some nodes only); some empty

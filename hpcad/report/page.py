@@ -22,6 +22,9 @@ if TYPE_CHECKING:
     from hpcad.config import HpcadConfig
 
 
+_NODES_SLOT = "<!-- alarmed nodes -->"  # a place in the page kept while warnings are put before it
+
+
 def write_report(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, models_dir: Path, title: str = "hpcad report",
                  extra: list[str] | None = None, folder: Path | None = None,
                  node_history: dict[str, list[list]] | None = None, node_summary: bool = True) -> Path:
@@ -69,7 +72,7 @@ def write_report(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, models_dir
         if len(in_overview) < len(errors.nodes):
             parts.append(f"<p>{len(in_overview)} of {len(errors.nodes)} nodes shown (most alarms first; "
                          f"report.max_nodes_overview).</p>")
-    summary_at = len(parts)  # the alarmed nodes' table goes here, once the node pages are known
+    parts.append(_NODES_SLOT)  # the alarmed nodes' table goes here, once the node pages are known
     parts += extra or []
     if metrics:
         rows = []
@@ -118,8 +121,7 @@ def write_report(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, models_dir
     def link(node: str) -> str | None:
         return pages.get(node)
 
-    if node_summary and alarms:
-        parts.insert(summary_at, alarmed_nodes(alarms, th, link))
+    parts[parts.index(_NODES_SLOT)] = alarmed_nodes(alarms, th, link) if node_summary and alarms else ""
     parts.append("<h2>Alarm signal</h2>" + (f"<p>{len(pages)} alarmed node(s) have their own page (follow a node "
                                              f"in the alarms table).</p>" if pages else ""))
     sigs = {s.node: s for s in errors.signals(shown)}
