@@ -131,9 +131,47 @@ def by_setting(sweep_dir: Path, rows: list[dict]) -> list[dict]:
         w = csv.DictWriter(fh, fieldnames=fields)
         w.writeheader()
         w.writerows(out)
+    settings_plot(out, key, sweep_dir / "sweep_settings.png")
     with atomic_path(sweep_dir / "sweep_settings.md") as tmp:
         tmp.write_text(settings_table(out, key, sorted(o for o in common if not o.startswith(SEED))))
     return out
+
+
+def settings_plot(rows: list[dict], key: str, path: Path) -> None:
+    """``sweep_settings.png``: the figures a setting is chosen on (validation average precision and
+    cost; ``train`` sweeps: the models' best validation loss), mean +- std over the seeds, one bar
+    per setting and detector, settings in the table's order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = ([("ap_val", "validation average precision (higher is better)"),
+             ("cost_val", "validation cost (lower is better)")] if key == "cost_val"
+            else [("mean_best_val_loss", "mean best validation loss of the node models")])
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    detectors = list(dict.fromkeys(r["detector"] for r in rows))
+    fig, axes = plt.subplots(1, len(cols), figsize=(6 * len(cols), 1.2 + 0.25 * len(settings) * len(detectors)),
+                             squeeze=False)
+    h = 0.8 / len(detectors)
+    for ax, (col, label) in zip(axes[0], cols):
+        for j, det in enumerate(detectors):
+            mine = [(i, r) for i, s in enumerate(settings) for r in rows
+                    if r["setting"] == s and r["detector"] == det and r.get(col, float("nan")) == r.get(col)]
+            ax.barh([i + (j - (len(detectors) - 1) / 2) * h for i, _ in mine], [r[col] for _, r in mine], height=h,
+                    xerr=[r.get(col + "_std", 0.0) for _, r in mine], capsize=2, label=det)
+        ax.set_yticks(range(len(settings)), [s if len(s) <= 40 else s[:37] + "..." for s in settings], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel(label, fontsize=8)
+        ax.tick_params(axis="x", labelsize=7)
+    fig.suptitle("mean +- std over the seeds per setting (bars: detectors); choose on these validation figures",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncol=len(detectors), fontsize=7)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
 
 
 def settings_table(rows: list[dict], key: str, common: list[str]) -> str:
@@ -156,7 +194,7 @@ def settings_table(rows: list[dict], key: str, common: list[str]) -> str:
             "reporting, a choice made on them is marked as such (docs/results.md).") if key == "cost_val" else \
         "Mean +- standard deviation over the seeds of the node models' mean best validation loss."
     shared = f" Every point: `{' '.join(common)}`." if common else ""
-    return "\n".join(lines) + "\n\n" + note + shared + "\n"
+    return "\n".join(lines) + "\n\n" + note + shared + "\n\n![the validation figures per setting](sweep_settings.png)\n"
 
 
 class SweepSummary(Callback):

@@ -210,6 +210,8 @@ def test_seed_sweep_reports_mean_and_spread_per_setting_beside_the_baseline(tmp_
     assert ae == sorted(ae)  # settings ranked by the autoencoder's mean validation cost
     table = (sweep / "sweep_settings.md").read_text()
     assert "| `model.hidden=[8]` | autoencoder | 3 |" in table and " +- " in table and "Every point: `" in table
+    png = (sweep / "sweep_settings.png").read_bytes()  # the validation figures as a plot, linked from the table
+    assert png.startswith(b"\x89PNG") and len(png) > 5000 and "](sweep_settings.png)" in table
 
 
 def test_unlabelled_data_uses_the_trained_runs_thresholds(tmp_path):
