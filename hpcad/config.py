@@ -161,6 +161,7 @@ class ReportConfig:
     max_nodes_plotted: int = 12
     max_nodes_overview: int = 200  # rows of the cluster overview heatmap (most alarms first)
     max_node_pages: int = 200  # alarmed nodes that get their own page (most alarms first)
+    max_missing_share: float = 0.5  # a node with more of its input values missing is a telemetry gap (report, nightly log)
     enabled: bool = True
 
 
@@ -240,7 +241,6 @@ class NightlyConfig:
     timezone: str = "UTC"  # the site's time zone: what "yesterday" and a day's midnight mean
     min_node_fraction: float = 0.9  # input is partial if fewer of the trained nodes report
     max_end_gap_s: int = 3600  # ...or if the newest sample is older than the day's end minus this
-    max_missing_share: float = 0.5  # a node with more of its values missing tonight is a telemetry gap (report, log)
     drift_ratio: float = 2.0  # drift: a night's median signal_norm >= this x the node's baseline...
     drift_days: int = 3  # ...on this many consecutive nights (hpcad/drift.py)
     drift_reference_nights: int = 3  # the baseline: median level of the node's first nights

@@ -54,6 +54,9 @@ class ErrorStore:
                 self.rows = dict(zip(self.nodes, map(int, f["node_rows"][()])))
             else:
                 self.rows = {n: int(f["nodes"][n]["signal"].shape[0]) for n in self.nodes}
+            # each node's share of missing input values (scored files; none for baselines and older files)
+            self.missing = dict(zip(self.nodes, map(float, f["node_missing"][()]))) \
+                if "node_missing" in f and len(f["node_missing"]) == len(self.nodes) else {}
             self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()
                           if k in ("created", "store_signature", "models_stamp", "store", "models", "excess_weight",
                                    "excess_choice")}
@@ -123,6 +126,7 @@ def write_index(out_path: Path, parts: list[Path], attrs: dict, metrics: list[st
     ``/node_rows`` (each node's rows, in node-name order) so that a reader lists the nodes without
     following a link per node (one part-file open each: 1.3 s for 4,000 nodes, on every rank)."""
     rows: dict[str, int] = {}
+    missing: dict[str, float] = {}
     with atomic_path(out_path) as tmp, h5_writing(tmp) as f:
         f.attrs.update(attrs, index_of=[p.name for p in parts])
         if metrics is not None:
@@ -130,7 +134,12 @@ def write_index(out_path: Path, parts: list[Path], attrs: dict, metrics: list[st
         g = f.create_group("nodes")
         for part in parts:
             with open_h5(part, kind="per-rank error file") as src:
-                for node in src["nodes"]:
+                names = sorted(src["nodes"])
+                if "node_missing" in src and len(src["node_missing"]) == len(names):
+                    missing.update(zip(names, map(float, src["node_missing"][()])))
+                for node in names:
                     g[node] = h5py.ExternalLink(part.name, f"/nodes/{node}")
                     rows[node] = int(src["nodes"][node]["signal"].shape[0])
         f.create_dataset("node_rows", data=np.array([rows[n] for n in sorted(rows)], dtype=np.int64))
+        if missing and len(missing) == len(rows):
+            f.create_dataset("node_missing", data=np.array([missing[n] for n in sorted(rows)], dtype=np.float32))

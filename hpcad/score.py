@@ -96,14 +96,19 @@ def score_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, out_p
         f.create_dataset("metrics", data=np.array(metrics, dtype=object), dtype=STR)
         nodes_grp = f.create_group("nodes")
         bar = Progress(len(nodes), "score", "node", cfg.compute.progress, log)
+        shares: dict[str, float] = {}
         for model, nd, err, excess2, miss, lm in node_errors():
             err += weight * excess2
             err[miss] = 0.0
             level = signal_level(model.signal_scale, M, sig_cfg.scale_floor)
+            shares[nd.name] = missing_share(miss, model.scaler.absent)
             _write_node_errors(nodes_grp, nd, err, level, split_codes(nd, cfg.split), sig_cfg,
-                               lm.version if lm else 0, error_dtype, missing_share(miss, model.scaler.absent))
+                               lm.version if lm else 0, error_dtype, shares[nd.name])
             bar.update(1)
         bar.close()
+        # every node's share in one table (node-name order, as /node_rows of an index): read without a
+        # group opened per node
+        f.create_dataset("node_missing", data=np.array([shares[n] for n in sorted(shares)], dtype=np.float32))
     log.info("scored %d nodes -> %s", len(nodes), out_path)
     return len(nodes)
 

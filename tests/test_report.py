@@ -3,6 +3,8 @@ escaping of names from the data, and the warnings it must not drop."""
 import csv
 import re
 
+import numpy as np
+
 from hpcad.errorstore import ErrorStore
 from hpcad.report.markup import alarms_table, html_table
 from hpcad.report.page import write_report
@@ -128,3 +130,24 @@ def test_metric_names_with_spaces_and_colons_come_back_whole_from_alarms_csv(tmp
     assert parse_top_metrics(cell) == top
     assert "data-v='CPU1 Temp, mem:used, Fan 1A, ips_p0_0'" in alarms_table([{**ALARM_B, "top_metrics": cell}],
                                                                           lambda n: None)
+
+
+def test_nodes_whose_input_values_are_missing_are_listed_as_telemetry_gaps(tmp_path):
+    """A node whose collector sent rows without values scores as normal (no value, no error): the
+    run's report lists it, from errors.h5's node_missing, beside the alarmed nodes."""
+    from hpcad.data.store import TelemetryStore, write_store
+
+    from test_score import METRICS
+
+    cfg, errors, models = _run(tmp_path, [ALARM_B])
+    store = TelemetryStore(tmp_path / "store.h5")
+    nodes = [store.read(n) for n in store.nodes]
+    nodes[0].values[:140] = np.nan  # node a: 70 % of its rows without any value
+    write_store(tmp_path / "store.h5", METRICS, nodes, "test")
+    score_nodes(cfg, TelemetryStore(tmp_path / "store.h5"), models, tmp_path / "errors.h5")
+    errors = ErrorStore(tmp_path / "errors.h5")
+    assert errors.missing["a"] > 0.69 and errors.missing["b"] < 0.01
+    page = write_report(cfg, tmp_path, errors, models).read_text()
+    gaps = page.split("<h2>Telemetry gaps (1)</h2>")[1].split("</table>")[0]
+    assert "<td>a</td><td>70%</td><td>200</td>" in gaps and "<td>b</td>" not in gaps
+    assert page.index("<h2>Alarmed nodes (1)</h2>") < page.index("<h2>Telemetry gaps (1)</h2>")

@@ -47,6 +47,8 @@ def test_errors_h5_holds_the_documented_errors_and_signals(tmp_path):
     assert score_nodes(cfg, store, models, tmp_path / "errors.h5") == 2
     errors = ErrorStore(tmp_path / "errors.h5")
     assert errors.nodes == ["a", "b"] and errors.metrics == METRICS and errors.excess_weight == 10.0
+    # b's 3 values left missing after the gap filling, of 200 rows x 3 metrics (telemetry gaps)
+    assert errors.missing == {"a": 0.0, "b": np.float32(3 / 600)}
     with h5py.File(tmp_path / "errors.h5") as f:
         for nd in nodes:
             model = NodeModel.load(model_path(models, nd.name))

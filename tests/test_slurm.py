@@ -58,7 +58,7 @@ def test_sbatch_train_all_nodes_matches_the_single_process_run(tmp_path, slurm_e
 
     assert len(list(run.glob("errors-rank*.h5"))) == 4
     one, many = ErrorStore(single / "errors.h5"), ErrorStore(run / "errors.h5")
-    assert one.nodes == many.nodes
+    assert one.nodes == many.nodes and one.missing == many.missing and len(many.missing) == 16  # the index's table
     for s1, s2 in zip(one.signals(), many.signals()):
         np.testing.assert_allclose(s1.signal, s2.signal, rtol=1e-3, atol=1e-4)
     h5ls = shutil.which("h5ls")

@@ -13,7 +13,7 @@ Per day D (``nightly.date``, default yesterday in ``nightly.timezone``), under a
    (hpcad.incidents: new, ongoing, resolved) -> ``incidents.json``, and ``alarms.jsonl`` (one alarm
    per line with its incident);
 4. drift (hpcad.drift) -> ``levels.csv`` (with each node's share of missing values), ``drift.json``;
-   telemetry gaps (trained nodes without a row, nodes missing over ``nightly.max_missing_share`` of
+   telemetry gaps (trained nodes without a row, nodes missing over ``report.max_missing_share`` of
    their values) logged and reported; light retraining (hpcad.light) of drifted nodes on their last
    ``nightly.light_days`` nights -> maps beside the models, ``light.json``;
 5. ``report.html``; then the folder replaces ``<out>/D`` by rename, and ``<out>/history.csv`` gains a line;

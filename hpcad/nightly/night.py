@@ -98,16 +98,18 @@ def build_night(cfg: HpcadConfig, day: dt.date, src: Path, out: Path, tmp: Path,
     signals = list(errors.signals())  # alarms, evaluation and drift all read them
     records, incidents, confirmed = _alarms(t, store, errors, th, signals)
     levels, verdicts, drifted, refits = _drift_and_light(t, errors, th, signals)
-    gaps = telemetry_gaps(levels, n.max_missing_share)
+    max_share = cfg.report.max_missing_share
+    gaps = telemetry_gaps(levels, max_share)
     if gaps:
         log.warning("nightly %s: %d node(s) with over %g%% of their values missing: %s", t.iso, len(gaps),
-                    100 * n.max_missing_share, ", ".join(f"{g['node']} {g['missing_share']:.0%}" for g in gaps[:10]))
+                    100 * max_share, ", ".join(f"{g['node']} {g['missing_share']:.0%}" for g in gaps[:10]))
     if cfg.report.enabled:
         from hpcad.report.page import write_report
 
         write_report(t.dcfg, tmp, errors, t.models_dir, title=f"hpcad nightly {t.iso}",
                      extra=nightly_sections(t.iso, src, new, verdicts, refits, n, incidents,
-                                            trend(out, t.iso, len(nodes), len(records), incidents), silent, gaps),
+                                            trend(out, t.iso, len(nodes), len(records), incidents), silent, gaps,
+                                            max_share),
                      folder=out / t.iso,
                      node_history=node_history(out, t.iso, levels, incidents, {r["node"] for r in records}),
                      node_summary=False)  # the Incidents section is the night's node view

@@ -121,7 +121,8 @@ def write_report(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, models_dir
     def link(node: str) -> str | None:
         return pages.get(node)
 
-    parts[parts.index(_NODES_SLOT)] = alarmed_nodes(alarms, th, link) if node_summary and alarms else ""
+    parts[parts.index(_NODES_SLOT)] = ((alarmed_nodes(alarms, th, link) if alarms else "")
+                                       + gaps_section(errors, cfg.report.max_missing_share)) if node_summary else ""
     parts.append("<h2>Alarm signal</h2>" + (f"<p>{len(pages)} alarmed node(s) have their own page (follow a node "
                                              f"in the alarms table).</p>" if pages else ""))
     sigs = {s.node: s for s in errors.signals(shown)}
@@ -177,3 +178,16 @@ def alarmed_nodes(alarms: list[dict], th: Thresholds, link) -> str:
             f"its threshold); cause: the metric family holding most of an alarm's error (ips, power, temp...), "
             f"with its number of alarms. A node's page shows its signal and the metrics behind it.</p>"
             + sortable_table("alarmed-nodes", header, [r for _, r in rows], "nodes", "node, cause, metric, job..."))
+
+
+def gaps_section(errors: ErrorStore, max_share: float) -> str:
+    """The nodes with more than ``max_share`` of their input values missing (errors.h5's
+    ``node_missing``), most first: their models saw no error where they saw no value."""
+    gaps = sorted(((share, n) for n, share in errors.missing.items() if share > max_share), key=lambda g: (-g[0], g[1]))
+    if not gaps:
+        return ""
+    return (f"<h2>Telemetry gaps ({len(gaps)})</h2><p>Nodes with more than {max_share:.0%} of their metric values "
+            f"missing in the scored input (report.max_missing_share). A model sees no error where it sees no value: "
+            f"these nodes cannot alarm on what is missing. Check the node and its collector.</p>"
+            + html_table([[n, f"{share:.0%}", errors.rows[n]] for share, n in gaps[:500]],
+                         ["node", "values missing", "rows"]))
