@@ -28,13 +28,17 @@ FIELDS = ["node", "rows", "alarmed_rows", "level", "missing_share"]
 NIGHT_DIR = re.compile(r"\d{4}-\d{2}-\d{2}")  # published night folders (not .<date>.tmp-<pid>)
 
 
-def night_levels(signals: Iterable[NodeSignal], th: Thresholds) -> list[dict]:
+def night_levels(signals: Iterable[NodeSignal], th: Thresholds,
+                 missing: dict[str, float] | None = None) -> list[dict]:
+    """Each node's level and alarmed rows; ``missing``: its share of missing input values
+    (:attr:`hpcad.errorstore.ErrorStore.missing`)."""
+    missing = missing or {}
     out = []
     for s in signals:
         alarmed = th.signal_of(s) > th.threshold_for(s.node)
         level = float(np.median(s.normalised)) if len(alarmed) else float("nan")
         out.append({"node": s.node, "rows": int(len(alarmed)), "alarmed_rows": int(alarmed.sum()), "level": level,
-                    "missing_share": round(s.missing, 6)})
+                    "missing_share": round(missing.get(s.node, 0.0), 6)})
     return out
 
 

@@ -32,7 +32,6 @@ class NodeSignal:
     labels: np.ndarray | None
     timestamp: np.ndarray
     scale: float = 1.0
-    missing: float = 0.0  # share of the node's values missing in its input (errors.h5 of per-node models)
 
     @property
     def normalised(self) -> np.ndarray:
@@ -73,7 +72,7 @@ class ErrorStore:
                     g = f["nodes"][n]
                     s = NodeSignal(n, g["signal"][()].astype(np.float64), g["split"][()],
                                    g["labels"][()] if "labels" in g else None, g["timestamp"][()],
-                                   float(g.attrs.get("signal_scale", 1.0)), float(g.attrs.get("missing_share", 0.0)))
+                                   float(g.attrs.get("signal_scale", 1.0)))
                 except (OSError, KeyError) as exc:
                     raise corrupt(self.path, f"node {n}", exc, self.rerun) from exc
                 yield s
