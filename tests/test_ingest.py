@@ -81,14 +81,14 @@ def test_a_folder_of_daily_exports_of_every_node_reads_as_one_file(tmp_path):
 
 
 @pytest.mark.parametrize("how", [{"sep": ";", "decimal": ","}, {"sep": ";"}, {"sep": "\t"}, {"sep": "|"},
-                                 {"encoding": "utf-8-sig"}, {"blanks": True}, {"trailing": True}])
+                                 {"encoding": "utf-8-sig"}, {"blanks": True}, {"trailing": 1}, {"trailing": 2}])
 def test_exports_separated_by_semicolons_tabs_or_bars_read_the_same(tmp_path, how):
     """Spreadsheet exports in European locales write `;`-separated fields with decimal commas
     (`21,5`), and often a UTF-8 byte-order mark; other tools write tabs, `|`, or `a, b`. Each reads
     as the comma export does, per-node files (one of them gzipped) and one file with a node column
     alike. Before, a `;` file was one column named after the whole header line (a 10 kB error), a
     byte-order mark added a phantom metric, and `, ` hid the timestamp column; a separator at the end of
-    every line added an empty metric named "Unnamed: k"."""
+    every line added an empty metric named "Unnamed: k", and two were refused as one name given twice."""
     import gzip
 
     src, frames = _export(tmp_path)
@@ -97,7 +97,7 @@ def test_exports_separated_by_semicolons_tabs_or_bars_read_the_same(tmp_path, ho
     def write(f: pd.DataFrame, path):
         if how.get("blanks") or how.get("trailing"):
             text = f.to_csv(index=False)
-            text = text.replace(",", ", ") if how.get("blanks") else text.replace("\n", ",\n")
+            text = text.replace(",", ", ") if how.get("blanks") else text.replace("\n", "," * how["trailing"] + "\n")
             path.write_bytes(gzip.compress(text.encode())) if path.suffix == ".gz" else path.write_text(text)
         else:
             f.to_csv(path, index=False, **how)

@@ -98,7 +98,7 @@ def dialect(path: Path) -> CsvDialect:
         hint = " (CSV exports are read as UTF-8: convert it, e.g. `iconv -f latin1 -t utf-8`)"
         raise InputError(f"{path}: cannot read the header line: {exc}"
                          f"{hint if isinstance(exc, UnicodeDecodeError) else ''}") from exc
-    dup = [name for name, n in Counter(header).items() if n > 1]
+    dup = [name for name, n in Counter(h for h in header if h.strip()).items() if n > 1]  # unnamed: without_unnamed
     if dup:
         raise InputError(f"{path}: the header names column(s) {dup[:10]} more than once; each metric needs "
                          f"one column")
