@@ -142,9 +142,13 @@ class SignalConfig:
     smooth: int = 25  # rows averaged into a row's signal (asinh scale), centred; 1 = the raw per-row signal
     causal: bool = False  # average the row and the ones before it only (alarms that never look ahead)
     range_excess: bool = True  # add the squared excess of a value outside its training range to its error
-    excess_weight: Any = "auto"  # ...times this weight: a number, or auto = chosen on labelled validation rows (hpcad/excess.py)
+    excess_weight: Any = "auto"  # ...times this weight: a number, or auto = chosen on labelled validation rows (hpcad/signal_choice.py)
     excess_grid: list[float] = field(default_factory=lambda: [1.0, 10.0, 100.0, 1000.0])  # auto's candidates (the first without labels)
-    excess_margin: float = 0.005  # auto keeps the smallest weight within this of the best validation average precision
+    # divide each metric's error by its mean on the node's held-out normal rows (at least the metrics'
+    # mean) before the sum: false, true, or auto = chosen with the weight (hpcad/signals.py;
+    # off by default: docs/results.md, "Per-metric error scales as a choice of each run")
+    metric_scales: Any = False
+    excess_margin: float = 0.005  # auto keeps the first candidate (no scales, small weights first) within this of the best validation AP
     scale_floor: float = 1.0e-4  # a node's normal level (signal_norm's divisor) is at least this x metrics
 
 

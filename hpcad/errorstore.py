@@ -18,6 +18,7 @@ from hpcad.atomic import atomic_path
 from hpcad.data.h5 import h5_writing, open_h5
 from hpcad.data.store import STR, checked, corrupt
 from hpcad.errors import StoreError
+from hpcad.signals import Recipe
 
 FORMAT = "error-store"
 
@@ -58,11 +59,12 @@ class ErrorStore:
                 if "node_missing" in f and len(f["node_missing"]) == len(self.nodes) else {}
             self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()
                           if k in ("created", "store_signature", "models_stamp", "store", "models", "excess_weight",
-                                   "excess_choice")}
+                                   "metric_scales", "signal_choice", "excess_choice")}
 
     @property
-    def excess_weight(self) -> float:
-        return float(self.attrs.get("excess_weight", 1.0))  # files before hpcad.excess: the old fixed 1
+    def recipe(self) -> Recipe:
+        """The signal's recipe it was scored with (files before it was chosen: weight 1, no scales)."""
+        return Recipe(float(self.attrs.get("excess_weight", 1.0)), bool(self.attrs.get("metric_scales", 0)))
 
     def signals(self, nodes: list[str] | None = None) -> Iterator[NodeSignal]:
         """Per-node alarm signals (already smoothed when written: hpcad.signals)."""

@@ -278,9 +278,11 @@ def train_fleet(cfg: HpcadConfig, store, models_dir, nodes: list[str], device: t
         for n, scaler, tr, va in share.nodes:
             rows = share.val[va] if va.stop > va.start else share.train[tr]  # held-out rows; all, if none
             x = torch.from_numpy(rows).to(device)
-            scale = float(((model(x) - x) ** 2).sum(1).mean()) if len(x) else 1.0
-            NodeModel(n, spec, store.metrics, [params], scaler, dict(history), max(scale, 1e-12), fingerprint).save(
-                model_path(models_dir, n))
+            sq = (model(x) - x) ** 2
+            scale = float(sq.sum(1).mean()) if len(x) else 1.0
+            held = sq.mean(0, dtype=torch.float64).cpu().numpy().astype(np.float32) if len(x) else None
+            NodeModel(n, spec, store.metrics, [params], scaler, dict(history), max(scale, 1e-12), fingerprint,
+                      held).save(model_path(models_dir, n))
     dist.barrier("for the other ranks to write their node files")  # before the checkpoint goes
     if rank == 0:
         remove_checkpoints(models_dir)  # this training's, and any of another rank count

@@ -39,12 +39,11 @@ def _compute(cfg: HpcadConfig) -> None:
 
 
 def _scoring(cfg: HpcadConfig) -> None:
-    from hpcad import excess
+    from hpcad import signal_choice
     from hpcad.signals import smooth_window
 
     smooth_window(cfg.signal.smooth)
-    if excess.fixed_weight(cfg.signal.excess_weight) is None:
-        excess.candidates(cfg.signal)
+    signal_choice.candidates(cfg.signal)  # checks excess_weight, excess_grid and metric_scales
 
 
 def _baselines(cfg: HpcadConfig) -> None:

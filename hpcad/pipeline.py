@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
 
-from hpcad import dist, excess, runfolder
+from hpcad import dist, runfolder, signal_choice
 from hpcad.atomic import remove_unreferenced, write_json
 from hpcad.config import build
 from hpcad.data.ingest import ingest
@@ -112,14 +112,14 @@ def stage_score(cfg: HpcadConfig, run_dir: Path) -> Path:
     from hpcad.score import score_nodes
 
     out = run_dir / "errors.h5"
-    fallback = excess.recorded(runfolder.train_run(cfg))  # the weight its thresholds were fitted with
+    fallback = signal_choice.recorded(runfolder.train_run(cfg))  # the recipe its thresholds were fitted with
     with ranked_share(cfg, run_dir) as (w, device, store, mine):
         if not w.distributed:
-            score_nodes(cfg, store, models_dir(cfg, run_dir), out, mine, device, excess_fallback=fallback)
+            score_nodes(cfg, store, models_dir(cfg, run_dir), out, mine, device, recipe_fallback=fallback)
             _drop_rank_files(run_dir, [])
             return out
         parts = [run_dir / f"errors-rank{r}.h5" for r in range(w.size)]
-        score_nodes(cfg, store, models_dir(cfg, run_dir), parts[w.rank], mine, device, excess_fallback=fallback)
+        score_nodes(cfg, store, models_dir(cfg, run_dir), parts[w.rank], mine, device, recipe_fallback=fallback)
         dist.barrier("for the other ranks to finish scoring")
         if w.rank == 0:
             scored = [e for e in map(ErrorStore, parts) if e.nodes] or [ErrorStore(parts[0])]
@@ -216,13 +216,13 @@ def stage_threshold(cfg: HpcadConfig, run_dir: Path) -> dict:
     rule = build(cfg.threshold, "threshold")
     if tr is not None and not labelled and (tr / "thresholds.json").exists():
         th = Thresholds.load(tr / "thresholds.json")
-        excess.check_applies(th.details.get("excess_weight"), errors.excess_weight, tr / "thresholds.json",
-                             errors.path)
+        signal_choice.check_applies(signal_choice.from_details(th.details), errors.recipe, tr / "thresholds.json",
+                                    errors.path)
         log.info("unlabelled data: using the thresholds fitted by %s", tr, extra=dist.CLUSTER_WIDE)
     else:
         with red.all_or_none("threshold"):
             th = rule.fit(mine, red)
-        th.details["excess_weight"] = errors.excess_weight  # the signal they were fitted on
+        th.details.update(errors.recipe.to_dict())  # the signal they were fitted on
     rank = w.rank  # one writer, also when ranks run without MPI
     if rank != 0:
         return {"thresholds": th.to_dict(), "rank": rank}
@@ -240,8 +240,8 @@ def stage_threshold(cfg: HpcadConfig, run_dir: Path) -> dict:
     result = {"alarms": len(records), "thresholds": th.to_dict()}
     if metrics["labelled"]:
         out = {"detector": "autoencoder", "cost_model": vars(cm), "threshold_rule": th.rule,
-               "signal": {**OmegaConf.to_container(cfg.signal), "excess_weight_used": errors.excess_weight,
-                          "excess_choice": json.loads(errors.attrs.get("excess_choice", "null"))},
+               "signal": {**OmegaConf.to_container(cfg.signal), "used": errors.recipe.to_dict(),
+                          "choice": json.loads(errors.attrs.get("signal_choice", "null"))},
                "scope": th.scope, "threshold_check":
                th.details.get("check"), "splits": metrics["splits"], "baselines": {}, "nodes": metrics["nodes"]}
         for path in signal_files(run_dir / "baselines"):

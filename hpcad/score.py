@@ -2,12 +2,14 @@
 
 Layout (docs/data.md):
 
-    /                 attrs: hpcad_format="error-store", format_version, store, models, created
+    /                 attrs: hpcad_format="error-store", format_version, store, models, created,
+                      excess_weight, metric_scales (the signal's recipe, hpcad.signal_choice), signal_choice
     /metrics          [M] metric names
     /nodes/<node>/    attrs: signal_scale (the node's normal level, hpcad.signals.signal_level), rows, smooth, causal
         (every dataset carries HDF5 Fletcher-32 checksums: a corrupt file is an error on read)
         error         [T, M] float32 (score.error_dtype=float16: float16) squared error per metric in standardised units (0 where missing),
-                      plus the squared excess of a value outside the metric's training range;
+                      plus the squared excess of a value outside the metric's training range (times
+                      excess_weight), divided by the metric's held-out error scale where metric_scales = 1;
                       chunks of 1024 rows, uncompressed
         signal_row    [T] float32 sum over metrics of error (the row's own signal)
         signal        [T] float32 the alarm signal: signal_row smoothed (hpcad.signals.smooth_signal)
@@ -35,15 +37,15 @@ from hpcad.device import resolve_device, tf32_context
 from hpcad.dist import world
 from hpcad.errors import ConfigError, InputError, StoreError
 from hpcad.errorstore import FORMAT
-from hpcad.excess import attrs as excess_attrs
-from hpcad.excess import choose as excess_weight
 from hpcad.light import LightMap, light_path
 from hpcad.model.autoencoder import ensemble_recon, stack
 from hpcad.model.budget import Budget, default_chunk_cap, retry_cap_after_oom
 from hpcad.model.files import NodeModel, model_path, models_stamp
 from hpcad.preprocess import fill_gaps, split_codes, windows
 from hpcad.progress import Progress
-from hpcad.signals import signal_level, smooth_signal
+from hpcad.signal_choice import attrs as recipe_attrs
+from hpcad.signal_choice import choose as choose_recipe
+from hpcad.signals import Recipe, smooth_signal
 
 if TYPE_CHECKING:
     from hpcad.config import HpcadConfig
@@ -55,15 +57,15 @@ ROW_BLOCK = 8192
 
 def score_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, out_path: Path,
                 nodes: list[str] | None = None, device: torch.device | None = None, light: Callable[[str], LightMap | None] | None = None,
-                excess_fallback: float | None = None) -> int:
+                recipe_fallback: Recipe | None = None) -> int:
     """Score ``nodes`` (default: all) of ``store`` with their models, K nodes per batched forward pass.
 
     K follows from ``compute.memory_budget_mb`` and ``compute.device_memory_mb``; only one chunk of nodes
     is in memory at a time.
     ``light`` picks each node's light map (default: ``models/<node>.light.pt`` when present).
-    ``signal.excess_weight=auto`` chooses the range-excess weight on the labelled validation rows
-    (:func:`excess_weight`; ``excess_fallback``, the weight of the run whose thresholds will be
-    applied, where there are none). Writes ``out_path`` atomically.
+    ``signal.excess_weight=auto`` and ``signal.metric_scales=auto`` choose the signal's recipe on the
+    labelled validation rows (hpcad.signal_choice; ``recipe_fallback``, the recipe of the run whose
+    thresholds will be applied, where there are none). Writes ``out_path`` atomically.
     """
     if light is None:
         def light(n: str) -> LightMap | None:
@@ -87,20 +89,19 @@ def score_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, out_p
     def node_errors() -> Iterator[tuple[NodeModel, object, np.ndarray, np.ndarray, np.ndarray, LightMap | None]]:
         return _node_errors(cfg, store, models_dir, nodes, metrics, columns, budget, device, light)
 
-    weight, choice = excess_weight(cfg, store, node_errors, excess_fallback)
+    recipe, choice = choose_recipe(cfg, store, node_errors, recipe_fallback)
     with atomic_path(out_path) as tmp, h5_writing(tmp) as f:
         f.attrs.update(hpcad_format=FORMAT, format_version=1, store=str(store.path), models=str(models_dir),
                        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds"),
                        hpcad_version=__version__, **built_from(store, models_dir),
-                       **excess_attrs(weight, choice))
+                       **recipe_attrs(recipe, choice))
         f.create_dataset("metrics", data=np.array(metrics, dtype=object), dtype=STR)
         nodes_grp = f.create_group("nodes")
         bar = Progress(len(nodes), "score", "node", cfg.compute.progress, log)
         shares: dict[str, float] = {}
         for model, nd, err, excess2, miss, lm in node_errors():
-            err += weight * excess2
-            err[miss] = 0.0
-            level = signal_level(model.signal_scale, M, sig_cfg.scale_floor)
+            recipe.errors(model, err, excess2, miss, f"{models_dir}: node {nd.name}")
+            level = recipe.level(model, M, sig_cfg.scale_floor)
             shares[nd.name] = missing_share(miss, model.scaler.absent)
             _write_node_errors(nodes_grp, nd, err, level, split_codes(nd, cfg.split), sig_cfg,
                                lm.version if lm else 0, error_dtype, shares[nd.name])

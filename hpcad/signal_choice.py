@@ -1,21 +1,27 @@
-"""The range-excess weight of the alarm signal (``signal.excess_weight``), chosen per run.
+"""The alarm signal's two per-run choices: the range-excess weight and the per-metric error scales.
 
 Scoring adds ``weight x (squared excess of a value outside its metric's training range)`` to each
-metric's reconstruction error. How much a never-seen value should count depends on the system: on
-spacecraft channels a new value is the anomaly itself (MSL's validation prefers 1000), on compute
-nodes new workloads bring new values (DAVIDE and the synthetic cluster prefer 1). So the default,
-``auto``, lets each run's own labelled validation rows decide:
+metric's reconstruction error (``signal.excess_weight``) and, with ``signal.metric_scales``, divides
+each metric's error by its mean on the node's held-out normal rows (at least the metrics' mean;
+hpcad/signals.py) before summing. What suits a system differs: on spacecraft channels a new value
+is the anomaly itself (MSL's validation prefers a weight of 1000, and scales), on compute nodes new
+workloads bring new values (DAVIDE and the synthetic cluster prefer 1, without scales). With
+``auto`` (the weight's default; the scales are off unless set to ``auto`` or ``true``: their
+validation gain on MSL did not hold on its test halves, docs/results.md) each run's own labelled
+validation rows decide:
 
-- for every candidate weight in ``signal.excess_grid``, each node's smoothed signal is ranked
-  against its validation labels (average precision, threshold-free; nodes whose validation rows
-  hold both classes); the per-node figures are summed over ranks and averaged;
-- the smallest candidate within ``signal.excess_margin`` of the best mean average precision wins
-  (ties and noise keep the smaller, more conservative weight);
-- without labelled validation rows (production, the nightly job) the weight of the run whose
+- every candidate (``signal.excess_grid`` x scales off/on, or the fixed value of an option that is
+  not ``auto``) ranks each node's smoothed signal against its validation labels (average precision,
+  threshold-free; nodes whose validation rows hold both classes); the per-node figures are summed
+  over ranks and averaged;
+- the first candidate within ``signal.excess_margin`` of the best mean average precision wins, in
+  the order scales off before on, smaller weights before larger (ties and noise keep the simpler,
+  more conservative signal);
+- without labelled validation rows (production, the nightly job) the recipe of the run whose
   thresholds will be applied is reused (its ``thresholds.json``), else the first candidate.
 
-A number instead of ``auto`` fixes the weight. The choice and the figures behind it are written to
-``errors.h5`` (attributes ``excess_weight``, ``excess_choice``), thresholds.json and metrics.json.
+The choice and the figures behind it are written to ``errors.h5`` (attributes ``excess_weight``,
+``metric_scales``, ``signal_choice``), thresholds.json and metrics.json.
 """
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ import numpy as np
 from hpcad.dist import CLUSTER_WIDE, all_sum
 from hpcad.errors import ConfigError
 from hpcad.preprocess import VAL, split_codes
-from hpcad.signals import signal_level, smooth_signal
+from hpcad.signals import Recipe, metric_scales, smooth_signal
 from hpcad.threshold.quality import average_precision
 
 if TYPE_CHECKING:
@@ -53,51 +59,95 @@ def fixed_weight(value: object) -> float | None:
     return w
 
 
-def candidates(sig_cfg) -> list[float]:
-    grid = [float(x) for x in sig_cfg.excess_grid]
-    if not grid or any(not x >= 0 for x in grid):
-        raise ConfigError(f"signal.excess_grid={list(sig_cfg.excess_grid)}: a non-empty list of weights >= 0")
-    return sorted(set(grid))
+def fixed_scales(value: object) -> bool | None:
+    """``signal.metric_scales`` as a bool, or None for ``auto``."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text == AUTO:
+        return None
+    if text in ("true", "false"):
+        return text == "true"
+    raise ConfigError(f"signal.metric_scales={value!r}: true, false or 'auto'")
+
+
+def candidates(sig_cfg) -> list[Recipe]:
+    """The recipes ``auto`` chooses from, in order of preference on ties (one: nothing to choose)."""
+    w = fixed_weight(sig_cfg.excess_weight)
+    if not sig_cfg.range_excess:
+        weights = [1.0 if w is None else w]  # no excess term: the weight changes nothing
+    elif w is None:
+        weights = [float(x) for x in sig_cfg.excess_grid]
+        if not weights or any(not x >= 0 for x in weights):
+            raise ConfigError(f"signal.excess_grid={list(sig_cfg.excess_grid)}: a non-empty list of weights >= 0")
+        weights = sorted(set(weights))
+    else:
+        weights = [w]
+    scales = fixed_scales(sig_cfg.metric_scales)
+    return [Recipe(c, s) for s in ([False, True] if scales is None else [scales]) for c in weights]
 
 
 def choose(cfg: HpcadConfig, store, node_errors: Callable[[], Iterator[tuple]],
-           fallback: float | None) -> tuple[float, dict | None]:
-    """The weight to score with, and the record of how it was chosen (None when it was fixed).
+           fallback: Recipe | None) -> tuple[Recipe, dict | None]:
+    """The recipe to score with, and the record of how it was chosen (None when nothing was chosen).
 
     ``node_errors()`` yields ``(model, node data, reconstruction errors, squared excess, missing
     mask, light map)`` per node; it is iterated once more only when labelled validation rows exist."""
     sig = cfg.signal
-    w = fixed_weight(sig.excess_weight)
-    if w is not None or not sig.range_excess:
-        return (1.0 if w is None else w), None
     grid = candidates(sig)
-    totals, count = np.zeros(len(grid)), 0
+    if len(grid) == 1:
+        return grid[0], None
+    totals, count, unscaled_only = np.zeros(len(grid)), 0, 0
     if store.has_labels:
         for model, nd, err, excess2, miss, _ in node_errors():
             val = split_codes(nd, cfg.split) == VAL
             y = nd.labels[val] != 0 if nd.labels is not None else np.zeros(0, bool)
             if y.all() or not y.any():
                 continue
-            base = np.where(miss, 0.0, err).sum(1, dtype=np.float64)
-            extra = np.where(miss, 0.0, excess2).sum(1, dtype=np.float64)
-            level = signal_level(model.signal_scale, err.shape[1], sig.scale_floor)
-            totals += [validation_ap(base + c * extra, level, sig, val, y) for c in grid]
+            parts = {False: (np.where(miss, 0.0, err), np.where(miss, 0.0, excess2))}
+            if model.holdout_error is None:
+                unscaled_only += 1
+            elif any(r.scaled for r in grid):
+                s = metric_scales(model.holdout_error)
+                parts[True] = (parts[False][0] / s, parts[False][1] / s)
+            sums = {k: (a.sum(1, dtype=np.float64), b.sum(1, dtype=np.float64)) for k, (a, b) in parts.items()}
+            M = err.shape[1]
+            for j, r in enumerate(grid):
+                if r.scaled in sums:
+                    base, extra = sums[r.scaled]
+                    totals[j] += validation_ap(base + r.weight * extra, r.level(model, M, sig.scale_floor), sig, val, y)
             count += 1
-    sums = all_sum(np.r_[totals, count])
-    totals, count = sums[:-1], int(sums[-1])
-    if count == 0:
-        w = grid[0] if fallback is None else float(fallback)
+    sums = all_sum(np.r_[totals, count, unscaled_only])
+    totals, count, unscaled_only = sums[:-2], int(sums[-2]), int(sums[-1])
+    names = [r.to_dict() for r in grid]
+    if count == 0:  # the fallback decides only what is left to auto
+        chosen = grid[0] if fallback is None else Recipe(
+            fallback.weight if len({r.weight for r in grid}) > 1 else grid[0].weight,
+            fallback.scaled if len({r.scaled for r in grid}) > 1 else grid[0].scaled)
         how = "no labelled validation rows: " + ("the first candidate" if fallback is None
-                                                 else "the weight of the run whose thresholds apply")
-        log.info("signal.excess_weight=auto: %s (%s)", w, how, extra=CLUSTER_WIDE)
-        return w, {"rule": how, "candidates": grid, "chosen": w, "nodes": 0}
+                                                 else "the recipe of the run whose thresholds apply")
+        log.info("signal: %s (%s)", chosen, how, extra=CLUSTER_WIDE)
+        return chosen, {"rule": how, "candidates": names, "chosen": chosen.to_dict(), "nodes": 0}
+    if unscaled_only and any(r.scaled for r in grid):  # models from before the held-out errors were recorded
+        log.warning("signal.metric_scales=auto: %d node model(s) have no per-metric held-out errors (trained by an "
+                    "older hpcad); choosing without scales", unscaled_only, extra=CLUSTER_WIDE)
+        keep = [j for j, r in enumerate(grid) if not r.scaled]
+        if not keep:
+            raise ConfigError(f"signal.metric_scales=true: {unscaled_only} node model(s) have no per-metric held-out "
+                              f"errors (trained by an older hpcad): retrain, or set signal.metric_scales=false")
+        grid, totals, names = [grid[j] for j in keep], totals[keep], [names[j] for j in keep]
     ap = totals / count
     margin = float(sig.excess_margin)
-    w = next(c for c, a in zip(grid, ap) if a >= ap.max() - margin)
-    log.info("signal.excess_weight=auto: %s (validation average precision %s over %d node(s))", w,
-             ", ".join(f"{c:g}: {a:.4f}" for c, a in zip(grid, ap)), count, extra=CLUSTER_WIDE)
-    return w, {"rule": f"smallest weight within {margin:g} of the best mean validation average precision",
-               "candidates": grid, "validation_ap": [round(float(a), 6) for a in ap], "chosen": w, "nodes": count}
+    chosen = next(r for r, a in zip(grid, ap) if a >= ap.max() - margin)
+    log.info("signal: %s (validation average precision %s over %d node(s))", chosen,
+             ", ".join(f"{_short(r)}: {a:.4f}" for r, a in zip(grid, ap)), count, extra=CLUSTER_WIDE)
+    return chosen, {"rule": f"first candidate within {margin:g} of the best mean validation average precision",
+                    "candidates": names, "validation_ap": [round(float(a), 6) for a in ap],
+                    "chosen": chosen.to_dict(), "nodes": count}
+
+
+def _short(r: Recipe) -> str:
+    return f"{r.weight:g}{' scaled' if r.scaled else ''}"
 
 
 def validation_ap(row_signal: np.ndarray, level: float, sig, val: np.ndarray, y: np.ndarray) -> float:
@@ -105,26 +155,30 @@ def validation_ap(row_signal: np.ndarray, level: float, sig, val: np.ndarray, y:
     return average_precision(smooth_signal(row_signal, sig.smooth, level, sig.causal)[val], y)
 
 
-def attrs(weight: float, choice: dict | None) -> dict:
-    """``errors.h5`` attributes recording the weight (and how it was chosen)."""
-    out: dict = {"excess_weight": float(weight)}
+def attrs(recipe: Recipe, choice: dict | None) -> dict:
+    """``errors.h5`` attributes recording the recipe (and how it was chosen)."""
+    out: dict = {"excess_weight": float(recipe.weight), "metric_scales": int(recipe.scaled)}
     if choice is not None:
-        out["excess_choice"] = json.dumps(choice)
+        out["signal_choice"] = json.dumps(choice)
     return out
 
 
-def recorded(run: Path | None) -> float | None:
-    """The weight a run's thresholds were fitted with (its ``thresholds.json``), or None."""
+def from_details(details: dict) -> Recipe | None:
+    """The recipe a ``thresholds.json``'s details record (None: none recorded)."""
+    w = details.get("excess_weight")
+    return None if w is None else Recipe(float(w), bool(details.get("metric_scales", False)))
+
+
+def recorded(run: Path | None) -> Recipe | None:
+    """The recipe a run's thresholds were fitted with (its ``thresholds.json``), or None."""
     if run is None or not (Path(run) / "thresholds.json").exists():
         return None
-    details = json.loads((Path(run) / "thresholds.json").read_text()).get("details", {})
-    w = details.get("excess_weight")
-    return None if w is None else float(w)
+    return from_details(json.loads((Path(run) / "thresholds.json").read_text()).get("details", {}))
 
 
-def check_applies(th_weight: float | None, scored_weight: float, thresholds: Path, errors: Path) -> None:
-    """Thresholds fitted on one weight's signal mean nothing on another's: refuse the mix."""
-    if th_weight is not None and float(th_weight) != float(scored_weight):
-        raise ConfigError(f"{thresholds} was fitted on signals with signal.excess_weight={th_weight:g}, but "
-                          f"{errors} was scored with {scored_weight:g}: score again with "
-                          f"signal.excess_weight=auto (or {th_weight:g})")
+def check_applies(fitted: Recipe | None, scored: Recipe, thresholds: Path, errors: Path) -> None:
+    """Thresholds fitted on one recipe's signal mean nothing on another's: refuse the mix."""
+    if fitted is not None and fitted != scored:
+        raise ConfigError(f"{thresholds} was fitted on signals scored with {fitted}, but {errors} was scored "
+                          f"with {scored}: score again with signal.excess_weight=auto signal.metric_scales=auto "
+                          f"(or {fitted})")

@@ -11,12 +11,16 @@ thresholded and evaluated alike:
 - ``signal_level``: the node's normal level (the mean signal of its held-out normal rows) floored
   at ``scale_floor`` per metric, so that ``signal / level`` (``signal_norm``) is comparable across
   nodes and cannot explode on a node whose training rows were reconstructed perfectly.
+- ``metric_scales``: where ``signal.metric_scales`` applies, each metric's error is divided by its
+  mean on the node's held-out normal rows (at least the metrics' mean) before the sum.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from hpcad.errors import ConfigError
+from hpcad.errors import ConfigError, StoreError
 
 
 def smooth_window(window: int) -> int:
@@ -52,3 +56,52 @@ def signal_level(holdout_mean: float, n_metrics: int, scale_floor: float) -> flo
     floor = max(float(scale_floor) * max(int(n_metrics), 1), 1e-12)
     v = float(holdout_mean)
     return max(v, floor) if np.isfinite(v) else floor
+
+
+def metric_scales(holdout_error: np.ndarray) -> np.ndarray:
+    """Per-metric divisors of a node's errors (``signal.metric_scales``): each metric's mean squared
+    error on the node's held-out normal rows, at least the mean over its metrics. A metric the model
+    always reconstructs worse than average stops dominating the sum; none is magnified."""
+    h = np.asarray(holdout_error, dtype=np.float64)
+    return np.maximum(h, max(float(h.mean()) if h.size else 0.0, 1e-12))
+
+
+def scaled_level(holdout_error: np.ndarray) -> float:
+    """The held-out mean of the scaled signal (``signal_level``'s input when scales apply)."""
+    h = np.asarray(holdout_error, dtype=np.float64)
+    return float((h / metric_scales(h)).sum())
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a node's per-metric errors become its row signal."""
+
+    weight: float  # range-excess weight
+    scaled: bool = False  # per-metric error scales applied
+
+    def __str__(self) -> str:
+        return f"signal.excess_weight={self.weight:g} signal.metric_scales={str(self.scaled).lower()}"
+
+    def to_dict(self) -> dict:
+        return {"excess_weight": self.weight, "metric_scales": self.scaled}
+
+    def errors(self, model, err: np.ndarray, excess2: np.ndarray, miss: np.ndarray, where: str = "") -> np.ndarray:
+        """``err`` turned in place into the errors this recipe scores (0 where the value is missing)."""
+        err += self.weight * excess2
+        if self.scaled:
+            err /= metric_scales(holdout_error(model, where)).astype(err.dtype)
+        err[miss] = 0.0
+        return err
+
+    def level(self, model, n_metrics: int, scale_floor: float) -> float:
+        """The node's normal level of this recipe's signal (hpcad.signals.signal_level)."""
+        held = scaled_level(holdout_error(model)) if self.scaled else model.signal_scale
+        return signal_level(held, n_metrics, scale_floor)
+
+
+def holdout_error(model, where: str = "") -> np.ndarray:
+    """The model's per-metric held-out errors; a clear error for a model file written without them."""
+    if model.holdout_error is None:
+        raise StoreError(f"{where or 'node ' + model.node}: its model file has no per-metric held-out errors (trained "
+                         f"by an older hpcad): retrain the node, or score with signal.metric_scales=false")
+    return model.holdout_error

@@ -50,16 +50,19 @@ def prepare_training_rows(store: TelemetryStore, node: str, cfg: HpcadConfig,
 
 
 def ensemble_holdout_level(spec: AutoencoderSpec, members: list[list[torch.Tensor]], z: np.ndarray,
-                           validation_split: float, n_metrics: int) -> float:
+                           validation_split: float, n_metrics: int) -> tuple[float, np.ndarray]:
     """Mean alarm signal of a node's members' mean reconstruction on its held-out training inputs
-    (the last ``validation_split`` share, as in training; all of them when there are none)."""
+    (the last ``validation_split`` share, as in training; all of them when there are none), and
+    the mean squared error per metric on the same rows."""
     n_tr = fit_rows(len(z), validation_split)
     hold = z[n_tr:] if n_tr < len(z) else z
     with torch.no_grad():
         x = torch.from_numpy(np.ascontiguousarray(hold))[None]
         recon, _ = ensemble_recon(stack(members, "cpu"), x, len(spec.hidden),
                                   spec.members, n_metrics)
-        return max(float(((recon - x[..., -n_metrics:]) ** 2).sum(-1).mean()), 1e-12)
+        sq = (recon - x[..., -n_metrics:]) ** 2
+        return (max(float(sq.sum(-1).mean()), 1e-12),
+                sq[0].mean(0, dtype=torch.float64).numpy().astype(np.float32))
 
 
 def check_train_config(tc: TrainConfig) -> None:
@@ -194,12 +197,12 @@ def train_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, nodes
             members = res.params[k * R:(k + 1) * R]
             history = dict(res.history[k * R])
             if R > 1:
-                level = ensemble_holdout_level(spec, members, prepared[k][0], cfg.train.validation_split, M)
+                level, held = ensemble_holdout_level(spec, members, prepared[k][0], cfg.train.validation_split, M)
                 history["members"] = [{key: h[key] for key in ("best_epoch", "epochs_run", "stopped_early")}
                                       for h in res.history[k * R:(k + 1) * R]]
             else:
-                level = res.holdout_signal[k]
-            NodeModel(n, spec, store.metrics, members, prepared[k][1], history, level, fingerprint).save(
+                level, held = res.holdout_signal[k], res.holdout_error[k]
+            NodeModel(n, spec, store.metrics, members, prepared[k][1], history, level, fingerprint, held).save(
                 model_path(models_dir, n))
         ckpt.remove()  # its models are written
         done += len(chunk)

@@ -54,6 +54,9 @@ def test_seed_ensemble_and_windowed_model_train_and_score_end_to_end(tmp_path):
     assert obj["spec"]["members"] == 2 and obj["spec"]["window"] == 3 and len(obj["members"]) == 2
     assert obj["members"][0][0].shape == (3 * 160, 64)  # a member's first layer reads the 3-row window
     assert len(obj["history"]["members"]) == 2 and obj["signal_scale"] > 0
+    # the members' per-metric held-out errors (signal.metric_scales): their sum is the node's level
+    assert obj["holdout_error"].shape == (160,) and obj["holdout_error"].min() >= 0
+    assert float(obj["holdout_error"].double().sum()) == pytest.approx(obj["signal_scale"], rel=1e-4)
     with h5py.File(run / "errors.h5") as f:
         g = f["nodes/node0001"]
         assert g["error"].shape == (g["signal"].shape[0], 160) and np.isfinite(g["signal"][()]).all()
@@ -222,30 +225,35 @@ def test_unlabelled_data_uses_the_trained_runs_thresholds(tmp_path):
     train = tmp_path / "train"
     hpcad("run", f"data.source={exports}", f"hydra.run.dir={train}", "train.epochs=3", "compute.progress=false",
           "baselines.methods=[]", "threshold=quantile", "threshold.scope=cluster", "report.enabled=false",
-          "signal.excess_grid=[10,1000]")  # auto picks one of these on the labelled validation rows
+          "signal.excess_grid=[10,1000]", "signal.metric_scales=auto")  # auto picks one on the validation rows
     fitted = json.loads((train / "thresholds.json").read_text())
     assert fitted["rule"] == "quantile" and fitted["scope"] == "cluster" and fitted["cluster"] > 0
-    chosen = fitted["details"]["excess_weight"]
-    choice = json.loads((train / "metrics.json").read_text())["signal"]["excess_choice"]
-    assert chosen in (10, 1000) and choice["chosen"] == chosen and choice["nodes"] == 2
-    assert len(choice["validation_ap"]) == 2
+    chosen, scaled = fitted["details"]["excess_weight"], fitted["details"]["metric_scales"]
+    choice = json.loads((train / "metrics.json").read_text())["signal"]["choice"]
+    assert chosen in (10, 1000) and choice["nodes"] == 2
+    assert choice["chosen"] == {"excess_weight": chosen, "metric_scales": scaled}
+    assert len(choice["validation_ap"]) == 4  # two weights, without and with per-metric scales
     today = tmp_path / "today"
     today.mkdir()
     for f in exports.glob("*.csv"):
         pd.read_csv(f).drop(columns="anomaly").iloc[-288:].to_csv(today / f.name, index=False)
     scored = tmp_path / "scored"
     hpcad("run", f"data.source={today}", f"train_run={train}", f"hydra.run.dir={scored}", "compute.progress=false",
-          "baselines.methods=[]", "split.train=0", "split.val=0")
+          "baselines.methods=[]", "split.train=0", "split.val=0", "signal.metric_scales=auto")
     assert json.loads((scored / "thresholds.json").read_text())["cluster"] == fitted["cluster"]
     assert not (scored / "metrics.json").exists()  # no labels, no detection scores
     assert (scored / "alarms.csv").exists() and (scored / "report.html").exists()
     with h5py.File(scored / "errors.h5") as f:  # scored on the signal the thresholds were fitted on
-        assert f.attrs["excess_weight"] == chosen
+        assert f.attrs["excess_weight"] == chosen and bool(f.attrs["metric_scales"]) == scaled
     other = hpcad("run", f"data.source={today}", f"train_run={train}", f"hydra.run.dir={tmp_path / 'other'}",
                   "baselines.methods=[]", "split.train=0", "split.val=0", f"signal.excess_weight={chosen * 2}",
                   check=False)
     assert other.returncode == 2 and f"signal.excess_weight={chosen:g}" in other.stderr
-    assert "Traceback" not in other.stderr
+    flipped = hpcad("run", f"data.source={today}", f"train_run={train}", f"hydra.run.dir={tmp_path / 'flipped'}",
+                    "baselines.methods=[]", "split.train=0", "split.val=0", f"signal.metric_scales={not scaled}",
+                    check=False)
+    assert flipped.returncode == 2 and f"signal.metric_scales={str(scaled).lower()}" in flipped.stderr
+    assert "Traceback" not in other.stderr + flipped.stderr
 
 
 def test_help_and_a_misspelt_stage_answer_without_loading_the_pipeline():
@@ -262,7 +270,7 @@ def test_help_and_a_misspelt_stage_answer_without_loading_the_pipeline():
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip().splitlines()[-1] == "0 2 []" and "unknown stage 'trian'" in out.stderr
     # the stages after scoring (threshold, report) never load torch: 1.2 s of every rank's start
-    probe = ("import sys, hpcad.pipeline, hpcad.report.page, hpcad.threshold.evaluate, hpcad.explain, hpcad.excess, "
+    probe = ("import sys, hpcad.pipeline, hpcad.report.page, hpcad.threshold.evaluate, hpcad.explain, hpcad.signal_choice, "
              "hpcad.model.files; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip().splitlines()[-1] == "False", out.stderr[-2000:]

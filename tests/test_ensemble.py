@@ -210,6 +210,8 @@ def test_holdout_signal_belongs_to_the_kept_weights():
             recon, _ = forward([p[None] for p in res.params[k]], xv, 1)
             expected = float(((recon - xv) ** 2).sum(-1).mean())
             assert abs(res.holdout_signal[k] - expected) <= 1e-5 * expected, (restore, k)
+            # the per-metric errors (signal.metric_scales) of the same weights on the same rows
+            np.testing.assert_allclose(res.holdout_error[k], ((recon - xv) ** 2).mean(1)[0].detach(), rtol=1e-5)
 
 
 def test_workspace_reused_across_chunks_changes_nothing():
@@ -225,6 +227,7 @@ def test_workspace_reused_across_chunks_changes_nothing():
     for a, b in zip(reused.params, fresh.params):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert reused.holdout_signal == fresh.holdout_signal
+    assert all(np.array_equal(a, b) for a, b in zip(reused.holdout_error, fresh.holdout_error))
 
 
 def test_models_that_stop_early_leave_the_chunk_without_changing_anyone():
@@ -242,6 +245,7 @@ def test_models_that_stop_early_leave_the_chunk_without_changing_anyone():
         alone = train_ensemble(spec, [data[k]], [seeds[k]], cfg, torch.device("cpu"))
         assert all(torch.equal(a, b) for a, b in zip(chunk.params[k], alone.params[0])), k
         assert chunk.history[k] == alone.history[0] and chunk.holdout_signal[k] == alone.holdout_signal[0]
+        assert np.array_equal(chunk.holdout_error[k], alone.holdout_error[0]), k
 
 
 def test_holdout_signal_without_validation_rows_is_measured_on_training_rows():
@@ -255,6 +259,7 @@ def test_holdout_signal_without_validation_rows_is_measured_on_training_rows():
         recon, _ = forward([p[None] for p in res.params[k]], xt, 1)
         expected = float(((recon - xt) ** 2).sum(-1).mean())
         assert abs(res.holdout_signal[k] - expected) <= 1e-5 * expected
+        np.testing.assert_allclose(res.holdout_error[k], ((recon - xt) ** 2).mean(1)[0].detach(), rtol=1e-5)
 
 
 class _Killed(Exception):
@@ -298,6 +303,7 @@ def test_a_chunk_resumed_from_its_checkpoint_ends_as_if_never_interrupted(tmp_pa
     for a, b in zip(whole.params, resumed.params):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert whole.history == resumed.history and whole.holdout_signal == resumed.holdout_signal
+    assert all(np.array_equal(a, b) for a, b in zip(whole.holdout_error, resumed.holdout_error))
     # another chunk (other nodes) does not take it
     other = ChunkCheckpoint(tmp_path, "fp", [f"m{i}" for i in range(8)], 1, every_s=0)
     assert other.load() is None

@@ -121,6 +121,7 @@ def _rerun_matches(reference, run, resumed: bool, extra: list[str] = ()) -> str:
         for a, b in zip(ref[name]["members"][0], got[name]["members"][0]):
             assert torch.equal(a, b), name  # resumed or retrained: the same weights bit for bit
         assert ref[name]["signal_scale"] == got[name]["signal_scale"]
+        assert torch.equal(ref[name]["holdout_error"], got[name]["holdout_error"]), name
     s_ref, s_got = _signals(reference), _signals(run)
     assert s_ref.keys() == s_got.keys() and all(np.array_equal(s_ref[n], s_got[n]) for n in s_ref)
     assert _thresholds(run) == _thresholds(reference)

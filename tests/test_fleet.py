@@ -40,6 +40,8 @@ def test_rows_the_device_cannot_hold_stay_in_host_memory_and_train_the_same_mode
         assert all(torch.equal(x, y) for x, y in zip(a[n].members[0], b[n].members[0])), n
         assert a[n].history["epochs_run"] == b[n].history["epochs_run"] == 4
         assert a[n].history["val_loss"] == pytest.approx(b[n].history["val_loss"], rel=1e-6)  # blocks: summed apart
+        # the per-metric held-out errors (signal.metric_scales) add up to the node's level
+        assert a[n].holdout_error.shape == (4,) and a[n].holdout_error.sum() == pytest.approx(a[n].signal_scale, rel=1e-5)
     assert a["n0"].members[0][0].abs().sum() > 0 and b["n0"].history["scope"] == "fleet"
 
 

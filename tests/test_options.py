@@ -41,6 +41,7 @@ WRONG = [
     (["compute.checkpoint_every_s=-1"], "train", "compute.checkpoint_every_s=-1.0: must be >= 0"),
     (["signal.smooth=0"], "score", "signal.smooth=0: must be >= 1"),
     (["signal.excess_weight=much"], "score", "signal.excess_weight='much': a number >= 0 or 'auto'"),
+    (["signal.metric_scales=sometimes"], "score", "signal.metric_scales='sometimes': true, false or 'auto'"),
     (["signal.excess_grid=[]"], "score", "signal.excess_grid=[]: a non-empty list of weights >= 0"),
     (["baselines.methods=[kde,lof]"], "baselines", "baselines.methods: unknown method 'lof'"),
 ]

@@ -2,6 +2,7 @@
 independent computation: per-metric errors, the range-excess term, missing metrics, the signals."""
 import h5py
 import numpy as np
+import pytest
 import torch
 from omegaconf import OmegaConf
 
@@ -13,13 +14,14 @@ from hpcad.model.files import NodeModel, model_path
 from hpcad.preprocess import Scaler, fill_gaps, split_codes
 from hpcad.errorstore import ErrorStore
 from hpcad.score import score_nodes
-from hpcad.signals import signal_level, smooth_signal
+from hpcad.signals import Recipe, metric_scales, scaled_level, signal_level, smooth_signal
 
 METRICS = ["power", "temp", "ips"]
 
 
-def _site(tmp_path):
-    """Two nodes; node b's later rows leave the training range, and it misses six values in a row."""
+def _site(tmp_path, held=None):
+    """Two nodes; node b's later rows leave the training range, and it misses six values in a row.
+    ``held``: the models' per-metric held-out errors (None: a model file written before them)."""
     rng = np.random.default_rng(0)
     nodes = []
     for name in ("a", "b"):
@@ -38,15 +40,19 @@ def _site(tmp_path):
     models = tmp_path / "models"
     for i, nd in enumerate(nodes):
         scaler = Scaler.fit(nd.values[:100], cfg.preprocess, names=METRICS)
-        NodeModel(nd.name, spec, METRICS, [glorot_init(spec, 3, i)], scaler, {}, 0.5 + i).save(model_path(models, nd.name))
+        NodeModel(nd.name, spec, METRICS, [glorot_init(spec, 3, i)], scaler, {}, 0.5 + i, "", held).save(
+            model_path(models, nd.name))
     return cfg, TelemetryStore(store_path), models, nodes
 
 
-def test_errors_h5_holds_the_documented_errors_and_signals(tmp_path):
-    cfg, store, models, nodes = _site(tmp_path)
+@pytest.mark.parametrize("scaled", [False, True])
+def test_errors_h5_holds_the_documented_errors_and_signals(tmp_path, scaled):
+    held = np.array([2.0, 0.1, 0.3], np.float32)
+    cfg, store, models, nodes = _site(tmp_path, held if scaled else None)
+    cfg.signal.metric_scales = scaled
     assert score_nodes(cfg, store, models, tmp_path / "errors.h5") == 2
     errors = ErrorStore(tmp_path / "errors.h5")
-    assert errors.nodes == ["a", "b"] and errors.metrics == METRICS and errors.excess_weight == 10.0
+    assert errors.nodes == ["a", "b"] and errors.metrics == METRICS and errors.recipe == Recipe(10.0, scaled)
     # b's 3 values left missing after the gap filling, of 200 rows x 3 metrics (telemetry gaps)
     assert errors.missing == {"a": 0.0, "b": np.float32(3 / 600)}
     with h5py.File(tmp_path / "errors.h5") as f:
@@ -56,12 +62,15 @@ def test_errors_h5_holds_the_documented_errors_and_signals(tmp_path):
             params = [p[None] for p in model.members[0]]
             recon, _ = forward(params, torch.from_numpy(z)[None], 1)
             expected = (recon[0].numpy() - z) ** 2 + 10.0 * model.scaler.excess(z) ** 2
+            if scaled:  # each metric's error over its held-out error, at least their mean (0.8)
+                np.testing.assert_allclose(metric_scales(held), [2.0, 0.8, 0.8], rtol=1e-6)
+                expected /= metric_scales(held)
             expected[miss] = 0.0
             g = f[f"nodes/{nd.name}"]
             np.testing.assert_allclose(g["error"][()], expected, rtol=1e-5, atol=1e-6)
             row = g["error"][()].astype(np.float64).sum(1)
             np.testing.assert_allclose(g["signal_row"][()], row, rtol=1e-6)
-            level = signal_level(model.signal_scale, 3, cfg.signal.scale_floor)
+            level = signal_level(scaled_level(held) if scaled else model.signal_scale, 3, cfg.signal.scale_floor)
             signal = smooth_signal(row, cfg.signal.smooth, level)
             np.testing.assert_allclose(g["signal"][()], signal, rtol=1e-5)
             np.testing.assert_allclose(g["signal_norm"][()], signal / level, rtol=1e-5)

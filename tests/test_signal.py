@@ -10,7 +10,7 @@ from hpcad.model.ensemble import member_seed, node_seed, train_ensemble
 from hpcad.model.files import NodeModel
 from hpcad.preprocess import Scaler, windows
 from hpcad.score import reconstruction_errors
-from hpcad.signals import signal_level, smooth_signal
+from hpcad.signals import Recipe, metric_scales, signal_level, smooth_signal
 
 CFG = NS(batch_size=32, validation_split=0.1, epochs=3, lr=1e-3, patience=3, restore_best=True)
 PRE = NS(std_floor_rel=0.01, std_floor_abs=1e-6, clip=20.0, soft_clip=True)
@@ -103,51 +103,118 @@ def _choice_inputs(anomaly_in_excess: bool, n_nodes: int = 3):
             excess2[normal_val & (np.arange(T) % 5 == 0), 0] = 0.02
             err[labels == 1, 1] += 0.3
         nd = NodeData(f"n{k}", np.arange(T, dtype=np.int64) * 300, np.zeros((T, M), np.float32), labels)
-        out.append((NS(signal_scale=float(err[:200].sum(1).mean())), nd, err, excess2, np.zeros((T, M), bool), None))
+        model = NS(signal_scale=float(err[:200].sum(1).mean()), holdout_error=err[:200].mean(0), node=nd.name)
+        out.append((model, nd, err, excess2, np.zeros((T, M), bool), None))
     return out
 
 
-def _signal_cfg(weight="auto", grid=(1.0, 10.0, 100.0, 1000.0)):
+def _signal_cfg(weight="auto", grid=(1.0, 10.0, 100.0, 1000.0), scales=False):
     return NS(signal=NS(excess_weight=weight, excess_grid=list(grid), excess_margin=0.005, range_excess=True,
-                        smooth=5, causal=False, scale_floor=1e-4),
+                        metric_scales=scales, smooth=5, causal=False, scale_floor=1e-4),
               split=NS(unit="fraction", train=0.5, val=0.5))
 
 
 def test_auto_excess_weight_follows_what_the_labelled_validation_rows_reward():
-    from hpcad.excess import choose
+    from hpcad.signal_choice import choose
 
     store = NS(has_labels=True)
     for in_excess, expected in ((True, 100.0), (False, 1.0)):
         inputs = _choice_inputs(in_excess)
-        w, choice = choose(_signal_cfg(), store, lambda: iter(inputs), None)
-        assert w == expected and choice["chosen"] == expected and choice["nodes"] == 3
-        ap = dict(zip(choice["candidates"], choice["validation_ap"]))
+        r, choice = choose(_signal_cfg(), store, lambda: iter(inputs), None)
+        assert r == Recipe(expected) and choice["chosen"]["excess_weight"] == expected and choice["nodes"] == 3
+        ap = {c["excess_weight"]: a for c, a in zip(choice["candidates"], choice["validation_ap"])}
         assert ap[expected] == max(ap.values()) and abs(ap[1000.0] - ap[1.0]) > 0.5
     assert ap[1000.0] < ap[1.0] - 0.5  # node-like: a large weight ranks new workloads first
     # MSL-like: 100 and 1000 both separate perfectly; within the margin the smaller weight wins
-    w, choice = choose(_signal_cfg(), store, lambda: iter(_choice_inputs(True)), None)
-    assert choice["validation_ap"][-1] == choice["validation_ap"][-2] == 1.0 and w == 100.0
+    r, choice = choose(_signal_cfg(), store, lambda: iter(_choice_inputs(True)), None)
+    assert choice["validation_ap"][-1] == choice["validation_ap"][-2] == 1.0 and r.weight == 100.0
     # within the margin, the smaller weight wins: a flat validation keeps the first candidate
     flat = [(m, nd, e, np.zeros_like(x), miss, lm) for m, nd, e, x, miss, lm in _choice_inputs(True)]
-    assert choose(_signal_cfg(), store, lambda: iter(flat), None)[0] == 1.0
+    assert choose(_signal_cfg(), store, lambda: iter(flat), None)[0] == Recipe(1.0)
 
 
 def test_excess_weight_without_labels_reuses_the_weight_its_thresholds_were_fitted_with():
     from hpcad.errors import ConfigError
-    from hpcad.excess import choose, fixed_weight
+    from hpcad.signal_choice import choose, fixed_weight
 
     def never():
         raise AssertionError("no labels: the errors need not be computed twice")
 
     unlabelled = NS(has_labels=False)
-    assert choose(_signal_cfg(), unlabelled, never, 100.0)[0] == 100.0
-    w, choice = choose(_signal_cfg(), unlabelled, never, None)
-    assert w == 1.0 and choice["nodes"] == 0 and "first candidate" in choice["rule"]
-    assert choose(_signal_cfg(weight=10), NS(has_labels=True), never, 100.0) == (10.0, None)  # fixed: as told
+    fitted = Recipe(100.0, True)
+    assert choose(_signal_cfg(scales="auto"), unlabelled, never, fitted)[0] == fitted
+    r, choice = choose(_signal_cfg(scales="auto"), unlabelled, never, None)
+    assert r == Recipe(1.0, False) and choice["nodes"] == 0 and "first candidate" in choice["rule"]
+    assert choose(_signal_cfg(weight=10), NS(has_labels=True), never, fitted) == (Recipe(10.0), None)  # fixed: as told
+    # one option fixed, the other auto: the fallback decides only the auto one
+    assert choose(_signal_cfg(weight=10, scales="auto"), unlabelled, never, fitted)[0] == Recipe(10.0, True)
+    assert choose(_signal_cfg(scales=False), unlabelled, never, fitted)[0] == Recipe(100.0, False)
     # labels, but no validation row of either class on any node: the fallback too
-    no_val = _signal_cfg()
+    no_val = _signal_cfg(scales="auto")
     no_val.split.val = 0.0
-    assert choose(no_val, NS(has_labels=True), lambda: iter(_choice_inputs(True)), 100.0)[0] == 100.0
+    assert choose(no_val, NS(has_labels=True), lambda: iter(_choice_inputs(True)), fitted)[0] == fitted
     for bad in ("often", -1):
         with pytest.raises(ConfigError, match="signal.excess_weight"):
             fixed_weight(bad)
+
+
+def _noisy_metric_inputs(n_nodes: int = 3, recorded: bool = True):
+    """Nodes whose metric 0 the model always reconstructs poorly (a large, noisy error on normal
+    rows) and whose labelled anomalies are a moderate error on metric 1, otherwise reconstructed
+    well: summed as they are, metric 0's noise hides the anomalies; scaled per metric, it does not."""
+    from hpcad.data.node import NodeData
+
+    T, M = 400, 4
+    out = []
+    for k in range(n_nodes):
+        rng = np.random.default_rng(10 + k)
+        labels = np.zeros(T, np.int8)
+        labels[250:270] = labels[330:345] = 1
+        err = rng.gamma(2.0, 0.05, size=(T, M))
+        err[:, 0] = rng.gamma(2.0, 2.0, size=T)
+        err[labels == 1, 1] += 1.5
+        nd = NodeData(f"n{k}", np.arange(T, dtype=np.int64) * 300, np.zeros((T, M), np.float32), labels)
+        model = NS(signal_scale=float(err[:200].sum(1).mean()), node=nd.name,
+                   holdout_error=err[:200].mean(0) if recorded else None)
+        out.append((model, nd, err, np.zeros((T, M)), np.zeros((T, M), bool), None))
+    return out
+
+
+def test_auto_metric_scales_are_chosen_where_a_noisy_metric_hides_the_anomalies():
+    from hpcad.signal_choice import choose
+
+    labelled = NS(has_labels=True)
+    cfg = _signal_cfg(grid=(1.0,), scales="auto")
+    r, choice = choose(cfg, labelled, lambda: iter(_noisy_metric_inputs()), None)
+    plain, scaled = choice["validation_ap"]
+    assert [c["metric_scales"] for c in choice["candidates"]] == [False, True]
+    assert r == Recipe(1.0, True) and scaled > plain + 0.2
+    assert choice["chosen"] == {"excess_weight": 1.0, "metric_scales": True}
+    # where the anomalies stand out in the plain sum already (node-like inputs), scales are not taken
+    assert choose(cfg, labelled, lambda: iter(_choice_inputs(False)), None)[0] == Recipe(1.0, False)
+    # models trained before the held-out errors were recorded: no scales to compare, said in the log
+    r, choice = choose(cfg, labelled, lambda: iter(_noisy_metric_inputs(recorded=False)), None)
+    assert r == Recipe(1.0, False) and choice["candidates"] == [{"excess_weight": 1.0, "metric_scales": False}]
+
+
+def test_metric_scales_divide_each_metrics_error_by_its_held_out_error_at_least_the_mean():
+    from hpcad.errors import ConfigError, StoreError
+    from hpcad.signal_choice import choose
+
+    held = np.array([4.0, 0.1, 0.1, 0.1])
+    np.testing.assert_allclose(metric_scales(held), [4.0, 1.075, 1.075, 1.075])  # none magnified
+    model = NS(node="n0", signal_scale=4.3, holdout_error=held)
+    err = np.array([[8.0, 0.1, 0.1, 0.1], [4.0, 2.15, 0.0, 0.0]], np.float32)
+    excess2 = np.array([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.5, 0.0]], np.float32)
+    miss = np.array([[False, False, False, True], [False, False, False, False]])
+    out = Recipe(10.0, True).errors(model, err.copy(), excess2, miss)
+    np.testing.assert_allclose(out, [[2.0, 0.1 / 1.075, 0.1 / 1.075, 0.0], [1.0, 2.0, 5.0 / 1.075, 0.0]], rtol=1e-6)
+    np.testing.assert_allclose(Recipe(1.0, False).errors(model, err.copy(), excess2, miss),
+                               np.where(miss, 0, err + excess2))
+    assert Recipe(1.0, True).level(model, 4, 1e-4) == pytest.approx(1.0 + 3 * 0.1 / 1.075)
+    assert Recipe(1.0, False).level(model, 4, 1e-4) == 4.3
+    old = NS(node="n0", signal_scale=4.3, holdout_error=None)
+    with pytest.raises(StoreError, match="signal.metric_scales=false"):
+        Recipe(1.0, True).errors(old, err.copy(), excess2, miss, "models/: node n0")
+    with pytest.raises(ConfigError, match="signal.metric_scales=true"):
+        choose(_signal_cfg(scales=True), NS(has_labels=True), lambda: iter(_noisy_metric_inputs(recorded=False)), None)

@@ -81,7 +81,7 @@ def test_score_all_nodes_scores_new_data_with_trained_models(tmp_path, slurm_env
     port = re.search(r"process group: gloo, 4 ranks, rank 0 at localhost:(\d+),", log).group(1)  # n1's NodeAddr
     assert int(port) in {step_port(job_id, step) for step in range(4)}, port  # the job's and the step's own
     # a cluster-wide result is said once (rank 0), not once per rank; each rank's own share still shows
-    assert log.count("signal.excess_weight=auto:") == 1 and log.count("hpcad: score outputs in") == 1, log[-3000:]
+    assert log.count("] - signal: signal.excess_weight=") == 1 and log.count("hpcad: score outputs in") == 1, log[-3000:]
     assert len(re.findall(r"\[rank \d/4\]\[hpcad.score\]\[INFO\] - scored 1 nodes", log)) == 4
     assert "srun --gpu-bind=per_task:1 (2 tasks, 4 GPUs per node)" in log
     bound = set(re.findall(r"rank (\d) of 4 on \S+: 1 of 4 nodes, device cpu, CUDA_VISIBLE_DEVICES=([^\s,]+)", log))

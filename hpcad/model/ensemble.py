@@ -70,6 +70,7 @@ class TrainResult:
     params: list[list[torch.Tensor]]  # per model, [W0, b0, ...] on CPU
     history: list[dict]
     holdout_signal: list[float]  # mean alarm signal on each model's held-out validation rows
+    holdout_error: list[np.ndarray]  # [M] each model's mean squared error per metric on the same rows
 
 
 def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[int], cfg: TrainConfig,
@@ -121,6 +122,7 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
     stopped_epoch = [int(cfg.epochs)] * K
     out_params: list[list[torch.Tensor]] = [[] for _ in range(K)]
     out_signal = [0.0] * K
+    out_error: list[np.ndarray | None] = [None] * K
     ar_B = torch.arange(B, device=device)
     row_idx = torch.arange(Nmax, device=device)[None, :]
     l1 = float(spec.code_l1)
@@ -135,6 +137,8 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
         host = [t.index_select(0, sel).cpu() for t in kept]  # one copy per parameter, not per model
         for j, (k, sig) in enumerate(zip(idx, _holdout_signal(kept, n_encoder, X, n, n_va, best_signal, idx))):
             out_params[orig[k]], out_signal[orig[k]] = [h[j].clone() for h in host], sig
+        for k, err in zip(idx, _holdout_metric_errors(kept, n_encoder, X, xv, v_mask, n, n_va, idx)):
+            out_error[orig[k]] = err
 
     def compact_rows(keep: torch.Tensor) -> None:
         """Keep only the data of the models at ``keep`` (buffer positions, ascending)."""
@@ -168,6 +172,7 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
                                                  ("best_loss", "best_signal", "wait", "running"))
         hist_loss, hist_val, stopped_epoch = state["hist_loss"], state["hist_val"], state["stopped_epoch"]
         out_params, out_signal = state["out_params"], state["out_signal"]
+        out_error = [None if e is None else np.asarray(e) for e in state.get("out_error", [None] * K)]
 
     def snapshot(next_epoch: int) -> dict:
         """The chunk's whole state after an epoch (on the host), for ``checkpoint``."""
@@ -176,7 +181,8 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
                 "best": host(best), "m": host(adam.m), "v": host(adam.v), "step_count": adam.step_count.cpu(),
                 "best_loss": best_loss.cpu(), "best_signal": best_signal.cpu(), "wait": wait.cpu(),
                 "running": running.cpu(), "hist_loss": hist_loss, "hist_val": hist_val,
-                "stopped_epoch": stopped_epoch, "out_params": out_params, "out_signal": out_signal}
+                "stopped_epoch": stopped_epoch, "out_params": out_params, "out_signal": out_signal,
+                "out_error": [None if e is None else torch.from_numpy(e) for e in out_error]}
 
     with tf32:
         for epoch in range(start, int(cfg.epochs)):
@@ -272,7 +278,7 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
         histories.append({"loss": hist_loss[k], "val_loss": vals, "best_epoch": best_epoch,
                           "epochs_run": len(hist_loss[k]), "stopped_early": stopped_epoch[k] < int(cfg.epochs),
                           "train_rows": rows_tr[k], "val_rows": rows_va[k]})
-    return TrainResult(out_params, histories, out_signal)
+    return TrainResult(out_params, histories, out_signal, out_error)
 
 
 def _upload(X: torch.Tensor, data: list[np.ndarray]) -> None:
@@ -325,6 +331,29 @@ def _holdout_eval(params, n_encoder, xv, mask, l1: float) -> tuple[torch.Tensor,
         loss += (row_loss(sq, x.shape[-1], code.float(), l1) * m).sum(1)
     count = mask.sum(1).clamp(min=1)
     return loss / count, signal / count
+
+
+def _holdout_metric_errors(params, n_encoder, X, xv, mask, n, n_va, idx: list[int]) -> list[np.ndarray]:
+    """Mean squared error per metric [M] of the kept weights of the models at ``idx`` on their
+    held-out rows (their training rows when they have none): the scales of ``signal.metric_scales``
+    (hpcad/signals.py). In fp32, blocks of rows, float64 sums."""
+    every = idx == list(range(xv.shape[0]))  # the chunk's last models: views, no copies
+    sel = torch.tensor(idx, dtype=torch.long, device=X.device)
+    p = params if every else [t.index_select(0, sel) for t in params]
+    xs, ms = (xv, mask) if every else (xv[sel], mask[sel])  # a subset: the models that stopped early
+    total = torch.zeros(len(idx), X.shape[2], dtype=torch.float64, device=X.device)
+    for s in range(0, xv.shape[1], VAL_BLOCK):
+        x, m = xs[:, s:s + VAL_BLOCK], ms[:, s:s + VAL_BLOCK]
+        recon, _ = forward(p, x, n_encoder)
+        total += recon.float().sub_(x).square_().mul_(m[..., None]).sum(1, dtype=torch.float64)
+    out = (total / ms.sum(1, dtype=torch.float64).clamp(min=1)[:, None]).cpu().numpy()
+    rows, rows_va = n.tolist(), n_va.tolist()
+    for j, k in enumerate(idx):
+        if rows_va[k] == 0:
+            x = X[k:k + 1, : rows[k]]
+            r, _ = forward([t[k:k + 1] for t in params], x, n_encoder)
+            out[j] = (r.float() - x).square().mean(1, dtype=torch.float64)[0].cpu().numpy()
+    return list(out.astype(np.float32))
 
 
 def _holdout_signal(params, n_encoder, X, n, n_va, val_signal, idx: list[int]) -> list[float]:

@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # torch loads only where models are read or written: the path
 
 FORMAT = "hpcad-node-model"
 FORMAT_VERSION = 2  # 2: a list of members' parameters, the scaler's training range; 1 (one model) still loads
+# (``holdout_error`` was added to version 2 later: files without it load, with signal.metric_scales off)
 
 
 @dataclass
@@ -36,6 +37,9 @@ class NodeModel:
     history: dict
     signal_scale: float  # mean alarm signal on the node's held-out normal rows (per-node normalisation)
     fingerprint: str = ""  # what the model was trained from (hpcad.train.training_fingerprint); "" = unknown
+    # mean squared error per metric on the held-out normal rows (signal.metric_scales); None: a file
+    # written before it was recorded
+    holdout_error: np.ndarray | None = None
 
     def save(self, path: Path) -> None:
         import torch
@@ -50,6 +54,8 @@ class NodeModel:
                        "absent": torch.from_numpy(sc.absent)},
             "history": self.history, "signal_scale": float(self.signal_scale), "fingerprint": self.fingerprint,
         }
+        if self.holdout_error is not None:
+            obj["holdout_error"] = torch.from_numpy(np.asarray(self.holdout_error, dtype=np.float32))
         save_tensors(path, obj)
 
     @classmethod
@@ -65,9 +71,10 @@ class NodeModel:
             hi = sc["hi"].numpy().astype(np.float32) if "hi" in sc else np.full_like(mean, np.inf)
             absent = sc["absent"].numpy().astype(bool) if "absent" in sc else None  # older files: none
             members = [list(m) for m in obj["members"]] if "members" in obj else [list(obj["params"])]
+            held = obj["holdout_error"].numpy().astype(np.float32) if "holdout_error" in obj else None
             return cls(obj["node"], AutoencoderSpec(**obj["spec"]), list(obj["metrics"]), members,
                        Scaler(mean, scale, float(sc["clip"]), soft, lo, hi, absent), obj["history"],
-                       float(obj["signal_scale"]), str(obj.get("fingerprint", "")))
+                       float(obj["signal_scale"]), str(obj.get("fingerprint", "")), held)
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise StoreError(f"{path}: model file is incomplete or of another version ({exc}); "
                              f"delete it and rerun `hpcad train` to retrain the node") from exc

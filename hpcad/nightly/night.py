@@ -19,7 +19,7 @@ from zoneinfo import ZoneInfo
 
 from omegaconf import OmegaConf, open_dict
 
-from hpcad import excess
+from hpcad import signal_choice
 from hpcad.atomic import atomic_path, write_json
 from hpcad.data.ingest import ingest
 from hpcad.data.store import TelemetryStore
@@ -91,9 +91,9 @@ def build_night(cfg: HpcadConfig, day: dt.date, src: Path, out: Path, tmp: Path,
     t = Tonight(cfg, _day_cfg(cfg, src, _jobs_file(n, day)), day, out, tmp, train_run, src)
     store, nodes, new, silent = _ingest(t)
     th = Thresholds.load(train_run / "thresholds.json")  # read once: the night's signal must match it
-    errors = _score(t, store, nodes, overrides, th.details.get("excess_weight"))
-    excess.check_applies(th.details.get("excess_weight"), errors.excess_weight, train_run / "thresholds.json",
-                         errors.path)
+    fitted = signal_choice.from_details(th.details)
+    errors = _score(t, store, nodes, overrides, fitted)
+    signal_choice.check_applies(fitted, errors.recipe, train_run / "thresholds.json", errors.path)
     th.save(tmp / "thresholds.json")
     signals = list(errors.signals())  # alarms, evaluation and drift all read them
     records, incidents, confirmed = _alarms(t, store, errors, th, signals)
@@ -158,14 +158,15 @@ def telemetry_gaps(levels: list[dict], max_share: float) -> list[dict]:
                   key=lambda lv: (-lv["missing_share"], lv["node"]))
 
 
-def _score(t: Tonight, store: TelemetryStore, nodes: list[str], overrides: list[str], weight) -> ErrorStore:
-    """Step 2: errors.h5, each node with its light map valid tonight; ``weight``: the range-excess
-    weight the applied thresholds were fitted with."""
+def _score(t: Tonight, store: TelemetryStore, nodes: list[str], overrides: list[str],
+           recipe: signal_choice.Recipe | None) -> ErrorStore:
+    """Step 2: errors.h5, each node with its light map valid tonight; ``recipe``: the signal's recipe
+    the applied thresholds were fitted with."""
     if t.cfg.nightly.slurm:
         _score_slurm(t.dcfg, t.tmp, t.train_run, t.src, overrides)
     else:
         score_nodes(t.dcfg, store, t.models_dir, t.tmp / "errors.h5", nodes,
-                    light=lambda node: map_for_night(t.models_dir, node, t.iso), excess_fallback=weight)
+                    light=lambda node: map_for_night(t.models_dir, node, t.iso), recipe_fallback=recipe)
     return ErrorStore(t.tmp / "errors.h5")
 
 
