@@ -95,6 +95,8 @@ def choose(cfg: HpcadConfig, store, node_errors: Callable[[], Iterator[tuple]],
     mask, light map)`` per node; it is iterated once more only when labelled validation rows exist."""
     sig = cfg.signal
     grid = candidates(sig)
+    if fallback is not None and not store.has_labels:  # the run's thresholds will apply: refuse before scoring
+        check_applies(fallback, _follow(fallback, grid), Path(str(cfg.train_run)) / "thresholds.json", "this run")
     if len(grid) == 1:
         return grid[0], None
     totals, count, unscaled_only = np.zeros(len(grid)), 0, 0
@@ -120,10 +122,8 @@ def choose(cfg: HpcadConfig, store, node_errors: Callable[[], Iterator[tuple]],
     sums = all_sum(np.r_[totals, count, unscaled_only])
     totals, count, unscaled_only = sums[:-2], int(sums[-2]), int(sums[-1])
     names = [r.to_dict() for r in grid]
-    if count == 0:  # the fallback decides only what is left to auto
-        chosen = grid[0] if fallback is None else Recipe(
-            fallback.weight if len({r.weight for r in grid}) > 1 else grid[0].weight,
-            fallback.scaled if len({r.scaled for r in grid}) > 1 else grid[0].scaled)
+    if count == 0:
+        chosen = grid[0] if fallback is None else _follow(fallback, grid)
         how = "no labelled validation rows: " + ("the first candidate" if fallback is None
                                                  else "the recipe of the run whose thresholds apply")
         log.info("signal: %s (%s)", chosen, how, extra=CLUSTER_WIDE)
@@ -144,6 +144,12 @@ def choose(cfg: HpcadConfig, store, node_errors: Callable[[], Iterator[tuple]],
     return chosen, {"rule": f"first candidate within {margin:g} of the best mean validation average precision",
                     "candidates": names, "validation_ap": [round(float(a), 6) for a in ap],
                     "chosen": chosen.to_dict(), "nodes": count}
+
+
+def _follow(fallback: Recipe, grid: list[Recipe]) -> Recipe:
+    """The fallback's recipe in what is left to ``auto``; fixed options keep their value."""
+    return Recipe(fallback.weight if len({r.weight for r in grid}) > 1 else grid[0].weight,
+                  fallback.scaled if len({r.scaled for r in grid}) > 1 else grid[0].scaled)
 
 
 def _short(r: Recipe) -> str:
@@ -176,9 +182,9 @@ def recorded(run: Path | None) -> Recipe | None:
     return from_details(json.loads((Path(run) / "thresholds.json").read_text()).get("details", {}))
 
 
-def check_applies(fitted: Recipe | None, scored: Recipe, thresholds: Path, errors: Path) -> None:
+def check_applies(fitted: Recipe | None, scored: Recipe, thresholds: Path | str, errors: Path | str) -> None:
     """Thresholds fitted on one recipe's signal mean nothing on another's: refuse the mix."""
     if fitted is not None and fitted != scored:
-        raise ConfigError(f"{thresholds} was fitted on signals scored with {fitted}, but {errors} was scored "
-                          f"with {scored}: score again with signal.excess_weight=auto signal.metric_scales=auto "
-                          f"(or {fitted})")
+        raise ConfigError(f"the thresholds in {thresholds} were fitted on signals scored with {fitted}, but "
+                          f"{errors} is scored with {scored}: score with signal.excess_weight=auto "
+                          f"signal.metric_scales=auto (the thresholds' recipe), or {fitted}")

@@ -249,6 +249,7 @@ def test_unlabelled_data_uses_the_trained_runs_thresholds(tmp_path):
                   "baselines.methods=[]", "split.train=0", "split.val=0", f"signal.excess_weight={chosen * 2}",
                   check=False)
     assert other.returncode == 2 and f"signal.excess_weight={chosen:g}" in other.stderr
+    assert not (tmp_path / "other" / "errors.h5").exists()  # refused before scoring, not after
     flipped = hpcad("run", f"data.source={today}", f"train_run={train}", f"hydra.run.dir={tmp_path / 'flipped'}",
                     "baselines.methods=[]", "split.train=0", "split.val=0", f"signal.metric_scales={not scaled}",
                     check=False)

@@ -111,7 +111,7 @@ def _choice_inputs(anomaly_in_excess: bool, n_nodes: int = 3):
 def _signal_cfg(weight="auto", grid=(1.0, 10.0, 100.0, 1000.0), scales=False):
     return NS(signal=NS(excess_weight=weight, excess_grid=list(grid), excess_margin=0.005, range_excess=True,
                         metric_scales=scales, smooth=5, causal=False, scale_floor=1e-4),
-              split=NS(unit="fraction", train=0.5, val=0.5))
+              split=NS(unit="fraction", train=0.5, val=0.5), train_run="runs/train")
 
 
 def test_auto_excess_weight_follows_what_the_labelled_validation_rows_reward():
@@ -146,9 +146,15 @@ def test_excess_weight_without_labels_reuses_the_weight_its_thresholds_were_fitt
     r, choice = choose(_signal_cfg(scales="auto"), unlabelled, never, None)
     assert r == Recipe(1.0, False) and choice["nodes"] == 0 and "first candidate" in choice["rule"]
     assert choose(_signal_cfg(weight=10), NS(has_labels=True), never, fitted) == (Recipe(10.0), None)  # fixed: as told
-    # one option fixed, the other auto: the fallback decides only the auto one
-    assert choose(_signal_cfg(weight=10, scales="auto"), unlabelled, never, fitted)[0] == Recipe(10.0, True)
-    assert choose(_signal_cfg(scales=False), unlabelled, never, fitted)[0] == Recipe(100.0, False)
+    # one option fixed, the other auto: the fallback decides the auto one; a fixed one that differs
+    # from the thresholds' recipe is refused before anything is scored
+    assert choose(_signal_cfg(weight=100, scales="auto"), unlabelled, never, fitted)[0] == fitted
+    for other, said in ((_signal_cfg(weight=10, scales="auto"), "signal.excess_weight=10 signal.metric_scales=true"),
+                        (_signal_cfg(scales=False), "signal.excess_weight=100 signal.metric_scales=false")):
+        with pytest.raises(ConfigError, match=f"runs/train/thresholds.json were fitted on signals scored with "
+                                              f"signal.excess_weight=100 signal.metric_scales=true, but this run "
+                                              f"is scored with {said}"):
+            choose(other, unlabelled, never, fitted)
     # labels, but no validation row of either class on any node: the fallback too
     no_val = _signal_cfg(scales="auto")
     no_val.split.val = 0.0
