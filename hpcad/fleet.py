@@ -37,6 +37,7 @@ from hpcad.model.autoencoder import AutoencoderSpec, glorot_init
 from hpcad.model.budget import Budget
 from hpcad.model.files import NodeModel, model_path
 from hpcad.preprocess import fit_rows
+from hpcad.signal_choice import fixed_scales
 
 if TYPE_CHECKING:
     from hpcad.config import HpcadConfig
@@ -86,11 +87,11 @@ def _epoch_order(n: int, seed: int, rank: int, epoch: int) -> torch.Tensor:
     return torch.randperm(max(n, 1), generator=torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1])))
 
 
-def _already_trained(models_dir, nodes: list[str], store, fingerprint: str) -> dict | None:
+def _already_trained(models_dir, nodes: list[str], store, fingerprint: str, scales: bool) -> dict | None:
     """The fleet model's summary when every rank's nodes hold it already (decided by all ranks together)."""
     from hpcad.train import reusable
 
-    missing = sum(not reusable(model_path(models_dir, n), fingerprint) for n in nodes)
+    missing = sum(not reusable(model_path(models_dir, n), fingerprint, scales) for n in nodes)
     if dist.all_sum(np.array([missing]))[0] > 0:
         return None
     history = NodeModel.load(model_path(models_dir, store.nodes[0])).history
@@ -206,7 +207,8 @@ def train_fleet(cfg: HpcadConfig, store, models_dir, nodes: list[str], device: t
     M = len(store.metrics)
     world_size = tdist.get_world_size() if tdist.is_initialized() else 1
     fingerprint = fleet_fingerprint(cfg, spec, store, world_size)
-    done = _already_trained(models_dir, nodes, store, fingerprint)
+    done = _already_trained(models_dir, nodes, store, fingerprint,
+                            fixed_scales(cfg.signal.metric_scales) is not False)
     if done is not None:
         return done
     ckpt = ChunkCheckpoint(models_dir, fingerprint, list(store.nodes), 1, cfg.compute.checkpoint_every_s,

@@ -134,7 +134,8 @@ def choose(cfg: HpcadConfig, store, node_errors: Callable[[], Iterator[tuple]],
         keep = [j for j, r in enumerate(grid) if not r.scaled]
         if not keep:
             raise ConfigError(f"signal.metric_scales=true: {unscaled_only} node model(s) have no per-metric held-out "
-                              f"errors (trained by an older hpcad): retrain, or set signal.metric_scales=false")
+                              f"errors (trained by an older hpcad): run `hpcad train` with signal.metric_scales=true "
+                              f"(it retrains such nodes), or set signal.metric_scales=false")
         grid, totals, names = [grid[j] for j in keep], totals[keep], [names[j] for j in keep]
     ap = totals / count
     margin = float(sig.excess_margin)

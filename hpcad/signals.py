@@ -103,5 +103,6 @@ def holdout_error(model, where: str = "") -> np.ndarray:
     """The model's per-metric held-out errors; a clear error for a model file written without them."""
     if model.holdout_error is None:
         raise StoreError(f"{where or 'node ' + model.node}: its model file has no per-metric held-out errors (trained "
-                         f"by an older hpcad): retrain the node, or score with signal.metric_scales=false")
+                         f"by an older hpcad): run `hpcad train` with signal.metric_scales=true (it retrains such "
+                         f"nodes), or score with signal.metric_scales=false")
     return model.holdout_error

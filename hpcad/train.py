@@ -25,6 +25,7 @@ from hpcad.model.budget import Budget, check_compute_config, default_chunk_cap, 
 from hpcad.model.checkpoint import ChunkCheckpoint
 from hpcad.model.ensemble import member_seed, node_seed, train_ensemble
 from hpcad.progress import LOG_EVERY_S, Progress, elapsed_and_left
+from hpcad.signal_choice import fixed_scales
 
 if TYPE_CHECKING:
     from hpcad.config import HpcadConfig, TrainConfig
@@ -99,8 +100,9 @@ def training_fingerprint(cfg: HpcadConfig, spec: AutoencoderSpec, store: Telemet
     return hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def reusable(path: Path, fingerprint: str) -> bool:
-    """Whether the model file at ``path`` is complete and was trained from the same inputs; says why
+def reusable(path: Path, fingerprint: str, scales: bool = False) -> bool:
+    """Whether the model file at ``path`` is complete and was trained from the same inputs (with
+    ``scales``: and holds the per-metric held-out errors ``signal.metric_scales`` needs); says why
     not in the log (it will be retrained)."""
     if not path.exists():
         return False
@@ -112,6 +114,10 @@ def reusable(path: Path, fingerprint: str) -> bool:
     if model.fingerprint != fingerprint:
         log.info("%s was trained with other settings or data (fingerprint %s, now %s); retraining the node",
                  path, model.fingerprint or "none", fingerprint)
+        return False
+    if scales and model.holdout_error is None:
+        log.info("%s has no per-metric held-out errors (trained by an older hpcad) and signal.metric_scales is "
+                 "not false; retraining the node", path)
         return False
     return True
 
@@ -150,7 +156,8 @@ def train_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, nodes
     device = resolve_device(cfg.compute.device, world().local_rank) if device is None else device
     nodes = list(store.nodes if nodes is None else nodes)
     fingerprint = training_fingerprint(cfg, spec, store)
-    todo = [n for n in nodes if not reusable(model_path(models_dir, n), fingerprint)]
+    scales = fixed_scales(cfg.signal.metric_scales) is not False
+    todo = [n for n in nodes if not reusable(model_path(models_dir, n), fingerprint, scales)]
     if len(todo) < len(nodes):
         log.info("resuming: %d of %d nodes already have a model from the same data and settings in %s",
                  len(nodes) - len(todo), len(nodes), models_dir)

@@ -217,6 +217,31 @@ def test_seed_sweep_reports_mean_and_spread_per_setting_beside_the_baseline(tmp_
     assert png.startswith(b"\x89PNG") and len(png) > 5000 and "](sweep_settings.png)" in table
 
 
+def test_model_files_from_before_the_held_out_errors_are_retrained_only_when_scales_are_asked_for(tmp_path):
+    """Model files written before hpcad recorded each metric's held-out error still resume (the
+    default scores without metric scales); `signal.metric_scales=true` retrains just those nodes."""
+    run = tmp_path / "run"
+    common = [f"hydra.run.dir={run}", *SMALL, "baselines.methods=[]", "report.enabled=false"]
+    hpcad("train", *common)
+    old = run / "models" / "node0001.pt"
+    obj = torch.load(old, weights_only=True)
+    del obj["holdout_error"]  # as an older hpcad wrote it
+    torch.save(obj, old)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (run / "models").glob("*.pt")}
+    hpcad("train", *common)
+    assert {p.name: p.stat().st_mtime_ns for p in (run / "models").glob("*.pt")} == mtimes
+    refused = hpcad("score", *common, "signal.metric_scales=true", check=False)
+    assert refused.returncode == 2 and "have no per-metric held-out errors" in refused.stderr
+    assert "run `hpcad train` with signal.metric_scales=true" in refused.stderr and "Traceback" not in refused.stderr
+    out = hpcad("train", *common, "signal.metric_scales=true")
+    assert "has no per-metric held-out errors" in out.stdout + out.stderr
+    after = {p.name: p.stat().st_mtime_ns for p in (run / "models").glob("*.pt")}
+    assert after["node0001.pt"] != mtimes["node0001.pt"]
+    assert all(after[n] == t for n, t in mtimes.items() if n != "node0001.pt")
+    assert torch.load(old, weights_only=True)["holdout_error"].shape == (160,)
+    hpcad("score", *common, "signal.metric_scales=true")
+
+
 def test_unlabelled_data_uses_the_trained_runs_thresholds(tmp_path):
     import pandas as pd
 
