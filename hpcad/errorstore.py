@@ -62,6 +62,15 @@ class ErrorStore:
                                    "metric_scales", "signal_choice", "excess_choice")}
 
     @property
+    def smooth(self) -> int | None:
+        """The smoothing window the signals were written with (a node's ``smooth`` attribute), or None."""
+        if not self.nodes:
+            return None
+        with open_h5(self.path, kind="error file") as f:
+            value = f["nodes"][self.nodes[0]].attrs.get("smooth")
+        return None if value is None else int(value)
+
+    @property
     def recipe(self) -> Recipe:
         """The signal's recipe it was scored with (files before it was chosen: weight 1, no scales)."""
         return Recipe(float(self.attrs.get("excess_weight", 1.0)), bool(self.attrs.get("metric_scales", 0)))

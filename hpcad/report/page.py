@@ -25,6 +25,23 @@ if TYPE_CHECKING:
 _NODES_SLOT = "<!-- alarmed nodes -->"  # a place in the page kept while warnings are put before it
 
 
+def _signal_said(errors: ErrorStore, cfg: HpcadConfig) -> str:
+    """How the alarm signal was made (the recipe errors.h5 was scored with, and how it was chosen)."""
+    r = errors.recipe
+    said = "alarm signal: reconstruction error"
+    if cfg.signal.range_excess:
+        said += f" + {r.weight:g} x range excess"
+    if r.scaled:
+        said += ", each metric over its held-out error"
+    choice = json.loads(errors.attrs.get("signal_choice") or "null")
+    if choice and choice.get("validation_ap"):
+        said += f" (chosen on the validation rows of {choice['nodes']} node(s))"
+    elif choice and choice.get("rule", "").startswith("no labelled validation rows: the recipe"):
+        said += " (the recipe the applied thresholds were fitted with)"
+    smooth = errors.smooth
+    return html.escape(said) + ("" if smooth is None else f", smoothed over {smooth} rows")
+
+
 def write_report(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, models_dir: Path, title: str = "hpcad report",
                  extra: list[str] | None = None, folder: Path | None = None,
                  node_history: dict[str, list[list]] | None = None, node_summary: bool = True) -> Path:
@@ -42,7 +59,8 @@ def write_report(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, models_dir
     shown = ranked[: cfg.report.max_nodes_plotted]
     parts = [f"<h1>{html.escape(title)}</h1><p>run folder: <code>{html.escape(str(folder or run_dir))}</code>; "
              f"{len(errors.nodes)} nodes, {len(errors.metrics)} metrics; threshold rule <b>{th.rule}</b> "
-             f"({th.scope} scope); {len(alarms)} alarm events on {len(per_node_alarms)} nodes.</p>"]
+             f"({th.scope} scope); {len(alarms)} alarm events on {len(per_node_alarms)} nodes; "
+             f"{_signal_said(errors, cfg)}.</p>"]
     unlabelled = th.details.get("unlabelled_nodes")
     if unlabelled:  # the rule named above did not set these nodes' thresholds (written with details.fallback)
         parts.append(f"<p>{unlabelled} of {len(th.nodes)} nodes have no labels: their thresholds are the quantile "
