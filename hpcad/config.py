@@ -64,6 +64,9 @@ class DataConfig:
     timestamp_column: str = "timestamp"
     label_column: str = "anomaly"
     blank_labels: BlankLabels = BlankLabels.error  # empty cells in a labelled node's label column: error | normal (read as 0); all empty: the node is unlabelled
+    # text labels (incident tickets, spreadsheets), in class order: the first is normal (0), the next
+    # class 1, ... e.g. [normal,powersave,performance]; empty: labels must be integers
+    label_names: list[str] = field(default_factory=list)
     metric_column: str = "metric"  # long format only
     value_column: str = "value"  # long format only
     period_s: int = 300  # ldms/long: grid period (mean per period)

@@ -294,6 +294,31 @@ def test_empty_label_cells_name_the_option_and_a_node_without_any_is_unlabelled(
     np.testing.assert_array_equal(st.read("x").labels, (np.arange(20) >= 5) * (np.arange(20) < 8) * 2)
 
 
+def test_text_labels_are_read_by_the_class_names_given_and_unnamed_ones_are_refused_with_the_option(tmp_path):
+    """Incident tickets and spreadsheets label rows with words ("normal", "powersave"); before,
+    they stopped the ingest with "must hold integers" and no way through but editing the export."""
+    rows = _frame(rows=20)
+    words = pd.Series(["normal"] * 20)
+    words[5:8], words[12:14] = "powersave", " performance "
+    one = tmp_path / "all.csv"  # a file of the whole cluster, and a folder of one file per node
+    pd.concat([rows.assign(node="x", anomaly=words), rows.assign(node="y", anomaly=0)]).to_csv(one, index=False)
+    per_node = _write(tmp_path, {"x": rows.assign(anomaly=words), "y": rows.assign(anomaly=0)})
+    want = np.zeros(20, np.int8)
+    want[5:8], want[12:14] = 1, 2
+    for i, (src, where) in enumerate(((one, "all.csv"), (per_node, r"x.csv \(node x\)"))):
+        with pytest.raises(InputError, match=where + r": label column 'anomaly' must hold integers .* or text named in "
+                                             r"data.label_names, the normal one first, e.g. "
+                                             r"'data.label_names=\[normal,performance,powersave\]'; row 0 holds 'normal'"):
+            ingest(data_cfg(source=str(src)), tmp_path / f"s{i}.h5")
+        with pytest.raises(InputError, match=r"data.label_names=\['normal', 'powersave'\] does not name "
+                                             r"\['performance'\]; row 12 holds ' performance '"):
+            ingest(data_cfg(source=str(src), label_names=["normal", "powersave"]), tmp_path / f"s{i}.h5")
+        st = TelemetryStore(ingest(data_cfg(source=str(src), label_names=["normal", "powersave", "performance"]),
+                                   tmp_path / f"s{i}.h5"))
+        np.testing.assert_array_equal(st.read("x").labels, want)
+        np.testing.assert_array_equal(st.read("y").labels, np.zeros(20, np.int8))  # numbers stay numbers
+
+
 def test_unsorted_timestamps_can_be_sorted_on_request(tmp_path):
     f = _frame().iloc[[1, 0, *range(2, 20)]]
     src = _write(tmp_path, {"n0": f})

@@ -20,7 +20,7 @@ def _run(tmp_path, alarms: list[dict], details: dict | None = None, max_pages: i
     cfg, store, models, _ = _site(tmp_path)
     score_nodes(cfg, store, models, tmp_path / "errors.h5")
     Thresholds("cost", "node", None, {"a": 1.0, "b": 2.0}, details or {}).save(tmp_path / "thresholds.json")
-    cols = ["node", "start", "end", "rows", "split", "peak_score", "top_metrics"]
+    cols = ["node", "start", "end", "rows", "split", "peak_score", "label_classes", "top_metrics"]
     with open(tmp_path / "alarms.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=cols)
         w.writeheader()
@@ -40,6 +40,14 @@ def test_the_page_counts_alarms_and_links_each_alarmed_node_to_its_page(tmp_path
     assert "2 nodes, 3 metrics" in page and "2 alarm events on 1 nodes" in page
     # how the signal was made: the recipe errors.h5 was scored with (both options fixed here)
     assert "alarm signal: reconstruction error + 10 x range excess, smoothed over 25 rows." in page
+
+
+def test_label_classes_are_shown_by_the_names_the_labels_were_read_with(tmp_path):
+    cfg, errors, models = _run(tmp_path, [{**ALARM_B, "label_classes": "1 2"}])
+    cfg.data.label_names = ["normal", "power save", "performance"]
+    page = write_report(cfg, tmp_path, errors, models).read_text()
+    assert "power_save performance" in page and "power_save performance" in (tmp_path / "nodes" / "b.html").read_text()
+    assert "1 2" in (tmp_path / "alarms.csv").read_text()  # the file keeps the class numbers
     assert "<a href='nodes/b.html'>b</a>" in page  # the alarmed node's page, linked from the table
     assert sorted(p.name for p in (tmp_path / "nodes").glob("*.html")) == ["b.html"]  # a has no alarm: no page
     node_page = (tmp_path / "nodes" / "b.html").read_text()

@@ -110,18 +110,11 @@ class FrameConverter:
         """A node's labels (0 normal, another integer: the anomaly class). Empty cells: a node whose
         cells are all empty is unlabelled (a whole-cluster export labels some nodes only); some empty
         cells are an error unless ``data.blank_labels=normal`` reads them as normal."""
-        import pandas as pd
-
         name, blank = self.cfg.label_column, col.isna().to_numpy()
         if blank.all():
             log.info("%s: label column %r is empty on every row: the node is unlabelled", where, name)
             return None
-        lab = pd.to_numeric(col, errors="coerce")
-        bad = ~blank & (lab.isna() | (lab != lab.round())).to_numpy()
-        if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            raise InputError(f"{where}: label column {name!r} must hold integers (0 normal, other = anomaly class); "
-                             f"row {row} holds {col.iloc[row]}")
+        lab = label_numbers(col, self.cfg.label_names, where, name)
         if blank.any():
             first, count = int(np.flatnonzero(blank)[0]), int(blank.sum())
             if str(self.cfg.blank_labels) != "normal":
@@ -133,7 +126,29 @@ class FrameConverter:
         return lab.fillna(0).to_numpy().astype(np.int8)
 
 
+def label_numbers(col: pd.Series, label_names, where: str, name: str, first_row: int = 0) -> pd.Series:
+    """A label column as numbers (NaN where empty): text by its place in ``data.label_names`` (the
+    first name is normal, 0); anything else that is not an integer is an error naming the option."""
+    import pandas as pd
+
+    names = {str(x).strip(): k for k, x in enumerate(label_names or [])}
+    if names and not pd.api.types.is_numeric_dtype(col):  # numbers stay numbers
+        col = col.map(lambda v: names.get(v.strip(), v) if isinstance(v, str) else v)
+    lab = pd.to_numeric(col, errors="coerce")
+    bad = (col.notna() & (lab.isna() | (lab != lab.round()))).to_numpy()
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        texts = sorted({str(v).strip() for v in col[bad]}, key=lambda t: (t.lower() not in NORMAL_WORDS, t))
+        hint = (f"and data.label_names={list(names)} does not name {texts[:10]}" if names else
+                f"or text named in data.label_names, the normal one first, e.g. "
+                f"'data.label_names=[{','.join(texts[:10])}]'")
+        raise InputError(f"{where}: label column {name!r} must hold integers (0 normal, other = anomaly class) "
+                         f"{hint}; row {first_row + row} holds {col.iloc[row]!r}")
+    return lab
+
+
 DUPLICATE_POLICIES = ("identical", "error", "first", "last")
+NORMAL_WORDS = {"normal", "ok", "no", "none", "false", "healthy", "nominal"}  # put first in the hint
 
 
 def drop_duplicates(ts: np.ndarray, values: np.ndarray, labels: np.ndarray | None, policy: str, where: str,

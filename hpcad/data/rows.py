@@ -15,7 +15,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from hpcad.data.convert import FrameConverter, counted, guarded
+from hpcad.data.convert import FrameConverter, counted, guarded, label_numbers
 from hpcad.data.h5 import h5_file, h5_writing
 from hpcad.data.node import NodeData
 from hpcad.data.store import check_node_name
@@ -109,6 +109,9 @@ def stage_rows(files: list[Path], cfg, names: list[str] | None, scratch: Path,
                                                                      cfg.epoch_unit, dayfirst=cfg.dayfirst)
                 if names is None:
                     names = [c for c in chunk.columns if c != cfg.node_column]
+                if cfg.label_column in chunk.columns and not pd.api.types.is_numeric_dtype(chunk[cfg.label_column]):
+                    chunk[cfg.label_column] = label_numbers(chunk[cfg.label_column], cfg.label_names, str(path),
+                                                            cfg.label_column, read - len(chunk))
                 bad = [c for c in names if c in chunk.columns and not pd.api.types.is_numeric_dtype(chunk[c])]
                 if bad:
                     raise InputError(f"{path}: non-numeric columns {bad[:10]}; fix the export or list "

@@ -25,6 +25,15 @@ if TYPE_CHECKING:
 _NODES_SLOT = "<!-- alarmed nodes -->"  # a place in the page kept while warnings are put before it
 
 
+def _name_classes(alarms: list[dict], names: list[str]) -> None:
+    """The label classes of alarms by their ``data.label_names`` (alarms.csv keeps the numbers)."""
+    if not names:
+        return
+    for a in alarms:
+        a["label_classes"] = " ".join("_".join(names[int(c)].split()) if c.isdigit() and int(c) < len(names) else c
+                                      for c in str(a.get("label_classes") or "").split())
+
+
 def _signal_said(errors: ErrorStore, cfg: HpcadConfig) -> str:
     """How the alarm signal was made (the recipe errors.h5 was scored with, and how it was chosen)."""
     r = errors.recipe
@@ -52,6 +61,7 @@ def write_report(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, models_dir
     th = Thresholds.load(run_dir / "thresholds.json")
     metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else None
     alarms = list(csv.DictReader(open(run_dir / "alarms.csv"))) if (run_dir / "alarms.csv").exists() else []
+    _name_classes(alarms, [str(x) for x in cfg.data.label_names or []])
     per_node_alarms: dict[str, int] = {}
     for a in alarms:
         per_node_alarms[a["node"]] = per_node_alarms.get(a["node"], 0) + 1
