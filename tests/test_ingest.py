@@ -12,7 +12,7 @@ from conftest import data_cfg, hpcad
 from hpcad.data.ingest import ingest
 from hpcad.data.store import TelemetryStore
 from hpcad.data.synthetic import generate_node, metric_names, node_frame
-from hpcad.errors import InputError, StoreError
+from hpcad.errors import ConfigError, InputError, StoreError
 
 
 def _export(tmp_path, n=3, rows=120, fmt="csv"):
@@ -317,6 +317,8 @@ def test_text_labels_are_read_by_the_class_names_given_and_unnamed_ones_are_refu
                                    tmp_path / f"s{i}.h5"))
         np.testing.assert_array_equal(st.read("x").labels, want)
         np.testing.assert_array_equal(st.read("y").labels, np.zeros(20, np.int8))  # numbers stay numbers
+    with pytest.raises(ConfigError, match=r"data.label_names=\['ok', 'bad', 'ok'\]: a name given twice"):
+        ingest(data_cfg(source=str(one), label_names=["ok", "bad", "ok"]), tmp_path / "s.h5")
 
 
 def test_unsorted_timestamps_can_be_sorted_on_request(tmp_path):

@@ -13,7 +13,7 @@ from hpcad.data.grid import MISSING_METRIC_POLICIES
 from hpcad.data.node import NodeData
 from hpcad.data.tables import DIALECT_ROWS, looks_decimal_comma
 from hpcad.data.timestamps import to_epoch_seconds
-from hpcad.errors import InputError
+from hpcad.errors import ConfigError, InputError
 from hpcad.progress import Progress
 
 if TYPE_CHECKING:
@@ -132,6 +132,8 @@ def label_numbers(col: pd.Series, label_names, where: str, name: str, first_row:
     import pandas as pd
 
     names = {str(x).strip(): k for k, x in enumerate(label_names or [])}
+    if len(names) < len(label_names or []):
+        raise ConfigError(f"data.label_names={list(label_names)}: a name given twice (each is one class)")
     if names and not pd.api.types.is_numeric_dtype(col):  # numbers stay numbers
         col = col.map(lambda v: names.get(v.strip(), v) if isinstance(v, str) else v)
     lab = pd.to_numeric(col, errors="coerce")
