@@ -129,6 +129,7 @@ def run_stage(stage: str, overrides: list[str]) -> int:
 
         rank = world().rank
         rank_zero_says(rank)  # Hydra has set up the log handlers: cluster-wide lines from rank 0 only
+        checked = False  # until the options pass, an error is the same on every rank: said once (rank 0)
 
         try:
             unknown = unknown_keys(cfg)
@@ -140,6 +141,7 @@ def run_stage(stage: str, overrides: list[str]) -> int:
             # when it runs here in one process (a launcher's job checks its own)
             here = isinstance(launcher, LocalLauncher) and not world().distributed
             check_options(cfg, stage, single_process=here)
+            checked = True
             from tqdm.contrib.logging import logging_redirect_tqdm
 
             with logging_redirect_tqdm():  # log lines go above a running progress bar, never onto it
@@ -152,8 +154,9 @@ def run_stage(stage: str, overrides: list[str]) -> int:
             if isinstance(exc, OutputError):  # the log file may be on the full file system too: no traceback per line
                 logging.raiseExceptions = False  # (hpcad.atomic does the same where it raises one)
             _close_bars()
-            log.error("%s", exc)
-            print(f"hpcad {stage}: error: {exc}", file=sys.stderr)
+            log.error("%s", exc, extra={} if checked else CLUSTER_WIDE)
+            if checked or rank == 0:
+                print(f"hpcad {stage}: error: {exc}", file=sys.stderr)
             status["rc"] = 2
             return
         log.info("%s done; outputs in %s", stage, run_dir)
@@ -183,7 +186,7 @@ def run_stage(stage: str, overrides: list[str]) -> int:
             print(f"hpcad: {stage} outputs in {run_dir}")
 
     from hpcad.config import moved_options
-    from hpcad.dist import finish, rank_zero_says, world
+    from hpcad.dist import CLUSTER_WIDE, finish, rank_zero_says, world
 
     moved = moved_options(overrides)
     if moved:

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: ``extra=`` for a log line that states a cluster-wide result, the same on every rank (the chosen
-#: excess weight, a threshold's verdict): rank 0 writes it, the other ranks leave it out
+#: signal recipe, a threshold's verdict, an option error): rank 0 writes it, the other ranks leave it out
 #: (``rank_zero_says``), so a 400-rank job's log says it once.
 CLUSTER_WIDE = {"cluster_wide": True}
 
