@@ -321,6 +321,25 @@ def test_text_labels_are_read_by_the_class_names_given_and_unnamed_ones_are_refu
         ingest(data_cfg(source=str(one), label_names=["ok", "bad", "ok"]), tmp_path / "s.h5")
 
 
+def test_timestamp_and_node_columns_under_other_names_are_suggested_by_the_error(tmp_path):
+    """Exports call the columns `time` and `hostname`; before, the error only said "non-numeric
+    columns ['time', 'hostname']; ... list them in data.ignore_columns", which loses both."""
+    rows = _frame(rows=20).rename(columns={"timestamp": "time"})
+    rows["time"] = pd.to_datetime(rows["time"], unit="s").astype(str)
+    one = tmp_path / "all.csv"
+    pd.concat([rows.assign(hostname="x"), rows.assign(hostname="y")]).to_csv(one, index=False)
+    with pytest.raises(InputError, match=r"all.csv: non-numeric columns \['time', 'hostname'\]; 'time' holds times: set "
+                                         r"data.timestamp_column=time; if 'hostname' names the nodes, set "
+                                         r"data.node_column=hostname; else fix the export"):
+        ingest(data_cfg(source=str(one)), tmp_path / "s.h5")
+    with pytest.raises(InputError, match=r"x.csv \(node x\): non-numeric metric columns \['time'\] .*'time' holds "
+                                         r"times: set data.timestamp_column=time; else"):
+        ingest(data_cfg(source=str(_write(tmp_path, {"x": rows, "y": rows}))), tmp_path / "s.h5")
+    st = TelemetryStore(ingest(data_cfg(source=str(one), node_column="hostname", timestamp_column="time"),
+                               tmp_path / "s.h5"))
+    assert st.nodes == ["x", "y"] and st.read("x").timestamp[1] - st.read("x").timestamp[0] == 300
+
+
 def test_unsorted_timestamps_can_be_sorted_on_request(tmp_path):
     f = _frame().iloc[[1, 0, *range(2, 20)]]
     src = _write(tmp_path, {"n0": f})

@@ -4,6 +4,7 @@ skipped and recorded with ``data.on_bad_node=skip``; ingest's progress counts th
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
@@ -45,6 +46,7 @@ class FrameConverter:
         where = f"{where} (node {node})"
         if len(df) == 0:
             raise InputError(f"{where}: no rows (empty node)")
+        node_from_name = cfg.node_column not in df.columns
         df = df.drop(columns=[c for c in (cfg.node_column, *cfg.ignore_columns) if c in df.columns])
         has_ts = cfg.timestamp_column in df.columns
         has_lab = cfg.label_column in df.columns
@@ -57,7 +59,8 @@ class FrameConverter:
             raise InputError(f"{where}: non-numeric metric columns {bad[:10]} (e.g. {examples}); "
                              + (f"numbers with a decimal comma are read as such where the fields are separated "
                                 f"by ';', tab or '|' and one shows in the first {DIALECT_ROWS} rows (docs/data.md)"
-                                if comma else "fix the export or list them in data.ignore_columns"))
+                                if comma else role_hint(df, bad, cfg, node_from_name)
+                                + "fix the export or list them in data.ignore_columns"))
         if not metric_cols:
             raise InputError(f"{where}: no metric columns besides {cfg.timestamp_column!r}/{cfg.label_column!r}")
         if self.labelled is None:
@@ -124,6 +127,29 @@ class FrameConverter:
                                  f"labels as normal")
             log.info("%s: %d empty labels read as normal (data.blank_labels=normal)", where, count)
         return lab.fillna(0).to_numpy().astype(np.int8)
+
+
+def role_hint(df: pd.DataFrame, bad: list[str], cfg, node_from_name: bool) -> str:
+    """What non-numeric columns may be where the configured timestamp or node column is absent
+    (exports name them ``time``, ``hostname``...); ``node_from_name``: the file has no node column,
+    so its name was taken as the node's."""
+    import pandas as pd
+
+    said = []
+    for c in bad[:10]:
+        sample = df[c].dropna().astype(str).head(20)
+        if sample.empty:
+            continue
+        if cfg.timestamp_column not in df.columns:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                stamps = pd.to_datetime(sample, errors="coerce", format="mixed")
+            if stamps.notna().all():
+                said.append(f"{c!r} holds times: set data.timestamp_column={c}")
+                continue
+        if node_from_name:
+            said.append(f"if {c!r} names the nodes, set data.node_column={c}")
+    return "; ".join(said) + ("; else " if said else "")
 
 
 def label_numbers(col: pd.Series, label_names, where: str, name: str, first_row: int = 0) -> pd.Series:

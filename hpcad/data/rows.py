@@ -15,7 +15,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from hpcad.data.convert import FrameConverter, counted, guarded, label_numbers
+from hpcad.data.convert import FrameConverter, counted, guarded, label_numbers, role_hint
 from hpcad.data.h5 import h5_file, h5_writing
 from hpcad.data.node import NodeData
 from hpcad.data.store import check_node_name
@@ -87,7 +87,8 @@ def stage_rows(files: list[Path], cfg, names: list[str] | None, scratch: Path,
             first_dropped = 0
             for chunk in iter_table_chunks(path):
                 read += len(chunk)
-                if cfg.node_column not in chunk.columns:
+                from_name = cfg.node_column not in chunk.columns
+                if from_name:
                     if names is not None:  # a folder's file
                         raise InputError(f"{path}: no {cfg.node_column!r} column, unlike {(first or files[0]).name}: a "
                                          f"folder holds one file per node, or files of many nodes that all "
@@ -114,8 +115,9 @@ def stage_rows(files: list[Path], cfg, names: list[str] | None, scratch: Path,
                                                             cfg.label_column, read - len(chunk))
                 bad = [c for c in names if c in chunk.columns and not pd.api.types.is_numeric_dtype(chunk[c])]
                 if bad:
-                    raise InputError(f"{path}: non-numeric columns {bad[:10]}; fix the export or list "
-                                     f"them in data.ignore_columns")
+                    raise InputError(f"{path}: non-numeric columns {bad[:10]}; "
+                                     f"{role_hint(chunk, bad, cfg, from_name)}fix the export or "
+                                     f"list them in data.ignore_columns")
                 values = [c for c in names if c != cfg.timestamp_column]
                 if log_ is None:
                     log_ = f.create_dataset("rows", shape=(0, len(values)), maxshape=(None, len(values)),
