@@ -340,6 +340,31 @@ def test_timestamp_and_node_columns_under_other_names_are_suggested_by_the_error
     assert st.nodes == ["x", "y"] and st.read("x").timestamp[1] - st.read("x").timestamp[0] == 300
 
 
+def test_a_clock_column_under_another_name_is_not_trained_on_as_a_metric(tmp_path):
+    """Exports without a `timestamp` column are read by row (MSL's channels); before, one whose
+    clock was named `time` (or held epoch milliseconds under any name) was ingested with rows
+    numbered and the clock as a metric, which rises out of its training range: alarms everywhere."""
+    rng = np.random.default_rng(0)
+    n = 50
+    frame = pd.DataFrame({"time": 1_735_689_600 + 300 * np.arange(n), "a": rng.normal(size=n),
+                          "energy_j": np.cumsum(rng.uniform(1e9, 2e9, n)),  # a counter: uneven steps
+                          "uptime_s": 300.0 * np.arange(n)})  # even steps, but no epoch time nor clock name
+    for i, (frame_i, clock) in enumerate(((frame, "time"),
+                                          (frame.rename(columns={"time": "collected"}).assign(
+                                              collected=lambda f: f["collected"] * 1000), "collected"))):
+        (tmp_path / f"case{i}").mkdir()
+        src = _write(tmp_path / f"case{i}", {"n1": frame_i, "n2": frame_i})
+        with pytest.raises(InputError, match=rf"n1.csv \(node n1\): no 'timestamp' column, and '{clock}' counts up "
+                                             rf"like a clock .*set data.timestamp_column={clock}"):
+            ingest(data_cfg(source=str(src)), tmp_path / f"s{i}.h5")
+    unit = "ms"
+    st = TelemetryStore(ingest(data_cfg(source=str(src), timestamp_column="collected", epoch_unit=unit),
+                               tmp_path / "s.h5"))
+    assert st.metrics == ["a", "energy_j", "uptime_s"] and st.read("n1").timestamp[0] == 1_735_689_600
+    st = TelemetryStore(ingest(data_cfg(source=str(src), ignore_columns=["collected"]), tmp_path / "t.h5"))
+    assert st.metrics == ["a", "energy_j", "uptime_s"]  # rows numbered, as the user asked
+
+
 def test_unsorted_timestamps_can_be_sorted_on_request(tmp_path):
     f = _frame().iloc[[1, 0, *range(2, 20)]]
     src = _write(tmp_path, {"n0": f})

@@ -3,6 +3,7 @@ file it came from (a node file, a node's rows staged from files of many nodes); 
 skipped and recorded with ``data.on_bad_node=skip``; ingest's progress counts the nodes."""
 from __future__ import annotations
 
+import fnmatch
 import logging
 import warnings
 from collections.abc import Iterable, Iterator
@@ -63,6 +64,13 @@ class FrameConverter:
                                 + "fix the export or list them in data.ignore_columns"))
         if not metric_cols:
             raise InputError(f"{where}: no metric columns besides {cfg.timestamp_column!r}/{cfg.label_column!r}")
+        counters = [c for c in metric_cols if any(fnmatch.fnmatchcase(str(c), p) for p in cfg.counters)]
+        clock = None if has_ts else clock_column(df, [c for c in metric_cols if c not in counters])
+        if clock is not None:  # rows would be numbered and the clock trained on as a metric
+            raise InputError(f"{where}: no {cfg.timestamp_column!r} column, and {clock!r} counts up like a clock "
+                             f"(strictly increasing, evenly spaced): set data.timestamp_column={clock} (with "
+                             f"data.epoch_unit if it is not in seconds); if it is a metric, list it in "
+                             f"data.ignore_columns or data.counters")
         if self.labelled is None:
             self.labelled = has_lab
         if self.metrics is None:
@@ -127,6 +135,27 @@ class FrameConverter:
                                  f"labels as normal")
             log.info("%s: %d empty labels read as normal (data.blank_labels=normal)", where, count)
         return lab.fillna(0).to_numpy().astype(np.int8)
+
+
+CLOCK_NAMES = {"time", "ts", "date", "datetime", "epoch", "@timestamp", "_time", "time_s", "timestamp_s", "unix_time"}
+EPOCH_RANGES = ((1e8, 1e10), (1e11, 1e13), (1e14, 1e16), (1e17, 1e19))  # s, ms, us, ns: years 1973-2286
+
+
+def clock_column(df: pd.DataFrame, columns: list) -> str | None:
+    """A numeric column that is a clock rather than a metric (a node without the timestamp column
+    under its configured name): strictly increasing, evenly spaced (nine in ten steps equal), and
+    named like one or valued like epoch times."""
+    for c in columns:
+        v = df[c].to_numpy(dtype=np.float64)
+        if len(v) < 3 or not np.isfinite(v).all():
+            continue
+        step = np.diff(v)
+        if not (step > 0).all() or np.mean(step == np.median(step)) < 0.9:
+            continue
+        named = str(c).strip().lower() in CLOCK_NAMES
+        if named or any(lo <= v[0] and v[-1] < hi for lo, hi in EPOCH_RANGES):
+            return str(c)
+    return None
 
 
 def role_hint(df: pd.DataFrame, bad: list[str], cfg, node_from_name: bool) -> str:
