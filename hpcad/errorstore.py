@@ -59,7 +59,7 @@ class ErrorStore:
                 if "node_missing" in f and len(f["node_missing"]) == len(self.nodes) else {}
             self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()
                           if k in ("created", "store_signature", "models_stamp", "store", "models", "excess_weight",
-                                   "metric_scales", "signal_choice", "excess_choice")}
+                                   "metric_scales", "signal_choice")}
 
     @property
     def smooth(self) -> int | None:

@@ -112,12 +112,13 @@ def choose(cfg: HpcadConfig, store, node_errors: Callable[[], Iterator[tuple]],
             elif any(r.scaled for r in grid):
                 s = metric_scales(model.holdout_error)
                 parts[True] = (parts[False][0] / s, parts[False][1] / s)
-            sums = {k: (a.sum(1, dtype=np.float64), b.sum(1, dtype=np.float64)) for k, (a, b) in parts.items()}
+            row_sums = {k: (a.sum(1, dtype=np.float64), b.sum(1, dtype=np.float64)) for k, (a, b) in parts.items()}
             M = err.shape[1]
             for j, r in enumerate(grid):
-                if r.scaled in sums:
-                    base, extra = sums[r.scaled]
-                    totals[j] += validation_ap(base + r.weight * extra, r.level(model, M, sig.scale_floor), sig, val, y)
+                if r.scaled in row_sums:
+                    base, extra = row_sums[r.scaled]
+                    level = r.level(model, M, sig.scale_floor)
+                    totals[j] += validation_ap(base + r.weight * extra, level, sig, val, y)
             count += 1
     sums = all_sum(np.r_[totals, count, unscaled_only])
     totals, count, unscaled_only = sums[:-2], int(sums[-2]), int(sums[-1])
