@@ -70,6 +70,7 @@ class DataConfig:
     metric_column: str = "metric"  # long format only
     value_column: str = "value"  # long format only
     period_s: int = 300  # ldms/long: grid period (mean per period)
+    resample_s: Optional[int] = None  # wide: average each node's rows into periods of this many seconds (300 for 1-minute exports); null: rows as they are
     timezone: str = "UTC"  # zone of naive timestamps (ISO without offset, sacct times)
     epoch_unit: EpochUnit = EpochUnit.s  # numeric timestamps: s | ms | us | ns
     dayfirst: Optional[bool] = None  # dates like 06/01/2025: true dd/mm, false mm/dd; null: a day above 12 tells, else an error

@@ -365,6 +365,32 @@ def test_a_clock_column_under_another_name_is_not_trained_on_as_a_metric(tmp_pat
     assert st.metrics == ["a", "energy_j", "uptime_s"]  # rows numbered, as the user asked
 
 
+def test_one_minute_exports_are_said_and_averaged_into_five_minute_rows_on_request(tmp_path, caplog):
+    """The defaults count rows (signal.smooth=25 rows: 2 h of 5-minute rows; the cost tolerance
+    +-12 rows): a 1-minute export shrank both fivefold without a word."""
+    import logging
+
+    n = 20
+    frame = pd.DataFrame({"timestamp": 1_735_689_600 + 60 * np.arange(n), "a": np.arange(n, dtype=float),
+                          "b": 1.0, "anomaly": 0})
+    frame.loc[7, "anomaly"] = 2  # in the second period
+    frame.loc[10:14, "b"] = np.nan  # the third period has no b at all
+    frame.loc[15, "a"] = np.nan
+    frame = frame.drop(index=[16, 17, 18, 19])  # the fourth period: one row left
+    src = _write(tmp_path, {"n1": frame})
+    with caplog.at_level(logging.WARNING, logger="hpcad.data.convert"):
+        ingest(data_cfg(source=str(src)), tmp_path / "rows.h5")
+    assert "rows are 60s apart (median)" in caplog.text and "data.resample_s=300" in caplog.text
+    nd = TelemetryStore(ingest(data_cfg(source=str(src), resample_s=300), tmp_path / "s.h5")).read("n1")
+    np.testing.assert_array_equal(nd.timestamp, 1_735_689_600 + 300 * np.arange(4))
+    np.testing.assert_allclose(nd.values[:, 0], [2.0, 7.0, 12.0, np.nan], equal_nan=True)  # row 15: a missing
+    np.testing.assert_allclose(nd.values[:, 1], [1.0, 1.0, np.nan, 1.0], equal_nan=True)
+    np.testing.assert_array_equal(nd.labels, [0, 2, 0, 0])
+    with pytest.raises(InputError, match=r"data.resample_s=300 needs timestamps"):
+        ingest(data_cfg(source=str(_write(tmp_path, {"n1": frame.drop(columns="timestamp")})), resample_s=300),
+               tmp_path / "t.h5")
+
+
 def test_unsorted_timestamps_can_be_sorted_on_request(tmp_path):
     f = _frame().iloc[[1, 0, *range(2, 20)]]
     src = _write(tmp_path, {"n0": f})

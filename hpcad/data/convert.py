@@ -36,6 +36,7 @@ class FrameConverter:
         self.cfg = data_cfg
         self.metrics = metrics
         self.labelled: bool | None = None
+        self.spacing_said = False  # a row spacing far from 5 minutes is said once per ingest
         self.policy = str(data_cfg.on_missing_metric)
         if self.policy not in MISSING_METRIC_POLICIES:
             raise InputError(f"data.on_missing_metric={self.policy!r}: one of {', '.join(MISSING_METRIC_POLICIES)}")
@@ -115,6 +116,13 @@ class FrameConverter:
             order = np.argsort(ts, kind="stable")
             ts, values = ts[order], values[order]
             labels = labels[order] if labels is not None else None
+        if cfg.resample_s is not None:
+            if not has_ts:
+                raise InputError(f"{where}: data.resample_s={cfg.resample_s} needs timestamps (no "
+                                 f"{cfg.timestamp_column!r} column)")
+            ts, values, labels = resample(ts, values, labels, int(cfg.resample_s))
+        elif has_ts and not self.spacing_said:
+            self.spacing_said = spacing_check(ts, where)
         return NodeData(node, ts, values, labels, unit)
 
     def _labels(self, col: pd.Series, where: str) -> np.ndarray | None:
@@ -135,6 +143,40 @@ class FrameConverter:
                                  f"labels as normal")
             log.info("%s: %d empty labels read as normal (data.blank_labels=normal)", where, count)
         return lab.fillna(0).to_numpy().astype(np.int8)
+
+
+DEFAULT_PERIOD_S = 300  # what the defaults assume: 5-minute rows (signal.smooth=25: 2 h; tolerance +-1 h)
+
+
+def resample(ts: np.ndarray, values: np.ndarray, labels: np.ndarray | None,
+             period: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """One row per ``period`` seconds in which the node reported (sorted ``ts``): each metric's mean
+    over its values there (NaN where none), labels their maximum; the row's time is the period's start."""
+    if period < 1:
+        raise ConfigError(f"data.resample_s={period}: must be >= 1 (seconds)")
+    bins = ts // period
+    uniq, start = np.unique(bins, return_index=True)
+    seen = ~np.isnan(values)
+    sums = np.add.reduceat(np.where(seen, values, 0.0).astype(np.float64), start, axis=0)
+    counts = np.add.reduceat(seen.astype(np.int64), start, axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan).astype(np.float32)
+    lab = np.maximum.reduceat(labels, start) if labels is not None else None
+    return uniq.astype(np.int64) * period, mean, lab
+
+
+def spacing_check(ts: np.ndarray, where: str) -> bool:
+    """Say (once) when a node's rows are far from 5 minutes apart: smoothing and the cost tolerance
+    count rows. Returns whether it was said."""
+    if len(ts) < 3:
+        return False
+    step = float(np.median(np.diff(ts)))
+    if DEFAULT_PERIOD_S / 2 <= step <= DEFAULT_PERIOD_S * 2:
+        return False
+    log.warning("%s: rows are %gs apart (median); the defaults assume 5-minute rows (signal.smooth=25 rows, the "
+                "cost tolerance +-12 rows): data.resample_s=%d averages them into 5-minute rows", where, step,
+                DEFAULT_PERIOD_S)
+    return True
 
 
 CLOCK_NAMES = {"time", "ts", "date", "datetime", "epoch", "@timestamp", "_time", "time_s", "timestamp_s", "unix_time"}

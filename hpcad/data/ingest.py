@@ -265,6 +265,8 @@ def signature(src: Path, jobs: Path | None, data_cfg) -> str:
         "format", "node_column", "timestamp_column", "label_column", "metric_column", "value_column",
         "period_s", "timezone", "epoch_unit", "counters", "on_missing_metric", "ignore_columns",
         "sort_timestamps", "on_bad_node")}
+    if data_cfg.resample_s is not None:  # unset, earlier stores keep their signature
+        opts["resample_s"] = str(data_cfg.resample_s)
     if data_cfg.label_names:  # unset, earlier stores keep their signature
         opts["label_names"] = json.dumps([str(x) for x in data_cfg.label_names])
     if data_cfg.dayfirst is not None:  # unset, dates read as the column shows: earlier stores keep their signature
