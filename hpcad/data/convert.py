@@ -3,7 +3,6 @@ file it came from (a node file, a node's rows staged from files of many nodes); 
 skipped and recorded with ``data.on_bad_node=skip``; ingest's progress counts the nodes."""
 from __future__ import annotations
 
-import fnmatch
 import logging
 import warnings
 from collections.abc import Iterable, Iterator
@@ -11,10 +10,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from hpcad.data.counters import is_counter
 from hpcad.data.grid import MISSING_METRIC_POLICIES
 from hpcad.data.node import NodeData
 from hpcad.data.tables import DIALECT_ROWS, looks_decimal_comma
-from hpcad.data.timestamps import to_epoch_seconds
+from hpcad.data.timestamps import EPOCH_UNITS, LATEST_EPOCH_S, to_epoch_seconds
 from hpcad.errors import ConfigError, InputError
 from hpcad.progress import Progress
 
@@ -65,8 +65,7 @@ class FrameConverter:
                                 + "fix the export or list them in data.ignore_columns"))
         if not metric_cols:
             raise InputError(f"{where}: no metric columns besides {cfg.timestamp_column!r}/{cfg.label_column!r}")
-        counters = [c for c in metric_cols if any(fnmatch.fnmatchcase(str(c), p) for p in cfg.counters)]
-        clock = None if has_ts else clock_column(df, [c for c in metric_cols if c not in counters])
+        clock = None if has_ts else clock_column(df, [c for c in metric_cols if not is_counter(str(c), cfg.counters)])
         if clock is not None:  # rows would be numbered and the clock trained on as a metric
             raise InputError(f"{where}: no {cfg.timestamp_column!r} column, and {clock!r} counts up like a clock "
                              f"(strictly increasing, evenly spaced): set data.timestamp_column={clock} (with "
@@ -180,7 +179,7 @@ def spacing_check(ts: np.ndarray, where: str) -> bool:
 
 
 CLOCK_NAMES = {"time", "ts", "date", "datetime", "epoch", "@timestamp", "_time", "time_s", "timestamp_s", "unix_time"}
-EPOCH_RANGES = ((1e8, 1e10), (1e11, 1e13), (1e14, 1e16), (1e17, 1e19))  # s, ms, us, ns: years 1973-2286
+EARLIEST_EPOCH_S = 1e8  # 1973-03-03: a clock's values lie between this and LATEST_EPOCH_S in some epoch unit
 
 
 def clock_column(df: pd.DataFrame, columns: list) -> str | None:
@@ -195,7 +194,7 @@ def clock_column(df: pd.DataFrame, columns: list) -> str | None:
         if not (step > 0).all() or np.mean(step == np.median(step)) < 0.9:
             continue
         named = str(c).strip().lower() in CLOCK_NAMES
-        if named or any(lo <= v[0] and v[-1] < hi for lo, hi in EPOCH_RANGES):
+        if named or any(EARLIEST_EPOCH_S * f <= v[0] and v[-1] < LATEST_EPOCH_S * f for f in EPOCH_UNITS.values()):
             return str(c)
     return None
 

@@ -19,11 +19,16 @@ from hpcad.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
+def is_counter(metric: str, patterns: list[str]) -> bool:
+    """Whether ``data.counters`` (names or shell patterns) names ``metric``."""
+    return any(fnmatch.fnmatchcase(metric, pat) for pat in patterns)
+
+
 def counter_columns(metrics: list[str], patterns: list[str]) -> list[int]:
     """Indices of the metrics matched by ``data.counters``; a pattern matching nothing is an error."""
     idx: set[int] = set()
     for pat in patterns:
-        hit = [i for i, m in enumerate(metrics) if fnmatch.fnmatchcase(m, pat)]
+        hit = [i for i, m in enumerate(metrics) if is_counter(m, [pat])]
         if not hit:
             raise ConfigError(f"data.counters: {pat!r} matches no metric (e.g. {metrics[:5]})")
         idx.update(hit)
