@@ -75,6 +75,9 @@ class DataConfig:
     epoch_unit: EpochUnit = EpochUnit.s  # numeric timestamps: s | ms | us | ns
     dayfirst: Optional[bool] = None  # dates like 06/01/2025: true dd/mm, false mm/dd; null: a day above 12 tells, else an error
     counters: list[str] = field(default_factory=list)  # metric names/patterns turned into per-second rates
+    # labelled intervals (node,start,end[,class]: an incident list) instead of a label column; every
+    # node is then labelled, normal outside its intervals (hpcad/data/labelfile.py)
+    labels: Optional[str] = None
     jobs: Optional[str] = None  # sacct --parsable2 (JobID|NodeList|Start|End|State|User; State, User optional) or CSV: job context
     on_missing_metric: MissingMetric = MissingMetric.union  # a metric some nodes lack: union (absent there) | drop (common set) | error
     scratch_buckets: int = 64  # ldms/long: node buckets of the out-of-core pivot (memory ~ input / buckets)

@@ -138,15 +138,20 @@ def _daily(tmp_path):
 def test_daily_exports_of_every_node_are_staged_and_converted_by_every_rank(tmp_path):
     """A folder of exports of the whole cluster (daily database dumps): before, rank 0 read every file
     while the other ranks waited. Now each rank stages its block of the files by node, then converts
-    its share of the nodes from every rank's scratch; the store is the one-process store."""
+    its share of the nodes from every rank's scratch; the store is the one-process store, labels from
+    an incident list (``data.labels``) included."""
     days, files = _daily(tmp_path)
     (days / "day001b.parquet").write_bytes(b"PAR1 cut short")  # a corrupt file: skipped whole by the rank staging it
     files += 1
-    run = tmp_path / "run"
-    one = TelemetryStore(ingest(data_cfg(source=str(days), on_bad_node="skip"), tmp_path / "one.h5"))
+    run, labels = tmp_path / "run", tmp_path / "incidents.csv"
+    labels.write_text("node,start,end,class\ncn01,2025-01-06T12:00:00Z,2025-01-07T00:00:00Z,2\n"
+                      "cn[02-03],2025-01-06T05:00:00Z,,1\n")
+    one = TelemetryStore(ingest(data_cfg(source=str(days), on_bad_node="skip", labels=str(labels)),
+                                tmp_path / "one.h5"))
     assert one.nodes == ["cn00", "cn01", "cn03"] and one.skipped[0][0] == "cn02" and files >= 4
     assert [p for p, _ in one.skipped_files] == [str(days / "day001b.parquet")]
-    rc, out = _mpi_ingest(run, days, "data.on_bad_node=skip", ranks=3)
+    assert set(one.read("cn01").labels) == {0, 2} and set(one.read("cn03").labels) == {0, 1}
+    rc, out = _mpi_ingest(run, days, "data.on_bad_node=skip", f"data.labels={labels}", ranks=3)
     assert rc == 0 and f"staging {files} files of many nodes' rows over 3 ranks" in out, out[-3000:]
     _same(TelemetryStore(run / "store.h5"), one)
     assert TelemetryStore(run / "store.h5").skipped_files == one.skipped_files
@@ -155,7 +160,7 @@ def test_daily_exports_of_every_node_are_staged_and_converted_by_every_rank(tmp_
     # bad one has none: it converts again, so every rank stages its files again for it)
     parts = len(list(run.glob("store-part-*.h5")))
     (run / "store.h5").unlink()
-    rc, out = _mpi_ingest(run, days, "data.on_bad_node=skip", ranks=3)
+    rc, out = _mpi_ingest(run, days, "data.on_bad_node=skip", f"data.labels={labels}", ranks=3)
     assert rc == 0 and out.count("already holds this rank's") == parts >= 2, out[-3000:]
     _same(TelemetryStore(run / "store.h5"), one)
     # a bad node without skip: the rank converting it stops, the other names it; both exit 2

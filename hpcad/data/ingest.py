@@ -2,7 +2,8 @@
 
 ``data.format`` picks the reader: ``wide`` (below), ``ldms`` (LDMS CSV stores, hpcad.data.ldms) or
 ``long`` (one row per sample, hpcad.data.longformat); the last two pivot out of core (hpcad.data.grid).
-Whatever the format, counters become rates and ``data.jobs`` adds the job per row (hpcad.data.jobs).
+Whatever the format, counters become rates, ``data.labels`` labels the rows from a file of intervals
+(hpcad.data.labelfile) and ``data.jobs`` adds the job per row (hpcad.data.jobs).
 
 Accepted ``data.source`` for the wide format (docs/data.md):
 - a directory of per-node ``*.csv``, ``*.csv.gz`` or ``*.parquet`` files (file stem = node name), or
@@ -31,6 +32,7 @@ from hpcad.data.counters import counter_columns, to_rates
 from hpcad.data.grid import GridStager
 from hpcad.data.h5 import open_h5
 from hpcad.data.jobs import JobTable, read_jobs
+from hpcad.data.labelfile import LabelTable, read_labels
 from hpcad.data.ldms import stage_ldms
 from hpcad.data.longformat import stage_long
 from hpcad.data.rows import has_node_column, iter_node_rows
@@ -127,9 +129,10 @@ def iter_files(files: list[Path], conv: FrameConverter, skipped: list | None = N
 
 
 def check_inputs(data_cfg) -> None:
-    """``data.source`` and ``data.jobs`` exist on this node (the preflight asks every rank that will
-    read them: hpcad/data/ranks.py), else ``InputError`` naming the option."""
-    for option, value in (("data.source", data_cfg.source), ("data.jobs", data_cfg.jobs)):
+    """``data.source``, ``data.labels`` and ``data.jobs`` exist on this node (the preflight asks every
+    rank that will read them: hpcad/data/ranks.py), else ``InputError`` naming the option."""
+    for option, value in (("data.source", data_cfg.source), ("data.labels", data_cfg.labels),
+                          ("data.jobs", data_cfg.jobs)):
         if value is not None and not Path(value).expanduser().exists():
             raise InputError(f"{option}: {Path(value).expanduser().resolve()} does not exist")
 
@@ -138,6 +141,10 @@ def ingest(data_cfg, store_path: Path, progress: bool = True) -> Path:
     """Make sure a store for ``data_cfg.source`` exists; return its path (an input store is used as is).
     ``progress``: a bar or periodic log lines while the nodes are read (``compute.progress``)."""
     source = data_cfg.source
+    if data_cfg.labels is not None and (source is None or str(source).lower().endswith((".h5", ".hdf5"))):
+        raise InputError(f"data.labels={data_cfg.labels}: labels are read while telemetry exports are ingested, "
+                         f"but data.source is " + ("an hpcad store, used as it is" if source else
+                                                    "unset (the synthetic cluster, labelled by its generator)"))
     if source is not None and str(source).lower().endswith((".h5", ".hdf5")):
         path = Path(source)
         TelemetryStore(path)  # validates layout, names the file on error
@@ -159,6 +166,7 @@ def ingest(data_cfg, store_path: Path, progress: bool = True) -> Path:
     src, jobs_path, sig = todo
     fmt = data_cfg.format
     jobs = read_jobs(jobs_path, data_cfg.timezone) if jobs_path else None
+    labels = read_labels(data_cfg.labels, data_cfg) if data_cfg.labels else None
     skipped: list | None = [] if data_cfg.on_bad_node == "skip" else None
     skipped_files: list | None = [] if skipped is not None else None  # a folder of many nodes' files
     store_path.parent.mkdir(parents=True, exist_ok=True)
@@ -182,23 +190,29 @@ def ingest(data_cfg, store_path: Path, progress: bool = True) -> Path:
             stager, keep = stage_grid(data_cfg, src, store_path.parent)
             metrics = [stager.metric_names[c] for c in keep]
             stream = counted(stager.iter_nodes(keep), len(stager.node_names), progress)
-        n = write_store(store_path, metrics, finish_nodes(stream, metrics, data_cfg, jobs), str(src),
-                        signature=sig, skipped=skipped, jobs=jobs, skipped_files=skipped_files)
+        n = write_store(store_path, metrics, finish_nodes(stream, metrics, data_cfg, jobs, labels, whole=True),
+                        str(src), signature=sig, skipped=skipped, jobs=jobs, skipped_files=skipped_files)
     finally:
         if stager is not None:
             stager.close()
-    wrote(store_path, [], n, src, f"{fmt} format", skipped, jobs, jobs_path,  # drops parts of an ingest over ranks
-          skipped_files)
+    wrote(store_path, [], n, src, f"{fmt} format", skipped, skipped_files)  # drops parts of an ingest over ranks
     return store_path
 
 
-def wrote(store_path: Path, parts: list[str], n: int, src: Path, how: str, skipped: list | None,
-          jobs: JobTable | None, jobs_path: Path | None, skipped_files: list | None = None) -> None:
-    """After a store was written (by one process, or as an index over ``parts``): the part files it
-    does not use go, the job table is checked against its nodes, and the log says what was done."""
-    drop_parts(store_path, parts)
+def check_tables(nodes: list[str], data_cfg, jobs: JobTable | None, labels: LabelTable | None) -> None:
+    """Before a store of ``nodes`` is written (so that a rerun does not find it up to date): a job or
+    labels file naming none of them is an error, one naming others is logged."""
     if jobs is not None:
-        jobs.check_nodes(TelemetryStore(store_path).nodes, str(jobs_path))
+        jobs.check_nodes(nodes, str(Path(data_cfg.jobs).expanduser().resolve()))
+    if labels is not None:
+        labels.check_nodes(nodes)
+
+
+def wrote(store_path: Path, parts: list[str], n: int, src: Path, how: str, skipped: list | None,
+          skipped_files: list | None = None) -> None:
+    """After a store was written (by one process, or as an index over ``parts``): the part files it
+    does not use go, and the log says what was done."""
+    drop_parts(store_path, parts)
     log.info("ingested %d nodes from %s (%s) -> %s", n, src, how, store_path)
     if skipped:
         log.error("%d node(s) skipped for bad input (recorded in the store and the report): %s",
@@ -249,14 +263,38 @@ def said_up_to_date(store_path: Path, src: Path) -> None:
         log.info("store %s is up to date with %s", store_path, src, extra=CLUSTER_WIDE)
 
 
-def finish_nodes(stream: Iterator[NodeData], metrics: list[str], data_cfg, jobs: JobTable | None) -> Iterator[NodeData]:
-    """Per node, whatever the format: counters into rates, job per row."""
+def finish_nodes(stream: Iterator[NodeData], metrics: list[str], data_cfg, jobs: JobTable | None,
+                 labels: LabelTable | None = None, whole: bool = False) -> Iterator[NodeData]:
+    """Per node, whatever the format: counters into rates, labels from ``data.labels``, job per row.
+    ``whole``: the stream is the whole store (one process), so the job and labels files are checked
+    against its nodes at its end (over ranks: by rank 0 before the index, hpcad/data/ranks.py)."""
     counters = counter_columns(metrics, list(data_cfg.counters))
+    period = labels_period(data_cfg)
+    names = []
     for nd in stream:
         nd = to_rates(nd, counters, metrics)
+        if labels is not None:
+            if nd.labels is not None:
+                col = data_cfg.label_column
+                raise InputError(f"node {nd.name}: its telemetry has a label column ({col!r}) and data.labels gives "
+                                 f"labels too; use one (data.ignore_columns=[{col}] drops the column)")
+            nd.labels = labels.assign(nd, period)
         if jobs is not None:
             nd.job = jobs.assign(nd)
+        names.append(nd.name)
         yield nd
+    if labels is not None:
+        labels.log_uncovered()
+    if whole:
+        check_tables(names, data_cfg, jobs, labels)
+
+
+def labels_period(data_cfg) -> int:
+    """Seconds a row stands for, for ``data.labels``: the grid's period (LDMS, long), the resampling
+    period (``data.resample_s``), else 0 (a row is its timestamp)."""
+    if str(data_cfg.format) != "wide":
+        return int(data_cfg.period_s)
+    return int(data_cfg.resample_s or 0)
 
 
 def signature(src: Path, jobs: Path | None, data_cfg) -> str:
@@ -276,6 +314,8 @@ def signature(src: Path, jobs: Path | None, data_cfg) -> str:
             opts[key] = str(getattr(data_cfg, key))
     parts = [source_signature(src, str(data_cfg.format)), source_signature(jobs) if jobs else "",
              json.dumps(opts, sort_keys=True)]
+    if data_cfg.labels:  # unset, earlier stores keep their signature
+        parts.append(source_signature(Path(data_cfg.labels).expanduser().resolve()))
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 

@@ -29,9 +29,10 @@ from pathlib import Path
 from hpcad import dist
 from hpcad.data.grid import GridStager
 from hpcad.data.convert import FrameConverter, counted
-from hpcad.data.ingest import (finish_nodes, ingest, iter_files, node_files, plan_metrics, stage_grid, to_ingest,
-                               up_to_date, wrote)
+from hpcad.data.ingest import (check_tables, finish_nodes, ingest, iter_files, node_files, plan_metrics, stage_grid,
+                               to_ingest, up_to_date, wrote)
 from hpcad.data.jobs import JobTable, read_jobs
+from hpcad.data.labelfile import LabelTable, read_labels
 from hpcad.data.node import NodeData
 from hpcad.data.rows import has_node_column, read_staged, row_columns, stage_rows
 from hpcad.data.store import TelemetryStore, part_path, write_index, write_store
@@ -93,21 +94,22 @@ def ingest_ranks(data_cfg, store_path: Path, progress: bool = True) -> None:
             return
         mine = dist.shard(plan.sizes, w.size)[w.rank]
         part = part_path(store_path, plan.signature, w.rank, w.size)
-        result, jobs = None, None
+        result, jobs, labels = None, None, None
         try:
-            if plan.jobs is not None and (mine or w.rank == 0 or plan.columns):  # once per rank: its nodes, the index
-                jobs = read_jobs(plan.jobs, data_cfg.timezone)
+            if mine or w.rank == 0 or plan.columns:  # once per rank: its nodes, the index
+                jobs = read_jobs(plan.jobs, data_cfg.timezone) if plan.jobs is not None else None
+                labels = read_labels(data_cfg.labels, data_cfg) if data_cfg.labels else None
             if plan.columns is None:
-                result = _ingest_share(data_cfg, plan, mine, part, jobs, progress)
+                result = _ingest_share(data_cfg, plan, mine, part, jobs, labels, progress)
         except Exception as exc:
             failed = exc
         dist.share_outcome(failed)
         if plan.columns is not None:  # two passes with collectives between them (each rank shares its outcomes)
-            result = _rows_share(data_cfg, plan, store_path, part, jobs, progress)
+            result = _rows_share(data_cfg, plan, store_path, part, jobs, labels, progress)
         results = dist.all_objects(result)
         if w.rank == 0:
             try:
-                _write_index(data_cfg, plan, store_path, results, jobs)
+                _write_index(data_cfg, plan, store_path, results, jobs, labels)
             except Exception as exc:
                 failed = exc
         dist.share_outcome(failed)
@@ -160,7 +162,7 @@ def _plan(data_cfg, store_path: Path, progress: bool) -> tuple[Plan | None, Grid
 
 
 def _ingest_share(data_cfg, plan: Plan, units: list[str], part: Path, jobs: JobTable | None,
-                  progress: bool) -> Share:
+                  labels: LabelTable | None, progress: bool) -> Share:
     """This rank's nodes into ``part``. A part written before (a requeued job, a rerun after another
     rank failed) is kept."""
     rank = dist.world().rank
@@ -175,7 +177,8 @@ def _ingest_share(data_cfg, plan: Plan, units: list[str], part: Path, jobs: JobT
                          f"be on a file system every node of the job mounts")
     skipped: list | None = [] if data_cfg.on_bad_node == "skip" else None
     stream = plan.nodes(data_cfg, units, skipped, progress)
-    n = write_store(part, plan.metrics, finish_nodes(stream, plan.metrics, data_cfg, jobs), str(plan.source),
+    n = write_store(part, plan.metrics, finish_nodes(stream, plan.metrics, data_cfg, jobs, labels),
+                    str(plan.source),
                     signature=plan.signature, skipped=skipped, empty_ok=True)
     log.info("rank %d: ingested %d node(s) of its %d %s into %s", rank, n, len(units),
              "scratch bucket(s)" if plan.grid else "node file(s)", part.name)
@@ -183,7 +186,7 @@ def _ingest_share(data_cfg, plan: Plan, units: list[str], part: Path, jobs: JobT
 
 
 def _rows_share(data_cfg, plan: Plan, store_path: Path, part: Path, jobs: JobTable | None,
-                progress: bool) -> Share:
+                labels: LabelTable | None, progress: bool) -> Share:
     """Files of many nodes' rows: each rank stages its block of the files by node in a scratch file
     (pass 1, :func:`stage_rows`; the blocks follow the file order, so a node's rows stay in it), then
     converts its share of the nodes, balanced by rows, from every rank's scratch file into ``part``
@@ -220,7 +223,7 @@ def _rows_share(data_cfg, plan: Plan, store_path: Path, part: Path, jobs: JobTab
                 skipped: list | None = [] if data_cfg.on_bad_node == "skip" else None
                 stream = read_staged(scratch, plan.columns, FrameConverter(data_cfg, plan.metrics), plan.source, mine,
                                      skipped, progress)
-                n = write_store(part, plan.metrics, finish_nodes(stream, plan.metrics, data_cfg, jobs),
+                n = write_store(part, plan.metrics, finish_nodes(stream, plan.metrics, data_cfg, jobs, labels),
                                 str(plan.source), signature=plan.signature, skipped=skipped, empty_ok=True,
                                 skipped_files=skipped_files)
                 log.info("rank %d: ingested %d node(s) of the %d in the files into %s", w.rank, n, len(rows),
@@ -255,14 +258,17 @@ def _share(part: Path) -> Share:
     return part.name, {n: (st.rows(n), st.labelled[n]) for n in st.nodes}, st.skipped, st.skipped_files
 
 
-def _write_index(data_cfg, plan: Plan, store_path: Path, results: list[Share], jobs: JobTable | None) -> None:
-    """Rank 0: ``store.h5`` over the ranks' parts, then what ``ingest`` does after a write."""
+def _write_index(data_cfg, plan: Plan, store_path: Path, results: list[Share], jobs: JobTable | None,
+                 labels: LabelTable | None) -> None:
+    """Rank 0: the job and labels files checked against every rank's nodes, ``store.h5`` over the
+    ranks' parts, then what ``ingest`` does after a write."""
     parts = {store_path.parent / name: nodes for name, nodes, _, _ in results if nodes}
     skipped = sorted((s for _, _, sk, _ in results for s in sk), key=lambda s: s[0])
     skipped_files = sorted({p: why for _, _, _, files in results for p, why in files}.items())
     if not parts:
         raise InputError(f"{plan.source}: no usable node" + (f" ({len(skipped)} skipped)" if skipped else ""))
+    check_tables([node for nodes in parts.values() for node in nodes], data_cfg, jobs, labels)
     n = write_index(store_path, plan.metrics, parts, str(plan.source), plan.signature, skipped, jobs,
                     skipped_files)
     wrote(store_path, [p.name for p in parts], n, plan.source, f"{data_cfg.format} format, {len(results)} ranks",
-          skipped, jobs, plan.jobs, skipped_files)
+          skipped, skipped_files)
