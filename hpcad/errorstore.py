@@ -102,6 +102,18 @@ class ErrorStore:
                 raise corrupt(self.path, f"node {node} errors", exc, self.rerun) from exc
 
 
+    def normal_error(self, node: str) -> np.ndarray | None:
+        """The node's per-metric error on its model's held-out normal rows, in the units of
+        :meth:`errors` (explanations rank an alarm's metrics by "times normal"); None in files
+        scored before it was written, and in baselines' files."""
+        with open_h5(self.path, kind="error file") as f:
+            try:
+                g = f["nodes"][node]
+                return g["normal_error"][()].astype(np.float32) if "normal_error" in g else None
+            except (OSError, KeyError) as exc:
+                raise corrupt(self.path, f"node {node} normal errors", exc, self.rerun) from exc
+
+
 def signal_attrs(method: str) -> dict:
     """The attributes of a baseline's signal file (or of its index over ranks)."""
     return {"hpcad_format": "signal-store", "format_version": 1, "method": method}

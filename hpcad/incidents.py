@@ -28,13 +28,15 @@ STATES = (*OPEN, "resolved")
 
 
 def cause_of(alarm: dict) -> str:
-    """The metric family with the most error among the alarm's top metrics (the family, not the
-    single metric, so that a governor fault that tops ``ips_p0_3`` one night and ``ips_p1_0`` the
-    next stays one cause)."""
+    """The metric family with the most weight among the alarm's top metrics: their "times normal"
+    where known, else their error (the family, not the single metric, so that a governor fault
+    that tops ``ips_p0_3`` one night and ``ips_p1_0`` the next stays one cause)."""
     mass: dict[str, float] = {}
-    for m in alarm.get("top_metrics") or []:
+    top = alarm.get("top_metrics") or []
+    key = "x_normal" if top and all("x_normal" in m for m in top) else "error"
+    for m in top:
         fam = metric_family(m["metric"])
-        mass[fam] = mass.get(fam, 0.0) + float(m["error"])
+        mass[fam] = mass.get(fam, 0.0) + float(m[key])
     return max(sorted(mass), key=mass.__getitem__) if mass else "signal"
 
 

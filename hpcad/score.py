@@ -104,7 +104,7 @@ def score_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, out_p
             level = recipe.level(model, M, sig_cfg.scale_floor)
             shares[nd.name] = missing_share(miss, model.scaler.absent)
             _write_node_errors(nodes_grp, nd, err, level, split_codes(nd, cfg.split), sig_cfg,
-                               lm.version if lm else 0, error_dtype, shares[nd.name])
+                               lm.version if lm else 0, error_dtype, shares[nd.name], recipe.normal_error(model))
             bar.update(1)
         bar.close()
         # every node's share in one table (node-name order, as /node_rows of an index): read without a
@@ -172,7 +172,7 @@ def missing_share(miss: np.ndarray, absent: np.ndarray) -> float:
 
 def _write_node_errors(parent: h5py.Group, nd, err: np.ndarray, signal_scale: float, split: np.ndarray,
                        sig_cfg, light_version: int = 0, error_dtype: type = np.float32,
-                       missing: float = 0.0) -> None:
+                       missing: float = 0.0, normal_error: np.ndarray | None = None) -> None:
     row = err.sum(1, dtype=np.float64)  # the signal comes from the float32 errors, whatever is stored
     signal = smooth_signal(row, sig_cfg.smooth, signal_scale, sig_cfg.causal)
     g = parent.create_group(nd.name)
@@ -184,7 +184,7 @@ def _write_node_errors(parent: h5py.Group, nd, err: np.ndarray, signal_scale: fl
         err = np.minimum(err, np.finfo(np.float16).max).astype(np.float16)
     for name, data in (("error", err), ("signal_row", row.astype(np.float32)), ("signal", signal.astype(np.float32)),
                        ("signal_norm", (signal / signal_scale).astype(np.float32)), ("timestamp", nd.timestamp),
-                       ("split", split), ("labels", nd.labels)):
+                       ("split", split), ("labels", nd.labels), ("normal_error", normal_error)):
         if data is not None:
             g.create_dataset(name, data=data, **checked(data))
     g.attrs.update(signal_scale=signal_scale, rows=T, light_version=light_version, missing_share=missing,

@@ -72,6 +72,19 @@ def scaled_level(holdout_error: np.ndarray) -> float:
     return float((h / metric_scales(h)).sum())
 
 
+EXPLAIN_FLOOR = 0.25  # share of the node's mean normal error below which a metric's normal error is not taken
+
+
+def explain_scale(normal_error: np.ndarray) -> np.ndarray:
+    """Per-metric divisors that turn an alarm's mean errors into "times normal" (the ranking of an
+    alarm's top metrics): each metric's error on the node's held-out normal rows, at least
+    ``EXPLAIN_FLOOR`` x their mean over the metrics, so that a metric the model reconstructs almost
+    exactly (constant in training) does not top every alarm for a small deviation. The floor was
+    chosen on the synthetic cluster's validation alarms (docs/results.md, "Explanations")."""
+    h = np.nan_to_num(np.asarray(normal_error, dtype=np.float64))
+    return np.maximum(h, max(EXPLAIN_FLOOR * float(h.mean()) if h.size else 0.0, 1e-12))
+
+
 @dataclass(frozen=True)
 class Recipe:
     """How a node's per-metric errors become its row signal."""
@@ -92,6 +105,14 @@ class Recipe:
             err /= metric_scales(holdout_error(model, where)).astype(err.dtype)
         err[miss] = 0.0
         return err
+
+    def normal_error(self, model) -> np.ndarray | None:
+        """The model's per-metric error on its held-out normal rows in the units of :meth:`errors`
+        (divided by the metric scales where they apply); None for a model file without it."""
+        if model.holdout_error is None:
+            return None
+        h = np.asarray(model.holdout_error, dtype=np.float32)
+        return (h / metric_scales(h)).astype(np.float32) if self.scaled else h
 
     def level(self, model, n_metrics: int, scale_floor: float) -> float:
         """The node's normal level of this recipe's signal (hpcad.signals.signal_level)."""

@@ -21,6 +21,10 @@ import numpy as np
 from hpcad.data.node import NodeData
 
 ANOMALY_CODES = {"powersave": 1, "performance": 2, "memleak": 3, "cpu_contention": 4}
+# the metric families (hpcad.explain.metric_family) each fault moves, as the docstring says: what an
+# explanation should name (hpcad/bench/explain.py measures it)
+FAULT_FAMILIES = {1: ("ips", "pow"), 2: ("pow", "temp"), 3: ("mem", "swap"),
+                  4: ("util", "load1", "ctx", "procs", "ips")}
 SOCKETS, CORES = 2, 16
 STEP_S = 300
 START_EPOCH = 1_736_121_600  # 2025-01-06T00:00:00Z

@@ -56,7 +56,7 @@ def node_history(out: Path, iso: str, levels: list[dict], incidents: list[dict],
 def nightly_sections(iso: str, src: Path, new: list[str], verdicts: list[dict], refits: list[dict], n: NightlyConfig,
                       incidents: list[dict], trend: list[list] | None = None, silent: list[str] | None = None,
                       gaps: list[dict] | None = None, max_share: float = 0.5) -> list[str]:
-    from hpcad.report.markup import html_table
+    from hpcad.report.markup import html_table, top_names
     from hpcad.report.plots import trend_plot
 
     parts = [f"<p>night {iso} (site time zone {html.escape(n.timezone)}); input <code>{html.escape(str(src))}</code>.</p>"]
@@ -82,7 +82,7 @@ def nightly_sections(iso: str, src: Path, new: list[str], verdicts: list[dict], 
                  f"{' and were run (drain.json)' if n.drain else ' (nightly.drain=false: not run)'}.</p>")
     if incidents:
         parts.append(html_table([[i["state"], i["node"], i["cause"], i["first_night"], i["nights"], i["alarms"],
-                              f"{i['peak_score']:.4g}", ", ".join(m["metric"] for m in i["top_metrics"][:3]),
+                              f"{i['peak_score']:.4g}", top_names(i["top_metrics"], 3),
                               " ".join(i["jobs"][:5])] for i in incidents[:200]],
                             ["state", "node", "cause", "since", "nights", "alarms tonight", "peak", "top metrics",
                              "jobs"]))

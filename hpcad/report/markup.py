@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 import math
 
-from hpcad.threshold.evaluate import parse_top_metrics
+from hpcad.threshold.evaluate import top_metrics_of
 
 
 SORTABLE = """<script>
@@ -48,11 +48,17 @@ def alarms_table(alarms: list[dict], link, table_id: str = "alarms") -> str:
         for c in cols:
             v = a.get(c, "")
             text = fmt(number(v)) if c in ("rows", "peak_score") else str(v or "")
-            if c == "top_metrics":  # names only (the errors are in alarms.csv / alarms.json)
-                text = v = ", ".join(m["metric"] for m in parse_top_metrics(text))
+            if c == "top_metrics":  # names and "times normal" (the errors are in alarms.csv / alarms.json)
+                text = v = top_names(top_metrics_of(a))
             row.append((text, str(v or ""), link(v) if c == "node" else None))
         rows.append(row)
     return sortable_table(table_id, cols, rows, "alarms", "node, time, metric, job...")
+
+
+def top_names(top: list[dict], k: int | None = None) -> str:
+    """``ips_p0_3 (41x), util_p0_3 (12x)``: an alarm's top metrics with how many times their normal
+    error they carry (names alone where that is unknown)."""
+    return ", ".join(f"{m['metric']} ({m['x_normal']:.2g}x)" if "x_normal" in m else m["metric"] for m in top[:k])
 
 
 def number(v):

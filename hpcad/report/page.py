@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING
 from hpcad.atomic import write_text
 from hpcad.errorstore import ErrorStore
 from hpcad.incidents import cause_of
-from hpcad.report.markup import alarms_table, fmt, html_table, page, sortable_table
+from hpcad.report.markup import alarms_table, fmt, html_table, page, sortable_table, top_names
 from hpcad.report.nodes import node_pages
 from hpcad.report.plots import curves, heatmap, overview, profile_plot, signal_plot
-from hpcad.threshold.evaluate import parse_top_metrics
+from hpcad.threshold.evaluate import top_metrics_of
 from hpcad.threshold.rules import Thresholds
 
 if TYPE_CHECKING:
@@ -187,9 +187,9 @@ def alarmed_nodes(alarms: list[dict], th: Thresholds, link) -> str:
     rows = []
     for node, group in by_node.items():
         top = max(group, key=ratio)
-        causes = Counter(cause_of({"top_metrics": parse_top_metrics(a.get("top_metrics", ""))}) for a in group)
+        causes = Counter(cause_of({"top_metrics": top_metrics_of(a)}) for a in group)
         cause = ", ".join(c if n == 1 else f"{c} ({n})" for c, n in causes.most_common())
-        names = ", ".join(m["metric"] for m in parse_top_metrics(top.get("top_metrics", ""))[:5])
+        names = top_names(top_metrics_of(top), 5)
         alarmed, last = sum(int(float(a["rows"])) for a in group), str(max(a["end"] for a in group))
         row = [(node, node, link(node)), (str(len(group)), str(len(group)), None), (str(alarmed), str(alarmed), None),
                (fmt(ratio(top)), repr(ratio(top)), None), (last, last, None), (cause, cause, None),

@@ -13,6 +13,7 @@ from hpcad.atomic import atomic_path
 from hpcad.data.jobs import JobTable
 from hpcad.preprocess import SPLIT_NAMES
 from hpcad.errorstore import ErrorStore, NodeSignal
+from hpcad.signals import explain_scale
 from hpcad.threshold.cost import CostModel, Scores, runs, score_rows
 from hpcad.threshold.quality import macro, ranking
 from hpcad.threshold.rules import Thresholds
@@ -63,7 +64,7 @@ def apply_thresholds(errors: ErrorStore, th: Thresholds, model: CostModel, top_k
     records = []
     for s in signals():
         records += alarm_events(s, th, errors.errors, errors.metrics, top_k, time_unit,
-                                merge_gap=model.tolerance, jobs=jobs)
+                                merge_gap=model.tolerance, jobs=jobs, normal_of=errors.normal_error)
     write_alarms_csv(alarms_csv, records)
     return records, evaluate(signals(), th, model, time_unit)
 
@@ -75,12 +76,17 @@ def _iso(ts: int, unit: str) -> str:
 
 
 def alarm_events(s: NodeSignal, th: Thresholds, errors_of, metrics: list[str], top_k: int,
-                 time_unit: str = "s", merge_gap: int = 0, jobs: JobTable | None = None) -> list[dict]:
+                 time_unit: str = "s", merge_gap: int = 0, jobs: JobTable | None = None,
+                 normal_of: Callable[[str], np.ndarray | None] | None = None) -> list[dict]:
     """One record per alarm (alarmed rows with gaps of at most ``merge_gap`` rows): start, end,
-    peak, the top-k metrics by mean error over the alarmed rows, and with job context the jobs
-    that ran on the node during the alarm."""
+    peak, the top-k metrics over the alarmed rows, and with job context the jobs that ran on the
+    node during the alarm. The top metrics are those whose mean error is the most times their
+    normal error (``normal_of``: the node's held-out per-metric error, :func:`hpcad.signals.explain_scale`);
+    by mean error where it is unknown (baselines, files scored before it was recorded)."""
     sig = th.signal_of(s)
     t = th.threshold_for(s.node)
+    normal = normal_of(s.node) if normal_of is not None and errors_of is not None else None
+    scale = explain_scale(normal) if normal is not None and len(normal) == len(metrics) else None
     out = []
     for a, b in runs(sig > t, merge_gap):
         alarmed = sig[a:b] > t
@@ -93,8 +99,14 @@ def alarm_events(s: NodeSignal, th: Thresholds, errors_of, metrics: list[str], t
             rec["label_classes"] = sorted({int(c) for c in np.unique(s.labels[a:b]) if c != 0})
         if err is not None:
             mean_err = err.mean(0)
-            top = np.argsort(mean_err)[::-1][:top_k]
-            rec["top_metrics"] = [{"metric": metrics[j], "error": float(mean_err[j])} for j in top]
+            if scale is None:
+                top = np.argsort(mean_err)[::-1][:top_k]
+                rec["top_metrics"] = [{"metric": metrics[j], "error": float(mean_err[j])} for j in top]
+            else:
+                times = mean_err / scale
+                top = np.argsort(times)[::-1][:top_k]
+                rec["top_metrics"] = [{"metric": metrics[j], "error": float(mean_err[j]), "x_normal": float(times[j])}
+                                      for j in top]
         if jobs is not None and time_unit == "s":
             rec["jobs"] = list(jobs.during(s.node, int(s.timestamp[a]), int(s.timestamp[b - 1])))
             rec["users"] = jobs.users_during(s.node, int(s.timestamp[a]), int(s.timestamp[b - 1]))
@@ -107,21 +119,34 @@ def alarm_events(s: NodeSignal, th: Thresholds, errors_of, metrics: list[str], t
 _TOP_ENTRY = re.compile(r"\s*(.+?):([-+]?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|nan|inf))(?=\s|$)")
 
 
-def parse_top_metrics(cell: str) -> list[dict]:
+def parse_top_metrics(cell: str, x_normal: str = "") -> list[dict]:
     """An ``alarms.csv`` ``top_metrics`` cell (``name:error`` entries separated by a space) back into
-    records, names with spaces included."""
-    return [{"metric": m.group(1), "error": float(m.group(2))} for m in _TOP_ENTRY.finditer(cell or "")]
+    records, names with spaces included; ``x_normal``, the row's ``top_x_normal`` cell (one number per
+    entry), adds each entry's "times normal"."""
+    out = [{"metric": m.group(1), "error": float(m.group(2))} for m in _TOP_ENTRY.finditer(cell or "")]
+    times = (x_normal or "").split()
+    if len(times) == len(out):
+        for rec, x in zip(out, times):
+            rec["x_normal"] = float(x)
+    return out
+
+
+def top_metrics_of(alarm: dict) -> list[dict]:
+    """The top metrics of an ``alarms.csv`` row (a ``csv.DictReader`` record)."""
+    return parse_top_metrics(alarm.get("top_metrics") or "", alarm.get("top_x_normal") or "")
 
 
 def write_alarms_csv(path: Path, records: list[dict]) -> None:
     """The records of :func:`alarm_events`, lists written space-separated (top metrics as
-    ``name:error``)."""
+    ``name:error``, their "times normal" in ``top_x_normal``, in the same order)."""
     cols = ["node", "start", "end", "rows", "split", "peak_score", "peak_time", "threshold",
-            "label_classes", "top_metrics", "jobs", "users"]
+            "label_classes", "top_metrics", "jobs", "users", "top_x_normal"]
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         for r in records:
             w.writerow({**r, "label_classes": " ".join(map(str, r.get("label_classes", []))),
                         "top_metrics": " ".join(f"{m['metric']}:{m['error']:.3g}" for m in r.get("top_metrics", [])),
-                        "jobs": " ".join(r.get("jobs", [])), "users": " ".join(r.get("users", []))})
+                        "jobs": " ".join(r.get("jobs", [])), "users": " ".join(r.get("users", [])),
+                        "top_x_normal": " ".join(f"{m['x_normal']:.3g}" for m in r.get("top_metrics", [])
+                                                 if "x_normal" in m)})

@@ -1,0 +1,77 @@
+"""Explanations: an alarm's top metrics are those that carry the most times their normal error."""
+import csv
+
+import numpy as np
+
+from hpcad.errorstore import ErrorStore, NodeSignal
+from hpcad.incidents import cause_of
+from hpcad.report.markup import alarms_table
+from hpcad.score import score_nodes
+from hpcad.signals import EXPLAIN_FLOOR, explain_scale
+from hpcad.threshold.evaluate import alarm_events, top_metrics_of, write_alarms_csv
+from hpcad.threshold.rules import Thresholds
+
+from test_score import _site
+
+METRICS = ["fan_noisy", "ips_p0_1", "ips_p0_2", "temp_const"]
+NORMAL = np.array([0.8, 0.1, 0.1, 0.0], np.float32)  # fan: always reconstructed poorly; temp: constant in training
+
+
+def _alarm(normal_of):
+    """One node, one alarm over rows 10-19: the fan's error noisy (4, five times normal), the
+    two ips metrics 1.7 and 1.6 (16-17 times normal: the fault), the constant temperature 0.05."""
+    T = 40
+    err = np.tile(NORMAL, (T, 1))
+    err[10:20] = [4.0, 1.7, 1.6, 0.05]
+    sig = err.sum(1).astype(np.float64)
+    s = NodeSignal("n1", sig, np.full(T, 2, np.int8), None, np.arange(T, dtype=np.int64) * 300)
+    th = Thresholds("cost", "node", None, {"n1": 3.0}, {})
+    (rec,) = alarm_events(s, th, lambda node, rows: err[rows], METRICS, 3, normal_of=normal_of)
+    return rec
+
+
+def test_an_alarm_names_the_metrics_most_times_their_normal_error(tmp_path):
+    """By raw error the always-noisy fan tops every alarm and its family becomes the cause; by times
+    normal the faulted ips metrics come first. A metric constant in training (normal error 0) is
+    measured against the floor (a quarter of the node's mean normal error), not blown up to infinity."""
+    raw = _alarm(None)
+    assert [m["metric"] for m in raw["top_metrics"]] == ["fan_noisy", "ips_p0_1", "ips_p0_2"]
+    assert cause_of(raw) == "fan"
+    rec = _alarm(lambda node: NORMAL)
+    floor = EXPLAIN_FLOOR * NORMAL.mean()
+    np.testing.assert_allclose(explain_scale(NORMAL), [0.8, 0.1, 0.1, floor])
+    assert [m["metric"] for m in rec["top_metrics"]] == ["ips_p0_1", "ips_p0_2", "fan_noisy"]
+    assert [round(m["x_normal"], 3) for m in rec["top_metrics"]] == [17.0, 16.0, 5.0]
+    assert rec["top_metrics"][0]["error"] == np.float32(1.7)
+    assert cause_of(rec) == "ips"
+    # alarms.csv keeps name:error and adds top_x_normal in the same order; read back, the report
+    # shows the names with their "times normal" and finds the same cause
+    write_alarms_csv(tmp_path / "alarms.csv", [rec])
+    row = next(csv.DictReader(open(tmp_path / "alarms.csv")))
+    assert row["top_metrics"] == "ips_p0_1:1.7 ips_p0_2:1.6 fan_noisy:4" and row["top_x_normal"] == "17 16 5"
+    back = top_metrics_of(row)
+    assert [(m["metric"], m["x_normal"]) for m in back] == [("ips_p0_1", 17.0), ("ips_p0_2", 16.0), ("fan_noisy", 5.0)]
+    assert cause_of({"top_metrics": back}) == "ips"
+    assert "data-v='ips_p0_1 (17x), ips_p0_2 (16x), fan_noisy (5x)'" in alarms_table([row], lambda n: None)
+    # an alarms.csv written before the column: names and errors as they were
+    old = {k: v for k, v in row.items() if k != "top_x_normal"}
+    assert [m.get("x_normal") for m in top_metrics_of(old)] == [None, None, None]
+
+
+def test_scored_errors_record_each_metrics_normal_error(tmp_path):
+    """``errors.h5`` keeps each node's held-out error per metric beside its errors (the threshold
+    and report stages never load the models); a model file without it gives none, and alarms are
+    then ranked by error as before."""
+    held = np.array([2.0, 0.1, 0.3], np.float32)
+    cfg, store, models, _ = _site(tmp_path, held)
+    score_nodes(cfg, store, models, tmp_path / "errors.h5")
+    errors = ErrorStore(tmp_path / "errors.h5")
+    np.testing.assert_array_equal(errors.normal_error("b"), held)
+    cfg.signal.metric_scales = True  # in the units of the scaled errors
+    score_nodes(cfg, store, models, tmp_path / "scaled.h5")
+    np.testing.assert_allclose(ErrorStore(tmp_path / "scaled.h5").normal_error("b"), held / [2.0, 0.8, 0.8], rtol=1e-6)
+    old = tmp_path / "old"
+    old.mkdir()
+    cfg, store, models, _ = _site(old)
+    score_nodes(cfg, store, models, old / "errors.h5")
+    assert ErrorStore(old / "errors.h5").normal_error("b") is None
