@@ -34,7 +34,7 @@ def test_bench_score_times_the_real_score_stage(tmp_path):
     assert b["mode"] == "score" and b["nodes_per_s"] > 0 and (tmp_path / "bench_errors.h5").exists()
     bad = hpcad("bench", "bench.mode=fast", f"hydra.run.dir={tmp_path / 'x'}", check=False)
     assert bad.returncode != 0 and "bench.mode" in bad.stderr  # refused when the config is composed
-    assert "expected one of [train, score, ingest, drift, report, baselines]" in bad.stderr
+    assert "expected one of [train, score, ingest, drift, report, baselines, explain]" in bad.stderr
 
 
 def test_bench_ingest_measures_the_out_of_core_pivot(tmp_path):
