@@ -60,18 +60,19 @@ def _sq_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _by_block(x: np.ndarray, train: torch.Tensor, reduce) -> np.ndarray:
     """``reduce(squared distances of a block of rows to every training row)`` for rows x, in blocks
-    of ``_BLOCK`` rows (the distance matrix stays small)."""
-    X = torch.from_numpy(x).double()
-    return np.concatenate([reduce(_sq_dist(X[s:s + _BLOCK], train)).numpy()
-                           for s in range(0, len(X), _BLOCK)] or [np.empty(0)])
+    of ``_BLOCK`` rows (the distance matrix stays small; each block is made float64 on its own)."""
+    return np.concatenate([reduce(_sq_dist(torch.from_numpy(x[s:s + _BLOCK]).double(), train)).numpy()
+                           for s in range(0, len(x), _BLOCK)] or [np.empty(0)])
 
 
 class _Kde:
     def __init__(self, train: np.ndarray, holdout: np.ndarray, bandwidths: list[float]):
         self.t = torch.from_numpy(train).double()
-        ref = torch.from_numpy(holdout if len(holdout) else train).double()
-        d2 = _sq_dist(ref, self.t)
-        ll = [float(self._logdens(d2, h).mean()) for h in bandwidths]
+        ref = holdout if len(holdout) else train
+        ll = np.zeros(len(bandwidths))  # each bandwidth's summed log density of the reference rows,
+        for s in range(0, len(ref), _BLOCK):  # in blocks of rows (their distances computed once per block)
+            d2 = _sq_dist(torch.from_numpy(ref[s:s + _BLOCK]).double(), self.t)
+            ll += [float(self._logdens(d2, h).sum()) for h in bandwidths]
         self.h = float(bandwidths[int(np.argmax(ll))])
 
     def _logdens(self, d2: torch.Tensor, h: float) -> torch.Tensor:
@@ -91,8 +92,11 @@ class _Pca:
         self.V = vt[: min(k, vt.shape[0])].T
 
     def score(self, x: np.ndarray) -> np.ndarray:
-        c = x - self.mu
-        return ((c - (c @ self.V) @ self.V.T) ** 2).sum(1)
+        out = []
+        for s in range(0, len(x), 4 * _BLOCK):  # in blocks of rows: five copies of a node-year otherwise
+            c = x[s:s + 4 * _BLOCK] - self.mu
+            out.append(((c - (c @ self.V) @ self.V.T) ** 2).sum(1))
+        return np.concatenate(out) if out else np.empty(0, dtype=np.result_type(x, self.mu))
 
 
 class _Knn:

@@ -181,6 +181,9 @@ def window_rows(mask: np.ndarray, w: int) -> np.ndarray:
     return ok
 
 
+TRANSFORM_ROWS = 8192  # rows standardised at a time (Scaler.transform)
+
+
 def compress(z: np.ndarray, clip: float, soft: bool) -> np.ndarray:
     """Values beyond +-clip: logarithmic growth (``soft``) or cut at the clip."""
     if not soft:
@@ -245,11 +248,17 @@ class Scaler:
         return out
 
     def transform(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Standardised values and a mask of entries that were missing (imputed with the mean)."""
-        with np.errstate(invalid="ignore"):
-            z = (values - self.mean) / self.scale
-        missing = np.isnan(z) | self.absent
-        z = np.where(missing, 0.0, compress(z, self.clip, self.soft_clip)).astype(np.float32)
+        """Standardised values and a mask of entries that were missing (imputed with the mean). In
+        blocks of rows (element-wise, so the same values): the soft clip's temporaries of a
+        node-year are ~6 copies of its values, a few hundred MB per rank at once."""
+        z = np.empty(values.shape, dtype=np.float32)
+        missing = np.empty(values.shape, dtype=bool)
+        for s in range(0, values.shape[0], TRANSFORM_ROWS):
+            with np.errstate(invalid="ignore"):
+                zb = (values[s:s + TRANSFORM_ROWS] - self.mean) / self.scale
+            mb = np.isnan(zb) | self.absent
+            z[s:s + TRANSFORM_ROWS] = np.where(mb, 0.0, compress(zb, self.clip, self.soft_clip))
+            missing[s:s + TRANSFORM_ROWS] = mb
         return z, missing
 
     def training_range(self) -> tuple[np.ndarray, np.ndarray]:
