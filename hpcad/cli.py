@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -55,6 +56,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if not argv or argv[0] in ("-h", "--help", "help") else 2
     stage = argv.pop(0)
     return run_stage(stage, argv)
+
+
+# ``key=~/path`` or ``key=~user/path``: the shell leaves ``~`` after ``key=`` as it is (``data.source``
+# is not a shell variable), and Hydra's override grammar refuses it ("LexerNoViableAltException")
+_HOME_VALUE = re.compile(r"^(\+{0,2}[\w.@/-]+=)(~[\w.-]*)(?=/|$)")
+
+
+def expand_home(override: str) -> str:
+    """``data.source=~/exports`` with the home folder spelled out, as a shell would for a variable;
+    other overrides (and ``~key``, Hydra's deletion) unchanged."""
+    m = _HOME_VALUE.match(override)
+    if m is None:
+        return override
+    home = os.path.expanduser(m.group(2))
+    return override if home == m.group(2) else m.group(1) + home + override[m.end():]
 
 
 def unwritable_run_dir(overrides: list[str]) -> Path | None:
@@ -117,6 +133,7 @@ def run_stage(stage: str, overrides: list[str]) -> int:
 
     register_configs()
     status = {"rc": 0, "started": False}
+    overrides = [expand_home(o) for o in overrides]
 
     from hpcad.resources import resource_dir
 

@@ -325,3 +325,23 @@ def test_an_unwritable_run_folder_is_one_line_not_a_logging_traceback(tmp_path, 
     assert cli.main(["train", f"hydra.run.dir={ro}/run1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{ro} is not writable" in err[0]
+
+
+def test_a_path_under_the_home_folder_may_start_with_a_tilde(tmp_path, monkeypatch):
+    """`data.source=~/exports`: the shell leaves the tilde (the word is no variable assignment) and
+    Hydra's grammar refused it ("LexerNoViableAltException"); hpcad spells the home folder out."""
+    from hpcad.cli import expand_home
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert expand_home("data.source=~/exports") == f"data.source={tmp_path}/exports"
+    assert expand_home("hydra.run.dir=~") == f"hydra.run.dir={tmp_path}"
+    assert expand_home("~data.jobs") == "~data.jobs"  # Hydra's deletion of a key
+    assert expand_home("data.source=/srv/~/x") == "data.source=/srv/~/x"
+    assert expand_home("data.source=~nosuchuser_hpcad/x") == "data.source=~nosuchuser_hpcad/x"
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    pd = pytest.importorskip("pandas")
+    pd.DataFrame({"timestamp": 1_736_121_600 + 300 * np.arange(20), "power": np.arange(20.0)}).to_csv(
+        exports / "cn01.csv", index=False)
+    hpcad("ingest", "data.source=~/exports", "hydra.run.dir=~/run", "compute.progress=false")
+    assert (tmp_path / "run" / "store.h5").exists()
