@@ -5,7 +5,7 @@ import numpy as np
 
 from hpcad.errorstore import ErrorStore, NodeSignal
 from hpcad.incidents import cause_of
-from hpcad.report.markup import alarms_table
+from hpcad.report.markup import alarms_table, top_names
 from hpcad.score import score_nodes
 from hpcad.signals import EXPLAIN_FLOOR, explain_scale
 from hpcad.threshold.evaluate import alarm_events, top_metrics_of, write_alarms_csv
@@ -53,6 +53,8 @@ def test_an_alarm_names_the_metrics_most_times_their_normal_error(tmp_path):
     assert [(m["metric"], m["x_normal"]) for m in back] == [("ips_p0_1", 17.0), ("ips_p0_2", 16.0), ("fan_noisy", 5.0)]
     assert cause_of({"top_metrics": back}) == "ips"
     assert "data-v='ips_p0_1 (17x), ips_p0_2 (16x), fan_noisy (5x)'" in alarms_table([row], lambda n: None)
+    assert top_names([{"metric": "ctx_switches", "x_normal": 4412.0}, {"metric": "load1", "x_normal": 0.834}]) \
+        == "ctx_switches (4,412x), load1 (0.83x)"
     # an alarms.csv written before the column: names and errors as they were
     old = {k: v for k, v in row.items() if k != "top_x_normal"}
     assert [m.get("x_normal") for m in top_metrics_of(old)] == [None, None, None]

@@ -58,7 +58,10 @@ def alarms_table(alarms: list[dict], link, table_id: str = "alarms") -> str:
 def top_names(top: list[dict], k: int | None = None) -> str:
     """``ips_p0_3 (41x), util_p0_3 (12x)``: an alarm's top metrics with how many times their normal
     error they carry (names alone where that is unknown)."""
-    return ", ".join(f"{m['metric']} ({m['x_normal']:.2g}x)" if "x_normal" in m else m["metric"] for m in top[:k])
+    def times(x: float) -> str:
+        return f"{x:,.0f}x" if x >= 10 else f"{x:.2g}x"
+
+    return ", ".join(f"{m['metric']} ({times(m['x_normal'])})" if "x_normal" in m else m["metric"] for m in top[:k])
 
 
 def number(v):
