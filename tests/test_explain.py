@@ -69,6 +69,13 @@ def test_scored_errors_record_each_metrics_normal_error(tmp_path):
     score_nodes(cfg, store, models, tmp_path / "errors.h5")
     errors = ErrorStore(tmp_path / "errors.h5")
     np.testing.assert_array_equal(errors.normal_error("b"), held)
+    # the node page's heatmap and values plot order the metrics as the alarms do
+    from hpcad.report.plots import AlarmWindow
+
+    s = next(errors.signals(["b"]))
+    win = AlarmWindow(errors, s, Thresholds("cost", "node", None, {"a": 1.0, "b": 1.0}, {}), "s")
+    times = errors.errors("b", slice(win.a, win.b)) / explain_scale(held)
+    assert win.times_normal and np.array_equal(win.order, np.argsort(times.max(0))[::-1])
     cfg.signal.metric_scales = True  # in the units of the scaled errors
     score_nodes(cfg, store, models, tmp_path / "scaled.h5")
     np.testing.assert_allclose(ErrorStore(tmp_path / "scaled.h5").normal_error("b"), held / [2.0, 0.8, 0.8], rtol=1e-6)
@@ -76,4 +83,7 @@ def test_scored_errors_record_each_metrics_normal_error(tmp_path):
     old.mkdir()
     cfg, store, models, _ = _site(old)
     score_nodes(cfg, store, models, old / "errors.h5")
-    assert ErrorStore(old / "errors.h5").normal_error("b") is None
+    errors = ErrorStore(old / "errors.h5")
+    assert errors.normal_error("b") is None
+    win = AlarmWindow(errors, next(errors.signals(["b"])), Thresholds("cost", "node", None, {"b": 1.0}, {}), "s")
+    assert not win.times_normal and np.array_equal(win.order, np.argsort(win.err.max(0))[::-1])

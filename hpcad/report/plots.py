@@ -16,6 +16,7 @@ import numpy as np  # noqa: E402
 
 from hpcad.errorstore import ErrorStore  # noqa: E402
 from hpcad.model.files import NodeModel, model_path  # noqa: E402
+from hpcad.signals import explain_scale  # noqa: E402
 from hpcad.threshold.rules import Thresholds  # noqa: E402
 
 CLASS_NAMES = {"0": "normal", "1": "class 1 (e.g. power-saving governor)", "2": "class 2 (e.g. performance governor)",
@@ -69,8 +70,9 @@ def signal_plot(s, th: Thresholds, time_unit: str = "s") -> str:
 
 class AlarmWindow:
     """The rows around a node's strongest alarm (a day either side at 5-minute rows; all rows when it
-    has none), their per-metric errors read once, and the metrics ordered by their largest error:
-    what the heatmap and the values plot of a node show."""
+    has none), their per-metric errors read once, in times their normal error where the error file
+    has the node's normal errors (as the alarms' top metrics, hpcad.signals.explain_scale), and the
+    metrics ordered by their largest: what the heatmap and the values plot of a node show."""
 
     def __init__(self, errors: ErrorStore, s, th: Thresholds, time_unit: str):
         sig, t = th.signal_of(s), th.threshold_for(s.node)
@@ -78,6 +80,10 @@ class AlarmWindow:
         half = 288 if time_unit == "s" else 200
         self.a, self.b = (max(0, peak - half), min(len(sig), peak + half)) if (sig > t).any() else (0, len(sig))
         self.err = errors.errors(s.node, slice(self.a, self.b))
+        normal = errors.normal_error(s.node)
+        self.times_normal = normal is not None and len(normal) == self.err.shape[1]
+        if self.times_normal:
+            self.err = self.err / explain_scale(normal).astype(np.float32)
         self.order = np.argsort(self.err.max(0))[::-1]
 
 
@@ -96,7 +102,8 @@ def values_plot(errors: ErrorStore, s, th: Thresholds, values: np.ndarray, scale
         _spans(ax, x, alarmed, "tab:red", 0.12)
         ax.set_ylabel(errors.metrics[j], fontsize=7, rotation=0, ha="right", va="center")
         ax.tick_params(labelsize=7)
-    axes[0, 0].set_title(f"{s.node}: the {len(order)} metrics with the largest error, in their own units; grey = "
+    most = "the most times their normal error" if win.times_normal else "the largest error"
+    axes[0, 0].set_title(f"{s.node}: the {len(order)} metrics with {most}, in their own units; grey = "
                          f"the node's training range, red = alarmed rows", fontsize=9)
     axes[-1, 0].set_xlabel("time (UTC)" if time_unit == "s" else "row")
     width = max((len(errors.metrics[j]) for j in order), default=8)
@@ -124,8 +131,9 @@ def heatmap(errors: ErrorStore, s, th: Thresholds, time_unit: str = "s", win: Al
     alarmed = np.flatnonzero(sig[a:b] > t)
     ax.plot(alarmed, np.full(alarmed.size, len(order) - 0.2), "|", color="tab:red", ms=4)
     ax.set_xlabel("time (UTC)" if time_unit == "s" else "row")
-    ax.set_title(f"{s.node}: per-metric error |x - x_hat|, the {len(order)} metrics with the largest error "
-                 f"(orange ticks = labelled anomaly, red = alarmed rows)", fontsize=9)
+    what = ("|x - x_hat| over its normal size, the {} metrics most above normal" if win.times_normal
+            else "per-metric error |x - x_hat|, the {} metrics with the largest error").format(len(order))
+    ax.set_title(f"{s.node}: {what} (orange ticks = labelled anomaly, red = alarmed rows)", fontsize=9)
     width = max((len(errors.metrics[j]) for j in order), default=8)
     return _png(fig, {"left": min(0.4, 0.02 + 0.0065 * width), "right": 0.99, "top": 0.92, "bottom": 0.7 / (0.9 + 0.17 * len(order))})
 
