@@ -170,6 +170,7 @@ def test_run_with_an_incident_list_fits_cost_thresholds_and_reports_the_classes(
     assert alarms["label_classes"].notna().any()
     page = (run / "report.html").read_text()
     assert "memleak" in page or "powersave" in page or "cpu_contention" in page
+    assert f"labels from the incident list <code>{labels}</code>" in page
     # the explanation bench knows the faults of the synthetic cluster only, not of these exports
     bad = hpcad("bench", "bench.mode=explain", f"train_run={run}", f"hydra.run.dir={tmp_path / 'b'}", check=False)
     assert bad.returncode == 2 and "was not run on the synthetic cluster" in bad.stderr

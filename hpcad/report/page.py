@@ -70,7 +70,9 @@ def write_report(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, models_dir
     parts = [f"<h1>{html.escape(title)}</h1><p>run folder: <code>{html.escape(str(folder or run_dir))}</code>; "
              f"{len(errors.nodes)} nodes, {len(errors.metrics)} metrics; threshold rule <b>{th.rule}</b> "
              f"({th.scope} scope); {len(alarms)} alarm events on {len(per_node_alarms)} nodes; "
-             f"{_signal_said(errors, cfg)}.</p>"]
+             f"{_signal_said(errors, cfg)}"
+             + (f"; labels from the incident list <code>{html.escape(str(cfg.data.labels))}</code>"
+                if getattr(cfg.data, "labels", None) else "") + ".</p>"]
     unlabelled = th.details.get("unlabelled_nodes")
     if unlabelled:  # the rule named above did not set these nodes' thresholds (written with details.fallback)
         parts.append(f"<p>{unlabelled} of {len(th.nodes)} nodes have no labels: their thresholds are the quantile "
