@@ -152,6 +152,12 @@ def test_a_labels_file_that_names_no_node_writes_no_store_and_a_changed_one_is_r
         ingest(data_cfg(source=str(labelled), labels=str(labels)), tmp_path / "l.h5")
     with pytest.raises(InputError, match="data.labels=.*labels are read while telemetry exports are ingested"):
         ingest(data_cfg(labels=str(labels)), tmp_path / "syn.h5")
+    # every node skipped for bad input: that is the error, not "none of the labels file's nodes"
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / f"{nodes[0].name}.csv").write_text("timestamp,power\n0,1.5\n300,oops\n")
+    with pytest.raises(InputError, match=r"bad: no usable node \(1 skipped for bad input, the first: node0000: .*oops"):
+        ingest(data_cfg(source=str(bad), labels=str(labels), on_bad_node="skip"), tmp_path / "b.h5")
 
 
 def test_run_with_an_incident_list_fits_cost_thresholds_and_reports_the_classes(tmp_path):

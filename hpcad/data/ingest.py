@@ -184,7 +184,8 @@ def ingest(data_cfg, store_path: Path, progress: bool = True) -> Path:
                 raise InputError(f"data.source: {src} is not a directory, CSV/Parquet file or .h5 store")
             first = next(stream, None)  # the first node fixes the metric list the store is written with
             if first is None:
-                raise InputError(f"{src}: no nodes found")
+                raise InputError(f"{src}: no usable node ({len(skipped)} skipped for bad input, the first: "
+                                 f"{skipped[0][0]}: {skipped[0][1]})" if skipped else f"{src}: no nodes found")
             metrics, stream = list(conv.metrics or []), itertools.chain([first], stream)
         else:
             stager, keep = stage_grid(data_cfg, src, store_path.parent)
@@ -285,7 +286,7 @@ def finish_nodes(stream: Iterator[NodeData], metrics: list[str], data_cfg, jobs:
         yield nd
     if labels is not None:
         labels.log_uncovered()
-    if whole:
+    if whole and names:  # no node at all: the store's own error says so (and how many were skipped)
         check_tables(names, data_cfg, jobs, labels)
 
 
