@@ -95,20 +95,3 @@ def test_bench_baselines_times_each_method_in_its_own_process(tmp_path):
     bad = hpcad("bench", "bench.mode=baselines", "baselines.methods=[]", f"hydra.run.dir={tmp_path / 'x'}", check=False)
     assert bad.returncode == 2 and "bench.mode=baselines: baselines.methods is empty" in bad.stderr
 
-
-def test_bench_explain_counts_alarms_whose_cause_names_the_synthetic_fault(tmp_path):
-    """On a run over the synthetic cluster: per split and fault, the alarms whose cause is one of the
-    families the fault moves, for both rankings of the top metrics (the same alarms under each)."""
-    from conftest import SMALL
-
-    run = tmp_path / "run"
-    hpcad("run", f"hydra.run.dir={run}", *SMALL)
-    hpcad("bench", "bench.mode=explain", f"train_run={run}", "compute.progress=false", f"hydra.run.dir={tmp_path / 'b'}")
-    b = json.loads((tmp_path / "b" / "bench.json").read_text())
-    assert b["mode"] == "explain" and b["top_k"] == 8
-    count = {rk: {(sp, c): n for sp, d in b[rk].items() for c, (_, n) in d.items()} for rk in ("times_normal", "error")}
-    assert count["times_normal"] == count["error"] and sum(count["error"].values()) > 0
-    assert all(0 <= right <= n for rk in ("times_normal", "error") for d in b[rk].values() for right, n in d.values())
-    assert {c for sp, c in count["error"]} <= {"1", "2", "3", "4"}
-    bad = hpcad("bench", "bench.mode=explain", f"hydra.run.dir={tmp_path / 'x'}", check=False)
-    assert bad.returncode == 2 and "bench.mode=explain: set train_run" in bad.stderr

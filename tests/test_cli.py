@@ -36,15 +36,27 @@ def test_run_on_the_embedded_default_writes_every_output(tmp_path):
     alarmed = len({r["node"] for r in rows})  # the summary line: nodes, metrics, alarms and alarmed nodes
     assert f"{len(rows)} alarm events on {alarmed} nodes" in html
     assert rows and rows[0]["top_metrics"].count(":") == 8  # top-k metrics per alarm
+    assert len(rows[0]["top_x_normal"].split()) == 8  # and how many times their normal error each carries
     with h5py.File(run / "errors.h5") as f:
         g = f["nodes/node0000"]
         T = g["signal"].shape[0]
         assert g["error"].shape == (T, 160) and g["split"].shape == g["labels"].shape == (T,)
         row = float(g["signal_row"][5])
         assert abs(float(g["error"][5].sum()) - row) < 1e-3 * max(1.0, row)  # the row's signal: its errors' sum
-        assert g.attrs["smooth"] >= 1 and g["signal"].shape == (T,)
+        assert g.attrs["smooth"] >= 1 and g["signal"].shape == (T,) and g["normal_error"].shape == (160,)
     obj = torch.load(run / "models/node0000.pt", weights_only=True)  # no pickled code in model files
     assert obj["format"] == "hpcad-node-model" and obj["spec"]["hidden"] == [64]
+    # how often the alarms' causes name the synthetic faults, under both rankings of the top metrics
+    # (the same alarms under each)
+    hpcad("bench", "bench.mode=explain", f"train_run={run}", "compute.progress=false", f"hydra.run.dir={tmp_path / 'b'}")
+    b = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert b["mode"] == "explain" and b["top_k"] == 8
+    count = {rk: {(sp, c): n for sp, d in b[rk].items() for c, (_, n) in d.items()} for rk in ("times_normal", "error")}
+    assert count["times_normal"] == count["error"] and sum(count["error"].values()) > 0
+    assert all(0 <= right <= n for rk in ("times_normal", "error") for d in b[rk].values() for right, n in d.values())
+    assert {c for sp, c in count["error"]} <= {"1", "2", "3", "4"}
+    bad = hpcad("bench", "bench.mode=explain", f"hydra.run.dir={tmp_path / 'x'}", check=False)
+    assert bad.returncode == 2 and "bench.mode=explain: set train_run" in bad.stderr
 
 
 def test_seed_ensemble_and_windowed_model_train_and_score_end_to_end(tmp_path):
