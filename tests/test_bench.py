@@ -94,4 +94,3 @@ def test_bench_baselines_times_each_method_in_its_own_process(tmp_path):
     assert b["peak_rss_mb"] == max(m["peak_rss_mb"] for m in b["methods"].values())
     bad = hpcad("bench", "bench.mode=baselines", "baselines.methods=[]", f"hydra.run.dir={tmp_path / 'x'}", check=False)
     assert bad.returncode == 2 and "bench.mode=baselines: baselines.methods is empty" in bad.stderr
-
