@@ -136,6 +136,9 @@ def gap_limit(limit: int) -> int:
     return int(limit)
 
 
+TRANSFORM_ROWS = 8192  # rows gap-filled (fill_gaps) and standardised (Scaler.transform) at a time
+
+
 def fill_gaps(values: np.ndarray, limit: int) -> np.ndarray:
     """Forward-fill each column's NaNs with its last value, at most ``limit`` rows after it (pandas'
     ``ffill(limit=...)``: the first ``limit`` rows of a longer gap are filled, the rest stay NaN and
@@ -144,11 +147,15 @@ def fill_gaps(values: np.ndarray, limit: int) -> np.ndarray:
     nan = np.isnan(values)
     if limit == 0 or not nan.any():
         return values
-    rows = np.arange(len(values), dtype=np.int32)[:, None]
-    last = np.maximum.accumulate(np.where(nan, np.int32(-1), rows), axis=0)  # the last value's row, per column
-    r, c = np.nonzero(nan & (last >= 0) & (rows - last <= limit))
     out = np.array(values, dtype=np.float32)
-    out[r, c] = values[last[r, c], c]
+    before = np.full(values.shape[1:], -1, dtype=np.int64)  # per column, the last value's row before the block
+    for s in range(0, len(values), TRANSFORM_ROWS):  # in blocks of rows: a node-year's int index arrays
+        gap = nan[s:s + TRANSFORM_ROWS]  # are ~2 copies of its values otherwise
+        rows = np.arange(s, s + len(gap), dtype=np.int64)[:, None]
+        last = np.maximum(np.maximum.accumulate(np.where(gap, -1, rows), axis=0), before)  # the last value's row
+        r, c = np.nonzero(gap & (last >= 0) & (rows - last <= limit))
+        out[s + r, c] = values[last[r, c], c]
+        before = last[-1]
     return out
 
 
@@ -179,9 +186,6 @@ def window_rows(mask: np.ndarray, w: int) -> np.ndarray:
         ok[lag:] &= mask[:-lag]
         ok[:lag] &= mask[0]
     return ok
-
-
-TRANSFORM_ROWS = 8192  # rows standardised at a time (Scaler.transform)
 
 
 def compress(z: np.ndarray, clip: float, soft: bool) -> np.ndarray:

@@ -128,6 +128,16 @@ def test_forward_fill_follows_pandas_and_zero_means_no_filling():
         w[rng.random(w.shape) < 0.4] = nan
         assert np.array_equal(fill_gaps(w, limit), pd.DataFrame(w).ffill(limit=limit).to_numpy(np.float32),
                               equal_nan=True)
+    # filled in blocks of rows (hpcad.preprocess.TRANSFORM_ROWS): gaps across a block's edge too
+    from hpcad.preprocess import TRANSFORM_ROWS
+
+    long = rng.normal(size=(2 * TRANSFORM_ROWS + 50, 3)).astype(np.float32)
+    long[TRANSFORM_ROWS - 2: TRANSFORM_ROWS + 4, 0] = nan  # a gap of 6 rows over the first edge
+    long[: 2 * TRANSFORM_ROWS + 10, 1] = nan  # a column without a value until after the second edge
+    long[rng.random(long.shape) < 0.2] = nan
+    for limit in (3, 10):
+        assert np.array_equal(fill_gaps(long, limit), pd.DataFrame(long).ffill(limit=limit).to_numpy(np.float32),
+                              equal_nan=True)
     assert fill_gaps(v, 0) is v
     with pytest.raises(ConfigError, match="preprocess.nan_fill_limit=-1"):
         fill_gaps(v, -1)
