@@ -180,3 +180,19 @@ def test_run_with_an_incident_list_fits_cost_thresholds_and_reports_the_classes(
     # the explanation bench knows the faults of the synthetic cluster only, not of these exports
     bad = hpcad("bench", "bench.mode=explain", f"train_run={run}", f"hydra.run.dir={tmp_path / 'b'}", check=False)
     assert bad.returncode == 2 and "was not run on the synthetic cluster" in bad.stderr
+
+
+def test_rows_that_stand_for_periods_are_inside_an_interval_their_period_overlaps(tmp_path):
+    """1-minute rows averaged into 5-minute rows (data.resample_s=300, each row's time its period's
+    start): an incident from 00:12 to 00:13 labels the 00:10 row; without resampling, a row is
+    inside when its own time is."""
+    d = tmp_path / "exports"
+    d.mkdir()
+    t0 = 1_736_121_600  # 2025-01-06T00:00:00Z
+    pd.DataFrame({"timestamp": t0 + 60 * np.arange(30), "power": np.arange(30.0)}).to_csv(d / "cn01.csv", index=False)
+    labels = tmp_path / "incidents.csv"
+    labels.write_text(f"node,start,end\ncn01,{_iso(t0 + 720)},{_iso(t0 + 780)}\n")
+    five = TelemetryStore(ingest(data_cfg(source=str(d), labels=str(labels), resample_s=300), tmp_path / "5.h5"))
+    assert five.read("cn01").labels.tolist() == [0, 0, 1, 0, 0, 0]
+    one = TelemetryStore(ingest(data_cfg(source=str(d), labels=str(labels)), tmp_path / "1.h5"))
+    assert np.flatnonzero(one.read("cn01").labels).tolist() == [12, 13]
