@@ -101,7 +101,6 @@ class ErrorStore:
             except (OSError, KeyError) as exc:
                 raise corrupt(self.path, f"node {node} errors", exc, self.rerun) from exc
 
-
     def normal_error(self, node: str) -> np.ndarray | None:
         """The node's per-metric error on its model's held-out normal rows, in the units of
         :meth:`errors` (explanations rank an alarm's metrics by "times normal"); None in files

@@ -57,4 +57,3 @@ def bench_explain(cfg: HpcadConfig, run_dir: Path) -> dict:
     result = {"mode": "explain", "run": str(run), "top_k": int(cfg.report.top_k), **hits}
     write_json(run_dir / "bench.json", result)
     return result
-
