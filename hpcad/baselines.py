@@ -277,4 +277,3 @@ def _drop_parts(out_dir: Path, method: str, parts: list[Path]) -> None:
     """Remove the per-rank files of ``method`` that its ``<method>.h5`` no longer links to (an earlier run
     on more ranks, or on several ranks before a single-process one)."""
     remove_unreferenced(out_dir, f"{method}-rank*.h5", [p.name for p in parts], f"per-rank {method}", f"{method}.h5")
-

@@ -30,4 +30,3 @@ def class_profiles(errors: ErrorStore, top: int = 20) -> dict:
 def metric_family(name: str) -> str:
     """``ips_p0_3`` -> ``ips``: the telemetry family a metric belongs to."""
     return name.split("_")[0]
-

@@ -237,4 +237,3 @@ class TelemetryStore:
         """"s" (epoch seconds) or "row" (the input had no timestamps), without reading the data."""
         with open_h5(self.path) as f:
             return str(f["nodes"][node]["timestamp"].attrs.get("time_unit", "s"))
-
