@@ -206,11 +206,16 @@ def trend_plot(rows: list[list]) -> str:
 
 
 def profile_plot(cls: str, prof: dict) -> str:
-    names = [n for n, _ in prof["top"]][::-1]
-    vals = [v for _, v in prof["top"]][::-1]
+    """A label class's top metrics: by times their normal error where known (as alarms rank them),
+    else by mean squared error."""
+    times = "top_x_normal" in prof
+    top = prof["top_x_normal"] if times else prof["top"]
+    names = [n for n, _ in top][::-1]
+    vals = [v for _, v in top][::-1]
     fig, ax = plt.subplots(figsize=(7, 0.22 * len(names) + 1))
     ax.barh(names, vals, color="tab:purple")
-    ax.set_xlabel("mean squared error (standardised units)")
+    ax.set_xlabel("mean error, in times the metric's normal error" if times
+                  else "mean squared error (standardised units)")
     ax.set_title(f"{CLASS_NAMES.get(cls, 'class ' + cls)}: top metrics ({prof['rows']} rows)", fontsize=9)
     ax.tick_params(labelsize=7)
     return _png(fig)
