@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from hpcad import dist, runfolder, signal_choice
 from hpcad.atomic import remove_unreferenced, write_json
 from hpcad.config import build
-from hpcad.data.ingest import ingest
+from hpcad.data.ingest import ingest, wanted_signature
 from hpcad.data.ranks import ingest_ranks
 from hpcad.data.store import TelemetryStore
 from hpcad.errors import ConfigError, StoreError
@@ -226,8 +226,15 @@ def stage_threshold(cfg: HpcadConfig, run_dir: Path) -> dict:
     rank = w.rank  # one writer, also when ranks run without MPI
     if rank != 0:
         return {"thresholds": th.to_dict(), "rank": rank}
-    store = stage_ingest(cfg, run_dir)
     scored = errors.attrs.get("store_signature")
+    if scored and scored != wanted_signature(cfg.data):  # before the run's store is ingested again (replaced)
+        made = TelemetryStore(run_dir / "store.h5").source if (run_dir / "store.h5").exists() else None
+        raise StoreError(f"{errors.path} was scored from other data than the data.* options now give ("
+                         + (f"the run's store holds {made}; " if made else "")
+                         + f"data.source, data.labels, data.jobs or another data.* option differs from the run's): "
+                           f"give `hpcad threshold` the options the run was made with, or rerun `hpcad score` (or "
+                           f"`hpcad run`) with hydra.run.dir={run_dir} for the new ones; nothing was changed")
+    store = stage_ingest(cfg, run_dir)
     if scored and scored != store.signature:
         raise StoreError(f"{errors.path} was scored from other data than {store.path} now holds (data.source or "
                          f"data.* changed since): rerun `hpcad score` with hydra.run.dir={run_dir}, or `hpcad run`")

@@ -169,6 +169,12 @@ def test_stale_errors_or_thresholds_are_refused_with_the_stage_to_rerun(tmp_path
     hpcad("threshold", *args, "model.hidden=[16]")
     hpcad("report", *args, "model.hidden=[16]")
     assert (run / "report.html").exists()
+    # other data options (another synthetic cluster here; a forgotten data.labels alike): refused before
+    # the run's store is ingested again, which used to replace it and then fail
+    before = (run / "store.h5").stat().st_mtime_ns
+    p = hpcad("threshold", *args, "model.hidden=[16]", "data.synthetic.seed=7", check=False)
+    assert p.returncode == 2 and "scored from other data than the data.* options now give" in p.stderr
+    assert "nothing was changed" in p.stderr and (run / "store.h5").stat().st_mtime_ns == before
 
 
 def test_cfg_job_prints_the_config_and_unknown_keys_fail():

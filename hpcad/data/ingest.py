@@ -152,7 +152,7 @@ def ingest(data_cfg, store_path: Path, progress: bool = True) -> Path:
         return path
     if source is None:
         s = data_cfg.synthetic
-        sig = f"synthetic:{s.profile}:{s.nodes}:{s.rows}:{s.seed}:{s.clean_fraction}:{s.anomaly_fraction}:{s.kinds}"
+        sig = synthetic_signature(s)
         if up_to_date(store_path, sig):
             return store_path
         nodes = synthetic.generate_cluster(s.nodes, s.rows, s.seed, s.profile, s.clean_fraction,
@@ -221,6 +221,24 @@ def wrote(store_path: Path, parts: list[str], n: int, src: Path, how: str, skipp
     if skipped_files:  # every node's rows of those files are missing
         log.error("%d input file(s) skipped for bad input (recorded in the store and the report): %s",
                   len(skipped_files), ", ".join(Path(p).name for p, _ in skipped_files))
+
+
+def synthetic_signature(s) -> str:
+    """The signature of a store of the synthetic cluster (``data.synthetic``)."""
+    return f"synthetic:{s.profile}:{s.nodes}:{s.rows}:{s.seed}:{s.clean_fraction}:{s.anomaly_fraction}:{s.kinds}"
+
+
+def wanted_signature(data_cfg) -> str:
+    """The signature of the store the ``data.*`` options give, without ingesting anything (an input
+    store: its own): what a stage compares with the signature its inputs were made from."""
+    source = data_cfg.source
+    if source is None:
+        return synthetic_signature(data_cfg.synthetic)
+    if str(source).lower().endswith((".h5", ".hdf5")):
+        return TelemetryStore(Path(source)).signature
+    check_inputs(data_cfg)
+    jobs = Path(data_cfg.jobs).expanduser().resolve() if data_cfg.jobs else None
+    return signature(Path(source).expanduser().resolve(), jobs, data_cfg)
 
 
 def to_ingest(data_cfg, store_path: Path) -> tuple[Path, Path | None, str] | None:
