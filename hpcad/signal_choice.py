@@ -107,8 +107,8 @@ def choose(cfg: HpcadConfig, store, node_errors: Callable[[], Iterator[tuple]],
             if y.all() or not y.any():
                 continue
             parts = {False: (np.where(miss, 0.0, err), np.where(miss, 0.0, excess2))}
-            if model.holdout_error is None:
-                unscaled_only += 1
+            if model.holdout_error is None or len(model.holdout_error) != err.shape[1]:  # not recorded (or a
+                unscaled_only += 1  # windowed model's whole window: an older hpcad)
             elif any(r.scaled for r in grid):
                 s = metric_scales(model.holdout_error)
                 parts[True] = (parts[False][0] / s, parts[False][1] / s)

@@ -102,28 +102,30 @@ class Recipe:
         """``err`` turned in place into the errors this recipe scores (0 where the value is missing)."""
         err += self.weight * excess2
         if self.scaled:
-            err /= metric_scales(holdout_error(model, where)).astype(err.dtype)
+            err /= metric_scales(holdout_error(model, where, err.shape[1])).astype(err.dtype)
         err[miss] = 0.0
         return err
 
     def normal_error(self, model) -> np.ndarray | None:
         """The model's per-metric error on its held-out normal rows in the units of :meth:`errors`
         (divided by the metric scales where they apply); None for a model file without it."""
-        if model.holdout_error is None:
-            return None
+        if model.holdout_error is None or len(model.holdout_error) != len(model.metrics):
+            return None  # not recorded, or a windowed model's whole window (an older hpcad)
         h = np.asarray(model.holdout_error, dtype=np.float32)
         return (h / metric_scales(h)).astype(np.float32) if self.scaled else h
 
     def level(self, model, n_metrics: int, scale_floor: float) -> float:
         """The node's normal level of this recipe's signal (hpcad.signals.signal_level)."""
-        held = scaled_level(holdout_error(model)) if self.scaled else model.signal_scale
+        held = scaled_level(holdout_error(model, n_metrics=n_metrics)) if self.scaled else model.signal_scale
         return signal_level(held, n_metrics, scale_floor)
 
 
-def holdout_error(model, where: str = "") -> np.ndarray:
-    """The model's per-metric held-out errors; a clear error for a model file written without them."""
-    if model.holdout_error is None:
+def holdout_error(model, where: str = "", n_metrics: int | None = None) -> np.ndarray:
+    """The model's per-metric held-out errors (``n_metrics`` of them); a clear error for a model file
+    written without them."""
+    if model.holdout_error is None or (n_metrics is not None and len(model.holdout_error) != n_metrics):
         raise StoreError(f"{where or 'node ' + model.node}: its model file has no per-metric held-out errors (trained "
-                         f"by an older hpcad): run `hpcad train` with signal.metric_scales=true (it retrains such "
-                         f"nodes), or score with signal.metric_scales=false")
+                         f"by an older hpcad; a windowed model's were its whole window's): run `hpcad train` with "
+                         f"signal.metric_scales=true (it retrains such nodes), or score with "
+                         f"signal.metric_scales=false")
     return model.holdout_error

@@ -119,6 +119,11 @@ def reusable(path: Path, fingerprint: str, scales: bool = False) -> bool:
         log.info("%s has no per-metric held-out errors (trained by an older hpcad) and signal.metric_scales is "
                  "not false; retraining the node", path)
         return False
+    if model.spec.window > 1 and model.spec.members == 1 and (model.holdout_error is None
+                                                              or len(model.holdout_error) != len(model.metrics)):
+        log.info("%s: a windowed model whose normal level was measured over its whole window (an older hpcad; "
+                 "scoring measures the newest row); retraining the node", path)
+        return False
     return True
 
 
@@ -203,10 +208,12 @@ def train_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, nodes
         for k, n in enumerate(chunk):
             members = res.params[k * R:(k + 1) * R]
             history = dict(res.history[k * R])
-            if R > 1:
+            if R > 1 or spec.window > 1:  # the newest row's error, as scoring measures it (training's own
+                # pass measured the whole window: a level ~window times too high, M x window held-out errors)
                 level, held = ensemble_holdout_level(spec, members, prepared[k][0], cfg.train.validation_split, M)
-                history["members"] = [{key: h[key] for key in ("best_epoch", "epochs_run", "stopped_early")}
-                                      for h in res.history[k * R:(k + 1) * R]]
+                if R > 1:
+                    history["members"] = [{key: h[key] for key in ("best_epoch", "epochs_run", "stopped_early")}
+                                          for h in res.history[k * R:(k + 1) * R]]
             else:
                 level, held = res.holdout_signal[k], res.holdout_error[k]
             NodeModel(n, spec, store.metrics, members, prepared[k][1], history, level, fingerprint, held).save(

@@ -73,6 +73,20 @@ def test_seed_ensemble_and_windowed_model_train_and_score_end_to_end(tmp_path):
         g = f["nodes/node0001"]
         assert g["error"].shape == (g["signal"].shape[0], 160) and np.isfinite(g["signal"][()]).all()
     assert json.loads((run / "metrics.json").read_text())["splits"]["eval"]["ranking"]["nodes"] >= 1
+    # one member: its level and held-out errors are the newest row's too, as scoring measures them
+    # (before: the training pass's, over the whole 3-row window: 480 errors, a level ~3x too high)
+    one = tmp_path / "one"
+    hpcad("train", f"hydra.run.dir={one}", *SMALL, "model.window=3")
+    from hpcad.model.files import NodeModel
+
+    m = NodeModel.load(one / "models/node0000.pt")
+    assert m.holdout_error.shape == (160,) and float(m.holdout_error.sum()) == pytest.approx(m.signal_scale, rel=1e-4)
+    m.holdout_error, m.signal_scale = np.ones(480, np.float32), 3 * m.signal_scale  # as an older hpcad wrote it
+    m.save(one / "models/node0000.pt")
+    hpcad("train", f"hydra.run.dir={one}", *SMALL, "model.window=3")
+    assert "node0000.pt: a windowed model whose normal level was measured over its whole window" in \
+        (one / "train.log").read_text()
+    assert NodeModel.load(one / "models/node0000.pt").holdout_error.shape == (160,)
 
 
 def test_stages_one_by_one_and_resume(tmp_path):
