@@ -196,3 +196,18 @@ def test_rows_that_stand_for_periods_are_inside_an_interval_their_period_overlap
     assert five.read("cn01").labels.tolist() == [0, 0, 1, 0, 0, 0]
     one = TelemetryStore(ingest(data_cfg(source=str(d), labels=str(labels)), tmp_path / "1.h5"))
     assert np.flatnonzero(one.read("cn01").labels).tolist() == [12, 13]
+
+
+def test_node_names_of_digits_keep_their_leading_zeros(tmp_path):
+    """Nodes named 007 and 012: a labels CSV read with pandas' type guessing made them the numbers 7
+    and 12, which name no node; its cells are read as text, epoch times still as numbers."""
+    d = tmp_path / "exports"
+    d.mkdir()
+    t0 = 1_736_121_600
+    for name in ("007", "012"):
+        pd.DataFrame({"timestamp": t0 + 300 * np.arange(10), "power": np.arange(10.0)}).to_csv(d / f"{name}.csv",
+                                                                                             index=False)
+    labels = tmp_path / "incidents.csv"
+    labels.write_text(f"node,start,end\n007,{t0 + 600},{t0 + 900}\n")
+    store = TelemetryStore(ingest(data_cfg(source=str(d), labels=str(labels)), tmp_path / "s.h5"))
+    assert store.read("007").labels.tolist() == [0, 0, 1, 1, 0, 0, 0, 0, 0, 0] and not store.read("012").labels.any()
