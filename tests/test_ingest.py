@@ -464,7 +464,8 @@ def test_bad_files_among_daily_exports_are_skipped_whole_with_on_bad_node_skip(t
     from hpcad.data import rows as rows_module
     from hpcad.data.tables import iter_table_chunks
 
-    monkeypatch.setattr(rows_module, "iter_table_chunks", lambda path: iter_table_chunks(path, rows=40))
+    monkeypatch.setattr(rows_module, "iter_table_chunks",
+                        lambda path, text=(): iter_table_chunks(path, rows=40, text=text))
     src, frames = _export(tmp_path)
     every = pd.concat([f.assign(node=n) for n, f in frames.items()]).sort_values("timestamp", kind="stable")
     good, days = tmp_path / "good", tmp_path / "days"
@@ -561,3 +562,18 @@ def test_millisecond_epochs_in_files_of_many_nodes_are_converted_once(tmp_path):
         st = TelemetryStore(ingest(data_cfg(source=str(tmp_path / src), epoch_unit="ms"), tmp_path / f"{src}.h5"))
         np.testing.assert_array_equal(st.read("x").timestamp, want, err_msg=src)
         np.testing.assert_array_equal(st.read("x").values[:, 0], np.arange(12.0), err_msg=src)
+
+
+def test_node_names_of_digits_keep_their_leading_zeros_in_files_of_many_nodes(tmp_path):
+    """A node column holding 007 and 012 became the nodes 7 and 12 (pandas guessed numbers): they no
+    longer matched the same nodes' own files, job files or incident lists. Wide and long format."""
+    t = 1_736_121_600 + 300 * np.arange(20)
+    frames = [pd.DataFrame({"node": [n] * 20, "timestamp": t, "power": np.arange(20.0)}) for n in ("007", "012")]
+    pd.concat(frames).to_csv(tmp_path / "all.csv", index=False)
+    assert TelemetryStore(ingest(data_cfg(source=str(tmp_path / "all.csv")), tmp_path / "w.h5")).nodes == ["007", "012"]
+    long = tmp_path / "long"
+    long.mkdir()
+    pd.concat(f.melt(id_vars=["node", "timestamp"], var_name="metric") for f in frames).to_csv(long / "m.csv",
+                                                                                               index=False)
+    store = TelemetryStore(ingest(data_cfg(source=str(long), format="long"), tmp_path / "l.h5"))
+    assert store.nodes == ["007", "012"]

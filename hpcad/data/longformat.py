@@ -33,7 +33,7 @@ def stage_long(source: Path, cfg: DataConfig, stager: GridStager) -> None:
             "data.metric_column": cfg.metric_column, "data.value_column": cfg.value_column}
     for i, path in enumerate(files):
         where = str(path)
-        for chunk in iter_table_chunks(path, BATCH_ROWS):
+        for chunk in iter_table_chunks(path, BATCH_ROWS, text=(cfg.node_column,)):
             missing = {opt: col for opt, col in need.items() if col not in chunk.columns}
             if missing:
                 raise InputError(f"{where}: missing column(s) {missing}; the file has {list(chunk.columns)[:10]}")

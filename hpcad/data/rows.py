@@ -85,7 +85,7 @@ def stage_rows(files: list[Path], cfg, names: list[str] | None, scratch: Path,
             nonlocal log_, names
             read = dropped = 0  # this file's rows so far; of them, rows without a node value
             first_dropped = 0
-            for chunk in iter_table_chunks(path):
+            for chunk in iter_table_chunks(path, text=(cfg.node_column,)):
                 read += len(chunk)
                 from_name = cfg.node_column not in chunk.columns
                 if from_name:

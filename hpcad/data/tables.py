@@ -135,7 +135,9 @@ def read_table(path: Path) -> pd.DataFrame:
     return df if how is None else without_unnamed(df, how, path)
 
 
-def iter_table_chunks(path: Path, rows: int = CHUNK_ROWS) -> Iterator[pd.DataFrame]:
+def iter_table_chunks(path: Path, rows: int = CHUNK_ROWS, text: tuple[str, ...] = ()) -> Iterator[pd.DataFrame]:
+    """``path`` in chunks of ``rows`` rows; a CSV's ``text`` columns read as text (node names such as
+    ``007`` keep their zeros; pandas' type guessing made them the number 7)."""
     import pandas as pd
 
     try:
@@ -148,7 +150,8 @@ def iter_table_chunks(path: Path, rows: int = CHUNK_ROWS) -> Iterator[pd.DataFra
                     yield batch.to_pandas()
         else:
             how = dialect(path)
-            for chunk in pd.read_csv(path, chunksize=rows, **how.read_csv_kw()):
+            kw = {"dtype": {c: str for c in text}} if text else {}
+            for chunk in pd.read_csv(path, chunksize=rows, **how.read_csv_kw(), **kw):
                 yield without_unnamed(chunk, how, path)
     except InputError:
         raise
