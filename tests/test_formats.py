@@ -159,6 +159,14 @@ def test_time_zones_policy(tmp_path):
                  ).to_csv(d / "n1.csv", index=False)
     store = TelemetryStore(ingest(data_cfg(source=str(d), timezone="Europe/Rome"), tmp_path / "s.h5"))
     assert store.read("n1").timestamp.tolist() == [T0, T0 + 300]  # 01:00 in Rome is 00:00 UTC
+    # PostgreSQL's timestamptz as psql prints it (an hour offset alone, fractional seconds), and a
+    # UTC suffix: zoned times (they were refused with pandas' "Already tz-aware")
+    for k, stamps in enumerate((["2025-01-06 01:00:00+01", "2025-01-06 01:05:00.000+01"],
+                                ["2025-01-05 19:00:00-05", "2025-01-05 19:05:00-05"],
+                                ["2025-01-06 00:00:00 UTC", "2025-01-06 00:05:00 UTC"])):
+        pd.DataFrame({"timestamp": stamps, "x": [1.0, 2.0]}).to_csv(d / "n1.csv", index=False)
+        store = TelemetryStore(ingest(data_cfg(source=str(d), timezone="Europe/Rome"), tmp_path / f"z{k}.h5"))
+        assert store.read("n1").timestamp.tolist() == [T0, T0 + 300], stamps
 
 
 def test_dates_written_day_or_month_first_are_read_as_the_column_or_the_option_says(tmp_path):

@@ -24,7 +24,9 @@ if TYPE_CHECKING:
     import pandas as pd
 
 EPOCH_UNITS = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
-_ZONED = r"(?:Z|[+-]\d\d:?\d\d)$"
+# a time of day ending with a zone: Z, +01:00, +0100, PostgreSQL's +01 (psql prints timestamptz so),
+# or UTC/GMT; not a date alone (2025-01-06 ends with -06 too)
+_ZONED = r"\d:\d\d(?::\d\d(?:[.,]\d+)?)?\s*(?:Z|[+-]\d\d(?::?\d\d)?|UTC|GMT)$"
 _DAY_MONTH = r"^(\d{1,2})[/.-](\d{1,2})[/.-]\d{2,4}\b"  # 06/01/2025: day and month before the year
 
 
