@@ -24,7 +24,7 @@ from hpcad.atomic import remove_unreferenced, write_json
 from hpcad.config import build
 from hpcad.data.ingest import ingest, wanted_signature
 from hpcad.data.ranks import ingest_ranks
-from hpcad.data.store import TelemetryStore
+from hpcad.data.store import TelemetryStore, is_store_path
 from hpcad.errors import ConfigError, StoreError
 from hpcad.explain import class_profiles
 from hpcad.errorstore import FORMAT, ErrorStore, signal_files, write_index
@@ -191,7 +191,7 @@ def _fit_store(cfg: HpcadConfig, store: TelemetryStore) -> TelemetryStore:
         return store
     tcfg = runfolder.load_run_config(tr)
     src = tr / "store.h5"
-    if tcfg is not None and tcfg.data.source and str(tcfg.data.source).endswith((".h5", ".hdf5")):
+    if tcfg is not None and is_store_path(tcfg.data.source):
         src = Path(tcfg.data.source)
     return TelemetryStore(src)
 

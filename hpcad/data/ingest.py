@@ -36,7 +36,8 @@ from hpcad.data.labelfile import LabelTable, read_labels
 from hpcad.data.ldms import stage_ldms
 from hpcad.data.longformat import stage_long
 from hpcad.data.rows import has_node_column, iter_node_rows
-from hpcad.data.store import TelemetryStore, check_node_name, drop_parts, missing_parts, write_store
+from hpcad.data.store import (TelemetryStore, check_node_name, drop_parts, is_store_path, missing_parts,
+                               write_store)
 from hpcad.data.node import NodeData
 from hpcad.data.tables import columns, is_table, read_table, stem
 from hpcad.dist import CLUSTER_WIDE
@@ -141,11 +142,11 @@ def ingest(data_cfg, store_path: Path, progress: bool = True) -> Path:
     """Make sure a store for ``data_cfg.source`` exists; return its path (an input store is used as is).
     ``progress``: a bar or periodic log lines while the nodes are read (``compute.progress``)."""
     source = data_cfg.source
-    if data_cfg.labels is not None and (source is None or str(source).lower().endswith((".h5", ".hdf5"))):
+    if data_cfg.labels is not None and (source is None or is_store_path(source)):
         raise InputError(f"data.labels={data_cfg.labels}: labels are read while telemetry exports are ingested, "
                          f"but data.source is " + ("an hpcad store, used as it is" if source else
                                                     "unset (the synthetic cluster, labelled by its generator)"))
-    if source is not None and str(source).lower().endswith((".h5", ".hdf5")):
+    if is_store_path(source):
         path = Path(source)
         TelemetryStore(path)  # validates layout, names the file on error
         log.info("using existing store %s", path, extra=CLUSTER_WIDE)
@@ -204,7 +205,7 @@ def check_tables(nodes: list[str], data_cfg, jobs: JobTable | None, labels: Labe
     """Before a store of ``nodes`` is written (so that a rerun does not find it up to date): a job or
     labels file naming none of them is an error, one naming others is logged."""
     if jobs is not None:
-        jobs.check_nodes(nodes, str(Path(data_cfg.jobs).expanduser().resolve()))
+        jobs.check_nodes(nodes, str(jobs_file(data_cfg)))
     if labels is not None:
         labels.check_nodes(nodes)
 
@@ -234,22 +235,24 @@ def wanted_signature(data_cfg) -> str:
     source = data_cfg.source
     if source is None:
         return synthetic_signature(data_cfg.synthetic)
-    if str(source).lower().endswith((".h5", ".hdf5")):
+    if is_store_path(source):
         return TelemetryStore(Path(source)).signature
     check_inputs(data_cfg)
-    jobs = Path(data_cfg.jobs).expanduser().resolve() if data_cfg.jobs else None
-    return signature(Path(source).expanduser().resolve(), jobs, data_cfg)
+    return signature(Path(source).expanduser().resolve(), jobs_file(data_cfg), data_cfg)
+
+
+def jobs_file(data_cfg) -> Path | None:
+    """``data.jobs`` as an absolute path, or None."""
+    return Path(data_cfg.jobs).expanduser().resolve() if data_cfg.jobs else None
 
 
 def to_ingest(data_cfg, store_path: Path) -> tuple[Path, Path | None, str] | None:
     """For ``data.source`` (files, not a store): None when ``store_path`` is up to date with it (said
     once), else the input, the job file and the input's signature, after checking the options."""
-    check_inputs(data_cfg)
-    src = Path(data_cfg.source).expanduser().resolve()
+    sig = wanted_signature(data_cfg)  # checks that the inputs exist first
+    src, jobs_path = Path(data_cfg.source).expanduser().resolve(), jobs_file(data_cfg)
     if data_cfg.format not in FORMATS:
         raise InputError(f"data.format={data_cfg.format!r}: one of {list(FORMATS)}")
-    jobs_path = Path(data_cfg.jobs).expanduser().resolve() if data_cfg.jobs else None
-    sig = signature(src, jobs_path, data_cfg)
     if up_to_date(store_path, sig):
         said_up_to_date(store_path, src)
         return None

@@ -32,7 +32,7 @@ import numpy as np
 from hpcad.data.convert import label_numbers
 from hpcad.data.jobs import OPEN_END, expand_nodelist
 from hpcad.data.node import NodeData
-from hpcad.data.tables import dialect, is_parquet, read_table, without_unnamed
+from hpcad.data.tables import read_table
 from hpcad.data.timestamps import to_epoch_seconds
 from hpcad.errors import InputError
 
@@ -113,7 +113,7 @@ def read_labels(path: str | Path, data_cfg) -> LabelTable:
     path = Path(path).expanduser()
     if not path.exists():
         raise InputError(f"data.labels: {path.resolve()} does not exist")
-    df = _read(path)
+    df = read_table(path, as_text=True)  # node names such as 007 keep their zeros
     cols = {str(c).strip().lower(): c for c in df.columns}
     node_col = cols.get("node") or cols.get(str(data_cfg.node_column).lower())
     missing = [c for c in REQUIRED if (node_col if c == "node" else cols.get(c)) is None]
@@ -172,20 +172,6 @@ def read_labels(path: str | Path, data_cfg) -> LabelTable:
     log.info("%s: %d labelled interval(s) on %d node(s); every other row is normal", path, len(df),
              len(table.by_node))
     return table
-
-
-def _read(path: Path):
-    """The labels file; a CSV's cells as text (node names such as ``001`` keep their zeros)."""
-    import pandas as pd
-
-    if is_parquet(path):
-        return read_table(path)
-    how = dialect(path)
-    try:
-        df = pd.read_csv(path, dtype=str, **how.read_csv_kw())
-    except Exception as exc:  # pandas raises many types; name the file either way
-        raise InputError(f"{path}: cannot read the labels file: {exc}") from exc
-    return without_unnamed(df, how, path)
 
 
 def _numbers_or_text(col):

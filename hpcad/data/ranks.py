@@ -35,7 +35,7 @@ from hpcad.data.jobs import JobTable, read_jobs
 from hpcad.data.labelfile import LabelTable, read_labels
 from hpcad.data.node import NodeData
 from hpcad.data.rows import has_node_column, read_staged, row_columns, stage_rows
-from hpcad.data.store import TelemetryStore, part_path, write_index, write_store
+from hpcad.data.store import STORE_SUFFIXES, TelemetryStore, part_path, write_index, write_store
 from hpcad.data.tables import TABLE_SUFFIXES
 from hpcad.dist import CLUSTER_WIDE
 from hpcad.errors import InputError
@@ -73,7 +73,7 @@ def read_by_every_rank(data_cfg) -> bool:
     then it must be on a file system every rank's node mounts (``hpcad preflight`` checks)."""
     src = data_cfg.source
     return (src is not None and data_cfg.format == "wide"
-            and not str(src).lower().endswith((*TABLE_SUFFIXES, ".h5", ".hdf5")))
+            and not str(src).lower().endswith((*TABLE_SUFFIXES, *STORE_SUFFIXES)))
 
 
 def ingest_ranks(data_cfg, store_path: Path, progress: bool = True) -> None:

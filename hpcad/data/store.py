@@ -59,6 +59,14 @@ def corrupt(path: Path, what: str, exc: Exception, rerun: str) -> StoreError:
                       f"`{rerun}` to write it again")
 
 
+STORE_SUFFIXES = (".h5", ".hdf5")
+
+
+def is_store_path(source) -> bool:
+    """Whether ``data.source`` names an hpcad store (used in place) rather than exports."""
+    return source is not None and str(source).lower().endswith(STORE_SUFFIXES)
+
+
 def check_node_name(name: str, where: str) -> str:
     if not _NODE_RE.match(name):
         raise InputError(f"{where}: node name {name!r} may hold only letters, digits, '_', '.', '-'")

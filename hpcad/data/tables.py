@@ -124,12 +124,14 @@ def without_unnamed(df: pd.DataFrame, how: CsvDialect, path: Path) -> pd.DataFra
     return df.drop(columns=[df.columns[k] for k in unnamed])
 
 
-def read_table(path: Path) -> pd.DataFrame:
+def read_table(path: Path, as_text: bool = False) -> pd.DataFrame:
+    """``path`` whole; ``as_text``: a CSV's cells as text (no type guessing: ``007`` stays ``007``)."""
     import pandas as pd
 
     how = None if is_parquet(path) else dialect(path)
     try:
-        df = pd.read_parquet(path) if how is None else pd.read_csv(path, **how.read_csv_kw())
+        df = pd.read_parquet(path) if how is None else pd.read_csv(path, **how.read_csv_kw(),
+                                                                   **({"dtype": str} if as_text else {}))
     except Exception as exc:  # pandas/pyarrow raise many types; name the file either way
         raise InputError(f"{path}: cannot read table: {exc}") from exc
     return df if how is None else without_unnamed(df, how, path)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hpcad.atomic import write_text
+from hpcad.data.store import TelemetryStore, is_store_path
 from hpcad.errorstore import ErrorStore
 from hpcad.incidents import cause_of
 from hpcad.report.markup import alarms_table, fmt, html_table, page, sortable_table, top_names
@@ -79,13 +80,11 @@ def write_report(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, models_dir
                      f"rule's (q={th.details['fallback']['q']:g} of the signal), not the {th.rule} rule's "
                      f"(threshold.fallback).</p>")
     store_path = run_dir / "store.h5"
-    if not store_path.exists() and str(cfg.data.source or "").lower().endswith((".h5", ".hdf5")):
+    if not store_path.exists() and is_store_path(cfg.data.source):
         store_path = Path(cfg.data.source)  # a store used in place
     time_unit = "s"
     store = None
     if store_path.exists():
-        from hpcad.data.store import TelemetryStore
-
         store = TelemetryStore(store_path)
         skipped = store.skipped
         time_unit = store.time_unit(store.nodes[0]) if store.nodes else "s"
