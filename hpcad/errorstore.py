@@ -18,7 +18,7 @@ from hpcad.atomic import atomic_path
 from hpcad.data.h5 import h5_writing, open_h5
 from hpcad.data.store import STR, checked, corrupt
 from hpcad.errors import StoreError
-from hpcad.signals import Recipe
+from hpcad.signals import Recipe, explain_scale
 
 FORMAT = "error-store"
 
@@ -111,6 +111,12 @@ class ErrorStore:
                 return g["normal_error"][()].astype(np.float32) if "normal_error" in g else None
             except (OSError, KeyError) as exc:
                 raise corrupt(self.path, f"node {node} normal errors", exc, self.rerun) from exc
+
+    def explain_scale(self, node: str) -> np.ndarray | None:
+        """The divisors that make the node's errors "times normal" (:func:`hpcad.signals.explain_scale`),
+        or None where its normal errors are unknown: what alarms, class profiles and node pages rank by."""
+        normal = self.normal_error(node)
+        return explain_scale(normal) if normal is not None and len(normal) == len(self.metrics) else None
 
 
 def signal_attrs(method: str) -> dict:

@@ -4,13 +4,13 @@ from __future__ import annotations
 import numpy as np
 
 from hpcad.errorstore import ErrorStore
-from hpcad.signals import explain_scale
 
 
 def class_profiles(errors: ErrorStore, top: int = 20) -> dict:
     """Mean per-metric squared error per label class, accumulated node by node (sums and counts),
     and where every node's normal errors are known the mean "times normal" (each row's errors over
-    its node's :func:`hpcad.signals.explain_scale`, as alarms rank their top metrics): ``top_x_normal``."""
+    its node's :meth:`~hpcad.errorstore.ErrorStore.explain_scale`, as alarms rank their top metrics):
+    ``top_x_normal``."""
     sums: dict[int, np.ndarray] = {}
     times: dict[int, np.ndarray] = {}
     counts: dict[int, int] = {}
@@ -19,13 +19,12 @@ def class_profiles(errors: ErrorStore, top: int = 20) -> dict:
         if s.labels is None:
             continue
         err = errors.errors(s.node)
-        normal = errors.normal_error(s.node)
-        known &= normal is not None and len(normal) == err.shape[1]
-        scale = explain_scale(normal) if known else None
+        scale = errors.explain_scale(s.node)
+        known &= scale is not None
         for c in np.unique(s.labels):
             rows = s.labels == c
             sums[int(c)] = sums.get(int(c), 0) + err[rows].sum(0, dtype=np.float64)
-            if scale is not None:
+            if known:
                 times[int(c)] = times.get(int(c), 0) + (err[rows] / scale).sum(0)
             counts[int(c)] = counts.get(int(c), 0) + int(rows.sum())
     out = {}

@@ -17,7 +17,7 @@ METRICS = ["fan_noisy", "ips_p0_1", "ips_p0_2", "temp_const"]
 NORMAL = np.array([0.8, 0.1, 0.1, 0.0], np.float32)  # fan: always reconstructed poorly; temp: constant in training
 
 
-def _alarm(normal_of):
+def _alarm(scale_of):
     """One node, one alarm over rows 10-19: the fan's error noisy (4, five times normal), the
     two ips metrics 1.7 and 1.6 (16-17 times normal: the fault), the constant temperature 0.05."""
     T = 40
@@ -26,7 +26,7 @@ def _alarm(normal_of):
     sig = err.sum(1).astype(np.float64)
     s = NodeSignal("n1", sig, np.full(T, 2, np.int8), None, np.arange(T, dtype=np.int64) * 300)
     th = Thresholds("cost", "node", None, {"n1": 3.0}, {})
-    (rec,) = alarm_events(s, th, lambda node, rows: err[rows], METRICS, 3, normal_of=normal_of)
+    (rec,) = alarm_events(s, th, lambda node, rows: err[rows], METRICS, 3, scale_of=scale_of)
     return rec
 
 
@@ -37,7 +37,7 @@ def test_an_alarm_names_the_metrics_most_times_their_normal_error(tmp_path):
     raw = _alarm(None)
     assert [m["metric"] for m in raw["top_metrics"]] == ["fan_noisy", "ips_p0_1", "ips_p0_2"]
     assert cause_of(raw) == "fan"
-    rec = _alarm(lambda node: NORMAL)
+    rec = _alarm(lambda node: explain_scale(NORMAL))
     floor = EXPLAIN_FLOOR * NORMAL.mean()
     np.testing.assert_allclose(explain_scale(NORMAL), [0.8, 0.1, 0.1, floor])
     assert [m["metric"] for m in rec["top_metrics"]] == ["ips_p0_1", "ips_p0_2", "fan_noisy"]

@@ -32,8 +32,8 @@ def explanation_hits(errors: ErrorStore, th: Thresholds, top_k: int, merge_gap: 
     for s in errors.signals():
         if s.labels is None:
             continue
-        for ranking, normal_of in (("times_normal", errors.normal_error), ("error", None)):
-            for rec in alarm_events(s, th, errors.errors, errors.metrics, top_k, "row", merge_gap, None, normal_of):
+        for ranking, scale_of in (("times_normal", errors.explain_scale), ("error", None)):
+            for rec in alarm_events(s, th, errors.errors, errors.metrics, top_k, "row", merge_gap, None, scale_of):
                 classes = rec.get("label_classes", [])
                 if len(classes) != 1 or classes[0] not in FAULT_FAMILIES:
                     continue

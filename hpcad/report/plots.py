@@ -16,7 +16,6 @@ import numpy as np  # noqa: E402
 
 from hpcad.errorstore import ErrorStore  # noqa: E402
 from hpcad.model.files import NodeModel, model_path  # noqa: E402
-from hpcad.signals import explain_scale  # noqa: E402
 from hpcad.threshold.rules import Thresholds  # noqa: E402
 
 CLASS_NAMES = {"0": "normal", "1": "class 1 (e.g. power-saving governor)", "2": "class 2 (e.g. performance governor)",
@@ -80,10 +79,10 @@ class AlarmWindow:
         half = 288 if time_unit == "s" else 200
         self.a, self.b = (max(0, peak - half), min(len(sig), peak + half)) if (sig > t).any() else (0, len(sig))
         self.err = errors.errors(s.node, slice(self.a, self.b))
-        normal = errors.normal_error(s.node)
-        self.times_normal = normal is not None and len(normal) == self.err.shape[1]
+        scale = errors.explain_scale(s.node)
+        self.times_normal = scale is not None
         if self.times_normal:
-            self.err = self.err / explain_scale(normal).astype(np.float32)
+            self.err = self.err / scale.astype(np.float32)
         self.order = np.argsort(self.err.max(0))[::-1]
 
 

@@ -13,7 +13,6 @@ from hpcad.atomic import atomic_path
 from hpcad.data.jobs import JobTable
 from hpcad.preprocess import SPLIT_NAMES
 from hpcad.errorstore import ErrorStore, NodeSignal
-from hpcad.signals import explain_scale
 from hpcad.threshold.cost import CostModel, Scores, runs, score_rows
 from hpcad.threshold.quality import macro, ranking
 from hpcad.threshold.rules import Thresholds
@@ -64,7 +63,7 @@ def apply_thresholds(errors: ErrorStore, th: Thresholds, model: CostModel, top_k
     records = []
     for s in signals():
         records += alarm_events(s, th, errors.errors, errors.metrics, top_k, time_unit,
-                                merge_gap=model.tolerance, jobs=jobs, normal_of=errors.normal_error)
+                                merge_gap=model.tolerance, jobs=jobs, scale_of=errors.explain_scale)
     write_alarms_csv(alarms_csv, records)
     return records, evaluate(signals(), th, model, time_unit)
 
@@ -77,16 +76,15 @@ def _iso(ts: int, unit: str) -> str:
 
 def alarm_events(s: NodeSignal, th: Thresholds, errors_of, metrics: list[str], top_k: int,
                  time_unit: str = "s", merge_gap: int = 0, jobs: JobTable | None = None,
-                 normal_of: Callable[[str], np.ndarray | None] | None = None) -> list[dict]:
+                 scale_of: Callable[[str], np.ndarray | None] | None = None) -> list[dict]:
     """One record per alarm (alarmed rows with gaps of at most ``merge_gap`` rows): start, end,
     peak, the top-k metrics over the alarmed rows, and with job context the jobs that ran on the
     node during the alarm. The top metrics are those whose mean error is the most times their
-    normal error (``normal_of``: the node's held-out per-metric error, :func:`hpcad.signals.explain_scale`);
+    normal error (``scale_of``: the node's divisors, :meth:`hpcad.errorstore.ErrorStore.explain_scale`);
     by mean error where it is unknown (baselines, files scored before it was recorded)."""
     sig = th.signal_of(s)
     t = th.threshold_for(s.node)
-    normal = normal_of(s.node) if normal_of is not None and errors_of is not None else None
-    scale = explain_scale(normal) if normal is not None and len(normal) == len(metrics) else None
+    scale = scale_of(s.node) if scale_of is not None and errors_of is not None else None
     out = []
     for a, b in runs(sig > t, merge_gap):
         alarmed = sig[a:b] > t
