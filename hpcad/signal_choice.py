@@ -36,7 +36,7 @@ import numpy as np
 from hpcad.dist import CLUSTER_WIDE, all_sum
 from hpcad.errors import ConfigError
 from hpcad.preprocess import VAL, split_codes
-from hpcad.signals import Recipe, metric_scales, smooth_signal
+from hpcad.signals import Recipe, metric_scales, recorded_holdout, smooth_signal
 from hpcad.threshold.quality import average_precision
 
 if TYPE_CHECKING:
@@ -107,10 +107,11 @@ def choose(cfg: HpcadConfig, store, node_errors: Callable[[], Iterator[tuple]],
             if y.all() or not y.any():
                 continue
             parts = {False: (np.where(miss, 0.0, err), np.where(miss, 0.0, excess2))}
-            if model.holdout_error is None or len(model.holdout_error) != err.shape[1]:  # not recorded (or a
-                unscaled_only += 1  # windowed model's whole window: an older hpcad)
+            held = recorded_holdout(model, err.shape[1])
+            if held is None:
+                unscaled_only += 1
             elif any(r.scaled for r in grid):
-                s = metric_scales(model.holdout_error)
+                s = metric_scales(held)
                 parts[True] = (parts[False][0] / s, parts[False][1] / s)
             row_sums = {k: (a.sum(1, dtype=np.float64), b.sum(1, dtype=np.float64)) for k, (a, b) in parts.items()}
             M = err.shape[1]

@@ -109,23 +109,32 @@ class Recipe:
     def normal_error(self, model) -> np.ndarray | None:
         """The model's per-metric error on its held-out normal rows in the units of :meth:`errors`
         (divided by the metric scales where they apply); None for a model file without it."""
-        if model.holdout_error is None or len(model.holdout_error) != len(model.metrics):
-            return None  # not recorded, or a windowed model's whole window (an older hpcad)
-        h = np.asarray(model.holdout_error, dtype=np.float32)
+        h = recorded_holdout(model, len(model.metrics))
+        if h is None:
+            return None
+        h = np.asarray(h, dtype=np.float32)
         return (h / metric_scales(h)).astype(np.float32) if self.scaled else h
 
     def level(self, model, n_metrics: int, scale_floor: float) -> float:
         """The node's normal level of this recipe's signal (hpcad.signals.signal_level)."""
-        held = scaled_level(holdout_error(model, n_metrics=n_metrics)) if self.scaled else model.signal_scale
+        held = scaled_level(holdout_error(model, "", n_metrics)) if self.scaled else model.signal_scale
         return signal_level(held, n_metrics, scale_floor)
 
 
-def holdout_error(model, where: str = "", n_metrics: int | None = None) -> np.ndarray:
+def recorded_holdout(model, n_metrics: int) -> np.ndarray | None:
+    """The model's per-metric held-out errors, or None where its file has none usable: not recorded,
+    or a windowed model's over its whole window (both written by an older hpcad)."""
+    h = model.holdout_error
+    return h if h is not None and len(h) == n_metrics else None
+
+
+def holdout_error(model, where: str, n_metrics: int) -> np.ndarray:
     """The model's per-metric held-out errors (``n_metrics`` of them); a clear error for a model file
     written without them."""
-    if model.holdout_error is None or (n_metrics is not None and len(model.holdout_error) != n_metrics):
+    held = recorded_holdout(model, n_metrics)
+    if held is None:
         raise StoreError(f"{where or 'node ' + model.node}: its model file has no per-metric held-out errors (trained "
                          f"by an older hpcad; a windowed model's were its whole window's): run `hpcad train` with "
                          f"signal.metric_scales=true (it retrains such nodes), or score with "
                          f"signal.metric_scales=false")
-    return model.holdout_error
+    return held

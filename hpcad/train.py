@@ -26,6 +26,7 @@ from hpcad.model.checkpoint import ChunkCheckpoint
 from hpcad.model.ensemble import member_seed, node_seed, train_ensemble
 from hpcad.progress import LOG_EVERY_S, Progress, elapsed_and_left
 from hpcad.signal_choice import fixed_scales
+from hpcad.signals import recorded_holdout
 
 if TYPE_CHECKING:
     from hpcad.config import HpcadConfig, TrainConfig
@@ -115,12 +116,12 @@ def reusable(path: Path, fingerprint: str, scales: bool = False) -> bool:
         log.info("%s was trained with other settings or data (fingerprint %s, now %s); retraining the node",
                  path, model.fingerprint or "none", fingerprint)
         return False
-    if scales and model.holdout_error is None:
+    held = recorded_holdout(model, len(model.metrics))
+    if scales and held is None:
         log.info("%s has no per-metric held-out errors (trained by an older hpcad) and signal.metric_scales is "
                  "not false; retraining the node", path)
         return False
-    if model.spec.window > 1 and model.spec.members == 1 and (model.holdout_error is None
-                                                              or len(model.holdout_error) != len(model.metrics)):
+    if model.spec.window > 1 and model.spec.members == 1 and held is None:
         log.info("%s: a windowed model whose normal level was measured over its whole window (an older hpcad; "
                  "scoring measures the newest row); retraining the node", path)
         return False
