@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from hpcad.data.store import TelemetryStore
-from hpcad.errors import ConfigError
+from hpcad.errors import ConfigError, TooFewTrainingRows
 from hpcad.preprocess import (Scaler, check_training_rows, fill_gaps, fit_rows, split_codes, training_rows, window_at,
                               window_rows)
 from hpcad.atomic import remove_unreferenced
@@ -151,11 +151,18 @@ def baseline_signals(method: str, cfg: HpcadConfig, fit_store: TelemetryStore, e
             raise ConfigError(f"baseline {method}: node {node} has no training data in {fit_store.path}")
         fit_nd = fit_store.read(node)
         rows = training_rows(fit_nd, split_codes(fit_nd, fit_split), cfg.split.normal_only, cfg.split.exclude_idle)
+        fit_idx = np.flatnonzero(window_rows(rows, w))  # rows whose whole window is training data
+        try:
+            check_training_rows(len(fit_idx), f"baseline {method}: node {node}")
+        except TooFewTrainingRows as exc:
+            if cfg.data.on_bad_node != "skip":
+                raise
+            log.warning("baseline %s: node %s: %s: no baseline for it (data.on_bad_node=skip)", method, node, exc.short)
+            bar.update(1)
+            continue
         vals = fill_gaps(fit_nd.values, cfg.preprocess.nan_fill_limit)
         scaler = Scaler.fit(vals[rows], cfg.preprocess, where=f"node {node}")
         z = scaler.transform(vals)[0]
-        fit_idx = np.flatnonzero(window_rows(rows, w))  # rows whose whole window is training data
-        check_training_rows(len(fit_idx), f"baseline {method}: node {node}")
         cut = fit_rows(len(fit_idx), cfg.train.validation_split)
         train_idx, hold_idx = fit_idx[:cut], fit_idx[cut:]
         if len(train_idx) > bc.max_train_rows:

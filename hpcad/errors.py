@@ -17,6 +17,15 @@ class ConfigError(HpcadError):
     """A configuration value that is not valid for the data at hand."""
 
 
+class TooFewTrainingRows(ConfigError):
+    """A node with too few training rows for a model (``data.on_bad_node=skip``: left untrained);
+    ``short``: the reason without the advice."""
+
+    def __init__(self, message: str, short: str = "") -> None:
+        super().__init__(message)
+        self.short = short or message
+
+
 class LockedError(HpcadError):
     """Another process writes the run folder (or the nightly output folder) now."""
 

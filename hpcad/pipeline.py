@@ -25,10 +25,10 @@ from hpcad.config import build
 from hpcad.data.ingest import ingest, wanted_signature
 from hpcad.data.ranks import ingest_ranks
 from hpcad.data.store import TelemetryStore, is_store_path
-from hpcad.errors import ConfigError, StoreError
+from hpcad.errors import ConfigError, InputError, StoreError
 from hpcad.explain import class_profiles
 from hpcad.errorstore import FORMAT, ErrorStore, signal_files, write_index
-from hpcad.model.files import models_stamp
+from hpcad.model.files import UNTRAINED_SUFFIX, models_stamp, untrained_nodes
 from hpcad.threshold.evaluate import apply_thresholds, evaluate
 from hpcad.threshold.reduce import reducer
 from hpcad.threshold.rules import Thresholds
@@ -50,7 +50,7 @@ def stage_ingest(cfg: HpcadConfig, run_dir: Path) -> TelemetryStore:
 
 
 @contextmanager
-def ranked_share(cfg: HpcadConfig, run_dir: Path, gpu_collectives: bool = False
+def ranked_share(cfg: HpcadConfig, run_dir: Path, gpu_collectives: bool = False, monitored: bool = False
                  ) -> Iterator[tuple[dist.World, torch.device, TelemetryStore, list[str]]]:
     """This process's rank, device, the store and its share of the nodes (all of them in one process).
 
@@ -65,20 +65,37 @@ def ranked_share(cfg: HpcadConfig, run_dir: Path, gpu_collectives: bool = False
     device = resolve_device(cfg.compute.device, w.local_rank)
     if not w.distributed:
         store = stage_ingest(cfg, run_dir)
-        yield w, device, store, list(store.nodes)
+        yield w, device, store, _monitored(cfg, run_dir, store.nodes) if monitored else list(store.nodes)
         return
     dist.init(device, gpu_collectives)
     with dist.peers_watched():  # another rank stopped mid-stage: one line, not a traceback
         runfolder.check_shared(run_dir)  # one folder for every rank, not a node-local copy per node
         ingest_ranks(cfg.data, run_dir / "store.h5", cfg.compute.progress)
         store = stage_ingest(cfg, run_dir)
-        mine = dist.shard({n: store.rows(n) for n in store.nodes}, w.size)[w.rank]
+        nodes = _monitored(cfg, run_dir, store.nodes, w.rank == 0) if monitored else store.nodes
+        mine = dist.shard({n: store.rows(n) for n in nodes}, w.size)[w.rank]
         threads = dist.share_cpu_threads()
         log.info("rank %d of %d on %s: %d of %d nodes, device %s%s", w.rank, w.size, socket.gethostname(), len(mine),
                  len(store.nodes), describe(device),
                  "" if threads is None else f", {threads} CPU thread(s) (its share of the CPUs it shares with "
                  f"other ranks of the node: no CPU binding)")
         yield w, device, store, mine
+
+
+def _monitored(cfg: HpcadConfig, run_dir: Path, nodes: list[str], say: bool = True) -> list[str]:
+    """``nodes`` less those training left untrained (``data.on_bad_node=skip``: too few training rows):
+    they have no model to score with, and the baselines leave them out too (like for like)."""
+    md = models_dir(cfg, run_dir)
+    left = untrained_nodes(md) if md.is_dir() else {}
+    out = [n for n in nodes if n not in left]
+    if nodes and not out:  # every rank sees the same records: all stop alike
+        raise InputError(f"every node ({len(nodes)}) was left untrained by training, the first: {nodes[0]} "
+                         f"({left[nodes[0]]}): nothing to score; check the data, split.* and the labels")
+    if say and len(out) < len(nodes):
+        first = next(n for n in nodes if n in left)
+        log.warning("%d node(s) were left untrained by training (%s/<node>%s) and are not scored, the first: %s (%s)",
+                    len(nodes) - len(out), md, UNTRAINED_SUFFIX, first, left[first])
+    return out
 
 
 def stage_train(cfg: HpcadConfig, run_dir: Path) -> dict:
@@ -113,7 +130,7 @@ def stage_score(cfg: HpcadConfig, run_dir: Path) -> Path:
 
     out = run_dir / "errors.h5"
     fallback = signal_choice.recorded(runfolder.train_run(cfg))  # the recipe its thresholds were fitted with
-    with ranked_share(cfg, run_dir) as (w, device, store, mine):
+    with ranked_share(cfg, run_dir, monitored=True) as (w, device, store, mine):
         if not w.distributed:
             score_nodes(cfg, store, models_dir(cfg, run_dir), out, mine, device, recipe_fallback=fallback)
             _drop_rank_files(run_dir, [])
@@ -171,12 +188,12 @@ def stage_baselines(cfg: HpcadConfig, run_dir: Path) -> dict:
     from hpcad.baselines import index_ranks, run_baselines, skipped
 
     out_dir = run_dir / "baselines"
-    with ranked_share(cfg, run_dir) as (w, _device, store, mine):
+    with ranked_share(cfg, run_dir, monitored=True) as (w, _device, store, mine):
         if skipped(cfg, store):
             return {}
         fit_store = _fit_store(cfg, store)
         if not w.distributed:
-            return run_baselines(cfg, fit_store, store, out_dir)
+            return run_baselines(cfg, fit_store, store, out_dir, mine)
         run_baselines(cfg, fit_store, store, out_dir, mine, w.rank)
         dist.barrier("for the other ranks to finish their baselines")
         out = index_ranks(out_dir, list(cfg.baselines.methods), w.size) if w.rank == 0 else {}

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from hpcad.data.node import NodeData
-from hpcad.errors import ConfigError
+from hpcad.errors import ConfigError, TooFewTrainingRows
 
 if TYPE_CHECKING:
     from hpcad.config import PreprocessConfig
@@ -103,8 +103,9 @@ MIN_TRAINING_ROWS = 10
 def check_training_rows(n: int, where: str) -> None:
     """Refuse a node with fewer than ``MIN_TRAINING_ROWS`` training inputs, naming it."""
     if n < MIN_TRAINING_ROWS:
-        raise ConfigError(f"{where}: {n} training rows, fewer than the minimum of {MIN_TRAINING_ROWS} (check the "
-                          f"node's data, split.* and labels, or leave the node out of the input)")
+        short = f"{n} training rows, fewer than the minimum of {MIN_TRAINING_ROWS}"
+        raise TooFewTrainingRows(f"{where}: {short} (check the node's data, split.* and labels; "
+                                 f"data.on_bad_node=skip leaves such nodes untrained and trains the others)", short)
 
 
 def fit_rows(n: int, validation_split: float) -> int:

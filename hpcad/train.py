@@ -15,9 +15,9 @@ from hpcad.config import build
 from hpcad.data.store import TelemetryStore
 from hpcad.device import reset_peak_memory, resolve_device
 from hpcad.dist import world
-from hpcad.errors import ConfigError, StoreError
+from hpcad.errors import ConfigError, StoreError, TooFewTrainingRows
 from hpcad.model.autoencoder import AutoencoderSpec, ensemble_recon, stack
-from hpcad.model.files import NodeModel, model_path
+from hpcad.model.files import NodeModel, model_path, untrained_for, untrained_path, write_untrained
 from hpcad.preprocess import (Scaler, check_training_rows, fill_gaps, fit_rows, split_codes, training_rows, window_rows,
                               windows)
 from hpcad.model.backprop import Workspace
@@ -155,7 +155,9 @@ def _epoch_reporter(bar, chunk: int, models: int, epochs: int):
 
 def train_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, nodes: list[str] | None = None,
                 device=None, summary_name: str = "training.json") -> dict:
-    """Train (or resume training of) a model for each node; nodes with a model file are skipped."""
+    """Train (or resume training of) a model for each node; nodes with a model file are skipped. With
+    ``data.on_bad_node=skip`` a node with too few training rows is left untrained and recorded
+    (``models/<node>.untrained.json``): scoring leaves it out and the report lists it."""
     spec = model_spec(cfg)
     check_train_config(cfg.train)
     check_compute_config(cfg.compute)
@@ -164,9 +166,13 @@ def train_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, nodes
     fingerprint = training_fingerprint(cfg, spec, store)
     scales = fixed_scales(cfg.signal.metric_scales) is not False
     todo = [n for n in nodes if not reusable(model_path(models_dir, n), fingerprint, scales)]
+    skip_bad = cfg.data.on_bad_node == "skip"
+    untrained = [n for n in todo if skip_bad and untrained_for(models_dir, n, fingerprint)]
+    if untrained:  # recorded by a training of the same data and settings: not read again
+        todo = [n for n in todo if n not in set(untrained)]
     if len(todo) < len(nodes):
-        log.info("resuming: %d of %d nodes already have a model from the same data and settings in %s",
-                 len(nodes) - len(todo), len(nodes), models_dir)
+        log.info("resuming: %d of %d nodes already have a model (%d left untrained) from the same data and "
+                 "settings in %s", len(nodes) - len(todo) - len(untrained), len(nodes), len(untrained), models_dir)
     todo.sort(key=lambda n: (-store.rows(n), n))  # similar lengths share a chunk: less padding
     M = len(store.metrics)
     R = spec.members
@@ -184,9 +190,23 @@ def train_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, nodes
         if i == 0:
             log.info("chunks of up to %d models (%d nodes x %d members) on %s; budget: %s", K, max(1, K // R), R,
                      device, budget.source)
-        chunk = todo[i:i + max(1, K // R)]  # K models: the members of K // R nodes
-        i += len(chunk)
-        prepared = [prepare_training_rows(store, n, cfg, spec.window) for n in chunk]
+        taken = todo[i:i + max(1, K // R)]  # K models: the members of K // R nodes
+        i += len(taken)
+        chunk, prepared = [], []
+        for n in taken:
+            try:
+                prepared.append(prepare_training_rows(store, n, cfg, spec.window))
+                chunk.append(n)
+            except TooFewTrainingRows as exc:
+                if not skip_bad:
+                    raise
+                write_untrained(models_dir, n, exc.short, fingerprint)
+                untrained.append(n)
+                log.warning("node %s: %s: left untrained (data.on_bad_node=skip), not scored", n, exc.short)
+        if not chunk:
+            done += len(taken)
+            bar.update(len(taken))
+            continue
         seeds = [member_seed(node_seed(cfg.train.seed, n), r) for n in chunk for r in range(R)]
         n_chunk += 1
         bar.set_postfix(chunk=f"{n_chunk} ({len(chunk)} nodes)", device=str(device))
@@ -201,7 +221,7 @@ def train_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, nodes
         if res is None:
             workspace = Workspace()  # its tensors go too
             cap = retry_cap_after_oom(device, chunk, R, "training")  # this chunk again, in halves
-            i -= len(chunk)
+            i -= len(taken)
             n_chunk -= 1
             retries += 1
             continue
@@ -219,14 +239,16 @@ def train_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, nodes
                 level, held = res.holdout_signal[k], res.holdout_error[k]
             NodeModel(n, spec, store.metrics, members, prepared[k][1], history, level, fingerprint, held).save(
                 model_path(models_dir, n))
+            untrained_path(models_dir, n).unlink(missing_ok=True)  # enough rows now
         ckpt.remove()  # its models are written
-        done += len(chunk)
-        bar.update(len(chunk))
+        done += len(taken)
+        bar.update(len(taken))
         log.info("trained %d/%d nodes (%s)", done, len(todo), elapsed_and_left(time.perf_counter() - t0, done, len(todo)))
     bar.close()
     summary = {"nodes": len(nodes), "trained_now": len(todo), "seconds": round(time.perf_counter() - t0, 3),
                "device": str(device), "model": spec.to_dict(), "chunks": n_chunk, "largest_chunk_nodes": largest,
-               "out_of_memory_retries": retries, "budget": budget.source if budget else None}
+               "out_of_memory_retries": retries, "budget": budget.source if budget else None,
+               "untrained": len(set(untrained)), "untrained_nodes": sorted(set(untrained))[:20]}
     if device.type == "cuda" and todo:  # what the chunks really took, beside the budget (tune device_memory_mb)
         summary["peak_device_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
     write_json(models_dir / summary_name, summary)

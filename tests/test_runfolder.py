@@ -67,6 +67,56 @@ def test_one_minimum_of_training_rows_for_models_and_baselines(tmp_path):
     assert "\r" not in p.stderr and "node/s" not in p.stderr, p.stderr[-500:]
 
 
+def test_a_node_with_too_few_training_rows_is_left_untrained_with_skip_and_trained_once_it_has_them(tmp_path):
+    """One node without enough training rows (down for most of the period, or listed as broken for all
+    of it) stopped the whole cluster's training, even with data.on_bad_node=skip (what the SLURM script
+    passes). Now, with skip, it is recorded as untrained, the others are trained, scored and compared,
+    and the report lists it; a model of earlier settings is not used for it, and it is trained as soon
+    as it has the rows."""
+    import json
+
+    import numpy as np
+    import pandas as pd
+
+    from hpcad.errorstore import ErrorStore
+
+    src = tmp_path / "exports"
+    src.mkdir()
+    for node, rows in (("big", 400), ("big2", 300), ("tiny", 24)):  # tiny: 10 of 24 rows train at 45 %; 7 at 30 %
+        rng = np.random.default_rng(len(node))
+        pd.DataFrame({"timestamp": 1_700_000_000 + 300 * np.arange(rows),
+                      **{m: rng.normal(size=rows) for m in ("a", "b", "c")}}).to_csv(src / f"{node}.csv", index=False)
+    run = tmp_path / "run"
+    args = [f"data.source={src}", "data.format=wide", "train.epochs=2", "compute.progress=false",
+            "baselines.methods=[pca]", f"hydra.run.dir={run}"]
+    models = run / "models"
+    hpcad("run", *args)  # 45 %: every node has enough rows
+    assert (models / "tiny.pt").exists() and not (models / "tiny.untrained.json").exists()
+    fewer = ["split.train=0.3", "split.val=0.3"]
+    p = hpcad("run", *args, *fewer, check=False)  # without skip: the clear error, naming the node and the way out
+    assert p.returncode == 2 and "node tiny: 7 training rows" in p.stderr and "data.on_bad_node=skip" in p.stderr
+    p = hpcad("run", *args, *fewer, "data.on_bad_node=skip")
+    assert "node tiny: 7 training rows, fewer than the minimum of 10: left untrained" in p.stderr + p.stdout
+    record = json.loads((models / "tiny.untrained.json").read_text())
+    assert record["reason"] == "7 training rows, fewer than the minimum of 10" and record["node"] == "tiny"
+    assert not (models / "tiny.pt").exists()  # the model of the earlier split is not scored in its place
+    assert sorted(ErrorStore(run / "errors.h5").nodes) == ["big", "big2"]
+    assert sorted(ErrorStore(run / "baselines" / "pca.h5").nodes) == ["big", "big2"]  # like for like
+    assert sorted(json.loads((run / "thresholds.json").read_text())["nodes"]) == ["big", "big2"]
+    page = (run / "report.html").read_text()
+    assert "Untrained nodes (1)" in page and "7 training rows, fewer than the minimum of 10" in page
+    summary = json.loads((models / "training.json").read_text())
+    assert summary["untrained"] == 1 and summary["untrained_nodes"] == ["tiny"]
+    stamp = (models / "tiny.untrained.json").stat().st_mtime_ns
+    p = hpcad("run", *args, *fewer, "data.on_bad_node=skip")  # a rerun: nothing trained, the node not read again
+    assert "resuming: 2 of 3 nodes already have a model (1 left untrained)" in p.stderr + p.stdout
+    assert (models / "tiny.untrained.json").stat().st_mtime_ns == stamp
+    hpcad("run", *args, "data.on_bad_node=skip")  # enough rows again: trained, and the record goes
+    assert (models / "tiny.pt").exists() and not (models / "tiny.untrained.json").exists()
+    assert sorted(ErrorStore(run / "errors.h5").nodes) == ["big", "big2", "tiny"]
+    assert "Untrained nodes" not in (run / "report.html").read_text()
+
+
 def _corrupt_chunk(path, dataset):
     """Overwrite the middle of ``dataset``'s first chunk in place (what a bad disk or a stray write does)."""
     import h5py

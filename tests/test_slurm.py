@@ -20,10 +20,15 @@ from hpcad.errors import ConfigError, HpcadError
 def test_sbatch_train_all_nodes_matches_the_single_process_run(tmp_path, slurm_env):
     exports = tmp_path / "exports"
     generate(exports, nodes=16, rows=300)
+    # a node back from repair with a day of rows: too few to train on; the script trains with
+    # data.on_bad_node=skip, so it is left untrained and the 16 others are trained and scored
+    lines = (exports / "node0000.csv").read_text().splitlines()[:13]
+    (exports / "node0016.csv").write_text("\n".join(lines) + "\n")
     args = [f"data.source={exports}", "train.epochs=2", "compute.progress=false", "baselines.methods=[]",
             "report.max_nodes_plotted=2", "report.max_node_pages=2"]  # a report, but a small one
     single = tmp_path / "single"
-    hpcad("run", f"hydra.run.dir={single}", *args, "report.enabled=false")  # the job's report is checked
+    hpcad("run", f"hydra.run.dir={single}", *args, "report.enabled=false", "data.on_bad_node=skip")  # the job's
+    # report is checked
     run = tmp_path / "slurm-run"
     env = dict(slurm_env, HPCAD_RUN_DIR=str(run))
     job = sbatch_wait(["-o", str(tmp_path / "job.out"), str(ROOT / "slurm" / "train_all_nodes.sh"), *args],
@@ -34,7 +39,7 @@ def test_sbatch_train_all_nodes_matches_the_single_process_run(tmp_path, slurm_e
     # one GPU per rank: SLURM bound GPU i (of the dev cluster's 4 per node, devices in name only) to
     # task i, and each rank says so; the CPU build of torch then trains on the CPU, and says that too
     assert "srun --gpu-bind=per_task:1 (4 tasks, 4 GPUs per node)" in log
-    bound = set(re.findall(r"rank (\d) of 4 on \S+: \d+ of 16 nodes, device cpu, CUDA_VISIBLE_DEVICES=([^\s,]+)", log))
+    bound = set(re.findall(r"rank (\d) of 4 on \S+: \d+ of 1[67] nodes, device cpu, CUDA_VISIBLE_DEVICES=([^\s,]+)", log))
     assert bound == {("0", "0"), ("1", "1"), ("2", "2"), ("3", "3")}, bound
     assert "CUDA_VISIBLE_DEVICES=3) but torch" in log
     # the script's OMP_NUM_THREADS (--cpus-per-task=8) for 4 ranks is kept where the CPUs are there
@@ -49,6 +54,7 @@ def test_sbatch_train_all_nodes_matches_the_single_process_run(tmp_path, slurm_e
     assert report["problems"] == [] and len(report["notes"]) == 4  # GPUs bound, but torch here is a CPU build
     a, b = slurm_models(single), slurm_models(run)
     assert a.keys() == b.keys() and len(a) == 16
+    assert (run / "models" / "node0016.untrained.json").exists() and "Untrained nodes (1)" in (run / "report.html").read_text()
     for name in a:
         for x, y in zip(a[name], b[name]):
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)

@@ -162,3 +162,49 @@ def models_stamp(models_dir: Path) -> str:
 
 def model_path(models_dir: Path, node: str) -> Path:
     return Path(models_dir) / f"{node}.pt"
+
+
+UNTRAINED_SUFFIX = ".untrained.json"
+
+
+def untrained_path(models_dir: Path, node: str) -> Path:
+    """A node that training left without a model (too few training rows, ``data.on_bad_node=skip``):
+    ``models/<node>.untrained.json`` says why and for which training fingerprint."""
+    return Path(models_dir) / f"{node}{UNTRAINED_SUFFIX}"
+
+
+def write_untrained(models_dir: Path, node: str, reason: str, fingerprint: str) -> None:
+    """Record ``node`` as left untrained, and remove its model file of earlier settings or data (scoring
+    would otherwise use it)."""
+    from hpcad.atomic import write_json
+
+    write_json(untrained_path(models_dir, node), {"node": node, "reason": reason, "fingerprint": fingerprint})
+    model_path(models_dir, node).unlink(missing_ok=True)
+
+
+def untrained_nodes(models_dir: Path) -> dict[str, str]:
+    """The nodes training left without a model in ``models_dir`` (a record and no model file), and why."""
+    import json
+
+    out = {}
+    for p in sorted(Path(models_dir).glob(f"*{UNTRAINED_SUFFIX}")):
+        node = p.name[:-len(UNTRAINED_SUFFIX)]
+        if model_path(models_dir, node).exists():
+            continue
+        try:
+            out[node] = str(json.loads(p.read_text()).get("reason", ""))
+        except (OSError, ValueError, AttributeError) as exc:
+            raise StoreError(f"{p}: unreadable ({exc}); delete it and rerun `hpcad train`") from exc
+    return out
+
+
+def untrained_for(models_dir: Path, node: str, fingerprint: str) -> bool:
+    """Whether ``node`` was left untrained by a training of the same data and settings (a rerun need
+    not read its rows again)."""
+    import json
+
+    p = untrained_path(models_dir, node)
+    try:
+        return json.loads(p.read_text()).get("fingerprint") == fingerprint
+    except (OSError, ValueError, AttributeError):
+        return False

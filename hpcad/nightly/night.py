@@ -32,7 +32,7 @@ from hpcad.explain import class_profiles
 from hpcad.incidents import FILE as INCIDENTS
 from hpcad.incidents import incident_of, night_incidents, previous_incidents
 from hpcad.light import map_for_night
-from hpcad.model.files import model_nodes, model_path
+from hpcad.model.files import UNTRAINED_SUFFIX, model_nodes, model_path, untrained_nodes
 from hpcad.nightly.days import day_bounds, input_for
 from hpcad.nightly.refit import light_retrain, recent_nights
 from hpcad.nightly.sections import nightly_sections, node_history, trend
@@ -144,7 +144,10 @@ def _ingest(t: Tonight) -> tuple[TelemetryStore, list[str], list[str], list[str]
     silent = sorted(set(trained) - set(store.nodes))
     _check_complete(store, nodes, trained, t.day, t.src, t.cfg.nightly)
     if new:
-        log.warning("nightly %s: %d node(s) without a trained model are not scored: %s", t.iso, len(new), new[:10])
+        left = untrained_nodes(t.models_dir)  # training left them without a model (too few training rows)
+        log.warning("nightly %s: %d node(s) without a trained model are not scored: %s%s", t.iso, len(new), new[:10],
+                    f" ({sum(n in left for n in new)} of them left untrained by training: models/<node>"
+                    f"{UNTRAINED_SUFFIX})" if any(n in left for n in new) else "")
     if silent:
         log.warning("nightly %s: %d trained node(s) sent no telemetry: %s", t.iso, len(silent), silent[:10])
     return store, nodes, new, silent

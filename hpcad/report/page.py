@@ -14,6 +14,7 @@ from hpcad.data.store import TelemetryStore, is_store_path
 from hpcad.errorstore import ErrorStore
 from hpcad.incidents import cause_of
 from hpcad.report.markup import alarms_table, fmt, html_table, page, sortable_table, top_names
+from hpcad.model.files import untrained_nodes
 from hpcad.report.nodes import node_pages
 from hpcad.report.plots import curves, heatmap, overview, profile_plot, signal_plot
 from hpcad.threshold.evaluate import top_metrics_of
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from hpcad.config import HpcadConfig
 
 
+MAX_UNTRAINED_LISTED = 200  # a site where half the cluster was down lists 200 and points at the files
 _NODES_SLOT = "<!-- alarmed nodes -->"  # a place in the page kept while warnings are put before it
 
 
@@ -95,6 +97,13 @@ def write_report(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, models_dir
             parts.append(f"<h2>Skipped input files ({len(store.skipped_files)})</h2><p>Bad input (data.on_bad_node="
                          f"skip); every node's rows in these files are missing.</p>"
                          + html_table(store.skipped_files, ["file", "reason"]))
+    untrained = untrained_nodes(models_dir) if Path(models_dir).is_dir() else {}
+    if untrained:
+        rows = sorted(untrained.items())[:MAX_UNTRAINED_LISTED]
+        parts.append(f"<h2>Untrained nodes ({len(untrained)})</h2><p>Too few training rows (data.on_bad_node=skip): "
+                     f"these nodes have no model and were not scored"
+                     + (f"; the first {len(rows)} listed (all in <code>models/*.untrained.json</code>)"
+                        if len(rows) < len(untrained) else "") + ".</p>" + html_table(rows, ["node", "reason"]))
     in_overview = ranked[: cfg.report.max_nodes_overview]
     if in_overview:
         parts.append("<h2>Cluster overview</h2>" + overview(errors, th, sorted(in_overview), time_unit))
