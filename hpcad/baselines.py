@@ -12,6 +12,15 @@ file in the error-file layout (smoothed and normalised like the autoencoder's si
   training variance (the linear autoencoder).
 - ``knn``: distance of a row's window (it and the ``knn_window - 1`` rows before it) to the
   nearest training window: a strong classic on multivariate telemetry.
+- ``range``: no model at all: the sum over metrics of the squared distance of a value outside the
+  metric's training range (standardised units), the term the autoencoder's signal adds
+  (``signal.range_excess``). It shows how much of a ranking that term makes on its own.
+
+The error-like baselines (``pca``, ``knn``: squared distances in the same standardised units as the
+autoencoder's errors) add the same range-excess term with the autoencoder's weight
+(``baselines.range_excess``, default true: the weight ``errors.h5`` was scored with, so the
+comparison is of the models, not of the term). KDE and IsolationForest scores are in other units
+and go without it.
 
 Fits use at most ``max_train_rows`` training rows (a random subsample beyond that, drawn from the
 node's own seed: a node's baseline does not depend on which other nodes a process fits, so ranks
@@ -41,15 +50,16 @@ from hpcad.atomic import remove_unreferenced
 from hpcad.data.h5 import open_h5
 from hpcad.errorstore import NodeSignal, signal_attrs, write_index, write_signal_file
 from hpcad.progress import Progress
-from hpcad.signals import smooth_signal
+from hpcad.signals import signal_level, smooth_signal
 
 if TYPE_CHECKING:
     from hpcad.config import HpcadConfig
 
 log = logging.getLogger(__name__)
-METHODS = ("kde", "iforest", "pca", "knn")
+METHODS = ("kde", "iforest", "pca", "knn", "range")
 OPTIONS = {"kde": ("kde_bandwidths",), "iforest": ("iforest_trees",), "pca": ("pca_variance",),
-           "knn": ("knn_window",)}  # each method's own ``baselines.*`` options
+           "knn": ("knn_window",), "range": ()}  # each method's own ``baselines.*`` options
+WITH_EXCESS = ("pca", "knn")  # error-like: the autoencoder's range-excess term is added (baselines.range_excess)
 _BLOCK = 4096  # evaluation rows per distance block
 
 
@@ -121,6 +131,8 @@ def _fit(method: str, train: np.ndarray, hold: np.ndarray, bc, seed: int):
         return (lambda x: -model.score_samples(x)), False
     if method == "pca":
         return _Pca(train, float(bc.pca_variance)).score, True
+    if method == "range":  # the excess is added by the caller, from the node's scaler
+        return (lambda x: np.zeros(len(x))), True
     return _Knn(train).score, True  # knn
 
 
@@ -137,11 +149,31 @@ def node_rng(seed: int, node: str) -> np.random.Generator:
     return np.random.default_rng([int(seed), zlib.crc32(node.encode())])
 
 
+def excess_weight(cfg: HpcadConfig, errors_path: Path | None) -> float:
+    """The range-excess weight the error-like baselines add: the one the autoencoder's ``errors.h5``
+    was scored with (``signal.excess_weight=auto`` chooses it there); a fixed ``signal.excess_weight``
+    where there is no errors.h5 yet, 1 for ``auto``; 0 with ``signal.range_excess=false`` or
+    ``baselines.range_excess=false``."""
+    from hpcad.signal_choice import fixed_weight
+
+    if not cfg.signal.range_excess or not cfg.baselines.range_excess:
+        return 0.0
+    if errors_path is not None and errors_path.exists():
+        from hpcad.errorstore import ErrorStore
+
+        return float(ErrorStore(errors_path).recipe.weight)
+    w = fixed_weight(cfg.signal.excess_weight)
+    return 1.0 if w is None else float(w)
+
+
 def baseline_signals(method: str, cfg: HpcadConfig, fit_store: TelemetryStore, eval_store: TelemetryStore,
-                     nodes: list[str] | None = None, progress: bool = False) -> Iterator[NodeSignal]:
+                     nodes: list[str] | None = None, progress: bool = False,
+                     weight: float = 0.0) -> Iterator[NodeSignal]:
     """One baseline's signal for ``nodes`` of ``eval_store`` (all of them by default), fitted on
-    ``fit_store``'s normal training rows of the same node."""
+    ``fit_store``'s normal training rows of the same node; ``pca`` and ``knn`` add ``weight`` x the
+    range excess (:func:`excess_weight`), ``range`` is that excess alone."""
     bc = cfg.baselines
+    weight = 1.0 if method == "range" else weight if method in WITH_EXCESS else 0.0
     w = int(bc.knn_window) if method == "knn" else 1
     nodes = list(eval_store.nodes) if nodes is None else nodes
     bar = Progress(len(nodes), f"baseline {method}", "node", progress, log)
@@ -171,6 +203,8 @@ def baseline_signals(method: str, cfg: HpcadConfig, fit_store: TelemetryStore, e
         train, hold = window_at(z, train_idx, w), window_at(z, hold_idx, w)
         score, error_like = _fit(method, train, hold, bc, int(bc.seed))
         ref = score(hold if len(hold) else train)
+        if weight:  # the reference rows' excess (0 inside the training range), from the fit store's rows
+            ref = ref + scaler.excess_sum(z[hold_idx if len(hold) else train_idx]) * weight
         if eval_store is fit_store:  # fitted and scored on one store: the node read and standardised once
             nd = fit_nd
         else:
@@ -182,8 +216,10 @@ def baseline_signals(method: str, cfg: HpcadConfig, fit_store: TelemetryStore, e
             step = 4 * _BLOCK  # blocks of whole distance blocks: the same distances, the same figures
             sig = np.concatenate([score(window_at(z, np.arange(a, min(a + step, len(z))), w))
                                   for a in range(0, len(z), step)] or [np.empty(0)])
-        if error_like:  # like the autoencoder: >= 0, normal level = the held-out mean
-            offset, scale = 0.0, float(max(np.mean(ref), 1e-12))
+        if weight:  # per row (a window's newest)
+            sig = sig + scaler.excess_sum(z) * weight
+        if error_like:  # like the autoencoder: >= 0, normal level = the held-out mean (its floor too)
+            offset, scale = 0.0, signal_level(float(np.mean(ref)), z.shape[1], cfg.signal.scale_floor)
         else:  # an arbitrary origin: centred on the held-out median, in units of its spread
             offset, scale = float(np.median(ref)), float(max(np.std(ref), 1e-9))
         sig = smooth_signal(sig - offset, cfg.signal.smooth, scale, cfg.signal.causal)
@@ -212,7 +248,7 @@ def skipped(cfg: HpcadConfig, eval_store: TelemetryStore) -> bool:
 
 
 def settings_key(cfg: HpcadConfig, method: str, fit_store: TelemetryStore, eval_store: TelemetryStore,
-                 nodes: list[str]) -> str | None:
+                 nodes: list[str], weight: float = 0.0) -> str | None:
     """A digest of what a baseline's signal file depends on (the stores' inputs, the nodes, the
     baseline, split, preprocessing and smoothing options); None when a store cannot say what it holds."""
     from omegaconf import OmegaConf
@@ -226,6 +262,7 @@ def settings_key(cfg: HpcadConfig, method: str, fit_store: TelemetryStore, eval_
         tcfg = load_run_config(Path(cfg.train_run))
     what = {"method": method, "fit": fit_store.signature, "eval": eval_store.signature, "nodes": nodes,
             "baselines": {k: cfg.baselines[k] for k in ("max_train_rows", "seed", *OPTIONS[method])},
+            "excess_weight": weight if method in WITH_EXCESS else None,
             "split": OmegaConf.to_container(cfg.split, resolve=True),
             "train_split": None if tcfg is None else OmegaConf.to_container(tcfg.split, resolve=True),
             "preprocess": OmegaConf.to_container(cfg.preprocess, resolve=True),
@@ -245,7 +282,7 @@ def _holds(path: Path, key: str | None) -> bool:
 
 
 def run_baselines(cfg: HpcadConfig, fit_store: TelemetryStore, eval_store: TelemetryStore, out_dir: Path,
-                  nodes: list[str] | None = None, rank: int | None = None) -> dict[str, Path]:
+                  nodes: list[str] | None = None, rank: int | None = None, weight: float = 0.0) -> dict[str, Path]:
     """Each method's signal file of ``nodes`` (all of ``eval_store``'s by default): ``<method>.h5``;
     with ``rank``, that rank's share as ``<method>-rank<r>.h5`` (:func:`index_ranks` links them). A
     file already written for the same data and settings is kept (a rerun, a requeued job)."""
@@ -254,12 +291,12 @@ def run_baselines(cfg: HpcadConfig, fit_store: TelemetryStore, eval_store: Telem
     nodes = list(eval_store.nodes) if nodes is None else nodes
     for method in cfg.baselines.methods:
         path = out_dir / (f"{method}.h5" if rank is None else f"{method}-rank{rank}.h5")
-        key = settings_key(cfg, method, fit_store, eval_store, nodes)
+        key = settings_key(cfg, method, fit_store, eval_store, nodes, weight)
         if _holds(path, key):
             log.info("baseline %s: %s is up to date (the same data and settings): kept", method, path.name)
         else:
             write_signal_file(path, method, baseline_signals(method, cfg, fit_store, eval_store, nodes,
-                                                             cfg.compute.progress), settings=key)
+                                                             cfg.compute.progress, weight), settings=key)
             log.info("baseline %s -> %s", method, path)
         if rank is None:
             _drop_parts(out_dir, method, [])

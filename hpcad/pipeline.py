@@ -185,16 +185,17 @@ def stage_baselines(cfg: HpcadConfig, run_dir: Path) -> dict:
     """Fit the baselines; under several ranks each rank fits its share of the nodes (hpcad.baselines)."""
     if not cfg.baselines.methods:
         return {}
-    from hpcad.baselines import index_ranks, run_baselines, skipped
+    from hpcad.baselines import excess_weight, index_ranks, run_baselines, skipped
 
     out_dir = run_dir / "baselines"
     with ranked_share(cfg, run_dir, monitored=True) as (w, _device, store, mine):
         if skipped(cfg, store):
             return {}
         fit_store = _fit_store(cfg, store)
+        weight = excess_weight(cfg, run_dir / "errors.h5")  # the autoencoder's, as it was scored
         if not w.distributed:
-            return run_baselines(cfg, fit_store, store, out_dir, mine)
-        run_baselines(cfg, fit_store, store, out_dir, mine, w.rank)
+            return run_baselines(cfg, fit_store, store, out_dir, mine, weight=weight)
+        run_baselines(cfg, fit_store, store, out_dir, mine, w.rank, weight)
         dist.barrier("for the other ranks to finish their baselines")
         out = index_ranks(out_dir, list(cfg.baselines.methods), w.size) if w.rank == 0 else {}
         dist.barrier()

@@ -278,3 +278,11 @@ class Scaler:
     def excess(self, z: np.ndarray) -> np.ndarray:
         """How far standardised values [T, M] lie outside the training range (0 inside)."""
         return np.maximum(0.0, np.maximum(z - self.hi, self.lo - z)).astype(np.float32)
+
+    def excess_sum(self, z: np.ndarray) -> np.ndarray:
+        """Per row of ``z`` [T, M], the sum of its squared :meth:`excess` [T] (float64), in blocks of
+        rows (a node-year's [T, M] temporaries otherwise)."""
+        out = np.empty(len(z), dtype=np.float64)
+        for s in range(0, len(z), TRANSFORM_ROWS):
+            out[s:s + TRANSFORM_ROWS] = np.square(self.excess(z[s:s + TRANSFORM_ROWS])).sum(1, dtype=np.float64)
+        return out

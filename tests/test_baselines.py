@@ -48,3 +48,59 @@ def test_a_rerun_keeps_baselines_fitted_from_the_same_data_and_settings(tmp_path
     said = changed.stdout + changed.stderr
     assert "baseline kde: kde.h5 is up to date" in said and f"baseline pca -> {files['pca']}" in said
     assert files["pca"].stat().st_mtime_ns != first["pca"] and files["kde"].stat().st_mtime_ns == first["kde"]
+
+
+def test_range_is_the_autoencoders_excess_term_alone_and_pca_adds_it_at_the_autoencoders_weight(tmp_path):
+    """On MSL and DAVIDE the range-excess term (the squared distance of a value outside its training
+    range) made most of the autoencoder's lead over the baselines, which went without it. Now `range`
+    is that term alone (no model), and PCA and the 1-NN add it at the weight the autoencoder's
+    errors.h5 was scored with (baselines.range_excess)."""
+    import json
+
+    import h5py
+
+    from conftest import hpcad
+    from hpcad.errorstore import ErrorStore
+    from hpcad.preprocess import Scaler, fill_gaps, split_codes, training_rows
+    from hpcad.signals import signal_level, smooth_signal
+
+    run = tmp_path / "run"
+    args = ["data.synthetic.nodes=2", "data.synthetic.rows=300", "train.epochs=2", "compute.progress=false",
+            "signal.excess_weight=10", f"hydra.run.dir={run}"]
+    hpcad("run", *args, "baselines.methods=[pca,range]")
+    assert ErrorStore(run / "errors.h5").recipe.weight == 10
+    m = json.loads((run / "metrics.json").read_text())
+    assert {"pca", "range"} <= set(m["baselines"]) and m["baselines"]["range"]["splits"]["eval"]["ranking"]["nodes"] >= 1
+    # `range` by hand: the node's scaler on its normal training rows, the summed squared excess, smoothed
+    register_configs()
+    with initialize_config_dir(str(resource_dir("conf")), version_base="1.3"):
+        cfg = compose("config", ["data.synthetic.nodes=2", "data.synthetic.rows=300"])
+    store = TelemetryStore(run / "store.h5")
+    node = store.nodes[0]
+    nd = store.read(node)
+    rows = training_rows(nd, split_codes(nd, cfg.split), cfg.split.normal_only, cfg.split.exclude_idle)
+    vals = fill_gaps(nd.values, cfg.preprocess.nan_fill_limit)
+    scaler = Scaler.fit(vals[rows], cfg.preprocess)
+    excess = np.square(scaler.excess(scaler.transform(vals)[0])).sum(1)
+    assert excess.max() > 0 and excess[rows].max() == 0  # outside the training range only
+    level = signal_level(0.0, vals.shape[1], cfg.signal.scale_floor)
+    with h5py.File(run / "baselines" / "range.h5") as f:
+        np.testing.assert_allclose(f[f"nodes/{node}/signal"][:], smooth_signal(excess, cfg.signal.smooth, level),
+                                   rtol=1e-5, atol=1e-6 * level)
+    # PCA: its reconstruction error plus 10 x that excess (unsmoothed here); baselines.range_excess=false: bare
+    cfg.signal.smooth = 1
+    bare = next(baseline_signals("pca", cfg, store, store, nodes=[node]))
+    added = next(baseline_signals("pca", cfg, store, store, nodes=[node], weight=10.0))
+    np.testing.assert_allclose(added.signal - bare.signal, 10 * excess, rtol=1e-5, atol=1e-5)
+    hpcad("baselines", *args, "baselines.methods=[pca]", "baselines.range_excess=false")  # another weight: refitted
+    with h5py.File(run / "baselines" / "pca.h5") as f:
+        without = f[f"nodes/{node}/signal"][:]
+    with initialize_config_dir(str(resource_dir("conf")), version_base="1.3"):
+        cfg = compose("config", ["data.synthetic.nodes=2", "data.synthetic.rows=300"])
+    np.testing.assert_allclose(without, next(baseline_signals("pca", cfg, store, store, nodes=[node])).signal, rtol=1e-5)
+    # scoring other (shorter) data with the run's models (train_run): fitted on the run's rows, scored on the new ones
+    other = tmp_path / "other"
+    hpcad("run", "data.synthetic.nodes=2", "data.synthetic.rows=100", "data.synthetic.seed=1", "compute.progress=false",
+          "baselines.methods=[pca,range]", f"train_run={run}", f"hydra.run.dir={other}")
+    m = json.loads((other / "metrics.json").read_text())
+    assert m["baselines"]["range"]["splits"]["eval"]["ranking"]["nodes"] >= 1 and "pca" in m["baselines"]

@@ -12,7 +12,7 @@ from conftest import SMALL, generate, hpcad
 
 def test_run_on_the_embedded_default_writes_every_output(tmp_path):
     run = tmp_path / "run"
-    every_baseline = [a for a in SMALL if not a.startswith("baselines.methods")]  # the default: all four
+    every_baseline = [a for a in SMALL if not a.startswith("baselines.methods")]  # the default: all five
     out = hpcad("run", f"hydra.run.dir={run}", *every_baseline).stdout
     assert f"report at {run / 'report.html'}" in out
     for name in ("store.h5", "errors.h5", "thresholds.json", "alarms.csv", "metrics.json", "report.html",
@@ -21,7 +21,7 @@ def test_run_on_the_embedded_default_writes_every_output(tmp_path):
     assert "run done" in (run / "run.log").read_text() and not (run / "cli.log").exists()  # the log names the stage
     m = json.loads((run / "metrics.json").read_text())
     assert set(m["splits"]) == {"train", "val", "test", "eval"}
-    assert set(m["baselines"]) == {"kde", "iforest", "pca", "knn"}
+    assert set(m["baselines"]) == {"kde", "iforest", "pca", "knn", "range"}
     assert {"cost", "false_alarms", "missed", "precision", "recall", "f1", "mean_delay_s",
             "false_alarms_per_node_day", "ranking"} <= set(m["splits"]["test"])
     for part in (m["splits"]["eval"], *(b["splits"]["eval"] for b in m["baselines"].values())):

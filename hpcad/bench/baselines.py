@@ -23,14 +23,15 @@ log = logging.getLogger(__name__)
 def _baseline_child(cfg: HpcadConfig, store: str, method: str, conn) -> None:
     from threadpoolctl import threadpool_limits
 
-    from hpcad.baselines import baseline_signals
+    from hpcad.baselines import baseline_signals, excess_weight
     from hpcad.data.store import TelemetryStore
 
     torch.set_num_threads(1)
     st = TelemetryStore(Path(store))
     t0 = time.perf_counter()
     with threadpool_limits(1):  # numpy's BLAS too: the figure is per core
-        nodes = sum(1 for _ in baseline_signals(method, cfg, st, st, progress=bool(cfg.compute.progress)))
+        nodes = sum(1 for _ in baseline_signals(method, cfg, st, st, progress=bool(cfg.compute.progress),
+                                                weight=excess_weight(cfg, None)))  # as a run adds it
     conn.send({"s": time.perf_counter() - t0, "nodes": nodes,
                "peak_rss_mb": peak_rss_mb()})
 
