@@ -6,6 +6,7 @@ needs no torch, so the stages after scoring start fast. Layout: :mod:`hpcad.scor
 """
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from hpcad.data.h5 import h5_writing, open_h5
 from hpcad.data.store import STR, checked, corrupt
 from hpcad.errors import StoreError
 from hpcad.signals import Recipe, explain_scale
+
+log = logging.getLogger(__name__)
 
 FORMAT = "error-store"
 
@@ -127,6 +130,21 @@ def signal_attrs(method: str) -> dict:
 def signal_files(folder: Path) -> list[Path]:
     """A run folder's baseline signal files (``baselines/<method>.h5``), not the ranks' parts they index."""
     return sorted(p for p in Path(folder).glob("*.h5") if not re.fullmatch(r".+-rank\d+", p.stem))
+
+
+def remove_other_signal_files(folder: Path, keep: list[str]) -> list[str]:
+    """Remove the baseline signal files (and their ranks' parts) of methods not in ``keep``: a rerun
+    with another ``baselines.methods`` (or none, or beyond ``baselines.max_nodes``) must not have
+    the threshold stage report an earlier run's figures as its own. Returns the methods removed."""
+    gone = set()
+    for p in Path(folder).glob("*.h5"):
+        method = re.sub(r"-rank\d+$", "", p.stem)
+        if method not in keep:
+            p.unlink(missing_ok=True)  # ranks may race to it: the same files either way
+            gone.add(method)
+    if gone:
+        log.info("baselines: removed the signal files of %s (not in baselines.methods=%s)", sorted(gone), list(keep))
+    return sorted(gone)
 
 
 def write_signal_file(path: Path, method: str, signals: Iterator[NodeSignal], settings: str | None = None) -> None:

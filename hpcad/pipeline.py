@@ -27,7 +27,7 @@ from hpcad.data.ranks import ingest_ranks
 from hpcad.data.store import TelemetryStore, is_store_path
 from hpcad.errors import ConfigError, InputError, StoreError
 from hpcad.explain import class_profiles
-from hpcad.errorstore import FORMAT, ErrorStore, signal_files, write_index
+from hpcad.errorstore import FORMAT, ErrorStore, remove_other_signal_files, signal_files, write_index
 from hpcad.model.files import UNTRAINED_SUFFIX, models_stamp, untrained_nodes
 from hpcad.threshold.evaluate import apply_thresholds, evaluate
 from hpcad.threshold.reduce import reducer
@@ -182,14 +182,17 @@ def stage_ingest_once(cfg: HpcadConfig, run_dir: Path) -> TelemetryStore | None:
 
 
 def stage_baselines(cfg: HpcadConfig, run_dir: Path) -> dict:
-    """Fit the baselines; under several ranks each rank fits its share of the nodes (hpcad.baselines)."""
+    """Fit the baselines; under several ranks each rank fits its share of the nodes (hpcad.baselines).
+    Signal files of methods this run does not fit are removed (they are not its figures)."""
+    out_dir = run_dir / "baselines"
+    remove_other_signal_files(out_dir, list(cfg.baselines.methods))
     if not cfg.baselines.methods:
         return {}
     from hpcad.baselines import excess_weight, index_ranks, run_baselines, skipped
 
-    out_dir = run_dir / "baselines"
     with ranked_share(cfg, run_dir, monitored=True) as (w, _device, store, mine):
         if skipped(cfg, store):
+            remove_other_signal_files(out_dir, [])
             return {}
         fit_store = _fit_store(cfg, store)
         weight = excess_weight(cfg, run_dir / "errors.h5")  # the autoencoder's, as it was scored

@@ -33,6 +33,8 @@ def test_a_rerun_keeps_baselines_fitted_from_the_same_data_and_settings(tmp_path
     """Baselines cost about 46 s per node-year: a rerun of `hpcad run` (after a failed threshold step, a
     requeue) fitted them all again. Now a method's file written for the same data and settings is
     kept; one whose options changed is fitted again."""
+    import json
+
     from conftest import hpcad
 
     args = ["data.synthetic.nodes=2", "data.synthetic.rows=300", "compute.progress=false",
@@ -48,6 +50,13 @@ def test_a_rerun_keeps_baselines_fitted_from_the_same_data_and_settings(tmp_path
     said = changed.stdout + changed.stderr
     assert "baseline kde: kde.h5 is up to date" in said and f"baseline pca -> {files['pca']}" in said
     assert files["pca"].stat().st_mtime_ns != first["pca"] and files["kde"].stat().st_mtime_ns == first["kde"]
+    # a method dropped from baselines.methods: its file goes, so `hpcad threshold` does not report an earlier
+    # run's figures as this run's (they stayed, and metrics.json listed them, whatever data they came from)
+    hpcad("run", *args[:-2], "train.epochs=2", "baselines.methods=[kde]", f"hydra.run.dir={tmp_path}")
+    assert not files["pca"].exists() and files["kde"].stat().st_mtime_ns == first["kde"]
+    assert set(json.loads((tmp_path / "metrics.json").read_text())["baselines"]) == {"kde"}
+    hpcad("run", *args[:-2], "train.epochs=2", "baselines.methods=[]", f"hydra.run.dir={tmp_path}")
+    assert not files["kde"].exists() and not json.loads((tmp_path / "metrics.json").read_text()).get("baselines")
 
 
 def test_range_is_the_autoencoders_excess_term_alone_and_pca_adds_it_at_the_autoencoders_weight(tmp_path):
