@@ -296,7 +296,8 @@ def run_baselines(cfg: HpcadConfig, fit_store: TelemetryStore, eval_store: Telem
             log.info("baseline %s: %s is up to date (the same data and settings): kept", method, path.name)
         else:
             write_signal_file(path, method, baseline_signals(method, cfg, fit_store, eval_store, nodes,
-                                                             cfg.compute.progress, weight), settings=key)
+                                                             cfg.compute.progress, weight), settings=key,
+                              store_signature=eval_store.signature)
             log.info("baseline %s -> %s", method, path)
         if rank is None:
             _drop_parts(out_dir, method, [])
@@ -304,13 +305,13 @@ def run_baselines(cfg: HpcadConfig, fit_store: TelemetryStore, eval_store: Telem
     return out
 
 
-def index_ranks(out_dir: Path, methods: list[str], ranks: int) -> dict[str, Path]:
+def index_ranks(out_dir: Path, methods: list[str], ranks: int, store_signature: str = "") -> dict[str, Path]:
     """``<method>.h5`` as an index of links over the ranks' ``<method>-rank<r>.h5`` (rank 0, after every
     rank has written its share)."""
     out: dict[str, Path] = {}
     for method in methods:
         parts = [out_dir / f"{method}-rank{r}.h5" for r in range(ranks)]
-        write_index(out_dir / f"{method}.h5", parts, signal_attrs(method))
+        write_index(out_dir / f"{method}.h5", parts, signal_attrs(method, store_signature))
         _drop_parts(out_dir, method, parts)
         log.info("baseline %s -> %s (an index of %d rank files)", method, out_dir / f"{method}.h5", ranks)
         out[method] = out_dir / f"{method}.h5"

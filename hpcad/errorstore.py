@@ -122,9 +122,11 @@ class ErrorStore:
         return explain_scale(normal) if normal is not None and len(normal) == len(self.metrics) else None
 
 
-def signal_attrs(method: str) -> dict:
-    """The attributes of a baseline's signal file (or of its index over ranks)."""
-    return {"hpcad_format": "signal-store", "format_version": 1, "method": method}
+def signal_attrs(method: str, store_signature: str = "") -> dict:
+    """The attributes of a baseline's signal file (or of its index over ranks); ``store_signature``:
+    the input signature of the store it scored (the threshold stage leaves out a file of other data)."""
+    attrs = {"hpcad_format": "signal-store", "format_version": 1, "method": method}
+    return {**attrs, "store_signature": store_signature} if store_signature else attrs
 
 
 def signal_files(folder: Path) -> list[Path]:
@@ -147,11 +149,12 @@ def remove_other_signal_files(folder: Path, keep: list[str]) -> list[str]:
     return sorted(gone)
 
 
-def write_signal_file(path: Path, method: str, signals: Iterator[NodeSignal], settings: str | None = None) -> None:
+def write_signal_file(path: Path, method: str, signals: Iterator[NodeSignal], settings: str | None = None,
+                      store_signature: str = "") -> None:
     """Baselines write the same per-node layout without the per-metric error tensor (``settings``: a
     digest of what they were fitted from, so that a rerun keeps an up-to-date file)."""
     with atomic_path(path) as tmp, h5_writing(tmp) as f:
-        f.attrs.update(signal_attrs(method))
+        f.attrs.update(signal_attrs(method, store_signature))
         if settings:
             f.attrs["settings"] = settings
         g0 = f.create_group("nodes")

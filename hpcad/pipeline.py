@@ -200,7 +200,7 @@ def stage_baselines(cfg: HpcadConfig, run_dir: Path) -> dict:
             return run_baselines(cfg, fit_store, store, out_dir, mine, weight=weight)
         run_baselines(cfg, fit_store, store, out_dir, mine, w.rank, weight)
         dist.barrier("for the other ranks to finish their baselines")
-        out = index_ranks(out_dir, list(cfg.baselines.methods), w.size) if w.rank == 0 else {}
+        out = index_ranks(out_dir, list(cfg.baselines.methods), w.size, store.signature) if w.rank == 0 else {}
         dist.barrier()
         return out
 
@@ -273,7 +273,14 @@ def stage_threshold(cfg: HpcadConfig, run_dir: Path) -> dict:
                "scope": th.scope, "threshold_check":
                th.details.get("check"), "splits": metrics["splits"], "baselines": {}, "nodes": metrics["nodes"]}
         for path in signal_files(run_dir / "baselines"):
-            bsource = ErrorStore(path).signals
+            base = ErrorStore(path)
+            made = base.attrs.get("store_signature")  # files before it was recorded: kept, as before
+            if made and made != store.signature:
+                log.warning("%s was fitted on other data than errors.h5 was scored from (data changed since `hpcad "
+                            "baselines` ran): left out of metrics.json; rerun `hpcad baselines` with "
+                            "hydra.run.dir=%s", path, run_dir)
+                continue
+            bsource = base.signals
             bth = rule.fit(bsource, detector=f"baseline {path.stem}")
             out["baselines"][path.stem] = {"splits": evaluate(bsource(), bth, cm, time_unit)["splits"],
                                            "thresholds": bth.to_dict()}

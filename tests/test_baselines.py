@@ -50,6 +50,13 @@ def test_a_rerun_keeps_baselines_fitted_from_the_same_data_and_settings(tmp_path
     said = changed.stdout + changed.stderr
     assert "baseline kde: kde.h5 is up to date" in said and f"baseline pca -> {files['pca']}" in said
     assert files["pca"].stat().st_mtime_ns != first["pca"] and files["kde"].stat().st_mtime_ns == first["kde"]
+    # new data scored without fitting the baselines again: their files (of the old data) are left out of
+    # metrics.json with a warning (they were evaluated beside the new scores as if they were this data's)
+    for stage in ("train", "score", "threshold"):
+        p = hpcad(stage, *args[:-2], "train.epochs=2", "data.synthetic.seed=3", f"hydra.run.dir={tmp_path}")
+    said = p.stdout + p.stderr
+    assert "pca.h5 was fitted on other data than errors.h5 was scored from" in said
+    assert not json.loads((tmp_path / "metrics.json").read_text()).get("baselines")
     # a method dropped from baselines.methods: its file goes, so `hpcad threshold` does not report an earlier
     # run's figures as this run's (they stayed, and metrics.json listed them, whatever data they came from)
     hpcad("run", *args[:-2], "train.epochs=2", "baselines.methods=[kde]", f"hydra.run.dir={tmp_path}")
