@@ -24,7 +24,7 @@ from hpcad.atomic import remove_unreferenced, write_json
 from hpcad.config import build
 from hpcad.data.ingest import ingest, wanted_signature
 from hpcad.data.ranks import ingest_ranks
-from hpcad.data.store import TelemetryStore, is_store_path
+from hpcad.data.store import TelemetryStore, is_store_path, run_store_path
 from hpcad.errors import ConfigError, InputError, StoreError
 from hpcad.explain import class_profiles
 from hpcad.errorstore import FORMAT, ErrorStore, remove_other_signal_files, signal_files, write_index
@@ -303,6 +303,12 @@ def stage_report(cfg: HpcadConfig, run_dir: Path) -> Path | None:
     if applied and errors.attrs.get("created") and applied != errors.attrs["created"]:
         raise StoreError(f"{path} and alarms.csv belong to an earlier errors.h5 (scored {applied}; errors.h5 now: "
                          f"{errors.attrs['created']}): rerun `hpcad threshold` with hydra.run.dir={run_dir}")
+    store_path = run_store_path(run_dir, cfg.data.source)
+    scored = errors.attrs.get("store_signature")
+    if scored and store_path.exists() and TelemetryStore(store_path).signature != scored:
+        raise StoreError(f"{store_path} holds other data than {errors.path} was scored from (ingested again since, "
+                         f"with other data.* options): its node pages would plot the new data's values beside the old "
+                         f"scores; rerun `hpcad score` and `hpcad threshold` (or `hpcad run`) with hydra.run.dir={run_dir}")
     return write_report(cfg, run_dir, errors, models_dir(cfg, run_dir))
 
 

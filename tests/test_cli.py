@@ -189,6 +189,11 @@ def test_stale_errors_or_thresholds_are_refused_with_the_stage_to_rerun(tmp_path
     p = hpcad("threshold", *args, "model.hidden=[16]", "data.synthetic.seed=7", check=False)
     assert p.returncode == 2 and "scored from other data than the data.* options now give" in p.stderr
     assert "nothing was changed" in p.stderr and (run / "store.h5").stat().st_mtime_ns == before
+    # the store ingested again from other data after scoring: the report's node pages would plot the new
+    # data's values beside the old scores (they did, silently); refused, naming the stages to rerun
+    hpcad("ingest", *args, "data.synthetic.seed=7")
+    p = hpcad("report", *args, "model.hidden=[16]", check=False)
+    assert p.returncode == 2 and "holds other data than" in p.stderr and "rerun `hpcad score` and `hpcad threshold`" in p.stderr
 
 
 def test_cfg_job_prints_the_config_and_unknown_keys_fail():

@@ -67,6 +67,13 @@ def is_store_path(source) -> bool:
     return source is not None and str(source).lower().endswith(STORE_SUFFIXES)
 
 
+def run_store_path(run_dir: Path, source) -> Path:
+    """The store a run folder's stages read: its ``store.h5``, or ``data.source`` itself where that is
+    a store used in place and the run has none."""
+    path = Path(run_dir) / "store.h5"
+    return Path(source) if not path.exists() and is_store_path(source) else path
+
+
 def check_node_name(name: str, where: str) -> str:
     if not _NODE_RE.match(name):
         raise InputError(f"{where}: node name {name!r} may hold only letters, digits, '_', '.', '-'")

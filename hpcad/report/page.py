@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hpcad.atomic import write_text
-from hpcad.data.store import TelemetryStore, is_store_path
+from hpcad.data.store import TelemetryStore, run_store_path
 from hpcad.errorstore import ErrorStore
 from hpcad.incidents import cause_of
 from hpcad.report.markup import alarms_table, fmt, html_table, page, sortable_table, top_names
@@ -81,9 +81,7 @@ def write_report(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, models_dir
         parts.append(f"<p>{unlabelled} of {len(th.nodes)} nodes have no labels: their thresholds are the quantile "
                      f"rule's (q={th.details['fallback']['q']:g} of the signal), not the {th.rule} rule's "
                      f"(threshold.fallback).</p>")
-    store_path = run_dir / "store.h5"
-    if not store_path.exists() and is_store_path(cfg.data.source):
-        store_path = Path(cfg.data.source)  # a store used in place
+    store_path = run_store_path(run_dir, cfg.data.source)
     time_unit = "s"
     store = None
     if store_path.exists():
