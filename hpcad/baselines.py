@@ -16,11 +16,12 @@ file in the error-file layout (smoothed and normalised like the autoencoder's si
   metric's training range (standardised units), the term the autoencoder's signal adds
   (``signal.range_excess``). It shows how much of a ranking that term makes on its own.
 
-The error-like baselines (``pca``, ``knn``: squared distances in the same standardised units as the
-autoencoder's errors) add the same range-excess term with the autoencoder's weight
+``pca``, ``knn`` and ``kde`` add the same range-excess term with the autoencoder's weight
 (``baselines.range_excess``, default true: the weight ``errors.h5`` was scored with, so the
-comparison is of the models, not of the term). KDE and IsolationForest scores are in other units
-and go without it.
+comparison is of the models, not of the term): as it is for PCA's and the 1-NN's squared
+distances, which are in the autoencoder's units; divided by 2 h^2 for KDE's negative log density
+(bandwidth h), which grows as (distance / h)^2 / 2 far from the data. IsolationForest's score has
+no such units and goes without it.
 
 Fits use at most ``max_train_rows`` training rows (a random subsample beyond that, drawn from the
 node's own seed: a node's baseline does not depend on which other nodes a process fits, so ranks
@@ -59,7 +60,7 @@ log = logging.getLogger(__name__)
 METHODS = ("kde", "iforest", "pca", "knn", "range")
 OPTIONS = {"kde": ("kde_bandwidths",), "iforest": ("iforest_trees",), "pca": ("pca_variance",),
            "knn": ("knn_window",), "range": ()}  # each method's own ``baselines.*`` options
-WITH_EXCESS = ("pca", "knn")  # error-like: the autoencoder's range-excess term is added (baselines.range_excess)
+WITH_EXCESS = ("pca", "knn", "kde")  # the autoencoder's range-excess term is added (baselines.range_excess)
 _BLOCK = 4096  # evaluation rows per distance block
 
 
@@ -120,20 +121,22 @@ class _Knn:
 
 
 def _fit(method: str, train: np.ndarray, hold: np.ndarray, bc, seed: int):
-    """A fitted baseline's row scorer and whether its score is error-like (>= 0, 0 = perfect)."""
+    """A fitted baseline's row scorer, whether its score is error-like (>= 0, 0 = perfect), and the
+    factor that puts a squared standardised distance into its score's units (None: no such units)."""
     check_methods([method])
-    if method == "kde":
-        return _Kde(train, hold, list(bc.kde_bandwidths)).score, False
+    if method == "kde":  # far from the data, -log density grows as (distance / h)^2 / 2
+        kde = _Kde(train, hold, list(bc.kde_bandwidths))
+        return kde.score, False, 1.0 / (2.0 * kde.h * kde.h)
     if method == "iforest":
         from sklearn.ensemble import IsolationForest
 
         model = IsolationForest(n_estimators=int(bc.iforest_trees), random_state=seed).fit(train)
-        return (lambda x: -model.score_samples(x)), False
+        return (lambda x: -model.score_samples(x)), False, None
     if method == "pca":
-        return _Pca(train, float(bc.pca_variance)).score, True
+        return _Pca(train, float(bc.pca_variance)).score, True, 1.0
     if method == "range":  # the excess is added by the caller, from the node's scaler
-        return (lambda x: np.zeros(len(x))), True
-    return _Knn(train).score, True  # knn
+        return (lambda x: np.zeros(len(x))), True, 1.0
+    return _Knn(train).score, True, 1.0  # knn
 
 
 def check_methods(methods: list[str]) -> None:
@@ -150,7 +153,7 @@ def node_rng(seed: int, node: str) -> np.random.Generator:
 
 
 def excess_weight(cfg: HpcadConfig, errors_path: Path | None) -> float:
-    """The range-excess weight the error-like baselines add: the one the autoencoder's ``errors.h5``
+    """The range-excess weight the baselines add (``WITH_EXCESS``): the one the autoencoder's ``errors.h5``
     was scored with (``signal.excess_weight=auto`` chooses it there); a fixed ``signal.excess_weight``
     where there is no errors.h5 yet, 1 for ``auto``; 0 with ``signal.range_excess=false`` or
     ``baselines.range_excess=false``."""
@@ -170,8 +173,8 @@ def baseline_signals(method: str, cfg: HpcadConfig, fit_store: TelemetryStore, e
                      nodes: list[str] | None = None, progress: bool = False,
                      weight: float = 0.0) -> Iterator[NodeSignal]:
     """One baseline's signal for ``nodes`` of ``eval_store`` (all of them by default), fitted on
-    ``fit_store``'s normal training rows of the same node; ``pca`` and ``knn`` add ``weight`` x the
-    range excess (:func:`excess_weight`), ``range`` is that excess alone."""
+    ``fit_store``'s normal training rows of the same node; ``pca``, ``knn`` and ``kde`` add ``weight`` x
+    the range excess in their score's units (:func:`excess_weight`), ``range`` is that excess alone."""
     bc = cfg.baselines
     weight = 1.0 if method == "range" else weight if method in WITH_EXCESS else 0.0
     w = int(bc.knn_window) if method == "knn" else 1
@@ -201,10 +204,11 @@ def baseline_signals(method: str, cfg: HpcadConfig, fit_store: TelemetryStore, e
             pick = node_rng(bc.seed, node).choice(len(train_idx), int(bc.max_train_rows), replace=False)
             train_idx = train_idx[np.sort(pick)]
         train, hold = window_at(z, train_idx, w), window_at(z, hold_idx, w)
-        score, error_like = _fit(method, train, hold, bc, int(bc.seed))
+        score, error_like, unit = _fit(method, train, hold, bc, int(bc.seed))
         ref = score(hold if len(hold) else train)
-        if weight:  # the reference rows' excess (0 inside the training range), from the fit store's rows
-            ref = ref + scaler.excess_sum(z[hold_idx if len(hold) else train_idx]) * weight
+        node_weight = weight * unit if unit is not None else 0.0  # in this node's score's units
+        if node_weight:  # the reference rows' excess (0 inside the training range), from the fit store's rows
+            ref = ref + scaler.excess_sum(z[hold_idx if len(hold) else train_idx]) * node_weight
         if eval_store is fit_store:  # fitted and scored on one store: the node read and standardised once
             nd = fit_nd
         else:
@@ -216,8 +220,8 @@ def baseline_signals(method: str, cfg: HpcadConfig, fit_store: TelemetryStore, e
             step = 4 * _BLOCK  # blocks of whole distance blocks: the same distances, the same figures
             sig = np.concatenate([score(window_at(z, np.arange(a, min(a + step, len(z))), w))
                                   for a in range(0, len(z), step)] or [np.empty(0)])
-        if weight:  # per row (a window's newest)
-            sig = sig + scaler.excess_sum(z) * weight
+        if node_weight:  # per row (a window's newest)
+            sig = sig + scaler.excess_sum(z) * node_weight
         if error_like:  # like the autoencoder: >= 0, normal level = the held-out mean (its floor too)
             offset, scale = 0.0, signal_level(float(np.mean(ref)), z.shape[1], cfg.signal.scale_floor)
         else:  # an arbitrary origin: centred on the held-out median, in units of its spread

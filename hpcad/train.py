@@ -169,7 +169,8 @@ def train_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, nodes
     skip_bad = cfg.data.on_bad_node == "skip"
     untrained = [n for n in todo if skip_bad and untrained_for(models_dir, n, fingerprint)]
     if untrained:  # recorded by a training of the same data and settings: not read again
-        todo = [n for n in todo if n not in set(untrained)]
+        left = set(untrained)
+        todo = [n for n in todo if n not in left]
     if len(todo) < len(nodes):
         log.info("resuming: %d of %d nodes already have a model (%d left untrained) from the same data and "
                  "settings in %s", len(nodes) - len(todo) - len(untrained), len(nodes), len(untrained), models_dir)

@@ -21,9 +21,9 @@ def test_a_nodes_subsampled_fit_is_the_same_alone_and_among_the_others(tmp_path)
     store: TelemetryStore = stage_ingest(cfg, tmp_path)
     last = store.nodes[-1]
     alone = {}
-    for method in ("kde", "pca", "knn"):
-        together = {s.node: s.signal for s in baseline_signals(method, cfg, store, store)}
-        alone[method] = next(baseline_signals(method, cfg, store, store, nodes=[last])).signal
+    for method in ("kde", "pca", "knn"):  # with the range-excess term too (each node's own units)
+        together = {s.node: s.signal for s in baseline_signals(method, cfg, store, store, weight=10.0)}
+        alone[method] = next(baseline_signals(method, cfg, store, store, nodes=[last], weight=10.0)).signal
         np.testing.assert_array_equal(alone[method], together[last], err_msg=method)
     cfg.baselines.seed = 1  # the subsample follows the seed: another seed, another fit
     assert not np.array_equal(next(baseline_signals("kde", cfg, store, store, nodes=[last])).signal, alone["kde"])
@@ -66,11 +66,11 @@ def test_a_rerun_keeps_baselines_fitted_from_the_same_data_and_settings(tmp_path
     assert not files["kde"].exists() and not json.loads((tmp_path / "metrics.json").read_text()).get("baselines")
 
 
-def test_range_is_the_autoencoders_excess_term_alone_and_pca_adds_it_at_the_autoencoders_weight(tmp_path):
+def test_range_is_the_autoencoders_excess_term_alone_and_the_baselines_add_it_at_the_autoencoders_weight(tmp_path):
     """On MSL and DAVIDE the range-excess term (the squared distance of a value outside its training
     range) made most of the autoencoder's lead over the baselines, which went without it. Now `range`
-    is that term alone (no model), and PCA and the 1-NN add it at the weight the autoencoder's
-    errors.h5 was scored with (baselines.range_excess)."""
+    is that term alone (no model), and PCA, the 1-NN and KDE (in its units) add it at the weight the
+    autoencoder's errors.h5 was scored with (baselines.range_excess)."""
     import json
 
     import h5py
@@ -108,6 +108,14 @@ def test_range_is_the_autoencoders_excess_term_alone_and_pca_adds_it_at_the_auto
     bare = next(baseline_signals("pca", cfg, store, store, nodes=[node]))
     added = next(baseline_signals("pca", cfg, store, store, nodes=[node], weight=10.0))
     np.testing.assert_allclose(added.signal - bare.signal, 10 * excess, rtol=1e-5, atol=1e-5)
+    # KDE: the term in its units (a constant factor, 1 / 2h^2); IsolationForest's score has none: unchanged
+    d = next(baseline_signals("kde", cfg, store, store, nodes=[node], weight=10.0)).signal - \
+        next(baseline_signals("kde", cfg, store, store, nodes=[node])).signal
+    out = excess > 0
+    ratio = d[out] / excess[out]
+    assert np.abs(d[~out]).max() < 1e-6 and ratio.min() > 0 and np.allclose(ratio, ratio[0], rtol=1e-4)
+    np.testing.assert_array_equal(next(baseline_signals("iforest", cfg, store, store, nodes=[node], weight=10.0)).signal,
+                                  next(baseline_signals("iforest", cfg, store, store, nodes=[node])).signal)
     hpcad("baselines", *args, "baselines.methods=[pca]", "baselines.range_excess=false")  # another weight: refitted
     with h5py.File(run / "baselines" / "pca.h5") as f:
         without = f[f"nodes/{node}/signal"][:]
