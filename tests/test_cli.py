@@ -31,6 +31,7 @@ def test_run_on_the_embedded_default_writes_every_output(tmp_path):
     assert "0" in m["class_profiles"] and len(m["class_profiles"]) >= 3  # normal + anomaly classes
     html = (run / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 4 and "Detection quality" in html
+    assert "<b>range</b> is no model" in html  # the baseline a reader would not know, explained beside the table
     with open(run / "alarms.csv") as fh:
         rows = list(csv.DictReader(fh))
     alarmed = len({r["node"] for r in rows})  # the summary line: nodes, metrics, alarms and alarmed nodes

@@ -133,6 +133,11 @@ def write_report(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, models_dir
         cm = metrics["cost_model"]
         parts.append(f"<p>cost = {cm['c_alarm']} x false alarms + {cm['c_missed']} x missed anomalies, "
                      f"tolerance +-{cm['tolerance']} rows.</p>")
+        if "range" in metrics.get("baselines", {}):
+            parts.append("<p><b>range</b> is no model: how far each value lies outside its training range, the term "
+                         "the autoencoder's signal adds (signal.range_excess). Where it matches the autoencoder, "
+                         "the anomalies are values never seen in training; pca, knn and kde add the same term "
+                         "(baselines.range_excess).</p>")
     check = th.details.get("check") or {}
     if check.get("verdict") in ("never_alarm", "always_alarm") or check.get("always_alarm_nodes"):
         what = {"never_alarm": "raises no alarm on any row it was fitted on: it will probably never alarm",
