@@ -90,7 +90,7 @@ def test_a_node_with_too_few_training_rows_is_left_untrained_with_skip_and_train
     args = [f"data.source={src}", "data.format=wide", "train.epochs=2", "compute.progress=false",
             "baselines.methods=[pca]", f"hydra.run.dir={run}"]
     models = run / "models"
-    hpcad("run", *args)  # 45 %: every node has enough rows
+    hpcad("run", *args, "report.enabled=false")  # 45 %: every node has enough rows
     assert (models / "tiny.pt").exists() and not (models / "tiny.untrained.json").exists()
     fewer = ["split.train=0.3", "split.val=0.3"]
     p = hpcad("run", *args, *fewer, check=False)  # without skip: the clear error, naming the node and the way out
@@ -108,7 +108,7 @@ def test_a_node_with_too_few_training_rows_is_left_untrained_with_skip_and_train
     summary = json.loads((models / "training.json").read_text())
     assert summary["untrained"] == 1 and summary["untrained_nodes"] == ["tiny"]
     stamp = (models / "tiny.untrained.json").stat().st_mtime_ns
-    p = hpcad("run", *args, *fewer, "data.on_bad_node=skip")  # a rerun: nothing trained, the node not read again
+    p = hpcad("train", *args, *fewer, "data.on_bad_node=skip")  # a rerun: nothing trained, the node not read again
     assert "resuming: 2 of 3 nodes already have a model (1 left untrained)" in p.stderr + p.stdout
     assert (models / "tiny.untrained.json").stat().st_mtime_ns == stamp
     hpcad("run", *args, "data.on_bad_node=skip")  # enough rows again: trained, and the record goes
