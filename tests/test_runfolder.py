@@ -82,7 +82,7 @@ def test_a_node_with_too_few_training_rows_is_left_untrained_with_skip_and_train
 
     src = tmp_path / "exports"
     src.mkdir()
-    for node, rows in (("big", 400), ("big2", 300), ("tiny", 24)):  # tiny: 10 of 24 rows train at 45 %; 7 at 30 %
+    for node, rows in (("big", 400), ("big2", 300), ("tiny", 24)):  # tiny: 12 of 24 rows train (split.train=0.5); 7 at 0.3
         rng = np.random.default_rng(len(node))
         pd.DataFrame({"timestamp": 1_700_000_000 + 300 * np.arange(rows),
                       **{m: rng.normal(size=rows) for m in ("a", "b", "c")}}).to_csv(src / f"{node}.csv", index=False)
@@ -90,7 +90,7 @@ def test_a_node_with_too_few_training_rows_is_left_untrained_with_skip_and_train
     args = [f"data.source={src}", "data.format=wide", "train.epochs=2", "compute.progress=false",
             "baselines.methods=[pca]", f"hydra.run.dir={run}"]
     models = run / "models"
-    hpcad("run", *args, "report.enabled=false")  # 45 %: every node has enough rows
+    hpcad("run", *args, "report.enabled=false")  # the default split: every node has enough rows
     assert (models / "tiny.pt").exists() and not (models / "tiny.untrained.json").exists()
     fewer = ["split.train=0.3", "split.val=0.3"]
     p = hpcad("run", *args, *fewer, check=False)  # without skip: the clear error, naming the node and the way out
