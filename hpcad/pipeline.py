@@ -86,7 +86,7 @@ def _monitored(cfg: HpcadConfig, run_dir: Path, nodes: list[str], say: bool = Tr
     """``nodes`` less those training left untrained (``data.on_bad_node=skip``: too few training rows):
     they have no model to score with, and the baselines leave them out too (like for like)."""
     md = models_dir(cfg, run_dir)
-    left = untrained_nodes(md) if md.is_dir() else {}
+    left = untrained_nodes(md)  # none where there is no models folder
     out = [n for n in nodes if n not in left]
     if nodes and not out:  # every rank sees the same records: all stop alike
         raise InputError(f"every node ({len(nodes)}) was left untrained by training, the first: {nodes[0]} "

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
-from hpcad.atomic import atomic_path
+from hpcad.atomic import atomic_path, write_json
 from hpcad.errors import StoreError
 from hpcad.preprocess import Scaler
 
@@ -176,8 +176,6 @@ def untrained_path(models_dir: Path, node: str) -> Path:
 def write_untrained(models_dir: Path, node: str, reason: str, fingerprint: str) -> None:
     """Record ``node`` as left untrained, and remove its model file of earlier settings or data (scoring
     would otherwise use it)."""
-    from hpcad.atomic import write_json
-
     write_json(untrained_path(models_dir, node), {"node": node, "reason": reason, "fingerprint": fingerprint})
     model_path(models_dir, node).unlink(missing_ok=True)
 

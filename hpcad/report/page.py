@@ -13,8 +13,8 @@ from hpcad.atomic import write_text
 from hpcad.data.store import TelemetryStore, run_store_path
 from hpcad.errorstore import ErrorStore
 from hpcad.incidents import cause_of
-from hpcad.report.markup import alarms_table, fmt, html_table, page, sortable_table, top_names
 from hpcad.model.files import untrained_nodes
+from hpcad.report.markup import alarms_table, fmt, html_table, page, sortable_table, top_names
 from hpcad.report.nodes import node_pages
 from hpcad.report.plots import curves, heatmap, overview, profile_plot, signal_plot
 from hpcad.threshold.evaluate import top_metrics_of
@@ -95,7 +95,7 @@ def write_report(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, models_dir
             parts.append(f"<h2>Skipped input files ({len(store.skipped_files)})</h2><p>Bad input (data.on_bad_node="
                          f"skip); every node's rows in these files are missing.</p>"
                          + html_table(store.skipped_files, ["file", "reason"]))
-    untrained = untrained_nodes(models_dir) if Path(models_dir).is_dir() else {}
+    untrained = untrained_nodes(models_dir)
     if untrained:
         rows = sorted(untrained.items())[:MAX_UNTRAINED_LISTED]
         parts.append(f"<h2>Untrained nodes ({len(untrained)})</h2><p>Too few training rows (data.on_bad_node=skip): "
