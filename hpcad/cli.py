@@ -21,7 +21,7 @@ examples:
   hpcad run experiment=davide data.source=davide.csv
   hpcad train data.source=exports/ hydra.run.dir=runs/train
   hpcad run data.source=today/ train_run=runs/train
-  hpcad nightly train_run=runs/train nightly.input=/exports/{date} nightly.out=/srv/hpcad/nightly
+  hpcad nightly train_run=runs/train "nightly.input='/exports/{date}'" nightly.out=/srv/hpcad/nightly
   hpcad run --cfg job                         # print the configuration
 """
 
@@ -71,6 +71,38 @@ def expand_home(override: str) -> str:
         return override
     home = os.path.expanduser(m.group(2))
     return override if home == m.group(2) else m.group(1) + home + override[m.end():]
+
+
+def unreadable_override(overrides: list[str]) -> str | None:
+    """Why Hydra's override grammar cannot read one of ``overrides``, naming it and the quoting that
+    reads it, or None. Hydra's own message names neither ("mismatched input '{' expecting <EOF>"):
+    a value with ``{ } [ ] ( )`` outside a list (``nightly.input=/exports/{date}``) needs quotes that
+    reach Hydra, inside the shell's."""
+    import contextlib
+    import io
+
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:  # the overrides among Hydra's flags (``--cfg job``, ``-m``), as hydra.main separates them
+        with contextlib.redirect_stderr(io.StringIO()):
+            flags, rest = get_args_parser().parse_known_args(overrides)
+    except SystemExit:  # a flag Hydra refuses: Hydra says so itself
+        return None
+    parser = OverridesParser.create()
+    for o in [*flags.overrides, *(r for r in rest if not r.startswith("-"))]:
+        try:
+            parser.parse_overrides([o])
+        except OverrideParseException as exc:
+            reason = str(exc).splitlines()[0]
+            key, eq, value = o.partition("=")
+            hint = (f"; a value with {{ }} [ ] ( ) in it is read as Hydra syntax: quote it for Hydra inside the "
+                    f"shell's quotes, \"{key}='{value}'\"" if eq and "'" not in value and not value.startswith("[")
+                    else "")
+            return (f"cannot read the override {o!r} ({reason}; "
+                    f"https://hydra.cc/docs/advanced/override_grammar/basic){hint}")
+    return None
 
 
 def unwritable_run_dir(overrides: list[str]) -> Path | None:
@@ -209,6 +241,10 @@ def run_stage(stage: str, overrides: list[str]) -> int:
     if moved:
         print(f"hpcad {stage}: error: option{'s' if len(moved) > 1 else ''} moved to the compute group (where and how "
               f"stages run): {', '.join(moved)}", file=sys.stderr)
+        return 2
+    unreadable = unreadable_override(overrides)
+    if unreadable is not None:
+        print(f"hpcad {stage}: error: {unreadable}", file=sys.stderr)
         return 2
     blocked = unwritable_run_dir(overrides)
     if blocked is not None:  # Hydra would fail setting up the log file, with a traceback

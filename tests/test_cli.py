@@ -383,3 +383,24 @@ def test_a_path_under_the_home_folder_may_start_with_a_tilde(tmp_path, monkeypat
         exports / "cn01.csv", index=False)
     hpcad("ingest", "data.source=~/exports", "hydra.run.dir=~/run", "compute.progress=false")
     assert (tmp_path / "run" / "store.h5").exists()
+
+
+def test_an_override_hydra_cannot_read_is_named_with_the_quoting_that_reads_it(tmp_path, capsys):
+    """`nightly.input=/exports/{date}`, as an operator types it: Hydra's grammar reads the braces as a
+    dictionary and said only "mismatched input '{' expecting <EOF>" (exit 2, no option named)."""
+    from hpcad import cli
+
+    out = tmp_path / "nightly"
+    assert cli.main(["nightly", f"nightly.input={tmp_path}/exports/{{date}}", f"nightly.out={out}",
+                     f"hydra.run.dir={tmp_path}/run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"cannot read the override 'nightly.input={tmp_path}/exports/{{date}}'" in err[0], err
+    quoted = f"nightly.input='{tmp_path}/exports/{{date}}'"
+    assert err[0].endswith(f'"{quoted}"') and not out.exists()
+    # the form it names is read: the nightly then stops on what is really wrong (no trained run there)
+    p = hpcad("nightly", quoted, f"nightly.out={out}", "nightly.date=2025-01-10", f"train_run={tmp_path}/none",
+              f"hydra.run.dir={tmp_path}/run", check=False)
+    assert p.returncode == 2 and "cannot read the override" not in p.stderr and "none: no models" in p.stderr, p.stderr
+    assert cli.main(["run", "baselines.methods=[kde"]) == 2  # a list left open: named, no quoting hint
+    err = capsys.readouterr().err
+    assert "cannot read the override 'baselines.methods=[kde'" in err and "quote it" not in err
