@@ -15,7 +15,7 @@ from hpcad.data.ingest import ingest
 from hpcad.data.store import TelemetryStore, write_index, write_store
 from hpcad.data.node import NodeData
 from hpcad.data.synthetic import generate_node, node_frame
-from hpcad.errors import StoreError
+from hpcad.errors import InputError, StoreError
 
 
 def _errors(out: str) -> list[str]:
@@ -196,3 +196,44 @@ def test_an_index_lists_its_nodes_without_opening_their_parts(tmp_path):
         del f["node_rows"], f["node_labelled"]
     st = TelemetryStore(old)
     assert [st.rows(n) for n in st.nodes] == [10, 12] and st.labelled == {"n0": False, "n2": True}
+
+
+def test_a_tree_of_day_folders_of_node_files_is_read_as_each_nodes_rows_in_time(tmp_path):
+    """The layout the nightly job reads (``nightly.input='/exports/{date}'``, here ``%Y/%m/%d``) as a
+    training source: before, "no *.csv or *.parquet files in the directory". Each node's files join in
+    folder order: the store equals the one of a flat folder of the joined files, in one process and
+    over two ranks; a node down one day, a metric a day lacks and a hidden folder change nothing."""
+    tree, flat = tmp_path / "exports" / "2025", tmp_path / "flat"
+    flat.mkdir()
+    for i in range(4):
+        node = generate_node(f"cn{i:02d}", 3 * 96, seed=i)
+        f = node_frame(node).iloc[:, :8].assign(anomaly=node.labels)
+        days = [f.iloc[d * 96:(d + 1) * 96] for d in range(3)]
+        if i == 1:
+            days[2] = days[2].drop(columns=[f.columns[4]])  # the collector lost a metric on the last day
+        for d, part in enumerate(days):
+            if i == 3 and d == 1:
+                continue  # down that day
+            folder = tree / "01" / f"{d + 6:02d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            part.to_csv(folder / f"{node.name}.csv", index=False)
+        pd.concat([p for d, p in enumerate(days) if not (i == 3 and d == 1)]).to_csv(flat / f"{node.name}.csv",
+                                                                                      index=False)
+    (tree / "01" / ".snapshot").mkdir()  # a file server's snapshot folder: not read
+    pd.DataFrame({"timestamp": [0], "junk": ["x"]}).to_csv(tree / "01" / ".snapshot" / "cn00.csv", index=False)
+    ref = TelemetryStore(ingest(data_cfg(source=str(flat)), tmp_path / "flat.h5"))
+    one = TelemetryStore(ingest(data_cfg(source=str(tmp_path / "exports")), tmp_path / "one.h5"))
+    _same(one, ref)
+    assert one.rows("cn00") == 288 and one.rows("cn03") == 192 and ref.has_labels
+    assert np.isnan(one.read("cn01").values[192:, 4 - 1]).all()  # the lost metric: missing on that day only
+    rc, out = _mpi_ingest(tmp_path / "run", tmp_path / "exports")
+    assert rc == 0 and "ingesting 11 node files of 4 nodes over 2 ranks" in out, out[-3000:]
+    _same(TelemetryStore(tmp_path / "run" / "store.h5"), ref)
+    # a new day's folder makes the store out of date; a bad file is named, not the node's joined rows
+    bad = tree / "01" / "09"
+    bad.mkdir()
+    pd.DataFrame({"timestamp": ["2025-01-09T00:00:00Z"], f.columns[2]: ["oops"]}).to_csv(bad / "cn02.csv", index=False)
+    with pytest.raises(InputError, match=re.escape(f"{bad / 'cn02.csv'} (node cn02): non-numeric metric columns")):
+        ingest(data_cfg(source=str(tmp_path / "exports")), tmp_path / "one.h5")
+    skipped = TelemetryStore(ingest(data_cfg(source=str(tmp_path / "exports"), on_bad_node="skip"), tmp_path / "one.h5"))
+    assert skipped.nodes == ["cn00", "cn01", "cn03"] and skipped.skipped[0][0] == "cn02"

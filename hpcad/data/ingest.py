@@ -7,7 +7,8 @@ Whatever the format, counters become rates, ``data.labels`` labels the rows from
 
 Accepted ``data.source`` for the wide format (docs/data.md):
 - a directory of per-node ``*.csv``, ``*.csv.gz`` or ``*.parquet`` files (file stem = node name), or
-  of files of many nodes with a node column (daily exports of the cluster: read like one file);
+  of files of many nodes with a node column (daily exports of the cluster: read like one file); a
+  directory without such files: those of its subfolders (one per day, hpcad/data/nodefiles.py);
 - one CSV/Parquet file with a node column (read in chunks, staged per node on disk), or without
   one: a single node named after the file stem (the seed lecture's CSV);
 - an existing hpcad HDF5 store (used in place);
@@ -39,7 +40,8 @@ from hpcad.data.rows import has_node_column, iter_node_rows
 from hpcad.data.store import (TelemetryStore, check_node_name, drop_parts, is_store_path, missing_parts,
                                write_store)
 from hpcad.data.node import NodeData
-from hpcad.data.tables import columns, is_table, read_table, stem
+from hpcad.data.nodefiles import folder_files, folder_of, node_files, node_frame, node_groups, where
+from hpcad.data.tables import columns, is_table
 from hpcad.dist import CLUSTER_WIDE
 from hpcad.errors import InputError
 
@@ -60,24 +62,12 @@ def source_signature(source: Path, fmt: str = "wide") -> str:
     elif fmt == "long":
         files = sorted(p for p in source.rglob("*") if is_table(p))
     else:
-        files = sorted(p for p in source.iterdir() if is_table(p))
+        files = folder_files(source)
     h = hashlib.sha256()
     for p in files:
         st = p.stat()
         h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
-
-
-def node_files(source: Path) -> list[Path]:
-    """A folder's node files (one per node, named after it), sorted."""
-    files = sorted(p for p in source.iterdir() if is_table(p))
-    if not files:
-        raise InputError(f"{source}: no *.csv or *.parquet files in the directory")
-    stems = [stem(p) for p in files]
-    dup = {s for s in stems if stems.count(s) > 1}
-    if dup:
-        raise InputError(f"{source}: several files for nodes {sorted(dup)} (e.g. both CSV and Parquet)")
-    return files
 
 
 def plan_metrics(files: list[Path], data_cfg, skip_bad: bool = False) -> list[str]:
@@ -111,22 +101,25 @@ def plan_metrics(files: list[Path], data_cfg, skip_bad: bool = False) -> list[st
                         gone[:20])
         names = [c for c in names if c in common]
         if not names:
-            raise InputError(f"{files[0].parent}: no metric is present in every node file")
+            raise InputError(f"{folder_of(files)}: no metric is present in every node file")
     elif len({frozenset(s) for s in sets}) > 1:
-        log.warning("%s: nodes report different metrics (%d in all, %d to %d per node); each node is trained "
-                    "on its own (data.on_missing_metric=union)", files[0].parent, len(names),
+        log.warning("%s: nodes report different metrics (%d in all, %d to %d per file); each node is trained "
+                    "on its own (data.on_missing_metric=union)", folder_of(files), len(names),
                     min(map(len, sets)), max(map(len, sets)))
     return names
 
 
 def iter_files(files: list[Path], conv: FrameConverter, skipped: list | None = None,
                progress: bool = True) -> Iterator[NodeData]:
-    """The nodes of a folder's node files (or a rank's share of them), one file at a time."""
-    def read(path: Path) -> NodeData | None:
-        node = check_node_name(stem(path), str(path))
-        return guarded(lambda: conv(read_table(path), node, str(path)), node, skipped)
+    """The nodes of a folder's node files (or a rank's share of them), one node at a time: its file, or
+    its files of several subfolders joined (hpcad/data/nodefiles.py)."""
+    groups = node_groups(files)
 
-    yield from counted(map(read, files), len(files), progress)
+    def read(name: str, paths: list[Path]) -> NodeData | None:
+        node = check_node_name(name, str(paths[0]))
+        return guarded(lambda: conv(node_frame(paths, conv, node), node, where(paths)), node, skipped)
+
+    yield from counted(itertools.starmap(read, groups.items()), len(groups), progress)
 
 
 def check_inputs(data_cfg) -> None:

@@ -4,7 +4,8 @@ Each rank writes its nodes into a part file beside the store (``store-part-<sign
 a store of its own); rank 0 then writes ``store.h5`` as an index of external links to them
 (hpcad/data/store.py). What is shared out:
 
-- a folder of node files (wide format): the files, balanced by size; each rank reads its own;
+- a folder of node files (wide format): the nodes, balanced by the size of their files (one, or one
+  per subfolder: hpcad/data/nodefiles.py); each rank reads its own;
 - LDMS and long-format exports: rank 0 reads the input and stages it in scratch buckets by node
   (pass 1, hpcad/data/grid.py), then the ranks pivot the buckets (pass 2, most of the time: 36 of
   56 s for 200 nodes x 14 days), balanced by size;
@@ -34,6 +35,7 @@ from hpcad.data.ingest import (check_tables, finish_nodes, ingest, iter_files, n
 from hpcad.data.jobs import JobTable, read_jobs
 from hpcad.data.labelfile import LabelTable, read_labels
 from hpcad.data.node import NodeData
+from hpcad.data.nodefiles import node_groups
 from hpcad.data.rows import has_node_column, read_staged, row_columns, stage_rows
 from hpcad.data.store import STORE_SUFFIXES, TelemetryStore, part_path, write_index, write_store
 from hpcad.data.tables import TABLE_SUFFIXES
@@ -57,11 +59,16 @@ class Plan:
     sizes: dict[str, int]  # unit -> bytes (the shares are balanced by size)
     grid: dict = field(default_factory=dict)  # LDMS/long: GridStager.state(), "keep" and "nodes" per bucket
     columns: list[str] | None = None  # files of many nodes' rows: the columns they are staged with
+    files: dict[str, list[str]] = field(default_factory=dict)  # node files: unit (a node) -> its files
+
+    def unit_files(self, units: list[str]) -> list[Path]:
+        """The node files of ``units`` (a node's files in subfolders stay together: one rank reads them)."""
+        return [Path(f) for u in units for f in self.files.get(u, [u])]
 
     def nodes(self, data_cfg, units: list[str], skipped: list | None, progress: bool) -> Iterator[NodeData]:
         """This rank's nodes, converted (None in ``skipped``-mode for a bad node file is dropped)."""
         if not self.grid:
-            return iter_files([Path(u) for u in units], FrameConverter(data_cfg, self.metrics), skipped, progress)
+            return iter_files(self.unit_files(units), FrameConverter(data_cfg, self.metrics), skipped, progress)
         buckets = sorted(int(u) for u in units)
         stager = GridStager.attach(self.grid)
         return counted(stager.iter_nodes(self.grid["keep"], buckets), sum(self.grid["nodes"][b] for b in buckets),
@@ -156,9 +163,11 @@ def _plan(data_cfg, store_path: Path, progress: bool) -> tuple[Plan | None, Grid
     metrics = plan_metrics(files, data_cfg, skip_bad=data_cfg.on_bad_node == "skip")
     if not metrics:
         raise InputError(f"{src}: no node file's header could be read")
-    log.info("ingesting %d node files over %d ranks (each its share into %s)", len(files), w.size, parts,
-             extra=CLUSTER_WIDE)
-    return Plan(src, jobs, sig, metrics, {str(f): f.stat().st_size for f in files}), None
+    groups = node_groups(files)
+    log.info("ingesting %d node files of %d nodes over %d ranks (each its share into %s)", len(files), len(groups),
+             w.size, parts, extra=CLUSTER_WIDE)
+    return Plan(src, jobs, sig, metrics, {n: sum(f.stat().st_size for f in fs) for n, fs in groups.items()},
+                files={n: [str(f) for f in fs] for n, fs in groups.items()}), None
 
 
 def _ingest_share(data_cfg, plan: Plan, units: list[str], part: Path, jobs: JobTable | None,
@@ -170,7 +179,7 @@ def _ingest_share(data_cfg, plan: Plan, units: list[str], part: Path, jobs: JobT
         return part.name, {}, [], []
     if up_to_date(part, plan.signature):
         return _kept(part)
-    unseen = [u for u in units if not plan.grid and not Path(u).exists()]
+    unseen = [] if plan.grid else [f for f in plan.unit_files(units) if not f.exists()]
     if unseen:
         raise InputError(f"data.source: {unseen[0]} does not exist on {socket.gethostname()} (rank {rank}; {len(unseen)} "
                          f"of its {len(units)} node files): every rank reads its share of the node files, so they must "
@@ -181,7 +190,7 @@ def _ingest_share(data_cfg, plan: Plan, units: list[str], part: Path, jobs: JobT
                     str(plan.source),
                     signature=plan.signature, skipped=skipped, empty_ok=True)
     log.info("rank %d: ingested %d node(s) of its %d %s into %s", rank, n, len(units),
-             "scratch bucket(s)" if plan.grid else "node file(s)", part.name)
+             "scratch bucket(s)" if plan.grid else "nodes' files", part.name)
     return _share(part)
 
 

@@ -1,0 +1,86 @@
+"""A folder of node files (wide format): which files it holds, and which of them are whose.
+
+One file per node, named after it (``cn0042.csv``), in the folder itself; or, where the folder holds
+no table file, in its subfolders at any depth: one folder per day or month, the layout the nightly
+job reads (``/exports/2025/01/02/cn0042.csv``, ``nightly.input='/exports/{date}'``), so that a
+training run reads the same export tree (``data.source=/exports/2025/01``). A node's files are read
+in path order (folders named by date sort in time) and their rows joined, one node at a time.
+Hidden files and folders (``.snapshot``, editors' temporaries) are left out.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from hpcad.data.tables import is_table, read_table, stem
+from hpcad.errors import InputError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from hpcad.data.convert import FrameConverter
+
+
+def folder_files(source: Path) -> list[Path]:
+    """The table files of a folder, sorted: those in it, or, where it holds none, those below it
+    (hidden ones left out); [] when there are none."""
+    files = sorted(p for p in source.iterdir() if is_table(p))
+    if files:
+        return files
+    below = []
+    for folder, dirs, names in os.walk(source, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        below += [Path(folder) / n for n in names if not n.startswith(".") and is_table(Path(folder) / n)]
+    return sorted(below)
+
+
+def node_files(source: Path) -> list[Path]:
+    """A folder's node files (see the module), sorted by path; an error where there are none, or where
+    one folder holds two files of one node (``cn01.csv`` and ``cn01.parquet``)."""
+    files = folder_files(source)
+    if not files:
+        raise InputError(f"{source}: no *.csv or *.parquet files in the directory or its subfolders")
+    dup = sorted(str((d / s).relative_to(source)) for (d, s), n in Counter((p.parent, stem(p)) for p in files).items()
+                 if n > 1)
+    if dup:
+        raise InputError(f"{source}: several files for nodes {dup[:10]} in one folder (e.g. both CSV and Parquet)")
+    return files
+
+
+def node_groups(files: list[Path]) -> dict[str, list[Path]]:
+    """``files`` by node (the file stem), each node's in the given order; nodes in order of first file."""
+    groups: dict[str, list[Path]] = {}
+    for p in files:
+        groups.setdefault(stem(p), []).append(p)
+    return groups
+
+
+def folder_of(files: list[Path]) -> Path:
+    """The folder ``files`` lie in (their common one, for files of subfolders)."""
+    return Path(os.path.commonpath([p.parent for p in files]))
+
+
+def where(paths: list[Path]) -> str:
+    """How errors name a node's files: the file, or the first and last of several."""
+    if len(paths) == 1:
+        return str(paths[0])
+    common = Path(os.path.commonpath(paths))
+    return f"{common}/{{{paths[0].relative_to(common)} .. {paths[-1].relative_to(common)}}} ({len(paths)} files)"
+
+
+def node_frame(paths: list[Path], conv: FrameConverter, node: str) -> pd.DataFrame:
+    """One node's rows from its files, joined in order (a metric a file lacks is missing in its rows).
+    A file with a non-numeric metric column is named on its own (the converter's error for it)."""
+    import pandas as pd
+
+    frames = [read_table(p) for p in paths]
+    if len(frames) == 1:
+        return frames[0]
+    cfg = conv.cfg
+    roles = {cfg.timestamp_column, cfg.label_column, cfg.node_column, *cfg.ignore_columns}
+    for p, f in zip(paths, frames):
+        if any(c not in roles and not pd.api.types.is_numeric_dtype(f[c]) for c in f.columns):
+            conv.__class__(cfg, conv.metrics)(f, node, str(p))  # raises, naming the file (a copy: no state kept)
+    return pd.concat(frames, ignore_index=True, sort=False)
