@@ -24,29 +24,30 @@ from hpcad.atomic import atomic_path
 from hpcad.errorstore import NodeSignal
 from hpcad.threshold.rules import Thresholds
 
-FIELDS = ["node", "rows", "alarmed_rows", "level", "missing_share"]
+FIELDS = ["node", "rows", "alarmed_rows", "level", "missing_share", "metrics_lost"]
 NIGHT_DIR = re.compile(r"\d{4}-\d{2}-\d{2}")  # published night folders (not .<date>.tmp-<pid>)
 
 
-def night_levels(signals: Iterable[NodeSignal], th: Thresholds,
-                 missing: dict[str, float] | None = None) -> list[dict]:
-    """Each node's level and alarmed rows; ``missing``: its share of missing input values
-    (:attr:`hpcad.errorstore.ErrorStore.missing`)."""
-    missing = missing or {}
+def night_levels(signals: Iterable[NodeSignal], th: Thresholds, missing: dict[str, float] | None = None,
+                 lost: dict[str, list[str]] | None = None) -> list[dict]:
+    """Each node's level and alarmed rows; ``missing``: its share of missing input values, ``lost``:
+    the metrics it reported in training that sent no value (:class:`hpcad.errorstore.ErrorStore`)."""
+    missing, lost = missing or {}, lost or {}
     out = []
     for s in signals:
         alarmed = th.signal_of(s) > th.threshold_for(s.node)
         level = float(np.median(s.normalised)) if len(alarmed) else float("nan")
         out.append({"node": s.node, "rows": int(len(alarmed)), "alarmed_rows": int(alarmed.sum()), "level": level,
-                    "missing_share": round(missing.get(s.node, 0.0), 6)})
+                    "missing_share": round(missing.get(s.node, 0.0), 6), "metrics_lost": lost.get(s.node, [])})
     return out
 
 
 def write_levels(path: Path, levels: list[dict]) -> None:
+    """levels.csv: one row per node (``metrics_lost``: the names, separated by ``;``)."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=FIELDS)
         w.writeheader()
-        w.writerows(levels)
+        w.writerows({**lv, "metrics_lost": ";".join(lv.get("metrics_lost", []))} for lv in levels)
 
 
 def level_rows(path: Path) -> dict[str, dict]:

@@ -60,6 +60,10 @@ class ErrorStore:
             # each node's share of missing input values (scored files; none for baselines and older files)
             self.missing = dict(zip(self.nodes, map(float, f["node_missing"][()]))) \
                 if "node_missing" in f and len(f["node_missing"]) == len(self.nodes) else {}
+            # per node, the metrics it reported in training that have no value in the scored rows
+            lost = f["node_lost"][()] if "node_lost" in f and len(f["node_lost"]) == len(self.nodes) else None
+            self.lost: dict[str, list[str]] = {} if lost is None or lost.shape[1] != len(self.metrics) else {
+                n: [self.metrics[i] for i in np.flatnonzero(row)] for n, row in zip(self.nodes, lost) if row.any()}
             self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()
                           if k in ("created", "store_signature", "models_stamp", "store", "models", "excess_weight",
                                    "metric_scales", "signal_choice")}
@@ -175,6 +179,7 @@ def write_index(out_path: Path, parts: list[Path], attrs: dict, metrics: list[st
     following a link per node (one part-file open each: 1.3 s for 4,000 nodes, on every rank)."""
     rows: dict[str, int] = {}
     missing: dict[str, float] = {}
+    lost: dict[str, np.ndarray] = {}
     with atomic_path(out_path) as tmp, h5_writing(tmp) as f:
         f.attrs.update(attrs, index_of=[p.name for p in parts])
         if metrics is not None:
@@ -185,9 +190,20 @@ def write_index(out_path: Path, parts: list[Path], attrs: dict, metrics: list[st
                 names = sorted(src["nodes"])
                 if "node_missing" in src and len(src["node_missing"]) == len(names):
                     missing.update(zip(names, map(float, src["node_missing"][()])))
+                if "node_lost" in src and len(src["node_lost"]) == len(names):
+                    lost.update(zip(names, src["node_lost"][()]))
                 for node in names:
                     g[node] = h5py.ExternalLink(part.name, f"/nodes/{node}")
                     rows[node] = int(src["nodes"][node]["signal"].shape[0])
         f.create_dataset("node_rows", data=np.array([rows[n] for n in sorted(rows)], dtype=np.int64))
         if missing and len(missing) == len(rows):
             f.create_dataset("node_missing", data=np.array([missing[n] for n in sorted(rows)], dtype=np.float32))
+        if metrics is not None and lost and len(lost) == len(rows):
+            write_lost(f, [lost[n] for n in sorted(rows)], len(metrics))
+
+
+def write_lost(f: h5py.File, lost: list[np.ndarray], n_metrics: int) -> None:
+    """``/node_lost`` [nodes, metrics] (uint8, node-name order): 1 where a node's metric, reported in
+    training, has no value in the scored rows (:attr:`ErrorStore.lost`)."""
+    data = np.stack(lost).astype(np.uint8) if lost else np.zeros((0, n_metrics), dtype=np.uint8)
+    f.create_dataset("node_lost", data=data, compression="gzip", compression_opts=1)

@@ -19,6 +19,7 @@ FAMILIES = {
     "hpcad_node_alarmed_rows": "Rows of the night above the node's threshold.",
     "hpcad_node_alarm": "1 when the node has an open hpcad incident (new or ongoing) after the night, else 0.",
     "hpcad_node_missing_share": "Share of the node's metric values missing in the night's input (0 to 1).",
+    "hpcad_node_metrics_lost": "Metrics the node reported in training that sent no value in the night's input.",
     "hpcad_incident_nights": "Nights an open incident has lasted, by node and cause (metric family).",
     "hpcad_nightly_night_timestamp_seconds": "Start (midnight, site time zone) of the newest night scored.",
     "hpcad_nightly_last_success_timestamp_seconds": "When the newest night's run finished.",
@@ -46,6 +47,7 @@ def render(levels: list[dict], incidents: list[dict], night_start: int, unscored
         samples["hpcad_node_alarmed_rows"].append(({"node": lv["node"]}, lv["alarmed_rows"]))
         samples["hpcad_node_alarm"].append(({"node": lv["node"]}, 1.0 if lv["node"] in open_nodes else 0.0))
         samples["hpcad_node_missing_share"].append(({"node": lv["node"]}, lv.get("missing_share", 0.0)))
+        samples["hpcad_node_metrics_lost"].append(({"node": lv["node"]}, len(lv.get("metrics_lost", []))))
     for i in incidents:
         if i["state"] in OPEN:
             samples["hpcad_incident_nights"].append(({"node": i["node"], "cause": i["cause"]}, i["nights"]))

@@ -36,7 +36,7 @@ from hpcad.data.store import STR, TelemetryStore, checked
 from hpcad.device import resolve_device, tf32_context
 from hpcad.dist import world
 from hpcad.errors import ConfigError, InputError, StoreError
-from hpcad.errorstore import FORMAT
+from hpcad.errorstore import FORMAT, write_lost
 from hpcad.light import LightMap, light_path
 from hpcad.model.autoencoder import ensemble_recon, stack
 from hpcad.model.budget import Budget, default_chunk_cap, retry_cap_after_oom
@@ -99,10 +99,12 @@ def score_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, out_p
         nodes_grp = f.create_group("nodes")
         bar = Progress(len(nodes), "score", "node", cfg.compute.progress, log)
         shares: dict[str, float] = {}
+        lost: dict[str, np.ndarray] = {}
         for model, nd, err, excess2, miss, lm in node_errors():
             recipe.errors(model, err, excess2, miss, f"{models_dir}: node {nd.name}")
             level = recipe.level(model, M, sig_cfg.scale_floor)
             shares[nd.name] = missing_share(miss, model.scaler.absent)
+            lost[nd.name] = metrics_lost(miss, model.scaler.absent)
             _write_node_errors(nodes_grp, nd, err, level, split_codes(nd, cfg.split), sig_cfg,
                                lm.version if lm else 0, error_dtype, shares[nd.name], recipe.normal_error(model))
             bar.update(1)
@@ -110,6 +112,7 @@ def score_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, out_p
         # every node's share in one table (node-name order, as /node_rows of an index): read without a
         # group opened per node
         f.create_dataset("node_missing", data=np.array([shares[n] for n in sorted(shares)], dtype=np.float32))
+        write_lost(f, [lost[n] for n in sorted(lost)], M)
     log.info("scored %d nodes -> %s", len(nodes), out_path)
     return len(nodes)
 
@@ -168,6 +171,12 @@ def missing_share(miss: np.ndarray, absent: np.ndarray) -> float:
     over the metrics the node reported in training: 1.0 when its collector sent rows without values."""
     present = miss[:, ~absent]
     return float(present.mean()) if present.size else 0.0
+
+
+def metrics_lost(miss: np.ndarray, absent: np.ndarray) -> np.ndarray:
+    """Per metric [M]: the node reported it in training (not absent) and it has no value in any
+    scored row: a collector that lost a metric, which the model then cannot alarm on."""
+    return miss.all(0) & ~absent if len(miss) else np.zeros(len(absent), dtype=bool)
 
 
 def _write_node_errors(parent: h5py.Group, nd, err: np.ndarray, signal_scale: float, split: np.ndarray,

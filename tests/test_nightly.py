@@ -160,9 +160,10 @@ def test_missing_or_partial_input_fails_clearly_and_changes_nothing(site, tmp_pa
 
 
 def test_silent_nodes_and_missing_values_are_telemetry_gaps(site, tmp_path):
-    """A node that sends nothing, and one whose collector sends rows without values, cannot alarm.
-    Before, the first went unmentioned (up to 10 % of the cluster, nightly.min_node_fraction) and
-    the second looked perfectly normal: a model sees no error where it sees no value."""
+    """A node that sends nothing, one whose collector sends rows without values, and one whose
+    collector lost two metrics cannot alarm on what is missing. Before, the first went unmentioned
+    (up to 10 % of the cluster, nightly.min_node_fraction), the second looked perfectly normal (a
+    model sees no error where it sees no value), and so did the third (1 % of its values missing)."""
     day = "2025-01-10"
     src = tmp_path / "in" / day
     shutil.copytree(site / "daily" / day, src)
@@ -170,20 +171,28 @@ def test_silent_nodes_and_missing_values_are_telemetry_gaps(site, tmp_path):
     f = pd.read_csv(src / "node0000.csv")
     f.loc[f.index[: int(len(f) * 0.8)], [c for c in f.columns if c not in ("timestamp", "anomaly")]] = np.nan
     f.to_csv(src / "node0000.csv", index=False)
+    g = pd.read_csv(src / "node0002.csv")
+    lost = ["ips_p1_3", "pow_p0"]  # in the store's metric order
+    g.drop(columns=lost).to_csv(src / "node0002.csv", index=False)
     out = tmp_path / "nightly"
     p = cron(_env_file(site, out, "nightly.min_node_fraction=0.5 nightly.input='" + str(tmp_path / "in") + "/{date}'"),
              "--date", day)
     assert p.returncode == 0, p.stderr[-3000:]
     levels = {r["node"]: float(r["missing_share"]) for r in csv.DictReader(open(out / day / "levels.csv"))}
-    assert levels["node0000"] == pytest.approx(0.8, abs=0.01) and levels["node0002"] == 0 and "node0001" not in levels
+    assert levels["node0000"] == pytest.approx(0.8, abs=0.01) and 0 < levels["node0002"] < 0.02 and "node0001" not in levels
+    assert [r["metrics_lost"] for r in csv.DictReader(open(out / day / "levels.csv"))] == ["", "ips_p1_3;pow_p0"]
     page = (out / day / "report.html").read_text()
-    assert "<h2>Telemetry gaps (2)</h2>" in page
+    assert "<h2>Telemetry gaps (3)</h2>" in page
     assert "<td>node0001</td><td>no rows tonight</td>" in page and "<td>node0000</td><td>80% of its values missing" in page
+    assert "<td>node0002</td><td>2 metric(s) reported in training sent no value: ips_p1_3, pow_p0</td>" in page
     prom = dict(line.rsplit(" ", 1) for line in (out / "hpcad.prom").read_text().splitlines() if not line.startswith("#"))
     assert float(prom['hpcad_nightly_nodes{outcome="silent"}']) == 1
     assert float(prom['hpcad_node_missing_share{node="node0000"}']) == pytest.approx(levels["node0000"])
+    assert float(prom['hpcad_node_metrics_lost{node="node0002"}']) == 2
+    assert float(prom['hpcad_node_metrics_lost{node="node0000"}']) == 0  # its share says it: not each metric again
     log = "".join(f.read_text() for f in (out / "logs").rglob("*") if f.is_file())
-    assert "1 trained node(s) sent no telemetry: ['node0001']" in log and "over 50% of their values missing" in log
+    assert "1 trained node(s) sent no telemetry: ['node0001']" in log
+    assert "2 node(s) with telemetry gaps: node0000 (80% of its values missing), node0002 (2 metric(s)" in log
 
 
 def test_a_second_run_waits_for_nobody_and_bad_setup_is_named(site, tmp_path):

@@ -4,8 +4,9 @@ import csv
 import re
 
 import numpy as np
+import pytest
 
-from hpcad.errorstore import ErrorStore
+from hpcad.errorstore import FORMAT, ErrorStore
 from hpcad.report.markup import alarms_table, html_table
 from hpcad.report.page import write_report
 from hpcad.score import score_nodes
@@ -143,9 +144,12 @@ def test_metric_names_with_spaces_and_colons_come_back_whole_from_alarms_csv(tmp
 
 
 def test_nodes_whose_input_values_are_missing_are_listed_as_telemetry_gaps(tmp_path):
-    """A node whose collector sent rows without values scores as normal (no value, no error): the
-    run's report lists it, from errors.h5's node_missing, beside the alarmed nodes."""
+    """A node whose collector sent rows without values scores as normal (no value, no error), and so
+    does a node whose collector lost a metric it had in training (here a third of its values, under
+    report.max_missing_share): the run's report lists both, from errors.h5's node_missing and
+    node_lost (kept by the index over per-rank error files), beside the alarmed nodes."""
     from hpcad.data.store import TelemetryStore, write_store
+    from hpcad.errorstore import write_index
 
     from test_score import METRICS
 
@@ -153,11 +157,20 @@ def test_nodes_whose_input_values_are_missing_are_listed_as_telemetry_gaps(tmp_p
     store = TelemetryStore(tmp_path / "store.h5")
     nodes = [store.read(n) for n in store.nodes]
     nodes[0].values[:140] = np.nan  # node a: 70 % of its rows without any value
+    nodes[1].values[:, 2] = np.nan  # node b: its third metric lost
     write_store(tmp_path / "store.h5", METRICS, nodes, "test")
     score_nodes(cfg, TelemetryStore(tmp_path / "store.h5"), models, tmp_path / "errors.h5")
     errors = ErrorStore(tmp_path / "errors.h5")
-    assert errors.missing["a"] > 0.69 and errors.missing["b"] < 0.01
+    assert errors.missing["a"] > 0.69 and errors.missing["b"] == pytest.approx(1 / 3)
+    assert errors.lost == {"b": [METRICS[2]]}  # a's metrics each have a value in its last rows
     page = write_report(cfg, tmp_path, errors, models).read_text()
-    gaps = page.split("<h2>Telemetry gaps (1)</h2>")[1].split("</table>")[0]
-    assert "<td>a</td><td>70%</td><td>200</td>" in gaps and "<td>b</td>" not in gaps
-    assert page.index("<h2>Alarmed nodes (1)</h2>") < page.index("<h2>Telemetry gaps (1)</h2>")
+    gaps = page.split("<h2>Telemetry gaps (2)</h2>")[1].split("</table>")[0]
+    assert "<td>a</td><td>70% of its values missing</td><td>200</td>" in gaps
+    assert f"<td>b</td><td>1 metric(s) reported in training sent no value: {METRICS[2]}</td>" in gaps
+    assert page.index("<h2>Alarmed nodes (1)</h2>") < page.index("<h2>Telemetry gaps (2)</h2>")
+    for node in ("a", "b"):  # the same nodes scored as two ranks would, then indexed
+        score_nodes(cfg, TelemetryStore(tmp_path / "store.h5"), models, tmp_path / f"errors-{node}.h5", nodes=[node])
+    write_index(tmp_path / "index.h5", [tmp_path / "errors-a.h5", tmp_path / "errors-b.h5"], {"hpcad_format": FORMAT},
+                METRICS)
+    index = ErrorStore(tmp_path / "index.h5")
+    assert index.lost == errors.lost and index.missing == errors.missing

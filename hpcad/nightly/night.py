@@ -36,6 +36,7 @@ from hpcad.model.files import UNTRAINED_SUFFIX, model_nodes, model_path, untrain
 from hpcad.nightly.days import day_bounds, input_for
 from hpcad.nightly.refit import light_retrain, recent_nights
 from hpcad.nightly.sections import nightly_sections, node_history, trend
+from hpcad.report.markup import gap_text
 from hpcad.resources import resource_dir
 from hpcad.score import score_nodes
 from hpcad.threshold.evaluate import apply_thresholds
@@ -101,8 +102,8 @@ def build_night(cfg: HpcadConfig, day: dt.date, src: Path, out: Path, tmp: Path,
     max_share = cfg.report.max_missing_share
     gaps = telemetry_gaps(levels, max_share)
     if gaps:
-        log.warning("nightly %s: %d node(s) with over %g%% of their values missing: %s", t.iso, len(gaps),
-                    100 * max_share, ", ".join(f"{g['node']} {g['missing_share']:.0%}" for g in gaps[:10]))
+        log.warning("nightly %s: %d node(s) with telemetry gaps: %s", t.iso, len(gaps),
+                    ", ".join(f"{g['node']} ({gap_text(g, max_share)})" for g in gaps[:10]))
     if cfg.report.enabled:
         from hpcad.report.page import write_report
 
@@ -154,11 +155,13 @@ def _ingest(t: Tonight) -> tuple[TelemetryStore, list[str], list[str], list[str]
 
 
 def telemetry_gaps(levels: list[dict], max_share: float) -> list[dict]:
-    """The scored nodes with more than ``max_share`` of their values missing tonight, most first: a
-    node whose metrics are not there cannot alarm on them (its model sees no error where it sees no
+    """The scored nodes with more than ``max_share`` of their values missing tonight, or with a metric
+    they reported in training that sent no value tonight (a collector that lost it), most missing
+    first: a node cannot alarm on what is not there (its model sees no error where it sees no
     value), so the operator is told."""
-    return sorted((lv for lv in levels if lv.get("missing_share", 0.0) > max_share),
-                  key=lambda lv: (-lv["missing_share"], lv["node"]))
+    return sorted((lv for lv in levels if lv.get("missing_share", 0.0) > max_share or lv.get("metrics_lost")),
+                  key=lambda lv: (-lv.get("missing_share", 0.0), -len(lv.get("metrics_lost", [])), lv["node"]))
+
 
 
 def _score(t: Tonight, store: TelemetryStore, nodes: list[str], overrides: list[str],
@@ -197,7 +200,7 @@ def _alarms(t: Tonight, store: TelemetryStore, errors: ErrorStore, th: Threshold
 def _drift_and_light(t: Tonight, errors: ErrorStore, th: Thresholds, signals: list):
     """Step 4: tonight's levels and drift verdicts; light maps refitted for the nodes asked for."""
     n, tmp = t.cfg.nightly, t.tmp
-    levels = night_levels(signals, th, errors.missing)
+    levels = night_levels(signals, th, errors.missing, errors.lost)
     write_levels(tmp / "levels.csv", levels)
     verdicts = assess(t.out, t.day, levels, n.drift_ratio, n.drift_days, n.drift_reference_nights)
     write_json(tmp / "drift.json", {"ratio": n.drift_ratio, "days": n.drift_days,

@@ -56,7 +56,7 @@ def node_history(out: Path, iso: str, levels: list[dict], incidents: list[dict],
 def nightly_sections(iso: str, src: Path, new: list[str], verdicts: list[dict], refits: list[dict], n: NightlyConfig,
                       incidents: list[dict], trend: list[list] | None = None, silent: list[str] | None = None,
                       gaps: list[dict] | None = None, max_share: float = 0.5) -> list[str]:
-    from hpcad.report.markup import html_table, top_names
+    from hpcad.report.markup import gap_text, html_table, top_names
     from hpcad.report.plots import trend_plot
 
     parts = [f"<p>night {iso} (site time zone {html.escape(n.timezone)}); input <code>{html.escape(str(src))}</code>.</p>"]
@@ -68,9 +68,10 @@ def nightly_sections(iso: str, src: Path, new: list[str], verdicts: list[dict], 
                      f"{html.escape(', '.join(new[:50]))}</p>")
     if silent or gaps:
         rows = [[node, "no rows tonight", 0] for node in silent or []]
-        rows += [[g["node"], f"{g['missing_share']:.0%} of its values missing", g["rows"]] for g in gaps or []]
-        parts.append(f"<h2>Telemetry gaps ({len(rows)})</h2><p>Trained nodes that sent nothing tonight, and nodes with "
-                     f"more than {max_share:.0%} of their metric values missing (report.max_missing_share). "
+        rows += [[g["node"], gap_text(g, max_share), g["rows"]] for g in gaps or []]
+        parts.append(f"<h2>Telemetry gaps ({len(rows)})</h2><p>Trained nodes that sent nothing tonight, nodes with "
+                     f"more than {max_share:.0%} of their metric values missing (report.max_missing_share), and "
+                     f"nodes with a metric they reported in training that sent no value tonight. "
                      f"A model sees no error where it sees no value: these nodes cannot alarm on what is missing. "
                      f"Check the node and its collector.</p>"
                      + html_table(rows[:500], ["node", "gap", "rows tonight"]))

@@ -94,3 +94,12 @@ STYLE = ("body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-c
 def page(title: str, parts: list[str]) -> str:
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style>{SORTABLE}</head><body>{''.join(parts)}</body></html>\n")
+
+
+def gap_text(gap: dict, max_share: float) -> str:
+    """What a node's telemetry gap is, in words: its share of values missing, or the metrics lost."""
+    if gap.get("missing_share", 0.0) > max_share:
+        return f"{gap['missing_share']:.0%} of its values missing"
+    lost = gap.get("metrics_lost", [])
+    return (f"{len(lost)} metric(s) reported in training sent no value: {', '.join(lost[:8])}"
+            + (", ..." if len(lost) > 8 else ""))
