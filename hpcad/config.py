@@ -254,7 +254,7 @@ class NightlyConfig:
     min_node_fraction: float = 0.9  # input is partial if fewer of the trained nodes report
     max_end_gap_s: int = 3600  # ...or if the newest sample is older than the day's end minus this
     drift_ratio: float = 2.0  # drift: a night's median signal_norm >= this x the node's baseline...
-    drift_days: int = 3  # ...on this many consecutive nights (hpcad/drift.py)
+    drift_days: int = 3  # ...on this many consecutive nights (hpcad/nightly/drift.py)
     drift_reference_nights: int = 3  # the baseline: median level of the node's first nights
     light_retrain: LightRetrain = LightRetrain.drifted  # drifted | all | off: fit LARA-style light maps after the night
     light_days: int = 3  # days of recent normal rows the light maps are fitted on

@@ -14,7 +14,7 @@ Layout (docs/data.md):
         signal_row    [T] float32 sum over metrics of error (the row's own signal)
         signal        [T] float32 the alarm signal: signal_row smoothed (hpcad.signals.smooth_signal)
         signal_norm   [T] float32 signal / signal_scale (one threshold can serve all nodes)
-                      (attr light_version: the light map applied, 0 = none; hpcad/light.py)
+                      (attr light_version: the light map applied, 0 = none; hpcad/model/light.py)
         timestamp     [T] int64, split [T] int8 (0 train, 1 validation, 2 test), labels [T] int8 if labelled
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ from hpcad.device import resolve_device, tf32_context
 from hpcad.dist import world
 from hpcad.errors import ConfigError, InputError, StoreError
 from hpcad.errorstore import FORMAT, write_lost
-from hpcad.light import LightMap, light_path
+from hpcad.model.light import LightMap, light_path
 from hpcad.model.autoencoder import ensemble_recon, stack
 from hpcad.model.budget import Budget, default_chunk_cap, retry_cap_after_oom
 from hpcad.model.files import NodeModel, model_path, models_stamp
@@ -206,7 +206,7 @@ def reconstruction_errors(models: list[NodeModel], zs: list[np.ndarray], device:
     """Squared errors [T_k, M] of K nodes' standardised rows at once (every member of every node in
     one batched forward pass, rows padded to the longest, in row blocks): the error of each row
     against its members' mean reconstruction (of the row itself, the newest of its window). A
-    node's light map (hpcad.light), where given, adapts its reconstruction. The models share one
+    node's light map (hpcad.model.light), where given, adapts its reconstruction. The models share one
     spec (hidden widths, members, window). Always fp32: ``compute.precision`` speeds up training only,
     the alarm signal is never quantised."""
     spec = models[0].spec

@@ -1,11 +1,11 @@
-"""Alarm state across nights (hpcad.incidents) and the Prometheus textfile (hpcad.prometheus)."""
+"""Alarm state across nights (hpcad.incidents) and the Prometheus textfile (hpcad.nightly.prometheus)."""
 import datetime as dt
 import json
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from hpcad.incidents import FILE, night_incidents, previous_incidents
-from hpcad.prometheus import render, write_textfile
+from hpcad.nightly.prometheus import render, write_textfile
 
 D = dt.date(2025, 3, 1)
 

@@ -14,8 +14,8 @@ import torch
 
 from conftest import cron, hpcad, nightly_env_file as _env_file, write_site
 from hpcad.data.synthetic import metric_names
-from hpcad.drift import assess, write_levels
-from hpcad.light import LightMap, fit_light_map, light_path, map_for_night, save_version
+from hpcad.nightly.drift import assess, write_levels
+from hpcad.model.light import LightMap, fit_light_map, light_path, map_for_night, save_version
 from hpcad.model.autoencoder import AutoencoderSpec, glorot_init
 from hpcad.model.files import model_nodes
 
@@ -337,7 +337,7 @@ def test_light_map_fits_a_level_shift_in_closed_form_and_loads_safely(tmp_path):
     x = rng.normal(size=(300, 6)).astype(np.float32)
     shifted = x + np.float32(2.0)
     lm = fit_light_map(params, 1, shifted, ridge=10.0, fitted_on=["d1"])
-    from hpcad.light import recon_and_code
+    from hpcad.model.light import recon_and_code
 
     recon, code = recon_and_code(params, 1, shifted)
     before = float(((recon - torch.from_numpy(shifted).double()) ** 2).mean())

@@ -479,7 +479,7 @@ def test_rank_0_input_error_reaches_every_rank_as_one_clean_exit(tmp_path, slurm
 
 
 def test_confirmed_incident_drains_the_slurm_node_with_its_reason(slurm_env):
-    from hpcad.drain import candidates, drain, lines
+    from hpcad.nightly.drain import candidates, drain, lines
 
     def inc(node, nights, peak, state="ongoing"):
         return {"id": f"{node}/ips/2025-03-01", "node": node, "cause": "ips", "state": state,

@@ -6,7 +6,7 @@ next day on, the node's normal levels shift (``bench.drift``: CPU/GPU temperatur
 +15 %, fans +10 %, ambient +3 C; a new cooling or firmware state), anomalies included. Then:
 
 - ``none``: the old model and scaler, as if nothing happened;
-- ``light_Nd`` (N = 1, 3, 7): hpcad.light maps fitted on the normal rows of the N days right
+- ``light_Nd`` (N = 1, 3, 7): hpcad.model.light maps fitted on the normal rows of the N days right
   before the test period (the old model, scaler and network stay frozen);
 - ``full``: a new scaler and autoencoder trained from scratch on the same 7 days.
 
@@ -32,7 +32,7 @@ from sklearn.metrics import roc_auc_score
 from hpcad.atomic import write_json
 from hpcad.data.node import NodeData
 from hpcad.data.synthetic import START_EPOCH, generate_node, metric_names
-from hpcad.light import LightMap, fit_light_map, recon_and_code
+from hpcad.model.light import LightMap, fit_light_map, recon_and_code
 from hpcad.model.ensemble import node_seed, train_ensemble
 from hpcad.preprocess import Scaler, fit_rows
 from hpcad.threshold.cost import CostModel, Scores, score_rows

@@ -12,16 +12,16 @@ Per day D (``nightly.date``, default yesterday in ``nightly.timezone``), under a
    score, top metrics, jobs), ``metrics.json`` when the day is labelled; incidents across nights
    (hpcad.incidents: new, ongoing, resolved) -> ``incidents.json``, and ``alarms.jsonl`` (one alarm
    per line with its incident);
-4. drift (hpcad.drift) -> ``levels.csv`` (with each node's share of missing values and its lost
+4. drift (hpcad.nightly.drift) -> ``levels.csv`` (with each node's share of missing values and its lost
    metrics), ``drift.json``; telemetry gaps (trained nodes without a row, nodes missing over
    ``report.max_missing_share`` of their values, nodes with a trained metric that sent no value)
-   logged and reported; light retraining (hpcad.light) of drifted nodes on their last
+   logged and reported; light retraining (hpcad.model.light) of drifted nodes on their last
    ``nightly.light_days`` nights -> maps beside the models, ``light.json``;
 5. ``report.html``; then the folder replaces ``<out>/D`` by rename, and ``<out>/history.csv`` gains a line;
-6. for the site's tools: the Prometheus textfile (hpcad.prometheus; newest night only) and, when
+6. for the site's tools: the Prometheus textfile (hpcad.nightly.prometheus; newest night only) and, when
    the night has new incidents, ``nightly.notify`` (a command; its failure is logged and recorded in
    ``notify.json`` and the history, never fails the night); SLURM drain commands for confirmed
-   incidents in ``drain.txt`` (hpcad.drain), run only with ``nightly.drain=true``.
+   incidents in ``drain.txt`` (hpcad.nightly.drain), run only with ``nightly.drain=true``.
 
 A rerun of a day replaces its folder whole (no duplicated alarms); a failed day leaves the previous
 outputs as they were and records ``failed`` in the history.

@@ -23,15 +23,15 @@ from hpcad import signal_choice
 from hpcad.atomic import atomic_path, write_json
 from hpcad.data.ingest import ingest
 from hpcad.data.store import TelemetryStore
-from hpcad.drain import candidates as drain_candidates
-from hpcad.drain import lines as drain_lines
-from hpcad.drift import assess, night_levels, write_levels
+from hpcad.nightly.drain import candidates as drain_candidates
+from hpcad.nightly.drain import lines as drain_lines
+from hpcad.nightly.drift import assess, night_levels, write_levels
 from hpcad.errors import ConfigError, InputError
 from hpcad.errorstore import ErrorStore
 from hpcad.explain import class_profiles
 from hpcad.incidents import FILE as INCIDENTS
 from hpcad.incidents import incident_of, night_incidents, previous_incidents
-from hpcad.light import map_for_night
+from hpcad.model.light import map_for_night
 from hpcad.model.files import UNTRAINED_SUFFIX, model_nodes, model_path, untrained_nodes
 from hpcad.nightly.days import day_bounds, input_for
 from hpcad.nightly.refit import light_retrain, recent_nights

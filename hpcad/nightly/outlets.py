@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hpcad.atomic import write_json
-from hpcad.drain import drain
-from hpcad.drift import NIGHT_DIR
+from hpcad.nightly.drain import drain
+from hpcad.nightly.drift import NIGHT_DIR
 from hpcad.nightly.days import day_bounds
-from hpcad.prometheus import render, write_textfile
+from hpcad.nightly.prometheus import render, write_textfile
 
 if TYPE_CHECKING:
     from hpcad.config import NightlyConfig

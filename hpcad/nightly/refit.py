@@ -11,7 +11,7 @@ import numpy as np
 
 from hpcad.data.store import TelemetryStore
 from hpcad.errorstore import ErrorStore
-from hpcad.light import LightMap, fit_light_map, light_path, save_version
+from hpcad.model.light import LightMap, fit_light_map, light_path, save_version
 from hpcad.model.files import NodeModel, model_path
 from hpcad.preprocess import fill_gaps, windows
 

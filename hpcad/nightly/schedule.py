@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hpcad.atomic import atomic_path
-from hpcad.drift import NIGHT_DIR
+from hpcad.nightly.drift import NIGHT_DIR
 from hpcad.errors import ConfigError, HpcadError, InputError, OutputError
 from hpcad.nightly.days import input_for, parse_days
 from hpcad.nightly.night import build_night

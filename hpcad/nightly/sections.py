@@ -7,8 +7,8 @@ import html
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hpcad.drain import candidates as drain_candidates
-from hpcad.drift import NIGHT_DIR, level_rows
+from hpcad.nightly.drain import candidates as drain_candidates
+from hpcad.nightly.drift import NIGHT_DIR, level_rows
 from hpcad.incidents import STATES, read_night
 
 if TYPE_CHECKING:
