@@ -229,11 +229,24 @@ def test_a_tree_of_day_folders_of_node_files_is_read_as_each_nodes_rows_in_time(
     rc, out = _mpi_ingest(tmp_path / "run", tmp_path / "exports")
     assert rc == 0 and "ingesting 11 node files of 4 nodes over 2 ranks" in out, out[-3000:]
     _same(TelemetryStore(tmp_path / "run" / "store.h5"), ref)
-    # a new day's folder makes the store out of date; a bad file is named, not the node's joined rows
+    # a new day's folder makes the store out of date; a bad file is named, not the node's joined rows;
+    # with data.on_bad_node=skip it is left out (recorded), the node keeps its other days, on 2 ranks too
     bad = tree / "01" / "09"
     bad.mkdir()
     pd.DataFrame({"timestamp": ["2025-01-09T00:00:00Z"], f.columns[2]: ["oops"]}).to_csv(bad / "cn02.csv", index=False)
+    (bad / "cn01.parquet").write_bytes(b"PAR1 cut short")  # cut short while it was written
+    with pytest.raises(InputError, match=re.escape(f"{bad / 'cn01.parquet'}: cannot read the Parquet schema")):
+        ingest(data_cfg(source=str(tmp_path / "exports")), tmp_path / "one.h5")
+    (bad / "cn01.parquet").unlink()
     with pytest.raises(InputError, match=re.escape(f"{bad / 'cn02.csv'} (node cn02): non-numeric metric columns")):
         ingest(data_cfg(source=str(tmp_path / "exports")), tmp_path / "one.h5")
-    skipped = TelemetryStore(ingest(data_cfg(source=str(tmp_path / "exports"), on_bad_node="skip"), tmp_path / "one.h5"))
-    assert skipped.nodes == ["cn00", "cn01", "cn03"] and skipped.skipped[0][0] == "cn02"
+    (bad / "cn01.parquet").write_bytes(b"PAR1 cut short")
+    skip = TelemetryStore(ingest(data_cfg(source=str(tmp_path / "exports"), on_bad_node="skip"), tmp_path / "one.h5"))
+    assert skip.nodes == one.nodes and not skip.skipped and skip.rows("cn02") == one.rows("cn02")
+    assert [p for p, _ in skip.skipped_files] == [str(bad / "cn01.parquet"), str(bad / "cn02.csv")]
+    assert "non-numeric metric columns" in skip.skipped_files[1][1]
+    rc, out = _mpi_ingest(tmp_path / "run", tmp_path / "exports", "data.on_bad_node=skip")
+    assert rc == 0, out[-3000:]
+    ranks = TelemetryStore(tmp_path / "run" / "store.h5")
+    _same(ranks, skip)
+    assert sorted(ranks.skipped_files) == skip.skipped_files

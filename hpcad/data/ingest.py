@@ -110,14 +110,15 @@ def plan_metrics(files: list[Path], data_cfg, skip_bad: bool = False) -> list[st
 
 
 def iter_files(files: list[Path], conv: FrameConverter, skipped: list | None = None,
-               progress: bool = True) -> Iterator[NodeData]:
+               progress: bool = True, skipped_files: list | None = None) -> Iterator[NodeData]:
     """The nodes of a folder's node files (or a rank's share of them), one node at a time: its file, or
-    its files of several subfolders joined (hpcad/data/nodefiles.py)."""
+    its files of several subfolders joined (hpcad/data/nodefiles.py). ``skipped``/``skipped_files``
+    (``data.on_bad_node=skip``): bad nodes, and bad files of a node that has others, recorded."""
     groups = node_groups(files)
 
     def read(name: str, paths: list[Path]) -> NodeData | None:
         node = check_node_name(name, str(paths[0]))
-        return guarded(lambda: conv(node_frame(paths, conv, node), node, where(paths)), node, skipped)
+        return guarded(lambda: conv(node_frame(paths, conv, node, skipped_files), node, where(paths)), node, skipped)
 
     yield from counted(itertools.starmap(read, groups.items()), len(groups), progress)
 
@@ -162,7 +163,7 @@ def ingest(data_cfg, store_path: Path, progress: bool = True) -> Path:
     jobs = read_jobs(jobs_path, data_cfg.timezone) if jobs_path else None
     labels = read_labels(data_cfg.labels, data_cfg) if data_cfg.labels else None
     skipped: list | None = [] if data_cfg.on_bad_node == "skip" else None
-    skipped_files: list | None = [] if skipped is not None else None  # a folder of many nodes' files
+    skipped_files: list | None = [] if skipped is not None else None  # a folder's files (many nodes', a node's days)
     store_path.parent.mkdir(parents=True, exist_ok=True)
     stager = None
     try:
@@ -171,7 +172,7 @@ def ingest(data_cfg, store_path: Path, progress: bool = True) -> Path:
             files = node_files(src) if src.is_dir() else [src]
             if src.is_dir() and not has_node_column(files, data_cfg):
                 conv.metrics = plan_metrics(files, data_cfg, skip_bad=skipped is not None)  # as ranks share it out
-                stream = iter_files(files, conv, skipped, progress)
+                stream = iter_files(files, conv, skipped, progress, skipped_files)
             elif src.is_dir() or is_table(src):
                 stream = iter_node_rows(files, conv, store_path.parent, skipped, progress, skipped_files)
             else:

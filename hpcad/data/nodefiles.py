@@ -9,6 +9,7 @@ Hidden files and folders (``.snapshot``, editors' temporaries) are left out.
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections import Counter
 from pathlib import Path
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from hpcad.data.convert import FrameConverter
+
+log = logging.getLogger(__name__)
 
 
 def folder_files(source: Path) -> list[Path]:
@@ -70,17 +73,33 @@ def where(paths: list[Path]) -> str:
     return f"{common}/{{{paths[0].relative_to(common)} .. {paths[-1].relative_to(common)}}} ({len(paths)} files)"
 
 
-def node_frame(paths: list[Path], conv: FrameConverter, node: str) -> pd.DataFrame:
+def node_frame(paths: list[Path], conv: FrameConverter, node: str,
+               skipped_files: list | None = None) -> pd.DataFrame:
     """One node's rows from its files, joined in order (a metric a file lacks is missing in its rows).
-    A file with a non-numeric metric column is named on its own (the converter's error for it)."""
+    A file with a non-numeric metric column is named on its own (the converter's error for it).
+    ``skipped_files`` (``data.on_bad_node=skip``): a node's file that cannot be read or has such a
+    column is logged, recorded there as ``[file, reason]`` and left out, its other files kept (a day's
+    export cut short loses that day, not the node's year); a node with one file is skipped whole by
+    the caller, as in a flat folder."""
     import pandas as pd
 
-    frames = [read_table(p) for p in paths]
-    if len(frames) == 1:
-        return frames[0]
+    if len(paths) == 1:
+        return read_table(paths[0])
     cfg = conv.cfg
     roles = {cfg.timestamp_column, cfg.label_column, cfg.node_column, *cfg.ignore_columns}
-    for p, f in zip(paths, frames):
-        if any(c not in roles and not pd.api.types.is_numeric_dtype(f[c]) for c in f.columns):
-            conv.__class__(cfg, conv.metrics)(f, node, str(p))  # raises, naming the file (a copy: no state kept)
+    frames = []
+    for p in paths:
+        try:
+            f = read_table(p)
+            if any(c not in roles and not pd.api.types.is_numeric_dtype(f[c]) for c in f.columns):
+                conv.__class__(cfg, conv.metrics)(f, node, str(p))  # raises, naming the file (a copy: no state kept)
+        except InputError as exc:
+            if skipped_files is None:
+                raise
+            log.error("skipping a file (data.on_bad_node=skip): %s", exc)  # the message names it
+            skipped_files.append([str(p), str(exc).removeprefix(f"{p}: ")])
+            continue
+        frames.append(f)
+    if not frames:
+        raise InputError(f"{where(paths)}: every file of the node was skipped for bad input")
     return pd.concat(frames, ignore_index=True, sort=False)

@@ -65,10 +65,12 @@ class Plan:
         """The node files of ``units`` (a node's files in subfolders stay together: one rank reads them)."""
         return [Path(f) for u in units for f in self.files.get(u, [u])]
 
-    def nodes(self, data_cfg, units: list[str], skipped: list | None, progress: bool) -> Iterator[NodeData]:
+    def nodes(self, data_cfg, units: list[str], skipped: list | None, progress: bool,
+              skipped_files: list | None = None) -> Iterator[NodeData]:
         """This rank's nodes, converted (None in ``skipped``-mode for a bad node file is dropped)."""
         if not self.grid:
-            return iter_files(self.unit_files(units), FrameConverter(data_cfg, self.metrics), skipped, progress)
+            return iter_files(self.unit_files(units), FrameConverter(data_cfg, self.metrics), skipped, progress,
+                              skipped_files)
         buckets = sorted(int(u) for u in units)
         stager = GridStager.attach(self.grid)
         return counted(stager.iter_nodes(self.grid["keep"], buckets), sum(self.grid["nodes"][b] for b in buckets),
@@ -185,10 +187,11 @@ def _ingest_share(data_cfg, plan: Plan, units: list[str], part: Path, jobs: JobT
                          f"of its {len(units)} node files): every rank reads its share of the node files, so they must "
                          f"be on a file system every node of the job mounts")
     skipped: list | None = [] if data_cfg.on_bad_node == "skip" else None
-    stream = plan.nodes(data_cfg, units, skipped, progress)
+    skipped_files: list | None = [] if skipped is not None else None
+    stream = plan.nodes(data_cfg, units, skipped, progress, skipped_files)
     n = write_store(part, plan.metrics, finish_nodes(stream, plan.metrics, data_cfg, jobs, labels),
-                    str(plan.source),
-                    signature=plan.signature, skipped=skipped, empty_ok=True)
+                    str(plan.source), signature=plan.signature, skipped=skipped, empty_ok=True,
+                    skipped_files=skipped_files)
     log.info("rank %d: ingested %d node(s) of its %d %s into %s", rank, n, len(units),
              "scratch bucket(s)" if plan.grid else "nodes' files", part.name)
     return _share(part)
