@@ -157,6 +157,13 @@ def test_missing_or_partial_input_fails_clearly_and_changes_nothing(site, tmp_pa
     yesterday = (dt.datetime.now(dt.timezone(dt.timedelta(hours=14))) - dt.timedelta(days=1)).date()
     p = cron(_env_file(site, out, tz="Pacific/Kiritimati", name="kiritimati"))
     assert p.returncode == 2 and f"nightly {yesterday.isoformat()}: no exports" in p.stderr
+    # a backfill goes on past a night without exports (before: it stopped there, the later nights unscored),
+    # then fails naming it
+    p = cron(env, "--from", "2025-01-08", "--to", "2025-01-09")
+    assert p.returncode == 2 and "1 of 2 nights failed (the other 1 were scored" in p.stderr, p.stderr[-2000:]
+    assert "nightly 2025-01-08: no exports at" in p.stderr
+    assert [(h["date"], h["status"]) for h in _history(out)][-2:] == [("2025-01-08", "failed"), ("2025-01-09", "ok")]
+    assert (out / "2025-01-09" / "report.html").stat().st_mtime_ns > before[out / "2025-01-09" / "report.html"]
 
 
 def test_silent_nodes_and_missing_values_are_telemetry_gaps(site, tmp_path):

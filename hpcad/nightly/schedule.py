@@ -28,7 +28,10 @@ HISTORY_FIELDS = ["run_at", "date", "status", "nodes", "alarms", "new_incidents"
 
 
 def run_nightly(cfg: HpcadConfig, run_dir: Path, overrides: list[str] | None = None) -> dict:
-    """Score the days of ``nightly.date`` one after the other under the output folder's lock."""
+    """Score the days of ``nightly.date`` one after the other under the output folder's lock. In a
+    backfill, a night whose input is missing or bad (``InputError``: a collector outage, a partial
+    export) is recorded as failed and the later nights are still scored; the run then ends with an
+    error naming the failed nights. Any other error (the options, a full disk) stops it there."""
     n = cfg.nightly
     for opt in ("input", "out"):
         if not getattr(n, opt):
@@ -45,11 +48,11 @@ def run_nightly(cfg: HpcadConfig, run_dir: Path, overrides: list[str] | None = N
     days = parse_days(n.date, n.timezone)
     out = Path(n.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
-    results = []
+    results, failed = [], []
     with exclusive_lock(out / ".nightly.lock", "hpcad nightly", others="another nightly run"):
         for stale in out.glob(".*.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)  # a crashed run's leftovers (we hold the lock)
-        for day in days:
+        for i, day in enumerate(days):
             t0 = time.time()
             try:
                 res = _one_night(cfg, day, out, train_run, overrides or [])
@@ -58,11 +61,19 @@ def run_nightly(cfg: HpcadConfig, run_dir: Path, overrides: list[str] | None = N
                     history(out, day, "failed", {"message": str(exc)}, t0)
                 except OutputError as full:  # e.g. the same full file system: the night's own error comes first
                     log.warning("nightly %s: not recorded in history.csv: %s", day, full)
-                raise
+                    raise exc from None
+                if not isinstance(exc, InputError) or len(days) == 1:
+                    raise
+                log.error("%s; going on with the %d later night(s)", exc, len(days) - i - 1)
+                failed.append(str(exc))
+                continue
             history(out, day, "ok", res, t0)
             log.info("nightly %s: %d nodes, %d alarms, %d drifted, %d light refits -> %s", day, res["nodes"],
                      res["alarms"], res["drifted"], res["light_refits"], out / day.isoformat())
             results.append(res)
+    if failed:
+        raise InputError(f"{len(failed)} of {len(days)} nights failed (the other {len(results)} were scored; "
+                         f"history.csv): {'; '.join(failed[:5])}" + ("; ..." if len(failed) > 5 else ""))
     return {"days": results, "out": str(out)}
 
 
