@@ -174,3 +174,24 @@ def test_nodes_whose_input_values_are_missing_are_listed_as_telemetry_gaps(tmp_p
                 METRICS)
     index = ErrorStore(tmp_path / "index.h5")
     assert index.lost == errors.lost and index.missing == errors.missing
+
+
+def test_detection_quality_opens_with_one_row_per_detector_and_the_best_in_bold():
+    """The report's first detection table compares the detectors side by side (before: two tables of
+    18 rows each, one per detector and split, to read across). Costs: lower is better; a split the
+    run did not score (a night: no validation rows) leaves its columns out."""
+    from hpcad.report.page import comparison_table
+
+    def split(ap, cost, f1, rows=100):
+        return {"rows": rows, "ranking": {"ap": ap, "roc_auc": ap + 0.1, "best_f1": ap, "nodes": 3}, "cost": cost,
+                "f1": f1}
+
+    metrics = {"splits": {"val": split(0.8, 600.0, 0.7), "test": split(0.7, 1400.0, 0.6)},
+               "baselines": {"pca": {"splits": {"val": split(0.75, 500.0, 0.8), "test": split(0.72, 1200.0, 0.5)}}}}
+    table = comparison_table(metrics)
+    rows = re.findall(r"<tr><td>(\w+)</td>(.*?)</tr>", table)
+    assert [r[0] for r in rows] == ["autoencoder", "pca"]
+    bold = {name: re.findall(r"<b>(.*?)</b>", cells) for name, cells in rows}
+    assert bold == {"autoencoder": ["0.8", "0.6"], "pca": ["0.72", "0.82", "0.72", "500", "1,200"]}
+    night = {"splits": {"val": {"rows": 0}, "test": split(0.7, 1400.0, 0.6)}}
+    assert "AP val" not in comparison_table(night) and "cost test" in comparison_table(night)
