@@ -196,7 +196,7 @@ def baseline_signals(method: str, cfg: HpcadConfig, fit_store: TelemetryStore, e
             bar.update(1)
             continue
         vals = fill_gaps(fit_nd.values, cfg.preprocess.nan_fill_limit)
-        scaler = Scaler.fit(vals[rows], cfg.preprocess, where=f"node {node}")
+        scaler = Scaler.fit(vals[rows], cfg.preprocess, where=f"node {node}", quiet=True)  # training said it
         z = scaler.transform(vals)[0]
         cut = fit_rows(len(fit_idx), cfg.train.validation_split)
         train_idx, hold_idx = fit_idx[:cut], fit_idx[cut:]

@@ -222,7 +222,10 @@ class Scaler:
 
     @classmethod
     def fit(cls, values: np.ndarray, cfg: PreprocessConfig, where: str = "",
-            names: list[str] | None = None) -> "Scaler":
+            names: list[str] | None = None, quiet: bool = False) -> "Scaler":
+        """Fit on training rows [T, M]. ``names`` name the metrics in the warning about metrics without
+        any training value; ``quiet``: no warning (a fit of rows another stage has already fitted and
+        said it for, e.g. the baselines)."""
         if values.shape[0] == 0:
             raise ConfigError(f"{where}: no training rows to fit the standardisation on "
                               f"(check split.* and the labels)")
@@ -232,7 +235,7 @@ class Scaler:
             std = np.nanstd(values, axis=0)
             rng = np.nanmax(values, axis=0) - np.nanmin(values, axis=0)
         empty = ~np.isfinite(mean)
-        if empty.any():
+        if empty.any() and not quiet:
             cols = [names[i] if names else str(i) for i in np.flatnonzero(empty)[:10]]
             log.warning("%s: %d metric(s) without any training value are left out of the model and its error "
                         "(absent on this node): %s", where, int(empty.sum()), ", ".join(cols))

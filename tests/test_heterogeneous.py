@@ -6,6 +6,7 @@ import pandas as pd
 
 from conftest import hpcad, small_exports
 from hpcad.data.store import TelemetryStore
+from hpcad.errorstore import ErrorStore
 from hpcad.model.files import NodeModel
 
 
@@ -19,8 +20,12 @@ def test_nodes_with_different_metric_sets_train_score_and_rescore(tmp_path):
     gpu = pd.DataFrame({"gpu_util": np.random.default_rng(0).uniform(0, 100, len(c))})
     pd.concat([c, gpu], axis=1).to_csv(files[2], index=False)  # node 2 has a GPU counter
     run = tmp_path / "run"
-    hpcad("run", f"data.source={exports}", "train.epochs=2", "compute.progress=false", "baselines.methods=[]",
+    hpcad("run", f"data.source={exports}", "train.epochs=2", "compute.progress=false", "baselines.methods=[pca]",
           "report.enabled=false", f"hydra.run.dir={run}")
+    said = [line for line in (run / "run.log").read_text().splitlines() if "without any training value" in line]
+    # nodes 0 and 1 lack the GPU counter: said once each, by training, named (the baselines' fit said it
+    # again, naming the metric by its column number)
+    assert len(said) == 2 and all(line.endswith("gpu_util") for line in said), said
     store = TelemetryStore(run / "store.h5")
     assert set(lost) < set(store.metrics) and "gpu_util" in store.metrics
     n0, n2 = files[0].stem, files[2].stem
@@ -46,6 +51,8 @@ def test_nodes_with_different_metric_sets_train_score_and_rescore(tmp_path):
     with h5py.File(tmp_path / "later-run" / "errors.h5") as f:
         assert [m.decode() for m in f["metrics"][()]] == names
         assert (f[f"nodes/{n2}/error"][:, names.index("gpu_util")] == 0).all()
+    # node 2 trained on it: a telemetry gap of that node (its report lists it), not of the others
+    assert ErrorStore(tmp_path / "later-run" / "errors.h5").lost == {n2: ["gpu_util"]}
 
     strict = hpcad("ingest", f"data.source={exports}", "data.on_missing_metric=error",
                    f"hydra.run.dir={tmp_path / 'strict'}", check=False)
