@@ -16,12 +16,13 @@ file in the error-file layout (smoothed and normalised like the autoencoder's si
   metric's training range (standardised units), the term the autoencoder's signal adds
   (``signal.range_excess``). It shows how much of a ranking that term makes on its own.
 
-``pca``, ``knn`` and ``kde`` add the same range-excess term with the autoencoder's weight
-(``baselines.range_excess``, default true: the weight ``errors.h5`` was scored with, so the
-comparison is of the models, not of the term): as it is for PCA's and the 1-NN's squared
-distances, which are in the autoencoder's units; divided by 2 h^2 for KDE's negative log density
-(bandwidth h), which grows as (distance / h)^2 / 2 far from the data. IsolationForest's score has
-no such units and goes without it.
+``pca``, ``knn`` and ``kde`` add the same range-excess term (``baselines.range_excess``, default
+true, so the comparison is of the models, not of the term): as it is for PCA's and the 1-NN's
+squared distances, which are in the autoencoder's units; divided by 2 h^2 for KDE's negative log
+density (bandwidth h), which grows as (distance / h)^2 / 2 far from the data. IsolationForest's
+score has no such units and goes without it. Its weight: with ``signal.excess_weight=auto`` and
+labelled rows each method chooses its own as the autoencoder does (:func:`run_baselines`); a fixed
+weight applies to all; without labels, the autoencoder's (its ``errors.h5``).
 
 Fits use at most ``max_train_rows`` training rows (a random subsample beyond that, drawn from the
 node's own seed: a node's baseline does not depend on which other nodes a process fits, so ranks
@@ -37,6 +38,7 @@ import json
 import logging
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,6 +51,7 @@ from hpcad.preprocess import (Scaler, check_training_rows, fill_gaps, fit_rows, 
                               window_rows)
 from hpcad.atomic import remove_unreferenced
 from hpcad.data.h5 import open_h5
+from hpcad.dist import CLUSTER_WIDE, all_sum
 from hpcad.errorstore import NodeSignal, signal_attrs, write_index, write_signal_file
 from hpcad.progress import Progress
 from hpcad.signals import signal_level, smooth_signal
@@ -153,10 +156,10 @@ def node_rng(seed: int, node: str) -> np.random.Generator:
 
 
 def excess_weight(cfg: HpcadConfig, errors_path: Path | None) -> float:
-    """The range-excess weight the baselines add (``WITH_EXCESS``): the one the autoencoder's ``errors.h5``
-    was scored with (``signal.excess_weight=auto`` chooses it there); a fixed ``signal.excess_weight``
-    where there is no errors.h5 yet, 1 for ``auto``; 0 with ``signal.range_excess=false`` or
-    ``baselines.range_excess=false``."""
+    """The range-excess weight the baselines add (``WITH_EXCESS``) where they do not choose their own
+    (:func:`choose_weight`): the one the autoencoder's ``errors.h5`` was scored with; a fixed
+    ``signal.excess_weight`` where there is no errors.h5 yet, 1 for ``auto``; 0 with
+    ``signal.range_excess=false`` or ``baselines.range_excess=false``."""
     from hpcad.signal_choice import fixed_weight
 
     if not cfg.signal.range_excess or not cfg.baselines.range_excess:
@@ -169,14 +172,110 @@ def excess_weight(cfg: HpcadConfig, errors_path: Path | None) -> float:
     return 1.0 if w is None else float(w)
 
 
+def weight_rule(cfg: HpcadConfig, method: str, eval_store: TelemetryStore, fallback: float) -> list[float]:
+    """The weights ``method`` chooses from: ``signal.excess_grid`` where it chooses its own (a method
+    that adds the term, ``signal.excess_weight=auto``, labelled rows to choose on), else the one it
+    gets: a fixed ``signal.excess_weight``, else ``fallback`` (the autoencoder's, :func:`excess_weight`);
+    0 for a method without the term or with ``signal.range_excess`` or ``baselines.range_excess`` off."""
+    from hpcad.signal_choice import fixed_weight
+
+    if method not in WITH_EXCESS or not cfg.signal.range_excess or not cfg.baselines.range_excess:
+        return [0.0]
+    fixed = fixed_weight(cfg.signal.excess_weight)
+    if fixed is not None:
+        return [fixed]
+    if not eval_store.has_labels:
+        return [fallback]
+    return sorted({float(x) for x in cfg.signal.excess_grid})
+
+
+def validation_totals(method: str, cfg: HpcadConfig, fit_store: TelemetryStore, eval_store: TelemetryStore,
+                      nodes: list[str], grid: list[float], progress: bool) -> np.ndarray:
+    """Per weight of ``grid``, the sum over ``nodes`` of the validation average precision of the
+    baseline's signal with that weight (nodes whose validation rows hold both classes), then their
+    count: what :func:`choose_weight` sums over ranks, as the autoencoder's choice does
+    (hpcad/signal_choice.py)."""
+    from hpcad.preprocess import VAL
+    from hpcad.threshold.quality import average_precision
+
+    totals = np.zeros(len(grid) + 1)
+    for parts in _node_parts(method, cfg, fit_store, eval_store, nodes, progress, True):
+        val = parts.split == VAL
+        y = parts.labels[val] != 0 if parts.labels is not None else np.zeros(0, bool)
+        if y.all() or not y.any():
+            continue
+        for j, w in enumerate(grid):
+            totals[j] += average_precision(parts.signal(w, cfg.signal).signal[val], y)
+        totals[-1] += 1
+    return totals
+
+
+def choose_weight(cfg: HpcadConfig, method: str, grid: list[float], totals: np.ndarray,
+                  fallback: float) -> tuple[float, dict | None]:
+    """The weight ``method`` adds (the first of ``grid`` within ``signal.excess_margin`` of the best mean
+    validation average precision: the autoencoder's rule, on the baseline's own signal), and the record
+    of the choice; ``fallback`` (the autoencoder's weight) without a node to choose on."""
+    if len(grid) == 1:
+        return grid[0], None
+    count = int(totals[-1])
+    if count == 0:
+        return fallback, {"rule": "no labelled validation rows: the autoencoder's weight", "chosen": fallback}
+    ap = totals[:-1] / count
+    margin = float(cfg.signal.excess_margin)
+    chosen = next(w for w, a in zip(grid, ap) if a >= ap.max() - margin)
+    log.info("baseline %s: signal.excess_weight=%g (validation average precision %s over %d node(s))", method,
+             chosen, ", ".join(f"{w:g}: {a:.4f}" for w, a in zip(grid, ap)), count, extra=CLUSTER_WIDE)
+    return chosen, {"rule": f"first weight within {margin:g} of the best mean validation average precision",
+                    "candidates": grid, "validation_ap": [round(float(a), 6) for a in ap], "chosen": chosen,
+                    "nodes": count}
+
+
+@dataclass
+class _Parts:
+    """One node's baseline score before the range-excess term is added (see :func:`baseline_signals`)."""
+
+    node: str
+    raw: np.ndarray  # per row, the model's score
+    exc: np.ndarray | None  # per row, the summed squared range excess (None: not computed)
+    ref_raw: np.ndarray  # the same on the reference rows (held-out training rows), for the signal's level
+    ref_exc: np.ndarray | None
+    unit: float | None  # a squared standardised distance in the score's units (None: no such units)
+    error_like: bool
+    split: np.ndarray
+    labels: np.ndarray | None
+    timestamp: np.ndarray
+    width: int  # metrics per row (the level's floor)
+
+    def signal(self, weight: float, sig_cfg) -> NodeSignal:
+        """The node's signal with ``weight`` x the range excess added in the score's units."""
+        node_weight = weight * self.unit if self.unit is not None and self.exc is not None else 0.0
+        ref, sig = self.ref_raw, self.raw
+        if node_weight:
+            ref, sig = ref + self.ref_exc * node_weight, sig + self.exc * node_weight
+        if self.error_like:  # like the autoencoder: >= 0, normal level = the held-out mean (its floor too)
+            offset, scale = 0.0, signal_level(float(np.mean(ref)), self.width, sig_cfg.scale_floor)
+        else:  # an arbitrary origin: centred on the held-out median, in units of its spread
+            offset, scale = float(np.median(ref)), float(max(np.std(ref), 1e-9))
+        out = smooth_signal(sig - offset, sig_cfg.smooth, scale, sig_cfg.causal)
+        return NodeSignal(self.node, out, self.split, self.labels, self.timestamp, scale)
+
+
 def baseline_signals(method: str, cfg: HpcadConfig, fit_store: TelemetryStore, eval_store: TelemetryStore,
                      nodes: list[str] | None = None, progress: bool = False,
                      weight: float = 0.0) -> Iterator[NodeSignal]:
     """One baseline's signal for ``nodes`` of ``eval_store`` (all of them by default), fitted on
     ``fit_store``'s normal training rows of the same node; ``pca``, ``knn`` and ``kde`` add ``weight`` x
-    the range excess in their score's units (:func:`excess_weight`), ``range`` is that excess alone."""
-    bc = cfg.baselines
+    the range excess in their score's units (:func:`choose_weight`), ``range`` is that excess alone."""
     weight = 1.0 if method == "range" else weight if method in WITH_EXCESS else 0.0
+    for parts in _node_parts(method, cfg, fit_store, eval_store, nodes, progress, bool(weight)):
+        yield parts.signal(weight, cfg.signal)
+
+
+def _node_parts(method: str, cfg: HpcadConfig, fit_store: TelemetryStore, eval_store: TelemetryStore,
+                nodes: list[str] | None, progress: bool, excess: bool) -> Iterator[_Parts]:
+    """Per node: the baseline fitted on ``fit_store``'s normal training rows, its scores of
+    ``eval_store``'s rows and of the reference rows; with ``excess``, the range excess of both."""
+    bc = cfg.baselines
     w = int(bc.knn_window) if method == "knn" else 1
     nodes = list(eval_store.nodes) if nodes is None else nodes
     bar = Progress(len(nodes), f"baseline {method}", "node", progress, log)
@@ -206,28 +305,22 @@ def baseline_signals(method: str, cfg: HpcadConfig, fit_store: TelemetryStore, e
         train, hold = window_at(z, train_idx, w), window_at(z, hold_idx, w)
         score, error_like, unit = _fit(method, train, hold, bc, int(bc.seed))
         ref = score(hold if len(hold) else train)
-        node_weight = weight * unit if unit is not None else 0.0  # in this node's score's units
-        if node_weight:  # the reference rows' excess (0 inside the training range), from the fit store's rows
-            ref = ref + scaler.excess_sum(z[hold_idx if len(hold) else train_idx]) * node_weight
+        with_exc = excess and unit is not None
+        # the reference rows' excess (0 inside the training range), from the fit store's rows
+        ref_exc = scaler.excess_sum(z[hold_idx if len(hold) else train_idx]) if with_exc else None
         if eval_store is fit_store:  # fitted and scored on one store: the node read and standardised once
             nd = fit_nd
         else:
             nd = eval_store.read(node)
             z = scaler.transform(fill_gaps(nd.values, cfg.preprocess.nan_fill_limit))[0]
         if w == 1:
-            sig = score(z)
+            raw = score(z)
         else:  # each block's windows built for it alone (a node-year's 10-row windows: 3.3 GB at once),
             step = 4 * _BLOCK  # blocks of whole distance blocks: the same distances, the same figures
-            sig = np.concatenate([score(window_at(z, np.arange(a, min(a + step, len(z))), w))
+            raw = np.concatenate([score(window_at(z, np.arange(a, min(a + step, len(z))), w))
                                   for a in range(0, len(z), step)] or [np.empty(0)])
-        if node_weight:  # per row (a window's newest)
-            sig = sig + scaler.excess_sum(z) * node_weight
-        if error_like:  # like the autoencoder: >= 0, normal level = the held-out mean (its floor too)
-            offset, scale = 0.0, signal_level(float(np.mean(ref)), z.shape[1], cfg.signal.scale_floor)
-        else:  # an arbitrary origin: centred on the held-out median, in units of its spread
-            offset, scale = float(np.median(ref)), float(max(np.std(ref), 1e-9))
-        sig = smooth_signal(sig - offset, cfg.signal.smooth, scale, cfg.signal.causal)
-        yield NodeSignal(node, sig, split_codes(nd, cfg.split), nd.labels, nd.timestamp, scale)
+        yield _Parts(node, raw, scaler.excess_sum(z) if with_exc else None, ref, ref_exc, unit, error_like,
+                     split_codes(nd, cfg.split), nd.labels, nd.timestamp, z.shape[1])  # (excess: a window's newest row)
         bar.update(1)
     bar.close()
 
@@ -252,9 +345,10 @@ def skipped(cfg: HpcadConfig, eval_store: TelemetryStore) -> bool:
 
 
 def settings_key(cfg: HpcadConfig, method: str, fit_store: TelemetryStore, eval_store: TelemetryStore,
-                 nodes: list[str], weight: float = 0.0) -> str | None:
+                 nodes: list[str], weight: float | dict = 0.0) -> str | None:
     """A digest of what a baseline's signal file depends on (the stores' inputs, the nodes, the
-    baseline, split, preprocessing and smoothing options); None when a store cannot say what it holds."""
+    baseline, split, preprocessing and smoothing options, the range-excess weight or the rule that
+    chooses it); None when a store cannot say what it holds."""
     from omegaconf import OmegaConf
 
     if not fit_store.signature or not eval_store.signature:
@@ -289,24 +383,59 @@ def run_baselines(cfg: HpcadConfig, fit_store: TelemetryStore, eval_store: Telem
                   nodes: list[str] | None = None, rank: int | None = None, weight: float = 0.0) -> dict[str, Path]:
     """Each method's signal file of ``nodes`` (all of ``eval_store``'s by default): ``<method>.h5``;
     with ``rank``, that rank's share as ``<method>-rank<r>.h5`` (:func:`index_ranks` links them). A
-    file already written for the same data and settings is kept (a rerun, a requeued job)."""
+    file already written for the same data and settings is kept (a rerun, a requeued job).
+
+    ``weight``: the autoencoder's range-excess weight. With ``signal.excess_weight=auto`` and labelled
+    rows each method that adds the term chooses its own weight as the autoencoder chose its own, on
+    its own validation average precision (summed over every rank's nodes; a first pass over the
+    nodes, so such a method is fitted twice), so that neither the baselines' figures depend on the
+    autoencoder's training nor the autoencoder is compared with baselines given its choice."""
     out: dict[str, Path] = {}
     check_methods(list(cfg.baselines.methods))
     nodes = list(eval_store.nodes) if nodes is None else nodes
     for method in cfg.baselines.methods:
         path = out_dir / (f"{method}.h5" if rank is None else f"{method}-rank{rank}.h5")
-        key = settings_key(cfg, method, fit_store, eval_store, nodes, weight)
-        if _holds(path, key):
+        grid = weight_rule(cfg, method, eval_store, weight)
+        key = settings_key(cfg, method, fit_store, eval_store, nodes, grid[0] if len(grid) == 1 else
+                           {"grid": grid, "margin": float(cfg.signal.excess_margin), "fallback": weight})
+        held = _holds(path, key)
+        chosen, choice, totals = grid[0], None, None
+        if len(grid) > 1:  # every rank sums, once per method, whether its file is kept or not
+            totals = _held_totals(path, len(grid)) if held else None
+            if totals is None:
+                held, totals = False, validation_totals(method, cfg, fit_store, eval_store, nodes, grid,
+                                                        cfg.compute.progress)
+            chosen, choice = choose_weight(cfg, method, grid, all_sum(totals), weight)
+        if held:
             log.info("baseline %s: %s is up to date (the same data and settings): kept", method, path.name)
         else:
+            attrs = {"excess_weight": float(chosen)} if method in WITH_EXCESS else {}
+            if choice is not None:
+                attrs.update(signal_choice=json.dumps(choice), choice_totals=json.dumps(totals.tolist()))
             write_signal_file(path, method, baseline_signals(method, cfg, fit_store, eval_store, nodes,
-                                                             cfg.compute.progress, weight), settings=key,
-                              store_signature=eval_store.signature)
+                                                             cfg.compute.progress, chosen), settings=key,
+                              store_signature=eval_store.signature, attrs=attrs)
             log.info("baseline %s -> %s", method, path)
         if rank is None:
             _drop_parts(out_dir, method, [])
         out[method] = path
     return out
+
+
+def _held_totals(path: Path, n: int) -> np.ndarray | None:
+    """The validation sums a kept signal file was chosen with (its rank's share), or None."""
+    try:
+        with open_h5(path, kind="baseline signal file") as f:
+            totals = np.array(json.loads(str(f.attrs.get("choice_totals", "null"))), dtype=np.float64)
+    except Exception:
+        return None
+    return totals if totals.shape == (n + 1,) else None
+
+
+def _choice_attrs(path: Path) -> dict:
+    """A signal file's record of its range-excess weight (for an index over the ranks' files)."""
+    with open_h5(path, kind="baseline signal file") as f:
+        return {k: f.attrs[k] for k in ("excess_weight", "signal_choice") if k in f.attrs}
 
 
 def index_ranks(out_dir: Path, methods: list[str], ranks: int, store_signature: str = "") -> dict[str, Path]:
@@ -315,7 +444,8 @@ def index_ranks(out_dir: Path, methods: list[str], ranks: int, store_signature: 
     out: dict[str, Path] = {}
     for method in methods:
         parts = [out_dir / f"{method}-rank{r}.h5" for r in range(ranks)]
-        write_index(out_dir / f"{method}.h5", parts, signal_attrs(method, store_signature))
+        write_index(out_dir / f"{method}.h5", parts, {**signal_attrs(method, store_signature),
+                                                      **_choice_attrs(parts[0])})
         _drop_parts(out_dir, method, parts)
         log.info("baseline %s -> %s (an index of %d rank files)", method, out_dir / f"{method}.h5", ranks)
         out[method] = out_dir / f"{method}.h5"

@@ -181,7 +181,7 @@ class BaselineConfig:
     """Comparison detectors (hpcad/baselines.py), thresholded and evaluated like the autoencoder."""
 
     methods: list[str] = field(default_factory=lambda: ["kde", "iforest", "pca", "knn", "range"])
-    range_excess: bool = True  # pca, knn and kde add the autoencoder's range-excess term, at its weight (baselines.py)
+    range_excess: bool = True  # pca, knn and kde add the autoencoder's range-excess term, each at its own auto weight (baselines.py)
     kde_bandwidths: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 3.0, 5.0, 8.0])
     iforest_trees: int = 100
     pca_variance: float = 0.95  # components kept: the fewest that explain this share of the variance

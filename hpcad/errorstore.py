@@ -154,11 +154,12 @@ def remove_other_signal_files(folder: Path, keep: list[str]) -> list[str]:
 
 
 def write_signal_file(path: Path, method: str, signals: Iterator[NodeSignal], settings: str | None = None,
-                      store_signature: str = "") -> None:
+                      store_signature: str = "", attrs: dict | None = None) -> None:
     """Baselines write the same per-node layout without the per-metric error tensor (``settings``: a
-    digest of what they were fitted from, so that a rerun keeps an up-to-date file)."""
+    digest of what they were fitted from, so that a rerun keeps an up-to-date file; ``attrs``: more
+    file attributes, e.g. the range-excess weight it chose)."""
     with atomic_path(path) as tmp, h5_writing(tmp) as f:
-        f.attrs.update(signal_attrs(method, store_signature))
+        f.attrs.update(signal_attrs(method, store_signature), **(attrs or {}))
         if settings:
             f.attrs["settings"] = settings
         g0 = f.create_group("nodes")

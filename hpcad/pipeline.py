@@ -284,6 +284,9 @@ def stage_threshold(cfg: HpcadConfig, run_dir: Path) -> dict:
             bth = rule.fit(bsource, detector=f"baseline {path.stem}")
             out["baselines"][path.stem] = {"splits": evaluate(bsource(), bth, cm, time_unit)["splits"],
                                            "thresholds": bth.to_dict()}
+            if "excess_weight" in base.attrs:  # the range-excess weight it added, and how it was chosen
+                out["baselines"][path.stem]["excess_weight"] = float(base.attrs["excess_weight"])
+                out["baselines"][path.stem]["excess_choice"] = json.loads(base.attrs.get("signal_choice", "null"))
         out["class_profiles"] = class_profiles(errors)
         write_json(run_dir / "metrics.json", out)
         result["metrics"] = out

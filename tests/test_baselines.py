@@ -128,3 +128,47 @@ def test_range_is_the_autoencoders_excess_term_alone_and_the_baselines_add_it_at
           "baselines.methods=[pca,range]", f"train_run={run}", f"hydra.run.dir={other}")
     m = json.loads((other / "metrics.json").read_text())
     assert m["baselines"]["range"]["splits"]["eval"]["ranking"]["nodes"] >= 1 and "pca" in m["baselines"]
+
+
+def test_each_baseline_chooses_its_own_range_excess_weight_on_its_validation_rows(tmp_path):
+    """PCA, the 1-NN and KDE added the range-excess term at the weight the autoencoder's validation
+    chose, so a training option that moved the autoencoder's choice moved the baselines' figures (a
+    sweep of train.batch_size moved PCA's test cost on the synthetic cluster from 1193 to 1348), and a
+    baseline was judged at a weight chosen for another detector. Now, with signal.excess_weight=auto,
+    each chooses its own by the autoencoder's rule on its own signal; a fixed weight applies to all."""
+    import json
+
+    import h5py
+
+    from conftest import hpcad
+    from hpcad.baselines import run_baselines, validation_totals
+
+    run = tmp_path / "run"
+    args = ["data.synthetic.nodes=3", "data.synthetic.rows=600", "train.epochs=2", "compute.progress=false",
+            "baselines.methods=[pca,kde]", f"hydra.run.dir={run}"]
+    hpcad("run", *args)
+    m = json.loads((run / "metrics.json").read_text())["baselines"]
+    register_configs()
+    with initialize_config_dir(str(resource_dir("conf")), version_base="1.3"):
+        cfg = compose("config", args[:-1])
+    store = TelemetryStore(run / "store.h5")
+    for method in ("pca", "kde"):
+        choice = m[method]["excess_choice"]
+        grid, ap = choice["candidates"], choice["validation_ap"]
+        assert grid == [1.0, 10.0, 100.0, 1000.0] and choice["nodes"] >= 1
+        assert m[method]["excess_weight"] == choice["chosen"] == next(w for w, a in zip(grid, ap) if a >= max(ap) - 0.005)
+        totals = validation_totals(method, cfg, store, store, store.nodes, grid, False)  # by hand: the same figures
+        np.testing.assert_allclose(totals[:-1] / totals[-1], ap, atol=1e-6)
+    # the autoencoder's weight (here 1000 instead of what it chose) no longer changes a baseline
+    for w in (1.0, 1000.0):
+        out = tmp_path / f"ae{w:g}"
+        run_baselines(cfg, store, store, out, weight=w)
+        with h5py.File(out / "pca.h5") as f:
+            got = {n: f[f"nodes/{n}/signal"][()] for n in f["nodes"]}
+        with h5py.File(run / "baselines" / "pca.h5") as f:
+            for n, sig in got.items():
+                np.testing.assert_array_equal(sig, f[f"nodes/{n}/signal"][()])
+    # a fixed weight: every baseline adds that one, nothing chosen
+    hpcad("baselines", *args, "signal.excess_weight=10")
+    with h5py.File(run / "baselines" / "pca.h5") as f:
+        assert f.attrs["excess_weight"] == 10 and "signal_choice" not in f.attrs

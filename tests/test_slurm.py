@@ -147,6 +147,9 @@ def test_whole_run_on_two_ranks_ingests_once_and_matches_one_process(tmp_path, s
     assert got["nodes"] == pytest.approx(want["nodes"]) and got["cluster"] == want["cluster"]
     assert (run / "alarms.csv").read_text() == (single / "alarms.csv").read_text()
     got, want = (json.loads((r / "metrics.json").read_text())["baselines"]["kde"] for r in (run, single))
+    # KDE chose its range-excess weight on its validation figures summed over both ranks: the one choice
+    assert got["excess_weight"] == want["excess_weight"] and got["excess_choice"]["nodes"] == 3
+    assert got["excess_choice"]["validation_ap"] == pytest.approx(want["excess_choice"]["validation_ap"], abs=1e-6)
     assert got["thresholds"]["nodes"] == pytest.approx(want["thresholds"]["nodes"])
     assert got["splits"]["test"]["cost"] == want["splits"]["test"]["cost"]
     # the baselines again in one process: kde.h5 is a whole file, the rank files it no longer links to go
