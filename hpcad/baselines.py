@@ -406,6 +406,7 @@ def run_baselines(cfg: HpcadConfig, fit_store: TelemetryStore, eval_store: Telem
                 held, totals = False, validation_totals(method, cfg, fit_store, eval_store, nodes, grid,
                                                         cfg.compute.progress)
             chosen, choice = choose_weight(cfg, method, grid, all_sum(totals), weight)
+            held = held and _choice_attrs(path).get("excess_weight") == chosen  # (the same sums: the same choice)
         if held:
             log.info("baseline %s: %s is up to date (the same data and settings): kept", method, path.name)
         else:

@@ -221,6 +221,7 @@ def test_a_tree_of_day_folders_of_node_files_is_read_as_each_nodes_rows_in_time(
                                                                                       index=False)
     (tree / "01" / ".snapshot").mkdir()  # a file server's snapshot folder: not read
     pd.DataFrame({"timestamp": [0], "junk": ["x"]}).to_csv(tree / "01" / ".snapshot" / "cn00.csv", index=False)
+    (tree / "01" / "back").symlink_to(tree)  # a link back up the tree: its folders are read once
     ref = TelemetryStore(ingest(data_cfg(source=str(flat)), tmp_path / "flat.h5"))
     one = TelemetryStore(ingest(data_cfg(source=str(tmp_path / "exports")), tmp_path / "one.h5"))
     _same(one, ref)

@@ -32,8 +32,13 @@ def folder_files(source: Path) -> list[Path]:
     files = sorted(p for p in source.iterdir() if is_table(p))
     if files:
         return files
-    below = []
-    for folder, dirs, names in os.walk(source, followlinks=True):
+    below, seen = [], set()
+    for folder, dirs, names in os.walk(source, followlinks=True):  # a folder of links to the days wanted works
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back up the tree: read once, not forever
+            dirs[:] = []
+            continue
+        seen.add(real)
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         below += [Path(folder) / n for n in names if not n.startswith(".") and is_table(Path(folder) / n)]
     return sorted(below)
