@@ -86,9 +86,9 @@ def unreadable_override(overrides: list[str]) -> str | None:
     from hydra.errors import OverrideParseException
 
     try:  # the overrides among Hydra's flags (``--cfg job``, ``-m``), as hydra.main separates them
-        with contextlib.redirect_stderr(io.StringIO()):
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
             flags, rest = get_args_parser().parse_known_args(overrides)
-    except SystemExit:  # a flag Hydra refuses: Hydra says so itself
+    except SystemExit:  # a flag Hydra refuses, or --version: Hydra says it itself
         return None
     parser = OverridesParser.create()
     for o in [*flags.overrides, *(r for r in rest if not r.startswith("-"))]:
