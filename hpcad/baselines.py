@@ -37,7 +37,7 @@ import hashlib
 import json
 import logging
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -190,16 +190,20 @@ def weight_rule(cfg: HpcadConfig, method: str, eval_store: TelemetryStore, fallb
 
 
 def validation_totals(method: str, cfg: HpcadConfig, fit_store: TelemetryStore, eval_store: TelemetryStore,
-                      nodes: list[str], grid: list[float], progress: bool) -> np.ndarray:
+                      nodes: list[str], grid: list[float], progress: bool,
+                      keep: Callable[[_Parts], None] | None = None) -> np.ndarray:
     """Per weight of ``grid``, the sum over ``nodes`` of the validation average precision of the
     baseline's signal with that weight (nodes whose validation rows hold both classes), then their
     count: what :func:`choose_weight` sums over ranks, as the autoencoder's choice does
-    (hpcad/signal_choice.py)."""
+    (hpcad/signal_choice.py). ``keep`` is given each node's scores (the signals are then made from
+    them, not fitted again)."""
     from hpcad.preprocess import VAL
     from hpcad.threshold.quality import average_precision
 
     totals = np.zeros(len(grid) + 1)
     for parts in _node_parts(method, cfg, fit_store, eval_store, nodes, progress, True):
+        if keep is not None:
+            keep(parts)
         val = parts.split == VAL
         y = parts.labels[val] != 0 if parts.labels is not None else np.zeros(0, bool)
         if y.all() or not y.any():
@@ -387,8 +391,8 @@ def run_baselines(cfg: HpcadConfig, fit_store: TelemetryStore, eval_store: Telem
 
     ``weight``: the autoencoder's range-excess weight. With ``signal.excess_weight=auto`` and labelled
     rows each method that adds the term chooses its own weight as the autoencoder chose its own, on
-    its own validation average precision (summed over every rank's nodes; a first pass over the
-    nodes, so such a method is fitted twice), so that neither the baselines' figures depend on the
+    its own validation average precision (summed over every rank's nodes; each node fitted once, its
+    scores kept in a scratch file until the weight is chosen), so that neither the baselines' figures depend on the
     autoencoder's training nor the autoencoder is compared with baselines given its choice."""
     out: dict[str, Path] = {}
     check_methods(list(cfg.baselines.methods))
@@ -400,27 +404,82 @@ def run_baselines(cfg: HpcadConfig, fit_store: TelemetryStore, eval_store: Telem
                            {"grid": grid, "margin": float(cfg.signal.excess_margin), "fallback": weight})
         held = _holds(path, key)
         chosen, choice, totals = grid[0], None, None
-        if len(grid) > 1:  # every rank sums, once per method, whether its file is kept or not
-            totals = _held_totals(path, len(grid)) if held else None
-            if totals is None:
-                held, totals = False, validation_totals(method, cfg, fit_store, eval_store, nodes, grid,
-                                                        cfg.compute.progress)
-            chosen, choice = choose_weight(cfg, method, grid, all_sum(totals), weight)
-            held = held and _choice_attrs(path).get("excess_weight") == chosen  # (the same sums: the same choice)
-        if held:
-            log.info("baseline %s: %s is up to date (the same data and settings): kept", method, path.name)
-        else:
-            attrs = {"excess_weight": float(chosen)} if method in WITH_EXCESS else {}
-            if choice is not None:
-                attrs.update(signal_choice=json.dumps(choice), choice_totals=json.dumps(totals.tolist()))
-            write_signal_file(path, method, baseline_signals(method, cfg, fit_store, eval_store, nodes,
-                                                             cfg.compute.progress, chosen), settings=key,
-                              store_signature=eval_store.signature, attrs=attrs)
-            log.info("baseline %s -> %s", method, path)
+        with _PartsCache(out_dir, method) as cache:
+            if len(grid) > 1:  # every rank sums, once per method, whether its file is kept or not
+                totals = _held_totals(path, len(grid)) if held else None
+                if totals is None:  # the scores are kept: the signals are made from them below
+                    held, totals = False, validation_totals(method, cfg, fit_store, eval_store, nodes, grid,
+                                                            cfg.compute.progress, keep=cache.put)
+                chosen, choice = choose_weight(cfg, method, grid, all_sum(totals), weight)
+                held = held and _choice_attrs(path).get("excess_weight") == chosen  # (the same sums: the same choice)
+            if held:
+                log.info("baseline %s: %s is up to date (the same data and settings): kept", method, path.name)
+            else:
+                attrs = {"excess_weight": float(chosen)} if method in WITH_EXCESS else {}
+                if choice is not None:
+                    attrs.update(signal_choice=json.dumps(choice), choice_totals=json.dumps(totals.tolist()))
+                signals = (cache.signals(chosen, cfg.signal) if cache.nodes else
+                           baseline_signals(method, cfg, fit_store, eval_store, nodes, cfg.compute.progress, chosen))
+                write_signal_file(path, method, signals, settings=key, store_signature=eval_store.signature,
+                                  attrs=attrs)
+                log.info("baseline %s -> %s", method, path)
         if rank is None:
             _drop_parts(out_dir, method, [])
         out[method] = path
     return out
+
+
+class _PartsCache:
+    """A method's per-node scores between the pass that chooses its weight and the signals: in a
+    scratch HDF5 file beside its signal file (a node-year's scores are ~2 MB; up to
+    ``baselines.max_nodes`` nodes), removed at the end, so that the nodes are fitted once."""
+
+    FIELDS = ("raw", "exc", "ref_raw", "ref_exc", "split", "labels", "timestamp")
+
+    def __init__(self, out_dir: Path, method: str):
+        import contextlib
+
+        self.out_dir, self.method, self.nodes, self.path, self.file = out_dir, method, [], None, None
+        self.stack = contextlib.ExitStack()
+
+    def __enter__(self) -> "_PartsCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.stack.__exit__(*exc)  # closes the file (hpcad.data.h5: not where a write found no room)
+        finally:
+            if self.path is not None:
+                self.path.unlink(missing_ok=True)
+
+    def put(self, parts: _Parts) -> None:
+        if self.file is None:
+            import os
+            import tempfile
+
+            from hpcad.data.h5 import h5_writing
+
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(suffix=".h5", prefix=f".{self.method}-scores-", dir=self.out_dir)
+            os.close(fd)
+            self.path = Path(name)
+            self.file = self.stack.enter_context(h5_writing(self.path))
+        g = self.file.create_group(parts.node)
+        for name in self.FIELDS:
+            if getattr(parts, name) is not None:
+                g.create_dataset(name, data=getattr(parts, name))
+        g.attrs.update(unit=np.nan if parts.unit is None else parts.unit, error_like=parts.error_like,
+                       width=parts.width)
+        self.nodes.append(parts.node)
+
+    def signals(self, weight: float, sig_cfg) -> Iterator[NodeSignal]:
+        for node in self.nodes:
+            g = self.file[node]
+            unit = float(g.attrs["unit"])
+            parts = _Parts(node, *(g[n][()] if n in g else None for n in self.FIELDS[:4]),
+                           None if np.isnan(unit) else unit, bool(g.attrs["error_like"]),
+                           *(g[n][()] if n in g else None for n in self.FIELDS[4:]), int(g.attrs["width"]))
+            yield parts.signal(weight, sig_cfg)
 
 
 def _held_totals(path: Path, n: int) -> np.ndarray | None:

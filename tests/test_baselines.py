@@ -159,10 +159,17 @@ def test_each_baseline_chooses_its_own_range_excess_weight_on_its_validation_row
         assert m[method]["excess_weight"] == choice["chosen"] == next(w for w, a in zip(grid, ap) if a >= max(ap) - 0.005)
         totals = validation_totals(method, cfg, store, store, store.nodes, grid, False)  # by hand: the same figures
         np.testing.assert_allclose(totals[:-1] / totals[-1], ap, atol=1e-6)
-    # the autoencoder's weight (here 1000 instead of what it chose) no longer changes a baseline
+    # the autoencoder's weight (here 1000 instead of what it chose) no longer changes a baseline; each
+    # node is fitted once (its scores kept between the choice and the signals), no scratch file left
+    from unittest import mock
+
+    import hpcad.baselines as hb
+
     for w in (1.0, 1000.0):
         out = tmp_path / f"ae{w:g}"
-        run_baselines(cfg, store, store, out, weight=w)
+        with mock.patch.object(hb, "_fit", side_effect=hb._fit) as fits:
+            run_baselines(cfg, store, store, out, weight=w)
+        assert fits.call_count == 2 * len(store.nodes) and sorted(p.name for p in out.iterdir()) == ["kde.h5", "pca.h5"]
         with h5py.File(out / "pca.h5") as f:
             got = {n: f[f"nodes/{n}/signal"][()] for n in f["nodes"]}
         with h5py.File(run / "baselines" / "pca.h5") as f:
