@@ -197,17 +197,17 @@ def validation_totals(method: str, cfg: HpcadConfig, fit_store: TelemetryStore, 
     count: what :func:`choose_weight` sums over ranks, as the autoencoder's choice does
     (hpcad/signal_choice.py). ``keep`` is given each node's scores (the signals are then made from
     them, not fitted again)."""
-    from hpcad.preprocess import VAL
+    from hpcad.signal_choice import validation_labels
     from hpcad.threshold.quality import average_precision
 
     totals = np.zeros(len(grid) + 1)
     for parts in _node_parts(method, cfg, fit_store, eval_store, nodes, progress, True):
         if keep is not None:
             keep(parts)
-        val = parts.split == VAL
-        y = parts.labels[val] != 0 if parts.labels is not None else np.zeros(0, bool)
-        if y.all() or not y.any():
+        rows = validation_labels(parts.split, parts.labels)
+        if rows is None:
             continue
+        val, y = rows
         for j, w in enumerate(grid):
             totals[j] += average_precision(parts.signal(w, cfg.signal).signal[val], y)
         totals[-1] += 1
@@ -219,6 +219,8 @@ def choose_weight(cfg: HpcadConfig, method: str, grid: list[float], totals: np.n
     """The weight ``method`` adds (the first of ``grid`` within ``signal.excess_margin`` of the best mean
     validation average precision: the autoencoder's rule, on the baseline's own signal), and the record
     of the choice; ``fallback`` (the autoencoder's weight) without a node to choose on."""
+    from hpcad.signal_choice import first_within
+
     if len(grid) == 1:
         return grid[0], None
     count = int(totals[-1])
@@ -226,7 +228,7 @@ def choose_weight(cfg: HpcadConfig, method: str, grid: list[float], totals: np.n
         return fallback, {"rule": "no labelled validation rows: the autoencoder's weight", "chosen": fallback}
     ap = totals[:-1] / count
     margin = float(cfg.signal.excess_margin)
-    chosen = next(w for w, a in zip(grid, ap) if a >= ap.max() - margin)
+    chosen = first_within(grid, ap, margin)
     log.info("baseline %s: signal.excess_weight=%g (validation average precision %s over %d node(s))", method,
              chosen, ", ".join(f"{w:g}: {a:.4f}" for w, a in zip(grid, ap)), count, extra=CLUSTER_WIDE)
     return chosen, {"rule": f"first weight within {margin:g} of the best mean validation average precision",
@@ -372,15 +374,15 @@ def settings_key(cfg: HpcadConfig, method: str, fit_store: TelemetryStore, eval_
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _holds(path: Path, key: str | None) -> bool:
-    """Whether ``path`` is a signal file written for ``key``."""
-    if key is None or not path.exists():
-        return False
+def _file_attrs(path: Path) -> dict:
+    """A signal file's attributes ({} where there is none, or it cannot be read: it is written again)."""
+    if not path.exists():
+        return {}
     try:
         with open_h5(path, kind="baseline signal file") as f:
-            return str(f.attrs.get("settings", "")) == key
+            return dict(f.attrs)
     except Exception:
-        return False
+        return {}
 
 
 def run_baselines(cfg: HpcadConfig, fit_store: TelemetryStore, eval_store: TelemetryStore, out_dir: Path,
@@ -402,16 +404,17 @@ def run_baselines(cfg: HpcadConfig, fit_store: TelemetryStore, eval_store: Telem
         grid = weight_rule(cfg, method, eval_store, weight)
         key = settings_key(cfg, method, fit_store, eval_store, nodes, grid[0] if len(grid) == 1 else
                            {"grid": grid, "margin": float(cfg.signal.excess_margin), "fallback": weight})
-        held = _holds(path, key)
+        kept = _file_attrs(path)
+        held = key is not None and str(kept.get("settings", "")) == key
         chosen, choice, totals = grid[0], None, None
         with _PartsCache(out_dir, method) as cache:
             if len(grid) > 1:  # every rank sums, once per method, whether its file is kept or not
-                totals = _held_totals(path, len(grid)) if held else None
+                totals = _held_totals(kept, len(grid)) if held else None
                 if totals is None:  # the scores are kept: the signals are made from them below
                     held, totals = False, validation_totals(method, cfg, fit_store, eval_store, nodes, grid,
                                                             cfg.compute.progress, keep=cache.put)
                 chosen, choice = choose_weight(cfg, method, grid, all_sum(totals), weight)
-                held = held and _choice_attrs(path).get("excess_weight") == chosen  # (the same sums: the same choice)
+                held = held and kept.get("excess_weight") == chosen  # (the same sums: the same choice)
             if held:
                 log.info("baseline %s: %s is up to date (the same data and settings): kept", method, path.name)
             else:
@@ -482,20 +485,13 @@ class _PartsCache:
             yield parts.signal(weight, sig_cfg)
 
 
-def _held_totals(path: Path, n: int) -> np.ndarray | None:
-    """The validation sums a kept signal file was chosen with (its rank's share), or None."""
+def _held_totals(attrs: dict, n: int) -> np.ndarray | None:
+    """The validation sums a kept signal file (its ``attrs``) was chosen with (its rank's share), or None."""
     try:
-        with open_h5(path, kind="baseline signal file") as f:
-            totals = np.array(json.loads(str(f.attrs.get("choice_totals", "null"))), dtype=np.float64)
-    except Exception:
+        totals = np.array(json.loads(str(attrs.get("choice_totals", "null"))), dtype=np.float64)
+    except ValueError:
         return None
     return totals if totals.shape == (n + 1,) else None
-
-
-def _choice_attrs(path: Path) -> dict:
-    """A signal file's record of its range-excess weight (for an index over the ranks' files)."""
-    with open_h5(path, kind="baseline signal file") as f:
-        return {k: f.attrs[k] for k in ("excess_weight", "signal_choice") if k in f.attrs}
 
 
 def index_ranks(out_dir: Path, methods: list[str], ranks: int, store_signature: str = "") -> dict[str, Path]:
@@ -505,7 +501,8 @@ def index_ranks(out_dir: Path, methods: list[str], ranks: int, store_signature: 
     for method in methods:
         parts = [out_dir / f"{method}-rank{r}.h5" for r in range(ranks)]
         write_index(out_dir / f"{method}.h5", parts, {**signal_attrs(method, store_signature),
-                                                      **_choice_attrs(parts[0])})
+                                                      **{k: v for k, v in _file_attrs(parts[0]).items()
+                                                         if k in ("excess_weight", "signal_choice")}})
         _drop_parts(out_dir, method, parts)
         log.info("baseline %s -> %s (an index of %d rank files)", method, out_dir / f"{method}.h5", ranks)
         out[method] = out_dir / f"{method}.h5"

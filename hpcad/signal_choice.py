@@ -102,10 +102,10 @@ def choose(cfg: HpcadConfig, store, node_errors: Callable[[], Iterator[tuple]],
     totals, count, unscaled_only = np.zeros(len(grid)), 0, 0
     if store.has_labels:
         for model, nd, err, excess2, miss, _ in node_errors():
-            val = split_codes(nd, cfg.split) == VAL
-            y = nd.labels[val] != 0 if nd.labels is not None else np.zeros(0, bool)
-            if y.all() or not y.any():
+            rows = validation_labels(split_codes(nd, cfg.split), nd.labels)
+            if rows is None:
                 continue
+            val, y = rows
             parts = {False: (np.where(miss, 0.0, err), np.where(miss, 0.0, excess2))}
             held = recorded_holdout(model, err.shape[1])
             if held is None:
@@ -141,12 +141,26 @@ def choose(cfg: HpcadConfig, store, node_errors: Callable[[], Iterator[tuple]],
         grid, totals, names = [grid[j] for j in keep], totals[keep], [names[j] for j in keep]
     ap = totals / count
     margin = float(sig.excess_margin)
-    chosen = next(r for r, a in zip(grid, ap) if a >= ap.max() - margin)
+    chosen = first_within(grid, ap, margin)
     log.info("signal: %s (validation average precision %s over %d node(s))", chosen,
              ", ".join(f"{_short(r)}: {a:.4f}" for r, a in zip(grid, ap)), count, extra=CLUSTER_WIDE)
     return chosen, {"rule": f"first candidate within {margin:g} of the best mean validation average precision",
                     "candidates": names, "validation_ap": [round(float(a), 6) for a in ap],
                     "chosen": chosen.to_dict(), "nodes": count}
+
+
+def validation_labels(split: np.ndarray, labels: np.ndarray | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """A node's validation rows (mask) and their labels (anomalous: True), or None where they do not
+    hold both classes (nothing to rank)."""
+    val = split == VAL
+    y = labels[val] != 0 if labels is not None else np.zeros(0, bool)
+    return None if y.all() or not y.any() else (val, y)
+
+
+def first_within(candidates: list, ap: np.ndarray, margin: float):
+    """The first of ``candidates`` (in order of preference) within ``margin`` of the best mean
+    validation average precision ``ap``: ties and noise keep the simpler, more conservative one."""
+    return next(c for c, a in zip(candidates, ap) if a >= ap.max() - margin)
 
 
 def _follow(fallback: Recipe, grid: list[Recipe]) -> Recipe:

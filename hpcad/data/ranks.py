@@ -63,7 +63,7 @@ class Plan:
 
     def unit_files(self, units: list[str]) -> list[Path]:
         """The node files of ``units`` (a node's files in subfolders stay together: one rank reads them)."""
-        return [Path(f) for u in units for f in self.files.get(u, [u])]
+        return [Path(f) for u in units for f in self.files[u]]
 
     def nodes(self, data_cfg, units: list[str], skipped: list | None, progress: bool,
               skipped_files: list | None = None) -> Iterator[NodeData]:

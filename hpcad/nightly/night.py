@@ -36,7 +36,7 @@ from hpcad.model.files import UNTRAINED_SUFFIX, model_nodes, model_path, untrain
 from hpcad.nightly.days import day_bounds, input_for
 from hpcad.nightly.refit import light_retrain, recent_nights
 from hpcad.nightly.sections import nightly_sections, node_history, trend
-from hpcad.report.markup import gap_text
+from hpcad.report.markup import gap_text, telemetry_gaps
 from hpcad.resources import resource_dir
 from hpcad.score import score_nodes
 from hpcad.threshold.evaluate import apply_thresholds
@@ -152,16 +152,6 @@ def _ingest(t: Tonight) -> tuple[TelemetryStore, list[str], list[str], list[str]
     if silent:
         log.warning("nightly %s: %d trained node(s) sent no telemetry: %s", t.iso, len(silent), silent[:10])
     return store, nodes, new, silent
-
-
-def telemetry_gaps(levels: list[dict], max_share: float) -> list[dict]:
-    """The scored nodes with more than ``max_share`` of their values missing tonight, or with a metric
-    they reported in training that sent no value tonight (a collector that lost it), most missing
-    first: a node cannot alarm on what is not there (its model sees no error where it sees no
-    value), so the operator is told."""
-    return sorted((lv for lv in levels if lv.get("missing_share", 0.0) > max_share or lv.get("metrics_lost")),
-                  key=lambda lv: (-lv.get("missing_share", 0.0), -len(lv.get("metrics_lost", [])), lv["node"]))
-
 
 
 def _score(t: Tonight, store: TelemetryStore, nodes: list[str], overrides: list[str],

@@ -103,3 +103,13 @@ def gap_text(gap: dict, max_share: float) -> str:
     lost = gap.get("metrics_lost", [])
     return (f"{len(lost)} metric(s) reported in training sent no value: {', '.join(lost[:8])}"
             + (", ..." if len(lost) > 8 else ""))
+
+
+def telemetry_gaps(levels: list[dict], max_share: float) -> list[dict]:
+    """The scored nodes (``levels``: node, missing_share, metrics_lost) with more than ``max_share`` of
+    their values missing, or with a metric they reported in training that sent no value (a collector
+    that lost it), most missing first: a node cannot alarm on what is not there (its model sees no
+    error where it sees no value), so the operator is told (the night's report and log, a run's
+    report)."""
+    return sorted((lv for lv in levels if lv.get("missing_share", 0.0) > max_share or lv.get("metrics_lost")),
+                  key=lambda lv: (-lv.get("missing_share", 0.0), -len(lv.get("metrics_lost", [])), lv["node"]))

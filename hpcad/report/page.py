@@ -14,7 +14,8 @@ from hpcad.data.store import TelemetryStore, run_store_path
 from hpcad.errorstore import ErrorStore
 from hpcad.incidents import cause_of
 from hpcad.model.files import untrained_nodes
-from hpcad.report.markup import alarms_table, fmt, gap_text, html_table, page, sortable_table, top_names
+from hpcad.report.markup import (alarms_table, fmt, gap_text, html_table, page, sortable_table, telemetry_gaps,
+                                  top_names)
 from hpcad.report.nodes import node_pages
 from hpcad.report.plots import curves, heatmap, overview, profile_plot, signal_plot
 from hpcad.threshold.evaluate import top_metrics_of
@@ -270,10 +271,8 @@ def gaps_section(errors: ErrorStore, max_share: float) -> str:
     """The nodes with more than ``max_share`` of their input values missing (errors.h5's
     ``node_missing``), most first, then those with a metric they reported in training that sent no
     value in the scored input (``node_lost``): their models saw no error where they saw no value."""
-    gaps = [{"node": n, "missing_share": errors.missing.get(n, 0.0), "metrics_lost": errors.lost.get(n, [])}
-            for n in errors.nodes]
-    gaps = sorted((g for g in gaps if g["missing_share"] > max_share or g["metrics_lost"]),
-                  key=lambda g: (-g["missing_share"], -len(g["metrics_lost"]), g["node"]))
+    gaps = telemetry_gaps([{"node": n, "missing_share": errors.missing.get(n, 0.0),
+                            "metrics_lost": errors.lost.get(n, [])} for n in errors.nodes], max_share)
     if not gaps:
         return ""
     return (f"<h2>Telemetry gaps ({len(gaps)})</h2><p>Nodes with more than {max_share:.0%} of their metric values "
