@@ -195,3 +195,36 @@ def test_detection_quality_opens_with_one_row_per_detector_and_the_best_in_bold(
     assert bold == {"autoencoder": ["0.8", "0.6"], "pca": ["0.72", "0.82", "0.72", "500", "1,200"]}
     night = {"splits": {"val": {"rows": 0}, "test": split(0.7, 1400.0, 0.6)}}
     assert "AP val" not in comparison_table(night) and "cost test" in comparison_table(night)
+
+
+def test_a_font_cache_written_by_another_matplotlib_does_not_flood_the_report_log(tmp_path):
+    """A shared $HOME holds one matplotlib font cache for every install that uses it (a system
+    matplotlib without the STIX fonts, another venv). Read by hpcad, a cache without them made every
+    report log say "findfont: Font family ['STIXGeneral'] not found" about twenty times (the log
+    colour bar's labels): noise in each job log, with nothing for the operator to do. The report is
+    still drawn, in DejaVu Sans."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cache = tmp_path / "mpl"
+    env = dict(os.environ, MPLCONFIGDIR=str(cache))
+    subprocess.run([sys.executable, "-c", "import matplotlib.font_manager"], env=env, check=True)
+    (fontlist,) = cache.glob("fontlist-*.json")
+    fonts = json.loads(fontlist.read_text())
+    fonts["ttflist"] = [f for f in fonts["ttflist"] if f["name"].startswith("DejaVu")]  # no STIX, no cm
+    fontlist.write_text(json.dumps(fonts))
+    script = ("import logging, sys; from pathlib import Path; sys.path.insert(0, sys.argv[2]); "
+              "logging.basicConfig(level=logging.INFO); "  # every logger's warnings reach stderr, as in a job log
+              "from test_report import _run, ALARM_B; from hpcad.report.page import write_report; "
+              "cfg, errors, models = _run(Path(sys.argv[1]), [ALARM_B]); "
+              "print(write_report(cfg, Path(sys.argv[1]), errors, models))")
+    run = tmp_path / "run"
+    run.mkdir()
+    proc = subprocess.run([sys.executable, "-c", script, str(run), str(Path(__file__).parent)], env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "findfont" not in proc.stderr, proc.stderr[-2000:]
+    assert "data:image/png;base64," in (run / "report.html").read_text()  # the plots are there

@@ -11,6 +11,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 logging.getLogger("matplotlib").setLevel(logging.WARNING)  # its font-cache and backend chatter
+# A font cache another matplotlib wrote (a shared $HOME: a system matplotlib without the STIX
+# fonts, another venv) makes each report say "findfont: Font family ['STIXGeneral'] not found"
+# about twenty times; the log axes' labels then fall back to DejaVu Sans, the report's own font.
+logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
