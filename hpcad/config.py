@@ -164,6 +164,11 @@ class ScoreConfig:
     """What ``errors.h5`` keeps (docs/data.md "Disk")."""
 
     error_dtype: ErrorDtype = ErrorDtype.float32  # float32 | float16: per-metric errors at half the disk (the signal is float32 either way)
+    # Light maps (hpcad/model/light.py) to apply: a nightly output's light/ folder (the nightly job
+    # passes its own to its SLURM scoring job), and the night whose maps apply (YYYY-MM-DD; None: the
+    # newest). Maps an older hpcad wrote beside the models are applied either way.
+    light_maps: Optional[str] = None
+    light_night: Optional[str] = None
 
 
 @dataclass

@@ -40,9 +40,11 @@ def _compute(cfg: HpcadConfig) -> None:
 
 def _scoring(cfg: HpcadConfig) -> None:
     from hpcad import signal_choice
+    from hpcad.model.light import check_light_options
     from hpcad.signals import smooth_window
 
     smooth_window(cfg.signal.smooth)
+    check_light_options(cfg.score)
     signal_choice.candidates(cfg.signal)  # checks excess_weight, excess_grid and metric_scales
 
 
@@ -104,6 +106,12 @@ def _models(cfg: HpcadConfig) -> None:
     train_run(cfg)
 
 
+def _light_maps(cfg: HpcadConfig) -> None:
+    from hpcad.model.light import check_light_options
+
+    check_light_options(cfg.score, paths=True)
+
+
 EVERY_STAGE = (_split, _training, _compute, _scoring, _baselines, _threshold, _real_data)
 CHECKS: dict[str, tuple[Callable[[HpcadConfig], None], ...]] = {
     "ingest": (_real_data,), "train": (_split, _training, _compute, _real_data),
@@ -111,13 +119,14 @@ CHECKS: dict[str, tuple[Callable[[HpcadConfig], None], ...]] = {
     "threshold": (_threshold, _real_data), "run": EVERY_STAGE,
     "preflight": EVERY_STAGE,  # a SLURM job's step 0: the options of the steps that follow it
 }
-# The paths a stage reads: data.source and data.jobs (ingested), train_run (its models). Checked
+# The paths a stage reads: data.source and data.jobs (ingested), train_run (its models),
+# score.light_maps. Checked
 # here in a single process only: the ranks of a job may see different file systems, and a rank
 # that stopped before the others meet would leave them waiting; there the preflight checks each
 # rank's view (hpcad/preflight.py) and the stages share rank 0's ingest error (hpcad/dist.py).
 PATHS: dict[str, tuple[Callable[[HpcadConfig], None], ...]] = {
-    "ingest": (_inputs,), "train": (_inputs,), "score": (_inputs, _models), "baselines": (_inputs, _models),
-    "threshold": (_inputs, _models), "report": (_models,), "run": (_inputs, _models),
+    "ingest": (_inputs,), "train": (_inputs,), "score": (_inputs, _models, _light_maps), "baselines": (_inputs, _models),
+    "threshold": (_inputs, _models), "report": (_models,), "run": (_inputs, _models, _light_maps),
 }
 
 

@@ -37,7 +37,7 @@ from hpcad.device import resolve_device, tf32_context
 from hpcad.dist import world
 from hpcad.errors import ConfigError, InputError, StoreError
 from hpcad.errorstore import FORMAT, write_lost
-from hpcad.model.light import LightMap, light_path
+from hpcad.model.light import LightMap, scoring_maps
 from hpcad.model.autoencoder import ensemble_recon, stack
 from hpcad.model.budget import Budget, default_chunk_cap, retry_cap_after_oom
 from hpcad.model.files import NodeModel, model_path, models_stamp
@@ -62,15 +62,16 @@ def score_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, out_p
 
     K follows from ``compute.memory_budget_mb`` and ``compute.device_memory_mb``; only one chunk of nodes
     is in memory at a time.
-    ``light`` picks each node's light map (default: ``models/<node>.light.pt`` when present).
+    ``light`` picks each node's light map (default: ``score.light_maps`` and ``score.light_night``).
     ``signal.excess_weight=auto`` and ``signal.metric_scales=auto`` choose the signal's recipe on the
     labelled validation rows (hpcad.signal_choice; ``recipe_fallback``, the recipe of the run whose
     thresholds will be applied, where there are none). Writes ``out_path`` atomically.
     """
     if light is None:
+        maps = scoring_maps(cfg.score, models_dir)
+
         def light(n: str) -> LightMap | None:
-            p = light_path(models_dir, n)
-            return LightMap.load(p) if p.exists() else None
+            return maps.for_night(n, cfg.score.light_night)
     device = resolve_device(cfg.compute.device, world().local_rank) if device is None else device
     nodes = list(store.nodes if nodes is None else nodes)
     missing = [n for n in nodes if not model_path(models_dir, n).exists()]

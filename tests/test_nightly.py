@@ -15,7 +15,7 @@ import torch
 from conftest import cron, hpcad, nightly_env_file as _env_file, write_site
 from hpcad.data.synthetic import metric_names
 from hpcad.nightly.drift import assess, write_levels
-from hpcad.model.light import LightMap, fit_light_map, light_path, map_for_night, save_version
+from hpcad.model.light import LightMaps, fit_light_map
 from hpcad.model.autoencoder import AutoencoderSpec, glorot_init
 from hpcad.model.files import model_nodes
 
@@ -219,8 +219,14 @@ def test_a_second_run_waits_for_nobody_and_bad_setup_is_named(site, tmp_path):
     assert p.returncode == 78 and "HPCAD_TRAIN_RUN is not set" in p.stderr
 
 
+def _listing(folder: Path) -> dict:
+    """Every file under ``folder`` with its size and modification time."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
 def test_backfill_detects_drift_and_light_retrains_only_later_nights(site, tmp_path):
     out = tmp_path / "nightly"
+    trained = _listing(site / "trainrun")
     # node0002 shifts from 2025-01-10 on; baseline = the first night; drift = 2 nights at >= 1.5x it
     env = _env_file(site, out, "nightly.drift_ratio=1.5 nightly.drift_days=2 nightly.drift_reference_nights=1 "
                     "nightly.light_days=2 nightly.keep_data_days=2 nightly.notify=/bin/false")
@@ -268,26 +274,26 @@ def test_backfill_detects_drift_and_light_retrains_only_later_nights(site, tmp_p
     assert drift["2025-01-11"]["node0002"]["drifted"] and not drift["2025-01-11"]["node0000"]["drifted"]
     refits = json.loads((out / "2025-01-11" / "light.json").read_text())
     assert [r["node"] for r in refits] == ["node0002"] and refits[0]["valid_from"] == "2025-01-12"
-    models = site / "trainrun" / "models"
-    try:
-        assert light_path(models, "node0002", refits[0]["version"]).exists()
-        import h5py
+    # the maps are the nightly job's: in its output, not in the training run, which stays as trained
+    # (another account may own it; two nightly outputs may share it). Before, they went into
+    # trainrun/models, and a nightly run by a user who cannot write there stopped with a traceback.
+    assert (out / "light" / "node0002" / f"v{refits[0]['version']}-from-2025-01-12.pt").exists()
+    assert _listing(site / "trainrun") == trained
+    import h5py
 
-        with h5py.File(out / "2025-01-12" / "errors.h5") as f:
-            assert f["nodes/node0002"].attrs["light_version"] >= 1  # later nights use the map
-            assert f["nodes/node0000"].attrs["light_version"] == 0
-        lv = {d: {r["node"]: float(r["level"]) for r in csv.DictReader(open(out / d / "levels.csv"))}
-              for d in ("2025-01-11", "2025-01-12")}
-        assert lv["2025-01-12"]["node0002"] < lv["2025-01-11"]["node0002"] / 1.5  # the map absorbed the shift
-        prom = (out / "hpcad.prom").read_text()
-        p = cron(env, "--date", "2025-01-10")  # re-scoring an earlier night ignores maps fitted after it
-        assert p.returncode == 0, p.stderr
-        with h5py.File(out / "2025-01-10" / "errors.h5") as f:
-            assert f["nodes/node0002"].attrs["light_version"] == 0
-        assert (out / "hpcad.prom").read_text() == prom  # an older night never turns the gauges back
-    finally:
-        for f in models.glob("*.light*.pt"):
-            f.unlink()
+    with h5py.File(out / "2025-01-12" / "errors.h5") as f:
+        assert f["nodes/node0002"].attrs["light_version"] >= 1  # later nights use the map
+        assert f["nodes/node0000"].attrs["light_version"] == 0
+    lv = {d: {r["node"]: float(r["level"]) for r in csv.DictReader(open(out / d / "levels.csv"))}
+          for d in ("2025-01-11", "2025-01-12")}
+    assert lv["2025-01-12"]["node0002"] < lv["2025-01-11"]["node0002"] / 1.5  # the map absorbed the shift
+    prom = (out / "hpcad.prom").read_text()
+    p = cron(env, "--date", "2025-01-10")  # re-scoring an earlier night ignores maps fitted after it
+    assert p.returncode == 0, p.stderr
+    with h5py.File(out / "2025-01-10" / "errors.h5") as f:
+        assert f["nodes/node0002"].attrs["light_version"] == 0
+    assert (out / "hpcad.prom").read_text() == prom  # an older night never turns the gauges back
+    assert _listing(site / "trainrun") == trained
 
 
 def _browse(chromium: str, page: Path, script: str = "") -> str:
@@ -352,20 +358,52 @@ def test_light_map_fits_a_level_shift_in_closed_form_and_loads_safely(tmp_path):
     assert after < 0.5 * before
     huge = fit_light_map(params, 1, shifted, ridge=1e9, fitted_on=["d1"])
     assert float(huge.delta[:-1].abs().max()) < 1e-3  # strong ridge: the old model, plus only a bias
-    save_version(tmp_path, "n1", lm)
+    maps = LightMaps(tmp_path / "light")
+    maps.save("n1", lm)  # version 1, valid from any night
     lm2 = fit_light_map(params, 1, shifted, 10.0, ["d2"], previous=lm, valid_from="2025-01-05")
-    save_version(tmp_path, "n1", lm2)
-    assert LightMap.load(light_path(tmp_path, "n1")).version == 2
-    assert map_for_night(tmp_path, "n1", "2025-01-04").version == 1
-    assert map_for_night(tmp_path, "n1", "2025-01-05").version == 2
-    save_version(tmp_path, "n3", fit_light_map(params, 1, shifted, 10.0, ["d9"], valid_from="2025-01-09"))
-    assert map_for_night(tmp_path, "n3", "2025-01-08") is None  # a rerun of an earlier night scores without it
-    assert map_for_night(tmp_path, "n4", "2025-01-08") is None  # never refitted
-    (tmp_path / "n1.pt").write_bytes(b"")
-    assert model_nodes(tmp_path) == ["n1"]  # light maps beside a model are not models (sweeps, nightly)
-    torch.save({"format": "hpcad-light-map", "evil": object()}, tmp_path / "n2.light.pt")
+    assert lm2.version == 2 == maps.last_version("n1") + 1
+    maps.save("n1", lm2)
+    assert maps.for_night("n1", "2025-01-04").version == 1
+    assert maps.for_night("n1", "2025-01-05").version == 2 and maps.for_night("n1").version == 2
+    # A rerun of the night of 01-03 refits a map valid from 01-04 (version 3): it scores 01-04 on, but
+    # the map fitted on later nights keeps scoring from 01-05 (before: version 3 scored every later
+    # night, the newest version wins)
+    rerun = fit_light_map(params, 1, shifted, 10.0, ["d3"], valid_from="2025-01-04")
+    rerun.version = maps.last_version("n1") + 1
+    maps.save("n1", rerun)
+    assert [maps.for_night("n1", d).version for d in ("2025-01-03", "2025-01-04", "2025-01-05")] == [1, 3, 2]
+    assert maps.for_night("n1").version == 2
+    maps.save("n3", fit_light_map(params, 1, shifted, 10.0, ["d9"], valid_from="2025-01-09"))
+    assert maps.for_night("n3", "2025-01-08") is None  # a rerun of an earlier night scores without it
+    assert maps.for_night("n4", "2025-01-08") is None and maps.last_version("n4") == 0  # never refitted
+    # maps an older hpcad wrote beside the models are still read (never written); versions go on after them
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "n5.pt").write_bytes(b"")
+    old = fit_light_map(params, 1, shifted, 10.0, ["d1"], valid_from="2025-01-02")
+    old.version = 7
+    old.save(models / "n5.light-v7.pt")
+    old.save(models / "n5.light.pt")
+    both = LightMaps(tmp_path / "light", models)
+    assert both.for_night("n5", "2025-01-03").version == 7 and both.for_night("n5", "2025-01-01") is None
+    assert both.last_version("n5") == 7 and both.last_version("n1") == 3
+    assert model_nodes(models) == ["n5"]  # light maps beside a model are not models (sweeps, nightly)
+    assert both.for_night("n5").model == ""  # an older hpcad did not record the model: applied
+    # a map fitted for another model file of the node (the job pointed at a new training run, the node
+    # retrained) is not applied: it corrects the reconstructions of a model that no longer scores
+    (models / "n1.pt").write_bytes(b"the trained model")
+    fitted = LightMaps(tmp_path / "light", models)
+    lm4 = fit_light_map(params, 1, shifted, 10.0, ["d4"], valid_from="2025-01-06")
+    lm4.version, lm4.model = fitted.last_version("n1") + 1, fitted.digest("n1")
+    fitted.save("n1", lm4)
+    assert fitted.for_night("n1", "2025-01-06").version == 4
+    assert maps.for_night("n1", "2025-01-06").version == 4  # without the models to check against: applied
+    (models / "n1.pt").write_bytes(b"another training run's model")
+    assert LightMaps(tmp_path / "light", models).for_night("n1", "2025-01-06") is None
+    (tmp_path / "light" / "n2").mkdir()
+    torch.save({"format": "hpcad-light-map", "evil": object()}, tmp_path / "light" / "n2" / "v1-from-any.pt")
     with pytest.raises(Exception, match="cannot load light map"):
-        LightMap.load(tmp_path / "n2.light.pt")  # weights_only refuses pickled objects
+        maps.for_night("n2")  # weights_only refuses pickled objects
 
 
 def test_drift_is_a_sustained_rise_over_the_nodes_baseline(tmp_path):

@@ -44,6 +44,7 @@ WRONG = [
     (["signal.metric_scales=sometimes"], "score", "signal.metric_scales='sometimes': true, false or 'auto'"),
     (["signal.excess_grid=[]"], "score", "signal.excess_grid=[]: a non-empty list of weights >= 0"),
     (["baselines.methods=[kde,lof]"], "baselines", "baselines.methods: unknown method 'lof'"),
+    (["score.light_night=2025-1-8"], "score", "score.light_night='2025-1-8': a night as YYYY-MM-DD"),
 ]
 
 
@@ -82,6 +83,11 @@ def test_paths_a_stage_reads_are_checked_in_a_single_process(tmp_path):
             check_options(cfg, stage)
     (gone / "models").mkdir(parents=True)
     check_options(cfg, "run")
+    cfg = _cfg(f"score.light_maps={tmp_path / 'nightly' / 'light'}")  # a typo would apply no light map at all
+    for stage in ("score", "run"):
+        with pytest.raises(ConfigError, match=re.escape(f"score.light_maps={tmp_path / 'nightly' / 'light'}: not a folder")):
+            check_options(cfg, stage)
+        check_options(cfg, stage, single_process=False)
 
 
 def test_no_data_source_where_exports_are_asked_for_is_refused(tmp_path):

@@ -6,10 +6,14 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import h5py
+import numpy as np
 import torch
 
 from conftest import ROOT, generate, hpcad, job_state, sbatch_wait, slurm_models, small_exports
 from hpcad.dist import step_port
+from hpcad.model.files import NodeModel, model_path
+from hpcad.model.light import LightMaps, fit_light_map
 
 
 def test_requeued_job_skips_finished_nodes_and_ends_with_the_same_result(tmp_path, slurm_env):
@@ -99,11 +103,22 @@ def test_nightly_job_scores_through_sbatch(tmp_path, slurm_env):
     hpcad("run", f"data.source={tmp_path / 'train'}", f"hydra.run.dir={tmp_path / 'trainrun'}", "train.epochs=2",
           "compute.progress=false", "baselines.methods=[]", "report.enabled=false")
     out = tmp_path / "nightly"
+    # light maps of node0001 from earlier nights, valid from this night and from the next: the job
+    # applies the one valid tonight, as in-process scoring does (before, it applied none of the
+    # nightly job's maps, only the newest beside the models)
+    model = NodeModel.load(model_path(tmp_path / "trainrun" / "models", "node0001"))
+    for version, valid_from in ((1, "2025-01-08"), (2, "2025-01-09")):
+        lm = fit_light_map(model.members, len(model.spec.hidden), np.zeros((10, len(model.metrics)), np.float32),
+                           10.0, ["2025-01-07"], valid_from=valid_from)
+        lm.version = version
+        LightMaps(out / "light").save("node0001", lm)
     env = nightly_env_file(tmp_path, out, extra="nightly.job_tasks=2 nightly.job_mem_mb=1500",
                            more=f"HPCAD_SLURM=1\nSLURM_CONF={slurm_env['SLURM_CONF']}\n")
     p = cron(env, "--date", "2025-01-08")
     assert p.returncode == 0, p.stderr[-3000:]
     night = out / "2025-01-08"
+    with h5py.File(night / "errors.h5") as f:
+        assert [f[f"nodes/node000{i}"].attrs["light_version"] for i in range(4)] == [0, 1, 0, 0]
     logs = list(night.glob("slurm-*.out"))
     assert len(list(night.glob("errors-rank*.h5"))) == 2 and logs  # 2 SLURM ranks (nightly.job_tasks)
     # the scoring job's own size (#16 item 14), not the training script's 4 tasks x 4 GPUs x 8 CPUs

@@ -12,20 +12,31 @@ rows (as little as one day): a convex problem with a closed-form solution, penal
 ``D = 0`` (the old model unchanged) with strength ``ridge x rows``, the bias left free. A level
 shift becomes the bias, a changed gain or mix becomes the linear part; it fits in milliseconds
 and, being linear and ridge-penalised, cannot overfit the few samples the way retraining the
-network would. The map is saved beside the model (``models/<node>.light.pt``, with a version that
-increments on every refit) and scoring applies it when present.
+network would.
+
+Maps belong to the nightly job that fits them, not to the training run (which stays as trained:
+another account may own it, and two nightly outputs may share it): ``<nightly.out>/light/<node>/
+v<N>-from-<YYYY-MM-DD>.pt``, a version per refit and the first night it may score. Maps an older
+hpcad wrote beside the models (``models/<node>.light-v<N>.pt``) are still read, never written.
 """
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import logging
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from hpcad.errors import ConfigError
 from hpcad.model.autoencoder import ensemble_recon, stack
-from hpcad.model.files import LIGHT_NAME, load_tensors, save_tensors
+from hpcad.model.files import LIGHT_NAME, load_tensors, model_path, save_tensors
+
+log = logging.getLogger(__name__)
 
 FORMAT = "hpcad-light-map"
 
@@ -39,6 +50,7 @@ class LightMap:
     fitted_on: list[str] = field(default_factory=list)  # the days (or sources) of the rows
     created: str = ""
     valid_from: str = ""  # first night (YYYY-MM-DD) the map may score; "" = any
+    model: str = ""  # digest of the model file it was fitted for (model_digest); "" = not recorded
 
     def apply(self, recon: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
         """Adapted reconstruction for rows [..., M] with codes [..., C]."""
@@ -48,37 +60,121 @@ class LightMap:
     def save(self, path: Path) -> None:
         obj = {"format": FORMAT, "delta": self.delta.contiguous(), "version": self.version, "rows": self.rows,
                "ridge": self.ridge, "fitted_on": list(self.fitted_on), "created": self.created,
-               "valid_from": self.valid_from}
+               "valid_from": self.valid_from, "model": self.model}
         save_tensors(path, obj)
 
     @classmethod
     def load(cls, path: Path) -> "LightMap":
         obj = load_tensors(path, FORMAT, "light map")
         return cls(obj["delta"], int(obj["version"]), int(obj["rows"]), float(obj["ridge"]),
-                   list(obj["fitted_on"]), str(obj["created"]), str(obj.get("valid_from", "")))
+                   list(obj["fitted_on"]), str(obj["created"]), str(obj.get("valid_from", "")),
+                   str(obj.get("model", "")))
 
 
-def light_path(models_dir: Path, node: str, version: int | None = None) -> Path:
-    """The node's current map, or one archived version (every version is kept)."""
-    return Path(models_dir) / (f"{node}.light.pt" if version is None else f"{node}.light-v{version}.pt")
+def model_digest(path: Path) -> str:
+    """What a light map is fitted for: the node's model file, by content (a map corrects one
+    model's reconstructions; another training run's model of the node has other ones)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-def save_version(models_dir: Path, node: str, lm: LightMap) -> None:
-    lm.save(light_path(models_dir, node, lm.version))
-    lm.save(light_path(models_dir, node))
+LIGHT_FOLDER = "light"  # <nightly.out>/light: the nightly job's maps, one folder per node
+VERSION_NAME = re.compile(r"^v(\d+)-from-(\d{4}-\d{2}-\d{2}|any)\.pt$")
 
 
-def map_for_night(models_dir: Path, node: str, night: str) -> LightMap | None:
-    """The newest map version allowed to score ``night`` (a rerun of an old night ignores maps
-    fitted after it, so it reproduces that night's alarms). Versions are read newest first and the
-    first allowed one is returned: a node refitted every night has hundreds of versions after a year."""
-    versions = sorted(((int(m.group(1)), p) for p in Path(models_dir).glob(f"{node}.light-v*.pt")
-                       if (m := LIGHT_NAME.search(p.name)) and m.group(1)), reverse=True)
-    for _, p in versions:
-        lm = LightMap.load(p)
-        if lm.valid_from <= night:
-            return lm
-    return None
+def version_path(folder: Path, node: str, lm: LightMap) -> Path:
+    """Where ``lm`` is kept: its version and the first night it may score are in the name, so a night
+    picks its map without opening the others."""
+    return Path(folder) / node / f"v{lm.version}-from-{lm.valid_from or 'any'}.pt"
+
+
+class LightMaps:
+    """The light maps of the node models in ``models_dir`` that one scoring or one nightly job reads:
+    those in ``folder`` (written by :meth:`save`) and, read only, those an older hpcad wrote beside
+    the models. A map fitted for another model file of the node (the nightly job pointed at a new
+    training run, a node retrained) is not applied."""
+
+    def __init__(self, folder: Path | None, models_dir: Path | None = None):
+        self.folder = Path(folder) if folder is not None else None
+        self.models_dir = Path(models_dir) if models_dir is not None else None
+        self._legacy: dict[str, list[tuple[int, Path]]] | None = None
+        self._said = False
+
+    def _versions(self, node: str) -> list[tuple[int, str, Path]]:
+        """(version, valid_from, path) of the node's maps in ``folder``; "" = any night."""
+        d = self.folder / node if self.folder is not None else None
+        if d is None or not d.is_dir():
+            return []
+        return [(int(m.group(1)), "" if m.group(2) == "any" else m.group(2), d / m.group(0))
+                for e in os.scandir(d) if (m := VERSION_NAME.match(e.name))]
+
+    def _legacy_versions(self, node: str) -> list[tuple[int, Path]]:
+        """models/<node>.light-v<N>.pt: the folder listed once, whatever the number of nodes."""
+        if self._legacy is None:
+            self._legacy = {}
+            if self.models_dir is not None and self.models_dir.is_dir():
+                for e in os.scandir(self.models_dir):
+                    if (m := LIGHT_NAME.search(e.name)) and m.group(1):
+                        self._legacy.setdefault(e.name[:m.start()], []).append((int(m.group(1)), Path(e.path)))
+        return self._legacy.get(node, [])
+
+    def last_version(self, node: str) -> int:
+        """The highest version number the node has (0: none): a refit takes the next."""
+        return max([v for v, _, _ in self._versions(node)] + [v for v, _ in self._legacy_versions(node)], default=0)
+
+    def for_night(self, node: str, night: str | None = None) -> LightMap | None:
+        """The map that scores ``night`` (YYYY-MM-DD; None: any night, the newest): of the maps valid
+        by then, the one valid from the latest night, the highest version of those. So a rerun of an
+        old night reproduces its alarms, and the map it refits (valid from the night after) replaces
+        only the map of that night, not those fitted on later nights."""
+        mine = [x for x in self._versions(node) if night is None or x[1] <= night]
+        if mine:
+            lm = LightMap.load(max(mine, key=lambda x: (x[1], x[0]))[2])
+            return lm if self._fits(node, lm) else None
+        for _, p in sorted(self._legacy_versions(node), reverse=True):  # newest first: their nights are inside
+            lm = LightMap.load(p)
+            if night is None or lm.valid_from <= night:
+                return lm
+        return None
+
+    def digest(self, node: str) -> str:
+        """The node's model file's digest (recorded in the maps fitted for it)."""
+        return model_digest(model_path(self.models_dir, node))
+
+    def _fits(self, node: str, lm: LightMap) -> bool:
+        if not lm.model or self.models_dir is None or lm.model == self.digest(node):
+            return True
+        if not self._said:
+            log.warning("light maps fitted for other model files are not applied (first: node %s's version %d, "
+                        "not fitted for %s: a new training run, or the node retrained); the nodes score "
+                        "without one until a refit (said once)", node, lm.version, model_path(self.models_dir, node))
+            self._said = True
+        return False
+
+    def save(self, node: str, lm: LightMap) -> Path:
+        path = version_path(self.folder, node, lm)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lm.save(path)
+        return path
+
+
+def scoring_maps(score_cfg, models_dir: Path) -> LightMaps:
+    """The maps ``score.light_maps`` names (and any an older hpcad wrote beside the models), checked."""
+    check_light_options(score_cfg, paths=True)
+    return LightMaps(score_cfg.light_maps, models_dir)
+
+
+def check_light_options(score_cfg, paths: bool = False) -> None:
+    """``score.light_night`` is a night; with ``paths``, ``score.light_maps`` is a folder."""
+    night, folder = score_cfg.light_night, score_cfg.light_maps
+    if night is not None:
+        try:
+            ok = dt.date.fromisoformat(str(night)).isoformat() == str(night)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"score.light_night={night!r}: a night as YYYY-MM-DD (the maps valid that night apply)")
+    if paths and folder is not None and not Path(folder).is_dir():
+        raise ConfigError(f"score.light_maps={folder}: not a folder (a nightly output's {LIGHT_FOLDER}/ folder)")
 
 
 def recon_and_code(members: list[list[torch.Tensor]], n_encoder: int, x: np.ndarray,

@@ -13,6 +13,7 @@ import json
 import logging
 import subprocess
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
@@ -31,7 +32,7 @@ from hpcad.errorstore import ErrorStore
 from hpcad.explain import class_profiles
 from hpcad.incidents import FILE as INCIDENTS
 from hpcad.incidents import incident_of, night_incidents, previous_incidents
-from hpcad.model.light import map_for_night
+from hpcad.model.light import LIGHT_FOLDER, LightMaps
 from hpcad.model.files import UNTRAINED_SUFFIX, model_nodes, model_path, untrained_nodes
 from hpcad.nightly.days import day_bounds, input_for
 from hpcad.nightly.refit import light_retrain, recent_nights
@@ -67,6 +68,12 @@ class Tonight:
     @property
     def models_dir(self) -> Path:
         return self.train_run / "models"
+
+    @cached_property
+    def maps(self) -> LightMaps:
+        """The job's light maps: its own (``<out>/light``), and any an older hpcad wrote beside the
+        models; written to the former only (the training run stays as trained)."""
+        return LightMaps(self.out / LIGHT_FOLDER, self.models_dir)
 
 
 @dataclass
@@ -159,10 +166,10 @@ def _score(t: Tonight, store: TelemetryStore, nodes: list[str], overrides: list[
     """Step 2: errors.h5, each node with its light map valid tonight; ``recipe``: the signal's recipe
     the applied thresholds were fitted with."""
     if t.cfg.nightly.slurm:
-        _score_slurm(t.dcfg, t.tmp, t.train_run, t.src, overrides)
+        _score_slurm(t, overrides)
     else:
         score_nodes(t.dcfg, store, t.models_dir, t.tmp / "errors.h5", nodes,
-                    light=lambda node: map_for_night(t.models_dir, node, t.iso), recipe_fallback=recipe)
+                    light=lambda node: t.maps.for_night(node, t.iso), recipe_fallback=recipe)
     return ErrorStore(t.tmp / "errors.h5")
 
 
@@ -200,7 +207,7 @@ def _drift_and_light(t: Tonight, errors: ErrorStore, th: Thresholds, signals: li
     if targets is None:
         raise ConfigError(f"nightly.light_retrain={n.light_retrain!r}: drifted, all or off")
     nights = recent_nights(t.day, t.out, tmp, n.light_days) if targets else []
-    refits = [r for r in (light_retrain(t.cfg, node, t.day, nights, t.models_dir) for node in targets) if r]
+    refits = [r for r in (light_retrain(t.cfg, node, t.day, nights, t.models_dir, t.maps) for node in targets) if r]
     write_json(tmp / "light.json", refits)
     return levels, verdicts, drifted, refits
 
@@ -235,13 +242,17 @@ def _check_complete(store: TelemetryStore, nodes: list[str], trained: list[str],
                     n.timezone)
 
 
-def _score_slurm(dcfg, tmp: Path, train_run: Path, src: Path, overrides: list[str]) -> None:
+def _score_slurm(t: Tonight, overrides: list[str]) -> None:
+    """Step 2 as a SLURM job (slurm/score_all_nodes.sh): the same models, and the light maps valid
+    tonight (``score.light_maps``, ``score.light_night``), as in this process."""
+    dcfg, tmp = t.dcfg, t.tmp
     script = resource_dir("slurm") / "score_all_nodes.sh"
     keep = [o for o in overrides if not o.split("=")[0].lstrip("+~").startswith(("nightly.", "hydra.", "train_run"))]
+    t.maps.folder.mkdir(parents=True, exist_ok=True)
     cmd = ["sbatch", "--wait", "--parsable", f"--export=ALL,HPCAD_RUN_DIR={tmp},HPCAD_SCORE_ONLY=1",
            "-o", str(tmp / "slurm-%j.out"), *scoring_job_size(dcfg), *dcfg.nightly.sbatch_args,
-           str(script), f"train_run={train_run}", f"data.source={src}", "split.unit=rows", "split.train=0",
-           "split.val=0", *keep]
+           str(script), f"train_run={t.train_run}", f"data.source={t.src}", "split.unit=rows", "split.train=0",
+           "split.val=0", *keep, f"score.light_maps={t.maps.folder}", f"score.light_night={t.iso}"]
     log.info("nightly: %s", " ".join(cmd))
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0 or not (tmp / "errors.h5").exists():

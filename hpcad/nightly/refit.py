@@ -11,7 +11,7 @@ import numpy as np
 
 from hpcad.data.store import TelemetryStore
 from hpcad.errorstore import ErrorStore
-from hpcad.model.light import LightMap, fit_light_map, light_path, save_version
+from hpcad.model.light import LightMaps, fit_light_map
 from hpcad.model.files import NodeModel, model_path
 from hpcad.preprocess import fill_gaps, windows
 
@@ -33,9 +33,9 @@ def recent_nights(day: dt.date, out: Path, tmp: Path, count: int) -> list[tuple[
 
 
 def light_retrain(cfg: HpcadConfig, node: str, day: dt.date, nights: list[tuple[str, TelemetryStore, ErrorStore]],
-                  models_dir: Path) -> dict | None:
+                  models_dir: Path, maps: LightMaps) -> dict | None:
     """Fit the node's light map on its last nights' rows, less the night's worst 10 % of the signal
-    (possible incidents) and, when labelled, the anomalous rows."""
+    (possible incidents) and, when labelled, the anomalous rows; saved as its next version in ``maps``."""
     n = cfg.nightly
     model = NodeModel.load(model_path(models_dir, node))
     xs, used = [], []
@@ -55,9 +55,9 @@ def light_retrain(cfg: HpcadConfig, node: str, day: dt.date, nights: list[tuple[
         log.warning("nightly %s: node %s has no normal rows to refit its light map on", day, node)
         return None
     t0 = time.perf_counter()
-    prev = LightMap.load(light_path(models_dir, node)) if light_path(models_dir, node).exists() else None
-    lm = fit_light_map(model.members, len(model.spec.hidden), x, n.light_ridge, sorted(used), prev,
+    lm = fit_light_map(model.members, len(model.spec.hidden), x, n.light_ridge, sorted(used),
                        valid_from=(day + dt.timedelta(days=1)).isoformat(), n_out=len(model.metrics))
-    save_version(models_dir, node, lm)
+    lm.version, lm.model = maps.last_version(node) + 1, maps.digest(node)
+    maps.save(node, lm)
     return {"node": node, "version": lm.version, "rows": lm.rows, "days": lm.fitted_on, "valid_from": lm.valid_from,
             "fit_ms": round(1000 * (time.perf_counter() - t0), 1)}
