@@ -287,6 +287,10 @@ def test_backfill_detects_drift_and_light_retrains_only_later_nights(site, tmp_p
     lv = {d: {r["node"]: float(r["level"]) for r in csv.DictReader(open(out / d / "levels.csv"))}
           for d in ("2025-01-11", "2025-01-12")}
     assert lv["2025-01-12"]["node0002"] < lv["2025-01-11"]["node0002"] / 1.5  # the map absorbed the shift
+    from hpcad.model.light import model_digest
+
+    assert {r["node"]: r["model"] for r in csv.DictReader(open(out / "2025-01-12" / "levels.csv"))} == \
+        {n: model_digest(site / "trainrun" / "models" / f"{n}.pt") for n in ("node0000", "node0001", "node0002")}
     prom = (out / "hpcad.prom").read_text()
     p = cron(env, "--date", "2025-01-10")  # re-scoring an earlier night ignores maps fitted after it
     assert p.returncode == 0, p.stderr
@@ -420,6 +424,35 @@ def test_drift_is_a_sustained_rise_over_the_nodes_baseline(tmp_path):
     assert not v[0]["drifted"]
     v = assess(tmp_path, day, [{"node": "new", "level": 9.0}], ratio=2.0, days=1, reference=3)
     assert v[0]["baseline"] is None and not v[0]["drifted"]  # no baseline nights yet: no verdict
+
+
+def test_drift_compares_a_node_with_the_nights_of_the_model_that_scores_it(tmp_path):
+    """The docs' full retraining (HPCAD_TRAIN_RUN pointed at a new run): the new models' levels were
+    compared with the old models' first nights, another model's errors (here the old model ran at
+    level 1 and the new one runs at 3: "drifted" on its first nights, and its light maps refitted
+    for no shift at all). A node's baseline is now its first nights with tonight's model, so the new
+    run's nights start their own; a node first scored on a later night gets one too (before, only
+    the output's first three nights counted)."""
+    day = dt.date(2025, 1, 20)
+    for k in range(9, 0, -1):  # nights 01-11 .. 01-19: model "old" for 6 nights, then "new" for 3
+        d = tmp_path / (day - dt.timedelta(days=k)).isoformat()
+        d.mkdir()
+        rows = [{"node": "a", "rows": 288, "alarmed_rows": 0, "level": 1.0 if k > 3 else 3.0,
+                 "model": "old" if k > 3 else "new"}]
+        if k <= 4:  # node b joined on 01-16, with the new run's model
+            rows.append({"node": "b", "rows": 288, "alarmed_rows": 0, "level": 2.0, "model": "new"})
+        write_levels(d / "levels.csv", rows)
+    tonight = [{"node": "a", "level": 3.1, "model": "new"}, {"node": "b", "level": 2.1, "model": "new"}]
+    v = {x["node"]: x for x in assess(tmp_path, day, tonight, ratio=2.0, days=3, reference=3)}
+    assert v["a"]["baseline"] == 3.0 and v["a"]["streak"] == 0 and not v["a"]["drifted"]
+    assert v["b"]["baseline"] == 2.0 and not v["b"]["drifted"]
+    # the new model drifting: compared with its own first nights
+    v = {x["node"]: x for x in assess(tmp_path, day, [{"node": "a", "level": 7.0, "model": "new"}], 2.0, 1, 3)}
+    assert v["a"]["baseline"] == 3.0 and v["a"]["drifted"]
+    # levels.csv written before models were recorded count as tonight's model's
+    (tmp_path / "2025-01-11" / "levels.csv").write_text("node,rows,alarmed_rows,level\na,288,0,1.0\n")
+    v = assess(tmp_path, day, [{"node": "a", "level": 3.1, "model": "old"}], 2.0, 1, 3)
+    assert v[0]["baseline"] == 1.0 and v[0]["drifted"]
 
 
 def test_overview_bins_hours_days_or_rows():

@@ -98,6 +98,7 @@ class LightMaps:
         self.models_dir = Path(models_dir) if models_dir is not None else None
         self._legacy: dict[str, list[tuple[int, Path]]] | None = None
         self._said = False
+        self._digests: dict[str, str] = {}
 
     def _versions(self, node: str) -> list[tuple[int, str, Path]]:
         """(version, valid_from, path) of the node's maps in ``folder``; "" = any night."""
@@ -137,8 +138,10 @@ class LightMaps:
         return None
 
     def digest(self, node: str) -> str:
-        """The node's model file's digest (recorded in the maps fitted for it)."""
-        return model_digest(model_path(self.models_dir, node))
+        """The node's model file's digest (recorded in the maps fitted for it), read once."""
+        if node not in self._digests:
+            self._digests[node] = model_digest(model_path(self.models_dir, node))
+        return self._digests[node]
 
     def _fits(self, node: str, lm: LightMap) -> bool:
         if not lm.model or self.models_dir is None or lm.model == self.digest(node):

@@ -3,7 +3,8 @@
 Statistic: a node's *level* for a night is the median of ``signal_norm`` (the alarm signal divided
 by the node's mean signal on its held-out training rows) over the night's rows; the median ignores
 anomalies shorter than half the night. Its *baseline* is the median level of its first
-``nightly.drift_reference_nights`` scored nights (default 3; before that no verdict is given).
+``nightly.drift_reference_nights`` nights scored with tonight's model (default 3; before that no
+verdict is given).
 A node drifts when level / baseline >= ``nightly.drift_ratio`` (default 2) on
 ``nightly.drift_days`` (default 3) consecutive nights: its normal behaviour moved away from what
 the model learned, which a one-off job mix or a single incident does not do. A missing night
@@ -24,7 +25,7 @@ from hpcad.atomic import atomic_path
 from hpcad.errorstore import NodeSignal
 from hpcad.threshold.rules import Thresholds
 
-FIELDS = ["node", "rows", "alarmed_rows", "level", "missing_share", "metrics_lost"]
+FIELDS = ["node", "rows", "alarmed_rows", "level", "missing_share", "metrics_lost", "model"]
 NIGHT_DIR = re.compile(r"\d{4}-\d{2}-\d{2}")  # published night folders (not .<date>.tmp-<pid>)
 
 
@@ -43,7 +44,8 @@ def night_levels(signals: Iterable[NodeSignal], th: Thresholds, missing: dict[st
 
 
 def write_levels(path: Path, levels: list[dict]) -> None:
-    """levels.csv: one row per node (``metrics_lost``: the names, separated by ``;``)."""
+    """levels.csv: one row per node (``metrics_lost``: the names, separated by ``;``; ``model``: the
+    digest of the model file that scored it, hpcad.model.light.model_digest)."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=FIELDS)
         w.writeheader()
@@ -58,31 +60,49 @@ def level_rows(path: Path) -> dict[str, dict]:
         return {r["node"]: r for r in csv.DictReader(fh)}
 
 
-def read_levels(path: Path) -> dict[str, float]:
-    return {n: float(r["level"]) if r["level"] not in ("", "nan") else float("nan") for n, r in level_rows(path).items()}
-
-
 def assess(out_root: Path, day: dt.date, today: list[dict], ratio: float, days: int, reference: int = 3) -> list[dict]:
-    """Verdict per node from today's levels and the earlier nights under ``out_root/<date>/levels.csv``."""
+    """Verdict per node from today's levels and the earlier nights under ``out_root/<date>/levels.csv``.
+
+    A node's baseline and streak count only the nights scored with the model it is scored with
+    tonight (``model``: its model file's digest; a night that did not record one counts): after the
+    job moves to a new training run, or the node is retrained, the new model's first nights are the
+    baseline, not the old model's (whose levels are another model's errors)."""
     nights = sorted(p.parent.name for p in out_root.glob("*/levels.csv")
                     if NIGHT_DIR.fullmatch(p.parent.name) and p.parent.name < day.isoformat())
-    first = [read_levels(out_root / d / "levels.csv") for d in nights[:reference]]
-    recent = [read_levels(out_root / (day - dt.timedelta(days=k)).isoformat() / "levels.csv")
+    model = {rec["node"]: rec.get("model", "") for rec in today}
+    base: dict[str, list[float]] = {n: [] for n in model}
+    for d in nights:  # each node's first `reference` nights with tonight's model
+        if all(len(b) >= reference for b in base.values()):
+            break
+        for node, r in level_rows(out_root / d / "levels.csv").items():
+            if node in base and len(base[node]) < reference and _same_model(r, model[node]):
+                base[node].append(_level(r))
+    recent = [level_rows(out_root / (day - dt.timedelta(days=k)).isoformat() / "levels.csv")
               for k in range(1, max(days, 1))]
     verdicts = []
     for rec in today:
-        base = [lv[rec["node"]] for lv in first if rec["node"] in lv and lv[rec["node"]] == lv[rec["node"]]]
-        if len(base) < reference or not np.median(base) > 0:
-            verdicts.append({"node": rec["node"], "level": rec["level"], "baseline": None, "streak": 0,
-                             "drifted": False})
+        node = rec["node"]
+        b = [v for v in base[node] if v == v]
+        if len(b) < reference or not np.median(b) > 0:
+            verdicts.append({"node": node, "level": rec["level"], "baseline": None, "streak": 0, "drifted": False})
             continue
-        baseline = float(np.median(base))
+        baseline = float(np.median(b))
         streak = 0
-        for v in [rec["level"]] + [lv.get(rec["node"], float("nan")) for lv in recent]:
-            if v == v and v / baseline >= ratio:  # NaN (no data that night) breaks the streak
+        earlier = [_level(lv[node]) if node in lv and _same_model(lv[node], model[node]) else float("nan")
+                   for lv in recent]
+        for v in [rec["level"]] + earlier:
+            if v == v and v / baseline >= ratio:  # NaN (no data that night, another model) breaks the streak
                 streak += 1
             else:
                 break
-        verdicts.append({"node": rec["node"], "level": rec["level"], "baseline": baseline, "streak": streak,
+        verdicts.append({"node": node, "level": rec["level"], "baseline": baseline, "streak": streak,
                          "drifted": streak >= days})
     return verdicts
+
+
+def _level(row: dict) -> float:
+    return float(row["level"]) if row["level"] not in ("", "nan") else float("nan")
+
+
+def _same_model(row: dict, model: str) -> bool:
+    return not row.get("model") or not model or row["model"] == model

@@ -197,7 +197,8 @@ def _alarms(t: Tonight, store: TelemetryStore, errors: ErrorStore, th: Threshold
 def _drift_and_light(t: Tonight, errors: ErrorStore, th: Thresholds, signals: list):
     """Step 4: tonight's levels and drift verdicts; light maps refitted for the nodes asked for."""
     n, tmp = t.cfg.nightly, t.tmp
-    levels = night_levels(signals, th, errors.missing, errors.lost)
+    levels = [{**lv, "model": t.maps.digest(lv["node"])}  # drift compares nights of one model (drift.assess)
+              for lv in night_levels(signals, th, errors.missing, errors.lost)]
     write_levels(tmp / "levels.csv", levels)
     verdicts = assess(t.out, t.day, levels, n.drift_ratio, n.drift_days, n.drift_reference_nights)
     write_json(tmp / "drift.json", {"ratio": n.drift_ratio, "days": n.drift_days,
