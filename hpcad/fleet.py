@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -32,10 +33,10 @@ import torch.distributed as tdist
 
 from hpcad import dist
 from hpcad.device import Staging
-from hpcad.errors import HpcadError
+from hpcad.errors import HpcadError, TooFewTrainingRows
 from hpcad.model.autoencoder import AutoencoderSpec, glorot_init
 from hpcad.model.budget import Budget
-from hpcad.model.files import NodeModel, model_path
+from hpcad.model.files import NodeModel, model_path, untrained_for, untrained_path, write_untrained
 from hpcad.preprocess import fit_rows
 from hpcad.signal_choice import fixed_scales
 
@@ -87,30 +88,50 @@ def _epoch_order(n: int, seed: int, rank: int, epoch: int) -> torch.Tensor:
     return torch.randperm(max(n, 1), generator=torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1])))
 
 
-def _already_trained(models_dir, nodes: list[str], store, fingerprint: str, scales: bool) -> dict | None:
-    """The fleet model's summary when every rank's nodes hold it already (decided by all ranks together)."""
+def _already_trained(models_dir, nodes: list[str], store, fingerprint: str, scales: bool,
+                     skip_bad: bool) -> dict | None:
+    """The fleet model's summary when every rank's nodes hold it already, or were left untrained by
+    it (``data.on_bad_node=skip``); decided by all ranks together."""
     from hpcad.train import reusable
 
-    missing = sum(not reusable(model_path(models_dir, n), fingerprint, scales) for n in nodes)
-    if dist.all_sum(np.array([missing]))[0] > 0:
+    left = [n for n in nodes if skip_bad and untrained_for(models_dir, n, fingerprint)]
+    missing = sum(not reusable(model_path(models_dir, n), fingerprint, scales) for n in nodes if n not in left)
+    counts = dist.all_sum(np.array([missing, len(nodes) - len(left)]))
+    if counts[0] > 0 or counts[1] == 0:
         return None
-    history = NodeModel.load(model_path(models_dir, store.nodes[0])).history
+    first = next((n for n in store.nodes if model_path(models_dir, n).exists()), None)
+    if first is None:  # this rank's nodes were all left untrained: another rank's file holds the history
+        return {"nodes": len(nodes), "scope": "fleet", "trained_now": 0, "untrained": len(left)}
+    history = NodeModel.load(model_path(models_dir, first)).history
     log.info("fleet model already trained from the same data and settings in %s: not trained again", models_dir)
     return {"nodes": len(nodes), "scope": "fleet", "epochs_run": history["epochs_run"],
-            "best_val_loss": float(min(history["val_loss"])), "trained_now": 0}
+            "best_val_loss": float(min(history["val_loss"])), "trained_now": 0, "untrained": len(left)}
 
 
 class _Share:
     """A rank's nodes' standardised rows for the fleet model, in host memory once: the training rows
     of every node one after the other (``train``), their held-out validation rows (``val``), and
-    where each node's rows are (its scaler beside them, for its model file)."""
+    where each node's rows are (its scaler beside them, for its model file). With
+    ``data.on_bad_node=skip`` a node with too few training rows is left out and recorded as the
+    per-node scope records it (``models/<node>.untrained.json``)."""
 
-    def __init__(self, store, nodes: list[str], cfg: HpcadConfig, host_bytes: int, budget_source: str):
+    def __init__(self, store, nodes: list[str], cfg: HpcadConfig, host_bytes: int, budget_source: str,
+                 models_dir: Path, fingerprint: str):
         from hpcad.train import prepare_training_rows
 
         M, parts, used = len(store.metrics), [], 0
+        self.untrained: list[str] = []
         for i, n in enumerate(nodes):
-            z, scaler = prepare_training_rows(store, n, cfg)
+            try:
+                z, scaler = prepare_training_rows(store, n, cfg)
+            except TooFewTrainingRows as exc:
+                if cfg.data.on_bad_node != "skip":
+                    raise
+                write_untrained(models_dir, n, exc.short, fingerprint)
+                self.untrained.append(n)
+                log.warning("node %s: %s: left out of the fleet model and untrained (data.on_bad_node=skip), "
+                            "not scored", n, exc.short)
+                continue
             parts.append((n, z, scaler, fit_rows(len(z), cfg.train.validation_split)))
             used += z.nbytes + 8 * parts[-1][3]  # the rows, and the epoch shuffle's index of the fitted ones
             if used > host_bytes:
@@ -186,12 +207,13 @@ def _validation(model, X: torch.Tensor, device: torch.device) -> torch.Tensor:
     return total
 
 
-def _gather_share(store, nodes: list[str], cfg: HpcadConfig, budget: Budget) -> _Share:
+def _gather_share(store, nodes: list[str], cfg: HpcadConfig, budget: Budget, models_dir: Path,
+                  fingerprint: str) -> _Share:
     """This rank's :class:`_Share`, decided by all ranks together: where one rank cannot hold its
     share (or a node of it is bad input), every rank stops with that rank's reason, instead of the
     others failing at the first all-reduce with a connection error (gloo) or waiting there (NCCL)."""
     try:
-        share, failed = _Share(store, nodes, cfg, budget.host_bytes, budget.source), None
+        share, failed = _Share(store, nodes, cfg, budget.host_bytes, budget.source, models_dir, fingerprint), None
     except HpcadError as exc:
         share, failed = None, exc
     dist.share_outcome(failed)
@@ -208,13 +230,16 @@ def train_fleet(cfg: HpcadConfig, store, models_dir, nodes: list[str], device: t
     world_size = tdist.get_world_size() if tdist.is_initialized() else 1
     fingerprint = fleet_fingerprint(cfg, spec, store, world_size)
     done = _already_trained(models_dir, nodes, store, fingerprint,
-                            fixed_scales(cfg.signal.metric_scales) is not False)
+                            fixed_scales(cfg.signal.metric_scales) is not False, cfg.data.on_bad_node == "skip")
     if done is not None:
         return done
     ckpt = ChunkCheckpoint(models_dir, fingerprint, list(store.nodes), 1, cfg.compute.checkpoint_every_s,
                            what="the fleet model")
     budget = Budget.resolve(cfg.compute, device)
-    share = _gather_share(store, nodes, cfg, budget)
+    share = _gather_share(store, nodes, cfg, budget, Path(models_dir), fingerprint)
+    if dist.all_sum(np.array([len(share.nodes)]))[0] == 0:  # every node left untrained (skip): nothing to fit
+        log.warning("fleet model: no node has enough training rows; nothing trained")
+        return {"nodes": len(nodes), "scope": "fleet", "trained_now": 0, "untrained": len(share.untrained)}
     B = int(tc.batch_size)
     need = _device_bytes(len(share.train), len(share.val), M, spec, B)
     on_device = budget.device_bytes is None or need <= budget.device_bytes
@@ -285,13 +310,14 @@ def train_fleet(cfg: HpcadConfig, store, models_dir, nodes: list[str], device: t
             held = sq.mean(0, dtype=torch.float64).cpu().numpy().astype(np.float32) if len(x) else None
             NodeModel(n, spec, store.metrics, [params], scaler, dict(history), max(scale, 1e-12), fingerprint,
                       held).save(model_path(models_dir, n))
+            untrained_path(models_dir, n).unlink(missing_ok=True)  # enough rows now
     dist.barrier("for the other ranks to write their node files")  # before the checkpoint goes
     if rank == 0:
         remove_checkpoints(models_dir)  # this training's, and any of another rank count
     log.info("fleet model: %d epochs, best validation loss %.4g; %d node files", history["epochs_run"],
              best_loss, len(share.nodes))
     return {"nodes": len(nodes), "scope": "fleet", "epochs_run": history["epochs_run"], "best_val_loss": best_loss,
-            "trained_now": len(nodes)}
+            "trained_now": len(share.nodes), "untrained": len(share.untrained)}
 
 
 def _to_cpu(obj):

@@ -117,6 +117,43 @@ def test_a_node_with_too_few_training_rows_is_left_untrained_with_skip_and_train
     assert "Untrained nodes" not in (run / "report.html").read_text()
 
 
+def test_the_fleet_model_leaves_out_a_node_with_too_few_training_rows_with_skip(tmp_path):
+    """model.scope=fleet stopped the whole training on such a node even with data.on_bad_node=skip
+    (the SLURM scripts' setting), where the per-node scope leaves it untrained. Now the fleet model
+    trains on the others, the node is recorded the same way, a rerun does not train again, and it
+    gets the fleet model's file once it has the rows."""
+    import json
+
+    import numpy as np
+    import pandas as pd
+
+    from hpcad.errorstore import ErrorStore
+
+    src = tmp_path / "exports"
+    src.mkdir()
+    for node, rows in (("big", 400), ("big2", 300), ("tiny", 24)):
+        rng = np.random.default_rng(len(node))
+        pd.DataFrame({"timestamp": 1_700_000_000 + 300 * np.arange(rows),
+                      **{m: rng.normal(size=rows) for m in ("a", "b", "c")}}).to_csv(src / f"{node}.csv", index=False)
+    run = tmp_path / "run"
+    args = [f"data.source={src}", "data.format=wide", "model.scope=fleet", "train.epochs=2", "compute.progress=false",
+            "baselines.methods=[]", "report.enabled=false", "split.train=0.3", "split.val=0.3", f"hydra.run.dir={run}"]
+    models = run / "models"
+    p = hpcad("run", *args, check=False)  # without skip: the clear error, as in the per-node scope
+    assert p.returncode == 2 and "node tiny: 7 training rows" in p.stderr and "data.on_bad_node=skip" in p.stderr
+    p = hpcad("run", *args, "data.on_bad_node=skip")
+    assert "node tiny: 7 training rows, fewer than the minimum of 10: left out of the fleet model" in p.stderr + p.stdout
+    assert json.loads((models / "tiny.untrained.json").read_text())["node"] == "tiny"
+    assert sorted(ErrorStore(run / "errors.h5").nodes) == ["big", "big2"]
+    first = (models / "big.pt").stat().st_mtime_ns
+    p = hpcad("train", *args, "data.on_bad_node=skip")  # a rerun: already trained, not trained again
+    assert "fleet model already trained from the same data and settings" in p.stderr + p.stdout
+    assert (models / "big.pt").stat().st_mtime_ns == first
+    hpcad("run", *[a for a in args if not a.startswith("split.")], "data.on_bad_node=skip")  # enough rows again
+    assert (models / "tiny.pt").exists() and not (models / "tiny.untrained.json").exists()
+    assert sorted(ErrorStore(run / "errors.h5").nodes) == ["big", "big2", "tiny"]
+
+
 def _corrupt_chunk(path, dataset):
     """Overwrite the middle of ``dataset``'s first chunk in place (what a bad disk or a stray write does)."""
     import h5py
