@@ -297,6 +297,10 @@ def test_backfill_detects_drift_and_light_retrains_only_later_nights(site, tmp_p
     with h5py.File(out / "2025-01-10" / "errors.h5") as f:
         assert f["nodes/node0002"].attrs["light_version"] == 0
     assert (out / "hpcad.prom").read_text() == prom  # an older night never turns the gauges back
+    maps = sorted(f.name for f in (out / "light").rglob("*.pt"))
+    p = cron(env, "--date", "2025-01-11")  # the night that refitted, again: its map replaced, none added
+    assert p.returncode == 0, p.stderr
+    assert sorted(f.name for f in (out / "light").rglob("*.pt")) == maps
     assert _listing(site / "trainrun") == trained
 
 
@@ -365,21 +369,22 @@ def test_light_map_fits_a_level_shift_in_closed_form_and_loads_safely(tmp_path):
     maps = LightMaps(tmp_path / "light")
     maps.save("n1", lm)  # version 1, valid from any night
     lm2 = fit_light_map(params, 1, shifted, 10.0, ["d2"], previous=lm, valid_from="2025-01-05")
-    assert lm2.version == 2 == maps.last_version("n1") + 1
+    assert lm2.version == 2 == maps.next_version("n1", "2025-01-05")
     maps.save("n1", lm2)
     assert maps.for_night("n1", "2025-01-04").version == 1
     assert maps.for_night("n1", "2025-01-05").version == 2 and maps.for_night("n1").version == 2
-    # A rerun of the night of 01-03 refits a map valid from 01-04 (version 3): it scores 01-04 on, but
-    # the map fitted on later nights keeps scoring from 01-05 (before: version 3 scored every later
-    # night, the newest version wins)
+    # A night of 01-03 scored late (a backfill) refits a map valid from 01-04 (version 3): it scores
+    # 01-04 on, but the map fitted on later nights keeps scoring from 01-05 (before: version 3 scored
+    # every later night, the newest version wins). Its rerun replaces it (the same files after a rerun)
     rerun = fit_light_map(params, 1, shifted, 10.0, ["d3"], valid_from="2025-01-04")
-    rerun.version = maps.last_version("n1") + 1
+    rerun.version = maps.next_version("n1", "2025-01-04")
     maps.save("n1", rerun)
     assert [maps.for_night("n1", d).version for d in ("2025-01-03", "2025-01-04", "2025-01-05")] == [1, 3, 2]
     assert maps.for_night("n1").version == 2
+    assert maps.next_version("n1", "2025-01-04") == 3 and maps.next_version("n1", "2025-01-07") == 4
     maps.save("n3", fit_light_map(params, 1, shifted, 10.0, ["d9"], valid_from="2025-01-09"))
     assert maps.for_night("n3", "2025-01-08") is None  # a rerun of an earlier night scores without it
-    assert maps.for_night("n4", "2025-01-08") is None and maps.last_version("n4") == 0  # never refitted
+    assert maps.for_night("n4", "2025-01-08") is None and maps.next_version("n4", "2025-01-08") == 1  # never refitted
     # maps an older hpcad wrote beside the models are still read (never written); versions go on after them
     models = tmp_path / "models"
     models.mkdir()
@@ -390,7 +395,7 @@ def test_light_map_fits_a_level_shift_in_closed_form_and_loads_safely(tmp_path):
     old.save(models / "n5.light.pt")
     both = LightMaps(tmp_path / "light", models)
     assert both.for_night("n5", "2025-01-03").version == 7 and both.for_night("n5", "2025-01-01") is None
-    assert both.last_version("n5") == 7 and both.last_version("n1") == 3
+    assert both.next_version("n5", "2025-01-03") == 8 and both.next_version("n1", "2025-01-09") == 4
     assert model_nodes(models) == ["n5"]  # light maps beside a model are not models (sweeps, nightly)
     assert both.for_night("n5").model == ""  # an older hpcad did not record the model: applied
     # a map fitted for another model file of the node (the job pointed at a new training run, the node
@@ -398,7 +403,7 @@ def test_light_map_fits_a_level_shift_in_closed_form_and_loads_safely(tmp_path):
     (models / "n1.pt").write_bytes(b"the trained model")
     fitted = LightMaps(tmp_path / "light", models)
     lm4 = fit_light_map(params, 1, shifted, 10.0, ["d4"], valid_from="2025-01-06")
-    lm4.version, lm4.model = fitted.last_version("n1") + 1, fitted.digest("n1")
+    lm4.version, lm4.model = fitted.next_version("n1", "2025-01-06"), fitted.digest("n1")
     fitted.save("n1", lm4)
     assert fitted.for_night("n1", "2025-01-06").version == 4
     assert maps.for_night("n1", "2025-01-06").version == 4  # without the models to check against: applied

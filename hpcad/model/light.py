@@ -118,9 +118,14 @@ class LightMaps:
                         self._legacy.setdefault(e.name[:m.start()], []).append((int(m.group(1)), Path(e.path)))
         return self._legacy.get(node, [])
 
-    def last_version(self, node: str) -> int:
-        """The highest version number the node has (0: none): a refit takes the next."""
-        return max([v for v, _, _ in self._versions(node)] + [v for v, _ in self._legacy_versions(node)], default=0)
+    def next_version(self, node: str, valid_from: str) -> int:
+        """The version a refit valid from ``valid_from`` takes: that of the node's map valid from the
+        same night (a rerun of the night replaces it, so a rerun leaves the same files), else one
+        more than the highest the node has."""
+        same = [v for v, night, _ in self._versions(node) if night == valid_from]
+        if same:
+            return max(same)
+        return 1 + max([v for v, _, _ in self._versions(node)] + [v for v, _ in self._legacy_versions(node)], default=0)
 
     def for_night(self, node: str, night: str | None = None) -> LightMap | None:
         """The map that scores ``night`` (YYYY-MM-DD; None: any night, the newest): of the maps valid

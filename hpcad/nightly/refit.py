@@ -57,7 +57,7 @@ def light_retrain(cfg: HpcadConfig, node: str, day: dt.date, nights: list[tuple[
     t0 = time.perf_counter()
     lm = fit_light_map(model.members, len(model.spec.hidden), x, n.light_ridge, sorted(used),
                        valid_from=(day + dt.timedelta(days=1)).isoformat(), n_out=len(model.metrics))
-    lm.version, lm.model = maps.last_version(node) + 1, maps.digest(node)
+    lm.version, lm.model = maps.next_version(node, lm.valid_from), maps.digest(node)
     maps.save(node, lm)
     return {"node": node, "version": lm.version, "rows": lm.rows, "days": lm.fitted_on, "valid_from": lm.valid_from,
             "fit_ms": round(1000 * (time.perf_counter() - t0), 1)}
