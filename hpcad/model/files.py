@@ -144,7 +144,7 @@ def model_nodes(models_dir: Path) -> list[str]:
     return sorted(p.name[:-3] for p in Path(models_dir).glob("*.pt") if not LIGHT_NAME.search(p.name))
 
 
-# hpcad.model.light.light_path's names: <node>.light.pt, and <node>.light-v<version>.pt (group 1: version)
+# Light maps an older hpcad wrote beside the models: <node>.light.pt, <node>.light-v<version>.pt (group 1: version)
 LIGHT_NAME = re.compile(r"\.light(?:-v(\d+))?\.pt$")
 
 
