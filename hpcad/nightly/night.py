@@ -208,7 +208,7 @@ def _drift_and_light(t: Tonight, errors: ErrorStore, th: Thresholds, signals: li
     if targets is None:
         raise ConfigError(f"nightly.light_retrain={n.light_retrain!r}: drifted, all or off")
     nights = recent_nights(t.day, t.out, tmp, n.light_days) if targets else []
-    refits = [r for r in (light_retrain(t.cfg, node, t.day, nights, t.models_dir, t.maps) for node in targets) if r]
+    refits = [r for r in (light_retrain(t.cfg, node, t.day, nights, t.maps) for node in targets) if r]
     write_json(tmp / "light.json", refits)
     return levels, verdicts, drifted, refits
 

@@ -33,11 +33,12 @@ def recent_nights(day: dt.date, out: Path, tmp: Path, count: int) -> list[tuple[
 
 
 def light_retrain(cfg: HpcadConfig, node: str, day: dt.date, nights: list[tuple[str, TelemetryStore, ErrorStore]],
-                  models_dir: Path, maps: LightMaps) -> dict | None:
-    """Fit the node's light map on its last nights' rows, less the night's worst 10 % of the signal
-    (possible incidents) and, when labelled, the anomalous rows; saved as its next version in ``maps``."""
+                  maps: LightMaps) -> dict | None:
+    """Fit the node's light map (for its model in ``maps.models_dir``) on its last nights' rows, less
+    the night's worst 10 % of the signal (possible incidents) and, when labelled, the anomalous rows;
+    saved in ``maps`` as the version valid from the next night."""
     n = cfg.nightly
-    model = NodeModel.load(model_path(models_dir, node))
+    model = NodeModel.load(model_path(maps.models_dir, node))
     xs, used = [], []
     for night, store, errors in nights:
         if node not in errors.nodes:
