@@ -481,8 +481,10 @@ def test_rank_0_input_error_reaches_every_rank_as_one_clean_exit(tmp_path, slurm
     assert "hpcad train: error: rank 0 stopped: data.source: /nonexistent/exports does not exist" in out
 
 
-def test_confirmed_incident_drains_the_slurm_node_with_its_reason(slurm_env):
-    from hpcad.nightly.drain import candidates, drain, lines
+def test_confirmed_incident_drains_the_slurm_node_with_its_reason(slurm_env, tmp_path):
+    import datetime as dt
+
+    from hpcad.nightly.drain import candidates, drain, drained_before, lines
 
     def inc(node, nights, peak, state="ongoing"):
         return {"id": f"{node}/ips/2025-03-01", "node": node, "cause": "ips", "state": state,
@@ -504,6 +506,19 @@ def test_confirmed_incident_drains_the_slurm_node_with_its_reason(slurm_env):
         assert "DRAIN" in state and "Reason=hpcad: ips anomaly since 2025-03-01" in state
         again = drain(confirmed, max_nodes=1, env=slurm_env)  # the next night: left alone, then capped
         assert [r["outcome"] for r in again] == ["already", "capped"]
+        # An admin checks the node and puts it back (the documented way) while the incident stays
+        # open: the nights after do not drain it again for that incident (before, every night did)
+        (tmp_path / "2025-03-03").mkdir()
+        (tmp_path / "2025-03-03" / "drain.json").write_text(json.dumps(out))
+        subprocess.run(["scontrol", "update", "NodeName=spare1", "State=RESUME"], env=slurm_env, check=True)
+        before = drained_before(tmp_path, dt.date(2025, 3, 5), confirmed)
+        assert before == {"spare1/ips/2025-03-01": "2025-03-03"}  # nosuchnode's drain had failed
+        later = drain(confirmed, max_nodes=1, env=slurm_env, before=before)
+        assert [r["outcome"] for r in later] == ["resumed", "failed"]  # the put-back node is not counted
+        assert "DRAIN" not in show("spare1").split("State=")[1].split()[0]
+        new = drain(candidates([inc("spare1", 2, 9.0) | {"id": "spare1/power/2025-03-04"}], 2), 5, env=slurm_env,
+                    before=before)
+        assert [r["outcome"] for r in new] == ["drained"]  # a new incident drains it again
     finally:  # the documented way back (docs/operations.md)
         subprocess.run(["scontrol", "update", "NodeName=spare1", "State=RESUME"], env=slurm_env, check=True)
     assert "DRAIN" not in show("spare1").split("State=")[1].split()[0]

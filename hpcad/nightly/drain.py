@@ -6,15 +6,20 @@ confirmed incidents to ``<night>/drain.txt``; only with ``nightly.drain=true`` a
 ``nightly.drain_max_nodes`` per night (the highest peaks first; the rest are recorded as not
 drained), nodes SLURM already drains or holds down are left alone, and every outcome goes to
 ``<night>/drain.json``. hpcad node names must be SLURM's ``NodeName``s. Undo with
-``scontrol update NodeName=<node> State=RESUME``.
+``scontrol update NodeName=<node> State=RESUME``: a node put back is not drained again for the same
+incident (a person judged it), only for a new one.
 """
 from __future__ import annotations
 
+import datetime as dt
+import json
 import logging
 import shlex
 import subprocess
+from pathlib import Path
 
 from hpcad.incidents import OPEN
+from hpcad.nightly.drift import NIGHT_DIR
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +57,42 @@ def _node_state(node: str, env: dict | None) -> str:
     return next((f.split("=", 1)[1] for f in out.stdout.split() if f.startswith("State=")), "")
 
 
-def drain(incidents: list[dict], max_nodes: int, env: dict | None = None) -> list[dict]:
+def drained_before(out: Path, day: dt.date, incidents: list[dict]) -> dict[str, str]:
+    """The incidents among ``incidents`` that an earlier night drained its node for: id -> that night
+    (``<out>/<night>/drain.json``, the nights since the earliest of them began)."""
+    ids = {i["id"] for i in incidents}
+    first = min((i["first_night"] for i in incidents), default=day.isoformat())
+    found: dict[str, str] = {}
+    for folder in sorted(out.iterdir()):
+        name = folder.name
+        if NIGHT_DIR.fullmatch(name) and first <= name < day.isoformat() and (folder / "drain.json").exists():
+            try:
+                records = json.loads((folder / "drain.json").read_text())
+            except (OSError, ValueError):
+                continue
+            for r in records:
+                if r.get("outcome") == "drained" and r.get("incident") in ids:
+                    found.setdefault(r["incident"], name)
+    return found
+
+
+def drain(incidents: list[dict], max_nodes: int, env: dict | None = None,
+          before: dict[str, str] | None = None) -> list[dict]:
     """Run the drain commands for ``incidents`` (from :func:`candidates`), at most ``max_nodes``.
     Never raises: each node's outcome is ``drained``, ``already`` (SLURM drains it or holds it
-    down), ``capped`` or ``failed`` with the message."""
+    down), ``resumed`` (an earlier night drained it for this incident, ``before``, and someone put
+    it back since: not drained again for it), ``capped`` or ``failed`` with the message."""
     results = []
-    for k, inc in enumerate(incidents):
+    before = before or {}
+    for inc in incidents:
         cmd = command(inc)
         rec = {"node": inc["node"], "incident": inc["id"], "command": shlex.join(cmd)}
-        if k >= max_nodes:
+        if inc["id"] in before:
+            results.append({**rec, "outcome": "resumed", "message": f"drained for this incident on {before[inc['id']]} "
+                            "and put back since: not drained again for it"})
+            log.info("drain %s: %s", inc["node"], results[-1]["message"])
+            continue
+        if sum(r["outcome"] != "resumed" for r in results) >= max_nodes:
             results.append({**rec, "outcome": "capped", "message": f"nightly.drain_max_nodes={max_nodes} reached"})
             continue
         try:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hpcad.atomic import write_json
-from hpcad.nightly.drain import drain
+from hpcad.nightly.drain import drain, drained_before
 from hpcad.nightly.drift import NIGHT_DIR
 from hpcad.nightly.days import day_bounds
 from hpcad.nightly.prometheus import render, write_textfile
@@ -31,7 +31,8 @@ def announce(n: NightlyConfig, out: Path, day: dt.date, built) -> dict:
     export_prometheus(n, out, day, built.levels, built.incidents, len(built.new), len(built.silent))
     notified = notify(n, out / iso, iso, fresh) if fresh else ""
     if n.drain and built.confirmed:
-        write_json(out / iso / "drain.json", drain(built.confirmed, n.drain_max_nodes))
+        write_json(out / iso / "drain.json", drain(built.confirmed, n.drain_max_nodes,
+                                                   before=drained_before(out, day, built.confirmed)))
     return {"date": iso, "nodes": len(built.nodes), "alarms": len(built.records), "new_incidents": len(fresh),
             "drifted": len(built.drifted), "light_refits": len(built.refits), "notify": notified,
             "message": f"{built.src}"}
