@@ -6,6 +6,7 @@ renamed, so a file under the final name is always complete (a requeued job skips
 from __future__ import annotations
 
 import io
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,8 +183,6 @@ def write_untrained(models_dir: Path, node: str, reason: str, fingerprint: str) 
 
 def untrained_nodes(models_dir: Path) -> dict[str, str]:
     """The nodes training left without a model in ``models_dir`` (a record and no model file), and why."""
-    import json
-
     out = {}
     for p in sorted(Path(models_dir).glob(f"*{UNTRAINED_SUFFIX}")):
         node = p.name[:-len(UNTRAINED_SUFFIX)]
@@ -199,8 +198,6 @@ def untrained_nodes(models_dir: Path) -> dict[str, str]:
 def untrained_for(models_dir: Path, node: str, fingerprint: str) -> bool:
     """Whether ``node`` was left untrained by a training of the same data and settings (a rerun need
     not read its rows again)."""
-    import json
-
     p = untrained_path(models_dir, node)
     try:
         return json.loads(p.read_text()).get("fingerprint") == fingerprint
