@@ -109,9 +109,13 @@ def test_a_night_killed_mid_way_reruns_to_the_same_outputs(site, uninterrupted_n
     out = tmp_path / "nightly"
     env = _env_file(site, out)
     if fault:
-        killed = cron(_env_file(site, out, name="faulty", more=f"export HPCAD_FAULT={fault}\n"), "--date", day)
+        # with every node's light map refitted (step 4, before the report): a killed night leaves no map
+        # either (before, its maps were in place, valid from the next night, though it never published)
+        killed = cron(_env_file(site, out, "nightly.light_retrain=all", name="faulty",
+                                more=f"export HPCAD_FAULT={fault}\n"), "--date", day)
         assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
         assert list(out.glob(f".{day}.tmp-*/.{fault}.*.tmp"))  # killed as it was about to publish the report
+        assert list(out.glob(f".{day}.tmp-*/.light-new/*/*.pt")) and not (out / "light").exists()
     else:
         proc = subprocess.Popen(["env", "-i", "PATH=/usr/bin:/bin", str(Path(__file__).parents[1] / "jobs" /
                                  "nightly_rescore.sh"), "--env", str(env), "--date", day], cwd="/", text=True,

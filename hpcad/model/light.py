@@ -26,6 +26,7 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -158,11 +159,28 @@ class LightMaps:
             self._said = True
         return False
 
-    def save(self, node: str, lm: LightMap) -> Path:
-        path = version_path(self.folder, node, lm)
+    def save(self, node: str, lm: LightMap, into: Path | None = None) -> Path:
+        """``lm`` into ``folder``, or into ``into`` (a night's staging folder, :func:`publish_staged`)."""
+        path = version_path(self.folder if into is None else into, node, lm)
         path.parent.mkdir(parents=True, exist_ok=True)
         lm.save(path)
         return path
+
+
+STAGED = ".light-new"  # in a night's scratch folder: the maps it fitted, until the night is published
+
+
+def publish_staged(staged: Path, folder: Path) -> int:
+    """Move the maps a night fitted (``staged``, on the same file system) into the job's light
+    folder, each by rename; a night that fails before this changes no map. Returns how many."""
+    moved = 0
+    for p in sorted(Path(staged).glob("*/*.pt")):
+        dest = Path(folder) / p.parent.name / p.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(p, dest)
+        moved += 1
+    shutil.rmtree(staged, ignore_errors=True)
+    return moved
 
 
 def scoring_maps(score_cfg, models_dir: Path) -> LightMaps:

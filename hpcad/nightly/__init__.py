@@ -17,7 +17,8 @@ Per day D (``nightly.date``, default yesterday in ``nightly.timezone``), under a
    ``report.max_missing_share`` of their values, nodes with a trained metric that sent no value)
    logged and reported; light retraining (hpcad.model.light) of drifted nodes on their last
    ``nightly.light_days`` nights -> ``<out>/light/<node>/`` (the training run is only read), ``light.json``;
-5. ``report.html``; then the folder replaces ``<out>/D`` by rename, and ``<out>/history.csv`` gains a line;
+5. ``report.html``; then tonight's light maps move into ``<out>/light``, the folder replaces ``<out>/D``
+   by rename, and ``<out>/history.csv`` gains a line;
 6. for the site's tools: the Prometheus textfile (hpcad.nightly.prometheus; newest night only) and, when
    the night has new incidents, ``nightly.notify`` (a command; its failure is logged and recorded in
    ``notify.json`` and the history, never fails the night); SLURM drain commands for confirmed

@@ -32,7 +32,7 @@ from hpcad.errorstore import ErrorStore
 from hpcad.explain import class_profiles
 from hpcad.incidents import FILE as INCIDENTS
 from hpcad.incidents import incident_of, night_incidents, previous_incidents
-from hpcad.model.light import LIGHT_FOLDER, LightMaps
+from hpcad.model.light import LIGHT_FOLDER, STAGED, LightMaps
 from hpcad.model.files import UNTRAINED_SUFFIX, model_nodes, model_path, untrained_nodes
 from hpcad.nightly.days import day_bounds, input_for
 from hpcad.nightly.refit import light_retrain, recent_nights
@@ -208,7 +208,7 @@ def _drift_and_light(t: Tonight, errors: ErrorStore, th: Thresholds, signals: li
     if targets is None:
         raise ConfigError(f"nightly.light_retrain={n.light_retrain!r}: drifted, all or off")
     nights = recent_nights(t.day, t.out, tmp, n.light_days) if targets else []
-    refits = [r for r in (light_retrain(t.cfg, node, t.day, nights, t.maps) for node in targets) if r]
+    refits = [r for r in (light_retrain(t.cfg, node, t.day, nights, t.maps, tmp / STAGED) for node in targets) if r]
     write_json(tmp / "light.json", refits)
     return levels, verdicts, drifted, refits
 

@@ -33,10 +33,11 @@ def recent_nights(day: dt.date, out: Path, tmp: Path, count: int) -> list[tuple[
 
 
 def light_retrain(cfg: HpcadConfig, node: str, day: dt.date, nights: list[tuple[str, TelemetryStore, ErrorStore]],
-                  maps: LightMaps) -> dict | None:
+                  maps: LightMaps, staging: Path) -> dict | None:
     """Fit the node's light map (for its model in ``maps.models_dir``) on its last nights' rows, less
     the night's worst 10 % of the signal (possible incidents) and, when labelled, the anomalous rows;
-    saved in ``maps`` as the version valid from the next night."""
+    the version of ``maps`` valid from the next night, written to ``staging`` until the night is
+    published."""
     n = cfg.nightly
     model = NodeModel.load(model_path(maps.models_dir, node))
     xs, used = [], []
@@ -59,6 +60,6 @@ def light_retrain(cfg: HpcadConfig, node: str, day: dt.date, nights: list[tuple[
     lm = fit_light_map(model.members, len(model.spec.hidden), x, n.light_ridge, sorted(used),
                        valid_from=(day + dt.timedelta(days=1)).isoformat(), n_out=len(model.metrics))
     lm.version, lm.model = maps.next_version(node, lm.valid_from), maps.digest(node)
-    maps.save(node, lm)
+    maps.save(node, lm, into=staging)
     return {"node": node, "version": lm.version, "rows": lm.rows, "days": lm.fitted_on, "valid_from": lm.valid_from,
             "fit_ms": round(1000 * (time.perf_counter() - t0), 1)}

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from hpcad.atomic import atomic_path
 from hpcad.nightly.drift import NIGHT_DIR
 from hpcad.errors import ConfigError, HpcadError, InputError, OutputError
+from hpcad.model.light import LIGHT_FOLDER, STAGED, publish_staged
 from hpcad.nightly.days import input_for, parse_days
 from hpcad.nightly.night import build_night
 from hpcad.nightly.outlets import announce
@@ -87,6 +88,7 @@ def _one_night(cfg: HpcadConfig, day: dt.date, out: Path, train_run: Path, overr
     tmp = scratch(out, day)
     try:
         built = build_night(cfg, day, src, out, tmp, train_run, overrides)
+        publish_staged(tmp / STAGED, out / LIGHT_FOLDER)  # tonight's light maps, then the night itself
         publish(tmp, out / day.isoformat())
         prune(out, day, n.keep_data_days)
     finally:
