@@ -123,10 +123,11 @@ class LightMaps:
         """The version a refit valid from ``valid_from`` takes: that of the node's map valid from the
         same night (a rerun of the night replaces it, so a rerun leaves the same files), else one
         more than the highest the node has."""
-        same = [v for v, night, _ in self._versions(node) if night == valid_from]
+        mine = self._versions(node)
+        same = [v for v, night, _ in mine if night == valid_from]
         if same:
             return max(same)
-        return 1 + max([v for v, _, _ in self._versions(node)] + [v for v, _ in self._legacy_versions(node)], default=0)
+        return 1 + max([v for v, _, _ in mine] + [v for v, _ in self._legacy_versions(node)], default=0)
 
     def for_night(self, node: str, night: str | None = None) -> LightMap | None:
         """The map that scores ``night`` (YYYY-MM-DD; None: any night, the newest): of the maps valid

@@ -2,10 +2,22 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from hpcad.errors import ConfigError
+
+NIGHT_DIR = re.compile(r"\d{4}-\d{2}-\d{2}")  # published night folders (not .<date>.tmp-<pid>)
+
+
+def published_nights(out: Path, before: str | None = None, since: str = "", holding: str | None = None) -> list[str]:
+    """The published nights under the nightly output ``out`` (its YYYY-MM-DD folders, not a night's
+    scratch folder), oldest first: from ``since`` and before ``before``; with ``holding``, only those
+    that hold that file."""
+    return sorted(p.name for p in Path(out).iterdir()
+                  if p.is_dir() and NIGHT_DIR.fullmatch(p.name) and since <= p.name
+                  and (before is None or p.name < before) and (holding is None or (p / holding).exists()))
 
 
 def parse_days(spec: str | None, timezone: str) -> list[dt.date]:

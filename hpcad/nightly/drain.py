@@ -19,7 +19,7 @@ import subprocess
 from pathlib import Path
 
 from hpcad.incidents import OPEN
-from hpcad.nightly.drift import NIGHT_DIR
+from hpcad.nightly.days import published_nights
 
 log = logging.getLogger(__name__)
 
@@ -63,16 +63,14 @@ def drained_before(out: Path, day: dt.date, incidents: list[dict]) -> dict[str, 
     ids = {i["id"] for i in incidents}
     first = min((i["first_night"] for i in incidents), default=day.isoformat())
     found: dict[str, str] = {}
-    for folder in sorted(out.iterdir()):
-        name = folder.name
-        if NIGHT_DIR.fullmatch(name) and first <= name < day.isoformat() and (folder / "drain.json").exists():
-            try:
-                records = json.loads((folder / "drain.json").read_text())
-            except (OSError, ValueError):
-                continue
-            for r in records:
-                if r.get("outcome") == "drained" and r.get("incident") in ids:
-                    found.setdefault(r["incident"], name)
+    for name in published_nights(out, before=day.isoformat(), since=first, holding="drain.json"):
+        try:
+            records = json.loads((out / name / "drain.json").read_text())
+        except (OSError, ValueError):
+            continue
+        for r in records:
+            if r.get("outcome") == "drained" and r.get("incident") in ids:
+                found.setdefault(r["incident"], name)
     return found
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -23,10 +22,10 @@ import numpy as np
 
 from hpcad.atomic import atomic_path
 from hpcad.errorstore import NodeSignal
+from hpcad.nightly.days import published_nights
 from hpcad.threshold.rules import Thresholds
 
 FIELDS = ["node", "rows", "alarmed_rows", "level", "missing_share", "metrics_lost", "model"]
-NIGHT_DIR = re.compile(r"\d{4}-\d{2}-\d{2}")  # published night folders (not .<date>.tmp-<pid>)
 
 
 def night_levels(signals: Iterable[NodeSignal], th: Thresholds, missing: dict[str, float] | None = None,
@@ -67,8 +66,7 @@ def assess(out_root: Path, day: dt.date, today: list[dict], ratio: float, days: 
     tonight (``model``: its model file's digest; a night that did not record one counts): after the
     job moves to a new training run, or the node is retrained, the new model's first nights are the
     baseline, not the old model's (whose levels are another model's errors)."""
-    nights = sorted(p.parent.name for p in out_root.glob("*/levels.csv")
-                    if NIGHT_DIR.fullmatch(p.parent.name) and p.parent.name < day.isoformat())
+    nights = published_nights(out_root, before=day.isoformat(), holding="levels.csv")
     model = {rec["node"]: rec.get("model", "") for rec in today}
     base: dict[str, list[float]] = {n: [] for n in model}
     for d in nights:  # each node's first `reference` nights with tonight's model

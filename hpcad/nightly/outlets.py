@@ -13,8 +13,7 @@ from typing import TYPE_CHECKING
 
 from hpcad.atomic import write_json
 from hpcad.nightly.drain import drain, drained_before
-from hpcad.nightly.drift import NIGHT_DIR
-from hpcad.nightly.days import day_bounds
+from hpcad.nightly.days import day_bounds, published_nights
 from hpcad.nightly.prometheus import render, write_textfile
 
 if TYPE_CHECKING:
@@ -41,7 +40,7 @@ def announce(n: NightlyConfig, out: Path, day: dt.date, built) -> dict:
 def export_prometheus(n: NightlyConfig, out: Path, day: dt.date, levels: list[dict], incidents: list[dict],
                       unscored: int, silent: int = 0) -> None:
     """The textfile (``nightly.prometheus``, default ``<out>/hpcad.prom``) for the newest night only."""
-    newest = max((p.name for p in out.iterdir() if p.is_dir() and NIGHT_DIR.fullmatch(p.name)), default="")
+    newest = max(published_nights(out), default="")
     if day.isoformat() < newest:
         log.info("nightly %s: not the newest night (%s); %s left as it is", day, newest, n.prometheus or "hpcad.prom")
         return

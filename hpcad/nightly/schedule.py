@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hpcad.atomic import atomic_path
-from hpcad.nightly.drift import NIGHT_DIR
 from hpcad.errors import ConfigError, HpcadError, InputError, OutputError
 from hpcad.model.light import LIGHT_FOLDER, STAGED, publish_staged
-from hpcad.nightly.days import input_for, parse_days
+from hpcad.nightly.days import input_for, parse_days, published_nights
 from hpcad.nightly.night import build_night
 from hpcad.nightly.outlets import announce
 from hpcad.runfolder import exclusive_lock
@@ -118,10 +117,9 @@ def prune(out: Path, day: dt.date, keep_days: int) -> None:
     """Drop the bulky telemetry and error files of nights older than ``keep_days`` before ``day``;
     what people read (alarms, report, drift, history) stays."""
     cutoff = (day - dt.timedelta(days=keep_days)).isoformat()
-    for folder in out.iterdir():
-        if folder.is_dir() and NIGHT_DIR.fullmatch(folder.name) and folder.name < cutoff:
-            for f in (*folder.glob("store.h5"), *folder.glob("errors*.h5")):
-                f.unlink()
+    for name in published_nights(out, before=cutoff):
+        for f in (*(out / name).glob("store.h5"), *(out / name).glob("errors*.h5")):
+            f.unlink()
 
 
 def history(out: Path, day: dt.date, status: str, res: dict, t0: float) -> None:

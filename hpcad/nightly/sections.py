@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hpcad.nightly.drain import candidates as drain_candidates
-from hpcad.nightly.drift import NIGHT_DIR, level_rows
+from hpcad.nightly.days import published_nights
+from hpcad.nightly.drift import level_rows
 from hpcad.incidents import STATES, read_night
 
 if TYPE_CHECKING:
@@ -36,8 +37,7 @@ def node_history(out: Path, iso: str, levels: list[dict], incidents: list[dict],
     """For each of ``nodes``: this night and the last ``nights`` - 1 published nights before it,
     newest first: night, level (median normalised signal, levels.csv), alarmed rows, incident
     state and cause that night (incidents.json)."""
-    earlier = sorted(p.parent.name for p in out.glob("*/levels.csv")
-                     if NIGHT_DIR.fullmatch(p.parent.name) and p.parent.name < iso)[-(nights - 1):] if nights > 1 else []
+    earlier = published_nights(out, before=iso, holding="levels.csv")[-(nights - 1):] if nights > 1 else []
     per_night = [(d, level_rows(out / d / "levels.csv"), read_night(out / d) or []) for d in earlier]
     per_night.append((iso, {r["node"]: r for r in levels}, incidents))
     out_rows: dict[str, list[list]] = {}

@@ -254,12 +254,13 @@ def comparison_table(metrics: dict) -> str:
     if not cols:
         return ""
     best = [(max if high else min)((v for v in vals if v is not None), default=None) for _, vals, high in cols]
-    body = ""
-    for i, (name, _) in enumerate(detectors):
-        cells = "".join(f"<td>{'<b>' if vals[i] is not None and vals[i] == b else ''}{html.escape(fmt(vals[i]))}"
-                        f"{'</b>' if vals[i] is not None and vals[i] == b else ''}</td>"
-                        for (_, vals, _), b in zip(cols, best))
-        body += f"<tr><td>{html.escape(name)}</td>{cells}</tr>"
+    def cell(v: float | None, b: float | None) -> str:
+        text = html.escape(fmt(v))
+        return f"<td><b>{text}</b></td>" if v is not None and v == b else f"<td>{text}</td>"
+
+    body = "".join(f"<tr><td>{html.escape(name)}</td>"
+                   + "".join(cell(vals[i], b) for (_, vals, _), b in zip(cols, best)) + "</tr>"
+                   for i, (name, _) in enumerate(detectors))
     head = "".join(f"<th>{html.escape(c)}</th>" for c, _, _ in cols)
     return ("<p>Each detector on the same rows, the best of each column in bold (AP: average precision, mean "
             "over nodes with both classes, no point adjustment; cost and events at the thresholds fitted on "
