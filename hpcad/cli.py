@@ -185,6 +185,10 @@ def run_stage(stage: str, overrides: list[str]) -> int:
             if unknown:
                 raise ConfigError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: not part of "
                                   f"hpcad's configuration (misspelt? `hpcad {stage} --cfg job` prints the options)")
+            if cfg.train_run:  # new data read as the training run read its own (time zone, counters, ...)
+                from hpcad.runfolder import inherit_reading
+
+                inherit_reading(cfg, list(HydraConfig.get().overrides.task))
             launcher = instantiate(cfg.launcher)
             # every value the stage will use, before it starts (hpcad/options.py); the paths it reads too
             # when it runs here in one process (a launcher's job checks its own)

@@ -123,6 +123,58 @@ def load_run_config(run: Path):
     return OmegaConf.load(p) if p.exists() else None
 
 
+# What an input's timestamps and values mean, as opposed to its layout (format, column names: a
+# wrong one stops the ingest, naming it): read otherwise, naive times shift by the zone's offset and
+# counters or a resampling give the models values they never saw, without an error.
+READING_OPTIONS = ("timezone", "epoch_unit", "dayfirst", "counters", "resample_s", "period_s", "ignore_columns",
+                   "label_names")
+
+
+def inherit_reading(cfg, given: list[str]) -> dict[str, object]:
+    """Read new data scored with a training run's models (``train_run``: ``hpcad run``, ``score``,
+    ``nightly``) as that run read its own: each of ``READING_OPTIONS`` that this run leaves at its
+    default (not in the overrides ``given``, nor set by an experiment) takes the training run's
+    value (its ``.hydra/config.yaml``). Before, a nightly job over exports in local time scored
+    them as UTC, its alarms an hour off, unless the operator repeated ``data.timezone``. Returns
+    the options taken (logged); one set to another value than the training run's is logged as a
+    warning and kept."""
+    from omegaconf import OmegaConf
+
+    from hpcad.config import DataConfig
+
+    tcfg = load_run_config(Path(cfg.train_run)) if cfg.train_run else None
+    if tcfg is None or "data" not in tcfg:
+        return {}
+    named = {o.split("=", 1)[0].lstrip("+~") for o in given}
+    default, taken, kept = DataConfig(), {}, []
+    for key in READING_OPTIONS:
+        if key not in tcfg.data:
+            continue  # a training run from before the option
+        theirs, ours = OmegaConf.to_container(tcfg.data, resolve=True)[key], cfg.data[key]
+        ours = OmegaConf.to_container(ours, resolve=True) if OmegaConf.is_config(ours) else ours
+        mine, initial = _plain(ours), _plain(getattr(default, key))
+        if _plain(theirs) == mine:
+            continue
+        if f"data.{key}" in named or mine != initial:
+            kept.append(f"data.{key}={mine} (the training run read its input with {theirs})")
+            continue
+        cfg.data[key] = theirs
+        taken[key] = theirs
+    if taken:
+        log.info("reading the input as the training run %s read its own: %s (set them to read it otherwise)",
+                 cfg.train_run, ", ".join(f"data.{k}={v}" for k, v in taken.items()))
+    for line in kept:
+        log.warning("%s: this input is read otherwise than the data its models were trained on", line)
+    return taken
+
+
+def _plain(value):
+    """An option's value as the training run's YAML spells it (enums by name, lists as lists)."""
+    if hasattr(value, "name") and not isinstance(value, (str, list)):
+        return value.name
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
 def check_shared(run_dir: Path, wait_s: float = 5.0) -> None:
     """Under several ranks, make sure they all see one run folder: every rank ingests into it and
     writes its models there, rank 0 writes the index files. A folder on node-local storage (``/tmp``,

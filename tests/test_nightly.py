@@ -206,6 +206,38 @@ def test_silent_nodes_and_missing_values_are_telemetry_gaps(site, tmp_path):
     assert "2 node(s) with telemetry gaps: node0000 (80% of its values missing), node0002 (2 metric(s)" in log
 
 
+def test_a_sites_exports_in_local_time_are_read_in_the_zone_the_training_run_read_them_in(site, tmp_path):
+    """A site whose exporter writes naive local times trains with data.timezone=Europe/Rome and sets
+    HPCAD_TZ=Europe/Rome for the nightly job. Before, the night's exports were read as UTC (the data
+    option's default): an hour of every night "outside the day" and every alarm time an hour off."""
+    from omegaconf import OmegaConf
+
+    trainrun = tmp_path / "trainrun"  # the site's training run, as trained with data.timezone=Europe/Rome:
+    shutil.copytree(site / "trainrun", trainrun)  # its models and thresholds are the same (the zone moves
+    tcfg = OmegaConf.load(trainrun / ".hydra" / "config.yaml")  # timestamps, not rows or values)
+    tcfg.data.timezone = "Europe/Rome"
+    OmegaConf.save(tcfg, trainrun / ".hydra" / "config.yaml")
+    rows = pd.concat(pd.read_csv(site / "daily" / d / "node0000.csv") for d in ("2025-01-09", "2025-01-10"))
+    local = pd.to_datetime(rows["timestamp"], utc=True).dt.tz_convert("Europe/Rome").dt.tz_localize(None)
+    day = "2025-01-10"
+    (tmp_path / "in" / day).mkdir(parents=True)
+    rows.assign(timestamp=local.dt.strftime("%Y-%m-%d %H:%M:%S"))[local.dt.strftime("%Y-%m-%d") == day].to_csv(
+        tmp_path / "in" / day / "node0000.csv", index=False)  # local midnight to 23:55, local time
+    out = tmp_path / "nightly"
+    env = _env_file(site, out, tz="Europe/Rome", extra="nightly.min_node_fraction=0.3")
+    env.write_text(env.read_text().replace(str(site / "trainrun"), str(trainrun))
+                   .replace(str(site / "daily"), str(tmp_path / "in")))
+    p = cron(env, "--date", day)
+    assert p.returncode == 0, p.stderr
+    log = p.stdout + p.stderr
+    assert "read its own: data.timezone=Europe/Rome" in log and "outside the day" not in log, log[-3000:]
+    from hpcad.data.store import TelemetryStore
+
+    ts = TelemetryStore(out / day / "store.h5").timestamps("node0000")
+    first, last = (dt.datetime.fromtimestamp(int(t), dt.timezone.utc).isoformat() for t in (ts[0], ts[-1]))
+    assert (first, last) == ("2025-01-09T23:00:00+00:00", "2025-01-10T22:55:00+00:00")  # CET is UTC+1
+
+
 def test_a_second_run_waits_for_nobody_and_bad_setup_is_named(site, tmp_path):
     out = tmp_path / "nightly"
     out.mkdir()

@@ -285,3 +285,31 @@ def test_a_file_system_without_file_locks_runs_without_them_and_says_so(tmp_path
     finally:
         holder.communicate("")
     assert store.TelemetryStore(run / "store.h5").nodes  # released: readable again
+
+
+def test_new_data_is_read_as_the_training_run_read_its_own_unless_the_run_says_otherwise(tmp_path, caplog):
+    """Scoring with a training run's models (`train_run`: hpcad run, score, nightly), the options that
+    say what timestamps and values mean come from the training run where this run leaves them unset."""
+    from omegaconf import OmegaConf
+
+    from hpcad.runfolder import inherit_reading
+
+    trained, _ = small_site(tmp_path, overrides=("data.timezone=Europe/Rome", "data.epoch_unit=ms",
+                                                 "data.counters=[energy_*]", "data.resample_s=300",
+                                                 "data.format=long"))
+    (tmp_path / "train" / ".hydra").mkdir(parents=True)
+    OmegaConf.save(trained, tmp_path / "train" / ".hydra" / "config.yaml")
+    given = ["data.epoch_unit=s", f"train_run={tmp_path / 'train'}"]
+    cfg, _ = small_site(tmp_path, overrides=tuple(given))
+    with caplog.at_level("INFO", logger="hpcad.runfolder"):
+        taken = inherit_reading(cfg, given)
+    assert taken == {"timezone": "Europe/Rome", "counters": ["energy_*"], "resample_s": 300}
+    assert cfg.data.timezone == "Europe/Rome" and list(cfg.data.counters) == ["energy_*"] and cfg.data.resample_s == 300
+    assert cfg.data.epoch_unit.name == "s"  # given: kept, with a warning naming both values
+    assert str(cfg.data.format) != "long"  # the layout is the input's own (a wrong one stops the ingest, naming it)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned == ["data.epoch_unit=s (the training run read its input with ms): this input is read otherwise "
+                      "than the data its models were trained on"], warned
+    # a training run without a recorded config (hydra.output_subdir=null): nothing taken
+    cfg, _ = small_site(tmp_path, overrides=(f"train_run={tmp_path}",))
+    assert inherit_reading(cfg, []) == {} and cfg.data.timezone == "UTC"
