@@ -252,6 +252,7 @@ class NightlyConfig:
     """``hpcad nightly``: re-score a day with a trained run (jobs/nightly_rescore.sh; docs/operations.md)."""
 
     date: Optional[str] = None  # YYYY-MM-DD or FROM..TO (backfill, in order); None = yesterday in `timezone`
+    catch_up_days: int = 7  # without `date`: also the unpublished nights of the days before yesterday (cron down, exports late)
     input: Optional[str] = None  # export location of one day: strftime codes and {date} (YYYY-MM-DD) expand
     jobs: Optional[str] = None  # the day's sacct --parsable2 dump (same expansion): job context; optional
     out: Optional[str] = None  # root of the nightly outputs: <out>/<date>/, history.csv, .nightly.lock

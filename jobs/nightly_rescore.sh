@@ -6,14 +6,16 @@
 # Everything site-specific comes from one env file (default /etc/hpcad/nightly.env, or
 # $HPCAD_NIGHTLY_ENV, or --env; template: jobs/nightly.env.example), so the script runs under
 # cron's bare environment: it sets PATH itself, needs no HOME, no interactive shell, no cwd.
-# Without --date it scores yesterday in HPCAD_TZ. Outputs: $HPCAD_OUT/<date>/ (alarms.csv,
-# alarms.json, report.html, ...), $HPCAD_OUT/history.csv, logs in $HPCAD_OUT/logs/.
+# Without --date it scores yesterday in HPCAD_TZ, after the nights of the week before that were
+# not published (cron did not run, or they failed) and have exports now (nightly.catch_up_days).
+# Outputs: $HPCAD_OUT/<date>/ (alarms.csv, alarms.json, report.html, ...), $HPCAD_OUT/history.csv,
+# logs in $HPCAD_OUT/logs/.
 # Exit status: 0 done; 2 bad or missing input / config, or another run holds the lock (message on
 # stderr, outputs unchanged); 64 usage; 78 env file missing or incomplete.
 set -euo pipefail
 umask 022
 
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 64; }
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 64; }
 env_file=${HPCAD_NIGHTLY_ENV:-/etc/hpcad/nightly.env}
 date_spec=""
 from="" to=""

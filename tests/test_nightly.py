@@ -170,6 +170,36 @@ def test_missing_or_partial_input_fails_clearly_and_changes_nothing(site, tmp_pa
     assert (out / "2025-01-09" / "report.html").stat().st_mtime_ns > before[out / "2025-01-09" / "report.html"]
 
 
+def test_cron_catches_up_the_nights_it_missed_oldest_first(site, tmp_path, monkeypatch):
+    """The cron host was down for two nights (or a night's exports came late and it failed): the next
+    run scores the unpublished nights of the last nightly.catch_up_days with exports, oldest first,
+    then yesterday; it names those without exports, and older ones with the backfill command.
+    Before, a missed night stayed unscored unless someone noticed and ran a backfill."""
+    from hpcad.nightly import days
+
+    inp, out = tmp_path / "in", tmp_path / "nightly"
+    for d in ("2025-01-09", "2025-01-10", "2025-01-12"):  # 2025-01-11's exports are not there
+        shutil.copytree(site / "daily" / d, inp / d)
+    args = [f"train_run={site / 'trainrun'}", f"nightly.input='{inp}/{{date}}'", f"nightly.out={out}",
+            "compute.progress=false", f"hydra.run.dir={tmp_path / 'log'}", "report.enabled=false"]
+    hpcad("nightly", *args, "nightly.date=2025-01-09")  # the output's first night; cron then down until 01-13
+    monkeypatch.setattr(days, "yesterday", lambda tz: dt.date(2025, 1, 12))
+    p = hpcad("nightly", *args, "nightly.catch_up_days=2")
+    said = p.stdout + p.stderr
+    assert [(h["date"], h["status"]) for h in _history(out)] == [("2025-01-09", "ok"), ("2025-01-10", "ok"),
+                                                                 ("2025-01-12", "ok")]
+    assert sorted(x.name for x in out.glob("2025-*")) == ["2025-01-09", "2025-01-10", "2025-01-12"]
+    assert "catching up 1 night(s) before 2025-01-12 not published" in said, said[-3000:]
+    assert "1 night(s) of the last 2 days not published and without exports at nightly.input: 2025-01-11" in said
+    # the lost night's exports turn up later, beyond a shorter window: named with the backfill that scores it
+    shutil.copytree(site / "daily" / "2025-01-11", inp / "2025-01-11")
+    p = hpcad("nightly", *args, "nightly.catch_up_days=0")
+    said = p.stdout + p.stderr
+    assert "catching up" not in said and [h["date"] for h in _history(out)][3:] == ["2025-01-12"]
+    assert "1 older night(s) from 2025-01-11 to 2025-01-11 not published, beyond nightly.catch_up_days=0" in said
+    assert "nightly_rescore.sh --from 2025-01-11 --to 2025-01-11" in said
+
+
 def test_silent_nodes_and_missing_values_are_telemetry_gaps(site, tmp_path):
     """A node that sends nothing, one whose collector sends rows without values, and one whose
     collector lost two metrics cannot alarm on what is missing. Before, the first went unmentioned

@@ -27,7 +27,7 @@ def parse_days(spec: str | None, timezone: str) -> list[dt.date]:
     except (ZoneInfoNotFoundError, ValueError) as exc:
         raise ConfigError(f"nightly.timezone={timezone!r}: not a time zone name (e.g. Europe/Rome)") from exc
     if spec in (None, "", "yesterday"):
-        return [dt.datetime.now(tz).date() - dt.timedelta(days=1)]
+        return [yesterday(tz)]
     try:
         a, _, b = str(spec).partition("..")
         first = dt.date.fromisoformat(a.strip())
@@ -37,6 +37,26 @@ def parse_days(spec: str | None, timezone: str) -> list[dt.date]:
     if last < first:
         raise ConfigError(f"nightly.date={spec!r}: the range ends before it starts")
     return [first + dt.timedelta(days=k) for k in range((last - first).days + 1)]
+
+
+def yesterday(tz: ZoneInfo) -> dt.date:
+    """The day before today in the site's zone (the night cron scores)."""
+    return dt.datetime.now(tz).date() - dt.timedelta(days=1)
+
+
+def missed_nights(out: Path, last: dt.date, window: int) -> tuple[list[dt.date], list[dt.date]]:
+    """The nights before ``last`` that the nightly output ``out`` never published (cron did not run,
+    or the night failed: exports late, a collector outage), counted from its first published night
+    (a new output does not backfill): those of the ``window`` days before ``last``, oldest first,
+    and the older ones."""
+    done = set(published_nights(out)) if Path(out).is_dir() else set()
+    if not done:
+        return [], []
+    first = dt.date.fromisoformat(min(done))
+    gaps = [first + dt.timedelta(days=k) for k in range(1, (last - first).days)]
+    gaps = [d for d in gaps if d.isoformat() not in done]
+    start = last - dt.timedelta(days=max(window, 0))
+    return [d for d in gaps if d >= start], [d for d in gaps if d < start]
 
 
 def input_for(pattern: str, day: dt.date) -> Path:

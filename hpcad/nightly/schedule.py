@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from hpcad.atomic import atomic_path
 from hpcad.errors import ConfigError, HpcadError, InputError, OutputError
 from hpcad.model.light import LIGHT_FOLDER, STAGED, publish_staged
-from hpcad.nightly.days import input_for, parse_days, published_nights
+from hpcad.nightly.days import input_for, missed_nights, parse_days, published_nights
 from hpcad.nightly.night import build_night
 from hpcad.nightly.outlets import announce
 from hpcad.runfolder import exclusive_lock
@@ -52,6 +52,8 @@ def run_nightly(cfg: HpcadConfig, run_dir: Path, overrides: list[str] | None = N
     with exclusive_lock(out / ".nightly.lock", "hpcad nightly", others="another nightly run"):
         for stale in out.glob(".*.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)  # a crashed run's leftovers (we hold the lock)
+        if n.date in (None, "", "yesterday"):
+            days = _catch_up(out, days[0], n) + days
         for i, day in enumerate(days):
             t0 = time.time()
             try:
@@ -75,6 +77,33 @@ def run_nightly(cfg: HpcadConfig, run_dir: Path, overrides: list[str] | None = N
         raise InputError(f"{len(failed)} of {len(days)} nights failed (the other {len(results)} were scored; "
                          f"history.csv): {'; '.join(failed[:5])}" + ("; ..." if len(failed) > 5 else ""))
     return {"days": results, "out": str(out)}
+
+
+def _catch_up(out: Path, last: dt.date, n) -> list[dt.date]:
+    """The nights before ``last`` (cron's yesterday) to score first: those of the last
+    ``nightly.catch_up_days`` that this output has not published and whose exports are there now,
+    oldest first (the lock is held: no other run publishes). Missed nights without exports are
+    named (their data is lost, or not there yet), older ones with exports with the backfill command
+    that scores them."""
+    window = n.catch_up_days
+    if window < 0:
+        raise ConfigError(f"nightly.catch_up_days={window}: a number of days, 0 or more (0: yesterday only)")
+    missed, older = missed_nights(out, last, window)
+    missed_in, lost = [], []
+    for d in missed:
+        (missed_in if input_for(n.input, d).exists() else lost).append(d)
+    if missed_in:
+        log.info("nightly: catching up %d night(s) before %s not published (cron did not run, or the night failed): "
+                 "%s", len(missed_in), last, ", ".join(d.isoformat() for d in missed_in))
+    if lost:
+        log.warning("nightly: %d night(s) of the last %d days not published and without exports at nightly.input: %s",
+                    len(lost), window, ", ".join(d.isoformat() for d in lost))
+    older = [d for d in older if input_for(n.input, d).exists()]
+    if older:
+        log.warning("nightly: %d older night(s) from %s to %s not published, beyond nightly.catch_up_days=%d, have "
+                    "exports: score them with nightly_rescore.sh --from %s --to %s", len(older), older[0], older[-1],
+                    window, older[0], older[-1])
+    return missed_in
 
 
 def _one_night(cfg: HpcadConfig, day: dt.date, out: Path, train_run: Path, overrides: list[str]) -> dict:
