@@ -155,8 +155,16 @@ def test_missing_or_partial_input_fails_clearly_and_changes_nothing(site, tmp_pa
     p = cron(_env_file(site, out, "nightly.input='" + str(tmp_path / "partial") + "/{date}'", name="partial"),
              "--date", "2025-01-09")
     assert p.returncode == 2 and "partial input: 2 of 3 trained nodes" in p.stderr
+    early = tmp_path / "early" / "2025-01-09"  # cron ran while the exporter was still writing the evening
+    early.mkdir(parents=True)
+    for f in (site / "daily" / "2025-01-09").glob("*.csv"):
+        pd.read_csv(f).iloc[:-24].to_csv(early / f.name, index=False)  # the day's last 2 hours not there yet
+    p = cron(_env_file(site, out, "nightly.input='" + str(tmp_path / "early") + "/{date}'", name="early"),
+             "--date", "2025-01-09")
+    assert p.returncode == 2 and "partial input: the newest sample in" in p.stderr
+    assert "2025-01-09T21:55:00+00:00, more than 3600 s before the day ends (midnight in nightly.timezone=UTC" in p.stderr
     assert outputs() == before
-    assert [h["status"] for h in _history(out)] == ["ok", "failed", "failed"]
+    assert [h["status"] for h in _history(out)] == ["ok", "failed", "failed", "failed"]
     # no --date: yesterday in the site's zone
     yesterday = (dt.datetime.now(dt.timezone(dt.timedelta(hours=14))) - dt.timedelta(days=1)).date()
     p = cron(_env_file(site, out, tz="Pacific/Kiritimati", name="kiritimati"))
