@@ -179,6 +179,7 @@ class ReportConfig:
     max_node_pages: int = 200  # alarmed nodes that get their own page (most alarms first)
     max_missing_share: float = 0.5  # a node with more of its input values missing is a telemetry gap (report, nightly log)
     enabled: bool = True
+    timezone: Optional[str] = None  # the report's clock (plots, alarm times): null = the nightly's site zone (nightly.timezone), else data.timezone
 
 
 @dataclass

@@ -60,6 +60,12 @@ def _threshold(cfg: HpcadConfig) -> None:
     build(cfg.threshold, "threshold")
 
 
+def _report(cfg: HpcadConfig) -> None:
+    from hpcad.report.page import report_zone
+
+    report_zone(cfg)
+
+
 def _inputs(cfg: HpcadConfig) -> None:
     from hpcad.data.ingest import check_inputs
 
@@ -112,11 +118,11 @@ def _light_maps(cfg: HpcadConfig) -> None:
     check_light_options(cfg.score, paths=True)
 
 
-EVERY_STAGE = (_split, _training, _compute, _scoring, _baselines, _threshold, _real_data)
+EVERY_STAGE = (_split, _training, _compute, _scoring, _baselines, _threshold, _report, _real_data)
 CHECKS: dict[str, tuple[Callable[[HpcadConfig], None], ...]] = {
     "ingest": (_real_data,), "train": (_split, _training, _compute, _real_data),
     "score": (_split, _scoring, _compute, _real_data), "baselines": (_split, _baselines, _compute, _real_data),
-    "threshold": (_threshold, _real_data), "run": EVERY_STAGE,
+    "threshold": (_threshold, _real_data), "report": (_report,), "nightly": (_report,), "run": EVERY_STAGE,
     "preflight": EVERY_STAGE,  # a SLURM job's step 0: the options of the steps that follow it
 }
 # The paths a stage reads: data.source and data.jobs (ingested), train_run (its models),

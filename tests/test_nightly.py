@@ -274,6 +274,12 @@ def test_a_sites_exports_in_local_time_are_read_in_the_zone_the_training_run_rea
     ts = TelemetryStore(out / day / "store.h5").timestamps("node0000")
     first, last = (dt.datetime.fromtimestamp(int(t), dt.timezone.utc).isoformat() for t in (ts[0], ts[-1]))
     assert (first, last) == ("2025-01-09T23:00:00+00:00", "2025-01-10T22:55:00+00:00")  # CET is UTC+1
+    # alarms.csv stays in UTC for the site's tools; the report shows the site's clock (HPCAD_TZ)
+    starts = [a["start"] for a in csv.DictReader(open(out / day / "alarms.csv"))]
+    assert starts and all(x.endswith("+00:00") for x in starts)
+    page = (out / day / "report.html").read_text()
+    local = [dt.datetime.fromisoformat(x).astimezone(dt.timezone(dt.timedelta(hours=1))).isoformat() for x in starts]
+    assert all(f">{x}<" in page for x in local) and not any(f">{x}<" in page for x in starts), page[-3000:]
 
 
 def test_a_second_run_waits_for_nobody_and_bad_setup_is_named(site, tmp_path):

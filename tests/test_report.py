@@ -228,3 +228,19 @@ def test_a_font_cache_written_by_another_matplotlib_does_not_flood_the_report_lo
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "findfont" not in proc.stderr, proc.stderr[-2000:]
     assert "data:image/png;base64," in (run / "report.html").read_text()  # the plots are there
+
+
+def test_report_times_are_shown_on_the_sites_clock_across_summer_time():
+    """A report's plots and alarm tables show times in report.timezone (the nightly's site zone):
+    the offset follows the date (CET in winter, CEST in summer); alarms.csv's UTC stays as it is."""
+    import numpy as np
+
+    from hpcad.report.markup import in_zone
+    from hpcad.report.plots import local_times
+
+    t = np.array([1736467200, 1752105600])  # 2025-01-10 and 2025-07-10, 00:00 UTC
+    assert [str(x) for x in local_times(t, "Europe/Rome")] == ["2025-01-10T01:00:00", "2025-07-10T02:00:00"]
+    assert [str(x) for x in local_times(t, "UTC")] == ["2025-01-10T00:00:00", "2025-07-10T00:00:00"]
+    assert in_zone("2025-07-10T00:00:00+00:00", "Europe/Rome") == "2025-07-10T02:00:00+02:00"
+    assert in_zone("2025-01-10T00:00:00+00:00", "UTC") == "2025-01-10T00:00:00+00:00"
+    assert in_zone("1432", "Europe/Rome") == "1432"  # row numbers (input without timestamps) as they are

@@ -120,7 +120,7 @@ def build_night(cfg: HpcadConfig, day: dt.date, src: Path, out: Path, tmp: Path,
                                             max_share),
                      folder=out / t.iso,
                      node_history=node_history(out, t.iso, levels, incidents, {r["node"] for r in records}),
-                     node_summary=False)  # the Incidents section is the night's node view
+                     node_summary=False, zone=n.timezone)  # the Incidents section is the night's node view
     return Built(src, nodes, new, records, incidents, confirmed, levels, drifted, refits, silent)
 
 

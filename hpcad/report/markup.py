@@ -39,20 +39,36 @@ def sortable_table(table_id: str, header: list[str], rows: list[list[tuple[str, 
             f"<script>hpcadTable('{table_id}')</script>")
 
 
-def alarms_table(alarms: list[dict], link, table_id: str = "alarms") -> str:
-    """All alarms as a :func:`sortable_table`; the node cell links to ``link(node)`` when that gives a URL."""
+def alarms_table(alarms: list[dict], link, table_id: str = "alarms", zone: str = "UTC") -> str:
+    """All alarms as a :func:`sortable_table`, their times in ``zone``; the node cell links to
+    ``link(node)`` when that gives a URL."""
     cols = ["node", "start", "end", "rows", "split", "peak_score", "label_classes", "top_metrics", "jobs", "users"]
     rows = []
     for a in alarms:
         row = []
         for c in cols:
             v = a.get(c, "")
+            if c in ("start", "end"):
+                v = in_zone(str(v or ""), zone)
             text = fmt(number(v)) if c in ("rows", "peak_score") else str(v or "")
             if c == "top_metrics":  # names and "times normal" (the errors are in alarms.csv / alarms.json)
                 text = v = top_names(top_metrics_of(a))
             row.append((text, str(v or ""), link(v) if c == "node" else None))
         rows.append(row)
     return sortable_table(table_id, cols, rows, "alarms", "node, time, metric, job...")
+
+
+def in_zone(iso: str, zone: str) -> str:
+    """An ISO time with its offset (alarms.csv's, UTC) as ``zone``'s wall clock with that zone's
+    offset; anything else (a row number) as it is."""
+    import datetime as dt
+    from zoneinfo import ZoneInfo
+
+    try:
+        t = dt.datetime.fromisoformat(iso)
+    except ValueError:
+        return iso
+    return t.astimezone(ZoneInfo(zone)).isoformat() if t.tzinfo is not None and zone != "UTC" else iso
 
 
 def top_names(top: list[dict], k: int | None = None) -> str:

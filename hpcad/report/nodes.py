@@ -16,7 +16,8 @@ from hpcad.threshold.rules import Thresholds
 
 def node_pages(run_dir: Path, errors: ErrorStore, th: Thresholds, nodes: list[str], alarms: list[dict],
                 time_unit: str, title: str, store=None, models_dir: Path | None = None,
-                workers: int | None = None, history: dict[str, list[list]] | None = None) -> dict[str, str]:
+                workers: int | None = None, history: dict[str, list[list]] | None = None,
+                zone: str = "UTC") -> dict[str, str]:
     """``nodes/<node>.html`` for each alarmed node in ``nodes`` (its alarms, signal and the metrics
     behind them, and its ``history`` over earlier nights where given), drawn by ``workers``
     processes (default: the CPUs, at most 8; plots are most of a report's time); pages of nodes no
@@ -26,7 +27,8 @@ def node_pages(run_dir: Path, errors: ErrorStore, th: Thresholds, nodes: list[st
     from urllib.parse import quote
 
     folder = run_dir / "nodes"
-    job = (run_dir, errors.path, th.to_dict(), time_unit, title, None if store is None else store.path, models_dir)
+    job = (run_dir, errors.path, th.to_dict(), time_unit, title, None if store is None else store.path, models_dir,
+           zone)
     _OPENED.clear()  # files of an earlier report (same paths, rewritten since) are not reused
     groups = [(node, [a for a in alarms if a["node"] == node], (history or {}).get(node)) for node in nodes]
     n = max(1, min(workers or min(os.cpu_count() or 1, 8), len(groups)))
@@ -65,15 +67,15 @@ def _opened(kind, path: Path):
 
 def _node_page(job: tuple, node: str, mine: list[dict], history: list[list] | None = None) -> None:
     """One node's page (a worker of :func:`node_pages`: everything it needs comes by path)."""
-    run_dir, errors_path, th_dict, time_unit, title, store_path, models_dir = job
+    run_dir, errors_path, th_dict, time_unit, title, store_path, models_dir, zone = job
     errors, th = _opened(ErrorStore, errors_path), Thresholds.from_dict(th_dict)
     s = next(errors.signals([node]))
     parts = [f"<p><a href='../report.html'>&larr; {html.escape(title)}</a></p><h1>{html.escape(node)}</h1>",
              f"<p>{len(mine)} alarm(s); threshold {th.threshold_for(node):.4g} on the "
              f"{'normalised ' if th.normalised else ''}signal ({th.rule}, {th.scope} scope).</p>",
-             signal_plot(s, th, time_unit)]
+             signal_plot(s, th, time_unit, zone)]
     win = AlarmWindow(errors, s, th, time_unit)
-    parts.append(heatmap(errors, s, th, time_unit, win))
+    parts.append(heatmap(errors, s, th, time_unit, win, zone=zone))
     model = model_path(models_dir, node) if models_dir is not None else None
     if store_path is not None and model is not None and model.exists():
         from hpcad.data.store import TelemetryStore
@@ -82,8 +84,8 @@ def _node_page(job: tuple, node: str, mine: list[dict], history: list[list] | No
         if node in store.nodes:
             nm, values = NodeModel.load(model), store.read(node).values
             if nm.metrics == errors.metrics and values.shape == (len(s.signal), len(nm.metrics)):
-                parts.append(values_plot(errors, s, th, values, nm.scaler, time_unit, win))
-    parts.append("<h2>Alarms</h2>" + alarms_table(mine, lambda n: None, "node-alarms"))
+                parts.append(values_plot(errors, s, th, values, nm.scaler, time_unit, win, zone=zone))
+    parts.append("<h2>Alarms</h2>" + alarms_table(mine, lambda n: None, "node-alarms", zone))
     if history:
         parts.append("<h2>This node over the last nights</h2>" + html_table(history, HISTORY_HEADER))
     write_text(run_dir / "nodes" / f"{node}.html", page(f"{node} - {title}", parts))

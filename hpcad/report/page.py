@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from hpcad.atomic import write_text
 from hpcad.data.store import TelemetryStore, run_store_path
+from hpcad.errors import ConfigError
 from hpcad.errorstore import ErrorStore
 from hpcad.incidents import cause_of
 from hpcad.model.files import untrained_nodes
@@ -57,11 +58,14 @@ def _signal_said(errors: ErrorStore, cfg: HpcadConfig) -> str:
 
 def write_report(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, models_dir: Path, title: str = "hpcad report",
                  extra: list[str] | None = None, folder: Path | None = None,
-                 node_history: dict[str, list[list]] | None = None, node_summary: bool = True) -> Path:
+                 node_history: dict[str, list[list]] | None = None, node_summary: bool = True,
+                 zone: str | None = None) -> Path:
     """The run's (or a night's) report; ``extra`` HTML sections go after the overview; ``folder`` is
     the folder named on the page when ``run_dir`` is a temporary one that will be renamed;
     ``node_summary``: the table of alarmed nodes after the overview (a night has its incidents instead);
-    ``node_history`` (node -> rows of :data:`hpcad.report.nodes.HISTORY_HEADER`, newest first) goes on the node pages."""
+    ``node_history`` (node -> rows of :data:`hpcad.report.nodes.HISTORY_HEADER`, newest first) goes on the node pages;
+    times are shown in ``report.timezone``, else ``zone`` (the nightly's site zone), else ``data.timezone``."""
+    zone = report_zone(cfg, zone)
     th = Thresholds.load(run_dir / "thresholds.json")
     metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else None
     alarms = list(csv.DictReader(open(run_dir / "alarms.csv"))) if (run_dir / "alarms.csv").exists() else []
@@ -105,7 +109,7 @@ def write_report(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, models_dir
                         if len(rows) < len(untrained) else "") + ".</p>" + html_table(rows, ["node", "reason"]))
     in_overview = ranked[: cfg.report.max_nodes_overview]
     if in_overview:
-        parts.append("<h2>Cluster overview</h2>" + overview(errors, th, sorted(in_overview), time_unit))
+        parts.append("<h2>Cluster overview</h2>" + overview(errors, th, sorted(in_overview), time_unit, zone))
         if len(in_overview) < len(errors.nodes):
             parts.append(f"<p>{len(in_overview)} of {len(errors.nodes)} nodes shown (most alarms first; "
                          f"report.max_nodes_overview).</p>")
@@ -143,7 +147,8 @@ def write_report(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, models_dir
                          "(baselines.range_excess).</p>")
     check = th.details.get("check") or {}
     if check.get("verdict") in ("never_alarm", "always_alarm") or check.get("always_alarm_nodes"):
-        what = {"never_alarm": "raises no alarm on any row it was fitted on: it will probably never alarm",
+        what = {"never_alarm": "raises no alarm on any row it was fitted on: " + (  # a night may still alarm
+                    "it may be set too high" if alarms else "it will probably never alarm"),
                 "always_alarm": f"alarms on {100 * check.get('alarm_share', 0):.0f}% of the rows it was fitted on",
                 }.get(check.get("verdict"), f"alarms on most rows of {check.get('always_alarm_node_count')} node(s): "
                                             + ", ".join(check.get("always_alarm_nodes", [])[:10]))
@@ -160,7 +165,7 @@ def write_report(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, models_dir
                         f"thresholds fitted on a quiet period (train_run=).</p>")
     paged = [n for n in ranked if per_node_alarms.get(n)][: int(cfg.report.max_node_pages)]
     pages = node_pages(run_dir, errors, th, paged, alarms, time_unit, title, store, models_dir,
-                        history=node_history)
+                        history=node_history, zone=zone)
 
     def link(node: str) -> str | None:
         return pages.get(node)
@@ -172,18 +177,31 @@ def write_report(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, models_dir
     sigs = {s.node: s for s in errors.signals(shown)}
     for n in shown:
         parts.append((f"<p><a href='{html.escape(pages[n])}'>{html.escape(n)}</a></p>" if n in pages else "")
-                     + signal_plot(sigs[n], th, time_unit))
+                     + signal_plot(sigs[n], th, time_unit, zone))
     if shown:
-        parts.append("<h2>Per-metric error</h2>" + heatmap(errors, sigs[shown[0]], th, time_unit))
+        parts.append("<h2>Per-metric error</h2>" + heatmap(errors, sigs[shown[0]], th, time_unit, zone=zone))
     if metrics and metrics.get("class_profiles"):
         parts.append("<h2>Mean error profile per class</h2>")
         parts += [profile_plot(c, p) for c, p in metrics["class_profiles"].items()]
     parts.append("<h2>Training</h2>" + curves(models_dir, shown[:8]))
     if alarms:
-        parts.append(f"<h2>Alarms ({len(alarms)})</h2>" + alarms_table(alarms, link))
+        parts.append(f"<h2>Alarms ({len(alarms)})</h2>" + alarms_table(alarms, link, zone=zone))
     out = run_dir / "report.html"
     write_text(out, page(title, parts))
     return out
+
+
+def report_zone(cfg: HpcadConfig, site: str | None = None) -> str:
+    """The zone a report shows its times in: ``report.timezone``, else ``site`` (the nightly job's
+    ``nightly.timezone``), else ``data.timezone`` (where the exports' naive times came from)."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    zone = str(cfg.report.get("timezone") or site or cfg.data.timezone)
+    try:
+        ZoneInfo(zone)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ConfigError(f"report.timezone={zone!r}: not a time zone name (e.g. Europe/Rome)") from exc
+    return zone
 
 
 def alarmed_nodes(alarms: list[dict], th: Thresholds, link) -> str:

@@ -37,9 +37,25 @@ def _png(fig, margins: dict | None = None, dpi: int = 90) -> str:
     return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 
-def _x(s, time_unit: str) -> np.ndarray:
-    """The plots' x values: UTC times when the input had timestamps, else row numbers."""
-    return s.timestamp.astype("datetime64[s]") if time_unit == "s" else np.arange(len(s.timestamp))
+def _x(s, time_unit: str, zone: str = "UTC") -> np.ndarray:
+    """The plots' x values: wall-clock times in ``zone`` when the input had timestamps, else row numbers."""
+    if time_unit != "s":
+        return np.arange(len(s.timestamp))
+    return local_times(s.timestamp, zone)
+
+
+def local_times(epoch: np.ndarray, zone: str) -> np.ndarray:
+    """Epoch seconds as ``zone``'s wall-clock times (datetime64, no zone: what a plot axis shows)."""
+    t = np.asarray(epoch).astype("datetime64[s]")
+    if zone == "UTC" or not len(t):
+        return t
+    import pandas as pd
+
+    return pd.DatetimeIndex(t, tz="UTC").tz_convert(zone).tz_localize(None).to_numpy().astype("datetime64[s]")
+
+
+def _time_label(time_unit: str, zone: str) -> str:
+    return f"time ({zone})" if time_unit == "s" else "row"
 
 
 def _spans(ax, x: np.ndarray, mask: np.ndarray | None, color: str, alpha: float = 0.25) -> None:
@@ -50,9 +66,9 @@ def _spans(ax, x: np.ndarray, mask: np.ndarray | None, color: str, alpha: float 
         ax.axvspan(x[a], x[b - 1], color=color, alpha=alpha, lw=0)
 
 
-def signal_plot(s, th: Thresholds, time_unit: str = "s") -> str:
+def signal_plot(s, th: Thresholds, time_unit: str = "s", zone: str = "UTC") -> str:
     sig, t = th.signal_of(s), th.threshold_for(s.node)
-    x = _x(s, time_unit)
+    x = _x(s, time_unit, zone)
     fig, ax = plt.subplots(figsize=(11, 2.6))
     ax.plot(x, sig, lw=0.6, color="tab:blue", label="alarm signal")
     ax.axhline(t, color="tab:red", lw=1, label="threshold")
@@ -66,7 +82,7 @@ def signal_plot(s, th: Thresholds, time_unit: str = "s") -> str:
         ax.set_yscale("log")
     ax.set_title(f"{s.node}: signal vs threshold (orange = labelled anomaly, red = alarmed; dotted/dashed = "
                  f"validation/test start)", fontsize=9)
-    ax.set_xlabel("time (UTC)" if time_unit == "s" else "row")
+    ax.set_xlabel(_time_label(time_unit, zone))
     ax.legend(loc="upper left", fontsize=7)
     return _png(fig, {"left": 0.06, "right": 0.99, "top": 0.88, "bottom": 0.2})
 
@@ -91,12 +107,12 @@ class AlarmWindow:
 
 
 def values_plot(errors: ErrorStore, s, th: Thresholds, values: np.ndarray, scaler, time_unit: str,
-                 win: AlarmWindow, top: int = 4) -> str:
+                 win: AlarmWindow, top: int = 4, zone: str = "UTC") -> str:
     """The alarm's top metrics in their own units around the strongest alarm, against the node's
     training range (grey band), alarmed rows shaded: is the value new, or the combination?"""
     a, b, order = win.a, win.b, win.order[:top]
     lo, hi = scaler.training_range()
-    x = _x(s, time_unit)[a:b]
+    x = _x(s, time_unit, zone)[a:b]
     alarmed = th.signal_of(s)[a:b] > th.threshold_for(s.node)
     fig, axes = plt.subplots(len(order), 1, figsize=(11, 0.4 + 1.1 * len(order)), sharex=True, squeeze=False)
     for ax, j in zip(axes[:, 0], order):
@@ -108,14 +124,14 @@ def values_plot(errors: ErrorStore, s, th: Thresholds, values: np.ndarray, scale
     most = "the most times their normal error" if win.times_normal else "the largest error"
     axes[0, 0].set_title(f"{s.node}: the {len(order)} metrics with {most}, in their own units; grey = "
                          f"the node's training range, red = alarmed rows", fontsize=9)
-    axes[-1, 0].set_xlabel("time (UTC)" if time_unit == "s" else "row")
+    axes[-1, 0].set_xlabel(_time_label(time_unit, zone))
     width = max((len(errors.metrics[j]) for j in order), default=8)
     return _png(fig, {"left": min(0.4, 0.03 + 0.0065 * width), "right": 0.99, "top": 0.9,
                       "bottom": 0.35 / (0.4 + 1.1 * len(order)) + 0.05, "hspace": 0.15}, dpi=72)
 
 
 def heatmap(errors: ErrorStore, s, th: Thresholds, time_unit: str = "s", win: AlarmWindow | None = None,
-             top: int = 20) -> str:
+             top: int = 20, zone: str = "UTC") -> str:
     """Per-metric error of the ``top`` metrics (by their largest error) over the rows around the
     node's strongest alarm (the whole series when it has none), metric names on the axis."""
     sig, t = th.signal_of(s), th.threshold_for(s.node)
@@ -125,7 +141,7 @@ def heatmap(errors: ErrorStore, s, th: Thresholds, time_unit: str = "s", win: Al
     vmax = float(np.quantile(err[:, order], 0.99)) or 1.0
     ax.imshow(err[:, order].T, aspect="auto", cmap="magma", vmin=0, vmax=vmax, interpolation="nearest")
     ax.set_yticks(range(len(order)), [errors.metrics[j] for j in order], fontsize=7)
-    x = _x(s, time_unit)[a:b]
+    x = _x(s, time_unit, zone)[a:b]
     ticks = np.linspace(0, len(x) - 1, min(len(x), 7)).astype(int) if len(x) else []
     ax.set_xticks(ticks, [str(x[k]).replace("T", " ")[:16] for k in ticks], fontsize=7)
     if s.labels is not None:
@@ -133,7 +149,7 @@ def heatmap(errors: ErrorStore, s, th: Thresholds, time_unit: str = "s", win: Al
         ax.plot(lab, np.full(lab.size, -0.8), "|", color="tab:orange", ms=4)
     alarmed = np.flatnonzero(sig[a:b] > t)
     ax.plot(alarmed, np.full(alarmed.size, len(order) - 0.2), "|", color="tab:red", ms=4)
-    ax.set_xlabel("time (UTC)" if time_unit == "s" else "row")
+    ax.set_xlabel(_time_label(time_unit, zone))
     what = ("|x - x_hat| over its normal size, the {} metrics most above normal" if win.times_normal
             else "per-metric error |x - x_hat|, the {} metrics with the largest error").format(len(order))
     ax.set_title(f"{s.node}: {what} (orange ticks = labelled anomaly, red = alarmed rows)", fontsize=9)
@@ -160,7 +176,7 @@ def overview_grid(sigs: list, th: Thresholds, time_unit: str = "s") -> tuple[np.
     return grid, t0, step
 
 
-def overview(errors: ErrorStore, th: Thresholds, nodes: list[str], time_unit: str = "s") -> str:
+def overview(errors: ErrorStore, th: Thresholds, nodes: list[str], time_unit: str = "s", zone: str = "UTC") -> str:
     """Cluster overview: nodes x time, colour = peak signal / threshold per hour or day (>= 1: alarm);
     per block of rows when the input had no timestamps."""
     sigs = list(errors.signals(nodes))
@@ -183,10 +199,12 @@ def overview(errors: ErrorStore, th: Thresholds, nodes: list[str], time_unit: st
         ax.set_xlabel("row")
         per = f"peak per {step} rows"
     else:
+        from zoneinfo import ZoneInfo
+
         fmt = "%m-%d %H:%M" if step == 3600 else "%Y-%m-%d"
-        ax.set_xticks(ticks, [dt.datetime.fromtimestamp(t0 + int(k) * step, dt.timezone.utc).strftime(fmt)
+        ax.set_xticks(ticks, [dt.datetime.fromtimestamp(t0 + int(k) * step, ZoneInfo(zone)).strftime(fmt)
                               for k in ticks], fontsize=7)
-        per = ("hourly" if step == 3600 else "daily") + " peak, UTC"
+        per = ("hourly" if step == 3600 else "daily") + f" peak, {zone}"
     fig.colorbar(im, ax=ax, label="peak signal / threshold")
     ax.set_title(f"alarms per node over time ({per}; red >= 1 = alarm; white = no data)", fontsize=9)
     return _png(fig)
