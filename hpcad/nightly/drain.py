@@ -7,7 +7,9 @@ confirmed incidents to ``<night>/drain.txt``; only with ``nightly.drain=true`` a
 drained), nodes SLURM already drains or holds down are left alone, and every outcome goes to
 ``<night>/drain.json``. hpcad node names must be SLURM's ``NodeName``s. Undo with
 ``scontrol update NodeName=<node> State=RESUME``: a node put back is not drained again for the same
-incident (a person judged it), only for a new one.
+incident (a person judged it), only for a new one. Only last night (or a later one) drains: a
+backfill or a catch-up of older nights writes their commands but runs none, since SLURM acts on a
+node as it is now, not as it was then.
 """
 from __future__ import annotations
 
@@ -19,9 +21,17 @@ import subprocess
 from pathlib import Path
 
 from hpcad.incidents import OPEN
-from hpcad.nightly.days import published_nights
+from hpcad.nightly.days import published_nights, yesterday
 
 log = logging.getLogger(__name__)
+
+
+def runs_for(day: dt.date, drain_on: bool, timezone: str) -> bool:
+    """Whether the night ``day`` runs its drain commands: ``nightly.drain`` on and ``day`` last night
+    or later in the site's zone (an older night's incidents may be over)."""
+    from zoneinfo import ZoneInfo
+
+    return bool(drain_on) and day >= yesterday(ZoneInfo(timezone))
 
 
 def reason(incident: dict) -> str:

@@ -3,11 +3,12 @@ sections (incidents, drift, light retraining) put before the report's usual ones
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import html
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hpcad.nightly.drain import candidates as drain_candidates
+from hpcad.nightly.drain import candidates as drain_candidates, runs_for
 from hpcad.nightly.days import published_nights
 from hpcad.nightly.drift import level_rows
 from hpcad.incidents import STATES, read_night
@@ -80,7 +81,7 @@ def nightly_sections(iso: str, src: Path, new: list[str], verdicts: list[dict], 
                  f"resolved (repeated alarms on one node with one cause are one incident; docs/operations.md). "
                  f"{len(drain_candidates(incidents, n.drain_after_nights))} confirmed (open for "
                  f"{n.drain_after_nights} nights or more): their SLURM drain commands are in drain.txt"
-                 f"{' and were run (drain.json)' if n.drain else ' (nightly.drain=false: not run)'}.</p>")
+                 f"{_drain_said(iso, n)}.</p>")
     if incidents:
         parts.append(html_table([[i["state"], i["node"], i["cause"], i["first_night"], i["nights"], i["alarms"],
                               f"{i['peak_score']:.4g}", top_names(i["top_metrics"], 3),
@@ -103,3 +104,12 @@ def nightly_sections(iso: str, src: Path, new: list[str], verdicts: list[dict], 
             [[r["node"], r["version"], r["rows"], " ".join(r["days"]), r["valid_from"], r["fit_ms"]] for r in refits],
             ["node", "map version", "rows", "nights", "scores from", "fit ms"]))
     return parts
+
+
+def _drain_said(iso: str, n: NightlyConfig) -> str:
+    """Whether the night's drain commands run (nightly.drain, and only last night's)."""
+    if not n.drain:
+        return " (nightly.drain=false: not run)"
+    if not runs_for(dt.date.fromisoformat(iso), n.drain, n.timezone):
+        return " (an older night: not run; only last night's are)"
+    return " and were run (drain.json)"
