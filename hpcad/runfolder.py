@@ -146,11 +146,12 @@ def inherit_reading(cfg, given: list[str]) -> dict[str, object]:
     if tcfg is None or "data" not in tcfg:
         return {}
     named = {o.split("=", 1)[0].lstrip("+~") for o in given}
+    trained = OmegaConf.to_container(tcfg.data, resolve=True)
     default, taken, kept = DataConfig(), {}, []
     for key in READING_OPTIONS:
-        if key not in tcfg.data:
+        if key not in trained:
             continue  # a training run from before the option
-        theirs, ours = OmegaConf.to_container(tcfg.data, resolve=True)[key], cfg.data[key]
+        theirs, ours = trained[key], cfg.data[key]
         ours = OmegaConf.to_container(ours, resolve=True) if OmegaConf.is_config(ours) else ours
         mine, initial = _plain(ours), _plain(getattr(default, key))
         if _plain(theirs) == mine:

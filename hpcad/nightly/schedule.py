@@ -20,7 +20,7 @@ from hpcad.nightly.outlets import announce
 from hpcad.runfolder import exclusive_lock
 
 if TYPE_CHECKING:
-    from hpcad.config import HpcadConfig
+    from hpcad.config import HpcadConfig, NightlyConfig
 
 log = logging.getLogger(__name__)
 HISTORY_FIELDS = ["run_at", "date", "status", "nodes", "alarms", "new_incidents", "drifted", "light_refits", "notify",
@@ -79,7 +79,7 @@ def run_nightly(cfg: HpcadConfig, run_dir: Path, overrides: list[str] | None = N
     return {"days": results, "out": str(out)}
 
 
-def _catch_up(out: Path, last: dt.date, n) -> list[dt.date]:
+def _catch_up(out: Path, last: dt.date, n: NightlyConfig) -> list[dt.date]:
     """The nights before ``last`` (cron's yesterday) to score first: those of the last
     ``nightly.catch_up_days`` that this output has not published and whose exports are there now,
     oldest first (the lock is held: no other run publishes). Missed nights without exports are
