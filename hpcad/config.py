@@ -78,6 +78,7 @@ class DataConfig:
     # labelled intervals (node,start,end[,class]: an incident list) instead of a label column; every
     # node is then labelled, normal outside its intervals (hpcad/data/labelfile.py)
     labels: Optional[str] = None
+    node_names: Optional[str] = None  # CSV node,name: a telemetry node name -> the name to use (SLURM's NodeName); unlisted names kept
     jobs: Optional[str] = None  # sacct --parsable2 (JobID|NodeList|Start|End|State|User; State, User optional) or CSV: job context
     on_missing_metric: MissingMetric = MissingMetric.union  # a metric some nodes lack: union (absent there) | drop (common set) | error
     scratch_buckets: int = 64  # ldms/long: node buckets of the out-of-core pivot (memory ~ input / buckets)

@@ -123,11 +123,12 @@ def load_run_config(run: Path):
     return OmegaConf.load(p) if p.exists() else None
 
 
-# What an input's timestamps and values mean, as opposed to its layout (format, column names: a
-# wrong one stops the ingest, naming it): read otherwise, naive times shift by the zone's offset and
-# counters or a resampling give the models values they never saw, without an error.
+# What an input's timestamps, values and node names mean, as opposed to its layout (format, column
+# names: a wrong one stops the ingest, naming it): read otherwise, naive times shift by the zone's
+# offset, counters or a resampling give the models values they never saw, and renamed nodes find no
+# model, without an error.
 READING_OPTIONS = ("timezone", "epoch_unit", "dayfirst", "counters", "resample_s", "period_s", "ignore_columns",
-                   "label_names")
+                   "label_names", "node_names")
 
 
 def inherit_reading(cfg, given: list[str]) -> dict[str, object]:

@@ -577,3 +577,35 @@ def test_node_names_of_digits_keep_their_leading_zeros_in_files_of_many_nodes(tm
                                                                                                index=False)
     store = TelemetryStore(ingest(data_cfg(source=str(long), format="long"), tmp_path / "l.h5"))
     assert store.nodes == ["007", "012"]
+
+
+def test_telemetry_node_names_become_slurms_for_jobs_models_and_alarms(tmp_path):
+    """Host names with the domain in the telemetry, SLURM's NodeNames in sacct: data.node_names maps
+    one to the other at ingest, so the job file matches (before: refused as naming none of the
+    nodes) and models, alarms and drain lines carry SLURM's names; two nodes given one name are refused."""
+    d, frames = _export(tmp_path)
+    for name in frames:  # cn000.hpc.example.org.csv, ...
+        (d / f"{name}.csv").rename(d / f"{name}.hpc.example.org.csv")
+    names = tmp_path / "names.csv"
+    names.write_text("node,name\n" + "".join(f"{n}.hpc.example.org,{n}\n" for n in frames))
+    t0 = int(pd.Timestamp(frames["cn000"]["timestamp"].iloc[0]).timestamp())
+    iso = lambda t: pd.Timestamp(t, unit="s").strftime("%Y-%m-%dT%H:%M:%S")
+    jobs = tmp_path / "sacct.txt"
+    jobs.write_text(f"JobID|NodeList|Start|End|State\n41|cn[000-002]|{iso(t0)}|{iso(t0 + 3000)}|COMPLETED\n")
+    run = tmp_path / "run"
+    p = hpcad("run", f"data.source={d}", f"data.jobs={jobs}", f"data.node_names={names}", f"hydra.run.dir={run}",
+              "train.epochs=2", "compute.progress=false", "baselines.methods=[]", "report.enabled=false",
+              "threshold=quantile")
+    assert p.returncode == 0, p.stderr
+    store = TelemetryStore(run / "store.h5")
+    assert store.nodes == ["cn000", "cn001", "cn002"] and (store.read("cn000").job[:10] == 0).all()
+    assert sorted(f.stem for f in (run / "models").glob("*.pt")) == ["cn000", "cn001", "cn002"]
+    p = hpcad("ingest", f"data.source={d}", f"data.jobs={jobs}", f"hydra.run.dir={tmp_path / 'plain'}", check=False)
+    assert p.returncode == 2 and "none of the job file's nodes is in the telemetry" in p.stderr  # without the map
+    assert "data.node_names maps the telemetry's node names to SLURM's" in p.stderr
+    names.write_text("node,name\ncn000.hpc.example.org,cn000\ncn001.hpc.example.org,cn000\n")
+    p = hpcad("ingest", f"data.source={d}", f"data.node_names={names}", f"hydra.run.dir={tmp_path / 'twice'}",
+              check=False)
+    assert p.returncode == 2 and ("'cn000.hpc.example.org' and 'cn001.hpc.example.org' of the telemetry both "
+                                  "become 'cn000'") in p.stderr, p.stderr
+    assert not (tmp_path / "twice" / "store.h5").exists()

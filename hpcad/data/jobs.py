@@ -94,7 +94,8 @@ class JobTable:
         unknown = sorted(set(self.by_node) - known)
         if unknown and len(unknown) == len(self.by_node):
             raise InputError(f"{where}: none of the job file's nodes is in the telemetry (job file: "
-                             f"{unknown[:3]}..., telemetry: {sorted(known)[:3]}...); do the names match?")
+                             f"{unknown[:3]}..., telemetry: {sorted(known)[:3]}...); do the names match? "
+                             f"(data.node_names maps the telemetry's node names to SLURM's)")
         if unknown:
             log.warning("%s: %d node(s) in the job file have no telemetry (ignored), e.g. %s",
                         where, len(unknown), unknown[:5])

@@ -88,7 +88,8 @@ class LabelTable:
         unknown = sorted(set(self.by_node) - known)
         if self.by_node and len(unknown) == len(self.by_node):
             raise InputError(f"{self.path}: none of the labels file's nodes is in the telemetry (labels file: "
-                             f"{unknown[:3]}, telemetry: {sorted(known)[:3]}); do the names match?")
+                             f"{unknown[:3]}, telemetry: {sorted(known)[:3]}); do the names match? "
+                             f"(data.node_names maps the telemetry's node names to SLURM's)")
         if unknown:
             log.warning("%s: %d node(s) in the labels file have no telemetry (their intervals are ignored), e.g. %s",
                         self.path, len(unknown), unknown[:5])
