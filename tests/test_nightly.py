@@ -551,6 +551,13 @@ def test_drift_compares_a_node_with_the_nights_of_the_model_that_scores_it(tmp_p
     # the new model drifting: compared with its own first nights
     v = {x["node"]: x for x in assess(tmp_path, day, [{"node": "a", "level": 7.0, "model": "new"}], 2.0, 1, 3)}
     assert v["a"]["baseline"] == 3.0 and v["a"]["drifted"]
+    # retrained once more tonight: no baseline yet, and the report says why (a new node just has none)
+    v = {x["node"]: x for x in assess(tmp_path, day, [{"node": "a", "level": 3.1, "model": "newer"},
+                                                      {"node": "c", "level": 1.0, "model": "c1"}], 2.0, 1, 3)}
+    assert v["a"]["baseline"] is None and v["a"]["new_model"] and not v["c"]["new_model"]
+    from hpcad.nightly.sections import _no_baseline
+
+    assert _no_baseline(v["a"]) == "no baseline yet (new model)" and _no_baseline(v["c"]) == "no baseline yet"
     # levels.csv written before models were recorded count as tonight's model's
     (tmp_path / "2025-01-11" / "levels.csv").write_text("node,rows,alarmed_rows,level\na,288,0,1.0\n")
     v = assess(tmp_path, day, [{"node": "a", "level": 3.1, "model": "old"}], 2.0, 1, 3)

@@ -69,12 +69,16 @@ def assess(out_root: Path, day: dt.date, today: list[dict], ratio: float, days: 
     nights = published_nights(out_root, before=day.isoformat(), holding="levels.csv")
     model = {rec["node"]: rec.get("model", "") for rec in today}
     base: dict[str, list[float]] = {n: [] for n in model}
+    other: set[str] = set()  # nodes scored by another model on earlier nights (a retraining)
     for d in nights:  # each node's first `reference` nights with tonight's model
         if all(len(b) >= reference for b in base.values()):
             break
         for node, r in level_rows(out_root / d / "levels.csv").items():
-            if node in base and len(base[node]) < reference and _same_model(r, model[node]):
-                base[node].append(_level(r))
+            if node in base and len(base[node]) < reference:
+                if _same_model(r, model[node]):
+                    base[node].append(_level(r))
+                else:
+                    other.add(node)
     recent = [level_rows(out_root / (day - dt.timedelta(days=k)).isoformat() / "levels.csv")
               for k in range(1, max(days, 1))]
     verdicts = []
@@ -82,7 +86,8 @@ def assess(out_root: Path, day: dt.date, today: list[dict], ratio: float, days: 
         node = rec["node"]
         b = [v for v in base[node] if v == v]
         if len(b) < reference or not np.median(b) > 0:
-            verdicts.append({"node": node, "level": rec["level"], "baseline": None, "streak": 0, "drifted": False})
+            verdicts.append({"node": node, "level": rec["level"], "baseline": None, "streak": 0, "drifted": False,
+                             "new_model": node in other})
             continue
         baseline = float(np.median(b))
         streak = 0

@@ -94,7 +94,7 @@ def nightly_sections(iso: str, src: Path, new: list[str], verdicts: list[dict], 
 
     ranked = sorted(((rel(v), v) for v in verdicts), key=lambda rv: 1.0 if rv[0] is None else -rv[0])[:50]
     rows = [[v["node"], v["level"], v["baseline"], r, v["streak"],
-             "DRIFT" if v["drifted"] else ("no baseline yet" if v["baseline"] is None else "")] for r, v in ranked]
+             "DRIFT" if v["drifted"] else (_no_baseline(v) if v["baseline"] is None else "")] for r, v in ranked]
     parts.append(f"<h2>Drift</h2><p>level = the night's median signal_norm; baseline = median level of the node's "
                  f"first {n.drift_reference_nights} nights; drift = level / baseline >= {n.drift_ratio} on "
                  f"{n.drift_days} consecutive nights (docs/operations.md).</p>"
@@ -113,3 +113,8 @@ def _drain_said(iso: str, n: NightlyConfig) -> str:
     if not runs_for(dt.date.fromisoformat(iso), n.drain, n.timezone):
         return " (an older night: not run; only last night's are)"
     return " and were run (drain.json)"
+
+
+def _no_baseline(verdict: dict) -> str:
+    """Why a node has no drift verdict yet: its first nights, or a new model's (a retraining)."""
+    return "no baseline yet (new model)" if verdict.get("new_model") else "no baseline yet"
