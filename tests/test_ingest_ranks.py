@@ -251,3 +251,23 @@ def test_a_tree_of_day_folders_of_node_files_is_read_as_each_nodes_rows_in_time(
     ranks = TelemetryStore(tmp_path / "run" / "store.h5")
     _same(ranks, skip)
     assert sorted(ranks.skipped_files) == skip.skipped_files
+
+
+def test_node_names_are_given_by_every_rank_and_a_name_taken_twice_across_ranks_is_refused(tmp_path):
+    """data.node_names over two ranks: each renames its share of the node files, the store is the
+    renamed cluster; two nodes read by different ranks given one name are refused by rank 0 (each
+    rank alone saw no clash), and no store is written."""
+    d = tmp_path / "exports"
+    d.mkdir()
+    for i in range(4):
+        node_frame(generate_node(f"cn{i:03d}", 120, seed=5)).iloc[:, :12].to_csv(d / f"cn{i:03d}.hpc.org.csv",
+                                                                                  index=False)
+    names = tmp_path / "names.csv"
+    names.write_text("node,name\n" + "".join(f"cn{i:03d}.hpc.org,cn{i:03d}\n" for i in range(4)))
+    rc, out = _mpi_ingest(tmp_path / "run", d, f"data.node_names={names}")
+    assert rc == 0, out[-3000:]
+    assert TelemetryStore(tmp_path / "run" / "store.h5").nodes == ["cn000", "cn001", "cn002", "cn003"]
+    names.write_text("node,name\ncn000.hpc.org,x\ncn001.hpc.org,x\n")  # two ranks' first nodes
+    rc, out = _mpi_ingest(tmp_path / "twice", d, f"data.node_names={names}")
+    assert rc == 2 and any("given to two nodes of the telemetry" in e and ": x" in e for e in _errors(out)), out[-3000:]
+    assert not (tmp_path / "twice" / "store.h5").exists()
