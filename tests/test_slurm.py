@@ -576,8 +576,10 @@ def test_preflight_stops_every_rank_on_an_input_a_rank_cannot_see_or_a_wrong_opt
     said = [ln for ln in gone.stderr.splitlines() if ln.startswith("hpcad preflight: error:")]
     assert gone.returncode == 2 and len(said) == 2, gone.stderr[-3000:]
     # a folder of node files: every rank reads its share of them, so every rank that does not see it says so
-    assert said[0] == ("hpcad preflight: error: preflight: rank 0 on n1: data.source: /nonexistent/exports does not "
-                       "exist; rank 1 on n2: data.source: /nonexistent/exports does not exist")
+    # (on whichever two nodes SLURM gave: other tests' jobs may hold n1)
+    m = re.fullmatch(r"hpcad preflight: error: preflight: rank 0 on (n\d): data\.source: /nonexistent/exports does "
+                     r"not exist; rank 1 on (n\d): data\.source: /nonexistent/exports does not exist", said[0])
+    assert m and m.group(1) != m.group(2), said[0]
     if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
         pytest.skip("unshare -m is not permitted here (it stands in for a second node's local disk)")
     train = tmp_path / "train"
@@ -590,7 +592,8 @@ def test_preflight_stops_every_rank_on_an_input_a_rank_cannot_see_or_a_wrong_opt
                        capture_output=True, text=True, timeout=300)
     said = [ln for ln in p.stderr.splitlines() if ln.startswith("hpcad preflight: error:")]
     assert p.returncode == 2 and len(said) == 2, p.stderr[-3000:]
-    assert f"preflight: rank 1 on n2: train_run={train}: {train / 'models'} does not exist" in said[0]
+    assert re.search(rf"preflight: rank 1 on n\d: train_run={re.escape(str(train))}: "
+                     rf"{re.escape(str(train / 'models'))} does not exist", said[0]), said[0]
     assert "rank 0" not in said[0]  # rank 0 sees it
 
 
