@@ -505,11 +505,19 @@ def test_only_last_nights_drain_commands_run():
     from zoneinfo import ZoneInfo
 
     from hpcad.nightly.days import yesterday
-    from hpcad.nightly.drain import runs_for
+    from hpcad.nightly.drain import last_night
 
     last = yesterday(ZoneInfo("Europe/Rome"))
-    assert runs_for(last, True, "Europe/Rome") and runs_for(last + dt.timedelta(days=1), True, "Europe/Rome")
-    assert not runs_for(last - dt.timedelta(days=1), True, "Europe/Rome") and not runs_for(last, False, "Europe/Rome")
+    assert last_night(last, "Europe/Rome") and last_night(last + dt.timedelta(days=1), "Europe/Rome")
+    assert not last_night(last - dt.timedelta(days=1), "Europe/Rome")
+    from hpcad.config import NightlyConfig
+    from hpcad.nightly.sections import _drain_said
+
+    rome = dict(timezone="Europe/Rome")  # with nightly.drain off, not even last night's run
+    assert _drain_said(last.isoformat(), NightlyConfig(drain=False, **rome)) == " (nightly.drain=false: not run)"
+    assert _drain_said(last.isoformat(), NightlyConfig(drain=True, **rome)) == " and were run (drain.json)"
+    assert _drain_said((last - dt.timedelta(days=1)).isoformat(), NightlyConfig(drain=True, **rome)) == \
+        " (an older night: not run; only last night's are)"
 
 
 def test_drift_is_a_sustained_rise_over_the_nodes_baseline(tmp_path):

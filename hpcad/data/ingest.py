@@ -128,7 +128,7 @@ def check_inputs(data_cfg) -> None:
     """``data.source``, ``data.labels`` and ``data.jobs`` exist on this node (the preflight asks every
     rank that will read them: hpcad/data/ranks.py), else ``InputError`` naming the option."""
     for option, value in (("data.source", data_cfg.source), ("data.labels", data_cfg.labels),
-                          ("data.jobs", data_cfg.jobs), ("data.node_names", getattr(data_cfg, "node_names", None))):
+                          ("data.jobs", data_cfg.jobs), ("data.node_names", data_cfg.node_names)):
         if value is not None and not Path(value).expanduser().exists():
             raise InputError(f"{option}: {Path(value).expanduser().resolve()} does not exist")
 
@@ -199,7 +199,7 @@ def ingest(data_cfg, store_path: Path, progress: bool = True) -> Path:
 def check_tables(nodes: list[str], data_cfg, jobs: JobTable | None, labels: LabelTable | None) -> None:
     """Before a store of ``nodes`` is written (so that a rerun does not find it up to date): a job or
     labels file naming none of them is an error, one naming others is logged."""
-    check_unique(nodes, getattr(data_cfg, "node_names", None))
+    check_unique(nodes, data_cfg.node_names)
     if jobs is not None:
         jobs.check_nodes(nodes, str(jobs_file(data_cfg)))
     if labels is not None:
@@ -288,7 +288,7 @@ def finish_nodes(stream: Iterator[NodeData], metrics: list[str], data_cfg, jobs:
     against its nodes at its end (over ranks: by rank 0 before the index, hpcad/data/ranks.py)."""
     counters = counter_columns(metrics, list(data_cfg.counters))
     period = labels_period(data_cfg)
-    rename = NodeRenamer(getattr(data_cfg, "node_names", None))
+    rename = NodeRenamer(data_cfg.node_names)
     names = []
     for nd in stream:
         nd.name = rename(nd.name)  # SLURM's name where the telemetry's differs: the jobs and labels use it
@@ -336,7 +336,7 @@ def signature(src: Path, jobs: Path | None, data_cfg) -> str:
              json.dumps(opts, sort_keys=True)]
     if data_cfg.labels:  # unset, earlier stores keep their signature
         parts.append(source_signature(Path(data_cfg.labels).expanduser().resolve()))
-    if getattr(data_cfg, "node_names", None):  # unset, earlier stores keep their signature
+    if data_cfg.node_names:  # unset, earlier stores keep their signature
         parts.append("names:" + source_signature(Path(data_cfg.node_names).expanduser().resolve()))
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 

@@ -26,12 +26,12 @@ from hpcad.nightly.days import published_nights, yesterday
 log = logging.getLogger(__name__)
 
 
-def runs_for(day: dt.date, drain_on: bool, timezone: str) -> bool:
-    """Whether the night ``day`` runs its drain commands: ``nightly.drain`` on and ``day`` last night
-    or later in the site's zone (an older night's incidents may be over)."""
+def last_night(day: dt.date, timezone: str) -> bool:
+    """Whether ``day`` is last night or later in the site's zone: the only nights whose drain commands
+    run (``nightly.drain``; an older night's incidents may be over)."""
     from zoneinfo import ZoneInfo
 
-    return bool(drain_on) and day >= yesterday(ZoneInfo(timezone))
+    return day >= yesterday(ZoneInfo(timezone))
 
 
 def reason(incident: dict) -> str:

@@ -237,8 +237,8 @@ def _check_complete(store: TelemetryStore, nodes: list[str], trained: list[str],
     if newest < end - n.max_end_gap_s:
         last = dt.datetime.fromtimestamp(newest, ZoneInfo(n.timezone)).isoformat()
         raise InputError(f"nightly {iso}: partial input: the newest sample in {src} is {last}, more than "
-                         f"{n.max_end_gap_s} s before the day ends (midnight in nightly.timezone={n.timezone}; still being "
-                         f"exported?); nothing changed")
+                         f"{n.max_end_gap_s} s before the day ends (midnight in nightly.timezone={n.timezone}; "
+                         f"still being exported?); nothing changed")
     if outside:
         log.warning("nightly %s: %d rows of %s lie outside the day (%s); they are scored too", iso, outside, src,
                     n.timezone)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hpcad.atomic import write_json
-from hpcad.nightly.drain import drain, drained_before, runs_for
+from hpcad.nightly.drain import drain, drained_before, last_night
 from hpcad.nightly.days import day_bounds, published_nights
 from hpcad.nightly.prometheus import render, write_textfile
 
@@ -29,7 +29,7 @@ def announce(n: NightlyConfig, out: Path, day: dt.date, built) -> dict:
     fresh = [i for i in built.incidents if i["state"] == "new"]
     export_prometheus(n, out, day, built.levels, built.incidents, len(built.new), len(built.silent))
     notified = notify(n, out / iso, iso, fresh) if fresh else ""
-    if built.confirmed and runs_for(day, n.drain, n.timezone):
+    if built.confirmed and n.drain and last_night(day, n.timezone):
         write_json(out / iso / "drain.json", drain(built.confirmed, n.drain_max_nodes,
                                                    before=drained_before(out, day, built.confirmed)))
     elif built.confirmed and n.drain:

@@ -8,7 +8,7 @@ import html
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hpcad.nightly.drain import candidates as drain_candidates, runs_for
+from hpcad.nightly.drain import candidates as drain_candidates, last_night
 from hpcad.nightly.days import published_nights
 from hpcad.nightly.drift import level_rows
 from hpcad.incidents import STATES, read_night
@@ -110,7 +110,7 @@ def _drain_said(iso: str, n: NightlyConfig) -> str:
     """Whether the night's drain commands run (nightly.drain, and only last night's)."""
     if not n.drain:
         return " (nightly.drain=false: not run)"
-    if not runs_for(dt.date.fromisoformat(iso), n.drain, n.timezone):
+    if not last_night(dt.date.fromisoformat(iso), n.timezone):
         return " (an older night: not run; only last night's are)"
     return " and were run (drain.json)"
 

@@ -64,11 +64,13 @@ def in_zone(iso: str, zone: str) -> str:
     import datetime as dt
     from zoneinfo import ZoneInfo
 
+    if zone == "UTC":  # alarms.csv's own zone: every cell as it is
+        return iso
     try:
         t = dt.datetime.fromisoformat(iso)
     except ValueError:
         return iso
-    return t.astimezone(ZoneInfo(zone)).isoformat() if t.tzinfo is not None and zone != "UTC" else iso
+    return t.astimezone(ZoneInfo(zone)).isoformat() if t.tzinfo is not None else iso
 
 
 def top_names(top: list[dict], k: int | None = None) -> str:

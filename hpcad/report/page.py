@@ -196,7 +196,7 @@ def report_zone(cfg: HpcadConfig, site: str | None = None) -> str:
     ``nightly.timezone``), else ``data.timezone`` (where the exports' naive times came from)."""
     from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-    zone = str(cfg.report.get("timezone") or site or cfg.data.timezone)
+    zone = str(cfg.report.timezone or site or cfg.data.timezone)
     try:
         ZoneInfo(zone)
     except (ZoneInfoNotFoundError, ValueError) as exc:
