@@ -61,7 +61,7 @@ def _threshold(cfg: HpcadConfig) -> None:
 
 
 def _report(cfg: HpcadConfig) -> None:
-    from hpcad.report.page import report_zone
+    from hpcad.report.markup import report_zone  # not page: its plots import matplotlib
 
     report_zone(cfg)
 

@@ -4,6 +4,8 @@ otherwise have waited for."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import pytest
 from conftest import SMALL, hpcad
@@ -62,6 +64,21 @@ def test_stages_leave_alone_what_they_do_not_use():
         check_options(cfg, stage)  # the threshold and baselines options are theirs alone
     with pytest.raises(ConfigError, match="threshold.q"):
         check_options(cfg, "threshold")
+
+
+def test_checking_every_stage_s_options_imports_no_plotting_library():
+    """The preflight checks every stage's options on every rank of a job, as its first step: the
+    report's (its time zone) imported matplotlib with the report's page, on every rank (half a
+    second of CPU each here, more where a thousand ranks read it from a shared file system)."""
+    code = ("import sys; from hydra import compose, initialize_config_dir; from hpcad.config import register_configs; "
+            "from hpcad.options import check_options; from hpcad.resources import resource_dir; register_configs()\n"
+            "with initialize_config_dir(str(resource_dir('conf')), version_base='1.3'):\n"
+            "    check_options(compose('config', ['report.timezone=Europe/Rome']), 'preflight', single_process=False)\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib'))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr[-2000:]
+    with pytest.raises(ConfigError, match="report.timezone='Mars/Base': not a time zone name"):
+        check_options(_cfg("report.timezone=Mars/Base"), "preflight")  # still checked there
 
 
 def test_paths_a_stage_reads_are_checked_in_a_single_process(tmp_path):

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import html
 import math
+from typing import TYPE_CHECKING
 
+from hpcad.errors import ConfigError
 from hpcad.threshold.evaluate import top_metrics_of
+
+if TYPE_CHECKING:
+    from hpcad.config import HpcadConfig
 
 
 SORTABLE = """<script>
@@ -71,6 +76,19 @@ def in_zone(iso: str, zone: str) -> str:
     except ValueError:
         return iso
     return t.astimezone(ZoneInfo(zone)).isoformat() if t.tzinfo is not None else iso
+
+
+def report_zone(cfg: HpcadConfig, site: str | None = None) -> str:
+    """The zone a report shows its times in: ``report.timezone``, else ``site`` (the nightly job's
+    ``nightly.timezone``), else ``data.timezone`` (where the exports' naive times came from)."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    zone = str(cfg.report.timezone or site or cfg.data.timezone)
+    try:
+        ZoneInfo(zone)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ConfigError(f"report.timezone={zone!r}: not a time zone name (e.g. Europe/Rome)") from exc
+    return zone
 
 
 def top_names(top: list[dict], k: int | None = None) -> str:

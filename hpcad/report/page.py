@@ -11,12 +11,11 @@ from typing import TYPE_CHECKING
 
 from hpcad.atomic import write_text
 from hpcad.data.store import TelemetryStore, run_store_path
-from hpcad.errors import ConfigError
 from hpcad.errorstore import ErrorStore
 from hpcad.incidents import cause_of
 from hpcad.model.files import untrained_nodes
-from hpcad.report.markup import (alarms_table, fmt, gap_text, html_table, page, sortable_table, telemetry_gaps,
-                                  top_names)
+from hpcad.report.markup import (alarms_table, fmt, gap_text, html_table, page, report_zone, sortable_table,
+                                  telemetry_gaps, top_names)
 from hpcad.report.nodes import node_pages
 from hpcad.report.plots import curves, heatmap, overview, profile_plot, signal_plot
 from hpcad.threshold.evaluate import top_metrics_of
@@ -189,19 +188,6 @@ def write_report(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, models_dir
     out = run_dir / "report.html"
     write_text(out, page(title, parts))
     return out
-
-
-def report_zone(cfg: HpcadConfig, site: str | None = None) -> str:
-    """The zone a report shows its times in: ``report.timezone``, else ``site`` (the nightly job's
-    ``nightly.timezone``), else ``data.timezone`` (where the exports' naive times came from)."""
-    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-    zone = str(cfg.report.timezone or site or cfg.data.timezone)
-    try:
-        ZoneInfo(zone)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
-        raise ConfigError(f"report.timezone={zone!r}: not a time zone name (e.g. Europe/Rome)") from exc
-    return zone
 
 
 def alarmed_nodes(alarms: list[dict], th: Thresholds, link) -> str:
