@@ -223,8 +223,10 @@ def run_stage(stage: str, overrides: list[str]) -> int:
             print(f"hpcad: {run_dir / 'bench.json'}")
         elif stage == "nightly":
             for d in result["days"]:
+                night = Path(result["out"]) / d["date"]
+                page = night / "report.html" if (night / "report.html").exists() else night  # report.enabled=false
                 print(f"hpcad nightly {d['date']}: {d['nodes']} nodes, {d['alarms']} alarms, {d['drifted']} drifted, "
-                      f"{d['light_refits']} light refits -> {Path(result['out']) / d['date'] / 'report.html'}")
+                      f"{d['light_refits']} light refits -> {page}")
         elif stage == "preflight":
             if rank == 0:
                 print("\n".join(result["lines"]))

@@ -267,6 +267,7 @@ class NightlyConfig:
     light_retrain: LightRetrain = LightRetrain.drifted  # drifted | all | off: fit LARA-style light maps after the night
     light_days: int = 3  # days of recent normal rows the light maps are fitted on
     light_ridge: float = 10.0  # ridge strength (per sample) pulling the maps towards "no change"
+    changes: Optional[str] = None  # the site's maintenance log, CSV node,since[,note]: a node changed (repair, new part) settles on a light map fitted on the nights since (hpcad/nightly/changes.py)
     keep_data_days: int = 14  # nights keep store.h5/errors.h5 this long (light retraining reads them);
     #                           alarms, reports, levels and drift stay for good
     slurm: bool = False  # score through sbatch --wait slurm/score_all_nodes.sh instead of in process

@@ -69,6 +69,7 @@ args=(nightly "train_run=$(q "$HPCAD_TRAIN_RUN")" "nightly.input=$(q "$HPCAD_INP
       "compute.progress=false")
 [ -n "$date_spec" ] && args+=("nightly.date=$date_spec")
 [ -n "${HPCAD_JOBS:-}" ] && args+=("nightly.jobs=$(q "$HPCAD_JOBS")")
+[ -n "${HPCAD_CHANGES:-}" ] && args+=("nightly.changes=$(q "$HPCAD_CHANGES")")
 [ "${HPCAD_SLURM:-0}" = 1 ] && args+=("nightly.slurm=true")
 # shellcheck disable=SC2206
 [ -n "${HPCAD_OVERRIDES:-}" ] && args+=($HPCAD_OVERRIDES)

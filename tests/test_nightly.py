@@ -208,6 +208,56 @@ def test_cron_catches_up_the_nights_it_missed_oldest_first(site, tmp_path, monke
     assert "nightly_rescore.sh --from 2025-01-11 --to 2025-01-11" in said
 
 
+def test_a_node_on_the_sites_maintenance_log_settles_on_nights_since_its_change(site, tmp_path):
+    """node0002 got new cooling on 2025-01-10 (its levels shift from then on). Before, its model alarmed
+    on its new normal night after night, each night a new incident (for draining once one stayed open
+    two nights), until drift (3 reference nights, then 3 nights over) refitted a light map on nights
+    on both sides of the change. Listed in nightly.changes, it settles: its alarms are kept but open no
+    incident until a light map fitted on nightly.light_days nights since the change scores it."""
+    changes = tmp_path / "changes.csv"
+    changes.write_text("node,since,note\nnode0002,2025-01-10,new cooling\nnode0009,2025-01-10,\n")
+    out = tmp_path / "nightly"
+    args = [f"train_run={site / 'trainrun'}", f"nightly.input='{site / 'daily'}/{{date}}'", f"nightly.out={out}",
+            "compute.progress=false", f"hydra.run.dir={tmp_path / 'log'}", f"nightly.changes={changes}",
+            "nightly.light_days=2"]
+    p = hpcad("nightly", *args, "nightly.date=2025-01-09..2025-01-10", "report.enabled=false")
+    assert "nightly.changes names 1 node(s) without a trained model: node0009" in p.stdout + p.stderr
+    assert f"light refits -> {out / '2025-01-10'}\n" in p.stdout  # no report.html to point at (report.enabled=false)
+    q = hpcad("nightly", *args, "nightly.date=2025-01-11")
+    said = q.stdout + q.stderr
+    hpcad("nightly", *args, "nightly.date=2025-01-12", "report.enabled=false")
+    days = ["2025-01-09", "2025-01-10", "2025-01-11", "2025-01-12"]
+    alarms = {d: [a for a in json.loads((out / d / "alarms.json").read_text()) if a["node"] == "node0002"] for d in days}
+    inc = {d: [i["state"] for i in json.loads((out / d / "incidents.json").read_text()) if i["node"] == "node0002"]
+           for d in days}
+    light = {d: {r["node"]: r["days"] for r in json.loads((out / d / "light.json").read_text())} for d in days}
+    assert alarms["2025-01-10"] and alarms["2025-01-11"]  # still alarmed, and kept
+    assert all(a["settling"] == {"since": "2025-01-10", "note": "new cooling"}
+               for a in alarms["2025-01-10"] + alarms["2025-01-11"])
+    assert not any("settling" in a for a in alarms["2025-01-09"] + alarms["2025-01-12"])
+    assert inc["2025-01-09"] == ["new"] and inc["2025-01-10"] == ["resolved"] and inc["2025-01-11"] == []
+    # the map fitted on the two nights since the change scores 2025-01-12: the node alarms as any other again
+    assert alarms["2025-01-12"] and inc["2025-01-12"] == ["new"]
+    assert light["2025-01-09"] == {} and light["2025-01-10"] == {"node0002": ["2025-01-10"]}  # never 01-09
+    assert light["2025-01-11"] == {"node0002": ["2025-01-10", "2025-01-11"]} and light["2025-01-12"] == {}
+    import h5py
+
+    with h5py.File(out / "2025-01-12" / "errors.h5") as f:
+        assert f["nodes/node0002"].attrs["light_version"] == 2
+    assert "1 node(s) changed (nightly.changes) settle on a light map" in said and "node0002 (since 2025-01-10: new cooling)" in said
+    report = (out / "2025-01-11" / "report.html").read_text()
+    assert "<h2>Changed nodes (1)</h2>" in report
+    assert ("<td>node0002</td><td>2025-01-10</td><td>new cooling</td><td>settling: its alarms open no incident; light "
+            "map refitted on 2 night(s) since, scores from 2025-01-12</td>") in report
+    # a log the job cannot read stops it before any night, naming the line
+    changes.write_text("node,since\nnode0002,10/01/2025\n")
+    p = hpcad("nightly", *args, "nightly.date=2025-01-13", check=False)
+    assert p.returncode == 2 and f"{changes}, line 2: since='10/01/2025' for node node0002 is not a night as YYYY-MM-DD" in p.stderr
+    p = hpcad("nightly", *args[:-2], f"nightly.changes={tmp_path / 'none.csv'}", "nightly.date=2025-01-13", check=False)
+    assert p.returncode == 2 and "nightly.changes=" in p.stderr and "no such file" in p.stderr
+    assert not (out / "2025-01-13").exists()
+
+
 def test_silent_nodes_and_missing_values_are_telemetry_gaps(site, tmp_path):
     """A node that sends nothing, one whose collector sends rows without values, and one whose
     collector lost two metrics cannot alarm on what is missing. Before, the first went unmentioned

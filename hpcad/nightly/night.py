@@ -34,6 +34,7 @@ from hpcad.incidents import FILE as INCIDENTS
 from hpcad.incidents import incident_of, night_incidents, previous_incidents
 from hpcad.model.light import LIGHT_FOLDER, STAGED, LightMaps
 from hpcad.model.files import UNTRAINED_SUFFIX, model_nodes, model_path, untrained_nodes
+from hpcad.nightly.changes import Change, change_for, read_changes
 from hpcad.nightly.days import day_bounds, input_for
 from hpcad.nightly.refit import light_retrain, recent_nights
 from hpcad.nightly.sections import nightly_sections, node_history, trend
@@ -75,6 +76,21 @@ class Tonight:
         models; written to the former only (the training run stays as trained)."""
         return LightMaps(self.out / LIGHT_FOLDER, self.models_dir)
 
+    @cached_property
+    def changes(self) -> dict[str, list[Change]]:
+        """The site's maintenance log (``nightly.changes``): node -> its changes."""
+        return read_changes(self.cfg.nightly.changes)
+
+    def change(self, node: str) -> Change | None:
+        """The node's latest change on or before tonight."""
+        return change_for(self.changes, node, self.iso)
+
+    def settling(self, nodes: list[str]) -> dict[str, Change]:
+        """The nodes changed on or before tonight that no light map fitted since the change scores yet:
+        their alarms open no incident (hpcad.nightly.changes)."""
+        return {node: c for node in nodes if (c := self.change(node))
+                and not c.settled_by(self.maps.for_night(node, self.iso), self.cfg.nightly.light_days)}
+
 
 @dataclass
 class Built:
@@ -90,6 +106,7 @@ class Built:
     drifted: list[str]
     refits: list[dict]
     silent: list[str] = field(default_factory=list)  # trained nodes without a row tonight
+    settling: dict[str, Change] = field(default_factory=dict)  # changed nodes whose alarms open no incident
 
 
 def build_night(cfg: HpcadConfig, day: dt.date, src: Path, out: Path, tmp: Path, train_run: Path,
@@ -97,15 +114,21 @@ def build_night(cfg: HpcadConfig, day: dt.date, src: Path, out: Path, tmp: Path,
     """Steps 1-5 of the module docstring of hpcad.nightly, written into the scratch folder ``tmp``."""
     n = cfg.nightly
     t = Tonight(cfg, _day_cfg(cfg, src, _jobs_file(n, day)), day, out, tmp, train_run, src)
+    t.changes  # a bad maintenance log stops the night before its ingest
     store, nodes, new, silent = _ingest(t)
+    unknown = sorted(set(t.changes) - set(nodes) - set(silent))
+    if unknown:
+        log.warning("nightly %s: nightly.changes names %d node(s) without a trained model: %s (the names the "
+                    "models carry: SLURM's, after data.node_names)", t.iso, len(unknown), ", ".join(unknown[:10]))
     th = Thresholds.load(train_run / "thresholds.json")  # read once: the night's signal must match it
     fitted = signal_choice.from_details(th.details)
     errors = _score(t, store, nodes, overrides, fitted)
     signal_choice.check_applies(fitted, errors.recipe, train_run / "thresholds.json", errors.path)
     th.save(tmp / "thresholds.json")
     signals = list(errors.signals())  # alarms, evaluation and drift all read them
-    records, incidents, confirmed = _alarms(t, store, errors, th, signals)
-    levels, verdicts, drifted, refits = _drift_and_light(t, errors, th, signals)
+    settling = t.settling(list(errors.nodes))
+    records, incidents, confirmed = _alarms(t, store, errors, th, signals, settling)
+    levels, verdicts, drifted, refits = _drift_and_light(t, errors, th, signals, settling)
     max_share = cfg.report.max_missing_share
     gaps = telemetry_gaps(levels, max_share)
     if gaps:
@@ -117,11 +140,11 @@ def build_night(cfg: HpcadConfig, day: dt.date, src: Path, out: Path, tmp: Path,
         write_report(t.dcfg, tmp, errors, t.models_dir, title=f"hpcad nightly {t.iso}",
                      extra=nightly_sections(t.iso, src, new, verdicts, refits, n, incidents,
                                             trend(out, t.iso, len(nodes), len(records), incidents), silent, gaps,
-                                            max_share),
+                                            max_share, _changes_seen(t, nodes, settling, refits)),
                      folder=out / t.iso,
                      node_history=node_history(out, t.iso, levels, incidents, {r["node"] for r in records}),
                      node_summary=False, zone=n.timezone)  # the Incidents section is the night's node view
-    return Built(src, nodes, new, records, incidents, confirmed, levels, drifted, refits, silent)
+    return Built(src, nodes, new, records, incidents, confirmed, levels, drifted, refits, silent, settling)
 
 
 def _jobs_file(n: NightlyConfig, day: dt.date) -> Path | None:
@@ -173,8 +196,10 @@ def _score(t: Tonight, store: TelemetryStore, nodes: list[str], overrides: list[
     return ErrorStore(t.tmp / "errors.h5")
 
 
-def _alarms(t: Tonight, store: TelemetryStore, errors: ErrorStore, th: Thresholds, signals: list):
-    """Step 3: alarms (csv, json, jsonl), incidents across nights, drain candidates, metrics when labelled."""
+def _alarms(t: Tonight, store: TelemetryStore, errors: ErrorStore, th: Thresholds, signals: list,
+            settling: dict[str, Change]):
+    """Step 3: alarms (csv, json, jsonl), incidents across nights (not of the ``settling`` nodes'
+    alarms), drain candidates, metrics when labelled."""
     from hpcad.config import build
 
     n, tmp = t.cfg.nightly, t.tmp
@@ -182,8 +207,18 @@ def _alarms(t: Tonight, store: TelemetryStore, errors: ErrorStore, th: Threshold
     records, metrics = apply_thresholds(errors, th, cm, t.cfg.report.top_k, "s", store.jobs(), tmp / "alarms.csv",
                                         signals=lambda: iter(signals))
     alarms = [alarm_record(r) for r in records]
+    for a in alarms:
+        if a["node"] in settling:
+            a["settling"] = {"since": settling[a["node"]].since, "note": settling[a["node"]].note}
+    if settling:
+        held = sum("settling" in a for a in alarms)
+        log.warning("nightly %s: %d node(s) changed (nightly.changes) settle on a light map fitted on the nights "
+                    "since the change; their %d alarm(s) tonight open no incident: %s", t.iso, len(settling), held,
+                    ", ".join(f"{c.node} (since {c.since}{': ' + c.note if c.note else ''})"
+                              for c in list(settling.values())[:10]))
     write_json(tmp / "alarms.json", alarms)
-    incidents = night_incidents(t.day, alarms, previous_incidents(t.out, t.day, n.incident_gap_days))
+    incidents = night_incidents(t.day, [a for a in alarms if "settling" not in a],
+                                previous_incidents(t.out, t.day, n.incident_gap_days))
     write_json(tmp / INCIDENTS, incidents)
     _write_jsonl(tmp / "alarms.jsonl", t.iso, alarms, incidents)
     confirmed = drain_candidates(incidents, n.drain_after_nights)
@@ -194,8 +229,10 @@ def _alarms(t: Tonight, store: TelemetryStore, errors: ErrorStore, th: Threshold
     return records, incidents, confirmed
 
 
-def _drift_and_light(t: Tonight, errors: ErrorStore, th: Thresholds, signals: list):
-    """Step 4: tonight's levels and drift verdicts; light maps refitted for the nodes asked for."""
+def _drift_and_light(t: Tonight, errors: ErrorStore, th: Thresholds, signals: list, settling: dict[str, Change]):
+    """Step 4: tonight's levels and drift verdicts; light maps refitted for the nodes asked for, and for
+    the nodes changed on one of the last ``nightly.light_days`` nights (hpcad.nightly.changes), each
+    on its nights since its change only."""
     n, tmp = t.cfg.nightly, t.tmp
     levels = [{**lv, "model": t.maps.digest(lv["node"])}  # drift compares nights of one model (drift.assess)
               for lv in night_levels(signals, th, errors.missing, errors.lost)]
@@ -207,10 +244,41 @@ def _drift_and_light(t: Tonight, errors: ErrorStore, th: Thresholds, signals: li
     targets = {"drifted": drifted, "all": list(errors.nodes), "off": []}.get(n.light_retrain)
     if targets is None:
         raise ConfigError(f"nightly.light_retrain={n.light_retrain!r}: drifted, all or off")
+    targets = targets + [node for node in errors.nodes if node not in targets and _refits_for_change(t, node, settling)]
     nights = recent_nights(t.day, t.out, tmp, n.light_days) if targets else []
-    refits = [r for r in (light_retrain(t.cfg, node, t.day, nights, t.maps, tmp / STAGED) for node in targets) if r]
+    refits = [r for r in (light_retrain(t.cfg, node, t.day, _since_change(t, node, nights), t.maps, tmp / STAGED)
+                          for node in targets) if r]
     write_json(tmp / "light.json", refits)
     return levels, verdicts, drifted, refits
+
+
+def _refits_for_change(t: Tonight, node: str, settling: dict[str, Change]) -> bool:
+    """Settling, or changed on one of the last ``nightly.light_days`` nights: the map is refitted on
+    more of the nights since the change each night until it has that many."""
+    c = t.change(node)
+    return node in settling or (c is not None and
+                                (t.day - dt.date.fromisoformat(c.since)).days < t.cfg.nightly.light_days)
+
+
+def _since_change(t: Tonight, node: str, nights: list) -> list:
+    """The nights a node's light map may be fitted on: those since its latest change (all without one)."""
+    c = t.change(node)
+    return nights if c is None else [x for x in nights if x[0] >= c.since]
+
+
+def _changes_seen(t: Tonight, nodes: list[str], settling: dict[str, Change], refits: list[dict]) -> list[list]:
+    """The report's rows for the nodes changed recently: node, since, note, what tonight did."""
+    refit = {r["node"]: r for r in refits}
+    rows = []
+    for node in nodes:
+        c = t.change(node)
+        if c is None or not (node in settling or node in refit):
+            continue
+        state = "settling: its alarms open no incident" if node in settling else "settled"
+        if node in refit:
+            state += f"; light map refitted on {len(refit[node]['days'])} night(s) since, scores from {refit[node]['valid_from']}"
+        rows.append([node, c.since, c.note, state])
+    return rows
 
 
 def _write_jsonl(path: Path, iso: str, alarms: list[dict], incidents: list[dict]) -> None:

@@ -56,7 +56,8 @@ def node_history(out: Path, iso: str, levels: list[dict], incidents: list[dict],
 
 def nightly_sections(iso: str, src: Path, new: list[str], verdicts: list[dict], refits: list[dict], n: NightlyConfig,
                       incidents: list[dict], trend: list[list] | None = None, silent: list[str] | None = None,
-                      gaps: list[dict] | None = None, max_share: float = 0.5) -> list[str]:
+                      gaps: list[dict] | None = None, max_share: float = 0.5,
+                      changes: list[list] | None = None) -> list[str]:
     from hpcad.report.markup import gap_text, html_table, top_names
     from hpcad.report.plots import trend_plot
 
@@ -76,6 +77,12 @@ def nightly_sections(iso: str, src: Path, new: list[str], verdicts: list[dict], 
                      f"A model sees no error where it sees no value: these nodes cannot alarm on what is missing. "
                      f"Check the node and its collector.</p>"
                      + html_table(rows[:500], ["node", "gap", "rows tonight"]))
+    if changes:
+        parts.append(f"<h2>Changed nodes ({len(changes)})</h2><p>Nodes the site's maintenance log "
+                     f"(<code>nightly.changes</code>) says changed on or before tonight: each settles on a light map "
+                     f"fitted on its nights since the change only; until one scores it, its alarms are listed but "
+                     f"open no incident (nothing drained or notified for them). docs/operations.md.</p>"
+                     + html_table(changes, ["node", "since", "note", "tonight"]))
     counts = {st: sum(i["state"] == st for i in incidents) for st in STATES}
     parts.append(f"<h2>Incidents</h2><p>{counts['new']} new, {counts['ongoing']} ongoing, {counts['resolved']} "
                  f"resolved (repeated alarms on one node with one cause are one incident; docs/operations.md). "
