@@ -278,6 +278,8 @@ class NightlyConfig:
     drain: bool = False  # run drain.txt's `scontrol update ... State=DRAIN` lines (false: only write them)
     drain_after_nights: int = 2  # an incident open this many nights is confirmed (drain.txt)
     drain_max_nodes: int = 5  # at most this many nodes drained per night (highest peaks first)
+    event_share: float = 0.25  # a cluster-wide event: this share of the scored nodes alarmed in one hour... (0: off)
+    event_min_nodes: int = 5  # ...and at least this many; their alarms open no node incident (hpcad/nightly/events.py)
     # The scoring job's size (nightly.slurm): a night of 5-minute rows scores in minutes on CPUs
     job_tasks: int = 1  # ranks, each scoring a share of the nodes
     job_gpus_per_node: int = 0

@@ -5,6 +5,7 @@ import json
 from prometheus_client.parser import text_string_to_metric_families
 
 from hpcad.incidents import FILE, night_incidents, previous_incidents
+from hpcad.nightly.events import cluster_events, mark
 from hpcad.nightly.prometheus import render, write_textfile
 
 D = dt.date(2025, 3, 1)
@@ -62,5 +63,38 @@ def test_prometheus_textfile_parses_and_escapes_node_names(tmp_path):
     assert val[("hpcad_nightly_incidents", (("state", "new"),))] == 1
     assert val[("hpcad_nightly_nodes", (("outcome", "without_model"),))] == 3
     assert val[("hpcad_nightly_night_timestamp_seconds", ())] == 1_740_787_200
+    assert val[("hpcad_nightly_cluster_events", ())] == 0 and val[("hpcad_nightly_cluster_event_nodes", ())] == 0
     assert all(f.type == "gauge" and f.documentation for f in fams.values())
     assert oct(path.stat().st_mode & 0o777) != oct(0o600) and not list(path.parent.glob("*.tmp"))
+
+
+def timed(node: str, metric: str, start: str, end: str, jobs=()) -> dict:
+    return {**alarm(node, metric, jobs=jobs), "start": f"2025-03-01T{start}:00+00:00", "end": f"2025-03-01T{end}:00+00:00"}
+
+
+def test_many_nodes_alarmed_in_the_same_hours_are_one_cluster_wide_event_not_node_incidents(tmp_path):
+    """A machine-room cooling fault from 02:10 to 03:40 alarms 6 of 20 nodes (4 of them in job 77); n9 has
+    its own long alarm that touches those hours; n1's temperature incident was open the night before."""
+    shared = [timed(f"n{i}", "temp_cpu", "02:10", "03:40", jobs=["77"] if i < 4 else []) for i in range(6)]
+    own = timed("n9", "ips_p0_1", "00:30", "23:00")
+    alarms = [*shared, own]
+    events = cluster_events(alarms, scored=20, share=0.25, min_nodes=5)
+    assert [(e["start"], e["end"], e["nodes"], e["peak_nodes"], e["alarms"]) for e in events] == [
+        ("2025-03-01T02:00:00+00:00", "2025-03-01T04:00:00+00:00", 7, 7, 6)]  # n9 counted, its alarm not inside
+    assert events[0]["causes"] == {"temp": 6} and events[0]["jobs"] == {"77": 4} and events[0]["share"] == 0.35
+    before = night_incidents(D - dt.timedelta(days=1), [alarm("n1", "temp_gpu")], [])
+    mark(alarms, events, before)
+    held = [a["node"] for a in alarms if a.get("cluster_event") == "cluster/2025-03-01T02:00:00+00:00"]
+    assert held == ["n0", "n2", "n3", "n4", "n5"]  # n1's incident goes on; n9's alarm is its own
+    inc = night_incidents(D, [a for a in alarms if "cluster_event" not in a], before)
+    assert [(i["node"], i["cause"], i["state"]) for i in inc] == [("n9", "ips", "new"), ("n1", "temp", "ongoing")]
+    # fewer nodes than event_min_nodes, fewer than event_share, or turned off: no event
+    assert cluster_events(alarms, scored=20, share=0.25, min_nodes=8) == []
+    assert cluster_events(alarms, scored=40, share=0.25, min_nodes=5) == []
+    assert cluster_events(alarms, scored=20, share=0, min_nodes=5) == []
+    # two hot stretches are two events; the gauges say how many and the largest
+    later = [timed(f"n{i}", "pow_node", "20:05", "20:50") for i in range(10, 16)]
+    events = cluster_events([*alarms, *later], scored=20, share=0.25, min_nodes=5)
+    assert [e["start"][11:16] for e in events] == ["02:00", "20:00"] and [e["nodes"] for e in events] == [7, 7]
+    text = render([], [], night_start=1_740_787_200, unscored=0, finished=1.0, events=events)
+    assert "hpcad_nightly_cluster_events 2" in text and "hpcad_nightly_cluster_event_nodes 7" in text

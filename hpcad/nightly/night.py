@@ -36,6 +36,7 @@ from hpcad.model.light import LIGHT_FOLDER, STAGED, LightMaps
 from hpcad.model.files import UNTRAINED_SUFFIX, model_nodes, model_path, untrained_nodes
 from hpcad.nightly.changes import Change, change_for, read_changes
 from hpcad.nightly.days import day_bounds, input_for
+from hpcad.nightly.events import cluster_events, mark
 from hpcad.nightly.refit import light_retrain, recent_nights
 from hpcad.nightly.sections import nightly_sections, node_history, trend
 from hpcad.report.markup import gap_text, telemetry_gaps
@@ -107,6 +108,7 @@ class Built:
     refits: list[dict]
     silent: list[str] = field(default_factory=list)  # trained nodes without a row tonight
     settling: dict[str, Change] = field(default_factory=dict)  # changed nodes whose alarms open no incident
+    events: list[dict] = field(default_factory=list)  # cluster-wide events (hpcad.nightly.events)
 
 
 def build_night(cfg: HpcadConfig, day: dt.date, src: Path, out: Path, tmp: Path, train_run: Path,
@@ -127,7 +129,7 @@ def build_night(cfg: HpcadConfig, day: dt.date, src: Path, out: Path, tmp: Path,
     th.save(tmp / "thresholds.json")
     signals = list(errors.signals())  # alarms, evaluation and drift all read them
     settling = t.settling(list(errors.nodes))
-    records, incidents, confirmed = _alarms(t, store, errors, th, signals, settling)
+    records, incidents, confirmed, events = _alarms(t, store, errors, th, signals, settling)
     levels, verdicts, drifted, refits = _drift_and_light(t, errors, th, signals, settling)
     max_share = cfg.report.max_missing_share
     gaps = telemetry_gaps(levels, max_share)
@@ -140,11 +142,11 @@ def build_night(cfg: HpcadConfig, day: dt.date, src: Path, out: Path, tmp: Path,
         write_report(t.dcfg, tmp, errors, t.models_dir, title=f"hpcad nightly {t.iso}",
                      extra=nightly_sections(t.iso, src, new, verdicts, refits, n, incidents,
                                             trend(out, t.iso, len(nodes), len(records), incidents), silent, gaps,
-                                            max_share, _changes_seen(t, nodes, settling, refits)),
+                                            max_share, _changes_seen(t, nodes, settling, refits), events),
                      folder=out / t.iso,
                      node_history=node_history(out, t.iso, levels, incidents, {r["node"] for r in records}),
                      node_summary=False, zone=n.timezone)  # the Incidents section is the night's node view
-    return Built(src, nodes, new, records, incidents, confirmed, levels, drifted, refits, silent, settling)
+    return Built(src, nodes, new, records, incidents, confirmed, levels, drifted, refits, silent, settling, events)
 
 
 def _jobs_file(n: NightlyConfig, day: dt.date) -> Path | None:
@@ -198,8 +200,8 @@ def _score(t: Tonight, store: TelemetryStore, nodes: list[str], overrides: list[
 
 def _alarms(t: Tonight, store: TelemetryStore, errors: ErrorStore, th: Thresholds, signals: list,
             settling: dict[str, Change]):
-    """Step 3: alarms (csv, json, jsonl), incidents across nights (not of the ``settling`` nodes'
-    alarms), drain candidates, metrics when labelled."""
+    """Step 3: alarms (csv, json, jsonl), cluster-wide events, incidents across nights (not of the
+    ``settling`` nodes' alarms, nor of alarms within an event), drain candidates, metrics when labelled."""
     from hpcad.config import build
 
     n, tmp = t.cfg.nightly, t.tmp
@@ -216,9 +218,18 @@ def _alarms(t: Tonight, store: TelemetryStore, errors: ErrorStore, th: Threshold
                     "since the change; their %d alarm(s) tonight open no incident: %s", t.iso, len(settling), held,
                     ", ".join(f"{c.node} (since {c.since}{': ' + c.note if c.note else ''})"
                               for c in list(settling.values())[:10]))
+    previous = previous_incidents(t.out, t.day, n.incident_gap_days)
+    events = cluster_events([a for a in alarms if "settling" not in a], len(errors.nodes), n.event_share,
+                            n.event_min_nodes)
+    mark(alarms, events, previous)
+    for e in events:
+        log.warning("nightly %s: cluster-wide event %s to %s: %d of %d scored nodes alarmed (causes: %s); their "
+                    "alarms within it open no node incident (nightly.event_share=%s)", t.iso, e["start"], e["end"],
+                    e["nodes"], e["scored"], ", ".join(f"{c} {k}" for c, k in e["causes"].items()), n.event_share)
+    write_json(tmp / "events.json", events)
     write_json(tmp / "alarms.json", alarms)
-    incidents = night_incidents(t.day, [a for a in alarms if "settling" not in a],
-                                previous_incidents(t.out, t.day, n.incident_gap_days))
+    incidents = night_incidents(t.day, [a for a in alarms if "settling" not in a and "cluster_event" not in a],
+                                previous)
     write_json(tmp / INCIDENTS, incidents)
     _write_jsonl(tmp / "alarms.jsonl", t.iso, alarms, incidents)
     confirmed = drain_candidates(incidents, n.drain_after_nights)
@@ -226,7 +237,7 @@ def _alarms(t: Tonight, store: TelemetryStore, errors: ErrorStore, th: Threshold
     if metrics["labelled"]:
         write_json(tmp / "metrics.json", {"detector": "autoencoder", "cost_model": vars(cm), "splits":
                                           metrics["splits"], "class_profiles": class_profiles(errors)})
-    return records, incidents, confirmed
+    return records, incidents, confirmed, events
 
 
 def _drift_and_light(t: Tonight, errors: ErrorStore, th: Thresholds, signals: list, settling: dict[str, Change]):
@@ -285,7 +296,8 @@ def _write_jsonl(path: Path, iso: str, alarms: list[dict], incidents: list[dict]
     """One JSON object per alarm and line (log shippers read it as it is), with its incident."""
     with atomic_path(path) as tmp, open(tmp, "w") as fh:
         for a in alarms:
-            inc = incident_of(a, incidents)
+            held = "settling" in a or "cluster_event" in a  # opened no incident
+            inc = None if held else incident_of(a, incidents)
             fh.write(json.dumps({"night": iso, **a, "incident": inc["id"] if inc else None,
                                  "incident_state": inc["state"] if inc else None}) + "\n")
 

@@ -1,5 +1,6 @@
 """What the nightly job hands to the site's tools after a night is published: the Prometheus
-textfile (newest night only), the ``nightly.notify`` command (new incidents), drain commands."""
+textfile (newest night only), the ``nightly.notify`` command (new incidents or a cluster-wide
+event), drain commands."""
 from __future__ import annotations
 
 import datetime as dt
@@ -24,11 +25,12 @@ log = logging.getLogger(__name__)
 
 def announce(n: NightlyConfig, out: Path, day: dt.date, built) -> dict:
     """Step 6, once the night is published: the Prometheus file, ``nightly.notify`` for new
-    incidents, drain commands run when ``nightly.drain``; returns the night's history fields."""
+    incidents or cluster-wide events, drain commands run when ``nightly.drain``; returns the night's
+    history fields."""
     iso = day.isoformat()
     fresh = [i for i in built.incidents if i["state"] == "new"]
-    export_prometheus(n, out, day, built.levels, built.incidents, len(built.new), len(built.silent))
-    notified = notify(n, out / iso, iso, fresh) if fresh else ""
+    export_prometheus(n, out, day, built.levels, built.incidents, len(built.new), len(built.silent), built.events)
+    notified = notify(n, out / iso, iso, fresh, built.events) if fresh or built.events else ""
     if built.confirmed and n.drain and last_night(day, n.timezone):
         write_json(out / iso / "drain.json", drain(built.confirmed, n.drain_max_nodes,
                                                    before=drained_before(out, day, built.confirmed)))
@@ -41,23 +43,27 @@ def announce(n: NightlyConfig, out: Path, day: dt.date, built) -> dict:
 
 
 def export_prometheus(n: NightlyConfig, out: Path, day: dt.date, levels: list[dict], incidents: list[dict],
-                      unscored: int, silent: int = 0) -> None:
+                      unscored: int, silent: int = 0, events: list[dict] | None = None) -> None:
     """The textfile (``nightly.prometheus``, default ``<out>/hpcad.prom``) for the newest night only."""
     newest = max(published_nights(out), default="")
     if day.isoformat() < newest:
         log.info("nightly %s: not the newest night (%s); %s left as it is", day, newest, n.prometheus or "hpcad.prom")
         return
     path = Path(n.prometheus).expanduser() if n.prometheus else out / "hpcad.prom"
-    write_textfile(path, render(levels, incidents, day_bounds(day, n.timezone)[0], unscored, silent=silent))
+    write_textfile(path, render(levels, incidents, day_bounds(day, n.timezone)[0], unscored, silent=silent,
+                                events=events))
 
 
-def notify(n: NightlyConfig, night_dir: Path, iso: str, fresh: list[dict]) -> str:
-    """Run ``nightly.notify`` with the night's ``alarms.jsonl`` as its last argument. Returns "ok",
-    "failed" or "" (not configured); the outcome is kept in ``<night>/notify.json``."""
+def notify(n: NightlyConfig, night_dir: Path, iso: str, fresh: list[dict], events: list[dict] | None = None) -> str:
+    """Run ``nightly.notify`` with the night's ``alarms.jsonl`` as its last argument (``HPCAD_NEW_INCIDENTS``
+    and ``HPCAD_CLUSTER_EVENTS`` count them; ``events.json`` beside it). Returns "ok", "failed" or ""
+    (not configured); the outcome is kept in ``<night>/notify.json``."""
+    events = events or []
     if not n.notify:
         return ""
     cmd = [*shlex.split(n.notify), str(night_dir / "alarms.jsonl")]
-    env = dict(os.environ, HPCAD_NIGHT=iso, HPCAD_NIGHT_DIR=str(night_dir), HPCAD_NEW_INCIDENTS=str(len(fresh)))
+    env = dict(os.environ, HPCAD_NIGHT=iso, HPCAD_NIGHT_DIR=str(night_dir), HPCAD_NEW_INCIDENTS=str(len(fresh)),
+               HPCAD_CLUSTER_EVENTS=str(len(events)))
     t0 = time.time()
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=n.notify_timeout_s)
@@ -65,9 +71,10 @@ def notify(n: NightlyConfig, night_dir: Path, iso: str, fresh: list[dict]) -> st
     except (OSError, subprocess.TimeoutExpired) as exc:
         ok, detail = False, f"{type(exc).__name__}: {exc}"
     write_json(night_dir / "notify.json", {"command": cmd, "ok": ok, "detail": detail, "new_incidents": len(fresh),
-                                          "seconds": round(time.time() - t0, 2)})
+                                          "cluster_events": len(events), "seconds": round(time.time() - t0, 2)})
     if ok:
-        log.info("nightly %s: notified (%d new incidents): %s", iso, len(fresh), " ".join(cmd))
+        log.info("nightly %s: notified (%d new incidents, %d cluster-wide events): %s", iso, len(fresh), len(events),
+                 " ".join(cmd))
     else:
         log.warning("nightly %s: nightly.notify failed (%s); the night's outputs are complete", iso, detail)
     return "ok" if ok else "failed"

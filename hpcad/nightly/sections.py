@@ -57,8 +57,8 @@ def node_history(out: Path, iso: str, levels: list[dict], incidents: list[dict],
 def nightly_sections(iso: str, src: Path, new: list[str], verdicts: list[dict], refits: list[dict], n: NightlyConfig,
                       incidents: list[dict], trend: list[list] | None = None, silent: list[str] | None = None,
                       gaps: list[dict] | None = None, max_share: float = 0.5,
-                      changes: list[list] | None = None) -> list[str]:
-    from hpcad.report.markup import gap_text, html_table, top_names
+                      changes: list[list] | None = None, events: list[dict] | None = None) -> list[str]:
+    from hpcad.report.markup import gap_text, html_table, in_zone, top_names
     from hpcad.report.plots import trend_plot
 
     parts = [f"<p>night {iso} (site time zone {html.escape(n.timezone)}); input <code>{html.escape(str(src))}</code>.</p>"]
@@ -83,6 +83,21 @@ def nightly_sections(iso: str, src: Path, new: list[str], verdicts: list[dict], 
                      f"fitted on its nights since the change only; until one scores it, its alarms are listed but "
                      f"open no incident (nothing drained or notified for them). docs/operations.md.</p>"
                      + html_table(changes, ["node", "since", "note", "tonight"]))
+    if events:
+        parts.append(f"<h2>Cluster-wide events ({len(events)})</h2><p>Hours in which at least "
+                     f"{n.event_share:.0%} of the scored nodes (and {n.event_min_nodes} or more) alarmed "
+                     f"(<code>nightly.event_share</code>): a cause they share (machine-room cooling or power, a "
+                     f"software or firmware roll-out, a job over many nodes, the telemetry pipeline) rather than "
+                     f"as many node faults. Alarms within an event open no node incident (nothing is drained for "
+                     f"them), except on nodes whose incident of the same cause was already open. "
+                     f"docs/operations.md.</p>"
+                     + html_table([[in_zone(e["start"], n.timezone), in_zone(e["end"], n.timezone),
+                                    f"{e['nodes']} of {e['scored']} ({e['share']:.0%})",
+                                    e["alarms"], ", ".join(f"{c} ({k})" for c, k in e["causes"].items()),
+                                    ", ".join(f"{j} ({k} nodes)" for j, k in e["jobs"].items()),
+                                    " ".join(e["node_list"][:30]) + (" ..." if e["nodes"] > 30 else "")]
+                                   for e in events],
+                                  ["start", "end", "nodes alarmed", "alarms", "causes", "shared jobs", "nodes"]))
     counts = {st: sum(i["state"] == st for i in incidents) for st in STATES}
     parts.append(f"<h2>Incidents</h2><p>{counts['new']} new, {counts['ongoing']} ongoing, {counts['resolved']} "
                  f"resolved (repeated alarms on one node with one cause are one incident; docs/operations.md). "
