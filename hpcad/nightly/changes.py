@@ -80,6 +80,17 @@ def read_changes(path: str | Path | None) -> dict[str, list[Change]]:
     return {node: sorted(cs, key=lambda c: c.since) for node, cs in out.items()}
 
 
+def hold(alarms: list[dict], settling: dict[str, Change]) -> int:
+    """Mark the ``settling`` nodes' alarms (``settling``: since, note); returns how many."""
+    held = 0
+    for a in alarms:
+        c = settling.get(a["node"])
+        if c is not None:
+            a["settling"] = {"since": c.since, "note": c.note}
+            held += 1
+    return held
+
+
 def change_for(changes: dict[str, list[Change]], node: str, night: str) -> Change | None:
     """The node's latest change on or before ``night`` (YYYY-MM-DD), if any."""
     mine = [c for c in changes.get(node, ()) if c.since <= night]

@@ -34,7 +34,7 @@ from hpcad.incidents import FILE as INCIDENTS
 from hpcad.incidents import incident_of, night_incidents, previous_incidents
 from hpcad.model.light import LIGHT_FOLDER, STAGED, LightMaps
 from hpcad.model.files import UNTRAINED_SUFFIX, model_nodes, model_path, untrained_nodes
-from hpcad.nightly.changes import Change, change_for, read_changes
+from hpcad.nightly.changes import Change, change_for, hold, read_changes
 from hpcad.nightly.days import day_bounds, input_for
 from hpcad.nightly.events import cluster_events, mark
 from hpcad.nightly.refit import light_retrain, recent_nights
@@ -209,11 +209,8 @@ def _alarms(t: Tonight, store: TelemetryStore, errors: ErrorStore, th: Threshold
     records, metrics = apply_thresholds(errors, th, cm, t.cfg.report.top_k, "s", store.jobs(), tmp / "alarms.csv",
                                         signals=lambda: iter(signals))
     alarms = [alarm_record(r) for r in records]
-    for a in alarms:
-        if a["node"] in settling:
-            a["settling"] = {"since": settling[a["node"]].since, "note": settling[a["node"]].note}
+    held = hold(alarms, settling)
     if settling:
-        held = sum("settling" in a for a in alarms)
         log.warning("nightly %s: %d node(s) changed (nightly.changes) settle on a light map fitted on the nights "
                     "since the change; their %d alarm(s) tonight open no incident: %s", t.iso, len(settling), held,
                     ", ".join(f"{c.node} (since {c.since}{': ' + c.note if c.note else ''})"
