@@ -280,6 +280,7 @@ class NightlyConfig:
     drain_max_nodes: int = 5  # at most this many nodes drained per night (highest peaks first)
     event_share: float = 0.25  # a cluster-wide event: this share of the scored nodes alarmed in one hour... (0: off)
     event_min_nodes: int = 5  # ...and at least this many; their alarms open no node incident (hpcad/nightly/events.py)
+    groups: Optional[str] = None  # CSV node,group (rack, chassis, PDU): events are also looked for within each group
     # The scoring job's size (nightly.slurm): a night of 5-minute rows scores in minutes on CPUs
     job_tasks: int = 1  # ranks, each scoring a share of the nodes
     job_gpus_per_node: int = 0

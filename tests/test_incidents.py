@@ -2,10 +2,13 @@
 import datetime as dt
 import json
 
+import pytest
+
 from prometheus_client.parser import text_string_to_metric_families
 
+from hpcad.errors import InputError
 from hpcad.incidents import FILE, night_incidents, previous_incidents
-from hpcad.nightly.events import cluster_events, mark
+from hpcad.nightly.events import cluster_events, mark, read_groups
 from hpcad.nightly.prometheus import render, write_textfile
 
 D = dt.date(2025, 3, 1)
@@ -78,7 +81,8 @@ def test_many_nodes_alarmed_in_the_same_hours_are_one_cluster_wide_event_not_nod
     shared = [timed(f"n{i}", "temp_cpu", "02:10", "03:40", jobs=["77"] if i < 4 else []) for i in range(6)]
     own = timed("n9", "ips_p0_1", "00:30", "23:00")
     alarms = [*shared, own]
-    events = cluster_events(alarms, scored=20, share=0.25, min_nodes=5)
+    nodes = [f"n{i}" for i in range(20)]
+    events = cluster_events(alarms, scored=nodes, share=0.25, min_nodes=5)
     assert [(e["start"], e["end"], e["nodes"], e["peak_nodes"], e["alarms"]) for e in events] == [
         ("2025-03-01T02:00:00+00:00", "2025-03-01T04:00:00+00:00", 7, 7, 6)]  # n9 counted, its alarm not inside
     assert events[0]["causes"] == {"temp": 6} and events[0]["jobs"] == {"77": 4} and events[0]["share"] == 0.35
@@ -89,12 +93,33 @@ def test_many_nodes_alarmed_in_the_same_hours_are_one_cluster_wide_event_not_nod
     inc = night_incidents(D, [a for a in alarms if "cluster_event" not in a], before)
     assert [(i["node"], i["cause"], i["state"]) for i in inc] == [("n9", "ips", "new"), ("n1", "temp", "ongoing")]
     # fewer nodes than event_min_nodes, fewer than event_share, or turned off: no event
-    assert cluster_events(alarms, scored=20, share=0.25, min_nodes=8) == []
-    assert cluster_events(alarms, scored=40, share=0.25, min_nodes=5) == []
-    assert cluster_events(alarms, scored=20, share=0, min_nodes=5) == []
+    assert cluster_events(alarms, scored=nodes, share=0.25, min_nodes=8) == []
+    assert cluster_events(alarms, scored=[f"n{i}" for i in range(40)], share=0.25, min_nodes=5) == []
+    assert cluster_events(alarms, scored=nodes, share=0, min_nodes=5) == []
     # two hot stretches are two events; the gauges say how many and the largest
     later = [timed(f"n{i}", "pow_node", "20:05", "20:50") for i in range(10, 16)]
-    events = cluster_events([*alarms, *later], scored=20, share=0.25, min_nodes=5)
+    events = cluster_events([*alarms, *later], scored=nodes, share=0.25, min_nodes=5)
     assert [e["start"][11:16] for e in events] == ["02:00", "20:00"] and [e["nodes"] for e in events] == [7, 7]
     text = render([], [], night_start=1_740_787_200, unscored=0, finished=1.0, events=events)
     assert "hpcad_nightly_cluster_events 2" in text and "hpcad_nightly_cluster_event_nodes 7" in text
+
+
+def test_a_racks_cooling_fault_is_an_event_of_that_rack_though_the_cluster_is_fine(tmp_path):
+    """80 nodes in 4 racks of 20 (nightly.groups): rack r2's 6 nodes alarm from 02:10 to 03:40, too few
+    for the cluster (25 % of 80 is 20) but a rack event; the cluster-wide hours of the night before are
+    one cluster event, not repeated for each rack."""
+    nodes = [f"n{i:02d}" for i in range(80)]
+    groups = tmp_path / "racks.csv"
+    groups.write_text("node,group\n" + "".join(f"{n},r{i // 20}\n" for i, n in enumerate(nodes)))
+    racks = read_groups(groups)
+    rack = [timed(n, "temp_cpu", "02:10", "03:40") for n in nodes[40:46]]
+    events = cluster_events(rack, scored=nodes, share=0.25, min_nodes=5, groups=racks)
+    assert [(e["id"], e["scope"], e["nodes"], e["scored"]) for e in events] == [
+        ("r2/2025-03-01T02:00:00+00:00", "r2", 6, 20)]
+    assert cluster_events(rack, scored=nodes, share=0.25, min_nodes=5) == []  # without the racks: nothing
+    everywhere = [timed(n, "pow_node", "05:00", "05:30") for n in nodes[::2]]  # 40 of 80, 10 in every rack
+    events = cluster_events(everywhere, scored=nodes, share=0.25, min_nodes=5, groups=racks)
+    assert [e["scope"] for e in events] == ["cluster"] and events[0]["nodes"] == 40
+    groups.write_text("node,group\nn00,r0\nn00,r1\n")
+    with pytest.raises(InputError, match=r"racks.csv: line 3: node 'n00' is in group 'r0' on an earlier line and 'r1'"):
+        read_groups(groups)

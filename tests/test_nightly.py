@@ -258,38 +258,48 @@ def test_a_node_on_the_sites_maintenance_log_settles_on_nights_since_its_change(
     assert not (out / "2025-01-13").exists()
 
 
-def test_a_cooling_fault_across_the_cluster_is_one_event_not_an_incident_per_node(site, tmp_path):
+@pytest.mark.parametrize("where", ["cluster", "rack"])
+def test_a_cooling_fault_across_the_cluster_is_one_event_not_an_incident_per_node(site, tmp_path, where):
     """The machine room's cooling fails from 02:00 to 05:00: every node runs hotter and draws more power.
     Before, each node's model opened its own incident (for draining once they stayed open) and the
-    notification listed them one by one; now those hours are one cluster-wide event."""
+    notification listed them one by one; now those hours are one cluster-wide event. ``rack``: only
+    rack r1's two nodes (nightly.groups), an event of that rack."""
+    hot = ["node0000", "node0001", "node0002"] if where == "cluster" else ["node0000", "node0001"]
     day = "2025-01-09"
     (tmp_path / "in" / day).mkdir(parents=True)
     for f in sorted((site / "daily" / day).glob("*.csv")):
         x = pd.read_csv(f)
         cols = [c for c in x.columns if c.startswith(("temp", "pow", "fan"))]
-        x.loc[24:59, cols] *= 1.3
+        if f.stem in hot:
+            x.loc[24:59, cols] *= 1.3
         x.to_csv(tmp_path / "in" / day / f.name, index=False)
+    racks = tmp_path / "racks.csv"
+    racks.write_text("node,group\nnode0000,r1\nnode0001,r1\nnode0002,r2\n")
     hook = tmp_path / "notify.sh"
     hook.write_text(f'#!/bin/sh\necho "$HPCAD_NEW_INCIDENTS $HPCAD_CLUSTER_EVENTS $1" > {tmp_path / "notified"}\n')
     hook.chmod(0o755)
     out = tmp_path / "nightly"
     p = hpcad("nightly", f"train_run={site / 'trainrun'}", f"nightly.input='{tmp_path}/in/{{date}}'", f"nightly.out={out}",
               f"nightly.date={day}", "compute.progress=false", f"hydra.run.dir={tmp_path / 'log'}",
-              "nightly.event_min_nodes=3", "nightly.event_share=0.9", f"nightly.notify={hook}")
-    (event,) = json.loads((out / day / "events.json").read_text())
-    assert event["nodes"] == 3 and event["start"] <= f"{day}T02:00:00+00:00" and event["end"] >= f"{day}T05:00:00+00:00"
+              "nightly.event_min_nodes=2", "nightly.event_share=0.9", f"nightly.notify={hook}",
+              f"nightly.groups={racks}")
+    events = json.loads((out / day / "events.json").read_text())
+    # the cooling fault's hours (a rack: node0002's own alarm at 04:xx makes that hour cluster-wide too, by the rule)
+    (event,) = [e for e in events if e["start"] <= f"{day}T02:00:00+00:00" and e["end"] >= f"{day}T05:00:00+00:00"]
+    assert event["scope"] == ("cluster" if where == "cluster" else "r1") and event["nodes"] == len(hot)
     alarms = json.loads((out / day / "alarms.json").read_text())
     held = sorted(a["node"] for a in alarms if a.get("cluster_event") == event["id"])
-    assert held == ["node0000", "node0001", "node0002"]
+    assert held == hot
     incidents = json.loads((out / day / "incidents.json").read_text())
     # what is left is node0001's own alarm of the evening (utilisation), not the cooling fault's
     assert [(i["node"], i["cause"], i["peak_time"][11:13]) for i in incidents] == [("node0001", "util", "17")], incidents
     said = p.stdout + p.stderr
-    assert "cluster-wide event 2025-01-09T" in said and "3 of 3 scored nodes alarmed" in said
-    assert (tmp_path / "notified").read_text().split()[:2] == [str(len(incidents)), "1"]
-    assert "hpcad_nightly_cluster_events 1" in (out / "hpcad.prom").read_text()
+    assert ("cluster-wide event 2025-01-09T" in said and "3 of 3 scored nodes alarmed" in said if where == "cluster"
+            else "group event 2025-01-09T" in said and "2 of 2 scored nodes of group r1 alarmed" in said), said[-3000:]
+    assert (tmp_path / "notified").read_text().split()[:2] == [str(len(incidents)), str(len(events))]
+    assert f"hpcad_nightly_cluster_events {len(events)}" in (out / "hpcad.prom").read_text()
     report = (out / day / "report.html").read_text()
-    assert "<h2>Cluster-wide events (1)</h2>" in report and "3 of 3 (100%)" in report
+    assert f"<h2>Cluster-wide events ({len(events)})</h2>" in report and f"{len(hot)} of {len(hot)} (100%)" in report
     lines = [json.loads(x) for x in (out / day / "alarms.jsonl").read_text().splitlines()]
     assert all(x["incident"] is None for x in lines if x.get("cluster_event"))
 

@@ -1,4 +1,4 @@
-"""Cluster-wide events: many nodes alarmed in the same hours.
+"""Cluster-wide events: many nodes, of the cluster or of one rack, alarmed in the same hours.
 
 Each node's model alarms on its own node, so a cause the nodes share (the machine room's cooling or
 power, a software or firmware roll-out, a job spread over many nodes, the telemetry pipeline itself)
@@ -8,7 +8,9 @@ all, and, once they stay open, drain commands for nodes that are not at fault.
 An hour of the night is *cluster-wide* when at least ``nightly.event_share`` of the scored nodes,
 and at least ``nightly.event_min_nodes``, have an alarm overlapping it; consecutive such hours are
 one *event* (``<night>/events.json``: its hours, how many nodes, their causes and the jobs most of
-them ran). An alarm that lies mostly (half its span or more) within an event is marked with the
+them ran). With ``nightly.groups`` (a CSV ``node,group``: rack, chassis, PDU, cooling loop) the same
+rule also runs within each group, so a rack's cooling fault is one event of that rack (``<group>/<start>``)
+though the rest of the cluster is fine; a group's event inside a cluster-wide one is not repeated. An alarm that lies mostly (half its span or more) within an event is marked with the
 event's id and opens no node incident, unless its node already had an incident of the same cause
 open the night before (its own trouble, which goes on). ``nightly.event_share=0`` turns this off.
 """
@@ -17,7 +19,9 @@ from __future__ import annotations
 import datetime as dt
 import math
 from collections import Counter
+from pathlib import Path
 
+from hpcad.errors import ConfigError, InputError
 from hpcad.incidents import OPEN, cause_of
 
 BIN_S = 3600  # events are found hour by hour
@@ -30,12 +34,56 @@ def _span(alarm: dict) -> tuple[int, int]:
     return start, max(end, start + 1)
 
 
-def cluster_events(alarms: list[dict], scored: int, share: float, min_nodes: int) -> list[dict]:
-    """The night's events from its alarm records (:func:`hpcad.nightly.night.alarm_record` form), over
-    ``scored`` nodes; empty when ``share`` is 0."""
+def read_groups(path: str | Path | None) -> dict[str, str]:
+    """``nightly.groups`` as node -> group; empty without a file. Errors name the file and line."""
+    if not path:
+        return {}
+    from hpcad.data.tables import read_table
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"nightly.groups={str(path)!r}: no such file (a CSV node,group: each node's rack, "
+                          f"chassis or PDU; docs/operations.md)")
+    df = read_table(p, as_text=True)
+    cols = {str(c).strip().lower(): c for c in df.columns}
+    if "node" not in cols or "group" not in cols:
+        raise InputError(f"{p}: nightly.groups needs the columns node and group; it has {list(df.columns)}")
+    groups: dict[str, str] = {}
+    for line, (node, group) in enumerate(zip(df[cols["node"]], df[cols["group"]]), start=2):
+        node, group = str(node).strip(), str(group).strip()
+        if not node or not group or node == "nan" or group == "nan":
+            raise InputError(f"{p}: line {line}: an empty node or group")
+        if groups.get(node, group) != group:
+            raise InputError(f"{p}: line {line}: node {node!r} is in group {groups[node]!r} on an earlier line and "
+                             f"{group!r} here")
+        groups[node] = group
+    return groups
+
+
+def cluster_events(alarms: list[dict], scored: list[str], share: float, min_nodes: int,
+                   groups: dict[str, str] | None = None) -> list[dict]:
+    """The night's events from its alarm records (:func:`hpcad.nightly.night.alarm_record` form) over the
+    ``scored`` nodes: the cluster's, then each group's (``groups``: node -> group) not inside one of
+    the cluster's; empty when ``share`` is 0."""
     if share <= 0 or not alarms:
         return []
-    need = max(int(min_nodes), math.ceil(share * scored), 1)
+    events = _events(alarms, "cluster", scored, share, min_nodes)
+    members: dict[str, list[str]] = {}
+    for node in scored:
+        if node in (groups or {}):
+            members.setdefault(groups[node], []).append(node)
+    for group, nodes in sorted(members.items()):
+        events += [e for e in _events(alarms, group, nodes, share, min_nodes)
+                   if not any(c["scope"] == "cluster" and c["start"] <= e["start"] and e["end"] <= c["end"]
+                              for c in events)]
+    return events
+
+
+def _events(alarms: list[dict], scope: str, scored: list[str], share: float, min_nodes: int) -> list[dict]:
+    """The events of one scope: the cluster, or a group of nodes."""
+    mine = set(scored)
+    alarms = [a for a in alarms if a["node"] in mine]
+    need = max(int(min_nodes), math.ceil(share * len(scored)), 1)
     per_bin: dict[int, set[str]] = {}
     for a in alarms:
         start, end = _span(a)
@@ -54,10 +102,13 @@ def cluster_events(alarms: list[dict], scored: int, share: float, min_nodes: int
         nodes = sorted(set().union(*(per_bin[b] for b in run)))
         inside = [a for a in alarms if _inside(a, start, end)]
         iso = dt.datetime.fromtimestamp(start, dt.timezone.utc).isoformat()
-        jobs = Counter(j for node in nodes for j in {j for a in inside if a["node"] == node for j in a.get("jobs", [])})
-        events.append({"id": f"cluster/{iso}", "start": iso,
+        node_jobs: dict[str, set[str]] = {}
+        for a in inside:
+            node_jobs.setdefault(a["node"], set()).update(a.get("jobs", []))
+        jobs = Counter(j for js in node_jobs.values() for j in js)  # how many of its nodes ran each job
+        events.append({"id": f"{scope}/{iso}", "scope": scope, "start": iso,
                        "end": dt.datetime.fromtimestamp(end, dt.timezone.utc).isoformat(),
-                       "nodes": len(nodes), "scored": scored, "share": round(len(nodes) / max(scored, 1), 4),
+                       "nodes": len(nodes), "scored": len(scored), "share": round(len(nodes) / max(len(scored), 1), 4),
                        "peak_nodes": max(len(per_bin[b]) for b in run), "alarms": len(inside),
                        "causes": dict(Counter(cause_of(a) for a in inside).most_common(5)),
                        "jobs": {j: c for j, c in jobs.most_common(5) if c > 1},

@@ -36,7 +36,7 @@ from hpcad.model.light import LIGHT_FOLDER, STAGED, LightMaps
 from hpcad.model.files import UNTRAINED_SUFFIX, model_nodes, model_path, untrained_nodes
 from hpcad.nightly.changes import Change, change_for, hold, read_changes
 from hpcad.nightly.days import day_bounds, input_for
-from hpcad.nightly.events import cluster_events, mark
+from hpcad.nightly.events import cluster_events, mark, read_groups
 from hpcad.nightly.refit import light_retrain, recent_nights
 from hpcad.nightly.sections import nightly_sections, node_history, trend
 from hpcad.report.markup import gap_text, telemetry_gaps
@@ -82,6 +82,11 @@ class Tonight:
         """The site's maintenance log (``nightly.changes``): node -> its changes."""
         return read_changes(self.cfg.nightly.changes)
 
+    @cached_property
+    def groups(self) -> dict[str, str]:
+        """``nightly.groups``: node -> its rack (or chassis, PDU) for cluster-wide events."""
+        return read_groups(self.cfg.nightly.groups)
+
     def change(self, node: str) -> Change | None:
         """The node's latest change on or before tonight."""
         return change_for(self.changes, node, self.iso)
@@ -116,7 +121,7 @@ def build_night(cfg: HpcadConfig, day: dt.date, src: Path, out: Path, tmp: Path,
     """Steps 1-5 of the module docstring of hpcad.nightly, written into the scratch folder ``tmp``."""
     n = cfg.nightly
     t = Tonight(cfg, _day_cfg(cfg, src, _jobs_file(n, day)), day, out, tmp, train_run, src)
-    t.changes  # a bad maintenance log stops the night before its ingest
+    t.changes, t.groups  # a bad maintenance log or group file stops the night before its ingest
     store, nodes, new, silent = _ingest(t)
     unknown = sorted(set(t.changes) - set(nodes) - set(silent))
     if unknown:
@@ -216,13 +221,15 @@ def _alarms(t: Tonight, store: TelemetryStore, errors: ErrorStore, th: Threshold
                     ", ".join(f"{c.node} (since {c.since}{': ' + c.note if c.note else ''})"
                               for c in list(settling.values())[:10]))
     previous = previous_incidents(t.out, t.day, n.incident_gap_days)
-    events = cluster_events([a for a in alarms if "settling" not in a], len(errors.nodes), n.event_share,
-                            n.event_min_nodes)
+    events = cluster_events([a for a in alarms if "settling" not in a], list(errors.nodes), n.event_share,
+                            n.event_min_nodes, t.groups)
     mark(alarms, events, previous)
     for e in events:
-        log.warning("nightly %s: cluster-wide event %s to %s: %d of %d scored nodes alarmed (causes: %s); their "
-                    "alarms within it open no node incident (nightly.event_share=%s)", t.iso, e["start"], e["end"],
-                    e["nodes"], e["scored"], ", ".join(f"{c} {k}" for c, k in e["causes"].items()), n.event_share)
+        log.warning("nightly %s: %s event %s to %s: %d of %d scored nodes%s alarmed (causes: %s); their alarms "
+                    "within it open no node incident (nightly.event_share=%s)", t.iso,
+                    "cluster-wide" if e["scope"] == "cluster" else "group", e["start"], e["end"], e["nodes"],
+                    e["scored"], "" if e["scope"] == "cluster" else f" of group {e['scope']}",
+                    ", ".join(f"{c} {k}" for c, k in e["causes"].items()), n.event_share)
     write_json(tmp / "events.json", events)
     write_json(tmp / "alarms.json", alarms)
     incidents = night_incidents(t.day, [a for a in alarms if "settling" not in a and "cluster_event" not in a],

@@ -85,19 +85,19 @@ def nightly_sections(iso: str, src: Path, new: list[str], verdicts: list[dict], 
                      + html_table(changes, ["node", "since", "note", "tonight"]))
     if events:
         parts.append(f"<h2>Cluster-wide events ({len(events)})</h2><p>Hours in which at least "
-                     f"{n.event_share:.0%} of the scored nodes (and {n.event_min_nodes} or more) alarmed "
-                     f"(<code>nightly.event_share</code>): a cause they share (machine-room cooling or power, a "
+                     f"{n.event_share:.0%} of the scored nodes (and {n.event_min_nodes} or more) alarmed, of the "
+                     f"cluster or of one group (<code>nightly.event_share</code>, <code>nightly.groups</code>): a cause they share (machine-room cooling or power, a "
                      f"software or firmware roll-out, a job over many nodes, the telemetry pipeline) rather than "
                      f"as many node faults. Alarms within an event open no node incident (nothing is drained for "
                      f"them), except on nodes whose incident of the same cause was already open. "
                      f"docs/operations.md.</p>"
-                     + html_table([[in_zone(e["start"], n.timezone), in_zone(e["end"], n.timezone),
+                     + html_table([[e["scope"], in_zone(e["start"], n.timezone), in_zone(e["end"], n.timezone),
                                     f"{e['nodes']} of {e['scored']} ({e['share']:.0%})",
                                     e["alarms"], ", ".join(f"{c} ({k})" for c, k in e["causes"].items()),
                                     ", ".join(f"{j} ({k} nodes)" for j, k in e["jobs"].items()),
                                     " ".join(e["node_list"][:30]) + (" ..." if e["nodes"] > 30 else "")]
                                    for e in events],
-                                  ["start", "end", "nodes alarmed", "alarms", "causes", "shared jobs", "nodes"]))
+                                  ["where", "start", "end", "nodes alarmed", "alarms", "causes", "shared jobs", "nodes"]))
     counts = {st: sum(i["state"] == st for i in incidents) for st in STATES}
     parts.append(f"<h2>Incidents</h2><p>{counts['new']} new, {counts['ongoing']} ongoing, {counts['resolved']} "
                  f"resolved (repeated alarms on one node with one cause are one incident; docs/operations.md). "
