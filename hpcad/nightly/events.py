@@ -9,10 +9,12 @@ An hour of the night is *cluster-wide* when at least ``nightly.event_share`` of 
 and at least ``nightly.event_min_nodes``, have an alarm overlapping it; consecutive such hours are
 one *event* (``<night>/events.json``: its hours, how many nodes, their causes and the jobs most of
 them ran). With ``nightly.groups`` (a CSV ``node,group``: rack, chassis, PDU, cooling loop) the same
-rule also runs within each group, so a rack's cooling fault is one event of that rack (``<group>/<start>``)
-though the rest of the cluster is fine; a group's event inside a cluster-wide one is not repeated. An alarm that lies mostly (half its span or more) within an event is marked with the
-event's id and opens no node incident, unless its node already had an incident of the same cause
-open the night before (its own trouble, which goes on). ``nightly.event_share=0`` turns this off.
+rule also runs within each group, so a rack's cooling fault is one event of that rack
+(``<group>/<start>``) though the rest of the cluster is fine; a group's event inside a cluster-wide
+one is not repeated. An alarm that lies mostly (half its span or more) within an event is marked
+with the event's id and opens no node incident, unless its node already had an incident of the
+same cause open the night before (its own trouble, which goes on). ``nightly.event_share=0`` turns
+this off.
 """
 from __future__ import annotations
 
