@@ -246,6 +246,9 @@ def test_a_node_on_the_sites_maintenance_log_settles_on_nights_since_its_change(
         assert f["nodes/node0002"].attrs["light_version"] == 2
     assert "1 node(s) changed (nightly.changes) settle on a light map" in said and "node0002 (since 2025-01-10: new cooling)" in said
     report = (out / "2025-01-11" / "report.html").read_text()
+    # the node's page says why those nights' alarms opened no incident (levels.csv keeps it)
+    page = (out / "2025-01-11" / "nodes" / "node0002.html").read_text()
+    assert page.count("alarms held: settling after its change of 2025-01-10") == 2  # 01-11 and 01-10
     assert "<h2>Changed nodes (1)</h2>" in report
     assert ("<td>node0002</td><td>2025-01-10</td><td>new cooling</td><td>settling: its alarms open no incident; light "
             "map refitted on 2 night(s) since, scores from 2025-01-12</td>") in report
@@ -300,6 +303,9 @@ def test_a_cooling_fault_across_the_cluster_is_one_event_not_an_incident_per_nod
     assert f"hpcad_nightly_cluster_events {len(events)}" in (out / "hpcad.prom").read_text()
     report = (out / day / "report.html").read_text()
     assert f"<h2>Cluster-wide events ({len(events)})</h2>" in report and f"{len(hot)} of {len(hot)} (100%)" in report
+    held_in = {r["node"]: r["held"] for r in csv.DictReader(open(out / day / "levels.csv"))}
+    assert all(f"event {event['id']}" in held_in[node] for node in hot)
+    assert f"alarms held: event {event['id']}" in (out / day / "nodes" / "node0000.html").read_text()
     lines = [json.loads(x) for x in (out / day / "alarms.jsonl").read_text().splitlines()]
     assert all(x["incident"] is None for x in lines if x.get("cluster_event"))
 

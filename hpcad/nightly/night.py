@@ -134,8 +134,8 @@ def build_night(cfg: HpcadConfig, day: dt.date, src: Path, out: Path, tmp: Path,
     th.save(tmp / "thresholds.json")
     signals = list(errors.signals())  # alarms, evaluation and drift all read them
     settling = t.settling(list(errors.nodes))
-    records, incidents, confirmed, events = _alarms(t, store, errors, th, signals, settling)
-    levels, verdicts, drifted, refits = _drift_and_light(t, errors, th, signals, settling)
+    records, incidents, confirmed, events, held = _alarms(t, store, errors, th, signals, settling)
+    levels, verdicts, drifted, refits = _drift_and_light(t, errors, th, signals, settling, held)
     max_share = cfg.report.max_missing_share
     gaps = telemetry_gaps(levels, max_share)
     if gaps:
@@ -241,15 +241,22 @@ def _alarms(t: Tonight, store: TelemetryStore, errors: ErrorStore, th: Threshold
     if metrics["labelled"]:
         write_json(tmp / "metrics.json", {"detector": "autoencoder", "cost_model": vars(cm), "splits":
                                           metrics["splits"], "class_profiles": class_profiles(errors)})
-    return records, incidents, confirmed, events
+    held: dict[str, set[str]] = {}  # node -> why its alarms opened no incident (levels.csv, the node pages)
+    for a in alarms:
+        if "settling" in a:
+            held.setdefault(a["node"], set()).add(f"settling after its change of {a['settling']['since']}")
+        if "cluster_event" in a:
+            held.setdefault(a["node"], set()).add(f"event {a['cluster_event']}")
+    return records, incidents, confirmed, events, {node: "; ".join(sorted(r)) for node, r in held.items()}
 
 
-def _drift_and_light(t: Tonight, errors: ErrorStore, th: Thresholds, signals: list, settling: dict[str, Change]):
+def _drift_and_light(t: Tonight, errors: ErrorStore, th: Thresholds, signals: list, settling: dict[str, Change],
+                     held: dict[str, str]):
     """Step 4: tonight's levels and drift verdicts; light maps refitted for the nodes asked for, and for
     the nodes changed on one of the last ``nightly.light_days`` nights (hpcad.nightly.changes), each
     on its nights since its change only."""
     n, tmp = t.cfg.nightly, t.tmp
-    levels = [{**lv, "model": t.maps.digest(lv["node"])}  # drift compares nights of one model (drift.assess)
+    levels = [{**lv, "model": t.maps.digest(lv["node"]), "held": held.get(lv["node"], "")}  # model: drift.assess
               for lv in night_levels(signals, th, errors.missing, errors.lost)]
     write_levels(tmp / "levels.csv", levels)
     verdicts = assess(t.out, t.day, levels, n.drift_ratio, n.drift_days, n.drift_reference_nights)

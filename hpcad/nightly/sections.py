@@ -47,6 +47,8 @@ def node_history(out: Path, iso: str, levels: list[dict], incidents: list[dict],
         for night, lv, inc in reversed(per_night):
             r = lv.get(node)
             state = "; ".join(f"{i['state']} ({i['cause']})" for i in inc if i["node"] == node)
+            if r is not None and r.get("held"):  # alarms that opened no incident, and why
+                state = "; ".join(x for x in (state, f"alarms held: {r['held']}") if x)
             if r is not None or state:
                 rows.append([night, None if r is None else float(r["level"]),
                              None if r is None else int(r["alarmed_rows"]), state])
