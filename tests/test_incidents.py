@@ -121,5 +121,5 @@ def test_a_racks_cooling_fault_is_an_event_of_that_rack_though_the_cluster_is_fi
     events = cluster_events(everywhere, scored=nodes, share=0.25, min_nodes=5, groups=racks)
     assert [e["scope"] for e in events] == ["cluster"] and events[0]["nodes"] == 40
     groups.write_text("node,group\nn00,r0\nn00,r1\n")
-    with pytest.raises(InputError, match=r"racks.csv: line 3: node 'n00' is in group 'r0' on an earlier line and 'r1'"):
+    with pytest.raises(InputError, match=r"racks.csv: line 3: node 'n00' has the group 'r0' on an earlier line and 'r1' here"):
         read_groups(groups)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hpcad.data.tables import read_table
+from hpcad.data.tables import read_node_map
 from hpcad.errors import InputError
 
 
@@ -25,21 +25,8 @@ def read_node_names(path: str | Path) -> dict[str, str]:
     path = Path(path).expanduser()
     if not path.exists():
         raise InputError(f"data.node_names: {path.resolve()} does not exist")
-    df = read_table(path, as_text=True)  # names such as 007 keep their zeros
-    cols = {str(c).strip().lower(): c for c in df.columns}
-    if "node" not in cols or "name" not in cols:
-        raise InputError(f"{path}: data.node_names needs the columns node (the name in the telemetry) and name "
-                         f"(the name to use, e.g. SLURM's NodeName); it has {list(df.columns)}")
-    names: dict[str, str] = {}
-    for line, (node, name) in enumerate(zip(df[cols["node"]], df[cols["name"]]), start=2):
-        node, name = str(node).strip(), str(name).strip()
-        if not node or not name or node == "nan" or name == "nan":
-            raise InputError(f"{path}: line {line}: an empty node or name")
-        if names.get(node, name) != name:
-            raise InputError(f"{path}: line {line}: node {node!r} is named {names[node]!r} on an earlier line and "
-                             f"{name!r} here")
-        names[node] = name
-    return names
+    return read_node_map(path, "name", "data.node_names",
+                         " (node: the name in the telemetry; name: the name to use, e.g. SLURM's NodeName)")
 
 
 class NodeRenamer:

@@ -137,6 +137,26 @@ def read_table(path: Path, as_text: bool = False) -> pd.DataFrame:
     return df if how is None else without_unnamed(df, how, path)
 
 
+def read_node_map(path: Path, column: str, option: str, about: str = "") -> dict[str, str]:
+    """A table of the columns ``node`` and ``column`` as node -> value (``data.node_names``,
+    ``nightly.groups``); a missing column, an empty cell and a node given two values are errors
+    naming the file, ``option`` (with ``about``, what the columns hold) and the line."""
+    df = read_table(path, as_text=True)  # names such as 007 keep their zeros
+    cols = {str(c).strip().lower(): c for c in df.columns}
+    if "node" not in cols or column not in cols:
+        raise InputError(f"{path}: {option} needs the columns node and {column}{about}; it has {list(df.columns)}")
+    out: dict[str, str] = {}
+    for line, (node, value) in enumerate(zip(df[cols["node"]], df[cols[column]]), start=2):
+        node, value = str(node).strip(), str(value).strip()
+        if not node or not value or node == "nan" or value == "nan":
+            raise InputError(f"{path}: line {line}: an empty node or {column}")
+        if out.get(node, value) != value:
+            raise InputError(f"{path}: line {line}: node {node!r} has the {column} {out[node]!r} on an earlier line "
+                             f"and {value!r} here")
+        out[node] = value
+    return out
+
+
 def iter_table_chunks(path: Path, rows: int = CHUNK_ROWS, text: tuple[str, ...] = ()) -> Iterator[pd.DataFrame]:
     """``path`` in chunks of ``rows`` rows; a CSV's ``text`` columns read as text (node names such as
     ``007`` keep their zeros; pandas' type guessing made them the number 7)."""

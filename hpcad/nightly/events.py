@@ -23,7 +23,7 @@ import math
 from collections import Counter
 from pathlib import Path
 
-from hpcad.errors import ConfigError, InputError
+from hpcad.errors import ConfigError
 from hpcad.incidents import OPEN, cause_of
 
 BIN_S = 3600  # events are found hour by hour
@@ -40,26 +40,13 @@ def read_groups(path: str | Path | None) -> dict[str, str]:
     """``nightly.groups`` as node -> group; empty without a file. Errors name the file and line."""
     if not path:
         return {}
-    from hpcad.data.tables import read_table
+    from hpcad.data.tables import read_node_map
 
     p = Path(path).expanduser()
     if not p.is_file():
         raise ConfigError(f"nightly.groups={str(path)!r}: no such file (a CSV node,group: each node's rack, "
                           f"chassis or PDU; docs/operations.md)")
-    df = read_table(p, as_text=True)
-    cols = {str(c).strip().lower(): c for c in df.columns}
-    if "node" not in cols or "group" not in cols:
-        raise InputError(f"{p}: nightly.groups needs the columns node and group; it has {list(df.columns)}")
-    groups: dict[str, str] = {}
-    for line, (node, group) in enumerate(zip(df[cols["node"]], df[cols["group"]]), start=2):
-        node, group = str(node).strip(), str(group).strip()
-        if not node or not group or node == "nan" or group == "nan":
-            raise InputError(f"{p}: line {line}: an empty node or group")
-        if groups.get(node, group) != group:
-            raise InputError(f"{p}: line {line}: node {node!r} is in group {groups[node]!r} on an earlier line and "
-                             f"{group!r} here")
-        groups[node] = group
-    return groups
+    return read_node_map(p, "group", "nightly.groups", " (group: the node's rack, chassis or PDU)")
 
 
 def cluster_events(alarms: list[dict], scored: list[str], share: float, min_nodes: int,
