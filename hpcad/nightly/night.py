@@ -298,7 +298,8 @@ def _changes_seen(t: Tonight, nodes: list[str], settling: dict[str, Change], ref
             continue
         state = "settling: its alarms open no incident" if node in settling else "settled"
         if node in refit:
-            state += f"; light map refitted on {len(refit[node]['days'])} night(s) since, scores from {refit[node]['valid_from']}"
+            r = refit[node]
+            state += f"; light map refitted on {len(r['days'])} night(s) since, scores from {r['valid_from']}"
         rows.append([node, c.since, c.note, state])
     return rows
 

@@ -88,9 +88,9 @@ def nightly_sections(iso: str, src: Path, new: list[str], verdicts: list[dict], 
     if events:
         parts.append(f"<h2>Cluster-wide events ({len(events)})</h2><p>Hours in which at least "
                      f"{n.event_share:.0%} of the scored nodes (and {n.event_min_nodes} or more) alarmed, of the "
-                     f"cluster or of one group (<code>nightly.event_share</code>, <code>nightly.groups</code>): a cause they share (machine-room cooling or power, a "
-                     f"software or firmware roll-out, a job over many nodes, the telemetry pipeline) rather than "
-                     f"as many node faults. Alarms within an event open no node incident (nothing is drained for "
+                     f"cluster or of one group (<code>nightly.event_share</code>, <code>nightly.groups</code>): a "
+                     f"cause they share (machine-room cooling or power, a software or firmware roll-out, a job over "
+                     f"many nodes, the telemetry pipeline) rather than as many node faults. Alarms within an event open no node incident (nothing is drained for "
                      f"them), except on nodes whose incident of the same cause was already open. "
                      f"docs/operations.md.</p>"
                      + html_table([[e["scope"], in_zone(e["start"], n.timezone), in_zone(e["end"], n.timezone),
