@@ -66,12 +66,18 @@ def _report(cfg: HpcadConfig) -> None:
     report_zone(cfg)
 
 
-def _nightly_files(cfg: HpcadConfig) -> None:
+def _nightly(cfg: HpcadConfig) -> None:
+    from hpcad.errors import ConfigError
     from hpcad.nightly.changes import read_changes
     from hpcad.nightly.events import read_groups
 
-    read_changes(cfg.nightly.changes)
-    read_groups(cfg.nightly.groups)
+    n = cfg.nightly
+    if not 0 <= n.event_share <= 1:
+        raise ConfigError(f"nightly.event_share={n.event_share}: a share of the scored nodes in [0, 1] (0: no events)")
+    if n.event_min_nodes < 1:
+        raise ConfigError(f"nightly.event_min_nodes={n.event_min_nodes}: must be >= 1")
+    read_changes(n.changes)
+    read_groups(n.groups)
 
 
 def _inputs(cfg: HpcadConfig) -> None:
@@ -130,7 +136,7 @@ EVERY_STAGE = (_split, _training, _compute, _scoring, _baselines, _threshold, _r
 CHECKS: dict[str, tuple[Callable[[HpcadConfig], None], ...]] = {
     "ingest": (_real_data,), "train": (_split, _training, _compute, _real_data),
     "score": (_split, _scoring, _compute, _real_data), "baselines": (_split, _baselines, _compute, _real_data),
-    "threshold": (_threshold, _real_data), "report": (_report,), "nightly": (_report, _nightly_files), "run": EVERY_STAGE,
+    "threshold": (_threshold, _real_data), "report": (_report,), "nightly": (_report, _nightly), "run": EVERY_STAGE,
     "preflight": EVERY_STAGE,  # a SLURM job's step 0: the options of the steps that follow it
 }
 # The paths a stage reads: data.source and data.jobs (ingested), train_run (its models),

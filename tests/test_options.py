@@ -81,6 +81,18 @@ def test_checking_every_stage_s_options_imports_no_plotting_library():
         check_options(_cfg("report.timezone=Mars/Base"), "preflight")  # still checked there
 
 
+def test_the_nightly_jobs_event_options_and_files_are_checked_before_any_night(tmp_path):
+    for overrides, says in ((["nightly.event_share=1.5"], "nightly.event_share=1.5: a share of the scored nodes in [0, 1]"),
+                            (["nightly.event_min_nodes=0"], "nightly.event_min_nodes=0: must be >= 1"),
+                            ([f"nightly.groups={tmp_path / 'racks.csv'}"], "nightly.groups=")):
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            check_options(_cfg(*overrides), "nightly")
+    (tmp_path / "racks.csv").write_text("host,rack\ncn01,r1\n")
+    with pytest.raises(InputError, match="racks.csv: nightly.groups needs the columns node and group"):
+        check_options(_cfg(f"nightly.groups={tmp_path / 'racks.csv'}"), "nightly")
+    check_options(_cfg("nightly.event_share=0"), "nightly")  # off
+
+
 def test_paths_a_stage_reads_are_checked_in_a_single_process(tmp_path):
     """data.source and data.jobs for the stages that ingest, train_run for those that load its models.
     Not under several ranks: there each rank may see other file systems (the preflight checks each
