@@ -294,7 +294,7 @@ def test_a_cooling_fault_across_the_cluster_is_one_event_not_an_incident_per_nod
     held = sorted(a["node"] for a in alarms if a.get("cluster_event") == event["id"])
     assert held == hot
     incidents = json.loads((out / day / "incidents.json").read_text())
-    # what is left is node0001's own alarm of the evening (utilisation), not the cooling fault's
+    # what is left is node0001's own alarm of the afternoon (utilisation), not the cooling fault's
     assert [(i["node"], i["cause"], i["peak_time"][11:13]) for i in incidents] == [("node0001", "util", "17")], incidents
     said = p.stdout + p.stderr
     assert ("cluster-wide event 2025-01-09T" in said and "3 of 3 scored nodes alarmed" in said if where == "cluster"
