@@ -41,8 +41,11 @@ class Change:
         up to the change's ``nights``-th night (``nightly.light_days``) or later."""
         if lm is None or not lm.fitted_on or min(lm.fitted_on) < self.since:
             return False
-        last = dt.date.fromisoformat(self.since) + dt.timedelta(days=max(nights, 1) - 1)
-        return max(lm.fitted_on) >= last.isoformat()
+        return max(lm.fitted_on) >= self.window_end(nights)
+
+    def window_end(self, nights: int) -> str:
+        """The change's ``nights``-th night (YYYY-MM-DD): its light map is refitted on each night up to it."""
+        return (dt.date.fromisoformat(self.since) + dt.timedelta(days=max(nights, 1) - 1)).isoformat()
 
 
 def read_changes(path: str | Path | None) -> dict[str, list[Change]]:

@@ -232,8 +232,7 @@ def _alarms(t: Tonight, store: TelemetryStore, errors: ErrorStore, th: Threshold
                     ", ".join(f"{c} {k}" for c, k in e["causes"].items()), n.event_share)
     write_json(tmp / "events.json", events)
     write_json(tmp / "alarms.json", alarms)
-    incidents = night_incidents(t.day, [a for a in alarms if "settling" not in a and "cluster_event" not in a],
-                                previous)
+    incidents = night_incidents(t.day, [a for a in alarms if not held_because(a)], previous)
     write_json(tmp / INCIDENTS, incidents)
     _write_jsonl(tmp / "alarms.jsonl", t.iso, alarms, incidents)
     confirmed = drain_candidates(incidents, n.drain_after_nights)
@@ -243,11 +242,19 @@ def _alarms(t: Tonight, store: TelemetryStore, errors: ErrorStore, th: Threshold
                                           metrics["splits"], "class_profiles": class_profiles(errors)})
     held: dict[str, set[str]] = {}  # node -> why its alarms opened no incident (levels.csv, the node pages)
     for a in alarms:
-        if "settling" in a:
-            held.setdefault(a["node"], set()).add(f"settling after its change of {a['settling']['since']}")
-        if "cluster_event" in a:
-            held.setdefault(a["node"], set()).add(f"event {a['cluster_event']}")
-    return records, incidents, confirmed, events, {node: "; ".join(sorted(r)) for node, r in held.items()}
+        held.setdefault(a["node"], set()).update(held_because(a))
+    return records, incidents, confirmed, events, {node: "; ".join(sorted(r)) for node, r in held.items() if r}
+
+
+def held_because(alarm: dict) -> list[str]:
+    """Why an alarm opened no incident (settling after its node's change, a cluster-wide event);
+    empty when it did not (it belongs to an incident)."""
+    why = []
+    if "settling" in alarm:
+        why.append(f"settling after its change of {alarm['settling']['since']}")
+    if "cluster_event" in alarm:
+        why.append(f"event {alarm['cluster_event']}")
+    return why
 
 
 def _drift_and_light(t: Tonight, errors: ErrorStore, th: Thresholds, signals: list, settling: dict[str, Change],
@@ -278,8 +285,7 @@ def _refits_for_change(t: Tonight, node: str, settling: dict[str, Change]) -> bo
     """Settling, or changed on one of the last ``nightly.light_days`` nights: the map is refitted on
     more of the nights since the change each night until it has that many."""
     c = t.change(node)
-    return node in settling or (c is not None and
-                                (t.day - dt.date.fromisoformat(c.since)).days < t.cfg.nightly.light_days)
+    return node in settling or (c is not None and t.iso <= c.window_end(t.cfg.nightly.light_days))
 
 
 def _since_change(t: Tonight, node: str, nights: list) -> list:
@@ -308,8 +314,7 @@ def _write_jsonl(path: Path, iso: str, alarms: list[dict], incidents: list[dict]
     """One JSON object per alarm and line (log shippers read it as it is), with its incident."""
     with atomic_path(path) as tmp, open(tmp, "w") as fh:
         for a in alarms:
-            held = "settling" in a or "cluster_event" in a  # opened no incident
-            inc = None if held else incident_of(a, incidents)
+            inc = None if held_because(a) else incident_of(a, incidents)
             fh.write(json.dumps({"night": iso, **a, "incident": inc["id"] if inc else None,
                                  "incident_state": inc["state"] if inc else None}) + "\n")
 
