@@ -102,6 +102,13 @@ def test_many_nodes_alarmed_in_the_same_hours_are_one_cluster_wide_event_not_nod
     assert [e["start"][11:16] for e in events] == ["02:00", "20:00"] and [e["nodes"] for e in events] == [7, 7]
     text = render([], [], night_start=1_740_787_200, unscored=0, finished=1.0, events=events)
     assert "hpcad_nightly_cluster_events 2" in text and "hpcad_nightly_cluster_event_nodes 7" in text
+    # the report shows them on its clock (report.timezone, else the site's), as its alarms
+    from hpcad.config import NightlyConfig
+    from hpcad.nightly.sections import nightly_sections
+
+    html = "".join(nightly_sections("2025-03-01", tmp_path, [], [], [], NightlyConfig(), [], events=events,
+                                    zone="Europe/Rome"))
+    assert "<td>cluster</td><td>2025-03-01T03:00:00+01:00</td><td>2025-03-01T05:00:00+01:00</td>" in html
 
 
 def test_a_racks_cooling_fault_is_an_event_of_that_rack_though_the_cluster_is_fine(tmp_path):

@@ -142,15 +142,17 @@ def build_night(cfg: HpcadConfig, day: dt.date, src: Path, out: Path, tmp: Path,
         log.warning("nightly %s: %d node(s) with telemetry gaps: %s", t.iso, len(gaps),
                     ", ".join(f"{g['node']} ({gap_text(g, max_share)})" for g in gaps[:10]))
     if cfg.report.enabled:
+        from hpcad.report.markup import report_zone
         from hpcad.report.page import write_report
 
+        zone = report_zone(t.dcfg, n.timezone)  # report.timezone, else the site's
         write_report(t.dcfg, tmp, errors, t.models_dir, title=f"hpcad nightly {t.iso}",
                      extra=nightly_sections(t.iso, src, new, verdicts, refits, n, incidents,
                                             trend(out, t.iso, len(nodes), len(records), incidents), silent, gaps,
-                                            max_share, _changes_seen(t, nodes, settling, refits), events),
+                                            max_share, _changes_seen(t, nodes, settling, refits), events, zone),
                      folder=out / t.iso,
                      node_history=node_history(out, t.iso, levels, incidents, {r["node"] for r in records}),
-                     node_summary=False, zone=n.timezone)  # the Incidents section is the night's node view
+                     node_summary=False, zone=zone)  # the Incidents section is the night's node view
     return Built(src, nodes, new, records, incidents, confirmed, levels, drifted, refits, silent, settling, events)
 
 

@@ -59,7 +59,9 @@ def node_history(out: Path, iso: str, levels: list[dict], incidents: list[dict],
 def nightly_sections(iso: str, src: Path, new: list[str], verdicts: list[dict], refits: list[dict], n: NightlyConfig,
                       incidents: list[dict], trend: list[list] | None = None, silent: list[str] | None = None,
                       gaps: list[dict] | None = None, max_share: float = 0.5,
-                      changes: list[list] | None = None, events: list[dict] | None = None) -> list[str]:
+                      changes: list[list] | None = None, events: list[dict] | None = None,
+                      zone: str | None = None) -> list[str]:
+    """The nightly report's own sections; ``zone``: the report's (events' times), default the site's."""
     from hpcad.report.markup import gap_text, html_table, in_zone, top_names
     from hpcad.report.plots import trend_plot
 
@@ -90,10 +92,11 @@ def nightly_sections(iso: str, src: Path, new: list[str], verdicts: list[dict], 
                      f"{n.event_share:.0%} of the scored nodes (and {n.event_min_nodes} or more) alarmed, of the "
                      f"cluster or of one group (<code>nightly.event_share</code>, <code>nightly.groups</code>): a "
                      f"cause they share (machine-room cooling or power, a software or firmware roll-out, a job over "
-                     f"many nodes, the telemetry pipeline) rather than as many node faults. Alarms within an event open no node incident (nothing is drained for "
-                     f"them), except on nodes whose incident of the same cause was already open. "
-                     f"docs/operations.md.</p>"
-                     + html_table([[e["scope"], in_zone(e["start"], n.timezone), in_zone(e["end"], n.timezone),
+                     f"many nodes, the telemetry pipeline) rather than as many node faults. Alarms within an event "
+                     f"open no node incident (nothing is drained for them), except on nodes whose incident of the "
+                     f"same cause was already open. docs/operations.md.</p>"
+                     + html_table([[e["scope"], in_zone(e["start"], zone or n.timezone),
+                                    in_zone(e["end"], zone or n.timezone),
                                     f"{e['nodes']} of {e['scored']} ({e['share']:.0%})",
                                     e["alarms"], ", ".join(f"{c} ({k})" for c, k in e["causes"].items()),
                                     ", ".join(f"{j} ({k} nodes)" for j, k in e["jobs"].items()),
