@@ -73,12 +73,13 @@ def _allreduce(t: torch.Tensor, op=None) -> torch.Tensor:
 
 def fleet_fingerprint(cfg: HpcadConfig, spec: AutoencoderSpec, store, world_size: int) -> str:
     """What the fleet model is built from: a node model's inputs (``training_fingerprint``), every
-    node of the store (it trains on all of them) and the rank count (it shapes the shards)."""
+    node of the store and its data (it trains on all of them) and the rank count (it shapes the shards)."""
     import hashlib
 
-    from hpcad.train import training_fingerprint
+    from hpcad.train import node_fingerprint, training_fingerprint
 
-    text = "\n".join(["fleet", training_fingerprint(cfg, spec, store), str(world_size), *store.nodes])
+    base = training_fingerprint(cfg, spec, store)
+    text = "\n".join(["fleet", base, str(world_size), *(node_fingerprint(base, store, n) for n in store.nodes)])
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 

@@ -81,16 +81,16 @@ def check_train_config(tc: TrainConfig) -> None:
 
 
 def training_fingerprint(cfg: HpcadConfig, spec: AutoencoderSpec, store: TelemetryStore) -> str:
-    """A digest of what a node's model is built from: the model, the training settings that change
-    its weights, preprocessing, the split and the data (the store's source signature and metric
-    list). Resume reuses a model file only when its fingerprint equals the current one."""
+    """A digest of what every node's model is built from apart from the node's own data: the model,
+    the training settings that change its weights, preprocessing, the split and the store's metric
+    list (:func:`node_fingerprint` adds the node's data)."""
     import hashlib
     import json
 
     from omegaconf import OmegaConf
 
     t = cfg.train
-    shape = {"spec": spec.to_dict(), "metrics": list(store.metrics), "data": store.signature,
+    shape = {"spec": spec.to_dict(), "metrics": list(store.metrics),
              # precision is compute.precision since the compute group; its place in the digest is kept
              "train": {**{k: t[k] for k in ("epochs", "batch_size", "lr", "validation_split", "patience",
                                             "restore_best", "seed")},
@@ -99,6 +99,16 @@ def training_fingerprint(cfg: HpcadConfig, spec: AutoencoderSpec, store: Telemet
              else dict(vars(cfg.preprocess)),
              "split": OmegaConf.to_container(cfg.split) if OmegaConf.is_config(cfg.split) else dict(vars(cfg.split))}
     return hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def node_fingerprint(base: str, store: TelemetryStore, node: str) -> str:
+    """A node's model fingerprint: ``base`` (:func:`training_fingerprint`) and the node's content digest
+    in the store, so adding nodes to the input, or ingesting the same telemetry again, retrains no
+    other node. A store without digests (written before 2026-12-03) keys on its whole input instead."""
+    import hashlib
+
+    data = store.digest(node) or f"store {store.signature}"
+    return hashlib.sha256(f"{base}\n{node}\n{data}".encode()).hexdigest()[:20]
 
 
 def reusable(path: Path, fingerprint: str, scales: bool = False) -> bool:
@@ -163,11 +173,12 @@ def train_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, nodes
     check_compute_config(cfg.compute)
     device = resolve_device(cfg.compute.device, world().local_rank) if device is None else device
     nodes = list(store.nodes if nodes is None else nodes)
-    fingerprint = training_fingerprint(cfg, spec, store)
+    base = training_fingerprint(cfg, spec, store)
+    fingerprint = {n: node_fingerprint(base, store, n) for n in nodes}
     scales = fixed_scales(cfg.signal.metric_scales) is not False
-    todo = [n for n in nodes if not reusable(model_path(models_dir, n), fingerprint, scales)]
+    todo = [n for n in nodes if not reusable(model_path(models_dir, n), fingerprint[n], scales)]
     skip_bad = cfg.data.on_bad_node == "skip"
-    untrained = [n for n in todo if skip_bad and untrained_for(models_dir, n, fingerprint)]
+    untrained = [n for n in todo if skip_bad and untrained_for(models_dir, n, fingerprint[n])]
     if untrained:  # recorded by a training of the same data and settings: not read again
         left = set(untrained)
         todo = [n for n in todo if n not in left]
@@ -201,7 +212,7 @@ def train_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, nodes
             except TooFewTrainingRows as exc:
                 if not skip_bad:
                     raise
-                write_untrained(models_dir, n, exc.short, fingerprint)
+                write_untrained(models_dir, n, exc.short, fingerprint[n])
                 untrained.append(n)
                 log.warning("node %s: %s: left untrained (data.on_bad_node=skip), not scored", n, exc.short)
         if not chunk:
@@ -211,7 +222,8 @@ def train_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, nodes
         seeds = [member_seed(node_seed(cfg.train.seed, n), r) for n in chunk for r in range(R)]
         n_chunk += 1
         bar.set_postfix(chunk=f"{n_chunk} ({len(chunk)} nodes)", device=str(device))
-        ckpt = ChunkCheckpoint(models_dir, fingerprint, chunk, R, cfg.compute.checkpoint_every_s)
+        ckpt = ChunkCheckpoint(models_dir, " ".join(fingerprint[n] for n in chunk), chunk, R,
+                               cfg.compute.checkpoint_every_s)
         res = None
         try:
             res = train_ensemble(member_net, [z for z, _ in prepared for _ in range(R)], seeds, cfg.train, device,
@@ -238,7 +250,7 @@ def train_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, nodes
                                           for h in res.history[k * R:(k + 1) * R]]
             else:
                 level, held = res.holdout_signal[k], res.holdout_error[k]
-            NodeModel(n, spec, store.metrics, members, prepared[k][1], history, level, fingerprint, held).save(
+            NodeModel(n, spec, store.metrics, members, prepared[k][1], history, level, fingerprint[n], held).save(
                 model_path(models_dir, n))
             untrained_path(models_dir, n).unlink(missing_ok=True)  # enough rows now
         ckpt.remove()  # its models are written

@@ -125,6 +125,43 @@ def test_stages_one_by_one_and_resume(tmp_path):
     assert bad.returncode == 2 and "train.epochs=0: must be >= 1" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_nodes_added_to_the_input_train_alone_and_the_others_keep_their_models(tmp_path):
+    """A site adds new nodes' exports to the training input (new hardware): the store is ingested
+    again, but only the new nodes train; the others' models stay as they are, since a model keys on
+    its own node's data, not on the whole input. They are what a training from scratch gives."""
+    exports = generate(tmp_path / "exports", nodes=4, rows=300)
+    aside = tmp_path / "later"
+    aside.mkdir()
+    (exports / "node0003.csv").rename(aside / "node0003.csv")
+    run = tmp_path / "run"
+    common = [f"data.source={exports}", f"hydra.run.dir={run}", "train.epochs=2", "compute.progress=false"]
+    hpcad("train", *common)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (run / "models").glob("*.pt")}
+    assert sorted(mtimes) == ["node0000.pt", "node0001.pt", "node0002.pt"]
+    (aside / "node0003.csv").rename(exports / "node0003.csv")
+    (exports / "node0000.csv").write_text((exports / "node0000.csv").read_text())  # re-exported, same rows
+    out = hpcad("train", *common)
+    assert "resuming: 3 of 4 nodes already have a model" in out.stderr + out.stdout
+    after = {p.name: p.stat().st_mtime_ns for p in (run / "models").glob("*.pt")}
+    assert {k: after[k] for k in mtimes} == mtimes and "node0003.pt" in after
+    # one node's data changed: that node alone trains again
+    lines = (exports / "node0001.csv").read_text().splitlines()
+    lines[5] = ",".join(lines[5].split(",")[:2] + ["0.5"] + lines[5].split(",")[3:])
+    (exports / "node0001.csv").write_text("\n".join(lines) + "\n")
+    out = hpcad("train", *common)
+    assert "resuming: 3 of 4 nodes already have a model" in out.stderr + out.stdout
+    again = {p.name: p.stat().st_mtime_ns for p in (run / "models").glob("*.pt")}
+    assert again["node0001.pt"] != after["node0001.pt"]
+    assert all(again[k] == after[k] for k in after if k != "node0001.pt")
+    fresh = tmp_path / "fresh"
+    hpcad("train", *common[:1], f"hydra.run.dir={fresh}", *common[2:])
+    for name in again:
+        kept, new = (torch.load(r / "models" / name, weights_only=True) for r in (run, fresh))
+        assert kept["fingerprint"] == new["fingerprint"]
+        for a, b in zip(kept["members"][0], new["members"][0]):
+            assert torch.equal(a, b), name
+
+
 def _umask() -> int:
     import os
 

@@ -1,5 +1,6 @@
 """Ingest over several ranks: each rank reads its share of a folder of node files into a part file,
 rank 0 writes store.h5 as an index over the parts; the store is the one a single process writes."""
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 
 from conftest import data_cfg, hpcad
 from hpcad.data.ingest import ingest
-from hpcad.data.store import TelemetryStore, write_index, write_store
+from hpcad.data.store import TelemetryStore, node_digest, write_index, write_store
 from hpcad.data.node import NodeData
 from hpcad.data.synthetic import generate_node, node_frame
 from hpcad.errors import InputError, StoreError
@@ -51,6 +52,7 @@ def _same(a: TelemetryStore, b: TelemetryStore) -> None:
     for n in a.nodes:
         x, y = a.read(n), b.read(n)
         assert a.rows(n) == b.rows(n) and np.array_equal(x.timestamp, y.timestamp)
+        assert a.digest(n) == b.digest(n) != ""  # the same content, the same node digest (model reuse keys on it)
         assert np.array_equal(x.values, y.values, equal_nan=True) and np.array_equal(x.labels, y.labels)
         assert np.array_equal(x.job, y.job)
 
@@ -179,7 +181,7 @@ def test_an_index_lists_its_nodes_without_opening_their_parts(tmp_path):
     for r in range(2):
         p = tmp_path / f"store-part-x-{r}of2.h5"
         write_store(p, ["a", "b"], nodes[r::2], "test")
-        parts[p] = {n.name: (len(n.timestamp), n.labels is not None) for n in nodes[r::2]}
+        parts[p] = {n.name: (len(n.timestamp), n.labels is not None, node_digest(n)) for n in nodes[r::2]}
     write_index(tmp_path / "store.h5", ["a", "b"], parts, "test", "sig", [])
     for p in parts:
         p.rename(p.with_suffix(".away"))
@@ -191,11 +193,22 @@ def test_an_index_lists_its_nodes_without_opening_their_parts(tmp_path):
     assert st.nodes == ["n0", "n1", "n2", "n3"] and [st.rows(n) for n in st.nodes] == [10, 11, 12, 13]
     assert st.labelled == {"n0": False, "n1": False, "n2": True, "n3": False} and st.has_labels
     assert st.read("n3").values.shape == (13, 2)
+    assert st.digest("n3") == node_digest(nodes[3]) != st.digest("n1")  # each node's own content
+    n2 = nodes[2]
+    other_nan = n2.values.copy()
+    other_nan.view(np.uint32)[0, 0] = 0x7FC00001  # a NaN of another payload: the same missing value
+    n2.values[0, 0] = np.nan
+    assert node_digest(dataclasses.replace(n2, values=other_nan)) == node_digest(n2)
+    assert node_digest(dataclasses.replace(n2, labels=np.ones(12, np.int8))) != node_digest(n2)  # what training reads
+    jobs = np.full(12, -1, np.int32)
+    assert node_digest(dataclasses.replace(n2, job=jobs)) != node_digest(dataclasses.replace(n2, job=jobs + 1))
+    assert node_digest(dataclasses.replace(n2, job=jobs + 1)) == node_digest(dataclasses.replace(n2, job=jobs + 7))
     old = tmp_path / "store-part-x-0of2.h5"  # as a store written before the node table: read from its groups
     with h5py.File(old, "a") as f:
-        del f["node_rows"], f["node_labelled"]
+        del f["node_rows"], f["node_labelled"], f["node_digest"]
     st = TelemetryStore(old)
     assert [st.rows(n) for n in st.nodes] == [10, 12] and st.labelled == {"n0": False, "n2": True}
+    assert st.digest("n0") == ""  # no digests: a model keys on the whole input, as before
 
 
 def test_a_tree_of_day_folders_of_node_files_is_read_as_each_nodes_rows_in_time(tmp_path):

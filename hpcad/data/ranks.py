@@ -43,8 +43,8 @@ from hpcad.dist import CLUSTER_WIDE
 from hpcad.errors import InputError
 
 log = logging.getLogger(__name__)
-Share = tuple[str, dict[str, tuple[int, bool]], list, list]  # a rank's part: file name, {node: (rows, labelled)},
-# skipped nodes, skipped files
+# a rank's part: file name, {node: (rows, labelled, digest)}, skipped nodes, skipped files
+Share = tuple[str, dict[str, tuple[int, bool, str]], list, list]
 
 
 @dataclass
@@ -267,7 +267,7 @@ def _kept(part: Path) -> Share:
 
 def _share(part: Path) -> Share:
     st = TelemetryStore(part)
-    return part.name, {n: (st.rows(n), st.labelled[n]) for n in st.nodes}, st.skipped, st.skipped_files
+    return part.name, {n: (st.rows(n), st.labelled[n], st.digest(n)) for n in st.nodes}, st.skipped, st.skipped_files
 
 
 def _write_index(data_cfg, plan: Plan, store_path: Path, results: list[Share], jobs: JobTable | None,

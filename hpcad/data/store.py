@@ -4,7 +4,8 @@
     /metrics           [M] UTF-8 metric names (the same for every node)
     /node_rows         [N] int64, /node_labelled [N] int8: each node's rows and has_labels, in node-name
                        order (a reader lists the nodes without opening each group; older stores lack them)
-    /nodes/<node>/     attrs: rows, has_labels, source
+    /node_digest       [N] UTF-8: each node's content digest (node_digest: what training reads of it), same order
+    /nodes/<node>/     attrs: rows, has_labels, source, digest
         timestamp      [T] int64 epoch seconds (attr time_unit="s"; "row" when the input had none)
         values         [T, M] float32, chunked by rows, gzip + shuffle, NaN = missing sample
                        (every per-node dataset carries HDF5 Fletcher-32 checksums: corruption is an error)
@@ -20,6 +21,7 @@ part a store of one rank's nodes in this layout (hpcad/data/ranks.py).
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
@@ -80,7 +82,23 @@ def check_node_name(name: str, where: str) -> str:
     return name
 
 
-def write_node(f: h5py.File, node: NodeData, source: str = "") -> None:
+def node_digest(node: NodeData) -> str:
+    """A digest of what training reads of a node: timestamps and their unit, values (every NaN alike),
+    labels and which rows ran a job. Equal for a node ingested again from the same telemetry (a file
+    re-exported, other nodes added or changed), so a rerun retrains only the nodes whose data changed."""
+    h = hashlib.sha256(f"{node.time_unit}\n{node.values.shape}\n".encode())
+    h.update(np.ascontiguousarray(node.timestamp, dtype=np.int64).tobytes())
+    values = np.array(node.values, dtype=np.float32)  # a copy: NaNs of other payloads made one
+    values[np.isnan(values)] = np.nan
+    h.update(values.tobytes())
+    for extra in (node.labels is not None and np.asarray(node.labels, dtype=np.int8),
+                  node.job is not None and np.asarray(node.job) >= 0):
+        h.update(b"-" if extra is False else b"+" + np.ascontiguousarray(extra).tobytes())
+    return h.hexdigest()[:24]
+
+
+def write_node(f: h5py.File, node: NodeData, source: str = "") -> str:
+    """Write one node's group; returns its :func:`node_digest`."""
     grp = f.require_group("nodes").create_group(node.name)
     T = node.values.shape[0]
 
@@ -95,7 +113,9 @@ def write_node(f: h5py.File, node: NodeData, source: str = "") -> None:
         put("labels", node.labels.astype(np.int8))
     if node.job is not None:
         put("job", node.job.astype(np.int32))
-    grp.attrs.update(rows=T, has_labels=node.labels is not None, source=source)
+    digest = node_digest(node)
+    grp.attrs.update(rows=T, has_labels=node.labels is not None, source=source, digest=digest)
+    return digest
 
 
 def write_store(path: str | os.PathLike[str], metrics: list[str], nodes: Iterable[NodeData],
@@ -106,15 +126,15 @@ def write_store(path: str | os.PathLike[str], metrics: list[str], nodes: Iterabl
     an error unless ``empty_ok``: a rank's part whose nodes were all skipped). ``skipped`` and
     ``skipped_files`` (bad nodes, bad files of a folder of many nodes' files) fill while the nodes
     stream and are recorded at the end."""
-    written: dict[str, tuple[int, bool]] = {}
+    written: dict[str, tuple[int, bool, str]] = {}
     with atomic_path(path) as tmp:
         with h5_writing(tmp) as f:
             _write_head(f, metrics, source, signature, jobs)
             for node in nodes:
                 if node.values.shape[1] != len(metrics):
                     raise InputError(f"node {node.name}: {node.values.shape[1]} metrics, store has {len(metrics)}")
-                write_node(f, node, str(source))
-                written[node.name] = (node.values.shape[0], node.labels is not None)
+                digest = write_node(f, node, str(source))
+                written[node.name] = (node.values.shape[0], node.labels is not None, digest)
             if not written and not empty_ok:
                 raise InputError(f"{source}: no usable node" + (f" ({len(skipped)} skipped)" if skipped else ""))
             _write_node_table(f, written)
@@ -123,10 +143,10 @@ def write_store(path: str | os.PathLike[str], metrics: list[str], nodes: Iterabl
     return len(written)
 
 
-def write_index(path: Path, metrics: list[str], parts: dict[Path, dict[str, tuple[int, bool]]], source: str,
+def write_index(path: Path, metrics: list[str], parts: dict[Path, dict[str, tuple[int, bool, str]]], source: str,
                 signature: str, skipped: list, jobs: JobTable | None = None, skipped_files: list | None = None) -> int:
     """Write ``path`` atomically as a store whose nodes live in ``parts`` (part file -> {node: (rows,
-    labelled)}, each part a store written by :func:`write_store` beside ``path``); returns the number
+    labelled, digest)}, each part a store written by :func:`write_store` beside ``path``); returns the number
     of nodes. Its ``/node_rows`` and ``/node_labelled`` let a reader list the nodes without opening
     every part once per node (thousands of opens per rank on Lustre)."""
     table = {node: rl for nodes in parts.values() for node, rl in nodes.items()}
@@ -142,11 +162,13 @@ def write_index(path: Path, metrics: list[str], parts: dict[Path, dict[str, tupl
     return len(table)
 
 
-def _write_node_table(f: h5py.File, nodes: dict[str, tuple[int, bool]]) -> None:
-    """``/node_rows`` and ``/node_labelled`` in node-name order (what :class:`TelemetryStore` lists)."""
+def _write_node_table(f: h5py.File, nodes: dict[str, tuple[int, bool, str]]) -> None:
+    """``/node_rows``, ``/node_labelled`` and ``/node_digest`` in node-name order (what
+    :class:`TelemetryStore` lists)."""
     names = sorted(nodes)
     f.create_dataset("node_rows", data=np.array([nodes[n][0] for n in names], dtype=np.int64))
     f.create_dataset("node_labelled", data=np.array([nodes[n][1] for n in names], dtype=np.int8))
+    f.create_dataset("node_digest", data=np.array([nodes[n][2] for n in names], dtype=object), dtype=STR)
 
 
 def part_path(store_path: Path, signature: str, rank: int, size: int) -> Path:
@@ -208,6 +230,9 @@ class TelemetryStore:
             else:  # stores written before 2026-12-02
                 self._rows = {n: int(f["nodes"][n].attrs["rows"]) for n in self.nodes}
                 self.labelled = {n: bool(f["nodes"][n].attrs["has_labels"]) for n in self.nodes}
+            # stores written before 2026-12-03 have no digests: training then keys on the whole store
+            digests = f["node_digest"].asstr()[()] if "node_digest" in f else []
+            self._digests = dict(zip(self.nodes, digests)) if len(digests) == len(self.nodes) else {}
             self.has_labels = any(self.labelled.values())
             self.source = str(f.attrs.get("source", ""))
             self.signature = str(f.attrs.get("source_signature", ""))
@@ -218,6 +243,10 @@ class TelemetryStore:
 
     def rows(self, node: str) -> int:
         return self._rows[node]
+
+    def digest(self, node: str) -> str:
+        """The node's content digest (:func:`node_digest`), or "" for a store written without them."""
+        return self._digests.get(node, "")
 
     def read(self, node: str) -> NodeData:
         if node not in self._rows:
