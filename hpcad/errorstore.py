@@ -68,6 +68,15 @@ class ErrorStore:
                           if k in ("created", "store_signature", "models_stamp", "store", "models", "excess_weight",
                                    "metric_scales", "signal_choice")}
 
+    def keep(self, nodes: list[str]) -> ErrorStore:
+        """This file read as if it held only ``nodes`` (those of them it has); returns itself."""
+        wanted = set(nodes)
+        self.nodes = [n for n in self.nodes if n in wanted]
+        self.rows = {n: r for n, r in self.rows.items() if n in wanted}
+        self.missing = {n: v for n, v in self.missing.items() if n in wanted}
+        self.lost = {n: v for n, v in self.lost.items() if n in wanted}
+        return self
+
     @property
     def smooth(self) -> int | None:
         """The smoothing window the signals were written with (a node's ``smooth`` attribute), or None."""

@@ -28,7 +28,7 @@ from hpcad.data.store import TelemetryStore, is_store_path, run_store_path
 from hpcad.errors import ConfigError, InputError, StoreError
 from hpcad.explain import class_profiles
 from hpcad.errorstore import FORMAT, ErrorStore, remove_other_signal_files, signal_files, write_index
-from hpcad.model.files import UNTRAINED_SUFFIX, models_stamp, untrained_nodes
+from hpcad.model.files import UNTRAINED_SUFFIX, model_nodes, models_stamp, untrained_nodes
 from hpcad.threshold.evaluate import apply_thresholds, evaluate
 from hpcad.threshold.reduce import reducer
 from hpcad.threshold.rules import Thresholds
@@ -84,7 +84,9 @@ def ranked_share(cfg: HpcadConfig, run_dir: Path, gpu_collectives: bool = False,
 
 def _monitored(cfg: HpcadConfig, run_dir: Path, nodes: list[str], say: bool = True) -> list[str]:
     """``nodes`` less those training left untrained (``data.on_bad_node=skip``: too few training rows):
-    they have no model to score with, and the baselines leave them out too (like for like)."""
+    they have no model to score with, and the baselines leave them out too (like for like). Scoring
+    new data with ``train_run``, nodes the training run has no model for (added since) are left out
+    too, as the nightly job leaves them; in the run that trained, a missing model is an error."""
     md = models_dir(cfg, run_dir)
     left = untrained_nodes(md)  # none where there is no models folder
     out = [n for n in nodes if n not in left]
@@ -95,6 +97,14 @@ def _monitored(cfg: HpcadConfig, run_dir: Path, nodes: list[str], say: bool = Tr
         first = next(n for n in nodes if n in left)
         log.warning("%d node(s) were left untrained by training (%s/<node>%s) and are not scored, the first: %s (%s)",
                     len(nodes) - len(out), md, UNTRAINED_SUFFIX, first, left[first])
+    if runfolder.train_run(cfg) is not None:
+        trained = set(model_nodes(md))
+        new = [n for n in out if n not in trained]
+        if new and len(new) < len(out):  # none trained at all: score_nodes names them
+            if say:
+                log.warning("%d node(s) have no model in the training run (%s; nodes added since it trained?) and "
+                            "are not scored: %s", len(new), md, ", ".join(new[:10]) + (" ..." if len(new) > 10 else ""))
+            out = [n for n in out if n in trained]
     return out
 
 

@@ -178,9 +178,18 @@ def test_scoring_new_data_with_a_trained_run(tmp_path):
     early = hpcad("threshold", f"hydra.run.dir={train}", check=False)  # no errors.h5 yet: a clear message
     assert early.returncode == 2 and "run `hpcad score`" in early.stderr and "Traceback" not in early.stderr
     scored = tmp_path / "scored"
-    hpcad("run", f"data.source={exports}", f"train_run={train}", f"hydra.run.dir={scored}",
-          "baselines.methods=[]", "compute.progress=false", "split.train=0", "split.val=0.5", "report.enabled=false")
+    (exports / "node0007.csv").write_text((exports / "node0001.csv").read_text())  # new hardware since training
+    p = hpcad("run", f"data.source={exports}", f"train_run={train}", f"hydra.run.dir={scored}",
+              "baselines.methods=[]", "compute.progress=false", "split.train=0", "split.val=0.5", "report.enabled=false")
     assert not (scored / "models").exists()  # the trained run's models were used
+    # before: "no model for nodes ['node0007'] ... train them first", nothing scored
+    assert f"1 node(s) have no model in the training run ({train / 'models'}; nodes added since it trained?) and are " \
+           "not scored: node0007" in p.stdout + p.stderr
+    with h5py.File(scored / "errors.h5") as f:
+        assert sorted(f["nodes"]) == ["node0000", "node0001"]
+    hpcad("report", f"data.source={exports}", f"train_run={train}", f"hydra.run.dir={scored}", "split.train=0",
+          "split.val=0.5")
+    assert "<h2>Nodes without a model (1)</h2>" in (scored / "report.html").read_text()
     m = json.loads((scored / "metrics.json").read_text())
     assert m["splits"]["train"]["rows"] == 0 and m["splits"]["val"]["rows"] > 0
     # half-size errors.h5: float16 per-metric errors, the same float32 signal, thresholds and alarms

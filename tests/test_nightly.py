@@ -261,6 +261,50 @@ def test_a_node_on_the_sites_maintenance_log_settles_on_nights_since_its_change(
     assert not (out / "2025-01-13").exists()
 
 
+def test_a_node_retired_in_the_maintenance_log_is_not_expected_nor_scored(site, tmp_path):
+    """node0001 left service on 2025-01-11 (moved to another partition). Before, every night from then
+    on failed as partial input (2 of 3 trained nodes: under nightly.min_node_fraction), or, on a large
+    cluster, listed it as silent night after night; the way out was deleting its model from the
+    training run. Listed as retired, it is not expected and not scored, even when it sends rows; a
+    later row of kind changed brings it back, settling."""
+    inp = tmp_path / "in"
+    for day in ("2025-01-10", "2025-01-11", "2025-01-12"):
+        shutil.copytree(site / "daily" / day, inp / day)
+    (inp / "2025-01-11" / "node0001.csv").unlink()  # 01-12: its collector still sends
+    changes = tmp_path / "changes.csv"
+    changes.write_text("node,since,note,kind\nnode0001,2025-01-11,moved to the test partition,retired\n")
+    out = tmp_path / "nightly"
+    args = [f"train_run={site / 'trainrun'}", f"nightly.input='{inp}/{{date}}'", f"nightly.out={out}",
+            "compute.progress=false", f"hydra.run.dir={tmp_path / 'log'}", f"nightly.changes={changes}"]
+    p = hpcad("nightly", *args, "nightly.date=2025-01-10..2025-01-12")
+    said = p.stdout + p.stderr
+    levels = {d: [r["node"] for r in csv.DictReader(open(out / d / "levels.csv"))]
+              for d in ("2025-01-10", "2025-01-11", "2025-01-12")}
+    assert levels == {"2025-01-10": ["node0000", "node0001", "node0002"], "2025-01-11": ["node0000", "node0002"],
+                      "2025-01-12": ["node0000", "node0002"]}
+    assert "1 node(s) retired in nightly.changes sent rows tonight, not scored: node0001" in said
+    assert "sent no telemetry" not in said and "without a trained model" not in said
+    for d in ("2025-01-11", "2025-01-12"):
+        report = (out / d / "report.html").read_text()
+        assert "1 node(s) retired in the maintenance log (<code>nightly.changes</code>) are not expected" in report
+        assert "Telemetry gaps" not in report
+        assert not [i for i in json.loads((out / d / "incidents.json").read_text())
+                    if i["node"] == "node0001" and i["state"] != "resolved"]
+    prom = dict(line.rsplit(" ", 1) for line in (out / "hpcad.prom").read_text().splitlines() if not line.startswith("#"))
+    assert float(prom['hpcad_nightly_nodes{outcome="retired"}']) == 1
+    assert float(prom['hpcad_nightly_nodes{outcome="silent"}']) == 0 and 'hpcad_node_alarm{node="node0001"}' not in prom
+    # back in service on 01-12: scored again, settling after its change
+    changes.write_text(changes.read_text() + "node0001,2025-01-12,back from the test partition,changed\n")
+    hpcad("nightly", *args, "nightly.date=2025-01-12", "report.enabled=false")
+    assert [r["node"] for r in csv.DictReader(open(out / "2025-01-12" / "levels.csv"))] == [
+        "node0000", "node0001", "node0002"]
+    assert all(a["settling"]["since"] == "2025-01-12"
+               for a in json.loads((out / "2025-01-12" / "alarms.json").read_text()) if a["node"] == "node0001")
+    changes.write_text("node,since,kind\nnode0001,2025-01-11,gone\n")
+    p = hpcad("nightly", *args, "nightly.date=2025-01-12", check=False)
+    assert p.returncode == 2 and f"{changes}, line 2: kind='gone' for node node0001: one of changed, retired" in p.stderr
+
+
 @pytest.mark.parametrize("where", ["cluster", "rack"])
 def test_a_cooling_fault_across_the_cluster_is_one_event_not_an_incident_per_node(site, tmp_path, where):
     """The machine room's cooling fails from 02:00 to 05:00: every node runs hotter and draws more power.

@@ -1,5 +1,6 @@
 """Batch jobs on a real SLURM (slurm/dev-cluster.sh): requeue, scoring with trained models, the
 nightly job through sbatch. Split from test_slurm.py so that `pytest -n` runs the two side by side."""
+import csv
 import json
 import re
 import shutil
@@ -112,11 +113,19 @@ def test_nightly_job_scores_through_sbatch(tmp_path, slurm_env):
                            10.0, ["2025-01-07"], valid_from=valid_from)
         lm.version = version
         LightMaps(out / "light").save("node0001", lm)
+    # new hardware (no model: before, the scoring job stopped at "no model for nodes ['node0009']"), and a
+    # node retired in the maintenance log whose collector still sends: neither is in the night's outputs
+    day = tmp_path / "daily" / "2025-01-08"
+    shutil.copy(day / "node0003.csv", day / "node0009.csv")
+    (tmp_path / "changes.csv").write_text("node,since,note,kind\nnode0002,2025-01-08,to the test partition,retired\n")
     env = nightly_env_file(tmp_path, out, extra="nightly.job_tasks=2 nightly.job_mem_mb=1500",
-                           more=f"HPCAD_SLURM=1\nSLURM_CONF={slurm_env['SLURM_CONF']}\n")
+                           more=f"HPCAD_SLURM=1\nSLURM_CONF={slurm_env['SLURM_CONF']}\n"
+                                f"HPCAD_CHANGES={tmp_path / 'changes.csv'}\n")
     p = cron(env, "--date", "2025-01-08")
     assert p.returncode == 0, p.stderr[-3000:]
     night = out / "2025-01-08"
+    assert [r["node"] for r in csv.DictReader(open(night / "levels.csv"))] == ["node0000", "node0001", "node0003"]
+    assert not [a for a in json.loads((night / "alarms.json").read_text()) if a["node"] in ("node0002", "node0009")]
     with h5py.File(night / "errors.h5") as f:
         assert [f[f"nodes/node000{i}"].attrs["light_version"] for i in range(4)] == [0, 1, 0, 0]
     logs = list(night.glob("slurm-*.out"))

@@ -2,11 +2,15 @@
 reconfigured behaves otherwise from a date on, and its model, trained before, alarms on its new
 normal. A CSV the site keeps, one change per row::
 
-    node,since,note
-    cn0012,2025-01-10,DIMMs replaced
+    node,since,note,kind
+    cn0012,2025-01-10,DIMMs replaced,
+    cn0200,2025-02-01,moved to the test partition,retired
 
 ``node``: the name its model carries (SLURM's, after ``data.node_names``); ``since``: the first night
-(YYYY-MM-DD, in ``nightly.timezone``) of the new behaviour; ``note``: optional, shown in the report.
+(YYYY-MM-DD, in ``nightly.timezone``) of the new behaviour; ``note``: optional, shown in the report;
+``kind``: optional, ``changed`` (the default) or ``retired``: from ``since`` on the node is out of
+service (decommissioned, moved, powered off for good): not expected, so neither silent nor counted
+against ``nightly.min_node_fraction``, and not scored. A later ``changed`` row brings it back.
 
 From ``since`` on the node is *settling* until a light map fitted only on nights since the change
 scores it: its alarms are kept (alarms.csv, alarms.json with ``settling``) but open no incident (so
@@ -27,7 +31,8 @@ from hpcad.errors import ConfigError, InputError
 if TYPE_CHECKING:
     from hpcad.model.light import LightMap
 
-HEADER = ["node", "since", "note"]
+HEADER = ["node", "since", "note", "kind"]
+KINDS = ("changed", "retired")
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,11 @@ class Change:
     node: str
     since: str  # YYYY-MM-DD: the first night of the new behaviour
     note: str = ""
+    kind: str = "changed"  # or "retired": out of service from ``since`` on
+
+    @property
+    def retired(self) -> bool:
+        return self.kind == "retired"
 
     def settled_by(self, lm: LightMap | None, nights: int) -> bool:
         """Whether the light map ``lm`` (the one valid tonight) was fitted on nights since the change only,
@@ -50,20 +60,20 @@ class Change:
 
 def read_changes(path: str | Path | None) -> dict[str, list[Change]]:
     """node -> its changes, oldest first; empty without a file. A missing file, a header without
-    ``node`` and ``since``, or a row without a node or with a date that is not YYYY-MM-DD is refused,
-    naming the file and the line."""
+    ``node`` and ``since``, or a row without a node, with a date that is not YYYY-MM-DD or an unknown
+    ``kind`` is refused, naming the file and the line."""
     if not path:
         return {}
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"nightly.changes={str(path)!r}: no such file (the site's maintenance log: a CSV "
-                          f"node,since[,note]; docs/operations.md)")
+                          f"node,since[,note][,kind]; docs/operations.md)")
     out: dict[str, list[Change]] = {}
     with open(p, newline="") as fh:
         rows = csv.DictReader(fh)
         missing = [c for c in HEADER[:2] if c not in (rows.fieldnames or [])]
         if missing:
-            raise InputError(f"{p}: the header must name the columns node,since[,note] (missing: "
+            raise InputError(f"{p}: the header must name the columns node,since[,note][,kind] (missing: "
                              f"{', '.join(missing)}; found: {', '.join(rows.fieldnames or []) or 'nothing'})")
         for r in rows:
             line = rows.line_num
@@ -79,7 +89,11 @@ def read_changes(path: str | Path | None) -> dict[str, list[Change]]:
             except ValueError:
                 raise InputError(f"{p}, line {line}: since={since!r} for node {node} is not a night as "
                                  f"YYYY-MM-DD") from None
-            out.setdefault(node, []).append(Change(node, since, (r.get("note") or "").strip()))
+            kind = (r.get("kind") or "").strip().lower() or "changed"
+            if kind not in KINDS:
+                raise InputError(f"{p}, line {line}: kind={r['kind']!r} for node {node}: one of {', '.join(KINDS)} "
+                                 f"(empty: changed)")
+            out.setdefault(node, []).append(Change(node, since, (r.get("note") or "").strip(), kind))
     return {node: sorted(cs, key=lambda c: c.since) for node, cs in out.items()}
 
 

@@ -91,6 +91,10 @@ class Tonight:
         """The node's latest change on or before tonight."""
         return change_for(self.changes, node, self.iso)
 
+    def retired(self) -> set[str]:
+        """The nodes the maintenance log says are out of service tonight (``kind`` retired)."""
+        return {node for node in self.changes if (c := self.change(node)) and c.retired}
+
     def settling(self, nodes: list[str]) -> dict[str, Change]:
         """The nodes changed on or before tonight that no light map fitted since the change scores yet:
         their alarms open no incident (hpcad.nightly.changes)."""
@@ -112,6 +116,7 @@ class Built:
     drifted: list[str]
     refits: list[dict]
     silent: list[str] = field(default_factory=list)  # trained nodes without a row tonight
+    retired: list[str] = field(default_factory=list)  # out of service (nightly.changes): not expected, not scored
     settling: dict[str, Change] = field(default_factory=dict)  # changed nodes whose alarms open no incident
     events: list[dict] = field(default_factory=list)  # cluster-wide events (hpcad.nightly.events)
 
@@ -123,7 +128,8 @@ def build_night(cfg: HpcadConfig, day: dt.date, src: Path, out: Path, tmp: Path,
     t = Tonight(cfg, _day_cfg(cfg, src, _jobs_file(n, day)), day, out, tmp, train_run, src)
     t.changes, t.groups  # a bad maintenance log or group file stops the night before its ingest
     store, nodes, new, silent = _ingest(t)
-    unknown = sorted(set(t.changes) - set(nodes) - set(silent))
+    retired = sorted(t.retired())
+    unknown = sorted(set(t.changes) - set(nodes) - set(silent) - set(retired))
     if unknown:
         log.warning("nightly %s: nightly.changes names %d node(s) without a trained model: %s (the names the "
                     "models carry: SLURM's, after data.node_names)", t.iso, len(unknown), ", ".join(unknown[:10]))
@@ -149,11 +155,14 @@ def build_night(cfg: HpcadConfig, day: dt.date, src: Path, out: Path, tmp: Path,
         write_report(t.dcfg, tmp, errors, t.models_dir, title=f"hpcad nightly {t.iso}",
                      extra=nightly_sections(t.iso, src, new, verdicts, refits, n, incidents,
                                             trend(out, t.iso, len(nodes), len(records), incidents), silent, gaps,
-                                            max_share, _changes_seen(t, nodes, settling, refits), events, zone),
+                                            max_share, _changes_seen(t, nodes, settling, refits), events, zone,
+                                            retired),
                      folder=out / t.iso,
                      node_history=node_history(out, t.iso, levels, incidents, {r["node"] for r in records}),
-                     node_summary=False, zone=zone)  # the Incidents section is the night's node view
-    return Built(src, nodes, new, records, incidents, confirmed, levels, drifted, refits, silent, settling, events)
+                     node_summary=False, zone=zone,  # the Incidents section is the night's node view
+                     list_unmodelled=False)  # its own sections list new and retired nodes
+    return Built(src, nodes, new, records, incidents, confirmed, levels, drifted, refits, silent, retired, settling,
+                 events)
 
 
 def _jobs_file(n: NightlyConfig, day: dt.date) -> Path | None:
@@ -176,13 +185,19 @@ def _day_cfg(cfg: HpcadConfig, source: Path, jobs: Path | None):
 
 def _ingest(t: Tonight) -> tuple[TelemetryStore, list[str], list[str], list[str]]:
     """Step 1: the day's store; the nodes with a trained model, those without (not scored), and the
-    trained nodes without a row tonight (silent: down, or their collector is)."""
+    trained nodes without a row tonight (silent: down, or their collector is). Nodes retired in the
+    maintenance log are none of these: not expected, not scored."""
     store = TelemetryStore(ingest(t.dcfg.data, t.tmp / "store.h5", t.cfg.compute.progress))
-    trained = model_nodes(t.models_dir)
-    nodes = [x for x in store.nodes if model_path(t.models_dir, x).exists()]
-    new = sorted(set(store.nodes) - set(nodes))
-    silent = sorted(set(trained) - set(store.nodes))
-    _check_complete(store, nodes, trained, t.day, t.src, t.cfg.nightly)
+    retired = t.retired()
+    expected = [x for x in model_nodes(t.models_dir) if x not in retired]
+    nodes = [x for x in store.nodes if x not in retired and model_path(t.models_dir, x).exists()]
+    new = sorted(set(store.nodes) - set(nodes) - retired)
+    silent = sorted(set(expected) - set(store.nodes))
+    back = sorted(retired & set(store.nodes))
+    if back:
+        log.info("nightly %s: %d node(s) retired in nightly.changes sent rows tonight, not scored: %s (a row of "
+                 "kind changed brings a node back)", t.iso, len(back), ", ".join(back[:10]))
+    _check_complete(store, nodes, expected, t.day, t.src, t.cfg.nightly)
     if new:
         left = untrained_nodes(t.models_dir)  # training left them without a model (too few training rows)
         log.warning("nightly %s: %d node(s) without a trained model are not scored: %s%s", t.iso, len(new), new[:10],
@@ -197,11 +212,11 @@ def _score(t: Tonight, store: TelemetryStore, nodes: list[str], overrides: list[
            recipe: signal_choice.Recipe | None) -> ErrorStore:
     """Step 2: errors.h5, each node with its light map valid tonight; ``recipe``: the signal's recipe
     the applied thresholds were fitted with."""
-    if t.cfg.nightly.slurm:
+    if t.cfg.nightly.slurm:  # the job scores every node with a model: retired ones that sent rows too
         _score_slurm(t, overrides)
-    else:
-        score_nodes(t.dcfg, store, t.models_dir, t.tmp / "errors.h5", nodes,
-                    light=lambda node: t.maps.for_night(node, t.iso), recipe_fallback=recipe)
+        return ErrorStore(t.tmp / "errors.h5").keep(nodes)
+    score_nodes(t.dcfg, store, t.models_dir, t.tmp / "errors.h5", nodes,
+                light=lambda node: t.maps.for_night(node, t.iso), recipe_fallback=recipe)
     return ErrorStore(t.tmp / "errors.h5")
 
 

@@ -29,7 +29,8 @@ def announce(n: NightlyConfig, out: Path, day: dt.date, built) -> dict:
     history fields."""
     iso = day.isoformat()
     fresh = [i for i in built.incidents if i["state"] == "new"]
-    export_prometheus(n, out, day, built.levels, built.incidents, len(built.new), len(built.silent), built.events)
+    export_prometheus(n, out, day, built.levels, built.incidents, len(built.new), len(built.silent), built.events,
+                      len(built.retired))
     notified = notify(n, out / iso, iso, fresh, built.events) if fresh or built.events else ""
     if built.confirmed and n.drain and last_night(day, n.timezone):
         write_json(out / iso / "drain.json", drain(built.confirmed, n.drain_max_nodes,
@@ -43,7 +44,7 @@ def announce(n: NightlyConfig, out: Path, day: dt.date, built) -> dict:
 
 
 def export_prometheus(n: NightlyConfig, out: Path, day: dt.date, levels: list[dict], incidents: list[dict],
-                      unscored: int, silent: int = 0, events: list[dict] | None = None) -> None:
+                      unscored: int, silent: int = 0, events: list[dict] | None = None, retired: int = 0) -> None:
     """The textfile (``nightly.prometheus``, default ``<out>/hpcad.prom``) for the newest night only."""
     newest = max(published_nights(out), default="")
     if day.isoformat() < newest:
@@ -51,7 +52,7 @@ def export_prometheus(n: NightlyConfig, out: Path, day: dt.date, levels: list[di
         return
     path = Path(n.prometheus).expanduser() if n.prometheus else out / "hpcad.prom"
     write_textfile(path, render(levels, incidents, day_bounds(day, n.timezone)[0], unscored, silent=silent,
-                                events=events))
+                                events=events, retired=retired))
 
 
 def notify(n: NightlyConfig, night_dir: Path, iso: str, fresh: list[dict], events: list[dict] | None = None) -> str:

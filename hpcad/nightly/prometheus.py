@@ -24,7 +24,7 @@ FAMILIES = {
     "hpcad_nightly_night_timestamp_seconds": "Start (midnight, site time zone) of the newest night scored.",
     "hpcad_nightly_last_success_timestamp_seconds": "When the newest night's run finished.",
     "hpcad_nightly_nodes": "Nodes in the newest night, by outcome (scored, without_model, silent: trained, "
-                           "no row tonight).",
+                           "no row tonight; retired: out of service in the maintenance log).",
     "hpcad_nightly_incidents": "Incidents of the newest night, by state (new, ongoing, resolved).",
     "hpcad_nightly_cluster_events": "Cluster-wide events of the newest night (many nodes alarmed in the same hours).",
     "hpcad_nightly_cluster_event_nodes": "Nodes alarmed in the newest night's largest cluster-wide event (0: none).",
@@ -41,7 +41,7 @@ def _value(v: float) -> str:
 
 
 def render(levels: list[dict], incidents: list[dict], night_start: int, unscored: int,
-           finished: float | None = None, silent: int = 0, events: list[dict] | None = None) -> str:
+           finished: float | None = None, silent: int = 0, events: list[dict] | None = None, retired: int = 0) -> str:
     samples: dict[str, list[tuple[dict, float]]] = {k: [] for k in FAMILIES}
     open_nodes = {i["node"] for i in incidents if i["state"] in OPEN}
     for lv in levels:
@@ -56,7 +56,7 @@ def render(levels: list[dict], incidents: list[dict], night_start: int, unscored
     samples["hpcad_nightly_night_timestamp_seconds"].append(({}, night_start))
     samples["hpcad_nightly_last_success_timestamp_seconds"].append(({}, time.time() if finished is None else finished))
     samples["hpcad_nightly_nodes"] += [({"outcome": "scored"}, len(levels)), ({"outcome": "without_model"}, unscored),
-                                       ({"outcome": "silent"}, silent)]
+                                       ({"outcome": "silent"}, silent), ({"outcome": "retired"}, retired)]
     for state in STATES:
         samples["hpcad_nightly_incidents"].append(({"state": state}, sum(i["state"] == state for i in incidents)))
     samples["hpcad_nightly_cluster_events"].append(({}, len(events or [])))

@@ -60,8 +60,9 @@ def nightly_sections(iso: str, src: Path, new: list[str], verdicts: list[dict], 
                       incidents: list[dict], trend: list[list] | None = None, silent: list[str] | None = None,
                       gaps: list[dict] | None = None, max_share: float = 0.5,
                       changes: list[list] | None = None, events: list[dict] | None = None,
-                      zone: str | None = None) -> list[str]:
-    """The nightly report's own sections; ``zone``: the report's (events' times), default the site's."""
+                      zone: str | None = None, retired: list[str] | None = None) -> list[str]:
+    """The nightly report's own sections; ``zone``: the report's (events' times), default the site's;
+    ``retired``: nodes out of service (nightly.changes), not expected."""
     from hpcad.report.markup import gap_text, html_table, in_zone, top_names
     from hpcad.report.plots import trend_plot
 
@@ -72,6 +73,10 @@ def nightly_sections(iso: str, src: Path, new: list[str], verdicts: list[dict], 
     if new:
         parts.append(f"<p>{len(new)} node(s) without a trained model were not scored: "
                      f"{html.escape(', '.join(new[:50]))}</p>")
+    if retired:
+        parts.append(f"<p>{len(retired)} node(s) retired in the maintenance log (<code>nightly.changes</code>) are "
+                     f"not expected and not scored: {html.escape(', '.join(retired[:50]))}"
+                     f"{' ...' if len(retired) > 50 else ''}</p>")
     if silent or gaps:
         rows = [[node, "no rows tonight", 0] for node in silent or []]
         rows += [[g["node"], gap_text(g, max_share), g["rows"]] for g in gaps or []]

@@ -58,12 +58,13 @@ def _signal_said(errors: ErrorStore, cfg: HpcadConfig) -> str:
 def write_report(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, models_dir: Path, title: str = "hpcad report",
                  extra: list[str] | None = None, folder: Path | None = None,
                  node_history: dict[str, list[list]] | None = None, node_summary: bool = True,
-                 zone: str | None = None) -> Path:
+                 zone: str | None = None, list_unmodelled: bool = True) -> Path:
     """The run's (or a night's) report; ``extra`` HTML sections go after the overview; ``folder`` is
     the folder named on the page when ``run_dir`` is a temporary one that will be renamed;
     ``node_summary``: the table of alarmed nodes after the overview (a night has its incidents instead);
     ``node_history`` (node -> rows of :data:`hpcad.report.nodes.HISTORY_HEADER`, newest first) goes on the node pages;
-    times are shown in ``report.timezone``, else ``zone`` (the nightly's site zone), else ``data.timezone``."""
+    times are shown in ``report.timezone``, else ``zone`` (the nightly's site zone), else ``data.timezone``;
+    ``list_unmodelled``: a section for the input's nodes without a model (the nightly has its own)."""
     zone = report_zone(cfg, zone)
     th = Thresholds.load(run_dir / "thresholds.json")
     metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else None
@@ -106,6 +107,14 @@ def write_report(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, models_dir
                      f"these nodes have no model and were not scored"
                      + (f"; the first {len(rows)} listed (all in <code>models/*.untrained.json</code>)"
                         if len(rows) < len(untrained) else "") + ".</p>" + html_table(rows, ["node", "reason"]))
+    unmodelled = sorted(set(store.nodes) - set(errors.nodes) - set(untrained) - {s[0] for s in store.skipped}) \
+        if store is not None and list_unmodelled else []
+    if unmodelled:  # scoring new data with a training run that has no model for them (train_run)
+        parts.append(f"<h2>Nodes without a model ({len(unmodelled)})</h2><p>In the input, but the training run "
+                     f"(<code>{html.escape(str(models_dir))}</code>) has no model for them (nodes added since it "
+                     f"trained): not scored. Train them into that run (docs/operations.md).</p><p>"
+                     + html.escape(", ".join(unmodelled[:MAX_UNTRAINED_LISTED]))
+                     + (" ..." if len(unmodelled) > MAX_UNTRAINED_LISTED else "") + "</p>")
     in_overview = ranked[: cfg.report.max_nodes_overview]
     if in_overview:
         parts.append("<h2>Cluster overview</h2>" + overview(errors, th, sorted(in_overview), time_unit, zone))
