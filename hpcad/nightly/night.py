@@ -127,9 +127,8 @@ def build_night(cfg: HpcadConfig, day: dt.date, src: Path, out: Path, tmp: Path,
     n = cfg.nightly
     t = Tonight(cfg, _day_cfg(cfg, src, _jobs_file(n, day)), day, out, tmp, train_run, src)
     t.changes, t.groups  # a bad maintenance log or group file stops the night before its ingest
-    store, nodes, new, silent = _ingest(t)
-    retired = sorted(t.retired())
-    unknown = sorted(set(t.changes) - set(nodes) - set(silent) - set(retired))
+    store, nodes, new, silent, retired = _ingest(t)
+    unknown = sorted(set(t.changes) - set(nodes) - set(silent) - t.retired())
     if unknown:
         log.warning("nightly %s: nightly.changes names %d node(s) without a trained model: %s (the names the "
                     "models carry: SLURM's, after data.node_names)", t.iso, len(unknown), ", ".join(unknown[:10]))
@@ -183,13 +182,13 @@ def _day_cfg(cfg: HpcadConfig, source: Path, jobs: Path | None):
     return dcfg
 
 
-def _ingest(t: Tonight) -> tuple[TelemetryStore, list[str], list[str], list[str]]:
-    """Step 1: the day's store; the nodes with a trained model, those without (not scored), and the
-    trained nodes without a row tonight (silent: down, or their collector is). Nodes retired in the
-    maintenance log are none of these: not expected, not scored."""
+def _ingest(t: Tonight) -> tuple[TelemetryStore, list[str], list[str], list[str], list[str]]:
+    """Step 1: the day's store; the nodes with a trained model, those without (not scored), the
+    trained nodes without a row tonight (silent: down, or their collector is), and the nodes retired
+    in the maintenance log that have a model or sent rows (none of the others: not expected, not scored)."""
     store = TelemetryStore(ingest(t.dcfg.data, t.tmp / "store.h5", t.cfg.compute.progress))
-    retired = t.retired()
-    expected = [x for x in model_nodes(t.models_dir) if x not in retired]
+    retired, trained = t.retired(), model_nodes(t.models_dir)
+    expected = [x for x in trained if x not in retired]
     nodes = [x for x in store.nodes if x not in retired and model_path(t.models_dir, x).exists()]
     new = sorted(set(store.nodes) - set(nodes) - retired)
     silent = sorted(set(expected) - set(store.nodes))
@@ -205,7 +204,7 @@ def _ingest(t: Tonight) -> tuple[TelemetryStore, list[str], list[str], list[str]
                     f"{UNTRAINED_SUFFIX})" if any(n in left for n in new) else "")
     if silent:
         log.warning("nightly %s: %d trained node(s) sent no telemetry: %s", t.iso, len(silent), silent[:10])
-    return store, nodes, new, silent
+    return store, nodes, new, silent, sorted(retired & (set(trained) | set(store.nodes)))
 
 
 def _score(t: Tonight, store: TelemetryStore, nodes: list[str], overrides: list[str],
