@@ -39,7 +39,7 @@ SplitUnit = _choice("SplitUnit", "fraction", "rows", "time")
 Precision = _choice("Precision", "fp32", "tf32", "bf16")
 ErrorDtype = _choice("ErrorDtype", "float32", "float16")
 ExportFormat = _choice("ExportFormat", "csv", "parquet", "ldms", "long")
-BenchMode = _choice("BenchMode", "train", "score", "ingest", "drift", "report", "baselines", "explain")
+BenchMode = _choice("BenchMode", "train", "score", "ingest", "drift", "report", "baselines", "explain", "nightly")
 LightRetrain = _choice("LightRetrain", "drifted", "all", "off")
 
 
@@ -210,7 +210,7 @@ class GenerateConfig:
 class BenchConfig:
     """``hpcad bench``: synthetic throughput benchmark (see docs/benchmarks.md)."""
 
-    mode: BenchMode = BenchMode.train  # train | score | ingest (bench.input of nodes x days x metrics) | drift (light retraining study) | report | baselines (baselines.methods, one core each) | explain (train_run: alarms' causes vs the synthetic faults)
+    mode: BenchMode = BenchMode.train  # train | score | ingest (bench.input of nodes x days x metrics) | drift (light retraining study) | report | baselines (baselines.methods, one core each) | explain (train_run: alarms' causes vs the synthetic faults) | nightly (one night of bench.nodes, bench.days of training)
     nodes: int = 64
     rows: int = 6667
     rows_spread: float = 0.0  # train mode: node lengths spread evenly over [(1 - spread) x rows, rows]
@@ -223,7 +223,7 @@ class BenchConfig:
     days: int = 30  # ingest mode: days of 5-minute samples per node
     ranks: int = 1  # ingest mode: local processes that share the ingest (launched as torchrun would)
     input: str = "long"  # ingest mode: long (an ExaMon-like long export) | days (daily wide exports of every node)
-    alarms: int = 200  # report mode: alarmed nodes (bench.nodes=5000 bench.rows=288: a night of a large machine)
+    alarms: int = 200  # report mode: alarmed nodes (bench.nodes=5000 bench.rows=288: a night of a large machine); nightly mode: nodes with anomalies in the night
 
 
 @dataclass

@@ -74,6 +74,12 @@ def check_split(split_cfg) -> tuple[int | float, int | float]:
     raise ConfigError(f"split.unit={unit!r}: expected fraction, rows or time")
 
 
+def no_validation_rows(split_cfg) -> bool:
+    """Whether the split gives no node a validation row (``split.val`` 0 in fractions or rows: a nightly
+    night, new data scored as test), known without reading any node."""
+    return split_cfg.unit in ("fraction", "rows") and check_split(split_cfg)[1] == 0
+
+
 def split_codes(node: NodeData, split_cfg) -> np.ndarray:
     """Split code per row (0 train, 1 validation, 2 test), chronological within the node."""
     T = len(node.timestamp)

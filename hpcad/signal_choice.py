@@ -35,7 +35,7 @@ import numpy as np
 
 from hpcad.dist import CLUSTER_WIDE, all_sum
 from hpcad.errors import ConfigError
-from hpcad.preprocess import VAL, split_codes
+from hpcad.preprocess import VAL, no_validation_rows, split_codes
 from hpcad.signals import Recipe, metric_scales, recorded_holdout, smooth_signal
 from hpcad.threshold.quality import average_precision
 
@@ -100,7 +100,7 @@ def choose(cfg: HpcadConfig, store, node_errors: Callable[[], Iterator[tuple]],
     if len(grid) == 1:
         return grid[0], None
     totals, count, unscaled_only = np.zeros(len(grid)), 0, 0
-    if store.has_labels:
+    if store.has_labels and not no_validation_rows(cfg.split):  # a night's labels: no pass for nothing to choose on
         for model, nd, err, excess2, miss, _ in node_errors():
             rows = validation_labels(split_codes(nd, cfg.split), nd.labels)
             if rows is None:

@@ -1,5 +1,7 @@
 """`hpcad bench` runs as users run it and reports what docs/benchmarks.md records (no timing asserts)."""
+import csv
 import json
+import re
 
 import pytest
 
@@ -34,7 +36,7 @@ def test_bench_score_times_the_real_score_stage(tmp_path):
     assert b["mode"] == "score" and b["nodes_per_s"] > 0 and (tmp_path / "bench_errors.h5").exists()
     bad = hpcad("bench", "bench.mode=fast", f"hydra.run.dir={tmp_path / 'x'}", check=False)
     assert bad.returncode != 0 and "bench.mode" in bad.stderr  # refused when the config is composed
-    assert "expected one of [train, score, ingest, drift, report, baselines, explain]" in bad.stderr
+    assert "expected one of [train, score, ingest, drift, report, baselines, explain, nightly]" in bad.stderr
 
 
 def test_bench_ingest_measures_the_out_of_core_pivot(tmp_path):
@@ -94,3 +96,16 @@ def test_bench_baselines_times_each_method_in_its_own_process(tmp_path):
     assert b["peak_rss_mb"] == max(m["peak_rss_mb"] for m in b["methods"].values())
     bad = hpcad("bench", "bench.mode=baselines", "baselines.methods=[]", f"hydra.run.dir={tmp_path / 'x'}", check=False)
     assert bad.returncode == 2 and "bench.mode=baselines: baselines.methods is empty" in bad.stderr
+
+
+def test_bench_nightly_scores_a_night_as_cron_does_and_says_where_its_time_went(tmp_path):
+    """The nightly job's own time at a site's scale, by phase (the log line every night also carries)."""
+    p = hpcad("bench", "bench.mode=nightly", "bench.nodes=3", "bench.days=2", "bench.alarms=1", "train.epochs=1",
+              "compute.progress=false", f"hydra.run.dir={tmp_path}")
+    b = json.loads((tmp_path / "bench.json").read_text())
+    assert b["mode"] == "nightly" and b["nodes"] == 3 and b["night"] == "2025-01-08"
+    assert list(b["seconds_by_phase"]) == ["ingest", "scoring", "alarms", "drift and light", "report"]
+    assert b["night_s"] >= sum(b["seconds_by_phase"].values()) - 0.05 and b["peak_rss_mb"] > 0
+    night = tmp_path / "nightly" / "2025-01-08"
+    assert len([r for r in csv.DictReader(open(night / "levels.csv"))]) == 3 and (night / "report.html").exists()
+    assert re.search(r"nightly 2025-01-08: 3 nodes, .* s: ingest \d+ s, scoring \d+ s, alarms", p.stdout + p.stderr)

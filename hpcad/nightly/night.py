@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import logging
 import subprocess
+import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -102,6 +103,19 @@ class Tonight:
                 and not c.settled_by(self.maps.for_night(node, self.iso), self.cfg.nightly.light_days)}
 
 
+class Stopwatch:
+    """Seconds per phase of a night (``lap`` ends the phase named), for the log and ``hpcad bench``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = round(now - self._t, 2)
+        self._t = now
+
+
 @dataclass
 class Built:
     """What a built night hands on to its publication and the site's tools."""
@@ -119,6 +133,7 @@ class Built:
     retired: list[str] = field(default_factory=list)  # out of service (nightly.changes): not expected, not scored
     settling: dict[str, Change] = field(default_factory=dict)  # changed nodes whose alarms open no incident
     events: list[dict] = field(default_factory=list)  # cluster-wide events (hpcad.nightly.events)
+    seconds: dict[str, float] = field(default_factory=dict)  # where the night's time went, by phase
 
 
 def build_night(cfg: HpcadConfig, day: dt.date, src: Path, out: Path, tmp: Path, train_run: Path,
@@ -127,7 +142,9 @@ def build_night(cfg: HpcadConfig, day: dt.date, src: Path, out: Path, tmp: Path,
     n = cfg.nightly
     t = Tonight(cfg, _day_cfg(cfg, src, _jobs_file(n, day)), day, out, tmp, train_run, src)
     t.changes, t.groups  # a bad maintenance log or group file stops the night before its ingest
+    clock = Stopwatch()
     store, nodes, new, silent, retired = _ingest(t)
+    clock.lap("ingest")
     unknown = sorted(set(t.changes) - set(nodes) - set(silent) - t.retired())
     if unknown:
         log.warning("nightly %s: nightly.changes names %d node(s) without a trained model: %s (the names the "
@@ -135,12 +152,15 @@ def build_night(cfg: HpcadConfig, day: dt.date, src: Path, out: Path, tmp: Path,
     th = Thresholds.load(train_run / "thresholds.json")  # read once: the night's signal must match it
     fitted = signal_choice.from_details(th.details)
     errors = _score(t, store, nodes, overrides, fitted)
+    clock.lap("scoring")
     signal_choice.check_applies(fitted, errors.recipe, train_run / "thresholds.json", errors.path)
     th.save(tmp / "thresholds.json")
     signals = list(errors.signals())  # alarms, evaluation and drift all read them
     settling = t.settling(list(errors.nodes))
     records, incidents, confirmed, events, held = _alarms(t, store, errors, th, signals, settling)
+    clock.lap("alarms")
     levels, verdicts, drifted, refits = _drift_and_light(t, errors, th, signals, settling, held)
+    clock.lap("drift and light")
     max_share = cfg.report.max_missing_share
     gaps = telemetry_gaps(levels, max_share)
     if gaps:
@@ -160,8 +180,9 @@ def build_night(cfg: HpcadConfig, day: dt.date, src: Path, out: Path, tmp: Path,
                      node_history=node_history(out, t.iso, levels, incidents, {r["node"] for r in records}),
                      node_summary=False, zone=zone,  # the Incidents section is the night's node view
                      list_unmodelled=False)  # its own sections list new and retired nodes
+        clock.lap("report")
     return Built(src, nodes, new, records, incidents, confirmed, levels, drifted, refits, silent, retired, settling,
-                 events)
+                 events, clock.seconds)
 
 
 def _jobs_file(n: NightlyConfig, day: dt.date) -> Path | None:

@@ -40,7 +40,7 @@ def announce(n: NightlyConfig, out: Path, day: dt.date, built) -> dict:
                  "not run (only last night's are)", iso, len(built.confirmed))
     return {"date": iso, "nodes": len(built.nodes), "alarms": len(built.records), "new_incidents": len(fresh),
             "drifted": len(built.drifted), "light_refits": len(built.refits), "notify": notified,
-            "message": f"{built.src}"}
+            "message": f"{built.src}", "seconds_by_phase": built.seconds}
 
 
 def export_prometheus(n: NightlyConfig, out: Path, day: dt.date, levels: list[dict], incidents: list[dict],

@@ -70,8 +70,10 @@ def run_nightly(cfg: HpcadConfig, run_dir: Path, overrides: list[str] | None = N
                 failed.append(str(exc))
                 continue
             history(out, day, "ok", res, t0)
-            log.info("nightly %s: %d nodes, %d alarms, %d drifted, %d light refits -> %s", day, res["nodes"],
-                     res["alarms"], res["drifted"], res["light_refits"], out / day.isoformat())
+            took = ", ".join(f"{phase} {s:.0f} s" for phase, s in res["seconds_by_phase"].items())
+            log.info("nightly %s: %d nodes, %d alarms, %d drifted, %d light refits -> %s (%.0f s: %s)", day,
+                     res["nodes"], res["alarms"], res["drifted"], res["light_refits"], out / day.isoformat(),
+                     time.time() - t0, took)
             results.append(res)
     if failed:
         raise InputError(f"{len(failed)} of {len(days)} nights failed (the other {len(results)} were scored; "
