@@ -2,7 +2,8 @@
 ``bench.mode`` (docs/benchmarks.md): ``train`` (batched training against the naive loop),
 ``score``, ``ingest``, ``baselines``, ``report``, ``drift`` (light retraining against none and
 full retraining on synthetic drift), ``explain`` (how often alarms' causes name the synthetic
-faults, in a run folder) and ``nightly`` (one night of the nightly job, by phase). Each writes ``bench.json`` in the run folder.
+faults, in a run folder) and ``nightly`` (one night of the nightly job, by phase). Each writes
+``bench.json`` in the run folder.
 """
 from __future__ import annotations
 

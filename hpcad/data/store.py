@@ -147,8 +147,8 @@ def write_index(path: Path, metrics: list[str], parts: dict[Path, dict[str, tupl
                 signature: str, skipped: list, jobs: JobTable | None = None, skipped_files: list | None = None) -> int:
     """Write ``path`` atomically as a store whose nodes live in ``parts`` (part file -> {node: (rows,
     labelled, digest)}, each part a store written by :func:`write_store` beside ``path``); returns the number
-    of nodes. Its ``/node_rows`` and ``/node_labelled`` let a reader list the nodes without opening
-    every part once per node (thousands of opens per rank on Lustre)."""
+    of nodes. Its ``/node_rows``, ``/node_labelled`` and ``/node_digest`` let a reader list the nodes
+    without opening every part once per node (thousands of opens per rank on Lustre)."""
     table = {node: rl for nodes in parts.values() for node, rl in nodes.items()}
     with atomic_path(path) as tmp, h5_writing(tmp) as f:
         _write_head(f, metrics, source, signature, jobs)

@@ -11,7 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 # Titles at a fixed place above the axes (none of these plots has tick labels on top): the automatic
-# placement measured every tick label's extent for each title, about a fifth of a node page's time.
+# placement measured every tick label's extent for each title (about 6 % of a node page's time).
 matplotlib.rcParams["axes.titley"] = 1.0
 logging.getLogger("matplotlib").setLevel(logging.WARNING)  # its font-cache and backend chatter
 # A font cache another matplotlib wrote (a shared $HOME: a system matplotlib without the STIX
