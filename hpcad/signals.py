@@ -5,9 +5,10 @@ thresholded and evaluated alike:
 
 - ``smooth_signal``: the row's signal is the mean, on the asinh scale of the signal relative to
   the node's normal level, of the rows around it (``signal.smooth`` rows, centred; ``causal``: the
-  row and the ones before it). For values well above normal this is a geometric mean: one spike
-  does not make an alarm, a sustained rise does. The default window is 25 rows (+-12, the cost
-  model's tolerance), so smoothing moves no alarm further than the cost model already tolerates.
+  row and the ones before it; at the series' ends, the rows there are). For values well above
+  normal this is a geometric mean: one spike does not make an alarm, a sustained rise does. The
+  default window is 25 rows (+-12, the cost model's tolerance), so smoothing moves no alarm
+  further than the cost model already tolerates.
 - ``signal_level``: the node's normal level (the mean signal of its held-out normal rows) floored
   at ``scale_floor`` per metric, so that ``signal / level`` (``signal_norm``) is comparable across
   nodes and cannot explode on a node whose training rows were reconstructed perfectly.
@@ -32,7 +33,8 @@ def smooth_window(window: int) -> int:
 
 def smooth_signal(signal: np.ndarray, window: int, level: float, causal: bool = False) -> np.ndarray:
     """``level * sinh(mean(asinh(signal / level)))`` over ``window`` rows (1: unchanged); centred
-    windows use ``window // 2`` rows on each side and repeat the edge rows at the ends."""
+    windows use ``window // 2`` rows on each side, fewer at the series' ends (the mean of the rows
+    there are: a night's first and last rows weigh no more than any other)."""
     window = smooth_window(window)
     x = np.asarray(signal, dtype=np.float64)
     if window == 1 or x.size == 0:
@@ -47,7 +49,16 @@ def smooth_signal(signal: np.ndarray, window: int, level: float, causal: bool = 
     else:
         from scipy.ndimage import uniform_filter1d  # here: scipy.ndimage costs 0.2 s of start-up
 
-        m = uniform_filter1d(u, 2 * (window // 2) + 1, mode="nearest")
+        half = window // 2
+        m = uniform_filter1d(u, 2 * half + 1, mode="nearest")
+        # the first and last ``half`` rows: the mean of the rows there are. Repeating the end row
+        # instead gave it half + 1 of the window's weight: a one-row glitch at a night's first or
+        # last row (a collector restarting at midnight) alarmed where the same row at noon did not.
+        n = u.size
+        edge = np.r_[np.arange(min(half, n)), np.arange(max(n - half, min(half, n)), n)]
+        c = np.cumsum(np.r_[0.0, u])
+        lo, hi = np.maximum(edge - half, 0), np.minimum(edge + half + 1, n)
+        m[edge] = (c[hi] - c[lo]) / (hi - lo)
     return level * np.sinh(m)
 
 

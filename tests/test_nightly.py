@@ -354,6 +354,37 @@ def test_a_cooling_fault_across_the_cluster_is_one_event_not_an_incident_per_nod
     assert all(x["incident"] is None for x in lines if x.get("cluster_event"))
 
 
+def test_a_one_row_glitch_at_midnight_is_no_alarm_and_a_fault_at_the_nights_end_still_is(site, tmp_path):
+    """The collector restarts at midnight (a row of zeros at 00:00) and a value is read twice at 23:55
+    (a row three times too high) on a night node0000 is otherwise normal. Before, the signal's
+    centred smoothing repeated a night's first and last row for the rows beyond it, so a one-row
+    glitch there weighed 13 of the 25 rows and alarmed (the same row at noon weighs one and does
+    not); now the window holds the rows there are. A fault over node0001's last two hours of rows
+    tonight still alarms."""
+    day = "2025-01-13"
+    src = tmp_path / "in" / day
+    shutil.copytree(site / "daily" / day, src)
+    f = pd.read_csv(src / "node0000.csv")
+    assert (f.anomaly == 0).all()  # a normal night for node0000
+    metrics = [c for c in f.columns if c not in ("timestamp", "anomaly")]
+    f.loc[f.index[0], metrics] = 0.0
+    f.loc[f.index[-1], metrics] *= 3
+    assert f.timestamp.iloc[0].endswith("T00:00:00Z") and f.timestamp.iloc[-1].endswith("T23:55:00Z")
+    f.to_csv(src / "node0000.csv", index=False)
+    g = pd.read_csv(src / "node0001.csv")
+    assert (g.anomaly == 0).all()
+    g.loc[g.index[-24:], [c for c in metrics if c.startswith(("temp", "pow", "fan"))]] *= 1.5
+    g.to_csv(src / "node0001.csv", index=False)
+    out = tmp_path / "nightly"
+    hpcad("nightly", f"train_run={site / 'trainrun'}", f"nightly.input='{tmp_path}/in/{{date}}'", f"nightly.out={out}",
+          f"nightly.date={day}", "compute.progress=false", f"hydra.run.dir={tmp_path / 'log'}",
+          "nightly.min_node_fraction=0.5", "report.enabled=false")
+    alarms = list(csv.DictReader(open(out / day / "alarms.csv")))
+    assert not [a for a in alarms if a["node"] == "node0000"], alarms
+    (fault,) = [a for a in alarms if a["node"] == "node0001"]
+    assert fault["end"] == g.timestamp.iloc[-1].replace("Z", "+00:00"), fault
+
+
 def test_silent_nodes_and_missing_values_are_telemetry_gaps(site, tmp_path):
     """A node that sends nothing, one whose collector sends rows without values, and one whose
     collector lost two metrics cannot alarm on what is missing. Before, the first went unmentioned

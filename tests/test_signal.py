@@ -73,6 +73,14 @@ def test_smoothing_is_a_geometric_mean_around_the_row_and_a_spike_is_not_an_alar
     assert causal[29] == pytest.approx(1.0) and causal[34] > 90  # causal: never ahead of the data
     np.testing.assert_array_equal(smooth_signal(sig, 1, 1.0), sig)
     assert np.all(np.diff(smooth_signal(np.arange(20.0), 7, 1.0)) > 0)  # monotone input stays monotone
+    # a spike in the first or last row is damped almost as much as elsewhere: its window holds the 3
+    # rows there are (repeating the end row for the missing two gave it 3 of 5 rows' weight: 68, not 11)
+    ends = np.ones(50)
+    ends[[0, -1]] = 1000.0
+    sm_ends = smooth_signal(ends, 5, level=1.0)
+    expected = np.sinh((np.arcsinh(1000.0) + 2 * np.arcsinh(1.0)) / 3)
+    assert sm_ends[0] == pytest.approx(expected) and sm_ends[-1] == pytest.approx(expected)
+    assert sm_ends[0] < 3 * sm[10] and sm_ends[3] == pytest.approx(1.0)
 
 
 def test_signal_level_floor_keeps_signal_norm_finite_for_perfectly_reconstructed_nodes():
