@@ -354,6 +354,43 @@ def test_a_cooling_fault_across_the_cluster_is_one_event_not_an_incident_per_nod
     assert all(x["incident"] is None for x in lines if x.get("cluster_event"))
 
 
+def test_a_cooling_fault_across_midnight_is_one_event_over_two_nights_notified_once(site, tmp_path):
+    """The machine room's cooling fails at 22:00 and is fixed at 03:00: two nights score it. Before,
+    the second night's hours were a new event with a new id and the notify hook paged again; now
+    they continue the first night's event (its id, first start, two nights), the hook is not run
+    for it alone, and the report and the log say it goes on."""
+    days = ["2025-01-09", "2025-01-10"]
+    for day, rows in zip(days, [slice(264, 288), slice(0, 36)]):
+        (tmp_path / "in" / day).mkdir(parents=True)
+        for f in sorted((site / "daily" / day).glob("*.csv")):
+            x = pd.read_csv(f)
+            cols = [c for c in x.columns if c.startswith(("temp", "pow", "fan"))]
+            x.loc[x.index[rows], cols] *= 1.3
+            x.to_csv(tmp_path / "in" / day / f.name, index=False)
+    hook = tmp_path / "notify.sh"
+    hook.write_text(f'#!/bin/sh\necho "$HPCAD_NIGHT $HPCAD_CLUSTER_EVENTS $HPCAD_NEW_CLUSTER_EVENTS" >> '
+                    f'{tmp_path / "notified"}\n')
+    hook.chmod(0o755)
+    out = tmp_path / "nightly"
+    p = hpcad("nightly", f"train_run={site / 'trainrun'}", f"nightly.input='{tmp_path}/in/{{date}}'", f"nightly.out={out}",
+              f"nightly.date={days[0]}..{days[1]}", "compute.progress=false", f"hydra.run.dir={tmp_path / 'log'}",
+              "nightly.event_min_nodes=2", "nightly.event_share=0.9", f"nightly.notify={hook}")
+    first, second = (json.loads((out / d / "events.json").read_text()) for d in days)
+    (evening,) = [e for e in first if e["end"] == "2025-01-10T00:00:00+00:00"]
+    assert evening["start"] <= "2025-01-09T22:00:00+00:00" and evening["nights"] == 1 and "continues" not in evening
+    (morning,) = [e for e in second if e["start"] == "2025-01-10T00:00:00+00:00"]
+    assert morning["end"] >= "2025-01-10T03:00:00+00:00" and morning["scope"] == "cluster"
+    assert (morning["id"], morning["first_start"], morning["nights"], morning["continues"]) == \
+        (evening["id"], evening["start"], 2, days[0])
+    assert {a["cluster_event"] for a in json.loads((out / days[1] / "alarms.json").read_text())
+            if a["start"] < "2025-01-10T03:00:00+00:00" and "cluster_event" in a} == {evening["id"]}
+    calls = (tmp_path / "notified").read_text().splitlines() if (tmp_path / "notified").exists() else []
+    assert f"{days[0]} {len(first)} {len(first)}" in calls  # the evening's event paged
+    assert not [c for c in calls if c.startswith(days[1]) and c.split()[2] != str(len(second) - 1)], calls
+    assert f"(continued from the night before: since {evening['start']})" in (out / days[1] / "report.html").read_text()
+    assert f"to {morning['end']} (continued from the night before: since {evening['start']})" in p.stdout + p.stderr
+
+
 def test_a_one_row_glitch_at_midnight_is_no_alarm_and_a_fault_at_the_nights_end_still_is(site, tmp_path):
     """The collector restarts at midnight (a row of zeros at 00:00) and a value is read twice at 23:55
     (a row three times too high) on a night node0000 is otherwise normal. Before, the signal's

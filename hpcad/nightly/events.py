@@ -15,10 +15,17 @@ one is not repeated. An alarm that lies mostly (half its span or more) within an
 with the event's id and opens no node incident, unless its node already had an incident of the
 same cause open the night before (its own trouble, which goes on). ``nightly.event_share=0`` turns
 this off.
+
+A fault across midnight (cooling that fails at 22:00 and is fixed at 03:00) is scored on two
+nights. Tonight's event of the same scope that starts within an hour of the end of one of last
+night's events *continues* it: it keeps that event's id and first start, counts its ``nights``, and
+names the night before (``continues``), so the notify hook is not run again for it alone
+(``HPCAD_NEW_CLUSTER_EVENTS``) and the report and log say it goes on.
 """
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
 from collections import Counter
 from pathlib import Path
@@ -103,6 +110,31 @@ def _events(alarms: list[dict], scope: str, scored: list[str], share: float, min
                        "jobs": {j: c for j, c in jobs.most_common(5) if c > 1},
                        "node_list": nodes[:200]})
     return events
+
+
+EVENTS = "events.json"  # in each night folder
+
+
+def continue_from(events: list[dict], out: Path, day: dt.date) -> None:
+    """Mark tonight's ``events`` that go on from one of the night before's (``out/<day - 1>/events.json``):
+    the same scope, starting no later than an hour after it ended. Such an event takes its id,
+    ``first_start`` and ``nights`` + 1, and ``continues`` names the night before; others start at 1."""
+    before = Path(out) / (day - dt.timedelta(days=1)).isoformat() / EVENTS
+    previous = json.loads(before.read_text()) if before.is_file() else []
+    for e in events:
+        e.update(first_start=e["start"], nights=1)
+        start = _span(e)[0]
+        for p in previous:
+            p_start, p_end = _span(p)
+            if p["scope"] == e["scope"] and p_start <= start <= p_end + BIN_S:
+                e.update(id=p["id"], first_start=p.get("first_start", p["start"]), nights=p.get("nights", 1) + 1,
+                         continues=before.parent.name)
+                break
+
+
+def new_events(events: list[dict]) -> list[dict]:
+    """The events that do not continue one of the night before."""
+    return [e for e in events if not e.get("continues")]
 
 
 def _inside(alarm: dict, start: int, end: int) -> bool:

@@ -37,7 +37,7 @@ from hpcad.model.light import LIGHT_FOLDER, STAGED, LightMaps
 from hpcad.model.files import UNTRAINED_SUFFIX, model_nodes, model_path, untrained_nodes
 from hpcad.nightly.changes import Change, change_for, hold, read_changes
 from hpcad.nightly.days import day_bounds, input_for
-from hpcad.nightly.events import cluster_events, mark, read_groups
+from hpcad.nightly.events import EVENTS, cluster_events, continue_from, mark, read_groups
 from hpcad.nightly.refit import light_retrain, recent_nights
 from hpcad.nightly.sections import nightly_sections, node_history, trend
 from hpcad.report.markup import gap_text, telemetry_gaps
@@ -260,14 +260,16 @@ def _alarms(t: Tonight, store: TelemetryStore, errors: ErrorStore, th: Threshold
     previous = previous_incidents(t.out, t.day, n.incident_gap_days)
     events = cluster_events([a for a in alarms if "settling" not in a], list(errors.nodes), n.event_share,
                             n.event_min_nodes, t.groups)
+    continue_from(events, t.out, t.day)
     mark(alarms, events, previous)
     for e in events:
-        log.warning("nightly %s: %s event %s to %s: %d of %d scored nodes%s alarmed (causes: %s); their alarms "
+        log.warning("nightly %s: %s event %s to %s%s: %d of %d scored nodes%s alarmed (causes: %s); their alarms "
                     "within it open no node incident (nightly.event_share=%s)", t.iso,
-                    "cluster-wide" if e["scope"] == "cluster" else "group", e["start"], e["end"], e["nodes"],
-                    e["scored"], "" if e["scope"] == "cluster" else f" of group {e['scope']}",
+                    "cluster-wide" if e["scope"] == "cluster" else "group", e["start"], e["end"],
+                    f" (continued from the night before: since {e['first_start']})" if e.get("continues") else "",
+                    e["nodes"], e["scored"], "" if e["scope"] == "cluster" else f" of group {e['scope']}",
                     ", ".join(f"{c} {k}" for c, k in e["causes"].items()), n.event_share)
-    write_json(tmp / "events.json", events)
+    write_json(tmp / EVENTS, events)
     write_json(tmp / "alarms.json", alarms)
     incidents = night_incidents(t.day, [a for a in alarms if not held_because(a)], previous)
     write_json(tmp / INCIDENTS, incidents)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from hpcad.atomic import write_json
 from hpcad.nightly.drain import drain, drained_before, last_night
+from hpcad.nightly.events import new_events
 from hpcad.nightly.days import day_bounds, published_nights
 from hpcad.nightly.prometheus import render, write_textfile
 
@@ -25,13 +26,13 @@ log = logging.getLogger(__name__)
 
 def announce(n: NightlyConfig, out: Path, day: dt.date, built) -> dict:
     """Step 6, once the night is published: the Prometheus file, ``nightly.notify`` for new
-    incidents or cluster-wide events, drain commands run when ``nightly.drain``; returns the night's
-    history fields."""
+    incidents or new cluster-wide events (not one continuing the night before's), drain commands run
+    when ``nightly.drain``; returns the night's history fields."""
     iso = day.isoformat()
     fresh = [i for i in built.incidents if i["state"] == "new"]
     export_prometheus(n, out, day, built.levels, built.incidents, len(built.new), len(built.silent), built.events,
                       len(built.retired))
-    notified = notify(n, out / iso, iso, fresh, built.events) if fresh or built.events else ""
+    notified = notify(n, out / iso, iso, fresh, built.events) if fresh or new_events(built.events) else ""
     if built.confirmed and n.drain and last_night(day, n.timezone):
         write_json(out / iso / "drain.json", drain(built.confirmed, n.drain_max_nodes,
                                                    before=drained_before(out, day, built.confirmed)))
@@ -56,15 +57,16 @@ def export_prometheus(n: NightlyConfig, out: Path, day: dt.date, levels: list[di
 
 
 def notify(n: NightlyConfig, night_dir: Path, iso: str, fresh: list[dict], events: list[dict] | None = None) -> str:
-    """Run ``nightly.notify`` with the night's ``alarms.jsonl`` as its last argument (``HPCAD_NEW_INCIDENTS``
-    and ``HPCAD_CLUSTER_EVENTS`` count them; ``events.json`` beside it). Returns "ok", "failed" or ""
-    (not configured); the outcome is kept in ``<night>/notify.json``."""
+    """Run ``nightly.notify`` with the night's ``alarms.jsonl`` as its last argument (``HPCAD_NEW_INCIDENTS``,
+    ``HPCAD_CLUSTER_EVENTS`` and ``HPCAD_NEW_CLUSTER_EVENTS``, those not continuing the night before's,
+    count them; ``events.json`` beside it). Returns "ok", "failed" or "" (not configured); the outcome
+    is kept in ``<night>/notify.json``."""
     events = events or []
     if not n.notify:
         return ""
     cmd = [*shlex.split(n.notify), str(night_dir / "alarms.jsonl")]
     env = dict(os.environ, HPCAD_NIGHT=iso, HPCAD_NIGHT_DIR=str(night_dir), HPCAD_NEW_INCIDENTS=str(len(fresh)),
-               HPCAD_CLUSTER_EVENTS=str(len(events)))
+               HPCAD_CLUSTER_EVENTS=str(len(events)), HPCAD_NEW_CLUSTER_EVENTS=str(len(new_events(events))))
     t0 = time.time()
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=n.notify_timeout_s)
@@ -72,7 +74,8 @@ def notify(n: NightlyConfig, night_dir: Path, iso: str, fresh: list[dict], event
     except (OSError, subprocess.TimeoutExpired) as exc:
         ok, detail = False, f"{type(exc).__name__}: {exc}"
     write_json(night_dir / "notify.json", {"command": cmd, "ok": ok, "detail": detail, "new_incidents": len(fresh),
-                                          "cluster_events": len(events), "seconds": round(time.time() - t0, 2)})
+                                          "cluster_events": len(events), "new_cluster_events": len(new_events(events)),
+                                          "seconds": round(time.time() - t0, 2)})
     if ok:
         log.info("nightly %s: notified (%d new incidents, %d cluster-wide events): %s", iso, len(fresh), len(events),
                  " ".join(cmd))

@@ -100,7 +100,10 @@ def nightly_sections(iso: str, src: Path, new: list[str], verdicts: list[dict], 
                      f"many nodes, the telemetry pipeline) rather than as many node faults. Alarms within an event "
                      f"open no node incident (nothing is drained for them), except on nodes whose incident of the "
                      f"same cause was already open. docs/operations.md.</p>"
-                     + html_table([[e["scope"], in_zone(e["start"], zone or n.timezone),
+                     + html_table([[e["scope"], in_zone(e["start"], zone or n.timezone)
+                                    + (f" (continued from the night before: since "
+                                       f"{in_zone(e['first_start'], zone or n.timezone)})"
+                                       if e.get("continues") else ""),
                                     in_zone(e["end"], zone or n.timezone),
                                     f"{e['nodes']} of {e['scored']} ({e['share']:.0%})",
                                     e["alarms"], ", ".join(f"{c} ({k})" for c, k in e["causes"].items()),
