@@ -34,7 +34,7 @@ def smooth_window(window: int) -> int:
 def smooth_signal(signal: np.ndarray, window: int, level: float, causal: bool = False) -> np.ndarray:
     """``level * sinh(mean(asinh(signal / level)))`` over ``window`` rows (1: unchanged); centred
     windows use ``window // 2`` rows on each side, fewer at the series' ends (the mean of the rows
-    there are: a night's first and last rows weigh no more than any other)."""
+    there are: the end row counts once, not also for the rows missing beyond it)."""
     window = smooth_window(window)
     x = np.asarray(signal, dtype=np.float64)
     if window == 1 or x.size == 0:
