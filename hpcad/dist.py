@@ -19,10 +19,10 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -339,6 +339,31 @@ def all_objects(obj: object) -> list:
     parts = [None] * tdist.get_world_size()
     tdist.all_gather_object(parts, obj)  # any backend (gloo, NCCL), no device tensors
     return parts
+
+
+T = TypeVar("T")
+
+
+def from_rank_zero(compute: Callable[[], T]) -> T:
+    """``compute()`` run by rank 0 alone and its result (small, picklable) given to every rank: for
+    what each rank would otherwise read from the shared file system itself (the training run's
+    models folder, listed and its files stat'ed by 400 ranks at once, is 400 times the load on
+    Lustre's metadata server). An error on rank 0 stops every rank (``share_outcome``: rank 0 with
+    its own error, the others naming it). Without a process group: ``compute()``."""
+    if not _started():
+        return compute()
+    import torch.distributed as tdist
+
+    value, error = None, None
+    if tdist.get_rank() == 0:
+        try:
+            value = compute()
+        except Exception as exc:  # shared below, then raised on rank 0 as it was
+            error = exc
+    share_outcome(error)
+    box = [value]
+    tdist.broadcast_object_list(box, src=0)  # any backend (gloo, NCCL: through the current device)
+    return box[0]
 
 
 def share_cpu_threads() -> int | None:

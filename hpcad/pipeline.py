@@ -72,7 +72,8 @@ def ranked_share(cfg: HpcadConfig, run_dir: Path, gpu_collectives: bool = False,
         runfolder.check_shared(run_dir)  # one folder for every rank, not a node-local copy per node
         ingest_ranks(cfg.data, run_dir / "store.h5", cfg.compute.progress)
         store = stage_ingest(cfg, run_dir)
-        nodes = _monitored(cfg, run_dir, store.nodes, w.rank == 0) if monitored else store.nodes
+        # rank 0 lists the models folder for every rank (one listing on a shared file system, not one per rank)
+        nodes = dist.from_rank_zero(lambda: _monitored(cfg, run_dir, store.nodes)) if monitored else store.nodes
         mine = dist.shard({n: store.rows(n) for n in nodes}, w.size)[w.rank]
         threads = dist.share_cpu_threads()
         log.info("rank %d of %d on %s: %d of %d nodes, device %s%s", w.rank, w.size, socket.gethostname(), len(mine),
@@ -82,7 +83,7 @@ def ranked_share(cfg: HpcadConfig, run_dir: Path, gpu_collectives: bool = False,
         yield w, device, store, mine
 
 
-def _monitored(cfg: HpcadConfig, run_dir: Path, nodes: list[str], say: bool = True) -> list[str]:
+def _monitored(cfg: HpcadConfig, run_dir: Path, nodes: list[str]) -> list[str]:
     """``nodes`` less those training left untrained (``data.on_bad_node=skip``: too few training rows):
     they have no model to score with, and the baselines leave them out too (like for like). Scoring
     new data with ``train_run``, nodes the training run has no model for (added since) are left out
@@ -90,10 +91,10 @@ def _monitored(cfg: HpcadConfig, run_dir: Path, nodes: list[str], say: bool = Tr
     md = models_dir(cfg, run_dir)
     left = untrained_nodes(md)  # none where there is no models folder
     out = [n for n in nodes if n not in left]
-    if nodes and not out:  # every rank sees the same records: all stop alike
+    if nodes and not out:  # under ranks: rank 0 (dist.from_rank_zero), and every rank stops
         raise InputError(f"every node ({len(nodes)}) was left untrained by training, the first: {nodes[0]} "
                          f"({left[nodes[0]]}): nothing to score; check the data, split.* and the labels")
-    if say and len(out) < len(nodes):
+    if len(out) < len(nodes):
         first = next(n for n in nodes if n in left)
         log.warning("%d node(s) were left untrained by training (%s/<node>%s) and are not scored, the first: %s (%s)",
                     len(nodes) - len(out), md, UNTRAINED_SUFFIX, first, left[first])
@@ -101,9 +102,8 @@ def _monitored(cfg: HpcadConfig, run_dir: Path, nodes: list[str], say: bool = Tr
         trained = set(model_nodes(md))
         new = [n for n in out if n not in trained]
         if new and len(new) < len(out):  # none trained at all: score_nodes names them
-            if say:
-                log.warning("%d node(s) have no model in the training run (%s; nodes added since it trained?) and "
-                            "are not scored: %s", len(new), md, ", ".join(new[:10]) + (" ..." if len(new) > 10 else ""))
+            log.warning("%d node(s) have no model in the training run (%s; nodes added since it trained?) and "
+                        "are not scored: %s", len(new), md, ", ".join(new[:10]) + (" ..." if len(new) > 10 else ""))
             out = [n for n in out if n in trained]
     return out
 
@@ -136,7 +136,7 @@ def stage_train(cfg: HpcadConfig, run_dir: Path) -> dict:
 def stage_score(cfg: HpcadConfig, run_dir: Path) -> Path:
     """Score every node; under srun/torchrun each rank writes ``errors-rank<r>.h5`` for its share and
     rank 0 then writes ``errors.h5`` as an index of external links (one writer per file)."""
-    from hpcad.score import score_nodes
+    from hpcad.score import built_from, score_nodes
 
     out = run_dir / "errors.h5"
     fallback = signal_choice.recorded(runfolder.train_run(cfg))  # the recipe its thresholds were fitted with
@@ -146,7 +146,9 @@ def stage_score(cfg: HpcadConfig, run_dir: Path) -> Path:
             _drop_rank_files(run_dir, [])
             return out
         parts = [run_dir / f"errors-rank{r}.h5" for r in range(w.size)]
-        score_nodes(cfg, store, models_dir(cfg, run_dir), parts[w.rank], mine, device, recipe_fallback=fallback)
+        md = models_dir(cfg, run_dir)
+        built = dist.from_rank_zero(lambda: built_from(store, md))  # the models' stamp: a stat per model file
+        score_nodes(cfg, store, md, parts[w.rank], mine, device, recipe_fallback=fallback, built=built)
         dist.barrier("for the other ranks to finish scoring")
         if w.rank == 0:
             scored = [e for e in map(ErrorStore, parts) if e.nodes] or [ErrorStore(parts[0])]

@@ -57,7 +57,7 @@ ROW_BLOCK = 8192
 
 def score_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, out_path: Path,
                 nodes: list[str] | None = None, device: torch.device | None = None, light: Callable[[str], LightMap | None] | None = None,
-                recipe_fallback: Recipe | None = None) -> int:
+                recipe_fallback: Recipe | None = None, built: dict | None = None) -> int:
     """Score ``nodes`` (default: all) of ``store`` with their models, K nodes per batched forward pass.
 
     K follows from ``compute.memory_budget_mb`` and ``compute.device_memory_mb``; only one chunk of nodes
@@ -65,7 +65,8 @@ def score_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, out_p
     ``light`` picks each node's light map (default: ``score.light_maps`` and ``score.light_night``).
     ``signal.excess_weight=auto`` and ``signal.metric_scales=auto`` choose the signal's recipe on the
     labelled validation rows (hpcad.signal_choice; ``recipe_fallback``, the recipe of the run whose
-    thresholds will be applied, where there are none). Writes ``out_path`` atomically.
+    thresholds will be applied, where there are none). ``built``: :func:`built_from`'s record where
+    the caller has it (under ranks rank 0 computes it for all). Writes ``out_path`` atomically.
     """
     if light is None:
         maps = scoring_maps(cfg.score, models_dir)
@@ -94,7 +95,7 @@ def score_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, out_p
     with atomic_path(out_path) as tmp, h5_writing(tmp) as f:
         f.attrs.update(hpcad_format=FORMAT, format_version=1, store=str(store.path), models=str(models_dir),
                        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds"),
-                       hpcad_version=__version__, **built_from(store, models_dir),
+                       hpcad_version=__version__, **(built or built_from(store, models_dir)),
                        **recipe_attrs(recipe, choice))
         f.create_dataset("metrics", data=np.array(metrics, dtype=object), dtype=STR)
         nodes_grp = f.create_group("nodes")

@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -73,6 +74,64 @@ def test_sbatch_train_all_nodes_matches_the_single_process_run(tmp_path, slurm_e
         assert "/nodes/node0000" in listing and "External Link" in listing
     t1, t2 = (json.loads((d / "thresholds.json").read_text()) for d in (single, run))
     assert t1["nodes"] == pytest.approx(t2["nodes"], rel=1e-3)
+
+
+RANK_ZERO_DRIVER = """
+import json, sys
+from pathlib import Path
+import torch
+from hpcad import dist
+from hpcad.errors import HpcadError, InputError
+
+out = Path(sys.argv[1])
+w = dist.init(torch.device("cpu"))
+ran = []
+
+def listing():
+    ran.append(w.rank)
+    return {"nodes": sorted(p.name for p in (out / "models").iterdir()), "by": w.rank}
+
+def fails():
+    ran.append(w.rank)
+    raise InputError("every node (2) was left untrained by training")
+
+said = {"value": dist.from_rank_zero(listing)}
+try:
+    dist.from_rank_zero(fails)
+except HpcadError as exc:
+    said["error"] = f"{type(exc).__name__}: {exc}"
+said["ran"] = ran
+(out / f"rank{w.rank}.json").write_text(json.dumps(said))
+dist.finish()
+"""
+
+
+def test_rank_zero_alone_reads_the_shared_folder_and_its_error_stops_every_rank(tmp_path):
+    """What every rank needs from the shared file system (the training run's models folder: one
+    listing and a stat per model file) is read by rank 0 alone and given to the others; before, 400
+    ranks each listed it at every stage. An error there stops every rank: rank 0 with its own, the
+    others naming it (two gloo ranks, started as torchrun starts them)."""
+    import socket
+
+    (tmp_path / "models").mkdir()
+    for n in ("node0000.pt", "node0001.pt"):
+        (tmp_path / "models" / n).write_bytes(b"")
+    (tmp_path / "driver.py").write_text(RANK_ZERO_DRIVER)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), str(tmp_path)], cwd=ROOT,
+                              env=dict(os.environ, RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r),
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    for p in procs:
+        output = p.communicate(timeout=300)[0]
+        assert p.returncode == 0, output[-3000:]
+    zero, one = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert zero["value"] == one["value"] == {"nodes": ["node0000.pt", "node0001.pt"], "by": 0}
+    assert zero["ran"] == [0, 0] and one["ran"] == []  # rank 1 read nothing itself
+    assert zero["error"] == "InputError: every node (2) was left untrained by training"
+    assert one["error"] == "HpcadError: rank 0 stopped: every node (2) was left untrained by training"
 
 
 def test_ranks_with_empty_shards_and_a_mismatched_world(tmp_path, slurm_env):
