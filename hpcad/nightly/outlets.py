@@ -65,8 +65,9 @@ def notify(n: NightlyConfig, night_dir: Path, iso: str, fresh: list[dict], event
     if not n.notify:
         return ""
     cmd = [*shlex.split(n.notify), str(night_dir / "alarms.jsonl")]
+    new = len(new_events(events))
     env = dict(os.environ, HPCAD_NIGHT=iso, HPCAD_NIGHT_DIR=str(night_dir), HPCAD_NEW_INCIDENTS=str(len(fresh)),
-               HPCAD_CLUSTER_EVENTS=str(len(events)), HPCAD_NEW_CLUSTER_EVENTS=str(len(new_events(events))))
+               HPCAD_CLUSTER_EVENTS=str(len(events)), HPCAD_NEW_CLUSTER_EVENTS=str(new))
     t0 = time.time()
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=n.notify_timeout_s)
@@ -74,7 +75,7 @@ def notify(n: NightlyConfig, night_dir: Path, iso: str, fresh: list[dict], event
     except (OSError, subprocess.TimeoutExpired) as exc:
         ok, detail = False, f"{type(exc).__name__}: {exc}"
     write_json(night_dir / "notify.json", {"command": cmd, "ok": ok, "detail": detail, "new_incidents": len(fresh),
-                                          "cluster_events": len(events), "new_cluster_events": len(new_events(events)),
+                                          "cluster_events": len(events), "new_cluster_events": new,
                                           "seconds": round(time.time() - t0, 2)})
     if ok:
         log.info("nightly %s: notified (%d new incidents, %d cluster-wide events): %s", iso, len(fresh), len(events),
