@@ -264,7 +264,9 @@ class NightlyConfig:
     drift_ratio: float = 2.0  # drift: a night's median signal_norm >= this x the node's baseline...
     drift_days: int = 3  # ...on this many consecutive nights (hpcad/nightly/drift.py)
     drift_reference_nights: int = 3  # the baseline: median level of the node's first nights
-    light_retrain: LightRetrain = LightRetrain.drifted  # drifted | all | off: fit LARA-style light maps after the night
+    # drifted | all | off: fit LARA-style light maps after the night, on rows under the threshold; none for
+    # a node alarmed on most of the night's rows (a fault is not learned as normal: nightly.changes accepts one)
+    light_retrain: LightRetrain = LightRetrain.drifted
     light_days: int = 3  # days of recent normal rows the light maps are fitted on
     light_ridge: float = 10.0  # ridge strength (per sample) pulling the maps towards "no change"
     changes: Optional[str] = None  # the site's maintenance log, CSV node,since[,note]: a node changed (repair, new part) settles on a light map fitted on the nights since (hpcad/nightly/changes.py)

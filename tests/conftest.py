@@ -162,7 +162,7 @@ def msl_dir() -> Path:
     return SHARED / "msl"
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def davide_csv() -> Path:
     path = SHARED / "davide" / "hpc.csv"
     if not path.is_file():
@@ -181,10 +181,12 @@ def chromium() -> str:
     pytest.skip("headless chromium not installed (Debian package chromium; .ci/run installs it)")
 
 
-def write_site(root: Path, nodes: int, days: int, cut: str, drift_node: str | None = None, drift_row: int = 0) -> None:
+def write_site(root: Path, nodes: int, days: int, cut: str, drift_node: str | None = None, drift_row: int = 0,
+               drift_scale: float = 1.0) -> None:
     """A site's exports: nodes reporting every 5 minutes (labelled synthetic telemetry) from
     2025-01-06; rows before ``cut`` in ``root/train/<node>.csv``, later days in
-    ``root/daily/<YYYY-MM-DD>/<node>.csv``; ``drift_node``'s levels shift from ``drift_row`` on."""
+    ``root/daily/<YYYY-MM-DD>/<node>.csv``; ``drift_node``'s levels shift from ``drift_row`` on
+    (hpcad.bench.drift.apply_drift, ``drift_scale`` times its shift)."""
     import numpy as np
     import pandas as pd
 
@@ -194,7 +196,7 @@ def write_site(root: Path, nodes: int, days: int, cut: str, drift_node: str | No
     for nd in generate_cluster(nodes, 288 * days, seed=7, clean_fraction=0.35):
         nd.timestamp = START_EPOCH + 300 * np.arange(len(nd.timestamp))
         if nd.name == drift_node:
-            nd = apply_drift(nd, drift_row, metric_names())
+            nd = apply_drift(nd, drift_row, metric_names(), drift_scale)
         f = node_frame(nd)
         day = pd.to_datetime(f["timestamp"]).dt.strftime("%Y-%m-%d")
         (root / "train").mkdir(parents=True, exist_ok=True)
@@ -204,11 +206,13 @@ def write_site(root: Path, nodes: int, days: int, cut: str, drift_node: str | No
             part.to_csv(root / "daily" / d / f"{nd.name}.csv", index=False)
 
 
-def nightly_env_file(site: Path, out: Path, extra: str = "", tz: str = "UTC", name: str = "", more: str = "") -> Path:
-    """An env file for jobs/nightly_rescore.sh over a :func:`write_site` site trained in site/trainrun."""
+def nightly_env_file(site: Path, out: Path, extra: str = "", tz: str = "UTC", name: str = "", more: str = "",
+                     daily: Path | None = None) -> Path:
+    """An env file for jobs/nightly_rescore.sh over a :func:`write_site` site trained in site/trainrun
+    (its day folders: site/daily, or ``daily``)."""
     f = out.parent / f"{name or out.name}.env"
     f.write_text(f"HPCAD_VENV={Path(sys.executable).parent.parent}\nHPCAD_TRAIN_RUN={site / 'trainrun'}\n"
-                 f"HPCAD_INPUT={site / 'daily'}/{{date}}\nHPCAD_OUT={out}\nHPCAD_TZ={tz}\nHPCAD_THREADS=1\n"
+                 f"HPCAD_INPUT={daily or site / 'daily'}/{{date}}\nHPCAD_OUT={out}\nHPCAD_TZ={tz}\nHPCAD_THREADS=1\n"
                  f'HPCAD_OVERRIDES="{extra}"\n{more}')
     return f
 

@@ -518,12 +518,33 @@ def _listing(folder: Path) -> dict:
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
 
 
+def _shifted(site: Path, dest: Path, node: str, since: str, scale: float) -> Path:
+    """A copy of the site's day folders in which ``node``'s levels shift from the day ``since`` on
+    (hpcad.bench.drift.apply_drift, ``scale`` times its shift)."""
+    from hpcad.bench.drift import apply_drift
+    from hpcad.data.node import NodeData
+
+    shutil.copytree(site / "daily", dest)
+    names = metric_names()
+    for day in sorted(d.name for d in dest.iterdir() if d.name >= since):
+        f = dest / day / f"{node}.csv"
+        x = pd.read_csv(f)
+        nd = NodeData(node, np.zeros(len(x), np.int64), x[names].to_numpy(np.float32), None)
+        x[names] = apply_drift(nd, 0, names, scale).values
+        x.to_csv(f, index=False)
+    return dest
+
+
 def test_backfill_detects_drift_and_light_retrains_only_later_nights(site, tmp_path):
     out = tmp_path / "nightly"
     trained = _listing(site / "trainrun")
-    # node0002 shifts from 2025-01-10 on; baseline = the first night; drift = 2 nights at >= 1.5x it
+    # from 2025-01-10 on node0002's levels shift (the site's: every row an alarm on 01-11) and
+    # node0000's by 0.6 of that (most rows under its threshold); baseline = the first night; drift =
+    # 2 nights at >= 1.5x it
+    daily = _shifted(site, tmp_path / "daily", "node0000", "2025-01-10", 0.6)
     env = _env_file(site, out, "nightly.drift_ratio=1.5 nightly.drift_days=2 nightly.drift_reference_nights=1 "
-                    "nightly.light_days=2 nightly.keep_data_days=2 nightly.notify=/bin/false nightly.drain=true")
+                    "nightly.light_days=2 nightly.keep_data_days=2 nightly.notify=/bin/false nightly.drain=true",
+                    daily=daily)
     p = cron(env, "--from", "2025-01-09", "--to", "2025-01-12")
     assert p.returncode == 0, p.stderr
     hist = _history(out)
@@ -570,23 +591,43 @@ def test_backfill_detects_drift_and_light_retrains_only_later_nights(site, tmp_p
     assert (out / "2025-01-10" / "errors.h5").exists() and (out / "2025-01-09" / "alarms.csv").exists()
     drift = {d: {v["node"]: v for v in json.loads((out / d / "drift.json").read_text())["nodes"]}
              for d in ("2025-01-09", "2025-01-10", "2025-01-11")}
-    assert not drift["2025-01-09"]["node0002"]["drifted"]
-    assert drift["2025-01-11"]["node0002"]["drifted"] and not drift["2025-01-11"]["node0000"]["drifted"]
+    assert not drift["2025-01-09"]["node0002"]["drifted"] and not drift["2025-01-09"]["node0000"]["drifted"]
+    assert drift["2025-01-11"]["node0002"]["drifted"] and drift["2025-01-11"]["node0000"]["drifted"]
+    assert not drift["2025-01-11"]["node0001"]["drifted"]
     refits = json.loads((out / "2025-01-11" / "light.json").read_text())
-    assert [r["node"] for r in refits] == ["node0002"] and refits[0]["valid_from"] == "2025-01-12"
+    assert [r["node"] for r in refits] == ["node0000"] and refits[0]["valid_from"] == "2025-01-12"
+    # node0002 alarmed on every row: a map fitted on them would learn its fault (or a change nobody
+    # logged) as normal. Before, it got one, and from the next night its alarms faded; on the real
+    # DAVIDE node that silenced 614 of 1,227 governor-fault rows (docs/operations.md).
+    assert drift["2025-01-11"]["node0002"]["light"] == "withheld: 288 of 288 rows alarmed tonight"
+    assert "light" not in drift["2025-01-11"]["node0000"]
+    from hpcad.errorstore import ErrorStore
+    from hpcad.threshold.rules import Thresholds
+
+    th, fitted_on = Thresholds.load(site / "trainrun" / "thresholds.json"), 0
+    for d in refits[0]["days"]:  # node0000's map learned its rows under its threshold only
+        s = next(ErrorStore(out / d / "errors.h5").signals(["node0000"]))
+        fitted_on += int(((s.signal <= np.quantile(s.signal, 0.9)) & (s.labels == 0)
+                          & (th.signal_of(s) <= th.threshold_for("node0000"))).sum())
+    assert refits[0]["days"] == ["2025-01-10", "2025-01-11"] and refits[0]["rows"] == fitted_on
+    assert "no light map: 288 of 288 rows alarmed tonight" in (out / "2025-01-11" / "report.html").read_text()
+    assert "alarmed on most of their rows tonight get no light map" in logged
+    tonight = json.loads((out / "2025-01-12" / "incidents.json").read_text())
+    assert any(i["node"] == "node0002" and i["state"] in ("new", "ongoing") for i in tonight)  # still alarms
     # the maps are the nightly job's: in its output, not in the training run, which stays as trained
     # (another account may own it; two nightly outputs may share it). Before, they went into
     # trainrun/models, and a nightly run by a user who cannot write there stopped with a traceback.
-    assert (out / "light" / "node0002" / f"v{refits[0]['version']}-from-2025-01-12.pt").exists()
+    assert (out / "light" / "node0000" / f"v{refits[0]['version']}-from-2025-01-12.pt").exists()
+    assert not (out / "light" / "node0002").exists()
     assert _listing(site / "trainrun") == trained
     import h5py
 
     with h5py.File(out / "2025-01-12" / "errors.h5") as f:
-        assert f["nodes/node0002"].attrs["light_version"] >= 1  # later nights use the map
-        assert f["nodes/node0000"].attrs["light_version"] == 0
+        assert f["nodes/node0000"].attrs["light_version"] >= 1  # later nights use the map
+        assert f["nodes/node0002"].attrs["light_version"] == 0
     lv = {d: {r["node"]: float(r["level"]) for r in csv.DictReader(open(out / d / "levels.csv"))}
           for d in ("2025-01-11", "2025-01-12")}
-    assert lv["2025-01-12"]["node0002"] < lv["2025-01-11"]["node0002"] / 1.5  # the map absorbed the shift
+    assert lv["2025-01-12"]["node0000"] < lv["2025-01-11"]["node0000"] / 1.5  # the map absorbed the shift
     from hpcad.model.light import model_digest
 
     assert {r["node"]: r["model"] for r in csv.DictReader(open(out / "2025-01-12" / "levels.csv"))} == \
@@ -595,7 +636,7 @@ def test_backfill_detects_drift_and_light_retrains_only_later_nights(site, tmp_p
     p = cron(env, "--date", "2025-01-10")  # re-scoring an earlier night ignores maps fitted after it
     assert p.returncode == 0, p.stderr
     with h5py.File(out / "2025-01-10" / "errors.h5") as f:
-        assert f["nodes/node0002"].attrs["light_version"] == 0
+        assert f["nodes/node0000"].attrs["light_version"] == 0
     assert (out / "hpcad.prom").read_text() == prom  # an older night never turns the gauges back
     maps = sorted(f.name for f in (out / "light").rglob("*.pt"))
     p = cron(env, "--date", "2025-01-11")  # the night that refitted, again: its map replaced, none added

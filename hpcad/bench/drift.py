@@ -46,15 +46,17 @@ SHIFT = {"temp": ("add", 6.0), "gpu_temp": ("add", 6.0), "pow": ("mul", 1.15), "
          "ambient": ("add", 3.0)}
 
 
-def apply_drift(nd: NodeData, start_row: int, metrics: list[str]) -> NodeData:
-    """The same node with its levels shifted from ``start_row`` on (see ``SHIFT``)."""
+def apply_drift(nd: NodeData, start_row: int, metrics: list[str], scale: float = 1.0) -> NodeData:
+    """The same node with its levels shifted from ``start_row`` on (see ``SHIFT``; ``scale`` times
+    each shift: 0.25 is a quarter of it)."""
     v = nd.values.copy()
     for j, m in enumerate(metrics):
         key = next((k for k in sorted(SHIFT, key=len, reverse=True) if m.startswith(k)), None)
         if key is None:
             continue
         op, amount = SHIFT[key]
-        v[start_row:, j] = v[start_row:, j] + amount if op == "add" else v[start_row:, j] * amount
+        v[start_row:, j] = v[start_row:, j] + amount * scale if op == "add" else \
+            v[start_row:, j] * (1 + (amount - 1) * scale)
     return NodeData(nd.name, nd.timestamp, v, nd.labels)
 
 

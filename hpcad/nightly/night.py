@@ -298,26 +298,44 @@ def held_because(alarm: dict) -> list[str]:
 
 def _drift_and_light(t: Tonight, errors: ErrorStore, th: Thresholds, signals: list, settling: dict[str, Change],
                      held: dict[str, str]):
-    """Step 4: tonight's levels and drift verdicts; light maps refitted for the nodes asked for, and for
-    the nodes changed on one of the last ``nightly.light_days`` nights (hpcad.nightly.changes), each
-    on its nights since its change only."""
+    """Step 4: tonight's levels and drift verdicts; light maps refitted for the nodes asked for (drifted
+    or all) on their rows under their threshold, but not for those alarmed on most of tonight's rows
+    (a verdict's ``light`` says so), and for the nodes changed on one of the last
+    ``nightly.light_days`` nights (hpcad.nightly.changes), each on its nights since its change only."""
     n, tmp = t.cfg.nightly, t.tmp
     levels = [{**lv, "model": t.maps.digest(lv["node"]), "held": held.get(lv["node"], "")}  # model: drift.assess
               for lv in night_levels(signals, th, errors.missing, errors.lost)]
     write_levels(tmp / "levels.csv", levels)
     verdicts = assess(t.out, t.day, levels, n.drift_ratio, n.drift_days, n.drift_reference_nights)
-    write_json(tmp / "drift.json", {"ratio": n.drift_ratio, "days": n.drift_days,
-                                    "reference_nights": n.drift_reference_nights, "nodes": verdicts})
     drifted = [v["node"] for v in verdicts if v["drifted"]]
     targets = {"drifted": drifted, "all": list(errors.nodes), "off": []}.get(n.light_retrain)
     if targets is None:
         raise ConfigError(f"nightly.light_retrain={n.light_retrain!r}: drifted, all or off")
-    targets = targets + [node for node in errors.nodes if node not in targets and _refits_for_change(t, node, settling)]
-    nights = recent_nights(t.day, t.out, tmp, n.light_days) if targets else []
-    refits = [r for r in (light_retrain(t.cfg, node, t.day, _since_change(t, node, nights), t.maps, tmp / STAGED)
-                          for node in targets) if r]
+    changed = [node for node in errors.nodes if _refits_for_change(t, node, settling)]
+    withheld = _alarming(levels, [x for x in targets if x not in changed])
+    for v in verdicts:
+        if v["node"] in withheld:
+            v["light"] = f"withheld: {withheld[v['node']]}"
+    if withheld:
+        log.warning("nightly %s: %d node(s) alarmed on most of their rows tonight get no light map (a fault is not "
+                    "learned as normal; a node whose new behaviour is normal goes in nightly.changes): %s", t.iso,
+                    len(withheld), ", ".join(f"{x} ({why})" for x, why in list(withheld.items())[:10]))
+    nights = recent_nights(t.day, t.out, tmp, n.light_days) if targets or changed else []
+    order = [x for x in targets if x not in withheld] + [x for x in changed if x not in targets]
+    refits = [r for r in (light_retrain(t.cfg, node, t.day, _since_change(t, node, nights), t.maps, tmp / STAGED,
+                                        under=None if node in changed else th) for node in order) if r]
     write_json(tmp / "light.json", refits)
+    write_json(tmp / "drift.json", {"ratio": n.drift_ratio, "days": n.drift_days,
+                                    "reference_nights": n.drift_reference_nights, "nodes": verdicts})
     return levels, verdicts, drifted, refits
+
+
+def _alarming(levels: list[dict], nodes: list[str]) -> dict[str, str]:
+    """Of ``nodes``, those alarmed on most of tonight's rows (their level is over their threshold),
+    with the count: drift's or ``light_retrain=all``'s map would learn their alarms as normal."""
+    want = set(nodes)
+    return {lv["node"]: f"{lv['alarmed_rows']} of {lv['rows']} rows alarmed tonight" for lv in levels
+            if lv["node"] in want and 2 * lv["alarmed_rows"] > lv["rows"]}
 
 
 def _refits_for_change(t: Tonight, node: str, settling: dict[str, Change]) -> bool:

@@ -17,6 +17,7 @@ from hpcad.preprocess import fill_gaps, windows
 
 if TYPE_CHECKING:
     from hpcad.config import HpcadConfig
+    from hpcad.threshold.rules import Thresholds
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +34,12 @@ def recent_nights(day: dt.date, out: Path, tmp: Path, count: int) -> list[tuple[
 
 
 def light_retrain(cfg: HpcadConfig, node: str, day: dt.date, nights: list[tuple[str, TelemetryStore, ErrorStore]],
-                  maps: LightMaps, staging: Path) -> dict | None:
+                  maps: LightMaps, staging: Path, under: Thresholds | None = None) -> dict | None:
     """Fit the node's light map (for its model in ``maps.models_dir``) on its last nights' rows, less
-    the night's worst 10 % of the signal (possible incidents) and, when labelled, the anomalous rows;
-    the version of ``maps`` valid from the next night, written to ``staging`` until the night is
-    published."""
+    the night's worst 10 % of the signal (possible incidents), when labelled the anomalous rows, and
+    with ``under`` (drift's refits) the rows over the node's threshold: a map learns only what the
+    detector calls normal. The version of ``maps`` valid from the next night, written to ``staging``
+    until the night is published."""
     n = cfg.nightly
     model = NodeModel.load(model_path(maps.models_dir, node))
     xs, used = [], []
@@ -48,13 +50,16 @@ def light_retrain(cfg: HpcadConfig, node: str, day: dt.date, nights: list[tuple[
         ok = s.signal <= np.quantile(s.signal, 0.9)
         if s.labels is not None:
             ok &= s.labels == 0
+        if under is not None:
+            ok &= under.signal_of(s) <= under.threshold_for(node)
         nd = store.read(node)
         z = model.scaler.transform(fill_gaps(nd.values, cfg.preprocess.nan_fill_limit))[0]
         xs.append(windows(z, model.spec.window)[ok])
         used.append(night)
     x = np.concatenate(xs) if xs else np.empty((0, len(model.metrics) * model.spec.window), np.float32)
     if len(x) == 0:
-        log.warning("nightly %s: node %s has no normal rows to refit its light map on", day, node)
+        log.warning("nightly %s: node %s has no normal rows to refit its light map on%s", day, node,
+                    " (rows under its threshold)" if under is not None else "")
         return None
     t0 = time.perf_counter()
     lm = fit_light_map(model.members, len(model.spec.hidden), x, n.light_ridge, sorted(used),

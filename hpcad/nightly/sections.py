@@ -128,8 +128,7 @@ def nightly_sections(iso: str, src: Path, new: list[str], verdicts: list[dict], 
         return v["level"] / v["baseline"] if v["baseline"] and v["level"] == v["level"] else None
 
     ranked = sorted(((rel(v), v) for v in verdicts), key=lambda rv: 1.0 if rv[0] is None else -rv[0])[:50]
-    rows = [[v["node"], v["level"], v["baseline"], r, v["streak"],
-             "DRIFT" if v["drifted"] else (_no_baseline(v) if v["baseline"] is None else "")] for r, v in ranked]
+    rows = [[v["node"], v["level"], v["baseline"], r, v["streak"], _verdict(v)] for r, v in ranked]
     parts.append(f"<h2>Drift</h2><p>level = the night's median signal_norm; baseline = median level of the node's "
                  f"first {n.drift_reference_nights} nights; drift = level / baseline >= {n.drift_ratio} on "
                  f"{n.drift_days} consecutive nights (docs/operations.md).</p>"
@@ -148,6 +147,15 @@ def _drain_said(iso: str, n: NightlyConfig) -> str:
     if not last_night(dt.date.fromisoformat(iso), n.timezone):
         return " (an older night: not run; only last night's are)"
     return " and were run (drain.json)"
+
+
+def _verdict(v: dict) -> str:
+    """A node's drift verdict, and why it got no light map where it was withheld (its alarms)."""
+    said = "DRIFT" if v["drifted"] else (_no_baseline(v) if v["baseline"] is None else "")
+    if v.get("light", "").startswith("withheld: "):
+        said += ("; " if said else "") + "no light map: " + v["light"].removeprefix("withheld: ") + \
+            " (a fault is not learned as normal; nightly.changes accepts a new normal)"
+    return said
 
 
 def _no_baseline(verdict: dict) -> str:
