@@ -14,6 +14,8 @@ import torch
 
 from conftest import cron, hpcad, nightly_env_file as _env_file, write_site
 from hpcad.data.synthetic import metric_names
+from hpcad.errors import InputError
+from hpcad.nightly.changes import read_changes
 from hpcad.nightly.drift import assess, write_levels
 from hpcad.model.light import LightMaps, fit_light_map
 from hpcad.model.autoencoder import AutoencoderSpec, glorot_init
@@ -261,6 +263,20 @@ def test_a_node_on_the_sites_maintenance_log_settles_on_nights_since_its_change(
     assert not (out / "2025-01-13").exists()
 
 
+def test_a_maintenance_log_row_may_name_many_nodes_as_a_slurm_host_list(tmp_path):
+    """A firmware or cooling change across racks is one row, written the way admins write node sets.
+    Before, the host list was read as one node's name (named in the log as a node without a model),
+    so the change applied to none: each node needed its own row."""
+    log = tmp_path / "changes.csv"
+    log.write_text('node,since,note\n"cn[0001-0003],gpu7",2025-02-01,BIOS 2.3\ncn0002,2025-03-01,DIMMs\n')
+    changes = read_changes(log)
+    assert sorted(changes) == ["cn0001", "cn0002", "cn0003", "gpu7"]
+    assert [c.since for c in changes["cn0002"]] == ["2025-02-01", "2025-03-01"] and changes["gpu7"][0].note == "BIOS 2.3"
+    log.write_text("node,since\ncn[0001-,2025-02-01\n")
+    with pytest.raises(InputError, match=r"changes.csv, line 2: cannot expand node list 'cn\[0001-'"):
+        read_changes(log)
+
+
 def test_a_node_retired_in_the_maintenance_log_is_not_expected_nor_scored(site, tmp_path):
     """node0001 left service on 2025-01-11 (moved to another partition). Before, every night from then
     on failed as partial input (2 of 3 trained nodes: under nightly.min_node_fraction), or, on a large
@@ -272,7 +288,7 @@ def test_a_node_retired_in_the_maintenance_log_is_not_expected_nor_scored(site, 
         shutil.copytree(site / "daily" / day, inp / day)
     (inp / "2025-01-11" / "node0001.csv").unlink()  # 01-12: its collector still sends
     changes = tmp_path / "changes.csv"
-    changes.write_text("node,since,note,kind\nnode0001,2025-01-11,moved to the test partition,retired\n")
+    changes.write_text("node,since,note,kind\nnode[0001],2025-01-11,moved to the test partition,retired\n")  # host list
     out = tmp_path / "nightly"
     args = [f"train_run={site / 'trainrun'}", f"nightly.input='{inp}/{{date}}'", f"nightly.out={out}",
             "compute.progress=false", f"hydra.run.dir={tmp_path / 'log'}", f"nightly.changes={changes}"]

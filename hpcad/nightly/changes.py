@@ -6,7 +6,9 @@ normal. A CSV the site keeps, one change per row::
     cn0012,2025-01-10,DIMMs replaced,
     cn0200,2025-02-01,moved to the test partition,retired
 
-``node``: the name its model carries (SLURM's, after ``data.node_names``); ``since``: the first night
+``node``: the name its model carries (SLURM's, after ``data.node_names``), or a SLURM host list for
+many nodes changed alike (``"cn[0001-0480],gpu[01-16]"``, quoted where it holds a comma: a firmware
+or cooling change across racks); ``since``: the first night
 (YYYY-MM-DD, in ``nightly.timezone``) of the new behaviour; ``note``: optional, shown in the report;
 ``kind``: optional, ``changed`` (the default) or ``retired``: from ``since`` on the node is out of
 service (decommissioned, moved, powered off for good): not expected, so neither silent nor counted
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from hpcad.data.jobs import expand_nodelist
 from hpcad.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
@@ -59,9 +62,10 @@ class Change:
 
 
 def read_changes(path: str | Path | None) -> dict[str, list[Change]]:
-    """node -> its changes, oldest first; empty without a file. A missing file, a header without
-    ``node`` and ``since``, or a row without a node, with a date that is not YYYY-MM-DD or an unknown
-    ``kind`` is refused, naming the file and the line."""
+    """node -> its changes, oldest first (a row naming a host list gives each of its nodes the change);
+    empty without a file. A missing file, a header without ``node`` and ``since``, or a row without a
+    node, with a host list that does not expand, a date that is not YYYY-MM-DD or an unknown ``kind``
+    is refused, naming the file and the line."""
     if not path:
         return {}
     p = Path(path)
@@ -93,7 +97,8 @@ def read_changes(path: str | Path | None) -> dict[str, list[Change]]:
             if kind not in KINDS:
                 raise InputError(f"{p}, line {line}: kind={r['kind']!r} for node {node}: one of {', '.join(KINDS)} "
                                  f"(empty: changed)")
-            out.setdefault(node, []).append(Change(node, since, (r.get("note") or "").strip(), kind))
+            for name in expand_nodelist(node, f"{p}, line {line}"):
+                out.setdefault(name, []).append(Change(name, since, (r.get("note") or "").strip(), kind))
     return {node: sorted(cs, key=lambda c: c.since) for node, cs in out.items()}
 
 
