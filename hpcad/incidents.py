@@ -1,18 +1,24 @@
-"""Alarm state across nights: repeated alarms on one node with one cause are one incident.
+"""Alarm state across nights: a node's alarms on consecutive nights are one incident.
 
 An alarm's *cause* is the metric family (:func:`hpcad.explain.metric_family`) holding most of the
-error of its top metrics (``signal`` when no per-metric errors are known). On night D an incident ``(node, cause)`` is
+error of its top metrics (``signal`` when no per-metric errors are known). One fault moves between
+families from night to night (a power-saving governor tops ``util`` one night, ``pwr`` or ``ips``
+the next: the real DAVIDE node's changed eight times in 19 nights), so the incident belongs to the
+node and records its causes: ``cause`` is tonight's (that of its highest alarm), ``causes`` every
+family its alarms named so far, first seen first. On night D an incident of a node is
 
-- ``new``: alarmed on D and not open on the previous night;
-- ``ongoing``: alarmed on D and open on the previous night; it keeps its id
-  ``<node>/<cause>/<first night>`` and counts its nights;
+- ``new``: the node alarmed on D and had no open incident the previous night; its id is
+  ``<node>/<cause>/<first night>`` (the cause of its first night);
+- ``ongoing``: alarmed on D and open on the previous night; it keeps its id and counts its nights;
 - ``resolved``: open on the previous night and not alarmed on D (listed once, on D).
 
 *The previous night* is the latest night folder at most ``gap_days`` before D that holds an
 ``incidents.json``, so one failed or skipped night does not split an incident. Each night's
 ``incidents.json`` is derived from the previous night's file and the night's own alarms only: a
 rerun of a night writes the same file, and a backfill run oldest first (``nightly.date=A..B``)
-rebuilds the state night by night.
+rebuilds the state night by night. A previous night written when incidents were per node and cause
+(before 2026-12-03) may hold several open incidents of one node: the oldest goes on, with their
+nights and causes, and the others are resolved, ``merged_into`` it.
 """
 from __future__ import annotations
 
@@ -57,29 +63,52 @@ def previous_incidents(out: Path, day: dt.date, gap_days: int) -> list[dict]:
 
 def night_incidents(day: dt.date, alarms: list[dict], previous: list[dict]) -> list[dict]:
     """The incidents of ``day`` from its alarm records (:func:`hpcad.nightly.night.alarm_record` form)
-    and the previous night's incidents; open ones first (new, then ongoing), then resolved."""
+    and the previous night's incidents, one per node; open ones first (new, then ongoing), then resolved."""
     iso = day.isoformat()
-    before = {(i["node"], i["cause"]): i for i in previous if i["state"] in OPEN}
-    today: dict[tuple[str, str], list[dict]] = {}
+    before, merged = _open_by_node(previous)
+    today: dict[str, list[dict]] = {}
     for a in alarms:
-        today.setdefault((a["node"], cause_of(a)), []).append(a)
+        today.setdefault(a["node"], []).append(a)
     out = []
-    for (node, cause), group in sorted(today.items()):
-        prev = before.get((node, cause))
-        first = prev["first_night"] if prev else iso
+    for node, group in sorted(today.items()):
+        prev = before.get(node)
         peak = max(group, key=lambda a: a["peak_score"])
-        out.append({"id": f"{node}/{cause}/{first}", "node": node, "cause": cause,
-                    "state": "ongoing" if prev else "new", "first_night": first, "last_night": iso,
+        cause = cause_of(peak)
+        causes = list(prev.get("causes", [prev["cause"]])) if prev else []
+        for c in [cause, *(cause_of(a) for a in group)]:
+            if c not in causes:
+                causes.append(c)
+        out.append({"id": prev["id"] if prev else f"{node}/{cause}/{iso}", "node": node, "cause": cause,
+                    "causes": causes, "state": "ongoing" if prev else "new",
+                    "first_night": prev["first_night"] if prev else iso, "last_night": iso,
                     "nights": prev["nights"] + 1 if prev else 1, "alarms": len(group),
                     "peak_score": peak["peak_score"], "peak_time": peak["peak_time"],
                     "top_metrics": peak.get("top_metrics", []),
                     "jobs": sorted({j for a in group for j in a.get("jobs", [])})})
-    for key, prev in sorted(before.items()):
-        if key not in today:
+    for node, prev in sorted(before.items()):
+        if node not in today:
             out.append({**prev, "state": "resolved", "resolved_night": iso, "alarms": 0})
-    return sorted(out, key=lambda i: (STATES.index(i["state"]), i["node"], i["cause"]))
+    out += [{**i, "state": "resolved", "resolved_night": iso, "alarms": 0} for i in merged]
+    return sorted(out, key=lambda i: (STATES.index(i["state"]), i["node"], i["id"]))
+
+
+def _open_by_node(previous: list[dict]) -> tuple[dict[str, dict], list[dict]]:
+    """The previous night's open incident of each node, and those merged into it (a night written
+    when incidents were per node and cause: the oldest goes on, with all their nights and causes)."""
+    by_node: dict[str, list[dict]] = {}
+    for i in previous:
+        if i["state"] in OPEN:
+            by_node.setdefault(i["node"], []).append(i)
+    kept, merged = {}, []
+    for node, found in by_node.items():
+        found = sorted(found, key=lambda i: (i["first_night"], i["id"]))
+        first = found[0]
+        causes = [c for i in found for c in i.get("causes", [i["cause"]])]
+        kept[node] = {**first, "nights": max(i["nights"] for i in found), "causes": list(dict.fromkeys(causes))}
+        merged += [{**i, "merged_into": first["id"]} for i in found[1:]]
+    return kept, merged
 
 
 def incident_of(alarm: dict, incidents: list[dict]) -> dict | None:
-    key = (alarm["node"], cause_of(alarm))
-    return next((i for i in incidents if (i["node"], i["cause"]) == key and i["state"] in OPEN), None)
+    """The open incident the alarm belongs to: its node's."""
+    return next((i for i in incidents if i["node"] == alarm["node"] and i["state"] in OPEN), None)

@@ -12,8 +12,8 @@ them ran). With ``nightly.groups`` (a CSV ``node,group``: rack, chassis, PDU, co
 rule also runs within each group, so a rack's cooling fault is one event of that rack
 (``<group>/<start>``) though the rest of the cluster is fine; a group's event inside a cluster-wide
 one is not repeated. An alarm that lies mostly (half its span or more) within an event is marked
-with the event's id and opens no node incident, unless its node already had an incident of the
-same cause open the night before (its own trouble, which goes on). ``nightly.event_share=0`` turns
+with the event's id and opens no node incident, unless its node already had an incident open the
+night before (its own trouble, which goes on). ``nightly.event_share=0`` turns
 this off.
 
 A fault across midnight (cooling that fails at 22:00 and is fixed at 03:00) is scored on two
@@ -145,12 +145,12 @@ def _inside(alarm: dict, start: int, end: int) -> bool:
 
 def mark(alarms: list[dict], events: list[dict], previous: list[dict]) -> None:
     """Mark each alarm that lies mostly within an event with its id (``cluster_event``), unless its
-    node had an incident of the alarm's cause open on the ``previous`` night (its own trouble, which
-    goes on); alarms already held (``settling``) are left as they are."""
-    going_on = {(i["node"], i["cause"]) for i in previous if i["state"] in OPEN}
+    node had an incident open on the ``previous`` night (its own trouble, which goes on); alarms
+    already held (``settling``) are left as they are."""
+    going_on = {i["node"] for i in previous if i["state"] in OPEN}
     for a in alarms:
         e = None if "settling" in a else event_of(a, events)
-        if e is not None and (a["node"], cause_of(a)) not in going_on:
+        if e is not None and a["node"] not in going_on:
             a["cluster_event"] = e["id"]
 
 

@@ -98,8 +98,8 @@ def nightly_sections(iso: str, src: Path, new: list[str], verdicts: list[dict], 
                      f"cluster or of one group (<code>nightly.event_share</code>, <code>nightly.groups</code>): a "
                      f"cause they share (machine-room cooling or power, a software or firmware roll-out, a job over "
                      f"many nodes, the telemetry pipeline) rather than as many node faults. Alarms within an event "
-                     f"open no node incident (nothing is drained for them), except on nodes whose incident of the "
-                     f"same cause was already open. docs/operations.md.</p>"
+                     f"open no node incident (nothing is drained for them), except on nodes whose incident was "
+                     f"already open. docs/operations.md.</p>"
                      + html_table([[e["scope"], in_zone(e["start"], zone or n.timezone)
                                     + (f" (continued from the night before: since "
                                        f"{in_zone(e['first_start'], zone or n.timezone)})"
@@ -113,16 +113,17 @@ def nightly_sections(iso: str, src: Path, new: list[str], verdicts: list[dict], 
                                   ["where", "start", "end", "nodes alarmed", "alarms", "causes", "shared jobs", "nodes"]))
     counts = {st: sum(i["state"] == st for i in incidents) for st in STATES}
     parts.append(f"<h2>Incidents</h2><p>{counts['new']} new, {counts['ongoing']} ongoing, {counts['resolved']} "
-                 f"resolved (repeated alarms on one node with one cause are one incident; docs/operations.md). "
+                 f"resolved (a node's alarms on consecutive nights are one incident, whatever their causes; "
+                 f"docs/operations.md). "
                  f"{len(drain_candidates(incidents, n.drain_after_nights))} confirmed (open for "
                  f"{n.drain_after_nights} nights or more): their SLURM drain commands are in drain.txt"
                  f"{_drain_said(iso, n)}.</p>")
     if incidents:
-        parts.append(html_table([[i["state"], i["node"], i["cause"], i["first_night"], i["nights"], i["alarms"],
+        parts.append(html_table([[i["state"], i["node"], _causes(i), i["first_night"], i["nights"], i["alarms"],
                               f"{i['peak_score']:.4g}", top_names(i["top_metrics"], 3),
                               " ".join(i["jobs"][:5])] for i in incidents[:200]],
-                            ["state", "node", "cause", "since", "nights", "alarms tonight", "peak", "top metrics",
-                             "jobs"]))
+                            ["state", "node", "cause (earlier nights)", "since", "nights", "alarms tonight", "peak",
+                             "top metrics", "jobs"]))
 
     def rel(v):
         return v["level"] / v["baseline"] if v["baseline"] and v["level"] == v["level"] else None
@@ -147,6 +148,12 @@ def _drain_said(iso: str, n: NightlyConfig) -> str:
     if not last_night(dt.date.fromisoformat(iso), n.timezone):
         return " (an older night: not run; only last night's are)"
     return " and were run (drain.json)"
+
+
+def _causes(incident: dict) -> str:
+    """Tonight's cause, then the other families the incident's alarms named on earlier nights."""
+    others = [c for c in incident.get("causes", []) if c != incident["cause"]]
+    return incident["cause"] + (f" ({', '.join(others)})" if others else "")
 
 
 def _verdict(v: dict) -> str:
