@@ -104,6 +104,13 @@ class ErrorStore:
                     raise corrupt(self.path, f"node {n}", exc, self.rerun) from exc
                 yield s
 
+    def models(self) -> dict[str, str]:
+        """Each node's model digest, by content, as scored (attribute ``model``; files scored before
+        it was recorded: none)."""
+        with open_h5(self.path, kind="error file") as f:
+            found = {n: f["nodes"][n].attrs.get("model", "") for n in self.nodes}
+        return {n: (d.decode() if isinstance(d, bytes) else str(d)) for n, d in found.items() if d}
+
     @property
     def rerun(self) -> str:
         """The stage that writes this file."""

@@ -28,7 +28,7 @@ from hpcad.data.store import TelemetryStore, is_store_path, run_store_path
 from hpcad.errors import ConfigError, InputError, StoreError
 from hpcad.explain import class_profiles
 from hpcad.errorstore import FORMAT, ErrorStore, remove_other_signal_files, signal_files, write_index
-from hpcad.model.files import UNTRAINED_SUFFIX, model_nodes, models_stamp, untrained_nodes
+from hpcad.model.files import UNTRAINED_SUFFIX, content_digest, model_nodes, model_path, models_stamp, untrained_nodes
 from hpcad.threshold.evaluate import apply_thresholds, evaluate
 from hpcad.threshold.reduce import reducer
 from hpcad.threshold.rules import Thresholds
@@ -328,12 +328,22 @@ def stage_report(cfg: HpcadConfig, run_dir: Path) -> Path | None:
 
 
 def _same_models(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore) -> None:
-    """Refuse errors scored with other model files than the run's models folder now holds."""
+    """Refuse errors scored with other model files than the run's models folder now holds. The stamp
+    (names, sizes, file times) is cheap; where it differs, the files' contents decide: a run folder
+    copied or moved (``cp -r`` off a purged scratch file system) keeps its contents, not its times."""
     md = models_dir(cfg, run_dir)
     stamp = errors.attrs.get("models_stamp")
-    if stamp and md.is_dir() and stamp != models_stamp(md):
-        raise StoreError(f"{errors.path} was scored with other models than {md} now holds (retrained since?): "
+    if not stamp or not md.is_dir() or stamp == models_stamp(md):
+        return
+    scored = errors.models()
+    changed = [n for n in errors.nodes if n not in scored or not model_path(md, n).exists()
+               or content_digest(model_path(md, n).read_bytes()) != scored[n]]
+    if changed:
+        said = "" if len(scored) < len(errors.nodes) else \
+            f": {len(changed)} node(s) changed since, e.g. {', '.join(changed[:5])}"
+        raise StoreError(f"{errors.path} was scored with other models than {md} now holds (retrained since?){said}; "
                          f"rerun `hpcad score` with hydra.run.dir={run_dir}, or `hpcad run`")
+    log.info("%s: the model files' times changed since scoring (copied or moved?), their contents did not", md)
 
 
 def stage_run(cfg: HpcadConfig, run_dir: Path) -> dict:

@@ -14,7 +14,8 @@ Layout (docs/data.md):
         signal_row    [T] float32 sum over metrics of error (the row's own signal)
         signal        [T] float32 the alarm signal: signal_row smoothed (hpcad.signals.smooth_signal)
         signal_norm   [T] float32 signal / signal_scale (one threshold can serve all nodes)
-                      (attr light_version: the light map applied, 0 = none; hpcad/model/light.py)
+                      (attr light_version: the light map applied, 0 = none; hpcad/model/light.py;
+                      attr model: the digest of the model file that scored it, by content)
         timestamp     [T] int64, split [T] int8 (0 train, 1 validation, 2 test), labels [T] int8 if labelled
 """
 from __future__ import annotations
@@ -108,7 +109,8 @@ def score_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, out_p
             shares[nd.name] = missing_share(miss, model.scaler.absent)
             lost[nd.name] = metrics_lost(miss, model.scaler.absent)
             _write_node_errors(nodes_grp, nd, err, level, split_codes(nd, cfg.split), sig_cfg,
-                               lm.version if lm else 0, error_dtype, shares[nd.name], recipe.normal_error(model))
+                               lm.version if lm else 0, error_dtype, shares[nd.name], recipe.normal_error(model),
+                               model.digest)
             bar.update(1)
         bar.close()
         # every node's share in one table (node-name order, as /node_rows of an index): read without a
@@ -183,7 +185,7 @@ def metrics_lost(miss: np.ndarray, absent: np.ndarray) -> np.ndarray:
 
 def _write_node_errors(parent: h5py.Group, nd, err: np.ndarray, signal_scale: float, split: np.ndarray,
                        sig_cfg, light_version: int = 0, error_dtype: type = np.float32,
-                       missing: float = 0.0, normal_error: np.ndarray | None = None) -> None:
+                       missing: float = 0.0, normal_error: np.ndarray | None = None, model: str = "") -> None:
     row = err.sum(1, dtype=np.float64)  # the signal comes from the float32 errors, whatever is stored
     signal = smooth_signal(row, sig_cfg.smooth, signal_scale, sig_cfg.causal)
     g = parent.create_group(nd.name)
@@ -199,8 +201,7 @@ def _write_node_errors(parent: h5py.Group, nd, err: np.ndarray, signal_scale: fl
         if data is not None:
             g.create_dataset(name, data=data, **checked(data))
     g.attrs.update(signal_scale=signal_scale, rows=T, light_version=light_version, missing_share=missing,
-                   smooth=int(sig_cfg.smooth),
-                   causal=bool(sig_cfg.causal))
+                   smooth=int(sig_cfg.smooth), causal=bool(sig_cfg.causal), model=model)
 
 
 def reconstruction_errors(models: list[NodeModel], zs: list[np.ndarray], device: torch.device,

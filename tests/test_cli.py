@@ -1,6 +1,7 @@
 """The pipeline as users run it: `hpcad <stage> [overrides]` in a subprocess."""
 import csv
 import json
+import subprocess
 
 import h5py
 import numpy as np
@@ -221,9 +222,16 @@ def test_stale_errors_or_thresholds_are_refused_with_the_stage_to_rerun(tmp_path
     run = tmp_path / "run"
     args = [*SMALL, "baselines.methods=[]", f"hydra.run.dir={run}"]
     hpcad("run", *args, "report.enabled=false")  # the report is drawn once, at the end
+    # copied with new file times (`cp -r` off a purged scratch file system): the same models by content.
+    # Before, the copy's errors.h5 was refused as scored with other models, to be scored again.
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(run), str(copy)], check=True)
+    p = hpcad("threshold", *SMALL, "baselines.methods=[]", f"hydra.run.dir={copy}")
+    assert "the model files' times changed since scoring (copied or moved?), their contents did not" in p.stdout + p.stderr
     hpcad("train", *args, "model.hidden=[16]")  # retrains every node; errors.h5 is now stale
     p = hpcad("threshold", *args, "model.hidden=[16]", check=False)
     assert p.returncode == 2 and "scored with other models" in p.stderr and "rerun `hpcad score`" in p.stderr
+    assert "node(s) changed since, e.g. node0000" in p.stderr
     hpcad("score", *args, "model.hidden=[16]")  # new errors: thresholds.json and alarms.csv are now stale
     p = hpcad("report", *args, "model.hidden=[16]", check=False)
     assert p.returncode == 2 and "earlier errors.h5" in p.stderr and "rerun `hpcad threshold`" in p.stderr

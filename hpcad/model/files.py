@@ -5,6 +5,7 @@ renamed, so a file under the final name is always complete (a requeued job skips
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -41,6 +42,7 @@ class NodeModel:
     # mean squared error per metric on the held-out normal rows (signal.metric_scales); None: a file
     # written before it was recorded
     holdout_error: np.ndarray | None = None
+    digest: str = ""  # of the file it was loaded from, by content (hpcad.model.light.model_digest); "" = not loaded
 
     def save(self, path: Path) -> None:
         import torch
@@ -63,7 +65,8 @@ class NodeModel:
     def load(cls, path: Path) -> "NodeModel":
         from hpcad.model.autoencoder import AutoencoderSpec
 
-        obj = load_tensors(path, FORMAT, "model file")
+        raw = _read(path, "model file")
+        obj = load_tensors(path, FORMAT, "model file", raw)
         try:
             sc = obj["scaler"]
             mean, scale = sc["mean"].numpy().astype(np.float32), sc["scale"].numpy().astype(np.float32)
@@ -75,7 +78,7 @@ class NodeModel:
             held = obj["holdout_error"].numpy().astype(np.float32) if "holdout_error" in obj else None
             return cls(obj["node"], AutoencoderSpec(**obj["spec"]), list(obj["metrics"]), members,
                        Scaler(mean, scale, float(sc["clip"]), soft, lo, hi, absent), obj["history"],
-                       float(obj["signal_scale"]), str(obj.get("fingerprint", "")), held)
+                       float(obj["signal_scale"]), str(obj.get("fingerprint", "")), held, content_digest(raw))
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise StoreError(f"{path}: model file is incomplete or of another version ({exc}); "
                              f"delete it and rerun `hpcad train` to retrain the node") from exc
@@ -120,13 +123,25 @@ def write_tensors(obj: dict, fh: BinaryIO) -> None:
         raise
 
 
-def load_tensors(path: Path, fmt: str, kind: str) -> dict:
-    """Load a file written by :func:`save_tensors` with ``weights_only=True`` (no pickled code) and
-    check its ``format`` field."""
+def content_digest(raw: bytes) -> str:
+    """A file's identity by content: what errors.h5 records per node and light maps are fitted for."""
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def _read(path: Path, kind: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise StoreError(f"{path}: {kind} not found") from None
+
+
+def load_tensors(path: Path, fmt: str, kind: str, raw: bytes | None = None) -> dict:
+    """Load a file written by :func:`save_tensors` (its bytes ``raw`` where already read) with
+    ``weights_only=True`` (no pickled code) and check its ``format`` field."""
     import torch
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(io.BytesIO(raw) if raw is not None else path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise StoreError(f"{path}: {kind} not found") from None
     except Exception as exc:
@@ -152,8 +167,6 @@ LIGHT_NAME = re.compile(r"\.light(?:-v(\d+))?\.pt$")
 def models_stamp(models_dir: Path) -> str:
     """A digest of the node model files (names, sizes, modification times; light maps left out: they
     are versioned and applied per night): cheap to recompute, different once any node is retrained."""
-    import hashlib
-
     h = hashlib.sha256()
     for node in model_nodes(models_dir):
         st = model_path(models_dir, node).stat()

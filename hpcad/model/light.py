@@ -22,7 +22,6 @@ hpcad wrote beside the models (``models/<node>.light-v<N>.pt``) are still read, 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import logging
 import os
 import re
@@ -35,7 +34,7 @@ import torch
 
 from hpcad.errors import ConfigError
 from hpcad.model.autoencoder import ensemble_recon, stack
-from hpcad.model.files import LIGHT_NAME, load_tensors, model_path, save_tensors
+from hpcad.model.files import LIGHT_NAME, content_digest, load_tensors, model_path, save_tensors
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +74,7 @@ class LightMap:
 def model_digest(path: Path) -> str:
     """What a light map is fitted for: the node's model file, by content (a map corrects one
     model's reconstructions; another training run's model of the node has other ones)."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    return content_digest(Path(path).read_bytes())
 
 
 LIGHT_FOLDER = "light"  # <nightly.out>/light: the nightly job's maps, one folder per node
