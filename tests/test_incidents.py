@@ -35,6 +35,8 @@ def test_a_nodes_alarms_on_consecutive_nights_are_one_incident_whatever_their_ca
     assert by["n1"]["cause"] == "temp" and by["n1"]["causes"] == ["ips", "temp"] and by["n1"]["alarms"] == 2
     assert by["n2"]["state"] == "resolved" and by["n2"]["resolved_night"] == "2025-03-02"
     assert [i["node"] for i in drain_candidates(n2, 2)] == ["n1"]
+    gauges = render([], n2, night_start=0, unscored=0, finished=0.0)  # an alert on the gauge lasts as long as the incident
+    assert 'hpcad_incident_nights{node="n1",cause="ips"} 2.0' in gauges and 'cause="temp"' not in gauges
     n3 = night_incidents(d2 + dt.timedelta(days=1), [alarm("n2", "power_dc")], n2)
     assert {i["node"]: i["state"] for i in n3} == {"n2": "new", "n1": "resolved"}  # resolved stays closed
     assert night_incidents(d2, [alarm("n1", "ips_p1_0"), alarm("n1", "temp_cpu", 6.0)], n1) == n2  # a rerun

@@ -20,7 +20,7 @@ FAMILIES = {
     "hpcad_node_alarm": "1 when the node has an open hpcad incident (new or ongoing) after the night, else 0.",
     "hpcad_node_missing_share": "Share of the node's metric values missing in the night's input (0 to 1).",
     "hpcad_node_metrics_lost": "Metrics the node reported in training that sent no value in the night's input.",
-    "hpcad_incident_nights": "Nights an open incident has lasted, by node and cause (metric family).",
+    "hpcad_incident_nights": "Nights an open incident has lasted, by node and its first cause (metric family).",
     "hpcad_nightly_night_timestamp_seconds": "Start (midnight, site time zone) of the newest night scored.",
     "hpcad_nightly_last_success_timestamp_seconds": "When the newest night's run finished.",
     "hpcad_nightly_nodes": "Nodes in the newest night, by outcome (scored, without_model, silent: trained, "
@@ -52,7 +52,10 @@ def render(levels: list[dict], incidents: list[dict], night_start: int, unscored
         samples["hpcad_node_metrics_lost"].append(({"node": lv["node"]}, len(lv.get("metrics_lost", []))))
     for i in incidents:
         if i["state"] in OPEN:
-            samples["hpcad_incident_nights"].append(({"node": i["node"], "cause": i["cause"]}, i["nights"]))
+            # the incident's first cause: a series (and an alert on it) lasts as long as the incident,
+            # though tonight's cause may be another family
+            first = (i.get("causes") or [i["cause"]])[0]
+            samples["hpcad_incident_nights"].append(({"node": i["node"], "cause": first}, i["nights"]))
     samples["hpcad_nightly_night_timestamp_seconds"].append(({}, night_start))
     samples["hpcad_nightly_last_success_timestamp_seconds"].append(({}, time.time() if finished is None else finished))
     samples["hpcad_nightly_nodes"] += [({"outcome": "scored"}, len(levels)), ({"outcome": "without_model"}, unscored),
