@@ -320,8 +320,8 @@ def _drift_and_light(t: Tonight, errors: ErrorStore, th: Thresholds, signals: li
         log.warning("nightly %s: %d node(s) alarmed on most of their rows tonight get no light map (a fault is not "
                     "learned as normal; a node whose new behaviour is normal goes in nightly.changes): %s", t.iso,
                     len(withheld), ", ".join(f"{x} ({why})" for x, why in list(withheld.items())[:10]))
-    nights = recent_nights(t.day, t.out, tmp, n.light_days) if targets or changed else []
     order = [x for x in targets if x not in withheld] + [x for x in changed if x not in targets]
+    nights = recent_nights(t.day, t.out, tmp, n.light_days) if order else []
     refits = [r for r in (light_retrain(t.cfg, node, t.day, _since_change(t, node, nights), t.maps, tmp / STAGED,
                                         under=None if node in changed else th) for node in order) if r]
     write_json(tmp / "light.json", refits)

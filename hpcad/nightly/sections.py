@@ -122,7 +122,7 @@ def nightly_sections(iso: str, src: Path, new: list[str], verdicts: list[dict], 
         parts.append(html_table([[i["state"], i["node"], _causes(i), i["first_night"], i["nights"], i["alarms"],
                               f"{i['peak_score']:.4g}", top_names(i["top_metrics"], 3),
                               " ".join(i["jobs"][:5])] for i in incidents[:200]],
-                            ["state", "node", "cause (earlier nights)", "since", "nights", "alarms tonight", "peak",
+                            ["state", "node", "cause (others it named)", "since", "nights", "alarms tonight", "peak",
                              "top metrics", "jobs"]))
 
     def rel(v):
@@ -151,7 +151,7 @@ def _drain_said(iso: str, n: NightlyConfig) -> str:
 
 
 def _causes(incident: dict) -> str:
-    """Tonight's cause, then the other families the incident's alarms named on earlier nights."""
+    """Tonight's cause, then the other families the incident's alarms have named (tonight or before)."""
     others = [c for c in incident.get("causes", []) if c != incident["cause"]]
     return incident["cause"] + (f" ({', '.join(others)})" if others else "")
 
