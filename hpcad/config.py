@@ -265,7 +265,8 @@ class NightlyConfig:
     drift_days: int = 3  # ...on this many consecutive nights (hpcad/nightly/drift.py)
     drift_reference_nights: int = 3  # the baseline: median level of the node's first nights
     # drifted | all | off: fit LARA-style light maps after the night, on rows under the threshold; none for
-    # a node alarmed on most of the night's rows (a fault is not learned as normal: nightly.changes accepts one)
+    # a node alarmed on most of the night's rows, or whose threshold was fitted on rows that were not normal
+    # (thresholds.json's not_normal_fit_nodes): a fault is not learned as normal (nightly.changes accepts one)
     light_retrain: LightRetrain = LightRetrain.drifted
     light_days: int = 3  # days of recent normal rows the light maps are fitted on
     light_ridge: float = 10.0  # ridge strength (per sample) pulling the maps towards "no change"

@@ -96,6 +96,23 @@ def test_the_nightly_job_keeps_alarming_on_the_real_nodes_governor_fault_nights_
     assert all(levels[d]["alarmed_rows"] == "0" for d in nights[:3])
     assert drift["2018-04-26"]["drifted"] and drift["2018-04-26"]["light"].startswith("withheld: ")
     assert not any(json.loads((out / d / "light.json").read_text()) for d in nights)
+    # trained without labels: the fallback's threshold, fitted on a validation period that holds the
+    # faults, sits over them (docs/results.md "Without labels"), so no fault row alarms and the drift
+    # verdict is the fault's only sign. Before, maps fitted under that threshold learned the fault
+    # (its level fell from ~146x the baseline to ~7x) and hid the next one.
+    frame.drop(columns="anomaly").to_csv(tmp_path / "hpc.csv", index=False)
+    run = tmp_path / "unlabelled"
+    hpcad("run", "experiment=davide", f"data.source={tmp_path / 'hpc.csv'}", f"hydra.run.dir={run}",
+          "compute.progress=false", "baselines.methods=[]", "report.enabled=false")
+    out = tmp_path / "nightly-unlabelled"
+    for span in ("2018-03-30..2018-04-01", "2018-04-24..2018-04-27"):
+        hpcad("nightly", f"train_run={run}", f"nightly.input='{tmp_path / 'exports'}/{{date}}'",
+              f"nightly.out={out}", f"nightly.date={span}", "nightly.max_end_gap_s=86400",
+              "compute.progress=false", "report.enabled=false")
+    drift = {d: json.loads((out / d / "drift.json").read_text())["nodes"][0] for d in nights}
+    assert drift["2018-04-27"]["drifted"] and drift["2018-04-27"]["level"] > 50 * drift["2018-04-27"]["baseline"]
+    assert drift["2018-04-26"]["light"].startswith("withheld: its threshold was fitted on rows ")
+    assert not any(json.loads((out / d / "light.json").read_text()) for d in nights)
 
 
 def test_msl_real_telemetry_train_then_score(tmp_path, msl_dir):
