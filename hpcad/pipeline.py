@@ -28,7 +28,7 @@ from hpcad.data.store import TelemetryStore, is_store_path, run_store_path
 from hpcad.errors import ConfigError, InputError, StoreError
 from hpcad.explain import class_profiles
 from hpcad.errorstore import FORMAT, ErrorStore, remove_other_signal_files, signal_files, write_index
-from hpcad.model.files import UNTRAINED_SUFFIX, content_digest, model_nodes, model_path, models_stamp, untrained_nodes
+from hpcad.model.files import UNTRAINED_SUFFIX, model_digest, model_nodes, model_path, models_stamp, untrained_nodes
 from hpcad.threshold.evaluate import apply_thresholds, evaluate
 from hpcad.threshold.reduce import reducer
 from hpcad.threshold.rules import Thresholds
@@ -337,7 +337,7 @@ def _same_models(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore) -> None:
         return
     scored = errors.models()
     changed = [n for n in errors.nodes if n not in scored or not model_path(md, n).exists()
-               or content_digest(model_path(md, n).read_bytes()) != scored[n]]
+               or model_digest(model_path(md, n)) != scored[n]]
     if changed:
         said = "" if len(scored) < len(errors.nodes) else \
             f": {len(changed)} node(s) changed since, e.g. {', '.join(changed[:5])}"

@@ -181,12 +181,10 @@ def chromium() -> str:
     pytest.skip("headless chromium not installed (Debian package chromium; .ci/run installs it)")
 
 
-def write_site(root: Path, nodes: int, days: int, cut: str, drift_node: str | None = None, drift_row: int = 0,
-               drift_scale: float = 1.0) -> None:
+def write_site(root: Path, nodes: int, days: int, cut: str, drift_node: str | None = None, drift_row: int = 0) -> None:
     """A site's exports: nodes reporting every 5 minutes (labelled synthetic telemetry) from
     2025-01-06; rows before ``cut`` in ``root/train/<node>.csv``, later days in
-    ``root/daily/<YYYY-MM-DD>/<node>.csv``; ``drift_node``'s levels shift from ``drift_row`` on
-    (hpcad.bench.drift.apply_drift, ``drift_scale`` times its shift)."""
+    ``root/daily/<YYYY-MM-DD>/<node>.csv``; ``drift_node``'s levels shift from ``drift_row`` on."""
     import numpy as np
     import pandas as pd
 
@@ -196,7 +194,7 @@ def write_site(root: Path, nodes: int, days: int, cut: str, drift_node: str | No
     for nd in generate_cluster(nodes, 288 * days, seed=7, clean_fraction=0.35):
         nd.timestamp = START_EPOCH + 300 * np.arange(len(nd.timestamp))
         if nd.name == drift_node:
-            nd = apply_drift(nd, drift_row, metric_names(), drift_scale)
+            nd = apply_drift(nd, drift_row, metric_names())
         f = node_frame(nd)
         day = pd.to_datetime(f["timestamp"]).dt.strftime("%Y-%m-%d")
         (root / "train").mkdir(parents=True, exist_ok=True)

@@ -84,13 +84,18 @@ def test_the_nightly_job_keeps_alarming_on_the_real_nodes_governor_fault_nights_
         (tmp_path / "exports" / d).mkdir(parents=True)
         frame[day == d].drop(columns="anomaly").to_csv(tmp_path / "exports" / d / "hpc.csv", index=False)
     assert (frame[(day >= "2018-04-24") & (day <= "2018-04-27")]["anomaly"] == 1).all()
+
+    def nightly(train_run: Path, out: Path) -> dict[str, dict]:
+        """The seven nights scored with ``train_run``; each night's drift verdict."""
+        for span in ("2018-03-30..2018-04-01", "2018-04-24..2018-04-27"):  # the node sent nothing in between
+            hpcad("nightly", f"train_run={train_run}", f"nightly.input='{tmp_path / 'exports'}/{{date}}'",
+                  f"nightly.out={out}", f"nightly.date={span}", "nightly.max_end_gap_s=86400",  # idle rows left out
+                  "compute.progress=false", "report.enabled=false")
+        return {d: json.loads((out / d / "drift.json").read_text())["nodes"][0] for d in nights}
+
     out = tmp_path / "nightly"
-    for span in ("2018-03-30..2018-04-01", "2018-04-24..2018-04-27"):  # the node sent nothing in between
-        hpcad("nightly", f"train_run={davide_run}", f"nightly.input='{tmp_path / 'exports'}/{{date}}'",
-              f"nightly.out={out}", f"nightly.date={span}", "nightly.max_end_gap_s=86400",  # idle rows are left out
-              "compute.progress=false", "report.enabled=false")
+    drift = nightly(davide_run, out)
     levels = {d: next(csv.DictReader(open(out / d / "levels.csv"))) for d in nights}
-    drift = {d: json.loads((out / d / "drift.json").read_text())["nodes"][0] for d in nights}
     for d in nights[3:]:  # every row of every fault night alarmed, the last one too
         assert int(levels[d]["alarmed_rows"]) == int(levels[d]["rows"]) == (day == d).sum(), d
     assert all(levels[d]["alarmed_rows"] == "0" for d in nights[:3])
@@ -105,11 +110,7 @@ def test_the_nightly_job_keeps_alarming_on_the_real_nodes_governor_fault_nights_
     hpcad("run", "experiment=davide", f"data.source={tmp_path / 'hpc.csv'}", f"hydra.run.dir={run}",
           "compute.progress=false", "baselines.methods=[]", "report.enabled=false")
     out = tmp_path / "nightly-unlabelled"
-    for span in ("2018-03-30..2018-04-01", "2018-04-24..2018-04-27"):
-        hpcad("nightly", f"train_run={run}", f"nightly.input='{tmp_path / 'exports'}/{{date}}'",
-              f"nightly.out={out}", f"nightly.date={span}", "nightly.max_end_gap_s=86400",
-              "compute.progress=false", "report.enabled=false")
-    drift = {d: json.loads((out / d / "drift.json").read_text())["nodes"][0] for d in nights}
+    drift = nightly(run, out)
     assert drift["2018-04-27"]["drifted"] and drift["2018-04-27"]["level"] > 50 * drift["2018-04-27"]["baseline"]
     assert drift["2018-04-26"]["light"].startswith("withheld: its threshold was fitted on rows ")
     assert not any(json.loads((out / d / "light.json").read_text()) for d in nights)

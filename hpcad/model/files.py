@@ -42,7 +42,7 @@ class NodeModel:
     # mean squared error per metric on the held-out normal rows (signal.metric_scales); None: a file
     # written before it was recorded
     holdout_error: np.ndarray | None = None
-    digest: str = ""  # of the file it was loaded from, by content (hpcad.model.light.model_digest); "" = not loaded
+    digest: str = ""  # of the file it was loaded from, by content (model_digest); "" = not loaded
 
     def save(self, path: Path) -> None:
         import torch
@@ -126,6 +126,13 @@ def write_tensors(obj: dict, fh: BinaryIO) -> None:
 def content_digest(raw: bytes) -> str:
     """A file's identity by content: what errors.h5 records per node and light maps are fitted for."""
     return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def model_digest(path: Path) -> str:
+    """A node's model file by content (:func:`content_digest`): a light map corrects one model's
+    reconstructions, and an errors.h5 was scored by one model; another training run's model of the
+    node, or a retrained one, has another digest, a copy of the file the same."""
+    return content_digest(Path(path).read_bytes())
 
 
 def _read(path: Path, kind: str) -> bytes:

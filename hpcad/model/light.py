@@ -34,7 +34,7 @@ import torch
 
 from hpcad.errors import ConfigError
 from hpcad.model.autoencoder import ensemble_recon, stack
-from hpcad.model.files import LIGHT_NAME, content_digest, load_tensors, model_path, save_tensors
+from hpcad.model.files import LIGHT_NAME, load_tensors, model_digest, model_path, save_tensors
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +69,6 @@ class LightMap:
         return cls(obj["delta"], int(obj["version"]), int(obj["rows"]), float(obj["ridge"]),
                    list(obj["fitted_on"]), str(obj["created"]), str(obj.get("valid_from", "")),
                    str(obj.get("model", "")))
-
-
-def model_digest(path: Path) -> str:
-    """What a light map is fitted for: the node's model file, by content (a map corrects one
-    model's reconstructions; another training run's model of the node has other ones)."""
-    return content_digest(Path(path).read_bytes())
 
 
 LIGHT_FOLDER = "light"  # <nightly.out>/light: the nightly job's maps, one folder per node

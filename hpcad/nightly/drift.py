@@ -44,7 +44,7 @@ def night_levels(signals: Iterable[NodeSignal], th: Thresholds, missing: dict[st
 
 def write_levels(path: Path, levels: list[dict]) -> None:
     """levels.csv: one row per node (``metrics_lost``: the names, separated by ``;``; ``model``: the
-    digest of the model file that scored it, hpcad.model.light.model_digest; ``held``: why its alarms
+    digest of the model file that scored it, hpcad.model.files.model_digest; ``held``: why its alarms
     opened no incident, a cluster-wide event or settling after a change, where they did not)."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=FIELDS)

@@ -303,8 +303,9 @@ def _drift_and_light(t: Tonight, errors: ErrorStore, th: Thresholds, signals: li
     (a verdict's ``light`` says so), and for the nodes changed on one of the last
     ``nightly.light_days`` nights (hpcad.nightly.changes), each on its nights since its change only."""
     n, tmp = t.cfg.nightly, t.tmp
-    levels = [{**lv, "model": t.maps.digest(lv["node"]), "held": held.get(lv["node"], "")}  # model: drift.assess
-              for lv in night_levels(signals, th, errors.missing, errors.lost)]
+    scored_by = errors.models()  # each node's model digest, recorded as it was scored: no model file read again
+    levels = [{**lv, "model": scored_by.get(lv["node"]) or t.maps.digest(lv["node"]),  # model: drift.assess
+               "held": held.get(lv["node"], "")} for lv in night_levels(signals, th, errors.missing, errors.lost)]
     write_levels(tmp / "levels.csv", levels)
     verdicts = assess(t.out, t.day, levels, n.drift_ratio, n.drift_days, n.drift_reference_nights)
     drifted = [v["node"] for v in verdicts if v["drifted"]]
@@ -312,8 +313,8 @@ def _drift_and_light(t: Tonight, errors: ErrorStore, th: Thresholds, signals: li
     if targets is None:
         raise ConfigError(f"nightly.light_retrain={n.light_retrain!r}: drifted, all or off")
     changed = [node for node in errors.nodes if _refits_for_change(t, node, settling)]
-    withheld = {**_untrusted(th, [x for x in targets if x not in changed]),
-                **_alarming(levels, [x for x in targets if x not in changed])}
+    asked = [x for x in targets if x not in changed]  # the maintenance log's refits are never withheld
+    withheld = {**_untrusted(th, asked), **_alarming(levels, asked)}
     for v in verdicts:
         if v["node"] in withheld:
             v["light"] = f"withheld: {withheld[v['node']]}"

@@ -157,7 +157,8 @@ def _causes(incident: dict) -> str:
 
 
 def _verdict(v: dict) -> str:
-    """A node's drift verdict, and why it got no light map where it was withheld (its alarms)."""
+    """A node's drift verdict, and why it got no light map where it was withheld (its alarms, or a
+    threshold fitted on rows that were not normal)."""
     said = "DRIFT" if v["drifted"] else (_no_baseline(v) if v["baseline"] is None else "")
     if v.get("light", "").startswith("withheld: "):
         said += ("; " if said else "") + "no light map: " + v["light"].removeprefix("withheld: ") + \
