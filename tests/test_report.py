@@ -244,3 +244,51 @@ def test_report_times_are_shown_on_the_sites_clock_across_summer_time():
     assert in_zone("2025-07-10T00:00:00+00:00", "Europe/Rome") == "2025-07-10T02:00:00+02:00"
     assert in_zone("2025-01-10T00:00:00+00:00", "UTC") == "2025-01-10T00:00:00+00:00"
     assert in_zone("1432", "Europe/Rome") == "1432"  # row numbers (input without timestamps) as they are
+
+
+def test_plots_draw_no_line_or_shading_across_hours_without_data(monkeypatch):
+    """A node that sent nothing for six hours (down, or idle rows left out, as in the real DAVIDE
+    node's file, which has weeks of them): before, its signal and metrics were drawn as a straight
+    line across those hours, an alarm on either side was shaded over them as if the node had been
+    measured there, and a node page's "day either side" of its strongest alarm was 288 rows, which
+    across such gaps spanned over a week."""
+    from types import SimpleNamespace
+
+    import matplotlib.dates as mdates
+
+    import hpcad.report.plots as plots
+
+    figs = []
+    monkeypatch.setattr(plots, "_png", lambda fig, *a, **k: figs.append(fig) or "")
+    t0 = 1_700_000_000
+    ts = np.r_[np.arange(0, 3 * 3600, 300), np.arange(9 * 3600, 12 * 3600, 300)] + t0  # 36 rows, 6 h, 36 rows
+    sig = np.ones(len(ts))
+    sig[30:42] = 5.0  # alarmed from 2:30 to 9:25, across the gap
+    s = SimpleNamespace(node="n", timestamp=ts, signal=sig, labels=(sig > 2).astype(np.int8),
+                        split=np.zeros(len(ts), np.int8))
+    th = Thresholds("cost", "node", None, {"n": 2.0}, {})
+    plots.signal_plot(s, th)
+    ax = figs[-1].axes[0]
+    y = ax.lines[0].get_ydata()
+    assert len(y) == len(ts) + 1 and np.flatnonzero(np.isnan(y)).tolist() == [36]  # one break, at the gap
+    gap = mdates.date2num(np.datetime64(t0 + 6 * 3600, "s"))  # 06:00, in the middle of the hours without data
+    spans = [p.get_path().get_extents(p.get_patch_transform()) for p in ax.patches]
+    assert len(spans) == 4 and not [b for b in spans if b.x0 < gap < b.x1]  # alarmed and labelled, each side
+    assert "no line = no data" in ax.get_title()
+    plots.signal_plot(SimpleNamespace(**{**vars(s), "timestamp": np.arange(len(ts)) * 300 + t0}), th)
+    assert not np.isnan(figs[-1].axes[0].lines[0].get_ydata()).any() and "no data" not in figs[-1].axes[0].get_title()
+    # the rows of the node page's plots: a day of time either side of the strongest alarm
+    long = np.r_[np.arange(0, 86400, 300), np.arange(5 * 86400, 6 * 86400, 300)] + t0  # 288 rows, 4 days, 288
+    peak = np.ones(len(long))
+    peak[300] = 9.0  # an hour into the fifth day
+    errs = SimpleNamespace(errors=lambda node, rows: np.zeros((rows.stop - rows.start, 2)),
+                           explain_scale=lambda node: None)
+    win = plots.AlarmWindow(errs, SimpleNamespace(node="n", timestamp=long, signal=peak), th, "s")
+    assert (win.a, win.b) == (288, 576)  # that day's rows, none of the day four days before
+    errs.metrics = ["power", "ips"]
+    near = plots.AlarmWindow(errs, s, th, "s")  # the six-hour gap's node: every row is within a day
+    scaler = SimpleNamespace(training_range=lambda: (np.zeros(2), np.ones(2)))
+    plots.values_plot(errs, s, th, np.ones((len(ts), 2)), scaler, "s", near)
+    assert [np.flatnonzero(np.isnan(a.lines[0].get_ydata())).tolist() for a in figs[-1].axes] == [[36], [36]]
+    rows = plots.AlarmWindow(errs, SimpleNamespace(node="n", timestamp=np.arange(576), signal=peak), th, "row")
+    assert (rows.a, rows.b) == (100, 500)  # no timestamps: 200 rows either side

@@ -61,46 +61,81 @@ def _time_label(time_unit: str, zone: str) -> str:
     return f"time ({zone})" if time_unit == "s" else "row"
 
 
-def _spans(ax, x: np.ndarray, mask: np.ndarray | None, color: str, alpha: float = 0.25) -> None:
+GAP_STEPS = 3  # rows further apart than this many sampling steps (the median) have no data between them
+
+
+def gaps(timestamp: np.ndarray, time_unit: str) -> np.ndarray:
+    """Row indices i where rows i-1 and i are more than GAP_STEPS sampling steps apart (a node down,
+    idle rows left out, a collector outage): the plots' lines and shading stop there instead of
+    drawing a straight line across time without data."""
+    t = np.asarray(timestamp, dtype=np.float64)
+    if time_unit != "s" or len(t) < 3:
+        return np.empty(0, dtype=np.int64)
+    d = np.diff(t)
+    return np.flatnonzero(d > GAP_STEPS * max(float(np.median(d)), 1.0)) + 1
+
+
+def _line(x: np.ndarray, y: np.ndarray, breaks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``x, y`` with a NaN point at each break: matplotlib ends the line there and starts a new one."""
+    if not len(breaks):
+        return x, y
+    return np.insert(x, breaks, x[breaks - 1]), np.insert(np.asarray(y, dtype=np.float64), breaks, np.nan)
+
+
+def _spans(ax, x: np.ndarray, mask: np.ndarray | None, color: str, alpha: float = 0.25,
+           breaks: np.ndarray | None = None) -> None:
     if mask is None or not mask.any():
         return
     d = np.diff(np.r_[0, mask.astype(int), 0])
+    cuts = np.zeros(len(mask) + 1, dtype=bool)
+    if breaks is not None:
+        cuts[breaks] = True  # a run of shaded rows across a gap is shaded on each side, not over the gap
     for a, b in zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1)):
-        ax.axvspan(x[a], x[b - 1], color=color, alpha=alpha, lw=0)
+        edges = [a, *(np.flatnonzero(cuts[a + 1:b]) + a + 1), b]
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            ax.axvspan(x[lo], x[hi - 1], color=color, alpha=alpha, lw=0)
 
 
 def signal_plot(s, th: Thresholds, time_unit: str = "s", zone: str = "UTC") -> str:
     sig, t = th.signal_of(s), th.threshold_for(s.node)
-    x = _x(s, time_unit, zone)
+    x, breaks = _x(s, time_unit, zone), gaps(s.timestamp, time_unit)
     fig, ax = plt.subplots(figsize=(11, 2.6))
-    ax.plot(x, sig, lw=0.6, color="tab:blue", label="alarm signal")
+    ax.plot(*_line(x, sig, breaks), lw=0.6, color="tab:blue", label="alarm signal")
     ax.axhline(t, color="tab:red", lw=1, label="threshold")
-    _spans(ax, x, None if s.labels is None else s.labels != 0, "tab:orange")
-    _spans(ax, x, sig > t, "tab:red", 0.12)
+    _spans(ax, x, None if s.labels is None else s.labels != 0, "tab:orange", breaks=breaks)
+    _spans(ax, x, sig > t, "tab:red", 0.12, breaks)
     for code, ls in ((1, ":"), (2, "--")):
         idx = np.flatnonzero(s.split == code)
         if idx.size:
             ax.axvline(x[idx[0]], color="grey", ls=ls, lw=0.8)
     if np.nanmin(sig) > 0:
         ax.set_yscale("log")
+    no_data = "; no line = no data" if len(breaks) else ""
     ax.set_title(f"{s.node}: signal vs threshold (orange = labelled anomaly, red = alarmed; dotted/dashed = "
-                 f"validation/test start)", fontsize=9)
+                 f"validation/test start{no_data})", fontsize=9)
     ax.set_xlabel(_time_label(time_unit, zone))
     ax.legend(loc="upper left", fontsize=7)
     return _png(fig, {"left": 0.06, "right": 0.99, "top": 0.88, "bottom": 0.2})
 
 
 class AlarmWindow:
-    """The rows around a node's strongest alarm (a day either side at 5-minute rows; all rows when it
-    has none), their per-metric errors read once, in times their normal error where the error file
-    has the node's normal errors (as the alarms' top metrics, hpcad.signals.explain_scale), and the
-    metrics ordered by their largest: what the heatmap and the values plot of a node show."""
+    """The rows around a node's strongest alarm (those within a day either side of it, 200 rows either
+    side when the input had no timestamps; all rows when it has none), their per-metric errors read
+    once, in times their normal error where the error file has the node's normal errors (as the
+    alarms' top metrics, hpcad.signals.explain_scale), and the metrics ordered by their largest: what
+    the heatmap and the values plot of a node show."""
 
     def __init__(self, errors: ErrorStore, s, th: Thresholds, time_unit: str):
         sig, t = th.signal_of(s), th.threshold_for(s.node)
         peak = int(np.nanargmax(sig)) if len(sig) else 0
-        half = 288 if time_unit == "s" else 200
-        self.a, self.b = (max(0, peak - half), min(len(sig), peak + half)) if (sig > t).any() else (0, len(sig))
+        if not (sig > t).any():
+            self.a, self.b = 0, len(sig)
+        elif time_unit == "s":  # a day of time, not 288 rows: across gaps in the data those span days
+            ts = np.asarray(s.timestamp)
+            self.a = int(np.searchsorted(ts, ts[peak] - 86400, "left"))
+            self.b = int(np.searchsorted(ts, ts[peak] + 86400, "right"))
+        else:
+            self.a, self.b = max(0, peak - 200), min(len(sig), peak + 200)
         self.err = errors.errors(s.node, slice(self.a, self.b))
         scale = errors.explain_scale(s.node)
         self.times_normal = scale is not None
@@ -115,18 +150,20 @@ def values_plot(errors: ErrorStore, s, th: Thresholds, values: np.ndarray, scale
     training range (grey band), alarmed rows shaded: is the value new, or the combination?"""
     a, b, order = win.a, win.b, win.order[:top]
     lo, hi = scaler.training_range()
-    x = _x(s, time_unit, zone)[a:b]
+    x, breaks = _x(s, time_unit, zone)[a:b], gaps(s.timestamp[a:b], time_unit)
     alarmed = th.signal_of(s)[a:b] > th.threshold_for(s.node)
     fig, axes = plt.subplots(len(order), 1, figsize=(11, 0.4 + 1.1 * len(order)), sharex=True, squeeze=False)
     for ax, j in zip(axes[:, 0], order):
         ax.axhspan(lo[j], hi[j], color="0.85", lw=0)
-        ax.plot(x, values[a:b, j], lw=0.8, color="tab:blue", antialiased=False)  # a third of the PNG size
-        _spans(ax, x, alarmed, "tab:red", 0.12)
+        ax.plot(*_line(x, values[a:b, j], breaks), lw=0.8, color="tab:blue", antialiased=False)  # a third of
+        # the PNG size
+        _spans(ax, x, alarmed, "tab:red", 0.12, breaks)
         ax.set_ylabel(errors.metrics[j], fontsize=7, rotation=0, ha="right", va="center")
         ax.tick_params(labelsize=7)
     most = "the most times their normal error" if win.times_normal else "the largest error"
+    no_data = "; no line = no data" if len(breaks) else ""
     axes[0, 0].set_title(f"{s.node}: the {len(order)} metrics with {most}, in their own units; grey = "
-                         f"the node's training range, red = alarmed rows", fontsize=9)
+                         f"the node's training range, red = alarmed rows{no_data}", fontsize=9)
     axes[-1, 0].set_xlabel(_time_label(time_unit, zone))
     width = max((len(errors.metrics[j]) for j in order), default=8)
     return _png(fig, {"left": min(0.4, 0.03 + 0.0065 * width), "right": 0.99, "top": 0.9,
@@ -152,10 +189,14 @@ def heatmap(errors: ErrorStore, s, th: Thresholds, time_unit: str = "s", win: Al
         ax.plot(lab, np.full(lab.size, -0.8), "|", color="tab:orange", ms=4)
     alarmed = np.flatnonzero(sig[a:b] > t)
     ax.plot(alarmed, np.full(alarmed.size, len(order) - 0.2), "|", color="tab:red", ms=4)
-    ax.set_xlabel(_time_label(time_unit, zone))
+    breaks = gaps(s.timestamp[a:b], time_unit)
+    for k in breaks:  # one column per row: a gap in time is a line between two columns
+        ax.axvline(k - 0.5, color="tab:cyan", lw=1.2)
+    ax.set_xlabel(_time_label(time_unit, zone) + (" (one column per row)" if len(breaks) else ""))
     what = ("|x - x_hat| over its normal size, the {} metrics most above normal" if win.times_normal
             else "per-metric error |x - x_hat|, the {} metrics with the largest error").format(len(order))
-    ax.set_title(f"{s.node}: {what} (orange ticks = labelled anomaly, red = alarmed rows)", fontsize=9)
+    gap = "; cyan line = no data between" if len(breaks) else ""
+    ax.set_title(f"{s.node}: {what} (orange ticks = labelled anomaly, red = alarmed rows{gap})", fontsize=9)
     width = max((len(errors.metrics[j]) for j in order), default=8)
     return _png(fig, {"left": min(0.4, 0.02 + 0.0065 * width), "right": 0.99, "top": 0.92, "bottom": 0.7 / (0.9 + 0.17 * len(order))})
 
