@@ -36,7 +36,7 @@ def test_run_on_the_embedded_default_writes_every_output(tmp_path):
     with open(run / "alarms.csv") as fh:
         rows = list(csv.DictReader(fh))
     alarmed = len({r["node"] for r in rows})  # the summary line: nodes, metrics, alarms and alarmed nodes
-    assert f"{len(rows)} alarm events on {alarmed} nodes" in html
+    assert f"{len(rows)} alarm events on {alarmed} node{'s' * (alarmed != 1)};" in html
     assert rows and rows[0]["top_metrics"].count(":") == 8  # top-k metrics per alarm
     assert len(rows[0]["top_x_normal"].split()) == 8  # and how many times their normal error each carries
     with h5py.File(run / "errors.h5") as f:

@@ -38,7 +38,7 @@ def test_the_page_counts_alarms_and_links_each_alarmed_node_to_its_page(tmp_path
     cfg, errors, models = _run(tmp_path, [ALARM_B, {**ALARM_B, "start": 51000, "end": 52000}])
     page = write_report(cfg, tmp_path, errors, models, title="nightly <test>").read_text()
     assert "<title>nightly &lt;test&gt;</title>" in page  # the title is escaped
-    assert "2 nodes, 3 metrics" in page and "2 alarm events on 1 nodes" in page
+    assert "2 nodes, 3 metrics" in page and "2 alarm events on 1 node;" in page
     # how the signal was made: the recipe errors.h5 was scored with (both options fixed here)
     assert "alarm signal: reconstruction error + 10 x range excess, smoothed over 25 rows." in page
 

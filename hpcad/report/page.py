@@ -29,6 +29,11 @@ MAX_UNTRAINED_LISTED = 200  # a site where half the cluster was down lists 200 a
 _NODES_SLOT = "<!-- alarmed nodes -->"  # a place in the page kept while warnings are put before it
 
 
+def _count(n: int, noun: str) -> str:
+    """``1 node``, ``3 nodes``."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def _name_classes(alarms: list[dict], names: list[str]) -> None:
     """The label classes of alarms by their ``data.label_names`` (alarms.csv keeps the numbers)."""
     if not names:
@@ -76,8 +81,9 @@ def write_report(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, models_dir
     ranked = sorted(errors.nodes, key=lambda n: (-per_node_alarms.get(n, 0), n))  # most alarms first
     shown = ranked[: cfg.report.max_nodes_plotted]
     parts = [f"<h1>{html.escape(title)}</h1><p>run folder: <code>{html.escape(str(folder or run_dir))}</code>; "
-             f"{len(errors.nodes)} nodes, {len(errors.metrics)} metrics; threshold rule <b>{th.rule}</b> "
-             f"({th.scope} scope); {len(alarms)} alarm events on {len(per_node_alarms)} nodes; "
+             f"{_count(len(errors.nodes), 'node')}, {_count(len(errors.metrics), 'metric')}; threshold rule "
+             f"<b>{th.rule}</b> ({th.scope} scope); {_count(len(alarms), 'alarm event')} on "
+             f"{_count(len(per_node_alarms), 'node')}; "
              f"{_signal_said(errors, cfg)}"
              + (f"; labels from the incident list <code>{html.escape(str(cfg.data.labels))}</code>"
                 if getattr(cfg.data, "labels", None) else "") + ".</p>"]

@@ -19,6 +19,7 @@ logging.getLogger("matplotlib").setLevel(logging.WARNING)  # its font-cache and 
 # about twenty times; the log axes' labels then fall back to DejaVu Sans, the report's own font.
 logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 from hpcad.errorstore import ErrorStore  # noqa: E402
@@ -298,6 +299,7 @@ def curves(models_dir: Path, nodes: list[str]) -> str:
         line, = ax.plot(range(1, len(h["loss"]) + 1), h["loss"], lw=1, label=f"{n} train")
         ax.plot(range(1, len(h["val_loss"]) + 1), h["val_loss"], lw=1, ls="--", color=line.get_color())
     ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs: no 2.5
     ax.set_xlabel("epoch")
     ax.set_ylabel("MSE")
     ax.set_title("training curves (solid = training, dashed = validation)", fontsize=9)
