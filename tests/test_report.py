@@ -246,7 +246,7 @@ def test_report_times_are_shown_on_the_sites_clock_across_summer_time():
     assert in_zone("1432", "Europe/Rome") == "1432"  # row numbers (input without timestamps) as they are
 
 
-def test_plots_draw_no_line_or_shading_across_hours_without_data(monkeypatch):
+def test_plots_draw_no_line_or_shading_across_hours_without_data_and_name_only_what_they_show(monkeypatch):
     """A node that sent nothing for six hours (down, or idle rows left out, as in the real DAVIDE
     node's file, which has weeks of them): before, its signal and metrics were drawn as a straight
     line across those hours, an alarm on either side was shaded over them as if the node had been
@@ -274,7 +274,15 @@ def test_plots_draw_no_line_or_shading_across_hours_without_data(monkeypatch):
     gap = mdates.date2num(np.datetime64(t0 + 6 * 3600, "s"))  # 06:00, in the middle of the hours without data
     spans = [p.get_path().get_extents(p.get_patch_transform()) for p in ax.patches]
     assert len(spans) == 4 and not [b for b in spans if b.x0 < gap < b.x1]  # alarmed and labelled, each side
-    assert "no line = no data" in ax.get_title()
+    assert ax.get_title().endswith("(orange = labelled anomaly; red = alarmed; no line = no data)")
+    # a night's rows are all one split, without labels: the title names neither (it said "dashed = test
+    # start", and a dashed line stood at the night's first row)
+    plots.signal_plot(SimpleNamespace(**{**vars(s), "labels": None, "split": np.full(len(ts), 2, np.int8)}), th)
+    assert [ln.get_linestyle() for ln in figs[-1].axes[0].lines] == ["-", "-"]  # the signal and the threshold
+    assert figs[-1].axes[0].get_title().endswith("(red = alarmed; no line = no data)")
+    plots.signal_plot(SimpleNamespace(**{**vars(s), "split": (np.arange(len(ts)) >= 50).astype(np.int8) * 2}), th)
+    assert [ln.get_linestyle() for ln in figs[-1].axes[0].lines] == ["-", "-", "--"]
+    assert "dashed = test start" in figs[-1].axes[0].get_title()
     plots.signal_plot(SimpleNamespace(**{**vars(s), "timestamp": np.arange(len(ts)) * 300 + t0}), th)
     assert not np.isnan(figs[-1].axes[0].lines[0].get_ydata()).any() and "no data" not in figs[-1].axes[0].get_title()
     # the rows of the node page's plots: a day of time either side of the strongest alarm
@@ -290,5 +298,11 @@ def test_plots_draw_no_line_or_shading_across_hours_without_data(monkeypatch):
     scaler = SimpleNamespace(training_range=lambda: (np.zeros(2), np.ones(2)))
     plots.values_plot(errs, s, th, np.ones((len(ts), 2)), scaler, "s", near)
     assert [np.flatnonzero(np.isnan(a.lines[0].get_ydata())).tolist() for a in figs[-1].axes] == [[36], [36]]
+    plots.heatmap(errs, s, th, "s", near)
+    assert [round(ln.get_xdata()[0], 1) for ln in figs[-1].axes[0].lines[2:]] == [35.5]  # between rows 35 and 36
+    assert figs[-1].axes[0].get_title().endswith("(orange ticks = labelled anomaly, red = alarmed rows, cyan line = "
+                                                 "no data between)")
+    plots.heatmap(errs, SimpleNamespace(**{**vars(s), "labels": None}), th, "s", near)
+    assert figs[-1].axes[0].get_title().endswith("(red = alarmed rows, cyan line = no data between)")
     rows = plots.AlarmWindow(errs, SimpleNamespace(node="n", timestamp=np.arange(576), signal=peak), th, "row")
     assert (rows.a, rows.b) == (100, 500)  # no timestamps: 200 rows either side

@@ -105,15 +105,17 @@ def signal_plot(s, th: Thresholds, time_unit: str = "s", zone: str = "UTC") -> s
     ax.axhline(t, color="tab:red", lw=1, label="threshold")
     _spans(ax, x, None if s.labels is None else s.labels != 0, "tab:orange", breaks=breaks)
     _spans(ax, x, sig > t, "tab:red", 0.12, breaks)
-    for code, ls in ((1, ":"), (2, "--")):
+    said = (["orange = labelled anomaly"] if s.labels is not None else []) + ["red = alarmed"]
+    starts = []
+    for code, ls, name in ((1, ":", "validation"), (2, "--", "test")):
         idx = np.flatnonzero(s.split == code)
-        if idx.size:
+        if idx.size and idx[0] > 0:  # a split that starts inside the plot (a night's rows are all one)
             ax.axvline(x[idx[0]], color="grey", ls=ls, lw=0.8)
+            starts.append(("dotted", "dashed")[code - 1] + f" = {name} start")
     if np.nanmin(sig) > 0:
         ax.set_yscale("log")
-    no_data = "; no line = no data" if len(breaks) else ""
-    ax.set_title(f"{s.node}: signal vs threshold (orange = labelled anomaly, red = alarmed; dotted/dashed = "
-                 f"validation/test start{no_data})", fontsize=9)
+    said += starts + (["no line = no data"] if len(breaks) else [])
+    ax.set_title(f"{s.node}: signal vs threshold ({'; '.join(said)})", fontsize=9)
     ax.set_xlabel(_time_label(time_unit, zone))
     ax.legend(loc="upper left", fontsize=7)
     return _png(fig, {"left": 0.06, "right": 0.99, "top": 0.88, "bottom": 0.2})
@@ -196,8 +198,9 @@ def heatmap(errors: ErrorStore, s, th: Thresholds, time_unit: str = "s", win: Al
     ax.set_xlabel(_time_label(time_unit, zone) + (" (one column per row)" if len(breaks) else ""))
     what = ("|x - x_hat| over its normal size, the {} metrics most above normal" if win.times_normal
             else "per-metric error |x - x_hat|, the {} metrics with the largest error").format(len(order))
-    gap = "; cyan line = no data between" if len(breaks) else ""
-    ax.set_title(f"{s.node}: {what} (orange ticks = labelled anomaly, red = alarmed rows{gap})", fontsize=9)
+    said = (["orange ticks = labelled anomaly"] if s.labels is not None else []) + ["red = alarmed rows"]
+    said += ["cyan line = no data between"] if len(breaks) else []
+    ax.set_title(f"{s.node}: {what} ({', '.join(said)})", fontsize=9)
     width = max((len(errors.metrics[j]) for j in order), default=8)
     return _png(fig, {"left": min(0.4, 0.02 + 0.0065 * width), "right": 0.99, "top": 0.92, "bottom": 0.7 / (0.9 + 0.17 * len(order))})
 
