@@ -30,6 +30,9 @@ CLASS_NAMES = {"0": "normal", "1": "class 1 (e.g. power-saving governor)", "2": 
                "3": "class 3 (e.g. memory leak)", "4": "class 4 (e.g. CPU contention)"}
 
 
+TITLE_IN = 0.42  # inches above a node plot's axes: its title in two lines (long node names, many keys)
+
+
 def _png(fig, margins: dict | None = None, dpi: int = 90) -> str:
     """The figure as an embedded PNG. ``margins`` (subplots_adjust arguments) instead of a tight
     bounding box: half the drawing time, for the plots drawn once per alarmed node."""
@@ -115,10 +118,10 @@ def signal_plot(s, th: Thresholds, time_unit: str = "s", zone: str = "UTC") -> s
     if np.nanmin(sig) > 0:
         ax.set_yscale("log")
     said += starts + (["no line = no data"] if len(breaks) else [])
-    ax.set_title(f"{s.node}: signal vs threshold ({'; '.join(said)})", fontsize=9)
+    ax.set_title(f"{s.node}: signal vs threshold ({'; '.join(said)})", fontsize=9, wrap=True)
     ax.set_xlabel(_time_label(time_unit, zone))
     ax.legend(loc="upper left", fontsize=7)
-    return _png(fig, {"left": 0.06, "right": 0.99, "top": 0.88, "bottom": 0.2})
+    return _png(fig, {"left": 0.06, "right": 0.99, "top": 1 - TITLE_IN / 2.6, "bottom": 0.2})
 
 
 class AlarmWindow:
@@ -166,11 +169,12 @@ def values_plot(errors: ErrorStore, s, th: Thresholds, values: np.ndarray, scale
     most = "the most times their normal error" if win.times_normal else "the largest error"
     no_data = "; no line = no data" if len(breaks) else ""
     axes[0, 0].set_title(f"{s.node}: the {len(order)} metrics with {most}, in their own units; grey = "
-                         f"the node's training range, red = alarmed rows{no_data}", fontsize=9)
+                         f"the node's training range, red = alarmed rows{no_data}", fontsize=9, wrap=True)
     axes[-1, 0].set_xlabel(_time_label(time_unit, zone))
     width = max((len(errors.metrics[j]) for j in order), default=8)
-    return _png(fig, {"left": min(0.4, 0.03 + 0.0065 * width), "right": 0.99, "top": 0.9,
-                      "bottom": 0.35 / (0.4 + 1.1 * len(order)) + 0.05, "hspace": 0.15}, dpi=72)
+    height = 0.4 + 1.1 * len(order)
+    return _png(fig, {"left": min(0.4, 0.03 + 0.0065 * width), "right": 0.99, "top": 1 - TITLE_IN / height,
+                      "bottom": 0.35 / height + 0.05, "hspace": 0.15}, dpi=72)
 
 
 def heatmap(errors: ErrorStore, s, th: Thresholds, time_unit: str = "s", win: AlarmWindow | None = None,
@@ -200,9 +204,11 @@ def heatmap(errors: ErrorStore, s, th: Thresholds, time_unit: str = "s", win: Al
             else "per-metric error |x - x_hat|, the {} metrics with the largest error").format(len(order))
     said = (["orange ticks = labelled anomaly"] if s.labels is not None else []) + ["red = alarmed rows"]
     said += ["cyan line = no data between"] if len(breaks) else []
-    ax.set_title(f"{s.node}: {what} ({', '.join(said)})", fontsize=9)
+    ax.set_title(f"{s.node}: {what} ({', '.join(said)})", fontsize=9, wrap=True)
     width = max((len(errors.metrics[j]) for j in order), default=8)
-    return _png(fig, {"left": min(0.4, 0.02 + 0.0065 * width), "right": 0.99, "top": 0.92, "bottom": 0.7 / (0.9 + 0.17 * len(order))})
+    height = 0.9 + 0.17 * len(order)
+    return _png(fig, {"left": min(0.4, 0.02 + 0.0065 * width), "right": 0.99, "top": 1 - TITLE_IN / height,
+                      "bottom": 0.7 / height})
 
 
 def overview_grid(sigs: list, th: Thresholds, time_unit: str = "s") -> tuple[np.ndarray, int, int] | None:
