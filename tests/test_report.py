@@ -277,7 +277,8 @@ def test_plots_draw_no_line_or_shading_across_hours_without_data_and_name_only_w
     assert ax.get_title().endswith("(orange = labelled anomaly; red = alarmed; no line = no data)")
     # a night's rows are all one split, without labels: the title names neither (it said "dashed = test
     # start", and a dashed line stood at the night's first row)
-    plots.signal_plot(SimpleNamespace(**{**vars(s), "labels": None, "split": np.full(len(ts), 2, np.int8)}), th)
+    plots.signal_plot(SimpleNamespace(**{**vars(s), "labels": np.zeros(len(ts), np.int8),
+                                         "split": np.full(len(ts), 2, np.int8)}), th)
     assert [ln.get_linestyle() for ln in figs[-1].axes[0].lines] == ["-", "-"]  # the signal and the threshold
     assert figs[-1].axes[0].get_title().endswith("(red = alarmed; no line = no data)")
     plots.signal_plot(SimpleNamespace(**{**vars(s), "split": (np.arange(len(ts)) >= 50).astype(np.int8) * 2}), th)
@@ -300,6 +301,7 @@ def test_plots_draw_no_line_or_shading_across_hours_without_data_and_name_only_w
     assert [np.flatnonzero(np.isnan(a.lines[0].get_ydata())).tolist() for a in figs[-1].axes] == [[36], [36]]
     plots.heatmap(errs, s, th, "s", near)
     assert [round(ln.get_xdata()[0], 1) for ln in figs[-1].axes[0].lines[2:]] == [35.5]  # between rows 35 and 36
+    assert len(figs[-1].axes[0].lines[0].get_xdata()) == 12  # the labelled rows' ticks
     assert figs[-1].axes[0].get_title().endswith("(orange ticks = labelled anomaly, red = alarmed rows, cyan line = "
                                                  "no data between)")
     plots.heatmap(errs, SimpleNamespace(**{**vars(s), "labels": None}), th, "s", near)

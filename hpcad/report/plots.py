@@ -108,7 +108,8 @@ def signal_plot(s, th: Thresholds, time_unit: str = "s", zone: str = "UTC") -> s
     ax.axhline(t, color="tab:red", lw=1, label="threshold")
     _spans(ax, x, None if s.labels is None else s.labels != 0, "tab:orange", breaks=breaks)
     _spans(ax, x, sig > t, "tab:red", 0.12, breaks)
-    said = (["orange = labelled anomaly"] if s.labels is not None else []) + ["red = alarmed"]
+    labelled = s.labels is not None and bool((s.labels != 0).any())
+    said = (["orange = labelled anomaly"] if labelled else []) + ["red = alarmed"]
     starts = []
     for code, ls, name in ((1, ":", "validation"), (2, "--", "test")):
         idx = np.flatnonzero(s.split == code)
@@ -161,8 +162,8 @@ def values_plot(errors: ErrorStore, s, th: Thresholds, values: np.ndarray, scale
     fig, axes = plt.subplots(len(order), 1, figsize=(11, 0.4 + 1.1 * len(order)), sharex=True, squeeze=False)
     for ax, j in zip(axes[:, 0], order):
         ax.axhspan(lo[j], hi[j], color="0.85", lw=0)
-        ax.plot(*_line(x, values[a:b, j], breaks), lw=0.8, color="tab:blue", antialiased=False)  # a third of
-        # the PNG size
+        # without antialiasing: a third of the PNG size
+        ax.plot(*_line(x, values[a:b, j], breaks), lw=0.8, color="tab:blue", antialiased=False)
         _spans(ax, x, alarmed, "tab:red", 0.12, breaks)
         ax.set_ylabel(errors.metrics[j], fontsize=7, rotation=0, ha="right", va="center")
         ax.tick_params(labelsize=7)
@@ -191,8 +192,8 @@ def heatmap(errors: ErrorStore, s, th: Thresholds, time_unit: str = "s", win: Al
     x = _x(s, time_unit, zone)[a:b]
     ticks = np.linspace(0, len(x) - 1, min(len(x), 7)).astype(int) if len(x) else []
     ax.set_xticks(ticks, [str(x[k]).replace("T", " ")[:16] for k in ticks], fontsize=7)
-    if s.labels is not None:
-        lab = np.flatnonzero(s.labels[a:b] != 0)
+    lab = np.flatnonzero(s.labels[a:b] != 0) if s.labels is not None else np.empty(0, dtype=np.int64)
+    if lab.size:
         ax.plot(lab, np.full(lab.size, -0.8), "|", color="tab:orange", ms=4)
     alarmed = np.flatnonzero(sig[a:b] > t)
     ax.plot(alarmed, np.full(alarmed.size, len(order) - 0.2), "|", color="tab:red", ms=4)
@@ -202,7 +203,7 @@ def heatmap(errors: ErrorStore, s, th: Thresholds, time_unit: str = "s", win: Al
     ax.set_xlabel(_time_label(time_unit, zone) + (" (one column per row)" if len(breaks) else ""))
     what = ("|x - x_hat| over its normal size, the {} metrics most above normal" if win.times_normal
             else "per-metric error |x - x_hat|, the {} metrics with the largest error").format(len(order))
-    said = (["orange ticks = labelled anomaly"] if s.labels is not None else []) + ["red = alarmed rows"]
+    said = (["orange ticks = labelled anomaly"] if lab.size else []) + ["red = alarmed rows"]
     said += ["cyan line = no data between"] if len(breaks) else []
     ax.set_title(f"{s.node}: {what} ({', '.join(said)})", fontsize=9, wrap=True)
     width = max((len(errors.metrics[j]) for j in order), default=8)
