@@ -129,6 +129,20 @@ def test_tables_escape_what_comes_from_the_data():
     assert "1</span> of 1 alarms" in a
 
 
+def test_the_alarms_table_leaves_out_columns_that_say_nothing():
+    """A night's alarms are all one split, unlabelled, and without job context at many sites: the
+    table showed split, label_classes, jobs and users columns of "test" and blanks, which squeezed
+    the top metrics. A column is there where an alarm has a value, the split where there are two."""
+    def header(alarms):
+        return re.findall(r"<th title='click to sort'>(.*?)</th>", alarms_table(alarms, lambda n: None))
+
+    night = [ALARM_B, {**ALARM_B, "start": 51000, "end": 52000, "label_classes": "", "jobs": None}]
+    assert header(night) == ["node", "start", "end", "rows", "peak_score", "top_metrics"]
+    run = [{**ALARM_B, "split": "val", "label_classes": "1"}, {**ALARM_B, "users": "dana"}]
+    assert header(run) == ["node", "start", "end", "rows", "split", "peak_score", "label_classes", "top_metrics",
+                           "users"]
+
+
 def test_metric_names_with_spaces_and_colons_come_back_whole_from_alarms_csv(tmp_path):
     """IPMI sensor names hold spaces ("CPU1 Temp", "Fan 1A"): alarms.csv writes the top metrics as
     space-separated ``name:error``; reading them back split such names in two, so a table showed

@@ -44,10 +44,19 @@ def sortable_table(table_id: str, header: list[str], rows: list[list[tuple[str, 
             f"<script>hpcadTable('{table_id}')</script>")
 
 
+ALARM_COLUMNS = ("node", "start", "end", "rows", "split", "peak_score", "label_classes", "top_metrics", "jobs", "users")
+
+
 def alarms_table(alarms: list[dict], link, table_id: str = "alarms", zone: str = "UTC") -> str:
     """All alarms as a :func:`sortable_table`, their times in ``zone``; the node cell links to
-    ``link(node)`` when that gives a URL."""
-    cols = ["node", "start", "end", "rows", "split", "peak_score", "label_classes", "top_metrics", "jobs", "users"]
+    ``link(node)`` when that gives a URL. The label classes, jobs and users columns are there where an
+    alarm has one, the split where the alarms lie in more than one (a night's are all one, unlabelled
+    and often without job context: four empty or repeated columns squeezed the top metrics)."""
+    def shown(c: str) -> bool:
+        values = {str(a.get(c) or "") for a in alarms} - {""}
+        return len(values) > 1 if c == "split" else bool(values)
+
+    cols = [c for c in ALARM_COLUMNS if c not in ("split", "label_classes", "jobs", "users") or shown(c)]
     rows = []
     for a in alarms:
         row = []
