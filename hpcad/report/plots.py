@@ -111,11 +111,11 @@ def signal_plot(s, th: Thresholds, time_unit: str = "s", zone: str = "UTC") -> s
     labelled = s.labels is not None and bool((s.labels != 0).any())
     said = (["orange = labelled anomaly"] if labelled else []) + ["red = alarmed"]
     starts = []
-    for code, ls, name in ((1, ":", "validation"), (2, "--", "test")):
+    for code, ls, style, name in ((1, ":", "dotted", "validation"), (2, "--", "dashed", "test")):
         idx = np.flatnonzero(s.split == code)
         if idx.size and idx[0] > 0:  # a split that starts inside the plot (a night's rows are all one)
             ax.axvline(x[idx[0]], color="grey", ls=ls, lw=0.8)
-            starts.append(("dotted", "dashed")[code - 1] + f" = {name} start")
+            starts.append(f"{style} = {name} start")
     if np.nanmin(sig) > 0:
         ax.set_yscale("log")
     said += starts + (["no line = no data"] if len(breaks) else [])
@@ -129,8 +129,8 @@ class AlarmWindow:
     """The rows around a node's strongest alarm (those within a day either side of it, 200 rows either
     side when the input had no timestamps; all rows when it has none), their per-metric errors read
     once, in times their normal error where the error file has the node's normal errors (as the
-    alarms' top metrics, hpcad.signals.explain_scale), and the metrics ordered by their largest: what
-    the heatmap and the values plot of a node show."""
+    alarms' top metrics, hpcad.signals.explain_scale), the metrics ordered by their largest, and the
+    gaps in time among those rows (:func:`gaps`): what the heatmap and the values plot of a node show."""
 
     def __init__(self, errors: ErrorStore, s, th: Thresholds, time_unit: str):
         sig, t = th.signal_of(s), th.threshold_for(s.node)
@@ -143,6 +143,7 @@ class AlarmWindow:
             self.b = int(np.searchsorted(ts, ts[peak] + 86400, "right"))
         else:
             self.a, self.b = max(0, peak - 200), min(len(sig), peak + 200)
+        self.breaks = gaps(np.asarray(s.timestamp)[self.a:self.b], time_unit)  # in the window's rows
         self.err = errors.errors(s.node, slice(self.a, self.b))
         scale = errors.explain_scale(s.node)
         self.times_normal = scale is not None
@@ -157,7 +158,7 @@ def values_plot(errors: ErrorStore, s, th: Thresholds, values: np.ndarray, scale
     training range (grey band), alarmed rows shaded: is the value new, or the combination?"""
     a, b, order = win.a, win.b, win.order[:top]
     lo, hi = scaler.training_range()
-    x, breaks = _x(s, time_unit, zone)[a:b], gaps(s.timestamp[a:b], time_unit)
+    x, breaks = _x(s, time_unit, zone)[a:b], win.breaks
     alarmed = th.signal_of(s)[a:b] > th.threshold_for(s.node)
     fig, axes = plt.subplots(len(order), 1, figsize=(11, 0.4 + 1.1 * len(order)), sharex=True, squeeze=False)
     for ax, j in zip(axes[:, 0], order):
@@ -197,7 +198,7 @@ def heatmap(errors: ErrorStore, s, th: Thresholds, time_unit: str = "s", win: Al
         ax.plot(lab, np.full(lab.size, -0.8), "|", color="tab:orange", ms=4)
     alarmed = np.flatnonzero(sig[a:b] > t)
     ax.plot(alarmed, np.full(alarmed.size, len(order) - 0.2), "|", color="tab:red", ms=4)
-    breaks = gaps(s.timestamp[a:b], time_unit)
+    breaks = win.breaks
     for k in breaks:  # one column per row: a gap in time is a line between two columns
         ax.axvline(k - 0.5, color="tab:cyan", lw=1.2)
     ax.set_xlabel(_time_label(time_unit, zone) + (" (one column per row)" if len(breaks) else ""))
