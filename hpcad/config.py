@@ -331,8 +331,20 @@ class CostRuleConfig:
     c_missed: float = 5.0
     tolerance: int = 12
     grid_points: int = 4096  # cluster scope: thresholds tried (log grid over the data's range)
-    fallback: str = "quantile"  # rule for nodes without labelled validation rows
+    fallback: str = "level"  # rule for nodes without labelled validation rows: level | quantile (q=0.995)
+    times: float = 5.0  # the level fallback's threshold: this multiple of each node's normal level
     drift: float = 0.3  # expected cost under level jitter of this share of the normal-anomaly distance; 0: exact optimum
+
+
+@dataclass
+class LevelRuleConfig:
+    _target_: str = "hpcad.threshold.rules.LevelRule"
+    scope: str = "node"  # node or cluster: the same alarms (one multiple of every node's own level)
+    times: float = 5.0  # threshold: this multiple of the node's normal level (signal_norm > times)
+    grid_points: int = 4096
+    c_alarm: float = 1.0  # used only to report the cost when labels exist
+    c_missed: float = 5.0
+    tolerance: int = 12
 
 
 @dataclass
@@ -364,6 +376,7 @@ def register_configs() -> None:
     cs.store(name="hpcad_schema", node=HpcadConfig)
     cs.store(group="model", name="autoencoder_schema", node=AutoencoderConfig)
     cs.store(group="threshold", name="cost_schema", node=CostRuleConfig)
+    cs.store(group="threshold", name="level_schema", node=LevelRuleConfig)
     cs.store(group="threshold", name="quantile_schema", node=QuantileRuleConfig)
     cs.store(group="threshold", name="pot_schema", node=PotRuleConfig)
     cs.store(group="launcher", name="local_schema", node=LocalLauncherConfig)

@@ -101,19 +101,30 @@ def test_the_nightly_job_keeps_alarming_on_the_real_nodes_governor_fault_nights_
     assert all(levels[d]["alarmed_rows"] == "0" for d in nights[:3])
     assert drift["2018-04-26"]["drifted"] and drift["2018-04-26"]["light"].startswith("withheld: ")
     assert not any(json.loads((out / d / "light.json").read_text()) for d in nights)
-    # trained without labels: the fallback's threshold, fitted on a validation period that holds the
-    # faults, sits over them (docs/results.md "Without labels"), so no fault row alarms and the drift
-    # verdict is the fault's only sign. Before, maps fitted under that threshold learned the fault
-    # (its level fell from ~146x the baseline to ~7x) and hid the next one.
+    # trained without labels (most sites): the level fallback's threshold (5 x the node's normal level)
+    # alarms on every fault row as the labelled run's does, and the fault nights get no map either.
+    # The quantile fallback fitted on the validation period, which holds faults, sat over them
+    # (docs/results.md "Without labels"): no fault row alarmed, and before maps were withheld, they
+    # learned the fault (its level fell from ~146x the baseline to ~7x) and hid the next one.
     frame.drop(columns="anomaly").to_csv(tmp_path / "hpc.csv", index=False)
-    run = tmp_path / "unlabelled"
-    hpcad("run", "experiment=davide", f"data.source={tmp_path / 'hpc.csv'}", f"hydra.run.dir={run}",
-          "compute.progress=false", "baselines.methods=[]", "report.enabled=false")
-    out = tmp_path / "nightly-unlabelled"
-    drift = nightly(run, out)
-    assert drift["2018-04-27"]["drifted"] and drift["2018-04-27"]["level"] > 50 * drift["2018-04-27"]["baseline"]
-    assert drift["2018-04-26"]["light"].startswith("withheld: its threshold was fitted on rows ")
-    assert not any(json.loads((out / d / "light.json").read_text()) for d in nights)
+    for fallback in ("level", "quantile"):
+        run = tmp_path / f"unlabelled-{fallback}"
+        hpcad("run", "experiment=davide", f"data.source={tmp_path / 'hpc.csv'}", f"hydra.run.dir={run}",
+              f"threshold.fallback={fallback}", "compute.progress=false", "baselines.methods=[]",
+              "report.enabled=false")
+        out = tmp_path / f"nightly-unlabelled-{fallback}"
+        drift = nightly(run, out)
+        levels = {d: next(csv.DictReader(open(out / d / "levels.csv"))) for d in nights}
+        alarmed = [int(levels[d]["alarmed_rows"]) for d in nights]
+        assert drift["2018-04-27"]["drifted"] and drift["2018-04-27"]["level"] > 50 * drift["2018-04-27"]["baseline"]
+        assert not any(json.loads((out / d / "light.json").read_text()) for d in nights)
+        if fallback == "level":
+            assert alarmed == [0, 0, 0] + [int((day == d).sum()) for d in nights[3:]], alarmed
+            assert drift["2018-04-26"]["light"].startswith("withheld: ") and "rows alarmed tonight" in \
+                drift["2018-04-26"]["light"]
+        else:
+            assert alarmed == [0] * len(nights), alarmed
+            assert drift["2018-04-26"]["light"].startswith("withheld: its threshold was fitted on rows ")
 
 
 def test_msl_real_telemetry_train_then_score(tmp_path, msl_dir):

@@ -28,6 +28,8 @@ WRONG = [
     (["threshold=pot", "threshold.risk=0.5"], "threshold", "threshold.init_q=0.98, threshold.risk=0.5: need"),
     (["threshold=quantile", "threshold.q=1.5"], "threshold", "threshold.q=1.5: must be in (0, 1)"),
     (["threshold.drift=2"], "threshold", "threshold.drift=2"),
+    (["threshold=level", "threshold.times=0"], "threshold", "threshold.times=0.0: must be a positive multiple"),
+    (["threshold.fallback=median"], "threshold", "threshold.fallback='median': expected level or quantile"),
     (["threshold.scope=rack"], "threshold", "threshold.scope='rack': expected node or cluster"),
     (["split.val=1.5"], "train", "split.train=0.5, split.val=1.5: fractions must be >= 0 and sum to <= 1"),
     (["split.unit=rows", "split.train=-3"], "train", "split.train=-3: must be >= 0"),

@@ -94,14 +94,22 @@ def test_a_threshold_that_will_never_alarm_is_said_at_the_top(tmp_path):
 
 
 def test_thresholds_of_unlabelled_nodes_are_said_to_be_the_fallbacks(tmp_path):
-    """An unlabelled site: the page named only the cost rule, whose thresholds none of its nodes had."""
-    details = {"unlabelled_nodes": 2, "fallback": {"rule": "quantile", "q": 0.995}}
+    """An unlabelled site: the page named only the cost rule, whose thresholds none of its nodes had.
+    Where no node has labels the headline names the fallback; where some have, a line counts them."""
+    details = {"unlabelled_nodes": 2, "fallback": {"rule": "level", "times": 5.0}}  # the default fallback
     cfg, errors, models = _run(tmp_path, [ALARM_B], details=details)
     page = write_report(cfg, tmp_path, errors, models).read_text()
-    assert "2 of 2 nodes have no labels: their thresholds are the quantile rule's (q=0.995 of the signal), " \
+    assert "threshold rule <b>level</b> (5 times each node's normal level; no node has labels: the cost rule's " \
+           "threshold.fallback);" in page and "have no labels" not in page
+    details = {"unlabelled_nodes": 1, "fallback": {"rule": "quantile", "q": 0.995}}
+    cfg, errors, models = _run(tmp_path, [ALARM_B], details=details)
+    page = write_report(cfg, tmp_path, errors, models).read_text()
+    assert "threshold rule <b>cost</b> (node scope);" in page
+    assert "1 of 2 nodes have no labels: their thresholds are the quantile rule's (q=0.995 of the signal), " \
            "not the cost rule's (threshold.fallback)" in page
     cfg, errors, models = _run(tmp_path, [ALARM_B])
-    assert "have no labels" not in write_report(cfg, tmp_path, errors, models).read_text()
+    page = write_report(cfg, tmp_path, errors, models).read_text()
+    assert "have no labels" not in page and "threshold rule <b>cost</b> (node scope);" in page
 
 
 def test_a_threshold_fitted_on_a_period_that_is_not_normal_is_a_warning_at_the_top(tmp_path):

@@ -5,7 +5,7 @@ from hpcad.errors import ConfigError
 from hpcad.preprocess import TEST, VAL
 from hpcad.errorstore import NodeSignal
 from hpcad.threshold.cost import CostModel, CostTerms, runs, score_rows
-from hpcad.threshold.rules import CostRule, PotRule, QuantileRule
+from hpcad.threshold.rules import CostRule, LevelRule, PotRule, QuantileRule
 
 
 def brute_cost(signal, labels, t, c_alarm=1.0, c_missed=5.0, tol=12):
@@ -126,23 +126,63 @@ def test_unsupervised_rules():
 
 
 def test_cost_rule_falls_back_without_labels_and_says_so_once(caplog):
-    """An unlabelled cluster (most sites): the quantile rule's thresholds, said in one line for all
-    nodes and recorded in thresholds.json's details (before: one warning per node, thousands)."""
+    """An unlabelled cluster (most sites): the level rule's thresholds (5 x each node's normal level),
+    said in one line for all nodes and recorded in thresholds.json's details (before: one warning per
+    node, thousands); ``threshold.fallback=quantile`` keeps the 0.995 quantile of each node's rows."""
     rng = np.random.default_rng(1)
-    unlabelled = [NodeSignal(f"u{k}", rng.exponential(1.0, 2000), np.full(2000, VAL, np.int8), None, np.arange(2000))
-                  for k in range(50)]
+    unlabelled = [NodeSignal(f"u{k}", rng.exponential(1.0 + k, 2000), np.full(2000, VAL, np.int8), None,
+                             np.arange(2000), scale=1.0 + k) for k in range(50)]
     labelled = list(_signals(2)())
-    with caplog.at_level("WARNING", logger="hpcad.threshold.rules"):
-        th = CostRule(scope="node").fit(lambda: iter(unlabelled + labelled))
-    for s in unlabelled:
-        assert th.nodes[s.node] == pytest.approx(np.quantile(s.signal, 0.995))
-    said = [r.getMessage() for r in caplog.records if "no labels" in r.getMessage()]
-    assert said == ["autoencoder: 50 of 52 nodes have no labels: their thresholds come from the quantile rule "
-                    "(threshold.fallback, q=0.995)"], said
-    assert th.details["unlabelled_nodes"] == 50 and th.details["fallback"] == {"rule": "quantile", "q": 0.995}
+    for fallback, said_rule, details in (("level", "level rule (threshold.fallback, times=5)",
+                                          {"rule": "level", "times": 5.0}),
+                                         ("quantile", "quantile rule (threshold.fallback, q=0.995)",
+                                          {"rule": "quantile", "q": 0.995})):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="hpcad.threshold.rules"):
+            th = CostRule(scope="node", fallback=fallback).fit(lambda: iter(unlabelled + labelled))
+        for s in unlabelled:
+            want = 5.0 * s.scale if fallback == "level" else np.quantile(s.signal, 0.995)
+            assert th.nodes[s.node] == pytest.approx(want)
+        said = [r.getMessage() for r in caplog.records if "no labels" in r.getMessage()]
+        assert said == [f"autoencoder: 50 of 52 nodes have no labels: their thresholds come from the {said_rule}"], said
+        assert th.details["unlabelled_nodes"] == 50 and th.details["fallback"] == details
+    assert CostRule().fallback.name == "level"  # the default
     caplog.clear()
     assert "unlabelled_nodes" not in CostRule(scope="node").fit(lambda: iter(labelled)).details
     assert not [r for r in caplog.records if "no labels" in r.getMessage()]
+    with pytest.raises(ConfigError, match="threshold.fallback='median': expected level or quantile"):
+        CostRule(fallback="median")
+
+
+def test_the_level_rule_alarms_on_incidents_that_fill_the_validation_period():
+    """Without labels the quantile rule takes the validation period as normal: where it holds
+    incidents (DAVIDE: over half its rows), the threshold sits among them and they do not alarm. The
+    level rule is a multiple of each node's normal level (its held-out training mean): the same
+    alarms at node and cluster scope, whatever the period holds."""
+    rng = np.random.default_rng(4)
+    n = 1000
+    val = np.full(n, VAL, np.int8)
+    incident = np.arange(n) >= 400  # 60 % of the period: a fault at ~50x the normal level
+    busy_norm = rng.exponential(1.0, n) + 50.0 * incident
+    busy = NodeSignal("busy", 3.0 * busy_norm, val, None, np.arange(n), scale=3.0)
+    calm = NodeSignal("calm", 0.5 * rng.exponential(1.0, n), val, None, np.arange(n), scale=0.5)
+    source = lambda: iter([busy, calm])
+    node = LevelRule().fit(source)
+    cluster = LevelRule(scope="cluster").fit(source)
+    assert node.nodes == {"busy": 15.0, "calm": 2.5} and cluster.cluster == 5.0 and cluster.details == {
+        "times": 5.0, "check": cluster.details["check"]}
+    for s in source():  # node scope on the signal, cluster scope on the normalised signal: the same rows
+        alarms = node.signal_of(s) > node.threshold_for(s.node)
+        assert (alarms == (cluster.signal_of(s) > cluster.threshold_for(s.node))).all()
+    busy_alarms = busy.signal > node.nodes["busy"]
+    assert busy_alarms[incident].all() and busy_alarms[~incident].mean() < 0.02
+    assert (calm.signal > node.nodes["calm"]).mean() < 0.02  # a calm node: e^-5 of its rows, not a set share
+    quantile = QuantileRule().fit(source)
+    assert (busy.signal[incident] > quantile.nodes["busy"]).mean() < 0.01  # among the incidents: they are missed
+    assert "not_normal_fit_nodes" not in node.details["check"]  # it took no rows as normal
+    assert LevelRule(times=3.0).fit(source).nodes["busy"] == 9.0
+    with pytest.raises(ConfigError, match="threshold.times=0.0: must be a positive multiple"):
+        LevelRule(times=0.0)
 
 
 def _mislabelled_validation(seed: int = 0):
@@ -236,13 +276,18 @@ def test_a_period_fitted_without_labels_that_is_not_normal_is_named(caplog):
     said = [r.getMessage() for r in caplog.records if "took as normal" in r.getMessage()]
     assert len(said) == 1 and "1 node(s)" in said[0] and f"busy {check['not_normal_fit_nodes']['busy']:g}x" in said[0]
     assert "train_run=" in said[0]
-    cost = CostRule().fit(lambda: iter([calm, busy, labelled_busy])).details["check"]  # labels decided for "lab"
-    assert list(cost["not_normal_fit_nodes"]) == ["busy"]
+    quantile = CostRule(fallback="quantile").fit(lambda: iter([calm, busy, labelled_busy])).details["check"]
+    assert list(quantile["not_normal_fit_nodes"]) == ["busy"]  # labels decided for "lab"
+    # the level fallback (the default) takes no rows as normal: its threshold is not among them
+    assert "not_normal_fit_nodes" not in CostRule().fit(lambda: iter([calm, busy, labelled_busy])).details["check"]
     # cluster scope: unlabelled nodes take no part in a fit that has labelled nodes; without any, they do
-    mixed = CostRule(scope="cluster").fit(lambda: iter([busy, labelled_busy]))
+    mixed = CostRule(scope="cluster", fallback="quantile").fit(lambda: iter([busy, labelled_busy]))
     assert "not_normal_fit_nodes" not in mixed.details["check"]
-    unlabelled = CostRule(scope="cluster").fit(lambda: iter([calm, busy]))
+    unlabelled = CostRule(scope="cluster", fallback="quantile").fit(lambda: iter([calm, busy]))
     assert list(unlabelled.details["check"]["not_normal_fit_nodes"]) == ["busy"]
+    assert unlabelled.rule == "quantile" and unlabelled.details["fallback"] == {"rule": "quantile", "q": 0.995}
+    level = CostRule(scope="cluster").fit(lambda: iter([calm, busy]))
+    assert level.rule == "level" and level.cluster == 5.0 and "not_normal_fit_nodes" not in level.details["check"]
     assert "not_normal_fit_nodes" not in QuantileRule().fit(lambda: iter([calm])).details["check"]
 
 

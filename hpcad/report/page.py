@@ -80,18 +80,22 @@ def write_report(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, models_dir
         per_node_alarms[a["node"]] = per_node_alarms.get(a["node"], 0) + 1
     ranked = sorted(errors.nodes, key=lambda n: (-per_node_alarms.get(n, 0), n))  # most alarms first
     shown = ranked[: cfg.report.max_nodes_plotted]
+    unlabelled = th.details.get("unlabelled_nodes") or 0  # nodes whose thresholds the fallback set
+    rule = f"<b>{th.rule}</b> ({th.scope} scope)"
+    if unlabelled:
+        fb = th.details["fallback"]
+        how = f"{fb['times']:g} times each node's normal level" if "times" in fb else f"q={fb['q']:g} of the signal"
+        if unlabelled == len(th.nodes):  # none of them is the named rule's: name the one that set them
+            rule = f"<b>{fb['rule']}</b> ({how}; no node has labels: the {th.rule} rule's threshold.fallback)"
     parts = [f"<h1>{html.escape(title)}</h1><p>run folder: <code>{html.escape(str(folder or run_dir))}</code>; "
              f"{_count(len(errors.nodes), 'node')}, {_count(len(errors.metrics), 'metric')}; threshold rule "
-             f"<b>{th.rule}</b> ({th.scope} scope); {_count(len(alarms), 'alarm event')} on "
-             f"{_count(len(per_node_alarms), 'node')}; "
+             f"{rule}; {_count(len(alarms), 'alarm event')} on {_count(len(per_node_alarms), 'node')}; "
              f"{_signal_said(errors, cfg)}"
              + (f"; labels from the incident list <code>{html.escape(str(cfg.data.labels))}</code>"
                 if getattr(cfg.data, "labels", None) else "") + ".</p>"]
-    unlabelled = th.details.get("unlabelled_nodes")
-    if unlabelled:  # the rule named above did not set these nodes' thresholds (written with details.fallback)
-        parts.append(f"<p>{unlabelled} of {len(th.nodes)} nodes have no labels: their thresholds are the quantile "
-                     f"rule's (q={th.details['fallback']['q']:g} of the signal), not the {th.rule} rule's "
-                     f"(threshold.fallback).</p>")
+    if 0 < unlabelled < len(th.nodes):
+        parts.append(f"<p>{unlabelled} of {len(th.nodes)} nodes have no labels: their thresholds are the {fb['rule']} "
+                     f"rule's ({how}), not the {th.rule} rule's (threshold.fallback).</p>")
     store_path = run_store_path(run_dir, cfg.data.source)
     time_unit = "s"
     store = None
@@ -175,8 +179,9 @@ def write_report(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, models_dir
                         f"node(s) the rows the {th.rule} threshold took as normal (none labelled as anomalies) sit "
                         f"far above the node's normal level (median signal, times its held-out training level: "
                         f"{html.escape(named)}). That period likely holds incidents or a changed workload, and the "
-                        f"threshold sits among them: label them (data.label_column, threshold=cost) or apply "
-                        f"thresholds fitted on a quiet period (train_run=).</p>")
+                        f"threshold sits among them: label them (data.label_column, threshold=cost), use a rule that "
+                        f"takes no rows as normal (threshold=level, or threshold.fallback=level with threshold=cost) "
+                        f"or apply thresholds fitted on a quiet period (train_run=).</p>")
     paged = [n for n in ranked if per_node_alarms.get(n)][: int(cfg.report.max_node_pages)]
     pages = node_pages(run_dir, errors, th, paged, alarms, time_unit, title, store, models_dir,
                         history=node_history, zone=zone)

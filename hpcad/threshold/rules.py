@@ -1,4 +1,4 @@
-"""Threshold rules, chosen by config group (``threshold=cost|quantile|pot``) through ``_target_``.
+"""Threshold rules, chosen by config group (``threshold=cost|level|quantile|pot``) through ``_target_``.
 
 Each rule's ``fit`` takes a callable that yields :class:`~hpcad.errorstore.NodeSignal` per node (it may be
 called more than once: cluster scope makes passes instead of holding every node's rows) and returns
@@ -225,10 +225,16 @@ def check_thresholds(th: Thresholds, source: SignalSource, red: Reducer | None =
         log.warning("%s threshold (%s): on %d node(s) the rows it took as normal (none labelled as anomalies) sit "
                     "far above the node's normal level (median signal %g times its held-out training level or more: "
                     "%s): that period likely holds incidents or a changed workload, and the threshold sits among "
-                    "them; label them (data.label_column, threshold=cost) or apply thresholds fitted on a quiet "
-                    "period (train_run=)", detector, th.rule, n_not_normal, NOT_NORMAL,
+                    "them; label them (data.label_column, threshold=cost), use a rule that takes no rows as normal "
+                    "(threshold=level, or threshold.fallback=level with threshold=cost) or apply thresholds fitted on "
+                    "a quiet period (train_run=)", detector, th.rule, n_not_normal, NOT_NORMAL,
                     ", ".join(f"{n} {v:g}x" for n, v in loudest[:5]), extra=CLUSTER_WIDE)
     return out
+
+
+def fallback_setting(fallback: dict) -> str:
+    """``times=5`` or ``q=0.995``: a fallback rule's setting as the log and the report say it."""
+    return f"times={fallback['times']:g}" if "times" in fallback else f"q={fallback['q']:g}"
 
 
 def _loudest(levels: dict[str, float], k: int = 100) -> list[tuple[str, float]]:
@@ -253,6 +259,31 @@ class QuantileRule(_Rule):
 
     def fit_cluster(self, source: SignalSource, grid: np.ndarray) -> Thresholds:
         return Thresholds(self.name, "cluster", self._quantile(source, grid, self.q)[0], details={"q": self.q})
+
+
+class LevelRule(_Rule):
+    """A fixed multiple ``times`` of each node's normal level (unsupervised, no rows taken as normal).
+
+    The normalised signal is the node's signal over its mean on held-out normal training rows (a
+    baseline without error units: its spreads above their median), so ``times`` x that level means the
+    same on every node: one threshold for the cluster, fitted on nothing. Unlike the quantile and POT
+    rules it assumes nothing of the validation period: a period holding incidents (the real DAVIDE
+    node's: over half its rows) does not lift it, and a healthy node does not alarm on a share of its
+    rows by construction (docs/results.md, "Without labels")."""
+
+    name = "level"
+
+    def __init__(self, times: float = 5.0, **kw: object):
+        super().__init__(**kw)
+        if not (np.isfinite(times) and times > 0):
+            raise ConfigError(f"threshold.times={times}: must be a positive multiple of the normal level")
+        self.times = float(times)
+
+    def fit_node(self, s: NodeSignal, rows: np.ndarray) -> float:
+        return self.times * float(s.scale)
+
+    def fit_cluster(self, source: SignalSource, grid: np.ndarray) -> Thresholds:
+        return Thresholds(self.name, "cluster", self.times, details={"times": self.times})
 
 
 def pot_threshold(values: np.ndarray, init: float, risk: float, n_total: int) -> tuple[float, dict]:
@@ -312,11 +343,13 @@ class CostRule(_Rule):
 
     name = "cost"
 
-    def __init__(self, fallback: str = "quantile", drift: float = 0.3, **kw: object):
+    def __init__(self, fallback: str = "level", times: float = 5.0, drift: float = 0.3, **kw: object):
         super().__init__(**kw)
-        self.fallback = QuantileRule(scope=kw.get("scope", "node"), grid_points=self.grid_points)
-        if fallback != "quantile":
-            raise ConfigError(f"threshold.fallback={fallback!r}: only 'quantile' is supported")
+        rules = {"level": lambda: LevelRule(times, scope=self.scope, grid_points=self.grid_points),
+                 "quantile": lambda: QuantileRule(scope=self.scope, grid_points=self.grid_points)}
+        if fallback not in rules:
+            raise ConfigError(f"threshold.fallback={fallback!r}: expected level or quantile")
+        self.fallback: LevelRule | QuantileRule = rules[fallback]()
         if not (0 <= float(drift) <= 1):
             raise ConfigError(f"threshold.drift={drift}: must be in [0, 1] (0: the exact optimum)")
         self.drift = float(drift)
@@ -331,17 +364,23 @@ class CostRule(_Rule):
         if self.scope == "node":
             n = int(self.red.sum(np.array([self.unlabelled]))[0])
             if n:
-                th.details.update(unlabelled_nodes=n, fallback={"rule": "quantile", "q": self.fallback.q})
-                log.warning("%s: %d of %d nodes have no labels: their thresholds come from the quantile rule "
-                            "(threshold.fallback, q=%g)", detector, n, len(th.nodes), self.fallback.q,
-                            extra=CLUSTER_WIDE)
+                th.details.update(unlabelled_nodes=n, fallback=self.fallback_details())
+                log.warning("%s: %d of %d nodes have no labels: their thresholds come from the %s rule "
+                            "(threshold.fallback, %s)", detector, n, len(th.nodes), self.fallback.name,
+                            fallback_setting(th.details["fallback"]), extra=CLUSTER_WIDE)
         return th
+
+    def fallback_details(self) -> dict:
+        """The fallback rule and its setting, as ``thresholds.json`` records them."""
+        fb = self.fallback
+        return {"rule": fb.name, "times": fb.times} if isinstance(fb, LevelRule) else {"rule": fb.name, "q": fb.q}
 
     def unsupervised_rows(self, s: NodeSignal) -> np.ndarray | None:
         """An unlabelled node's rows where the quantile fallback fitted it (at cluster scope only when
-        no node had labels: otherwise unlabelled nodes take no part in the fit)."""
+        no node had labels: otherwise unlabelled nodes take no part in the fit); the level fallback
+        takes no rows as normal."""
         if s.labels is None and (self.scope == "node" or self.cluster_fell_back):
-            return self.fallback.rows(s)
+            return self.fallback.unsupervised_rows(s)
         return None
 
     def grid(self, lo: float, hi: float) -> np.ndarray:
@@ -405,10 +444,13 @@ class CostRule(_Rule):
                 peaks += level_counts(np.arcsinh(terms.anom_peak), u_grid)
         labelled = int(self.red.sum(np.array([labelled]))[0])
         if labelled == 0:
-            log.warning("no labelled node: cluster threshold from the quantile rule", extra=CLUSTER_WIDE)
+            log.warning("no labelled node: cluster threshold from the %s rule (threshold.fallback, %s)",
+                        self.fallback.name, fallback_setting(self.fallback_details()), extra=CLUSTER_WIDE)
             self.cluster_fell_back = True
             self.fallback.red = self.red
-            return self.fallback.fit_cluster(source, super().grid(grid[0], grid[-1]))
+            th = self.fallback.fit_cluster(source, super().grid(grid[0], grid[-1]))
+            th.details["fallback"] = self.fallback_details()
+            return th
         if self.drift == 0:
             total = self.red.sum(total)
             i = int(np.argmin(total))
