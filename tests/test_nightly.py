@@ -859,6 +859,10 @@ def test_overview_bins_hours_days_or_rows():
     rows = [NodeSignal("a", np.ones(1000), np.full(1000, 2), None, np.arange(1000))]  # no timestamps: row numbers
     grid, t0, step = overview_grid(rows, th, "row")
     assert step == 5 and grid.shape == (1, 200)
+    late = [NodeSignal("a", np.array([5.0, 30.0]), np.full(2, 2), None, np.array([9 * 3600 + 900, 10 * 3600 + 600]))]
+    grid, t0, step = overview_grid(late, th)  # a night starting at 09:15: hours from 09:00, as labelled
+    assert (t0, step) == (9 * 3600, 3600)
+    np.testing.assert_array_equal(grid, [[0.5, 3.0]])
 
 
 def test_the_nightly_scoring_job_has_its_own_size():

@@ -215,7 +215,8 @@ def heatmap(errors: ErrorStore, s, th: Thresholds, time_unit: str = "s", win: Al
 
 def overview_grid(sigs: list, th: Thresholds, time_unit: str = "s") -> tuple[np.ndarray, int, int] | None:
     """[nodes, bins] peak signal / threshold, the first bin's start and the bin width: an hour (a day
-    beyond two weeks), or 1/200 of the span in rows when the input had no timestamps."""
+    beyond two weeks; hours start on the hour), or 1/200 of the span in rows when the input had no
+    timestamps."""
     stamps = [s.timestamp for s in sigs if len(s.timestamp)]
     if not stamps:
         return None
@@ -225,6 +226,9 @@ def overview_grid(sigs: list, th: Thresholds, time_unit: str = "s") -> tuple[np.
         step = max(1, -(-span // 200))
     else:
         step = 3600 if span <= 14 * 86400 else 86400
+        if step == 3600:  # bins on whole hours: a night's 09:15 is in the 09:00 bin, labelled 09:00
+            t0 -= t0 % step
+            span = t1 - t0
     grid = np.full((len(sigs), span // step + 1), np.nan)
     for i, s in enumerate(sigs):
         ratio = th.signal_of(s) / max(th.threshold_for(s.node), 1e-12)
@@ -247,7 +251,7 @@ def overview(errors: ErrorStore, th: Thresholds, nodes: list[str], time_unit: st
     im = ax.imshow(np.clip(grid, 1e-2, 1e2), aspect="auto", cmap="RdYlBu_r", norm=LogNorm(1e-2, 1e2),
                    interpolation="nearest")
     ax.set_yticks(range(len(sigs)), [s.node for s in sigs], fontsize=6 if len(sigs) > 30 else 8)
-    ticks = np.linspace(0, bins - 1, min(bins, 8)).astype(int)
+    ticks = np.arange(0, bins, -(-bins // 8))  # at most 8, evenly spaced in whole bins: labels never collide
     import datetime as dt
 
     if time_unit == "row":
