@@ -101,6 +101,9 @@ def test_thresholds_of_unlabelled_nodes_are_said_to_be_the_fallbacks(tmp_path):
     page = write_report(cfg, tmp_path, errors, models).read_text()
     assert "threshold rule <b>level</b> (5 times each node's normal level; no node has labels: the cost rule's " \
            "threshold.fallback);" in page and "have no labels" not in page
+    node_page = next((tmp_path / "nodes").glob("*.html")).read_text()
+    assert "on the signal (level, 5 times each node's normal level; no node has labels: the cost rule's " \
+           "threshold.fallback)." in node_page
     details = {"unlabelled_nodes": 1, "fallback": {"rule": "quantile", "q": 0.995}}
     cfg, errors, models = _run(tmp_path, [ALARM_B], details=details)
     page = write_report(cfg, tmp_path, errors, models).read_text()
@@ -110,6 +113,7 @@ def test_thresholds_of_unlabelled_nodes_are_said_to_be_the_fallbacks(tmp_path):
     cfg, errors, models = _run(tmp_path, [ALARM_B])
     page = write_report(cfg, tmp_path, errors, models).read_text()
     assert "have no labels" not in page and "threshold rule <b>cost</b> (node scope);" in page
+    assert "on the signal (cost, node scope)." in next((tmp_path / "nodes").glob("*.html")).read_text()
 
 
 def test_a_threshold_fitted_on_a_period_that_is_not_normal_is_a_warning_at_the_top(tmp_path):

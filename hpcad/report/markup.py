@@ -11,6 +11,7 @@ from hpcad.threshold.evaluate import top_metrics_of
 
 if TYPE_CHECKING:
     from hpcad.config import HpcadConfig
+    from hpcad.threshold.rules import Thresholds
 
 
 SORTABLE = """<script>
@@ -70,6 +71,23 @@ def alarms_table(alarms: list[dict], link, table_id: str = "alarms", zone: str =
             row.append((text, str(v or ""), link(v) if c == "node" else None))
         rows.append(row)
     return sortable_table(table_id, cols, rows, "alarms", "node, time, metric, job...")
+
+
+def fallback_how(fallback: dict) -> str:
+    """What a fallback's threshold is: ``5 times each node's normal level``, ``q=0.995 of the signal``."""
+    if "times" in fallback:
+        return f"{fallback['times']:g} times each node's normal level"
+    return f"q={fallback['q']:g} of the signal"
+
+
+def rule_named(th: Thresholds) -> tuple[str, str]:
+    """The threshold rule as the pages name it, and what to say of it: the fallback's where it set
+    every node's threshold (no node had labels), else the rule's name and scope."""
+    fb = th.details.get("fallback")
+    unlabelled = th.details.get("unlabelled_nodes") or 0
+    if fb and ((th.scope == "node" and unlabelled == len(th.nodes) > 0) or th.scope == "cluster"):
+        return fb["rule"], f"{fallback_how(fb)}; no node has labels: the cost rule's threshold.fallback"
+    return th.rule, f"{th.scope} scope"
 
 
 def in_zone(iso: str, zone: str) -> str:

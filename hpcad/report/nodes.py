@@ -9,7 +9,7 @@ from pathlib import Path
 from hpcad.atomic import write_text
 from hpcad.errorstore import ErrorStore
 from hpcad.model.files import NodeModel, model_path
-from hpcad.report.markup import alarms_table, html_table, page
+from hpcad.report.markup import alarms_table, html_table, page, rule_named
 from hpcad.report.plots import AlarmWindow, heatmap, signal_plot, values_plot
 from hpcad.threshold.rules import Thresholds
 
@@ -70,9 +70,10 @@ def _node_page(job: tuple, node: str, mine: list[dict], history: list[list] | No
     run_dir, errors_path, th_dict, time_unit, title, store_path, models_dir, zone = job
     errors, th = _opened(ErrorStore, errors_path), Thresholds.from_dict(th_dict)
     s = next(errors.signals([node]))
+    rule, said = rule_named(th)
     parts = [f"<p><a href='../report.html'>&larr; {html.escape(title)}</a></p><h1>{html.escape(node)}</h1>",
              f"<p>{len(mine)} alarm(s); threshold {th.threshold_for(node):.4g} on the "
-             f"{'normalised ' if th.normalised else ''}signal ({th.rule}, {th.scope} scope).</p>",
+             f"{'normalised ' if th.normalised else ''}signal ({rule}, {said}).</p>",
              signal_plot(s, th, time_unit, zone)]
     win = AlarmWindow(errors, s, th, time_unit)
     parts.append(heatmap(errors, s, th, time_unit, win, zone=zone))

@@ -14,8 +14,8 @@ from hpcad.data.store import TelemetryStore, run_store_path
 from hpcad.errorstore import ErrorStore
 from hpcad.incidents import cause_of
 from hpcad.model.files import untrained_nodes
-from hpcad.report.markup import (alarms_table, fmt, gap_text, html_table, page, report_zone, sortable_table,
-                                  telemetry_gaps, top_names)
+from hpcad.report.markup import (alarms_table, fallback_how, fmt, gap_text, html_table, page, report_zone,
+                                  rule_named, sortable_table, telemetry_gaps, top_names)
 from hpcad.report.nodes import node_pages
 from hpcad.report.plots import curves, heatmap, overview, profile_plot, signal_plot
 from hpcad.threshold.evaluate import top_metrics_of
@@ -81,21 +81,17 @@ def write_report(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, models_dir
     ranked = sorted(errors.nodes, key=lambda n: (-per_node_alarms.get(n, 0), n))  # most alarms first
     shown = ranked[: cfg.report.max_nodes_plotted]
     unlabelled = th.details.get("unlabelled_nodes") or 0  # nodes whose thresholds the fallback set
-    rule = f"<b>{th.rule}</b> ({th.scope} scope)"
-    if unlabelled:
-        fb = th.details["fallback"]
-        how = f"{fb['times']:g} times each node's normal level" if "times" in fb else f"q={fb['q']:g} of the signal"
-        if unlabelled == len(th.nodes):  # none of them is the named rule's: name the one that set them
-            rule = f"<b>{fb['rule']}</b> ({how}; no node has labels: the {th.rule} rule's threshold.fallback)"
+    name, said = rule_named(th)
     parts = [f"<h1>{html.escape(title)}</h1><p>run folder: <code>{html.escape(str(folder or run_dir))}</code>; "
              f"{_count(len(errors.nodes), 'node')}, {_count(len(errors.metrics), 'metric')}; threshold rule "
-             f"{rule}; {_count(len(alarms), 'alarm event')} on {_count(len(per_node_alarms), 'node')}; "
+             f"<b>{name}</b> ({said}); {_count(len(alarms), 'alarm event')} on {_count(len(per_node_alarms), 'node')}; "
              f"{_signal_said(errors, cfg)}"
              + (f"; labels from the incident list <code>{html.escape(str(cfg.data.labels))}</code>"
                 if getattr(cfg.data, "labels", None) else "") + ".</p>"]
     if 0 < unlabelled < len(th.nodes):
+        fb = th.details["fallback"]
         parts.append(f"<p>{unlabelled} of {len(th.nodes)} nodes have no labels: their thresholds are the {fb['rule']} "
-                     f"rule's ({how}), not the {th.rule} rule's (threshold.fallback).</p>")
+                     f"rule's ({fallback_how(fb)}), not the {th.rule} rule's (threshold.fallback).</p>")
     store_path = run_store_path(run_dir, cfg.data.source)
     time_unit = "s"
     store = None
