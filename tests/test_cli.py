@@ -334,6 +334,32 @@ def test_model_files_from_before_the_held_out_errors_are_retrained_only_when_sca
     hpcad("score", *common, "signal.metric_scales=true")
 
 
+def test_an_unlabelled_site_gets_thresholds_at_five_times_each_nodes_normal_level(tmp_path):
+    """Exports without labels (most sites): the cost rule falls back to the level rule, 5 x each
+    node's normal level (signal_scale in errors.h5), and ``threshold.fallback=quantile`` refits the
+    same run with the rule before it (the 0.995 quantile of each node's validation signal)."""
+    import pandas as pd
+
+    exports = tmp_path / "exports"
+    generate(exports, nodes=2, rows=400)
+    for f in exports.glob("*.csv"):
+        pd.read_csv(f).drop(columns="anomaly").to_csv(f, index=False)
+    run = tmp_path / "run"
+    hpcad("run", f"data.source={exports}", f"hydra.run.dir={run}", "train.epochs=2", "compute.progress=false",
+          "baselines.methods=[]", "report.enabled=false")
+    th = json.loads((run / "thresholds.json").read_text())
+    assert th["rule"] == "cost" and th["details"]["fallback"] == {"rule": "level", "times": 5.0}
+    assert th["details"]["unlabelled_nodes"] == 2 and not (run / "metrics.json").exists()
+    with h5py.File(run / "errors.h5") as f:
+        scale = {n: float(f[f"nodes/{n}"].attrs["signal_scale"]) for n in f["nodes"]}
+        val = {n: f[f"nodes/{n}/signal"][()][f[f"nodes/{n}/split"][()] == 1] for n in f["nodes"]}
+    assert th["nodes"] == pytest.approx({n: 5.0 * v for n, v in scale.items()})
+    hpcad("threshold", f"data.source={exports}", f"hydra.run.dir={run}", "threshold.fallback=quantile")
+    th = json.loads((run / "thresholds.json").read_text())
+    assert th["details"]["fallback"] == {"rule": "quantile", "q": 0.995}
+    assert th["nodes"] == pytest.approx({n: float(np.quantile(v, 0.995)) for n, v in val.items()}, rel=1e-5)
+
+
 def test_unlabelled_data_uses_the_trained_runs_thresholds(tmp_path):
     import pandas as pd
 
