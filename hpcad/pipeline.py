@@ -29,7 +29,7 @@ from hpcad.errors import ConfigError, InputError, StoreError
 from hpcad.explain import class_profiles
 from hpcad.errorstore import FORMAT, ErrorStore, remove_other_signal_files, signal_files, write_index
 from hpcad.model.files import UNTRAINED_SUFFIX, model_digest, model_nodes, model_path, models_stamp, untrained_nodes
-from hpcad.threshold.evaluate import apply_thresholds, evaluate
+from hpcad.threshold.evaluate import alarms_by_level, apply_thresholds, evaluate
 from hpcad.threshold.reduce import reducer
 from hpcad.threshold.rules import Thresholds
 
@@ -252,7 +252,9 @@ def stage_threshold(cfg: HpcadConfig, run_dir: Path) -> dict:
         signal_choice.check_applies(signal_choice.from_details(th.details), errors.recipe, tr / "thresholds.json",
                                     errors.path)
         log.info("unlabelled data: using the thresholds fitted by %s", tr, extra=dist.CLUSTER_WIDE)
+        fitted_here = False
     else:
+        fitted_here = True
         with red.all_or_none("threshold"):
             th = rule.fit(mine, red)
         th.details.update(errors.recipe.to_dict())  # the signal they were fitted on
@@ -277,6 +279,11 @@ def stage_threshold(cfg: HpcadConfig, run_dir: Path) -> dict:
     time_unit = store.time_unit(store.nodes[0]) if store.nodes else "s"
     records, metrics = apply_thresholds(errors, th, cm, cfg.report.top_k, time_unit, store.jobs(),
                                         run_dir / "alarms.csv")
+    if fitted_here and not metrics["labelled"]:  # no labels: what other multiples of the normal level raise
+        budget = alarms_by_level(errors.signals(), cm, time_unit)
+        if budget is not None:
+            th.details["by_level"] = budget
+            th.save(run_dir / "thresholds.json")
     result = {"alarms": len(records), "thresholds": th.to_dict()}
     if metrics["labelled"]:
         out = {"detector": "autoencoder", "cost_model": vars(cm), "threshold_rule": th.rule,

@@ -354,6 +354,11 @@ def test_an_unlabelled_site_gets_thresholds_at_five_times_each_nodes_normal_leve
         scale = {n: float(f[f"nodes/{n}"].attrs["signal_scale"]) for n in f["nodes"]}
         val = {n: f[f"nodes/{n}/signal"][()][f[f"nodes/{n}/split"][()] == 1] for n in f["nodes"]}
     assert th["nodes"] == pytest.approx({n: 5.0 * v for n, v in scale.items()})
+    budget = th["details"]["by_level"]  # the alarm budget: what other multiples raise on the validation rows
+    assert budget["nodes"] == 2 and budget["node_days"] > 0 and [lv["times"] for lv in budget["levels"]] == [
+        2.0, 3.0, 5.0, 10.0, 20.0]
+    events = [lv["alarm_events"] for lv in budget["levels"]]
+    assert events == sorted(events, reverse=True) and all(lv["nodes_alarmed"] <= 2 for lv in budget["levels"])
     hpcad("threshold", f"data.source={exports}", f"hydra.run.dir={run}", "threshold.fallback=quantile")
     th = json.loads((run / "thresholds.json").read_text())
     assert th["details"]["fallback"] == {"rule": "quantile", "q": 0.995}

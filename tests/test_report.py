@@ -101,6 +101,14 @@ def test_thresholds_of_unlabelled_nodes_are_said_to_be_the_fallbacks(tmp_path):
     page = write_report(cfg, tmp_path, errors, models).read_text()
     assert "threshold rule <b>level</b> (5 times each node's normal level; no node has labels: the cost rule's " \
            "threshold.fallback);" in page and "have no labels" not in page
+    assert "Alarm budget" not in page  # no budget counted
+    budget = {"nodes": 2, "node_days": 8.0, "levels": [{"times": k, "alarm_events": e, "nodes_alarmed": m,
+                                                        "per_node_day": e / 8} for k, e, m in ((3.0, 6, 2), (5.0, 2, 1))]}
+    cfg, errors, models = _run(tmp_path, [ALARM_B], details={**details, "by_level": budget})
+    page = write_report(cfg, tmp_path, errors, models).read_text()
+    assert "<h2>Alarm budget</h2>" in page and "(2 nodes, 8.0 node-days)" in page
+    assert "<td>3x</td><td>6</td><td>2</td><td>0.75</td>" in page and "<td>5x (now)</td><td>2</td>" in page
+    assert "Alarm budget" not in write_report(cfg, tmp_path, errors, models, node_summary=False).read_text()
     node_page = next((tmp_path / "nodes").glob("*.html")).read_text()
     assert "on the signal (level, 5 times each node's normal level; no node has labels: the cost rule's " \
            "threshold.fallback)." in node_page

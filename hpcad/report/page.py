@@ -43,6 +43,20 @@ def _name_classes(alarms: list[dict], names: list[str]) -> None:
                                       for c in str(a.get("label_classes") or "").split())
 
 
+def _alarm_budget(th: Thresholds, budget: dict) -> str:
+    """What other multiples of the nodes' normal level would raise on the validation rows (no labels)."""
+    fb = th.details.get("fallback") or {}
+    now = th.details.get("times", fb.get("times") if rule_named(th)[0] == "level" else None)
+    rows = [[f"{lv['times']:g}x" + (" (now)" if now is not None and float(now) == lv["times"] else ""),
+             lv["alarm_events"], lv["nodes_alarmed"], lv["per_node_day"]] for lv in budget["levels"]]
+    return (f"<h2>Alarm budget</h2><p>No labels: the threshold is a multiple of each node's normal level "
+            f"(threshold.times; threshold=level, or the cost rule's fallback). What each multiple raises on the "
+            f"validation rows ({_count(budget['nodes'], 'node')}, {budget['node_days']:,.1f} node-days): choose "
+            f"the one whose alarms the site can follow up, then <code>hpcad threshold threshold.times=K</code> "
+            f"with the run's options (seconds, no training).</p>"
+            + html_table(rows, ["times normal", "alarm events", "nodes alarmed", "events per node-day"]))
+
+
 def _signal_said(errors: ErrorStore, cfg: HpcadConfig) -> str:
     """How the alarm signal was made (the recipe errors.h5 was scored with, and how it was chosen)."""
     r = errors.recipe
@@ -127,6 +141,9 @@ def write_report(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, models_dir
         if len(in_overview) < len(errors.nodes):
             parts.append(f"<p>{len(in_overview)} of {len(errors.nodes)} nodes shown (most alarms first; "
                          f"report.max_nodes_overview).</p>")
+    budget = th.details.get("by_level")
+    if budget and metrics is None and node_summary:  # no labels: the site chooses threshold.times by alarm budget
+        parts.append(_alarm_budget(th, budget))
     parts.append(_NODES_SLOT)  # the alarmed nodes' table goes here, once the node pages are known
     parts += extra or []
     if metrics:

@@ -11,7 +11,7 @@ import numpy as np
 
 from hpcad.atomic import atomic_path
 from hpcad.data.jobs import JobTable
-from hpcad.preprocess import SPLIT_NAMES
+from hpcad.preprocess import SPLIT_NAMES, VAL
 from hpcad.errorstore import ErrorStore, NodeSignal
 from hpcad.threshold.cost import CostModel, Scores, runs, score_rows
 from hpcad.threshold.quality import macro, ranking
@@ -51,6 +51,36 @@ def evaluate(signals: Iterator[NodeSignal], th: Thresholds, model: CostModel, ti
         if labelled:
             splits.setdefault(name, {})["ranking"] = macro(figs)
     return {"labelled": labelled, "splits": splits, "nodes": per_node}
+
+
+LEVELS = (2.0, 3.0, 5.0, 10.0, 20.0)  # multiples of the normal level the alarm budget is counted at
+
+
+def alarms_by_level(signals: Iterator[NodeSignal], model: CostModel, time_unit: str = "s",
+                    levels: tuple[float, ...] = LEVELS) -> dict | None:
+    """The alarm budget without labels: what each multiple ``k`` of the nodes' normal level (the level
+    rule, ``signal_norm > k``) raises on the validation rows: alarm events (runs merged within the cost
+    model's tolerance), nodes with one, and events per node-day. A site without labels chooses
+    ``threshold.times`` by it. None where no node has validation rows."""
+    events, alarmed = np.zeros(len(levels), np.int64), np.zeros(len(levels), np.int64)
+    nodes, days = 0, 0.0
+    for s in signals:
+        rows = s.split == VAL
+        if not rows.any():
+            continue
+        nodes += 1
+        norm, ts = s.normalised[rows], (s.timestamp[rows] if time_unit == "s" else None)
+        for i, k in enumerate(levels):
+            sc = score_rows(norm, None, k, model, ts)
+            events[i] += sc.alarm_events
+            alarmed[i] += sc.alarm_events > 0
+        days += sc.node_days
+    if not nodes:
+        return None
+    return {"nodes": nodes, "node_days": round(days, 2),
+            "levels": [{"times": k, "alarm_events": int(e), "nodes_alarmed": int(a),
+                        "per_node_day": round(float(e) / days, 4) if days else None}
+                       for k, e, a in zip(levels, events, alarmed)]}
 
 
 def apply_thresholds(errors: ErrorStore, th: Thresholds, model: CostModel, top_k: int, time_unit: str,

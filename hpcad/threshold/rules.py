@@ -279,6 +279,11 @@ class LevelRule(_Rule):
             raise ConfigError(f"threshold.times={times}: must be a positive multiple of the normal level")
         self.times = float(times)
 
+    def fit(self, source: SignalSource, red: Reducer | None = None, detector: str = "autoencoder") -> Thresholds:
+        th = super().fit(source, red, detector)
+        th.details["times"] = self.times
+        return th
+
     def fit_node(self, s: NodeSignal, rows: np.ndarray) -> float:
         return self.times * float(s.scale)
 
