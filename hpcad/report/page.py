@@ -49,11 +49,11 @@ def _alarm_budget(th: Thresholds, budget: dict) -> str:
     now = th.details.get("times", fb.get("times") if rule_named(th)[0] == "level" else None)
     rows = [[f"{lv['times']:g}x" + (" (now)" if now is not None and float(now) == lv["times"] else ""),
              lv["alarm_events"], lv["nodes_alarmed"], lv["per_node_day"]] for lv in budget["levels"]]
-    return (f"<h2>Alarm budget</h2><p>No labels: the threshold is a multiple of each node's normal level "
-            f"(threshold.times; threshold=level, or the cost rule's fallback). What each multiple raises on the "
-            f"validation rows ({_count(budget['nodes'], 'node')}, {budget['node_days']:,.1f} node-days): choose "
-            f"the one whose alarms the site can follow up, then <code>hpcad threshold threshold.times=K</code> "
-            f"with the run's options (seconds, no training).</p>"
+    return (f"<h2>Alarm budget</h2><p>No labels: what a threshold at each multiple of the nodes' normal level "
+            f"(threshold=level, and the cost rule's fallback: threshold.times) raises on the validation rows "
+            f"({_count(budget['nodes'], 'node')}, {budget['node_days']:,.1f} node-days). Choose the one whose "
+            f"alarms the site can follow up, then <code>hpcad threshold threshold.times=K</code> with the run's "
+            f"options (seconds, no training).</p>"
             + html_table(rows, ["times normal", "alarm events", "nodes alarmed", "events per node-day"]))
 
 
