@@ -45,8 +45,7 @@ def _name_classes(alarms: list[dict], names: list[str]) -> None:
 
 def _alarm_budget(th: Thresholds, budget: dict) -> str:
     """What other multiples of the nodes' normal level would raise on the validation rows (no labels)."""
-    fb = th.details.get("fallback") or {}
-    now = th.details.get("times", fb.get("times") if rule_named(th)[0] == "level" else None)
+    now = th.details.get("times", (th.details.get("fallback") or {}).get("times"))  # None under a quantile
     rows = [[f"{lv['times']:g}x" + (" (now)" if now is not None and float(now) == lv["times"] else ""),
              lv["alarm_events"], lv["nodes_alarmed"], lv["per_node_day"]] for lv in budget["levels"]]
     return (f"<h2>Alarm budget</h2><p>No labels: what a threshold at each multiple of the nodes' normal level "

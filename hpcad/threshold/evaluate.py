@@ -74,7 +74,7 @@ def alarms_by_level(signals: Iterator[NodeSignal], model: CostModel, time_unit: 
             sc = score_rows(norm, None, k, model, ts)
             events[i] += sc.alarm_events
             alarmed[i] += sc.alarm_events > 0
-        days += sc.node_days
+        days += sc.node_days  # the rows' time span: the same at every level
     if not nodes:
         return None
     return {"nodes": nodes, "node_days": round(days, 2),
