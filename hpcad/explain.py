@@ -6,16 +6,26 @@ import numpy as np
 from hpcad.errorstore import ErrorStore
 
 
+ProfileSums = tuple[dict[int, np.ndarray], dict[int, np.ndarray], dict[int, int], bool]
+
+
 def class_profiles(errors: ErrorStore, top: int = 20) -> dict:
     """Mean per-metric squared error per label class, accumulated node by node (sums and counts),
     and where every node's normal errors are known the mean "times normal" (each row's errors over
     its node's :meth:`~hpcad.errorstore.ErrorStore.explain_scale`, as alarms rank their top metrics):
     ``top_x_normal``."""
+    return profiles_from_sums([profile_sums(errors)], errors.metrics, top)
+
+
+def profile_sums(errors: ErrorStore, nodes: list[str] | None = None) -> ProfileSums:
+    """:func:`class_profiles`' sums over ``nodes`` (default all): per class the per-metric error
+    and "times normal" sums, the row counts, and whether every node's normal errors are known.
+    They add across nodes, so MPI ranks each read their own nodes' per-row errors."""
     sums: dict[int, np.ndarray] = {}
     times: dict[int, np.ndarray] = {}
     counts: dict[int, int] = {}
     known = True
-    for s in errors.signals():
+    for s in errors.signals(nodes):
         if s.labels is None:
             continue
         err = errors.errors(s.node)
@@ -27,15 +37,29 @@ def class_profiles(errors: ErrorStore, top: int = 20) -> dict:
             if known:
                 times[int(c)] = times.get(int(c), 0) + (err[rows] / scale).sum(0)
             counts[int(c)] = counts.get(int(c), 0) + int(rows.sum())
+    return sums, times, counts, known
+
+
+def profiles_from_sums(parts: list[ProfileSums], metrics: list[str], top: int = 20) -> dict:
+    """The class profiles from :func:`profile_sums` of one or more shares of the nodes (added in order)."""
+    if len(parts) == 1:  # one process: its sums as they are
+        sums, times, counts, known = parts[0]
+    else:
+        sums, times, counts, known = {}, {}, {}, all(p[3] for p in parts)
+        for part_sums, part_times, part_counts, _ in parts:
+            for c, v in part_sums.items():
+                sums[c] = sums.get(c, 0) + v
+                times[c] = times.get(c, 0) + part_times.get(c, 0)
+                counts[c] = counts.get(c, 0) + part_counts[c]
     out = {}
     for c in sorted(sums):
         mean = sums[c] / counts[c]
         order = np.argsort(mean)[::-1]
         out[str(c)] = {"rows": counts[c], "mean_error": mean.tolist(),
-                       "top": [[errors.metrics[j], float(mean[j])] for j in order[:top]]}
+                       "top": [[metrics[j], float(mean[j])] for j in order[:top]]}
         if known:
             x = times[c] / counts[c]
-            out[str(c)]["top_x_normal"] = [[errors.metrics[j], float(x[j])] for j in np.argsort(x)[::-1][:top]]
+            out[str(c)]["top_x_normal"] = [[metrics[j], float(x[j])] for j in np.argsort(x)[::-1][:top]]
     return out
 
 

@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import socket
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -26,7 +27,7 @@ from hpcad.data.ingest import ingest, wanted_signature
 from hpcad.data.ranks import ingest_ranks
 from hpcad.data.store import TelemetryStore, is_store_path, run_store_path
 from hpcad.errors import ConfigError, InputError, StoreError
-from hpcad.explain import class_profiles
+from hpcad.explain import profile_sums, profiles_from_sums
 from hpcad.errorstore import FORMAT, ErrorStore, remove_other_signal_files, signal_files, write_index
 from hpcad.model.files import UNTRAINED_SUFFIX, model_digest, model_nodes, model_path, models_stamp, untrained_nodes
 from hpcad.threshold.evaluate import alarms_by_level, apply_thresholds, evaluate
@@ -238,12 +239,15 @@ def _errors(run_dir: Path) -> ErrorStore:
 
 def stage_threshold(cfg: HpcadConfig, run_dir: Path) -> dict:
     """Fit thresholds, then write alarms and scores. Under mpiexec or ``srun --mpi=pmi2`` every rank
-    fits on its share of the nodes and the ranks reduce (docs/cluster.md); rank 0 writes the outputs."""
+    fits on its share of the nodes and the ranks reduce (docs/cluster.md); applying them is shared
+    out the same way (each rank reads its own nodes' signals and per-metric errors: alarms, figures,
+    class profiles, the baselines' fits) and rank 0 writes the outputs."""
     errors = _errors(run_dir)
     _same_models(cfg, run_dir, errors)
     w = dist.world()
     red = reducer(w)
-    mine = partial(errors.signals, nodes=dist.shard(errors.rows, red.size)[red.rank])
+    share = dist.shard(errors.rows, red.size)[red.rank]
+    mine = partial(errors.signals, nodes=share)
     labelled = any(s.labels is not None for s in errors.signals(errors.nodes[:1])) if errors.nodes else False
     tr = runfolder.train_run(cfg)
     rule = build(cfg.threshold, "threshold")
@@ -258,9 +262,15 @@ def stage_threshold(cfg: HpcadConfig, run_dir: Path) -> dict:
         with red.all_or_none("threshold"):
             th = rule.fit(mine, red)
         th.details.update(errors.recipe.to_dict())  # the signal they were fitted on
-    rank = w.rank  # one writer, also when ranks run without MPI
-    if rank != 0:
-        return {"thresholds": th.to_dict(), "rank": rank}
+    if red.size == 1 and w.rank != 0:  # ranks that MPI does not join: rank 0 alone applies them
+        return {"thresholds": th.to_dict(), "rank": w.rank}
+    with red.all_or_none("threshold"):  # in node order: one process adds the class profiles as it always did
+        result = _apply(cfg, run_dir, errors, th, rule, red, sorted(share), fitted_here)
+    return result if red.rank == 0 else {"thresholds": th.to_dict(), "rank": red.rank}
+
+
+def _checked_store(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore) -> TelemetryStore:
+    """Rank 0, before anything is written: the run's store, refusing errors scored from other data."""
     scored = errors.attrs.get("store_signature")
     if scored and scored != wanted_signature(cfg.data):  # before the run's store is ingested again (replaced)
         made = TelemetryStore(run_dir / "store.h5").source if (run_dir / "store.h5").exists() else None
@@ -273,43 +283,68 @@ def stage_threshold(cfg: HpcadConfig, run_dir: Path) -> dict:
     if scored and scored != store.signature:
         raise StoreError(f"{errors.path} was scored from other data than {store.path} now holds (data.source or "
                          f"data.* changed since): rerun `hpcad score` with hydra.run.dir={run_dir}, or `hpcad run`")
-    th.details["applied_to"] = errors.attrs.get("created", "")  # the errors.h5 these thresholds and alarms belong to
-    th.save(run_dir / "thresholds.json")
+    return store
+
+
+def _apply(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, th: Thresholds, rule: Any, red: Any,
+           share: list[str], fitted_here: bool) -> dict:
+    """The threshold stage after the fit, on every rank that an MPI reducer joins (else on rank 0
+    alone): each rank works on its ``share`` of the nodes, rank 0 writes thresholds, alarms and
+    metrics."""
+    t0 = time.perf_counter()
+    store = _checked_store(cfg, run_dir, errors) if red.rank == 0 else None
+    if red.rank == 0:
+        th.details["applied_to"] = errors.attrs.get("created", "")  # the errors.h5 these thresholds belong to
+        th.save(run_dir / "thresholds.json")
+    where = red.bcast(None if store is None else str(store.path))  # the other ranks wait for the checks
+    store = store or TelemetryStore(Path(where))
     cm = rule.cost_model
     time_unit = store.time_unit(store.nodes[0]) if store.nodes else "s"
     records, metrics = apply_thresholds(errors, th, cm, cfg.report.top_k, time_unit, store.jobs(),
-                                        run_dir / "alarms.csv")
-    if fitted_here and not metrics["labelled"]:  # no labels: what other multiples of the normal level raise
-        budget = alarms_by_level(errors.signals(), cm, time_unit)
-        if budget is not None:
+                                        run_dir / "alarms.csv", signals=partial(errors.signals, nodes=share), red=red)
+    labelled = red.bcast(metrics.get("labelled"))
+    if fitted_here and not labelled:  # no labels: what other multiples of the normal level raise
+        budget = alarms_by_level(errors.signals(share), cm, time_unit, red=red)
+        if budget is not None and red.rank == 0:
             th.details["by_level"] = budget
             th.save(run_dir / "thresholds.json")
     result = {"alarms": len(records), "thresholds": th.to_dict()}
-    if metrics["labelled"]:
-        out = {"detector": "autoencoder", "cost_model": vars(cm), "threshold_rule": th.rule,
-               "signal": {**OmegaConf.to_container(cfg.signal), "used": errors.recipe.to_dict(),
-                          "choice": json.loads(errors.attrs.get("signal_choice", "null"))},
-               "scope": th.scope, "threshold_check":
-               th.details.get("check"), "splits": metrics["splits"], "baselines": {}, "nodes": metrics["nodes"]}
-        for path in signal_files(run_dir / "baselines"):
-            base = ErrorStore(path)
-            made = base.attrs.get("store_signature")  # files before it was recorded: kept, as before
-            if made and made != store.signature:
-                log.warning("%s was fitted on other data than errors.h5 was scored from (data changed since `hpcad "
-                            "baselines` ran): left out of metrics.json; rerun `hpcad baselines` with "
-                            "hydra.run.dir=%s", path, run_dir)
-                continue
-            bsource = base.signals
-            bth = rule.fit(bsource, detector=f"baseline {path.stem}")
-            out["baselines"][path.stem] = {"splits": evaluate(bsource(), bth, cm, time_unit)["splits"],
-                                           "thresholds": bth.to_dict()}
-            if "excess_weight" in base.attrs:  # the range-excess weight it added, and how it was chosen
-                out["baselines"][path.stem]["excess_weight"] = float(base.attrs["excess_weight"])
-                out["baselines"][path.stem]["excess_choice"] = json.loads(base.attrs.get("signal_choice", "null"))
-        out["class_profiles"] = class_profiles(errors)
+    if not labelled:
+        _said_share(share, errors, "alarms, alarm budget" if fitted_here else "alarms", t0)
+        return result
+    out = {"detector": "autoencoder", "cost_model": vars(cm), "threshold_rule": th.rule,
+           "signal": {**OmegaConf.to_container(cfg.signal), "used": errors.recipe.to_dict(),
+                      "choice": json.loads(errors.attrs.get("signal_choice", "null"))},
+           "scope": th.scope, "threshold_check":
+           th.details.get("check"), "splits": metrics.get("splits"), "baselines": {}, "nodes": metrics.get("nodes")}
+    for path in signal_files(run_dir / "baselines"):
+        base = ErrorStore(path)
+        made = base.attrs.get("store_signature")  # files before it was recorded: kept, as before
+        if made and made != store.signature:
+            log.warning("%s was fitted on other data than errors.h5 was scored from (data changed since `hpcad "
+                        "baselines` ran): left out of metrics.json; rerun `hpcad baselines` with "
+                        "hydra.run.dir=%s", path, run_dir, extra=dist.CLUSTER_WIDE)
+            continue
+        bsource = partial(base.signals, nodes=dist.shard(base.rows, red.size)[red.rank])
+        bth = rule.fit(bsource, red, detector=f"baseline {path.stem}")
+        figures = evaluate(bsource(), bth, cm, time_unit, red=red)
+        out["baselines"][path.stem] = {"splits": figures.get("splits"), "thresholds": bth.to_dict()}
+        if "excess_weight" in base.attrs:  # the range-excess weight it added, and how it was chosen
+            out["baselines"][path.stem]["excess_weight"] = float(base.attrs["excess_weight"])
+            out["baselines"][path.stem]["excess_choice"] = json.loads(base.attrs.get("signal_choice", "null"))
+    parts = red.gather(profile_sums(errors, share))
+    out["class_profiles"] = profiles_from_sums(parts, errors.metrics) if red.rank == 0 else {}
+    _said_share(share, errors, f"alarms, figures, class profiles, {len(out['baselines'])} baseline(s)", t0)
+    if red.rank == 0:
         write_json(run_dir / "metrics.json", out)
         result["metrics"] = out
     return result
+
+
+def _said_share(share: list[str], errors: ErrorStore, what: str, t0: float) -> None:
+    """One line per rank (its own log under several ranks): what it applied the thresholds to, and how long."""
+    of = f" of {len(errors.nodes)}" if len(share) < len(errors.nodes) else ""
+    log.info("thresholds applied to %d%s nodes here (%s) in %.1f s", len(share), of, what, time.perf_counter() - t0)
 
 
 def stage_report(cfg: HpcadConfig, run_dir: Path) -> Path | None:

@@ -1,4 +1,5 @@
-"""Cluster-wide threshold fitting over MPI ranks equals the single-process fit on the same errors."""
+"""Cluster-wide threshold fitting over MPI ranks equals the single-process fit on the same errors, and so
+do the alarms, figures, class profiles and alarm budget the ranks compute from them."""
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ def scored_run(tmp_path_factory):
     generate(exports, nodes=5, rows=300)
     run = tmp / "run"
     hpcad("run", f"data.source={exports}", f"hydra.run.dir={run}", "train.epochs=2", "compute.progress=false",
-          "baselines.methods=[]", "report.enabled=false")
+          "baselines.methods=[pca]", "report.enabled=false")
     return run, exports
 
 
@@ -49,6 +50,91 @@ def test_mpiexec_two_ranks_fit_the_same_thresholds(scored_run, rule):
     assert multi["nodes"] == pytest.approx(single["nodes"])
     assert multi["rule"] == single["rule"] and multi["scope"] == single["scope"]
     assert multi["details"]["check"] == single["details"]["check"]
+
+
+def _mpiexec_two_ranks(*args: str) -> subprocess.CompletedProcess:
+    p = subprocess.run(["mpiexec", "-n", "2", sys.executable, "-m", "hpcad", *args], capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def _copy_with_last_node_corrupt(src, tmp_path, dataset: str):
+    """A copy of the run whose last node (rank 1's share under two ranks) has a corrupt ``dataset`` chunk."""
+    import h5py
+
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    with h5py.File(run / "errors.h5", "r") as f:
+        node = sorted(f["nodes"])[-1]
+        chunk = f[f"nodes/{node}/{dataset}"].id.get_chunk_info(0)
+    with open(run / "errors.h5", "r+b") as fh:
+        fh.seek(chunk.byte_offset + 4)
+        fh.write(b"\xff" * min(64, chunk.size - 8))
+    return run, node
+
+
+def test_two_ranks_apply_the_thresholds_to_their_own_nodes_and_rank_zero_writes_what_one_process_writes(
+        scored_run):
+    """Applying the thresholds is shared out like the fit (each rank reads only its nodes' signals and
+    per-metric errors; at a year of rows a node's errors take a second to read): alarms.csv and
+    metrics.json (per-node figures, totals, the baseline's fit and figures, the class profiles) are
+    what one process writes."""
+    run, exports = scored_run
+    args = ["threshold", f"hydra.run.dir={run}", f"data.source={exports}", "threshold.scope=node"]
+    hpcad(*args)
+    alarms, single = (run / "alarms.csv").read_text(), json.loads((run / "metrics.json").read_text())
+    assert alarms.count("\n") > 3 and len(single["nodes"]) == 5 and "pca" in single["baselines"]
+    assert set(single["class_profiles"]) == {"0", "1", "2", "3", "4"}
+    _mpiexec_two_ranks(*args)
+    from hpcad.dist import shard
+    from hpcad.errorstore import ErrorStore
+
+    for rank, nodes in enumerate(shard(ErrorStore(run / "errors.h5").rows, 2)):  # each rank its own share
+        said = (run / f"threshold-rank{rank}.log").read_text()
+        assert 0 < len(nodes) < 5 and f"thresholds applied to {len(nodes)} of 5 nodes here (alarms, figures, " \
+                                      f"class profiles, 1 baseline(s))" in said, said
+    multi = json.loads((run / "metrics.json").read_text())
+    assert (run / "alarms.csv").read_text() == alarms  # every node's alarms, in the same order
+    assert multi["nodes"] == single["nodes"] and multi["splits"] == single["splits"]
+    assert multi["baselines"] == single["baselines"]
+    for c, profile in single["class_profiles"].items():  # sums added over the ranks: the last bits may differ
+        assert multi["class_profiles"][c]["rows"] == profile["rows"]
+        assert multi["class_profiles"][c]["mean_error"] == pytest.approx(profile["mean_error"], rel=1e-12)
+        assert [m for m, _ in multi["class_profiles"][c]["top"]] == [m for m, _ in profile["top"]]
+
+
+def test_two_ranks_count_the_alarm_budget_of_an_unlabelled_run_as_one_process_does(scored_run, tmp_path):
+    """Without labels the ranks add their nodes' alarm counts at each multiple of the normal level."""
+    import h5py
+
+    src, exports = scored_run
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    with h5py.File(run / "errors.h5", "r+") as f:
+        for node in f["nodes"]:
+            del f[f"nodes/{node}/labels"]
+    (run / "metrics.json").unlink()
+    args = ["threshold", f"hydra.run.dir={run}", f"data.source={exports}"]
+    hpcad(*args)
+    single = json.loads((run / "thresholds.json").read_text())["details"]["by_level"]
+    assert single["nodes"] == 5 and any(level["alarm_events"] for level in single["levels"])
+    _mpiexec_two_ranks(*args)
+    assert json.loads((run / "thresholds.json").read_text())["details"]["by_level"] == single
+    assert not (run / "metrics.json").exists()
+
+
+def test_a_rank_failing_as_it_applies_the_thresholds_ends_the_mpi_job_instead_of_hanging(scored_run, tmp_path):
+    """Rank 1 cannot read its last node's per-metric errors (read only once the thresholds are fitted):
+    it says which node and ends the MPI job; rank 0, waiting for its share, does not hang."""
+    src, exports = scored_run
+    run, node = _copy_with_last_node_corrupt(src, tmp_path, "error")
+    p = subprocess.run(["mpiexec", "-n", "2", sys.executable, "-m", "hpcad", "threshold", f"hydra.run.dir={run}",
+                        f"data.source={exports}"], capture_output=True, text=True, timeout=240)
+    assert p.returncode != 0
+    said = p.stdout + p.stderr
+    assert f"node {node} errors: cannot read (corrupt file" in said and "every rank of the MPI job stops" in said, \
+        said[-3000:]
 
 
 def test_nodes_fitted_on_a_period_that_is_not_normal_are_named_across_ranks(scored_run, tmp_path):
@@ -80,7 +166,8 @@ def test_nodes_fitted_on_a_period_that_is_not_normal_are_named_across_ranks(scor
                        text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert json.loads((run / "thresholds.json").read_text())["details"]["check"] == single
-    assert (p.stdout + p.stderr).count("took as normal") == 1  # said by rank 0, for both ranks' nodes
+    said = (p.stdout + p.stderr).splitlines()  # said by rank 0, for both ranks' nodes
+    assert sum("autoencoder threshold" in line and "took as normal" in line for line in said) == 1
 
 
 def test_ranks_without_mpi_each_fit_on_all_nodes_and_say_so(scored_run, tmp_path):
@@ -109,17 +196,8 @@ def test_a_rank_failing_in_the_fit_ends_the_mpi_job_instead_of_hanging(scored_ru
     """One rank cannot read its share (a corrupt node in errors.h5): it says why and ends the MPI job
     (MPI_Abort). Before, the other rank waited in a reduction for ever and the failed one in
     MPI_Finalize: the step hung until the job's time limit (SLURM's --kill-on-bad-exit never fired)."""
-    import h5py
-
     src, exports = scored_run
-    run = tmp_path / "run"
-    shutil.copytree(src, run)
-    with h5py.File(run / "errors.h5", "r") as f:  # the last node: rank 1's share under two ranks
-        node = sorted(f["nodes"])[-1]
-        chunk = f[f"nodes/{node}/signal"].id.get_chunk_info(0)
-    with open(run / "errors.h5", "r+b") as fh:
-        fh.seek(chunk.byte_offset + 4)
-        fh.write(b"\xff" * min(64, chunk.size - 8))
+    run, node = _copy_with_last_node_corrupt(src, tmp_path, "signal")
     p = subprocess.run(["mpiexec", "-n", "2", sys.executable, "-m", "hpcad", "threshold", f"hydra.run.dir={run}",
                         f"data.source={exports}", "threshold.scope=cluster"], capture_output=True, text=True,
                        timeout=240)  # the old code hung here

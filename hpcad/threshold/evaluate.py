@@ -15,37 +15,48 @@ from hpcad.preprocess import SPLIT_NAMES, VAL
 from hpcad.errorstore import ErrorStore, NodeSignal
 from hpcad.threshold.cost import CostModel, Scores, runs, score_rows
 from hpcad.threshold.quality import macro, ranking
+from hpcad.threshold.reduce import Reducer
 from hpcad.threshold.rules import Thresholds
 
 
-def evaluate(signals: Iterator[NodeSignal], th: Thresholds, model: CostModel, time_unit: str = "s") -> dict:
-    """Scores per split summed over nodes, plus per node (cost terms add across nodes), and the
-    threshold-free figures (:mod:`hpcad.threshold.quality`) per node and as means over nodes:
-    ``splits[<split>]["ranking"]``, and ``"eval"`` for validation and test together (the whole
-    labelled period after training)."""
+def node_figures(s: NodeSignal, th: Thresholds, model: CostModel, time_unit: str = "s") -> tuple[dict, dict]:
+    """One node's figures: its entry in ``metrics.json`` (threshold, and per split its scores and
+    threshold-free figures) and its :class:`Scores` per split, which add across nodes."""
+    sig, t = th.signal_of(s), th.threshold_for(s.node)
+    entry: dict = {"threshold": t}
+    scores: dict[str, Scores] = {}
+    ts = s.timestamp if time_unit == "s" else None
+    parts = [(name, s.split == code) for code, name in SPLIT_NAMES.items()] + [("eval", s.split != 0)]
+    for name, rows in parts:
+        if not rows.any():
+            continue
+        lab = None if s.labels is None else s.labels[rows]
+        part = entry.setdefault(name, {})
+        if name != "eval":
+            sc = scores[name] = score_rows(sig[rows], lab, t, model, None if ts is None else ts[rows])
+            part.update(sc.as_dict())
+        r = ranking(sig[rows], lab)
+        if r is not None:
+            part["ranking"] = r
+    return entry, scores
+
+
+def summarise(figures: dict[str, tuple[bool, dict, dict]]) -> dict:
+    """:func:`evaluate`'s result from each node's ``(labelled, *node_figures)``, added in node-name
+    order (the order of ``errors.h5``: the same sums however the nodes were shared out)."""
     totals = {name: Scores() for name in SPLIT_NAMES.values()}
     ranked: dict[str, list[dict]] = {name: [] for name in (*SPLIT_NAMES.values(), "eval")}
     per_node: dict[str, dict] = {}
     labelled = False
-    for s in signals:
-        labelled |= s.labels is not None
-        sig, t = th.signal_of(s), th.threshold_for(s.node)
-        per_node[s.node] = {"threshold": t}
-        ts = s.timestamp if time_unit == "s" else None
-        parts = [(name, s.split == code) for code, name in SPLIT_NAMES.items()] + [("eval", s.split != 0)]
-        for name, rows in parts:
-            if not rows.any():
-                continue
-            lab = None if s.labels is None else s.labels[rows]
-            entry = per_node[s.node].setdefault(name, {})
-            if name != "eval":
-                sc = score_rows(sig[rows], lab, t, model, None if ts is None else ts[rows])
-                totals[name] += sc
-                entry.update(sc.as_dict())
-            r = ranking(sig[rows], lab)
-            if r is not None:
-                entry["ranking"] = r
-                ranked[name].append(r)
+    for node in sorted(figures):
+        lab, entry, scores = figures[node]
+        labelled |= lab
+        per_node[node] = entry
+        for name, sc in scores.items():
+            totals[name] += sc
+        for name, figs in ranked.items():
+            if "ranking" in entry.get(name, {}):
+                figs.append(entry[name]["ranking"])
     splits = {k: v.as_dict() for k, v in totals.items()}
     for name, figs in ranked.items():
         if labelled:
@@ -53,15 +64,29 @@ def evaluate(signals: Iterator[NodeSignal], th: Thresholds, model: CostModel, ti
     return {"labelled": labelled, "splits": splits, "nodes": per_node}
 
 
+def evaluate(signals: Iterator[NodeSignal], th: Thresholds, model: CostModel, time_unit: str = "s",
+             red: Reducer | None = None) -> dict:
+    """Scores per split summed over nodes, plus per node (cost terms add across nodes), and the
+    threshold-free figures (:mod:`hpcad.threshold.quality`) per node and as means over nodes:
+    ``splits[<split>]["ranking"]``, and ``"eval"`` for validation and test together (the whole
+    labelled period after training). With an MPI reducer each rank passes its own nodes and rank 0
+    gets the result (the other ranks: {})."""
+    red = red or Reducer()
+    mine = {s.node: (s.labels is not None, *node_figures(s, th, model, time_unit)) for s in signals}
+    parts = red.gather(mine)
+    return summarise({k: v for part in parts for k, v in part.items()}) if red.rank == 0 else {}
+
+
 LEVELS = (2.0, 3.0, 5.0, 10.0, 20.0)  # multiples of the normal level the alarm budget is counted at
 
 
 def alarms_by_level(signals: Iterator[NodeSignal], model: CostModel, time_unit: str = "s",
-                    levels: tuple[float, ...] = LEVELS) -> dict | None:
+                    levels: tuple[float, ...] = LEVELS, red: Reducer | None = None) -> dict | None:
     """The alarm budget without labels: what each multiple ``k`` of the nodes' normal level (the level
     rule, ``signal_norm > k``) raises on the validation rows: alarm events (runs merged within the cost
     model's tolerance), nodes with one, and events per node-day. A site without labels chooses
-    ``threshold.times`` by it. None where no node has validation rows."""
+    ``threshold.times`` by it. None where no node has validation rows. With an MPI reducer each rank
+    passes its own nodes and the counts are added over the ranks."""
     events, alarmed = np.zeros(len(levels), np.int64), np.zeros(len(levels), np.int64)
     nodes, days = 0, 0.0
     for s in signals:
@@ -75,6 +100,10 @@ def alarms_by_level(signals: Iterator[NodeSignal], model: CostModel, time_unit: 
             events[i] += sc.alarm_events
             alarmed[i] += sc.alarm_events > 0
         days += sc.node_days  # the rows' time span: the same at every level
+    if red is not None:
+        total = red.sum(np.r_[events, alarmed, nodes, days].astype(np.float64))
+        events, alarmed = total[:len(levels)].astype(np.int64), total[len(levels):2 * len(levels)].astype(np.int64)
+        nodes, days = int(total[-2]), float(total[-1])
     if not nodes:
         return None
     return {"nodes": nodes, "node_days": round(days, 2),
@@ -85,17 +114,27 @@ def alarms_by_level(signals: Iterator[NodeSignal], model: CostModel, time_unit: 
 
 def apply_thresholds(errors: ErrorStore, th: Thresholds, model: CostModel, top_k: int, time_unit: str,
                      jobs: JobTable | None, alarms_csv: Path,
-                     signals: Callable[[], Iterator[NodeSignal]] | None = None) -> tuple[list[dict], dict]:
-    """What ``hpcad threshold`` and the nightly job do with fitted thresholds: the alarm records
-    (written to ``alarms_csv``; consecutive alarms closer than the cost model's tolerance are one)
-    and :func:`evaluate`'s figures. ``signals`` defaults to reading them from ``errors``."""
+                     signals: Callable[[], Iterator[NodeSignal]] | None = None,
+                     red: Reducer | None = None) -> tuple[list[dict], dict]:
+    """What ``hpcad threshold`` and the nightly job do with fitted thresholds, in one pass over the
+    nodes: the alarm records (written to ``alarms_csv``; consecutive alarms closer than the cost
+    model's tolerance are one) and :func:`evaluate`'s figures. ``signals`` defaults to reading them
+    from ``errors``. With an MPI reducer each rank passes its own nodes' ``signals``; rank 0 gets
+    every node's records (in node-name order, as one process writes them) and figures and writes
+    ``alarms_csv``; the other ranks get ([], {})."""
     signals = signals or errors.signals
-    records = []
+    red = red or Reducer()
+    mine = {}
     for s in signals():
-        records += alarm_events(s, th, errors.errors, errors.metrics, top_k, time_unit,
-                                merge_gap=model.tolerance, jobs=jobs, scale_of=errors.explain_scale)
+        records = alarm_events(s, th, errors.errors, errors.metrics, top_k, time_unit, merge_gap=model.tolerance,
+                               jobs=jobs, scale_of=errors.explain_scale)
+        mine[s.node] = (records, (s.labels is not None, *node_figures(s, th, model, time_unit)))
+    parts = {k: v for part in red.gather(mine) for k, v in part.items()}
+    if red.rank != 0:
+        return [], {}
+    records = [r for node in sorted(parts) for r in parts[node][0]]
     write_alarms_csv(alarms_csv, records)
-    return records, evaluate(signals(), th, model, time_unit)
+    return records, summarise({node: fig for node, (_, fig) in parts.items()})
 
 
 def _iso(ts: int, unit: str) -> str:

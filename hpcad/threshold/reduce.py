@@ -3,7 +3,9 @@
 Each rank fits on its share of the monitored nodes; what crosses ranks is small and does not grow
 with the number of nodes: min/max of the signal, cost curves and histograms on a shared grid
 (summed), one threshold per node (merged), and for peaks-over-threshold the exceedances over a
-high quantile.
+high quantile. Applying the thresholds is shared out the same way: each rank's alarm records and
+per-node figures go to rank 0 (``gather``), which writes them; sums (class profiles, the alarm
+budget) are added over the ranks.
 """
 from __future__ import annotations
 
@@ -46,6 +48,14 @@ class Reducer:
 
     def concat(self, a: np.ndarray) -> np.ndarray:
         return a
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (picklable) on rank 0, in rank order; the other ranks get []."""
+        return [obj]
+
+    def bcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (the others pass None)."""
+        return obj
 
 
 class MpiReducer(Reducer):
@@ -93,6 +103,12 @@ class MpiReducer(Reducer):
 
     def concat(self, a: np.ndarray) -> np.ndarray:
         return np.concatenate(self.comm.allgather(np.asarray(a)))
+
+    def gather(self, obj: Any) -> list[Any]:
+        return self.comm.gather(obj, root=0) or []
+
+    def bcast(self, obj: Any) -> Any:
+        return self.comm.bcast(obj, root=0)
 
 
 def _mpi_library(mpi: Any) -> str:
