@@ -31,7 +31,7 @@ from hpcad.explain import profile_sums, profiles_from_sums
 from hpcad.errorstore import FORMAT, ErrorStore, remove_other_signal_files, signal_files, write_index
 from hpcad.model.files import UNTRAINED_SUFFIX, model_digest, model_nodes, model_path, models_stamp, untrained_nodes
 from hpcad.threshold.evaluate import alarms_by_level, apply_thresholds, evaluate
-from hpcad.threshold.reduce import reducer
+from hpcad.threshold.reduce import Reducer, reducer
 from hpcad.threshold.rules import Thresholds
 
 if TYPE_CHECKING:
@@ -286,7 +286,7 @@ def _checked_store(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore) -> Telem
     return store
 
 
-def _apply(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, th: Thresholds, rule: Any, red: Any,
+def _apply(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, th: Thresholds, rule: Any, red: Reducer,
            share: list[str], fitted_here: bool) -> dict:
     """The threshold stage after the fit, on every rank that an MPI reducer joins (else on rank 0
     alone): each rank works on its ``share`` of the nodes, rank 0 writes thresholds, alarms and
