@@ -243,9 +243,12 @@ def stage_threshold(cfg: HpcadConfig, run_dir: Path) -> dict:
     out the same way (each rank reads its own nodes' signals and per-metric errors: alarms, figures,
     class profiles, the baselines' fits) and rank 0 writes the outputs."""
     errors = _errors(run_dir)
-    _same_models(cfg, run_dir, errors)
     w = dist.world()
     red = reducer(w)
+    if red.rank == 0:  # once, not once per rank: the models folder's listing (and, in a copied run folder,
+        # every model file's digest) would otherwise hit the file system from hundreds of ranks at once
+        with red.all_or_none("threshold"):  # a refusal stops every rank
+            _same_models(cfg, run_dir, errors)
     share = dist.shard(errors.rows, red.size)[red.rank]
     mine = partial(errors.signals, nodes=share)
     labelled = any(s.labels is not None for s in errors.signals(errors.nodes[:1])) if errors.nodes else False

@@ -137,6 +137,20 @@ def test_a_rank_failing_as_it_applies_the_thresholds_ends_the_mpi_job_instead_of
         said[-3000:]
 
 
+def test_the_models_are_checked_once_by_rank_zero_not_by_every_rank(scored_run, tmp_path):
+    """A run folder copied with new file times: the model files' contents decide (each file hashed), once
+    by rank 0, not once more by every other rank (hundreds of ranks on one file system's metadata)."""
+    src, exports = scored_run
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    for f in (run / "models").iterdir():
+        os.utime(f, (1_000_000_000, 1_000_000_000))
+    _mpiexec_two_ranks("threshold", f"hydra.run.dir={run}", f"data.source={exports}")
+    said = "the model files' times changed since scoring (copied or moved?), their contents did not"
+    assert said in (run / "threshold-rank0.log").read_text()
+    assert said not in (run / "threshold-rank1.log").read_text()
+
+
 def test_nodes_fitted_on_a_period_that_is_not_normal_are_named_across_ranks(scored_run, tmp_path):
     """Two nodes (one in each rank's share) whose validation period sits 50x above their normal level:
     the check of an unsupervised fit names both, with their level, once, as one process does."""
