@@ -75,7 +75,9 @@ def test_two_ranks_write_the_store_one_process_writes_and_a_failed_or_requeued_i
     errors = _errors(out)
     assert rc == 2 and len(errors) == 2, out[-3000:]
     assert all("cn09.csv (node cn09): non-numeric metric columns ['m']" in e for e in errors), errors
-    assert sum("rank 1 stopped:" in e or "rank 0 stopped:" in e for e in errors) == 1
+    # failed once in a full suite run (2026-12-03, both messages naming a stopped rank; 9 runs alone
+    # passed): the whole output goes into the message, to see how if it happens again
+    assert sum("rank 1 stopped:" in e or "rank 0 stopped:" in e for e in errors) == 1, (errors, out[-4000:])
     _same(TelemetryStore(run / "store.h5"), one)
 
     # a job requeued after its ranks wrote their parts, before the index: nothing is read again, and
