@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 USAGE = """usage: hpcad <stage> [hydra overrides...]
@@ -44,6 +45,8 @@ def where(args: list[str]) -> int:
 # answer without importing the pipeline (torch, scikit-learn, matplotlib: seconds).
 STAGES = ("run", "ingest", "train", "score", "baselines", "threshold", "report", "generate", "bench", "nightly",
           "preflight")
+# seconds a rank other than 0 waits before exiting on an option error that rank 0 reports for all of them
+QUIET_RANK_GRACE_S = 3.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,6 +213,10 @@ def run_stage(stage: str, overrides: list[str]) -> int:
             log.error("%s", exc, extra={} if checked else CLUSTER_WIDE)
             if checked or rank == 0:
                 print(f"hpcad {stage}: error: {exc}", file=sys.stderr)
+            else:  # rank 0 says it. Under srun --kill-on-bad-exit this rank's exit ends the step, rank 0
+                # included: leaving at once, it now and then killed rank 0 before its line was written (the
+                # job log then held srun's lines only; seen once on the dev cluster)
+                time.sleep(QUIET_RANK_GRACE_S)
             status["rc"] = 2
             return
         log.info("%s done; outputs in %s", stage, run_dir)

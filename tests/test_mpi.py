@@ -77,7 +77,7 @@ def _copy_with_last_node_corrupt(src, tmp_path, dataset: str):
 def test_two_ranks_apply_the_thresholds_to_their_own_nodes_and_rank_zero_writes_what_one_process_writes(
         scored_run):
     """Applying the thresholds is shared out like the fit (each rank reads only its nodes' signals and
-    per-metric errors; at a year of rows a node's errors take a second to read): alarms.csv and
+    per-metric errors; about 0.4 s of one core per node-year, docs/benchmarks.md): alarms.csv and
     metrics.json (per-node figures, totals, the baseline's fit and figures, the class profiles) are
     what one process writes."""
     run, exports = scored_run
