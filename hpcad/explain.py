@@ -41,16 +41,14 @@ def profile_sums(errors: ErrorStore, nodes: list[str] | None = None) -> ProfileS
 
 
 def profiles_from_sums(parts: list[ProfileSums], metrics: list[str], top: int = 20) -> dict:
-    """The class profiles from :func:`profile_sums` of one or more shares of the nodes (added in order)."""
-    if len(parts) == 1:  # one process: its sums as they are
-        sums, times, counts, known = parts[0]
-    else:
-        sums, times, counts, known = {}, {}, {}, all(p[3] for p in parts)
-        for part_sums, part_times, part_counts, _ in parts:
-            for c, v in part_sums.items():
-                sums[c] = sums.get(c, 0) + v
-                times[c] = times.get(c, 0) + part_times.get(c, 0)
-                counts[c] = counts.get(c, 0) + part_counts[c]
+    """The class profiles from :func:`profile_sums` of one or more shares of the nodes (added in order;
+    one share's sums come out as they are: 0 + x is x)."""
+    sums, times, counts, known = {}, {}, {}, all(p[3] for p in parts)
+    for part_sums, part_times, part_counts, _ in parts:
+        for c, v in part_sums.items():
+            sums[c] = sums.get(c, 0) + v
+            times[c] = times.get(c, 0) + part_times.get(c, 0)
+            counts[c] = counts.get(c, 0) + part_counts[c]
     out = {}
     for c in sorted(sums):
         mean = sums[c] / counts[c]

@@ -19,9 +19,11 @@ from hpcad.threshold.reduce import Reducer
 from hpcad.threshold.rules import Thresholds
 
 
-def node_figures(s: NodeSignal, th: Thresholds, model: CostModel, time_unit: str = "s") -> tuple[dict, dict]:
-    """One node's figures: its entry in ``metrics.json`` (threshold, and per split its scores and
-    threshold-free figures) and its :class:`Scores` per split, which add across nodes."""
+def node_figures(s: NodeSignal, th: Thresholds, model: CostModel,
+                 time_unit: str = "s") -> tuple[bool, dict, dict]:
+    """One node's figures: whether it has labels, its entry in ``metrics.json`` (threshold, and per
+    split its scores and threshold-free figures) and its :class:`Scores` per split, which add across
+    nodes."""
     sig, t = th.signal_of(s), th.threshold_for(s.node)
     entry: dict = {"threshold": t}
     scores: dict[str, Scores] = {}
@@ -38,11 +40,11 @@ def node_figures(s: NodeSignal, th: Thresholds, model: CostModel, time_unit: str
         r = ranking(sig[rows], lab)
         if r is not None:
             part["ranking"] = r
-    return entry, scores
+    return s.labels is not None, entry, scores
 
 
 def summarise(figures: dict[str, tuple[bool, dict, dict]]) -> dict:
-    """:func:`evaluate`'s result from each node's ``(labelled, *node_figures)``, added in node-name
+    """:func:`evaluate`'s result from each node's :func:`node_figures`, added in node-name
     order (the order of ``errors.h5``: the same sums however the nodes were shared out)."""
     totals = {name: Scores() for name in SPLIT_NAMES.values()}
     ranked: dict[str, list[dict]] = {name: [] for name in (*SPLIT_NAMES.values(), "eval")}
@@ -72,7 +74,7 @@ def evaluate(signals: Iterator[NodeSignal], th: Thresholds, model: CostModel, ti
     labelled period after training). With an MPI reducer each rank passes its own nodes and rank 0
     gets the result (the other ranks: {})."""
     red = red or Reducer()
-    mine = {s.node: (s.labels is not None, *node_figures(s, th, model, time_unit)) for s in signals}
+    mine = {s.node: node_figures(s, th, model, time_unit) for s in signals}
     parts = red.gather(mine)
     return summarise({k: v for part in parts for k, v in part.items()}) if red.rank == 0 else {}
 
@@ -128,7 +130,7 @@ def apply_thresholds(errors: ErrorStore, th: Thresholds, model: CostModel, top_k
     for s in signals():
         records = alarm_events(s, th, errors.errors, errors.metrics, top_k, time_unit, merge_gap=model.tolerance,
                                jobs=jobs, scale_of=errors.explain_scale)
-        mine[s.node] = (records, (s.labels is not None, *node_figures(s, th, model, time_unit)))
+        mine[s.node] = (records, node_figures(s, th, model, time_unit))
     parts = {k: v for part in red.gather(mine) for k, v in part.items()}
     if red.rank != 0:
         return [], {}
