@@ -151,11 +151,14 @@ def step_port(job_id: int, step_id: int = 0) -> int:
     return PORT_BASE + (job_id + 4099 * step_id) % PORT_SPAN
 
 
-def rendezvous(w: World, env: dict | None = None) -> tuple[str, str]:
+def rendezvous(w: World, env: dict | None = None, bcast: Callable[[object], object] | None = None) -> tuple[str, str]:
     """MASTER_ADDR and MASTER_PORT for this launch, unless already set: inside a SLURM step (also
     when launched through PMI by ``srun --mpi=pmi2``) rank 0's node and a port from the job and
     step ids (``step_port``), so multi-node steps meet on the right host and concurrent steps do not
-    collide; a plain ``mpiexec`` on one host: localhost."""
+    collide. Under ``mpiexec``/``mpirun`` outside SLURM, rank 0 offers its host and a port free
+    there over MPI (``bcast``: rank 0's value on every rank, default ``mpi_bcast``), so two jobs on
+    one host meet at their own ports and ranks on other hosts find rank 0's; where MPI does not
+    join the ranks (no mpi4py), ranks on one host meet at 127.0.0.1:29511."""
     env = os.environ if env is None else env
     addr, port = env.get("MASTER_ADDR"), env.get("MASTER_PORT")
     if "SLURM_JOB_ID" in env and (env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")):
@@ -163,7 +166,60 @@ def rendezvous(w: World, env: dict | None = None) -> tuple[str, str]:
             addr = node_address(first_host(env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]))
         step = env.get("SLURM_STEP_ID", "0")
         port = port or str(step_port(int(env["SLURM_JOB_ID"]), int(step) if step.isdigit() else 0))
+    elif w.source == "mpi" and (addr is None or port is None):
+        bcast = bcast or mpi_bcast(w)
+        if bcast is not None:
+            host, port = bcast((socket.gethostname(), port or str(free_port())) if w.rank == 0 else None)
+            addr = addr or ("127.0.0.1" if host == socket.gethostname() else host)
+        elif addr is None and _hosts_apart(env):
+            raise ConfigError(f"rank {w.rank} of {w.size}: the ranks run on several hosts, but MPI does not join them for "
+                              f"hpcad (mpi4py is not installed, or its MPI is not the one that launched them), so they "
+                              f"cannot learn where rank 0 is: pip install 'hpcad[mpi]' (mpi4py built for the "
+                              f"launcher's MPI), or export MASTER_ADDR=<rank 0's host> and MASTER_PORT=<a free port>")
     return addr or "127.0.0.1", port or "29511"
+
+
+def mpi_bcast(w: World) -> Callable[[object], object] | None:
+    """Rank 0's value to every rank over MPI's COMM_WORLD, where MPI (mpi4py) joins this launch's
+    ranks; None where mpi4py is absent or its MPI is another than the launcher's (each rank then
+    sees a world of one)."""
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return None
+    comm = MPI.COMM_WORLD
+    if comm.Get_size() != w.size or comm.Get_rank() != w.rank:
+        return None
+    return lambda obj: comm.bcast(obj, root=0)
+
+
+def free_port(tries: int = 64) -> int:
+    """A port no process on this host listens at, in 20000-31999 (``PORT_BASE``) where one is free:
+    rank 0 listens there right after the ranks learn it. Where none of ``tries`` is, one the kernel
+    picks."""
+    import random
+
+    pick = random.SystemRandom()
+    for _ in range(tries):
+        candidate = PORT_BASE + pick.randrange(PORT_SPAN)
+        with socket.socket() as s:
+            try:
+                s.bind(("", candidate))
+            except OSError:
+                continue
+            return candidate
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _hosts_apart(env) -> bool:
+    """Whether the MPI launcher says this host runs fewer of the ranks than there are (MPICH's
+    ``MPI_LOCALNRANKS``, Open MPI's ``OMPI_COMM_WORLD_LOCAL_SIZE``)."""
+    for local, size in (("MPI_LOCALNRANKS", "PMI_SIZE"), ("OMPI_COMM_WORLD_LOCAL_SIZE", "OMPI_COMM_WORLD_SIZE")):
+        if str(env.get(local, "")).isdigit() and str(env.get(size, "")).isdigit():
+            return int(env[local]) < int(env[size])
+    return False
 
 
 #: How often rank 0, waiting for the other ranks (to join, to finish a stage), says so: a long wait

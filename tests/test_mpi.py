@@ -1,8 +1,11 @@
 """Cluster-wide threshold fitting over MPI ranks equals the single-process fit on the same errors, and so
-do the alarms, figures, class profiles and alarm budget the ranks compute from them."""
+do the alarms, figures, class profiles and alarm budget the ranks compute from them; and the ranks an
+``mpiexec`` starts outside SLURM meet at a port of their own job."""
 import json
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -222,3 +225,25 @@ def test_a_rank_failing_in_the_fit_ends_the_mpi_job_instead_of_hanging(scored_ru
     # ...and on the terminal (mpiexec drops output it has not forwarded when it kills the job; hpcad pauses first)
     said = p.stdout + p.stderr
     assert f"node {node}: cannot read (corrupt file" in said and "every rank of the MPI job stops" in said, said[-3000:]
+
+
+def test_an_mpiexec_job_meets_at_a_port_of_its_own_beside_another_jobs_ranks(tmp_path):
+    """Outside SLURM every ``mpiexec`` job met at 127.0.0.1:29511: beside a job already there (a second
+    run on a workstation, two test workers at once), rank 0 could not listen, and the job's other ranks
+    joined the first job's process group (a wrong "run folder is not one folder for all ranks" error)
+    or waited on its port for ever (this test, old code: until its time-out). Now rank 0 offers a
+    free port over MPI."""
+    if shutil.which("mpiexec") is None:
+        pytest.skip("no mpiexec on PATH (pip install mpich)")
+    with socket.socket() as other_job:  # another job's rank 0, listening at 29511
+        try:
+            other_job.bind(("127.0.0.1", 29511))
+            other_job.listen()
+        except OSError:  # something on this host holds the port already: the same situation
+            pass
+        p = subprocess.run(["mpiexec", "-n", "2", sys.executable, "-m", "hpcad", "preflight",
+                            f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=180)
+    said = p.stdout + p.stderr
+    met = re.findall(r"rank 0 at 127\.0\.0\.1:(\d+)", said)
+    assert p.returncode == 0 and met and "29511" not in met, said[-3000:]
+    assert json.loads((tmp_path / "run" / "preflight.json").read_text())["rendezvous"] == f"127.0.0.1:{met[0]}"

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -373,7 +374,24 @@ def test_rendezvous_timeout_and_gpu_choice_for_multi_node_jobs(monkeypatch):
     assert rendezvous(World(5, 8, 1, "slurm"), {**pmi_in_slurm, "SLURM_STEP_ID": "3"})[1] == str(step_port(123457, 3))
     ports = {step_port(j, s) for j in range(123400, 123500) for s in range(6)}
     assert len(ports) == 600 and min(ports) >= 20000 and max(ports) < 32768  # below Linux's ephemeral ports
-    assert rendezvous(World(1, 2, 1, "mpi"), {"PMI_RANK": "1", "PMI_SIZE": "2"}) == ("127.0.0.1", "29511")
+    # mpiexec outside SLURM: rank 0 offers its host and a free port over MPI (a job of its own, so two
+    # on one host do not meet at one port: tests/test_mpi.py runs one beside a taken 29511); a rank on
+    # rank 0's host meets it at localhost, a rank elsewhere at rank 0's host
+    here = socket.gethostname()
+    offered = []
+    assert rendezvous(World(0, 8, 0, "mpi"), {}, bcast=lambda x: offered.append(x) or x)[0] == "127.0.0.1"
+    assert offered[0][0] == here and 20000 <= int(offered[0][1]) < 32000
+    assert rendezvous(World(5, 8, 1, "mpi"), {}, bcast=lambda x: ("gpu-a", "23456")) == ("gpu-a", "23456")
+    assert rendezvous(World(5, 8, 1, "mpi"), {"MASTER_ADDR": "ib-a"}, bcast=lambda x: (here, "23456")) == ("ib-a", "23456")
+    # without MPI joining the ranks (no mpi4py): one host meets at 127.0.0.1:29511 as before; ranks on
+    # several hosts cannot know where rank 0 is, and say what to set instead of waiting for ever
+    monkeypatch.setattr("hpcad.dist.mpi_bcast", lambda w: None)
+    one_host = {"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALNRANKS": "2"}
+    assert rendezvous(World(1, 2, 1, "mpi"), one_host) == ("127.0.0.1", "29511")
+    with pytest.raises(ConfigError, match="several hosts.*hpcad\\[mpi\\].*MASTER_ADDR"):
+        rendezvous(World(1, 8, 1, "mpi"), {"PMI_RANK": "1", "PMI_SIZE": "8", "MPI_LOCALNRANKS": "4"})
+    assert rendezvous(World(1, 8, 1, "mpi"), {"OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_SIZE": "4",
+                                             "MASTER_ADDR": "h0"}) == ("h0", "29511")
     assert rendezvous(World(1, 2, 1, "slurm"), {**pmi_in_slurm, "MASTER_ADDR": "h", "MASTER_PORT": "7"}) == ("h", "7")
     monkeypatch.delenv("HPCAD_DIST_TIMEOUT_MIN", raising=False)
     assert timeout() == dt.timedelta(hours=12)  # stages behind a barrier outlast NCCL's 10-minute default
