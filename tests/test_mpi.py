@@ -187,15 +187,18 @@ def test_nodes_fitted_on_a_period_that_is_not_normal_are_named_across_ranks(scor
     assert sum("autoencoder threshold" in line and "took as normal" in line for line in said) == 1
 
 
-def test_ranks_without_mpi_each_fit_on_all_nodes_and_say_so(scored_run, tmp_path):
-    """Two ranks started by a launcher other than MPI (torchrun's variables) in an environment without
-    mpi4py: the same thresholds as one process, and rank 0 says once that the work was repeated."""
+@pytest.mark.parametrize("mpi4py_here", [False, True])
+def test_ranks_without_mpi_each_fit_on_all_nodes_and_say_so(scored_run, tmp_path, mpi4py_here):
+    """Two ranks started by a launcher other than MPI (torchrun's variables), in an environment without
+    mpi4py or with it: the same thresholds as one process, and rank 0 says once that the work was
+    repeated, and why."""
     run, exports = scored_run
     args = ["threshold", f"hydra.run.dir={run}", f"data.source={exports}", "threshold.scope=cluster"]
     hpcad(*args)
     single = json.loads((run / "thresholds.json").read_text())
-    (tmp_path / "mpi4py").mkdir()  # an environment where `import mpi4py` fails
-    (tmp_path / "mpi4py" / "__init__.py").write_text("raise ImportError('mpi4py is not installed here')\n")
+    if not mpi4py_here:
+        (tmp_path / "mpi4py").mkdir()  # an environment where `import mpi4py` fails
+        (tmp_path / "mpi4py" / "__init__.py").write_text("raise ImportError('mpi4py is not installed here')\n")
     said = []
     for rank in (1, 0):  # rank 0 writes; rank 1 only fits
         env = {**os.environ, "PYTHONPATH": str(tmp_path), "RANK": str(rank), "WORLD_SIZE": "2",
@@ -204,8 +207,12 @@ def test_ranks_without_mpi_each_fit_on_all_nodes_and_say_so(scored_run, tmp_path
                            timeout=300)
         assert p.returncode == 0, p.stderr[-3000:]
         said.append(p.stdout + p.stderr)
-    assert "2 ranks without mpi4py: each fits the thresholds on all nodes" not in said[0]  # rank 1: rank 0 says it
-    assert said[1].count("2 ranks without mpi4py: each fits the thresholds on all nodes") == 1
+    line = ("MPI did not join the 2 ranks (this one is rank 0 of an MPI world of 1" if mpi4py_here else
+            "2 ranks without mpi4py: each fits the thresholds on all nodes")
+    assert line not in said[0]  # rank 1: rank 0 says it
+    assert said[1].count(line) == 1
+    if mpi4py_here:  # not srun's wording: torchrun was the launcher
+        assert "torchrun starts ranks that MPI does not join" in said[1] and "srun, its --mpi plugin" not in said[1]
     assert json.loads((run / "thresholds.json").read_text())["cluster"] == pytest.approx(single["cluster"])
 
 

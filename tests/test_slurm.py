@@ -508,6 +508,7 @@ def test_threshold_fit_under_srun_mpi_pmi2(tmp_path, slurm_env):
     assert p.returncode == 0, p.stderr[-3000:]
     out = p.stdout + p.stderr
     assert out.count("MPI did not join the 2 ranks (this one is rank 0 of an MPI world of 1; MPI library: ") == 1
+    assert "under srun, its --mpi plugin does not match that MPI" in out
     assert json.loads((run / "thresholds.json").read_text())["cluster"] == pytest.approx(single["cluster"])
 
 

@@ -134,9 +134,11 @@ def reducer(w: World) -> Reducer:
     comm = MPI.COMM_WORLD
     if comm.Get_size() == w.size and comm.Get_rank() == w.rank:
         return MpiReducer(comm)
-    log.warning("MPI did not join the %d ranks (this one is rank %d of an MPI world of %d; MPI library: %s): "
-                "under srun, its --mpi plugin does not match that MPI (`srun --mpi=list`; HPCAD_SRUN_MPI "
-                "picks it in the shipped scripts, docs/cluster.md). Each rank fits the thresholds on all "
-                "nodes: the same result, the work repeated", w.size, comm.Get_rank(), comm.Get_size(),
-                _mpi_library(MPI), extra=CLUSTER_WIDE)
+    why = ("torchrun starts ranks that MPI does not join (mpiexec or srun --mpi=pmi2 would share the work)"
+           if w.source == "torchrun" else
+           "under srun, its --mpi plugin does not match that MPI (`srun --mpi=list`; HPCAD_SRUN_MPI picks it in the "
+           "shipped scripts, docs/cluster.md)")
+    log.warning("MPI did not join the %d ranks (this one is rank %d of an MPI world of %d; MPI library: %s): %s. "
+                "Each rank fits the thresholds on all nodes: the same result, the work repeated", w.size,
+                comm.Get_rank(), comm.Get_size(), _mpi_library(MPI), why, extra=CLUSTER_WIDE)
     return Reducer()
