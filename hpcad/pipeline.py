@@ -238,10 +238,11 @@ def _errors(run_dir: Path) -> ErrorStore:
 
 
 def stage_threshold(cfg: HpcadConfig, run_dir: Path) -> dict:
-    """Fit thresholds, then write alarms and scores. Under mpiexec or ``srun --mpi=pmi2`` every rank
-    fits on its share of the nodes and the ranks reduce (docs/cluster.md); applying them is shared
-    out the same way (each rank reads its own nodes' signals and per-metric errors: alarms, figures,
-    class profiles, the baselines' fits) and rank 0 writes the outputs."""
+    """Fit thresholds, then write alarms and scores. Under several ranks every rank fits on its share
+    of the nodes and the ranks reduce, over MPI (mpiexec, ``srun --mpi=pmi2``) or else their
+    torch.distributed group (docs/cluster.md); applying them is shared out the same way (each rank
+    reads its own nodes' signals and per-metric errors: alarms, figures, class profiles, the
+    baselines' fits) and rank 0 writes the outputs."""
     errors = _errors(run_dir)
     w = dist.world()
     red = reducer(w)
@@ -265,8 +266,6 @@ def stage_threshold(cfg: HpcadConfig, run_dir: Path) -> dict:
         with red.all_or_none("threshold"):
             th = rule.fit(mine, red)
         th.details.update(errors.recipe.to_dict())  # the signal they were fitted on
-    if red.size == 1 and w.rank != 0:  # ranks that MPI does not join: rank 0 alone applies them
-        return {"thresholds": th.to_dict(), "rank": w.rank}
     with red.all_or_none("threshold"):  # in node order: one process adds the class profiles as it always did
         result = _apply(cfg, run_dir, errors, th, rule, red, sorted(share), fitted_here)
     return result if red.rank == 0 else {"thresholds": th.to_dict(), "rank": red.rank}
@@ -291,9 +290,8 @@ def _checked_store(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore) -> Telem
 
 def _apply(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, th: Thresholds, rule: Any, red: Reducer,
            share: list[str], fitted_here: bool) -> dict:
-    """The threshold stage after the fit, on every rank that an MPI reducer joins (else on rank 0
-    alone): each rank works on its ``share`` of the nodes, rank 0 writes thresholds, alarms and
-    metrics."""
+    """The threshold stage after the fit, on every rank: each rank works on its ``share`` of the
+    nodes, rank 0 writes thresholds, alarms and metrics."""
     t0 = time.perf_counter()
     store = _checked_store(cfg, run_dir, errors) if red.rank == 0 else None
     if red.rank == 0:

@@ -73,7 +73,8 @@ preflight_step() {
 # 5 wants pmix). One task is started with it first: a plugin this SLURM lacks or cannot load (its
 # library missing) would otherwise fail the job after training and scoring; the thresholds are then
 # fitted in one process, which gives the same thresholds. A plugin that starts but does not match
-# mpi4py's MPI is reported by hpcad threshold itself ("MPI did not join the ranks").
+# mpi4py's MPI is reported by hpcad threshold itself ("MPI did not join the ranks"); its ranks then
+# share the work over a gloo group instead.
 mpi_plugin() {
   local mpi=${HPCAD_SRUN_MPI:-pmi2}
   if srun --export=ALL -N1 -n1 --mpi="$mpi" true; then

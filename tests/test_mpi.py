@@ -77,6 +77,27 @@ def _copy_with_last_node_corrupt(src, tmp_path, dataset: str):
     return run, node
 
 
+def _hide_mpi4py(folder) -> None:
+    """``folder`` on PYTHONPATH gives an environment where ``import mpi4py`` fails."""
+    (folder / "mpi4py").mkdir()
+    (folder / "mpi4py" / "__init__.py").write_text("raise ImportError('mpi4py is not installed here')\n")
+
+
+def _torchrun_two_ranks(args: list[str], tmp_path) -> tuple[list[int], list[str]]:
+    """``hpcad <args>`` as two ranks started the way torchrun starts them (its variables, no MPI),
+    ``tmp_path`` first on their PYTHONPATH: their exit codes and outputs."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ranks = [subprocess.Popen([sys.executable, "-m", "hpcad", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env={**os.environ, "PYTHONPATH": str(tmp_path), "RANK": str(r),
+                                              "WORLD_SIZE": "2", "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": "2",
+                                              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+             for r in (0, 1)]
+    said = [p.communicate(timeout=300)[0] for p in ranks]
+    return [p.returncode for p in ranks], said
+
+
 def test_two_ranks_apply_the_thresholds_to_their_own_nodes_and_rank_zero_writes_what_one_process_writes(
         scored_run):
     """Applying the thresholds is shared out like the fit (each rank reads only its nodes' signals and
@@ -140,6 +161,19 @@ def test_a_rank_failing_as_it_applies_the_thresholds_ends_the_mpi_job_instead_of
         said[-3000:]
 
 
+def test_a_rank_failing_as_it_applies_the_thresholds_over_a_torch_group_stops_both(scored_run, tmp_path):
+    """The same failure with ranks that MPI does not join (torchrun, no mpi4py): rank 1 names the node,
+    rank 0, waiting in a collective, stops with one line saying another rank stopped."""
+    src, exports = scored_run
+    run, node = _copy_with_last_node_corrupt(src, tmp_path, "error")
+    _hide_mpi4py(tmp_path)
+    codes, said = _torchrun_two_ranks(["threshold", f"hydra.run.dir={run}", f"data.source={exports}"], tmp_path)
+    assert codes == [2, 2], said
+    assert f"node {node} errors: cannot read (corrupt file" in said[1], said[1][-3000:]
+    assert "hpcad threshold: error: rank 0 of 2: another rank of this step stopped" in said[0], said[0][-3000:]
+    assert "Traceback" not in said[0] + said[1]
+
+
 def test_the_models_are_checked_once_by_rank_zero_not_by_every_rank(scored_run, tmp_path):
     """A run folder copied with new file times: the model files' contents decide (each file hashed), once
     by rank 0, not once more by every other rank (hundreds of ranks on one file system's metadata)."""
@@ -188,32 +222,33 @@ def test_nodes_fitted_on_a_period_that_is_not_normal_are_named_across_ranks(scor
 
 
 @pytest.mark.parametrize("mpi4py_here", [False, True])
-def test_ranks_without_mpi_each_fit_on_all_nodes_and_say_so(scored_run, tmp_path, mpi4py_here):
+def test_ranks_that_mpi_does_not_join_share_the_work_over_their_torch_group(scored_run, tmp_path, mpi4py_here):
     """Two ranks started by a launcher other than MPI (torchrun's variables), in an environment without
-    mpi4py or with it: the same thresholds as one process, and rank 0 says once that the work was
-    repeated, and why."""
-    run, exports = scored_run
+    mpi4py or with it: they fit and apply over a torch.distributed (gloo) group instead, each its own
+    share, and write what one process writes; rank 0 says once why MPI was not used. Before
+    (2026-12-04), every such rank fitted on all nodes and rank 0 applied them alone."""
+    src, exports = scored_run
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
     args = ["threshold", f"hydra.run.dir={run}", f"data.source={exports}", "threshold.scope=cluster"]
     hpcad(*args)
     single = json.loads((run / "thresholds.json").read_text())
+    alarms = (run / "alarms.csv").read_text()
+    (run / "alarms.csv").unlink()
     if not mpi4py_here:
-        (tmp_path / "mpi4py").mkdir()  # an environment where `import mpi4py` fails
-        (tmp_path / "mpi4py" / "__init__.py").write_text("raise ImportError('mpi4py is not installed here')\n")
-    said = []
-    for rank in (1, 0):  # rank 0 writes; rank 1 only fits
-        env = {**os.environ, "PYTHONPATH": str(tmp_path), "RANK": str(rank), "WORLD_SIZE": "2",
-               "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2"}
-        p = subprocess.run([sys.executable, "-m", "hpcad", *args], env=env, capture_output=True, text=True,
-                           timeout=300)
-        assert p.returncode == 0, p.stderr[-3000:]
-        said.append(p.stdout + p.stderr)
-    line = ("MPI did not join the 2 ranks (this one is rank 0 of an MPI world of 1" if mpi4py_here else
-            "2 ranks without mpi4py: each fits the thresholds on all nodes")
-    assert line not in said[0]  # rank 1: rank 0 says it
-    assert said[1].count(line) == 1
+        _hide_mpi4py(tmp_path)
+    codes, said = _torchrun_two_ranks(args, tmp_path)
+    assert codes == [0, 0], said[0][-3000:] + said[1][-3000:]
+    why = ("MPI did not join the 2 ranks (this one is rank 0 of an MPI world of 1" if mpi4py_here else
+           "mpi4py is not installed")
+    assert said[0].count(why) == 1 and why not in said[1]  # rank 0 says it for both
+    assert said[0].count("the ranks reduce over their torch.distributed process group instead") == 1
     if mpi4py_here:  # not srun's wording: torchrun was the launcher
-        assert "torchrun starts ranks that MPI does not join" in said[1] and "srun, its --mpi plugin" not in said[1]
+        assert "torchrun starts ranks that MPI does not join" in said[0] and "srun, its --mpi plugin" not in said[0]
+    shares = [re.search(r"thresholds applied to (\d+) of 5 nodes here", out) for out in said]
+    assert all(shares) and sum(int(m.group(1)) for m in shares) == 5, said  # each rank its own nodes
     assert json.loads((run / "thresholds.json").read_text())["cluster"] == pytest.approx(single["cluster"])
+    assert (run / "alarms.csv").read_text() == alarms
 
 
 def test_a_rank_failing_in_the_fit_ends_the_mpi_job_instead_of_hanging(scored_run, tmp_path):

@@ -502,13 +502,14 @@ def test_threshold_fit_under_srun_mpi_pmi2(tmp_path, slurm_env):
     assert json.loads((run / "thresholds.json").read_text())["cluster"] == pytest.approx(single["cluster"])
     assert "MPI did not join" not in p.stdout + p.stderr
     # a plugin that does not match the MPI (here none: each rank is its own MPI world of one): said once,
-    # every rank fits on all nodes, the same threshold
+    # the ranks share the work over a gloo group instead (before 2026-12-04: each fitted on all nodes)
     p = subprocess.run(["srun", "--mpi=none", "-N1", "-n2", *hpcad_cmd(), *args], env=slurm_env,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     out = p.stdout + p.stderr
     assert out.count("MPI did not join the 2 ranks (this one is rank 0 of an MPI world of 1; MPI library: ") == 1
     assert "under srun, its --mpi plugin does not match that MPI" in out
+    assert len(re.findall(r"thresholds applied to 2 of 4 nodes here", out)) == 2, out[-3000:]
     assert json.loads((run / "thresholds.json").read_text())["cluster"] == pytest.approx(single["cluster"])
 
 

@@ -1,4 +1,6 @@
-"""Cluster-wide reductions for threshold fitting: one process, or every MPI rank (mpi4py).
+"""Cluster-wide reductions for threshold fitting: one process, or every MPI rank (mpi4py); where
+MPI does not join the ranks (torchrun, srun with another --mpi plugin, submitit's tasks), their
+torch.distributed process group does the same reductions.
 
 Each rank fits on its share of the monitored nodes; what crosses ranks is small and does not grow
 with the number of nodes: min/max of the signal, cost curves and histograms on a shared grid
@@ -18,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from hpcad.dist import CLUSTER_WIDE, World, reason
+from hpcad.dist import CLUSTER_WIDE, World, all_objects, init, peers_watched, reason
 
 log = logging.getLogger(__name__)
 ABORT_GRACE_S = 0.5  # a failing rank's pause between saying why and MPI_Abort
@@ -111,34 +113,91 @@ class MpiReducer(Reducer):
         return self.comm.bcast(obj, root=0)
 
 
+class GroupReducer(Reducer):
+    """The ranks' torch.distributed process group (the command's, or a gloo group started for the
+    stage): MPI's reductions over pickled objects, for ranks that MPI does not join."""
+
+    def __init__(self) -> None:
+        import torch.distributed as tdist
+
+        self._t = tdist
+        self.rank, self.size = tdist.get_rank(), tdist.get_world_size()
+
+    @contextmanager
+    def all_or_none(self, stage: str) -> Iterator[None]:
+        """A rank that fails here stops with its own error; its exit ends the other ranks' waits in a
+        collective with one line saying so (``dist.peers_watched``), as MPI_Abort ends them."""
+        with peers_watched():
+            yield
+
+    def sum(self, a: np.ndarray) -> np.ndarray:
+        parts = all_objects(np.ascontiguousarray(a))
+        out = parts[0].copy()
+        for part in parts[1:]:  # in rank order, as MPI adds two ranks' parts
+            out += part
+        return out
+
+    def min(self, x: float) -> float:
+        return min(all_objects(x))
+
+    def max(self, x: float) -> float:
+        return max(all_objects(x))
+
+    def merge(self, d: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for part in all_objects(d):
+            out.update(part)
+        return dict(sorted(out.items()))
+
+    def concat(self, a: np.ndarray) -> np.ndarray:
+        return np.concatenate(all_objects(np.asarray(a)))
+
+    def gather(self, obj: Any) -> list[Any]:
+        parts: list[Any] | None = [None] * self.size if self.rank == 0 else None
+        self._t.gather_object(obj, parts, dst=0)
+        return parts or []
+
+    def bcast(self, obj: Any) -> Any:
+        box = [obj]
+        self._t.broadcast_object_list(box, src=0)
+        return box[0]
+
+
 def _mpi_library(mpi: Any) -> str:
     """The MPI library's name and version, e.g. "MPICH Version: 5.0.2", "Open MPI v4.1.5"."""
     first = " ".join(mpi.Get_library_version().strip().splitlines()[0].split())
     return first.split(",")[0]
 
 
-def reducer(w: World) -> Reducer:
-    """MPI's COMM_WORLD when this process is one of several ranks (:func:`hpcad.dist.world`) and MPI
-    connects them (mpiexec, ``srun --mpi=pmi2``); else local: every rank then fits on all nodes (the
-    same thresholds, the work repeated on each rank; said once) and the caller's rank still decides
-    who writes."""
-    if not w.distributed:
-        return Reducer()
+def _mpi_comm(w: World) -> tuple[Any | None, str]:
+    """MPI's COMM_WORLD where it joins this launch's ranks, else None and why not."""
     try:
         from mpi4py import MPI
     except ImportError:
-        log.warning("%d ranks without mpi4py: each fits the thresholds on all nodes (the same result, the "
-                    "work repeated; pip install mpi4py, or run `hpcad threshold` as one process)", w.size,
-                    extra=CLUSTER_WIDE)
-        return Reducer()
+        return None, "mpi4py is not installed (pip install mpi4py)"
     comm = MPI.COMM_WORLD
     if comm.Get_size() == w.size and comm.Get_rank() == w.rank:
-        return MpiReducer(comm)
-    why = ("torchrun starts ranks that MPI does not join (mpiexec or srun --mpi=pmi2 would share the work)"
-           if w.source == "torchrun" else
+        return comm, ""
+    how = ("torchrun starts ranks that MPI does not join" if w.source == "torchrun" else
            "under srun, its --mpi plugin does not match that MPI (`srun --mpi=list`; HPCAD_SRUN_MPI picks it in the "
            "shipped scripts, docs/cluster.md)")
-    log.warning("MPI did not join the %d ranks (this one is rank %d of an MPI world of %d; MPI library: %s): %s. "
-                "Each rank fits the thresholds on all nodes: the same result, the work repeated", w.size,
-                comm.Get_rank(), comm.Get_size(), _mpi_library(MPI), why, extra=CLUSTER_WIDE)
-    return Reducer()
+    return None, (f"MPI did not join the {w.size} ranks (this one is rank {comm.Get_rank()} of an MPI world of "
+                  f"{comm.Get_size()}; MPI library: {_mpi_library(MPI)}): {how}")
+
+
+def reducer(w: World) -> Reducer:
+    """MPI's COMM_WORLD when this process is one of several ranks (:func:`hpcad.dist.world`) and MPI
+    connects them (mpiexec, ``srun --mpi=pmi2``); else the ranks' torch.distributed process group
+    (the command's, where training or scoring started one; else a gloo group started here), said
+    once; one process: local."""
+    if not w.distributed:
+        return Reducer()
+    comm, why = _mpi_comm(w)
+    if comm is not None:
+        return MpiReducer(comm)
+    import torch
+
+    init(torch.device("cpu"))  # the command's group where it has one
+    log.info("%s: the ranks reduce over their torch.distributed process group instead (the same thresholds)",
+             why, extra=CLUSTER_WIDE)
+    return GroupReducer()
