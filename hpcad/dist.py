@@ -279,10 +279,10 @@ def init(device: torch.device, gpu_collectives: bool = False, wait: dt.timedelta
     import torch
     import torch.distributed as tdist
 
+    if device.type == "cuda":  # first: a CUDA-aware MPI that rendezvous() may start then uses this GPU, not GPU 0
+        torch.cuda.set_device(device)
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = rendezvous(w)
     name = backend(device, gpu_collectives)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     wait = wait or timeout()
     if w.rank == 0:
         s = wait.total_seconds()
