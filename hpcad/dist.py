@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -179,18 +179,34 @@ def rendezvous(w: World, env: dict | None = None, bcast: Callable[[object], obje
     return addr or "127.0.0.1", port or "29511"
 
 
-def mpi_bcast(w: World) -> Callable[[object], object] | None:
-    """Rank 0's value to every rank over MPI's COMM_WORLD, where MPI (mpi4py) joins this launch's
-    ranks; None where mpi4py is absent or its MPI is another than the launcher's (each rank then
-    sees a world of one)."""
+def mpi_comm(w: World) -> tuple[Any | None, str]:
+    """MPI's COMM_WORLD where MPI (mpi4py) joins this launch's ranks, else None and why not (mpi4py
+    absent, or its MPI another than the launcher's: each rank then sees a world of one)."""
     try:
         from mpi4py import MPI
     except ImportError:
-        return None
+        return None, "mpi4py is not installed (pip install mpi4py)"
     comm = MPI.COMM_WORLD
-    if comm.Get_size() != w.size or comm.Get_rank() != w.rank:
-        return None
-    return lambda obj: comm.bcast(obj, root=0)
+    if comm.Get_size() == w.size and comm.Get_rank() == w.rank:
+        return comm, ""
+    how = ("torchrun starts ranks that MPI does not join" if w.source == "torchrun" else
+           "under srun, its --mpi plugin does not match that MPI (`srun --mpi=list`; HPCAD_SRUN_MPI picks it in the "
+           "shipped scripts, docs/cluster.md)")
+    return None, (f"MPI did not join the {w.size} ranks (this one is rank {comm.Get_rank()} of an MPI world of "
+                  f"{comm.Get_size()}; MPI library: {_mpi_library(MPI)}): {how}")
+
+
+def _mpi_library(mpi: Any) -> str:
+    """The MPI library's name and version, e.g. "MPICH Version: 5.0.2", "Open MPI v4.1.5"."""
+    first = " ".join(mpi.Get_library_version().strip().splitlines()[0].split())
+    return first.split(",")[0]
+
+
+def mpi_bcast(w: World) -> Callable[[object], object] | None:
+    """Rank 0's value to every rank over MPI's COMM_WORLD (``mpi_comm``); None where MPI does not
+    join the ranks."""
+    comm = mpi_comm(w)[0]
+    return None if comm is None else lambda obj: comm.bcast(obj, root=0)
 
 
 def free_port(tries: int = 64) -> int:

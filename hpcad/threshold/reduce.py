@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from hpcad.dist import CLUSTER_WIDE, World, all_objects, init, peers_watched, reason
+from hpcad.dist import CLUSTER_WIDE, World, all_objects, init, mpi_comm, peers_watched, reason
 
 log = logging.getLogger(__name__)
 ABORT_GRACE_S = 0.5  # a failing rank's pause between saying why and MPI_Abort
@@ -163,28 +163,6 @@ class GroupReducer(Reducer):
         return box[0]
 
 
-def _mpi_library(mpi: Any) -> str:
-    """The MPI library's name and version, e.g. "MPICH Version: 5.0.2", "Open MPI v4.1.5"."""
-    first = " ".join(mpi.Get_library_version().strip().splitlines()[0].split())
-    return first.split(",")[0]
-
-
-def _mpi_comm(w: World) -> tuple[Any | None, str]:
-    """MPI's COMM_WORLD where it joins this launch's ranks, else None and why not."""
-    try:
-        from mpi4py import MPI
-    except ImportError:
-        return None, "mpi4py is not installed (pip install mpi4py)"
-    comm = MPI.COMM_WORLD
-    if comm.Get_size() == w.size and comm.Get_rank() == w.rank:
-        return comm, ""
-    how = ("torchrun starts ranks that MPI does not join" if w.source == "torchrun" else
-           "under srun, its --mpi plugin does not match that MPI (`srun --mpi=list`; HPCAD_SRUN_MPI picks it in the "
-           "shipped scripts, docs/cluster.md)")
-    return None, (f"MPI did not join the {w.size} ranks (this one is rank {comm.Get_rank()} of an MPI world of "
-                  f"{comm.Get_size()}; MPI library: {_mpi_library(MPI)}): {how}")
-
-
 def reducer(w: World) -> Reducer:
     """MPI's COMM_WORLD when this process is one of several ranks (:func:`hpcad.dist.world`) and MPI
     connects them (mpiexec, ``srun --mpi=pmi2``); else the ranks' torch.distributed process group
@@ -192,7 +170,7 @@ def reducer(w: World) -> Reducer:
     once; one process: local."""
     if not w.distributed:
         return Reducer()
-    comm, why = _mpi_comm(w)
+    comm, why = mpi_comm(w)
     if comm is not None:
         return MpiReducer(comm)
     import torch
