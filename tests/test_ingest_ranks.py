@@ -76,8 +76,7 @@ def test_two_ranks_write_the_store_one_process_writes_and_a_failed_or_requeued_i
     assert rc == 2 and len(errors) == 2, out[-3000:]
     assert all("cn09.csv (node cn09): non-numeric metric columns ['m']" in e for e in errors), errors
     # failed once in a full suite run (2026-12-03, both messages naming a stopped rank; 9 runs alone
-    # passed), most likely as two mpiexec jobs (the other test worker's) met at one port, 127.0.0.1:29511,
-    # before 2026-12-04 (test_mpi.py's port test): the whole output goes into the message, should it recur
+    # passed): the whole output goes into the message, to see how if it happens again
     assert sum("rank 1 stopped:" in e or "rank 0 stopped:" in e for e in errors) == 1, (errors, out[-4000:])
     _same(TelemetryStore(run / "store.h5"), one)
 
