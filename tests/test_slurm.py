@@ -184,7 +184,8 @@ def test_whole_run_on_two_ranks_ingests_once_and_matches_one_process(tmp_path, s
     makes the baselines and the report; the result is the single-process run's. The stages share one
     process group: started again for scoring on the same port, torch's rendezvous could let rank 1
     reach rank 0's old store, and the step hung there until the collective timeout (hpcad.dist).
-    Baselines: each rank fits its share (subsampled fits included), rank 0 indexes them."""
+    Baselines: each rank fits its share (subsampled fits included), rank 0 indexes them; so do the
+    thresholds (before 2026-12-04 rank 0 applied them alone)."""
     args = ["data.synthetic.nodes=3", "data.synthetic.rows=400", "train.epochs=2", "compute.progress=false",
             "baselines.methods=[kde]", "baselines.max_train_rows=100", "report.max_nodes_plotted=1"]
     single, run = tmp_path / "single", tmp_path / "run"
@@ -197,6 +198,9 @@ def test_whole_run_on_two_ranks_ingests_once_and_matches_one_process(tmp_path, s
     assert "generated the synthetic cluster" not in rank1 and "report: done by rank 0 of 2" in rank1
     assert f"baseline kde -> {run / 'baselines' / 'kde-rank1.h5'}" in rank1
     assert (run / "report.html").exists()
+    # the thresholds too, over the command's gloo group: the dev cluster's srun starts no MPI (MpiDefault=none)
+    assert "the ranks reduce over their torch.distributed process group instead" in rank0
+    assert re.search(r"thresholds applied to \d of 3 nodes here", rank1), rank1[-2000:]
     with h5py.File(run / "baselines" / "kde.h5", "r") as f:  # an index of the ranks' files
         assert list(f.attrs["index_of"]) == ["kde-rank0.h5", "kde-rank1.h5"]
     kde = [list(ErrorStore(r / "baselines" / "kde.h5").signals()) for r in (single, run)]
