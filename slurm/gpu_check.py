@@ -412,11 +412,15 @@ def check_multi_gpu(e2e: dict, out: Path, dev: torch.device, plan: Plan) -> dict
         # scored on every rank over the training's group, which was started once
         r["fleet_scored_nodes"] = len(ErrorStore(fleet / "errors.h5").nodes) if (fleet / "errors.h5").exists() else 0
         r["fleet_process_groups"] = logs["multi_fleet"].count("process group: all ")
+        # thresholds fitted and applied by every rank over that group too (NCCL on CUDA: torchrun's ranks are not MPI's)
+        r["fleet_threshold_ranks"] = len(set(re.findall(r"\[rank (\d+)/\d+\]\[hpcad\.pipeline\]\[INFO\] - thresholds "
+                                                        r"applied to", logs["multi_fleet"])))
     else:
         r["fleet_log_tail"] = _tail(out / "multi_fleet.log")
     r["ok"] = (shares == ranks and same_stop == len(one) and rc_f == 0 and r.get("fleet_same_weights_on_every_node", False)
                and r["backends"]["multi_fleet"] == ("nccl" if dev.type == "cuda" else "gloo")
-               and r["fleet_scored_nodes"] == len(one) and r["fleet_process_groups"] == 1)
+               and r["fleet_scored_nodes"] == len(one) and r["fleet_process_groups"] == 1
+               and r["fleet_threshold_ranks"] == ranks)
     return r
 
 
