@@ -71,17 +71,17 @@ preflight_step() {
 
 # The srun MPI plugin of the threshold step: HPCAD_SRUN_MPI, else pmi2 (MPICH and Intel MPI; Open MPI
 # 5 wants pmix). One task is started with it first: a plugin this SLURM lacks or cannot load (its
-# library missing) would otherwise fail the job after training and scoring; the thresholds are then
-# fitted in one process, which gives the same thresholds. A plugin that starts but does not match
-# mpi4py's MPI is reported by hpcad threshold itself ("MPI did not join the ranks"); its ranks then
-# share the work over a gloo group instead.
+# library missing) would otherwise fail the job after training and scoring; the step then runs with
+# --mpi=none, and its ranks share the work over a gloo group instead (the same thresholds), as they do
+# without mpi4py. A plugin that starts but does not match mpi4py's MPI is reported by hpcad threshold
+# itself ("MPI did not join the ranks"), which then does the same.
 mpi_plugin() {
   local mpi=${HPCAD_SRUN_MPI:-pmi2}
   if srun --export=ALL -N1 -n1 --mpi="$mpi" true; then
     echo "$mpi"
   else
     echo "hpcad: srun --mpi=${mpi} does not start a task here (srun --mpi=list names this SLURM's plugins;" \
-         "HPCAD_SRUN_MPI picks one): thresholds fitted in one process" >&2
+         "HPCAD_SRUN_MPI picks one): the ranks fit the thresholds over a gloo group instead (--mpi=none)" >&2
     return 1
   fi
 }
@@ -91,11 +91,10 @@ score_steps() {
   # Each rank scores its share into errors-rank<r>.h5; rank 0 writes the errors.h5 index.
   run_step scoring srun "${srun_opts[@]}" hpcad score "hydra.run.dir=${run_dir}" "$@"
   [ "${HPCAD_SCORE_ONLY:-0}" = 1 ] && return 0
-  local mpi
-  if python3 -c "import mpi4py" 2>/dev/null && mpi=$(mpi_plugin); then
-    run_step threshold srun "${srun_opts[@]}" --mpi="$mpi" hpcad threshold "hydra.run.dir=${run_dir}" "$@"
-  else
-    run_step threshold hpcad threshold "hydra.run.dir=${run_dir}" "$@"
+  local mpi=none  # without MPI the ranks reduce over a gloo group (hpcad/threshold/reduce.py)
+  if python3 -c "import mpi4py" 2>/dev/null; then
+    mpi=$(mpi_plugin) || mpi=none
   fi
+  run_step threshold srun "${srun_opts[@]}" --mpi="$mpi" hpcad threshold "hydra.run.dir=${run_dir}" "$@"
   run_step report hpcad report "hydra.run.dir=${run_dir}" "$@"
 }

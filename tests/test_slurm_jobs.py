@@ -182,8 +182,11 @@ def test_a_sites_copy_of_the_script_on_a_cpu_partition_runs_unedited(tmp_path, s
     log = (tmp_path / "job.out").read_text() if (tmp_path / "job.out").exists() else ""
     assert job.returncode == 0, job.stderr + log[-3000:]
     assert "hpcad preflight" not in log  # HPCAD_PREFLIGHT=0 skips it
-    # an MPI plugin this SLURM does not have: the threshold step runs as one process instead of failing the job
+    # an MPI plugin this SLURM does not have: the threshold step runs with --mpi=none instead of failing the
+    # job, its two ranks sharing the nodes over a gloo group (before 2026-12-04: one process)
     assert "hpcad: srun --mpi=pmi3 does not start a task here" in log  # (mpi4py: a test dependency)
+    assert "the ranks reduce over their torch.distributed process group instead" in log
+    assert len(re.findall(r"thresholds applied to 2 of 4 nodes here", log)) == 2, log[-3000:]
     assert (run / "thresholds.json").exists() and len(list((run / "models").glob("training-rank*.json"))) == 2
     assert "rank 1/2: 2 of 4 node models" in log  # each rank says what it trained itself
     assert "--gpu-bind" not in log and "CUDA_VISIBLE_DEVICES" not in log  # no GPU in the job: none bound
