@@ -60,7 +60,24 @@ class Reducer:
         return obj
 
 
-class MpiReducer(Reducer):
+class _RanksReducer(Reducer):
+    """Several ranks: merge and concat from every rank's part (``_allgather``), the same over MPI or a
+    torch process group."""
+
+    def _allgather(self, obj: Any) -> list[Any]:
+        raise NotImplementedError
+
+    def merge(self, d: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for part in self._allgather(d):
+            out.update(part)
+        return dict(sorted(out.items()))
+
+    def concat(self, a: np.ndarray) -> np.ndarray:
+        return np.concatenate(self._allgather(np.asarray(a)))
+
+
+class MpiReducer(_RanksReducer):
     def __init__(self, comm: Any):
         from mpi4py import MPI
 
@@ -97,14 +114,8 @@ class MpiReducer(Reducer):
     def max(self, x: float) -> float:
         return self.comm.allreduce(x, op=self._mpi.MAX)
 
-    def merge(self, d: dict[str, Any]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for part in self.comm.allgather(d):
-            out.update(part)
-        return dict(sorted(out.items()))
-
-    def concat(self, a: np.ndarray) -> np.ndarray:
-        return np.concatenate(self.comm.allgather(np.asarray(a)))
+    def _allgather(self, obj: Any) -> list[Any]:
+        return self.comm.allgather(obj)
 
     def gather(self, obj: Any) -> list[Any]:
         return self.comm.gather(obj, root=0) or []
@@ -113,7 +124,7 @@ class MpiReducer(Reducer):
         return self.comm.bcast(obj, root=0)
 
 
-class GroupReducer(Reducer):
+class GroupReducer(_RanksReducer):
     """The ranks' torch.distributed process group (the command's, or a gloo group started for the
     stage): MPI's reductions over pickled objects, for ranks that MPI does not join."""
 
@@ -131,26 +142,20 @@ class GroupReducer(Reducer):
             yield
 
     def sum(self, a: np.ndarray) -> np.ndarray:
-        parts = all_objects(np.ascontiguousarray(a))
+        parts = self._allgather(np.ascontiguousarray(a))
         out = parts[0].copy()
         for part in parts[1:]:  # in rank order, as MPI adds two ranks' parts
             out += part
         return out
 
     def min(self, x: float) -> float:
-        return min(all_objects(x))
+        return min(self._allgather(x))
 
     def max(self, x: float) -> float:
-        return max(all_objects(x))
+        return max(self._allgather(x))
 
-    def merge(self, d: dict[str, Any]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for part in all_objects(d):
-            out.update(part)
-        return dict(sorted(out.items()))
-
-    def concat(self, a: np.ndarray) -> np.ndarray:
-        return np.concatenate(all_objects(np.asarray(a)))
+    def _allgather(self, obj: Any) -> list[Any]:
+        return all_objects(obj)
 
     def gather(self, obj: Any) -> list[Any]:
         parts: list[Any] | None = [None] * self.size if self.rank == 0 else None
