@@ -124,6 +124,21 @@ def test_thresholds_of_unlabelled_nodes_are_said_to_be_the_fallbacks(tmp_path):
     assert "on the signal (cost, node scope)." in next((tmp_path / "nodes").glob("*.html")).read_text()
 
 
+def test_nodes_given_the_exact_optimum_instead_of_an_always_alarm_are_named(tmp_path):
+    details = {"exact_optimum_nodes": ["b"], "exact_optimum_node_count": 1}  # hpcad.threshold.rules.CostRule
+    cfg, errors, models = _run(tmp_path, [ALARM_B], details=details)
+    page = write_report(cfg, tmp_path, errors, models).read_text()
+    assert "On 1 node (b) the drift-smoothed threshold would alarm on 90% or more of the validation rows: its " \
+           "threshold is the exact validation optimum (as threshold.drift=0)." in page
+    many = {"exact_optimum_nodes": [f"n{i:02d}" for i in range(12)], "exact_optimum_node_count": 12}
+    cfg, errors, models = _run(tmp_path, [ALARM_B], details=many)
+    assert "On 12 nodes (n00, n01, n02, n03, n04, n05, n06, n07, n08, n09, ...) the drift-smoothed threshold would " \
+           "alarm on 90% or more of the validation rows: their thresholds are" in write_report(cfg, tmp_path, errors,
+                                                                                           models).read_text()
+    cfg, errors, models = _run(tmp_path, [ALARM_B])
+    assert "drift-smoothed" not in write_report(cfg, tmp_path, errors, models).read_text()
+
+
 def test_a_threshold_fitted_on_a_period_that_is_not_normal_is_a_warning_at_the_top(tmp_path):
     """Without labels a rule takes the validation period as normal; on DAVIDE over half of it scores
     like the anomalies, and the threshold lands among them: the operator is told, with the nodes."""

@@ -218,6 +218,48 @@ def test_drift_robust_cost_is_not_dragged_under_the_anomalies_by_mislabelled_row
         assert 3 < scope_th < 50  # cluster scope (histograms summed, then smoothed) agrees
 
 
+def _barely_seen_anomaly(seed: int = 0):
+    """A node whose validation split holds a strong anomaly (120 rows at 4-6x the quiet level's 0.15,
+    whose peaks set a wide jitter) and one the signal barely shows (60 rows at 0.2-0.3), beside a busy
+    normal period at 2.3-2.6; its test split has one anomaly at 1-1.6. Seen on a 100-node synthetic
+    cluster (node0067: a drift threshold under every row, on every seed)."""
+    rng = np.random.default_rng(seed)
+    n = 800
+    sig = rng.gamma(20.0, 0.0075, n)  # the quiet level, ~0.15
+    lab = np.zeros(n, np.int8)
+    split = np.where(np.arange(n) < 400, VAL, TEST).astype(np.int8)
+    sig[0:100] = rng.uniform(2.3, 2.6, 100)
+    lab[120:180] = 1
+    sig[120:180] = rng.uniform(0.2, 0.3, 60)
+    lab[250:370] = 1
+    sig[250:370] = rng.uniform(4.0, 6.0, 120)
+    lab[600:640] = 1
+    sig[600:640] = rng.uniform(1.0, 1.6, 40)
+    return NodeSignal("barely", sig, split, lab, np.arange(n), scale=1.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_drift_threshold_that_would_alarm_on_every_row_is_the_exact_optimum_instead(seed, caplog):
+    """The expected cost under a wide jitter was lowest far under every row (a threshold of -5 on a
+    positive signal): the node alarmed on every row, every night. It takes the exact optimum, which
+    alarms on most of its validation rows still (the busy period) but on few of its test rows."""
+    s, other = _barely_seen_anomaly(seed), _mislabelled_validation(seed)
+    with caplog.at_level("WARNING"):
+        th = CostRule().fit(lambda: iter([s, other]), detector="baseline kde")
+    exact = CostRule(drift=0).fit(lambda: iter([s])).nodes["barely"]
+    assert th.nodes["barely"] == exact > 0.2
+    val, test = s.split == VAL, s.split == TEST
+    assert 0.3 < (s.signal[val] > exact).mean() < 0.9 and (s.signal[test] > exact).mean() < 0.15
+    cm = CostModel()
+    assert cm.cost(s.signal[test], s.labels[test], exact) < 60  # every row alarmed: over 300 false alarms
+    assert 3 < th.nodes["n"] < 50  # the other node keeps its smoothed threshold (the test above)
+    assert th.details["exact_optimum_nodes"] == ["barely"] and th.details["exact_optimum_node_count"] == 1
+    assert "always_alarm_nodes" not in th.details["check"]
+    assert "baseline kde: on 1 of 2 nodes the drift-smoothed cost threshold would alarm on 90% or more of the " \
+           "validation rows (barely): those take the exact validation optimum" in caplog.text
+    assert "exact_optimum_nodes" not in CostRule().fit(lambda: iter([other])).details
+
+
 def test_smoothed_curve_is_the_expected_cost_under_level_jitter():
     from scipy.stats import norm
 

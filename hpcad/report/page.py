@@ -105,6 +105,13 @@ def write_report(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, models_dir
         fb = th.details["fallback"]
         parts.append(f"<p>{unlabelled} of {len(th.nodes)} nodes have no labels: their thresholds are the {fb['rule']} "
                      f"rule's ({fallback_how(fb)}), not the {th.rule} rule's (threshold.fallback).</p>")
+    exact = th.details.get("exact_optimum_nodes") or []  # hpcad.threshold.rules.CostRule: drift's choice alarmed always
+    if exact:
+        n = int(th.details.get("exact_optimum_node_count", len(exact)))
+        parts.append(f"<p>On {_count(n, 'node')} ({html.escape(', '.join(exact[:10]))}{', ...' if n > 10 else ''}) "
+                     f"the drift-smoothed threshold would alarm on 90% or more of the validation rows: "
+                     f"{'its threshold is' if n == 1 else 'their thresholds are'} the exact validation optimum "
+                     f"(as threshold.drift=0).</p>")
     store_path = run_store_path(run_dir, cfg.data.source)
     time_unit = "s"
     store = None

@@ -134,8 +134,12 @@ class _Rule:
                 if v.size:
                     lo, hi = min(lo, float(v.min())), max(hi, float(v.max()))
             th = self.fit_cluster(source, self.grid(self.red.min(lo), self.red.max(hi)))
+        self.fitted(th, detector)
         th.details["check"] = check_thresholds(th, source, self.red, detector, self.unsupervised_rows)
         return th
+
+    def fitted(self, th: Thresholds, detector: str) -> None:
+        """Called with every rank's thresholds before they are checked: what the rule records of its fit."""
 
     def grid(self, lo: float, hi: float) -> np.ndarray:
         """Cluster scope: the thresholds tried, on the normalised signal."""
@@ -344,6 +348,12 @@ class CostRule(_Rule):
     whose anomalies are weaker, or whose normal level is higher, misses them. With ``drift=0`` the
     threshold is the exact optimum over all thresholds (the lecture's rule; cluster scope: on the
     grid).
+
+    At node scope a smoothed choice that would alarm on ``ALWAYS`` or more of the node's fitted rows
+    is replaced by that node's exact optimum. Where a labelled anomaly scores barely above the
+    node's quiet rows and the jitter is wide (set by stronger anomalies), the expected cost is
+    lowest far under every row: an alarm on every row, every night (docs/results.md, "A drift
+    threshold that alarms on every row").
     """
 
     name = "cost"
@@ -359,12 +369,13 @@ class CostRule(_Rule):
             raise ConfigError(f"threshold.drift={drift}: must be in [0, 1] (0: the exact optimum)")
         self.drift = float(drift)
         self.unlabelled = 0  # node scope: nodes fitted by the fallback (no labels), this fit
+        self.exact: list[str] = []  # node scope: nodes given the exact optimum (the smoothed one alarmed always)
         self.cluster_fell_back = False  # cluster scope: no node had labels, this fit
 
     def fit(self, source: SignalSource, red: Reducer | None = None, detector: str = "autoencoder") -> Thresholds:
         """As every rule; nodes without labels get the quantile rule's threshold, said in one line
         (before: one warning per node, thousands on an unlabelled cluster) and in ``details``."""
-        self.unlabelled, self.cluster_fell_back = 0, False
+        self.unlabelled, self.cluster_fell_back, self.exact = 0, False, []
         th = super().fit(source, red, detector)
         if self.scope == "node":
             n = int(self.red.sum(np.array([self.unlabelled]))[0])
@@ -374,6 +385,18 @@ class CostRule(_Rule):
                             "(threshold.fallback, %s)", detector, n, len(th.nodes), self.fallback.name,
                             fallback_setting(th.details["fallback"]), extra=CLUSTER_WIDE)
         return th
+
+    def fitted(self, th: Thresholds, detector: str) -> None:
+        """Nodes given the exact optimum (their smoothed threshold alarmed always): said before the check."""
+        if self.scope != "node":
+            return
+        exact = sorted(self.red.merge({n: 1 for n in self.exact}))
+        if exact:
+            th.details.update(exact_optimum_nodes=exact[:100], exact_optimum_node_count=len(exact))
+            log.warning("%s: on %d of %d nodes the drift-smoothed cost threshold would alarm on %.0f%% or more of "
+                        "the validation rows (%s): those take the exact validation optimum (as threshold.drift=0)",
+                        detector, len(exact), len(th.nodes), 100 * ALWAYS,
+                        ", ".join(exact[:5]) + (", ..." if len(exact) > 5 else ""), extra=CLUSTER_WIDE)
 
     def fallback_details(self) -> dict:
         """The fallback rule and its setting, as ``thresholds.json`` records them."""
@@ -421,15 +444,20 @@ class CostRule(_Rule):
         if s.labels is None:
             self.unlabelled += 1
             return self.fallback.fit_node(s, rows)
+        exact = lambda: self.cost_model.optimum(  # noqa: E731
+            CostTerms.of(s.signal[rows], s.labels[rows] != 0, self.cost_model.tolerance))[0]
         if self.drift == 0:
-            terms = CostTerms.of(s.signal[rows], s.labels[rows] != 0, self.cost_model.tolerance)
-            return self.cost_model.optimum(terms)[0]
+            return exact()
         u = np.arcsinh(s.normalised[rows])
         terms = CostTerms.of(u, s.labels[rows] != 0, self.cost_model.tolerance)
         span = max(float(u.max() - u.min()), 1e-9)
         grid = np.linspace(u.min() - span, u.max() + span, min(self.grid_points, 2048))
         i, _, _ = self._smoothed_argmin(level_counts(terms.far, grid), level_counts(terms.anom_peak, grid), grid)
-        return float(np.sinh(grid[i]) * s.scale)
+        t = float(np.sinh(grid[i]) * s.scale)
+        if (s.signal[rows] > t).sum() >= ALWAYS * rows.sum():  # as check_thresholds counts an always-alarm node
+            self.exact.append(s.node)
+            return exact()
+        return t
 
     def fit_cluster(self, source: SignalSource, grid: np.ndarray) -> Thresholds:
         total = np.zeros(grid.size)
