@@ -284,6 +284,7 @@ def run_stage(stage: str, overrides: list[str]) -> int:
         # the log names what ran (<stage>.log; Hydra's default is the module's name: cli.log), and a
         # sweep's points are hpcad-<stage> (their SLURM jobs' name too)
         overrides.append(f"hydra.job.name={'hpcad-' if multirun else ''}{stage}")
+    argv_before = sys.argv  # Hydra reads its arguments there; a caller's own (a notebook, a test) come back after
     sys.argv = [f"hpcad {stage}", *overrides]
     if multirun:
         from hpcad.sweep import FAILED_POINTS
@@ -297,6 +298,7 @@ def run_stage(stage: str, overrides: list[str]) -> int:
             return 2  # error, with the status of hpcad's own option errors (a crash inside a stage stays 1)
         return code
     finally:  # the command's stages shared one process group (hpcad.dist): it ends with the command
+        sys.argv = argv_before
         finish()
     if multirun:
         from hpcad.sweep import FAILED_POINTS

@@ -2,6 +2,7 @@
 import csv
 import json
 import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -489,5 +490,7 @@ def test_an_override_hydra_cannot_read_is_named_with_the_quoting_that_reads_it(t
     assert cli.main(["run", "baselines.methods=[kde"]) == 2  # a list left open: named, no quoting hint
     err = capsys.readouterr().err
     assert "cannot read the override 'baselines.methods=[kde'" in err and "quote it" not in err
+    argv = list(sys.argv)
     assert cli.main(["run", "--version"]) == 0  # Hydra's flags reach Hydra: said once (the check reads them too)
     assert capsys.readouterr().out.count("Hydra") == 1
+    assert sys.argv == argv  # a caller's own arguments are left as they were (a later main() reads them)
