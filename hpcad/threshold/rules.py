@@ -373,7 +373,7 @@ class CostRule(_Rule):
         self.cluster_fell_back = False  # cluster scope: no node had labels, this fit
 
     def fit(self, source: SignalSource, red: Reducer | None = None, detector: str = "autoencoder") -> Thresholds:
-        """As every rule; nodes without labels get the quantile rule's threshold, said in one line
+        """As every rule; nodes without labels get the fallback rule's threshold, said in one line
         (before: one warning per node, thousands on an unlabelled cluster) and in ``details``."""
         self.unlabelled, self.cluster_fell_back, self.exact = 0, False, []
         th = super().fit(source, red, detector)
@@ -444,8 +444,11 @@ class CostRule(_Rule):
         if s.labels is None:
             self.unlabelled += 1
             return self.fallback.fit_node(s, rows)
-        exact = lambda: self.cost_model.optimum(  # noqa: E731
-            CostTerms.of(s.signal[rows], s.labels[rows] != 0, self.cost_model.tolerance))[0]
+
+        def exact() -> float:
+            terms = CostTerms.of(s.signal[rows], s.labels[rows] != 0, self.cost_model.tolerance)
+            return self.cost_model.optimum(terms)[0]
+
         if self.drift == 0:
             return exact()
         u = np.arcsinh(s.normalised[rows])
