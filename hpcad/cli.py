@@ -270,6 +270,7 @@ def run_stage(stage: str, overrides: list[str]) -> int:
     except HpcadError as exc:
         print(f"hpcad {stage}: error: {exc}", file=sys.stderr)
         return 2
+    user = list(overrides)
     if shared is not None:
         overrides = [*overrides, shared]
     if w.distributed:  # one log per rank, lines prefixed with the rank; only rank 0 records the composed config
@@ -285,7 +286,7 @@ def run_stage(stage: str, overrides: list[str]) -> int:
         # sweep's points are hpcad-<stage> (their SLURM jobs' name too)
         overrides.append(f"hydra.job.name={'hpcad-' if multirun else ''}{stage}")
     argv_before = sys.argv  # Hydra reads its arguments there; a caller's own (a notebook, a test) come back after
-    sys.argv = [f"hpcad {stage}", *overrides]
+    sys.argv = [f"hpcad {stage}", *hydra_argv(user, overrides[len(user):])]
     if multirun:
         from hpcad.sweep import FAILED_POINTS
 
@@ -309,6 +310,30 @@ def run_stage(stage: str, overrides: list[str]) -> int:
                   file=sys.stderr)
             return 2
     return status["rc"]
+
+
+def hydra_argv(user: list[str], extra: list[str]) -> list[str]:
+    """The command's arguments with hpcad's own overrides ``extra`` placed among the user's: Hydra reads
+    overrides only as one run of arguments (``a=1 --cfg job b=2`` is refused), so hpcad's appended
+    after ``experiment=x --cfg job`` or ``train.seed=0,1 -m`` made Hydra refuse a command it takes."""
+    if not extra:
+        return user
+    import contextlib
+    import io
+
+    try:
+        from hydra._internal.utils import get_args_parser  # the parser hydra.main reads sys.argv with
+
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            ours = get_args_parser().parse_args(user).overrides
+    except (ImportError, SystemExit):  # --help, --version, or the user's own arguments wrong: Hydra says
+        return [*extra, *user]  # (naming the user's own, not hpcad's, as unrecognised)
+    if not ours:
+        return [*extra, *user]
+    for i in range(len(user) - len(ours) + 1):
+        if user[i:i + len(ours)] == ours:
+            return [*user[:i + len(ours)], *extra, *user[i + len(ours):]]
+    return [*user, *extra]
 
 
 def entry() -> None:

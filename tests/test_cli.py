@@ -490,6 +490,9 @@ def test_an_override_hydra_cannot_read_is_named_with_the_quoting_that_reads_it(t
     assert cli.main(["run", "baselines.methods=[kde"]) == 2  # a list left open: named, no quoting hint
     err = capsys.readouterr().err
     assert "cannot read the override 'baselines.methods=[kde'" in err and "quote it" not in err
+    # Hydra's flags after the overrides (hpcad adds overrides of its own: they go with the user's)
+    assert cli.main(["run", "train.seed=7", "--cfg", "job"]) == 0 and "seed: 7" in capsys.readouterr().out
+    assert cli.main(["run", "--cfg", "job", "train.seed=8"]) == 0 and "seed: 8" in capsys.readouterr().out
     argv = list(sys.argv)
     assert cli.main(["run", "--version"]) == 0  # Hydra's flags reach Hydra: said once (the check reads them too)
     assert capsys.readouterr().out.count("Hydra") == 1
