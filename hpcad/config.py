@@ -326,7 +326,7 @@ class AutoencoderConfig:
 @dataclass
 class CostRuleConfig:
     _target_: str = "hpcad.threshold.rules.CostRule"
-    scope: str = "node"  # node: one threshold per node | cluster: one on per-node normalised signals
+    scope: str = "node"  # node: one threshold per node | cluster: one on per-node normalised signals | auto: chosen on validation
     c_alarm: float = 1.0
     c_missed: float = 5.0
     tolerance: int = 12

@@ -30,7 +30,7 @@ WRONG = [
     (["threshold.drift=2"], "threshold", "threshold.drift=2"),
     (["threshold=level", "threshold.times=0"], "threshold", "threshold.times=0.0: must be a positive multiple"),
     (["threshold.fallback=median"], "threshold", "threshold.fallback='median': expected level or quantile"),
-    (["threshold.scope=rack"], "threshold", "threshold.scope='rack': expected node or cluster"),
+    (["threshold.scope=rack"], "threshold", "threshold.scope='rack': expected node, cluster or auto"),
     (["split.val=1.5"], "train", "split.train=0.5, split.val=1.5: fractions must be >= 0 and sum to <= 1"),
     (["split.unit=rows", "split.train=-3"], "train", "split.train=-3: must be >= 0"),
     (["split.train=2025-01-01"], "score", "split.train='2025-01-01': not a number, as split.unit=fraction needs"),

@@ -124,6 +124,16 @@ def test_thresholds_of_unlabelled_nodes_are_said_to_be_the_fallbacks(tmp_path):
     assert "on the signal (cost, node scope)." in next((tmp_path / "nodes").glob("*.html")).read_text()
 
 
+def test_a_scope_chosen_on_the_validation_rows_is_said_so(tmp_path):
+    choice = {"chosen": "node", "labelled_nodes": 2, "second_half_cost": {"node": 10.0, "cluster": 30.0}}
+    cfg, errors, models = _run(tmp_path, [ALARM_B], details={"scope_choice": choice})
+    page = write_report(cfg, tmp_path, errors, models).read_text()
+    assert "threshold rule <b>cost</b> (node scope, chosen on the validation rows (threshold.scope=auto));" in page
+    one = {"chosen": "node", "labelled_nodes": 1, "how": "fewer than two labelled nodes"}  # nothing was compared
+    cfg, errors, models = _run(tmp_path, [ALARM_B], details={"scope_choice": one})
+    assert "threshold rule <b>cost</b> (node scope);" in write_report(cfg, tmp_path, errors, models).read_text()
+
+
 def test_nodes_given_the_exact_optimum_instead_of_an_always_alarm_are_named(tmp_path):
     details = {"exact_optimum_nodes": ["b"], "exact_optimum_node_count": 1}  # hpcad.threshold.rules.CostRule
     cfg, errors, models = _run(tmp_path, [ALARM_B], details=details)

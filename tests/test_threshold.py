@@ -260,6 +260,59 @@ def test_a_drift_threshold_that_would_alarm_on_every_row_is_the_exact_optimum_in
     assert "exact_optimum_nodes" not in CostRule().fit(lambda: iter([other])).details
 
 
+def _incidents(n_nodes: int, louder_later: bool, seed: int = 0) -> list[NodeSignal]:
+    """Nodes at a normal level of 1 (normalised) with one labelled incident in each half of their
+    validation rows and a weak one (3x) in their test rows. With ``louder_later=False`` every node is
+    alike, in turn: a weak first incident and a strong (50x) second, both weak, the other way round,
+    or both strong. With ``louder_later=True`` the odd nodes' validation and test periods run five times
+    louder (normal rows at 5, incidents at 20) than the even nodes' (1 and 3): nodes not alike."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(n_nodes):
+        n = 900
+        sig = rng.gamma(20.0, 0.05, n)
+        lab = np.zeros(n, np.int8)
+        split = np.where(np.arange(n) < 600, VAL, TEST).astype(np.int8)
+        first, second, later = ((3.0, 50.0), (3.0, 3.0), (50.0, 3.0), (50.0, 50.0))[k % 4] + (3.0,)
+        if louder_later:
+            first = second = later = 20.0 if k % 2 else 3.0
+            sig *= 5.0 if k % 2 else 1.0
+        for (a, level) in ((100, first), (400, second), (700, later)):
+            lab[a:a + 30] = 1
+            sig[a:a + 30] = rng.uniform(level, 1.2 * level, 30)
+        out.append(NodeSignal(f"n{k}", sig, split, lab, np.arange(n), scale=1.0))
+    return out
+
+
+def test_scope_auto_pools_the_labels_of_alike_nodes_and_keeps_unalike_ones_apart(caplog):
+    """Per-node thresholds rest on a node's one or two incidents: a node whose first incident was
+    strong sits above its weak second one. One threshold over alike nodes' normalised signals learns
+    from the weak incidents of the others; over unalike nodes it alarms on the loud ones' normal rows."""
+    alike = _incidents(12, louder_later=False)
+    with caplog.at_level("INFO"):
+        th = CostRule(scope="auto").fit(lambda: iter(alike))
+    choice = th.details["scope_choice"]
+    assert th.scope == "cluster" and choice["chosen"] == "cluster" and choice["labelled_nodes"] == 12
+    assert choice["second_half_cost"]["cluster"] < choice["second_half_cost"]["node"]
+    assert "autoencoder: threshold scope cluster (threshold.scope=auto: fitted on the first half of 12 labelled " \
+           "nodes' validation rows, cost on the second half: node " in caplog.text
+    cm = CostModel()
+    test_cost = lambda th, nodes: sum(cm.cost(th.signal_of(s)[s.split == TEST], s.labels[s.split == TEST],  # noqa: E731
+                                              th.threshold_for(s.node)) for s in nodes)
+    # the nodes that saw only strong incidents miss their weak test one with thresholds of their own
+    assert test_cost(th, alike) < test_cost(CostRule(scope="node").fit(lambda: iter(alike)), alike)
+    assert th.cluster == CostRule(scope="cluster").fit(lambda: iter(alike)).cluster  # then fitted on all the rows
+    unalike = _incidents(8, louder_later=True)
+    th = CostRule(scope="auto").fit(lambda: iter(unalike))
+    assert th.scope == "node" and th.details["scope_choice"]["chosen"] == "node"
+    assert th.nodes == CostRule(scope="node").fit(lambda: iter(unalike)).nodes
+    one = CostRule(scope="auto").fit(lambda: iter(alike[:1]))  # nothing to pool: node scope, not compared
+    assert one.scope == "node" and one.details["scope_choice"] == {"chosen": "node", "labelled_nodes": 1,
+                                                                  "how": "fewer than two labelled nodes"}
+    with pytest.raises(ConfigError, match="auto: with threshold=cost only"):
+        LevelRule(scope="auto")
+
+
 def test_smoothed_curve_is_the_expected_cost_under_level_jitter():
     from scipy.stats import norm
 

@@ -87,7 +87,9 @@ def rule_named(th: Thresholds) -> tuple[str, str]:
     unlabelled = th.details.get("unlabelled_nodes") or 0
     if fb and ((th.scope == "node" and unlabelled == len(th.nodes) > 0) or th.scope == "cluster"):
         return fb["rule"], f"{fallback_how(fb)}; no node has labels: the cost rule's threshold.fallback"
-    return th.rule, f"{th.scope} scope"
+    pooled = "second_half_cost" in (th.details.get("scope_choice") or {})  # auto compared the two scopes
+    chosen = ", chosen on the validation rows (threshold.scope=auto)" if pooled else ""
+    return th.rule, f"{th.scope} scope{chosen}"
 
 
 def in_zone(iso: str, zone: str) -> str:

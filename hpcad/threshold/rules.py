@@ -5,10 +5,13 @@ called more than once: cluster scope makes passes instead of holding every node'
 :class:`Thresholds`. ``scope=node`` fits one threshold per node on its own validation rows;
 ``scope=cluster`` fits one threshold on per-node normalised signals (signal / the node's mean
 held-out training signal), by summing cost curves or histograms over a shared grid, so memory
-does not grow with the number of nodes.
+does not grow with the number of nodes. The cost rule's ``scope=auto`` chooses between the two on
+the labelled validation rows (:meth:`CostRule.choose_scope`).
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -20,7 +23,7 @@ import numpy as np
 from hpcad.atomic import write_json
 from hpcad.dist import CLUSTER_WIDE
 from hpcad.errors import ConfigError
-from hpcad.preprocess import TRAIN, VAL
+from hpcad.preprocess import TEST, TRAIN, VAL
 from hpcad.errorstore import NodeSignal
 from hpcad.threshold.cost import CostModel, CostTerms, drift_smoothed_curve, grid_step, level_counts
 from hpcad.threshold.reduce import Reducer
@@ -84,9 +87,10 @@ def _grid(lo: float, hi: float, n: int) -> np.ndarray:
     return np.sinh(np.linspace(np.arcsinh(lo), np.arcsinh(hi), n))
 
 
-def _check_scope(scope: str) -> str:
-    if scope not in ("node", "cluster"):
-        raise ConfigError(f"threshold.scope={scope!r}: expected node or cluster")
+def _check_scope(scope: str, auto: bool = False) -> str:
+    if scope not in ("node", "cluster") + (("auto",) if auto else ()):
+        raise ConfigError(f"threshold.scope={scope!r}: expected node, cluster" + (" or auto" if auto else
+                          " (auto: with threshold=cost only, which chooses on labels)"))
     return scope
 
 
@@ -109,7 +113,7 @@ class _Rule:
 
     def __init__(self, scope: str = "node", grid_points: int = 4096, c_alarm: float = 1.0,
                  c_missed: float = 5.0, tolerance: int = 12, **_: object):
-        self.scope = _check_scope(scope)
+        self.scope = _check_scope(scope, auto=self.name == "cost")
         self.grid_points = int(grid_points)
         self.cost_model = CostModel(float(c_alarm), float(c_missed), int(tolerance))
 
@@ -118,6 +122,13 @@ class _Rule:
         The result says in ``details["check"]`` whether it would never or always alarm on the rows
         it was fitted on (also logged as a warning naming the ``detector``)."""
         self.red = red or Reducer()
+        th = self.thresholds(source)
+        self.fitted(th, detector)
+        th.details["check"] = check_thresholds(th, source, self.red, detector, self.unsupervised_rows)
+        return th
+
+    def thresholds(self, source: SignalSource) -> Thresholds:
+        """The fit alone (no check, nothing logged), at this rule's scope, over ``self.red``'s ranks."""
         if self.scope == "node":
             th = Thresholds(self.name, "node")
             for s in source():
@@ -126,17 +137,14 @@ class _Rule:
                     raise ConfigError(f"node {s.node}: no validation or training rows to fit a threshold on")
                 th.nodes[s.node] = self.fit_node(s, rows)
             th.nodes = self.red.merge(th.nodes)
-        else:
-            lo, hi = np.inf, -np.inf
-            for s in source():
-                v = s.normalised[_fit_rows(s)]
-                v = v[np.isfinite(v)]
-                if v.size:
-                    lo, hi = min(lo, float(v.min())), max(hi, float(v.max()))
-            th = self.fit_cluster(source, self.grid(self.red.min(lo), self.red.max(hi)))
-        self.fitted(th, detector)
-        th.details["check"] = check_thresholds(th, source, self.red, detector, self.unsupervised_rows)
-        return th
+            return th
+        lo, hi = np.inf, -np.inf
+        for s in source():
+            v = s.normalised[_fit_rows(s)]
+            v = v[np.isfinite(v)]
+            if v.size:
+                lo, hi = min(lo, float(v.min())), max(hi, float(v.max()))
+        return self.fit_cluster(source, self.grid(self.red.min(lo), self.red.max(hi)))
 
     def fitted(self, th: Thresholds, detector: str) -> None:
         """Called with every rank's thresholds before they are checked: what the rule records of its fit."""
@@ -360,8 +368,10 @@ class CostRule(_Rule):
 
     def __init__(self, fallback: str = "level", times: float = 5.0, drift: float = 0.3, **kw: object):
         super().__init__(**kw)
-        rules = {"level": lambda: LevelRule(times, scope=self.scope, grid_points=self.grid_points),
-                 "quantile": lambda: QuantileRule(scope=self.scope, grid_points=self.grid_points)}
+        self.requested = self.scope  # node, cluster or auto (fit then sets self.scope to node or cluster)
+        scope = "node" if self.scope == "auto" else self.scope
+        rules = {"level": lambda: LevelRule(times, scope=scope, grid_points=self.grid_points),
+                 "quantile": lambda: QuantileRule(scope=scope, grid_points=self.grid_points)}
         if fallback not in rules:
             raise ConfigError(f"threshold.fallback={fallback!r}: expected level or quantile")
         self.fallback: LevelRule | QuantileRule = rules[fallback]()
@@ -376,7 +386,13 @@ class CostRule(_Rule):
         """As every rule; nodes without labels get the fallback rule's threshold, said in one line
         (before: one warning per node, thousands on an unlabelled cluster) and in ``details``."""
         self.unlabelled, self.cluster_fell_back, self.exact = 0, False, []
+        choice = None
+        if self.requested == "auto":
+            self.red = red or Reducer()
+            self.scope, choice = self.choose_scope(source, detector)
         th = super().fit(source, red, detector)
+        if choice is not None:
+            th.details["scope_choice"] = choice
         if self.scope == "node":
             n = int(self.red.sum(np.array([self.unlabelled]))[0])
             if n:
@@ -385,6 +401,41 @@ class CostRule(_Rule):
                             "(threshold.fallback, %s)", detector, n, len(th.nodes), self.fallback.name,
                             fallback_setting(th.details["fallback"]), extra=CLUSTER_WIDE)
         return th
+
+    def choose_scope(self, source: SignalSource, detector: str) -> tuple[str, dict]:
+        """``threshold.scope=auto``: the scope whose thresholds, fitted on the first half (in time) of
+        every labelled node's validation rows, cost less on the second half, summed over the nodes
+        and ranks. Per-node thresholds rest on the one or two labelled incidents a node's validation
+        period holds; one threshold on the normalised signals pools every node's (docs/results.md,
+        "Threshold scope chosen on the validation rows"). Node scope on a tie and where fewer than two
+        nodes are labelled: there is nothing to pool."""
+
+        def halves() -> Iterator[tuple[NodeSignal, np.ndarray]]:
+            for s in source():
+                v = np.flatnonzero(s.split == VAL) if s.labels is not None else np.empty(0, int)
+                if v.size >= 2:
+                    held = v[v.size // 2:]
+                    split = s.split.copy()
+                    split[held] = TEST  # out of the fit (a rule fits on validation rows only)
+                    yield dataclasses.replace(s, split=split), held
+
+        labelled = int(self.red.sum(np.array([sum(1 for _ in halves())]))[0])
+        if labelled < 2:
+            return "node", {"chosen": "node", "labelled_nodes": labelled, "how": "fewer than two labelled nodes"}
+        costs = {}
+        for scope in ("node", "cluster"):
+            sub = copy.copy(self)
+            sub.scope, sub.requested, sub.exact, sub.unlabelled, sub.cluster_fell_back = scope, scope, [], 0, False
+            th = sub.thresholds(lambda: (h for h, _ in halves()))
+            mine = sum(self.cost_model.cost(th.signal_of(s)[held], s.labels[held], th.threshold_for(s.node))
+                       for s, held in halves())
+            costs[scope] = float(self.red.sum(np.array([mine]))[0])
+        chosen = "cluster" if costs["cluster"] < costs["node"] else "node"
+        log.info("%s: threshold scope %s (threshold.scope=auto: fitted on the first half of %d labelled nodes' "
+                 "validation rows, cost on the second half: node %s, cluster %s)", detector, chosen, labelled,
+                 f"{costs['node']:,.0f}", f"{costs['cluster']:,.0f}", extra=CLUSTER_WIDE)
+        return chosen, {"chosen": chosen, "labelled_nodes": labelled, "second_half_cost": costs,
+                        "how": "fitted on the first half of the validation rows, cost on the second"}
 
     def fitted(self, th: Thresholds, detector: str) -> None:
         """Nodes given the exact optimum (their smoothed threshold alarmed always): said before the check."""
