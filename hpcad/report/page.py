@@ -19,7 +19,7 @@ from hpcad.report.markup import (alarms_table, fallback_how, fmt, gap_text, html
 from hpcad.report.nodes import node_pages
 from hpcad.report.plots import curves, heatmap, overview, profile_plot, signal_plot
 from hpcad.threshold.evaluate import top_metrics_of
-from hpcad.threshold.rules import Thresholds
+from hpcad.threshold.rules import ALWAYS, Thresholds
 
 if TYPE_CHECKING:
     from hpcad.config import HpcadConfig
@@ -109,7 +109,7 @@ def write_report(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, models_dir
     if exact:
         n = int(th.details.get("exact_optimum_node_count", len(exact)))
         parts.append(f"<p>On {_count(n, 'node')} ({html.escape(', '.join(exact[:10]))}{', ...' if n > 10 else ''}) "
-                     f"the drift-smoothed threshold would alarm on 90% or more of the validation rows: "
+                     f"the drift-smoothed threshold would alarm on {100 * ALWAYS:.0f}% or more of the validation rows: "
                      f"{'its threshold is' if n == 1 else 'their thresholds are'} the exact validation optimum "
                      f"(as threshold.drift=0).</p>")
     store_path = run_store_path(run_dir, cfg.data.source)

@@ -31,6 +31,11 @@ from hpcad.threshold.reduce import Reducer
 log = logging.getLogger(__name__)
 SignalSource = Callable[[], Iterator[NodeSignal]]
 ALWAYS = 0.9  # share of fitted rows alarmed from which a threshold is reported as "always alarm"
+
+
+def alarms_always(alarmed: int | np.integer, rows: int | np.integer) -> bool:
+    """Whether ``alarmed`` of a node's ``rows`` fitted rows make its threshold "always alarm" (``ALWAYS``)."""
+    return bool(alarmed >= ALWAYS * rows)
 NOT_NORMAL = 10.0  # median signal_norm of the rows a node's fit took as normal, from which they are named
 
 
@@ -87,15 +92,16 @@ def _grid(lo: float, hi: float, n: int) -> np.ndarray:
     return np.sinh(np.linspace(np.arcsinh(lo), np.arcsinh(hi), n))
 
 
-def _check_scope(scope: str, auto: bool = False) -> str:
-    if scope not in ("node", "cluster") + (("auto",) if auto else ()):
-        raise ConfigError(f"threshold.scope={scope!r}: expected node, cluster" + (" or auto" if auto else
+def _check_scope(scope: str, scopes: tuple[str, ...]) -> str:
+    if scope not in scopes:
+        raise ConfigError(f"threshold.scope={scope!r}: expected node, cluster" + (" or auto" if "auto" in scopes else
                           " (auto: with threshold=cost only, which chooses on labels)"))
     return scope
 
 
 class _Rule:
     name = "rule"
+    scopes: tuple[str, ...] = ("node", "cluster")  # threshold.scope values this rule takes
     red: Reducer = Reducer()
     normal_only = False  # unsupervised rules model the normal rows' tail: labelled anomalies are left out
 
@@ -113,7 +119,7 @@ class _Rule:
 
     def __init__(self, scope: str = "node", grid_points: int = 4096, c_alarm: float = 1.0,
                  c_missed: float = 5.0, tolerance: int = 12, **_: object):
-        self.scope = _check_scope(scope, auto=self.name == "cost")
+        self.scope = _check_scope(scope, self.scopes)
         self.grid_points = int(grid_points)
         self.cost_model = CostModel(float(c_alarm), float(c_missed), int(tolerance))
 
@@ -202,7 +208,7 @@ def check_thresholds(th: Thresholds, source: SignalSource, red: Reducer | None =
         rows = _fit_rows(s)
         alarmed = int((th.signal_of(s)[rows] > th.threshold_for(s.node)).sum())
         counts += (alarmed, int(rows.sum()))
-        if th.scope == "node" and alarmed >= ALWAYS * rows.sum():
+        if th.scope == "node" and alarms_always(alarmed, rows.sum()):
             always.append(s.node)
         fit = unsupervised(s) if unsupervised is not None else None
         if fit is not None:
@@ -365,6 +371,7 @@ class CostRule(_Rule):
     """
 
     name = "cost"
+    scopes = ("node", "cluster", "auto")
 
     def __init__(self, fallback: str = "level", times: float = 5.0, drift: float = 0.3, **kw: object):
         super().__init__(**kw)
@@ -425,7 +432,8 @@ class CostRule(_Rule):
         costs = {}
         for scope in ("node", "cluster"):
             sub = copy.copy(self)
-            sub.scope, sub.requested, sub.exact, sub.unlabelled, sub.cluster_fell_back = scope, scope, [], 0, False
+            sub.scope = sub.requested = scope
+            sub.exact = []  # its own list (fit has just reset the counters the copy starts from)
             th = sub.thresholds(lambda: (h for h, _ in halves()))
             mine = sum(self.cost_model.cost(th.signal_of(s)[held], s.labels[held], th.threshold_for(s.node))
                        for s, held in halves())
@@ -508,7 +516,7 @@ class CostRule(_Rule):
         grid = np.linspace(u.min() - span, u.max() + span, min(self.grid_points, 2048))
         i, _, _ = self._smoothed_argmin(level_counts(terms.far, grid), level_counts(terms.anom_peak, grid), grid)
         t = float(np.sinh(grid[i]) * s.scale)
-        if (s.signal[rows] > t).sum() >= ALWAYS * rows.sum():  # as check_thresholds counts an always-alarm node
+        if alarms_always((s.signal[rows] > t).sum(), rows.sum()):  # as check_thresholds counts them
             self.exact.append(s.node)
             return exact()
         return t
