@@ -136,7 +136,7 @@ class ComputeConfig:
     # memory (all of it on CPU); None: half the host's available memory shared by the ranks on the node.
     memory_budget_mb: Optional[int] = None
     device_memory_mb: Optional[int] = None  # GPU memory; None: 90 % of the device's free memory
-    max_nodes_per_chunk: Optional[int] = None  # None: 32 when training on CPU (cache-sized), else 4096
+    max_nodes_per_chunk: Optional[int] = None  # None: 32 on CPU (training and scoring), 4096 on CUDA
     progress: bool = True  # a bar on a terminal, a log line a minute in files (SLURM, cron: hpcad/progress.py)
     # Save a training chunk's state after an epoch once this many seconds have passed since the last
     # save (0: every epoch): a kill loses at most this plus one epoch (hpcad/model/checkpoint.py).

@@ -129,7 +129,7 @@ def _node_errors(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, node
     K nodes per batched forward pass, only one chunk in memory."""
     M = len(metrics)
     i = 0
-    cap = cfg.compute.max_nodes_per_chunk or default_chunk_cap(device, "score")
+    cap = cfg.compute.max_nodes_per_chunk or default_chunk_cap(device)
     while i < len(nodes):
         first = NodeModel.load(model_path(models_dir, nodes[i]))  # its spec sizes the chunk
         spec = first.spec

@@ -107,13 +107,12 @@ def test_the_cgroup_memory_limit_bounds_the_host_budget(tmp_path, monkeypatch, v
 
 
 def test_one_chunk_policy_for_training_and_scoring():
-    """Unset caps: only CPU training takes small (cache-sized) chunks; scoring takes as many nodes
-    as its budget holds, on CPU too, and never fewer than one."""
+    """Unset caps: 32 nodes on CPU (training and scoring: a larger chunk there only fills memory),
+    4,096 on a GPU; within the cap scoring takes as many nodes as its budget holds, never fewer than one."""
     from hpcad.model.budget import default_chunk_cap, score_bytes_per_node
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert (default_chunk_cap(cpu), default_chunk_cap(gpu)) == (32, 4096)
-    assert default_chunk_cap(cpu, "score") == default_chunk_cap(gpu, "score") == 4096
     spec = AutoencoderSpec([64], members=3, window=2)
     per_node = score_bytes_per_node(6667, 159, spec)
     host = Budget(host_bytes=10 * per_node + 1, device_bytes=None, source="test")

@@ -117,3 +117,35 @@ def test_an_error_index_lists_its_nodes_without_opening_the_rank_files(tmp_path)
     for p in parts:
         p.with_suffix(".away").rename(p)
     assert [float(s.signal[0]) for s in ErrorStore(tmp_path / "kde.h5").signals()] == [0, 1, 2, 3, 4]
+
+
+def test_on_cpu_nodes_are_scored_in_chunks_of_32_whatever_the_memory_budget(tmp_path, monkeypatch):
+    """An unset cap on CPU scores 32 nodes per forward pass even where the memory budget holds them
+    all (a chunk of 1,000 nodes filled 9.8 GB for no speed), and a node's errors do not depend on
+    the chunk it was scored in."""
+    import hpcad.score as score
+
+    rng = np.random.default_rng(1)
+    nodes = [NodeData(f"n{i:02d}", np.arange(60, dtype=np.int64) * 300, rng.normal(size=(60, 3)).astype(np.float32),
+                      None)
+             for i in range(70)]
+    write_store(tmp_path / "store.h5", METRICS, nodes, "test")
+    cfg = OmegaConf.structured(HpcadConfig)
+    cfg.compute.device, cfg.compute.progress, cfg.compute.memory_budget_mb = "cpu", False, 8192
+    spec = AutoencoderSpec(hidden=[2])
+    for i, nd in enumerate(nodes):
+        scaler = Scaler.fit(nd.values[:30], cfg.preprocess, names=METRICS)
+        NodeModel(nd.name, spec, METRICS, [glorot_init(spec, 3, i)], scaler, {}, 1.0, "").save(
+            model_path(tmp_path / "models", nd.name))
+    real, sizes = score.reconstruction_errors, []
+    monkeypatch.setattr(score, "reconstruction_errors", lambda models, *a, **kw: sizes.append(len(models)) or
+                        real(models, *a, **kw))
+    store = TelemetryStore(tmp_path / "store.h5")
+    score_nodes(cfg, store, tmp_path / "models", tmp_path / "default.h5")
+    assert sizes == [32, 32, 6]
+    cfg.compute.max_nodes_per_chunk = 70  # one chunk, as the budget would have allowed
+    score_nodes(cfg, store, tmp_path / "models", tmp_path / "one.h5")
+    assert sizes[3:] == [70]
+    with h5py.File(tmp_path / "default.h5") as a, h5py.File(tmp_path / "one.h5") as b:
+        for nd in nodes:
+            np.testing.assert_array_equal(a[f"nodes/{nd.name}/error"][()], b[f"nodes/{nd.name}/error"][()])

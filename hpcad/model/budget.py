@@ -49,12 +49,13 @@ def check_compute_config(cc: "ComputeConfig") -> None:
             raise ConfigError(f"compute.{option}={value}: must be > 0 (or null: from {what})")
 
 
-def default_chunk_cap(device: torch.device, stage: str = "train") -> int:
-    """Nodes per chunk when ``compute.max_nodes_per_chunk`` is unset. One policy, one exception:
-    training on CPU takes 32, because its optimiser streams all K models' weights every step and CPU
-    caches favour small chunks; everything else (training on a GPU, scoring anywhere: a forward
-    pass, no optimiser) takes as many as fit, up to 4,096."""
-    return 32 if stage == "train" and device.type != "cuda" else 4096
+def default_chunk_cap(device: torch.device) -> int:
+    """Nodes per chunk when ``compute.max_nodes_per_chunk`` is unset: 32 on CPU, as many as fit (up
+    to 4,096) on a GPU, for training and scoring alike. On CPU a larger chunk buys no speed (the
+    optimiser streams all K models' weights every step, and a forward pass is as fast per node in
+    small batches) and costs memory: scoring 1,000 synthetic nodes in one chunk took 9.8 GB and
+    70 s, in chunks of 32 0.7 GB and 43 s (docs/benchmarks.md)."""
+    return 4096 if device.type == "cuda" else 32
 
 
 def score_bytes_per_node(n_rows: int, n_metrics: int, spec: AutoencoderSpec) -> int:
