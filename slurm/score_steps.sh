@@ -86,11 +86,25 @@ mpi_plugin() {
   fi
 }
 
+# The baselines are a comparison, costly at scale: run only when the job's overrides name them
+# (the last baselines.methods=[...] given, not empty), as `hpcad run` would run them.
+asked_baselines() {
+  local a methods=""
+  for a in "$@"; do
+    case "$a" in baselines.methods=*|+baselines.methods=*|++baselines.methods=*) methods=${a#*=} ;; esac
+  done
+  [ -n "${methods//[][ ]/}" ]
+}
+
 score_steps() {
   local run_dir=$1; shift
   # Each rank scores its share into errors-rank<r>.h5; rank 0 writes the errors.h5 index.
   run_step scoring srun "${srun_opts[@]}" hpcad score "hydra.run.dir=${run_dir}" "$@"
   [ "${HPCAD_SCORE_ONLY:-0}" = 1 ] && return 0
+  # Each rank fits and scores its share of the nodes for each baseline; the thresholds step applies them.
+  if asked_baselines "$@"; then
+    run_step baselines srun "${srun_opts[@]}" hpcad baselines "hydra.run.dir=${run_dir}" "$@"
+  fi
   local mpi=none  # without MPI the ranks reduce over a gloo group (hpcad/threshold/reduce.py)
   if python3 -c "import mpi4py" 2>/dev/null; then
     mpi=$(mpi_plugin) || mpi=none

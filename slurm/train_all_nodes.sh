@@ -10,7 +10,8 @@
 #
 # Arguments are Hydra overrides for hpcad; `data.source` is required (HPCAD_DATA_REQUIRED=0: without
 # it, the synthetic demo cluster). Outputs go to $HPCAD_RUN_DIR (default
-# runs/train-<jobid>, stable across requeues). A preempted, timed-out or requeued job restarts here
+# runs/train-<jobid>, stable across requeues). Baselines run only when named ('baselines.methods=[kde]').
+# A preempted, timed-out or requeued job restarts here
 # and skips the nodes whose model file is already complete (see docs/cluster.md).
 #
 #SBATCH --job-name=hpcad-train
@@ -67,7 +68,7 @@ preflight_step "$RUN_DIR" "$@"
 # 1. Each rank trains its share of the monitored nodes (balanced by row counts).
 # A node with a corrupt export is logged, recorded and skipped; the others go on (override: data.on_bad_node=error).
 run_step training srun "${srun_opts[@]}" hpcad train "hydra.run.dir=${RUN_DIR}" data.on_bad_node=skip "$@"
-# 2-4. Score, fit thresholds, report.
+# 2-4. Score (and the baselines, when named), fit thresholds, report.
 score_steps "$RUN_DIR" data.on_bad_node=skip "$@"
 if [ -f "${RUN_DIR}/report.html" ]; then
   echo "train_all_nodes: done; report at ${RUN_DIR}/report.html"

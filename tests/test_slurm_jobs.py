@@ -166,7 +166,8 @@ def test_a_failed_step_ends_the_job_log_with_the_step_and_its_first_error(tmp_pa
 
 
 def test_a_sites_copy_of_the_script_on_a_cpu_partition_runs_unedited(tmp_path, slurm_env):
-    """#16 item 10: a copy kept elsewhere finds score_steps.sh, and sbatch options replace the GPU lines."""
+    """#16 item 10: a copy kept elsewhere finds score_steps.sh, and sbatch options replace the GPU lines;
+    baselines asked for by name run over the job's ranks."""
     import shutil
 
     exports = small_exports(tmp_path)
@@ -176,7 +177,7 @@ def test_a_sites_copy_of_the_script_on_a_cpu_partition_runs_unedited(tmp_path, s
     run = tmp_path / "run"
     job = sbatch_wait(["--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1",
                        "-o", str(tmp_path / "job.out"), str(site / "train_cpu.sh"), f"data.source={exports}",
-                       "train.epochs=1", "compute.progress=false", "baselines.methods=[]", "report.enabled=false"],
+                       "train.epochs=1", "compute.progress=false", "baselines.methods=[range]", "report.enabled=false"],
                       env=dict(slurm_env, HPCAD_RUN_DIR=str(run), HPCAD_PREFLIGHT="0", HPCAD_SRUN_MPI="pmi3"),
                       cwd=tmp_path)
     log = (tmp_path / "job.out").read_text() if (tmp_path / "job.out").exists() else ""
@@ -186,7 +187,10 @@ def test_a_sites_copy_of_the_script_on_a_cpu_partition_runs_unedited(tmp_path, s
     # job, its two ranks sharing the nodes over a gloo group (before 2026-12-04: one process)
     assert "hpcad: srun --mpi=pmi3 does not start a task here" in log  # (mpi4py: a test dependency)
     assert "the ranks reduce over their torch.distributed process group instead" in log
-    assert len(re.findall(r"thresholds applied to 2 of 4 nodes here", log)) == 2, log[-3000:]
+    # baselines named on the command line run as a step of their own over the ranks, and are applied
+    # (before 2026-12-04 the scripts ran none, without a word)
+    assert len(re.findall(r"thresholds applied to 2 of 4 nodes here \(.*1 baseline\(s\)\)", log)) == 2, log[-3000:]
+    assert "range" in json.loads((run / "metrics.json").read_text())["baselines"]
     assert (run / "thresholds.json").exists() and len(list((run / "models").glob("training-rank*.json"))) == 2
     assert "rank 1/2: 2 of 4 node models" in log  # each rank says what it trained itself
     assert "--gpu-bind" not in log and "CUDA_VISIBLE_DEVICES" not in log  # no GPU in the job: none bound
