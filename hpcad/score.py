@@ -46,6 +46,7 @@ from hpcad.preprocess import fill_gaps, split_codes, windows
 from hpcad.progress import Progress
 from hpcad.signal_choice import attrs as recipe_attrs
 from hpcad.signal_choice import choose as choose_recipe
+from hpcad.signal_choice import rankable_nodes
 from hpcad.signals import Recipe, smooth_signal
 
 if TYPE_CHECKING:
@@ -89,10 +90,13 @@ def score_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, out_p
         raise ConfigError(f"score.error_dtype={cfg.score.error_dtype!r}: one of {', '.join(ERROR_DTYPES)}")
     budget = Budget.resolve(cfg.compute, device)
 
-    def node_errors() -> Iterator[tuple[NodeModel, object, np.ndarray, np.ndarray, np.ndarray, LightMap | None]]:
-        return _node_errors(cfg, store, models_dir, nodes, metrics, columns, budget, device, light)
+    def node_errors(which: list[str]) -> Iterator[tuple[NodeModel, object, np.ndarray, np.ndarray, np.ndarray,
+                                                         LightMap | None]]:
+        return _node_errors(cfg, store, models_dir, which, metrics, columns, budget, device, light)
 
-    recipe, choice = choose_recipe(cfg, store, node_errors, recipe_fallback)
+    # the choice's pass scores only the nodes it ranks (validation rows of both classes)
+    recipe, choice = choose_recipe(cfg, store, lambda: node_errors(rankable_nodes(store, nodes, cfg.split)),
+                                   recipe_fallback)
     with atomic_path(out_path) as tmp, h5_writing(tmp) as f:
         f.attrs.update(hpcad_format=FORMAT, format_version=1, store=str(store.path), models=str(models_dir),
                        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds"),
@@ -103,7 +107,7 @@ def score_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, out_p
         bar = Progress(len(nodes), "score", "node", cfg.compute.progress, log)
         shares: dict[str, float] = {}
         lost: dict[str, np.ndarray] = {}
-        for model, nd, err, excess2, miss, lm in node_errors():
+        for model, nd, err, excess2, miss, lm in node_errors(nodes):
             recipe.errors(model, err, excess2, miss, f"{models_dir}: node {nd.name}")
             level = recipe.level(model, M, sig_cfg.scale_floor)
             shares[nd.name] = missing_share(miss, model.scaler.absent)

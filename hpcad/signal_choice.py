@@ -92,7 +92,9 @@ def choose(cfg: HpcadConfig, store, node_errors: Callable[[], Iterator[tuple]],
     """The recipe to score with, and the record of how it was chosen (None when nothing was chosen).
 
     ``node_errors()`` yields ``(model, node data, reconstruction errors, squared excess, missing
-    mask, light map)`` per node; it is iterated once more only when labelled validation rows exist."""
+    mask, light map)`` per node; it is iterated once more only when labelled validation rows exist,
+    and needs to yield only the nodes whose validation rows hold both classes
+    (:func:`rankable_nodes`): the others are passed over."""
     sig = cfg.signal
     grid = candidates(sig)
     if fallback is not None and not store.has_labels:  # the run's thresholds will apply: refuse before scoring
@@ -155,6 +157,16 @@ def validation_labels(split: np.ndarray, labels: np.ndarray | None) -> tuple[np.
     val = split == VAL
     y = labels[val] != 0 if labels is not None else np.zeros(0, bool)
     return None if y.all() or not y.any() else (val, y)
+
+
+def rankable_nodes(store, nodes: list[str], split_cfg) -> list[str]:
+    """Of ``nodes``, those whose validation rows hold both classes: the only ones :func:`choose`
+    ranks. Found from the store's labels and timestamps alone, so that the choice's scoring pass
+    skips the others (with an incident list every node is labelled, and most have no anomaly on
+    their validation rows)."""
+    labelled = [n for n in nodes if store.labelled.get(n)]
+    return [nd.name for nd in store.labels_of(labelled)
+            if validation_labels(split_codes(nd, split_cfg), nd.labels) is not None]
 
 
 def first_within(candidates: list, ap: np.ndarray, margin: float):

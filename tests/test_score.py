@@ -149,3 +149,35 @@ def test_on_cpu_nodes_are_scored_in_chunks_of_32_whatever_the_memory_budget(tmp_
     with h5py.File(tmp_path / "default.h5") as a, h5py.File(tmp_path / "one.h5") as b:
         for nd in nodes:
             np.testing.assert_array_equal(a[f"nodes/{nd.name}/error"][()], b[f"nodes/{nd.name}/error"][()])
+
+
+def test_the_signal_choice_scores_only_the_nodes_whose_validation_rows_it_can_rank(tmp_path, monkeypatch):
+    """signal.excess_weight=auto ranks the nodes whose validation rows hold both classes; its pass
+    over the errors scores only those (with an incident list every node is labelled, most with no
+    anomaly to rank), and the choice is the same as from every node."""
+    import json
+
+    import hpcad.score as score
+    from hpcad.signal_choice import rankable_nodes
+
+    cfg, store, models, nodes = _site(tmp_path)
+    cfg.signal.excess_weight = "auto"
+    cfg.split.unit, cfg.split.train, cfg.split.val = "rows", 100, 60  # b's anomaly (rows 150-159) is in validation
+    assert store.labelled == {"a": True, "b": True} and rankable_nodes(store, ["a", "b"], cfg.split) == ["b"]
+    cfg.split.val = 40  # now only in b's test rows: nothing to rank on either node
+    assert rankable_nodes(store, ["a", "b"], cfg.split) == []
+    cfg.split.val = 60
+    real, seen = score.reconstruction_errors, []
+    monkeypatch.setattr(score, "reconstruction_errors", lambda ms, *a, **kw: seen.append([m.node for m in ms]) or
+                        real(ms, *a, **kw))
+    score_nodes(cfg, store, models, tmp_path / "errors.h5")
+    assert seen == [["b"], ["a", "b"]]  # the choice's pass, then the scoring
+    with h5py.File(tmp_path / "errors.h5") as f:
+        choice = json.loads(f.attrs["signal_choice"])
+    assert choice["nodes"] == 1
+    # the same choice when the pass covers every node, as it did before
+    monkeypatch.setattr(score, "rankable_nodes", lambda store, nodes, split: list(nodes))
+    score_nodes(cfg, store, models, tmp_path / "all.h5")
+    assert seen[2:] == [["a", "b"], ["a", "b"]]
+    with h5py.File(tmp_path / "all.h5") as f:
+        assert json.loads(f.attrs["signal_choice"]) == choice

@@ -26,7 +26,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import h5py
@@ -260,6 +260,20 @@ class TelemetryStore:
                 return NodeData(node, g["timestamp"][()], g["values"][()], labels, str(unit), job)
         except (OSError, KeyError) as exc:
             raise corrupt(self.path, f"node {node}", exc, "hpcad ingest") from exc
+
+    def labels_of(self, nodes: list[str]) -> Iterator[NodeData]:
+        """Each of ``nodes``' timestamps and labels, without its values (``values`` [T, 0]), in one
+        open of the store: what the split and the labels decide, at a fraction of the reading."""
+        with open_h5(self.path) as f:
+            for node in nodes:
+                try:
+                    g = f["nodes"][node]
+                    labels = g["labels"][()] if "labels" in g else None
+                    ts = g["timestamp"]
+                    yield NodeData(node, ts[()], np.empty((len(ts), 0), np.float32), labels,
+                                   str(ts.attrs.get("time_unit", "s")))
+                except (OSError, KeyError) as exc:
+                    raise corrupt(self.path, f"node {node}", exc, "hpcad ingest") from exc
 
     def jobs(self) -> JobTable | None:
         """The job table written from ``data.jobs`` (node lists expanded on first use), or None."""
