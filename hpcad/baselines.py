@@ -346,7 +346,7 @@ def skipped(cfg: HpcadConfig, eval_store: TelemetryStore) -> bool:
     if len(eval_store.nodes) <= cfg.baselines.max_nodes:
         return False
     log.warning("baselines skipped: %d nodes > baselines.max_nodes=%d (they are a comparison; raise the "
-                "option to run them anyway)", len(eval_store.nodes), cfg.baselines.max_nodes)
+                "option to run them anyway)", len(eval_store.nodes), cfg.baselines.max_nodes, extra=CLUSTER_WIDE)
     return True
 
 

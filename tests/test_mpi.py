@@ -289,3 +289,19 @@ def test_an_mpiexec_job_meets_at_a_port_of_its_own_beside_another_jobs_ranks(tmp
     met = re.findall(r"rank 0 at 127\.0\.0\.1:(\d+)", said)
     assert p.returncode == 0 and met and "29511" not in met, said[-3000:]
     assert json.loads((tmp_path / "run" / "preflight.json").read_text())["rendezvous"] == f"127.0.0.1:{met[0]}"
+
+
+def test_baselines_skipped_beyond_their_node_limit_is_said_once_for_the_job(scored_run, tmp_path):
+    """More nodes than ``baselines.max_nodes``: the baselines are skipped with one warning for the
+    job (rank 0's), not one per rank; the baseline fitted earlier in the run folder is removed (it is
+    not this run's figure)."""
+    run, exports = scored_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    p = _mpiexec_two_ranks("baselines", f"hydra.run.dir={copy}", f"data.source={exports}", "baselines.methods=[pca]",
+                           "baselines.max_nodes=3")
+    said = p.stdout + p.stderr
+    assert said.count("baselines skipped: 5 nodes > baselines.max_nodes=3") == 1, said
+    assert "baselines skipped" in (copy / "baselines-rank0.log").read_text()
+    assert "baselines skipped" not in (copy / "baselines-rank1.log").read_text()
+    assert (run / "baselines" / "pca.h5").exists() and not list((copy / "baselines").glob("pca*.h5"))
