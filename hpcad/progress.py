@@ -1,4 +1,4 @@
-"""Progress of the long loops (training, scoring, baselines, bench): a tqdm bar where a person
+"""Progress of the long loops (training, scoring and the signal choice's pass, baselines, bench): a tqdm bar where a person
 watches (stderr is a terminal), a log line at most every ``LOG_EVERY_S`` seconds where nobody
 does (SLURM and cron logs: a bar there is one endless line of carriage-return updates per rank).
 ``compute.progress=false`` turns both off."""

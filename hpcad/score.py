@@ -94,9 +94,18 @@ def score_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, out_p
                                                          LightMap | None]]:
         return _node_errors(cfg, store, models_dir, which, metrics, columns, budget, device, light)
 
-    # the choice's pass scores only the nodes it ranks (validation rows of both classes)
-    recipe, choice = choose_recipe(cfg, store, lambda: node_errors(rankable_nodes(store, nodes, cfg.split)),
-                                   recipe_fallback)
+    def ranked_errors() -> Iterator[tuple]:
+        """The choice's pass: only the nodes it ranks (validation rows of both classes), with its own progress."""
+        which = rankable_nodes(store, nodes, cfg.split)
+        bar = Progress(len(which), "signal choice", "node", cfg.compute.progress, log)
+        try:
+            for item in node_errors(which):
+                yield item
+                bar.update(1)
+        finally:
+            bar.close()
+
+    recipe, choice = choose_recipe(cfg, store, ranked_errors, recipe_fallback)
     with atomic_path(out_path) as tmp, h5_writing(tmp) as f:
         f.attrs.update(hpcad_format=FORMAT, format_version=1, store=str(store.path), models=str(models_dir),
                        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds"),

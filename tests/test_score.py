@@ -181,3 +181,36 @@ def test_the_signal_choice_scores_only_the_nodes_whose_validation_rows_it_can_ra
     assert seen[2:] == [["a", "b"], ["a", "b"]]
     with h5py.File(tmp_path / "all.h5") as f:
         assert json.loads(f.attrs["signal_choice"]) == choice
+
+
+def test_the_signal_choice_pass_says_how_far_it_got_in_a_log_file(tmp_path, monkeypatch, caplog):
+    """The choice's pass over thousands of labelled nodes takes as long as scoring them: in a SLURM
+    log it says how far it got (at most every LOG_EVERY_S seconds), over the nodes it ranks only."""
+    import io
+    import sys
+
+    from hpcad import progress
+
+    rng = np.random.default_rng(2)
+    nodes = []
+    for i in range(6):
+        labels = np.zeros(80, np.int8)
+        if i < 3:  # an anomaly in the validation rows (rows 40-59) of three nodes
+            labels[50:55] = 1
+        nodes.append(NodeData(f"n{i}", np.arange(80, dtype=np.int64) * 300, rng.normal(size=(80, 3)).astype(np.float32),
+                              labels))
+    write_store(tmp_path / "store.h5", METRICS, nodes, "test")
+    cfg = OmegaConf.structured(HpcadConfig)
+    cfg.compute.device, cfg.compute.progress = "cpu", True
+    cfg.split.unit, cfg.split.train, cfg.split.val = "rows", 40, 20
+    spec = AutoencoderSpec(hidden=[2])
+    for i, nd in enumerate(nodes):
+        NodeModel(nd.name, spec, METRICS, [glorot_init(spec, 3, i)], Scaler.fit(nd.values[:40], cfg.preprocess, names=METRICS),
+                  {}, 1.0, "").save(model_path(tmp_path / "models", nd.name))
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # a log file
+    with caplog.at_level("INFO", logger="hpcad.score"):
+        score_nodes(cfg, TelemetryStore(tmp_path / "store.h5"), tmp_path / "models", tmp_path / "errors.h5")
+    said = [r.getMessage().split(" (")[0] for r in caplog.records]
+    assert [m for m in said if m.startswith("signal choice: ")] == ["signal choice: 1/3 nodes", "signal choice: 2/3 nodes"]
+    assert [m for m in said if m.startswith("score: ")] == [f"score: {k}/6 nodes" for k in range(1, 6)]
