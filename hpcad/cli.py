@@ -220,7 +220,10 @@ def run_stage(stage: str, overrides: list[str]) -> int:
             status["rc"] = 2
             return
         log.info("%s done; outputs in %s", stage, run_dir)
-        if stage in ("run", "report") and (run_dir / "report.html").exists():
+        if stage in ("run", "report") and not cfg.report.enabled:
+            if rank == 0:  # a report.html there is an earlier run's (stage_report said so): not pointed at
+                print(f"hpcad: {stage} outputs in {run_dir} (no report: report.enabled=false)")
+        elif stage in ("run", "report") and (run_dir / "report.html").exists():
             if rank == 0:
                 print(f"hpcad: report at {run_dir / 'report.html'}")
         elif stage == "bench":

@@ -349,7 +349,14 @@ def _said_share(share: list[str], errors: ErrorStore, what: str, t0: float) -> N
 
 
 def stage_report(cfg: HpcadConfig, run_dir: Path) -> Path | None:
-    if not cfg.report.enabled or _left_to_rank_zero("report"):
+    if not cfg.report.enabled:
+        stale = run_dir / "report.html"
+        if stale.exists() and (run_dir / "thresholds.json").exists() and \
+                stale.stat().st_mtime < (run_dir / "thresholds.json").stat().st_mtime:
+            log.warning("report.enabled=false: %s is an earlier report, written before this run folder's "
+                        "thresholds.json; left as it was, not updated", stale, extra=dist.CLUSTER_WIDE)
+        return None
+    if _left_to_rank_zero("report"):
         return None
     from hpcad.report.page import write_report
 

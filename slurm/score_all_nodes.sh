@@ -44,8 +44,4 @@ steps="$(dirname "${here:-${BASH_SOURCE[0]}}")/score_steps.sh"
 [ -f "$steps" ] || steps="$(hpcad where slurm)/score_steps.sh"  # a site's copy of this script, kept elsewhere
 source "$steps"
 score_steps "$RUN_DIR" data.on_bad_node=skip "$@"
-if [ -f "${RUN_DIR}/report.html" ]; then
-  echo "score_all_nodes: done; report at ${RUN_DIR}/report.html"
-else
-  echo "score_all_nodes: done; outputs in ${RUN_DIR} (no report: report.enabled=false)"
-fi
+say_done score_all_nodes "$RUN_DIR" "$@"

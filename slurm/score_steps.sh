@@ -112,3 +112,20 @@ score_steps() {
   run_step threshold srun "${srun_opts[@]}" --mpi="$mpi" hpcad threshold "hydra.run.dir=${run_dir}" "$@"
   run_step report hpcad report "hydra.run.dir=${run_dir}" "$@"
 }
+
+# The job's last line: where its report is, or why there is none. With report.enabled=false among the
+# overrides (the last one given) a report.html in the folder is an earlier run's: not pointed at.
+say_done() {
+  local name=$1 run_dir=$2 a off=""; shift 2
+  for a in "$@"; do
+    case "$a" in report.enabled=*|+report.enabled=*|++report.enabled=*) off=${a#*=} ;; esac
+  done
+  case "${off,,}" in
+    false|no|off|n|0) echo "$name: done; outputs in ${run_dir} (no report: report.enabled=false)" ;;
+    *) if [ "${HPCAD_SCORE_ONLY:-0}" = 1 ] || [ ! -f "${run_dir}/report.html" ]; then
+         echo "$name: done; outputs in ${run_dir} (no report)"
+       else
+         echo "$name: done; report at ${run_dir}/report.html"
+       fi ;;
+  esac
+}

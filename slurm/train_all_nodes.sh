@@ -70,8 +70,4 @@ preflight_step "$RUN_DIR" "$@"
 run_step training srun "${srun_opts[@]}" hpcad train "hydra.run.dir=${RUN_DIR}" data.on_bad_node=skip "$@"
 # 2-4. Score (and the baselines, when named), fit thresholds, report.
 score_steps "$RUN_DIR" data.on_bad_node=skip "$@"
-if [ -f "${RUN_DIR}/report.html" ]; then
-  echo "train_all_nodes: done; report at ${RUN_DIR}/report.html"
-else
-  echo "train_all_nodes: done; outputs in ${RUN_DIR} (no report: report.enabled=false)"
-fi
+say_done train_all_nodes "$RUN_DIR" "$@"

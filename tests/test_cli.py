@@ -60,6 +60,14 @@ def test_run_on_the_embedded_default_writes_every_output(tmp_path):
     assert {c for sp, c in count["error"]} <= {"1", "2", "3", "4"}
     bad = hpcad("bench", "bench.mode=explain", f"hydra.run.dir={tmp_path / 'x'}", check=False)
     assert bad.returncode == 2 and "bench.mode=explain: set train_run" in bad.stderr
+    # new thresholds, the report turned off: the report.html left in the folder is an earlier one,
+    # said so, and not pointed at as the run's report (before: "hpcad: report at .../report.html")
+    earlier = (run / "report.html").read_bytes()
+    hpcad("threshold", f"hydra.run.dir={run}", *every_baseline, "threshold.drift=0")
+    p = hpcad("report", f"hydra.run.dir={run}", *every_baseline, "report.enabled=false")
+    assert "report at" not in p.stdout and "(no report: report.enabled=false)" in p.stdout
+    assert f"report.enabled=false: {run / 'report.html'} is an earlier report" in (run / "report.log").read_text()
+    assert (run / "report.html").read_bytes() == earlier  # left as it was
 
 
 def test_seed_ensemble_and_windowed_model_train_and_score_end_to_end(tmp_path):
