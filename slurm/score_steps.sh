@@ -86,13 +86,20 @@ mpi_plugin() {
   fi
 }
 
+# The last value the job's overrides give KEY (key=, +key= or ++key=; none: empty).
+last_override() {
+  local key=$1 a v=""; shift
+  for a in "$@"; do
+    case "$a" in "$key"=*|+"$key"=*|++"$key"=*) v=${a#*=} ;; esac
+  done
+  printf '%s' "$v"
+}
+
 # The baselines are a comparison, costly at scale: run only when the job's overrides name them
 # (the last baselines.methods=[...] given, not empty), as `hpcad run` would run them.
 asked_baselines() {
-  local a methods=""
-  for a in "$@"; do
-    case "$a" in baselines.methods=*|+baselines.methods=*|++baselines.methods=*) methods=${a#*=} ;; esac
-  done
+  local methods
+  methods=$(last_override baselines.methods "$@")
   [ -n "${methods//[][ ]/}" ]
 }
 
@@ -116,10 +123,8 @@ score_steps() {
 # The job's last line: where its report is, or why there is none. With report.enabled=false among the
 # overrides (the last one given) a report.html in the folder is an earlier run's: not pointed at.
 say_done() {
-  local name=$1 run_dir=$2 a off=""; shift 2
-  for a in "$@"; do
-    case "$a" in report.enabled=*|+report.enabled=*|++report.enabled=*) off=${a#*=} ;; esac
-  done
+  local name=$1 run_dir=$2 off; shift 2
+  off=$(last_override report.enabled "$@")
   case "${off,,}" in
     false|no|off|n|0) echo "$name: done; outputs in ${run_dir} (no report: report.enabled=false)" ;;
     *) if [ "${HPCAD_SCORE_ONLY:-0}" = 1 ] || [ ! -f "${run_dir}/report.html" ]; then

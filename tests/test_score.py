@@ -45,6 +45,23 @@ def _site(tmp_path, held=None):
     return cfg, TelemetryStore(store_path), models, nodes
 
 
+def _random_site(tmp_path, n: int, rows: int, train: int, labels=None):
+    """``n`` nodes of ``rows`` random rows (``labels(i)``: node i's labels, or None), each with an
+    untrained model whose scaler saw its first ``train`` rows; the config on CPU."""
+    rng = np.random.default_rng(n)
+    nodes = [NodeData(f"n{i:02d}", np.arange(rows, dtype=np.int64) * 300, rng.normal(size=(rows, 3)).astype(np.float32),
+                      labels(i) if labels else None) for i in range(n)]
+    write_store(tmp_path / "store.h5", METRICS, nodes, "test")
+    cfg = OmegaConf.structured(HpcadConfig)
+    cfg.compute.device = "cpu"
+    spec = AutoencoderSpec(hidden=[2])
+    for i, nd in enumerate(nodes):
+        NodeModel(nd.name, spec, METRICS, [glorot_init(spec, 3, i)],
+                  Scaler.fit(nd.values[:train], cfg.preprocess, names=METRICS), {}, 1.0, "").save(
+            model_path(tmp_path / "models", nd.name))
+    return cfg, TelemetryStore(tmp_path / "store.h5"), nodes
+
+
 @pytest.mark.parametrize("scaled", [False, True])
 def test_errors_h5_holds_the_documented_errors_and_signals(tmp_path, scaled):
     held = np.array([2.0, 0.1, 0.3], np.float32)
@@ -125,22 +142,11 @@ def test_on_cpu_nodes_are_scored_in_chunks_of_32_whatever_the_memory_budget(tmp_
     the chunk it was scored in."""
     import hpcad.score as score
 
-    rng = np.random.default_rng(1)
-    nodes = [NodeData(f"n{i:02d}", np.arange(60, dtype=np.int64) * 300, rng.normal(size=(60, 3)).astype(np.float32),
-                      None)
-             for i in range(70)]
-    write_store(tmp_path / "store.h5", METRICS, nodes, "test")
-    cfg = OmegaConf.structured(HpcadConfig)
-    cfg.compute.device, cfg.compute.progress, cfg.compute.memory_budget_mb = "cpu", False, 8192
-    spec = AutoencoderSpec(hidden=[2])
-    for i, nd in enumerate(nodes):
-        scaler = Scaler.fit(nd.values[:30], cfg.preprocess, names=METRICS)
-        NodeModel(nd.name, spec, METRICS, [glorot_init(spec, 3, i)], scaler, {}, 1.0, "").save(
-            model_path(tmp_path / "models", nd.name))
+    cfg, store, nodes = _random_site(tmp_path, 70, 60, 30)
+    cfg.compute.progress, cfg.compute.memory_budget_mb = False, 8192
     real, sizes = score.reconstruction_errors, []
     monkeypatch.setattr(score, "reconstruction_errors", lambda models, *a, **kw: sizes.append(len(models)) or
                         real(models, *a, **kw))
-    store = TelemetryStore(tmp_path / "store.h5")
     score_nodes(cfg, store, tmp_path / "models", tmp_path / "default.h5")
     assert sizes == [32, 32, 6]
     cfg.compute.max_nodes_per_chunk = 70  # one chunk, as the budget would have allowed
@@ -191,26 +197,18 @@ def test_the_signal_choice_pass_says_how_far_it_got_in_a_log_file(tmp_path, monk
 
     from hpcad import progress
 
-    rng = np.random.default_rng(2)
-    nodes = []
-    for i in range(6):
-        labels = np.zeros(80, np.int8)
-        if i < 3:  # an anomaly in the validation rows (rows 40-59) of three nodes
-            labels[50:55] = 1
-        nodes.append(NodeData(f"n{i}", np.arange(80, dtype=np.int64) * 300, rng.normal(size=(80, 3)).astype(np.float32),
-                              labels))
-    write_store(tmp_path / "store.h5", METRICS, nodes, "test")
-    cfg = OmegaConf.structured(HpcadConfig)
-    cfg.compute.device, cfg.compute.progress = "cpu", True
+    def labels(i: int) -> np.ndarray:  # an anomaly in the validation rows (40-59) of three nodes
+        y = np.zeros(80, np.int8)
+        y[50:55] = i < 3
+        return y
+
+    cfg, store, _ = _random_site(tmp_path, 6, 80, 40, labels)
+    cfg.compute.progress = True
     cfg.split.unit, cfg.split.train, cfg.split.val = "rows", 40, 20
-    spec = AutoencoderSpec(hidden=[2])
-    for i, nd in enumerate(nodes):
-        NodeModel(nd.name, spec, METRICS, [glorot_init(spec, 3, i)], Scaler.fit(nd.values[:40], cfg.preprocess, names=METRICS),
-                  {}, 1.0, "").save(model_path(tmp_path / "models", nd.name))
     monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
     monkeypatch.setattr(sys, "stderr", io.StringIO())  # a log file
     with caplog.at_level("INFO", logger="hpcad.score"):
-        score_nodes(cfg, TelemetryStore(tmp_path / "store.h5"), tmp_path / "models", tmp_path / "errors.h5")
+        score_nodes(cfg, store, tmp_path / "models", tmp_path / "errors.h5")
     said = [r.getMessage().split(" (")[0] for r in caplog.records]
     assert [m for m in said if m.startswith("signal choice: ")] == ["signal choice: 1/3 nodes", "signal choice: 2/3 nodes"]
     assert [m for m in said if m.startswith("score: ")] == [f"score: {k}/6 nodes" for k in range(1, 6)]
