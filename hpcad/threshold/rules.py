@@ -31,12 +31,12 @@ from hpcad.threshold.reduce import Reducer
 log = logging.getLogger(__name__)
 SignalSource = Callable[[], Iterator[NodeSignal]]
 ALWAYS = 0.9  # share of fitted rows alarmed from which a threshold is reported as "always alarm"
+NOT_NORMAL = 10.0  # median signal_norm of the rows a node's fit took as normal, from which they are named
 
 
 def alarms_always(alarmed: int | np.integer, rows: int | np.integer) -> bool:
     """Whether ``alarmed`` of a node's ``rows`` fitted rows make its threshold "always alarm" (``ALWAYS``)."""
     return bool(alarmed >= ALWAYS * rows)
-NOT_NORMAL = 10.0  # median signal_norm of the rows a node's fit took as normal, from which they are named
 
 
 @dataclass
@@ -426,18 +426,21 @@ class CostRule(_Rule):
                     split[held] = TEST  # out of the fit (a rule fits on validation rows only)
                     yield dataclasses.replace(s, split=split), held
 
-        labelled = int(self.red.sum(np.array([sum(1 for _ in halves())]))[0])
-        if labelled < 2:
-            return "node", {"chosen": "node", "labelled_nodes": labelled, "how": "fewer than two labelled nodes"}
         costs = {}
         for scope in ("node", "cluster"):
             sub = copy.copy(self)
             sub.scope = sub.requested = scope
             sub.exact = []  # its own list (fit has just reset the counters the copy starts from)
             th = sub.thresholds(lambda: (h for h, _ in halves()))
-            mine = sum(self.cost_model.cost(th.signal_of(s)[held], s.labels[held], th.threshold_for(s.node))
-                       for s, held in halves())
-            costs[scope] = float(self.red.sum(np.array([mine]))[0])
+            mine, nodes = 0.0, 0
+            for s, held in halves():
+                mine += self.cost_model.cost(th.signal_of(s)[held], s.labels[held], th.threshold_for(s.node))
+                nodes += 1
+            total, labelled = self.red.sum(np.array([mine, nodes]))
+            labelled = int(labelled)  # counted on the node pass: no pass of its own over the signals
+            if labelled < 2:
+                return "node", {"chosen": "node", "labelled_nodes": labelled, "how": "fewer than two labelled nodes"}
+            costs[scope] = float(total)
         chosen = "cluster" if costs["cluster"] < costs["node"] else "node"
         log.info("%s: threshold scope %s (threshold.scope=auto: fitted on the first half of %d labelled nodes' "
                  "validation rows, cost on the second half: node %s, cluster %s)", detector, chosen, labelled,
