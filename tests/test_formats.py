@@ -82,6 +82,62 @@ def test_one_cluster_in_all_three_formats_gives_identical_stores(tmp_path):
             np.testing.assert_array_equal(got.labels, nd.labels, err_msg=name)
 
 
+def _last_line(path: Path, how: str) -> None:
+    """``path`` with its last line cut: ``short`` (a third of it gone and no line end: the file is
+    still being written), ``gone`` (the line not written yet) or ``no_end`` (whole, no line end)."""
+    text = path.read_text()
+    head, last = text[:-1].rsplit("\n", 1)
+    path.write_text({"short": f"{head}\n{last[: 2 * len(last) // 3]}", "gone": f"{head}\n",
+                     "no_end": text[:-1]}[how])
+
+
+def test_a_row_cut_short_at_a_files_end_is_left_out_as_if_not_yet_written(tmp_path, caplog):
+    """A file still being written (an LDMS store's current file, an export read while it is copied)
+    ends in part of a row, its last value perhaps cut mid-number: before, pandas read that row with
+    missing values and the cut number as it stood, and nothing said so. Each reader (a node's own
+    file, a file of many nodes, LDMS) leaves the row out and logs the file; a whole last row without a
+    line end is kept."""
+    nodes, metrics = _cluster(rows=300), metric_names()[:20]
+    wide, every = node_frame(nodes[1])[["timestamp", *metrics]], pd.concat(
+        [node_frame(nd)[["timestamp", *metrics]].assign(node=nd.name) for nd in nodes]).sort_values("timestamp")
+
+    def write(folder: Path) -> dict[str, tuple]:
+        (folder / "wide").mkdir(parents=True)
+        node_frame(nodes[0])[["timestamp", *metrics]].to_csv(folder / "wide" / f"{nodes[0].name}.csv", index=False)
+        wide.to_csv(folder / "wide" / f"{nodes[1].name}.csv", index=False)
+        every.to_csv(folder / "every.csv", index=False)
+        write_ldms(nodes, metrics, folder / "ldms", samplers=1)
+        return {"wide": (data_cfg(source=str(folder / "wide")), folder / "wide" / f"{nodes[1].name}.csv"),
+                "every": (data_cfg(source=str(folder / "every.csv")), folder / "every.csv"),
+                "ldms": (_ldms(source=str(folder / "ldms")), max((folder / "ldms").rglob("sampler0.[0-9]*")))}
+
+    def store(cfg, name) -> dict:
+        s = TelemetryStore(ingest(cfg, tmp_path / f"{name}.h5"))
+        return {n: (s.read(n).timestamp, s.read(n).values) for n in s.nodes}
+
+    whole = {fmt: store(cfg, f"whole-{fmt}") for fmt, (cfg, _) in write(tmp_path / "whole").items()}
+    expected = {}
+    for how in ("gone", "short", "no_end"):
+        for fmt, (cfg, path) in write(tmp_path / how).items():
+            _last_line(path, how)
+            caplog.clear()
+            with caplog.at_level(logging.WARNING):
+                got = store(cfg, f"{how}-{fmt}")
+            said = f"{path}: the last line has" in caplog.text
+            want = {"gone": whole, "short": expected, "no_end": whole}[how][fmt]
+            if how == "gone":  # the store without the file's last row: a node's rows fewer, or its last period
+                expected[fmt], want = got, whole[fmt]
+                assert any(len(got[n][0]) < len(want[n][0]) or not np.array_equal(got[n][1], want[n][1],
+                                                                                    equal_nan=True) for n in got)
+                assert not said, caplog.text
+                continue
+            assert got.keys() == want.keys(), (how, fmt)
+            for n in got:
+                np.testing.assert_array_equal(got[n][0], want[n][0], err_msg=f"{how} {fmt} {n}")
+                np.testing.assert_array_equal(got[n][1], want[n][1], err_msg=f"{how} {fmt} {n}")
+            assert said == (how == "short"), (how, fmt, caplog.text)
+
+
 def test_generate_and_run_long_format_with_job_context(tmp_path):
     exports = tmp_path / "long"
     hpcad("generate", f"generate.out={exports}", "generate.format=long", f"hydra.run.dir={tmp_path / 'g'}",

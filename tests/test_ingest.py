@@ -1,4 +1,5 @@
 """Ingestion: every accepted source gives the same store; bad input fails clearly and writes nothing."""
+import re
 import shutil
 from pathlib import Path
 import subprocess
@@ -436,22 +437,27 @@ def test_skip_policy_ingests_the_other_nodes_and_records_the_bad_one(tmp_path, b
 
 
 def test_rows_without_a_node_are_dropped_and_said_with_the_file(tmp_path, caplog):
-    """A daily export cut short (the dump job killed mid-write) ends in a line without its node value:
-    before, that row went silently; now the file, the count and the first such row are in the log."""
+    """A daily export cut short (the dump job killed mid-write) ends in part of a row, without its
+    node value: before, that row went silently; now the file and its cut last line are in the log
+    (``tables.cut_last_row``). A row inside a file without its node value is dropped and said too:
+    the file, the count and the first such row."""
     src, frames = _export(tmp_path)
     every = pd.concat([f.assign(node=n) for n, f in frames.items()]).sort_values("timestamp", kind="stable")
     days = tmp_path / "days"
     days.mkdir()
-    every.iloc[:200].to_csv(days / "2025-01-01.csv", index=False)
+    first = every.iloc[:200].copy()
+    first.iloc[49, first.columns.get_loc("node")] = ""  # data row 50
+    first.to_csv(days / "2025-01-01.csv", index=False)
     text = every.iloc[200:].to_csv(index=False)
     (days / "2025-01-02.csv").write_text(text[:len(text) // 2].rsplit(",", 1)[0])  # cut before the last node
     whole = text[:len(text) // 2].count("\n") - 1  # the second file's complete data rows
     with caplog.at_level("WARNING"):
         store = TelemetryStore(ingest(data_cfg(source=str(days)), tmp_path / "s.h5"))
-    assert sum(store.rows(n) for n in store.nodes) == 200 + whole
-    assert (f"2025-01-02.csv: 1 of {whole + 1} row(s) have no 'node' value and were dropped (the first: data row "
-            f"{whole + 1}; a truncated export ends so)") in caplog.text
-    assert "2025-01-01.csv" not in caplog.text
+    assert sum(store.rows(n) for n in store.nodes) == 199 + whole
+    assert ("2025-01-01.csv: 1 of 200 row(s) have no 'node' value and were dropped (the first: data row 50; a "
+            "truncated export ends so)") in caplog.text
+    assert re.search(r"2025-01-02\.csv: the last line has \d+ of 14 fields and no line end", caplog.text)
+    assert "2025-01-02.csv: 1 of" not in caplog.text
 
 
 def test_bad_files_among_daily_exports_are_skipped_whole_with_on_bad_node_skip(tmp_path, monkeypatch):

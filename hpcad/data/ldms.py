@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from hpcad.data.grid import GridStager
-from hpcad.data.tables import CHUNK_ROWS
+from hpcad.data.tables import CHUNK_ROWS, cut_last_row, without_cut_row
 from hpcad.data.timestamps import to_epoch_seconds
 from hpcad.errors import InputError
 
@@ -95,7 +95,7 @@ def stage_ldms(source: Path, cfg: DataConfig, stager: GridStager) -> None:
 
             reader = pd.read_csv(path, comment="#", header=None, names=cols, chunksize=CHUNK_ROWS,
                                  skip_blank_lines=True)
-            for chunk in reader:
+            for chunk in without_cut_row(reader, cut_last_row(path, ",", len(cols))):
                 _stage_chunk(chunk, path, cfg, tcol, ncol, metrics, codes, stager)
         except InputError:
             raise

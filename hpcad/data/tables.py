@@ -1,8 +1,10 @@
 """Reading CSV/Parquet tables whole or in chunks, with errors that name the file."""
 from __future__ import annotations
 
+import csv
+import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,8 +14,11 @@ from hpcad.errors import InputError
 if TYPE_CHECKING:
     import pandas as pd
 
+log = logging.getLogger(__name__)
+
 TABLE_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq")
 CHUNK_ROWS = 200_000
+TAIL_BYTES = 1 << 16  # how much of a CSV's end ``cut_last_row`` reads (a row of 160 metrics: ~2 KiB)
 
 
 def stem(path: Path) -> str:
@@ -83,7 +88,6 @@ def dialect(path: Path) -> CsvDialect:
     blank after its separators, and the header's names, in one read of the file's start. A header
     that names a column twice is refused (pandas would rename the copy ``name.1`` and ingest it as
     another metric)."""
-    import csv
     from collections import Counter
 
     try:
@@ -124,6 +128,47 @@ def without_unnamed(df: pd.DataFrame, how: CsvDialect, path: Path) -> pd.DataFra
     return df.drop(columns=[df.columns[k] for k in unnamed])
 
 
+def cut_last_row(path: Path, sep: str, fields: int) -> str | None:
+    """Why a plain CSV's last line is a row cut short (or None): no line end after it and fewer than
+    ``fields`` fields. A file still being written looks so (an LDMS store's current file, an export
+    read while it is copied): pandas would fill the missing fields in as missing values and read
+    the last one it has, perhaps cut mid-number (``1234.5`` as ``12``), as it stands. Only the file's
+    last ``TAIL_BYTES`` are read; a gzip file cut short fails to decompress instead."""
+    if path.name.lower().endswith(".gz"):
+        return None
+    with open(path, "rb") as f:
+        size = f.seek(0, 2)
+        f.seek(max(0, size - TAIL_BYTES))
+        tail = f.read()
+    end = max(tail.rfind(b"\n"), tail.rfind(b"\r"))
+    if end < 0 or end == len(tail) - 1:  # ends with a line end; or one line (the header), or a longer one
+        return None
+    line = tail[end + 1:].decode("utf-8", errors="replace")
+    if not line.strip() or line.startswith("#"):  # no row (pandas skips it), or an LDMS header being written
+        return None
+    got = len(next(csv.reader([line], delimiter=sep), []))
+    if got >= fields:
+        return None
+    return (f"{path}: the last line has {got} of {fields} fields and no line end (the file was still being "
+            f"written?): that row is left out")
+
+
+def without_cut_row(chunks: Iterable[pd.DataFrame], why: str | None) -> Iterator[pd.DataFrame]:
+    """``chunks`` as they come; with ``why`` (``cut_last_row``), without the last chunk's last row,
+    logged. Holds one chunk back only then."""
+    if why is None:
+        yield from chunks
+        return
+    held = None
+    for chunk in chunks:
+        if held is not None:
+            yield held
+        held = chunk
+    log.warning(why)
+    if held is not None:
+        yield held.iloc[:-1]
+
+
 def read_table(path: Path, as_text: bool = False) -> pd.DataFrame:
     """``path`` whole; ``as_text``: a CSV's cells as text (no type guessing: ``007`` stays ``007``)."""
     import pandas as pd
@@ -134,7 +179,9 @@ def read_table(path: Path, as_text: bool = False) -> pd.DataFrame:
                                                                    **({"dtype": str} if as_text else {}))
     except Exception as exc:  # pandas/pyarrow raise many types; name the file either way
         raise InputError(f"{path}: cannot read table: {exc}") from exc
-    return df if how is None else without_unnamed(df, how, path)
+    if how is None:
+        return df
+    return without_unnamed(next(without_cut_row([df], cut_last_row(path, how.sep, len(how.header)))), how, path)
 
 
 def read_node_map(path: Path, column: str, option: str, about: str = "") -> dict[str, str]:
@@ -173,7 +220,8 @@ def iter_table_chunks(path: Path, rows: int = CHUNK_ROWS, text: tuple[str, ...] 
         else:
             how = dialect(path)
             kw = {"dtype": {c: str for c in text}} if text else {}
-            for chunk in pd.read_csv(path, chunksize=rows, **how.read_csv_kw(), **kw):
+            chunks = pd.read_csv(path, chunksize=rows, **how.read_csv_kw(), **kw)
+            for chunk in without_cut_row(chunks, cut_last_row(path, how.sep, len(how.header))):
                 yield without_unnamed(chunk, how, path)
     except InputError:
         raise
