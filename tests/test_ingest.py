@@ -460,6 +460,47 @@ def test_rows_without_a_node_are_dropped_and_said_with_the_file(tmp_path, caplog
     assert "2025-01-02.csv: 1 of" not in caplog.text
 
 
+def test_exports_joined_with_cat_read_as_the_files_themselves(tmp_path, caplog):
+    """``cat day1.csv day2.csv > node.csv``: each day's header line lands inside the file. pandas read
+    it as a row of text, so every metric column was non-numeric and the error suggested each metric
+    as the node column. The readers skip lines that repeat the header (a byte-order mark or CRLF line
+    ends as the first line has them), for a node's own file and a file of many nodes alike."""
+    src, frames = _export(tmp_path)
+    every = pd.concat([f.assign(node=n) for n, f in frames.items()]).sort_values("timestamp", kind="stable")
+    joined = tmp_path / "joined"
+    joined.mkdir()
+    for i, (name, f) in enumerate(frames.items()):
+        parts = [f.iloc[:40], f.iloc[40:90], f.iloc[90:]]
+        text = [p.to_csv(index=False, lineterminator="\r\n" if i == 1 else "\n").encode() for p in parts]
+        if i == 2:
+            text = [b"\xef\xbb\xbf" + t for t in text]  # spreadsheets' "UTF-8 with BOM", on each part
+        (joined / f"{name}.csv").write_bytes(b"".join(text))
+    (tmp_path / "every.csv").write_bytes(every.iloc[:150].to_csv(index=False).encode()
+                                         + every.iloc[150:].to_csv(index=False).encode())
+    with caplog.at_level("INFO"):
+        a = TelemetryStore(ingest(data_cfg(source=str(joined)), tmp_path / "a.h5"))
+        b = TelemetryStore(ingest(data_cfg(source=str(tmp_path / "every.csv")), tmp_path / "b.h5"))
+    one = TelemetryStore(ingest(data_cfg(source=str(src)), tmp_path / "one.h5"))
+    for store in (a, b):
+        assert store.nodes == one.nodes and store.metrics == one.metrics
+        for n in one.nodes:
+            np.testing.assert_array_equal(store.read(n).values, one.read(n).values)
+            np.testing.assert_array_equal(store.read(n).timestamp, one.read(n).timestamp)
+            np.testing.assert_array_equal(store.read(n).labels, one.read(n).labels)
+    assert "cn000.csv: skipped 2 line(s) repeating the header line (files joined with cat?), the first at line 42" \
+        in caplog.text
+    assert "every.csv: skipped 1 line(s) repeating the header line" in caplog.text
+    # a header with other columns (a metric added between the days) is not skipped: an error saying what it is
+    f = frames["cn000"]
+    (joined / "cn000.csv").write_text(f.iloc[:40].to_csv(index=False) + f.iloc[40:].drop(columns=f.columns[3]).to_csv(
+        index=False))
+    with pytest.raises(InputError, match=r"cn000\.csv \(node cn000\): non-numeric .* a line inside the file holds "
+                                         r"column names, not values \(the header line of another export joined on "
+                                         r"with cat") as err:
+        ingest(data_cfg(source=str(joined)), tmp_path / "c.h5")
+    assert "names the nodes" not in str(err.value)
+
+
 def test_bad_files_among_daily_exports_are_skipped_whole_with_on_bad_node_skip(tmp_path, monkeypatch):
     """A year of daily dumps with one corrupt file (an export killed mid-write) stopped the whole
     ingest even with data.on_bad_node=skip. Now, with skip, such a file is left out whole (its rows

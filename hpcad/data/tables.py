@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import mmap
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -169,13 +170,63 @@ def without_cut_row(chunks: Iterable[pd.DataFrame], why: str | None) -> Iterator
         yield held.iloc[:-1]
 
 
+BOM = b"\xef\xbb\xbf"
+
+
+def repeated_headers(path: Path) -> list[int]:
+    """The line numbers (0 = the header) of the lines after the first that repeat it byte for byte:
+    files joined with ``cat`` (``cat day*.csv > node.csv``), each with its header line. pandas reads
+    such a line as a row of text, which made every metric column non-numeric ("if 'cmbw_p0_0' names
+    the nodes..."); the readers skip them. Plain CSV files only (one search of the file, in place)."""
+    if path.name.lower().endswith(".gz") or path.stat().st_size == 0:
+        return []
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        end = mm.find(b"\n")
+        if end < 0:
+            return []
+        header = mm[:end].removeprefix(BOM).rstrip(b"\r")
+        if not header:
+            return []
+        starts = []  # the newlines before them
+        for needle in (b"\n" + header, b"\n" + BOM + header):
+            at = mm.find(needle, end)
+            while at >= 0:
+                after = at + len(needle)
+                if after == len(mm) or mm[after:after + 1] in (b"\n", b"\r"):
+                    starts.append(at)
+                at = mm.find(needle, after)
+        return _line_numbers(mm, sorted(starts))
+
+
+def _line_numbers(mm: mmap.mmap, newlines: list[int]) -> list[int]:
+    """The 0-based line numbers of the lines that start after the newlines at ``newlines`` (sorted)."""
+    out, line, pos = [], 0, 0
+    for at in newlines:
+        line += mm[pos:at + 1].count(b"\n")
+        pos = at + 1
+        out.append(line)
+    return out
+
+
+def csv_options(path: Path, how: CsvDialect) -> dict:
+    """pandas.read_csv's options for the CSV ``path``: its dialect's (``how``), and the lines that
+    repeat its header to skip (``repeated_headers``; logged)."""
+    kw = how.read_csv_kw()
+    skip = repeated_headers(path)
+    if skip:
+        log.info("%s: skipped %d line(s) repeating the header line (files joined with cat?), the first at line %d",
+                 path, len(skip), skip[0] + 1)
+        kw["skiprows"] = skip
+    return kw
+
+
 def read_table(path: Path, as_text: bool = False) -> pd.DataFrame:
     """``path`` whole; ``as_text``: a CSV's cells as text (no type guessing: ``007`` stays ``007``)."""
     import pandas as pd
 
     how = None if is_parquet(path) else dialect(path)
     try:
-        df = pd.read_parquet(path) if how is None else pd.read_csv(path, **how.read_csv_kw(),
+        df = pd.read_parquet(path) if how is None else pd.read_csv(path, **csv_options(path, how),
                                                                    **({"dtype": str} if as_text else {}))
     except Exception as exc:  # pandas/pyarrow raise many types; name the file either way
         raise InputError(f"{path}: cannot read table: {exc}") from exc
@@ -220,7 +271,7 @@ def iter_table_chunks(path: Path, rows: int = CHUNK_ROWS, text: tuple[str, ...] 
         else:
             how = dialect(path)
             kw = {"dtype": {c: str for c in text}} if text else {}
-            chunks = pd.read_csv(path, chunksize=rows, **how.read_csv_kw(), **kw)
+            chunks = pd.read_csv(path, chunksize=rows, **csv_options(path, how), **kw)
             for chunk in without_cut_row(chunks, cut_last_row(path, how.sep, len(how.header))):
                 yield without_unnamed(chunk, how, path)
     except InputError:
