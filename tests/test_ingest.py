@@ -495,7 +495,7 @@ def test_exports_joined_with_cat_read_as_the_files_themselves(tmp_path, caplog):
     (joined / "cn000.csv").write_text(f.iloc[:40].to_csv(index=False) + f.iloc[40:].drop(columns=f.columns[3]).to_csv(
         index=False))
     with pytest.raises(InputError, match=r"cn000\.csv \(node cn000\): non-numeric .* a line inside the file holds "
-                                         r"column names, not values \(the header line of another export joined on "
+                                         r"column names, not values \(another export's header line, joined on "
                                          r"with cat") as err:
         ingest(data_cfg(source=str(joined)), tmp_path / "c.h5")
     assert "names the nodes" not in str(err.value)
