@@ -9,7 +9,7 @@ import pytest
 
 from conftest import SMALL, data_cfg, hpcad
 from hpcad.data.exports import write_ldms, write_long
-from hpcad.data.ingest import ingest
+from hpcad.data.ingest import ingest, source_signature
 from hpcad.data.jobs import expand_nodelist, read_jobs
 from hpcad.data.store import TelemetryStore
 from hpcad.data.node import NodeData
@@ -136,6 +136,35 @@ def test_a_row_cut_short_at_a_files_end_is_left_out_as_if_not_yet_written(tmp_pa
                 np.testing.assert_array_equal(got[n][0], want[n][0], err_msg=f"{how} {fmt} {n}")
                 np.testing.assert_array_equal(got[n][1], want[n][1], err_msg=f"{how} {fmt} {n}")
             assert said == (how == "short"), (how, fmt, caplog.text)
+
+
+def test_hidden_files_and_folders_among_exports_are_not_read(tmp_path):
+    """A folder of exports copied from a Mac holds ``._node.csv`` (AppleDouble, binary); a filer's
+    ``.snapshot/`` holds yesterday's copy of every file; an editor leaves ``.node.csv.swp``. Before,
+    the wide reader took ``._cn001.csv`` for node ``._cn001`` ("no rows") and the long and LDMS
+    readers read ``.snapshot``'s copies as more rows (repeats, or another node). Each reader leaves
+    hidden files and folders out, and so does the input's fingerprint (the rerun skips the ingest)."""
+    import shutil
+
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    for nd in _cluster(n=2, rows=120):
+        node_frame(nd).to_csv(wide / f"{nd.name}.csv", index=False)
+    sources = {"wide": (wide, data_cfg), "long": (EXAMPLES / "long", _long), "ldms": (EXAMPLES / "ldms", _ldms)}
+    for fmt, (src, cfg) in sources.items():
+        clean = TelemetryStore(ingest(cfg(source=str(src)), tmp_path / f"{fmt}-clean.h5"))
+        messy = shutil.copytree(src, tmp_path / f"{fmt}-messy")
+        first = sorted(p for p in messy.rglob("*") if p.is_file())[0]
+        (messy / f"._{first.name}").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+        shutil.copytree(first.parent, messy / ".snapshot" / "hourly.0" / first.parent.name)
+        (messy / ".snapshot" / "hourly.0" / "extra.csv").write_text(first.read_text()[:200])
+        got = TelemetryStore(ingest(cfg(source=str(messy)), tmp_path / f"{fmt}-messy.h5"))
+        assert got.nodes == clean.nodes and got.metrics == clean.metrics, fmt
+        for n in clean.nodes:
+            np.testing.assert_array_equal(got.read(n).values, clean.read(n).values, err_msg=fmt)
+        before = source_signature(messy, fmt)
+        (messy / ".snapshot" / "hourly.0" / "extra.csv").write_text("changed")
+        assert source_signature(messy, fmt) == before, fmt  # a hidden file changing is no new input
 
 
 def test_generate_and_run_long_format_with_job_context(tmp_path):

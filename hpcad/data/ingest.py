@@ -42,7 +42,7 @@ from hpcad.data.store import (TelemetryStore, check_node_name, drop_parts, is_st
                                write_store)
 from hpcad.data.node import NodeData
 from hpcad.data.nodefiles import folder_files, folder_of, node_files, node_frame, node_groups, where
-from hpcad.data.tables import columns, is_table
+from hpcad.data.tables import columns, is_table, visible_files
 from hpcad.dist import CLUSTER_WIDE
 from hpcad.errors import InputError
 
@@ -59,9 +59,9 @@ def source_signature(source: Path, fmt: str = "wide") -> str:
     if not source.is_dir():
         files = [source]
     elif fmt == "ldms":
-        files = sorted(p for p in source.rglob("*") if p.is_file() and not p.name.startswith("."))
+        files = visible_files(source)
     elif fmt == "long":
-        files = sorted(p for p in source.rglob("*") if is_table(p))
+        files = [p for p in visible_files(source) if is_table(p)]
     else:
         files = folder_files(source)
     h = hashlib.sha256()

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from hpcad.data.grid import GridStager
-from hpcad.data.tables import CHUNK_ROWS, cut_last_row, without_cut_row
+from hpcad.data.tables import CHUNK_ROWS, cut_last_row, visible_files, without_cut_row
 from hpcad.data.timestamps import to_epoch_seconds
 from hpcad.errors import InputError
 
@@ -39,8 +39,7 @@ SIDE_FILES = (".HEADER", ".KIND")
 def ldms_files(source: Path) -> list[Path]:
     if source.is_file():
         return [source]
-    files = sorted(p for p in source.rglob("*") if p.is_file() and not p.name.startswith(".")
-                   and not p.name.endswith(SIDE_FILES))
+    files = [p for p in visible_files(source) if not p.name.endswith(SIDE_FILES)]
     if not files:
         raise InputError(f"{source}: no LDMS CSV files below the directory")
     return files

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 def folder_files(source: Path) -> list[Path]:
     """The table files of a folder, sorted: those in it, or, where it holds none, those below it
     (hidden ones left out); [] when there are none."""
-    files = sorted(p for p in source.iterdir() if is_table(p))
+    files = sorted(p for p in source.iterdir() if is_table(p) and not p.name.startswith("."))
     if files:
         return files
     below, seen = [], set()

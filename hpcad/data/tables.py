@@ -280,11 +280,22 @@ def iter_table_chunks(path: Path, rows: int = CHUNK_ROWS, text: tuple[str, ...] 
         raise InputError(f"{path}: cannot read table: {exc}") from exc
 
 
+def hidden(path: Path, root: Path) -> bool:
+    """Whether ``path`` below ``root`` is hidden, or lies in a hidden folder below it (``._node.csv``,
+    macOS's AppleDouble copies on a share; ``.snapshot/``, an editor's ``.node.csv.swp``): not an export."""
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def visible_files(source: Path) -> list[Path]:
+    """Every file below the folder ``source`` that is not ``hidden``, sorted."""
+    return sorted(p for p in source.rglob("*") if p.is_file() and not hidden(p, source))
+
+
 def table_files(source: Path) -> list[Path]:
-    """``source`` itself, or every CSV/Parquet file below it (sorted)."""
+    """``source`` itself, or every CSV/Parquet file below it (sorted; hidden ones left out)."""
     if source.is_file():
         return [source]
-    files = sorted(p for p in source.rglob("*") if is_table(p))
+    files = [p for p in visible_files(source) if is_table(p)]
     if not files:
         raise InputError(f"{source}: no *.csv, *.csv.gz or *.parquet files below the directory")
     return files
