@@ -501,6 +501,29 @@ def test_exports_joined_with_cat_read_as_the_files_themselves(tmp_path, caplog):
     assert "names the nodes" not in str(err.value)
 
 
+def test_node_names_padded_with_blanks_are_the_names_themselves(tmp_path):
+    """A database's fixed-width CHAR column pads node names (``'cn000   '``), on some rows or all:
+    before, that was an error ("node name 'cn000 ' may hold only letters..."). A file of many nodes
+    and a long-format export read as their unpadded copies."""
+    src, frames = _export(tmp_path)
+    every = pd.concat([f.assign(node=n) for n, f in frames.items()]).sort_values("timestamp", kind="stable")
+    every = every.reset_index(drop=True)
+    padded = every.assign(node=[f"{n}   " if i % 3 else f" {n}" if i % 5 == 0 else n for i, n in enumerate(every["node"])])
+    every.to_csv(tmp_path / "plain.csv", index=False)
+    padded.to_csv(tmp_path / "padded.csv", index=False)
+    metric = every.columns[1]
+    for name, df in (("plain", every), ("padded", padded)):
+        df[["timestamp", "node", metric]].rename(columns={metric: "value"}).assign(metric=metric).to_csv(
+            tmp_path / f"long-{name}.csv", index=False)
+    for source, fmt in (("{}.csv", "wide"), ("long-{}.csv", "long")):
+        a, b = (TelemetryStore(ingest(data_cfg(source=str(tmp_path / source.format(n)), format=fmt),
+                                      tmp_path / f"{fmt}-{n}.h5")) for n in ("plain", "padded"))
+        assert a.nodes == b.nodes == sorted(frames), fmt
+        for n in a.nodes:
+            np.testing.assert_array_equal(a.read(n).values, b.read(n).values, err_msg=fmt)
+            np.testing.assert_array_equal(a.read(n).timestamp, b.read(n).timestamp, err_msg=fmt)
+
+
 def test_bad_files_among_daily_exports_are_skipped_whole_with_on_bad_node_skip(tmp_path, monkeypatch):
     """A year of daily dumps with one corrupt file (an export killed mid-write) stopped the whole
     ingest even with data.on_bad_node=skip. Now, with skip, such a file is left out whole (its rows

@@ -66,7 +66,7 @@ class GridStager:
         codes, uniq = pd.factorize(names, sort=False)
         if (codes < 0).any():
             raise InputError(f"{where}: {int((codes < 0).sum())} rows have no node name")
-        lut = np.array([self._code(self._node_code, self.node_names, check_node_name(_node_str(u), where))
+        lut = np.array([self._code(self._node_code, self.node_names, check_node_name(_node_str(u).strip(), where))
                         for u in uniq], dtype=np.int32)
         return lut[codes]
 
@@ -236,7 +236,8 @@ class GridStager:
 
 
 def _node_str(u) -> str:
-    """Node ids as text: LDMS component_id 12 -> "12" (not "12.0" when pandas read floats)."""
+    """Node ids as text: LDMS component_id 12 -> "12" (not "12.0" when pandas read floats). The callers
+    strip blanks around a name (a database's fixed-width CHAR column pads it)."""
     if isinstance(u, (float, np.floating)) and float(u).is_integer():
         return str(int(u))
     return str(u)

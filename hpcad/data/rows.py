@@ -125,7 +125,8 @@ def stage_rows(files: list[Path], cfg, names: list[str] | None, scratch: Path,
                     if cfg.timestamp_column in names:
                         f.create_dataset("timestamps", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(65536,))
                 raw = chunk[cfg.node_column]
-                code = {u: ids.setdefault(check_node_name(str(u), str(path)), len(ids)) for u in pd.unique(raw)}
+                # blanks around a name (a database's fixed-width CHAR column pads it) are not part of it
+                code = {u: ids.setdefault(check_node_name(str(u).strip(), str(path)), len(ids)) for u in pd.unique(raw)}
                 node_of = raw.map(code).to_numpy(dtype=np.int64)
                 order = np.argsort(node_of, kind="stable")
                 start = log_.shape[0]
