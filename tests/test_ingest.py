@@ -524,6 +524,25 @@ def test_node_names_padded_with_blanks_are_the_names_themselves(tmp_path):
             np.testing.assert_array_equal(a.read(n).timestamp, b.read(n).timestamp, err_msg=fmt)
 
 
+def test_empty_timestamps_are_refused_naming_the_first_row(tmp_path):
+    """An export with a timestamp left empty (or N/A) is refused naming the file, the column, how many
+    and the first one's data row (before: the count alone), in a node's file and a file of many nodes."""
+    src, frames = _export(tmp_path)
+    f = frames["cn001"].astype({"timestamp": str})
+    f.loc[f.index[[30, 70]], "timestamp"] = ["", "N/A"]
+    f.to_csv(src / "cn001.csv", index=False)
+    with pytest.raises(InputError, match=r"cn001\.csv \(node cn001\): column 'timestamp' has 2 empty timestamp\(s\) "
+                                         r"\(the first: data row 31\)"):
+        ingest(data_cfg(source=str(src)), tmp_path / "s.h5")
+    every = pd.concat([g.assign(node=n) for n, g in frames.items()]).sort_values("timestamp", kind="stable")
+    every = every.reset_index(drop=True).astype({"timestamp": str})
+    every.loc[250, "timestamp"] = ""
+    every.to_csv(tmp_path / "every.csv", index=False)
+    with pytest.raises(InputError, match=r"every\.csv: column 'timestamp' has 1 empty timestamp\(s\) \(the first: "
+                                         r"data row 251\)"):
+        ingest(data_cfg(source=str(tmp_path / "every.csv")), tmp_path / "e.h5")
+
+
 def test_bad_files_among_daily_exports_are_skipped_whole_with_on_bad_node_skip(tmp_path, monkeypatch):
     """A year of daily dumps with one corrupt file (an export killed mid-write) stopped the whole
     ingest even with data.on_bad_node=skip. Now, with skip, such a file is left out whole (its rows

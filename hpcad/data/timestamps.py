@@ -37,8 +37,12 @@ def to_epoch_seconds(col: pd.Series, where: str, name: str, timezone: str = "UTC
 
     if epoch_unit not in EPOCH_UNITS:
         raise InputError(f"data.epoch_unit={epoch_unit!r}: one of {sorted(EPOCH_UNITS)}")
-    if col.isna().any():
-        raise InputError(f"{where}: column {name!r} has {int(col.isna().sum())} empty timestamps")
+    empty = col.isna().to_numpy()
+    if empty.any():  # the first one's data row: the file's, also in a chunk of it (pandas numbers on)
+        at = col.index[int(np.flatnonzero(empty)[0])]
+        first = f" (the first: data row {at + 1})" if isinstance(at, (int, np.integer)) else ""
+        raise InputError(f"{where}: column {name!r} has {int(empty.sum())} empty timestamp(s){first}: empty, NA or "
+                         f"N/A; fill them in or drop those rows")
     if pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
         raw = col.to_numpy(dtype=np.float64)
         secs = raw / EPOCH_UNITS[epoch_unit]
