@@ -36,19 +36,24 @@ def _mpi_ingest(run, exports, *opts: str, ranks: int = 2) -> tuple[int, str]:
 
 
 def _exports(tmp_path):
-    """Five labelled nodes of different lengths, one without a metric, one whose file is broken."""
+    """Five labelled nodes of different lengths, one without a metric, one whose file is broken; one
+    file ends in a row cut short (left out, with a warning the store keeps for the report)."""
     d = tmp_path / "exports"
     d.mkdir()
     for i in range(5):
         node = generate_node(f"cn{i:02d}", 150 + 40 * i, seed=i)
         f = node_frame(node).iloc[:, :10].assign(anomaly=node.labels)
         (f.drop(columns=f.columns[3]) if i == 3 else f).to_csv(d / f"{node.name}.csv", index=False)
+    (d / "cn01.csv").write_text((d / "cn01.csv").read_text()[:-30])
     pd.DataFrame({"timestamp": [0, 300], "m": ["1.5", "oops"]}).to_csv(d / "cn09.csv", index=False)
     return d
 
 
-def _same(a: TelemetryStore, b: TelemetryStore) -> None:
+def _same(a: TelemetryStore, b: TelemetryStore, warned: bool = True) -> None:
+    """The same store; ``warned``: of the same input, so with the same readers' warnings (each rank's
+    together, in any order)."""
     assert (a.nodes, a.metrics, a.skipped, a.has_labels) == (b.nodes, b.metrics, b.skipped, b.has_labels)
+    assert not warned or (a.warnings[0] == b.warnings[0] and sorted(a.warnings[1]) == sorted(b.warnings[1]))
     for n in a.nodes:
         x, y = a.read(n), b.read(n)
         assert a.rows(n) == b.rows(n) and np.array_equal(x.timestamp, y.timestamp)
@@ -68,6 +73,7 @@ def test_two_ranks_write_the_store_one_process_writes_and_a_failed_or_requeued_i
         assert {type(f["nodes"].get(n, getlink=True)) for n in f["nodes"]} == {h5py.ExternalLink}
     _same(TelemetryStore(run / "store.h5"), one)
     assert one.skipped[0][0] == "cn09" and "non-numeric metric columns ['m']" in one.skipped[0][1]
+    assert any(m.startswith(f"{exports / 'cn01.csv'}: the last line has") for m in one.warnings[1]), one.warnings
 
     # the same exports without skipping: the rank that reads cn09.csv stops, the other names it, both
     # exit 2; the earlier store and its parts are untouched (another input's parts have other names)
@@ -239,12 +245,12 @@ def test_a_tree_of_day_folders_of_node_files_is_read_as_each_nodes_rows_in_time(
     (tree / "01" / "back").symlink_to(tree)  # a link back up the tree: its folders are read once
     ref = TelemetryStore(ingest(data_cfg(source=str(flat)), tmp_path / "flat.h5"))
     one = TelemetryStore(ingest(data_cfg(source=str(tmp_path / "exports")), tmp_path / "one.h5"))
-    _same(one, ref)
+    _same(one, ref, warned=False)  # the tree's files differ in metrics ("nodes report different metrics")
     assert one.rows("cn00") == 288 and one.rows("cn03") == 192 and ref.has_labels
     assert np.isnan(one.read("cn01").values[192:, 4 - 1]).all()  # the lost metric: missing on that day only
     rc, out = _mpi_ingest(tmp_path / "run", tmp_path / "exports")
     assert rc == 0 and "ingesting 11 node files of 4 nodes over 2 ranks" in out, out[-3000:]
-    _same(TelemetryStore(tmp_path / "run" / "store.h5"), ref)
+    _same(TelemetryStore(tmp_path / "run" / "store.h5"), one)
     # a new day's folder makes the store out of date; a bad file is named, not the node's joined rows;
     # with data.on_bad_node=skip it is left out (recorded), the node keeps its other days, on 2 ranks too
     bad = tree / "01" / "09"

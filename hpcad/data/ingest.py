@@ -42,6 +42,7 @@ from hpcad.data.store import (TelemetryStore, check_node_name, drop_parts, is_st
                                write_store)
 from hpcad.data.node import NodeData
 from hpcad.data.nodefiles import folder_files, folder_of, node_files, node_frame, node_groups, where
+from hpcad.data.notes import InputWarnings, input_warnings
 from hpcad.data.tables import columns, is_table, visible_files
 from hpcad.dist import CLUSTER_WIDE
 from hpcad.errors import InputError
@@ -159,6 +160,17 @@ def ingest(data_cfg, store_path: Path, progress: bool = True) -> Path:
     todo = to_ingest(data_cfg, store_path)
     if todo is None:
         return store_path
+    with input_warnings() as said:
+        n, skipped, skipped_files = _read_and_write(data_cfg, store_path, progress, todo, said)
+    # drops parts of an ingest over ranks
+    wrote(store_path, [], n, todo[0], f"{data_cfg.format} format", skipped, skipped_files)
+    return store_path
+
+
+def _read_and_write(data_cfg, store_path: Path, progress: bool, todo: tuple,
+                    said: InputWarnings) -> tuple[int, list | None, list | None]:
+    """``ingest``'s reading and writing (the readers' warnings collected in ``said``): the number of
+    nodes written, the nodes and files skipped (None without ``data.on_bad_node=skip``)."""
     src, jobs_path, sig = todo
     fmt = data_cfg.format
     jobs = read_jobs(jobs_path, data_cfg.timezone) if jobs_path else None
@@ -188,12 +200,12 @@ def ingest(data_cfg, store_path: Path, progress: bool = True) -> Path:
             metrics = [stager.metric_names[c] for c in keep]
             stream = counted(stager.iter_nodes(keep), len(stager.node_names), progress)
         n = write_store(store_path, metrics, finish_nodes(stream, metrics, data_cfg, jobs, labels, whole=True),
-                        str(src), signature=sig, skipped=skipped, jobs=jobs, skipped_files=skipped_files)
+                        str(src), signature=sig, skipped=skipped, jobs=jobs, skipped_files=skipped_files,
+                        warnings=said)
     finally:
         if stager is not None:
             stager.close()
-    wrote(store_path, [], n, src, f"{fmt} format", skipped, skipped_files)  # drops parts of an ingest over ranks
-    return store_path
+    return n, skipped, skipped_files
 
 
 def check_tables(nodes: list[str], data_cfg, jobs: JobTable | None, labels: LabelTable | None) -> None:

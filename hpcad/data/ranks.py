@@ -36,6 +36,7 @@ from hpcad.data.jobs import JobTable, read_jobs
 from hpcad.data.labelfile import LabelTable, read_labels
 from hpcad.data.node import NodeData
 from hpcad.data.nodefiles import node_groups
+from hpcad.data.notes import InputWarnings, input_warnings, merged
 from hpcad.data.rows import has_node_column, read_staged, row_columns, stage_rows
 from hpcad.data.store import STORE_SUFFIXES, TelemetryStore, part_path, write_index, write_store
 from hpcad.data.tables import TABLE_SUFFIXES
@@ -43,8 +44,9 @@ from hpcad.dist import CLUSTER_WIDE
 from hpcad.errors import InputError
 
 log = logging.getLogger(__name__)
-# a rank's part: file name, {node: (rows, labelled, digest)}, skipped nodes, skipped files
-Share = tuple[str, dict[str, tuple[int, bool, str]], list, list]
+# a rank's part: file name, {node: (rows, labelled, digest)}, skipped nodes, skipped files, and the
+# readers' warnings (how many, the first ones: hpcad/data/notes.py)
+Share = tuple[str, dict[str, tuple[int, bool, str]], list, list, tuple[int, list[str]]]
 
 
 @dataclass
@@ -89,6 +91,11 @@ def ingest_ranks(data_cfg, store_path: Path, progress: bool = True) -> None:
     """Make ``store_path`` up to date with ``data.source`` (see the module). An error on any rank
     (a bad node file with ``data.on_bad_node=error``, a full disk) stops every rank: the rank that
     failed with its own error, the others naming it (``dist.share_outcome``)."""
+    with input_warnings() as said:  # each rank's; rank 0's plan (the grid formats' pass 1) included
+        _ingest_ranks(data_cfg, store_path, progress, said)
+
+
+def _ingest_ranks(data_cfg, store_path: Path, progress: bool, said: InputWarnings) -> None:
     w = dist.world()
     plan, stager, failed = None, None, None
     if w.rank == 0:
@@ -109,12 +116,12 @@ def ingest_ranks(data_cfg, store_path: Path, progress: bool = True) -> None:
                 jobs = read_jobs(plan.jobs, data_cfg.timezone) if plan.jobs is not None else None
                 labels = read_labels(data_cfg.labels, data_cfg) if data_cfg.labels else None
             if plan.columns is None:
-                result = _ingest_share(data_cfg, plan, mine, part, jobs, labels, progress)
+                result = _ingest_share(data_cfg, plan, mine, part, jobs, labels, progress, said)
         except Exception as exc:
             failed = exc
         dist.share_outcome(failed)
         if plan.columns is not None:  # two passes with collectives between them (each rank shares its outcomes)
-            result = _rows_share(data_cfg, plan, store_path, part, jobs, labels, progress)
+            result = _rows_share(data_cfg, plan, store_path, part, jobs, labels, progress, said)
         results = dist.all_objects(result)
         if w.rank == 0:
             try:
@@ -173,12 +180,12 @@ def _plan(data_cfg, store_path: Path, progress: bool) -> tuple[Plan | None, Grid
 
 
 def _ingest_share(data_cfg, plan: Plan, units: list[str], part: Path, jobs: JobTable | None,
-                  labels: LabelTable | None, progress: bool) -> Share:
+                  labels: LabelTable | None, progress: bool, said: InputWarnings) -> Share:
     """This rank's nodes into ``part``. A part written before (a requeued job, a rerun after another
     rank failed) is kept."""
     rank = dist.world().rank
     if not units:  # more ranks than node files (or buckets)
-        return part.name, {}, [], []
+        return part.name, {}, [], [], said.said()
     if up_to_date(part, plan.signature):
         return _kept(part)
     unseen = [] if plan.grid else [f for f in plan.unit_files(units) if not f.exists()]
@@ -191,14 +198,14 @@ def _ingest_share(data_cfg, plan: Plan, units: list[str], part: Path, jobs: JobT
     stream = plan.nodes(data_cfg, units, skipped, progress, skipped_files)
     n = write_store(part, plan.metrics, finish_nodes(stream, plan.metrics, data_cfg, jobs, labels),
                     str(plan.source), signature=plan.signature, skipped=skipped, empty_ok=True,
-                    skipped_files=skipped_files)
+                    skipped_files=skipped_files, warnings=said)
     log.info("rank %d: ingested %d node(s) of its %d %s into %s", rank, n, len(units),
              "scratch bucket(s)" if plan.grid else "nodes' files", part.name)
     return _share(part)
 
 
 def _rows_share(data_cfg, plan: Plan, store_path: Path, part: Path, jobs: JobTable | None,
-                labels: LabelTable | None, progress: bool) -> Share:
+                labels: LabelTable | None, progress: bool, said: InputWarnings) -> Share:
     """Files of many nodes' rows: each rank stages its block of the files by node in a scratch file
     (pass 1, :func:`stage_rows`; the blocks follow the file order, so a node's rows stay in it), then
     converts its share of the nodes, balanced by rows, from every rank's scratch file into ``part``
@@ -230,14 +237,14 @@ def _rows_share(data_cfg, plan: Plan, store_path: Path, part: Path, jobs: JobTab
             if kept:
                 result = _kept(part)
             elif not mine:  # more ranks than nodes
-                result = part.name, {}, [], skipped_files
+                result = part.name, {}, [], skipped_files, said.said()
             else:
                 skipped: list | None = [] if data_cfg.on_bad_node == "skip" else None
                 stream = read_staged(scratch, plan.columns, FrameConverter(data_cfg, plan.metrics), plan.source, mine,
                                      skipped, progress)
                 n = write_store(part, plan.metrics, finish_nodes(stream, plan.metrics, data_cfg, jobs, labels),
                                 str(plan.source), signature=plan.signature, skipped=skipped, empty_ok=True,
-                                skipped_files=skipped_files)
+                                skipped_files=skipped_files, warnings=said)
                 log.info("rank %d: ingested %d node(s) of the %d in the files into %s", w.rank, n, len(rows),
                          part.name)
                 result = _share(part)
@@ -267,20 +274,22 @@ def _kept(part: Path) -> Share:
 
 def _share(part: Path) -> Share:
     st = TelemetryStore(part)
-    return part.name, {n: (st.rows(n), st.labelled[n], st.digest(n)) for n in st.nodes}, st.skipped, st.skipped_files
+    return (part.name, {n: (st.rows(n), st.labelled[n], st.digest(n)) for n in st.nodes}, st.skipped,
+            st.skipped_files, st.warnings)
 
 
 def _write_index(data_cfg, plan: Plan, store_path: Path, results: list[Share], jobs: JobTable | None,
                  labels: LabelTable | None) -> None:
     """Rank 0: the job and labels files checked against every rank's nodes, ``store.h5`` over the
     ranks' parts, then what ``ingest`` does after a write."""
-    parts = {store_path.parent / name: nodes for name, nodes, _, _ in results if nodes}
-    skipped = sorted((s for _, _, sk, _ in results for s in sk), key=lambda s: s[0])
-    skipped_files = sorted({p: why for _, _, _, files in results for p, why in files}.items())
+    parts = {store_path.parent / name: nodes for name, nodes, *_ in results if nodes}
+    skipped = sorted((s for _, _, sk, *_ in results for s in sk), key=lambda s: s[0])
+    skipped_files = sorted({p: why for _, _, _, files, _ in results for p, why in files}.items())
     if not parts:
         raise InputError(f"{plan.source}: no usable node" + (f" ({len(skipped)} skipped)" if skipped else ""))
-    check_tables([node for nodes in parts.values() for node in nodes], data_cfg, jobs, labels)
+    with input_warnings() as checked:  # the job and labels files' nodes: said here, as one process says them
+        check_tables([node for nodes in parts.values() for node in nodes], data_cfg, jobs, labels)
     n = write_index(store_path, plan.metrics, parts, str(plan.source), plan.signature, skipped, jobs,
-                    skipped_files)
+                    skipped_files, merged([said for *_, said in results] + [checked.said()]))
     wrote(store_path, [p.name for p in parts], n, plan.source, f"{data_cfg.format} format, {len(results)} ranks",
           skipped, skipped_files)

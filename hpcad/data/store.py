@@ -37,6 +37,7 @@ from hpcad.atomic import atomic_path, remove_unreferenced
 from hpcad.data.h5 import h5_writing, open_h5
 from hpcad.data.jobs import JobTable
 from hpcad.data.node import NodeData
+from hpcad.data.notes import InputWarnings
 from hpcad.errors import InputError, StoreError
 
 FORMAT = "telemetry-store"
@@ -121,11 +122,11 @@ def write_node(f: h5py.File, node: NodeData, source: str = "") -> str:
 def write_store(path: str | os.PathLike[str], metrics: list[str], nodes: Iterable[NodeData],
                 source: str, signature: str = "",
                 skipped: list | None = None, jobs: JobTable | None = None, empty_ok: bool = False,
-                skipped_files: list | None = None) -> int:
+                skipped_files: list | None = None, warnings: InputWarnings | None = None) -> int:
     """Write a store atomically from a stream of nodes; returns the number of nodes written (none is
-    an error unless ``empty_ok``: a rank's part whose nodes were all skipped). ``skipped`` and
-    ``skipped_files`` (bad nodes, bad files of a folder of many nodes' files) fill while the nodes
-    stream and are recorded at the end."""
+    an error unless ``empty_ok``: a rank's part whose nodes were all skipped). ``skipped``,
+    ``skipped_files`` (bad nodes, bad files of a folder of many nodes' files) and ``warnings`` (the
+    readers' warnings, hpcad/data/notes.py) fill while the nodes stream and are recorded at the end."""
     written: dict[str, tuple[int, bool, str]] = {}
     with atomic_path(path) as tmp:
         with h5_writing(tmp) as f:
@@ -140,11 +141,13 @@ def write_store(path: str | os.PathLike[str], metrics: list[str], nodes: Iterabl
             _write_node_table(f, written)
             f.attrs["skipped_nodes"] = json.dumps(skipped or [])  # [[node, reason], ...]
             f.attrs["skipped_files"] = json.dumps(skipped_files or [])  # [[file, reason], ...]
+            _write_warnings(f, warnings.said() if warnings is not None else (0, []))
     return len(written)
 
 
 def write_index(path: Path, metrics: list[str], parts: dict[Path, dict[str, tuple[int, bool, str]]], source: str,
-                signature: str, skipped: list, jobs: JobTable | None = None, skipped_files: list | None = None) -> int:
+                signature: str, skipped: list, jobs: JobTable | None = None, skipped_files: list | None = None,
+                warnings: tuple[int, list[str]] = (0, [])) -> int:
     """Write ``path`` atomically as a store whose nodes live in ``parts`` (part file -> {node: (rows,
     labelled, digest)}, each part a store written by :func:`write_store` beside ``path``); returns the number
     of nodes. Its ``/node_rows``, ``/node_labelled`` and ``/node_digest`` let a reader list the nodes
@@ -159,7 +162,14 @@ def write_index(path: Path, metrics: list[str], parts: dict[Path, dict[str, tupl
         _write_node_table(f, table)
         f.attrs["skipped_nodes"] = json.dumps(skipped)
         f.attrs["skipped_files"] = json.dumps(skipped_files or [])
+        _write_warnings(f, warnings)
     return len(table)
+
+
+def _write_warnings(f: h5py.File, said: tuple[int, list[str]]) -> None:
+    """The readers' warnings (``InputWarnings.said()``): how many, and the first ones."""
+    f.attrs["input_warnings_total"] = said[0]
+    f.attrs["input_warnings"] = json.dumps(said[1])
 
 
 def _write_node_table(f: h5py.File, nodes: dict[str, tuple[int, bool, str]]) -> None:
@@ -238,6 +248,9 @@ class TelemetryStore:
             self.signature = str(f.attrs.get("source_signature", ""))
             self.skipped: list[list[str]] = json.loads(f.attrs.get("skipped_nodes", "[]"))
             self.skipped_files: list[list[str]] = json.loads(f.attrs.get("skipped_files", "[]"))
+            # what the readers warned of while ingesting (hpcad/data/notes.py): how many, the first ones
+            self.warnings: tuple[int, list[str]] = (int(f.attrs.get("input_warnings_total", 0)),
+                                                    json.loads(f.attrs.get("input_warnings", "[]")))
             self.has_jobs = "jobs" in f
         self._jobs: JobTable | None = None
 

@@ -126,6 +126,7 @@ def write_report(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, models_dir
             parts.append(f"<h2>Skipped input files ({len(store.skipped_files)})</h2><p>Bad input (data.on_bad_node="
                          f"skip); every node's rows in these files are missing.</p>"
                          + html_table(store.skipped_files, ["file", "reason"]))
+        parts.append(input_warnings_section(*store.warnings))
     untrained = untrained_nodes(models_dir)
     if untrained:
         rows = sorted(untrained.items())[:MAX_UNTRAINED_LISTED]
@@ -309,6 +310,17 @@ def comparison_table(metrics: dict) -> str:
             "over nodes with both classes, no point adjustment; cost and events at the thresholds fitted on "
             "the validation split; defaults are chosen on validation figures, test figures are for "
             f"reporting):</p><table><tr><th>detector</th>{head}</tr>{body}</table>")
+
+
+def input_warnings_section(total: int, first: list[str]) -> str:
+    """What the readers warned of while ingesting (a row cut short, repeated rows, rows without a
+    node...; hpcad/data/notes.py): the first ones the store kept, and how many; "" without any."""
+    if not total:
+        return ""
+    more = f" The first {len(first)} of {total}; the ingest's log has every one." if total > len(first) else ""
+    return (f"<h2>Input warnings ({total})</h2><p>What the readers left out or repaired while ingesting the "
+            f"input (docs/data.md lists each case).{more}</p><ul>"
+            + "".join(f"<li><code>{html.escape(m)}</code></li>" for m in first) + "</ul>")
 
 
 def gaps_section(errors: ErrorStore, max_share: float) -> str:
