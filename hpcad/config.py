@@ -222,7 +222,7 @@ class BenchConfig:
     seed: int = 0
     days: int = 30  # ingest mode: days of 5-minute samples per node
     ranks: int = 1  # ingest mode: local processes that share the ingest (launched as torchrun would)
-    input: str = "long"  # ingest mode: long (an ExaMon-like long export) | days (daily wide exports of every node)
+    input: str = "long"  # ingest mode: long (an ExaMon-like long export) | days (daily wide exports of every node) | nodes (a CSV file per node)
     alarms: int = 200  # report mode: alarmed nodes (bench.nodes=5000 bench.rows=288: a night of a large machine); nightly mode: nodes with anomalies in the night
 
 

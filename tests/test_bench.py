@@ -62,6 +62,12 @@ def test_bench_ingest_measures_the_out_of_core_pivot(tmp_path):
     log = (tmp_path / "bench_ingest_ranks" / "ingest-rank0.log").read_text()
     assert "staging 3 files of many nodes' rows over 2 ranks" in log and "rank 0: ingested 3 node(s)" in log, log
     assert not list(tmp_path.rglob(".ingest-*"))
+    # a CSV file per node, the most common export (each file's end and header checks included)
+    hpcad("bench", "bench.mode=ingest", "bench.input=nodes", "bench.nodes=5", "bench.days=2", "bench.metrics=12",
+          "compute.progress=false", f"hydra.run.dir={tmp_path}")
+    b = json.loads((tmp_path / "bench.json").read_text())
+    assert b["input"] == "nodes" and b["rows"] == 5 * 2 * 288 * 12 and b["input_mb"] > b["store_mb"] > 0
+    assert len(list((tmp_path / "bench_nodes_5x2dx12_seed0").glob("node*.csv"))) == 5
 
 
 def test_bench_drift_light_retraining_beats_doing_nothing(tmp_path):

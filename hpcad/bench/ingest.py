@@ -1,5 +1,5 @@
-"""``hpcad bench bench.mode=ingest``: an input written (``bench.input``: long format, or daily exports
-of every node) and its ingestion timed on one or ``bench.ranks`` local ranks, with the peak RSS
+"""``hpcad bench bench.mode=ingest``: an input written (``bench.input``: long format, daily exports
+of every node, or a CSV file per node) and its ingestion timed on one or ``bench.ranks`` local ranks, with the peak RSS
 that must stay bounded by a bucket or an input chunk, not by the input."""
 from __future__ import annotations
 
@@ -75,6 +75,23 @@ def write_daily_input(out: Path, nodes: int, days: int, metrics: int, seed: int)
     return per_day * nodes * days * metrics
 
 
+def write_node_input(out: Path, nodes: int, days: int, metrics: int, seed: int) -> int:
+    """A CSV file per node (the most common export: ``node00042.csv``, every day's rows in time order,
+    ISO timestamps), written a node at a time. Returns the samples (rows x metrics)."""
+    import pandas as pd
+
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = days * 86_400 // 300
+    stamps = pd.to_datetime(1_736_121_600 + 300 * np.arange(rows, dtype=np.int64), unit="s", utc=True)
+    for i in iterate(range(nodes), "bench input (node files)", "node"):
+        frame = pd.DataFrame(rng.standard_normal((rows, metrics), dtype=np.float32),
+                             columns=[f"metric{c:03d}" for c in range(metrics)])
+        frame.insert(0, "timestamp", stamps)
+        frame.to_csv(out / f"node{i:05d}.csv", index=False, date_format="%Y-%m-%dT%H:%M:%SZ")
+    return rows * nodes * metrics
+
+
 def _ingest_child(data_cfg, store: str, conn) -> None:
     from hpcad.data.ingest import ingest
 
@@ -85,15 +102,16 @@ def _ingest_child(data_cfg, store: str, conn) -> None:
 
 
 def bench_ingest(cfg: HpcadConfig, run_dir: Path) -> dict:
-    """Generate an input (``bench.input``: long format, or daily exports of every node; kept across
-    reruns) and time its ingestion in a fresh process, whose peak RSS is the figure that must stay
-    bounded by the bucket size (long) or an input chunk (days), not the input size."""
+    """Generate an input (``bench.input``: long format, daily exports of every node, or a CSV file
+    per node; kept across reruns) and time its ingestion in a fresh process, whose peak RSS is the
+    figure that must stay bounded by the bucket size (long), an input chunk (days) or a node's rows
+    (nodes), not the input size."""
     from omegaconf import OmegaConf
 
     from hpcad.config import DataConfig
 
     b = cfg.bench
-    writers = {"long": write_long_input, "days": write_daily_input}
+    writers = {"long": write_long_input, "days": write_daily_input, "nodes": write_node_input}
     if b.input not in writers:
         raise ConfigError(f"bench.input={b.input!r}: one of {', '.join(writers)}")
     src = run_dir / f"bench_{b.input}_{b.nodes}x{b.days}dx{b.metrics}_seed{b.seed}"
@@ -116,7 +134,7 @@ def bench_ingest(cfg: HpcadConfig, run_dir: Path) -> dict:
     else:
         res = in_fresh_process(_ingest_child, data_cfg, str(store), what="bench ingest")
         parts = [store]
-    input_mb = sum(p.stat().st_size for p in src.glob("*.parquet")) / 2**20
+    input_mb = sum(p.stat().st_size for p in src.iterdir() if p.suffix in (".parquet", ".csv")) / 2**20
     out = {"mode": "ingest", "input": b.input, "ranks": b.ranks, "nodes": b.nodes, "days": b.days,
            "metrics": b.metrics, "rows": rows,
            "input_mb": round(input_mb, 1), "store_mb": round(sum(p.stat().st_size for p in parts) / 2**20, 1),
@@ -134,7 +152,8 @@ def bench_ingest(cfg: HpcadConfig, run_dir: Path) -> dict:
 def _ingest_ranks(data_cfg, run: Path, ranks: int) -> dict:
     """``hpcad ingest`` of the bench input on ``ranks`` local processes (torchrun's variables; long
     format: rank 0 stages, every rank pivots its share; daily exports: every rank stages its block of
-    the files and converts its share of the nodes: hpcad/data/ranks.py). ``ingest_s`` is the wall
+    the files and converts its share of the nodes; node files: every rank reads its share of them:
+    hpcad/data/ranks.py). ``ingest_s`` is the wall
     time of the whole launch (each rank's start, torch's import and the process group included);
     ``peak_rss_mb`` the largest rank's."""
     import shutil
