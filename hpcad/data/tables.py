@@ -1,4 +1,6 @@
-"""Reading CSV/Parquet tables whole or in chunks, with errors that name the file."""
+"""Reading CSV/Parquet tables whole or in chunks, with errors that name the file; what export
+folders hold besides clean tables is left out here (a row cut short at a CSV's end, lines repeating
+its header, hidden files and folders), and said (docs/data.md)."""
 from __future__ import annotations
 
 import csv
