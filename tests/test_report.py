@@ -237,8 +237,9 @@ def test_nodes_whose_input_values_are_missing_are_listed_as_telemetry_gaps(tmp_p
 
 def test_what_the_readers_warned_of_while_ingesting_is_listed(tmp_path):
     """A row cut short, repeated rows dropped, rows without a node...: the readers' warnings were in
-    the ingest's log only. The store keeps the first ``notes.KEPT`` and the count (the readers' own,
-    not other modules'), and the report lists them, escaped; none, no section."""
+    the ingest's log only. The store keeps the first ``notes.KEPT`` and the count (the readers' own
+    warnings: not other modules', nor the skipped files' errors, listed apart), and the report lists
+    them, escaped; none, no section."""
     import logging
 
     from hpcad.data.notes import KEPT, input_warnings
@@ -252,12 +253,13 @@ def test_what_the_readers_warned_of_while_ingesting_is_listed(tmp_path):
         for i in range(KEPT + 3):
             logging.getLogger("hpcad.data.tables").warning("exports/<cn%02d>.csv: the last line has 3 of 9 fields", i)
         logging.getLogger("hpcad.score").warning("not the readers'")
+        logging.getLogger("hpcad.data.rows").error("skipping a file: listed on its own")
         write_store(tmp_path / "store.h5", store.metrics, nodes, "test", warnings=said)
     assert TelemetryStore(tmp_path / "store.h5").warnings[0] == KEPT + 3
     page = write_report(cfg, tmp_path, errors, models).read_text()
     assert f"<h2>Input warnings ({KEPT + 3})</h2>" in page and f"The first {KEPT} of {KEPT + 3}" in page
     assert "exports/&lt;cn00&gt;.csv: the last line has 3 of 9 fields" in page
-    assert f"&lt;cn{KEPT:02d}&gt;" not in page and "not the readers'" not in page
+    assert f"&lt;cn{KEPT:02d}&gt;" not in page and "not the readers'" not in page and "on its own" not in page
 
 
 def test_detection_quality_opens_with_one_row_per_detector_and_the_best_in_bold():

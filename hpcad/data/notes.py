@@ -11,7 +11,9 @@ KEPT = 50  # the first warnings kept (every one is in the log); the store record
 
 
 class InputWarnings(logging.Handler):
-    """Collects the WARNING (and worse) records of ``hpcad.data`` while attached (``input_warnings``)."""
+    """Collects the WARNING records of ``hpcad.data`` while attached (``input_warnings``). Not the
+    ERROR ones: those are the nodes and files skipped (data.on_bad_node=skip), which the store
+    records and the report lists on their own."""
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
@@ -19,6 +21,8 @@ class InputWarnings(logging.Handler):
         self.first: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno != logging.WARNING:
+            return
         self.total += 1
         if len(self.first) < KEPT:
             self.first.append(record.getMessage())
