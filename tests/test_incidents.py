@@ -85,6 +85,7 @@ def test_prometheus_textfile_parses_and_escapes_node_names(tmp_path):
     assert val[("hpcad_nightly_nodes", (("outcome", "without_model"),))] == 3
     assert val[("hpcad_nightly_night_timestamp_seconds", ())] == 1_740_787_200
     assert val[("hpcad_nightly_cluster_events", ())] == 0 and val[("hpcad_nightly_cluster_event_nodes", ())] == 0
+    assert val[("hpcad_nightly_input_warnings", ())] == 0
     assert all(f.type == "gauge" and f.documentation for f in fams.values())
     assert oct(path.stat().st_mode & 0o777) != oct(0o600) and not list(path.parent.glob("*.tmp"))
 

@@ -3,6 +3,7 @@ import csv
 import datetime as dt
 import fcntl
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -453,6 +454,8 @@ def test_silent_nodes_and_missing_values_are_telemetry_gaps(site, tmp_path):
     g = pd.read_csv(src / "node0002.csv")
     lost = ["ips_p1_3", "pow_p0"]  # in the store's metric order
     g.drop(columns=lost).to_csv(src / "node0002.csv", index=False)
+    cut = (src / "node0002.csv").read_text()[:-25]  # and its collector was still writing the night's last row
+    (src / "node0002.csv").write_text(cut)
     out = tmp_path / "nightly"
     p = cron(_env_file(site, out, "nightly.min_node_fraction=0.5 nightly.input='" + str(tmp_path / "in") + "/{date}'"),
              "--date", day)
@@ -469,6 +472,9 @@ def test_silent_nodes_and_missing_values_are_telemetry_gaps(site, tmp_path):
     assert float(prom['hpcad_node_missing_share{node="node0000"}']) == pytest.approx(levels["node0000"])
     assert float(prom['hpcad_node_metrics_lost{node="node0002"}']) == 2
     assert float(prom['hpcad_node_metrics_lost{node="node0000"}']) == 0  # its share says it: not each metric again
+    # the row cut short is left out, and said where the operator looks: the night's report and a gauge
+    assert re.search(r"<h2>Input warnings \(\d\)</h2>.*node0002\.csv: the last line has \d+ of \d+ fields", page, re.S)
+    assert float(prom["hpcad_nightly_input_warnings"]) == int(re.search(r"Input warnings \((\d)\)", page).group(1))
     log = "".join(f.read_text() for f in (out / "logs").rglob("*") if f.is_file())
     assert "1 trained node(s) sent no telemetry: ['node0001']" in log
     assert "2 node(s) with telemetry gaps: node0000 (80% of its values missing), node0002 (2 metric(s)" in log

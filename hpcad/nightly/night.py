@@ -134,6 +134,7 @@ class Built:
     settling: dict[str, Change] = field(default_factory=dict)  # changed nodes whose alarms open no incident
     events: list[dict] = field(default_factory=list)  # cluster-wide events (hpcad.nightly.events)
     seconds: dict[str, float] = field(default_factory=dict)  # where the night's time went, by phase
+    input_warnings: int = 0  # what the readers warned of ingesting the night's input (hpcad/data/notes.py)
 
 
 def build_night(cfg: HpcadConfig, day: dt.date, src: Path, out: Path, tmp: Path, train_run: Path,
@@ -182,7 +183,7 @@ def build_night(cfg: HpcadConfig, day: dt.date, src: Path, out: Path, tmp: Path,
                      list_unmodelled=False)  # its own sections list new and retired nodes
         clock.lap("report")
     return Built(src, nodes, new, records, incidents, confirmed, levels, drifted, refits, silent, retired, settling,
-                 events, clock.seconds)
+                 events, clock.seconds, store.warnings[0])
 
 
 def _jobs_file(n: NightlyConfig, day: dt.date) -> Path | None:

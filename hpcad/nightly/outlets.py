@@ -31,7 +31,7 @@ def announce(n: NightlyConfig, out: Path, day: dt.date, built) -> dict:
     iso = day.isoformat()
     fresh = [i for i in built.incidents if i["state"] == "new"]
     export_prometheus(n, out, day, built.levels, built.incidents, len(built.new), len(built.silent), built.events,
-                      len(built.retired))
+                      len(built.retired), built.input_warnings)
     notified = notify(n, out / iso, iso, fresh, built.events) if fresh or new_events(built.events) else ""
     if built.confirmed and n.drain and last_night(day, n.timezone):
         write_json(out / iso / "drain.json", drain(built.confirmed, n.drain_max_nodes,
@@ -45,7 +45,8 @@ def announce(n: NightlyConfig, out: Path, day: dt.date, built) -> dict:
 
 
 def export_prometheus(n: NightlyConfig, out: Path, day: dt.date, levels: list[dict], incidents: list[dict],
-                      unscored: int, silent: int = 0, events: list[dict] | None = None, retired: int = 0) -> None:
+                      unscored: int, silent: int = 0, events: list[dict] | None = None, retired: int = 0,
+                      input_warnings: int = 0) -> None:
     """The textfile (``nightly.prometheus``, default ``<out>/hpcad.prom``) for the newest night only."""
     newest = max(published_nights(out), default="")
     if day.isoformat() < newest:
@@ -53,7 +54,7 @@ def export_prometheus(n: NightlyConfig, out: Path, day: dt.date, levels: list[di
         return
     path = Path(n.prometheus).expanduser() if n.prometheus else out / "hpcad.prom"
     write_textfile(path, render(levels, incidents, day_bounds(day, n.timezone)[0], unscored, silent=silent,
-                                events=events, retired=retired))
+                                events=events, retired=retired, input_warnings=input_warnings))
 
 
 def notify(n: NightlyConfig, night_dir: Path, iso: str, fresh: list[dict], events: list[dict] | None = None) -> str:

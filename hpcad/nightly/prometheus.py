@@ -28,6 +28,8 @@ FAMILIES = {
     "hpcad_nightly_incidents": "Incidents of the newest night, by state (new, ongoing, resolved).",
     "hpcad_nightly_cluster_events": "Cluster-wide events of the newest night (many nodes alarmed in the same hours).",
     "hpcad_nightly_cluster_event_nodes": "Nodes alarmed in the newest night's largest cluster-wide event (0: none).",
+    "hpcad_nightly_input_warnings": "Warnings the readers logged ingesting the newest night's input (rows cut short "
+                                    "or repeated, lines skipped...; listed in the night's report).",
 }
 
 
@@ -41,7 +43,8 @@ def _value(v: float) -> str:
 
 
 def render(levels: list[dict], incidents: list[dict], night_start: int, unscored: int,
-           finished: float | None = None, silent: int = 0, events: list[dict] | None = None, retired: int = 0) -> str:
+           finished: float | None = None, silent: int = 0, events: list[dict] | None = None, retired: int = 0,
+           input_warnings: int = 0) -> str:
     samples: dict[str, list[tuple[dict, float]]] = {k: [] for k in FAMILIES}
     open_nodes = {i["node"] for i in incidents if i["state"] in OPEN}
     for lv in levels:
@@ -64,6 +67,7 @@ def render(levels: list[dict], incidents: list[dict], night_start: int, unscored
         samples["hpcad_nightly_incidents"].append(({"state": state}, sum(i["state"] == state for i in incidents)))
     samples["hpcad_nightly_cluster_events"].append(({}, len(events or [])))
     samples["hpcad_nightly_cluster_event_nodes"].append(({}, max((e["nodes"] for e in events or []), default=0)))
+    samples["hpcad_nightly_input_warnings"].append(({}, input_warnings))
     lines = []
     for name, help_text in FAMILIES.items():
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
