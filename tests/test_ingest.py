@@ -464,7 +464,8 @@ def test_exports_joined_with_cat_read_as_the_files_themselves(tmp_path, caplog):
     """``cat day1.csv day2.csv > node.csv``: each day's header line lands inside the file. pandas read
     it as a row of text, so every metric column was non-numeric and the error suggested each metric
     as the node column. The readers skip lines that repeat the header (a byte-order mark or CRLF line
-    ends as the first line has them), for a node's own file and a file of many nodes alike."""
+    ends as the first line has them), for a node's own file and a file of many nodes alike; and
+    comment lines (``# exported by ...``, which was read as a timestamp)."""
     src, frames = _export(tmp_path)
     every = pd.concat([f.assign(node=n) for n, f in frames.items()]).sort_values("timestamp", kind="stable")
     joined = tmp_path / "joined"
@@ -474,8 +475,8 @@ def test_exports_joined_with_cat_read_as_the_files_themselves(tmp_path, caplog):
         text = [p.to_csv(index=False, lineterminator="\r\n" if i == 1 else "\n").encode() for p in parts]
         if i == 2:
             text = [b"\xef\xbb\xbf" + t for t in text]  # spreadsheets' "UTF-8 with BOM", on each part
-        (joined / f"{name}.csv").write_bytes(b"".join(text))
-    (tmp_path / "every.csv").write_bytes(every.iloc[:150].to_csv(index=False).encode()
+        (joined / f"{name}.csv").write_bytes(b"".join(text) + (b"# exported by dumper 1.2\n" if i == 0 else b""))
+    (tmp_path / "every.csv").write_bytes(every.iloc[:150].to_csv(index=False).encode() + b"#,part 2\n"
                                          + every.iloc[150:].to_csv(index=False).encode())
     with caplog.at_level("INFO"):
         a = TelemetryStore(ingest(data_cfg(source=str(joined)), tmp_path / "a.h5"))
@@ -490,6 +491,8 @@ def test_exports_joined_with_cat_read_as_the_files_themselves(tmp_path, caplog):
     assert "cn000.csv: skipped 2 line(s) repeating the header line (files joined with cat?), the first at line 42" \
         in caplog.text
     assert "every.csv: skipped 1 line(s) repeating the header line" in caplog.text
+    assert "cn000.csv: skipped 1 comment line(s) (starting with #), the first at line 124" in caplog.text
+    assert "every.csv: skipped 1 comment line(s) (starting with #), the first at line 152" in caplog.text
     # a header with other columns (a metric added between the days) is not skipped: an error saying what it is
     f = frames["cn000"]
     (joined / "cn000.csv").write_text(f.iloc[:40].to_csv(index=False) + f.iloc[40:].drop(columns=f.columns[3]).to_csv(

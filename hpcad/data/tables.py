@@ -1,6 +1,6 @@
 """Reading CSV/Parquet tables whole or in chunks, with errors that name the file; what export
 folders hold besides clean tables is left out here (a row cut short at a CSV's end, lines repeating
-its header, hidden files and folders), and said (docs/data.md)."""
+its header, comment lines, hidden files and folders), and said (docs/data.md)."""
 from __future__ import annotations
 
 import csv
@@ -175,29 +175,35 @@ def without_cut_row(chunks: Iterable[pd.DataFrame], why: str | None) -> Iterator
 BOM = b"\xef\xbb\xbf"
 
 
-def repeated_headers(path: Path) -> list[int]:
-    """The line numbers (0 = the header) of the lines after the first that repeat it byte for byte:
-    files joined with ``cat`` (``cat day*.csv > node.csv``), each with its header line. pandas reads
-    such a line as a row of text, which made every metric column non-numeric ("if 'cmbw_p0_0' names
-    the nodes..."); the readers skip them. Plain CSV files only (one search of the file, in place)."""
+def skipped_lines(path: Path) -> tuple[list[int], list[int]]:
+    """The line numbers (0 = the header) of the lines after the first that repeat it byte for byte
+    (files joined with ``cat``: ``cat day*.csv > node.csv``, each with its header line), and of those
+    that start with ``#`` (an exporter's comment, e.g. ``# exported by ... at ...`` at the end).
+    pandas reads either as a row of text: every metric column turned non-numeric ("if 'cmbw_p0_0'
+    names the nodes..."), or the comment was taken for a timestamp. The readers skip them. Plain CSV
+    files only (one search of the file, in place)."""
     if path.name.lower().endswith(".gz") or path.stat().st_size == 0:
-        return []
+        return [], []
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         end = mm.find(b"\n")
         if end < 0:
-            return []
+            return [], []
         header = mm[:end].removeprefix(BOM).rstrip(b"\r")
         if not header:
-            return []
-        starts = []  # the newlines before them
+            return [], []
+        repeats = []  # the newlines before them
         for needle in (b"\n" + header, b"\n" + BOM + header):
             at = mm.find(needle, end)
             while at >= 0:
                 after = at + len(needle)
                 if after == len(mm) or mm[after:after + 1] in (b"\n", b"\r"):
-                    starts.append(at)
+                    repeats.append(at)
                 at = mm.find(needle, after)
-        return _line_numbers(mm, sorted(starts))
+        comments, at = [], mm.find(b"\n#", end)
+        while at >= 0:
+            comments.append(at)
+            at = mm.find(b"\n#", at + 1)
+        return _line_numbers(mm, sorted(repeats)), _line_numbers(mm, comments)
 
 
 def _line_numbers(mm: mmap.mmap, newlines: list[int]) -> list[int]:
@@ -212,13 +218,17 @@ def _line_numbers(mm: mmap.mmap, newlines: list[int]) -> list[int]:
 
 def csv_options(path: Path, how: CsvDialect) -> dict:
     """pandas.read_csv's options for the CSV ``path``: its dialect's (``how``), and the lines that
-    repeat its header to skip (``repeated_headers``; logged)."""
+    repeat its header or are comments, to skip (``skipped_lines``; logged)."""
     kw = how.read_csv_kw()
-    skip = repeated_headers(path)
-    if skip:
+    repeats, comments = skipped_lines(path)
+    if repeats:
         log.info("%s: skipped %d line(s) repeating the header line (files joined with cat?), the first at line %d",
-                 path, len(skip), skip[0] + 1)
-        kw["skiprows"] = skip
+                 path, len(repeats), repeats[0] + 1)
+    if comments:
+        log.info("%s: skipped %d comment line(s) (starting with #), the first at line %d", path, len(comments),
+                 comments[0] + 1)
+    if repeats or comments:
+        kw["skiprows"] = sorted(set(repeats + comments))
     return kw
 
 
