@@ -199,10 +199,11 @@ def skipped_lines(path: Path) -> tuple[list[int], list[int]]:
                 if after == len(mm) or mm[after:after + 1] in (b"\n", b"\r"):
                     repeats.append(at)
                 at = mm.find(needle, after)
-        comments, at = [], mm.find(b"\n#", end)
+        comments, at = [], mm.find(b"#", end)  # one byte: memchr's speed ("\n#" is searched 4x slower)
         while at >= 0:
-            comments.append(at)
-            at = mm.find(b"\n#", at + 1)
+            if mm[at - 1:at] == b"\n":
+                comments.append(at - 1)
+            at = mm.find(b"#", at + 1)
         return _line_numbers(mm, sorted(repeats)), _line_numbers(mm, comments)
 
 
