@@ -29,7 +29,7 @@ FAMILIES = {
     "hpcad_nightly_cluster_events": "Cluster-wide events of the newest night (many nodes alarmed in the same hours).",
     "hpcad_nightly_cluster_event_nodes": "Nodes alarmed in the newest night's largest cluster-wide event (0: none).",
     "hpcad_nightly_input_warnings": "Warnings the readers logged ingesting the newest night's input (rows cut short "
-                                    "or repeated, lines skipped...; listed in the night's report).",
+                                    "or repeated, rows without a node...; listed in the night's report).",
 }
 
 
