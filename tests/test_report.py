@@ -8,7 +8,7 @@ import pytest
 
 from hpcad.errorstore import FORMAT, ErrorStore
 from hpcad.report.markup import alarms_table, html_table
-from hpcad.report.page import write_report
+from hpcad.report.page import INPUT_WARNINGS_SHOWN, write_report
 from hpcad.score import score_nodes
 from hpcad.threshold.evaluate import parse_top_metrics, write_alarms_csv
 from hpcad.threshold.rules import Thresholds
@@ -259,6 +259,7 @@ def test_what_the_readers_warned_of_while_ingesting_is_listed(tmp_path):
     page = write_report(cfg, tmp_path, errors, models).read_text()
     assert f"<h2>Input warnings ({KEPT + 3})</h2>" in page and f"The first {KEPT} of {KEPT + 3}" in page
     assert "exports/&lt;cn00&gt;.csv: the last line has 3 of 9 fields" in page
+    assert f"<details><summary>{KEPT - INPUT_WARNINGS_SHOWN} more</summary>" in page  # folded: the alarms come next
     assert f"&lt;cn{KEPT:02d}&gt;" not in page and "not the readers'" not in page and "on its own" not in page
 
 

@@ -312,15 +312,23 @@ def comparison_table(metrics: dict) -> str:
             f"reporting):</p><table><tr><th>detector</th>{head}</tr>{body}</table>")
 
 
+INPUT_WARNINGS_SHOWN = 3  # the input warnings listed open; the others the store kept are folded
+
+
 def input_warnings_section(total: int, first: list[str]) -> str:
     """What the readers warned of while ingesting (a row cut short, repeated rows, rows without a
     node...; hpcad/data/notes.py): the first ones the store kept, and how many; "" without any."""
     if not total:
         return ""
     more = f" The first {len(first)} of {total}; the ingest's log has every one." if total > len(first) else ""
+
+    def listed(messages: list[str]) -> str:
+        return "<ul>" + "".join(f"<li><code>{html.escape(m)}</code></li>" for m in messages) + "</ul>"
+
+    shown, rest = first[:INPUT_WARNINGS_SHOWN], first[INPUT_WARNINGS_SHOWN:]  # the rest folded: the alarms come next
     return (f"<h2>Input warnings ({total})</h2><p>What the readers left out or repaired while ingesting the "
-            f"input (docs/data.md lists each case).{more}</p><ul>"
-            + "".join(f"<li><code>{html.escape(m)}</code></li>" for m in first) + "</ul>")
+            f"input (docs/data.md lists each case).{more}</p>" + listed(shown)
+            + (f"<details><summary>{len(rest)} more</summary>{listed(rest)}</details>" if rest else ""))
 
 
 def gaps_section(errors: ErrorStore, max_share: float) -> str:
