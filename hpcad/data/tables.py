@@ -142,7 +142,11 @@ def cut_last_row(path: Path, sep: str, fields: int) -> str | None:
     with open(path, "rb") as f:
         size = f.seek(0, 2)
         f.seek(max(0, size - TAIL_BYTES))
-        tail = f.read()
+        return _cut_reason(f.read(), path, sep, fields)
+
+
+def _cut_reason(tail: bytes, path: Path, sep: str, fields: int) -> str | None:
+    """``cut_last_row`` on the file's last ``TAIL_BYTES`` (``tail``)."""
     end = max(tail.rfind(b"\n"), tail.rfind(b"\r"))
     if end < 0 or end == len(tail) - 1:  # ends with a line end; or one line (the header), or a longer one
         return None
@@ -175,36 +179,33 @@ def without_cut_row(chunks: Iterable[pd.DataFrame], why: str | None) -> Iterator
 BOM = b"\xef\xbb\xbf"
 
 
-def skipped_lines(path: Path) -> tuple[list[int], list[int]]:
+def skipped_lines(mm: mmap.mmap) -> tuple[list[int], list[int]]:
     """The line numbers (0 = the header) of the lines after the first that repeat it byte for byte
     (files joined with ``cat``: ``cat day*.csv > node.csv``, each with its header line), and of those
-    that start with ``#`` (an exporter's comment, e.g. ``# exported by ... at ...`` at the end).
-    pandas reads either as a row of text: every metric column turned non-numeric ("if 'cmbw_p0_0'
-    names the nodes..."), or the comment was taken for a timestamp. The readers skip them. Plain CSV
-    files only (one search of the file, in place)."""
-    if path.name.lower().endswith(".gz") or path.stat().st_size == 0:
+    that start with ``#`` (an exporter's comment, e.g. ``# exported by ... at ...`` at the end), in
+    the plain CSV mapped in ``mm`` (one search of the file, in place). pandas reads either as a row
+    of text: every metric column turned non-numeric ("if 'cmbw_p0_0' names the nodes..."), or the
+    comment was taken for a timestamp. The readers skip them."""
+    end = mm.find(b"\n")
+    if end < 0:
         return [], []
-    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        end = mm.find(b"\n")
-        if end < 0:
-            return [], []
-        header = mm[:end].removeprefix(BOM).rstrip(b"\r")
-        if not header:
-            return [], []
-        repeats = []  # the newlines before them
-        for needle in (b"\n" + header, b"\n" + BOM + header):
-            at = mm.find(needle, end)
-            while at >= 0:
-                after = at + len(needle)
-                if after == len(mm) or mm[after:after + 1] in (b"\n", b"\r"):
-                    repeats.append(at)
-                at = mm.find(needle, after)
-        comments, at = [], mm.find(b"#", end)  # one byte: memchr's speed ("\n#" is searched 4x slower)
+    header = mm[:end].removeprefix(BOM).rstrip(b"\r")
+    if not header:
+        return [], []
+    repeats = []  # the newlines before them
+    for needle in (b"\n" + header, b"\n" + BOM + header):
+        at = mm.find(needle, end)
         while at >= 0:
-            if mm[at - 1:at] == b"\n":
-                comments.append(at - 1)
-            at = mm.find(b"#", at + 1)
-        return _line_numbers(mm, sorted(repeats)), _line_numbers(mm, comments)
+            after = at + len(needle)
+            if after == len(mm) or mm[after:after + 1] in (b"\n", b"\r"):
+                repeats.append(at)
+            at = mm.find(needle, after)
+    comments, at = [], mm.find(b"#", end)  # one byte: memchr's speed ("\n#" is searched 4x slower)
+    while at >= 0:
+        if mm[at - 1:at] == b"\n":
+            comments.append(at - 1)
+        at = mm.find(b"#", at + 1)
+    return _line_numbers(mm, sorted(repeats)), _line_numbers(mm, comments)
 
 
 def _line_numbers(mm: mmap.mmap, newlines: list[int]) -> list[int]:
@@ -217,11 +218,16 @@ def _line_numbers(mm: mmap.mmap, newlines: list[int]) -> list[int]:
     return out
 
 
-def csv_options(path: Path, how: CsvDialect) -> dict:
-    """pandas.read_csv's options for the CSV ``path``: its dialect's (``how``), and the lines that
-    repeat its header or are comments, to skip (``skipped_lines``; logged)."""
-    kw = how.read_csv_kw()
-    repeats, comments = skipped_lines(path)
+def csv_options(path: Path, how: CsvDialect) -> tuple[dict, str | None]:
+    """pandas.read_csv's options for the CSV ``path``: its dialect's (``how``) and the lines that
+    repeat its header or are comments, to skip (``skipped_lines``; logged); and whether its last row
+    is cut short (``cut_last_row``), for ``without_cut_row``. One open of the file, mapped in place
+    (a gzip file: neither)."""
+    kw, repeats, comments, cut = how.read_csv_kw(), [], [], None
+    if not path.name.lower().endswith(".gz") and path.stat().st_size > 0:
+        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            repeats, comments = skipped_lines(mm)
+            cut = _cut_reason(mm[-TAIL_BYTES:], path, how.sep, len(how.header))
     if repeats:
         log.info("%s: skipped %d line(s) repeating the header line (files joined with cat?), the first at line %d",
                  path, len(repeats), repeats[0] + 1)
@@ -230,22 +236,25 @@ def csv_options(path: Path, how: CsvDialect) -> dict:
                  comments[0] + 1)
     if repeats or comments:
         kw["skiprows"] = sorted(set(repeats + comments))
-    return kw
+    return kw, cut
 
 
 def read_table(path: Path, as_text: bool = False) -> pd.DataFrame:
     """``path`` whole; ``as_text``: a CSV's cells as text (no type guessing: ``007`` stays ``007``)."""
     import pandas as pd
 
-    how = None if is_parquet(path) else dialect(path)
+    if is_parquet(path):
+        try:
+            return pd.read_parquet(path)
+        except Exception as exc:  # pyarrow raises many types; name the file either way
+            raise InputError(f"{path}: cannot read table: {exc}") from exc
+    how = dialect(path)
     try:
-        df = pd.read_parquet(path) if how is None else pd.read_csv(path, **csv_options(path, how),
-                                                                   **({"dtype": str} if as_text else {}))
-    except Exception as exc:  # pandas/pyarrow raise many types; name the file either way
+        kw, cut = csv_options(path, how)
+        df = pd.read_csv(path, **kw, **({"dtype": str} if as_text else {}))
+    except Exception as exc:  # pandas raises many types; name the file either way
         raise InputError(f"{path}: cannot read table: {exc}") from exc
-    if how is None:
-        return df
-    return without_unnamed(next(without_cut_row([df], cut_last_row(path, how.sep, len(how.header)))), how, path)
+    return without_unnamed(next(without_cut_row([df], cut)), how, path)
 
 
 def read_node_map(path: Path, column: str, option: str, about: str = "") -> dict[str, str]:
@@ -284,8 +293,8 @@ def iter_table_chunks(path: Path, rows: int = CHUNK_ROWS, text: tuple[str, ...] 
         else:
             how = dialect(path)
             kw = {"dtype": {c: str for c in text}} if text else {}
-            chunks = pd.read_csv(path, chunksize=rows, **csv_options(path, how), **kw)
-            for chunk in without_cut_row(chunks, cut_last_row(path, how.sep, len(how.header))):
+            options, cut = csv_options(path, how)
+            for chunk in without_cut_row(pd.read_csv(path, chunksize=rows, **options, **kw), cut):
                 yield without_unnamed(chunk, how, path)
     except InputError:
         raise
