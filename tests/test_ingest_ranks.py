@@ -274,6 +274,50 @@ def test_a_tree_of_day_folders_of_node_files_is_read_as_each_nodes_rows_in_time(
     assert sorted(ranks.skipped_files) == skip.skipped_files
 
 
+def test_spark_style_partition_folders_name_the_node_of_the_files_below_them(tmp_path):
+    """Spark's ``partitionBy("node", "day")`` (pyarrow's ``write_to_dataset``, Dask and Polars alike)
+    writes ``node=cn00/day=2025-01-06/part-00000-<uuid>.snappy.parquet``: the node is in the folder's
+    name, not in the files, and every file is named alike. Before, hpcad took each part file's name for
+    a node: every node's rows in one, refused as duplicated timestamps with ``data.duplicates=last`` as
+    the hint, which would have merged the nodes. The store equals a flat folder's of per-node files, in
+    one process and over two ranks; the null partition's files (rows without a node) are left out and
+    said, and Spark's side files (``_SUCCESS``, hidden ``.crc``) are not read. Partitioned by a column
+    that is not ``data.node_column``, the error names the partition columns to choose from."""
+    tree, flat = tmp_path / "exports", tmp_path / "flat"
+    flat.mkdir()
+    uid = "9f1c5e2a-0b7d-4c1e-8a3f-2d6b1e0c7a55"
+    for i in [*range(4), None]:
+        node = generate_node(f"cn{i or 0:02d}", 3 * 96, seed=7 if i is None else i)
+        f = node_frame(node).iloc[:, :8].assign(anomaly=node.labels)
+        if i is not None:
+            f.to_csv(flat / f"{node.name}.csv", index=False)
+        for d in range(3):
+            folder = tree / f"node={node.name if i is not None else '__HIVE_DEFAULT_PARTITION__'}" / f"day=2025-01-{d + 6:02d}"
+            folder.mkdir(parents=True)
+            for k, (a, b) in enumerate([(0, 50), (50, 96)]):  # two part files per partition, in time order
+                f.iloc[d * 96 + a:d * 96 + b].to_parquet(folder / f"part-{k:05d}-{uid}.c000.snappy.parquet", index=False)
+                (folder / f".part-{k:05d}-{uid}.c000.snappy.parquet.crc").write_bytes(b"crc\x00\x01")
+    (tree / "_SUCCESS").touch()
+    ref = TelemetryStore(ingest(data_cfg(source=str(flat)), tmp_path / "flat.h5"))
+    one = TelemetryStore(ingest(data_cfg(source=str(tree)), tmp_path / "one.h5"))
+    _same(one, ref, warned=False)
+    assert one.nodes == ["cn00", "cn01", "cn02", "cn03"] and one.rows("cn02") == 288 and one.has_labels
+    assert one.warnings == (1, [f"{tree}/node=__HIVE_DEFAULT_PARTITION__: 6 file(s) of rows without a node "
+                                f"(node=__HIVE_DEFAULT_PARTITION__) left out"])
+    rc, out = _mpi_ingest(tmp_path / "run", tree)
+    assert rc == 0 and "ingesting 24 node files of 4 nodes over 2 ranks" in out, out[-3000:]
+    _same(TelemetryStore(tmp_path / "run" / "store.h5"), one)
+    # partitioned by another column's name (partitionBy("hostname")): the error says which option to set
+    for folder in sorted(tree.glob("node=*")):
+        folder.rename(tree / folder.name.replace("node=", "hostname="))
+    with pytest.raises(InputError, match=r"part-00000-.*: named as a part file of a partitioned export .* no folder "
+                                         r"above it is named node=<node>: the folders above it are partitions by "
+                                         r"hostname, day: set data.node_column"):
+        ingest(data_cfg(source=str(tree)), tmp_path / "host.h5")
+    _same(TelemetryStore(ingest(data_cfg(source=str(tree), node_column="hostname"), tmp_path / "host.h5")), one,
+          warned=False)  # the same warning, naming hostname=
+
+
 def test_node_names_are_given_by_every_rank_and_a_name_taken_twice_across_ranks_is_refused(tmp_path):
     """data.node_names over two ranks: each renames its share of the node files, the store is the
     renamed cluster; two nodes read by different ranks given one name are refused by rank 0 (each

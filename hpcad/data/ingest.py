@@ -116,7 +116,7 @@ def iter_files(files: list[Path], conv: FrameConverter, skipped: list | None = N
     """The nodes of a folder's node files (or a rank's share of them), one node at a time: its file, or
     its files of several subfolders joined (hpcad/data/nodefiles.py). ``skipped``/``skipped_files``
     (``data.on_bad_node=skip``): bad nodes, and bad files of a node that has others, recorded."""
-    groups = node_groups(files)
+    groups = node_groups(files, conv.cfg.node_column)
 
     def read(name: str, paths: list[Path]) -> NodeData | None:
         node = check_node_name(name, str(paths[0]))
@@ -182,7 +182,7 @@ def _read_and_write(data_cfg, store_path: Path, progress: bool, todo: tuple,
     try:
         if fmt == "wide":
             conv = FrameConverter(data_cfg)
-            files = node_files(src) if src.is_dir() else [src]
+            files = node_files(src, data_cfg.node_column) if src.is_dir() else [src]
             if src.is_dir() and not has_node_column(files, data_cfg):
                 conv.metrics = plan_metrics(files, data_cfg, skip_bad=skipped is not None)  # as ranks share it out
                 stream = iter_files(files, conv, skipped, progress, skipped_files)

@@ -2,7 +2,8 @@
 
 Files may be split any way (one per metric plugin and month is usual); every CSV/Parquet file
 below ``data.source`` is read in batches and fed to the grid stager, which pivots to per-node
-matrices out of core. Rows whose metric is ``data.label_column`` are labels.
+matrices out of core. Rows whose metric is ``data.label_column`` are labels. Files below a Hive-style
+partition folder of the node column (``node=cn01/part-0.parquet``) need no node column.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from hpcad.data.grid import GridStager
-from hpcad.data.tables import iter_table_chunks, table_files
+from hpcad.data.tables import HIVE_NULL, iter_table_chunks, partition_value, table_files
 from hpcad.data.timestamps import to_epoch_seconds
 from hpcad.errors import InputError
 
@@ -32,8 +33,13 @@ def stage_long(source: Path, cfg: DataConfig, stager: GridStager) -> None:
     need = {"data.node_column": cfg.node_column, "data.timestamp_column": cfg.timestamp_column,
             "data.metric_column": cfg.metric_column, "data.value_column": cfg.value_column}
     for i, path in enumerate(files):
-        where = str(path)
+        where, node = str(path), partition_value(path, cfg.node_column)
+        if node == "":
+            log.warning("%s: rows without a node (%s=%s) left out", where, cfg.node_column, HIVE_NULL)
+            continue
         for chunk in iter_table_chunks(path, BATCH_ROWS, text=(cfg.node_column,)):
+            if node is not None and cfg.node_column not in chunk.columns:
+                chunk[cfg.node_column] = node
             missing = {opt: col for opt, col in need.items() if col not in chunk.columns}
             if missing:
                 raise InputError(f"{where}: missing column(s) {missing}; the file has {list(chunk.columns)[:10]}")

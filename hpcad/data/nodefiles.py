@@ -3,19 +3,22 @@
 One file per node, named after it (``cn0042.csv``), in the folder itself; or, where the folder holds
 no table file, in its subfolders at any depth: one folder per day or month, the layout the nightly
 job reads (``/exports/2025/01/02/cn0042.csv``, ``nightly.input='/exports/{date}'``), so that a
-training run reads the same export tree (``data.source=/exports/2025/01``). A node's files are read
-in path order (folders named by date sort in time) and their rows joined, one node at a time.
-Hidden files and folders (``.snapshot``, editors' temporaries) are left out.
+training run reads the same export tree (``data.source=/exports/2025/01``). Files below a Hive-style
+partition folder named after the node column (``node=cn0042/part-00000-<uuid>.parquet``, Spark's
+``partitionBy("node")``) are that node's, whatever their names. A node's files are read in path
+order (folders named by date sort in time) and their rows joined, one node at a time. Hidden files
+and folders (``.snapshot``, editors' temporaries) are left out.
 """
 from __future__ import annotations
 
 import logging
 import os
+import re
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hpcad.data.tables import is_table, read_table, stem
+from hpcad.data.tables import HIVE_NULL, file_node, is_table, partition_value, read_table, stem
 from hpcad.errors import InputError
 
 if TYPE_CHECKING:
@@ -24,6 +27,9 @@ if TYPE_CHECKING:
     from hpcad.data.convert import FrameConverter
 
 log = logging.getLogger(__name__)
+# a part file of a partitioned export, never a node's name: Spark's part-00000-<uuid>, Dask's part.0,
+# pyarrow's <uuid hex>-0
+PART_FILE = re.compile(r"^(part[-.]\d+|[0-9a-f]{32}-\d+)", re.IGNORECASE)
 
 
 def folder_files(source: Path) -> list[Path]:
@@ -44,25 +50,51 @@ def folder_files(source: Path) -> list[Path]:
     return sorted(below)
 
 
-def node_files(source: Path) -> list[Path]:
+def node_files(source: Path, node_column: str) -> list[Path]:
     """A folder's node files (see the module), sorted by path; an error where there are none, or where
-    one folder holds two files of one node (``cn01.csv`` and ``cn01.parquet``)."""
+    one folder holds two files of one node (``cn01.csv`` and ``cn01.parquet``; a partition folder's
+    part files are one node's by design). Files of the null partition
+    (``node=__HIVE_DEFAULT_PARTITION__``: rows without a node) are left out with a warning, as rows
+    without a node are in a file of many nodes."""
     files = folder_files(source)
     if not files:
         raise InputError(f"{source}: no *.csv or *.parquet files in the directory or its subfolders")
-    dup = sorted(str((d / s).relative_to(source)) for (d, s), n in Counter((p.parent, stem(p)) for p in files).items()
-                 if n > 1)
+    nameless = [p for p in files if partition_value(p, node_column) == ""]
+    if nameless:
+        log.warning("%s: %d file(s) of rows without a node (%s=%s) left out", folder_of(nameless), len(nameless),
+                    node_column, HIVE_NULL)
+        gone = set(nameless)
+        files = [p for p in files if p not in gone]
+        if not files:
+            raise InputError(f"{source}: every file is one of rows without a node ({node_column}={HIVE_NULL})")
+    named = Counter((p.parent, stem(p)) for p in files if partition_value(p, node_column) is None)
+    dup = sorted(str((d / s).relative_to(source)) for (d, s), n in named.items() if n > 1)
     if dup:
         raise InputError(f"{source}: several files for nodes {dup[:10]} in one folder (e.g. both CSV and Parquet)")
     return files
 
 
-def node_groups(files: list[Path]) -> dict[str, list[Path]]:
-    """``files`` by node (the file stem), each node's in the given order; nodes in order of first file."""
+def node_groups(files: list[Path], node_column: str) -> dict[str, list[Path]]:
+    """``files`` by node (``file_node``: the file stem, or the partition folder's value), each node's in
+    the given order; nodes in order of first file."""
     groups: dict[str, list[Path]] = {}
     for p in files:
-        groups.setdefault(stem(p), []).append(p)
+        node = file_node(p, node_column)
+        if PART_FILE.match(node):
+            raise InputError(f"{p}: named as a part file of a partitioned export (Spark, pyarrow, Dask), not after "
+                             f"a node, and no folder above it is named {node_column}=<node>: {_part_hint(p)}")
+        groups.setdefault(node, []).append(p)
     return groups
+
+
+def _part_hint(path: Path) -> str:
+    """What to do about a part file whose node no folder names (``node_groups``)."""
+    keys = [part.split("=", 1)[0] for part in path.parent.parts if "=" in part]
+    if keys:
+        return (f"the folders above it are partitions by {', '.join(dict.fromkeys(keys))}: set data.node_column to "
+                f"the one that holds the node")
+    return ("put each node's files in a folder named after the node column (node=cn01/, as Spark's partitionBy "
+            "writes it; data.node_column), or name each file after its node (cn01.parquet)")
 
 
 def folder_of(files: list[Path]) -> Path:

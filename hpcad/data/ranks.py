@@ -158,7 +158,7 @@ def _plan(data_cfg, store_path: Path, progress: bool) -> tuple[Plan | None, Grid
         log.info("pivoting %d nodes' scratch buckets over %d ranks (each its share into %s)", len(stager.node_names),
                  w.size, parts, extra=CLUSTER_WIDE)
         return plan, stager
-    files = node_files(src)
+    files = node_files(src, data_cfg.node_column)
     FrameConverter(data_cfg)  # checks data.on_missing_metric before any rank reads
     if has_node_column(files, data_cfg):  # daily exports of the whole cluster, say
         if len(files) < 2:  # one file of many nodes: read by one process
@@ -172,7 +172,7 @@ def _plan(data_cfg, store_path: Path, progress: bool) -> tuple[Plan | None, Grid
     metrics = plan_metrics(files, data_cfg, skip_bad=data_cfg.on_bad_node == "skip")
     if not metrics:
         raise InputError(f"{src}: no node file's header could be read")
-    groups = node_groups(files)
+    groups = node_groups(files, data_cfg.node_column)
     log.info("ingesting %d node files of %d nodes over %d ranks (each its share into %s)", len(files), len(groups),
              w.size, parts, extra=CLUSTER_WIDE)
     return Plan(src, jobs, sig, metrics, {n: sum(f.stat().st_size for f in fs) for n, fs in groups.items()},

@@ -19,7 +19,7 @@ from hpcad.data.convert import FrameConverter, counted, guarded, label_numbers, 
 from hpcad.data.h5 import h5_file, h5_writing
 from hpcad.data.node import NodeData
 from hpcad.data.store import check_node_name
-from hpcad.data.tables import columns, iter_table_chunks, stem
+from hpcad.data.tables import columns, file_node, iter_table_chunks
 from hpcad.data.timestamps import to_epoch_seconds
 from hpcad.errors import InputError
 
@@ -93,7 +93,7 @@ def stage_rows(files: list[Path], cfg, names: list[str] | None, scratch: Path,
                         raise InputError(f"{path}: no {cfg.node_column!r} column, unlike {(first or files[0]).name}: a "
                                          f"folder holds one file per node, or files of many nodes that all "
                                          f"have the node column (data.node_column; docs/data.md)")
-                    node = pd.Series(check_node_name(stem(path), str(path)), index=chunk.index,
+                    node = pd.Series(check_node_name(file_node(path, cfg.node_column), str(path)), index=chunk.index,
                                      name=cfg.node_column)  # one node's file (e.g. the lecture's CSV)
                     chunk = pd.concat([chunk, node], axis=1)  # not chunk[...] = ...: pandas warns on wide frames
                 ignored = [c for c in cfg.ignore_columns if c in chunk.columns]

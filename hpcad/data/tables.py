@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 TABLE_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq")
 CHUNK_ROWS = 200_000
 TAIL_BYTES = 1 << 16  # how much of a CSV's end ``cut_last_row`` reads (a row of 160 metrics: ~2 KiB)
+HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"  # the partition folder of rows whose value is null (Hive, Spark, pyarrow)
 
 
 def stem(path: Path) -> str:
@@ -31,6 +32,29 @@ def stem(path: Path) -> str:
         if name.lower().endswith(suf):
             return name[: -len(suf)]
     return path.stem
+
+
+def partition_value(path: Path, column: str) -> str | None:
+    """``column``'s value for the rows of the file ``path`` from Hive-style partition folders, as
+    Spark's ``partitionBy``, pyarrow's ``write_to_dataset``, Dask and Polars write them
+    (``node=cn01/part-00000-<uuid>.parquet``: the column is then not in the file): the nearest folder
+    above ``path`` named ``<column>=<value>``, URL-decoded as those writers encode it; ``""`` for the
+    null partition (``HIVE_NULL``); None where no folder names the column."""
+    from urllib.parse import unquote
+
+    prefix = f"{column}="
+    for part in reversed(path.parent.parts):
+        if part.startswith(prefix):
+            value = unquote(part[len(prefix):])
+            return "" if value == HIVE_NULL else value
+    return None
+
+
+def file_node(path: Path, node_column: str) -> str:
+    """The node a node file holds: its partition folder's (``node=cn01/part-0.parquet``:
+    ``partition_value``), else the file's ``stem`` (``cn01.csv``)."""
+    value = partition_value(path, node_column)
+    return stem(path) if value is None else value
 
 
 def is_table(path: Path) -> bool:
