@@ -318,6 +318,32 @@ def test_spark_style_partition_folders_name_the_node_of_the_files_below_them(tmp
           warned=False)  # the same warning, naming hostname=
 
 
+def test_a_folder_per_node_of_files_named_for_their_day_is_that_nodes_rows(tmp_path):
+    """``/exports/cn01/2025-01-06.csv``: a folder per node, a file per day or month. Before, each day's
+    name was taken for a node, every node's rows of that day in it, refused as duplicated timestamps
+    with ``data.duplicates=last`` as the hint, which would have merged the nodes. Now each file is its
+    folder's node's: the store equals a flat folder's; a tree where no folder names the node (its day
+    files in ``cn00/2025/``) is an error saying what to do, not a merge."""
+    tree, flat = tmp_path / "exports", tmp_path / "flat"
+    flat.mkdir()
+    for i in range(3):
+        node = generate_node(f"cn{i:02d}", 3 * 96, seed=i)
+        f = node_frame(node).iloc[:, :6].assign(anomaly=node.labels)
+        f.to_csv(flat / f"{node.name}.csv", index=False)
+        (tree / node.name).mkdir(parents=True)
+        for d in range(3):  # as exporters name their days: 2025-01-06, 2025_01_06, 20250106
+            name = ["2025-01-{:02d}", "2025_01_{:02d}", "202501{:02d}"][i].format(d + 6)
+            f.iloc[d * 96:(d + 1) * 96].to_csv(tree / node.name / f"{name}.csv", index=False)
+    one = TelemetryStore(ingest(data_cfg(source=str(tree)), tmp_path / "one.h5"))
+    _same(one, TelemetryStore(ingest(data_cfg(source=str(flat)), tmp_path / "flat.h5")))
+    assert one.nodes == ["cn00", "cn01", "cn02"] and one.rows("cn01") == 288
+    (tree / "cn00" / "2025").mkdir()
+    (tree / "cn00" / "2025-01-06.csv").rename(tree / "cn00" / "2025" / "2025-01-06.csv")
+    with pytest.raises(InputError, match=r"cn00/2025/2025-01-06.csv: named like a date, not after a node, and so is "
+                                         r"its folder: put each node's files in a folder named after the node"):
+        ingest(data_cfg(source=str(tree)), tmp_path / "one.h5")
+
+
 def test_node_names_are_given_by_every_rank_and_a_name_taken_twice_across_ranks_is_refused(tmp_path):
     """data.node_names over two ranks: each renames its share of the node files, the store is the
     renamed cluster; two nodes read by different ranks given one name are refused by rank 0 (each

@@ -5,7 +5,8 @@ no table file, in its subfolders at any depth: one folder per day or month, the 
 job reads (``/exports/2025/01/02/cn0042.csv``, ``nightly.input='/exports/{date}'``), so that a
 training run reads the same export tree (``data.source=/exports/2025/01``). Files below a Hive-style
 partition folder named after the node column (``node=cn0042/part-00000-<uuid>.parquet``, Spark's
-``partitionBy("node")``) are that node's, whatever their names. A node's files are read in path
+``partitionBy("node")``) are that node's, whatever their names; files named for their day in a folder
+per node (``/exports/cn0042/2025-01-06.csv``) are their folder's node's. A node's files are read in path
 order (folders named by date sort in time) and their rows joined, one node at a time. Hidden files
 and folders (``.snapshot``, editors' temporaries) are left out.
 """
@@ -18,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hpcad.data.tables import HIVE_NULL, file_node, is_table, partition_value, read_table, stem
+from hpcad.data.tables import HIVE_NULL, dated, file_node, is_table, partition_value, read_table, stem
 from hpcad.errors import InputError
 
 if TYPE_CHECKING:
@@ -78,12 +79,22 @@ def node_groups(files: list[Path], node_column: str) -> dict[str, list[Path]]:
     """``files`` by node (``file_node``: the file stem, or the partition folder's value), each node's in
     the given order; nodes in order of first file."""
     groups: dict[str, list[Path]] = {}
+    by_folder = None
     for p in files:
         node = file_node(p, node_column)
         if PART_FILE.match(node):
             raise InputError(f"{p}: named as a part file of a partitioned export (Spark, pyarrow, Dask), not after "
                              f"a node, and no folder above it is named {node_column}=<node>: {_part_hint(p)}")
+        if dated(node):
+            raise InputError(f"{p}: named like a date, not after a node, and so is its folder: put each node's files "
+                             f"in a folder named after the node (cn01/{p.name}, or {node_column}=cn01/), or name each "
+                             f"file after its node (cn01.csv in a folder per day)")
+        if by_folder is None and node != stem(p):
+            by_folder = f"{p.parent.name}/{p.name}: node {node}"
         groups.setdefault(node, []).append(p)
+    if by_folder:
+        log.info("node files named for their day, or part files below %s= folders: each is its folder's node (%s)",
+                 node_column, by_folder)
     return groups
 
 

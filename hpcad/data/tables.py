@@ -50,11 +50,31 @@ def partition_value(path: Path, column: str) -> str | None:
     return None
 
 
+# a name that is a date (2025-01-06, 2025_01_06, 2025.01.06, 20250106, a month 2025-01), perhaps with a
+# time after it (2025-01-06T00, 2025-01-06_0000): an export's file named for its day, not for a node
+_DATE = re.compile(r"((?:19|20)\d\d)([-_.]?)(\d\d)(?:\2(\d\d))?(?:$|[T_ ])")
+
+
+def dated(name: str, folder: bool = False) -> bool:
+    """Whether ``name`` is a date's (``_DATE``); ``folder``: also a year's, month's or day's folder of a
+    tree of dates (``2025``, ``01``)."""
+    if folder and re.fullmatch(r"(?:19|20)\d\d|\d{1,2}", name):
+        return True
+    m = _DATE.match(name)
+    if not m or (not m.group(2) and m.group(4) is None):  # 202501 alone may be a number
+        return False
+    return 1 <= int(m.group(3)) <= 12 and (m.group(4) is None or 1 <= int(m.group(4)) <= 31)
+
+
 def file_node(path: Path, node_column: str) -> str:
     """The node a node file holds: its partition folder's (``node=cn01/part-0.parquet``:
-    ``partition_value``), else the file's ``stem`` (``cn01.csv``)."""
+    ``partition_value``); a file named like a date in a folder that is not, the folder's
+    (``cn01/2025-01.csv``: a folder per node); else the file's ``stem`` (``cn01.csv``)."""
     value = partition_value(path, node_column)
-    return stem(path) if value is None else value
+    if value is not None:
+        return value
+    name = stem(path)
+    return path.parent.name if dated(name) and not dated(path.parent.name, folder=True) else name
 
 
 def is_table(path: Path) -> bool:
