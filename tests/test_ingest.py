@@ -275,6 +275,22 @@ def test_overlapping_daily_exports_drop_identical_repeats_and_refuse_rows_that_d
     np.testing.assert_array_equal(first.values, want.read("y").values)
     assert last.values[13, 0] == 99.0 and np.array_equal(np.delete(last.values, 13, 0), np.delete(first.values, 13, 0))
     np.testing.assert_array_equal(last.timestamp, want.read("y").timestamp)
+    # every repeat differs: two nodes' rows under one name (a node column or file names that do not
+    # name the node), where data.duplicates=last would interleave two nodes; the error says so instead
+    every.assign(node="x").to_csv(tmp_path / "one-name.csv", index=False)
+    with pytest.raises(InputError, match=r"\(node x\): duplicated timestamp .* every one of its 24 repeated rows "
+                                         r"differs from the first\), as when two nodes' rows are read as one node's"):
+        ingest(data_cfg(source=str(tmp_path / "one-name.csv")), tmp_path / "one.h5")
+    # local times without an offset across a daylight-saving fall-back (the hour 02:00-03:00 twice), read
+    # as UTC: the error asks for the zone, and with it the rows are placed by their order
+    local = pd.date_range("2025-10-26 00:00", periods=72, freq="5min", tz="Europe/Rome")
+    pd.DataFrame({"timestamp": local.tz_localize(None).strftime("%Y-%m-%d %H:%M:%S"),
+                  "a": rng.normal(size=72)}).to_csv(tmp_path / "rome.csv", index=False)
+    with pytest.raises(InputError, match=r"12 of its 12 repeated rows differ from the first\); all within one hour: a "
+                                         r"daylight-saving fall-back's repeated hour\? .* data.timezone \(now UTC\)"):
+        ingest(data_cfg(source=str(tmp_path / "rome.csv")), tmp_path / "rome.h5")
+    rome = TelemetryStore(ingest(data_cfg(source=str(tmp_path / "rome.csv"), timezone="Europe/Rome"), tmp_path / "rome.h5"))
+    np.testing.assert_array_equal(rome.read("rome").timestamp, local.as_unit("s").asi8)
 
 
 def test_empty_label_cells_name_the_option_and_a_node_without_any_is_unlabelled(tmp_path):

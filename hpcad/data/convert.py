@@ -109,7 +109,8 @@ class FrameConverter:
         labels = self._labels(df[cfg.label_column], where) if has_lab else None
         order_ok = np.all(np.diff(ts) > 0)
         if not order_ok and has_ts:
-            ts, values, labels = drop_duplicates(ts, values, labels, str(cfg.duplicates), where, cfg.timestamp_column)
+            ts, values, labels = drop_duplicates(ts, values, labels, str(cfg.duplicates), where, cfg.timestamp_column,
+                                                 cfg.timezone)
             order_ok = np.all(np.diff(ts) > 0)
         if not order_ok:
             if not cfg.sort_timestamps:
@@ -255,11 +256,15 @@ def label_numbers(col: pd.Series, label_names, where: str, name: str, first_row:
 
 
 DUPLICATE_POLICIES = ("identical", "error", "first", "last")
+# repeated timestamps, every one with other values, from which a node's rows look like two series (two
+# nodes' rows under one name), not an overlap of exports (a few rows re-read after they changed); and at
+# least a third of its rows (a daylight-saving fall-back repeats 12 rows of 5 minutes)
+ANOTHER_SERIES_ROWS = 12
 NORMAL_WORDS = {"normal", "ok", "no", "none", "false", "healthy", "nominal"}  # put first in the hint
 
 
 def drop_duplicates(ts: np.ndarray, values: np.ndarray, labels: np.ndarray | None, policy: str, where: str,
-                    column: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+                    column: str, timezone: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """One row per timestamp, by ``data.duplicates``: ``identical`` (default) drops rows that repeat an
     earlier row of the same timestamp value for value (overlapping exports, a collector that sent a
     sample twice) and refuses rows that disagree; ``first``/``last`` keep the first/last row of each
@@ -289,9 +294,18 @@ def drop_duplicates(ts: np.ndarray, values: np.ndarray, labels: np.ndarray | Non
         clash = np.flatnonzero(repeat & ~same)
         if clash.size:
             pos = int(clash[0])
-            raise InputError(f"{where}: duplicated timestamp {stamp(pos)} in column {column!r} with other values "
-                             f"(the node's rows {int(first[pos])} and {int(order[pos])} in input order, from 0; "
-                             f"{clash.size} of its {count} repeated rows differ from the first): set "
+            said = (f"{where}: duplicated timestamp {stamp(pos)} in column {column!r} with other values (the node's "
+                    f"rows {int(first[pos])} and {int(order[pos])} in input order, from 0; ")
+            if clash.size == count and count >= max(ANOTHER_SERIES_ROWS, len(ts) // 3):  # another series, not an overlap
+                raise InputError(f"{said}every one of its {count} repeated rows differs from the first), as when two "
+                                 f"nodes' rows are read as one node's: check the files or the node column that make "
+                                 f"up this node (docs/data.md: what data.source accepts); data.duplicates=last (or "
+                                 f"first) would keep one row of each timestamp, whichever series it came from")
+            times = s[clash]
+            dst = (f"; all within one hour: a daylight-saving fall-back's repeated hour? Local times without an offset "
+                   f"are read in data.timezone (now {timezone or 'UTC'}): set it to the zone they were written in"
+                   if count >= 2 and times.max() - times.min() < 3600 else "")
+            raise InputError(f"{said}{clash.size} of its {count} repeated rows differ from the first){dst}: set "
                              f"data.duplicates=last (or first) to keep one row of each timestamp")
     if policy == "error":
         pos = int(np.flatnonzero(repeat)[0])
