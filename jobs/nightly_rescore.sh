@@ -9,7 +9,7 @@
 # Without --date it scores yesterday in HPCAD_TZ, after the nights of the week before that were
 # not published (cron did not run, or they failed) and have exports now (nightly.catch_up_days).
 # Outputs: $HPCAD_OUT/<date>/ (alarms.csv, alarms.json, report.html, ...), $HPCAD_OUT/history.csv,
-# logs in $HPCAD_OUT/logs/.
+# logs in $HPCAD_OUT/logs/ (kept HPCAD_LOG_DAYS days, default 90).
 # Exit status: 0 done; 2 bad or missing input / config, or another run holds the lock (message on
 # stderr, outputs unchanged); 64 usage; 78 env file missing or incomplete.
 set -euo pipefail
@@ -48,6 +48,10 @@ for v in HPCAD_VENV HPCAD_TRAIN_RUN HPCAD_INPUT HPCAD_OUT; do
   if [ -z "${!v:-}" ]; then echo "nightly_rescore: $v is not set in $env_file" >&2; exit 78; fi
 done
 [ -x "$HPCAD_VENV/bin/hpcad" ] || { echo "nightly_rescore: $HPCAD_VENV/bin/hpcad not found (HPCAD_VENV)" >&2; exit 78; }
+log_days=${HPCAD_LOG_DAYS:-90}
+case "$log_days" in
+  ''|*[!0-9]*) echo "nightly_rescore: HPCAD_LOG_DAYS=$log_days in $env_file: a number of days (0: keep every log)" >&2; exit 78 ;;
+esac
 
 # cron: minimal PATH, maybe no HOME. Caches and matplotlib's config go under the output folder.
 export PATH="$HPCAD_VENV/bin:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
@@ -62,6 +66,12 @@ if [ -e "$HPCAD_OUT/.nightly.lock" ] && command -v flock >/dev/null && ! flock -
 fi
 mkdir -p "$HPCAD_OUT/logs" "$MPLCONFIGDIR"
 cd "$HPCAD_OUT"
+# Each run's log folder (logs/<UTC time>-<pid>/: nightly.log, the run's config) is kept HPCAD_LOG_DAYS
+# days (default 90; 0 keeps every one): a year of runs is no pile of small files on the file system.
+if [ "$log_days" -gt 0 ]; then
+  find "$HPCAD_OUT/logs" -mindepth 1 -maxdepth 1 -type d -name '[0-9]*T[0-9]*Z-[0-9]*' -mtime +"$log_days" \
+    -exec rm -rf -- {} + || echo "nightly_rescore: could not remove every log folder older than $log_days days" >&2
+fi
 
 q() { local s=${1//\\/\\\\}; printf "'%s'" "${s//\'/\\\'}"; }  # a quoted Hydra value: {date}, spaces, '=' survive
 args=(nightly "train_run=$(q "$HPCAD_TRAIN_RUN")" "nightly.input=$(q "$HPCAD_INPUT")" "nightly.out=$(q "$HPCAD_OUT")"

@@ -3,9 +3,11 @@ import csv
 import datetime as dt
 import fcntl
 import json
+import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -85,8 +87,14 @@ def test_cron_run_finds_injected_anomalies_and_a_rerun_replaces_the_day(site, tm
     assert _history(out)[-1]["notify"] == "ok" and _history(out)[-1]["new_incidents"] == str(len(incidents))
     first = (folder / "alarms.csv").read_bytes()
     first_incidents = (folder / "incidents.json").read_bytes()
+    (logs := sorted((out / "logs").iterdir()))[0].rename(out / "logs" / "20240101T000000Z-123")  # a run 100+ days ago
+    for name in ("20240101T000000Z-123", "notes"):  # hpcad's log folder goes, anything else stays
+        (out / "logs" / name).mkdir(exist_ok=True)
+        os.utime(out / "logs" / name, (time.time() - 100 * 86400,) * 2)
     p = cron(env, "--date", day)  # the same night again
     assert p.returncode == 0, p.stderr
+    kept = sorted(x.name for x in (out / "logs").iterdir())
+    assert len(logs) == 1 and len(kept) == 2 and kept[1] == "notes" and kept[0] > "2025", kept  # HPCAD_LOG_DAYS=90
     assert (folder / "alarms.csv").read_bytes() == first  # replaced, not appended: no duplicate alarms
     assert (folder / "incidents.json").read_bytes() == first_incidents  # the same state
     assert [h["status"] for h in _history(out)] == ["ok", "ok"]
@@ -533,6 +541,8 @@ def test_a_second_run_waits_for_nobody_and_bad_setup_is_named(site, tmp_path):
     bad.write_text("HPCAD_VENV=/nonexistent\n")
     p = cron(bad)
     assert p.returncode == 78 and "HPCAD_TRAIN_RUN is not set" in p.stderr
+    p = cron(_env_file(site, out, name="days", more="HPCAD_LOG_DAYS=90d\n"))
+    assert p.returncode == 78 and "HPCAD_LOG_DAYS=90d in " in p.stderr and not (out / "logs").exists()
 
 
 def _listing(folder: Path) -> dict:
