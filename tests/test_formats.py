@@ -76,6 +76,8 @@ def test_one_cluster_in_all_three_formats_gives_identical_stores(tmp_path):
         "ldms": TelemetryStore(ingest(_ldms(source=str(tmp_path / "ldms")), tmp_path / "l.h5")),
         "long": TelemetryStore(ingest(_long(source=str(tmp_path / "long")), tmp_path / "g.h5")),
         "long by node folder": TelemetryStore(ingest(_long(source=str(tmp_path / "hive")), tmp_path / "h.h5")),
+        "long by pattern": TelemetryStore(ingest(_long(source=str(tmp_path / "long" / "**" / "*.parquet")),
+                                                 tmp_path / "p.h5")),
     }
     for name, store in stores.items():
         assert store.nodes == [nd.name for nd in nodes], name

@@ -322,8 +322,9 @@ def test_a_folder_per_node_of_files_named_for_their_day_is_that_nodes_rows(tmp_p
     """``/exports/cn01/2025-01-06.csv``: a folder per node, a file per day or month. Before, each day's
     name was taken for a node, every node's rows of that day in it, refused as duplicated timestamps
     with ``data.duplicates=last`` as the hint, which would have merged the nodes. Now each file is its
-    folder's node's: the store equals a flat folder's; a tree where no folder names the node (its day
-    files in ``cn00/2025/``) is an error saying what to do, not a merge."""
+    folder's node's: the store equals a flat folder's; a glob pattern (``data.source='/exports/*/*6.csv'``)
+    takes some of the files, in one process and over two ranks; a tree where no folder names the node
+    (its day files in ``cn00/2025/``) is an error saying what to do, not a merge."""
     tree, flat = tmp_path / "exports", tmp_path / "flat"
     flat.mkdir()
     for i in range(3):
@@ -337,6 +338,15 @@ def test_a_folder_per_node_of_files_named_for_their_day_is_that_nodes_rows(tmp_p
     one = TelemetryStore(ingest(data_cfg(source=str(tree)), tmp_path / "one.h5"))
     _same(one, TelemetryStore(ingest(data_cfg(source=str(flat)), tmp_path / "flat.h5")))
     assert one.nodes == ["cn00", "cn01", "cn02"] and one.rows("cn01") == 288
+    # a glob pattern picks files out of such a tree (here each node's first day), in one process and on 2 ranks
+    first = TelemetryStore(ingest(data_cfg(source=f"{tree}/*/*6.csv"), tmp_path / "first.h5"))
+    assert first.nodes == one.nodes and all(first.rows(n) == 96 for n in first.nodes)
+    np.testing.assert_array_equal(first.read("cn02").values, one.read("cn02").values[:96])
+    rc, out = _mpi_ingest(tmp_path / "run", f"{tree}/*/*6.csv")
+    assert rc == 0 and "ingesting 3 node files of 3 nodes over 2 ranks" in out, out[-3000:]
+    _same(TelemetryStore(tmp_path / "run" / "store.h5"), first)
+    with pytest.raises(InputError, match=r"data.source: the pattern .*/\*/\*9.csv matches no \*.csv"):
+        ingest(data_cfg(source=f"{tree}/*/*9.csv"), tmp_path / "none.h5")
     (tree / "cn00" / "2025").mkdir()
     (tree / "cn00" / "2025-01-06.csv").rename(tree / "cn00" / "2025" / "2025-01-06.csv")
     with pytest.raises(InputError, match=r"cn00/2025/2025-01-06.csv: named like a date, not after a node, and so is "

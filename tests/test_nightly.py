@@ -109,6 +109,24 @@ def uninterrupted_night(site, tmp_path_factory) -> Path:
     return ref
 
 
+def test_a_folder_per_node_of_day_files_is_read_each_night_through_a_pattern(site, uninterrupted_night, tmp_path):
+    """Collectors that keep each node's days in the node's folder (``/exports/<node>/<date>.csv``) have
+    no folder per day to name in ``nightly.input``; a glob pattern does (``/exports/*/{date}.csv``): the
+    night's alarms are those read from day folders, and a night the pattern finds no file for is one
+    without exports."""
+    day, by_node = "2025-01-10", tmp_path / "by-node"
+    for f in (site / "daily").glob("*/*.csv"):
+        (by_node / f.stem).mkdir(parents=True, exist_ok=True)
+        (by_node / f.stem / f"{f.parent.name}.csv").symlink_to(f)
+    out = tmp_path / "nightly"
+    env = _env_file(site, out, more=f"HPCAD_INPUT={by_node}/*/{{date}}.csv\n")
+    p = cron(env, "--date", day)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert (out / day / "alarms.csv").read_bytes() == (uninterrupted_night / day / "alarms.csv").read_bytes()
+    p = cron(env, "--date", "2025-02-10")
+    assert p.returncode == 2 and f"no exports at {by_node}/*/2025-02-10.csv" in p.stderr, p.stderr[-2000:]
+
+
 @pytest.mark.parametrize("fault", [None, "report.html"])
 def test_a_night_killed_mid_way_reruns_to_the_same_outputs(site, uninterrupted_night, tmp_path, fault):
     """kill -9 after the night is scored (a cron job killed by the OOM killer or a reboot), or as its

@@ -8,7 +8,9 @@ Whatever the format, counters become rates, ``data.labels`` labels the rows from
 Accepted ``data.source`` for the wide format (docs/data.md):
 - a directory of per-node ``*.csv``, ``*.csv.gz`` or ``*.parquet`` files (file stem = node name), or
   of files of many nodes with a node column (daily exports of the cluster: read like one file); a
-  directory without such files: those of its subfolders (one per day, hpcad/data/nodefiles.py);
+  directory without such files: those of its subfolders (one per day, a folder per node, Hive-style
+  partition folders: hpcad/data/nodefiles.py);
+- a glob pattern (``/exports/*/2025-01-*.csv``): the files it matches, read as a directory's;
 - one CSV/Parquet file with a node column (read in chunks, staged per node on disk), or without
   one: a single node named after the file stem (the seed lecture's CSV);
 - an existing hpcad HDF5 store (used in place);
@@ -43,7 +45,7 @@ from hpcad.data.store import (TelemetryStore, check_node_name, drop_parts, is_st
 from hpcad.data.node import NodeData
 from hpcad.data.nodefiles import folder_files, folder_of, node_files, node_frame, node_groups, where
 from hpcad.data.notes import InputWarnings, input_warnings
-from hpcad.data.tables import columns, is_table, visible_files
+from hpcad.data.tables import columns, is_pattern, is_table, pattern_files, source_exists, visible_files
 from hpcad.dist import CLUSTER_WIDE
 from hpcad.errors import InputError
 
@@ -57,7 +59,9 @@ def source_signature(source: Path, fmt: str = "wide") -> str:
     the files the reader of ``data.format=fmt`` takes from a folder (wide: the CSV/Parquet files in it;
     long: those below it; ldms: every file below it, side files included), so that nothing else there
     (a log, notes, a run folder made inside it) makes the input look changed."""
-    if not source.is_dir():
+    if is_pattern(source):
+        files = pattern_files(source)
+    elif not source.is_dir():
         files = [source]
     elif fmt == "ldms":
         files = visible_files(source)
@@ -130,8 +134,14 @@ def check_inputs(data_cfg) -> None:
     rank that will read them: hpcad/data/ranks.py), else ``InputError`` naming the option."""
     for option, value in (("data.source", data_cfg.source), ("data.labels", data_cfg.labels),
                           ("data.jobs", data_cfg.jobs), ("data.node_names", data_cfg.node_names)):
-        if value is not None and not Path(value).expanduser().exists():
-            raise InputError(f"{option}: {Path(value).expanduser().resolve()} does not exist")
+        if value is None:
+            continue
+        path = Path(value).expanduser()
+        if option == "data.source" and is_pattern(path):
+            if not source_exists(path):
+                raise InputError(f"data.source: the pattern {path} matches no *.csv, *.csv.gz or *.parquet file")
+        elif not path.exists():
+            raise InputError(f"{option}: {path.resolve()} does not exist")
 
 
 def ingest(data_cfg, store_path: Path, progress: bool = True) -> Path:
@@ -182,11 +192,12 @@ def _read_and_write(data_cfg, store_path: Path, progress: bool, todo: tuple,
     try:
         if fmt == "wide":
             conv = FrameConverter(data_cfg)
-            files = node_files(src, data_cfg.node_column) if src.is_dir() else [src]
-            if src.is_dir() and not has_node_column(files, data_cfg):
+            many = src.is_dir() or is_pattern(src)  # a folder's files, or a pattern's
+            files = node_files(src, data_cfg.node_column) if many else [src]
+            if many and not has_node_column(files, data_cfg):
                 conv.metrics = plan_metrics(files, data_cfg, skip_bad=skipped is not None)  # as ranks share it out
                 stream = iter_files(files, conv, skipped, progress, skipped_files)
-            elif src.is_dir() or is_table(src):
+            elif many or is_table(src):
                 stream = iter_node_rows(files, conv, store_path.parent, skipped, progress, skipped_files)
             else:
                 raise InputError(f"data.source: {src} is not a directory, CSV/Parquet file or .h5 store")
@@ -261,6 +272,9 @@ def to_ingest(data_cfg, store_path: Path) -> tuple[Path, Path | None, str] | Non
     src, jobs_path = Path(data_cfg.source).expanduser().resolve(), jobs_file(data_cfg)
     if data_cfg.format not in FORMATS:
         raise InputError(f"data.format={data_cfg.format!r}: one of {list(FORMATS)}")
+    if data_cfg.format == "ldms" and is_pattern(src):
+        raise InputError(f"data.source={data_cfg.source}: a pattern of files is read in the wide and long formats; "
+                         f"an LDMS store is read as its folder")
     if up_to_date(store_path, sig):
         said_up_to_date(store_path, src)
         return None

@@ -19,7 +19,8 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hpcad.data.tables import HIVE_NULL, dated, file_node, is_table, partition_value, read_table, stem
+from hpcad.data.tables import (HIVE_NULL, dated, file_node, is_pattern, is_table, partition_value, pattern_files,
+                                read_table, stem)
 from hpcad.errors import InputError
 
 if TYPE_CHECKING:
@@ -35,7 +36,9 @@ PART_FILE = re.compile(r"^(part[-.]\d+|[0-9a-f]{32}-\d+)", re.IGNORECASE)
 
 def folder_files(source: Path) -> list[Path]:
     """The table files of a folder, sorted: those in it, or, where it holds none, those below it
-    (hidden ones left out); [] when there are none."""
+    (hidden ones left out); [] when there are none. A glob pattern: the files it matches."""
+    if is_pattern(source):
+        return pattern_files(source)
     files = sorted(p for p in source.iterdir() if is_table(p) and not p.name.startswith("."))
     if files:
         return files
@@ -59,7 +62,8 @@ def node_files(source: Path, node_column: str) -> list[Path]:
     without a node are in a file of many nodes."""
     files = folder_files(source)
     if not files:
-        raise InputError(f"{source}: no *.csv or *.parquet files in the directory or its subfolders")
+        raise InputError(f"{source}: " + ("the pattern matches no *.csv or *.parquet file" if is_pattern(source) else
+                                          "no *.csv or *.parquet files in the directory or its subfolders"))
     nameless = [p for p in files if partition_value(p, node_column) == ""]
     if nameless:
         log.warning("%s: %d file(s) of rows without a node (%s=%s) left out", folder_of(nameless), len(nameless),
@@ -69,7 +73,8 @@ def node_files(source: Path, node_column: str) -> list[Path]:
         if not files:
             raise InputError(f"{source}: every file is one of rows without a node ({node_column}={HIVE_NULL})")
     named = Counter((p.parent, stem(p)) for p in files if partition_value(p, node_column) is None)
-    dup = sorted(str((d / s).relative_to(source)) for (d, s), n in named.items() if n > 1)
+    base = folder_of(files) if is_pattern(source) else source
+    dup = sorted(str((d / s).relative_to(base)) for (d, s), n in named.items() if n > 1)
     if dup:
         raise InputError(f"{source}: several files for nodes {dup[:10]} in one folder (e.g. both CSV and Parquet)")
     return files

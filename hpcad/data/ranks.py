@@ -39,7 +39,7 @@ from hpcad.data.nodefiles import node_groups
 from hpcad.data.notes import InputWarnings, input_warnings, merged
 from hpcad.data.rows import has_node_column, read_staged, row_columns, stage_rows
 from hpcad.data.store import STORE_SUFFIXES, TelemetryStore, part_path, write_index, write_store
-from hpcad.data.tables import TABLE_SUFFIXES
+from hpcad.data.tables import TABLE_SUFFIXES, is_pattern
 from hpcad.dist import CLUSTER_WIDE
 from hpcad.errors import InputError
 
@@ -84,7 +84,7 @@ def read_by_every_rank(data_cfg) -> bool:
     then it must be on a file system every rank's node mounts (``hpcad preflight`` checks)."""
     src = data_cfg.source
     return (src is not None and data_cfg.format == "wide"
-            and not str(src).lower().endswith((*TABLE_SUFFIXES, *STORE_SUFFIXES)))
+            and (is_pattern(src) or not str(src).lower().endswith((*TABLE_SUFFIXES, *STORE_SUFFIXES))))
 
 
 def ingest_ranks(data_cfg, store_path: Path, progress: bool = True) -> None:
@@ -139,7 +139,7 @@ def _plan(data_cfg, store_path: Path, progress: bool) -> tuple[Plan | None, Grid
     end), or None once it has ingested another input itself or found the store up to date."""
     src = data_cfg.source
     grid = data_cfg.format in ("ldms", "long")
-    if src is None or not (grid or (read_by_every_rank(data_cfg) and Path(src).expanduser().is_dir())):
+    if src is None or not (grid or (read_by_every_rank(data_cfg) and (is_pattern(src) or Path(src).expanduser().is_dir()))):
         ingest(data_cfg, store_path, progress)
         return None, None
     todo = to_ingest(data_cfg, store_path)

@@ -77,6 +77,25 @@ def file_node(path: Path, node_column: str) -> str:
     return path.parent.name if dated(name) and not dated(path.parent.name, folder=True) else name
 
 
+def is_pattern(path: Path | str) -> bool:
+    """Whether ``data.source`` is a glob pattern (``/exports/*/2025-01-06.csv``): its input is the
+    table files it matches (``pattern_files``)."""
+    return any(c in str(path) for c in "*?[")
+
+
+def pattern_files(pattern: Path) -> list[Path]:
+    """The CSV/Parquet files a glob pattern matches (``**``: folders at any depth; hidden names are
+    not matched), sorted."""
+    import glob
+
+    return sorted(p for p in map(Path, glob.glob(str(pattern), recursive=True)) if is_table(p))
+
+
+def source_exists(path: Path) -> bool:
+    """Whether an input path is there: a file or folder, or a pattern that matches a table file."""
+    return bool(pattern_files(path)) if is_pattern(path) else path.exists()
+
+
 def is_table(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(TABLE_SUFFIXES)
 
@@ -358,9 +377,14 @@ def visible_files(source: Path) -> list[Path]:
 
 
 def table_files(source: Path) -> list[Path]:
-    """``source`` itself, or every CSV/Parquet file below it (sorted; hidden ones left out)."""
+    """``source`` itself, every CSV/Parquet file below it (sorted; hidden ones left out), or those a
+    pattern matches."""
     if source.is_file():
         return [source]
+    if is_pattern(source):
+        if not (files := pattern_files(source)):
+            raise InputError(f"{source}: the pattern matches no *.csv, *.csv.gz or *.parquet file")
+        return files
     files = [p for p in visible_files(source) if is_table(p)]
     if not files:
         raise InputError(f"{source}: no *.csv, *.csv.gz or *.parquet files below the directory")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hpcad.atomic import atomic_path
+from hpcad.data.tables import source_exists
 from hpcad.errors import ConfigError, HpcadError, InputError, OutputError
 from hpcad.model.light import LIGHT_FOLDER, STAGED, publish_staged
 from hpcad.nightly.days import input_for, missed_nights, parse_days, published_nights
@@ -93,14 +94,14 @@ def _catch_up(out: Path, last: dt.date, n: NightlyConfig) -> list[dt.date]:
     missed, older = missed_nights(out, last, window)
     missed_in, lost = [], []
     for d in missed:
-        (missed_in if input_for(n.input, d).exists() else lost).append(d)
+        (missed_in if source_exists(input_for(n.input, d)) else lost).append(d)
     if missed_in:
         log.info("nightly: catching up %d night(s) before %s not published (cron did not run, or the night failed): "
                  "%s", len(missed_in), last, ", ".join(d.isoformat() for d in missed_in))
     if lost:
         log.warning("nightly: %d night(s) of the last %d days not published and without exports at nightly.input: %s",
                     len(lost), window, ", ".join(d.isoformat() for d in lost))
-    older = [d for d in older if input_for(n.input, d).exists()]
+    older = [d for d in older if source_exists(input_for(n.input, d))]
     if older:
         log.warning("nightly: %d older night(s) from %s to %s not published, beyond nightly.catch_up_days=%d, have "
                     "exports: score them with nightly_rescore.sh --from %s --to %s", len(older), older[0], older[-1],
@@ -113,7 +114,7 @@ def _one_night(cfg: HpcadConfig, day: dt.date, out: Path, train_run: Path, overr
     site's tools."""
     n = cfg.nightly
     src = input_for(n.input, day)
-    if not src.exists():
+    if not source_exists(src):
         raise InputError(f"nightly {day.isoformat()}: no exports at {src} (nightly.input={n.input!r}); nothing changed")
     tmp = scratch(out, day)
     try:
