@@ -175,6 +175,65 @@ def test_hidden_files_and_folders_among_exports_are_not_read(tmp_path):
         assert source_signature(messy, fmt) == before, fmt  # a hidden file changing is no new input
 
 
+def _sadf(node: str, samples: int, reboot_at: int, per_cpu: bool = False) -> tuple[str, np.ndarray]:
+    """What ``sadf -d -- -u -r`` (``-P ALL -r``: ``per_cpu``) writes of a node's day (sysstat's
+    sadf_misc.c): each report under its ``#`` header, its rows ``host;interval;time;...``, a reboot's mark
+    and the header again after it; and the values it holds, per sample [%user, %idle, kbmemfree]."""
+    rng = np.random.default_rng(len(node))
+    vals = np.round(rng.uniform(0, 100, size=(samples, 3)), 2)
+    vals[:, 2] = np.round(vals[:, 2] * 1e4)  # kB
+    times = [f"2025-01-06 {(10 * k) // 60:02d}:{(10 * k) % 60:02d}:01 UTC" for k in range(1, samples + 1)]
+    text = ""
+    for report in ("cpu", "mem"):
+        head = ("# hostname;interval;timestamp;CPU;%user;%idle\n" if report == "cpu"
+                else "# hostname;interval;timestamp;kbmemfree;%memused\n")
+        text += head
+        for k in range(samples):
+            if k == reboot_at:
+                text += f"{node};-1;{times[k][:-7]}00:00 UTC;LINUX-RESTART\t(64 CPU)\n" + head
+            for cpu in ([-1, 0, 1] if per_cpu and report == "cpu" else [-1]):
+                text += (f"{node};600;{times[k]};{cpu};{vals[k, 0]:.2f};{vals[k, 1]:.2f}\n" if report == "cpu"
+                         else f"{node};600;{times[k]};{vals[k, 2]:.0f};12.50\n")
+    return text, vals
+
+
+def test_sar_data_as_sadf_exports_it_is_one_row_per_sample(tmp_path):
+    """sysstat's sar data, kept on every Linux node, as ``sadf -d -- -u -r`` exports it: each report
+    under a header line starting with ``#``, the headers again after a reboot and the reboot's
+    ``LINUX-RESTART`` mark. Before, the first column was named ``# hostname``, the later headers were
+    skipped as comments and the next report's rows read under the first one's columns (refused by
+    pandas where they had more fields: ``sadf -d -- -u -r``, "Expected 10 fields in line 6, saw 14";
+    read into the wrong columns where they had fewer). Now a node's file is one table, its
+    reports joined by sample; a file of every node's exports (``cat``) is read by its host column; a
+    per-CPU report (``-P ALL``) is refused, naming it, since its rows cannot be joined."""
+    folder = tmp_path / "sar"
+    folder.mkdir()
+    texts = {}
+    for node in ("cn01", "cn02"):
+        texts[node], _ = _sadf(node, 30, reboot_at=17)
+        (folder / f"{node}.csv").write_text(texts[node])
+    (tmp_path / "all.csv").write_text("".join(texts.values()))
+    opts = dict(node_column="hostname", ignore_columns=["interval", "CPU"])
+    for src in (folder, tmp_path / "all.csv"):
+        store = TelemetryStore(ingest(data_cfg(source=str(src), **opts), tmp_path / f"{src.stem}.h5"))
+        assert store.nodes == ["cn01", "cn02"] and store.metrics == ["%user", "%idle", "kbmemfree", "%memused"]
+        for node in store.nodes:
+            got, vals = store.read(node), _sadf(node, 30, 17)[1]
+            np.testing.assert_allclose(got.values[:, :3], vals, rtol=1e-6)
+            np.testing.assert_array_equal(np.diff(got.timestamp), 600)
+            assert got.timestamp[0] == 1736122201  # 2025-01-06 00:10:01 UTC
+    # the file still being written: its last row cut short is left out, as in any CSV
+    (folder / "cn01.csv").write_text(texts["cn01"][:-9])
+    cut = TelemetryStore(ingest(data_cfg(source=str(folder), **opts), tmp_path / "cut.h5"))
+    assert cut.rows("cn01") == 30 and np.isnan(cut.read("cn01").values[-1, 3])  # its memory report: 29 rows
+    assert "cn01.csv: the last line has 4 of 5 fields and no line end" in cut.warnings[1][0]
+    (folder / "cn02.csv").write_text(_sadf("cn02", 30, 17, per_cpu=True)[0])
+    with pytest.raises(InputError, match=r"cn02.csv: the report of \['CPU', '%user', '%idle'\] has 60 row\(s\) "
+                                         r"repeating another's \['hostname', 'interval', 'timestamp'\] \(one row per "
+                                         r"CPU or device"):
+        ingest(data_cfg(source=str(folder), **opts), tmp_path / "cpu.h5")
+
+
 def test_generate_and_run_long_format_with_job_context(tmp_path):
     exports = tmp_path / "long"
     hpcad("generate", f"generate.out={exports}", "generate.format=long", f"hydra.run.dir={tmp_path / 'g'}",

@@ -113,7 +113,12 @@ def columns(path: Path) -> list[str]:
             return list(pq.read_schema(path).names)
         except Exception as exc:
             raise InputError(f"{path}: cannot read the Parquet schema: {exc}") from exc
-    return [name for name in dialect(path).header if name.strip()]  # an unnamed column holds no metric
+    how = dialect(path)
+    if how.sections:
+        from hpcad.data import sections
+
+        return sections.columns(path, how.sep)
+    return [name for name in how.header if name.strip()]  # an unnamed column holds no metric
 
 
 SEPARATORS = ",;\t|"  # a CSV's field separator: whichever of these its header line holds most of
@@ -129,13 +134,14 @@ class CsvDialect:
     decimal: str = "."
     blanks: bool = False  # a blank after each separator (``a, b``): skipped (it costs pandas ~20 %)
     header: tuple[str, ...] = ()
+    sections: bool = False  # the header line starts with #: reports under header lines (hpcad/data/sections.py)
 
     def read_csv_kw(self) -> dict:
         """pandas.read_csv's options for it (a UTF-8 byte-order mark is dropped, as for the header)."""
         return {"sep": self.sep, "decimal": self.decimal, "encoding": "utf-8-sig", "skipinitialspace": self.blanks}
 
 
-def _open_text(path: Path):
+def open_text(path: Path):
     """The file as UTF-8 text; a byte-order mark (spreadsheets' "UTF-8 with BOM") is not part of the
     first column's name."""
     import gzip
@@ -157,7 +163,7 @@ def dialect(path: Path) -> CsvDialect:
     from collections import Counter
 
     try:
-        with _open_text(path) as f:
+        with open_text(path) as f:
             head = f.readline()
             sep = max(SEPARATORS, key=head.count) if any(c in head for c in SEPARATORS) else ","
             blanks = f"{sep} " in head
@@ -168,12 +174,15 @@ def dialect(path: Path) -> CsvDialect:
         hint = " (CSV exports are read as UTF-8: convert it, e.g. `iconv -f latin1 -t utf-8`)"
         raise InputError(f"{path}: cannot read the header line: {exc}"
                          f"{hint if isinstance(exc, UnicodeDecodeError) else ''}") from exc
+    sections = bool(header) and header[0].startswith("#")  # sysstat's sadf -d: # hostname;interval;timestamp;...
+    if sections:
+        header = [header[0].lstrip("#").strip(), *header[1:]]
     dup = [name for name, n in Counter(h for h in header if h.strip()).items() if n > 1]  # unnamed: without_unnamed
     if dup:
         raise InputError(f"{path}: the header names column(s) {dup[:10]} more than once; each metric needs "
                          f"one column")
     comma = sep != "," and any(looks_decimal_comma(v) for row in rows for v in row.rstrip("\r\n").split(sep))
-    return CsvDialect(sep, "," if comma else ".", blanks, tuple(header))
+    return CsvDialect(sep, "," if comma else ".", blanks, tuple(header), sections)
 
 
 def looks_decimal_comma(value: str) -> bool:
@@ -205,10 +214,10 @@ def cut_last_row(path: Path, sep: str, fields: int) -> str | None:
     with open(path, "rb") as f:
         size = f.seek(0, 2)
         f.seek(max(0, size - TAIL_BYTES))
-        return _cut_reason(f.read(), path, sep, fields)
+        return cut_reason(f.read(), path, sep, fields)
 
 
-def _cut_reason(tail: bytes, path: Path, sep: str, fields: int) -> str | None:
+def cut_reason(tail: bytes, path: Path, sep: str, fields: int) -> str | None:
     """``cut_last_row`` on the file's last ``TAIL_BYTES`` (``tail``)."""
     end = max(tail.rfind(b"\n"), tail.rfind(b"\r"))
     if end < 0 or end == len(tail) - 1:  # ends with a line end; or one line (the header), or a longer one
@@ -290,7 +299,7 @@ def csv_options(path: Path, how: CsvDialect) -> tuple[dict, str | None]:
     if not path.name.lower().endswith(".gz") and path.stat().st_size > 0:
         with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             repeats, comments = skipped_lines(mm)
-            cut = _cut_reason(mm[-TAIL_BYTES:], path, how.sep, len(how.header))
+            cut = cut_reason(mm[-TAIL_BYTES:], path, how.sep, len(how.header))
     if repeats:
         log.info("%s: skipped %d line(s) repeating the header line (files joined with cat?), the first at line %d",
                  path, len(repeats), repeats[0] + 1)
@@ -312,6 +321,10 @@ def read_table(path: Path, as_text: bool = False) -> pd.DataFrame:
         except Exception as exc:  # pyarrow raises many types; name the file either way
             raise InputError(f"{path}: cannot read table: {exc}") from exc
     how = dialect(path)
+    if how.sections:
+        from hpcad.data import sections
+
+        return sections.read(path, how, as_text=as_text)
     try:
         kw, cut = csv_options(path, how)
         df = pd.read_csv(path, **kw, **({"dtype": str} if as_text else {}))
@@ -353,8 +366,11 @@ def iter_table_chunks(path: Path, rows: int = CHUNK_ROWS, text: tuple[str, ...] 
             for group in range(f.metadata.num_row_groups):  # one iterator per row group: pyarrow's
                 for batch in f.iter_batches(batch_size=rows, row_groups=[group]):  # across groups grows
                     yield batch.to_pandas()
+        elif (how := dialect(path)).sections:  # read whole: its reports are joined by sample
+            from hpcad.data import sections
+
+            yield sections.read(path, how, text)
         else:
-            how = dialect(path)
             kw = {"dtype": {c: str for c in text}} if text else {}
             options, cut = csv_options(path, how)
             for chunk in without_cut_row(pd.read_csv(path, chunksize=rows, **options, **kw), cut):
