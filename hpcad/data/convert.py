@@ -13,7 +13,7 @@ import numpy as np
 from hpcad.data.counters import is_counter
 from hpcad.data.grid import MISSING_METRIC_POLICIES
 from hpcad.data.node import NodeData
-from hpcad.data.tables import DIALECT_ROWS, looks_decimal_comma
+from hpcad.data.csvtext import DIALECT_ROWS, looks_decimal_comma
 from hpcad.data.timestamps import EPOCH_UNITS, LATEST_EPOCH_S, to_epoch_seconds
 from hpcad.errors import ConfigError, InputError
 from hpcad.progress import Progress

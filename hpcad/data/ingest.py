@@ -45,7 +45,8 @@ from hpcad.data.store import (TelemetryStore, check_node_name, drop_parts, is_st
 from hpcad.data.node import NodeData
 from hpcad.data.nodefiles import folder_files, folder_of, node_files, node_frame, node_groups, where
 from hpcad.data.notes import InputWarnings, input_warnings
-from hpcad.data.tables import columns, is_pattern, is_table, pattern_files, source_exists, visible_files
+from hpcad.data.paths import is_pattern, is_table, pattern_files, source_exists, visible_files
+from hpcad.data.tables import columns
 from hpcad.dist import CLUSTER_WIDE
 from hpcad.errors import InputError
 

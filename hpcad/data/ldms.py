@@ -21,7 +21,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from hpcad.data.grid import GridStager
-from hpcad.data.tables import CHUNK_ROWS, cut_last_row, visible_files, without_cut_row
+from hpcad.data.csvtext import cut_last_row
+from hpcad.data.paths import visible_files
+from hpcad.data.tables import CHUNK_ROWS, without_cut_row
 from hpcad.data.timestamps import to_epoch_seconds
 from hpcad.errors import InputError
 

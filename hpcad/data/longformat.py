@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from hpcad.data.grid import GridStager
-from hpcad.data.tables import HIVE_NULL, iter_table_chunks, partition_value, table_files
+from hpcad.data.paths import HIVE_NULL, partition_value, table_files
+from hpcad.data.tables import iter_table_chunks
 from hpcad.data.timestamps import to_epoch_seconds
 from hpcad.errors import InputError
 

@@ -19,8 +19,8 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hpcad.data.tables import (HIVE_NULL, dated, file_node, is_pattern, is_table, partition_value, pattern_files,
-                                read_table, stem)
+from hpcad.data.paths import HIVE_NULL, dated, file_node, is_pattern, is_table, partition_value, pattern_files, stem
+from hpcad.data.tables import read_table
 from hpcad.errors import InputError
 
 if TYPE_CHECKING:

@@ -39,7 +39,7 @@ from hpcad.data.nodefiles import node_groups
 from hpcad.data.notes import InputWarnings, input_warnings, merged
 from hpcad.data.rows import has_node_column, read_staged, row_columns, stage_rows
 from hpcad.data.store import STORE_SUFFIXES, TelemetryStore, part_path, write_index, write_store
-from hpcad.data.tables import TABLE_SUFFIXES, is_pattern
+from hpcad.data.paths import TABLE_SUFFIXES, is_pattern
 from hpcad.dist import CLUSTER_WIDE
 from hpcad.errors import InputError
 

@@ -19,7 +19,8 @@ from hpcad.data.convert import FrameConverter, counted, guarded, label_numbers, 
 from hpcad.data.h5 import h5_file, h5_writing
 from hpcad.data.node import NodeData
 from hpcad.data.store import check_node_name
-from hpcad.data.tables import columns, file_node, iter_table_chunks
+from hpcad.data.paths import file_node
+from hpcad.data.tables import columns, iter_table_chunks
 from hpcad.data.timestamps import to_epoch_seconds
 from hpcad.errors import InputError
 

@@ -24,12 +24,12 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from hpcad.data.csvtext import CsvDialect, cut_reason, open_text
 from hpcad.errors import InputError
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from hpcad.data.tables import CsvDialect
 
 log = logging.getLogger(__name__)
 RESTART = "LINUX-RESTART"  # sysstat's mark of a reboot: host;-1;time;LINUX-RESTART\t(N CPU)
@@ -43,8 +43,6 @@ def header_names(line: str, sep: str) -> tuple[str, ...]:
 def split(path: Path, sep: str) -> tuple[dict[tuple[str, ...], list[str]], int]:
     """The file's rows by the header above them (headers in first-seen order; a report repeated
     after a reboot joins its rows), and how many reboot marks were left out."""
-    from hpcad.data.tables import cut_reason, open_text
-
     reports: dict[tuple[str, ...], list[str]] = {}
     rows: list[str] | None = None
     restarts, first = 0, None
@@ -78,8 +76,6 @@ def columns(path: Path, sep: str) -> list[str]:
 
 def headers(path: Path, sep: str) -> list[tuple[str, ...]]:
     """The file's header lines' names (see the module), each once, in first-seen order."""
-    from hpcad.data.tables import open_text
-
     found: dict[tuple[str, ...], None] = {}
     with open_text(path) as f:
         for line in f:

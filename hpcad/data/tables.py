@@ -1,107 +1,24 @@
-"""Reading CSV/Parquet tables whole or in chunks, with errors that name the file; what export
-folders hold besides clean tables is left out here (a row cut short at a CSV's end, lines repeating
-its header, comment lines, hidden files and folders), and said (docs/data.md)."""
+"""Reading CSV/Parquet tables whole or in chunks, with errors that name the file; what export files
+hold besides clean tables is left out here (a row cut short at a CSV's end, lines repeating its
+header, comment lines; reports under header lines: hpcad/data/sections.py), and said (docs/data.md).
+Which files a folder holds: hpcad/data/paths.py; a CSV's dialect: hpcad/data/csvtext.py."""
 from __future__ import annotations
 
-import csv
 import logging
 import mmap
-import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from hpcad.data.csvtext import TAIL_BYTES, CsvDialect, cut_reason, dialect
+from hpcad.data.paths import is_parquet
 from hpcad.errors import InputError
 
 if TYPE_CHECKING:
     import pandas as pd
 
 log = logging.getLogger(__name__)
-
-TABLE_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq")
 CHUNK_ROWS = 200_000
-TAIL_BYTES = 1 << 16  # how much of a CSV's end ``cut_last_row`` reads (a row of 160 metrics: ~2 KiB)
-HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"  # the partition folder of rows whose value is null (Hive, Spark, pyarrow)
-
-
-def stem(path: Path) -> str:
-    """File name without its table suffix (``n001.csv.gz`` -> ``n001``)."""
-    name = path.name
-    for suf in TABLE_SUFFIXES:
-        if name.lower().endswith(suf):
-            return name[: -len(suf)]
-    return path.stem
-
-
-def partition_value(path: Path, column: str) -> str | None:
-    """``column``'s value for the rows of the file ``path`` from Hive-style partition folders, as
-    Spark's ``partitionBy``, pyarrow's ``write_to_dataset``, Dask and Polars write them
-    (``node=cn01/part-00000-<uuid>.parquet``: the column is then not in the file): the nearest folder
-    above ``path`` named ``<column>=<value>``, URL-decoded as those writers encode it; ``""`` for the
-    null partition (``HIVE_NULL``); None where no folder names the column."""
-    from urllib.parse import unquote
-
-    prefix = f"{column}="
-    for part in reversed(path.parent.parts):
-        if part.startswith(prefix):
-            value = unquote(part[len(prefix):])
-            return "" if value == HIVE_NULL else value
-    return None
-
-
-# a name that is a date (2025-01-06, 2025_01_06, 2025.01.06, 20250106, a month 2025-01), perhaps with a
-# time after it (2025-01-06T00, 2025-01-06_0000): an export's file named for its day, not for a node
-_DATE = re.compile(r"((?:19|20)\d\d)([-_.]?)(\d\d)(?:\2(\d\d))?(?:$|[T_ ])")
-
-
-def dated(name: str, folder: bool = False) -> bool:
-    """Whether ``name`` is a date's (``_DATE``); ``folder``: also a year's, month's or day's folder of a
-    tree of dates (``2025``, ``01``)."""
-    if folder and re.fullmatch(r"(?:19|20)\d\d|\d{1,2}", name):
-        return True
-    m = _DATE.match(name)
-    if not m or (not m.group(2) and m.group(4) is None):  # 202501 alone may be a number
-        return False
-    return 1 <= int(m.group(3)) <= 12 and (m.group(4) is None or 1 <= int(m.group(4)) <= 31)
-
-
-def file_node(path: Path, node_column: str) -> str:
-    """The node a node file holds: its partition folder's (``node=cn01/part-0.parquet``:
-    ``partition_value``); a file named like a date in a folder that is not, the folder's
-    (``cn01/2025-01.csv``: a folder per node); else the file's ``stem`` (``cn01.csv``)."""
-    value = partition_value(path, node_column)
-    if value is not None:
-        return value
-    name = stem(path)
-    return path.parent.name if dated(name) and not dated(path.parent.name, folder=True) else name
-
-
-def is_pattern(path: Path | str) -> bool:
-    """Whether ``data.source`` is a glob pattern (``/exports/*/2025-01-06.csv``): its input is the
-    table files it matches (``pattern_files``)."""
-    return any(c in str(path) for c in "*?[")
-
-
-def pattern_files(pattern: Path) -> list[Path]:
-    """The CSV/Parquet files a glob pattern matches (``**``: folders at any depth; hidden names are
-    not matched), sorted."""
-    import glob
-
-    return sorted(p for p in map(Path, glob.glob(str(pattern), recursive=True)) if is_table(p))
-
-
-def source_exists(path: Path) -> bool:
-    """Whether an input path is there: a file or folder, or a pattern that matches a table file."""
-    return bool(pattern_files(path)) if is_pattern(path) else path.exists()
-
-
-def is_table(path: Path) -> bool:
-    return path.is_file() and path.name.lower().endswith(TABLE_SUFFIXES)
-
-
-def is_parquet(path: Path) -> bool:
-    return path.name.lower().endswith((".parquet", ".pq"))
 
 
 def columns(path: Path) -> list[str]:
@@ -121,75 +38,6 @@ def columns(path: Path) -> list[str]:
     return [name for name in how.header if name.strip()]  # an unnamed column holds no metric
 
 
-SEPARATORS = ",;\t|"  # a CSV's field separator: whichever of these its header line holds most of
-_DECIMAL_COMMA = re.compile(r"[-+]?\d+,\d+(?:[eE][-+]?\d+)?")
-
-
-@dataclass(frozen=True)
-class CsvDialect:
-    """How a CSV export writes its fields, and its column names: found in its header and first rows
-    (``dialect``)."""
-
-    sep: str = ","
-    decimal: str = "."
-    blanks: bool = False  # a blank after each separator (``a, b``): skipped (it costs pandas ~20 %)
-    header: tuple[str, ...] = ()
-    sections: bool = False  # the header line starts with #: reports under header lines (hpcad/data/sections.py)
-
-    def read_csv_kw(self) -> dict:
-        """pandas.read_csv's options for it (a UTF-8 byte-order mark is dropped, as for the header)."""
-        return {"sep": self.sep, "decimal": self.decimal, "encoding": "utf-8-sig", "skipinitialspace": self.blanks}
-
-
-def open_text(path: Path):
-    """The file as UTF-8 text; a byte-order mark (spreadsheets' "UTF-8 with BOM") is not part of the
-    first column's name."""
-    import gzip
-
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    return opener(path, "rt", newline="", encoding="utf-8-sig")
-
-
-DIALECT_ROWS = 20  # rows looked at for a decimal comma
-
-
-def dialect(path: Path) -> CsvDialect:
-    """The separator (``,``, ``;``, tab or ``|``: the one the header line holds most of), the
-    decimal mark (a comma where fields are not comma-separated and the first ``DIALECT_ROWS`` rows
-    write a number as ``21,5``: spreadsheet exports in European locales), whether the header puts a
-    blank after its separators, and the header's names, in one read of the file's start. A header
-    that names a column twice is refused (pandas would rename the copy ``name.1`` and ingest it as
-    another metric)."""
-    from collections import Counter
-
-    try:
-        with open_text(path) as f:
-            head = f.readline()
-            sep = max(SEPARATORS, key=head.count) if any(c in head for c in SEPARATORS) else ","
-            blanks = f"{sep} " in head
-            f.seek(0)
-            header = next(csv.reader(f, delimiter=sep, skipinitialspace=blanks), [])
-            rows = [f.readline() for _ in range(DIALECT_ROWS)]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        hint = " (CSV exports are read as UTF-8: convert it, e.g. `iconv -f latin1 -t utf-8`)"
-        raise InputError(f"{path}: cannot read the header line: {exc}"
-                         f"{hint if isinstance(exc, UnicodeDecodeError) else ''}") from exc
-    sections = bool(header) and header[0].startswith("#")  # sysstat's sadf -d: # hostname;interval;timestamp;...
-    if sections:
-        header = [header[0].lstrip("#").strip(), *header[1:]]
-    dup = [name for name, n in Counter(h for h in header if h.strip()).items() if n > 1]  # unnamed: without_unnamed
-    if dup:
-        raise InputError(f"{path}: the header names column(s) {dup[:10]} more than once; each metric needs "
-                         f"one column")
-    comma = sep != "," and any(looks_decimal_comma(v) for row in rows for v in row.rstrip("\r\n").split(sep))
-    return CsvDialect(sep, "," if comma else ".", blanks, tuple(header), sections)
-
-
-def looks_decimal_comma(value: str) -> bool:
-    """``21,5``: a number written with a decimal comma."""
-    return bool(_DECIMAL_COMMA.fullmatch(value.strip().strip('"')))
-
-
 def without_unnamed(df: pd.DataFrame, how: CsvDialect, path: Path) -> pd.DataFrame:
     """``df`` without the columns its CSV header leaves unnamed (a separator at the end of every line
     makes one, which pandas calls ``Unnamed: k``): dropped when empty, an error when they hold values."""
@@ -201,35 +49,6 @@ def without_unnamed(df: pd.DataFrame, how: CsvDialect, path: Path) -> pd.DataFra
         raise InputError(f"{path}: column {filled[0] + 1} holds values but has no name in the header line; "
                          f"name it (or remove it)")
     return df.drop(columns=[df.columns[k] for k in unnamed])
-
-
-def cut_last_row(path: Path, sep: str, fields: int) -> str | None:
-    """Why a plain CSV's last line is a row cut short (or None): no line end after it and fewer than
-    ``fields`` fields. A file still being written looks so (an LDMS store's current file, an export
-    read while it is copied): pandas would fill the missing fields in as missing values and read
-    the last one it has, perhaps cut mid-number (``1234.5`` as ``12``), as it stands. Only the file's
-    last ``TAIL_BYTES`` are read; a gzip file cut short fails to decompress instead."""
-    if path.name.lower().endswith(".gz"):
-        return None
-    with open(path, "rb") as f:
-        size = f.seek(0, 2)
-        f.seek(max(0, size - TAIL_BYTES))
-        return cut_reason(f.read(), path, sep, fields)
-
-
-def cut_reason(tail: bytes, path: Path, sep: str, fields: int) -> str | None:
-    """``cut_last_row`` on the file's last ``TAIL_BYTES`` (``tail``)."""
-    end = max(tail.rfind(b"\n"), tail.rfind(b"\r"))
-    if end < 0 or end == len(tail) - 1:  # ends with a line end; or one line (the header), or a longer one
-        return None
-    line = tail[end + 1:].decode("utf-8", errors="replace")
-    if not line.strip() or line.startswith("#"):  # no row (pandas skips it), or an LDMS header being written
-        return None
-    got = len(next(csv.reader([line], delimiter=sep), []))
-    if got >= fields:
-        return None
-    return (f"{path}: the last line has {got} of {fields} fields and no line end (the file was still being "
-            f"written?): that row is left out")
 
 
 def without_cut_row(chunks: Iterable[pd.DataFrame], why: str | None) -> Iterator[pd.DataFrame]:
@@ -379,29 +198,3 @@ def iter_table_chunks(path: Path, rows: int = CHUNK_ROWS, text: tuple[str, ...] 
         raise
     except Exception as exc:
         raise InputError(f"{path}: cannot read table: {exc}") from exc
-
-
-def hidden(path: Path, root: Path) -> bool:
-    """Whether ``path`` below ``root`` is hidden, or lies in a hidden folder below it (``._node.csv``,
-    macOS's AppleDouble copies on a share; ``.snapshot/``, an editor's ``.node.csv.swp``): not an export."""
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
-
-
-def visible_files(source: Path) -> list[Path]:
-    """Every file below the folder ``source`` that is not ``hidden``, sorted."""
-    return sorted(p for p in source.rglob("*") if p.is_file() and not hidden(p, source))
-
-
-def table_files(source: Path) -> list[Path]:
-    """``source`` itself, every CSV/Parquet file below it (sorted; hidden ones left out), or those a
-    pattern matches."""
-    if source.is_file():
-        return [source]
-    if is_pattern(source):
-        if not (files := pattern_files(source)):
-            raise InputError(f"{source}: the pattern matches no *.csv, *.csv.gz or *.parquet file")
-        return files
-    files = [p for p in visible_files(source) if is_table(p)]
-    if not files:
-        raise InputError(f"{source}: no *.csv, *.csv.gz or *.parquet files below the directory")
-    return files

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hpcad.atomic import atomic_path
-from hpcad.data.tables import source_exists
+from hpcad.data.paths import source_exists
 from hpcad.errors import ConfigError, HpcadError, InputError, OutputError
 from hpcad.model.light import LIGHT_FOLDER, STAGED, publish_staged
 from hpcad.nightly.days import input_for, missed_nights, parse_days, published_nights
