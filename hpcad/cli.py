@@ -41,7 +41,7 @@ def where(args: list[str]) -> int:
     return 0
 
 
-# The stages (hpcad.pipeline.RUNNERS), listed here so that `hpcad --help` and a misspelt stage
+# The stages (hpcad.stages.RUNNERS), listed here so that `hpcad --help` and a misspelt stage
 # answer without importing the pipeline (torch, scikit-learn, matplotlib: seconds).
 STAGES = ("run", "ingest", "train", "score", "baselines", "threshold", "report", "generate", "bench", "nightly",
           "preflight")
@@ -164,7 +164,7 @@ def run_stage(stage: str, overrides: list[str]) -> int:
     from hpcad.errors import ConfigError, HpcadError, OutputError
     from hpcad.launch.local import LocalLauncher
     from hpcad.options import check_options
-    from hpcad.pipeline import RUNNERS
+    from hpcad.stages import RUNNERS
 
     register_configs()
     status = {"rc": 0, "started": False}
@@ -228,7 +228,7 @@ def run_stage(stage: str, overrides: list[str]) -> int:
                 print(f"hpcad: report at {run_dir / 'report.html'}")
         elif stage == "bench":
             keys = ("speedup_vs_naive", "node_epochs_per_s", "samples_per_s", "nodes_per_s", "score_s", "report_s",
-                    "report_mb", "peak_rss_mb")
+                    "report_mb", "fit_s", "threshold_s", "node_years_per_s", "peak_rss_mb")
             print("hpcad bench: " + ", ".join(f"{k}={result[k]:.4g}" for k in keys if result.get(k) is not None))
             print(f"hpcad: {run_dir / 'bench.json'}")
         elif stage == "nightly":

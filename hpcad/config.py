@@ -39,7 +39,8 @@ SplitUnit = _choice("SplitUnit", "fraction", "rows", "time")
 Precision = _choice("Precision", "fp32", "tf32", "bf16")
 ErrorDtype = _choice("ErrorDtype", "float32", "float16")
 ExportFormat = _choice("ExportFormat", "csv", "parquet", "ldms", "long")
-BenchMode = _choice("BenchMode", "train", "score", "ingest", "drift", "report", "baselines", "explain", "nightly")
+BenchMode = _choice("BenchMode", "train", "score", "ingest", "drift", "report", "baselines", "explain", "nightly",
+                    "threshold")
 LightRetrain = _choice("LightRetrain", "drifted", "all", "off")
 
 
@@ -210,7 +211,7 @@ class GenerateConfig:
 class BenchConfig:
     """``hpcad bench``: synthetic throughput benchmark (see docs/benchmarks.md)."""
 
-    mode: BenchMode = BenchMode.train  # train | score | ingest (bench.input of nodes x days x metrics) | drift (light retraining study) | report | baselines (baselines.methods, one core each) | explain (train_run: alarms' causes vs the synthetic faults) | nightly (one night of bench.nodes, bench.days of training)
+    mode: BenchMode = BenchMode.train  # train | score | ingest (bench.input of nodes x days x metrics) | drift (light retraining study) | report | baselines (baselines.methods, one core each) | explain (train_run: alarms' causes vs the synthetic faults) | nightly (one night of bench.nodes, bench.days of training) | threshold (fit and apply on labelled errors of bench.nodes x bench.rows)
     nodes: int = 64
     rows: int = 6667
     rows_spread: float = 0.0  # train mode: node lengths spread evenly over [(1 - spread) x rows, rows]

@@ -424,12 +424,6 @@ def stage_generate(cfg: HpcadConfig, run_dir: Path) -> list[Path]:
     return files
 
 
-def stage_bench(cfg: HpcadConfig, run_dir: Path) -> dict:
-    from hpcad.bench import run_bench
-
-    return run_bench(cfg, run_dir)
-
-
 def stage_nightly(cfg: HpcadConfig, run_dir: Path) -> dict:
     """Re-score a night (or a range) with a trained run: hpcad/nightly/, jobs/nightly_rescore.sh."""
     from hydra.core.hydra_config import HydraConfig
@@ -447,7 +441,7 @@ def stage_preflight(cfg: HpcadConfig, run_dir: Path) -> dict:
     return preflight(cfg, run_dir)
 
 
-def _one_writer(stage: str, fn: Callable[[Any, Path], Any]) -> Callable[[Any, Path], Any]:
+def one_writer(stage: str, fn: Callable[[Any, Path], Any]) -> Callable[[Any, Path], Any]:
     """``fn`` holding the run folder's writer lock (hpcad/runfolder.py)."""
     @functools.wraps(fn)
     def locked(cfg: HpcadConfig, run_dir: Path):
@@ -458,7 +452,7 @@ def _one_writer(stage: str, fn: Callable[[Any, Path], Any]) -> Callable[[Any, Pa
 
 # generate writes generate.out, nightly its own locked output folder, preflight only preflight.json:
 # none of them writes the run folder's outputs
-RUNNERS = {"bench": stage_bench, "generate": stage_generate, "ingest": stage_ingest_once, "train": stage_train,
+RUNNERS = {"generate": stage_generate, "ingest": stage_ingest_once, "train": stage_train,
            "score": stage_score, "baselines": stage_baselines, "threshold": stage_threshold, "report": stage_report,
            "run": stage_run, "nightly": stage_nightly, "preflight": stage_preflight}
-RUNNERS.update({k: _one_writer(k, fn) for k, fn in RUNNERS.items() if k not in ("generate", "nightly", "preflight")})
+RUNNERS.update({k: one_writer(k, fn) for k, fn in RUNNERS.items() if k not in ("generate", "nightly", "preflight")})

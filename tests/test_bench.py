@@ -36,7 +36,20 @@ def test_bench_score_times_the_real_score_stage(tmp_path):
     assert b["mode"] == "score" and b["nodes_per_s"] > 0 and (tmp_path / "bench_errors.h5").exists()
     bad = hpcad("bench", "bench.mode=fast", f"hydra.run.dir={tmp_path / 'x'}", check=False)
     assert bad.returncode != 0 and "bench.mode" in bad.stderr  # refused when the config is composed
-    assert "expected one of [train, score, ingest, drift, report, baselines, explain, nightly]" in bad.stderr
+    assert "expected one of [train, score, ingest, drift, report, baselines, explain, nightly, threshold]" in bad.stderr
+
+
+def test_bench_threshold_times_fitting_and_applying_the_thresholds(tmp_path):
+    """The threshold stage had no bench mode: its figures in docs/benchmarks.md were timed by hand."""
+    p = hpcad("bench", "bench.mode=threshold", "bench.nodes=3", "bench.rows=600", "bench.metrics=160",
+              "compute.progress=false", f"hydra.run.dir={tmp_path}")
+    b = json.loads((tmp_path / "bench.json").read_text())
+    assert b["mode"] == "threshold" and b["nodes"] == 3 and b["rule"] == "CostRule" and b["scope"] == "node"
+    assert b["fit_s"] > 0 and b["threshold_s"] > 0 and b["peak_rss_mb"] > 0 and b["errors_mb"] > 0
+    assert "threshold_s=" in p.stdout
+    # what the stage wrote, as `hpcad threshold` writes it: labelled errors give figures for every node
+    metrics = json.loads((tmp_path / "bench_run" / "metrics.json").read_text())
+    assert len(metrics["nodes"]) == 3 and (tmp_path / "bench_run" / "alarms.csv").exists()
 
 
 def test_bench_ingest_measures_the_out_of_core_pivot(tmp_path):

@@ -419,7 +419,7 @@ def test_help_and_a_misspelt_stage_answer_without_loading_the_pipeline():
     import sys
 
     from hpcad.cli import STAGES
-    from hpcad.pipeline import RUNNERS
+    from hpcad.stages import RUNNERS
 
     assert set(STAGES) == set(RUNNERS)  # the fast list and the real one cannot drift apart
     probe = ("import sys, hpcad.cli as c; rc = c.main(['--help']); bad = c.main(['trian']); "

@@ -26,31 +26,41 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def bench_score(cfg: HpcadConfig, run_dir: Path) -> dict:
-    """Time the real score stage on ``bench.nodes`` nodes x ``bench.rows`` rows (e.g. one day: 288)."""
-    from hpcad.data.store import TelemetryStore, write_store
+def synthetic_run(cfg: HpcadConfig, store_path: Path, models_dir: Path, labelled: bool = False):
+    """A store of ``bench.nodes`` synthetic nodes x ``bench.rows`` rows (``bench.pool`` distinct ones,
+    reused cyclically; ``labelled``: with their anomaly labels) and a model file per node (initial
+    weights: what is timed does not depend on training; files there already are kept)."""
     from hpcad.data.node import NodeData
+    from hpcad.data.store import TelemetryStore, write_store
     from hpcad.data.synthetic import metric_names
     from hpcad.model.files import NodeModel, model_path
-    from hpcad.score import score_nodes
 
     b = cfg.bench
     if b.metrics != 160:
-        raise ConfigError("bench.mode=score uses the synthetic cluster's 160 metrics: set bench.metrics=160")
+        raise ConfigError(f"bench.mode={b.mode}: the synthetic cluster has 160 metrics: set bench.metrics=160")
     spec = model_spec(cfg)
     pool = [generate_node(f"p{i}", b.rows, seed=b.seed) for i in range(min(b.pool, b.nodes))]
     names = [f"node{i:05d}" for i in range(b.nodes)]
-    store_path = run_dir / "bench_store.h5"
     write_store(store_path, metric_names(), (NodeData(n, pool[i % len(pool)].timestamp, pool[i % len(pool)].values,
-                                                      None) for i, n in enumerate(names)), "bench")
+                                                      pool[i % len(pool)].labels if labelled else None)
+                                             for i, n in enumerate(names)), "bench")
     store = TelemetryStore(store_path)
-    models_dir = run_dir / "bench_models"
     for i, n in enumerate(names):
         if not model_path(models_dir, n).exists():
             v = pool[i % len(pool)].values
             members = [glorot_init(spec, v.shape[1], member_seed(i, r)) for r in range(spec.members)]
             NodeModel(n, spec, store.metrics, members, Scaler.fit(v, cfg.preprocess), {}, 1.0).save(
                 model_path(models_dir, n))
+    return store
+
+
+def bench_score(cfg: HpcadConfig, run_dir: Path) -> dict:
+    """Time the real score stage on ``bench.nodes`` nodes x ``bench.rows`` rows (e.g. one day: 288)."""
+    from hpcad.score import score_nodes
+
+    b = cfg.bench
+    store_path, models_dir = run_dir / "bench_store.h5", run_dir / "bench_models"
+    store = synthetic_run(cfg, store_path, models_dir)
     device = resolve_device(b.device)
     t0 = time.perf_counter()
     score_nodes(cfg, store, models_dir, run_dir / "bench_errors.h5", device=device)
