@@ -66,16 +66,18 @@ def test_one_cluster_in_all_three_formats_gives_identical_stores(tmp_path):
     write_ldms(nodes, metrics, tmp_path / "ldms", samplers=3)
     write_long(nodes, metrics, tmp_path / "long", plugins=2)
     assert len(list((tmp_path / "long").rglob("*.parquet"))) > 2  # per plugin and day
-    # the long rows as Spark's partitionBy("node") writes them: node=<name>/part-*.parquet, no node column
+    # the long rows as Spark's partitionBy("metric", "node") writes them: metric=<m>/node=<n>/part-*.parquet,
+    # without either column
     rows = pd.concat(pd.read_parquet(p) for p in sorted((tmp_path / "long").rglob("*.parquet")))
-    for node, part in rows.groupby("node"):
-        (tmp_path / "hive" / f"node={node}").mkdir(parents=True)
-        part.drop(columns="node").to_parquet(tmp_path / "hive" / f"node={node}" / "part-00000-c000.snappy.parquet")
+    for (metric, node), part in rows.groupby(["metric", "node"]):
+        (tmp_path / "hive" / f"metric={metric}" / f"node={node}").mkdir(parents=True)
+        part.drop(columns=["metric", "node"]).to_parquet(tmp_path / "hive" / f"metric={metric}" / f"node={node}" /
+                                                          "part-00000-c000.snappy.parquet")
     stores = {
         "wide": TelemetryStore(ingest(data_cfg(source=str(wide)), tmp_path / "w.h5")),
         "ldms": TelemetryStore(ingest(_ldms(source=str(tmp_path / "ldms")), tmp_path / "l.h5")),
         "long": TelemetryStore(ingest(_long(source=str(tmp_path / "long")), tmp_path / "g.h5")),
-        "long by node folder": TelemetryStore(ingest(_long(source=str(tmp_path / "hive")), tmp_path / "h.h5")),
+        "long by metric and node folders": TelemetryStore(ingest(_long(source=str(tmp_path / "hive")), tmp_path / "h.h5")),
         "long by pattern": TelemetryStore(ingest(_long(source=str(tmp_path / "long" / "**" / "*.parquet")),
                                                  tmp_path / "p.h5")),
     }

@@ -3,7 +3,8 @@
 Files may be split any way (one per metric plugin and month is usual); every CSV/Parquet file
 below ``data.source`` is read in batches and fed to the grid stager, which pivots to per-node
 matrices out of core. Rows whose metric is ``data.label_column`` are labels. Files below a Hive-style
-partition folder of the node column (``node=cn01/part-0.parquet``) need no node column.
+partition folder of the node or metric column (``node=cn01/``, ``metric=power/part-0.parquet``, as
+Spark's ``partitionBy`` writes them) need no such column.
 """
 from __future__ import annotations
 
@@ -34,13 +35,17 @@ def stage_long(source: Path, cfg: DataConfig, stager: GridStager) -> None:
     need = {"data.node_column": cfg.node_column, "data.timestamp_column": cfg.timestamp_column,
             "data.metric_column": cfg.metric_column, "data.value_column": cfg.value_column}
     for i, path in enumerate(files):
-        where, node = str(path), partition_value(path, cfg.node_column)
-        if node == "":
-            log.warning("%s: rows without a node (%s=%s) left out", where, cfg.node_column, HIVE_NULL)
+        where = str(path)
+        given = {col: partition_value(path, col) for col in (cfg.node_column, cfg.metric_column)}  # node=, metric=
+        given = {col: value for col, value in given.items() if value is not None}
+        empty = [col for col, value in given.items() if value == ""]
+        if empty:
+            log.warning("%s: rows without a %s (%s=%s) left out", where, " or ".join(empty), empty[0], HIVE_NULL)
             continue
         for chunk in iter_table_chunks(path, BATCH_ROWS, text=(cfg.node_column,)):
-            if node is not None and cfg.node_column not in chunk.columns:
-                chunk[cfg.node_column] = node
+            for col, value in given.items():
+                if col not in chunk.columns:
+                    chunk[col] = value
             missing = {opt: col for opt, col in need.items() if col not in chunk.columns}
             if missing:
                 raise InputError(f"{where}: missing column(s) {missing}; the file has {list(chunk.columns)[:10]}")
