@@ -267,7 +267,8 @@ def test_overlapping_daily_exports_drop_identical_repeats_and_refuse_rows_that_d
     later.loc[(later.node == "y") & (later.timestamp == t0 + 300 * 13), "a"] = 99.0
     later.to_csv(days / "2025-01-02.csv", index=False)
     with pytest.raises(InputError, match=r"\(node y\): duplicated timestamp 2025-01-01T01:05:00 UTC \(1735693500\) "
-                                         r"in column 'timestamp' with other values .* data.duplicates=last \(or first\)"):
+                                         r"in column 'timestamp' with other values .* differ from the first\): set "
+                                         r"data.duplicates=last \(or first\)"):  # no daylight-saving hint for one row
         ingest(data_cfg(source=str(days)), tmp_path / "clash.h5")
     assert not (tmp_path / "clash.h5").exists()
     first = TelemetryStore(ingest(data_cfg(source=str(days), duplicates="first"), tmp_path / "first.h5")).read("y")

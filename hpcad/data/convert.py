@@ -304,7 +304,7 @@ def drop_duplicates(ts: np.ndarray, values: np.ndarray, labels: np.ndarray | Non
             times = s[clash]
             dst = (f"; all within one hour: a daylight-saving fall-back's repeated hour? Local times without an offset "
                    f"are read in data.timezone (now {timezone or 'UTC'}): set it to the zone they were written in"
-                   if count >= 2 and times.max() - times.min() < 3600 else "")
+                   if clash.size == count >= 2 and times.max() - times.min() < 3600 else "")
             raise InputError(f"{said}{clash.size} of its {count} repeated rows differ from the first){dst}: set "
                              f"data.duplicates=last (or first) to keep one row of each timestamp")
     if policy == "error":
