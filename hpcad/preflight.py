@@ -1,7 +1,8 @@
 """``hpcad preflight``: what every rank of an allocation sees, checked in seconds before a long job.
 
 Launch it the way the job will run (``srun`` inside ``sbatch``, ``launcher=submitit``, torchrun).
-Each rank reports its rank, node, device, the GPUs bound to it and its memory budgets; the ranks
+Each rank reports its rank, node, device, the GPUs bound to it and its memory budgets (rank 0 also
+how ``data.source`` will be read: its files and nodes, one file's node as an example); the ranks
 meet as the job's stages will (same rendezvous and backend: NCCL for ``model.scope=fleet`` on CUDA,
 else gloo) but give up after ``PREFLIGHT_WAIT`` instead of the stages' hours, and time a barrier.
 On CUDA each rank multiplies two matrices on its GPU, and with the fleet scope the ranks all-reduce
@@ -24,7 +25,7 @@ import torch
 
 from hpcad import dist
 from hpcad.atomic import write_json
-from hpcad.data.ingest import check_inputs
+from hpcad.data.ingest import check_inputs, source_view
 from hpcad.data.ranks import read_by_every_rank
 from hpcad.device import allocated_gpus, describe, resolve_device
 from hpcad.errors import ConfigError, HpcadError
@@ -124,6 +125,12 @@ def preflight(cfg: HpcadConfig, run_dir: Path) -> dict:
         dist.barrier()
         barrier_ms = 1000 * (time.perf_counter() - t1)
         found = missing_inputs(cfg, w)
+        view = None
+        if w.rank == 0 and not found:  # how the input will be read: its nodes, before a job ingests it
+            try:
+                view = source_view(cfg.data)
+            except HpcadError as exc:
+                found.append(f"rank 0 on {_node()}: {exc}")
         if fleet and device.type == "cuda" and w.distributed:  # the fleet model's all-reduce, on the GPUs
             import torch.distributed as tdist
 
@@ -143,7 +150,7 @@ def preflight(cfg: HpcadConfig, run_dir: Path) -> dict:
                "backend": dist.backend(device, fleet) if w.distributed else None,
                "rendezvous": _meeting_point()
                if w.distributed else None, "joined_s": round(joined_s, 2), "per_rank": reports, "problems": found,
-               "notes": notes}
+               "notes": notes, "input": view}
     if w.rank == 0:
         write_json(run_dir / "preflight.json", summary)
         for r in reports:
@@ -156,5 +163,9 @@ def preflight(cfg: HpcadConfig, run_dir: Path) -> dict:
     summary["lines"] += [f"  rank {r['rank']} on {r['node']}: {r['device']}, {r['cpu_threads']} CPU thread(s)"
                          + (" (CPUs shared with other ranks, unbound)" if r["cpu_threads_shared"] else "")
                          for r in reports]
+    if view is not None:
+        summary["lines"].append(f"  data.source: {view['files']} file(s)"
+                                + (f" of {view['nodes']} node(s), e.g. {view['how']}" if view["nodes"] else
+                                   f", {view['how']}"))
     summary["lines"] += [f"  note: {n}" for n in notes]
     return summary

@@ -281,8 +281,9 @@ def test_spark_style_partition_folders_name_the_node_of_the_files_below_them(tmp
     a node: every node's rows in one, refused as duplicated timestamps with ``data.duplicates=last`` as
     the hint, which would have merged the nodes. The store equals a flat folder's of per-node files, in
     one process and over two ranks; the null partition's files (rows without a node) are left out and
-    said, and Spark's side files (``_SUCCESS``, hidden ``.crc``) are not read. Partitioned by a column
-    that is not ``data.node_column``, the error names the partition columns to choose from."""
+    said, and Spark's side files (``_SUCCESS``, hidden ``.crc``) are not read; ``hpcad preflight`` says
+    how the files map to nodes. Partitioned by a column that is not ``data.node_column``, the error
+    (the preflight's too) names the partition columns to choose from."""
     tree, flat = tmp_path / "exports", tmp_path / "flat"
     flat.mkdir()
     uid = "9f1c5e2a-0b7d-4c1e-8a3f-2d6b1e0c7a55"
@@ -307,9 +308,16 @@ def test_spark_style_partition_folders_name_the_node_of_the_files_below_them(tmp
     rc, out = _mpi_ingest(tmp_path / "run", tree)
     assert rc == 0 and "ingesting 24 node files of 4 nodes over 2 ranks" in out, out[-3000:]
     _same(TelemetryStore(tmp_path / "run" / "store.h5"), one)
+    # the preflight says how the input will be read before a job ingests it
+    pf = hpcad("preflight", f"data.source={tree}", f"hydra.run.dir={tmp_path / 'pf'}", "compute.progress=false")
+    assert (f"data.source: 24 file(s) of 4 node(s), e.g. node=cn00/day=2025-01-06/part-00000-{uid}.c000.snappy.parquet"
+            f" -> node cn00") in pf.stdout
     # partitioned by another column's name (partitionBy("hostname")): the error says which option to set
     for folder in sorted(tree.glob("node=*")):
         folder.rename(tree / folder.name.replace("node=", "hostname="))
+    pf = hpcad("preflight", f"data.source={tree}", f"hydra.run.dir={tmp_path / 'pf'}", "compute.progress=false",
+               check=False)
+    assert pf.returncode == 2 and "partitions by hostname, day: set data.node_column" in pf.stderr, pf.stderr
     with pytest.raises(InputError, match=r"part-00000-.*: named as a part file of a partitioned export .* no folder "
                                          r"above it is named node=<node>: the folders above it are partitions by "
                                          r"hostname, day: set data.node_column"):

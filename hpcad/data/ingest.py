@@ -130,6 +130,27 @@ def iter_files(files: list[Path], conv: FrameConverter, skipped: list | None = N
     yield from counted(itertools.starmap(read, groups.items()), len(groups), progress)
 
 
+def source_view(data_cfg) -> dict | None:
+    """How a wide-format folder or pattern (``data.source``) will be read, from its listing and the
+    first readable header, no rows (``hpcad preflight``): its files, and its nodes with one file's
+    node as an example; files of many nodes' rows are counted only. None for other inputs. A layout
+    whose nodes cannot be told (part files no folder names, files named for a day in a folder of a
+    day) is the ``InputError`` the ingest would stop with."""
+    src = data_cfg.source
+    if src is None or data_cfg.format != "wide" or is_store_path(src):
+        return None
+    path = Path(src).expanduser()
+    if not (path.is_dir() or is_pattern(path)):
+        return None
+    files = node_files(path, data_cfg.node_column)
+    if has_node_column(files, data_cfg):
+        return {"files": len(files), "nodes": None, "how": f"files of many nodes' rows ({data_cfg.node_column!r} "
+                                                           f"column)"}
+    groups = node_groups(files, data_cfg.node_column)
+    node, first = next(iter(groups.items()))
+    return {"files": len(files), "nodes": len(groups), "how": f"{first[0].relative_to(folder_of(files))} -> node {node}"}
+
+
 def check_inputs(data_cfg) -> None:
     """``data.source``, ``data.labels`` and ``data.jobs`` exist on this node (the preflight asks every
     rank that will read them: hpcad/data/ranks.py), else ``InputError`` naming the option."""
