@@ -207,7 +207,7 @@ def test_sar_data_as_sadf_exports_it_is_one_row_per_sample(tmp_path):
     pandas where they had more fields: ``sadf -d -- -u -r``, "Expected 10 fields in line 6, saw 14";
     read into the wrong columns where they had fewer). Now a node's file is one table, its
     reports joined by sample; a file of every node's exports (``cat``) is read by its host column; a
-    per-CPU report (``-P ALL``) is refused, naming it, since its rows cannot be joined."""
+    per-CPU report (``-P ALL``) has each column per CPU."""
     folder = tmp_path / "sar"
     folder.mkdir()
     texts = {}
@@ -229,11 +229,20 @@ def test_sar_data_as_sadf_exports_it_is_one_row_per_sample(tmp_path):
     cut = TelemetryStore(ingest(data_cfg(source=str(folder), **opts), tmp_path / "cut.h5"))
     assert cut.rows("cn01") == 30 and np.isnan(cut.read("cn01").values[-1, 3])  # its memory report: 29 rows
     assert "cn01.csv: the last line has 4 of 5 fields and no line end" in cut.warnings[1][0]
+    # a per-CPU report (sadf -d -- -u -P ALL): each of its columns per CPU, sadf's all-CPU row as "all"
+    (folder / "cn01.csv").write_text(texts["cn01"])
     (folder / "cn02.csv").write_text(_sadf("cn02", 30, 17, per_cpu=True)[0])
-    with pytest.raises(InputError, match=r"cn02.csv: the report of \['CPU', '%user', '%idle'\] has 60 row\(s\) "
-                                         r"repeating another's \['hostname', 'interval', 'timestamp'\] \(one row per "
-                                         r"CPU or device"):
-        ingest(data_cfg(source=str(folder), **opts), tmp_path / "cpu.h5")
+    cpus = TelemetryStore(ingest(data_cfg(source=str(folder), **opts), tmp_path / "cpu.h5"))
+    assert cpus.metrics == ["%user", "%idle", "kbmemfree", "%memused", "%user.all", "%user.cpu0", "%user.cpu1",
+                            "%idle.all", "%idle.cpu0", "%idle.cpu1"]  # the union of the two nodes' metrics
+    got, vals = cpus.read("cn02"), _sadf("cn02", 30, 17)[1]
+    np.testing.assert_allclose(got.values[:, [5, 9, 2]], vals, rtol=1e-6)  # %user.cpu0, %idle.cpu1, kbmemfree
+    assert np.isnan(got.values[:, :2]).all()  # its report has no all-CPU-only columns: absent on this node
+    np.testing.assert_array_equal(np.diff(got.timestamp), 600)
+    (folder / "cn02.csv").write_text(_sadf("cn02", 30, 17, per_cpu=True)[0].replace(";1;", ";0;"))
+    with pytest.raises(InputError, match=r"cn02.csv: the report of \['%user', '%idle'\] has a 'CPU' repeated within "
+                                         r"one sample"):
+        ingest(data_cfg(source=str(folder), **opts), tmp_path / "cpu2.h5")
 
 
 def test_generate_and_run_long_format_with_job_context(tmp_path):

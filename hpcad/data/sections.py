@@ -10,12 +10,11 @@
 
 A file whose first line starts with ``#`` is read here: that line and each ``#`` line that begins
 with the same name are headers (their ``#`` is not part of the first name), other ``#`` lines are
-comments, and
-sysstat's reboot marks (``LINUX-RESTART``) are left out, as is a last row cut short (the file still
-being written). The reports' rows are joined on the columns
-every report has (host, interval, time), one row per sample; a report of several rows per sample
-(per CPU or device: ``sadf -d -- -P ALL``, ``-n DEV``) is an error naming it, as joining would repeat
-the other reports' values.
+comments, and sysstat's reboot marks (``LINUX-RESTART``) are left out, as is a last row cut short
+(the file still being written). A report of several rows per sample (one per CPU: ``sadf -d -- -P
+ALL``; per interface: ``-n DEV``; per disk: ``-d``) becomes one row per sample, its columns one per
+device (``%user.cpu3``, ``rxkB/s.eth0``). The reports' rows are joined on the columns every report has
+(host, interval, time), one row per sample.
 """
 from __future__ import annotations
 
@@ -33,6 +32,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 RESTART = "LINUX-RESTART"  # sysstat's mark of a reboot: host;-1;time;LINUX-RESTART\t(N CPU)
+SADF_KEYS = ("hostname", "interval", "timestamp")  # the columns sadf -d starts every report with: a sample
 
 
 def header_names(line: str, sep: str) -> tuple[str, ...]:
@@ -69,9 +69,10 @@ def split(path: Path, sep: str) -> tuple[dict[tuple[str, ...], list[str]], int]:
     return reports, restarts
 
 
-def columns(path: Path, sep: str) -> list[str]:
-    """Every report's column names, in first-seen order, each once."""
-    return list(dict.fromkeys(name for names in headers(path, sep) for name in names if name))
+def columns(path: Path, how: CsvDialect) -> list[str]:
+    """The table's column names (``read``'s: a per-device report's columns per device, so the file is
+    read; sadf's files are small)."""
+    return list(read(path, how).columns)
 
 
 def headers(path: Path, sep: str) -> list[tuple[str, ...]]:
@@ -104,21 +105,49 @@ def read(path: Path, how: CsvDialect, text: tuple[str, ...] = (), as_text: bool 
     if restarts:
         log.info("%s: left out %d reboot mark(s) (%s)", path, restarts, RESTART)
     if not frames:
-        return pd.DataFrame(columns=columns(path, how.sep))
+        return pd.DataFrame(columns=list(dict.fromkeys(n for names in headers(path, how.sep) for n in names if n)))
+    keys = _keys(frames)
+    if not keys:
+        if len(frames) == 1:
+            return frames[0]
+        raise InputError(f"{path}: its reports (header lines starting with #) share no column to join their rows on")
+    frames = [_per_device(f, keys, path) if f.duplicated(keys).any() else f for f in frames]
     if len(frames) == 1:
         return frames[0]
-    keys = [c for c in frames[0].columns if all(c in f.columns for f in frames[1:])]
-    if not keys:
-        raise InputError(f"{path}: its reports (header lines starting with #) share no column to join their rows on")
-    for f in frames:
-        repeated = f.duplicated(keys)
-        if repeated.any():
-            first = f.columns[len(keys)] if len(f.columns) > len(keys) else f.columns[-1]
-            raise InputError(f"{path}: the report of {list(f.columns[len(keys):len(keys) + 3])} has "
-                             f"{int(repeated.sum())} row(s) repeating another's {keys} (one row per CPU or device, "
-                             f"e.g. column {first!r}: sadf -P ALL, -n DEV, -d): export it to a file of its own "
-                             f"or leave it out, as its rows cannot be joined with the other reports' samples")
     joined = pd.concat([f[keys] for f in frames]).drop_duplicates(keys)
     for f in frames:
         joined = joined.merge(f, on=keys, how="left")
     return joined.reset_index(drop=True)
+
+
+def _keys(frames: list[pd.DataFrame]) -> list[str]:
+    """The columns that name a sample: those every report has (several reports); sadf's own
+    (``SADF_KEYS``) in a file of one report; else none."""
+    if len(frames) > 1:
+        return [c for c in frames[0].columns if all(c in f.columns for f in frames[1:])]
+    return list(SADF_KEYS) if tuple(frames[0].columns[:len(SADF_KEYS)]) == SADF_KEYS else []
+
+
+def _per_device(f: pd.DataFrame, keys: list[str], path: Path) -> pd.DataFrame:
+    """A report of several rows per sample (one per CPU: ``sadf -d -- -P ALL``; per interface: ``-n DEV``;
+    per disk: ``-d``) as one row per sample: the column after ``keys`` names the device, each other
+    column becomes one per device, ``<column>.<device>`` (``%user.all``, ``%user.cpu3``, ``rxkB/s.eth0``;
+    sadf's row of all CPUs, ``-1``, is ``all``). Rows in the order of their samples."""
+    if len(f.columns) <= len(keys) + 1:
+        raise InputError(f"{path}: the report of {list(f.columns[len(keys):])} has several rows per sample "
+                         f"({keys}) and no column after its device column")
+    device = f.columns[len(keys)]
+    raw = f[device].astype(str).str.strip()
+    ids = raw.where(raw != "-1", "all")
+    if str(device).upper() == "CPU":
+        ids = ids.where(ids == "all", "cpu" + ids)
+    values = list(f.columns[len(keys) + 1:])
+    try:
+        wide = f.assign(_device=ids).set_index([*keys, "_device"])[values].unstack("_device")
+    except ValueError as exc:  # the same device twice in one sample
+        raise InputError(f"{path}: the report of {values[:3]} has a {device!r} repeated within one sample "
+                         f"({exc})") from exc
+    order = list(dict.fromkeys(ids))  # devices as the export lists them, not sorted as text (cpu10 after cpu9)
+    wide = wide.reindex(columns=[(v, d) for v in values for d in order])
+    wide.columns = [f"{v}.{d}" for v, d in wide.columns]
+    return f[keys].drop_duplicates().merge(wide.reset_index(), on=keys, how="left")

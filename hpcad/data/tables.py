@@ -34,7 +34,7 @@ def columns(path: Path) -> list[str]:
     if how.sections:
         from hpcad.data import sections
 
-        return sections.columns(path, how.sep)
+        return sections.columns(path, how)
     return [name for name in how.header if name.strip()]  # an unnamed column holds no metric
 
 
