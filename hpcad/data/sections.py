@@ -44,7 +44,7 @@ def split(path: Path, sep: str) -> tuple[dict[tuple[str, ...], list[str]], int]:
     """The file's rows by the header above them (headers in first-seen order; a report repeated
     after a reboot joins its rows), and how many reboot marks were left out."""
     reports: dict[tuple[str, ...], list[str]] = {}
-    rows: list[str] | None = None
+    header: tuple[str, ...] | None = None  # the one the rows belong to
     restarts, first = 0, None
     with open_text(path) as f:
         for number, line in enumerate(f, 1):
@@ -52,16 +52,17 @@ def split(path: Path, sep: str) -> tuple[dict[tuple[str, ...], list[str]], int]:
                 names = header_names(line, sep)
                 first = first or names[0]
                 if len(names) > 1 and names[0] == first:
-                    rows = reports.setdefault(names, [])
+                    header = names
+                    reports.setdefault(header, [])
                 continue  # another # line is a comment
             if RESTART in line:
                 restarts += 1
             elif line.strip():
-                if rows is None:
+                if header is None:
                     raise InputError(f"{path}: line {number} holds values before any header line")
-                rows.append(line)
+                reports[header].append(line)
+    rows = reports[header] if header is not None else []
     if rows and not rows[-1].endswith(("\n", "\r")):  # the file still being written?
-        header = next(names for names, lines in reports.items() if lines is rows)
         why = cut_reason(("\n" + rows[-1]).encode(), path, sep, len(header))
         if why:
             log.warning("%s", why)
@@ -73,18 +74,6 @@ def columns(path: Path, how: CsvDialect) -> list[str]:
     """The table's column names (``read``'s: a per-device report's columns per device, so the file is
     read; sadf's files are small)."""
     return list(read(path, how).columns)
-
-
-def headers(path: Path, sep: str) -> list[tuple[str, ...]]:
-    """The file's header lines' names (see the module), each once, in first-seen order."""
-    found: dict[tuple[str, ...], None] = {}
-    with open_text(path) as f:
-        for line in f:
-            if line.startswith("#"):
-                names = header_names(line, sep)
-                if not found or (len(names) > 1 and names[0] == next(iter(found))[0]):
-                    found[names] = None
-    return list(found)
 
 
 def read(path: Path, how: CsvDialect, text: tuple[str, ...] = (), as_text: bool = False) -> pd.DataFrame:
@@ -105,7 +94,7 @@ def read(path: Path, how: CsvDialect, text: tuple[str, ...] = (), as_text: bool 
     if restarts:
         log.info("%s: left out %d reboot mark(s) (%s)", path, restarts, RESTART)
     if not frames:
-        return pd.DataFrame(columns=list(dict.fromkeys(n for names in headers(path, how.sep) for n in names if n)))
+        return pd.DataFrame(columns=list(dict.fromkeys(n for names in reports for n in names if n)))
     keys = _keys(frames)
     if not keys:
         if len(frames) == 1:
