@@ -28,8 +28,7 @@ def _split(cfg: HpcadConfig) -> None:
 def _training(cfg: HpcadConfig) -> None:
     from hpcad.train import check_train_config, model_spec
 
-    model_spec(cfg)
-    check_train_config(cfg.train)
+    check_train_config(cfg.train, model_spec(cfg).scope)
 
 
 def _compute(cfg: HpcadConfig) -> None:

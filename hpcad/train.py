@@ -67,14 +67,19 @@ def ensemble_holdout_level(spec: AutoencoderSpec, members: list[list[torch.Tenso
                 sq[0].mean(0, dtype=torch.float64).numpy().astype(np.float32))
 
 
-def check_train_config(tc: TrainConfig) -> None:
-    """Refuse training settings that cannot train anything, naming the option."""
+def check_train_config(tc: TrainConfig, scope: str = "node") -> None:
+    """Refuse training settings that cannot train anything, or that ``model.scope`` does not
+    implement (the fleet model trains plainly), naming the option."""
     checks = [(int(tc.epochs) >= 1, "train.epochs", "must be >= 1"),
               (int(tc.batch_size) >= 1, "train.batch_size", "must be >= 1"),
               (float(tc.lr) > 0, "train.lr", "must be > 0"),
               (0 <= float(tc.validation_split) < 1, "train.validation_split", "must be in [0, 1)"),
               (int(tc.patience) >= 1, "train.patience", "must be >= 1"),
-              (float(tc.input_noise) >= 0, "train.input_noise", "must be >= 0 (0: no denoising)")]
+              (float(tc.input_noise) >= 0, "train.input_noise", "must be >= 0 (0: no denoising)"),
+              (0 <= float(tc.trim) < 1, "train.trim", "must be in [0, 1) (0: every row counts)")]
+    if scope == "fleet":
+        checks += [(float(tc.input_noise) == 0, "train.input_noise", "model.scope=fleet trains one plain model (0)"),
+                   (float(tc.trim) == 0, "train.trim", "model.scope=fleet trains one plain model (0)")]
     for ok, option, rule in checks:
         if not ok:
             raise ConfigError(f"{option}={getattr(tc, option.split('.')[1])}: {rule}")
@@ -94,7 +99,8 @@ def training_fingerprint(cfg: HpcadConfig, spec: AutoencoderSpec, store: Telemet
              # precision is compute.precision since the compute group; its place in the digest is kept
              "train": {**{k: t[k] for k in ("epochs", "batch_size", "lr", "validation_split", "patience",
                                             "restore_best", "seed")},
-                       "precision": cfg.compute.precision, "input_noise": t.input_noise},
+                       "precision": cfg.compute.precision, "input_noise": t.input_noise,
+                       **({"trim": t.trim} if t.trim else {})},  # absent at 0: earlier runs' models stay valid
              "preprocess": OmegaConf.to_container(cfg.preprocess) if OmegaConf.is_config(cfg.preprocess)
              else dict(vars(cfg.preprocess)),
              "split": OmegaConf.to_container(cfg.split) if OmegaConf.is_config(cfg.split) else dict(vars(cfg.split))}
@@ -169,7 +175,7 @@ def train_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, nodes
     ``data.on_bad_node=skip`` a node with too few training rows is left untrained and recorded
     (``models/<node>.untrained.json``): scoring leaves it out and the report lists it."""
     spec = model_spec(cfg)
-    check_train_config(cfg.train)
+    check_train_config(cfg.train, spec.scope)
     check_compute_config(cfg.compute)
     device = resolve_device(cfg.compute.device, world().local_rank) if device is None else device
     nodes = list(store.nodes if nodes is None else nodes)

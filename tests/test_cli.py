@@ -131,6 +131,11 @@ def test_stages_one_by_one_and_resume(tmp_path):
     for p in (run / "models").glob("*.pt"):
         assert p.stat().st_mtime_ns != kept[p.name]
         assert torch.load(p, weights_only=True)["spec"]["hidden"] == [16]
+    # train.trim reaches the trainer: every model retrained, to other weights
+    plain = {p.name: torch.load(p, weights_only=True)["members"][0][0] for p in (run / "models").glob("*.pt")}
+    hpcad("train", *common, "model.hidden=[16]", "train.trim=0.3")
+    for p in (run / "models").glob("*.pt"):
+        assert not torch.equal(torch.load(p, weights_only=True)["members"][0][0], plain[p.name]), p.name
     bad = hpcad("train", *common, "train.epochs=0", check=False)
     assert bad.returncode == 2 and "train.epochs=0: must be >= 1" in bad.stderr and "Traceback" not in bad.stderr
 

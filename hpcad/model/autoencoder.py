@@ -43,8 +43,8 @@ class AutoencoderSpec:
             raise ValueError(f"model.members={self.members}: must be between 1 and 64")
         if not 1 <= self.window <= 288:
             raise ValueError(f"model.window={self.window}: must be between 1 and 288 rows")
-        if self.scope == "fleet" and (self.members > 1 or self.window > 1):
-            raise ValueError("model.scope=fleet trains one plain model: members and window must be 1")
+        if self.scope == "fleet" and (self.members > 1 or self.window > 1 or self.code_l1 > 0):
+            raise ValueError("model.scope=fleet trains one plain model: members and window must be 1, code_l1 0")
 
     def widths(self, n_metrics: int) -> list[int]:
         """Layer widths of one member, for a node with ``n_metrics`` metrics."""

@@ -61,18 +61,19 @@ class Backprop:
     transposes, buffers), so a step issues only its arithmetic: at these sizes Python and dispatch
     time per call is a visible share of a step.
 
-    The objective is sum over rows of ``w_row`` x (mean squared error + ``l1`` x |code|_1): the
-    same as autograd through ``forward`` (test_ensemble checks both against a plain loop), without
-    building a graph for a few tiny matmuls per step. The row weights of the output layer are folded
+    The objective is sum over rows of ``w_row`` x (mean squared error + ``l1`` x |code|_1), with
+    ``trim`` over the rows :meth:`trimmed` keeps: the same as autograd through ``forward``
+    (test_ensemble checks both against a plain loop), without building a graph for a few tiny
+    matmuls per step. The row weights of the output layer are folded
     into its narrower input (hidden width, not metric count). Matmuls run in ``cdt`` (float32, or
     bfloat16 for ``compute.precision=bf16``) into reused buffers; everything else in float32.
     """
 
     def __init__(self, params: list[torch.Tensor], grads: list[torch.Tensor], batch: int, n_encoder: int,
-                 l1: float, cdt: torch.dtype, buf: Workspace) -> None:
+                 l1: float, cdt: torch.dtype, buf: Workspace, trim: float = 0.0) -> None:
         K, M = params[0].shape[:2]
         dev = params[0].device
-        self.M, self.n_encoder, self.l1, self.cdt, self.grads = M, n_encoder, l1, cdt, grads
+        self.M, self.n_encoder, self.l1, self.cdt, self.grads, self.trim = M, n_encoder, l1, cdt, grads, trim
         self.W, self.WT = params[0::2], [W.transpose(1, 2) for W in params[0::2]]
         self.b = [b.unsqueeze(1) for b in params[1::2]]
         self.acts = [buf(f"a{i}", (K, batch, W.shape[2]), dev) for i, W in enumerate(self.W)]
@@ -91,6 +92,17 @@ class Backprop:
     def weights(self, w_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row factors of a step with row weights ``w_row`` (reusable while they stay the same)."""
         return w_row, (w_row * (2.0 / self.M)).unsqueeze(-1)
+
+    def trimmed(self, losses: torch.Tensor, w_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The factors with each model's ``trim`` share of its batch rows (those weighted, the highest
+        losses first; ties by position) left out, the others' weights scaled to the same total: a step
+        of the mean loss over the rows kept (a trimmed loss, robust to anomalies among the training rows)."""
+        live = w_row > 0
+        drop = torch.floor(live.sum(1, keepdim=True) * self.trim)
+        key = torch.where(live, losses, torch.full_like(losses, -torch.inf))
+        rank = key.argsort(dim=1, descending=True, stable=True).argsort(dim=1)  # 0: the row of the highest loss
+        kept = w_row * (rank >= drop)
+        return self.weights(kept * (w_row.sum(1, keepdim=True) / kept.sum(1, keepdim=True).clamp(min=1e-30)))
 
     def _grad(self, i: int, a: torch.Tensor, b: torch.Tensor, dt: torch.dtype) -> None:
         dst, scratch = self.targets[i]
@@ -115,6 +127,8 @@ class Backprop:
         else:  # the product in low precision, the difference in float32
             diff = mm(acts[last], h, self.W[last], cdt, self.b[last]).sub_(x)
         losses = row_loss(sq_err(diff), self.M, acts[n_encoder - 1], l1)
+        if self.trim > 0:
+            w_row, w = self.trimmed(losses, w_row)
         # Output layer (linear): dL/dz = diff * w, w = w_row * 2/M per row. Fold w into h (width H < M);
         # h is a ReLU output (zero where the unit is off), so h * w needs no mask.
         h_in = acts[last - 1]

@@ -127,6 +127,7 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
     row_idx = torch.arange(Nmax, device=device)[None, :]
     l1 = float(spec.code_l1)
     noise = float(getattr(cfg, "input_noise", 0.0))
+    trim = float(getattr(cfg, "trim", 0.0))
     tf32 = tf32_context(precision, device)  # bf16: the step casts its own matmuls
     cdt = torch.bfloat16 if precision == "bf16" else torch.float32
 
@@ -216,7 +217,7 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
             tail_groups: dict[int, tuple] = {}
             running_f = run_f.squeeze(1)
             loss_rows = torch.zeros(K, B, device=device)  # per-slot sums, reduced once per epoch
-            backprop = Backprop(params, g_views, B, n_encoder, l1, cdt, buf)
+            backprop = Backprop(params, g_views, B, n_encoder, l1, cdt, buf, trim)
             full = backprop.weights(full_w)
             for s in range(S):
                 xb = epoch_x[:, s * B:(s + 1) * B]
