@@ -45,10 +45,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from hpcad.data.exclusions import read_exclusions
 from hpcad.data.store import TelemetryStore
 from hpcad.errors import ConfigError, TooFewTrainingRows
-from hpcad.preprocess import (Scaler, check_training_rows, fill_gaps, fit_rows, split_codes, training_rows, window_at,
-                              window_rows)
+from hpcad.preprocess import (Scaler, check_training_rows, fill_gaps, fit_rows, split_codes, split_identity, training_rows,
+                              window_at, window_rows)
 from hpcad.atomic import remove_unreferenced
 from hpcad.data.h5 import open_h5
 from hpcad.dist import CLUSTER_WIDE, all_sum
@@ -286,11 +287,13 @@ def _node_parts(method: str, cfg: HpcadConfig, fit_store: TelemetryStore, eval_s
     nodes = list(eval_store.nodes) if nodes is None else nodes
     bar = Progress(len(nodes), f"baseline {method}", "node", progress, log)
     fit_split = cfg.split if fit_store is eval_store else _train_split(cfg)  # read once, not once per node
+    excluded = read_exclusions(getattr(fit_split, "exclude", None), cfg.data)  # the fitting run's list
     for node in nodes:
         if node not in fit_store.nodes:
             raise ConfigError(f"baseline {method}: node {node} has no training data in {fit_store.path}")
         fit_nd = fit_store.read(node)
-        rows = training_rows(fit_nd, split_codes(fit_nd, fit_split), cfg.split.normal_only, cfg.split.exclude_idle)
+        rows = training_rows(fit_nd, split_codes(fit_nd, fit_split), cfg.split.normal_only, cfg.split.exclude_idle,
+                             excluded.rows(fit_nd) if excluded else None)
         fit_idx = np.flatnonzero(window_rows(rows, w))  # rows whose whole window is training data
         try:
             check_training_rows(len(fit_idx), f"baseline {method}: node {node}")
@@ -331,6 +334,13 @@ def _node_parts(method: str, cfg: HpcadConfig, fit_store: TelemetryStore, eval_s
     bar.close()
 
 
+def _exclusions_digest(cfg: HpcadConfig, tcfg) -> str | None:
+    """What the fitting run's ``split.exclude`` lists (its content, not its path), or None."""
+    spec = cfg.split.exclude if tcfg is None else tcfg.split.get("exclude")
+    excluded = read_exclusions(spec, cfg.data)
+    return excluded.digest() if excluded else None
+
+
 def _train_split(cfg: HpcadConfig):
     """The split of the training run (``train_run``), as its models saw the rows."""
     from omegaconf import OmegaConf
@@ -367,7 +377,8 @@ def settings_key(cfg: HpcadConfig, method: str, fit_store: TelemetryStore, eval_
     what = {"method": method, "fit": fit_store.signature, "eval": eval_store.signature, "nodes": nodes,
             "baselines": {k: cfg.baselines[k] for k in ("max_train_rows", "seed", *OPTIONS[method])},
             "excess_weight": weight if method in WITH_EXCESS else None,
-            "split": OmegaConf.to_container(cfg.split, resolve=True),
+            "split": split_identity(cfg.split),
+            "exclude": _exclusions_digest(cfg, tcfg),
             "train_split": None if tcfg is None else OmegaConf.to_container(tcfg.split, resolve=True),
             "preprocess": OmegaConf.to_container(cfg.preprocess, resolve=True),
             "smooth": cfg.signal.smooth, "causal": cfg.signal.causal, "validation_split": cfg.train.validation_split}

@@ -103,6 +103,9 @@ class SplitConfig:
     val: Any = 0.25
     normal_only: bool = True  # train on label-0 rows only when labels exist
     exclude_idle: bool = True  # with job context (data.jobs): train only on rows that ran a job
+    # stretches kept out of training, not labels: a file or glob pattern of incident lists (node,start,end;
+    # a nightly alarms.csv is one) (hpcad/data/exclusions.py)
+    exclude: Optional[str] = None
 
 
 @dataclass

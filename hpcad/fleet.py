@@ -76,10 +76,12 @@ def fleet_fingerprint(cfg: HpcadConfig, spec: AutoencoderSpec, store, world_size
     node of the store and its data (it trains on all of them) and the rank count (it shapes the shards)."""
     import hashlib
 
+    from hpcad.data.exclusions import read_exclusions
     from hpcad.train import node_fingerprint, training_fingerprint
 
     base = training_fingerprint(cfg, spec, store)
-    text = "\n".join(["fleet", base, str(world_size), *(node_fingerprint(base, store, n) for n in store.nodes)])
+    ex = read_exclusions(cfg.split.exclude, cfg.data)
+    text = "\n".join(["fleet", base, str(world_size), *(node_fingerprint(base, store, n, ex) for n in store.nodes)])
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 

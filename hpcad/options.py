@@ -125,6 +125,12 @@ def _models(cfg: HpcadConfig) -> None:
     train_run(cfg)
 
 
+def _exclusions(cfg: HpcadConfig) -> None:
+    from hpcad.data.exclusions import read_exclusions
+
+    read_exclusions(cfg.split.exclude, cfg.data)  # there, and readable as incident lists (file, line, column)
+
+
 def _light_maps(cfg: HpcadConfig) -> None:
     from hpcad.model.light import check_light_options
 
@@ -139,13 +145,14 @@ CHECKS: dict[str, tuple[Callable[[HpcadConfig], None], ...]] = {
     "preflight": EVERY_STAGE,  # a SLURM job's step 0: the options of the steps that follow it
 }
 # The paths a stage reads: data.source and data.jobs (ingested), train_run (its models),
-# score.light_maps. Checked
+# split.exclude, score.light_maps. Checked
 # here in a single process only: the ranks of a job may see different file systems, and a rank
 # that stopped before the others meet would leave them waiting; there the preflight checks each
 # rank's view (hpcad/preflight.py) and the stages share rank 0's ingest error (hpcad/dist.py).
 PATHS: dict[str, tuple[Callable[[HpcadConfig], None], ...]] = {
-    "ingest": (_inputs,), "train": (_inputs,), "score": (_inputs, _models, _light_maps), "baselines": (_inputs, _models),
-    "threshold": (_inputs, _models), "report": (_models,), "run": (_inputs, _models, _light_maps),
+    "ingest": (_inputs,), "train": (_inputs, _exclusions), "score": (_inputs, _models, _light_maps),
+    "baselines": (_inputs, _models, _exclusions), "threshold": (_inputs, _models), "report": (_models,),
+    "run": (_inputs, _models, _exclusions, _light_maps),
 }
 
 

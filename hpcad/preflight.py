@@ -65,10 +65,13 @@ def rank_report(cfg: HpcadConfig, device: torch.device, w: dist.World) -> dict:
 
 def missing_inputs(cfg: HpcadConfig, w: dist.World) -> list[str]:
     """The inputs this rank's stages will read but its node does not show: ``train_run`` (every rank
-    loads its nodes' models), ``data.source`` and ``data.jobs`` (a folder of node files: every rank
-    ingests its share; any other input: rank 0 for all)."""
+    loads its nodes' models), ``split.exclude`` (every rank trains its nodes), ``data.source`` and
+    ``data.jobs`` (a folder of node files: every rank ingests its share; any other input: rank 0 for all)."""
+    from hpcad.data.exclusions import read_exclusions
+
     reads = w.rank == 0 or read_by_every_rank(cfg.data)
-    checks = [lambda: train_run(cfg)] + ([lambda: check_inputs(cfg.data)] if reads else [])
+    checks = [lambda: train_run(cfg), lambda: read_exclusions(cfg.split.exclude, cfg.data)]
+    checks += [lambda: check_inputs(cfg.data)] if reads else []
     found = []
     for check in checks:
         try:

@@ -121,12 +121,26 @@ def fit_rows(n: int, validation_split: float) -> int:
     return min(max(math.ceil(n * (1.0 - float(validation_split))), 1), n)
 
 
-def training_rows(node: NodeData, codes: np.ndarray, normal_only: bool, exclude_idle: bool = False) -> np.ndarray:
-    """Boolean mask of the rows a model trains on: training split, normal rows if labelled, and rows
-    that ran a job if the store has job context and ``exclude_idle`` (the lecture dropped idle time)."""
+def split_identity(split) -> dict:
+    """The split's settings as they shape a model, without ``exclude`` (a path: what it lists for a
+    node is in that node's fingerprint, so editing the list retrains only the nodes it changes for)."""
+    from omegaconf import OmegaConf
+
+    d = OmegaConf.to_container(split, resolve=True) if OmegaConf.is_config(split) else dict(vars(split))
+    d.pop("exclude", None)
+    return d
+
+
+def training_rows(node: NodeData, codes: np.ndarray, normal_only: bool, exclude_idle: bool = False,
+                  excluded: np.ndarray | None = None) -> np.ndarray:
+    """Boolean mask of the rows a model trains on: training split, normal rows if labelled, rows
+    outside ``excluded`` (``split.exclude``), and rows that ran a job if the store has job context and
+    ``exclude_idle`` (the lecture dropped idle time)."""
     mask = codes == TRAIN
     if normal_only and node.labels is not None:
         mask &= node.labels == 0
+    if excluded is not None:
+        mask &= ~excluded
     if exclude_idle and node.job is not None:
         busy = mask & (node.job >= 0)
         if busy.any():

@@ -12,14 +12,15 @@ import torch
 
 from hpcad.atomic import write_json
 from hpcad.config import build
+from hpcad.data.exclusions import Exclusions, read_exclusions
 from hpcad.data.store import TelemetryStore
 from hpcad.device import reset_peak_memory, resolve_device
 from hpcad.dist import world
 from hpcad.errors import ConfigError, StoreError, TooFewTrainingRows
 from hpcad.model.autoencoder import AutoencoderSpec, ensemble_recon, stack
 from hpcad.model.files import NodeModel, model_path, untrained_for, untrained_path, write_untrained
-from hpcad.preprocess import (Scaler, check_training_rows, fill_gaps, fit_rows, split_codes, training_rows, window_rows,
-                              windows)
+from hpcad.preprocess import (Scaler, check_training_rows, fill_gaps, fit_rows, split_codes, split_identity, training_rows,
+                              window_rows, windows)
 from hpcad.model.backprop import Workspace
 from hpcad.model.budget import Budget, check_compute_config, default_chunk_cap, retry_cap_after_oom
 from hpcad.model.checkpoint import ChunkCheckpoint
@@ -41,7 +42,8 @@ def prepare_training_rows(store: TelemetryStore, node: str, cfg: HpcadConfig,
     only windows made of training rows are used."""
     nd = store.read(node)
     codes = split_codes(nd, cfg.split)
-    mask = training_rows(nd, codes, cfg.split.normal_only, cfg.split.exclude_idle)
+    ex = read_exclusions(cfg.split.exclude, cfg.data)
+    mask = training_rows(nd, codes, cfg.split.normal_only, cfg.split.exclude_idle, ex.rows(nd) if ex else None)
     check_training_rows(int(window_rows(mask, window).sum()) if window > 1 else int(mask.sum()), f"node {node}")
     values = fill_gaps(nd.values, cfg.preprocess.nan_fill_limit)
     scaler = Scaler.fit(values[mask], cfg.preprocess, where=f"node {node}", names=store.metrics)
@@ -103,18 +105,21 @@ def training_fingerprint(cfg: HpcadConfig, spec: AutoencoderSpec, store: Telemet
                        **({"trim": t.trim} if t.trim else {})},  # absent at 0: earlier runs' models stay valid
              "preprocess": OmegaConf.to_container(cfg.preprocess) if OmegaConf.is_config(cfg.preprocess)
              else dict(vars(cfg.preprocess)),
-             "split": OmegaConf.to_container(cfg.split) if OmegaConf.is_config(cfg.split) else dict(vars(cfg.split))}
+             "split": split_identity(cfg.split)}
     return hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def node_fingerprint(base: str, store: TelemetryStore, node: str) -> str:
-    """A node's model fingerprint: ``base`` (:func:`training_fingerprint`) and the node's content digest
+def node_fingerprint(base: str, store: TelemetryStore, node: str, excluded: Exclusions | None = None) -> str:
+    """A node's model fingerprint: ``base`` (:func:`training_fingerprint`), the node's content digest
     in the store, so adding nodes to the input, or ingesting the same telemetry again, retrains no
-    other node. A store without digests (written before 2026-12-03) keys on its whole input instead."""
+    other node, and the stretches ``split.exclude`` lists for it, if any. A store without digests
+    (written before 2026-12-03) keys on its whole input instead."""
     import hashlib
 
     data = store.digest(node) or f"store {store.signature}"
-    return hashlib.sha256(f"{base}\n{node}\n{data}".encode()).hexdigest()[:20]
+    listed = excluded.key(node) if excluded is not None else ""
+    text = f"{base}\n{node}\n{data}" + (f"\nexclude {listed}" if listed else "")
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
 def reusable(path: Path, fingerprint: str, scales: bool = False) -> bool:
@@ -180,7 +185,8 @@ def train_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, nodes
     device = resolve_device(cfg.compute.device, world().local_rank) if device is None else device
     nodes = list(store.nodes if nodes is None else nodes)
     base = training_fingerprint(cfg, spec, store)
-    fingerprint = {n: node_fingerprint(base, store, n) for n in nodes}
+    ex = read_exclusions(cfg.split.exclude, cfg.data)
+    fingerprint = {n: node_fingerprint(base, store, n, ex) for n in nodes}
     scales = fixed_scales(cfg.signal.metric_scales) is not False
     todo = [n for n in nodes if not reusable(model_path(models_dir, n), fingerprint[n], scales)]
     skip_bad = cfg.data.on_bad_node == "skip"

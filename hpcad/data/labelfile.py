@@ -109,8 +109,9 @@ def _when(t: int, rows: bool) -> str:
     return dt.datetime.fromtimestamp(int(t), dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def read_labels(path: str | Path, data_cfg) -> LabelTable:
-    """Read and check ``data.labels`` (see the module); errors name the file, line and column."""
+def read_labels(path: str | Path, data_cfg, summary: bool = True) -> LabelTable:
+    """Read and check ``data.labels`` (see the module); errors name the file, line and column.
+    ``summary``: log what the file holds (``split.exclude`` says it once for all its files)."""
     path = Path(path).expanduser()
     if not path.exists():
         raise InputError(f"data.labels: {path.resolve()} does not exist")
@@ -170,8 +171,9 @@ def read_labels(path: str | Path, data_cfg) -> LabelTable:
         for node in expand_nodelist(text, f"{path}: line {lines[i]}"):
             table.by_node.setdefault(node, []).append(i)
     _check_overlaps(table)
-    log.info("%s: %d labelled interval(s) on %d node(s); every other row is normal", path, len(df),
-             len(table.by_node))
+    if summary:
+        log.info("%s: %d labelled interval(s) on %d node(s); every other row is normal", path, len(df),
+                 len(table.by_node))
     return table
 
 
