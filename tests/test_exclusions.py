@@ -69,7 +69,9 @@ def test_a_listed_stretch_trains_as_if_its_rows_were_not_there_and_labels_nothin
         keep[CUT] = False
         np.testing.assert_allclose(fa["nodes/node0000/signal"][:][keep], fb["nodes/node0000/signal"][:], rtol=1e-5)
 
-    # not labels: no figures, thresholds fitted as without labels, the listed rows scored like any
+    # not labels: no figures, thresholds fitted as without labels, the listed rows scored like any;
+    # the report says what training left out
+    assert f"training left out the stretches listed in <code>{lists}/*.csv</code>" in (run / "report.html").read_text()
     assert not (run / "metrics.json").exists()
     details = json.loads((run / "thresholds.json").read_text())["details"]
     assert details["unlabelled_nodes"] == 3 and details["fallback"]["rule"] == "level"

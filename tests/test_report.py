@@ -395,3 +395,22 @@ def test_plots_draw_no_line_or_shading_across_hours_without_data_and_name_only_w
     assert figs[-1].axes[0].get_title().endswith("(red = alarmed rows, cyan line = no data between)")
     rows = plots.AlarmWindow(errs, SimpleNamespace(node="n", timestamp=np.arange(576), signal=peak), th, "row")
     assert (rows.a, rows.b) == (100, 500)  # no timestamps: 200 rows either side
+
+
+def test_the_report_says_what_kept_rows_out_of_training():
+    """A run trained with ``split.exclude`` or ``train.trim`` says so in the report's first paragraph
+    (an operator comparing two runs' alarms sees why their models differ); a default run says nothing."""
+    from hydra import compose, initialize_config_dir
+
+    from hpcad.config import register_configs
+    from hpcad.report.page import _training_said
+    from hpcad.resources import resource_dir
+
+    register_configs()
+    with initialize_config_dir(str(resource_dir("conf")), version_base="1.3"):
+        plain = compose("config", [])
+        both = compose("config", ["split.exclude=/srv/nightly/*/alarms.csv", "train.trim=0.3"])
+    assert _training_said(plain) == ""
+    assert _training_said(both) == ("; training left out the stretches listed in <code>/srv/nightly/*/alarms.csv</code> "
+                                    "(split.exclude); trimmed loss: each training step left out its 30% "
+                                    "worst-reconstructed rows (train.trim)")

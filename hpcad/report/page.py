@@ -73,6 +73,19 @@ def _signal_said(errors: ErrorStore, cfg: HpcadConfig) -> str:
     return html.escape(said) + ("" if smooth is None else f", smoothed over {smooth} rows")
 
 
+def _training_said(cfg: HpcadConfig) -> str:
+    """What kept rows out of this run's training beyond the split and labels (``split.exclude``,
+    ``train.trim``), as a clause of the report's first paragraph; "" when nothing did."""
+    said = []
+    if getattr(cfg.split, "exclude", None):
+        said.append(f"training left out the stretches listed in <code>{html.escape(str(cfg.split.exclude))}</code> "
+                    f"(split.exclude)")
+    if float(getattr(cfg.train, "trim", 0) or 0) > 0:
+        said.append(f"trimmed loss: each training step left out its {float(cfg.train.trim):.0%} worst-reconstructed "
+                    f"rows (train.trim)")
+    return "".join(f"; {s}" for s in said)
+
+
 def write_report(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, models_dir: Path, title: str = "hpcad report",
                  extra: list[str] | None = None, folder: Path | None = None,
                  node_history: dict[str, list[list]] | None = None, node_summary: bool = True,
@@ -100,7 +113,7 @@ def write_report(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, models_dir
              f"<b>{name}</b> ({said}); {_count(len(alarms), 'alarm event')} on {_count(len(per_node_alarms), 'node')}; "
              f"{_signal_said(errors, cfg)}"
              + (f"; labels from the incident list <code>{html.escape(str(cfg.data.labels))}</code>"
-                if getattr(cfg.data, "labels", None) else "") + ".</p>"]
+                if getattr(cfg.data, "labels", None) else "") + _training_said(cfg) + ".</p>"]
     if 0 < unlabelled < len(th.nodes):
         fb = th.details["fallback"]
         parts.append(f"<p>{unlabelled} of {len(th.nodes)} nodes have no labels: their thresholds are the {fb['rule']} "
