@@ -103,29 +103,13 @@ def test_masked_adam_of_the_cuda_path_trains_like_the_plain_loop_and_ignores_com
     assert batched.history[1] == alone.history[0]
 
 
-def test_denoising_trains_like_the_plain_loop_and_ignores_companions():
-    """train.input_noise: each model's noise is its own (seed, epoch, step), as in a plain loop."""
+@pytest.mark.parametrize("option,value", [("input_noise", 0.3), ("trim", 0.25)])
+def test_a_training_option_trains_like_the_plain_loop_and_ignores_companions(option, value):
+    """train.input_noise: each model's noise is its own (seed, epoch, step); train.trim: each step
+    leaves out the share of its batch's rows with the highest errors, short last batches included.
+    Either, model by model, as in a plain loop, and whatever the chunk's other models."""
     spec, M = AutoencoderSpec([8]), 12
-    cfg = NS(**{**vars(CFG), "input_noise": 0.3})
-    data = [_data(n, M=M, seed=i) for i, n in enumerate([300, 157, 64])]
-    batched = train_ensemble(spec, data, [11, 22, 33], cfg, torch.device("cpu"))
-    for k, seed in enumerate([11, 22, 33]):
-        for a, b in zip(batched.params[k], _reference(spec, data[k], seed, cfg)):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    alone = train_ensemble(spec, data[1:2], [22], cfg, torch.device("cpu"))
-    assert all(torch.equal(a, b) for a, b in zip(alone.params[0], batched.params[1]))
-    clean = train_ensemble(spec, data[1:2], [22], CFG, torch.device("cpu"))
-    assert not torch.equal(clean.params[0][0], alone.params[0][0])  # the noise does reach training
-    z = input_noise(torch.tensor([1, 2]), 0, 0, (512, 64))
-    assert abs(float(z.mean())) < 0.01 and abs(float(z.std()) - 1) < 0.01  # standard normal
-    assert not torch.equal(z[0], z[1]) and torch.equal(z[1], input_noise(torch.tensor([2]), 0, 0, (512, 64))[0])
-
-
-def test_trimmed_loss_trains_like_the_plain_loop_and_ignores_companions():
-    """train.trim: each step leaves out the share of its batch's rows with the highest errors, short
-    last batches included, model by model as in a plain loop."""
-    spec, M = AutoencoderSpec([8]), 12
-    cfg = NS(**{**vars(CFG), "trim": 0.25})
+    cfg = NS(**{**vars(CFG), option: value})
     data = [_data(n, M=M, seed=i) for i, n in enumerate([300, 157, 64])]
     batched = train_ensemble(spec, data, [11, 22, 33], cfg, torch.device("cpu"))
     for k, seed in enumerate([11, 22, 33]):
@@ -135,7 +119,13 @@ def test_trimmed_loss_trains_like_the_plain_loop_and_ignores_companions():
     assert all(torch.equal(a, b) for a, b in zip(alone.params[0], batched.params[1]))
     assert alone.history[0] == batched.history[1]
     plain = train_ensemble(spec, data[1:2], [22], CFG, torch.device("cpu"))
-    assert not torch.equal(plain.params[0][0], alone.params[0][0])  # the trim does reach training
+    assert not torch.equal(plain.params[0][0], alone.params[0][0])  # the option does reach training
+
+
+def test_denoising_noise_is_standard_normal_and_each_models_own():
+    z = input_noise(torch.tensor([1, 2]), 0, 0, (512, 64))
+    assert abs(float(z.mean())) < 0.01 and abs(float(z.std()) - 1) < 0.01  # standard normal
+    assert not torch.equal(z[0], z[1]) and torch.equal(z[1], input_noise(torch.tensor([2]), 0, 0, (512, 64))[0])
 
 
 def test_a_trimmed_loss_keeps_a_fault_among_the_training_rows_from_being_learnt_as_normal():
