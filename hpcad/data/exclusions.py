@@ -61,6 +61,11 @@ class Exclusions:
         return hashlib.sha256("\n".join(f"{n}:{self.key(n)}" for n in nodes).encode()).hexdigest()[:16]
 
 
+# the reading options a list is parsed with (its times, node names), part of what a cached read keys on
+READING = ("node_column", "label_column", "timezone", "epoch_unit", "dayfirst", "format", "period_s", "resample_s")
+_READ: dict[tuple, Exclusions] = {}  # the last list read in this process
+
+
 def exclusion_files(spec: str) -> list[Path]:
     """The files ``split.exclude`` names: one file, or the table files a glob pattern matches."""
     path = Path(spec).expanduser()
@@ -81,15 +86,11 @@ def read_exclusions(spec: str | None, data_cfg) -> Exclusions | None:
         return None
     files = exclusion_files(str(spec))
     key = (tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files),
-           tuple(str(data_cfg[k]) for k in READING), tuple(data_cfg.label_names or ()))
+           tuple(str(getattr(data_cfg, k)) for k in READING), tuple(data_cfg.label_names or ()))
     if key not in _READ:
         _READ.clear()
         _READ[key] = _read(files, data_cfg)
     return _READ[key]
-
-
-READING = ("node_column", "label_column", "timezone", "epoch_unit", "dayfirst", "format", "period_s", "resample_s")
-_READ: dict[tuple, Exclusions] = {}
 
 
 def _without_lines(path: Path) -> bool:

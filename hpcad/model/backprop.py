@@ -64,8 +64,8 @@ class Backprop:
     The objective is sum over rows of ``w_row`` x (mean squared error + ``l1`` x |code|_1), with
     ``trim`` over the rows :meth:`trimmed` keeps: the same as autograd through ``forward``
     (test_ensemble checks both against a plain loop), without building a graph for a few tiny
-    matmuls per step. The row weights of the output layer are folded
-    into its narrower input (hidden width, not metric count). Matmuls run in ``cdt`` (float32, or
+    matmuls per step. The row weights of the output layer are folded into its narrower input
+    (hidden width, not metric count). Matmuls run in ``cdt`` (float32, or
     bfloat16 for ``compute.precision=bf16``) into reused buffers; everything else in float32.
     """
 
