@@ -12,15 +12,15 @@ from hpcad.data.synthetic import generate_cluster, node_frame
 
 COMMON = [o for o in SMALL if not o.startswith(("data.synthetic", "baselines.methods"))] + [
     "data=files", "baselines.methods=[pca]", "signal.smooth=1"]
-CUT = slice(50, 90)  # node0000's rows listed (inside its training rows)
 
 
-def _exports(folder, nodes, drop_listed: bool = False):
+def _exports(folder, nodes, drop: dict | None = None):
+    """The nodes as a site's wide exports without labels; ``drop``: node -> rows left out of its file."""
     folder.mkdir()
     for nd in nodes:
-        frame = node_frame(nd).drop(columns=["anomaly"])  # a site without labels
-        if drop_listed and nd.name == "node0000":
-            frame = frame.drop(index=frame.index[CUT])
+        frame = node_frame(nd).drop(columns=["anomaly"])
+        if drop and nd.name in drop:
+            frame = frame.drop(index=frame.index[drop[nd.name]])
         frame.to_csv(folder / f"{nd.name}.csv", index=False)
     return folder
 
@@ -33,31 +33,45 @@ def _weights(run) -> dict:
     return {p.stem: torch.load(p, weights_only=True) for p in sorted((run / "models").glob("node*.pt"))}
 
 
-def test_a_listed_stretch_trains_as_if_its_rows_were_not_there_and_labels_nothing(tmp_path):
+def _mtimes(run) -> dict:
+    return {p.name: p.stat().st_mtime_ns for p in (run / "models").glob("*.pt")}
+
+
+def test_retraining_with_an_earlier_runs_alarms_left_out_trains_as_if_those_rows_were_not_there(tmp_path):
+    """The docs' retraining: a run's alarms.csv (the nightly job writes the same file each night) is
+    the list for the next training, whose longer training period now holds those stretches."""
     nodes = list(generate_cluster(3, 400, seed=0))
-    ts = nodes[0].timestamp
-    # a time split: the same boundaries whether the listed rows are in the files or not
-    split = ["split.unit=time", f"split.train={_iso(ts[200])}", f"split.val={_iso(ts[300])}"]
-    lists = tmp_path / "alarms"
-    lists.mkdir()
-    # the nightly job's alarms.csv of two nights: one alarm (its other columns ignored), one quiet night
-    pd.DataFrame({"node": ["node0000"], "start": [_iso(ts[CUT.start])], "end": [_iso(ts[CUT.stop - 1])],
-                  "rows": [40], "split": ["train"], "top_metrics": ["ips_0:12"]}).to_csv(lists / "night1.csv", index=False)
-    pd.DataFrame(columns=["node", "start", "end", "rows"]).to_csv(lists / "night2.csv", index=False)
-    run, plain = tmp_path / "run", tmp_path / "plain"
+    ts = nodes[0].timestamp  # every node's rows share the times
     src = _exports(tmp_path / "exports", nodes)
-    args = [f"data.source={src}", *split, *COMMON]
+    first = tmp_path / "first"
+    hpcad("run", f"hydra.run.dir={first}", f"data.source={src}", "split.unit=time", f"split.train={_iso(ts[200])}",
+          f"split.val={_iso(ts[300])}", *COMMON)
+    alarms = pd.read_csv(first / "alarms.csv")
+    nights = tmp_path / "nights"
+    nights.mkdir()
+    (nights / "night1.csv").write_text((first / "alarms.csv").read_text())
+    (nights / "night2.csv").write_text((first / "alarms.csv").read_text().splitlines()[0] + "\n")  # a quiet night
+    # the retraining: a later split, so that the alarmed stretches are training rows now
+    later = ["split.unit=time", f"split.train={_iso(ts[360])}", f"split.val={_iso(ts[380])}", *COMMON]
+    inside = {}
+    for a in alarms.itertuples():
+        t0, t1 = (pd.Timestamp(x).value // 10**9 for x in (a.start, a.end))
+        rows = np.flatnonzero((ts >= t0) & (ts <= t1) & (np.arange(len(ts)) < 360))
+        inside[a.node] = np.union1d(inside.get(a.node, []), rows).astype(int)
+    assert sum(map(len, inside.values())) > 0, alarms  # the list does reach training rows
 
-    hpcad("train", f"hydra.run.dir={run}", *args)  # trained before the list existed
-    before = {p.name: p.stat().st_mtime_ns for p in (run / "models").glob("*.pt")}
-    hpcad("run", f"hydra.run.dir={run}", *args, f"split.exclude={lists}/*.csv")
-    assert "split.exclude: 1 stretch(es) on 1 node(s), from 2 file(s), kept out of training" in (run / "run.log").read_text()
-    after = {p.name: p.stat().st_mtime_ns for p in (run / "models").glob("*.pt")}
-    # only the node the list names is retrained
-    assert [n for n in before if after[n] != before[n]] == ["node0000.pt"]
+    run = tmp_path / "run"
+    hpcad("train", f"hydra.run.dir={run}", f"data.source={src}", *later)  # trained before the list existed
+    before = _mtimes(run)
+    hpcad("run", f"hydra.run.dir={run}", f"data.source={src}", *later, f"split.exclude={nights}/*.csv")
+    log = (run / "run.log").read_text()
+    assert f"split.exclude: {len(alarms)} stretch(es) on {alarms.node.nunique()} node(s), from 2 file(s)" in log
+    # only the nodes the list names are retrained
+    assert sorted(n for n, t in _mtimes(run).items() if t != before[n]) == sorted(f"{n}.pt" for n in inside)
 
-    # ... and its model is the one trained on its telemetry without those rows, bit for bit
-    hpcad("run", f"hydra.run.dir={plain}", f"data.source={_exports(tmp_path / 'cut', nodes, True)}", *split, *COMMON)
+    # ... and each model is the one trained on the node's telemetry without those rows, bit for bit
+    plain = tmp_path / "plain"
+    hpcad("run", f"hydra.run.dir={plain}", f"data.source={_exports(tmp_path / 'cut', nodes, inside)}", *later)
     for (name, a), (_, b) in zip(_weights(run).items(), _weights(plain).items()):
         assert a["history"] == b["history"], name
         for x, y in zip(a["members"][0], b["members"][0]):
@@ -65,23 +79,25 @@ def test_a_listed_stretch_trains_as_if_its_rows_were_not_there_and_labels_nothin
     # so is the baseline fitted on the same rows (scores of the rows both runs hold; to float32 rounding:
     # the rows are scored in blocks that start elsewhere)
     with h5py.File(run / "baselines/pca.h5") as fa, h5py.File(plain / "baselines/pca.h5") as fb:
-        keep = np.ones(400, bool)
-        keep[CUT] = False
-        np.testing.assert_allclose(fa["nodes/node0000/signal"][:][keep], fb["nodes/node0000/signal"][:], rtol=1e-5)
+        for node, rows in inside.items():
+            keep = np.ones(len(ts), bool)
+            keep[rows] = False
+            np.testing.assert_allclose(fa[f"nodes/{node}/signal"][:][keep], fb[f"nodes/{node}/signal"][:], rtol=1e-5)
 
     # not labels: no figures, thresholds fitted as without labels, the listed rows scored like any;
     # the report says what training left out
-    assert f"training left out the stretches listed in <code>{lists}/*.csv</code>" in (run / "report.html").read_text()
+    assert f"training left out the stretches listed in <code>{nights}/*.csv</code>" in (run / "report.html").read_text()
     assert not (run / "metrics.json").exists()
     details = json.loads((run / "thresholds.json").read_text())["details"]
     assert details["unlabelled_nodes"] == 3 and details["fallback"]["rule"] == "level"
     with h5py.File(run / "errors.h5") as f:
-        assert np.isfinite(f["nodes/node0000/signal"][:][CUT]).all()
+        for node, rows in inside.items():
+            assert np.isfinite(f[f"nodes/{node}/signal"][:][rows]).all()
 
     # a rerun with the same list retrains nothing
-    kept = {p.name: p.stat().st_mtime_ns for p in (run / "models").glob("*.pt")}
-    hpcad("train", f"hydra.run.dir={run}", *args, f"split.exclude={lists}/*.csv")
-    assert {p.name: p.stat().st_mtime_ns for p in (run / "models").glob("*.pt")} == kept
+    kept = _mtimes(run)
+    hpcad("train", f"hydra.run.dir={run}", f"data.source={src}", *later, f"split.exclude={nights}/*.csv")
+    assert _mtimes(run) == kept
 
 
 def test_a_list_that_is_not_there_or_not_an_incident_list_is_refused_naming_it(tmp_path):
