@@ -48,8 +48,8 @@ import torch
 from hpcad.data.exclusions import read_exclusions
 from hpcad.data.store import TelemetryStore
 from hpcad.errors import ConfigError, TooFewTrainingRows
-from hpcad.preprocess import (Scaler, check_training_rows, fill_gaps, fit_rows, split_codes, split_identity, training_rows,
-                              window_at, window_rows)
+from hpcad.preprocess import (Scaler, check_training_rows, fill_gaps, fit_rows, split_codes, split_identity,
+                              training_rows, window_at, window_rows)
 from hpcad.atomic import remove_unreferenced
 from hpcad.data.h5 import open_h5
 from hpcad.dist import CLUSTER_WIDE, all_sum

@@ -120,13 +120,15 @@ class _Share:
 
     def __init__(self, store, nodes: list[str], cfg: HpcadConfig, host_bytes: int, budget_source: str,
                  models_dir: Path, fingerprint: str):
+        from hpcad.data.exclusions import read_exclusions
         from hpcad.train import prepare_training_rows
 
+        excluded = read_exclusions(cfg.split.exclude, cfg.data)
         M, parts, used = len(store.metrics), [], 0
         self.untrained: list[str] = []
         for i, n in enumerate(nodes):
             try:
-                z, scaler = prepare_training_rows(store, n, cfg)
+                z, scaler = prepare_training_rows(store, n, cfg, excluded=excluded)
             except TooFewTrainingRows as exc:
                 if cfg.data.on_bad_node != "skip":
                     raise

@@ -19,8 +19,8 @@ from hpcad.dist import world
 from hpcad.errors import ConfigError, StoreError, TooFewTrainingRows
 from hpcad.model.autoencoder import AutoencoderSpec, ensemble_recon, stack
 from hpcad.model.files import NodeModel, model_path, untrained_for, untrained_path, write_untrained
-from hpcad.preprocess import (Scaler, check_training_rows, fill_gaps, fit_rows, split_codes, split_identity, training_rows,
-                              window_rows, windows)
+from hpcad.preprocess import (Scaler, check_training_rows, fill_gaps, fit_rows, split_codes, split_identity,
+                              training_rows, window_rows, windows)
 from hpcad.model.backprop import Workspace
 from hpcad.model.budget import Budget, check_compute_config, default_chunk_cap, retry_cap_after_oom
 from hpcad.model.checkpoint import ChunkCheckpoint
@@ -35,15 +35,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def prepare_training_rows(store: TelemetryStore, node: str, cfg: HpcadConfig,
-                          window: int = 1) -> tuple[np.ndarray, Scaler]:
+def prepare_training_rows(store: TelemetryStore, node: str, cfg: HpcadConfig, window: int = 1,
+                          excluded: Exclusions | None = None) -> tuple[np.ndarray, Scaler]:
     """Standardised training inputs of one node and the scaler fitted on its training rows. With
     ``window`` > 1, an input is a training row with the window - 1 rows before it (flattened), and
-    only windows made of training rows are used."""
+    only windows made of training rows are used. ``excluded``: ``split.exclude`` as read once by the
+    caller (its files are listed and checked once per stage, not once per node)."""
     nd = store.read(node)
     codes = split_codes(nd, cfg.split)
-    ex = read_exclusions(cfg.split.exclude, cfg.data)
-    mask = training_rows(nd, codes, cfg.split.normal_only, cfg.split.exclude_idle, ex.rows(nd) if ex else None)
+    mask = training_rows(nd, codes, cfg.split.normal_only, cfg.split.exclude_idle,
+                         excluded.rows(nd) if excluded else None)
     check_training_rows(int(window_rows(mask, window).sum()) if window > 1 else int(mask.sum()), f"node {node}")
     values = fill_gaps(nd.values, cfg.preprocess.nan_fill_limit)
     scaler = Scaler.fit(values[mask], cfg.preprocess, where=f"node {node}", names=store.metrics)
@@ -219,7 +220,7 @@ def train_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, nodes
         chunk, prepared = [], []
         for n in taken:
             try:
-                prepared.append(prepare_training_rows(store, n, cfg, spec.window))
+                prepared.append(prepare_training_rows(store, n, cfg, spec.window, ex))
                 chunk.append(n)
             except TooFewTrainingRows as exc:
                 if not skip_bad:

@@ -50,10 +50,12 @@ class Exclusions:
 
     def key(self, node: str) -> str:
         """The stretches listed for ``node`` as text ("" for none): part of its model's fingerprint."""
-        parts = sorted(f"{t.start_s[i]}-{t.end_s[i]}" + (f"/{t.start_row[i]}-{t.end_row[i]}" if t.start_row is not None
-                                                         else "")
-                       for t in self.tables for i in t.by_node.get(node, []))
-        return ",".join(parts)
+        parts = []
+        for t in self.tables:
+            for i in t.by_node.get(node, []):
+                rows = f"/{t.start_row[i]}-{t.end_row[i]}" if t.start_row is not None else ""
+                parts.append(f"{t.start_s[i]}-{t.end_s[i]}{rows}")
+        return ",".join(sorted(parts))
 
     def digest(self) -> str:
         """Every listed stretch of every node, digested (the baselines' settings key)."""
