@@ -105,6 +105,7 @@ def test_a_list_that_is_not_there_or_not_an_incident_list_is_refused_naming_it(t
     bad.write_text("node,when\ncn01,2025-01-01\n")
     for value, says in ((f"{tmp_path}/nightly/*/alarms.csv", "split.exclude: the pattern"),
                         (str(tmp_path / "missing.csv"), "missing.csv does not exist"),
+                        (str(tmp_path), f"split.exclude: {tmp_path} is a folder: give a file or a glob pattern"),
                         (str(bad), f"{bad}: the labels file lacks column(s) ['start', 'end']")):
         out = hpcad("train", f"hydra.run.dir={tmp_path / 'r'}", *SMALL, f"split.exclude={value}", check=False)
         assert out.returncode == 2 and says in out.stderr and "Traceback" not in out.stderr, out.stderr

@@ -76,6 +76,9 @@ def exclusion_files(spec: str) -> list[Path]:
         if not files:
             raise InputError(f"split.exclude: the pattern {spec} matches no CSV or Parquet file")
         return files
+    if path.is_dir():
+        raise InputError(f"split.exclude: {path} is a folder: give a file or a glob pattern of files ({path}/*.csv, "
+                         f"{path}/*/alarms.csv)")
     if not path.is_file():
         raise InputError(f"split.exclude: {path.resolve()} does not exist (a file or a glob pattern of files)")
     return [path]
