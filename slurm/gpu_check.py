@@ -9,8 +9,9 @@
 #   python slurm/gpu_check.py --rehearse --out /tmp/rehearsal      # no GPU: the script itself (CI)
 #
 # Checks (each one is recorded as pass / FAIL with its figures; one failing does not stop the rest):
-#   equivalence   the batched trainer on CPU and on CUDA (fp32): the same early-stopping epochs,
-#                 validation losses within 1e-3 relative
+#   equivalence   the batched trainer on CPU and on CUDA (fp32), 64 nodes: at least 85 % stop at the
+#                 same epochs (a near tie may flip a few), median validation loss within 1e-4 relative,
+#                 the chunk's mean within 1 %
 #   companions    a node's model on CUDA against the same node trained in chunks of 8 and 64:
 #                 bit-identical under hpcad's CUBLAS_WORKSPACE_CONFIG=:0:0 (hpcad/device.py)
 #   companions_cublas_workspace  the same with cuBLAS's default workspace (:4096:8): kernels then
@@ -107,20 +108,24 @@ M = 159
 class Plan:
     """Sizes of the checks: the GPU's, or toy ones for a rehearsal on the CPU."""
     rows: int = 6667  # rows per node of the data pool
-    equivalence_rows: tuple[int, int] = (2000, 125)  # node i has first + i x step rows
+    equivalence_models: int = 64
+    equivalence_rows: tuple[int, int] = (1500, 53)  # node i has first + i x step rows
     companion_rows: tuple[int, int] = (1500, 37)
     precision_nodes: int = 256
     checkpoint_nodes: int = 512
     uneven_nodes: int = 2048
     bench_rows: int = 6667
-    bench_pilot_nodes: int = 256
+    # A full chunk on a large GPU: a pilot of 256 nodes leaves it mostly idle and under-predicted the
+    # rate 6x on an H200 (155 s predicted for a 26 s run: the bench was scaled down to 4,608 nodes)
+    bench_pilot_nodes: int = 4096
+    bench_step: int = 256  # a scaled-down bench's node count is a multiple of this
     bench_nodes: int = 5000
     run_args: tuple[str, ...] = ()  # extra overrides of the end-to-end and multi-GPU runs
     rehearsal: bool = False
 
 
-REHEARSAL = Plan(rows=300, equivalence_rows=(150, 10), companion_rows=(100, 3), precision_nodes=16, checkpoint_nodes=8,
-                 uneven_nodes=16, bench_rows=200, bench_pilot_nodes=16, bench_nodes=64, rehearsal=True,
+REHEARSAL = Plan(rows=300, equivalence_models=8, equivalence_rows=(150, 10), companion_rows=(100, 3),
+                 precision_nodes=16, checkpoint_nodes=8, uneven_nodes=16, bench_rows=200, bench_pilot_nodes=16, bench_step=16, bench_nodes=64, rehearsal=True,
                  run_args=("data.synthetic.nodes=4", "data.synthetic.rows=400", "train.epochs=4",
                            "baselines.methods=[]", "report.enabled=false"))
 
@@ -151,21 +156,38 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def check_equivalence(pool, cuda, plan: Plan) -> dict:
-    first, step = plan.equivalence_rows
-    data = [p[: first + step * i] for i, p in enumerate(pool[:8])]
-    tc = _cfg(lr=3e-3, patience=2)  # stops between epochs 10 and 30 on these nodes
-    cpu = train_ensemble(SPEC, data, _seeds(8), tc, torch.device("cpu"))
-    gpu = train_ensemble(SPEC, data, _seeds(8), tc, cuda)
+def equivalence(cpu_history: list[dict], gpu_history: list[dict]) -> dict:
+    """The verdict and figures of the same nodes trained on the CPU and on CUDA (their histories).
+
+    Different kernels round differently, and thousands of Adam steps carry that on: a model whose
+    early-stopping decision is a near tie can stop an epoch apart and end far from its CPU twin.
+    On the CPU alone, the fused Adam kernel against the CUDA path's element-wise one (same order of
+    operations) did so for 1 of 64 models, 30 % apart in validation loss (docs/benchmarks.md). So
+    the check asks what a user relies on: nearly every model (85 %) stops where it did on the CPU,
+    the typical model's validation loss is the same to 1e-4, and the chunk's mean to 1 %."""
+    n = len(cpu_history)
     same_stop = [a["epochs_run"] == b["epochs_run"] and a["best_epoch"] == b["best_epoch"]
-                 for a, b in zip(cpu.history, gpu.history)]
-    rel = [abs(min(a["val_loss"]) - min(b["val_loss"])) / min(a["val_loss"]) for a, b in zip(cpu.history, gpu.history)]
+                 for a, b in zip(cpu_history, gpu_history)]
+    best_cpu = np.array([min(h["val_loss"]) for h in cpu_history])
+    best_gpu = np.array([min(h["val_loss"]) for h in gpu_history])
+    rel = np.abs(best_gpu / best_cpu - 1)
+    mean_change = float(best_gpu.mean() / best_cpu.mean() - 1)
+    return {"ok": bool(np.mean(same_stop) >= 0.85 and np.median(rel) < 1e-4 and abs(mean_change) < 1e-2),
+            "models": n, "same_stopping_epochs": f"{sum(same_stop)}/{n}",
+            "epochs_run": f"{min(h['epochs_run'] for h in cpu_history)}-{max(h['epochs_run'] for h in cpu_history)}",
+            "median_rel_val_loss_diff": float(np.median(rel)), "max_rel_val_loss_diff": float(rel.max()),
+            "mean_val_loss_change": mean_change}
+
+
+def check_equivalence(pool, cuda, plan: Plan) -> dict:
+    n = plan.equivalence_models
+    first, step = plan.equivalence_rows
+    data = [p[: first + step * i] for i, p in zip(range(n), pool)]
+    tc = _cfg(lr=3e-3, patience=2)  # stops between epochs 6 and 30 on these nodes
+    cpu = train_ensemble(SPEC, data, _seeds(n), tc, torch.device("cpu"))
+    gpu = train_ensemble(SPEC, data, _seeds(n), tc, cuda)
     wdiff = max(float((x - y).abs().max()) for a, b in zip(cpu.params, gpu.params) for x, y in zip(a, b))
-    # Different kernels round differently, and thousands of Adam steps carry that on: the same
-    # stopping epochs and validation losses within 1 % are what a user can rely on.
-    return {"ok": all(same_stop) and max(rel) < 1e-2, "models": 8, "same_stopping_epochs": f"{sum(same_stop)}/8",
-            "epochs_run": [h["epochs_run"] for h in cpu.history], "max_rel_val_loss_diff": max(rel),
-            "max_abs_weight_diff": wdiff}
+    return {**equivalence(cpu.history, gpu.history), "max_abs_weight_diff": wdiff}
 
 
 def check_companions(pool, cuda, plan: Plan) -> dict:
@@ -485,13 +507,14 @@ def check_bench(out: Path, nodes: int, seconds: float, dev: torch.device, plan: 
     common = [f"bench.rows={plan.bench_rows}", "bench.metrics=159", f"bench.device={dev.type}",
               "compute.progress=false", "compute.memory_budget_mb=60000"]  # the device budget binds, not the host's
     _fresh(out / "bench_pilot", out / "bench")
-    rc, _ = _hpcad(["bench", f"bench.nodes={plan.bench_pilot_nodes}", "bench.epochs=2", "bench.naive_nodes=0", *common,
+    pilot_nodes = min(nodes, plan.bench_pilot_nodes)
+    rc, _ = _hpcad(["bench", f"bench.nodes={pilot_nodes}", "bench.epochs=2", "bench.naive_nodes=0", *common,
                     f"hydra.run.dir={out / 'bench_pilot'}"], out / "bench_pilot.log", 300)
     if rc != 0:
         return {"ok": False, "rc": rc, "log_tail": _tail(out / "bench_pilot.log")}
     pilot = json.loads((out / "bench_pilot" / "bench.json").read_text())
     predicted = nodes * 20 / pilot["node_epochs_per_s"]
-    step = plan.bench_pilot_nodes
+    step = plan.bench_step
     n = nodes if predicted <= seconds else max(step, int(nodes * seconds / predicted) // step * step)
     rc, s = _hpcad(["bench", f"bench.nodes={n}", "bench.epochs=20", "bench.naive_nodes=2", *common,
                     f"hydra.run.dir={out / 'bench'}"], out / "bench.log", 900)
@@ -499,7 +522,8 @@ def check_bench(out: Path, nodes: int, seconds: float, dev: torch.device, plan: 
         return {"ok": False, "rc": rc, "log_tail": _tail(out / "bench.log")}
     b = json.loads((out / "bench" / "bench.json").read_text())
     per_5000 = 5000 * 20 / b["node_epochs_per_s"]
-    return {"ok": per_5000 < 60, "nodes": n, "scaled_down": n < nodes, "batched_s": b["batched_s"],
+    return {"ok": per_5000 < 60, "nodes": n, "scaled_down": n < nodes, "pilot_predicted_s": round(predicted, 1),
+            "batched_s": b["batched_s"],
             "seconds_for_5000_nodes": round(per_5000, 1), "node_epochs_per_s": round(b["node_epochs_per_s"], 1),
             "nodes_per_chunk": b["nodes_per_chunk"], "peak_gpu_mb": b["peak_gpu_mb"],
             "estimated_device_mb": round(b["estimated_device_mb"]), "speedup_vs_naive": b.get("speedup_vs_naive"),

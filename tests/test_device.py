@@ -60,3 +60,41 @@ def test_gpus_bound_to_a_cpu_only_torch_are_reported_once(monkeypatch, caplog):
     caplog.clear()
     resolve_device("auto")
     assert not caplog.records
+
+
+def _gpu_check():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "slurm" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_gpu_checks_equivalence_allows_a_near_tie_but_not_a_different_training():
+    """slurm/gpu_check.py's CPU-CUDA equivalence: one model of 64 stopping an epoch apart and far off
+    (a near tie, seen on the CPU alone) is rounding; many such models, or every model a little off,
+    is a different training."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    cpu = [{"epochs_run": int(e), "best_epoch": int(e) - 2, "val_loss": list(rng.uniform(0.05, 0.2, 3))}
+           for e in rng.integers(8, 30, 64)]
+
+    def gpu(flipped: int, scale: float = 1.0, jitter: float = 1e-7) -> list[dict]:
+        out = [{**h, "val_loss": [v * scale * (1 + jitter) for v in h["val_loss"]]} for h in cpu]
+        for i, h in enumerate(out[:flipped]):  # a tie goes either way: better or worse
+            h.update(epochs_run=h["epochs_run"] + 1, best_epoch=h["best_epoch"] + 1,
+                     val_loss=[v * (1.3 if i % 2 else 1 / 1.3) for v in h["val_loss"]])
+        return out
+
+    check = _gpu_check().equivalence
+    assert check(cpu, gpu(1))["ok"] and check(cpu, gpu(1))["same_stopping_epochs"] == "63/64"
+    assert check(cpu, gpu(9))["ok"]
+    assert not check(cpu, gpu(10))["ok"]  # 54/64 stop where they did: under 85 %
+    assert not check(cpu, gpu(0, scale=1.02))["ok"]  # every model 2 % worse
+    assert not check(cpu, gpu(0, jitter=1e-3))["ok"]  # the typical model 1e-3 off
