@@ -180,9 +180,9 @@ def equivalence(cpu_history: list[dict], gpu_history: list[dict]) -> dict:
 
 
 def check_equivalence(pool, cuda, plan: Plan) -> dict:
-    n = plan.equivalence_models
     first, step = plan.equivalence_rows
-    data = [p[: first + step * i] for i, p in zip(range(n), pool)]
+    data = [p[: first + step * i] for i, p in enumerate(pool[:plan.equivalence_models])]
+    n = len(data)
     tc = _cfg(lr=3e-3, patience=2)  # stops between epochs 6 and 30 on these nodes
     cpu = train_ensemble(SPEC, data, _seeds(n), tc, torch.device("cpu"))
     gpu = train_ensemble(SPEC, data, _seeds(n), tc, cuda)
