@@ -160,11 +160,12 @@ def equivalence(cpu_history: list[dict], gpu_history: list[dict]) -> dict:
     """The verdict and figures of the same nodes trained on the CPU and on CUDA (their histories).
 
     Different kernels round differently, and thousands of Adam steps carry that on: a model whose
-    early-stopping decision is a near tie can stop an epoch apart and end far from its CPU twin.
+    early-stopping decision is a near tie can stop at another epoch and end far from its CPU twin.
     On the CPU alone, the fused Adam kernel against the CUDA path's element-wise one (same order of
-    operations) did so for 1 of 64 models, 30 % apart in validation loss (docs/benchmarks.md). So
-    the check asks what a user relies on: nearly every model (85 %) stops where it did on the CPU,
-    the typical model's validation loss is the same to 1e-4, and the chunk's mean to 1 %."""
+    operations) stopped 1 of 64 models at another epoch, and one model ended 30 % apart in
+    validation loss (docs/benchmarks.md). So the check asks what a user relies on: nearly every
+    model (85 %) stops where it did on the CPU, the typical model's validation loss is the same to
+    1e-4, and the chunk's mean to 1 %."""
     n = len(cpu_history)
     same_stop = [a["epochs_run"] == b["epochs_run"] and a["best_epoch"] == b["best_epoch"]
                  for a, b in zip(cpu_history, gpu_history)]
