@@ -156,6 +156,11 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
+def _same_stop(a: dict, b: dict) -> bool:
+    """Two training histories of one node ended the same way: as many epochs, the same best one."""
+    return a["epochs_run"] == b["epochs_run"] and a["best_epoch"] == b["best_epoch"]
+
+
 def equivalence(cpu_history: list[dict], gpu_history: list[dict]) -> dict:
     """The verdict and figures of the same nodes trained on the CPU and on CUDA (their histories).
 
@@ -167,8 +172,7 @@ def equivalence(cpu_history: list[dict], gpu_history: list[dict]) -> dict:
     model (85 %) stops where it did on the CPU, the typical model's validation loss is the same to
     1e-4, and the chunk's mean to 1 %."""
     n = len(cpu_history)
-    same_stop = [a["epochs_run"] == b["epochs_run"] and a["best_epoch"] == b["best_epoch"]
-                 for a, b in zip(cpu_history, gpu_history)]
+    same_stop = [_same_stop(a, b) for a, b in zip(cpu_history, gpu_history)]
     best_cpu = np.array([min(h["val_loss"]) for h in cpu_history])
     best_gpu = np.array([min(h["val_loss"]) for h in gpu_history])
     rel = np.abs(best_gpu / best_cpu - 1)
@@ -206,8 +210,7 @@ def check_companions(pool, cuda, plan: Plan) -> dict:
     for name, res in runs.items():
         k = pos[name]
         diff = max(float((a - b).abs().max()) for a, b in zip(alone.params[0], res.params[k]))
-        same = res.history[k]["epochs_run"] == alone.history[0]["epochs_run"] and \
-            res.history[k]["best_epoch"] == alone.history[0]["best_epoch"]
+        same = _same_stop(res.history[k], alone.history[0])
         rel = abs(min(res.history[k]["val_loss"]) - ref_val) / ref_val
         out[name] = {"max_abs_weight_diff": diff, "rel_val_loss_diff": rel, "same_epochs": same}
         same_all &= same and rel < 1e-2
