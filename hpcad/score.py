@@ -34,7 +34,7 @@ from hpcad import __version__
 from hpcad.atomic import atomic_path
 from hpcad.data.h5 import h5_writing
 from hpcad.data.store import STR, TelemetryStore, checked
-from hpcad.device import resolve_device, tf32_context
+from hpcad.device import describe, resolve_device, tf32_context
 from hpcad.dist import world
 from hpcad.errors import ConfigError, InputError, StoreError
 from hpcad.errorstore import FORMAT, write_lost
@@ -77,6 +77,7 @@ def score_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, out_p
             return maps.for_night(n, cfg.score.light_night)
     device = resolve_device(cfg.compute.device, world().local_rank) if device is None else device
     nodes = list(store.nodes if nodes is None else nodes)
+    log.info("scoring %d node(s) on %s", len(nodes), describe(device))
     missing = [n for n in nodes if not model_path(models_dir, n).exists()]
     if missing:
         raise StoreError(f"{models_dir}: no model for nodes {missing[:10]} ({len(missing)} missing); "

@@ -22,6 +22,9 @@
 #   precision     fp32 / tf32 / bf16 on a 256-node chunk: speed and validation-loss change
 #   budget        the chunk size from the device's free memory, against the measured peak
 #   end_to_end    `hpcad run` on the embedded synthetic cluster with compute.device=cuda
+#   nightly       one night of the nightly job on CUDA (`hpcad bench bench.mode=nightly`, 64 nodes), then
+#                 the night scored again on the CPU with the same models: the same alarms, errors
+#                 within 1e-4 of the mean error; the night's seconds by phase
 #   ddp           a one-rank NCCL process group and a DDP fleet-model training on the same store;
 #                 then again with compute.device_memory_mb=1 (rows kept in host memory, uploaded 5
 #                 steps at a time through pinned buffers): the same model, within 1e-5
@@ -121,13 +124,15 @@ class Plan:
     bench_step: int = 256  # a scaled-down bench's node count is a multiple of this
     bench_nodes: int = 5000
     run_args: tuple[str, ...] = ()  # extra overrides of the end-to-end and multi-GPU runs
+    nightly_args: tuple[str, ...] = ("bench.nodes=64", "bench.days=3", "bench.alarms=8")
     rehearsal: bool = False
 
 
 REHEARSAL = Plan(rows=300, equivalence_models=8, equivalence_rows=(150, 10), companion_rows=(100, 3),
                  precision_nodes=16, checkpoint_nodes=8, uneven_nodes=16, bench_rows=200, bench_pilot_nodes=16, bench_step=16, bench_nodes=64, rehearsal=True,
                  run_args=("data.synthetic.nodes=4", "data.synthetic.rows=400", "train.epochs=4",
-                           "baselines.methods=[]", "report.enabled=false"))
+                           "baselines.methods=[]", "report.enabled=false"),
+                 nightly_args=("bench.nodes=4", "bench.days=2", "bench.alarms=2", "train.epochs=4"))
 
 
 def _cfg(**kw) -> SimpleNamespace:
@@ -361,6 +366,55 @@ def check_end_to_end(out: Path, dev: torch.device, plan: Plan) -> dict:
     return {"ok": tr["device"].startswith(dev.type), "s": round(s, 1), "train_s": tr["seconds"],
             "device": tr["device"], "peak_device_mb": tr.get("peak_device_mb"), "ap": ranking,
             "store": str(run / "store.h5"), "run": str(run)}
+
+
+def _alarm_set(day: Path) -> set[tuple[str, str, str]]:
+    import csv
+
+    with open(day / "alarms.csv") as fh:
+        return {(r["node"], r["start"], r["end"]) for r in csv.DictReader(fh)}
+
+
+def _error_diff(a: Path, b: Path) -> float:
+    """The largest difference between two errors.h5 of the same nodes, relative to the mean error."""
+    ea, eb = ErrorStore(a), ErrorStore(b)
+    nodes = [s.node for s in ea.signals()]
+    worst = scale = 0.0
+    for node in nodes:
+        x, y = ea.errors(node), eb.errors(node)
+        worst = max(worst, float(np.nanmax(np.abs(x.astype(np.float64) - y))))
+        scale = max(scale, float(np.nanmean(np.abs(x))))
+    return worst / scale if scale else worst
+
+
+def check_nightly(out: Path, dev: torch.device, plan: Plan) -> dict:
+    """One night of the nightly job on ``dev`` (``hpcad bench bench.mode=nightly``: a site's exports,
+    a training run, the night ingested, scored, alarmed and reported), then the same night scored on
+    the CPU with the same models: the same alarms, errors within 1e-4 of the mean error (measured on
+    an H200: bit-identical; docs/benchmarks.md)."""
+    run, cpu = out / "nightly", out / "nightly_cpu"
+    _fresh(run, cpu)
+    rc, s = _hpcad(["bench", "bench.mode=nightly", f"compute.device={dev.type}", "compute.progress=false",
+                    f"hydra.run.dir={run}", *plan.nightly_args], out / "nightly.log", 600)
+    if rc != 0:
+        return {"ok": False, "rc": rc, "log_tail": _tail(out / "nightly.log")}
+    b = json.loads((run / "bench.json").read_text())
+    night = b["night"]
+    rc, s_cpu = _hpcad(["nightly", f"train_run={run / 'trainrun'}", f"nightly.input='{run / 'site' / 'daily'}/{{date}}'",
+                        f"nightly.out={cpu}", f"nightly.date={night}", "compute.device=cpu", "report.enabled=false",
+                        "compute.progress=false", f"hydra.run.dir={cpu / 'hydra'}"], out / "nightly_cpu.log", 600)
+    if rc != 0:
+        return {"ok": False, "rc": rc, "log_tail": _tail(out / "nightly_cpu.log")}
+    scored_on = re.findall(r"scoring \d+ node\(s\) on (\S+)", (out / "nightly.log").read_text())
+    day, day_cpu = run / "nightly" / night, cpu / night
+    alarms, alarms_cpu = _alarm_set(day), _alarm_set(day_cpu)
+    diff = _error_diff(day / "errors.h5", day_cpu / "errors.h5")
+    same = len(alarms & alarms_cpu) / max(1, len(alarms | alarms_cpu))
+    return {"ok": bool(scored_on and all(d.startswith(dev.type) for d in scored_on) and same == 1.0 and diff < 1e-4),
+            "nodes": b["nodes"], "scored_on": ",".join(sorted(set(scored_on))) or "not logged",
+            "night_s": b["night_s"], "seconds_by_phase": b["seconds_by_phase"], "training_run_s": b["training_run_s"],
+            "alarms": len(alarms), "alarms_cpu": len(alarms_cpu), "same_alarms": f"{len(alarms & alarms_cpu)}/"
+            f"{len(alarms | alarms_cpu)}", "max_error_diff_rel_mean": diff, "s": round(s + s_cpu, 1)}
 
 
 class _Said(logging.Handler):
@@ -634,6 +688,7 @@ def main() -> int:
         "precision": lambda: check_precision(pool, dev, plan),
         "budget": lambda: check_budget(pool, dev),
         "end_to_end": lambda: check_end_to_end(out, dev, plan),
+        "nightly": lambda: check_nightly(out, dev, plan),
         "ddp": lambda: check_ddp(_needs(results, "end_to_end", "ddp")["store"], out, dev),
         "bench": lambda: check_bench(out, args.bench_nodes or plan.bench_nodes, args.bench_seconds, dev, plan),
         "uneven": lambda: check_uneven(out, results.get("bench"), dev, plan),

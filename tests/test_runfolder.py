@@ -210,8 +210,9 @@ def test_training_progress_moves_every_epoch_and_logs_a_long_chunk(monkeypatch, 
 
 
 def test_scoring_in_a_log_file_says_how_far_it_got_every_minute(tmp_path, monkeypatch, caplog):
-    """Scoring thousands of nodes takes minutes; in a SLURM log (no bar: stderr is no terminal) a
-    line says how far it got at most every LOG_EVERY_S seconds; with compute.progress=false, nothing."""
+    """Scoring thousands of nodes takes minutes; in a SLURM log (no bar: stderr is no terminal) it
+    says first on which device it scores how many nodes, then how far it got at most every
+    LOG_EVERY_S seconds; with compute.progress=false, only where and what it did."""
     from hpcad import progress
     from hpcad.score import score_nodes
     from hpcad.train import train_nodes
@@ -222,6 +223,7 @@ def test_scoring_in_a_log_file_says_how_far_it_got_every_minute(tmp_path, monkey
     monkeypatch.setattr(sys, "stderr", io.StringIO())  # a log file, also under `pytest -s` on a terminal
     with caplog.at_level("INFO", logger="hpcad.score"):
         score_nodes(cfg, store, tmp_path / "models", tmp_path / "errors.h5")
+    assert caplog.records[0].getMessage() == "scoring 5 node(s) on cpu"  # the GPU check looks for it (on cuda:N)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("score: ")]
     assert [line.split(" (")[0] for line in lines] == [f"score: {k}/5 nodes" for k in range(1, 5)], lines
     assert all(re.search(r" \([\d.]+ s, about [\d.]+ s left\)$", line) for line in lines), lines  # and time to go
@@ -229,7 +231,7 @@ def test_scoring_in_a_log_file_says_how_far_it_got_every_minute(tmp_path, monkey
     cfg.compute.progress = False
     with caplog.at_level("INFO", logger="hpcad.score"):
         score_nodes(cfg, store, tmp_path / "models", tmp_path / "quiet.h5")
-    assert not [r for r in caplog.records if r.getMessage().startswith("score: ")]
+    assert [r.getMessage().split(" -> ")[0] for r in caplog.records] == ["scoring 5 node(s) on cpu", "scored 5 nodes"]
 
 
 def test_a_file_system_without_file_locks_runs_without_them_and_says_so(tmp_path, monkeypatch, caplog):
