@@ -5,12 +5,14 @@ Hydra's conventions hold: one output folder per run (``hydra.run.dir=...``), ``-
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 USAGE = """usage: hpcad <stage> [hydra overrides...]
 
@@ -81,7 +83,6 @@ def unreadable_override(overrides: list[str]) -> str | None:
     reads it, or None. Hydra's own message names neither ("mismatched input '{' expecting <EOF>"):
     a value with ``{ } [ ] ( )`` outside a list (``nightly.input=/exports/{date}``) needs quotes that
     reach Hydra, inside the shell's."""
-    import contextlib
     import io
 
     from hydra._internal.utils import get_args_parser
@@ -295,7 +296,8 @@ def run_stage(stage: str, overrides: list[str]) -> int:
 
         FAILED_POINTS.clear()  # of an earlier sweep in this process (main() called again: a notebook, a test)
     try:
-        app()
+        with _mode_read_from_flags(user):
+            app()
     except SystemExit as exc:  # hydra exits on --help, --cfg and config errors
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if code == 1 and not status["started"]:  # the options could not be composed (Hydra said why): a usage
@@ -315,13 +317,39 @@ def run_stage(stage: str, overrides: list[str]) -> int:
     return status["rc"]
 
 
+# Arguments after which Hydra's own config could set ``hydra.mode`` (hpcad's conf/ never does;
+# tests/test_cli.py checks): another config folder or name, or a Hydra option other than the folders.
+_CONFIG_FLAGS = ("-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir")
+_HYDRA_FOLDERS = ("hydra.run.dir=", "hydra.sweep.dir=", "hydra.sweep.subdir=", "hydra.job.")
+
+
+@contextlib.contextmanager
+def _mode_read_from_flags(user: list[str]) -> Iterator[None]:
+    """Hydra composes the whole config a first time only to read ``hydra.mode`` (``Hydra.get_mode``),
+    then again to run: 0.12 s of every command, and of every rank's start. hpcad's configs leave it
+    unset, so where the command line cannot set it (``user``: no Hydra option but the run folders,
+    no other config folder), the first compose is skipped with the answer it gives (unset): Hydra
+    then runs or sweeps as ``-m`` says, as before."""
+    from hydra._internal.hydra import Hydra
+
+    if any(a.split("=", 1)[0] in _CONFIG_FLAGS or ("hydra" in a and not a.lstrip("+").startswith(_HYDRA_FOLDERS))
+           for a in user):
+        yield
+        return
+    original = Hydra.get_mode
+    Hydra.get_mode = lambda self, config_name, overrides: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Hydra.get_mode = original  # type: ignore[method-assign]
+
+
 def hydra_argv(user: list[str], extra: list[str]) -> list[str]:
     """The command's arguments with hpcad's own overrides ``extra`` placed among the user's: Hydra reads
     overrides only as one run of arguments (``a=1 --cfg job b=2`` is refused), so hpcad's appended
     after ``experiment=x --cfg job`` or ``train.seed=0,1 -m`` made Hydra refuse a command it takes."""
     if not extra:
         return user
-    import contextlib
     import io
 
     try:

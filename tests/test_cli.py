@@ -298,6 +298,29 @@ def test_multirun_sweep_gives_one_folder_per_point(tmp_path):
     assert not (tmp_path / "sweep" / "sweep_settings.csv").exists()  # no seeds swept: nothing to average
 
 
+def test_a_command_composes_its_config_once_and_hydra_mode_still_sweeps(tmp_path, monkeypatch):
+    """Hydra composed the whole config twice per command, the first time only to read ``hydra.mode``
+    (0.12 s of every command and rank start). hpcad's configs never set it, so a command line that
+    cannot set it either is composed once; one that can (``hydra.mode=MULTIRUN``) is still obeyed."""
+    import yaml
+    from hydra._internal.hydra import Hydra
+
+    from hpcad.resources import resource_dir
+
+    for f in resource_dir("conf").rglob("*.yaml"):  # the shortcut's premise
+        assert "mode" not in ((yaml.safe_load(f.read_text()) or {}).get("hydra") or {}), f
+    composed = []
+    compose = Hydra.compose_config
+    monkeypatch.setattr(Hydra, "compose_config", lambda self, *a, **k: composed.append(k) or compose(self, *a, **k))
+    hpcad("ingest", f"hydra.run.dir={tmp_path / 'once'}", *SMALL[:2])
+    assert len(composed) == 1 and (tmp_path / "once" / "store.h5").exists()
+    composed.clear()
+    hpcad("ingest", "hydra.mode=MULTIRUN", f"hydra.sweep.dir={tmp_path / 'sweep'}", "data.synthetic.nodes=2,3",
+          *SMALL[1:2])
+    assert len(composed) > 1  # read first, as Hydra does
+    assert sorted(p.parent.name for p in (tmp_path / "sweep").glob("*/store.h5")) == ["0", "1"]
+
+
 def test_seed_sweep_reports_mean_and_spread_per_setting_beside_the_baseline(tmp_path):
     sweep = tmp_path / "sweep"
     hpcad("run", "-m", "train.seed=0,1,2", "model.hidden=[8],[16]", f"hydra.sweep.dir={sweep}", *SMALL[:5],
