@@ -36,9 +36,12 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file kept
 
 
-# Small, fast settings for end-to-end runs on generated data.
+# Small, fast settings for end-to-end runs on generated data. A report's plots are most of a small
+# run's time (matplotlib, ~0.12 s a figure): two nodes plotted on the report and one node page (three
+# figures) keep every report's parts drawn, for a third of the time; tests of the pages ask for more.
+FEW_PLOTS = ["report.max_nodes_plotted=2", "report.max_node_pages=1"]
 SMALL = ["data.synthetic.nodes=3", "data.synthetic.rows=400", "train.epochs=4", "compute.progress=false",
-         "baselines.methods=[kde]", "report.max_nodes_plotted=2"]
+         "baselines.methods=[kde]", *FEW_PLOTS]
 
 
 def hpcad(*args: str, cwd: Path | None = None, check: bool = True, env: dict | None = None,
@@ -211,7 +214,7 @@ def nightly_env_file(site: Path, out: Path, extra: str = "", tz: str = "UTC", na
     f = out.parent / f"{name or out.name}.env"
     f.write_text(f"HPCAD_VENV={Path(sys.executable).parent.parent}\nHPCAD_TRAIN_RUN={site / 'trainrun'}\n"
                  f"HPCAD_INPUT={daily or site / 'daily'}/{{date}}\nHPCAD_OUT={out}\nHPCAD_TZ={tz}\nHPCAD_THREADS=1\n"
-                 f'HPCAD_OVERRIDES="{extra}"\n{more}')
+                 f'HPCAD_OVERRIDES="report.max_node_pages=1 {extra}"\n{more}')  # one node page a night (as SMALL)
     return f
 
 

@@ -35,9 +35,9 @@ def test_a_rerun_keeps_baselines_fitted_from_the_same_data_and_settings(tmp_path
     kept; one whose options changed is fitted again."""
     import json
 
-    from conftest import hpcad
+    from conftest import FEW_PLOTS, hpcad
 
-    args = ["data.synthetic.nodes=2", "data.synthetic.rows=300", "compute.progress=false",
+    args = ["data.synthetic.nodes=2", "data.synthetic.rows=300", "compute.progress=false", *FEW_PLOTS,
             "baselines.methods=[kde,pca]", f"hydra.run.dir={tmp_path}"]
     hpcad("baselines", *args)
     files = {m: tmp_path / "baselines" / f"{m}.h5" for m in ("kde", "pca")}
@@ -75,14 +75,14 @@ def test_range_is_the_autoencoders_excess_term_alone_and_the_baselines_add_it_at
 
     import h5py
 
-    from conftest import hpcad
+    from conftest import FEW_PLOTS, hpcad
     from hpcad.errorstore import ErrorStore
     from hpcad.preprocess import Scaler, fill_gaps, split_codes, training_rows
     from hpcad.signals import signal_level, smooth_signal
 
     run = tmp_path / "run"
     args = ["data.synthetic.nodes=2", "data.synthetic.rows=300", "train.epochs=2", "compute.progress=false",
-            "signal.excess_weight=10", f"hydra.run.dir={run}"]
+            *FEW_PLOTS, "signal.excess_weight=10", f"hydra.run.dir={run}"]
     hpcad("run", *args, "baselines.methods=[pca,range]")
     assert ErrorStore(run / "errors.h5").recipe.weight == 10
     m = json.loads((run / "metrics.json").read_text())
@@ -140,12 +140,12 @@ def test_each_baseline_chooses_its_own_range_excess_weight_on_its_validation_row
 
     import h5py
 
-    from conftest import hpcad
+    from conftest import FEW_PLOTS, hpcad
     from hpcad.baselines import run_baselines, validation_totals
 
     run = tmp_path / "run"
     args = ["data.synthetic.nodes=3", "data.synthetic.rows=600", "train.epochs=2", "compute.progress=false",
-            "baselines.methods=[pca,kde]", f"hydra.run.dir={run}"]
+            *FEW_PLOTS, "baselines.methods=[pca,kde]", f"hydra.run.dir={run}"]
     hpcad("run", *args)
     m = json.loads((run / "metrics.json").read_text())["baselines"]
     register_configs()

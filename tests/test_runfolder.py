@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from conftest import hpcad, hpcad_on_terminal, small_site
+from conftest import FEW_PLOTS, hpcad, hpcad_on_terminal, small_site
 
 from hpcad.runfolder import LOCK_NAME, exclusive_lock
 
@@ -87,7 +87,7 @@ def test_a_node_with_too_few_training_rows_is_left_untrained_with_skip_and_train
         pd.DataFrame({"timestamp": 1_700_000_000 + 300 * np.arange(rows),
                       **{m: rng.normal(size=rows) for m in ("a", "b", "c")}}).to_csv(src / f"{node}.csv", index=False)
     run = tmp_path / "run"
-    args = [f"data.source={src}", "data.format=wide", "train.epochs=2", "compute.progress=false",
+    args = [f"data.source={src}", "data.format=wide", "train.epochs=2", "compute.progress=false", *FEW_PLOTS,
             "baselines.methods=[pca]", f"hydra.run.dir={run}"]
     models = run / "models"
     hpcad("run", *args, "report.enabled=false")  # the default split: every node has enough rows
