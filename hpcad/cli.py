@@ -332,11 +332,11 @@ def _mode_read_from_flags(user: list[str]) -> Iterator[None]:
     then runs or sweeps as ``-m`` says, as before."""
     from hydra._internal.hydra import Hydra
 
-    if any(a.split("=", 1)[0] in _CONFIG_FLAGS or ("hydra" in a and not a.lstrip("+").startswith(_HYDRA_FOLDERS))
-           for a in user):
+    original = getattr(Hydra, "get_mode", None)  # a private API: another Hydra may lack it (then: as Hydra does)
+    if original is None or any(a.split("=", 1)[0] in _CONFIG_FLAGS or
+                               ("hydra" in a and not a.lstrip("+").startswith(_HYDRA_FOLDERS)) for a in user):
         yield
         return
-    original = Hydra.get_mode
     Hydra.get_mode = lambda self, config_name, overrides: None  # type: ignore[method-assign]
     try:
         yield
