@@ -379,9 +379,8 @@ def _error_diff(a: Path, b: Path) -> float:
     """The largest difference between two errors.h5 of the same nodes' errors, relative to the
     largest of the nodes' mean errors."""
     ea, eb = ErrorStore(a), ErrorStore(b)
-    nodes = [s.node for s in ea.signals()]
     worst = scale = 0.0
-    for node in nodes:
+    for node in ea.nodes:
         x, y = ea.errors(node), eb.errors(node)
         worst = max(worst, float(np.nanmax(np.abs(x.astype(np.float64) - y))))
         scale = max(scale, float(np.nanmean(np.abs(x))))

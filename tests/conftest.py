@@ -214,7 +214,7 @@ def nightly_env_file(site: Path, out: Path, extra: str = "", tz: str = "UTC", na
     f = out.parent / f"{name or out.name}.env"
     f.write_text(f"HPCAD_VENV={Path(sys.executable).parent.parent}\nHPCAD_TRAIN_RUN={site / 'trainrun'}\n"
                  f"HPCAD_INPUT={daily or site / 'daily'}/{{date}}\nHPCAD_OUT={out}\nHPCAD_TZ={tz}\nHPCAD_THREADS=1\n"
-                 f'HPCAD_OVERRIDES="report.max_node_pages=1 {extra}"\n{more}')  # one node page a night (as SMALL)
+                 f'HPCAD_OVERRIDES="{" ".join(FEW_PLOTS)} {extra}"\n{more}')  # as SMALL draws
     return f
 
 

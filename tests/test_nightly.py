@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import cron, hpcad, nightly_env_file as _env_file, write_site
+from conftest import FEW_PLOTS, cron, hpcad, nightly_env_file as _env_file, write_site
 from hpcad.data.synthetic import metric_names
 from hpcad.errors import InputError
 from hpcad.nightly.changes import read_changes
@@ -319,7 +319,7 @@ def test_a_node_retired_in_the_maintenance_log_is_not_expected_nor_scored(site, 
     out = tmp_path / "nightly"
     args = [f"train_run={site / 'trainrun'}", f"nightly.input='{inp}/{{date}}'", f"nightly.out={out}",
             "compute.progress=false", f"hydra.run.dir={tmp_path / 'log'}", f"nightly.changes={changes}",
-            "report.max_node_pages=1"]
+            *FEW_PLOTS]
     p = hpcad("nightly", *args, "nightly.date=2025-01-10..2025-01-12")
     said = p.stdout + p.stderr
     levels = {d: [r["node"] for r in csv.DictReader(open(out / d / "levels.csv"))]
@@ -418,7 +418,7 @@ def test_a_cooling_fault_across_midnight_is_one_event_over_two_nights_notified_o
     out = tmp_path / "nightly"
     p = hpcad("nightly", f"train_run={site / 'trainrun'}", f"nightly.input='{tmp_path}/in/{{date}}'", f"nightly.out={out}",
               f"nightly.date={days[0]}..{days[1]}", "compute.progress=false", f"hydra.run.dir={tmp_path / 'log'}",
-              "nightly.event_min_nodes=2", "nightly.event_share=0.9", f"nightly.notify={hook}", "report.max_node_pages=1")
+              "nightly.event_min_nodes=2", "nightly.event_share=0.9", f"nightly.notify={hook}", *FEW_PLOTS)
     first, second = (json.loads((out / d / "events.json").read_text()) for d in days)
     (evening,) = [e for e in first if e["end"] == "2025-01-10T00:00:00+00:00"]
     assert evening["start"] <= "2025-01-09T22:00:00+00:00" and evening["nights"] == 1 and "continues" not in evening
