@@ -448,8 +448,9 @@ def share_cpu_threads() -> int | None:
     (the batch scripts set it from --cpus-per-task) is kept unless the k ranks would then run more
     threads than the CPUs they share: a node with fewer CPUs than SLURM was told (the dev cluster's
     32 on a small machine: two trainings with 8 threads each on 2 cores took 51 s instead of 4.7 s),
-    or a value exported from a login node; then the share is used, and the rank says so. Returns the
-    number set, or None where nothing was changed. Call on every rank, after ``init``."""
+    or a value exported from a login node; then the share is used, and the rank says so. The share
+    caps numpy's BLAS as well as torch (``limit_blas_threads``). Returns the number set, or None where
+    nothing was changed. Call on every rank, after ``init``."""
     import torch
 
     mask = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
@@ -469,7 +470,22 @@ def share_cpu_threads() -> int | None:
         n = cpu_share(host, mask, said)
     if n is not None:
         torch.set_num_threads(n)
+        limit_blas_threads(n)
     return n
+
+
+def limit_blas_threads(n: int) -> None:
+    """Cap numpy's and scipy's BLAS (OpenBLAS, MKL) at ``n`` threads as well as torch's: each loaded one
+    now (threadpoolctl; they read OMP_NUM_THREADS when loaded, before any rank knew its share) and
+    one loaded later (its own variable, which it reads first). PCA's fit and scoring and the
+    thresholds' arithmetic run in numpy: 16 ranks on the dev cluster's 2 cores, each with the
+    script's OMP_NUM_THREADS=8 for OpenBLAS, took 259 s for PCA's baseline instead of 27 s
+    (docs/benchmarks.md)."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=n, user_api="blas")
+    for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)
 
 
 def sharing(host: str, mask: list[int], said: list[tuple[str, list[int]]]) -> int:

@@ -275,21 +275,32 @@ def test_an_omp_num_threads_that_oversubscribes_the_cpus_is_capped(monkeypatch, 
     """OMP_NUM_THREADS from --cpus-per-task is kept where it fits the CPUs the rank runs on; where it
     does not (a node with fewer CPUs than SLURM was told, as the dev cluster on a small machine:
     two trainings with 8 threads each took 51 s instead of 4.7 s on 2 cores), the CPUs are used."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
     from hpcad.dist import share_cpu_threads
 
+    def blas_threads() -> set[int]:
+        return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(var, raising=False)  # restored as they were after the test
     before = torch.get_num_threads()
-    try:
-        monkeypatch.setenv("OMP_NUM_THREADS", "2")
-        assert share_cpu_threads() is None  # fits: the launcher's choice stands
-        monkeypatch.setenv("OMP_NUM_THREADS", "8")
-        with caplog.at_level("WARNING", logger="hpcad.dist"):
-            assert share_cpu_threads() == 2 and torch.get_num_threads() == 2
-        assert "OMP_NUM_THREADS=8 for each of 1 rank(s) sharing 2 CPU(s)" in caplog.text
-        monkeypatch.setenv("OMP_NUM_THREADS", "many")
-        assert share_cpu_threads() is None  # not a count: left to OpenMP, which says so itself
-    finally:
-        torch.set_num_threads(before)
+    with threadpool_limits(limits=3, user_api="blas"):  # numpy's BLAS as OMP_NUM_THREADS=3 would have set it
+        try:
+            monkeypatch.setenv("OMP_NUM_THREADS", "2")
+            assert share_cpu_threads() is None and blas_threads() == {3}  # fits: the launcher's choice stands
+            monkeypatch.setenv("OMP_NUM_THREADS", "8")
+            with caplog.at_level("WARNING", logger="hpcad.dist"):
+                assert share_cpu_threads() == 2 and torch.get_num_threads() == 2
+            assert "OMP_NUM_THREADS=8 for each of 1 rank(s) sharing 2 CPU(s)" in caplog.text
+            # numpy's BLAS too (PCA and the thresholds run there: 16 ranks each running the script's 8
+            # OpenBLAS threads on 2 cores made PCA's baseline 10x slower), and a BLAS loaded later
+            assert blas_threads() == {2} and os.environ["OPENBLAS_NUM_THREADS"] == "2"
+            monkeypatch.setenv("OMP_NUM_THREADS", "many")
+            assert share_cpu_threads() is None  # not a count: left to OpenMP, which says so itself
+        finally:
+            torch.set_num_threads(before)
 
 
 def test_rank_0_waiting_for_the_other_ranks_says_so_until_they_come(monkeypatch):
