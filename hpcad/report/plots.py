@@ -265,8 +265,15 @@ def overview(errors: ErrorStore, th: Thresholds, nodes: list[str], time_unit: st
         ax.set_xticks(ticks, [dt.datetime.fromtimestamp(t0 + int(k) * step, ZoneInfo(zone)).strftime(fmt)
                               for k in ticks], fontsize=7)
         per = ("hourly" if step == 3600 else "daily") + f" peak, {zone}"
-    fig.colorbar(im, ax=ax, label="peak signal / threshold")
-    ax.set_title(f"alarms per node over time ({per}; red >= 1 = alarm; white = no data)", fontsize=9)
+    height = fig.get_figheight()
+    # a tall overview (hundreds of nodes): the colour scale keeps a readable size at the top, and the
+    # dates are at the top as well as the bottom, where the first rows are
+    fig.colorbar(im, ax=ax, label="peak signal / threshold", shrink=min(1.0, 4.0 / height), anchor=(0.0, 1.0))
+    top = height > 8
+    if top:
+        ax.tick_params(axis="x", labeltop=True)
+    ax.set_title(f"alarms per node over time ({per}; red >= 1 = alarm; white = no data)", fontsize=9,
+                 pad=16 if top else 6)
     return _png(fig)
 
 
