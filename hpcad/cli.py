@@ -277,11 +277,12 @@ def run_stage(stage: str, overrides: list[str]) -> int:
     user = list(overrides)
     if shared is not None:
         overrides = [*overrides, shared]
-    if w.distributed:  # one log per rank, lines prefixed with the rank; only rank 0 records the composed config
-        overrides = [*overrides, f"hydra.job.name={stage}-rank{w.rank}"]
-        if not any(o.startswith("hydra.job_logging") for o in overrides):
-            overrides.append("hydra.job_logging.formatters.simple.format="
-                             f"'[%(asctime)s][rank {w.rank}/{w.size}][%(name)s][%(levelname)s] - %(message)s'")
+    if w.distributed:  # one log per rank (<run>/logs/), lines prefixed with the rank; only rank 0 records the config
+        from hpcad.logfiles import rank_log_overrides
+
+        own = rank_log_overrides(stage, w.rank, w.size)
+        # a user's own hydra/job_logging (another handler, a file elsewhere) is kept: the job name alone
+        overrides = [*overrides, *(own if not any("job_logging" in o for o in overrides) else own[:1])]
         if w.rank > 0:
             overrides.append("hydra.output_subdir=null")
     multirun = any(o in ("-m", "--multirun") for o in overrides)

@@ -353,7 +353,7 @@ def peer_lost(exc: BaseException) -> HpcadError | None:
     w = world()
     said = re.sub(r"^\[[^\]]*\]\s*", "", str(exc).strip().splitlines()[0]).split(". This is")[0]  # gloo: "[pair.cc:553] ..."
     return HpcadError(f"rank {w.rank} of {w.size}: another rank of this step stopped, so this one stops too: the "
-                      f"first error in the job log (or that rank's <stage>-rank<r>.log in the run folder) says why "
+                      f"first error in the job log (or that rank's logs/<stage>-rank<r>.log in the run folder) says why "
                       f"({said[:160]})")
 
 

@@ -64,7 +64,7 @@ def test_bench_ingest_measures_the_out_of_core_pivot(tmp_path):
           "data.scratch_buckets=4", "compute.progress=false", f"hydra.run.dir={tmp_path}")
     b = json.loads((tmp_path / "bench.json").read_text())
     assert b["ranks"] == 2 and b["ingest_s"] > 0 and b["store_mb"] == pytest.approx(one, abs=0.1)
-    log = (tmp_path / "bench_ingest_ranks" / "ingest-rank1.log").read_text()
+    log = (tmp_path / "bench_ingest_ranks" / "logs" / "ingest-rank1.log").read_text()
     assert "rank 1: ingested 3 node(s) of its 2 scratch bucket(s)" in log, log
     assert not list((tmp_path / "bench_ingest_ranks").glob("store*.h5")) and not list(tmp_path.rglob(".ingest-*"))
     # daily exports of every node (a node column): staged and converted by both ranks
@@ -72,7 +72,7 @@ def test_bench_ingest_measures_the_out_of_core_pivot(tmp_path):
           "bench.ranks=2", "compute.progress=false", f"hydra.run.dir={tmp_path}")
     b = json.loads((tmp_path / "bench.json").read_text())
     assert b["input"] == "days" and b["rows"] == 6 * 3 * 288 * 12 and b["store_mb"] > 0
-    log = (tmp_path / "bench_ingest_ranks" / "ingest-rank0.log").read_text()
+    log = (tmp_path / "bench_ingest_ranks" / "logs" / "ingest-rank0.log").read_text()
     assert "staging 3 files of many nodes' rows over 2 ranks" in log and "rank 0: ingested 3 node(s)" in log, log
     assert not list(tmp_path.rglob(".ingest-*"))
     # a CSV file per node, the most common export (each file's end and header checks included)

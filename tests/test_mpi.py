@@ -43,7 +43,8 @@ def test_mpiexec_two_ranks_fit_the_same_thresholds(scored_run, rule):
     p = subprocess.run(["mpiexec", "-n", "2", sys.executable, "-m", "hpcad", *args], capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert (run / "threshold-rank1.log").exists()  # really two ranks
+    assert (run / "logs" / "threshold-rank1.log").exists()  # really two ranks
+    assert not list(run.glob("*rank*.log")) and (run / "threshold.log").exists()  # the ranks' logs in logs/ only
     multi = json.loads((run / "thresholds.json").read_text())
     if "threshold.scope=cluster" in rule:  # one threshold, reduced over the ranks
         assert single["cluster"] is not None and single["nodes"] == {}
@@ -115,7 +116,7 @@ def test_two_ranks_apply_the_thresholds_to_their_own_nodes_and_rank_zero_writes_
     from hpcad.errorstore import ErrorStore
 
     for rank, nodes in enumerate(shard(ErrorStore(run / "errors.h5").rows, 2)):  # each rank its own share
-        said = (run / f"threshold-rank{rank}.log").read_text()
+        said = (run / "logs" / f"threshold-rank{rank}.log").read_text()
         assert 0 < len(nodes) < 5 and f"thresholds applied to {len(nodes)} of 5 nodes here (alarms, figures, " \
                                       f"class profiles, 1 baseline(s))" in said, said
     multi = json.loads((run / "metrics.json").read_text())
@@ -184,8 +185,8 @@ def test_the_models_are_checked_once_by_rank_zero_not_by_every_rank(scored_run, 
         os.utime(f, (1_000_000_000, 1_000_000_000))
     _mpiexec_two_ranks("threshold", f"hydra.run.dir={run}", f"data.source={exports}")
     said = "the model files' times changed since scoring (copied or moved?), their contents did not"
-    assert said in (run / "threshold-rank0.log").read_text()
-    assert said not in (run / "threshold-rank1.log").read_text()
+    assert said in (run / "logs" / "threshold-rank0.log").read_text()
+    assert said not in (run / "logs" / "threshold-rank1.log").read_text()
 
 
 def test_nodes_fitted_on_a_period_that_is_not_normal_are_named_across_ranks(scored_run, tmp_path):
@@ -262,7 +263,7 @@ def test_a_rank_failing_in_the_fit_ends_the_mpi_job_instead_of_hanging(scored_ru
                        timeout=240)  # the old code hung here
     assert p.returncode != 0
     # the reason: always in the failing rank's log in the run folder (written before MPI_Abort)...
-    logs = "".join(f.read_text() for f in run.glob("threshold-rank*.log"))
+    logs = "".join(f.read_text() for f in (run / "logs").glob("threshold-rank*.log"))
     assert f"node {node}: cannot read (corrupt file" in logs and "every rank of the MPI job stops (MPI_Abort)" in logs
     # ...and on the terminal (mpiexec drops output it has not forwarded when it kills the job; hpcad pauses first)
     said = p.stdout + p.stderr
@@ -302,6 +303,6 @@ def test_baselines_skipped_beyond_their_node_limit_is_said_once_for_the_job(scor
                            "baselines.max_nodes=3")
     said = p.stdout + p.stderr
     assert said.count("baselines skipped: 5 nodes > baselines.max_nodes=3") == 1, said
-    assert "baselines skipped" in (copy / "baselines-rank0.log").read_text()
-    assert "baselines skipped" not in (copy / "baselines-rank1.log").read_text()
+    assert "baselines skipped" in (copy / "logs" / "baselines-rank0.log").read_text()
+    assert "baselines skipped" not in (copy / "logs" / "baselines-rank1.log").read_text()
     assert (run / "baselines" / "pca.h5").exists() and not list((copy / "baselines").glob("pca*.h5"))

@@ -193,7 +193,7 @@ def test_whole_run_on_two_ranks_ingests_once_and_matches_one_process(tmp_path, s
     p = subprocess.run(["srun", "--kill-on-bad-exit=1", "-N1", "-n2", *hpcad_cmd(), "run", f"hydra.run.dir={run}",
                         *args], env=slurm_env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    rank0, rank1 = ((run / f"run-rank{r}.log").read_text() for r in (0, 1))
+    rank0, rank1 = ((run / "logs" / f"run-rank{r}.log").read_text() for r in (0, 1))
     assert rank0.count("process group: gloo, 2 ranks") == 1 and rank0.count("all 2 ranks joined") == 1, rank0
     assert "generated the synthetic cluster" not in rank1 and "report: done by rank 0 of 2" in rank1
     assert f"baseline kde -> {run / 'baselines' / 'kde-rank1.h5'}" in rank1
@@ -511,8 +511,8 @@ def test_threshold_fit_under_srun_mpi_pmi2(tmp_path, slurm_env):
     p = subprocess.run(["srun", "--mpi=pmi2", "-N1", "-n2", *hpcad_cmd(), *args], env=slurm_env,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert (run / "threshold-rank1.log").exists()
-    assert "[rank 1/2][hpcad" in (run / "threshold-rank1.log").read_text()  # each rank's lines say whose they are
+    assert (run / "logs" / "threshold-rank1.log").exists()
+    assert "[rank 1/2][hpcad" in (run / "logs" / "threshold-rank1.log").read_text()  # each rank's lines say whose they are
     assert "[rank 0/2]" in p.stdout + p.stderr
     assert json.loads((run / "thresholds.json").read_text())["cluster"] == pytest.approx(single["cluster"])
     assert "MPI did not join" not in p.stdout + p.stderr

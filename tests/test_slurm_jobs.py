@@ -50,7 +50,7 @@ def test_requeued_job_skips_finished_nodes_and_ends_with_the_same_result(tmp_pat
     after = {p.name: p.stat().st_mtime_ns for p in (run / "models").glob("node*.pt")}
     assert len(after) == 12
     assert all(after[n] == t for n, t in done_before.items())  # finished nodes were not retrained
-    logs = " ".join(p.read_text() for p in run.glob("train-rank*.log"))
+    logs = " ".join(p.read_text() for p in (run / "logs").glob("train-rank*.log"))
     resumed = [(int(k), int(n)) for k, n in re.findall(r"resuming: (\d+) of (\d+) nodes already have a model", logs)]
     assert resumed and any(k < n for k, n in resumed), resumed  # interrupted mid-training: some nodes were left
     out = (tmp_path / f"job-{job}.out").read_text()

@@ -177,6 +177,6 @@ def _ingest_ranks(data_cfg, run: Path, ranks: int) -> dict:
     wall = time.perf_counter() - t0
     if any(codes):
         raise ConfigError(f"bench ingest on {ranks} ranks failed (exit codes {codes}); see the log above and "
-                          f"{run}/ingest-rank*.log")
+                          f"{run}/logs/ingest-rank*.log")
     return {"ingest_s": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0,
             "store": run / "store.h5", "parts": sorted(run.glob("store*.h5"))}
