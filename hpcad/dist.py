@@ -477,10 +477,9 @@ def share_cpu_threads() -> int | None:
 def limit_blas_threads(n: int) -> None:
     """Cap numpy's and scipy's BLAS (OpenBLAS, MKL) at ``n`` threads as well as torch's: each loaded one
     now (threadpoolctl; they read OMP_NUM_THREADS when loaded, before any rank knew its share) and
-    one loaded later (its own variable, which it reads first). PCA's fit and scoring and the
-    thresholds' arithmetic run in numpy: 16 ranks on the dev cluster's 2 cores, each with the
-    script's OMP_NUM_THREADS=8 for OpenBLAS, took 259 s for PCA's baseline instead of 27 s
-    (docs/benchmarks.md)."""
+    one loaded later (its own variable, which it reads first). PCA's fit and scoring run in numpy's
+    BLAS: 16 ranks on the dev cluster's 2 cores, each with the script's OMP_NUM_THREADS=8 in
+    OpenBLAS, took 259 s for PCA's baseline instead of 28 s (docs/benchmarks.md)."""
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=n, user_api="blas")
