@@ -280,9 +280,7 @@ def run_stage(stage: str, overrides: list[str]) -> int:
     if w.distributed:  # one log per rank (<run>/logs/), lines prefixed with the rank; only rank 0 records the config
         from hpcad.logfiles import rank_log_overrides
 
-        own = rank_log_overrides(stage, w.rank, w.size)
-        # a user's own hydra/job_logging (another handler, a file elsewhere) is kept: the job name alone
-        overrides = [*overrides, *(own if not any("job_logging" in o for o in overrides) else own[:1])]
+        overrides = [*overrides, *rank_log_overrides(stage, w.rank, w.size, overrides)]
         if w.rank > 0:
             overrides.append("hydra.output_subdir=null")
     multirun = any(o in ("-m", "--multirun") for o in overrides)

@@ -19,11 +19,22 @@ class FolderFileHandler(logging.FileHandler):
         super().__init__(filename, mode, encoding, delay, errors)
 
 
-def rank_log_overrides(stage: str, rank: int, size: int) -> list[str]:
+def rank_log_overrides(stage: str, rank: int, size: int, given: list[str]) -> list[str]:
     """Hydra overrides for a rank's log: its job name (``<stage>-rank<r>``), its file under
-    ``<run>/logs/`` and each line prefixed with the rank."""
-    return [f"hydra.job.name={stage}-rank{rank}",
-            f"hydra.job_logging.handlers.file.class={__name__}.FolderFileHandler",
-            f"hydra.job_logging.handlers.file.filename=${{hydra.runtime.output_dir}}/{RANK_LOGS}/${{hydra.job.name}}.log",
-            "hydra.job_logging.formatters.simple.format="
-            f"'[%(asctime)s][rank {rank}/{size}][%(name)s][%(levelname)s] - %(message)s'"]
+    ``<run>/logs/`` and each line prefixed with the rank. What the command line (``given``) sets
+    itself is left to it: another ``hydra/job_logging`` config, the file handler, the line format
+    (``hydra.job_logging.root.level=DEBUG`` alone changes neither)."""
+    own = "hydra/job_logging=" in " ".join(given) or any(o.startswith("hydra.job_logging=") for o in given)
+
+    def mine(key: str) -> bool:
+        return not own and not any(o.lstrip("+~").startswith(f"hydra.job_logging.{key}") for o in given)
+
+    out = [f"hydra.job.name={stage}-rank{rank}"]
+    if mine("handlers.file"):
+        out += [f"hydra.job_logging.handlers.file.class={__name__}.FolderFileHandler",
+                f"hydra.job_logging.handlers.file.filename=${{hydra.runtime.output_dir}}/{RANK_LOGS}/"
+                "${hydra.job.name}.log"]
+    if mine("formatters.simple"):
+        out.append("hydra.job_logging.formatters.simple.format="
+                   f"'[%(asctime)s][rank {rank}/{size}][%(name)s][%(levelname)s] - %(message)s'")
+    return out

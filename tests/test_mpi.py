@@ -183,10 +183,28 @@ def test_the_models_are_checked_once_by_rank_zero_not_by_every_rank(scored_run, 
     shutil.copytree(src, run)
     for f in (run / "models").iterdir():
         os.utime(f, (1_000_000_000, 1_000_000_000))
-    _mpiexec_two_ranks("threshold", f"hydra.run.dir={run}", f"data.source={exports}")
+    # a user's log level (a common debugging override) leaves the ranks' logs where they go, prefixed
+    _mpiexec_two_ranks("threshold", f"hydra.run.dir={run}", f"data.source={exports}", "hydra.job_logging.root.level=DEBUG")
     said = "the model files' times changed since scoring (copied or moved?), their contents did not"
-    assert said in (run / "logs" / "threshold-rank0.log").read_text()
+    assert said in (rank0 := (run / "logs" / "threshold-rank0.log").read_text()) and "[rank 0/2][" in rank0
     assert said not in (run / "logs" / "threshold-rank1.log").read_text()
+
+
+def test_a_users_own_log_handler_or_format_is_kept_under_ranks():
+    """Under ranks hpcad puts each rank's log in <run>/logs/ with the rank on every line, except
+    where the command line sets that part of Hydra's logging itself."""
+    from hpcad.logfiles import rank_log_overrides
+
+    def keys(given: list[str]) -> list[str]:
+        return [o.split("=", 1)[0] for o in rank_log_overrides("train", 1, 4, given)]
+
+    ours = ["hydra.job.name", "hydra.job_logging.handlers.file.class", "hydra.job_logging.handlers.file.filename",
+            "hydra.job_logging.formatters.simple.format"]
+    assert keys([]) == keys(["hydra.job_logging.root.level=DEBUG"]) == ours
+    assert keys(["hydra.job_logging.handlers.file.filename=/scratch/x.log"]) == ["hydra.job.name", ours[3]]
+    assert keys(["hydra.job_logging.formatters.simple.format=%(message)s"]) == ours[:3]
+    assert keys(["hydra/job_logging=disabled"]) == ["hydra.job.name"]
+    assert rank_log_overrides("train", 1, 4, [])[0] == "hydra.job.name=train-rank1"
 
 
 def test_nodes_fitted_on_a_period_that_is_not_normal_are_named_across_ranks(scored_run, tmp_path):
