@@ -181,7 +181,11 @@ def rendezvous(w: World, env: dict | None = None, bcast: Callable[[object], obje
 
 def mpi_comm(w: World) -> tuple[Any | None, str]:
     """MPI's COMM_WORLD where MPI (mpi4py) joins this launch's ranks, else None and why not (mpi4py
-    absent, or its MPI another than the launcher's: each rank then sees a world of one)."""
+    absent, or its MPI another than the launcher's: each rank then sees a world of one). torchrun's
+    ranks are never MPI's: MPI is not started in them (each would start an MPI singleton for nothing,
+    and at its exit finalize it beside torch's process group)."""
+    if w.source == "torchrun":
+        return None, "torchrun starts ranks that MPI does not join (MPI is not started in them)"
     try:
         from mpi4py import MPI
     except ImportError:
@@ -189,11 +193,9 @@ def mpi_comm(w: World) -> tuple[Any | None, str]:
     comm = MPI.COMM_WORLD
     if comm.Get_size() == w.size and comm.Get_rank() == w.rank:
         return comm, ""
-    how = ("torchrun starts ranks that MPI does not join" if w.source == "torchrun" else
-           "under srun, its --mpi plugin does not match that MPI (`srun --mpi=list`; HPCAD_SRUN_MPI picks it in the "
-           "shipped scripts, docs/cluster.md)")
     return None, (f"MPI did not join the {w.size} ranks (this one is rank {comm.Get_rank()} of an MPI world of "
-                  f"{comm.Get_size()}; MPI library: {_mpi_library(MPI)}): {how}")
+                  f"{comm.Get_size()}; MPI library: {_mpi_library(MPI)}): under srun, its --mpi plugin does not match "
+                  "that MPI (`srun --mpi=list`; HPCAD_SRUN_MPI picks it in the shipped scripts, docs/cluster.md)")
 
 
 def _mpi_library(mpi: Any) -> str:
