@@ -1,6 +1,6 @@
 """Where a command's log file goes: ``<run>/<stage>.log`` for one process (Hydra's own file handler);
 under several ranks each rank's ``<run>/logs/<stage>-rank<r>.log``, so that a job of hundreds of
-ranks leaves one folder of logs beside its outputs instead of six files per rank among them."""
+ranks leaves one folder of logs beside its outputs instead of a file per rank and step among them."""
 from __future__ import annotations
 
 import logging
