@@ -148,9 +148,10 @@ def test_a_fleet_model_resumes_from_its_last_epoch_saved_and_is_not_trained_twic
     assert "resuming the fleet model of 3 nodes (node0000 ...) at epoch 2" in out.stdout + out.stderr
     a, b = _models(ref), _models(run)
     assert a.keys() == b.keys() and len(a) == 3
-    for name in a:
-        assert all(torch.equal(x, y) for x, y in zip(a[name]["members"][0], b[name]["members"][0]))
-        assert a[name]["history"] == b[name]["history"]
+    for name in a:  # the history first: where they part says which epoch did (a flake seen once, 2026-12-04)
+        assert a[name]["history"] == b[name]["history"], (name, a[name]["history"], b[name]["history"])
+        for k, (x, y) in enumerate(zip(a[name]["members"][0], b[name]["members"][0])):
+            assert torch.equal(x, y), (name, k, float((x - y).abs().max()))
     assert not list((run / "models").glob(".*"))  # no checkpoint or temporary file left
 
 

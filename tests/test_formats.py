@@ -1,6 +1,7 @@
 """The telemetry clusters really export: LDMS CSV stores, long format, counters, SLURM job context."""
 import csv
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -92,21 +93,32 @@ def test_one_cluster_in_all_three_formats_gives_identical_stores(tmp_path):
             np.testing.assert_array_equal(got.labels, nd.labels, err_msg=name)
 
 
-def _last_line(path: Path, how: str) -> None:
+def _cut_line(path: Path, how: str) -> None:
     """``path`` with its last line cut: ``short`` (a third of it gone and no line end: the file is
-    still being written), ``gone`` (the line not written yet) or ``no_end`` (whole, no line end)."""
+    still being written), ``gone`` (the line not written yet) or ``no_end`` (whole, no line end); or a
+    line in its middle: ``mid_short`` (a third of it gone, its line end kept: a writer that stopped
+    mid-row and went on) or ``mid_gone`` (the line left out)."""
     text = path.read_text()
+    if how.startswith("mid_"):
+        lines = text.splitlines(keepends=True)
+        k, line = len(lines) // 2, lines[len(lines) // 2]
+        lines[k] = "" if how == "mid_gone" else line[: 2 * len(line) // 3] + "\n"
+        path.write_text("".join(lines))
+        return
     head, last = text[:-1].rsplit("\n", 1)
     path.write_text({"short": f"{head}\n{last[: 2 * len(last) // 3]}", "gone": f"{head}\n",
                      "no_end": text[:-1]}[how])
 
 
-def test_a_row_cut_short_at_a_files_end_is_left_out_as_if_not_yet_written(tmp_path, caplog):
+def test_a_row_cut_short_is_left_out_at_a_files_end_or_inside_it(tmp_path, caplog):
     """A file still being written (an LDMS store's current file, an export read while it is copied)
     ends in part of a row, its last value perhaps cut mid-number: before, pandas read that row with
     missing values and the cut number as it stood, and nothing said so. Each reader (a node's own
     file, a file of many nodes, LDMS) leaves the row out and logs the file; a whole last row without a
-    line end is kept."""
+    line end is kept. So is a row cut short inside a file (a writer that stopped mid-row and went on
+    after a line end: an LDMS store restarted, an exporter killed and rerun appending): it was read
+    with missing values as well (with a label column: "label column is empty", proposing to read
+    blank labels as normal); now it is left out, and the warning names the file and the line."""
     nodes, metrics = _cluster(rows=300), metric_names()[:20]
     wide, every = node_frame(nodes[1])[["timestamp", *metrics]], pd.concat(
         [node_frame(nd)[["timestamp", *metrics]].assign(node=nd.name) for nd in nodes]).sort_values("timestamp")
@@ -127,16 +139,19 @@ def test_a_row_cut_short_at_a_files_end_is_left_out_as_if_not_yet_written(tmp_pa
 
     whole = {fmt: store(cfg, f"whole-{fmt}") for fmt, (cfg, _) in write(tmp_path / "whole").items()}
     expected = {}
-    for how in ("gone", "short", "no_end"):
+    expected: dict[str, dict] = {"short": {}, "mid_short": {}}
+    for how in ("gone", "short", "no_end", "mid_gone", "mid_short"):
         for fmt, (cfg, path) in write(tmp_path / how).items():
-            _last_line(path, how)
+            _cut_line(path, how)
             caplog.clear()
             with caplog.at_level(logging.WARNING):
                 got = store(cfg, f"{how}-{fmt}")
-            said = f"{path}: the last line has" in caplog.text
-            want = {"gone": whole, "short": expected, "no_end": whole}[how][fmt]
-            if how == "gone":  # the store without the file's last row: a node's rows fewer, or its last period
-                expected[fmt], want = got, whole[fmt]
+            said = re.search(rf"{re.escape(str(path))}: (the last line has|left out 1 row\(s\) with fewer than the "
+                             rf"\d+ fields the header names, the first at line (\d+))", caplog.text)
+            want = {"gone": whole, "short": expected["short"], "no_end": whole, "mid_gone": whole,
+                    "mid_short": expected["mid_short"]}[how][fmt]
+            if how.endswith("gone"):  # the store without that row: a node's rows fewer, or a period of it
+                expected[how.replace("gone", "short")][fmt], want = got, whole[fmt]
                 assert any(len(got[n][0]) < len(want[n][0]) or not np.array_equal(got[n][1], want[n][1],
                                                                                     equal_nan=True) for n in got)
                 assert not said, caplog.text
@@ -145,7 +160,10 @@ def test_a_row_cut_short_at_a_files_end_is_left_out_as_if_not_yet_written(tmp_pa
             for n in got:
                 np.testing.assert_array_equal(got[n][0], want[n][0], err_msg=f"{how} {fmt} {n}")
                 np.testing.assert_array_equal(got[n][1], want[n][1], err_msg=f"{how} {fmt} {n}")
-            assert said == (how == "short"), (how, fmt, caplog.text)
+            assert bool(said) == how.endswith("short"), (how, fmt, caplog.text)
+            if how == "mid_short":  # the line, counted from 1 as editors do
+                k = len(path.read_text().splitlines()) // 2 + 1
+                assert said.group(2) == str(k), (fmt, caplog.text)
 
 
 def test_hidden_files_and_folders_among_exports_are_not_read(tmp_path):

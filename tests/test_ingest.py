@@ -477,6 +477,42 @@ def test_rows_without_a_node_are_dropped_and_said_with_the_file(tmp_path, caplog
     assert "2025-01-02.csv: 1 of" not in caplog.text
 
 
+def test_a_labelled_row_cut_short_inside_a_file_is_left_out_and_rows_run_together_are_explained(tmp_path, caplog):
+    """A labelled node file with a row cut short inside it (its writer stopped mid-row, then went on
+    after a line end): before, the ingest stopped with "label column 'anomaly' is empty" and proposed
+    ``data.blank_labels=normal``, which would have read the row's cut value as it stood. Now the row is
+    left out with a warning naming the file and the line. Rows without the header's trailing empty
+    column are not cut short. Two rows run together (no line end after the cut) stop the ingest with
+    the file, the line and that likely cause."""
+    src, frames = _export(tmp_path, n=1)
+    path, frame = src / "cn000.csv", frames["cn000"]
+    lines = path.read_text().splitlines(keepends=True)
+    lines[31] = lines[31][: len(lines[31]) // 2] + "\n"  # data row 31
+    path.write_text("".join(lines))
+    with caplog.at_level("WARNING"):
+        store = TelemetryStore(ingest(data_cfg(source=str(src)), tmp_path / "s.h5"))
+    kept = frame.drop(index=30)
+    np.testing.assert_allclose(store.read("cn000").values, kept.iloc[:, 1:-1].to_numpy(np.float32))
+    assert store.read("cn000").labels.tolist() == kept["anomaly"].tolist()
+    assert (f"{path}: left out 1 row(s) with fewer than the 13 fields the header names, the first at line 32 (a "
+            "writer that stopped mid-row and went on?)") in caplog.text
+    assert any("line 32" in w for w in store.warnings[1])  # kept for the report
+    # a header that ends in a separator (an unnamed empty column) over rows without it: nothing left out
+    lines = frame.to_csv(index=False).splitlines(keepends=True)
+    path.write_text(lines[0].replace("\n", ",\n") + "".join(lines[1:]))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        store = TelemetryStore(ingest(data_cfg(source=str(src)), tmp_path / "t.h5"))
+    assert store.rows("cn000") == len(frame) and "left out" not in caplog.text
+    # the cut row and the next one run together: more fields than the header
+    lines[31] = lines[31][: len(lines[31]) // 2] + lines.pop(32)
+    path.write_text("".join(lines))
+    with pytest.raises(InputError, match=re.escape(f"{path}: cannot read table: Error tokenizing data. C error: "
+                                                   "Expected 13 fields in line 32, saw ") + r"\d+ \(a row with more "
+                       "fields than the header: two rows run together where a writer stopped mid-row"):
+        ingest(data_cfg(source=str(src)), tmp_path / "u.h5")
+
+
 def test_exports_joined_with_cat_read_as_the_files_themselves(tmp_path, caplog):
     """``cat day1.csv day2.csv > node.csv``: each day's header line lands inside the file. pandas read
     it as a row of text, so every metric column was non-numeric and the error suggested each metric

@@ -23,7 +23,7 @@ import numpy as np
 from hpcad.data.grid import GridStager
 from hpcad.data.csvtext import cut_last_row
 from hpcad.data.paths import visible_files
-from hpcad.data.tables import CHUNK_ROWS, without_cut_row
+from hpcad.data.tables import CHUNK_ROWS, rows_cut_short, without_cut_row
 from hpcad.data.timestamps import to_epoch_seconds
 from hpcad.errors import InputError
 
@@ -94,8 +94,9 @@ def stage_ldms(source: Path, cfg: DataConfig, stager: GridStager) -> None:
         try:
             import pandas as pd
 
+            short = rows_cut_short(path, ",", len(cols), len(cols))  # a store restarted mid-row
             reader = pd.read_csv(path, comment="#", header=None, names=cols, chunksize=CHUNK_ROWS,
-                                 skip_blank_lines=True)
+                                 skip_blank_lines=True, skiprows=short or None)
             for chunk in without_cut_row(reader, cut_last_row(path, ",", len(cols))):
                 _stage_chunk(chunk, path, cfg, tcol, ncol, metrics, codes, stager)
         except InputError:

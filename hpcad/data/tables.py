@@ -1,7 +1,7 @@
 """Reading CSV/Parquet tables whole or in chunks, with errors that name the file; what export files
-hold besides clean tables is left out here (a row cut short at a CSV's end, lines repeating its
-header, comment lines; reports under header lines: hpcad/data/sections.py), and said (docs/data.md).
-Which files a folder holds: hpcad/data/paths.py; a CSV's dialect: hpcad/data/csvtext.py."""
+hold besides clean tables is left out here (a row cut short at a CSV's end or inside it, lines
+repeating its header, comment lines; reports under header lines: hpcad/data/sections.py), and
+said (docs/data.md). Which files a folder holds: hpcad/data/paths.py; a CSV's dialect: hpcad/data/csvtext.py."""
 from __future__ import annotations
 
 import logging
@@ -99,6 +99,69 @@ def skipped_lines(mm: mmap.mmap) -> tuple[list[int], list[int]]:
     return _line_numbers(mm, sorted(repeats)), _line_numbers(mm, comments)
 
 
+SCAN_BYTES = 1 << 24  # how much of a CSV ``short_rows`` counts at once
+
+
+def named_fields(how: CsvDialect) -> int:
+    """How many fields a row needs to reach the header's last named column (a separator at the end
+    of the header line only names no column)."""
+    return max((k + 1 for k, name in enumerate(how.header) if name.strip()), default=0)
+
+
+def short_rows(mm: mmap.mmap, sep: str, fields: int, named: int) -> list[int]:
+    """The line numbers (0 = the header, of ``fields`` fields) of the rows inside the plain CSV mapped
+    in ``mm`` that have fewer than ``named`` fields (``named_fields``) and a line end, each between
+    rows that have them: a row cut short where its writer stopped mid-row and the file went on after
+    a line end. pandas fills the missing fields in as missing values and reads the last one there is,
+    perhaps cut mid-number (``1234.5`` as ``12``), as it stands. Lines short one after the other are
+    no cut rows but another table (a header of fewer columns joined on with ``cat``: the readers'
+    errors say so). Blank and comment lines are no rows, nor is a line with an odd count of quotes
+    (part of a quoted value over several lines); the last line without a line end is ``cut_reason``'s.
+    Counted a block at a time; only a block with fewer or more separators than its lines hold is
+    looked at line by line."""
+    import numpy as np
+
+    if named < 2:
+        return []
+    data, block, out, line0, start = np.frombuffer(mm, np.uint8), None, [], 0, 0
+    want, mark = named - 1, ord(sep)
+    try:
+        while start < len(data):
+            size = SCAN_BYTES
+            while (end := mm.rfind(b"\n", start, start + size)) < 0 and start + size < len(data):
+                size *= 2  # a block of whole lines (a line longer than a block: a larger block)
+            if end < 0:  # the last line has no line end
+                break
+            block = data[start:end + 1]
+            lines = int(np.count_nonzero(block == 10))
+            if int(np.count_nonzero(block == mark)) != lines * (fields - 1):
+                ends = np.flatnonzero(block == 10)
+                per_line = np.diff(np.searchsorted(np.flatnonzero(block == mark), ends), prepend=0)
+                for k in np.flatnonzero(per_line < want):
+                    text = bytes(block[ends[k - 1] + 1 if k else 0:ends[k]])
+                    if text.strip() and not text.startswith(b"#") and text.count(b'"') % 2 == 0:
+                        out.append(line0 + int(k))
+            line0, start = line0 + lines, end + 1
+    finally:
+        del data, block  # the map cannot close while numpy holds it
+    taken = set(out)
+    return [k for k in out if k - 1 not in taken and k + 1 not in taken]
+
+
+def rows_cut_short(path: Path, sep: str, fields: int, named: int) -> list[int]:
+    """``short_rows`` of the plain CSV ``path`` (a gzip file: none looked for), logged as a warning
+    naming the file, their count and the first one's line."""
+    if path.name.lower().endswith(".gz") or path.stat().st_size == 0:
+        return []
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        short = short_rows(mm, sep, fields, named)
+    if short:
+        log.warning("%s: left out %d row(s) with fewer than the %d fields the header names, the first at line %d (a "
+                    "writer that stopped mid-row and went on?): the last value such a row has may be cut mid-number",
+                    path, len(short), named, short[0] + 1)
+    return short
+
+
 def _line_numbers(mm: mmap.mmap, newlines: list[int]) -> list[int]:
     """The 0-based line numbers of the lines that start after the newlines at ``newlines`` (sorted)."""
     out, line, pos = [], 0, 0
@@ -111,9 +174,9 @@ def _line_numbers(mm: mmap.mmap, newlines: list[int]) -> list[int]:
 
 def csv_options(path: Path, how: CsvDialect) -> tuple[dict, str | None]:
     """pandas.read_csv's options for the CSV ``path``: its dialect's (``how``) and the lines that
-    repeat its header or are comments, to skip (``skipped_lines``; logged); and whether its last row
-    is cut short (``cut_last_row``), for ``without_cut_row``. One open of the file, mapped in place
-    (a gzip file: neither)."""
+    repeat its header or are comments (``skipped_lines``; logged) and the rows inside it cut short
+    (``rows_cut_short``; a warning), to skip; and whether its last row is cut short (``cut_last_row``),
+    for ``without_cut_row``. The file is mapped in place (a gzip file: none of these)."""
     kw, repeats, comments, cut = how.read_csv_kw(), [], [], None
     if not path.name.lower().endswith(".gz") and path.stat().st_size > 0:
         with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
@@ -125,9 +188,20 @@ def csv_options(path: Path, how: CsvDialect) -> tuple[dict, str | None]:
     if comments:
         log.info("%s: skipped %d comment line(s) (starting with #), the first at line %d", path, len(comments),
                  comments[0] + 1)
-    if repeats or comments:
-        kw["skiprows"] = sorted(set(repeats + comments))
+    short = rows_cut_short(path, how.sep, len(how.header), named_fields(how))
+    if repeats or comments or short:
+        kw["skiprows"] = sorted(set(repeats + comments + short))
     return kw, cut
+
+
+def unreadable(path: Path, exc: Exception) -> InputError:
+    """The error for a table pandas or pyarrow could not read, naming the file; a CSV row with more
+    fields than the header gets its likely cause."""
+    hint = ""
+    if "C error: Expected" in str(exc):  # pandas: "Expected 161 fields in line 102, saw 238"
+        hint = (" (a row with more fields than the header: two rows run together where a writer stopped mid-row "
+                "and went on without a line end, or a separator inside a value)")
+    return InputError(f"{path}: cannot read table: {str(exc).strip()}{hint}")
 
 
 def read_table(path: Path, as_text: bool = False) -> pd.DataFrame:
@@ -138,7 +212,7 @@ def read_table(path: Path, as_text: bool = False) -> pd.DataFrame:
         try:
             return pd.read_parquet(path)
         except Exception as exc:  # pyarrow raises many types; name the file either way
-            raise InputError(f"{path}: cannot read table: {exc}") from exc
+            raise unreadable(path, exc) from exc
     how = dialect(path)
     if how.sections:
         from hpcad.data import sections
@@ -148,7 +222,7 @@ def read_table(path: Path, as_text: bool = False) -> pd.DataFrame:
         kw, cut = csv_options(path, how)
         df = pd.read_csv(path, **kw, **({"dtype": str} if as_text else {}))
     except Exception as exc:  # pandas raises many types; name the file either way
-        raise InputError(f"{path}: cannot read table: {exc}") from exc
+        raise unreadable(path, exc) from exc
     return without_unnamed(next(without_cut_row([df], cut)), how, path)
 
 
@@ -197,4 +271,4 @@ def iter_table_chunks(path: Path, rows: int = CHUNK_ROWS, text: tuple[str, ...] 
     except InputError:
         raise
     except Exception as exc:
-        raise InputError(f"{path}: cannot read table: {exc}") from exc
+        raise unreadable(path, exc) from exc
