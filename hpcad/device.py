@@ -21,9 +21,12 @@ def allocated_gpus() -> str | None:
 
 
 @functools.cache  # once per process (train and score both resolve the device)
-def _warn_no_cuda(visible: str) -> None:
-    log.warning("GPUs are allocated to this process (CUDA_VISIBLE_DEVICES=%s) but torch %s sees no CUDA device "
-                "(a CPU build, or no driver): running on the CPU", visible, torch.__version__)
+def _warn_no_cuda(visible: str, local_rank: int) -> None:
+    """Said by each host's first rank (local rank 0); the others log it at DEBUG: a 16-rank job on
+    4 nodes said it 16 times per step, 80 lines in the job's output."""
+    log.log(logging.WARNING if local_rank == 0 else logging.DEBUG,
+            "GPUs are allocated to this process (CUDA_VISIBLE_DEVICES=%s) but torch %s sees no CUDA device "
+            "(a CPU build, or no driver): running on the CPU", visible, torch.__version__)
 
 
 def gpu_index(local_rank: int, visible: int) -> int:
@@ -62,7 +65,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     elif name == "auto":
         visible = allocated_gpus()
         if visible is not None:
-            _warn_no_cuda(visible)
+            _warn_no_cuda(visible, local_rank)
         return torch.device("cpu")
     else:
         try:

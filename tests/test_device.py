@@ -45,16 +45,22 @@ def test_cpu_leaves_cublas_alone(monkeypatch):
 
 
 def test_gpus_bound_to_a_cpu_only_torch_are_reported_once(monkeypatch, caplog):
-    """A CPU build of torch on a GPU node (a common install slip) trains on the CPU: said, not silent."""
+    """A CPU build of torch on a GPU node (a common install slip) trains on the CPU: said, not silent;
+    once per process, by each host's first rank (the others' lines go to DEBUG: a 16-rank job on 4
+    nodes said it 16 times per step)."""
     import hpcad.device
 
     hpcad.device._warn_no_cuda.cache_clear()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2")
-    with caplog.at_level("WARNING", logger="hpcad.device"):
-        assert resolve_device("auto", local_rank=2) == torch.device("cpu")
-        resolve_device("auto", local_rank=2)  # train and score in one process: one line
-    assert [r.getMessage() for r in caplog.records if "CUDA_VISIBLE_DEVICES=2" in r.getMessage()].__len__() == 1
+    with caplog.at_level("DEBUG", logger="hpcad.device"):
+        assert resolve_device("auto", local_rank=0) == torch.device("cpu")
+        resolve_device("auto", local_rank=0)  # train and score in one process: one line
+        hpcad.device._warn_no_cuda.cache_clear()
+        assert resolve_device("auto", local_rank=2) == torch.device("cpu")  # another rank of the host
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if "CUDA_VISIBLE_DEVICES=2" in r.getMessage()]
+    assert [level for level, _ in said] == ["WARNING", "DEBUG"], said
+    assert "sees no CUDA device (a CPU build, or no driver): running on the CPU" in said[0][1]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU allocated: nothing to say
     hpcad.device._warn_no_cuda.cache_clear()
     caplog.clear()

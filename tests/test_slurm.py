@@ -43,7 +43,8 @@ def test_sbatch_train_all_nodes_matches_the_single_process_run(tmp_path, slurm_e
     assert "srun --gpu-bind=per_task:1 (4 tasks, 4 GPUs per node)" in log
     bound = set(re.findall(r"rank (\d) of 4 on \S+: \d+ of 1[67] nodes, device cpu, CUDA_VISIBLE_DEVICES=([^\s,]+)", log))
     assert bound == {("0", "0"), ("1", "1"), ("2", "2"), ("3", "3")}, bound
-    assert "CUDA_VISIBLE_DEVICES=3) but torch" in log
+    said = re.findall(r"\[WARNING\] - GPUs are allocated to this process \(CUDA_VISIBLE_DEVICES=(\d)\) but torch", log)
+    assert said and set(said) == {"0"}, said  # by the host's first rank, once a step (preflight's table: each rank)
     # the script's OMP_NUM_THREADS (--cpus-per-task=8) for 4 ranks is kept where the CPUs are there
     # (the dev cluster tells SLURM 32 per node), else each rank uses its share of the real ones
     capped = "OMP_NUM_THREADS=8 for each of 4 rank(s) sharing" in log
