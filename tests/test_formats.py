@@ -166,6 +166,44 @@ def test_a_row_cut_short_is_left_out_at_a_files_end_or_inside_it(tmp_path, caplo
                 assert said.group(2) == str(k), (fmt, caplog.text)
 
 
+@pytest.mark.parametrize("block", [64, 1 << 24])
+def test_rows_cut_short_are_found_across_blocks_as_line_by_line(tmp_path, monkeypatch, block):
+    """``short_rows`` counts a file's separators a block of lines at a time (16 MiB); blocks of 64
+    bytes here, so that lines span and outgrow blocks: the same rows as a line-by-line reading,
+    whatever the line ends, quotes, comments and blank lines."""
+    import mmap
+
+    from hpcad.data import tables
+
+    monkeypatch.setattr(tables, "SCAN_BYTES", block)
+    rng = np.random.default_rng(3)
+    lines = ["time,a,b,c,d"]
+    for i in range(400):
+        row = f"{i},{rng.random():.6f},{rng.random():.3f},{rng.integers(0, 99)},{rng.random():.9f}"
+        kind = rng.random()
+        if kind < 0.05:
+            row = row[: int(rng.integers(1, len(row) - 1))]  # cut short
+        elif kind < 0.07:
+            row = "# a comment, line " + str(i)
+        elif kind < 0.08:
+            row = ""
+        elif kind < 0.09:
+            row = f'{i},"x,y",1'  # a quoted separator: 4 fields
+        elif kind < 0.10:
+            row = f"{i}," + "9" * 150 + ",1,2,3"  # longer than a block
+        lines.append(row)
+    lines[200], lines[201] = "1,2", "3,4"  # short one after the other: no cut rows
+    for end in ("\n", "\r\n"):
+        path = tmp_path / "t.csv"
+        path.write_bytes((end.join(lines) + end + "7,8").encode())  # and a last line without a line end
+        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            got = tables.short_rows(mm, ",", 5, 5)
+        short = {k for k, line in enumerate(lines) if line and not line.startswith("#")
+                 and len(next(csv.reader([line]))) < 5 and line.count('"') % 2 == 0}
+        want = [k for k in sorted(short) if k - 1 not in short and k + 1 not in short]
+        assert got == want and 200 not in got and len(got) > 10, (end, got, want)
+
+
 def test_hidden_files_and_folders_among_exports_are_not_read(tmp_path):
     """A folder of exports copied from a Mac holds ``._node.csv`` (AppleDouble, binary); a filer's
     ``.snapshot/`` holds yesterday's copy of every file; an editor leaves ``.node.csv.swp``. Before,
