@@ -22,8 +22,8 @@ def allocated_gpus() -> str | None:
 
 @functools.cache  # once per process (train and score both resolve the device)
 def _warn_no_cuda(visible: str, local_rank: int) -> None:
-    """Said by each host's first rank (local rank 0); the others log it at DEBUG: a 16-rank job on
-    4 nodes said it 16 times per step, 80 lines in the job's output."""
+    """Said by each host's first rank (local rank 0); the others log it at DEBUG (every rank said it,
+    once per step: 4 lines a step from the 4-rank job of tests/test_slurm.py)."""
     log.log(logging.WARNING if local_rank == 0 else logging.DEBUG,
             "GPUs are allocated to this process (CUDA_VISIBLE_DEVICES=%s) but torch %s sees no CUDA device "
             "(a CPU build, or no driver): running on the CPU", visible, torch.__version__)

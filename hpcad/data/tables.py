@@ -1,7 +1,8 @@
 """Reading CSV/Parquet tables whole or in chunks, with errors that name the file; what export files
 hold besides clean tables is left out here (a row cut short at a CSV's end or inside it, lines
 repeating its header, comment lines; reports under header lines: hpcad/data/sections.py), and
-said (docs/data.md). Which files a folder holds: hpcad/data/paths.py; a CSV's dialect: hpcad/data/csvtext.py."""
+said (docs/data.md). Which files a folder holds: hpcad/data/paths.py; a CSV's dialect:
+hpcad/data/csvtext.py."""
 from __future__ import annotations
 
 import logging
