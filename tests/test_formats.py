@@ -98,20 +98,23 @@ def _cut_line(path: Path, how: str) -> None:
     still being written), ``gone`` (the line not written yet) or ``no_end`` (whole, no line end); or a
     line in its middle: ``mid_short`` (a third of it gone, its line end kept: a writer that stopped
     mid-row and went on) or ``mid_gone`` (the line left out)."""
-    text = path.read_text()
+    import gzip
+
+    zipped = path.suffix == ".gz"  # a gzip file whole, of a CSV cut (compressed while it was written)
+    text = gzip.decompress(path.read_bytes()).decode() if zipped else path.read_text()
     if how.startswith("mid_"):
         lines = text.splitlines(keepends=True)
         k, line = len(lines) // 2, lines[len(lines) // 2]
         lines[k] = "" if how == "mid_gone" else line[: 2 * len(line) // 3] + "\n"
-        path.write_text("".join(lines))
-        return
-    head, last = text[:-1].rsplit("\n", 1)
-    path.write_text({"short": f"{head}\n{last[: 2 * len(last) // 3]}", "gone": f"{head}\n",
-                     "no_end": text[:-1]}[how])
+        text = "".join(lines)
+    else:
+        head, last = text[:-1].rsplit("\n", 1)
+        text = {"short": f"{head}\n{last[: 2 * len(last) // 3]}", "gone": f"{head}\n", "no_end": text[:-1]}[how]
+    path.write_bytes(gzip.compress(text.encode())) if zipped else path.write_text(text)
 
 
 def test_a_row_cut_short_is_left_out_at_a_files_end_or_inside_it(tmp_path, caplog):
-    """A file still being written (an LDMS store's current file, an export read while it is copied)
+    """A file still being written (or gzip'd while it was) (an LDMS store's current file, an export read while it is copied)
     ends in part of a row, its last value perhaps cut mid-number: before, pandas read that row with
     missing values and the cut number as it stood, and nothing said so. Each reader (a node's own
     file, a file of many nodes, LDMS) leaves the row out and logs the file; a whole last row without a
@@ -119,6 +122,8 @@ def test_a_row_cut_short_is_left_out_at_a_files_end_or_inside_it(tmp_path, caplo
     after a line end: an LDMS store restarted, an exporter killed and rerun appending): it was read
     with missing values as well (with a label column: "label column is empty", proposing to read
     blank labels as normal); now it is left out, and the warning names the file and the line."""
+    import gzip
+
     nodes, metrics = _cluster(rows=300), metric_names()[:20]
     wide, every = node_frame(nodes[1])[["timestamp", *metrics]], pd.concat(
         [node_frame(nd)[["timestamp", *metrics]].assign(node=nd.name) for nd in nodes]).sort_values("timestamp")
@@ -128,9 +133,11 @@ def test_a_row_cut_short_is_left_out_at_a_files_end_or_inside_it(tmp_path, caplo
         node_frame(nodes[0])[["timestamp", *metrics]].to_csv(folder / "wide" / f"{nodes[0].name}.csv", index=False)
         wide.to_csv(folder / "wide" / f"{nodes[1].name}.csv", index=False)
         every.to_csv(folder / "every.csv", index=False)
+        every.to_csv(folder / "every.csv.gz", index=False)
         write_ldms(nodes, metrics, folder / "ldms", samplers=1)
         return {"wide": (data_cfg(source=str(folder / "wide")), folder / "wide" / f"{nodes[1].name}.csv"),
                 "every": (data_cfg(source=str(folder / "every.csv")), folder / "every.csv"),
+                "every_gz": (data_cfg(source=str(folder / "every.csv.gz")), folder / "every.csv.gz"),
                 "ldms": (_ldms(source=str(folder / "ldms")), max((folder / "ldms").rglob("sampler0.[0-9]*")))}
 
     def store(cfg, name) -> dict:
@@ -162,20 +169,20 @@ def test_a_row_cut_short_is_left_out_at_a_files_end_or_inside_it(tmp_path, caplo
                 np.testing.assert_array_equal(got[n][1], want[n][1], err_msg=f"{how} {fmt} {n}")
             assert bool(said) == how.endswith("short"), (how, fmt, caplog.text)
             if how == "mid_short":  # the line, counted from 1 as editors do
-                k = len(path.read_text().splitlines()) // 2 + 1
+                text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+                k = len(text.splitlines()) // 2 + 1
                 assert said.group(2) == str(k), (fmt, caplog.text)
 
 
-@pytest.mark.parametrize("block", [64, 1 << 24])
-def test_rows_cut_short_are_found_across_blocks_as_line_by_line(tmp_path, monkeypatch, block):
-    """``short_rows`` counts a file's separators a block of lines at a time (16 MiB); blocks of 64
-    bytes here, so that lines span and outgrow blocks: the same rows as a line-by-line reading,
-    whatever the line ends, quotes, comments and blank lines."""
-    import mmap
-
+@pytest.mark.parametrize("block", [7, 64, 1 << 24])
+def test_a_csvs_lines_are_scanned_across_blocks_as_line_by_line(block):
+    """``scan_lines`` reads a CSV's bytes as they come (16 MiB at a time from a plain or gzip file);
+    here in blocks of 7 and 64 bytes as well, so that lines span and outgrow blocks: the rows cut
+    short, the repeated header lines and the comment lines are those a line-by-line reading finds,
+    whatever the line ends, quotes, comments and blank lines, and the last line without a line end
+    is handed on."""
     from hpcad.data import tables
 
-    monkeypatch.setattr(tables, "SCAN_BYTES", block)
     rng = np.random.default_rng(3)
     lines = ["time,a,b,c,d"]
     for i in range(400):
@@ -188,20 +195,23 @@ def test_rows_cut_short_are_found_across_blocks_as_line_by_line(tmp_path, monkey
         elif kind < 0.08:
             row = ""
         elif kind < 0.09:
-            row = f'{i},"x,y",1'  # a quoted separator: 4 fields
+            row = f'{i},"x,y",1'  # a quoted separator: 3 fields
         elif kind < 0.10:
             row = f"{i}," + "9" * 150 + ",1,2,3"  # longer than a block
+        elif kind < 0.11:
+            row = lines[0]  # the header again (files joined with cat)
         lines.append(row)
     lines[200], lines[201] = "1,2", "3,4"  # short one after the other: no cut rows
     for end in ("\n", "\r\n"):
-        path = tmp_path / "t.csv"
-        path.write_bytes((end.join(lines) + end + "7,8").encode())  # and a last line without a line end
-        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            got = tables.short_rows(mm, ",", 5, 5)
-        short = {k for k, line in enumerate(lines) if line and not line.startswith("#")
-                 and len(next(csv.reader([line]))) < 5 and line.count('"') % 2 == 0}
+        data = (end.join(lines) + end + "7,8").encode()  # and a last line without a line end
+        got = tables.scan_lines((data[i:i + block] for i in range(0, len(data), block)), ",", 5, 5)
+        rows = {k: line for k, line in enumerate(lines) if k and line and not line.startswith("#")}
+        short = {k for k, line in rows.items() if len(next(csv.reader([line]))) < 5 and line.count('"') % 2 == 0}
         want = [k for k in sorted(short) if k - 1 not in short and k + 1 not in short]
-        assert got == want and 200 not in got and len(got) > 10, (end, got, want)
+        assert got.short == want and 200 not in got.short and len(want) > 10, (end, got.short, want)
+        assert got.repeats == [k for k, line in rows.items() if line == lines[0]] and got.repeats
+        assert got.comments == [k for k, line in enumerate(lines) if line.startswith("#")] and got.comments
+        assert got.tail == b"\n7,8"
 
 
 def test_hidden_files_and_folders_among_exports_are_not_read(tmp_path):

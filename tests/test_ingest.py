@@ -517,8 +517,11 @@ def test_exports_joined_with_cat_read_as_the_files_themselves(tmp_path, caplog):
     """``cat day1.csv day2.csv > node.csv``: each day's header line lands inside the file. pandas read
     it as a row of text, so every metric column was non-numeric and the error suggested each metric
     as the node column. The readers skip lines that repeat the header (a byte-order mark or CRLF line
-    ends as the first line has them), for a node's own file and a file of many nodes alike; and
-    comment lines (``# exported by ...``, which was read as a timestamp)."""
+    ends as the first line has them), for a node's own file and a file of many nodes alike, gzip'd
+    too (``cat day1.csv.gz day2.csv.gz``: before, an error); and comment lines (``# exported by
+    ...``, which was read as a timestamp)."""
+    import gzip
+
     src, frames = _export(tmp_path)
     every = pd.concat([f.assign(node=n) for n, f in frames.items()]).sort_values("timestamp", kind="stable")
     joined = tmp_path / "joined"
@@ -531,11 +534,17 @@ def test_exports_joined_with_cat_read_as_the_files_themselves(tmp_path, caplog):
         (joined / f"{name}.csv").write_bytes(b"".join(text) + (b"# exported by dumper 1.2\n" if i == 0 else b""))
     (tmp_path / "every.csv").write_bytes(every.iloc[:150].to_csv(index=False).encode() + b"#,part 2\n"
                                          + every.iloc[150:].to_csv(index=False).encode())
+    zipped = tmp_path / "zipped"  # cat a.csv.gz b.csv.gz > node.csv.gz: gzip members one after the other
+    zipped.mkdir()
+    for name, f in frames.items():
+        (zipped / f"{name}.csv.gz").write_bytes(b"".join(gzip.compress(p.to_csv(index=False).encode())
+                                                        for p in (f.iloc[:40], f.iloc[40:])))
     with caplog.at_level("INFO"):
         a = TelemetryStore(ingest(data_cfg(source=str(joined)), tmp_path / "a.h5"))
         b = TelemetryStore(ingest(data_cfg(source=str(tmp_path / "every.csv")), tmp_path / "b.h5"))
+        c = TelemetryStore(ingest(data_cfg(source=str(zipped)), tmp_path / "c.h5"))
     one = TelemetryStore(ingest(data_cfg(source=str(src)), tmp_path / "one.h5"))
-    for store in (a, b):
+    for store in (a, b, c):
         assert store.nodes == one.nodes and store.metrics == one.metrics
         for n in one.nodes:
             np.testing.assert_array_equal(store.read(n).values, one.read(n).values)
@@ -623,14 +632,21 @@ def test_bad_files_among_daily_exports_are_skipped_whole_with_on_bad_node_skip(t
     extra = pd.concat([every] * 20)  # large enough that the cut comes after some chunks were read
     extra["node"] = ["cn999"] * 50 + list(extra["node"].iloc[50:])  # a node seen only in this file
     text = gzip.compress(extra.to_csv(index=False).encode())
-    (days / "2025-02-02.csv.gz").write_bytes(text[: len(text) * 3 // 4])  # fails after a 40-row chunk was staged
+    (days / "2025-02-02.csv.gz").write_bytes(text[: len(text) * 3 // 4])  # cut short: fails to decompress
+    extra["node"] = ["cn998"] * 50 + list(extra["node"].iloc[50:])
+    lines = extra.to_csv(index=False).splitlines(keepends=True)
+    k = len(lines) * 3 // 4
+    lines[k] = lines[k][: len(lines[k]) // 2] + lines.pop(k + 1)  # two rows run together: fails after 40-row
+    (days / "2025-02-03.csv").write_text("".join(lines))  # chunks were staged, cn998's among them
     with pytest.raises(InputError, match=r"2025-02-01.parquet: cannot read"):
         ingest(data_cfg(source=str(days)), tmp_path / "x.h5")
     ref = TelemetryStore(ingest(data_cfg(source=str(good), on_bad_node="skip"), tmp_path / "ref.h5"))
     store = TelemetryStore(ingest(data_cfg(source=str(days), on_bad_node="skip"), tmp_path / "s.h5"))
-    assert [Path(p).name for p, _ in store.skipped_files] == ["2025-02-01.parquet", "2025-02-02.csv.gz"]
+    assert [Path(p).name for p, _ in store.skipped_files] == ["2025-02-01.parquet", "2025-02-02.csv.gz",
+                                                                "2025-02-03.csv"]
     assert "cannot read table" in store.skipped_files[1][1] and store.skipped == [] and ref.skipped_files == []
-    assert store.nodes == ref.nodes and store.metrics == ref.metrics  # cn999 went with its file
+    assert "two rows run together" in store.skipped_files[2][1]
+    assert store.nodes == ref.nodes and store.metrics == ref.metrics  # cn999 and cn998 went with their files
     for n in ref.nodes:
         np.testing.assert_array_equal(store.read(n).values, ref.read(n).values)
         np.testing.assert_array_equal(store.read(n).timestamp, ref.read(n).timestamp)
@@ -638,7 +654,7 @@ def test_bad_files_among_daily_exports_are_skipped_whole_with_on_bad_node_skip(t
     hpcad("run", f"data.source={days}", "data.on_bad_node=skip", "train.epochs=1", "baselines.methods=[]",
           "compute.progress=false", "report.max_nodes_plotted=1", f"hydra.run.dir={run}")
     page = (run / "report.html").read_text()
-    assert "Skipped input files (2)" in page and "2025-02-02.csv.gz" in page and "Compressed file ended" in page
+    assert "Skipped input files (3)" in page and "2025-02-02.csv.gz" in page and "Compressed file ended" in page
 
 
 def test_infinite_values_are_read_as_missing_and_said(tmp_path, caplog):

@@ -213,8 +213,8 @@ def role_hint(df: pd.DataFrame, bad: list[str], cfg, node_from_name: bool) -> st
     names = {str(c) for c in df.columns}
     if sum(df[c].astype(str).isin(names).any() for c in bad[:10]) >= min(2, len(bad)):
         return ("a line inside the file holds column names, not values (another export's header line, joined on "
-                "with cat? Lines that repeat a plain CSV's first line are skipped; with other columns, or in a gzip "
-                "file, they are not): give each export its own file, or ")
+                "with cat? Lines that repeat a CSV's first line are skipped; with other columns they are not): give "
+                "each export its own file, or ")
     said = []
     for c in bad[:10]:
         sample = df[c].dropna().astype(str).head(20)

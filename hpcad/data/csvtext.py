@@ -10,7 +10,6 @@ from pathlib import Path
 
 from hpcad.errors import InputError
 
-TAIL_BYTES = 1 << 16  # how much of a CSV's end ``cut_last_row`` reads (a row of 160 metrics: ~2 KiB)
 SEPARATORS = ",;\t|"  # a CSV's field separator: whichever of these its header line holds most of
 _DECIMAL_COMMA = re.compile(r"[-+]?\d+,\d+(?:[eE][-+]?\d+)?")
 
@@ -80,22 +79,12 @@ def looks_decimal_comma(value: str) -> bool:
     return bool(_DECIMAL_COMMA.fullmatch(value.strip().strip('"')))
 
 
-def cut_last_row(path: Path, sep: str, fields: int) -> str | None:
-    """Why a plain CSV's last line is a row cut short (or None): no line end after it and fewer than
-    ``fields`` fields. A file still being written looks so (an LDMS store's current file, an export
-    read while it is copied): pandas would fill the missing fields in as missing values and read
-    the last one it has, perhaps cut mid-number (``1234.5`` as ``12``), as it stands. Only the file's
-    last ``TAIL_BYTES`` are read; a gzip file cut short fails to decompress instead."""
-    if path.name.lower().endswith(".gz"):
-        return None
-    with open(path, "rb") as f:
-        size = f.seek(0, 2)
-        f.seek(max(0, size - TAIL_BYTES))
-        return cut_reason(f.read(), path, sep, fields)
-
-
 def cut_reason(tail: bytes, path: Path, sep: str, fields: int) -> str | None:
-    """``cut_last_row`` on the file's last ``TAIL_BYTES`` (``tail``)."""
+    """Why a CSV's last line (in ``tail``, its last bytes: ``LineScan.tail``) is a row cut short, or
+    None: no line end after it and fewer than ``fields`` fields. A file still being written looks so
+    (an LDMS store's current file, an export read while it is copied, or compressed): pandas would
+    fill the missing fields in as missing values and read the last one it has, perhaps cut
+    mid-number (``1234.5`` as ``12``), as it stands."""
     end = max(tail.rfind(b"\n"), tail.rfind(b"\r"))
     if end < 0 or end == len(tail) - 1:  # ends with a line end; or one line (the header), or a longer one
         return None

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from hpcad.data.grid import GridStager
-from hpcad.data.csvtext import cut_last_row
+from hpcad.data.csvtext import cut_reason
 from hpcad.data.paths import visible_files
-from hpcad.data.tables import CHUNK_ROWS, rows_cut_short, without_cut_row
+from hpcad.data.tables import CHUNK_ROWS, rows_cut_short, scan_file, without_cut_row
 from hpcad.data.timestamps import to_epoch_seconds
 from hpcad.errors import InputError
 
@@ -94,10 +94,10 @@ def stage_ldms(source: Path, cfg: DataConfig, stager: GridStager) -> None:
         try:
             import pandas as pd
 
-            short = rows_cut_short(path, ",", len(cols), len(cols))  # a store restarted mid-row
+            scan = scan_file(path, ",", len(cols), len(cols))  # rows cut short: a store restarted mid-row
             reader = pd.read_csv(path, comment="#", header=None, names=cols, chunksize=CHUNK_ROWS,
-                                 skip_blank_lines=True, skiprows=short or None)
-            for chunk in without_cut_row(reader, cut_last_row(path, ",", len(cols))):
+                                 skip_blank_lines=True, skiprows=rows_cut_short(path, scan, len(cols)) or None)
+            for chunk in without_cut_row(reader, cut_reason(scan.tail, path, ",", len(cols))):
                 _stage_chunk(chunk, path, cfg, tcol, ncol, metrics, codes, stager)
         except InputError:
             raise

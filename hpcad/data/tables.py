@@ -6,12 +6,12 @@ hpcad/data/csvtext.py."""
 from __future__ import annotations
 
 import logging
-import mmap
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hpcad.data.csvtext import TAIL_BYTES, CsvDialect, cut_reason, dialect
+from hpcad.data.csvtext import CsvDialect, cut_reason, dialect
 from hpcad.data.paths import is_parquet
 from hpcad.errors import InputError
 
@@ -53,7 +53,7 @@ def without_unnamed(df: pd.DataFrame, how: CsvDialect, path: Path) -> pd.DataFra
 
 
 def without_cut_row(chunks: Iterable[pd.DataFrame], why: str | None) -> Iterator[pd.DataFrame]:
-    """``chunks`` as they come; with ``why`` (``cut_last_row``), without the last chunk's last row,
+    """``chunks`` as they come; with ``why`` (``cut_reason``), without the last chunk's last row,
     logged. Holds one chunk back only then."""
     if why is None:
         yield from chunks
@@ -69,38 +69,100 @@ def without_cut_row(chunks: Iterable[pd.DataFrame], why: str | None) -> Iterator
 
 
 BOM = b"\xef\xbb\xbf"
+SCAN_BYTES = 1 << 24  # how much of a CSV ``scan_lines`` looks at once
 
 
-def skipped_lines(mm: mmap.mmap) -> tuple[list[int], list[int]]:
-    """The line numbers (0 = the header) of the lines after the first that repeat it byte for byte
-    (files joined with ``cat``: ``cat day*.csv > node.csv``, each with its header line), and of those
-    that start with ``#`` (an exporter's comment, e.g. ``# exported by ... at ...`` at the end), in
-    the plain CSV mapped in ``mm`` (one search of the file, in place). pandas reads either as a row
-    of text: every metric column turned non-numeric ("if 'cmbw_p0_0' names the nodes..."), or the
-    comment was taken for a timestamp. The readers skip them."""
-    end = mm.find(b"\n")
-    if end < 0:
-        return [], []
-    header = mm[:end].removeprefix(BOM).rstrip(b"\r")
-    if not header:
-        return [], []
-    repeats = []  # the newlines before them
-    for needle in (b"\n" + header, b"\n" + BOM + header):
-        at = mm.find(needle, end)
+@dataclass
+class LineScan:
+    """What a CSV's lines hold besides rows of its header's fields, as line numbers (0 = the header)."""
+
+    repeats: list[int]  # lines repeating the header byte for byte (files joined with cat)
+    comments: list[int]  # lines starting with ``#``
+    short: list[int]  # rows cut short inside the file (``scan_lines``)
+    tail: bytes  # the file's last line when it has no line end (b"" when it has one), for ``cut_reason``
+
+
+def scan_lines(blocks: Iterable[bytes], sep: str, fields: int, named: int) -> LineScan:
+    """One pass over a CSV's bytes (``blocks``, as read: a plain file's or a gzip file's text) for
+    the lines pandas would misread:
+
+    - lines after the first that repeat it byte for byte (files joined with ``cat``: ``cat day*.csv >
+      node.csv``, each with its header line; a byte-order mark or CRLF line end as the first has them)
+      and lines that start with ``#`` (an exporter's comment, e.g. ``# exported by ... at ...``):
+      pandas reads either as a row of text (every metric column turned non-numeric, or the comment
+      taken for a timestamp);
+    - rows with fewer than ``named`` fields (``named_fields``) and a line end, each between rows that
+      have them: a row cut short where its writer stopped mid-row and the file went on after a line
+      end. pandas fills the missing fields in as missing values and reads the last one there is,
+      perhaps cut mid-number (``1234.5`` as ``12``), as it stands. Lines short one after the other
+      are no cut rows but another table (a header of fewer columns joined on with ``cat``: the
+      readers' errors say so); blank and comment lines are no rows, nor is a line with an odd count
+      of quotes (part of a quoted value over several lines).
+
+    The header has ``fields`` fields. A block of lines whose separators are as many as its lines
+    hold is passed over after two counts (numpy); the others are looked at line by line."""
+    import numpy as np
+
+    scan, carry, line0, header = LineScan([], [], [], b""), b"", 0, None
+    want, mark = named - 1, ord(sep)
+    for chunk in blocks:
+        data = carry + chunk
+        end = data.rfind(b"\n")
+        if end < 0:  # no whole line yet
+            carry = data
+            continue
+        block, carry = data[:end + 1], data[end + 1:]
+        if header is None:
+            header = block[:block.find(b"\n")].removeprefix(BOM).rstrip(b"\r")
+        lines = _scan_block(block, np.frombuffer(block, np.uint8), line0, header, fields, want, mark, scan)
+        line0 += lines
+    taken = set(scan.short)
+    scan.short = [k for k in scan.short if k - 1 not in taken and k + 1 not in taken]
+    if header and line0 and carry.removeprefix(BOM).rstrip(b"\r") == header:  # a header repeated last, no line end
+        scan.repeats.append(line0)
+    elif carry.strip():
+        scan.tail = (b"\n" if line0 else b"") + carry
+    scan.repeats.sort()
+    return scan
+
+
+def _scan_block(block: bytes, arr, line0: int, header: bytes, fields: int, want: int, mark: int,
+                scan: LineScan) -> int:
+    """``scan_lines`` on ``block`` (whole lines, its first the file's line ``line0``); returns its lines."""
+    import numpy as np
+
+    lines = int(np.count_nonzero(arr == 10))
+    ends = None
+
+    def line_of(at: int) -> int:  # the line holding byte ``at``
+        nonlocal ends
+        if ends is None:
+            ends = np.flatnonzero(arr == 10)
+        return line0 + int(np.searchsorted(ends, at))
+
+    for needle in (header, BOM + header) if header else ():
+        starts, at = [0] if block.startswith(needle) else [], block.find(b"\n" + needle)
         while at >= 0:
+            starts.append(at + 1)
+            at = block.find(b"\n" + needle, at + 1)
+        for at in starts:
             after = at + len(needle)
-            if after == len(mm) or mm[after:after + 1] in (b"\n", b"\r"):
-                repeats.append(at)
-            at = mm.find(needle, after)
-    comments, at = [], mm.find(b"#", end)  # one byte: memchr's speed ("\n#" is searched 4x slower)
+            if block[after:after + 1] in (b"\n", b"\r") and (line := line_of(at)) > 0:
+                scan.repeats.append(line)
+    at = block.find(b"#")  # one byte: memchr's speed ("\n#" is searched 4x slower)
     while at >= 0:
-        if mm[at - 1:at] == b"\n":
-            comments.append(at - 1)
-        at = mm.find(b"#", at + 1)
-    return _line_numbers(mm, sorted(repeats)), _line_numbers(mm, comments)
-
-
-SCAN_BYTES = 1 << 24  # how much of a CSV ``short_rows`` counts at once
+        if (at == 0 or block[at - 1] == 10) and (line := line_of(at)) > 0:
+            scan.comments.append(line)
+        at = block.find(b"#", at + 1)
+    if want >= 1 and int(np.count_nonzero(arr == mark)) != lines * (fields - 1):
+        if ends is None:
+            ends = np.flatnonzero(arr == 10)
+        per_line = np.diff(np.searchsorted(np.flatnonzero(arr == mark), ends), prepend=0)
+        for k in np.flatnonzero(per_line < want):
+            text = block[ends[k - 1] + 1 if k else 0:ends[k]]
+            if text.strip() and not text.startswith(b"#") and text.count(b'"') % 2 == 0 and line0 + k > 0:
+                scan.short.append(line0 + int(k))
+    return lines
 
 
 def named_fields(how: CsvDialect) -> int:
@@ -109,90 +171,41 @@ def named_fields(how: CsvDialect) -> int:
     return max((k + 1 for k, name in enumerate(how.header) if name.strip()), default=0)
 
 
-def short_rows(mm: mmap.mmap, sep: str, fields: int, named: int) -> list[int]:
-    """The line numbers (0 = the header, of ``fields`` fields) of the rows inside the plain CSV mapped
-    in ``mm`` that have fewer than ``named`` fields (``named_fields``) and a line end, each between
-    rows that have them: a row cut short where its writer stopped mid-row and the file went on after
-    a line end. pandas fills the missing fields in as missing values and reads the last one there is,
-    perhaps cut mid-number (``1234.5`` as ``12``), as it stands. Lines short one after the other are
-    no cut rows but another table (a header of fewer columns joined on with ``cat``: the readers'
-    errors say so). Blank and comment lines are no rows, nor is a line with an odd count of quotes
-    (part of a quoted value over several lines); the last line without a line end is ``cut_reason``'s.
-    Counted a block at a time; only a block with fewer or more separators than its lines hold is
-    looked at line by line."""
-    import numpy as np
+def scan_file(path: Path, sep: str, fields: int, named: int) -> LineScan:
+    """``scan_lines`` over the CSV ``path``, plain or gzip (decompressed once more for it)."""
+    import gzip
 
-    if named < 2:
-        return []
-    data, block, out, line0, start = np.frombuffer(mm, np.uint8), None, [], 0, 0
-    want, mark = named - 1, ord(sep)
-    try:
-        while start < len(data):
-            size = SCAN_BYTES
-            while (end := mm.rfind(b"\n", start, start + size)) < 0 and start + size < len(data):
-                size *= 2  # a block of whole lines (a line longer than a block: a larger block)
-            if end < 0:  # the last line has no line end
-                break
-            block = data[start:end + 1]
-            lines = int(np.count_nonzero(block == 10))
-            if int(np.count_nonzero(block == mark)) != lines * (fields - 1):
-                ends = np.flatnonzero(block == 10)
-                per_line = np.diff(np.searchsorted(np.flatnonzero(block == mark), ends), prepend=0)
-                for k in np.flatnonzero(per_line < want):
-                    text = bytes(block[ends[k - 1] + 1 if k else 0:ends[k]])
-                    if text.strip() and not text.startswith(b"#") and text.count(b'"') % 2 == 0:
-                        out.append(line0 + int(k))
-            line0, start = line0 + lines, end + 1
-    finally:
-        del data, block  # the map cannot close while numpy holds it
-    taken = set(out)
-    return [k for k in out if k - 1 not in taken and k + 1 not in taken]
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as fh:
+        return scan_lines(iter(lambda: fh.read(SCAN_BYTES), b""), sep, fields, named)
 
 
-def rows_cut_short(path: Path, sep: str, fields: int, named: int) -> list[int]:
-    """``short_rows`` of the plain CSV ``path`` (a gzip file: none looked for), logged as a warning
-    naming the file, their count and the first one's line."""
-    if path.name.lower().endswith(".gz") or path.stat().st_size == 0:
-        return []
-    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        short = short_rows(mm, sep, fields, named)
-    if short:
+def rows_cut_short(path: Path, scan: LineScan, named: int) -> list[int]:
+    """``scan.short``, logged as a warning naming the file, their count and the first one's line."""
+    if scan.short:
         log.warning("%s: left out %d row(s) with fewer than the %d fields the header names, the first at line %d (a "
                     "writer that stopped mid-row and went on?): the last value such a row has may be cut mid-number",
-                    path, len(short), named, short[0] + 1)
-    return short
-
-
-def _line_numbers(mm: mmap.mmap, newlines: list[int]) -> list[int]:
-    """The 0-based line numbers of the lines that start after the newlines at ``newlines`` (sorted)."""
-    out, line, pos = [], 0, 0
-    for at in newlines:
-        line += mm[pos:at + 1].count(b"\n")
-        pos = at + 1
-        out.append(line)
-    return out
+                    path, len(scan.short), named, scan.short[0] + 1)
+    return scan.short
 
 
 def csv_options(path: Path, how: CsvDialect) -> tuple[dict, str | None]:
-    """pandas.read_csv's options for the CSV ``path``: its dialect's (``how``) and the lines that
-    repeat its header or are comments (``skipped_lines``; logged) and the rows inside it cut short
-    (``rows_cut_short``; a warning), to skip; and whether its last row is cut short (``cut_last_row``),
-    for ``without_cut_row``. The file is mapped in place (a gzip file: none of these)."""
-    kw, repeats, comments, cut = how.read_csv_kw(), [], [], None
-    if not path.name.lower().endswith(".gz") and path.stat().st_size > 0:
-        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            repeats, comments = skipped_lines(mm)
-            cut = cut_reason(mm[-TAIL_BYTES:], path, how.sep, len(how.header))
-    if repeats:
+    """pandas.read_csv's options for the CSV ``path`` (plain or gzip): its dialect's (``how``) and
+    the lines to skip (``scan_lines``: lines repeating its header and comments, logged; rows cut
+    short inside it, a warning); and whether its last row is cut short (``cut_reason``), for
+    ``without_cut_row``."""
+    kw = how.read_csv_kw()
+    scan = scan_file(path, how.sep, len(how.header), named := named_fields(how))
+    if scan.repeats:
         log.info("%s: skipped %d line(s) repeating the header line (files joined with cat?), the first at line %d",
-                 path, len(repeats), repeats[0] + 1)
-    if comments:
-        log.info("%s: skipped %d comment line(s) (starting with #), the first at line %d", path, len(comments),
-                 comments[0] + 1)
-    short = rows_cut_short(path, how.sep, len(how.header), named_fields(how))
-    if repeats or comments or short:
-        kw["skiprows"] = sorted(set(repeats + comments + short))
-    return kw, cut
+                 path, len(scan.repeats), scan.repeats[0] + 1)
+    if scan.comments:
+        log.info("%s: skipped %d comment line(s) (starting with #), the first at line %d", path, len(scan.comments),
+                 scan.comments[0] + 1)
+    skip = sorted(set(scan.repeats + scan.comments + rows_cut_short(path, scan, named)))
+    if skip:
+        kw["skiprows"] = skip
+    return kw, cut_reason(scan.tail, path, how.sep, len(how.header))
 
 
 def unreadable(path: Path, exc: Exception) -> InputError:
