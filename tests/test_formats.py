@@ -181,7 +181,7 @@ def test_a_csvs_lines_are_scanned_across_blocks_as_line_by_line(block):
     short, the repeated header lines and the comment lines are those a line-by-line reading finds,
     whatever the line ends, quotes, comments and blank lines, and the last line without a line end
     is handed on."""
-    from hpcad.data import tables
+    from hpcad.data.linescan import scan_lines
 
     rng = np.random.default_rng(3)
     lines = ["time,a,b,c,d"]
@@ -204,7 +204,7 @@ def test_a_csvs_lines_are_scanned_across_blocks_as_line_by_line(block):
     lines[200], lines[201] = "1,2", "3,4"  # short one after the other: no cut rows
     for end in ("\n", "\r\n"):
         data = (end.join(lines) + end + "7,8").encode()  # and a last line without a line end
-        got = tables.scan_lines((data[i:i + block] for i in range(0, len(data), block)), ",", 5, 5)
+        got = scan_lines((data[i:i + block] for i in range(0, len(data), block)), ",", 5, 5)
         rows = {k: line for k, line in enumerate(lines) if k and line and not line.startswith("#")}
         short = {k for k, line in rows.items() if len(next(csv.reader([line]))) < 5 and line.count('"') % 2 == 0}
         want = [k for k in sorted(short) if k - 1 not in short and k + 1 not in short]

@@ -23,7 +23,8 @@ import numpy as np
 from hpcad.data.grid import GridStager
 from hpcad.data.csvtext import cut_reason
 from hpcad.data.paths import visible_files
-from hpcad.data.tables import CHUNK_ROWS, rows_cut_short, scan_file, without_cut_row
+from hpcad.data.linescan import rows_cut_short, scan_file
+from hpcad.data.tables import CHUNK_ROWS, without_cut_row
 from hpcad.data.timestamps import to_epoch_seconds
 from hpcad.errors import InputError
 
