@@ -20,6 +20,27 @@ SHARED = ROOT.parent / "shared" / "data"
 # cores slowed some tests 2-3x. A value set by the caller is kept.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+
+@pytest.fixture(autouse=True)
+def _process_settings_restored():
+    """Each test leaves its worker process's environment and torch's thread count as it found them.
+    Later tests run hpcad in this process and in subprocesses, which inherit the environment: a test
+    that left ``MKL_NUM_THREADS=2`` behind (``share_cpu_threads`` sets it) made its worker's later
+    subprocesses run two torch threads where in-process runs ran one (``OMP_NUM_THREADS=1`` above),
+    so that what a test compared between the two depended on which files the worker had run before.
+    (Libraries that set variables when first imported, such as scikit-learn's ``KMP_*``, are reset
+    too; they read them at import.)"""
+    import torch
+
+    env, threads = dict(os.environ), torch.get_num_threads()
+    yield
+    for name in set(os.environ) - set(env) - {"PYTEST_CURRENT_TEST"}:
+        del os.environ[name]
+    os.environ.update({k: v for k, v in env.items() if k != "PYTEST_CURRENT_TEST" and os.environ.get(k) != v})
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 # The longest test files first (seconds of test time on 2 cores, measured 2026-12-02, later: 169, 122,
 # 90, 55, 54, 39, 26, 19 of 644 in all): `--dist loadfile` hands files to the two workers in this order
 # (pyproject's `--no-loadscope-reorder`: xdist >= 3.5 would otherwise order files by their number of

@@ -284,8 +284,9 @@ def test_an_omp_num_threads_that_oversubscribes_the_cpus_is_capped(monkeypatch, 
         return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
-    for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        monkeypatch.delenv(var, raising=False)  # restored as they were after the test
+    for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # restored as they were after the test (set first:
+        monkeypatch.setenv(var, "")  # delenv records nothing for a variable that is not there, and the
+        monkeypatch.delenv(var)  # values share_cpu_threads sets then stayed in this worker's later subprocesses)
     before = torch.get_num_threads()
     with threadpool_limits(limits=3, user_api="blas"):  # numpy's BLAS as OMP_NUM_THREADS=3 would have set it
         try:
