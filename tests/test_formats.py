@@ -212,6 +212,9 @@ def test_a_csvs_lines_are_scanned_across_blocks_as_line_by_line(block):
         assert got.repeats == [k for k, line in rows.items() if line == lines[0]] and got.repeats
         assert got.comments == [k for k, line in enumerate(lines) if line.startswith("#")] and got.comments
         assert got.tail == b"\n7,8"
+        data = (end.join(lines) + end + "# exported by dumper 1.2").encode()  # a comment last, no line end
+        got = scan_lines((data[i:i + block] for i in range(0, len(data), block)), ",", 5, 5)
+        assert got.comments[-1] == len(lines) and got.tail == b""
 
 
 def test_hidden_files_and_folders_among_exports_are_not_read(tmp_path):

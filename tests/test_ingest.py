@@ -531,7 +531,7 @@ def test_exports_joined_with_cat_read_as_the_files_themselves(tmp_path, caplog):
         text = [p.to_csv(index=False, lineterminator="\r\n" if i == 1 else "\n").encode() for p in parts]
         if i == 2:
             text = [b"\xef\xbb\xbf" + t for t in text]  # spreadsheets' "UTF-8 with BOM", on each part
-        (joined / f"{name}.csv").write_bytes(b"".join(text) + (b"# exported by dumper 1.2\n" if i == 0 else b""))
+        (joined / f"{name}.csv").write_bytes(b"".join(text) + (b"# exported by dumper 1.2" if i == 0 else b""))  # no line end
     (tmp_path / "every.csv").write_bytes(every.iloc[:150].to_csv(index=False).encode() + b"#,part 2\n"
                                          + every.iloc[150:].to_csv(index=False).encode())
     zipped = tmp_path / "zipped"  # cat a.csv.gz b.csv.gz > node.csv.gz: gzip members one after the other

@@ -67,6 +67,8 @@ def scan_lines(blocks: Iterable[bytes], sep: str, fields: int, named: int) -> Li
     scan.short = [k for k in scan.short if k - 1 not in taken and k + 1 not in taken]
     if header and line0 and carry.removeprefix(BOM).rstrip(b"\r") == header:  # a header repeated last, no line end
         scan.repeats.append(line0)
+    elif line0 and carry.startswith(b"#"):  # a comment last, no line end (``# exported by ...``)
+        scan.comments.append(line0)
     elif carry.strip():
         scan.tail = (b"\n" if line0 else b"") + carry
     scan.repeats.sort()
