@@ -14,7 +14,6 @@ repeat that differs (the metric set changed) is an error naming the file and lin
 from __future__ import annotations
 
 import logging
-import mmap
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -58,23 +57,6 @@ def _header_line(path: Path) -> tuple[str, bool]:
     return line, src is side
 
 
-def _repeated_headers(path: Path, header: str) -> int:
-    """Count header lines after the first; a different one is an error (metric set changed)."""
-    if path.stat().st_size == 0:
-        return 0
-    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        count, pos = 0, mm.find(b"\n#")
-        while pos >= 0:
-            end = mm.find(b"\n", pos + 1)
-            line = mm[pos + 1: end if end >= 0 else len(mm)].decode(errors="replace").rstrip("\r")
-            if line != header:
-                lineno = mm[:pos + 1].count(b"\n") + 1
-                raise InputError(f"{path}: line {lineno}: header differs from the file's first header "
-                                 f"(a sampler restarted with another metric set?); split the file there")
-            count, pos = count + 1, mm.find(b"\n#", pos + 1)
-    return count
-
-
 def stage_ldms(source: Path, cfg: DataConfig, stager: GridStager) -> None:
     """Pass 1 over every LDMS file below ``source``."""
     for path in ldms_files(source):
@@ -88,14 +70,18 @@ def stage_ldms(source: Path, cfg: DataConfig, stager: GridStager) -> None:
         metrics = [c for c in cols if c not in skip]
         if not metrics:
             raise InputError(f"{path}: no metric columns (all of {cols} are LDMS bookkeeping or ignored)")
-        repeats = _repeated_headers(path, header)
-        if repeats:
-            log.info("%s: skipped %d repeated header line(s) (sampler restarts)", path, repeats)
         codes = np.array([stager.metric_code(m) for m in metrics], dtype=np.uint16)
         try:
             import pandas as pd
 
-            scan = scan_file(path, ",", len(cols), len(cols))  # rows cut short: a store restarted mid-row
+            # one pass: header lines after the first (sampler restarts; another one is an error), rows cut short
+            scan = scan_file(path, ",", len(cols), len(cols), header.encode())
+            other = sorted(set(scan.comments) - set(scan.repeats))
+            if other:
+                raise InputError(f"{path}: line {other[0] + 1}: header differs from the file's first header "
+                                 f"(a sampler restarted with another metric set?); split the file there")
+            if scan.repeats:
+                log.info("%s: skipped %d repeated header line(s) (sampler restarts)", path, len(scan.repeats))
             reader = pd.read_csv(path, comment="#", header=None, names=cols, chunksize=CHUNK_ROWS,
                                  skip_blank_lines=True, skiprows=rows_cut_short(path, scan, len(cols)) or None)
             for chunk in without_cut_row(reader, cut_reason(scan.tail, path, ",", len(cols))):

@@ -29,7 +29,7 @@ class LineScan:
     tail: bytes  # the file's last line when it has no line end (b"" when it has one), for ``cut_reason``
 
 
-def scan_lines(blocks: Iterable[bytes], sep: str, fields: int, named: int) -> LineScan:
+def scan_lines(blocks: Iterable[bytes], sep: str, fields: int, named: int, header: bytes | None = None) -> LineScan:
     """One pass over a CSV's bytes (``blocks``, as read: a plain file's or a gzip file's text) for
     the lines pandas would misread:
 
@@ -46,11 +46,12 @@ def scan_lines(blocks: Iterable[bytes], sep: str, fields: int, named: int) -> Li
       readers' errors say so); blank and comment lines are no rows, nor is a line with an odd count
       of quotes (part of a quoted value over several lines).
 
-    The header has ``fields`` fields. A block of lines whose separators are as many as its lines
+    The header (``header``, else the first line: an LDMS store's may be in a side file) has ``fields``
+    fields. A block of lines whose separators are as many as its lines
     hold is passed over after two counts (numpy); the others are looked at line by line."""
     import numpy as np
 
-    scan, carry, line0, header = LineScan([], [], [], b""), b"", 0, None
+    scan, carry, line0 = LineScan([], [], [], b""), b"", 0
     want, mark = named - 1, ord(sep)
     for chunk in blocks:
         data = carry + chunk
@@ -120,13 +121,13 @@ def named_fields(how: CsvDialect) -> int:
     return max((k + 1 for k, name in enumerate(how.header) if name.strip()), default=0)
 
 
-def scan_file(path: Path, sep: str, fields: int, named: int) -> LineScan:
+def scan_file(path: Path, sep: str, fields: int, named: int, header: bytes | None = None) -> LineScan:
     """``scan_lines`` over the CSV ``path``, plain or gzip (decompressed once more for it)."""
     import gzip
 
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     with opener(path, "rb") as fh:
-        return scan_lines(iter(lambda: fh.read(SCAN_BYTES), b""), sep, fields, named)
+        return scan_lines(iter(lambda: fh.read(SCAN_BYTES), b""), sep, fields, named, header)
 
 
 def rows_cut_short(path: Path, scan: LineScan, named: int) -> list[int]:
