@@ -84,11 +84,14 @@ def _scan_block(block: bytes, arr, line0: int, header: bytes, fields: int, want:
     lines = int(np.count_nonzero(arr == 10))
     ends = None
 
-    def line_of(at: int) -> int:  # the line holding byte ``at``
+    def line_ends() -> np.ndarray:  # where the block's lines end, found once if needed
         nonlocal ends
         if ends is None:
             ends = np.flatnonzero(arr == 10)
-        return line0 + int(np.searchsorted(ends, at))
+        return ends
+
+    def line_of(at: int) -> int:  # the line holding byte ``at``
+        return line0 + int(np.searchsorted(line_ends(), at))
 
     for needle in (header, BOM + header) if header else ():
         starts, at = [0] if block.startswith(needle) else [], block.find(b"\n" + needle)
@@ -105,8 +108,7 @@ def _scan_block(block: bytes, arr, line0: int, header: bytes, fields: int, want:
             scan.comments.append(line)
         at = block.find(b"#", at + 1)
     if want >= 1 and int(np.count_nonzero(arr == mark)) != lines * (fields - 1):
-        if ends is None:
-            ends = np.flatnonzero(arr == 10)
+        ends = line_ends()
         per_line = np.diff(np.searchsorted(np.flatnonzero(arr == mark), ends), prepend=0)
         for k in np.flatnonzero(per_line < want):
             text = block[ends[k - 1] + 1 if k else 0:ends[k]]
