@@ -456,7 +456,7 @@ def test_skip_policy_ingests_the_other_nodes_and_records_the_bad_one(tmp_path, b
 def test_rows_without_a_node_are_dropped_and_said_with_the_file(tmp_path, caplog):
     """A daily export cut short (the dump job killed mid-write) ends in part of a row, without its
     node value: before, that row went silently; now the file and its cut last line are in the log
-    (``tables.cut_last_row``). A row inside a file without its node value is dropped and said too:
+    (``csvtext.cut_reason``). A row inside a file without its node value is dropped and said too:
     the file, the count and the first such row."""
     src, frames = _export(tmp_path)
     every = pd.concat([f.assign(node=n) for n, f in frames.items()]).sort_values("timestamp", kind="stable")
