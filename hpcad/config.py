@@ -161,6 +161,10 @@ class SignalConfig:
     # mean) before the sum: false, true, or auto = chosen with the weight (hpcad/signals.py;
     # off by default: docs/results.md, "Per-metric error scales as a choice of each run")
     metric_scales: Any = False
+    # divide the residuals by their covariance on the node's training rows (Mahalanobis distance, ZCA
+    # per metric; hpcad/model/whiten.py): families of metrics that move together count once. true,
+    # false, or auto = chosen with the weight where every node is labelled (hpcad/signal_choice.py)
+    whiten: Any = "auto"
     excess_margin: float = 0.005  # auto keeps the first candidate (no scales, small weights first) within this of the best validation AP
     scale_floor: float = 1.0e-4  # a node's normal level (signal_norm's divisor) is at least this x metrics
 

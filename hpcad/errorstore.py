@@ -66,7 +66,7 @@ class ErrorStore:
                 n: [self.metrics[i] for i in np.flatnonzero(row)] for n, row in zip(self.nodes, lost) if row.any()}
             self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()
                           if k in ("created", "store_signature", "models_stamp", "store", "models", "excess_weight",
-                                   "metric_scales", "signal_choice")}
+                                   "metric_scales", "whiten", "signal_choice")}
 
     def keep(self, nodes: list[str]) -> ErrorStore:
         """This file read as if it held only ``nodes`` (those of them it has); returns itself."""
@@ -88,8 +88,10 @@ class ErrorStore:
 
     @property
     def recipe(self) -> Recipe:
-        """The signal's recipe it was scored with (files before it was chosen: weight 1, no scales)."""
-        return Recipe(float(self.attrs.get("excess_weight", 1.0)), bool(self.attrs.get("metric_scales", 0)))
+        """The signal's recipe it was scored with (files before it was chosen: weight 1, no scales; files
+        before whitening: unwhitened)."""
+        return Recipe(float(self.attrs.get("excess_weight", 1.0)), bool(self.attrs.get("metric_scales", 0)),
+                      bool(self.attrs.get("whiten", 0)))
 
     def signals(self, nodes: list[str] | None = None) -> Iterator[NodeSignal]:
         """Per-node alarm signals (already smoothed when written: hpcad.signals)."""

@@ -37,8 +37,9 @@ from hpcad.errors import HpcadError, TooFewTrainingRows
 from hpcad.model.autoencoder import AutoencoderSpec, glorot_init
 from hpcad.model.budget import Budget
 from hpcad.model.files import NodeModel, model_path, untrained_for, untrained_path, write_untrained
+from hpcad.model.whiten import fit_whitening
 from hpcad.preprocess import fit_rows
-from hpcad.signal_choice import fixed_scales
+from hpcad.signal_choice import fixed_scales, fixed_whiten
 
 if TYPE_CHECKING:
     from hpcad.config import HpcadConfig
@@ -92,13 +93,13 @@ def _epoch_order(n: int, seed: int, rank: int, epoch: int) -> torch.Tensor:
 
 
 def _already_trained(models_dir, nodes: list[str], store, fingerprint: str, scales: bool,
-                     skip_bad: bool) -> dict | None:
+                     skip_bad: bool, whiten: bool = False) -> dict | None:
     """The fleet model's summary when every rank's nodes hold it already, or were left untrained by
     it (``data.on_bad_node=skip``); decided by all ranks together."""
     from hpcad.train import reusable
 
     left = [n for n in nodes if skip_bad and untrained_for(models_dir, n, fingerprint)]
-    missing = sum(not reusable(model_path(models_dir, n), fingerprint, scales) for n in nodes if n not in left)
+    missing = sum(not reusable(model_path(models_dir, n), fingerprint, scales, whiten) for n in nodes if n not in left)
     counts = dist.all_sum(np.array([missing, len(nodes) - len(left)]))
     if counts[0] > 0 or counts[1] == 0:
         return None
@@ -235,7 +236,8 @@ def train_fleet(cfg: HpcadConfig, store, models_dir, nodes: list[str], device: t
     world_size = tdist.get_world_size() if tdist.is_initialized() else 1
     fingerprint = fleet_fingerprint(cfg, spec, store, world_size)
     done = _already_trained(models_dir, nodes, store, fingerprint,
-                            fixed_scales(cfg.signal.metric_scales) is not False, cfg.data.on_bad_node == "skip")
+                            fixed_scales(cfg.signal.metric_scales) is not False, cfg.data.on_bad_node == "skip",
+                            fixed_whiten(cfg.signal.whiten) is not False)
     if done is not None:
         return done
     ckpt = ChunkCheckpoint(models_dir, fingerprint, list(store.nodes), 1, cfg.compute.checkpoint_every_s,
@@ -313,8 +315,11 @@ def train_fleet(cfg: HpcadConfig, store, models_dir, nodes: list[str], device: t
             sq = (model(x) - x) ** 2
             scale = float(sq.sum(1).mean()) if len(x) else 1.0
             held = sq.mean(0, dtype=torch.float64).cpu().numpy().astype(np.float32) if len(x) else None
+            z = np.concatenate([share.train[tr], share.val[va]])  # its training rows, the held-out ones last
+            whitening = fit_whitening(spec, [[params]], [z], [tr.stop - tr.start if va.stop > va.start else 0], M,
+                                      device)[0]
             NodeModel(n, spec, store.metrics, [params], scaler, dict(history), max(scale, 1e-12), fingerprint,
-                      held).save(model_path(models_dir, n))
+                      held, whitening=whitening).save(model_path(models_dir, n))
             untrained_path(models_dir, n).unlink(missing_ok=True)  # enough rows now
     dist.barrier("for the other ranks to write their node files")  # before the checkpoint goes
     if rank == 0:

@@ -3,11 +3,12 @@
 Layout (docs/data.md):
 
     /                 attrs: hpcad_format="error-store", format_version, store, models, created,
-                      excess_weight, metric_scales (the signal's recipe, hpcad.signal_choice), signal_choice
+                      excess_weight, metric_scales, whiten (the signal's recipe, hpcad.signal_choice), signal_choice
     /metrics          [M] metric names
     /nodes/<node>/    attrs: signal_scale (the node's normal level, hpcad.signals.signal_level), rows, smooth, causal
         (every dataset carries HDF5 Fletcher-32 checksums: a corrupt file is an error on read)
-        error         [T, M] float32 (score.error_dtype=float16: float16) squared error per metric in standardised units (0 where missing),
+        error         [T, M] float32 (score.error_dtype=float16: float16) squared error per metric in standardised units
+                      (of the residual whitened by the model's whitening where whiten = 1; 0 where missing),
                       plus the squared excess of a value outside the metric's training range (times
                       excess_weight), divided by the metric's held-out error scale where metric_scales = 1;
                       chunks of 1024 rows, uncompressed
@@ -42,12 +43,15 @@ from hpcad.model.light import LightMap, scoring_maps
 from hpcad.model.autoencoder import ensemble_recon, stack
 from hpcad.model.budget import Budget, default_chunk_cap, retry_cap_after_oom
 from hpcad.model.files import NodeModel, model_path, models_stamp
+from hpcad.model.whiten import stacked, whitened_errors
 from hpcad.preprocess import fill_gaps, split_codes, windows
 from hpcad.progress import Progress
 from hpcad.signal_choice import attrs as recipe_attrs
 from hpcad.signal_choice import choose as choose_recipe
+from hpcad.signal_choice import fixed_whiten
 from hpcad.signal_choice import rankable_nodes
 from hpcad.signals import Recipe, smooth_signal
+from hpcad.signals import whitening as signal_whitening
 
 if TYPE_CHECKING:
     from hpcad.config import HpcadConfig
@@ -91,16 +95,16 @@ def score_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, out_p
         raise ConfigError(f"score.error_dtype={cfg.score.error_dtype!r}: one of {', '.join(ERROR_DTYPES)}")
     budget = Budget.resolve(cfg.compute, device)
 
-    def node_errors(which: list[str]) -> Iterator[tuple[NodeModel, object, np.ndarray, np.ndarray, np.ndarray,
-                                                         LightMap | None]]:
-        return _node_errors(cfg, store, models_dir, which, metrics, columns, budget, device, light)
+    def node_errors(which: list[str], whiten: bool | None) -> Iterator[tuple[NodeModel, object, np.ndarray, np.ndarray,
+                                                                             np.ndarray, LightMap | None]]:
+        return _node_errors(cfg, store, models_dir, which, metrics, columns, budget, device, light, whiten)
 
     def ranked_errors() -> Iterator[tuple]:
         """The choice's pass: only the nodes it ranks (validation rows of both classes), with its own progress."""
         which = rankable_nodes(store, nodes, cfg.split)
         bar = Progress(len(which), "signal choice", "node", cfg.compute.progress, log)
         try:
-            for item in node_errors(which):
+            for item in node_errors(which, fixed_whiten(cfg.signal.whiten)):
                 yield item
                 bar.update(1)
         finally:
@@ -117,7 +121,7 @@ def score_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, out_p
         bar = Progress(len(nodes), "score", "node", cfg.compute.progress, log)
         shares: dict[str, float] = {}
         lost: dict[str, np.ndarray] = {}
-        for model, nd, err, excess2, miss, lm in node_errors(nodes):
+        for model, nd, err, excess2, miss, lm in node_errors(nodes, recipe.whitened):
             recipe.errors(model, err, excess2, miss, f"{models_dir}: node {nd.name}")
             level = recipe.level(model, M, sig_cfg.scale_floor)
             shares[nd.name] = missing_share(miss, model.scaler.absent)
@@ -137,10 +141,12 @@ def score_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, out_p
 
 def _node_errors(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, nodes: list[str], metrics: list[str],
                  columns: np.ndarray | None, budget: Budget, device: torch.device,
-                 light: Callable[[str], LightMap | None]) -> Iterator[tuple]:
+                 light: Callable[[str], LightMap | None], whiten: bool | None) -> Iterator[tuple]:
     """Per node, in order: ``(model, node data, squared reconstruction errors [T, M], squared
     range excess [T, M] (zeros with ``signal.range_excess=false``), missing mask, light map)``;
-    K nodes per batched forward pass, only one chunk in memory."""
+    K nodes per batched forward pass, only one chunk in memory. The errors are whitened with
+    ``whiten``; with None (``signal.whiten=auto``'s choice) a dict of both, ``{False: plain, True:
+    whitened}``, or of the plain ones alone for a chunk with a model from before the whitening."""
     M = len(metrics)
     i = 0
     cap = cfg.compute.max_nodes_per_chunk or default_chunk_cap(device)
@@ -164,9 +170,11 @@ def _node_errors(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, node
         maps = [light(n) for n in chunk]
         same_shape = len({(tuple(m.spec.hidden), m.spec.members, m.spec.window) for m in models}) == 1
         errs = None
+        how = whiten if whiten is not None or all(m.whitening is not None for m in models) else False
         try:
-            errs = reconstruction_errors(models, zs, device, maps) if same_shape else \
-                [reconstruction_errors([m], [z], device, [lm])[0] for m, z, lm in zip(models, zs, maps)]
+            errs = reconstruction_errors(models, zs, device, maps, masks, how) if same_shape else \
+                [reconstruction_errors([m], [z], device, [lm], [mk], how)[0]
+                 for m, z, lm, mk in zip(models, zs, maps, masks)]
         except torch.cuda.OutOfMemoryError:
             pass  # handled below, once the exception (and the chunk's tensors it holds) is gone
         if errs is None:
@@ -174,7 +182,9 @@ def _node_errors(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, node
             i -= len(chunk)
             continue
         for model, nd, z, err, miss, lm in zip(models, data, zs, errs, masks, maps):
-            excess2 = np.square(model.scaler.excess(z)) if cfg.signal.range_excess else np.zeros_like(err)
+            if whiten is None and how is False:
+                err = {False: err}
+            excess2 = np.square(model.scaler.excess(z)) if cfg.signal.range_excess else np.zeros_like(z)
             yield model, nd, err, excess2, miss, lm
 
 
@@ -219,14 +229,22 @@ def _write_node_errors(parent: h5py.Group, nd, err: np.ndarray, signal_scale: fl
 
 
 def reconstruction_errors(models: list[NodeModel], zs: list[np.ndarray], device: torch.device,
-                          maps: list[LightMap | None] | None = None) -> list[np.ndarray]:
+                          maps: list[LightMap | None] | None = None, masks: list[np.ndarray] | None = None,
+                          whiten: bool | None = False) -> list:
     """Squared errors [T_k, M] of K nodes' standardised rows at once (every member of every node in
     one batched forward pass, rows padded to the longest, in row blocks): the error of each row
     against its members' mean reconstruction (of the row itself, the newest of its window). A
-    node's light map (hpcad.model.light), where given, adapts its reconstruction. The models share one
+    node's light map (hpcad.model.light), where given, adapts its reconstruction. With ``whiten``,
+    the squared whitened residuals (hpcad.model.whiten; ``masks``: the missing values, whose
+    residuals are zeroed first so that they leak into no other metric's); with None, per node a dict
+    of both, ``{False: plain, True: whitened}``. The models share one
     spec (hidden widths, members, window). Always fp32: ``compute.precision`` speeds up training only,
     the alarm signal is never quantised."""
     spec = models[0].spec
+    both = None  # the plain errors beside the whitened ones (whiten=None)
+    if whiten is not False:
+        white = stacked([signal_whitening(m, f"node {m.node}") for m in models], device)
+        both = [np.empty_like(z) for z in zs] if whiten is None else None
     R, w = spec.members, spec.window
     params = stack([p for m in models for p in m.members], device)
     n_enc = len(spec.hidden)
@@ -246,11 +264,20 @@ def reconstruction_errors(models: list[NodeModel], zs: list[np.ndarray], device:
             for k, lm in enumerate(maps or []):
                 if lm is not None:
                     recon[k] = lm.apply(recon[k], code[k])
-            e = ((recon - x[..., M * (w - 1):]) ** 2).cpu().numpy()
+            r = recon - x[..., M * (w - 1):]
+            plain = r.square().cpu().numpy() if whiten is not True else None
+            if whiten is not False:
+                for k, mk in enumerate(masks or []):
+                    part = mk[s:s + n]
+                    if part.any():
+                        r[k, :len(part)].masked_fill_(torch.from_numpy(np.ascontiguousarray(part)).to(device), 0.0)
+                white_e = whitened_errors(r, white).cpu().numpy()
             for k, z in enumerate(zs):
                 rows = max(0, min(n, z.shape[0] - s))
-                out[k][s:s + rows] = e[k, :rows]
-    return out
+                out[k][s:s + rows] = (plain if whiten is False else white_e)[k, :rows]
+                if both is not None:
+                    both[k][s:s + rows] = plain[k, :rows]
+    return out if both is None else [{False: p, True: q} for p, q in zip(both, out)]
 
 
 def metric_columns(model_metrics: list[str], store_metrics: list[str], where: str) -> np.ndarray | None:

@@ -1,4 +1,5 @@
-"""The alarm signal's two per-run choices: the range-excess weight and the per-metric error scales.
+"""The alarm signal's per-run choices: the range-excess weight, the per-metric error scales and the
+residuals' whitening.
 
 Scoring adds ``weight x (squared excess of a value outside its metric's training range)`` to each
 metric's reconstruction error (``signal.excess_weight``) and, with ``signal.metric_scales``, divides
@@ -7,21 +8,25 @@ hpcad/signals.py) before summing. What suits a system differs: on spacecraft cha
 is the anomaly itself (MSL's validation prefers a weight of 1000, and scales), on compute nodes new
 workloads bring new values (DAVIDE and the synthetic cluster prefer 1, without scales). With
 ``auto`` (the weight's default; the scales are off unless set to ``auto`` or ``true``: their
-validation gain on MSL did not hold on its test halves, docs/results.md) each run's own labelled
-validation rows decide:
+validation gain on MSL did not hold on its test halves, docs/results.md; the whitening's default is
+``auto`` too, hpcad/model/whiten.py) each run's own labelled validation rows decide:
 
-- every candidate (``signal.excess_grid`` x scales off/on, or the fixed value of an option that is
-  not ``auto``) ranks each node's smoothed signal against its validation labels (average precision,
+- every candidate (``signal.excess_grid`` x scales off/on x whitening off/on, or the fixed value of
+  an option that is not ``auto``) ranks each node's smoothed signal against its validation labels (average precision,
   threshold-free; nodes whose validation rows hold both classes); the per-node figures are summed
   over ranks and averaged;
 - the first candidate within ``signal.excess_margin`` of the best mean average precision wins, in
-  the order scales off before on, smaller weights before larger (ties and noise keep the simpler,
-  more conservative signal);
+  the order unwhitened before whitened, scales off before on, smaller weights before larger (ties
+  and noise keep the simpler, more conservative signal);
+- whitening is a candidate only where every node of the run is labelled: it raises the normal
+  drift of later rows against the node's level (the real DAVIDE node's normal test rows: a median
+  9.9 x its level whitened, 1.6 x unwhitened), and nodes without labels get the level fallback's
+  thresholds (``threshold.times`` x their level), which it would make alarm on drift;
 - without labelled validation rows (production, the nightly job) the recipe of the run whose
   thresholds will be applied is reused (its ``thresholds.json``), else the first candidate.
 
 The choice and the figures behind it are written to ``errors.h5`` (attributes ``excess_weight``,
-``metric_scales``, ``signal_choice``), thresholds.json and metrics.json.
+``metric_scales``, ``whiten``, ``signal_choice``), thresholds.json and metrics.json.
 """
 from __future__ import annotations
 
@@ -61,6 +66,15 @@ def fixed_weight(value: object) -> float | None:
 
 def fixed_scales(value: object) -> bool | None:
     """``signal.metric_scales`` as a bool, or None for ``auto``."""
+    return _fixed_bool(value, "signal.metric_scales")
+
+
+def fixed_whiten(value: object) -> bool | None:
+    """``signal.whiten`` as a bool, or None for ``auto``."""
+    return _fixed_bool(value, "signal.whiten")
+
+
+def _fixed_bool(value: object, option: str) -> bool | None:
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
@@ -68,7 +82,7 @@ def fixed_scales(value: object) -> bool | None:
         return None
     if text in ("true", "false"):
         return text == "true"
-    raise ConfigError(f"signal.metric_scales={value!r}: true, false or 'auto'")
+    raise ConfigError(f"{option}={value!r}: true, false or 'auto'")
 
 
 def candidates(sig_cfg) -> list[Recipe]:
@@ -84,7 +98,9 @@ def candidates(sig_cfg) -> list[Recipe]:
     else:
         weights = [w]
     scales = fixed_scales(sig_cfg.metric_scales)
-    return [Recipe(c, s) for s in ([False, True] if scales is None else [scales]) for c in weights]
+    whiten = fixed_whiten(sig_cfg.whiten)
+    return [Recipe(c, s, wh) for wh in ([False, True] if whiten is None else [whiten])
+            for s in ([False, True] if scales is None else [scales]) for c in weights]
 
 
 def choose(cfg: HpcadConfig, store, node_errors: Callable[[], Iterator[tuple]],
@@ -101,46 +117,63 @@ def choose(cfg: HpcadConfig, store, node_errors: Callable[[], Iterator[tuple]],
         check_applies(fallback, _follow(fallback, grid), Path(str(cfg.train_run)) / "thresholds.json", "this run")
     if len(grid) == 1:
         return grid[0], None
-    totals, count, unscaled_only = np.zeros(len(grid)), 0, 0
-    if store.has_labels and not no_validation_rows(cfg.split):  # a night's labels: no pass for nothing to choose on
+    labelled = store.has_labels and not no_validation_rows(cfg.split)  # a night's labels: nothing to choose on
+    if labelled and len({r.whitened for r in grid}) > 1 and not every_node_labelled(store):
+        log.info("signal.whiten=auto: not whitened: some nodes have no labels, and the level fallback's thresholds "
+                 "(threshold.times x their normal level) would alarm on their drift (docs/pipeline.md)",
+                 extra=CLUSTER_WIDE)
+        grid = [r for r in grid if not r.whitened]
+    totals, count, unscaled_only, unwhitened_only = np.zeros(len(grid)), 0, 0, 0
+    if labelled:
         for model, nd, err, excess2, miss, _ in node_errors():
             rows = validation_labels(split_codes(nd, cfg.split), nd.labels)
             if rows is None:
                 continue
             val, y = rows
-            parts = {False: (np.where(miss, 0.0, err), np.where(miss, 0.0, excess2))}
-            held = recorded_holdout(model, err.shape[1])
-            if held is None:
+            # the node's errors per whitening (both where auto chooses it: hpcad.score yields a dict)
+            errs = err if isinstance(err, dict) else {grid[0].whitened: err}
+            if any(r.whitened for r in grid) and model.whitening is None:
+                unwhitened_only += 1  # (its chunk's companions were scored without whitening too: none is ranked so)
+            ex = np.where(miss, 0.0, excess2)
+            M = ex.shape[1]
+            if recorded_holdout(model, M) is None:
                 unscaled_only += 1
-            elif any(r.scaled for r in grid):
-                s = metric_scales(held)
-                parts[True] = (parts[False][0] / s, parts[False][1] / s)
-            row_sums = {k: (a.sum(1, dtype=np.float64), b.sum(1, dtype=np.float64)) for k, (a, b) in parts.items()}
-            M = err.shape[1]
+            sums = {}
+            for wh, e in errs.items():
+                e = np.where(miss, 0.0, e)
+                sums[wh, False] = (e.sum(1, dtype=np.float64), ex.sum(1, dtype=np.float64))
+                held = model.whitening.holdout_error if wh else recorded_holdout(model, M)
+                if held is not None and any(r.scaled for r in grid):
+                    sc = metric_scales(held)
+                    sums[wh, True] = ((e / sc).sum(1, dtype=np.float64), (ex / sc).sum(1, dtype=np.float64))
             for j, r in enumerate(grid):
-                if r.scaled in row_sums:
-                    base, extra = row_sums[r.scaled]
-                    level = r.level(model, M, sig.scale_floor)
-                    totals[j] += validation_ap(base + r.weight * extra, level, sig, val, y)
+                if (r.whitened, r.scaled) in sums:
+                    base, extra = sums[r.whitened, r.scaled]
+                    totals[j] += validation_ap(base + r.weight * extra, r.level(model, M, sig.scale_floor), sig, val, y)
             count += 1
-    sums = all_sum(np.r_[totals, count, unscaled_only])
-    totals, count, unscaled_only = sums[:-2], int(sums[-2]), int(sums[-1])
+    sums = all_sum(np.r_[totals, count, unscaled_only, unwhitened_only])
+    totals, count, unscaled_only, unwhitened_only = sums[:-3], int(sums[-3]), int(sums[-2]), int(sums[-1])
     names = [r.to_dict() for r in grid]
     if count == 0:
-        chosen = grid[0] if fallback is None else _follow(fallback, grid)
+        chosen = grid[0] if fallback is None else _follow(fallback, candidates(sig))
         how = "no labelled validation rows: " + ("the first candidate" if fallback is None
                                                  else "the recipe of the run whose thresholds apply")
         log.info("signal: %s (%s)", chosen, how, extra=CLUSTER_WIDE)
         return chosen, {"rule": how, "candidates": names, "chosen": chosen.to_dict(), "nodes": 0}
+    keep = list(range(len(grid)))
     if unscaled_only and any(r.scaled for r in grid):  # models from before the held-out errors were recorded
         log.warning("signal.metric_scales=auto: %d node model(s) have no per-metric held-out errors (trained by an "
                     "older hpcad); choosing without scales", unscaled_only, extra=CLUSTER_WIDE)
-        keep = [j for j, r in enumerate(grid) if not r.scaled]
+        keep = [j for j in keep if not grid[j].scaled]
         if not keep:
             raise ConfigError(f"signal.metric_scales=true: {unscaled_only} node model(s) have no per-metric held-out "
                               f"errors (trained by an older hpcad): run `hpcad train` with signal.metric_scales=true "
                               f"(it retrains such nodes), or set signal.metric_scales=false")
-        grid, totals, names = [grid[j] for j in keep], totals[keep], [names[j] for j in keep]
+    if unwhitened_only:  # models from before the whitening (a fixed signal.whiten=true stops at scoring instead)
+        log.warning("signal.whiten=auto: %d node model(s) have no residual whitening (trained by an older hpcad); "
+                    "choosing without it", unwhitened_only, extra=CLUSTER_WIDE)
+        keep = [j for j in keep if not grid[j].whitened]
+    grid, totals, names = [grid[j] for j in keep], totals[keep], [names[j] for j in keep]
     ap = totals / count
     margin = float(sig.excess_margin)
     chosen = first_within(grid, ap, margin)
@@ -149,6 +182,12 @@ def choose(cfg: HpcadConfig, store, node_errors: Callable[[], Iterator[tuple]],
     return chosen, {"rule": f"first candidate within {margin:g} of the best mean validation average precision",
                     "candidates": names, "validation_ap": [round(float(a), 6) for a in ap],
                     "chosen": chosen.to_dict(), "nodes": count}
+
+
+def every_node_labelled(store) -> bool:
+    """Whether every node of the store has labels (an incident list labels them all)."""
+    labelled = getattr(store, "labelled", None)
+    return bool(store.has_labels) if labelled is None else all(labelled.get(n) for n in store.nodes)
 
 
 def validation_labels(split: np.ndarray, labels: np.ndarray | None) -> tuple[np.ndarray, np.ndarray] | None:
@@ -178,11 +217,12 @@ def first_within(candidates: list, ap: np.ndarray, margin: float):
 def _follow(fallback: Recipe, grid: list[Recipe]) -> Recipe:
     """The fallback's recipe in what is left to ``auto``; fixed options keep their value."""
     return Recipe(fallback.weight if len({r.weight for r in grid}) > 1 else grid[0].weight,
-                  fallback.scaled if len({r.scaled for r in grid}) > 1 else grid[0].scaled)
+                  fallback.scaled if len({r.scaled for r in grid}) > 1 else grid[0].scaled,
+                  fallback.whitened if len({r.whitened for r in grid}) > 1 else grid[0].whitened)
 
 
 def _short(r: Recipe) -> str:
-    return f"{r.weight:g}{' scaled' if r.scaled else ''}"
+    return f"{r.weight:g}{' scaled' if r.scaled else ''}{' whitened' if r.whitened else ''}"
 
 
 def validation_ap(row_signal: np.ndarray, level: float, sig, val: np.ndarray, y: np.ndarray) -> float:
@@ -192,7 +232,8 @@ def validation_ap(row_signal: np.ndarray, level: float, sig, val: np.ndarray, y:
 
 def attrs(recipe: Recipe, choice: dict | None) -> dict:
     """``errors.h5`` attributes recording the recipe (and how it was chosen)."""
-    out: dict = {"excess_weight": float(recipe.weight), "metric_scales": int(recipe.scaled)}
+    out: dict = {"excess_weight": float(recipe.weight), "metric_scales": int(recipe.scaled),
+                 "whiten": int(recipe.whitened)}
     if choice is not None:
         out["signal_choice"] = json.dumps(choice)
     return out
@@ -201,7 +242,8 @@ def attrs(recipe: Recipe, choice: dict | None) -> dict:
 def from_details(details: dict) -> Recipe | None:
     """The recipe a ``thresholds.json``'s details record (None: none recorded)."""
     w = details.get("excess_weight")
-    return None if w is None else Recipe(float(w), bool(details.get("metric_scales", False)))
+    return None if w is None else Recipe(float(w), bool(details.get("metric_scales", False)),
+                                         bool(details.get("whiten", False)))
 
 
 def recorded(run: Path | None) -> Recipe | None:
@@ -213,6 +255,12 @@ def recorded(run: Path | None) -> Recipe | None:
 
 def check_applies(fitted: Recipe | None, scored: Recipe, thresholds: Path | str, errors: Path | str) -> None:
     """Thresholds fitted on one recipe's signal mean nothing on another's: refuse the mix."""
+    if fitted is not None and fitted.whitened != scored.whitened:
+        how = ("whitened", "unwhitened") if fitted.whitened else ("unwhitened", "whitened")
+        raise ConfigError(f"the thresholds in {thresholds} were fitted on {how[0]} signals ({fitted}), but {errors} "
+                          f"is scored with {how[1]} residuals ({scored}): score with "
+                          f"signal.whiten={str(fitted.whitened).lower()}, or fit thresholds on {how[1]} signals "
+                          f"(`hpcad threshold` on a labelled run scored so)")
     if fitted is not None and fitted != scored:
         raise ConfigError(f"the thresholds in {thresholds} were fitted on signals scored with {fitted}, but "
                           f"{errors} is scored with {scored}: score with signal.excess_weight=auto "

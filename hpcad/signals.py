@@ -102,25 +102,32 @@ class Recipe:
 
     weight: float  # range-excess weight
     scaled: bool = False  # per-metric error scales applied
+    whitened: bool = False  # the errors are whitened residuals (signal.whiten, hpcad/model/whiten.py)
 
     def __str__(self) -> str:
-        return f"signal.excess_weight={self.weight:g} signal.metric_scales={str(self.scaled).lower()}"
+        return (f"signal.excess_weight={self.weight:g} signal.metric_scales={str(self.scaled).lower()} "
+                f"signal.whiten={str(self.whitened).lower()}")
 
     def to_dict(self) -> dict:
-        return {"excess_weight": self.weight, "metric_scales": self.scaled}
+        return {"excess_weight": self.weight, "metric_scales": self.scaled, "whiten": self.whitened}
 
     def errors(self, model, err: np.ndarray, excess2: np.ndarray, miss: np.ndarray, where: str = "") -> np.ndarray:
         """``err`` turned in place into the errors this recipe scores (0 where the value is missing)."""
         err += self.weight * excess2
         if self.scaled:
-            err /= metric_scales(holdout_error(model, where, err.shape[1])).astype(err.dtype)
+            err /= metric_scales(self.holdout(model, where, err.shape[1])).astype(err.dtype)
         err[miss] = 0.0
         return err
+
+    def holdout(self, model, where: str, n_metrics: int) -> np.ndarray:
+        """The model's per-metric held-out errors in this recipe's units before scales (whitened or
+        not); a clear error for a model file written without them."""
+        return whitening(model, where).holdout_error if self.whitened else holdout_error(model, where, n_metrics)
 
     def normal_error(self, model) -> np.ndarray | None:
         """The model's per-metric error on its held-out normal rows in the units of :meth:`errors`
         (divided by the metric scales where they apply); None for a model file without it."""
-        h = recorded_holdout(model, len(model.metrics))
+        h = whitening(model, "").holdout_error if self.whitened else recorded_holdout(model, len(model.metrics))
         if h is None:
             return None
         h = np.asarray(h, dtype=np.float32)
@@ -128,8 +135,20 @@ class Recipe:
 
     def level(self, model, n_metrics: int, scale_floor: float) -> float:
         """The node's normal level of this recipe's signal (hpcad.signals.signal_level)."""
-        held = scaled_level(holdout_error(model, "", n_metrics)) if self.scaled else model.signal_scale
+        if self.scaled:
+            held = scaled_level(self.holdout(model, "", n_metrics))
+        else:
+            held = whitening(model, "").level if self.whitened else model.signal_scale
         return signal_level(held, n_metrics, scale_floor)
+
+
+def whitening(model, where: str):
+    """The model's residual whitening; a clear error for a model file written without it."""
+    if model.whitening is None:
+        raise StoreError(f"{where or 'node ' + model.node}: its model file has no residual whitening (trained by an "
+                         f"older hpcad): run `hpcad train` (it retrains such nodes), or score with "
+                         f"signal.whiten=false")
+    return model.whitening
 
 
 def recorded_holdout(model, n_metrics: int) -> np.ndarray | None:

@@ -18,6 +18,7 @@ from hpcad.device import reset_peak_memory, resolve_device
 from hpcad.dist import world
 from hpcad.errors import ConfigError, StoreError, TooFewTrainingRows
 from hpcad.model.autoencoder import AutoencoderSpec, ensemble_recon, stack
+from hpcad.model.whiten import fit_whitening, held_out_from
 from hpcad.model.files import NodeModel, model_path, untrained_for, untrained_path, write_untrained
 from hpcad.preprocess import (Scaler, check_training_rows, fill_gaps, fit_rows, split_codes, split_identity,
                               training_rows, window_rows, windows)
@@ -26,7 +27,7 @@ from hpcad.model.budget import Budget, check_compute_config, default_chunk_cap, 
 from hpcad.model.checkpoint import ChunkCheckpoint
 from hpcad.model.ensemble import member_seed, node_seed, train_ensemble
 from hpcad.progress import LOG_EVERY_S, Progress, elapsed_and_left
-from hpcad.signal_choice import fixed_scales
+from hpcad.signal_choice import fixed_scales, fixed_whiten
 from hpcad.signals import recorded_holdout
 
 if TYPE_CHECKING:
@@ -123,10 +124,11 @@ def node_fingerprint(base: str, store: TelemetryStore, node: str, excluded: Excl
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-def reusable(path: Path, fingerprint: str, scales: bool = False) -> bool:
+def reusable(path: Path, fingerprint: str, scales: bool = False, whiten: bool = False) -> bool:
     """Whether the model file at ``path`` is complete and was trained from the same inputs (with
-    ``scales``: and holds the per-metric held-out errors ``signal.metric_scales`` needs); says why
-    not in the log (it will be retrained)."""
+    ``scales``: and holds the per-metric held-out errors ``signal.metric_scales`` needs; with
+    ``whiten``: and the whitening ``signal.whiten`` needs); says why not in the log (it will be
+    retrained)."""
     if not path.exists():
         return False
     try:
@@ -142,6 +144,10 @@ def reusable(path: Path, fingerprint: str, scales: bool = False) -> bool:
     if scales and held is None:
         log.info("%s has no per-metric held-out errors (trained by an older hpcad) and signal.metric_scales is "
                  "not false; retraining the node", path)
+        return False
+    if whiten and model.whitening is None:
+        log.info("%s has no residual whitening (trained by an older hpcad) and signal.whiten is not false; "
+                 "retraining the node", path)
         return False
     if model.spec.window > 1 and model.spec.members == 1 and held is None:
         log.info("%s: a windowed model whose normal level was measured over its whole window (an older hpcad; "
@@ -189,7 +195,8 @@ def train_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, nodes
     ex = read_exclusions(cfg.split.exclude, cfg.data)
     fingerprint = {n: node_fingerprint(base, store, n, ex) for n in nodes}
     scales = fixed_scales(cfg.signal.metric_scales) is not False
-    todo = [n for n in nodes if not reusable(model_path(models_dir, n), fingerprint[n], scales)]
+    whiten = fixed_whiten(cfg.signal.whiten) is not False
+    todo = [n for n in nodes if not reusable(model_path(models_dir, n), fingerprint[n], scales, whiten)]
     skip_bad = cfg.data.on_bad_node == "skip"
     untrained = [n for n in todo if skip_bad and untrained_for(models_dir, n, fingerprint[n])]
     if untrained:  # recorded by a training of the same data and settings: not read again
@@ -252,6 +259,9 @@ def train_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, nodes
             retries += 1
             continue
         largest = max(largest, len(chunk))
+        whitenings = fit_whitening(spec, [res.params[k * R:(k + 1) * R] for k in range(len(chunk))],
+                                   [z for z, _ in prepared],
+                                   [held_out_from(len(z), cfg.train.validation_split) for z, _ in prepared], M, device)
         for k, n in enumerate(chunk):
             members = res.params[k * R:(k + 1) * R]
             history = dict(res.history[k * R])
@@ -263,8 +273,8 @@ def train_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, nodes
                                           for h in res.history[k * R:(k + 1) * R]]
             else:
                 level, held = res.holdout_signal[k], res.holdout_error[k]
-            NodeModel(n, spec, store.metrics, members, prepared[k][1], history, level, fingerprint[n], held).save(
-                model_path(models_dir, n))
+            NodeModel(n, spec, store.metrics, members, prepared[k][1], history, level, fingerprint[n], held,
+                      whitening=whitenings[k]).save(model_path(models_dir, n))
             untrained_path(models_dir, n).unlink(missing_ok=True)  # enough rows now
         ckpt.remove()  # its models are written
         done += len(taken)

@@ -350,7 +350,8 @@ def test_model_files_from_before_the_held_out_errors_are_retrained_only_when_sca
     """Model files written before hpcad recorded each metric's held-out error still resume (the
     default scores without metric scales); `signal.metric_scales=true` retrains just those nodes."""
     run = tmp_path / "run"
-    common = [f"hydra.run.dir={run}", *SMALL, "baselines.methods=[]", "report.enabled=false"]
+    # unwhitened: whitened errors' scales come from the whitening's own held-out errors (the next test)
+    common = [f"hydra.run.dir={run}", *SMALL, "baselines.methods=[]", "report.enabled=false", "signal.whiten=false"]
     hpcad("train", *common)
     old = run / "models" / "node0001.pt"
     obj = torch.load(old, weights_only=True)
@@ -369,6 +370,39 @@ def test_model_files_from_before_the_held_out_errors_are_retrained_only_when_sca
     assert all(after[n] == t for n, t in mtimes.items() if n != "node0001.pt")
     assert torch.load(old, weights_only=True)["holdout_error"].shape == (160,)
     hpcad("score", *common, "signal.metric_scales=true")
+
+
+def test_model_files_from_before_the_whitening_are_refused_by_name_until_train_retrains_them(tmp_path):
+    """Model files written before hpcad whitened the residuals (2026-12-05): `signal.whiten=true`
+    refuses them naming the node and the option; `auto` (the default) chooses without whitening,
+    saying so; `false` scores them as before; the next `hpcad train` retrains just those nodes."""
+    run = tmp_path / "run"
+    common = [f"hydra.run.dir={run}", *SMALL, "baselines.methods=[]", "report.enabled=false"]
+    hpcad("train", *common)
+    old = run / "models" / "node0001.pt"
+    obj = torch.load(old, weights_only=True)
+    assert obj["whitening"]["matrix"].shape == (160, 160) and 0 <= obj["whitening"]["shrinkage"] <= 1
+    del obj["whitening"]  # as an older hpcad wrote it
+    torch.save(obj, old)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (run / "models").glob("*.pt")}
+    refused = hpcad("score", *common, "signal.whiten=true", check=False)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+    assert "node node0001: its model file has no residual whitening" in refused.stderr
+    assert "or score with signal.whiten=false" in refused.stderr and not (run / "errors.h5").exists()
+    auto = hpcad("score", *common)
+    assert "signal.whiten=auto: 1 node model(s) have no residual whitening" in auto.stdout + auto.stderr
+    with h5py.File(run / "errors.h5") as f:
+        assert f.attrs["whiten"] == 0
+    hpcad("score", *common, "signal.whiten=false")
+    with h5py.File(run / "errors.h5") as f:
+        assert f.attrs["whiten"] == 0
+    out = hpcad("train", *common)
+    assert "node0001.pt has no residual whitening (trained by an older hpcad)" in out.stdout + out.stderr
+    after = {p.name: p.stat().st_mtime_ns for p in (run / "models").glob("*.pt")}
+    assert [n for n in after if after[n] != mtimes[n]] == ["node0001.pt"]
+    hpcad("score", *common, "signal.whiten=true")
+    with h5py.File(run / "errors.h5") as f:
+        assert f.attrs["whiten"] == 1
 
 
 def test_an_unlabelled_site_gets_thresholds_at_five_times_each_nodes_normal_level(tmp_path):
@@ -394,8 +428,12 @@ def test_an_unlabelled_site_gets_thresholds_at_five_times_each_nodes_normal_leve
     budget = th["details"]["by_level"]  # the alarm budget: what other multiples raise on the validation rows
     assert budget["nodes"] == 2 and budget["node_days"] > 0 and [lv["times"] for lv in budget["levels"]] == [
         2.0, 3.0, 5.0, 10.0, 20.0]
-    events = [lv["alarm_events"] for lv in budget["levels"]]
-    assert events == sorted(events, reverse=True) and all(lv["nodes_alarmed"] <= 2 for lv in budget["levels"])
+    # a higher multiple alarms on fewer nodes (its alarm rows are a subset); its events may be more: one
+    # long event split in two where the signal dips between 2x and 3x
+    alarmed = [lv["nodes_alarmed"] for lv in budget["levels"]]
+    assert alarmed == sorted(alarmed, reverse=True) and alarmed[0] <= 2
+    assert all(lv["per_node_day"] == pytest.approx(lv["alarm_events"] / budget["node_days"], rel=1e-2, abs=1e-4)
+               for lv in budget["levels"])
     hpcad("threshold", f"data.source={exports}", f"hydra.run.dir={run}", "threshold.fallback=quantile")
     th = json.loads((run / "thresholds.json").read_text())
     assert th["details"]["fallback"] == {"rule": "quantile", "q": 0.995}
@@ -414,10 +452,11 @@ def test_unlabelled_data_uses_the_trained_runs_thresholds(tmp_path):
     fitted = json.loads((train / "thresholds.json").read_text())
     assert fitted["rule"] == "quantile" and fitted["scope"] == "cluster" and fitted["cluster"] > 0
     chosen, scaled = fitted["details"]["excess_weight"], fitted["details"]["metric_scales"]
+    whitened = fitted["details"]["whiten"]
     choice = json.loads((train / "metrics.json").read_text())["signal"]["choice"]
     assert chosen in (10, 1000) and choice["nodes"] == 2
-    assert choice["chosen"] == {"excess_weight": chosen, "metric_scales": scaled}
-    assert len(choice["validation_ap"]) == 4  # two weights, without and with per-metric scales
+    assert choice["chosen"] == {"excess_weight": chosen, "metric_scales": scaled, "whiten": whitened}
+    assert len(choice["validation_ap"]) == 8  # two weights, without and with per-metric scales and whitening
     today = tmp_path / "today"
     today.mkdir()
     for f in exports.glob("*.csv"):
@@ -430,6 +469,7 @@ def test_unlabelled_data_uses_the_trained_runs_thresholds(tmp_path):
     assert (scored / "alarms.csv").exists() and (scored / "report.html").exists()
     with h5py.File(scored / "errors.h5") as f:  # scored on the signal the thresholds were fitted on
         assert f.attrs["excess_weight"] == chosen and bool(f.attrs["metric_scales"]) == scaled
+        assert bool(f.attrs["whiten"]) == whitened
     other = hpcad("run", f"data.source={today}", f"train_run={train}", f"hydra.run.dir={tmp_path / 'other'}",
                   "baselines.methods=[]", "split.train=0", "split.val=0", f"signal.excess_weight={chosen * 2}",
                   check=False)

@@ -5,6 +5,7 @@ import numpy as np
 
 from hpcad.errorstore import ErrorStore, NodeSignal
 from hpcad.incidents import cause_of
+from hpcad.model.files import NodeModel, model_path
 from hpcad.report.markup import alarms_table, top_names
 from hpcad.score import score_nodes
 from hpcad.signals import EXPLAIN_FLOOR, explain_scale
@@ -66,6 +67,11 @@ def test_scored_errors_record_each_metrics_normal_error(tmp_path):
     then ranked by error as before."""
     held = np.array([2.0, 0.1, 0.3], np.float32)
     cfg, store, models, _ = _site(tmp_path, held)
+    cfg.signal.whiten = True
+    score_nodes(cfg, store, models, tmp_path / "whitened.h5")
+    whitened = NodeModel.load(model_path(models, "b")).whitening.holdout_error
+    np.testing.assert_array_equal(ErrorStore(tmp_path / "whitened.h5").normal_error("b"), whitened)
+    cfg.signal.whiten = False  # below: the plain squared errors, and the held-out errors training recorded
     score_nodes(cfg, store, models, tmp_path / "errors.h5")
     errors = ErrorStore(tmp_path / "errors.h5")
     np.testing.assert_array_equal(errors.normal_error("b"), held)
@@ -82,6 +88,7 @@ def test_scored_errors_record_each_metrics_normal_error(tmp_path):
     old = tmp_path / "old"
     old.mkdir()
     cfg, store, models, _ = _site(old)
+    cfg.signal.whiten = False
     score_nodes(cfg, store, models, old / "errors.h5")
     errors = ErrorStore(old / "errors.h5")
     assert errors.normal_error("b") is None

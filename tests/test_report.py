@@ -377,8 +377,10 @@ def test_plots_draw_no_line_or_shading_across_hours_without_data_and_name_only_w
     long = np.r_[np.arange(0, 86400, 300), np.arange(5 * 86400, 6 * 86400, 300)] + t0  # 288 rows, 4 days, 288
     peak = np.ones(len(long))
     peak[300] = 9.0  # an hour into the fifth day
+    from hpcad.signals import Recipe
+
     errs = SimpleNamespace(errors=lambda node, rows: np.zeros((rows.stop - rows.start, 2)),
-                           explain_scale=lambda node: None)
+                           explain_scale=lambda node: None, recipe=Recipe(1.0))
     win = plots.AlarmWindow(errs, SimpleNamespace(node="n", timestamp=long, signal=peak), th, "s")
     assert (win.a, win.b) == (288, 576)  # that day's rows, none of the day four days before
     errs.metrics = ["power", "ips"]

@@ -11,6 +11,7 @@ from hpcad.data.node import NodeData
 from hpcad.data.store import TelemetryStore, write_store
 from hpcad.model.autoencoder import AutoencoderSpec, forward, glorot_init
 from hpcad.model.files import NodeModel, model_path
+from hpcad.model.whiten import fit_whitening, held_out_from
 from hpcad.preprocess import Scaler, fill_gaps, split_codes
 from hpcad.errorstore import ErrorStore
 from hpcad.score import score_nodes
@@ -40,9 +41,16 @@ def _site(tmp_path, held=None):
     models = tmp_path / "models"
     for i, nd in enumerate(nodes):
         scaler = Scaler.fit(nd.values[:100], cfg.preprocess, names=METRICS)
-        NodeModel(nd.name, spec, METRICS, [glorot_init(spec, 3, i)], scaler, {}, 0.5 + i, "", held).save(
-            model_path(models, nd.name))
+        members = [glorot_init(spec, 3, i)]
+        NodeModel(nd.name, spec, METRICS, members, scaler, {}, 0.5 + i, "", held,
+                  whitening=_whitening(spec, members, scaler, nd.values[:100])).save(model_path(models, nd.name))
     return cfg, TelemetryStore(store_path), models, nodes
+
+
+def _whitening(spec, members, scaler, train_values):
+    """The whitening training would fit for ``members`` on these training rows."""
+    z = scaler.transform(train_values)[0]
+    return fit_whitening(spec, [members], [z], [held_out_from(len(z), 0.1)], z.shape[1])[0]
 
 
 def _random_site(tmp_path, n: int, rows: int, train: int, labels=None):
@@ -56,20 +64,22 @@ def _random_site(tmp_path, n: int, rows: int, train: int, labels=None):
     cfg.compute.device = "cpu"
     spec = AutoencoderSpec(hidden=[2])
     for i, nd in enumerate(nodes):
-        NodeModel(nd.name, spec, METRICS, [glorot_init(spec, 3, i)],
-                  Scaler.fit(nd.values[:train], cfg.preprocess, names=METRICS), {}, 1.0, "").save(
+        members, scaler = [glorot_init(spec, 3, i)], Scaler.fit(nd.values[:train], cfg.preprocess, names=METRICS)
+        NodeModel(nd.name, spec, METRICS, members, scaler, {}, 1.0, "",
+                  whitening=_whitening(spec, members, scaler, nd.values[:train])).save(
             model_path(tmp_path / "models", nd.name))
     return cfg, TelemetryStore(tmp_path / "store.h5"), nodes
 
 
-@pytest.mark.parametrize("scaled", [False, True])
-def test_errors_h5_holds_the_documented_errors_and_signals(tmp_path, scaled):
+@pytest.mark.parametrize("scaled, whiten", [(False, False), (True, False), (False, True)])
+def test_errors_h5_holds_the_documented_errors_and_signals(tmp_path, scaled, whiten):
     held = np.array([2.0, 0.1, 0.3], np.float32)
     cfg, store, models, nodes = _site(tmp_path, held if scaled else None)
-    cfg.signal.metric_scales = scaled
+    cfg.signal.metric_scales, cfg.signal.whiten = scaled, whiten
     assert score_nodes(cfg, store, models, tmp_path / "errors.h5") == 2
     errors = ErrorStore(tmp_path / "errors.h5")
-    assert errors.nodes == ["a", "b"] and errors.metrics == METRICS and errors.recipe == Recipe(10.0, scaled)
+    assert errors.nodes == ["a", "b"] and errors.metrics == METRICS
+    assert errors.recipe == Recipe(10.0, scaled, whiten)
     # b's 3 values left missing after the gap filling, of 200 rows x 3 metrics (telemetry gaps)
     assert errors.missing == {"a": 0.0, "b": np.float32(3 / 600)}
     with h5py.File(tmp_path / "errors.h5") as f:
@@ -78,7 +88,11 @@ def test_errors_h5_holds_the_documented_errors_and_signals(tmp_path, scaled):
             z, miss = model.scaler.transform(fill_gaps(nd.values, cfg.preprocess.nan_fill_limit))
             params = [p[None] for p in model.members[0]]
             recon, _ = forward(params, torch.from_numpy(z)[None], 1)
-            expected = (recon[0].numpy() - z) ** 2 + 10.0 * model.scaler.excess(z) ** 2
+            r = recon[0].numpy() - z
+            if whiten:  # a missing value's residual is zeroed first: it leaks into no other metric
+                r[miss] = 0.0
+                r = r @ model.whitening.matrix
+            expected = r ** 2 + 10.0 * model.scaler.excess(z) ** 2
             if scaled:  # each metric's error over its held-out error, at least their mean (0.8)
                 np.testing.assert_allclose(metric_scales(held), [2.0, 0.8, 0.8], rtol=1e-6)
                 expected /= metric_scales(held)
@@ -87,7 +101,8 @@ def test_errors_h5_holds_the_documented_errors_and_signals(tmp_path, scaled):
             np.testing.assert_allclose(g["error"][()], expected, rtol=1e-5, atol=1e-6)
             row = g["error"][()].astype(np.float64).sum(1)
             np.testing.assert_allclose(g["signal_row"][()], row, rtol=1e-6)
-            level = signal_level(scaled_level(held) if scaled else model.signal_scale, 3, cfg.signal.scale_floor)
+            normal = model.whitening.level if whiten else model.signal_scale
+            level = signal_level(scaled_level(held) if scaled else normal, 3, cfg.signal.scale_floor)
             signal = smooth_signal(row, cfg.signal.smooth, level)
             np.testing.assert_allclose(g["signal"][()], signal, rtol=1e-5)
             np.testing.assert_allclose(g["signal_norm"][()], signal / level, rtol=1e-5)

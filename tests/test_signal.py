@@ -118,7 +118,7 @@ def _choice_inputs(anomaly_in_excess: bool, n_nodes: int = 3):
 
 def _signal_cfg(weight="auto", grid=(1.0, 10.0, 100.0, 1000.0), scales=False):
     return NS(signal=NS(excess_weight=weight, excess_grid=list(grid), excess_margin=0.005, range_excess=True,
-                        metric_scales=scales, smooth=5, causal=False, scale_floor=1e-4),
+                        metric_scales=scales, whiten=False, smooth=5, causal=False, scale_floor=1e-4),
               split=NS(unit="fraction", train=0.5, val=0.5), train_run="runs/train")
 
 
@@ -160,9 +160,15 @@ def test_excess_weight_without_labels_reuses_the_weight_its_thresholds_were_fitt
     for other, said in ((_signal_cfg(weight=10, scales="auto"), "signal.excess_weight=10 signal.metric_scales=true"),
                         (_signal_cfg(scales=False), "signal.excess_weight=100 signal.metric_scales=false")):
         with pytest.raises(ConfigError, match=f"runs/train/thresholds.json were fitted on signals scored with "
-                                              f"signal.excess_weight=100 signal.metric_scales=true, but this run "
-                                              f"is scored with {said}"):
+                                              f"signal.excess_weight=100 signal.metric_scales=true signal.whiten=false, "
+                                              f"but this run is scored with {said} signal.whiten=false: score with "
+                                              f"signal.excess_weight=auto signal.metric_scales=auto"):
             choose(other, unlabelled, never, fitted)
+    whitened = _signal_cfg(weight=100, scales=True)
+    whitened.signal.whiten = True  # not chosen by auto: said on its own
+    with pytest.raises(ConfigError, match="fitted on unwhitened signals.*score with signal.whiten=false, or fit "
+                                          "thresholds on whitened signals"):
+        choose(whitened, unlabelled, never, fitted)
     # labels, but no validation row of either class on any node: the fallback too
     no_val = _signal_cfg(scales="auto")
     no_val.split.val = 0.0
@@ -203,12 +209,12 @@ def test_auto_metric_scales_are_chosen_where_a_noisy_metric_hides_the_anomalies(
     plain, scaled = choice["validation_ap"]
     assert [c["metric_scales"] for c in choice["candidates"]] == [False, True]
     assert r == Recipe(1.0, True) and scaled > plain + 0.2
-    assert choice["chosen"] == {"excess_weight": 1.0, "metric_scales": True}
+    assert choice["chosen"] == {"excess_weight": 1.0, "metric_scales": True, "whiten": False}
     # where the anomalies stand out in the plain sum already (node-like inputs), scales are not taken
     assert choose(cfg, labelled, lambda: iter(_choice_inputs(False)), None)[0] == Recipe(1.0, False)
     # models trained before the held-out errors were recorded: no scales to compare, said in the log
     r, choice = choose(cfg, labelled, lambda: iter(_noisy_metric_inputs(recorded=False)), None)
-    assert r == Recipe(1.0, False) and choice["candidates"] == [{"excess_weight": 1.0, "metric_scales": False}]
+    assert r == Recipe(1.0, False) and choice["candidates"] == [{"excess_weight": 1.0, "metric_scales": False, "whiten": False}]
 
 
 def test_metric_scales_divide_each_metrics_error_by_its_held_out_error_at_least_the_mean():
@@ -232,3 +238,36 @@ def test_metric_scales_divide_each_metrics_error_by_its_held_out_error_at_least_
         Recipe(1.0, True).errors(old, err.copy(), excess2, miss, "models/: node n0")
     with pytest.raises(ConfigError, match="signal.metric_scales=true"):
         choose(_signal_cfg(scales=True), NS(has_labels=True), lambda: iter(_noisy_metric_inputs(recorded=False)), None)
+
+
+def test_auto_whitening_is_chosen_on_validation_rows_and_only_where_every_node_is_labelled():
+    """``signal.whiten=auto``: where the whitened errors rank the validation anomalies first it is
+    chosen; where a node has no labels (the level fallback's thresholds would meet its drift) it is
+    not a candidate; without labelled rows the thresholds' run decides."""
+    from hpcad.signal_choice import choose
+
+    inputs = []
+    for model, nd, err, excess2, miss, lm in _choice_inputs(False):
+        plain = err.copy()
+        plain[:, 1] = err[:, 0]  # the anomalies' error hidden from the plain sum...
+        white = err  # ...but not from the whitened one
+        model.whitening = NS(level=float(white[:200].sum(1).mean()), holdout_error=white[:200].mean(0))
+        inputs.append((model, nd, {False: plain, True: white}, excess2 * 0, miss, lm))
+    cfg = _signal_cfg(grid=(1.0,))
+    cfg.signal.whiten = "auto"
+    everyone = NS(has_labels=True, nodes=["n0", "n1", "n2"], labelled={"n0": True, "n1": True, "n2": True})
+    r, choice = choose(cfg, everyone, lambda: iter(inputs), None)
+    plain_ap, white_ap = choice["validation_ap"]
+    assert r == Recipe(1.0, False, True) and white_ap > plain_ap + 0.2
+    assert [c["whiten"] for c in choice["candidates"]] == [False, True]  # unwhitened first on ties
+    some = NS(has_labels=True, nodes=["n0", "n1", "n2", "n3"], labelled={"n0": True, "n1": True, "n2": True})
+    r, choice = choose(cfg, some, lambda: iter(inputs), None)
+    assert r == Recipe(1.0) and [c["whiten"] for c in choice["candidates"]] == [False]
+    unlabelled = NS(has_labels=False)
+    assert choose(cfg, unlabelled, lambda: iter(()), Recipe(1.0, False, True))[0] == Recipe(1.0, False, True)
+    assert choose(cfg, unlabelled, lambda: iter(()), None)[0] == Recipe(1.0)
+    from hpcad.errors import ConfigError
+
+    cfg.signal.whiten = "maybe"
+    with pytest.raises(ConfigError, match="signal.whiten='maybe': true, false or 'auto'"):
+        choose(cfg, everyone, lambda: iter(inputs), None)

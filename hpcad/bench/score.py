@@ -17,6 +17,7 @@ from hpcad.device import resolve_device
 from hpcad.errors import ConfigError
 from hpcad.model.autoencoder import glorot_init
 from hpcad.model.ensemble import member_seed
+from hpcad.model.whiten import Whitening
 from hpcad.preprocess import Scaler
 from hpcad.train import model_spec
 
@@ -49,8 +50,9 @@ def synthetic_run(cfg: HpcadConfig, store_path: Path, models_dir: Path, labelled
         if not model_path(models_dir, n).exists():
             v = pool[i % len(pool)].values
             members = [glorot_init(spec, v.shape[1], member_seed(i, r)) for r in range(spec.members)]
-            NodeModel(n, spec, store.metrics, members, Scaler.fit(v, cfg.preprocess), {}, 1.0).save(
-                model_path(models_dir, n))
+            # untrained: the identity stands in for a whitening fitted on training rows (the same work to score)
+            NodeModel(n, spec, store.metrics, members, Scaler.fit(v, cfg.preprocess), {}, 1.0,
+                      whitening=Whitening.identity(v.shape[1])).save(model_path(models_dir, n))
     return store
 
 

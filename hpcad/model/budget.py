@@ -60,8 +60,9 @@ def default_chunk_cap(device: torch.device) -> int:
 
 def score_bytes_per_node(n_rows: int, n_metrics: int, spec: AutoencoderSpec) -> int:
     """Memory one node needs while its chunk is scored (host, and device on a GPU): per row its
-    values, standardised and window copies, the members' reconstructions and the errors."""
-    return 4 * n_metrics * max(n_rows, 1) * (5 + spec.window * (1 + spec.members))
+    values, standardised and window copies, the members' reconstructions and the errors (plain and
+    whitened); its whitening matrix."""
+    return 4 * n_metrics * max(n_rows, 1) * (6 + spec.window * (1 + spec.members)) + 4 * n_metrics * n_metrics
 
 
 def host_bytes_per_model(n_rows: int, n_metrics: int, spec: AutoencoderSpec, batch: int,

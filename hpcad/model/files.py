@@ -23,10 +23,12 @@ if TYPE_CHECKING:  # torch loads only where models are read or written: the path
     import torch
 
     from hpcad.model.autoencoder import AutoencoderSpec
+    from hpcad.model.whiten import Whitening
 
 FORMAT = "hpcad-node-model"
 FORMAT_VERSION = 2  # 2: a list of members' parameters, the scaler's training range; 1 (one model) still loads
-# (``holdout_error`` was added to version 2 later: files without it load, with signal.metric_scales off)
+# (``holdout_error`` and ``whitening`` were added to version 2 later: files without them load, and are
+# scored with signal.metric_scales=false and signal.whiten=false respectively)
 
 
 @dataclass
@@ -43,6 +45,8 @@ class NodeModel:
     # written before it was recorded
     holdout_error: np.ndarray | None = None
     digest: str = ""  # of the file it was loaded from, by content (model_digest); "" = not loaded
+    # its residuals' whitening (signal.whiten, hpcad/model/whiten.py); None: a file written before it
+    whitening: Whitening | None = None
 
     def save(self, path: Path) -> None:
         import torch
@@ -59,11 +63,14 @@ class NodeModel:
         }
         if self.holdout_error is not None:
             obj["holdout_error"] = torch.from_numpy(np.asarray(self.holdout_error, dtype=np.float32))
+        if self.whitening is not None:
+            obj["whitening"] = self.whitening.to_dict()
         save_tensors(path, obj)
 
     @classmethod
     def load(cls, path: Path) -> "NodeModel":
         from hpcad.model.autoencoder import AutoencoderSpec
+        from hpcad.model.whiten import Whitening
 
         raw = _read(path, "model file")
         obj = load_tensors(path, FORMAT, "model file", raw)
@@ -76,9 +83,11 @@ class NodeModel:
             absent = sc["absent"].numpy().astype(bool) if "absent" in sc else None  # older files: none
             members = [list(m) for m in obj["members"]] if "members" in obj else [list(obj["params"])]
             held = obj["holdout_error"].numpy().astype(np.float32) if "holdout_error" in obj else None
+            whitening = Whitening.from_dict(obj["whitening"]) if "whitening" in obj else None
             return cls(obj["node"], AutoencoderSpec(**obj["spec"]), list(obj["metrics"]), members,
                        Scaler(mean, scale, float(sc["clip"]), soft, lo, hi, absent), obj["history"],
-                       float(obj["signal_scale"]), str(obj.get("fingerprint", "")), held, content_digest(raw))
+                       float(obj["signal_scale"]), str(obj.get("fingerprint", "")), held, content_digest(raw),
+                       whitening)
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise StoreError(f"{path}: model file is incomplete or of another version ({exc}); "
                              f"delete it and rerun `hpcad train` to retrain the node") from exc

@@ -202,8 +202,9 @@ def heatmap(errors: ErrorStore, s, th: Thresholds, time_unit: str = "s", win: Al
     for k in breaks:  # one column per row: a gap in time is a line between two columns
         ax.axvline(k - 0.5, color="tab:cyan", lw=1.2)
     ax.set_xlabel(_time_label(time_unit, zone) + (" (one column per row)" if len(breaks) else ""))
-    what = ("|x - x_hat| over its normal size, the {} metrics most above normal" if win.times_normal
-            else "per-metric error |x - x_hat|, the {} metrics with the largest error").format(len(order))
+    residual = "|x - x_hat| whitened" if errors.recipe.whitened else "|x - x_hat|"  # hpcad/model/whiten.py
+    what = (f"{residual} over its normal size, the {{}} metrics most above normal" if win.times_normal
+            else f"per-metric error {residual}, the {{}} metrics with the largest error").format(len(order))
     said = (["orange ticks = labelled anomaly"] if lab.size else []) + ["red = alarmed rows"]
     said += ["cyan line = no data between"] if len(breaks) else []
     ax.set_title(f"{s.node}: {what} ({', '.join(said)})", fontsize=9, wrap=True)
