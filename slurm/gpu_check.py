@@ -14,6 +14,8 @@
 #                 the chunk's mean within 1 %
 #   companions    a node's model on CUDA against the same node trained in chunks of 8 and 64:
 #                 bit-identical under hpcad's CUBLAS_WORKSPACE_CONFIG=:0:0 (hpcad/device.py)
+#   whitening     the residuals' whitening (signal.whiten) of the equivalence check's models fitted on
+#                 CUDA against the CPU's: matrices, levels and shrinkages within 1e-3 relative
 #   companions_cublas_workspace  the same with cuBLAS's default workspace (:4096:8): kernels then
 #                 vary with the chunk's size; the stopping epochs and losses (within 1 %) must still agree
 #   checkpoint    a 512-node chunk of uneven lengths killed after epoch 6 and resumed from its chunk
@@ -198,6 +200,28 @@ def check_equivalence(pool, cuda, plan: Plan) -> dict:
     gpu = train_ensemble(SPEC, data, _seeds(n), tc, cuda)
     wdiff = max(float((x - y).abs().max()) for a, b in zip(cpu.params, gpu.params) for x, y in zip(a, b))
     return {**equivalence(cpu.history, gpu.history), "max_abs_weight_diff": wdiff}
+
+
+def check_whitening(pool, cuda, plan: Plan) -> dict:
+    """The residuals' whitening (signal.whiten; hpcad/model/whiten.py) fitted on CUDA, as training
+    fits it on the training device, against the same models' whitening fitted on the CPU: the
+    matrices, levels and shrinkages agree to float32 rounding (one eigendecomposition per node)."""
+    from hpcad.model.whiten import fit_whitening, held_out_from
+
+    first, step = plan.equivalence_rows
+    data = [p[: first + step * i] for i, p in enumerate(pool[:plan.equivalence_models])]
+    res = train_ensemble(SPEC, data, _seeds(len(data)), _cfg(lr=3e-3, patience=2), torch.device("cpu"))
+    members, hold = [[p] for p in res.params], [held_out_from(len(z), 0.1) for z in data]
+    cpu = fit_whitening(SPEC, members, data, hold, data[0].shape[1], "cpu")
+    t0 = time.perf_counter()
+    gpu = fit_whitening(SPEC, members, data, hold, data[0].shape[1], cuda)
+    _sync(cuda)
+    seconds = time.perf_counter() - t0
+    rel = max(float(np.abs(a.matrix - b.matrix).max() / np.abs(a.matrix).max()) for a, b in zip(cpu, gpu))
+    level = max(abs(a.level - b.level) / a.level for a, b in zip(cpu, gpu))
+    shrink = max(abs(a.shrinkage - b.shrinkage) for a, b in zip(cpu, gpu))
+    return {"ok": rel < 1e-3 and level < 1e-3 and shrink < 1e-3, "nodes": len(data), "max_rel_matrix_diff": rel,
+            "max_rel_level_diff": level, "max_shrinkage_diff": shrink, "device_s": round(seconds, 3)}
 
 
 def check_companions(pool, cuda, plan: Plan) -> dict:
@@ -683,6 +707,7 @@ def main() -> int:
     checks = {
         "equivalence": lambda: check_equivalence(pool, dev, plan),
         "companions": lambda: check_companions(pool, dev, plan),
+        "whitening": lambda: check_whitening(pool, dev, plan),
         "companions_cublas_workspace": lambda: check_companions_cublas_workspace(out, plan),
         "checkpoint": lambda: check_checkpoint(pool, dev, plan, out),
         "precision": lambda: check_precision(pool, dev, plan),
@@ -701,7 +726,8 @@ def main() -> int:
         print(f"gpu_check: unknown checks {sorted(unknown)}; known: {', '.join(checks)}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    pool = _pool(64, plan.rows) if (only - skip) & {"equivalence", "companions", "checkpoint", "precision", "budget"} \
+    pool = _pool(64, plan.rows) if (only - skip) & {"equivalence", "companions", "whitening", "checkpoint",
+                                                     "precision", "budget"} \
         else []
     print(f"gpu_check: data ready in {time.perf_counter() - t0:.1f} s; writing to {out}", flush=True)
     results: dict[str, dict] = {}
