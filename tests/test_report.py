@@ -6,6 +6,7 @@ import re
 import numpy as np
 import pytest
 
+from hpcad.data.store import TelemetryStore
 from hpcad.errorstore import FORMAT, ErrorStore
 from hpcad.report.markup import alarms_table, html_table
 from hpcad.report.page import INPUT_WARNINGS_SHOWN, write_report
@@ -41,6 +42,11 @@ def test_the_page_counts_alarms_and_links_each_alarmed_node_to_its_page(tmp_path
     assert "2 nodes, 3 metrics" in page and "2 alarm events on 1 node;" in page
     # how the signal was made: the recipe errors.h5 was scored with (both options fixed here)
     assert "alarm signal: reconstruction error + 10 x range excess, smoothed over 25 rows." in page
+    cfg.signal.whiten = True  # the residuals whitened (hpcad/model/whiten.py): said so
+    score_nodes(cfg, TelemetryStore(tmp_path / "store.h5"), models, tmp_path / "errors.h5")
+    page = write_report(cfg, tmp_path, ErrorStore(tmp_path / "errors.h5"), models).read_text()
+    assert ("alarm signal: whitened reconstruction error (the residual over its covariance in training) + 10 x "
+            "range excess, smoothed over 25 rows.") in page
 
 
 def test_label_classes_are_shown_by_the_names_the_labels_were_read_with(tmp_path):

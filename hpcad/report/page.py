@@ -59,7 +59,8 @@ def _alarm_budget(th: Thresholds, budget: dict) -> str:
 def _signal_said(errors: ErrorStore, cfg: HpcadConfig) -> str:
     """How the alarm signal was made (the recipe errors.h5 was scored with, and how it was chosen)."""
     r = errors.recipe
-    said = "alarm signal: reconstruction error"
+    said = "alarm signal: " + ("whitened reconstruction error (the residual over its covariance in training)"
+                               if r.whitened else "reconstruction error")
     if cfg.signal.range_excess:
         said += f" + {r.weight:g} x range excess"
     if r.scaled:
