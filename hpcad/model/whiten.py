@@ -32,7 +32,7 @@ import torch
 from hpcad.model.autoencoder import AutoencoderSpec, ensemble_recon, stack
 from hpcad.preprocess import fit_rows
 
-ROW_BLOCK = 4096  # rows per forward pass and per partial sum
+ROW_BLOCK = 1024  # rows per forward pass and per partial sum (a block of 64 nodes x 160 metrics: 42 MB)
 GROUP = 64  # nodes whose [M, M] sums are held at once (2 x GROUP x M^2 float64: 26 MB at M = 160)
 EIGEN_FLOOR = 1e-6  # smallest eigenvalue kept, as a share of the mean variance
 
