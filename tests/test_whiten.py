@@ -141,3 +141,21 @@ def test_without_training_rows_to_fit_the_identity_keeps_the_errors_as_they_are(
     r = np.arange(8, dtype=np.float32).reshape(2, 4)
     np.testing.assert_array_equal((r @ w.matrix) ** 2, r ** 2)
     assert w.holdout_error.sum() == pytest.approx(8.0)
+
+
+def test_a_windowed_ensembles_whitening_is_of_the_residuals_scoring_sees():
+    """Members and windows: the whitening is fitted on the members' mean reconstruction of each
+    window's newest row, as scoring measures it: its held-out figures are the scored rows' own."""
+    from hpcad.preprocess import windows
+
+    rng = np.random.default_rng(6)
+    M, w, R = 5, 3, 2
+    spec = AutoencoderSpec([4], members=R, window=w)
+    z = (rng.normal(size=(300, M)) @ rng.normal(size=(M, M))).astype(np.float32)
+    members = [glorot_init(AutoencoderSpec([4], window=w), M, 10 + r) for r in range(R)]
+    hold = held_out_from(len(z), 0.1)
+    white = fit_whitening(spec, [members], [windows(z, w)], [hold], M)[0]
+    model = NodeModel("n", spec, [f"m{j}" for j in range(M)], members, Scaler.fit(z, PRE), {}, 1.0, whitening=white)
+    scored = reconstruction_errors([model], [z], CPU, masks=[np.zeros_like(z, dtype=bool)], whiten=True)[0]
+    np.testing.assert_allclose(scored[hold:].mean(0), white.holdout_error, rtol=1e-4)
+    assert white.level == pytest.approx(float(scored[hold:].sum(1).mean()), rel=1e-4)
