@@ -93,6 +93,48 @@ def test_one_cluster_in_all_three_formats_gives_identical_stores(tmp_path):
             np.testing.assert_array_equal(got.labels, nd.labels, err_msg=name)
 
 
+@pytest.mark.parametrize("zeroed, zipped", [("mid_row", False), ("mid_row", True), ("whole_rows", False)])
+def test_nul_bytes_a_crash_left_in_a_file_are_said_and_no_row_is_joined_from_two(tmp_path, caplog, zeroed, zipped):
+    """A crash while a file was written can leave a stretch of its blocks zeroed (ext4 after a power
+    loss). A stretch from the middle of one row to the middle of a later one joins the first row's
+    beginning to the later row's end, NUL bytes between: pandas kept them in the value, which was no
+    number, and the ingest refused the whole file ("non-numeric metric columns"). Such a row is now
+    left out, and the warning names the file, the NUL bytes and the line; rows zeroed whole are
+    missing, and a row the stretch ends exactly before is read as written."""
+    import gzip
+
+    nd, metrics = _cluster(n=1, rows=120)[0], metric_names()[:6]
+    frame = node_frame(nd)[["timestamp", *metrics]]
+    text = frame.to_csv(index=False)
+    lines = text.splitlines(keepends=True)
+    k = 40  # data row k is line k + 1
+    start = sum(map(len, lines[:k + 1]))  # where data row k starts
+    later = start + len(lines[k + 1]) + len(lines[k + 2])  # where data row k + 2 starts
+
+    def inside(row: str) -> int:  # where the row's fourth value starts
+        return [i for i, c in enumerate(row) if c == ","][2] + 1
+
+    # mid_row: the joined line has the header's field count, its fourth value NUL bytes and a number
+    a, b = (start + inside(lines[k + 1]), later + inside(lines[k + 3])) if zeroed == "mid_row" else (start, later)
+    damaged = bytearray(text.encode())
+    damaged[a:b] = b"\0" * (b - a)
+    gone = [k, k + 1, k + 2] if zeroed == "mid_row" else [k, k + 1]  # the rows the store must lack
+    (tmp_path / "bad").mkdir(), (tmp_path / "good").mkdir()
+    name = f"{nd.name}.csv" + (".gz" if zipped else "")
+    path = tmp_path / "bad" / name
+    path.write_bytes(gzip.compress(bytes(damaged)) if zipped else bytes(damaged))
+    frame.drop(index=frame.index[gone]).to_csv(tmp_path / "good" / f"{nd.name}.csv", index=False)
+    with caplog.at_level(logging.WARNING):
+        got = TelemetryStore(ingest(data_cfg(source=str(tmp_path / "bad")), tmp_path / "bad.h5")).read(nd.name)
+    want = TelemetryStore(ingest(data_cfg(source=str(tmp_path / "good")), tmp_path / "good.h5")).read(nd.name)
+    np.testing.assert_array_equal(got.timestamp, want.timestamp)
+    np.testing.assert_array_equal(got.values, want.values)
+    left_out = 1 if zeroed == "mid_row" else 0
+    assert re.search(rf"{re.escape(str(path))}: {b - a} NUL byte\(s\), the first on line {k + 2} \(a crash while "
+                     rf"the file was written leaves blocks zeroed\): left out {left_out} row\(s\) they cut into",
+                     caplog.text), caplog.text
+
+
 def _cut_line(path: Path, how: str) -> None:
     """``path`` with its last line cut: ``short`` (a third of it gone and no line end: the file is
     still being written), ``gone`` (the line not written yet) or ``no_end`` (whole, no line end); or a

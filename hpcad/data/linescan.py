@@ -27,6 +27,12 @@ class LineScan:
     comments: list[int]  # lines starting with ``#``
     short: list[int]  # rows cut short inside the file (``scan_lines``)
     tail: bytes  # the file's last line when it has no line end (b"" when it has one), for ``cut_reason``
+    nul: int = 0  # NUL bytes (a crash while the file was written: blocks left zeroed)
+    first_nul: int = -1  # the line holding the first of them
+    damaged: list[int] | None = None  # rows a stretch of NUL bytes cut into (one after a row's first byte)
+
+    def __post_init__(self) -> None:
+        self.damaged = [] if self.damaged is None else self.damaged
 
 
 def scan_lines(blocks: Iterable[bytes], sep: str, fields: int, named: int, header: bytes | None = None) -> LineScan:
@@ -45,6 +51,14 @@ def scan_lines(blocks: Iterable[bytes], sep: str, fields: int, named: int, heade
       are no cut rows but another table (a header of fewer columns joined on with ``cat``: the
       readers' errors say so); blank and comment lines are no rows, nor is a line with an odd count
       of quotes (part of a quoted value over several lines).
+
+    NUL bytes are counted (``nul``, ``first_nul``): they are what a file system leaves in blocks a
+    crash did not finish writing (ext4 after a power loss). A row with NUL bytes after its first
+    byte (``damaged``) is a row's beginning joined to a later row's end: pandas keeps the NUL bytes in
+    the value they fall in, which is then no number, and the whole column was refused ("non-numeric
+    metric columns": the file lost for a few rows); such rows are left out. NUL bytes at a line's
+    start only (whole rows zeroed, the stretch ending where a row starts) leave that row as it was
+    written (its timestamp is read past them), or the end of one, which is short.
 
     The header (``header``, else the first line: an LDMS store's may be in a side file) has ``fields``
     fields. A block of lines whose separators are as many as its lines
@@ -72,6 +86,9 @@ def scan_lines(blocks: Iterable[bytes], sep: str, fields: int, named: int, heade
         scan.comments.append(line0)
     elif carry.strip():
         scan.tail = (b"\n" if line0 else b"") + carry
+    if b"\0" in carry:  # a zeroed end without a line end
+        scan.first_nul = line0 if scan.nul == 0 else scan.first_nul
+        scan.nul += carry.count(b"\0")
     scan.repeats.sort()
     return scan
 
@@ -107,6 +124,17 @@ def _scan_block(block: bytes, arr, line0: int, header: bytes, fields: int, want:
         if (at == 0 or block[at - 1] == 10) and (line := line_of(at)) > 0:
             scan.comments.append(line)
         at = block.find(b"#", at + 1)
+    if block.find(b"\0") >= 0:  # memchr first: a file without NUL bytes pays no array compare
+        zeros = arr == 0
+        nul = int(np.count_nonzero(zeros))
+        if scan.nul == 0:
+            scan.first_nul = line_of(int(np.argmax(zeros)))
+        scan.nul += nul
+        ends = line_ends()
+        for k in np.unique(np.searchsorted(ends, np.flatnonzero(zeros))).tolist():
+            text = block[ends[k - 1] + 1 if k else 0:ends[k]]
+            if b"\0" in text.lstrip(b"\0") and line0 + k > 0:
+                scan.damaged.append(line0 + k)
     if want >= 1 and int(np.count_nonzero(arr == mark)) != lines * (fields - 1):
         ends = line_ends()
         per_line = np.diff(np.searchsorted(np.flatnonzero(arr == mark), ends), prepend=0)
@@ -133,9 +161,14 @@ def scan_file(path: Path, sep: str, fields: int, named: int, header: bytes | Non
 
 
 def rows_cut_short(path: Path, scan: LineScan, named: int) -> list[int]:
-    """``scan.short``, logged as a warning naming the file, their count and the first one's line."""
+    """The rows to leave out as cut (``scan.short`` and ``scan.damaged``), each kind logged as a
+    warning naming the file, the count and the first one's line."""
+    if scan.nul:
+        log.warning("%s: %d NUL byte(s), the first on line %d (a crash while the file was written leaves blocks "
+                    "zeroed): left out %d row(s) they cut into; rows they replaced whole are missing", path, scan.nul,
+                    scan.first_nul + 1, len(scan.damaged))
     if scan.short:
         log.warning("%s: left out %d row(s) with fewer than the %d fields the header names, the first at line %d (a "
                     "writer that stopped mid-row and went on?): the last value such a row has may be cut mid-number",
                     path, len(scan.short), named, scan.short[0] + 1)
-    return scan.short
+    return sorted(set(scan.short) | set(scan.damaged))
