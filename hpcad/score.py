@@ -48,7 +48,7 @@ from hpcad.preprocess import fill_gaps, split_codes, windows
 from hpcad.progress import Progress
 from hpcad.signal_choice import attrs as recipe_attrs
 from hpcad.signal_choice import choose as choose_recipe
-from hpcad.signal_choice import fixed_whiten
+from hpcad.signal_choice import every_node_labelled, fixed_whiten
 from hpcad.signal_choice import rankable_nodes
 from hpcad.signals import Recipe, smooth_signal
 from hpcad.signals import whitening as signal_whitening
@@ -103,8 +103,11 @@ def score_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, out_p
         """The choice's pass: only the nodes it ranks (validation rows of both classes), with its own progress."""
         which = rankable_nodes(store, nodes, cfg.split)
         bar = Progress(len(which), "signal choice", "node", cfg.compute.progress, log)
+        whiten = fixed_whiten(cfg.signal.whiten)
+        if whiten is None and not every_node_labelled(store):  # auto leaves whitening out there: no need of it
+            whiten = False
         try:
-            for item in node_errors(which, fixed_whiten(cfg.signal.whiten)):
+            for item in node_errors(which, whiten):
                 yield item
                 bar.update(1)
         finally:

@@ -227,3 +227,37 @@ def test_the_signal_choice_pass_says_how_far_it_got_in_a_log_file(tmp_path, monk
     said = [r.getMessage().split(" (")[0] for r in caplog.records]
     assert [m for m in said if m.startswith("signal choice: ")] == ["signal choice: 1/3 nodes", "signal choice: 2/3 nodes"]
     assert [m for m in said if m.startswith("score: ")] == [f"score: {k}/6 nodes" for k in range(1, 6)]
+
+
+def test_auto_whitening_is_left_out_of_a_run_with_a_node_without_labels(tmp_path, monkeypatch):
+    """``signal.whiten=auto`` is a candidate only where every node is labelled (the others get the
+    level fallback, which whitening's drift would set off: hpcad.signal_choice): a run with one
+    unlabelled node is scored unwhitened, and the choice's pass computes no whitened errors."""
+    import hpcad.score as score
+
+    def labels(i: int) -> np.ndarray | None:  # an anomaly in the validation rows of nodes 0-2; node 3 unlabelled
+        if i == 3:
+            return None
+        y = np.zeros(80, np.int8)
+        y[50:55] = i < 3
+        return y
+
+    cfg, store, _ = _random_site(tmp_path, 4, 80, 40, labels)
+    cfg.split.unit, cfg.split.train, cfg.split.val = "rows", 40, 20
+    assert cfg.signal.whiten == "auto" and store.labelled["n03"] is False
+    real, asked = score.reconstruction_errors, []
+    monkeypatch.setattr(score, "reconstruction_errors", lambda ms, zs, dev, maps, masks, whiten: asked.append(whiten)
+                        or real(ms, zs, dev, maps, masks, whiten))
+    score_nodes(cfg, store, tmp_path / "models", tmp_path / "errors.h5")
+    assert asked and all(w is False for w in asked), asked
+    errors = ErrorStore(tmp_path / "errors.h5")
+    assert errors.recipe.whitened is False
+    import json
+
+    with h5py.File(tmp_path / "errors.h5") as f:
+        assert [c["whiten"] for c in json.loads(f.attrs["signal_choice"])["candidates"]] == [False] * 4
+    labelled = _random_site(tmp_path / "all", 3, 80, 40, labels)  # every node labelled: both are candidates
+    labelled[0].split.unit, labelled[0].split.train, labelled[0].split.val = "rows", 40, 20
+    score_nodes(labelled[0], labelled[1], tmp_path / "all" / "models", tmp_path / "all.h5")
+    with h5py.File(tmp_path / "all.h5") as f:
+        assert [c["whiten"] for c in json.loads(f.attrs["signal_choice"])["candidates"]] == [False] * 4 + [True] * 4
