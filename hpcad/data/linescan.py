@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,10 +29,7 @@ class LineScan:
     tail: bytes  # the file's last line when it has no line end (b"" when it has one), for ``cut_reason``
     nul: int = 0  # NUL bytes (a crash while the file was written: blocks left zeroed)
     first_nul: int = -1  # the line holding the first of them
-    damaged: list[int] | None = None  # rows a stretch of NUL bytes cut into (one after a row's first byte)
-
-    def __post_init__(self) -> None:
-        self.damaged = [] if self.damaged is None else self.damaged
+    damaged: list[int] = field(default_factory=list)  # rows a stretch of NUL bytes cut into (one after their first byte)
 
 
 def scan_lines(blocks: Iterable[bytes], sep: str, fields: int, named: int, header: bytes | None = None) -> LineScan:
