@@ -246,7 +246,7 @@ def reconstruction_errors(models: list[NodeModel], zs: list[np.ndarray], device:
     spec = models[0].spec
     both = None  # the plain errors beside the whitened ones (whiten=None)
     if whiten is not False:
-        white = stacked([signal_whitening(m, f"node {m.node}") for m in models], device)
+        white = stacked([signal_whitening(m, "") for m in models], device)  # "" names the node
         both = [np.empty_like(z) for z in zs] if whiten is None else None
     R, w = spec.members, spec.window
     params = stack([p for m in models for p in m.members], device)

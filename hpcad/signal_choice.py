@@ -186,8 +186,7 @@ def choose(cfg: HpcadConfig, store, node_errors: Callable[[], Iterator[tuple]],
 
 def every_node_labelled(store) -> bool:
     """Whether every node of the store has labels (an incident list labels them all)."""
-    labelled = getattr(store, "labelled", None)
-    return bool(store.has_labels) if labelled is None else all(labelled.get(n) for n in store.nodes)
+    return all(store.labelled.get(n) for n in store.nodes)
 
 
 def validation_labels(split: np.ndarray, labels: np.ndarray | None) -> tuple[np.ndarray, np.ndarray] | None:
