@@ -127,6 +127,7 @@ class TrainConfig:
     restore_best: bool = True
     seed: int = 0
     input_noise: float = 0.0  # denoising: Gaussian noise of this std (standardised units) on training inputs
+    weight_decay: float = 0.0  # decoupled weight decay (AdamW) on the weight matrices, per step lr x this
     trim: float = 0.0  # leave each batch's highest-error share of rows out of its step (robust to anomalies in training)
 
 

@@ -80,10 +80,13 @@ def check_train_config(tc: TrainConfig, scope: str = "node") -> None:
               (0 <= float(tc.validation_split) < 1, "train.validation_split", "must be in [0, 1)"),
               (int(tc.patience) >= 1, "train.patience", "must be >= 1"),
               (float(tc.input_noise) >= 0, "train.input_noise", "must be >= 0 (0: no denoising)"),
-              (0 <= float(tc.trim) < 1, "train.trim", "must be in [0, 1) (0: every row counts)")]
+              (0 <= float(tc.trim) < 1, "train.trim", "must be in [0, 1) (0: every row counts)"),
+              (0 <= float(tc.weight_decay) * float(tc.lr) < 1, "train.weight_decay",
+               "must be >= 0 and below 1 / train.lr (0: no decay)")]
     if scope == "fleet":
         checks += [(float(tc.input_noise) == 0, "train.input_noise", "model.scope=fleet trains one plain model (0)"),
-                   (float(tc.trim) == 0, "train.trim", "model.scope=fleet trains one plain model (0)")]
+                   (float(tc.trim) == 0, "train.trim", "model.scope=fleet trains one plain model (0)"),
+                   (float(tc.weight_decay) == 0, "train.weight_decay", "model.scope=fleet trains one plain model (0)")]
     for ok, option, rule in checks:
         if not ok:
             raise ConfigError(f"{option}={getattr(tc, option.split('.')[1])}: {rule}")
@@ -104,7 +107,8 @@ def training_fingerprint(cfg: HpcadConfig, spec: AutoencoderSpec, store: Telemet
              "train": {**{k: t[k] for k in ("epochs", "batch_size", "lr", "validation_split", "patience",
                                             "restore_best", "seed")},
                        "precision": cfg.compute.precision, "input_noise": t.input_noise,
-                       **({"trim": t.trim} if t.trim else {})},  # absent at 0: earlier runs' models stay valid
+                       **({"trim": t.trim} if t.trim else {}),  # absent at 0: earlier runs' models stay valid
+                       **({"weight_decay": t.weight_decay} if t.weight_decay else {})},
              "preprocess": OmegaConf.to_container(cfg.preprocess) if OmegaConf.is_config(cfg.preprocess)
              else dict(vars(cfg.preprocess)),
              "split": split_identity(cfg.split)}

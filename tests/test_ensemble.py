@@ -21,7 +21,10 @@ def _data(n_rows, M=12, seed=0):
 def _reference(spec, x, seed, cfg):
     """One model trained alone by a plain loop: autograd and torch.optim.Adam, step by step."""
     params = [p.clone().requires_grad_(True) for p in glorot_init(spec, x.shape[1], seed)]
-    opt = torch.optim.Adam(params, lr=cfg.lr, betas=(BETA1, BETA2), eps=EPS)
+    # train.weight_decay: AdamW's decoupled decay on the weight matrices [W0, b0, W1, b1, ...], not the biases
+    groups = [{"params": params[0::2], "weight_decay": getattr(cfg, "weight_decay", 0.0)},
+              {"params": params[1::2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(BETA1, BETA2), eps=EPS)
     X = torch.from_numpy(x)
     n_tr = int(np.ceil(len(x) * (1 - cfg.validation_split)))
     best, best_loss, wait = None, float("inf"), 0
@@ -82,32 +85,37 @@ def test_result_does_not_depend_on_chunk_companions(hidden, M):
     assert a.history[1] == b.history[0] and a.holdout_signal[1] == b.holdout_signal[0]
 
 
-@pytest.mark.parametrize("hidden,M", SHAPES)
-def test_masked_adam_of_the_cuda_path_trains_like_the_plain_loop_and_ignores_companions(hidden, M, monkeypatch):
+@pytest.mark.parametrize("hidden,M,decay", [(*SHAPES[0], 0.0), (*SHAPES[1], 0.0), (*SHAPES[0], 3.0)])
+def test_masked_adam_of_the_cuda_path_trains_like_the_plain_loop_and_ignores_companions(hidden, M, decay,
+                                                                                        monkeypatch):
     """On CUDA every model steps through one masked, element-wise Adam (models of different lengths
     would split the fused kernel into one-model slices); run here on CPU: same training as
-    torch.optim.Adam, stopped models untouched, and a node's model still its own alone."""
+    torch.optim.Adam (AdamW with ``train.weight_decay``), stopped models untouched, and a node's
+    model still its own alone."""
     import hpcad.model.ensemble as ens
 
     monkeypatch.setattr(ens, "masked_adam", lambda device: True)
     spec = AutoencoderSpec(hidden)
+    cfg = NS(**{**vars(CFG), "weight_decay": decay})
     data = [_data(n, M=M, seed=i) for i, n in enumerate([300, 157, 64])]
     seeds = [11, 22, 33]
-    batched = train_ensemble(spec, data, seeds, CFG, torch.device("cpu"))
+    batched = train_ensemble(spec, data, seeds, cfg, torch.device("cpu"))
     for k in range(3):
-        for a, b in zip(batched.params[k], _reference(spec, data[k], seeds[k], CFG)):
+        for a, b in zip(batched.params[k], _reference(spec, data[k], seeds[k], cfg)):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    alone = train_ensemble(spec, data[1:2], seeds[1:2], CFG, torch.device("cpu"))
+    alone = train_ensemble(spec, data[1:2], seeds[1:2], cfg, torch.device("cpu"))
     for x, y in zip(batched.params[1], alone.params[0]):
         assert torch.equal(x, y)
     assert batched.history[1] == alone.history[0]
 
 
-@pytest.mark.parametrize("option,value", [("input_noise", 0.3), ("trim", 0.25)])
+@pytest.mark.parametrize("option,value", [("input_noise", 0.3), ("trim", 0.25), ("weight_decay", 3.0)])
 def test_a_training_option_trains_like_the_plain_loop_and_ignores_companions(option, value):
     """train.input_noise: each model's noise is its own (seed, epoch, step); train.trim: each step
-    leaves out the share of its batch's rows with the highest errors, short last batches included.
-    Either, model by model, as in a plain loop, and whatever the chunk's other models."""
+    leaves out the share of its batch's rows with the highest errors, short last batches included;
+    train.weight_decay: AdamW's decoupled decay of the weight matrices (not the biases), models that
+    sit a step out not decayed. Each, model by model, as in a plain loop, and whatever the chunk's
+    other models."""
     spec, M = AutoencoderSpec([8]), 12
     cfg = NS(**{**vars(CFG), option: value})
     data = [_data(n, M=M, seed=i) for i, n in enumerate([300, 157, 64])]

@@ -41,9 +41,11 @@ WRONG = [
     (["train.epochs=0"], "train", "train.epochs=0: must be >= 1"),
     (["train.lr=0"], "train", "train.lr=0.0: must be > 0"),
     (["train.trim=1"], "train", "train.trim=1.0: must be in [0, 1)"),
+    (["train.weight_decay=-1"], "train", "train.weight_decay=-1.0: must be >= 0 and below 1 / train.lr"),
     # the fleet model trains one plain model: what it would silently ignore is refused
     (["model.scope=fleet", "train.trim=0.3"], "train", "train.trim=0.3: model.scope=fleet trains one plain model"),
     (["model.scope=fleet", "train.input_noise=0.3"], "train", "train.input_noise=0.3: model.scope=fleet trains one"),
+    (["model.scope=fleet", "train.weight_decay=1"], "train", "train.weight_decay=1.0: model.scope=fleet trains one"),
     (["model.scope=fleet", "model.code_l1=0.1"], "train", "model.scope=fleet trains one plain model: members and "
                                                            "window must be 1, code_l1 0"),
     (["compute.max_nodes_per_chunk=0"], "train", "compute.max_nodes_per_chunk=0: must be > 0"),
@@ -170,16 +172,17 @@ def test_run_stops_before_the_ingest_with_one_clear_line(tmp_path):
     assert not (run / "store.h5").exists() and not (run / "models").exists()  # nothing ran
 
 
-def test_a_trimmed_loss_is_part_of_the_models_fingerprint_and_the_default_leaves_it_unchanged():
-    """``train.trim`` changes the weights, so models trained without it are retrained when it is set;
-    at its default (0) the fingerprint is the one hpcad wrote before the option existed, so a site's
-    trained models stay valid across the upgrade."""
+@pytest.mark.parametrize("option", ["train.trim=0.3", "train.weight_decay=1"])
+def test_a_training_option_is_part_of_the_models_fingerprint_and_its_default_leaves_it_unchanged(option):
+    """``train.trim`` and ``train.weight_decay`` change the weights, so models trained without them
+    are retrained when one is set; at their defaults (0) the fingerprint is the one hpcad wrote
+    before the options existed, so a site's trained models stay valid across the upgrade."""
     from types import SimpleNamespace
 
     from hpcad.train import model_spec, training_fingerprint
 
     store = SimpleNamespace(metrics=["power", "ips"])
-    plain, trimmed = (_cfg(*o) for o in ([], ["train.trim=0.3"]))
+    plain, trimmed = (_cfg(*o) for o in ([], [option]))
     assert training_fingerprint(plain, model_spec(plain), store) == "1cb6a554f39412723138"  # recorded before the option (a change to a default in the digest retrains every site's models: update only on purpose)
     assert training_fingerprint(trimmed, model_spec(trimmed), store) != training_fingerprint(plain, model_spec(plain),
                                                                                                  store)

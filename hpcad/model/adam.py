@@ -38,8 +38,10 @@ class BatchedAdam:
 
     def __init__(self, params: list[torch.Tensor], grads: list[torch.Tensor], lr: float,
                  m: list[torch.Tensor] | None = None, v: list[torch.Tensor] | None = None,
-                 step_count: torch.Tensor | None = None, masked: bool = False) -> None:
+                 step_count: torch.Tensor | None = None, masked: bool = False, weight_decay: float = 0.0,
+                 decayed: tuple[int, ...] = ()) -> None:
         self.lr, self.params, self.grads, self.masked = lr, params, grads, masked
+        self.weight_decay, self.decayed = float(weight_decay), tuple(decayed)
         self.m = m if m is not None else [torch.zeros_like(p) for p in params]
         self.v = v if v is not None else [torch.zeros_like(p) for p in params]
         # float32, as torch.optim keeps it and the fused kernel reads it (whatever the default dtype)
@@ -52,7 +54,7 @@ class BatchedAdam:
     def select(self, keep: torch.Tensor, params: list[torch.Tensor], grads: list[torch.Tensor]) -> "BatchedAdam":
         """The state of the models at ``keep``, for the compacted ``params``/``grads`` storage."""
         return BatchedAdam(params, grads, self.lr, [t[keep] for t in self.m], [t[keep] for t in self.v],
-                     self.step_count[keep], self.masked)
+                           self.step_count[keep], self.masked, self.weight_decay, self.decayed)
 
     def group(self, active: list[int]) -> tuple:
         """The slices of the models in ``active`` (build once, step many times while the same
@@ -81,6 +83,10 @@ class BatchedAdam:
             return
         self.step_count.add_(active)
         self.counts[idx] += 1
+        if self.weight_decay > 0:  # decoupled (AdamW): the stepping models' weight matrices shrink first
+            shrink = 1.0 - self.lr * self.weight_decay * active[:, None]
+            for i in self.decayed:
+                self.params[i].mul_(shrink)
         if self.masked:
             self._masked_step(active)
             return

@@ -108,7 +108,9 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
         p.copy_(p0)
     del init
     g_store = alloc(shapes, K, device)
-    adam = BatchedAdam(store, g_store, float(cfg.lr), masked=masked_adam(device))
+    decay = float(getattr(cfg, "weight_decay", 0.0))
+    adam = BatchedAdam(store, g_store, float(cfg.lr), masked=masked_adam(device), weight_decay=decay,
+                       decayed=tuple(range(0, len(shapes), 2)))  # [W0, b0, W1, b1, ...]: the weights
     best = [t.clone() for t in store]
     best_loss = torch.full((K,), float("inf"), device=device)
     best_signal = torch.full((K,), float("nan"), device=device)
@@ -168,7 +170,8 @@ def train_ensemble(spec: AutoencoderSpec, data: list[np.ndarray], seeds: list[in
         for dst, name in ((store, "store"), (best, "best"), *zip(moments, ("m", "v"))):
             for t, saved in zip(dst, state[name]):
                 t.copy_(saved)  # into fresh aligned storage, as the optimiser expects
-        adam = BatchedAdam(store, g_store, float(cfg.lr), *moments, state["step_count"].to(device), adam.masked)
+        adam = BatchedAdam(store, g_store, float(cfg.lr), *moments, state["step_count"].to(device), adam.masked,
+                           adam.weight_decay, adam.decayed)
         best_loss, best_signal, wait, running = (state[k].to(device) for k in
                                                  ("best_loss", "best_signal", "wait", "running"))
         hist_loss, hist_val, stopped_epoch = state["hist_loss"], state["hist_val"], state["stopped_epoch"]
