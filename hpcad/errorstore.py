@@ -113,6 +113,17 @@ class ErrorStore:
             found = {n: f["nodes"][n].attrs.get("model", "") for n in self.nodes}
         return {n: (d.decode() if isinstance(d, bytes) else str(d)) for n, d in found.items() if d}
 
+    def scored_with(self, node: str) -> tuple[str, int]:
+        """The digest of the model file that scored the node ("" where not recorded) and the version
+        of the light map it applied (0: none; hpcad.model.light)."""
+        with open_h5(self.path, kind="error file") as f:
+            try:
+                a = f["nodes"][node].attrs
+                digest = a.get("model", "")
+                return (digest.decode() if isinstance(digest, bytes) else str(digest)), int(a.get("light_version", 0))
+            except (OSError, KeyError) as exc:
+                raise corrupt(self.path, f"node {node}", exc, self.rerun) from exc
+
     @property
     def rerun(self) -> str:
         """The stage that writes this file."""

@@ -1,9 +1,17 @@
-"""Explanation: which metrics carry the error, per anomaly class (the lecture's error profiles)."""
+"""Explanation: which metrics carry the error, per anomaly class (the lecture's error profiles), and
+what a node's model expected its metrics to read (its reconstruction, in the metrics' own units)."""
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from hpcad.errorstore import ErrorStore
+from hpcad.preprocess import fill_gaps, window_at
+
+if TYPE_CHECKING:
+    from hpcad.model.files import NodeModel
+    from hpcad.model.light import LightMap
 
 
 ProfileSums = tuple[dict[int, np.ndarray], dict[int, np.ndarray], dict[int, int], bool]
@@ -64,3 +72,20 @@ def profiles_from_sums(parts: list[ProfileSums], metrics: list[str], top: int = 
 def metric_family(name: str) -> str:
     """``ips_p0_3`` -> ``ips``: the telemetry family a metric belongs to."""
     return name.split("_")[0]
+
+
+def expected_values(model: "NodeModel", values: np.ndarray, rows: np.ndarray, fill_limit: int,
+                    light: "LightMap | None" = None) -> np.ndarray:
+    """What the node's model expected at ``rows`` of the node's raw values [T, M] (every row, as
+    scoring reads them: gaps filled up to ``fill_limit`` rows, standardised, each row in its window):
+    its members' mean reconstruction, adapted by ``light`` (the light map that scored the node), in
+    the metrics' own units [len(rows), M] (float64). The residual the alarm signal sums is the
+    standardised difference of these and the observed values."""
+    from hpcad.model.light import recon_and_code
+
+    z = model.scaler.transform(fill_gaps(values, fill_limit))[0]
+    x = window_at(z, np.asarray(rows), model.spec.window)
+    recon, code = recon_and_code(model.members, len(model.spec.hidden), x, z.shape[1])
+    if light is not None:
+        recon = light.apply(recon, code)
+    return model.scaler.to_raw(recon.numpy())

@@ -289,14 +289,17 @@ class Scaler:
             missing[s:s + TRANSFORM_ROWS] = mb
         return z, missing
 
+    def to_raw(self, z: np.ndarray) -> np.ndarray:
+        """Standardised values back in the metrics' own units (inverting the soft clip; a hard clip's
+        cut values stay at the clip)."""
+        a = np.abs(z)
+        if self.soft_clip:
+            a = np.where(a > self.clip, self.clip + np.expm1(np.maximum(a - self.clip, 0.0)), a)
+        return self.mean + self.scale * np.sign(z) * a
+
     def training_range(self) -> tuple[np.ndarray, np.ndarray]:
-        """Each metric's training range [low, high] in its own units (inverting the soft clip)."""
-        def raw(z: np.ndarray) -> np.ndarray:
-            a = np.abs(z)
-            if self.soft_clip:
-                a = np.where(a > self.clip, self.clip + np.expm1(np.maximum(a - self.clip, 0.0)), a)
-            return self.mean + self.scale * np.sign(z) * a
-        return raw(self.lo), raw(self.hi)
+        """Each metric's training range [low, high] in its own units."""
+        return self.to_raw(self.lo), self.to_raw(self.hi)
 
     def excess(self, z: np.ndarray) -> np.ndarray:
         """How far standardised values [T, M] lie outside the training range (0 inside)."""

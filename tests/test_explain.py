@@ -2,6 +2,7 @@
 import csv
 
 import numpy as np
+import pytest
 
 from hpcad.errorstore import ErrorStore, NodeSignal
 from hpcad.incidents import cause_of
@@ -94,3 +95,37 @@ def test_scored_errors_record_each_metrics_normal_error(tmp_path):
     assert errors.normal_error("b") is None
     win = AlarmWindow(errors, next(errors.signals(["b"])), Thresholds("cost", "node", None, {"b": 1.0}, {}), "s")
     assert not win.times_normal and np.array_equal(win.order, np.argsort(win.err.max(0))[::-1])
+
+
+@pytest.mark.parametrize("window,light", [(1, False), (3, True)])
+def test_expected_values_are_what_scoring_measured_each_row_against(window, light):
+    """The node page's "expected" is the reconstruction scoring compared each row with: observed
+    minus expected, standardised, squared, is the row's error in errors.h5 (unwhitened, no range
+    excess), with the gaps filled as scoring fills them, each row in its window, and the light map
+    that scored the node applied."""
+    import torch
+
+    from hpcad.config import HpcadConfig
+    from hpcad.explain import expected_values
+    from hpcad.model.autoencoder import AutoencoderSpec, glorot_init
+    from hpcad.model.light import LightMap
+    from hpcad.preprocess import Scaler, fill_gaps
+    from hpcad.score import reconstruction_errors
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.structured(HpcadConfig)
+    rng = np.random.default_rng(window)
+    values = (rng.normal(size=(120, 4)) * [1.0, 50.0, 3.0, 0.1] + [0.0, 900.0, 40.0, 2.0]).astype(np.float32)
+    values[60:66, 1] = np.nan  # three rows forward-filled, three missing
+    values[90:95] *= 30  # far beyond the soft clip
+    spec = AutoencoderSpec(hidden=[3], window=window)
+    scaler = Scaler.fit(values[:50], cfg.preprocess)
+    model = NodeModel("n1", spec, [f"m{j}" for j in range(4)], [glorot_init(spec, 4, 7)], scaler, {}, 1.0)
+    lm = LightMap(torch.from_numpy(rng.normal(scale=0.1, size=(4 + 3 + 1, 4)).astype(np.float32))) if light else None
+    z = scaler.transform(fill_gaps(values, cfg.preprocess.nan_fill_limit))[0]
+    scored = reconstruction_errors([model], [z], torch.device("cpu"), [lm])[0]
+    rows = np.arange(55, 100)
+    expected = expected_values(model, values, rows, cfg.preprocess.nan_fill_limit, lm)
+    assert expected.shape == (len(rows), 4) and np.isfinite(expected).all()
+    residual = z[rows] - scaler.transform(expected)[0]
+    np.testing.assert_allclose(np.square(residual), scored[rows], rtol=1e-4, atol=1e-5)

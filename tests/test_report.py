@@ -422,3 +422,43 @@ def test_the_report_says_what_kept_rows_out_of_training():
     assert _training_said(both) == ("; training left out the stretches listed in <code>/srv/nightly/*/alarms.csv</code> "
                                     "(split.exclude); trimmed loss: each training step left out its 30% "
                                     "worst-reconstructed rows (train.trim)")
+
+
+def test_a_node_page_shows_what_the_model_expected_only_where_that_model_scored_the_node(tmp_path):
+    """At the strongest alarm's peak the page quotes each top metric's observed and expected value
+    (the model's reconstruction, in the metric's units) beside its training range. Where the model
+    file is no longer the one that scored the node (retrained since), or the node was scored with a
+    light map the report cannot find, it quotes no expectation rather than another model's."""
+    import h5py
+
+    from hpcad.model.autoencoder import glorot_init
+    from hpcad.model.files import NodeModel, model_path
+
+    cfg, errors, models = _run(tmp_path, [ALARM_B])
+    write_report(cfg, tmp_path, errors, models)
+    page = (tmp_path / "nodes" / "b.html").read_text()
+    table = page.split("The strongest alarm's loudest row (")[1]
+    # the smoothed signal peaks at row 160, after the fault; the quoted row is one of the fault's
+    assert table.startswith("1970-01-01 12:")  # rows 150-159: 12:30-13:15
+    row = int(table[11:13]) * 12 + int(table[14:16]) // 5
+    assert 150 <= row < 160 and int(np.argmax(next(errors.signals(["b"])).signal)) == 160
+    rows = [re.findall(r"<td>(.*?)</td>", r) for r in table.split("</table>")[0].split("<tr>")[2:]]
+    assert rows[0][0] == "power"  # node b's rows 150-159: power far outside what training saw (+8)
+    b = NodeModel.load(model_path(models, "b"))
+    lo, hi = b.scaler.training_range()
+    observed = TelemetryStore(tmp_path / "store.h5").read("b").values
+    assert float(rows[0][1]) == pytest.approx(float(observed[row, 0]), rel=1e-2)  # 3 significant digits
+    assert float(rows[0][1]) > hi[0] and rows[0][3] == f"{lo[0]:.4g} .. {hi[0]:.4g}"
+    assert float(rows[0][2]) != pytest.approx(float(rows[0][1]), rel=0.1)  # the model did not expect it
+    # node b's model retrained since it was scored: no expectation quoted
+    NodeModel(b.node, b.spec, b.metrics, [glorot_init(b.spec, 3, 99)], b.scaler, {}, 1.0).save(model_path(models, "b"))
+    write_report(cfg, tmp_path, errors, models)
+    assert "loudest row" not in (tmp_path / "nodes" / "b.html").read_text()
+    # scored again with this model, but recorded as scored with a light map the report does not find
+    score_nodes(cfg, TelemetryStore(tmp_path / "store.h5"), models, tmp_path / "errors.h5")
+    write_report(cfg, tmp_path, ErrorStore(tmp_path / "errors.h5"), models)
+    assert "loudest row" in (tmp_path / "nodes" / "b.html").read_text()
+    with h5py.File(tmp_path / "errors.h5", "r+") as f:
+        f["nodes/b"].attrs["light_version"] = 2
+    write_report(cfg, tmp_path, ErrorStore(tmp_path / "errors.h5"), models)
+    assert "loudest row" not in (tmp_path / "nodes" / "b.html").read_text()

@@ -173,6 +173,7 @@ def build_night(cfg: HpcadConfig, day: dt.date, src: Path, out: Path, tmp: Path,
 
         zone = report_zone(t.dcfg, n.timezone)  # report.timezone, else the site's
         write_report(t.dcfg, tmp, errors, t.models_dir, title=f"hpcad nightly {t.iso}",
+                     light=(t.maps.folder, t.iso),  # the maps that scored tonight, for the expected values
                      extra=nightly_sections(t.iso, src, new, verdicts, refits, n, incidents,
                                             trend(out, t.iso, len(nodes), len(records), incidents), silent, gaps,
                                             max_share, _changes_seen(t, nodes, settling, refits), events, zone,

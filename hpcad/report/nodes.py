@@ -6,29 +6,35 @@ import html
 import os
 from pathlib import Path
 
+import numpy as np
+
 from hpcad.atomic import write_text
 from hpcad.errorstore import ErrorStore
 from hpcad.model.files import NodeModel, model_path
 from hpcad.report.markup import alarms_table, html_table, page, rule_named
-from hpcad.report.plots import AlarmWindow, heatmap, signal_plot, values_plot
+from hpcad.report.plots import AlarmWindow, heatmap, local_times, signal_plot, values_plot
 from hpcad.threshold.rules import Thresholds
 
 
 def node_pages(run_dir: Path, errors: ErrorStore, th: Thresholds, nodes: list[str], alarms: list[dict],
                 time_unit: str, title: str, store=None, models_dir: Path | None = None,
                 workers: int | None = None, history: dict[str, list[list]] | None = None,
-                zone: str = "UTC") -> dict[str, str]:
+                zone: str = "UTC", fill_limit: int = 3, light: tuple[Path | None, str | None] = (None, None)
+                ) -> dict[str, str]:
     """``nodes/<node>.html`` for each alarmed node in ``nodes`` (its alarms, signal and the metrics
-    behind them, and its ``history`` over earlier nights where given), drawn by ``workers``
-    processes (default: the CPUs, at most 8; plots are most of a report's time); pages of nodes no
-    longer listed are removed. Returns node -> relative link."""
+    behind them with what its model expected them to read, and its ``history`` over earlier nights
+    where given), drawn by ``workers`` processes (default: the CPUs, at most 8; plots are most of a
+    report's time); pages of nodes no longer listed are removed. ``fill_limit``
+    (``preprocess.nan_fill_limit``) and ``light`` (the light maps' folder and night that scoring
+    read: ``score.light_maps``, ``score.light_night``) let the expected values be the ones scored.
+    Returns node -> relative link."""
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
     from urllib.parse import quote
 
     folder = run_dir / "nodes"
     job = (run_dir, errors.path, th.to_dict(), time_unit, title, None if store is None else store.path, models_dir,
-           zone)
+           zone, fill_limit, light)
     _OPENED.clear()  # files of an earlier report (same paths, rewritten since) are not reused
     groups = [(node, [a for a in alarms if a["node"] == node], (history or {}).get(node)) for node in nodes]
     n = max(1, min(workers or min(os.cpu_count() or 1, 8), len(groups)))
@@ -67,7 +73,7 @@ def _opened(kind, path: Path):
 
 def _node_page(job: tuple, node: str, mine: list[dict], history: list[list] | None = None) -> None:
     """One node's page (a worker of :func:`node_pages`: everything it needs comes by path)."""
-    run_dir, errors_path, th_dict, time_unit, title, store_path, models_dir, zone = job
+    run_dir, errors_path, th_dict, time_unit, title, store_path, models_dir, zone, fill_limit, light = job
     errors, th = _opened(ErrorStore, errors_path), Thresholds.from_dict(th_dict)
     s = next(errors.signals([node]))
     rule, said = rule_named(th)
@@ -85,8 +91,48 @@ def _node_page(job: tuple, node: str, mine: list[dict], history: list[list] | No
         if node in store.nodes:
             nm, values = NodeModel.load(model), store.read(node).values
             if nm.metrics == errors.metrics and values.shape == (len(s.signal), len(nm.metrics)):
-                parts.append(values_plot(errors, s, th, values, nm.scaler, time_unit, win, zone=zone))
+                expected = _expected(errors, node, model, nm, values, win, fill_limit, light)
+                parts.append(values_plot(errors, s, th, values, nm.scaler, time_unit, win, zone=zone,
+                                         expected=expected))
+                if expected is not None and len(mine):
+                    parts.append(peak_table(errors, s, values, expected, nm.scaler, win, time_unit, zone))
     parts.append("<h2>Alarms</h2>" + alarms_table(mine, lambda n: None, "node-alarms", zone))
     if history:
         parts.append("<h2>This node over the last nights</h2>" + html_table(history, HISTORY_HEADER))
     write_text(run_dir / "nodes" / f"{node}.html", page(f"{node} - {title}", parts))
+
+
+def _expected(errors: ErrorStore, node: str, model: Path, nm: NodeModel, values, win: AlarmWindow, fill_limit: int,
+              light: tuple[Path | None, str | None]):
+    """What the node's model expected over the window's rows (:func:`hpcad.explain.expected_values`),
+    or None where the page cannot be sure it is what scoring saw: the model file is not the one that
+    scored the node (retrained since), or the light map found is not the one it was scored with."""
+    from hpcad.explain import expected_values
+    from hpcad.model.light import LightMaps
+
+    digest, version = errors.scored_with(node)
+    if digest and nm.digest != digest:
+        return None
+    lm = LightMaps(light[0], model.parent).for_night(node, light[1]) if version else None
+    if (lm.version if lm is not None else 0) != version:
+        return None
+    return expected_values(nm, values, np.arange(win.a, win.b), fill_limit, lm)
+
+
+def peak_table(errors: ErrorStore, s, values, expected, scaler, win: AlarmWindow, time_unit: str, zone: str,
+               top: int = 8) -> str:
+    """The strongest alarm's loudest row (``win.loudest``): its top metrics' observed and expected
+    values, training range and times-normal error (what a ticket would quote)."""
+    r, p = win.loudest, win.loudest - win.a
+    lo, hi = scaler.training_range()
+    order = np.argsort(win.err[p])[::-1][:top]
+    when = (str(local_times(np.asarray(s.timestamp[r:r + 1]), zone)[0]).replace("T", " ") + f" {zone}"
+            if time_unit == "s" else f"row {r}")
+    unit = "times normal" if win.times_normal else "error"
+    rows = [[errors.metrics[j], float(values[r, j]), float(expected[p, j]), f"{lo[j]:.4g} .. {hi[j]:.4g}",
+             float(win.err[p, j])] for j in order]
+    return (f"<h2>The strongest alarm's loudest row ({html.escape(when)})</h2><p>The row of the strongest alarm "
+            f"with the largest error of its own, and its metrics with the largest "
+            f"{'error times their normal error' if win.times_normal else 'error'}: what they read, what the node's "
+            f"model expected them to read from the whole row, and the node's training range.</p>"
+            + html_table(rows, ["metric", "observed", "expected", "training range", unit]))

@@ -90,13 +90,16 @@ def _training_said(cfg: HpcadConfig) -> str:
 def write_report(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, models_dir: Path, title: str = "hpcad report",
                  extra: list[str] | None = None, folder: Path | None = None,
                  node_history: dict[str, list[list]] | None = None, node_summary: bool = True,
-                 zone: str | None = None, list_unmodelled: bool = True) -> Path:
+                 zone: str | None = None, list_unmodelled: bool = True,
+                 light: tuple[Path | None, str | None] | None = None) -> Path:
     """The run's (or a night's) report; ``extra`` HTML sections go after the overview; ``folder`` is
     the folder named on the page when ``run_dir`` is a temporary one that will be renamed;
     ``node_summary``: the table of alarmed nodes after the overview (a night has its incidents instead);
     ``node_history`` (node -> rows of :data:`hpcad.report.nodes.HISTORY_HEADER`, newest first) goes on the node pages;
     times are shown in ``report.timezone``, else ``zone`` (the nightly's site zone), else ``data.timezone``;
-    ``list_unmodelled``: a section for the input's nodes without a model (the nightly has its own)."""
+    ``list_unmodelled``: a section for the input's nodes without a model (the nightly has its own);
+    ``light``: the light maps' folder and night scoring read (default ``score.light_maps``,
+    ``score.light_night``), for the node pages' expected values."""
     zone = report_zone(cfg, zone)
     th = Thresholds.load(run_dir / "thresholds.json")
     metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else None
@@ -218,7 +221,8 @@ def write_report(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, models_dir
                         f"or apply thresholds fitted on a quiet period (train_run=).</p>")
     paged = [n for n in ranked if per_node_alarms.get(n)][: int(cfg.report.max_node_pages)]
     pages = node_pages(run_dir, errors, th, paged, alarms, time_unit, title, store, models_dir,
-                        history=node_history, zone=zone)
+                        history=node_history, zone=zone, fill_limit=int(cfg.preprocess.nan_fill_limit),
+                        light=light or (cfg.score.light_maps, cfg.score.light_night))
 
     def link(node: str) -> str | None:
         return pages.get(node)

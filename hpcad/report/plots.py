@@ -134,7 +134,7 @@ class AlarmWindow:
 
     def __init__(self, errors: ErrorStore, s, th: Thresholds, time_unit: str):
         sig, t = th.signal_of(s), th.threshold_for(s.node)
-        peak = int(np.nanargmax(sig)) if len(sig) else 0
+        self.peak = peak = int(np.nanargmax(sig)) if len(sig) else 0
         if not (sig > t).any():
             self.a, self.b = 0, len(sig)
         elif time_unit == "s":  # a day of time, not 288 rows: across gaps in the data those span days
@@ -145,6 +145,14 @@ class AlarmWindow:
             self.a, self.b = max(0, peak - 200), min(len(sig), peak + 200)
         self.breaks = gaps(np.asarray(s.timestamp)[self.a:self.b], time_unit)  # in the window's rows
         self.err = errors.errors(s.node, slice(self.a, self.b))
+        # the strongest alarm's loudest row: the smoothed signal peaks where the window holds the most
+        # error, which may be a row beside the fault's rows; the row's own error says which carries it
+        lo, hi = peak, peak + 1
+        while lo > self.a and sig[lo - 1] > t:
+            lo -= 1
+        while hi < self.b and sig[hi] > t:
+            hi += 1
+        self.loudest = lo + int(np.argmax(self.err[lo - self.a:hi - self.a].sum(1))) if len(self.err) else peak
         scale = errors.explain_scale(s.node)
         self.times_normal = scale is not None
         if self.times_normal:
@@ -153,9 +161,10 @@ class AlarmWindow:
 
 
 def values_plot(errors: ErrorStore, s, th: Thresholds, values: np.ndarray, scaler, time_unit: str,
-                 win: AlarmWindow, top: int = 4, zone: str = "UTC") -> str:
+                 win: AlarmWindow, top: int = 4, zone: str = "UTC", expected: np.ndarray | None = None) -> str:
     """The alarm's top metrics in their own units around the strongest alarm, against the node's
-    training range (grey band), alarmed rows shaded: is the value new, or the combination?"""
+    training range (grey band), alarmed rows shaded, and where given what the model ``expected``
+    (rows ``win.a:win.b``, every metric; dashed): is the value new, or the combination?"""
     a, b, order = win.a, win.b, win.order[:top]
     lo, hi = scaler.training_range()
     x, breaks = _x(s, time_unit, zone)[a:b], win.breaks
@@ -165,13 +174,16 @@ def values_plot(errors: ErrorStore, s, th: Thresholds, values: np.ndarray, scale
         ax.axhspan(lo[j], hi[j], color="0.85", lw=0)
         # without antialiasing: a third of the PNG size
         ax.plot(*_line(x, values[a:b, j], breaks), lw=0.8, color="tab:blue", antialiased=False)
+        if expected is not None:
+            ax.plot(*_line(x, expected[:, j], breaks), lw=0.8, ls="--", color="tab:orange", antialiased=False)
         _spans(ax, x, alarmed, "tab:red", 0.12, breaks)
         ax.set_ylabel(errors.metrics[j], fontsize=7, rotation=0, ha="right", va="center")
         ax.tick_params(labelsize=7)
     most = "the most times their normal error" if win.times_normal else "the largest error"
     no_data = "; no line = no data" if len(breaks) else ""
+    model = "; dashed orange = what the model expected" if expected is not None else ""
     axes[0, 0].set_title(f"{s.node}: the {len(order)} metrics with {most}, in their own units; grey = "
-                         f"the node's training range, red = alarmed rows{no_data}", fontsize=9, wrap=True)
+                         f"the node's training range, red = alarmed rows{model}{no_data}", fontsize=9, wrap=True)
     axes[-1, 0].set_xlabel(_time_label(time_unit, zone))
     width = max((len(errors.metrics[j]) for j in order), default=8)
     height = 0.4 + 1.1 * len(order)
