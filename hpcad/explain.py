@@ -80,12 +80,27 @@ def expected_values(model: "NodeModel", values: np.ndarray, rows: np.ndarray, fi
     scoring reads them: gaps filled up to ``fill_limit`` rows, standardised, each row in its window):
     its members' mean reconstruction, adapted by ``light`` (the light map that scored the node), in
     the metrics' own units [len(rows), M] (float64). The residual the alarm signal sums is the
-    standardised difference of these and the observed values."""
-    from hpcad.model.light import recon_and_code
+    standardised difference of these and the observed values.
 
+    In NumPy, not torch: the report's node pages run in processes forked from one that has trained
+    or scored with torch, where torch's matmuls wait forever on the parent's OpenMP threads."""
     z = model.scaler.transform(fill_gaps(values, fill_limit))[0]
-    x = window_at(z, np.asarray(rows), model.spec.window)
-    recon, code = recon_and_code(model.members, len(model.spec.hidden), x, z.shape[1])
-    if light is not None:
-        recon = light.apply(recon, code)
-    return model.scaler.to_raw(recon.numpy())
+    x = window_at(z, np.asarray(rows), model.spec.window).astype(np.float64)
+    M, n_encoder = z.shape[1], len(model.spec.hidden)
+    recon, code = 0.0, 0.0
+    for member in model.members:
+        h = x
+        weights = [p.detach().numpy().astype(np.float64) for p in member]
+        n_layers = len(weights) // 2
+        for layer in range(n_layers):
+            h = h @ weights[2 * layer] + weights[2 * layer + 1]
+            if layer < n_layers - 1:
+                h = np.maximum(h, 0.0)
+            if layer == n_encoder - 1:
+                code = code + h
+        recon = recon + h[:, h.shape[1] - M:]
+    recon, code = recon / len(model.members), code / len(model.members)
+    if light is not None:  # hpcad.model.light.LightMap.apply
+        d = light.delta.detach().numpy().astype(np.float64)
+        recon = recon + recon @ d[:M] + code @ d[M:-1] + d[-1]
+    return model.scaler.to_raw(recon)

@@ -209,6 +209,26 @@ def window_rows(mask: np.ndarray, w: int) -> np.ndarray:
     return ok
 
 
+def metric_positions(model_metrics: list[str], store_metrics: list[str]) -> np.ndarray | None:
+    """Where each of a model's metrics sits among a store's (-1: not there), or None when the lists
+    are equal: a site's exports may list them in another order, or lack or add some."""
+    if list(model_metrics) == list(store_metrics):
+        return None
+    pos = {m: i for i, m in enumerate(store_metrics)}
+    return np.array([pos.get(m, -1) for m in model_metrics])
+
+
+def in_model_order(values: np.ndarray, cols: np.ndarray | None) -> np.ndarray:
+    """A store's rows [T, M_store] in the model's metric order (``cols``: :func:`metric_positions`;
+    NaN where the store has no such column)."""
+    if cols is None:
+        return values
+    out = np.full((values.shape[0], cols.size), np.nan, dtype=np.float32)
+    have = cols >= 0
+    out[:, have] = values[:, cols[have]]
+    return out
+
+
 def compress(z: np.ndarray, clip: float, soft: bool) -> np.ndarray:
     """Values beyond +-clip: logarithmic growth (``soft``) or cut at the clip."""
     if not soft:

@@ -44,7 +44,7 @@ from hpcad.model.autoencoder import ensemble_recon, stack
 from hpcad.model.budget import Budget, default_chunk_cap, retry_cap_after_oom
 from hpcad.model.files import NodeModel, model_path, models_stamp
 from hpcad.model.whiten import stacked, whitened_errors
-from hpcad.preprocess import fill_gaps, split_codes, windows
+from hpcad.preprocess import fill_gaps, in_model_order, metric_positions, split_codes, windows
 from hpcad.progress import Progress
 from hpcad.signal_choice import attrs as recipe_attrs
 from hpcad.signal_choice import choose as choose_recipe
@@ -167,7 +167,7 @@ def _node_errors(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, node
                                  f"(first difference: {_first_diff(model.metrics, metrics)}); score models "
                                  f"of one training run together")
             nd = store.read(node)
-            values = nd.values if columns is None else _aligned(nd.values, columns)
+            values = in_model_order(nd.values, columns)
             z, miss = model.scaler.transform(fill_gaps(values, cfg.preprocess.nan_fill_limit))
             models.append(model), data.append(nd), zs.append(z), masks.append(miss)
         maps = [light(n) for n in chunk]
@@ -287,10 +287,9 @@ def metric_columns(model_metrics: list[str], store_metrics: list[str], where: st
     """Where each of the models' metrics sits in the store (-1: not there), or None when the lists
     are equal. The store may lack some (heterogeneous or changed exports: scored as missing, no
     error) or hold more (ignored); both are logged. No metric in common is an error."""
-    if list(model_metrics) == list(store_metrics):
+    cols = metric_positions(model_metrics, store_metrics)
+    if cols is None:
         return None
-    pos = {m: i for i, m in enumerate(store_metrics)}
-    cols = np.array([pos.get(m, -1) for m in model_metrics])
     if (cols < 0).all():
         raise InputError(f"{where}: none of the {len(model_metrics)} metrics the models were trained on "
                          f"(e.g. {list(model_metrics[:3])}) is in this store")
@@ -303,14 +302,6 @@ def metric_columns(model_metrics: list[str], store_metrics: list[str], where: st
         log.warning("%s holds %d metric(s) the models were not trained on; ignored: %s", where, len(unknown),
                     unknown[:10])
     return cols
-
-
-def _aligned(values: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """``values`` [T, M_store] in the models' metric order (NaN where the store has no column)."""
-    out = np.full((values.shape[0], cols.size), np.nan, dtype=np.float32)
-    have = cols >= 0
-    out[:, have] = values[:, cols[have]]
-    return out
 
 
 def _first_diff(a: list[str], b: list[str]) -> str:

@@ -462,3 +462,90 @@ def test_a_node_page_shows_what_the_model_expected_only_where_that_model_scored_
         f["nodes/b"].attrs["light_version"] = 2
     write_report(cfg, tmp_path, ErrorStore(tmp_path / "errors.h5"), models)
     assert "loudest row" not in (tmp_path / "nodes" / "b.html").read_text()
+
+
+def test_a_node_page_plots_and_quotes_each_metric_under_its_own_name_when_the_store_orders_them_otherwise(tmp_path):
+    """Tonight's exports may list the metrics in another order than the training run's (a new
+    collector version; the store keeps the first file's order): scoring aligns them by name, and so
+    must the node page, or it plots and quotes one metric's values under another's name."""
+    from hpcad.data.node import NodeData
+    from hpcad.data.store import write_store
+
+    cfg, errors, models = _run(tmp_path, [ALARM_B])
+    store = TelemetryStore(tmp_path / "store.h5")
+    names = list(store.metrics)
+    order = [2, 0, 1]  # ips, power, temp: every metric elsewhere
+    nodes = [store.read(n) for n in store.nodes]
+    write_store(tmp_path / "store.h5", [names[j] for j in order],
+                [NodeData(nd.name, nd.timestamp, nd.values[:, order], nd.labels) for nd in nodes], "test")
+    score_nodes(cfg, TelemetryStore(tmp_path / "store.h5"), models, tmp_path / "errors.h5")
+    write_report(cfg, tmp_path, ErrorStore(tmp_path / "errors.h5"), models)
+    table = (tmp_path / "nodes" / "b.html").read_text().split("The strongest alarm's loudest row (")[1]
+    row = int(table[11:13]) * 12 + int(table[14:16]) // 5
+    quoted = {r[0]: float(r[1]) for r in (re.findall(r"<td>(.*?)</td>", x)
+                                         for x in table.split("</table>")[0].split("<tr>")[2:])}
+    b = nodes[1].values[row]
+    assert quoted == {m: pytest.approx(float(b[names.index(m)]), rel=1e-2, abs=1e-3) for m in names}
+
+
+def test_node_pages_drawn_by_forked_workers_finish_after_the_parent_computed_with_torch(tmp_path):
+    """`hpcad run` trains and scores with torch, then forks the workers that draw the node pages; a
+    page that computed its expected values with torch there waited forever on the parent's OpenMP
+    threads (2026-12-05, caught in a sweep before it shipped). Run as a separate process, killed with
+    everything it forked if it has not finished after ten minutes (it takes seconds)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        from pathlib import Path
+        import numpy as np
+        import torch
+        from omegaconf import OmegaConf
+        from hpcad.config import HpcadConfig
+        from hpcad.data.node import NodeData
+        from hpcad.data.store import TelemetryStore, write_store
+        from hpcad.errorstore import ErrorStore
+        from hpcad.model.autoencoder import AutoencoderSpec, glorot_init
+        from hpcad.model.files import NodeModel, model_path
+        from hpcad.preprocess import Scaler
+        from hpcad.report.nodes import node_pages
+        from hpcad.score import score_nodes
+        from hpcad.threshold.rules import Thresholds
+        torch.set_num_threads(2)
+        p, M = Path({str(tmp_path)!r}), 160  # a real node's size: the pages' matmuls are large enough to thread
+        metrics, rng = [f"m{{j}}" for j in range(M)], np.random.default_rng(0)
+        nodes = [NodeData(n, np.arange(600, dtype=np.int64) * 300, rng.normal(size=(600, M)).astype(np.float32), None)
+                 for n in "ab"]
+        for nd in nodes:
+            nd.values[400:420, :8] += 8.0
+        write_store(p / "store.h5", metrics, nodes, "test")
+        cfg = OmegaConf.structured(HpcadConfig)
+        cfg.compute.device, cfg.compute.progress = "cpu", False
+        spec = AutoencoderSpec(hidden=[64])
+        for i, nd in enumerate(nodes):
+            NodeModel(nd.name, spec, metrics, [glorot_init(spec, M, i)], Scaler.fit(nd.values[:300], cfg.preprocess),
+                      {{}}, 1.0).save(model_path(p / "models", nd.name))
+        score_nodes(cfg, TelemetryStore(p / "store.h5"), p / "models", p / "errors.h5")  # torch in this process
+        print(float((np.ones((512, 512)) @ np.ones((512, 512))).sum()))  # and NumPy's BLAS threads
+        errors = ErrorStore(p / "errors.h5")
+        th = Thresholds("cost", "node", None, {{n: float(np.median(s.signal)) for n, s in
+                                                zip("ab", errors.signals())}}, {{}})
+        alarms = [{{"node": n, "start": 120000, "end": 126000, "rows": 20, "peak_score": 9.0}} for n in "ab"]
+        node_pages(p, errors, th, ["a", "b"], alarms, "s", "t", TelemetryStore(p / "store.h5"), p / "models",
+                   workers=2)
+        print("pages", sorted(x.name for x in (p / "nodes").iterdir()))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("the node pages' forked workers never finished")
+    assert proc.returncode == 0, err[-2000:]
+    assert "pages ['a.html', 'b.html']" in out
+    assert all("loudest row" in (tmp_path / "nodes" / f"{n}.html").read_text() for n in "ab")

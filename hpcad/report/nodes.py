@@ -11,6 +11,7 @@ import numpy as np
 from hpcad.atomic import write_text
 from hpcad.errorstore import ErrorStore
 from hpcad.model.files import NodeModel, model_path
+from hpcad.preprocess import in_model_order, metric_positions
 from hpcad.report.markup import alarms_table, html_table, page, rule_named
 from hpcad.report.plots import AlarmWindow, heatmap, local_times, signal_plot, values_plot
 from hpcad.threshold.rules import Thresholds
@@ -89,7 +90,9 @@ def _node_page(job: tuple, node: str, mine: list[dict], history: list[list] | No
 
         store = _opened(TelemetryStore, store_path)
         if node in store.nodes:
-            nm, values = NodeModel.load(model), store.read(node).values
+            nm = NodeModel.load(model)
+            # in the model's metric order, as scoring aligned them: tonight's exports may list them otherwise
+            values = in_model_order(store.read(node).values, metric_positions(nm.metrics, store.metrics))
             if nm.metrics == errors.metrics and values.shape == (len(s.signal), len(nm.metrics)):
                 expected = _expected(errors, node, model, nm, values, win, fill_limit, light)
                 parts.append(values_plot(errors, s, th, values, nm.scaler, time_unit, win, zone=zone,
