@@ -10,8 +10,9 @@ from hpcad.errorstore import ErrorStore
 from hpcad.preprocess import fill_gaps, window_at
 
 if TYPE_CHECKING:
+    from hpcad.data.store import TelemetryStore
     from hpcad.model.files import NodeModel
-    from hpcad.model.light import LightMap
+    from hpcad.model.light import LightMap, LightMaps
 
 
 ProfileSums = tuple[dict[int, np.ndarray], dict[int, np.ndarray], dict[int, int], bool]
@@ -104,3 +105,56 @@ def expected_values(model: "NodeModel", values: np.ndarray, rows: np.ndarray, fi
         d = light.delta.detach().numpy().astype(np.float64)
         recon = recon + recon @ d[:M] + code @ d[M:-1] + d[-1]
     return model.scaler.to_raw(recon)
+
+
+def scoring_light(errors: ErrorStore, node: str, model: "NodeModel", maps: "LightMaps",
+                  night: str | None) -> tuple[bool, "LightMap | None"]:
+    """Whether ``model`` and the light map ``maps`` hold for ``night`` are what scored ``node`` into
+    ``errors`` (the model file's digest and the map's version, as recorded), and that map: expected
+    values are quoted only from what scored the node, never from a model retrained since."""
+    digest, version = errors.scored_with(node)
+    if digest and model.digest != digest:
+        return False, None
+    lm = maps.for_night(node, night) if version else None
+    return (lm.version if lm is not None else 0) == version, lm
+
+
+def quote_expected(alarms: list[dict], records: list[dict], errors: ErrorStore, store: "TelemetryStore",
+                   models_dir, maps: "LightMaps", night: str | None, fill_limit: int) -> None:
+    """Add to each alarm (``alarms[i]``, a copy of ``records[i]`` for a JSON output), per top metric,
+    what it read at the alarm's loudest row (``observed``), what the node's model expected
+    (``expected``) and the node's ``training_range``, in the metric's own units: what a ticket
+    quotes. Nodes whose model or light map is no longer what scored them are left as they are."""
+    from hpcad.model.files import NodeModel, model_path
+    from hpcad.preprocess import in_model_order, metric_positions
+
+    by_node: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        if "loudest_row" in r and r.get("top_metrics"):
+            by_node.setdefault(r["node"], []).append(i)
+    present = set(store.nodes)
+    for node, idx in by_node.items():
+        path = model_path(models_dir, node)
+        if not path.exists() or node not in present:
+            continue
+        model = NodeModel.load(path)
+        ok, lm = scoring_light(errors, node, model, maps, night)
+        if not ok or model.metrics != errors.metrics:
+            continue
+        values = in_model_order(store.read(node).values, metric_positions(model.metrics, store.metrics))
+        rows = np.array([records[i]["loudest_row"] for i in idx])
+        expected = expected_values(model, values, rows, fill_limit, lm)
+        lo, hi = model.scaler.training_range()
+        where = {m: j for j, m in enumerate(model.metrics)}
+        for k, i in enumerate(idx):
+            alarms[i]["top_metrics"] = [
+                {**t, "observed": _number(values[rows[k], where[t["metric"]]]),
+                 "expected": _number(expected[k, where[t["metric"]]]),
+                 "training_range": [_number(lo[where[t["metric"]]]), _number(hi[where[t["metric"]]])]}
+                for t in records[i]["top_metrics"]]
+
+
+def _number(v) -> float | None:
+    """A JSON number (None for a missing value)."""
+    v = float(v)
+    return v if np.isfinite(v) else None

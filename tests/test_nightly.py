@@ -69,6 +69,18 @@ def test_cron_run_finds_injected_anomalies_and_a_rerun_replaces_the_day(site, tm
     assert len(js) == len(alarms) and {"node", "start", "end", "peak_score", "top_metrics", "jobs"} <= set(js[0])
     assert all(a["jobs"] == ["777"] for a in js)  # the job that ran during each alarm
     assert js[0]["top_metrics"][0]["metric"] in metric_names() and js[0]["top_metrics"][0]["error"] > 0
+    # what a ticket quotes: each top metric's value at the alarm's loudest row, what the node's model
+    # expected there, and the node's training range, in the metric's own units (the day's files)
+    for a in js:
+        rows = pd.read_csv(site / "daily" / day / f"{a['node']}.csv")
+        at = rows[pd.to_datetime(rows.timestamp, utc=True) == pd.Timestamp(a["loudest_time"])]
+        assert len(at) == 1 and a["start"] <= a["loudest_time"] <= a["end"]
+        for m in a["top_metrics"]:
+            assert m["observed"] == pytest.approx(float(at[m["metric"]].iloc[0]), rel=1e-5)
+            assert m["expected"] is not None and len(m["training_range"]) == 2
+    top = js[0]["top_metrics"][0]  # the metric most above its normal error: outside its training range, or
+    lo, hi = top["training_range"]  # far from what the model expected of it
+    assert not lo <= top["observed"] <= hi or abs(top["observed"] - top["expected"]) > 0.05 * (hi - lo)
     assert "data:image/png;base64," in (folder / "report.html").read_text()
     # incidents (the first night of this output folder: all new), one JSON line per alarm
     incidents = json.loads((folder / "incidents.json").read_text())

@@ -30,7 +30,7 @@ from hpcad.nightly.drain import lines as drain_lines
 from hpcad.nightly.drift import assess, night_levels, write_levels
 from hpcad.errors import ConfigError, InputError
 from hpcad.errorstore import ErrorStore
-from hpcad.explain import class_profiles
+from hpcad.explain import class_profiles, quote_expected
 from hpcad.incidents import FILE as INCIDENTS
 from hpcad.incidents import incident_of, night_incidents, previous_incidents
 from hpcad.model.light import LIGHT_FOLDER, STAGED, LightMaps
@@ -253,6 +253,7 @@ def _alarms(t: Tonight, store: TelemetryStore, errors: ErrorStore, th: Threshold
     records, metrics = apply_thresholds(errors, th, cm, t.cfg.report.top_k, "s", store.jobs(), tmp / "alarms.csv",
                                         signals=lambda: iter(signals))
     alarms = [alarm_record(r) for r in records]
+    quote_expected(alarms, records, errors, store, t.models_dir, t.maps, t.iso, int(t.dcfg.preprocess.nan_fill_limit))
     held = hold(alarms, settling)
     if settling:
         log.warning("nightly %s: %d node(s) changed (nightly.changes) settle on a light map fitted on the nights "
@@ -448,7 +449,8 @@ def scoring_job_size(cfg: HpcadConfig) -> list[str]:
 
 
 def alarm_record(r: dict) -> dict:
-    out = {k: r[k] for k in ("node", "start", "end", "rows", "peak_score", "peak_time", "threshold") if k in r}
+    out = {k: r[k] for k in ("node", "start", "end", "rows", "peak_score", "peak_time", "loudest_time", "threshold")
+           if k in r}
     out.update(top_metrics=r.get("top_metrics", []), jobs=r.get("jobs", []), users=r.get("users", []))
     if "label_classes" in r:
         out["label_classes"] = r["label_classes"]

@@ -110,16 +110,11 @@ def _expected(errors: ErrorStore, node: str, model: Path, nm: NodeModel, values,
     """What the node's model expected over the window's rows (:func:`hpcad.explain.expected_values`),
     or None where the page cannot be sure it is what scoring saw: the model file is not the one that
     scored the node (retrained since), or the light map found is not the one it was scored with."""
-    from hpcad.explain import expected_values
+    from hpcad.explain import expected_values, scoring_light
     from hpcad.model.light import LightMaps
 
-    digest, version = errors.scored_with(node)
-    if digest and nm.digest != digest:
-        return None
-    lm = LightMaps(light[0], model.parent).for_night(node, light[1]) if version else None
-    if (lm.version if lm is not None else 0) != version:
-        return None
-    return expected_values(nm, values, np.arange(win.a, win.b), fill_limit, lm)
+    ok, lm = scoring_light(errors, node, nm, LightMaps(light[0], model.parent), light[1])
+    return expected_values(nm, values, np.arange(win.a, win.b), fill_limit, lm) if ok else None
 
 
 def peak_table(errors: ErrorStore, s, values, expected, scaler, win: AlarmWindow, time_unit: str, zone: str,
