@@ -149,11 +149,12 @@ def alarm_events(s: NodeSignal, th: Thresholds, errors_of, metrics: list[str], t
                  time_unit: str = "s", merge_gap: int = 0, jobs: JobTable | None = None,
                  scale_of: Callable[[str], np.ndarray | None] | None = None) -> list[dict]:
     """One record per alarm (alarmed rows with gaps of at most ``merge_gap`` rows): start, end,
-    peak, the loudest row (the alarmed row with the most error of its own: ``loudest_row``, its index
-    among the node's rows, and ``loudest_time``), the top-k metrics over the alarmed rows, and with
-    job context the jobs that ran on the node during the alarm. The top metrics are those whose mean error is the most times their
-    normal error (``scale_of``: the node's divisors, :meth:`hpcad.errorstore.ErrorStore.explain_scale`);
-    by mean error where it is unknown (baselines, files scored before it was recorded)."""
+    peak, the loudest row (the alarmed row with the most error of its own: ``loudest_row``, its
+    index among the node's rows, and ``loudest_time``), the top-k metrics over the alarmed rows, and
+    with job context the jobs that ran on the node during the alarm. The top metrics are those whose
+    mean error is the most times their normal error (``scale_of``: the node's divisors,
+    :meth:`hpcad.errorstore.ErrorStore.explain_scale`); by mean error where it is unknown
+    (baselines, files scored before it was recorded)."""
     sig = th.signal_of(s)
     t = th.threshold_for(s.node)
     scale = scale_of(s.node) if scale_of is not None and errors_of is not None else None
@@ -168,7 +169,7 @@ def alarm_events(s: NodeSignal, th: Thresholds, errors_of, metrics: list[str], t
         if s.labels is not None:
             rec["label_classes"] = sorted({int(c) for c in np.unique(s.labels[a:b]) if c != 0})
         if err is not None:
-            loudest = a + int(np.flatnonzero(alarmed)[int(np.argmax(err.sum(1)))])  # the row with most error of its own
+            loudest = a + int(np.flatnonzero(alarmed)[int(np.argmax(err.sum(1)))])  # most error of its own
             rec["loudest_row"], rec["loudest_time"] = loudest, _iso(s.timestamp[loudest], time_unit)
             mean_err = err.mean(0)
             if scale is None:
