@@ -450,6 +450,15 @@ def test_a_node_page_shows_what_the_model_expected_only_where_that_model_scored_
     assert float(rows[0][1]) == pytest.approx(float(observed[row, 0]), rel=1e-2)  # 3 significant digits
     assert float(rows[0][1]) > hi[0] and rows[0][3] == f"{lo[0]:.4g} .. {hi[0]:.4g}"
     assert float(rows[0][2]) != pytest.approx(float(rows[0][1]), rel=0.1)  # the model did not expect it
+    # alarms.csv names the alarm's loudest row (as the nightly alarms.json quotes it): the page quotes that row
+    cols = ["node", "start", "end", "rows", "split", "peak_score", "top_metrics", "loudest_time"]
+    with open(tmp_path / "alarms.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols)
+        w.writeheader()
+        w.writerows([{**ALARM_B, "loudest_time": "1970-01-01T12:40:00+00:00"},  # row 152 of the strongest
+                     {**ALARM_B, "start": 51000, "peak_score": 1.5, "loudest_time": "1970-01-01T14:10:00+00:00"}])
+    write_report(cfg, tmp_path, errors, models)
+    assert "The strongest alarm's loudest row (1970-01-01 12:40:00 UTC)" in (tmp_path / "nodes" / "b.html").read_text()
     # node b's model retrained since it was scored: no expectation quoted
     NodeModel(b.node, b.spec, b.metrics, [glorot_init(b.spec, 3, 99)], b.scaler, {}, 1.0).save(model_path(models, "b"))
     write_report(cfg, tmp_path, errors, models)

@@ -98,7 +98,8 @@ def _node_page(job: tuple, node: str, mine: list[dict], history: list[list] | No
                 parts.append(values_plot(errors, s, th, values, nm.scaler, time_unit, win, zone=zone,
                                          expected=expected))
                 if expected is not None and len(mine):
-                    parts.append(peak_table(errors, s, values, expected, nm.scaler, win, time_unit, zone))
+                    parts.append(peak_table(errors, s, values, expected, nm.scaler, win, time_unit, zone,
+                                            row=_loudest_row(mine, s, win, time_unit)))
     parts.append("<h2>Alarms</h2>" + alarms_table(mine, lambda n: None, "node-alarms", zone))
     if history:
         parts.append("<h2>This node over the last nights</h2>" + html_table(history, HISTORY_HEADER))
@@ -117,11 +118,27 @@ def _expected(errors: ErrorStore, node: str, model: Path, nm: NodeModel, values,
     return expected_values(nm, values, np.arange(win.a, win.b), fill_limit, lm) if ok else None
 
 
+def _loudest_row(mine: list[dict], s, win: AlarmWindow, time_unit: str) -> int:
+    """The row the node's strongest alarm (highest peak) names as its loudest in ``alarms.csv``
+    (``loudest_time``: the row the nightly job's ``alarms.json`` quotes), where it lies in the
+    window; else the window's own choice (``win.loudest``; files written before the column)."""
+    import datetime as dt
+
+    when = max(mine, key=lambda a: float(a.get("peak_score") or 0)).get("loudest_time")
+    if when:
+        ts = int(when) if time_unit != "s" else int(dt.datetime.fromisoformat(when).timestamp())
+        r = int(np.searchsorted(s.timestamp, ts))
+        if win.a <= r < win.b and int(s.timestamp[r]) == ts:
+            return r
+    return win.loudest
+
+
 def peak_table(errors: ErrorStore, s, values, expected, scaler, win: AlarmWindow, time_unit: str, zone: str,
-               top: int = 8) -> str:
-    """The strongest alarm's loudest row (``win.loudest``): its top metrics' observed and expected
-    values, training range and times-normal error (what a ticket would quote)."""
-    r, p = win.loudest, win.loudest - win.a
+               top: int = 8, row: int | None = None) -> str:
+    """The strongest alarm's loudest row (``row``, default ``win.loudest``): its top metrics'
+    observed and expected values, training range and times-normal error (what a ticket quotes)."""
+    r = win.loudest if row is None else row
+    p = r - win.a
     lo, hi = scaler.training_range()
     order = np.argsort(win.err[p])[::-1][:top]
     when = (str(local_times(np.asarray(s.timestamp[r:r + 1]), zone)[0]).replace("T", " ") + f" {zone}"

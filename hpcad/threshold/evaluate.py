@@ -211,9 +211,10 @@ def top_metrics_of(alarm: dict) -> list[dict]:
 
 def write_alarms_csv(path: Path, records: list[dict]) -> None:
     """The records of :func:`alarm_events`, lists written space-separated (top metrics as
-    ``name:error``, their "times normal" in ``top_x_normal``, in the same order)."""
+    ``name:error``, their "times normal" in ``top_x_normal``, in the same order; columns added
+    later go last)."""
     cols = ["node", "start", "end", "rows", "split", "peak_score", "peak_time", "threshold",
-            "label_classes", "top_metrics", "jobs", "users", "top_x_normal"]
+            "label_classes", "top_metrics", "jobs", "users", "top_x_normal", "loudest_time"]
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
