@@ -155,6 +155,6 @@ def quote_expected(alarms: list[dict], records: list[dict], errors: ErrorStore, 
 
 
 def _number(v) -> float | None:
-    """A JSON number (None for a missing value)."""
+    """A JSON number to 6 significant digits, as float32 values hold them (None for a missing value)."""
     v = float(v)
-    return v if np.isfinite(v) else None
+    return float(f"{v:.6g}") if np.isfinite(v) else None
