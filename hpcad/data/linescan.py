@@ -29,7 +29,8 @@ class LineScan:
     tail: bytes  # the file's last line when it has no line end (b"" when it has one), for ``cut_reason``
     nul: int = 0  # NUL bytes (a crash while the file was written: blocks left zeroed)
     first_nul: int = -1  # the line holding the first of them
-    damaged: list[int] = field(default_factory=list)  # rows a stretch of NUL bytes cut into (one after their first byte)
+    # rows a stretch of NUL bytes cut into (a NUL after their first byte)
+    damaged: list[int] = field(default_factory=list)
 
 
 def scan_lines(blocks: Iterable[bytes], sep: str, fields: int, named: int, header: bytes | None = None) -> LineScan:
