@@ -110,8 +110,8 @@ class ErrorStore:
         """Each node's model digest, by content, as scored (attribute ``model``; files scored before
         it was recorded: none)."""
         with open_h5(self.path, kind="error file") as f:
-            found = {n: f["nodes"][n].attrs.get("model", "") for n in self.nodes}
-        return {n: (d.decode() if isinstance(d, bytes) else str(d)) for n, d in found.items() if d}
+            found = {n: _text(f["nodes"][n].attrs.get("model", "")) for n in self.nodes}
+        return {n: d for n, d in found.items() if d}
 
     def scored_with(self, node: str) -> tuple[str, int]:
         """The digest of the model file that scored the node ("" where not recorded) and the version
@@ -119,8 +119,7 @@ class ErrorStore:
         with open_h5(self.path, kind="error file") as f:
             try:
                 a = f["nodes"][node].attrs
-                digest = a.get("model", "")
-                return (digest.decode() if isinstance(digest, bytes) else str(digest)), int(a.get("light_version", 0))
+                return _text(a.get("model", "")), int(a.get("light_version", 0))
             except (OSError, KeyError) as exc:
                 raise corrupt(self.path, f"node {node}", exc, self.rerun) from exc
 
@@ -153,6 +152,11 @@ class ErrorStore:
         or None where its normal errors are unknown: what alarms, class profiles and node pages rank by."""
         normal = self.normal_error(node)
         return explain_scale(normal) if normal is not None and len(normal) == len(self.metrics) else None
+
+
+def _text(value) -> str:
+    """An HDF5 string attribute as text (h5py gives bytes or str, by how it was written)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def signal_attrs(method: str, store_signature: str = "") -> dict:

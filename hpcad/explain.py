@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from hpcad.errorstore import ErrorStore
-from hpcad.preprocess import fill_gaps, window_at
+from hpcad.preprocess import fill_gaps, gap_limit, window_at
 
 if TYPE_CHECKING:
     from hpcad.data.store import TelemetryStore
@@ -84,9 +84,17 @@ def expected_values(model: "NodeModel", values: np.ndarray, rows: np.ndarray, fi
     standardised difference of these and the observed values.
 
     In NumPy, not torch: the report's node pages run in processes forked from one that has trained
-    or scored with torch, where torch's matmuls wait forever on the parent's OpenMP threads."""
-    z = model.scaler.transform(fill_gaps(values, fill_limit))[0]
-    x = window_at(z, np.asarray(rows), model.spec.window).astype(np.float64)
+    or scored with torch, where torch's matmuls wait forever on the parent's OpenMP threads.
+
+    Only the rows those need are prepared (a day's page of a node-year standardises a day, not the
+    year): the filling looks back at most ``fill_limit`` rows, a window ``spec.window - 1``."""
+    rows = np.asarray(rows)
+    if not len(rows):
+        return np.empty((0, values.shape[1]))
+    w = model.spec.window
+    first = max(int(rows.min()) - (w - 1) - gap_limit(fill_limit), 0)
+    z = model.scaler.transform(fill_gaps(values[first:int(rows.max()) + 1], fill_limit))[0]
+    x = window_at(z, rows - first, w).astype(np.float64)
     M, n_encoder = z.shape[1], len(model.spec.hidden)
     recon, code = 0.0, 0.0
     for member in model.members:
@@ -147,11 +155,12 @@ def quote_expected(alarms: list[dict], records: list[dict], errors: ErrorStore, 
         lo, hi = model.scaler.training_range()
         where = {m: j for j, m in enumerate(model.metrics)}
         for k, i in enumerate(idx):
-            alarms[i]["top_metrics"] = [
-                {**t, "observed": _number(values[rows[k], where[t["metric"]]]),
-                 "expected": _number(expected[k, where[t["metric"]]]),
-                 "training_range": [_number(lo[where[t["metric"]]]), _number(hi[where[t["metric"]]])]}
-                for t in records[i]["top_metrics"]]
+            quoted = []
+            for t in records[i]["top_metrics"]:
+                j = where[t["metric"]]
+                quoted.append({**t, "observed": _number(values[rows[k], j]), "expected": _number(expected[k, j]),
+                               "training_range": [_number(lo[j]), _number(hi[j])]})
+            alarms[i]["top_metrics"] = quoted
 
 
 def _number(v) -> float | None:

@@ -134,7 +134,7 @@ class AlarmWindow:
 
     def __init__(self, errors: ErrorStore, s, th: Thresholds, time_unit: str):
         sig, t = th.signal_of(s), th.threshold_for(s.node)
-        self.peak = peak = int(np.nanargmax(sig)) if len(sig) else 0
+        peak = int(np.nanargmax(sig)) if len(sig) else 0
         if not (sig > t).any():
             self.a, self.b = 0, len(sig)
         elif time_unit == "s":  # a day of time, not 288 rows: across gaps in the data those span days
