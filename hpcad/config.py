@@ -162,11 +162,12 @@ class SignalConfig:
     # mean) before the sum: false, true, or auto = chosen with the weight (hpcad/signals.py;
     # off by default: docs/results.md, "Per-metric error scales as a choice of each run")
     metric_scales: Any = False
-    # divide the residuals by their covariance on the node's training rows (Mahalanobis distance, ZCA
-    # per metric; hpcad/model/whiten.py): families of metrics that move together count once. true,
-    # false, or auto = chosen with the weight where every node is labelled (hpcad/signal_choice.py)
+    # divide the residuals by their covariance on the rows the node's model was fitted on (Mahalanobis
+    # distance, ZCA per metric; hpcad/model/whiten.py): families of metrics that move together count
+    # once. true, false, or auto = whitened unless the labelled validation rows rank it worse
+    # (chosen with the weight; without labels, whitened: hpcad/signal_choice.py)
     whiten: Any = "auto"
-    excess_margin: float = 0.005  # auto keeps the first candidate (no scales, small weights first) within this of the best validation AP
+    excess_margin: float = 0.005  # auto keeps the first candidate (whitened, no scales, small weights first) within this of the best validation AP
     scale_floor: float = 1.0e-4  # a node's normal level (signal_norm's divisor) is at least this x metrics
 
 

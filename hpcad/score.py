@@ -36,7 +36,7 @@ from hpcad.atomic import atomic_path
 from hpcad.data.h5 import h5_writing
 from hpcad.data.store import STR, TelemetryStore, checked
 from hpcad.device import describe, resolve_device, tf32_context
-from hpcad.dist import world
+from hpcad.dist import all_sum, world
 from hpcad.errors import ConfigError, InputError, StoreError
 from hpcad.errorstore import FORMAT, write_lost
 from hpcad.model.light import LightMap, scoring_maps
@@ -48,9 +48,9 @@ from hpcad.preprocess import fill_gaps, in_model_order, metric_positions, split_
 from hpcad.progress import Progress
 from hpcad.signal_choice import attrs as recipe_attrs
 from hpcad.signal_choice import choose as choose_recipe
-from hpcad.signal_choice import every_node_labelled, fixed_whiten
+from hpcad.signal_choice import fixed_whiten, may_unwhiten, without_whitening
 from hpcad.signal_choice import rankable_nodes
-from hpcad.signals import Recipe, smooth_signal
+from hpcad.signals import NoWhitening, Recipe, smooth_signal
 from hpcad.signals import whitening as signal_whitening
 
 if TYPE_CHECKING:
@@ -88,7 +88,6 @@ def score_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, out_p
                          f"train them first or point train_run at the run that did")
     metrics = NodeModel.load(model_path(models_dir, nodes[0])).metrics if nodes else list(store.metrics)
     columns = metric_columns(metrics, store.metrics, str(store.path))
-    M = len(metrics)
     sig_cfg = cfg.signal
     error_dtype = ERROR_DTYPES.get(str(cfg.score.error_dtype))
     if error_dtype is None:
@@ -103,43 +102,61 @@ def score_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, out_p
         """The choice's pass: only the nodes it ranks (validation rows of both classes), with its own progress."""
         which = rankable_nodes(store, nodes, cfg.split)
         bar = Progress(len(which), "signal choice", "node", cfg.compute.progress, log)
-        whiten = fixed_whiten(cfg.signal.whiten)
-        if whiten is None and not every_node_labelled(store):  # auto leaves whitening out there: no need of it
-            whiten = False
         try:
-            for item in node_errors(which, whiten):
+            for item in node_errors(which, fixed_whiten(cfg.signal.whiten)):
                 yield item
                 bar.update(1)
         finally:
             bar.close()
 
     recipe, choice = choose_recipe(cfg, store, ranked_errors, recipe_fallback)
-    with atomic_path(out_path) as tmp, h5_writing(tmp) as f:
-        f.attrs.update(hpcad_format=FORMAT, format_version=1, store=str(store.path), models=str(models_dir),
-                       created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds"),
-                       hpcad_version=__version__, **(built or built_from(store, models_dir)),
-                       **recipe_attrs(recipe, choice))
-        f.create_dataset("metrics", data=np.array(metrics, dtype=object), dtype=STR)
-        nodes_grp = f.create_group("nodes")
-        bar = Progress(len(nodes), "score", "node", cfg.compute.progress, log)
-        shares: dict[str, float] = {}
-        lost: dict[str, np.ndarray] = {}
-        for model, nd, err, excess2, miss, lm in node_errors(nodes, recipe.whitened):
-            recipe.errors(model, err, excess2, miss, f"{models_dir}: node {nd.name}")
-            level = recipe.level(model, M, sig_cfg.scale_floor)
-            shares[nd.name] = missing_share(miss, model.scaler.absent)
-            lost[nd.name] = metrics_lost(miss, model.scaler.absent)
-            _write_node_errors(nodes_grp, nd, err, level, split_codes(nd, cfg.split), sig_cfg,
-                               lm.version if lm else 0, error_dtype, shares[nd.name], recipe.normal_error(model),
-                               model.digest)
-            bar.update(1)
-        bar.close()
-        # every node's share in one table (node-name order, as /node_rows of an index): read without a
-        # group opened per node
-        f.create_dataset("node_missing", data=np.array([shares[n] for n in sorted(shares)], dtype=np.float32))
-        write_lost(f, [lost[n] for n in sorted(lost)], M)
+    retry = may_unwhiten(sig_cfg, recipe, choice)  # the same on every rank: the choice is collective
+    lacking = _write_errors(cfg, store, models_dir, out_path, nodes, recipe, choice, node_errors, built, metrics,
+                            error_dtype, retry)
+    if retry and all_sum(np.array([lacking is not None]))[0]:  # a model without whitening on some rank
+        recipe, choice = without_whitening(recipe, choice, lacking or "a node's model on another rank has no "
+                                                                     "residual whitening (trained by an older hpcad)")
+        _write_errors(cfg, store, models_dir, out_path, nodes, recipe, choice, node_errors, built, metrics, error_dtype)
     log.info("scored %d nodes -> %s", len(nodes), out_path)
     return len(nodes)
+
+
+def _write_errors(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, out_path: Path, nodes: list[str],
+                  recipe: Recipe, choice: dict | None, node_errors: Callable, built: dict | None, metrics: list[str],
+                  error_dtype: type, retry: bool = False) -> str | None:
+    """Score ``nodes`` with ``recipe`` into ``out_path`` (atomically). With ``retry``, a model without
+    the whitening the recipe needs leaves nothing written and says why (None: written)."""
+    sig_cfg, M = cfg.signal, len(metrics)
+    try:
+        with atomic_path(out_path) as tmp, h5_writing(tmp) as f:
+            f.attrs.update(hpcad_format=FORMAT, format_version=1, store=str(store.path), models=str(models_dir),
+                           created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds"),
+                           hpcad_version=__version__, **(built or built_from(store, models_dir)),
+                           **recipe_attrs(recipe, choice))
+            f.create_dataset("metrics", data=np.array(metrics, dtype=object), dtype=STR)
+            nodes_grp = f.create_group("nodes")
+            bar = Progress(len(nodes), "score", "node", cfg.compute.progress, log)
+            shares: dict[str, float] = {}
+            lost: dict[str, np.ndarray] = {}
+            for model, nd, err, excess2, miss, lm in node_errors(nodes, recipe.whitened):
+                recipe.errors(model, err, excess2, miss, f"{models_dir}: node {nd.name}")
+                level = recipe.level(model, M, sig_cfg.scale_floor)
+                shares[nd.name] = missing_share(miss, model.scaler.absent)
+                lost[nd.name] = metrics_lost(miss, model.scaler.absent)
+                _write_node_errors(nodes_grp, nd, err, level, split_codes(nd, cfg.split), sig_cfg,
+                                   lm.version if lm else 0, error_dtype, shares[nd.name], recipe.normal_error(model),
+                                   model.digest)
+                bar.update(1)
+            bar.close()
+            # every node's share in one table (node-name order, as /node_rows of an index): read without a
+            # group opened per node
+            f.create_dataset("node_missing", data=np.array([shares[n] for n in sorted(shares)], dtype=np.float32))
+            write_lost(f, [lost[n] for n in sorted(lost)], M)
+    except NoWhitening as exc:
+        if not retry:
+            raise
+        return str(exc)
+    return None
 
 
 def _node_errors(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, nodes: list[str], metrics: list[str],

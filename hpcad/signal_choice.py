@@ -11,19 +11,18 @@ workloads bring new values (DAVIDE and the synthetic cluster prefer 1, without s
 validation gain on MSL did not hold on its test halves, docs/results.md; the whitening's default is
 ``auto`` too, hpcad/model/whiten.py) each run's own labelled validation rows decide:
 
-- every candidate (``signal.excess_grid`` x scales off/on x whitening off/on, or the fixed value of
+- every candidate (``signal.excess_grid`` x scales off/on x whitening on/off, or the fixed value of
   an option that is not ``auto``) ranks each node's smoothed signal against its validation labels (average precision,
   threshold-free; nodes whose validation rows hold both classes); the per-node figures are summed
   over ranks and averaged;
 - the first candidate within ``signal.excess_margin`` of the best mean average precision wins, in
-  the order unwhitened before whitened, scales off before on, smaller weights before larger (ties
-  and noise keep the simpler, more conservative signal);
-- whitening is a candidate only where every node of the run is labelled: it raises the normal
-  drift of later rows against the node's level (the real DAVIDE node's normal test rows: a median
-  9.9 x its level whitened, 1.6 x unwhitened), and nodes without labels get the level fallback's
-  thresholds (``threshold.times`` x their level), which it would make alarm on drift;
-- without labelled validation rows (production, the nightly job) the recipe of the run whose
-  thresholds will be applied is reused (its ``thresholds.json``), else the first candidate.
+  the order whitened before unwhitened, scales off before on, smaller weights before larger (ties
+  and noise keep the default signal: the whitened one, which ranks better or ties on every data set
+  measured, with labels and without; docs/results.md, "Whitened residuals"), unscaled, the smaller
+  weight;
+- without labelled validation rows (a site without labels, production, the nightly job) the recipe
+  of the run whose thresholds will be applied is reused (its ``thresholds.json``), else the first
+  candidate: whitened, weight 1, unscaled.
 
 The choice and the figures behind it are written to ``errors.h5`` (attributes ``excess_weight``,
 ``metric_scales``, ``whiten``, ``signal_choice``), thresholds.json and metrics.json.
@@ -99,7 +98,7 @@ def candidates(sig_cfg) -> list[Recipe]:
         weights = [w]
     scales = fixed_scales(sig_cfg.metric_scales)
     whiten = fixed_whiten(sig_cfg.whiten)
-    return [Recipe(c, s, wh) for wh in ([False, True] if whiten is None else [whiten])
+    return [Recipe(c, s, wh) for wh in ([True, False] if whiten is None else [whiten])
             for s in ([False, True] if scales is None else [scales]) for c in weights]
 
 
@@ -118,11 +117,6 @@ def choose(cfg: HpcadConfig, store, node_errors: Callable[[], Iterator[tuple]],
     if len(grid) == 1:
         return grid[0], None
     labelled = store.has_labels and not no_validation_rows(cfg.split)  # a night's labels: nothing to choose on
-    if labelled and len({r.whitened for r in grid}) > 1 and not every_node_labelled(store):
-        log.info("signal.whiten=auto: not whitened: some nodes have no labels, and the level fallback's thresholds "
-                 "(threshold.times x their normal level) would alarm on their drift (docs/pipeline.md)",
-                 extra=CLUSTER_WIDE)
-        grid = [r for r in grid if not r.whitened]
     totals, count, unscaled_only, unwhitened_only = np.zeros(len(grid)), 0, 0, 0
     if labelled:
         for model, nd, err, excess2, miss, _ in node_errors():
@@ -159,7 +153,8 @@ def choose(cfg: HpcadConfig, store, node_errors: Callable[[], Iterator[tuple]],
         how = "no labelled validation rows: " + ("the first candidate" if fallback is None
                                                  else "the recipe of the run whose thresholds apply")
         log.info("signal: %s (%s)", chosen, how, extra=CLUSTER_WIDE)
-        return chosen, {"rule": how, "candidates": names, "chosen": chosen.to_dict(), "nodes": 0}
+        return chosen, {"rule": how, "candidates": names, "chosen": chosen.to_dict(), "nodes": 0,
+                        "followed": fallback is not None}
     keep = list(range(len(grid)))
     if unscaled_only and any(r.scaled for r in grid):  # models from before the held-out errors were recorded
         log.warning("signal.metric_scales=auto: %d node model(s) have no per-metric held-out errors (trained by an "
@@ -184,9 +179,18 @@ def choose(cfg: HpcadConfig, store, node_errors: Callable[[], Iterator[tuple]],
                     "chosen": chosen.to_dict(), "nodes": count}
 
 
-def every_node_labelled(store) -> bool:
-    """Whether every node of the store has labels (an incident list labels them all)."""
-    return all(store.labelled.get(n) for n in store.nodes)
+def without_whitening(recipe: Recipe, choice: dict | None, why: str) -> tuple[Recipe, dict]:
+    """``auto``'s whitened choice given up for the unwhitened recipe, where a node's model has no
+    whitening (trained by an older hpcad; hpcad.score retries the pass on every rank)."""
+    plain = Recipe(recipe.weight, recipe.scaled, False)
+    log.warning("signal.whiten=auto: %s; scoring every node unwhitened (%s)", why, plain, extra=CLUSTER_WIDE)
+    return plain, {**(choice or {}), "chosen": plain.to_dict(), "unwhitened": why}
+
+
+def may_unwhiten(sig_cfg, recipe: Recipe, choice: dict | None) -> bool:
+    """Whether :func:`without_whitening` may stand in for ``recipe``: ``signal.whiten=auto`` chose
+    it, not the recipe of thresholds fitted on whitened signals (those would mean nothing)."""
+    return recipe.whitened and fixed_whiten(sig_cfg.whiten) is None and not (choice or {}).get("followed", False)
 
 
 def validation_labels(split: np.ndarray, labels: np.ndarray | None) -> tuple[np.ndarray, np.ndarray] | None:

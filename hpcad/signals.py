@@ -142,10 +142,14 @@ class Recipe:
         return signal_level(held, n_metrics, scale_floor)
 
 
+class NoWhitening(StoreError):
+    """A model file without the residual whitening the recipe needs (trained by an older hpcad)."""
+
+
 def whitening(model, where: str):
     """The model's residual whitening; a clear error for a model file written without it."""
     if model.whitening is None:
-        raise StoreError(f"{where or 'node ' + model.node}: its model file has no residual whitening (trained by an "
+        raise NoWhitening(f"{where or 'node ' + model.node}: its model file has no residual whitening (trained by an "
                          f"older hpcad): run `hpcad train` (it retrains such nodes), or score with "
                          f"signal.whiten=false")
     return model.whitening

@@ -222,11 +222,16 @@ def test_scoring_new_data_with_a_trained_run(tmp_path):
         return th
 
     assert fitted(half) == fitted(scored)
-    def alarms(run):  # the top metrics' errors are printed to 3 digits: compare their names
+    def alarms(run):  # the top metrics' errors and times-normal are printed to 3 digits: names, and the figures apart
         rows = list(csv.DictReader(open(run / "alarms.csv")))
-        return [{**r, "top_metrics": [t.rsplit(":", 1)[0] for t in r["top_metrics"].split()]} for r in rows]
+        return [{**r, "top_metrics": [t.rsplit(":", 1)[0] for t in r["top_metrics"].split()],
+                 "top_x_normal": None} for r in rows]
+
+    def times_normal(run):
+        return [float(x) for r in csv.DictReader(open(run / "alarms.csv")) for x in r["top_x_normal"].split()]
 
     assert alarms(half) == alarms(scored) and alarms(scored)
+    np.testing.assert_allclose(times_normal(half), times_normal(scored), rtol=2e-3)
     assert (half / "errors.h5").stat().st_size < 0.6 * (scored / "errors.h5").stat().st_size
 
 

@@ -57,13 +57,15 @@ def test_real_davide_node_beats_the_lecture_despite_its_mislabelled_validation_r
     m = json.loads((run / "metrics.json").read_text())
     assert m["splits"]["test"]["cost"] <= 200 < min(LECTURE_TEST_COSTS.values())
     # by times their normal error (as alarms rank their metrics): the power-saving governor's slower
-    # cores stay busy (util, ips), the performance governor draws power (DAVIDE names it pwr_*, cur_*,
-    # proc1_power) first, the busy cores' util after it (whitened residuals; unwhitened, power held
-    # all four places); the same on training seeds 0-2 (docs/results.md, "Explanations")
+    # cores stay busy (util, ips: most of the top four), the performance governor draws power (DAVIDE
+    # names it pwr_*, cur_*, proc1_power) first, the busy cores' util or ips after it (whitened
+    # residuals; unwhitened, power held all four places); the same on training seeds 0-2
+    # (docs/results.md, "Explanations")
     saving, performance = ([metric_family(n) for n, _ in m["class_profiles"][c]["top_x_normal"][:4]] for c in "12")
     power = {"pwr", "cur", "proc1"}
-    assert set(saving) <= {"util", "ips"} and performance[0] in power, (saving, performance)
-    assert sum(f in power for f in performance) >= 2 and set(performance) <= power | {"util"}, (saving, performance)
+    assert sum(f in {"util", "ips"} for f in saving) >= 3 and performance[0] in power, (saving, performance)
+    assert sum(f in power for f in performance) >= 2 and set(performance) <= power | {"util", "ips"}, \
+        (saving, performance)
     assert m["splits"]["test"]["ranking"]["ap"] > 0.99  # the test rows are separable: the threshold decides
     th = json.loads((run / "thresholds.json").read_text())
     assert 300 < th["nodes"]["hpc"] < 3000  # far under the validation anomalies (~6,000), far above normal (~150)

@@ -17,9 +17,10 @@ from hpcad.threshold.rules import Thresholds
 from test_score import _site
 
 
-def _run(tmp_path, alarms: list[dict], details: dict | None = None, max_pages: int = 10):
+def _run(tmp_path, alarms: list[dict], details: dict | None = None, max_pages: int = 10, whiten: object = "auto"):
     """A scored two-node run folder (nodes a and b) with the given alarms and per-node thresholds."""
     cfg, store, models, _ = _site(tmp_path)
+    cfg.signal.whiten = whiten
     score_nodes(cfg, store, models, tmp_path / "errors.h5")
     Thresholds("cost", "node", None, {"a": 1.0, "b": 2.0}, details or {}).save(tmp_path / "thresholds.json")
     cols = ["node", "start", "end", "rows", "split", "peak_score", "label_classes", "top_metrics"]
@@ -36,7 +37,7 @@ ALARM_B = {"node": "b", "start": 45000, "end": 48000, "rows": 11, "split": "test
 
 
 def test_the_page_counts_alarms_and_links_each_alarmed_node_to_its_page(tmp_path):
-    cfg, errors, models = _run(tmp_path, [ALARM_B, {**ALARM_B, "start": 51000, "end": 52000}])
+    cfg, errors, models = _run(tmp_path, [ALARM_B, {**ALARM_B, "start": 51000, "end": 52000}], whiten=False)
     page = write_report(cfg, tmp_path, errors, models, title="nightly <test>").read_text()
     assert "<title>nightly &lt;test&gt;</title>" in page  # the title is escaped
     assert "2 nodes, 3 metrics" in page and "2 alarm events on 1 node;" in page

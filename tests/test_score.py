@@ -229,10 +229,12 @@ def test_the_signal_choice_pass_says_how_far_it_got_in_a_log_file(tmp_path, monk
     assert [m for m in said if m.startswith("score: ")] == [f"score: {k}/6 nodes" for k in range(1, 6)]
 
 
-def test_auto_whitening_is_left_out_of_a_run_with_a_node_without_labels(tmp_path, monkeypatch):
-    """``signal.whiten=auto`` is a candidate only where every node is labelled (the others get the
-    level fallback, which whitening's drift would set off: hpcad.signal_choice): a run with one
-    unlabelled node is scored unwhitened, and the choice's pass computes no whitened errors."""
+def test_auto_whitening_is_the_default_signal_and_labels_may_only_veto_it(tmp_path, monkeypatch):
+    """``signal.whiten=auto``: whitened first (its level is measured out of sample, so the level
+    fallback of nodes without labels holds: hpcad.model.whiten); a run with an unlabelled node still
+    ranks both on its labelled nodes, and a run without labels scores whitened without a choice."""
+    import json
+
     import hpcad.score as score
 
     def labels(i: int) -> np.ndarray | None:  # an anomaly in the validation rows of nodes 0-2; node 3 unlabelled
@@ -249,15 +251,53 @@ def test_auto_whitening_is_left_out_of_a_run_with_a_node_without_labels(tmp_path
     monkeypatch.setattr(score, "reconstruction_errors", lambda ms, zs, dev, maps, masks, whiten: asked.append(whiten)
                         or real(ms, zs, dev, maps, masks, whiten))
     score_nodes(cfg, store, tmp_path / "models", tmp_path / "errors.h5")
-    assert asked and all(w is False for w in asked), asked
-    errors = ErrorStore(tmp_path / "errors.h5")
-    assert errors.recipe.whitened is False
+    assert None in asked  # the choice's pass: both kinds of errors
+    with h5py.File(tmp_path / "errors.h5") as f:
+        choice = json.loads(f.attrs["signal_choice"])
+    assert [c["whiten"] for c in choice["candidates"]] == [True] * 4 + [False] * 4 and choice["nodes"] == 3
+    unlabelled = _random_site(tmp_path / "none", 3, 80, 40)  # no labels at all: nothing to choose on
+    unlabelled[0].split.unit, unlabelled[0].split.train, unlabelled[0].split.val = "rows", 40, 20
+    asked.clear()
+    score_nodes(unlabelled[0], unlabelled[1], tmp_path / "none" / "models", tmp_path / "none.h5")
+    assert asked == [True]  # one pass, whitened only
+    errors = ErrorStore(tmp_path / "none.h5")
+    assert errors.recipe == Recipe(1.0, False, True)
+    with h5py.File(tmp_path / "none.h5") as f:
+        assert json.loads(f.attrs["signal_choice"])["rule"] == "no labelled validation rows: the first candidate"
+
+
+def test_auto_scores_unwhitened_where_a_model_has_no_whitening_and_a_fixed_choice_stops(tmp_path, caplog):
+    """A node's model trained by an older hpcad has no whitening (or one of an earlier version, which
+    loads as none): ``auto`` then scores every node unwhitened and says why, leaving no half-written
+    file; ``signal.whiten=true``, or the thresholds' whitened recipe being followed, is an error
+    naming the node."""
     import json
 
+    from hpcad.errors import StoreError
+
+    cfg, store, models, _ = _site(tmp_path)
+    b = NodeModel.load(model_path(models, "b"))
+    b.whitening = None
+    b.save(model_path(models, "b"))
+    with caplog.at_level("WARNING", logger="hpcad.signal_choice"):
+        score_nodes(cfg, store, models, tmp_path / "errors.h5")
+    errors = ErrorStore(tmp_path / "errors.h5")
+    assert errors.recipe.whitened is False and sorted(errors.nodes) == ["a", "b"]
     with h5py.File(tmp_path / "errors.h5") as f:
-        assert [c["whiten"] for c in json.loads(f.attrs["signal_choice"])["candidates"]] == [False] * 4
-    labelled = _random_site(tmp_path / "all", 3, 80, 40, labels)  # every node labelled: both are candidates
-    labelled[0].split.unit, labelled[0].split.train, labelled[0].split.val = "rows", 40, 20
-    score_nodes(labelled[0], labelled[1], tmp_path / "all" / "models", tmp_path / "all.h5")
-    with h5py.File(tmp_path / "all.h5") as f:
-        assert [c["whiten"] for c in json.loads(f.attrs["signal_choice"])["candidates"]] == [False] * 4 + [True] * 4
+        choice = json.loads(f.attrs["signal_choice"])
+    assert "node b: its model file has no residual whitening" in choice["unwhitened"]
+    assert choice["chosen"]["whiten"] is False
+    assert any("scoring every node unwhitened" in r.getMessage() for r in caplog.records)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("errors")] == ["errors.h5"]
+    cfg.signal.whiten = True
+    with pytest.raises(StoreError, match="node b: its model file has no residual whitening"):
+        score_nodes(cfg, store, models, tmp_path / "fixed.h5")
+    cfg.signal.whiten = "auto"
+    unlabelled = _random_site(tmp_path / "u", 2, 80, 40)[1]
+    m1 = NodeModel.load(model_path(tmp_path / "u" / "models", "n01"))
+    m1.whitening = None
+    m1.save(model_path(tmp_path / "u" / "models", "n01"))
+    with pytest.raises(StoreError, match="n01: its model file has no residual whitening"):  # the thresholds' recipe
+        score_nodes(cfg, unlabelled, tmp_path / "u" / "models", tmp_path / "followed.h5",
+                    recipe_fallback=Recipe(10.0, False, True))
+    assert not (tmp_path / "fixed.h5").exists() and not (tmp_path / "followed.h5").exists()

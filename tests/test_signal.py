@@ -240,34 +240,34 @@ def test_metric_scales_divide_each_metrics_error_by_its_held_out_error_at_least_
         choose(_signal_cfg(scales=True), NS(has_labels=True), lambda: iter(_noisy_metric_inputs(recorded=False)), None)
 
 
-def test_auto_whitening_is_chosen_on_validation_rows_and_only_where_every_node_is_labelled():
-    """``signal.whiten=auto``: where the whitened errors rank the validation anomalies first it is
-    chosen; where a node has no labels (the level fallback's thresholds would meet its drift) it is
-    not a candidate; without labelled rows the thresholds' run decides."""
+def test_auto_whitening_is_the_default_and_the_labelled_validation_rows_may_veto_it():
+    """``signal.whiten=auto``: whitened first, kept on ties; where the plain errors rank the
+    validation anomalies better (by more than the margin) the labels choose them; without labelled
+    rows the thresholds' run decides, else the whitened signal."""
     from hpcad.signal_choice import choose
 
-    inputs = []
+    inputs, reverse = [], []
     for model, nd, err, excess2, miss, lm in _choice_inputs(False):
         plain = err.copy()
         plain[:, 1] = err[:, 0]  # the anomalies' error hidden from the plain sum...
         white = err  # ...but not from the whitened one
         model.whitening = NS(level=float(white[:200].sum(1).mean()), holdout_error=white[:200].mean(0))
         inputs.append((model, nd, {False: plain, True: white}, excess2 * 0, miss, lm))
+        reverse.append((model, nd, {False: white, True: plain}, excess2 * 0, miss, lm))
     cfg = _signal_cfg(grid=(1.0,))
     cfg.signal.whiten = "auto"
-    everyone = NS(has_labels=True, nodes=["n0", "n1", "n2"], labelled={"n0": True, "n1": True, "n2": True})
-    r, choice = choose(cfg, everyone, lambda: iter(inputs), None)
-    plain_ap, white_ap = choice["validation_ap"]
-    assert r == Recipe(1.0, False, True) and white_ap > plain_ap + 0.2
-    assert [c["whiten"] for c in choice["candidates"]] == [False, True]  # unwhitened first on ties
     some = NS(has_labels=True, nodes=["n0", "n1", "n2", "n3"], labelled={"n0": True, "n1": True, "n2": True})
-    r, choice = choose(cfg, some, lambda: iter(inputs), None)
-    assert r == Recipe(1.0) and [c["whiten"] for c in choice["candidates"]] == [False]
+    r, choice = choose(cfg, some, lambda: iter(inputs), None)  # a node without labels changes nothing
+    white_ap, plain_ap = choice["validation_ap"]
+    assert r == Recipe(1.0, False, True) and white_ap > plain_ap + 0.2
+    assert [c["whiten"] for c in choice["candidates"]] == [True, False]  # whitened first: kept on ties
+    r, choice = choose(cfg, some, lambda: iter(reverse), None)
+    assert r == Recipe(1.0) and choice["validation_ap"][1] > choice["validation_ap"][0] + 0.2  # the labels' veto
     unlabelled = NS(has_labels=False)
-    assert choose(cfg, unlabelled, lambda: iter(()), Recipe(1.0, False, True))[0] == Recipe(1.0, False, True)
-    assert choose(cfg, unlabelled, lambda: iter(()), None)[0] == Recipe(1.0)
+    assert choose(cfg, unlabelled, lambda: iter(()), Recipe(1.0))[0] == Recipe(1.0)  # the thresholds' recipe
+    assert choose(cfg, unlabelled, lambda: iter(()), None)[0] == Recipe(1.0, False, True)
     from hpcad.errors import ConfigError
 
     cfg.signal.whiten = "maybe"
     with pytest.raises(ConfigError, match="signal.whiten='maybe': true, false or 'auto'"):
-        choose(cfg, everyone, lambda: iter(inputs), None)
+        choose(cfg, some, lambda: iter(inputs), None)

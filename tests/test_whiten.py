@@ -1,5 +1,6 @@
 """Whitened reconstruction errors (signal.whiten, hpcad/model/whiten.py): the Mahalanobis distance
-of a row's residual, per metric by ZCA, from the residuals' shrunk covariance on its training rows."""
+of a row's residual, per metric by ZCA, from the residuals' shrunk covariance on the rows the model
+was fitted on; its normal level measured on the held-out rows."""
 import numpy as np
 import pytest
 import torch
@@ -40,16 +41,51 @@ def test_the_shrinkage_is_scikit_learns_ledoit_wolf_for_residuals_about_zero():
 
 def test_a_rows_summed_whitened_error_is_its_mahalanobis_distance_times_the_mean_variance():
     z = _family_rows(800)
-    w = fit_whitening(AutoencoderSpec([3]), [_zero_model(3)], [z], [held_out_from(len(z), 0.1)], 3)[0]
-    ref = LedoitWolf(assume_centered=True).fit(z.astype(np.float64))  # residuals = -z
+    hold = held_out_from(len(z), 0.1)
+    w = fit_whitening(AutoencoderSpec([3]), [_zero_model(3)], [z], [hold], 3)[0]
+    ref = LedoitWolf(assume_centered=True).fit(z[:hold].astype(np.float64))  # the fitted rows' residuals = -z
     mu = np.trace(ref.covariance_) / 3
     rows = np.random.default_rng(5).normal(size=(20, 3))
     maha = np.einsum("ti,ij,tj->t", rows, ref.precision_, rows)
     np.testing.assert_allclose(((rows @ w.matrix) ** 2).sum(1), mu * maha, rtol=1e-4)
     np.testing.assert_allclose(w.matrix, w.matrix.T, atol=1e-6)  # ZCA: symmetric
-    held = z[held_out_from(len(z), 0.1):]
+    held = z[hold:]
     np.testing.assert_allclose(w.holdout_error, ((held @ w.matrix) ** 2).mean(0), rtol=1e-4)
     assert w.level == pytest.approx(float(w.holdout_error.sum()), rel=1e-6)
+    everything = fit_whitening(AutoencoderSpec([3]), [_zero_model(3)], [z], [0], 3)[0]  # no held-out rows
+    ref = LedoitWolf(assume_centered=True).fit(z.astype(np.float64))  # all rows stand in for both
+    np.testing.assert_allclose(((rows @ everything.matrix) ** 2).sum(1),
+                               np.trace(ref.covariance_) / 3 * np.einsum("ti,ij,tj->t", rows, ref.precision_, rows),
+                               rtol=1e-4)
+    assert everything.level == pytest.approx(float(((z @ everything.matrix) ** 2).sum(1).mean()), rel=1e-4)
+
+
+def test_later_normal_rows_like_the_held_out_ones_score_about_the_level():
+    """The level is measured out of sample, as the unwhitened one is. The held-out rows (the last
+    of the training period) show residuals in directions the fitted rows never did, and so do the
+    later normal rows. A covariance that took the held-out rows in (the estimator before 2026-12-05)
+    learns those directions from a few rows and scores those very rows low: later rows like them sat
+    far above that level, and a site without labels alarmed on them all (the real DAVIDE node: 100 %
+    of its normal test rows above 5 x). Measured on rows the covariance did not see, the level is
+    where such rows score."""
+    rng = np.random.default_rng(8)
+    M, n_fit, n_hold = 40, 900, 30
+    mix = rng.normal(size=(30, M))
+
+    def period(n: int, drift: float) -> np.ndarray:  # drift: residuals in 30 directions new since the fit
+        return (0.1 * rng.normal(size=(n, M)) + drift * rng.normal(size=(n, 30)) @ mix).astype(np.float32)
+
+    z = np.r_[period(n_fit, 0.0), period(n_hold, 1.0)]
+    w = fit_whitening(AutoencoderSpec([3]), [_zero_model(M)], [z], [n_fit], M)[0]
+    later = period(3000, 1.0)
+    ratio = float(((later @ w.matrix) ** 2).sum(1).mean()) / w.level
+    assert 0.85 < ratio < 1.15, ratio  # 1.01
+    r = z.astype(np.float64)  # the estimator before: covariance of all training rows, level on the held-out ones
+    C, _ = ledoit_wolf(torch.from_numpy(r.T @ r / len(r)), float((np.square(r).sum(1) ** 2).mean()), len(r))
+    lam, V = np.linalg.eigh(C.numpy())
+    before = (V * np.sqrt(lam.mean() / lam)) @ V.T
+    in_sample = float(((z[n_fit:] @ before) ** 2).sum(1).mean())
+    assert float(((later @ before) ** 2).sum(1).mean()) / in_sample > 1.5  # 1.75: later rows above its level
 
 
 def test_a_deviation_its_family_shares_scores_below_the_same_deviation_that_breaks_the_family():
@@ -130,6 +166,10 @@ def test_whitening_is_kept_in_the_model_file_and_a_file_without_it_is_a_clear_er
     back = NodeModel.load(tmp_path / "n7.pt")
     assert np.array_equal(back.whitening.matrix, white.matrix) and back.whitening.level == white.level
     assert Recipe(1.0, whitened=True).level(back, M, 1e-4) == pytest.approx(white.level)
+    obj = torch.load(tmp_path / "n7.pt", weights_only=True)
+    assert obj["whitening"].pop("version") == 2
+    torch.save(obj, tmp_path / "n7-before.pt")  # as hpcad wrote it before 2026-12-05: covariance of all rows
+    assert NodeModel.load(tmp_path / "n7-before.pt").whitening is None  # retrained, or scored unwhitened
     model.whitening = None  # as an older hpcad wrote it
     with pytest.raises(Exception, match="n7: its model file has no residual whitening.*signal.whiten=false"):
         Recipe(1.0, whitened=True).level(model, M, 1e-4)

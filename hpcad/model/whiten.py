@@ -8,15 +8,20 @@ residuals by their own covariance on the node's training rows: a row's summed er
 Mahalanobis distance of its residual, times the residuals' mean variance (so a normal row keeps
 about its unwhitened size and the range-excess term its weight).
 
-- The covariance is the Ledoit-Wolf estimate (shrunk towards the mean variance times the identity,
-  by the amount its formula finds from the rows) of the residuals of all the node's training rows,
-  those it was fitted on and its held-out ones: one forward pass after training, two [M, M] sums
-  and a scalar per node, in blocks of rows on the training device.
+- Fitted as the model is: the covariance is the Ledoit-Wolf estimate (shrunk towards the mean
+  variance times the identity, by the amount its formula finds from the rows) of the residuals of
+  the rows the model was fitted on, and the whitened signal's normal level and per-metric errors
+  are measured on the held-out rows, which neither the model nor the covariance saw (as the
+  unwhitened level is). A level measured on rows the covariance was fitted on is an in-sample
+  figure: where the held-out rows differ from the fitted ones (the real DAVIDE node's residuals
+  there are 76 x the fitted rows') they dominate such a covariance, score low against it, and every
+  later normal row sits far above the level (docs/results.md, "Whitened residuals").
+  One forward pass after training, two [M, M] sums per node (all rows; held-out rows) and two
+  scalars, in blocks of rows on the training device. Without held-out rows, all rows stand in for
+  both.
 - ZCA whitening (the symmetric inverse square root) keeps each whitened component tied to its
   metric, so per-metric errors still say which metrics an alarm is about: a metric's whitened error
   is what of its residual the residuals it usually moves with do not account for.
-- The whitened signal's normal level and per-metric errors on the held-out rows come from the same
-  pass (the held-out rows' own [M, M] sum), as the unwhitened ones come from training.
 
 Per node, one node at a time for the sums (float32 products per block of rows, float64 sums of
 them): a node's whitening does not depend on the nodes it shares a chunk with (the forward pass is
@@ -35,6 +40,9 @@ from hpcad.preprocess import fit_rows
 ROW_BLOCK = 1024  # rows per forward pass and per partial sum (a block of 64 nodes x 160 metrics: 42 MB)
 GROUP = 64  # nodes whose [M, M] sums are held at once (2 x GROUP x M^2 float64: 26 MB at M = 160)
 EIGEN_FLOOR = 1e-6  # smallest eigenvalue kept, as a share of the mean variance
+# 2: covariance of the fitted rows, level on the held-out rows (2026-12-05). 1 (files without a version):
+# covariance of all training rows, level in-sample; not used (the model files load without a whitening)
+VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -42,17 +50,21 @@ class Whitening:
     """A node's residual whitening: ``error = (r @ matrix) ** 2`` per metric for a residual row r."""
 
     matrix: np.ndarray  # [M, M] float32, symmetric: sqrt(mean variance) x covariance^(-1/2)
-    level: float  # mean whitened row signal (sum over metrics) on the held-out rows
+    level: float  # mean whitened row signal (sum over metrics) on the held-out rows (not in the covariance)
     holdout_error: np.ndarray  # [M] float32: mean whitened error per metric on the same rows
     shrinkage: float  # the Ledoit-Wolf shrinkage used (0: the sample covariance; 1: a scaled identity)
 
     def to_dict(self) -> dict:
         return {"matrix": torch.from_numpy(np.ascontiguousarray(self.matrix, dtype=np.float32)),
-                "level": float(self.level), "shrinkage": float(self.shrinkage),
+                "version": VERSION, "level": float(self.level), "shrinkage": float(self.shrinkage),
                 "holdout_error": torch.from_numpy(np.asarray(self.holdout_error, dtype=np.float32))}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Whitening":
+    def from_dict(cls, d: dict) -> "Whitening | None":
+        """The whitening a model file holds; None for one of an earlier :data:`VERSION` (its level was
+        measured on rows of its own covariance: the model is retrained or scored without it)."""
+        if d.get("version") != VERSION:
+            return None
         return cls(d["matrix"].numpy().astype(np.float32), float(d["level"]),
                    d["holdout_error"].numpy().astype(np.float32), float(d["shrinkage"]))
 
@@ -89,6 +101,7 @@ def _fit_group(spec, members, zs, hold_from, M, device) -> list[Whitening]:
     S = torch.zeros(G, M, M, dtype=torch.float64, device=dev)  # all rows
     H = torch.zeros_like(S)  # held-out rows
     fourth = torch.zeros(G, dtype=torch.float64, device=dev)  # sum of |r|^4 (Ledoit-Wolf's estimate)
+    fourth_held = torch.zeros_like(fourth)
     with torch.no_grad():
         for s in range(0, T, ROW_BLOCK):
             n = min(ROW_BLOCK, T - s)
@@ -109,10 +122,13 @@ def _fit_group(spec, members, zs, hold_from, M, device) -> list[Whitening]:
                 if h0 < rows:
                     hk = rk[h0:]
                     H[k] += (hk.T @ hk).double()
+                    fourth_held[k] += hk.double().square().sum(1).square().sum()
     out = []
     for k, z in enumerate(zs):
         n, n_hold = len(z), len(z) - hold_from[k]
-        W, shrink = _zca(S[k] / n, float(fourth[k]) / n, n, M)
+        n_fit = n - n_hold if hold_from[k] > 0 else n  # without held-out rows, all rows stand in for both
+        fitted, fourth_fitted = (S[k] - H[k], fourth[k] - fourth_held[k]) if hold_from[k] > 0 else (S[k], fourth[k])
+        W, shrink = _zca(fitted / n_fit, float(fourth_fitted) / n_fit, n_fit, M)
         held = torch.diagonal(W.T @ (H[k] / n_hold) @ W)
         out.append(Whitening(W.float().cpu().numpy(), max(float(held.sum()), 1e-12),
                              held.float().cpu().numpy(), shrink))
