@@ -17,9 +17,8 @@ validation gain on MSL did not hold on its test halves, docs/results.md; the whi
   over ranks and averaged;
 - the first candidate within ``signal.excess_margin`` of the best mean average precision wins, in
   the order whitened before unwhitened, scales off before on, smaller weights before larger (ties
-  and noise keep the default signal: the whitened one, which ranks better or ties on every data set
-  measured, with labels and without; docs/results.md, "Whitened residuals"), unscaled, the smaller
-  weight;
+  and noise keep the default: whitened, unscaled, the smaller weight; whitening ranks better or ties
+  on every data set measured, with labels and without: docs/results.md, "Whitened residuals");
 - without labelled validation rows (a site without labels, production, the nightly job) the recipe
   of the run whose thresholds will be applied is reused (its ``thresholds.json``), else the first
   candidate: whitened, weight 1, unscaled.
