@@ -94,9 +94,8 @@ def score_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, out_p
         raise ConfigError(f"score.error_dtype={cfg.score.error_dtype!r}: one of {', '.join(ERROR_DTYPES)}")
     budget = Budget.resolve(cfg.compute, device)
 
-    def node_errors(which: list[str], whiten: bool | None) -> Iterator[tuple[NodeModel, object, np.ndarray, np.ndarray,
-                                                                             np.ndarray, LightMap | None]]:
-        return _node_errors(cfg, store, models_dir, which, metrics, columns, budget, device, light, whiten)
+    def node_errors(which: list[str], whiten: bool | None, earlier: bool = False) -> Iterator[tuple]:
+        return _node_errors(cfg, store, models_dir, which, metrics, columns, budget, device, light, whiten, earlier)
 
     def ranked_errors() -> Iterator[tuple]:
         """The choice's pass: only the nodes it ranks (validation rows of both classes), with its own progress."""
@@ -111,12 +110,18 @@ def score_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, out_p
 
     recipe, choice = choose_recipe(cfg, store, ranked_errors, recipe_fallback)
     retry = may_unwhiten(sig_cfg, recipe, choice)  # the same on every rank: the choice is collective
-    lacking = _write_errors(cfg, store, models_dir, out_path, nodes, recipe, choice, node_errors, built, metrics,
+    # a whitening of an earlier version serves only the thresholds fitted on it (hpcad.model.whiten.VERSION)
+    earlier = recipe_fallback is not None and recipe == recipe_fallback
+
+    def errors_of(which: list[str], whiten: bool | None) -> Iterator[tuple]:
+        return node_errors(which, whiten, earlier)
+
+    lacking = _write_errors(cfg, store, models_dir, out_path, nodes, recipe, choice, errors_of, built, metrics,
                             error_dtype, retry)
     if retry and all_sum(np.array([lacking is not None]))[0]:  # a model without whitening on some rank
         recipe, choice = without_whitening(recipe, choice, lacking or "a node's model on another rank has no "
                                                                      "residual whitening (trained by an older hpcad)")
-        _write_errors(cfg, store, models_dir, out_path, nodes, recipe, choice, node_errors, built, metrics, error_dtype)
+        _write_errors(cfg, store, models_dir, out_path, nodes, recipe, choice, errors_of, built, metrics, error_dtype)
     log.info("scored %d nodes -> %s", len(nodes), out_path)
     return len(nodes)
 
@@ -161,12 +166,14 @@ def _write_errors(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, out
 
 def _node_errors(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, nodes: list[str], metrics: list[str],
                  columns: np.ndarray | None, budget: Budget, device: torch.device,
-                 light: Callable[[str], LightMap | None], whiten: bool | None) -> Iterator[tuple]:
+                 light: Callable[[str], LightMap | None], whiten: bool | None, earlier: bool = False) -> Iterator[tuple]:
     """Per node, in order: ``(model, node data, squared reconstruction errors [T, M], squared
     range excess [T, M] (zeros with ``signal.range_excess=false``), missing mask, light map)``;
     K nodes per batched forward pass, only one chunk in memory. The errors are whitened with
     ``whiten``; with None (``signal.whiten=auto``'s choice) a dict of both, ``{False: plain, True:
-    whitened}``, or of the plain ones alone for a chunk with a model from before the whitening."""
+    whitened}``, or of the plain ones alone for a chunk with a model from before the whitening.
+    A model's whitening of an earlier version counts as none unless ``earlier`` (its thresholds'
+    signal)."""
     M = len(metrics)
     i = 0
     cap = cfg.compute.max_nodes_per_chunk or default_chunk_cap(device)
@@ -179,6 +186,8 @@ def _node_errors(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, node
         models, data, zs, masks = [], [], [], []
         for node in chunk:
             model = first if node == chunk[0] else NodeModel.load(model_path(models_dir, node))
+            if model.whitening is not None and not (earlier or model.whitening.current):
+                model.whitening = None  # fitted before the level was measured out of sample
             if model.metrics != metrics:
                 raise InputError(f"node {node}: its model was trained on other metrics than node {nodes[0]}'s "
                                  f"(first difference: {_first_diff(model.metrics, metrics)}); score models "

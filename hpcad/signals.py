@@ -149,9 +149,9 @@ class NoWhitening(StoreError):
 def whitening(model, where: str):
     """The model's residual whitening; a clear error for a model file written without it."""
     if model.whitening is None:
-        raise NoWhitening(f"{where or 'node ' + model.node}: its model file has no residual whitening (trained by an "
-                          f"older hpcad): run `hpcad train` (it retrains such nodes), or score with "
-                          f"signal.whiten=false")
+        raise NoWhitening(f"{where or 'node ' + model.node}: its model file has no residual whitening, or one fitted "
+                          f"the earlier way (trained by an older hpcad): run `hpcad train` (it retrains such "
+                          f"nodes), or score with signal.whiten=false")
     return model.whitening
 
 

@@ -149,9 +149,9 @@ def reusable(path: Path, fingerprint: str, scales: bool = False, whiten: bool = 
         log.info("%s has no per-metric held-out errors (trained by an older hpcad) and signal.metric_scales is "
                  "not false; retraining the node", path)
         return False
-    if whiten and model.whitening is None:
-        log.info("%s has no residual whitening (trained by an older hpcad) and signal.whiten is not false; "
-                 "retraining the node", path)
+    if whiten and (model.whitening is None or not model.whitening.current):
+        log.info("%s has no residual whitening of this hpcad's (trained by an older one) and signal.whiten is "
+                 "not false; retraining the node", path)
         return False
     if model.spec.window > 1 and model.spec.members == 1 and held is None:
         log.info("%s: a windowed model whose normal level was measured over its whole window (an older hpcad; "

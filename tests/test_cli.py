@@ -402,7 +402,7 @@ def test_model_files_from_before_the_whitening_are_refused_by_name_until_train_r
     with h5py.File(run / "errors.h5") as f:
         assert f.attrs["whiten"] == 0
     out = hpcad("train", *common)
-    assert "node0001.pt has no residual whitening (trained by an older hpcad)" in out.stdout + out.stderr
+    assert "node0001.pt has no residual whitening of this hpcad's (trained by an older one)" in out.stdout + out.stderr
     after = {p.name: p.stat().st_mtime_ns for p in (run / "models").glob("*.pt")}
     assert [n for n in after if after[n] != mtimes[n]] == ["node0001.pt"]
     hpcad("score", *common, "signal.whiten=true")

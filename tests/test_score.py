@@ -301,3 +301,31 @@ def test_auto_scores_unwhitened_where_a_model_has_no_whitening_and_a_fixed_choic
         score_nodes(cfg, unlabelled, tmp_path / "u" / "models", tmp_path / "followed.h5",
                     recipe_fallback=Recipe(10.0, False, True))
     assert not (tmp_path / "fixed.h5").exists() and not (tmp_path / "followed.h5").exists()
+
+
+def test_a_whitening_of_the_first_kind_serves_only_the_thresholds_fitted_on_it(tmp_path):
+    """Models whitened the first way (2026-12-05 morning: covariance of all training rows, level in
+    sample; files without a ``version``): the nightly job applying thresholds fitted on that signal
+    keeps scoring it, as before the upgrade; a choice made afresh (no thresholds to follow) scores
+    such models unwhitened, and says why, since their level would put later normal rows far above
+    it (the level fallback of nodes without labels)."""
+    import json
+
+    cfg, store, _ = _random_site(tmp_path, 2, 80, 40)
+    cfg.split.unit, cfg.split.train, cfg.split.val = "rows", 40, 20
+    models = tmp_path / "models"
+    for n in ("n00", "n01"):
+        obj = torch.load(model_path(models, n), weights_only=True)
+        obj["whitening"].pop("version")
+        torch.save(obj, model_path(models, n))
+    followed = Recipe(1.0, False, True)
+    score_nodes(cfg, store, models, tmp_path / "night.h5", recipe_fallback=followed)
+    night = ErrorStore(tmp_path / "night.h5")
+    assert night.recipe == followed
+    old = NodeModel.load(model_path(models, "n00")).whitening
+    with h5py.File(tmp_path / "night.h5") as f:  # the signal its thresholds were fitted on
+        assert float(f["nodes/n00"].attrs["signal_scale"]) == pytest.approx(signal_level(old.level, 3, 1e-4))
+    score_nodes(cfg, store, models, tmp_path / "fresh.h5")
+    assert ErrorStore(tmp_path / "fresh.h5").recipe == Recipe(1.0)
+    with h5py.File(tmp_path / "fresh.h5") as f:
+        assert "no residual whitening" in json.loads(f.attrs["signal_choice"])["unwhitened"]

@@ -169,7 +169,12 @@ def test_whitening_is_kept_in_the_model_file_and_a_file_without_it_is_a_clear_er
     obj = torch.load(tmp_path / "n7.pt", weights_only=True)
     assert obj["whitening"].pop("version") == 2
     torch.save(obj, tmp_path / "n7-before.pt")  # as hpcad wrote it before 2026-12-05: covariance of all rows
-    assert NodeModel.load(tmp_path / "n7-before.pt").whitening is None  # retrained, or scored unwhitened
+    before = NodeModel.load(tmp_path / "n7-before.pt").whitening  # kept for the thresholds fitted on it
+    assert before.version == 1 and not before.current and back.whitening.current
+    from hpcad.train import reusable
+
+    assert reusable(tmp_path / "n7.pt", "", whiten=True) and not reusable(tmp_path / "n7-before.pt", "", whiten=True)
+    assert reusable(tmp_path / "n7-before.pt", "", whiten=False)  # signal.whiten=false: no need of it
     model.whitening = None  # as an older hpcad wrote it
     with pytest.raises(Exception, match="n7: its model file has no residual whitening.*signal.whiten=false"):
         Recipe(1.0, whitened=True).level(model, M, 1e-4)

@@ -28,8 +28,8 @@ if TYPE_CHECKING:  # torch loads only where models are read or written: the path
 FORMAT = "hpcad-node-model"
 FORMAT_VERSION = 2  # 2: a list of members' parameters, the scaler's training range; 1 (one model) still loads
 # (``holdout_error`` and ``whitening`` were added to version 2 later: files without them load, and are
-# scored with signal.metric_scales=false and signal.whiten=false respectively; so is a file whose
-# whitening is of an earlier hpcad.model.whiten.VERSION)
+# scored with signal.metric_scales=false and signal.whiten=false respectively; a whitening of an
+# earlier hpcad.model.whiten.VERSION serves only thresholds fitted on it)
 
 
 @dataclass
@@ -46,8 +46,7 @@ class NodeModel:
     # written before it was recorded
     holdout_error: np.ndarray | None = None
     digest: str = ""  # of the file it was loaded from, by content (model_digest); "" = not loaded
-    # its residuals' whitening (signal.whiten, hpcad/model/whiten.py); None: a file written before it,
-    # or with an earlier version of it
+    # its residuals' whitening (signal.whiten, hpcad/model/whiten.py); None: a file written before it
     whitening: Whitening | None = None
 
     def save(self, path: Path) -> None:

@@ -41,7 +41,8 @@ ROW_BLOCK = 1024  # rows per forward pass and per partial sum (a block of 64 nod
 GROUP = 64  # nodes whose [M, M] sums are held at once (2 x GROUP x M^2 float64: 26 MB at M = 160)
 EIGEN_FLOOR = 1e-6  # smallest eigenvalue kept, as a share of the mean variance
 # 2: covariance of the fitted rows, level on the held-out rows (2026-12-05). 1 (files without a version):
-# covariance of all training rows, level in-sample; not used (the model files load without a whitening)
+# covariance of all training rows, level in sample: scored only to follow thresholds fitted on it
+# (hpcad.score); training retrains such models, and a choice made afresh scores them unwhitened
 VERSION = 2
 
 
@@ -53,20 +54,22 @@ class Whitening:
     level: float  # mean whitened row signal (sum over metrics) on the held-out rows (not in the covariance)
     holdout_error: np.ndarray  # [M] float32: mean whitened error per metric on the same rows
     shrinkage: float  # the Ledoit-Wolf shrinkage used (0: the sample covariance; 1: a scaled identity)
+    version: int = VERSION  # how it was fitted (:data:`VERSION`)
+
+    @property
+    def current(self) -> bool:
+        """Fitted as this hpcad fits it (an earlier version's level was measured in sample)."""
+        return self.version == VERSION
 
     def to_dict(self) -> dict:
         return {"matrix": torch.from_numpy(np.ascontiguousarray(self.matrix, dtype=np.float32)),
-                "version": VERSION, "level": float(self.level), "shrinkage": float(self.shrinkage),
+                "version": int(self.version), "level": float(self.level), "shrinkage": float(self.shrinkage),
                 "holdout_error": torch.from_numpy(np.asarray(self.holdout_error, dtype=np.float32))}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Whitening | None":
-        """The whitening a model file holds; None for one of an earlier :data:`VERSION` (its level was
-        measured on rows of its own covariance: the model is retrained or scored without it)."""
-        if d.get("version") != VERSION:
-            return None
+    def from_dict(cls, d: dict) -> "Whitening":
         return cls(d["matrix"].numpy().astype(np.float32), float(d["level"]),
-                   d["holdout_error"].numpy().astype(np.float32), float(d["shrinkage"]))
+                   d["holdout_error"].numpy().astype(np.float32), float(d["shrinkage"]), int(d.get("version", 1)))
 
     @classmethod
     def identity(cls, n_metrics: int, level: float = 1.0) -> "Whitening":
