@@ -430,3 +430,12 @@ def test_threshold_free_figures_and_detection_delay():
     assert sc["false_alarm_events"] == 0 and sc["false_alarms_per_node_day"] == 0
     rows_only = score_rows(late, lab, 5.0, CostModel(1, 5, 2)).as_dict()
     assert rows_only["node_days"] == pytest.approx(100 / 288) and rows_only["mean_delay_s"] is None
+
+
+def test_alarm_times_read_back_as_the_rows_timestamps():
+    """What alarms.csv writes (ISO UTC for timestamps in seconds, the row number for row-indexed
+    data) reads back as the row's own timestamp (the node pages find an alarm's loudest row so)."""
+    from hpcad.threshold.evaluate import _iso, time_of
+
+    for ts, unit in ((1_700_000_123, "s"), (0, "s"), (152, "row")):
+        assert time_of(_iso(ts, unit), unit) == ts

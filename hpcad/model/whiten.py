@@ -129,8 +129,10 @@ def _fit_group(spec, members, zs, hold_from, M, device) -> list[Whitening]:
     out = []
     for k, z in enumerate(zs):
         n, n_hold = len(z), len(z) - hold_from[k]
-        n_fit = n - n_hold if hold_from[k] > 0 else n  # without held-out rows, all rows stand in for both
-        fitted, fourth_fitted = (S[k] - H[k], fourth[k] - fourth_held[k]) if hold_from[k] > 0 else (S[k], fourth[k])
+        if hold_from[k] > 0:  # the rows the model was fitted on: all rows less the held-out ones
+            n_fit, fitted, fourth_fitted = n - n_hold, S[k] - H[k], fourth[k] - fourth_held[k]
+        else:  # without held-out rows, all rows stand in for both
+            n_fit, fitted, fourth_fitted = n, S[k], fourth[k]
         W, shrink = _zca(fitted / n_fit, float(fourth_fitted) / n_fit, n_fit, M)
         held = torch.diagonal(W.T @ (H[k] / n_hold) @ W)
         out.append(Whitening(W.float().cpu().numpy(), max(float(held.sum()), 1e-12),

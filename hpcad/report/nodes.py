@@ -14,6 +14,7 @@ from hpcad.model.files import NodeModel, model_path
 from hpcad.preprocess import in_model_order, metric_positions
 from hpcad.report.markup import alarms_table, html_table, page, rule_named
 from hpcad.report.plots import AlarmWindow, heatmap, local_times, signal_plot, values_plot
+from hpcad.threshold.evaluate import time_of
 from hpcad.threshold.rules import Thresholds
 
 
@@ -122,11 +123,9 @@ def _loudest_row(mine: list[dict], s, win: AlarmWindow, time_unit: str) -> int:
     """The row the node's strongest alarm (highest peak) names as its loudest in ``alarms.csv``
     (``loudest_time``: the row the nightly job's ``alarms.json`` quotes), where it lies in the
     window; else the window's own choice (``win.loudest``; files written before the column)."""
-    import datetime as dt
-
     when = max(mine, key=lambda a: float(a.get("peak_score") or 0)).get("loudest_time")
     if when:
-        ts = int(when) if time_unit != "s" else int(dt.datetime.fromisoformat(when).timestamp())
+        ts = time_of(when, time_unit)
         r = int(np.searchsorted(s.timestamp, ts))
         if win.a <= r < win.b and int(s.timestamp[r]) == ts:
             return r

@@ -145,6 +145,12 @@ def _iso(ts: int, unit: str) -> str:
     return dt.datetime.fromtimestamp(int(ts), dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def time_of(text: str, unit: str) -> int:
+    """A time written in ``alarms.csv`` (start, end, peak_time, loudest_time) as the store's timestamp:
+    the inverse of how alarms write it (ISO UTC for times in seconds, the row number otherwise)."""
+    return int(dt.datetime.fromisoformat(text).timestamp()) if unit == "s" else int(text)
+
+
 def alarm_events(s: NodeSignal, th: Thresholds, errors_of, metrics: list[str], top_k: int,
                  time_unit: str = "s", merge_gap: int = 0, jobs: JobTable | None = None,
                  scale_of: Callable[[str], np.ndarray | None] | None = None) -> list[dict]:
