@@ -254,7 +254,8 @@ def test_auto_whitening_is_the_default_signal_and_labels_may_only_veto_it(tmp_pa
     assert None in asked  # the choice's pass: both kinds of errors
     with h5py.File(tmp_path / "errors.h5") as f:
         choice = json.loads(f.attrs["signal_choice"])
-    assert [c["whiten"] for c in choice["candidates"]] == [True] * 4 + [False] * 4 and choice["nodes"] == 3
+    weights = len(cfg.signal.excess_grid)  # each weight whitened first, then each unwhitened
+    assert [c["whiten"] for c in choice["candidates"]] == [True] * weights + [False] * weights and choice["nodes"] == 3
     unlabelled = _random_site(tmp_path / "none", 3, 80, 40)  # no labels at all: nothing to choose on
     unlabelled[0].split.unit, unlabelled[0].split.train, unlabelled[0].split.val = "rows", 40, 20
     asked.clear()
