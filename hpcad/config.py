@@ -158,7 +158,7 @@ class SignalConfig:
     range_excess: bool = True  # add the squared excess of a value outside its training range to its error
     excess_weight: Any = "auto"  # ...times this weight: a number, or auto = chosen on labelled validation rows (hpcad/signal_choice.py)
     # auto's candidates (the first without labels): decades from 1 (the model's error decides) to 1e6 (a value
-    # outside its training range ranks first): docs/results.md, "The range-excess weight's grid, extended"
+    # outside its training range outranks it): docs/results.md, "The range-excess weight's grid, extended"
     excess_grid: list[float] = field(default_factory=lambda: [1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6])
     # divide each metric's error by its mean on the node's held-out normal rows (at least the metrics'
     # mean) before the sum: false, true, or auto = chosen with the weight (hpcad/signals.py;

@@ -5,8 +5,8 @@ Scoring adds ``weight x (squared excess of a value outside its metric's training
 metric's reconstruction error (``signal.excess_weight``) and, with ``signal.metric_scales``, divides
 each metric's error by its mean on the node's held-out normal rows (at least the metrics' mean;
 hpcad/signals.py) before summing. What suits a system differs: on spacecraft channels a new value
-is the anomaly itself (MSL's validation prefers a weight of 1000, and scales), on compute nodes new
-workloads bring new values (DAVIDE and the synthetic cluster prefer 1, without scales). With
+is the anomaly itself (MSL's validation prefers weights of 10^4 to 10^6, and scales), on compute
+nodes new workloads bring new values (DAVIDE and the synthetic cluster prefer 1, without scales). With
 ``auto`` (the weight's default; the scales are off unless set to ``auto`` or ``true``: their
 validation gain on MSL did not hold on its test halves, docs/results.md; the whitening's default is
 ``auto`` too, hpcad/model/whiten.py) each run's own labelled validation rows decide:
