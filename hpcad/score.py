@@ -246,7 +246,9 @@ def _write_node_errors(parent: h5py.Group, nd, err: np.ndarray, signal_scale: fl
     # Uncompressed: squared errors are noisy floats that gzip (+shuffle) shrinks by only ~14 % at
     # about 6x the write time (5.7 of 6.8 ms per 288 x 160 node; docs/benchmarks.md).
     # Checksummed (Fletcher-32 per chunk): a corrupt file is an error on read, never wrong numbers.
-    if error_dtype is np.float16:  # saturate instead of overflowing to inf (65504; errors are ~1e3 at most)
+    # float16 saturates instead of overflowing to inf (65504): reconstruction errors stay far below it, a
+    # value far outside its range times a large range-excess weight may not (the signal above is exact)
+    if error_dtype is np.float16:
         err = np.minimum(err, np.finfo(np.float16).max).astype(np.float16)
     for name, data in (("error", err), ("signal_row", row.astype(np.float32)), ("signal", signal.astype(np.float32)),
                        ("signal_norm", (signal / signal_scale).astype(np.float32)), ("timestamp", nd.timestamp),
