@@ -141,6 +141,22 @@ def test_auto_excess_weight_follows_what_the_labelled_validation_rows_reward():
     assert choose(_signal_cfg(), store, lambda: iter(flat), None)[0] == Recipe(1.0)
 
 
+
+def test_the_default_grid_reaches_weights_that_rank_values_just_outside_the_range_first():
+    """Anomalies that are values only slightly outside their training range (MSL's validation chose
+    the top of the grid when it ended at 1000): the default grid goes on to 1e6, so auto finds the
+    weight that ranks them above the normal rows' reconstruction errors."""
+    from hpcad.config import SignalConfig
+    from hpcad.signal_choice import choose
+
+    grid = SignalConfig().excess_grid
+    assert grid[0] == 1.0 and max(grid) >= 1e5  # 1 first: the weight of runs without labels
+    slight = [(m, nd, e, x * 1e-3, miss, lm) for m, nd, e, x, miss, lm in _choice_inputs(True)]  # 0.02 -> 2e-5
+    r, choice = choose(_signal_cfg(grid=grid), NS(has_labels=True), lambda: iter(slight), None)
+    ap = dict(zip(grid, choice["validation_ap"]))
+    assert r.weight == 1e5 and ap[1e5] == 1.0 and ap[1000.0] < 0.5, ap  # 1000 (the old top) ranks them badly
+
+
 def test_excess_weight_without_labels_reuses_the_weight_its_thresholds_were_fitted_with():
     from hpcad.errors import ConfigError
     from hpcad.signal_choice import choose, fixed_weight
