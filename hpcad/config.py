@@ -232,6 +232,7 @@ class BenchConfig:
     device: str = "auto"
     naive_nodes: Optional[int] = None  # nodes timed with the naive loop: None = all, 0 = skip
     pool: int = 16  # distinct synthetic nodes, reused cyclically
+    labelled: bool = False  # score mode: the store keeps the synthetic nodes' labels, so auto's signal choice pass runs too
     seed: int = 0
     days: int = 30  # ingest mode: days of 5-minute samples per node
     ranks: int = 1  # ingest mode: local processes that share the ingest (launched as torchrun would)

@@ -35,6 +35,15 @@ def test_bench_score_times_the_real_score_stage(tmp_path):
           "compute.progress=false", f"hydra.run.dir={tmp_path}")
     b = json.loads((tmp_path / "bench.json").read_text())
     assert b["mode"] == "score" and b["nodes_per_s"] > 0 and (tmp_path / "bench_errors.h5").exists()
+    assert not b["labelled"] and b["signal_choice"]["nodes"] == 0  # no labels: no choice pass
+    # labelled (a week, so validation rows hold anomalies): the time includes auto's choice pass
+    hpcad("bench", "bench.mode=score", "bench.nodes=4", "bench.rows=2016", "bench.metrics=160", "bench.labelled=true",
+          "compute.progress=false", f"hydra.run.dir={tmp_path}")
+    b = json.loads((tmp_path / "bench.json").read_text())
+    from hpcad.config import SignalConfig
+
+    assert b["labelled"] and b["signal_choice"]["nodes"] >= 1
+    assert b["signal_choice"]["candidates"] == 2 * len(SignalConfig().excess_grid)  # each weight, whitened and not
     bad = hpcad("bench", "bench.mode=fast", f"hydra.run.dir={tmp_path / 'x'}", check=False)
     assert bad.returncode != 0 and "bench.mode" in bad.stderr  # refused when the config is composed
     assert "expected one of [train, score, ingest, drift, report, baselines, explain, nightly, threshold]" in bad.stderr

@@ -57,18 +57,29 @@ def synthetic_run(cfg: HpcadConfig, store_path: Path, models_dir: Path, labelled
 
 
 def bench_score(cfg: HpcadConfig, run_dir: Path) -> dict:
-    """Time the real score stage on ``bench.nodes`` nodes x ``bench.rows`` rows (e.g. one day: 288)."""
+    """Time the real score stage on ``bench.nodes`` nodes x ``bench.rows`` rows (e.g. one day: 288);
+    with ``bench.labelled`` the store has labels and the time includes ``auto``'s signal choice pass
+    (its candidates and ranked nodes in ``signal_choice``)."""
+    import json
+
+    import h5py
+
     from hpcad.score import score_nodes
 
     b = cfg.bench
     store_path, models_dir = run_dir / "bench_store.h5", run_dir / "bench_models"
-    store = synthetic_run(cfg, store_path, models_dir)
+    store = synthetic_run(cfg, store_path, models_dir, labelled=b.labelled)
     device = resolve_device(b.device)
     t0 = time.perf_counter()
     score_nodes(cfg, store, models_dir, run_dir / "bench_errors.h5", device=device)
     score_s = time.perf_counter() - t0
     out = {"mode": "score", "nodes": b.nodes, "rows": b.rows, "metrics": 160, "device": str(device),
            "score_s": round(score_s, 3), "nodes_per_s": b.nodes / score_s, "rows_per_s": b.nodes * b.rows / score_s,
-           "peak_rss_mb": peak_rss_mb(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+           "peak_rss_mb": peak_rss_mb(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "labelled": bool(b.labelled)}
+    with h5py.File(run_dir / "bench_errors.h5", "r") as f:
+        choice = json.loads(f.attrs["signal_choice"]) if "signal_choice" in f.attrs else {}
+    out["signal_choice"] = {"candidates": len(choice.get("candidates", [])), "nodes": choice.get("nodes", 0),
+                            "chosen": choice.get("chosen")}
     write_json(run_dir / "bench.json", out)
     return out
