@@ -62,8 +62,7 @@ def bench_score(cfg: HpcadConfig, run_dir: Path) -> dict:
     (its candidates and ranked nodes in ``signal_choice``)."""
     import json
 
-    import h5py
-
+    from hpcad.errorstore import ErrorStore
     from hpcad.score import score_nodes
 
     b = cfg.bench
@@ -77,8 +76,7 @@ def bench_score(cfg: HpcadConfig, run_dir: Path) -> dict:
            "score_s": round(score_s, 3), "nodes_per_s": b.nodes / score_s, "rows_per_s": b.nodes * b.rows / score_s,
            "peak_rss_mb": peak_rss_mb(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
            "labelled": bool(b.labelled)}
-    with h5py.File(run_dir / "bench_errors.h5", "r") as f:
-        choice = json.loads(f.attrs["signal_choice"]) if "signal_choice" in f.attrs else {}
+    choice = json.loads(ErrorStore(run_dir / "bench_errors.h5").attrs.get("signal_choice", "{}"))
     out["signal_choice"] = {"candidates": len(choice.get("candidates", [])), "nodes": choice.get("nodes", 0),
                             "chosen": choice.get("chosen")}
     write_json(run_dir / "bench.json", out)
