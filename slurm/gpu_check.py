@@ -42,7 +42,8 @@
 #                 the training's process group (one per command); skipped on one GPU
 #
 # The summary and every figure go to <--out>/gpu_check.md and gpu_check.json, rewritten after each
-# check: a job killed at its time limit keeps what was measured until then.
+# check: a job killed at its time limit keeps what was measured until then. Each check's runs and
+# logs are beside them (<--out>/e2e, multi.log, ...; torchrun's own folders in <--out>/torchrun).
 #
 # `--rehearse` runs every check on the CPU at toy sizes (gloo for the process groups): it proves the
 # script, its imports and command lines still work (CI runs it), not the GPU figures.
@@ -477,7 +478,9 @@ def check_multi_gpu(e2e: dict, out: Path, dev: torch.device, plan: Plan) -> dict
     if gpus < 2:
         return {"ok": True, "skipped": f"{gpus} GPU visible: needs 2 or more (e.g. sbatch --gpus=4)"}
     ranks = min(gpus, 8)
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", "-m", "hpcad"]
+    # --log-dir: torchrun's per-attempt folders go beside this check's logs, not to /tmp/torchelastic_*
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+              f"--log-dir={out / 'torchrun'}", "-m", "hpcad"]
     common = [f"compute.device={dev.type}", "compute.progress=false", *plan.run_args]
     torchrun = [*launch, "train", *common]
     env = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
