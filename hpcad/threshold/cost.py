@@ -116,6 +116,9 @@ def drift_smoothed_curve(far_counts: np.ndarray, peak_counts: np.ndarray, u_grid
 
     G = u_grid.size
     k = np.arange(-(G - 1), G) * grid_step(u_grid) / sigma  # offset (value - threshold) in units of sigma
+    # Direct sums, not an FFT: where the optimum is a plateau (a node whose labelled anomalies score
+    # under its normal rows) the rule takes its lowest point, and an FFT's rounding noise (~1e-12)
+    # moved MSL M-2's threshold 264x along it (docs/results.md, "Per-node thresholds shrunk ...").
     fa = np.convolve(far_counts, ndtr(k)[::-1], mode="full")[G - 1: 2 * G - 1]
     missed = np.convolve(peak_counts, ndtr(-k)[::-1], mode="full")[G - 1: 2 * G - 1]
     return model.c_alarm * fa + model.c_missed * missed
