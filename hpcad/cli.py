@@ -221,6 +221,12 @@ def run_stage(stage: str, overrides: list[str]) -> int:
             status["rc"] = 2
             return
         log.info("%s done; outputs in %s", stage, run_dir)
+        if stage in ("run", "threshold") and rank == 0 and isinstance(result, dict):
+            from hpcad.pipeline import threshold_summary
+
+            said = result.get("threshold") if stage == "run" else result
+            if isinstance(said, dict) and "alarms" in said:
+                print("\n".join(threshold_summary(said, run_dir)))
         if stage in ("run", "report") and not cfg.report.enabled:
             if rank == 0:  # a report.html there is an earlier run's (stage_report said so): not pointed at
                 print(f"hpcad: {stage} outputs in {run_dir} (no report: report.enabled=false)")

@@ -309,7 +309,8 @@ def _apply(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, th: Thresholds, 
         if budget is not None and red.rank == 0:
             th.details["by_level"] = budget
             th.save(run_dir / "thresholds.json")
-    result = {"alarms": len(records), "thresholds": th.to_dict()}
+    result = {"alarms": len(records), "alarmed_nodes": len({r["node"] for r in records}),
+              "nodes": len(errors.nodes), "thresholds": th.to_dict()}
     if not labelled:
         _said_share(share, errors, "alarms, alarm budget" if fitted_here else "alarms", t0)
         return result
@@ -340,6 +341,34 @@ def _apply(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, th: Thresholds, 
         write_json(run_dir / "metrics.json", out)
         result["metrics"] = out
     return result
+
+
+def threshold_summary(result: dict, run_dir: Path) -> list[str]:
+    """What ``hpcad run`` and ``hpcad threshold`` print at their end (rank 0's ``stage_threshold``
+    result): the alarms, and with labels the cost of the last labelled split (test, else validation)
+    as the cost model counts it, its incidents, the average precision, and the baselines' cost under
+    the same rule (metrics.json and the report hold every figure)."""
+    n, k, total = result.get("alarms", 0), result.get("alarmed_nodes", 0), result.get("nodes", 0)
+    lines = [f"hpcad: {n} alarm event{'s' * (n != 1)} on {k} of {total} node{'s' * (total != 1)} -> "
+             f"{run_dir / 'alarms.csv'}"]
+    m = result.get("metrics") or {}
+    splits = m.get("splits") or {}
+    name = next((x for x in ("test", "val") if (splits.get(x) or {}).get("rows")), None)
+    if name is None:
+        return lines
+    sp, cm = splits[name], m["cost_model"]
+    line = (f"hpcad: {'test' if name == 'test' else 'validation'} split: cost {sp['cost']:,.0f} ("
+            f"{sp['false_alarms']:,} false-alarm rows x {cm['c_alarm']:g} + {sp['missed']:,} missed rows x "
+            f"{cm['c_missed']:g}), {sp['events_detected']} of {sp['events']} labelled anomalies found, "
+            f"{sp['false_alarm_events']} false-alarm event{'s' * (sp['false_alarm_events'] != 1)}")
+    ap = ((splits.get("eval") or {}).get("ranking") or {}).get("ap")
+    lines.append(line + ("" if ap is None else f"; average precision {ap:.3f} (validation and test rows)"))
+    base = {b: v["splits"][name]["cost"] for b, v in (m.get("baselines") or {}).items()
+            if ((v.get("splits") or {}).get(name) or {}).get("rows")}
+    if base:
+        lines.append("hpcad: the baselines' cost there, same rule: " + ", ".join(f"{b} {c:,.0f}" for b, c in base.items())
+                     + f" ({run_dir / 'metrics.json'})")
+    return lines
 
 
 def _said_share(share: list[str], errors: ErrorStore, what: str, t0: float) -> None:

@@ -38,6 +38,14 @@ def test_run_on_the_embedded_default_writes_every_output(tmp_path):
         rows = list(csv.DictReader(fh))
     alarmed = len({r["node"] for r in rows})  # the summary line: nodes, metrics, alarms and alarmed nodes
     assert f"{len(rows)} alarm events on {alarmed} node{'s' * (alarmed != 1)};" in html
+    # the terminal's last lines: the alarms, the test split's cost and average precision, the baselines' cost
+    t, b = m["splits"]["test"], m["baselines"]
+    assert f"hpcad: {len(rows)} alarm events on {alarmed} of 3 nodes -> {run / 'alarms.csv'}\n" in out  # SMALL: 3
+    assert (f"hpcad: test split: cost {t['cost']:,.0f} ({t['false_alarms']:,} false-alarm rows x 1 + {t['missed']:,} "
+            f"missed rows x 5), {t['events_detected']} of {t['events']} labelled anomalies found") in out, out
+    assert f"average precision {m['splits']['eval']['ranking']['ap']:.3f} (validation and test rows)" in out
+    assert "hpcad: the baselines' cost there, same rule: " + ", ".join(
+        f"{k} {v['splits']['test']['cost']:,.0f}" for k, v in b.items()) in out
     assert rows and rows[0]["top_metrics"].count(":") == 8  # top-k metrics per alarm
     assert len(rows[0]["top_x_normal"].split()) == 8  # and how many times their normal error each carries
     with h5py.File(run / "errors.h5") as f:
@@ -421,10 +429,15 @@ def test_an_unlabelled_site_gets_thresholds_at_five_times_each_nodes_normal_leve
     for f in exports.glob("*.csv"):
         pd.read_csv(f).drop(columns="anomaly").to_csv(f, index=False)
     run = tmp_path / "run"
-    hpcad("run", f"data.source={exports}", f"hydra.run.dir={run}", "train.epochs=2", "compute.progress=false",
-          "baselines.methods=[]", "report.enabled=false")
+    out = hpcad("run", f"data.source={exports}", f"hydra.run.dir={run}", "train.epochs=2", "compute.progress=false",
+                "baselines.methods=[]", "report.enabled=false").stdout
     th = json.loads((run / "thresholds.json").read_text())
     assert th["rule"] == "cost" and th["details"]["fallback"] == {"rule": "level", "times": 5.0}
+    with open(run / "alarms.csv") as fh:  # the run's last lines: its alarms; no labels, so no figures
+        rows = list(csv.DictReader(fh))
+    alarmed = len({r["node"] for r in rows})
+    said = f"hpcad: {len(rows)} alarm event{'s' * (len(rows) != 1)} on {alarmed} of 2 nodes -> {run / 'alarms.csv'}\n"
+    assert said in out and "split: cost" not in out and "baselines' cost" not in out, out
     assert th["details"]["unlabelled_nodes"] == 2 and not (run / "metrics.json").exists()
     with h5py.File(run / "errors.h5") as f:
         scale = {n: float(f[f"nodes/{n}"].attrs["signal_scale"]) for n in f["nodes"]}
