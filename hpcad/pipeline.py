@@ -355,7 +355,7 @@ def threshold_summary(result: dict, run_dir: Path) -> list[str]:
     splits = m.get("splits") or {}
     name = next((x for x in ("test", "val") if (splits.get(x) or {}).get("rows")), None)
     if name is None:
-        return lines
+        return lines + _budget_line(result)
     sp, cm = splits[name], m["cost_model"]
     line = (f"hpcad: {'test' if name == 'test' else 'validation'} split: cost {sp['cost']:,.0f} ("
             f"{sp['false_alarms']:,} false-alarm rows x {cm['c_alarm']:g} + {sp['missed']:,} missed rows x "
@@ -369,6 +369,23 @@ def threshold_summary(result: dict, run_dir: Path) -> list[str]:
         lines.append("hpcad: the baselines' cost there, same rule: " + ", ".join(f"{b} {c:,.0f}" for b, c in base.items())
                      + f" ({run_dir / 'metrics.json'})")
     return lines
+
+
+def _budget_line(result: dict) -> list[str]:
+    """Without labels: the thresholds' rule and the alarm budget (what other multiples of the normal
+    level raise on the validation rows), where this run fitted them."""
+    d = (result.get("thresholds") or {}).get("details") or {}
+    budget = d.get("by_level")
+    if not budget:
+        return []
+    fb = d.get("fallback") or ({"times": d["times"]} if "times" in d else {})
+    how = (f": thresholds at {fb['times']:g}x each node's normal level (threshold.times)" if "times" in fb else
+           f": thresholds at the {fb['q']:g} quantile of each node's validation signal (threshold.q)" if "q" in fb
+           else "")
+    times = " / ".join(f"{x['times']:g}x" for x in budget["levels"])
+    events = " / ".join(str(x["alarm_events"]) for x in budget["levels"])
+    return [f"hpcad: no labels{how}; on the validation rows {times} raise {events} alarm events (the alarm "
+            f"budget: thresholds.json, the report)"]
 
 
 def _said_share(share: list[str], errors: ErrorStore, what: str, t0: float) -> None:

@@ -438,6 +438,8 @@ def test_an_unlabelled_site_gets_thresholds_at_five_times_each_nodes_normal_leve
     alarmed = len({r["node"] for r in rows})
     said = f"hpcad: {len(rows)} alarm event{'s' * (len(rows) != 1)} on {alarmed} of 2 nodes -> {run / 'alarms.csv'}\n"
     assert said in out and "split: cost" not in out and "baselines' cost" not in out, out
+    assert "hpcad: no labels: thresholds at 5x each node's normal level (threshold.times); on the validation rows " \
+           "2x / 3x / 5x / 10x / 20x raise " in out, out  # the alarm budget, checked below
     assert th["details"]["unlabelled_nodes"] == 2 and not (run / "metrics.json").exists()
     with h5py.File(run / "errors.h5") as f:
         scale = {n: float(f[f"nodes/{n}"].attrs["signal_scale"]) for n in f["nodes"]}
@@ -448,6 +450,8 @@ def test_an_unlabelled_site_gets_thresholds_at_five_times_each_nodes_normal_leve
         2.0, 3.0, 5.0, 10.0, 20.0]
     # a higher multiple alarms on fewer nodes (its alarm rows are a subset); its events may be more: one
     # long event split in two where the signal dips between 2x and 3x
+    said = " / ".join(str(lv["alarm_events"]) for lv in budget["levels"])
+    assert f" raise {said} alarm events (the alarm budget: thresholds.json, the report)\n" in out
     alarmed = [lv["nodes_alarmed"] for lv in budget["levels"]]
     assert alarmed == sorted(alarmed, reverse=True) and alarmed[0] <= 2
     assert all(lv["per_node_day"] == pytest.approx(lv["alarm_events"] / budget["node_days"], rel=1e-2, abs=1e-4)
