@@ -28,8 +28,9 @@ from hpcad.data.ranks import ingest_ranks
 from hpcad.data.store import TelemetryStore, is_store_path, run_store_path
 from hpcad.errors import ConfigError, InputError, StoreError
 from hpcad.explain import profile_sums, profiles_from_sums
-from hpcad.errorstore import FORMAT, ErrorStore, remove_other_signal_files, signal_files, write_index
+from hpcad.errorstore import FORMAT, ErrorStore, NodeSignal, remove_other_signal_files, signal_files, write_index
 from hpcad.model.files import UNTRAINED_SUFFIX, model_digest, model_nodes, model_path, models_stamp, untrained_nodes
+from hpcad.progress import tracked
 from hpcad.threshold.evaluate import alarms_by_level, apply_thresholds, evaluate
 from hpcad.threshold.reduce import Reducer, reducer
 from hpcad.threshold.rules import Thresholds
@@ -301,8 +302,11 @@ def _apply(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, th: Thresholds, 
     store = store or TelemetryStore(Path(where))
     cm = rule.cost_model
     time_unit = store.time_unit(store.nodes[0]) if store.nodes else "s"
+    def mine() -> Iterator[NodeSignal]:  # this rank's nodes, a progress line a minute in a log (a bar on a terminal)
+        return tracked(errors.signals(share), len(share), "threshold: alarms", "node", cfg.compute.progress, log)
+
     records, metrics = apply_thresholds(errors, th, cm, cfg.report.top_k, time_unit, store.jobs(),
-                                        run_dir / "alarms.csv", signals=partial(errors.signals, nodes=share), red=red)
+                                        run_dir / "alarms.csv", signals=mine, red=red)
     labelled = red.bcast(metrics.get("labelled"))
     if fitted_here and not labelled:  # no labels: what other multiples of the normal level raise
         budget = alarms_by_level(errors.signals(share), cm, time_unit, red=red)
@@ -327,9 +331,11 @@ def _apply(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, th: Thresholds, 
                         "baselines` ran): left out of metrics.json; rerun `hpcad baselines` with "
                         "hydra.run.dir=%s", path, run_dir, extra=dist.CLUSTER_WIDE)
             continue
-        bsource = partial(base.signals, nodes=dist.shard(base.rows, red.size)[red.rank])
+        bshare = dist.shard(base.rows, red.size)[red.rank]
+        bsource = partial(base.signals, nodes=bshare)
         bth = rule.fit(bsource, red, detector=f"baseline {path.stem}")
-        figures = evaluate(bsource(), bth, cm, time_unit, red=red)
+        figures = evaluate(tracked(bsource(), len(bshare), f"threshold: baseline {path.stem}", "node",
+                                   cfg.compute.progress, log), bth, cm, time_unit, red=red)
         out["baselines"][path.stem] = {"splits": figures.get("splits"), "thresholds": bth.to_dict()}
         if "excess_weight" in base.attrs:  # the range-excess weight it added, and how it was chosen
             out["baselines"][path.stem]["excess_weight"] = float(base.attrs["excess_weight"])

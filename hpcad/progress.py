@@ -1,4 +1,5 @@
-"""Progress of the long loops (training, scoring and the signal choice's pass, baselines, bench): a tqdm bar where a person
+"""Progress of the long loops (training, scoring and the signal choice's pass, baselines, thresholds' alarms
+and figures, bench): a tqdm bar where a person
 watches (stderr is a terminal), a log line at most every ``LOG_EVERY_S`` seconds where nobody
 does (SLURM and cron logs: a bar there is one endless line of carriage-return updates per rank).
 ``compute.progress=false`` turns both off."""
@@ -6,9 +7,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 from tqdm import tqdm
 
+T = TypeVar("T")
 LOG_EVERY_S = 60.0  # at most one progress line per minute in a log file (the bar shows every step)
 
 
@@ -38,6 +42,19 @@ class Progress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+def tracked(items: Iterable[T], total: int, desc: str, unit: str, enabled: bool,
+            log: logging.Logger | None = None) -> Iterator[T]:
+    """``items`` with a :class:`Progress` of ``total`` that counts each item as the consumer finishes
+    with it (a generator of nodes' rows, read one at a time)."""
+    bar = Progress(total, desc, unit, enabled, log)
+    try:
+        for item in items:
+            yield item
+            bar.update(1)
+    finally:
+        bar.close()
 
 
 def elapsed_and_left(elapsed_s: float, done: int, total: int) -> str:

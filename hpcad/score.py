@@ -45,7 +45,7 @@ from hpcad.model.budget import Budget, default_chunk_cap, retry_cap_after_oom
 from hpcad.model.files import NodeModel, model_path, models_stamp
 from hpcad.model.whiten import stacked, whitened_errors
 from hpcad.preprocess import fill_gaps, in_model_order, metric_positions, split_codes, windows
-from hpcad.progress import Progress
+from hpcad.progress import Progress, tracked
 from hpcad.signal_choice import attrs as recipe_attrs
 from hpcad.signal_choice import choose as choose_recipe
 from hpcad.signal_choice import fixed_whiten, may_unwhiten, without_whitening
@@ -100,13 +100,8 @@ def score_nodes(cfg: HpcadConfig, store: TelemetryStore, models_dir: Path, out_p
     def ranked_errors() -> Iterator[tuple]:
         """The choice's pass: only the nodes it ranks (validation rows of both classes), with its own progress."""
         which = rankable_nodes(store, nodes, cfg.split)
-        bar = Progress(len(which), "signal choice", "node", cfg.compute.progress, log)
-        try:
-            for item in node_errors(which, fixed_whiten(cfg.signal.whiten)):
-                yield item
-                bar.update(1)
-        finally:
-            bar.close()
+        return tracked(node_errors(which, fixed_whiten(cfg.signal.whiten)), len(which), "signal choice", "node",
+                       cfg.compute.progress, log)
 
     recipe, choice = choose_recipe(cfg, store, ranked_errors, recipe_fallback)
     retry = may_unwhiten(sig_cfg, recipe, choice)  # the same on every rank: the choice is collective

@@ -12,7 +12,7 @@ import torch
 from conftest import SMALL, generate, hpcad
 
 
-def test_run_on_the_embedded_default_writes_every_output(tmp_path):
+def test_run_on_the_embedded_default_writes_every_output(tmp_path, monkeypatch):
     run = tmp_path / "run"
     every_baseline = [a for a in SMALL if not a.startswith("baselines.methods")]  # the default: all five
     out = hpcad("run", f"hydra.run.dir={run}", *every_baseline).stdout
@@ -46,6 +46,15 @@ def test_run_on_the_embedded_default_writes_every_output(tmp_path):
     assert f"average precision {m['splits']['eval']['ranking']['ap']:.3f} (validation and test rows)" in out
     assert "hpcad: the baselines' cost there, same rule: " + ", ".join(
         f"{k} {v['splits']['test']['cost']:,.0f}" for k, v in b.items()) in out
+    # the threshold stage again, in a log (no terminal): a line on how far its passes got, at most one
+    # a minute (here every node), for the alarms and for each baseline's figures
+    from hpcad import progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
+    again = [a for a in every_baseline if a != "compute.progress=false"]
+    err = hpcad("threshold", f"hydra.run.dir={run}", *again).stdout  # the log (hydra: stdout)
+    for what in ("alarms", *(f"baseline {k}" for k in b)):
+        assert f"threshold: {what}: 1/3 nodes" in err and f"threshold: {what}: 2/3 nodes" in err, (what, err[-2000:])
     assert rows and rows[0]["top_metrics"].count(":") == 8  # top-k metrics per alarm
     assert len(rows[0]["top_x_normal"].split()) == 8  # and how many times their normal error each carries
     with h5py.File(run / "errors.h5") as f:
