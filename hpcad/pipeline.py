@@ -302,6 +302,7 @@ def _apply(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, th: Thresholds, 
     store = store or TelemetryStore(Path(where))
     cm = rule.cost_model
     time_unit = store.time_unit(store.nodes[0]) if store.nodes else "s"
+
     def mine() -> Iterator[NodeSignal]:  # this rank's nodes, a progress line a minute in a log (a bar on a terminal)
         return tracked(errors.signals(share), len(share), "threshold: alarms", "node", cfg.compute.progress, log)
 
@@ -351,9 +352,9 @@ def _apply(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, th: Thresholds, 
 
 def threshold_summary(result: dict, run_dir: Path) -> list[str]:
     """What ``hpcad run`` and ``hpcad threshold`` print at their end (rank 0's ``stage_threshold``
-    result): the alarms, and with labels the cost of the last labelled split (test, else validation)
-    as the cost model counts it, its incidents, the average precision, and the baselines' cost under
-    the same rule (metrics.json and the report hold every figure)."""
+    result): the alarms; with labels the cost of the test split (else the validation split) as the
+    cost model counts it, the labelled anomalies found, the average precision and the baselines' cost
+    under the same rule (metrics.json and the report hold every figure); without, the alarm budget."""
     n, k, total = result.get("alarms", 0), result.get("alarmed_nodes", 0), result.get("nodes", 0)
     lines = [f"hpcad: {n} alarm event{'s' * (n != 1)} on {k} of {total} node{'s' * (total != 1)} -> "
              f"{run_dir / 'alarms.csv'}"]

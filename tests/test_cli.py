@@ -52,9 +52,9 @@ def test_run_on_the_embedded_default_writes_every_output(tmp_path, monkeypatch):
 
     monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
     again = [a for a in every_baseline if a != "compute.progress=false"]
-    err = hpcad("threshold", f"hydra.run.dir={run}", *again).stdout  # the log (hydra: stdout)
+    said = hpcad("threshold", f"hydra.run.dir={run}", *again).stdout  # the log (Hydra's console: stdout)
     for what in ("alarms", *(f"baseline {k}" for k in b)):
-        assert f"threshold: {what}: 1/3 nodes" in err and f"threshold: {what}: 2/3 nodes" in err, (what, err[-2000:])
+        assert f"threshold: {what}: 1/3 nodes" in said and f"threshold: {what}: 2/3 nodes" in said, (what, said[-2000:])
     assert rows and rows[0]["top_metrics"].count(":") == 8  # top-k metrics per alarm
     assert len(rows[0]["top_x_normal"].split()) == 8  # and how many times their normal error each carries
     with h5py.File(run / "errors.h5") as f:
@@ -457,10 +457,10 @@ def test_an_unlabelled_site_gets_thresholds_at_five_times_each_nodes_normal_leve
     budget = th["details"]["by_level"]  # the alarm budget: what other multiples raise on the validation rows
     assert budget["nodes"] == 2 and budget["node_days"] > 0 and [lv["times"] for lv in budget["levels"]] == [
         2.0, 3.0, 5.0, 10.0, 20.0]
+    said = " / ".join(str(lv["alarm_events"]) for lv in budget["levels"])  # as the run's last lines say it
+    assert f" raise {said} alarm events (the alarm budget: thresholds.json, the report)\n" in out
     # a higher multiple alarms on fewer nodes (its alarm rows are a subset); its events may be more: one
     # long event split in two where the signal dips between 2x and 3x
-    said = " / ".join(str(lv["alarm_events"]) for lv in budget["levels"])
-    assert f" raise {said} alarm events (the alarm budget: thresholds.json, the report)\n" in out
     alarmed = [lv["nodes_alarmed"] for lv in budget["levels"]]
     assert alarmed == sorted(alarmed, reverse=True) and alarmed[0] <= 2
     assert all(lv["per_node_day"] == pytest.approx(lv["alarm_events"] / budget["node_days"], rel=1e-2, abs=1e-4)
