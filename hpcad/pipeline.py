@@ -269,6 +269,8 @@ def stage_threshold(cfg: HpcadConfig, run_dir: Path) -> dict:
         th.details.update(errors.recipe.to_dict())  # the signal they were fitted on
     with red.all_or_none("threshold"):  # in node order: one process adds the class profiles as it always did
         result = _apply(cfg, run_dir, errors, th, rule, red, sorted(share), fitted_here)
+    if not fitted_here:
+        result["thresholds_from"] = str(tr / "thresholds.json")
     return result if red.rank == 0 else {"thresholds": th.to_dict(), "rank": red.rank}
 
 
@@ -380,7 +382,9 @@ def threshold_summary(result: dict, run_dir: Path) -> list[str]:
 
 def _budget_line(result: dict) -> list[str]:
     """Without labels: the thresholds' rule and the alarm budget (what other multiples of the normal
-    level raise on the validation rows), where this run fitted them."""
+    level raise on the validation rows), where this run fitted them; else whose they are."""
+    if result.get("thresholds_from"):
+        return [f"hpcad: no labels: the thresholds {result['thresholds_from']} holds (fitted by the training run)"]
     d = (result.get("thresholds") or {}).get("details") or {}
     budget = d.get("by_level")
     if not budget:

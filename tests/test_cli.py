@@ -493,9 +493,11 @@ def test_unlabelled_data_uses_the_trained_runs_thresholds(tmp_path):
     for f in exports.glob("*.csv"):
         pd.read_csv(f).drop(columns="anomaly").iloc[-288:].to_csv(today / f.name, index=False)
     scored = tmp_path / "scored"
-    hpcad("run", f"data.source={today}", f"train_run={train}", f"hydra.run.dir={scored}", "compute.progress=false",
-          "baselines.methods=[]", "split.train=0", "split.val=0", "signal.metric_scales=auto")
+    out = hpcad("run", f"data.source={today}", f"train_run={train}", f"hydra.run.dir={scored}",
+                "compute.progress=false", "baselines.methods=[]", "split.train=0", "split.val=0",
+                "signal.metric_scales=auto").stdout
     assert json.loads((scored / "thresholds.json").read_text())["cluster"] == fitted["cluster"]
+    assert f"hpcad: no labels: the thresholds {train / 'thresholds.json'} holds (fitted by the training run)\n" in out
     assert not (scored / "metrics.json").exists()  # no labels, no detection scores
     assert (scored / "alarms.csv").exists() and (scored / "report.html").exists()
     with h5py.File(scored / "errors.h5") as f:  # scored on the signal the thresholds were fitted on
