@@ -190,10 +190,13 @@ def test_whole_run_on_two_ranks_ingests_once_and_matches_one_process(tmp_path, s
     args = ["data.synthetic.nodes=3", "data.synthetic.rows=400", "train.epochs=2", "compute.progress=false",
             "baselines.methods=[kde]", "baselines.max_train_rows=100", "report.max_nodes_plotted=1"]
     single, run = tmp_path / "single", tmp_path / "run"
-    hpcad("run", f"hydra.run.dir={single}", *args)
+    one = hpcad("run", f"hydra.run.dir={single}", *args).stdout
     p = subprocess.run(["srun", "--kill-on-bad-exit=1", "-N1", "-n2", *hpcad_cmd(), "run", f"hydra.run.dir={run}",
                         *args], env=slurm_env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
+    # the closing lines (alarms, test cost, baselines' cost, report) once, by rank 0, as one process says them
+    gist = [line.replace(str(single), str(run)) for line in one.splitlines() if line.startswith("hpcad: ")]
+    assert len(gist) == 4 and [line for line in p.stdout.splitlines() if line.startswith("hpcad: ")] == gist, p.stdout
     rank0, rank1 = ((run / "logs" / f"run-rank{r}.log").read_text() for r in (0, 1))
     assert rank0.count("process group: gloo, 2 ranks") == 1 and rank0.count("all 2 ranks joined") == 1, rank0
     assert "generated the synthetic cluster" not in rank1 and "report: done by rank 0 of 2" in rank1
