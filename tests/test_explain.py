@@ -57,6 +57,8 @@ def test_an_alarm_names_the_metrics_most_times_their_normal_error(tmp_path):
     assert "data-v='ips_p0_1 (17x), ips_p0_2 (16x), fan_noisy (5x)'" in alarms_table([row], lambda n: None)
     assert top_names([{"metric": "ctx_switches", "x_normal": 4412.0}, {"metric": "load1", "x_normal": 0.834}]) \
         == "ctx_switches (4,412x), load1 (0.83x)"
+    assert top_names([{"metric": "m00", "x_normal": 5.92e9}, {"metric": "m27", "x_normal": 999_999.0},
+                      {"metric": "m37", "x_normal": 1.0e6}]) == "m00 (5.9e9x), m27 (999,999x), m37 (1.0e6x)"
     # an alarms.csv written before the column: names and errors as they were
     old = {k: v for k, v in row.items() if k != "top_x_normal"}
     assert [m.get("x_normal") for m in top_metrics_of(old)] == [None, None, None]
