@@ -364,7 +364,7 @@ def threshold_summary(result: dict, run_dir: Path) -> list[str]:
     splits = m.get("splits") or {}
     name = next((x for x in ("test", "val") if (splits.get(x) or {}).get("rows")), None)
     if name is None:
-        return lines + _budget_line(result)
+        return lines + _unlabelled_lines(result)
     sp, cm = splits[name], m["cost_model"]
     line = (f"hpcad: {'test' if name == 'test' else 'validation'} split: cost {sp['cost']:,.0f} ("
             f"{sp['false_alarms']:,} false-alarm rows x {cm['c_alarm']:g} + {sp['missed']:,} missed rows x "
@@ -380,7 +380,7 @@ def threshold_summary(result: dict, run_dir: Path) -> list[str]:
     return lines
 
 
-def _budget_line(result: dict) -> list[str]:
+def _unlabelled_lines(result: dict) -> list[str]:
     """Without labels: the thresholds' rule and the alarm budget (what other multiples of the normal
     level raise on the validation rows), where this run fitted them; else whose they are."""
     if result.get("thresholds_from"):

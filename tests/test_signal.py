@@ -141,7 +141,6 @@ def test_auto_excess_weight_follows_what_the_labelled_validation_rows_reward():
     assert choose(_signal_cfg(), store, lambda: iter(flat), None)[0] == Recipe(1.0)
 
 
-
 def test_the_default_grid_reaches_weights_that_rank_values_just_outside_the_range_first():
     """Anomalies that are values only slightly outside their training range (MSL's validation chose
     the top of the grid when it ended at 1000): the default grid goes on to 1e6, so auto finds the
