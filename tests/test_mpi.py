@@ -39,7 +39,8 @@ def test_mpiexec_two_ranks_fit_the_same_thresholds(scored_run, rule):
     run, exports = scored_run
     args = ["threshold", f"hydra.run.dir={run}", f"data.source={exports}", *rule]
     hpcad(*args)
-    single = json.loads((run / "thresholds.json").read_text())
+    single_text = (run / "thresholds.json").read_text()
+    single = json.loads(single_text)
     p = subprocess.run(["mpiexec", "-n", "2", sys.executable, "-m", "hpcad", *args], capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -51,6 +52,10 @@ def test_mpiexec_two_ranks_fit_the_same_thresholds(scored_run, rule):
         assert multi["cluster"] == pytest.approx(single["cluster"])
     else:  # one per node, each rank fitting its share and the ranks merging them
         assert single["cluster"] is None and len(single["nodes"]) == 5
+        # the same file, byte for byte: nodes in name order however the ranks dealt them (one process
+        # listed them in its dealing order, 12 ranks in name order)
+        assert (run / "thresholds.json").read_text() == single_text
+        assert list(multi["nodes"]) == sorted(multi["nodes"])
     assert multi["nodes"] == pytest.approx(single["nodes"])
     assert multi["rule"] == single["rule"] and multi["scope"] == single["scope"]
     assert multi["details"]["check"] == single["details"]["check"]

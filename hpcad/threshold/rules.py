@@ -62,8 +62,9 @@ class Thresholds:
         return self.nodes[node]
 
     def to_dict(self) -> dict:
+        """The nodes sorted by name: the same file whatever the number of ranks that fitted them."""
         return {"rule": self.rule, "scope": self.scope, "signal": "signal_norm" if self.normalised else "signal",
-                "cluster": self.cluster, "nodes": self.nodes, "details": self.details}
+                "cluster": self.cluster, "nodes": dict(sorted(self.nodes.items())), "details": self.details}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Thresholds":
