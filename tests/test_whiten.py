@@ -154,6 +154,30 @@ def test_a_nodes_whitening_does_not_depend_on_the_nodes_it_is_fitted_with():
         assert np.array_equal(alone.holdout_error, together[k].holdout_error), k
 
 
+def test_a_nodes_whitening_does_not_depend_on_the_threads_it_is_fitted_with():
+    """Ranks sharing a machine's CPUs get fewer threads each (hpcad.dist.share_cpu_threads): one process
+    and 12 ranks on 2 cores fitted whitenings, hence thresholds, apart in the seventh digit (a product
+    over 1,024 rows is split over the threads by the BLAS, the eigendecomposition too)."""
+    rng = np.random.default_rng(6)
+    spec = AutoencoderSpec([16])
+    zs = [rng.normal(size=(n, 160)).astype(np.float32) for n in (3000, 1500)]  # a node's metrics
+    members = [[glorot_init(spec, 160, k)] for k in range(2)]
+    hold = [held_out_from(len(z), 0.1) for z in zs]
+    before = torch.get_num_threads()
+    try:
+        fits = []
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            fits.append(fit_whitening(spec, members, zs, hold, 160))
+            assert torch.get_num_threads() == threads  # given back as it was
+    finally:
+        torch.set_num_threads(before)
+    for one, three in zip(*fits):
+        assert np.array_equal(one.matrix, three.matrix)
+        assert one.level == three.level and one.shrinkage == three.shrinkage
+        assert np.array_equal(one.holdout_error, three.holdout_error)
+
+
 def test_whitening_is_kept_in_the_model_file_and_a_file_without_it_is_a_clear_error(tmp_path):
     M = 3
     z = _family_rows(200)
