@@ -29,18 +29,16 @@ the batched one scoring uses).
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from hpcad.model.autoencoder import AutoencoderSpec, ensemble_recon, stack
+from hpcad.numerics import fixed_order_mm, one_thread
 from hpcad.preprocess import fit_rows
 
 ROW_BLOCK = 1024  # rows per forward pass and per partial sum (a block of 64 nodes x 160 metrics: 42 MB)
-GRAM_ROWS = 64  # rows per float32 product of a residual sum (see _gram)
 GROUP = 64  # nodes whose [M, M] sums are held at once (2 x GROUP x M^2 float64: 26 MB at M = 160)
 EIGEN_FLOOR = 1e-6  # smallest eigenvalue kept, as a share of the mean variance
 # 2: covariance of the fitted rows, level on the held-out rows (2026-12-05). 1 (files without a version):
@@ -122,15 +120,15 @@ def _fit_group(spec, members, zs, hold_from, M, device) -> list[Whitening]:
                 if rows == 0:
                     continue
                 rk = r[k, :rows]
-                S[k] += _gram(rk)
+                S[k] += fixed_order_mm(rk.T, rk)  # the same bits whatever the threads
                 fourth[k] += rk.double().square().sum(1).square().sum()
                 h0 = max(hold_from[k] - s, 0)
                 if h0 < rows:
                     hk = rk[h0:]
-                    H[k] += _gram(hk)
+                    H[k] += fixed_order_mm(hk.T, hk)
                     fourth_held[k] += hk.double().square().sum(1).square().sum()
     out = []
-    with _one_thread():
+    with one_thread():  # the eigendecomposition and the M x M products too
         for k, z in enumerate(zs):
             n, n_hold = len(z), len(z) - hold_from[k]
             if hold_from[k] > 0:  # the rows the model was fitted on: all rows less the held-out ones
@@ -142,34 +140,6 @@ def _fit_group(spec, members, zs, hold_from, M, device) -> list[Whitening]:
             out.append(Whitening(W.float().cpu().numpy(), max(float(held.sum()), 1e-12),
                                  held.float().cpu().numpy(), shrink))
     return out
-
-
-def _gram(r: torch.Tensor) -> torch.Tensor:
-    """``r.T @ r`` in float64 from float32 products of GRAM_ROWS rows each, summed in a fixed order: the
-    same bits whatever the number of threads. One product over a block's 1,024 rows is split over the
-    threads by the BLAS, and its rounding with it: a run's whitening, hence its thresholds, differed
-    in the seventh digit between one process and 12 ranks sharing 2 cores."""
-    n, M = r.shape
-    full = n - n % GRAM_ROWS
-    out = torch.zeros(M, M, dtype=torch.float64, device=r.device)
-    if full:
-        x = r[:full].reshape(-1, GRAM_ROWS, M)
-        out += torch.bmm(x.transpose(1, 2), x).double().sum(0)
-    if full < n:
-        out += (r[full:].T @ r[full:]).double()
-    return out
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """torch (and the LAPACK and BLAS under it) on one thread: the eigendecomposition and the M x M
-    products of the whitening then come out the same whatever threads the rank was given."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def ledoit_wolf(cov: torch.Tensor, fourth_mean: float, n: int) -> tuple[torch.Tensor, float]:

@@ -1,0 +1,38 @@
+"""Matrix products that come out the same bits whatever threads a process has.
+
+A BLAS splits one product over a long inner dimension (a block's 1,024 residual rows) among its
+threads, and its rounding with it, so ranks sharing a machine's CPUs (one thread each:
+:func:`hpcad.dist.share_cpu_threads`) and one process with every CPU fitted whitenings, hence
+thresholds, apart in the seventh digit. Products over at most ``FIXED_K`` of the inner dimension are
+split by output only; their sums are added in a fixed order here. (The 1-NN and KDE baselines'
+``torch.cdist`` is left as it is: their thresholds moved in the sixteenth digit, and the fixed order
+took three times its time.)"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+FIXED_K = 64  # inner-dimension slice of one product
+
+
+def fixed_order_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` in float64, from the products of ``FIXED_K``-wide slices of the inner dimension (in
+    the inputs' dtype) added in order."""
+    out = torch.zeros(a.shape[0], b.shape[1], dtype=torch.float64, device=a.device)
+    for s in range(0, a.shape[1], FIXED_K):
+        out += (a[:, s:s + FIXED_K] @ b[s:s + FIXED_K]).double()
+    return out
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """torch (and the LAPACK and BLAS under it) on one thread for the block, then as it was: for small
+    dense algebra (an M x M eigendecomposition) whose routines split work by thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
