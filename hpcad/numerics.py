@@ -18,11 +18,12 @@ FIXED_K = 64  # inner-dimension slice of one product
 
 
 def fixed_order_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` in float64, from the products of ``FIXED_K``-wide slices of the inner dimension (in
+    """``a @ b`` in float64 (batched where ``a`` and ``b`` are [B, ., .]: each item's bits do not
+    depend on the others), from the products of ``FIXED_K``-wide slices of the inner dimension (in
     the inputs' dtype) added in order."""
-    out = torch.zeros(a.shape[0], b.shape[1], dtype=torch.float64, device=a.device)
-    for s in range(0, a.shape[1], FIXED_K):
-        out += (a[:, s:s + FIXED_K] @ b[s:s + FIXED_K]).double()
+    out = torch.zeros(*a.shape[:-1], b.shape[-1], dtype=torch.float64, device=a.device)
+    for s in range(0, a.shape[-1], FIXED_K):
+        out += (a[..., s:s + FIXED_K] @ b[..., s:s + FIXED_K, :]).double()
     return out
 
 

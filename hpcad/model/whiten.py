@@ -106,6 +106,8 @@ def _fit_group(spec, members, zs, hold_from, M, device) -> list[Whitening]:
     H = torch.zeros_like(S)  # held-out rows
     fourth = torch.zeros(G, dtype=torch.float64, device=dev)  # sum of |r|^4 (Ledoit-Wolf's estimate)
     fourth_held = torch.zeros_like(fourth)
+    ends = torch.tensor([len(z) for z in zs], device=dev)[:, None, None]  # each node's rows end here
+    starts = torch.tensor(hold_from, device=dev)[:, None, None]  # ... and its held-out ones start here
     with torch.no_grad():
         for s in range(0, T, ROW_BLOCK):
             n = min(ROW_BLOCK, T - s)
@@ -114,19 +116,22 @@ def _fit_group(spec, members, zs, hold_from, M, device) -> list[Whitening]:
                 part = z[s:s + n]
                 x[k, :len(part)] = torch.from_numpy(np.ascontiguousarray(part, dtype=np.float32)).to(dev)
             recon, _ = ensemble_recon(params, x, n_enc, R, M)
-            r = recon - x[..., D - M:]
-            for k, z in enumerate(zs):  # float32 products per block, float64 sums over the blocks
+            row = torch.arange(s, s + n, device=dev)[None, :, None]
+            r = (recon - x[..., D - M:]) * (row < ends)  # a shorter node's padding rows: out of its sums
+            held = r * (row >= starts)
+            # float32 products per block, float64 sums over the blocks; the same bits whatever the
+            # threads and whichever nodes share the group (tested)
+            S += fixed_order_mm(r.transpose(1, 2), r)
+            H += fixed_order_mm(held.transpose(1, 2), held)
+            for k, z in enumerate(zs):
                 rows = max(0, min(n, len(z) - s))
                 if rows == 0:
                     continue
                 rk = r[k, :rows]
-                S[k] += fixed_order_mm(rk.T, rk)  # the same bits whatever the threads
                 fourth[k] += rk.double().square().sum(1).square().sum()
                 h0 = max(hold_from[k] - s, 0)
                 if h0 < rows:
-                    hk = rk[h0:]
-                    H[k] += fixed_order_mm(hk.T, hk)
-                    fourth_held[k] += hk.double().square().sum(1).square().sum()
+                    fourth_held[k] += rk[h0:].double().square().sum(1).square().sum()
     out = []
     with one_thread():  # the eigendecomposition and the M x M products too
         for k, z in enumerate(zs):
