@@ -18,13 +18,14 @@ FIXED_K = 64  # inner-dimension slice of one product
 
 
 def fixed_order_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` in float64 (batched where ``a`` and ``b`` are [B, ., .]: each item's bits do not
-    depend on the others), from the products of ``FIXED_K``-wide slices of the inner dimension (in
-    the inputs' dtype) added in order."""
-    out = torch.zeros(*a.shape[:-1], b.shape[-1], dtype=torch.float64, device=a.device)
+    """``a @ b`` (batched where ``a`` and ``b`` are [B, ., .]: each item's bits do not depend on the
+    others) as the products of ``FIXED_K``-wide slices of the inner dimension added in order, in the
+    inputs' dtype; returned in float64."""
+    out = torch.zeros(*a.shape[:-1], b.shape[-1], dtype=a.dtype, device=a.device)
+    add = out.baddbmm_ if out.dim() == 3 else out.addmm_
     for s in range(0, a.shape[-1], FIXED_K):
-        out += (a[..., s:s + FIXED_K] @ b[..., s:s + FIXED_K, :]).double()
-    return out
+        add(a[..., s:s + FIXED_K], b[..., s:s + FIXED_K, :])
+    return out.double()
 
 
 @contextmanager
