@@ -7,7 +7,7 @@ import pytest
 from hpcad.errorstore import ErrorStore, NodeSignal
 from hpcad.incidents import cause_of
 from hpcad.model.files import NodeModel, model_path
-from hpcad.report.markup import alarms_table, top_names
+from hpcad.report.markup import alarms_table, multiple, top_names
 from hpcad.score import score_nodes
 from hpcad.signals import EXPLAIN_FLOOR, explain_scale
 from hpcad.threshold.evaluate import alarm_events, top_metrics_of, write_alarms_csv
@@ -59,6 +59,9 @@ def test_an_alarm_names_the_metrics_most_times_their_normal_error(tmp_path):
         == "ctx_switches (4,412x), load1 (0.83x)"
     assert top_names([{"metric": "m00", "x_normal": 5.92e9}, {"metric": "m27", "x_normal": 999_999.0},
                       {"metric": "m37", "x_normal": 1.0e6}]) == "m00 (5.9e9x), m27 (999,999x), m37 (1.0e6x)"
+    # the report's alarmed-nodes table writes a peak over its threshold the same way (MSL's P-10 read
+    # 416,226,029 there)
+    assert [multiple(x) for x in (416_226_029.0, 6.17, 3.0, 1234.4)] == ["4.2e8x", "6.2x", "3x", "1,234x"]
     # an alarms.csv written before the column: names and errors as they were
     old = {k: v for k, v in row.items() if k != "top_x_normal"}
     assert [m.get("x_normal") for m in top_metrics_of(old)] == [None, None, None]

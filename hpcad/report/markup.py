@@ -120,18 +120,20 @@ def report_zone(cfg: HpcadConfig, site: str | None = None) -> str:
     return zone
 
 
+def multiple(x: float) -> str:
+    """``41x``, ``6.2x``, ``1,234x``; from a million on in powers of ten (``5.9e9x``): a value far
+    outside its training range times a large range-excess weight (MSL's channels: 10^4) filled a table
+    cell with ``5,920,000,000x``."""
+    if x >= 1e6:
+        mantissa, exponent = f"{x:.1e}".split("e")
+        return f"{mantissa}e{int(exponent)}x"
+    return f"{x:,.0f}x" if x >= 10 else f"{x:.2g}x"
+
+
 def top_names(top: list[dict], k: int | None = None) -> str:
     """``ips_p0_3 (41x), util_p0_3 (12x)``: an alarm's top metrics with how many times their normal
-    error they carry (names alone where that is unknown). From a million on in powers of ten
-    (``m00 (5.9e9x)``): a value far outside its training range times a large range-excess weight
-    (MSL's channels: 10^4) filled a table cell with ``5,920,000,000x``."""
-    def times(x: float) -> str:
-        if x >= 1e6:
-            mantissa, exponent = f"{x:.1e}".split("e")
-            return f"{mantissa}e{int(exponent)}x"
-        return f"{x:,.0f}x" if x >= 10 else f"{x:.2g}x"
-
-    return ", ".join(f"{m['metric']} ({times(m['x_normal'])})" if "x_normal" in m else m["metric"] for m in top[:k])
+    error they carry (names alone where that is unknown; :func:`multiple`)."""
+    return ", ".join(f"{m['metric']} ({multiple(m['x_normal'])})" if "x_normal" in m else m["metric"] for m in top[:k])
 
 
 def number(v):

@@ -14,8 +14,8 @@ from hpcad.data.store import TelemetryStore, run_store_path
 from hpcad.errorstore import ErrorStore
 from hpcad.incidents import cause_of
 from hpcad.model.files import untrained_nodes
-from hpcad.report.markup import (alarms_table, fallback_how, fmt, gap_text, html_table, page, report_zone,
-                                  rule_named, sortable_table, telemetry_gaps, top_names)
+from hpcad.report.markup import (alarms_table, fallback_how, fmt, gap_text, html_table, multiple, page,
+                                  report_zone, rule_named, sortable_table, telemetry_gaps, top_names)
 from hpcad.report.nodes import node_pages
 from hpcad.report.plots import curves, heatmap, overview, profile_plot, signal_plot
 from hpcad.threshold.evaluate import top_metrics_of
@@ -270,7 +270,7 @@ def alarmed_nodes(alarms: list[dict], th: Thresholds, link) -> str:
         names = top_names(top_metrics_of(top), 5)
         alarmed, last = sum(int(float(a["rows"])) for a in group), str(max(a["end"] for a in group))
         row = [(node, node, link(node)), (str(len(group)), str(len(group)), None), (str(alarmed), str(alarmed), None),
-               (fmt(ratio(top)), repr(ratio(top)), None), (last, last, None), (cause, cause, None),
+               (multiple(ratio(top)), repr(ratio(top)), None), (last, last, None), (cause, cause, None),
                (names, names, None)]
         if labelled:
             classes = " ".join(sorted({c for a in group for c in str(a.get("label_classes") or "").split()}))
