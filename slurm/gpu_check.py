@@ -207,8 +207,9 @@ def check_whitening(pool, cuda, plan: Plan) -> dict:
     """The residuals' whitening (signal.whiten; hpcad/model/whiten.py) fitted on CUDA, as training
     fits it on the training device, against the same models' whitening fitted on the CPU: the
     matrices, levels and shrinkages agree to float32 rounding (one eigendecomposition per node). And
-    the last node's whitening fitted alone on CUDA is its whitening in the group, bit for bit (as on
-    the CPU, where threads do not change it either: tests/test_whiten.py)."""
+    the first node's whitening fitted alone on CUDA is its whitening in the group, bit for bit (the
+    shortest node: padded in the group; as on the CPU, where threads do not change it either:
+    tests/test_whiten.py)."""
     from hpcad.model.whiten import fit_whitening, held_out_from
 
     first, step = plan.equivalence_rows
@@ -223,9 +224,9 @@ def check_whitening(pool, cuda, plan: Plan) -> dict:
     rel = max(float(np.abs(a.matrix - b.matrix).max() / np.abs(a.matrix).max()) for a, b in zip(cpu, gpu))
     level = max(abs(a.level - b.level) / a.level for a, b in zip(cpu, gpu))
     shrink = max(abs(a.shrinkage - b.shrinkage) for a, b in zip(cpu, gpu))
-    alone = fit_whitening(SPEC, members[-1:], data[-1:], hold[-1:], data[0].shape[1], cuda)[0]
-    same = (np.array_equal(alone.matrix, gpu[-1].matrix) and alone.level == gpu[-1].level
-            and np.array_equal(alone.holdout_error, gpu[-1].holdout_error))
+    alone = fit_whitening(SPEC, members[:1], data[:1], hold[:1], data[0].shape[1], cuda)[0]
+    same = (np.array_equal(alone.matrix, gpu[0].matrix) and alone.level == gpu[0].level
+            and np.array_equal(alone.holdout_error, gpu[0].holdout_error))
     return {"ok": rel < 1e-3 and level < 1e-3 and shrink < 1e-3 and same, "nodes": len(data),
             "max_rel_matrix_diff": rel, "max_rel_level_diff": level, "max_shrinkage_diff": shrink,
             "alone_as_in_group": same, "device_s": round(seconds, 3)}
