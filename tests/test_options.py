@@ -31,6 +31,10 @@ WRONG = [
     (["threshold=level", "threshold.times=0"], "threshold", "threshold.times=0.0: must be a positive multiple"),
     (["threshold.fallback=median"], "threshold", "threshold.fallback='median': expected level or quantile"),
     (["threshold.scope=rack"], "threshold", "threshold.scope='rack': expected node, cluster or auto"),
+    # a negative tolerance had been taken and changed every cost (iforest's test cost 1,977 -> 2,448)
+    (["threshold.tolerance=-3"], "threshold", "threshold.tolerance=-3: must be a whole number of rows >= 0"),
+    (["threshold=level", "threshold.c_missed=-1"], "threshold", "threshold.c_missed=-1.0: must be a cost >= 0"),
+    (["threshold.c_alarm=0", "threshold.c_missed=0"], "threshold", "are both 0: every threshold would cost nothing"),
     (["split.val=1.5"], "train", "split.train=0.5, split.val=1.5: fractions must be >= 0 and sum to <= 1"),
     (["split.unit=rows", "split.train=-3"], "train", "split.train=-3: must be >= 0"),
     (["split.train=2025-01-01"], "score", "split.train='2025-01-01': not a number, as split.unit=fraction needs"),

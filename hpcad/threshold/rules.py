@@ -93,6 +93,14 @@ def _grid(lo: float, hi: float, n: int) -> np.ndarray:
     return np.sinh(np.linspace(np.arcsinh(lo), np.arcsinh(hi), n))
 
 
+def _tolerance(value: int) -> int:
+    """``threshold.tolerance``: rows either side of an anomaly within which an alarm counts as its
+    detection (a negative one had been taken and silently changed every cost)."""
+    if int(value) != value or value < 0:
+        raise ConfigError(f"threshold.tolerance={value}: must be a whole number of rows >= 0")
+    return int(value)
+
+
 def _check_scope(scope: str, scopes: tuple[str, ...]) -> str:
     if scope not in scopes:
         raise ConfigError(f"threshold.scope={scope!r}: expected node, cluster" + (" or auto" if "auto" in scopes else
@@ -122,7 +130,13 @@ class _Rule:
                  c_missed: float = 5.0, tolerance: int = 12, **_: object):
         self.scope = _check_scope(scope, self.scopes)
         self.grid_points = int(grid_points)
-        self.cost_model = CostModel(float(c_alarm), float(c_missed), int(tolerance))
+        self.cost_model = CostModel(float(c_alarm), float(c_missed), _tolerance(tolerance))
+        for name, c in (("c_alarm", c_alarm), ("c_missed", c_missed)):
+            if not (np.isfinite(float(c)) and float(c) >= 0):
+                raise ConfigError(f"threshold.{name}={c}: must be a cost >= 0")
+        if float(c_alarm) + float(c_missed) <= 0:
+            raise ConfigError("threshold.c_alarm and threshold.c_missed are both 0: every threshold would cost "
+                              "nothing")
 
     def fit(self, source: SignalSource, red: Reducer | None = None, detector: str = "autoencoder") -> Thresholds:
         """Fit on the nodes ``source`` yields; with an MPI reducer, each rank passes its own nodes.
