@@ -143,6 +143,20 @@ def _fit(method: str, train: np.ndarray, hold: np.ndarray, bc, seed: int):
     return _Knn(train).score, True, 1.0  # knn
 
 
+def check_options(bc) -> None:
+    """``baselines.*``, checked before the data is read (before, a zero tree count or row limit, or a
+    negative bandwidth, stopped the stage with scikit-learn's or torch's traceback after the
+    training and scoring; a window of 0 rows or a variance share above 1 were taken)."""
+    check_methods(list(bc.methods))
+    for name, low in (("knn_window", 1), ("iforest_trees", 1), ("max_train_rows", 2), ("max_nodes", 0)):
+        if not int(bc[name]) >= low:
+            raise ConfigError(f"baselines.{name}={bc[name]}: must be >= {low}")
+    if not 0 < float(bc.pca_variance) <= 1:
+        raise ConfigError(f"baselines.pca_variance={bc.pca_variance}: a share of the variance in (0, 1]")
+    if not bc.kde_bandwidths or any(not float(h) > 0 for h in bc.kde_bandwidths):
+        raise ConfigError(f"baselines.kde_bandwidths={list(bc.kde_bandwidths)}: a non-empty list of bandwidths > 0")
+
+
 def check_methods(methods: list[str]) -> None:
     """``baselines.methods``, checked: each one hpcad has."""
     for method in methods:
@@ -408,7 +422,7 @@ def run_baselines(cfg: HpcadConfig, fit_store: TelemetryStore, eval_store: Telem
     scores kept in a scratch file until the weight is chosen), so that neither the baselines' figures depend on the
     autoencoder's training nor the autoencoder is compared with baselines given its choice."""
     out: dict[str, Path] = {}
-    check_methods(list(cfg.baselines.methods))
+    check_options(cfg.baselines)
     nodes = list(eval_store.nodes) if nodes is None else nodes
     for method in cfg.baselines.methods:
         path = out_dir / (f"{method}.h5" if rank is None else f"{method}-rank{rank}.h5")

@@ -19,10 +19,10 @@ if TYPE_CHECKING:
 
 
 def _split(cfg: HpcadConfig) -> None:
-    from hpcad.preprocess import check_split, gap_limit
+    from hpcad.preprocess import check_preprocess, check_split
 
     check_split(cfg.split)
-    gap_limit(cfg.preprocess.nan_fill_limit)
+    check_preprocess(cfg.preprocess)
 
 
 def _training(cfg: HpcadConfig) -> None:
@@ -48,9 +48,9 @@ def _scoring(cfg: HpcadConfig) -> None:
 
 
 def _baselines(cfg: HpcadConfig) -> None:
-    from hpcad.baselines import check_methods
+    from hpcad.baselines import check_options as check_baseline_options
 
-    check_methods(list(cfg.baselines.methods))
+    check_baseline_options(cfg.baselines)
 
 
 def _threshold(cfg: HpcadConfig) -> None:
@@ -62,7 +62,21 @@ def _threshold(cfg: HpcadConfig) -> None:
 def _report(cfg: HpcadConfig) -> None:
     from hpcad.report.markup import report_zone  # not page: its plots import matplotlib
 
+    _report_counts(cfg)
     report_zone(cfg)
+
+
+def _report_counts(cfg: HpcadConfig) -> None:
+    """``report.top_k`` and the report's limits (the threshold stage names each alarm's top metrics)."""
+    from hpcad.report.markup import check_report_options
+
+    check_report_options(cfg.report)
+
+
+def _data(cfg: HpcadConfig) -> None:
+    from hpcad.data.ingest import check_data_options
+
+    check_data_options(cfg.data)
 
 
 def _nightly(cfg: HpcadConfig) -> None:
@@ -137,11 +151,12 @@ def _light_maps(cfg: HpcadConfig) -> None:
     check_light_options(cfg.score, paths=True)
 
 
-EVERY_STAGE = (_split, _training, _compute, _scoring, _baselines, _threshold, _report, _real_data)
+EVERY_STAGE = (_data, _split, _training, _compute, _scoring, _baselines, _threshold, _report, _real_data)
 CHECKS: dict[str, tuple[Callable[[HpcadConfig], None], ...]] = {
-    "ingest": (_real_data,), "train": (_split, _training, _compute, _real_data),
+    "ingest": (_data, _real_data), "train": (_split, _training, _compute, _real_data),
     "score": (_split, _scoring, _compute, _real_data), "baselines": (_split, _baselines, _compute, _real_data),
-    "threshold": (_threshold, _real_data), "report": (_report,), "nightly": (_report, _nightly), "run": EVERY_STAGE,
+    "threshold": (_threshold, _report_counts, _real_data), "report": (_report,), "nightly": (_report, _nightly),
+    "run": EVERY_STAGE,
     "preflight": EVERY_STAGE,  # a SLURM job's step 0: the options of the steps that follow it
 }
 # The paths a stage reads: data.source and data.jobs (ingested), train_run (its models),

@@ -150,6 +150,19 @@ def training_rows(node: NodeData, codes: np.ndarray, normal_only: bool, exclude_
     return mask
 
 
+def check_preprocess(pc) -> None:
+    """``preprocess.*``, checked: the clip and the standard-deviation floors (a negative clip or floor
+    had been taken: every standardised value then came out clipped or divided by nonsense)."""
+    if not float(pc.clip) > 0:
+        raise ConfigError(f"preprocess.clip={pc.clip}: must be > 0 (standard deviations)")
+    if not float(pc.std_floor_rel) >= 0:
+        raise ConfigError(f"preprocess.std_floor_rel={pc.std_floor_rel}: must be >= 0 (a share of the metric's "
+                          "typical size)")
+    if not float(pc.std_floor_abs) > 0:
+        raise ConfigError(f"preprocess.std_floor_abs={pc.std_floor_abs}: must be > 0 (a constant metric's spread)")
+    gap_limit(pc.nan_fill_limit)
+
+
 def gap_limit(limit: int) -> int:
     """``preprocess.nan_fill_limit``, checked."""
     if not int(limit) >= 0:

@@ -84,7 +84,13 @@ def _fixed_bool(value: object, option: str) -> bool | None:
 
 
 def candidates(sig_cfg) -> list[Recipe]:
-    """The recipes ``auto`` chooses from, in order of preference on ties (one: nothing to choose)."""
+    """The recipes ``auto`` chooses from, in order of preference on ties (one: nothing to choose);
+    checks the signal options on the way."""
+    if not float(sig_cfg.excess_margin) >= 0:
+        raise ConfigError(f"signal.excess_margin={sig_cfg.excess_margin}: must be >= 0 (average precision)")
+    if not float(sig_cfg.scale_floor) > 0:
+        raise ConfigError(f"signal.scale_floor={sig_cfg.scale_floor}: must be > 0 (the normal level's floor per "
+                          "metric)")
     w = fixed_weight(sig_cfg.excess_weight)
     if not sig_cfg.range_excess:
         weights = [1.0 if w is None else w]  # no excess term: the weight changes nothing

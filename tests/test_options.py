@@ -60,6 +60,21 @@ WRONG = [
     (["signal.metric_scales=sometimes"], "score", "signal.metric_scales='sometimes': true, false or 'auto'"),
     (["signal.excess_grid=[]"], "score", "signal.excess_grid=[]: a non-empty list of weights >= 0"),
     (["baselines.methods=[kde,lof]"], "baselines", "baselines.methods: unknown method 'lof'"),
+    # taken before 2026-12-05 (nonsense results), or a traceback after the training and scoring
+    (["baselines.iforest_trees=0"], "baselines", "baselines.iforest_trees=0: must be >= 1"),
+    (["baselines.max_train_rows=0"], "baselines", "baselines.max_train_rows=0: must be >= 2"),
+    (["baselines.knn_window=0"], "baselines", "baselines.knn_window=0: must be >= 1"),
+    (["baselines.pca_variance=2"], "baselines", "baselines.pca_variance=2.0: a share of the variance in (0, 1]"),
+    (["baselines.kde_bandwidths=[1,-1]"], "baselines", "a non-empty list of bandwidths > 0"),
+    (["preprocess.clip=-1"], "train", "preprocess.clip=-1.0: must be > 0"),
+    (["preprocess.std_floor_abs=0"], "score", "preprocess.std_floor_abs=0.0: must be > 0"),
+    (["signal.excess_margin=-1"], "score", "signal.excess_margin=-1.0: must be >= 0"),
+    (["signal.scale_floor=0"], "score", "signal.scale_floor=0.0: must be > 0"),
+    (["threshold.grid_points=1"], "threshold", "threshold.grid_points=1: must be >= 16"),
+    (["report.top_k=0"], "threshold", "report.top_k=0: must be >= 1"),  # alarms.csv's top metrics
+    (["report.max_missing_share=2"], "report", "report.max_missing_share=2.0: a share in [0, 1]"),
+    (["data.period_s=0"], "ingest", "data.period_s=0: must be >= 1"),
+    (["data.scratch_buckets=0"], "ingest", "data.scratch_buckets=0: must be >= 1"),
     (["score.light_night=2025-1-8"], "score", "score.light_night='2025-1-8': a night as YYYY-MM-DD"),
 ]
 

@@ -48,7 +48,7 @@ from hpcad.data.notes import InputWarnings, input_warnings
 from hpcad.data.paths import is_pattern, is_table, pattern_files, source_exists, visible_files
 from hpcad.data.tables import columns
 from hpcad.dist import CLUSTER_WIDE
-from hpcad.errors import InputError
+from hpcad.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 FORMATS = {"wide": None, "ldms": stage_ldms, "long": stage_long}
@@ -149,6 +149,17 @@ def source_view(data_cfg) -> dict | None:
     groups = node_groups(files, data_cfg.node_column)
     node, first = next(iter(groups.items()))
     return {"files": len(files), "nodes": len(groups), "how": f"{first[0].relative_to(folder_of(files))} -> node {node}"}
+
+
+def check_data_options(data_cfg) -> None:
+    """The ingest's numbers, checked before any file is read (a row period of 0 or a scratch of 0
+    buckets had been taken)."""
+    if not int(data_cfg.period_s) >= 1:
+        raise ConfigError(f"data.period_s={data_cfg.period_s}: must be >= 1 (seconds between rows)")
+    if data_cfg.resample_s is not None and not int(data_cfg.resample_s) >= 1:
+        raise ConfigError(f"data.resample_s={data_cfg.resample_s}: must be >= 1 (seconds)")
+    if not int(data_cfg.scratch_buckets) >= 1:
+        raise ConfigError(f"data.scratch_buckets={data_cfg.scratch_buckets}: must be >= 1")
 
 
 def check_inputs(data_cfg) -> None:

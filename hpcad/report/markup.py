@@ -120,6 +120,17 @@ def report_zone(cfg: HpcadConfig, site: str | None = None) -> str:
     return zone
 
 
+def check_report_options(rc) -> None:
+    """``report.*`` counts and shares, checked (a negative count or a share above 1 had been taken)."""
+    if not int(rc.top_k) >= 1:
+        raise ConfigError(f"report.top_k={rc.top_k}: must be >= 1 (the metrics each alarm names)")
+    for name in ("max_nodes_plotted", "max_nodes_overview", "max_node_pages"):
+        if not int(rc[name]) >= 0:
+            raise ConfigError(f"report.{name}={rc[name]}: must be >= 0")
+    if not 0 <= float(rc.max_missing_share) <= 1:
+        raise ConfigError(f"report.max_missing_share={rc.max_missing_share}: a share in [0, 1]")
+
+
 def multiple(x: float) -> str:
     """``41x``, ``6.2x``, ``1,234x``; from a million on in powers of ten (``5.9e9x``): a value far
     outside its training range times a large range-excess weight (MSL's channels: 10^4) filled a table

@@ -130,6 +130,8 @@ class _Rule:
                  c_missed: float = 5.0, tolerance: int = 12, **_: object):
         self.scope = _check_scope(scope, self.scopes)
         self.grid_points = int(grid_points)
+        if self.grid_points < 16:
+            raise ConfigError(f"threshold.grid_points={grid_points}: must be >= 16 (the thresholds' search grid)")
         self.cost_model = CostModel(float(c_alarm), float(c_missed), _tolerance(tolerance))
         for name, c in (("c_alarm", c_alarm), ("c_missed", c_missed)):
             if not (np.isfinite(float(c)) and float(c) >= 0):
