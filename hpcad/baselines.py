@@ -148,7 +148,7 @@ def check_options(bc) -> None:
     negative bandwidth, stopped the stage with scikit-learn's or torch's traceback after the
     training and scoring; a window of 0 rows or a variance share above 1 were taken)."""
     check_methods(list(bc.methods))
-    for name, low in (("knn_window", 1), ("iforest_trees", 1), ("max_train_rows", 2), ("max_nodes", 0)):
+    for name, low in (("knn_window", 1), ("iforest_trees", 1), ("max_train_rows", 2), ("max_nodes", 0), ("seed", 0)):
         if not int(bc[name]) >= low:
             raise ConfigError(f"baselines.{name}={bc[name]}: must be >= {low}")
     if not 0 < float(bc.pca_variance) <= 1:

@@ -79,6 +79,7 @@ def check_train_config(tc: TrainConfig, scope: str = "node") -> None:
               (float(tc.lr) > 0, "train.lr", "must be > 0"),
               (0 <= float(tc.validation_split) < 1, "train.validation_split", "must be in [0, 1)"),
               (int(tc.patience) >= 1, "train.patience", "must be >= 1"),
+              (int(tc.seed) >= 0, "train.seed", "must be >= 0 (numpy's and scikit-learn's seeds)"),
               (float(tc.input_noise) >= 0, "train.input_noise", "must be >= 0 (0: no denoising)"),
               (0 <= float(tc.trim) < 1, "train.trim", "must be in [0, 1) (0: every row counts)"),
               (0 <= float(tc.weight_decay) * float(tc.lr) < 1, "train.weight_decay",

@@ -160,6 +160,12 @@ def check_data_options(data_cfg) -> None:
         raise ConfigError(f"data.resample_s={data_cfg.resample_s}: must be >= 1 (seconds)")
     if not int(data_cfg.scratch_buckets) >= 1:
         raise ConfigError(f"data.scratch_buckets={data_cfg.scratch_buckets}: must be >= 1")
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:  # before, an unknown zone surfaced as "naive times ... cannot be placed unambiguously"
+        ZoneInfo(str(data_cfg.timezone))
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ConfigError(f"data.timezone={data_cfg.timezone!r}: not a time zone name (e.g. Europe/Rome)") from exc
 
 
 def check_inputs(data_cfg) -> None:

@@ -113,10 +113,11 @@ def report_zone(cfg: HpcadConfig, site: str | None = None) -> str:
     from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
     zone = str(cfg.report.timezone or site or cfg.data.timezone)
+    option = "report.timezone" if cfg.report.timezone else "nightly.timezone" if site else "data.timezone"
     try:
         ZoneInfo(zone)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
-        raise ConfigError(f"report.timezone={zone!r}: not a time zone name (e.g. Europe/Rome)") from exc
+    except (ZoneInfoNotFoundError, ValueError) as exc:  # named by the option it came from
+        raise ConfigError(f"{option}={zone!r}: not a time zone name (e.g. Europe/Rome)") from exc
     return zone
 
 
