@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from hpcad.config import check_at_least
 from hpcad.data.exclusions import read_exclusions
 from hpcad.data.store import TelemetryStore
 from hpcad.errors import ConfigError, TooFewTrainingRows
@@ -148,9 +149,8 @@ def check_options(bc) -> None:
     negative bandwidth, stopped the stage with scikit-learn's or torch's traceback after the
     training and scoring; a window of 0 rows or a variance share above 1 were taken)."""
     check_methods(list(bc.methods))
-    for name, low in (("knn_window", 1), ("iforest_trees", 1), ("max_train_rows", 2), ("max_nodes", 0), ("seed", 0)):
-        if not int(bc[name]) >= low:
-            raise ConfigError(f"baselines.{name}={bc[name]}: must be >= {low}")
+    check_at_least("baselines", bc, {"knn_window": 1, "iforest_trees": 1, "max_train_rows": 2, "max_nodes": 0,
+                                     "seed": 0})
     if not 0 < float(bc.pca_variance) <= 1:
         raise ConfigError(f"baselines.pca_variance={bc.pca_variance}: a share of the variance in (0, 1]")
     if not bc.kde_bandwidths or any(not float(h) > 0 for h in bc.kde_bandwidths):

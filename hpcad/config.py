@@ -397,6 +397,23 @@ def register_configs() -> None:
     cs.store(group="launcher", name="submitit_schema", node=SubmititLauncherConfig)
 
 
+# The nightly job's counts and times, and their least values (checked before a night starts)
+NIGHTLY_LEAST = {"catch_up_days": 0, "max_end_gap_s": 0, "drift_days": 1, "drift_reference_nights": 1,
+                 "light_days": 1, "keep_data_days": 0, "incident_gap_days": 0, "notify_timeout_s": 1,
+                 "drain_after_nights": 1, "drain_max_nodes": 0, "event_min_nodes": 1}
+JOB_LEAST = {"job_tasks": 1, "job_gpus_per_node": 0, "job_cpus_per_task": 1, "job_mem_mb": 1}  # its scoring job
+
+
+def check_at_least(group: str, node: Any, least: dict[str, float]) -> None:
+    """Each option ``group.<name>`` of ``least`` at least its value there, else a ``ConfigError``
+    naming it."""
+    from hpcad.errors import ConfigError
+
+    for name, low in least.items():
+        if not node[name] >= low:
+            raise ConfigError(f"{group}.{name}={node[name]}: must be >= {low}")
+
+
 def build(node: Any, option: str) -> Any:
     """Instantiate the ``_target_`` a config group names (``model``, ``threshold``). A value the
     target refuses is a ``ConfigError`` in the target's own words (it names the option), not Hydra's

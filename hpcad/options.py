@@ -80,6 +80,7 @@ def _data(cfg: HpcadConfig) -> None:
 
 
 def _nightly(cfg: HpcadConfig) -> None:
+    from hpcad.config import JOB_LEAST, NIGHTLY_LEAST, check_at_least
     from hpcad.errors import ConfigError
     from hpcad.nightly.changes import read_changes
     from hpcad.nightly.events import read_groups
@@ -87,8 +88,13 @@ def _nightly(cfg: HpcadConfig) -> None:
     n = cfg.nightly
     if not 0 <= n.event_share <= 1:
         raise ConfigError(f"nightly.event_share={n.event_share}: a share of the scored nodes in [0, 1] (0: no events)")
-    if n.event_min_nodes < 1:
-        raise ConfigError(f"nightly.event_min_nodes={n.event_min_nodes}: must be >= 1")
+    if not 0 <= n.min_node_fraction <= 1:
+        raise ConfigError(f"nightly.min_node_fraction={n.min_node_fraction}: a share of the trained nodes in [0, 1]")
+    if not n.drift_ratio > 1:
+        raise ConfigError(f"nightly.drift_ratio={n.drift_ratio}: must be > 1 (a multiple of the node's baseline level)")
+    if not n.light_ridge >= 0:
+        raise ConfigError(f"nightly.light_ridge={n.light_ridge}: must be >= 0")
+    check_at_least("nightly", n, {**NIGHTLY_LEAST, **JOB_LEAST})  # taken unchecked before (the job's: at night)
     read_changes(n.changes)
     read_groups(n.groups)
 

@@ -115,6 +115,12 @@ def test_checking_every_stage_s_options_imports_no_plotting_library():
 def test_the_nightly_jobs_event_options_and_files_are_checked_before_any_night(tmp_path):
     for overrides, says in ((["nightly.event_share=1.5"], "nightly.event_share=1.5: a share of the scored nodes in [0, 1]"),
                             (["nightly.event_min_nodes=0"], "nightly.event_min_nodes=0: must be >= 1"),
+                            # taken unchecked before 2026-12-05 (the scoring job's size: only at night)
+                            (["nightly.min_node_fraction=2"], "nightly.min_node_fraction=2.0: a share of the trained"),
+                            (["nightly.drift_ratio=1"], "nightly.drift_ratio=1.0: must be > 1"),
+                            (["nightly.light_days=0"], "nightly.light_days=0: must be >= 1"),
+                            (["nightly.keep_data_days=-1"], "nightly.keep_data_days=-1: must be >= 0"),
+                            (["nightly.job_mem_mb=0"], "nightly.job_mem_mb=0: must be >= 1"),
                             ([f"nightly.groups={tmp_path / 'racks.csv'}"], "nightly.groups=")):
         with pytest.raises(ConfigError, match=re.escape(says)):
             check_options(_cfg(*overrides), "nightly")

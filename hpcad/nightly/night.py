@@ -23,6 +23,7 @@ from omegaconf import OmegaConf, open_dict
 
 from hpcad import signal_choice
 from hpcad.atomic import atomic_path, write_json
+from hpcad.config import JOB_LEAST, check_at_least
 from hpcad.data.ingest import ingest
 from hpcad.data.store import TelemetryStore
 from hpcad.nightly.drain import candidates as drain_candidates
@@ -438,11 +439,7 @@ def scoring_job_size(cfg: HpcadConfig) -> list[str]:
     """sbatch options sizing the nightly scoring job (``nightly.job_*``), not the training script's
     4 tasks x 4 GPUs x 8 CPUs; with ``--mem`` (scoring's memory budget follows it: hpcad/model/budget.py)."""
     n = cfg.nightly
-    for key in ("job_tasks", "job_cpus_per_task", "job_mem_mb"):
-        if int(n[key]) < 1:
-            raise ConfigError(f"nightly.{key}={n[key]}: must be >= 1")
-    if int(n.job_gpus_per_node) < 0:
-        raise ConfigError(f"nightly.job_gpus_per_node={n.job_gpus_per_node}: must be >= 0")
+    check_at_least("nightly", n, JOB_LEAST)
     mem, tasks = int(n.job_mem_mb), int(n.job_tasks)
     return ["--nodes=1", f"--ntasks-per-node={tasks}", f"--gpus-per-node={int(n.job_gpus_per_node)}",
             f"--cpus-per-task={int(n.job_cpus_per_task)}", f"--mem={mem * tasks}M", f"--time={n.job_time}"]
