@@ -99,6 +99,18 @@ def _nightly(cfg: HpcadConfig) -> None:
     read_groups(n.groups)
 
 
+def _bench(cfg: HpcadConfig) -> None:
+    """``hpcad bench``'s sizes (a count of 0 had ended in a traceback)."""
+    from hpcad.config import check_at_least
+    from hpcad.errors import ConfigError
+
+    b = cfg.bench
+    check_at_least("bench", b, {"nodes": 1, "rows": 1, "metrics": 1, "epochs": 1, "pool": 1, "seed": 0, "days": 1,
+                                "ranks": 1, "alarms": 0})
+    if b.naive_nodes is not None and not b.naive_nodes >= 0:
+        raise ConfigError(f"bench.naive_nodes={b.naive_nodes}: must be >= 0 (0: skip the naive loop; unset: all)")
+
+
 def _inputs(cfg: HpcadConfig) -> None:
     from hpcad.data.ingest import check_inputs
 
@@ -162,6 +174,7 @@ CHECKS: dict[str, tuple[Callable[[HpcadConfig], None], ...]] = {
     "ingest": (_data, _real_data), "train": (_split, _training, _compute, _real_data),
     "score": (_split, _scoring, _compute, _real_data), "baselines": (_split, _baselines, _compute, _real_data),
     "threshold": (_threshold, _report_counts, _real_data), "report": (_report,), "nightly": (_report, _nightly),
+    "bench": (_bench,),
     "run": EVERY_STAGE,
     "preflight": EVERY_STAGE,  # a SLURM job's step 0: the options of the steps that follow it
 }

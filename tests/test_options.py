@@ -213,3 +213,13 @@ def test_a_training_option_is_part_of_the_models_fingerprint_and_its_default_lea
     assert training_fingerprint(plain, model_spec(plain), store) == "1cb6a554f39412723138"  # recorded before the option (a change to a default in the digest retrains every site's models: update only on purpose)
     assert training_fingerprint(trimmed, model_spec(trimmed), store) != training_fingerprint(plain, model_spec(plain),
                                                                                                  store)
+
+
+def test_the_benchs_sizes_are_checked_before_it_builds_anything():
+    """A count of 0 had ended in a traceback from inside the benchmark (bench.nodes=0, bench.pool=0)."""
+    for overrides, says in ((["bench.nodes=0"], "bench.nodes=0: must be >= 1"),
+                            (["bench.mode=score", "bench.rows=0"], "bench.rows=0: must be >= 1"),
+                            (["bench.naive_nodes=-1"], "bench.naive_nodes=-1: must be >= 0")):
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            check_options(_cfg(*overrides), "bench")
+    check_options(_cfg("bench.naive_nodes=0"), "bench")  # 0: the naive loop skipped, as documented
