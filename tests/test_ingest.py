@@ -668,6 +668,20 @@ def test_infinite_values_are_read_as_missing_and_said(tmp_path, caplog):
     assert "3 infinite values in metric columns ['a', 'b'] read as missing" in caplog.text and "n0" in caplog.text
 
 
+def test_infinite_values_in_a_file_of_many_nodes_rows_are_read_as_missing_too(tmp_path, caplog):
+    """Such a file's rows are staged per node first, and a node's staged block came back as a read-only
+    array: an infinite value there ended the ingest with numpy's "assignment destination is read-only"."""
+    rows = pd.concat([_frame().assign(node=n) for n in ("n0", "n1")])
+    rows.loc[rows.index == 5, "a"] = np.inf  # row 5 of both nodes
+    rows.to_csv(tmp_path / "all.csv", index=False)
+    with caplog.at_level("WARNING"):
+        store = TelemetryStore(ingest(data_cfg(source=str(tmp_path / "all.csv")), tmp_path / "s.h5"))
+    for n in ("n0", "n1"):
+        values = store.read(n).values
+        assert np.isnan(values[5, 0]) and np.isfinite(np.delete(values, 5, axis=0)).all()
+    assert "1 infinite values in metric columns ['a'] read as missing" in caplog.text
+
+
 @pytest.mark.parametrize("one_file", [False, True])
 def test_ingest_in_a_log_file_says_how_far_it_got_every_minute(tmp_path, monkeypatch, caplog, one_file):
     """Ingesting a site's exports takes an hour and more for thousands of node-years: in a SLURM log

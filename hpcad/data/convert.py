@@ -92,7 +92,7 @@ class FrameConverter:
             cols = [self.metrics[i] for i in np.flatnonzero(infinite.any(axis=0))[:10]]
             log.warning("%s: %d infinite values in metric columns %s read as missing (NaN)", where,
                         int(infinite.sum()), cols)
-            values[infinite] = np.nan
+            values = np.where(infinite, np.float32(np.nan), values)  # a copy: to_numpy may lend a read-only view
         all_nan = np.isnan(values).all(axis=0)
         if all_nan.any():
             cols = [self.metrics[i] for i in np.flatnonzero(all_nan)[:10]]
