@@ -346,7 +346,8 @@ def test_timestamp_and_node_columns_under_other_names_are_suggested_by_the_error
     rows["time"] = pd.to_datetime(rows["time"], unit="s").astype(str)
     one = tmp_path / "all.csv"
     pd.concat([rows.assign(hostname="x"), rows.assign(hostname="y")]).to_csv(one, index=False)
-    with pytest.raises(InputError, match=r"all.csv: non-numeric columns \['time', 'hostname'\]; 'time' holds times: set "
+    with pytest.raises(InputError, match=r"all.csv: non-numeric columns \['time', 'hostname'\] \(e.g. \{'time': "
+                                         r"'2023-11-14 22:13:20', 'hostname': 'x'\}\); 'time' holds times: set "
                                          r"data.timestamp_column=time; if 'hostname' names the nodes, set "
                                          r"data.node_column=hostname; else fix the export"):
         ingest(data_cfg(source=str(one)), tmp_path / "s.h5")
@@ -666,6 +667,18 @@ def test_infinite_values_are_read_as_missing_and_said(tmp_path, caplog):
         nd = TelemetryStore(ingest(data_cfg(source=str(src)), tmp_path / "s.h5")).read("n0")
     assert np.isnan(nd.values[[3, 4], 1]).all() and np.isnan(nd.values[7, 0]) and np.isfinite(nd.values[0]).all()
     assert "3 infinite values in metric columns ['a', 'b'] read as missing" in caplog.text and "n0" in caplog.text
+
+
+def test_a_file_of_many_nodes_rows_quotes_a_value_that_is_no_number_and_a_header_alone_has_no_rows(tmp_path):
+    rows = pd.concat([_frame().assign(node=n) for n in ("n0", "n1")])
+    rows["b"] = rows["b"].astype(str)
+    rows.iloc[25, rows.columns.get_loc("b")] = "n/a?"
+    rows.to_csv(tmp_path / "all.csv", index=False)
+    with pytest.raises(InputError, match=re.escape("all.csv: non-numeric columns ['b'] (e.g. {'b': 'n/a?'}); fix")):
+        ingest(data_cfg(source=str(tmp_path / "all.csv")), tmp_path / "s.h5")
+    (tmp_path / "all.csv").write_text("timestamp,node,a,b\n")  # before: "non-numeric columns ['a', 'b']"
+    with pytest.raises(InputError, match="no nodes found"):
+        ingest(data_cfg(source=str(tmp_path / "all.csv")), tmp_path / "s.h5")
 
 
 def test_infinite_values_in_a_file_of_many_nodes_rows_are_read_as_missing_too(tmp_path, caplog):

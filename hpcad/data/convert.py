@@ -59,8 +59,7 @@ class FrameConverter:
         metric_cols = [c for c, _ in typed]
         bad = [c for c, d in typed if not pd.api.types.is_numeric_dtype(d)]
         if bad:
-            examples = {c: str(df[c][pd.to_numeric(df[c], errors="coerce").isna() & df[c].notna()].iloc[0])
-                        for c in bad[:3] if (pd.to_numeric(df[c], errors="coerce").isna() & df[c].notna()).any()}
+            examples = odd_values(df, bad)
             comma = any(looks_decimal_comma(v) for v in examples.values())
             raise InputError(f"{where}: non-numeric metric columns {bad[:10]} (e.g. {examples}); "
                              + (f"numbers with a decimal comma are read as such where the fields are separated "
@@ -185,6 +184,19 @@ def spacing_check(ts: np.ndarray, where: str) -> bool:
 
 CLOCK_NAMES = {"time", "ts", "date", "datetime", "epoch", "@timestamp", "_time", "time_s", "timestamp_s", "unix_time"}
 EARLIEST_EPOCH_S = 1e8  # 1973-03-03: a clock's values lie between this and LATEST_EPOCH_S in some epoch unit
+
+
+def odd_values(df: pd.DataFrame, bad: list) -> dict[str, str]:
+    """Up to three of the non-numeric columns ``bad``, each with its first value that is no number
+    (what an error quotes)."""
+    import pandas as pd
+
+    out = {}
+    for c in bad[:3]:
+        odd = df[c][pd.to_numeric(df[c], errors="coerce").isna() & df[c].notna()]
+        if len(odd):
+            out[str(c)] = str(odd.iloc[0])
+    return out
 
 
 def clock_column(df: pd.DataFrame, columns: list) -> str | None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from hpcad.data.convert import FrameConverter, counted, guarded, label_numbers, role_hint
+from hpcad.data.convert import FrameConverter, counted, guarded, label_numbers, odd_values, role_hint
 from hpcad.data.h5 import h5_file, h5_writing
 from hpcad.data.node import NodeData
 from hpcad.data.store import check_node_name
@@ -115,8 +115,8 @@ def stage_rows(files: list[Path], cfg, names: list[str] | None, scratch: Path,
                     chunk[cfg.label_column] = label_numbers(chunk[cfg.label_column], cfg.label_names, str(path),
                                                             cfg.label_column, read - len(chunk))
                 bad = [c for c in names if c in chunk.columns and not pd.api.types.is_numeric_dtype(chunk[c])]
-                if bad:
-                    raise InputError(f"{path}: non-numeric columns {bad[:10]}; "
+                if bad and len(chunk):  # (a file of a header alone has no values to judge: no rows, said below)
+                    raise InputError(f"{path}: non-numeric columns {bad[:10]} (e.g. {odd_values(chunk, bad)}); "
                                      f"{role_hint(chunk, bad, cfg, from_name)}fix the export or "
                                      f"list them in data.ignore_columns")
                 values = [c for c in names if c != cfg.timestamp_column]
