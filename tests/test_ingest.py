@@ -202,7 +202,8 @@ def _frame(rows=20, cols=("a", "b"), start=0):
     ("duplicate_ts", r"n1.*duplicated timestamp"),
     ("unsorted_ts", r"n1.*timestamps not increasing at row"),
     ("mismatch", r"n1.*missing \['b'\], extra \['c'\]"),
-    ("bad_label", r"n1.*label column 'anomaly' must hold integers"),
+    ("bad_label", r"n1.*label column 'anomaly' must hold integers .* data.label_names; row 0 holds 0.5$"),
+    ("bad_timestamp", r"n1.*column 'timestamp' holds 'yesterday' \(data row 6\), which is no time"),
     ("duplicate_header", r"n1.csv: the header names column\(s\) \['a'\] more than once"),
 ])
 def test_bad_input_names_the_culprit_and_keeps_the_old_store(tmp_path, case, expect):
@@ -226,6 +227,9 @@ def test_bad_input_names_the_culprit_and_keeps_the_old_store(tmp_path, case, exp
     elif case == "bad_label":
         bad["anomaly"] = 0.5
         good = {"n0": _frame().assign(anomaly=0)}
+    elif case == "bad_timestamp":  # was "mixes timestamps with a time zone ... and without one ('yesterday')"
+        bad["timestamp"] = pd.to_datetime(bad["timestamp"], unit="s", utc=True).astype(str)
+        bad.loc[5, "timestamp"] = "yesterday"
     elif case == "duplicate_header":  # pandas alone would ingest the copy as a metric "a.1"
         bad = pd.concat([bad, bad[["a"]] * 2], axis=1)
     src = _write(tmp_path, {**good, "n1": bad})

@@ -259,11 +259,15 @@ def label_numbers(col: pd.Series, label_names, where: str, name: str, first_row:
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         texts = sorted({str(v).strip() for v in col[bad]}, key=lambda t: (t.lower() not in NORMAL_WORDS, t))
-        hint = (f"and data.label_names={list(names)} does not name {texts[:10]}" if names else
-                f"or text named in data.label_names, the normal one first, e.g. "
-                f"'data.label_names=[{','.join(texts[:10])}]'")
+        value = col.iloc[row]
+        if pd.api.types.is_number(value):  # 2.5: a fraction, not a class name to suggest
+            hint, value = "or text named in data.label_names", float(value)
+        else:
+            hint = (f"and data.label_names={list(names)} does not name {texts[:10]}" if names else
+                    f"or text named in data.label_names, the normal one first, e.g. "
+                    f"'data.label_names=[{','.join(texts[:10])}]'")
         raise InputError(f"{where}: label column {name!r} must hold integers (0 normal, other = anomaly class) "
-                         f"{hint}; row {first_row + row} holds {col.iloc[row]!r}")
+                         f"{hint}; row {first_row + row} holds {value!r}")
     return lab
 
 

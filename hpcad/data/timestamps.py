@@ -54,6 +54,7 @@ def to_epoch_seconds(col: pd.Series, where: str, name: str, timezone: str = "UTC
         text = col.astype(str).str.strip()
         zoned = text.str.contains(_ZONED, regex=True)
         if zoned.any() and not zoned.all():
+            _no_time(text[~zoned], where, name)  # 'yesterday' is no time without a zone, but no time at all
             i, j = int(np.flatnonzero(zoned.to_numpy())[0]), int(np.flatnonzero(~zoned.to_numpy())[0])
             raise InputError(f"{where}: column {name!r} mixes timestamps with a time zone ({text.iloc[i]!r}) "
                              f"and without one ({text.iloc[j]!r}); export one or the other")
@@ -64,6 +65,7 @@ def to_epoch_seconds(col: pd.Series, where: str, name: str, timezone: str = "UTC
             else:
                 ts = _localize(pd.to_datetime(text, format="mixed", dayfirst=first), timezone, where, name)
         except (ValueError, TypeError) as exc:
+            _no_time(text, where, name)
             raise InputError(f"{where}: column {name!r} is neither ISO time nor epoch seconds: {exc}") from exc
     ns = ts.dt.tz_convert("UTC").dt.as_unit("ns").astype("int64").to_numpy()  # pandas may parse to s/us
     secs = ns / 1e9
@@ -84,6 +86,24 @@ def _check_epoch_range(raw: np.ndarray, secs: np.ndarray, unit: str, where: str,
     at = int(np.flatnonzero(np.abs(secs) >= LATEST_EPOCH_S)[0])
     raise InputError(f"{where}: column {name!r} holds epoch time {raw[at]:.0f} (row {at}), which is after the "
                      f"year 2286 in data.epoch_unit={unit}: {hint}")
+
+
+def _no_time(text: pd.Series, where: str, name: str) -> None:
+    """The first of ``text`` that is no time at all, named with its data row (an error path only: a
+    second parse of the column)."""
+    import warnings
+
+    import pandas as pd
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bad = pd.to_datetime(text, errors="coerce", utc=True, format="mixed").isna().to_numpy()
+    if bad.any():
+        k = int(np.flatnonzero(bad)[0])
+        at = text.index[k]
+        row = f" (data row {at + 1})" if isinstance(at, (int, np.integer)) else ""
+        raise InputError(f"{where}: column {name!r} holds {text.iloc[k]!r}{row}, which is no time; fix the export "
+                         f"or drop that row")
 
 
 def _localize(ts: pd.Series, timezone: str, where: str, name: str) -> pd.Series:
