@@ -454,6 +454,23 @@ def test_rank_0_whose_rendezvous_port_is_taken_says_so(monkeypatch):
     assert not dist._started()
 
 
+def test_a_failed_jobs_cause_is_taken_from_its_result_not_from_a_log_still_being_written(tmp_path):
+    """submitit sees a job fail from its result file, which holds the whole traceback, while the
+    job's stderr may still be being written: the launcher's error once quoted that file's tail
+    without the error's last line (on a busy machine). Read from submitit's own message here (its
+    local executor: no SLURM needed), the end of the trace is the error."""
+    import submitit
+
+    from hpcad.launch.submitit import _trace_end
+
+    job = submitit.LocalExecutor(folder=tmp_path).submit(int, "nowhere")  # (the job pickles a function by name)
+    with pytest.raises(submitit.core.utils.FailedJobError) as failed:
+        job.result()
+    end = _trace_end(str(failed.value))
+    assert end.splitlines()[-1] == "ValueError: invalid literal for int() with base 10: 'nowhere'"
+    assert end.startswith(("Traceback", "  File")) and "You can check full logs" not in end
+
+
 def test_submitit_launcher_runs_the_stage_as_a_slurm_job(tmp_path, slurm_env):
     exports = small_exports(tmp_path)
     run = tmp_path / "run"

@@ -73,8 +73,17 @@ class SubmititLauncher:
             results = job.results()
         except submitit.core.utils.FailedJobError as exc:
             raise HpcadError(f"job {job.job_id} failed; the end of its error log {job.paths.stderr}:\n"
-                             f"{_tail(job.paths.stderr) or str(exc).strip()}") from exc
+                             f"{_trace_end(str(exc)) or _tail(job.paths.stderr) or str(exc).strip()}") from exc
         return results[0]
+
+
+def _trace_end(message: str, lines: int = 12) -> str:
+    """The end of the traceback a failed job's result file holds (submitit's ``FailedJobError`` quotes
+    it between two rules of dashes): complete as soon as the job is seen to fail, when its stderr may
+    still be being written (a test read that file's tail without the error's last line)."""
+    parts = message.split("-" * 22 + "\n")
+    kept = [ln for ln in parts[1].splitlines() if ln.strip()] if len(parts) >= 3 else []
+    return "\n".join(kept[-lines:])
 
 
 def _tail(path: Path, lines: int = 12) -> str:
