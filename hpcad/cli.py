@@ -19,6 +19,7 @@ USAGE = """usage: hpcad <stage> [hydra overrides...]
 stages: run (all of them), ingest, train, score, baselines, threshold, report, generate, bench, nightly,
         preflight (what every rank of an allocation sees: srun hpcad preflight)
         where [conf|slurm|jobs]: the installed config groups and SLURM / cron scripts
+        --version: hpcad's version, and torch's and Python's
 examples:
   hpcad run                                   # synthetic cluster, report in the run folder
   hpcad run experiment=davide data.source=davide.csv
@@ -51,10 +52,28 @@ STAGES = ("run", "ingest", "train", "score", "baselines", "threshold", "report",
 QUIET_RANK_GRACE_S = 3.0
 
 
+def version() -> str:
+    """``hpcad 0.1.0 (torch 2.13.0, Python 3.11.2)``: what a bug report or a site's check quotes; the
+    installed torch's version from its metadata (importing it takes a second)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    from hpcad import __version__
+
+    try:
+        torch = installed("torch")
+    except PackageNotFoundError:
+        torch = "not installed"
+    return f"hpcad {__version__} (torch {torch}, Python {sys.version.split()[0]})"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "where":
         return where(argv[1:])
+    if argv and argv[0] in ("-V", "--version", "version"):
+        print(version())
+        return 0
     if not argv or argv[0] in ("-h", "--help", "help") or argv[0] not in STAGES:
         print(USAGE if not argv or argv[0] in ("-h", "--help", "help") else f"hpcad: unknown stage {argv[0]!r}\n\n{USAGE}",
               file=sys.stderr if argv and argv[0] not in ("-h", "--help", "help") else sys.stdout)

@@ -1,6 +1,7 @@
 """The pipeline as users run it: `hpcad <stage> [overrides]` in a subprocess."""
 import csv
 import json
+import re
 import subprocess
 import sys
 
@@ -523,11 +524,13 @@ def test_help_and_a_misspelt_stage_answer_without_loading_the_pipeline():
     from hpcad.stages import RUNNERS
 
     assert set(STAGES) == set(RUNNERS)  # the fast list and the real one cannot drift apart
-    probe = ("import sys, hpcad.cli as c; rc = c.main(['--help']); bad = c.main(['trian']); "
+    probe = ("import sys, hpcad.cli as c; rc = c.main(['--help']); bad = c.main(['trian']); v = c.main(['--version']); "
              "heavy = [m for m in ('torch', 'sklearn', 'matplotlib', 'hpcad.pipeline') if m in sys.modules]; "
-             "print(rc, bad, heavy)")
+             "print(rc, bad, v, heavy)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
-    assert out.stdout.strip().splitlines()[-1] == "0 2 []" and "unknown stage 'trian'" in out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "0 2 0 []" and "unknown stage 'trian'" in out.stderr
+    # what a bug report quotes (before, `hpcad --version` was an unknown stage), torch's from its metadata
+    assert re.search(r"^hpcad 0\.1\.0 \(torch 2\.\d+\.\d+\S*, Python 3\.\d+\.\d+\)$", out.stdout, re.M), out.stdout
     # the stages after scoring (threshold, report) never load torch: 1.2 s of every rank's start
     probe = ("import sys, hpcad.pipeline, hpcad.report.page, hpcad.threshold.evaluate, hpcad.explain, hpcad.signal_choice, "
              "hpcad.model.files; print('torch' in sys.modules)")
