@@ -171,9 +171,10 @@ def _light_maps(cfg: HpcadConfig) -> None:
 
 EVERY_STAGE = (_data, _split, _training, _compute, _scoring, _baselines, _threshold, _report, _real_data)
 CHECKS: dict[str, tuple[Callable[[HpcadConfig], None], ...]] = {
-    "ingest": (_data, _real_data), "train": (_split, _training, _compute, _real_data),
-    "score": (_split, _scoring, _compute, _real_data), "baselines": (_split, _baselines, _compute, _real_data),
-    "threshold": (_threshold, _report_counts, _real_data), "report": (_report,), "nightly": (_report, _nightly),
+    "ingest": (_data, _real_data), "train": (_data, _split, _training, _compute, _real_data),  # (each ingests
+    "score": (_data, _split, _scoring, _compute, _real_data),  # data.source where the run has no store yet)
+    "baselines": (_data, _split, _baselines, _compute, _real_data),
+    "threshold": (_threshold, _report_counts, _real_data), "report": (_report,), "nightly": (_data, _report, _nightly),
     "bench": (_bench,),
     "run": EVERY_STAGE,
     "preflight": EVERY_STAGE,  # a SLURM job's step 0: the options of the steps that follow it

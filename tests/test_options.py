@@ -74,6 +74,7 @@ WRONG = [
     (["report.top_k=0"], "threshold", "report.top_k=0: must be >= 1"),  # alarms.csv's top metrics
     (["report.max_missing_share=2"], "report", "report.max_missing_share=2.0: a share in [0, 1]"),
     (["data.period_s=0"], "ingest", "data.period_s=0: must be >= 1"),
+    (["data.period_s=0"], "train", "data.period_s=0: must be >= 1"),  # a stage ingests where there is no store yet
     (["data.scratch_buckets=0"], "ingest", "data.scratch_buckets=0: must be >= 1"),
     (["data.timezone=Mars/Base"], "ingest", "data.timezone='Mars/Base': not a time zone name"),  # was report.timezone
     (["train.seed=-1"], "train", "train.seed=-1: must be >= 0"),  # was IsolationForest's traceback after training
