@@ -152,6 +152,12 @@ def test_a_labels_file_that_names_no_node_writes_no_store_and_a_changed_one_is_r
         ingest(data_cfg(source=str(labelled), labels=str(labels)), tmp_path / "l.h5")
     with pytest.raises(InputError, match="data.labels=.*labels are read while telemetry exports are ingested"):
         ingest(data_cfg(labels=str(labels)), tmp_path / "syn.h5")
+    # job records and node renames are read at the same time: on a store used as it is they had been
+    # ignored without a word
+    for option in ("jobs", "node_names"):
+        with pytest.raises(InputError, match=f"data.{option}=.* are read while telemetry exports are ingested, but "
+                                             "data.source is an hpcad store"):
+            ingest(data_cfg(source=str(store), **{option: str(labels)}), tmp_path / "again.h5")
     # every node skipped for bad input: that is the error, not "none of the labels file's nodes"
     bad = tmp_path / "bad"
     bad.mkdir()

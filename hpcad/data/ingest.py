@@ -187,10 +187,13 @@ def ingest(data_cfg, store_path: Path, progress: bool = True) -> Path:
     """Make sure a store for ``data_cfg.source`` exists; return its path (an input store is used as is).
     ``progress``: a bar or periodic log lines while the nodes are read (``compute.progress``)."""
     source = data_cfg.source
-    if data_cfg.labels is not None and (source is None or is_store_path(source)):
-        raise InputError(f"data.labels={data_cfg.labels}: labels are read while telemetry exports are ingested, "
-                         f"but data.source is " + ("an hpcad store, used as it is" if source else
-                                                    "unset (the synthetic cluster, labelled by its generator)"))
+    read_with = (("data.labels", data_cfg.labels, "labels"), ("data.jobs", data_cfg.jobs, "job records"),
+                 ("data.node_names", data_cfg.node_names, "node renames"))
+    for option, value, what in read_with:  # (jobs and renames had been ignored without a word)
+        if value is not None and (source is None or is_store_path(source)):
+            raise InputError(f"{option}={value}: {what} are read while telemetry exports are ingested, but "
+                             f"data.source is " + ("an hpcad store, used as it is" if source else
+                                                   "unset (the synthetic cluster, made by its generator)"))
     if is_store_path(source):
         path = Path(source)
         TelemetryStore(path)  # validates layout, names the file on error
