@@ -47,6 +47,7 @@ from hpcad.data.nodefiles import folder_files, folder_of, node_files, node_frame
 from hpcad.data.notes import InputWarnings, input_warnings
 from hpcad.data.paths import is_pattern, is_table, pattern_files, source_exists, visible_files
 from hpcad.data.tables import columns
+from hpcad.data.timestamps import zone
 from hpcad.dist import CLUSTER_WIDE
 from hpcad.errors import ConfigError, InputError
 
@@ -160,12 +161,7 @@ def check_data_options(data_cfg) -> None:
         raise ConfigError(f"data.resample_s={data_cfg.resample_s}: must be >= 1 (seconds)")
     if not int(data_cfg.scratch_buckets) >= 1:
         raise ConfigError(f"data.scratch_buckets={data_cfg.scratch_buckets}: must be >= 1")
-    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-    try:  # before, an unknown zone surfaced as "naive times ... cannot be placed unambiguously"
-        ZoneInfo(str(data_cfg.timezone))
-    except (ZoneInfoNotFoundError, ValueError) as exc:
-        raise ConfigError(f"data.timezone={data_cfg.timezone!r}: not a time zone name (e.g. Europe/Rome)") from exc
+    zone(data_cfg.timezone, "data.timezone")  # before, an unknown one surfaced as naive times that cannot be placed
 
 
 def check_inputs(data_cfg) -> None:

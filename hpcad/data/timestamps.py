@@ -15,10 +15,11 @@
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import numpy as np
 
-from hpcad.errors import InputError
+from hpcad.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -104,6 +105,15 @@ def _no_time(text: pd.Series, where: str, name: str) -> None:
         row = f" (data row {at + 1})" if isinstance(at, (int, np.integer)) else ""
         raise InputError(f"{where}: column {name!r} holds {text.iloc[k]!r}{row}, which is no time; fix the export "
                          f"or drop that row")
+
+
+def zone(name: str, option: str) -> ZoneInfo:
+    """The time zone ``name``, or a ``ConfigError`` naming ``option`` (``data.timezone``,
+    ``report.timezone``, ``nightly.timezone``)."""
+    try:
+        return ZoneInfo(str(name))
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ConfigError(f"{option}={name!r}: not a time zone name (e.g. Europe/Rome)") from exc
 
 
 def _localize(ts: pd.Series, timezone: str, where: str, name: str) -> pd.Series:

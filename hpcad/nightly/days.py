@@ -4,8 +4,9 @@ from __future__ import annotations
 import datetime as dt
 import re
 from pathlib import Path
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
+from hpcad.data.timestamps import zone
 from hpcad.errors import ConfigError
 
 NIGHT_DIR = re.compile(r"\d{4}-\d{2}-\d{2}")  # published night folders (not .<date>.tmp-<pid>)
@@ -22,10 +23,7 @@ def published_nights(out: Path, before: str | None = None, since: str = "", hold
 
 def parse_days(spec: str | None, timezone: str) -> list[dt.date]:
     """``None`` (yesterday in the site's zone), ``YYYY-MM-DD`` or ``FROM..TO`` (inclusive)."""
-    try:
-        tz = ZoneInfo(timezone)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
-        raise ConfigError(f"nightly.timezone={timezone!r}: not a time zone name (e.g. Europe/Rome)") from exc
+    tz = zone(timezone, "nightly.timezone")
     if spec in (None, "", "yesterday"):
         return [yesterday(tz)]
     try:

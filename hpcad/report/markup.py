@@ -110,24 +110,20 @@ def in_zone(iso: str, zone: str) -> str:
 def report_zone(cfg: HpcadConfig, site: str | None = None) -> str:
     """The zone a report shows its times in: ``report.timezone``, else ``site`` (the nightly job's
     ``nightly.timezone``), else ``data.timezone`` (where the exports' naive times came from)."""
-    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+    from hpcad.data.timestamps import zone as checked_zone
 
-    zone = str(cfg.report.timezone or site or cfg.data.timezone)
-    option = "report.timezone" if cfg.report.timezone else "nightly.timezone" if site else "data.timezone"
-    try:
-        ZoneInfo(zone)
-    except (ZoneInfoNotFoundError, ValueError) as exc:  # named by the option it came from
-        raise ConfigError(f"{option}={zone!r}: not a time zone name (e.g. Europe/Rome)") from exc
-    return zone
+    name = str(cfg.report.timezone or site or cfg.data.timezone)
+    checked_zone(name, "report.timezone" if cfg.report.timezone else "nightly.timezone" if site else "data.timezone")
+    return name
 
 
 def check_report_options(rc) -> None:
     """``report.*`` counts and shares, checked (a negative count or a share above 1 had been taken)."""
+    from hpcad.config import check_at_least
+
     if not int(rc.top_k) >= 1:
         raise ConfigError(f"report.top_k={rc.top_k}: must be >= 1 (the metrics each alarm names)")
-    for name in ("max_nodes_plotted", "max_nodes_overview", "max_node_pages"):
-        if not int(rc[name]) >= 0:
-            raise ConfigError(f"report.{name}={rc[name]}: must be >= 0")
+    check_at_least("report", rc, {"max_nodes_plotted": 0, "max_nodes_overview": 0, "max_node_pages": 0})
     if not 0 <= float(rc.max_missing_share) <= 1:
         raise ConfigError(f"report.max_missing_share={rc.max_missing_share}: a share in [0, 1]")
 
