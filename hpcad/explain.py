@@ -2,6 +2,8 @@
 what a node's model expected its metrics to read (its reconstruction, in the metrics' own units)."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -127,40 +129,51 @@ def scoring_light(errors: ErrorStore, node: str, model: "NodeModel", maps: "Ligh
     return (lm.version if lm is not None else 0) == version, lm
 
 
-def quote_expected(alarms: list[dict], records: list[dict], errors: ErrorStore, store: "TelemetryStore",
-                   models_dir, maps: "LightMaps", night: str | None, fill_limit: int) -> None:
-    """Add to each alarm (``alarms[i]``, a copy of ``records[i]`` for a JSON output), per top metric,
+@dataclass
+class ExpectedQuotes:
+    """Adds to a node's alarm records (:func:`hpcad.threshold.evaluate.alarm_events`), per top metric,
     what it read at the alarm's loudest row (``observed``), what the node's model expected
     (``expected``) and the node's ``training_range``, in the metric's own units: what a ticket
-    quotes. Nodes whose model or light map is no longer what scored them are left as they are."""
-    from hpcad.model.files import NodeModel, model_path
-    from hpcad.preprocess import in_model_order, metric_positions
+    quotes. Called per node on the rank that applies its thresholds; only each alarm's loudest row
+    and the rows before it that its filling and window need are read. A node whose model or light
+    map is no longer what scored it (retrained since) is left as it is."""
 
-    by_node: dict[str, list[int]] = {}
-    for i, r in enumerate(records):
-        if "loudest_row" in r and r.get("top_metrics"):
-            by_node.setdefault(r["node"], []).append(i)
-    present = set(store.nodes)
-    for node, idx in by_node.items():
-        path = model_path(models_dir, node)
-        if not path.exists() or node not in present:
-            continue
+    errors: ErrorStore
+    store: "TelemetryStore"
+    models_dir: Path
+    maps: "LightMaps"
+    night: str | None
+    fill_limit: int
+    _present: set[str] = field(default_factory=set, init=False, repr=False)
+
+    def __call__(self, node: str, records: list[dict]) -> None:
+        from hpcad.model.files import NodeModel, model_path
+        from hpcad.preprocess import in_model_order, metric_positions
+
+        mine = [r for r in records if "loudest_row" in r and r.get("top_metrics")]
+        self._present = self._present or set(self.store.nodes)
+        path = model_path(self.models_dir, node)
+        if not mine or node not in self._present or not path.exists():
+            return
         model = NodeModel.load(path)
-        ok, lm = scoring_light(errors, node, model, maps, night)
-        if not ok or model.metrics != errors.metrics:
-            continue
-        values = in_model_order(store.read(node).values, metric_positions(model.metrics, store.metrics))
-        rows = np.array([records[i]["loudest_row"] for i in idx])
-        expected = expected_values(model, values, rows, fill_limit, lm)
+        ok, lm = scoring_light(self.errors, node, model, self.maps, self.night)
+        if not ok or model.metrics != self.errors.metrics:
+            return
         lo, hi = model.scaler.training_range()
         where = {m: j for j, m in enumerate(model.metrics)}
-        for k, i in enumerate(idx):
+        order = metric_positions(model.metrics, self.store.metrics)
+        back = model.spec.window - 1 + gap_limit(self.fill_limit)
+        rows = [int(r["loudest_row"]) for r in mine]
+        spans = [(max(row - back, 0), row + 1) for row in rows]
+        for r, row, (first, _), raw in zip(mine, rows, spans, self.store.values_at(node, spans)):
+            values = in_model_order(raw, order)
+            expected = expected_values(model, values, np.array([row - first]), self.fill_limit, lm)[0]
             quoted = []
-            for t in records[i]["top_metrics"]:
+            for t in r["top_metrics"]:
                 j = where[t["metric"]]
-                quoted.append({**t, "observed": _number(values[rows[k], j]), "expected": _number(expected[k, j]),
+                quoted.append({**t, "observed": _number(values[-1, j]), "expected": _number(expected[j]),
                                "training_range": [_number(lo[j]), _number(hi[j])]})
-            alarms[i]["top_metrics"] = quoted
+            r["top_metrics"] = quoted
 
 
 def _number(v) -> float | None:

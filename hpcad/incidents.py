@@ -62,7 +62,7 @@ def previous_incidents(out: Path, day: dt.date, gap_days: int) -> list[dict]:
 
 
 def night_incidents(day: dt.date, alarms: list[dict], previous: list[dict]) -> list[dict]:
-    """The incidents of ``day`` from its alarm records (:func:`hpcad.nightly.night.alarm_record` form)
+    """The incidents of ``day`` from its alarm records (:func:`hpcad.threshold.evaluate.alarm_record` form)
     and the previous night's incidents, one per node; open ones first (new, then ongoing), then resolved."""
     iso = day.isoformat()
     before, merged = _open_by_node(previous)

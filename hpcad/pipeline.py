@@ -27,11 +27,11 @@ from hpcad.data.ingest import ingest, wanted_signature
 from hpcad.data.ranks import ingest_ranks
 from hpcad.data.store import TelemetryStore, is_store_path, run_store_path
 from hpcad.errors import ConfigError, InputError, StoreError
-from hpcad.explain import profile_sums, profiles_from_sums
+from hpcad.explain import ExpectedQuotes, profile_sums, profiles_from_sums
 from hpcad.errorstore import FORMAT, ErrorStore, NodeSignal, remove_other_signal_files, signal_files, write_index
 from hpcad.model.files import UNTRAINED_SUFFIX, model_digest, model_nodes, model_path, models_stamp, untrained_nodes
 from hpcad.progress import tracked
-from hpcad.threshold.evaluate import alarms_by_level, apply_thresholds, evaluate
+from hpcad.threshold.evaluate import alarm_record, alarms_by_level, apply_thresholds, evaluate
 from hpcad.threshold.reduce import Reducer, reducer
 from hpcad.threshold.rules import Thresholds
 
@@ -308,8 +308,15 @@ def _apply(cfg: HpcadConfig, run_dir: Path, errors: ErrorStore, th: Thresholds, 
     def mine() -> Iterator[NodeSignal]:  # this rank's nodes, a progress line a minute in a log (a bar on a terminal)
         return tracked(errors.signals(share), len(share), "threshold: alarms", "node", cfg.compute.progress, log)
 
+    from hpcad.model.light import LightMaps  # torch: imported where a model is read
+
+    md = models_dir(cfg, run_dir)
+    quotes = ExpectedQuotes(errors, store, md, LightMaps(cfg.score.light_maps, md), cfg.score.light_night,
+                            int(cfg.preprocess.nan_fill_limit))
     records, metrics = apply_thresholds(errors, th, cm, cfg.report.top_k, time_unit, store.jobs(),
-                                        run_dir / "alarms.csv", signals=mine, red=red)
+                                        run_dir / "alarms.csv", signals=mine, red=red, quote=quotes)
+    if red.rank == 0:  # the same alarms with their top metrics' observed and expected values (as a night's)
+        write_json(run_dir / "alarms.json", [alarm_record(r, split=True) for r in records])
     labelled = red.bcast(metrics.get("labelled"))
     if fitted_here and not labelled:  # no labels: what other multiples of the normal level raise
         budget = alarms_by_level(errors.signals(share), cm, time_unit, red=red)

@@ -9,6 +9,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from conftest import SMALL, generate, hpcad
 
@@ -65,6 +66,28 @@ def test_run_on_the_embedded_default_writes_every_output(tmp_path, monkeypatch):
         row = float(g["signal_row"][5])
         assert abs(float(g["error"][5].sum()) - row) < 1e-3 * max(1.0, row)  # the row's signal: its errors' sum
         assert g.attrs["smooth"] >= 1 and g["signal"].shape == (T,) and g["normal_error"].shape == (160,)
+    # alarms.json: the same alarms, each top metric with what it read at the alarm's loudest row, what the
+    # node's model expected there (computed over the node's whole series, as the node pages do) and its
+    # training range, in the metric's own units (a run's, as a night's: before 2026-12-05 only the nightly)
+    from hpcad.data.store import TelemetryStore
+    from hpcad.explain import expected_values
+    from hpcad.model.files import NodeModel
+
+    js = json.loads((run / "alarms.json").read_text())
+    fill = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())["preprocess"]["nan_fill_limit"]
+    assert [(a["node"], a["start"], a["split"]) for a in js] == [(r["node"], r["start"], r["split"]) for r in rows]
+    store = TelemetryStore(run / "store.h5")
+    for a in js:
+        data, model = store.read(a["node"]), NodeModel.load(run / "models" / f"{a['node']}.pt")
+        row = int(np.flatnonzero(data.timestamp == int(np.datetime64(a["loudest_time"][:19], "s").astype(int)))[0])
+        expected = expected_values(model, data.values, np.array([row]), fill)[0]
+        lo, hi = model.scaler.training_range()
+        assert len(a["top_metrics"]) == 8 and a["start"] <= a["loudest_time"] <= a["end"]
+        for m in a["top_metrics"]:
+            j = model.metrics.index(m["metric"])
+            assert m["observed"] == pytest.approx(float(data.values[row, j]), rel=1e-5, abs=1e-9)
+            assert m["expected"] == pytest.approx(float(expected[j]), rel=1e-5, abs=1e-6 * float(hi[j] - lo[j]))
+            assert m["training_range"] == pytest.approx([float(lo[j]), float(hi[j])], rel=1e-5)
     obj = torch.load(run / "models/node0000.pt", weights_only=True)  # no pickled code in model files
     assert obj["format"] == "hpcad-node-model" and obj["spec"]["hidden"] == [64]
     # how often the alarms' causes name the synthetic faults, under both rankings of the top metrics

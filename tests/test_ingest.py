@@ -801,3 +801,20 @@ def test_telemetry_node_names_become_slurms_for_jobs_models_and_alarms(tmp_path)
     assert p.returncode == 2 and ("'cn000.hpc.example.org' and 'cn001.hpc.example.org' of the telemetry both "
                                   "become 'cn000'") in p.stderr, p.stderr
     assert not (tmp_path / "twice" / "store.h5").exists()
+
+
+def test_rows_read_by_span_are_the_nodes_rows(tmp_path):
+    """``TelemetryStore.values_at`` (an alarm's few rows, what alarms.json quotes): each span's rows as
+    the whole node reads them, whether spans overlap, repeat, come unsorted, lie within one storage
+    chunk (read as one block) or far apart, start at row 0 or end at the node's last row."""
+    rows = 5000
+    frame = pd.DataFrame({"timestamp": 1_700_000_000 + 300 * np.arange(rows), "a": np.arange(rows, dtype=float),
+                          "b": np.sin(np.arange(rows)), "c": np.where(np.arange(rows) % 7 == 0, np.nan, 1.0)})
+    frame.to_csv(tmp_path / "cn01.csv", index=False)
+    store = TelemetryStore(ingest(data_cfg(source=str(tmp_path)), tmp_path / "store.h5"))
+    whole = store.read("cn01").values
+    spans = [(4990, 5000), (10, 14), (0, 4), (3000, 3004), (12, 20), (10, 14), (1030, 1031)]
+    for (a, b), got in zip(spans, store.values_at("cn01", spans)):
+        np.testing.assert_array_equal(got, whole[a:b])
+    with pytest.raises(StoreError, match="'cn02' is not in the store"):
+        store.values_at("cn02", [(0, 1)])

@@ -114,7 +114,9 @@ def test_two_ranks_apply_the_thresholds_to_their_own_nodes_and_rank_zero_writes_
     args = ["threshold", f"hydra.run.dir={run}", f"data.source={exports}", "threshold.scope=node"]
     hpcad(*args)
     alarms, single = (run / "alarms.csv").read_text(), json.loads((run / "metrics.json").read_text())
+    quoted = (run / "alarms.json").read_text()  # with observed and expected values, each rank quoting its nodes'
     assert alarms.count("\n") > 3 and len(single["nodes"]) == 5 and "pca" in single["baselines"]
+    assert '"expected": ' in quoted
     assert set(single["class_profiles"]) == {"0", "1", "2", "3", "4"}
     _mpiexec_two_ranks(*args)
     from hpcad.dist import shard
@@ -126,6 +128,7 @@ def test_two_ranks_apply_the_thresholds_to_their_own_nodes_and_rank_zero_writes_
                                       f"class profiles, 1 baseline(s))" in said, said
     multi = json.loads((run / "metrics.json").read_text())
     assert (run / "alarms.csv").read_text() == alarms  # every node's alarms, in the same order
+    assert (run / "alarms.json").read_text() == quoted
     assert multi["nodes"] == single["nodes"] and multi["splits"] == single["splits"]
     assert multi["baselines"] == single["baselines"]
     for c, profile in single["class_profiles"].items():  # sums added over the ranks: the last bits may differ

@@ -58,7 +58,7 @@ def read_groups(path: str | Path | None) -> dict[str, str]:
 
 def cluster_events(alarms: list[dict], scored: list[str], share: float, min_nodes: int,
                    groups: dict[str, str] | None = None) -> list[dict]:
-    """The night's events from its alarm records (:func:`hpcad.nightly.night.alarm_record` form) over the
+    """The night's events from its alarm records (:func:`hpcad.threshold.evaluate.alarm_record` form) over the
     ``scored`` nodes: the cluster's, then each group's (``groups``: node -> group) not inside one of
     the cluster's; empty when ``share`` is 0."""
     if share <= 0 or not alarms:

@@ -31,7 +31,7 @@ from hpcad.nightly.drain import lines as drain_lines
 from hpcad.nightly.drift import assess, night_levels, write_levels
 from hpcad.errors import ConfigError, InputError
 from hpcad.errorstore import ErrorStore
-from hpcad.explain import class_profiles, quote_expected
+from hpcad.explain import ExpectedQuotes, class_profiles
 from hpcad.incidents import FILE as INCIDENTS
 from hpcad.incidents import incident_of, night_incidents, previous_incidents
 from hpcad.model.light import LIGHT_FOLDER, STAGED, LightMaps
@@ -44,7 +44,7 @@ from hpcad.nightly.sections import nightly_sections, node_history, trend
 from hpcad.report.markup import gap_text, telemetry_gaps
 from hpcad.resources import resource_dir
 from hpcad.score import score_nodes
-from hpcad.threshold.evaluate import apply_thresholds
+from hpcad.threshold.evaluate import alarm_record, apply_thresholds
 from hpcad.threshold.rules import Thresholds
 
 if TYPE_CHECKING:
@@ -251,10 +251,10 @@ def _alarms(t: Tonight, store: TelemetryStore, errors: ErrorStore, th: Threshold
 
     n, tmp = t.cfg.nightly, t.tmp
     cm = build(t.cfg.threshold, "threshold").cost_model
+    quotes = ExpectedQuotes(errors, store, t.models_dir, t.maps, t.iso, int(t.dcfg.preprocess.nan_fill_limit))
     records, metrics = apply_thresholds(errors, th, cm, t.cfg.report.top_k, "s", store.jobs(), tmp / "alarms.csv",
-                                        signals=lambda: iter(signals))
+                                        signals=lambda: iter(signals), quote=quotes)
     alarms = [alarm_record(r) for r in records]
-    quote_expected(alarms, records, errors, store, t.models_dir, t.maps, t.iso, int(t.dcfg.preprocess.nan_fill_limit))
     held = hold(alarms, settling)
     if settling:
         log.warning("nightly %s: %d node(s) changed (nightly.changes) settle on a light map fitted on the nights "
@@ -443,12 +443,3 @@ def scoring_job_size(cfg: HpcadConfig) -> list[str]:
     mem, tasks = int(n.job_mem_mb), int(n.job_tasks)
     return ["--nodes=1", f"--ntasks-per-node={tasks}", f"--gpus-per-node={int(n.job_gpus_per_node)}",
             f"--cpus-per-task={int(n.job_cpus_per_task)}", f"--mem={mem * tasks}M", f"--time={n.job_time}"]
-
-
-def alarm_record(r: dict) -> dict:
-    out = {k: r[k] for k in ("node", "start", "end", "rows", "peak_score", "peak_time", "loudest_time", "threshold")
-           if k in r}
-    out.update(top_metrics=r.get("top_metrics", []), jobs=r.get("jobs", []), users=r.get("users", []))
-    if "label_classes" in r:
-        out["label_classes"] = r["label_classes"]
-    return out

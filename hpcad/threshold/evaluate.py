@@ -117,19 +117,24 @@ def alarms_by_level(signals: Iterator[NodeSignal], model: CostModel, time_unit: 
 def apply_thresholds(errors: ErrorStore, th: Thresholds, model: CostModel, top_k: int, time_unit: str,
                      jobs: JobTable | None, alarms_csv: Path,
                      signals: Callable[[], Iterator[NodeSignal]] | None = None,
-                     red: Reducer | None = None) -> tuple[list[dict], dict]:
+                     red: Reducer | None = None,
+                     quote: Callable[[str, list[dict]], None] | None = None) -> tuple[list[dict], dict]:
     """What ``hpcad threshold`` and the nightly job do with fitted thresholds, in one pass over the
     nodes: the alarm records (written to ``alarms_csv``; consecutive alarms closer than the cost
     model's tolerance are one) and :func:`evaluate`'s figures. ``signals`` defaults to reading them
-    from ``errors``. With an MPI reducer each rank passes its own nodes' ``signals``; rank 0 gets
-    every node's records (in node-name order, as one process writes them) and figures and writes
-    ``alarms_csv``; the other ranks get ([], {})."""
+    from ``errors``. ``quote`` adds to a node's records what its top metrics read and what its model
+    expected (:class:`hpcad.explain.ExpectedQuotes`), on the rank that holds the node. With an MPI
+    reducer each rank passes its own nodes' ``signals``; rank 0 gets every node's records (in
+    node-name order, as one process writes them) and figures and writes ``alarms_csv``; the other
+    ranks get ([], {})."""
     signals = signals or errors.signals
     red = red or Reducer()
     mine = {}
     for s in signals():
         records = alarm_events(s, th, errors.errors, errors.metrics, top_k, time_unit, merge_gap=model.tolerance,
                                jobs=jobs, scale_of=errors.explain_scale)
+        if quote is not None and records:
+            quote(s.node, records)
         mine[s.node] = (records, node_figures(s, th, model, time_unit))
     parts = {k: v for part in red.gather(mine) for k, v in part.items()}
     if red.rank != 0:
@@ -137,6 +142,18 @@ def apply_thresholds(errors: ErrorStore, th: Thresholds, model: CostModel, top_k
     records = [r for node in sorted(parts) for r in parts[node][0]]
     write_alarms_csv(alarms_csv, records)
     return records, summarise({node: fig for node, (_, fig) in parts.items()})
+
+
+def alarm_record(r: dict, split: bool = False) -> dict:
+    """An alarm as ``alarms.json`` holds it (:func:`alarm_events`' record without the row index; the
+    split it peaked in with ``split``: a run's, not a night's)."""
+    keys = ("node", "start", "end", "rows") + (("split",) if split else ()) + (
+        "peak_score", "peak_time", "loudest_time", "threshold")
+    out = {k: r[k] for k in keys if k in r}
+    out.update(top_metrics=r.get("top_metrics", []), jobs=r.get("jobs", []), users=r.get("users", []))
+    if "label_classes" in r:
+        out["label_classes"] = r["label_classes"]
+    return out
 
 
 def _iso(ts: int, unit: str) -> str:
