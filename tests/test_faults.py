@@ -60,7 +60,8 @@ def test_a_killed_run_reruns_to_the_uninterrupted_result(reference, tmp_path, si
     _rerun_matches(reference, run, resumed="trained" in trigger)
 
 
-@pytest.mark.parametrize("fault", ["store.h5", "errors.h5", "thresholds.json:TERM", "report.html"])  # each stage
+@pytest.mark.parametrize("fault", ["store.h5", "errors.h5", "thresholds.json:TERM", "alarms.json",  # each stage
+                                   "report.html"])
 def test_a_run_killed_as_it_publishes_an_output_reruns_to_the_uninterrupted_result(reference, tmp_path, fault):
     """The worst moment of each stage: its output fully written under a temporary name, not yet
     renamed (hpcad.atomic's fault point, HPCAD_FAULT)."""
@@ -126,6 +127,7 @@ def _rerun_matches(reference, run, resumed: bool, extra: list[str] = ()) -> str:
     assert s_ref.keys() == s_got.keys() and all(np.array_equal(s_ref[n], s_got[n]) for n in s_ref)
     assert _thresholds(run) == _thresholds(reference)
     assert (run / "alarms.csv").read_text() == (reference / "alarms.csv").read_text()
+    assert (run / "alarms.json").read_text() == (reference / "alarms.json").read_text()
     assert (run / "report.html").exists() == ("report.enabled=true" in extra)
     stale = [p for p in run.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".ingest-")]
     assert not stale, stale
