@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 
 from hpcad.atomic import atomic_path
-from hpcad.data.h5 import h5_writing, open_h5
+from hpcad.data.h5 import h5_writing, open_h5, read_spans
 from hpcad.data.store import STR, checked, corrupt
 from hpcad.errors import StoreError
 from hpcad.signals import Recipe, explain_scale
@@ -133,6 +133,15 @@ class ErrorStore:
             try:
                 ds = f["nodes"][node]["error"]
                 return (ds[()] if rows is None else ds[rows]).astype(np.float32, copy=False)
+            except (OSError, KeyError) as exc:
+                raise corrupt(self.path, f"node {node} errors", exc, self.rerun) from exc
+
+    def errors_at(self, node: str, spans: list[tuple[int, int]]) -> list[np.ndarray]:
+        """Rows ``[a, b)`` of the node's per-metric errors for each span ``(a, b)`` (its alarms), in one
+        open of the file (:func:`hpcad.data.h5.read_spans`)."""
+        with open_h5(self.path, kind="error file") as f:
+            try:
+                return [e.astype(np.float32, copy=False) for e in read_spans(f["nodes"][node]["error"], spans)]
             except (OSError, KeyError) as exc:
                 raise corrupt(self.path, f"node {node} errors", exc, self.rerun) from exc
 

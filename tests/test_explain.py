@@ -28,7 +28,8 @@ def _alarm(scale_of):
     sig = err.sum(1).astype(np.float64)
     s = NodeSignal("n1", sig, np.full(T, 2, np.int8), None, np.arange(T, dtype=np.int64) * 300)
     th = Thresholds("cost", "node", None, {"n1": 3.0}, {})
-    (rec,) = alarm_events(s, th, lambda node, rows: err[rows], METRICS, 3, scale_of=scale_of)
+    (rec,) = alarm_events(s, th, lambda node, spans: [err[a:b] for a, b in spans], METRICS, 3,
+                          scale_of=scale_of)
     return rec
 
 

@@ -33,7 +33,7 @@ def explanation_hits(errors: ErrorStore, th: Thresholds, top_k: int, merge_gap: 
         if s.labels is None:
             continue
         for ranking, scale_of in (("times_normal", errors.explain_scale), ("error", None)):
-            for rec in alarm_events(s, th, errors.errors, errors.metrics, top_k, "row", merge_gap, None, scale_of):
+            for rec in alarm_events(s, th, errors.errors_at, errors.metrics, top_k, "row", merge_gap, None, scale_of):
                 classes = rec.get("label_classes", [])
                 if len(classes) != 1 or classes[0] not in FAULT_FAMILIES:
                     continue

@@ -34,7 +34,7 @@ import numpy as np
 
 from hpcad import __version__
 from hpcad.atomic import atomic_path, remove_unreferenced
-from hpcad.data.h5 import h5_writing, open_h5
+from hpcad.data.h5 import h5_writing, open_h5, read_spans
 from hpcad.data.jobs import JobTable
 from hpcad.data.node import NodeData
 from hpcad.data.notes import InputWarnings
@@ -300,32 +300,15 @@ class TelemetryStore:
         return self._jobs
 
     def values_at(self, node: str, spans: list[tuple[int, int]]) -> list[np.ndarray]:
-        """Rows ``[a, b)`` of one node's values for each span ``(a, b)`` (an alarm's few rows of a
-        node-year, not the year), in one open of the store. Spans less than a storage chunk apart are
-        read as one block: a compressed chunk is decompressed once, not once per span (h5py's chunk
-        cache, 1 MB, holds no chunk of 160 metrics)."""
+        """Rows ``[a, b)`` of one node's values for each span ``(a, b)``, in one open of the store
+        (:func:`hpcad.data.h5.read_spans`)."""
         if node not in self._rows:
             raise StoreError(f"{self.path}: node {node!r} is not in the store")
-        out: list[np.ndarray] = [np.empty((0, 0), np.float32)] * len(spans)
-        order = sorted(range(len(spans)), key=lambda i: spans[i])
         try:
             with open_h5(self.path) as f:
-                ds = f["nodes"][node]["values"]
-                near = ds.chunks[0] if ds.chunks else 0
-                i = 0
-                while i < len(order):
-                    a, b = spans[order[i]]
-                    j = i + 1
-                    while j < len(order) and spans[order[j]][0] <= b + near:
-                        b = max(b, spans[order[j]][1])
-                        j += 1
-                    block = ds[a:b]
-                    for k in order[i:j]:
-                        out[k] = block[spans[k][0] - a: spans[k][1] - a]
-                    i = j
+                return read_spans(f["nodes"][node]["values"], spans)
         except (OSError, KeyError) as exc:
             raise corrupt(self.path, f"node {node}", exc, "hpcad ingest") from exc
-        return out
 
     def timestamps(self, node: str) -> np.ndarray:
         """One node's timestamps without its values."""

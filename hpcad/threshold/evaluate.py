@@ -18,6 +18,8 @@ from hpcad.threshold.quality import macro, ranking
 from hpcad.threshold.reduce import Reducer
 from hpcad.threshold.rules import Thresholds
 
+SpanReader = Callable[[str, list[tuple[int, int]]], list[np.ndarray]]  # (node, [(a, b), ...]) -> rows [a, b) each
+
 
 def node_figures(s: NodeSignal, th: Thresholds, model: CostModel,
                  time_unit: str = "s") -> tuple[bool, dict, dict]:
@@ -131,7 +133,7 @@ def apply_thresholds(errors: ErrorStore, th: Thresholds, model: CostModel, top_k
     red = red or Reducer()
     mine = {}
     for s in signals():
-        records = alarm_events(s, th, errors.errors, errors.metrics, top_k, time_unit, merge_gap=model.tolerance,
+        records = alarm_events(s, th, errors.errors_at, errors.metrics, top_k, time_unit, merge_gap=model.tolerance,
                                jobs=jobs, scale_of=errors.explain_scale)
         if quote is not None and records:
             quote(s.node, records)
@@ -168,13 +170,15 @@ def time_of(text: str, unit: str) -> int:
     return int(dt.datetime.fromisoformat(text).timestamp()) if unit == "s" else int(text)
 
 
-def alarm_events(s: NodeSignal, th: Thresholds, errors_of, metrics: list[str], top_k: int,
+def alarm_events(s: NodeSignal, th: Thresholds, errors_of: SpanReader | None, metrics: list[str], top_k: int,
                  time_unit: str = "s", merge_gap: int = 0, jobs: JobTable | None = None,
                  scale_of: Callable[[str], np.ndarray | None] | None = None) -> list[dict]:
     """One record per alarm (alarmed rows with gaps of at most ``merge_gap`` rows): start, end,
     peak, the loudest row (the alarmed row with the most error of its own: ``loudest_row``, its
     index among the node's rows, and ``loudest_time``), the top-k metrics over the alarmed rows, and
-    with job context the jobs that ran on the node during the alarm. The top metrics are those whose
+    with job context the jobs that ran on the node during the alarm. ``errors_of(node, spans)``: the
+    node's per-metric errors over each alarm's rows, read at once (:meth:`ErrorStore.errors_at`).
+    The top metrics are those whose
     mean error is the most times their normal error (``scale_of``: the node's divisors,
     :meth:`hpcad.errorstore.ErrorStore.explain_scale`); by mean error where it is unknown
     (baselines, files scored before it was recorded)."""
@@ -182,9 +186,11 @@ def alarm_events(s: NodeSignal, th: Thresholds, errors_of, metrics: list[str], t
     t = th.threshold_for(s.node)
     scale = scale_of(s.node) if scale_of is not None and errors_of is not None else None
     out = []
-    for a, b in runs(sig > t, merge_gap):
+    spans = runs(sig > t, merge_gap)
+    blocks = errors_of(s.node, spans) if errors_of is not None and spans else [None] * len(spans)
+    for (a, b), block in zip(spans, blocks):
         alarmed = sig[a:b] > t
-        err = errors_of(s.node, slice(a, b))[alarmed] if errors_of is not None else None
+        err = block[alarmed] if block is not None else None
         peak = a + int(np.argmax(sig[a:b]))
         rec = {"node": s.node, "start": _iso(s.timestamp[a], time_unit), "end": _iso(s.timestamp[b - 1], time_unit),
                "rows": int(alarmed.sum()), "split": SPLIT_NAMES[int(s.split[peak])], "peak_score": float(sig[peak]),
