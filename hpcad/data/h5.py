@@ -66,11 +66,11 @@ def open_h5(path: str | os.PathLike[str], mode: str = "r", kind: str = "HDF5 fil
 
 
 def read_spans(ds: h5py.Dataset, spans: list[tuple[int, int]]) -> list[np.ndarray]:
-    """Rows ``[a, b)`` of ``ds`` for each span ``(a, b)`` (an alarm's rows of a node-year, not the year),
-    from one open of the file (the caller's: a node's alarms cost one open, not one each, a metadata
-    operation apiece on Lustre). Where the dataset is compressed, spans less than a storage chunk apart are read as one
-    block: a chunk is decompressed once, not once per span (h5py's chunk cache, 1 MB, holds no chunk
-    of 160 metrics)."""
+    """Rows ``[a, b)`` of ``ds`` for each span ``(a, b)`` (an alarm's rows of a node-year, not the
+    year), from one open of the file (the caller's: a node's alarms cost one open, not one each, a
+    metadata operation apiece on Lustre). Where the dataset is compressed, spans less than a storage
+    chunk apart are read as one block: a chunk is decompressed once, not once per span (h5py's chunk
+    cache, 1 MB, holds no chunk of 160 metrics)."""
     out: list[np.ndarray] = [np.empty((0,) + ds.shape[1:], ds.dtype)] * len(spans)
     order = sorted(range(len(spans)), key=lambda i: spans[i])
     near = ds.chunks[0] if ds.chunks and ds.compression else 0

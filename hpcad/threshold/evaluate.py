@@ -178,10 +178,9 @@ def alarm_events(s: NodeSignal, th: Thresholds, errors_of: SpanReader | None, me
     index among the node's rows, and ``loudest_time``), the top-k metrics over the alarmed rows, and
     with job context the jobs that ran on the node during the alarm. ``errors_of(node, spans)``: the
     node's per-metric errors over each alarm's rows, read at once (:meth:`ErrorStore.errors_at`).
-    The top metrics are those whose
-    mean error is the most times their normal error (``scale_of``: the node's divisors,
-    :meth:`hpcad.errorstore.ErrorStore.explain_scale`); by mean error where it is unknown
-    (baselines, files scored before it was recorded)."""
+    The top metrics are those whose mean error is the most times their normal error (``scale_of``:
+    the node's divisors, :meth:`hpcad.errorstore.ErrorStore.explain_scale`); by mean error where it
+    is unknown (baselines, files scored before it was recorded)."""
     sig = th.signal_of(s)
     t = th.threshold_for(s.node)
     scale = scale_of(s.node) if scale_of is not None and errors_of is not None else None
