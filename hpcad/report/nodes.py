@@ -11,7 +11,7 @@ import numpy as np
 from hpcad.atomic import write_text
 from hpcad.errorstore import ErrorStore
 from hpcad.model.files import NodeModel, model_path
-from hpcad.preprocess import in_model_order, metric_positions
+from hpcad.preprocess import gap_limit, in_model_order, metric_positions
 from hpcad.report.markup import alarms_table, html_table, page, rule_named
 from hpcad.report.plots import AlarmWindow, heatmap, local_times, signal_plot, values_plot
 from hpcad.threshold.evaluate import time_of
@@ -90,12 +90,17 @@ def _node_page(job: tuple, node: str, mine: list[dict], history: list[list] | No
         from hpcad.data.store import TelemetryStore
 
         store = _opened(TelemetryStore, store_path)
-        if node in store.nodes:
+        if node in store.nodes and store.rows(node) == len(s.signal):
             nm = NodeModel.load(model)
-            # in the model's metric order, as scoring aligned them: tonight's exports may list them otherwise
-            values = in_model_order(store.read(node).values, metric_positions(nm.metrics, store.metrics))
-            if nm.metrics == errors.metrics and values.shape == (len(s.signal), len(nm.metrics)):
-                expected = _expected(errors, node, model, nm, values, win, fill_limit, light)
+            # the window's rows and the few before them its gap filling and model window need (a day of a
+            # node-year, not the year), in the model's metric order, as scoring aligned them: tonight's
+            # exports may list them otherwise
+            first = max(win.a - nm.spec.window + 1 - gap_limit(fill_limit), 0)
+            (raw,) = store.values_at(node, [(first, win.b)])
+            raw = in_model_order(raw, metric_positions(nm.metrics, store.metrics))
+            if nm.metrics == errors.metrics and raw.shape[1] == len(nm.metrics):
+                expected = _expected(errors, node, model, nm, raw, first, win, fill_limit, light)
+                values = raw[win.a - first:]  # rows win.a .. win.b
                 parts.append(values_plot(errors, s, th, values, nm.scaler, time_unit, win, zone=zone,
                                          expected=expected))
                 if expected is not None and len(mine):
@@ -107,16 +112,17 @@ def _node_page(job: tuple, node: str, mine: list[dict], history: list[list] | No
     write_text(run_dir / "nodes" / f"{node}.html", page(f"{node} - {title}", parts))
 
 
-def _expected(errors: ErrorStore, node: str, model: Path, nm: NodeModel, values, win: AlarmWindow, fill_limit: int,
-              light: tuple[Path | None, str | None]):
-    """What the node's model expected over the window's rows (:func:`hpcad.explain.expected_values`),
-    or None where the page cannot be sure it is what scoring saw: the model file is not the one that
-    scored the node (retrained since), or the light map found is not the one it was scored with."""
+def _expected(errors: ErrorStore, node: str, model: Path, nm: NodeModel, raw, first: int, win: AlarmWindow,
+              fill_limit: int, light: tuple[Path | None, str | None]):
+    """What the node's model expected over the window's rows (:func:`hpcad.explain.expected_values` of
+    ``raw``, the node's rows from ``first``), or None where the page cannot be sure it is what scoring
+    saw: the model file is not the one that scored the node (retrained since), or the light map found
+    is not the one it was scored with."""
     from hpcad.explain import expected_values, scoring_light
     from hpcad.model.light import LightMaps
 
     ok, lm = scoring_light(errors, node, nm, LightMaps(light[0], model.parent), light[1])
-    return expected_values(nm, values, np.arange(win.a, win.b), fill_limit, lm) if ok else None
+    return expected_values(nm, raw, np.arange(win.a, win.b) - first, fill_limit, lm) if ok else None
 
 
 def _loudest_row(mine: list[dict], s, win: AlarmWindow, time_unit: str) -> int:
@@ -135,7 +141,8 @@ def _loudest_row(mine: list[dict], s, win: AlarmWindow, time_unit: str) -> int:
 def peak_table(errors: ErrorStore, s, values, expected, scaler, win: AlarmWindow, time_unit: str, zone: str,
                top: int = 8, row: int | None = None) -> str:
     """The strongest alarm's loudest row (``row``, default ``win.loudest``): its top metrics'
-    observed and expected values, training range and times-normal error (what a ticket quotes)."""
+    observed and expected values (``values`` and ``expected``: the window's rows), training range and
+    times-normal error (what a ticket quotes)."""
     r = win.loudest if row is None else row
     p = r - win.a
     lo, hi = scaler.training_range()
@@ -143,7 +150,7 @@ def peak_table(errors: ErrorStore, s, values, expected, scaler, win: AlarmWindow
     when = (str(local_times(np.asarray(s.timestamp[r:r + 1]), zone)[0]).replace("T", " ") + f" {zone}"
             if time_unit == "s" else f"row {r}")
     unit = "times normal" if win.times_normal else "error"
-    rows = [[errors.metrics[j], float(values[r, j]), float(expected[p, j]), f"{lo[j]:.4g} .. {hi[j]:.4g}",
+    rows = [[errors.metrics[j], float(values[p, j]), float(expected[p, j]), f"{lo[j]:.4g} .. {hi[j]:.4g}",
              float(win.err[p, j])] for j in order]
     return (f"<h2>The strongest alarm's loudest row ({html.escape(when)})</h2><p>The row of the strongest alarm "
             f"with the largest error of its own, and its metrics with the largest "

@@ -162,9 +162,10 @@ class AlarmWindow:
 
 def values_plot(errors: ErrorStore, s, th: Thresholds, values: np.ndarray, scaler, time_unit: str,
                  win: AlarmWindow, top: int = 4, zone: str = "UTC", expected: np.ndarray | None = None) -> str:
-    """The alarm's top metrics in their own units around the strongest alarm, against the node's
-    training range (grey band), alarmed rows shaded, and where given what the model ``expected``
-    (rows ``win.a:win.b``, every metric; dashed): is the value new, or the combination?"""
+    """The alarm's top metrics in their own units around the strongest alarm (``values``: rows
+    ``win.a:win.b``, every metric), against the node's training range (grey band), alarmed rows
+    shaded, and where given what the model ``expected`` (the same rows; dashed): is the value new, or
+    the combination?"""
     a, b, order = win.a, win.b, win.order[:top]
     lo, hi = scaler.training_range()
     x, breaks = _x(s, time_unit, zone)[a:b], win.breaks
@@ -173,7 +174,7 @@ def values_plot(errors: ErrorStore, s, th: Thresholds, values: np.ndarray, scale
     for ax, j in zip(axes[:, 0], order):
         ax.axhspan(lo[j], hi[j], color="0.85", lw=0)
         # without antialiasing: a third of the PNG size
-        ax.plot(*_line(x, values[a:b, j], breaks), lw=0.8, color="tab:blue", antialiased=False)
+        ax.plot(*_line(x, values[:, j], breaks), lw=0.8, color="tab:blue", antialiased=False)
         if expected is not None:
             ax.plot(*_line(x, expected[:, j], breaks), lw=0.8, ls="--", color="tab:orange", antialiased=False)
         _spans(ax, x, alarmed, "tab:red", 0.12, breaks)
