@@ -77,6 +77,11 @@ def metric_family(name: str) -> str:
     return name.split("_")[0]
 
 
+def lookback(model: "NodeModel", fill_limit: int) -> int:
+    """Rows before a row that its expected value reads: the model's window and the gap filling's reach."""
+    return model.spec.window - 1 + gap_limit(fill_limit)
+
+
 def expected_values(model: "NodeModel", values: np.ndarray, rows: np.ndarray, fill_limit: int,
                     light: "LightMap | None" = None) -> np.ndarray:
     """What the node's model expected at ``rows`` of the node's raw values [T, M] (every row, as
@@ -93,10 +98,9 @@ def expected_values(model: "NodeModel", values: np.ndarray, rows: np.ndarray, fi
     rows = np.asarray(rows)
     if not len(rows):
         return np.empty((0, values.shape[1]))
-    w = model.spec.window
-    first = max(int(rows.min()) - (w - 1) - gap_limit(fill_limit), 0)
+    first = max(int(rows.min()) - lookback(model, fill_limit), 0)
     z = model.scaler.transform(fill_gaps(values[first:int(rows.max()) + 1], fill_limit))[0]
-    x = window_at(z, rows - first, w).astype(np.float64)
+    x = window_at(z, rows - first, model.spec.window).astype(np.float64)
     M, n_encoder = z.shape[1], len(model.spec.hidden)
     recon, code = 0.0, 0.0
     for member in model.members:
@@ -162,7 +166,7 @@ class ExpectedQuotes:
         lo, hi = model.scaler.training_range()
         where = {m: j for j, m in enumerate(model.metrics)}
         order = metric_positions(model.metrics, self.store.metrics)
-        back = model.spec.window - 1 + gap_limit(self.fill_limit)
+        back = lookback(model, self.fill_limit)
         rows = [int(r["loudest_row"]) for r in mine]
         spans = [(max(row - back, 0), row + 1) for row in rows]
         for r, row, (first, _), raw in zip(mine, rows, spans, self.store.values_at(node, spans)):

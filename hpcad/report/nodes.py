@@ -10,8 +10,9 @@ import numpy as np
 
 from hpcad.atomic import write_text
 from hpcad.errorstore import ErrorStore
+from hpcad.explain import expected_values, lookback, scoring_light
 from hpcad.model.files import NodeModel, model_path
-from hpcad.preprocess import gap_limit, in_model_order, metric_positions
+from hpcad.preprocess import in_model_order, metric_positions
 from hpcad.report.markup import alarms_table, html_table, page, rule_named
 from hpcad.report.plots import AlarmWindow, heatmap, local_times, signal_plot, values_plot
 from hpcad.threshold.evaluate import time_of
@@ -95,7 +96,7 @@ def _node_page(job: tuple, node: str, mine: list[dict], history: list[list] | No
             # the window's rows and the few before them its gap filling and model window need (a day of a
             # node-year, not the year), in the model's metric order, as scoring aligned them: tonight's
             # exports may list them otherwise
-            first = max(win.a - nm.spec.window + 1 - gap_limit(fill_limit), 0)
+            first = max(win.a - lookback(nm, fill_limit), 0)
             (raw,) = store.values_at(node, [(first, win.b)])
             raw = in_model_order(raw, metric_positions(nm.metrics, store.metrics))
             if nm.metrics == errors.metrics and raw.shape[1] == len(nm.metrics):
@@ -118,7 +119,6 @@ def _expected(errors: ErrorStore, node: str, model: Path, nm: NodeModel, raw, fi
     ``raw``, the node's rows from ``first``), or None where the page cannot be sure it is what scoring
     saw: the model file is not the one that scored the node (retrained since), or the light map found
     is not the one it was scored with."""
-    from hpcad.explain import expected_values, scoring_light
     from hpcad.model.light import LightMaps
 
     ok, lm = scoring_light(errors, node, nm, LightMaps(light[0], model.parent), light[1])
