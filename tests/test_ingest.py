@@ -806,7 +806,7 @@ def test_telemetry_node_names_become_slurms_for_jobs_models_and_alarms(tmp_path)
 def test_rows_read_by_span_are_the_nodes_rows(tmp_path):
     """``TelemetryStore.values_at`` (an alarm's few rows, what alarms.json quotes): each span's rows as
     the whole node reads them, whether spans overlap, repeat, come unsorted, lie within one storage
-    chunk (read as one block) or far apart, start at row 0 or end at the node's last row."""
+    chunk or far apart, start at row 0 or end at the node's last row."""
     rows = 5000
     frame = pd.DataFrame({"timestamp": 1_700_000_000 + 300 * np.arange(rows), "a": np.arange(rows, dtype=float),
                           "b": np.sin(np.arange(rows)), "c": np.where(np.arange(rows) % 7 == 0, np.nan, 1.0)})
