@@ -2,7 +2,7 @@
 what a node's model expected its metrics to read (its reconstruction, in the metrics' own units)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -148,16 +148,14 @@ class ExpectedQuotes:
     maps: "LightMaps"
     night: str | None
     fill_limit: int
-    _present: set[str] = field(default_factory=set, init=False, repr=False)
 
     def __call__(self, node: str, records: list[dict]) -> None:
         from hpcad.model.files import NodeModel, model_path
         from hpcad.preprocess import in_model_order, metric_positions
 
         mine = [r for r in records if "loudest_row" in r and r.get("top_metrics")]
-        self._present = self._present or set(self.store.nodes)
         path = model_path(self.models_dir, node)
-        if not mine or node not in self._present or not path.exists():
+        if not mine or node not in self.store or not path.exists():
             return
         model = NodeModel.load(path)
         ok, lm = scoring_light(self.errors, node, model, self.maps, self.night)

@@ -254,6 +254,10 @@ class TelemetryStore:
             self.has_jobs = "jobs" in f
         self._jobs: JobTable | None = None
 
+    def __contains__(self, node: object) -> bool:
+        """Whether the store holds ``node`` (a look-up, not a scan of ``nodes``)."""
+        return node in self._rows
+
     def rows(self, node: str) -> int:
         return self._rows[node]
 

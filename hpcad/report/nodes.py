@@ -91,7 +91,7 @@ def _node_page(job: tuple, node: str, mine: list[dict], history: list[list] | No
         from hpcad.data.store import TelemetryStore
 
         store = _opened(TelemetryStore, store_path)
-        if node in store.nodes and store.rows(node) == len(s.signal):
+        if node in store and store.rows(node) == len(s.signal):
             nm = NodeModel.load(model)
             # the window's rows and the few before them its gap filling and model window need (a day of a
             # node-year, not the year), in the model's metric order, as scoring aligned them: tonight's
