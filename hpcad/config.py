@@ -294,7 +294,7 @@ class NightlyConfig:
     notify_timeout_s: int = 60
     drain: bool = False  # run drain.txt's `scontrol update ... State=DRAIN` lines (false: only write them)
     drain_after_nights: int = 2  # an incident open this many nights is confirmed (drain.txt)
-    drain_max_nodes: int = 5  # at most this many nodes drained per night (highest peaks first)
+    drain_max_nodes: int = 5  # at most this many drain commands run per night (highest peaks first; nodes already out do not count)
     event_share: float = 0.25  # a cluster-wide event: this share of the scored nodes alarmed in one hour... (0: off)
     event_min_nodes: int = 5  # ...and at least this many; their alarms open no node incident (hpcad/nightly/events.py)
     groups: Optional[str] = None  # CSV node,group (rack, chassis, PDU): events are also looked for within each group

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A real SLURM cluster on one machine, for trying hpcad without a cluster and for its tests:
 # one slurmctld and four slurmd (n1..n4, all on localhost), munge authentication, no accounting;
-# plus a fifth node, spare1, alone in partition `spare` (tests drain it while jobs run on n1..n4).
+# plus two more, spare1 and spare2, alone in partition `spare` (tests drain them while jobs run on n1..n4).
 #
 #   slurm/dev-cluster.sh up       # install (Debian: slurm-wlm, munge) if needed, start; idempotent
 #   slurm/dev-cluster.sh status   # sinfo
@@ -59,9 +59,9 @@ SlurmdTimeout=30
 InactiveLimit=0
 KillWait=5
 NodeName=n[1-$NODES] NodeHostname=localhost Port=[17001-$((17000 + NODES))] CPUs=$CPUS RealMemory=16000 Gres=gpu:4 State=UNKNOWN
-NodeName=spare1 NodeHostname=localhost Port=$((17001 + NODES)) CPUs=2 RealMemory=500 State=UNKNOWN
+NodeName=spare[1-2] NodeHostname=localhost Port=[$((17001 + NODES))-$((17002 + NODES))] CPUs=2 RealMemory=500 State=UNKNOWN
 PartitionName=debug Nodes=n[1-$NODES] Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
-PartitionName=spare Nodes=spare1 Default=NO MaxTime=INFINITE State=UP
+PartitionName=spare Nodes=spare[1-2] Default=NO MaxTime=INFINITE State=UP
 CONF
   mv "$CONF.tmp" "$CONF"
   # Four GPUs per node in name only (no devices), so the Leonardo-style batch scripts
@@ -95,16 +95,16 @@ up() {
   start_munge
   export SLURM_CONF=$CONF
   pgrep -f "slurmctld -f $CONF" >/dev/null || slurmctld -f "$CONF"
-  for node in $(seq -f 'n%g' 1 "$NODES") spare1; do
+  for node in $(seq -f 'n%g' 1 "$NODES") spare1 spare2; do
     pgrep -f "slurmd -f $CONF -N $node\b" >/dev/null || slurmd -f "$CONF" -N "$node"
   done
   for _ in $(seq 1 60); do
     if sinfo -h -o '%T' 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
-      [ "$(sinfo -h -N -t idle,mixed,allocated -o '%N' | sort -u | wc -l)" -ge "$((NODES + 1))" ] && break
+      [ "$(sinfo -h -N -t idle,mixed,allocated -o '%N' | sort -u | wc -l)" -ge "$((NODES + 2))" ] && break
     fi
     sleep 0.5
   done
-  scontrol update nodename="n[1-$NODES],spare1" state=resume >/dev/null 2>&1 || true
+  scontrol update nodename="n[1-$NODES],spare[1-2]" state=resume >/dev/null 2>&1 || true
   sinfo -h -N -o '%N %T' | sort -u
   echo "export SLURM_CONF=$CONF"
 }

@@ -606,13 +606,18 @@ def test_confirmed_incident_drains_the_slurm_node_with_its_reason(slurm_env, tmp
 
     from hpcad.nightly.drain import candidates, drain, drained_before, lines
 
-    def inc(node, nights, peak, state="ongoing"):
-        return {"id": f"{node}/ips/2025-03-01", "node": node, "cause": "ips", "state": state,
+    def inc(node, nights, peak, state="ongoing", cause="ips"):
+        return {"id": f"{node}/{cause}/2025-03-01", "node": node, "cause": cause, "state": state,
                 "first_night": "2025-03-01", "nights": nights, "peak_score": peak}
 
-    def show(node):
-        return subprocess.run(["scontrol", "show", "node", "-o", node], env=slurm_env, capture_output=True,
-                              text=True).stdout
+    def state(node):
+        out = subprocess.run(["scontrol", "show", "node", "-o", node], env=slurm_env, capture_output=True,
+                             text=True).stdout
+        return out.split("State=")[1].split()[0], out
+
+    def night(name, records):  # a published night's drain.json, as the nightly job writes it
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "drain.json").write_text(json.dumps(records))
 
     incidents = [inc("spare1", 3, 9.0), inc("n1", 1, 50.0, "new"), inc("nosuchnode", 2, 1.0)]
     confirmed = candidates(incidents, after_nights=2)
@@ -622,26 +627,35 @@ def test_confirmed_incident_drains_the_slurm_node_with_its_reason(slurm_env, tmp
     try:
         out = drain(confirmed, max_nodes=5, env=slurm_env)
         assert [r["outcome"] for r in out] == ["drained", "failed"] and "nosuchnode" in out[1]["message"]
-        state = show("spare1")
-        assert "DRAIN" in state and "Reason=hpcad: ips anomaly since 2025-03-01" in state
-        again = drain(confirmed, max_nodes=1, env=slurm_env)  # the next night: left alone, then capped
-        assert [r["outcome"] for r in again] == ["already", "capped"]
-        # An admin checks the node and puts it back (the documented way) while the incident stays
-        # open: the nights after do not drain it again for that incident (before, every night did)
-        (tmp_path / "2025-03-03").mkdir()
-        (tmp_path / "2025-03-03" / "drain.json").write_text(json.dumps(out))
-        subprocess.run(["scontrol", "update", "NodeName=spare1", "State=RESUME"], env=slurm_env, check=True)
-        before = drained_before(tmp_path, dt.date(2025, 3, 5), confirmed)
+        assert "DRAIN" in state("spare1")[0] and "Reason=hpcad: ips anomaly since 2025-03-01" in state("spare1")[1]
+        night("2025-03-03", out)
+        # The next night, the incident still open and the node still out: said so (not "put back"), and
+        # it takes none of the night's drains: at a cap of 1, another node's new incident still drains.
+        later = confirmed + [inc("spare2", 2, 5.0, cause="power")]
+        before = drained_before(tmp_path, dt.date(2025, 3, 4), later)
         assert before == {"spare1/ips/2025-03-01": "2025-03-03"}  # nosuchnode's drain had failed
-        later = drain(confirmed, max_nodes=1, env=slurm_env, before=before)
-        assert [r["outcome"] for r in later] == ["resumed", "failed"]  # the put-back node is not counted
-        assert "DRAIN" not in show("spare1").split("State=")[1].split()[0]
-        new = drain(candidates([inc("spare1", 2, 9.0) | {"id": "spare1/power/2025-03-04"}], 2), 5, env=slurm_env,
-                    before=before)
-        assert [r["outcome"] for r in new] == ["drained"]  # a new incident drains it again
-    finally:  # the documented way back (docs/operations.md)
-        subprocess.run(["scontrol", "update", "NodeName=spare1", "State=RESUME"], env=slurm_env, check=True)
-    assert "DRAIN" not in show("spare1").split("State=")[1].split()[0]
+        again = drain(later, max_nodes=1, env=slurm_env, before=before)
+        assert [r["outcome"] for r in again] == ["already", "failed", "drained"], again
+        assert re.match(r"drained by hpcad for this incident on 2025-03-03, SLURM state \S*DRAIN", again[0]["message"])
+        assert "DRAIN" in state("spare2")[0]
+        # An admin checks both and puts them back (the documented way) while their incidents stay open:
+        # the nights after do not drain them again for those incidents
+        subprocess.run(["scontrol", "update", "NodeName=spare[1-2]", "State=RESUME"], env=slurm_env, check=True)
+        night("2025-03-04", again)
+        before = drained_before(tmp_path, dt.date(2025, 3, 5), later)
+        resumed = drain(later, max_nodes=1, env=slurm_env, before=before)
+        assert [r["outcome"] for r in resumed] == ["resumed", "failed", "resumed"], resumed
+        assert "put back since" in resumed[0]["message"] and "DRAIN" not in state("spare1")[0]
+        # New incidents drain them again, at most max_nodes a night, the highest peak first
+        new = drain(candidates([inc("spare1", 2, 9.0, cause="temp"), inc("spare2", 2, 5.0, cause="temp")], 2), 1,
+                    env=slurm_env, before=before)
+        assert [r["outcome"] for r in new] == ["drained", "capped"], new
+        assert "DRAIN" in state("spare1")[0] and "DRAIN" not in state("spare2")[0]
+    finally:  # the documented way back (docs/operations.md); SLURM refuses it for a node not drained
+        for node in ("spare1", "spare2"):
+            if "DRAIN" in state(node)[0]:
+                subprocess.run(["scontrol", "update", f"NodeName={node}", "State=RESUME"], env=slurm_env, check=True)
+    assert "DRAIN" not in state("spare1")[0] and "DRAIN" not in state("spare2")[0]
 
 
 @pytest.mark.parametrize("env, bind, said", [

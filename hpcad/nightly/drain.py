@@ -88,32 +88,35 @@ def drain(incidents: list[dict], max_nodes: int, env: dict | None = None,
           before: dict[str, str] | None = None) -> list[dict]:
     """Run the drain commands for ``incidents`` (from :func:`candidates`), at most ``max_nodes``.
     Never raises: each node's outcome is ``drained``, ``already`` (SLURM drains it or holds it
-    down), ``resumed`` (an earlier night drained it for this incident, ``before``, and someone put
-    it back since: not drained again for it), ``capped`` or ``failed`` with the message."""
+    down: hpcad did on an earlier night, ``before``, or someone else did), ``resumed`` (an earlier
+    night drained it for this incident and someone put it back since: not drained again for it),
+    ``capped`` or ``failed`` with the message. Only the commands run (``drained``, ``failed``) count
+    toward ``max_nodes``: a node already out takes none of the night's drains."""
     results = []
     before = before or {}
+    run = 0
     for inc in incidents:
         cmd = command(inc)
         rec = {"node": inc["node"], "incident": inc["id"], "command": shlex.join(cmd)}
-        if inc["id"] in before:
-            results.append({**rec, "outcome": "resumed", "message": f"drained for this incident on {before[inc['id']]} "
-                            "and put back since: not drained again for it"})
-            log.info("drain %s: %s", inc["node"], results[-1]["message"])
-            continue
-        if sum(r["outcome"] != "resumed" for r in results) >= max_nodes:
-            results.append({**rec, "outcome": "capped", "message": f"nightly.drain_max_nodes={max_nodes} reached"})
-            continue
         try:
             state = _node_state(inc["node"], env)
-            if any(s in state for s in ("DRAIN", "DOWN", "FAIL")):
-                results.append({**rec, "outcome": "already", "message": f"SLURM state {state}"})
-                continue
-            p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
-            ok = p.returncode == 0
-            results.append({**rec, "outcome": "drained" if ok else "failed",
-                            "message": (p.stderr or p.stdout).strip()[-300:]})
+            down = any(s in state for s in ("DRAIN", "DOWN", "FAIL"))
+            if down:
+                by = f"drained by hpcad for this incident on {before[inc['id']]}, " if inc["id"] in before else ""
+                results.append({**rec, "outcome": "already", "message": f"{by}SLURM state {state}"})
+            elif inc["id"] in before:
+                results.append({**rec, "outcome": "resumed", "message": f"drained for this incident on "
+                                f"{before[inc['id']]} and put back since: not drained again for it"})
+            elif run >= max_nodes:
+                results.append({**rec, "outcome": "capped", "message": f"nightly.drain_max_nodes={max_nodes} reached"})
+            else:
+                run += 1
+                p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
+                results.append({**rec, "outcome": "drained" if p.returncode == 0 else "failed",
+                                "message": (p.stderr or p.stdout).strip()[-300:]})
         except (OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
             results.append({**rec, "outcome": "failed", "message": f"{type(exc).__name__}: {exc}"})
-        (log.info if results[-1]["outcome"] == "drained" else log.warning)(
-            "drain %s: %s %s", inc["node"], results[-1]["outcome"], results[-1]["message"])
+        outcome = results[-1]["outcome"]
+        (log.info if outcome in ("drained", "already", "resumed") else log.warning)(
+            "drain %s: %s %s", inc["node"], outcome, results[-1]["message"])
     return results
