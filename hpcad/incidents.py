@@ -10,7 +10,12 @@ family its alarms named so far, first seen first. On night D an incident of a no
 - ``new``: the node alarmed on D and had no open incident the previous night; its id is
   ``<node>/<cause>/<first night>`` (the cause of its first night);
 - ``ongoing``: alarmed on D and open on the previous night; it keeps its id and counts its nights;
-- ``resolved``: open on the previous night and not alarmed on D (listed once, on D).
+- ``resolved``: open on the previous night, scored on D and not alarmed (listed once, on D).
+
+An open incident of a node that sent no telemetry on D (*silent*: down, or its collector is) is not
+resolved: nothing was seen to end it, and a node that failed with its fault goes dark. It stays
+``ongoing`` with ``silent_since`` (its first night without rows), its nights not counted on, until
+the node is scored again: then it goes on (it alarms) or is resolved (it does not).
 
 *The previous night* is the latest night folder at most ``gap_days`` before D that holds an
 ``incidents.json``, so one failed or skipped night does not split an incident. Each night's
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 from hpcad.explain import metric_family
@@ -61,9 +67,10 @@ def previous_incidents(out: Path, day: dt.date, gap_days: int) -> list[dict]:
     return []
 
 
-def night_incidents(day: dt.date, alarms: list[dict], previous: list[dict]) -> list[dict]:
+def night_incidents(day: dt.date, alarms: list[dict], previous: list[dict], silent: Iterable[str] = ()) -> list[dict]:
     """The incidents of ``day`` from its alarm records (:func:`hpcad.threshold.evaluate.alarm_record` form)
-    and the previous night's incidents, one per node; open ones first (new, then ongoing), then resolved."""
+    and the previous night's incidents, one per node; open ones first (new, then ongoing), then resolved.
+    ``silent``: the nodes that sent no rows on ``day`` (their open incidents stay open)."""
     iso = day.isoformat()
     before, merged = _open_by_node(previous)
     today: dict[str, list[dict]] = {}
@@ -85,9 +92,13 @@ def night_incidents(day: dt.date, alarms: list[dict], previous: list[dict]) -> l
                     "peak_score": peak["peak_score"], "peak_time": peak["peak_time"],
                     "top_metrics": peak.get("top_metrics", []),
                     "jobs": sorted({j for a in group for j in a.get("jobs", [])})})
+    quiet = set(silent)
     for node, prev in sorted(before.items()):
-        if node not in today:
-            out.append({**prev, "state": "resolved", "resolved_night": iso, "alarms": 0})
+        if node in quiet and node not in today:
+            out.append({**prev, "state": "ongoing", "alarms": 0, "silent_since": prev.get("silent_since", iso)})
+        elif node not in today:
+            seen = {k: v for k, v in prev.items() if k != "silent_since"}
+            out.append({**seen, "state": "resolved", "resolved_night": iso, "alarms": 0})
     out += [{**i, "state": "resolved", "resolved_night": iso, "alarms": 0} for i in merged]
     return sorted(out, key=lambda i: (STATES.index(i["state"]), i["node"], i["id"]))
 

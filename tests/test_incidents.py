@@ -42,6 +42,25 @@ def test_a_nodes_alarms_on_consecutive_nights_are_one_incident_whatever_their_ca
     assert night_incidents(d2, [alarm("n1", "ips_p1_0"), alarm("n1", "temp_cpu", 6.0)], n1) == n2  # a rerun
 
 
+def test_an_incident_of_a_node_that_goes_silent_stays_open_until_the_node_is_scored_again():
+    """A node that alarms, then sends nothing (it went down with its fault, or its collector did):
+    nothing was seen to end the incident. Before, it was resolved on the first silent night, and the
+    node's next alarm opened a new incident: notified again, its drain countdown restarted."""
+    n1 = night_incidents(D, [alarm("n1", "ips_p0_3"), alarm("n2", "power_dc")], [])
+    n2 = night_incidents(D + dt.timedelta(days=1), [alarm("n1", "ips_p0_1")], n1)
+    dark = night_incidents(D + dt.timedelta(days=2), [], n2, silent=["n1", "n2"])
+    assert [(i["node"], i["state"], i["nights"], i.get("silent_since")) for i in dark] == [
+        ("n1", "ongoing", 2, "2025-03-03")]  # n2's was resolved on 03-02: a silent node opens nothing
+    assert [i["node"] for i in drain_candidates(dark, 2)] == ["n1"]  # still confirmed (SLURM says if it is down)
+    darker = night_incidents(D + dt.timedelta(days=3), [], dark, silent=["n1"])
+    assert darker[0]["silent_since"] == "2025-03-03" and darker[0]["nights"] == 2  # since its first silent night
+    back = night_incidents(D + dt.timedelta(days=4), [alarm("n1", "util_p0")], darker)
+    assert [(i["id"], i["state"], i["nights"], "silent_since" in i) for i in back] == [
+        ("n1/ips/2025-03-01", "ongoing", 3, False)]  # the same incident goes on: no second notification
+    well = night_incidents(D + dt.timedelta(days=4), [], darker)  # back, scored, and quiet
+    assert [(i["state"], i["resolved_night"], "silent_since" in i) for i in well] == [("resolved", "2025-03-05", False)]
+
+
 def test_a_night_written_with_incidents_per_cause_goes_on_as_one_incident_per_node():
     """Nights written before 2026-12-03 hold an incident per node and cause: the oldest goes on with
     their nights and causes, the others are resolved into it (once, on the first night after)."""

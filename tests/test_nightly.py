@@ -499,9 +499,19 @@ def test_silent_nodes_and_missing_values_are_telemetry_gaps(site, tmp_path):
     cut = (src / "node0002.csv").read_text()[:-25]  # and its collector was still writing the night's last row
     (src / "node0002.csv").write_text(cut)
     out = tmp_path / "nightly"
+    # node0001 had an incident open the night before: with no rows tonight nothing ended it (before,
+    # the night said it was resolved), so it stays open and the report says since when it is silent
+    (out / "2025-01-09").mkdir(parents=True)
+    (out / "2025-01-09" / "incidents.json").write_text(json.dumps([
+        {"id": "node0001/ips/2025-01-08", "node": "node0001", "cause": "ips", "causes": ["ips"], "state": "ongoing",
+         "first_night": "2025-01-08", "last_night": "2025-01-09", "nights": 2, "alarms": 3, "peak_score": 40.0,
+         "peak_time": "2025-01-09T03:00:00+00:00", "top_metrics": [], "jobs": []}]))
     p = cron(_env_file(site, out, "nightly.min_node_fraction=0.5 nightly.input='" + str(tmp_path / "in") + "/{date}'"),
              "--date", day)
     assert p.returncode == 0, p.stderr[-3000:]
+    silent = [i for i in json.loads((out / day / "incidents.json").read_text()) if i["node"] == "node0001"]
+    assert [(i["state"], i["nights"], i["silent_since"]) for i in silent] == [("ongoing", 2, day)]
+    assert "<td>ongoing (no rows since 2025-01-10)</td><td>node0001</td>" in (out / day / "report.html").read_text()
     levels = {r["node"]: float(r["missing_share"]) for r in csv.DictReader(open(out / day / "levels.csv"))}
     assert levels["node0000"] == pytest.approx(0.8, abs=0.01) and 0 < levels["node0002"] < 0.02 and "node0001" not in levels
     assert [r["metrics_lost"] for r in csv.DictReader(open(out / day / "levels.csv"))] == ["", "ips_p1_3;pow_p0"]

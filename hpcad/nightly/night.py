@@ -159,7 +159,7 @@ def build_night(cfg: HpcadConfig, day: dt.date, src: Path, out: Path, tmp: Path,
     th.save(tmp / "thresholds.json")
     signals = list(errors.signals())  # alarms, evaluation and drift all read them
     settling = t.settling(list(errors.nodes))
-    records, incidents, confirmed, events, held = _alarms(t, store, errors, th, signals, settling)
+    records, incidents, confirmed, events, held = _alarms(t, store, errors, th, signals, settling, silent)
     clock.lap("alarms")
     levels, verdicts, drifted, refits = _drift_and_light(t, errors, th, signals, settling, held)
     clock.lap("drift and light")
@@ -244,9 +244,10 @@ def _score(t: Tonight, store: TelemetryStore, nodes: list[str], overrides: list[
 
 
 def _alarms(t: Tonight, store: TelemetryStore, errors: ErrorStore, th: Thresholds, signals: list,
-            settling: dict[str, Change]):
+            settling: dict[str, Change], silent: list[str]):
     """Step 3: alarms (csv, json, jsonl), cluster-wide events, incidents across nights (not of the
-    ``settling`` nodes' alarms, nor of alarms within an event), drain candidates, metrics when labelled."""
+    ``settling`` nodes' alarms, nor of alarms within an event; the ``silent`` nodes' open ones stay
+    open), drain candidates, metrics when labelled."""
     from hpcad.config import build
 
     n, tmp = t.cfg.nightly, t.tmp
@@ -275,7 +276,7 @@ def _alarms(t: Tonight, store: TelemetryStore, errors: ErrorStore, th: Threshold
                     ", ".join(f"{c} {k}" for c, k in e["causes"].items()), n.event_share)
     write_json(tmp / EVENTS, events)
     write_json(tmp / "alarms.json", alarms)
-    incidents = night_incidents(t.day, [a for a in alarms if not held_because(a)], previous)
+    incidents = night_incidents(t.day, [a for a in alarms if not held_because(a)], previous, silent)
     write_json(tmp / INCIDENTS, incidents)
     _write_jsonl(tmp / "alarms.jsonl", t.iso, alarms, incidents)
     confirmed = drain_candidates(incidents, n.drain_after_nights)

@@ -119,7 +119,7 @@ def nightly_sections(iso: str, src: Path, new: list[str], verdicts: list[dict], 
                  f"{n.drain_after_nights} nights or more): their SLURM drain commands are in drain.txt"
                  f"{_drain_said(iso, n)}.</p>")
     if incidents:
-        parts.append(html_table([[i["state"], i["node"], _causes(i), i["first_night"], i["nights"], i["alarms"],
+        parts.append(html_table([[_state(i), i["node"], _causes(i), i["first_night"], i["nights"], i["alarms"],
                               f"{i['peak_score']:.4g}", top_names(i["top_metrics"], 3),
                               " ".join(i["jobs"][:5])] for i in incidents[:200]],
                             ["state", "node", "cause (others it named)", "since", "nights", "alarms tonight", "peak",
@@ -148,6 +148,11 @@ def _drain_said(iso: str, n: NightlyConfig) -> str:
     if not last_night(dt.date.fromisoformat(iso), n.timezone):
         return " (an older night: not run; only last night's are)"
     return " and were run (drain.json)"
+
+
+def _state(incident: dict) -> str:
+    """The incident's state, and since when its node has sent no rows where it has not (still open)."""
+    return incident["state"] + (f" (no rows since {incident['silent_since']})" if "silent_since" in incident else "")
 
 
 def _causes(incident: dict) -> str:
