@@ -52,6 +52,8 @@ def test_an_incident_of_a_node_that_goes_silent_stays_open_until_the_node_is_sco
     assert [(i["node"], i["state"], i["nights"], i.get("silent_since")) for i in dark] == [
         ("n1", "ongoing", 2, "2025-03-03")]  # n2's was resolved on 03-02: a silent node opens nothing
     assert [i["node"] for i in drain_candidates(dark, 2)] == ["n1"]  # still confirmed (SLURM says if it is down)
+    gauges = render([], dark, night_start=0, unscored=0, finished=0.0)  # an alert on it does not end either
+    assert 'hpcad_node_alarm{node="n1"} 1.0' in gauges and 'hpcad_incident_nights{node="n1",cause="ips"} 2.0' in gauges
     darker = night_incidents(D + dt.timedelta(days=3), [], dark, silent=["n1"])
     assert darker[0]["silent_since"] == "2025-03-03" and darker[0]["nights"] == 2  # since its first silent night
     back = night_incidents(D + dt.timedelta(days=4), [alarm("n1", "util_p0")], darker)

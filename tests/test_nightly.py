@@ -483,9 +483,10 @@ def test_a_one_row_glitch_at_midnight_is_no_alarm_and_a_fault_at_the_nights_end_
 
 def test_silent_nodes_and_missing_values_are_telemetry_gaps(site, tmp_path):
     """A node that sends nothing, one whose collector sends rows without values, and one whose
-    collector lost two metrics cannot alarm on what is missing. Before, the first went unmentioned
-    (up to 10 % of the cluster, nightly.min_node_fraction), the second looked perfectly normal (a
-    model sees no error where it sees no value), and so did the third (1 % of its values missing)."""
+    collector lost two metrics and stopped part-way cannot alarm on what is missing. Before, the first
+    went unmentioned (up to 10 % of the cluster, nightly.min_node_fraction), the second looked
+    perfectly normal (a model sees no error where it sees no value), and so did the third (1 % of its
+    values missing; until 2026-12-05 its stopping after a third of the night went unmentioned too)."""
     day = "2025-01-10"
     src = tmp_path / "in" / day
     shutil.copytree(site / "daily" / day, src)
@@ -495,7 +496,7 @@ def test_silent_nodes_and_missing_values_are_telemetry_gaps(site, tmp_path):
     f.to_csv(src / "node0000.csv", index=False)
     g = pd.read_csv(src / "node0002.csv")
     lost = ["ips_p1_3", "pow_p0"]  # in the store's metric order
-    g.drop(columns=lost).to_csv(src / "node0002.csv", index=False)
+    g.drop(columns=lost).iloc[:100].to_csv(src / "node0002.csv", index=False)  # its collector stopped at 08:20
     cut = (src / "node0002.csv").read_text()[:-25]  # and its collector was still writing the night's last row
     (src / "node0002.csv").write_text(cut)
     out = tmp_path / "nightly"
@@ -514,22 +515,28 @@ def test_silent_nodes_and_missing_values_are_telemetry_gaps(site, tmp_path):
     assert "<td>ongoing (no rows since 2025-01-10)</td><td>node0001</td>" in (out / day / "report.html").read_text()
     levels = {r["node"]: float(r["missing_share"]) for r in csv.DictReader(open(out / day / "levels.csv"))}
     assert levels["node0000"] == pytest.approx(0.8, abs=0.01) and 0 < levels["node0002"] < 0.02 and "node0001" not in levels
-    assert [r["metrics_lost"] for r in csv.DictReader(open(out / day / "levels.csv"))] == ["", "ips_p1_3;pow_p0"]
+    assert [(r["metrics_lost"], r["rows"], r["rows_expected"]) for r in csv.DictReader(open(out / day / "levels.csv"))] \
+        == [("", "288", "288"), ("ips_p1_3;pow_p0", "99", "288")]  # 288 5-minute rows in a night
     page = (out / day / "report.html").read_text()
     assert "<h2>Telemetry gaps (3)</h2>" in page
     assert "<td>node0001</td><td>no rows tonight</td>" in page and "<td>node0000</td><td>80% of its values missing" in page
-    assert "<td>node0002</td><td>2 metric(s) reported in training sent no value: ips_p1_3, pow_p0</td>" in page
+    assert ("<td>node0002</td><td>sent 99 of its 288 rows; 2 metric(s) reported in training sent no value: "
+            "ips_p1_3, pow_p0</td>") in page
     prom = dict(line.rsplit(" ", 1) for line in (out / "hpcad.prom").read_text().splitlines() if not line.startswith("#"))
     assert float(prom['hpcad_nightly_nodes{outcome="silent"}']) == 1
     assert float(prom['hpcad_node_missing_share{node="node0000"}']) == pytest.approx(levels["node0000"])
     assert float(prom['hpcad_node_metrics_lost{node="node0002"}']) == 2
     assert float(prom['hpcad_node_metrics_lost{node="node0000"}']) == 0  # its share says it: not each metric again
+    assert float(prom['hpcad_node_rows_missing_share{node="node0002"}']) == pytest.approx(1 - 99 / 288)
+    assert float(prom['hpcad_node_rows_missing_share{node="node0000"}']) == 0
+    assert float(prom['hpcad_node_alarm{node="node0001"}']) == 1  # silent, its incident still open
     # the row cut short is left out, and said where the operator looks: the night's report and a gauge
     assert re.search(r"<h2>Input warnings \(\d\)</h2>.*node0002\.csv: the last line has \d+ of \d+ fields", page, re.S)
     assert float(prom["hpcad_nightly_input_warnings"]) == int(re.search(r"Input warnings \((\d)\)", page).group(1))
     log = "".join(f.read_text() for f in (out / "logs").rglob("*") if f.is_file())
     assert "1 trained node(s) sent no telemetry: ['node0001']" in log
-    assert "2 node(s) with telemetry gaps: node0000 (80% of its values missing), node0002 (2 metric(s)" in log
+    assert "2 node(s) with telemetry gaps: node0000 (80% of its values missing), node0002 (sent 99 of its 288 rows; " \
+           "2 metric(s)" in log
 
 
 def test_a_sites_exports_in_local_time_are_read_in_the_zone_the_training_run_read_them_in(site, tmp_path):

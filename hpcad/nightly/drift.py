@@ -25,19 +25,21 @@ from hpcad.errorstore import NodeSignal
 from hpcad.nightly.days import published_nights
 from hpcad.threshold.rules import Thresholds
 
-FIELDS = ["node", "rows", "alarmed_rows", "level", "missing_share", "metrics_lost", "model", "held"]
+FIELDS = ["node", "rows", "rows_expected", "alarmed_rows", "level", "missing_share", "metrics_lost", "model", "held"]
 
 
 def night_levels(signals: Iterable[NodeSignal], th: Thresholds, missing: dict[str, float] | None = None,
-                 lost: dict[str, list[str]] | None = None) -> list[dict]:
+                 lost: dict[str, list[str]] | None = None, expected: dict[str, int] | None = None) -> list[dict]:
     """Each node's level and alarmed rows; ``missing``: its share of missing input values, ``lost``:
-    the metrics it reported in training that sent no value (:class:`hpcad.errorstore.ErrorStore`)."""
-    missing, lost = missing or {}, lost or {}
+    the metrics it reported in training that sent no value (:class:`hpcad.errorstore.ErrorStore`),
+    ``expected``: the rows it should have sent (``rows_expected``, "" where unknown)."""
+    missing, lost, expected = missing or {}, lost or {}, expected or {}
     out = []
     for s in signals:
         alarmed = th.signal_of(s) > th.threshold_for(s.node)
         level = float(np.median(s.normalised)) if len(alarmed) else float("nan")
-        out.append({"node": s.node, "rows": int(len(alarmed)), "alarmed_rows": int(alarmed.sum()), "level": level,
+        out.append({"node": s.node, "rows": int(len(alarmed)), "rows_expected": expected.get(s.node, ""),
+                    "alarmed_rows": int(alarmed.sum()), "level": level,
                     "missing_share": round(missing.get(s.node, 0.0), 6), "metrics_lost": lost.get(s.node, [])})
     return out
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
+import numpy as np
 from omegaconf import OmegaConf, open_dict
 
 from hpcad import signal_choice
@@ -64,6 +65,7 @@ class Tonight:
     tmp: Path  # the night's scratch folder (published as out / day)
     train_run: Path
     src: Path  # the day's exports
+    rows_expected: dict[str, int] = field(default_factory=dict)  # node -> the rows it should send tonight (_ingest)
 
     @property
     def iso(self) -> str:
@@ -220,7 +222,7 @@ def _ingest(t: Tonight) -> tuple[TelemetryStore, list[str], list[str], list[str]
     if back:
         log.info("nightly %s: %d node(s) retired in nightly.changes sent rows tonight, not scored: %s (a row of "
                  "kind changed brings a node back)", t.iso, len(back), ", ".join(back[:10]))
-    _check_complete(store, nodes, expected, t.day, t.src, t.cfg.nightly)
+    t.rows_expected = _check_complete(store, nodes, expected, t.day, t.src, t.cfg.nightly)
     if new:
         left = untrained_nodes(t.models_dir)  # training left them without a model (too few training rows)
         log.warning("nightly %s: %d node(s) without a trained model are not scored: %s%s", t.iso, len(new), new[:10],
@@ -310,7 +312,8 @@ def _drift_and_light(t: Tonight, errors: ErrorStore, th: Thresholds, signals: li
     n, tmp = t.cfg.nightly, t.tmp
     scored_by = errors.models()  # each node's model digest, recorded as it was scored: no model file read again
     levels = [{**lv, "model": scored_by.get(lv["node"]) or t.maps.digest(lv["node"]),  # model: drift.assess
-               "held": held.get(lv["node"], "")} for lv in night_levels(signals, th, errors.missing, errors.lost)]
+               "held": held.get(lv["node"], "")}
+              for lv in night_levels(signals, th, errors.missing, errors.lost, t.rows_expected)]
     write_levels(tmp / "levels.csv", levels)
     verdicts = assess(t.out, t.day, levels, n.drift_ratio, n.drift_days, n.drift_reference_nights)
     drifted = [v["node"] for v in verdicts if v["drifted"]]
@@ -396,17 +399,23 @@ def _write_jsonl(path: Path, iso: str, alarms: list[dict], incidents: list[dict]
 
 
 def _check_complete(store: TelemetryStore, nodes: list[str], trained: list[str], day: dt.date, src: Path,
-                    n: NightlyConfig) -> None:
+                    n: NightlyConfig) -> dict[str, int]:
+    """Stop on a partial input (too few nodes, or a night whose newest row is too early); return the
+    rows each node should have sent tonight: the night's length over its sampling step (the median
+    spacing of its rows, or the nodes' median where it sent under three), so that a node whose
+    collector stopped part-way is a telemetry gap too, not a node that looks normal."""
     iso = day.isoformat()
     if len(nodes) < n.min_node_fraction * max(len(trained), 1):
         raise InputError(f"nightly {iso}: partial input: {len(nodes)} of {len(trained)} trained nodes in {src} "
                          f"(nightly.min_node_fraction={n.min_node_fraction}); nothing changed")
     start, end = day_bounds(day, n.timezone)
-    newest, outside = -1, 0
+    newest, outside, steps = -1, 0, {}
     for node in nodes:
         ts = store.timestamps(node)
         newest = max(newest, int(ts[-1]))
         outside += int(((ts < start) | (ts >= end)).sum())
+        if len(ts) >= 3:
+            steps[node] = float(np.median(np.diff(ts)))
     if newest < end - n.max_end_gap_s:
         last = dt.datetime.fromtimestamp(newest, ZoneInfo(n.timezone)).isoformat()
         raise InputError(f"nightly {iso}: partial input: the newest sample in {src} is {last}, more than "
@@ -415,6 +424,8 @@ def _check_complete(store: TelemetryStore, nodes: list[str], trained: list[str],
     if outside:
         log.warning("nightly %s: %d rows of %s lie outside the day (%s); they are scored too", iso, outside, src,
                     n.timezone)
+    typical = float(np.median(list(steps.values()))) if steps else 0.0
+    return {node: round((end - start) / step) for node in nodes if (step := steps.get(node, typical)) > 0}
 
 
 def _score_slurm(t: Tonight, overrides: list[str]) -> None:

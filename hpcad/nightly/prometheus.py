@@ -12,13 +12,17 @@ from pathlib import Path
 
 from hpcad.atomic import atomic_path
 from hpcad.incidents import OPEN, STATES
+from hpcad.report.markup import rows_missing_share
 
 FAMILIES = {
     "hpcad_node_signal_level": "Median alarm signal of the node over the night, relative to its normal level "
                                "(signal_norm; about 1 when normal).",
     "hpcad_node_alarmed_rows": "Rows of the night above the node's threshold.",
-    "hpcad_node_alarm": "1 when the node has an open hpcad incident (new or ongoing) after the night, else 0.",
+    "hpcad_node_alarm": "1 when the node has an open hpcad incident (new or ongoing) after the night, else 0 "
+                        "(a node silent tonight: 1 while its incident stays open, else absent).",
     "hpcad_node_missing_share": "Share of the node's metric values missing in the night's input (0 to 1).",
+    "hpcad_node_rows_missing_share": "Share of the rows the node should have sent over the night (its length over "
+                                     "the node's sampling step) that it did not send (0 to 1).",
     "hpcad_node_metrics_lost": "Metrics the node reported in training that sent no value in the night's input.",
     "hpcad_incident_nights": "Nights an open incident has lasted, by node and its first cause (metric family).",
     "hpcad_nightly_night_timestamp_seconds": "Start (midnight, site time zone) of the newest night scored.",
@@ -52,7 +56,11 @@ def render(levels: list[dict], incidents: list[dict], night_start: int, unscored
         samples["hpcad_node_alarmed_rows"].append(({"node": lv["node"]}, lv["alarmed_rows"]))
         samples["hpcad_node_alarm"].append(({"node": lv["node"]}, 1.0 if lv["node"] in open_nodes else 0.0))
         samples["hpcad_node_missing_share"].append(({"node": lv["node"]}, lv.get("missing_share", 0.0)))
+        samples["hpcad_node_rows_missing_share"].append(({"node": lv["node"]}, rows_missing_share(lv)))
         samples["hpcad_node_metrics_lost"].append(({"node": lv["node"]}, len(lv.get("metrics_lost", []))))
+    scored = {lv["node"] for lv in levels}
+    for node in sorted(open_nodes - scored):  # silent tonight, its incident still open (hpcad.incidents)
+        samples["hpcad_node_alarm"].append(({"node": node}, 1.0))
     for i in incidents:
         if i["state"] in OPEN:
             # the incident's first cause: a series (and an alert on it) lasts as long as the incident,

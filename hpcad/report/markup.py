@@ -177,19 +177,40 @@ def page(title: str, parts: list[str]) -> str:
 
 
 def gap_text(gap: dict, max_share: float) -> str:
-    """What a node's telemetry gap is, in words: its share of values missing, or the metrics lost."""
+    """What a node's telemetry gap is, in words: the rows it did not send, its share of values
+    missing, the metrics lost."""
+    said = []
+    if rows_short(gap, max_share):
+        said.append(f"sent {gap['rows']} of its {gap['rows_expected']} rows")
     if gap.get("missing_share", 0.0) > max_share:
-        return f"{gap['missing_share']:.0%} of its values missing"
+        said.append(f"{gap['missing_share']:.0%} of its values missing")
     lost = gap.get("metrics_lost", [])
-    return (f"{len(lost)} metric(s) reported in training sent no value: {', '.join(lost[:8])}"
-            + (", ..." if len(lost) > 8 else ""))
+    if lost:
+        said.append(f"{len(lost)} metric(s) reported in training sent no value: {', '.join(lost[:8])}"
+                    + (", ..." if len(lost) > 8 else ""))
+    return "; ".join(said)
+
+
+def rows_missing_share(gap: dict) -> float:
+    """The share of the rows a node should have sent (``rows_expected``: the nightly job's, from the
+    night's length and the node's sampling step) that it did not; 0 where unknown."""
+    expected = gap.get("rows_expected")
+    return max(0.0, 1.0 - int(gap["rows"]) / int(expected)) if expected else 0.0
+
+
+def rows_short(gap: dict, max_share: float) -> bool:
+    """Whether the node sent fewer than ``1 - max_share`` of the rows it should have."""
+    return rows_missing_share(gap) > max_share
 
 
 def telemetry_gaps(levels: list[dict], max_share: float) -> list[dict]:
-    """The scored nodes (``levels``: node, missing_share, metrics_lost) with more than ``max_share`` of
-    their values missing, or with a metric they reported in training that sent no value (a collector
+    """The scored nodes (``levels``: node, rows, missing_share, metrics_lost, the nightly's
+    rows_expected) with more than ``max_share`` of their values or of their rows missing (a collector
+    that stopped part-way), or with a metric they reported in training that sent no value (a collector
     that lost it), most missing first: a node cannot alarm on what is not there (its model sees no
     error where it sees no value), so the operator is told (the night's report and log, a run's
     report)."""
-    return sorted((lv for lv in levels if lv.get("missing_share", 0.0) > max_share or lv.get("metrics_lost")),
-                  key=lambda lv: (-lv.get("missing_share", 0.0), -len(lv.get("metrics_lost", [])), lv["node"]))
+    return sorted((lv for lv in levels if lv.get("missing_share", 0.0) > max_share or lv.get("metrics_lost")
+                   or rows_short(lv, max_share)),
+                  key=lambda lv: (-max(lv.get("missing_share", 0.0), rows_missing_share(lv)),
+                                  -len(lv.get("metrics_lost", [])), lv["node"]))
