@@ -405,6 +405,64 @@ def test_metric_missing_on_some_nodes_is_absent_there_dropped_or_an_error(tmp_pa
     assert np.isnan(store.read("n002").values[:, 1]).all() and not np.isnan(store.read("n001").values[:, 1]).all()
 
 
+def _stray(path: Path, column: str, line: int, value: str = "err") -> None:
+    """Write ``value`` into ``column`` of the ``line``-th data line of a CSV (a header line first, '#' kept)."""
+    lines = path.read_text().splitlines(keepends=True)
+    fields = next(csv.reader([lines[0].lstrip("#")]))
+    rows = [i for i, text in enumerate(lines) if i and not text.startswith("#")]
+    if column in fields:  # wide and LDMS: a column per metric
+        cells = next(csv.reader([lines[rows[line]]]))
+        cells[fields.index(column)] = value
+    else:  # long: a row per value; the line-th of the metric's rows
+        at = [i for i in rows if next(csv.reader([lines[i]]))[fields.index("metric")] == column][line]
+        cells = next(csv.reader([lines[at]]))
+        cells[fields.index("value")] = value
+        rows = {line: at}
+    lines[rows[line]] = ",".join(cells) + "\n"
+    path.write_text("".join(lines))
+
+
+@pytest.mark.parametrize("layout", ["node files", "one file of every node", "ldms", "long"])
+def test_a_few_cells_that_are_no_number_are_missing_samples_and_a_column_of_text_an_error(tmp_path, layout):
+    """A collector that wrote 'err' or '-' in place of a sample: those cells are missing, said in the
+    store's input warnings (the report's "Input warnings"), the rest as read. Before, one such cell
+    refused the whole file (with data.on_bad_node=skip: the node's rows or the file's every node)."""
+    nodes, metrics = _cluster(n=2, rows=300), metric_names()
+    src = tmp_path / "src"
+    if layout == "node files":
+        src.mkdir()
+        for nd in nodes:
+            node_frame(nd).to_csv(src / f"{nd.name}.csv", index=False)
+        files, cfg = [src / "node0001.csv"], data_cfg
+    elif layout == "one file of every node":
+        src.mkdir()
+        pd.concat(node_frame(nd).assign(node=nd.name) for nd in nodes).to_csv(src / "all.csv", index=False)
+        files, cfg = [src / "all.csv"], data_cfg
+    elif layout == "ldms":
+        files, cfg = [p for p in write_ldms(nodes, metrics, src, samplers=2) if "sampler1" in str(p)][:1], _ldms
+    else:
+        files, cfg = [p for p in write_long(nodes, metrics, src, plugins=2, fmt="csv") if "plugin1" in str(p)][:1], _long
+    clean = TelemetryStore(ingest(cfg(source=str(src)), tmp_path / "clean.h5"))
+    column = metrics[-1]  # in every layout's second file (LDMS sampler1, long plugin1)
+    _stray(files[0], column, 40)
+    _stray(files[0], column, 41, "-")
+    store = TelemetryStore(ingest(cfg(source=str(src)), tmp_path / "s.h5"))
+    assert store.warnings[0] == 1 and re.search(r"2 (cell|value)\(s\) that are no number .*" + column, store.warnings[1][0])
+    j = store.metrics.index(column)
+    changed = 0
+    for nd in store.nodes:
+        got, want = store.read(nd).values, clean.read(nd).values
+        diff = ~((got == want) | (np.isnan(got) & np.isnan(want)))
+        assert np.isnan(got[diff]).all() and set(np.flatnonzero(diff.any(axis=0))) <= {j}
+        changed += int(diff.sum())
+    assert changed == 2
+    # more than 1 % of a column's cells: a column of text, refused naming the file as before
+    for k in range(2, 40):
+        _stray(files[0], column, k, "on")
+    with pytest.raises(InputError, match=re.escape(files[0].name) + r".*non-numeric.*'?" + column):
+        ingest(cfg(source=str(src)), tmp_path / "t.h5")
+
+
 def test_bad_long_and_ldms_input_names_file_and_place(tmp_path):
     f = tmp_path / "bad.csv"
     f.write_text("timestamp,node,metric,value\n2025-01-06T00:00:00Z,n1,pow,1.5\n2025-01-06T00:05:00Z,n1,pow,oops\n")

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from hpcad.data.cells import stray_as_missing
 from hpcad.data.counters import is_counter
 from hpcad.data.grid import MISSING_METRIC_POLICIES
 from hpcad.data.node import NodeData
@@ -58,6 +59,8 @@ class FrameConverter:
         typed = [(c, d) for c, d in zip(df.columns, df.dtypes) if c not in roles]
         metric_cols = [c for c, _ in typed]
         bad = [c for c, d in typed if not pd.api.types.is_numeric_dtype(d)]
+        if bad:  # a few stray cells ('err', '#N/A') are missing samples; a column of text is an error
+            df, bad = stray_as_missing(df, bad, where)
         if bad:
             examples = odd_values(df, bad)
             comma = any(looks_decimal_comma(v) for v in examples.values())

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from hpcad.data.cells import stray_as_missing
 from hpcad.data.grid import GridStager
 from hpcad.data.csvtext import cut_reason
 from hpcad.data.paths import visible_files
@@ -104,6 +105,8 @@ def _stage_chunk(chunk: pd.DataFrame, path: Path, cfg: DataConfig, tcol: str, nc
                                 dayfirst=cfg.dayfirst)
     block = chunk[metrics]
     bad = [c for c in metrics if not pd.api.types.is_numeric_dtype(block[c])]
+    if bad:  # a few stray cells are missing samples (hpcad.data.cells)
+        block, bad = stray_as_missing(block, bad, where)
     if bad:
         c = bad[0]
         num = pd.to_numeric(block[c], errors="coerce")

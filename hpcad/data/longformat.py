@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from hpcad.data.cells import STRAY_SHARE, stray_mask
 from hpcad.data.grid import GridStager
 from hpcad.data.paths import HIVE_NULL, partition_value, table_files
 from hpcad.data.tables import iter_table_chunks
@@ -21,6 +22,8 @@ from hpcad.data.timestamps import to_epoch_seconds
 from hpcad.errors import InputError
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from hpcad.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -52,14 +55,41 @@ def stage_long(source: Path, cfg: DataConfig, stager: GridStager) -> None:
             secs = to_epoch_seconds(chunk[cfg.timestamp_column], where, cfg.timestamp_column, cfg.timezone,
                                     cfg.epoch_unit, fractional=True, dayfirst=cfg.dayfirst)
             raw = chunk[cfg.value_column]
-            vals = raw if pd.api.types.is_numeric_dtype(raw) else pd.to_numeric(raw, errors="coerce")
-            bad = vals.isna() & raw.notna()
-            if bad.any():
-                row = int(np.flatnonzero(bad.to_numpy())[0])
-                raise InputError(f"{where}: non-numeric value {raw.iloc[row]!r} in column {cfg.value_column!r} "
-                                 f"(metric {chunk[cfg.metric_column].iloc[row]!r}, node "
-                                 f"{chunk[cfg.node_column].iloc[row]!r})")
+            if not pd.api.types.is_numeric_dtype(raw):
+                found = _stray_values(raw, chunk[cfg.metric_column])  # a few: missing samples, records left out
+                if found is None:
+                    bad = (pd.to_numeric(raw, errors="coerce").isna() & raw.notna()).to_numpy()
+                    row = int(np.flatnonzero(bad)[0])
+                    raise InputError(f"{where}: non-numeric value {raw.iloc[row]!r} in column {cfg.value_column!r} "
+                                     f"(metric {chunk[cfg.metric_column].iloc[row]!r}, node "
+                                     f"{chunk[cfg.node_column].iloc[row]!r}; more than {STRAY_SHARE:.0%} of a "
+                                     f"metric's values are no number)")
+                vals, stray = found
+                if stray.any():
+                    row = int(np.flatnonzero(stray)[0])
+                    log.warning("%s: %d value(s) that are no number in column %r left out as missing samples (e.g. "
+                                "%r, metric %r, node %r; at most %g%% of a metric's values; more is an error)", where,
+                                int(stray.sum()), cfg.value_column, raw.iloc[row], chunk[cfg.metric_column].iloc[row],
+                                chunk[cfg.node_column].iloc[row], 100 * STRAY_SHARE)
+                    keep = ~stray
+                    chunk, vals, secs = chunk[keep], vals[keep], np.asarray(secs)[keep]
+            else:
+                vals = raw
             stager.add(stager.node_codes(chunk[cfg.node_column], where),
                        secs, stager.metric_codes(chunk[cfg.metric_column], where), vals.to_numpy(np.float32))
         log.info("long format: %d/%d files read (%s), %.3g samples staged", i + 1, len(files), path.name,
                  stager.records)
+
+
+def _stray_values(raw: pd.Series, metric: pd.Series) -> tuple[pd.Series, np.ndarray] | None:
+    """:func:`hpcad.data.cells.stray_mask` of a long table's value column, judged per metric (each
+    metric's values are a column of the wide table): None where one metric's values are text."""
+    found = stray_mask(raw, frozenset({str(raw.name)}), share=1.0)  # its own name: a header line joined on
+    if found is None:
+        return None
+    stray = found[1]
+    if stray.any():
+        per = metric[stray].value_counts()
+        if (per > STRAY_SHARE * metric.value_counts().reindex(per.index)).any():
+            return None
+    return found

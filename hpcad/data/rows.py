@@ -15,6 +15,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from hpcad.data.cells import stray_as_missing
 from hpcad.data.convert import FrameConverter, counted, guarded, label_numbers, odd_values, role_hint
 from hpcad.data.h5 import h5_file, h5_writing
 from hpcad.data.node import NodeData
@@ -115,6 +116,8 @@ def stage_rows(files: list[Path], cfg, names: list[str] | None, scratch: Path,
                     chunk[cfg.label_column] = label_numbers(chunk[cfg.label_column], cfg.label_names, str(path),
                                                             cfg.label_column, read - len(chunk))
                 bad = [c for c in names if c in chunk.columns and not pd.api.types.is_numeric_dtype(chunk[c])]
+                if bad and len(chunk):  # a few stray cells are missing samples (hpcad.data.cells)
+                    chunk, bad = stray_as_missing(chunk, bad, str(path))
                 if bad and len(chunk):  # (a file of a header alone has no values to judge: no rows, said below)
                     raise InputError(f"{path}: non-numeric columns {bad[:10]} (e.g. {odd_values(chunk, bad)}); "
                                      f"{role_hint(chunk, bad, cfg, from_name)}fix the export or "
