@@ -22,22 +22,31 @@ log = logging.getLogger(__name__)
 STRAY_SHARE = 0.01  # at most this share of a column's cells may be no number and be read as missing
 
 
-def stray_mask(raw: pd.Series, names: frozenset[str] = frozenset(),
-               share: float = STRAY_SHARE) -> tuple[pd.Series, np.ndarray] | None:
-    """``raw`` as numbers and the mask of its stray cells (no number, not empty), or None where the
-    column is text rather than numbers with a few stray cells: more than ``share`` of its cells are
-    no number, none is a number, or one is a number written with a decimal comma or one of
-    the table's column ``names`` (a header line inside the file): errors that say so are more use
-    than a column read as missing."""
+def as_numbers(raw: pd.Series) -> tuple[pd.Series, np.ndarray]:
+    """``raw`` as numbers (missing where a cell is no number) and the mask of its cells that are no
+    number and not empty: what the readers' errors quote and what :func:`stray_mask` judges."""
     import pandas as pd
 
     num = pd.to_numeric(raw, errors="coerce")
-    stray = (num.isna() & raw.notna()).to_numpy()
-    count = int(stray.sum())
-    if count > share * len(raw) or not num.notna().any():
-        return None
+    return num, (num.isna() & raw.notna()).to_numpy()
+
+
+def text_after_all(raw: pd.Series, stray: np.ndarray, names: frozenset[str]) -> bool:
+    """Whether the cells ``stray`` of ``raw`` say the column is text, few as they are: a number
+    written with a decimal comma, or one of the table's column ``names`` (a header line inside the
+    file). Errors that say so are more use than a column read as missing."""
+    import pandas as pd
+
     odd = [str(v).strip() for v in pd.unique(raw[stray])[:20]]
-    if any(looks_decimal_comma(v) or v in names for v in odd):
+    return any(looks_decimal_comma(v) or v in names for v in odd)
+
+
+def stray_mask(raw: pd.Series, names: frozenset[str]) -> tuple[pd.Series, np.ndarray] | None:
+    """``raw`` as numbers and the mask of its stray cells (no number, not empty), or None where the
+    column is text rather than numbers with a few stray cells: more than :data:`STRAY_SHARE` of its
+    cells are no number, none is a number, or :func:`text_after_all`."""
+    num, stray = as_numbers(raw)
+    if int(stray.sum()) > STRAY_SHARE * len(raw) or not num.notna().any() or text_after_all(raw, stray, names):
         return None
     return num, stray
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from hpcad.data.cells import stray_as_missing
+from hpcad.data.cells import as_numbers, stray_as_missing
 from hpcad.data.counters import is_counter
 from hpcad.data.grid import MISSING_METRIC_POLICIES
 from hpcad.data.node import NodeData
@@ -192,11 +192,9 @@ EARLIEST_EPOCH_S = 1e8  # 1973-03-03: a clock's values lie between this and LATE
 def odd_values(df: pd.DataFrame, bad: list) -> dict[str, str]:
     """Up to three of the non-numeric columns ``bad``, each with its first value that is no number
     (what an error quotes)."""
-    import pandas as pd
-
     out = {}
     for c in bad[:3]:
-        odd = df[c][pd.to_numeric(df[c], errors="coerce").isna() & df[c].notna()]
+        odd = df[c][as_numbers(df[c])[1]]
         if len(odd):
             out[str(c)] = str(odd.iloc[0])
     return out

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from hpcad.data.cells import stray_as_missing
+from hpcad.data.cells import as_numbers, stray_as_missing
 from hpcad.data.grid import GridStager
 from hpcad.data.csvtext import cut_reason
 from hpcad.data.paths import visible_files
@@ -109,8 +109,7 @@ def _stage_chunk(chunk: pd.DataFrame, path: Path, cfg: DataConfig, tcol: str, nc
         block, bad = stray_as_missing(block, bad, where)
     if bad:
         c = bad[0]
-        num = pd.to_numeric(block[c], errors="coerce")
-        example = block[c][num.isna() & block[c].notna()].iloc[0]
+        example = block[c][as_numbers(block[c])[1]].iloc[0]
         raise InputError(f"{where}: non-numeric values in metric columns {bad[:10]} (e.g. {c}={example!r}); "
                          f"fix the export or list them in data.ignore_columns")
     nodes = stager.node_codes(chunk[ncol], where)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from hpcad.data.cells import STRAY_SHARE, stray_mask
+from hpcad.data.cells import STRAY_SHARE, as_numbers, text_after_all
 from hpcad.data.grid import GridStager
 from hpcad.data.paths import HIVE_NULL, partition_value, table_files
 from hpcad.data.tables import iter_table_chunks
@@ -55,41 +55,31 @@ def stage_long(source: Path, cfg: DataConfig, stager: GridStager) -> None:
             secs = to_epoch_seconds(chunk[cfg.timestamp_column], where, cfg.timestamp_column, cfg.timezone,
                                     cfg.epoch_unit, fractional=True, dayfirst=cfg.dayfirst)
             raw = chunk[cfg.value_column]
-            if not pd.api.types.is_numeric_dtype(raw):
-                found = _stray_values(raw, chunk[cfg.metric_column])  # a few: missing samples, records left out
-                if found is None:
-                    bad = (pd.to_numeric(raw, errors="coerce").isna() & raw.notna()).to_numpy()
-                    row = int(np.flatnonzero(bad)[0])
-                    raise InputError(f"{where}: non-numeric value {raw.iloc[row]!r} in column {cfg.value_column!r} "
-                                     f"(metric {chunk[cfg.metric_column].iloc[row]!r}, node "
-                                     f"{chunk[cfg.node_column].iloc[row]!r}; more than {STRAY_SHARE:.0%} of a "
-                                     f"metric's values are no number)")
-                vals, stray = found
-                if stray.any():
-                    row = int(np.flatnonzero(stray)[0])
-                    log.warning("%s: %d value(s) that are no number in column %r left out as missing samples (e.g. "
-                                "%r, metric %r, node %r; at most %g%% of a metric's values; more is an error)", where,
-                                int(stray.sum()), cfg.value_column, raw.iloc[row], chunk[cfg.metric_column].iloc[row],
-                                chunk[cfg.node_column].iloc[row], 100 * STRAY_SHARE)
-                    keep = ~stray
-                    chunk, vals, secs = chunk[keep], vals[keep], np.asarray(secs)[keep]
-            else:
-                vals = raw
+            vals, stray = (raw, None) if pd.api.types.is_numeric_dtype(raw) else as_numbers(raw)
+            if stray is not None and stray.any():  # a few per metric: missing samples, their records left out
+                row = int(np.flatnonzero(stray)[0])
+                value, metric = raw.iloc[row], chunk[cfg.metric_column].iloc[row]
+                node = chunk[cfg.node_column].iloc[row]
+                if _text_values(raw, stray, chunk[cfg.metric_column]):
+                    raise InputError(f"{where}: non-numeric value {value!r} in column {cfg.value_column!r} (metric "
+                                     f"{metric!r}, node {node!r}; more than {STRAY_SHARE:.0%} of a metric's values "
+                                     f"are no number)")
+                log.warning("%s: %d value(s) that are no number in column %r left out as missing samples (e.g. "
+                            "%r, metric %r, node %r; at most %g%% of a metric's values; more is an error)", where,
+                            int(stray.sum()), cfg.value_column, value, metric, node, 100 * STRAY_SHARE)
+                keep = ~stray
+                chunk, vals, secs = chunk[keep], vals[keep], np.asarray(secs)[keep]
             stager.add(stager.node_codes(chunk[cfg.node_column], where),
                        secs, stager.metric_codes(chunk[cfg.metric_column], where), vals.to_numpy(np.float32))
         log.info("long format: %d/%d files read (%s), %.3g samples staged", i + 1, len(files), path.name,
                  stager.records)
 
 
-def _stray_values(raw: pd.Series, metric: pd.Series) -> tuple[pd.Series, np.ndarray] | None:
-    """:func:`hpcad.data.cells.stray_mask` of a long table's value column, judged per metric (each
-    metric's values are a column of the wide table): None where one metric's values are text."""
-    found = stray_mask(raw, frozenset({str(raw.name)}), share=1.0)  # its own name: a header line joined on
-    if found is None:
-        return None
-    stray = found[1]
-    if stray.any():
-        per = metric[stray].value_counts()
-        if (per > STRAY_SHARE * metric.value_counts().reindex(per.index)).any():
-            return None
-    return found
+def _text_values(raw: pd.Series, stray: np.ndarray, metric: pd.Series) -> bool:
+    """Whether a long table's value column is text rather than numbers with a few stray values,
+    judged per metric (each metric's values are a column of the wide table: more than
+    :data:`hpcad.data.cells.STRAY_SHARE` of one metric's values no number), or by
+    :func:`hpcad.data.cells.text_after_all` (its own name: a header line joined on)."""
+    per = metric[stray].value_counts()
+    return bool((per > STRAY_SHARE * metric.value_counts().reindex(per.index)).any()) or \
+        text_after_all(raw, stray, frozenset({str(raw.name)}))
